@@ -1,0 +1,49 @@
+// bindings.cpp — the Python module circuit_finder._C. Binding lines only; logic lives in engine/.
+#include <pybind11/stl.h>
+#include <torch/extension.h>
+
+#include "engine/config.h"
+#include "engine/error.h"
+#include "engine/kv_cache.h"
+#include "engine/layer_path.h"
+#include "engine/model.h"
+#include "engine/safetensors.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "circuit-finder C++ core: safetensors, config, layer paths, forward along a path";
+  py::register_exception<cf::FormatError>(m, "FormatError", PyExc_ValueError);
+  py::register_exception<cf::ConfigError>(m, "ConfigError", PyExc_ValueError);
+  py::register_exception<cf::LayerPathError>(m, "LayerPathError", PyExc_ValueError);
+  py::register_exception<cf::WeightError>(m, "WeightError", PyExc_ValueError);
+  py::register_exception<cf::InputError>(m, "InputError", PyExc_ValueError);
+
+  m.def("load_safetensors", &cf::load_safetensors, py::arg("path"), py::call_guard<py::gil_scoped_release>());
+  m.def("load_safetensors_file", &cf::load_safetensors_file, py::arg("path"), py::call_guard<py::gil_scoped_release>());
+  m.def("parse_config", &cf::normalize_config, py::arg("text"), py::arg("source") = "config.json");
+  m.def("parse_layer_path", &cf::parse_layer_path, py::arg("text"));
+  m.def("format_layer_path", &cf::format_layer_path, py::arg("path"));
+  m.def("validate_layer_path", &cf::validate_layer_path, py::arg("path"), py::arg("num_layers"));
+  m.def("duplicate_layers", &cf::duplicate_layers, py::arg("num_layers"), py::arg("start"), py::arg("end"),
+        py::arg("times") = 2);
+
+  py::class_<cf::KVCache>(m, "KVCache")
+      .def_property_readonly("length", &cf::KVCache::length)
+      .def_property_readonly("capacity", &cf::KVCache::capacity)
+      .def_property_readonly("num_slots", &cf::KVCache::num_slots)
+      .def_property_readonly("batch", &cf::KVCache::batch)
+      .def("reset", &cf::KVCache::reset)
+      .def("copy_prefix_from", &cf::KVCache::copy_prefix_from, py::arg("other"), py::arg("num_slots"));
+
+  py::class_<cf::Engine>(m, "Engine")
+      .def(py::init<const std::string&, const std::string&, const std::map<std::string, at::Tensor>&>(),
+           py::arg("config_json"), py::arg("config_source"), py::arg("tensors"))
+      .def("forward", &cf::Engine::forward, py::arg("input_ids"), py::arg("positions"), py::arg("attention_mask"),
+           py::arg("path"), py::arg("cache"), py::arg("last_only") = false, py::call_guard<py::gil_scoped_release>())
+      .def("hidden", &cf::Engine::hidden, py::arg("input_ids"), py::arg("positions"), py::arg("attention_mask"),
+           py::arg("path"), py::arg("cache"), py::call_guard<py::gil_scoped_release>())
+      .def("new_cache", &cf::Engine::new_cache, py::arg("num_slots"), py::arg("batch"), py::arg("capacity"))
+      .def("layer_tensors", &cf::Engine::layer_tensors, py::arg("layer"))
+      .def("config_json", &cf::Engine::config_json);
+}

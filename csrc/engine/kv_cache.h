@@ -1,0 +1,36 @@
+// kv_cache.h — one key/value cache per slot of a layer path: a layer that runs twice has two.
+// Preallocated to a fixed capacity; appends copy into place, so decoding allocates nothing.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace cf {
+
+class KVCache {
+ public:
+  KVCache(int64_t num_slots, int64_t batch, int64_t capacity, int64_t kv_heads, int64_t head_dim,
+          at::ScalarType dtype, at::Device device);
+
+  // Stores k, v [B, Hkv, T, D] for `slot` at positions [length, length+T) and returns views of
+  // the slot's keys and values over [0, length+T).
+  std::pair<at::Tensor, at::Tensor> append(int64_t slot, const at::Tensor& k, const at::Tensor& v);
+  // Called once per forward, after every slot appended T new positions.
+  void advance(int64_t t);
+  void reset() { length_ = 0; }
+  // Copies slots [0, n) and the length from `other` (same batch and capacity); used to reuse a
+  // shared prefix of slots between paths.
+  void copy_prefix_from(const KVCache& other, int64_t n);
+
+  int64_t length() const { return length_; }
+  int64_t capacity() const { return capacity_; }
+  int64_t num_slots() const { return static_cast<int64_t>(k_.size()); }
+  int64_t batch() const { return batch_; }
+  const at::Tensor& keys(int64_t slot) const { return k_.at(slot); }
+
+ private:
+  std::vector<at::Tensor> k_, v_;  // each [B, Hkv, capacity, D]
+  int64_t batch_, capacity_, length_ = 0;
+};
+
+}  // namespace cf

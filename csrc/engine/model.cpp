@@ -1,0 +1,188 @@
+// model.cpp — see model.h. Numerics follow Hugging Face's Llama/Mistral/Qwen2/Qwen3 modules.
+#include "model.h"
+
+#include <cmath>
+#include <set>
+
+#include "../kernels/ops.h"
+#include "error.h"
+
+namespace cf {
+namespace {
+
+at::Tensor compute_inv_freq(const ModelConfig& c, at::Device device) {
+  const RopeConfig& r = c.rope;
+  const int64_t dim = c.head_dim;
+  auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+  at::Tensor exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong).device(device)).to(at::kFloat) / dim;
+  at::Tensor pos_freqs = at::pow(r.theta, exponent);
+  at::Tensor inv = 1.0 / pos_freqs;
+  if (r.type == "linear") return inv / r.factor;
+  if (r.type == "llama3") {
+    const double old_ctx = static_cast<double>(r.original_max_position_embeddings);
+    const double low_wavelen = old_ctx / r.low_freq_factor, high_wavelen = old_ctx / r.high_freq_factor;
+    at::Tensor wavelen = 2 * M_PI / inv;
+    at::Tensor scaled = at::where(wavelen > low_wavelen, inv / r.factor, inv);
+    at::Tensor smooth = (old_ctx / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+    at::Tensor smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled;
+    at::Tensor medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
+    return at::where(medium, smoothed, scaled);
+  }
+  if (r.type == "yarn") {
+    const double orig = static_cast<double>(r.original_max_position_embeddings);
+    auto correction_dim = [&](double rotations) {
+      return (dim * std::log(orig / (rotations * 2 * M_PI))) / (2 * std::log(r.theta));
+    };
+    double low = correction_dim(r.beta_fast), high = correction_dim(r.beta_slow);
+    if (r.truncate) {
+      low = std::floor(low);
+      high = std::ceil(high);
+    }
+    low = std::max(low, 0.0);
+    high = std::min(high, static_cast<double>(dim - 1));
+    if (low == high) high += 0.001;
+    at::Tensor ramp = ((at::arange(dim / 2, f32) - low) / (high - low)).clamp(0, 1);
+    at::Tensor extrapolation = 1 - ramp;
+    at::Tensor interpolated = 1.0 / (r.factor * pos_freqs);
+    return interpolated * (1 - extrapolation) + inv * extrapolation;
+  }
+  return inv;
+}
+
+void check_ids(const at::Tensor& t, const char* name, at::Device device) {
+  if (t.dim() != 2) throw InputError(cat(name, " must be 2-D [batch, tokens], got ", t.dim(), "-D"));
+  if (t.scalar_type() != at::kLong) throw InputError(cat(name, " must be int64, got ", t.scalar_type()));
+  if (t.device() != device) throw InputError(cat(name, " is on ", t.device(), " but the model is on ", device));
+}
+
+}  // namespace
+
+Engine::Engine(const std::string& config_json, const std::string& config_source,
+               const std::map<std::string, at::Tensor>& tensors)
+    : cfg_(parse_config(config_json, config_source)), w_(bind_weights(cfg_, tensors)) {
+  inv_freq_ = compute_inv_freq(cfg_, w_.device);
+}
+
+KVCache Engine::new_cache(int64_t num_slots, int64_t batch, int64_t capacity) const {
+  return KVCache(num_slots, batch, capacity, cfg_.num_kv_heads, cfg_.head_dim, w_.dtype, w_.device);
+}
+
+std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
+  validate_layer_path({layer}, cfg_.num_layers);
+  const LayerWeights& L = w_.layers[layer];
+  std::map<std::string, at::Tensor> out = {
+      {"input_layernorm", L.input_norm}, {"q_proj", L.wq},      {"k_proj", L.wk},     {"v_proj", L.wv},
+      {"o_proj", L.wo},                  {"post_attention_layernorm", L.post_norm},   {"gate_proj", L.w_gate},
+      {"up_proj", L.w_up},               {"down_proj", L.w_down},
+  };
+  return out;
+}
+
+at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
+                             const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot) const {
+  const int64_t B = x.size(0), T = x.size(1), D = cfg_.head_dim, Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads;
+  at::Tensor q = at::linear(x, L.wq, L.bq).view({B, T, Hq, D});
+  at::Tensor k = at::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
+  at::Tensor v = at::linear(x, L.wv, L.bv).view({B, T, Hkv, D}).transpose(1, 2);
+  if (cfg_.qk_norm) {
+    q = ops::rms_norm(q, L.q_norm, cfg_.rms_norm_eps);
+    k = ops::rms_norm(k, L.k_norm, cfg_.rms_norm_eps);
+  }
+  q = ops::apply_rope(q.transpose(1, 2), cos, sin);
+  k = ops::apply_rope(k.transpose(1, 2), cos, sin);
+  if (cache != nullptr) std::tie(k, v) = cache->append(slot, k, v);
+  if (Hq != Hkv) {
+    const int64_t S = k.size(2);
+    k = k.unsqueeze(2).expand({B, Hkv, Hq / Hkv, S, D}).reshape({B, Hq, S, D});
+    v = v.unsqueeze(2).expand({B, Hkv, Hq / Hkv, S, D}).reshape({B, Hq, S, D});
+  }
+  const bool causal = !mask.has_value() && T > 1;
+  at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, 1.0 / std::sqrt(static_cast<double>(D)));
+  return at::linear(o.transpose(1, 2).reshape({B, T, Hq * D}), L.wo, L.bo);
+}
+
+at::Tensor Engine::block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
+                         const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot) const {
+  at::Tensor x = h + attention(ops::rms_norm(h, L.input_norm, cfg_.rms_norm_eps), L, cos, sin, mask, cache, slot);
+  at::Tensor n = ops::rms_norm(x, L.post_norm, cfg_.rms_norm_eps);
+  return x + at::linear(ops::silu_mul(at::linear(n, L.w_gate, L.b_gate), at::linear(n, L.w_up, L.b_up)), L.w_down, L.b_down);
+}
+
+at::Tensor Engine::run(const at::Tensor& input_ids, const at::Tensor& positions, const std::optional<at::Tensor>& key_mask,
+                       const LayerPath& path, KVCache* cache) const {
+  check_ids(input_ids, "input_ids", w_.device);
+  check_ids(positions, "positions", w_.device);
+  if (positions.sizes() != input_ids.sizes()) throw InputError("positions must have the shape of input_ids");
+  validate_layer_path(path, cfg_.num_layers);
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  if (T == 0) throw InputError("input_ids has no tokens");
+  const int64_t past = cache ? cache->length() : 0, S = past + T;
+  if (cache != nullptr) {
+    if (cache->num_slots() != static_cast<int64_t>(path.size()))
+      throw InputError(cat("the KV cache has ", cache->num_slots(), " slots but the layer path has ", path.size()));
+    if (cache->batch() != B) throw InputError(cat("the KV cache holds batch ", cache->batch(), ", input has ", B));
+    if (S > cache->capacity())
+      throw InputError(cat("the KV cache holds ", cache->capacity(), " positions; this call needs ", S));
+  }
+  if (input_ids.max().item<int64_t>() >= cfg_.vocab_size || input_ids.min().item<int64_t>() < 0)
+    throw InputError(cat("input_ids holds a token id outside the vocabulary [0, ", cfg_.vocab_size, ")"));
+
+  // RoPE tables for these positions, fp32 like the reference, then the compute dtype.
+  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq_;
+  at::Tensor emb = at::cat({freqs, freqs}, -1);
+  at::Tensor cos = (emb.cos() * cfg_.rope.attention_factor).to(w_.dtype).unsqueeze(1);
+  at::Tensor sin = (emb.sin() * cfg_.rope.attention_factor).to(w_.dtype).unsqueeze(1);
+
+  // Boolean masks [B, 1, T, S] (true = attend), one per distinct sliding window on the path.
+  std::optional<at::Tensor> padding;
+  if (key_mask.has_value()) {
+    const at::Tensor& km = *key_mask;
+    if (km.dim() != 2 || km.size(0) != B || km.size(1) != S)
+      throw InputError(cat("attention_mask must be [", B, ", ", S, "] (cached + new tokens), got ", km.sizes()));
+    if (km.device() != w_.device) throw InputError(cat("attention_mask is on ", km.device(), ", model on ", w_.device));
+    padding = (km != 0).view({B, 1, 1, S});
+  }
+  std::map<int64_t, std::optional<at::Tensor>> masks;
+  auto dev_long = at::TensorOptions().dtype(at::kLong).device(w_.device);
+  for (int64_t layer : path) {
+    const int64_t window = cfg_.sliding_window[layer];
+    if (masks.count(window)) continue;
+    if (!padding && window == 0 && (past == 0 || T == 1)) {
+      masks[window] = std::nullopt;  // plain causal (or a single query seeing everything)
+      continue;
+    }
+    at::Tensor q_idx = at::arange(past, S, dev_long).view({T, 1});
+    at::Tensor k_idx = at::arange(0, S, dev_long).view({1, S});
+    at::Tensor allowed = k_idx <= q_idx;
+    if (window > 0) allowed = allowed.logical_and(k_idx > q_idx - window);
+    allowed = allowed.view({1, 1, T, S});
+    if (padding) allowed = allowed.logical_and(*padding);
+    // A query that may see nothing (a left-pad position) sees itself instead, so no NaN is made.
+    at::Tensor empty = allowed.any(-1, /*keepdim=*/true).logical_not();
+    allowed = allowed.logical_or(empty.logical_and((k_idx == q_idx).view({1, 1, T, S})));
+    masks[window] = allowed;
+  }
+
+  at::Tensor h = at::embedding(w_.embed, input_ids);
+  for (size_t slot = 0; slot < path.size(); ++slot) {
+    const int64_t layer = path[slot];
+    h = block(h, w_.layers[layer], cos, sin, masks[cfg_.sliding_window[layer]], cache, static_cast<int64_t>(slot));
+  }
+  if (cache != nullptr) cache->advance(T);
+  return h;
+}
+
+at::Tensor Engine::hidden(const at::Tensor& input_ids, const at::Tensor& positions,
+                          const std::optional<at::Tensor>& key_mask, const LayerPath& path, KVCache* cache) const {
+  return run(input_ids, positions, key_mask, path, cache);
+}
+
+at::Tensor Engine::forward(const at::Tensor& input_ids, const at::Tensor& positions,
+                           const std::optional<at::Tensor>& key_mask, const LayerPath& path, KVCache* cache,
+                           bool last_only) const {
+  at::Tensor h = run(input_ids, positions, key_mask, path, cache);
+  if (last_only) h = h.narrow(1, h.size(1) - 1, 1);
+  return at::linear(ops::rms_norm(h, w_.final_norm, cfg_.rms_norm_eps), w_.lm_head);
+}
+
+}  // namespace cf

@@ -1,0 +1,100 @@
+// weights.cpp — see weights.h.
+#include "weights.h"
+
+#include "error.h"
+
+namespace cf {
+namespace {
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+class Accessor {
+ public:
+  explicit Accessor(const std::map<std::string, at::Tensor>& t) : t_(t) {
+    auto e = t_.find("model.embed_tokens.weight");
+    if (e == t_.end()) throw WeightError("missing tensor 'model.embed_tokens.weight'");
+    dtype_ = e->second.scalar_type();
+    device_ = e->second.device();
+    if (!at::isFloatingType(dtype_))
+      throw WeightError(cat("tensor 'model.embed_tokens.weight' has non-floating dtype ", dtype_));
+  }
+
+  // name_template may contain "{}", replaced by the layer index.
+  at::Tensor get(const std::string& name_template, int64_t layer, std::vector<int64_t> shape,
+                 bool optional = false) const {
+    std::string name = name_template;
+    const auto at = name.find("{}");
+    if (at != std::string::npos) name.replace(at, 2, std::to_string(layer));
+    auto it = t_.find(name);
+    if (it == t_.end()) {
+      if (optional) return at::Tensor();
+      throw WeightError(cat("missing tensor '", name, "'"));
+    }
+    const at::Tensor& x = it->second;
+    if (x.sizes() != at::IntArrayRef(shape))
+      throw WeightError(cat("tensor '", name, "': expected shape ", shape_str(shape), ", got ", shape_str(x.sizes())));
+    if (x.scalar_type() != dtype_)
+      throw WeightError(cat("tensor '", name, "': dtype ", x.scalar_type(), " differs from the embedding's ", dtype_,
+                            " (load converts all weights to one dtype)"));
+    if (x.device() != device_)
+      throw WeightError(cat("tensor '", name, "': on ", x.device(), " but the embedding is on ", device_));
+    return x;
+  }
+  at::ScalarType dtype() const { return dtype_; }
+  at::Device device() const { return device_; }
+
+ private:
+  const std::map<std::string, at::Tensor>& t_;
+  at::ScalarType dtype_;
+  at::Device device_ = at::kCPU;
+};
+
+}  // namespace
+
+Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tensor>& tensors) {
+  Accessor a(tensors);
+  const int64_t H = c.hidden_size, D = c.head_dim, I = c.intermediate_size;
+  const int64_t QD = c.num_heads * D, KD = c.num_kv_heads * D;
+  Weights w;
+  w.dtype = a.dtype();
+  w.device = a.device();
+  w.embed = a.get("model.embed_tokens.weight", -1, {c.vocab_size, H});
+  w.final_norm = a.get("model.norm.weight", -1, {H});
+  w.lm_head = c.tie_word_embeddings ? w.embed : a.get("lm_head.weight", -1, {c.vocab_size, H});
+  const std::string p = "model.layers.{}.";
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    LayerWeights L;
+    L.input_norm = a.get(p + "input_layernorm.weight", l, {H});
+    L.wq = a.get(p + "self_attn.q_proj.weight", l, {QD, H});
+    L.wk = a.get(p + "self_attn.k_proj.weight", l, {KD, H});
+    L.wv = a.get(p + "self_attn.v_proj.weight", l, {KD, H});
+    L.wo = a.get(p + "self_attn.o_proj.weight", l, {H, QD});
+    if (c.qkv_bias) {
+      L.bq = a.get(p + "self_attn.q_proj.bias", l, {QD});
+      L.bk = a.get(p + "self_attn.k_proj.bias", l, {KD});
+      L.bv = a.get(p + "self_attn.v_proj.bias", l, {KD});
+    }
+    if (c.o_bias) L.bo = a.get(p + "self_attn.o_proj.bias", l, {H});
+    if (c.qk_norm) {
+      L.q_norm = a.get(p + "self_attn.q_norm.weight", l, {D});
+      L.k_norm = a.get(p + "self_attn.k_norm.weight", l, {D});
+    }
+    L.post_norm = a.get(p + "post_attention_layernorm.weight", l, {H});
+    L.w_gate = a.get(p + "mlp.gate_proj.weight", l, {I, H});
+    L.w_up = a.get(p + "mlp.up_proj.weight", l, {I, H});
+    L.w_down = a.get(p + "mlp.down_proj.weight", l, {H, I});
+    if (c.mlp_bias) {
+      L.b_gate = a.get(p + "mlp.gate_proj.bias", l, {I});
+      L.b_up = a.get(p + "mlp.up_proj.bias", l, {I});
+      L.b_down = a.get(p + "mlp.down_proj.bias", l, {H});
+    }
+    w.layers.push_back(std::move(L));
+  }
+  return w;
+}
+
+}  // namespace cf

@@ -1,0 +1,38 @@
+"""circuit-finder: run any decoder layer path of an open LLM — layers repeated, skipped or
+reordered — in one process, with no weight copied and no training.
+
+    import circuit_finder as cf
+    model = cf.load("path/to/hf-folder")
+    model.generate("What is 17 * 23?", layers="0..9,7..9,10..29")
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C
+from .config import ConfigError, ModelConfig
+from .layer_path import LayerPath, LayerPathError
+from .gguf import GGUFError
+from .model import Model, default_model_path, load, load_from_tensors
+
+FormatError = _C.FormatError
+WeightError = _C.WeightError
+InputError = _C.InputError
+load_safetensors = _C.load_safetensors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "FormatError",
+    "GGUFError",
+    "InputError",
+    "LayerPath",
+    "LayerPathError",
+    "Model",
+    "ModelConfig",
+    "WeightError",
+    "default_model_path",
+    "load",
+    "load_from_tensors",
+    "load_safetensors",
+]

@@ -1,0 +1,224 @@
+"""GGUF (llama.cpp's format) -> Hugging Face-named tensors and config, via the `gguf` package.
+
+Tensors are dequantized one at a time with the package's own dequantizers into the compute
+dtype, so after loading there is one copy of the weights. llama.cpp's converter permutes the
+rows of Q and K for the `llama` architecture (interleaved RoPE); that is undone here so the
+engine sees Hugging Face's layout. Tokenizer and chat template come from the file, built by
+transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["read_gguf", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "GGUFError"]
+
+ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHS = tuple(ARCH_TO_HF)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read, or holds something circuit-finder does not support."""
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """GGUF tensor name -> Hugging Face name (None for tensors the engine does not use)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's converter permutation of Q/K rows (per head: interleaved pairs -> halves)."""
+    rows = w.shape[0]
+    if rows % (2 * n_head) != 0:
+        raise GGUFError(f"cannot undo the Q/K permutation: {rows} rows for {n_head} heads")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter permutation (Hugging Face rows -> GGUF rows); the inverse of unpermute_qk."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _open(path: str):
+    import gguf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad bytes
+        raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:
+        raise GGUFError(f"metadata '{key}' is malformed: {e}") from e
+
+
+def gguf_config(reader, path: str) -> dict:
+    """Hugging Face-style config.json dict from GGUF metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCH_TO_HF:
+        raise GGUFError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+    def need(key):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise GGUFError(f"{path}: missing metadata '{arch}.{key}'")
+        return v
+
+    def per_layer_scalar(key, default=None):
+        v = _field(reader, f"{arch}.{key}", default)
+        if isinstance(v, list):
+            if len(set(v)) != 1:
+                raise GGUFError(f"{path}: per-layer '{arch}.{key}' values differ; not supported")
+            v = v[0]
+        return v
+
+    heads = int(per_layer_scalar("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, f"{arch}.vocab_size") or len(tokens)
+    if not vocab and "token_embd.weight" in names:
+        vocab = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1])
+    config = {
+        "architectures": [ARCH_TO_HF[arch]],
+        "model_type": arch,
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(per_layer_scalar("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(per_layer_scalar("attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, f"{arch}.attention.key_length") or hidden // heads),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in names,
+        "torch_dtype": "float32",
+    }
+    if "rope_freqs.weight" in names:
+        raise GGUFError(f"{path}: per-dimension RoPE factors (rope_freqs, Llama 3.1 style) are not supported yet")
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling and scaling != "none":
+        if scaling not in ("linear", "yarn"):
+            raise GGUFError(f"{path}: RoPE scaling {scaling!r} is not supported (supported: linear, yarn)")
+        rope = {"rope_type": scaling, "factor": float(need("rope.scaling.factor"))}
+        orig = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        if orig:
+            rope["original_max_position_embeddings"] = int(orig)
+        config["rope_scaling"] = rope
+    for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                        ("padding_token_id", "pad_token_id")):
+        v = _field(reader, f"tokenizer.ggml.{key}")
+        if v is not None:
+            config[hf_key] = int(v)
+    return config
+
+
+def _dequantize(t, path: str) -> np.ndarray:
+    import gguf
+
+    kind = gguf.GGMLQuantizationType(t.tensor_type).name
+    if kind not in SUPPORTED_TYPES:
+        raise GGUFError(f"{path}: tensor '{t.name}' has type {kind}, not supported "
+                        f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+    try:
+        if kind == "F32":
+            arr = np.asarray(t.data, dtype=np.float32)
+        elif kind == "F16":
+            arr = np.asarray(t.data, dtype=np.float16)
+        else:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        return arr.reshape(shape)
+    except GGUFError:
+        raise
+    except Exception as e:
+        raise GGUFError(f"{path}: tensor '{t.name}' cannot be decoded ({type(e).__name__}: {e}); "
+                        "the file may be truncated") from e
+
+
+def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Reads a GGUF file -> (Hugging Face config dict, Hugging Face-named tensors in `dtype`)."""
+    path = str(path)
+    reader = _open(path)
+    config = gguf_config(reader, path)
+    arch = config["model_type"]
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        arr = _dequantize(t, path)
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            arr = unpermute_qk(arr, config["num_attention_heads"])
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            arr = unpermute_qk(arr, config["num_key_value_heads"])
+        tensor = torch.from_numpy(np.array(arr, copy=not arr.flags.writeable or not arr.flags.c_contiguous))
+        if tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor
+    if "model.embed_tokens.weight" not in tensors:
+        raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
+    return config, tensors
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_cached(path: str, mtime: float):
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+def gguf_tokenizer(path: str | os.PathLike):
+    """The tokenizer (with chat template) stored in a GGUF file, built by transformers; None if absent."""
+    path = os.path.abspath(str(path))
+    reader = _open(path)
+    if _field(reader, "tokenizer.ggml.model") is None:
+        return None
+    return _tokenizer_cached(path, os.path.getmtime(path))

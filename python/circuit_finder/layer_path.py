@@ -1,0 +1,104 @@
+"""LayerPath: the order in which a model's decoder layers run.
+
+Parsing, formatting and validation are done by the C++ core (csrc/engine/layer_path.cpp), so the
+CLI, the server and Python all accept exactly the same text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from . import _C
+
+__all__ = ["LayerPath", "LayerPathError"]
+
+LayerPathError = _C.LayerPathError
+
+
+class LayerPath:
+    """An immutable sequence of layer indices, e.g. ``LayerPath.parse("0..14,12,13,14,15..39")``.
+
+    Text form: comma-separated indices and inclusive ascending ranges ``a..b``. Items may also be
+    separated by ``;``, ``+`` or whitespace (handy where commas are taken, such as lm-eval's
+    ``--model_args``). ``str(path)`` is a canonical compact form that parses back to the same path.
+    """
+
+    __slots__ = ("_layers",)
+
+    def __init__(self, layers: Iterable[int]):
+        items = tuple(int(i) for i in layers)
+        if not items:
+            raise LayerPathError("layer path is empty")
+        for slot, i in enumerate(items):
+            if i < 0:
+                raise LayerPathError(f"layer path slot {slot}: layer index {i} is negative")
+        self._layers = items
+
+    @classmethod
+    def parse(cls, text: str) -> LayerPath:
+        if not isinstance(text, str):
+            raise TypeError(f"LayerPath.parse expects a string, got {type(text).__name__}")
+        return cls(_C.parse_layer_path(text))
+
+    @classmethod
+    def identity(cls, num_layers: int) -> LayerPath:
+        if num_layers <= 0:
+            raise LayerPathError(f"num_layers must be positive, got {num_layers}")
+        return cls(range(num_layers))
+
+    @classmethod
+    def duplicate(cls, num_layers: int, start: int, end: int, times: int = 2) -> LayerPath:
+        """The RYS path: layers 0..end-1, then start..end-1 again (``times`` runs in all), then end..N-1.
+
+        ``start`` is inclusive, ``end`` exclusive.
+        """
+        return cls(_C.duplicate_layers(num_layers, start, end, times))
+
+    @classmethod
+    def coerce(cls, layers: None | str | LayerPath | Iterable[int], num_layers: int) -> LayerPath:
+        """None -> identity; text -> parsed; a LayerPath or a list of ints as is. Validated for the model."""
+        if layers is None:
+            path = cls.identity(num_layers)
+        elif isinstance(layers, LayerPath):
+            path = layers
+        elif isinstance(layers, str):
+            path = cls.parse(layers)
+        else:
+            path = cls(layers)
+        path.validate(num_layers)
+        return path
+
+    def validate(self, num_layers: int) -> None:
+        """Raises LayerPathError naming the first slot whose index is not a layer of the model."""
+        _C.validate_layer_path(list(self._layers), num_layers)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self._layers
+
+    def extra_layers(self, num_layers: int) -> int:
+        """How many more layer runs than the identity path (negative when layers are skipped)."""
+        return len(self._layers) - num_layers
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __getitem__(self, index):
+        return self._layers[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LayerPath):
+            return self._layers == other._layers
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._layers)
+
+    def __str__(self) -> str:
+        return _C.format_layer_path(list(self._layers))
+
+    def __repr__(self) -> str:
+        return f"LayerPath('{self}')"
