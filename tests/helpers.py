@@ -64,3 +64,110 @@ def build_hf_model(arch: str, folder, seed: int = 0, **overrides):
     model.eval()
     model.save_pretrained(str(folder))
     return model
+
+
+# ----------------------------------------------------------------------------- GGUF files
+HF_TO_GGUF_BLOCK = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+HF_TO_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}
+
+# Byte offsets of the fp16 scale fields in each K-quant block (ggml's block layouts); the
+# package has no K-quantizer, so tests fill blocks with random bytes and sane scales.
+K_SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def gguf_name(hf: str) -> str:
+    if hf in HF_TO_GGUF_GLOBAL:
+        return HF_TO_GGUF_GLOBAL[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    return f"blk.{layer}.{HF_TO_GGUF_BLOCK[rest]}"
+
+
+def encode_tensor(arr, qtype_name: str, rng):
+    """-> (bytes array, GGMLQuantizationType) for a float32 array, quantized with the gguf package."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    if qtype_name == "F32":
+        return arr.astype(np.float32), qtype
+    if qtype_name == "F16":
+        return arr.astype(np.float16), qtype
+    if qtype_name in K_SCALE_OFFSETS:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rows = arr.reshape(-1, arr.shape[-1])
+        blocks = rng.integers(0, 256, size=(rows.shape[0], rows.shape[1] // block, size), dtype=np.uint8)
+        for off in K_SCALE_OFFSETS[qtype_name]:
+            blocks[..., off:off + 2] = np.frombuffer(np.float16(0.003).tobytes(), dtype=np.uint8)
+        return blocks.reshape(*arr.shape[:-1], -1), qtype
+    return gguf.quants.quantize(arr.astype(np.float32), qtype), qtype
+
+
+def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip=(), permute=True, seed=0,
+               extra_tensors=None):
+    """Writes a transformers model as GGUF the way llama.cpp's converter lays it out.
+
+    Matrices get `qtype` (norms stay F32); llama-arch Q/K rows are permuted as the converter does.
+    Returns {gguf tensor name: (bytes array, type)} of what was written.
+    """
+    import gguf
+    import numpy as np
+
+    from circuit_finder.gguf import permute_qk
+
+    cfg = hf_model.config
+    arch = arch or cfg.model_type
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_eos_token_id(2)
+    w.add_bos_token_id(1)
+    written = {}
+    state = hf_model.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for hf, t in state.items():
+        name = gguf_name(hf)
+        if name in skip:
+            continue
+        arr = t.detach().float().numpy()
+        if permute and arch == "llama" and hf.endswith("q_proj.weight"):
+            arr = permute_qk(arr, cfg.num_attention_heads)
+        elif permute and arch == "llama" and hf.endswith("k_proj.weight"):
+            arr = permute_qk(arr, cfg.num_key_value_heads)
+        data, kind = encode_tensor(arr, qtype if arr.ndim == 2 else "F32", rng)
+        w.add_tensor(name, data, raw_dtype=kind)
+        written[name] = (data, kind)
+    for name, (data, kind) in (extra_tensors or {}).items():
+        w.add_tensor(name, data, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
