@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rebuilt
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
+from conftest import rebuilt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm device visible to torch")
 

@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from conftest import rebuilt
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
+from conftest import rebuilt
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers import build_hf_model, write_gguf
 
 import circuit_finder as cf
 from circuit_finder.gguf import SUPPORTED_TYPES, hf_name, unpermute_qk
+from helpers import build_hf_model, write_gguf
 
 
 @pytest.fixture(scope="module")

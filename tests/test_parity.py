@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from conftest import rebuilt
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
+from conftest import rebuilt
 
 N = 6  # layers in the test models
 PATHS = {

@@ -51,8 +51,8 @@ at::Tensor compute_inv_freq(const ModelConfig& c, at::Device device) {
 
 void check_ids(const at::Tensor& t, const char* name, at::Device device) {
   if (t.dim() != 2) throw InputError(cat(name, " must be 2-D [batch, tokens], got ", t.dim(), "-D"));
-  if (t.scalar_type() != at::kLong) throw InputError(cat(name, " must be int64, got ", t.scalar_type()));
-  if (t.device() != device) throw InputError(cat(name, " is on ", t.device(), " but the model is on ", device));
+  if (t.scalar_type() != at::kLong) throw InputError(cat(name, " must be int64, got ", c10::toString(t.scalar_type())));
+  if (t.device() != device) throw InputError(cat(name, " is on ", t.device().str(), " but the model is on ", device.str()));
 }
 
 }  // namespace
@@ -138,8 +138,8 @@ at::Tensor Engine::run(const at::Tensor& input_ids, const at::Tensor& positions,
   if (key_mask.has_value()) {
     const at::Tensor& km = *key_mask;
     if (km.dim() != 2 || km.size(0) != B || km.size(1) != S)
-      throw InputError(cat("attention_mask must be [", B, ", ", S, "] (cached + new tokens), got ", km.sizes()));
-    if (km.device() != w_.device) throw InputError(cat("attention_mask is on ", km.device(), ", model on ", w_.device));
+      throw InputError(cat("attention_mask must be [", B, ", ", S, "] (cached + new tokens), got ", km.dim(), "-D with ", km.numel(), " elements"));
+    if (km.device() != w_.device) throw InputError(cat("attention_mask is on ", km.device().str(), ", model on ", w_.device.str()));
     padding = (km != 0).view({B, 1, 1, S});
   }
   std::map<int64_t, std::optional<at::Tensor>> masks;

@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -160,6 +159,17 @@ std::vector<Entry> parse_header(const std::string& path, const char* text, size_
   return entries;
 }
 
+std::string read_text(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) throw FormatError(cat(path, ": cannot open: ", std::strerror(errno)));
+  std::string text;
+  char buf[65536];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+  std::fclose(f);
+  return text;
+}
+
 }  // namespace
 
 TensorMap load_safetensors_file(const std::string& path) {
@@ -201,10 +211,9 @@ TensorMap load_safetensors(const std::string& path) {
   const fs::path dir(path);
   const fs::path index = dir / "model.safetensors.index.json";
   if (fs::exists(index)) {
-    std::ifstream in(index);
     json doc;
     try {
-      doc = json::parse(in);
+      doc = json::parse(read_text(index.string()));
     } catch (const json::parse_error& e) {
       throw FormatError(cat(index.string(), ": invalid JSON: ", e.what()));
     }

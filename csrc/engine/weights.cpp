@@ -20,7 +20,7 @@ class Accessor {
     dtype_ = e->second.scalar_type();
     device_ = e->second.device();
     if (!at::isFloatingType(dtype_))
-      throw WeightError(cat("tensor 'model.embed_tokens.weight' has non-floating dtype ", dtype_));
+      throw WeightError(cat("tensor 'model.embed_tokens.weight' has non-floating dtype ", c10::toString(dtype_)));
   }
 
   // name_template may contain "{}", replaced by the layer index.
@@ -38,10 +38,10 @@ class Accessor {
     if (x.sizes() != at::IntArrayRef(shape))
       throw WeightError(cat("tensor '", name, "': expected shape ", shape_str(shape), ", got ", shape_str(x.sizes())));
     if (x.scalar_type() != dtype_)
-      throw WeightError(cat("tensor '", name, "': dtype ", x.scalar_type(), " differs from the embedding's ", dtype_,
+      throw WeightError(cat("tensor '", name, "': dtype ", c10::toString(x.scalar_type()), " differs from the embedding's ", c10::toString(dtype_),
                             " (load converts all weights to one dtype)"));
     if (x.device() != device_)
-      throw WeightError(cat("tensor '", name, "': on ", x.device(), " but the embedding is on ", device_));
+      throw WeightError(cat("tensor '", name, "': on ", x.device().str(), " but the embedding is on ", device_.str()));
     return x;
   }
   at::ScalarType dtype() const { return dtype_; }

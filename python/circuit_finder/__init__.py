@@ -10,8 +10,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from .config import ConfigError, ModelConfig
-from .layer_path import LayerPath, LayerPathError
 from .gguf import GGUFError
+from .layer_path import LayerPath, LayerPathError
 from .model import Model, default_model_path, load, load_from_tensors
 
 FormatError = _C.FormatError
