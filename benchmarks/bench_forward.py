@@ -10,7 +10,6 @@ A benchmark, not a test: it asserts only that both produce the same greedy token
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import platform
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import circuit_finder as cf  # noqa: E402
 from circuit_finder import LayerPath  # noqa: E402
+from helpers import build_hf_model, rebuilt  # noqa: E402
 
 SIZES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
@@ -35,21 +35,10 @@ SIZES = {
 
 
 def build(size: str, folder: Path):
-    from helpers import build_hf_model
-
     h, i, n, heads, kv, vocab = SIZES[size]
     return build_hf_model("llama", folder, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
                           num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                           tie_word_embeddings=False, rope_scaling=None, max_position_embeddings=4096)
-
-
-def along(hf, layers):
-    m = copy.deepcopy(hf)
-    m.model.layers = torch.nn.ModuleList([copy.deepcopy(hf.model.layers[i]) for i in layers])
-    for slot, layer in enumerate(m.model.layers):
-        layer.self_attn.layer_idx = slot
-    m.config.num_hidden_layers = len(layers)
-    return m
 
 
 def timed(fn, device, repeat):
@@ -89,7 +78,7 @@ def main() -> int:
         path = LayerPath.duplicate(n, n // 3, 2 * n // 3)
     else:
         path = LayerPath.parse(args.layers)
-    ref = along(hf, list(path)).to(device=device, dtype=dtype).eval()
+    ref = rebuilt(hf, list(path)).to(device=device, dtype=dtype).eval()
     ids = torch.randint(3, ours.config.vocab_size, (args.batch, args.prompt_len),
                         generator=torch.Generator().manual_seed(0)).to(device)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
@@ -34,16 +33,3 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
-
-
-def rebuilt(hf_model, layers):
-    """A transformers model whose decoder runs `layers` in order, from deep-copied layers."""
-    m = copy.deepcopy(hf_model)
-    originals = hf_model.model.layers
-    m.model.layers = torch.nn.ModuleList([copy.deepcopy(originals[i]) for i in layers])
-    for slot, layer in enumerate(m.model.layers):
-        layer.self_attn.layer_idx = slot
-    m.config.num_hidden_layers = len(layers)
-    if getattr(m.config, "layer_types", None) is not None:
-        m.config.layer_types = [hf_model.config.layer_types[i] for i in layers]
-    return m

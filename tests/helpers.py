@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -64,6 +66,20 @@ def build_hf_model(arch: str, folder, seed: int = 0, **overrides):
     model.eval()
     model.save_pretrained(str(folder))
     return model
+
+
+
+def rebuilt(hf_model, layers):
+    """A transformers model whose decoder runs `layers` in order, from deep-copied layers."""
+    m = copy.deepcopy(hf_model)
+    originals = hf_model.model.layers
+    m.model.layers = torch.nn.ModuleList([copy.deepcopy(originals[i]) for i in layers])
+    for slot, layer in enumerate(m.model.layers):
+        layer.self_attn.layer_idx = slot
+    m.config.num_hidden_layers = len(layers)
+    if getattr(m.config, "layer_types", None) is not None:
+        m.config.layer_types = [hf_model.config.layer_types[i] for i in layers]
+    return m
 
 
 # ----------------------------------------------------------------------------- GGUF files

@@ -9,7 +9,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from conftest import rebuilt
+from helpers import rebuilt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm device visible to torch")
 

@@ -10,7 +10,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from conftest import rebuilt
+from helpers import rebuilt
 
 N = 6  # layers in the test models
 PATHS = {

@@ -1,6 +1,8 @@
 // error.h — the exception types the C++ core throws. bindings.cpp maps each to a Python
 // exception (all subclass ValueError), so bad input never reaches Python as a crash.
 #pragma once
+#include <c10/util/ArrayRef.h>
+
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -29,8 +31,9 @@ struct InputError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Message building without iostreams: on some platforms (torch wheels whose CMake config links
-// libstdc++ statically into extensions) an ostream in the extension crashes on first use.
+// Message building without iostreams: with torch 2.11.0+cu130 on the H100 test machine, the first
+// std::ostream use inside this extension segfaulted (libstdc++'s ostream code ran from our .so;
+// root cause not established), so the core formats with std::to_string / snprintf only.
 inline void append(std::string& s, const std::string& v) { s += v; }
 inline void append(std::string& s, const char* v) { s += v; }
 inline void append(std::string& s, char v) { s += v; }
@@ -42,6 +45,13 @@ inline void append(std::string& s, double v) {
 template <typename T, typename = std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, char>>>
 void append(std::string& s, T v) {
   s += std::to_string(v);
+}
+
+// "[2, 3, 4]" for error messages.
+inline std::string shape_str(c10::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
 }
 
 template <typename... Args>

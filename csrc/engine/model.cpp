@@ -138,7 +138,7 @@ at::Tensor Engine::run(const at::Tensor& input_ids, const at::Tensor& positions,
   if (key_mask.has_value()) {
     const at::Tensor& km = *key_mask;
     if (km.dim() != 2 || km.size(0) != B || km.size(1) != S)
-      throw InputError(cat("attention_mask must be [", B, ", ", S, "] (cached + new tokens), got ", km.dim(), "-D with ", km.numel(), " elements"));
+      throw InputError(cat("attention_mask must be [", B, ", ", S, "] (cached + new tokens), got ", shape_str(km.sizes())));
     if (km.device() != w_.device) throw InputError(cat("attention_mask is on ", km.device().str(), ", model on ", w_.device.str()));
     padding = (km != 0).view({B, 1, 1, S});
   }

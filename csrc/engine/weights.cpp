@@ -6,12 +6,6 @@
 namespace cf {
 namespace {
 
-std::string shape_str(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 class Accessor {
  public:
   explicit Accessor(const std::map<std::string, at::Tensor>& t) : t_(t) {
