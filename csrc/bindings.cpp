@@ -34,7 +34,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_slots", &cf::KVCache::num_slots)
       .def_property_readonly("batch", &cf::KVCache::batch)
       .def("reset", &cf::KVCache::reset)
-      .def("copy_prefix_from", &cf::KVCache::copy_prefix_from, py::arg("other"), py::arg("num_slots"));
+      .def("advance", &cf::KVCache::advance, py::arg("tokens"));
 
   py::class_<cf::Engine>(m, "Engine")
       .def(py::init<const std::string&, const std::string&, const std::map<std::string, at::Tensor>&>(),
@@ -43,7 +43,12 @@ PYBIND11_MODULE(_C, m) {
            py::arg("path"), py::arg("cache"), py::arg("last_only") = false, py::call_guard<py::gil_scoped_release>())
       .def("hidden", &cf::Engine::hidden, py::arg("input_ids"), py::arg("positions"), py::arg("attention_mask"),
            py::arg("path"), py::arg("cache"), py::call_guard<py::gil_scoped_release>())
-      .def("new_cache", &cf::Engine::new_cache, py::arg("num_slots"), py::arg("batch"), py::arg("capacity"))
+      .def("embed", &cf::Engine::embed, py::arg("input_ids"), py::call_guard<py::gil_scoped_release>())
+      .def("run_slots", &cf::Engine::run_slots, py::arg("hidden"), py::arg("positions"), py::arg("attention_mask"),
+           py::arg("path"), py::arg("cache"), py::arg("begin"), py::arg("end"), py::call_guard<py::gil_scoped_release>())
+      .def("head", &cf::Engine::head, py::arg("hidden"), py::call_guard<py::gil_scoped_release>())
+      .def("new_cache", &cf::Engine::new_cache, py::arg("num_slots"), py::arg("batch"), py::arg("capacity"),
+           py::arg("share") = nullptr, py::arg("shared_slots") = 0)
       .def("layer_tensors", &cf::Engine::layer_tensors, py::arg("layer"))
       .def("config_json", &cf::Engine::config_json);
 }

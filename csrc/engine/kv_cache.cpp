@@ -6,13 +6,28 @@
 namespace cf {
 
 KVCache::KVCache(int64_t num_slots, int64_t batch, int64_t capacity, int64_t kv_heads, int64_t head_dim,
-                 at::ScalarType dtype, at::Device device)
+                 at::ScalarType dtype, at::Device device, const KVCache* share, int64_t shared_slots)
     : batch_(batch), capacity_(capacity) {
   if (num_slots <= 0 || batch <= 0 || capacity <= 0)
     throw InputError(cat("KV cache needs positive slots, batch and capacity, got ", num_slots, ", ", batch, ", ",
                          capacity));
+  if (shared_slots < 0 || shared_slots > num_slots || (shared_slots > 0 && share == nullptr))
+    throw InputError(cat("shared_slots must be in [0, ", num_slots, "] with a cache to share, got ", shared_slots));
+  if (share != nullptr && shared_slots > 0) {
+    if (share->batch_ != batch || share->capacity_ != capacity || share->num_slots() < shared_slots)
+      throw InputError(cat("the shared cache holds ", share->num_slots(), " slots of batch ", share->batch_,
+                           " and capacity ", share->capacity_, "; need ", shared_slots, " slots of batch ", batch,
+                           " and capacity ", capacity));
+    if (share->k_[0].size(1) != kv_heads || share->k_[0].size(3) != head_dim || share->k_[0].scalar_type() != dtype ||
+        share->k_[0].device() != device)
+      throw InputError("the shared cache belongs to another model (heads, head size, dtype or device differ)");
+    for (int64_t s = 0; s < shared_slots; ++s) {
+      k_.push_back(share->k_[s]);
+      v_.push_back(share->v_[s]);
+    }
+  }
   auto opts = at::TensorOptions().dtype(dtype).device(device);
-  for (int64_t s = 0; s < num_slots; ++s) {
+  for (int64_t s = static_cast<int64_t>(k_.size()); s < num_slots; ++s) {
     k_.push_back(at::zeros({batch, kv_heads, capacity, head_dim}, opts));
     v_.push_back(at::zeros({batch, kv_heads, capacity, head_dim}, opts));
   }
@@ -25,17 +40,10 @@ std::pair<at::Tensor, at::Tensor> KVCache::append(int64_t slot, const at::Tensor
   return {k_[slot].narrow(2, 0, length_ + t), v_[slot].narrow(2, 0, length_ + t)};
 }
 
-void KVCache::advance(int64_t t) { length_ += t; }
-
-void KVCache::copy_prefix_from(const KVCache& other, int64_t n) {
-  if (other.batch_ != batch_ || other.capacity_ < other.length_ || capacity_ < other.length_ || n > num_slots() ||
-      n > other.num_slots())
-    throw InputError("copy_prefix_from: caches differ in batch or are too small");
-  for (int64_t s = 0; s < n; ++s) {
-    k_[s].narrow(2, 0, other.length_).copy_(other.k_[s].narrow(2, 0, other.length_));
-    v_[s].narrow(2, 0, other.length_).copy_(other.v_[s].narrow(2, 0, other.length_));
-  }
-  length_ = other.length_;
+void KVCache::advance(int64_t t) {
+  if (t < 0 || length_ + t > capacity_)
+    throw InputError(cat("cannot advance the KV cache by ", t, ": it holds ", length_, " of ", capacity_, " positions"));
+  length_ += t;
 }
 
 }  // namespace cf

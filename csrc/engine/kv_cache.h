@@ -1,5 +1,7 @@
 // kv_cache.h — one key/value cache per slot of a layer path: a layer that runs twice has two.
 // Preallocated to a fixed capacity; appends copy into place, so decoding allocates nothing.
+// A cache may share its first slots' tensors with another cache (paths with a common prefix):
+// sharing is safe while the two are used one after the other, never interleaved.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -10,7 +12,7 @@ namespace cf {
 class KVCache {
  public:
   KVCache(int64_t num_slots, int64_t batch, int64_t capacity, int64_t kv_heads, int64_t head_dim,
-          at::ScalarType dtype, at::Device device);
+          at::ScalarType dtype, at::Device device, const KVCache* share = nullptr, int64_t shared_slots = 0);
 
   // Stores k, v [B, Hkv, T, D] for `slot` at positions [length, length+T) and returns views of
   // the slot's keys and values over [0, length+T).
@@ -18,9 +20,6 @@ class KVCache {
   // Called once per forward, after every slot appended T new positions.
   void advance(int64_t t);
   void reset() { length_ = 0; }
-  // Copies slots [0, n) and the length from `other` (same batch and capacity); used to reuse a
-  // shared prefix of slots between paths.
-  void copy_prefix_from(const KVCache& other, int64_t n);
 
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }

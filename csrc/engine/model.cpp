@@ -63,8 +63,10 @@ Engine::Engine(const std::string& config_json, const std::string& config_source,
   inv_freq_ = compute_inv_freq(cfg_, w_.device);
 }
 
-KVCache Engine::new_cache(int64_t num_slots, int64_t batch, int64_t capacity) const {
-  return KVCache(num_slots, batch, capacity, cfg_.num_kv_heads, cfg_.head_dim, w_.dtype, w_.device);
+KVCache Engine::new_cache(int64_t num_slots, int64_t batch, int64_t capacity, const KVCache* share,
+                           int64_t shared_slots) const {
+  return KVCache(num_slots, batch, capacity, cfg_.num_kv_heads, cfg_.head_dim, w_.dtype, w_.device, share,
+                 shared_slots);
 }
 
 std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
@@ -108,81 +110,134 @@ at::Tensor Engine::block(const at::Tensor& h, const LayerWeights& L, const at::T
   return x + at::linear(ops::silu_mul(at::linear(n, L.w_gate, L.b_gate), at::linear(n, L.w_up, L.b_up)), L.w_down, L.b_down);
 }
 
-at::Tensor Engine::run(const at::Tensor& input_ids, const at::Tensor& positions, const std::optional<at::Tensor>& key_mask,
-                       const LayerPath& path, KVCache* cache) const {
+at::Tensor Engine::embed(const at::Tensor& input_ids) const {
   check_ids(input_ids, "input_ids", w_.device);
-  check_ids(positions, "positions", w_.device);
-  if (positions.sizes() != input_ids.sizes()) throw InputError("positions must have the shape of input_ids");
-  validate_layer_path(path, cfg_.num_layers);
-  const int64_t B = input_ids.size(0), T = input_ids.size(1);
-  if (T == 0) throw InputError("input_ids has no tokens");
-  const int64_t past = cache ? cache->length() : 0, S = past + T;
-  if (cache != nullptr) {
-    if (cache->num_slots() != static_cast<int64_t>(path.size()))
-      throw InputError(cat("the KV cache has ", cache->num_slots(), " slots but the layer path has ", path.size()));
-    if (cache->batch() != B) throw InputError(cat("the KV cache holds batch ", cache->batch(), ", input has ", B));
-    if (S > cache->capacity())
-      throw InputError(cat("the KV cache holds ", cache->capacity(), " positions; this call needs ", S));
-  }
+  if (input_ids.size(1) == 0) throw InputError("input_ids has no tokens");
   if (input_ids.max().item<int64_t>() >= cfg_.vocab_size || input_ids.min().item<int64_t>() < 0)
     throw InputError(cat("input_ids holds a token id outside the vocabulary [0, ", cfg_.vocab_size, ")"));
+  return at::embedding(w_.embed, input_ids);
+}
 
-  // RoPE tables for these positions, fp32 like the reference, then the compute dtype.
+at::Tensor Engine::head(const at::Tensor& h) const {
+  if (h.dim() < 1 || h.size(-1) != cfg_.hidden_size)
+    throw InputError(cat("hidden states must end in the hidden size ", cfg_.hidden_size, ", got ", shape_str(h.sizes())));
+  return at::linear(ops::rms_norm(h, w_.final_norm, cfg_.rms_norm_eps), w_.lm_head);
+}
+
+void Engine::check_cache(const KVCache* cache, const LayerPath& path, int64_t B, int64_t T) const {
+  if (cache == nullptr) return;
+  if (cache->num_slots() != static_cast<int64_t>(path.size()))
+    throw InputError(cat("the KV cache has ", cache->num_slots(), " slots but the layer path has ", path.size()));
+  if (cache->batch() != B) throw InputError(cat("the KV cache holds batch ", cache->batch(), ", input has ", B));
+  if (cache->length() + T > cache->capacity())
+    throw InputError(cat("the KV cache holds ", cache->capacity(), " positions; this call needs ", cache->length() + T));
+}
+
+std::pair<at::Tensor, at::Tensor> Engine::rope_tables(const at::Tensor& positions) const {
+  // fp32 like the reference, then the compute dtype; [B, 1, T, D] to broadcast over heads.
   at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq_;
   at::Tensor emb = at::cat({freqs, freqs}, -1);
-  at::Tensor cos = (emb.cos() * cfg_.rope.attention_factor).to(w_.dtype).unsqueeze(1);
-  at::Tensor sin = (emb.sin() * cfg_.rope.attention_factor).to(w_.dtype).unsqueeze(1);
+  return {(emb.cos() * cfg_.rope.attention_factor).to(w_.dtype).unsqueeze(1),
+          (emb.sin() * cfg_.rope.attention_factor).to(w_.dtype).unsqueeze(1)};
+}
 
-  // Boolean masks [B, 1, T, S] (true = attend), one per distinct sliding window on the path.
-  std::optional<at::Tensor> padding;
+Engine::Masks Engine::build_masks(const std::optional<at::Tensor>& key_mask, const at::Tensor& positions,
+                                  const LayerPath& path, int64_t begin, int64_t end, int64_t B, int64_t T,
+                                  int64_t past) const {
+  // Boolean masks [B, 1, T, S] (true = attend), one per distinct sliding window among the slots.
+  // key_mask is [B, S] (nonzero = a real token; causal order added here) or [B, T, S] (the
+  // complete pattern, e.g. several continuations packed after one shared context; then S == T).
+  const int64_t S = past + T;
+  std::optional<at::Tensor> padding, pattern;
   if (key_mask.has_value()) {
     const at::Tensor& km = *key_mask;
-    if (km.dim() != 2 || km.size(0) != B || km.size(1) != S)
-      throw InputError(cat("attention_mask must be [", B, ", ", S, "] (cached + new tokens), got ", shape_str(km.sizes())));
     if (km.device() != w_.device) throw InputError(cat("attention_mask is on ", km.device().str(), ", model on ", w_.device.str()));
-    padding = (km != 0).view({B, 1, 1, S});
+    if (km.dim() == 3) {
+      if (past != 0) throw InputError("a [batch, tokens, tokens] attention_mask needs an empty KV cache");
+      if (km.size(0) != B || km.size(1) != T || km.size(2) != T)
+        throw InputError(cat("attention_mask must be [", B, ", ", T, ", ", T, "], got ", shape_str(km.sizes())));
+      pattern = (km != 0).view({B, 1, T, T});
+    } else if (km.dim() == 2 && km.size(0) == B && km.size(1) == S) {
+      padding = (km != 0).view({B, 1, 1, S});
+    } else {
+      throw InputError(cat("attention_mask must be [", B, ", ", S, "] (cached + new tokens), got ", shape_str(km.sizes())));
+    }
   }
-  std::map<int64_t, std::optional<at::Tensor>> masks;
+  Masks masks;
   auto dev_long = at::TensorOptions().dtype(at::kLong).device(w_.device);
-  for (int64_t layer : path) {
-    const int64_t window = cfg_.sliding_window[layer];
+  at::Tensor q_idx = at::arange(past, S, dev_long).view({T, 1});
+  at::Tensor k_idx = at::arange(0, S, dev_long).view({1, S});
+  for (int64_t slot = begin; slot < end; ++slot) {
+    const int64_t window = cfg_.sliding_window[path[slot]];
     if (masks.count(window)) continue;
-    if (!padding && window == 0 && (past == 0 || T == 1)) {
+    if (!padding && !pattern && window == 0 && (past == 0 || T == 1)) {
       masks[window] = std::nullopt;  // plain causal (or a single query seeing everything)
       continue;
     }
-    at::Tensor q_idx = at::arange(past, S, dev_long).view({T, 1});
-    at::Tensor k_idx = at::arange(0, S, dev_long).view({1, S});
-    at::Tensor allowed = k_idx <= q_idx;
-    if (window > 0) allowed = allowed.logical_and(k_idx > q_idx - window);
-    allowed = allowed.view({1, 1, T, S});
-    if (padding) allowed = allowed.logical_and(*padding);
+    at::Tensor allowed;
+    if (pattern) {
+      allowed = *pattern;
+      if (window > 0) {  // by position ids: packed segments restart their positions
+        at::Tensor dist = positions.unsqueeze(2) - positions.unsqueeze(1);
+        allowed = allowed.logical_and((dist < window).view({B, 1, T, T}));
+      }
+    } else {
+      allowed = k_idx <= q_idx;
+      if (window > 0) allowed = allowed.logical_and(k_idx > q_idx - window);
+      allowed = allowed.view({1, 1, T, S});
+      if (padding) allowed = allowed.logical_and(*padding);
+    }
     // A query that may see nothing (a left-pad position) sees itself instead, so no NaN is made.
     at::Tensor empty = allowed.any(-1, /*keepdim=*/true).logical_not();
     allowed = allowed.logical_or(empty.logical_and((k_idx == q_idx).view({1, 1, T, S})));
     masks[window] = allowed;
   }
+  return masks;
+}
 
-  at::Tensor h = at::embedding(w_.embed, input_ids);
-  for (size_t slot = 0; slot < path.size(); ++slot) {
+at::Tensor Engine::run_slots(const at::Tensor& h, const at::Tensor& positions, const std::optional<at::Tensor>& key_mask,
+                             const LayerPath& path, KVCache* cache, int64_t begin, int64_t end) const {
+  validate_layer_path(path, cfg_.num_layers);
+  if (begin < 0 || begin > end || end > static_cast<int64_t>(path.size()))
+    throw InputError(cat("slots [", begin, ", ", end, ") are not a range of the ", path.size(), "-slot path"));
+  if (h.dim() != 3 || h.size(2) != cfg_.hidden_size)
+    throw InputError(cat("hidden states must be [batch, tokens, ", cfg_.hidden_size, "], got ", shape_str(h.sizes())));
+  if (h.scalar_type() != w_.dtype || h.device() != w_.device)
+    throw InputError(cat("hidden states are ", c10::toString(h.scalar_type()), " on ", h.device().str(), "; the model is ",
+                         c10::toString(w_.dtype), " on ", w_.device.str()));
+  check_ids(positions, "positions", w_.device);
+  const int64_t B = h.size(0), T = h.size(1);
+  if (T == 0) throw InputError("hidden states hold no tokens");
+  if (positions.size(0) != B || positions.size(1) != T)
+    throw InputError(cat("positions must be [", B, ", ", T, "], got ", shape_str(positions.sizes())));
+  check_cache(cache, path, B, T);
+  const int64_t past = cache ? cache->length() : 0;
+  auto [cos, sin] = rope_tables(positions);
+  Masks masks = build_masks(key_mask, positions, path, begin, end, B, T, past);
+  at::Tensor x = h;
+  for (int64_t slot = begin; slot < end; ++slot) {
     const int64_t layer = path[slot];
-    h = block(h, w_.layers[layer], cos, sin, masks[cfg_.sliding_window[layer]], cache, static_cast<int64_t>(slot));
+    x = block(x, w_.layers[layer], cos, sin, masks[cfg_.sliding_window[layer]], cache, slot);
   }
-  if (cache != nullptr) cache->advance(T);
-  return h;
+  return x;
 }
 
 at::Tensor Engine::hidden(const at::Tensor& input_ids, const at::Tensor& positions,
                           const std::optional<at::Tensor>& key_mask, const LayerPath& path, KVCache* cache) const {
-  return run(input_ids, positions, key_mask, path, cache);
+  check_ids(input_ids, "input_ids", w_.device);
+  check_ids(positions, "positions", w_.device);
+  if (positions.sizes() != input_ids.sizes()) throw InputError("positions must have the shape of input_ids");
+  at::Tensor h = run_slots(embed(input_ids), positions, key_mask, path, cache, 0, static_cast<int64_t>(path.size()));
+  if (cache != nullptr) cache->advance(input_ids.size(1));
+  return h;
 }
 
 at::Tensor Engine::forward(const at::Tensor& input_ids, const at::Tensor& positions,
                            const std::optional<at::Tensor>& key_mask, const LayerPath& path, KVCache* cache,
                            bool last_only) const {
-  at::Tensor h = run(input_ids, positions, key_mask, path, cache);
+  at::Tensor h = hidden(input_ids, positions, key_mask, path, cache);
   if (last_only) h = h.narrow(1, h.size(1) - 1, 1);
-  return at::linear(ops::rms_norm(h, w_.final_norm, cfg_.rms_norm_eps), w_.lm_head);
+  return head(h);
 }
 
 }  // namespace cf

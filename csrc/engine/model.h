@@ -21,7 +21,7 @@ class Engine {
          const std::map<std::string, at::Tensor>& tensors);
 
   // input_ids [B, T] int64; positions [B, T] int64; key_mask [B, S] (S = cache length + T; nonzero =
-  // attend) or None; cache: one slot per path entry, or None for a one-shot forward.
+  // a real token) or [B, T, T] (a full pattern, nonzero = attend; empty cache only) or None; cache: one slot per path entry, or None for a one-shot forward.
   // Returns logits [B, T, V] (or [B, 1, V] when last_only).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions,
                      const std::optional<at::Tensor>& key_mask, const LayerPath& path, KVCache* cache,
@@ -31,7 +31,20 @@ class Engine {
   at::Tensor hidden(const at::Tensor& input_ids, const at::Tensor& positions,
                     const std::optional<at::Tensor>& key_mask, const LayerPath& path, KVCache* cache) const;
 
-  KVCache new_cache(int64_t num_slots, int64_t batch, int64_t capacity) const;
+  // The pieces forward() is made of, for callers that reuse work between paths (sweeps):
+  // embed: input_ids [B, T] -> h [B, T, H]. run_slots: runs slots [begin, end) of `path` on h
+  // [B, T, H] (the output of slots [0, begin)), appending this call's T keys/values to the cache
+  // slots it runs at the cache's current length, without advancing it (call KVCache::advance once
+  // all slots have run). head: h [B, T, H] -> logits [B, T, V].
+  at::Tensor embed(const at::Tensor& input_ids) const;
+  at::Tensor run_slots(const at::Tensor& h, const at::Tensor& positions, const std::optional<at::Tensor>& key_mask,
+                       const LayerPath& path, KVCache* cache, int64_t begin, int64_t end) const;
+  at::Tensor head(const at::Tensor& h) const;
+
+  // A cache for a path of num_slots slots. With `share`, slots [0, shared_slots) are the very
+  // tensors of share's first slots (no copy): used when paths agree on their first slots.
+  KVCache new_cache(int64_t num_slots, int64_t batch, int64_t capacity, const KVCache* share = nullptr,
+                    int64_t shared_slots = 0) const;
 
   const ModelConfig& config() const { return cfg_; }
   std::string config_json() const { return config_to_json(cfg_); }
@@ -40,8 +53,11 @@ class Engine {
   std::map<std::string, at::Tensor> layer_tensors(int64_t layer) const;
 
  private:
-  at::Tensor run(const at::Tensor& input_ids, const at::Tensor& positions, const std::optional<at::Tensor>& key_mask,
-                 const LayerPath& path, KVCache* cache) const;
+  using Masks = std::map<int64_t, std::optional<at::Tensor>>;  // sliding window -> mask [B, 1, T, S]
+  void check_cache(const KVCache* cache, const LayerPath& path, int64_t B, int64_t T) const;
+  std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions) const;
+  Masks build_masks(const std::optional<at::Tensor>& key_mask, const at::Tensor& positions, const LayerPath& path,
+                    int64_t begin, int64_t end, int64_t B, int64_t T, int64_t past) const;
   at::Tensor block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
                    const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot) const;
   at::Tensor attention(const at::Tensor& x, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
