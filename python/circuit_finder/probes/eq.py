@@ -1,0 +1,62 @@
+"""eq probe: emotional understanding, EQ-Bench-v2 style, on 28 scenarios written for this project.
+
+Each item describes a situation and asks how strongly one character feels four named emotions
+(0-10). The answer is parsed (``scoring.parse_emotions``) and scored against the reference
+intensities with the EQ-Bench-v2-style penalty (``scoring.eq_score``). In likelihood mode the
+reference answer is ranked against three distractor answers (the intensities reversed, mirrored
+around 5 and rotated), each written in the same format.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from . import Item, ItemProbe
+from .scoring import eq_score, parse_emotions
+
+__all__ = ["EQProbe", "format_intensities", "load_eq_items"]
+
+
+def format_intensities(emotions, values) -> str:
+    return "\n".join(f"{e}: {int(round(v))}" for e, v in zip(emotions, values))
+
+
+def _distractor_values(ref: list[int]) -> list[list[int]]:
+    candidates = [list(reversed(ref)), [10 - v for v in ref], ref[1:] + ref[:1], [min(10, v + 3) for v in ref]]
+    out: list[list[int]] = []
+    for c in candidates:
+        if c != ref and c not in out:
+            out.append(c)
+    return out[:3]
+
+
+def _prompt(s: dict) -> str:
+    names = ", ".join(s["emotions"])
+    lines = "\n".join(f"{e}: <0-10>" for e in s["emotions"])
+    return (f"{s['scenario']}\n\nAt the end of this scene, how strongly does {s['character']} feel each of these "
+            f"emotions, on a scale of 0 (not at all) to 10 (extremely)? Emotions: {names}.\n"
+            f"Answer with exactly four lines and nothing else:\n{lines}")
+
+
+def load_eq_items() -> list[Item]:
+    text = resources.files(__package__).joinpath("data/eq_scenarios.json").read_text(encoding="utf-8")
+    items = []
+    for s in json.loads(text):
+        if len(s["emotions"]) != 4 or len(s["reference"]) != 4:
+            raise ValueError(f"eq scenario {s['id']}: needs 4 emotions and 4 reference values")
+        answer = format_intensities(s["emotions"], s["reference"])
+        choices = [answer] + [format_intensities(s["emotions"], d) for d in _distractor_values(s["reference"])]
+        items.append(Item(id=s["id"], prompt=_prompt(s), answer=answer, choices=tuple(choices), scorer="eq",
+                          data={"emotions": tuple(s["emotions"]), "reference": tuple(s["reference"])}))
+    return items
+
+
+class EQProbe(ItemProbe):
+    """Emotion-intensity judgements scored EQ-Bench-v2 style (0-100)."""
+
+    def __init__(self):
+        super().__init__("eq", load_eq_items(), max_new_tokens=40)
+
+    def score(self, item: Item, completion: str) -> float:
+        return eq_score(parse_emotions(completion, item.data["emotions"]), item.data["reference"])
