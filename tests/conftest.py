@@ -33,3 +33,29 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    """A tiny random Llama (6 layers) with the default model's real tokenizer and chat template,
+    saved as a Hugging Face folder: what sweep tests run text probes on."""
+    import circuit_finder as cf
+    from circuit_finder.gguf import gguf_tokenizer
+
+    try:
+        tokenizer = gguf_tokenizer(cf.default_model_path())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    folder = tmp_path_factory.mktemp("chat-model")
+    build_hf_model("llama", folder, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_size=64,
+                   intermediate_size=96)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_model(chat_model_dir):
+    import circuit_finder as cf
+
+    return cf.load(chat_model_dir)

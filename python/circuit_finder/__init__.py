@@ -13,6 +13,8 @@ from .config import ConfigError, ModelConfig
 from .gguf import GGUFError
 from .layer_path import LayerPath, LayerPathError
 from .model import Model, default_model_path, load, load_from_tensors
+from .results import SweepResult
+from .sweep import sweep
 
 FormatError = _C.FormatError
 WeightError = _C.WeightError
@@ -30,9 +32,11 @@ __all__ = [
     "LayerPathError",
     "Model",
     "ModelConfig",
+    "SweepResult",
     "WeightError",
     "default_model_path",
     "load",
     "load_from_tensors",
     "load_safetensors",
+    "sweep",
 ]

@@ -1,6 +1,7 @@
 """The `circuit-finder` command.
 
     circuit-finder generate [--model PATH] [--layers PATH] [--chat] "prompt" ...
+    circuit-finder sweep [--model PATH] --block-sizes 3 4 5 --out sweep.jsonl --heatmap sweep.png
 """
 
 from __future__ import annotations
@@ -37,6 +38,39 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    import circuit_finder as cf
+
+    t0 = time.time()
+    model = cf.load(args.model, device=args.device, dtype=args.dtype)
+    print(f"# {model}; loaded in {time.time() - t0:.1f}s", file=sys.stderr)
+    result = cf.sweep(model, probes=args.probes, block_sizes=args.block_sizes, starts=args.starts, stride=args.stride,
+                      times=args.times, paths=args.paths, strategy=args.strategy, mode=args.mode, results=args.out,
+                      resume=not args.no_resume, progress=not args.no_progress, max_items=args.max_items)
+    import pandas as pd
+
+    df = result.to_pandas()
+    probes = result.probe_names()
+    base = df[df["baseline"]].iloc[0]
+    print(f"# {len(df) - 1} configs + baseline, mode={args.mode}, results in {args.out}")
+    print("baseline (identity path): " + ", ".join(f"{p} {base[p]:.1f}" for p in [*probes, "combined"]))
+    cols = ["layers", "combined_delta", "combined_ci_low", "combined_ci_high", "combined_p"]
+    cols += [c for p in probes for c in (f"{p}_delta",)]
+    top = result.top(args.top)
+    if args.validate:
+        val = result.validate(args.validate, progress=not args.no_progress)
+        top = top.merge(val[["layers", *[c for c in val.columns if "_val" in c]]], on="layers", how="left")
+        cols += ["combined_val_delta", "combined_val_ci_low", "combined_val_ci_high"]
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.2f}".format):
+        print(f"top {args.top} by combined_delta (95% paired bootstrap CI over items, sign-flip p):")
+        print(top[[c for c in cols if c in top.columns]].to_string(index=False))
+    if args.heatmap:
+        fig = result.heatmap(args.metric)
+        fig.savefig(args.heatmap, dpi=120)
+        print(f"# heatmap of {args.metric} written to {args.heatmap}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuit-finder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("prompts", nargs="+", help="prompt text(s)")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("sweep", help="score probes along many layer paths (RYS configs)")
+    _add_model_args(s)
+    s.add_argument("--probes", nargs="+", default=["math", "eq", "reasoning"],
+                   help="built-in probes (math eq reasoning gsm8k) or .jsonl files")
+    s.add_argument("--mode", choices=["generate", "likelihood"], default="generate")
+    s.add_argument("--strategy", choices=["grid", "scan", "refine"], default="grid")
+    s.add_argument("--block-sizes", type=int, nargs="+", default=[3, 4, 5])
+    s.add_argument("--starts", type=int, nargs="+", default=None, help="block starts (default: every --stride-th)")
+    s.add_argument("--stride", type=int, default=1)
+    s.add_argument("--times", type=int, nargs="+", default=[2], help="runs of the block (2 = repeated once)")
+    s.add_argument("--paths", nargs="+", default=None, help="explicit layer paths instead of a strategy")
+    s.add_argument("--max-items", type=int, default=None, help="first N search items of each probe")
+    s.add_argument("--out", required=True, help="results JSONL (appended; resumed when it exists)")
+    s.add_argument("--no-resume", action="store_true", help="start --out afresh")
+    s.add_argument("--heatmap", default=None, help="write a heatmap PNG of --metric")
+    s.add_argument("--metric", default="combined_delta", help="heatmap column (default combined_delta)")
+    s.add_argument("--top", type=int, default=10, help="print the top N configs")
+    s.add_argument("--validate", type=int, default=0, help="re-score the top N on held-out items")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -291,35 +291,43 @@ class Model:
             full_mask[:, :T] = mask
         positions = positions_from_mask(mask) if mask is not None else (
             torch.arange(T, device=self.device).expand(B, T).contiguous())
-        eos = torch.tensor(self._eos_ids(), dtype=torch.long, device=self.device)
-        pad = self._pad_id()
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(int(seed))
         layers = list(path)
-        out: list[torch.Tensor] = []
         with torch.inference_mode():
             cache = self.engine.new_cache(len(layers), B, T + max_new_tokens)
             step_mask = None if full_mask is None else full_mask[:, :T]
             logits = self.engine.forward(ids, positions, step_mask, layers, cache, True)[:, -1].float()
-            finished = torch.zeros(B, dtype=torch.bool, device=self.device)
-            last_pos = positions[:, -1:]
-            for step in range(max_new_tokens):
-                if step < min_new_tokens and eos.numel():
-                    logits[:, eos] = float("-inf")
-                token = _sample(logits, temperature, top_p, generator)
-                token = torch.where(finished, torch.full_like(token, pad), token)
-                out.append(token)
-                if eos.numel():
-                    finished |= torch.isin(token, eos)
-                if stops and text_mode:
-                    finished |= self._hit_stop(torch.stack(out, 1), stops)
-                if step + 1 == max_new_tokens or bool(finished.all()):
-                    break
-                last_pos = last_pos + 1
-                step_mask = None if full_mask is None else full_mask[:, : T + step + 1]
-                logits = self.engine.forward(token.unsqueeze(1), last_pos, step_mask, layers, cache, True)[:, -1].float()
+            return self._decode(logits, cache, layers, positions[:, -1:], full_mask, max_new_tokens, min_new_tokens,
+                                temperature, top_p, generator, stops if text_mode else [])
+
+    def _decode(self, logits, cache, layers, last_pos, full_mask, max_new_tokens, min_new_tokens=0,
+                temperature=0.0, top_p=1.0, generator=None, stops=()) -> torch.Tensor:
+        """Token-by-token decoding after a prefill: logits [B, V] of the last prompt position, the
+        cache holding the prompt (length T), last_pos [B, 1] its positions, full_mask [B, T + max_new]
+        or None. Returns the new ids [B, n] (rows finished early padded with the pad id)."""
+        B, T = logits.shape[0], cache.length
+        eos = torch.tensor(self._eos_ids(), dtype=torch.long, device=self.device)
+        pad = self._pad_id()
+        out: list[torch.Tensor] = []
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            if step < min_new_tokens and eos.numel():
+                logits[:, eos] = float("-inf")
+            token = _sample(logits, temperature, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            out.append(token)
+            if eos.numel():
+                finished |= torch.isin(token, eos)
+            if stops:
+                finished |= self._hit_stop(torch.stack(out, 1), list(stops))
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            last_pos = last_pos + 1
+            step_mask = None if full_mask is None else full_mask[:, : T + step + 1]
+            logits = self.engine.forward(token.unsqueeze(1), last_pos, step_mask, layers, cache, True)[:, -1].float()
         return torch.stack(out, 1)
 
     def _hit_stop(self, generated: torch.Tensor, stops: list[str]) -> torch.Tensor:

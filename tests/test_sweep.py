@@ -1,0 +1,380 @@
+"""sweep(): config generation, shared-prefix reuse (== no reuse), packed likelihood == plain
+log-probs, generate == Model.generate, the results file (resume, torn lines, SIGKILL), the
+pandas table with bootstrap CIs, heatmap, top, validate and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import circuit_finder as cf
+from circuit_finder.probes import Item, ItemProbe, get_probe
+from circuit_finder.results import SweepResult, read_records
+from circuit_finder.sweep import SweepConfig, _ProbeBatch, make_configs, refine_configs, rys_params
+
+PROBES = ("math", "eq", "reasoning")
+
+
+# ------------------------------------------------------------------------------------ configs
+def test_grid_configs():
+    configs = make_configs(6, "grid", block_sizes=(2, 3))
+    assert [(c.start, c.end, c.times) for c in configs] == (
+        [(i, i + 2, 2) for i in range(5)] + [(i, i + 3, 2) for i in range(4)])
+    for c in configs:
+        assert c.layers == cf.LayerPath.duplicate(6, c.start, c.end, c.times)
+        assert c.layers.extra_layers(6) == c.end - c.start
+    assert len(make_configs(6, "grid", block_sizes=(2,), times=(2, 3))) == 10
+    assert [(c.start, c.end) for c in make_configs(6, "grid", block_sizes=(2, 5), starts=[1, 3])] == [(1, 3), (3, 5), (1, 6)]
+    assert [c.start for c in make_configs(12, "grid", block_sizes=(3,), stride=4)] == [0, 4, 8]
+
+
+def test_scan_and_paths_configs():
+    scan = make_configs(6, "scan")
+    assert len(scan) == 21 and {(c.start, c.end) for c in scan} == {(i, j) for i in range(6) for j in range(i + 1, 7)}
+    assert {(c.start, c.end) for c in make_configs(6, "scan", stride=2)} == {
+        (0, 1), (0, 3), (0, 5), (2, 3), (2, 5), (4, 5)}
+    paths = make_configs(6, "paths", paths=["0..5,3..5", [0, 1, 2, 2, 3, 4, 5], "0..2,4,5", "0..3,1..5"])
+    assert [(c.start, c.end, c.times) for c in paths] == [(3, 6, 2), (2, 3, 2), (None, None, None), (1, 4, 2)]
+    assert [c.key for c in paths][2] == "0..2,4,5"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(strategy="grid", block_sizes=(7,)), "larger than the model"),
+    (dict(strategy="grid", times=(1,)), "times must be >= 2"),
+    (dict(strategy="grid", stride=0), "stride must be >= 1"),
+    (dict(strategy="grid", starts=[6]), "start 6 is not a layer"),
+    (dict(strategy="spiral"), "strategy must be one of"),
+    (dict(strategy="paths"), "needs paths"),
+    (dict(strategy="paths", paths=["0..6"]), "slot 6"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_configs(6, **kwargs)
+
+
+def test_rys_params_roundtrip():
+    n = 8
+    for t in (2, 3):
+        for i in range(n):
+            for j in range(i + 1, n + 1):
+                assert rys_params(cf.LayerPath.duplicate(n, i, j, t), n) == (i, j, t)
+    for text in ("0..7", "0..6", "0..3,5,4,6,7", "0..7,0", "1..7", "0..7,7..7,3"):
+        assert rys_params(cf.LayerPath.parse(text), n) is None, text
+
+
+def test_refine_configs():
+    winner = SweepConfig(cf.LayerPath.duplicate(10, 4, 6), 4, 6, 2)
+    fine = refine_configs(10, [winner], radius=1, times=(2,))
+    assert {(c.start, c.end) for c in fine} == {(i, j) for i in (3, 4, 5) for j in (5, 6, 7) if i < j}
+
+
+# ------------------------------------------------------------------------------------ engine pieces
+def test_run_slots_and_shared_cache(chat_model):
+    m = chat_model
+    ids = torch.tensor([[5, 9, 200, 7, 31]])
+    pos = torch.arange(5).unsqueeze(0)
+    path = list(cf.LayerPath.duplicate(6, 2, 4))
+    with torch.inference_mode():
+        full = m.engine.forward(ids, pos, None, path, None, False)
+        h = m.engine.embed(ids)
+        h = m.engine.run_slots(h, pos, None, path, None, 0, 3)
+        h = m.engine.run_slots(h, pos, None, path, None, 3, len(path))
+        assert torch.equal(m.engine.head(h), full)
+        # slots 0..3 of the identity cache reused (shared, not copied) by the RYS path
+        ident = m.engine.new_cache(6, 1, 16)
+        h4 = m.engine.run_slots(m.engine.embed(ids), pos, None, list(range(6)), ident, 0, 4)
+        cache = m.engine.new_cache(len(path), 1, 16, ident, 4)
+        out = m.engine.head(m.engine.run_slots(h4, pos, None, path, cache, 4, len(path)))
+        cache.advance(5)
+        assert torch.equal(out, full)
+        ref_cache = m.engine.new_cache(len(path), 1, 16)
+        m.engine.forward(ids, pos, None, path, ref_cache, False)
+        nxt = torch.tensor([[11]])
+        a = m.engine.forward(nxt, torch.tensor([[5]]), None, path, cache, True)
+        b = m.engine.forward(nxt, torch.tensor([[5]]), None, path, ref_cache, True)
+        assert torch.equal(a, b)
+
+
+def test_engine_piece_errors(chat_model):
+    e = chat_model.engine
+    ids = torch.tensor([[5, 9, 2]])
+    pos = torch.arange(3).unsqueeze(0)
+    h = e.embed(ids)
+    with pytest.raises(cf.InputError, match=r"slots \[2, 9\) are not a range of the 6-slot path"):
+        e.run_slots(h, pos, None, list(range(6)), None, 2, 9)
+    with pytest.raises(cf.InputError, match=r"hidden states must be \[batch, tokens, 64\]"):
+        e.run_slots(h[..., :10], pos, None, list(range(6)), None, 0, 6)
+    with pytest.raises(cf.InputError, match="hidden states are BFloat16"):
+        e.run_slots(h.bfloat16(), pos, None, list(range(6)), None, 0, 6)
+    with pytest.raises(cf.InputError, match=r"positions must be \[1, 3\]"):
+        e.run_slots(h, pos[:, :2], None, list(range(6)), None, 0, 6)
+    with pytest.raises(cf.InputError, match=r"attention_mask must be \[1, 3, 3\]"):
+        e.run_slots(h, pos, torch.ones(1, 3, 4, dtype=torch.bool), list(range(6)), None, 0, 6)
+    base = e.new_cache(6, 1, 8)
+    with pytest.raises(cf.InputError, match="the shared cache holds 6 slots of batch 1 and capacity 8"):
+        e.new_cache(7, 2, 8, base, 3)
+    with pytest.raises(cf.InputError, match="shared_slots must be in"):
+        e.new_cache(7, 1, 8, None, 3)
+    with pytest.raises(cf.InputError, match="cannot advance the KV cache by 9"):
+        base.advance(9)
+    with pytest.raises(cf.InputError, match="outside the vocabulary"):
+        e.embed(torch.tensor([[10 ** 6]]))
+
+
+# ------------------------------------------------------------------------------------ sweeps
+EXPLICIT = ["0..5,2..5", "0..3,2,3,2,3,4,5", "0..2,4,5", "0,2,1,3..5", "3..5"]
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "kind")} for r in records]
+
+
+@pytest.mark.parametrize("mode", ["likelihood", "generate"])
+def test_reuse_equals_no_reuse(chat_model, mode):
+    kw = dict(probes=PROBES, mode=mode, max_items=3, progress=False)
+    grid = cf.sweep(chat_model, block_sizes=(1, 2, 3), times=(2, 3), **kw)
+    grid_plain = cf.sweep(chat_model, block_sizes=(1, 2, 3), times=(2, 3), reuse=False, **kw)
+    assert len(grid) == 1 + 15 + 15
+    assert _strip(grid.records) == _strip(grid_plain.records)
+    paths = cf.sweep(chat_model, paths=EXPLICIT, **kw)
+    paths_plain = cf.sweep(chat_model, paths=EXPLICIT, reuse=False, **kw)
+    assert _strip(paths.records) == _strip(paths_plain.records)
+    assert {r["layers"] for r in paths.records} == {str(cf.LayerPath.parse(p)) for p in [*EXPLICIT, "0..5"]}
+
+
+def test_likelihood_equals_plain_log_probs(chat_model):
+    """The packed batch (choices after one shared context) gives the log-probs of separate rows."""
+    m = chat_model
+    probe = get_probe("eq")
+    items = probe.items()[:3]
+    path = cf.LayerPath.duplicate(6, 1, 4)
+    batch = _ProbeBatch(m, probe, items, "likelihood", chat=True)
+    with torch.inference_mode():
+        got = batch.run(SweepConfig.of(path, 6), 6, reuse=True)["margins"]
+    contexts = m._encode_prompts([it.prompt for it in items], chat=True)
+    diffs = []
+    for it, ctx in zip(items, contexts):
+        lps = []
+        for choice in it.choices:
+            cont = m.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(m.logits(torch.tensor([ctx + cont]), layers=path).double(), -1)[0]
+            lps.append(sum(float(logp[len(ctx) - 1 + q, t]) for q, t in enumerate(cont)))
+        right = it.choices.index(it.answer)
+        want = lps[right] - max(v for c, v in enumerate(lps) if c != right)
+        diffs.append(abs(want - got[it.id]))
+    print(f"packed vs separate margins: max abs diff {max(diffs):.3g}, mean {np.mean(diffs):.3g}")
+    assert max(diffs) < 1e-3
+
+
+def test_generate_mode_matches_model_generate(chat_model):
+    m = chat_model
+    probe = get_probe("reasoning")
+    path = cf.LayerPath.duplicate(6, 2, 5)
+    result = cf.sweep(m, probes=[probe], paths=[path], mode="generate", max_items=4, progress=False)
+    record = next(r for r in result.records if r["layers"] == str(path))
+    items = probe.items()[:4]
+    want = m.generate([it.prompt for it in items], layers=path, max_new_tokens=probe.max_new_tokens, chat=True)
+    assert [record["outputs"]["reasoning"][it.id] for it in items] == want
+    assert [record["scores"]["reasoning"][it.id] for it in items] == [probe.score(it, w) for it, w in zip(items, want)]
+
+
+def test_refine_strategy(chat_model):
+    result = cf.sweep(chat_model, probes=["math"], strategy="refine", block_sizes=(2,), refine_stride=2,
+                      refine_top=1, mode="likelihood", max_items=3, progress=False)
+    keys = [r["layers"] for r in result.records]
+    assert len(keys) == len(set(keys))
+    coarse = {(c.start, c.end) for c in make_configs(6, "grid", block_sizes=(2,), stride=2)}
+    df = result.to_pandas()
+    best = df[df["layers"].isin([str(cf.LayerPath.duplicate(6, i, j)) for i, j in coarse])].sort_values(
+        "combined_delta", ascending=False).iloc[0]
+    fine = {(int(s), int(e)) for s, e in zip(df["start"].dropna(), df["end"].dropna())} - coarse
+    assert fine and all(abs(s - best["start"]) <= 2 and abs(e - best["end"]) <= 2 for s, e in fine)
+
+
+# ------------------------------------------------------------------------------------ results
+def _fake_record(layers, scores, split="search", **extra):
+    return {"kind": "config", "layers": layers, "split": split, "mode": "generate", "scores": scores,
+            "seconds": 1.0, **extra}
+
+
+def test_statistics_hand_checked():
+    ids = [f"i{k}" for k in range(10)]
+    base = _fake_record("0..5", {"p": {i: 0.0 for i in ids}, "q": {i: 50.0 for i in ids}})
+    better = _fake_record("0..5,3..5", {"p": {i: 100.0 for i in ids}, "q": {i: 50.0 for i in ids}},
+                          start=3, end=6, times=2, extra_layers=3)
+    same = _fake_record("0..5,2..5", {"p": {i: 0.0 for i in ids}, "q": {i: 50.0 for i in ids}},
+                        start=2, end=6, times=2, extra_layers=4)
+    mixed = _fake_record("0..5,1..5", {"p": {i: (100.0 if k < 5 else -0.0) for k, i in enumerate(ids)},
+                                       "q": {i: (0.0 if k < 5 else 100.0) for k, i in enumerate(ids)}},
+                         start=1, end=6, times=2, extra_layers=5)
+    df = SweepResult([base, better, same, mixed], num_layers=6).to_pandas().set_index("layers")
+    assert len(df) == 4 and df.loc["0..5", "baseline"] and not df.loc["0..5,3..5", "baseline"]
+    b = df.loc["0..5,3..5"]
+    assert (b["p"], b["p_delta"], b["p_ci_low"], b["p_ci_high"]) == (100.0, 100.0, 100.0, 100.0)
+    assert b["p_p"] < 0.01  # every item improved: only 2 of 1024 sign patterns are as extreme
+    assert b["q_delta"] == 0.0 and b["q_p"] == 1.0
+    assert b["combined"] == 75.0 and b["combined_delta"] == 50.0
+    s = df.loc["0..5,2..5"]
+    assert s["p_delta"] == 0.0 and s["p_ci_low"] == 0.0 and s["p_ci_high"] == 0.0 and s["p_p"] == 1.0
+    x = df.loc["0..5,1..5"]
+    assert x["p_delta"] == 50.0 and x["p_ci_low"] < 50.0 < x["p_ci_high"]
+    assert 0.0 <= x["p_ci_low"] and x["p_ci_high"] <= 100.0
+    assert x["q_delta"] == 0.0 and x["q_ci_low"] < 0 < x["q_ci_high"]
+    top = SweepResult([base, better, same, mixed], num_layers=6).top(2)
+    assert list(top["layers"]) == ["0..5,3..5", "0..5,1..5"]
+
+
+def test_dataframe_columns_and_rows(chat_model):
+    result = cf.sweep(chat_model, probes=PROBES, block_sizes=(2, 3), mode="likelihood", max_items=3, progress=False)
+    df = result.to_pandas()
+    print(df.head().to_string())
+    assert len(df) == 1 + 5 + 4 and df["baseline"].sum() == 1
+    for col in ("layers", "start", "end", "times", "extra_layers", "combined", "combined_delta", "combined_ci_low",
+                "combined_ci_high", "combined_p", "seconds"):
+        assert col in df.columns, col
+    for p in PROBES:
+        for suffix in ("", "_delta", "_ci_low", "_ci_high", "_p", "_margin"):
+            assert f"{p}{suffix}" in df.columns
+        assert ((df[f"{p}_ci_low"] <= df[f"{p}_delta"] + 1e-9) & (df[f"{p}_delta"] <= df[f"{p}_ci_high"] + 1e-9)).all()
+        assert df[p].between(0, 100).all()
+    rys = df[~df["baseline"]]
+    assert (rys["extra_layers"] == rys["end"] - rys["start"]).all() and (rys["times"] == 2).all()
+    assert np.allclose(df["combined"], df[[*PROBES]].mean(axis=1))
+    from matplotlib.figure import Figure
+
+    fig = result.heatmap("combined_delta")
+    assert isinstance(fig, Figure)
+    data = fig.axes[0].images[0].get_array()
+    assert np.isfinite(data).sum() == 9
+    with pytest.raises(ValueError, match="no column 'nope'"):
+        result.heatmap("nope")
+
+
+def test_results_file_resume_and_validate(chat_model, tmp_path):
+    out = tmp_path / "sweep.jsonl"
+    kw = dict(probes=PROBES, mode="likelihood", max_items=3, progress=False, results=out)
+    first = cf.sweep(chat_model, block_sizes=(2,), **kw)
+    header, records = read_records(out)
+    assert header["num_layers"] == 6 and header["mode"] == "likelihood" and len(records) == 6
+    # a torn last line (a run killed mid-write) is cut off; done configs are not run again
+    with open(out, "ab") as f:
+        f.write(b'{"kind": "config", "layers": "0..5,1')
+    with pytest.warns(UserWarning, match="unfinished last line"):
+        assert len(SweepResult.load(out)) == 6
+    second = cf.sweep(chat_model, block_sizes=(2, 3), **kw)
+    header, records = read_records(out)
+    assert len(records) == 6 + 4 and len({r["layers"] for r in records}) == 10
+    assert out.read_bytes().endswith(b"\n")
+    assert _strip(second.records[:6]) == _strip(first.records)
+    loaded = SweepResult.load(out)
+    assert loaded.to_pandas().drop(columns="seconds").equals(second.to_pandas().drop(columns="seconds"))
+    # held-out validation, appended to the same file
+    val = second.validate(2)
+    assert len(val) == 2 and "combined_val_delta" in val.columns and "math_val_ci_low" in val.columns
+    _, records = read_records(out)
+    assert sum(r["split"] == "validation" for r in records) == 3  # top 2 + baseline
+    val_ids = set(records[-1]["scores"]["math"])
+    assert val_ids == {it.id for it in get_probe("math").items("validation")}
+    assert SweepResult.load(out).validate(2, model=chat_model).equals(val)  # nothing re-run
+    # a mode mismatch is refused, resume=False starts afresh
+    with pytest.raises(ValueError, match="mode='likelihood' sweep"):
+        cf.sweep(chat_model, block_sizes=(2,), probes=PROBES, mode="generate", max_items=3, progress=False, results=out)
+    cf.sweep(chat_model, block_sizes=(5,), **{**kw, "probes": ["math"]}, resume=False)
+    assert len(read_records(out)[1]) == 3
+
+
+def test_corrupt_lines_are_skipped(tmp_path):
+    f = tmp_path / "r.jsonl"
+    good = _fake_record("0..5", {"p": {"a": 1.0}})
+    f.write_text(json.dumps({"kind": "header", "num_layers": 6, "mode": "generate"}) + "\n" + "garbage\n"
+                 + json.dumps(good) + "\n" + "[1, 2]\n")
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        result = SweepResult.load(f)
+    assert len(result.records) == 1
+    f.write_text(json.dumps(good) + "\n")
+    with pytest.raises(ValueError, match="not a circuit-finder sweep file"):
+        SweepResult.load(f)
+
+
+def test_custom_probe_in_sweep(chat_model, tmp_path):
+    f = tmp_path / "yesno.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": f"Is {k} even?", "answer": "Yes" if k % 2 == 0 else "No",
+                                       "choices": ["Yes", "No"], "scorer": "yes_no"}) for k in range(6)))
+    for mode in ("likelihood", "generate"):
+        result = cf.sweep(chat_model, probes=[str(f)], block_sizes=(3,), mode=mode, progress=False)
+        assert "yesno_delta" in result.to_pandas().columns
+    no_choices = ItemProbe("plain", [Item("a", "Say hi", "hi")])
+    with pytest.raises(ValueError, match="item 'a': likelihood mode needs 'choices'"):
+        cf.sweep(chat_model, probes=[no_choices], block_sizes=(3,), mode="likelihood", progress=False)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        cf.sweep(chat_model, mode="sample")
+    with pytest.raises(TypeError, match="needs a circuit_finder Model"):
+        cf.sweep("default")
+
+
+_CHILD = """
+import sys, circuit_finder as cf
+model = cf.load(sys.argv[1])
+cf.sweep(model, probes=("math", "eq", "reasoning"), strategy="scan", times=(2, 3), mode="generate",
+         max_items=3, results=sys.argv[2], progress=False)
+"""
+
+
+def test_sigkill_and_resume(chat_model_dir, chat_model, tmp_path):
+    """A sweep subprocess killed with SIGKILL loses at most the config in flight; resuming finishes the
+    sweep with every config exactly once, no corrupt line, and the scores of an uninterrupted run."""
+    out = tmp_path / "killed.jsonl"
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(_CHILD))
+    total = 1 + 2 * 21
+    for round_, wait_for in enumerate((3, 12)):
+        proc = subprocess.Popen([sys.executable, str(script), str(chat_model_dir), str(out)],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            n = out.read_bytes().count(b"\n") - 1 if out.exists() else 0
+            if n >= wait_for or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"round {round_}: the sweep finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        header, records = read_records(out)
+        keys = [r["layers"] for r in records]
+        print(f"round {round_}: killed after {len(records)} finished configs")
+        assert len(keys) == len(set(keys)) and wait_for <= len(records) < total
+    resumed = cf.sweep(chat_model, probes=PROBES, strategy="scan", times=(2, 3), mode="generate", max_items=3,
+                       results=out, progress=False)
+    for line in out.read_bytes().splitlines():
+        json.loads(line)  # no corrupt line
+    keys = [r["layers"] for r in resumed.records]
+    assert len(keys) == total and len(set(keys)) == total
+    fresh = cf.sweep(chat_model, probes=PROBES, strategy="scan", times=(2, 3), mode="generate", max_items=3,
+                     progress=False)
+    by_key = {r["layers"]: r for r in _strip(fresh.records)}
+    assert all(by_key[r["layers"]] == r for r in _strip(resumed.records))
+
+
+def test_cli_sweep(chat_model_dir, tmp_path, capsys):
+    from circuit_finder.cli import main
+
+    out, png = tmp_path / "s.jsonl", tmp_path / "s.png"
+    rc = main(["sweep", "--model", str(chat_model_dir), "--mode", "likelihood", "--block-sizes", "2", "3",
+               "--max-items", "3", "--out", str(out), "--heatmap", str(png), "--top", "3", "--validate", "2",
+               "--no-progress"])
+    text = capsys.readouterr().out
+    print(text)
+    assert rc == 0 and png.stat().st_size > 1000
+    assert "baseline (identity path)" in text and "combined_ci_low" in text and "combined_val_delta" in text
+    assert len(SweepResult.load(out)) == 10
+    rc = main(["sweep", "--model", str(chat_model_dir), "--block-sizes", "9", "--out", str(out), "--no-progress"])
+    assert rc == 2 and "larger than the model" in capsys.readouterr().err
