@@ -64,3 +64,20 @@ def test_cuda_bf16_error_within_twice_transformers(model_dir, arch):
     our_err = (ours - exact).abs().mean().item()
     print(f"{arch} cuda bf16: ours {our_err:.4e}, transformers {hf_err:.4e}")
     assert our_err <= 2 * hf_err + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["likelihood", "generate"])
+def test_cuda_sweep_reuse_and_cpu_agreement(chat_model_dir, mode):
+    """sweep() on the GPU: shared-prefix reuse == recomputing every path, and the same likelihood
+    margins as the CPU run (generate mode: the same texts where greedy choices are not near-ties)."""
+    gpu = cf.load(chat_model_dir, device="cuda")
+    kw = dict(probes=("math", "eq", "reasoning"), block_sizes=(2, 3), mode=mode, max_items=3, progress=False)
+    fast, plain = cf.sweep(gpu, **kw), cf.sweep(gpu, reuse=False, **kw)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in fast.records]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in plain.records]
+    if mode == "likelihood":
+        cpu = cf.sweep(cf.load(chat_model_dir), **kw)
+        diffs = [abs(a["margins"][p][i] - b["margins"][p][i]) for a, b in zip(fast.records, cpu.records)
+                 for p in a["margins"] for i in a["margins"][p]]
+        print(f"cuda vs cpu likelihood margins: max abs diff {max(diffs):.3e}")
+        assert max(diffs) < 1e-2

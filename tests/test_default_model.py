@@ -75,3 +75,21 @@ def test_score_prefers_the_right_answer(pair):
     good, bad = model.score(["The capital of France is"] * 2, [" Paris", " banana"])
     print(f"log p(Paris) {good:.3f}, log p(banana) {bad:.3f}")
     assert good > bad
+
+
+def test_real_likelihood_sweep(pair):
+    """A small real sweep of the default model in likelihood mode: shared-prefix reuse gives exactly
+    the scores of recomputing every path, and the table holds every config with its CI."""
+    model = pair[0]
+    kw = dict(probes=("math", "eq", "reasoning"), block_sizes=(4,), starts=[6, 18], mode="likelihood",
+              max_items=3, progress=False)
+    fast = cf.sweep(model, **kw)
+    plain = cf.sweep(model, reuse=False, **kw)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in fast.records]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in plain.records]
+    df = fast.to_pandas()
+    print(df[["layers", "math_margin", "eq_margin", "reasoning_margin", "combined_delta", "combined_ci_low",
+              "combined_ci_high"]].to_string())
+    assert set(df["layers"]) == {"0..29", str(LayerPath.duplicate(30, 6, 10)), str(LayerPath.duplicate(30, 18, 22))}
+    assert df[["math_margin", "eq_margin", "reasoning_margin"]].notna().all().all()
+    assert (df["combined_ci_low"] <= df["combined_delta"]).all() and (df["combined_delta"] <= df["combined_ci_high"]).all()

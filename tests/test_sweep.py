@@ -297,9 +297,12 @@ def test_corrupt_lines_are_skipped(tmp_path):
     good = _fake_record("0..5", {"p": {"a": 1.0}})
     f.write_text(json.dumps({"kind": "header", "num_layers": 6, "mode": "generate"}) + "\n" + "garbage\n"
                  + json.dumps(good) + "\n" + "[1, 2]\n")
-    with pytest.warns(UserWarning, match="not valid JSON"):
+    with pytest.warns(UserWarning) as caught:
         result = SweepResult.load(f)
     assert len(result.records) == 1
+    messages = [str(w.message) for w in caught]
+    assert any("r.jsonl:2: skipping a line that is not valid JSON" in m for m in messages)
+    assert any("r.jsonl:4: skipping a line that is not a JSON object" in m for m in messages)
     f.write_text(json.dumps(good) + "\n")
     with pytest.raises(ValueError, match="not a circuit-finder sweep file"):
         SweepResult.load(f)
@@ -374,7 +377,8 @@ def test_cli_sweep(chat_model_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     print(text)
     assert rc == 0 and png.stat().st_size > 1000
-    assert "baseline (identity path)" in text and "combined_ci_low" in text and "combined_val_delta" in text
+    assert "baseline (identity path)" in text and "ci_low" in text and "held-out validation of the top 2" in text
+    assert "val_delta" in text
     assert len(SweepResult.load(out)) == 10
     rc = main(["sweep", "--model", str(chat_model_dir), "--block-sizes", "9", "--out", str(out), "--no-progress"])
     assert rc == 2 and "larger than the model" in capsys.readouterr().err

@@ -54,16 +54,26 @@ def cmd_sweep(args) -> int:
     base = df[df["baseline"]].iloc[0]
     print(f"# {len(df) - 1} configs + baseline, mode={args.mode}, results in {args.out}")
     print("baseline (identity path): " + ", ".join(f"{p} {base[p]:.1f}" for p in [*probes, "combined"]))
-    cols = ["layers", "combined_delta", "combined_ci_low", "combined_ci_high", "combined_p"]
-    cols += [c for p in probes for c in (f"{p}_delta",)]
+    short = {"combined_delta": "delta", "combined_ci_low": "ci_low", "combined_ci_high": "ci_high", "combined_p": "p",
+             "combined_val_delta": "val_delta", "combined_val_ci_low": "val_ci_low",
+             "combined_val_ci_high": "val_ci_high", "combined_val_p": "val_p"}
+    short.update({f"{p}_delta": f"{p}_delta" for p in probes})
     top = result.top(args.top)
-    if args.validate:
-        val = result.validate(args.validate, progress=not args.no_progress)
-        top = top.merge(val[["layers", *[c for c in val.columns if "_val" in c]]], on="layers", how="left")
-        cols += ["combined_val_delta", "combined_val_ci_low", "combined_val_ci_high"]
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.2f}".format):
-        print(f"top {args.top} by combined_delta (95% paired bootstrap CI over items, sign-flip p):")
-        print(top[[c for c in cols if c in top.columns]].to_string(index=False))
+    fmt = dict(index=False, float_format=lambda v: f"{v:.2f}")
+    with pd.option_context("display.width", 200, "display.max_columns", 40):
+        print(f"\ntop {len(top)} by combined_delta (search items; 95% paired bootstrap CI over items, sign-flip p):")
+        cols = ["layers", "combined_delta", "combined_ci_low", "combined_ci_high", "combined_p",
+                *[f"{p}_delta" for p in probes]]
+        print(top[cols].rename(columns=short).to_string(**fmt))
+        if args.validate:
+            val = result.validate(args.validate, progress=not args.no_progress)
+            n_val = {p: len(next(r for r in result.records if r.get("split") == "validation")["scores"][p])
+                     for p in probes}
+            print(f"\nheld-out validation of the top {len(val)} ("
+                  + ", ".join(f"{n} {p}" for p, n in n_val.items()) + " items):")
+            cols = ["layers", "combined_delta", "combined_val_delta", "combined_val_ci_low", "combined_val_ci_high",
+                    "combined_val_p"]
+            print(val[cols].rename(columns=short).to_string(**fmt))
     if args.heatmap:
         fig = result.heatmap(args.metric)
         fig.savefig(args.heatmap, dpi=120)

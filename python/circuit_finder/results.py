@@ -293,8 +293,6 @@ class SweepResult:
     # -------------------------------------------------------------- pictures
     def heatmap(self, metric: str = "combined_delta", times: int = 2, ax=None, n_boot: int = 2000):
         """A matplotlib Figure: RYS configs (start i on x, end j on y) coloured by a to_pandas column."""
-        from matplotlib.figure import Figure
-
         df = self.to_pandas(n_boot=n_boot)
         if metric not in df.columns:
             raise ValueError(f"no column {metric!r}; columns: {', '.join(df.columns)}")
@@ -304,7 +302,12 @@ class SweepResult:
         for i, j, v in zip(df["start"], df["end"], df[metric]):
             grid[int(j), int(i)] = np.nan if v is None else float(v)
         if ax is None:
-            fig = Figure(figsize=(7, 6), layout="constrained")
+            # Made through pyplot so notebooks' inline backend renders the returned figure, then released
+            # from pyplot's registry so it is shown once and never leaks.
+            import matplotlib.pyplot as plt
+
+            fig = plt.figure(figsize=(7, 6), layout="constrained")
+            plt.close(fig)
             ax = fig.add_subplot()
         else:
             fig = ax.figure
