@@ -10,6 +10,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from .config import ConfigError, ModelConfig
+from .export import export_gguf, export_hf, mergekit_config
 from .gguf import GGUFError
 from .layer_path import LayerPath, LayerPathError
 from .model import Model, default_model_path, load, load_from_tensors
@@ -35,8 +36,11 @@ __all__ = [
     "SweepResult",
     "WeightError",
     "default_model_path",
+    "export_gguf",
+    "export_hf",
     "load",
     "load_from_tensors",
     "load_safetensors",
+    "mergekit_config",
     "sweep",
 ]

@@ -2,11 +2,13 @@
 
     circuit-finder generate [--model PATH] [--layers PATH] [--chat] "prompt" ...
     circuit-finder sweep [--model PATH] --block-sizes 3 4 5 --out sweep.jsonl --heatmap sweep.png
+    circuit-finder export --model SRC --layers PATH --format gguf|hf|mergekit --out DST
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -81,6 +83,37 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import circuit_finder as cf
+
+    src = cf.default_model_path() if args.model == "default" else args.model
+    if args.format == "mergekit":
+        name = args.mergekit_model or ("HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == "default" else src)
+        num_layers = None
+        if os.path.isfile(os.path.join(src, "config.json")):
+            num_layers = cf.load(src).num_layers
+        elif src.lower().endswith(".gguf"):
+            num_layers = cf.load(src).num_layers
+        text = cf.mergekit_config(args.layers, model=name, num_layers=num_layers, dtype=args.dtype or "bfloat16")
+        if args.out == "-":
+            print(text, end="")
+        else:
+            with open(args.out, "w") as f:
+                f.write(text)
+            print(f"# mergekit config written to {args.out}", file=sys.stderr)
+        return 0
+    if args.format == "gguf":
+        if not src.lower().endswith(".gguf"):
+            raise ValueError(f"--format gguf needs a .gguf source (tensor bytes are copied as they are), got {src}")
+        out = cf.export_gguf(src, args.out, args.layers, overwrite=args.overwrite)
+    else:
+        source = cf.load(src) if src.lower().endswith(".gguf") else src
+        out = cf.export_hf(source, args.out, args.layers, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                           overwrite=args.overwrite)
+    print(f"# {args.format} export of layers {args.layers} written to {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuit-finder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--validate", type=int, default=0, help="re-score the top N on held-out items")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_sweep)
+
+    e = sub.add_parser("export", help="write a layer path as a GGUF, a Hugging Face folder or a mergekit config")
+    e.add_argument("--model", default="default", help="source: HF folder, .gguf file, or 'default'")
+    e.add_argument("--layers", required=True, help="layer path, e.g. '0..12,10..29'")
+    e.add_argument("--format", choices=["gguf", "hf", "mergekit"], required=True)
+    e.add_argument("--out", required=True, help="output file (gguf, mergekit; '-' = stdout) or folder (hf)")
+    e.add_argument("--dtype", default=None, help="hf: tensor dtype (default: as loaded); mergekit: dtype field")
+    e.add_argument("--max-shard-size", default="2GB", help="hf: safetensors shard size (default 2GB)")
+    e.add_argument("--mergekit-model", default=None, help="mergekit: the model name to write (default: --model)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    e.set_defaults(func=cmd_export)
     return parser
 
 
@@ -125,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"circuit-finder: error: {e}", file=sys.stderr)
         return 2
 

@@ -136,14 +136,16 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     device = torch.device(device)
     moved = {name: t.to(device=device, dtype=target) for name, t in tensors.items() if t.is_floating_point()}
     engine = _C.Engine(json.dumps(config.raw), source, moved)
-    return Model(engine, config, tokenizer, device=device, dtype=target, source=source)
+    return Model(engine, config, tokenizer, device=device, dtype=target, source=source, tensors=moved)
 
 
 class Model:
     """A decoder-only LM that runs along any layer path. See ``circuit_finder.load``."""
 
-    def __init__(self, engine, config: ModelConfig, tokenizer, device: torch.device, dtype: torch.dtype, source: str):
+    def __init__(self, engine, config: ModelConfig, tokenizer, device: torch.device, dtype: torch.dtype, source: str,
+                 tensors: dict[str, torch.Tensor] | None = None):
         self.engine = engine
+        self.tensors = tensors or {}  # Hugging Face name -> the tensor the engine runs (same storage)
         self.config = config
         self.tokenizer = tokenizer
         self.device = device

@@ -1,0 +1,213 @@
+"""Export of layer paths: Hugging Face folders (loaded by transformers), GGUF (read back with the
+gguf reader, loaded again by circuit-finder, by llama.cpp when installed), mergekit YAML; clear
+errors and no partial files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import circuit_finder as cf
+from circuit_finder import LayerPath
+from circuit_finder.export import _remap_config
+from helpers import write_gguf
+
+PATH = LayerPath.parse("0..3,1..3,4,5")  # RYS (1, 4) on 6 layers: 9 slots
+
+
+def ids(batch=2, length=12, seed=0):
+    return torch.randint(3, 160, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shard", [None, "40KB"])
+def test_hf_export_loads_in_transformers(model_dir, arch, tmp_path, shard):
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = model_dir(arch)
+    dst = tmp_path / "exported"
+    kwargs = {"max_shard_size": shard} if shard else {}
+    cf.export_hf(folder, dst, PATH, **kwargs)
+    config = json.loads((dst / "config.json").read_text())
+    assert config["num_hidden_layers"] == len(PATH)
+    assert (dst / "model.safetensors.index.json").exists() == (shard is not None)
+    hf = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32)
+    x = ids()
+    with torch.no_grad():
+        theirs = hf(x).logits
+    ours = cf.load(folder).logits(x, layers=PATH)
+    diff = (theirs - ours).abs()
+    print(f"{arch} HF export vs our path: max abs diff {diff.max():.3e}, mean {diff.mean():.3e}")
+    assert diff.max() < 1e-4
+    if config.get("layer_types"):
+        src_types = json.loads((folder / "config.json").read_text())["layer_types"]
+        assert config["layer_types"] == [src_types[i] for i in PATH]
+
+
+def test_hf_export_from_loaded_model_and_dtype(model_dir, tmp_path):
+    from safetensors import safe_open
+
+    folder, _ = model_dir("qwen2")
+    model = cf.load(folder)
+    dst = cf.export_hf(model, tmp_path / "bf16", PATH, dtype="bfloat16")
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.4.self_attn.q_proj.weight").dtype == torch.bfloat16
+        assert torch.equal(f.get_tensor("model.layers.4.mlp.up_proj.weight"),
+                           model.tensors["model.layers.1.mlp.up_proj.weight"].bfloat16())
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_remap_config_lists():
+    config = {"num_hidden_layers": 4, "layer_types": ["a", "b", "c", "d"], "architectures": ["X"],
+              "no_rope_layers": [1, 0, 1, 0], "eos_token_id": [1, 2, 3, 4]}
+    out = _remap_config(config, LayerPath.parse("0..2,1,2,3"), 4, None)
+    assert out["num_hidden_layers"] == 6 and out["layer_types"] == ["a", "b", "c", "b", "c", "d"]
+    assert out["no_rope_layers"] == [1, 0, 1, 0, 1, 0] and out["eos_token_id"] == [1, 2, 3, 4]
+    assert config["layer_types"] == ["a", "b", "c", "d"]  # the source is untouched
+
+
+def test_gguf_export_reads_back(model_dir, tmp_path):
+    import gguf
+
+    _, hf = model_dir("llama", intermediate_size=128)  # Q8_0 rows need multiples of 32
+    src = tmp_path / "src.gguf"
+    written = write_gguf(hf, src, qtype="Q8_0", extra_arrays={"llama.custom_per_layer": list(range(10, 16)),
+                                                             "general.tags": ["a", "b", "c", "d", "e", "f"]})
+    dst = cf.export_gguf(src, tmp_path / "out.gguf", PATH)
+    r = gguf.GGUFReader(str(dst))
+    assert r.fields["llama.block_count"].contents() == len(PATH)
+    assert r.fields["llama.custom_per_layer"].contents() == [10 + i for i in PATH]
+    assert r.fields["general.tags"].contents() == ["a", "b", "c", "d", "e", "f"]
+    assert r.fields["llama.attention.head_count"].contents() == 4
+    got = {t.name: t for t in r.tensors}
+    expected = {}
+    for name, (data, kind) in written.items():
+        if name.startswith("blk."):
+            layer, suffix = name.split(".", 2)[1:]
+            for k, src_layer in enumerate(PATH):
+                if src_layer == int(layer):
+                    expected[f"blk.{k}.{suffix}"] = (data, kind)
+        else:
+            expected[name] = (data, kind)
+    assert set(got) == set(expected)
+    for name, (data, kind) in expected.items():
+        assert got[name].tensor_type == kind, name
+        assert np.asarray(got[name].data).tobytes() == np.asarray(data).tobytes(), name
+    a, b = cf.load(src), cf.load(dst)
+    x = ids()
+    diff = (a.logits(x, layers=PATH) - b.logits(x)).abs().max()
+    print(f"GGUF export (Q8_0) identity vs source along the path: max abs diff {diff:.3e}")
+    assert diff == 0
+
+
+def test_gguf_export_with_llama_cpp(tmp_path):
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python to run this check)")
+    path = LayerPath.duplicate(30, 10, 13)
+    dst = cf.export_gguf(cf.default_model_path(), tmp_path / "rys.gguf", path)
+    model = cf.load("default")
+    prompt = [1, 504, 3458, 282, 4649, 314]
+    llm = llama_cpp.Llama(model_path=str(dst), n_ctx=64, verbose=False)
+    theirs = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1):
+        theirs.append(tok)
+        if len(theirs) == 8:
+            break
+    ours = model.generate(torch.tensor([prompt]), layers=path, max_new_tokens=8)[0].tolist()
+    assert theirs == ours
+
+
+def test_export_errors_leave_no_partial_files(model_dir, tmp_path, monkeypatch):
+    import gguf
+
+    folder, hf = model_dir("llama")
+    src = tmp_path / "src.gguf"
+    write_gguf(hf, src)
+    with pytest.raises(cf.LayerPathError, match="slot 2"):
+        cf.export_gguf(src, tmp_path / "bad.gguf", "0,1,6")
+    with pytest.raises(cf.LayerPathError, match="slot 2"):
+        cf.export_hf(folder, tmp_path / "bad-hf", "0,1,9")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        cf.export_hf(folder, tmp_path / "taken", PATH)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        cf.export_gguf(src, tmp_path / "missing" / "x.gguf", PATH)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        cf.export_hf(folder, tmp_path / "file" / "x", PATH)
+
+    def boom(self, tensor, tensor_endianess=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", boom)
+    with pytest.raises(OSError, match="disk full"):
+        cf.export_gguf(src, tmp_path / "out.gguf", PATH)
+    monkeypatch.undo()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        cf.export_hf(folder, tmp_path / "out-hf", PATH)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["file", "src.gguf", "taken"], left
+
+
+def test_mergekit_config():
+    import yaml
+
+    text = cf.mergekit_config("0..12,10..29", model="org/model", num_layers=30)
+    doc = yaml.safe_load(text)
+    assert doc["merge_method"] == "passthrough"
+    assert [s["sources"][0]["layer_range"] for s in doc["slices"]] == [[0, 13], [10, 30]]
+    assert all(s["sources"][0]["model"] == "org/model" for s in doc["slices"])
+    doc = yaml.safe_load(cf.mergekit_config([0, 1, 2, 1, 5, 4]))
+    rebuilt = [i for s in doc["slices"] for i in range(*s["sources"][0]["layer_range"])]
+    assert rebuilt == [0, 1, 2, 1, 5, 4]
+    with pytest.raises(cf.LayerPathError):
+        cf.mergekit_config("0..30", num_layers=30)
+
+
+def test_cli_export(model_dir, tmp_path, capsys):
+    from circuit_finder.cli import main
+
+    folder, hf = model_dir("llama")
+    src = tmp_path / "src.gguf"
+    write_gguf(hf, src)
+    assert main(["export", "--model", str(folder), "--layers", "0..3+1..5", "--format", "hf",
+                 "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 9
+    assert main(["export", "--model", str(src), "--layers", "0..3,1..5", "--format", "gguf",
+                 "--out", str(tmp_path / "o.gguf")]) == 0
+    assert cf.load(tmp_path / "o.gguf").num_layers == 9
+    assert main(["export", "--model", str(src), "--layers", "0..3,1..5", "--format", "hf",
+                 "--out", str(tmp_path / "from-gguf")]) == 0
+    assert main(["export", "--model", str(folder), "--layers", "0..3,1..5", "--format", "mergekit",
+                 "--out", "-"]) == 0
+    assert "merge_method: passthrough" in capsys.readouterr().out
+    assert main(["export", "--model", str(folder), "--layers", "0..3,1..5", "--format", "gguf",
+                 "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "needs a .gguf source" in capsys.readouterr().err
+    assert main(["export", "--model", str(src), "--layers", "0..7", "--format", "gguf",
+                 "--out", str(tmp_path / "y.gguf")]) == 2
+    assert not (tmp_path / "y.gguf").exists()
+
+
+@pytest.mark.slow
+def test_default_model_gguf_export(tmp_path):
+    path = LayerPath.duplicate(30, 10, 13)
+    dst = cf.export_gguf(cf.default_model_path(), tmp_path / "rys.gguf", path)
+    assert os.path.getsize(dst) > os.path.getsize(cf.default_model_path())
+    a, b = cf.load("default"), cf.load(dst)
+    x = torch.tensor([[1, 504, 3458, 282, 4649, 314, 260, 1345]])
+    diff = (a.logits(x, layers=path) - b.logits(x)).abs().max()
+    print(f"default model RYS(10, 13) GGUF export vs path: max abs diff {diff:.3e}")
+    assert diff == 0
+    assert b.generate("Name three colors.", chat=True, max_new_tokens=12) == a.generate(
+        "Name three colors.", layers=path, chat=True, max_new_tokens=12)
