@@ -3,6 +3,7 @@
     circuit-finder generate [--model PATH] [--layers PATH] [--chat] "prompt" ...
     circuit-finder sweep [--model PATH] --block-sizes 3 4 5 --out sweep.jsonl --heatmap sweep.png
     circuit-finder export --model SRC --layers PATH --format gguf|hf|mergekit --out DST
+    circuit-finder eval [--model PATH] [--layers PATH] --tasks TASKS [any lm-eval option]
 """
 
 from __future__ import annotations
@@ -114,6 +115,45 @@ def cmd_export(args) -> int:
     return 0
 
 
+def model_args_text(model: str, layers: str | None, device: str | None, dtype: str | None) -> str:
+    """lm-eval --model_args for circuit-finder; the layer path in its comma-free spelling."""
+    from .layer_path import _RYS, LayerPath
+
+    parts = [f"pretrained={model}"]
+    if layers:
+        parts.append("layers=" + (layers.strip() if _RYS.match(layers) else str(LayerPath.parse(layers)).replace(",", "+")))
+    if device:
+        parts.append(f"device={device}")
+    if dtype:
+        parts.append(f"dtype={dtype}")
+    return ",".join(parts)
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    import circuit_finder.lm_eval  # noqa: F401  (registers the "circuit-finder" model with lm-eval)
+
+    # lm-eval passes its --device to the model (its own default is cuda): choose it here
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_args = model_args_text(args.model, args.layers, None, args.dtype)
+    argv = ["lm-eval", "run", "--model", "circuit-finder", "--model_args", model_args, "--device", device,
+            *args.lm_eval_args]
+    print(f"# lm-eval run --model circuit-finder --model_args {model_args} {' '.join(args.lm_eval_args)}",
+          file=sys.stderr)
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        setup_logging()
+        cli = HarnessCLI()
+        cli.execute(cli.parse_args())
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuit-finder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,11 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mergekit-model", default=None, help="mergekit: the model name to write (default: --model)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output")
     e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="run lm-evaluation-harness along a layer path (other options go to lm-eval)",
+                       description="Runs `lm-eval run --model circuit-finder` with --model_args built from --model, "
+                                   "--layers, --device and --dtype; every other option (--tasks, --limit, "
+                                   "--batch_size, --apply_chat_template, --output_path, ...) is passed to lm-eval.")
+    v.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default'")
+    v.add_argument("--layers", default=None, help="layer path (any spelling; rys=i:j too)")
+    v.add_argument("--device", default=None)
+    v.add_argument("--dtype", default=None)
+    v.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "eval":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.lm_eval_args = rest
     try:
         return args.func(args)
     except (ValueError, OSError) as e:

@@ -6,6 +6,7 @@ CLI, the server and Python all accept exactly the same text.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 
 from . import _C
@@ -14,6 +15,8 @@ __all__ = ["LayerPath", "LayerPathError"]
 
 LayerPathError = _C.LayerPathError
 
+_RYS = re.compile(r"^\s*rys\s*=\s*(\d+)\s*:\s*(\d+)\s*(?::\s*(\d+)\s*)?$", re.IGNORECASE)
+
 
 class LayerPath:
     """An immutable sequence of layer indices, e.g. ``LayerPath.parse("0..14,12,13,14,15..39")``.
@@ -21,6 +24,8 @@ class LayerPath:
     Text form: comma-separated indices and inclusive ascending ranges ``a..b``. Items may also be
     separated by ``;``, ``+`` or whitespace (handy where commas are taken, such as lm-eval's
     ``--model_args``). ``str(path)`` is a canonical compact form that parses back to the same path.
+    Where the model is known (``coerce``, ``Model.path``, every ``layers=`` argument, the CLI, the
+    server, lm-eval), ``rys=i:j`` (or ``rys=i:j:times``) is short for ``LayerPath.duplicate(N, i, j)``.
     """
 
     __slots__ = ("_layers",)
@@ -38,6 +43,9 @@ class LayerPath:
     def parse(cls, text: str) -> LayerPath:
         if not isinstance(text, str):
             raise TypeError(f"LayerPath.parse expects a string, got {type(text).__name__}")
+        if _RYS.match(text):
+            raise LayerPathError(f"'{text.strip()}' needs the model's layer count: use LayerPath.coerce(text, "
+                                 f"num_layers), or pass it as layers= to a model")
         return cls(_C.parse_layer_path(text))
 
     @classmethod
@@ -62,7 +70,11 @@ class LayerPath:
         elif isinstance(layers, LayerPath):
             path = layers
         elif isinstance(layers, str):
-            path = cls.parse(layers)
+            m = _RYS.match(layers)
+            if m:
+                path = cls.duplicate(num_layers, int(m.group(1)), int(m.group(2)), int(m.group(3) or 2))
+            else:
+                path = cls.parse(layers)
         else:
             path = cls(layers)
         path.validate(num_layers)
