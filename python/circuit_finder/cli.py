@@ -4,6 +4,7 @@
     circuit-finder sweep [--model PATH] --block-sizes 3 4 5 --out sweep.jsonl --heatmap sweep.png
     circuit-finder export --model SRC --layers PATH --format gguf|hf|mergekit --out DST
     circuit-finder eval [--model PATH] [--layers PATH] --tasks TASKS [any lm-eval option]
+    circuit-finder serve [--model PATH] [--layers PATH] [--host 127.0.0.1] [--port 8000]
 """
 
 from __future__ import annotations
@@ -154,6 +155,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    serve(args.model, layers=args.layers, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          model_name=args.name, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuit-finder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None)
     v.add_argument("--dtype", default=None)
     v.set_defaults(func=cmd_eval)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible server; requests may carry their own layer path")
+    _add_model_args(sv)
+    sv.add_argument("--layers", default=None, help="default layer path (requests may override with \"layers\")")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--name", default=None, help="model id reported by /v1/models (default: --model)")
+    sv.add_argument("--max-batch", type=int, default=16, help="requests run together at most")
+    sv.add_argument("--batch-window-ms", type=float, default=10.0, help="how long to gather requests into a batch")
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 

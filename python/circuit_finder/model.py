@@ -285,7 +285,7 @@ class Model:
         return text
 
     def _generate_ids(self, ids, mask, path, max_new_tokens, min_new_tokens, temperature, top_p, seed, stops,
-                      text_mode):
+                      text_mode, on_step=None):
         B, T = ids.shape
         full_mask = None
         if mask is not None and not bool((mask != 0).all()):
@@ -303,13 +303,14 @@ class Model:
             step_mask = None if full_mask is None else full_mask[:, :T]
             logits = self.engine.forward(ids, positions, step_mask, layers, cache, True)[:, -1].float()
             return self._decode(logits, cache, layers, positions[:, -1:], full_mask, max_new_tokens, min_new_tokens,
-                                temperature, top_p, generator, stops if text_mode else [])
+                                temperature, top_p, generator, stops if text_mode else [], on_step)
 
     def _decode(self, logits, cache, layers, last_pos, full_mask, max_new_tokens, min_new_tokens=0,
-                temperature=0.0, top_p=1.0, generator=None, stops=()) -> torch.Tensor:
+                temperature=0.0, top_p=1.0, generator=None, stops=(), on_step=None) -> torch.Tensor:
         """Token-by-token decoding after a prefill: logits [B, V] of the last prompt position, the
         cache holding the prompt (length T), last_pos [B, 1] its positions, full_mask [B, T + max_new]
-        or None. Returns the new ids [B, n] (rows finished early padded with the pad id)."""
+        or None. Returns the new ids [B, n] (rows finished early padded with the pad id).
+        on_step(tokens [B], finished [B]) is called after every step (streaming)."""
         B, T = logits.shape[0], cache.length
         eos = torch.tensor(self._eos_ids(), dtype=torch.long, device=self.device)
         pad = self._pad_id()
@@ -325,6 +326,8 @@ class Model:
                 finished |= torch.isin(token, eos)
             if stops:
                 finished |= self._hit_stop(torch.stack(out, 1), list(stops))
+            if on_step is not None:
+                on_step(token, finished)
             if step + 1 == max_new_tokens or bool(finished.all()):
                 break
             last_pos = last_pos + 1

@@ -1,0 +1,154 @@
+"""The OpenAI-compatible server, driven by the official openai client: chat, completions,
+streaming, per-request layer paths (same text as Model.generate along that path), batching of
+concurrent requests, 4xx answers to bad requests, and lm-eval's local-chat-completions model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from circuit_finder.server import create_app  # noqa: E402
+
+PROMPTS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three."]
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    app = create_app(chat_model, layers=None, model_name="tiny", batch_window_ms=300, max_tokens_limit=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+
+def test_chat_with_per_request_layers(server, chat_model):
+    url, _ = server
+    c = client(url)
+    for layers in (None, "rys=1:4", "0..2,4,5"):
+        extra = {"layers": layers} if layers else {}
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                      max_tokens=12, temperature=0, extra_body=extra)
+        want = chat_model.generate(PROMPTS[0], layers=layers, chat=True, max_new_tokens=12)[0]
+        assert r.choices[0].message.content == want, layers
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 12
+    models = c.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_streaming_equals_plain(server, chat_model):
+    url, _ = server
+    c = client(url)
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    plain = c.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                      extra_body={"layers": "rys=2:5"})
+    pieces, reasons = [], []
+    for chunk in c.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                           stream=True, extra_body={"layers": "rys=2:5"}):
+        delta = chunk.choices[0].delta
+        pieces.append(delta.content or "")
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == plain.choices[0].message.content
+    assert reasons[-1] == plain.choices[0].finish_reason and len(pieces) > 2
+    text = "".join(ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="Once upon", max_tokens=8,
+                                                                       temperature=0, stream=True))
+    assert text == chat_model.generate("Once upon", max_new_tokens=8)[0]
+
+
+def test_completions_and_batching(server, chat_model):
+    url, app = server
+    c = client(url)
+    r = c.completions.create(model="tiny", prompt=PROMPTS, max_tokens=10, temperature=0, stop=["\n"],
+                             extra_body={"layers": "rys=1:3"})
+    want = chat_model.generate(PROMPTS, layers="rys=1:3", max_new_tokens=10, stop=["\n"])
+    assert [ch.text for ch in r.choices] == want
+    before = dict(app.state.worker.stats)
+
+    def one(p):
+        return c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], max_tokens=8,
+                                         temperature=0).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(one, PROMPTS))
+    after = app.state.worker.stats
+    assert after["requests"] - before["requests"] == 4
+    assert after["batches"] - before["batches"] < 4  # concurrent requests shared a batch
+    assert together == [chat_model.generate(p, chat=True, max_new_tokens=8)[0] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"messages": [', "JSON"),
+    ('{"messages": "hi"}', "messages"),
+    ('{"messages": []}', "messages"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}', "max_tokens"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "limit of 64"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', "temperature"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "layers": "0..99"}', "layers: layer path slot"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "layers": "rys=5:2"}', "layers"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "n": 3}', "n"),
+    ('[1, 2, 3]', "body"),
+])
+def test_bad_requests_get_4xx(server, body, message):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert message.lower() in err["message"].lower(), err
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_over_long_prompt_and_unknown_route(server):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "word " * 600, "max_tokens": 8})
+    assert r.status_code == 400 and "context length 512" in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/v1/nothing").status_code == 404
+    ok = client(url).completions.create(model="tiny", prompt="still here", max_tokens=3, temperature=0)
+    assert ok.choices[0].text is not None
+
+
+def test_lm_eval_local_chat_completions(server, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    url, _ = server
+    tasks_dir = Path(__file__).resolve().parent / "lm_eval_tasks"
+    for f in tasks_dir.iterdir():
+        if f.suffix == ".yaml":
+            (tmp_path / f.name).write_text(f.read_text().replace("__DATA__", str(tasks_dir)))
+        else:
+            shutil.copy(f, tmp_path / f.name)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    results = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args=f"base_url={url}/v1/chat/completions,model=tiny,tokenizer_backend=None,max_retries=1",
+        tasks=["cf_gen"], apply_chat_template=True, task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True)
+    assert "exact_match,none" in results["results"]["cf_gen"]
+    assert len(results["samples"]["cf_gen"]) == 6
+    print(json.dumps([s["resps"][0][0] for s in results["samples"]["cf_gen"]]))
