@@ -152,3 +152,106 @@ def test_lm_eval_local_chat_completions(server, tmp_path):
     assert "exact_match,none" in results["results"]["cf_gen"]
     assert len(results["samples"]["cf_gen"]) == 6
     print(json.dumps([s["resps"][0][0] for s in results["samples"]["cf_gen"]]))
+
+
+def _hostile_bodies(rng):
+    """Requests that must all be refused with a 4xx: bad JSON, wrong types, huge or negative numbers,
+    invalid paths, oversized fields."""
+    good = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    bad_values = {
+        "max_tokens": [-1, 0, 10**30, "10", 1.5, None and 0, [], {"a": 1}, 10**6],
+        "temperature": [-1, 3, "hot", [], 1e309, float("nan")],
+        "top_p": [0, -0.5, 2, "x"],
+        "seed": [-5, 2**70, "s", 1.5],
+        "n": [0, 2, 10**9, "one"],
+        "layers": ["0..99", "rys=9:2", "rys=1:99", "-1", "a..b", "0..3,,x", [0, 99], [-1], ["x"], 7, {"a": 1},
+                   "0.." + "9" * 400, "rys=0:0"],
+        "messages": ["hi", [], [{"role": 1}], [{"content": "x"}], [{"role": "user", "content": 5}], None, 3,
+                     [{"role": "user", "content": [{"type": "text", "text": 1}]}]],
+        "stop": [5, [1, 2], ["x"] * 40, "y" * 1000],
+        "stream": ["maybe", 3, []],
+        "max_completion_tokens": [-3, "many"],
+    }
+    out = []
+    for _ in range(1000):
+        kind = rng.randrange(6)
+        if kind == 0:  # broken JSON
+            text = json.dumps(good)
+            cut = rng.randrange(1, len(text) - 1)
+            broken = text[:cut] + rng.choice(["", "}", "]]", "\x00", "'", "\\"])
+            try:
+                json.loads(broken)
+                broken += "{"  # the cut happened to leave valid JSON
+            except ValueError:
+                pass
+            out.append(("chat", broken))
+        elif kind == 1:  # not an object
+            out.append(("chat", json.dumps(rng.choice([[1, 2], "text", 12, None, True, [good]]))))
+        elif kind == 2:  # over-long prompt
+            body = dict(good, messages=[{"role": "user", "content": "word " * rng.randint(600, 3000)}])
+            out.append(("chat", json.dumps(body)))
+        elif kind == 3:  # completions with bad prompt fields
+            body = {"prompt": rng.choice([5, [1, 2], None, [], ["a"] * 40, {"x": 1}]), "max_tokens": 3}
+            out.append(("completions", json.dumps(body)))
+        else:
+            field = rng.choice(sorted(bad_values))
+            body = dict(good)
+            body[field] = rng.choice(bad_values[field])
+            out.append(("chat", json.dumps(body)))
+    return out
+
+
+@pytest.mark.slow
+def test_thousand_hostile_requests(server, chat_model):
+    import random
+
+    url, _ = server
+    statuses = {}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for endpoint, body in _hostile_bodies(random.Random(0)):
+            r = http.post(f"/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}", content=body,
+                          headers={"content-type": "application/json"})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert 400 <= r.status_code < 500, (body[:200], r.status_code, r.text[:300])
+            assert "error" in r.json()
+    print("status counts:", statuses)
+    r = client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[2]}],
+                                            max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == chat_model.generate(PROMPTS[2], chat=True, max_new_tokens=8)[0]
+
+
+def test_size_and_concurrency_limits(chat_model):
+    app = create_app(chat_model, max_request_bytes=2000, max_pending=1, batch_window_ms=0)
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as http:
+        big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+        r = http.post("/v1/chat/completions", json=big)
+        assert r.status_code == 413 and "limit of 2000 bytes" in r.json()["error"]["message"]
+        r = http.post("/v1/chat/completions", content=b'{"messages": "' + b"y" * 5000,
+                      headers={"content-type": "application/json", "transfer-encoding": "chunked"})
+        assert r.status_code in (400, 413)
+        r = http.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "a \\ud800"}]}',
+                      headers={"content-type": "application/json"})  # a lone surrogate
+        assert r.status_code == 400, r.text
+    url_app = create_app(chat_model, max_pending=1, batch_window_ms=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(url_app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        def one(_):
+            return httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                              json={"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0}).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(one, range(8)))
+        assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -113,6 +113,41 @@ class _Worker:
                     job.future.set_exception(e)
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class _BodyLimit:
+    """ASGI middleware: refuses request bodies over ``limit`` bytes (declared or streamed) with 413."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            from starlette.responses import JSONResponse
+
+            response = JSONResponse(status_code=413, content={"error": {
+                "message": f"request body over the limit of {self.limit} bytes", "type": "invalid_request_error",
+                "param": None, "code": None}})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge()
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def _finish(model: Model, row: list[int], stops: list[str], max_tokens: int) -> tuple[str, str, int]:
     """(text, finish_reason, completion tokens) of a generated row."""
     eos = set(model._eos_ids())
@@ -130,12 +165,27 @@ def _finish(model: Model, row: list[int], stops: list[str], max_tokens: int) -> 
 
 
 def create_app(model: Model, layers=None, model_name: str | None = None, max_batch: int = 16,
-               batch_window_ms: float = 10.0, max_tokens_limit: int = 4096, context_length: int | None = None):
-    """The FastAPI app serving ``model`` (default path ``layers``)."""
+               batch_window_ms: float = 10.0, max_tokens_limit: int = 4096, context_length: int | None = None,
+               max_request_bytes: int = 1 << 20, max_prompt_tokens: int | None = None, max_pending: int = 256):
+    """The FastAPI app serving ``model`` (default path ``layers``).
+
+    Limits, each answered with a 4xx JSON error: request bodies over ``max_request_bytes`` (413),
+    prompts over ``max_prompt_tokens`` or prompt + max_tokens over the context length (400),
+    ``max_tokens`` over ``max_tokens_limit`` (400), more than ``max_pending`` requests waiting (429).
+    """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from pydantic import (
+        BaseModel,
+        ConfigDict,
+        Field,
+        StrictBool,
+        StrictFloat,
+        StrictInt,
+        StrictStr,
+        field_validator,
+    )
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     if model.tokenizer is None:
@@ -144,40 +194,52 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
     name = model_name or "circuit-finder"
     context = int(context_length or model.config.raw.get("max_position_embeddings") or 4096)
     worker = _Worker(model, max_batch, batch_window_ms / 1000.0)
+    prompt_limit = int(max_prompt_tokens) if max_prompt_tokens else None
+    pending = {"n": 0}
+    pending_lock = threading.Lock()
+
+    class Part(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        type: StrictStr
+        text: StrictStr | None = None
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="allow")
-        role: str
-        content: str | list[dict[str, Any]] | None = None
+        role: StrictStr
+        content: StrictStr | list[Part] | None = None
 
     class Common(BaseModel):
         model_config = ConfigDict(extra="allow")
         model: str | None = None
-        max_tokens: int | None = Field(default=None, ge=1)
-        max_completion_tokens: int | None = Field(default=None, ge=1)
-        temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-        top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-        stop: str | list[str] | None = None
-        stream: bool = False
-        seed: int | None = None
-        n: int = Field(default=1, ge=1, le=1)
-        layers: str | list[int] | None = None
+        # strict types: "10" is not a number and 1 is not true
+        max_tokens: StrictInt | None = Field(default=None, ge=1)
+        max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+        temperature: StrictFloat | StrictInt = Field(default=1.0, ge=0.0, le=2.0)
+        top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0.0, le=1.0)
+        stop: StrictStr | list[StrictStr] | None = None
+        stream: StrictBool = False
+        seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+        n: StrictInt = Field(default=1, ge=1, le=1)
+        layers: StrictStr | list[StrictInt] | None = None
 
         @field_validator("stop")
         @classmethod
         def _stops(cls, v):
-            if isinstance(v, list) and len(v) > 16:
-                raise ValueError("at most 16 stop sequences")
+            stops = [v] if isinstance(v, str) else (v or [])
+            if len(stops) > 16 or any(len(x) > 256 for x in stops):
+                raise ValueError("at most 16 stop sequences of at most 256 characters")
             return v
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
 
     class CompletionRequest(Common):
-        prompt: str | list[str]
+        prompt: StrictStr | list[StrictStr]
 
     app = FastAPI(title="circuit-finder", version="0.1.0")
     app.state.worker = worker
+
+    app.add_middleware(_BodyLimit, limit=max_request_bytes)
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
@@ -191,9 +253,22 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
             parts.append(f"{where or 'body'}: {e.get('msg')}")
         return error(400, "; ".join(parts) or "invalid request")
 
+    class TooBusy(Exception):
+        pass
+
+    @app.exception_handler(TooBusy)
+    async def _busy(request: Request, exc: TooBusy):
+        return error(429, f"more than {max_pending} requests are waiting; retry later", "rate_limit_error")
+
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest):
         return error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        if isinstance(exc, _TooLarge):
+            return error(413, f"request body over the limit of {max_request_bytes} bytes")
+        return error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -210,6 +285,8 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
         for p in prompts:
             if not p:
                 raise BadRequest("the prompt encodes to no tokens")
+            if prompt_limit is not None and len(p) > prompt_limit:
+                raise BadRequest(f"the prompt has {len(p)} tokens, over the limit of {prompt_limit}")
             if len(p) + max_tokens > context:
                 raise BadRequest(f"the prompt has {len(p)} tokens; with max_tokens {max_tokens} that is over the "
                                  f"context length {context}")
@@ -221,13 +298,30 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
         for m in req.messages:
             content = m.content
             if isinstance(content, list):  # OpenAI content parts: keep the text ones
-                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+                content = "".join(part.text or "" for part in content if part.type == "text")
             messages.append({"role": m.role, "content": content or ""})
         try:
             text = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:
             raise BadRequest(f"messages: the chat template rejected them ({e})") from e
-        return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(text, add_special_tokens=False)
+
+    def encode(text: str, **kwargs) -> list[int]:
+        try:
+            return model.tokenizer(text, **kwargs)["input_ids"]
+        except Exception as e:  # e.g. lone surrogates
+            raise BadRequest(f"the text cannot be tokenized ({type(e).__name__})") from e
+
+    async def run(job: _Job) -> list[int]:
+        with pending_lock:
+            if pending["n"] >= max_pending:
+                raise TooBusy()
+            pending["n"] += 1
+        try:
+            return await asyncio.wrap_future(worker.submit(job))
+        finally:
+            with pending_lock:
+                pending["n"] -= 1
 
     def job_for(req: Common, ids: list[int], path, max_tokens, stops, stream=None) -> _Job:
         return _Job(ids=ids, path=path, max_tokens=max_tokens, temperature=float(req.temperature),
@@ -254,7 +348,7 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
         if req.stream:
             return StreamingResponse(stream_chunks(req, ids, path, max_tokens, stops, rid, created, chat=True),
                                      media_type="text/event-stream")
-        row = await asyncio.wrap_future(worker.submit(job_for(req, ids, path, max_tokens, stops)))
+        row = await run(job_for(req, ids, path, max_tokens, stops))
         text, reason, n = _finish(model, row, stops, max_tokens)
         return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
@@ -265,7 +359,7 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not prompts or len(prompts) > max_batch:
             raise BadRequest(f"prompt: give 1 to {max_batch} prompts")
-        ids = [model.tokenizer(p)["input_ids"] for p in prompts]
+        ids = [encode(p) for p in prompts]
         path, max_tokens, stops = plan(req, ids)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
@@ -273,8 +367,7 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
                 raise BadRequest("stream: one prompt at a time")
             return StreamingResponse(stream_chunks(req, ids[0], path, max_tokens, stops, rid, created, chat=False),
                                      media_type="text/event-stream")
-        rows = await asyncio.gather(*[asyncio.wrap_future(worker.submit(job_for(req, i, path, max_tokens, stops)))
-                                      for i in ids])
+        rows = await asyncio.gather(*[run(job_for(req, i, path, max_tokens, stops)) for i in ids])
         choices, total = [], 0
         for k, row in enumerate(rows):
             text, reason, n = _finish(model, row, stops, max_tokens)
@@ -340,13 +433,13 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
 
 def serve(model: str = "default", layers=None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           dtype: str | None = None, model_name: str | None = None, max_batch: int = 16,
-          batch_window_ms: float = 10.0) -> None:
-    """Loads a model and serves it with uvicorn (blocking)."""
+          batch_window_ms: float = 10.0, **limits) -> None:
+    """Loads a model and serves it with uvicorn (blocking). ``limits``: see create_app."""
     import uvicorn
 
     import circuit_finder as cf
 
     loaded = cf.load(model, device=device, dtype=dtype)
     app = create_app(loaded, layers=layers, model_name=model_name or str(model), max_batch=max_batch,
-                     batch_window_ms=batch_window_ms)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+                     batch_window_ms=batch_window_ms, **limits)
+    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limits.get("max_pending", 256) + 16)
