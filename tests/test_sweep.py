@@ -382,3 +382,46 @@ def test_cli_sweep(chat_model_dir, tmp_path, capsys):
     assert len(SweepResult.load(out)) == 10
     rc = main(["sweep", "--model", str(chat_model_dir), "--block-sizes", "9", "--out", str(out), "--no-progress"])
     assert rc == 2 and "larger than the model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_twenty_sigkills(chat_model_dir, chat_model, tmp_path):
+    """SIGKILL a sweep subprocess at 20 random moments (during start-up, mid-config, mid-write),
+    resuming each time: every finished config is present exactly once, no complete line is
+    corrupt, and the final results equal an uninterrupted run."""
+    import random
+
+    rng = random.Random(1234)
+    out = tmp_path / "killed20.jsonl"
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(_CHILD))
+    total = 1 + 2 * 21
+    kills = 0
+    for _ in range(20):
+        proc = subprocess.Popen([sys.executable, str(script), str(chat_model_dir), str(out)],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 6.0))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if not out.exists():
+            continue
+        lines = out.read_bytes().split(b"\n")
+        for line in lines[:-1]:  # every complete line parses; only an unfinished last line may be torn
+            json.loads(line)
+        keys = [json.loads(line)["layers"] for line in lines[1:-1]]
+        assert len(keys) == len(set(keys))
+    print(f"{kills} SIGKILLs landed; {len(read_records(out)[1])} of {total} configs finished before the last one")
+    assert kills >= 10
+    resumed = cf.sweep(chat_model, probes=PROBES, strategy="scan", times=(2, 3), mode="generate", max_items=3,
+                       results=out, progress=False)
+    for line in out.read_bytes().splitlines():
+        json.loads(line)
+    keys = [r["layers"] for r in resumed.records]
+    assert len(keys) == total and len(set(keys)) == total
+    fresh = cf.sweep(chat_model, probes=PROBES, strategy="scan", times=(2, 3), mode="generate", max_items=3,
+                     progress=False)
+    by_key = {r["layers"]: r for r in _strip(fresh.records)}
+    assert all(by_key[r["layers"]] == r for r in _strip(resumed.records))
