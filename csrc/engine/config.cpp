@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <map>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
 #include "error.h"
@@ -106,6 +107,8 @@ RopeConfig parse_rope(const Reader& top, int64_t max_pos) {
   Reader r(params, top.source() + " (rope parameters)");
   RopeConfig rope;
   rope.theta = r.number("rope_theta", top.number("rope_theta", 10000.0));
+  if (!std::isfinite(rope.theta) || rope.theta <= 1.0)
+    throw ConfigError(cat(top.source(), ": rope_theta must be a finite number above 1, got ", rope.theta));
   rope.type = r.string("rope_type", r.string("type", "default"));
   if (r.number("partial_rotary_factor", top.number("partial_rotary_factor", 1.0)) != 1.0)
     throw ConfigError(cat(top.source(), ": partial_rotary_factor != 1 is not supported"));
@@ -139,7 +142,8 @@ RopeConfig parse_rope(const Reader& top, int64_t max_pos) {
     throw ConfigError(cat(top.source(), ": RoPE type '", rope.type,
                           "' is not supported (supported: default, linear, llama3, yarn)"));
   }
-  if (rope.factor <= 0) throw ConfigError(cat(top.source(), ": RoPE 'factor' must be positive"));
+  if (!(rope.factor > 0) || !std::isfinite(rope.factor))
+    throw ConfigError(cat(top.source(), ": RoPE 'factor' must be a positive finite number"));
   return rope;
 }
 
@@ -149,7 +153,7 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   json j;
   try {
     j = json::parse(json_text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     throw ConfigError(cat(source, ": invalid JSON: ", e.what()));
   }
   if (!j.is_object()) throw ConfigError(cat(source, ": config is not a JSON object"));
@@ -183,6 +187,16 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
                          {"intermediate_size", c.intermediate_size}, {"num_hidden_layers", c.num_layers},
                          {"num_attention_heads", c.num_heads}, {"num_key_value_heads", c.num_kv_heads}})
     if (v <= 0) throw ConfigError(cat(source, ": '", name, "' must be positive, got ", v));
+  // Upper bounds far above any real model: a corrupt file must not make us allocate per-layer
+  // tables of 2^62 entries.
+  for (auto [name, v, limit] : {std::tuple{"vocab_size", c.vocab_size, int64_t{1} << 24},
+                                {"hidden_size", c.hidden_size, int64_t{1} << 20},
+                                {"intermediate_size", c.intermediate_size, int64_t{1} << 22},
+                                {"num_hidden_layers", c.num_layers, int64_t{1} << 12},
+                                {"num_attention_heads", c.num_heads, int64_t{1} << 12},
+                                {"num_key_value_heads", c.num_kv_heads, int64_t{1} << 12},
+                                {"max_position_embeddings", c.max_position_embeddings, int64_t{1} << 30}})
+    if (v > limit) throw ConfigError(cat(source, ": '", name, "' = ", v, " is over the supported maximum ", limit));
   if (c.num_heads % c.num_kv_heads != 0)
     throw ConfigError(cat(source, ": num_attention_heads (", c.num_heads, ") is not a multiple of num_key_value_heads (",
                           c.num_kv_heads, ")"));
@@ -192,8 +206,11 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
       throw ConfigError(cat(source, ": hidden_size is not divisible by num_attention_heads and no head_dim is given"));
     c.head_dim = c.hidden_size / c.num_heads;
   }
-  if (c.head_dim % 2 != 0) throw ConfigError(cat(source, ": head_dim must be even for RoPE, got ", c.head_dim));
+  if (c.head_dim <= 0 || c.head_dim > (int64_t{1} << 14) || c.head_dim % 2 != 0)
+    throw ConfigError(cat(source, ": head_dim must be even, positive and at most 16384 (RoPE), got ", c.head_dim));
   c.rms_norm_eps = r.number("rms_norm_eps", 1e-6);
+  if (!std::isfinite(c.rms_norm_eps) || c.rms_norm_eps < 0)
+    throw ConfigError(cat(source, ": rms_norm_eps must be a finite non-negative number"));
   const std::string act = r.string("hidden_act", "silu");
   if (act != "silu")
     throw ConfigError(cat(source, ": hidden_act '", act, "' is not supported (supported: silu)"));

@@ -94,7 +94,7 @@ std::vector<Entry> parse_header(const std::string& path, const char* text, size_
   json header;
   try {
     header = json::parse(text, text + len);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     throw FormatError(cat(path, ": invalid JSON header: ", e.what()));
   }
   if (!header.is_object()) throw FormatError(cat(path, ": header is not a JSON object"));
@@ -214,7 +214,7 @@ TensorMap load_safetensors(const std::string& path) {
     json doc;
     try {
       doc = json::parse(read_text(index.string()));
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
       throw FormatError(cat(index.string(), ": invalid JSON: ", e.what()));
     }
     if (!doc.is_object() || !doc.contains("weight_map") || !doc["weight_map"].is_object())

@@ -110,12 +110,23 @@ def gguf_config(reader, path: str) -> dict:
 
     def per_layer_scalar(key, default=None):
         v = _field(reader, f"{arch}.{key}", default)
+        if v is None or v == []:
+            raise GGUFError(f"{path}: missing metadata '{arch}.{key}'")
         if isinstance(v, list):
             if len(set(v)) != 1:
                 raise GGUFError(f"{path}: per-layer '{arch}.{key}' values differ; not supported")
             v = v[0]
         return v
 
+    try:
+        return _config_from(reader, path, arch, need, per_layer_scalar)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        if isinstance(e, GGUFError):
+            raise
+        raise GGUFError(f"{path}: malformed metadata ({type(e).__name__}: {e})") from e
+
+
+def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
     heads = int(per_layer_scalar("attention.head_count"))
     hidden = int(need("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
@@ -187,6 +198,9 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
     path = str(path)
     reader = _open(path)
     config = gguf_config(reader, path)
+    from .config import parse_config
+
+    parse_config(config, path)  # the engine's own checks (positive sizes, head counts...) before any tensor work
     arch = config["model_type"]
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:

@@ -60,6 +60,11 @@ class LayerPath:
 
         ``start`` is inclusive, ``end`` exclusive.
         """
+        for name, v in (("num_layers", num_layers), ("start", start), ("end", end), ("times", times)):
+            if not isinstance(v, int) or isinstance(v, bool) or not -(2**31) < v < 2**31:
+                raise LayerPathError(f"duplicate(): {name} must be an integer of reasonable size, got {v!r}")
+        if (end - start) * (times - 1) > 1 << 20:
+            raise LayerPathError(f"duplicate(): {times} runs of {end - start} layers is too long a path")
         return cls(_C.duplicate_layers(num_layers, start, end, times))
 
     @classmethod
