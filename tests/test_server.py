@@ -4,6 +4,7 @@ concurrent requests, 4xx answers to bad requests, and lm-eval's local-chat-compl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,9 +26,9 @@ from circuit_finder.server import create_app  # noqa: E402
 PROMPTS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three."]
 
 
-@pytest.fixture(scope="module")
-def server(chat_model):
-    app = create_app(chat_model, layers=None, model_name="tiny", batch_window_ms=300, max_tokens_limit=64)
+@contextlib.contextmanager
+def running(app):
+    """Serves app with uvicorn on a free loopback port in a thread; yields the base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -38,9 +39,18 @@ def server(chat_model):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    app = create_app(chat_model, layers=None, model_name="tiny", batch_window_ms=300, max_tokens_limit=64)
+    with running(app) as url:
+        yield url, app
 
 
 def client(url):
@@ -234,24 +244,12 @@ def test_size_and_concurrency_limits(chat_model):
         r = http.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "a \\ud800"}]}',
                       headers={"content-type": "application/json"})  # a lone surrogate
         assert r.status_code == 400, r.text
-    url_app = create_app(chat_model, max_pending=1, batch_window_ms=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(url_app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    try:
+    with running(create_app(chat_model, max_pending=1, batch_window_ms=0)) as url:
         def one(_):
-            return httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+            return httpx.post(f"{url}/v1/completions", timeout=60,
                               json={"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0}).status_code
 
         with ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(one, range(8)))
         assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
-        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+        assert httpx.get(f"{url}/health").status_code == 200

@@ -332,6 +332,18 @@ cf.sweep(model, probes=("math", "eq", "reasoning"), strategy="scan", times=(2, 3
 """
 
 
+def _resume_and_compare(chat_model, out, total):
+    """Resumes the killed sweep: no corrupt line, every config once, results of an uninterrupted run."""
+    kw = dict(probes=PROBES, strategy="scan", times=(2, 3), mode="generate", max_items=3, progress=False)
+    resumed = cf.sweep(chat_model, results=out, **kw)
+    for line in out.read_bytes().splitlines():
+        json.loads(line)  # no corrupt line
+    keys = [r["layers"] for r in resumed.records]
+    assert len(keys) == total and len(set(keys)) == total
+    by_key = {r["layers"]: r for r in _strip(cf.sweep(chat_model, **kw).records)}
+    assert all(by_key[r["layers"]] == r for r in _strip(resumed.records))
+
+
 def test_sigkill_and_resume(chat_model_dir, chat_model, tmp_path):
     """A sweep subprocess killed with SIGKILL loses at most the config in flight; resuming finishes the
     sweep with every config exactly once, no corrupt line, and the scores of an uninterrupted run."""
@@ -355,16 +367,7 @@ def test_sigkill_and_resume(chat_model_dir, chat_model, tmp_path):
         keys = [r["layers"] for r in records]
         print(f"round {round_}: killed after {len(records)} finished configs")
         assert len(keys) == len(set(keys)) and wait_for <= len(records) < total
-    resumed = cf.sweep(chat_model, probes=PROBES, strategy="scan", times=(2, 3), mode="generate", max_items=3,
-                       results=out, progress=False)
-    for line in out.read_bytes().splitlines():
-        json.loads(line)  # no corrupt line
-    keys = [r["layers"] for r in resumed.records]
-    assert len(keys) == total and len(set(keys)) == total
-    fresh = cf.sweep(chat_model, probes=PROBES, strategy="scan", times=(2, 3), mode="generate", max_items=3,
-                     progress=False)
-    by_key = {r["layers"]: r for r in _strip(fresh.records)}
-    assert all(by_key[r["layers"]] == r for r in _strip(resumed.records))
+    _resume_and_compare(chat_model, out, total)
 
 
 def test_cli_sweep(chat_model_dir, tmp_path, capsys):
@@ -415,13 +418,4 @@ def test_twenty_sigkills(chat_model_dir, chat_model, tmp_path):
         assert len(keys) == len(set(keys))
     print(f"{kills} SIGKILLs landed; {len(read_records(out)[1])} of {total} configs finished before the last one")
     assert kills >= 10
-    resumed = cf.sweep(chat_model, probes=PROBES, strategy="scan", times=(2, 3), mode="generate", max_items=3,
-                       results=out, progress=False)
-    for line in out.read_bytes().splitlines():
-        json.loads(line)
-    keys = [r["layers"] for r in resumed.records]
-    assert len(keys) == total and len(set(keys)) == total
-    fresh = cf.sweep(chat_model, probes=PROBES, strategy="scan", times=(2, 3), mode="generate", max_items=3,
-                     progress=False)
-    by_key = {r["layers"]: r for r in _strip(fresh.records)}
-    assert all(by_key[r["layers"]] == r for r in _strip(resumed.records))
+    _resume_and_compare(chat_model, out, total)
