@@ -198,6 +198,10 @@ def test_refine_strategy(chat_model):
         "combined_delta", ascending=False).iloc[0]
     fine = {(int(s), int(e)) for s, e in zip(df["start"].dropna(), df["end"].dropna())} - coarse
     assert fine and all(abs(s - best["start"]) <= 2 and abs(e - best["end"]) <= 2 for s, e in fine)
+    several = cf.sweep(chat_model, probes=["math"], strategy="refine", block_sizes=(2,), refine_stride=2,
+                       refine_top=3, mode="likelihood", max_items=3, progress=False)
+    keys = [r["layers"] for r in several.records]
+    assert len(keys) == len(set(keys))  # overlapping neighbourhoods of winners run each path once
 
 
 # ------------------------------------------------------------------------------------ results

@@ -85,17 +85,28 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _num_layers(src: str) -> int | None:
+    """Layer count of a local model folder or GGUF file from its metadata; None for other names."""
+    if os.path.isfile(os.path.join(src, "config.json")):
+        from .config import parse_config
+
+        with open(os.path.join(src, "config.json")) as f:
+            return parse_config(f.read(), os.path.join(src, "config.json")).num_layers
+    if src.lower().endswith(".gguf") and os.path.isfile(src):
+        from .gguf import _field, _open
+
+        reader = _open(src)
+        return int(_field(reader, f"{_field(reader, 'general.architecture')}.block_count"))
+    return None
+
+
 def cmd_export(args) -> int:
     import circuit_finder as cf
 
     src = cf.default_model_path() if args.model == "default" else args.model
     if args.format == "mergekit":
         name = args.mergekit_model or ("HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == "default" else src)
-        num_layers = None
-        if os.path.isfile(os.path.join(src, "config.json")):
-            num_layers = cf.load(src).num_layers
-        elif src.lower().endswith(".gguf"):
-            num_layers = cf.load(src).num_layers
+        num_layers = _num_layers(src)  # validate the path against a local model, without loading weights
         text = cf.mergekit_config(args.layers, model=name, num_layers=num_layers, dtype=args.dtype or "bfloat16")
         if args.out == "-":
             print(text, end="")
@@ -116,15 +127,13 @@ def cmd_export(args) -> int:
     return 0
 
 
-def model_args_text(model: str, layers: str | None, device: str | None, dtype: str | None) -> str:
+def model_args_text(model: str, layers: str | None, dtype: str | None) -> str:
     """lm-eval --model_args for circuit-finder; the layer path in its comma-free spelling."""
     from .layer_path import _RYS, LayerPath
 
     parts = [f"pretrained={model}"]
     if layers:
         parts.append("layers=" + (layers.strip() if _RYS.match(layers) else str(LayerPath.parse(layers)).replace(",", "+")))
-    if device:
-        parts.append(f"device={device}")
     if dtype:
         parts.append(f"dtype={dtype}")
     return ",".join(parts)
@@ -139,7 +148,7 @@ def cmd_eval(args) -> int:
 
     # lm-eval passes its --device to the model (its own default is cuda): choose it here
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_args = model_args_text(args.model, args.layers, None, args.dtype)
+    model_args = model_args_text(args.model, args.layers, args.dtype)
     argv = ["lm-eval", "run", "--model", "circuit-finder", "--model_args", model_args, "--device", device,
             *args.lm_eval_args]
     print(f"# lm-eval run --model circuit-finder --model_args {model_args} {' '.join(args.lm_eval_args)}",

@@ -29,7 +29,7 @@ _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 def _prepare_target(dst: Path, overwrite: bool) -> None:
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = dst.parent if str(dst.parent) else Path(".")
+    parent = dst.parent
     if not parent.is_dir():
         raise FileNotFoundError(f"{parent}: no such folder to write {dst.name} into")
     if not os.access(parent, os.W_OK):
@@ -76,7 +76,7 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrit
             (tail if any(blocks.values()) else head).append((t.name, t))
     ordered = [*head, *[(f"blk.{k}.{suffix}", t) for k, layer in enumerate(path) for suffix, t in blocks[layer]], *tail]
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent if str(dst.parent) else ".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -179,7 +179,7 @@ def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | No
     for k, layer in enumerate(path):
         names += [(f"model.layers.{k}.{suffix}", name) for suffix, name in sorted(per_layer[layer])]
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent if str(dst.parent) else "."))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
         shards: list[list[tuple[str, str]]] = [[]]
         size = 0

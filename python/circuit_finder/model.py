@@ -284,15 +284,22 @@ class Model:
                 text = text[:at]
         return text
 
+    def _generation_masks(self, ids, mask, max_new_tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions [B, T] of left-padded prompts, and the key mask over prompt + generated tokens
+        [B, T + max_new_tokens] (None when nothing is padded)."""
+        B, T = ids.shape
+        if mask is None:
+            return torch.arange(T, device=self.device).expand(B, T).contiguous(), None
+        full_mask = None
+        if not bool((mask != 0).all()):
+            full_mask = torch.ones((B, T + max_new_tokens), dtype=torch.long, device=self.device)
+            full_mask[:, :T] = mask
+        return positions_from_mask(mask), full_mask
+
     def _generate_ids(self, ids, mask, path, max_new_tokens, min_new_tokens, temperature, top_p, seed, stops,
                       text_mode, on_step=None):
         B, T = ids.shape
-        full_mask = None
-        if mask is not None and not bool((mask != 0).all()):
-            full_mask = torch.ones((B, T + max_new_tokens), dtype=torch.long, device=self.device)
-            full_mask[:, :T] = mask
-        positions = positions_from_mask(mask) if mask is not None else (
-            torch.arange(T, device=self.device).expand(B, T).contiguous())
+        positions, full_mask = self._generation_masks(ids, mask, max_new_tokens)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device)

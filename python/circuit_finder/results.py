@@ -156,14 +156,13 @@ class SweepResult:
     """The records of a sweep. ``to_pandas()`` for a table, ``heatmap()``, ``top()``, ``validate()``."""
 
     def __init__(self, records: list[dict], num_layers: int, mode: str | None = None, path: Path | None = None,
-                 model=None, probes=None, max_items: int | None = None, chat: bool | None = None):
+                 model=None, probes=None, chat: bool | None = None):
         self.records = list(records)
         self.num_layers = num_layers
         self.mode = mode or (self.records[0].get("mode") if self.records else None)
         self.path = Path(path) if path is not None else None
         self.model = model
         self.probes = probes
-        self.max_items = max_items
         self.chat = chat
 
     def __repr__(self) -> str:

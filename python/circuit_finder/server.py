@@ -50,8 +50,7 @@ class _Job:
 
     @property
     def key(self):
-        return (self.path, self.max_tokens, self.temperature, self.top_p, self.seed, tuple(self.stops),
-                self.stream is not None)
+        return (self.path, self.max_tokens, self.temperature, self.top_p, self.seed, tuple(self.stops))
 
 
 class _Worker:
@@ -195,8 +194,7 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
     context = int(context_length or model.config.raw.get("max_position_embeddings") or 4096)
     worker = _Worker(model, max_batch, batch_window_ms / 1000.0)
     prompt_limit = int(max_prompt_tokens) if max_prompt_tokens else None
-    pending = {"n": 0}
-    pending_lock = threading.Lock()
+    pending = {"n": 0}  # requests waiting for the worker; only touched on the event loop
 
     class Part(BaseModel):
         model_config = ConfigDict(extra="allow")
@@ -313,15 +311,13 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
             raise BadRequest(f"the text cannot be tokenized ({type(e).__name__})") from e
 
     async def run(job: _Job) -> list[int]:
-        with pending_lock:
-            if pending["n"] >= max_pending:
-                raise TooBusy()
-            pending["n"] += 1
+        if pending["n"] >= max_pending:
+            raise TooBusy()
+        pending["n"] += 1
         try:
             return await asyncio.wrap_future(worker.submit(job))
         finally:
-            with pending_lock:
-                pending["n"] -= 1
+            pending["n"] -= 1
 
     def job_for(req: Common, ids: list[int], path, max_tokens, stops, stream=None) -> _Job:
         return _Job(ids=ids, path=path, max_tokens=max_tokens, temperature=float(req.temperature),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .layer_path import LayerPath
-from .model import Model, positions_from_mask
+from .model import Model
 from .probes import Item, Probe, get_probe
 from .results import ResultStore, SweepResult
 
@@ -126,16 +126,22 @@ def make_configs(num_layers: int, strategy: str = "grid", block_sizes: Sequence[
                     out.append(SweepConfig(LayerPath.duplicate(n, i, j, t), i, j, t))
     else:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    seen, unique = set(), []
-    for c in out:
+    return _unique(out)
+
+
+def _unique(configs: Sequence[SweepConfig]) -> list[SweepConfig]:
+    """Configs in order, each path once."""
+    seen, out = set(), []
+    for c in configs:
         if c.key not in seen:
             seen.add(c.key)
-            unique.append(c)
-    return unique
+            out.append(c)
+    return out
 
 
 def refine_configs(num_layers: int, winners: Sequence[SweepConfig], radius: int, times: Sequence[int]) -> list[SweepConfig]:
-    """Stride-1 RYS configs with start and end within ``radius`` of each winner's."""
+    """Stride-1 RYS configs with start and end within ``radius`` of each winner's (each path once,
+    though winners' neighbourhoods overlap)."""
     out = []
     for w in winners:
         if w.start is None:
@@ -144,7 +150,7 @@ def refine_configs(num_layers: int, winners: Sequence[SweepConfig], radius: int,
             for i in range(max(0, w.start - radius), min(num_layers - 1, w.start + radius) + 1):
                 for j in range(max(i + 1, w.end - radius), min(num_layers, w.end + radius) + 1):
                     out.append(SweepConfig(LayerPath.duplicate(num_layers, i, j, t), i, j, t))
-    return out
+    return _unique(out)
 
 
 # --------------------------------------------------------------------------------------------- runner
@@ -158,20 +164,14 @@ class _ProbeBatch:
             contexts = model._encode_prompts([it.prompt for it in items], chat=True)
         else:  # a plain LM: the prompt, then an answer cue
             contexts = [tok(f"{it.prompt}\nAnswer:")["input_ids"] for it in items]
-        dev = model.device
         if mode == "likelihood":
             self._pack_choices(tok, contexts, chat)
             self.capacity = None
         else:
-            ids, mask = model._left_pad(contexts)
-            self.ids, self.mask = ids, mask
-            self.positions = positions_from_mask(mask)
-            self.capacity = ids.shape[1] + probe.max_new_tokens
-            self.prefix_mask, self.full_mask = None, None
-            if not bool((mask != 0).all()):
-                self.prefix_mask = mask
-                self.full_mask = torch.ones((ids.shape[0], self.capacity), dtype=torch.long, device=dev)
-                self.full_mask[:, : ids.shape[1]] = mask
+            self.ids, mask = model._left_pad(contexts)
+            self.capacity = self.ids.shape[1] + probe.max_new_tokens
+            self.positions, self.full_mask = model._generation_masks(self.ids, mask, probe.max_new_tokens)
+            self.prefix_mask = None if self.full_mask is None else mask
         self._h = None
         self._done = 0
         self._cache = None
@@ -247,7 +247,7 @@ class _ProbeBatch:
     def run(self, config: SweepConfig, num_layers: int, reuse: bool) -> dict:
         engine = self.model.engine
         layers = list(config.layers)
-        begin = min(config.shared_prefix(num_layers), num_layers) if reuse else 0
+        begin = config.shared_prefix(num_layers) if reuse else 0
         B, T = self.ids.shape
         h = self._prefix(begin, num_layers) if reuse else engine.embed(self.ids)
         cache = None
@@ -398,30 +398,26 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     n = model.num_layers
     if paths is not None:
         strategy = "paths"
+    coarse_stride = refine_stride or max(2, n // 8)
     if strategy == "refine":
-        coarse_stride = refine_stride or max(2, n // 8)
         configs = make_configs(n, "grid", block_sizes, starts, coarse_stride, times)
     else:
         configs = make_configs(n, strategy, block_sizes, starts, stride, times, paths)
     store = ResultStore.open(results, model=model, mode=mode, resume=resume) if results is not None else None
-    baseline = SweepConfig(LayerPath.identity(n))
-    records = run_configs(model, probe_list, [baseline, *configs], store, mode, "search", max_items, chat, reuse,
-                          progress)
-    result = SweepResult(store.records() if store is not None else records, num_layers=n, mode=mode,
-                         path=store.path if store is not None else None, model=model, probes=probe_list,
-                         max_items=max_items, chat=chat)
+    records: list[dict] = []
+
+    def run(batch: list[SweepConfig], desc: str) -> SweepResult:
+        records.extend(run_configs(model, probe_list, batch, store, mode, "search", max_items, chat, reuse, progress,
+                                   desc=desc))
+        return SweepResult(store.records() if store is not None else records, num_layers=n, mode=mode,
+                           path=store.path if store is not None else None, model=model, probes=probe_list, chat=chat)
+
+    result = run([SweepConfig(LayerPath.identity(n)), *configs], "sweep")
     if strategy == "refine":
         coarse_keys = {c.key for c in configs}
         ranked = result.to_pandas()
         ranked = ranked[ranked["layers"].isin(coarse_keys)].sort_values(by, ascending=False)
         winners = [SweepConfig.of(LayerPath.parse(t), n) for t in ranked["layers"].head(refine_top)]
-        fine = refine_configs(n, winners, refine_stride or max(2, n // 8), times)
-        fine = [c for c in fine if c.key not in coarse_keys]
-        more = run_configs(model, probe_list, fine, store, mode, "search", max_items, chat, reuse, progress,
-                           desc="refine")
-        if store is None:
-            records = records + more
-        result = SweepResult(store.records() if store is not None else records, num_layers=n, mode=mode,
-                             path=store.path if store is not None else None, model=model, probes=probe_list,
-                             max_items=max_items, chat=chat)
+        fine = [c for c in refine_configs(n, winners, coarse_stride, times) if c.key not in coarse_keys]
+        result = run(fine, "refine")
     return result
