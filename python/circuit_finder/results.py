@@ -342,9 +342,8 @@ class SweepResult:
         keys = [self._baseline_key(), *top["layers"]]
         configs = [SweepConfig.of(LayerPath.parse(t), self.num_layers) for t in keys]
         store = None
-        if self.path is not None:
+        if self.path is not None:  # validation records are appended to the same file
             store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True)
-        if store is not None:
             self.records = store.records()
         new = run_configs(model, probe_list, configs, store, self.mode, "validation", None, self.chat, True,
                           progress, desc="validate")
