@@ -8,6 +8,7 @@
 #include "engine/layer_path.h"
 #include "engine/model.h"
 #include "engine/safetensors.h"
+#include "kernels/cpu/linear.h"
 
 namespace py = pybind11;
 
@@ -27,6 +28,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("validate_layer_path", &cf::validate_layer_path, py::arg("path"), py::arg("num_layers"));
   m.def("duplicate_layers", &cf::duplicate_layers, py::arg("num_layers"), py::arg("start"), py::arg("end"),
         py::arg("times") = 2);
+
+  m.def("skinny_linear", &cf::cpu::skinny_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("isa") = "", py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_isa", &cf::cpu::active_isa);
 
   py::class_<cf::KVCache>(m, "KVCache")
       .def_property_readonly("length", &cf::KVCache::length)

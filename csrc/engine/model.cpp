@@ -4,6 +4,7 @@
 #include <cmath>
 #include <set>
 
+#include "../kernels/cpu/linear.h"
 #include "../kernels/ops.h"
 #include "error.h"
 
@@ -83,9 +84,9 @@ std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
 at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
                              const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot) const {
   const int64_t B = x.size(0), T = x.size(1), D = cfg_.head_dim, Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads;
-  at::Tensor q = at::linear(x, L.wq, L.bq).view({B, T, Hq, D});
-  at::Tensor k = at::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
-  at::Tensor v = at::linear(x, L.wv, L.bv).view({B, T, Hkv, D}).transpose(1, 2);
+  at::Tensor q = cpu::linear(x, L.wq, L.bq).view({B, T, Hq, D});
+  at::Tensor k = cpu::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
+  at::Tensor v = cpu::linear(x, L.wv, L.bv).view({B, T, Hkv, D}).transpose(1, 2);
   if (cfg_.qk_norm) {
     q = ops::rms_norm(q, L.q_norm, cfg_.rms_norm_eps);
     k = ops::rms_norm(k, L.k_norm, cfg_.rms_norm_eps);
@@ -93,21 +94,26 @@ at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const a
   q = ops::apply_rope(q.transpose(1, 2), cos, sin);
   k = ops::apply_rope(k.transpose(1, 2), cos, sin);
   if (cache != nullptr) std::tie(k, v) = cache->append(slot, k, v);
-  if (Hq != Hkv) {
-    const int64_t S = k.size(2);
-    k = k.unsqueeze(2).expand({B, Hkv, Hq / Hkv, S, D}).reshape({B, Hq, S, D});
-    v = v.unsqueeze(2).expand({B, Hkv, Hq / Hkv, S, D}).reshape({B, Hq, S, D});
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  at::Tensor o;
+  if (T == 1 && Hq != Hkv) {
+    // One query per head: the G = Hq/Hkv query heads sharing a KV head (heads j*G .. j*G+G-1, as
+    // in HF's repeat_kv) become G queries of that KV head. No copy of the cache; the mask
+    // [B, 1, 1, S] applies to each of them alike.
+    o = at::scaled_dot_product_attention(q.view({B, Hkv, Hq / Hkv, D}), k, v, mask, 0.0, false, scale)
+            .view({B, Hq, 1, D});
+  } else {
+    const bool causal = !mask.has_value() && T > 1;
+    o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, /*enable_gqa=*/Hq != Hkv);
   }
-  const bool causal = !mask.has_value() && T > 1;
-  at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, 1.0 / std::sqrt(static_cast<double>(D)));
-  return at::linear(o.transpose(1, 2).reshape({B, T, Hq * D}), L.wo, L.bo);
+  return cpu::linear(o.transpose(1, 2).reshape({B, T, Hq * D}), L.wo, L.bo);
 }
 
 at::Tensor Engine::block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
                          const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot) const {
   at::Tensor x = h + attention(ops::rms_norm(h, L.input_norm, cfg_.rms_norm_eps), L, cos, sin, mask, cache, slot);
   at::Tensor n = ops::rms_norm(x, L.post_norm, cfg_.rms_norm_eps);
-  return x + at::linear(ops::silu_mul(at::linear(n, L.w_gate, L.b_gate), at::linear(n, L.w_up, L.b_up)), L.w_down, L.b_down);
+  return x + cpu::linear(ops::silu_mul(cpu::linear(n, L.w_gate, L.b_gate), cpu::linear(n, L.w_up, L.b_up)), L.w_down, L.b_down);
 }
 
 at::Tensor Engine::embed(const at::Tensor& input_ids) const {
@@ -121,7 +127,7 @@ at::Tensor Engine::embed(const at::Tensor& input_ids) const {
 at::Tensor Engine::head(const at::Tensor& h) const {
   if (h.dim() < 1 || h.size(-1) != cfg_.hidden_size)
     throw InputError(cat("hidden states must end in the hidden size ", cfg_.hidden_size, ", got ", shape_str(h.sizes())));
-  return at::linear(ops::rms_norm(h, w_.final_norm, cfg_.rms_norm_eps), w_.lm_head);
+  return cpu::linear(ops::rms_norm(h, w_.final_norm, cfg_.rms_norm_eps), w_.lm_head);
 }
 
 void Engine::check_cache(const KVCache* cache, const LayerPath& path, int64_t B, int64_t T) const {

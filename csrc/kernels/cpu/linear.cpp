@@ -1,0 +1,124 @@
+// linear.cpp — see linear.h.
+#include "linear.h"
+
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../../engine/error.h"
+#include "skinny_gemm.h"
+
+namespace cf::cpu {
+namespace {
+
+using GemmF32 = void (*)(const float*, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t);
+using GemmBF16 = void (*)(const float*, int64_t, int64_t, const uint16_t*, const float*, float*, int64_t, int64_t,
+                          int64_t);
+struct Isa {
+  const char* name;
+  GemmF32 f32;
+  GemmBF16 bf16;
+};
+
+bool supported(const std::string& name) {
+  if (name == "base") return true;
+#if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)
+  __builtin_cpu_init();
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+#endif
+  return false;
+}
+
+Isa isa_named(const std::string& name) {
+#if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)
+  if (name == "avx512") return {"avx512", avx512::gemm_f32, avx512::gemm_bf16};
+  if (name == "avx2") return {"avx2", avx2::gemm_f32, avx2::gemm_bf16};
+#endif
+  return {"base", base::gemm_f32, base::gemm_bf16};
+}
+
+Isa best_isa() {
+  for (const char* name : {"avx512", "avx2"})
+    if (supported(name)) return isa_named(name);
+  return isa_named("base");
+}
+
+bool kernels_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("CF_CPU_KERNELS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
+const Isa& active() {
+  static const Isa isa = best_isa();
+  return isa;
+}
+
+bool takes(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (!x.device().is_cpu() || !w.device().is_cpu() || w.dim() != 2 || !w.is_contiguous() || x.dim() < 1) return false;
+  const at::ScalarType t = w.scalar_type();
+  if ((t != at::kFloat && t != at::kBFloat16) || x.scalar_type() != t || x.size(-1) != w.size(1)) return false;
+  if (b.defined() && (b.dim() != 1 || b.size(0) != w.size(0) || b.scalar_type() != t || !b.device().is_cpu()))
+    return false;
+  return w.size(0) > 0 && w.size(1) > 0 && x.numel() > 0;
+}
+
+int64_t rows(const at::Tensor& x, const at::Tensor& w) { return x.numel() / w.size(1); }
+
+at::Tensor run(const Isa& isa, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  const int64_t K = w.size(1), N = w.size(0), M = rows(x, w);
+  at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  at::Tensor bf = b.defined() ? b.to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  // Tasks of whole 4-row weight blocks; each task's bytes should dwarf the thread hand-off.
+  const int64_t blocks = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1));
+  if (w.scalar_type() == at::kFloat) {
+    const float* wp = w.data_ptr<float>();
+    at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
+      isa.f32(xp, M, K, wp, bp, yp, N, lo * 4, std::min(hi * 4, N));
+    });
+  } else {
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
+      isa.bf16(xp, M, K, wp, bp, yp, N, lo * 4, std::min(hi * 4, N));
+    });
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return y.to(w.scalar_type()).view(shape);
+}
+
+}  // namespace
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (kernels_enabled() && takes(x, w, b) &&
+      rows(x, w) <= (w.scalar_type() == at::kFloat ? kSkinnyMaxRowsF32 : kSkinnyMaxRowsBF16))
+    return run(active(), x, w, b);
+  return at::linear(x, w, b);
+}
+
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                         const std::string& isa) {
+  const at::Tensor b = bias.value_or(at::Tensor());
+  if (!takes(x, w, b))
+    throw InputError(cat("skinny_linear takes a CPU fp32/bf16 x [..., K] and a contiguous w [N, K] (and bias [N]) of "
+                         "the same dtype; got x ", shape_str(x.sizes()), " ",
+                         c10::toString(x.scalar_type()), ", w ", shape_str(w.sizes()), " ",
+                         c10::toString(w.scalar_type())));
+  if (!isa.empty() && !supported(isa)) throw InputError(cat("instruction set '", isa, "' is not available here"));
+  return run(isa.empty() ? best_isa() : isa_named(isa), x, w, b);
+}
+
+std::string active_isa() { return kernels_enabled() ? active().name : "off"; }
+
+}  // namespace cf::cpu

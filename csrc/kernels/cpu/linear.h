@@ -1,0 +1,28 @@
+// linear.h — the engine's linear layer on CPU: skinny_gemm for decode-sized inputs (few rows,
+// fp32 or bf16, contiguous weights), ATen's at::linear for everything else.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+namespace cf::cpu {
+
+// Rows of x up to which linear() runs the skinny kernels: measured on a 2-core AVX-512 machine
+// (benchmarks/RESULTS.md), ours beat ATen's fp32 GEMM up to ~64 rows; for bf16, ATen's oneDNN path
+// (AVX512-BF16 dot products) wins above a few rows.
+constexpr int64_t kSkinnyMaxRowsF32 = 32;
+constexpr int64_t kSkinnyMaxRowsBF16 = 4;
+
+// x [..., K], w [N, K], b [N] or undefined -> [..., N]; any device (non-CPU goes to at::linear).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = at::Tensor());
+
+// The skinny kernel itself (any number of rows) on a chosen instruction set ("base", "avx2",
+// "avx512"; "" = the best this CPU has), for tests and benchmarks; throws InputError when x/w are
+// not what it takes or the ISA is unavailable.
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                         const std::string& isa);
+// The instruction set linear() uses here, or "off" when CF_CPU_KERNELS=0 disables the kernels.
+std::string active_isa();
+
+}  // namespace cf::cpu

@@ -1,0 +1,33 @@
+// skinny_gemm.h — y = x @ w^T for few rows of x (decode steps), CPU, raw pointers.
+//
+// torch's CPU linear reaches about a third of the memory bandwidth when x has 1..16 rows (a
+// decode step), so the decode step is bound by that instead of by the bytes of weights read.
+// These kernels stream each weight row once per call and keep a small tile of x rows against a
+// few weight rows in vector registers.
+//
+// skinny_gemm_impl.cpp is compiled once per instruction set (the namespaces below) and
+// linear.cpp picks one at run time, so a wheel runs on any x86-64 and uses AVX-512 where there
+// is one. The ISA-specific files include no ATen or standard-library templates, so no inline
+// function compiled for a wider ISA can leak into the rest of the module.
+#pragma once
+#include <cstdint>
+
+namespace cf::cpu {
+
+// y[m * ldy + n] = sum_k x[m * K + k] * w[n * K + k] (+ bias[n]) for m in [0, M), n in [n0, n1).
+// x and y are fp32; w is fp32 (gemm_f32) or bfloat16 bits (gemm_bf16); bias is fp32 or null.
+// Sums are fp32, in a fixed order for a given (M, K): results do not depend on threading.
+#define CF_SKINNY_GEMM_DECLS                                                                        \
+  void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, \
+                int64_t ldy, int64_t n0, int64_t n1);                                               \
+  void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* y, \
+                 int64_t ldy, int64_t n0, int64_t n1);
+
+namespace base { CF_SKINNY_GEMM_DECLS }
+#if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)
+namespace avx2 { CF_SKINNY_GEMM_DECLS }
+namespace avx512 { CF_SKINNY_GEMM_DECLS }
+#endif
+#undef CF_SKINNY_GEMM_DECLS
+
+}  // namespace cf::cpu

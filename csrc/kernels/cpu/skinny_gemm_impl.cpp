@@ -1,0 +1,131 @@
+// skinny_gemm_impl.cpp — see skinny_gemm.h. Compiled once per ISA with CF_ISA_NS naming the
+// namespace and CF_LANES the floats per vector register (4 SSE/NEON, 8 AVX2, 16 AVX-512).
+// Written with GCC/Clang vector extensions: the compiler maps them to the ISA's registers.
+#include "skinny_gemm.h"
+
+#ifndef CF_ISA_NS
+#define CF_ISA_NS base
+#endif
+#ifndef CF_LANES
+#define CF_LANES 4
+#endif
+#ifndef CF_MAX_MR  // rows of x per register tile: accumulators = MR x NR vectors
+#define CF_MAX_MR 2
+#endif
+
+namespace cf::cpu::CF_ISA_NS {
+namespace {
+
+constexpr int L = CF_LANES;
+constexpr int NR = 4;  // weight rows per tile
+typedef float vf __attribute__((vector_size(L * 4)));
+typedef uint32_t vu32 __attribute__((vector_size(L * 4)));
+typedef uint16_t vu16 __attribute__((vector_size(L * 2)));
+
+inline vf load(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf load(const uint16_t* p) {  // bfloat16 bits -> fp32: the bits are the high half
+  vu16 h;
+  __builtin_memcpy(&h, p, sizeof h);
+  vu32 u = __builtin_convertvector(h, vu32) << 16;
+  vf v;
+  __builtin_memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline float scalar(float v) { return v; }
+inline float scalar(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Sum of a vector's lanes, folding halves (lanes l and l + n/2) until one is left: a fixed order,
+// and independent adds the CPU overlaps across a tile's outputs (a lane-by-lane chain does not).
+template <int N>
+inline float fold(const float* p) {
+  if constexpr (N == 1) {
+    return p[0];
+  } else {
+    typedef float half __attribute__((vector_size(N * 2)));
+    half a, b;
+    __builtin_memcpy(&a, p, sizeof a);
+    __builtin_memcpy(&b, p + N / 2, sizeof b);
+    a += b;
+    float out[N / 2];
+    __builtin_memcpy(out, &a, sizeof a);
+    return fold<N / 2>(out);
+  }
+}
+inline float hsum(const vf& v) {
+  float lanes[L];
+  __builtin_memcpy(lanes, &v, sizeof v);
+  return fold<L>(lanes);
+}
+
+// One tile: MR rows of x against nr (<= NR) weight rows starting at w, over all K.
+template <int MR, typename W>
+inline void tile(const float* x, int64_t K, const W* w, int nr, const float* bias, float* y, int64_t ldy) {
+  vf acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = vf{};
+  const W* wr[NR];
+  for (int j = 0; j < NR; ++j) wr[j] = w + (j < nr ? j : 0) * K;  // short tiles repeat row 0, unused
+  const int64_t kv = K - K % L;
+  for (int64_t k = 0; k < kv; k += L) {
+    vf wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = load(wr[j] + k);
+    for (int i = 0; i < MR; ++i) {
+      const vf xv = load(x + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < nr; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t k = kv; k < K; ++k) s += x[i * K + k] * scalar(wr[j][k]);
+      if (bias != nullptr) s += bias[j];
+      y[i * ldy + j] = s;
+    }
+  }
+}
+
+template <typename W>
+void gemm(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* y, int64_t ldy, int64_t n0,
+          int64_t n1) {
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int nr = static_cast<int>(n1 - n < NR ? n1 - n : NR);
+    const W* wn = w + n * K;
+    const float* bn = bias != nullptr ? bias + n : nullptr;
+    for (int64_t m = 0; m < M; m += CF_MAX_MR) {
+      const float* xm = x + m * K;
+      float* ym = y + m * ldy + n;
+      switch (M - m < CF_MAX_MR ? M - m : CF_MAX_MR) {
+        case 1: tile<1>(xm, K, wn, nr, bn, ym, ldy); break;
+        case 2: tile<2>(xm, K, wn, nr, bn, ym, ldy); break;
+#if CF_MAX_MR >= 3
+        case 3: tile<3>(xm, K, wn, nr, bn, ym, ldy); break;
+#endif
+#if CF_MAX_MR >= 4
+        default: tile<4>(xm, K, wn, nr, bn, ym, ldy); break;
+#endif
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
+              int64_t n0, int64_t n1) {
+  gemm(x, M, K, w, bias, y, ldy, n0, n1);
+}
+void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy,
+               int64_t n0, int64_t n1) {
+  gemm(x, M, K, w, bias, y, ldy, n0, n1);
+}
+
+}  // namespace cf::cpu::CF_ISA_NS
