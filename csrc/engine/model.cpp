@@ -91,8 +91,8 @@ at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const a
     q = ops::rms_norm(q, L.q_norm, cfg_.rms_norm_eps);
     k = ops::rms_norm(k, L.k_norm, cfg_.rms_norm_eps);
   }
-  q = ops::apply_rope(q.transpose(1, 2), cos, sin);
-  k = ops::apply_rope(k.transpose(1, 2), cos, sin);
+  q = ops::apply_rope(q, cos, sin);
+  k = ops::apply_rope(k, cos, sin);
   if (cache != nullptr) std::tie(k, v) = cache->append(slot, k, v);
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   at::Tensor o;
@@ -111,8 +111,8 @@ at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const a
 
 at::Tensor Engine::block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
                          const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot) const {
-  at::Tensor x = h + attention(ops::rms_norm(h, L.input_norm, cfg_.rms_norm_eps), L, cos, sin, mask, cache, slot);
-  at::Tensor n = ops::rms_norm(x, L.post_norm, cfg_.rms_norm_eps);
+  at::Tensor a = attention(ops::rms_norm(h, L.input_norm, cfg_.rms_norm_eps), L, cos, sin, mask, cache, slot);
+  auto [x, n] = ops::add_rms_norm(h, a, L.post_norm, cfg_.rms_norm_eps);
   return x + cpu::linear(ops::silu_mul(cpu::linear(n, L.w_gate, L.b_gate), cpu::linear(n, L.w_up, L.b_up)), L.w_down, L.b_down);
 }
 

@@ -1,21 +1,56 @@
 // ops.cpp — see ops.h.
 #include "ops.h"
 
-namespace cf::ops {
+#include <cstdlib>
+#include <cstring>
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+#include "gpu_ops.h"
+
+namespace cf::ops {
+namespace {
+
+bool fused(const at::Tensor& x) { return x.is_cuda() && gpu_kernels_enabled(); }
+
+at::Tensor rms_norm_ref(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor h = x.to(at::kFloat);
   at::Tensor var = h.pow(2).mean(-1, /*keepdim=*/true);
   h = h * at::rsqrt(var + eps);
   return weight * h.to(x.scalar_type());
 }
 
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-  return x * cos + rotated * sin;
+}  // namespace
+
+bool gpu_kernels_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("CF_GPU_KERNELS");
+    return gpu::available() && (v == nullptr || std::strcmp(v, "0") != 0);
+  }();
+  return enabled;
 }
 
-at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) { return at::silu(gate) * up; }
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (fused(x)) return gpu::add_rms_norm(x, std::nullopt, weight, eps).second;
+  return rms_norm_ref(x, weight, eps);
+}
+
+std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                               double eps) {
+  if (fused(x)) return gpu::add_rms_norm(x, residual, weight, eps);
+  at::Tensor sum = x + residual;
+  return {sum, rms_norm_ref(sum, weight, eps)};
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  if (fused(x)) return gpu::rope_bthd(x, cos, sin).transpose(1, 2);
+  at::Tensor t = x.transpose(1, 2);
+  const int64_t half = t.size(-1) / 2;
+  at::Tensor rotated = at::cat({-t.narrow(-1, half, half), t.narrow(-1, 0, half)}, -1);
+  return t * cos + rotated * sin;
+}
+
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  if (fused(gate)) return gpu::silu_mul(gate, up);
+  return at::silu(gate) * up;
+}
 
 }  // namespace cf::ops

@@ -1,0 +1,278 @@
+"""circuit-finder benchmarks: every figure a ratio against transformers measured in this run.
+
+    .venv/bin/python benchmarks/run.py                  # CPU, fp32: forward + sweep (~15 min, 2 cores)
+    python benchmarks/run.py --device cuda --dtype bfloat16 --sections forward
+    .venv/bin/python benchmarks/run.py --quick          # seconds: a smoke run of every section
+
+forward: prefill and decode tokens/s at batch 1 and 16, circuit-finder vs transformers with the same
+weights, layer path (the middle third repeated, RYS), batch, dtype and device; on the default model
+(SmolLM2-135M-Instruct, exported to a transformers folder) and a random Llama of TinyLlama-1.1B's
+shape. Decode = (time to generate k tokens - time to generate 1) / (k - 1) steps. Also the share
+of the memory roofline decode reaches at batch 1: weight bytes read per token / time per token,
+over the copy bandwidth measured here.
+
+sweep: configs/minute of `circuit_finder.sweep()` (generate mode) against the naive loop a
+researcher would write with transformers — per config, rebuild the model's layer list (deep
+copies, one per slot) and `generate()` each prompt on its own — on the same probes and items;
+the scores must be identical.
+
+Writes <out>/<date>-<device>.json and .md and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import circuit_finder as cf  # noqa: E402
+from circuit_finder import LayerPath  # noqa: E402
+from circuit_finder.sweep import SweepConfig, make_configs, resolve_probes  # noqa: E402
+from helpers import build_hf_model, rebuilt  # noqa: E402
+
+# name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+RANDOM_SHAPES = {
+    "tiny": (256, 688, 8, 8, 4, 4096),
+    "1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B's shape
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, device, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes moved per second (read + write) copying a 256 MiB buffer, best of 5."""
+    a = torch.ones(64 * 1024 * 1024, device=device)
+    b = torch.empty_like(a)
+    t = best_time(lambda: b.copy_(a), device, 5)
+    return 2 * a.numel() * a.element_size() / t
+
+
+def weight_bytes_per_token(model: cf.Model, path: LayerPath) -> int:
+    """Bytes of weights one decode step reads along the path (each slot's layer, norm, LM head)."""
+    per_layer: dict[int, int] = {}
+    for name, t in model.tensors.items():
+        parts = name.split(".")
+        if len(parts) > 2 and parts[1] == "layers":
+            per_layer[int(parts[2])] = per_layer.get(int(parts[2]), 0) + t.numel() * t.element_size()
+    head = model.tensors.get("lm_head.weight", model.tensors["model.embed_tokens.weight"])
+    norm = model.tensors["model.norm.weight"]
+    return sum(per_layer[i] for i in path) + head.numel() * head.element_size() + norm.numel() * norm.element_size()
+
+
+# ------------------------------------------------------------------------------------------- models
+def default_pair(folder: Path, device, dtype):
+    from transformers import AutoModelForCausalLM
+
+    ours = cf.load("default", device=device, dtype=dtype)
+    cf.export.export_hf(ours, folder / "hf", layers=None)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder / "hf"), dtype=torch.float32).eval()
+    return "SmolLM2-135M-Instruct (default)", ours, hf
+
+
+def random_pair(shape: str, folder: Path, device, dtype):
+    h, i, n, heads, kv, vocab = RANDOM_SHAPES[shape]
+    hf = build_hf_model("llama", folder, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                        num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                        tie_word_embeddings=False, rope_scaling=None, max_position_embeddings=4096)
+    return f"random Llama, {shape} shape", cf.load(folder, device=device, dtype=dtype), hf
+
+
+# ------------------------------------------------------------------------------------------ forward
+def bench_forward(label, ours: cf.Model, hf, batch: int, prompt_len: int, new_tokens: int, repeat: int,
+                  bandwidth: float | None) -> dict:
+    device, dtype = ours.device, ours.dtype
+    n = ours.num_layers
+    path = LayerPath.duplicate(n, n // 3, 2 * n // 3)
+    ref = rebuilt(hf, list(path)).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(3, ours.config.vocab_size, (batch, prompt_len),
+                        generator=torch.Generator().manual_seed(batch)).to(device)
+    k = new_tokens
+
+    def ours_gen(m):
+        return ours.generate(ids, layers=path, max_new_tokens=m, min_new_tokens=m)
+
+    def ref_gen(m):
+        return ref.generate(ids, max_new_tokens=m, min_new_tokens=m, do_sample=False, pad_token_id=0,
+                            eos_token_id=None)[:, prompt_len:]
+
+    with torch.inference_mode():
+        t_ours_prefill = best_time(lambda: ours.logits(ids, layers=path), device, repeat)
+        t_ref_prefill = best_time(lambda: ref(ids).logits, device, repeat)
+        t_ours_step = (best_time(lambda: ours_gen(k), device, repeat) - best_time(lambda: ours_gen(1), device, repeat)) / (k - 1)
+        t_ref_step = (best_time(lambda: ref_gen(k), device, repeat) - best_time(lambda: ref_gen(1), device, repeat)) / (k - 1)
+        same = torch.equal(ours_gen(k), ref_gen(k))
+    out = {
+        "model": label, "params_M": round(sum(t.numel() for t in ours.tensors.values()) / 1e6, 1),
+        "layers": str(path), "slots": len(path), "batch": batch, "prompt_len": prompt_len, "new_tokens": k,
+        "prefill_tok_s": {"circuit_finder": batch * prompt_len / t_ours_prefill,
+                          "transformers": batch * prompt_len / t_ref_prefill},
+        "decode_tok_s": {"circuit_finder": batch / t_ours_step, "transformers": batch / t_ref_step},
+        "same_greedy_tokens": same,
+    }
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        d = out[key]
+        d["ratio"] = d["circuit_finder"] / d["transformers"]
+    if bandwidth and batch == 1:
+        out["decode_roofline"] = weight_bytes_per_token(ours, path) / t_ours_step / bandwidth
+    return out
+
+
+# -------------------------------------------------------------------------------------------- sweep
+def naive_sweep(model: cf.Model, hf, probes, configs, max_items: int) -> dict:
+    """Per config: a transformers model with the path's layers (deep copies), generate() per prompt."""
+    eos, pad = model._eos_ids(), model._pad_id()
+    out = {}
+    for c in configs:
+        m = rebuilt(hf, list(c.layers)).to(device=model.device, dtype=model.dtype).eval()
+        scores = {}
+        for p in probes:
+            for it in p.items("search")[:max_items]:
+                ids = torch.tensor([model._encode_prompts([it.prompt], chat=True)[0]], device=model.device)
+                with torch.inference_mode():
+                    g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_new_tokens,
+                                   do_sample=False, eos_token_id=eos, pad_token_id=pad)
+                text = model._finish_text(g[0, ids.shape[1]:].tolist(), [])
+                scores.setdefault(p.name, {})[it.id] = float(p.score(it, text))
+        out[c.key] = scores
+        del m
+    return out
+
+
+def bench_sweep(ours: cf.Model, hf, probe_names, block_size: int, stride: int, max_items: int) -> dict:
+    n = ours.num_layers
+    probes = resolve_probes(probe_names)
+    configs = make_configs(n, "grid", (block_size,), None, stride, (2,))
+    identity = SweepConfig(LayerPath.identity(n))
+    t = time.perf_counter()
+    result = cf.sweep(ours, probes=probes, paths=[c.layers for c in configs], mode="generate", max_items=max_items,
+                      chat=True, progress=False)
+    sync(ours.device)
+    t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    naive = naive_sweep(ours, hf, probes, [identity, *configs], max_items)
+    t_naive = time.perf_counter() - t
+    ours_scores = {r["layers"]: r["scores"] for r in result.records}
+    total = sum(len(v) for s in naive.values() for v in s.values())
+    same = sum(ours_scores[key][p][i] == s for key, ps in naive.items() for p, items in ps.items()
+               for i, s in items.items())
+    count = len(configs) + 1
+    return {"model": "SmolLM2-135M-Instruct (default)", "mode": "generate", "probes": list(probe_names),
+            "items_per_probe": max_items, "configs": count,
+            "configs_per_min": {"circuit_finder": 60 * count / t_ours, "transformers_naive": 60 * count / t_naive},
+            "seconds": {"circuit_finder": t_ours, "transformers_naive": t_naive},
+            "ratio": t_naive / t_ours, "identical_scores": same == total, "scores_compared": total,
+            "scores_equal": same}
+
+
+# ------------------------------------------------------------------------------------------- report
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"### {m['date']}, {m['machine']}, torch {m['torch']}, {m['device']} {m['dtype']}", ""]
+    if res.get("forward"):
+        lines += ["| model (params) | slots | batch | prefill tok/s ours / HF | ratio | decode tok/s ours / HF | ratio "
+                  "| decode b1 roofline | same greedy tokens |", "|---|---|---|---|---|---|---|---|---|"]
+        for f in res["forward"]:
+            p, d = f["prefill_tok_s"], f["decode_tok_s"]
+            roof = f"{100 * f['decode_roofline']:.0f}%" if "decode_roofline" in f else ""
+            lines.append(f"| {f['model']} ({f['params_M']}M) | {f['slots']} | {f['batch']} | "
+                         f"{p['circuit_finder']:.0f} / {p['transformers']:.0f} | {p['ratio']:.2f} | "
+                         f"{d['circuit_finder']:.1f} / {d['transformers']:.1f} | {d['ratio']:.2f} | {roof} | "
+                         f"{'yes' if f['same_greedy_tokens'] else 'no'} |")
+        if m.get("copy_bandwidth_GB_s"):
+            lines += ["", f"Copy bandwidth measured in this run: {m['copy_bandwidth_GB_s']:.1f} GB/s (read + write)."]
+        lines.append("")
+    s = res.get("sweep")
+    if s:
+        c = s["configs_per_min"]
+        lines += ["| sweep | configs | probes x items | configs/min ours / naive HF loop | ratio | identical scores |",
+                  "|---|---|---|---|---|---|",
+                  f"| {s['model']}, {s['mode']} | {s['configs']} | {len(s['probes'])} x {s['items_per_probe']} | "
+                  f"{c['circuit_finder']:.2f} / {c['transformers_naive']:.2f} | {s['ratio']:.2f} | "
+                  f"{'yes' if s['identical_scores'] else 'no'} ({s['scores_equal']}/{s['scores_compared']}) |", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", nargs="+", choices=["forward", "sweep"], default=["forward", "sweep"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--models", nargs="+", default=["default", "1b"], help="'default' and/or random shapes "
+                    f"{sorted(RANDOM_SHAPES)}")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (seconds)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = cf.model.resolve_dtype(args.dtype, torch.float32)
+    if args.quick:
+        args.models, args.batches, args.repeat = ["tiny"], [1, 2], 1
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
+            f"{torch.get_num_threads()} CPU threads" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+            "torch": torch.__version__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "cpu_kernels": cf._C.cpu_isa(), "quick": args.quick}
+    res: dict = {"meta": meta, "forward": [], "sweep": None}
+    if "forward" in args.sections:
+        bandwidth = copy_bandwidth(device)
+        meta["copy_bandwidth_GB_s"] = bandwidth / 1e9
+        for name in args.models:
+            with tempfile.TemporaryDirectory() as tmp:
+                label, ours, hf = (default_pair(Path(tmp), device, dtype) if name == "default"
+                                   else random_pair(name, Path(tmp), device, dtype))
+                big = ours.config.hidden_size >= 2048 and device.type == "cpu"
+                for b in args.batches:
+                    prompt = 8 if args.quick else (32 if big else 64)
+                    new = 4 if args.quick else (8 if big else 16)
+                    r = bench_forward(label, ours, hf, b, prompt, new, args.repeat, bandwidth)
+                    res["forward"].append(r)
+                    print(json.dumps(r), flush=True)
+                del ours, hf
+    if "sweep" in args.sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            _, ours, hf = default_pair(Path(tmp), device, dtype)
+            probes = ["math"] if args.quick else ["math", "eq", "reasoning"]
+            res["sweep"] = bench_sweep(ours, hf, probes, block_size=4, stride=8 if args.quick else 4,
+                                       max_items=1 if args.quick else 4)
+            print(json.dumps(res["sweep"]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{meta['date']}-{device.type}-{meta['dtype']}" + ("-quick" if args.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    text = markdown(res)
+    (out / f"{stem}.md").write_text(text + "\n")
+    print(text)
+    print(f"written: {out / stem}.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+// fused.cu — see fused.h. HIP-portable through gpu_compat.h.
+#include "fused.h"
+#include "gpu_compat.h"
+
+namespace cf::gpu {
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<cf_bf16>(cf_bf16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ cf_bf16 from_f<cf_bf16>(float v) { return __float2bfloat16(v); }
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+  for (int m = CF_WARP / 2; m > 0; m /= 2) v += CF_SHFL_XOR(v, m);
+  const int warp = threadIdx.x / CF_WARP, lane = threadIdx.x % CF_WARP;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  const int warps = (blockDim.x + CF_WARP - 1) / CF_WARP;
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += shared[w];  // same order in every thread
+  __syncthreads();
+  return total;
+}
+
+// One block per row. Matches HF: h = x (+ residual) in dtype; var in fp32; weight * (h * rsqrt).to(dtype).
+template <typename T>
+__global__ void add_rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
+                                    T* __restrict__ sum, T* __restrict__ out, int64_t n, float eps) {
+  __shared__ float shared[kThreads / 32 + 1];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * n;
+  float ss = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    float h = to_f(xr[i]);
+    if (residual != nullptr) {
+      const T s = from_f<T>(h + to_f(residual[row * n + i]));
+      sum[row * n + i] = s;
+      h = to_f(s);
+    }
+    ss += h * h;
+  }
+  const float inv = rsqrtf(block_sum(ss, shared) / static_cast<float>(n) + eps);
+  const T* src = residual != nullptr ? sum + row * n : xr;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const T normed = from_f<T>(to_f(src[i]) * inv);
+    out[row * n + i] = from_f<T>(to_f(weight[i]) * to_f(normed));
+  }
+}
+
+template <typename T>
+__global__ void rope_kernel(T* __restrict__ x, const T* __restrict__ cos, const T* __restrict__ sin, int64_t T_, int64_t H,
+                            int64_t D) {
+  // grid: (B * T * H); threads over the first half of D, each rotating the pair (d, d + D/2).
+  const int64_t bth = blockIdx.x;
+  const int64_t bt = bth / H;
+  T* v = x + bth * D;
+  const T* c = cos + bt * D;
+  const T* s = sin + bt * D;
+  const int64_t half = D / 2;
+  for (int64_t d = threadIdx.x; d < half; d += blockDim.x) {
+    const float a = to_f(v[d]), b = to_f(v[d + half]);
+    v[d] = from_f<T>(a * to_f(c[d]) - b * to_f(s[d]));
+    v[d + half] = from_f<T>(b * to_f(c[d + half]) + a * to_f(s[d + half]));
+  }
+  (void)T_;
+}
+
+template <typename T>
+__global__ void silu_mul_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float g = to_f(gate[i]);
+    const T act = from_f<T>(g / (1.f + __expf(-g)));  // silu rounded to dtype, then the product
+    out[i] = from_f<T>(to_f(act) * to_f(up[i]));
+  }
+}
+
+const char* launched() {
+  const gpuError_t e = gpuGetLastError();
+  return e == gpuSuccess ? nullptr : gpuGetErrorString(e);
+}
+
+template <typename T>
+const char* add_rms_norm_t(const void* x, const void* residual, const void* weight, void* sum, void* out, int64_t rows,
+                           int64_t n, float eps, gpuStream_t stream) {
+  if (rows == 0) return nullptr;
+  add_rms_norm_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight), static_cast<T*>(sum),
+      static_cast<T*>(out), n, eps);
+  return launched();
+}
+
+template <typename T>
+const char* rope_t(void* x, const void* cos, const void* sin, int64_t B, int64_t T_, int64_t H, int64_t D,
+                   gpuStream_t stream) {
+  if (B * T_ * H == 0) return nullptr;
+  const int threads = static_cast<int>(D / 2 < 128 ? (D / 2 > 0 ? D / 2 : 1) : 128);
+  rope_kernel<T><<<static_cast<unsigned>(B * T_ * H), threads, 0, stream>>>(
+      static_cast<T*>(x), static_cast<const T*>(cos), static_cast<const T*>(sin), T_, H, D);
+  return launched();
+}
+
+template <typename T>
+const char* silu_mul_t(const void* gate, const void* up, void* out, int64_t n, gpuStream_t stream) {
+  if (n == 0) return nullptr;
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  silu_mul_kernel<T><<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), kThreads, 0, stream>>>(
+      static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(out), n);
+  return launched();
+}
+
+}  // namespace
+
+#define CF_DISPATCH(fn, ...)                                              \
+  switch (dtype) {                                                        \
+    case 0: return fn<float>(__VA_ARGS__);                                \
+    case 1: return fn<__half>(__VA_ARGS__);                               \
+    case 2: return fn<cf_bf16>(__VA_ARGS__);                              \
+    default: return "unsupported dtype (float32, float16, bfloat16)";    \
+  }
+
+const char* add_rms_norm(int dtype, const void* x, const void* residual, const void* weight, void* sum, void* out,
+                         int64_t rows, int64_t n, float eps, void* stream) {
+  CF_DISPATCH(add_rms_norm_t, x, residual, weight, sum, out, rows, n, eps, static_cast<gpuStream_t>(stream))
+}
+const char* rope(int dtype, void* x, const void* cos, const void* sin, int64_t B, int64_t T, int64_t H, int64_t D,
+                 void* stream) {
+  CF_DISPATCH(rope_t, x, cos, sin, B, T, H, D, static_cast<gpuStream_t>(stream))
+}
+const char* silu_mul(int dtype, const void* gate, const void* up, void* out, int64_t n, void* stream) {
+  CF_DISPATCH(silu_mul_t, gate, up, out, n, static_cast<gpuStream_t>(stream))
+}
+#undef CF_DISPATCH
+
+}  // namespace cf::gpu

@@ -1,0 +1,19 @@
+// gpu_ops.h — the fused GPU ops as ATen functions (cuda/dispatch.cpp), or, in a build without
+// CUDA/ROCm, stubs that say so (gpu_stubs.cpp). cf::ops routes CUDA tensors here.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <utility>
+
+namespace cf::gpu {
+
+bool available();  // built with the GPU kernels
+// (x + residual, weight * rms_norm(x + residual)); without residual: (x, weight * rms_norm(x)).
+std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                               const at::Tensor& weight, double eps);
+// x [B, T, H, D] (rotated in place when contiguous), cos/sin [B, 1, T, D] or [B, T, D] -> x rotated.
+at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+
+}  // namespace cf::gpu

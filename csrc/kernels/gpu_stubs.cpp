@@ -1,0 +1,20 @@
+// gpu_stubs.cpp — cf::gpu in a build without CUDA/ROCm (torch without a GPU build, or no nvcc).
+#include "../engine/error.h"
+#include "gpu_ops.h"
+
+namespace cf::gpu {
+namespace {
+[[noreturn]] void missing() {
+  throw InputError("circuit-finder was built without GPU kernels (torch has no CUDA/ROCm, or no GPU compiler was found)");
+}
+}  // namespace
+
+bool available() { return false; }
+std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                               double) {
+  missing();
+}
+at::Tensor rope_bthd(const at::Tensor&, const at::Tensor&, const at::Tensor&) { missing(); }
+at::Tensor silu_mul(const at::Tensor&, const at::Tensor&) { missing(); }
+
+}  // namespace cf::gpu
