@@ -58,6 +58,8 @@ PYBIND11_MODULE(_C, m) {
       .def("run_slots", &cf::Engine::run_slots, py::arg("hidden"), py::arg("positions"), py::arg("attention_mask"),
            py::arg("path"), py::arg("cache"), py::arg("begin"), py::arg("end"), py::call_guard<py::gil_scoped_release>())
       .def("head", &cf::Engine::head, py::arg("hidden"), py::call_guard<py::gil_scoped_release>())
+      .def("decode_step", &cf::Engine::decode_step, py::arg("token"), py::arg("positions"), py::arg("key_mask"),
+           py::arg("index"), py::arg("path"), py::arg("cache"), py::call_guard<py::gil_scoped_release>())
       .def("new_cache", &cf::Engine::new_cache, py::arg("num_slots"), py::arg("batch"), py::arg("capacity"),
            py::arg("share") = nullptr, py::arg("shared_slots") = 0)
       .def("layer_tensors", &cf::Engine::layer_tensors, py::arg("layer"))

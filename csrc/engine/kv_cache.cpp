@@ -40,6 +40,13 @@ std::pair<at::Tensor, at::Tensor> KVCache::append(int64_t slot, const at::Tensor
   return {k_[slot].narrow(2, 0, length_ + t), v_[slot].narrow(2, 0, length_ + t)};
 }
 
+std::pair<at::Tensor, at::Tensor> KVCache::append_at(int64_t slot, const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& index) {
+  k_[slot].index_copy_(2, index, k);
+  v_[slot].index_copy_(2, index, v);
+  return {k_[slot], v_[slot]};
+}
+
 void KVCache::advance(int64_t t) {
   if (t < 0 || length_ + t > capacity_)
     throw InputError(cat("cannot advance the KV cache by ", t, ": it holds ", length_, " of ", capacity_, " positions"));

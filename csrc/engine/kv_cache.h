@@ -17,6 +17,11 @@ class KVCache {
   // Stores k, v [B, Hkv, T, D] for `slot` at positions [length, length+T) and returns views of
   // the slot's keys and values over [0, length+T).
   std::pair<at::Tensor, at::Tensor> append(int64_t slot, const at::Tensor& k, const at::Tensor& v);
+  // Stores k, v [B, Hkv, 1, D] at the column held by `index` (a 1-element int64 tensor on the
+  // cache's device: no host sync, so a CUDA graph can replay it) and returns the slot's whole
+  // keys and values [B, Hkv, capacity, D]; unwritten columns must be masked by the caller.
+  std::pair<at::Tensor, at::Tensor> append_at(int64_t slot, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& index);
   // Called once per forward, after every slot appended T new positions.
   void advance(int64_t t);
   void reset() { length_ = 0; }

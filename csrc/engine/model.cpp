@@ -82,7 +82,8 @@ std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
 }
 
 at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
-                             const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot) const {
+                             const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
+                             const at::Tensor& write_index) const {
   const int64_t B = x.size(0), T = x.size(1), D = cfg_.head_dim, Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads;
   at::Tensor q = cpu::linear(x, L.wq, L.bq).view({B, T, Hq, D});
   at::Tensor k = cpu::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
@@ -93,7 +94,8 @@ at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const a
   }
   q = ops::apply_rope(q, cos, sin);
   k = ops::apply_rope(k, cos, sin);
-  if (cache != nullptr) std::tie(k, v) = cache->append(slot, k, v);
+  if (cache != nullptr)
+    std::tie(k, v) = write_index.defined() ? cache->append_at(slot, k, v, write_index) : cache->append(slot, k, v);
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   at::Tensor o;
   if (T == 1 && Hq != Hkv) {
@@ -110,8 +112,10 @@ at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const a
 }
 
 at::Tensor Engine::block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
-                         const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot) const {
-  at::Tensor a = attention(ops::rms_norm(h, L.input_norm, cfg_.rms_norm_eps), L, cos, sin, mask, cache, slot);
+                         const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
+                         const at::Tensor& write_index) const {
+  at::Tensor a =
+      attention(ops::rms_norm(h, L.input_norm, cfg_.rms_norm_eps), L, cos, sin, mask, cache, slot, write_index);
   auto [x, n] = ops::add_rms_norm(h, a, L.post_norm, cfg_.rms_norm_eps);
   return x + cpu::linear(ops::silu_mul(cpu::linear(n, L.w_gate, L.b_gate), cpu::linear(n, L.w_up, L.b_up)), L.w_down, L.b_down);
 }
@@ -226,6 +230,52 @@ at::Tensor Engine::run_slots(const at::Tensor& h, const at::Tensor& positions, c
     x = block(x, w_.layers[layer], cos, sin, masks[cfg_.sliding_window[layer]], cache, slot);
   }
   return x;
+}
+
+at::Tensor Engine::decode_step(const at::Tensor& token, const at::Tensor& positions, const at::Tensor& key_mask,
+                               const at::Tensor& index, const LayerPath& path, KVCache& cache) const {
+  validate_layer_path(path, cfg_.num_layers);
+  check_ids(token, "token", w_.device);
+  check_ids(positions, "positions", w_.device);
+  const int64_t B = token.size(0), C = cache.capacity();
+  if (token.size(1) != 1 || positions.sizes() != token.sizes())
+    throw InputError(cat("decode_step takes token and positions [batch, 1], got ", shape_str(token.sizes()), " and ",
+                         shape_str(positions.sizes())));
+  if (cache.num_slots() != static_cast<int64_t>(path.size()) || cache.batch() != B)
+    throw InputError(cat("the KV cache holds ", cache.num_slots(), " slots of batch ", cache.batch(), "; the step needs ",
+                         path.size(), " of batch ", B));
+  if (key_mask.scalar_type() != at::kBool || key_mask.device() != w_.device || key_mask.dim() != 2 ||
+      key_mask.size(0) != B || key_mask.size(1) != C)
+    throw InputError(cat("decode_step's key_mask must be bool [", B, ", ", C, "] on ", w_.device.str(), ", got ",
+                         c10::toString(key_mask.scalar_type()), " ", shape_str(key_mask.sizes())));
+  if (index.scalar_type() != at::kLong || index.device() != w_.device || index.numel() != 1 || index.dim() != 1)
+    throw InputError("decode_step's index must be a 1-element int64 tensor on the model's device");
+  if (cache.length() >= C)
+    throw InputError(cat("the KV cache is full (", C, " positions)"));
+  at::Tensor x = at::embedding(w_.embed, token);
+  auto [cos, sin] = rope_tables(positions);
+  key_mask.index_fill_(1, index, true);
+  const at::Tensor base = key_mask.view({B, 1, 1, C});
+  Masks masks;
+  for (int64_t layer : path) {
+    const int64_t window = cfg_.sliding_window[layer];
+    if (masks.count(window)) continue;
+    if (window == 0) {
+      masks[window] = base;
+    } else {  // columns within the window before this one (the dynamic path's rule, by column)
+      at::Tensor cols = at::arange(C, index.options());
+      masks[window] = base.logical_and((cols > index - window).view({1, 1, 1, C}));
+    }
+  }
+  for (size_t slot = 0; slot < path.size(); ++slot) {
+    const int64_t layer = path[slot];
+    x = block(x, w_.layers[layer], cos, sin, masks[cfg_.sliding_window[layer]], &cache, static_cast<int64_t>(slot),
+              index);
+  }
+  at::Tensor logits = head(x).select(1, 0);
+  positions.add_(1);
+  index.add_(1);
+  return logits;
 }
 
 at::Tensor Engine::hidden(const at::Tensor& input_ids, const at::Tensor& positions,

@@ -41,6 +41,15 @@ class Engine {
                        const LayerPath& path, KVCache* cache, int64_t begin, int64_t end) const;
   at::Tensor head(const at::Tensor& h) const;
 
+  // One decode step in fixed shapes with no host synchronisation, so a CUDA graph can capture and
+  // replay it. token [B, 1] int64 (ids the model sampled itself: not range-checked, which would
+  // sync); positions [B, 1] int64; key_mask [B, capacity] bool (true = a real token; the column
+  // `index` is set here); index [1] int64, the cache column this step writes. Attention spans the
+  // cache's whole capacity under key_mask. Afterwards positions and index are incremented in
+  // place (the cache's host-side length is not: call KVCache::advance(1)). Returns logits [B, V].
+  at::Tensor decode_step(const at::Tensor& token, const at::Tensor& positions, const at::Tensor& key_mask,
+                         const at::Tensor& index, const LayerPath& path, KVCache& cache) const;
+
   // A cache for a path of num_slots slots. With `share`, slots [0, shared_slots) are the very
   // tensors of share's first slots (no copy): used when paths agree on their first slots.
   KVCache new_cache(int64_t num_slots, int64_t batch, int64_t capacity, const KVCache* share = nullptr,
@@ -58,10 +67,13 @@ class Engine {
   std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions) const;
   Masks build_masks(const std::optional<at::Tensor>& key_mask, const at::Tensor& positions, const LayerPath& path,
                     int64_t begin, int64_t end, int64_t B, int64_t T, int64_t past) const;
+  // write_index: undefined = append at the cache's length; else KVCache::append_at that column.
   at::Tensor block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
-                   const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot) const;
+                   const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
+                   const at::Tensor& write_index = at::Tensor()) const;
   at::Tensor attention(const at::Tensor& x, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
-                       const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot) const;
+                       const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
+                       const at::Tensor& write_index) const;
 
   ModelConfig cfg_;
   Weights w_;

@@ -153,6 +153,12 @@ class Model:
         self.source = source
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
+        # Decoding on CUDA runs fixed-shape steps (Engine.decode_step) replayed as a CUDA graph:
+        # one launch per token instead of one per op. cuda_graphs=False keeps the fixed-shape steps
+        # but launches them eagerly; static_decode forces (True) or forbids (False) the fixed-shape
+        # steps on any device (None: on CUDA only).
+        self.cuda_graphs = os.environ.get("CF_CUDA_GRAPHS", "1") != "0"
+        self.static_decode: bool | None = None
 
     def __repr__(self) -> str:
         c = self.config
@@ -318,7 +324,8 @@ class Model:
         cache holding the prompt (length T), last_pos [B, 1] its positions, full_mask [B, T + max_new]
         or None. Returns the new ids [B, n] (rows finished early padded with the pad id).
         on_step(tokens [B], finished [B]) is called after every step (streaming)."""
-        B, T = logits.shape[0], cache.length
+        B = logits.shape[0]
+        step_fn = self._step_function(cache, layers, last_pos, full_mask)
         eos = torch.tensor(self._eos_ids(), dtype=torch.long, device=self.device)
         pad = self._pad_id()
         out: list[torch.Tensor] = []
@@ -337,10 +344,62 @@ class Model:
                 on_step(token, finished)
             if step + 1 == max_new_tokens or bool(finished.all()):
                 break
-            last_pos = last_pos + 1
-            step_mask = None if full_mask is None else full_mask[:, : T + step + 1]
-            logits = self.engine.forward(token.unsqueeze(1), last_pos, step_mask, layers, cache, True)[:, -1].float()
+            logits = step_fn(token)
         return torch.stack(out, 1)
+
+    def _step_function(self, cache, layers, last_pos, full_mask):
+        """token [B] -> logits [B, V] (fp32) of the next position, advancing the cache by one."""
+        B, T, cap = cache.batch, cache.length, cache.capacity
+        static = self.static_decode if self.static_decode is not None else self.device.type == "cuda"
+        if not static:
+            state = {"pos": last_pos, "len": T}
+
+            def dynamic(token):
+                state["pos"] = state["pos"] + 1
+                state["len"] += 1
+                mask = None if full_mask is None else full_mask[:, : state["len"]]
+                return self.engine.forward(token.unsqueeze(1), state["pos"], mask, layers, cache, True)[:, -1].float()
+
+            return dynamic
+
+        # Fixed shapes and addresses: the token, positions, key mask and write column live in
+        # tensors the step reads and updates in place, so a captured graph can replay it.
+        tok = torch.zeros((B, 1), dtype=torch.long, device=self.device)
+        pos = (last_pos + 1).contiguous()
+        index = torch.tensor([T], dtype=torch.long, device=self.device)
+        key_mask = torch.zeros((B, cap), dtype=torch.bool, device=self.device)
+        key_mask[:, :T] = True if full_mask is None else full_mask[:, :T] != 0
+        use_graph = self.device.type == "cuda" and self.cuda_graphs
+        graph: dict = {}
+
+        def run():
+            return self.engine.decode_step(tok, pos, key_mask, index, layers, cache)
+
+        def static_step(token):
+            tok.copy_(token.unsqueeze(1))
+            if not use_graph:
+                out = run()
+            elif "graph" in graph:
+                graph["graph"].replay()
+                out = graph["out"]
+            elif "warm" not in graph:  # first step eagerly on a side stream (lazy inits), as torch advises
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    out = run()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph["warm"] = True
+            else:  # capture (records, runs nothing), then replay this step
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    graph["out"] = run()
+                graph["graph"] = g
+                g.replay()
+                out = graph["out"]
+            cache.advance(1)
+            return out.float()
+
+        return static_step
 
     def _hit_stop(self, generated: torch.Tensor, stops: list[str]) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(generated.tolist(), skip_special_tokens=True)
