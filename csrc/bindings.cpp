@@ -8,6 +8,7 @@
 #include "engine/layer_path.h"
 #include "engine/model.h"
 #include "engine/safetensors.h"
+#include "kernels/cpu/fused.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/gpu_ops.h"
 #include "kernels/ops.h"
@@ -34,6 +35,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("skinny_linear", &cf::cpu::skinny_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("isa") = "", py::call_guard<py::gil_scoped_release>());
   m.def("cpu_isa", &cf::cpu::active_isa);
+  m.def("cpu_add_rms_norm", &cf::cpu::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("cpu_rope", &cf::cpu::rope_bthd, py::arg("x"), py::arg("cos"), py::arg("sin"));
+  m.def("cpu_silu_mul", &cf::cpu::silu_mul, py::arg("gate"), py::arg("up"));
   m.def("gpu_kernels", &cf::ops::gpu_kernels_enabled, "whether CUDA/ROCm tensors run the fused GPU kernels");
   m.def("gpu_add_rms_norm", &cf::gpu::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("gpu_rope", &cf::gpu::rope_bthd, py::arg("x"), py::arg("cos"), py::arg("sin"));

@@ -69,3 +69,64 @@ def test_skinny_linear_rejects_bad_input():
 
 def test_cpu_isa_reports_choice():
     assert _C.cpu_isa() in ISAS + ["off"]
+
+
+# ----------------------------------------------------------------------------- fused elementwise ops
+def ref_rms_norm(x, w, eps):
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def close(name, got, ref, tol):
+    diff = (got - ref).abs()
+    print(f"{name}: max diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}")
+    assert got.shape == ref.shape and diff.max().item() <= tol
+
+
+@pytest.mark.parametrize("rows,n", [(1, 576), (5, 100), (64, 2048), (3, 7)])
+def test_cpu_add_rms_norm(rows, n):
+    g = torch.Generator().manual_seed(rows + n)
+    x, r = torch.randn(rows, n, generator=g), torch.randn(rows, n, generator=g)
+    w = 1 + 0.1 * torch.randn(n, generator=g)
+    s, out = _C.cpu_add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(s, x + r)
+    close("add_rms_norm", out, ref_rms_norm(x + r, w, 1e-5), 1e-5)
+    same, alone = _C.cpu_add_rms_norm(x, None, w, 1e-6)
+    assert same.data_ptr() == x.data_ptr()
+    close("rms_norm", alone, ref_rms_norm(x, w, 1e-6), 1e-5)
+
+
+@pytest.mark.parametrize("B,T,H,D", [(1, 1, 9, 64), (2, 17, 4, 128), (3, 5, 2, 6)])
+def test_cpu_rope(B, T, H, D):
+    g = torch.Generator().manual_seed(B * T * H * D)
+    x = torch.randn(B, T, H, D, generator=g)
+    pos = torch.arange(T).expand(B, T).float() + torch.arange(B)[:, None]
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.cat([pos[..., None] * inv, pos[..., None] * inv], -1)
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+    t = x.transpose(1, 2)
+    ref = t * cos + torch.cat([-t[..., D // 2:], t[..., :D // 2]], -1) * sin
+    close("rope", _C.cpu_rope(x, cos, sin).transpose(1, 2), ref, 1e-5)
+
+
+def test_cpu_silu_mul():
+    g = torch.Generator().manual_seed(0)
+    gate = torch.cat([torch.randn(4, 1537, generator=g) * 6, torch.tensor([[-100.0, 100.0, 0.0, -20.0] * 10 + [1.0] * 1497])])
+    up = torch.randn(5, 1537, generator=g)
+    ref = torch.nn.functional.silu(gate.double()) * up.double()
+    got = _C.cpu_silu_mul(gate, up)
+    rel = ((got.double() - ref).abs() / (ref.abs() + 1e-30))[ref.abs() > 1e-30]
+    print(f"silu_mul: max rel diff {rel.max().item():.3e}")
+    assert rel.max().item() < 1e-5
+    assert torch.isfinite(got).all()
+
+
+def test_cpu_fused_ops_reject_bad_input():
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        _C.cpu_add_rms_norm(torch.randn(2, 8), None, torch.ones(7), 1e-5)
+    with pytest.raises(ValueError, match="one shape"):
+        _C.cpu_silu_mul(torch.randn(2, 8), torch.randn(2, 7))
+    with pytest.raises(ValueError, match="even D"):
+        _C.cpu_rope(torch.randn(1, 1, 1, 3), torch.ones(1, 1, 1, 3), torch.ones(1, 1, 1, 3))
+    with pytest.raises(ValueError, match="cos/sin"):
+        _C.cpu_rope(torch.randn(1, 2, 1, 4), torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu/fused.h"
 #include "gpu_ops.h"
 
 namespace cf::ops {
@@ -30,18 +31,23 @@ bool gpu_kernels_enabled() {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (fused(x)) return gpu::add_rms_norm(x, std::nullopt, weight, eps).second;
+  if (cpu::fused_takes(x) && cpu::fused_takes(weight)) return cpu::add_rms_norm(x, std::nullopt, weight, eps).second;
   return rms_norm_ref(x, weight, eps);
 }
 
 std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                                                double eps) {
   if (fused(x)) return gpu::add_rms_norm(x, residual, weight, eps);
+  if (cpu::fused_takes(x) && cpu::fused_takes(residual) && cpu::fused_takes(weight))
+    return cpu::add_rms_norm(x, residual, weight, eps);
   at::Tensor sum = x + residual;
   return {sum, rms_norm_ref(sum, weight, eps)};
 }
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   if (fused(x)) return gpu::rope_bthd(x, cos, sin).transpose(1, 2);
+  if (cpu::fused_takes(x) && cpu::fused_takes(cos) && cpu::fused_takes(sin))
+    return cpu::rope_bthd(x, cos, sin).transpose(1, 2);
   at::Tensor t = x.transpose(1, 2);
   const int64_t half = t.size(-1) / 2;
   at::Tensor rotated = at::cat({-t.narrow(-1, half, half), t.narrow(-1, 0, half)}, -1);
@@ -50,6 +56,7 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   if (fused(gate)) return gpu::silu_mul(gate, up);
+  if (cpu::fused_takes(gate) && cpu::fused_takes(up) && gate.sizes() == up.sizes()) return cpu::silu_mul(gate, up);
   return at::silu(gate) * up;
 }
 

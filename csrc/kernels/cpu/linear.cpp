@@ -11,15 +11,8 @@
 
 namespace cf::cpu {
 namespace {
-
-using GemmF32 = void (*)(const float*, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t);
-using GemmBF16 = void (*)(const float*, int64_t, int64_t, const uint16_t*, const float*, float*, int64_t, int64_t,
-                          int64_t);
-struct Isa {
-  const char* name;
-  GemmF32 f32;
-  GemmBF16 bf16;
-};
+#define CF_ISA_TABLE(ns) \
+  { #ns, ns::gemm_f32, ns::gemm_bf16, ns::add_rms_norm_f32, ns::rope_f32, ns::silu_mul_f32 }
 
 bool supported(const std::string& name) {
   if (name == "base") return true;
@@ -35,10 +28,10 @@ bool supported(const std::string& name) {
 
 Isa isa_named(const std::string& name) {
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)
-  if (name == "avx512") return {"avx512", avx512::gemm_f32, avx512::gemm_bf16};
-  if (name == "avx2") return {"avx2", avx2::gemm_f32, avx2::gemm_bf16};
+  if (name == "avx512") return CF_ISA_TABLE(avx512);
+  if (name == "avx2") return CF_ISA_TABLE(avx2);
 #endif
-  return {"base", base::gemm_f32, base::gemm_bf16};
+  return CF_ISA_TABLE(base);
 }
 
 Isa best_isa() {
@@ -46,6 +39,8 @@ Isa best_isa() {
     if (supported(name)) return isa_named(name);
   return isa_named("base");
 }
+
+}  // namespace
 
 bool kernels_enabled() {
   static const bool enabled = [] {
@@ -59,6 +54,8 @@ const Isa& active() {
   static const Isa isa = best_isa();
   return isa;
 }
+
+namespace {
 
 bool takes(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   if (!x.device().is_cpu() || !w.device().is_cpu() || w.dim() != 2 || !w.is_contiguous() || x.dim() < 1) return false;
@@ -85,12 +82,12 @@ at::Tensor run(const Isa& isa, const at::Tensor& x, const at::Tensor& w, const a
   if (w.scalar_type() == at::kFloat) {
     const float* wp = w.data_ptr<float>();
     at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
-      isa.f32(xp, M, K, wp, bp, yp, N, lo * 4, std::min(hi * 4, N));
+      isa.gemm_f32(xp, M, K, wp, bp, yp, N, lo * 4, std::min(hi * 4, N));
     });
   } else {
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
     at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
-      isa.bf16(xp, M, K, wp, bp, yp, N, lo * 4, std::min(hi * 4, N));
+      isa.gemm_bf16(xp, M, K, wp, bp, yp, N, lo * 4, std::min(hi * 4, N));
     });
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

@@ -22,6 +22,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b 
 // not what it takes or the ISA is unavailable.
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                          const std::string& isa);
+// The kernels of one instruction set (see skinny_gemm.h).
+struct Isa {
+  const char* name;
+  void (*gemm_f32)(const float*, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t);
+  void (*gemm_bf16)(const float*, int64_t, int64_t, const uint16_t*, const float*, float*, int64_t, int64_t, int64_t);
+  void (*add_rms_norm_f32)(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t, float);
+  void (*rope_f32)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+  void (*silu_mul_f32)(const float*, const float*, float*, int64_t, int64_t);
+};
+// The best instruction set this CPU has (chosen once); false when CF_CPU_KERNELS=0.
+const Isa& active();
+bool kernels_enabled();
+
 // The instruction set linear() uses here, or "off" when CF_CPU_KERNELS=0 disables the kernels.
 std::string active_isa();
 

@@ -14,6 +14,12 @@
 
 namespace cf::cpu {
 
+// Also the elementwise ops of a block, fp32, fused (one pass each), over row ranges [r0, r1):
+// add_rms_norm_f32: sum = x + residual (residual may be null: then sum is unused and x is normed),
+//   out = weight * (sum * rsqrt(mean(sum^2) + eps)); rows of n.
+// rope_f32: x, out [rows = B*T*heads, D] rows of [B, T, heads, D]; cos/sin [B*T, D]; rotate-half.
+// silu_mul_f32: out = gate / (1 + exp(-gate)) * up over [i0, i1).
+//
 // y[m * ldy + n] = sum_k x[m * K + k] * w[n * K + k] (+ bias[n]) for m in [0, M), n in [n0, n1).
 // x and y are fp32; w is fp32 (gemm_f32) or bfloat16 bits (gemm_bf16); bias is fp32 or null.
 // Sums are fp32, in a fixed order for a given (M, K): results do not depend on threading.
@@ -21,7 +27,12 @@ namespace cf::cpu {
   void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, \
                 int64_t ldy, int64_t n0, int64_t n1);                                               \
   void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* y, \
-                 int64_t ldy, int64_t n0, int64_t n1);
+                 int64_t ldy, int64_t n0, int64_t n1);                                               \
+  void add_rms_norm_f32(const float* x, const float* residual, const float* weight, float* sum, float* out,       \
+                        int64_t r0, int64_t r1, int64_t n, float eps);                                        \
+  void rope_f32(const float* x, const float* cos, const float* sin, float* out, int64_t r0, int64_t r1,         \
+                int64_t heads, int64_t D);                                                                    \
+  void silu_mul_f32(const float* gate, const float* up, float* out, int64_t i0, int64_t i1);
 
 namespace base { CF_SKINNY_GEMM_DECLS }
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)

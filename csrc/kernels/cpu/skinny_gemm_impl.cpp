@@ -75,9 +75,16 @@ inline void tile(const float* x, int64_t K, const W* w, int nr, const float* bia
   const W* wr[NR];
   for (int j = 0; j < NR; ++j) wr[j] = w + (j < nr ? j : 0) * K;  // short tiles repeat row 0, unused
   const int64_t kv = K - K % L;
+  // The next tile's rows follow this tile's in memory; fetching them ahead keeps the loads of
+  // short rows (K of a few hundred) from waiting on memory at every tile start.
+  const char* ahead = reinterpret_cast<const char*>(w + NR * K);
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W));
   for (int64_t k = 0; k < kv; k += L) {
     vf wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = load(wr[j] + k);
+    for (int j = 0; j < NR; ++j) {
+      wv[j] = load(wr[j] + k);
+      __builtin_prefetch(ahead + j * row_bytes + k * static_cast<int64_t>(sizeof(W)));
+    }
     for (int i = 0; i < MR; ++i) {
       const vf xv = load(x + i * K + k);
       for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
@@ -117,7 +124,98 @@ void gemm(const float* x, int64_t M, int64_t K, const W* w, const float* bias, f
   }
 }
 
+// exp(x) for |x| < 88: x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-7 Taylor polynomial
+// (relative error < 2e-7 on that interval), times 2^n put into the exponent bits.
+inline vf vexp(vf x) {
+  typedef int32_t vi32 __attribute__((vector_size(L * 4)));
+  x = x < 88.0f ? x : 88.0f;
+  x = x > -87.0f ? x : -87.0f;
+  const vf t = x * 1.44269504088896341f;
+  const vf half = t < 0.0f ? vf{} - 0.5f : vf{} + 0.5f;
+  const vi32 n = __builtin_convertvector(t + half, vi32);  // round to nearest
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187045e-06f;
+  vf p = vf{} + (1.0f / 5040.0f);
+  p = p * r + (1.0f / 720.0f);
+  p = p * r + (1.0f / 120.0f);
+  p = p * r + (1.0f / 24.0f);
+  p = p * r + (1.0f / 6.0f);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi32 bits = (n + 127) << 23;
+  vf scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline void store(float* p, const vf& v) { __builtin_memcpy(p, &v, sizeof v); }
+
 }  // namespace
+
+void add_rms_norm_f32(const float* x, const float* residual, const float* weight, float* sum, float* out, int64_t r0,
+                      int64_t r1, int64_t n, float eps) {
+  const int64_t nv = n - n % L;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * n;
+    const float* src = xr;
+    if (residual != nullptr) {
+      const float* rr = residual + r * n;
+      float* sr = sum + r * n;
+      int64_t i = 0;
+      for (; i < nv; i += L) store(sr + i, load(xr + i) + load(rr + i));
+      for (; i < n; ++i) sr[i] = xr[i] + rr[i];
+      src = sr;
+    }
+    vf acc{};
+    int64_t i = 0;
+    for (; i < nv; i += L) {
+      const vf v = load(src + i);
+      acc += v * v;
+    }
+    float ss = hsum(acc);
+    for (; i < n; ++i) ss += src[i] * src[i];
+    const float inv = 1.0f / __builtin_sqrtf(ss / static_cast<float>(n) + eps);
+    float* o = out + r * n;
+    for (i = 0; i < nv; i += L) store(o + i, load(weight + i) * (load(src + i) * inv));
+    for (; i < n; ++i) o[i] = weight[i] * (src[i] * inv);
+  }
+}
+
+void rope_f32(const float* x, const float* cos, const float* sin, float* out, int64_t r0, int64_t r1, int64_t heads,
+              int64_t D) {
+  const int64_t half = D / 2, hv = half - half % L;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* v = x + r * D;
+    const float* c = cos + (r / heads) * D;
+    const float* s = sin + (r / heads) * D;
+    float* o = out + r * D;
+    int64_t d = 0;
+    for (; d < hv; d += L) {
+      const vf a = load(v + d), b = load(v + d + half);
+      store(o + d, a * load(c + d) - b * load(s + d));
+      store(o + d + half, b * load(c + d + half) + a * load(s + d + half));
+    }
+    for (; d < half; ++d) {
+      const float a = v[d], b = v[d + half];
+      o[d] = a * c[d] - b * s[d];
+      o[d + half] = b * c[d + half] + a * s[d + half];
+    }
+  }
+}
+
+void silu_mul_f32(const float* gate, const float* up, float* out, int64_t i0, int64_t i1) {
+  int64_t i = i0;
+  for (; i + L <= i1; i += L) {
+    const vf g = load(gate + i);
+    store(out + i, g / (1.0f + vexp(vf{} - g)) * load(up + i));
+  }
+  for (; i < i1; ++i) {
+    vf g{};
+    g[0] = gate[i];
+    out[i] = g[0] / (1.0f + vexp(vf{} - g)[0]) * up[i];
+  }
+}
 
 void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
               int64_t n0, int64_t n1) {

@@ -1,0 +1,77 @@
+// fused.cpp — see fused.h.
+#include "fused.h"
+
+#include <ATen/Parallel.h>
+
+#include "../../engine/error.h"
+#include "linear.h"
+
+namespace cf::cpu {
+namespace {
+
+at::Tensor f32c(const at::Tensor& t) { return t.contiguous(); }
+
+// Rows per task: enough elements that handing work to the second thread pays off.
+int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_elems, 1)); }
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  if (!fused_takes(b) || a.sizes() != b.sizes())
+    throw InputError(cat(what, ": tensors must be CPU float32 of one shape, got ", shape_str(a.sizes()), " and ",
+                         shape_str(b.sizes())));
+}
+
+}  // namespace
+
+bool fused_takes(const at::Tensor& x) {
+  return kernels_enabled() && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1 && x.numel() > 0;
+}
+
+std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                               const at::Tensor& weight, double eps) {
+  const int64_t n = x.size(-1);
+  if (!fused_takes(x) || !fused_takes(weight) || weight.dim() != 1 || weight.size(0) != n)
+    throw InputError(cat("add_rms_norm: CPU float32 x [..., ", n, "] and weight [", n, "] expected"));
+  at::Tensor xc = f32c(x), wc = f32c(weight), out = at::empty_like(xc), sum, rc;
+  if (residual) {
+    check_same(x, *residual, "add_rms_norm");
+    rc = f32c(*residual);
+    sum = at::empty_like(xc);
+  }
+  const float* xp = xc.data_ptr<float>();
+  const float* rp = rc.defined() ? rc.data_ptr<float>() : nullptr;
+  float* sp = sum.defined() ? sum.data_ptr<float>() : nullptr;
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Isa& isa = active();
+  at::parallel_for(0, xc.numel() / n, grain_rows(n), [&](int64_t r0, int64_t r1) {
+    isa.add_rms_norm_f32(xp, rp, wp, sp, op, r0, r1, n, static_cast<float>(eps));
+  });
+  return {sum.defined() ? sum : xc, out};
+}
+
+at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  if (!fused_takes(x) || x.dim() != 4 || x.size(3) % 2 != 0 || !fused_takes(cos) || !fused_takes(sin))
+    throw InputError(cat("rope: CPU float32 x [B, T, H, D] with even D expected, got ", shape_str(x.sizes())));
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
+  if (cos.numel() != B * T * D || sin.numel() != B * T * D)
+    throw InputError(cat("rope: cos/sin must hold [", B, ", 1, ", T, ", ", D, "]"));
+  at::Tensor xc = f32c(x), c = f32c(cos), s = f32c(sin), out = at::empty_like(xc);
+  const float *xp = xc.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Isa& isa = active();
+  at::parallel_for(0, B * T * H, grain_rows(D), [&](int64_t r0, int64_t r1) { isa.rope_f32(xp, cp, sp, op, r0, r1, H, D); });
+  return out;
+}
+
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  if (!fused_takes(gate)) throw InputError("silu_mul: CPU float32 tensors expected");
+  check_same(gate, up, "silu_mul");
+  at::Tensor g = f32c(gate), u = f32c(up), out = at::empty_like(g);
+  const float *gp = g.data_ptr<float>(), *upp = u.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Isa& isa = active();
+  at::parallel_for(0, g.numel(), 16384, [&](int64_t i0, int64_t i1) { isa.silu_mul_f32(gp, upp, op, i0, i1); });
+  return out;
+}
+
+}  // namespace cf::cpu
