@@ -7,7 +7,8 @@
 forward: prefill and decode tokens/s at batch 1 and 16, circuit-finder vs transformers with the same
 weights, layer path (the middle third repeated, RYS), batch, dtype and device; on the default model
 (SmolLM2-135M-Instruct, exported to a transformers folder) and a random Llama of TinyLlama-1.1B's
-shape. Decode = (time to generate k tokens - time to generate 1) / (k - 1) steps. Also the share
+shape. Decode = seconds per step between the first and the last generated token (timestamps taken
+as each token comes out, in both libraries), best of --repeat runs. Also the share
 of the memory roofline decode reaches at batch 1: weight bytes read per token / time per token,
 over the copy bandwidth measured here.
 
@@ -43,8 +44,19 @@ from helpers import build_hf_model, rebuilt  # noqa: E402
 # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
 RANDOM_SHAPES = {
     "tiny": (256, 688, 8, 8, 4, 4096),
+    "small": (576, 1536, 30, 9, 3, 49152),  # SmolLM2-135M's shape
     "1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B's shape
 }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:
@@ -113,18 +125,43 @@ def bench_forward(label, ours: cf.Model, hf, batch: int, prompt_len: int, new_to
                         generator=torch.Generator().manual_seed(batch)).to(device)
     k = new_tokens
 
-    def ours_gen(m):
-        return ours.generate(ids, layers=path, max_new_tokens=m, min_new_tokens=m)
+    def ours_gen(m, on_step=None):
+        return ours._generate_ids(ids, None, path, m, m, 0.0, 1.0, None, [], text_mode=False, on_step=on_step)
 
-    def ref_gen(m):
+    def ref_gen(m, processors=None):
         return ref.generate(ids, max_new_tokens=m, min_new_tokens=m, do_sample=False, pad_token_id=0,
-                            eos_token_id=None)[:, prompt_len:]
+                            eos_token_id=None, logits_processor=processors)[:, prompt_len:]
+
+    def step_time(run) -> float:
+        """Seconds per decode step: timestamps taken as each token comes out, first to last."""
+        best = float("inf")
+        for _ in range(repeat):
+            stamps: list[float] = []
+
+            def stamp(into=stamps):
+                sync(device)
+                into.append(time.perf_counter())
+
+            run(stamp)
+            best = min(best, (stamps[-1] - stamps[0]) / (len(stamps) - 1))
+        return best
+
+    class Stamp:  # a transformers logits processor: called once per generated token
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, input_ids, scores):
+            self.fn()
+            return scores
+
+    from transformers import LogitsProcessorList
 
     with torch.inference_mode():
         t_ours_prefill = best_time(lambda: ours.logits(ids, layers=path), device, repeat)
         t_ref_prefill = best_time(lambda: ref(ids).logits, device, repeat)
-        t_ours_step = (best_time(lambda: ours_gen(k), device, repeat) - best_time(lambda: ours_gen(1), device, repeat)) / (k - 1)
-        t_ref_step = (best_time(lambda: ref_gen(k), device, repeat) - best_time(lambda: ref_gen(1), device, repeat)) / (k - 1)
+        ours_gen(2)  # warm-up
+        t_ours_step = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn()))
+        t_ref_step = step_time(lambda fn: ref_gen(k, LogitsProcessorList([Stamp(fn)])))
         same = torch.equal(ours_gen(k), ref_gen(k))
     out = {
         "model": label, "params_M": round(sum(t.numel() for t in ours.tensors.values()) / 1e6, 1),
@@ -227,6 +264,7 @@ def main(argv=None) -> int:
                     f"{sorted(RANDOM_SHAPES)}")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--sweep-items", type=int, default=8, help="search items per probe in the sweep section")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -236,7 +274,7 @@ def main(argv=None) -> int:
     dtype = cf.model.resolve_dtype(args.dtype, torch.float32)
     if args.quick:
         args.models, args.batches, args.repeat = ["tiny"], [1, 2], 1
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{cpu_name()} ({platform.machine()}), "
             f"{torch.get_num_threads()} CPU threads" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
             "torch": torch.__version__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "cpu_kernels": cf._C.cpu_isa(), "quick": args.quick}
@@ -260,8 +298,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             _, ours, hf = default_pair(Path(tmp), device, dtype)
             probes = ["math"] if args.quick else ["math", "eq", "reasoning"]
-            res["sweep"] = bench_sweep(ours, hf, probes, block_size=4, stride=8 if args.quick else 4,
-                                       max_items=1 if args.quick else 4)
+            res["sweep"] = bench_sweep(ours, hf, probes, block_size=4, stride=8 if args.quick else 6,
+                                       max_items=1 if args.quick else args.sweep_items)
             print(json.dumps(res["sweep"]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

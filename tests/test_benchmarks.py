@@ -1,0 +1,35 @@
+"""benchmarks/run.py keeps working: its quick mode runs every section in seconds and writes the
+JSON and markdown a full run writes (figures are not asserted: speed is measured, not tested)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as bench
+    finally:
+        sys.path.pop(0)
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    files = sorted(tmp_path.iterdir())
+    assert [f.suffix for f in files] == [".json", ".md"]
+    res = json.loads(files[0].read_text())
+    assert {"date", "machine", "torch", "device", "dtype"} <= set(res["meta"])
+    assert len(res["forward"]) == 2
+    for f in res["forward"]:
+        assert f["same_greedy_tokens"]
+        assert f["prefill_tok_s"]["circuit_finder"] > 0 and f["decode_tok_s"]["transformers"] > 0
+    assert "decode_roofline" in res["forward"][0]
+    sweep = res["sweep"]
+    assert sweep["identical_scores"] and sweep["scores_compared"] == sweep["configs"]
+    md = files[1].read_text()
+    assert "| sweep |" in md and "decode tok/s" in md
