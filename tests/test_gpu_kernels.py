@@ -28,6 +28,12 @@ def find_nvcc() -> str | None:
     return candidates[-1] if candidates else None
 
 
+def tool(name: str) -> str | None:
+    """A build tool from this interpreter's environment (the venv's cmake/ninja), else PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
 def cuda_include(nvcc: str) -> str:
     real = Path(os.path.realpath(nvcc)).parent.parent
     for candidate in [real / "include", *map(Path, sorted(glob.glob("/usr/local/cuda*/include")))]:
@@ -62,6 +68,30 @@ def test_cuda_sources_compile(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     print(" ".join(cmd), r.stdout, r.stderr, sep="\n")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_nvcc() is None or tool("cmake") is None or tool("ninja") is None,
+                    reason="needs nvcc, cmake and ninja")
+def test_cuda_build_configures_compiles_and_links(tmp_path):
+    """The project's own CMake GPU path (what a CUDA torch gets), forced on with this CPU torch:
+    CUDA enabled, archs chosen, fused.cu and dispatch.cpp compiled, the module linked."""
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    env = {**os.environ, "PATH": f"{Path(find_nvcc()).parent}:{os.environ.get('PATH', '')}"}
+    build = tmp_path / "build"
+    configure = [tool("cmake"), "-S", str(ROOT), "-B", str(build), "-G", "Ninja", f"-DPython_EXECUTABLE={sys.executable}",
+                 "-DCF_TORCH_GPU=cuda", f"-DCMAKE_CXX_FLAGS=-I{tmp_path / 'stub'}", "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}"]
+    r = subprocess.run(configure, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run([tool("ninja"), "-C", str(build)], capture_output=True, text=True, env=env)
+    print(r.stdout[-2000:])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "fused.cu.o" in r.stdout and "dispatch.cpp.o" in r.stdout
+    module = next(build.glob("_C*.so"))
+    assert "cudaLaunchKernel" in subprocess.run(["nm", "-D", str(module)], capture_output=True, text=True).stdout
 
 
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and _C.gpu_kernels()),

@@ -4,7 +4,6 @@
 #if defined(CF_HIP)
 #include <ATen/hip/impl/HIPStreamMasqueradingAsCUDA.h>
 #else
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
