@@ -16,7 +16,8 @@ UBSAN_LIB=$(gcc -print-file-name=libubsan.so)
 TESTS=("$@")
 if [ ${#TESTS[@]} -eq 0 ]; then
   TESTS=(tests/test_safetensors.py tests/test_errors.py tests/test_layer_path.py tests/test_parity.py
-         tests/test_gguf.py tests/test_sweep.py tests/test_export.py tests/test_fuzz.py -m "not slow")
+         tests/test_gguf.py tests/test_sweep.py tests/test_export.py tests/test_fuzz.py tests/test_kernels.py
+         tests/test_static_decode.py -m "not slow")
 fi
 # make sure the instrumented build is the one Python loads
 LD_PRELOAD="$ASAN_LIB:$UBSAN_LIB" ASAN_OPTIONS=detect_leaks=0 "$VPY" -c "
