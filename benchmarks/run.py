@@ -115,12 +115,17 @@ def random_pair(shape: str, folder: Path, device, dtype):
 
 
 # ------------------------------------------------------------------------------------------ forward
-def bench_forward(label, ours: cf.Model, hf, batch: int, prompt_len: int, new_tokens: int, repeat: int,
+def bench_path(model: cf.Model) -> LayerPath:
+    """The path every forward figure is taken on: the middle third of the layers run twice (RYS)."""
+    n = model.num_layers
+    return LayerPath.duplicate(n, n // 3, 2 * n // 3)
+
+
+def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_tokens: int, repeat: int,
                   bandwidth: float | None) -> dict:
-    device, dtype = ours.device, ours.dtype
-    n = ours.num_layers
-    path = LayerPath.duplicate(n, n // 3, 2 * n // 3)
-    ref = rebuilt(hf, list(path)).to(device=device, dtype=dtype).eval()
+    """ref: the transformers model rebuilt along bench_path(ours), on ours' device and dtype."""
+    device = ours.device
+    path = bench_path(ours)
     ids = torch.randint(3, ours.config.vocab_size, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(batch)).to(device)
     k = new_tokens
@@ -286,14 +291,16 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 label, ours, hf = (default_pair(Path(tmp), device, dtype) if name == "default"
                                    else random_pair(name, Path(tmp), device, dtype))
+                ref = rebuilt(hf, list(bench_path(ours))).to(device=device, dtype=dtype).eval()
+                del hf  # the rebuilt copy is all the forward figures need
                 big = ours.config.hidden_size >= 2048 and device.type == "cpu"
                 for b in args.batches:
                     prompt = 8 if args.quick else (32 if big else 64)
                     new = 4 if args.quick else (8 if big else 16)
-                    r = bench_forward(label, ours, hf, b, prompt, new, args.repeat, bandwidth)
+                    r = bench_forward(label, ours, ref, b, prompt, new, args.repeat, bandwidth)
                     res["forward"].append(r)
                     print(json.dumps(r), flush=True)
-                del ours, hf
+                del ours, ref
     if "sweep" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:
             _, ours, hf = default_pair(Path(tmp), device, dtype)

@@ -46,6 +46,15 @@ def cuda_include(nvcc: str) -> str:
     pytest.fail(f"no cuda_runtime.h next to {nvcc}")
 
 
+def cuda_macros_stub(tmp_path) -> Path:
+    """An include folder with the one header CPU torch wheels lack for compiling against c10/cuda:
+    the CMake-generated c10/cuda/impl/cuda_cmake_macros.h."""
+    folder = tmp_path / "stub"
+    (folder / "c10" / "cuda" / "impl").mkdir(parents=True)
+    (folder / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    return folder
+
+
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
 def test_cuda_sources_compile(tmp_path):
     nvcc = find_nvcc()
@@ -57,12 +66,10 @@ def test_cuda_sources_compile(tmp_path):
     assert (tmp_path / "fused.o").stat().st_size > 0
     # The ATen side (dispatch.cpp) against torch's CUDA headers, as a CUDA build compiles it. CPU
     # wheels lack only the generated cuda_cmake_macros.h; a stand-in supplies it.
-    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
-    stub.mkdir(parents=True)
-    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    stub = cuda_macros_stub(tmp_path)
     torch_inc = Path(torch.__file__).parent / "include"
     cxx = shutil.which("c++") or shutil.which("g++")
-    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-w", "-DCF_WITH_CUDA", f"-I{ROOT / 'csrc'}", f"-I{tmp_path / 'stub'}",
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-w", "-DCF_WITH_CUDA", f"-I{ROOT / 'csrc'}", f"-I{stub}",
            f"-I{torch_inc}", f"-I{torch_inc / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{cuda_include(nvcc)}",
            f"-I{sys.base_prefix}/include", str(CUDA_DIR / "dispatch.cpp")]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -76,13 +83,11 @@ def test_cuda_sources_compile(tmp_path):
 def test_cuda_build_configures_compiles_and_links(tmp_path):
     """The project's own CMake GPU path (what a CUDA torch gets), forced on with this CPU torch:
     CUDA enabled, archs chosen, fused.cu and dispatch.cpp compiled, the module linked."""
-    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
-    stub.mkdir(parents=True)
-    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    stub = cuda_macros_stub(tmp_path)
     env = {**os.environ, "PATH": f"{Path(find_nvcc()).parent}:{os.environ.get('PATH', '')}"}
     build = tmp_path / "build"
     configure = [tool("cmake"), "-S", str(ROOT), "-B", str(build), "-G", "Ninja", f"-DPython_EXECUTABLE={sys.executable}",
-                 "-DCF_TORCH_GPU=cuda", f"-DCMAKE_CXX_FLAGS=-I{tmp_path / 'stub'}", "-DCMAKE_BUILD_TYPE=Release",
+                 "-DCF_TORCH_GPU=cuda", f"-DCMAKE_CXX_FLAGS=-I{stub}", "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}"]
     r = subprocess.run(configure, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -87,7 +87,7 @@ def test_decode_step_rejects_bad_input(model_dir):
         engine.decode_step(torch.zeros(2, 2, dtype=torch.long), pos, torch.ones(2, 8, dtype=torch.bool), idx, layers,
                            cache)
     cache.advance(8)
-    with pytest.raises(ValueError, match="full"):
+    with pytest.raises(ValueError, match="holds 8 positions; this call needs 9"):
         engine.decode_step(tok, pos, torch.ones(2, 8, dtype=torch.bool), idx, layers, cache)
 
 

@@ -241,17 +241,13 @@ at::Tensor Engine::decode_step(const at::Tensor& token, const at::Tensor& positi
   if (token.size(1) != 1 || positions.sizes() != token.sizes())
     throw InputError(cat("decode_step takes token and positions [batch, 1], got ", shape_str(token.sizes()), " and ",
                          shape_str(positions.sizes())));
-  if (cache.num_slots() != static_cast<int64_t>(path.size()) || cache.batch() != B)
-    throw InputError(cat("the KV cache holds ", cache.num_slots(), " slots of batch ", cache.batch(), "; the step needs ",
-                         path.size(), " of batch ", B));
+  check_cache(&cache, path, B, 1);
   if (key_mask.scalar_type() != at::kBool || key_mask.device() != w_.device || key_mask.dim() != 2 ||
       key_mask.size(0) != B || key_mask.size(1) != C)
     throw InputError(cat("decode_step's key_mask must be bool [", B, ", ", C, "] on ", w_.device.str(), ", got ",
                          c10::toString(key_mask.scalar_type()), " ", shape_str(key_mask.sizes())));
   if (index.scalar_type() != at::kLong || index.device() != w_.device || index.numel() != 1 || index.dim() != 1)
     throw InputError("decode_step's index must be a 1-element int64 tensor on the model's device");
-  if (cache.length() >= C)
-    throw InputError(cat("the KV cache is full (", C, " positions)"));
   at::Tensor x = at::embedding(w_.embed, token);
   auto [cos, sin] = rope_tables(positions);
   key_mask.index_fill_(1, index, true);

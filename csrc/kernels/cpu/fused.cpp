@@ -9,8 +9,6 @@
 namespace cf::cpu {
 namespace {
 
-at::Tensor f32c(const at::Tensor& t) { return t.contiguous(); }
-
 // Rows per task: enough elements that handing work to the second thread pays off.
 int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_elems, 1)); }
 
@@ -31,10 +29,10 @@ std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::o
   const int64_t n = x.size(-1);
   if (!fused_takes(x) || !fused_takes(weight) || weight.dim() != 1 || weight.size(0) != n)
     throw InputError(cat("add_rms_norm: CPU float32 x [..., ", n, "] and weight [", n, "] expected"));
-  at::Tensor xc = f32c(x), wc = f32c(weight), out = at::empty_like(xc), sum, rc;
+  at::Tensor xc = x.contiguous(), wc = weight.contiguous(), out = at::empty_like(xc), sum, rc;
   if (residual) {
     check_same(x, *residual, "add_rms_norm");
-    rc = f32c(*residual);
+    rc = residual->contiguous();
     sum = at::empty_like(xc);
   }
   const float* xp = xc.data_ptr<float>();
@@ -55,7 +53,7 @@ at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
   if (cos.numel() != B * T * D || sin.numel() != B * T * D)
     throw InputError(cat("rope: cos/sin must hold [", B, ", 1, ", T, ", ", D, "]"));
-  at::Tensor xc = f32c(x), c = f32c(cos), s = f32c(sin), out = at::empty_like(xc);
+  at::Tensor xc = x.contiguous(), c = cos.contiguous(), s = sin.contiguous(), out = at::empty_like(xc);
   const float *xp = xc.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const Isa& isa = active();
@@ -66,7 +64,7 @@ at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   if (!fused_takes(gate)) throw InputError("silu_mul: CPU float32 tensors expected");
   check_same(gate, up, "silu_mul");
-  at::Tensor g = f32c(gate), u = f32c(up), out = at::empty_like(g);
+  at::Tensor g = gate.contiguous(), u = up.contiguous(), out = at::empty_like(g);
   const float *gp = g.data_ptr<float>(), *upp = u.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const Isa& isa = active();

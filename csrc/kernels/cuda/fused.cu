@@ -54,7 +54,7 @@ __global__ void add_rms_norm_kernel(const T* __restrict__ x, const T* __restrict
 }
 
 template <typename T>
-__global__ void rope_kernel(T* __restrict__ x, const T* __restrict__ cos, const T* __restrict__ sin, int64_t T_, int64_t H,
+__global__ void rope_kernel(T* __restrict__ x, const T* __restrict__ cos, const T* __restrict__ sin, int64_t H,
                             int64_t D) {
   // grid: (B * T * H); threads over the first half of D, each rotating the pair (d, d + D/2).
   const int64_t bth = blockIdx.x;
@@ -68,7 +68,6 @@ __global__ void rope_kernel(T* __restrict__ x, const T* __restrict__ cos, const 
     v[d] = from_f<T>(a * to_f(c[d]) - b * to_f(s[d]));
     v[d + half] = from_f<T>(b * to_f(c[d + half]) + a * to_f(s[d + half]));
   }
-  (void)T_;
 }
 
 template <typename T>
@@ -102,7 +101,7 @@ const char* rope_t(void* x, const void* cos, const void* sin, int64_t B, int64_t
   if (B * T_ * H == 0) return nullptr;
   const int threads = static_cast<int>(D / 2 < 128 ? (D / 2 > 0 ? D / 2 : 1) : 128);
   rope_kernel<T><<<static_cast<unsigned>(B * T_ * H), threads, 0, stream>>>(
-      static_cast<T*>(x), static_cast<const T*>(cos), static_cast<const T*>(sin), T_, H, D);
+      static_cast<T*>(x), static_cast<const T*>(cos), static_cast<const T*>(sin), H, D);
   return launched();
 }
 
