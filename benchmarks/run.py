@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import circuit_finder as cf  # noqa: E402
 from circuit_finder import LayerPath  # noqa: E402
+from circuit_finder.generation import Sampling, generate_ids  # noqa: E402
+from circuit_finder.loading import resolve_dtype  # noqa: E402
 from circuit_finder.sweep import SweepConfig, make_configs, resolve_probes  # noqa: E402
 from helpers import build_hf_model, rebuilt  # noqa: E402
 
@@ -131,7 +133,7 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
     k = new_tokens
 
     def ours_gen(m, on_step=None):
-        return ours._generate_ids(ids, None, path, m, m, 0.0, 1.0, None, [], text_mode=False, on_step=on_step)
+        return generate_ids(ours, ids, None, path, Sampling(m, m), on_step=on_step)
 
     def ref_gen(m, processors=None):
         return ref.generate(ids, max_new_tokens=m, min_new_tokens=m, do_sample=False, pad_token_id=0,
@@ -187,18 +189,18 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
 # -------------------------------------------------------------------------------------------- sweep
 def naive_sweep(model: cf.Model, hf, probes, configs, max_items: int) -> dict:
     """Per config: a transformers model with the path's layers (deep copies), generate() per prompt."""
-    eos, pad = model._eos_ids(), model._pad_id()
+    eos, pad = model.codec.eos_ids, model.codec.pad_id
     out = {}
     for c in configs:
         m = rebuilt(hf, list(c.layers)).to(device=model.device, dtype=model.dtype).eval()
         scores = {}
         for p in probes:
             for it in p.items("search")[:max_items]:
-                ids = torch.tensor([model._encode_prompts([it.prompt], chat=True)[0]], device=model.device)
+                ids = torch.tensor([model.codec.encode_prompt(it.prompt, chat=True)], device=model.device)
                 with torch.inference_mode():
                     g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_new_tokens,
                                    do_sample=False, eos_token_id=eos, pad_token_id=pad)
-                text = model._finish_text(g[0, ids.shape[1]:].tolist(), [])
+                text = model.codec.finish(g[0, ids.shape[1]:].tolist()).text
                 scores.setdefault(p.name, {})[it.id] = float(p.score(it, text))
         out[c.key] = scores
         del m
@@ -276,7 +278,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = cf.model.resolve_dtype(args.dtype, torch.float32)
+    dtype = resolve_dtype(args.dtype, torch.float32)
     if args.quick:
         args.models, args.batches, args.repeat = ["tiny"], [1, 2], 1
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{cpu_name()} ({platform.machine()}), "

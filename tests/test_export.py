@@ -1,6 +1,7 @@
 """Export of layer paths: Hugging Face folders (loaded by transformers), GGUF (read back with the
 gguf reader, loaded again by circuit-finder, by llama.cpp when installed), mergekit YAML; clear
-errors and no partial files."""
+errors, no partial files, ordinary permissions, and --overwrite replacing only our own exports.
+The `circuit-finder export` command is tested in test_cli.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from circuit_finder.export import _remap_config
+from circuit_finder.export import export_mergekit, mergekit_source, remap_config
 from helpers import write_gguf
 
 PATH = LayerPath.parse("0..3,1..3,4,5")  # RYS (1, 4) on 6 layers: 9 slots
@@ -63,7 +64,7 @@ def test_hf_export_from_loaded_model_and_dtype(model_dir, tmp_path):
 def test_remap_config_lists():
     config = {"num_hidden_layers": 4, "layer_types": ["a", "b", "c", "d"], "architectures": ["X"],
               "no_rope_layers": [1, 0, 1, 0], "eos_token_id": [1, 2, 3, 4]}
-    out = _remap_config(config, LayerPath.parse("0..2,1,2,3"), 4, None)
+    out = remap_config(config, LayerPath.parse("0..2,1,2,3"))
     assert out["num_hidden_layers"] == 6 and out["layer_types"] == ["a", "b", "c", "b", "c", "d"]
     assert out["no_rope_layers"] == [1, 0, 1, 0, 1, 0] and out["eos_token_id"] == [1, 2, 3, 4]
     assert config["layer_types"] == ["a", "b", "c", "d"]  # the source is untouched
@@ -172,31 +173,114 @@ def test_mergekit_config():
     assert rebuilt == [0, 1, 2, 1, 5, 4]
     with pytest.raises(cf.LayerPathError):
         cf.mergekit_config("0..30", num_layers=30)
+    doc = yaml.safe_load(cf.mergekit_config("rys=2:4", num_layers=6, dtype="bf16"))
+    assert [s["sources"][0]["layer_range"] for s in doc["slices"]] == [[0, 4], [2, 6]]
+    assert doc["dtype"] == "bfloat16"
+    with pytest.raises(cf.LayerPathError, match="num_layers"):
+        cf.mergekit_config("rys=2:4")
+    with pytest.raises(ValueError, match="not supported"):
+        cf.mergekit_config("0..3", dtype="int8")
 
 
-def test_cli_export(model_dir, tmp_path, capsys):
-    from circuit_finder.cli import main
+def test_export_mergekit(model_dir, tmp_path, monkeypatch):
+    import yaml
 
+    folder, hf = model_dir("llama")
+    dst = tmp_path / "rys.yaml"
+    export_mergekit(folder, dst, "rys=1:4")
+    doc = yaml.safe_load(dst.read_text())
+    assert doc["slices"][0]["sources"][0]["model"] == str(folder)
+    assert [s["sources"][0]["layer_range"] for s in doc["slices"]] == [[0, 4], [1, 6]]
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_mergekit(folder, dst, "0..5")
+    export_mergekit(folder, dst, "0..5", overwrite=True)
+    assert "layer path 0..5" in dst.read_text()
+    with pytest.raises(cf.LayerPathError, match="out of range"):
+        export_mergekit(folder, tmp_path / "past.yaml", "0..5,4..9")
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        export_mergekit(tmp_path / "missing-model", tmp_path / "m.yaml", "0..5")
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        export_mergekit(tmp_path, tmp_path / "m.yaml", "0..5")
+    src = tmp_path / "src.gguf"
+    write_gguf(hf, src)
+    with pytest.raises(ValueError, match="not GGUF files"):
+        export_mergekit(src, tmp_path / "g.yaml", "0..5")
+    assert mergekit_source(src, model="org/base") == ("org/base", 6)
+    # a hub id that is no local path: written as is, checked only against a given layer count
+    monkeypatch.chdir(tmp_path)
+    assert mergekit_source("org/model") == ("org/model", None)
+    assert mergekit_source("org/model", num_layers=30) == ("org/model", 30)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        mergekit_source("models/llama")  # models/ is a local folder: a missing local path, not a hub id
+    with pytest.raises(ValueError, match="disagrees"):
+        mergekit_source(folder, num_layers=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "rys.yaml", "src.gguf"]
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exports_follow_the_umask(model_dir, tmp_path, umask):
     folder, hf = model_dir("llama")
     src = tmp_path / "src.gguf"
     write_gguf(hf, src)
-    assert main(["export", "--model", str(folder), "--layers", "0..3+1..5", "--format", "hf",
-                 "--out", str(tmp_path / "hf")]) == 0
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 9
-    assert main(["export", "--model", str(src), "--layers", "0..3,1..5", "--format", "gguf",
-                 "--out", str(tmp_path / "o.gguf")]) == 0
-    assert cf.load(tmp_path / "o.gguf").num_layers == 9
-    assert main(["export", "--model", str(src), "--layers", "0..3,1..5", "--format", "hf",
-                 "--out", str(tmp_path / "from-gguf")]) == 0
-    assert main(["export", "--model", str(folder), "--layers", "0..3,1..5", "--format", "mergekit",
-                 "--out", "-"]) == 0
-    assert "merge_method: passthrough" in capsys.readouterr().out
-    assert main(["export", "--model", str(folder), "--layers", "0..3,1..5", "--format", "gguf",
-                 "--out", str(tmp_path / "x.gguf")]) == 2
-    assert "needs a .gguf source" in capsys.readouterr().err
-    assert main(["export", "--model", str(src), "--layers", "0..7", "--format", "gguf",
-                 "--out", str(tmp_path / "y.gguf")]) == 2
-    assert not (tmp_path / "y.gguf").exists()
+    old = os.umask(umask)
+    try:
+        gguf_out = cf.export_gguf(src, tmp_path / "out.gguf", PATH)
+        hf_out = cf.export_hf(folder, tmp_path / "hf", PATH)
+        yaml_out = export_mergekit(folder, tmp_path / "out.yaml", PATH)
+    finally:
+        os.umask(old)
+    assert _mode(gguf_out) == _mode(yaml_out) == 0o666 & ~umask
+    assert _mode(hf_out) == 0o777 & ~umask
+    assert {_mode(f) for f in hf_out.iterdir()} == {0o666 & ~umask}
+
+
+def test_overwrite_replaces_only_our_exports(model_dir, tmp_path):
+    folder, hf = model_dir("llama")
+    dst = cf.export_hf(folder, tmp_path / "hf", PATH)
+    cf.export_hf(folder, dst, "0..5", overwrite=True)  # an export of ours: replaced
+    assert json.loads((dst / "config.json").read_text())["num_hidden_layers"] == 6
+    (dst / "notes.txt").write_text("mine")
+    (dst / "runs").mkdir()
+    with pytest.raises(FileExistsError, match=r"notes\.txt, runs/"):
+        cf.export_hf(folder, dst, PATH, overwrite=True)
+    assert (dst / "notes.txt").read_text() == "mine" and (dst / "model.safetensors").exists()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "results.csv").write_text("1,2")
+    with pytest.raises(FileExistsError, match="does not look like a model folder"):
+        cf.export_hf(folder, tmp_path / "data", PATH, overwrite=True)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        cf.export_hf(folder, tmp_path / "a-file", PATH, overwrite=True)
+    (tmp_path / "empty").mkdir()
+    cf.export_hf(folder, tmp_path / "empty", PATH, overwrite=True)
+    assert (tmp_path / "empty" / "config.json").exists()
+    with pytest.raises(ValueError, match="is the source model"):
+        cf.export_hf(folder, folder, PATH, overwrite=True)
+    src = tmp_path / "src.gguf"
+    write_gguf(hf, src)
+    with pytest.raises(ValueError, match="is the source model"):
+        cf.export_gguf(src, src, PATH, overwrite=True)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        cf.export_gguf(src, tmp_path / "empty", PATH, overwrite=True)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_hf_export_from_gguf_file(model_dir, tmp_path):
+    _, hf = model_dir("llama")
+    src = tmp_path / "src.gguf"
+    write_gguf(hf, src)
+    dst = cf.export_hf(src, tmp_path / "from-gguf", "rys=1:4")
+    a, b = cf.load(src), cf.load(dst)
+    assert b.num_layers == 9
+    x = ids()
+    diff = (a.logits(x, layers="rys=1:4") - b.logits(x)).abs().max()
+    print(f"HF export of a GGUF vs the GGUF along the path: max abs diff {diff:.3e}")
+    assert diff == 0
 
 
 @pytest.mark.slow

@@ -103,3 +103,18 @@ def test_cli_eval(chat_model_dir, task_dir, tmp_path, capsys):
     data = json.loads(files[0].read_text())
     assert "acc,none" in data["results"]["cf_mc"]
     assert data["config"]["model_args"]["layers"] == "0..3+1..5"
+
+
+def test_device_falls_back_to_cpu(chat_model_dir):
+    """lm-eval's CLI passes device="cuda" by default; on a machine without CUDA the adapter warns and
+    runs on the CPU, as lm-eval's own hf model does."""
+    import torch
+
+    from circuit_finder.lm_eval import CircuitFinderLM
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nothing to fall back from")
+    with pytest.warns(UserWarning, match="not available here; running on cpu"):
+        lm = CircuitFinderLM.create_from_arg_string(f"pretrained={chat_model_dir},layers=rys=1:3",
+                                                    {"device": "cuda", "batch_size": 2})
+    assert str(lm.device) == "cpu" and str(lm.path) == "0..2,1..5"

@@ -14,14 +14,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from circuit_finder.server import create_app  # noqa: E402
+from circuit_finder.generation import Sampling  # noqa: E402
+from circuit_finder.server import Job, create_app  # noqa: E402
 
 PROMPTS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three."]
 
@@ -201,7 +204,7 @@ def _hostile_bodies(rng):
             body = dict(good, messages=[{"role": "user", "content": "word " * rng.randint(600, 3000)}])
             out.append(("chat", json.dumps(body)))
         elif kind == 3:  # completions with bad prompt fields
-            body = {"prompt": rng.choice([5, [1, 2], None, [], ["a"] * 40, {"x": 1}]), "max_tokens": 3}
+            body = {"prompt": rng.choice([5, [1, -2], [[5, 10**9]], [1.5], None, [], ["a"] * 40, {"x": 1}]), "max_tokens": 3}
             out.append(("completions", json.dumps(body)))
         else:
             field = rng.choice(sorted(bad_values))
@@ -253,3 +256,97 @@ def test_size_and_concurrency_limits(chat_model):
             codes = list(pool.map(one, range(8)))
         assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_completions_logprobs_and_echo_match_transformers(server, chat_model, chat_model_dir):
+    """echo + logprobs follow OpenAI's completions semantics; the numbers are transformers' own."""
+    from transformers import AutoModelForCausalLM
+
+    url, _ = server
+    ref = AutoModelForCausalLM.from_pretrained(str(chat_model_dir), dtype=torch.float32).eval()
+    prompt = "The quick brown fox jumps over"
+    ids = chat_model.tokenizer(prompt)["input_ids"]
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={"prompt": prompt, "max_tokens": 1, "temperature": 0,
+                                                              "logprobs": 2, "echo": True}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with torch.inference_mode():
+        seq = torch.tensor([ids + [_last_id(chat_model, ids)]])
+        want = torch.log_softmax(ref(seq).logits[0].double(), -1)
+    expected = [float(want[q - 1, seq[0, q]]) for q in range(1, seq.shape[1])]
+    diff = np.abs(np.array(lp["token_logprobs"][1:]) - np.array(expected))
+    print(f"server logprobs vs transformers: max {diff.max():.3g}, mean {diff.mean():.3g}")
+    assert diff.max() < 1e-4
+    for q, top in enumerate(lp["top_logprobs"][1:], 1):
+        assert len(top) <= 2 and abs(max(top.values()) - float(want[q - 1].max())) < 1e-4
+    assert r["choices"][0]["text"].startswith(prompt)
+    plain = httpx.post(f"{url}/v1/completions", timeout=60, json={"prompt": ids, "max_tokens": 4, "temperature": 0,
+                                                                  "logprobs": 0}).json()["choices"][0]
+    assert plain["text"] == chat_model.generate(prompt, max_new_tokens=4)[0]
+    assert len(plain["logprobs"]["token_logprobs"]) == len(plain["logprobs"]["tokens"]) <= 4
+    assert plain["logprobs"]["top_logprobs"] is None
+    only = httpx.post(f"{url}/v1/completions", timeout=60, json={"prompt": prompt, "max_tokens": 0, "echo": True,
+                                                                 "logprobs": 0}).json()["choices"][0]
+    assert only["text"] == prompt and len(only["logprobs"]["tokens"]) == len(ids)
+
+
+def _last_id(model, ids):
+    """The greedy next token after ids (what max_tokens=1 at temperature 0 appends)."""
+    return int(model.logits(torch.tensor([ids]))[0, -1].argmax())
+
+
+def test_lm_eval_local_completions_loglikelihood(server, chat_model, chat_model_dir, tmp_path):
+    """lm-eval's local-completions model runs a multiple-choice task through the server, with the
+    same per-choice log-likelihoods as the in-process adapter."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    import circuit_finder.lm_eval  # noqa: F401  (registers circuit-finder)
+
+    url, _ = server
+    tasks_dir = Path(__file__).resolve().parent / "lm_eval_tasks"
+    for f in tasks_dir.iterdir():
+        if f.suffix == ".yaml":
+            (tmp_path / f.name).write_text(f.read_text().replace("__DATA__", str(tasks_dir)))
+        else:
+            shutil.copy(f, tmp_path / f.name)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    manager = TaskManager(include_path=str(tmp_path))
+    via_server = lm_eval.simple_evaluate(
+        model="local-completions", task_manager=manager, tasks=["cf_mc"], log_samples=True,
+        model_args=f"base_url={url}/v1/completions,model=tiny,tokenizer_backend=huggingface,"
+                   f"tokenizer={chat_model_dir},max_retries=1")
+    local = lm_eval.simple_evaluate(model=circuit_finder.lm_eval.CircuitFinderLM(model=chat_model), tasks=["cf_mc"],
+                                    task_manager=manager, log_samples=True)
+    a = [float(r[0][0]) for s in via_server["samples"]["cf_mc"] for r in s["resps"]]
+    b = [float(r[0][0]) for s in local["samples"]["cf_mc"] for r in s["resps"]]
+    diff = np.abs(np.array(a, dtype=float) - np.array(b, dtype=float))
+    print(f"local-completions vs adapter log-likelihoods: max {diff.max():.3g}, mean {diff.mean():.3g}")
+    assert len(a) == len(b) > 0 and diff.max() < 1e-3
+    assert via_server["results"]["cf_mc"]["acc,none"] == local["results"]["cf_mc"]["acc,none"]
+
+
+def test_streaming_counts_against_pending_limit(chat_model):
+    """With max_pending=1, an open stream holds the only slot: other requests get 429 until it ends."""
+    gate = threading.Event()
+    app = create_app(chat_model, max_pending=1, batch_window_ms=0)
+    ids = chat_model.tokenizer("hold the worker")["input_ids"]
+    # a job whose per-token callback waits: the worker is busy until the gate opens
+    app.state.worker.submit(Job(ids, chat_model.path(), Sampling(2), stream=lambda tokens, done: gate.wait(30)))
+    with running(app) as url:
+        body = {"messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 8, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            busy = [httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code,
+                    httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code]
+            assert httpx.get(f"{url}/health").json()["pending"] == 1
+            gate.set()
+            assert busy == [429, 429], busy
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+        deadline = time.time() + 10
+        while httpx.get(f"{url}/health").json()["pending"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200

@@ -55,7 +55,7 @@ def test_static_decode_logits_match(model_dir):
     engine, layers = model.engine, list(PATH)
     B, T = ids.shape
     cache = engine.new_cache(len(layers), B, T + 6)
-    pos = cf.model.positions_from_mask(mask)
+    pos = cf.generation.positions_from_mask(mask)
     engine.forward(ids, pos, mask, layers, cache, True)
     key_mask = torch.zeros(B, T + 6, dtype=torch.bool)
     key_mask[:, :T] = mask != 0

@@ -18,8 +18,15 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder.probes import Item, ItemProbe, get_probe
-from circuit_finder.results import SweepResult, read_records
-from circuit_finder.sweep import SweepConfig, _ProbeBatch, make_configs, refine_configs, rys_params
+from circuit_finder.results import read_records
+from circuit_finder.sweep import (
+    ProbeBatch,
+    SweepConfig,
+    SweepResult,
+    make_configs,
+    refine_configs,
+    rys_params,
+)
 
 PROBES = ("math", "eq", "reasoning")
 
@@ -157,15 +164,22 @@ def test_likelihood_equals_plain_log_probs(chat_model):
     probe = get_probe("eq")
     items = probe.items()[:3]
     path = cf.LayerPath.duplicate(6, 1, 4)
-    batch = _ProbeBatch(m, probe, items, "likelihood", chat=True)
+    batch = ProbeBatch(m, probe, items, "likelihood", chat=True)
     with torch.inference_mode():
         got = batch.run(SweepConfig.of(path, 6), 6, reuse=True)["margins"]
-    contexts = m._encode_prompts([it.prompt for it in items], chat=True)
+    tok = m.tokenizer
     diffs = []
-    for it, ctx in zip(items, contexts):
+    for it in items:
+        # lm-eval's rule, by hand: trailing whitespace moves to the continuation, the whole text is
+        # encoded and split after the context's own tokens; scored by a plain full forward per choice.
+        text = tok.apply_chat_template([{"role": "user", "content": it.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ctx_text = text.rstrip()
+        ctx = tok(ctx_text, add_special_tokens=False)["input_ids"]
         lps = []
         for choice in it.choices:
-            cont = m.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            whole = tok(text + choice, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx):]
             logp = torch.log_softmax(m.logits(torch.tensor([ctx + cont]), layers=path).double(), -1)[0]
             lps.append(sum(float(logp[len(ctx) - 1 + q, t]) for q, t in enumerate(cont)))
         right = it.choices.index(it.answer)

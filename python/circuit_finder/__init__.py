@@ -4,18 +4,24 @@ reordered — in one process, with no weight copied and no training.
     import circuit_finder as cf
     model = cf.load("path/to/hf-folder")
     model.generate("What is 17 * 23?", layers="0..9,7..9,10..29")
+
+Where things live (docs/structure.md has the full map): loading (files -> Model), model (Model:
+logits / generate / score), generation (encode, pad, decode loop, finish rows), likelihood (the
+one continuation log-likelihood), sweep/ (configs, runner, SweepResult), results (store and
+statistics), export, lm_eval, server, cli.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from .config import ConfigError, ModelConfig
-from .export import export_gguf, export_hf, mergekit_config
+from .export import export_gguf, export_hf, export_mergekit, mergekit_config
+from .generation import Sampling, TextCodec
 from .gguf import GGUFError
 from .layer_path import LayerPath, LayerPathError
-from .model import Model, default_model_path, load, load_from_tensors
-from .results import SweepResult
-from .sweep import sweep
+from .loading import default_model_path, load, load_from_tensors
+from .model import Model
+from .sweep import SweepResult, sweep
 
 FormatError = _C.FormatError
 WeightError = _C.WeightError
@@ -33,11 +39,14 @@ __all__ = [
     "LayerPathError",
     "Model",
     "ModelConfig",
+    "Sampling",
     "SweepResult",
+    "TextCodec",
     "WeightError",
     "default_model_path",
     "export_gguf",
     "export_hf",
+    "export_mergekit",
     "load",
     "load_from_tensors",
     "load_safetensors",

@@ -5,31 +5,112 @@
     circuit-finder export --model SRC --layers PATH --format gguf|hf|mergekit --out DST
     circuit-finder eval [--model PATH] [--layers PATH] --tasks TASKS [any lm-eval option]
     circuit-finder serve [--model PATH] [--layers PATH] [--host 127.0.0.1] [--port 8000]
+
+Every command checks its arguments (the model path, layer paths against the model's layer count read
+from its metadata, probes, output locations, options that do not apply) before loading a model.
+Errors are one line, `circuit-finder: error: ...`, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import re
 import sys
 import time
+from pathlib import Path
+
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded default model was converted from
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
-                   help="HF model folder, .gguf file, or 'default' (SmolLM2-135M-Instruct, embedded)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+# ------------------------------------------------------------------------- argument checks
+def _model_file(model: str) -> str:
+    if model == "default":
+        from .loading import default_model_path
+
+        return default_model_path()
+    return model
 
 
+def _model_layers(model: str) -> int:
+    """Layer count of --model from its metadata; FileNotFoundError when it is not a local model."""
+    from .export import source_num_layers
+
+    return source_num_layers(_model_file(model))
+
+
+def _is_rys(text: str) -> bool:
+    return text.strip().lower().startswith("rys")
+
+
+def _check_layers(texts, num_layers: int, flag: str = "--layers") -> list:
+    """Each layer path text, parsed and checked against the model (rys=i:j resolved)."""
+    from .layer_path import LayerPath
+
+    paths = []
+    for text in texts or ():
+        try:
+            paths.append(LayerPath.coerce(text, num_layers))
+        except ValueError as e:
+            raise ValueError(f"{flag} {text!r}: {e}") from e
+    return paths
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from e
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_dtype(dtype: str | None) -> None:
+    if dtype is not None:
+        from .loading import resolve_dtype
+
+        resolve_dtype(dtype, None)
+
+
+def _check_output_file(path: str, flag: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; it needs a file name")
+    if not p.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: no such folder {p.parent}")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise PermissionError(f"{flag} {path}: not writable")
+
+
+def _needs(module: str, extra: str, command: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"{command} needs {module}: pip install 'circuit-finder[{extra}]'")
+
+
+def _check_model_args(args) -> int:
+    """Device, dtype and --model (a local model); returns its layer count."""
+    _check_device(args.device)
+    _check_dtype(args.dtype)
+    return _model_layers(args.model)
+
+
+# ------------------------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
     import circuit_finder as cf
 
+    n = _check_model_args(args)
+    paths = _check_layers(args.layers, n) or [None]
+    cf.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                stops=tuple(args.stop or ()))  # checks the settings now, before loading
     t0 = time.time()
     model = cf.load(args.model, device=args.device, dtype=args.dtype)
-    paths = [model.path(text) for text in (args.layers or [None])]
     print(f"# {model}; loaded in {time.time() - t0:.1f}s", file=sys.stderr)
-    for path in paths:
+    for path in map(model.path, paths):
         t1 = time.time()
         outs = model.generate(args.prompts, layers=path, max_new_tokens=args.max_new_tokens, chat=args.chat,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
@@ -42,15 +123,44 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
-    import circuit_finder as cf
+# ---------------------------------------------------------------------------------- sweep
+_STATS = r"(?:_delta|_ci_low|_ci_high|_p|_margin)?"
 
-    t0 = time.time()
-    model = cf.load(args.model, device=args.device, dtype=args.dtype)
-    print(f"# {model}; loaded in {time.time() - t0:.1f}s", file=sys.stderr)
-    result = cf.sweep(model, probes=args.probes, block_sizes=args.block_sizes, starts=args.starts, stride=args.stride,
-                      times=args.times, paths=args.paths, strategy=args.strategy, mode=args.mode, results=args.out,
-                      resume=not args.no_resume, progress=not args.no_progress, max_items=args.max_items)
+
+def _check_metric(metric: str, names: list[str], validate: bool) -> None:
+    """--metric must name a column the sweep's table will have (see SweepResult.to_pandas)."""
+    prefixes = "|".join(re.escape(n) for n in [*names, "combined"])
+    val = "(?:_val)?" if validate else ""
+    if metric in ("seconds", "extra_layers") or re.fullmatch(f"(?:{prefixes}){val}{_STATS}", metric):
+        return
+    raise ValueError(f"--metric {metric!r} is not a column of the results; use combined_delta, or "
+                     f"<probe>[_delta|_ci_low|_ci_high|_p|_margin] for a probe of {', '.join(names)}"
+                     + (" (with _val after the probe for held-out scores)" if validate else ""))
+
+
+def _check_heatmap(path: str) -> None:
+    _check_output_file(path, "--heatmap")
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext and ext not in formats:
+        raise ValueError(f"--heatmap {path}: unknown image format {ext!r} (known: {', '.join(sorted(formats))})")
+
+
+def _sweep_probes(args) -> list:
+    """The probes, resolved (files read and checked; errors name the file and line) before any model loads."""
+    from .probes import get_probe
+
+    probes = [get_probe(spec) for spec in args.probes]
+    names = [p.name for p in probes]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ValueError(f"--probes: two probes are named {dup!r}")
+    return probes
+
+
+def _print_sweep(result, args) -> None:
     import pandas as pd
 
     df = result.to_pandas()
@@ -58,10 +168,8 @@ def cmd_sweep(args) -> int:
     base = df[df["baseline"]].iloc[0]
     print(f"# {len(df) - 1} configs + baseline, mode={args.mode}, results in {args.out}")
     print("baseline (identity path): " + ", ".join(f"{p} {base[p]:.1f}" for p in [*probes, "combined"]))
-    short = {"combined_delta": "delta", "combined_ci_low": "ci_low", "combined_ci_high": "ci_high", "combined_p": "p",
-             "combined_val_delta": "val_delta", "combined_val_ci_low": "val_ci_low",
-             "combined_val_ci_high": "val_ci_high", "combined_val_p": "val_p"}
-    short.update({f"{p}_delta": f"{p}_delta" for p in probes})
+    short = {f"combined_{s}": s for s in ("delta", "ci_low", "ci_high", "p")}
+    short.update({f"combined_val_{s}": f"val_{s}" for s in ("delta", "ci_low", "ci_high", "p")})
     top = result.top(args.top)
     fmt = dict(index=False, float_format=lambda v: f"{v:.2f}")
     with pd.option_context("display.width", 200, "display.max_columns", 40):
@@ -78,6 +186,25 @@ def cmd_sweep(args) -> int:
             cols = ["layers", "combined_delta", "combined_val_delta", "combined_val_ci_low", "combined_val_ci_high",
                     "combined_val_p"]
             print(val[cols].rename(columns=short).to_string(**fmt))
+
+
+def cmd_sweep(args) -> int:
+    import circuit_finder as cf
+
+    n = _check_model_args(args)
+    probes = _sweep_probes(args)
+    _check_layers(args.paths, n, "--paths")
+    _check_metric(args.metric, [p.name for p in probes], bool(args.validate))
+    _check_output_file(args.out, "--out")
+    if args.heatmap:
+        _check_heatmap(args.heatmap)
+    t0 = time.time()
+    model = cf.load(args.model, device=args.device, dtype=args.dtype)
+    print(f"# {model}; loaded in {time.time() - t0:.1f}s", file=sys.stderr)
+    result = cf.sweep(model, probes=probes, block_sizes=args.block_sizes, starts=args.starts, stride=args.stride,
+                      times=args.times, paths=args.paths, strategy=args.strategy, mode=args.mode, results=args.out,
+                      resume=not args.no_resume, progress=not args.no_progress, max_items=args.max_items)
+    _print_sweep(result, args)
     if args.heatmap:
         fig = result.heatmap(args.metric)
         fig.savefig(args.heatmap, dpi=120)
@@ -85,70 +212,85 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def _num_layers(src: str) -> int | None:
-    """Layer count of a local model folder or GGUF file from its metadata; None for other names."""
-    if os.path.isfile(os.path.join(src, "config.json")):
-        from .config import parse_config
+# --------------------------------------------------------------------------------- export
+_EXPORT_ONLY = {"dtype": ("hf", "mergekit"), "max_shard_size": ("hf",), "mergekit_model": ("mergekit",),
+                "num_layers": ("mergekit",)}
 
-        with open(os.path.join(src, "config.json")) as f:
-            return parse_config(f.read(), os.path.join(src, "config.json")).num_layers
-    if src.lower().endswith(".gguf") and os.path.isfile(src):
-        from .gguf import _field, _open
 
-        reader = _open(src)
-        return int(_field(reader, f"{_field(reader, 'general.architecture')}.block_count"))
-    return None
+def _check_export_options(args) -> None:
+    for option, formats in _EXPORT_ONLY.items():
+        if getattr(args, option) is not None and args.format not in formats:
+            raise ValueError(f"--{option.replace('_', '-')} does not apply to --format {args.format} "
+                             f"(only to {' and '.join(formats)})")
+    if args.out == "-" and args.format != "mergekit":
+        raise ValueError(f"--out - (standard output) is only for --format mergekit; {args.format} needs a path")
+
+
+def _export_mergekit(args, src: str) -> None:
+    from .export import export_mergekit, mergekit_config, mergekit_source
+
+    model = args.mergekit_model or (DEFAULT_HUB_ID if args.model == "default" else None)
+    dtype = args.dtype or "bfloat16"
+    name, n = mergekit_source(src, model, args.num_layers)
+    if n is None:
+        print(f"# {src} is not a local model: the layer path is not checked against its layer count "
+              "(--num-layers N checks it)", file=sys.stderr)
+    if args.out == "-":
+        print(mergekit_config(args.layers, model=name, num_layers=n, dtype=dtype), end="")
+        return
+    export_mergekit(src, args.out, args.layers, model=model, num_layers=args.num_layers, dtype=dtype,
+                    overwrite=args.overwrite)
+    print(f"# mergekit config written to {args.out}", file=sys.stderr)
 
 
 def cmd_export(args) -> int:
-    import circuit_finder as cf
+    from .export import export_gguf, export_hf
 
-    src = cf.default_model_path() if args.model == "default" else args.model
+    _check_export_options(args)
+    src = _model_file(args.model)
     if args.format == "mergekit":
-        name = args.mergekit_model or ("HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == "default" else src)
-        num_layers = _num_layers(src)  # validate the path against a local model, without loading weights
-        text = cf.mergekit_config(args.layers, model=name, num_layers=num_layers, dtype=args.dtype or "bfloat16")
-        if args.out == "-":
-            print(text, end="")
-        else:
-            with open(args.out, "w") as f:
-                f.write(text)
-            print(f"# mergekit config written to {args.out}", file=sys.stderr)
+        _export_mergekit(args, src)
         return 0
     if args.format == "gguf":
         if not src.lower().endswith(".gguf"):
             raise ValueError(f"--format gguf needs a .gguf source (tensor bytes are copied as they are), got {src}")
-        out = cf.export_gguf(src, args.out, args.layers, overwrite=args.overwrite)
+        out = export_gguf(src, args.out, args.layers, overwrite=args.overwrite)
     else:
-        source = cf.load(src) if src.lower().endswith(".gguf") else src
-        out = cf.export_hf(source, args.out, args.layers, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                           overwrite=args.overwrite)
+        out = export_hf(src, args.out, args.layers, dtype=args.dtype, max_shard_size=args.max_shard_size or "2GB",
+                        overwrite=args.overwrite)
     print(f"# {args.format} export of layers {args.layers} written to {out}", file=sys.stderr)
     return 0
 
 
-def model_args_text(model: str, layers: str | None, dtype: str | None) -> str:
-    """lm-eval --model_args for circuit-finder; the layer path in its comma-free spelling."""
-    from .layer_path import _RYS, LayerPath
+# ----------------------------------------------------------------------------- eval, serve
+def model_args_text(model: str, layers: str | None, dtype: str | None, num_layers: int | None = None) -> str:
+    """lm-eval --model_args for circuit-finder; the layer path in its comma-free spelling
+    (checked against ``num_layers`` when given; ``rys=i:j`` kept as written)."""
+    from .layer_path import LayerPath
 
     parts = [f"pretrained={model}"]
     if layers:
-        parts.append("layers=" + (layers.strip() if _RYS.match(layers) else str(LayerPath.parse(layers)).replace(",", "+")))
+        if num_layers is not None:
+            path = LayerPath.coerce(layers, num_layers)
+        elif not _is_rys(layers):
+            path = LayerPath.parse(layers)
+        parts.append("layers=" + (layers.strip() if _is_rys(layers) else str(path).replace(",", "+")))
     if dtype:
         parts.append(f"dtype={dtype}")
     return ",".join(parts)
 
 
 def cmd_eval(args) -> int:
+    _needs("lm_eval", "eval", "circuit-finder eval")
+    n = _check_model_args(args)
+    model_args = model_args_text(args.model, args.layers, args.dtype, n)
     import torch
-    from lm_eval._cli import HarnessCLI
-    from lm_eval.utils import setup_logging
+    from lm_eval.__main__ import cli_evaluate  # the `lm-eval` console script's entry point
 
     import circuit_finder.lm_eval  # noqa: F401  (registers the "circuit-finder" model with lm-eval)
 
     # lm-eval passes its --device to the model (its own default is cuda): choose it here
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_args = model_args_text(args.model, args.layers, args.dtype)
     argv = ["lm-eval", "run", "--model", "circuit-finder", "--model_args", model_args, "--device", device,
             *args.lm_eval_args]
     print(f"# lm-eval run --model circuit-finder --model_args {model_args} {' '.join(args.lm_eval_args)}",
@@ -156,15 +298,19 @@ def cmd_eval(args) -> int:
     saved = sys.argv
     sys.argv = argv
     try:
-        setup_logging()
-        cli = HarnessCLI()
-        cli.execute(cli.parse_args())
+        cli_evaluate()
     finally:
         sys.argv = saved
     return 0
 
 
 def cmd_serve(args) -> int:
+    for module in ("fastapi", "uvicorn"):
+        _needs(module, "serve", "circuit-finder serve")
+    n = _check_model_args(args)
+    _check_layers([args.layers] if args.layers else [], n)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: not a TCP port (0..65535)")
     from .server import serve
 
     serve(args.model, layers=args.layers, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
@@ -172,74 +318,131 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circuit-finder", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+# --------------------------------------------------------------------------------- parser
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="HF model folder, .gguf file, or 'default' (SmolLM2-135M-Instruct, embedded)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate text along a layer path")
     _add_model_args(g)
     g.add_argument("--layers", action="append", default=None,
-                   help="layer path, e.g. '0..9,7..9,10..29' (default: identity); repeat to compare paths")
+                   help="layer path, e.g. '0..9,7..9,10..29' or rys=7:10 (default: identity); repeat to compare")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=_positive, default=64)
+    g.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("prompts", nargs="+", help="prompt text(s)")
     g.set_defaults(func=cmd_generate)
 
+
+def _add_sweep(sub) -> None:
     s = sub.add_parser("sweep", help="score probes along many layer paths (RYS configs)")
     _add_model_args(s)
     s.add_argument("--probes", nargs="+", default=["math", "eq", "reasoning"],
                    help="built-in probes (math eq reasoning gsm8k) or .jsonl files")
     s.add_argument("--mode", choices=["generate", "likelihood"], default="generate")
     s.add_argument("--strategy", choices=["grid", "scan", "refine"], default="grid")
-    s.add_argument("--block-sizes", type=int, nargs="+", default=[3, 4, 5])
-    s.add_argument("--starts", type=int, nargs="+", default=None, help="block starts (default: every --stride-th)")
-    s.add_argument("--stride", type=int, default=1)
-    s.add_argument("--times", type=int, nargs="+", default=[2], help="runs of the block (2 = repeated once)")
+    s.add_argument("--block-sizes", type=_positive, nargs="+", default=[3, 4, 5])
+    s.add_argument("--starts", type=_non_negative, nargs="+", default=None,
+                   help="block starts (default: every --stride-th)")
+    s.add_argument("--stride", type=_positive, default=1)
+    s.add_argument("--times", type=_positive, nargs="+", default=[2], help="runs of the block (2 = repeated once)")
     s.add_argument("--paths", nargs="+", default=None, help="explicit layer paths instead of a strategy")
-    s.add_argument("--max-items", type=int, default=None, help="first N search items of each probe")
+    s.add_argument("--max-items", type=_positive, default=None, help="first N search items of each probe")
     s.add_argument("--out", required=True, help="results JSONL (appended; resumed when it exists)")
     s.add_argument("--no-resume", action="store_true", help="start --out afresh")
-    s.add_argument("--heatmap", default=None, help="write a heatmap PNG of --metric")
-    s.add_argument("--metric", default="combined_delta", help="heatmap column (default combined_delta)")
-    s.add_argument("--top", type=int, default=10, help="print the top N configs")
-    s.add_argument("--validate", type=int, default=0, help="re-score the top N on held-out items")
+    s.add_argument("--heatmap", default=None, help="write a heatmap image (.png, .svg, .pdf...) of --metric")
+    s.add_argument("--metric", default="combined_delta",
+                   help="heatmap column: combined_delta (default), <probe>[_delta|_ci_low|_ci_high|_p|_margin], "
+                        "with _val after the name for held-out scores (--validate), or seconds")
+    s.add_argument("--top", type=_positive, default=10, help="print the top N configs")
+    s.add_argument("--validate", type=_non_negative, default=0, help="re-score the top N on held-out items")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_sweep)
 
-    e = sub.add_parser("export", help="write a layer path as a GGUF, a Hugging Face folder or a mergekit config")
-    e.add_argument("--model", default="default", help="source: HF folder, .gguf file, or 'default'")
-    e.add_argument("--layers", required=True, help="layer path, e.g. '0..12,10..29'")
+
+def _add_export(sub) -> None:
+    e = sub.add_parser("export", help="write a layer path as a GGUF, a Hugging Face folder or a mergekit config",
+                       description="Writes the layer path as an ordinary model. An existing --out is replaced "
+                                   "only with --overwrite (an hf folder only when it holds nothing but a model "
+                                   "export). mergekit: --model is a local folder or .gguf (its layer count checks "
+                                   "the path and resolves rys=i:j) or a hub id org/name (unchecked unless "
+                                   "--num-layers is given).")
+    e.add_argument("--model", default="default", help="source: HF folder, .gguf file, 'default', or (mergekit) "
+                                                      "a hub id org/name")
+    e.add_argument("--layers", required=True, help="layer path, e.g. '0..12,10..29' or rys=10:13")
     e.add_argument("--format", choices=["gguf", "hf", "mergekit"], required=True)
-    e.add_argument("--out", required=True, help="output file (gguf, mergekit; '-' = stdout) or folder (hf)")
-    e.add_argument("--dtype", default=None, help="hf: tensor dtype (default: as loaded); mergekit: dtype field")
-    e.add_argument("--max-shard-size", default="2GB", help="hf: safetensors shard size (default 2GB)")
-    e.add_argument("--mergekit-model", default=None, help="mergekit: the model name to write (default: --model)")
+    e.add_argument("--out", required=True, help="output file (gguf, mergekit; '-' = stdout for mergekit) or "
+                                                "folder (hf)")
+    e.add_argument("--dtype", default=None, help="hf: tensor dtype (default: as loaded; float32 from GGUF); "
+                                                 "mergekit: dtype field (default bfloat16)")
+    e.add_argument("--max-shard-size", default=None, help="hf: safetensors shard size (default 2GB)")
+    e.add_argument("--mergekit-model", default=None,
+                   help="mergekit: the model name to write (default: --model; needed for a .gguf --model)")
+    e.add_argument("--num-layers", type=_positive, default=None,
+                   help="mergekit with a hub id: the model's layer count (checks the path, resolves rys=)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output")
     e.set_defaults(func=cmd_export)
 
+
+def _add_eval(sub) -> None:
     v = sub.add_parser("eval", help="run lm-evaluation-harness along a layer path (other options go to lm-eval)",
                        description="Runs `lm-eval run --model circuit-finder` with --model_args built from --model, "
                                    "--layers, --device and --dtype; every other option (--tasks, --limit, "
                                    "--batch_size, --apply_chat_template, --output_path, ...) is passed to lm-eval.")
     v.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default'")
     v.add_argument("--layers", default=None, help="layer path (any spelling; rys=i:j too)")
-    v.add_argument("--device", default=None)
-    v.add_argument("--dtype", default=None)
+    v.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    v.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     v.set_defaults(func=cmd_eval)
 
+
+def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="OpenAI-compatible server; requests may carry their own layer path")
     _add_model_args(sv)
     sv.add_argument("--layers", default=None, help="default layer path (requests may override with \"layers\")")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--name", default=None, help="model id reported by /v1/models (default: --model)")
-    sv.add_argument("--max-batch", type=int, default=16, help="requests run together at most")
-    sv.add_argument("--batch-window-ms", type=float, default=10.0, help="how long to gather requests into a batch")
+    sv.add_argument("--max-batch", type=_positive, default=16, help="requests run together at most")
+    sv.add_argument("--batch-window-ms", type=_non_negative_float, default=10.0,
+                    help="how long to gather requests into a batch")
     sv.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="circuit-finder", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_generate, _add_sweep, _add_export, _add_eval, _add_serve):
+        add(sub)
     return parser
 
 

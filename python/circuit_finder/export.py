@@ -2,9 +2,23 @@
 (transformers, vLLM) or a mergekit passthrough config.
 
 The exported model has one physical block per slot of the path (block k = layer path[k] of the
-source), so any runtime loads it without knowing about layer paths. Files are written under a
-temporary name next to the target and renamed into place when complete: a failure never leaves
-a half-written file (or folder) under the target name.
+source), so any runtime loads it without knowing about layer paths.
+
+Sources: ``export_gguf`` copies a .gguf file's tensor bytes as they are; ``export_hf`` takes a model
+folder, a .gguf file (dequantized to ``dtype``, float32 by default) or a loaded Model;
+``export_mergekit`` takes a local model folder or .gguf file (its metadata gives the layer count,
+which checks the path and resolves ``rys=i:j``) or a Hugging Face hub id ``org/name`` that is not
+a local path (written as is; the path is checked only when ``num_layers`` is given).
+
+Writing: every output is staged under a hidden temporary name next to the target, fsynced and
+renamed into place when complete, so a failure never leaves a half-written file or folder under
+the target name. Outputs get the ordinary permissions of the process umask. An existing target is
+replaced only with ``overwrite=True``; an existing folder only when it looks like an export of
+ours (config.json, *.safetensors and tokenizer / index / generation-config files, nothing else);
+the source itself never.
+
+Limits: mergekit reads Hugging Face models, so a GGUF source needs ``model=`` (the Hugging Face
+name to write); a hub id's layer count is not fetched (no network), pass ``num_layers``.
 """
 
 from __future__ import annotations
@@ -12,23 +26,112 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .layer_path import LayerPath
+from .files import atomic_file, fsync_path
+from .layer_path import LayerPath, LayerPathError
 
-__all__ = ["export_gguf", "export_hf", "mergekit_config"]
+__all__ = ["export_gguf", "export_hf", "export_mergekit", "mergekit_config", "mergekit_source", "parse_size",
+           "remap_config", "source_num_layers"]
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
+# every file name an HF export of ours holds: what makes an existing folder safe to replace
+_HF_EXPORT_FILE = re.compile(r"^(?:config\.json|generation_config\.json|model\.safetensors(?:\.index\.json)?"
+                             r"|model-\d{5}-of-\d{5}\.safetensors|(?:" + "|".join(_TOKENIZER_PREFIXES)
+                             + r")[\w.-]*)$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MERGEKIT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _prepare_target(dst: Path, overwrite: bool) -> None:
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+# ------------------------------------------------------------------------------ sources
+def _is_gguf(src) -> bool:
+    return str(src).lower().endswith(".gguf")
+
+
+def _config_layer_count(config, where) -> int:
+    n = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"{where}: num_hidden_layers is {n!r}, not a layer count")
+    return n
+
+
+def _read_config(folder: Path) -> dict:
+    """A model folder's config.json; FileNotFoundError / ValueError naming the path otherwise."""
+    config_file = folder / "config.json"
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such model folder or file")
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: expected a model folder (config.json + safetensors) or a .gguf file")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    return config
+
+
+def source_num_layers(src: str | os.PathLike) -> int:
+    """Layer count of a local model folder (config.json's num_hidden_layers) or .gguf file
+    ({arch}.block_count), of any architecture; no tensor is read. FileNotFoundError / ValueError
+    naming the path for anything else."""
+    from .gguf import gguf_num_layers
+
+    p = Path(src)
+    if _is_gguf(p):
+        return gguf_num_layers(p)
+    return _config_layer_count(_read_config(p), p / "config.json")
+
+
+# ------------------------------------------------------------------------------ targets
+def _same_file(a: Path, b) -> bool:
+    try:
+        return a.exists() and Path(b).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_replaceable_folder(dst: Path) -> None:
+    """Refuses (FileExistsError naming what is there) unless ``dst`` looks like an HF export of ours."""
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} is a file, not an exported model folder; not replacing it")
+    entries = sorted(dst.iterdir())
+    if not entries:
+        return
+    unexpected = [p.name + ("/" if p.is_dir() else "") for p in entries
+                  if not (p.is_file() and _HF_EXPORT_FILE.match(p.name))]
+    names = {p.name for p in entries}
+    if not unexpected and "config.json" in names and any(n.endswith(".safetensors") for n in names):
+        return
+    what = (f"it holds {', '.join(unexpected[:5])}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+            if unexpected else "it has no config.json and *.safetensors")
+    raise FileExistsError(f"{dst} does not look like a model folder written by this exporter ({what}); "
+                          "not replacing it: remove it yourself or choose another output")
+
+
+def _check_target(dst: Path, overwrite: bool, folder: bool, source=None) -> None:
+    """Refuses an output that exists (unless overwrite and safe to replace), is the source, or has
+    no writable parent folder."""
+    if source is not None and _same_file(dst, source):
+        raise ValueError(f"{dst} is the source model; choose another output")
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+        if folder:
+            _check_replaceable_folder(dst)
+        elif dst.is_dir():
+            raise IsADirectoryError(f"{dst} is a folder; this export writes a single file")
     parent = dst.parent
     if not parent.is_dir():
         raise FileNotFoundError(f"{parent}: no such folder to write {dst.name} into")
@@ -36,33 +139,71 @@ def _prepare_target(dst: Path, overwrite: bool) -> None:
         raise PermissionError(f"{parent}: not writable")
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+def _hidden_name(dst: Path, suffix: str) -> Path:
+    return dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.{suffix}")
+
+
+def _claim_temp(dst: Path, folder: bool) -> Path:
+    """A new empty file or folder next to ``dst``, created with the umask's ordinary permissions."""
+    for _ in range(100):
+        tmp = _hidden_name(dst, "tmp")
+        try:
+            if folder:
+                tmp.mkdir()
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{dst.parent}: cannot create a temporary name for {dst.name}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _commit(tmp: Path, dst: Path, folder: bool) -> None:
+    """fsyncs what ``tmp`` holds, then renames it over ``dst``. A folder being replaced is moved
+    aside first and put back if the rename fails, so one of the two is always in place."""
+    for f in sorted(tmp.iterdir()) if folder else ():
+        fsync_path(f)
+    fsync_path(tmp)
+    old = None
+    if folder and (dst.exists() or dst.is_symlink()):
+        old = _hidden_name(dst, "old")
+        os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    fsync_path(dst.parent)
+    if old is not None:
+        _remove(old)
+
+
+@contextmanager
+def _staged(dst: Path, folder: bool) -> Iterator[Path]:
+    """Yields a temporary file or folder next to ``dst`` to write into; on a clean exit it is
+    fsynced and renamed over ``dst``, on an exception removed (``dst`` untouched)."""
+    tmp = _claim_temp(dst, folder)
+    try:
+        yield tmp
+        _commit(tmp, dst, folder)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------------------- GGUF
-def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrite: bool = False) -> Path:
-    """Writes a GGUF whose blocks follow the layer path: block k is block path[k] of ``src``, with
-    its tensors' bytes and quantization types unchanged. ``{arch}.block_count`` is set to the
-    path length and every per-layer metadata array is reordered along the path; all other
-    metadata and tensors are kept. Tensors are streamed from the memory-mapped source."""
-    import gguf
-
-    from .gguf import GGUFError, _open
-
-    src, dst = Path(src), Path(dst)
-    reader = _open(str(src))
-    arch_field = reader.fields.get("general.architecture")
-    if arch_field is None:
-        raise GGUFError(f"{src}: no general.architecture")
-    arch = arch_field.contents()
-    count_field = reader.fields.get(f"{arch}.block_count")
-    if count_field is None:
-        raise GGUFError(f"{src}: no {arch}.block_count")
-    n = int(count_field.contents())
-    path = LayerPath.coerce(layers, n)
-    _prepare_target(dst, overwrite)
+def _gguf_tensor_order(reader, path: LayerPath, n: int, src: Path) -> list[tuple[str, object]]:
+    """(output name, source tensor) in file order: tensors before the blocks, the blocks along the
+    path (renumbered by slot), tensors after the blocks."""
+    from .gguf import GGUFError
 
     head, blocks, tail = [], {i: [] for i in range(n)}, []
     for t in reader.tensors:
@@ -74,27 +215,36 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrit
             blocks[layer].append((m.group(2), t))
         else:
             (tail if any(blocks.values()) else head).append((t.name, t))
-    ordered = [*head, *[(f"blk.{k}.{suffix}", t) for k, layer in enumerate(path) for suffix, t in blocks[layer]], *tail]
+    slots = [(f"blk.{k}.{suffix}", t) for k, layer in enumerate(path) for suffix, t in blocks[layer]]
+    return [*head, *slots, *tail]
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+
+def _copy_gguf_metadata(writer, reader, arch: str, path: LayerPath, n: int) -> None:
+    """Every metadata field but the writer's own; block_count = path length, per-layer arrays reordered."""
+    import gguf
+
+    for field in reader.fields.values():
+        name = field.name
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        value = field.contents()
+        if name == f"{arch}.block_count":
+            value = len(path)
+        elif kind == gguf.GGUFValueType.ARRAY and name.startswith(f"{arch}.") and len(value) == n:
+            value = [value[i] for i in path]
+        elif name == "general.alignment":
+            writer.data_alignment = int(value)
+        writer.add_key_value(name, value, kind, sub_type=sub)
+
+
+def _write_gguf(reader, tmp: Path, arch: str, path: LayerPath, n: int, ordered) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp, arch)
     try:
-        writer = gguf.GGUFWriter(tmp, arch)
-        for field in reader.fields.values():
-            name = field.name
-            if name.startswith("GGUF.") or name == "general.architecture":
-                continue
-            kind = field.types[0]
-            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
-            value = field.contents()
-            if name == f"{arch}.block_count":
-                value = len(path)
-            elif kind == gguf.GGUFValueType.ARRAY and name.startswith(f"{arch}.") and len(value) == n:
-                value = [value[i] for i in path]
-            elif name == "general.alignment":
-                writer.data_alignment = int(value)
-            writer.add_key_value(name, value, kind, sub_type=sub)
+        _copy_gguf_metadata(writer, reader, arch, path, n)
         for name, t in ordered:
             writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
         writer.write_header_to_file(path=tmp)
@@ -102,21 +252,37 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrit
         writer.write_ti_data_to_file()
         for _, t in ordered:
             writer.write_tensor_data(t.data)
+    finally:
         writer.close()
-        _fsync_file(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrite: bool = False) -> Path:
+    """Writes a GGUF whose blocks follow the layer path: block k is block path[k] of ``src``, with
+    its tensors' bytes and quantization types unchanged. ``{arch}.block_count`` is set to the
+    path length and every per-layer metadata array is reordered along the path; all other
+    metadata and tensors are kept. Tensors are streamed from the memory-mapped source."""
+    from .gguf import gguf_architecture, gguf_block_count, open_gguf
+
+    src, dst = Path(src), Path(dst)
+    reader = open_gguf(src)
+    arch, n = gguf_architecture(reader, src), gguf_block_count(reader, src)
+    path = LayerPath.coerce(layers, n)
+    _check_target(dst, overwrite, folder=False, source=src)
+    ordered = _gguf_tensor_order(reader, path, n, src)
+    with _staged(dst, folder=False) as tmp:
+        _write_gguf(reader, tmp, arch, path, n, ordered)
     return dst
 
 
 # ------------------------------------------------------------------------------ Hugging Face
-def _remap_config(config: dict, path: LayerPath, n: int, dtype: torch.dtype | None) -> dict:
+def remap_config(config: dict, path: LayerPath, dtype: torch.dtype | None = None) -> dict:
+    """The config.json of an export along ``path``: num_hidden_layers = path length, per-layer lists
+    (layer_types, no_rope_layers, ...: one entry per source layer) reordered along the path, and
+    torch_dtype set when ``dtype`` is given. ``config`` is not modified."""
+    n = int(config["num_hidden_layers"])
     out = json.loads(json.dumps(config))
     out["num_hidden_layers"] = len(path)
     for key, value in config.items():
-        # per-layer lists (layer_types, no_rope_layers, ...): one entry per layer, reordered along the path
         if isinstance(value, list) and len(value) == n and key != "architectures" and not key.endswith("token_id"):
             out[key] = [value[i] for i in path]
     if dtype is not None:
@@ -125,50 +291,48 @@ def _remap_config(config: dict, path: LayerPath, n: int, dtype: torch.dtype | No
     return out
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or text such as '2GB', '500MB', '40KB' (binary units)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"max_shard_size must be bytes or like '2GB', '500MB', got {size!r}")
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"max_shard_size must be a positive size in bytes or like '2GB', '500MB', got {size!r}")
     return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
 
 
-def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | None = None,
-              max_shard_size: int | str = "2GB", overwrite: bool = False) -> Path:
-    """Writes a plain Hugging Face folder for the layer path: safetensors (sharded above
-    ``max_shard_size``, with model.safetensors.index.json), config.json with num_hidden_layers set
-    and per-layer lists reordered, and the tokenizer. ``src`` is a model folder or a loaded Model
-    (any source, GGUF included: its weights as loaded, in the compute dtype). A repeated layer is
-    written once per slot, as plain HF models need. dtype: None keeps each tensor's dtype."""
-    from safetensors.torch import save_file
+def _hf_source_config(src) -> dict:
+    """The source's config.json as a dict (for a GGUF, the one its metadata maps to)."""
+    from .gguf import gguf_config, open_gguf
+    from .model import Model
 
-    from . import _C
-    from .model import Model, resolve_dtype
-
-    dst = Path(dst)
-    tokenizer_files: list[Path] = []
     if isinstance(src, Model):
-        config, tensors, tokenizer = dict(src.config.raw), src.tensors, src.tokenizer
-    else:
-        folder = Path(src)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
-        config = json.loads((folder / "config.json").read_text())
-        tensors = _C.load_safetensors(str(folder))
-        tokenizer = None
-        tokenizer_files = [p for p in folder.iterdir() if p.is_file() and (
-            p.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template"))
-            or p.name == "generation_config.json")]
-    n = int(config.get("num_hidden_layers", 0))
-    if n <= 0:
-        raise ValueError("the source config has no num_hidden_layers")
-    path = LayerPath.coerce(layers, n)
-    target = resolve_dtype(dtype, torch.float32) if dtype is not None else None
-    limit = _parse_size(max_shard_size)
-    _prepare_target(dst, overwrite)
+        return dict(src.config.raw)
+    p = Path(src)
+    if _is_gguf(p):
+        return gguf_config(open_gguf(p), str(p))
+    return _read_config(p)
 
-    names: list[tuple[str, str]] = []  # (output name, source name)
+
+def _hf_source_weights(src, target: torch.dtype | None):
+    """(tensors by HF name, tokenizer object or None, tokenizer files to copy) of the source."""
+    from . import _C
+    from .gguf import gguf_tokenizer, read_gguf
+    from .model import Model
+
+    if isinstance(src, Model):
+        return src.tensors, src.tokenizer, []
+    p = Path(src)
+    if _is_gguf(p):
+        return read_gguf(p, target or torch.float32)[1], gguf_tokenizer(p), []
+    files = [f for f in sorted(p.iterdir()) if f.is_file() and (f.name.startswith(_TOKENIZER_PREFIXES)
+                                                               or f.name == "generation_config.json")]
+    return _C.load_safetensors(str(p)), None, files
+
+
+def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:
+    """(output name, source name): non-layer tensors as they are, then each slot's layer renumbered."""
+    names: list[tuple[str, str]] = []
     per_layer: dict[int, list[tuple[str, str]]] = {i: [] for i in range(n)}
     for name in tensors:
         m = _HF_LAYER.match(name)
@@ -178,66 +342,115 @@ def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | No
             names.append((name, name))
     for k, layer in enumerate(path):
         names += [(f"model.layers.{k}.{suffix}", name) for suffix, name in sorted(per_layer[layer])]
+    return names
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        shards: list[list[tuple[str, str]]] = [[]]
-        size = 0
-        for out_name, name in names:
-            t = tensors[name]
-            nbytes = t.numel() * (target.itemsize if target is not None and t.is_floating_point() else t.element_size())
-            if shards[-1] and size + nbytes > limit:
-                shards.append([])
-                size = 0
-            shards[-1].append((out_name, name))
-            size += nbytes
-        total = len(shards)
-        weight_map, total_size = {}, 0
-        for s, shard in enumerate(shards, 1):
-            file = "model.safetensors" if total == 1 else f"model-{s:05d}-of-{total:05d}.safetensors"
-            data = {}
-            for out_name, name in shard:
-                t = tensors[name].detach()
-                if target is not None and t.is_floating_point():
-                    t = t.to(target)
-                data[out_name] = t.to("cpu").contiguous().clone()
-                weight_map[out_name] = file
-                total_size += data[out_name].numel() * data[out_name].element_size()
-            save_file(data, str(tmp / file), metadata={"format": "pt"})
-            del data
-        if total > 1:
-            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        out_config = _remap_config(config, path, n, target)
-        out_config.setdefault("architectures", config.get("architectures") or ["LlamaForCausalLM"])
-        (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-        for f in tokenizer_files:
-            shutil.copy2(f, tmp / f.name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+def _plan_shards(tensors, names, target: torch.dtype | None, limit: int) -> list[list[tuple[str, str]]]:
+    shards: list[list[tuple[str, str]]] = [[]]
+    size = 0
+    for out_name, name in names:
+        t = tensors[name]
+        itemsize = target.itemsize if target is not None and t.is_floating_point() else t.element_size()
+        if shards[-1] and size + t.numel() * itemsize > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((out_name, name))
+        size += t.numel() * itemsize
+    return shards
+
+
+def _save_shard(data: dict, file: Path) -> None:
+    """safetensors' save_file, with the file left at the umask's ordinary mode (the library's own
+    writer makes it private, 0600)."""
+    from safetensors.torch import save_file
+
+    os.close(os.open(file, os.O_CREAT | os.O_WRONLY, 0o666))
+    mode = stat.S_IMODE(os.stat(file).st_mode)
+    save_file(data, str(file), metadata={"format": "pt"})
+    if stat.S_IMODE(os.stat(file).st_mode) != mode:
+        os.chmod(file, mode)
+
+
+def _write_shards(folder: Path, tensors, shards, target: torch.dtype | None) -> None:
+    """model.safetensors, or model-0000k-of-0000n.safetensors plus model.safetensors.index.json."""
+    weight_map, total_size = {}, 0
+    for s, shard in enumerate(shards, 1):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{s:05d}-of-{len(shards):05d}.safetensors"
+        data = {}
+        for out_name, name in shard:
+            t = tensors[name].detach()
+            if target is not None and t.is_floating_point():
+                t = t.to(target)
+            data[out_name] = t.to("cpu").contiguous().clone()
+            weight_map[out_name] = file
+            total_size += data[out_name].numel() * data[out_name].element_size()
+        _save_shard(data, folder / file)
+        del data
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_config_and_tokenizer(folder: Path, config: dict, path: LayerPath, target, tokenizer, files) -> None:
+    out_config = remap_config(config, path, target)
+    out_config.setdefault("architectures", config.get("architectures") or ["LlamaForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+    for f in files:
+        shutil.copyfile(f, folder / f.name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | None = None,
+              max_shard_size: int | str = "2GB", overwrite: bool = False) -> Path:
+    """Writes a plain Hugging Face folder for the layer path: safetensors (sharded above
+    ``max_shard_size``, with model.safetensors.index.json), config.json with num_hidden_layers set
+    and per-layer lists reordered, and the tokenizer. ``src`` is a model folder, a .gguf file
+    (dequantized to ``dtype``, float32 by default) or a loaded Model (its weights as loaded). A
+    repeated layer is written once per slot, as plain HF models need. dtype: None keeps each
+    tensor's dtype. Arguments and the target are checked before any weight is read."""
+    from .loading import resolve_dtype
+
+    dst = Path(dst)
+    config = _hf_source_config(src)
+    n = _config_layer_count(config, src)
+    path = LayerPath.coerce(layers, n)
+    target = resolve_dtype(dtype, torch.float32) if dtype is not None else None
+    limit = parse_size(max_shard_size)
+    _check_target(dst, overwrite, folder=True, source=src if isinstance(src, (str, os.PathLike)) else None)
+    tensors, tokenizer, tokenizer_files = _hf_source_weights(src, target)
+    shards = _plan_shards(tensors, _slot_names(tensors, path, n), target, limit)
+    with _staged(dst, folder=True) as tmp:
+        _write_shards(tmp, tensors, shards, target)
+        _write_config_and_tokenizer(tmp, config, path, target, tokenizer, tokenizer_files)
     return dst
 
 
 # --------------------------------------------------------------------------------- mergekit
+def _mergekit_dtype(dtype) -> str:
+    from .loading import resolve_dtype
+
+    return _MERGEKIT_DTYPES[resolve_dtype(dtype, torch.bfloat16)]
+
+
+def _path_without_count(layers) -> LayerPath:
+    if isinstance(layers, LayerPath):
+        return layers
+    if isinstance(layers, str):
+        if layers.strip().lower().startswith("rys"):
+            raise LayerPathError(f"'{layers.strip()}' needs the model's layer count: pass num_layers= "
+                                 "(--num-layers), or a local model")
+        return LayerPath.parse(layers)
+    return LayerPath(layers)
+
+
 def mergekit_config(layers, model: str = "MODEL", num_layers: int | None = None, dtype: str = "bfloat16") -> str:
     """mergekit ``passthrough`` YAML whose slices (``layer_range`` [start, end), end exclusive)
-    reproduce the layer path: one slice per maximal run of consecutive ascending layers."""
+    reproduce the layer path: one slice per maximal run of consecutive ascending layers. With
+    ``num_layers`` the path is checked against it and ``rys=i:j`` is accepted."""
     import yaml
 
-    if isinstance(layers, str):
-        path = LayerPath.parse(layers)
-    else:
-        path = layers if isinstance(layers, LayerPath) else LayerPath(layers)
-    if num_layers is not None:
-        path.validate(num_layers)
+    path = LayerPath.coerce(layers, num_layers) if num_layers is not None else _path_without_count(layers)
     runs: list[list[int]] = []
     for layer in path:
         if runs and layer == runs[-1][1]:
@@ -245,5 +458,43 @@ def mergekit_config(layers, model: str = "MODEL", num_layers: int | None = None,
         else:
             runs.append([layer, layer + 1])
     doc = {"slices": [{"sources": [{"model": model, "layer_range": [a, b]}]} for a, b in runs],
-           "merge_method": "passthrough", "dtype": dtype}
+           "merge_method": "passthrough", "dtype": _mergekit_dtype(dtype)}
     return f"# circuit-finder layer path {path}\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+
+
+def _looks_like_hub_id(src: str) -> bool:
+    """'org/name' that is no local path: not .gguf, and its 'org' is no local folder (then it was
+    meant as a local path that does not exist)."""
+    return bool(_HUB_ID.match(src)) and not _is_gguf(src) and not os.path.exists(src.split("/")[0])
+
+
+def mergekit_source(src: str | os.PathLike, model: str | None = None,
+                    num_layers: int | None = None) -> tuple[str, int | None]:
+    """(model name to write, layer count or None) for a mergekit config of ``src``: a local model
+    folder or .gguf file (its layer count from metadata; a GGUF needs ``model``, the Hugging Face
+    name to write), or a hub id ``org/name`` (layer count ``num_layers``, unchecked when None)."""
+    text = str(src)
+    if os.path.exists(text):
+        n = source_num_layers(text)
+        if num_layers is not None and num_layers != n:
+            raise ValueError(f"num_layers={num_layers} disagrees with {text}, which has {n} layers")
+        if _is_gguf(text) and model is None:
+            raise ValueError(f"{text}: mergekit reads Hugging Face models, not GGUF files; name the Hugging Face "
+                             "model this GGUF came from with model= (--mergekit-model org/name)")
+        return model or text, n
+    if _looks_like_hub_id(text):
+        return model or text, num_layers
+    raise FileNotFoundError(f"{text}: no such model folder or file (a Hugging Face hub id is written org/name)")
+
+
+def export_mergekit(src: str | os.PathLike, dst: str | os.PathLike, layers, model: str | None = None,
+                    num_layers: int | None = None, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
+    """Writes ``mergekit_config`` for ``src`` (see ``mergekit_source``) to ``dst``, refusing an
+    existing file unless ``overwrite``."""
+    dst = Path(dst)
+    name, n = mergekit_source(src, model, num_layers)
+    text = mergekit_config(layers, model=name, num_layers=n, dtype=dtype)
+    _check_target(dst, overwrite, folder=False, source=src if os.path.exists(str(src)) else None)
+    with atomic_file(dst, "w", encoding="utf-8") as f:
+        f.write(text)
+    return dst

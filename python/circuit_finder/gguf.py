@@ -5,6 +5,12 @@ dtype, so after loading there is one copy of the weights. llama.cpp's converter 
 rows of Q and K for the `llama` architecture (interleaved RoPE); that is undone here so the
 engine sees Hugging Face's layout. Tokenizer and chat template come from the file, built by
 transformers.
+
+Metadata without reading any tensor: ``open_gguf(path)`` (the reader), ``gguf_field(reader, key)``,
+``gguf_architecture`` / ``gguf_block_count`` (of an open reader) and ``gguf_num_layers(path)``.
+
+Limits: architectures in SUPPORTED_ARCHS and tensor types in SUPPORTED_TYPES; per-layer head counts
+and RoPE factors must be uniform.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["read_gguf", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "GGUFError"]
+__all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "gguf_architecture", "gguf_block_count", "gguf_config",
+           "gguf_field", "gguf_num_layers", "gguf_tokenizer", "open_gguf", "read_gguf"]
 
 ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_ARCHS = tuple(ARCH_TO_HF)
@@ -75,9 +82,12 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _open(path: str):
+def open_gguf(path: str | os.PathLike):
+    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped). FileNotFoundError when there is no such
+    file, GGUFError naming the file when its bytes are not GGUF."""
     import gguf
 
+    path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such GGUF file")
     try:
@@ -86,7 +96,8 @@ def _open(path: str):
         raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
-def _field(reader, key: str, default=None):
+def gguf_field(reader, key: str, default=None):
+    """The decoded value of metadata ``key`` (``default`` when absent); GGUFError when it cannot be decoded."""
     f = reader.fields.get(key)
     if f is None:
         return default
@@ -96,20 +107,44 @@ def _field(reader, key: str, default=None):
         raise GGUFError(f"metadata '{key}' is malformed: {e}") from e
 
 
+def gguf_architecture(reader, path: str | os.PathLike) -> str:
+    """``general.architecture`` of an open file (any architecture, supported or not)."""
+    arch = gguf_field(reader, "general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise GGUFError(f"{path}: no general.architecture")
+    return arch
+
+
+def gguf_block_count(reader, path: str | os.PathLike) -> int:
+    """The number of decoder layers (``{arch}.block_count``) of an open file."""
+    arch = gguf_architecture(reader, path)
+    count = gguf_field(reader, f"{arch}.block_count")
+    if count is None:
+        raise GGUFError(f"{path}: no {arch}.block_count")
+    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        raise GGUFError(f"{path}: {arch}.block_count is {count!r}, not a layer count")
+    return count
+
+
+def gguf_num_layers(path: str | os.PathLike) -> int:
+    """The number of decoder layers of a GGUF file, from its metadata (no tensor is read)."""
+    return gguf_block_count(open_gguf(path), path)
+
+
 def gguf_config(reader, path: str) -> dict:
     """Hugging Face-style config.json dict from GGUF metadata."""
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch not in ARCH_TO_HF:
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
 
     def need(key):
-        v = _field(reader, f"{arch}.{key}")
+        v = gguf_field(reader, f"{arch}.{key}")
         if v is None:
             raise GGUFError(f"{path}: missing metadata '{arch}.{key}'")
         return v
 
     def per_layer_scalar(key, default=None):
-        v = _field(reader, f"{arch}.{key}", default)
+        v = gguf_field(reader, f"{arch}.{key}", default)
         if v is None or v == []:
             raise GGUFError(f"{path}: missing metadata '{arch}.{key}'")
         if isinstance(v, list):
@@ -129,9 +164,9 @@ def gguf_config(reader, path: str) -> dict:
 def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
     heads = int(per_layer_scalar("attention.head_count"))
     hidden = int(need("embedding_length"))
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens") or []
     names = {t.name for t in reader.tensors}
-    vocab = _field(reader, f"{arch}.vocab_size") or len(tokens)
+    vocab = gguf_field(reader, f"{arch}.vocab_size") or len(tokens)
     if not vocab and "token_embd.weight" in names:
         vocab = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1])
     config = {
@@ -143,28 +178,28 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(per_layer_scalar("attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, f"{arch}.attention.key_length") or hidden // heads),
-        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "head_dim": int(gguf_field(reader, f"{arch}.attention.key_length") or hidden // heads),
+        "max_position_embeddings": int(gguf_field(reader, f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in names,
         "torch_dtype": "float32",
     }
     if "rope_freqs.weight" in names:
         raise GGUFError(f"{path}: per-dimension RoPE factors (rope_freqs, Llama 3.1 style) are not supported yet")
-    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    scaling = gguf_field(reader, f"{arch}.rope.scaling.type")
     if scaling and scaling != "none":
         if scaling not in ("linear", "yarn"):
             raise GGUFError(f"{path}: RoPE scaling {scaling!r} is not supported (supported: linear, yarn)")
         rope = {"rope_type": scaling, "factor": float(need("rope.scaling.factor"))}
-        orig = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        orig = gguf_field(reader, f"{arch}.rope.scaling.original_context_length")
         if orig:
             rope["original_max_position_embeddings"] = int(orig)
         config["rope_scaling"] = rope
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
-        v = _field(reader, f"tokenizer.ggml.{key}")
+        v = gguf_field(reader, f"tokenizer.ggml.{key}")
         if v is not None:
             config[hf_key] = int(v)
     return config
@@ -196,7 +231,7 @@ def _dequantize(t, path: str) -> np.ndarray:
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
     """Reads a GGUF file -> (Hugging Face config dict, Hugging Face-named tensors in `dtype`)."""
     path = str(path)
-    reader = _open(path)
+    reader = open_gguf(path)
     config = gguf_config(reader, path)
     from .config import parse_config
 
@@ -232,7 +267,7 @@ def _tokenizer_cached(path: str, mtime: float):
 def gguf_tokenizer(path: str | os.PathLike):
     """The tokenizer (with chat template) stored in a GGUF file, built by transformers; None if absent."""
     path = os.path.abspath(str(path))
-    reader = _open(path)
-    if _field(reader, "tokenizer.ggml.model") is None:
+    reader = open_gguf(path)
+    if gguf_field(reader, "tokenizer.ggml.model") is None:
         return None
     return _tokenizer_cached(path, os.path.getmtime(path))

@@ -20,17 +20,17 @@ maximum length, greedy generation stops at ``until`` strings and the EOS token.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import (
-    handle_stop_sequences,
-    has_bos_prefix,
-    normalize_gen_kwargs,
-    postprocess_generated_text,
-)
+from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
+
+from .generation import Sampling, generate_ids
+from .likelihood import score_pairs
 
 __all__ = ["CircuitFinderLM"]
 
@@ -43,6 +43,19 @@ def _flag(value) -> bool | None:
     return str(value).strip().lower() not in _FALSE
 
 
+def available_device(device: str | None) -> str:
+    """The requested device, or "cpu" (with a warning) when it is an accelerator this torch cannot
+    use — lm-eval's CLI passes device="cuda" unless told otherwise, as its own hf model expects."""
+    name = str(device or "cpu")
+    kind = name.split(":")[0]
+    usable = {"cpu": True, "cuda": torch.cuda.is_available(),
+              "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if usable.get(kind, True):
+        return name
+    warnings.warn(f"device {name!r} is not available here; running on cpu", stacklevel=2)
+    return "cpu"
+
+
 @register_model("circuit-finder", "circuit_finder")
 class CircuitFinderLM(TemplateLM):
     """An lm_eval LM running a circuit-finder Model along one layer path."""
@@ -51,19 +64,18 @@ class CircuitFinderLM(TemplateLM):
                  dtype: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token: bool | str | None = None, model=None, **kwargs):
         super().__init__()
-        import circuit_finder as cf
+        from .loading import load
 
         if kwargs:
             raise ValueError(f"unknown circuit-finder model_args: {', '.join(sorted(kwargs))}")
-        self.cf_model = model if model is not None else cf.load(pretrained, device=device, dtype=dtype)
+        self.cf_model = model if model is not None else load(pretrained, device=available_device(device), dtype=dtype)
         if self.cf_model.tokenizer is None:
             raise ValueError(f"{pretrained}: lm-eval needs a tokenizer, and this model has none")
         self.tokenizer = self.cf_model.tokenizer
         self.path = self.cf_model.path(layers if layers not in (None, "") else None)
         self.pretrained = str(pretrained)
         self._batch_size = 1 if str(batch_size).startswith("auto") else max(1, int(batch_size))
-        config = self.cf_model.config.raw
-        self._max_length = int(max_length) if max_length else int(config.get("max_position_embeddings") or 2048)
+        self._max_length = int(max_length) if max_length else self.cf_model.context_length
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = _flag(add_bos_token)
 
@@ -119,34 +131,22 @@ class CircuitFinderLM(TemplateLM):
 
     # --------------------------------------------------------------------- scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        model = self.cf_model
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+        pairs = []
+        for i, (_, context_enc, continuation_enc) in enumerate(requests):
+            if not context_enc or not continuation_enc:
+                raise ValueError(f"request {i}: empty context or continuation after tokenization")
+            pairs.append((context_enc, continuation_enc))
+        results: list[tuple[float, bool]] = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="circuit-finder loglikelihood")
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            seqs, conts = [], []
-            for i in chunk:
-                _, context_enc, continuation_enc = requests[i]
-                if not context_enc or not continuation_enc:
-                    raise ValueError(f"request {i}: empty context or continuation after tokenization")
-                seqs.append((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
-                conts.append(continuation_enc)
-            ids, mask = model._left_pad(seqs)
-            with torch.inference_mode():
-                logits = model.logits(ids, layers=self.path, attention_mask=mask)
-            width = ids.shape[1]
-            for row, (i, cont) in enumerate(zip(chunk, conts)):
-                n = len(cont)
-                logp = torch.log_softmax(logits[row, width - n:].float(), dim=-1)
-                target = torch.tensor(cont, device=logp.device)
-                greedy = bool((logp.argmax(-1) == target).all())
-                value = float(logp.gather(-1, target.unsqueeze(-1)).sum())
-                results[i] = (value, greedy)
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-            bar.update(len(chunk))
+        step = self.batch_size * 8  # score_pairs sorts and batches within each step; the bar moves per step
+        for start in range(0, len(pairs), step):
+            results += score_pairs(self.cf_model, pairs[start:start + step], list(self.path), self.batch_size,
+                                   self.max_length)
+            bar.update(min(step, len(pairs) - start))
         bar.close()
+        for request, result in zip(requests, results):
+            if request[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", request[0], result)
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -181,17 +181,15 @@ class CircuitFinderLM(TemplateLM):
             if max_ctx <= 0:
                 raise ValueError(f"max_gen_toks {max_gen} leaves no room for the context in {self.max_length} tokens")
             members = sorted(members, key=lambda i: -len(self.tok_encode(args[i][0])))
+            sampling = Sampling(max_gen, 0, temperature, top_p, None, tuple(until))
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 seqs = [self.tok_encode(args[i][0], left_truncate_len=max_ctx) for i in chunk]
-                ids, mask = model._left_pad(seqs)
-                new = model._generate_ids(ids, mask, self.path, max_gen, 0, temperature, top_p, None, until,
-                                          text_mode=True)
+                ids, mask = model.codec.left_pad(seqs, model.device)
+                new = generate_ids(model, ids, mask, self.path, sampling)
                 for i, row in zip(chunk, new.tolist()):
-                    text = self.tokenizer.decode(row, skip_special_tokens=True)
-                    text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", args[i], text)
+                    results[i] = model.codec.finish(row, until).text
+                    self.cache_hook.add_partial("generate_until", args[i], results[i])
                 bar.update(len(chunk))
         bar.close()
         return results

@@ -3,16 +3,21 @@
     circuit-finder serve --model PATH --layers 0..12,10..29 --host 127.0.0.1 --port 8000
 
 Endpoints: ``POST /v1/chat/completions`` (``stream: true`` as server-sent events),
-``POST /v1/completions``, ``GET /v1/models``, ``GET /health``. A request may carry
-``"layers": "..."`` (any layer path spelling, ``rys=i:j`` included) to use that path for this
-request only: the weights are shared, nothing is reloaded.
+``POST /v1/completions`` (text or token-id prompts; ``logprobs: n`` and ``echo: true`` with
+OpenAI's completions semantics, so lm-eval's ``local-completions`` runs loglikelihood tasks),
+``GET /v1/models``, ``GET /health``. A request may carry ``"layers": "..."`` (any layer path
+spelling, ``rys=i:j`` included) to use that path for this request only: the weights are shared,
+nothing is reloaded.
 
 One worker thread owns the model. Requests that arrive within ``batch_window_ms`` of each other
 and share path and sampling settings run as one batch (left-padded, each row with its own
-positions). Bad input — malformed JSON, fields of the wrong type, prompts longer than the
-context, invalid paths — gets a 4xx JSON error in OpenAI's format and the server keeps serving.
-"""
+positions). Every request, streaming or not, counts against ``max_pending``. Bad input —
+malformed JSON, fields of the wrong type, prompts longer than the context, invalid paths — gets a
+4xx JSON error in OpenAI's format and the server keeps serving.
 
+Limits: n = 1 per prompt; logprobs are computed after generation by one teacher-forced pass over
+prompt + completion (the raw model distribution, before temperature/top-p).
+"""
 
 import asyncio
 import json
@@ -24,46 +29,77 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from . import generation, likelihood
+from .generation import Sampling
 from .layer_path import LayerPath, LayerPathError
 from .model import Model
 
-__all__ = ["create_app", "serve"]
+__all__ = ["Limits", "create_app", "serve"]
 
 
 class BadRequest(ValueError):
     """A request the server refuses (answered with HTTP 400)."""
 
 
+class TooBusy(Exception):
+    """More requests are waiting than the server accepts (answered with HTTP 429)."""
+
+
+class TooLarge(Exception):
+    """A request body over the size limit (answered with HTTP 413)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server refuses: bodies over max_request_bytes (413), prompts over max_prompt_tokens
+    or prompt + max_tokens over the context length (400), max_tokens over max_tokens_limit (400),
+    more than max_pending requests waiting, streaming ones included (429)."""
+
+    max_tokens_limit: int = 4096
+    context_length: int | None = None
+    max_request_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None
+    max_pending: int = 256
+
+
 @dataclass
-class _Job:
+class Job:
+    """One prompt to complete. ``stream``: callback(token ids so far, finished) for streaming jobs;
+    ``logprobs``: None, or how many top alternatives to report per token; ``echo``: score the prompt."""
+
     ids: list[int]
     path: LayerPath
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stops: list[str]
-    stream: Any = None  # for streaming jobs: callback(token ids so far, finished)
+    sampling: Sampling
+    stream: Any = None
+    logprobs: int | None = None
+    echo: bool = False
+    score_only: bool = False  # echo with max_tokens 0: nothing is generated
     future: Future = field(default_factory=Future)
 
     @property
     def key(self):
-        return (self.path, self.max_tokens, self.temperature, self.top_p, self.seed, tuple(self.stops))
+        return (self.path, self.sampling, self.score_only)
 
 
-class _Worker:
+@dataclass
+class Completed:
+    """A finished job: the generated ids, and token log-probs when asked for."""
+
+    row: list[int]
+    logprobs: tuple[list[float], list[list[tuple[int, float]]]] | None = None
+
+
+class Worker:
     """Owns the model; runs queued jobs, batching those that arrive together with equal settings."""
 
     def __init__(self, model: Model, max_batch: int, window_s: float):
         self.model, self.max_batch, self.window_s = model, max_batch, window_s
-        self.queue: queue.Queue[_Job] = queue.Queue()
+        self.queue: queue.Queue[Job] = queue.Queue()
         self.stats = {"requests": 0, "batches": 0}
         self.thread = threading.Thread(target=self._loop, name="circuit-finder-worker", daemon=True)
         self.thread.start()
 
-    def submit(self, job: _Job) -> Future:
+    def submit(self, job: Job) -> Future:
         self.queue.put(job)
         return job.future
 
@@ -79,44 +115,48 @@ class _Worker:
                     jobs.append(self.queue.get(timeout=left))
                 except queue.Empty:
                     break
-            groups: dict[Any, list[_Job]] = {}
+            groups: dict[Any, list[Job]] = {}
             for job in jobs:
                 # streaming jobs run alone: their tokens are sent as they come
                 groups.setdefault(job.key if job.stream is None else id(job), []).append(job)
             for group in groups.values():
                 self._run(group)
 
-    def _run(self, jobs: list[_Job]) -> None:
-        first = jobs[0]
+    def _run(self, jobs: list[Job]) -> None:
         try:
-            model = self.model
-            ids, mask = model._left_pad([j.ids for j in jobs])
-            on_step = None
-            if first.stream is not None:
-                generated: list[int] = []
-
-                def on_step(token, finished):
-                    generated.append(int(token[0]))
-                    first.stream(list(generated), bool(finished[0]))
-
-            with torch.inference_mode():
-                new = model._generate_ids(ids, mask, first.path, first.max_tokens, 0, first.temperature, first.top_p,
-                                          first.seed, first.stops, text_mode=True, on_step=on_step)
+            rows = self._generate(jobs)
             self.stats["batches"] += 1
             self.stats["requests"] += len(jobs)
-            for job, row in zip(jobs, new.tolist()):
-                job.future.set_result(row)
+            for job, row in zip(jobs, rows):
+                job.future.set_result(Completed(row, self._logprobs(job, row)))
         except Exception as e:  # reported to each waiting request; the worker keeps running
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(e)
 
+    def _generate(self, jobs: list[Job]) -> list[list[int]]:
+        first, model = jobs[0], self.model
+        if first.score_only:
+            return [[] for _ in jobs]
+        ids, mask = model.codec.left_pad([j.ids for j in jobs], model.device)
+        on_step = None
+        if first.stream is not None:
+            generated: list[int] = []
 
-class _TooLarge(Exception):
-    pass
+            def on_step(token, finished):
+                generated.append(int(token[0]))
+                first.stream(list(generated), bool(finished[0]))
+
+        return generation.generate_ids(model, ids, mask, first.path, first.sampling, on_step).tolist()
+
+    def _logprobs(self, job: Job, row: list[int]):
+        if job.logprobs is None:
+            return None
+        n = self.model.codec.finish(row, job.sampling.stops, job.sampling.max_new_tokens).tokens
+        return likelihood.token_logprobs(self.model, job.ids + row[:n], list(job.path), job.logprobs)
 
 
-class _BodyLimit:
+class BodyLimit:
     """ASGI middleware: refuses request bodies over ``limit`` bytes (declared or streamed) with 413."""
 
     def __init__(self, app, limit: int):
@@ -129,9 +169,8 @@ class _BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             from starlette.responses import JSONResponse
 
-            response = JSONResponse(status_code=413, content={"error": {
-                "message": f"request body over the limit of {self.limit} bytes", "type": "invalid_request_error",
-                "param": None, "code": None}})
+            response = JSONResponse(status_code=413, content=error_body(
+                f"request body over the limit of {self.limit} bytes", "invalid_request_error"))
             return await response(scope, receive, send)
         received = 0
 
@@ -141,40 +180,18 @@ class _BodyLimit:
             if message.get("type") == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge()
+                    raise TooLarge()
             return message
 
         await self.app(scope, limited, send)
 
 
-def _finish(model: Model, row: list[int], stops: list[str], max_tokens: int) -> tuple[str, str, int]:
-    """(text, finish_reason, completion tokens) of a generated row."""
-    eos = set(model._eos_ids())
-    cut = next((i for i, t in enumerate(row) if t in eos), None)
-    tokens = row[:cut] if cut is not None else row
-    text = model.tokenizer.decode(tokens, skip_special_tokens=True)
-    reason = "stop" if cut is not None else "length"
-    for s in stops:
-        at = text.find(s)
-        if at >= 0:
-            text, reason = text[:at], "stop"
-    if reason == "length" and len(tokens) < max_tokens:
-        reason = "stop"
-    return text, reason, len(tokens) + (1 if cut is not None else 0)
+def error_body(message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def create_app(model: Model, layers=None, model_name: str | None = None, max_batch: int = 16,
-               batch_window_ms: float = 10.0, max_tokens_limit: int = 4096, context_length: int | None = None,
-               max_request_bytes: int = 1 << 20, max_prompt_tokens: int | None = None, max_pending: int = 256):
-    """The FastAPI app serving ``model`` (default path ``layers``).
-
-    Limits, each answered with a 4xx JSON error: request bodies over ``max_request_bytes`` (413),
-    prompts over ``max_prompt_tokens`` or prompt + max_tokens over the context length (400),
-    ``max_tokens`` over ``max_tokens_limit`` (400), more than ``max_pending`` requests waiting (429).
-    """
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+def request_models():
+    """The pydantic request models (imported lazily: fastapi is an optional dependency)."""
     from pydantic import (
         BaseModel,
         ConfigDict,
@@ -185,16 +202,6 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
         StrictStr,
         field_validator,
     )
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    if model.tokenizer is None:
-        raise ValueError(f"{model.source}: serving text needs a tokenizer")
-    default_path = model.path(layers)
-    name = model_name or "circuit-finder"
-    context = int(context_length or model.config.raw.get("max_position_embeddings") or 4096)
-    worker = _Worker(model, max_batch, batch_window_ms / 1000.0)
-    prompt_limit = int(max_prompt_tokens) if max_prompt_tokens else None
-    pending = {"n": 0}  # requests waiting for the worker; only touched on the event loop
 
     class Part(BaseModel):
         model_config = ConfigDict(extra="allow")
@@ -210,7 +217,7 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
         model_config = ConfigDict(extra="allow")
         model: str | None = None
         # strict types: "10" is not a number and 1 is not true
-        max_tokens: StrictInt | None = Field(default=None, ge=1)
+        max_tokens: StrictInt | None = Field(default=None, ge=0)
         max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
         temperature: StrictFloat | StrictInt = Field(default=1.0, ge=0.0, le=2.0)
         top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0.0, le=1.0)
@@ -232,66 +239,57 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
         messages: list[Message] = Field(min_length=1)
 
     class CompletionRequest(Common):
-        prompt: StrictStr | list[StrictStr]
+        prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+        logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+        echo: StrictBool = False
 
-    app = FastAPI(title="circuit-finder", version="0.1.0")
-    app.state.worker = worker
+    return ChatRequest, CompletionRequest
 
-    app.add_middleware(_BodyLimit, limit=max_request_bytes)
 
-    def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
-                                                                   "code": None}})
+class Service:
+    """What the routes do, apart from HTTP: plan a request (path, budget, stops), encode prompts,
+    queue jobs under the pending limit, and shape finished rows into OpenAI's response objects."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        parts = []
-        for e in exc.errors()[:5]:
-            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{where or 'body'}: {e.get('msg')}")
-        return error(400, "; ".join(parts) or "invalid request")
+    def __init__(self, model: Model, layers, name: str, worker: Worker, limits: Limits):
+        if model.tokenizer is None:
+            raise ValueError(f"{model.source}: serving text needs a tokenizer")
+        self.model, self.name, self.worker, self.limits = model, name, worker, limits
+        self.default_path = model.path(layers)
+        self.context = int(limits.context_length or model.context_length)
+        self.pending = 0  # requests waiting for the worker or streaming; only touched on the event loop
 
-    class TooBusy(Exception):
-        pass
-
-    @app.exception_handler(TooBusy)
-    async def _busy(request: Request, exc: TooBusy):
-        return error(429, f"more than {max_pending} requests are waiting; retry later", "rate_limit_error")
-
-    @app.exception_handler(BadRequest)
-    async def _bad(request: Request, exc: BadRequest):
-        return error(400, str(exc))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        if isinstance(exc, _TooLarge):
-            return error(413, f"request body over the limit of {max_request_bytes} bytes")
-        return error(500, f"internal error: {type(exc).__name__}", "server_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "error")
-
-    def plan(req: Common, prompts: list[list[int]]) -> tuple[LayerPath, int, list[str]]:
+    # ------------------------------------------------------------------ requests -> jobs
+    def job(self, req, ids: list[int], stream=None, logprobs: int | None = None, echo: bool = False) -> Job:
         try:
-            path = model.path(req.layers) if req.layers is not None else default_path
+            path = self.model.path(req.layers) if req.layers is not None else self.default_path
         except (LayerPathError, ValueError, TypeError) as e:
             raise BadRequest(f"layers: {e}") from e
-        max_tokens = req.max_completion_tokens or req.max_tokens or 256
-        if max_tokens > max_tokens_limit:
-            raise BadRequest(f"max_tokens {max_tokens} is over this server's limit of {max_tokens_limit}")
-        for p in prompts:
-            if not p:
-                raise BadRequest("the prompt encodes to no tokens")
-            if prompt_limit is not None and len(p) > prompt_limit:
-                raise BadRequest(f"the prompt has {len(p)} tokens, over the limit of {prompt_limit}")
-            if len(p) + max_tokens > context:
-                raise BadRequest(f"the prompt has {len(p)} tokens; with max_tokens {max_tokens} that is over the "
-                                 f"context length {context}")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        max_tokens = 256 if max_tokens is None else max_tokens
+        if max_tokens == 0 and not echo:
+            raise BadRequest("max_tokens must be >= 1 (0 only with echo: true)")
+        if max_tokens > self.limits.max_tokens_limit:
+            raise BadRequest(f"max_tokens {max_tokens} is over this server's limit of {self.limits.max_tokens_limit}")
+        self.check_prompt(ids, max_tokens)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return path, max_tokens, [s for s in stops if s]
+        sampling = Sampling(max(max_tokens, 1), 0, float(req.temperature), float(req.top_p), req.seed, tuple(stops))
+        return Job(ids, path, sampling, stream=stream, logprobs=logprobs, echo=echo, score_only=max_tokens == 0)
 
-    def chat_ids(req: ChatRequest) -> list[int]:
+    def check_prompt(self, ids: list[int], max_tokens: int) -> None:
+        limit = self.limits.max_prompt_tokens
+        if not ids:
+            raise BadRequest("the prompt encodes to no tokens")
+        if limit is not None and len(ids) > limit:
+            raise BadRequest(f"the prompt has {len(ids)} tokens, over the limit of {limit}")
+        if len(ids) + max_tokens > self.context:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; with max_tokens {max_tokens} that is over the "
+                             f"context length {self.context}")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise BadRequest(f"prompt: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+
+    def chat_ids(self, req) -> list[int]:
         messages = []
         for m in req.messages:
             content = m.content
@@ -299,87 +297,118 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
                 content = "".join(part.text or "" for part in content if part.type == "text")
             messages.append({"role": m.role, "content": content or ""})
         try:
-            text = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.model.codec.chat_text(messages)
         except Exception as e:
             raise BadRequest(f"messages: the chat template rejected them ({e})") from e
-        return encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False)
 
-    def encode(text: str, **kwargs) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
-            return model.tokenizer(text, **kwargs)["input_ids"]
+            return self.model.codec.encode(text, add_special_tokens=add_special_tokens)
         except Exception as e:  # e.g. lone surrogates
             raise BadRequest(f"the text cannot be tokenized ({type(e).__name__})") from e
 
-    async def run(job: _Job) -> list[int]:
-        if pending["n"] >= max_pending:
+    def prompt_ids(self, prompt) -> list[list[int]]:
+        """A completions prompt (text, texts, token ids or lists of token ids) -> token lists."""
+        if isinstance(prompt, str):
+            return [self.encode(prompt)]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        return [p if isinstance(p, list) else self.encode(p) for p in prompt]
+
+    # ------------------------------------------------------------------ queueing
+    def reserve(self) -> None:
+        if self.pending >= self.limits.max_pending:
             raise TooBusy()
-        pending["n"] += 1
+        self.pending += 1
+
+    def release(self) -> None:
+        self.pending -= 1
+
+    async def run(self, job: Job) -> Completed:
+        self.reserve()
         try:
-            return await asyncio.wrap_future(worker.submit(job))
+            return await asyncio.wrap_future(self.worker.submit(job))
         finally:
-            pending["n"] -= 1
+            self.release()
 
-    def job_for(req: Common, ids: list[int], path, max_tokens, stops, stream=None) -> _Job:
-        return _Job(ids=ids, path=path, max_tokens=max_tokens, temperature=float(req.temperature),
-                    top_p=float(req.top_p), seed=req.seed, stops=stops, stream=stream)
+    # ------------------------------------------------------------------ rows -> responses
+    def finish(self, job: Job, row: list[int]) -> generation.Finished:
+        return self.model.codec.finish(row, job.sampling.stops, job.sampling.max_new_tokens)
 
-    def usage(prompt: int, completion: int) -> dict:
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def logprobs_object(self, job: Job, done: Completed) -> dict | None:
+        """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset — over
+        the prompt (echo) and the completion."""
+        if done.logprobs is None:
+            return None
+        values, tops = done.logprobs
+        tok = self.model.tokenizer
+        seq = job.ids + done.row[:len(values) + 1 - len(job.ids)]
+        start = 0 if job.echo else len(job.ids)
+        pieces = [tok.decode([t]) for t in seq]
+        token_lp = [None, *values][start:]
+        top = [None, *[{tok.decode([i]): v for i, v in alts} for alts in tops]][start:]
+        offsets, at = [], 0
+        for piece in pieces[start:]:
+            offsets.append(at)
+            at += len(piece)
+        return {"tokens": pieces[start:], "token_logprobs": token_lp,
+                "top_logprobs": top if job.logprobs else None, "text_offset": offsets}
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": name, "layers": str(default_path), "num_layers": model.num_layers,
-                **worker.stats}
+    def completion_choice(self, k: int, job: Job, done: Completed) -> tuple[dict, int]:
+        """(choice object, completion tokens) of a finished completions job."""
+        fin = generation.Finished("", "length", 0) if job.score_only else self.finish(job, done.row)
+        text = (self.model.tokenizer.decode(job.ids) if job.echo else "") + fin.text
+        return {"index": k, "text": text, "finish_reason": fin.reason,
+                "logprobs": self.logprobs_object(job, done)}, fin.tokens
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "circuit-finder",
-                                            "layers": str(default_path)}]}
+    def chat_response(self, rid: str, created: int, job: Job, done: Completed) -> dict:
+        fin = self.finish(job, done.row)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
+                             "finish_reason": fin.reason}],
+                "usage": usage(len(job.ids), fin.tokens), "layers": str(job.path)}
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        ids = chat_ids(req)
-        path, max_tokens, stops = plan(req, [ids])
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if req.stream:
-            return StreamingResponse(stream_chunks(req, ids, path, max_tokens, stops, rid, created, chat=True),
-                                     media_type="text/event-stream")
-        row = await run(job_for(req, ids, path, max_tokens, stops))
-        text, reason, n = _finish(model, row, stops, max_tokens)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
-                "usage": usage(len(ids), n), "layers": str(path)}
+    async def stream(self, job: Job, rid: str, created: int, chat: bool):
+        """Server-sent events of one job: text deltas as tokens come, then the finish reason.
+        The caller reserved a pending slot; it is released when the stream ends or is dropped."""
+        try:
+            async for event in self._events(job, rid, created, chat):
+                yield event
+        finally:
+            self.release()
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not prompts or len(prompts) > max_batch:
-            raise BadRequest(f"prompt: give 1 to {max_batch} prompts")
-        ids = [encode(p) for p in prompts]
-        path, max_tokens, stops = plan(req, ids)
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if req.stream:
-            if len(ids) != 1:
-                raise BadRequest("stream: one prompt at a time")
-            return StreamingResponse(stream_chunks(req, ids[0], path, max_tokens, stops, rid, created, chat=False),
-                                     media_type="text/event-stream")
-        rows = await asyncio.gather(*[run(job_for(req, i, path, max_tokens, stops)) for i in ids])
-        choices, total = [], 0
-        for k, row in enumerate(rows):
-            text, reason, n = _finish(model, row, stops, max_tokens)
-            total += n
-            choices.append({"index": k, "text": text, "finish_reason": reason, "logprobs": None})
-        return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices,
-                "usage": usage(sum(len(i) for i in ids), total), "layers": str(path)}
-
-    async def stream_chunks(req, ids, path, max_tokens, stops, rid, created, chat: bool):
+    async def _events(self, job: Job, rid: str, created: int, chat: bool):
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
+        job.stream = lambda tokens, finished: loop.call_soon_threadsafe(updates.put_nowait, tokens)
+        done = asyncio.ensure_future(asyncio.wrap_future(self.worker.submit(job)))
+        chunk = self._chunker(rid, created, chat)
+        if chat:
+            yield chunk(None, None, first=True)
+        sent = ""
+        while True:
+            getter = asyncio.ensure_future(updates.get())
+            ready, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in ready:
+                getter.cancel()
+                break
+            text = self.finish(job, getter.result()).text
+            if not text.endswith("\ufffd") and len(text) > len(sent) and text.startswith(sent):
+                yield chunk(text[len(sent):], None)  # (a trailing \ufffd: wait for the rest of the character)
+                sent = text
+        try:
+            fin = self.finish(job, done.result().row)
+        except Exception as e:
+            yield "data: " + json.dumps({"error": {"message": str(e), "type": "server_error"}}) + "\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        if len(fin.text) > len(sent) and fin.text.startswith(sent):
+            yield chunk(fin.text[len(sent):], None)
+        yield chunk(None, fin.reason)
+        yield "data: [DONE]\n\n"
 
-        def on_tokens(tokens, finished):
-            loop.call_soon_threadsafe(updates.put_nowait, (tokens, finished))
-
-        future = worker.submit(job_for(req, ids, path, max_tokens, stops, stream=on_tokens))
+    def _chunker(self, rid: str, created: int, chat: bool):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta_text: str | None, reason: str | None, first: bool = False) -> str:
@@ -389,53 +418,124 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
                 choice = {"index": 0, "delta": delta, "finish_reason": reason}
             else:
                 choice = {"index": 0, "text": delta_text or "", "finish_reason": reason, "logprobs": None}
-            return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": name,
+            return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": self.name,
                                           "choices": [choice]}) + "\n\n"
 
-        if chat:
-            yield chunk(None, None, first=True)
-        sent = ""
-        done = asyncio.ensure_future(asyncio.wrap_future(future))
-        while True:
-            getter = asyncio.ensure_future(updates.get())
-            finished_first, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in finished_first:
-                tokens, _finished = getter.result()
-                text, _, _ = _finish(model, tokens, stops, max_tokens)
-                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                    continue
-                if len(text) > len(sent) and text.startswith(sent):
-                    yield chunk(text[len(sent):], None)
-                    sent = text
-                continue
-            getter.cancel()
-            break
-        try:
-            row = done.result()
-        except Exception as e:
-            yield "data: " + json.dumps({"error": {"message": str(e), "type": "server_error"}}) + "\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        while not updates.empty():
-            updates.get_nowait()
-        text, reason, _ = _finish(model, row, stops, max_tokens)
-        if len(text) > len(sent) and text.startswith(sent):
-            yield chunk(text[len(sent):], None)
-        yield chunk(None, reason)
-        yield "data: [DONE]\n\n"
+        return chunk
 
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def install_error_handlers(app, limits: Limits) -> None:
+    """Every refusal as a JSON error in OpenAI's format with the right status."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    def error(status: int, message: str, kind: str = "invalid_request_error"):
+        return JSONResponse(status_code=status, content=error_body(message, kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors()[:5]:
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{where or 'body'}: {e.get('msg')}")
+        return error(400, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(TooBusy)
+    async def _busy(request: Request, exc: TooBusy):
+        return error(429, f"more than {limits.max_pending} requests are waiting; retry later", "rate_limit_error")
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request: Request, exc: BadRequest):
+        return error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        if isinstance(exc, TooLarge):
+            return error(413, f"request body over the limit of {limits.max_request_bytes} bytes")
+        return error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "error")
+
+
+def create_app(model: Model, layers=None, model_name: str | None = None, max_batch: int = 16,
+               batch_window_ms: float = 10.0, **limits):
+    """The FastAPI app serving ``model`` (default path ``layers``); ``limits``: the fields of Limits."""
+    from fastapi import FastAPI
+
+    lim = Limits(**limits)
+    service = Service(model, layers, model_name or "circuit-finder", Worker(model, max_batch, batch_window_ms / 1e3), lim)
+    app = FastAPI(title="circuit-finder", version="0.1.0")
+    app.state.worker = service.worker
+    app.state.service = service
+    app.add_middleware(BodyLimit, limit=lim.max_request_bytes)
+    install_error_handlers(app, lim)
+    add_routes(app, service, max_batch)
     return app
+
+
+def add_routes(app, service: Service, max_batch: int) -> None:
+    from fastapi.responses import StreamingResponse
+
+    ChatRequest, CompletionRequest = request_models()
+
+    def streaming(job: Job, rid: str, created: int, chat: bool):
+        service.reserve()  # a stream holds its pending slot until it ends (429 when full)
+        return StreamingResponse(service.stream(job, rid, created, chat), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": service.name, "layers": str(service.default_path),
+                "num_layers": service.model.num_layers, "pending": service.pending, **service.worker.stats}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0,
+                                            "owned_by": "circuit-finder", "layers": str(service.default_path)}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        job = service.job(req, service.chat_ids(req))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return streaming(job, rid, created, chat=True)
+        return service.chat_response(rid, created, job, await service.run(job))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompts = service.prompt_ids(req.prompt)
+        if not prompts or len(prompts) > max_batch:
+            raise BadRequest(f"prompt: give 1 to {max_batch} prompts")
+        jobs = [service.job(req, ids, logprobs=req.logprobs, echo=req.echo) for ids in prompts]
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            if len(jobs) != 1 or req.logprobs is not None or req.echo:
+                raise BadRequest("stream: one prompt at a time, without logprobs or echo")
+            return streaming(jobs[0], rid, created, chat=False)
+        done = await asyncio.gather(*[service.run(j) for j in jobs])
+        choices = [service.completion_choice(k, j, d) for k, (j, d) in enumerate(zip(jobs, done))]
+        return {"id": rid, "object": "text_completion", "created": created, "model": service.name,
+                "choices": [c for c, _ in choices], "usage": usage(sum(len(j.ids) for j in jobs),
+                                                                     sum(n for _, n in choices)),
+                "layers": str(jobs[0].path)}
 
 
 def serve(model: str = "default", layers=None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           dtype: str | None = None, model_name: str | None = None, max_batch: int = 16,
           batch_window_ms: float = 10.0, **limits) -> None:
-    """Loads a model and serves it with uvicorn (blocking). ``limits``: see create_app."""
+    """Loads a model and serves it with uvicorn (blocking). ``limits``: see Limits."""
     import uvicorn
 
-    import circuit_finder as cf
+    from .loading import load
 
-    loaded = cf.load(model, device=device, dtype=dtype)
+    loaded = load(model, device=device, dtype=dtype)
     app = create_app(loaded, layers=layers, model_name=model_name or str(model), max_batch=max_batch,
                      batch_window_ms=batch_window_ms, **limits)
     uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limits.get("max_pending", 256) + 16)

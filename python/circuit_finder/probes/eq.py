@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-from . import Item, ItemProbe
+from .base import Item, ItemProbe
 from .scoring import eq_score, parse_emotions
 
 __all__ = ["EQProbe", "format_intensities", "load_eq_items"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from . import Item, ItemProbe
+from .base import Item, ItemProbe
 
 __all__ = ["MathProbe", "make_math_items"]
 

@@ -4,7 +4,8 @@ Five kinds, 10 items each: causal judgement (hand-written stories, yes/no), date
 (multiple choice), logical deduction (order objects from clues, multiple choice), navigation
 (back at the start? yes/no) and arithmetic word problems (a number). All but the causal stories
 come from seeded generators that check their own answers (deduction clues are added until exactly
-one ordering satisfies them). Final answers are extracted robustly (``scoring.extract_*``).
+one ordering satisfies them). Final answers are extracted robustly (``scoring.extract_*``); word
+problems' likelihood-mode distractors are ``distractors.near_miss_numbers``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import datetime as dt
 import itertools
 import random
 
-from . import Item, ItemProbe
+from .base import Item, ItemProbe
+from .distractors import near_miss_numbers
 
 __all__ = ["ReasoningProbe", "make_reasoning_items"]
 
@@ -203,8 +205,7 @@ def _arithmetic_items(rng: random.Random, n: int) -> list[Item]:
     items = []
     for k in range(n):
         question, answer = _word_problem(rng)
-        wrong = sorted({answer + 1, answer - 1, answer + 10, answer * 2} - {answer})[:3]
-        choices = [str(answer), *map(str, wrong)]
+        choices = [str(answer), *map(str, near_miss_numbers(answer))]
         rng.shuffle(choices)
         items.append(Item(id=f"arith-{k:02d}", prompt=f"{question} {_NUMBER}", answer=str(answer),
                           choices=tuple(choices), scorer="number"))

@@ -1,0 +1,336 @@
+"""Generation: the one home for turning prompts into tokens and generated tokens into text.
+
+- ``TextCodec`` — the token side of a model: prompts (plain or chat-templated) and chat messages
+  to ids, left padding, the EOS and pad ids, and ``finish`` — the one rule that turns a generated
+  row into text (cut at EOS, decode, cut at the first stop string) with its finish reason.
+- ``Sampling`` — the settings of one generation (budget, temperature, top_p, seed, stops),
+  validated once.
+- ``generate_ids`` / ``decode`` — the decode loop: prefill, then one token per step until every
+  row has hit EOS or a stop string, or the budget is spent. On CUDA each step runs in fixed shapes
+  (``Engine.decode_step``) captured once as a CUDA graph and replayed; elsewhere it runs the
+  ordinary cached forward. ``decode`` starts from a prefilled cache, so sweeps can prefill shared
+  prefixes themselves.
+
+Limits: greedy or temperature/top-p sampling only (no beam search); stop strings are checked on the
+decoded text of each row after every step (fine for short budgets, O(steps^2) text for long ones).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .layer_path import LayerPath
+    from .model import Model
+
+__all__ = ["Finished", "Sampling", "TextCodec", "as_token_ids", "decode", "generate_ids", "generation_masks",
+           "positions_from_mask", "sample"]
+
+OnStep = Callable[[torch.Tensor, torch.Tensor], None]  # (tokens [B], finished [B]) after every step
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Left-padded attention mask [B, T] -> position ids [B, T] (0 at each sequence's first real token)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def as_token_ids(values, device: torch.device, name: str = "input_ids") -> torch.Tensor:
+    """Token ids (tensor or nested lists, [T] or [B, T]) -> LongTensor [B, T] on device."""
+    if not isinstance(values, torch.Tensor):
+        values = torch.as_tensor(values)
+    if values.dim() == 1:
+        values = values.unsqueeze(0)
+    if values.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name} must hold integer token ids, got {values.dtype}")
+    return values.to(device=device, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A generated row made text: ``reason`` is "stop" (EOS or a stop string) or "length";
+    ``tokens`` counts the generated tokens up to and including EOS."""
+
+    text: str
+    reason: str
+    tokens: int
+
+
+class TextCodec:
+    """The token side of a model (tokenizer + the config's special ids). ``tokenizer`` may be None:
+    then only id-level methods work, and text ones raise naming the model source."""
+
+    def __init__(self, tokenizer, config_eos_ids: Sequence[int], config_pad_id: int, source: str):
+        self.tokenizer = tokenizer
+        self.source = source
+        if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_ids = list(config_eos_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in self.eos_ids:
+            self.eos_ids.append(tokenizer.eos_token_id)
+        if config_pad_id >= 0:
+            self.pad_id = int(config_pad_id)
+        elif tokenizer is not None and tokenizer.pad_token_id is not None:
+            self.pad_id = int(tokenizer.pad_token_id)
+        else:
+            self.pad_id = self.eos_ids[0] if self.eos_ids else 0
+
+    def require(self, what: str):
+        """The tokenizer, or ValueError saying ``what`` needs one."""
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer, and {self.source} has none; pass token ids instead")
+        return self.tokenizer
+
+    @property
+    def bos_id(self) -> int | None:
+        """The id an empty context conditions on: BOS, else the first EOS, else None."""
+        tok = self.tokenizer
+        if tok is not None and tok.bos_token_id is not None:
+            return int(tok.bos_token_id)
+        return self.eos_ids[0] if self.eos_ids else None
+
+    def chat_text(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """Chat messages -> the prompt text of the tokenizer's chat template."""
+        return self.require("chat").apply_chat_template(list(messages), tokenize=False,
+                                                        add_generation_prompt=add_generation_prompt)
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Chat messages -> prompt ids (the template's text, its own special tokens only)."""
+        return self.encode(self.chat_text(messages), add_special_tokens=False)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"prompts must be strings, got {type(text).__name__}")
+        return self.require("text prompts")(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
+        """A user prompt -> ids: through the chat template (one user turn) when chat, else as plain text."""
+        if chat:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts must be strings, got {type(prompt).__name__}")
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        return self.encode(prompt)
+
+    def left_pad(self, seqs: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token lists -> (ids [B, T], mask [B, T]) left-padded with the pad id (mask 0 on padding)."""
+        if not seqs:
+            raise ValueError("no sequences to pad")
+        if any(len(s) == 0 for s in seqs):
+            raise ValueError("a prompt encodes to no tokens")
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        return ids.to(device), mask.to(device)
+
+    def finish(self, row: Sequence[int], stops: Sequence[str] = (), max_new_tokens: int | None = None) -> Finished:
+        """A generated row -> text cut at the first EOS, then at the first occurrence of each stop
+        string (in order). reason is "length" only when the row ran to max_new_tokens unstopped."""
+        row = list(row)
+        eos = set(self.eos_ids)
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        tokens = row[:cut] if cut is not None else row
+        text = self.require("decoding").decode(tokens, skip_special_tokens=True)
+        reason = "stop" if cut is not None else "length"
+        for s in stops:
+            at = text.find(s) if s else -1
+            if at >= 0:
+                text, reason = text[:at], "stop"
+        if reason == "length" and max_new_tokens is not None and len(tokens) < max_new_tokens:
+            reason = "stop"
+        return Finished(text, reason, len(tokens) + (1 if cut is not None else 0))
+
+    def hit_stop(self, generated: torch.Tensor, stops: Sequence[str]) -> torch.Tensor:
+        """generated [B, n] -> bool [B]: whose decoded text holds a stop string."""
+        texts = self.require("stop strings").batch_decode(generated.tolist(), skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in stops) for t in texts], device=generated.device)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Settings of one generation: temperature 0 is greedy; stops end a row when its text holds one."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stops: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.temperature < 0 or not (0 < self.top_p <= 1):
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        stops = (self.stops,) if isinstance(self.stops, str) else tuple(self.stops or ())
+        object.__setattr__(self, "stops", tuple(s for s in stops if s))
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(int(self.seed))
+        return g
+
+
+def generation_masks(ids: torch.Tensor, mask: torch.Tensor | None,
+                     max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions [B, T] of left-padded prompts, and the key mask over prompt + generated tokens
+    [B, T + max_new_tokens] (None when nothing is padded)."""
+    B, T = ids.shape
+    if mask is None:
+        return torch.arange(T, device=ids.device).expand(B, T).contiguous(), None
+    full_mask = None
+    if not bool((mask != 0).all()):
+        full_mask = torch.ones((B, T + max_new_tokens), dtype=torch.long, device=ids.device)
+        full_mask[:, :T] = mask
+    return positions_from_mask(mask), full_mask
+
+
+def generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor | None, path: LayerPath,
+                 sampling: Sampling, on_step: OnStep | None = None) -> torch.Tensor:
+    """Generates after left-padded prompts ids [B, T] (mask [B, T] or None) along path.
+    Returns the new ids [B, n] (rows finished early padded with the pad id)."""
+    B, T = ids.shape
+    positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
+    layers = list(path)
+    with torch.inference_mode():
+        cache = model.engine.new_cache(len(layers), B, T + sampling.max_new_tokens)
+        step_mask = None if full_mask is None else full_mask[:, :T]
+        logits = model.engine.forward(ids, positions, step_mask, layers, cache, True)[:, -1].float()
+        return decode(model, logits, cache, layers, positions[:, -1:], full_mask, sampling, on_step)
+
+
+def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_pos: torch.Tensor,
+           full_mask: torch.Tensor | None, sampling: Sampling, on_step: OnStep | None = None) -> torch.Tensor:
+    """Token-by-token decoding after a prefill: logits [B, V] of the last prompt position, the
+    cache holding the prompt (length T), last_pos [B, 1] its positions, full_mask [B, T + max_new]
+    or None. Returns the new ids [B, n] (rows finished early padded with the pad id)."""
+    B = logits.shape[0]
+    codec = model.codec
+    step = step_function(model, cache, layers, last_pos, full_mask)
+    eos = torch.tensor(codec.eos_ids, dtype=torch.long, device=logits.device)
+    generator = sampling.generator(logits.device)
+    out: list[torch.Tensor] = []
+    finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    for n in range(sampling.max_new_tokens):
+        if n < sampling.min_new_tokens and eos.numel():
+            logits[:, eos] = float("-inf")
+        token = sample(logits, sampling.temperature, sampling.top_p, generator)
+        token = torch.where(finished, torch.full_like(token, codec.pad_id), token)
+        out.append(token)
+        if eos.numel():
+            finished |= torch.isin(token, eos)
+        if sampling.stops:
+            finished |= codec.hit_stop(torch.stack(out, 1), sampling.stops)
+        if on_step is not None:
+            on_step(token, finished)
+        if n + 1 == sampling.max_new_tokens or bool(finished.all()):
+            break
+        logits = step(token)
+    return torch.stack(out, 1)
+
+
+def use_static_decode(model: Model) -> bool:
+    """Fixed-shape decode steps: model.static_decode when set, else on CUDA only."""
+    return model.static_decode if model.static_decode is not None else model.device.type == "cuda"
+
+
+def step_function(model: Model, cache, layers: list[int], last_pos: torch.Tensor, full_mask):
+    """token [B] -> logits [B, V] (fp32) of the next position, advancing the cache by one."""
+    if not use_static_decode(model):
+        return _dynamic_step(model, cache, layers, last_pos, full_mask)
+    return _static_step(model, cache, layers, last_pos, full_mask)
+
+
+def _dynamic_step(model: Model, cache, layers, last_pos, full_mask):
+    state = {"pos": last_pos, "len": cache.length}
+
+    def step(token):
+        state["pos"] = state["pos"] + 1
+        state["len"] += 1
+        mask = None if full_mask is None else full_mask[:, : state["len"]]
+        return model.engine.forward(token.unsqueeze(1), state["pos"], mask, layers, cache, True)[:, -1].float()
+
+    return step
+
+
+def _static_step(model: Model, cache, layers, last_pos, full_mask):
+    """Fixed shapes and addresses: the token, positions, key mask and write column live in tensors
+    the step reads and updates in place, so a captured CUDA graph can replay it."""
+    B, T, cap, dev = cache.batch, cache.length, cache.capacity, model.device
+    tok = torch.zeros((B, 1), dtype=torch.long, device=dev)
+    pos = (last_pos + 1).contiguous()
+    index = torch.tensor([T], dtype=torch.long, device=dev)
+    key_mask = torch.zeros((B, cap), dtype=torch.bool, device=dev)
+    key_mask[:, :T] = True if full_mask is None else full_mask[:, :T] != 0
+
+    def run():
+        return model.engine.decode_step(tok, pos, key_mask, index, layers, cache)
+
+    replay = _CudaGraphStep(run, dev) if dev.type == "cuda" and model.cuda_graphs else run
+
+    def step(token):
+        tok.copy_(token.unsqueeze(1))
+        out = replay()
+        cache.advance(1)
+        return out.float()
+
+    return step
+
+
+class _CudaGraphStep:
+    """Runs ``fn`` eagerly once on a side stream (lazy inits, as torch advises), captures it as a
+    CUDA graph on the second call, and replays the graph from then on."""
+
+    def __init__(self, fn, device: torch.device):
+        self.fn, self.device = fn, device
+        self.warm = False
+        self.graph = None
+        self.out = None
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        if not self.warm:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self.fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.warm = True
+            return out
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):  # records, runs nothing; the replay below runs this step
+            self.out = self.fn()
+        self.graph = g
+        g.replay()
+        return self.out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, idx = probs.sort(-1, descending=True)
+        cum = sorted_probs.cumsum(-1)
+        drop = (cum - sorted_probs) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def cuda_graphs_default() -> bool:
+    """CUDA graphs are on unless CF_CUDA_GRAPHS=0."""
+    return os.environ.get("CF_CUDA_GRAPHS", "1") != "0"

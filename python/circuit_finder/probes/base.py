@@ -1,0 +1,121 @@
+"""Probe base types: ``Item`` (one question), the ``Probe`` protocol, ``ItemProbe`` (a probe over
+a fixed item list scored by each item's named scorer), the deterministic search/validation split,
+and ``from_jsonl`` (custom probes from a file). The built-in probes and the registry
+(``get_probe``) build on these; see the package docstring.
+
+Limits: items are held in memory; the split is by position (every third item held out).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from .scoring import SCORERS, score_answer
+
+__all__ = ["SPLITS", "Item", "ItemProbe", "Probe", "from_jsonl", "split_items"]
+
+SPLITS = ("search", "validation", "all")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One probe question. ``data`` carries what a scorer needs beyond the answer (options, emotions...)."""
+
+    id: str
+    prompt: str
+    answer: str
+    choices: tuple[str, ...] = ()
+    scorer: str = "exact"
+    data: Mapping = field(default_factory=dict)
+
+
+@runtime_checkable
+class Probe(Protocol):
+    name: str
+    max_new_tokens: int
+
+    def items(self, split: str = "search") -> list[Item]: ...
+
+    def score(self, item: Item, completion: str) -> float: ...
+
+
+def split_items(items: Sequence[Item], split: str, holdout_every: int = 3) -> list[Item]:
+    """Deterministic split: every ``holdout_every``-th item (index % n == n - 1) is held out."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "all":
+        return list(items)
+    held = [i % holdout_every == holdout_every - 1 for i in range(len(items))]
+    return [it for it, h in zip(items, held) if h == (split == "validation")]
+
+
+class ItemProbe:
+    """A probe over a fixed list of items, scored by each item's named scorer."""
+
+    def __init__(self, name: str, items: Sequence[Item], max_new_tokens: int = 32, holdout_every: int = 3):
+        if not items:
+            raise ValueError(f"probe {name!r} has no items")
+        ids = [it.id for it in items]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"probe {name!r}: item id {dup!r} appears twice")
+        self.name = name
+        self.max_new_tokens = max_new_tokens
+        self._items = list(items)
+        self._holdout_every = holdout_every
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self._items)} items)"
+
+    def items(self, split: str = "search") -> list[Item]:
+        return split_items(self._items, split, self._holdout_every)
+
+    def score(self, item: Item, completion: str) -> float:
+        return score_answer(item.scorer, completion, item.answer, **dict(item.data))
+
+
+def from_jsonl(path: str | Path, name: str | None = None, max_new_tokens: int = 32) -> ItemProbe:
+    """A probe from a JSONL file: {"prompt", "answer", "choices"?, "scorer"?, "id"?} per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such probe file" if not path.exists() else f"{path}: not a file")
+    items = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
+                raise ValueError(f"{path}:{n}: each line needs a string 'prompt' and an 'answer'")
+            scorer = row.get("scorer", "exact")
+            if scorer not in SCORERS:
+                raise ValueError(f"{path}:{n}: unknown scorer {scorer!r}; known: {', '.join(sorted(SCORERS))}")
+            choices = row.get("choices") or ()
+            if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+                raise ValueError(f"{path}:{n}: 'choices' must be a list of strings")
+            answer = str(row["answer"])
+            data = {}
+            if scorer == "choice":
+                if not choices:
+                    raise ValueError(f"{path}:{n}: the 'choice' scorer needs 'choices' (the options)")
+                data["options"] = list(choices)
+                letters = [chr(ord("A") + i) for i in range(len(choices))]
+                if answer in choices:
+                    answer = letters[choices.index(answer)]
+                elif answer.upper() not in letters:
+                    raise ValueError(f"{path}:{n}: answer {answer!r} is neither an option nor an option letter")
+                choices = letters
+            elif choices and answer not in choices:
+                raise ValueError(f"{path}:{n}: 'choices' must include the answer {answer!r}")
+            items.append(Item(id=str(row.get("id", n)), prompt=row["prompt"], answer=answer, choices=tuple(choices),
+                              scorer=scorer, data=data))
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return ItemProbe(name or path.stem, items, max_new_tokens=max_new_tokens)

@@ -1,0 +1,84 @@
+"""sweep(): run probes along many layer paths and collect per-item scores.
+
+The package, in the order a sweep flows through it:
+- ``configs``: which paths (SweepConfig, make_configs for grid / scan / paths, refine_configs);
+- ``runner``: scoring probes along paths with the shared identity prefix reused (run_configs);
+- ``result``: SweepResult — the table, CIs, heatmap, and held-out ``validate``.
+Records are stored by ``circuit_finder.results.ResultStore`` (crash-safe JSONL; resume skips
+configs the file holds).
+
+Limits: one model in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..layer_path import LayerPath
+from ..model import Model
+from ..results import ResultStore
+from .configs import MODES, STRATEGIES, SweepConfig, make_configs, refine_configs, rys_params, unique_configs
+from .result import SweepResult
+from .runner import ProbeBatch, Runner, resolve_probes, run_configs
+
+__all__ = ["MODES", "STRATEGIES", "ProbeBatch", "Runner", "SweepConfig", "SweepResult", "make_configs",
+           "refine_configs", "resolve_probes", "run_configs", "rys_params", "sweep", "unique_configs"]
+
+
+def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequence[int] = (3, 4, 5),
+          starts: Sequence[int] | None = None, stride: int = 1, times: Sequence[int] = (2,),
+          paths: Sequence | None = None, strategy: str = "grid", mode: str = "generate", results=None,
+          resume: bool = True, progress: bool = True, *, max_items: int | None = None, chat: bool | None = None,
+          reuse: bool = True, refine_top: int = 3, refine_stride: int | None = None,
+          by: str = "combined_delta") -> SweepResult:
+    """Scores probes along many layer paths; returns a SweepResult (``.to_pandas()``, ``.heatmap()``...).
+
+    model: a loaded Model. probes: built-in names ("math", "eq", "reasoning", "gsm8k"), .jsonl
+    paths or Probe objects. strategy: "grid" (block_sizes x starts x times; starts default to every
+    ``stride``-th layer), "scan" (every (i, j) with i < j), "refine" (a grid with stride
+    ``refine_stride`` (default max(2, N // 8)), then stride-1 blocks within that distance of the
+    ``refine_top`` best configs by ``by``), or "paths" (given ``paths``; implied when paths are given).
+    mode: "generate" (greedy, chat template, parse, score) or "likelihood" (rank the answer among
+    choices by log-probability: accuracy, plus the mean log-prob margin).
+    results: a JSONL path; each finished config is appended and fsynced. resume=True skips configs
+    the file already holds; resume=False starts the file afresh.
+    max_items: use only the first n search items of each probe. chat: apply the chat template
+    (default: when the tokenizer has one). reuse=False recomputes every path from the embedding
+    (for checking and benchmarking the shared-prefix reuse).
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"sweep() needs a circuit_finder Model (circuit_finder.load), got {type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    probe_list = resolve_probes(probes)
+    n = model.num_layers
+    if paths is not None:
+        strategy = "paths"
+    coarse_stride = refine_stride or max(2, n // 8)
+    if strategy == "refine":
+        configs = make_configs(n, "grid", block_sizes, starts, coarse_stride, times)
+    else:
+        configs = make_configs(n, strategy, block_sizes, starts, stride, times, paths)
+    store = ResultStore.open(results, model=model, mode=mode, resume=resume) if results is not None else None
+    records: list[dict] = []
+
+    def run(batch: list[SweepConfig], desc: str) -> SweepResult:
+        records.extend(run_configs(model, probe_list, batch, store, mode, "search", max_items, chat, reuse, progress,
+                                   desc=desc))
+        return SweepResult(store.records() if store is not None else records, num_layers=n, mode=mode,
+                           path=store.path if store is not None else None, model=model, probes=probe_list, chat=chat)
+
+    result = run([SweepConfig(LayerPath.identity(n)), *configs], "sweep")
+    if strategy == "refine":
+        result = run(_refine_pass(result, configs, n, refine_top, coarse_stride, times, by), "refine")
+    return result
+
+
+def _refine_pass(result: SweepResult, coarse: list[SweepConfig], n: int, top: int, radius: int,
+                 times: Sequence[int], by: str) -> list[SweepConfig]:
+    """Stride-1 neighbours of the ``top`` best coarse configs by ``by``, not already run."""
+    coarse_keys = {c.key for c in coarse}
+    ranked = result.to_pandas()
+    ranked = ranked[ranked["layers"].isin(coarse_keys)].sort_values(by, ascending=False)
+    winners = [SweepConfig.of(LayerPath.parse(t), n) for t in ranked["layers"].head(top)]
+    return [c for c in refine_configs(n, winners, radius, times) if c.key not in coarse_keys]

@@ -1,0 +1,213 @@
+"""Sweep runner: scores probes along layer paths, reusing the work their paths share.
+
+``run_configs`` runs configs in order of how many of their first slots agree with the identity
+path (for the RYS config (i, j): slots 0..j-1). For each probe, ``ProbeBatch`` encodes the items
+once and advances the identity pass slot by slot; its hidden states (and, when generating, its KV
+cache slots, shared without copies) are reused by every config, so the prefix of each path is
+computed once for the whole sweep. Each finished config is appended to the ResultStore.
+
+Modes: ``generate`` (greedy decode with ``generation.decode``, the probe scores the text) and
+``likelihood`` (the probe's choices scored by ``likelihood`` in packed layout; accuracy of the
+right answer ranking first, and its log-prob margin over the best wrong choice).
+
+Limits: one model in one process; each probe's items run as one batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .. import generation, likelihood
+from ..model import Model
+from ..probes import Item, Probe, get_probe
+from ..results import ResultStore
+from .configs import MODES, SweepConfig
+
+__all__ = ["ProbeBatch", "Runner", "resolve_probes", "run_configs"]
+
+
+def probe_contexts(model: Model, items: Sequence[Item], chat: bool) -> list[str]:
+    """The text each item's answer follows: the chat template's prompt, or "<prompt>\\nAnswer:"."""
+    if chat:
+        return [model.codec.chat_text([{"role": "user", "content": it.prompt}]) for it in items]
+    return [f"{it.prompt}\nAnswer:" for it in items]
+
+
+class ProbeBatch:
+    """One probe's items encoded once: the rows run in one batch, and the identity pass over them."""
+
+    def __init__(self, model: Model, probe: Probe, items: list[Item], mode: str, chat: bool):
+        self.model, self.probe, self.items, self.mode = model, probe, items, mode
+        model.codec.require(f"probe {probe.name!r}")
+        contexts = probe_contexts(model, items, chat)
+        special = not chat  # a chat template writes its own special tokens
+        if mode == "likelihood":
+            self.scoring = likelihood.packed_batch(self._choice_groups(contexts, chat), model.codec.pad_id,
+                                                   model.device)
+            self.ids, self.positions, self.prefix_mask = self.scoring.ids, self.scoring.positions, self.scoring.mask
+            self.capacity = None
+        else:
+            seqs = [model.codec.encode(c, add_special_tokens=special) for c in contexts]
+            self.ids, mask = model.codec.left_pad(seqs, model.device)
+            self.capacity = self.ids.shape[1] + probe.max_new_tokens
+            self.positions, self.full_mask = generation.generation_masks(self.ids, mask, probe.max_new_tokens)
+            self.prefix_mask = None if self.full_mask is None else mask
+        self._h = None
+        self._done = 0
+        self._cache = None
+
+    def _choice_groups(self, contexts: list[str], chat: bool) -> list[tuple[list[int], list[list[int]]]]:
+        """Per item: (context ids, [ids of each choice]) by the one tokenization rule."""
+        groups = []
+        for it, context in zip(self.items, contexts):
+            if not it.choices or it.answer not in it.choices:
+                raise ValueError(f"probe {self.probe.name!r} item {it.id!r}: likelihood mode needs 'choices' that "
+                                 f"include the answer")
+            pairs = []
+            for choice in it.choices:
+                try:
+                    pairs.append(likelihood.encode_pair(self.model.codec, context, choice if chat else " " + choice,
+                                                        add_special_tokens=not chat))
+                except ValueError as e:
+                    raise ValueError(f"probe {self.probe.name!r} item {it.id!r}: choice {choice!r}: {e}") from e
+            groups.append((pairs[0][0], [cont for _, cont in pairs]))
+        return groups
+
+    def _prefix(self, slots: int, num_layers: int) -> torch.Tensor:
+        """Hidden states after the identity path's first ``slots`` slots, advanced monotonically as
+        configs run in order of shared prefix (restarted when a config needs fewer)."""
+        engine = self.model.engine
+        if self._h is None or slots < self._done:
+            self._h = engine.embed(self.ids)
+            self._done = 0
+            if self.mode == "generate":
+                self._cache = engine.new_cache(num_layers, self.ids.shape[0], self.capacity)
+        if slots > self._done:
+            self._h = engine.run_slots(self._h, self.positions, self.prefix_mask, list(range(num_layers)),
+                                       self._cache, self._done, slots)
+            self._done = slots
+        return self._h
+
+    def run(self, config: SweepConfig, num_layers: int, reuse: bool) -> dict:
+        engine = self.model.engine
+        layers = list(config.layers)
+        begin = config.shared_prefix(num_layers) if reuse else 0
+        h = self._prefix(begin, num_layers) if reuse else engine.embed(self.ids)
+        cache = None
+        if self.mode == "generate":
+            cache = engine.new_cache(len(layers), self.ids.shape[0], self.capacity, self._cache if begin else None,
+                                     begin)
+        h = engine.run_slots(h, self.positions, self.prefix_mask, layers, cache, begin, len(layers))
+        if self.mode == "likelihood":
+            return self._likelihood(h)
+        return self._generate(h, cache, layers)
+
+    def _generate(self, h: torch.Tensor, cache, layers: list[int]) -> dict:
+        cache.advance(self.ids.shape[1])
+        logits = self.model.engine.head(h[:, -1:])[:, -1].float()
+        sampling = generation.Sampling(self.probe.max_new_tokens)
+        new = generation.decode(self.model, logits, cache, layers, self.positions[:, -1:], self.full_mask, sampling)
+        outputs = [self.model.codec.finish(row).text for row in new.tolist()]
+        scores = [float(self.probe.score(it, out)) for it, out in zip(self.items, outputs)]
+        return {"scores": {it.id: s for it, s in zip(self.items, scores)},
+                "outputs": {it.id: o for it, o in zip(self.items, outputs)}}
+
+    def _likelihood(self, h: torch.Tensor) -> dict:
+        values, _ = likelihood.gather_logprobs(self.model.engine.head, h, self.scoring)
+        scores, margins, at = {}, {}, 0
+        for it in self.items:
+            lp = values[at:at + len(it.choices)]
+            at += len(it.choices)
+            right = it.choices.index(it.answer)
+            best_wrong = max(v for c, v in enumerate(lp) if c != right) if len(lp) > 1 else float("-inf")
+            scores[it.id] = 100.0 if lp[right] > best_wrong else 0.0
+            margins[it.id] = lp[right] - best_wrong
+        return {"scores": scores, "margins": margins}
+
+
+class Runner:
+    """Runs configs for a fixed set of probes (items encoded once) and returns their records."""
+
+    def __init__(self, model: Model, probes: list[Probe], mode: str, split: str, max_items: int | None,
+                 chat: bool | None, reuse: bool):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if chat is None:
+            chat = getattr(model.tokenizer, "chat_template", None) is not None
+        self.model, self.mode, self.split, self.reuse = model, mode, split, reuse
+        self.num_layers = model.num_layers
+        self.batches = []
+        for probe in probes:
+            items = probe.items(split)
+            if max_items is not None:
+                items = items[:max_items]
+            if not items:
+                raise ValueError(f"probe {probe.name!r} has no {split} items")
+            self.batches.append(ProbeBatch(model, probe, items, mode, chat))
+
+    def run(self, config: SweepConfig) -> dict:
+        t0 = time.perf_counter()
+        record = {"layers": config.key, "start": config.start, "end": config.end, "times": config.times,
+                  "extra_layers": config.layers.extra_layers(self.num_layers), "split": self.split,
+                  "mode": self.mode, "scores": {}}
+        with torch.inference_mode():
+            for b in self.batches:
+                out = b.run(config, self.num_layers, self.reuse)
+                record["scores"][b.probe.name] = out["scores"]
+                for key in ("margins", "outputs"):
+                    if key in out:
+                        record.setdefault(key, {})[b.probe.name] = out[key]
+        record["seconds"] = round(time.perf_counter() - t0, 4)
+        return record
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="config", dynamic_ncols=True)
+
+
+def run_configs(model: Model, probes: list[Probe], configs: list[SweepConfig], store: ResultStore | None,
+                mode: str, split: str, max_items: int | None, chat: bool | None, reuse: bool, progress: bool,
+                desc: str = "sweep") -> list[dict]:
+    """Runs the configs not yet in the store (in shared-prefix order), appending each record as it finishes."""
+    names = [p.name for p in probes]
+    todo = [c for c in configs if store is None or not store.has(c.key, split, mode, names)]
+    n = model.num_layers
+    todo.sort(key=lambda c: (c.shared_prefix(n), c.key))
+    records: list[dict] = []
+    if not todo:
+        return records
+    runner = Runner(model, probes, mode, split, max_items, chat, reuse)
+    bar = _progress(len(todo), progress, desc)
+    try:
+        for config in todo:
+            record = runner.run(config)
+            if store is not None:
+                store.append(record)
+            records.append(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(config.key[:40])
+    finally:
+        if bar is not None:
+            bar.close()
+    return records
+
+
+def resolve_probes(probes) -> list[Probe]:
+    """Probe names, .jsonl paths or Probe objects (one or a list) -> Probes with distinct names."""
+    if isinstance(probes, str) or not isinstance(probes, Sequence):
+        probes = [probes]
+    out = [get_probe(p) for p in probes]
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two probes share a name: {names}")
+    if not out:
+        raise ValueError("no probes given")
+    return out
