@@ -107,6 +107,17 @@ HF_TO_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.no
 K_SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
+def llama_cpp_permute(w, n_head: int):
+    """llama.cpp's converter reorders Q/K rows for the `llama` architecture (HF halves-RoPE ->
+    interleaved pairs). Written here by index, independently of circuit_finder: within each head of
+    `hd` rows, GGUF row 2*i + j holds Hugging Face row j*hd/2 + i (i < hd/2, j in {0, 1})."""
+    rows = w.shape[0]
+    hd = rows // n_head
+    assert hd * n_head == rows and hd % 2 == 0, (rows, n_head)
+    order = [h * hd + j * (hd // 2) + i for h in range(n_head) for i in range(hd // 2) for j in range(2)]
+    return w[order]
+
+
 def gguf_name(hf: str) -> str:
     if hf in HF_TO_GGUF_GLOBAL:
         return HF_TO_GGUF_GLOBAL[hf]
@@ -138,13 +149,12 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
                extra_tensors=None, extra_arrays=None):
     """Writes a transformers model as GGUF the way llama.cpp's converter lays it out.
 
-    Matrices get `qtype` (norms stay F32); llama-arch Q/K rows are permuted as the converter does.
-    Returns {gguf tensor name: (bytes array, type)} of what was written.
+    Matrices get `qtype` (norms stay F32); llama-arch Q/K rows are permuted as the converter does
+    (by `llama_cpp_permute`, not by circuit_finder's code). Returns {gguf tensor name: (bytes array,
+    type)} of what was written.
     """
     import gguf
     import numpy as np
-
-    from circuit_finder.gguf import permute_qk
 
     cfg = hf_model.config
     arch = arch or cfg.model_type
@@ -176,9 +186,9 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
             continue
         arr = t.detach().float().numpy()
         if permute and arch == "llama" and hf.endswith("q_proj.weight"):
-            arr = permute_qk(arr, cfg.num_attention_heads)
+            arr = llama_cpp_permute(arr, cfg.num_attention_heads)
         elif permute and arch == "llama" and hf.endswith("k_proj.weight"):
-            arr = permute_qk(arr, cfg.num_key_value_heads)
+            arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
         data, kind = encode_tensor(arr, qtype if arr.ndim == 2 else "F32", rng)
         w.add_tensor(name, data, raw_dtype=kind)
         written[name] = (data, kind)

@@ -34,7 +34,9 @@ def test_cuda_logits_match_transformers_on_device(model_dir, arch):
     print(f"{arch} cuda fp32: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}")
     assert diff.max().item() < 2e-3  # TF32-free fp32 GEMMs on GPU still reorder sums
     cpu = cf.load(folder).logits(ids.cpu(), layers=PATH)
-    print(f"{arch} cuda vs cpu: max abs diff {(out.cpu() - cpu).abs().max().item():.3e}")
+    twin = (out.cpu() - cpu).abs()
+    print(f"{arch} cuda vs cpu: max abs diff {twin.max().item():.3e}, mean {twin.mean().item():.3e}")
+    assert twin.max().item() < 2e-3  # the same engine on two devices: only summation order differs
 
 
 def test_cuda_greedy_generate_and_padding(model_dir, arch):

@@ -4,6 +4,8 @@ custom JSONL probes."""
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 
@@ -19,23 +21,41 @@ from circuit_finder.probes.scoring import (
 )
 
 
+# RYS partial credit, worked by hand from the formula in DESIGN.md: both integers as digit strings,
+# the shorter right-padded with zeros to length L (p pad digits);
+# score = 100 * (1 - |a - e| / max(a, e)) * (1 - p / L), 0 when unparsable.
 @pytest.mark.parametrize("answer, expected, score", [
     (12345, 12345, 100.0),
     (None, 12345, 0.0),
-    (-5, 5, 0.0),
-    # same length: 1 - |12300 - 12345| / 12345
-    (12300, 12345, 100.0 * (1 - 45 / 12345)),
-    # one digit short: "1234" -> 12340, p = 1, L = 5
-    (1234, 12345, 100.0 * (1 - 5 / 12345) * (1 - 1 / 5)),
-    # one digit long: "123456" vs "12345" -> 123450, p = 1, L = 6
-    (123456, 12345, 100.0 * (1 - 6 / 123456) * (1 - 1 / 6)),
-    # far off: clamped at 0
-    (99999, 10000, 100.0 * (1 - 89999 / 99999)),
-    (12.5, 12, 0.0),
+    (-5, 5, 0.0),  # a sign mismatch scores nothing
+    # same length, p = 0: 1 - 45 / 12345 = 12300 / 12345 = 0.9963547995
+    (12300, 12345, 99.63547995),
+    # "1234" -> "12340", p = 1, L = 5: (12340 / 12345) * (4 / 5) = 0.7996759822
+    (1234, 12345, 79.96759822),
+    # "12345" -> "123450" vs 123456, p = 1, L = 6: (1 - 6 / 123456) * (5 / 6) = 0.8332928331
+    (123456, 12345, 83.32928331),
+    # "999" -> "9990" vs 1000, p = 1, L = 4: (1 - 8990 / 9990) * (3 / 4) = 0.0750750751
+    (999, 1000, 7.50750751),
+    # "5" -> "50": the digits agree, only the pad costs: 1 * (1 - 1 / 2)
+    (5, 50, 50.0),
+    # 1 - 4 / 7 = 3 / 7 = 0.4285714286
+    (3, 7, 42.85714286),
+    # 1 - 89999 / 99999 = 10000 / 99999 = 0.1000010000
+    (99999, 10000, 10.00010000),
+    (12.5, 12, 0.0),  # not an integer
     (12.0, 12, 100.0),
 ])
 def test_math_partial_credit(answer, expected, score):
-    assert math_partial_credit(answer, expected) == pytest.approx(score)
+    assert math_partial_credit(answer, expected) == pytest.approx(score, abs=1e-6)
+
+
+def test_math_scorers_parse_then_score():
+    """The same hand-worked values through the completion-level scorers (extraction + formula)."""
+    item = Item("m", "a hand-written item", "12345", scorer="math")
+    assert score_answer("math", "The answer is 1,234.", "12345") == pytest.approx(79.96759822, abs=1e-6)
+    assert get_probe("math").score(item, "I think 12300") == pytest.approx(99.63547995, abs=1e-6)
+    assert get_probe("math").score(item, "no idea") == 0.0
+    assert score_answer("math", "", "12345") == 0.0
 
 
 @pytest.mark.parametrize("text, number", [
@@ -52,16 +72,32 @@ def test_extract_number(text, number):
     assert extract_number(text) == number
 
 
-def test_eq_score_formula():
-    ref = [7, 6, 1, 0]
-    assert eq_score(ref, ref) == 100.0
-    # d = 2, 0, 0, 0 -> penalty 1; d = 6 -> penalty 6 (linear past 4)
-    assert eq_score([5, 6, 1, 0], ref) == pytest.approx(100 * (1 - 1 / 40))
-    assert eq_score([7, 0, 1, 0], ref) == pytest.approx(100 * (1 - 6 / 40))
-    assert eq_score([0, 0, 10, 10], ref) == pytest.approx(100 * (1 - (7 + 6 + 9 + 10) / 40))
-    assert eq_score([10, 10, 10, 10], [0, 0, 0, 0]) == 0.0  # floored
-    assert eq_score(None, ref) == 0.0
-    assert eq_score([1, 2], ref) == 0.0
+# EQ-Bench-v2 style, by hand: d = |ref - pred| per emotion; penalty d^2 / 4 when d <= 4, else d;
+# score = 100 * (1 - sum / (10 * n)), n = 4 here so the divisor is 40.
+@pytest.mark.parametrize("pred, ref, score", [
+    ([7, 6, 1, 0], [7, 6, 1, 0], 100.0),
+    ([8, 3, 5, 0], [7, 6, 1, 0], 83.75),  # d = 1, 3, 4, 0: 0.25 + 2.25 + 4 = 6.5; 1 - 6.5 / 40 = 0.8375
+    ([3, 6, 1, 0], [7, 6, 1, 0], 90.0),  # d = 4 (quadratic side): 16 / 4 = 4; 1 - 4 / 40
+    ([2, 6, 1, 0], [7, 6, 1, 0], 87.5),  # d = 5 (linear side): 5, not 25 / 4; 1 - 5 / 40
+    ([7.5, 6, 1, 0], [7, 6, 1, 0], 99.84375),  # d = 0.5: 0.0625; 1 - 0.0625 / 40
+    ([0, 0, 10, 10], [7, 6, 1, 0], 20.0),  # d = 7, 6, 9, 10, all linear: 32; 1 - 32 / 40
+    ([10, 10, 10, 10], [1, 0, 0, 0], 2.5),  # 9 + 10 + 10 + 10 = 39; 1 - 39 / 40
+    ([10, 10, 10, 10], [0, 0, 0, 0], 0.0),  # 40: the floor
+    (None, [7, 6, 1, 0], 0.0),  # unparsable
+    ([1, 2], [7, 6, 1, 0], 0.0),  # wrong count
+])
+def test_eq_score_formula(pred, ref, score):
+    assert eq_score(pred, ref) == pytest.approx(score, abs=1e-9)
+
+
+def test_eq_probe_scores_text_by_the_formula():
+    emotions = ("Anger", "Relief", "Pride", "Fear")
+    item = Item("e", "scene", "Anger: 7\nRelief: 6\nPride: 1\nFear: 0", scorer="eq",
+                data={"emotions": emotions, "reference": (7, 6, 1, 0)})
+    probe = get_probe("eq")
+    assert probe.score(item, "Anger: 8\nRelief: 3\nPride: 5\nFear: 0") == pytest.approx(83.75)
+    assert probe.score(item, "fear - 0, pride 1/10, relief=2, ANGER: 7") == pytest.approx(90.0)
+    assert probe.score(item, "I cannot say.") == 0.0
 
 
 def test_parse_emotions():
@@ -106,9 +142,29 @@ def test_builtin_probes_sizes_and_splits():
             assert len(set(item.choices)) == len(item.choices), item.id
             assert probe.score(item, item.answer) == 100.0, item.id  # the reference answer scores full marks
             assert probe.score(item, "") == 0.0, item.id
-    assert sizes["eq"] >= 24 and sizes["reasoning"] >= 40
     kinds = {i.id.split("-")[0] for i in get_probe("reasoning").items("all")}
     assert kinds == {"causal", "date", "deduction", "navigate", "arith"}
+
+
+def test_math_items_are_right():
+    """Each math item's answer recomputed from its prompt with Python integers."""
+
+    def icbrt(n: int) -> int:
+        r = round(n ** (1 / 3))
+        r = next(c for c in (r - 1, r, r + 1) if c ** 3 == n)
+        return r
+
+    for item in get_probe("math").items("all"):
+        expr = re.fullmatch(r"What is (.*)\? Reply with only the final number, no working\.", item.prompt).group(1)
+        expr = re.sub(r"the cube root of (\d+)", lambda m: str(icbrt(int(m[1]))), expr)
+        expr = re.sub(r"the square root of (\d+)", lambda m: str(math.isqrt(int(m[1]))), expr)
+        expr = expr.replace(", multiplied by", " *")
+        assert re.fullmatch(r"[\d *+-]+", expr), item.prompt
+        assert int(item.answer) == eval(expr), item.prompt  # digits and + - * only
+        assert len(item.choices) == 4
+        for wrong in item.choices:
+            if wrong != item.answer:
+                assert 0.0 < get_probe("math").score(item, wrong) < 100.0, (item.id, wrong)
 
 
 def test_reasoning_items_are_right():
@@ -117,8 +173,6 @@ def test_reasoning_items_are_right():
     for item in make_reasoning_items():
         if item.id.startswith("navigate"):
             moves = {"forward": (0, 1), "backward": (0, -1), "left": (-1, 0), "right": (1, 0)}
-            import re
-
             steps = re.findall(r"Take (\d+) steps? (\w+)\.", item.prompt)
             x = sum(moves[d][0] * int(s) for s, d in steps)
             y = sum(moves[d][1] * int(s) for s, d in steps)
@@ -126,10 +180,7 @@ def test_reasoning_items_are_right():
 
 
 def test_gsm8k_probe():
-    try:
-        probe = get_probe("gsm8k")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    probe = get_probe("gsm8k")  # its data ships with the package: nothing to skip for
     item = probe.items()[0]
     assert "eggs" in item.prompt and item.answer == "The answer is 18."
     assert probe.score(item, "So the answer is 18.") == 100.0
