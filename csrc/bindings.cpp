@@ -2,8 +2,8 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include "common/errors.h"
 #include "engine/config.h"
-#include "engine/error.h"
 #include "engine/kv_cache.h"
 #include "engine/layer_path.h"
 #include "engine/model.h"

@@ -163,13 +163,37 @@ def test_silu_mul_matches_reference(dtype):
 @gpu
 def test_gpu_kernels_reject_bad_input():
     x = torch.randn(2, 8, device="cuda")
-    with pytest.raises(ValueError, match="weight must be"):
+    with pytest.raises(ValueError, match=r"add_rms_norm: weight has shape \[7\], expected \[hidden=8\]"):
         _C.gpu_add_rms_norm(x, None, torch.ones(7, device="cuda"), 1e-5)
-    with pytest.raises(ValueError, match="one GPU with one dtype"):
+    with pytest.raises(ValueError, match="add_rms_norm: residual has shape"):
+        _C.gpu_add_rms_norm(x, x[:1], torch.ones(8, device="cuda"), 1e-5)
+    with pytest.raises(ValueError, match="silu_mul: up is Double but gate is Float"):
         _C.gpu_silu_mul(x, x.double())
+    with pytest.raises(ValueError, match="silu_mul: up is on cpu but gate is on cuda"):
+        _C.gpu_silu_mul(x, x.cpu())
+    with pytest.raises(ValueError, match="silu_mul: gate is on cpu, not a GPU"):
+        _C.gpu_silu_mul(x.cpu(), x.cpu())
     with pytest.raises(ValueError, match="even D"):
         _C.gpu_rope(torch.randn(1, 1, 1, 3, device="cuda"), torch.ones(1, 1, 3, device="cuda"),
                     torch.ones(1, 1, 3, device="cuda"))
+    x4 = torch.randn(2, 3, 4, 8, device="cuda")
+    with pytest.raises(ValueError, match=r"rope: sin has shape \[2, 1, 5, 8\], expected \[B=2, 1, T=3, D=8\]"):
+        _C.gpu_rope(x4, torch.ones(2, 1, 3, 8, device="cuda"), torch.ones(2, 1, 5, 8, device="cuda"))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _C.gpu_kernels() and torch.cuda.device_count() >= 2),
+                    reason="needs two CUDA/ROCm devices and a build with the GPU kernels")
+def test_gpu_kernels_run_on_their_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels launch on cuda:1 (a device guard)."""
+    torch.cuda.set_device(0)
+    x = torch.randn(3, 64, device="cuda:1")
+    r = torch.randn(3, 64, device="cuda:1")
+    w = torch.rand(64, device="cuda:1") + 0.5
+    s, out = _C.gpu_add_rms_norm(x, r, w, 1e-6)
+    torch.cuda.synchronize(1)
+    assert out.device == x.device and torch.equal(s, x + r)
+    report("add_rms_norm on cuda:1", out, ref_rms_norm(x + r, w, 1e-6), torch.float32)
+    report("silu_mul on cuda:1", _C.gpu_silu_mul(x, r), torch.nn.functional.silu(x) * r, torch.float32)
 
 
 def test_cpu_build_reports_missing_gpu_kernels():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from circuit_finder import LayerPath, LayerPathError
@@ -56,6 +58,21 @@ def test_hash_eq_and_repr():
 def test_malformed_text(text, match):
     with pytest.raises(LayerPathError, match=match):
         LayerPath.parse(text)
+
+
+@pytest.mark.parametrize(
+    "text, item",
+    [("0..3,,2", 2), ("0..3,", 2), (",0..3", 1), ("0..3+", 2), ("0..3;;1", 2), ("0..3, ,2", 2), ("0..3,+2", 2),
+     ("1 2 ;", 3), (" ; 1", 1)],
+)
+def test_empty_item_is_named(text, item):
+    with pytest.raises(LayerPathError, match=rf"layer path '{re.escape(text)}': item {item} is empty"):
+        LayerPath.parse(text)
+
+
+@pytest.mark.parametrize("text", ["0..3, 4", "0..3 ,4", " 0..3 , 4 ", "0..3\t;\n4", "0..3 + 4", "0..3  4"])
+def test_whitespace_around_a_separator_is_fine(text):
+    assert LayerPath.parse(text) == LayerPath.parse("0..3,4")
 
 
 def test_validation_names_index_and_layer_count():

@@ -307,8 +307,6 @@ def test_qwen2_sliding_window_greedy_decode_matches_transformers(qwen2_sliding):
     assert torch.equal(ours, ref)
 
 
-@pytest.mark.xfail(strict=True, reason="csrc/engine/config.cpp defaults max_window_layers to num_hidden_layers; "
-                                      "Qwen2Config's default is 28")
 def test_qwen2_max_window_layers_default_follows_transformers(tmp_path):
     """use_sliding_window without max_window_layers: Qwen2Config's default (28) decides which layers
     slide. 30 layers, so layers 28 and 29 slide in transformers."""

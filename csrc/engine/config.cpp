@@ -1,12 +1,13 @@
 // config.cpp — see config.h.
 #include "config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <tuple>
 #include <nlohmann/json.hpp>
 
-#include "error.h"
+#include "../common/errors.h"
 
 namespace cf {
 namespace {
@@ -90,7 +91,9 @@ class Reader {
  private:
   int64_t integer_value(const char* key, const json& v) const {
     if (v.is_number_integer()) return v.get<int64_t>();
-    if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()) return static_cast<int64_t>(v.get<double>());
+    // A whole float within +-2^53 (larger ones are not exact, and casting past int64 is undefined).
+    if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>() && std::fabs(v.get<double>()) <= 0x1p53)
+      return static_cast<int64_t>(v.get<double>());
     throw ConfigError(cat(source_, ": field '", key, "' must be an integer"));
   }
   const json& j_;
@@ -147,22 +150,25 @@ RopeConfig parse_rope(const Reader& top, int64_t max_pos) {
   return rope;
 }
 
-}  // namespace
-
-ModelConfig parse_config(const std::string& json_text, const std::string& source) {
+json parse_json_object(const std::string& text, const std::string& source) {
   json j;
   try {
-    j = json::parse(json_text);
+    j = json::parse(text);
   } catch (const json::exception& e) {
     throw ConfigError(cat(source, ": invalid JSON: ", e.what()));
   }
   if (!j.is_object()) throw ConfigError(cat(source, ": config is not a JSON object"));
-  Reader r(j, source);
-  ModelConfig c;
+  return j;
+}
+
+// c.architecture (architectures[0], else from model_type) and that architecture's flags.
+const ArchFlags& read_architecture(const Reader& r, ModelConfig& c) {
+  const std::string& source = r.source();
   if (r.has("architectures")) {
-    if (!j["architectures"].is_array() || j["architectures"].empty() || !j["architectures"][0].is_string())
+    const json& names = r.raw()["architectures"];
+    if (!names.is_array() || names.empty() || !names[0].is_string())
       throw ConfigError(cat(source, ": 'architectures' must be a list of names"));
-    c.architecture = j["architectures"][0].get<std::string>();
+    c.architecture = names[0].get<std::string>();
   } else {
     auto mt = model_type_to_arch().find(r.string("model_type", ""));
     if (mt == model_type_to_arch().end())
@@ -174,8 +180,12 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   if (arch == arch_table().end())
     throw ConfigError(cat(source, ": architecture '", c.architecture, "' is not supported (supported: ",
                           supported_archs(), ")"));
-  const ArchFlags& f = arch->second;
+  return arch->second;
+}
 
+// Vocabulary, hidden, MLP and head sizes, layer count, context length: each positive and under a bound.
+void read_sizes(const Reader& r, ModelConfig& c) {
+  const std::string& source = r.source();
   c.vocab_size = r.integer("vocab_size");
   c.hidden_size = r.integer("hidden_size");
   c.intermediate_size = r.integer("intermediate_size");
@@ -208,43 +218,64 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   }
   if (c.head_dim <= 0 || c.head_dim > (int64_t{1} << 14) || c.head_dim % 2 != 0)
     throw ConfigError(cat(source, ": head_dim must be even, positive and at most 16384 (RoPE), got ", c.head_dim));
+}
+
+// The block's flags: norm epsilon, activation, biases, q/k norm, tied embeddings.
+void read_block_flags(const Reader& r, const ArchFlags& f, ModelConfig& c) {
   c.rms_norm_eps = r.number("rms_norm_eps", 1e-6);
   if (!std::isfinite(c.rms_norm_eps) || c.rms_norm_eps < 0)
-    throw ConfigError(cat(source, ": rms_norm_eps must be a finite non-negative number"));
+    throw ConfigError(cat(r.source(), ": rms_norm_eps must be a finite non-negative number"));
   const std::string act = r.string("hidden_act", "silu");
-  if (act != "silu")
-    throw ConfigError(cat(source, ": hidden_act '", act, "' is not supported (supported: silu)"));
+  if (act != "silu") throw ConfigError(cat(r.source(), ": hidden_act '", act, "' is not supported (supported: silu)"));
   const bool attention_bias = r.boolean("attention_bias", false);
   c.qkv_bias = f.qkv_bias_always || attention_bias;
   c.o_bias = f.o_bias_follows_attention_bias && attention_bias;
   c.mlp_bias = r.boolean("mlp_bias", false);
   c.qk_norm = f.qk_norm;
   c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+}
 
-  // Sliding windows, per layer. An explicit layer_types list wins.
-  c.sliding_window.assign(c.num_layers, 0);
+// Sliding window per layer (0 = full attention). An explicit layer_types list wins; else Mistral's
+// sliding_window applies to every layer, and Qwen2's use_sliding_window to layers from max_window_layers.
+std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, int64_t num_layers) {
+  std::vector<int64_t> windows(num_layers, 0);
   const int64_t window = r.integer("sliding_window", 0);
   if (r.has("layer_types")) {
-    const json& lt = j["layer_types"];
-    if (!lt.is_array() || static_cast<int64_t>(lt.size()) != c.num_layers)
-      throw ConfigError(cat(source, ": layer_types must list one type per layer (", c.num_layers, ")"));
-    for (int64_t i = 0; i < c.num_layers; ++i) {
+    const json& lt = r.raw()["layer_types"];
+    if (!lt.is_array() || static_cast<int64_t>(lt.size()) != num_layers)
+      throw ConfigError(cat(r.source(), ": layer_types must list one type per layer (", num_layers, ")"));
+    for (int64_t i = 0; i < num_layers; ++i) {
       const std::string t = lt[i].is_string() ? lt[i].get<std::string>() : "";
       if (t == "sliding_attention") {
-        if (window <= 0) throw ConfigError(cat(source, ": layer ", i, " uses sliding attention but sliding_window is not set"));
-        c.sliding_window[i] = window;
+        if (window <= 0)
+          throw ConfigError(cat(r.source(), ": layer ", i, " uses sliding attention but sliding_window is not set"));
+        windows[i] = window;
       } else if (t != "full_attention") {
-        throw ConfigError(cat(source, ": layer_types[", i, "] = '", t,
+        throw ConfigError(cat(r.source(), ": layer_types[", i, "] = '", t,
                               "' is not supported (supported: full_attention, sliding_attention)"));
       }
     }
   } else if (f.sliding_from_window) {
-    if (window > 0) c.sliding_window.assign(c.num_layers, window);
+    if (window > 0) windows.assign(num_layers, window);
   } else if (r.boolean("use_sliding_window", false) && window > 0) {
-    const int64_t first = r.integer("max_window_layers", c.num_layers);
-    for (int64_t i = first; i < c.num_layers; ++i) c.sliding_window[i] = window;
+    // transformers: layer i slides when i >= max_window_layers (so a negative value means every layer);
+    // Qwen2Config and Qwen3Config default max_window_layers to 28 when the config leaves it out.
+    const int64_t first = std::max<int64_t>(r.integer("max_window_layers", 28), 0);
+    for (int64_t i = first; i < num_layers; ++i) windows[i] = window;
   }
+  return windows;
+}
 
+}  // namespace
+
+ModelConfig parse_config(const std::string& json_text, const std::string& source) {
+  const json j = parse_json_object(json_text, source);
+  Reader r(j, source);
+  ModelConfig c;
+  const ArchFlags& f = read_architecture(r, c);
+  read_sizes(r, c);
+  read_block_flags(r, f, c);
+  c.sliding_window = read_sliding_windows(r, f, c.num_layers);
   c.rope = parse_rope(r, c.max_position_embeddings);
   c.torch_dtype = r.string("torch_dtype", r.string("dtype", ""));
   c.eos_token_ids = r.int_list("eos_token_id");

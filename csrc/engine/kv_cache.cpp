@@ -1,7 +1,7 @@
 // kv_cache.cpp — see kv_cache.h.
 #include "kv_cache.h"
 
-#include "error.h"
+#include "../common/errors.h"
 
 namespace cf {
 

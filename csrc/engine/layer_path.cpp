@@ -4,12 +4,18 @@
 #include <cctype>
 #include <limits>
 
-#include "error.h"
+#include "../common/errors.h"
 
 namespace cf {
 namespace {
 
-bool is_separator(char ch) { return ch == ',' || ch == ';' || ch == '+' || std::isspace(static_cast<unsigned char>(ch)); }
+bool is_space(char ch) { return std::isspace(static_cast<unsigned char>(ch)) != 0; }
+bool is_mark(char ch) { return ch == ',' || ch == ';' || ch == '+'; }
+
+[[noreturn]] void empty_item(const std::string& text, size_t item) {
+  throw LayerPathError(cat("layer path '", text, "': item ", item,
+                           " is empty (a separator at an end, or two with nothing between)"));
+}
 
 int64_t parse_index(const std::string& item, const std::string& digits, const std::string& text) {
   if (digits.empty())
@@ -24,17 +30,29 @@ int64_t parse_index(const std::string& item, const std::string& digits, const st
 
 }  // namespace
 
+// Items are separated by one mark (',', ';', '+'), by whitespace, or by one mark with whitespace
+// around it; a mark with no item before or after it is an empty item, an error.
 LayerPath parse_layer_path(const std::string& text) {
   LayerPath path;
+  size_t items = 0;   // items read so far
+  bool open = false;  // a mark was read and no item since
   size_t i = 0;
   while (i < text.size()) {
-    if (is_separator(text[i])) {
+    if (is_space(text[i])) {
+      ++i;
+      continue;
+    }
+    if (is_mark(text[i])) {
+      if (open || items == 0) empty_item(text, items + 1);
+      open = true;
       ++i;
       continue;
     }
     size_t j = i;
-    while (j < text.size() && !is_separator(text[j])) ++j;
+    while (j < text.size() && !is_space(text[j]) && !is_mark(text[j])) ++j;
     const std::string item = text.substr(i, j - i);
+    ++items;
+    open = false;
     const size_t dots = item.find("..");
     if (dots == std::string::npos) {
       path.push_back(parse_index(item, item, text));
@@ -49,6 +67,7 @@ LayerPath parse_layer_path(const std::string& text) {
     }
     i = j;
   }
+  if (open) empty_item(text, items + 1);
   if (path.empty()) throw LayerPathError(cat("layer path '", text, "' is empty"));
   return path;
 }

@@ -1,6 +1,7 @@
 // layer_path.h — the order in which decoder layers run. Text form: comma-separated indices and
 // inclusive ascending ranges ("0..14,12,13,14,15..39"); ';', '+' and whitespace also separate
 // items, so a path can be written without commas where commas are taken (lm-eval model_args).
+// Whitespace around a separator is fine ("0..3, 4"); an empty item ("0..3,,4", "0..3,") is not.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -10,7 +11,8 @@ namespace cf {
 
 using LayerPath = std::vector<int64_t>;
 
-// Parses path text; throws LayerPathError naming the bad item and its position.
+// Parses path text; throws LayerPathError naming the bad item (its text, or its 1-based number
+// when it is empty).
 LayerPath parse_layer_path(const std::string& text);
 // Canonical compact text: ascending runs of 3 or more become a..b; parses back to the same path.
 std::string format_layer_path(const LayerPath& path);

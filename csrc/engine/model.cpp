@@ -4,9 +4,9 @@
 #include <cmath>
 #include <set>
 
-#include "../kernels/cpu/linear.h"
+#include "../common/errors.h"
 #include "../kernels/ops.h"
-#include "error.h"
+#include "masks.h"
 
 namespace cf {
 namespace {
@@ -85,9 +85,9 @@ at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const a
                              const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
                              const at::Tensor& write_index) const {
   const int64_t B = x.size(0), T = x.size(1), D = cfg_.head_dim, Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads;
-  at::Tensor q = cpu::linear(x, L.wq, L.bq).view({B, T, Hq, D});
-  at::Tensor k = cpu::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
-  at::Tensor v = cpu::linear(x, L.wv, L.bv).view({B, T, Hkv, D}).transpose(1, 2);
+  at::Tensor q = ops::linear(x, L.wq, L.bq).view({B, T, Hq, D});
+  at::Tensor k = ops::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
+  at::Tensor v = ops::linear(x, L.wv, L.bv).view({B, T, Hkv, D}).transpose(1, 2);
   if (cfg_.qk_norm) {
     q = ops::rms_norm(q, L.q_norm, cfg_.rms_norm_eps);
     k = ops::rms_norm(k, L.k_norm, cfg_.rms_norm_eps);
@@ -96,19 +96,8 @@ at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const a
   k = ops::apply_rope(k, cos, sin);
   if (cache != nullptr)
     std::tie(k, v) = write_index.defined() ? cache->append_at(slot, k, v, write_index) : cache->append(slot, k, v);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
-  at::Tensor o;
-  if (T == 1 && Hq != Hkv) {
-    // One query per head: the G = Hq/Hkv query heads sharing a KV head (heads j*G .. j*G+G-1, as
-    // in HF's repeat_kv) become G queries of that KV head. No copy of the cache; the mask
-    // [B, 1, 1, S] applies to each of them alike.
-    o = at::scaled_dot_product_attention(q.view({B, Hkv, Hq / Hkv, D}), k, v, mask, 0.0, false, scale)
-            .view({B, Hq, 1, D});
-  } else {
-    const bool causal = !mask.has_value() && T > 1;
-    o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, /*enable_gqa=*/Hq != Hkv);
-  }
-  return cpu::linear(o.transpose(1, 2).reshape({B, T, Hq * D}), L.wo, L.bo);
+  at::Tensor o = ops::attention(q, k, v, mask, 1.0 / std::sqrt(static_cast<double>(D)));
+  return ops::linear(o.transpose(1, 2).reshape({B, T, Hq * D}), L.wo, L.bo);
 }
 
 at::Tensor Engine::block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
@@ -117,7 +106,8 @@ at::Tensor Engine::block(const at::Tensor& h, const LayerWeights& L, const at::T
   at::Tensor a =
       attention(ops::rms_norm(h, L.input_norm, cfg_.rms_norm_eps), L, cos, sin, mask, cache, slot, write_index);
   auto [x, n] = ops::add_rms_norm(h, a, L.post_norm, cfg_.rms_norm_eps);
-  return x + cpu::linear(ops::silu_mul(cpu::linear(n, L.w_gate, L.b_gate), cpu::linear(n, L.w_up, L.b_up)), L.w_down, L.b_down);
+  return x + ops::linear(ops::silu_mul(ops::linear(n, L.w_gate, L.b_gate), ops::linear(n, L.w_up, L.b_up)), L.w_down,
+                         L.b_down);
 }
 
 at::Tensor Engine::embed(const at::Tensor& input_ids) const {
@@ -125,13 +115,13 @@ at::Tensor Engine::embed(const at::Tensor& input_ids) const {
   if (input_ids.size(1) == 0) throw InputError("input_ids has no tokens");
   if (input_ids.max().item<int64_t>() >= cfg_.vocab_size || input_ids.min().item<int64_t>() < 0)
     throw InputError(cat("input_ids holds a token id outside the vocabulary [0, ", cfg_.vocab_size, ")"));
-  return at::embedding(w_.embed, input_ids);
+  return ops::embedding(w_.embed, input_ids);
 }
 
 at::Tensor Engine::head(const at::Tensor& h) const {
   if (h.dim() < 1 || h.size(-1) != cfg_.hidden_size)
     throw InputError(cat("hidden states must end in the hidden size ", cfg_.hidden_size, ", got ", shape_str(h.sizes())));
-  return cpu::linear(ops::rms_norm(h, w_.final_norm, cfg_.rms_norm_eps), w_.lm_head);
+  return ops::linear(ops::rms_norm(h, w_.final_norm, cfg_.rms_norm_eps), w_.lm_head);
 }
 
 void Engine::check_cache(const KVCache* cache, const LayerPath& path, int64_t B, int64_t T) const {
@@ -151,58 +141,10 @@ std::pair<at::Tensor, at::Tensor> Engine::rope_tables(const at::Tensor& position
           (emb.sin() * cfg_.rope.attention_factor).to(w_.dtype).unsqueeze(1)};
 }
 
-Engine::Masks Engine::build_masks(const std::optional<at::Tensor>& key_mask, const at::Tensor& positions,
-                                  const LayerPath& path, int64_t begin, int64_t end, int64_t B, int64_t T,
-                                  int64_t past) const {
-  // Boolean masks [B, 1, T, S] (true = attend), one per distinct sliding window among the slots.
-  // key_mask is [B, S] (nonzero = a real token; causal order added here) or [B, T, S] (the
-  // complete pattern, e.g. several continuations packed after one shared context; then S == T).
-  const int64_t S = past + T;
-  std::optional<at::Tensor> padding, pattern;
-  if (key_mask.has_value()) {
-    const at::Tensor& km = *key_mask;
-    if (km.device() != w_.device) throw InputError(cat("attention_mask is on ", km.device().str(), ", model on ", w_.device.str()));
-    if (km.dim() == 3) {
-      if (past != 0) throw InputError("a [batch, tokens, tokens] attention_mask needs an empty KV cache");
-      if (km.size(0) != B || km.size(1) != T || km.size(2) != T)
-        throw InputError(cat("attention_mask must be [", B, ", ", T, ", ", T, "], got ", shape_str(km.sizes())));
-      pattern = (km != 0).view({B, 1, T, T});
-    } else if (km.dim() == 2 && km.size(0) == B && km.size(1) == S) {
-      padding = (km != 0).view({B, 1, 1, S});
-    } else {
-      throw InputError(cat("attention_mask must be [", B, ", ", S, "] (cached + new tokens), got ", shape_str(km.sizes())));
-    }
-  }
-  Masks masks;
-  auto dev_long = at::TensorOptions().dtype(at::kLong).device(w_.device);
-  at::Tensor q_idx = at::arange(past, S, dev_long).view({T, 1});
-  at::Tensor k_idx = at::arange(0, S, dev_long).view({1, S});
-  for (int64_t slot = begin; slot < end; ++slot) {
-    const int64_t window = cfg_.sliding_window[path[slot]];
-    if (masks.count(window)) continue;
-    if (!padding && !pattern && window == 0 && (past == 0 || T == 1)) {
-      masks[window] = std::nullopt;  // plain causal (or a single query seeing everything)
-      continue;
-    }
-    at::Tensor allowed;
-    if (pattern) {
-      allowed = *pattern;
-      if (window > 0) {  // by position ids: packed segments restart their positions
-        at::Tensor dist = positions.unsqueeze(2) - positions.unsqueeze(1);
-        allowed = allowed.logical_and((dist < window).view({B, 1, T, T}));
-      }
-    } else {
-      allowed = k_idx <= q_idx;
-      if (window > 0) allowed = allowed.logical_and(k_idx > q_idx - window);
-      allowed = allowed.view({1, 1, T, S});
-      if (padding) allowed = allowed.logical_and(*padding);
-    }
-    // A query that may see nothing (a left-pad position) sees itself instead, so no NaN is made.
-    at::Tensor empty = allowed.any(-1, /*keepdim=*/true).logical_not();
-    allowed = allowed.logical_or(empty.logical_and((k_idx == q_idx).view({1, 1, T, S})));
-    masks[window] = allowed;
-  }
-  return masks;
+std::set<int64_t> Engine::windows(const LayerPath& path, int64_t begin, int64_t end) const {
+  std::set<int64_t> out;
+  for (int64_t slot = begin; slot < end; ++slot) out.insert(cfg_.sliding_window[path[slot]]);
+  return out;
 }
 
 at::Tensor Engine::run_slots(const at::Tensor& h, const at::Tensor& positions, const std::optional<at::Tensor>& key_mask,
@@ -223,7 +165,7 @@ at::Tensor Engine::run_slots(const at::Tensor& h, const at::Tensor& positions, c
   check_cache(cache, path, B, T);
   const int64_t past = cache ? cache->length() : 0;
   auto [cos, sin] = rope_tables(positions);
-  Masks masks = build_masks(key_mask, positions, path, begin, end, B, T, past);
+  Masks masks = build_masks(key_mask, positions, windows(path, begin, end), past);
   at::Tensor x = h;
   for (int64_t slot = begin; slot < end; ++slot) {
     const int64_t layer = path[slot];
@@ -248,21 +190,10 @@ at::Tensor Engine::decode_step(const at::Tensor& token, const at::Tensor& positi
                          c10::toString(key_mask.scalar_type()), " ", shape_str(key_mask.sizes())));
   if (index.scalar_type() != at::kLong || index.device() != w_.device || index.numel() != 1 || index.dim() != 1)
     throw InputError("decode_step's index must be a 1-element int64 tensor on the model's device");
-  at::Tensor x = at::embedding(w_.embed, token);
+  at::Tensor x = ops::embedding(w_.embed, token);
   auto [cos, sin] = rope_tables(positions);
   key_mask.index_fill_(1, index, true);
-  const at::Tensor base = key_mask.view({B, 1, 1, C});
-  Masks masks;
-  for (int64_t layer : path) {
-    const int64_t window = cfg_.sliding_window[layer];
-    if (masks.count(window)) continue;
-    if (window == 0) {
-      masks[window] = base;
-    } else {  // columns within the window before this one (the dynamic path's rule, by column)
-      at::Tensor cols = at::arange(C, index.options());
-      masks[window] = base.logical_and((cols > index - window).view({1, 1, 1, C}));
-    }
-  }
+  Masks masks = decode_step_masks(key_mask, index, windows(path, 0, static_cast<int64_t>(path.size())));
   for (size_t slot = 0; slot < path.size(); ++slot) {
     const int64_t layer = path[slot];
     x = block(x, w_.layers[layer], cos, sin, masks[cfg_.sliding_window[layer]], &cache, static_cast<int64_t>(slot),

@@ -6,11 +6,13 @@
 
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "config.h"
 #include "kv_cache.h"
 #include "layer_path.h"
+#include "masks.h"
 #include "weights.h"
 
 namespace cf {
@@ -62,11 +64,10 @@ class Engine {
   std::map<std::string, at::Tensor> layer_tensors(int64_t layer) const;
 
  private:
-  using Masks = std::map<int64_t, std::optional<at::Tensor>>;  // sliding window -> mask [B, 1, T, S]
   void check_cache(const KVCache* cache, const LayerPath& path, int64_t B, int64_t T) const;
   std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions) const;
-  Masks build_masks(const std::optional<at::Tensor>& key_mask, const at::Tensor& positions, const LayerPath& path,
-                    int64_t begin, int64_t end, int64_t B, int64_t T, int64_t past) const;
+  // The distinct sliding windows (0 = full attention) of the layers in slots [begin, end).
+  std::set<int64_t> windows(const LayerPath& path, int64_t begin, int64_t end) const;
   // write_index: undefined = append at the cache's length; else KVCache::append_at that column.
   at::Tensor block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
                    const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,

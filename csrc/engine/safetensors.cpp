@@ -14,7 +14,7 @@
 #include <set>
 #include <vector>
 
-#include "error.h"
+#include "../common/errors.h"
 
 namespace cf {
 namespace {

@@ -1,7 +1,7 @@
 // weights.cpp — see weights.h.
 #include "weights.h"
 
-#include "error.h"
+#include "../common/errors.h"
 
 namespace cf {
 namespace {

@@ -1,5 +1,5 @@
 // gpu_stubs.cpp — cf::gpu in a build without CUDA/ROCm (torch without a GPU build, or no nvcc).
-#include "../engine/error.h"
+#include "../common/errors.h"
 #include "gpu_ops.h"
 
 namespace cf::gpu {

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "cpu/fused.h"
+#include "cpu/linear.h"
 #include "gpu_ops.h"
 
 namespace cf::ops {
@@ -27,6 +28,26 @@ bool gpu_kernels_enabled() {
     return gpu::available() && (v == nullptr || std::strcmp(v, "0") != 0);
   }();
   return enabled;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  if (x.device().is_cpu()) return cpu::linear(x, w, bias);
+  return at::linear(x, w, bias);
+}
+
+at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids) { return at::embedding(table, ids); }
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& mask, double scale) {
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+  if (T == 1 && Hq != Hkv) {
+    // One query per head: the G query heads sharing a KV head become G queries of that KV head. No
+    // copy of the cache; the mask [B, 1, 1, S] applies to each of them alike.
+    return at::scaled_dot_product_attention(q.view({B, Hkv, Hq / Hkv, D}), k, v, mask, 0.0, false, scale)
+        .view({B, Hq, 1, D});
+  }
+  const bool causal = !mask.has_value() && T > 1;
+  return at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, /*enable_gqa=*/Hq != Hkv);
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {

@@ -1,13 +1,29 @@
-// ops.h — the per-token ops of a decoder block, each with one signature for every device.
+// ops.h — the per-token ops of a decoder block, each with one signature for every device, and
+// the one place that picks a kernel by device: the engine calls nothing else per token.
 // The ATen composites here are the reference (numerics follow Hugging Face's modules: RMSNorm in
-// fp32 then cast back, RoPE with rotate-half, SwiGLU); on a GPU build, CUDA/ROCm tensors go to the
-// fused kernels of kernels/cuda (set CF_GPU_KERNELS=0 to use the composites there too).
+// fp32 then cast back, RoPE with rotate-half, SwiGLU). CPU tensors take the kernels of kernels/cpu
+// where they apply (CF_CPU_KERNELS=0 turns them off); on a GPU build, CUDA/ROCm tensors take the
+// fused kernels of kernels/cuda (CF_GPU_KERNELS=0 turns them off). Linear and attention have no GPU
+// kernel of our own: ATen's (cuBLAS/hipBLAS, its SDPA backends) serve there.
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <utility>
 
 namespace cf::ops {
+
+// x [..., K], w [N, K], bias [N] or undefined -> x @ w^T + bias [..., N]. CPU: the skinny GEMM
+// for decode-sized fp32/bf16 inputs (cpu/linear.h), else at::linear; other devices: at::linear.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias = at::Tensor());
+// table [V, H], ids [B, T] int64 (in range: the caller checks) -> [B, T, H]
+at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids);
+// q [B, Hq, T, D], k and v [B, Hkv, S, D] (Hq a multiple of Hkv: query heads j*G .. j*G+G-1 share
+// KV head j, G = Hq / Hkv, as in HF's repeat_kv), mask [B, 1, T, S] bool (true = attend) or none
+// (T > 1: causal, query t sees keys 0..t, so only for S == T; T == 1: every key) ->
+// softmax(q k^T * scale) v over the attended keys, [B, Hq, T, D].
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& mask, double scale);
 
 // x [..., N], weight [N] -> weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);

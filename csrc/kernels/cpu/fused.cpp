@@ -3,7 +3,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "../../engine/error.h"
+#include "../../common/errors.h"
 #include "linear.h"
 
 namespace cf::cpu {

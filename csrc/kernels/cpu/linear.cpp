@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "../../engine/error.h"
+#include "../../common/errors.h"
 #include "skinny_gemm.h"
 
 namespace cf::cpu {

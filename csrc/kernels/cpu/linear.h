@@ -1,5 +1,6 @@
-// linear.h — the engine's linear layer on CPU: skinny_gemm for decode-sized inputs (few rows,
-// fp32 or bf16, contiguous weights), ATen's at::linear for everything else.
+// linear.h — the linear layer on CPU (the engine reaches it through ops::linear): skinny_gemm for
+// decode-sized inputs (few rows, fp32 or bf16, contiguous weights), ATen's at::linear for
+// everything else, and for all inputs when CF_CPU_KERNELS=0.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -14,7 +15,7 @@ namespace cf::cpu {
 constexpr int64_t kSkinnyMaxRowsF32 = 32;
 constexpr int64_t kSkinnyMaxRowsBF16 = 4;
 
-// x [..., K], w [N, K], b [N] or undefined -> [..., N]; any device (non-CPU goes to at::linear).
+// x [..., K], w [N, K], b [N] or undefined -> [..., N]; tensors not on the CPU go to at::linear.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = at::Tensor());
 
 // The skinny kernel itself (any number of rows) on a chosen instruction set ("base", "avx2",

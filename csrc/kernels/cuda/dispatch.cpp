@@ -1,25 +1,38 @@
 // dispatch.cpp — ATen tensors -> the fused GPU kernels of fused.cu (built only when torch has CUDA
-// or ROCm: CF_WITH_CUDA). Checks what the kernels assume (device, dtype, contiguity, shapes).
+// or ROCm: CF_WITH_CUDA). Each entry point checks what the kernels assume (one device, one dtype,
+// shapes; messages name the tensor), makes the tensors contiguous, and launches on the inputs'
+// device (a device guard: a model on cuda:1 runs there whatever the current device is) and on that
+// device's current stream.
 #include <c10/core/ScalarType.h>
 #if defined(CF_HIP)
+#include <ATen/hip/impl/HIPGuardImplMasqueradingAsCUDA.h>
 #include <ATen/hip/impl/HIPStreamMasqueradingAsCUDA.h>
 #else
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-#include "../../engine/error.h"
+#include "../../common/checks.h"
 #include "../gpu_ops.h"
 #include "fused.h"
 
 namespace cf::gpu {
 namespace {
 
-int code(const at::Tensor& t) {
+#if defined(CF_HIP)
+using DeviceGuard = c10::hip::HIPGuardMasqueradingAsCUDA;
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
+
+int code(const char* op, const char* name, const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return 0;
     case at::kHalf: return 1;
     case at::kBFloat16: return 2;
-    default: throw InputError(cat("GPU kernels take float32, float16 or bfloat16, got ", c10::toString(t.scalar_type())));
+    default:
+      throw InputError(cat(op, ": ", name, " is ", c10::toString(t.scalar_type()),
+                           "; the GPU kernels take float32, float16 or bfloat16"));
   }
 }
 
@@ -31,9 +44,14 @@ void* stream_of(const at::Tensor& t) {
 #endif
 }
 
-void same(const at::Tensor& a, const at::Tensor& b, const char* what) {
-  if (!a.is_cuda() || a.device() != b.device() || a.scalar_type() != b.scalar_type())
-    throw InputError(cat(what, ": tensors must be on one GPU with one dtype"));
+void check_gpu(const char* op, const char* name, const at::Tensor& t) {
+  if (!t.is_cuda()) throw InputError(cat(op, ": ", name, " is on ", t.device().str(), ", not a GPU"));
+}
+
+// b on a's GPU with a's dtype (a is already checked to be on a GPU).
+void check_like(const char* op, const char* a_name, const at::Tensor& a, const char* b_name, const at::Tensor& b) {
+  check_same_device(op, a_name, a, b_name, b);
+  check_same_dtype(op, a_name, a, b_name, b);
 }
 
 void ok(const char* err, const char* what) {
@@ -44,41 +62,69 @@ void ok(const char* err, const char* what) {
 
 bool available() { return true; }
 
+// x [..., hidden]; residual [..., hidden] (x's shape) or none; weight [hidden].
 std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                const at::Tensor& weight, double eps) {
-  const int64_t n = x.size(-1);
-  same(x, weight, "add_rms_norm");
-  if (weight.dim() != 1 || weight.size(0) != n) throw InputError(cat("add_rms_norm: weight must be [", n, "]"));
+  const char* op = "add_rms_norm";
+  check_gpu(op, "x", x);
+  if (x.dim() < 1) throw InputError(cat(op, ": x must have a hidden dimension, got a 0-D tensor"));
+  const int64_t hidden = x.size(-1);
+  check_like(op, "x", x, "weight", weight);
+  CF_CHECK_SHAPE(op, weight, hidden);
+  const int dtype = code(op, "x", x);
+  if (residual) {
+    check_like(op, "x", x, "residual", *residual);
+    if (residual->sizes() != x.sizes())
+      throw InputError(cat(op, ": residual has shape ", shape_str(residual->sizes()), ", expected x's shape ",
+                           shape_str(x.sizes())));
+  }
+  const DeviceGuard guard(x.device());
   at::Tensor xc = x.contiguous(), wc = weight.contiguous(), out = at::empty_like(xc), sum, rc;
   if (residual) {
-    same(x, *residual, "add_rms_norm");
-    if (residual->sizes() != x.sizes()) throw InputError("add_rms_norm: residual must have x's shape");
     rc = residual->contiguous();
     sum = at::empty_like(xc);
   }
-  ok(cf::gpu::add_rms_norm(code(xc), xc.data_ptr(), rc.defined() ? rc.data_ptr() : nullptr, wc.data_ptr(),
-                           sum.defined() ? sum.data_ptr() : nullptr, out.data_ptr(), xc.numel() / std::max<int64_t>(n, 1),
-                           n, static_cast<float>(eps), stream_of(xc)),
-     "add_rms_norm");
+  ok(cf::gpu::add_rms_norm(dtype, xc.data_ptr(), rc.defined() ? rc.data_ptr() : nullptr, wc.data_ptr(),
+                           sum.defined() ? sum.data_ptr() : nullptr, out.data_ptr(),
+                           xc.numel() / std::max<int64_t>(hidden, 1), hidden, static_cast<float>(eps), stream_of(xc)),
+     op);
   return {sum.defined() ? sum : xc, out};
 }
 
+// x [B, T, H, D] with even D; cos, sin [B, 1, T, D] or [B, T, D].
 at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  same(x, cos, "rope");
-  same(x, sin, "rope");
-  if (x.dim() != 4 || x.size(3) % 2 != 0) throw InputError("rope: x must be [B, T, H, D] with even D");
+  const char* op = "rope";
+  check_gpu(op, "x", x);
+  if (x.dim() != 4 || x.size(3) % 2 != 0)
+    throw InputError(cat(op, ": x has shape ", shape_str(x.sizes()), ", expected [B, T, H, D] with even D"));
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
+  auto check_table = [&](const char* name, const at::Tensor& t) {
+    check_like(op, "x", x, name, t);
+    if (t.dim() == 3) check_shape(op, name, t, "B, T, D", {B, T, D});
+    else check_shape(op, name, t, "B, 1, T, D", {B, 1, T, D});
+  };
+  check_table("cos", cos);
+  check_table("sin", sin);
+  const int dtype = code(op, "x", x);
+  const DeviceGuard guard(x.device());
   at::Tensor c = cos.reshape({B, T, D}).contiguous(), s = sin.reshape({B, T, D}).contiguous();
   at::Tensor out = x.contiguous();
-  ok(cf::gpu::rope(code(out), out.data_ptr(), c.data_ptr(), s.data_ptr(), B, T, H, D, stream_of(out)), "rope");
+  ok(cf::gpu::rope(dtype, out.data_ptr(), c.data_ptr(), s.data_ptr(), B, T, H, D, stream_of(out)), op);
   return out;
 }
 
+// gate, up [...] of one shape.
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
-  same(gate, up, "silu_mul");
-  if (gate.sizes() != up.sizes()) throw InputError("silu_mul: gate and up must have one shape");
+  const char* op = "silu_mul";
+  check_gpu(op, "gate", gate);
+  check_like(op, "gate", gate, "up", up);
+  if (gate.sizes() != up.sizes())
+    throw InputError(cat(op, ": up has shape ", shape_str(up.sizes()), ", expected gate's shape ",
+                         shape_str(gate.sizes())));
+  const int dtype = code(op, "gate", gate);
+  const DeviceGuard guard(gate.device());
   at::Tensor g = gate.contiguous(), u = up.contiguous(), out = at::empty_like(g);
-  ok(cf::gpu::silu_mul(code(g), g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), stream_of(g)), "silu_mul");
+  ok(cf::gpu::silu_mul(dtype, g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), stream_of(g)), op);
   return out;
 }
 

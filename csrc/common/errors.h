@@ -1,5 +1,6 @@
-// error.h — the exception types the C++ core throws. bindings.cpp maps each to a Python
-// exception (all subclass ValueError), so bad input never reaches Python as a crash.
+// errors.h — the exception types the C++ core (engine and kernels) throws, and the message
+// building they share. bindings.cpp maps each type to a Python exception (all subclass ValueError),
+// so bad input never reaches Python as a crash. Tensor argument checks: checks.h.
 #pragma once
 #include <c10/util/ArrayRef.h>
 
