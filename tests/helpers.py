@@ -59,9 +59,8 @@ def make_config(arch: str, **overrides):
 
 def build_hf_model(arch: str, folder, seed: int = 0, **overrides):
     config = make_config(arch, **overrides)
-    config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     randomize(model, seed)
     model.eval()
     model.save_pretrained(str(folder))

@@ -10,6 +10,7 @@ import json
 import pytest
 
 import circuit_finder as cf
+import circuit_finder.loading
 from circuit_finder.cli import main, model_args_text
 from helpers import write_gguf
 
@@ -22,6 +23,7 @@ def no_loading(monkeypatch):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(cf, "load", refuse)
+    monkeypatch.setattr(circuit_finder.loading, "load", refuse)  # what server.serve and the lm-eval adapter call
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

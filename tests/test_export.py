@@ -108,6 +108,8 @@ def test_gguf_export_with_llama_cpp(tmp_path):
     try:
         import llama_cpp
     except ImportError:
+        if os.environ.get("CI"):  # the test extra installs it: in CI a missing llama.cpp is a failure
+            raise
         pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python to run this check)")
     path = LayerPath.duplicate(30, 10, 13)
     dst = cf.export_gguf(cf.default_model_path(), tmp_path / "rys.gguf", path)

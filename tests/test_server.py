@@ -145,18 +145,24 @@ def test_over_long_prompt_and_unknown_route(server):
     assert ok.choices[0].text is not None
 
 
+def local_tasks(folder: Path) -> Path:
+    """The local lm-eval tasks (tests/lm_eval_tasks) copied into folder with their data paths filled in."""
+    tasks_dir = Path(__file__).resolve().parent / "lm_eval_tasks"
+    for f in tasks_dir.iterdir():
+        if f.suffix == ".yaml":
+            (folder / f.name).write_text(f.read_text().replace("__DATA__", str(tasks_dir)))
+        else:
+            shutil.copy(f, folder / f.name)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return folder
+
+
 def test_lm_eval_local_chat_completions(server, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
     url, _ = server
-    tasks_dir = Path(__file__).resolve().parent / "lm_eval_tasks"
-    for f in tasks_dir.iterdir():
-        if f.suffix == ".yaml":
-            (tmp_path / f.name).write_text(f.read_text().replace("__DATA__", str(tasks_dir)))
-        else:
-            shutil.copy(f, tmp_path / f.name)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    local_tasks(tmp_path)
     results = lm_eval.simple_evaluate(
         model="local-chat-completions",
         model_args=f"base_url={url}/v1/chat/completions,model=tiny,tokenizer_backend=None,max_retries=1",
@@ -278,7 +284,7 @@ def test_completions_logprobs_and_echo_match_transformers(server, chat_model, ch
     print(f"server logprobs vs transformers: max {diff.max():.3g}, mean {diff.mean():.3g}")
     assert diff.max() < 1e-4
     for q, top in enumerate(lp["top_logprobs"][1:], 1):
-        assert len(top) <= 2 and abs(max(top.values()) - float(want[q - 1].max())) < 1e-4
+        assert len(top) == 2 and abs(max(top.values()) - float(want[q - 1].max())) < 1e-4
     assert r["choices"][0]["text"].startswith(prompt)
     plain = httpx.post(f"{url}/v1/completions", timeout=60, json={"prompt": ids, "max_tokens": 4, "temperature": 0,
                                                                   "logprobs": 0}).json()["choices"][0]
@@ -304,13 +310,7 @@ def test_lm_eval_local_completions_loglikelihood(server, chat_model, chat_model_
     import circuit_finder.lm_eval  # noqa: F401  (registers circuit-finder)
 
     url, _ = server
-    tasks_dir = Path(__file__).resolve().parent / "lm_eval_tasks"
-    for f in tasks_dir.iterdir():
-        if f.suffix == ".yaml":
-            (tmp_path / f.name).write_text(f.read_text().replace("__DATA__", str(tasks_dir)))
-        else:
-            shutil.copy(f, tmp_path / f.name)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    local_tasks(tmp_path)
     manager = TaskManager(include_path=str(tmp_path))
     via_server = lm_eval.simple_evaluate(
         model="local-completions", task_manager=manager, tasks=["cf_mc"], log_samples=True,
@@ -350,3 +350,41 @@ def test_streaming_counts_against_pending_limit(chat_model):
         while httpx.get(f"{url}/health").json()["pending"] and time.time() < deadline:
             time.sleep(0.05)
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_dropped_stream_releases_its_slot(chat_model):
+    """A client that opens a stream and goes away at once leaves no pending slot behind."""
+    with running(create_app(chat_model, max_pending=1, batch_window_ms=0)) as url:
+        body = {"messages": [{"role": "user", "content": "Count slowly."}], "max_tokens": 8, "stream": True}
+        for _ in range(3):
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60):
+                pass  # closed before reading a byte
+        deadline = time.time() + 20
+        while httpx.get(f"{url}/health").json()["pending"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/health").json()["pending"] == 0
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_completion_logprobs_stop_at_the_stop_string(server, chat_model):
+    """Tokens, logprobs and usage cover the completion up to the stop string, as the text does."""
+    url, _ = server
+    free = chat_model.generate("Once upon a time", max_new_tokens=12)[0]
+    stop = free[len(free) // 2:][:3]
+    assert stop.strip(), free
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={"prompt": "Once upon a time", "max_tokens": 12,
+                                                              "temperature": 0, "stop": [stop], "logprobs": 0}).json()
+    choice = r["choices"][0]
+    assert choice["text"] == free[:free.find(stop)] and choice["finish_reason"] == "stop"
+    pieces = choice["logprobs"]["tokens"]
+    assert len(pieces) == r["usage"]["completion_tokens"] == len(choice["logprobs"]["token_logprobs"])
+    assert "".join(pieces).startswith(choice["text"]) and len("".join(pieces[:-1])) < len(choice["text"])
+
+
+def test_unsupported_fields_are_refused(server):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True})
+    assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={"prompt": "hi", "max_tokens": 2, "best_of": 3})
+    assert r.status_code == 400 and "best_of" in r.json()["error"]["message"]

@@ -1,6 +1,7 @@
 """The package's structure rules, checked on the source: no import cycle between circuit_finder's
-modules (lazy imports inside functions included), no module using another module's underscore
-names, and no Python function over 80 lines (docstring included) without a reason in a comment."""
+modules (lazy imports inside functions included), no module — nor test, benchmark, example or fuzz
+target — using another module's underscore names, and no Python function over 80 lines (docstring
+included) without a `long:` reason in a comment just above it."""
 
 from __future__ import annotations
 
@@ -36,14 +37,10 @@ def _is_type_checking(node: ast.AST) -> bool:
 
 
 def _own_private_names(tree: ast.Module) -> set[str]:
-    """Underscore names a module defines itself (functions, classes, attributes it assigns)."""
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            out.add(node.name)
-        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
-            out.add(node.attr)
-    return {n for n in out if n.startswith("_")}
+    """Underscore attributes a module assigns itself (``self._x = ...``; ``other._x`` of the same
+    class is then the module's own business)."""
+    return {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr.startswith("_")}
 
 
 def _imports(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
@@ -104,20 +101,36 @@ def test_cycle_detector_finds_cycles():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_no_cross_module_underscore_names():
-    """No `from x import _name`, and no `obj._name` for a name the module does not define itself
-    (the C++ extension's module `_C` is the binding layer's public face and is allowed)."""
+def _underscore_uses(name: str, tree: ast.Module) -> list[str]:
+    own = _own_private_names(tree)
     bad = []
-    for name, tree in _modules().items():
-        own = _own_private_names(tree)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom):
-                bad += [f"{name}: from {node.module} import {a.name}" for a in node.names
-                        if a.name.startswith("_") and a.name != "_C"]
-            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-                if node.attr in own or node.attr == "_C":
-                    continue
-                bad.append(f"{name}:{node.lineno}: .{node.attr}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            bad += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                    if a.name.startswith("_") and a.name != "_C"]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            receiver = node.value.id if isinstance(node.value, ast.Name) else None
+            if receiver in ("self", "cls") or node.attr in own or node.attr == "_C":
+                continue
+            bad.append(f"{name}:{node.lineno}: .{node.attr}")
+    return bad
+
+
+def test_no_cross_module_underscore_names():
+    """No `from x import _name`, and no `obj._name` but on self/cls or an attribute the module
+    assigns itself (the C++ extension module `_C` is the binding layer's public face)."""
+    bad = [b for name, tree in _modules().items() for b in _underscore_uses(name, tree)]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_underscore_names_outside_the_package():
+    """Tests, benchmarks, examples and fuzz targets use circuit_finder (and other libraries) through
+    public names too."""
+    root = PACKAGE.parents[1]
+    bad = []
+    for folder in ("tests", "benchmarks", "examples", "fuzz"):
+        for f in sorted((root / folder).rglob("*.py")):
+            bad += _underscore_uses(str(f.relative_to(root)), ast.parse(f.read_text(), str(f)))
     assert not bad, "\n".join(bad)
 
 

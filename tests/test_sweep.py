@@ -308,6 +308,13 @@ def test_results_file_resume_and_validate(chat_model, tmp_path):
         cf.sweep(chat_model, block_sizes=(2,), probes=PROBES, mode="generate", max_items=3, progress=False, results=out)
     cf.sweep(chat_model, block_sizes=(5,), **{**kw, "probes": ["math"]}, resume=False)
     assert len(read_records(out)[1]) == 3
+    # a likelihood file scored by the old tokenization (no likelihood_rule in its header) is not mixed in
+    lines = out.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["likelihood_rule"]
+    out.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match="older likelihood tokenization"):
+        cf.sweep(chat_model, block_sizes=(5,), **{**kw, "probes": ["math"]})
 
 
 def test_corrupt_lines_are_skipped(tmp_path):

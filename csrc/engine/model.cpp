@@ -166,10 +166,16 @@ at::Tensor Engine::run_slots(const at::Tensor& h, const at::Tensor& positions, c
   const int64_t past = cache ? cache->length() : 0;
   auto [cos, sin] = rope_tables(positions);
   Masks masks = build_masks(key_mask, positions, windows(path, begin, end), past);
-  at::Tensor x = h;
+  return run_path(h, path, begin, end, cos, sin, masks, cache);
+}
+
+// The one loop over a path's slots: slot s runs layer path[s] with its own cache slot s, under the
+// mask of that layer's attention kind (a sliding layer keeps its window in every slot it runs in).
+at::Tensor Engine::run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, const at::Tensor& cos,
+                            const at::Tensor& sin, Masks& masks, KVCache* cache, const at::Tensor& write_index) const {
   for (int64_t slot = begin; slot < end; ++slot) {
     const int64_t layer = path[slot];
-    x = block(x, w_.layers[layer], cos, sin, masks[cfg_.sliding_window[layer]], cache, slot);
+    x = block(x, w_.layers[layer], cos, sin, masks[cfg_.sliding_window[layer]], cache, slot, write_index);
   }
   return x;
 }
@@ -194,11 +200,7 @@ at::Tensor Engine::decode_step(const at::Tensor& token, const at::Tensor& positi
   auto [cos, sin] = rope_tables(positions);
   key_mask.index_fill_(1, index, true);
   Masks masks = decode_step_masks(key_mask, index, windows(path, 0, static_cast<int64_t>(path.size())));
-  for (size_t slot = 0; slot < path.size(); ++slot) {
-    const int64_t layer = path[slot];
-    x = block(x, w_.layers[layer], cos, sin, masks[cfg_.sliding_window[layer]], &cache, static_cast<int64_t>(slot),
-              index);
-  }
+  x = run_path(x, path, 0, static_cast<int64_t>(path.size()), cos, sin, masks, &cache, index);
   at::Tensor logits = head(x).select(1, 0);
   positions.add_(1);
   index.add_(1);

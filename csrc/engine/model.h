@@ -68,6 +68,10 @@ class Engine {
   std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions) const;
   // The distinct sliding windows (0 = full attention) of the layers in slots [begin, end).
   std::set<int64_t> windows(const LayerPath& path, int64_t begin, int64_t end) const;
+  // Slots [begin, end) of path, each through block(); used by run_slots and decode_step alike.
+  at::Tensor run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, const at::Tensor& cos,
+                      const at::Tensor& sin, Masks& masks, KVCache* cache,
+                      const at::Tensor& write_index = at::Tensor()) const;
   // write_index: undefined = append at the cache's length; else KVCache::append_at that column.
   at::Tensor block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
                    const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,

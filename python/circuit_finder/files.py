@@ -1,6 +1,6 @@
 """Small file helpers every module shares: crash-safe writes and files shipped inside installed packages.
 
-- ``atomic_file(path)``: write to ``path.tmp``, flush, fsync, then rename over ``path`` — a reader
+- ``atomic_file(path)``: write to a hidden temporary file beside it, flush, fsync, then rename over ``path`` — a reader
   (or a run killed half-way) sees the old file or the whole new one, never a torn one. New files
   get the usual permissions for the process umask (0666 & ~umask), not private ones.
 - ``fsync_path(path)``: fsync a written file or a folder (a folder's fsync makes a rename durable).
@@ -14,6 +14,7 @@ OS refuses it).
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,11 +43,16 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
-    """Opens ``<path>.tmp`` for writing; on a clean exit flushes, fsyncs and renames it over ``path``.
-    On an exception the temporary file is removed and ``path`` is left as it was."""
+    """Opens a new hidden temporary file beside ``path`` (a unique name, so no file of the user's is
+    touched); on a clean exit flushes, fsyncs and renames it over ``path``. On an exception the
+    temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    f = open(tmp, mode, **open_kwargs)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a finished file gets the usual permissions
+    f = os.fdopen(fd, mode, **open_kwargs)
     try:
         yield f
         f.flush()

@@ -94,9 +94,11 @@ class TextCodec:
         return self.eos_ids[0] if self.eos_ids else None
 
     def chat_text(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """Chat messages -> the prompt text of the tokenizer's chat template."""
+        """Chat messages -> the prompt text of the tokenizer's chat template. Without a generation
+        prompt the last (assistant) message is left open, to be continued."""
         return self.require("chat").apply_chat_template(list(messages), tokenize=False,
-                                                        add_generation_prompt=add_generation_prompt)
+                                                        add_generation_prompt=add_generation_prompt,
+                                                        continue_final_message=not add_generation_prompt)
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
         """Chat messages -> prompt ids (the template's text, its own special tokens only)."""
@@ -131,20 +133,23 @@ class TextCodec:
 
     def finish(self, row: Sequence[int], stops: Sequence[str] = (), max_new_tokens: int | None = None) -> Finished:
         """A generated row -> text cut at the first EOS, then at the first occurrence of each stop
-        string (in order). reason is "length" only when the row ran to max_new_tokens unstopped."""
+        string (in order). reason is "length" only when the row ran to max_new_tokens unstopped;
+        tokens counts the generated tokens up to the EOS (included) or the stop string."""
         row = list(row)
-        eos = set(self.eos_ids)
-        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        decode = self.require("decoding").decode
+        cut = next((i for i, t in enumerate(row) if t in set(self.eos_ids)), None)
         tokens = row[:cut] if cut is not None else row
-        text = self.require("decoding").decode(tokens, skip_special_tokens=True)
-        reason = "stop" if cut is not None else "length"
+        text = decode(tokens, skip_special_tokens=True)
+        full = len(text)
         for s in stops:
             at = text.find(s) if s else -1
             if at >= 0:
-                text, reason = text[:at], "stop"
-        if reason == "length" and max_new_tokens is not None and len(tokens) < max_new_tokens:
-            reason = "stop"
-        return Finished(text, reason, len(tokens) + (1 if cut is not None else 0))
+                text = text[:at]
+        if len(text) < full:  # cut by a stop string: count the tokens that reach the cut
+            n = next(n for n in range(len(tokens) + 1) if len(decode(tokens[:n], skip_special_tokens=True)) >= len(text))
+            return Finished(text, "stop", n)
+        unstopped = cut is None and (max_new_tokens is None or len(tokens) >= max_new_tokens)
+        return Finished(text, "length" if unstopped else "stop", len(tokens) + (1 if cut is not None else 0))
 
     def hit_stop(self, generated: torch.Tensor, stops: Sequence[str]) -> torch.Tensor:
         """generated [B, n] -> bool [B]: whose decoded text holds a stop string."""

@@ -44,15 +44,15 @@ def encode_pair(codec: TextCodec, context: str, continuation: str,
     if not isinstance(context, str) or not isinstance(continuation, str):
         raise TypeError("context and continuation must both be strings or both be token-id lists")
     codec.require("scoring text")
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     if context == "":
         bos = codec.bos_id
         if bos is None:
             raise ValueError("an empty context needs a BOS or EOS token to condition on")
         ctx, cont = [bos], codec.encode(continuation, add_special_tokens=add_special_tokens)
     else:
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         whole = codec.encode(context + continuation, add_special_tokens=add_special_tokens)
         ctx = codec.encode(context, add_special_tokens=add_special_tokens)
         cont = whole[len(ctx):]

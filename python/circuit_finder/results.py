@@ -36,6 +36,7 @@ from .files import atomic_file
 __all__ = ["ResultStore", "paired_stats", "read_records"]
 
 VERSION = 1
+LIKELIHOOD_RULE = "lm-eval-pair"  # likelihood.encode_pair: context and choice encoded together, then split
 
 
 def read_records(path: str | Path) -> tuple[dict | None, list[dict]]:
@@ -86,6 +87,8 @@ class ResultStore:
         path = Path(path)
         header = {"kind": "header", "version": VERSION, "model": getattr(model, "source", None),
                   "num_layers": model.num_layers, "mode": mode, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if mode == "likelihood":
+            header["likelihood_rule"] = LIKELIHOOD_RULE
         if resume and path.exists() and path.stat().st_size > 0:
             _repair_tail(path)
             old, records = read_records(path)
@@ -96,6 +99,10 @@ class ResultStore:
                 if old.get("mode") != mode:
                     raise ValueError(f"{path} holds a mode={old.get('mode')!r} sweep; this one is mode={mode!r}. "
                                      f"Use another results file or resume=False.")
+                if mode == "likelihood" and old.get("likelihood_rule") != LIKELIHOOD_RULE:
+                    raise ValueError(f"{path} was scored with an older likelihood tokenization (choices encoded on "
+                                     f"their own); this version encodes context and choice together "
+                                     f"({LIKELIHOOD_RULE}). Use another results file or resume=False (--no-resume).")
                 header = old
             else:
                 _append_line(path, header)

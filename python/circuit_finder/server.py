@@ -74,6 +74,7 @@ class Job:
     logprobs: int | None = None
     echo: bool = False
     score_only: bool = False  # echo with max_tokens 0: nothing is generated
+    prompt_text: str | None = None  # what echo returns for a text prompt
     future: Future = field(default_factory=Future)
 
     @property
@@ -255,7 +256,7 @@ class Service:
             raise ValueError(f"{model.source}: serving text needs a tokenizer")
         self.model, self.name, self.worker, self.limits = model, name, worker, limits
         self.default_path = model.path(layers)
-        self.context = int(limits.context_length or model.context_length)
+        self.context = int(limits.context_length or model.config.raw.get("max_position_embeddings") or 4096)
         self.pending = 0  # requests waiting for the worker or streaming; only touched on the event loop
 
     # ------------------------------------------------------------------ requests -> jobs
@@ -308,13 +309,13 @@ class Service:
         except Exception as e:  # e.g. lone surrogates
             raise BadRequest(f"the text cannot be tokenized ({type(e).__name__})") from e
 
-    def prompt_ids(self, prompt) -> list[list[int]]:
-        """A completions prompt (text, texts, token ids or lists of token ids) -> token lists."""
+    def prompts(self, prompt) -> list[tuple[list[int], str | None]]:
+        """A completions prompt (text, texts, token ids or lists of token ids) -> (ids, text or None)."""
         if isinstance(prompt, str):
-            return [self.encode(prompt)]
+            return [(self.encode(prompt), prompt)]
         if prompt and all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]
-        return [p if isinstance(p, list) else self.encode(p) for p in prompt]
+            return [(list(prompt), None)]
+        return [(p, None) if isinstance(p, list) else (self.encode(p), p) for p in prompt]
 
     # ------------------------------------------------------------------ queueing
     def reserve(self) -> None:
@@ -358,7 +359,8 @@ class Service:
     def completion_choice(self, k: int, job: Job, done: Completed) -> tuple[dict, int]:
         """(choice object, completion tokens) of a finished completions job."""
         fin = generation.Finished("", "length", 0) if job.score_only else self.finish(job, done.row)
-        text = (self.model.tokenizer.decode(job.ids) if job.echo else "") + fin.text
+        prompt = job.prompt_text if job.prompt_text is not None else self.model.tokenizer.decode(job.ids)
+        text = (prompt if job.echo else "") + fin.text
         return {"index": k, "text": text, "finish_reason": fin.reason,
                 "logprobs": self.logprobs_object(job, done)}, fin.tokens
 
@@ -369,20 +371,21 @@ class Service:
                              "finish_reason": fin.reason}],
                 "usage": usage(len(job.ids), fin.tokens), "layers": str(job.path)}
 
-    async def stream(self, job: Job, rid: str, created: int, chat: bool):
-        """Server-sent events of one job: text deltas as tokens come, then the finish reason.
-        The caller reserved a pending slot; it is released when the stream ends or is dropped."""
-        try:
-            async for event in self._events(job, rid, created, chat):
-                yield event
-        finally:
-            self.release()
-
-    async def _events(self, job: Job, rid: str, created: int, chat: bool):
+    def start_stream(self, job: Job) -> tuple[asyncio.Future, asyncio.Queue]:
+        """Queues a streaming job under the pending limit (TooBusy when full). The slot is released
+        when the worker finishes the job — not when the client goes — so dropped streams still
+        bound the queued work and can never leak a slot."""
+        self.reserve()
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         job.stream = lambda tokens, finished: loop.call_soon_threadsafe(updates.put_nowait, tokens)
-        done = asyncio.ensure_future(asyncio.wrap_future(self.worker.submit(job)))
+        future = self.worker.submit(job)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self.release))
+        return asyncio.wrap_future(future), updates
+
+    async def stream(self, job: Job, done: asyncio.Future, updates: asyncio.Queue, rid: str, created: int,
+                     chat: bool):
+        """Server-sent events of a started job: text deltas as tokens come, then the finish reason."""
         chunk = self._chunker(rid, created, chat)
         if chat:
             yield chunk(None, None, first=True)
@@ -481,14 +484,22 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
     return app
 
 
+def refuse_unsupported(req, fields: tuple[str, ...]) -> None:
+    """400 naming a field this server does not implement (rather than answering as if it did)."""
+    given = [f for f in fields if (req.model_extra or {}).get(f) not in (None, False)]
+    if given:
+        raise BadRequest(f"{given[0]}: not supported by this server")
+
+
 def add_routes(app, service: Service, max_batch: int) -> None:
     from fastapi.responses import StreamingResponse
 
     ChatRequest, CompletionRequest = request_models()
 
     def streaming(job: Job, rid: str, created: int, chat: bool):
-        service.reserve()  # a stream holds its pending slot until it ends (429 when full)
-        return StreamingResponse(service.stream(job, rid, created, chat), media_type="text/event-stream")
+        done, updates = service.start_stream(job)  # holds a pending slot until the job ends (429 when full)
+        return StreamingResponse(service.stream(job, done, updates, rid, created, chat),
+                                 media_type="text/event-stream")
 
     @app.get("/health")
     async def health():
@@ -502,6 +513,7 @@ def add_routes(app, service: Service, max_batch: int) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
+        refuse_unsupported(req, ("logprobs", "top_logprobs", "logit_bias", "tools", "response_format"))
         job = service.job(req, service.chat_ids(req))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
@@ -510,10 +522,13 @@ def add_routes(app, service: Service, max_batch: int) -> None:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        prompts = service.prompt_ids(req.prompt)
+        refuse_unsupported(req, ("best_of", "suffix", "logit_bias"))
+        prompts = service.prompts(req.prompt)
         if not prompts or len(prompts) > max_batch:
             raise BadRequest(f"prompt: give 1 to {max_batch} prompts")
-        jobs = [service.job(req, ids, logprobs=req.logprobs, echo=req.echo) for ids in prompts]
+        jobs = [service.job(req, ids, logprobs=req.logprobs, echo=req.echo) for ids, _ in prompts]
+        for job, (_, text) in zip(jobs, prompts):
+            job.prompt_text = text
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             if len(jobs) != 1 or req.logprobs is not None or req.echo:
