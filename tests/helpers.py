@@ -145,7 +145,7 @@ def encode_tensor(arr, qtype_name: str, rng):
 
 
 def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip=(), permute=True, seed=0,
-               extra_tensors=None, extra_arrays=None):
+               extra_tensors=None, extra_arrays=None, extra_strings=None):
     """Writes a transformers model as GGUF the way llama.cpp's converter lays it out.
 
     Matrices get `qtype` (norms stay F32); llama-arch Q/K rows are permuted as the converter does
@@ -175,6 +175,8 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
     w.add_bos_token_id(1)
     for key, values in (extra_arrays or {}).items():
         w.add_array(key, values)
+    for key, value in (extra_strings or {}).items():
+        w.add_string(key, value)
     written = {}
     state = hf_model.state_dict()
     if cfg.tie_word_embeddings:

@@ -15,7 +15,7 @@ import torch
 import circuit_finder as cf
 from circuit_finder import LayerPath
 from circuit_finder.export import export_mergekit, mergekit_source, remap_config
-from helpers import write_gguf
+from helpers import build_hf_model, write_gguf
 
 PATH = LayerPath.parse("0..3,1..3,4,5")  # RYS (1, 4) on 6 layers: 9 slots
 
@@ -104,13 +104,19 @@ def test_gguf_export_reads_back(model_dir, tmp_path):
     assert diff == 0
 
 
-def test_gguf_export_with_llama_cpp(tmp_path):
+def _llama_cpp():
     try:
         import llama_cpp
     except ImportError:
         if os.environ.get("CI"):  # the test extra installs it: in CI a missing llama.cpp is a failure
             raise
         pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python to run this check)")
+    return llama_cpp
+
+
+def test_gguf_export_with_llama_cpp(tmp_path):
+    """The default model (Q4_1) exported along a RYS path: llama.cpp's greedy tokens equal ours."""
+    llama_cpp = _llama_cpp()
     path = LayerPath.duplicate(30, 10, 13)
     dst = cf.export_gguf(cf.default_model_path(), tmp_path / "rys.gguf", path)
     model = cf.load("default")
@@ -123,6 +129,31 @@ def test_gguf_export_with_llama_cpp(tmp_path):
             break
     ours = model.generate(torch.tensor([prompt]), layers=path, max_new_tokens=8)[0].tolist()
     assert theirs == ours
+
+
+def test_gguf_export_logits_match_llama_cpp(tmp_path):
+    """A full-precision (F32) GGUF exported along identity, repeated and reordered paths: llama.cpp
+    (F32 KV cache) loads each file and its logits equal ours along the same path."""
+    llama_cpp = _llama_cpp()
+    vocab = 64
+    hf = build_hf_model("llama", tmp_path / "hf", num_hidden_layers=6, vocab_size=vocab)
+    src = tmp_path / "tiny.gguf"
+    tokens = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(vocab - 3)]
+    write_gguf(hf, src, extra_strings={"tokenizer.ggml.model": "llama"},
+               extra_arrays={"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": [0.0] * vocab,
+                             "tokenizer.ggml.token_type": [2, 3, 3] + [1] * (vocab - 3)})
+    model = cf.load(src)
+    ids = [1, 5, 9, 22, 40, 7, 13, 60]
+    for k, path in enumerate(["0..5", "0..3,1..5", "0..2,4,3,5", "0..4,2..4,2..5"]):
+        dst = cf.export_gguf(src, tmp_path / f"path{k}.gguf", path)
+        llm = llama_cpp.Llama(model_path=str(dst), n_ctx=32, logits_all=True, verbose=False, type_k=0, type_v=0)
+        llm.eval(ids)
+        theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
+        ours = model.logits(torch.tensor([ids]), layers=path)[0]
+        diff = (theirs - ours).abs()
+        print(f"llama.cpp vs ours along {path}: max abs diff {diff.max():.3e}, mean {diff.mean():.3e}")
+        assert diff.max() < 1e-4
+        del llm
 
 
 def test_export_errors_leave_no_partial_files(model_dir, tmp_path, monkeypatch):
