@@ -26,16 +26,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .files import atomic_file, fsync_path
+from .files import atomic_file, staged
 from .layer_path import LayerPath, LayerPathError
 
 __all__ = ["export_gguf", "export_hf", "export_mergekit", "mergekit_config", "mergekit_source", "parse_size",
@@ -139,66 +136,6 @@ def _check_target(dst: Path, overwrite: bool, folder: bool, source=None) -> None
         raise PermissionError(f"{parent}: not writable")
 
 
-def _hidden_name(dst: Path, suffix: str) -> Path:
-    return dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.{suffix}")
-
-
-def _claim_temp(dst: Path, folder: bool) -> Path:
-    """A new empty file or folder next to ``dst``, created with the umask's ordinary permissions."""
-    for _ in range(100):
-        tmp = _hidden_name(dst, "tmp")
-        try:
-            if folder:
-                tmp.mkdir()
-            else:
-                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{dst.parent}: cannot create a temporary name for {dst.name}")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _commit(tmp: Path, dst: Path, folder: bool) -> None:
-    """fsyncs what ``tmp`` holds, then renames it over ``dst``. A folder being replaced is moved
-    aside first and put back if the rename fails, so one of the two is always in place."""
-    for f in sorted(tmp.iterdir()) if folder else ():
-        fsync_path(f)
-    fsync_path(tmp)
-    old = None
-    if folder and (dst.exists() or dst.is_symlink()):
-        old = _hidden_name(dst, "old")
-        os.replace(dst, old)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dst)
-        raise
-    fsync_path(dst.parent)
-    if old is not None:
-        _remove(old)
-
-
-@contextmanager
-def _staged(dst: Path, folder: bool) -> Iterator[Path]:
-    """Yields a temporary file or folder next to ``dst`` to write into; on a clean exit it is
-    fsynced and renamed over ``dst``, on an exception removed (``dst`` untouched)."""
-    tmp = _claim_temp(dst, folder)
-    try:
-        yield tmp
-        _commit(tmp, dst, folder)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------------------- GGUF
 def _gguf_tensor_order(reader, path: LayerPath, n: int, src: Path) -> list[tuple[str, object]]:
     """(output name, source tensor) in file order: tensors before the blocks, the blocks along the
@@ -269,7 +206,7 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrit
     path = LayerPath.coerce(layers, n)
     _check_target(dst, overwrite, folder=False, source=src)
     ordered = _gguf_tensor_order(reader, path, n, src)
-    with _staged(dst, folder=False) as tmp:
+    with staged(dst, folder=False) as tmp:
         _write_gguf(reader, tmp, arch, path, n, ordered)
     return dst
 
@@ -420,7 +357,7 @@ def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | No
     _check_target(dst, overwrite, folder=True, source=src if isinstance(src, (str, os.PathLike)) else None)
     tensors, tokenizer, tokenizer_files = _hf_source_weights(src, target)
     shards = _plan_shards(tensors, _slot_names(tensors, path, n), target, limit)
-    with _staged(dst, folder=True) as tmp:
+    with staged(dst, folder=True) as tmp:
         _write_shards(tmp, tensors, shards, target)
         _write_config_and_tokenizer(tmp, config, path, target, tokenizer, tokenizer_files)
     return dst

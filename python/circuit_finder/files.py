@@ -1,8 +1,11 @@
 """Small file helpers every module shares: crash-safe writes and files shipped inside installed packages.
 
-- ``atomic_file(path)``: write to a hidden temporary file beside it, flush, fsync, then rename over ``path`` — a reader
-  (or a run killed half-way) sees the old file or the whole new one, never a torn one. New files
-  get the usual permissions for the process umask (0666 & ~umask), not private ones.
+- ``staged(path, folder=False)``: a hidden temporary file or folder beside ``path`` (a unique name,
+  so no file of the user's is touched) to write into; on success fsynced and renamed over
+  ``path`` — a reader (or a run killed half-way) sees the old one or the whole new one, never a
+  torn one; a folder being replaced is moved aside and put back if the rename fails. New files
+  get the usual permissions for the process umask, not private ones.
+- ``atomic_file(path)``: ``staged`` opened as a file.
 - ``fsync_path(path)``: fsync a written file or a folder (a folder's fsync makes a rename durable).
 - ``package_file(distribution, name)``: a file inside an installed distribution, located through
   package metadata without importing the package (some data-only packages have heavy imports).
@@ -14,13 +17,14 @@ OS refuses it).
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_file", "fsync_path", "package_file"]
+__all__ = ["atomic_file", "fsync_path", "package_file", "staged"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -41,29 +45,72 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _hidden_name(dst: Path, suffix: str) -> Path:
+    return dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.{suffix}")
+
+
+def _claim_temp(dst: Path, folder: bool) -> Path:
+    """A new empty file or folder next to ``dst``, created with the umask's ordinary permissions."""
+    for _ in range(100):
+        tmp = _hidden_name(dst, "tmp")
+        try:
+            if folder:
+                tmp.mkdir()
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{dst.parent}: cannot create a temporary name for {dst.name}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _commit(tmp: Path, dst: Path, folder: bool) -> None:
+    """fsyncs what ``tmp`` holds, then renames it over ``dst``. A folder being replaced is moved
+    aside first and put back if the rename fails, so one of the two is always in place."""
+    for f in sorted(tmp.iterdir()) if folder else ():
+        fsync_path(f)
+    fsync_path(tmp)
+    old = None
+    if folder and (dst.exists() or dst.is_symlink()):
+        old = _hidden_name(dst, "old")
+        os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    fsync_path(dst.parent)
+    if old is not None:
+        _remove(old)
+
+
+@contextmanager
+def staged(dst: Path, folder: bool = False) -> Iterator[Path]:
+    """Yields a temporary file or folder next to ``dst`` to write into; on a clean exit it is
+    fsynced and renamed over ``dst``, on an exception removed (``dst`` untouched)."""
+    tmp = _claim_temp(dst, folder)
+    try:
+        yield tmp
+        _commit(tmp, dst, folder)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
-    """Opens a new hidden temporary file beside ``path`` (a unique name, so no file of the user's is
-    touched); on a clean exit flushes, fsyncs and renames it over ``path``. On an exception the
-    temporary file is removed and ``path`` is left as it was."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a finished file gets the usual permissions
-    f = os.fdopen(fd, mode, **open_kwargs)
-    try:
+    """``staged(path)`` opened as a file: write to it; on a clean exit it is fsynced and renamed
+    over ``path``, on an exception removed (``path`` left as it was)."""
+    with staged(Path(path)) as tmp, open(tmp, mode, **open_kwargs) as f:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def package_file(distribution: str, name: str, install_hint: str | None = None) -> Path:
