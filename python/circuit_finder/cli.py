@@ -124,7 +124,7 @@ def cmd_generate(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- sweep
-_STATS = r"(?:_delta|_ci_low|_ci_high|_p|_margin)?"
+_STATS = r"(?:_margin)?(?:_delta|_ci_low|_ci_high|_p|_q|_holm)?"
 
 
 def _check_metric(metric: str, names: list[str], validate: bool) -> None:
@@ -134,7 +134,7 @@ def _check_metric(metric: str, names: list[str], validate: bool) -> None:
     if metric in ("seconds", "extra_layers") or re.fullmatch(f"(?:{prefixes}){val}{_STATS}", metric):
         return
     raise ValueError(f"--metric {metric!r} is not a column of the results; use combined_delta, or "
-                     f"<probe>[_delta|_ci_low|_ci_high|_p|_margin] for a probe of {', '.join(names)}"
+                     f"<probe>[_margin][_delta|_ci_low|_ci_high|_p|_q|_holm] for a probe of {', '.join(names)}"
                      + (" (with _val after the probe for held-out scores)" if validate else ""))
 
 
@@ -168,13 +168,14 @@ def _print_sweep(result, args) -> None:
     base = df[df["baseline"]].iloc[0]
     print(f"# {len(df) - 1} configs + baseline, mode={args.mode}, results in {args.out}")
     print("baseline (identity path): " + ", ".join(f"{p} {base[p]:.1f}" for p in [*probes, "combined"]))
-    short = {f"combined_{s}": s for s in ("delta", "ci_low", "ci_high", "p")}
-    short.update({f"combined_val_{s}": f"val_{s}" for s in ("delta", "ci_low", "ci_high", "p")})
+    short = {f"combined_{s}": s for s in ("delta", "ci_low", "ci_high", "p", "q")}
+    short.update({f"combined_val_{s}": f"val_{s}" for s in ("delta", "ci_low", "ci_high", "p", "q")})
     top = result.top(args.top)
     fmt = dict(index=False, float_format=lambda v: f"{v:.2f}")
     with pd.option_context("display.width", 200, "display.max_columns", 40):
-        print(f"\ntop {len(top)} by combined_delta (search items; 95% paired bootstrap CI over items, sign-flip p):")
-        cols = ["layers", "combined_delta", "combined_ci_low", "combined_ci_high", "combined_p",
+        print(f"\ntop {len(top)} by combined_delta (search items; 95% paired bootstrap CI over items, sign-flip p, "
+              f"q: Benjamini-Hochberg over all {len(df) - 1} configs):")
+        cols = ["layers", "combined_delta", "combined_ci_low", "combined_ci_high", "combined_p", "combined_q",
                 *[f"{p}_delta" for p in probes]]
         print(top[cols].rename(columns=short).to_string(**fmt))
         if args.validate:
@@ -184,7 +185,7 @@ def _print_sweep(result, args) -> None:
             print(f"\nheld-out validation of the top {len(val)} ("
                   + ", ".join(f"{n} {p}" for p, n in n_val.items()) + " items):")
             cols = ["layers", "combined_delta", "combined_val_delta", "combined_val_ci_low", "combined_val_ci_high",
-                    "combined_val_p"]
+                    "combined_val_p", "combined_val_q"]
             print(val[cols].rename(columns=short).to_string(**fmt))
 
 
@@ -380,7 +381,7 @@ def _add_sweep(sub) -> None:
     s.add_argument("--no-resume", action="store_true", help="start --out afresh")
     s.add_argument("--heatmap", default=None, help="write a heatmap image (.png, .svg, .pdf...) of --metric")
     s.add_argument("--metric", default="combined_delta",
-                   help="heatmap column: combined_delta (default), <probe>[_delta|_ci_low|_ci_high|_p|_margin], "
+                   help="heatmap column: combined_delta (default), <probe>[_margin][_delta|_ci_low|_ci_high|_p|_q|_holm], "
                         "with _val after the name for held-out scores (--validate), or seconds")
     s.add_argument("--top", type=_positive, default=10, help="print the top N configs")
     s.add_argument("--validate", type=_non_negative, default=0, help="re-score the top N on held-out items")

@@ -14,10 +14,14 @@ run loses at most the config in flight. A torn last line (no newline) is cut off
 opened for appending, and skipped when read.
 
 Statistics (``paired_stats``, shown by ``SweepResult.to_pandas``): per probe, the mean item
-score (0-100); ``_delta`` vs the baseline (identity path) on the same items; a 95% paired bootstrap CI of that delta (items
-resampled with replacement, ``n_boot`` times); ``_p``, a two-sided paired sign-flip permutation
-test of "no difference". ``combined`` is the mean of the probe scores; its CI and p resample each
-probe's items independently and average the probes' deltas.
+score (0-100); ``_delta`` vs the baseline (identity path) on the same items; a 95% paired
+bootstrap CI of that delta (items resampled with replacement, ``n_boot`` times, each probe from
+its own random stream); ``_p``, a two-sided paired sign-flip test of "no difference" — exact
+(all 2^n flips) up to 16 items, else Monte Carlo with the count raised until thresholds adjusted
+over the sweep's configs are reachable; ``_q`` (Benjamini-Hochberg) and ``_holm`` (Holm), that
+p adjusted across the configs of the table (the baseline excluded). Likelihood margins get the
+same columns (``<p>_margin_delta``, ...). ``combined`` is the mean of the probe scores; its CI
+and p resample each probe's items independently and average the probes' deltas.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import time
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +38,7 @@ import numpy as np
 
 from .files import atomic_file
 
-__all__ = ["ResultStore", "paired_stats", "read_records"]
+__all__ = ["ResultStore", "benjamini_hochberg", "holm", "paired_stats", "read_records", "sign_flip_p"]
 
 VERSION = 1
 LIKELIHOOD_RULE = "lm-eval-pair"  # likelihood.encode_pair: context and choice encoded together, then split
@@ -152,67 +157,155 @@ def _repair_tail(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- statistics
-def _bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+EXACT_MAX_ITEMS = 16  # sign-flip tests over at most this many items enumerate all 2^n flips
+PERM_START, PERM_MAX = 4000, 1_000_000
 
 
-def _signs(n: int, n_perm: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed + 1).choice(np.array([-1.0, 1.0]), size=(n_perm, n))
+def benjamini_hochberg(pvalues) -> np.ndarray:
+    """BH q-values: for p sorted ascending p(1..m), q(k) = min over j >= k of m * p(j) / j, capped at 1
+    (NaN entries are left out and stay NaN)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    q = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    if m:
+        order = ok[np.argsort(p[ok], kind="stable")]
+        scaled = p[order] * m / np.arange(1, m + 1)
+        q[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    return q
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-adjusted p: for p sorted ascending, max over j <= k of min(1, (m - j + 1) * p(j))."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    if m:
+        order = ok[np.argsort(p[ok], kind="stable")]
+        out[order] = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    return out
+
+
+def _all_signs(n: int) -> np.ndarray:
+    """Every sign pattern of n items [2^n, n]."""
+    bits = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1
+    return 1.0 - 2.0 * bits
+
+
+def sign_flip_p(diffs: Sequence[np.ndarray], rng: np.random.Generator, family: int = 1) -> float:
+    """Two-sided paired sign-flip p of "mean over groups of each group's mean difference is 0".
+    One group of at most EXACT_MAX_ITEMS items: exact (every flip). Otherwise Monte Carlo, drawn
+    independently per group, adaptively: the count grows tenfold (to PERM_MAX) while p * family is
+    small, so thresholds adjusted over ``family`` configs stay reachable (a Monte Carlo p is at
+    least 1 / (N + 1))."""
+    observed = float(np.mean([d.mean() for d in diffs]))
+    if observed == 0:
+        return 1.0
+    if len(diffs) == 1 and len(diffs[0]) <= EXACT_MAX_ITEMS:
+        null = _all_signs(len(diffs[0])) @ diffs[0] / len(diffs[0])
+        return float(np.mean(np.abs(null) >= abs(observed) - 1e-12))
+    n_perm, extreme, done = PERM_START, 0, 0
+    while True:
+        while done < n_perm:
+            k = min(100_000, n_perm - done)
+            null = np.mean([rng.choice([-1.0, 1.0], size=(k, len(d))) @ d / len(d) for d in diffs], axis=0)
+            extreme += int(np.sum(np.abs(null) >= abs(observed) - 1e-12))
+            done += k
+        p = (1 + extreme) / (1 + done)
+        if p * family >= 0.5 or n_perm >= PERM_MAX:
+            return p
+        n_perm = min(n_perm * 10, PERM_MAX)
+
+
+class _Resampler:
+    """Bootstrap indices per (probe, item count), each probe from its own random stream, so probes
+    are resampled independently (also when they have the same number of items)."""
+
+    def __init__(self, n_boot: int, seed: int):
+        self.n_boot, self.seed, self.cache = n_boot, seed, {}
+
+    def boot(self, probe_index: int, n: int) -> np.ndarray:
+        key = (probe_index, n)
+        if key not in self.cache:
+            rng = np.random.default_rng([self.seed, probe_index, n])
+            self.cache[key] = rng.integers(0, n, size=(self.n_boot, n))
+        return self.cache[key]
+
+    def perm_rng(self, probe_index: int, config: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, probe_index, 1 + zlib.crc32(config.encode())])
+
+
+def _paired(a: dict, b: dict) -> np.ndarray | None:
+    ids = sorted(set(a) & set(b))
+    return np.array([a[i] - b[i] for i in ids], dtype=np.float64) if ids else None
+
+
+def _ci(boot: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _probe_stats(row: dict, name: str, d: np.ndarray, boot_idx: np.ndarray, rng, family: int) -> np.ndarray:
+    """Fills <name>_delta/_ci_low/_ci_high/_p for paired differences d; returns the bootstrap means."""
+    boot = d[boot_idx].mean(1)
+    row[f"{name}_delta"] = float(d.mean())
+    row[f"{name}_ci_low"], row[f"{name}_ci_high"] = _ci(boot)
+    row[f"{name}_p"] = sign_flip_p([d], rng, family)
+    return boot
 
 
 def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str], n_boot: int, seed: int,
                  suffix: str = "") -> dict[str, dict]:
     """Per config (layers -> record): per probe mean, and vs the baseline record on the same items the
-    delta, its 95% paired bootstrap CI and sign-flip p; ``combined`` likewise over the probes.
-    Column names are ``<probe><suffix>``, ``<probe><suffix>_delta``, ...; see the module docstring."""
+    delta, its 95% paired bootstrap CI, sign-flip p, and the p adjusted across the configs (BH ``_q``,
+    Holm ``_holm``); the same for likelihood margins (``_margin_delta``...) and for ``combined``
+    (the mean over probes, each probe resampled independently). See the module docstring."""
     base = recs.get(baseline_key)
+    family = max(1, len(recs) - (1 if base is not None else 0))
+    res = _Resampler(n_boot, seed)
     rows: dict[str, dict] = {}
-    cache: dict[tuple, tuple] = {}
     for key, r in recs.items():
         row: dict = {}
-        means, deltas_boot, deltas_perm, deltas = [], [], [], []
-        for p in probes:
+        means, boots, diffs = [], [], []
+        for k, p in enumerate(probes):
             scores = r["scores"].get(p)
             if not scores:
                 continue
             row[f"{p}{suffix}"] = float(np.mean(list(scores.values())))
             means.append(row[f"{p}{suffix}"])
-            if "margins" in r and p in r["margins"]:
-                row[f"{p}{suffix}_margin"] = float(np.mean(list(r["margins"][p].values())))
+            margins = (r.get("margins") or {}).get(p)
+            if margins:
+                row[f"{p}{suffix}_margin"] = float(np.mean(list(margins.values())))
             if base is None or p not in base["scores"]:
                 continue
-            ids = sorted(set(scores) & set(base["scores"][p]))
-            if not ids:
+            d = _paired(scores, base["scores"][p])
+            if d is None:
                 continue
-            d = np.array([scores[i] - base["scores"][p][i] for i in ids], dtype=np.float64)
-            n = len(d)
-            if (n, "b") not in cache:
-                cache[(n, "b")] = _bootstrap_indices(n, n_boot, seed)
-                cache[(n, "s")] = _signs(n, n_boot, seed)
-            boot = d[cache[(n, "b")]].mean(1)
-            perm = (cache[(n, "s")] * d).mean(1)
-            row[f"{p}{suffix}_delta"] = float(d.mean())
-            row[f"{p}{suffix}_ci_low"], row[f"{p}{suffix}_ci_high"] = map(float, np.percentile(boot, [2.5, 97.5]))
-            row[f"{p}{suffix}_p"] = _p_value(perm, d.mean())
-            deltas.append(d.mean())
-            deltas_boot.append(boot)
-            deltas_perm.append(perm)
+            boots.append(_probe_stats(row, f"{p}{suffix}", d, res.boot(k, len(d)), res.perm_rng(k, key), family))
+            diffs.append(d)
+            dm = _paired(margins or {}, ((base.get("margins") or {}).get(p)) or {})
+            if dm is not None:
+                _probe_stats(row, f"{p}{suffix}_margin", dm, res.boot(k, len(dm)), res.perm_rng(k, key + "|m"), family)
         if means:
             row[f"combined{suffix}"] = float(np.mean(means))
-        if deltas and len(deltas) == len(means):
-            observed = float(np.mean(deltas))
-            boot = np.mean(deltas_boot, axis=0)
-            row[f"combined{suffix}_delta"] = observed
-            row[f"combined{suffix}_ci_low"], row[f"combined{suffix}_ci_high"] = map(
-                float, np.percentile(boot, [2.5, 97.5]))
-            row[f"combined{suffix}_p"] = _p_value(np.mean(deltas_perm, axis=0), observed)
+        if diffs and len(diffs) == len(means):
+            row[f"combined{suffix}_delta"] = float(np.mean([d.mean() for d in diffs]))
+            row[f"combined{suffix}_ci_low"], row[f"combined{suffix}_ci_high"] = _ci(np.mean(boots, axis=0))
+            row[f"combined{suffix}_p"] = sign_flip_p(diffs, res.perm_rng(len(probes), key), family)
         rows[key] = row
+    _adjust(rows, baseline_key)
     return rows
 
 
-
-def _p_value(null: np.ndarray, observed: float) -> float:
-    if observed == 0:
-        return 1.0
-    extreme = int(np.sum(np.abs(null) >= abs(observed) - 1e-12))
-    return (1 + extreme) / (1 + len(null))
+def _adjust(rows: dict[str, dict], baseline_key: str) -> None:
+    """Adds <col>_q (Benjamini-Hochberg) and <col>_holm beside every <col>_p, across the configs
+    (the baseline, compared with itself, is not one of the tests)."""
+    keys = [k for k in rows if k != baseline_key]
+    p_cols = sorted({c for k in keys for c in rows[k] if c.endswith("_p")})
+    for col in p_cols:
+        p = np.array([rows[k].get(col, np.nan) for k in keys], dtype=np.float64)
+        for name, adjusted in (("_q", benjamini_hochberg(p)), ("_holm", holm(p))):
+            for k, v in zip(keys, adjusted):
+                if not np.isnan(v):
+                    rows[k][col[:-2] + name] = float(v)

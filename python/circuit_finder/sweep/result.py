@@ -3,7 +3,8 @@ bootstrap CIs and p-values (``to_pandas``, ``top``), a heatmap of RYS configs, a
 which re-scores the winners on held-out items with the runner (it lives beside the runner so
 results.py stays free of models).
 
-Limits: statistics are per config against the identity baseline; no multiplicity control yet.
+Limits: statistics are per config against the identity baseline, adjusted across the configs of
+one table (search and validation separately); recomputed on every to_pandas() call.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class SweepResult:
 
     def to_pandas(self, n_boot: int = 2000, seed: int = 0):
         """One row per config (baseline included, flagged): layers, start, end, times, extra_layers, per
-        probe <p>, <p>_delta, <p>_ci_low, <p>_ci_high, <p>_p (and <p>_margin in likelihood mode),
+        probe <p>, <p>_delta, <p>_ci_low, <p>_ci_high, <p>_p, <p>_q (BH), <p>_holm (and <p>_margin,
+        <p>_margin_delta ... in likelihood mode),
         combined (+ _delta/_ci_low/_ci_high/_p), seconds; plus <p>_val... columns for configs that
         validate() re-scored on held-out items."""
         import pandas as pd

@@ -1,0 +1,75 @@
+"""Sweep statistics against hand-computed values: Benjamini-Hochberg and Holm on a known list, exact
+sign-flip p-values, reachable thresholds for large sweeps, independent resampling per probe."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from circuit_finder.results import benjamini_hochberg, holm, paired_stats, sign_flip_p
+
+
+def test_bh_and_holm_by_hand():
+    p = [0.01, 0.04, 0.03, 0.005, float("nan")]
+    # sorted: 0.005, 0.01, 0.03, 0.04 (m = 4). BH: 4p/k = 0.02, 0.02, 0.04, 0.04; min from the end keeps them.
+    q = benjamini_hochberg(p)
+    assert np.allclose(q[:4], [0.02, 0.04, 0.04, 0.02]) and math.isnan(q[4])
+    # Holm: (m - k + 1) p = 0.02, 0.03, 0.06, 0.04; running max: 0.02, 0.03, 0.06, 0.06.
+    h = holm(p)
+    assert np.allclose(h[:4], [0.03, 0.06, 0.06, 0.02]) and math.isnan(h[4])
+    assert np.allclose(benjamini_hochberg([0.5, 0.9]), [0.9, 0.9])  # capped and monotone
+    assert np.allclose(holm([0.6, 0.7]), [1.0, 1.0])
+
+
+def test_exact_sign_flip_p_by_hand():
+    rng = np.random.default_rng(0)
+    # 5 items all +1: only all-plus and all-minus of the 32 flips reach |mean| 1.
+    assert sign_flip_p([np.ones(5)], rng) == 2 / 32
+    # 1, 2, 3: signed sums 6, 4, 2, 0, 0, -2, -4, -6; |sum| >= 6 twice in 8.
+    assert sign_flip_p([np.array([1.0, 2.0, 3.0])], rng) == 2 / 8
+    assert sign_flip_p([np.zeros(4)], rng) == 1.0
+
+
+def test_monte_carlo_p_reaches_adjusted_thresholds():
+    """30 items all better: a Bonferroni/Holm threshold over 500 configs (1e-4) must be reachable."""
+    rng = np.random.default_rng(0)
+    p = sign_flip_p([np.ones(30)], rng, family=500)
+    print(f"p over 30 positive items, family 500: {p:.2e}")
+    assert p * 500 < 0.05
+    # a null difference stays large and is not refined further
+    noise = np.random.default_rng(1).choice([-1.0, 1.0], size=30)
+    assert sign_flip_p([noise], rng, family=500) > 0.05
+
+
+def _record(scores: dict, margins: dict | None = None) -> dict:
+    r = {"scores": scores}
+    if margins:
+        r["margins"] = margins
+    return r
+
+
+def test_probes_are_resampled_independently_and_adjusted():
+    ids = [str(i) for i in range(8)]
+    base_scores = {i: 0.0 for i in ids}
+    better = {i: (100.0 if int(i) % 2 else 0.0) for i in ids}
+    recs = {"base": _record({"a": base_scores, "b": base_scores}),
+            "x": _record({"a": better, "b": better}, {"a": dict.fromkeys(ids, 1.0), "b": dict.fromkeys(ids, 1.0)}),
+            "y": _record({"a": base_scores, "b": better})}
+    recs["base"]["margins"] = {"a": dict.fromkeys(ids, 0.5), "b": dict.fromkeys(ids, 0.5)}
+    rows = paired_stats(recs, "base", ["a", "b"], n_boot=500, seed=0)
+    x = rows["x"]
+    # identical differences on two probes of equal size: resampled with shared indices, their mean
+    # (combined) would have exactly the per-probe interval; independent resampling narrows it (~1/sqrt 2)
+    assert x["a_delta"] == x["b_delta"] == x["combined_delta"] == 50.0
+    width = x["a_ci_high"] - x["a_ci_low"]
+    combined = x["combined_ci_high"] - x["combined_ci_low"]
+    print(f"per-probe CI width {width:.1f}, combined {combined:.1f}")
+    assert combined < 0.85 * width
+    # exact p for 4 of 8 items +100: flips reach |mean| >= 50 only when all four agree: 2 * 2^4 / 2^8
+    assert x["a_p"] == 32 / 256
+    # margins get their own paired statistics
+    assert x["a_margin_delta"] == 0.5 and x["a_margin_p"] == 2 / 256
+    # two configs (baseline excluded): BH over [x_a_p, y_a_p] = [0.125, 1.0]
+    assert rows["x"]["a_q"] == 0.25 and rows["y"]["a_q"] == 1.0 and rows["x"]["a_holm"] == 0.25
+    assert "a_q" not in rows["base"] and rows["base"]["a_p"] == 1.0
