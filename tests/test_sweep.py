@@ -444,3 +444,31 @@ def test_twenty_sigkills(chat_model_dir, chat_model, tmp_path):
     print(f"{kills} SIGKILLs landed; {len(read_records(out)[1])} of {total} configs finished before the last one")
     assert kills >= 10
     _resume_and_compare(chat_model, out, total)
+
+
+def test_resume_refuses_another_setup(chat_model, chat_model_dir, tmp_path):
+    """A results file is resumed only by the sweep it was written for: the same model file, chat
+    setting, max_items and items — a mismatch is refused naming what differs, never mixed."""
+    import shutil
+
+    out = tmp_path / "setup.jsonl"
+    kw = dict(probes=["math"], block_sizes=(2,), mode="likelihood", progress=False, results=out)
+    cf.sweep(chat_model, max_items=2, **kw)
+    header = read_records(out)[0]
+    assert header["max_items"] == 2 and header["chat"] is True and len(header["items"]["math"]) == 2
+    with pytest.raises(ValueError, match="max_items=2; this sweep has max_items=4"):
+        cf.sweep(chat_model, max_items=4, **kw)
+    with pytest.raises(ValueError, match="chat=True; this sweep has chat=False"):
+        cf.sweep(chat_model, max_items=2, chat=False, **kw)
+    # the same shape, other weights: a copy of the folder with one weight file's bytes changed
+    other = tmp_path / "other-model"
+    shutil.copytree(chat_model_dir, other)
+    weights = next(other.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="fingerprint="):
+        cf.sweep(cf.load(other), max_items=2, **kw)
+    n = len(read_records(out)[1])
+    cf.sweep(chat_model, max_items=2, **kw)  # the same setup resumes: nothing re-run
+    assert len(read_records(out)[1]) == n

@@ -7,6 +7,7 @@
   get the usual permissions for the process umask, not private ones.
 - ``atomic_file(path)``: ``staged`` opened as a file.
 - ``fsync_path(path)``: fsync a written file or a folder (a folder's fsync makes a rename durable).
+- ``fingerprint(path)``: a cheap identity of a model file or folder (sizes + hashes of the ends).
 - ``package_file(distribution, name)``: a file inside an installed distribution, located through
   package metadata without importing the package (some data-only packages have heavy imports).
 
@@ -16,6 +17,7 @@ OS refuses it).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_file", "fsync_path", "package_file", "staged"]
+__all__ = ["atomic_file", "fingerprint", "fsync_path", "package_file", "staged"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -111,6 +113,29 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Ite
     over ``path``, on an exception removed (``path`` left as it was)."""
     with staged(Path(path)) as tmp, open(tmp, mode, **open_kwargs) as f:
         yield f
+
+
+def fingerprint(path: str | os.PathLike) -> str | None:
+    """A cheap identity of a model file or folder: sizes and a SHA-256 over each weight file's first
+    and last MiB (and config.json), so a different checkpoint at the same path is told apart
+    without reading gigabytes. None when path is not a file or folder."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".gguf") or f.name == "config.json")
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}:".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:32]
 
 
 def package_file(distribution: str, name: str, install_hint: str | None = None) -> Path:

@@ -4,7 +4,8 @@
 reads from and computes with, free of any model or runner.
 
 File format — one JSON object per line:
-- a header ``{"kind": "header", "version": 1, "model": ..., "num_layers": N, "mode": ...}``;
+- a header ``{"kind": "header", "version": 1, "model": ..., "num_layers": N, "mode": ..., "fingerprint",
+  "chat", "max_items", "items": {probe: [item ids]}, "likelihood_rule"?}`` (a resume must match it);
 - one ``{"kind": "config", "layers": "0..12,10..12,13..29", "start", "end", "times",
   "extra_layers", "split", "mode", "scores": {probe: {item id: score}}, "margins"?, "outputs"?,
   "seconds"}`` per finished config (per-item scores, so differences can be tested item by item).
@@ -88,26 +89,22 @@ class ResultStore:
         self._done.setdefault(key, set()).update(r["scores"])
 
     @classmethod
-    def open(cls, path, model, mode: str, resume: bool = True) -> ResultStore:
+    def open(cls, path, model, mode: str, resume: bool = True, setup: dict | None = None) -> ResultStore:
+        """Opens (resume) or starts a results file. ``setup``: what the records depend on beyond the
+        model's shape and the mode (model fingerprint, chat, max_items, each probe's item ids); it is
+        written into a new header, and a resumed file whose header differs in any of it is refused,
+        naming the difference — records of different setups are never mixed."""
         path = Path(path)
         header = {"kind": "header", "version": VERSION, "model": getattr(model, "source", None),
-                  "num_layers": model.num_layers, "mode": mode, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "num_layers": model.num_layers, "mode": mode, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  **(setup or {})}
         if mode == "likelihood":
             header["likelihood_rule"] = LIKELIHOOD_RULE
         if resume and path.exists() and path.stat().st_size > 0:
             _repair_tail(path)
             old, records = read_records(path)
             if old is not None:
-                if old.get("num_layers") != model.num_layers:
-                    raise ValueError(f"{path} holds a sweep of a {old.get('num_layers')}-layer model; this model has "
-                                     f"{model.num_layers} layers. Use another results file or resume=False.")
-                if old.get("mode") != mode:
-                    raise ValueError(f"{path} holds a mode={old.get('mode')!r} sweep; this one is mode={mode!r}. "
-                                     f"Use another results file or resume=False.")
-                if mode == "likelihood" and old.get("likelihood_rule") != LIKELIHOOD_RULE:
-                    raise ValueError(f"{path} was scored with an older likelihood tokenization (choices encoded on "
-                                     f"their own); this version encodes context and choice together "
-                                     f"({LIKELIHOOD_RULE}). Use another results file or resume=False (--no-resume).")
+                _check_resume(path, old, header, setup or {})
                 header = old
             else:
                 _append_line(path, header)
@@ -128,6 +125,28 @@ class ResultStore:
 
     def records(self) -> list[dict]:
         return list(self._records)
+
+
+def _check_resume(path: Path, old: dict, new: dict, setup: dict) -> None:
+    again = "Use another results file or resume=False (--no-resume)."
+    if old.get("num_layers") != new["num_layers"]:
+        raise ValueError(f"{path} holds a sweep of a {old.get('num_layers')}-layer model; this model has "
+                         f"{new['num_layers']} layers. {again}")
+    if old.get("mode") != new["mode"]:
+        raise ValueError(f"{path} holds a mode={old.get('mode')!r} sweep; this one is mode={new['mode']!r}. {again}")
+    if new["mode"] == "likelihood" and old.get("likelihood_rule") != LIKELIHOOD_RULE:
+        raise ValueError(f"{path} was scored with an older likelihood tokenization (choices encoded on their own); "
+                         f"this version encodes context and choice together ({LIKELIHOOD_RULE}). {again}")
+    for key, value in setup.items():
+        was = old.get(key, "not recorded (an older results file)")
+        if key == "items" and isinstance(was, dict):
+            # a probe new to this file has no records yet: only probes both hold must agree
+            differ = sorted(p for p in set(was) & set(value) if was[p] != value[p])
+            if differ:
+                raise ValueError(f"{path} was run on other items of probe {differ[0]!r} than this sweep "
+                                 f"({len(was[differ[0]])} vs {len(value[differ[0]])} items, or other ids). {again}")
+        elif was != value:
+            raise ValueError(f"{path} was run with {key}={was!r}; this sweep has {key}={value!r}. {again}")
 
 
 def _line(obj: dict) -> bytes:

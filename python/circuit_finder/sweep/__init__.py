@@ -19,10 +19,11 @@ from ..model import Model
 from ..results import ResultStore
 from .configs import MODES, STRATEGIES, SweepConfig, make_configs, refine_configs, rys_params, unique_configs
 from .result import SweepResult
-from .runner import ProbeBatch, Runner, resolve_probes, run_configs
+from .runner import ProbeBatch, Runner, resolve_chat, resolve_probes, run_configs, sweep_setup
 
 __all__ = ["MODES", "STRATEGIES", "ProbeBatch", "Runner", "SweepConfig", "SweepResult", "make_configs",
-           "refine_configs", "resolve_probes", "run_configs", "rys_params", "sweep", "unique_configs"]
+           "refine_configs", "resolve_chat", "resolve_probes", "run_configs", "rys_params", "sweep", "sweep_setup",
+           "unique_configs"]
 
 
 def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequence[int] = (3, 4, 5),
@@ -41,7 +42,8 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     mode: "generate" (greedy, chat template, parse, score) or "likelihood" (rank the answer among
     choices by log-probability: accuracy, plus the mean log-prob margin).
     results: a JSONL path; each finished config is appended and fsynced. resume=True skips configs
-    the file already holds; resume=False starts the file afresh.
+    the file already holds (a file written for another model file, chat, max_items or items is
+    refused); resume=False starts the file afresh.
     max_items: use only the first n search items of each probe. chat: apply the chat template
     (default: when the tokenizer has one). reuse=False recomputes every path from the embedding
     (for checking and benchmarking the shared-prefix reuse).
@@ -59,7 +61,10 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
         configs = make_configs(n, "grid", block_sizes, starts, coarse_stride, times)
     else:
         configs = make_configs(n, strategy, block_sizes, starts, stride, times, paths)
-    store = ResultStore.open(results, model=model, mode=mode, resume=resume) if results is not None else None
+    store = None
+    if results is not None:
+        setup = sweep_setup(model, probe_list, chat, max_items)
+        store = ResultStore.open(results, model=model, mode=mode, resume=resume, setup=setup)
     records: list[dict] = []
 
     def run(batch: list[SweepConfig], desc: str) -> SweepResult:

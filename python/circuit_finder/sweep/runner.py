@@ -21,12 +21,13 @@ from collections.abc import Sequence
 import torch
 
 from .. import generation, likelihood
+from ..files import fingerprint
 from ..model import Model
 from ..probes import Item, Probe, get_probe
 from ..results import ResultStore
 from .configs import MODES, SweepConfig
 
-__all__ = ["ProbeBatch", "Runner", "resolve_probes", "run_configs"]
+__all__ = ["ProbeBatch", "Runner", "resolve_chat", "resolve_probes", "run_configs", "sweep_setup"]
 
 
 def probe_contexts(model: Model, items: Sequence[Item], chat: bool) -> list[str]:
@@ -135,8 +136,7 @@ class Runner:
                  chat: bool | None, reuse: bool):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if chat is None:
-            chat = getattr(model.tokenizer, "chat_template", None) is not None
+        chat = resolve_chat(model, chat)
         self.model, self.mode, self.split, self.reuse = model, mode, split, reuse
         self.num_layers = model.num_layers
         self.batches = []
@@ -198,6 +198,19 @@ def run_configs(model: Model, probes: list[Probe], configs: list[SweepConfig], s
         if bar is not None:
             bar.close()
     return records
+
+
+def resolve_chat(model: Model, chat: bool | None) -> bool:
+    """chat=None: use the chat template when the tokenizer has one."""
+    return getattr(model.tokenizer, "chat_template", None) is not None if chat is None else bool(chat)
+
+
+def sweep_setup(model: Model, probes: list[Probe], chat: bool | None, max_items: int | None) -> dict:
+    """What a sweep's records depend on beyond the model's shape and mode (ResultStore.open's
+    ``setup``): the model file's fingerprint, chat, max_items and each probe's search item ids."""
+    items = {p.name: [it.id for it in p.items("search")][:max_items] for p in probes}
+    return {"fingerprint": fingerprint(model.source), "chat": resolve_chat(model, chat), "max_items": max_items,
+            "items": items}
 
 
 def resolve_probes(probes) -> list[Probe]:
