@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import circuit_finder as cf
+from circuit_finder.likelihood import gather_logprobs
 from circuit_finder.probes import Item, ItemProbe, get_probe
 from circuit_finder.results import read_records
 from circuit_finder.sweep import (
@@ -171,15 +172,17 @@ def test_likelihood_equals_plain_log_probs(chat_model):
     diffs = []
     for it in items:
         # lm-eval's rule, by hand: trailing whitespace moves to the continuation, the whole text is
-        # encoded and split after the context's own tokens; scored by a plain full forward per choice.
+        # encoded and split after the context's own tokens, the end-of-turn token closes the answer;
+        # scored by a plain full forward per choice.
         text = tok.apply_chat_template([{"role": "user", "content": it.prompt}], tokenize=False,
                                        add_generation_prompt=True)
         ctx_text = text.rstrip()
         ctx = tok(ctx_text, add_special_tokens=False)["input_ids"]
         lps = []
+        end = tok.convert_tokens_to_ids("<|im_end|>")  # what this template writes after an answer
         for choice in it.choices:
             whole = tok(text + choice, add_special_tokens=False)["input_ids"]
-            cont = whole[len(ctx):]
+            cont = whole[len(ctx):] + [end]
             logp = torch.log_softmax(m.logits(torch.tensor([ctx + cont]), layers=path).double(), -1)[0]
             lps.append(sum(float(logp[len(ctx) - 1 + q, t]) for q, t in enumerate(cont)))
         right = it.choices.index(it.answer)
@@ -472,3 +475,28 @@ def test_resume_refuses_another_setup(chat_model, chat_model_dir, tmp_path):
     n = len(read_records(out)[1])
     cf.sweep(chat_model, max_items=2, **kw)  # the same setup resumes: nothing re-run
     assert len(read_records(out)[1]) == n
+
+
+def test_likelihood_length_normalised_scores(chat_model):
+    """Beside the summed log-prob ranking, each item is ranked by log-prob per byte of the choice
+    (lm-eval's acc_norm idea), recomputed here from the packed margins' inputs by hand."""
+    probe = get_probe("reasoning")
+    items = probe.items()[:4]
+    path = cf.LayerPath.duplicate(6, 1, 4)
+    batch = ProbeBatch(chat_model, probe, items, "likelihood", chat=True)
+    with torch.inference_mode():
+        h = chat_model.engine.run_slots(chat_model.engine.embed(batch.ids), batch.positions, batch.prefix_mask,
+                                        list(path), None, 0, len(path))
+        out = batch.run(SweepConfig.of(path, 6), 6, reuse=False)
+    sums, _ = gather_logprobs(chat_model.engine.head, h, batch.scoring)
+    at = 0
+    for it in items:
+        lp = sums[at:at + len(it.choices)]
+        at += len(it.choices)
+        per_byte = [v / len(c.encode()) for v, c in zip(lp, it.choices)]
+        right = it.choices.index(it.answer)
+        want = 100.0 if per_byte[right] > max(v for k, v in enumerate(per_byte) if k != right) else 0.0
+        assert out["scores_norm"][it.id] == want
+    result = cf.sweep(chat_model, probes=[probe], paths=[path], mode="likelihood", max_items=4, progress=False)
+    df = result.to_pandas()
+    assert {"reasoning_norm", "reasoning_norm_delta", "reasoning_norm_p", "reasoning_norm_q"} <= set(df.columns)

@@ -100,6 +100,22 @@ class TextCodec:
                                                         add_generation_prompt=add_generation_prompt,
                                                         continue_final_message=not add_generation_prompt)
 
+    def end_of_answer(self, chat: bool) -> list[int]:
+        """The ids that close an answer: in chat, what the template writes after an assistant turn's
+        content up to and including its first special token (e.g. <|im_end|>); otherwise the EOS.
+        [] when there is none."""
+        if not chat:
+            return self.eos_ids[:1]
+        tok = self.require("chat")
+        marker = "\u2063answer\u2063"
+        text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                       tokenize=False)
+        after = text[text.rfind(marker) + len(marker):] if marker in text else ""
+        ids = self.encode(after, add_special_tokens=False) if after else []
+        special = set(getattr(tok, "all_special_ids", []) or []) | set(self.eos_ids)
+        end = next((k for k, t in enumerate(ids) if t in special), None)
+        return ids[:end + 1] if end is not None else []
+
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
         """Chat messages -> prompt ids (the template's text, its own special tokens only)."""
         return self.encode(self.chat_text(messages), add_special_tokens=False)

@@ -7,7 +7,7 @@ File format — one JSON object per line:
 - a header ``{"kind": "header", "version": 1, "model": ..., "num_layers": N, "mode": ..., "fingerprint",
   "chat", "max_items", "items": {probe: [item ids]}, "likelihood_rule"?}`` (a resume must match it);
 - one ``{"kind": "config", "layers": "0..12,10..12,13..29", "start", "end", "times",
-  "extra_layers", "split", "mode", "scores": {probe: {item id: score}}, "margins"?, "outputs"?,
+  "extra_layers", "split", "mode", "scores": {probe: {item id: score}}, "scores_norm"?, "margins"?, "outputs"?,
   "seconds"}`` per finished config (per-item scores, so differences can be tested item by item).
 
 Every line is written with one ``write`` and fsynced before the next config starts, so a killed
@@ -42,7 +42,7 @@ from .files import atomic_file
 __all__ = ["ResultStore", "benjamini_hochberg", "holm", "paired_stats", "read_records", "sign_flip_p"]
 
 VERSION = 1
-LIKELIHOOD_RULE = "lm-eval-pair"  # likelihood.encode_pair: context and choice encoded together, then split
+LIKELIHOOD_RULE = "lm-eval-pair+end"  # context and choice encoded together, then split; end-of-answer marker
 
 
 def read_records(path: str | Path) -> tuple[dict | None, list[dict]]:
@@ -296,6 +296,9 @@ def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str]
             margins = (r.get("margins") or {}).get(p)
             if margins:
                 row[f"{p}{suffix}_margin"] = float(np.mean(list(margins.values())))
+            norm = (r.get("scores_norm") or {}).get(p)
+            if norm:
+                row[f"{p}{suffix}_norm"] = float(np.mean(list(norm.values())))
             if base is None or p not in base["scores"]:
                 continue
             d = _paired(scores, base["scores"][p])
@@ -303,9 +306,10 @@ def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str]
                 continue
             boots.append(_probe_stats(row, f"{p}{suffix}", d, res.boot(k, len(d)), res.perm_rng(k, key), family))
             diffs.append(d)
-            dm = _paired(margins or {}, ((base.get("margins") or {}).get(p)) or {})
-            if dm is not None:
-                _probe_stats(row, f"{p}{suffix}_margin", dm, res.boot(k, len(dm)), res.perm_rng(k, key + "|m"), family)
+            for extra, tag in (("margins", "_margin"), ("scores_norm", "_norm")):
+                dx = _paired((r.get(extra) or {}).get(p) or {}, (base.get(extra) or {}).get(p) or {})
+                if dx is not None:
+                    _probe_stats(row, f"{p}{suffix}{tag}", dx, res.boot(k, len(dx)), res.perm_rng(k, key + tag), family)
         if means:
             row[f"combined{suffix}"] = float(np.mean(means))
         if diffs and len(diffs) == len(means):

@@ -58,7 +58,7 @@ class SweepResult:
                 continue
             if r["layers"] in out:
                 merged = dict(out[r["layers"]])
-                for key in ("scores", "margins", "outputs"):
+                for key in ("scores", "scores_norm", "margins", "outputs"):
                     if key in r:
                         merged[key] = {**merged.get(key, {}), **r[key]}
                 out[r["layers"]] = merged

@@ -46,6 +46,9 @@ class ProbeBatch:
         contexts = probe_contexts(model, items, chat)
         special = not chat  # a chat template writes its own special tokens
         if mode == "likelihood":
+            # each choice ends with the end-of-answer marker, so a choice that is a prefix of another
+            # ("1" of "12") has to be a complete answer to win
+            self.marker = model.codec.end_of_answer(chat)
             self.scoring = likelihood.packed_batch(self._choice_groups(contexts, chat), model.codec.pad_id,
                                                    model.device)
             self.ids, self.positions, self.prefix_mask = self.scoring.ids, self.scoring.positions, self.scoring.mask
@@ -74,7 +77,7 @@ class ProbeBatch:
                                                         add_special_tokens=not chat))
                 except ValueError as e:
                     raise ValueError(f"probe {self.probe.name!r} item {it.id!r}: choice {choice!r}: {e}") from e
-            groups.append((pairs[0][0], [cont for _, cont in pairs]))
+            groups.append((pairs[0][0], [cont + self.marker for _, cont in pairs]))
         return groups
 
     def _prefix(self, slots: int, num_layers: int) -> torch.Tensor:
@@ -118,15 +121,21 @@ class ProbeBatch:
 
     def _likelihood(self, h: torch.Tensor) -> dict:
         values, _ = likelihood.gather_logprobs(self.model.engine.head, h, self.scoring)
-        scores, margins, at = {}, {}, 0
+        scores, norm, margins, at = {}, {}, {}, 0
         for it in self.items:
             lp = values[at:at + len(it.choices)]
             at += len(it.choices)
             right = it.choices.index(it.answer)
-            best_wrong = max(v for c, v in enumerate(lp) if c != right) if len(lp) > 1 else float("-inf")
-            scores[it.id] = 100.0 if lp[right] > best_wrong else 0.0
-            margins[it.id] = lp[right] - best_wrong
-        return {"scores": scores, "margins": margins}
+            scores[it.id], margins[it.id] = _ranking(lp, right)
+            # lm-eval's acc_norm idea: log-prob per byte of the choice's text
+            norm[it.id], _ = _ranking([v / max(1, len(c.encode())) for v, c in zip(lp, it.choices)], right)
+        return {"scores": scores, "scores_norm": norm, "margins": margins}
+
+
+def _ranking(values: list[float], right: int) -> tuple[float, float]:
+    """(100 if the right choice scores highest else 0, its margin over the best wrong choice)."""
+    best_wrong = max(v for c, v in enumerate(values) if c != right) if len(values) > 1 else float("-inf")
+    return (100.0 if values[right] > best_wrong else 0.0), values[right] - best_wrong
 
 
 class Runner:
@@ -157,7 +166,7 @@ class Runner:
             for b in self.batches:
                 out = b.run(config, self.num_layers, self.reuse)
                 record["scores"][b.probe.name] = out["scores"]
-                for key in ("margins", "outputs"):
+                for key in ("scores_norm", "margins", "outputs"):
                     if key in out:
                         record.setdefault(key, {})[b.probe.name] = out[key]
         record["seconds"] = round(time.perf_counter() - t0, 4)
