@@ -459,7 +459,7 @@ def test_resume_refuses_another_setup(chat_model, chat_model_dir, tmp_path):
     cf.sweep(chat_model, max_items=2, **kw)
     header = read_records(out)[0]
     assert header["max_items"] == 2 and header["chat"] is True and len(header["items"]["math"]) == 2
-    with pytest.raises(ValueError, match="max_items=2; this sweep has max_items=4"):
+    with pytest.raises(ValueError, match="other items of probe .math. than this sweep \\(2 vs 4 items"):
         cf.sweep(chat_model, max_items=4, **kw)
     with pytest.raises(ValueError, match="chat=True; this sweep has chat=False"):
         cf.sweep(chat_model, max_items=2, chat=False, **kw)
@@ -500,3 +500,33 @@ def test_likelihood_length_normalised_scores(chat_model):
     result = cf.sweep(chat_model, probes=[probe], paths=[path], mode="likelihood", max_items=4, progress=False)
     df = result.to_pandas()
     assert {"reasoning_norm", "reasoning_norm_delta", "reasoning_norm_p", "reasoning_norm_q"} <= set(df.columns)
+
+
+def test_end_of_answer_marker(chat_model):
+    """Chat: the template's end of turn (<|im_end|> here); plain text: EOS; a template that writes
+    no special token after an answer: EOS, with a warning."""
+    import copy
+
+    from circuit_finder.generation import TextCodec
+
+    tok = chat_model.tokenizer
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert chat_model.codec.end_of_answer(True) == [im_end]
+    assert chat_model.codec.end_of_answer(False) == [chat_model.codec.eos_ids[0]]
+    plain = copy.deepcopy(tok)
+    plain.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    codec = TextCodec(plain, chat_model.config.eos_token_ids, chat_model.config.pad_token_id, "plain-template")
+    with pytest.warns(UserWarning, match="no special token after an answer"):
+        assert codec.end_of_answer(True) == codec.eos_ids[:1]
+
+
+def test_validate_refuses_another_chat_setting(chat_model, tmp_path):
+    """A results file swept without the chat template is not validated with it."""
+    out = tmp_path / "plain.jsonl"
+    cf.sweep(chat_model, probes=["math"], block_sizes=(2,), mode="likelihood", max_items=2, chat=False,
+             progress=False, results=out)
+    loaded = SweepResult.load(out)
+    assert loaded.chat is False
+    loaded.chat = True
+    with pytest.raises(ValueError, match="chat=False; this sweep has chat=True"):
+        loaded.validate(1, model=chat_model, progress=False)

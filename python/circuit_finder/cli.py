@@ -124,17 +124,19 @@ def cmd_generate(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- sweep
-_STATS = r"(?:_margin)?(?:_delta|_ci_low|_ci_high|_p|_q|_holm)?"
+_STATS = r"(?:_delta|_ci_low|_ci_high|_p|_q|_holm)?"
 
 
 def _check_metric(metric: str, names: list[str], validate: bool) -> None:
     """--metric must name a column the sweep's table will have (see SweepResult.to_pandas)."""
     prefixes = "|".join(re.escape(n) for n in [*names, "combined"])
     val = "(?:_val)?" if validate else ""
-    if metric in ("seconds", "extra_layers") or re.fullmatch(f"(?:{prefixes}){val}{_STATS}", metric):
+    probe_part = "|".join(re.escape(n) for n in names)
+    if metric in ("seconds", "extra_layers") or re.fullmatch(f"(?:{prefixes}){val}{_STATS}", metric) or (
+            re.fullmatch(f"(?:{probe_part}){val}(?:_margin|_norm){_STATS}", metric)):
         return
     raise ValueError(f"--metric {metric!r} is not a column of the results; use combined_delta, or "
-                     f"<probe>[_margin][_delta|_ci_low|_ci_high|_p|_q|_holm] for a probe of {', '.join(names)}"
+                     f"<probe>[_margin|_norm][_delta|_ci_low|_ci_high|_p|_q|_holm] for a probe of {', '.join(names)}"
                      + (" (with _val after the probe for held-out scores)" if validate else ""))
 
 
@@ -381,7 +383,7 @@ def _add_sweep(sub) -> None:
     s.add_argument("--no-resume", action="store_true", help="start --out afresh")
     s.add_argument("--heatmap", default=None, help="write a heatmap image (.png, .svg, .pdf...) of --metric")
     s.add_argument("--metric", default="combined_delta",
-                   help="heatmap column: combined_delta (default), <probe>[_margin][_delta|_ci_low|_ci_high|_p|_q|_holm], "
+                   help="heatmap column: combined_delta (default), <probe>[_margin|_norm][_delta|_ci_low|_ci_high|_p|_q|_holm], "
                         "with _val after the name for held-out scores (--validate), or seconds")
     s.add_argument("--top", type=_positive, default=10, help="print the top N configs")
     s.add_argument("--validate", type=_non_negative, default=0, help="re-score the top N on held-out items")

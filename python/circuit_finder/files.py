@@ -116,14 +116,14 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Ite
 
 
 def fingerprint(path: str | os.PathLike) -> str | None:
-    """A cheap identity of a model file or folder: sizes and a SHA-256 over each weight file's first
-    and last MiB (and config.json), so a different checkpoint at the same path is told apart
+    """A cheap identity of a model file or folder (its *.safetensors and config.json, what the
+    loader reads): sizes and a SHA-256 over each file's first and last MiB, so a different checkpoint at the same path is told apart
     without reading gigabytes. None when path is not a file or folder."""
     path = Path(path)
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".gguf") or f.name == "config.json")
+        files = sorted(f for f in path.iterdir() if f.suffix == ".safetensors" or f.name == "config.json")
     else:
         return None
     h = hashlib.sha256()
@@ -132,8 +132,8 @@ def fingerprint(path: str | os.PathLike) -> str | None:
         h.update(f"{f.name}:{size}:".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(size - (1 << 20))
+            if size > 1 << 20:
+                fh.seek(max(1 << 20, size - (1 << 20)))
                 h.update(fh.read())
     return h.hexdigest()[:32]
 

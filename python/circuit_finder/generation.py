@@ -18,6 +18,7 @@ decoded text of each row after every step (fine for short budgets, O(steps^2) te
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -102,10 +103,17 @@ class TextCodec:
 
     def end_of_answer(self, chat: bool) -> list[int]:
         """The ids that close an answer: in chat, what the template writes after an assistant turn's
-        content up to and including its first special token (e.g. <|im_end|>); otherwise the EOS.
-        [] when there is none."""
-        if not chat:
-            return self.eos_ids[:1]
+        content up to and including its first special token (e.g. <|im_end|>); otherwise, or when
+        the template shows none, the EOS (with a warning in chat). [] only without any EOS."""
+        if chat:
+            marker = self._template_end()
+            if marker:
+                return marker
+            warnings.warn(f"{self.source}: the chat template writes no special token after an answer; "
+                          f"closing answers with EOS instead", stacklevel=2)
+        return self.eos_ids[:1]
+
+    def _template_end(self) -> list[int]:
         tok = self.require("chat")
         marker = "\u2063answer\u2063"
         text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
@@ -113,6 +121,7 @@ class TextCodec:
         after = text[text.rfind(marker) + len(marker):] if marker in text else ""
         ids = self.encode(after, add_special_tokens=False) if after else []
         special = set(getattr(tok, "all_special_ids", []) or []) | set(self.eos_ids)
+        special |= {i for i, t in (getattr(tok, "added_tokens_decoder", None) or {}).items() if getattr(t, "special", False)}
         end = next((k for k, t in enumerate(ids) if t in special), None)
         return ids[:end + 1] if end is not None else []
 

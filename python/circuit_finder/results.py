@@ -89,15 +89,17 @@ class ResultStore:
         self._done.setdefault(key, set()).update(r["scores"])
 
     @classmethod
-    def open(cls, path, model, mode: str, resume: bool = True, setup: dict | None = None) -> ResultStore:
+    def open(cls, path, model, mode: str, resume: bool = True, setup: dict | None = None,
+             record: dict | None = None) -> ResultStore:
         """Opens (resume) or starts a results file. ``setup``: what the records depend on beyond the
         model's shape and the mode (model fingerprint, chat, max_items, each probe's item ids); it is
         written into a new header, and a resumed file whose header differs in any of it is refused,
-        naming the difference — records of different setups are never mixed."""
+        naming the difference — records of different setups are never mixed. ``record``: more header
+        fields, written but not compared."""
         path = Path(path)
         header = {"kind": "header", "version": VERSION, "model": getattr(model, "source", None),
                   "num_layers": model.num_layers, "mode": mode, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  **(setup or {})}
+                  **(record or {}), **(setup or {})}
         if mode == "likelihood":
             header["likelihood_rule"] = LIKELIHOOD_RULE
         if resume and path.exists() and path.stat().st_size > 0:
@@ -215,26 +217,28 @@ def _all_signs(n: int) -> np.ndarray:
 def sign_flip_p(diffs: Sequence[np.ndarray], rng: np.random.Generator, family: int = 1) -> float:
     """Two-sided paired sign-flip p of "mean over groups of each group's mean difference is 0".
     One group of at most EXACT_MAX_ITEMS items: exact (every flip). Otherwise Monte Carlo, drawn
-    independently per group, adaptively: the count grows tenfold (to PERM_MAX) while p * family is
-    small, so thresholds adjusted over ``family`` configs stay reachable (a Monte Carlo p is at
-    least 1 / (N + 1))."""
+    independently per group, adaptively: the count grows tenfold while p * family is small, up to
+    100 x family (at most PERM_MAX), so thresholds adjusted over ``family`` configs stay reachable
+    (a Monte Carlo p is at least 1 / (N + 1))."""
     observed = float(np.mean([d.mean() for d in diffs]))
     if observed == 0:
         return 1.0
     if len(diffs) == 1 and len(diffs[0]) <= EXACT_MAX_ITEMS:
         null = _all_signs(len(diffs[0])) @ diffs[0] / len(diffs[0])
         return float(np.mean(np.abs(null) >= abs(observed) - 1e-12))
+    cap = min(PERM_MAX, max(PERM_START, 100 * family))  # 1 / (cap + 1) is far below 0.05 / family
+    chunk = max(1, 10_000_000 // sum(len(d) for d in diffs))  # bounded memory per draw
     n_perm, extreme, done = PERM_START, 0, 0
     while True:
         while done < n_perm:
-            k = min(100_000, n_perm - done)
+            k = min(chunk, n_perm - done)
             null = np.mean([rng.choice([-1.0, 1.0], size=(k, len(d))) @ d / len(d) for d in diffs], axis=0)
             extreme += int(np.sum(np.abs(null) >= abs(observed) - 1e-12))
             done += k
         p = (1 + extreme) / (1 + done)
-        if p * family >= 0.5 or n_perm >= PERM_MAX:
+        if p * family >= 0.5 or n_perm >= cap:
             return p
-        n_perm = min(n_perm * 10, PERM_MAX)
+        n_perm = min(n_perm * 10, cap)
 
 
 class _Resampler:
@@ -325,7 +329,7 @@ def _adjust(rows: dict[str, dict], baseline_key: str) -> None:
     """Adds <col>_q (Benjamini-Hochberg) and <col>_holm beside every <col>_p, across the configs
     (the baseline, compared with itself, is not one of the tests)."""
     keys = [k for k in rows if k != baseline_key]
-    p_cols = sorted({c for k in keys for c in rows[k] if c.endswith("_p")})
+    p_cols = sorted({c for k in keys for c in rows[k] if c.endswith("_p") and c[:-2] + "_delta" in rows[k]})
     for col in p_cols:
         p = np.array([rows[k].get(col, np.nan) for k in keys], dtype=np.float64)
         for name, adjusted in (("_q", benjamini_hochberg(p)), ("_holm", holm(p))):

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import fingerprint
 from ..layer_path import LayerPath
 from ..results import ResultStore, paired_stats, read_records
 from .configs import SweepConfig
-from .runner import resolve_probes, run_configs
+from .runner import resolve_chat, resolve_probes, run_configs
 
 __all__ = ["SweepResult"]
 
@@ -27,6 +28,7 @@ class SweepResult:
     def __init__(self, records: list[dict], num_layers: int, mode: str | None = None, path: Path | None = None,
                  model=None, probes=None, chat: bool | None = None):
         self.records = list(records)
+        self._stats_cache: dict[tuple, dict] = {}
         self.num_layers = num_layers
         self.mode = mode or (self.records[0].get("mode") if self.records else None)
         self.path = Path(path) if path is not None else None
@@ -47,7 +49,8 @@ class SweepResult:
         header, records = read_records(path)
         if header is None:
             raise ValueError(f"{path}: not a circuit-finder sweep file (no header line)")
-        return cls(records, num_layers=int(header["num_layers"]), mode=header.get("mode"), path=Path(path))
+        return cls(records, num_layers=int(header["num_layers"]), mode=header.get("mode"), path=Path(path),
+                   chat=header.get("chat"))
 
     # -------------------------------------------------------------- tables
     def _split(self, split: str) -> dict[str, dict]:
@@ -78,7 +81,13 @@ class SweepResult:
         return str(LayerPath.identity(self.num_layers))
 
     def _stats(self, split: str, n_boot: int, seed: int, suffix: str) -> dict[str, dict]:
-        return paired_stats(self._split(split), self._baseline_key(), self.probe_names(), n_boot, seed, suffix)
+        """paired_stats of a split, cached while the records are unchanged (top, heatmap and the CLI
+        ask for the same table several times)."""
+        key = (split, n_boot, seed, suffix, len(self.records), id(self.records))
+        if key not in self._stats_cache:
+            self._stats_cache[key] = paired_stats(self._split(split), self._baseline_key(), self.probe_names(),
+                                                  n_boot, seed, suffix)
+        return self._stats_cache[key]
 
     def to_pandas(self, n_boot: int = 2000, seed: int = 0):
         """One row per config (baseline included, flagged): layers, start, end, times, extra_layers, per
@@ -164,7 +173,8 @@ class SweepResult:
         configs = [SweepConfig.of(LayerPath.parse(t), self.num_layers) for t in keys]
         store = None
         if self.path is not None:  # validation records are appended to the same file
-            store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True)
+            setup = {"fingerprint": fingerprint(model.source), "chat": resolve_chat(model, self.chat)}
+            store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True, setup=setup)
             self.records = store.records()
         new = run_configs(model, probe_list, configs, store, self.mode, "validation", None, self.chat, True,
                           progress, desc="validate")

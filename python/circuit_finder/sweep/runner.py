@@ -216,10 +216,11 @@ def resolve_chat(model: Model, chat: bool | None) -> bool:
 
 def sweep_setup(model: Model, probes: list[Probe], chat: bool | None, max_items: int | None) -> dict:
     """What a sweep's records depend on beyond the model's shape and mode (ResultStore.open's
-    ``setup``): the model file's fingerprint, chat, max_items and each probe's search item ids."""
+    ``setup``): the model file's fingerprint, dtype, chat and each probe's search item ids
+    (max_items is recorded too, but the items it selects are what is compared)."""
     items = {p.name: [it.id for it in p.items("search")][:max_items] for p in probes}
-    return {"fingerprint": fingerprint(model.source), "chat": resolve_chat(model, chat), "max_items": max_items,
-            "items": items}
+    return {"fingerprint": fingerprint(model.source), "dtype": str(model.dtype).replace("torch.", ""),
+            "chat": resolve_chat(model, chat), "items": items}
 
 
 def resolve_probes(probes) -> list[Probe]:
