@@ -62,14 +62,11 @@ def _config_layer_count(config, where) -> int:
 
 
 def _read_config(folder: Path) -> dict:
-    """A model folder's config.json; FileNotFoundError / ValueError naming the path otherwise."""
-    config_file = folder / "config.json"
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such model folder or file")
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: expected a model folder (config.json + safetensors) or a .gguf file")
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
+    """A model folder's config.json, any architecture; FileNotFoundError / ValueError naming the path
+    otherwise."""
+    from .loading import model_config_file
+
+    config_file = model_config_file(folder)
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

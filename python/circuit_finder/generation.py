@@ -162,7 +162,8 @@ class TextCodec:
         tokens counts the generated tokens up to the EOS (included) or the stop string."""
         row = list(row)
         decode = self.require("decoding").decode
-        cut = next((i for i, t in enumerate(row) if t in set(self.eos_ids)), None)
+        eos = set(self.eos_ids)
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
         tokens = row[:cut] if cut is not None else row
         text = decode(tokens, skip_special_tokens=True)
         full = len(text)

@@ -22,7 +22,7 @@ from .files import package_file
 from .model import Model
 
 __all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "default_model_path", "load", "load_from_tensors",
-           "resolve_dtype"]
+           "model_config_file", "resolve_dtype"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -70,6 +70,20 @@ def _load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def model_config_file(folder: Path) -> Path:
+    """The config.json of a Hugging Face model folder; FileNotFoundError / ValueError naming the
+    path when folder is missing, a file, or holds no config.json."""
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such model folder or file")
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: expected a model folder holding config.json and safetensors (or a .gguf file)")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (no config.json; a model folder holds config.json "
+                                f"and safetensors)")
+    return config_file
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> Model:
     """Loads a model for running along layer paths.
 
@@ -83,15 +97,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     if str(path).lower().endswith(".gguf"):
         return _load_gguf(str(path), device, dtype)
     folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such model folder or file")
-    if folder.is_file():
-        raise ValueError(
-            f"{folder}: expected a model folder holding config.json and safetensors (or a .gguf file)"
-        )
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file}: missing; a model folder needs config.json")
+    config_file = model_config_file(folder)
     config = parse_config(config_file.read_text(), str(config_file))
     tensors = _C.load_safetensors(str(folder))
     return load_from_tensors(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,

@@ -182,30 +182,28 @@ EXACT_MAX_ITEMS = 16  # sign-flip tests over at most this many items enumerate a
 PERM_START, PERM_MAX = 4000, 1_000_000
 
 
+def _adjusted(pvalues, rule) -> np.ndarray:
+    """Applies rule(p sorted ascending, m) -> adjusted values in that order to the non-NaN p-values;
+    NaN entries are left out and stay NaN."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    if len(ok):
+        order = ok[np.argsort(p[ok], kind="stable")]
+        out[order] = rule(p[order], len(ok))
+    return out
+
+
 def benjamini_hochberg(pvalues) -> np.ndarray:
     """BH q-values: for p sorted ascending p(1..m), q(k) = min over j >= k of m * p(j) / j, capped at 1
     (NaN entries are left out and stay NaN)."""
-    p = np.asarray(pvalues, dtype=np.float64)
-    q = np.full_like(p, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    m = len(ok)
-    if m:
-        order = ok[np.argsort(p[ok], kind="stable")]
-        scaled = p[order] * m / np.arange(1, m + 1)
-        q[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    return q
+    return _adjusted(pvalues, lambda p, m: np.minimum(
+        np.minimum.accumulate((p * m / np.arange(1, m + 1))[::-1])[::-1], 1.0))
 
 
 def holm(pvalues) -> np.ndarray:
     """Holm-adjusted p: for p sorted ascending, max over j <= k of min(1, (m - j + 1) * p(j))."""
-    p = np.asarray(pvalues, dtype=np.float64)
-    out = np.full_like(p, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    m = len(ok)
-    if m:
-        order = ok[np.argsort(p[ok], kind="stable")]
-        out[order] = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
-    return out
+    return _adjusted(pvalues, lambda p, m: np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p)))
 
 
 def _all_signs(n: int) -> np.ndarray:

@@ -84,9 +84,11 @@ class Job:
 
 @dataclass
 class Completed:
-    """A finished job: the generated ids, and token log-probs when asked for."""
+    """A finished job: the generated ids, the row made text (TextCodec.finish, done once, in the
+    worker), and token log-probs when asked for."""
 
     row: list[int]
+    finished: generation.Finished
     logprobs: tuple[list[float], list[list[tuple[int, float]]]] | None = None
 
 
@@ -129,7 +131,8 @@ class Worker:
             self.stats["batches"] += 1
             self.stats["requests"] += len(jobs)
             for job, row in zip(jobs, rows):
-                job.future.set_result(Completed(row, self._logprobs(job, row)))
+                fin = self._finish(job, row)
+                job.future.set_result(Completed(row, fin, self._logprobs(job, row[:fin.tokens])))
         except Exception as e:  # reported to each waiting request; the worker keeps running
             for job in jobs:
                 if not job.future.done():
@@ -150,11 +153,16 @@ class Worker:
 
         return generation.generate_ids(model, ids, mask, first.path, first.sampling, on_step).tolist()
 
-    def _logprobs(self, job: Job, row: list[int]):
+    def _finish(self, job: Job, row: list[int]) -> generation.Finished:
+        if job.score_only:
+            return generation.Finished("", "length", 0)
+        return self.model.codec.finish(row, job.sampling.stops, job.sampling.max_new_tokens)
+
+    def _logprobs(self, job: Job, completion: list[int]):
+        """Token log-probs of prompt + completion (the generated tokens the answer counts)."""
         if job.logprobs is None:
             return None
-        n = self.model.codec.finish(row, job.sampling.stops, job.sampling.max_new_tokens).tokens
-        return likelihood.token_logprobs(self.model, job.ids + row[:n], list(job.path), job.logprobs)
+        return likelihood.token_logprobs(self.model, job.ids + completion, list(job.path), job.logprobs)
 
 
 class BodyLimit:
@@ -335,6 +343,7 @@ class Service:
 
     # ------------------------------------------------------------------ rows -> responses
     def finish(self, job: Job, row: list[int]) -> generation.Finished:
+        """A streamed row so far, made text (finished rows come made, in Completed)."""
         return self.model.codec.finish(row, job.sampling.stops, job.sampling.max_new_tokens)
 
     def logprobs_object(self, job: Job, done: Completed) -> dict | None:
@@ -344,7 +353,7 @@ class Service:
             return None
         values, tops = done.logprobs
         tok = self.model.tokenizer
-        seq = job.ids + done.row[:len(values) + 1 - len(job.ids)]
+        seq = job.ids + done.row[:done.finished.tokens]
         start = 0 if job.echo else len(job.ids)
         pieces = [tok.decode([t]) for t in seq]
         token_lp = [None, *values][start:]
@@ -358,14 +367,14 @@ class Service:
 
     def completion_choice(self, k: int, job: Job, done: Completed) -> tuple[dict, int]:
         """(choice object, completion tokens) of a finished completions job."""
-        fin = generation.Finished("", "length", 0) if job.score_only else self.finish(job, done.row)
+        fin = done.finished
         prompt = job.prompt_text if job.prompt_text is not None else self.model.tokenizer.decode(job.ids)
         text = (prompt if job.echo else "") + fin.text
         return {"index": k, "text": text, "finish_reason": fin.reason,
                 "logprobs": self.logprobs_object(job, done)}, fin.tokens
 
     def chat_response(self, rid: str, created: int, job: Job, done: Completed) -> dict:
-        fin = self.finish(job, done.row)
+        fin = done.finished
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
                              "finish_reason": fin.reason}],
@@ -401,7 +410,7 @@ class Service:
                 yield chunk(text[len(sent):], None)  # (a trailing \ufffd: wait for the rest of the character)
                 sent = text
         try:
-            fin = self.finish(job, done.result().row)
+            fin = done.result().finished
         except Exception as e:
             yield "data: " + json.dumps({"error": {"message": str(e), "type": "server_error"}}) + "\n\n"
             yield "data: [DONE]\n\n"
