@@ -14,6 +14,7 @@ import pytest
 
 import circuit_finder as cf
 from circuit_finder import _C
+from circuit_finder.gguf import read_gguf
 from helpers import build_hf_model, write_gguf
 
 FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
@@ -78,3 +79,18 @@ def test_gguf_with_bad_head_counts(tmp_path):
     write_gguf(hf, bad, extra_arrays={"llama.feed_forward_length": ["x"]})  # used to raise TypeError
     with pytest.raises(cf.GGUFError, match="malformed metadata|feed_forward_length"):
         cf.load(bad)
+
+
+@pytest.mark.parametrize("value, message", [
+    # an array of strings claiming 2^62 items: the gguf reader used to build entries until out of memory
+    (struct.pack("<IIQ", 9, 8, 2**62), r"'general.architecture' \(4611686018427387904 items\)"),
+    (struct.pack("<IQ", 8, 2**40), "'general.architecture' needs 1099511627776 bytes"),  # a string's length
+    (struct.pack("<I", 42), "unknown value type 42"),
+])
+def test_gguf_metadata_sizes_are_checked(tmp_path, value, message):
+    key = b"general.architecture"
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + value
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    with pytest.raises(cf.GGUFError, match=message):
+        read_gguf(str(path))

@@ -90,10 +90,70 @@ def open_gguf(path: str | os.PathLike):
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such GGUF file")
+    check_metadata_sizes(path)
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad bytes
         raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def check_metadata_sizes(path: str) -> None:
+    """Walks the metadata of a (little-endian) GGUF file and checks that every string length and
+    array count fits in the bytes that are left, so a corrupt count is a GGUFError naming the key
+    instead of the gguf reader building billions of entries (found by fuzzing: out of memory)."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if len(data) < 24 or data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] > 0xFFFF:
+            return  # not GGUF, or big-endian: the reader decides
+        n_kv, at = struct.unpack_from("<Q", data, 16)[0], 24
+        for k in range(n_kv):
+            at, key = _string(data, at, f"metadata entry {k}'s key", path)
+            if at + 4 > len(data):
+                raise GGUFError(f"{path}: metadata '{key}' has no value type (file ends)")
+            at = _skip_value(data, at + 4, struct.unpack_from("<I", data, at)[0], key, path)
+
+
+def _need(data, at: int, n: int, what: str, path: str) -> None:
+    if n < 0 or at + n > len(data):
+        raise GGUFError(f"{path}: {what} needs {n} bytes at offset {at}; the file has {len(data)}")
+
+
+def _string(data, at: int, what: str, path: str) -> tuple[int, str]:
+    import struct
+
+    _need(data, at, 8, what, path)
+    n = struct.unpack_from("<Q", data, at)[0]
+    _need(data, at + 8, n, what, path)
+    return at + 8 + n, bytes(data[at + 8:at + 8 + min(n, 200)]).decode("utf-8", "replace")
+
+
+def _skip_value(data, at: int, kind: int, key: str, path: str) -> int:
+    """Offset after a value of GGUF type ``kind`` at ``at``."""
+    import struct
+
+    if kind in _SCALAR_SIZES:
+        _need(data, at, _SCALAR_SIZES[kind], f"metadata '{key}'", path)
+        return at + _SCALAR_SIZES[kind]
+    if kind == _STRING:
+        return _string(data, at, f"metadata '{key}'", path)[0]
+    if kind != _ARRAY:
+        raise GGUFError(f"{path}: metadata '{key}' has unknown value type {kind}")
+    _need(data, at, 12, f"metadata '{key}'", path)
+    item, count = struct.unpack_from("<IQ", data, at)
+    at += 12
+    if item in _SCALAR_SIZES:  # fixed-size items: one check for the whole array
+        _need(data, at, count * _SCALAR_SIZES[item], f"metadata '{key}' ({count} items)", path)
+        return at + count * _SCALAR_SIZES[item]
+    _need(data, at, count * 8, f"metadata '{key}' ({count} items)", path)  # every item is >= 8 bytes
+    for _ in range(count):
+        at = _skip_value(data, at, item, key, path)
+    return at
 
 
 def gguf_field(reader, key: str, default=None):
