@@ -14,19 +14,56 @@ namespace {
 
 using json = nlohmann::json;
 
+enum class Norms { kLlama, kGemma };  // Gemma: (1 + w) RMSNorm, embeddings scaled by sqrt(hidden)
+
 struct ArchFlags {
-  bool qkv_bias_always;  // Qwen2: q/k/v carry biases whatever attention_bias says
-  bool o_bias_follows_attention_bias;
-  bool qk_norm;
-  bool sliding_from_window;  // Mistral: sliding_window applies to every layer when set
+  bool qkv_bias_always = false;  // Qwen2: q/k/v carry biases whatever attention_bias says
+  bool o_bias_follows_attention_bias = false;
+  bool qk_norm = false;
+  bool sliding_from_window = false;  // Mistral, Phi3, Ministral3: sliding_window applies to every layer
+  bool fused = false;                // Phi3: qkv_proj and gate_up_proj
+  Norms norms = Norms::kLlama;
+  bool sandwich_norm = false;        // Gemma 2/3
+  int64_t sliding_pattern = 0;       // Gemma: without layer_types, layer i slides unless (i + 1) % pattern == 0
+  bool local_rope = false;           // Gemma 3: sliding layers have their own RoPE
+  bool query_scale = false;          // Ministral3: llama_4_scaling_beta
+  bool attn_softcap = false;         // Gemma 2 applies attn_logit_softcapping (Gemma 3 stores it, unused)
+  double theta_default = 10000.0, local_theta_default = 10000.0;  // rope_theta when the config has none
 };
 
 const std::map<std::string, ArchFlags>& arch_table() {
-  static const std::map<std::string, ArchFlags> table = {
-      {"LlamaForCausalLM", {false, true, false, false}},
-      {"MistralForCausalLM", {false, false, false, true}},
-      {"Qwen2ForCausalLM", {true, false, false, false}},
-      {"Qwen3ForCausalLM", {false, true, true, false}},
+  static const std::map<std::string, ArchFlags> table = [] {
+    ArchFlags llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, ministral3;
+    llama.o_bias_follows_attention_bias = true;
+    mistral.sliding_from_window = true;
+    qwen2.qkv_bias_always = true;
+    qwen3.o_bias_follows_attention_bias = qwen3.qk_norm = true;
+    phi3.sliding_from_window = phi3.fused = true;
+    gemma2.norms = Norms::kGemma;
+    gemma2.o_bias_follows_attention_bias = true;
+    gemma2.sandwich_norm = true;
+    gemma2.sliding_pattern = 2;
+    gemma2.attn_softcap = true;
+    gemma3 = gemma2;
+    gemma3.qk_norm = gemma3.local_rope = true;
+    gemma3.attn_softcap = false;
+    gemma3.sliding_pattern = 6;
+    gemma3.theta_default = 1000000.0;
+    ministral3.sliding_from_window = ministral3.query_scale = true;
+    return std::map<std::string, ArchFlags>{
+        {"LlamaForCausalLM", llama},      {"MistralForCausalLM", mistral},   {"Qwen2ForCausalLM", qwen2},
+        {"Qwen3ForCausalLM", qwen3},      {"Phi3ForCausalLM", phi3},         {"Gemma2ForCausalLM", gemma2},
+        {"Gemma3ForCausalLM", gemma3},    {"Ministral3ForCausalLM", ministral3},
+    };
+  }();
+  return table;
+}
+
+// Multimodal wrappers whose text decoder (config "text_config") is what a layer path runs.
+const std::map<std::string, std::string>& wrapper_to_text_arch() {
+  static const std::map<std::string, std::string> table = {
+      {"Gemma3ForConditionalGeneration", "Gemma3ForCausalLM"},
+      {"Mistral3ForConditionalGeneration", "Ministral3ForCausalLM"},
   };
   return table;
 }
@@ -34,15 +71,16 @@ const std::map<std::string, ArchFlags>& arch_table() {
 std::string supported_archs() {
   std::string out;
   for (const auto& [name, _] : arch_table()) out += (out.empty() ? "" : ", ") + name;
+  for (const auto& [name, _] : wrapper_to_text_arch()) out += ", " + name + " (text decoder)";
   return out;
 }
 
 const std::map<std::string, std::string>& model_type_to_arch() {
   static const std::map<std::string, std::string> table = {
-      {"llama", "LlamaForCausalLM"},
-      {"mistral", "MistralForCausalLM"},
-      {"qwen2", "Qwen2ForCausalLM"},
-      {"qwen3", "Qwen3ForCausalLM"},
+      {"llama", "LlamaForCausalLM"},       {"mistral", "MistralForCausalLM"},   {"qwen2", "Qwen2ForCausalLM"},
+      {"qwen3", "Qwen3ForCausalLM"},       {"phi3", "Phi3ForCausalLM"},         {"gemma2", "Gemma2ForCausalLM"},
+      {"gemma3_text", "Gemma3ForCausalLM"}, {"ministral3", "Ministral3ForCausalLM"},
+      {"gemma3", "Gemma3ForConditionalGeneration"}, {"mistral3", "Mistral3ForConditionalGeneration"},
   };
   return table;
 }
@@ -100,25 +138,77 @@ class Reader {
   std::string source_;
 };
 
-RopeConfig parse_rope(const Reader& top, int64_t max_pos) {
-  // transformers v5 writes rope_parameters (with rope_theta inside); older checkpoints put
-  // rope_theta at the top level and scaling in rope_scaling. Either may be absent or null.
-  json params = json::object();
-  if (top.has("rope_scaling")) params = top.raw()["rope_scaling"];
-  if (top.has("rope_parameters")) params = top.raw()["rope_parameters"];
+// Reads a list of numbers (longrope's short_factor / long_factor): exactly `count` positive finite values.
+std::vector<double> factor_list(const Reader& r, const char* key, size_t count, const std::string& source) {
+  if (!r.has(key) || !r.raw()[key].is_array())
+    throw ConfigError(cat(source, ": longrope RoPE scaling needs '", key, "' (a list of numbers)"));
+  std::vector<double> out;
+  for (const auto& v : r.raw()[key]) {
+    if (!v.is_number() || !(v.get<double>() > 0) || !std::isfinite(v.get<double>()))
+      throw ConfigError(cat(source, ": '", key, "' must hold positive finite numbers"));
+    out.push_back(v.get<double>());
+  }
+  if (out.size() != count)
+    throw ConfigError(cat(source, ": '", key, "' has ", out.size(), " entries; the rotary dimension needs ", count));
+  return out;
+}
+
+void parse_yarn(const Reader& r, int64_t max_pos, RopeConfig& rope) {
+  if (!r.has("factor"))
+    rope.factor = static_cast<double>(max_pos) / static_cast<double>(rope.original_max_position_embeddings);
+  auto mscale_of = [](double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
+  const double mscale = r.number("mscale", 0.0), mscale_all = r.number("mscale_all_dim", 0.0);
+  if (r.has("attention_factor")) {
+    rope.attention_factor = r.number("attention_factor", 1.0);
+  } else if (mscale != 0.0 && mscale_all != 0.0) {
+    rope.attention_factor = mscale_of(rope.factor, mscale) / mscale_of(rope.factor, mscale_all);
+  } else {
+    rope.attention_factor = mscale_of(rope.factor, 1.0);
+  }
+  rope.beta_fast = r.has("beta_fast") && r.number("beta_fast", 0) != 0 ? r.number("beta_fast", 32) : 32.0;
+  rope.beta_slow = r.has("beta_slow") && r.number("beta_slow", 0) != 0 ? r.number("beta_slow", 1) : 1.0;
+  rope.truncate = r.boolean("truncate", true);
+}
+
+// LongRoPE (Phi-3): factor defaults to max / original context, attention factor to
+// sqrt(1 + ln(factor) / ln(original)); the short or long divisors are picked per call by position.
+void parse_longrope(const Reader& r, int64_t max_pos, const std::string& source, RopeConfig& rope) {
+  if (!r.has("factor"))
+    rope.factor = static_cast<double>(max_pos) / static_cast<double>(rope.original_max_position_embeddings);
+  const double orig = static_cast<double>(rope.original_max_position_embeddings);
+  rope.attention_factor = r.has("attention_factor") ? r.number("attention_factor", 1.0)
+                          : rope.factor <= 1.0      ? 1.0
+                                                    : std::sqrt(1 + std::log(rope.factor) / std::log(orig));
+  rope.short_factor = factor_list(r, "short_factor", rope.rotary_dim / 2, source);
+  rope.long_factor = factor_list(r, "long_factor", rope.rotary_dim / 2, source);
+}
+
+// One RoPE setup from a parameters object (rope_parameters, one of its per-layer-type entries, or
+// rope_scaling). top: the whole config, for top-level rope_theta / partial_rotary_factor /
+// original_max_position_embeddings (Phi3 saves the latter outside and it wins there).
+RopeConfig parse_rope_params(const json& params, const Reader& top, const ModelConfig& c, double theta_fallback,
+                             bool phi3) {
+  const std::string source = top.source() + " (rope parameters)";
   if (!params.is_object()) throw ConfigError(cat(top.source(), ": rope_parameters / rope_scaling must be an object"));
-  Reader r(params, top.source() + " (rope parameters)");
+  Reader r(params, source);
   RopeConfig rope;
-  rope.theta = r.number("rope_theta", top.number("rope_theta", 10000.0));
+  rope.theta = r.number("rope_theta", top.number("rope_theta", theta_fallback));
   if (!std::isfinite(rope.theta) || rope.theta <= 1.0)
     throw ConfigError(cat(top.source(), ": rope_theta must be a finite number above 1, got ", rope.theta));
   rope.type = r.string("rope_type", r.string("type", "default"));
-  if (r.number("partial_rotary_factor", top.number("partial_rotary_factor", 1.0)) != 1.0)
-    throw ConfigError(cat(top.source(), ": partial_rotary_factor != 1 is not supported"));
+  if (phi3 && (rope.type == "su" || rope.type == "yarn")) rope.type = "longrope";  // transformers' Phi3 rule
+  const double partial = r.number("partial_rotary_factor", top.number("partial_rotary_factor", 1.0));
+  rope.rotary_dim = static_cast<int64_t>(static_cast<double>(c.head_dim) * partial);
+  if (!(partial > 0 && partial <= 1) || rope.rotary_dim < 2 || rope.rotary_dim % 2 != 0)
+    throw ConfigError(cat(top.source(), ": partial_rotary_factor ", partial, " gives ", rope.rotary_dim,
+                          " rotary dims of head_dim ", c.head_dim, "; need an even count in [2, head_dim]"));
   if (rope.type == "default") return rope;
   rope.factor = r.number("factor", 1.0);
-  rope.original_max_position_embeddings =
-      r.integer("original_max_position_embeddings", top.integer("original_max_position_embeddings", max_pos));
+  rope.original_max_position_embeddings = r.integer("original_max_position_embeddings", c.max_position_embeddings);
+  if (phi3 && top.has("original_max_position_embeddings"))
+    rope.original_max_position_embeddings = top.integer("original_max_position_embeddings");
+  if (rope.original_max_position_embeddings <= 1)
+    throw ConfigError(cat(top.source(), ": original_max_position_embeddings must be above 1"));
   if (rope.type == "linear") {
     if (!r.has("factor")) throw ConfigError(cat(top.source(), ": linear RoPE scaling needs 'factor'"));
   } else if (rope.type == "llama3") {
@@ -127,27 +217,45 @@ RopeConfig parse_rope(const Reader& top, int64_t max_pos) {
     rope.low_freq_factor = r.number("low_freq_factor", 1.0);
     rope.high_freq_factor = r.number("high_freq_factor", 4.0);
   } else if (rope.type == "yarn") {
-    if (!r.has("factor"))
-      rope.factor = static_cast<double>(max_pos) / static_cast<double>(rope.original_max_position_embeddings);
-    auto mscale_of = [](double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
-    const double mscale = r.number("mscale", 0.0), mscale_all = r.number("mscale_all_dim", 0.0);
-    if (r.has("attention_factor")) {
-      rope.attention_factor = r.number("attention_factor", 1.0);
-    } else if (mscale != 0.0 && mscale_all != 0.0) {
-      rope.attention_factor = mscale_of(rope.factor, mscale) / mscale_of(rope.factor, mscale_all);
-    } else {
-      rope.attention_factor = mscale_of(rope.factor, 1.0);
-    }
-    rope.beta_fast = r.has("beta_fast") && r.number("beta_fast", 0) != 0 ? r.number("beta_fast", 32) : 32.0;
-    rope.beta_slow = r.has("beta_slow") && r.number("beta_slow", 0) != 0 ? r.number("beta_slow", 1) : 1.0;
-    rope.truncate = r.boolean("truncate", true);
+    parse_yarn(r, c.max_position_embeddings, rope);
+  } else if (rope.type == "longrope") {
+    parse_longrope(r, c.max_position_embeddings, top.source(), rope);
   } else {
     throw ConfigError(cat(top.source(), ": RoPE type '", rope.type,
-                          "' is not supported (supported: default, linear, llama3, yarn)"));
+                          "' is not supported (supported: default, linear, llama3, yarn, longrope)"));
   }
   if (!(rope.factor > 0) || !std::isfinite(rope.factor))
     throw ConfigError(cat(top.source(), ": RoPE 'factor' must be a positive finite number"));
   return rope;
+}
+
+// c.rope, and for Gemma 3 c.rope_local (sliding layers). transformers v5 writes rope_parameters
+// (rope_theta inside; Gemma 3: one entry per layer type); older checkpoints put rope_theta at the
+// top level, scaling in rope_scaling, and Gemma 3's local base in rope_local_base_freq.
+void read_rope(const Reader& top, const ArchFlags& f, ModelConfig& c) {
+  json params = json::object();
+  if (top.has("rope_scaling")) params = top.raw()["rope_scaling"];
+  if (top.has("rope_parameters")) params = top.raw()["rope_parameters"];
+  const bool phi3 = c.architecture == "Phi3ForCausalLM";
+  const bool per_type = params.is_object() && (params.contains("full_attention") || params.contains("sliding_attention"));
+  if (per_type && !f.local_rope)
+    throw ConfigError(cat(top.source(), ": per-layer-type rope_parameters are not supported for ", c.architecture));
+  if (!f.local_rope) {
+    c.rope = parse_rope_params(params, top, c, 10000.0, phi3);
+    return;
+  }
+  c.has_rope_local = true;
+  auto entry = [&](const char* kind) {
+    return params.contains(kind) && params[kind].is_object() ? params[kind] : json::object();
+  };
+  if (per_type) {
+    c.rope = parse_rope_params(entry("full_attention"), top, c, f.theta_default, false);
+    c.rope_local = parse_rope_params(entry("sliding_attention"), top, c, f.local_theta_default, false);
+  } else {
+    c.rope = parse_rope_params(params, top, c, f.theta_default, false);
+    json local = {{"rope_type", "default"}, {"rope_theta", top.number("rope_local_base_freq", f.local_theta_default)}};
+    c.rope_local = parse_rope_params(local, top, c, f.local_theta_default, false);
+  }
 }
 
 json parse_json_object(const std::string& text, const std::string& source) {
@@ -161,21 +269,76 @@ json parse_json_object(const std::string& text, const std::string& source) {
   return j;
 }
 
-// c.architecture (architectures[0], else from model_type) and that architecture's flags.
-const ArchFlags& read_architecture(const Reader& r, ModelConfig& c) {
-  const std::string& source = r.source();
+// architectures[0], else the architecture model_type names.
+std::string architecture_name(const Reader& r) {
   if (r.has("architectures")) {
     const json& names = r.raw()["architectures"];
     if (!names.is_array() || names.empty() || !names[0].is_string())
-      throw ConfigError(cat(source, ": 'architectures' must be a list of names"));
-    c.architecture = names[0].get<std::string>();
-  } else {
-    auto mt = model_type_to_arch().find(r.string("model_type", ""));
-    if (mt == model_type_to_arch().end())
-      throw ConfigError(cat(source, ": no 'architectures' and an unknown 'model_type' (supported: ",
-                            supported_archs(), ")"));
-    c.architecture = mt->second;
+      throw ConfigError(cat(r.source(), ": 'architectures' must be a list of names"));
+    return names[0].get<std::string>();
   }
+  auto mt = model_type_to_arch().find(r.string("model_type", ""));
+  if (mt == model_type_to_arch().end())
+    throw ConfigError(cat(r.source(), ": no 'architectures' and an unknown 'model_type' (supported: ", supported_archs(),
+                          ")"));
+  return mt->second;
+}
+
+// transformers' config-class defaults for the keys these families' published configs may leave
+// out (Gemma 3's multimodal text_config lists only a few); applied only where a key is absent.
+const json& arch_defaults(const std::string& arch) {
+  static const std::map<std::string, json> table = {
+      {"Gemma2ForCausalLM", json::parse(R"({"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216,
+        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": true,
+        "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0})")},
+      {"Gemma3ForCausalLM", json::parse(R"({"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": true,
+        "query_pre_attn_scalar": 256, "sliding_window": 4096})")},
+      {"Ministral3ForCausalLM", json::parse(R"({"vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 34, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 262144, "rms_norm_eps": 1e-5, "pad_token_id": 11, "bos_token_id": 1,
+        "eos_token_id": 2, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+        "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0,
+        "mscale": 1.0, "llama_4_scaling_beta": 0.1}})")},
+  };
+  static const json none = json::object();
+  auto it = table.find(arch);
+  return it == table.end() ? none : it->second;
+}
+
+// The decoder config a layer path runs: a multimodal wrapper's text_config (with the wrapper's
+// token ids and dtype where the text config has none), then the family's defaults under it.
+// Sets c.architecture (the text decoder's) and c.wrapper (the wrapper's name, or empty).
+json decoder_config(const json& top, const std::string& source, ModelConfig& c) {
+  Reader r(top, source);
+  c.architecture = architecture_name(r);
+  json j = top;
+  auto wrapper = wrapper_to_text_arch().find(c.architecture);
+  if (wrapper != wrapper_to_text_arch().end()) {
+    if (!r.has("text_config") || !top["text_config"].is_object())
+      throw ConfigError(cat(source, ": ", c.architecture, " needs a 'text_config' object (its text decoder)"));
+    c.wrapper = c.architecture;
+    j = top["text_config"];
+    Reader text(j, source + " (text_config)");
+    c.architecture = text.has("model_type") ? architecture_name(Reader(json{{"model_type", j["model_type"]}}, source))
+                                            : wrapper->second;
+    for (const char* key : {"eos_token_id", "bos_token_id", "pad_token_id", "torch_dtype", "dtype"})
+      if (!text.has(key) && r.has(key)) j[key] = top[key];
+  }
+  const json& defaults = arch_defaults(c.architecture);
+  for (const auto& [key, value] : defaults.items()) {
+    if (key == "rope_parameters" && j.contains("rope_scaling") && !j["rope_scaling"].is_null()) continue;
+    if (!j.contains(key)) j[key] = value;
+  }
+  return j;
+}
+
+const ArchFlags& arch_flags(const ModelConfig& c, const std::string& source) {
   auto arch = arch_table().find(c.architecture);
   if (arch == arch_table().end())
     throw ConfigError(cat(source, ": architecture '", c.architecture, "' is not supported (supported: ",
@@ -220,19 +383,62 @@ void read_sizes(const Reader& r, ModelConfig& c) {
     throw ConfigError(cat(source, ": head_dim must be even, positive and at most 16384 (RoPE), got ", c.head_dim));
 }
 
-// The block's flags: norm epsilon, activation, biases, q/k norm, tied embeddings.
+// The MLP's activation: hidden_activation (Gemma) or hidden_act, as transformers' ACT2FN names it.
+std::string read_activation(const Reader& r) {
+  const std::string act = r.string("hidden_activation", r.string("hidden_act", "silu"));
+  if (act == "silu" || act == "swish") return "silu";
+  if (act == "gelu_pytorch_tanh" || act == "gelu_new") return "gelu_tanh";  // the same tanh formula
+  if (act == "gelu") return "gelu";
+  throw ConfigError(cat(r.source(), ": activation '", act,
+                        "' is not supported (supported: silu, gelu_pytorch_tanh, gelu_new, gelu)"));
+}
+
+double softcap(const Reader& r, const char* key) {
+  const double cap = r.number(key, 0.0);
+  if (!std::isfinite(cap) || cap < 0) throw ConfigError(cat(r.source(), ": ", key, " must be a positive number or null"));
+  return cap;
+}
+
+// The block's flags: norm epsilon and kind, activation, biases, q/k norm, fused projections,
+// attention scale and soft-capping, query scaling, tied embeddings.
 void read_block_flags(const Reader& r, const ArchFlags& f, ModelConfig& c) {
   c.rms_norm_eps = r.number("rms_norm_eps", 1e-6);
   if (!std::isfinite(c.rms_norm_eps) || c.rms_norm_eps < 0)
     throw ConfigError(cat(r.source(), ": rms_norm_eps must be a finite non-negative number"));
-  const std::string act = r.string("hidden_act", "silu");
-  if (act != "silu") throw ConfigError(cat(r.source(), ": hidden_act '", act, "' is not supported (supported: silu)"));
+  c.hidden_act = read_activation(r);
   const bool attention_bias = r.boolean("attention_bias", false);
   c.qkv_bias = f.qkv_bias_always || attention_bias;
   c.o_bias = f.o_bias_follows_attention_bias && attention_bias;
   c.mlp_bias = r.boolean("mlp_bias", false);
   c.qk_norm = f.qk_norm;
+  c.fused_qkv = c.fused_gate_up = f.fused;
+  if (f.fused) c.qkv_bias = c.o_bias = c.mlp_bias = false;  // Phi3's projections carry no biases
   c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+  c.norm_plus_one = f.norms == Norms::kGemma;
+  c.sandwich_norm = f.sandwich_norm;
+  c.embed_scale = f.norms == Norms::kGemma ? std::sqrt(static_cast<double>(c.hidden_size)) : 1.0;
+  const double scalar = r.number("query_pre_attn_scalar", static_cast<double>(c.head_dim));
+  if (!(scalar > 0) || !std::isfinite(scalar))
+    throw ConfigError(cat(r.source(), ": query_pre_attn_scalar must be a positive number"));
+  c.attn_scale = 1.0 / std::sqrt(f.norms == Norms::kGemma ? scalar : static_cast<double>(c.head_dim));
+  c.attn_softcap = f.attn_softcap ? softcap(r, "attn_logit_softcapping") : 0.0;
+  // Gemma3ForConditionalGeneration never applies its text config's final soft-cap
+  c.final_softcap = c.wrapper.empty() ? softcap(r, "final_logit_softcapping") : 0.0;
+  if (r.boolean("use_bidirectional_attention", false))
+    throw ConfigError(cat(r.source(), ": use_bidirectional_attention (an encoder) is not supported"));
+}
+
+// Ministral3: queries are scaled by 1 + beta * log(1 + floor(position / original_max)), with
+// llama_4_scaling_beta and original_max_position_embeddings from rope_parameters (or rope_scaling).
+void read_query_scale(const Reader& r, const ArchFlags& f, ModelConfig& c) {
+  const char* key = r.has("rope_parameters") ? "rope_parameters" : "rope_scaling";
+  if (!f.query_scale || !r.has(key) || !r.raw()[key].is_object()) return;
+  Reader p(r.raw()[key], r.source() + " (rope parameters)");
+  c.query_scale_beta = p.number("llama_4_scaling_beta", 0.0);
+  if (c.query_scale_beta == 0.0) return;
+  c.query_scale_original_max = p.integer("original_max_position_embeddings");
+  if (!std::isfinite(c.query_scale_beta) || c.query_scale_original_max <= 0)
+    throw ConfigError(cat(r.source(), ": llama_4_scaling_beta needs a finite beta and a positive original_max_position_embeddings"));
 }
 
 // Sliding window per layer (0 = full attention). An explicit layer_types list wins; else Mistral's
@@ -255,6 +461,13 @@ std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, i
                               "' is not supported (supported: full_attention, sliding_attention)"));
       }
     }
+  } else if (f.sliding_pattern > 0) {
+    // Gemma: layer i slides unless (i + 1) is a multiple of the pattern (Gemma 2: every other layer;
+    // Gemma 3: sliding_window_pattern, 6 by default).
+    const int64_t pattern = f.sliding_pattern == 2 ? 2 : r.integer("sliding_window_pattern", f.sliding_pattern);
+    if (pattern <= 0) throw ConfigError(cat(r.source(), ": sliding_window_pattern must be positive"));
+    if (window <= 0) throw ConfigError(cat(r.source(), ": sliding_window must be set for the sliding layers"));
+    for (int64_t i = 0; i < num_layers; ++i) windows[i] = (i + 1) % pattern != 0 ? window : 0;
   } else if (f.sliding_from_window) {
     if (window > 0) windows.assign(num_layers, window);
   } else if (r.boolean("use_sliding_window", false) && window > 0) {
@@ -269,14 +482,15 @@ std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, i
 }  // namespace
 
 ModelConfig parse_config(const std::string& json_text, const std::string& source) {
-  const json j = parse_json_object(json_text, source);
-  Reader r(j, source);
   ModelConfig c;
-  const ArchFlags& f = read_architecture(r, c);
+  const json j = decoder_config(parse_json_object(json_text, source), source, c);
+  Reader r(j, c.wrapper.empty() ? source : source + " (text_config)");
+  const ArchFlags& f = arch_flags(c, source);
   read_sizes(r, c);
   read_block_flags(r, f, c);
+  read_query_scale(r, f, c);
   c.sliding_window = read_sliding_windows(r, f, c.num_layers);
-  c.rope = parse_rope(r, c.max_position_embeddings);
+  read_rope(r, f, c);
   c.torch_dtype = r.string("torch_dtype", r.string("dtype", ""));
   c.eos_token_ids = r.int_list("eos_token_id");
   c.bos_token_id = r.integer("bos_token_id", -1);
@@ -284,9 +498,26 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   return c;
 }
 
+json rope_json(const RopeConfig& r) {
+  return {{"type", r.type},
+          {"theta", r.theta},
+          {"factor", r.factor},
+          {"low_freq_factor", r.low_freq_factor},
+          {"high_freq_factor", r.high_freq_factor},
+          {"original_max_position_embeddings", r.original_max_position_embeddings},
+          {"attention_factor", r.attention_factor},
+          {"beta_fast", r.beta_fast},
+          {"beta_slow", r.beta_slow},
+          {"truncate", r.truncate},
+          {"short_factor", r.short_factor},
+          {"long_factor", r.long_factor},
+          {"rotary_dim", r.rotary_dim}};
+}
+
 std::string config_to_json(const ModelConfig& c) {
   json j = {
       {"architecture", c.architecture},
+      {"wrapper", c.wrapper},
       {"vocab_size", c.vocab_size},
       {"hidden_size", c.hidden_size},
       {"intermediate_size", c.intermediate_size},
@@ -301,18 +532,20 @@ std::string config_to_json(const ModelConfig& c) {
       {"mlp_bias", c.mlp_bias},
       {"qk_norm", c.qk_norm},
       {"tie_word_embeddings", c.tie_word_embeddings},
+      {"fused_qkv", c.fused_qkv},
+      {"fused_gate_up", c.fused_gate_up},
+      {"hidden_act", c.hidden_act},
+      {"norm_plus_one", c.norm_plus_one},
+      {"sandwich_norm", c.sandwich_norm},
+      {"embed_scale", c.embed_scale},
+      {"attn_scale", c.attn_scale},
+      {"attn_softcap", c.attn_softcap},
+      {"final_softcap", c.final_softcap},
+      {"query_scale_beta", c.query_scale_beta},
+      {"query_scale_original_max", c.query_scale_original_max},
       {"sliding_window", c.sliding_window},
-      {"rope",
-       {{"type", c.rope.type},
-        {"theta", c.rope.theta},
-        {"factor", c.rope.factor},
-        {"low_freq_factor", c.rope.low_freq_factor},
-        {"high_freq_factor", c.rope.high_freq_factor},
-        {"original_max_position_embeddings", c.rope.original_max_position_embeddings},
-        {"attention_factor", c.rope.attention_factor},
-        {"beta_fast", c.rope.beta_fast},
-        {"beta_slow", c.rope.beta_slow},
-        {"truncate", c.rope.truncate}}},
+      {"rope", rope_json(c.rope)},
+      {"rope_local", c.has_rope_local ? rope_json(c.rope_local) : json(nullptr)},
       {"torch_dtype", c.torch_dtype},
       {"eos_token_ids", c.eos_token_ids},
       {"bos_token_id", c.bos_token_id},

@@ -1,8 +1,10 @@
 // config.h — config.json -> ModelConfig. Architecture differences are flags here (qkv bias,
-// q/k norm, tied embeddings, sliding windows), never separate code paths in the model.
-// Supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM;
-// RoPE types default, linear, llama3, yarn, read from either top-level rope_theta/rope_scaling
-// or transformers v5's rope_parameters.
+// q/k norm, fused projections, Gemma's norms, soft-capping, tied embeddings, sliding windows,
+// per-kind RoPE), never separate code paths in the model.
+// Supported: Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma2, Gemma3 (and Gemma3ForConditionalGeneration's
+// text decoder), Ministral3 (and Mistral3ForConditionalGeneration's text decoder); RoPE types
+// default, linear, llama3, yarn, longrope, read from top-level rope_theta/rope_scaling or
+// transformers v5's rope_parameters (flat, or one entry per layer type).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -11,7 +13,7 @@
 namespace cf {
 
 struct RopeConfig {
-  std::string type = "default";  // default | linear | llama3 | yarn
+  std::string type = "default";  // default | linear | llama3 | yarn | longrope
   double theta = 10000.0;
   double factor = 1.0;
   double low_freq_factor = 1.0;   // llama3
@@ -20,17 +22,32 @@ struct RopeConfig {
   double attention_factor = 1.0;  // multiplies cos/sin (yarn); resolved at parse time
   double beta_fast = 32.0, beta_slow = 1.0;  // yarn
   bool truncate = true;                      // yarn
+  std::vector<double> short_factor, long_factor;  // longrope: per-frequency divisors (rotary_dim / 2 each)
+  int64_t rotary_dim = 0;  // dims each head rotates (head_dim * partial_rotary_factor); the rest pass
 };
 
 struct ModelConfig {
-  std::string architecture;
+  std::string architecture;  // the decoder's (a wrapper's text decoder: Gemma3ForCausalLM, Ministral3ForCausalLM...)
+  std::string wrapper;       // the multimodal wrapper whose text_config this is, or empty
   int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0, max_position_embeddings = 0;
   double rms_norm_eps = 1e-6;
   bool qkv_bias = false, o_bias = false, mlp_bias = false, qk_norm = false;
   bool tie_word_embeddings = false;
+  bool fused_qkv = false, fused_gate_up = false;  // Phi3: qkv_proj [q; k; v] and gate_up_proj [gate; up]
+  std::string hidden_act = "silu";                // silu | gelu_tanh | gelu: the gated MLP's activation
+  bool norm_plus_one = false;   // Gemma: every RMSNorm scales by (1 + w)
+  bool sandwich_norm = false;   // Gemma 2/3: attention and MLP outputs are normed before the residual add
+  double embed_scale = 1.0;     // Gemma: embeddings times sqrt(hidden_size), in the compute dtype
+  double attn_scale = 0.0;      // softmax scale: query_pre_attn_scalar^-0.5, else head_dim^-0.5
+  double attn_softcap = 0.0, final_softcap = 0.0;  // Gemma 2: cap * tanh(x / cap); 0 = none
+  // Ministral3 / Llama 4: queries times 1 + beta * log(1 + floor(position / original_max)); 0 = none
+  double query_scale_beta = 0.0;
+  int64_t query_scale_original_max = 0;
   std::vector<int64_t> sliding_window;  // per layer; 0 = full attention
-  RopeConfig rope;
+  RopeConfig rope;                      // every layer's RoPE, or full-attention layers' when rope_local is set
+  bool has_rope_local = false;          // Gemma 3: sliding layers use rope_local
+  RopeConfig rope_local;
   std::string torch_dtype;  // the checkpoint's dtype name ("float32", "bfloat16", ...), may be empty
   std::vector<int64_t> eos_token_ids;
   int64_t bos_token_id = -1, pad_token_id = -1;

@@ -1,4 +1,5 @@
-// model.cpp — see model.h. Numerics follow Hugging Face's Llama/Mistral/Qwen2/Qwen3 modules.
+// model.cpp — see model.h. Numerics follow Hugging Face's modules for every family config.h lists;
+// family differences are flags of ModelConfig read in the one block below.
 #include "model.h"
 
 #include <cmath>
@@ -11,12 +12,13 @@
 namespace cf {
 namespace {
 
-at::Tensor compute_inv_freq(const ModelConfig& c, at::Device device) {
-  const RopeConfig& r = c.rope;
-  const int64_t dim = c.head_dim;
+at::Tensor compute_inv_freq(const RopeConfig& r, at::Device device, const std::vector<double>& divisors = {}) {
+  const int64_t dim = r.rotary_dim;
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
   at::Tensor exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong).device(device)).to(at::kFloat) / dim;
   at::Tensor pos_freqs = at::pow(r.theta, exponent);
+  if (!divisors.empty())  // LongRoPE: one divisor per frequency
+    return 1.0 / (at::tensor(divisors, at::TensorOptions().dtype(at::kDouble)).to(f32) * pos_freqs);
   at::Tensor inv = 1.0 / pos_freqs;
   if (r.type == "linear") return inv / r.factor;
   if (r.type == "llama3") {
@@ -50,6 +52,19 @@ at::Tensor compute_inv_freq(const ModelConfig& c, at::Device device) {
   return inv;
 }
 
+RopeFreqs rope_freqs(const RopeConfig& r, at::Device device) {
+  RopeFreqs f;
+  f.attention_factor = r.attention_factor;
+  if (r.type == "longrope") {
+    f.inv_freq = compute_inv_freq(r, device, r.short_factor);
+    f.inv_freq_long = compute_inv_freq(r, device, r.long_factor);
+    f.original_max = r.original_max_position_embeddings;
+  } else {
+    f.inv_freq = compute_inv_freq(r, device);
+  }
+  return f;
+}
+
 void check_ids(const at::Tensor& t, const char* name, at::Device device) {
   if (t.dim() != 2) throw InputError(cat(name, " must be 2-D [batch, tokens], got ", t.dim(), "-D"));
   if (t.scalar_type() != at::kLong) throw InputError(cat(name, " must be int64, got ", c10::toString(t.scalar_type())));
@@ -61,7 +76,8 @@ void check_ids(const at::Tensor& t, const char* name, at::Device device) {
 Engine::Engine(const std::string& config_json, const std::string& config_source,
                const std::map<std::string, at::Tensor>& tensors)
     : cfg_(parse_config(config_json, config_source)), w_(bind_weights(cfg_, tensors)) {
-  inv_freq_ = compute_inv_freq(cfg_, w_.device);
+  rope_ = rope_freqs(cfg_.rope, w_.device);
+  if (cfg_.has_rope_local) rope_local_ = rope_freqs(cfg_.rope_local, w_.device);
 }
 
 KVCache Engine::new_cache(int64_t num_slots, int64_t batch, int64_t capacity, const KVCache* share,
@@ -73,41 +89,78 @@ KVCache Engine::new_cache(int64_t num_slots, int64_t batch, int64_t capacity, co
 std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
   validate_layer_path({layer}, cfg_.num_layers);
   const LayerWeights& L = w_.layers[layer];
-  std::map<std::string, at::Tensor> out = {
-      {"input_layernorm", L.input_norm}, {"q_proj", L.wq},      {"k_proj", L.wk},     {"v_proj", L.wv},
-      {"o_proj", L.wo},                  {"post_attention_layernorm", L.post_norm},   {"gate_proj", L.w_gate},
-      {"up_proj", L.w_up},               {"down_proj", L.w_down},
+  std::map<std::string, at::Tensor> all = {
+      {"input_layernorm", L.input_norm}, {"q_proj", L.wq},           {"k_proj", L.wk},
+      {"v_proj", L.wv},                  {"qkv_proj", L.wqkv},       {"o_proj", L.wo},
+      {"post_attention_norm", L.post_attn_norm}, {"pre_mlp_norm", L.post_norm}, {"post_mlp_norm", L.post_ffn_norm},
+      {"gate_proj", L.w_gate},           {"up_proj", L.w_up},        {"gate_up_proj", L.w_gate_up},
+      {"down_proj", L.w_down},
   };
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [name, t] : all)
+    if (t.defined()) out[name] = t;
   return out;
 }
 
-at::Tensor Engine::attention(const at::Tensor& x, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
+at::Tensor Engine::attention(const at::Tensor& x, int64_t layer, const PositionTables& pt,
                              const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
                              const at::Tensor& write_index) const {
+  const LayerWeights& L = w_.layers[layer];
   const int64_t B = x.size(0), T = x.size(1), D = cfg_.head_dim, Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads;
-  at::Tensor q = ops::linear(x, L.wq, L.bq).view({B, T, Hq, D});
-  at::Tensor k = ops::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
-  at::Tensor v = ops::linear(x, L.wv, L.bv).view({B, T, Hkv, D}).transpose(1, 2);
+  at::Tensor q, k, v;
+  if (L.wqkv.defined()) {  // one matmul, then q, k, v column blocks (copied out: the rope op writes in place)
+    at::Tensor qkv = ops::linear(x, L.wqkv);
+    q = qkv.narrow(-1, 0, Hq * D).contiguous().view({B, T, Hq, D});
+    k = qkv.narrow(-1, Hq * D, Hkv * D).contiguous().view({B, T, Hkv, D});
+    v = qkv.narrow(-1, (Hq + Hkv) * D, Hkv * D).reshape({B, T, Hkv, D}).transpose(1, 2);
+  } else {
+    q = ops::linear(x, L.wq, L.bq).view({B, T, Hq, D});
+    k = ops::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
+    v = ops::linear(x, L.wv, L.bv).view({B, T, Hkv, D}).transpose(1, 2);
+  }
   if (cfg_.qk_norm) {
     q = ops::rms_norm(q, L.q_norm, cfg_.rms_norm_eps);
     k = ops::rms_norm(k, L.k_norm, cfg_.rms_norm_eps);
   }
+  const bool local = cfg_.has_rope_local && cfg_.sliding_window[layer] > 0;
+  const at::Tensor& cos = local ? pt.cos_local : pt.cos;
+  const at::Tensor& sin = local ? pt.sin_local : pt.sin;
   q = ops::apply_rope(q, cos, sin);
   k = ops::apply_rope(k, cos, sin);
+  if (pt.query_scale.defined()) q = q * pt.query_scale;
   if (cache != nullptr)
     std::tie(k, v) = write_index.defined() ? cache->append_at(slot, k, v, write_index) : cache->append(slot, k, v);
-  at::Tensor o = ops::attention(q, k, v, mask, 1.0 / std::sqrt(static_cast<double>(D)));
+  at::Tensor o = ops::attention(q, k, v, mask, cfg_.attn_scale, cfg_.attn_softcap);
   return ops::linear(o.transpose(1, 2).reshape({B, T, Hq * D}), L.wo, L.bo);
 }
 
-at::Tensor Engine::block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
+at::Tensor Engine::mlp(const at::Tensor& x, const LayerWeights& L) const {
+  at::Tensor gate, up;
+  if (L.w_gate_up.defined()) {
+    at::Tensor both = ops::linear(x, L.w_gate_up);
+    const int64_t I = cfg_.intermediate_size;
+    gate = both.narrow(-1, 0, I);
+    up = both.narrow(-1, I, I);
+  } else {
+    gate = ops::linear(x, L.w_gate, L.b_gate);
+    up = ops::linear(x, L.w_up, L.b_up);
+  }
+  return ops::linear(ops::gated_activation(gate, up, cfg_.hidden_act), L.w_down, L.b_down);
+}
+
+// One decoder layer. Llama-style: x = h + attn(norm(h)); x + mlp(norm(x)). Gemma 2/3 (sandwich)
+// also normalizes the attention and MLP outputs before each residual add.
+at::Tensor Engine::block(const at::Tensor& h, int64_t layer, const PositionTables& pt,
                          const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
                          const at::Tensor& write_index) const {
-  at::Tensor a =
-      attention(ops::rms_norm(h, L.input_norm, cfg_.rms_norm_eps), L, cos, sin, mask, cache, slot, write_index);
-  auto [x, n] = ops::add_rms_norm(h, a, L.post_norm, cfg_.rms_norm_eps);
-  return x + ops::linear(ops::silu_mul(ops::linear(n, L.w_gate, L.b_gate), ops::linear(n, L.w_up, L.b_up)), L.w_down,
-                         L.b_down);
+  const LayerWeights& L = w_.layers[layer];
+  const double eps = cfg_.rms_norm_eps;
+  at::Tensor a = attention(ops::rms_norm(h, L.input_norm, eps), layer, pt, mask, cache, slot, write_index);
+  if (cfg_.sandwich_norm) a = ops::rms_norm(a, L.post_attn_norm, eps);
+  auto [x, n] = ops::add_rms_norm(h, a, L.post_norm, eps);
+  at::Tensor m = mlp(n, L);
+  if (cfg_.sandwich_norm) m = ops::rms_norm(m, L.post_ffn_norm, eps);
+  return x + m;
 }
 
 at::Tensor Engine::embed(const at::Tensor& input_ids) const {
@@ -115,13 +168,21 @@ at::Tensor Engine::embed(const at::Tensor& input_ids) const {
   if (input_ids.size(1) == 0) throw InputError("input_ids has no tokens");
   if (input_ids.max().item<int64_t>() >= cfg_.vocab_size || input_ids.min().item<int64_t>() < 0)
     throw InputError(cat("input_ids holds a token id outside the vocabulary [0, ", cfg_.vocab_size, ")"));
-  return ops::embedding(w_.embed, input_ids);
+  return embed_unchecked(input_ids);
+}
+
+at::Tensor Engine::embed_unchecked(const at::Tensor& ids) const {
+  at::Tensor x = ops::embedding(w_.embed, ids);
+  if (cfg_.embed_scale != 1.0) x = x * at::scalar_tensor(cfg_.embed_scale, x.options());
+  return x;
 }
 
 at::Tensor Engine::head(const at::Tensor& h) const {
   if (h.dim() < 1 || h.size(-1) != cfg_.hidden_size)
     throw InputError(cat("hidden states must end in the hidden size ", cfg_.hidden_size, ", got ", shape_str(h.sizes())));
-  return ops::linear(ops::rms_norm(h, w_.final_norm, cfg_.rms_norm_eps), w_.lm_head);
+  at::Tensor logits = ops::linear(ops::rms_norm(h, w_.final_norm, cfg_.rms_norm_eps), w_.lm_head);
+  if (cfg_.final_softcap > 0) logits = at::tanh(logits / cfg_.final_softcap) * cfg_.final_softcap;
+  return logits;
 }
 
 void Engine::check_cache(const KVCache* cache, const LayerPath& path, int64_t B, int64_t T) const {
@@ -133,12 +194,27 @@ void Engine::check_cache(const KVCache* cache, const LayerPath& path, int64_t B,
     throw InputError(cat("the KV cache holds ", cache->capacity(), " positions; this call needs ", cache->length() + T));
 }
 
-std::pair<at::Tensor, at::Tensor> Engine::rope_tables(const at::Tensor& positions) const {
-  // fp32 like the reference, then the compute dtype; [B, 1, T, D] to broadcast over heads.
-  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq_;
+std::pair<at::Tensor, at::Tensor> Engine::rope_tables(const at::Tensor& positions, const RopeFreqs& f) const {
+  // fp32 like the reference, then the compute dtype; [B, 1, T, rotary_dim] to broadcast over heads.
+  at::Tensor inv = f.inv_freq;
+  if (f.inv_freq_long.defined())  // LongRoPE picks a table by the call's largest position, on the device
+    inv = at::where(positions.max() + 1 > f.original_max, f.inv_freq_long, f.inv_freq);
+  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv;
   at::Tensor emb = at::cat({freqs, freqs}, -1);
-  return {(emb.cos() * cfg_.rope.attention_factor).to(w_.dtype).unsqueeze(1),
-          (emb.sin() * cfg_.rope.attention_factor).to(w_.dtype).unsqueeze(1)};
+  return {(emb.cos() * f.attention_factor).to(w_.dtype).unsqueeze(1),
+          (emb.sin() * f.attention_factor).to(w_.dtype).unsqueeze(1)};
+}
+
+PositionTables Engine::position_tables(const at::Tensor& positions) const {
+  PositionTables pt;
+  std::tie(pt.cos, pt.sin) = rope_tables(positions, rope_);
+  if (cfg_.has_rope_local) std::tie(pt.cos_local, pt.sin_local) = rope_tables(positions, rope_local_);
+  if (cfg_.query_scale_beta != 0.0) {
+    // Ministral3: 1 + beta * log(1 + floor(position / original_max)), fp32 then the compute dtype
+    at::Tensor steps = at::floor(positions.to(at::kFloat) / static_cast<double>(cfg_.query_scale_original_max));
+    pt.query_scale = (1 + cfg_.query_scale_beta * at::log(1 + steps)).to(w_.dtype).unsqueeze(1).unsqueeze(-1);
+  }
+  return pt;
 }
 
 std::set<int64_t> Engine::windows(const LayerPath& path, int64_t begin, int64_t end) const {
@@ -164,18 +240,17 @@ at::Tensor Engine::run_slots(const at::Tensor& h, const at::Tensor& positions, c
     throw InputError(cat("positions must be [", B, ", ", T, "], got ", shape_str(positions.sizes())));
   check_cache(cache, path, B, T);
   const int64_t past = cache ? cache->length() : 0;
-  auto [cos, sin] = rope_tables(positions);
   Masks masks = build_masks(key_mask, positions, windows(path, begin, end), past);
-  return run_path(h, path, begin, end, cos, sin, masks, cache);
+  return run_path(h, path, begin, end, position_tables(positions), masks, cache);
 }
 
 // The one loop over a path's slots: slot s runs layer path[s] with its own cache slot s, under the
 // mask of that layer's attention kind (a sliding layer keeps its window in every slot it runs in).
-at::Tensor Engine::run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, const at::Tensor& cos,
-                            const at::Tensor& sin, Masks& masks, KVCache* cache, const at::Tensor& write_index) const {
+at::Tensor Engine::run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, const PositionTables& pt,
+                            Masks& masks, KVCache* cache, const at::Tensor& write_index) const {
   for (int64_t slot = begin; slot < end; ++slot) {
     const int64_t layer = path[slot];
-    x = block(x, w_.layers[layer], cos, sin, masks[cfg_.sliding_window[layer]], cache, slot, write_index);
+    x = block(x, layer, pt, masks[cfg_.sliding_window[layer]], cache, slot, write_index);
   }
   return x;
 }
@@ -196,11 +271,11 @@ at::Tensor Engine::decode_step(const at::Tensor& token, const at::Tensor& positi
                          c10::toString(key_mask.scalar_type()), " ", shape_str(key_mask.sizes())));
   if (index.scalar_type() != at::kLong || index.device() != w_.device || index.numel() != 1 || index.dim() != 1)
     throw InputError("decode_step's index must be a 1-element int64 tensor on the model's device");
-  at::Tensor x = ops::embedding(w_.embed, token);
-  auto [cos, sin] = rope_tables(positions);
+  at::Tensor x = embed_unchecked(token);
+  const PositionTables pt = position_tables(positions);
   key_mask.index_fill_(1, index, true);
   Masks masks = decode_step_masks(key_mask, index, windows(path, 0, static_cast<int64_t>(path.size())));
-  x = run_path(x, path, 0, static_cast<int64_t>(path.size()), cos, sin, masks, &cache, index);
+  x = run_path(x, path, 0, static_cast<int64_t>(path.size()), pt, masks, &cache, index);
   at::Tensor logits = head(x).select(1, 0);
   positions.add_(1);
   index.add_(1);

@@ -17,6 +17,21 @@
 
 namespace cf {
 
+// RoPE frequencies of one setup: inv_freq [rotary_dim / 2] fp32; LongRoPE adds the long table,
+// used in a call whose largest position + 1 passes original_max.
+struct RopeFreqs {
+  at::Tensor inv_freq, inv_freq_long;
+  double attention_factor = 1.0;
+  int64_t original_max = 0;
+};
+
+// What one call's positions give every layer: cos/sin [B, 1, T, rotary_dim] per RoPE setup
+// (local_* for Gemma 3's sliding layers, else undefined) and Ministral3's query scale [B, 1, T, 1]
+// (undefined when the family has none).
+struct PositionTables {
+  at::Tensor cos, sin, cos_local, sin_local, query_scale;
+};
+
 class Engine {
  public:
   Engine(const std::string& config_json, const std::string& config_source,
@@ -65,24 +80,28 @@ class Engine {
 
  private:
   void check_cache(const KVCache* cache, const LayerPath& path, int64_t B, int64_t T) const;
-  std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions) const;
+  std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, const RopeFreqs& freqs) const;
+  PositionTables position_tables(const at::Tensor& positions) const;
+  // ids [B, T] -> embeddings (Gemma: times sqrt(hidden_size) in the compute dtype)
+  at::Tensor embed_unchecked(const at::Tensor& ids) const;
   // The distinct sliding windows (0 = full attention) of the layers in slots [begin, end).
   std::set<int64_t> windows(const LayerPath& path, int64_t begin, int64_t end) const;
   // Slots [begin, end) of path, each through block(); used by run_slots and decode_step alike.
-  at::Tensor run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, const at::Tensor& cos,
-                      const at::Tensor& sin, Masks& masks, KVCache* cache,
+  at::Tensor run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, const PositionTables& pt,
+                      Masks& masks, KVCache* cache,
                       const at::Tensor& write_index = at::Tensor()) const;
   // write_index: undefined = append at the cache's length; else KVCache::append_at that column.
-  at::Tensor block(const at::Tensor& h, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
+  at::Tensor block(const at::Tensor& h, int64_t layer, const PositionTables& pt,
                    const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
                    const at::Tensor& write_index = at::Tensor()) const;
-  at::Tensor attention(const at::Tensor& x, const LayerWeights& L, const at::Tensor& cos, const at::Tensor& sin,
+  at::Tensor mlp(const at::Tensor& x, const LayerWeights& L) const;
+  at::Tensor attention(const at::Tensor& x, int64_t layer, const PositionTables& pt,
                        const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
                        const at::Tensor& write_index) const;
 
   ModelConfig cfg_;
   Weights w_;
-  at::Tensor inv_freq_;  // [D/2] fp32 on the weights' device
+  RopeFreqs rope_, rope_local_;  // rope_local_ for Gemma 3's sliding layers
 };
 
 }  // namespace cf

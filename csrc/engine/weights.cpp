@@ -38,6 +38,7 @@ class Accessor {
       throw WeightError(cat("tensor '", name, "': on ", x.device().str(), " but the embedding is on ", device_.str()));
     return x;
   }
+  bool has(const std::string& name) const { return t_.count(name) != 0; }
   at::ScalarType dtype() const { return dtype_; }
   at::Device device() const { return device_; }
 
@@ -49,43 +50,87 @@ class Accessor {
 
 }  // namespace
 
+namespace {
+
+// Gemma's RMSNorm scales by (1 + w): held as that sum, computed in fp32 and cast once.
+at::Tensor norm_weight(const at::Tensor& w, const ModelConfig& c) {
+  if (!c.norm_plus_one) return w;
+  return (w.to(at::kFloat) + 1.0).to(w.scalar_type());
+}
+
+void bind_attention(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
+  const int64_t H = c.hidden_size, D = c.head_dim, QD = c.num_heads * D, KD = c.num_kv_heads * D;
+  if (c.fused_qkv) {
+    L.wqkv = a.get(p + "self_attn.qkv_proj.weight", l, {QD + 2 * KD, H});
+  } else {
+    L.wq = a.get(p + "self_attn.q_proj.weight", l, {QD, H});
+    L.wk = a.get(p + "self_attn.k_proj.weight", l, {KD, H});
+    L.wv = a.get(p + "self_attn.v_proj.weight", l, {KD, H});
+  }
+  L.wo = a.get(p + "self_attn.o_proj.weight", l, {H, QD});
+  if (c.qkv_bias) {
+    L.bq = a.get(p + "self_attn.q_proj.bias", l, {QD});
+    L.bk = a.get(p + "self_attn.k_proj.bias", l, {KD});
+    L.bv = a.get(p + "self_attn.v_proj.bias", l, {KD});
+  }
+  if (c.o_bias) L.bo = a.get(p + "self_attn.o_proj.bias", l, {H});
+  if (c.qk_norm) {
+    L.q_norm = norm_weight(a.get(p + "self_attn.q_norm.weight", l, {D}), c);
+    L.k_norm = norm_weight(a.get(p + "self_attn.k_norm.weight", l, {D}), c);
+  }
+}
+
+void bind_mlp(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  if (c.fused_gate_up) {
+    L.w_gate_up = a.get(p + "mlp.gate_up_proj.weight", l, {2 * I, H});
+  } else {
+    L.w_gate = a.get(p + "mlp.gate_proj.weight", l, {I, H});
+    L.w_up = a.get(p + "mlp.up_proj.weight", l, {I, H});
+  }
+  L.w_down = a.get(p + "mlp.down_proj.weight", l, {H, I});
+  if (c.mlp_bias) {
+    L.b_gate = a.get(p + "mlp.gate_proj.bias", l, {I});
+    L.b_up = a.get(p + "mlp.up_proj.bias", l, {I});
+    L.b_down = a.get(p + "mlp.down_proj.bias", l, {H});
+  }
+}
+
+// Llama-style: input_layernorm before attention, post_attention_layernorm before the MLP. Gemma 2/3
+// (sandwich): post_attention_layernorm normalizes the attention output, pre_feedforward_layernorm
+// comes before the MLP and post_feedforward_layernorm after it.
+void bind_norms(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
+  const int64_t H = c.hidden_size;
+  L.input_norm = norm_weight(a.get(p + "input_layernorm.weight", l, {H}), c);
+  if (c.sandwich_norm) {
+    L.post_attn_norm = norm_weight(a.get(p + "post_attention_layernorm.weight", l, {H}), c);
+    L.post_norm = norm_weight(a.get(p + "pre_feedforward_layernorm.weight", l, {H}), c);
+    L.post_ffn_norm = norm_weight(a.get(p + "post_feedforward_layernorm.weight", l, {H}), c);
+  } else {
+    L.post_norm = norm_weight(a.get(p + "post_attention_layernorm.weight", l, {H}), c);
+  }
+}
+
+}  // namespace
+
 Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tensor>& tensors) {
   Accessor a(tensors);
-  const int64_t H = c.hidden_size, D = c.head_dim, I = c.intermediate_size;
-  const int64_t QD = c.num_heads * D, KD = c.num_kv_heads * D;
+  const int64_t H = c.hidden_size;
   Weights w;
   w.dtype = a.dtype();
   w.device = a.device();
   w.embed = a.get("model.embed_tokens.weight", -1, {c.vocab_size, H});
-  w.final_norm = a.get("model.norm.weight", -1, {H});
-  w.lm_head = c.tie_word_embeddings ? w.embed : a.get("lm_head.weight", -1, {c.vocab_size, H});
+  w.final_norm = norm_weight(a.get("model.norm.weight", -1, {H}), c);
+  // A multimodal wrapper ties by its own top-level flag, which the text config does not carry:
+  // there, as transformers' loader ends up doing, lm_head is used when the checkpoint has one.
+  const bool tied = c.wrapper.empty() ? c.tie_word_embeddings : !a.has("lm_head.weight");
+  w.lm_head = tied ? w.embed : a.get("lm_head.weight", -1, {c.vocab_size, H});
   const std::string p = "model.layers.{}.";
   for (int64_t l = 0; l < c.num_layers; ++l) {
     LayerWeights L;
-    L.input_norm = a.get(p + "input_layernorm.weight", l, {H});
-    L.wq = a.get(p + "self_attn.q_proj.weight", l, {QD, H});
-    L.wk = a.get(p + "self_attn.k_proj.weight", l, {KD, H});
-    L.wv = a.get(p + "self_attn.v_proj.weight", l, {KD, H});
-    L.wo = a.get(p + "self_attn.o_proj.weight", l, {H, QD});
-    if (c.qkv_bias) {
-      L.bq = a.get(p + "self_attn.q_proj.bias", l, {QD});
-      L.bk = a.get(p + "self_attn.k_proj.bias", l, {KD});
-      L.bv = a.get(p + "self_attn.v_proj.bias", l, {KD});
-    }
-    if (c.o_bias) L.bo = a.get(p + "self_attn.o_proj.bias", l, {H});
-    if (c.qk_norm) {
-      L.q_norm = a.get(p + "self_attn.q_norm.weight", l, {D});
-      L.k_norm = a.get(p + "self_attn.k_norm.weight", l, {D});
-    }
-    L.post_norm = a.get(p + "post_attention_layernorm.weight", l, {H});
-    L.w_gate = a.get(p + "mlp.gate_proj.weight", l, {I, H});
-    L.w_up = a.get(p + "mlp.up_proj.weight", l, {I, H});
-    L.w_down = a.get(p + "mlp.down_proj.weight", l, {H, I});
-    if (c.mlp_bias) {
-      L.b_gate = a.get(p + "mlp.gate_proj.bias", l, {I});
-      L.b_up = a.get(p + "mlp.up_proj.bias", l, {I});
-      L.b_down = a.get(p + "mlp.down_proj.bias", l, {H});
-    }
+    bind_norms(a, c, p, l, L);
+    bind_attention(a, c, p, l, L);
+    bind_mlp(a, c, p, l, L);
     w.layers.push_back(std::move(L));
   }
   return w;

@@ -1,6 +1,8 @@
 // weights.h — binds a name->tensor dict (Hugging Face names) to the model's layout. Every tensor
 // goes through one checked accessor: name template + layer + dtype + device + shape, and a
-// mismatch names the tensor with expected vs actual. Tensors are held by handle: never copied.
+// mismatch names the tensor with expected vs actual. Tensors are held by handle: never copied,
+// except Gemma's norm weights, which are held as (1 + w) (vectors, [H] or [D] each). Fused
+// projections (Phi-3's qkv_proj, gate_up_proj) are held as they are and run as one matmul.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -14,11 +16,15 @@ namespace cf {
 
 struct LayerWeights {
   at::Tensor input_norm;                  // [H]
-  at::Tensor wq, wk, wv, wo;              // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D]
+  at::Tensor wq, wk, wv, wo;              // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D] (wq/wk/wv undefined when fused)
+  at::Tensor wqkv;                        // [(Hq + 2 Hkv) * D, H]: q, k, v rows (Phi-3), or undefined
   at::Tensor bq, bk, bv, bo;              // biases or undefined
-  at::Tensor q_norm, k_norm;              // [D] (Qwen3) or undefined
-  at::Tensor post_norm;                   // [H]
-  at::Tensor w_gate, w_up, w_down;        // [I, H], [I, H], [H, I]
+  at::Tensor q_norm, k_norm;              // [D] (Qwen3, Gemma 3) or undefined
+  at::Tensor post_attn_norm;              // [H]: Gemma 2/3's norm of the attention output, or undefined
+  at::Tensor post_norm;                   // [H]: the norm before the MLP
+  at::Tensor post_ffn_norm;               // [H]: Gemma 2/3's norm of the MLP output, or undefined
+  at::Tensor w_gate, w_up, w_down;        // [I, H], [I, H], [H, I] (w_gate/w_up undefined when fused)
+  at::Tensor w_gate_up;                   // [2 I, H]: gate rows then up rows (Phi-3), or undefined
   at::Tensor b_gate, b_up, b_down;        // biases or undefined
 };
 

@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "cpu/fused.h"
 #include "cpu/linear.h"
@@ -37,8 +38,32 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
 
 at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids) { return at::embedding(table, ids); }
 
+namespace {
+
+// transformers' eager attention with Gemma 2's soft-capping: scores in the compute dtype, capped,
+// masked, softmax in fp32 and back. KV heads are repeated to the query heads (repeat_kv).
+at::Tensor capped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale, double softcap) {
+  const int64_t Hq = q.size(1), Hkv = k.size(1), T = q.size(2), S = k.size(2);
+  const at::Tensor kk = Hq == Hkv ? k : k.repeat_interleave(Hq / Hkv, 1);
+  const at::Tensor vv = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
+  at::Tensor scores = at::matmul(q, kk.transpose(-2, -1)) * scale;
+  scores = at::tanh(scores / softcap) * softcap;
+  at::Tensor allowed;
+  if (mask.has_value()) {
+    allowed = *mask;
+  } else if (T > 1) {  // causal, S == T
+    allowed = at::ones({T, S}, q.options().dtype(at::kBool)).tril();
+  }
+  if (allowed.defined()) scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  return at::matmul(at::softmax(scores, -1, at::kFloat).to(q.scalar_type()), vv);
+}
+
+}  // namespace
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& mask, double scale) {
+                     const std::optional<at::Tensor>& mask, double scale, double softcap) {
+  if (softcap > 0) return capped_attention(q, k, v, mask, scale, softcap);
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
   if (T == 1 && Hq != Hkv) {
     // One query per head: the G query heads sharing a KV head become G queries of that KV head. No
@@ -66,6 +91,11 @@ std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Te
 }
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t R = cos.size(-1), D = x.size(-1);
+  if (R < D) {  // partial rotary: rotate the first R dims of each head, pass the rest
+    at::Tensor rotated = apply_rope(x.narrow(-1, 0, R).contiguous(), cos, sin);
+    return at::cat({rotated, x.narrow(-1, R, D - R).transpose(1, 2)}, -1);
+  }
   if (fused(x)) return gpu::rope_bthd(x, cos, sin).transpose(1, 2);
   if (cpu::fused_takes(x) && cpu::fused_takes(cos) && cpu::fused_takes(sin))
     return cpu::rope_bthd(x, cos, sin).transpose(1, 2);
@@ -79,6 +109,11 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   if (fused(gate)) return gpu::silu_mul(gate, up);
   if (cpu::fused_takes(gate) && cpu::fused_takes(up) && gate.sizes() == up.sizes()) return cpu::silu_mul(gate, up);
   return at::silu(gate) * up;
+}
+
+at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const std::string& act) {
+  if (act == "silu") return silu_mul(gate, up);
+  return at::gelu(gate, act == "gelu_tanh" ? "tanh" : "none") * up;
 }
 
 }  // namespace cf::ops

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <utility>
 
 namespace cf::ops {
@@ -21,20 +22,24 @@ at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids);
 // q [B, Hq, T, D], k and v [B, Hkv, S, D] (Hq a multiple of Hkv: query heads j*G .. j*G+G-1 share
 // KV head j, G = Hq / Hkv, as in HF's repeat_kv), mask [B, 1, T, S] bool (true = attend) or none
 // (T > 1: causal, query t sees keys 0..t, so only for S == T; T == 1: every key) ->
-// softmax(q k^T * scale) v over the attended keys, [B, Hq, T, D].
+// softmax(q k^T * scale) v over the attended keys, [B, Hq, T, D]. softcap > 0 (Gemma 2): the scores
+// become softcap * tanh(scores / softcap) before masking, computed by an ATen composite (scores in
+// the compute dtype, softmax in fp32, as transformers' eager attention does).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& mask, double scale);
+                     const std::optional<at::Tensor>& mask, double scale, double softcap = 0.0);
 
 // x [..., N], weight [N] -> weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // (x + residual, rms_norm(x + residual, weight, eps)): the residual add fused with the next norm.
 std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                                                double eps);
-// x [B, T, H, D] (a fresh tensor the op may overwrite), cos/sin [B, 1, T, D] ->
-// (x * cos + rotate_half(x) * sin) as [B, H, T, D]
+// x [B, T, H, D] (a fresh tensor the op may overwrite), cos/sin [B, 1, T, R] (R <= D rotary dims) ->
+// (x * cos + rotate_half(x) * sin) on the first R dims of each head, the rest unchanged, as [B, H, T, D]
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 // gate, up [..., I] -> silu(gate) * up
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+// gate, up [..., I] -> act(gate) * up; act "silu" (silu_mul), "gelu_tanh" or "gelu" (exact, erf)
+at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const std::string& act);
 
 // Whether CUDA/ROCm tensors take the fused kernels (a GPU build, CF_GPU_KERNELS not "0").
 bool gpu_kernels_enabled();

@@ -16,6 +16,7 @@ ConfigError = _C.ConfigError
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
+    wrapper: str
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -30,8 +31,20 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool
     tie_word_embeddings: bool
+    fused_qkv: bool
+    fused_gate_up: bool
+    hidden_act: str
+    norm_plus_one: bool
+    sandwich_norm: bool
+    embed_scale: float
+    attn_scale: float
+    attn_softcap: float
+    final_softcap: float
+    query_scale_beta: float
+    query_scale_original_max: int
     sliding_window: tuple[int, ...]
     rope: dict[str, Any]
+    rope_local: dict[str, Any] | None
     torch_dtype: str
     eos_token_ids: tuple[int, ...]
     bos_token_id: int

@@ -1,5 +1,7 @@
 """Loading: files -> Model. Hugging Face folders (config.json + safetensors, single or sharded),
 GGUF files, the embedded default model, or a dict of Hugging Face-named tensors from any source.
+A multimodal checkpoint (Gemma3ForConditionalGeneration, Mistral3ForConditionalGeneration) loads
+as its text decoder: the vision tower is not loaded.
 
 Weights are memory-mapped and handed to the engine without copies when the requested dtype and
 device match the checkpoint; a repeated layer runs the same tensors again. GGUF tensors are
@@ -22,7 +24,7 @@ from .files import package_file
 from .model import Model
 
 __all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "default_model_path", "load", "load_from_tensors",
-           "model_config_file", "resolve_dtype"]
+           "model_config_file", "resolve_dtype", "text_decoder_tensors"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -112,12 +114,31 @@ def _load_gguf(path: str, device, dtype) -> Model:
     return load_from_tensors(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path)
 
 
+_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                  ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
+
+
+def text_decoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A multimodal checkpoint's text-decoder tensors under the names a causal LM uses: transformers
+    v5's ``model.language_model.*`` and older ``language_model.model.*`` become ``model.*``; the
+    vision tower and projector are left out. The tensors themselves are not copied."""
+    out = {}
+    for name, t in tensors.items():
+        for prefix, replacement in _TEXT_PREFIXES:
+            if name.startswith(prefix):
+                out[replacement + name[len(prefix):]] = t
+                break
+    return out
+
+
 def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch.Tensor], tokenizer=None,
                       device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                       source: str = "<tensors>") -> Model:
     """Builds a Model from Hugging Face-named tensors (any weight source: safetensors, GGUF, ...)."""
     if not isinstance(config, ModelConfig):
         config = parse_config(config, source)
+    if config.wrapper:
+        tensors = text_decoder_tensors(tensors)
     if "model.embed_tokens.weight" not in tensors:
         raise _C.WeightError(f"{source}: missing tensor 'model.embed_tokens.weight'")
     checkpoint_dtype = _DTYPES.get(config.torch_dtype, tensors["model.embed_tokens.weight"].dtype)
