@@ -1,10 +1,15 @@
 """GGUF (llama.cpp's format) -> Hugging Face-named tensors and config, via the `gguf` package.
 
 Tensors are dequantized one at a time with the package's own dequantizers into the compute
-dtype, so after loading there is one copy of the weights. llama.cpp's converter permutes the
-rows of Q and K for the `llama` architecture (interleaved RoPE); that is undone here so the
-engine sees Hugging Face's layout. Tokenizer and chat template come from the file, built by
-transformers.
+dtype, so after loading there is one copy of the weights. What llama.cpp's converter changes is
+undone here so the engine sees Hugging Face's layout: the Q/K row permutation of `llama` and
+`mistral3` (interleaved RoPE), Gemma's +1 on every norm weight, and the names that differ per
+family (Gemma's `ffn_norm` is the pre-MLP norm, Phi-3's `attn_qkv` / `ffn_up` are the fused
+projections). Family settings no key carries follow llama.cpp's rules: Gemma's sliding pattern
+(every 2nd / 6th layer full, unless `{arch}.attention.sliding_window_pattern` lists it) and its
+attention scale (hidden / heads for the 27B layer counts 46 and 62, else the head size, unless
+`{arch}.attention.scale` is set); Phi-3's LongRoPE comes from its rope_factors tensors. Tokenizer
+and chat template come from the file, built by transformers.
 
 Metadata without reading any tensor: ``open_gguf(path)`` (the reader), ``gguf_field(reader, key)``,
 ``gguf_architecture`` / ``gguf_block_count`` (of an open reader) and ``gguf_num_layers(path)``.
@@ -22,10 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "gguf_architecture", "gguf_block_count", "gguf_config",
-           "gguf_field", "gguf_num_layers", "gguf_tokenizer", "open_gguf", "read_gguf"]
+__all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "gemma_sliding_layers", "gguf_architecture",
+           "gguf_block_count", "gguf_config", "gguf_field", "gguf_num_layers", "gguf_tokenizer", "open_gguf",
+           "read_gguf"]
 
-ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+              "mistral3": "Ministral3ForCausalLM"}
+_MODEL_TYPE = {"gemma3": "gemma3_text", "mistral3": "ministral3"}
+_PERMUTED = ("llama", "mistral3")  # converters that reorder Q/K rows for interleaved RoPE
+_GEMMA = ("gemma2", "gemma3")
+_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales queries by hidden/heads for these
 SUPPORTED_ARCHS = tuple(ARCH_TO_HF)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K")
@@ -52,20 +64,30 @@ _BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Where a family's converter names differ from the table above.
+_FAMILY_BLOCK_NAMES = {
+    "phi3": {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"},
+    "gemma2": {"post_attention_norm.weight": "post_attention_layernorm.weight",
+               "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+               "post_ffw_norm.weight": "post_feedforward_layernorm.weight"},
+}
+_FAMILY_BLOCK_NAMES["gemma3"] = _FAMILY_BLOCK_NAMES["gemma2"]
 
 
 class GGUFError(ValueError):
     """A GGUF file that cannot be read, or holds something circuit-finder does not support."""
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """GGUF tensor name -> Hugging Face name (None for tensors the engine does not use)."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """GGUF tensor name of a file of architecture ``arch`` -> Hugging Face name (None for tensors
+    the engine does not use)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
-    return None
+    if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
+        return None
+    suffix = _FAMILY_BLOCK_NAMES.get(arch, {}).get(parts[2]) or _BLOCK_NAMES.get(parts[2])
+    return f"model.layers.{parts[1]}.{suffix}" if suffix else None
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -225,13 +247,13 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
     heads = int(per_layer_scalar("attention.head_count"))
     hidden = int(need("embedding_length"))
     tokens = gguf_field(reader, "tokenizer.ggml.tokens") or []
-    names = {t.name for t in reader.tensors}
-    vocab = gguf_field(reader, f"{arch}.vocab_size") or len(tokens)
-    if not vocab and "token_embd.weight" in names:
-        vocab = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1])
+    by_name = {t.name: t for t in reader.tensors}
+    # the embedding's rows are the vocabulary (Gemma 3's converter drops the unused tail rows)
+    vocab = (int(by_name["token_embd.weight"].shape[-1]) if "token_embd.weight" in by_name
+             else gguf_field(reader, f"{arch}.vocab_size") or len(tokens))
     config = {
         "architectures": [ARCH_TO_HF[arch]],
-        "model_type": arch,
+        "model_type": _MODEL_TYPE.get(arch, arch),
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": int(per_layer_scalar("feed_forward_length")),
@@ -243,12 +265,30 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
         "rms_norm_eps": float(gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         "hidden_act": "silu",
-        "tie_word_embeddings": "output.weight" not in names,
+        "tie_word_embeddings": "output.weight" not in by_name,
         "torch_dtype": "float32",
     }
-    if "rope_freqs.weight" in names:
+    if "rope_freqs.weight" in by_name:
         raise GGUFError(f"{path}: per-dimension RoPE factors (rope_freqs, Llama 3.1 style) are not supported yet")
+    if arch == "phi3":
+        _phi3_config(reader, path, config, by_name)
+    elif arch in _GEMMA:
+        _gemma_config(reader, arch, config)
+    else:
+        _rope_scaling_config(reader, path, arch, need, config)
+    for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                        ("padding_token_id", "pad_token_id")):
+        v = gguf_field(reader, f"tokenizer.ggml.{key}")
+        if v is not None:
+            config[hf_key] = int(v)
+    return config
+
+
+def _rope_scaling_config(reader, path: str, arch: str, need, config: dict) -> None:
+    """rope_scaling from {arch}.rope.scaling.* (linear, yarn); for mistral3 the YaRN extras and the
+    Llama-4 query scale (attention.temperature_scale)."""
     scaling = gguf_field(reader, f"{arch}.rope.scaling.type")
+    rope = {"rope_type": "default"}
     if scaling and scaling != "none":
         if scaling not in ("linear", "yarn"):
             raise GGUFError(f"{path}: RoPE scaling {scaling!r} is not supported (supported: linear, yarn)")
@@ -256,13 +296,94 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
         orig = gguf_field(reader, f"{arch}.rope.scaling.original_context_length")
         if orig:
             rope["original_max_position_embeddings"] = int(orig)
-        config["rope_scaling"] = rope
-    for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                        ("padding_token_id", "pad_token_id")):
-        v = gguf_field(reader, f"tokenizer.ggml.{key}")
-        if v is not None:
-            config[hf_key] = int(v)
-    return config
+        for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            v = gguf_field(reader, f"{arch}.rope.scaling.{key}")
+            if v:
+                rope[hf_key] = float(v)
+    if arch == "mistral3":
+        if rope["rope_type"] == "yarn":  # llama.cpp: attn factor mscale(f, 1) / mscale(f, yarn_log_multiplier)
+            rope["mscale"] = 1.0
+            rope["mscale_all_dim"] = float(gguf_field(reader, f"{arch}.rope.scaling.yarn_log_multiplier", 1.0))
+        beta = float(gguf_field(reader, f"{arch}.attention.temperature_scale", 0.0))
+        if beta:
+            orig = gguf_field(reader, f"{arch}.rope.scaling.original_context_length")
+            if not orig:
+                raise GGUFError(f"{path}: {arch}.attention.temperature_scale needs "
+                                f"{arch}.rope.scaling.original_context_length")
+            rope["llama_4_scaling_beta"] = beta
+            rope["original_max_position_embeddings"] = int(orig)
+    if rope["rope_type"] != "default" or len(rope) > 1:
+        rope["rope_theta"] = config.pop("rope_theta")
+        config["rope_parameters"] = rope
+
+
+def _phi3_config(reader, path: str, config: dict, by_name: dict) -> None:
+    """Phi-3: partial rotary from rope.dimension_count, the window (0 = none), and LongRoPE from the
+    rope_factors_short / rope_factors_long tensors."""
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    config["head_dim"] = head_dim
+    rot = gguf_field(reader, "phi3.rope.dimension_count")
+    if rot:
+        config["partial_rotary_factor"] = int(rot) / head_dim
+    window = gguf_field(reader, "phi3.attention.sliding_window")
+    config["sliding_window"] = int(window) if window else None
+    orig = gguf_field(reader, "phi3.rope.scaling.original_context_length")
+    if orig:
+        config["original_max_position_embeddings"] = int(orig)
+    if "rope_factors_long.weight" not in by_name:
+        return
+    if "rope_factors_short.weight" not in by_name or not orig:
+        raise GGUFError(f"{path}: LongRoPE needs rope_factors_short.weight, rope_factors_long.weight and "
+                        "phi3.rope.scaling.original_context_length")
+    rope = {"rope_type": "longrope",
+            "short_factor": [float(x) for x in _dequantize(by_name["rope_factors_short.weight"], path).ravel()],
+            "long_factor": [float(x) for x in _dequantize(by_name["rope_factors_long.weight"], path).ravel()]}
+    attn = gguf_field(reader, "phi3.rope.scaling.attn_factor")
+    if attn:
+        rope["attention_factor"] = float(attn)
+    config["rope_scaling"] = rope
+
+
+def _gemma_config(reader, arch: str, config: dict) -> None:
+    """Gemma 2/3: GeGLU, soft-caps, the per-layer sliding pattern, the query scale, Gemma 3's
+    local RoPE base and (global-only) linear scaling."""
+    n = config["num_hidden_layers"]
+    config.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
+                  attn_logit_softcapping=None, final_logit_softcapping=None)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping") if arch == "gemma2" else ("final_logit_softcapping",):
+        v = gguf_field(reader, f"{arch}.{key}")
+        config[key] = float(v) if v else None
+    scale = gguf_field(reader, f"{arch}.attention.scale")
+    if scale:
+        config["query_pre_attn_scalar"] = 1.0 / float(scale) ** 2
+    elif n == _GEMMA_27B_BLOCKS[arch]:
+        config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
+    else:
+        config["query_pre_attn_scalar"] = config["head_dim"]
+    window = gguf_field(reader, f"{arch}.attention.sliding_window")
+    config["sliding_window"] = int(window) if window else None
+    config["layer_types"] = [("sliding_attention" if sliding and window else "full_attention")
+                             for sliding in gemma_sliding_layers(reader, arch, n)]
+    if arch == "gemma3":
+        full = {"rope_type": "default", "rope_theta": float(gguf_field(reader, "gemma3.rope.freq_base", 1e6))}
+        if gguf_field(reader, "gemma3.rope.scaling.type") == "linear":
+            full.update(rope_type="linear", factor=float(gguf_field(reader, "gemma3.rope.scaling.factor", 1.0)))
+        local = {"rope_type": "default", "rope_theta": float(gguf_field(reader, "gemma3.rope.freq_base_swa", 1e4))}
+        config.pop("rope_theta")
+        config["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+
+
+def gemma_sliding_layers(reader, arch: str, n: int) -> list[bool]:
+    """Which of a Gemma file's n layers use the sliding window: {arch}.attention.sliding_window_pattern
+    (one bool per layer, or a period) when present, else llama.cpp's rule: every 2nd (Gemma 2) or
+    6th (Gemma 3) layer is full."""
+    pattern = gguf_field(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        if len(pattern) != n:
+            raise GGUFError(f"{arch}.attention.sliding_window_pattern lists {len(pattern)} layers, the file has {n}")
+        return [bool(x) for x in pattern]
+    period = int(pattern) if pattern else (2 if arch == "gemma2" else 6)
+    return [(i + 1) % period != 0 for i in range(n)]
 
 
 def _dequantize(t, path: str) -> np.ndarray:
@@ -296,17 +417,19 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
     from .config import parse_config
 
     parse_config(config, path)  # the engine's own checks (positive sizes, head counts...) before any tensor work
-    arch = config["model_type"]
+    arch = gguf_architecture(reader, path)
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
         arr = _dequantize(t, path)
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if arch in _PERMUTED and name.endswith(("q_proj.weight", "q_proj.bias")):
             arr = unpermute_qk(arr, config["num_attention_heads"])
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif arch in _PERMUTED and name.endswith(("k_proj.weight", "k_proj.bias")):
             arr = unpermute_qk(arr, config["num_key_value_heads"])
+        elif arch in _GEMMA and name.endswith("norm.weight"):  # the converter stored 1 + w
+            arr = arr.astype(np.float32) - 1.0
         tensor = torch.from_numpy(np.array(arr, copy=not arr.flags.writeable or not arr.flags.c_contiguous))
         if tensor.dtype != dtype:
             tensor = tensor.to(dtype)
@@ -321,7 +444,12 @@ def _tokenizer_cached(path: str, mtime: float):
     from transformers import AutoTokenizer
 
     p = Path(path)
-    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    try:
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except ValueError:  # transformers builds no config for some architectures (mistral3): tokenizer only
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
 
 
 def gguf_tokenizer(path: str | os.PathLike):
