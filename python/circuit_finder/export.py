@@ -39,7 +39,9 @@ __all__ = ["export_gguf", "export_hf", "export_mergekit", "mergekit_config", "me
            "remap_config", "source_num_layers"]
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# a decoder layer's tensors: a causal LM's model.layers.N, or a multimodal wrapper's text decoder
+# (transformers v5 names model.language_model.layers.N; its save_pretrained writes language_model.model.layers.N)
+_HF_LAYER = re.compile(r"^(model\.language_model\.|language_model\.model\.|model\.)layers\.(\d+)\.(.+)$")
 _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
 # every file name an HF export of ours holds: what makes an existing folder safe to replace
 _HF_EXPORT_FILE = re.compile(r"^(?:config\.json|generation_config\.json|model\.safetensors(?:\.index\.json)?"
@@ -54,8 +56,15 @@ def _is_gguf(src) -> bool:
     return str(src).lower().endswith(".gguf")
 
 
+def _decoder_config(config: dict) -> dict:
+    """The part of a config.json that describes the decoder layers: a multimodal wrapper's
+    text_config, else the config itself."""
+    text = config.get("text_config") if isinstance(config, dict) else None
+    return text if isinstance(text, dict) and "num_hidden_layers" not in config else config
+
+
 def _config_layer_count(config, where) -> int:
-    n = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    n = _decoder_config(config).get("num_hidden_layers") if isinstance(config, dict) else None
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"{where}: num_hidden_layers is {n!r}, not a layer count")
     return n
@@ -173,12 +182,29 @@ def _copy_gguf_metadata(writer, reader, arch: str, path: LayerPath, n: int) -> N
         writer.add_key_value(name, value, kind, sub_type=sub)
 
 
+def _pin_gemma_layers(writer, reader, arch: str, path: LayerPath, n: int) -> None:
+    """Gemma's sliding pattern and query scale are not in a converter's metadata: llama.cpp derives
+    them from layer positions and the layer count, which a path changes. They are written
+    explicitly (one sliding flag per slot; attention.scale) so each slot keeps its layer's kind."""
+    from .gguf import gemma_sliding_layers, gguf_config, gguf_field
+
+    pattern = gguf_field(reader, f"{arch}.attention.sliding_window_pattern")
+    if not isinstance(pattern, list):  # a per-layer list is reordered with the other arrays
+        sliding = gemma_sliding_layers(reader, arch, n)
+        writer.add_sliding_window_pattern([sliding[i] for i in path])
+    if gguf_field(reader, f"{arch}.attention.scale") is None:
+        scalar = gguf_config(reader, "")["query_pre_attn_scalar"]
+        writer.add_attention_scale(1.0 / float(scalar) ** 0.5)
+
+
 def _write_gguf(reader, tmp: Path, arch: str, path: LayerPath, n: int, ordered) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         _copy_gguf_metadata(writer, reader, arch, path, n)
+        if arch in ("gemma2", "gemma3"):
+            _pin_gemma_layers(writer, reader, arch, path, n)
         for name, t in ordered:
             writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
         writer.write_header_to_file(path=tmp)
@@ -194,7 +220,8 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrit
     """Writes a GGUF whose blocks follow the layer path: block k is block path[k] of ``src``, with
     its tensors' bytes and quantization types unchanged. ``{arch}.block_count`` is set to the
     path length and every per-layer metadata array is reordered along the path; all other
-    metadata and tensors are kept. Tensors are streamed from the memory-mapped source."""
+    metadata and tensors are kept (Gemma files also get their per-slot sliding flags and query
+    scale written out, see ``_pin_gemma_layers``). Tensors are streamed from the memory-mapped source."""
     from .gguf import gguf_architecture, gguf_block_count, open_gguf
 
     src, dst = Path(src), Path(dst)
@@ -211,14 +238,16 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrit
 # ------------------------------------------------------------------------------ Hugging Face
 def remap_config(config: dict, path: LayerPath, dtype: torch.dtype | None = None) -> dict:
     """The config.json of an export along ``path``: num_hidden_layers = path length, per-layer lists
-    (layer_types, no_rope_layers, ...: one entry per source layer) reordered along the path, and
-    torch_dtype set when ``dtype`` is given. ``config`` is not modified."""
-    n = int(config["num_hidden_layers"])
+    (layer_types, no_rope_layers, ...: one entry per source layer) reordered along the path (in a
+    multimodal wrapper's text_config), and torch_dtype set when ``dtype`` is given. ``config`` is
+    not modified."""
     out = json.loads(json.dumps(config))
-    out["num_hidden_layers"] = len(path)
-    for key, value in config.items():
+    source, target = _decoder_config(config), _decoder_config(out)
+    n = int(source["num_hidden_layers"])
+    target["num_hidden_layers"] = len(path)
+    for key, value in source.items():
         if isinstance(value, list) and len(value) == n and key != "architectures" and not key.endswith("token_id"):
-            out[key] = [value[i] for i in path]
+            target[key] = [value[i] for i in path]
     if dtype is not None:
         out["torch_dtype"] = str(dtype).replace("torch.", "")
         out.pop("dtype", None)
@@ -241,6 +270,14 @@ def _hf_source_config(src) -> dict:
     from .model import Model
 
     if isinstance(src, Model):
+        if src.config.wrapper:  # its loaded tensors are the text decoder's: written as that causal LM
+            text = dict(_decoder_config(src.config.raw))
+            for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+                if key not in text and key in src.config.raw:
+                    text[key] = src.config.raw[key]
+            if text.get("final_logit_softcapping"):  # Gemma3ForConditionalGeneration never applies it
+                text["final_logit_softcapping"] = None
+            return {**text, "architectures": [src.config.architecture]}
         return dict(src.config.raw)
     p = Path(src)
     if _is_gguf(p):
@@ -271,11 +308,11 @@ def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:
     for name in tensors:
         m = _HF_LAYER.match(name)
         if m:
-            per_layer[int(m.group(1))].append((m.group(2), name))
+            per_layer[int(m.group(2))].append((m.group(1), m.group(3), name))
         else:
             names.append((name, name))
     for k, layer in enumerate(path):
-        names += [(f"model.layers.{k}.{suffix}", name) for suffix, name in sorted(per_layer[layer])]
+        names += [(f"{prefix}layers.{k}.{suffix}", name) for prefix, suffix, name in sorted(per_layer[layer])]
     return names
 
 
