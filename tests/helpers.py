@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "ministral3"]
 
 BASE = dict(
     vocab_size=160,
@@ -24,7 +25,11 @@ BASE = dict(
 )
 
 # Per-architecture quirks worth covering: tied embeddings + llama3 RoPE, sliding windows,
-# qkv bias + yarn, q/k norm + a head_dim override.
+# qkv bias + yarn, q/k norm + a head_dim override; Phi-3's fused projections, LongRoPE (the short
+# factors below 64 positions; test_families.py crosses into the long ones) and partial rotary;
+# Gemma's norms, GeGLU, query_pre_attn_scalar, soft-capping set low enough to bite, windows
+# shorter than the prompts, Gemma 3's local RoPE and a 3-layer pattern; Ministral3's YaRN and
+# position-dependent query scale with a short original context so it changes within a prompt.
 ARCH_EXTRA = {
     "llama": dict(tie_word_embeddings=True, rope_theta=50000.0,
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -34,16 +39,34 @@ ARCH_EXTRA = {
                   rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
     "qwen3": dict(head_dim=24, tie_word_embeddings=False, rope_theta=1000000.0,
                   rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "phi3": dict(tie_word_embeddings=False, sliding_window=20, original_max_position_embeddings=64,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                  "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                  "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}),
+    "gemma2": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=20, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=3.0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "gemma3_text": dict(head_dim=24, sliding_window=8, query_pre_attn_scalar=20, final_logit_softcapping=5.0,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 1000000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "ministral3": dict(head_dim=16, tie_word_embeddings=False,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                        "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+                                        "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}),
 }
+# transformers' SDPA path drops Gemma 2's attention soft-capping: the reference runs eager attention.
+ATTN_IMPLEMENTATION = {"gemma2": "eager", "gemma3_text": "eager"}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     """Large, varied random weights so that a wrong norm, bias or RoPE shows in the logits."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        gemma = getattr(model.config, "model_type", "").startswith("gemma")
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            if name.endswith("norm.weight"):  # Gemma's norms scale by (1 + w): w near 0 there
+                p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
             else:
@@ -60,7 +83,8 @@ def make_config(arch: str, **overrides):
 def build_hf_model(arch: str, folder, seed: int = 0, **overrides):
     config = make_config(arch, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                             attn_implementation=ATTN_IMPLEMENTATION.get(arch, "sdpa"))
     randomize(model, seed)
     model.eval()
     model.save_pretrained(str(folder))
@@ -69,15 +93,21 @@ def build_hf_model(arch: str, folder, seed: int = 0, **overrides):
 
 
 def rebuilt(hf_model, layers):
-    """A transformers model whose decoder runs `layers` in order, from deep-copied layers."""
+    """A transformers model whose decoder runs `layers` in order, from deep-copied layers (a
+    multimodal wrapper: its text decoder's layers)."""
     m = copy.deepcopy(hf_model)
-    originals = hf_model.model.layers
-    m.model.layers = torch.nn.ModuleList([copy.deepcopy(originals[i]) for i in layers])
-    for slot, layer in enumerate(m.model.layers):
+    wrapper = hasattr(m.model, "language_model")
+    decoder = m.model.language_model if wrapper else m.model
+    source = hf_model.model.language_model if wrapper else hf_model.model
+    decoder.layers = torch.nn.ModuleList([copy.deepcopy(source.layers[i]) for i in layers])
+    for slot, layer in enumerate(decoder.layers):
         layer.self_attn.layer_idx = slot
-    m.config.num_hidden_layers = len(layers)
-    if getattr(m.config, "layer_types", None) is not None:
-        m.config.layer_types = [hf_model.config.layer_types[i] for i in layers]
+    configs = [(m.config.text_config, hf_model.config.text_config)] if wrapper else []
+    configs.append((m.config, hf_model.config))
+    for config, original in configs:
+        config.num_hidden_layers = len(layers)
+        if getattr(original, "layer_types", None) is not None:
+            config.layer_types = [original.layer_types[i] for i in layers]
     return m
 
 
@@ -117,11 +147,22 @@ def llama_cpp_permute(w, n_head: int):
     return w[order]
 
 
-def gguf_name(hf: str) -> str:
+# Per-family names of llama.cpp's converter where they differ from the llama table.
+FAMILY_GGUF_BLOCK = {
+    "phi3": {"self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"},
+    "gemma2": {"post_attention_layernorm.weight": "post_attention_norm.weight",
+               "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+               "post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
+}
+FAMILY_GGUF_BLOCK["gemma3"] = FAMILY_GGUF_BLOCK["gemma2"]
+GGUF_ARCH = {"gemma3_text": "gemma3", "ministral3": "mistral3"}  # transformers model_type -> GGUF architecture
+
+
+def gguf_name(hf: str, arch: str = "llama") -> str:
     if hf in HF_TO_GGUF_GLOBAL:
         return HF_TO_GGUF_GLOBAL[hf]
     _, _, layer, rest = hf.split(".", 3)
-    return f"blk.{layer}.{HF_TO_GGUF_BLOCK[rest]}"
+    return f"blk.{layer}.{FAMILY_GGUF_BLOCK.get(arch, {}).get(rest) or HF_TO_GGUF_BLOCK[rest]}"
 
 
 def encode_tensor(arr, qtype_name: str, rng):
@@ -144,11 +185,73 @@ def encode_tensor(arr, qtype_name: str, rng):
     return gguf.quants.quantize(arr.astype(np.float32), qtype), qtype
 
 
+def _family_metadata(w, cfg, arch: str, head_dim: int) -> dict:
+    """The keys llama.cpp's converter writes for phi3 / gemma2 / gemma3 / mistral3 beyond the common
+    ones; returns {gguf tensor name: float32 array} of extra global tensors (Phi-3's LongRoPE factors)."""
+    import gguf
+    import numpy as np
+
+    rope = cfg.rope_parameters
+    extra = {}
+    if arch == "phi3":
+        w.add_rope_freq_base(rope["rope_theta"])
+        rot = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        w.add_rope_dimension_count(rot)
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        w.add_sliding_window(cfg.sliding_window or 0)
+        if rope.get("rope_type") == "longrope":
+            factor = cfg.max_position_embeddings / cfg.original_max_position_embeddings
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(cfg.original_max_position_embeddings)))
+            extra = {"rope_factors_long.weight": np.array(rope["long_factor"], dtype=np.float32),
+                     "rope_factors_short.weight": np.array(rope["short_factor"], dtype=np.float32)}
+    elif arch in ("gemma2", "gemma3"):
+        w.add_sliding_window(cfg.sliding_window)
+        if arch == "gemma2":
+            w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        if cfg.final_logit_softcapping:
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        if arch == "gemma3":
+            full, local = rope["full_attention"], rope["sliding_attention"]
+            w.add_rope_freq_base(full["rope_theta"])
+            w.add_rope_freq_base_swa(local["rope_theta"])
+            if full.get("rope_type") == "linear":
+                w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                w.add_rope_scaling_factor(full["factor"])
+    elif arch == "mistral3":
+        w.add_rope_freq_base(rope["rope_theta"])
+        w.add_rope_dimension_count(head_dim)
+        if rope.get("rope_type") == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(rope["factor"])
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            w.add_rope_scaling_yarn_beta_fast(rope.get("beta_fast", 32.0))
+            w.add_rope_scaling_yarn_beta_slow(rope.get("beta_slow", 1.0))
+            w.add_rope_scaling_yarn_log_mul(rope.get("mscale_all_dim", 1.0))
+        w.add_attn_temperature_scale(rope.get("llama_4_scaling_beta", 0.0))
+    else:
+        w.add_rope_freq_base(float(rope["rope_theta"]))
+    return extra
+
+
+def _gguf_array(hf: str, t, cfg, arch: str, permute: bool):
+    """One tensor as the converter stores it: llama/mistral3 Q/K rows permuted, Gemma norms + 1."""
+    arr = t.detach().float().numpy()
+    if permute and arch in ("llama", "mistral3") and hf.endswith("q_proj.weight"):
+        arr = llama_cpp_permute(arr, cfg.num_attention_heads)
+    elif permute and arch in ("llama", "mistral3") and hf.endswith("k_proj.weight"):
+        arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
+    elif arch in ("gemma2", "gemma3") and hf.endswith("norm.weight"):
+        arr = arr + 1.0
+    return arr
+
+
 def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip=(), permute=True, seed=0,
                extra_tensors=None, extra_arrays=None, extra_strings=None):
-    """Writes a transformers model as GGUF the way llama.cpp's converter lays it out.
+    """Writes a transformers model as GGUF the way llama.cpp's converter lays it out (per family:
+    fused Phi-3 tensors and LongRoPE factor tensors, Gemma's +1 norms and names, mistral3's YaRN and
+    temperature keys; the keys each converter leaves out are left out here too).
 
-    Matrices get `qtype` (norms stay F32); llama-arch Q/K rows are permuted as the converter does
+    Matrices get `qtype` (norms stay F32); llama/mistral3 Q/K rows are permuted as the converter does
     (by `llama_cpp_permute`, not by circuit_finder's code). Returns {gguf tensor name: (bytes array,
     type)} of what was written.
     """
@@ -156,7 +259,7 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
     import numpy as np
 
     cfg = hf_model.config
-    arch = arch or cfg.model_type
+    arch = arch or GGUF_ARCH.get(cfg.model_type, cfg.model_type)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -166,30 +269,30 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    if arch != "phi3":  # the phi3 converter writes neither head sizes nor the vocabulary size
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_vocab_size(cfg.vocab_size)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
     w.add_eos_token_id(2)
     w.add_bos_token_id(1)
+    family_tensors = _family_metadata(w, cfg, arch, head_dim)
     for key, values in (extra_arrays or {}).items():
         w.add_array(key, values)
     for key, value in (extra_strings or {}).items():
         w.add_string(key, value)
     written = {}
+    for name, arr in family_tensors.items():
+        w.add_tensor(name, arr, raw_dtype=gguf.GGMLQuantizationType.F32)
+        written[name] = (arr, gguf.GGMLQuantizationType.F32)
     state = hf_model.state_dict()
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for hf, t in state.items():
-        name = gguf_name(hf)
+        name = gguf_name(hf, arch)
         if name in skip:
             continue
-        arr = t.detach().float().numpy()
-        if permute and arch == "llama" and hf.endswith("q_proj.weight"):
-            arr = llama_cpp_permute(arr, cfg.num_attention_heads)
-        elif permute and arch == "llama" and hf.endswith("k_proj.weight"):
-            arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
+        arr = _gguf_array(hf, t, cfg, arch, permute)
         data, kind = encode_tensor(arr, qtype if arr.ndim == 2 else "F32", rng)
         w.add_tensor(name, data, raw_dtype=kind)
         written[name] = (data, kind)

@@ -32,9 +32,9 @@ def test_unsupported_rope_type(model_dir, tmp_path):
     folder, _ = model_dir("llama")
     d = copy_model(folder, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(cf.ConfigError, match="longrope.*default, linear, llama3, yarn"):
+    with pytest.raises(cf.ConfigError, match="dynamic.*default, linear, llama3, yarn, longrope"):
         cf.load(d)
 
 

@@ -81,6 +81,9 @@ def test_rope_config_layouts(model_dir, tmp_path, layout, arch):
     assert "rope_parameters" in config  # what save_pretrained writes today
     if layout == "legacy":
         params = config.pop("rope_parameters")
+        if "full_attention" in params:  # Gemma 3: one entry per layer type -> rope_theta + rope_local_base_freq
+            config["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+            params = params["full_attention"]
         config["rope_theta"] = params.pop("rope_theta")
         if params.get("rope_type", "default") != "default":
             config["rope_scaling"] = params
