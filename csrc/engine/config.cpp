@@ -63,7 +63,7 @@ const std::map<std::string, ArchFlags>& arch_table() {
 const std::map<std::string, std::string>& wrapper_to_text_arch() {
   static const std::map<std::string, std::string> table = {
       {"Gemma3ForConditionalGeneration", "Gemma3ForCausalLM"},
-      {"Mistral3ForConditionalGeneration", "Ministral3ForCausalLM"},
+      {"Mistral3ForConditionalGeneration", "MistralForCausalLM"},  // transformers' default text model_type
   };
   return table;
 }
@@ -198,7 +198,7 @@ RopeConfig parse_rope_params(const json& params, const Reader& top, const ModelC
   rope.type = r.string("rope_type", r.string("type", "default"));
   if (phi3 && (rope.type == "su" || rope.type == "yarn")) rope.type = "longrope";  // transformers' Phi3 rule
   const double partial = r.number("partial_rotary_factor", top.number("partial_rotary_factor", 1.0));
-  rope.rotary_dim = static_cast<int64_t>(static_cast<double>(c.head_dim) * partial);
+  if (partial > 0 && partial <= 1) rope.rotary_dim = static_cast<int64_t>(static_cast<double>(c.head_dim) * partial);
   if (!(partial > 0 && partial <= 1) || rope.rotary_dim < 2 || rope.rotary_dim % 2 != 0)
     throw ConfigError(cat(top.source(), ": partial_rotary_factor ", partial, " gives ", rope.rotary_dim,
                           " rotary dims of head_dim ", c.head_dim, "; need an even count in [2, head_dim]"));
@@ -317,6 +317,10 @@ const json& arch_defaults(const std::string& arch) {
 json decoder_config(const json& top, const std::string& source, ModelConfig& c) {
   Reader r(top, source);
   c.architecture = architecture_name(r);
+  for (const json* q : {&top, top.contains("text_config") ? &top["text_config"] : &top})
+    if (q->is_object() && q->contains("quantization_config") && !(*q)["quantization_config"].is_null())
+      throw ConfigError(cat(source, ": a quantized checkpoint (quantization_config: FP8, GPTQ, AWQ...) is not "
+                                    "supported; use its bf16/fp16 weights or a GGUF file"));
   json j = top;
   auto wrapper = wrapper_to_text_arch().find(c.architecture);
   if (wrapper != wrapper_to_text_arch().end()) {
@@ -441,12 +445,15 @@ void read_query_scale(const Reader& r, const ArchFlags& f, ModelConfig& c) {
     throw ConfigError(cat(r.source(), ": llama_4_scaling_beta needs a finite beta and a positive original_max_position_embeddings"));
 }
 
-// Sliding window per layer (0 = full attention). An explicit layer_types list wins; else Mistral's
-// sliding_window applies to every layer, and Qwen2's use_sliding_window to layers from max_window_layers.
+// Sliding window per layer (0 = full attention). Mistral's, Phi3's and Ministral3's sliding_window
+// applies to every layer; otherwise an explicit layer_types list wins, else Gemma's pattern, else
+// Qwen2's use_sliding_window for layers from max_window_layers.
 std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, int64_t num_layers) {
   std::vector<int64_t> windows(num_layers, 0);
   const int64_t window = r.integer("sliding_window", 0);
-  if (r.has("layer_types")) {
+  if (f.sliding_from_window) {  // Mistral, Phi3, Ministral3: transformers ignores layer_types here
+    if (window > 0) windows.assign(num_layers, window);
+  } else if (r.has("layer_types")) {
     const json& lt = r.raw()["layer_types"];
     if (!lt.is_array() || static_cast<int64_t>(lt.size()) != num_layers)
       throw ConfigError(cat(r.source(), ": layer_types must list one type per layer (", num_layers, ")"));
@@ -468,8 +475,6 @@ std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, i
     if (pattern <= 0) throw ConfigError(cat(r.source(), ": sliding_window_pattern must be positive"));
     if (window <= 0) throw ConfigError(cat(r.source(), ": sliding_window must be set for the sliding layers"));
     for (int64_t i = 0; i < num_layers; ++i) windows[i] = (i + 1) % pattern != 0 ? window : 0;
-  } else if (f.sliding_from_window) {
-    if (window > 0) windows.assign(num_layers, window);
   } else if (r.boolean("use_sliding_window", false) && window > 0) {
     // transformers: layer i slides when i >= max_window_layers (so a negative value means every layer);
     // Qwen2Config and Qwen3Config default max_window_layers to 28 when the config leaves it out.

@@ -89,13 +89,20 @@ KVCache Engine::new_cache(int64_t num_slots, int64_t batch, int64_t capacity, co
 std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
   validate_layer_path({layer}, cfg_.num_layers);
   const LayerWeights& L = w_.layers[layer];
+  // Hugging Face's names for what each tensor is in this family (Gemma: post_attention_layernorm
+  // normalizes the attention output, pre_feedforward_layernorm comes before the MLP).
   std::map<std::string, at::Tensor> all = {
-      {"input_layernorm", L.input_norm}, {"q_proj", L.wq},           {"k_proj", L.wk},
-      {"v_proj", L.wv},                  {"qkv_proj", L.wqkv},       {"o_proj", L.wo},
-      {"post_attention_norm", L.post_attn_norm}, {"pre_mlp_norm", L.post_norm}, {"post_mlp_norm", L.post_ffn_norm},
-      {"gate_proj", L.w_gate},           {"up_proj", L.w_up},        {"gate_up_proj", L.w_gate_up},
-      {"down_proj", L.w_down},
+      {"input_layernorm", L.input_norm}, {"q_proj", L.wq},          {"k_proj", L.wk},   {"v_proj", L.wv},
+      {"qkv_proj", L.wqkv},              {"o_proj", L.wo},          {"gate_proj", L.w_gate},
+      {"up_proj", L.w_up},               {"gate_up_proj", L.w_gate_up}, {"down_proj", L.w_down},
   };
+  if (cfg_.sandwich_norm) {
+    all["post_attention_layernorm"] = L.post_attn_norm;
+    all["pre_feedforward_layernorm"] = L.post_norm;
+    all["post_feedforward_layernorm"] = L.post_ffn_norm;
+  } else {
+    all["post_attention_layernorm"] = L.post_norm;
+  }
   std::map<std::string, at::Tensor> out;
   for (const auto& [name, t] : all)
     if (t.defined()) out[name] = t;

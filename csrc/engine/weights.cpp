@@ -52,10 +52,11 @@ class Accessor {
 
 namespace {
 
-// Gemma's RMSNorm scales by (1 + w): held as that sum, computed in fp32 and cast once.
+// Gemma's RMSNorm scales by (1 + w) in fp32 and casts once: held as that fp32 sum, which
+// ops::rms_norm multiplies in fp32 (a weight in the activations' dtype multiplies after the cast).
 at::Tensor norm_weight(const at::Tensor& w, const ModelConfig& c) {
   if (!c.norm_plus_one) return w;
-  return (w.to(at::kFloat) + 1.0).to(w.scalar_type());
+  return w.to(at::kFloat) + 1.0;
 }
 
 void bind_attention(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {

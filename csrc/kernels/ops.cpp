@@ -14,12 +14,17 @@ namespace {
 
 bool fused(const at::Tensor& x) { return x.is_cuda() && gpu_kernels_enabled(); }
 
+// A weight of the activations' dtype multiplies after the cast back (Llama's order); an fp32 weight
+// of lower-precision activations (Gemma's 1 + w) multiplies in fp32 and the product is cast once.
 at::Tensor rms_norm_ref(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor h = x.to(at::kFloat);
   at::Tensor var = h.pow(2).mean(-1, /*keepdim=*/true);
   h = h * at::rsqrt(var + eps);
+  if (weight.scalar_type() != x.scalar_type()) return (h * weight.to(at::kFloat)).to(x.scalar_type());
   return weight * h.to(x.scalar_type());
 }
+
+bool same_dtype(const at::Tensor& x, const at::Tensor& weight) { return x.scalar_type() == weight.scalar_type(); }
 
 }  // namespace
 
@@ -76,14 +81,14 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  if (fused(x)) return gpu::add_rms_norm(x, std::nullopt, weight, eps).second;
+  if (fused(x) && same_dtype(x, weight)) return gpu::add_rms_norm(x, std::nullopt, weight, eps).second;
   if (cpu::fused_takes(x) && cpu::fused_takes(weight)) return cpu::add_rms_norm(x, std::nullopt, weight, eps).second;
   return rms_norm_ref(x, weight, eps);
 }
 
 std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                                                double eps) {
-  if (fused(x)) return gpu::add_rms_norm(x, residual, weight, eps);
+  if (fused(x) && same_dtype(x, weight)) return gpu::add_rms_norm(x, residual, weight, eps);
   if (cpu::fused_takes(x) && cpu::fused_takes(residual) && cpu::fused_takes(weight))
     return cpu::add_rms_norm(x, residual, weight, eps);
   at::Tensor sum = x + residual;

@@ -28,7 +28,8 @@ at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids);
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, double scale, double softcap = 0.0);
 
-// x [..., N], weight [N] -> weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)
+// x [..., N], weight [N] -> weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype); an fp32 weight
+// of lower-precision x (Gemma's 1 + w) multiplies before the cast: (weight * x_f32 * rsqrt(...)).to(x.dtype)
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // (x + residual, rms_norm(x + residual, weight, eps)): the residual add fused with the next norm.
 std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
