@@ -329,3 +329,61 @@ def test_family_sweep_reuse_equals_plain_runs(family_chat_model, mode):
         want = model.generate([it.prompt for it in items], layers=LayerPath.duplicate(N, 1, 3, times=3),
                               max_new_tokens=probe.max_new_tokens, chat=True)
         assert [record["outputs"]["math"][it.id] for it in items] == want
+
+
+# ----------------------------------------------------------------------------- review follow-ups
+def test_published_gemma_export_keeps_each_slots_kind(model_dir, tmp_path):
+    """A published Gemma 3 config (a pattern, no layer_types) exported along a path that moves a
+    full-attention layer first: layer_types are written out, so transformers runs each slot with
+    its layer's kind and gives our logits."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = model_dir("gemma3_text")
+    _copy_with_config(folder, tmp_path / "published", _gemma3_published)
+    layers = [2, 0, 1, 2, 3, 4, 5, 5]
+    cf.export_hf(tmp_path / "published", tmp_path / "out", layers)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["layer_types"][:2] == ["full_attention", "sliding_attention"]
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32,
+                                                  attn_implementation="eager").eval()
+    ids = tokens(2, 24, seed=9)
+    with torch.no_grad():
+        ref = theirs(ids).logits
+    assert report("published gemma3 export", cf.load(tmp_path / "published").logits(ids, layers=layers), ref) < 1e-4
+
+
+def test_mistral3_gguf_without_yarn_keeps_its_rope(tmp_path):
+    """A mistral3 file with plain RoPE and no temperature key: its freq_base, not Ministral3's
+    class-default YaRN."""
+    rope = {"rope_type": "default", "rope_theta": 5000.0, "llama_4_scaling_beta": 0.0,
+            "original_max_position_embeddings": 8}
+    hf = build_hf_model("ministral3", tmp_path / "hf", rope_parameters=rope)
+    write_gguf(hf, tmp_path / "m.gguf")
+    model = cf.load(tmp_path / "m.gguf")
+    assert model.config.rope["type"] == "default" and model.config.rope["theta"] == 5000.0
+    ids = tokens(2, 24, seed=10)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert report("mistral3 gguf, plain rope", model.logits(ids), ref) < 1e-4
+
+
+def test_generation_config_end_of_turn_counts_as_eos(model_dir, tmp_path):
+    folder, _ = model_dir("gemma2")
+    shutil.copytree(folder, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 107]}))
+    model = cf.load(tmp_path / "m")
+    assert 107 in model.config.eos_token_ids and 2 in model.config.eos_token_ids
+    assert 107 in model.codec.eos_ids
+
+
+def test_quantized_safetensors_checkpoint_is_refused(model_dir, tmp_path):
+    folder, _ = model_dir("ministral3")
+    _copy_with_config(folder, tmp_path / "m", lambda c: c.update(quantization_config={"quant_method": "fp8"}))
+    with pytest.raises(cf.ConfigError, match="quantization_config"):
+        cf.load(tmp_path / "m")
+
+
+def test_mergekit_refuses_a_multimodal_folder(tmp_path):
+    _tiny_wrapper("gemma3", tmp_path / "src")
+    with pytest.raises(ValueError, match="multimodal"):
+        cf.export_mergekit(tmp_path / "src", tmp_path / "m.yaml", "0..5")

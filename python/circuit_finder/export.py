@@ -277,6 +277,7 @@ def _hf_source_config(src) -> dict:
                     text[key] = src.config.raw[key]
             if text.get("final_logit_softcapping"):  # Gemma3ForConditionalGeneration never applies it
                 text["final_logit_softcapping"] = None
+            text["tie_word_embeddings"] = "lm_head.weight" not in src.tensors  # the wrapper's rule, not text_config's
             return {**text, "architectures": [src.config.architecture]}
         return dict(src.config.raw)
     p = Path(src)
@@ -362,8 +363,28 @@ def _write_shards(folder: Path, tensors, shards, target: torch.dtype | None) -> 
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _with_layer_types(config: dict) -> dict:
+    """A config whose layers differ in attention kind but that lists no layer_types (published Gemma,
+    Qwen2 with max_window_layers): layer_types written out from the parsed windows, so the export's
+    slots keep their layers' kinds instead of the kinds transformers derives from slot positions."""
+    from .config import ConfigError, parse_config
+
+    decoder = _decoder_config(config)
+    if "layer_types" in decoder:
+        return config
+    try:
+        windows = parse_config(config).sliding_window
+    except ConfigError:  # an architecture we do not run: exported as it is
+        return config
+    if len(set(windows)) < 2:
+        return config
+    out = json.loads(json.dumps(config))
+    _decoder_config(out)["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
+    return out
+
+
 def _write_config_and_tokenizer(folder: Path, config: dict, path: LayerPath, target, tokenizer, files) -> None:
-    out_config = remap_config(config, path, target)
+    out_config = remap_config(_with_layer_types(config), path, target)
     out_config.setdefault("architectures", config.get("architectures") or ["LlamaForCausalLM"])
     (folder / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
     for f in files:
@@ -452,6 +473,9 @@ def mergekit_source(src: str | os.PathLike, model: str | None = None,
         if _is_gguf(text) and model is None:
             raise ValueError(f"{text}: mergekit reads Hugging Face models, not GGUF files; name the Hugging Face "
                              "model this GGUF came from with model= (--mergekit-model org/name)")
+        if not _is_gguf(text) and "text_config" in _read_config(Path(text)):
+            raise ValueError(f"{text}: a multimodal model; mergekit needs its per-module syntax for these, which "
+                             "this export does not write. Use --format hf (keeps the vision tower) instead")
         return model or text, n
     if _looks_like_hub_id(text):
         return model or text, num_layers

@@ -281,6 +281,9 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
         v = gguf_field(reader, f"tokenizer.ggml.{key}")
         if v is not None:
             config[hf_key] = int(v)
+    eot = gguf_field(reader, "tokenizer.ggml.eot_token_id")  # end of turn (Gemma's <end_of_turn>, Phi-3's <|end|>)
+    if eot is not None and int(eot) != config.get("eos_token_id"):
+        config["eos_token_id"] = [config["eos_token_id"], int(eot)] if "eos_token_id" in config else int(eot)
     return config
 
 
@@ -312,6 +315,7 @@ def _rope_scaling_config(reader, path: str, arch: str, need, config: dict) -> No
                                 f"{arch}.rope.scaling.original_context_length")
             rope["llama_4_scaling_beta"] = beta
             rope["original_max_position_embeddings"] = int(orig)
+        rope.setdefault("llama_4_scaling_beta", 0.0)  # stated, so no family default fills it in
     if rope["rope_type"] != "default" or len(rope) > 1:
         rope["rope_theta"] = config.pop("rope_theta")
         config["rope_parameters"] = rope
@@ -360,7 +364,8 @@ def _gemma_config(reader, arch: str, config: dict) -> None:
         config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
     else:
         config["query_pre_attn_scalar"] = config["head_dim"]
-    window = gguf_field(reader, f"{arch}.attention.sliding_window")
+    # llama.cpp: a gemma2 file without the key slides over 4096 tokens; a gemma3 one does not slide
+    window = gguf_field(reader, f"{arch}.attention.sliding_window", 4096 if arch == "gemma2" else None)
     config["sliding_window"] = int(window) if window else None
     config["layer_types"] = [("sliding_attention" if sliding and window else "full_attention")
                              for sliding in gemma_sliding_layers(reader, arch, n)]
@@ -446,7 +451,9 @@ def _tokenizer_cached(path: str, mtime: float):
     p = Path(path)
     try:
         return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    except ValueError:  # transformers builds no config for some architectures (mistral3): tokenizer only
+    except ValueError as e:  # transformers builds no config for some architectures (mistral3): tokenizer only
+        if "not supported" not in str(e):
+            raise
         from transformers import PreTrainedTokenizerFast
 
         return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)

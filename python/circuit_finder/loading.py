@@ -100,10 +100,31 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         return _load_gguf(str(path), device, dtype)
     folder = Path(path)
     config_file = model_config_file(folder)
-    config = parse_config(config_file.read_text(), str(config_file))
+    config = parse_config(_with_generation_eos(json.loads(config_file.read_text()), folder), str(config_file))
     tensors = _C.load_safetensors(str(folder))
     return load_from_tensors(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
                              source=str(folder))
+
+
+def _with_generation_eos(config, folder: Path):
+    """config.json's dict with generation_config.json's eos_token_id ids added: chat models such as
+    Gemma (<end_of_turn>) and Phi-3 (<|end|>) list their end-of-turn token only there."""
+    gen_file = folder / "generation_config.json"
+    if not isinstance(config, dict) or not gen_file.is_file():
+        return config
+    try:
+        extra = json.loads(gen_file.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{gen_file}: not a JSON object ({e})") from e
+    extra = extra if isinstance(extra, list) else [] if extra is None else [extra]
+    holder = config["text_config"] if isinstance(config.get("text_config"), dict) and "eos_token_id" not in config \
+        and "eos_token_id" in config["text_config"] else config
+    ids = holder.get("eos_token_id")
+    ids = ids if isinstance(ids, list) else [] if ids is None else [ids]
+    merged = ids + [i for i in extra if i not in ids]
+    if merged != ids:
+        holder["eos_token_id"] = merged
+    return config
 
 
 def _load_gguf(path: str, device, dtype) -> Model:

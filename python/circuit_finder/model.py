@@ -59,7 +59,7 @@ class Model:
     @property
     def context_length(self) -> int:
         """The config's max_position_embeddings (2048 when the config has none)."""
-        return int(self.config.raw.get("max_position_embeddings") or 2048)
+        return int(self.config.max_position_embeddings or 2048)
 
     def path(self, layers=None) -> LayerPath:
         """None, path text, a LayerPath or a list of ints -> a LayerPath validated for this model."""

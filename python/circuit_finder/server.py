@@ -264,7 +264,7 @@ class Service:
             raise ValueError(f"{model.source}: serving text needs a tokenizer")
         self.model, self.name, self.worker, self.limits = model, name, worker, limits
         self.default_path = model.path(layers)
-        self.context = int(limits.context_length or model.config.raw.get("max_position_embeddings") or 4096)
+        self.context = int(limits.context_length or model.config.max_position_embeddings or 4096)
         self.pending = 0  # requests waiting for the worker or streaming; only touched on the event loop
 
     # ------------------------------------------------------------------ requests -> jobs
