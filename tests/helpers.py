@@ -59,6 +59,20 @@ ARCH_EXTRA = {
 ATTN_IMPLEMENTATION = {"gemma2": "eager", "gemma3_text": "eager"}
 
 
+def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Prints max / mean absolute and relative max difference; returns the max absolute one."""
+    diff = (ours.float() - ref.float()).abs()
+    print(f"{name}: max abs diff {diff.max().item():.3e}, mean abs diff {diff.mean().item():.3e}, "
+          f"relative max {(diff.max() / ref.float().abs().max()).item():.3e}")
+    return diff.max().item()
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Random token ids in [3, 160) (clear of pad/bos/eos), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 160, (batch, length), generator=g)
+
+
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     """Large, varied random weights so that a wrong norm, bias or RoPE shows in the logits."""
     g = torch.Generator().manual_seed(seed)

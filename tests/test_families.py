@@ -15,23 +15,12 @@ import torch
 import circuit_finder as cf
 from circuit_finder import LayerPath
 from circuit_finder.probes import get_probe
-from helpers import build_hf_model, make_config, randomize, rebuilt, write_gguf
+from helpers import build_hf_model, make_config, randomize, rebuilt, report, tokens, write_gguf
 
 N = 6
 PATHS = {"identity": list(range(N)), "rys": list(LayerPath.duplicate(N, 2, 4)),
          "triple": list(LayerPath.duplicate(N, 1, 3, times=3))}
 FAMILIES = ["phi3", "gemma2", "gemma3_text", "ministral3"]
-
-
-def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
-    diff = (ours.float() - ref.float()).abs()
-    print(f"{name}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}, "
-          f"relative max {(diff.max() / ref.float().abs().max()).item():.3e}")
-    return diff.max().item()
-
-
-def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 160, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def greedy(hf, ids, new: int) -> torch.Tensor:

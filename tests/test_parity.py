@@ -12,7 +12,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from helpers import build_hf_model, rebuilt
+from helpers import build_hf_model, rebuilt, report, tokens
 
 N = 6  # layers in the test models
 PATHS = {
@@ -22,18 +22,6 @@ PATHS = {
     "skip": LayerPath.parse("0,1,3,5"),
     "reorder": LayerPath.parse("0,2,1,3..5"),
 }
-
-
-def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
-    diff = (ours.float() - ref.float()).abs()
-    print(f"{name}: max abs diff {diff.max().item():.3e}, mean abs diff {diff.mean().item():.3e}, "
-          f"ref mean |x| {ref.float().abs().mean().item():.3e}")
-    return diff.max().item()
-
-
-def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 160, (batch, length), generator=g)
 
 
 def test_identity_logits_match_transformers(model_dir, arch):
