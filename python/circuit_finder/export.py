@@ -182,7 +182,7 @@ def _copy_gguf_metadata(writer, reader, arch: str, path: LayerPath, n: int) -> N
         writer.add_key_value(name, value, kind, sub_type=sub)
 
 
-def _pin_gemma_layers(writer, reader, arch: str, path: LayerPath, n: int) -> None:
+def _pin_gemma_layers(writer, reader, src: Path, arch: str, path: LayerPath, n: int) -> None:
     """Gemma's sliding pattern and query scale are not in a converter's metadata: llama.cpp derives
     them from layer positions and the layer count, which a path changes. They are written
     explicitly (one sliding flag per slot; attention.scale) so each slot keeps its layer's kind."""
@@ -193,18 +193,18 @@ def _pin_gemma_layers(writer, reader, arch: str, path: LayerPath, n: int) -> Non
         sliding = gemma_sliding_layers(reader, arch, n)
         writer.add_sliding_window_pattern([sliding[i] for i in path])
     if gguf_field(reader, f"{arch}.attention.scale") is None:
-        scalar = gguf_config(reader, "")["query_pre_attn_scalar"]
+        scalar = gguf_config(reader, str(src))["query_pre_attn_scalar"]
         writer.add_attention_scale(1.0 / float(scalar) ** 0.5)
 
 
-def _write_gguf(reader, tmp: Path, arch: str, path: LayerPath, n: int, ordered) -> None:
+def _write_gguf(reader, src: Path, tmp: Path, arch: str, path: LayerPath, n: int, ordered) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         _copy_gguf_metadata(writer, reader, arch, path, n)
         if arch in ("gemma2", "gemma3"):
-            _pin_gemma_layers(writer, reader, arch, path, n)
+            _pin_gemma_layers(writer, reader, src, arch, path, n)
         for name, t in ordered:
             writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
         writer.write_header_to_file(path=tmp)
@@ -231,7 +231,7 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrit
     _check_target(dst, overwrite, folder=False, source=src)
     ordered = _gguf_tensor_order(reader, path, n, src)
     with staged(dst, folder=False) as tmp:
-        _write_gguf(reader, tmp, arch, path, n, ordered)
+        _write_gguf(reader, src, tmp, arch, path, n, ordered)
     return dst
 
 

@@ -308,14 +308,13 @@ def _rope_scaling_config(reader, path: str, arch: str, need, config: dict) -> No
             rope["mscale"] = 1.0
             rope["mscale_all_dim"] = float(gguf_field(reader, f"{arch}.rope.scaling.yarn_log_multiplier", 1.0))
         beta = float(gguf_field(reader, f"{arch}.attention.temperature_scale", 0.0))
+        rope["llama_4_scaling_beta"] = beta  # stated even when 0, so no family default fills it in
         if beta:
             orig = gguf_field(reader, f"{arch}.rope.scaling.original_context_length")
             if not orig:
                 raise GGUFError(f"{path}: {arch}.attention.temperature_scale needs "
                                 f"{arch}.rope.scaling.original_context_length")
-            rope["llama_4_scaling_beta"] = beta
             rope["original_max_position_embeddings"] = int(orig)
-        rope.setdefault("llama_4_scaling_beta", 0.0)  # stated, so no family default fills it in
     if rope["rope_type"] != "default" or len(rope) > 1:
         rope["rope_theta"] = config.pop("rope_theta")
         config["rope_parameters"] = rope
