@@ -17,7 +17,9 @@ from circuit_finder.probes.scoring import (
     extract_yes_no,
     math_partial_credit,
     parse_emotions,
+    parsed,
     score_answer,
+    strip_thinking,
 )
 
 
@@ -67,9 +69,89 @@ def test_math_scorers_parse_then_score():
     ("The cube root of 27 is 3", 3),
     ("Result: -15", -15),
     ("2.5 apples", 2.5),
+    # the issue's cases: a cue counts only before is / : / =
+    ("The answer to 123456 * 654321 is 86556358280.", 86556358280),
+    ("The result of 12 * 13 is 156", 156),
+    ("123 (since 123^3 = 1860867)", 123),
+    ("1860867 has cube root 123. Answer: 123", 123),
+    # scientific notation
+    ("8.6556358280e10", 86556358280),
+    ("It is 8.6556358280 × 10^10.", 86556358280),
+    ("$8.6556358280 \\times 10^{10}$", 86556358280),
+    ("about 1.5E3", 1500),
+    # separators: spaces, thin spaces, LaTeX, commas; signs
+    ("12 345", 12345),
+    ("12\u2009345\u2009678", 12345678),
+    ("$12{,}345$", 12345),
+    ("12\\,345", 12345),
+    ("The answer is -1,234,567.", -1234567),
+    ("Answer: \u22125".replace("\u2212", "\u2212"), -5),
+    ("The answer is \u221242", -42),
+    ("values 3,4 and 5", 5),  # 3,4 is no thousands group: not 34
+    # bold, boxed, thinking
+    ("**156**", 156),
+    ("The final answer is $\\boxed{156}$.", 156),
+    ("<think>12 * 13... maybe 146? no, 156</think>\n\n156", 156),
+    ("<think>let me compute 12 * 13 and check", None),  # thinking never finished: no answer
+    ("I worked it out.</think>The answer is 7", 7),  # the template opened the block
+    # a numbered list is not a leading answer
+    ("1. Multiply 12 by 13.\n2. That gives 156", 156),
 ])
 def test_extract_number(text, number):
     assert extract_number(text) == number
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("(B)", "B"),
+    ("The answer is C.", "C"),
+    ("A) 05/28/2017", "A"),
+    ("It is 05/27/2017", "C"),
+    ("**B**", "B"),
+    ("**Answer: B**", "B"),
+    ("$\\boxed{B}$", "B"),
+    ("The correct choice is option B.", "B"),
+    ("I would go with (C) because the date moves forward.", "C"),
+    ("Answer: (A) 05/28/2017", "A"),
+    ("<think>A or B? A looks wrong.</think>B", "B"),
+    ("B is correct.", "B"),
+    ("A date a week later is (B)", "B"),  # the article "A" is no answer
+    ("D", None),
+    ("no idea", None),
+])
+def test_extract_choice_cases(text, letter):
+    assert extract_choice(text, ["05/28/2017", "05/26/2017", "05/27/2017"]) == letter
+
+
+@pytest.mark.parametrize("scorer, text, kwargs, ok", [
+    ("math", "The answer is 42", {}, True),
+    ("math", "I cannot compute that.", {}, False),
+    ("math", "<think>42 maybe", {}, False),
+    ("choice", "(B)", {"options": ["x", "y"]}, True),
+    ("choice", "neither", {"options": ["x", "y"]}, False),
+    ("yes_no", "**Yes**", {}, True),
+    ("yes_no", "It depends.", {}, False),
+    ("eq", "Anger: 7\nRelief: 2\nPride: 1\nFear: 0", {"emotions": ["Anger", "Relief", "Pride", "Fear"]}, True),
+    ("eq", "She feels conflicted.", {"emotions": ["Anger", "Relief", "Pride", "Fear"]}, False),
+    ("exact", "   ", {}, False),
+])
+def test_parsed(scorer, text, kwargs, ok):
+    """parsed(): could the scorer read an answer at all (right or wrong) — the parse-rate column."""
+    assert parsed(scorer, text, **kwargs) is ok
+
+
+def test_probe_parsed_and_score_agree_on_unreadable():
+    for name in ("math", "eq", "reasoning", "gsm8k"):
+        probe = get_probe(name)
+        for item in probe.items()[:6]:
+            assert probe.parsed(item, item.answer), (name, item.id)
+            assert not probe.parsed(item, "<think>still thinking"), (name, item.id)
+            assert probe.score(item, "<think>still thinking") == 0.0
+
+
+def test_strip_thinking():
+    assert strip_thinking("<think>a</think>b<thinking>c</thinking>d") == "bd"
+    assert strip_thinking("<reasoning>x</reasoning>\nAnswer: 3") == "Answer: 3"
+    assert strip_thinking("plain") == "plain"
 
 
 # EQ-Bench-v2 style, by hand: d = |ref - pred| per emotion; penalty d^2 / 4 when d <= 4, else d;
@@ -128,13 +210,14 @@ def test_yes_no_and_choice_extraction():
 
 
 def test_builtin_probes_sizes_and_splits():
-    sizes = {"math": 36, "eq": 28, "reasoning": 50}
-    for name, size in sizes.items():
+    # (search, held-out): held-out sets of >= 120 math / reasoning items and >= 60 EQ items
+    sizes = {"math": (24, 132), "eq": (19, 75), "reasoning": (34, 136)}
+    for name, (n_search, n_val) in sizes.items():
         probe = get_probe(name)
         assert isinstance(probe, Probe)
         search, val, everything = probe.items("search"), probe.items("validation"), probe.items("all")
-        assert len(everything) == size
-        assert len(search) + len(val) == size and len(val) == size // 3
+        assert (len(search), len(val)) == (n_search, n_val)
+        assert len(everything) == n_search + n_val
         assert not {i.id for i in search} & {i.id for i in val}
         assert [i.id for i in probe.items()] == [i.id for i in get_probe(name).items()]  # deterministic
         for item in everything:
@@ -142,8 +225,22 @@ def test_builtin_probes_sizes_and_splits():
             assert len(set(item.choices)) == len(item.choices), item.id
             assert probe.score(item, item.answer) == 100.0, item.id  # the reference answer scores full marks
             assert probe.score(item, "") == 0.0, item.id
-    kinds = {i.id.split("-")[0] for i in get_probe("reasoning").items("all")}
+    kinds = {i.id.removeprefix("v-").split("-")[0] for i in get_probe("reasoning").items("all")}
     assert kinds == {"causal", "date", "deduction", "navigate", "arith"}
+
+
+def test_eq_references_spread_over_the_scale():
+    """Held-out EQ references use the whole 0-10 range (a constant answer is far from many of them)."""
+    from collections import Counter
+
+    probe = get_probe("eq")
+    values = Counter(v for it in probe.items("validation") for v in it.data["reference"])
+    print("held-out EQ reference histogram:", dict(sorted(values.items())))
+    assert set(values) == set(range(11)) and min(values.values()) >= 10
+    constant = [probe.score(it, "\n".join(f"{e}: 5" for e in it.data["emotions"])) for it in probe.items("validation")]
+    print(f"a constant 5 scores {sum(constant) / len(constant):.1f} on held-out EQ (the formula is lenient; "
+          f"parse rates, not scores, expose format failures)")
+    assert sum(s == 100.0 for s in constant) == 0
 
 
 def test_math_items_are_right():
@@ -168,9 +265,16 @@ def test_math_items_are_right():
 
 
 def test_reasoning_items_are_right():
-    from circuit_finder.probes.reasoning import make_reasoning_items
+    import datetime as dt
 
-    for item in make_reasoning_items():
+    for item in get_probe("reasoning").items("all"):
+        if "date-" in item.id:  # the date recomputed from the prompt's words
+            m = re.search(r"Today is (\w+ \d+, \d+)\. What was or will be the date (\d+) days (from today|ago)",
+                          item.prompt)
+            today = dt.datetime.strptime(m[1], "%B %d, %Y").date()
+            days = int(m[2]) * (1 if m[3] == "from today" else -1)
+            assert item.data["options"]["ABCD".index(item.answer)] == (today + dt.timedelta(days=days)).strftime(
+                "%m/%d/%Y"), item.prompt
         if item.id.startswith("navigate"):
             moves = {"forward": (0, 1), "backward": (0, -1), "left": (-1, 0), "right": (1, 0)}
             steps = re.findall(r"Take (\d+) steps? (\w+)\.", item.prompt)

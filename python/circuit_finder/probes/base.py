@@ -3,7 +3,8 @@ a fixed item list scored by each item's named scorer), the deterministic search/
 and ``from_jsonl`` (custom probes from a file). The built-in probes and the registry
 (``get_probe``) build on these; see the package docstring.
 
-Limits: items are held in memory; the split is by position (every third item held out).
+Limits: items are held in memory; the split is by position (every third item held out), plus any
+``extra_validation`` items a probe holds out from the start.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .scoring import SCORERS, score_answer
+from .scoring import SCORERS, parsed, score_answer
 
-__all__ = ["SPLITS", "Item", "ItemProbe", "Probe", "from_jsonl", "split_items"]
+__all__ = ["SPLITS", "Item", "ItemProbe", "Probe", "from_jsonl", "parse_rate_of", "split_items"]
 
 SPLITS = ("search", "validation", "all")
 
@@ -43,6 +44,13 @@ class Probe(Protocol):
     def score(self, item: Item, completion: str) -> float: ...
 
 
+def parse_rate_of(probe, item: Item, completion: str) -> bool | None:
+    """Whether ``probe`` could read an answer in the completion: its optional ``parsed(item,
+    completion)`` method (ItemProbe has one); None for probes without it."""
+    check = getattr(probe, "parsed", None)
+    return None if check is None else bool(check(item, completion))
+
+
 def split_items(items: Sequence[Item], split: str, holdout_every: int = 3) -> list[Item]:
     """Deterministic split: every ``holdout_every``-th item (index % n == n - 1) is held out."""
     if split not in SPLITS:
@@ -56,26 +64,34 @@ def split_items(items: Sequence[Item], split: str, holdout_every: int = 3) -> li
 class ItemProbe:
     """A probe over a fixed list of items, scored by each item's named scorer."""
 
-    def __init__(self, name: str, items: Sequence[Item], max_new_tokens: int = 32, holdout_every: int = 3):
+    def __init__(self, name: str, items: Sequence[Item], max_new_tokens: int = 32, holdout_every: int = 3,
+                 extra_validation: Sequence[Item] = ()):
         if not items:
             raise ValueError(f"probe {name!r} has no items")
-        ids = [it.id for it in items]
+        ids = [it.id for it in [*items, *extra_validation]]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise ValueError(f"probe {name!r}: item id {dup!r} appears twice")
         self.name = name
         self.max_new_tokens = max_new_tokens
         self._items = list(items)
+        self._extra = list(extra_validation)
         self._holdout_every = holdout_every
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, {len(self._items)} items)"
+        return f"{type(self).__name__}({self.name!r}, {len(self._items) + len(self._extra)} items)"
 
     def items(self, split: str = "search") -> list[Item]:
-        return split_items(self._items, split, self._holdout_every)
+        """The search items, the held-out validation items (never in a search), or all."""
+        out = split_items(self._items, split, self._holdout_every)
+        return out if split == "search" else out + self._extra
 
     def score(self, item: Item, completion: str) -> float:
         return score_answer(item.scorer, completion, item.answer, **dict(item.data))
+
+    def parsed(self, item: Item, completion: str) -> bool:
+        """Whether the item's scorer can read an answer in the completion (right or wrong)."""
+        return parsed(item.scorer, completion, **dict(item.data))
 
 
 def from_jsonl(path: str | Path, name: str | None = None, max_new_tokens: int = 32) -> ItemProbe:

@@ -1,10 +1,14 @@
-"""eq probe: emotional understanding, EQ-Bench-v2 style, on 28 scenarios written for this project.
+"""eq probe: emotional understanding, EQ-Bench-v2 style, on 94 scenarios written for this project.
 
 Each item describes a situation and asks how strongly one character feels four named emotions
 (0-10). The answer is parsed (``scoring.parse_emotions``) and scored against the reference
 intensities with the EQ-Bench-v2-style penalty (``scoring.eq_score``). In likelihood mode the
 reference answer is ranked against three distractor answers (the intensities reversed, mirrored
 around 5 and rotated), each written in the same format.
+
+Splits: ``data/eq_scenarios.json`` (28: 19 searched, 9 held out) and ``data/eq_validation.json``
+(66 more, all held out), so validation has 75 items; the references of the held-out file use the
+whole 0-10 range (each value 15-37 times of 264).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import json
 from importlib import resources
 
 from .base import Item, ItemProbe
-from .scoring import eq_score, parse_emotions
 
 __all__ = ["EQProbe", "format_intensities", "load_eq_items"]
 
@@ -39,12 +42,12 @@ def _prompt(s: dict) -> str:
             f"Answer with exactly four lines and nothing else:\n{lines}")
 
 
-def load_eq_items() -> list[Item]:
-    text = resources.files(__package__).joinpath("data/eq_scenarios.json").read_text(encoding="utf-8")
+def load_eq_items(data_file: str = "data/eq_scenarios.json") -> list[Item]:
+    text = resources.files(__package__).joinpath(data_file).read_text(encoding="utf-8")
     items = []
     for s in json.loads(text):
         if len(s["emotions"]) != 4 or len(s["reference"]) != 4:
-            raise ValueError(f"eq scenario {s['id']}: needs 4 emotions and 4 reference values")
+            raise ValueError(f"{data_file}: eq scenario {s['id']}: needs 4 emotions and 4 reference values")
         answer = format_intensities(s["emotions"], s["reference"])
         choices = [answer] + [format_intensities(s["emotions"], d) for d in _distractor_values(s["reference"])]
         items.append(Item(id=s["id"], prompt=_prompt(s), answer=answer, choices=tuple(choices), scorer="eq",
@@ -56,7 +59,5 @@ class EQProbe(ItemProbe):
     """Emotion-intensity judgements scored EQ-Bench-v2 style (0-100)."""
 
     def __init__(self):
-        super().__init__("eq", load_eq_items(), max_new_tokens=40)
-
-    def score(self, item: Item, completion: str) -> float:
-        return eq_score(parse_emotions(completion, item.data["emotions"]), item.data["reference"])
+        super().__init__("eq", load_eq_items(), max_new_tokens=40,
+                         extra_validation=load_eq_items("data/eq_validation.json"))

@@ -66,9 +66,3 @@ class GSM8KProbe(ItemProbe):
 
     def __init__(self, limit: int = 60):
         super().__init__("gsm8k", load_gsm8k_items(limit), max_new_tokens=24)
-
-    def score(self, item: Item, completion: str) -> float:
-        from .scoring import extract_number
-
-        got = extract_number(completion)
-        return 100.0 if got is not None and float(got) == float(item.data["number"]) else 0.0

@@ -6,10 +6,16 @@ Five kinds, 10 items each: causal judgement (hand-written stories, yes/no), date
 come from seeded generators that check their own answers (deduction clues are added until exactly
 one ordering satisfies them). Final answers are extracted robustly (``scoring.extract_*``); word
 problems' likelihood-mode distractors are ``distractors.near_miss_numbers``.
+
+Splits: of the 50 items, 34 are searched and 16 held out (every third); 120 more held-out items
+(30 of each generated kind, another seed, ids ``v-...``) give validation 136 items. Answers come
+from computations independent of the wording: dates by ``datetime``, orderings by checking every
+permutation against the clues, navigation by summing the moves, word problems by their formula.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import itertools
 import random
@@ -220,8 +226,17 @@ def make_reasoning_items(per_kind: int = 10, seed: int = 0) -> list[Item]:
     return [it for row in itertools.zip_longest(*groups) for it in row if it is not None]
 
 
+def make_validation_items(per_kind: int = 30, seed: int = 1000) -> list[Item]:
+    """Held-out items of the four generated kinds (the causal stories are too few to add to)."""
+    rng = random.Random(seed)
+    groups = [_date_items(rng, per_kind), _deduction_items(rng, per_kind), _navigation_items(rng, per_kind),
+              _arithmetic_items(rng, per_kind)]
+    return [dataclasses.replace(it, id=f"v-{it.id}") for row in zip(*groups) for it in row]
+
+
 class ReasoningProbe(ItemProbe):
     """BBH-style reasoning, accuracy (0/100 per item)."""
 
-    def __init__(self, per_kind: int = 10, seed: int = 0):
-        super().__init__("reasoning", make_reasoning_items(per_kind, seed), max_new_tokens=16)
+    def __init__(self, per_kind: int = 10, seed: int = 0, extra_per_kind: int = 30):
+        super().__init__("reasoning", make_reasoning_items(per_kind, seed), max_new_tokens=16,
+                         extra_validation=make_validation_items(extra_per_kind, seed + 1000))

@@ -1,5 +1,11 @@
 """Scorers and answer extraction shared by the probes. Every scorer returns a float in [0, 100]
-(0 for an unparsable answer), so probe scores and their deltas share one scale.
+(0 for an unparsable answer), so probe scores and their deltas share one scale; ``parsed`` says
+whether the scorer could read an answer at all (the sweep's parse-rate columns).
+
+Extraction reads what instruction-tuned and reasoning models write: thinking blocks are
+stripped, bold/boxed answers unwrapped, a cue counts only before is / : / =, numbers may carry
+signs, thousands separators (plain, spaced, LaTeX) and scientific notation, and a choice may be
+written "(B)", "option B", "**B**", "\\boxed{B}" or as the option's text.
 
 Formulas (see ../shared/DESIGN.md):
 - math partial credit (RYS): both integers as digit strings, the shorter right-padded with zeros to
@@ -12,45 +18,111 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 
 __all__ = [
     "SCORERS",
+    "answer_text",
     "eq_score",
     "extract_choice",
     "extract_number",
     "extract_yes_no",
     "math_partial_credit",
     "parse_emotions",
+    "parsed",
     "score_answer",
+    "strip_thinking",
 ]
 
-_NUMBER = re.compile(r"[-−]?\d[\d,]*(?:\.\d+)?")
-_ANSWER_CUE = re.compile(r"(?:final answer|answer|result)\s*(?:is|:|=)?\s*", re.IGNORECASE)
+_THINK_TAGS = r"(?:think|thinking|reasoning)"
+_THINK_BLOCK = re.compile(rf"<({_THINK_TAGS})>.*?</\1>", re.IGNORECASE | re.DOTALL)
+_THINK_CLOSE = re.compile(rf"</{_THINK_TAGS}>", re.IGNORECASE)
+_THINK_OPEN = re.compile(rf"<{_THINK_TAGS}>", re.IGNORECASE)
+_BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
+# a cue counts only when followed by is / : / = ("the answer to 12 * 13 is 156" has none)
+_ANSWER_CUE = re.compile(r"\b(?:final answer|answer|result)\s*(?:is\s*:?|:|=)\s*", re.IGNORECASE)
+
+_SEP = r"(?:,|[ \u00a0\u2009\u202f]|\{,\}|\\[,;! ]|')"  # thousands separators, LaTeX ones included
+_MANTISSA = rf"(?:\d{{1,3}}(?:{_SEP}\d{{3}})+(?!\d)|\d+)(?:\.\d+)?"
+_EXPONENT = r"(?:[eE]([-+]?\d+)|\s*(?:[x×·*]|\\times|\\cdot)\s*10\s*(?:\^|\*\*)\s*\{?\s*([-+−]?\d+)\s*\}?)"
+_NUMBER = re.compile(rf"(?<![\w.])([-−–]\s?)?({_MANTISSA})(?:{_EXPONENT})?")
 
 
-def _after_cue(text: str) -> str:
-    """The text after the last 'answer is' / 'Answer:' cue, or the whole text when there is none."""
+def strip_thinking(text: str) -> str:
+    """A completion without its reasoning: <think>...</think> blocks removed (also <thinking>,
+    <reasoning>); text up to a lone closing tag dropped (templates that open the block in the
+    prompt); an unclosed block dropped to the end (the model never reached its answer)."""
+    text = _THINK_BLOCK.sub("", text)
+    closes = list(_THINK_CLOSE.finditer(text))
+    if closes:
+        text = text[closes[-1].end():]
+    opened = _THINK_OPEN.search(text)
+    return (text[:opened.start()] if opened else text).strip()
+
+
+def answer_text(text: str) -> str:
+    """The part of a completion that holds its answer: thinking stripped, markdown bold/italic
+    markers dropped, and the content of the last \\boxed{...} when there is one."""
+    if not isinstance(text, str):
+        return ""
+    text = strip_thinking(text)
+    boxed = _BOXED.findall(text)
+    if boxed:
+        text = boxed[-1]
+    return re.sub(r"\*\*|__|(?<!\w)_(?=\w)|(?<=\w)_(?!\w)", "", text).strip()
+
+
+def _after_cue(text: str) -> str | None:
+    """The text after the last 'answer is' / 'Answer:' / 'result =' cue, None when there is none."""
     cues = list(_ANSWER_CUE.finditer(text))
-    return text[cues[-1].end():] if cues else text
+    return text[cues[-1].end():] if cues else None
+
+
+def _number_value(match: re.Match) -> int | float | None:
+    sign, mantissa, exp_e, exp_times = match.groups()
+    digits = re.sub(_SEP, "", mantissa)
+    try:
+        value = Decimal(digits)
+        exponent = exp_e or exp_times
+        if exponent:
+            value = value.scaleb(int(exponent.replace("−", "-")))
+    except (InvalidOperation, ValueError):
+        return None
+    if sign:
+        value = -value
+    if value == value.to_integral_value() and ("." not in digits or exponent):
+        return int(value)
+    return float(value)
+
+
+def _leading_number(text: str) -> re.Match | None:
+    """A number the text opens with, followed by nothing or a clause break ("123 (since ...)",
+    "42. Because ..."): the model gave its answer first, then its working."""
+    m = _NUMBER.match(text)
+    if not m or not re.match(r"\s*(?:$|[.,;!(\[\n]|\s-|\s–)", text[m.end():]):
+        return None
+    if text[m.end():m.end() + 1] == "." and re.search(r"^\s*2[.)]\s", text, re.MULTILINE):
+        return None  # "1. ... 2. ..." is a numbered list, not an answer
+    return m
 
 
 def extract_number(text: str) -> int | float | None:
-    """The answer number in a completion: the first number after the last 'answer' cue, else the last
-    number in the text. Thousands separators are dropped. None when there is no number."""
-    if not isinstance(text, str):
-        return None
-    cues = list(_ANSWER_CUE.finditer(text))
-    after = _NUMBER.findall(text[cues[-1].end():]) if cues else []
-    anywhere = _NUMBER.findall(text)
-    if not after and not anywhere:
-        return None
-    raw = after[0] if after else anywhere[-1]
-    raw = raw.replace(",", "").replace("−", "-").rstrip(".")
-    try:
-        value = float(raw)
-    except ValueError:
-        return None
-    return int(value) if value.is_integer() and "." not in raw else value
+    """The answer number in a completion (see ``answer_text``), by the first rule that finds one:
+    the first number after the last answer cue ("answer is", "Answer:", "result ="); a number the
+    reply opens with before a clause break; the last number outside parentheses; the last number.
+    Reads signs (-, −), thousands separators (1,234; 1 234; 1{,}234; 1\\,234), decimals and
+    scientific notation (8.6e10, 8.6 × 10^10, 8.6 \\times 10^{10}). None when there is no number."""
+    text = answer_text(text)
+    after = _after_cue(text)
+    match = _NUMBER.search(after) if after is not None else None
+    if match is None:
+        match = _leading_number(text)
+    if match is None:
+        outside = re.sub(r"\([^()]*\)", " ", text)
+        found = list(_NUMBER.finditer(outside)) or list(_NUMBER.finditer(text))
+        match = found[-1] if found else None
+    return _number_value(match) if match else None
+
 
 
 def math_partial_credit(answer: int | float | None, expected: int) -> float:
@@ -80,8 +152,7 @@ def parse_emotions(text: str, emotions: Sequence[str]) -> list[float] | None:
     Named values win ('Anger: 7', 'anger - 7', 'Anger 7/10'); otherwise, when the text holds exactly as
     many numbers as emotions, they are taken in order. Values are clamped to [0, 10]. None when
     unparsable."""
-    if not isinstance(text, str):
-        return None
+    text = answer_text(text)
     values: list[float | None] = []
     for name in emotions:
         m = re.search(re.escape(name) + r"\W{0,3}\s*(?:[:=\-]\s*)?(\d+(?:\.\d+)?)", text, re.IGNORECASE)
@@ -108,54 +179,74 @@ def eq_score(predicted: Sequence[float] | None, reference: Sequence[float]) -> f
 
 def extract_yes_no(text: str) -> str | None:
     """'yes' or 'no': the first yes/no word after the last answer cue, else the first in the text."""
-    if not isinstance(text, str):
-        return None
+    text = answer_text(text)
     for part in (_after_cue(text), text):
-        m = re.search(r"\b(yes|no)\b", part, re.IGNORECASE)
+        m = re.search(r"\b(yes|no)\b", part or "", re.IGNORECASE)
         if m:
             return m.group(1).lower()
     return None
 
 
+def _choice_patterns(letters: str) -> list[str]:
+    """Ways a completion names an option letter, most explicit first."""
+    return [rf"\(([{letters}])\)",                                  # (B)
+            rf"\b(?i:option|choice)\s+\(?([{letters}])\b",          # option B, choice (B)
+            rf"^\s*([{letters}])\s*$",                             # a lone letter on a line
+            rf"(?<![\w'])([{letters}])[).:](?!\w)",                # B)  B.  B:
+            rf"\b([{letters}])\s+is\s+(?:correct|right|the (?:correct |right )?answer)",
+            rf"(?<![\w'])([{letters}])\s*$"]                        # a letter that ends the reply
+
+
 def extract_choice(text: str, options: Sequence[str]) -> str | None:
-    """The option letter (A, B, ...) a completion picks: '(B)', 'B)', 'B.', 'answer is B', a lone
-    letter, or the text of exactly one option. None when it names no single option."""
-    if not isinstance(text, str):
+    """The option letter (A, B, ...) a completion picks: after the last answer cue if there is one
+    ('Answer: B', 'the answer is (B)'), else in the reply — '(B)', 'option B', 'B)', 'B.', a lone
+    letter, bold or boxed ('**B**', '\\boxed{B}') — or the text of exactly one option. None when it
+    names no single option."""
+    text = answer_text(text)
+    if not text:
         return None
-    letters = [chr(ord("A") + i) for i in range(len(options))]
-    letter_set = "".join(letters)
-    for part in (_after_cue(text), text):
-        m = re.search(rf"\(([{letter_set}])\)|\b([{letter_set}])[).:]|^\s*([{letter_set}])\s*$|\b([{letter_set}])\b(?=\s*$)",
-                      part.strip(), re.MULTILINE)
+    letters = "".join(chr(ord("A") + i) for i in range(len(options)))
+    after = _after_cue(text)
+    if after is not None:
+        m = re.match(rf"\s*\(?([{letters}])\b", after)
         if m:
-            return next(g for g in m.groups() if g)
-    named = [letters[i] for i, o in enumerate(options) if re.search(rf"\b{re.escape(o)}\b", text, re.IGNORECASE)]
+            return m.group(1)
+    for part in (after, text):
+        if part is None:
+            continue
+        for pattern in _choice_patterns(letters):
+            m = re.search(pattern, part.strip(), re.MULTILINE)
+            if m:
+                return m.group(1)
+    named = [chr(ord("A") + i) for i, o in enumerate(options) if re.search(rf"\b{re.escape(o)}\b", text, re.IGNORECASE)]
     return named[0] if len(named) == 1 else None
 
 
+def _want_number(answer: str, scorer: str, integer: bool = False) -> float | int:
+    try:
+        raw = str(answer).replace(",", "")
+        return int(raw) if integer else float(raw)
+    except ValueError as e:
+        kind = "an integer" if integer else "a numeric"
+        raise ValueError(f"the {scorer!r} scorer needs {kind} answer, got {answer!r}") from e
+
+
 def _exact(completion: str, answer: str, **_) -> float:
-    return 100.0 if completion.strip().lower() == str(answer).strip().lower() else 0.0
+    return 100.0 if answer_text(completion).lower() == str(answer).strip().lower() else 0.0
 
 
 def _contains(completion: str, answer: str, **_) -> float:
-    return 100.0 if str(answer).strip().lower() in completion.lower() else 0.0
+    return 100.0 if str(answer).strip().lower() in strip_thinking(completion).lower() else 0.0
 
 
-def _number(completion: str, answer: str, **_) -> float:
+def _number(completion: str, answer: str, number=None, **_) -> float:
+    want = number if number is not None else _want_number(answer, "number")
     got = extract_number(completion)
-    try:
-        want = float(str(answer).replace(",", ""))
-    except ValueError as e:
-        raise ValueError(f"the 'number' scorer needs a numeric answer, got {answer!r}") from e
-    return 100.0 if got is not None and abs(float(got) - want) < 1e-9 else 0.0
+    return 100.0 if got is not None and abs(float(got) - float(want)) < 1e-9 else 0.0
 
 
 def _math(completion: str, answer: str, **_) -> float:
-    try:
-        want = int(str(answer).replace(",", ""))
-    except ValueError as e:
-        raise ValueError(f"the 'math' scorer needs an integer answer, got {answer!r}") from e
-    return math_partial_credit(extract_number(completion), want)
+    return math_partial_credit(extract_number(completion), _want_number(answer, "math", integer=True))
 
 
 def _yes_no(completion: str, answer: str, **_) -> float:
@@ -168,6 +259,12 @@ def _choice(completion: str, answer: str, options: Sequence[str] = (), **_) -> f
     return 100.0 if extract_choice(completion, options) == str(answer).strip().upper() else 0.0
 
 
+def _eq(completion: str, answer: str, emotions: Sequence[str] = (), reference: Sequence[float] = (), **_) -> float:
+    if not emotions or len(emotions) != len(reference):
+        raise ValueError("the 'eq' scorer needs the item's emotions and reference intensities")
+    return eq_score(parse_emotions(completion, emotions), reference)
+
+
 SCORERS = {
     "exact": _exact,
     "contains": _contains,
@@ -175,11 +272,34 @@ SCORERS = {
     "math": _math,
     "yes_no": _yes_no,
     "choice": _choice,
+    "eq": _eq,
 }
+
+# what each scorer reads from a completion (None: nothing it can score)
+_READERS = {
+    "exact": lambda text, **_: answer_text(text) or None,
+    "contains": lambda text, **_: strip_thinking(text) or None,
+    "number": lambda text, **_: extract_number(text),
+    "math": lambda text, **_: extract_number(text),
+    "yes_no": lambda text, **_: extract_yes_no(text),
+    "choice": lambda text, options=(), **_: extract_choice(text, options),
+    "eq": lambda text, emotions=(), **_: parse_emotions(text, emotions),
+}
+
+
+def _check(scorer: str) -> None:
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(sorted(SCORERS))}")
 
 
 def score_answer(scorer: str, completion: str, answer: str, **kwargs) -> float:
     """Scores a completion with a named scorer (one of SCORERS)."""
-    if scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(sorted(SCORERS))}")
-    return SCORERS[scorer](completion, answer, **kwargs)
+    _check(scorer)
+    return SCORERS[scorer](completion if isinstance(completion, str) else "", answer, **kwargs)
+
+
+def parsed(scorer: str, completion: str, **kwargs) -> bool:
+    """Whether the named scorer can read an answer in the completion (a number, a choice, the
+    emotions...), right or wrong: the parse rate that makes format breakage visible."""
+    _check(scorer)
+    return isinstance(completion, str) and _READERS[scorer](completion, **kwargs) is not None
