@@ -1,0 +1,186 @@
+"""The instruct and code probes: verifiable-instruction checks on hand-written good and bad replies,
+code extraction, the reference solutions passing their tests, and the sandbox — an infinite loop,
+an rm -rf, network, writes and a memory bomb all score 0 and harm nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+import pytest
+
+from circuit_finder.probes import get_probe
+from circuit_finder.probes.code import defines, extract_code, load_code_items
+from circuit_finder.probes.instruct import CHECKS, follows
+from circuit_finder.probes.sandbox import run_tests
+
+# (check, a reply that follows it, a reply that does not)
+INSTRUCTION_CASES = [
+    ({"kind": "max_words", "n": 10}, "Tea came from China long ago.", "word " * 10),
+    ({"kind": "min_words", "n": 5}, "one two three four five", "too short"),
+    ({"kind": "sentences", "n": 2}, "Bees make honey. They store it in combs!", "One sentence only."),
+    ({"kind": "paragraphs", "n": 2}, "First part.\n\nSecond part.", "Just one block\nwith a line break."),
+    ({"kind": "bullets", "n": 3}, "- a\n- b\n- c", "- a\n- b"),
+    ({"kind": "include", "words": ["river", "light"]}, "Light on the river.", "Light on the sea."),
+    ({"kind": "exclude", "word": "very"}, "It is quite nice.", "It is very nice."),
+    ({"kind": "repeat", "word": "garden", "n": 2}, "A garden, a Garden.", "One garden."),
+    ({"kind": "json", "keys": ["topic", "summary"]}, '```json\n{"topic": "tea", "summary": "old"}\n```',
+     '{"topic": "tea"}'),
+    ({"kind": "lowercase"}, "all quiet here.", "All quiet here."),
+    ({"kind": "uppercase"}, "ALL QUIET HERE.", "ALL quiet."),
+    ({"kind": "no_commas"}, "No commas at all.", "Well, some."),
+    ({"kind": "first_word", "word": "Imagine"}, "Imagine a lighthouse.", "A lighthouse, imagine."),
+    ({"kind": "ending", "phrase": "The end."}, "It rained. The end.", "The end. It rained."),
+    ({"kind": "title"}, "<<Tides>>\nThe moon pulls.", "Tides: the moon pulls."),
+    ({"kind": "quoted"}, '"All of it quoted."', 'Half "quoted".'),
+]
+
+
+def test_every_check_kind_has_a_case():
+    assert {c["kind"] for c, _, _ in INSTRUCTION_CASES} == set(CHECKS)
+
+
+@pytest.mark.parametrize("check, good, bad", INSTRUCTION_CASES, ids=[c["kind"] for c, _, _ in INSTRUCTION_CASES])
+def test_instruction_checks(check, good, bad):
+    assert follows(good, check), good
+    assert not follows(bad, check), bad
+    assert follows(f"<think>planning, lots, of, commas</think>{good}", check)  # thinking is not the reply
+
+
+def test_instruct_probe_scores_share_of_instructions():
+    probe = get_probe("instruct")
+    assert probe.modes == ("generate",)
+    item = probe.items("all")[0]
+    assert [c["kind"] for c in item.data["checks"]] == ["title", "max_words", "exclude"]
+    print(item.prompt, item.data["checks"])
+    assert probe.score(item, "<<Sea>>\nWaves come and go.") == 100.0
+    assert probe.score(item, "<<Sea>>\nWaves are very loud.") == pytest.approx(100 * 2 / 3)
+    assert probe.score(item, "Waves are very loud. " + "word " * 60) == 0.0
+    assert probe.score(item, "") == 0.0 and not probe.parsed(item, "") and probe.parsed(item, "hi")
+    # a prompt of exactly the checks' kinds, each instruction text present
+    for check in item.data["checks"]:
+        params = {k: v for k, v in check.items() if k != "kind"}
+        assert CHECKS[check["kind"]][0](**params) in item.prompt
+    assert len(probe.items("search")) == 24 and len(probe.items("validation")) == 72
+
+
+def test_instruct_items_never_ask_for_clashing_instructions():
+    from circuit_finder.probes.instruct import CLASHES
+
+    for item in get_probe("instruct").items("all"):
+        kinds = [c["kind"] for c in item.data["checks"]]
+        assert len(kinds) == len(set(kinds)), item.prompt
+        assert not ({"lowercase", "uppercase"} <= set(kinds)), item.prompt
+        for a in kinds:
+            assert not (CLASHES.get(a, set()) & set(kinds)), item.prompt
+
+
+@pytest.mark.parametrize("text, code", [
+    ("```python\ndef f(x):\n    return x\n```", "def f(x):\n    return x"),
+    ("Here:\n```py\nimport math\ndef f(x):\n    return x\n```\nDone.", "import math\ndef f(x):\n    return x"),
+    ("```python\nprint(1)\n```\n```python\ndef f(x):\n    return 2\n```\n```\nf(1)\n```", "def f(x):\n    return 2"),
+    ("def f(x):\n    return 3", "def f(x):\n    return 3"),
+    ("Sure! def is a keyword.\ndef f(x):\n    return 4", "def f(x):\n    return 4"),
+    ("```python\ndef f(x):\n    return 5", "def f(x):\n    return 5"),  # unclosed fence: ran out of tokens
+    ("<think>```python\ndef f(x): return 0\n```</think>```python\ndef f(x):\n    return 6\n```",
+     "def f(x):\n    return 6"),
+    ("I cannot help with that.", ""),
+])
+def test_extract_code(text, code):
+    assert extract_code(text, "f") == code
+
+
+def test_reference_solutions_pass_and_wrong_ones_fail():
+    probe = get_probe("code")
+    assert probe.modes == ("generate",)
+    items = probe.items("all")
+    assert len(probe.items("search")) == 20 and len(probe.items("validation")) == 40 and len(items) == 60
+    t0 = time.perf_counter()
+    for item in items:
+        reply = f"```python\n{item.answer}```"
+        assert probe.parsed(item, reply), item.id
+        assert probe.score(item, reply) == 100.0, item.id
+    print(f"60 reference solutions: {time.perf_counter() - t0:.2f} s in the sandbox")
+    for item in items[:10]:
+        signature = item.answer.splitlines()[0]
+        wrong = f"```python\n{signature}\n    return None\n```"
+        assert probe.parsed(item, wrong)
+        assert probe.score(item, wrong) < 100.0, item.id
+        assert probe.score(item, "no code here") == 0.0 and not probe.parsed(item, "no code here")
+
+
+def test_data_file_tasks_are_well_formed():
+    for item in load_code_items():
+        assert defines(item.answer, item.data["entry_point"]), item.id
+        assert 4 <= len(item.data["tests"]) <= 6 and all(t.startswith("assert ") for t in item.data["tests"])
+
+
+def test_sandbox_infinite_loop_scores_zero_within_the_timeout():
+    probe = get_probe("code")
+    probe.timeout = 2.0
+    item = probe.items()[0]
+    entry = item.data["entry_point"]
+    t0 = time.perf_counter()
+    score = probe.score(item, f"```python\ndef {entry}(*args):\n    while True:\n        pass\n```")
+    took = time.perf_counter() - t0
+    print(f"infinite loop: score {score}, {took:.2f} s")
+    assert score == 0.0 and took < 10
+    run = run_tests("while True:\n    pass\n", ["assert True"], timeout=1.0)
+    assert run.timed_out and run.passed == 0
+
+
+def test_sandbox_rm_rf_and_writes_harm_nothing(tmp_path):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "data.txt").write_text("precious")
+    attacks = [
+        f"import shutil\nshutil.rmtree({str(keep)!r})",
+        f"import os\nos.system('rm -rf {keep}')",
+        f"import subprocess\nsubprocess.run(['rm', '-rf', {str(keep)!r}])",
+        f"import os\nos.remove({str(keep / 'data.txt')!r})",
+        f"open({str(keep / 'data.txt')!r}, 'w').write('gone')",
+        f"import pathlib\npathlib.Path({str(keep / 'new.txt')!r}).write_text('x')",
+        f"import os\nos.rename({str(keep)!r}, {str(tmp_path / 'moved')!r})",
+        "import os\nos.kill(os.getppid(), 9)",
+    ]
+    for attack in attacks:
+        code = f"{attack}\ndef f(x):\n    return x\n"
+        run = run_tests(code, ["assert f(1) == 1"], timeout=5)
+        assert run.passed == 0, attack  # the attack raised before f was defined
+        inside = run_tests(f"def f(x):\n    {attack.replace(chr(10), '; ')}\n    return x\n", ["assert f(1) == 1"])
+        assert inside.passed == 0, attack
+    assert (keep / "data.txt").read_text() == "precious" and sorted(os.listdir(keep)) == ["data.txt"]
+    assert not (tmp_path / "moved").exists()
+
+
+def test_sandbox_network_memory_and_exit():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    server.settimeout(0.5)
+    try:
+        net = run_tests(f"import socket\nsocket.create_connection(('127.0.0.1', {port}))\ndef f(): return 1",
+                        ["assert f() == 1"])
+        assert net.passed == 0
+        with pytest.raises(OSError):  # nothing connected
+            server.accept()
+    finally:
+        server.close()
+    bomb = run_tests("def f():\n    return len(bytearray(8 * 2 ** 30))\n", ["assert f() > 0"], memory_mb=256)
+    assert bomb.passed == 0 and not bomb.timed_out
+    # the child's own exit ends only the child; the tests that had passed still count
+    quit_early = run_tests("def f(): return 1", ["assert f() == 1", "import os; os._exit(0)", "assert True"])
+    assert quit_early.passed == 1
+
+
+def test_sandbox_runs_in_another_process():
+    """A completion cannot reach the sweep's interpreter: its globals and modules are the child's."""
+    marker = "cf_sandbox_marker"
+    run_tests(f"import sys\nsys.modules['json'].{marker} = 1\ndef f(): return 1", ["assert f() == 1"])
+    assert not hasattr(json, marker)
+    run = run_tests("import sys\ndef f(): return sys.executable", [f"assert f() == {sys.executable!r}"])
+    assert run.passed == 1  # the same Python, in a child process
