@@ -64,3 +64,21 @@ def chat_model(chat_model_dir):
     import circuit_finder as cf
 
     return cf.load(chat_model_dir)
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    """tests/lm_eval_tasks copied with their data paths (__DATA__) filled in: local lm-eval tasks."""
+    import shutil
+    from pathlib import Path
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    tasks = Path(__file__).resolve().parent / "lm_eval_tasks"
+    out = tmp_path_factory.mktemp("lm_eval_tasks")
+    for f in tasks.iterdir():
+        if f.suffix == ".yaml":
+            (out / f.name).write_text(f.read_text().replace("__DATA__", str(tasks)))
+        else:
+            shutil.copy(f, out / f.name)
+    return out
+

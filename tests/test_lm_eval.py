@@ -5,9 +5,6 @@ model rebuilt with deep-copied layers along the same path."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,20 +15,7 @@ import circuit_finder as cf  # noqa: E402
 import circuit_finder.lm_eval  # noqa: E402,F401  (registers "circuit-finder")
 from helpers import rebuilt  # noqa: E402
 
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 LAYERS = "0..3+1..5"  # comma-free spelling of 0..3,1..5 (RYS (1, 4))
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    out = tmp_path_factory.mktemp("lm_eval_tasks")
-    for f in TASKS_DIR.iterdir():
-        if f.suffix == ".yaml":
-            (out / f.name).write_text(f.read_text().replace("__DATA__", str(TASKS_DIR)))
-        else:
-            shutil.copy(f, out / f.name)
-    return out
 
 
 def _run(model, model_args, task_dir, tasks, **kw):

@@ -94,12 +94,15 @@ class TextCodec:
             return int(tok.bos_token_id)
         return self.eos_ids[0] if self.eos_ids else None
 
-    def chat_text(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def chat_text(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                  thinking: bool | None = None) -> str:
         """Chat messages -> the prompt text of the tokenizer's chat template. Without a generation
-        prompt the last (assistant) message is left open, to be continued."""
+        prompt the last (assistant) message is left open, to be continued. ``thinking``: passed as
+        the template's ``enable_thinking`` switch (Qwen3-style templates; others ignore it)."""
+        extra = {} if thinking is None else {"enable_thinking": bool(thinking)}
         return self.require("chat").apply_chat_template(list(messages), tokenize=False,
                                                         add_generation_prompt=add_generation_prompt,
-                                                        continue_final_message=not add_generation_prompt)
+                                                        continue_final_message=not add_generation_prompt, **extra)
 
     def end_of_answer(self, chat: bool) -> list[int]:
         """The ids that close an answer: in chat, what the template writes after an assistant turn's

@@ -5,10 +5,13 @@ reads from and computes with, free of any model or runner.
 
 File format — one JSON object per line:
 - a header ``{"kind": "header", "version": 1, "model": ..., "num_layers": N, "mode": ..., "fingerprint",
-  "chat", "max_items", "items": {probe: [item ids]}, "likelihood_rule"?}`` (a resume must match it);
+  "chat", "thinking", "max_items", "items": {probe: [item ids]}, "item_digest": {probe: sha256 of
+  the items' ids, prompts, answers and choices}, "likelihood_rule"?}`` (a resume must match it);
+- a ``{"kind": "probes", "items": ..., "item_digest": ...}`` line when a resume adds probes, so
+  later resumes check their items too;
 - one ``{"kind": "config", "layers": "0..12,10..12,13..29", "start", "end", "times",
   "extra_layers", "split", "mode", "scores": {probe: {item id: score}}, "scores_norm"?, "margins"?, "outputs"?,
-  "seconds"}`` per finished config (per-item scores, so differences can be tested item by item).
+  "parsed"?: {probe: {item id: bool}}, "seconds"}`` per finished config (per-item scores, so differences can be tested item by item).
 
 Every line is written with one ``write`` and fsynced before the next config starts, so a killed
 run loses at most the config in flight. A torn last line (no newline) is cut off when the file is
@@ -22,7 +25,9 @@ its own random stream); ``_p``, a two-sided paired sign-flip test of "no differe
 over the sweep's configs are reachable; ``_q`` (Benjamini-Hochberg) and ``_holm`` (Holm), that
 p adjusted across the configs of the table (the baseline excluded). Likelihood margins get the
 same columns (``<p>_margin_delta``, ...). ``combined`` is the mean of the probe scores; its CI
-and p resample each probe's items independently and average the probes' deltas.
+and p resample each probe's items independently and average the probes' deltas. ``<p>_parse``:
+the share (0-100) of completions the probe's scorer could read (generate mode), so a delta that is
+really a format failure shows as a fall in parse rate.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ def read_records(path: str | Path) -> tuple[dict | None, list[dict]]:
             warnings.warn(f"{path}:{n}: skipping a line that is not a JSON object", stacklevel=2)
         elif row.get("kind") == "header":
             header = header or row
+        elif row.get("kind") == "probes" and header is not None:  # probes a resumed sweep added
+            for key in _PER_PROBE:
+                header[key] = {**header.get(key, {}), **row.get(key, {})}
         elif row.get("kind") == "config" and isinstance(row.get("layers"), str) and isinstance(row.get("scores"), dict):
             records.append(row)
         else:
@@ -107,6 +115,7 @@ class ResultStore:
             old, records = read_records(path)
             if old is not None:
                 _check_resume(path, old, header, setup or {})
+                _record_new_probes(path, old, setup or {})
                 header = old
             else:
                 _append_line(path, header)
@@ -129,6 +138,26 @@ class ResultStore:
         return list(self._records)
 
 
+# setup keys added after files were written, and what an older file that lacks them meant
+_SETUP_DEFAULTS = {"thinking": False}
+# setup keys that hold one entry per probe: only probes both headers hold are compared, and a
+# probe new to a resumed file is recorded by a {"kind": "probes"} line
+_PER_PROBE = ("items", "item_digest")
+
+
+def _record_new_probes(path: Path, old: dict, setup: dict) -> None:
+    """Appends the item ids and digests of probes the file's header does not list yet (a resume
+    that adds a probe), so the next resume checks them too; updates ``old`` in place."""
+    new = {key: {p: v for p, v in setup.get(key, {}).items() if p not in old.get(key, {})} for key in _PER_PROBE
+           if isinstance(setup.get(key), dict)}
+    new = {k: v for k, v in new.items() if v}
+    if not new:
+        return
+    _append_line(path, {"kind": "probes", **new})
+    for key, value in new.items():
+        old[key] = {**old.get(key, {}), **value}
+
+
 def _check_resume(path: Path, old: dict, new: dict, setup: dict) -> None:
     again = "Use another results file or resume=False (--no-resume)."
     if old.get("num_layers") != new["num_layers"]:
@@ -140,13 +169,18 @@ def _check_resume(path: Path, old: dict, new: dict, setup: dict) -> None:
         raise ValueError(f"{path} was scored with an older likelihood tokenization (choices encoded on their own); "
                          f"this version encodes context and choice together ({LIKELIHOOD_RULE}). {again}")
     for key, value in setup.items():
-        was = old.get(key, "not recorded (an older results file)")
-        if key == "items" and isinstance(was, dict):
+        was = old.get(key, _SETUP_DEFAULTS.get(key, "not recorded (an older results file)"))
+        if key in _PER_PROBE and key not in old:
+            continue  # an older file that did not record it (item ids are still compared)
+        if key in _PER_PROBE and isinstance(was, dict):
             # a probe new to this file has no records yet: only probes both hold must agree
             differ = sorted(p for p in set(was) & set(value) if was[p] != value[p])
-            if differ:
+            if differ and key == "items":
                 raise ValueError(f"{path} was run on other items of probe {differ[0]!r} than this sweep "
                                  f"({len(was[differ[0]])} vs {len(value[differ[0]])} items, or other ids). {again}")
+            if differ:
+                raise ValueError(f"{path} was run on items of probe {differ[0]!r} with the same ids but other "
+                                 f"prompts, answers or choices (another version of the probe). {again}")
         elif was != value:
             raise ValueError(f"{path} was run with {key}={was!r}; this sweep has {key}={value!r}. {again}")
 
@@ -301,6 +335,9 @@ def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str]
             norm = (r.get("scores_norm") or {}).get(p)
             if norm:
                 row[f"{p}{suffix}_norm"] = float(np.mean(list(norm.values())))
+            parsed = (r.get("parsed") or {}).get(p)
+            if parsed:
+                row[f"{p}{suffix}_parse"] = 100.0 * float(np.mean([bool(v) for v in parsed.values()]))
             if base is None or p not in base["scores"]:
                 continue
             d = _paired(scores, base["scores"][p])

@@ -7,6 +7,13 @@ The package, in the order a sweep flows through it:
 Records are stored by ``circuit_finder.results.ResultStore`` (crash-safe JSONL; resume skips
 configs the file holds).
 
+The protocol (``sweep(..., validate=k)`` runs all of it): search every config on the probes'
+search items; select the top k by ``by``; re-score them and the baseline on held-out items no
+search saw; read the held-out deltas (``<p>_val_delta`` with CIs, q over the k). ``refine`` ranks
+the neighbours of the coarse winners on the same search items (their records say
+``stage="refine"``): its search deltas are as optimistic as the coarse ones, and only the held-out
+columns estimate a config's effect. ``SweepResult.report()`` says this with the numbers.
+
 Limits: one model in one process.
 """
 
@@ -19,9 +26,9 @@ from ..model import Model
 from ..results import ResultStore
 from .configs import MODES, STRATEGIES, SweepConfig, make_configs, refine_configs, rys_params, unique_configs
 from .result import SweepResult
-from .runner import ProbeBatch, Runner, resolve_chat, resolve_probes, run_configs, sweep_setup
+from .runner import THINK_TOKENS, ProbeBatch, Runner, resolve_chat, resolve_probes, run_configs, sweep_setup
 
-__all__ = ["MODES", "STRATEGIES", "ProbeBatch", "Runner", "SweepConfig", "SweepResult", "make_configs",
+__all__ = ["MODES", "STRATEGIES", "THINK_TOKENS", "ProbeBatch", "Runner", "SweepConfig", "SweepResult", "make_configs",
            "refine_configs", "resolve_chat", "resolve_probes", "run_configs", "rys_params", "sweep", "sweep_setup",
            "unique_configs"]
 
@@ -31,7 +38,8 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
           paths: Sequence | None = None, strategy: str = "grid", mode: str = "generate", results=None,
           resume: bool = True, progress: bool = True, *, max_items: int | None = None, chat: bool | None = None,
           reuse: bool = True, refine_top: int = 3, refine_stride: int | None = None,
-          by: str = "combined_delta") -> SweepResult:
+          by: str = "combined_delta", validate: int = 0, thinking: bool = False,
+          think_tokens: int = THINK_TOKENS) -> SweepResult:
     """Scores probes along many layer paths; returns a SweepResult (``.to_pandas()``, ``.heatmap()``...).
 
     model: a loaded Model. probes: built-in names ("math", "eq", "reasoning", "gsm8k"), .jsonl
@@ -47,6 +55,11 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     max_items: use only the first n search items of each probe. chat: apply the chat template
     (default: when the tokenizer has one). reuse=False recomputes every path from the embedding
     (for checking and benchmarking the shared-prefix reuse).
+    validate: after the search, re-score the top ``validate`` configs by ``by`` and the baseline on
+    each probe's held-out items (``SweepResult.validate``); 0 = search only.
+    thinking: False (default) sets the chat template's ``enable_thinking`` switch off where it has
+    one; True leaves thinking on and gives each probe ``think_tokens`` more tokens. Either way
+    <think>...</think> blocks are stripped before scoring.
     """
     if not isinstance(model, Model):
         raise TypeError(f"sweep() needs a circuit_finder Model (circuit_finder.load), got {type(model).__name__}")
@@ -63,20 +76,23 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
         configs = make_configs(n, strategy, block_sizes, starts, stride, times, paths)
     store = None
     if results is not None:
-        setup = sweep_setup(model, probe_list, chat, max_items)
+        setup = sweep_setup(model, probe_list, chat, max_items, thinking)
         store = ResultStore.open(results, model=model, mode=mode, resume=resume, setup=setup,
                                  record={"max_items": max_items})
     records: list[dict] = []
 
     def run(batch: list[SweepConfig], desc: str) -> SweepResult:
         records.extend(run_configs(model, probe_list, batch, store, mode, "search", max_items, chat, reuse, progress,
-                                   desc=desc))
+                                   desc=desc, thinking=thinking, think_tokens=think_tokens))
         return SweepResult(store.records() if store is not None else records, num_layers=n, mode=mode,
-                           path=store.path if store is not None else None, model=model, probes=probe_list, chat=chat)
+                           path=store.path if store is not None else None, model=model, probes=probe_list, chat=chat,
+                           thinking=thinking, think_tokens=think_tokens)
 
     result = run([SweepConfig(LayerPath.identity(n)), *configs], "sweep")
     if strategy == "refine":
         result = run(_refine_pass(result, configs, n, refine_top, coarse_stride, times, by), "refine")
+    if validate:
+        result.validate(validate, by=by, progress=progress)
     return result
 
 

@@ -1,7 +1,9 @@
 """SweepResult: the records of a sweep as a researcher reads them — a pandas table with paired
-bootstrap CIs and p-values (``to_pandas``, ``top``), a heatmap of RYS configs, and ``validate``,
-which re-scores the winners on held-out items with the runner (it lives beside the runner so
-results.py stays free of models).
+bootstrap CIs, p-values and q-values (``to_pandas``, ``top``), ``report`` (the protocol's reading
+in words), heatmaps (matplotlib, and plotly with hover details), the Pareto front over several
+probes, ``validate`` (the winners re-scored on held-out items with the runner) and ``evaluate``
+(lm-eval tasks on the winners, paired per sample). It lives beside the runner so results.py stays
+free of models.
 
 Limits: statistics are per config against the identity baseline, adjusted across the configs of
 one table (search and validation separately); recomputed on every to_pandas() call.
@@ -9,6 +11,7 @@ one table (search and validation separately); recomputed on every to_pandas() ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +19,10 @@ import numpy as np
 from ..files import fingerprint
 from ..layer_path import LayerPath
 from ..results import ResultStore, paired_stats, read_records
+from .benchmark import BENCHMARK_SPLIT, run_benchmark
 from .configs import SweepConfig
-from .runner import resolve_chat, resolve_probes, run_configs
+from .runner import THINK_TOKENS, resolve_chat, resolve_probes, run_configs
+from .views import pareto_front, plotly_heatmap
 
 __all__ = ["SweepResult"]
 
@@ -26,7 +31,8 @@ class SweepResult:
     """The records of a sweep. ``to_pandas()`` for a table, ``heatmap()``, ``top()``, ``validate()``."""
 
     def __init__(self, records: list[dict], num_layers: int, mode: str | None = None, path: Path | None = None,
-                 model=None, probes=None, chat: bool | None = None):
+                 model=None, probes=None, chat: bool | None = None, thinking: bool = False,
+                 think_tokens: int = THINK_TOKENS):
         self.records = list(records)
         self._stats_cache: dict[tuple, dict] = {}
         self.num_layers = num_layers
@@ -35,6 +41,8 @@ class SweepResult:
         self.model = model
         self.probes = probes
         self.chat = chat
+        self.thinking = thinking
+        self.think_tokens = think_tokens
 
     def __repr__(self) -> str:
         n = len(self._split("search"))
@@ -50,7 +58,7 @@ class SweepResult:
         if header is None:
             raise ValueError(f"{path}: not a circuit-finder sweep file (no header line)")
         return cls(records, num_layers=int(header["num_layers"]), mode=header.get("mode"), path=Path(path),
-                   chat=header.get("chat"))
+                   chat=header.get("chat"), thinking=bool(header.get("thinking", False)))
 
     # -------------------------------------------------------------- tables
     def _split(self, split: str) -> dict[str, dict]:
@@ -61,7 +69,7 @@ class SweepResult:
                 continue
             if r["layers"] in out:
                 merged = dict(out[r["layers"]])
-                for key in ("scores", "scores_norm", "margins", "outputs"):
+                for key in ("scores", "scores_norm", "margins", "outputs", "parsed"):
                     if key in r:
                         merged[key] = {**merged.get(key, {}), **r[key]}
                 out[r["layers"]] = merged
@@ -69,9 +77,13 @@ class SweepResult:
                 out[r["layers"]] = r
         return out
 
-    def probe_names(self) -> list[str]:
+    def probe_names(self, split: str | None = None) -> list[str]:
+        """Probe names in the records (of one split; default every split but the benchmark's)."""
         names: list[str] = []
         for r in self.records:
+            here = r.get("split", "search")
+            if (split is None and here == BENCHMARK_SPLIT) or (split is not None and here != split):
+                continue
             for p in r["scores"]:
                 if p not in names:
                     names.append(p)
@@ -85,27 +97,30 @@ class SweepResult:
         ask for the same table several times)."""
         key = (split, n_boot, seed, suffix, len(self.records), id(self.records))
         if key not in self._stats_cache:
-            self._stats_cache[key] = paired_stats(self._split(split), self._baseline_key(), self.probe_names(),
+            self._stats_cache[key] = paired_stats(self._split(split), self._baseline_key(), self.probe_names(split),
                                                   n_boot, seed, suffix)
         return self._stats_cache[key]
 
     def to_pandas(self, n_boot: int = 2000, seed: int = 0):
         """One row per config (baseline included, flagged): layers, start, end, times, extra_layers, per
         probe <p>, <p>_delta, <p>_ci_low, <p>_ci_high, <p>_p, <p>_q (BH), <p>_holm (and <p>_margin,
-        <p>_margin_delta ... in likelihood mode),
+        <p>_margin_delta ... in likelihood mode; <p>_parse, the parse rate, in generate mode),
         combined (+ _delta/_ci_low/_ci_high/_p), seconds; plus <p>_val... columns for configs that
-        validate() re-scored on held-out items."""
+        validate() re-scored on held-out items, and <task>_<metric>_bench... for configs evaluate()
+        ran lm-eval tasks on."""
         import pandas as pd
 
         recs = self._split("search")
         stats = self._stats("search", n_boot, seed, "")
         val = self._stats("validation", n_boot, seed, "_val")
+        bench = self._stats(BENCHMARK_SPLIT, n_boot, seed, "_bench")
         base_key = self._baseline_key()
         rows = []
         for key, r in recs.items():
             rows.append({"layers": key, "start": r.get("start"), "end": r.get("end"), "times": r.get("times"),
-                         "extra_layers": r.get("extra_layers"), "baseline": key == base_key, **stats[key],
-                         **val.get(key, {}), "seconds": r.get("seconds")})
+                         "extra_layers": r.get("extra_layers"), "baseline": key == base_key,
+                         "stage": r.get("stage", "sweep"), **stats[key],
+                         **val.get(key, {}), **bench.get(key, {}), "seconds": r.get("seconds")})
         df = pd.DataFrame(rows)
         if df.empty:
             return df
@@ -121,6 +136,85 @@ class SweepResult:
         if by not in df.columns:
             raise ValueError(f"no column {by!r}; columns: {', '.join(df.columns)}")
         return df[~df["baseline"]].sort_values(by, ascending=False).head(k).reset_index(drop=True)
+
+    # -------------------------------------------------------------- the honest reading
+    def report(self, by: str = "combined_delta", n_boot: int = 2000) -> str:
+        """The sweep read as the protocol means it, in words and numbers: what was searched on how
+        many items, the best search result with its CI and multiplicity-adjusted q, parse rates,
+        and — once ``validate`` has run — the selected configs' held-out deltas with CIs."""
+        df = self.to_pandas(n_boot=n_boot)
+        if df.empty:
+            return "no configs yet"
+        if by not in df.columns:
+            raise ValueError(f"no column {by!r}; columns: {', '.join(df.columns)}")
+        return "\n".join([*self._report_search(df, by), *self._report_parse(df), *self._report_validation(df, by)])
+
+    def _item_counts(self, split: str) -> str:
+        rec = self._split(split).get(self._baseline_key())
+        if rec is None:
+            return "none"
+        return ", ".join(f"{p} {len(v)}" for p, v in rec["scores"].items())
+
+    def _report_search(self, df, by: str) -> list[str]:
+        others = df[~df["baseline"]]
+        n = len(others)
+        lines = [f"Search: {n} configs and the baseline, mode={self.mode}, on search items ({self._item_counts('search')})."]
+        refined = int((others["stage"] == "refine").sum())
+        if refined:
+            lines.append(f"  {refined} of them come from refine, chosen by looking at the coarse configs' scores on "
+                         f"these same items.")
+        if n == 0:
+            return lines
+        best = others.sort_values(by, ascending=False).iloc[0]
+        stem = by[:-len("_delta")] if by.endswith("_delta") else None
+        if stem and f"{stem}_q" in best:
+            lines.append(f"  Best by {by}: {best['layers']}: {best[by]:+.2f} (95% CI {best[f'{stem}_ci_low']:+.2f} to "
+                         f"{best[f'{stem}_ci_high']:+.2f}), p={best[f'{stem}_p']:.3g}, q={best[f'{stem}_q']:.3g} "
+                         f"(Benjamini-Hochberg over {n} configs).")
+            up, down = others[by] > 0, others[by] < 0
+            sig, fw = others[f"{stem}_q"] < 0.05, others[f"{stem}_holm"] < 0.05
+            lines.append(f"  q < 0.05 (false discovery rate 5%): {int((sig & up).sum())} of {n} configs better than "
+                         f"the baseline, {int((sig & down).sum())} worse; Holm (family-wise 5%): "
+                         f"{int((fw & up).sum())} better, {int((fw & down).sum())} worse.")
+            lines.append(f"  A selected config's search delta is the largest of {n} noisy estimates: expect it to "
+                         f"shrink on held-out items.")
+        return lines
+
+    def _report_parse(self, df) -> list[str]:
+        cols = [c for c in df.columns if c.endswith("_parse") and "_val" not in c]
+        if not cols:
+            return []
+        base = df[df["baseline"]]
+        rates = ", ".join(f"{c[:-6]} {base[c].iloc[0]:.0f}%" for c in cols) if len(base) else "no baseline"
+        others = df[~df["baseline"]]
+        worse = better = 0
+        if len(base) and len(others):
+            worse = int(((others[cols] < base[cols].iloc[0] - 10).any(axis=1)).sum())
+            better = int(((others[cols] > base[cols].iloc[0] + 10).any(axis=1)).sum())
+        return [f"Parse rate (answers the scorer could read) of the baseline: {rates}. Of {len(others)} configs, "
+                f"{worse} read 10+ points worse and {better} 10+ points better on some probe: their deltas are "
+                f"partly format, not skill."]
+
+    def _report_validation(self, df, by: str) -> list[str]:
+        if "combined_val_delta" not in df.columns:
+            return ["Not validated: run validate(k) (or sweep(..., validate=k)) — search columns alone cannot "
+                    "tell a win from noise."]
+        val = df[(~df["baseline"]) & df["combined_val_delta"].notna()].sort_values(by, ascending=False)
+        lines = [f"Held-out validation of {len(val)} selected configs on items no search saw "
+                 f"({self._item_counts('validation')}); q over those {len(val)}:"]
+        base = df[df["baseline"]]
+        parse_cols = [c for c in df.columns if c.endswith("_val_parse")]
+        for _, r in val.iterrows():
+            shifts = [f"{c[:-len('_val_parse')]} {base[c].iloc[0]:.0f}% -> {r[c]:.0f}%" for c in parse_cols
+                      if len(base) and abs(r[c] - base[c].iloc[0]) >= 10]
+            lines.append(f"  {r['layers']}: search {r['combined_delta']:+.2f} -> held-out {r['combined_val_delta']:+.2f} "
+                         f"(95% CI {r['combined_val_ci_low']:+.2f} to {r['combined_val_ci_high']:+.2f}), "
+                         f"p={r['combined_val_p']:.3g}, q={r['combined_val_q']:.3g}"
+                         + (f"; held-out parse rate moved: {', '.join(shifts)}" if shifts else ""))
+        kept = int((val["combined_val_ci_low"] > 0).sum())
+        lines.append(f"  {kept} of {len(val)} keep a held-out CI above 0: only those are evidence of an effect; "
+                     f"check them on a real benchmark (evaluate) before believing them.")
+        return lines
 
     # -------------------------------------------------------------- pictures
     def heatmap(self, metric: str = "combined_delta", times: int = 2, ax=None, n_boot: int = 2000):
@@ -159,6 +253,21 @@ class SweepResult:
         ax.set_title(f"{metric} by RYS config (times={times}), {len(df)} configs")
         return fig
 
+    def interactive_heatmap(self, metric: str = "combined_delta", times: int = 2, html: str | Path | None = None,
+                            n_boot: int = 2000):
+        """A plotly Figure of RYS configs coloured by ``metric``; hover shows each config's per-probe
+        deltas, CIs, q and parse rates. ``html``: also write a standalone HTML file (opens offline)."""
+        fig = plotly_heatmap(self.to_pandas(n_boot=n_boot), self.num_layers, metric, times,
+                             self.probe_names("search"))
+        if html is not None:
+            fig.write_html(str(html), include_plotlyjs=True, full_html=True)
+        return fig
+
+    def pareto(self, objectives: Sequence[str], n_boot: int = 2000):
+        """The configs no other config beats on every objective (probe names mean their ``_delta``;
+        any to_pandas column works, '-col' minimises), e.g. ``pareto(["math", "instruct"])``."""
+        return pareto_front(self.to_pandas(n_boot=n_boot), objectives)
+
     # -------------------------------------------------------------- held-out validation
     def validate(self, k: int = 5, by: str = "combined_delta", model=None, probes=None, progress: bool = True):
         """Re-scores the top k configs (and the baseline) on each probe's held-out validation items,
@@ -171,13 +280,53 @@ class SweepResult:
         top = self.top(k, by=by)
         keys = [self._baseline_key(), *top["layers"]]
         configs = [SweepConfig.of(LayerPath.parse(t), self.num_layers) for t in keys]
-        store = None
-        if self.path is not None:  # validation records are appended to the same file
-            setup = {"fingerprint": fingerprint(model.source), "chat": resolve_chat(model, self.chat)}
-            store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True, setup=setup)
-            self.records = store.records()
+        store = self._store(model)
         new = run_configs(model, probe_list, configs, store, self.mode, "validation", None, self.chat, True,
-                          progress, desc="validate")
+                          progress, desc="validate", thinking=self.thinking, think_tokens=self.think_tokens)
         self.records = store.records() if store is not None else self.records + new
+        return self._rows(top["layers"])
+
+    def _rows(self, keys) -> object:
+        """to_pandas() rows of the given configs, in that order."""
         df = self.to_pandas()
-        return df[df["layers"].isin(top["layers"])].set_index("layers").loc[list(top["layers"])].reset_index()
+        return df[df["layers"].isin(list(keys))].set_index("layers").loc[list(keys)].reset_index()
+
+    def _store(self, model) -> ResultStore | None:
+        """The results file reopened for appending (validation and benchmark records go to the same
+        file; a file of another model or setup is refused), or None for an in-memory result."""
+        if self.path is None:
+            return None
+        setup = {"fingerprint": fingerprint(model.source), "chat": resolve_chat(model, self.chat),
+                 "thinking": bool(self.thinking)}
+        store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True, setup=setup)
+        self.records = store.records()
+        return store
+
+    # -------------------------------------------------------------- real benchmarks
+    def evaluate(self, top: int = 3, tasks: Sequence[str] = (), limit: int | float | None = None,
+                 by: str = "combined_delta", model=None, include_path: str | None = None, batch_size: int = 8,
+                 metrics: Sequence[str] | None = None, **evaluate_kwargs):
+        """Does the probe win transfer? Runs lm-eval ``tasks`` (through our adapter, ``limit`` docs
+        each) on the baseline and the ``top`` configs by ``by``, and returns their to_pandas() rows
+        with per-sample paired columns <task>_<metric>_bench, _bench_delta, _bench_ci_low/high,
+        _bench_p, _bench_q. Records go to the results file (a config already evaluated on the same
+        tasks and limit is not run again). ``include_path``: a folder of local task YAMLs."""
+        model = model or self.model
+        if model is None:
+            raise ValueError("evaluate() needs the model: SweepResult.evaluate(k, tasks=[...], model=cf.load(...))")
+        if not tasks:
+            raise ValueError("evaluate() needs lm-eval task names: tasks=['arc_easy', ...]")
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        keys = [self._baseline_key(), *self.top(top, by=by)["layers"]]
+        store = self._store(model)
+        done = {r["layers"] for r in self.records if r.get("split") == BENCHMARK_SPLIT
+                and r.get("tasks") == tasks and r.get("limit") == limit}
+        for record in run_benchmark(model, [k for k in keys if k not in done], tasks, limit, self.mode, include_path,
+                                    batch_size, metrics, **evaluate_kwargs):
+            if store is not None:
+                store.append(record)
+            else:
+                self.records.append(record)
+        if store is not None:
+            self.records = store.records()
+        return self._rows(keys[1:])

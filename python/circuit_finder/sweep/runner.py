@@ -6,15 +6,20 @@ once and advances the identity pass slot by slot; its hidden states (and, when g
 cache slots, shared without copies) are reused by every config, so the prefix of each path is
 computed once for the whole sweep. Each finished config is appended to the ResultStore.
 
-Modes: ``generate`` (greedy decode with ``generation.decode``, the probe scores the text) and
-``likelihood`` (the probe's choices scored by ``likelihood`` in packed layout; accuracy of the
-right answer ranking first, and its log-prob margin over the best wrong choice).
+Modes: ``generate`` (greedy decode with ``generation.decode``, the probe scores the text and says
+whether it could read an answer at all: the parse rate) and ``likelihood`` (the probe's choices
+scored by ``likelihood`` in packed layout; accuracy of the right answer ranking first, and its
+log-prob margin over the best wrong choice). Thinking: by default the chat template's
+``enable_thinking`` switch is set off (templates without one ignore it); ``thinking=True`` leaves
+it on and gives every probe ``think_tokens`` more tokens to think in.
 
 Limits: one model in one process; each probe's items run as one batch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Sequence
 
@@ -23,27 +28,37 @@ import torch
 from .. import generation, likelihood
 from ..files import fingerprint
 from ..model import Model
-from ..probes import Item, Probe, get_probe
+from ..probes import Item, Probe, get_probe, parse_rate_of
 from ..results import ResultStore
 from .configs import MODES, SweepConfig
 
-__all__ = ["ProbeBatch", "Runner", "resolve_chat", "resolve_probes", "run_configs", "sweep_setup"]
+__all__ = ["THINK_TOKENS", "ProbeBatch", "Runner", "item_digest", "resolve_chat", "resolve_probes", "run_configs",
+           "sweep_setup"]
+
+THINK_TOKENS = 1024  # extra generation budget per probe when thinking is left on
 
 
-def probe_contexts(model: Model, items: Sequence[Item], chat: bool) -> list[str]:
-    """The text each item's answer follows: the chat template's prompt, or "<prompt>\\nAnswer:"."""
+def probe_contexts(model: Model, items: Sequence[Item], chat: bool, thinking: bool = False) -> list[str]:
+    """The text each item's answer follows: the chat template's prompt (its thinking switch set to
+    ``thinking``), or "<prompt>\\nAnswer:"."""
     if chat:
-        return [model.codec.chat_text([{"role": "user", "content": it.prompt}]) for it in items]
+        return [model.codec.chat_text([{"role": "user", "content": it.prompt}], thinking=thinking) for it in items]
     return [f"{it.prompt}\nAnswer:" for it in items]
 
 
 class ProbeBatch:
     """One probe's items encoded once: the rows run in one batch, and the identity pass over them."""
 
-    def __init__(self, model: Model, probe: Probe, items: list[Item], mode: str, chat: bool):
+    def __init__(self, model: Model, probe: Probe, items: list[Item], mode: str, chat: bool, thinking: bool = False,
+                 think_tokens: int = THINK_TOKENS):
         self.model, self.probe, self.items, self.mode = model, probe, items, mode
+        modes = tuple(getattr(probe, "modes", MODES))
+        if mode not in modes:
+            raise ValueError(f"probe {probe.name!r} is scored in mode {' or '.join(map(repr, modes))} only, "
+                             f"not {mode!r}")
         model.codec.require(f"probe {probe.name!r}")
-        contexts = probe_contexts(model, items, chat)
+        self.budget = probe.max_new_tokens + (think_tokens if thinking else 0)
+        contexts = probe_contexts(model, items, chat, thinking)
         special = not chat  # a chat template writes its own special tokens
         if mode == "likelihood":
             # each choice ends with the end-of-answer marker, so a choice that is a prefix of another
@@ -56,8 +71,8 @@ class ProbeBatch:
         else:
             seqs = [model.codec.encode(c, add_special_tokens=special) for c in contexts]
             self.ids, mask = model.codec.left_pad(seqs, model.device)
-            self.capacity = self.ids.shape[1] + probe.max_new_tokens
-            self.positions, self.full_mask = generation.generation_masks(self.ids, mask, probe.max_new_tokens)
+            self.capacity = self.ids.shape[1] + self.budget
+            self.positions, self.full_mask = generation.generation_masks(self.ids, mask, self.budget)
             self.prefix_mask = None if self.full_mask is None else mask
         self._h = None
         self._done = 0
@@ -112,12 +127,15 @@ class ProbeBatch:
     def _generate(self, h: torch.Tensor, cache, layers: list[int]) -> dict:
         cache.advance(self.ids.shape[1])
         logits = self.model.engine.head(h[:, -1:])[:, -1].float()
-        sampling = generation.Sampling(self.probe.max_new_tokens)
+        sampling = generation.Sampling(self.budget)
         new = generation.decode(self.model, logits, cache, layers, self.positions[:, -1:], self.full_mask, sampling)
         outputs = [self.model.codec.finish(row).text for row in new.tolist()]
-        scores = [float(self.probe.score(it, out)) for it, out in zip(self.items, outputs)]
-        return {"scores": {it.id: s for it, s in zip(self.items, scores)},
-                "outputs": {it.id: o for it, o in zip(self.items, outputs)}}
+        out = {"scores": {it.id: float(self.probe.score(it, o)) for it, o in zip(self.items, outputs)},
+               "outputs": {it.id: o for it, o in zip(self.items, outputs)}}
+        parsed = {it.id: parse_rate_of(self.probe, it, o) for it, o in zip(self.items, outputs)}
+        if all(v is not None for v in parsed.values()):
+            out["parsed"] = parsed
+        return out
 
     def _likelihood(self, h: torch.Tensor) -> dict:
         values, _ = likelihood.gather_logprobs(self.model.engine.head, h, self.scoring)
@@ -142,11 +160,12 @@ class Runner:
     """Runs configs for a fixed set of probes (items encoded once) and returns their records."""
 
     def __init__(self, model: Model, probes: list[Probe], mode: str, split: str, max_items: int | None,
-                 chat: bool | None, reuse: bool):
+                 chat: bool | None, reuse: bool, thinking: bool = False, think_tokens: int = THINK_TOKENS,
+                 stage: str = "sweep"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         chat = resolve_chat(model, chat)
-        self.model, self.mode, self.split, self.reuse = model, mode, split, reuse
+        self.model, self.mode, self.split, self.reuse, self.stage = model, mode, split, reuse, stage
         self.num_layers = model.num_layers
         self.batches = []
         for probe in probes:
@@ -155,18 +174,18 @@ class Runner:
                 items = items[:max_items]
             if not items:
                 raise ValueError(f"probe {probe.name!r} has no {split} items")
-            self.batches.append(ProbeBatch(model, probe, items, mode, chat))
+            self.batches.append(ProbeBatch(model, probe, items, mode, chat, thinking, think_tokens))
 
     def run(self, config: SweepConfig) -> dict:
         t0 = time.perf_counter()
         record = {"layers": config.key, "start": config.start, "end": config.end, "times": config.times,
                   "extra_layers": config.layers.extra_layers(self.num_layers), "split": self.split,
-                  "mode": self.mode, "scores": {}}
+                  "mode": self.mode, "stage": self.stage, "scores": {}}
         with torch.inference_mode():
             for b in self.batches:
                 out = b.run(config, self.num_layers, self.reuse)
                 record["scores"][b.probe.name] = out["scores"]
-                for key in ("scores_norm", "margins", "outputs"):
+                for key in ("scores_norm", "margins", "outputs", "parsed"):
                     if key in out:
                         record.setdefault(key, {})[b.probe.name] = out[key]
         record["seconds"] = round(time.perf_counter() - t0, 4)
@@ -183,8 +202,9 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def run_configs(model: Model, probes: list[Probe], configs: list[SweepConfig], store: ResultStore | None,
                 mode: str, split: str, max_items: int | None, chat: bool | None, reuse: bool, progress: bool,
-                desc: str = "sweep") -> list[dict]:
-    """Runs the configs not yet in the store (in shared-prefix order), appending each record as it finishes."""
+                desc: str = "sweep", thinking: bool = False, think_tokens: int = THINK_TOKENS) -> list[dict]:
+    """Runs the configs not yet in the store (in shared-prefix order), appending each record as it
+    finishes; ``desc`` names the stage (sweep, refine, validate) in the records and the progress bar."""
     names = [p.name for p in probes]
     todo = [c for c in configs if store is None or not store.has(c.key, split, mode, names)]
     n = model.num_layers
@@ -192,7 +212,7 @@ def run_configs(model: Model, probes: list[Probe], configs: list[SweepConfig], s
     records: list[dict] = []
     if not todo:
         return records
-    runner = Runner(model, probes, mode, split, max_items, chat, reuse)
+    runner = Runner(model, probes, mode, split, max_items, chat, reuse, thinking, think_tokens, stage=desc)
     bar = _progress(len(todo), progress, desc)
     try:
         for config in todo:
@@ -214,13 +234,23 @@ def resolve_chat(model: Model, chat: bool | None) -> bool:
     return getattr(model.tokenizer, "chat_template", None) is not None if chat is None else bool(chat)
 
 
-def sweep_setup(model: Model, probes: list[Probe], chat: bool | None, max_items: int | None) -> dict:
+def sweep_setup(model: Model, probes: list[Probe], chat: bool | None, max_items: int | None,
+                thinking: bool = False) -> dict:
     """What a sweep's records depend on beyond the model's shape and mode (ResultStore.open's
-    ``setup``): the model file's fingerprint, dtype, chat and each probe's search item ids
-    (max_items is recorded too, but the items it selects are what is compared)."""
-    items = {p.name: [it.id for it in p.items("search")][:max_items] for p in probes}
+    ``setup``): the model file's fingerprint, dtype, chat, thinking and each probe's search item
+    ids and their digest (max_items is recorded too, but the items it selects are what is compared)."""
+    chosen = {p.name: p.items("search")[:max_items] for p in probes}
     return {"fingerprint": fingerprint(model.source), "dtype": str(model.dtype).replace("torch.", ""),
-            "chat": resolve_chat(model, chat), "items": items}
+            "chat": resolve_chat(model, chat), "thinking": bool(thinking),
+            "items": {name: [it.id for it in items] for name, items in chosen.items()},
+            "item_digest": {name: item_digest(items) for name, items in chosen.items()}}
+
+
+def item_digest(items: Sequence[Item]) -> str:
+    """sha256 of the items' ids, prompts, answers and choices: another version of a probe with the
+    same ids has another digest."""
+    text = json.dumps([[it.id, it.prompt, it.answer, list(it.choices)] for it in items], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def resolve_probes(probes) -> list[Probe]:
