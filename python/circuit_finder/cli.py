@@ -133,10 +133,12 @@ def _check_metric(metric: str, names: list[str], validate: bool) -> None:
     val = "(?:_val)?" if validate else ""
     probe_part = "|".join(re.escape(n) for n in names)
     if metric in ("seconds", "extra_layers") or re.fullmatch(f"(?:{prefixes}){val}{_STATS}", metric) or (
-            re.fullmatch(f"(?:{probe_part}){val}(?:_margin|_norm){_STATS}", metric)):
+            re.fullmatch(f"(?:{probe_part}){val}(?:_margin|_norm){_STATS}", metric)) or (
+            re.fullmatch(f"(?:{probe_part}){val}_parse", metric)):
         return
     raise ValueError(f"--metric {metric!r} is not a column of the results; use combined_delta, or "
-                     f"<probe>[_margin|_norm][_delta|_ci_low|_ci_high|_p|_q|_holm] for a probe of {', '.join(names)}"
+                     f"<probe>[_margin|_norm][_delta|_ci_low|_ci_high|_p|_q|_holm] or <probe>_parse for a probe of "
+                     f"{', '.join(names)}"
                      + (" (with _val after the probe for held-out scores)" if validate else ""))
 
 
@@ -178,7 +180,7 @@ def _print_sweep(result, args) -> None:
         print(f"\ntop {len(top)} by combined_delta (search items; 95% paired bootstrap CI over items, sign-flip p, "
               f"q: Benjamini-Hochberg over all {len(df) - 1} configs):")
         cols = ["layers", "combined_delta", "combined_ci_low", "combined_ci_high", "combined_p", "combined_q",
-                *[f"{p}_delta" for p in probes]]
+                *[f"{p}_delta" for p in probes], *[f"{p}_parse" for p in probes if f"{p}_parse" in top.columns]]
         print(top[cols].rename(columns=short).to_string(**fmt))
         if args.validate:
             val = result.validate(args.validate, progress=not args.no_progress)
@@ -189,6 +191,12 @@ def _print_sweep(result, args) -> None:
             cols = ["layers", "combined_delta", "combined_val_delta", "combined_val_ci_low", "combined_val_ci_high",
                     "combined_val_p", "combined_val_q"]
             print(val[cols].rename(columns=short).to_string(**fmt))
+        if args.pareto:
+            front = result.pareto(args.pareto)
+            cols = ["layers", *[c for c in front.columns if c in {f"{o.lstrip('-')}_delta" for o in args.pareto}]]
+            print(f"\nPareto front over {', '.join(args.pareto)} ({len(front)} configs no other beats on all):")
+            print(front[cols].to_string(**fmt))
+    print("\nhow to read it:\n" + result.report())
 
 
 def cmd_sweep(args) -> int:
@@ -201,17 +209,26 @@ def cmd_sweep(args) -> int:
     _check_output_file(args.out, "--out")
     if args.heatmap:
         _check_heatmap(args.heatmap)
+    if args.html:
+        _check_output_file(args.html, "--html")
+    for objective in args.pareto or ():
+        _check_metric(objective if objective.lstrip("-").endswith("_delta") else f"{objective.lstrip('-')}_delta",
+                      [p.name for p in probes], False)
     t0 = time.time()
     model = cf.load(args.model, device=args.device, dtype=args.dtype)
     print(f"# {model}; loaded in {time.time() - t0:.1f}s", file=sys.stderr)
     result = cf.sweep(model, probes=probes, block_sizes=args.block_sizes, starts=args.starts, stride=args.stride,
                       times=args.times, paths=args.paths, strategy=args.strategy, mode=args.mode, results=args.out,
-                      resume=not args.no_resume, progress=not args.no_progress, max_items=args.max_items)
+                      resume=not args.no_resume, progress=not args.no_progress, max_items=args.max_items,
+                      thinking=args.thinking)
     _print_sweep(result, args)
     if args.heatmap:
         fig = result.heatmap(args.metric)
         fig.savefig(args.heatmap, dpi=120)
         print(f"# heatmap of {args.metric} written to {args.heatmap}")
+    if args.html:
+        result.interactive_heatmap(args.metric, html=args.html)
+        print(f"# interactive heatmap of {args.metric} written to {args.html}")
     return 0
 
 
@@ -369,7 +386,8 @@ def _add_sweep(sub) -> None:
     s = sub.add_parser("sweep", help="score probes along many layer paths (RYS configs)")
     _add_model_args(s)
     s.add_argument("--probes", nargs="+", default=["math", "eq", "reasoning"],
-                   help="built-in probes (math eq reasoning gsm8k) or .jsonl files")
+                   help="built-in probes (math eq reasoning gsm8k instruct code; the last two in generate mode) "
+                        "or .jsonl files")
     s.add_argument("--mode", choices=["generate", "likelihood"], default="generate")
     s.add_argument("--strategy", choices=["grid", "scan", "refine"], default="grid")
     s.add_argument("--block-sizes", type=_positive, nargs="+", default=[3, 4, 5])
@@ -387,6 +405,12 @@ def _add_sweep(sub) -> None:
                         "with _val after the name for held-out scores (--validate), or seconds")
     s.add_argument("--top", type=_positive, default=10, help="print the top N configs")
     s.add_argument("--validate", type=_non_negative, default=0, help="re-score the top N on held-out items")
+    s.add_argument("--thinking", action="store_true",
+                   help="leave the chat template's thinking on (default: its enable_thinking switch off) and give "
+                        "each probe 1024 more tokens; <think> blocks are stripped before scoring either way")
+    s.add_argument("--pareto", nargs="+", default=None, metavar="PROBE",
+                   help="print the Pareto front over these probes' deltas ('-probe' minimises)")
+    s.add_argument("--html", default=None, help="write an interactive (plotly) heatmap of --metric as standalone HTML")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_sweep)
 
