@@ -184,3 +184,16 @@ def test_sandbox_runs_in_another_process():
     assert not hasattr(json, marker)
     run = run_tests("import sys\ndef f(): return sys.executable", [f"assert f() == {sys.executable!r}"])
     assert run.passed == 1  # the same Python, in a child process
+
+
+def test_sandbox_print_flood_goes_nowhere():
+    """A print loop fills neither the caller's memory nor its time budget; tests passed before it count."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    run = run_tests("def f():\n    while True:\n        print('x' * 100000)\n", ["assert True", "f()"], timeout=2)
+    took = time.perf_counter() - t0
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(f"print flood: {took:.2f} s, caller grew {grew_mb:.1f} MB, {run}")
+    assert run.timed_out and run.passed == 1 and took < 6 and grew_mb < 50

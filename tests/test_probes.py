@@ -96,6 +96,14 @@ def test_math_scorers_parse_then_score():
     ("I worked it out.</think>The answer is 7", 7),  # the template opened the block
     # a numbered list is not a leading answer
     ("1. Multiply 12 by 13.\n2. That gives 156", 156),
+    # working after the cue: the number after its last '='
+    ("The answer is 12 * 13 = 156", 156),
+    ("Answer: (12*13) = 156", 156),
+    ("result = 2^10 = 1024", 1024),
+    ("12 - 7 = 5", 5),
+    ("The result of 12 * 13 is 156, which is more than 100.", 156),
+    ("The answer is 42 (6 * 7).", 42),
+    ("Answer: 7\n\nExplanation: 3 + 4 = 7, not 10", 7),
 ])
 def test_extract_number(text, number):
     assert extract_number(text) == number
@@ -115,6 +123,12 @@ def test_extract_number(text, number):
     ("<think>A or B? A looks wrong.</think>B", "B"),
     ("B is correct.", "B"),
     ("A date a week later is (B)", "B"),  # the article "A" is no answer
+    ("*B*", "B"),
+    ("The answer is *B*", "B"),
+    ("$\\boxed{\\text{B}}$", "B"),
+    ("Answer: [B]", "B"),
+    ("answer: b", "B"),
+    ("Answer: a good question; (C) it is", "C"),
     ("D", None),
     ("no idea", None),
 ])
@@ -264,23 +278,61 @@ def test_math_items_are_right():
                 assert 0.0 < get_probe("math").score(item, wrong) < 100.0, (item.id, wrong)
 
 
+def _word_problem_answer(prompt: str) -> int:
+    """A reasoning word problem solved from its words (each form written out independently)."""
+    n = [int(x) for x in re.findall(r"\d+", prompt)]
+    if "bakery" in prompt:
+        return (n[0] - n[1]) * n[2]
+    if "change does she get" in prompt:
+        return n[2] - n[0] * n[1]
+    if "notebooks" in prompt:
+        return n[0] * n[1]
+    if "pump" in prompt:
+        return n[0] * n[1] - n[2]
+    if "groups of exactly" in prompt:
+        return math.ceil((n[0] + n[1]) / n[2])
+    assert "train" in prompt, prompt
+    return n[0] * n[1] + n[2]
+
+
+def _deduction_answer(prompt: str) -> str:
+    """The object at the asked position, by trying every order against the clues."""
+    import itertools
+
+    ordinals = ["first", "second", "third", "fourth", "fifth"]
+    objs = re.search(r"in a row: ([^.]+)\.", prompt)[1].split(", ")
+    left = re.findall(r"The (\w+) is to the left of the (\w+)\.", prompt)
+    at = [(o, ordinals.index(k)) for o, k in re.findall(r"The (\w+) is (\w+) from the left\.", prompt)]
+    pos = ordinals.index(re.search(r"is (\w+) from the left\?$", prompt.split("\nOptions")[0])[1])
+    alive = [p for p in itertools.permutations(objs)
+             if all(p.index(a) < p.index(b) for a, b in left) and all(p[k] == o for o, k in at)]
+    assert len(alive) == 1, prompt
+    return f"The {alive[0][pos]}"
+
+
 def test_reasoning_items_are_right():
+    """Every generated reasoning item's answer recomputed from its prompt's words by another route."""
     import datetime as dt
 
     for item in get_probe("reasoning").items("all"):
-        if "date-" in item.id:  # the date recomputed from the prompt's words
+        kind = item.id.removeprefix("v-").split("-")[0]
+        chosen = item.data["options"]["ABCDE".index(item.answer)] if item.scorer == "choice" else item.answer
+        if kind == "date":
             m = re.search(r"Today is (\w+ \d+, \d+)\. What was or will be the date (\d+) days (from today|ago)",
                           item.prompt)
             today = dt.datetime.strptime(m[1], "%B %d, %Y").date()
             days = int(m[2]) * (1 if m[3] == "from today" else -1)
-            assert item.data["options"]["ABCD".index(item.answer)] == (today + dt.timedelta(days=days)).strftime(
-                "%m/%d/%Y"), item.prompt
-        if item.id.startswith("navigate"):
+            assert chosen == (today + dt.timedelta(days=days)).strftime("%m/%d/%Y"), item.prompt
+        elif kind == "navigate":
             moves = {"forward": (0, 1), "backward": (0, -1), "left": (-1, 0), "right": (1, 0)}
             steps = re.findall(r"Take (\d+) steps? (\w+)\.", item.prompt)
             x = sum(moves[d][0] * int(s) for s, d in steps)
             y = sum(moves[d][1] * int(s) for s, d in steps)
             assert item.answer == ("Yes" if (x, y) == (0, 0) else "No"), item.prompt
+        elif kind == "deduction":
+            assert chosen == _deduction_answer(item.prompt), item.prompt
+        elif kind == "arith":
+            assert int(item.answer) == _word_problem_answer(item.prompt), item.prompt
 
 
 def test_gsm8k_probe():

@@ -104,7 +104,8 @@ CHECKS: dict[str, tuple[Callable[..., str], Callable[..., bool]]] = {
 
 # layout checks (at most one per item) and the content checks each cannot hold together with
 _LAYOUT = ["json", "bullets", "paragraphs", "title", "quoted", None]
-CLASHES = {"json": {"sentences", "uppercase", "first_word", "ending", "paragraphs", "title", "quoted", "lowercase"},
+CLASHES = {"json": {"sentences", "uppercase", "first_word", "ending", "paragraphs", "title", "quoted", "lowercase",
+                   "no_commas"},  # a JSON object of two keys needs a comma
           "bullets": {"sentences", "paragraphs", "quoted", "first_word"},
           "paragraphs": {"sentences", "max_words"},
           "quoted": {"first_word", "ending"},

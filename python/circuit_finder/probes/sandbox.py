@@ -3,16 +3,18 @@
 ``run_tests(code, tests, timeout)`` starts ``python -I -S -B`` in a fresh empty directory with an
 empty environment. Before the code runs, the child lowers its own limits (address space, CPU
 seconds, file size, open files) and installs an audit hook (PEP 578) that refuses sockets,
-subprocesses, fork/exec/spawn, signals, file writes, deletions and renames, ctypes, and imports of
-the modules that reach those (socket, subprocess, ctypes, multiprocessing, ...); shutil, os
-and pathlib import but their writes, deletions and process calls are refused. Each test is an
-assert statement run on its own; the child reports each result on stdout behind a random token
-that is not in the code's namespace. A child that runs past ``timeout`` is killed with its whole process group;
-the tests it had passed by then still count.
+subprocesses, fork/exec/spawn, signals, file writes, deletions and renames, ctypes, sqlite/dbm,
+and imports of the modules that reach those (socket, subprocess, ctypes, multiprocessing, ...);
+shutil, os and pathlib import but their writes, deletions and process calls are refused. Each
+test is an assert statement run on its own; the child writes each result, behind a random token,
+to a file it opened before the hook (capped at 1 MiB by the file-size limit); whatever the code
+prints goes to /dev/null, so a print loop cannot flood the caller. A child that runs past
+``timeout`` is killed with its whole process group; the tests it had passed by then still count.
 
-Limits: a guard against accidents and runaway code (infinite loops, memory bombs, ``rm -rf``), not
-a security boundary against a determined attacker: CPython audit hooks cover the standard
-library's entry points, not every native path. Linux/macOS (``resource`` limits; on other
+Limits: a guard against accidents and runaway code (infinite loops, memory bombs, print floods,
+``rm -rf``), not a security boundary against a determined attacker: CPython audit hooks cover the
+standard library's entry points, not every native path, and code that walks the interpreter's
+frames can reach the runner's token and forge results. Linux/macOS (``resource`` limits; on other
 systems only the timeout and the hook apply).
 """
 
@@ -26,11 +28,13 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["TestRun", "run_tests"]
 
 _CHILD = r'''
 import sys
+import os
 limits = [int(v) for v in sys.argv[1:5]]
 sys.argv = [""]
 try:
@@ -40,45 +44,53 @@ try:
 except (ImportError, ValueError, OSError):
     pass
 import json
-job = json.loads(sys.stdin.read())
-token = job.pop("token")
-report = sys.stdout.write
-flush = sys.stdout.flush
-DENY_EVENTS = ("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
-               "os.forkpty", "os.kill", "os.killpg", "os.remove", "os.unlink", "os.rmdir", "os.rename",
-               "os.replace", "os.truncate", "os.chmod", "os.chown", "os.link", "os.symlink", "os.mkdir",
-               "os.putenv", "os.unsetenv", "os.chdir", "shutil.", "ctypes.",
-               "sys.settrace", "sys.setprofile", "sys._current_frames", "pty.", "webbrowser.", "urllib.",
-               "ftplib.", "smtplib.", "http.", "telnetlib.", "poplib.", "imaplib.", "nntplib.")
-DENY_MODULES = {"socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess", "ctypes", "_ctypes",
-                "multiprocessing", "_multiprocessing", "pty", "urllib", "http", "ftplib", "smtplib", "webbrowser",
-                "mmap", "fcntl", "resource"}
-def guard(event, args):
+
+
+def guard(event, args, deny_events=("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn",
+          "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.remove", "os.unlink", "os.rmdir", "os.rename",
+          "os.replace", "os.truncate", "os.chmod", "os.chown", "os.link", "os.symlink", "os.mkdir", "os.putenv",
+          "os.unsetenv", "os.chdir", "shutil.", "ctypes.", "sys.settrace", "sys.setprofile", "sys._current_frames",
+          "sys.addaudithook", "pty.", "webbrowser.", "urllib.", "ftplib.", "smtplib.", "http.", "telnetlib.",
+          "poplib.", "imaplib.", "nntplib.", "sqlite3.", "dbm."),
+          deny_modules=frozenset({"socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess", "ctypes",
+          "_ctypes", "multiprocessing", "_multiprocessing", "pty", "urllib", "http", "ftplib", "smtplib",
+          "webbrowser", "mmap", "fcntl", "resource", "sqlite3", "_sqlite3", "dbm", "_dbm", "_gdbm"})):
     if event == "open":
         mode, flags = args[1], args[2]
         if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & 0o3103:
             raise PermissionError("the code sandbox allows no file writes")
-    elif event == "import" and args[0].split(".")[0] in DENY_MODULES:
+    elif event == "import" and args[0].split(".")[0] in deny_modules:
         raise ImportError(f"the code sandbox does not allow importing {args[0]}")
-    elif event.startswith(DENY_EVENTS):
+    elif event.startswith(deny_events):
         raise PermissionError(f"the code sandbox does not allow {event}")
-sys.addaudithook(guard)
-namespace = {"__name__": "__sandbox__"}
-try:
-    exec(compile(job["code"], "<completion>", "exec"), namespace)
-    loaded = True
-except BaseException:
-    loaded = False
-for i, test in enumerate(job["tests"]):
-    ok = False
-    if loaded:
-        try:
-            exec(compile(test, f"<test {i}>", "exec"), dict(namespace))
-            ok = True
-        except BaseException:
-            ok = False
-    report(f"{token} {i} {int(ok)}\n")
-    flush()
+
+
+def main():
+    job = json.loads(sys.stdin.read())
+    token, code, tests = job["token"], job["code"], job["tests"]
+    del job
+    results = open("results.txt", "w")  # capped by RLIMIT_FSIZE; the code's own output goes nowhere
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+    sys.addaudithook(guard)
+    namespace = {"__name__": "__sandbox__"}
+    try:
+        exec(compile(code, "<completion>", "exec"), namespace)
+        loaded = True
+    except BaseException:
+        loaded = False
+    for i, test in enumerate(tests):
+        ok = False
+        if loaded:
+            try:
+                exec(compile(test, f"<test {i}>", "exec"), dict(namespace))
+                ok = True
+            except BaseException:
+                ok = False
+        results.write(f"{token} {i} {int(ok)}\n")
+        results.flush()
+
+
+main()
 '''
 
 
@@ -101,19 +113,20 @@ def run_tests(code: str, tests: list[str], timeout: float = 5.0, memory_mb: int 
     limits = [memory_mb * 2 ** 20, int(timeout) + 1, 2 ** 20, 64]
     with tempfile.TemporaryDirectory(prefix="cf-sandbox-") as workdir:
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _CHILD, *map(str, limits)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 cwd=workdir, env={"HOME": workdir, "TMPDIR": workdir}, start_new_session=True)
         timed_out = False
         try:
-            out, _ = proc.communicate(json.dumps({"token": token, "code": code, "tests": list(tests)}).encode(), timeout=timeout)
+            proc.communicate(json.dumps({"token": token, "code": code, "tests": list(tests)}).encode(), timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)
-            out, _ = proc.communicate()
         finally:
-            _kill_group(proc)  # children it may have left behind
+            _kill_group(proc)  # the child on a timeout, and anything it left behind
+            proc.wait()
+        out = Path(workdir, "results.txt")
+        text = out.read_bytes()[: 2 ** 20].decode("utf-8", "replace") if out.is_file() else ""
     passed = set()
-    for line in out.decode("utf-8", "replace").splitlines():
+    for line in text.splitlines():
         parts = line.split(" ")
         if len(parts) == 3 and parts[0] == token and parts[2] == "1" and parts[1].isdigit():
             passed.add(int(parts[1]))

@@ -41,6 +41,7 @@ _THINK_OPEN = re.compile(rf"<{_THINK_TAGS}>", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
 # a cue counts only when followed by is / : / = ("the answer to 12 * 13 is 156" has none)
 _ANSWER_CUE = re.compile(r"\b(?:final answer|answer|result)\s*(?:is\s*:?|:|=)\s*", re.IGNORECASE)
+_LOOSE_CUE = re.compile(r"\b(?:answer|result)\b[^.\n=]{0,80}?\s(?:is|equals)\s+", re.IGNORECASE)
 
 _SEP = r"(?:,|[ \u00a0\u2009\u202f]|\{,\}|\\[,;! ]|')"  # thousands separators, LaTeX ones included
 _MANTISSA = rf"(?:\d{{1,3}}(?:{_SEP}\d{{3}})+(?!\d)|\d+)(?:\.\d+)?"
@@ -61,21 +62,38 @@ def strip_thinking(text: str) -> str:
 
 
 def answer_text(text: str) -> str:
-    """The part of a completion that holds its answer: thinking stripped, markdown bold/italic
-    markers dropped, and the content of the last \\boxed{...} when there is one."""
+    """The part of a completion that holds its answer: thinking stripped, markdown emphasis
+    (**x**, *x*, __x__) and LaTeX text wrappers (\\text{x}) dropped, and the content of the last
+    \\boxed{...} when there is one."""
     if not isinstance(text, str):
         return ""
     text = strip_thinking(text)
     boxed = _BOXED.findall(text)
     if boxed:
         text = boxed[-1]
-    return re.sub(r"\*\*|__|(?<!\w)_(?=\w)|(?<=\w)_(?!\w)", "", text).strip()
+    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", text)
+    text = re.sub(r"(?<![\w*])\*([A-Za-z][^*\n]{0,40}?)\*(?![\w*])", r"\1", text.replace("**", ""))
+    return re.sub(r"__|(?<!\w)_(?=\w)|(?<=\w)_(?!\w)", "", text).strip()
 
 
 def _after_cue(text: str) -> str | None:
     """The text after the last 'answer is' / 'Answer:' / 'result =' cue, None when there is none."""
     cues = list(_ANSWER_CUE.finditer(text))
     return text[cues[-1].end():] if cues else None
+
+
+def _answer_clause(text: str) -> str | None:
+    """The clause that states the answer: after the last strict cue, else after "answer/result ...
+    is" in one sentence ("The answer to 12 * 13 is 156"); cut at the sentence's end, and after its
+    last '=' when it shows working ("The answer is 12 * 13 = 156"). None without a cue."""
+    after = _after_cue(text)
+    if after is None:
+        loose = list(_LOOSE_CUE.finditer(text))
+        after = text[loose[-1].end():] if loose else None
+    if after is None:
+        return None
+    clause = re.split(r"(?<!\d)\.(?!\d)|\.\s|\n|;", after, maxsplit=1)[0]
+    return clause[clause.rindex("=") + 1:] if "=" in clause else clause
 
 
 def _number_value(match: re.Match) -> int | float | None:
@@ -99,7 +117,7 @@ def _leading_number(text: str) -> re.Match | None:
     """A number the text opens with, followed by nothing or a clause break ("123 (since ...)",
     "42. Because ..."): the model gave its answer first, then its working."""
     m = _NUMBER.match(text)
-    if not m or not re.match(r"\s*(?:$|[.,;!(\[\n]|\s-|\s–)", text[m.end():]):
+    if not m or not re.match(r"\s*(?:$|[.,;!(\[\n]|\s[-–]\s+[A-Za-z])", text[m.end():]):
         return None
     if text[m.end():m.end() + 1] == "." and re.search(r"^\s*2[.)]\s", text, re.MULTILINE):
         return None  # "1. ... 2. ..." is a numbered list, not an answer
@@ -108,13 +126,17 @@ def _leading_number(text: str) -> re.Match | None:
 
 def extract_number(text: str) -> int | float | None:
     """The answer number in a completion (see ``answer_text``), by the first rule that finds one:
-    the first number after the last answer cue ("answer is", "Answer:", "result ="); a number the
-    reply opens with before a clause break; the last number outside parentheses; the last number.
+    the first number of the answer clause (``_answer_clause``: after "answer is" / "Answer:" /
+    "result =" or "the answer to ... is", past any "=" of working); the first number after the
+    cue; a number the reply opens with before a clause break ("123 (since ...)", not "12 - 7 = 5");
+    the last number outside parentheses; the last number.
     Reads signs (-, −), thousands separators (1,234; 1 234; 1{,}234; 1\\,234), decimals and
     scientific notation (8.6e10, 8.6 × 10^10, 8.6 \\times 10^{10}). None when there is no number."""
     text = answer_text(text)
-    after = _after_cue(text)
-    match = _NUMBER.search(after) if after is not None else None
+    clause, after = _answer_clause(text), _after_cue(text)
+    match = _NUMBER.search(clause) if clause is not None else None
+    if match is None and after is not None:
+        match = _NUMBER.search(after)
     if match is None:
         match = _leading_number(text)
     if match is None:
@@ -208,9 +230,10 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
     letters = "".join(chr(ord("A") + i) for i in range(len(options)))
     after = _after_cue(text)
     if after is not None:
-        m = re.match(rf"\s*\(?([{letters}])\b", after)
+        m = re.match(rf"\s*[(\[]?([{letters}])\b", after) or re.fullmatch(
+            rf"\s*[(\[]?([{letters.lower()}])[)\]]?\s*[.!]?\s*", after)  # "answer: b" alone
         if m:
-            return m.group(1)
+            return m.group(1).upper()
     for part in (after, text):
         if part is None:
             continue
