@@ -13,7 +13,7 @@ import pytest
 import circuit_finder as cf
 from circuit_finder.probes import Item, ItemProbe, get_probe
 from circuit_finder.results import read_records
-from circuit_finder.sweep import SweepResult
+from circuit_finder.sweep import THINK_TOKENS, ProbeBatch, SweepResult
 from circuit_finder.sweep.runner import probe_contexts
 
 
@@ -31,6 +31,11 @@ def test_generate_mode_records_parse_rates(chat_model):
     row = df.iloc[0]
     assert row["math_parse"] == pytest.approx(100 * np.mean(list(result.records[0]["parsed"]["math"].values())))
     assert df["instruct_parse"].between(0, 100).all()
+    # the parse rate is paired like a score: delta vs the baseline, CI, p, q
+    base = df[df["baseline"]].iloc[0]
+    for _, r in df[~df["baseline"]].iterrows():
+        assert r["math_parse_delta"] == pytest.approx(r["math_parse"] - base["math_parse"])
+        assert r["math_parse_ci_low"] <= r["math_parse_delta"] <= r["math_parse_ci_high"] and "math_parse_q" in r
 
 
 def test_generate_only_probes_refuse_likelihood_mode(chat_model):
@@ -61,6 +66,16 @@ def test_thinking_switch_reaches_the_template(chat_model, tmp_path):
     assert read_records(out)[0]["thinking"] is False
     with pytest.raises(ValueError, match="thinking=False; this sweep has thinking=True"):
         cf.sweep(chat_model, thinking=True, **kw)
+    # a template that opens the block itself (no switch): completions start inside it
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    probe = get_probe("math")
+    with pytest.warns(UserWarning, match="opens a thinking block in the prompt"):
+        batch = ProbeBatch(model, probe, probe.items()[:2], "generate", chat=True)
+    assert batch.opened == "<think>" and batch.budget == probe.max_new_tokens + THINK_TOKENS
+    item = probe.items()[0]
+    unfinished = "I need the cube root; 12 * 13 is 156 but that is not it"
+    assert probe.score(item, batch.opened + unfinished) == 0.0 and not probe.parsed(item, batch.opened + unfinished)
 
 
 def test_search_select_validate_and_report(chat_model, tmp_path):
@@ -83,6 +98,8 @@ def test_search_select_validate_and_report(chat_model, tmp_path):
     assert f"Best by combined_delta: {best['layers']}: {best['combined_delta']:+.2f}" in text
     assert f"q={best['combined_q']:.3g} (Benjamini-Hochberg over 9 configs)" in text
     assert "Held-out validation of 2 selected configs" in text and "math 132, reasoning 136" in text
+    kept = int(((df["combined_val_q"] < 0.05) & (df["combined_val_delta"] > 0)).sum())
+    assert f"{kept} of 2 are better than the baseline on held-out items at q < 0.05" in text
     for key in top2:
         row = df[df["layers"] == key].iloc[0]
         assert f"{key}: search {row['combined_delta']:+.2f} -> held-out {row['combined_val_delta']:+.2f}" in text
@@ -146,11 +163,9 @@ def test_interactive_heatmap(chat_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------ evaluate()
-lm_eval = pytest.importorskip("lm_eval")
-
-
 def _accuracy_by_doc(model, layers, task_dir) -> dict[str, float]:
     """Per-document acc of cf_mc straight from lm-eval's logged samples (our adapter, one path)."""
+    lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
     from circuit_finder.lm_eval import CircuitFinderLM
@@ -161,6 +176,7 @@ def _accuracy_by_doc(model, layers, task_dir) -> dict[str, float]:
 
 
 def test_evaluate_pairs_benchmark_samples(chat_model, task_dir, tmp_path):
+    pytest.importorskip("lm_eval")
     out = tmp_path / "eval.jsonl"
     result = cf.sweep(chat_model, probes=["math"], block_sizes=(2, 3), mode="likelihood", max_items=2,
                       progress=False, results=out)
@@ -181,6 +197,9 @@ def test_evaluate_pairs_benchmark_samples(chat_model, task_dir, tmp_path):
                                            model=chat_model)
     assert len([r for r in read_records(out)[1] if r["split"] == "benchmark"]) == 3  # nothing re-run
     assert np.allclose(again["cf_mc_acc_bench_delta"], table["cf_mc_acc_bench_delta"])
+    # other lm-eval settings are another benchmark: run afresh, not the stored records reused
+    result.evaluate(top=1, tasks=["cf_mc", "cf_gen"], include_path=str(task_dir), batch_size=4, num_fewshot=1)
+    assert len([r for r in read_records(out)[1] if r["split"] == "benchmark"]) == 5
     with pytest.raises(ValueError, match="needs lm-eval task names"):
         result.evaluate(top=1)
 
@@ -240,4 +259,4 @@ def test_cli_sweep_shows_q_parse_pareto_and_report(chat_model_dir, tmp_path, cap
     assert "Held-out validation of 1 selected configs" in text
     rc = main(["sweep", "--model", str(chat_model_dir), "--probes", "math", "--pareto", "nope", "--out", str(out),
                "--no-progress"])
-    assert rc == 2 and "nope_delta" in capsys.readouterr().err
+    assert rc == 2 and "--pareto 'nope' is not a column" in capsys.readouterr().err

@@ -127,8 +127,8 @@ def cmd_generate(args) -> int:
 _STATS = r"(?:_delta|_ci_low|_ci_high|_p|_q|_holm)?"
 
 
-def _check_metric(metric: str, names: list[str], validate: bool) -> None:
-    """--metric must name a column the sweep's table will have (see SweepResult.to_pandas)."""
+def _check_metric(metric: str, names: list[str], validate: bool, flag: str = "--metric") -> None:
+    """--metric (or --pareto) must name a column the sweep's table will have (see SweepResult.to_pandas)."""
     prefixes = "|".join(re.escape(n) for n in [*names, "combined"])
     val = "(?:_val)?" if validate else ""
     probe_part = "|".join(re.escape(n) for n in names)
@@ -136,7 +136,7 @@ def _check_metric(metric: str, names: list[str], validate: bool) -> None:
             re.fullmatch(f"(?:{probe_part}){val}(?:_margin|_norm){_STATS}", metric)) or (
             re.fullmatch(f"(?:{probe_part}){val}_parse", metric)):
         return
-    raise ValueError(f"--metric {metric!r} is not a column of the results; use combined_delta, or "
+    raise ValueError(f"{flag} {metric!r} is not a column of the results; use combined_delta, or "
                      f"<probe>[_margin|_norm][_delta|_ci_low|_ci_high|_p|_q|_holm] or <probe>_parse for a probe of "
                      f"{', '.join(names)}"
                      + (" (with _val after the probe for held-out scores)" if validate else ""))
@@ -184,16 +184,14 @@ def _print_sweep(result, args) -> None:
         print(top[cols].rename(columns=short).to_string(**fmt))
         if args.validate:
             val = result.validate(args.validate, progress=not args.no_progress)
-            n_val = {p: len(next(r for r in result.records if r.get("split") == "validation")["scores"][p])
-                     for p in probes}
-            print(f"\nheld-out validation of the top {len(val)} ("
-                  + ", ".join(f"{n} {p}" for p, n in n_val.items()) + " items):")
+            print(f"\nheld-out validation of the top {len(val)} ({result.item_counts('validation')} items):")
             cols = ["layers", "combined_delta", "combined_val_delta", "combined_val_ci_low", "combined_val_ci_high",
                     "combined_val_p", "combined_val_q"]
             print(val[cols].rename(columns=short).to_string(**fmt))
         if args.pareto:
             front = result.pareto(args.pareto)
-            cols = ["layers", *[c for c in front.columns if c in {f"{o.lstrip('-')}_delta" for o in args.pareto}]]
+            wanted = [o.lstrip("-") for o in args.pareto]
+            cols = ["layers", *[c for c in front.columns if c in wanted or c in {f"{o}_delta" for o in wanted}]]
             print(f"\nPareto front over {', '.join(args.pareto)} ({len(front)} configs no other beats on all):")
             print(front[cols].to_string(**fmt))
     print("\nhow to read it:\n" + result.report())
@@ -211,9 +209,11 @@ def cmd_sweep(args) -> int:
         _check_heatmap(args.heatmap)
     if args.html:
         _check_output_file(args.html, "--html")
-    for objective in args.pareto or ():
-        _check_metric(objective if objective.lstrip("-").endswith("_delta") else f"{objective.lstrip('-')}_delta",
-                      [p.name for p in probes], False)
+    names = [p.name for p in probes]
+    for objective in args.pareto or ():  # a probe name means its delta
+        name = objective.lstrip("-")
+        _check_metric(f"{name}_delta" if name in [*names, "combined"] else name, names, bool(args.validate),
+                      "--pareto")
     t0 = time.time()
     model = cf.load(args.model, device=args.device, dtype=args.dtype)
     print(f"# {model}; loaded in {time.time() - t0:.1f}s", file=sys.stderr)
@@ -409,7 +409,7 @@ def _add_sweep(sub) -> None:
                    help="leave the chat template's thinking on (default: its enable_thinking switch off) and give "
                         "each probe 1024 more tokens; <think> blocks are stripped before scoring either way")
     s.add_argument("--pareto", nargs="+", default=None, metavar="PROBE",
-                   help="print the Pareto front over these probes' deltas ('-probe' minimises)")
+                   help="print the Pareto front over these probes' deltas or columns ('-name' minimises)")
     s.add_argument("--html", default=None, help="write an interactive (plotly) heatmap of --metric as standalone HTML")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_sweep)

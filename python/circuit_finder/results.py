@@ -26,8 +26,9 @@ over the sweep's configs are reachable; ``_q`` (Benjamini-Hochberg) and ``_holm`
 p adjusted across the configs of the table (the baseline excluded). Likelihood margins get the
 same columns (``<p>_margin_delta``, ...). ``combined`` is the mean of the probe scores; its CI
 and p resample each probe's items independently and average the probes' deltas. ``<p>_parse``:
-the share (0-100) of completions the probe's scorer could read (generate mode), so a delta that is
-really a format failure shows as a fall in parse rate.
+the share (0-100) of completions the probe's scorer could read (generate mode), with the same
+paired columns (``<p>_parse_delta``, CI, p, q), so a delta that is really a format change shows as
+a change in parse rate.
 """
 
 from __future__ import annotations
@@ -296,6 +297,11 @@ def _paired(a: dict, b: dict) -> np.ndarray | None:
     return np.array([a[i] - b[i] for i in ids], dtype=np.float64) if ids else None
 
 
+def _as_numbers(values: dict | None) -> dict:
+    """Per-item values as floats; parse flags (bools) as 0 / 100 so they share the scores' scale."""
+    return {k: 100.0 * v if isinstance(v, bool) else v for k, v in (values or {}).items()}
+
+
 def _ci(boot: np.ndarray) -> tuple[float, float]:
     low, high = np.percentile(boot, [2.5, 97.5])
     return float(low), float(high)
@@ -345,8 +351,8 @@ def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str]
                 continue
             boots.append(_probe_stats(row, f"{p}{suffix}", d, res.boot(k, len(d)), res.perm_rng(k, key), family))
             diffs.append(d)
-            for extra, tag in (("margins", "_margin"), ("scores_norm", "_norm")):
-                dx = _paired((r.get(extra) or {}).get(p) or {}, (base.get(extra) or {}).get(p) or {})
+            for extra, tag in (("margins", "_margin"), ("scores_norm", "_norm"), ("parsed", "_parse")):
+                dx = _paired(_as_numbers((r.get(extra) or {}).get(p)), _as_numbers((base.get(extra) or {}).get(p)))
                 if dx is not None:
                     _probe_stats(row, f"{p}{suffix}{tag}", dx, res.boot(k, len(dx)), res.perm_rng(k, key + tag), family)
         if means:

@@ -42,7 +42,8 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
           think_tokens: int = THINK_TOKENS) -> SweepResult:
     """Scores probes along many layer paths; returns a SweepResult (``.to_pandas()``, ``.heatmap()``...).
 
-    model: a loaded Model. probes: built-in names ("math", "eq", "reasoning", "gsm8k"), .jsonl
+    model: a loaded Model. probes: built-in names ("math", "eq", "reasoning", "gsm8k", "instruct",
+    "code"; the last two in generate mode only), .jsonl
     paths or Probe objects. strategy: "grid" (block_sizes x starts x times; starts default to every
     ``stride``-th layer), "scan" (every (i, j) with i < j), "refine" (a grid with stride
     ``refine_stride`` (default max(2, N // 8)), then stride-1 blocks within that distance of the

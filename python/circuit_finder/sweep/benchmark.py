@@ -14,14 +14,22 @@ filter of a task is used (tasks with several filters log each sample once per fi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 
-__all__ = ["BENCHMARK_SPLIT", "run_benchmark", "sample_scores"]
+__all__ = ["BENCHMARK_SPLIT", "benchmark_settings", "run_benchmark", "sample_scores"]
 
 BENCHMARK_SPLIT = "benchmark"
 _SKIP = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "doc_hash",
          "prompt_hash", "target_hash"}
+
+
+def benchmark_settings(tasks, limit, metrics, evaluate_kwargs: dict) -> str:
+    """A canonical text of what a benchmark record depends on (tasks, limit, metrics, lm-eval
+    arguments such as num_fewshot): records of other settings are not reused."""
+    return json.dumps({"tasks": list(tasks or []), "limit": limit, "metrics": list(metrics) if metrics else None,
+                       "kwargs": {k: evaluate_kwargs[k] for k in sorted(evaluate_kwargs)}}, sort_keys=True, default=str)
 
 
 def sample_scores(samples: Sequence[dict], metrics: Sequence[str] | None = None) -> dict[str, dict[str, float]]:

@@ -6,7 +6,7 @@ probes, ``validate`` (the winners re-scored on held-out items with the runner) a
 free of models.
 
 Limits: statistics are per config against the identity baseline, adjusted across the configs of
-one table (search and validation separately); recomputed on every to_pandas() call.
+one table (search, validation and benchmark separately); cached until the records change.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from ..files import fingerprint
 from ..layer_path import LayerPath
 from ..results import ResultStore, paired_stats, read_records
-from .benchmark import BENCHMARK_SPLIT, run_benchmark
+from .benchmark import BENCHMARK_SPLIT, benchmark_settings, run_benchmark
 from .configs import SweepConfig
 from .runner import THINK_TOKENS, resolve_chat, resolve_probes, run_configs
 from .views import pareto_front, plotly_heatmap
@@ -149,7 +149,8 @@ class SweepResult:
             raise ValueError(f"no column {by!r}; columns: {', '.join(df.columns)}")
         return "\n".join([*self._report_search(df, by), *self._report_parse(df), *self._report_validation(df, by)])
 
-    def _item_counts(self, split: str) -> str:
+    def item_counts(self, split: str = "search") -> str:
+        """"math 6, eq 6": each probe's item count in a split, from the baseline's record."""
         rec = self._split(split).get(self._baseline_key())
         if rec is None:
             return "none"
@@ -158,7 +159,7 @@ class SweepResult:
     def _report_search(self, df, by: str) -> list[str]:
         others = df[~df["baseline"]]
         n = len(others)
-        lines = [f"Search: {n} configs and the baseline, mode={self.mode}, on search items ({self._item_counts('search')})."]
+        lines = [f"Search: {n} configs and the baseline, mode={self.mode}, on search items ({self.item_counts('search')})."]
         refined = int((others["stage"] == "refine").sum())
         if refined:
             lines.append(f"  {refined} of them come from refine, chosen by looking at the coarse configs' scores on "
@@ -181,19 +182,21 @@ class SweepResult:
         return lines
 
     def _report_parse(self, df) -> list[str]:
-        cols = [c for c in df.columns if c.endswith("_parse") and "_val" not in c]
+        cols = [c for c in df.columns if c.endswith("_parse") and "_val_" not in c and "_bench" not in c]
         if not cols:
             return []
         base = df[df["baseline"]]
         rates = ", ".join(f"{c[:-6]} {base[c].iloc[0]:.0f}%" for c in cols) if len(base) else "no baseline"
         others = df[~df["baseline"]]
-        worse = better = 0
+        worse = better = sig = 0
         if len(base) and len(others):
             worse = int(((others[cols] < base[cols].iloc[0] - 10).any(axis=1)).sum())
             better = int(((others[cols] > base[cols].iloc[0] + 10).any(axis=1)).sum())
+            q_cols = [f"{c}_q" for c in cols if f"{c}_q" in others.columns]
+            sig = int((others[q_cols] < 0.05).any(axis=1).sum()) if q_cols else 0
         return [f"Parse rate (answers the scorer could read) of the baseline: {rates}. Of {len(others)} configs, "
-                f"{worse} read 10+ points worse and {better} 10+ points better on some probe: their deltas are "
-                f"partly format, not skill."]
+                f"{worse} read 10+ points worse and {better} 10+ points better on some probe ({sig} with a parse-rate "
+                f"change at q < 0.05): their deltas are partly format, not skill."]
 
     def _report_validation(self, df, by: str) -> list[str]:
         if "combined_val_delta" not in df.columns:
@@ -201,7 +204,7 @@ class SweepResult:
                     "tell a win from noise."]
         val = df[(~df["baseline"]) & df["combined_val_delta"].notna()].sort_values(by, ascending=False)
         lines = [f"Held-out validation of {len(val)} selected configs on items no search saw "
-                 f"({self._item_counts('validation')}); q over those {len(val)}:"]
+                 f"({self.item_counts('validation')}); q over those {len(val)}:"]
         base = df[df["baseline"]]
         parse_cols = [c for c in df.columns if c.endswith("_val_parse")]
         for _, r in val.iterrows():
@@ -211,9 +214,11 @@ class SweepResult:
                          f"(95% CI {r['combined_val_ci_low']:+.2f} to {r['combined_val_ci_high']:+.2f}), "
                          f"p={r['combined_val_p']:.3g}, q={r['combined_val_q']:.3g}"
                          + (f"; held-out parse rate moved: {', '.join(shifts)}" if shifts else ""))
-        kept = int((val["combined_val_ci_low"] > 0).sum())
-        lines.append(f"  {kept} of {len(val)} keep a held-out CI above 0: only those are evidence of an effect; "
-                     f"check them on a real benchmark (evaluate) before believing them.")
+        kept = int(((val["combined_val_q"] < 0.05) & (val["combined_val_delta"] > 0)).sum())
+        above = int((val["combined_val_ci_low"] > 0).sum())
+        lines.append(f"  {kept} of {len(val)} are better than the baseline on held-out items at q < 0.05 ({above} with "
+                     f"a 95% CI above 0 before adjustment): only those are evidence of an effect, and a real "
+                     f"benchmark (evaluate) is the test of it.")
         return lines
 
     # -------------------------------------------------------------- pictures
@@ -296,8 +301,8 @@ class SweepResult:
         file; a file of another model or setup is refused), or None for an in-memory result."""
         if self.path is None:
             return None
-        setup = {"fingerprint": fingerprint(model.source), "chat": resolve_chat(model, self.chat),
-                 "thinking": bool(self.thinking)}
+        setup = {"fingerprint": fingerprint(model.source), "dtype": str(model.dtype).replace("torch.", ""),
+                 "chat": resolve_chat(model, self.chat), "thinking": bool(self.thinking)}
         store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True, setup=setup)
         self.records = store.records()
         return store
@@ -309,8 +314,9 @@ class SweepResult:
         """Does the probe win transfer? Runs lm-eval ``tasks`` (through our adapter, ``limit`` docs
         each) on the baseline and the ``top`` configs by ``by``, and returns their to_pandas() rows
         with per-sample paired columns <task>_<metric>_bench, _bench_delta, _bench_ci_low/high,
-        _bench_p, _bench_q. Records go to the results file (a config already evaluated on the same
-        tasks and limit is not run again). ``include_path``: a folder of local task YAMLs."""
+        _bench_p, _bench_q. Records go to the results file (a config already evaluated with the same
+        tasks, limit, metrics and lm-eval arguments is not run again; other settings run afresh and
+        replace it in the table). ``include_path``: a folder of local task YAMLs."""
         model = model or self.model
         if model is None:
             raise ValueError("evaluate() needs the model: SweepResult.evaluate(k, tasks=[...], model=cf.load(...))")
@@ -319,10 +325,12 @@ class SweepResult:
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         keys = [self._baseline_key(), *self.top(top, by=by)["layers"]]
         store = self._store(model)
+        settings = benchmark_settings(tasks, limit, metrics, evaluate_kwargs)
         done = {r["layers"] for r in self.records if r.get("split") == BENCHMARK_SPLIT
-                and r.get("tasks") == tasks and r.get("limit") == limit}
+                and r.get("settings", benchmark_settings(r.get("tasks"), r.get("limit"), None, {})) == settings}
         for record in run_benchmark(model, [k for k in keys if k not in done], tasks, limit, self.mode, include_path,
                                     batch_size, metrics, **evaluate_kwargs):
+            record["settings"] = settings
             if store is not None:
                 store.append(record)
             else:

@@ -11,7 +11,9 @@ whether it could read an answer at all: the parse rate) and ``likelihood`` (the 
 scored by ``likelihood`` in packed layout; accuracy of the right answer ranking first, and its
 log-prob margin over the best wrong choice). Thinking: by default the chat template's
 ``enable_thinking`` switch is set off (templates without one ignore it); ``thinking=True`` leaves
-it on and gives every probe ``think_tokens`` more tokens to think in.
+it on and gives every probe ``think_tokens`` more tokens to think in. A template that opens a
+<think> block in the prompt itself gets the extra tokens too (with a warning), and its
+completions are scored (and stored) with the opening tag put back.
 
 Limits: one model in one process; each probe's items run as one batch.
 """
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +40,7 @@ __all__ = ["THINK_TOKENS", "ProbeBatch", "Runner", "item_digest", "resolve_chat"
            "sweep_setup"]
 
 THINK_TOKENS = 1024  # extra generation budget per probe when thinking is left on
+_OPENS_THINKING = re.compile(r"<(?:think|thinking)>\s*$")
 
 
 def probe_contexts(model: Model, items: Sequence[Item], chat: bool, thinking: bool = False) -> list[str]:
@@ -57,8 +62,14 @@ class ProbeBatch:
             raise ValueError(f"probe {probe.name!r} is scored in mode {' or '.join(map(repr, modes))} only, "
                              f"not {mode!r}")
         model.codec.require(f"probe {probe.name!r}")
-        self.budget = probe.max_new_tokens + (think_tokens if thinking else 0)
         contexts = probe_contexts(model, items, chat, thinking)
+        # a template that opens the thinking block itself (no switch to turn it off): completions
+        # start inside it, so they are scored with the opening tag put back, and get room to think
+        self.opened = "<think>" if any(_OPENS_THINKING.search(c) for c in contexts) else ""
+        if self.opened and not thinking and mode == "generate":
+            warnings.warn(f"probe {probe.name!r}: the chat template opens a thinking block in the prompt; "
+                          f"giving each item {think_tokens} more tokens", stacklevel=2)
+        self.budget = probe.max_new_tokens + (think_tokens if thinking or self.opened else 0)
         special = not chat  # a chat template writes its own special tokens
         if mode == "likelihood":
             # each choice ends with the end-of-answer marker, so a choice that is a prefix of another
@@ -129,7 +140,7 @@ class ProbeBatch:
         logits = self.model.engine.head(h[:, -1:])[:, -1].float()
         sampling = generation.Sampling(self.budget)
         new = generation.decode(self.model, logits, cache, layers, self.positions[:, -1:], self.full_mask, sampling)
-        outputs = [self.model.codec.finish(row).text for row in new.tolist()]
+        outputs = [self.opened + self.model.codec.finish(row).text for row in new.tolist()]
         out = {"scores": {it.id: float(self.probe.score(it, o)) for it, o in zip(self.items, outputs)},
                "outputs": {it.id: o for it, o in zip(self.items, outputs)}}
         parsed = {it.id: parse_rate_of(self.probe, it, o) for it, o in zip(self.items, outputs)}
@@ -247,9 +258,10 @@ def sweep_setup(model: Model, probes: list[Probe], chat: bool | None, max_items:
 
 
 def item_digest(items: Sequence[Item]) -> str:
-    """sha256 of the items' ids, prompts, answers and choices: another version of a probe with the
-    same ids has another digest."""
-    text = json.dumps([[it.id, it.prompt, it.answer, list(it.choices)] for it in items], ensure_ascii=False)
+    """sha256 of the items' ids, prompts, answers, choices, scorers and scorer data: another
+    version of a probe with the same ids has another digest."""
+    text = json.dumps([[it.id, it.prompt, it.answer, list(it.choices), it.scorer, dict(it.data)] for it in items],
+                      ensure_ascii=False, sort_keys=True, default=list)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

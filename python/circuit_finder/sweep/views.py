@@ -26,7 +26,7 @@ def objective_columns(df, objectives: Sequence[str]) -> list[tuple[str, float]]:
     for obj in objectives:
         sign = -1.0 if obj.startswith("-") else 1.0
         name = obj.lstrip("-")
-        col = name if name in df.columns else f"{name}_delta"
+        col = f"{name}_delta" if f"{name}_delta" in df.columns else name
         if col not in df.columns:
             raise ValueError(f"no objective column {name!r} (nor {name}_delta); columns: {', '.join(df.columns)}")
         out.append((col, sign))
@@ -90,7 +90,7 @@ def plotly_heatmap(df, num_layers: int, metric: str = "combined_delta", times: i
         z[j, i] = np.nan if row[metric] is None else float(row[metric])
         text[j, i] = _hover_text(row, probes, metric)
     finite = z[np.isfinite(z)]
-    lim = float(np.abs(finite).max()) if finite.size else 1.0
+    lim = (float(np.abs(finite).max()) if finite.size else 0.0) or 1.0
     diverging = metric.endswith("_delta")
     heat = go.Heatmap(z=z, x=list(range(n)), y=list(range(n + 1)), text=text, hoverinfo="text",
                       colorscale="RdBu" if diverging else "Viridis", zmid=0 if diverging else None,
