@@ -190,11 +190,18 @@ def _print_sweep(result, args) -> None:
             print(val[cols].rename(columns=short).to_string(**fmt))
         if args.pareto:
             front = result.pareto(args.pareto)
-            wanted = [o.lstrip("-") for o in args.pareto]
-            cols = ["layers", *[c for c in front.columns if c in wanted or c in {f"{o}_delta" for o in wanted}]]
+            from .sweep.views import objective_columns
+
+            cols = ["layers", *[c for c, _ in objective_columns(front, args.pareto)]]
             print(f"\nPareto front over {', '.join(args.pareto)} ({len(front)} configs no other beats on all):")
             print(front[cols].to_string(**fmt))
     print("\nhow to read it:\n" + result.report())
+
+
+def _search_options(args) -> dict | None:
+    if args.strategy == "beam":
+        return {"beam_width": args.beam_width, "depth": args.depth, "max_extra": args.max_extra}
+    return None
 
 
 def cmd_sweep(args) -> int:
@@ -209,6 +216,8 @@ def cmd_sweep(args) -> int:
         _check_heatmap(args.heatmap)
     if args.html:
         _check_output_file(args.html, "--html")
+    if args.strategy in ("beam", "surrogate") and not args.budget:
+        raise ValueError(f"--strategy {args.strategy} needs --budget N (configs to evaluate)")
     names = [p.name for p in probes]
     for objective in args.pareto or ():  # a probe name means its delta
         name = objective.lstrip("-")
@@ -220,7 +229,7 @@ def cmd_sweep(args) -> int:
     result = cf.sweep(model, probes=probes, block_sizes=args.block_sizes, starts=args.starts, stride=args.stride,
                       times=args.times, paths=args.paths, strategy=args.strategy, mode=args.mode, results=args.out,
                       resume=not args.no_resume, progress=not args.no_progress, max_items=args.max_items,
-                      thinking=args.thinking)
+                      thinking=args.thinking, budget=args.budget, seed=args.seed, search=_search_options(args))
     _print_sweep(result, args)
     if args.heatmap:
         fig = result.heatmap(args.metric)
@@ -389,7 +398,13 @@ def _add_sweep(sub) -> None:
                    help="built-in probes (math eq reasoning gsm8k instruct code; the last two in generate mode) "
                         "or .jsonl files")
     s.add_argument("--mode", choices=["generate", "likelihood"], default="generate")
-    s.add_argument("--strategy", choices=["grid", "scan", "refine"], default="grid")
+    s.add_argument("--strategy", choices=["grid", "scan", "refine", "beam", "surrogate"], default="grid",
+                   help="beam / surrogate: search within --budget configs (see --beam-width, --depth, --seed)")
+    s.add_argument("--budget", type=_positive, default=None, help="configs to evaluate (beam, surrogate)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the surrogate's design and model")
+    s.add_argument("--beam-width", type=_positive, default=8)
+    s.add_argument("--depth", type=_positive, default=3, help="beam: most edits (repeated blocks) per path")
+    s.add_argument("--max-extra", type=_non_negative, default=None, help="beam: most extra layers per path")
     s.add_argument("--block-sizes", type=_positive, nargs="+", default=[3, 4, 5])
     s.add_argument("--starts", type=_non_negative, nargs="+", default=None,
                    help="block starts (default: every --stride-th)")

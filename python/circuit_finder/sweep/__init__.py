@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from ..layer_path import LayerPath
 from ..model import Model
 from ..results import ResultStore
 from .configs import MODES, STRATEGIES, SweepConfig, make_configs, refine_configs, rys_params, unique_configs
 from .result import SweepResult
 from .runner import THINK_TOKENS, ProbeBatch, Runner, resolve_chat, resolve_probes, run_configs, sweep_setup
+from .search import SEARCHES, beam_search, objective, surrogate_search
 
 __all__ = ["MODES", "STRATEGIES", "THINK_TOKENS", "ProbeBatch", "Runner", "SweepConfig", "SweepResult", "make_configs",
            "refine_configs", "resolve_chat", "resolve_probes", "run_configs", "rys_params", "sweep", "sweep_setup",
@@ -39,7 +42,8 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
           resume: bool = True, progress: bool = True, *, max_items: int | None = None, chat: bool | None = None,
           reuse: bool = True, refine_top: int = 3, refine_stride: int | None = None,
           by: str = "combined_delta", validate: int = 0, thinking: bool = False,
-          think_tokens: int = THINK_TOKENS) -> SweepResult:
+          think_tokens: int = THINK_TOKENS, budget: int | None = None, seed: int = 0,
+          search: dict | None = None) -> SweepResult:
     """Scores probes along many layer paths; returns a SweepResult (``.to_pandas()``, ``.heatmap()``...).
 
     model: a loaded Model. probes: built-in names ("math", "eq", "reasoning", "gsm8k", "instruct",
@@ -47,7 +51,12 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     paths or Probe objects. strategy: "grid" (block_sizes x starts x times; starts default to every
     ``stride``-th layer), "scan" (every (i, j) with i < j), "refine" (a grid with stride
     ``refine_stride`` (default max(2, N // 8)), then stride-1 blocks within that distance of the
-    ``refine_top`` best configs by ``by``), or "paths" (given ``paths``; implied when paths are given).
+    ``refine_top`` best configs by ``by``), "paths" (given ``paths``; implied when paths are given),
+    "beam" (multi-block paths grown from the best single blocks) or "surrogate" (a model of the
+    score picks what to evaluate) — both within ``budget`` configs, selecting on search items by
+    ``by``, deterministic under ``seed``; ``search`` holds their options (beam: beam_width=8,
+    depth=3, seeds=8, max_extra=None, skip=False, replace=False; surrogate: batch, kappa=1.0);
+    see ``circuit_finder.sweep.search``.
     mode: "generate" (greedy, chat template, parse, score) or "likelihood" (rank the answer among
     choices by log-probability: accuracy, plus the mean log-prob margin).
     results: a JSONL path; each finished config is appended and fsynced. resume=True skips configs
@@ -71,7 +80,11 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     if paths is not None:
         strategy = "paths"
     coarse_stride = refine_stride or max(2, n // 8)
-    if strategy == "refine":
+    if strategy in SEARCHES:
+        if not budget or budget < 1:
+            raise ValueError(f"strategy {strategy!r} needs budget=N (configs to evaluate, N >= 1)")
+        configs = []
+    elif strategy == "refine":
         configs = make_configs(n, "grid", block_sizes, starts, coarse_stride, times)
     else:
         configs = make_configs(n, strategy, block_sizes, starts, stride, times, paths)
@@ -92,8 +105,40 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     result = run([SweepConfig(LayerPath.identity(n)), *configs], "sweep")
     if strategy == "refine":
         result = run(_refine_pass(result, configs, n, refine_top, coarse_stride, times, by), "refine")
+    if strategy in SEARCHES:
+        result = _search(strategy, run, n, by, budget, seed, dict(search or {}), block_sizes, coarse_stride, times)
     if validate:
         result.validate(validate, by=by, progress=progress)
+    return result
+
+
+def _search(strategy: str, run, n: int, by: str, budget: int, seed: int, options: dict,
+            block_sizes: Sequence[int], coarse_stride: int, times: Sequence[int]) -> SweepResult:
+    """Runs beam or surrogate search through ``run`` (the sweep's runner and store); the result
+    carries the search's log (``result.search_log``)."""
+    state = {"result": None}
+    base_key = str(LayerPath.identity(n))
+
+    def evaluate(configs: list[SweepConfig]) -> dict[str, float]:
+        state["result"] = result = run(configs, strategy)
+        recs = {r["layers"]: r for r in result.records if r.get("split", "search") == "search"}
+        return {c.key: objective(recs[c.key], recs[base_key], by) for c in configs}
+
+    if strategy == "beam":
+        unknown = set(options) - {"beam_width", "depth", "seeds", "max_extra", "skip", "replace"}
+        if unknown:
+            raise ValueError(f"unknown beam search options: {', '.join(sorted(unknown))}")
+        _, log = beam_search(n, evaluate, budget, block_sizes, coarse_stride, **options)
+    else:
+        unknown = set(options) - {"batch", "kappa"}
+        if unknown:
+            raise ValueError(f"unknown surrogate search options: {', '.join(sorted(unknown))}")
+        candidates = make_configs(n, "scan", times=times)
+        initial = make_configs(n, "grid", block_sizes, None, coarse_stride, times)
+        initial = [initial[k] for k in np.random.default_rng(seed).permutation(len(initial))]
+        _, log = surrogate_search(n, evaluate, budget, candidates, initial, seed=seed, **options)
+    result = state["result"] or run([], strategy)
+    result.search_log = log
     return result
 
 

@@ -17,7 +17,7 @@ from ..layer_path import LayerPath
 
 __all__ = ["MODES", "STRATEGIES", "SweepConfig", "make_configs", "refine_configs", "rys_params", "unique_configs"]
 
-STRATEGIES = ("grid", "scan", "refine", "paths")
+STRATEGIES = ("grid", "scan", "refine", "paths", "beam", "surrogate")
 MODES = ("generate", "likelihood")
 
 

@@ -43,6 +43,7 @@ class SweepResult:
         self.chat = chat
         self.thinking = thinking
         self.think_tokens = think_tokens
+        self.search_log = None  # set by strategy="beam" / "surrogate": what the search looked at, per round
 
     def __repr__(self) -> str:
         n = len(self._split("search"))

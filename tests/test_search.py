@@ -1,0 +1,122 @@
+"""Beam and surrogate search: programs build the paths they name, and the strategies' contracts —
+budget respected, no path evaluated twice, deterministic under a seed, a killed run resumed
+replays the same decisions — on synthetic objectives, then through sweep() on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import circuit_finder as cf
+from circuit_finder.layer_path import LayerPath
+from circuit_finder.results import read_records
+from circuit_finder.sweep import make_configs
+from circuit_finder.sweep.search import Program, beam_search, path_features, surrogate_search
+
+N = 12
+
+
+def test_program_paths():
+    assert Program(N, ((3, 6),)).path() == LayerPath.duplicate(N, 3, 6)
+    assert Program(N, ((3, 6), (3, 6))).path() == LayerPath.duplicate(N, 3, 6, 3)
+    two = list(Program(N, ((1, 3), (6, 9))).path())
+    assert two == [0, 1, 2, 1, 2, 3, 4, 5, 6, 7, 8, 6, 7, 8, 9, 10, 11]
+    assert list(Program(N, (), (4, 5)).path()) == [0, 1, 2, 3, 6, 7, 8, 9, 10, 11]
+    assert list(Program(N, (), (), ((4, 3),)).path())[:6] == [0, 1, 2, 3, 3, 5]
+    f = path_features(two, N)
+    assert f[:N].tolist() == [1, 2, 2, 1, 1, 1, 2, 2, 2, 1, 1, 1] and f[-1] == 5
+    assert f[N + 1] == 1 and f[N + 6] == 1 and f[2 * N + 2] == 1 and f[2 * N + 8] == 1  # starts, ends
+
+
+def _synthetic(calls: list[str], fail_after: int | None = None):
+    """An objective peaked at repeating layers 4..7, penalising length; records every call."""
+
+    def evaluate(configs):
+        out = {}
+        for c in configs:
+            if fail_after is not None and len(calls) >= fail_after:
+                raise KeyboardInterrupt("killed")
+            calls.append(c.key)
+            f = path_features(c.layers, N)
+            out[c.key] = float(f[4:8].sum() - 0.4 * f[:N].sum() - 0.1 * abs(f[-1] - 6))
+        return out
+
+    return evaluate
+
+
+@pytest.mark.parametrize("kind", ["beam", "surrogate"])
+def test_budget_uniqueness_and_determinism(kind):
+    def search(evaluate, budget):
+        if kind == "beam":
+            return beam_search(N, evaluate, budget, block_sizes=(2, 3), stride=2, beam_width=3, depth=3, seeds=4,
+                               max_extra=8, skip=True)
+        scan = make_configs(N, "scan")
+        grid = make_configs(N, "grid", (2, 4), None, 3)
+        return surrogate_search(N, evaluate, budget, scan, grid, seed=3)
+
+    calls: list[str] = []
+    scores, log = search(_synthetic(calls), 25)
+    print(kind, log.rounds)
+    assert len(calls) == len(set(calls)) == 25 == len(scores)
+    assert log.looked == calls and log.best_so_far()[-1] == max(scores.values())
+    assert all(len(LayerPath.parse(k)) - N <= 8 for k in calls) if kind == "beam" else True
+    again: list[str] = []
+    assert search(_synthetic(again), 25)[0] == scores and again == calls  # deterministic
+    # killed after 10 evaluations, resumed with those results remembered (the results file's role)
+    first: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        search(_synthetic(first, fail_after=10), 25)
+    memory = dict(scores)
+    fresh: list[str] = []
+
+    def resumed(configs):
+        new = [c for c in configs if c.key not in first]
+        got = _synthetic(fresh)(new) if new else {}
+        return {c.key: got.get(c.key, memory[c.key]) for c in configs}
+
+    scores2, log2 = search(resumed, 25)
+    assert log2.looked == calls and scores2 == scores
+    assert sorted(first + fresh) == sorted(calls)  # nothing evaluated twice across the kill
+
+
+def test_beam_grows_multi_block_paths():
+    calls: list[str] = []
+    scores, log = beam_search(N, _synthetic(calls), 60, block_sizes=(2, 3), stride=1, beam_width=4, depth=3, seeds=5)
+    depths = [r["depth"] for r in log.rounds]
+    assert depths == [1, 2, 3]
+    best = max(scores, key=scores.get)
+    assert len(LayerPath.parse(best)) > N and log.rounds[-1]["best"] >= log.rounds[0]["best"]
+
+
+def test_surrogate_finds_the_peak_with_few_evaluations():
+    scan = make_configs(N, "scan")
+    calls: list[str] = []
+    scores, log = surrogate_search(N, _synthetic(calls), len(scan) // 5, scan,
+                                   make_configs(N, "grid", (2, 4), None, 3), seed=0)
+    truth = _synthetic([])(scan)
+    ranked = sorted(truth, key=truth.get, reverse=True)
+    best = max(scores, key=scores.get)
+    print(f"surrogate: best found is #{ranked.index(best) + 1} of {len(scan)} after {len(calls)} evaluations; "
+          f"rho per round {[round(r['rho'], 2) for r in log.rounds]}")
+    assert ranked.index(best) < 0.05 * len(scan)
+    assert any(np.isfinite(r["rho"]) for r in log.rounds)
+
+
+def test_sweep_beam_and_surrogate(chat_model, tmp_path):
+    out = tmp_path / "beam.jsonl"
+    kw = dict(probes=["math"], mode="likelihood", max_items=3, progress=False, results=out)
+    result = cf.sweep(chat_model, strategy="beam", budget=6, block_sizes=(2,), search={"beam_width": 2, "depth": 2},
+                      **kw)
+    records = read_records(out)[1]
+    assert len(records) == 1 + 6 and {r["stage"] for r in records[1:]} == {"beam"}
+    assert len({r["layers"] for r in records}) == 7 and result.search_log.looked == [r["layers"] for r in records[1:]]
+    again = cf.sweep(chat_model, strategy="beam", budget=6, block_sizes=(2,), search={"beam_width": 2, "depth": 2},
+                     **kw)
+    assert len(read_records(out)[1]) == 7 and again.search_log.looked == result.search_log.looked  # resumed: no rerun
+    sur = cf.sweep(chat_model, strategy="surrogate", budget=5, block_sizes=(2,), seed=1, validate=1,
+                   **{**kw, "results": tmp_path / "sur.jsonl"})
+    assert len(sur.search_log.looked) == 5 and "combined_val_delta" in sur.to_pandas().columns
+    with pytest.raises(ValueError, match="needs budget=N"):
+        cf.sweep(chat_model, strategy="beam", probes=["math"], progress=False)
+    with pytest.raises(ValueError, match="unknown beam search options: width"):
+        cf.sweep(chat_model, strategy="beam", budget=2, search={"width": 2}, probes=["math"], progress=False)
