@@ -120,3 +120,14 @@ def test_sweep_beam_and_surrogate(chat_model, tmp_path):
         cf.sweep(chat_model, strategy="beam", probes=["math"], progress=False)
     with pytest.raises(ValueError, match="unknown beam search options: width"):
         cf.sweep(chat_model, strategy="beam", budget=2, search={"width": 2}, probes=["math"], progress=False)
+
+
+def test_search_curve_plot():
+    from matplotlib.figure import Figure
+
+    calls: list[str] = []
+    _, log = beam_search(N, _synthetic(calls), 10, block_sizes=(2,), stride=3, beam_width=2, depth=2)
+    fig = log.plot(label="beam")
+    assert isinstance(fig, Figure)
+    line = fig.axes[0].lines[0]
+    assert list(line.get_ydata()) == log.best_so_far() and len(line.get_xdata()) == 10

@@ -195,6 +195,10 @@ def _print_sweep(result, args) -> None:
             cols = ["layers", *[c for c, _ in objective_columns(front, args.pareto)]]
             print(f"\nPareto front over {', '.join(args.pareto)} ({len(front)} configs no other beats on all):")
             print(front[cols].to_string(**fmt))
+    if result.search_log is not None:
+        print(f"\n{args.strategy} search: {len(result.search_log.looked)} configs looked at")
+        for r in result.search_log.rounds:
+            print("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     print("\nhow to read it:\n" + result.report())
 
 

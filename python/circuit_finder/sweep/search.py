@@ -87,6 +87,23 @@ class SearchLog:
             out.append(best)
         return out
 
+    def plot(self, ax=None, label: str | None = None):
+        """The best objective found vs configs evaluated, as a matplotlib Figure; pass ``ax`` to
+        draw several searches on one axes (each with its ``label``)."""
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            fig = plt.figure(figsize=(6, 4), layout="constrained")
+            plt.close(fig)  # shown once by notebooks, never leaked (as SweepResult.heatmap)
+            ax = fig.add_subplot()
+        curve = self.best_so_far()
+        ax.step(range(1, len(curve) + 1), curve, where="post", label=label)
+        ax.set_xlabel("configs evaluated")
+        ax.set_ylabel("best objective found (search items)")
+        if label:
+            ax.legend()
+        return ax.figure
+
 
 def objective(record: dict, base: dict, by: str) -> float:
     """A config's search objective from its record and the baseline's: ``combined_delta`` (the mean
