@@ -82,11 +82,11 @@ def _after_cue(text: str) -> str | None:
     return text[cues[-1].end():] if cues else None
 
 
-def _answer_clause(text: str) -> str | None:
-    """The clause that states the answer: after the last strict cue, else after "answer/result ...
-    is" in one sentence ("The answer to 12 * 13 is 156"); cut at the sentence's end, and after its
-    last '=' when it shows working ("The answer is 12 * 13 = 156"). None without a cue."""
-    after = _after_cue(text)
+def _answer_clause(text: str, after: str | None) -> str | None:
+    """The clause that states the answer: ``after`` (the text after the last strict cue), else
+    after "answer/result ... is" in one sentence ("The answer to 12 * 13 is 156"); cut at the
+    sentence's end, and after its last '=' when it shows working ("The answer is 12 * 13 = 156").
+    None without a cue."""
     if after is None:
         loose = list(_LOOSE_CUE.finditer(text))
         after = text[loose[-1].end():] if loose else None
@@ -133,7 +133,8 @@ def extract_number(text: str) -> int | float | None:
     Reads signs (-, −), thousands separators (1,234; 1 234; 1{,}234; 1\\,234), decimals and
     scientific notation (8.6e10, 8.6 × 10^10, 8.6 \\times 10^{10}). None when there is no number."""
     text = answer_text(text)
-    clause, after = _answer_clause(text), _after_cue(text)
+    after = _after_cue(text)
+    clause = _answer_clause(text, after)
     match = _NUMBER.search(clause) if clause is not None else None
     if match is None and after is not None:
         match = _NUMBER.search(after)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -66,8 +67,14 @@ class Program:
             units[j - 1].extend(range(i, j))
         return LayerPath([layer for unit in units for layer in unit])
 
+    @cached_property
     def config(self) -> SweepConfig:
+        """The program's path as a sweep config (built once: searches ask for it often)."""
         return SweepConfig.of(self.path(), self.n)
+
+    @property
+    def key(self) -> str:
+        return self.config.key
 
 
 @dataclass
@@ -170,11 +177,11 @@ def beam_search(n: int, evaluate: Evaluate, budget: int, block_sizes: Sequence[i
     run = _Budget(evaluate, budget)
     blocks = _seed_blocks(n, block_sizes, stride)
     singles = {blk: Program(n, (blk,)) for blk in blocks}
-    got = run.score([p.config() for p in singles.values()])
-    single_score = {blk: got[p.config().key] for blk, p in singles.items() if p.config().key in got}
+    got = run.score([p.config for p in singles.values()])
+    single_score = {blk: got[p.key] for blk, p in singles.items() if p.key in got}
     pool = sorted(single_score, key=lambda b: (-single_score[b], b))[:seeds]
-    programs = {singles[b].config().key: singles[b] for b in single_score}
-    beam = sorted(programs.values(), key=lambda p: (-run.scores[p.config().key], p))[:beam_width]
+    programs = {singles[b].key: singles[b] for b in single_score}
+    beam = sorted(programs.values(), key=lambda p: (-run.scores[p.key], p))[:beam_width]
     run.log.rounds.append({"depth": 1, "evaluated": len(run.scores), "best": max(run.scores.values(), default=None)})
     for d in range(2, depth + 1):
         if run.left <= 0 or not beam:
@@ -183,17 +190,17 @@ def beam_search(n: int, evaluate: Evaluate, budget: int, block_sizes: Sequence[i
         for p in beam:
             for kind, edit in _expansions(p, pool, skip, replace):
                 q = p.with_edit(kind, edit)
-                key = q.config().key
-                extra = len(q.path()) - n
+                key = q.key
+                extra = len(q.config.layers) - n
                 if key in run.scores or key in candidates or (max_extra is not None and extra > max_extra):
                     continue
                 prior = sum(single_score.get(blk, 0.0) for blk in q.repeats)
                 candidates[key] = (prior, q)
         ranked = sorted(candidates.values(), key=lambda t: (-t[0], t[1]))
-        run.score([q.config() for _, q in ranked])
-        programs.update({q.config().key: q for _, q in ranked if q.config().key in run.scores})
+        run.score([q.config for _, q in ranked])
+        programs.update({q.key: q for _, q in ranked if q.key in run.scores})
         beam = sorted((p for p in programs.values() if len(p.repeats) + len(p.skips) + len(p.replaces) == d),
-                      key=lambda p: (-run.scores[p.config().key], p))[:beam_width]
+                      key=lambda p: (-run.scores[p.key], p))[:beam_width]
         run.log.rounds.append({"depth": d, "evaluated": len(run.scores), "best": max(run.scores.values())})
     return run.scores, run.log
 
