@@ -49,7 +49,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_slots", &cf::KVCache::num_slots)
       .def_property_readonly("batch", &cf::KVCache::batch)
       .def("reset", &cf::KVCache::reset)
-      .def("advance", &cf::KVCache::advance, py::arg("tokens"));
+      .def("advance", &cf::KVCache::advance, py::arg("tokens"))
+      .def("select_rows", &cf::KVCache::select_rows, py::arg("rows"), py::arg("slots"));
 
   py::class_<cf::Engine>(m, "Engine")
       .def(py::init<const std::string&, const std::string&, const std::map<std::string, at::Tensor>&>(),

@@ -47,6 +47,26 @@ std::pair<at::Tensor, at::Tensor> KVCache::append_at(int64_t slot, const at::Ten
   return {k_[slot], v_[slot]};
 }
 
+KVCache KVCache::select_rows(const at::Tensor& rows, int64_t slots) const {
+  if (slots < 0 || slots > num_slots())
+    throw InputError(cat("select_rows: slots must be in [0, ", num_slots(), "], got ", slots));
+  if (rows.dim() != 1 || rows.scalar_type() != at::kLong || rows.numel() == 0)
+    throw InputError("select_rows: rows must be a non-empty 1-D int64 tensor of batch indices");
+  auto idx = rows.to(k_.at(0).device());
+  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  if (lo < 0 || hi >= batch_)
+    throw InputError(cat("select_rows: row index ", lo < 0 ? lo : hi, " is outside the cache's batch of ", batch_));
+  KVCache out;
+  out.batch_ = idx.numel();
+  out.capacity_ = capacity_;
+  out.length_ = length_;
+  for (int64_t s = 0; s < slots; ++s) {
+    out.k_.push_back(k_[s].index_select(0, idx));
+    out.v_.push_back(v_[s].index_select(0, idx));
+  }
+  return out;
+}
+
 void KVCache::advance(int64_t t) {
   if (t < 0 || length_ + t > capacity_)
     throw InputError(cat("cannot advance the KV cache by ", t, ": it holds ", length_, " of ", capacity_, " positions"));

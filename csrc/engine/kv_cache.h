@@ -25,6 +25,9 @@ class KVCache {
   // Called once per forward, after every slot appended T new positions.
   void advance(int64_t t);
   void reset() { length_ = 0; }
+  // A new cache holding copies of rows `rows` (1-D int64 batch indices) of the first `slots`
+  // slots, at this cache's length and capacity: a sub-batch that goes on along its own path.
+  KVCache select_rows(const at::Tensor& rows, int64_t slots) const;
 
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
@@ -33,8 +36,9 @@ class KVCache {
   const at::Tensor& keys(int64_t slot) const { return k_.at(slot); }
 
  private:
+  KVCache() = default;
   std::vector<at::Tensor> k_, v_;  // each [B, Hkv, capacity, D]
-  int64_t batch_, capacity_, length_ = 0;
+  int64_t batch_ = 0, capacity_ = 0, length_ = 0;
 };
 
 }  // namespace cf
