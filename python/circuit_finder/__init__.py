@@ -8,7 +8,7 @@ reordered — in one process, with no weight copied and no training.
 Where things live (docs/structure.md has the full map): loading (files -> Model), model (Model:
 logits / generate / score), generation (encode, pad, decode loop, finish rows), likelihood (the
 one continuation log-likelihood), sweep/ (configs, runner, SweepResult), results (store and
-statistics), export, lm_eval, server, cli.
+statistics), router/ (Router, train_router: a layer path per prompt), export, lm_eval, server, cli.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
@@ -21,6 +21,8 @@ from .gguf import GGUFError
 from .layer_path import LayerPath, LayerPathError
 from .loading import default_model_path, load, load_from_tensors
 from .model import Model
+from .router import Router, RouterError
+from .router.train import train_router
 from .sweep import SweepResult, sweep
 
 FormatError = _C.FormatError
@@ -39,6 +41,8 @@ __all__ = [
     "LayerPathError",
     "Model",
     "ModelConfig",
+    "Router",
+    "RouterError",
     "Sampling",
     "SweepResult",
     "TextCodec",
@@ -52,4 +56,5 @@ __all__ = [
     "load_safetensors",
     "mergekit_config",
     "sweep",
+    "train_router",
 ]

@@ -17,6 +17,7 @@ from . import generation, likelihood
 from .config import ModelConfig
 from .generation import Sampling, TextCodec, as_token_ids, positions_from_mask
 from .layer_path import LayerPath
+from .router import run as routing
 
 __all__ = ["Model"]
 
@@ -63,19 +64,30 @@ class Model:
 
     def path(self, layers=None) -> LayerPath:
         """None, path text, a LayerPath or a list of ints -> a LayerPath validated for this model."""
+        if routing.is_router(layers):
+            raise TypeError("this call needs one layer path, not a router")
         return LayerPath.coerce(layers, self.num_layers)
 
+    def router(self, layers):
+        """A Router for a ``layers`` argument that names one (a Router, or "router:PATH" — the
+        router file at PATH), checked against this model; None for a plain path."""
+        return routing.resolve(layers, self) if routing.is_router(layers) else None
+
     def logits(self, input_ids, layers=None, attention_mask=None) -> torch.Tensor:
-        """Logits [B, T, V] of input_ids [B, T] along the layer path (None = identity).
+        """Logits [B, T, V] of input_ids [B, T] along the layer path (None = identity; a Router:
+        each row along the path it is routed to).
 
         attention_mask [B, T] (1 = token, 0 = left padding) gives each sequence the positions it
         would have alone.
         """
         ids = as_token_ids(input_ids, self.device)
-        path = self.path(layers)
+        router = self.router(layers)
+        path = None if router else self.path(layers)
         mask = self._mask_for(ids, attention_mask, "input_ids")
         positions = (torch.arange(ids.shape[1], device=self.device).expand_as(ids).contiguous() if mask is None
                      else positions_from_mask(mask))
+        if router is not None:
+            return routing.logits(self, router, ids, positions, mask)[0]
         with torch.inference_mode():
             return self.engine.forward(ids, positions, mask, list(path), None, False)
 
@@ -96,20 +108,28 @@ class Model:
         template); or a LongTensor [B, T] of token ids (left-padded, with attention_mask) ->
         LongTensor [B, new] of generated ids (finished rows padded with the pad id).
         temperature 0 is greedy; otherwise sampling with top_p, reproducible with seed.
+        layers may be a Router (or "router:PATH"): each prompt runs along the path it is routed to.
         """
-        path = self.path(layers)
+        router = self.router(layers)
+        path = None if router else self.path(layers)
         if isinstance(prompts, torch.Tensor):
             sampling = Sampling(max_new_tokens, min_new_tokens, temperature, top_p, seed)
             ids = as_token_ids(prompts, self.device, "prompts")
-            return generation.generate_ids(self, ids, self._mask_for(ids, attention_mask, "prompts"), path, sampling)
+            return self._generate(ids, self._mask_for(ids, attention_mask, "prompts"), router or path, sampling)
         sampling = Sampling(max_new_tokens, min_new_tokens, temperature, top_p, seed, stop or ())
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         ids, mask = self.codec.left_pad([self.codec.encode_prompt(p, chat) for p in prompt_list], self.device)
-        new = generation.generate_ids(self, ids, mask, path, sampling)
+        new = self._generate(ids, mask, router or path, sampling)
         return [self.codec.finish(row, sampling.stops).text for row in new.tolist()]
 
+    def _generate(self, ids: torch.Tensor, mask, route, sampling: Sampling) -> torch.Tensor:
+        if isinstance(route, LayerPath):
+            return generation.generate_ids(self, ids, mask, route, sampling)
+        return routing.generate_ids(self, route, ids, mask, sampling)[0]
+
     def score(self, contexts, continuations, layers=None, batch_size: int = 16) -> list[float]:
-        """Summed log-probabilities of each continuation given its context, along the layer path.
+        """Summed log-probabilities of each continuation given its context, along the layer path
+        (or, for a Router, along the path each context is routed to).
 
         contexts/continuations: strings (or one string each), or lists of token ids. Text pairs are
         tokenized by lm-eval's rule (``likelihood.encode_pair``).
@@ -118,8 +138,11 @@ class Model:
             contexts, continuations = [contexts], [continuations]
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
-        path = self.path(layers)
+        router = self.router(layers)
+        path = None if router else self.path(layers)
         pairs = [self._pair(c, k) for c, k in zip(contexts, continuations)]
+        if router is not None:
+            return [v for v, _ in routing.score_pairs(self, router, pairs, batch_size)[0]]
         return [v for v, _ in likelihood.score_pairs(self, pairs, list(path), batch_size)]
 
     def _pair(self, context, continuation) -> tuple[list[int], list[int]]:

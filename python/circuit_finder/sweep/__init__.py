@@ -26,6 +26,8 @@ import numpy as np
 from ..layer_path import LayerPath
 from ..model import Model
 from ..results import ResultStore
+from ..router import run as routing
+from ..router.run import RouterConfig
 from .configs import MODES, STRATEGIES, SweepConfig, make_configs, refine_configs, rys_params, unique_configs
 from .result import SweepResult
 from .runner import THINK_TOKENS, ProbeBatch, Runner, resolve_chat, resolve_probes, run_configs, sweep_setup
@@ -47,11 +49,12 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     """Scores probes along many layer paths; returns a SweepResult (``.to_pandas()``, ``.heatmap()``...).
 
     model: a loaded Model. probes: built-in names ("math", "eq", "reasoning", "gsm8k", "instruct",
-    "code"; the last two in generate mode only), .jsonl
-    paths or Probe objects. strategy: "grid" (block_sizes x starts x times; starts default to every
+    "code"; the last two in generate mode only), .jsonl paths or Probe objects. strategy: "grid" (block_sizes x starts x times; starts default to every
     ``stride``-th layer), "scan" (every (i, j) with i < j), "refine" (a grid with stride
     ``refine_stride`` (default max(2, N // 8)), then stride-1 blocks within that distance of the
-    ``refine_top`` best configs by ``by``), "paths" (given ``paths``; implied when paths are given),
+    ``refine_top`` best configs by ``by``), "paths" (given ``paths``, implied when given; Routers or
+    "router:FILE" among them run each item along the path the router picks, rows
+    ``router:NAME@digest``),
     "beam" (multi-block paths grown from the best single blocks) or "surrogate" (a model of the
     score picks what to evaluate) — both within ``budget`` configs, selecting on search items by
     ``by``, deterministic under ``seed``; ``search`` holds their options (beam: beam_width=8,
@@ -80,14 +83,9 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     if paths is not None:
         strategy = "paths"
     coarse_stride = refine_stride or max(2, n // 8)
-    if strategy in SEARCHES:
-        if not budget or budget < 1:
-            raise ValueError(f"strategy {strategy!r} needs budget=N (configs to evaluate, N >= 1)")
-        configs = []
-    elif strategy == "refine":
-        configs = make_configs(n, "grid", block_sizes, starts, coarse_stride, times)
-    else:
-        configs = make_configs(n, strategy, block_sizes, starts, stride, times, paths)
+    if strategy in SEARCHES and (not budget or budget < 1):
+        raise ValueError(f"strategy {strategy!r} needs budget=N (configs to evaluate, N >= 1)")
+    configs, routers = _first_configs(model, strategy, block_sizes, starts, stride, coarse_stride, times, paths)
     store = None
     if results is not None:
         setup = sweep_setup(model, probe_list, chat, max_items, thinking)
@@ -100,7 +98,7 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
                                    desc=desc, thinking=thinking, think_tokens=think_tokens))
         return SweepResult(store.records() if store is not None else records, num_layers=n, mode=mode,
                            path=store.path if store is not None else None, model=model, probes=probe_list, chat=chat,
-                           thinking=thinking, think_tokens=think_tokens)
+                           thinking=thinking, think_tokens=think_tokens, routers=routers)
 
     result = run([SweepConfig(LayerPath.identity(n)), *configs], "sweep")
     if strategy == "refine":
@@ -110,6 +108,25 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     if validate:
         result.validate(validate, by=by, progress=progress)
     return result
+
+
+def _first_configs(model: Model, strategy: str, block_sizes, starts, stride: int, coarse_stride: int, times,
+                   paths) -> tuple[list, dict]:
+    """The configs a strategy runs before any result is known, and {key: Router} of the routers
+    given among ``paths`` (run as RouterConfigs)."""
+    n = model.num_layers
+    if strategy in SEARCHES:
+        return [], {}
+    if strategy == "refine":
+        return make_configs(n, "grid", block_sizes, starts, coarse_stride, times), {}
+    if strategy != "paths":
+        return make_configs(n, strategy, block_sizes, starts, stride, times, paths), {}
+    routers = {r.key: r for r in (model.router(p) for p in paths or () if routing.is_router(p))}
+    plain = [p for p in paths or () if not routing.is_router(p)]
+    if not plain and not routers:
+        raise ValueError("strategy 'paths' needs paths=[...]")
+    configs = make_configs(n, "paths", paths=plain) if plain else []
+    return configs + [RouterConfig(r) for r in routers.values()], routers
 
 
 def _search(strategy: str, run, n: int, by: str, budget: int, seed: int, options: dict,

@@ -50,11 +50,11 @@ def sample_scores(samples: Sequence[dict], metrics: Sequence[str] | None = None)
     return out
 
 
-def run_benchmark(model, layer_keys: Sequence[str], tasks: Sequence[str], limit: int | float | None = None,
+def run_benchmark(model, layer_keys: Sequence, tasks: Sequence[str], limit: int | float | None = None,
                   mode: str | None = None, include_path: str | None = None, batch_size: int = 8,
                   metrics: Sequence[str] | None = None, seed: int = 0, **evaluate_kwargs) -> list[dict]:
-    """One benchmark record per layer path (see the module docstring); extra keyword arguments go
-    to ``lm_eval.simple_evaluate`` (num_fewshot, apply_chat_template, ...)."""
+    """One benchmark record per layer path (path text, or a Router; see the module docstring);
+    extra keyword arguments go to ``lm_eval.simple_evaluate`` (num_fewshot, apply_chat_template, ...)."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -76,7 +76,7 @@ def run_benchmark(model, layer_keys: Sequence[str], tasks: Sequence[str], limit:
                 scores[f"{task}_{metric}"] = values
         if not scores:
             raise ValueError(f"lm-eval logged no per-sample metric for tasks {list(tasks)}")
-        records.append({"layers": key, "split": BENCHMARK_SPLIT, "mode": mode, "stage": "evaluate",
+        records.append({"layers": getattr(key, "key", key), "split": BENCHMARK_SPLIT, "mode": mode, "stage": "evaluate",
                         "tasks": list(tasks), "limit": limit, "scores": scores,
                         "seconds": round(time.perf_counter() - t0, 4)})
     return records

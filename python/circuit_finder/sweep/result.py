@@ -19,6 +19,7 @@ import numpy as np
 from ..files import fingerprint
 from ..layer_path import LayerPath
 from ..results import ResultStore, paired_stats, read_records
+from ..router.run import RouterConfig
 from .benchmark import BENCHMARK_SPLIT, benchmark_settings, run_benchmark
 from .configs import SweepConfig
 from .runner import THINK_TOKENS, resolve_chat, resolve_probes, run_configs
@@ -32,8 +33,9 @@ class SweepResult:
 
     def __init__(self, records: list[dict], num_layers: int, mode: str | None = None, path: Path | None = None,
                  model=None, probes=None, chat: bool | None = None, thinking: bool = False,
-                 think_tokens: int = THINK_TOKENS):
+                 think_tokens: int = THINK_TOKENS, routers: dict | None = None):
         self.records = list(records)
+        self.routers = dict(routers or {})  # router key -> Router, for routers this sweep ran as configs
         self._stats_cache: dict[tuple, dict] = {}
         self.num_layers = num_layers
         self.mode = mode or (self.records[0].get("mode") if self.records else None)
@@ -62,15 +64,24 @@ class SweepResult:
                    chat=header.get("chat"), thinking=bool(header.get("thinking", False)))
 
     # -------------------------------------------------------------- tables
-    def _split(self, split: str) -> dict[str, dict]:
+    def configs(self, split: str = "search", routers: bool = False) -> dict[str, dict]:
+        """layers -> the config's record in a split (several records of one config merged: per-item
+        scores, margins, outputs, parse flags). Records a router evaluation wrote for its router
+        (stage "router", layers "router:...") only with ``routers=True``: they are not configs of
+        the tables (a router given in ``sweep(paths=...)`` is)."""
+        return self._split(split, routers)
+
+    def _split(self, split: str, routers: bool = False) -> dict[str, dict]:
         """layers -> record (later records of the same config extend or replace earlier ones)."""
         out: dict[str, dict] = {}
         for r in self.records:
             if r.get("split", "search") != split or (self.mode and r.get("mode", self.mode) != self.mode):
                 continue
+            if not routers and r.get("stage") == "router" and r["layers"].startswith("router:"):
+                continue
             if r["layers"] in out:
                 merged = dict(out[r["layers"]])
-                for key in ("scores", "scores_norm", "margins", "outputs", "parsed"):
+                for key in ("scores", "scores_norm", "margins", "outputs", "parsed", "routes"):
                     if key in r:
                         merged[key] = {**merged.get(key, {}), **r[key]}
                 out[r["layers"]] = merged
@@ -279,18 +290,32 @@ class SweepResult:
         """Re-scores the top k configs (and the baseline) on each probe's held-out validation items,
         appending the records to the results file; returns to_pandas() rows of those configs with the
         <p>_val... columns."""
-        model = model or self.model
-        if model is None:
-            raise ValueError("validate() needs the model: SweepResult.validate(k, model=circuit_finder.load(...))")
-        probe_list = resolve_probes(probes if probes is not None else (self.probes or self.probe_names()))
         top = self.top(k, by=by)
         keys = [self._baseline_key(), *top["layers"]]
-        configs = [SweepConfig.of(LayerPath.parse(t), self.num_layers) for t in keys]
-        store = self._store(model)
-        new = run_configs(model, probe_list, configs, store, self.mode, "validation", None, self.chat, True,
-                          progress, desc="validate", thinking=self.thinking, think_tokens=self.think_tokens)
-        self.records = store.records() if store is not None else self.records + new
+        self.run_held_out([self._config(t) for t in keys], model, probes, progress, "validate")
         return self._rows(top["layers"])
+
+    def run_held_out(self, configs: Sequence, model=None, probes=None, progress: bool = True,
+                     stage: str = "validate") -> None:
+        """Scores configs (SweepConfigs, or routers' RouterConfigs) not yet scored on the held-out
+        validation items, appending their records (``stage``) to the results file and to ``records``."""
+        model = model or self.model
+        if model is None:
+            raise ValueError("held-out scoring needs the model: pass model=circuit_finder.load(...)")
+        probe_list = resolve_probes(probes if probes is not None else (self.probes or self.probe_names()))
+        store = self._store(model)
+        new = run_configs(model, probe_list, list(configs), store, self.mode, "validation", None, self.chat, True,
+                          progress, desc=stage, thinking=self.thinking, think_tokens=self.think_tokens)
+        self.records = store.records() if store is not None else self.records + new
+
+    def _config(self, key: str):
+        """The config of a table row: a SweepConfig, or the RouterConfig of a router this sweep ran."""
+        if not key.startswith("router:"):
+            return SweepConfig.of(LayerPath.parse(key), self.num_layers)
+        if key not in self.routers:
+            raise ValueError(f"{key} is a router this SweepResult does not hold (results read from a file keep "
+                             f"no routers): set result.routers[{key!r}] = circuit_finder.Router.load(...)")
+        return RouterConfig(self.routers[key])
 
     def _rows(self, keys) -> object:
         """to_pandas() rows of the given configs, in that order."""
@@ -329,8 +354,9 @@ class SweepResult:
         settings = benchmark_settings(tasks, limit, metrics, evaluate_kwargs)
         done = {r["layers"] for r in self.records if r.get("split") == BENCHMARK_SPLIT
                 and r.get("settings", benchmark_settings(r.get("tasks"), r.get("limit"), None, {})) == settings}
-        for record in run_benchmark(model, [k for k in keys if k not in done], tasks, limit, self.mode, include_path,
-                                    batch_size, metrics, **evaluate_kwargs):
+        todo = [k if not k.startswith("router:") else self._config(k).router for k in keys if k not in done]
+        for record in run_benchmark(model, todo, tasks, limit, self.mode, include_path, batch_size, metrics,
+                                    **evaluate_kwargs):
             record["settings"] = settings
             if store is not None:
                 store.append(record)

@@ -34,6 +34,8 @@ from ..files import fingerprint
 from ..model import Model
 from ..probes import Item, Probe, get_probe, parse_rate_of
 from ..results import ResultStore
+from ..router import run as routing
+from ..router.run import RouterConfig
 from .configs import MODES, SweepConfig
 
 __all__ = ["THINK_TOKENS", "ProbeBatch", "Runner", "item_digest", "resolve_chat", "resolve_probes", "run_configs",
@@ -75,12 +77,14 @@ class ProbeBatch:
             # each choice ends with the end-of-answer marker, so a choice that is a prefix of another
             # ("1" of "12") has to be a complete answer to win
             self.marker = model.codec.end_of_answer(chat)
-            self.scoring = likelihood.packed_batch(self._choice_groups(contexts, chat), model.codec.pad_id,
-                                                   model.device)
+            self.groups = self._choice_groups(contexts, chat)
+            self.context_ids = [ctx for ctx, _ in self.groups]
+            self.scoring = likelihood.packed_batch(self.groups, model.codec.pad_id, model.device)
             self.ids, self.positions, self.prefix_mask = self.scoring.ids, self.scoring.positions, self.scoring.mask
             self.capacity = None
         else:
             seqs = [model.codec.encode(c, add_special_tokens=special) for c in contexts]
+            self.context_ids = seqs  # what a router reads: each item's prompt ids
             self.ids, mask = model.codec.left_pad(seqs, model.device)
             self.capacity = self.ids.shape[1] + self.budget
             self.positions, self.full_mask = generation.generation_masks(self.ids, mask, self.budget)
@@ -121,7 +125,9 @@ class ProbeBatch:
             self._done = slots
         return self._h
 
-    def run(self, config: SweepConfig, num_layers: int, reuse: bool) -> dict:
+    def run(self, config: SweepConfig | RouterConfig, num_layers: int, reuse: bool) -> dict:
+        if isinstance(config, RouterConfig):
+            return self.run_router(config.router, num_layers, reuse)
         engine = self.model.engine
         layers = list(config.layers)
         begin = config.shared_prefix(num_layers) if reuse else 0
@@ -135,23 +141,69 @@ class ProbeBatch:
             return self._likelihood(h)
         return self._generate(h, cache, layers)
 
-    def _generate(self, h: torch.Tensor, cache, layers: list[int]) -> dict:
+    def run_router(self, router, num_layers: int, reuse: bool) -> dict:
+        """Scores the items each along the candidate the router picks for it (rows grouped by
+        candidate; in generate mode a group goes on from the shared identity prefix when its
+        candidate starts with it). The record's ``routes`` say which candidate each item took."""
+        engine = self.model.engine
+        choices = router.choose(self.model, self.context_ids)
+        out: dict = {}
+        for c, rows in routing.groups(choices).items():
+            layers = list(router.candidates[c])
+            items = [self.items[r] for r in rows]
+            if self.mode == "likelihood":
+                scoring = likelihood.packed_batch([self.groups[r] for r in rows], self.model.codec.pad_id,
+                                                  self.model.device)
+                h = engine.run_slots(engine.embed(scoring.ids), scoring.positions, scoring.mask, layers, None, 0,
+                                     len(layers))
+                part = self._likelihood(h, scoring, items)
+            else:
+                part = self._generate_rows(rows, layers, router.layer if reuse and router.reuses(c) else 0, num_layers)
+            for key, values in part.items():
+                out.setdefault(key, {}).update(values)
+        out["routes"] = {it.id: str(router.candidates[c]) for it, c in zip(self.items, choices)}
+        if "parsed" in out and len(out["parsed"]) < len(self.items):
+            del out["parsed"]
+        return {k: {it.id: v[it.id] for it in self.items} if isinstance(v, dict) else v for k, v in out.items()}
+
+    def _generate_rows(self, rows: list[int], layers: list[int], begin: int, num_layers: int) -> dict:
+        """Generates for some rows of the batch along ``layers``, from the identity prefix's first
+        ``begin`` slots (hidden states and KV slots of those rows) or from the embedding."""
+        engine = self.model.engine
+        idx = torch.tensor(rows, dtype=torch.long, device=self.ids.device)
+        h = self._prefix(begin, num_layers).index_select(0, idx) if begin else engine.embed(self.ids.index_select(0, idx))
+        src = self._cache.select_rows(idx, begin) if begin else None
+        cache = engine.new_cache(len(layers), len(rows), self.capacity, src, begin)
+        mask = None if self.prefix_mask is None else self.prefix_mask.index_select(0, idx)
+        h = engine.run_slots(h, self.positions.index_select(0, idx), mask, layers, cache, begin, len(layers))
+        return self._generate(h, cache, layers, idx)
+
+    def _generate(self, h: torch.Tensor, cache, layers: list[int], rows: torch.Tensor | None = None) -> dict:
+        """Decodes after the prompt's last slot (``rows``: the batch rows h holds; None = all) and
+        scores the completions."""
         cache.advance(self.ids.shape[1])
         logits = self.model.engine.head(h[:, -1:])[:, -1].float()
         sampling = generation.Sampling(self.budget)
-        new = generation.decode(self.model, logits, cache, layers, self.positions[:, -1:], self.full_mask, sampling)
+        positions, full_mask, items = self.positions, self.full_mask, self.items
+        if rows is not None:
+            positions = positions.index_select(0, rows)
+            full_mask = None if full_mask is None else full_mask.index_select(0, rows)
+            items = [items[r] for r in rows.tolist()]
+        new = generation.decode(self.model, logits, cache, layers, positions[:, -1:], full_mask, sampling)
         outputs = [self.opened + self.model.codec.finish(row).text for row in new.tolist()]
-        out = {"scores": {it.id: float(self.probe.score(it, o)) for it, o in zip(self.items, outputs)},
-               "outputs": {it.id: o for it, o in zip(self.items, outputs)}}
-        parsed = {it.id: parse_rate_of(self.probe, it, o) for it, o in zip(self.items, outputs)}
+        out = {"scores": {it.id: float(self.probe.score(it, o)) for it, o in zip(items, outputs)},
+               "outputs": {it.id: o for it, o in zip(items, outputs)}}
+        parsed = {it.id: parse_rate_of(self.probe, it, o) for it, o in zip(items, outputs)}
         if all(v is not None for v in parsed.values()):
             out["parsed"] = parsed
         return out
 
-    def _likelihood(self, h: torch.Tensor) -> dict:
-        values, _ = likelihood.gather_logprobs(self.model.engine.head, h, self.scoring)
+    def _likelihood(self, h: torch.Tensor, scoring=None, items=None) -> dict:
+        """Choice rankings of the items (default: all, in self.scoring) from hidden states h."""
+        scoring, items = scoring or self.scoring, self.items if items is None else items
+        values, _ = likelihood.gather_logprobs(self.model.engine.head, h, scoring)
         scores, norm, margins, at = {}, {}, {}, 0
-        for it in self.items:
+        for it in items:
             lp = values[at:at + len(it.choices)]
             at += len(it.choices)
             right = it.choices.index(it.answer)
@@ -189,14 +241,15 @@ class Runner:
 
     def run(self, config: SweepConfig) -> dict:
         t0 = time.perf_counter()
+        extra = config.layers.extra_layers(self.num_layers) if isinstance(config, SweepConfig) else None
         record = {"layers": config.key, "start": config.start, "end": config.end, "times": config.times,
-                  "extra_layers": config.layers.extra_layers(self.num_layers), "split": self.split,
+                  "extra_layers": extra, "split": self.split,
                   "mode": self.mode, "stage": self.stage, "scores": {}}
         with torch.inference_mode():
             for b in self.batches:
                 out = b.run(config, self.num_layers, self.reuse)
                 record["scores"][b.probe.name] = out["scores"]
-                for key in ("scores_norm", "margins", "outputs", "parsed"):
+                for key in ("scores_norm", "margins", "outputs", "parsed", "routes"):
                     if key in out:
                         record.setdefault(key, {})[b.probe.name] = out[key]
         record["seconds"] = round(time.perf_counter() - t0, 4)

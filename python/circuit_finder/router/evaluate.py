@@ -1,0 +1,91 @@
+"""The honest reading of a router: held-out items, against the paths one could use instead.
+
+``evaluate_router`` scores the router's candidates and the router itself (each item along its
+routed candidate, run for real by the sweep runner) on the probes' held-out validation items —
+records appended to the sweep's results file, so a killed evaluation resumes — and compares, per
+probe and combined (mean over probes):
+- the router vs the baseline (identity path),
+- the router vs the best fixed path (the candidate with the best search score: what you would
+  use without a router),
+- the router vs the oracle (each item's best candidate in hindsight: the ceiling of routing
+  among these candidates),
+each a paired difference over items with a 95% bootstrap CI and a sign-flip p
+(``results.paired_stats``, the sweep tables' statistics). ``reading`` words it (Router.report).
+
+Limits: the oracle and the best fixed path are read from the candidates' own held-out runs; the
+router's score from its routed run (the report counts the items where the two disagree — batch
+composition can change a greedy token on near-ties).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..layer_path import LayerPath
+from ..results import paired_stats
+from ..sweep.configs import SweepConfig
+from .core import Router
+from .run import RouterConfig
+
+__all__ = ["best_fixed", "candidate_configs", "evaluate_router"]
+
+
+def candidate_configs(router: Router) -> list[SweepConfig]:
+    """The router's candidates as sweep configs."""
+    return [SweepConfig.of(p, router.num_layers) for p in router.candidates]
+
+
+def evaluate_router(router: Router, result, model=None, probes=None, progress: bool = True, n_boot: int = 2000,
+                    seed: int = 0) -> dict:
+    """Runs the candidates and the router on held-out items (through ``result``'s runner and
+    file), sets and returns ``router.evaluation``."""
+    router.check(model or result.model)
+    result.run_held_out([*candidate_configs(router), RouterConfig(router)], model, probes, progress, "router")
+    val = result.configs("validation", routers=True)
+    keys = [str(c) for c in router.candidates]
+    routed = val[router.key]
+    names = [p for p in routed["scores"] if all(p in val[k]["scores"] for k in keys)]
+    base_key = str(LayerPath.identity(router.num_layers))
+    best_key = best_fixed(router, result)
+    scores = {"baseline": _scores(val[base_key], names), "best_fixed": _scores(val[best_key], names),
+              "router": _scores(routed, names),
+              "oracle": {p: {i: max(val[k]["scores"][p][i] for k in keys) for i in routed["scores"][p]}
+                         for p in names}}
+    rows = {role: {"scores": s} for role, s in scores.items()}
+    means = {role: _means(s) for role, s in scores.items()}
+    means["candidates"] = {k: _means(_scores(val[k], names)) for k in keys}
+    versus = {}
+    for other in ("baseline", "best_fixed", "oracle"):
+        stats = paired_stats({"router": rows["router"], other: rows[other]}, other, names, n_boot, seed)["router"]
+        versus[other] = {k: v for k, v in stats.items() if k.endswith(("_delta", "_ci_low", "_ci_high", "_p"))}
+    routes = [(p, i, k) for p in names for i, k in (routed.get("routes") or {}).get(p, {}).items()]
+    same = sum(1 for p, i, k in routes if val[k]["scores"][p].get(i) == routed["scores"][p][i])
+    router.evaluation = {
+        "items": {p: len(scores["router"][p]) for p in names}, "baseline": base_key, "best_fixed": best_key,
+        "means": means, "versus": versus, "n_boot": n_boot, "seed": seed,
+        "choices": {k: sum(1 for _, _, c in routes if c == k) for k in keys},
+        "agreement": {"items": len(routes), "same": same},
+        "results": str(result.path) if result.path else None, "router": router.key}
+    return router.evaluation
+
+
+def best_fixed(router: Router, result) -> str:
+    """The candidate with the best combined search score (what one would run without a router)."""
+    search = result.configs("search")
+    names = router.training.get("probes") or result.probe_names("search")
+
+    def combined(key: str) -> float:
+        return float(np.mean([np.mean(list(search[key]["scores"][p].values())) for p in names]))
+
+    keys = [str(c) for c in router.candidates]
+    return max(keys, key=lambda k: (combined(k), -keys.index(k)))
+
+
+def _scores(record: dict, names) -> dict:
+    return {p: dict(record["scores"][p]) for p in names}
+
+
+def _means(scores: dict) -> dict:
+    out = {p: float(np.mean(list(v.values()))) for p, v in scores.items()}
+    out["combined"] = float(np.mean(list(out.values())))
+    return out
