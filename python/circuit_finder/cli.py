@@ -1,10 +1,10 @@
 """The `circuit-finder` command.
 
-    circuit-finder generate [--model PATH] [--layers PATH] [--chat] "prompt" ...
+    circuit-finder generate [--model PATH] [--layers PATH|router:FILE] [--chat] "prompt" ...
     circuit-finder sweep [--model PATH] --block-sizes 3 4 5 --out sweep.jsonl --heatmap sweep.png
     circuit-finder export --model SRC --layers PATH --format gguf|hf|mergekit --out DST
     circuit-finder eval [--model PATH] [--layers PATH] --tasks TASKS [any lm-eval option]
-    circuit-finder serve [--model PATH] [--layers PATH] [--host 127.0.0.1] [--port 8000]
+    circuit-finder serve [--model PATH] [--layers PATH] [--router FILE] [--host 127.0.0.1] [--port 8000]
 
 Every command checks its arguments (the model path, layer paths against the model's layer count read
 from its metadata, probes, output locations, options that do not apply) before loading a model.
@@ -44,12 +44,16 @@ def _is_rys(text: str) -> bool:
     return text.strip().lower().startswith("rys")
 
 
-def _check_layers(texts, num_layers: int, flag: str = "--layers") -> list:
-    """Each layer path text, parsed and checked against the model (rys=i:j resolved)."""
+def _check_layers(texts, num_layers: int, flag: str = "--layers", routers: bool = False) -> list:
+    """Each layer path text, parsed and checked against the model (rys=i:j resolved); with
+    ``routers``, "router:FILE" loads that router file."""
     from .layer_path import LayerPath
 
     paths = []
     for text in texts or ():
+        if routers and text.strip().startswith("router:"):  # a router file, used where the command runs paths
+            paths += _check_routers([text.strip()[len("router:"):].strip()], num_layers)
+            continue
         try:
             paths.append(LayerPath.coerce(text, num_layers))
         except ValueError as e:
@@ -104,20 +108,25 @@ def cmd_generate(args) -> int:
     import circuit_finder as cf
 
     n = _check_model_args(args)
-    paths = _check_layers(args.layers, n) or [None]
+    paths = _check_layers(args.layers, n, routers=True) or [None]
     cf.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                 stops=tuple(args.stop or ()))  # checks the settings now, before loading
     t0 = time.time()
     model = cf.load(args.model, device=args.device, dtype=args.dtype)
     print(f"# {model}; loaded in {time.time() - t0:.1f}s", file=sys.stderr)
-    for path in map(model.path, paths):
+    for path in paths:
+        path = model.router(path) or model.path(path)
         t1 = time.time()
         outs = model.generate(args.prompts, layers=path, max_new_tokens=args.max_new_tokens, chat=args.chat,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
-        print(f"== layers {path} ({len(path)} slots, {path.extra_layers(model.num_layers):+d} vs identity)")
+        if isinstance(path, cf.Router):
+            print(f"== router {path.name} ({len(path.candidates)} candidates)")
+        else:
+            print(f"== layers {path} ({len(path)} slots, {path.extra_layers(model.num_layers):+d} vs identity)")
         for prompt, out in zip(args.prompts, outs):
-            if len(args.prompts) > 1:
-                print(f"### {prompt}")
+            if len(args.prompts) > 1 or isinstance(path, cf.Router):
+                routed = f" (layers {path.path_for(model, prompt, args.chat)})" if isinstance(path, cf.Router) else ""
+                print(f"### {prompt}{routed}")
             print(out)
         print(f"# generated in {time.time() - t1:.1f}s", file=sys.stderr)
     return 0
@@ -302,7 +311,13 @@ def model_args_text(model: str, layers: str | None, dtype: str | None, num_layer
     from .layer_path import LayerPath
 
     parts = [f"pretrained={model}"]
-    if layers:
+    if layers and layers.strip().startswith("router:"):
+        if num_layers is not None:
+            _check_routers([layers.strip()[len("router:"):].strip()], num_layers)
+        if "," in layers:
+            raise ValueError(f"--layers {layers}: lm-eval splits --model_args on commas; use a router path without one")
+        parts.append("layers=" + layers.strip())
+    elif layers:
         if num_layers is not None:
             path = LayerPath.coerce(layers, num_layers)
         elif not _is_rys(layers):
@@ -341,14 +356,32 @@ def cmd_serve(args) -> int:
     for module in ("fastapi", "uvicorn"):
         _needs(module, "serve", "circuit-finder serve")
     n = _check_model_args(args)
-    _check_layers([args.layers] if args.layers else [], n)
+    routers = _check_routers(args.router or [], n)
+    if args.layers and args.layers.strip().startswith("router:"):
+        name = args.layers.strip()[len("router:"):].strip()
+        if name not in {r.name for r in routers}:
+            raise ValueError(f"--layers {args.layers}: no --router FILE is named {name!r} "
+                             f"(names: {', '.join(r.name for r in routers) or 'none'})")
+    else:
+        _check_layers([args.layers] if args.layers else [], n)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: not a TCP port (0..65535)")
     from .server import serve
 
     serve(args.model, layers=args.layers, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-          model_name=args.name, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+          model_name=args.name, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, routers=routers)
     return 0
+
+
+def _check_routers(files: list[str], num_layers: int) -> list:
+    """--router files -> Routers (before the model loads), each made for a model of this depth."""
+    from .router import Router
+
+    routers = [Router.load(f) for f in files]
+    for r in routers:
+        if r.num_layers != num_layers:
+            raise ValueError(f"--router {r.source}: trained for a {r.num_layers}-layer model, --model has {num_layers}")
+    return routers
 
 
 # --------------------------------------------------------------------------------- parser
@@ -384,7 +417,8 @@ def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate text along a layer path")
     _add_model_args(g)
     g.add_argument("--layers", action="append", default=None,
-                   help="layer path, e.g. '0..9,7..9,10..29' or rys=7:10 (default: identity); repeat to compare")
+                   help="layer path, e.g. '0..9,7..9,10..29' or rys=7:10 (default: identity), or router:FILE "
+                        "(each prompt along the path a saved router picks); repeat to compare")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--max-new-tokens", type=_positive, default=64)
     g.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
@@ -464,7 +498,7 @@ def _add_eval(sub) -> None:
                                    "--layers, --device and --dtype; every other option (--tasks, --limit, "
                                    "--batch_size, --apply_chat_template, --output_path, ...) is passed to lm-eval.")
     v.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default'")
-    v.add_argument("--layers", default=None, help="layer path (any spelling; rys=i:j too)")
+    v.add_argument("--layers", default=None, help="layer path (any spelling; rys=i:j too), or router:FILE")
     v.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     v.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     v.set_defaults(func=cmd_eval)
@@ -473,7 +507,11 @@ def _add_eval(sub) -> None:
 def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="OpenAI-compatible server; requests may carry their own layer path")
     _add_model_args(sv)
-    sv.add_argument("--layers", default=None, help="default layer path (requests may override with \"layers\")")
+    sv.add_argument("--layers", default=None, help="default layer path, or router:NAME of a --router "
+                                                   "(requests may override with \"layers\")")
+    sv.add_argument("--router", action="append", default=None, metavar="FILE",
+                    help="a router file (circuit_finder.Router.save) requests may name as \"layers\": "
+                         "\"router:NAME\"; repeatable")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--name", default=None, help="model id reported by /v1/models (default: --model)")

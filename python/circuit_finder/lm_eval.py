@@ -10,7 +10,8 @@ or from the shell: ``circuit-finder eval --model PATH --layers 0..12+10..29 --ta
 
 model_args: ``pretrained`` (HF folder, .gguf file or ``default``), ``layers`` (any layer path
 text; lm-eval splits model_args on commas, so write ``0..12+10..29`` or ``0..12;10..29`` or the
-RYS short form ``rys=10:13``), ``device``, ``dtype``, ``batch_size``, ``max_length``,
+RYS short form ``rys=10:13``; or ``router:PATH``, a saved Router: each request runs along the
+path it routes its context to), ``device``, ``dtype``, ``batch_size``, ``max_length``,
 ``max_gen_toks``, ``add_bos_token``.
 
 Scoring follows lm-eval's conventions for causal models (those of its Hugging Face backend):
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .generation import Sampling, generate_ids
 from .likelihood import score_pairs
+from .router import run as routing
 
 __all__ = ["CircuitFinderLM"]
 
@@ -72,7 +74,8 @@ class CircuitFinderLM(TemplateLM):
         if self.cf_model.tokenizer is None:
             raise ValueError(f"{pretrained}: lm-eval needs a tokenizer, and this model has none")
         self.tokenizer = self.cf_model.tokenizer
-        self.path = self.cf_model.path(layers if layers not in (None, "") else None)
+        self.router = self.cf_model.router(layers) if layers not in (None, "") else None
+        self.path = None if self.router else self.cf_model.path(layers if layers not in (None, "") else None)
         self.pretrained = str(pretrained)
         self._batch_size = 1 if str(batch_size).startswith("auto") else max(1, int(batch_size))
         self._max_length = int(max_length) if max_length else self.cf_model.context_length
@@ -124,6 +127,10 @@ class CircuitFinderLM(TemplateLM):
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def get_model_info(self) -> dict:
+        if self.router is not None:
+            return {"model": self.pretrained, "layers": self.router.key, "router": self.router.source,
+                    "candidates": [str(c) for c in self.router.candidates], "dtype": str(self.cf_model.dtype),
+                    "device": str(self.cf_model.device)}
         return {"model": self.pretrained, "layers": str(self.path), "slots": len(self.path),
                 "dtype": str(self.cf_model.dtype), "device": str(self.cf_model.device)}
 
@@ -138,14 +145,18 @@ class CircuitFinderLM(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="circuit-finder loglikelihood")
         step = self.batch_size * 8  # score_pairs sorts and batches within each step; the bar moves per step
         for start in range(0, len(pairs), step):
-            results += score_pairs(self.cf_model, pairs[start:start + step], list(self.path), self.batch_size,
-                                   self.max_length)
+            results += self._score(pairs[start:start + step])
             bar.update(min(step, len(pairs) - start))
         bar.close()
         for request, result in zip(requests, results):
             if request[0] is not None:
                 self.cache_hook.add_partial("loglikelihood", request[0], result)
         return results
+
+    def _score(self, pairs) -> list[tuple[float, bool]]:
+        if self.router is not None:
+            return routing.score_pairs(self.cf_model, self.router, pairs, self.batch_size, self.max_length)[0]
+        return score_pairs(self.cf_model, pairs, list(self.path), self.batch_size, self.max_length)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
@@ -184,7 +195,8 @@ class CircuitFinderLM(TemplateLM):
                 chunk = members[start:start + self.batch_size]
                 seqs = [self.tok_encode(args[i][0], left_truncate_len=max_ctx) for i in chunk]
                 ids, mask = model.codec.left_pad(seqs, model.device)
-                new = generate_ids(model, ids, mask, self.path, sampling)
+                new = (routing.generate_ids(model, self.router, ids, mask, sampling)[0] if self.router is not None
+                       else generate_ids(model, ids, mask, self.path, sampling))
                 for i, row in zip(chunk, new.tolist()):
                     results[i] = model.codec.finish(row, until).text
                     self.cache_hook.add_partial("generate_until", args[i], results[i])

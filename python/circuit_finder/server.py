@@ -7,7 +7,10 @@ Endpoints: ``POST /v1/chat/completions`` (``stream: true`` as server-sent events
 OpenAI's completions semantics, so lm-eval's ``local-completions`` runs loglikelihood tasks),
 ``GET /v1/models``, ``GET /health``. A request may carry ``"layers": "..."`` (any layer path
 spelling, ``rys=i:j`` included) to use that path for this request only: the weights are shared,
-nothing is reloaded.
+nothing is reloaded. Routers (``circuit_finder.Router``, registered with ``routers=`` /
+``--router FILE``) are named ``"layers": "router:NAME"`` per request or as the server's default:
+each prompt then runs along the path the router picks for it, and the response says which
+(``"layers"``: the path run, ``"router"``: its name).
 
 One worker thread owns the model. Requests that arrive within ``batch_window_ms`` of each other
 and share path and sampling settings run as one batch (left-padded, each row with its own
@@ -33,6 +36,8 @@ from . import generation, likelihood
 from .generation import Sampling
 from .layer_path import LayerPath, LayerPathError
 from .model import Model
+from .router import Router, RouterError
+from .router import run as routing
 
 __all__ = ["Limits", "create_app", "serve"]
 
@@ -68,7 +73,7 @@ class Job:
     ``logprobs``: None, or how many top alternatives to report per token; ``echo``: score the prompt."""
 
     ids: list[int]
-    path: LayerPath
+    path: LayerPath | Router
     sampling: Sampling
     stream: Any = None
     logprobs: int | None = None
@@ -76,6 +81,12 @@ class Job:
     score_only: bool = False  # echo with max_tokens 0: nothing is generated
     prompt_text: str | None = None  # what echo returns for a text prompt
     future: Future = field(default_factory=Future)
+    routed: LayerPath | None = None  # the path a router picked for this prompt (set by the worker)
+
+    @property
+    def run_path(self) -> LayerPath:
+        """The path this prompt runs along (its router's choice once made)."""
+        return self.routed if isinstance(self.path, Router) else self.path
 
     @property
     def key(self):
@@ -140,6 +151,9 @@ class Worker:
 
     def _generate(self, jobs: list[Job]) -> list[list[int]]:
         first, model = jobs[0], self.model
+        if isinstance(first.path, Router) and first.score_only:
+            for job, c in zip(jobs, first.path.choose(model, [j.ids for j in jobs])):
+                job.routed = first.path.candidates[c]
         if first.score_only:
             return [[] for _ in jobs]
         ids, mask = model.codec.left_pad([j.ids for j in jobs], model.device)
@@ -151,7 +165,12 @@ class Worker:
                 generated.append(int(token[0]))
                 first.stream(list(generated), bool(finished[0]))
 
-        return generation.generate_ids(model, ids, mask, first.path, first.sampling, on_step).tolist()
+        if not isinstance(first.path, Router):
+            return generation.generate_ids(model, ids, mask, first.path, first.sampling, on_step).tolist()
+        new, choices = routing.generate_ids(model, first.path, ids, mask, first.sampling, on_step)
+        for job, c in zip(jobs, choices):
+            job.routed = first.path.candidates[c]
+        return new.tolist()
 
     def _finish(self, job: Job, row: list[int]) -> generation.Finished:
         if job.score_only:
@@ -162,7 +181,7 @@ class Worker:
         """Token log-probs of prompt + completion (the generated tokens the answer counts)."""
         if job.logprobs is None:
             return None
-        return likelihood.token_logprobs(self.model, job.ids + completion, list(job.path), job.logprobs)
+        return likelihood.token_logprobs(self.model, job.ids + completion, list(job.run_path), job.logprobs)
 
 
 class BodyLimit:
@@ -259,18 +278,22 @@ class Service:
     """What the routes do, apart from HTTP: plan a request (path, budget, stops), encode prompts,
     queue jobs under the pending limit, and shape finished rows into OpenAI's response objects."""
 
-    def __init__(self, model: Model, layers, name: str, worker: Worker, limits: Limits):
+    def __init__(self, model: Model, layers, name: str, worker: Worker, limits: Limits, routers=None):
         if model.tokenizer is None:
             raise ValueError(f"{model.source}: serving text needs a tokenizer")
         self.model, self.name, self.worker, self.limits = model, name, worker, limits
-        self.default_path = model.path(layers)
+        self.routers = register_routers(model, routers)
+        if isinstance(layers, Router) and layers.name not in self.routers:
+            self.routers[layers.name] = layers
+        self.default_path = self.route(layers) if routing.is_router(layers) else model.path(layers)
         self.context = int(limits.context_length or model.config.max_position_embeddings or 4096)
         self.pending = 0  # requests waiting for the worker or streaming; only touched on the event loop
 
     # ------------------------------------------------------------------ requests -> jobs
     def job(self, req, ids: list[int], stream=None, logprobs: int | None = None, echo: bool = False) -> Job:
         try:
-            path = self.model.path(req.layers) if req.layers is not None else self.default_path
+            path = self.default_path if req.layers is None else (
+                self.route(req.layers) if routing.is_router(req.layers) else self.model.path(req.layers))
         except (LayerPathError, ValueError, TypeError) as e:
             raise BadRequest(f"layers: {e}") from e
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -283,6 +306,22 @@ class Service:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         sampling = Sampling(max(max_tokens, 1), 0, float(req.temperature), float(req.top_p), req.seed, tuple(stops))
         return Job(ids, path, sampling, stream=stream, logprobs=logprobs, echo=echo, score_only=max_tokens == 0)
+
+    def route(self, layers) -> Router:
+        """A Router, or "router:NAME" -> a registered router (requests never name files)."""
+        if isinstance(layers, Router):
+            return layers
+        name = layers.strip()[len(routing.PREFIX):].strip()
+        if name not in self.routers:
+            known = ", ".join(sorted(self.routers)) or "none"
+            raise ValueError(f"no router named {name!r} on this server (routers: {known})")
+        return self.routers[name]
+
+    def describe(self, path) -> dict:
+        """The response fields naming what ran: "layers" (the path) and, when routed, "router"."""
+        if isinstance(path, Router):
+            return {"layers": f"{routing.PREFIX}{path.name}", "router": path.name}
+        return {"layers": str(path)}
 
     def check_prompt(self, ids: list[int], max_tokens: int) -> None:
         limit = self.limits.max_prompt_tokens
@@ -371,14 +410,20 @@ class Service:
         prompt = job.prompt_text if job.prompt_text is not None else self.model.tokenizer.decode(job.ids)
         text = (prompt if job.echo else "") + fin.text
         return {"index": k, "text": text, "finish_reason": fin.reason,
-                "logprobs": self.logprobs_object(job, done)}, fin.tokens
+                "logprobs": self.logprobs_object(job, done), **self.ran(job)}, fin.tokens
+
+    def ran(self, job: Job) -> dict:
+        """Per prompt: the path it ran along and, when a router chose it, the router's name."""
+        if not isinstance(job.path, Router):
+            return {}
+        return {"layers": str(job.routed) if job.routed is not None else None, "router": job.path.name}
 
     def chat_response(self, rid: str, created: int, job: Job, done: Completed) -> dict:
         fin = done.finished
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
                              "finish_reason": fin.reason}],
-                "usage": usage(len(job.ids), fin.tokens), "layers": str(job.path)}
+                "usage": usage(len(job.ids), fin.tokens), **self.describe(job.path), **self.ran(job)}
 
     def start_stream(self, job: Job) -> tuple[asyncio.Future, asyncio.Queue]:
         """Queues a streaming job under the pending limit (TooBusy when full). The slot is released
@@ -477,13 +522,33 @@ def install_error_handlers(app, limits: Limits) -> None:
         return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "error")
 
 
+def register_routers(model: Model, routers) -> dict[str, Router]:
+    """Routers (objects or router files; a dict maps names to them) -> {name: Router}, each
+    checked against the model; two routers with one name are refused."""
+    if routers is None:
+        return {}
+    items = routers.items() if isinstance(routers, dict) else [(None, r) for r in routers]
+    out: dict[str, Router] = {}
+    for name, r in items:
+        router = r if isinstance(r, Router) else Router.load(r)
+        router.check(model)
+        name = name or router.name
+        if name in out:
+            raise RouterError(f"two routers are named {name!r}")
+        out[name] = router
+    return out
+
+
 def create_app(model: Model, layers=None, model_name: str | None = None, max_batch: int = 16,
-               batch_window_ms: float = 10.0, **limits):
-    """The FastAPI app serving ``model`` (default path ``layers``); ``limits``: the fields of Limits."""
+               batch_window_ms: float = 10.0, routers=None, **limits):
+    """The FastAPI app serving ``model`` (default path ``layers``: a path, a Router or
+    "router:NAME"); ``routers``: Routers or router files requests may name as "router:NAME";
+    ``limits``: the fields of Limits."""
     from fastapi import FastAPI
 
     lim = Limits(**limits)
-    service = Service(model, layers, model_name or "circuit-finder", Worker(model, max_batch, batch_window_ms / 1e3), lim)
+    service = Service(model, layers, model_name or "circuit-finder", Worker(model, max_batch, batch_window_ms / 1e3), lim,
+                      routers)
     app = FastAPI(title="circuit-finder", version="0.1.0")
     app.state.worker = service.worker
     app.state.service = service
@@ -512,13 +577,15 @@ def add_routes(app, service: Service, max_batch: int) -> None:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.name, "layers": str(service.default_path),
-                "num_layers": service.model.num_layers, "pending": service.pending, **service.worker.stats}
+        return {"status": "ok", "model": service.name, **service.describe(service.default_path),
+                "routers": sorted(service.routers), "num_layers": service.model.num_layers,
+                "pending": service.pending, **service.worker.stats}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0,
-                                            "owned_by": "circuit-finder", "layers": str(service.default_path)}]}
+                                            "owned_by": "circuit-finder",
+                                            **service.describe(service.default_path)}]}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
@@ -548,12 +615,12 @@ def add_routes(app, service: Service, max_batch: int) -> None:
         return {"id": rid, "object": "text_completion", "created": created, "model": service.name,
                 "choices": [c for c, _ in choices], "usage": usage(sum(len(j.ids) for j in jobs),
                                                                      sum(n for _, n in choices)),
-                "layers": str(jobs[0].path)}
+                **service.describe(jobs[0].path)}
 
 
 def serve(model: str = "default", layers=None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           dtype: str | None = None, model_name: str | None = None, max_batch: int = 16,
-          batch_window_ms: float = 10.0, **limits) -> None:
+          batch_window_ms: float = 10.0, routers=None, **limits) -> None:
     """Loads a model and serves it with uvicorn (blocking). ``limits``: see Limits."""
     import uvicorn
 
@@ -561,5 +628,5 @@ def serve(model: str = "default", layers=None, host: str = "127.0.0.1", port: in
 
     loaded = load(model, device=device, dtype=dtype)
     app = create_app(loaded, layers=layers, model_name=model_name or str(model), max_batch=max_batch,
-                     batch_window_ms=batch_window_ms, **limits)
+                     batch_window_ms=batch_window_ms, routers=routers, **limits)
     uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limits.get("max_pending", 256) + 16)
