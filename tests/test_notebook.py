@@ -29,3 +29,5 @@ def test_quickstart_notebook_runs(tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the heatmap cell shows no picture"
     assert any("combined_val_delta" in str(o.get("data", {})) for o in outputs)
+    assert any("router - best fixed" in o.get("text", "") for o in outputs), "the router cell reports nothing"
+    assert (tmp_path / "quickstart-router.json").exists()

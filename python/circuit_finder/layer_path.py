@@ -70,6 +70,9 @@ class LayerPath:
     @classmethod
     def coerce(cls, layers: None | str | LayerPath | Iterable[int], num_layers: int) -> LayerPath:
         """None -> identity; text -> parsed; a LayerPath or a list of ints as is. Validated for the model."""
+        if hasattr(layers, "candidates") or (isinstance(layers, str) and layers.strip().startswith("router:")):
+            raise LayerPathError("this needs one layer path, and a router picks one per prompt: use one of its "
+                                 "candidates (router.candidates, router.path_for(model, prompt))")
         if layers is None:
             path = cls.identity(num_layers)
         elif isinstance(layers, LayerPath):

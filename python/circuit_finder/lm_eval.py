@@ -11,7 +11,7 @@ or from the shell: ``circuit-finder eval --model PATH --layers 0..12+10..29 --ta
 model_args: ``pretrained`` (HF folder, .gguf file or ``default``), ``layers`` (any layer path
 text; lm-eval splits model_args on commas, so write ``0..12+10..29`` or ``0..12;10..29`` or the
 RYS short form ``rys=10:13``; or ``router:PATH``, a saved Router: each request runs along the
-path it routes its context to), ``device``, ``dtype``, ``batch_size``, ``max_length``,
+path it routes its context to — a rolling log-likelihood document by its opening tokens), ``device``, ``dtype``, ``batch_size``, ``max_length``,
 ``max_gen_toks``, ``add_bos_token``.
 
 Scoring follows lm-eval's conventions for causal models (those of its Hugging Face backend):
@@ -161,10 +161,15 @@ class CircuitFinderLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="circuit-finder rolling"):
+            tokens = self.tok_encode(string)
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                context_len=1)]
-            scored = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows], disable_tqdm=True)
+                token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
+            if self.router is None:
+                scored = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows], disable_tqdm=True)
+            else:  # one route per document (by its opening tokens), every window along it
+                head = [self.prefix_token_id, *tokens][:self.max_length]
+                path = self.router.candidates[self.router.choose(self.cf_model, [head])[0]]
+                scored = score_pairs(self.cf_model, windows, list(path), self.batch_size, self.max_length)
             total = sum(v for v, _ in scored)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
             out.append(total)

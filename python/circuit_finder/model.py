@@ -64,8 +64,6 @@ class Model:
 
     def path(self, layers=None) -> LayerPath:
         """None, path text, a LayerPath or a list of ints -> a LayerPath validated for this model."""
-        if routing.is_router(layers):
-            raise TypeError("this call needs one layer path, not a router")
         return LayerPath.coerce(layers, self.num_layers)
 
     def router(self, layers):

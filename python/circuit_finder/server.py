@@ -284,6 +284,7 @@ class Service:
         self.model, self.name, self.worker, self.limits = model, name, worker, limits
         self.routers = register_routers(model, routers)
         if isinstance(layers, Router) and layers.name not in self.routers:
+            layers.check(model)
             self.routers[layers.name] = layers
         self.default_path = self.route(layers) if routing.is_router(layers) else model.path(layers)
         self.context = int(limits.context_length or model.config.max_position_embeddings or 4096)

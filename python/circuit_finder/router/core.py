@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import fingerprint
 from ..generation import positions_from_mask
 from ..layer_path import LayerPath
 from . import reading
@@ -77,6 +79,7 @@ class Router:
     source: str | None = None  # the file it was loaded from
 
     def __post_init__(self):
+        self._checked: set[str] = set()  # model sources check() has compared fingerprints with
         self.candidates = [c if isinstance(c, LayerPath) else LayerPath.parse(str(c)) for c in self.candidates]
         self.classes = [int(c) for c in self.classes]
         self.mean, self.scale = np.asarray(self.mean, np.float64), np.asarray(self.scale, np.float64)
@@ -147,6 +150,13 @@ class Router:
                               f"{model.source} has {c.num_layers} and {c.hidden_size}")
         for path in self.candidates:
             model.path(path)
+        trained_on = (self.training or {}).get("fingerprint")
+        if trained_on and model.source not in self._checked:
+            self._checked.add(model.source)
+            if trained_on != fingerprint(model.source):
+                warnings.warn(f"router {self.name!r} was trained on another model file "
+                              f"({self.training.get('model')}) than {model.source}: its features may mean "
+                              f"something else here", stacklevel=3)
 
     # ------------------------------------------------------------------ features and choices
     def prefix(self, model, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache=None):
@@ -195,7 +205,9 @@ class Router:
         return np.concatenate(out) if out else np.zeros((0, self.feature_size))
 
     def choose(self, model, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> list[int]:
-        """Token-id prompts -> the candidate index each is routed to."""
+        """Token-id prompts -> the candidate index each is routed to (a constant router reads none)."""
+        if self.kind == "constant":
+            return [self.classes[0]] * len(seqs)
         return [int(c) for c in self.predict(self.features(model, seqs, batch_size))]
 
     def path_for(self, model, prompt, chat: bool = False) -> LayerPath:

@@ -12,8 +12,10 @@ probe and combined (mean over probes):
 each a paired difference over items with a 95% bootstrap CI and a sign-flip p
 (``results.paired_stats``, the sweep tables' statistics). ``reading`` words it (Router.report).
 
-Limits: the oracle and the best fixed path are read from the candidates' own held-out runs; the
-router's score from its routed run (the report counts the items where the two disagree — batch
+The candidates' held-out records are ordinary validation records of the sweep: they join its
+``_val`` columns and the family its held-out q-values adjust over (every config scored on
+held-out items counts). Limits: the oracle and the best fixed path are read from the
+candidates' own held-out runs; the router's score from its routed run (the report counts the items where the two disagree — batch
 composition can change a greedy token on near-ties).
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 from ..layer_path import LayerPath
 from ..results import paired_stats
 from ..sweep.configs import SweepConfig
-from .core import Router
+from .core import Router, RouterError
 from .run import RouterConfig
 
 __all__ = ["best_fixed", "candidate_configs", "evaluate_router"]
@@ -39,7 +41,10 @@ def evaluate_router(router: Router, result, model=None, probes=None, progress: b
                     seed: int = 0) -> dict:
     """Runs the candidates and the router on held-out items (through ``result``'s runner and
     file), sets and returns ``router.evaluation``."""
-    router.check(model or result.model)
+    model = model or result.model
+    if model is None:
+        raise ValueError("evaluating a router needs the model: pass model=circuit_finder.load(...)")
+    router.check(model)
     result.run_held_out([*candidate_configs(router), RouterConfig(router)], model, probes, progress, "router")
     val = result.configs("validation", routers=True)
     keys = [str(c) for c in router.candidates]
@@ -78,6 +83,10 @@ def best_fixed(router: Router, result) -> str:
         return float(np.mean([np.mean(list(search[key]["scores"][p].values())) for p in names]))
 
     keys = [str(c) for c in router.candidates]
+    missing = [k for k in keys if k not in search]
+    if missing:
+        raise RouterError(f"router {router.name!r}: candidate {missing[0]} has no search record in "
+                          f"{result.path or 'this sweep'}; evaluate a router against the sweep it was trained on")
     return max(keys, key=lambda k: (combined(k), -keys.index(k)))
 
 

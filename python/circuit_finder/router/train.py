@@ -5,8 +5,10 @@
    raises the items' best score among the chosen, the oracle's score on the search items).
    Or give the paths yourself (``candidates=[...]``; identity is added first).
 2. Labels: each search item's best candidate (ties go to the earlier candidate, identity first),
-   weighted by how much the choice matters for it (best score minus the candidates' mean);
-   items where every candidate scores the same carry no preference and are left out.
+   weighted by how much the choice matters for it (best score minus the candidates' mean) and by
+   its probe's share (1 / items of its probe: every objective here — labels, cross-validation,
+   the constant choice, the report's best fixed path — is ``combined``, the mean of per-probe
+   means); items where every candidate scores the same carry no preference and are left out.
 3. Features: ``Router.features`` of each item's prompt ids, exactly as the sweep ran them.
 4. Classifier: scikit-learn's LogisticRegression on standardised features (C picked by k-fold
    cross-validation of the routed score on the search items unless given) or weighted class
@@ -14,8 +16,8 @@
    search items) unless cross-validation says routing beats it. Deterministic under ``seed``.
 5. With ``evaluate=True`` (default): the held-out reading (``router.evaluate.evaluate_router``).
 
-Only search items train; held-out items only evaluate. Limits: scores are the probes' (0-100),
-so a probe with more items weighs more in training; likelihood margins are not used as labels.
+Only search items train (and choose candidates: ``by`` may not be a held-out column); held-out
+items only evaluate. Limits: likelihood margins are not used as labels.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..files import fingerprint
 from ..layer_path import LayerPath
 from ..sweep.runner import Runner, resolve_probes
 from .core import KINDS, POOLINGS, Router, shared_prefix
@@ -73,6 +76,15 @@ def labels_and_weights(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return table.argmax(1), table.max(1) - table.mean(1)
 
 
+def probe_weights(items: Sequence[tuple[str, str]]) -> np.ndarray:
+    """Per item 1 / (probes x its probe's items): weighted sums are means of per-probe means, the
+    ``combined`` score the tables and the report use (a probe with more items weighs no more)."""
+    counts: dict[str, int] = {}
+    for p, _ in items:
+        counts[p] = counts.get(p, 0) + 1
+    return np.array([1.0 / (len(counts) * counts[p]) for p, _ in items])
+
+
 def train_router(result, candidates: int | Sequence = 4, features: str = "mean", layer: int | None = None,
                  selection: str = "top", by: str = "combined_delta", classifier: str = "logistic",
                  C: float | None = None, fallback: bool = True, seed: int = 0, name: str | None = None,
@@ -104,6 +116,9 @@ def train_router(result, candidates: int | Sequence = 4, features: str = "mean",
         raise ValueError("the sweep has no baseline (identity) record to train against")
     probe_list = resolve_probes(probes if probes is not None else (result.probes or result.probe_names("search")))
     names = [p.name for p in probe_list]
+    if "_val" in by or "_bench" in by:
+        raise ValueError(f"by={by!r} is a held-out column: candidates are chosen on search items only, so that "
+                         f"the held-out reading stays held out")
     keys = _candidate_keys(result, search, base_key, candidates, selection, by, names)
     paths = [LayerPath.parse(k) for k in keys]
     if layer is None:
@@ -111,12 +126,14 @@ def train_router(result, candidates: int | Sequence = 4, features: str = "mean",
     if not 1 <= layer <= n:
         raise ValueError(f"layer must be in 1..{n}, got {layer}")
     items, table = utility_table(search, keys, names)
-    labels, weights = labels_and_weights(table)
-    keep = weights > 0
+    labels, regret = labels_and_weights(table)
+    pw = probe_weights(items)
+    keep = regret > 0
+    weights = pw * regret / max(1e-12, float((pw * regret)[keep].mean())) if keep.any() else regret
     shape = Router(name or "router", paths, layer, features, n, model.config.hidden_size, "constant", [0],
                    np.zeros(_size(features, model)), np.ones(_size(features, model)), np.zeros((0, 0)), np.zeros(0))
     x = _item_features(shape, model, result, probe_list, [it for it, k in zip(items, keep) if k])
-    fit = _fit(x, labels[keep], weights[keep], table[keep], classifier, C, fallback, seed, table)
+    fit = _fit(x, labels[keep], weights[keep], table[keep], pw[keep], classifier, C, fallback, seed, pw @ table)
     router = Router(name or _default_name(names, len(keys)), paths, layer, features, n, model.config.hidden_size,
                     fit["kind"], fit["classes"], fit["mean"], fit["scale"], fit["weights"], fit["bias"])
     router.training = _training_info(result, model, names, keys, items, labels, keep, fit,
@@ -139,7 +156,7 @@ def _default_name(probes: Sequence[str], k: int) -> str:
 def _candidate_keys(result, search: dict, base_key: str, candidates, selection: str, by: str,
                     probes: Sequence[str]) -> list[str]:
     if isinstance(candidates, int):
-        order = list(result.top(len(search), by=by)["layers"])
+        order = [k for k in result.top(len(search), by=by)["layers"] if not k.startswith("router:")]
         return select_candidates(search, base_key, candidates, selection, order, probes)
     keys = [base_key]
     for c in candidates:
@@ -168,19 +185,21 @@ def _item_features(router: Router, model, result, probes, items: list[tuple[str,
     return router.features(model, [ids[it] for it in items])
 
 
-def _fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, table: np.ndarray, classifier: str, C: float | None,
-         fallback: bool, seed: int, full_table: np.ndarray) -> dict:
-    """The classifier as arrays, with the cross-validation table that chose it."""
+def _fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, table: np.ndarray, pw: np.ndarray, classifier: str,
+         C: float | None, fallback: bool, seed: int, combined: np.ndarray) -> dict:
+    """The classifier as arrays, with the cross-validation table that chose it. x, y, w, table, pw:
+    the informative items' features, labels, sample weights, scores and probe weights;
+    combined: each candidate's combined search score (the constant choice takes the best)."""
     mean, scale = x.mean(0) if len(x) else np.zeros(x.shape[1]), x.std(0) if len(x) else np.ones(x.shape[1])
     scale = np.where(scale > 1e-8, scale, 1.0)
-    best_const = int(full_table.mean(0).argmax())
+    best_const = int(np.argmax(combined))
     constant = {"kind": "constant", "classes": [best_const], "mean": mean, "scale": scale,
                 "weights": np.zeros((0, x.shape[1])), "bias": np.zeros(0), "C": None, "cv": {}}
     if len(np.unique(y)) < 2:
         return {**constant, "why": "every informative search item prefers the same candidate" if len(y) else
                 "no search item prefers any candidate"}
     z = (x - mean) / scale
-    cv = _cross_validate(z, y, w, table, classifier, C, seed)
+    cv = _cross_validate(z, y, w, table, pw, classifier, C, seed)
     options = {k: v for k, v in cv.items() if k != "constant"}
     pick = max(options, key=lambda k: (options[k], -list(options).index(k))) if options else None
     if fallback and (pick is None or options[pick] <= cv.get("constant", -np.inf)):
@@ -205,9 +224,10 @@ def _fit_classifier(z: np.ndarray, y: np.ndarray, w: np.ndarray, classifier: str
             "bias": clf.intercept_, "sklearn": clf}
 
 
-def _cross_validate(z, y, w, table, classifier: str, C: float | None, seed: int) -> dict[str, float]:
-    """Mean routed score on held-out folds of the search items, per option ("C=..." or
-    "centroid") and for the constant best candidate of each training fold; {} when too few items."""
+def _cross_validate(z, y, w, table, pw, classifier: str, C: float | None, seed: int) -> dict[str, float]:
+    """Routed score (probe-weighted mean, as ``combined``) on held-out folds of the informative
+    search items, per option ("C=..." or "centroid") and for the constant best candidate of each
+    training fold; {} when too few items."""
     folds = min(5, len(y))
     if folds < 2:
         return {}
@@ -216,7 +236,7 @@ def _cross_validate(z, y, w, table, classifier: str, C: float | None, seed: int)
     grid = [f"C={c:g}" for c in ((C,) if C is not None else C_GRID)] if classifier == "logistic" else ["centroid"]
     got: dict[str, list[float]] = {k: [] for k in [*grid, "constant"]}
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(z):
-        got["constant"].append(table[test, int(table[train].mean(0).argmax())].sum())
+        got["constant"].append(pw[test] @ table[test, int(np.argmax(pw[train] @ table[train]))])
         for option in grid:
             if len(np.unique(y[train])) < 2:
                 pred = np.full(len(test), y[train][0])
@@ -224,8 +244,8 @@ def _cross_validate(z, y, w, table, classifier: str, C: float | None, seed: int)
                 fit = _fit_classifier(z[train], y[train], w[train], classifier,
                                       float(option.split("=")[1]) if option.startswith("C=") else 1.0)
                 pred = _predict_arrays(fit, z[test])
-            got[option].append(table[test, pred].sum())
-    return {k: float(np.sum(v) / len(y)) for k, v in got.items()}
+            got[option].append(pw[test] @ table[test, pred])
+    return {k: float(np.sum(v) / pw.sum()) for k, v in got.items()}
 
 
 def _predict_arrays(fit: dict, z: np.ndarray) -> np.ndarray:
@@ -251,6 +271,7 @@ def _training_info(result, model, probes, keys, items, labels, keep, fit, select
             "seed": seed, "classifier": classifier, "C": fit.get("C"), "cv": fit.get("cv", {}),
             "fit": fit.get("why", ""), "chat": result.chat, "thinking": bool(result.thinking),
             "results": str(result.path) if result.path else None, "model": str(model.source),
+            "fingerprint": fingerprint(model.source),
             "in_sample": {"router": per_probe(routed), "candidates": {k: per_probe(table[:, c])
                                                                       for c, k in enumerate(keys)},
                           "oracle": per_probe(table.max(1))}}
