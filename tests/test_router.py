@@ -107,6 +107,13 @@ def test_constant_when_no_item_prefers_a_candidate(chat_model):
     r = cf.train_router(result, candidates=2, probes=["math"], evaluate=False)
     assert r.kind == "constant" and r.training["informative"] == 0
     assert r.predict(np.zeros((3, r.feature_size))).tolist() == [r.classes[0]] * 3
+    # its held-out reading is its one path's own run (nothing routed to run)
+    ev = cf.train_router(result, candidates=2, probes=["math"], progress=False).evaluation
+    chosen = str(r.candidates[r.classes[0]])
+    assert ev["choices"] == {k: (len(get_probe("math").items("validation")) if k == chosen else 0)
+                             for k in map(str, r.candidates)}
+    assert ev["means"]["router"] == ev["means"]["candidates"][chosen]
+    assert ev["versus"]["best_fixed"]["combined_delta"] == 0
 
 
 # ---------------------------------------------------------------------------- files

@@ -45,10 +45,12 @@ def evaluate_router(router: Router, result, model=None, probes=None, progress: b
     if model is None:
         raise ValueError("evaluating a router needs the model: pass model=circuit_finder.load(...)")
     router.check(model)
-    result.run_held_out([*candidate_configs(router), RouterConfig(router)], model, probes, progress, "router")
+    constant = router.kind == "constant"  # every item along one candidate: its own run is the routed run
+    configs = candidate_configs(router) + ([] if constant else [RouterConfig(router)])
+    result.run_held_out(configs, model, probes, progress, "router")
     val = result.configs("validation", routers=True)
     keys = [str(c) for c in router.candidates]
-    routed = val[router.key]
+    routed = _constant_record(val[keys[router.classes[0]]], keys[router.classes[0]]) if constant else val[router.key]
     names = [p for p in routed["scores"] if all(p in val[k]["scores"] for k in keys)]
     base_key = str(LayerPath.identity(router.num_layers))
     best_key = best_fixed(router, result)
@@ -72,6 +74,11 @@ def evaluate_router(router: Router, result, model=None, probes=None, progress: b
         "agreement": {"items": len(routes), "same": same},
         "results": str(result.path) if result.path else None, "router": router.key}
     return router.evaluation
+
+
+def _constant_record(record: dict, key: str) -> dict:
+    """A constant router's held-out record: its one candidate's, every item routed there."""
+    return {"scores": record["scores"], "routes": {p: {i: key for i in v} for p, v in record["scores"].items()}}
 
 
 def best_fixed(router: Router, result) -> str:
