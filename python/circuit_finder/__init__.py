@@ -23,7 +23,7 @@ from .loading import default_model_path, load, load_from_tensors
 from .model import Model
 from .router import Router, RouterError
 from .router.train import train_router
-from .sweep import SweepResult, sweep
+from .sweep import RayExecutor, SweepResult, sweep
 
 FormatError = _C.FormatError
 WeightError = _C.WeightError
@@ -41,6 +41,7 @@ __all__ = [
     "LayerPathError",
     "Model",
     "ModelConfig",
+    "RayExecutor",
     "Router",
     "RouterError",
     "Sampling",

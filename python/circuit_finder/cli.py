@@ -2,6 +2,7 @@
 
     circuit-finder generate [--model PATH] [--layers PATH|router:FILE] [--chat] "prompt" ...
     circuit-finder sweep [--model PATH] --block-sizes 3 4 5 --out sweep.jsonl --heatmap sweep.png
+    circuit-finder sweep --strategy scan --executor ray --address auto --out scan.jsonl
     circuit-finder export --model SRC --layers PATH --format gguf|hf|mergekit --out DST
     circuit-finder eval [--model PATH] [--layers PATH] --tasks TASKS [any lm-eval option]
     circuit-finder serve [--model PATH] [--layers PATH] [--router FILE] [--host 127.0.0.1] [--port 8000]
@@ -217,6 +218,18 @@ def _search_options(args) -> dict | None:
     return None
 
 
+def _executor(args):
+    """--executor ray [--address A] [--workers N] -> a RayExecutor (checked before the model loads)."""
+    if args.executor != "ray":
+        if args.address or args.workers:
+            raise ValueError("--address and --workers go with --executor ray")
+        return None
+    _needs("ray", "ray", "circuit-finder sweep --executor ray")
+    from .sweep import RayExecutor
+
+    return RayExecutor(address=args.address, workers=args.workers)
+
+
 def cmd_sweep(args) -> int:
     import circuit_finder as cf
 
@@ -231,6 +244,7 @@ def cmd_sweep(args) -> int:
         _check_output_file(args.html, "--html")
     if args.strategy in ("beam", "surrogate") and not args.budget:
         raise ValueError(f"--strategy {args.strategy} needs --budget N (configs to evaluate)")
+    executor = _executor(args)
     names = [p.name for p in probes]
     for objective in args.pareto or ():  # a probe name means its delta
         name = objective.lstrip("-")
@@ -242,7 +256,8 @@ def cmd_sweep(args) -> int:
     result = cf.sweep(model, probes=probes, block_sizes=args.block_sizes, starts=args.starts, stride=args.stride,
                       times=args.times, paths=args.paths, strategy=args.strategy, mode=args.mode, results=args.out,
                       resume=not args.no_resume, progress=not args.no_progress, max_items=args.max_items,
-                      thinking=args.thinking, budget=args.budget, seed=args.seed, search=_search_options(args))
+                      thinking=args.thinking, budget=args.budget, seed=args.seed, search=_search_options(args),
+                      executor=executor)
     _print_sweep(result, args)
     if args.heatmap:
         fig = result.heatmap(args.metric)
@@ -464,6 +479,12 @@ def _add_sweep(sub) -> None:
     s.add_argument("--pareto", nargs="+", default=None, metavar="PROBE",
                    help="print the Pareto front over these probes' deltas or columns ('-name' minimises)")
     s.add_argument("--html", default=None, help="write an interactive (plotly) heatmap of --metric as standalone HTML")
+    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="ray: spread the configs over Ray workers (this process writes --out; see README)")
+    s.add_argument("--address", default=None,
+                   help="with --executor ray: the cluster (auto, ray://host:10001); default RAY_ADDRESS or a local one")
+    s.add_argument("--workers", type=_positive, default=None,
+                   help="with --executor ray: workers (default one per GPU, or the cluster's CPUs / threads)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_sweep)
 

@@ -29,11 +29,12 @@ from ..results import ResultStore
 from ..router import run as routing
 from ..router.run import RouterConfig
 from .configs import MODES, STRATEGIES, SweepConfig, make_configs, refine_configs, rys_params, unique_configs
+from .distributed import RayExecutor
 from .result import SweepResult
 from .runner import THINK_TOKENS, ProbeBatch, Runner, resolve_chat, resolve_probes, run_configs, sweep_setup
 from .search import SEARCHES, beam_search, objective, surrogate_search
 
-__all__ = ["MODES", "STRATEGIES", "THINK_TOKENS", "ProbeBatch", "Runner", "SweepConfig", "SweepResult", "make_configs",
+__all__ = ["MODES", "STRATEGIES", "THINK_TOKENS", "ProbeBatch", "RayExecutor", "Runner", "SweepConfig", "SweepResult", "make_configs",
            "refine_configs", "resolve_chat", "resolve_probes", "run_configs", "rys_params", "sweep", "sweep_setup",
            "unique_configs"]
 
@@ -45,7 +46,7 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
           reuse: bool = True, refine_top: int = 3, refine_stride: int | None = None,
           by: str = "combined_delta", validate: int = 0, thinking: bool = False,
           think_tokens: int = THINK_TOKENS, budget: int | None = None, seed: int = 0,
-          search: dict | None = None) -> SweepResult:
+          search: dict | None = None, executor=None) -> SweepResult:
     """Scores probes along many layer paths; returns a SweepResult (``.to_pandas()``, ``.heatmap()``...).
 
     model: a loaded Model. probes: built-in names ("math", "eq", "reasoning", "gsm8k", "instruct",
@@ -73,6 +74,9 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     thinking: False (default) sets the chat template's ``enable_thinking`` switch off where it has
     one; True leaves thinking on and gives each probe ``think_tokens`` more tokens. Either way
     <think>...</think> blocks are stripped before scoring.
+    executor: None (this process), "ray" (Ray workers: the running Ray, RAY_ADDRESS, or a local
+    one) or a ``RayExecutor(address=..., workers=...)``; records come back to this process, which
+    alone writes ``results`` (see ``circuit_finder.sweep.distributed``).
     """
     if not isinstance(model, Model):
         raise TypeError(f"sweep() needs a circuit_finder Model (circuit_finder.load), got {type(model).__name__}")
@@ -86,6 +90,7 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     if strategy in SEARCHES and (not budget or budget < 1):
         raise ValueError(f"strategy {strategy!r} needs budget=N (configs to evaluate, N >= 1)")
     configs, routers = _first_configs(model, strategy, block_sizes, starts, stride, coarse_stride, times, paths)
+    ex = resolve_executor(executor)
     store = None
     if results is not None:
         setup = sweep_setup(model, probe_list, chat, max_items, thinking)
@@ -95,10 +100,10 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
 
     def run(batch: list[SweepConfig], desc: str) -> SweepResult:
         records.extend(run_configs(model, probe_list, batch, store, mode, "search", max_items, chat, reuse, progress,
-                                   desc=desc, thinking=thinking, think_tokens=think_tokens))
+                                   desc=desc, thinking=thinking, think_tokens=think_tokens, executor=ex))
         return SweepResult(store.records() if store is not None else records, num_layers=n, mode=mode,
                            path=store.path if store is not None else None, model=model, probes=probe_list, chat=chat,
-                           thinking=thinking, think_tokens=think_tokens, routers=routers)
+                           thinking=thinking, think_tokens=think_tokens, routers=routers, executor=ex)
 
     result = run([SweepConfig(LayerPath.identity(n)), *configs], "sweep")
     if strategy == "refine":
@@ -108,6 +113,17 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     if validate:
         result.validate(validate, by=by, progress=progress)
     return result
+
+
+def resolve_executor(executor) -> RayExecutor | None:
+    """None / "local" -> None (this process); "ray" -> RayExecutor(); a RayExecutor as is."""
+    if executor is None or executor == "local":
+        return None
+    if executor == "ray":
+        return RayExecutor()
+    if isinstance(executor, RayExecutor):
+        return executor
+    raise ValueError(f"executor must be None, 'local', 'ray' or a RayExecutor, got {executor!r}")
 
 
 def _first_configs(model: Model, strategy: str, block_sizes, starts, stride: int, coarse_stride: int, times,

@@ -33,8 +33,9 @@ class SweepResult:
 
     def __init__(self, records: list[dict], num_layers: int, mode: str | None = None, path: Path | None = None,
                  model=None, probes=None, chat: bool | None = None, thinking: bool = False,
-                 think_tokens: int = THINK_TOKENS, routers: dict | None = None):
+                 think_tokens: int = THINK_TOKENS, routers: dict | None = None, executor=None):
         self.records = list(records)
+        self.executor = executor  # where validate() and run_held_out() run configs (None: this process)
         self.routers = dict(routers or {})  # router key -> Router, for routers this sweep ran as configs
         self._stats_cache: dict[tuple, dict] = {}
         self.num_layers = num_layers
@@ -305,7 +306,8 @@ class SweepResult:
         probe_list = resolve_probes(probes if probes is not None else (self.probes or self.probe_names()))
         store = self._store(model)
         new = run_configs(model, probe_list, list(configs), store, self.mode, "validation", None, self.chat, True,
-                          progress, desc=stage, thinking=self.thinking, think_tokens=self.think_tokens)
+                          progress, desc=stage, thinking=self.thinking, think_tokens=self.think_tokens,
+                          executor=self.executor)
         self.records = store.records() if store is not None else self.records + new
 
     def _config(self, key: str):

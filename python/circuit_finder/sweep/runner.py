@@ -266,9 +266,12 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def run_configs(model: Model, probes: list[Probe], configs: list[SweepConfig], store: ResultStore | None,
                 mode: str, split: str, max_items: int | None, chat: bool | None, reuse: bool, progress: bool,
-                desc: str = "sweep", thinking: bool = False, think_tokens: int = THINK_TOKENS) -> list[dict]:
+                desc: str = "sweep", thinking: bool = False, think_tokens: int = THINK_TOKENS,
+                executor=None) -> list[dict]:
     """Runs the configs not yet in the store (in shared-prefix order), appending each record as it
-    finishes; ``desc`` names the stage (sweep, refine, validate) in the records and the progress bar."""
+    finishes; ``desc`` names the stage (sweep, refine, validate) in the records and the progress bar.
+    ``executor``: a RayExecutor runs them on Ray workers (records still appended here, in the order
+    they finish); None runs them in this process."""
     names = [p.name for p in probes]
     todo = [c for c in configs if store is None or not store.has(c.key, split, mode, names)]
     n = model.num_layers
@@ -276,17 +279,25 @@ def run_configs(model: Model, probes: list[Probe], configs: list[SweepConfig], s
     records: list[dict] = []
     if not todo:
         return records
-    runner = Runner(model, probes, mode, split, max_items, chat, reuse, thinking, think_tokens, stage=desc)
     bar = _progress(len(todo), progress, desc)
+
+    def finished(record: dict) -> None:
+        if store is not None:
+            store.append(record)
+        records.append(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(record["layers"][:40])
+
     try:
-        for config in todo:
-            record = runner.run(config)
-            if store is not None:
-                store.append(record)
-            records.append(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(config.key[:40])
+        if executor is not None:
+            executor.run(model, probes, todo, finished,
+                         dict(mode=mode, split=split, max_items=max_items, chat=chat, reuse=reuse, thinking=thinking,
+                              think_tokens=think_tokens, stage=desc))
+        else:
+            runner = Runner(model, probes, mode, split, max_items, chat, reuse, thinking, think_tokens, stage=desc)
+            for config in todo:
+                finished(runner.run(config))
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,101 @@
+"""Sweeps on a local Ray cluster (issue #17): two workers give the records of a local run, resume
+reruns nothing, and killing a worker mid-sweep loses nothing (every config recorded exactly once)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import circuit_finder as cf  # noqa: E402
+from circuit_finder.results import read_records  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def _by_config(path):
+    records = [r for r in read_records(path)[1] if r.get("split") == "search"]
+    keys = [r["layers"] for r in records]
+    assert len(keys) == len(set(keys)), "a config was recorded twice"
+    return {r["layers"]: r for r in records}
+
+
+def _same(local: dict, dist: dict, mode: str) -> None:
+    assert set(local) == set(dist)
+    for key, r in local.items():
+        assert dist[key]["scores"] == r["scores"], key
+        if mode == "generate":
+            assert dist[key]["outputs"] == r["outputs"], key
+        else:
+            for p, margins in r["margins"].items():
+                for i, v in margins.items():
+                    assert dist[key]["margins"][p][i] == pytest.approx(v, abs=1e-4), (key, p, i)
+
+
+def test_ray_sweep_gives_the_local_records(chat_model, tmp_path, cluster):
+    kw = dict(probes=["math", "reasoning"], strategy="scan", mode="likelihood", max_items=3, progress=False)
+    cf.sweep(chat_model, results=tmp_path / "local.jsonl", **kw)
+    ex = cf.RayExecutor(workers=2, threads=1)
+    cf.sweep(chat_model, results=tmp_path / "ray.jsonl", executor=ex, **kw)
+    local, dist = _by_config(tmp_path / "local.jsonl"), _by_config(tmp_path / "ray.jsonl")
+    print(f"{len(dist)} configs on {ex.started} workers")
+    assert len(dist) == 22 and ex.started == 2 and not ex.actors  # the workers are released after the run
+    _same(local, dist, "likelihood")
+    lines = (tmp_path / "ray.jsonl").read_text()
+    again = cf.sweep(chat_model, results=tmp_path / "ray.jsonl", executor=ex, **kw)  # resume: nothing to run
+    assert (tmp_path / "ray.jsonl").read_text() == lines and len(again) == 22
+    val = again.validate(2, progress=False)  # held-out items on the workers too
+    assert val["combined_val_delta"].notna().all()
+
+
+def test_killing_a_worker_mid_sweep_loses_nothing(chat_model, tmp_path, cluster):
+    kw = dict(probes=["math"], strategy="scan", mode="generate", max_items=2, progress=False)
+    cf.sweep(chat_model, results=tmp_path / "local.jsonl", **kw)
+    ex = cf.RayExecutor(workers=2, threads=1)
+    out = tmp_path / "kill.jsonl"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if out.exists() and len(read_records(out)[1]) >= 3 and len(ex.actors) == 2:
+                victim = ex.actors[0]
+                ray.kill(victim, no_restart=True)
+                killed.append(victim)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    cf.sweep(chat_model, results=out, executor=ex, **kw)
+    thread.join(timeout=5)
+    assert killed and ex.restarts == 1, "the worker was not killed mid-sweep"
+    _same(_by_config(tmp_path / "local.jsonl"), _by_config(out), "generate")
+
+
+def test_bad_executor_is_refused(chat_model):
+    with pytest.raises(ValueError, match="executor must be"):
+        cf.sweep(chat_model, probes=["math"], paths=["0..5"], executor="dask", progress=False)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        cf.RayExecutor(workers=0)
+
+
+def test_cli_sweep_on_ray(chat_model_dir, tmp_path, cluster, capsys):
+    from circuit_finder.cli import main
+
+    out = tmp_path / "cli.jsonl"
+    args = ["sweep", "--model", str(chat_model_dir), "--strategy", "scan", "--mode", "likelihood", "--probes",
+            "math", "--max-items", "2", "--out", str(out), "--no-progress"]
+    assert main([*args, "--executor", "ray", "--workers", "2"]) == 0
+    assert len(_by_config(out)) == 22
+    assert main([*args, "--workers", "2"]) == 2
+    assert "--address and --workers go with --executor ray" in capsys.readouterr().err
