@@ -96,6 +96,15 @@ class LayerPath:
     def layers(self) -> tuple[int, ...]:
         return self._layers
 
+    def identity_prefix(self, num_layers: int) -> int:
+        """How many first slots equal the identity path's (work other paths can share)."""
+        n = 0
+        for s, layer in enumerate(self._layers):
+            if layer != s or s >= num_layers:
+                break
+            n += 1
+        return n
+
     def extra_layers(self, num_layers: int) -> int:
         """How many more layer runs than the identity path (negative when layers are skipped)."""
         return len(self._layers) - num_layers

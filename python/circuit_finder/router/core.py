@@ -30,7 +30,7 @@ from ..generation import positions_from_mask
 from ..layer_path import LayerPath
 from . import reading
 
-__all__ = ["KINDS", "POOLINGS", "Router", "RouterError", "shared_prefix"]
+__all__ = ["KINDS", "POOLINGS", "Router", "RouterError"]
 
 POOLINGS = ("mean", "last", "mean+last")
 KINDS = ("logistic", "centroid", "constant")
@@ -39,16 +39,6 @@ FORMAT = "circuit-finder-router"
 
 class RouterError(ValueError):
     """A router file or router that cannot be used (wrong format, another model, bad arrays)."""
-
-
-def shared_prefix(path: LayerPath, num_layers: int) -> int:
-    """How many first slots of ``path`` equal the identity path's."""
-    n = 0
-    for s, layer in enumerate(path):
-        if layer != s or s >= num_layers:
-            break
-        n += 1
-    return n
 
 
 @dataclass(eq=False)
@@ -139,7 +129,7 @@ class Router:
     def reuses(self, candidate: int) -> bool:
         """Whether candidate ``candidate`` goes on from the feature pass (its first ``layer`` slots
         are the identity path's) rather than from the embedding."""
-        return shared_prefix(self.candidates[candidate], self.num_layers) >= self.layer
+        return self.candidates[candidate].identity_prefix(self.num_layers) >= self.layer
 
     def check(self, model) -> None:
         """RouterError unless this router was made for a model of this shape."""

@@ -29,7 +29,7 @@ import numpy as np
 from ..files import fingerprint
 from ..layer_path import LayerPath
 from ..sweep.runner import Runner, resolve_probes
-from .core import KINDS, POOLINGS, Router, shared_prefix
+from .core import KINDS, POOLINGS, Router
 from .evaluate import evaluate_router
 
 __all__ = ["C_GRID", "select_candidates", "train_router", "utility_table"]
@@ -122,7 +122,7 @@ def train_router(result, candidates: int | Sequence = 4, features: str = "mean",
     keys = _candidate_keys(result, search, base_key, candidates, selection, by, names)
     paths = [LayerPath.parse(k) for k in keys]
     if layer is None:
-        layer = max(1, min(min(shared_prefix(p, n) for p in paths), n // 2))
+        layer = max(1, min(min(p.identity_prefix(n) for p in paths), n // 2))
     if not 1 <= layer <= n:
         raise ValueError(f"layer must be in 1..{n}, got {layer}")
     items, table = utility_table(search, keys, names)

@@ -59,12 +59,7 @@ class SweepConfig:
 
     def shared_prefix(self, num_layers: int) -> int:
         """How many first slots equal the identity path's (work that can be reused)."""
-        n = 0
-        for s, layer in enumerate(self.layers):
-            if layer != s or s >= num_layers:
-                break
-            n += 1
-        return n
+        return self.layers.identity_prefix(num_layers)
 
 
 def _ints(name: str, values, minimum: int) -> list[int]:
