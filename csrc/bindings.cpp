@@ -50,7 +50,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("batch", &cf::KVCache::batch)
       .def("reset", &cf::KVCache::reset)
       .def("advance", &cf::KVCache::advance, py::arg("tokens"))
-      .def("select_rows", &cf::KVCache::select_rows, py::arg("rows"), py::arg("slots"));
+      .def("select_rows", &cf::KVCache::select_rows, py::arg("rows"), py::arg("slots"))
+      .def("keys", &cf::KVCache::filled_keys, py::arg("slot"), "the slot's filled keys [B, kv_heads, length, head_dim]")
+      .def("values", &cf::KVCache::filled_values, py::arg("slot"))
+      .def("device", [](const cf::KVCache& c, int64_t slot) { return c.device(slot).str(); }, py::arg("slot"));
 
   py::class_<cf::Engine>(m, "Engine")
       .def(py::init<const std::string&, const std::string&, const std::map<std::string, at::Tensor>&>(),
@@ -65,8 +68,11 @@ PYBIND11_MODULE(_C, m) {
       .def("head", &cf::Engine::head, py::arg("hidden"), py::call_guard<py::gil_scoped_release>())
       .def("decode_step", &cf::Engine::decode_step, py::arg("token"), py::arg("positions"), py::arg("key_mask"),
            py::arg("index"), py::arg("path"), py::arg("cache"), py::call_guard<py::gil_scoped_release>())
-      .def("new_cache", &cf::Engine::new_cache, py::arg("num_slots"), py::arg("batch"), py::arg("capacity"),
+      .def("new_cache", &cf::Engine::new_cache, py::arg("path"), py::arg("batch"), py::arg("capacity"),
            py::arg("share") = nullptr, py::arg("shared_slots") = 0)
+      .def("layer_device", [](const cf::Engine& e, int64_t layer) { return e.layer_device(layer).str(); },
+           py::arg("layer"))
+      .def_property_readonly("device", [](const cf::Engine& e) { return e.device().str(); })
       .def("layer_tensors", &cf::Engine::layer_tensors, py::arg("layer"))
       .def("config_json", &cf::Engine::config_json);
 }

@@ -91,7 +91,7 @@ def test_incremental_decode_equals_full_forward(model_dir, arch):
     ids = tokens(2, 18, seed=2)
     full = model.logits(ids, layers=path)
     engine = model.engine
-    cache = engine.new_cache(len(path), 2, 32)
+    cache = engine.new_cache(path, 2, 32)
     pos = torch.arange(18).expand(2, 18).contiguous()
     with torch.inference_mode():
         parts = [engine.forward(ids[:, :10], pos[:, :10], None, path, cache, False)]

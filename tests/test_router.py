@@ -360,7 +360,7 @@ def test_a_router_is_a_sweep_config(chat_model, tmp_path, task_dir):
 
 
 def test_select_rows_checks_its_input(chat_model):
-    cache = chat_model.engine.new_cache(2, 3, 8)
+    cache = chat_model.engine.new_cache([0, 1], 3, 8)
     sub = cache.select_rows(torch.tensor([2, 0]), 1)
     assert (sub.batch, sub.num_slots, sub.capacity) == (2, 1, 8)
     with pytest.raises(cf.InputError, match="row index 3 is outside the cache's batch of 3"):

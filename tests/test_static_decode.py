@@ -54,7 +54,7 @@ def test_static_decode_logits_match(model_dir):
     ref = model.logits(full, layers=PATH, attention_mask=full_mask)
     engine, layers = model.engine, list(PATH)
     B, T = ids.shape
-    cache = engine.new_cache(len(layers), B, T + 6)
+    cache = engine.new_cache(layers, B, T + 6)
     pos = cf.generation.positions_from_mask(mask)
     engine.forward(ids, pos, mask, layers, cache, True)
     key_mask = torch.zeros(B, T + 6, dtype=torch.bool)
@@ -73,7 +73,7 @@ def test_decode_step_rejects_bad_input(model_dir):
     folder, _ = model_dir("llama")
     engine = cf.load(folder).engine
     layers = list(range(6))
-    cache = engine.new_cache(6, 2, 8)
+    cache = engine.new_cache(layers, 2, 8)
     tok, pos, idx = torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), torch.tensor([0])
     with pytest.raises(ValueError, match="key_mask must be bool"):
         engine.decode_step(tok, pos, torch.ones(2, 8, dtype=torch.long), idx, layers, cache)

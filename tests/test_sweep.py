@@ -98,13 +98,13 @@ def test_run_slots_and_shared_cache(chat_model):
         h = m.engine.run_slots(h, pos, None, path, None, 3, len(path))
         assert torch.equal(m.engine.head(h), full)
         # slots 0..3 of the identity cache reused (shared, not copied) by the RYS path
-        ident = m.engine.new_cache(6, 1, 16)
+        ident = m.engine.new_cache(list(range(6)), 1, 16)
         h4 = m.engine.run_slots(m.engine.embed(ids), pos, None, list(range(6)), ident, 0, 4)
-        cache = m.engine.new_cache(len(path), 1, 16, ident, 4)
+        cache = m.engine.new_cache(path, 1, 16, ident, 4)
         out = m.engine.head(m.engine.run_slots(h4, pos, None, path, cache, 4, len(path)))
         cache.advance(5)
         assert torch.equal(out, full)
-        ref_cache = m.engine.new_cache(len(path), 1, 16)
+        ref_cache = m.engine.new_cache(path, 1, 16)
         m.engine.forward(ids, pos, None, path, ref_cache, False)
         nxt = torch.tensor([[11]])
         a = m.engine.forward(nxt, torch.tensor([[5]]), None, path, cache, True)
@@ -127,11 +127,11 @@ def test_engine_piece_errors(chat_model):
         e.run_slots(h, pos[:, :2], None, list(range(6)), None, 0, 6)
     with pytest.raises(cf.InputError, match=r"attention_mask must be \[1, 3, 3\]"):
         e.run_slots(h, pos, torch.ones(1, 3, 4, dtype=torch.bool), list(range(6)), None, 0, 6)
-    base = e.new_cache(6, 1, 8)
+    base = e.new_cache(list(range(6)), 1, 8)
     with pytest.raises(cf.InputError, match="the shared cache holds 6 slots of batch 1 and capacity 8"):
-        e.new_cache(7, 2, 8, base, 3)
+        e.new_cache([0, 1, 2, 3, 4, 5, 5], 2, 8, base, 3)
     with pytest.raises(cf.InputError, match="shared_slots must be in"):
-        e.new_cache(7, 1, 8, None, 3)
+        e.new_cache([0, 1, 2, 3, 4, 5, 5], 1, 8, None, 3)
     with pytest.raises(cf.InputError, match="cannot advance the KV cache by 9"):
         base.advance(9)
     with pytest.raises(cf.InputError, match="outside the vocabulary"):

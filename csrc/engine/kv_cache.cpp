@@ -5,9 +5,10 @@
 
 namespace cf {
 
-KVCache::KVCache(int64_t num_slots, int64_t batch, int64_t capacity, int64_t kv_heads, int64_t head_dim,
-                 at::ScalarType dtype, at::Device device, const KVCache* share, int64_t shared_slots)
+KVCache::KVCache(const std::vector<at::Device>& devices, int64_t batch, int64_t capacity, int64_t kv_heads,
+                 int64_t head_dim, at::ScalarType dtype, const KVCache* share, int64_t shared_slots)
     : batch_(batch), capacity_(capacity) {
+  const int64_t num_slots = static_cast<int64_t>(devices.size());
   if (num_slots <= 0 || batch <= 0 || capacity <= 0)
     throw InputError(cat("KV cache needs positive slots, batch and capacity, got ", num_slots, ", ", batch, ", ",
                          capacity));
@@ -18,20 +19,25 @@ KVCache::KVCache(int64_t num_slots, int64_t batch, int64_t capacity, int64_t kv_
       throw InputError(cat("the shared cache holds ", share->num_slots(), " slots of batch ", share->batch_,
                            " and capacity ", share->capacity_, "; need ", shared_slots, " slots of batch ", batch,
                            " and capacity ", capacity));
-    if (share->k_[0].size(1) != kv_heads || share->k_[0].size(3) != head_dim || share->k_[0].scalar_type() != dtype ||
-        share->k_[0].device() != device)
-      throw InputError("the shared cache belongs to another model (heads, head size, dtype or device differ)");
     for (int64_t s = 0; s < shared_slots; ++s) {
-      k_.push_back(share->k_[s]);
+      const at::Tensor& k = share->k_[s];
+      if (k.size(1) != kv_heads || k.size(3) != head_dim || k.scalar_type() != dtype || k.device() != devices[s])
+        throw InputError(cat("the shared cache's slot ", s, " belongs to another model or layer (heads, head size, ",
+                             "dtype or device differ)"));
+      k_.push_back(k);
       v_.push_back(share->v_[s]);
     }
   }
-  auto opts = at::TensorOptions().dtype(dtype).device(device);
   for (int64_t s = static_cast<int64_t>(k_.size()); s < num_slots; ++s) {
+    auto opts = at::TensorOptions().dtype(dtype).device(devices[s]);
     k_.push_back(at::zeros({batch, kv_heads, capacity, head_dim}, opts));
     v_.push_back(at::zeros({batch, kv_heads, capacity, head_dim}, opts));
   }
 }
+
+at::Tensor KVCache::filled_keys(int64_t slot) const { return k_.at(slot).narrow(2, 0, length_); }
+at::Tensor KVCache::filled_values(int64_t slot) const { return v_.at(slot).narrow(2, 0, length_); }
+at::Device KVCache::device(int64_t slot) const { return k_.at(slot).device(); }
 
 std::pair<at::Tensor, at::Tensor> KVCache::append(int64_t slot, const at::Tensor& k, const at::Tensor& v) {
   const int64_t t = k.size(2);
@@ -52,15 +58,15 @@ KVCache KVCache::select_rows(const at::Tensor& rows, int64_t slots) const {
     throw InputError(cat("select_rows: slots must be in [0, ", num_slots(), "], got ", slots));
   if (rows.dim() != 1 || rows.scalar_type() != at::kLong || rows.numel() == 0)
     throw InputError("select_rows: rows must be a non-empty 1-D int64 tensor of batch indices");
-  auto idx = rows.to(k_.at(0).device());
-  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  const int64_t lo = rows.min().item<int64_t>(), hi = rows.max().item<int64_t>();
   if (lo < 0 || hi >= batch_)
     throw InputError(cat("select_rows: row index ", lo < 0 ? lo : hi, " is outside the cache's batch of ", batch_));
   KVCache out;
-  out.batch_ = idx.numel();
+  out.batch_ = rows.numel();
   out.capacity_ = capacity_;
   out.length_ = length_;
   for (int64_t s = 0; s < slots; ++s) {
+    const at::Tensor idx = rows.to(k_[s].device());
     out.k_.push_back(k_[s].index_select(0, idx));
     out.v_.push_back(v_[s].index_select(0, idx));
   }

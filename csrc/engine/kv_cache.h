@@ -1,7 +1,8 @@
 // kv_cache.h — one key/value cache per slot of a layer path: a layer that runs twice has two.
 // Preallocated to a fixed capacity; appends copy into place, so decoding allocates nothing.
 // A cache may share its first slots' tensors with another cache (paths with a common prefix):
-// sharing is safe while the two are used one after the other, never interleaved.
+// sharing is safe while the two are used one after the other, never interleaved. Each slot lives
+// on its own device (the device of the layer it runs, when a model is split over devices).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -11,8 +12,9 @@ namespace cf {
 
 class KVCache {
  public:
-  KVCache(int64_t num_slots, int64_t batch, int64_t capacity, int64_t kv_heads, int64_t head_dim,
-          at::ScalarType dtype, at::Device device, const KVCache* share = nullptr, int64_t shared_slots = 0);
+  // devices: one per slot. A shared slot must sit on the device asked for it.
+  KVCache(const std::vector<at::Device>& devices, int64_t batch, int64_t capacity, int64_t kv_heads,
+          int64_t head_dim, at::ScalarType dtype, const KVCache* share = nullptr, int64_t shared_slots = 0);
 
   // Stores k, v [B, Hkv, T, D] for `slot` at positions [length, length+T) and returns views of
   // the slot's keys and values over [0, length+T).
@@ -34,6 +36,10 @@ class KVCache {
   int64_t num_slots() const { return static_cast<int64_t>(k_.size()); }
   int64_t batch() const { return batch_; }
   const at::Tensor& keys(int64_t slot) const { return k_.at(slot); }
+  // The slot's filled keys / values [B, Hkv, length, D] (views, for tests and inspection).
+  at::Tensor filled_keys(int64_t slot) const;
+  at::Tensor filled_values(int64_t slot) const;
+  at::Device device(int64_t slot) const;
 
  private:
   KVCache() = default;

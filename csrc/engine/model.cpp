@@ -80,10 +80,36 @@ Engine::Engine(const std::string& config_json, const std::string& config_source,
   if (cfg_.has_rope_local) rope_local_ = rope_freqs(cfg_.rope_local, w_.device);
 }
 
-KVCache Engine::new_cache(int64_t num_slots, int64_t batch, int64_t capacity, const KVCache* share,
-                           int64_t shared_slots) const {
-  return KVCache(num_slots, batch, capacity, cfg_.num_kv_heads, cfg_.head_dim, w_.dtype, w_.device, share,
-                 shared_slots);
+namespace {
+at::Tensor moved(const at::Tensor& t, at::Device device) { return t.defined() ? t.to(device) : t; }
+}  // namespace
+
+const SlotInputs& CallInputs::on(at::Device device) {
+  for (const SlotInputs& s : on_)
+    if (s.device == device) return s;
+  const SlotInputs& m = on_.front();
+  SlotInputs s;
+  s.device = device;
+  s.pt = {moved(m.pt.cos, device), moved(m.pt.sin, device), moved(m.pt.cos_local, device),
+          moved(m.pt.sin_local, device), moved(m.pt.query_scale, device)};
+  for (const auto& [window, mask] : m.masks)
+    s.masks[window] = mask ? std::optional<at::Tensor>(mask->to(device)) : std::nullopt;
+  s.write_index = moved(m.write_index, device);
+  on_.push_back(std::move(s));
+  return on_.back();
+}
+
+KVCache Engine::new_cache(const LayerPath& path, int64_t batch, int64_t capacity, const KVCache* share,
+                          int64_t shared_slots) const {
+  validate_layer_path(path, cfg_.num_layers);
+  std::vector<at::Device> devices;
+  for (int64_t layer : path) devices.push_back(w_.layers[layer].device);
+  return KVCache(devices, batch, capacity, cfg_.num_kv_heads, cfg_.head_dim, w_.dtype, share, shared_slots);
+}
+
+at::Device Engine::layer_device(int64_t layer) const {
+  validate_layer_path({layer}, cfg_.num_layers);
+  return w_.layers[layer].device;
 }
 
 std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
@@ -199,6 +225,10 @@ void Engine::check_cache(const KVCache* cache, const LayerPath& path, int64_t B,
   if (cache->batch() != B) throw InputError(cat("the KV cache holds batch ", cache->batch(), ", input has ", B));
   if (cache->length() + T > cache->capacity())
     throw InputError(cat("the KV cache holds ", cache->capacity(), " positions; this call needs ", cache->length() + T));
+  for (int64_t slot = 0; slot < cache->num_slots(); ++slot)
+    if (cache->device(slot) != w_.layers[path[slot]].device)
+      throw InputError(cat("the KV cache's slot ", slot, " is on ", cache->device(slot).str(), " but layer ", path[slot],
+                           " runs on ", w_.layers[path[slot]].device.str(), " (make the cache for this path)"));
 }
 
 std::pair<at::Tensor, at::Tensor> Engine::rope_tables(const at::Tensor& positions, const RopeFreqs& f) const {
@@ -247,19 +277,24 @@ at::Tensor Engine::run_slots(const at::Tensor& h, const at::Tensor& positions, c
     throw InputError(cat("positions must be [", B, ", ", T, "], got ", shape_str(positions.sizes())));
   check_cache(cache, path, B, T);
   const int64_t past = cache ? cache->length() : 0;
-  Masks masks = build_masks(key_mask, positions, windows(path, begin, end), past);
-  return run_path(h, path, begin, end, position_tables(positions), masks, cache);
+  CallInputs inputs({w_.device, position_tables(positions), build_masks(key_mask, positions, windows(path, begin, end), past),
+                     at::Tensor()});
+  return run_path(h, path, begin, end, inputs, cache);
 }
 
 // The one loop over a path's slots: slot s runs layer path[s] with its own cache slot s, under the
-// mask of that layer's attention kind (a sliding layer keeps its window in every slot it runs in).
-at::Tensor Engine::run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, const PositionTables& pt,
-                            Masks& masks, KVCache* cache, const at::Tensor& write_index) const {
+// mask of that layer's attention kind (a sliding layer keeps its window in every slot it runs in),
+// on the device its layer lives on.
+at::Tensor Engine::run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, CallInputs& inputs,
+                            KVCache* cache) const {
   for (int64_t slot = begin; slot < end; ++slot) {
     const int64_t layer = path[slot];
-    x = block(x, layer, pt, masks[cfg_.sliding_window[layer]], cache, slot, write_index);
+    const at::Device device = w_.layers[layer].device;
+    if (x.device() != device) x = x.to(device);
+    const SlotInputs& in = inputs.on(device);
+    x = block(x, layer, in.pt, in.masks.at(cfg_.sliding_window[layer]), cache, slot, in.write_index);
   }
-  return x;
+  return x.device() == w_.device ? x : x.to(w_.device);
 }
 
 at::Tensor Engine::decode_step(const at::Tensor& token, const at::Tensor& positions, const at::Tensor& key_mask,
@@ -279,10 +314,11 @@ at::Tensor Engine::decode_step(const at::Tensor& token, const at::Tensor& positi
   if (index.scalar_type() != at::kLong || index.device() != w_.device || index.numel() != 1 || index.dim() != 1)
     throw InputError("decode_step's index must be a 1-element int64 tensor on the model's device");
   at::Tensor x = embed_unchecked(token);
-  const PositionTables pt = position_tables(positions);
   key_mask.index_fill_(1, index, true);
-  Masks masks = decode_step_masks(key_mask, index, windows(path, 0, static_cast<int64_t>(path.size())));
-  x = run_path(x, path, 0, static_cast<int64_t>(path.size()), pt, masks, &cache, index);
+  const int64_t n = static_cast<int64_t>(path.size());
+  CallInputs inputs({w_.device, position_tables(positions), decode_step_masks(key_mask, index, windows(path, 0, n)),
+                     index});
+  x = run_path(x, path, 0, n, inputs, &cache);
   at::Tensor logits = head(x).select(1, 0);
   positions.add_(1);
   index.add_(1);

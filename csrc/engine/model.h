@@ -1,9 +1,13 @@
 // model.h — the decoder forward pass along a layer path. forward() is a loop over the path's
 // slots; each slot runs one layer's weights with its own KV cache slot. No weights are copied:
-// a layer that appears twice in a path runs the same tensors twice.
+// a layer that appears twice in a path runs the same tensors twice. A model may be split over
+// devices (each layer's weights on one device, see weights.h): a slot runs where its layer lives,
+// with its cache slot there; hidden states move only when consecutive slots sit on different
+// devices, and every call takes its inputs and returns its outputs on the main device.
 #pragma once
 #include <ATen/ATen.h>
 
+#include <deque>
 #include <map>
 #include <optional>
 #include <set>
@@ -30,6 +34,26 @@ struct RopeFreqs {
 // (undefined when the family has none).
 struct PositionTables {
   at::Tensor cos, sin, cos_local, sin_local, query_scale;
+};
+
+// What one call gives every slot, on one device: position tables, masks by window, and the decode
+// step's write column (undefined = append at the cache's length).
+struct SlotInputs {
+  at::Device device = at::kCPU;
+  PositionTables pt;
+  Masks masks;
+  at::Tensor write_index;
+};
+
+// A call's SlotInputs, made on the main device and copied to another device the first time a slot
+// runs there (a one-device model never copies). References stay valid as devices are added.
+class CallInputs {
+ public:
+  explicit CallInputs(SlotInputs main) { on_.push_back(std::move(main)); }
+  const SlotInputs& on(at::Device device);
+
+ private:
+  std::deque<SlotInputs> on_;
 };
 
 class Engine {
@@ -67,10 +91,14 @@ class Engine {
   at::Tensor decode_step(const at::Tensor& token, const at::Tensor& positions, const at::Tensor& key_mask,
                          const at::Tensor& index, const LayerPath& path, KVCache& cache) const;
 
-  // A cache for a path of num_slots slots. With `share`, slots [0, shared_slots) are the very
-  // tensors of share's first slots (no copy): used when paths agree on their first slots.
-  KVCache new_cache(int64_t num_slots, int64_t batch, int64_t capacity, const KVCache* share = nullptr,
+  // A cache for `path`: one slot per entry, each on the device of the layer it runs. With `share`,
+  // slots [0, shared_slots) are the very tensors of share's first slots (no copy): used when paths
+  // agree on their first slots.
+  KVCache new_cache(const LayerPath& path, int64_t batch, int64_t capacity, const KVCache* share = nullptr,
                     int64_t shared_slots = 0) const;
+  // Where layer `layer`'s weights live; the main device (embedding, head, inputs, outputs).
+  at::Device layer_device(int64_t layer) const;
+  at::Device device() const { return w_.device; }
 
   const ModelConfig& config() const { return cfg_; }
   std::string config_json() const { return config_to_json(cfg_); }
@@ -86,10 +114,10 @@ class Engine {
   at::Tensor embed_unchecked(const at::Tensor& ids) const;
   // The distinct sliding windows (0 = full attention) of the layers in slots [begin, end).
   std::set<int64_t> windows(const LayerPath& path, int64_t begin, int64_t end) const;
-  // Slots [begin, end) of path, each through block(); used by run_slots and decode_step alike.
-  at::Tensor run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, const PositionTables& pt,
-                      Masks& masks, KVCache* cache,
-                      const at::Tensor& write_index = at::Tensor()) const;
+  // Slots [begin, end) of path, each through block() on its layer's device; used by run_slots and
+  // decode_step alike. x comes and goes on the main device.
+  at::Tensor run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, CallInputs& inputs,
+                      KVCache* cache) const;
   // write_index: undefined = append at the cache's length; else KVCache::append_at that column.
   at::Tensor block(const at::Tensor& h, int64_t layer, const PositionTables& pt,
                    const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,

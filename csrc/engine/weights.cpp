@@ -13,6 +13,7 @@ class Accessor {
     if (e == t_.end()) throw WeightError("missing tensor 'model.embed_tokens.weight'");
     dtype_ = e->second.scalar_type();
     device_ = e->second.device();
+    main_ = device_;
     if (!at::isFloatingType(dtype_))
       throw WeightError(cat("tensor 'model.embed_tokens.weight' has non-floating dtype ", c10::toString(dtype_)));
   }
@@ -35,8 +36,21 @@ class Accessor {
       throw WeightError(cat("tensor '", name, "': dtype ", c10::toString(x.scalar_type()), " differs from the embedding's ", c10::toString(dtype_),
                             " (load converts all weights to one dtype)"));
     if (x.device() != device_)
-      throw WeightError(cat("tensor '", name, "': on ", x.device().str(), " but the embedding is on ", device_.str()));
+      throw WeightError(cat("tensor '", name, "': on ", x.device().str(), " but ", owner_, " is on ", device_.str(),
+                            " (a layer's tensors live on one device; the embedding, final norm and lm_head on one)"));
     return x;
+  }
+  // Tensors fetched from now on must sit where layer `layer`'s input_layernorm.weight does (-1: the
+  // embedding's device, for the final norm and lm_head).
+  void expect_layer(int64_t layer) {
+    device_ = main_;
+    owner_ = "the embedding";
+    if (layer < 0) return;
+    const std::string name = cat("model.layers.", layer, ".input_layernorm.weight");
+    auto it = t_.find(name);
+    if (it == t_.end()) return;  // get() names the missing tensor
+    device_ = it->second.device();
+    owner_ = cat("layer ", layer, "'s input_layernorm.weight");
   }
   bool has(const std::string& name) const { return t_.count(name) != 0; }
   at::ScalarType dtype() const { return dtype_; }
@@ -45,7 +59,8 @@ class Accessor {
  private:
   const std::map<std::string, at::Tensor>& t_;
   at::ScalarType dtype_;
-  at::Device device_ = at::kCPU;
+  at::Device device_ = at::kCPU, main_ = at::kCPU;
+  std::string owner_ = "the embedding";
 };
 
 }  // namespace
@@ -128,7 +143,9 @@ Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tenso
   w.lm_head = tied ? w.embed : a.get("lm_head.weight", -1, {c.vocab_size, H});
   const std::string p = "model.layers.{}.";
   for (int64_t l = 0; l < c.num_layers; ++l) {
+    a.expect_layer(l);
     LayerWeights L;
+    L.device = a.device();
     bind_norms(a, c, p, l, L);
     bind_attention(a, c, p, l, L);
     bind_mlp(a, c, p, l, L);

@@ -1,6 +1,10 @@
 // weights.h — binds a name->tensor dict (Hugging Face names) to the model's layout. Every tensor
 // goes through one checked accessor: name template + layer + dtype + device + shape, and a
-// mismatch names the tensor with expected vs actual. Tensors are held by handle: never copied,
+// mismatch names the tensor with expected vs actual. A layer's tensors live on one device (the
+// device of its input_layernorm.weight); the embedding, final norm and lm_head on the model's main
+// device (the embedding's): a split placement is read from where the tensors are, not passed
+// separately.
+// Tensors are held by handle: never copied,
 // except Gemma's norm weights, which are held as (1 + w) (vectors, [H] or [D] each). Fused
 // projections (Phi-3's qkv_proj, gate_up_proj) are held as they are and run as one matmul.
 #pragma once
@@ -26,6 +30,7 @@ struct LayerWeights {
   at::Tensor w_gate, w_up, w_down;        // [I, H], [I, H], [H, I] (w_gate/w_up undefined when fused)
   at::Tensor w_gate_up;                   // [2 I, H]: gate rows then up rows (Phi-3), or undefined
   at::Tensor b_gate, b_up, b_down;        // biases or undefined
+  at::Device device = at::kCPU;           // where every tensor above lives
 };
 
 struct Weights {
@@ -34,7 +39,7 @@ struct Weights {
   at::Tensor lm_head;     // [V, H] (the embedding itself when tied)
   std::vector<LayerWeights> layers;
   at::ScalarType dtype;
-  at::Device device = at::kCPU;
+  at::Device device = at::kCPU;  // the main device: embedding, final norm, lm_head, inputs and outputs
 };
 
 Weights bind_weights(const ModelConfig& cfg, const std::map<std::string, at::Tensor>& tensors);

@@ -237,7 +237,7 @@ def generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor | None, pat
     positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
     layers = list(path)
     with torch.inference_mode():
-        cache = model.engine.new_cache(len(layers), B, T + sampling.max_new_tokens)
+        cache = model.engine.new_cache(layers, B, T + sampling.max_new_tokens)
         step_mask = None if full_mask is None else full_mask[:, :T]
         logits = model.engine.forward(ids, positions, step_mask, layers, cache, True)[:, -1].float()
         return decode(model, logits, cache, layers, positions[:, -1:], full_mask, sampling, on_step)

@@ -82,7 +82,7 @@ def generate_ids(model, router: Router, ids: torch.Tensor, mask: torch.Tensor | 
     positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
     step_mask = None if full_mask is None else full_mask[:, :T]
     with torch.inference_mode():
-        cache = engine.new_cache(router.layer, B, cap)
+        cache = engine.new_cache(list(range(router.layer)), B, cap)
         h = router.prefix(model, ids, positions, step_mask, cache)
         choices = [int(c) for c in router.predict(router.pool(h, step_mask))]
         parts = groups(choices)
@@ -97,7 +97,7 @@ def generate_ids(model, router: Router, ids: torch.Tensor, mask: torch.Tensor | 
                 hg, src = _rows(h, idx, whole), (cache if whole else cache.select_rows(idx, router.layer))
             else:
                 hg, src = engine.embed(_rows(ids, idx, whole)), None
-            gc = engine.new_cache(len(layers), len(rows), cap, src, begin)
+            gc = engine.new_cache(layers, len(rows), cap, src, begin)
             pos = _rows(positions, idx, whole)
             hg = engine.run_slots(hg, pos, _rows(step_mask, idx, whole), layers, gc, begin, len(layers))
             gc.advance(T)

@@ -118,7 +118,7 @@ class ProbeBatch:
             self._h = engine.embed(self.ids)
             self._done = 0
             if self.mode == "generate":
-                self._cache = engine.new_cache(num_layers, self.ids.shape[0], self.capacity)
+                self._cache = engine.new_cache(list(range(num_layers)), self.ids.shape[0], self.capacity)
         if slots > self._done:
             self._h = engine.run_slots(self._h, self.positions, self.prefix_mask, list(range(num_layers)),
                                        self._cache, self._done, slots)
@@ -134,8 +134,7 @@ class ProbeBatch:
         h = self._prefix(begin, num_layers) if reuse else engine.embed(self.ids)
         cache = None
         if self.mode == "generate":
-            cache = engine.new_cache(len(layers), self.ids.shape[0], self.capacity, self._cache if begin else None,
-                                     begin)
+            cache = engine.new_cache(layers, self.ids.shape[0], self.capacity, self._cache if begin else None, begin)
         h = engine.run_slots(h, self.positions, self.prefix_mask, layers, cache, begin, len(layers))
         if self.mode == "likelihood":
             return self._likelihood(h)
@@ -173,7 +172,7 @@ class ProbeBatch:
         idx = torch.tensor(rows, dtype=torch.long, device=self.ids.device)
         h = self._prefix(begin, num_layers).index_select(0, idx) if begin else engine.embed(self.ids.index_select(0, idx))
         src = self._cache.select_rows(idx, begin) if begin else None
-        cache = engine.new_cache(len(layers), len(rows), self.capacity, src, begin)
+        cache = engine.new_cache(layers, len(rows), self.capacity, src, begin)
         mask = None if self.prefix_mask is None else self.prefix_mask.index_select(0, idx)
         h = engine.run_slots(h, self.positions.index_select(0, idx), mask, layers, cache, begin, len(layers))
         return self._generate(h, cache, layers, idx)
