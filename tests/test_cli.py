@@ -184,7 +184,13 @@ def test_cli_generate_and_serve_check_before_loading(model_dir, tmp_path, capsys
              (["generate", "--model", str(folder), "--top-p", "2", "hi"], "top_p"),
              (["generate", "--model", str(tmp_path / "nope"), "hi"], "no such model folder"),
              (["serve", "--model", str(folder), "--layers", "0..9"], "out of range"),
-             (["serve", "--model", str(folder), "--port", "70000"], "not a TCP port")]
+             (["serve", "--model", str(folder), "--port", "70000"], "not a TCP port"),
+             (["generate", "--model", str(folder), "--device-map", "cpu=5", "hi"], "places 5 layers; the model has 6"),
+             (["generate", "--model", str(folder), "--device-map", "cuda:9=6", "hi"], "names cuda:9"),
+             (["serve", "--model", str(folder), "--device-map", '{"0": "cpu"}'], "no device to layer(s) 1-5"),
+             (["generate", "--model", str(folder), "--max-memory", "cpu=1GiB", "hi"], "--max-memory budgets a"),
+             (["generate", "--model", str(folder), "--device-map", "auto", "--max-memory", "cpu=x", "hi"],
+              "not a size")]
     for argv, message in cases:
         rc, _, err = run(capsys, *argv)
         assert rc == 2 and message in err, (argv, err)
@@ -196,5 +202,9 @@ def test_cli_eval_model_args(model_dir, capsys, no_loading):
     assert model_args_text("m", "rys=1:4", "bfloat16", num_layers=6) == "pretrained=m,layers=rys=1:4,dtype=bfloat16"
     with pytest.raises(cf.LayerPathError):
         model_args_text("m", "rys=1:9", None, num_layers=6)
+    assert (model_args_text("m", None, None, 6, "cuda:0=4, cpu=2", "cuda:0=20GiB,cpu=64GiB")
+            == "pretrained=m,device_map=cuda:0=4+cpu=2,max_memory=cuda:0=20GiB+cpu=64GiB")
+    with pytest.raises(ValueError, match="DEVICE=COUNT form"):
+        model_args_text("m", None, None, 6, '{"0": "cpu"}')
     rc, _, err = run(capsys, "eval", "--model", str(folder), "--layers", "0..9", "--tasks", "x")
     assert rc == 2 and "out of range" in err

@@ -5,7 +5,8 @@ reordered — in one process, with no weight copied and no training.
     model = cf.load("path/to/hf-folder")
     model.generate("What is 17 * 23?", layers="0..9,7..9,10..29")
 
-Where things live (docs/structure.md has the full map): loading (files -> Model), model (Model:
+Where things live (docs/structure.md has the full map): loading (files -> Model), placement
+(device_map: each layer's device), model (Model:
 logits / generate / score), generation (encode, pad, decode loop, finish rows), likelihood (the
 one continuation log-likelihood), sweep/ (configs, runner, SweepResult), results (store and
 statistics), router/ (Router, train_router: a layer path per prompt), export, lm_eval, server, cli.
@@ -21,6 +22,7 @@ from .gguf import GGUFError
 from .layer_path import LayerPath, LayerPathError
 from .loading import default_model_path, load, load_from_tensors
 from .model import Model
+from .placement import Placement
 from .router import Router, RouterError
 from .router.train import train_router
 from .sweep import RayExecutor, SweepResult, sweep
@@ -41,6 +43,7 @@ __all__ = [
     "LayerPathError",
     "Model",
     "ModelConfig",
+    "Placement",
     "RayExecutor",
     "Router",
     "RouterError",

@@ -98,10 +98,26 @@ def _needs(module: str, extra: str, command: str) -> None:
 
 
 def _check_model_args(args) -> int:
-    """Device, dtype and --model (a local model); returns its layer count."""
+    """Device, dtype, --model (a local model) and --device-map / --max-memory (devices and layer
+    coverage; memory is checked on load); returns the model's layer count."""
     _check_device(args.device)
     _check_dtype(args.dtype)
-    return _model_layers(args.model)
+    n = _model_layers(args.model)
+    if args.max_memory and not args.device_map:
+        raise ValueError("--max-memory budgets a --device-map; pass --device-map auto (or a map) with it")
+    if args.device_map:
+        from .placement import plan
+
+        plan(args.device_map, n, {}, args.device or "cpu", args.max_memory)
+    return n
+
+
+def _load(args):
+    """The model the command line names, placed as it says."""
+    import circuit_finder as cf
+
+    return cf.load(args.model, device=args.device or "cpu", dtype=args.dtype, device_map=args.device_map,
+                   max_memory=args.max_memory)
 
 
 # ------------------------------------------------------------------------------- generate
@@ -113,7 +129,7 @@ def cmd_generate(args) -> int:
     cf.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                 stops=tuple(args.stop or ()))  # checks the settings now, before loading
     t0 = time.time()
-    model = cf.load(args.model, device=args.device, dtype=args.dtype)
+    model = _load(args)
     print(f"# {model}; loaded in {time.time() - t0:.1f}s", file=sys.stderr)
     for path in paths:
         path = model.router(path) or model.path(path)
@@ -251,7 +267,7 @@ def cmd_sweep(args) -> int:
         _check_metric(f"{name}_delta" if name in [*names, "combined"] else name, names, bool(args.validate),
                       "--pareto")
     t0 = time.time()
-    model = cf.load(args.model, device=args.device, dtype=args.dtype)
+    model = _load(args)
     print(f"# {model}; loaded in {time.time() - t0:.1f}s", file=sys.stderr)
     result = cf.sweep(model, probes=probes, block_sizes=args.block_sizes, starts=args.starts, stride=args.stride,
                       times=args.times, paths=args.paths, strategy=args.strategy, mode=args.mode, results=args.out,
@@ -320,9 +336,11 @@ def cmd_export(args) -> int:
 
 
 # ----------------------------------------------------------------------------- eval, serve
-def model_args_text(model: str, layers: str | None, dtype: str | None, num_layers: int | None = None) -> str:
+def model_args_text(model: str, layers: str | None, dtype: str | None, num_layers: int | None = None,
+                    device_map: str | None = None, max_memory: str | None = None) -> str:
     """lm-eval --model_args for circuit-finder; the layer path in its comma-free spelling
-    (checked against ``num_layers`` when given; ``rys=i:j`` kept as written)."""
+    (checked against ``num_layers`` when given; ``rys=i:j`` kept as written), and a device map
+    and memory budget with '+' between their entries."""
     from .layer_path import LayerPath
 
     parts = [f"pretrained={model}"]
@@ -340,13 +358,19 @@ def model_args_text(model: str, layers: str | None, dtype: str | None, num_layer
         parts.append("layers=" + (layers.strip() if _is_rys(layers) else str(path).replace(",", "+")))
     if dtype:
         parts.append(f"dtype={dtype}")
+    for key, value in (("device_map", device_map), ("max_memory", max_memory)):
+        if value:
+            if value.strip().startswith("{"):
+                raise ValueError(f"--{key.replace('_', '-')}: lm-eval splits --model_args on commas; "
+                                 "use the DEVICE=COUNT form (e.g. cuda:0=20,cpu=12)")
+            parts.append(f"{key}=" + "+".join(p for p in value.replace(",", " ").replace("+", " ").split()))
     return ",".join(parts)
 
 
 def cmd_eval(args) -> int:
     _needs("lm_eval", "eval", "circuit-finder eval")
     n = _check_model_args(args)
-    model_args = model_args_text(args.model, args.layers, args.dtype, n)
+    model_args = model_args_text(args.model, args.layers, args.dtype, n, args.device_map, args.max_memory)
     import torch
     from lm_eval.__main__ import cli_evaluate  # the `lm-eval` console script's entry point
 
@@ -384,7 +408,7 @@ def cmd_serve(args) -> int:
     from .server import serve
 
     serve(args.model, layers=args.layers, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-          model_name=args.name, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, routers=routers)
+          device_map=args.device_map, max_memory=args.max_memory, model_name=args.name, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, routers=routers)
     return 0
 
 
@@ -426,6 +450,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF model folder, .gguf file, or 'default' (SmolLM2-135M-Instruct, embedded)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    _add_placement_args(p)
+
+
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-map", default=None,
+                   help="split the layers over devices: 'auto' (GPUs by free memory, the rest on CPU), "
+                        "'cuda:0=20,cpu=12' (layer counts in order) or a JSON {layer: device}; overrides --device")
+    p.add_argument("--max-memory", default=None,
+                   help="weights' budget per device for --device-map, e.g. 'cuda:0=20GiB,cpu=64GiB' "
+                        "(default: 90%% of each device's free memory)")
 
 
 def _add_generate(sub) -> None:
@@ -522,6 +556,7 @@ def _add_eval(sub) -> None:
     v.add_argument("--layers", default=None, help="layer path (any spelling; rys=i:j too), or router:FILE")
     v.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     v.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    _add_placement_args(v)
     v.set_defaults(func=cmd_eval)
 
 

@@ -274,8 +274,11 @@ def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_po
 
 
 def use_static_decode(model: Model) -> bool:
-    """Fixed-shape decode steps: model.static_decode when set, else on CUDA only."""
-    return model.static_decode if model.static_decode is not None else model.device.type == "cuda"
+    """Fixed-shape decode steps: model.static_decode when set, else on CUDA only (and not when
+    layers sit on the CPU: they would attend over the cache's whole capacity every step)."""
+    if model.static_decode is not None:
+        return model.static_decode
+    return model.device.type == "cuda" and all(d.type == "cuda" for d in model.placement.layers)
 
 
 def step_function(model: Model, cache, layers: list[int], last_pos: torch.Tensor, full_mask):
@@ -310,7 +313,8 @@ def _static_step(model: Model, cache, layers, last_pos, full_mask):
     def run():
         return model.engine.decode_step(tok, pos, key_mask, index, layers, cache)
 
-    replay = _CudaGraphStep(run, dev) if dev.type == "cuda" and model.cuda_graphs else run
+    graphs = dev.type == "cuda" and model.cuda_graphs and not model.placement.split  # a graph is one device's
+    replay = _CudaGraphStep(run, dev) if graphs else run
 
     def step(token):
         tok.copy_(token.unsqueeze(1))

@@ -413,8 +413,13 @@ def _dequantize(t, path: str) -> np.ndarray:
                         "the file may be truncated") from e
 
 
-def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Reads a GGUF file -> (Hugging Face config dict, Hugging Face-named tensors in `dtype`)."""
+def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+              place=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Reads a GGUF file -> (Hugging Face config dict, Hugging Face-named tensors in `dtype`).
+    place(config, {Hugging Face name: element count}), when given, runs before any tensor is
+    decoded and returns a Placement (the loader plans and checks devices and memory there); each
+    tensor then goes to its device as soon as it is decoded, so host memory never holds the GPU
+    layers' dequantized weights all at once."""
     path = str(path)
     reader = open_gguf(path)
     config = gguf_config(reader, path)
@@ -422,6 +427,10 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
 
     parse_config(config, path)  # the engine's own checks (positive sizes, head counts...) before any tensor work
     arch = gguf_architecture(reader, path)
+    placed = None
+    if place is not None:
+        numels = {hf_name(t.name, arch): int(np.prod([int(x) for x in t.shape])) for t in reader.tensors}
+        placed = place(config, {name: n for name, n in numels.items() if name is not None})
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         name = hf_name(t.name, arch)
@@ -437,7 +446,7 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
         tensor = torch.from_numpy(np.array(arr, copy=not arr.flags.writeable or not arr.flags.c_contiguous))
         if tensor.dtype != dtype:
             tensor = tensor.to(dtype)
-        tensors[name] = tensor
+        tensors[name] = tensor if placed is None else tensor.to(placed.device_of(name))
     if "model.embed_tokens.weight" not in tensors:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
     return config, tensors

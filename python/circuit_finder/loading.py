@@ -5,9 +5,11 @@ as its text decoder: the vision tower is not loaded.
 
 Weights are memory-mapped and handed to the engine without copies when the requested dtype and
 device match the checkpoint; a repeated layer runs the same tensors again. GGUF tensors are
-dequantized to the requested float dtype (float32 by default) on load.
+dequantized to the requested float dtype (float32 by default) on load. ``device_map`` splits the
+layers over devices (``placement.plan``: checked against each device's memory from the tensors'
+sizes before any weight is moved, converted or dequantized).
 
-Limits: one device per model; no remote code, no pickle — safetensors and GGUF only.
+Limits: no remote code, no pickle — safetensors and GGUF only.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from . import _C
 from .config import ModelConfig, parse_config
 from .files import package_file
 from .model import Model
+from .placement import Placement, plan
 
 __all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "default_model_path", "load", "load_from_tensors",
            "model_config_file", "resolve_dtype", "text_decoder_tensors"]
@@ -86,24 +89,29 @@ def model_config_file(folder: Path) -> Path:
     return config_file
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> Model:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         device_map=None, max_memory: dict | None = None) -> Model:
     """Loads a model for running along layer paths.
 
     path: a Hugging Face folder (config.json + *.safetensors, single or sharded), a .gguf file, or
     "default" for the embedded SmolLM2-135M-Instruct.
     dtype: None keeps the checkpoint's dtype (float32 for GGUF); "float32", "bfloat16" or "float16"
     convert once.
+    device_map: None (everything on ``device``), "auto" (GPUs by free memory, the rest on CPU), a
+    list of (device, layer count) pairs or its text "cuda:0=20,cpu=12", or {layer: device}; the
+    embedding and head go with layer 0. max_memory: {device: bytes or "20GiB"}, the weights' budget
+    per device (default: 90% of its free memory). See ``circuit_finder.placement``.
     """
     if str(path) == "default":
         path = default_model_path()
     if str(path).lower().endswith(".gguf"):
-        return _load_gguf(str(path), device, dtype)
+        return _load_gguf(str(path), device, dtype, device_map, max_memory)
     folder = Path(path)
     config_file = model_config_file(folder)
     config = parse_config(_with_generation_eos(json.loads(config_file.read_text()), folder), str(config_file))
     tensors = _C.load_safetensors(str(folder))
     return load_from_tensors(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
-                             source=str(folder))
+                             source=str(folder), device_map=device_map, max_memory=max_memory)
 
 
 def _with_generation_eos(config, folder: Path):
@@ -127,12 +135,20 @@ def _with_generation_eos(config, folder: Path):
     return config
 
 
-def _load_gguf(path: str, device, dtype) -> Model:
+def _load_gguf(path: str, device, dtype, device_map, max_memory) -> Model:
     from .gguf import gguf_tokenizer, read_gguf
 
     target = resolve_dtype(dtype, torch.float32)
-    config, tensors = read_gguf(path, target)
-    return load_from_tensors(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path)
+    placed: list[Placement] = []
+
+    def place(config: dict, numels: dict[str, int]) -> Placement:  # before any tensor is dequantized
+        sizes = {name: n * target.itemsize for name, n in numels.items()}
+        placed.append(plan(device_map, parse_config(config, path).num_layers, sizes, device, max_memory))
+        return placed[0]
+
+    config, tensors = read_gguf(path, target, place)
+    return load_from_tensors(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path,
+                             device_map=placed[0])
 
 
 _TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
@@ -154,8 +170,9 @@ def text_decoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch.Tensor], tokenizer=None,
                       device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                      source: str = "<tensors>") -> Model:
-    """Builds a Model from Hugging Face-named tensors (any weight source: safetensors, GGUF, ...)."""
+                      source: str = "<tensors>", device_map=None, max_memory: dict | None = None) -> Model:
+    """Builds a Model from Hugging Face-named tensors (any weight source: safetensors, GGUF, ...).
+    device_map / max_memory as for ``load`` (or a ready Placement)."""
     if not isinstance(config, ModelConfig):
         config = parse_config(config, source)
     if config.wrapper:
@@ -166,7 +183,11 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     if not checkpoint_dtype.is_floating_point:
         checkpoint_dtype = torch.float32
     target = resolve_dtype(dtype, checkpoint_dtype)
-    device = torch.device(device)
-    moved = {name: t.to(device=device, dtype=target) for name, t in tensors.items() if t.is_floating_point()}
+    placed = device_map if isinstance(device_map, Placement) else plan(
+        device_map, config.num_layers, {n: t.numel() * target.itemsize for n, t in tensors.items() if t.is_floating_point()},
+        device, max_memory)
+    moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in tensors.items()
+             if t.is_floating_point()}
     engine = _C.Engine(json.dumps(config.raw), source, moved)
-    return Model(engine, config, tokenizer, device=device, dtype=target, source=source, tensors=moved)
+    return Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source, tensors=moved,
+                 placement=placed)

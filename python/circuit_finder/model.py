@@ -5,8 +5,9 @@ This is the object users hold. Its methods are thin: a layer path runs in the C+
 decoded by ``generation.TextCodec`` (``model.codec``), the decode loop lives in ``generation``,
 and continuations are scored in ``likelihood``. Loading files into a Model is ``loading.load``.
 
-Limits: one model on one device; the tensors in ``model.tensors`` are the engine's own (shared
-storage), so mutating them changes the model.
+Limits: the tensors in ``model.tensors`` are the engine's own (shared storage), so mutating them
+changes the model. A model split over devices (``placement``) takes and returns tensors on its main
+device, ``model.device``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from . import generation, likelihood
 from .config import ModelConfig
 from .generation import Sampling, TextCodec, as_token_ids, positions_from_mask
 from .layer_path import LayerPath
+from .placement import Placement
 from .router import run as routing
 
 __all__ = ["Model"]
@@ -26,19 +28,22 @@ class Model:
     """A decoder-only LM that runs along any layer path. See ``circuit_finder.load``.
 
     Attributes: engine (the C++ Engine), config (ModelConfig), tokenizer (or None), codec
-    (TextCodec: encoding, padding, finishing rows), device, dtype, source (the file or folder),
-    tensors (Hugging Face name -> the tensor the engine runs, same storage). cuda_graphs: replay
-    decode steps as a CUDA graph on CUDA (CF_CUDA_GRAPHS=0 turns it off); static_decode: force
-    (True) or forbid (False) fixed-shape decode steps on any device (None: on CUDA only).
+    (TextCodec: encoding, padding, finishing rows), device (the main device: embedding, head, inputs
+    and outputs), placement (each layer's device; ``placement.split`` when over several), dtype,
+    source (the file or folder), tensors (Hugging Face name -> the tensor the engine runs, same
+    storage). cuda_graphs: replay decode steps as a CUDA graph on CUDA (CF_CUDA_GRAPHS=0 turns it
+    off; a split model never does); static_decode: force (True) or forbid (False) fixed-shape decode
+    steps on any device (None: when every layer is on CUDA).
     """
 
     def __init__(self, engine, config: ModelConfig, tokenizer, device: torch.device, dtype: torch.dtype, source: str,
-                 tensors: dict[str, torch.Tensor] | None = None):
+                 tensors: dict[str, torch.Tensor] | None = None, placement: Placement | None = None):
         self.engine = engine
         self.tensors = tensors or {}
         self.config = config
         self.codec = TextCodec(tokenizer, config.eos_token_ids, config.pad_token_id, source)
         self.device = device
+        self.placement = placement or Placement((device,) * config.num_layers, device)
         self.dtype = dtype
         self.source = source
         self.cuda_graphs = generation.cuda_graphs_default()
@@ -46,8 +51,9 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
+        where = f"[{self.placement}]" if self.placement.split else str(self.device)
         return (f"Model({c.architecture}, {c.num_layers} layers, hidden {c.hidden_size}, "
-                f"{self.dtype}, {self.device}, from {self.source})")
+                f"{self.dtype}, {where}, from {self.source})")
 
     @property
     def tokenizer(self):

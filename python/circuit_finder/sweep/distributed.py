@@ -4,7 +4,9 @@
 we only hand out work):
 - one model per worker: each actor loads the driver's model file (same path, dtype and device
   kind; its fingerprint is checked against the driver's) and builds the sweep Runner once;
-  CPU workers get ``threads`` CPUs each, CUDA workers one GPU each;
+  CPU workers get ``threads`` CPUs each, CUDA workers one GPU each — or, for a model split over
+  devices (``device_map``), as many GPUs as the driver's placement uses, with the same layers on
+  each (the driver's GPUs renumbered to the worker's own);
 - prefix reuse kept: configs are grouped by how many first slots they share with the identity
   path, and a group goes to one worker, one config at a time (the worker's Runner keeps the
   identity prefix between calls);
@@ -28,20 +30,20 @@ import torch
 
 from ..files import fingerprint
 
-__all__ = ["RayExecutor"]
+__all__ = ["RayExecutor", "worker_placement"]
 
 
 class SweepWorker:
     """The work of one Ray actor: a model and a Runner, scoring one config per call."""
 
     def __init__(self, source: str, dtype: str, device: str, probes, mode: str, split: str, max_items, chat,
-                 reuse: bool, thinking: bool, think_tokens: int, stage: str, threads: int):
+                 reuse: bool, thinking: bool, think_tokens: int, stage: str, threads: int, device_map=None):
         from ..loading import load
         from .runner import Runner, resolve_probes
 
         if threads:
             torch.set_num_threads(threads)
-        self.model = load(source, device=device, dtype=dtype)
+        self.model = load(source, device=device, dtype=dtype, device_map=device_map)
         self.runner = Runner(self.model, resolve_probes(probes), mode, split, max_items, chat, reuse, thinking,
                              think_tokens, stage)
 
@@ -51,6 +53,17 @@ class SweepWorker:
 
     def run(self, config) -> dict:
         return self.runner.run(config)
+
+
+def worker_placement(placement) -> tuple[dict[int, str] | None, int]:
+    """(the device_map a worker loads with, GPUs per worker) for the driver's placement. A worker
+    sees its own GPUs as cuda:0.. (Ray sets CUDA_VISIBLE_DEVICES), so the driver's GPUs are
+    renumbered in order; an unsplit model needs no map."""
+    gpus = sorted({d.index or 0 for d in placement.devices if d.type == "cuda"})
+    if not placement.split:
+        return None, len(gpus)
+    local = {g: f"cuda:{k}" for k, g in enumerate(gpus)}
+    return {i: local[d.index or 0] if d.type == "cuda" else "cpu" for i, d in enumerate(placement.layers)}, len(gpus)
 
 
 class RayExecutor:
@@ -85,14 +98,16 @@ class RayExecutor:
             ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
         return ray
 
-    def _plan(self, ray, cuda: bool) -> tuple[int, int]:
-        """(workers, CPU threads each), refused when the cluster cannot hold them all at once."""
+    def _plan(self, ray, per_worker: int) -> tuple[int, int]:
+        """(workers, CPU threads each) for workers of ``per_worker`` GPUs each (0: CPU workers),
+        refused when the cluster cannot hold them all at once."""
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-        if cuda:
-            workers = self.workers or max(1, gpus)
-            if workers > gpus:
-                raise ValueError(f"{workers} CUDA workers need {workers} GPUs; the Ray cluster has {gpus}")
+        if per_worker:
+            workers = self.workers or max(1, gpus // per_worker)
+            if workers * per_worker > gpus:
+                raise ValueError(f"{workers} CUDA workers of {per_worker} GPU(s) each need {workers * per_worker} GPUs; "
+                                 f"the Ray cluster has {gpus}")
             return workers, 0
         threads = self.threads or (max(1, cpus // self.workers) if self.workers else torch.get_num_threads())
         workers = self.workers or max(1, cpus // threads)
@@ -105,7 +120,8 @@ class RayExecutor:
         """Runs ``configs`` (in shared-prefix order) on the actors; ``on_record(record)`` is called
         on the driver for each finished config, exactly once per config."""
         ray = self._ray()
-        cuda = model.device.type == "cuda"
+        device_map, gpus = worker_placement(model.placement)
+        cuda = gpus > 0
         n = model.num_layers
         groups: deque = deque()
         for c in configs:
@@ -113,10 +129,11 @@ class RayExecutor:
                 groups[-1].append(c)
             else:
                 groups.append([c])
-        workers, threads = self._plan(ray, cuda)
+        workers, threads = self._plan(ray, gpus)
         args = dict(source=str(model.source), dtype=str(model.dtype).replace("torch.", ""),
-                    device="cuda" if cuda else "cpu", probes=probes, threads=threads, **worker_args)
-        remote = ray.remote(num_gpus=1, num_cpus=1)(SweepWorker) if cuda else ray.remote(num_cpus=threads)(SweepWorker)
+                    device="cuda" if cuda else "cpu", probes=probes, threads=threads, device_map=device_map,
+                    **worker_args)
+        remote = ray.remote(num_gpus=gpus, num_cpus=1)(SweepWorker) if cuda else ray.remote(num_cpus=threads)(SweepWorker)
         want = fingerprint(model.source)
         self.actors = self._start(ray, remote, args, want, min(workers, len(groups)))
         self.started = len(self.actors)

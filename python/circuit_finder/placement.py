@@ -1,0 +1,305 @@
+"""Placement: which device holds each decoder layer, planned and checked before any weight loads.
+
+A layer's weights live on one device (never copied), and the KV cache of every slot that runs the
+layer lives there too; the engine moves hidden states only where consecutive slots sit on
+different devices (``csrc/engine/model.cpp``, ``run_path``). ``plan`` turns what a user writes as
+``device_map`` into a ``Placement``:
+
+- None: every layer on ``device``; a single device ("cuda:1"): every layer there;
+- "auto": GPUs in order of free memory (most first), each filled with consecutive layers up to its
+  budget, the rest on the CPU;
+- a list of (device, layer count) pairs in layer order, e.g. ``[("cuda:0", 20), ("cpu", 12)]``, or
+  its text ``"cuda:0=20,cpu=12"`` ('+' also separates, for lm-eval's comma-split model_args);
+- a dict ``{layer: device}`` naming every layer (keys may be digit strings, as JSON writes them);
+  JSON text of a dict or of a list of pairs is read too.
+
+The embedding, final norm and lm_head sit on the model's main device: the first GPU the map uses
+(the head's matmul is the largest per token), else the CPU. Token ids go in and logits come out
+there, and a tied head is the embedding itself (the last slot's hidden state, [B, T, H], makes the
+hop back to it, smaller than the logits would be).
+
+A device's budget is ``max_memory[device]`` (bytes, or text such as "20GiB") when given, else 90% of
+its free memory now (CUDA: the driver's free memory; CPU: MemAvailable); the margin is for KV
+caches and activations, which budgets do not count. A plan that needs more than a budget, names a
+device this torch cannot use, or leaves a layer out raises ValueError naming it.
+
+Limits: CPU and CUDA (ROCm's torch.cuda) devices; a layer is never split across devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Placement", "as_device", "free_memory", "human", "layer_of", "parse_max_memory", "parse_size", "plan"]
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+MARGIN = 0.9  # the share of a device's free memory that weights may fill when no budget is given
+
+
+@dataclass(frozen=True)
+class Placement:
+    """layers[i]: the device of layer i's weights (and its slots' KV caches); main: the device of the
+    embedding, final norm and lm_head, where inputs go in and outputs come out. need: planned weight
+    bytes per device (str(device) -> bytes)."""
+
+    layers: tuple[torch.device, ...]
+    main: torch.device
+    need: tuple[tuple[str, int], ...] = ()
+
+    def device_of(self, name: str) -> torch.device:
+        """The device of a Hugging Face-named tensor: its layer's, or main for the others."""
+        layer = layer_of(name)
+        return self.main if layer is None or layer >= len(self.layers) else self.layers[layer]
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The distinct devices, main first, then in layer order."""
+        out = [self.main]
+        for d in self.layers:
+            if d not in out:
+                out.append(d)
+        return out
+
+    @property
+    def split(self) -> bool:
+        return len(self.devices) > 1
+
+    def as_map(self) -> dict[int, str]:
+        """{layer: device text}, the explicit device_map that gives this placement again."""
+        return {i: str(d) for i, d in enumerate(self.layers)}
+
+    def __str__(self) -> str:
+        need = dict(self.need)
+        parts = []
+        for d in self.devices:
+            runs = _runs([i for i, x in enumerate(self.layers) if x == d])
+            size = f", {human(need[str(d)])}" if str(d) in need else ""
+            extra = " + embedding and head" if d == self.main else ""
+            parts.append(f"{d}: layers {runs or 'none'}{extra}{size}")
+        return "; ".join(parts)
+
+
+def human(n: int) -> str:
+    """Bytes as '1.50 GiB' / '12.0 MiB' / '300 B'."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} B"
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a Hugging Face tensor name belongs to (model.layers.N.*), else None."""
+    m = _LAYER_NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _runs(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            out.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(out)
+
+
+def parse_size(value, where: str) -> int:
+    """Bytes from an int or text such as "20GiB", "512MB", "1.5g"; ValueError naming ``where``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    m = _SIZE.match(str(value)) if isinstance(value, str) else None
+    if m is None or (m.group(2) or "").lower() not in _UNITS:
+        raise ValueError(f"max_memory[{where!r}] = {value!r} is not a size (bytes, or text like '20GiB', '512MB')")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def as_device(text, where: str) -> torch.device:
+    """A device this torch can use, from text or a torch.device ("cuda" means cuda:0); ValueError
+    naming ``where`` (e.g. "device_map entry 0") otherwise."""
+    try:
+        d = torch.device(text)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {text!r} is not a device (cpu, cuda, cuda:1, ...)") from e
+    if d.type == "cpu":
+        if d.index:
+            raise ValueError(f"{where}: {text!r}: the CPU is one device, cpu (for a layer count write cpu={d.index})")
+        return torch.device("cpu")
+    if d.type != "cuda":
+        raise ValueError(f"{where}: {d} is not supported (cpu and cuda devices only)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    d = torch.device("cuda", d.index or 0)
+    if d.index >= count:
+        raise ValueError(f"{where} names {d}, but this torch sees {count} CUDA device(s)")
+    return d
+
+
+def free_memory(d: torch.device) -> int:
+    """Bytes free on a device now: the CUDA driver's count, or the CPU's MemAvailable."""
+    if d.type == "cuda":
+        return int(torch.cuda.mem_get_info(d)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_memory=None) -> Placement:
+    """The Placement for ``device_map`` (see the module text) of a model with ``num_layers`` layers
+    whose tensors take ``sizes`` bytes (Hugging Face name -> bytes in the dtype they will load in).
+    Checks devices, coverage and memory; loads nothing. A ready Placement is checked for its layer
+    count and returned."""
+    if isinstance(device_map, Placement):
+        if len(device_map.layers) != num_layers:
+            raise ValueError(f"the placement covers {len(device_map.layers)} layers; the model has {num_layers}")
+        return device_map
+    if device_map is None and max_memory is not None:
+        raise ValueError("max_memory budgets a device_map: pass device_map='auto' (or a map) with it")
+    budgets = _budgets(max_memory)
+    layer_bytes, other = [0] * num_layers, 0
+    for name, n in sizes.items():
+        layer = layer_of(name)
+        if layer is not None and layer < num_layers:
+            layer_bytes[layer] += n
+        else:
+            other += n
+    if device_map is None:
+        d = torch.device(device)
+        return Placement((d,) * num_layers, d)
+    if isinstance(device_map, str) and device_map.strip().lower() == "auto":
+        layers = _auto(layer_bytes, other, budgets)
+    else:
+        layers = _explicit(device_map, num_layers)
+    gpus = [d for d in layers if d.type == "cuda"]
+    placed = Placement(tuple(layers), gpus[0] if gpus else torch.device("cpu"))
+    return _checked(placed, layer_bytes, other, budgets)
+
+
+def parse_max_memory(text: str) -> dict[str, str]:
+    """'cuda:0=20GiB,cpu=64GiB' (or '+'-separated) -> {device: size text}."""
+    out = {}
+    for part in (p for p in re.split(r"[,+\s]+", text.strip()) if p):
+        name, sep, size = part.rpartition("=")
+        if not sep or not name:
+            raise ValueError(f"max_memory: {part!r} is not DEVICE=SIZE (e.g. 'cuda:0=20GiB,cpu=64GiB')")
+        out[name] = size
+    return out
+
+
+def _budgets(max_memory) -> dict[str, int]:
+    if max_memory is None:
+        return {}
+    if isinstance(max_memory, str):
+        max_memory = parse_max_memory(max_memory)
+    if not isinstance(max_memory, dict):
+        raise ValueError(f"max_memory must be a dict {{device: size}} or text like 'cuda:0=20GiB,cpu=64GiB', "
+                         f"got {type(max_memory).__name__}")
+    return {str(as_device(k, f"max_memory key {k!r}")): parse_size(v, str(k)) for k, v in max_memory.items()}
+
+
+def _budget(d: torch.device, budgets: dict[str, int]) -> int:
+    return budgets[str(d)] if str(d) in budgets else int(free_memory(d) * MARGIN)
+
+
+def _auto(layer_bytes: list[int], other: int, budgets: dict[str, int]) -> list[torch.device]:
+    """GPUs by free memory (most first), each filled with consecutive layers while they fit (the
+    first also holds the embedding and head); the CPU takes the rest (and then the embedding and
+    head too, when no layer fits a GPU)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = sorted((torch.device("cuda", i) for i in range(count)), key=lambda d: -_budget(d, budgets))
+    layers: list[torch.device] = []
+    for k, gpu in enumerate(gpus):
+        room = _budget(gpu, budgets) - (other if k == 0 else 0)
+        while len(layers) < len(layer_bytes) and layer_bytes[len(layers)] <= room:
+            room -= layer_bytes[len(layers)]
+            layers.append(gpu)
+        if k == 0 and not layers:
+            break  # not even layer 0 fits the largest GPU: everything on the CPU
+    return layers + [torch.device("cpu")] * (len(layer_bytes) - len(layers))
+
+
+def _explicit(device_map, num_layers: int) -> list[torch.device]:
+    """An explicit map (dict, list of pairs or their text) -> one device per layer."""
+    if isinstance(device_map, torch.device) or (isinstance(device_map, str) and re.fullmatch(r"[a-z]+(:\d+)?",
+                                                                                            device_map.strip())):
+        return [as_device(device_map if isinstance(device_map, torch.device) else device_map.strip(),
+                          "device_map")] * num_layers
+    if isinstance(device_map, str):
+        device_map = _parse_text(device_map)
+    if isinstance(device_map, dict):
+        return _from_dict(device_map, num_layers)
+    if not isinstance(device_map, (list, tuple)):
+        raise ValueError(f"device_map must be 'auto', a list of (device, layers) pairs, a dict {{layer: device}} "
+                         f"or text like 'cuda:0=20,cpu=12'; got {type(device_map).__name__}")
+    layers: list[torch.device] = []
+    for k, entry in enumerate(device_map):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not _is_count(entry[1]):
+            raise ValueError(f"device_map entry {k} must be a (device, layer count) pair, got {entry!r}")
+        layers += [as_device(entry[0], f"device_map entry {k}")] * int(entry[1])
+    if len(layers) != num_layers:
+        raise ValueError(f"device_map places {len(layers)} layers; the model has {num_layers}")
+    return layers
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_text(text: str):
+    """'cuda:0=20,cpu=12' (or '+'-separated) -> [(device, count)]; JSON text -> its dict or list."""
+    if text.strip().startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"device_map: {text!r} is not valid JSON ({e})") from e
+    pairs = []
+    for part in (p for p in re.split(r"[,+\s]+", text.strip()) if p):
+        name, sep, count = part.rpartition("=")
+        if not sep or not count.isdigit():
+            raise ValueError(f"device_map: {part!r} is not DEVICE=COUNT (e.g. 'cuda:0=20,cpu=12', or 'auto')")
+        pairs.append((name, int(count)))
+    return pairs
+
+
+def _from_dict(device_map: dict, num_layers: int) -> list[torch.device]:
+    layers: dict[int, torch.device] = {}
+    for key, value in device_map.items():
+        text = str(key).strip()
+        if not text.lstrip("-").isdigit():
+            raise ValueError(f"device_map key {key!r} is not a layer index")
+        layer = int(text)
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"device_map names layer {layer}; the model has layers 0..{num_layers - 1}")
+        if layer in layers:
+            raise ValueError(f"device_map names layer {layer} twice")
+        layers[layer] = as_device(value, f"device_map layer {layer}")
+    missing = [i for i in range(num_layers) if i not in layers]
+    if missing:
+        raise ValueError(f"device_map gives no device to layer(s) {_runs(missing)} (every layer needs one)")
+    return [layers[i] for i in range(num_layers)]
+
+
+def _checked(placed: Placement, layer_bytes: list[int], other: int, budgets: dict[str, int]) -> Placement:
+    """placed with its bytes per device, after checking each against the device's budget."""
+    need: dict[str, int] = {str(placed.main): other}
+    for d, n in zip(placed.layers, layer_bytes):
+        need[str(d)] = need.get(str(d), 0) + n
+    for name, n in need.items():
+        budget = _budget(torch.device(name), budgets)
+        if n > budget:
+            where = "max_memory" if name in budgets else f"{MARGIN:.0%} of its free memory"
+            raise ValueError(f"device_map puts {human(n)} of weights on {name}, more than its budget of "
+                             f"{human(budget)} ({where}); move layers to another device or raise max_memory")
+    return Placement(placed.layers, placed.main, tuple(need.items()))
