@@ -33,3 +33,16 @@ def test_benchmark_quick_run(tmp_path, capsys):
     assert sweep["identical_scores"] and sweep["scores_compared"] == sweep["configs"]
     md = files[1].read_text()
     assert "| sweep |" in md and "decode tok/s" in md
+
+
+@pytest.mark.slow
+def test_placement_benchmark_quick_run(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_placement
+    finally:
+        sys.path.pop(0)
+    assert bench_placement.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    res = json.loads(next(tmp_path.iterdir()).read_text())
+    assert {"date", "torch", "device_name"} <= set(res["meta"]) and len(res["rows"]) == 2
+    assert res["rows"][1]["max_logit_diff_vs_one_device"] == 0.0  # two groups on the CPU: the very same numbers
