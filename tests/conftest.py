@@ -13,6 +13,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import ARCHS, build_hf_model  # noqa: E402
 
 torch.set_num_threads(2)
+# GGUF tokenizers are cached once built (circuit_finder.gguf.tokenizer_cache_dir): the tests keep
+# theirs out of the user's cache folder, one fresh folder per test session.
+if "CF_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["CF_CACHE_DIR"] = tempfile.mkdtemp(prefix="cf-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import struct
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -408,3 +409,69 @@ def test_name_mapping():
     assert hf_name("blk.12.attn_q_norm.weight") == "model.layers.12.self_attn.q_norm.weight"
     assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
     assert hf_name("rope_freqs.weight") is None
+
+
+# ------------------------------------------------------------------ the tokenizer, built once per file
+def _same_tokenizer(a, b) -> None:
+    for text in ["Hello world", " 2 + 2 = 4\n\nOK", "<|im_start|>user\nhi<|im_end|>", "ünïcödé 😀"]:
+        for special in (True, False):
+            assert a(text, add_special_tokens=special).input_ids == b(text, add_special_tokens=special).input_ids
+    msgs = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert (a.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            == b.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    assert (a.eos_token_id, a.bos_token_id, a.pad_token_id, len(a)) == (b.eos_token_id, b.bos_token_id, b.pad_token_id,
+                                                                         len(b))
+
+
+def test_gguf_tokenizer_is_built_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    import time
+
+    from circuit_finder import gguf
+
+    path = cf.default_model_path()
+    monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "cache"))
+    gguf._tokenizer_cached.cache_clear()
+    t0 = time.perf_counter()
+    built = gguf.gguf_tokenizer(path)
+    t1 = time.perf_counter()
+    entries = list((tmp_path / "cache" / "tokenizers").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
+    gguf._tokenizer_cached.cache_clear()
+    build = gguf.build_tokenizer
+
+    def refuse(path):
+        raise AssertionError("the tokenizer was built again")
+
+    monkeypatch.setattr(gguf, "build_tokenizer", refuse)
+    cached = gguf.gguf_tokenizer(path)
+    t2 = time.perf_counter()
+    print(f"built in {t1 - t0:.2f}s, read from the cache in {t2 - t1:.2f}s")
+    _same_tokenizer(built, cached)
+    (entries[0] / "tokenizer.json").write_text("{")  # a damaged entry is rebuilt
+    gguf._tokenizer_cached.cache_clear()
+    monkeypatch.setattr(gguf, "build_tokenizer", build)
+    _same_tokenizer(built, gguf.gguf_tokenizer(path))
+    assert (entries[0] / "tokenizer.json").stat().st_size > 1000  # and written again
+
+
+def test_gguf_tokenizer_cache_key_follows_the_metadata(tmp_path, monkeypatch):
+    from circuit_finder import gguf
+
+    src = Path(cf.default_model_path())
+    copy = tmp_path / "copy.gguf"
+    data = bytearray(src.read_bytes())
+    copy.write_bytes(data)
+    end, keys = gguf.metadata_keys(str(src))
+    assert "tokenizer.chat_template" in keys and end < gguf.open_gguf(src).data_offset
+    key = gguf.metadata_digest(str(src), end)
+    assert gguf.metadata_digest(str(copy), end) == key  # the same bytes: the same entry
+    at = data.index(b"helpful AI assistant")  # inside the chat template, deep in the metadata
+    assert at < end
+    data[at] = ord("H")
+    copy.write_bytes(data)
+    assert gguf.metadata_digest(str(copy), gguf.metadata_keys(str(copy))[0]) != key
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # cannot be made: built, no error
+    gguf._tokenizer_cached.cache_clear()
+    assert "Helpful AI assistant" in gguf.gguf_tokenizer(copy).apply_chat_template([{"role": "user", "content": "x"}],
+                                                                                   tokenize=False)

@@ -9,7 +9,8 @@ projections). Family settings no key carries follow llama.cpp's rules: Gemma's s
 (every 2nd / 6th layer full, unless `{arch}.attention.sliding_window_pattern` lists it) and its
 attention scale (hidden / heads for the 27B layer counts 46 and 62, else the head size, unless
 `{arch}.attention.scale` is set); Phi-3's LongRoPE comes from its rope_factors tensors. Tokenizer
-and chat template come from the file, built by transformers.
+and chat template come from the file, built by transformers once per file and then read back from
+a cache folder keyed by the file's metadata (``gguf_tokenizer``).
 
 Metadata without reading any tensor: ``open_gguf(path)`` (the reader), ``gguf_field(reader, key)``,
 ``gguf_architecture`` / ``gguf_block_count`` (of an open reader) and ``gguf_num_layers(path)``.
@@ -27,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "gemma_sliding_layers", "gguf_architecture",
-           "gguf_block_count", "gguf_config", "gguf_field", "gguf_num_layers", "gguf_tokenizer", "open_gguf",
-           "read_gguf"]
+__all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "gemma_sliding_layers",
+           "gguf_architecture", "gguf_block_count", "gguf_config", "gguf_field", "gguf_num_layers", "gguf_tokenizer",
+           "metadata_digest", "open_gguf", "read_gguf", "tokenizer_cache_dir"]
 
 ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
@@ -127,18 +128,28 @@ def check_metadata_sizes(path: str) -> None:
     """Walks the metadata of a (little-endian) GGUF file and checks that every string length and
     array count fits in the bytes that are left, so a corrupt count is a GGUFError naming the key
     instead of the gguf reader building billions of entries (found by fuzzing: out of memory)."""
+    metadata_keys(path)
+
+
+def metadata_keys(path: str) -> tuple[int, list[str]] | None:
+    """(the offset where a little-endian GGUF file's metadata ends, its keys), walked and checked
+    as ``check_metadata_sizes`` says, without the gguf reader (which builds every vocabulary entry:
+    seconds); None for a file that is not one (not GGUF, or big-endian: the reader decides)."""
     import mmap
     import struct
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if len(data) < 24 or data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] > 0xFFFF:
-            return  # not GGUF, or big-endian: the reader decides
+            return None
         n_kv, at = struct.unpack_from("<Q", data, 16)[0], 24
+        keys = []
         for k in range(n_kv):
             at, key = _string(data, at, f"metadata entry {k}'s key", path)
             if at + 4 > len(data):
                 raise GGUFError(f"{path}: metadata '{key}' has no value type (file ends)")
             at = _skip_value(data, at + 4, struct.unpack_from("<I", data, at)[0], key, path)
+            keys.append(key)
+        return at, keys
 
 
 def _need(data, at: int, n: int, what: str, path: str) -> None:
@@ -452,8 +463,9 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return config, tensors
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer_cached(path: str, mtime: float):
+def build_tokenizer(path: str):
+    """The tokenizer of a GGUF file as transformers builds it from the vocabulary (seconds for a
+    large vocabulary: ``gguf_tokenizer`` keeps the result)."""
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -467,10 +479,61 @@ def _tokenizer_cached(path: str, mtime: float):
         return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
 
 
+def tokenizer_cache_dir() -> Path:
+    """Where built GGUF tokenizers are kept: $CF_CACHE_DIR/tokenizers, else
+    $XDG_CACHE_HOME/circuit-finder/tokenizers (default ~/.cache/...)."""
+    root = os.environ.get("CF_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "circuit-finder")
+    return Path(root) / "tokenizers"
+
+
+def metadata_digest(path: str, end: int) -> str:
+    """SHA-256 of a GGUF file's first ``end`` bytes (its header and metadata: the whole vocabulary
+    and chat template) and of the transformers version that builds the tokenizer: the key of a
+    cached tokenizer."""
+    import hashlib
+
+    import transformers
+
+    h = hashlib.sha256(f"transformers {transformers.__version__}\n".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(end))
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_cached(path: str, key: str):
+    from transformers import AutoTokenizer
+
+    from .files import staged
+
+    folder = tokenizer_cache_dir() / key
+    if (folder / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception:  # noqa: BLE001 — a damaged cache entry is rebuilt below
+            pass
+    tokenizer = build_tokenizer(path)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with staged(folder, folder=True) as tmp:
+            tokenizer.save_pretrained(str(tmp))
+    except OSError:  # a read-only or full cache: the tokenizer is built again next time
+        pass
+    return tokenizer
+
+
 def gguf_tokenizer(path: str | os.PathLike):
-    """The tokenizer (with chat template) stored in a GGUF file, built by transformers; None if absent."""
+    """The tokenizer (with chat template) stored in a GGUF file; None if absent. Built by
+    transformers the first time, then read back from the cache (``tokenizer_cache_dir``, keyed by
+    ``metadata_digest``) in a tenth of a second."""
     path = os.path.abspath(str(path))
-    reader = open_gguf(path)
-    if gguf_field(reader, "tokenizer.ggml.model") is None:
+    walked = metadata_keys(path) if os.path.isfile(path) else None
+    if walked is None:  # missing, not GGUF, or big-endian: the reader says which, or reads it
+        reader = open_gguf(path)
+        walked = (int(reader.data_offset), list(reader.fields))
+    end, keys = walked
+    if "tokenizer.ggml.model" not in keys:
         return None
-    return _tokenizer_cached(path, os.path.getmtime(path))
+    return _tokenizer_cached(path, metadata_digest(path, end))
