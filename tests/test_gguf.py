@@ -430,13 +430,13 @@ def test_gguf_tokenizer_is_built_once_then_read_from_the_cache(tmp_path, monkeyp
 
     path = cf.default_model_path()
     monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "cache"))
-    gguf._tokenizer_cached.cache_clear()
+    gguf.gguf_tokenizer.cache_clear()
     t0 = time.perf_counter()
     built = gguf.gguf_tokenizer(path)
     t1 = time.perf_counter()
     entries = list((tmp_path / "cache" / "tokenizers").iterdir())
     assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
-    gguf._tokenizer_cached.cache_clear()
+    gguf.gguf_tokenizer.cache_clear()
     build = gguf.build_tokenizer
 
     def refuse(path):
@@ -448,7 +448,7 @@ def test_gguf_tokenizer_is_built_once_then_read_from_the_cache(tmp_path, monkeyp
     print(f"built in {t1 - t0:.2f}s, read from the cache in {t2 - t1:.2f}s")
     _same_tokenizer(built, cached)
     (entries[0] / "tokenizer.json").write_text("{")  # a damaged entry is rebuilt
-    gguf._tokenizer_cached.cache_clear()
+    gguf.gguf_tokenizer.cache_clear()
     monkeypatch.setattr(gguf, "build_tokenizer", build)
     _same_tokenizer(built, gguf.gguf_tokenizer(path))
     assert (entries[0] / "tokenizer.json").stat().st_size > 1000  # and written again
@@ -472,6 +472,6 @@ def test_gguf_tokenizer_cache_key_follows_the_metadata(tmp_path, monkeypatch):
     assert gguf.metadata_digest(str(copy), gguf.metadata_keys(str(copy))[0]) != key
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # cannot be made: built, no error
-    gguf._tokenizer_cached.cache_clear()
+    gguf.gguf_tokenizer.cache_clear()
     assert "Helpful AI assistant" in gguf.gguf_tokenizer(copy).apply_chat_template([{"role": "user", "content": "x"}],
                                                                                    tokenize=False)

@@ -537,3 +537,6 @@ def gguf_tokenizer(path: str | os.PathLike):
     if "tokenizer.ggml.model" not in keys:
         return None
     return _tokenizer_cached(path, metadata_digest(path, end))
+
+
+gguf_tokenizer.cache_clear = _tokenizer_cached.cache_clear  # forget this process's tokenizers (not the folder)
