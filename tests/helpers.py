@@ -55,6 +55,18 @@ ARCH_EXTRA = {
                                         "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
                                         "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}),
 }
+# Mixture-of-experts families (issue #14): few experts so every one is used, top-k of 2-3; Qwen2-MoE
+# with its shared expert and one dense layer, Qwen3-MoE with renormalised top-k and every other layer
+# dense (decoder_sparse_step 2); Mixtral with a sliding window shorter than the prompts.
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+ARCH_EXTRA.update({
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=12, rope_theta=10000.0),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=80, norm_topk_prob=False, mlp_only_layers=[2],
+                      tie_word_embeddings=False, rope_theta=100000.0),
+    "qwen3_moe": dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40, norm_topk_prob=True,
+                      decoder_sparse_step=2, head_dim=24, tie_word_embeddings=False, rope_theta=1000000.0),
+})
 # transformers' SDPA path drops Gemma 2's attention soft-capping: the reference runs eager attention.
 ATTN_IMPLEMENTATION = {"gemma2": "eager", "gemma3_text": "eager"}
 

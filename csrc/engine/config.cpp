@@ -15,6 +15,7 @@ namespace {
 using json = nlohmann::json;
 
 enum class Norms { kLlama, kGemma };  // Gemma: (1 + w) RMSNorm, embeddings scaled by sqrt(hidden)
+enum class Moe { kNone, kMixtral, kQwen };  // Qwen: Qwen2-MoE and Qwen3-MoE's keys and layer rule
 
 struct ArchFlags {
   bool qkv_bias_always = false;  // Qwen2: q/k/v carry biases whatever attention_bias says
@@ -28,12 +29,13 @@ struct ArchFlags {
   bool local_rope = false;           // Gemma 3: sliding layers have their own RoPE
   bool query_scale = false;          // Ministral3: llama_4_scaling_beta
   bool attn_softcap = false;         // Gemma 2 applies attn_logit_softcapping (Gemma 3 stores it, unused)
+  Moe moe = Moe::kNone;
   double theta_default = 10000.0, local_theta_default = 10000.0;  // rope_theta when the config has none
 };
 
 const std::map<std::string, ArchFlags>& arch_table() {
   static const std::map<std::string, ArchFlags> table = [] {
-    ArchFlags llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, ministral3;
+    ArchFlags llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, ministral3, mixtral, qwen2_moe, qwen3_moe;
     llama.o_bias_follows_attention_bias = true;
     mistral.sliding_from_window = true;
     qwen2.qkv_bias_always = true;
@@ -50,7 +52,14 @@ const std::map<std::string, ArchFlags>& arch_table() {
     gemma3.sliding_pattern = 6;
     gemma3.theta_default = 1000000.0;
     ministral3.sliding_from_window = ministral3.query_scale = true;
+    mixtral = mistral;
+    mixtral.moe = Moe::kMixtral;
+    qwen2_moe = qwen2;  // q/k/v biases unless qkv_bias says otherwise
+    qwen2_moe.moe = Moe::kQwen;
+    qwen3_moe = qwen3;
+    qwen3_moe.moe = Moe::kQwen;
     return std::map<std::string, ArchFlags>{
+        {"MixtralForCausalLM", mixtral},  {"Qwen2MoeForCausalLM", qwen2_moe}, {"Qwen3MoeForCausalLM", qwen3_moe},
         {"LlamaForCausalLM", llama},      {"MistralForCausalLM", mistral},   {"Qwen2ForCausalLM", qwen2},
         {"Qwen3ForCausalLM", qwen3},      {"Phi3ForCausalLM", phi3},         {"Gemma2ForCausalLM", gemma2},
         {"Gemma3ForCausalLM", gemma3},    {"Ministral3ForCausalLM", ministral3},
@@ -81,6 +90,7 @@ const std::map<std::string, std::string>& model_type_to_arch() {
       {"qwen3", "Qwen3ForCausalLM"},       {"phi3", "Phi3ForCausalLM"},         {"gemma2", "Gemma2ForCausalLM"},
       {"gemma3_text", "Gemma3ForCausalLM"}, {"ministral3", "Ministral3ForCausalLM"},
       {"gemma3", "Gemma3ForConditionalGeneration"}, {"mistral3", "Mistral3ForConditionalGeneration"},
+      {"mixtral", "MixtralForCausalLM"},   {"qwen2_moe", "Qwen2MoeForCausalLM"}, {"qwen3_moe", "Qwen3MoeForCausalLM"},
   };
   return table;
 }
@@ -305,6 +315,12 @@ const json& arch_defaults(const std::string& arch) {
         "eos_token_id": 2, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
         "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0,
         "mscale": 1.0, "llama_4_scaling_beta": 0.1}})")},
+      {"MixtralForCausalLM", json::parse(R"({"num_experts_per_tok": 2})")},
+      {"Qwen2MoeForCausalLM", json::parse(R"({"num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "norm_topk_prob": false,
+        "decoder_sparse_step": 1})")},
+      {"Qwen3MoeForCausalLM", json::parse(R"({"num_experts_per_tok": 8,
+        "moe_intermediate_size": 768, "norm_topk_prob": false, "decoder_sparse_step": 1})")},
   };
   static const json none = json::object();
   auto it = table.find(arch);
@@ -411,7 +427,7 @@ void read_block_flags(const Reader& r, const ArchFlags& f, ModelConfig& c) {
     throw ConfigError(cat(r.source(), ": rms_norm_eps must be a finite non-negative number"));
   c.hidden_act = read_activation(r);
   const bool attention_bias = r.boolean("attention_bias", false);
-  c.qkv_bias = f.qkv_bias_always || attention_bias;
+  c.qkv_bias = f.qkv_bias_always ? r.boolean("qkv_bias", true) : attention_bias;  // Qwen2-MoE: qkv_bias
   c.o_bias = f.o_bias_follows_attention_bias && attention_bias;
   c.mlp_bias = r.boolean("mlp_bias", false);
   c.qk_norm = f.qk_norm;
@@ -484,6 +500,40 @@ std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, i
   return windows;
 }
 
+// Mixture of experts: expert count, top k, sizes, the top-k renormalisation, and which layers are
+// sparse (Mixtral: all; Qwen: (i + 1) % decoder_sparse_step == 0 unless i is in mlp_only_layers).
+void read_moe(const Reader& r, const ArchFlags& f, ModelConfig& c) {
+  c.sparse_layers.assign(c.num_layers, 0);
+  if (f.moe == Moe::kNone) return;
+  const bool mixtral = f.moe == Moe::kMixtral;
+  const std::string& source = r.source();
+  // the expert count: num_local_experts (Mixtral, and transformers v5's saved Qwen3-MoE) or
+  // num_experts (Qwen's published configs), else the config class's default
+  const int64_t count_default = mixtral ? 8 : c.architecture == "Qwen2MoeForCausalLM" ? 60 : 128;
+  c.num_experts = r.integer("num_local_experts", r.integer("num_experts", count_default));
+  c.experts_per_tok = r.integer("num_experts_per_tok");
+  c.moe_intermediate_size = mixtral ? c.intermediate_size : r.integer("moe_intermediate_size");
+  c.shared_expert_intermediate_size = r.integer("shared_expert_intermediate_size", 0);
+  c.norm_topk_prob = mixtral || r.boolean("norm_topk_prob", false);
+  c.router_weights_fp32 = mixtral;
+  if (c.num_experts < 0 || c.num_experts > 4096 || c.experts_per_tok <= 0 ||
+      (c.num_experts > 0 && c.experts_per_tok > c.num_experts))
+    throw ConfigError(cat(source, ": num_experts_per_tok (", c.experts_per_tok, ") must be in [1, the expert count ",
+                          c.num_experts, "], and the expert count at most 4096"));
+  if (c.moe_intermediate_size <= 0 || c.moe_intermediate_size > (int64_t{1} << 22) ||
+      c.shared_expert_intermediate_size < 0 || c.shared_expert_intermediate_size > (int64_t{1} << 22))
+    throw ConfigError(cat(source, ": expert sizes must be positive and at most 2^22"));
+  const int64_t step = mixtral ? 1 : r.integer("decoder_sparse_step", 1);
+  if (step <= 0) throw ConfigError(cat(source, ": decoder_sparse_step must be positive, got ", step));
+  std::vector<int64_t> dense = r.has("mlp_only_layers") ? r.int_list("mlp_only_layers") : std::vector<int64_t>{};
+  for (int64_t i = 0; i < c.num_layers; ++i)
+    c.sparse_layers[i] = c.num_experts > 0 && (i + 1) % step == 0 &&
+                         std::find(dense.begin(), dense.end(), i) == dense.end();
+  if (!mixtral && r.boolean("use_sliding_window", false) && !r.has("layer_types"))
+    throw ConfigError(cat(source, ": use_sliding_window without layer_types is not supported for ", c.architecture,
+                          " (transformers writes layer_types when it saves the config)"));
+}
+
 }  // namespace
 
 ModelConfig parse_config(const std::string& json_text, const std::string& source) {
@@ -495,6 +545,7 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   read_block_flags(r, f, c);
   read_query_scale(r, f, c);
   c.sliding_window = read_sliding_windows(r, f, c.num_layers);
+  read_moe(r, f, c);
   read_rope(r, f, c);
   c.torch_dtype = r.string("torch_dtype", r.string("dtype", ""));
   c.eos_token_ids = r.int_list("eos_token_id");
@@ -549,6 +600,13 @@ std::string config_to_json(const ModelConfig& c) {
       {"query_scale_beta", c.query_scale_beta},
       {"query_scale_original_max", c.query_scale_original_max},
       {"sliding_window", c.sliding_window},
+      {"num_experts", c.num_experts},
+      {"experts_per_tok", c.experts_per_tok},
+      {"moe_intermediate_size", c.moe_intermediate_size},
+      {"shared_expert_intermediate_size", c.shared_expert_intermediate_size},
+      {"norm_topk_prob", c.norm_topk_prob},
+      {"router_weights_fp32", c.router_weights_fp32},
+      {"sparse_layers", c.sparse_layers},
       {"rope", rope_json(c.rope)},
       {"rope_local", c.has_rope_local ? rope_json(c.rope_local) : json(nullptr)},
       {"torch_dtype", c.torch_dtype},

@@ -2,7 +2,8 @@
 // q/k norm, fused projections, Gemma's norms, soft-capping, tied embeddings, sliding windows,
 // per-kind RoPE), never separate code paths in the model.
 // Supported: Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma2, Gemma3 (and Gemma3ForConditionalGeneration's
-// text decoder), Ministral3 (and Mistral3ForConditionalGeneration's text decoder); RoPE types
+// text decoder), Ministral3 (and Mistral3ForConditionalGeneration's text decoder), and the
+// mixture-of-experts Mixtral, Qwen2-MoE (with its shared expert) and Qwen3-MoE; RoPE types
 // default, linear, llama3, yarn, longrope, read from top-level rope_theta/rope_scaling or
 // transformers v5's rope_parameters (flat, or one entry per layer type).
 #pragma once
@@ -45,6 +46,13 @@ struct ModelConfig {
   double query_scale_beta = 0.0;
   int64_t query_scale_original_max = 0;
   std::vector<int64_t> sliding_window;  // per layer; 0 = full attention
+  // Mixture of experts (num_experts 0 = dense): a sparse layer's MLP routes each token to its top
+  // experts_per_tok of num_experts gated MLPs (moe_intermediate_size each), mixed by their softmax
+  // weights (renormalised over the top k when norm_topk_prob; Mixtral mixes with the fp32 weights,
+  // Qwen casts them to the compute dtype first), plus Qwen2-MoE's sigmoid-gated shared expert.
+  int64_t num_experts = 0, experts_per_tok = 0, moe_intermediate_size = 0, shared_expert_intermediate_size = 0;
+  bool norm_topk_prob = false, router_weights_fp32 = false;
+  std::vector<int64_t> sparse_layers;  // per layer: 1 = a mixture-of-experts MLP, 0 = a dense one
   RopeConfig rope;                      // every layer's RoPE, or full-attention layers' when rope_local is set
   bool has_rope_local = false;          // Gemma 3: sliding layers use rope_local
   RopeConfig rope_local;

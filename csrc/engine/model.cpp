@@ -129,6 +129,14 @@ std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
   } else {
     all["post_attention_layernorm"] = L.post_norm;
   }
+  all["router"] = L.router;
+  all["shared_expert_gate"] = L.shared_gate;
+  for (size_t e = 0; e < L.e_down.size(); ++e) {
+    if (!L.e_gate_up.empty()) all[cat("experts.", e, ".gate_up_proj")] = L.e_gate_up[e];
+    if (!L.e_gate.empty()) all[cat("experts.", e, ".gate_proj")] = L.e_gate[e];
+    if (!L.e_up.empty()) all[cat("experts.", e, ".up_proj")] = L.e_up[e];
+    all[cat("experts.", e, ".down_proj")] = L.e_down[e];
+  }
   std::map<std::string, at::Tensor> out;
   for (const auto& [name, t] : all)
     if (t.defined()) out[name] = t;
@@ -167,18 +175,52 @@ at::Tensor Engine::attention(const at::Tensor& x, int64_t layer, const PositionT
   return ops::linear(o.transpose(1, 2).reshape({B, T, Hq * D}), L.wo, L.bo);
 }
 
-at::Tensor Engine::mlp(const at::Tensor& x, const LayerWeights& L) const {
+// down(act(gate x) * up x), from a fused [gate; up] matrix or separate ones (biases optional).
+at::Tensor Engine::gated_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& w_gate,
+                             const at::Tensor& w_up, const at::Tensor& w_down, const LayerWeights* biases) const {
   at::Tensor gate, up;
-  if (L.w_gate_up.defined()) {
-    at::Tensor both = ops::linear(x, L.w_gate_up);
-    const int64_t I = cfg_.intermediate_size;
+  if (gate_up.defined()) {
+    at::Tensor both = ops::linear(x, gate_up);
+    const int64_t I = gate_up.size(0) / 2;
     gate = both.narrow(-1, 0, I);
     up = both.narrow(-1, I, I);
   } else {
-    gate = ops::linear(x, L.w_gate, L.b_gate);
-    up = ops::linear(x, L.w_up, L.b_up);
+    gate = ops::linear(x, w_gate, biases ? biases->b_gate : at::Tensor());
+    up = ops::linear(x, w_up, biases ? biases->b_up : at::Tensor());
   }
-  return ops::linear(ops::gated_activation(gate, up, cfg_.hidden_act), L.w_down, L.b_down);
+  return ops::linear(ops::gated_activation(gate, up, cfg_.hidden_act), w_down, biases ? biases->b_down : at::Tensor());
+}
+
+at::Tensor Engine::mlp(const at::Tensor& x, const LayerWeights& L) const {
+  return L.sparse ? moe(x, L) : gated_mlp(x, L.w_gate_up, L.w_gate, L.w_up, L.w_down, &L);
+}
+
+// Mixture of experts, as transformers computes it: fp32 softmax over the router's logits, the top
+// k experts per token (renormalised when norm_topk_prob), each expert run once on the rows routed
+// to it (tokens grouped by expert: no expert sees a token it was not picked for), its output times
+// the token's weight added into the token's row; plus the sigmoid-gated shared expert.
+at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
+  const int64_t H = cfg_.hidden_size, k = cfg_.experts_per_tok, E = cfg_.num_experts;
+  at::Tensor flat = x.reshape({-1, H});
+  auto [weights, experts] = at::softmax(ops::linear(flat, L.router).to(at::kFloat), -1).topk(k, -1);
+  if (cfg_.norm_topk_prob) weights = weights / weights.sum(-1, true);
+  if (!cfg_.router_weights_fp32) weights = weights.to(x.scalar_type());
+  at::Tensor pairs = experts.reshape(-1), order = pairs.argsort(/*stable=*/true);
+  at::Tensor rows = order.div(k, "floor"), row_weights = weights.reshape(-1).index_select(0, order);
+  const at::Tensor counts = at::bincount(pairs, {}, E).cpu();  // how many rows each expert takes
+  const int64_t* n = counts.data_ptr<int64_t>();
+  at::Tensor out = at::zeros_like(flat);
+  for (int64_t e = 0, off = 0; e < E; off += n[e], ++e) {
+    if (n[e] == 0) continue;
+    at::Tensor r = rows.narrow(0, off, n[e]);
+    at::Tensor y = L.e_gate_up.empty()
+                       ? gated_mlp(flat.index_select(0, r), at::Tensor(), L.e_gate[e], L.e_up[e], L.e_down[e], nullptr)
+                       : gated_mlp(flat.index_select(0, r), L.e_gate_up[e], {}, {}, L.e_down[e], nullptr);
+    out.index_add_(0, r, (y * row_weights.narrow(0, off, n[e]).unsqueeze(1)).to(out.scalar_type()));
+  }
+  if (L.shared_gate.defined())
+    out = out + at::sigmoid(ops::linear(flat, L.shared_gate)) * gated_mlp(flat, {}, L.w_gate, L.w_up, L.w_down, nullptr);
+  return out.view(x.sizes());
 }
 
 // One decoder layer. Llama-style: x = h + attn(norm(h)); x + mlp(norm(x)). Gemma 2/3 (sandwich)

@@ -112,6 +112,40 @@ void bind_mlp(const Accessor& a, const ModelConfig& c, const std::string& p, int
   }
 }
 
+// A mixture-of-experts MLP: the router, each expert's gate/up/down (stacked v5 tensors, sliced
+// into per-expert views, or the hub's per-expert tensors: Mixtral's block_sparse_moe w1/w3/w2,
+// Qwen's mlp.experts.{e}.*_proj), and Qwen2-MoE's shared expert with its gate.
+void bind_moe(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
+  const int64_t H = c.hidden_size, I = c.moe_intermediate_size, E = c.num_experts, S = c.shared_expert_intermediate_size;
+  L.sparse = true;
+  const bool hub_mixtral = a.has(cat("model.layers.", l, ".block_sparse_moe.gate.weight"));
+  const std::string m = p + (hub_mixtral ? "block_sparse_moe." : "mlp.");
+  L.router = a.get(m + "gate.weight", l, {E, H});
+  if (a.has(cat("model.layers.", l, ".mlp.experts.gate_up_proj"))) {
+    at::Tensor gate_up = a.get(m + "experts.gate_up_proj", l, {E, 2 * I, H});
+    at::Tensor down = a.get(m + "experts.down_proj", l, {E, H, I});
+    for (int64_t e = 0; e < E; ++e) {
+      L.e_gate_up.push_back(gate_up[e]);
+      L.e_down.push_back(down[e]);
+    }
+  } else {
+    const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
+    if (hub_mixtral) names[0] = "w1", names[1] = "w3", names[2] = "w2";
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string x = cat(m, "experts.", e, ".");
+      L.e_gate.push_back(a.get(x + names[0] + ".weight", l, {I, H}));
+      L.e_up.push_back(a.get(x + names[1] + ".weight", l, {I, H}));
+      L.e_down.push_back(a.get(x + names[2] + ".weight", l, {H, I}));
+    }
+  }
+  if (S > 0) {
+    L.w_gate = a.get(p + "mlp.shared_expert.gate_proj.weight", l, {S, H});
+    L.w_up = a.get(p + "mlp.shared_expert.up_proj.weight", l, {S, H});
+    L.w_down = a.get(p + "mlp.shared_expert.down_proj.weight", l, {H, S});
+    L.shared_gate = a.get(p + "mlp.shared_expert_gate.weight", l, {1, H});
+  }
+}
+
 // Llama-style: input_layernorm before attention, post_attention_layernorm before the MLP. Gemma 2/3
 // (sandwich): post_attention_layernorm normalizes the attention output, pre_feedforward_layernorm
 // comes before the MLP and post_feedforward_layernorm after it.
@@ -148,7 +182,10 @@ Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tenso
     L.device = a.device();
     bind_norms(a, c, p, l, L);
     bind_attention(a, c, p, l, L);
-    bind_mlp(a, c, p, l, L);
+    if (c.sparse_layers[l])
+      bind_moe(a, c, p, l, L);
+    else
+      bind_mlp(a, c, p, l, L);
     w.layers.push_back(std::move(L));
   }
   return w;

@@ -30,6 +30,14 @@ struct LayerWeights {
   at::Tensor w_gate, w_up, w_down;        // [I, H], [I, H], [H, I] (w_gate/w_up undefined when fused)
   at::Tensor w_gate_up;                   // [2 I, H]: gate rows then up rows (Phi-3), or undefined
   at::Tensor b_gate, b_up, b_down;        // biases or undefined
+  // A mixture-of-experts layer (sparse): w_gate/w_up/w_down above are Qwen2-MoE's shared expert
+  // (or undefined), shared_gate [1, H] its sigmoid gate. router [E, H]; per expert e, views (no
+  // copies) of the stacked tensors transformers v5 writes — e_gate_up[e] [2 I, H] (gate rows then
+  // up rows), e_down[e] [H, I] — or the per-expert tensors of published checkpoints (e_gate[e],
+  // e_up[e] [I, H]; e_down[e]).
+  bool sparse = false;
+  at::Tensor router, shared_gate;
+  std::vector<at::Tensor> e_gate_up, e_gate, e_up, e_down;
   at::Device device = at::kCPU;           // where every tensor above lives
 };
 

@@ -43,6 +43,13 @@ class ModelConfig:
     query_scale_beta: float
     query_scale_original_max: int
     sliding_window: tuple[int, ...]
+    num_experts: int
+    experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    norm_topk_prob: bool
+    router_weights_fp32: bool
+    sparse_layers: tuple[int, ...]
     rope: dict[str, Any]
     rope_local: dict[str, Any] | None
     torch_dtype: str
@@ -55,6 +62,7 @@ class ModelConfig:
     def from_normalized(cls, normalized: str, raw: dict[str, Any]) -> ModelConfig:
         d = json.loads(normalized)
         d["sliding_window"] = tuple(d["sliding_window"])
+        d["sparse_layers"] = tuple(d["sparse_layers"])
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
         return cls(raw=raw, **d)
 

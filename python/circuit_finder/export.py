@@ -246,7 +246,8 @@ def remap_config(config: dict, path: LayerPath, dtype: torch.dtype | None = None
     n = int(source["num_hidden_layers"])
     target["num_hidden_layers"] = len(path)
     for key, value in source.items():
-        if isinstance(value, list) and len(value) == n and key != "architectures" and not key.endswith("token_id"):
+        if (isinstance(value, list) and len(value) == n and key not in ("architectures", "mlp_only_layers")
+                and not key.endswith("token_id")):
             target[key] = [value[i] for i in path]
     if dtype is not None:
         out["torch_dtype"] = str(dtype).replace("torch.", "")
@@ -383,8 +384,26 @@ def _with_layer_types(config: dict) -> dict:
     return out
 
 
+def _with_sparse_layers(config: dict, out: dict, path: LayerPath) -> dict:
+    """A mixture-of-experts export whose source mixes dense and sparse layers (Qwen's
+    mlp_only_layers / decoder_sparse_step): the export lists its dense slots in mlp_only_layers
+    (step 1), so each slot keeps its layer's MLP kind."""
+    from .config import ConfigError, parse_config
+
+    try:
+        sparse = parse_config(config).sparse_layers
+    except ConfigError:
+        return out
+    if not any(sparse) or all(sparse):
+        return out
+    target = _decoder_config(out)
+    target["decoder_sparse_step"] = 1
+    target["mlp_only_layers"] = [s for s, layer in enumerate(path) if not sparse[layer]]
+    return out
+
+
 def _write_config_and_tokenizer(folder: Path, config: dict, path: LayerPath, target, tokenizer, files) -> None:
-    out_config = remap_config(_with_layer_types(config), path, target)
+    out_config = _with_sparse_layers(config, remap_config(_with_layer_types(config), path, target), path)
     out_config.setdefault("architectures", config.get("architectures") or ["LlamaForCausalLM"])
     (folder / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
     for f in files:

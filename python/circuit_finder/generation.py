@@ -313,7 +313,8 @@ def _static_step(model: Model, cache, layers, last_pos, full_mask):
     def run():
         return model.engine.decode_step(tok, pos, key_mask, index, layers, cache)
 
-    graphs = dev.type == "cuda" and model.cuda_graphs and not model.placement.split  # a graph is one device's
+    # a graph is one device's; a mixture of experts reads its routing on the host every step
+    graphs = dev.type == "cuda" and model.cuda_graphs and not model.placement.split and not model.config.num_experts
     replay = _CudaGraphStep(run, dev) if graphs else run
 
     def step(token):

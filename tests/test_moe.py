@@ -1,0 +1,142 @@
+"""Mixture-of-experts families (issue #14, first part): Mixtral, Qwen2-MoE (shared expert, a dense
+layer) and Qwen3-MoE (renormalised top-k, every other layer dense) against transformers on tiny
+random models: identity, RYS and triple-repeat paths, cached decode, padded greedy generation;
+both expert layouts (the hub's per-expert tensors as save_pretrained writes them, and the stacked
+tensors transformers v5 holds); a repeated MoE block runs the same expert tensors (no copies); an
+export along a path keeps each slot's MLP kind. Printed diffs before each assert."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import circuit_finder as cf
+from circuit_finder import LayerPath
+from helpers import MOE_ARCHS, build_hf_model, rebuilt, tokens
+
+N = 6
+PATHS = {"identity": LayerPath.identity(N), "rys": LayerPath.duplicate(N, 2, 4),
+         "triple": LayerPath.duplicate(N, 1, 3, times=3)}
+
+
+@pytest.fixture(scope="module", params=MOE_ARCHS)
+def moe(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    return request.param, folder, build_hf_model(request.param, folder)
+
+
+def relative(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (ours.float() - ref.float()).abs()
+    rel = (diff.max() / ref.float().abs().max()).item()
+    print(f"{name}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}, relative max {rel:.3e}")
+    return rel
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_moe_paths_match_transformers(moe, name):
+    arch, folder, hf = moe
+    model = cf.load(folder)
+    assert model.config.num_experts > 0 and any(model.config.sparse_layers)
+    ids = tokens(2, 20, seed=1)
+    with torch.no_grad():
+        ref = rebuilt(hf, list(PATHS[name]))(ids).logits
+    out = model.logits(ids, layers=PATHS[name])
+    assert relative(f"{arch} {name}", out, ref) < 1e-4
+    if name != "identity":
+        assert (model.logits(ids) - out).abs().max() > 1e-3  # the path changes the output: the test can fail
+
+
+def test_moe_config_read_as_transformers_does(moe):
+    arch, folder, hf = moe
+    c = cf.load(folder).config
+    text = hf.config
+    sparse = {"mixtral": [1] * N, "qwen2_moe": [1, 1, 0, 1, 1, 1], "qwen3_moe": [0, 1, 0, 1, 0, 1]}[arch]
+    assert list(c.sparse_layers) == sparse
+    assert c.experts_per_tok == text.num_experts_per_tok and c.num_experts == (4 if arch != "qwen3_moe" else 6)
+    assert c.norm_topk_prob == (arch != "qwen2_moe") and c.router_weights_fp32 == (arch == "mixtral")
+    assert c.shared_expert_intermediate_size == (80 if arch == "qwen2_moe" else 0)
+
+
+def test_moe_cached_decode_and_padded_generation(moe):
+    arch, folder, hf = moe
+    model = cf.load(folder)
+    path = list(PATHS["rys"])
+    ids = tokens(2, 18, seed=2)
+    full = model.logits(ids, layers=path)
+    cache = model.engine.new_cache(path, 2, 32)
+    pos = torch.arange(18).expand(2, 18).contiguous()
+    with torch.inference_mode():
+        parts = [model.engine.forward(ids[:, :10], pos[:, :10], None, path, cache, False)]
+        for t in range(10, 18):
+            parts.append(model.engine.forward(ids[:, t:t + 1], pos[:, t:t + 1], None, path, cache, False))
+    assert relative(f"{arch} cached decode", torch.cat(parts, 1), full) < 1e-5
+    prompt, mask = tokens(2, 9, seed=3), torch.ones(2, 9, dtype=torch.long)
+    prompt[1, :4], mask[1, :4] = 0, 0
+    with torch.no_grad():
+        ref = rebuilt(hf, path).generate(prompt, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
+                                         do_sample=False, pad_token_id=0)[:, 9:]
+    ours = model.generate(prompt, layers=path, attention_mask=mask, max_new_tokens=10, min_new_tokens=10)
+    print(f"{arch} generate: ours {ours.tolist()} ref {ref.tolist()}")
+    assert torch.equal(ours, ref)
+
+
+def test_stacked_expert_layout_equals_the_hub_layout(moe):
+    """transformers v5 holds experts stacked (gate_up_proj [E, 2I, H], down_proj [E, H, I]) and saves
+    them per expert: both load, run the same numbers, and the stacked ones are used in place."""
+    arch, folder, hf = moe
+    hub = cf.load(folder)
+    state = {k: v.detach() for k, v in hf.state_dict().items()}
+    stacked = cf.load_from_tensors(json.loads((folder / "config.json").read_text()), state)
+    ids = tokens(1, 12, seed=4)
+    assert relative(f"{arch} stacked vs hub", stacked.logits(ids, layers=PATHS["rys"]),
+                    hub.logits(ids, layers=PATHS["rys"])) < 1e-6
+    layer = next(i for i in range(N) if hub.config.sparse_layers[i])
+    gate_up = state[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+    views = stacked.engine.layer_tensors(layer)
+    for e in range(hub.config.num_experts):  # views into the stacked tensor, not copies
+        assert views[f"experts.{e}.gate_up_proj"].data_ptr() == gate_up[e].data_ptr()
+    names = hub.engine.layer_tensors(layer)
+    assert f"experts.{hub.config.num_experts - 1}.down_proj" in names and "router" in names
+
+
+def test_repeated_moe_block_adds_no_expert_weights(moe):
+    arch, folder, _ = moe
+    model = cf.load(folder)
+    layer = next(i for i in range(N) if model.config.sparse_layers[i])
+    owned = {t.data_ptr() for t in model.tensors.values()}
+    before = {name: t.data_ptr() for name, t in model.engine.layer_tensors(layer).items()}
+    assert set(before.values()) <= owned  # the engine runs the loaded tensors themselves
+    model.logits(tokens(1, 6), layers=[layer] * 4 + list(range(N)))  # the block four times over
+    assert {name: t.data_ptr() for name, t in model.engine.layer_tensors(layer).items()} == before
+    assert len(model.engine.layer_tensors(layer)) == len(before)
+
+
+def test_moe_export_keeps_each_slots_mlp_kind(moe, tmp_path):
+    arch, folder, hf = moe
+    path = LayerPath.parse("0..3,2,3,2,3,4,5")  # the dense layer 2 of Qwen2-MoE repeated; Qwen3's 2 dense too
+    out = cf.export_hf(str(folder), tmp_path / "out", path)
+    exported = cf.load(out)
+    config = json.loads((out / "config.json").read_text())
+    print(arch, "exported mlp_only_layers:", config.get("mlp_only_layers"), "sparse:", exported.config.sparse_layers)
+    model = cf.load(folder)
+    assert list(exported.config.sparse_layers) == [model.config.sparse_layers[i] for i in path]
+    ids = tokens(1, 10, seed=5)
+    assert relative(f"{arch} export", exported.logits(ids), model.logits(ids, layers=path)) < 1e-6
+    assert len(load_file(str(out / "model.safetensors"))) > 0
+
+
+def test_moe_bad_inputs_name_the_problem(moe, tmp_path):
+    arch, folder, hf = moe
+    config = json.loads((folder / "config.json").read_text())
+    bad = dict(config, num_experts_per_tok=99)
+    with pytest.raises(cf.ConfigError, match="num_experts_per_tok"):
+        cf.load_from_tensors(bad, {})
+    state = {k: v.detach() for k, v in hf.state_dict().items()}
+    layer = next(i for i in range(N) if cf.load(folder).config.sparse_layers[i])
+    name = f"model.layers.{layer}.mlp.experts.down_proj"
+    state[name] = state[name][:, :, :-1]
+    with pytest.raises(cf.WeightError, match=f"tensor '{name}': expected shape"):
+        cf.load_from_tensors(config, state)
