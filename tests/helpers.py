@@ -153,6 +153,12 @@ HF_TO_GGUF_BLOCK = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
 }
 HF_TO_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}
@@ -181,7 +187,8 @@ FAMILY_GGUF_BLOCK = {
                "post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
 }
 FAMILY_GGUF_BLOCK["gemma3"] = FAMILY_GGUF_BLOCK["gemma2"]
-GGUF_ARCH = {"gemma3_text": "gemma3", "ministral3": "mistral3"}  # transformers model_type -> GGUF architecture
+GGUF_ARCH = {"gemma3_text": "gemma3", "ministral3": "mistral3",  # transformers model_type -> GGUF architecture
+             "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 
 def gguf_name(hf: str, arch: str = "llama") -> str:
@@ -259,6 +266,34 @@ def _family_metadata(w, cfg, arch: str, head_dim: int) -> dict:
     return extra
 
 
+def _gguf_tensors(hf: str, arr, arch: str) -> list:
+    """[(gguf name, array)] of one Hugging Face tensor: transformers v5's stacked gate_up_proj
+    [E, 2I, H] becomes the converter's ffn_gate_exps and ffn_up_exps [E, I, H]; the shared
+    expert's gate [1, H] is stored as a vector."""
+    if hf.endswith("mlp.experts.gate_up_proj"):
+        half = arr.shape[1] // 2
+        block = gguf_name(hf.replace("mlp.experts.gate_up_proj", "mlp.gate_proj.weight"), arch).rsplit(".", 2)[0]
+        return [(f"{block}.ffn_gate_exps.weight", arr[:, :half]), (f"{block}.ffn_up_exps.weight", arr[:, half:])]
+    if hf.endswith("shared_expert_gate.weight"):
+        arr = arr.reshape(-1)
+    return [(gguf_name(hf, arch), arr)]
+
+
+def _moe_metadata(w, cfg, arch: str) -> None:
+    """Expert keys as llama.cpp's converters write them (llama for Mixtral, qwen2moe, qwen3moe)."""
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if not experts:
+        return
+    w.add_expert_count(experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch != "llama":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if getattr(cfg, "shared_expert_intermediate_size", None):
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if arch == "qwen2moe":
+        w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+
+
 def _gguf_array(hf: str, t, cfg, arch: str, permute: bool):
     """One tensor as the converter stores it: llama/mistral3 Q/K rows permuted, Gemma norms + 1."""
     arr = t.detach().float().numpy()
@@ -303,6 +338,7 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
     w.add_eos_token_id(2)
     w.add_bos_token_id(1)
     family_tensors = _family_metadata(w, cfg, arch, head_dim)
+    _moe_metadata(w, cfg, arch)
     for key, values in (extra_arrays or {}).items():
         w.add_array(key, values)
     for key, value in (extra_strings or {}).items():
@@ -315,13 +351,12 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for hf, t in state.items():
-        name = gguf_name(hf, arch)
-        if name in skip:
-            continue
-        arr = _gguf_array(hf, t, cfg, arch, permute)
-        data, kind = encode_tensor(arr, qtype if arr.ndim == 2 else "F32", rng)
-        w.add_tensor(name, data, raw_dtype=kind)
-        written[name] = (data, kind)
+        for name, arr in _gguf_tensors(hf, _gguf_array(hf, t, cfg, arch, permute), arch):
+            if name in skip:
+                continue
+            data, kind = encode_tensor(arr, qtype if arr.ndim >= 2 else "F32", rng)
+            w.add_tensor(name, data, raw_dtype=kind)
+            written[name] = (data, kind)
     for name, (data, kind) in (extra_tensors or {}).items():
         w.add_tensor(name, data, raw_dtype=kind)
     w.write_header_to_file()

@@ -140,3 +140,34 @@ def test_moe_bad_inputs_name_the_problem(moe, tmp_path):
     state[name] = state[name][:, :, :-1]
     with pytest.raises(cf.WeightError, match=f"tensor '{name}': expected shape"):
         cf.load_from_tensors(config, state)
+
+
+GGUF_SIZES = {"mixtral": dict(intermediate_size=128, sliding_window=None),  # llama GGUF keys carry no window
+              "qwen2_moe": dict(intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=96),
+              "qwen3_moe": dict(intermediate_size=128, moe_intermediate_size=64)}
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_gguf_matches_transformers(arch, tmp_path):
+    """A GGUF written the way llama.cpp's converters lay MoE files out (llama with experts for
+    Mixtral, qwen2moe, qwen3moe: stacked ffn_{gate,up,down}_exps, ffn_gate_inp, the shared
+    expert's tensors; dense layers without a router) loads with its experts and matches."""
+    from helpers import write_gguf
+
+    hf = build_hf_model(arch, tmp_path / "hf", **GGUF_SIZES[arch])
+    written = write_gguf(hf, tmp_path / "f32.gguf")
+    assert any(name.endswith("ffn_gate_exps.weight") for name in written)
+    model = cf.load(tmp_path / "f32.gguf")
+    assert model.config.architecture == {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                                         "qwen3_moe": "Qwen3MoeForCausalLM"}[arch]
+    assert list(model.config.sparse_layers) == list(cf.load(tmp_path / "hf").config.sparse_layers)
+    ids = tokens(2, 16, seed=6)
+    for name in ("identity", "rys"):
+        with torch.no_grad():
+            ref = rebuilt(hf, list(PATHS[name]))(ids).logits
+        assert relative(f"{arch} gguf f32 {name}", model.logits(ids, layers=PATHS[name]), ref) < 1e-4
+    write_gguf(hf, tmp_path / "q8.gguf", "Q8_0")  # 8-bit experts: close on average (a token whose
+    q8 = cf.load(tmp_path / "q8.gguf").logits(ids, layers=PATHS["rys"])  # top-k flips may differ more)
+    f32 = model.logits(ids, layers=PATHS["rys"])
+    relative(f"{arch} gguf q8_0 vs f32", q8, f32)
+    assert ((q8 - f32).abs().mean() / f32.abs().mean()).item() < 0.05

@@ -113,7 +113,8 @@ void bind_mlp(const Accessor& a, const ModelConfig& c, const std::string& p, int
 }
 
 // A mixture-of-experts MLP: the router, each expert's gate/up/down (stacked v5 tensors, sliced
-// into per-expert views, or the hub's per-expert tensors: Mixtral's block_sparse_moe w1/w3/w2,
+// into per-expert views — gate_up_proj as transformers v5 holds it, or gate_proj / up_proj as GGUF
+// stacks them — or the hub's per-expert tensors: Mixtral's block_sparse_moe w1/w3/w2,
 // Qwen's mlp.experts.{e}.*_proj), and Qwen2-MoE's shared expert with its gate.
 void bind_moe(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
   const int64_t H = c.hidden_size, I = c.moe_intermediate_size, E = c.num_experts, S = c.shared_expert_intermediate_size;
@@ -126,6 +127,14 @@ void bind_moe(const Accessor& a, const ModelConfig& c, const std::string& p, int
     at::Tensor down = a.get(m + "experts.down_proj", l, {E, H, I});
     for (int64_t e = 0; e < E; ++e) {
       L.e_gate_up.push_back(gate_up[e]);
+      L.e_down.push_back(down[e]);
+    }
+  } else if (a.has(cat("model.layers.", l, ".mlp.experts.gate_proj"))) {  // GGUF's ffn_{gate,up,down}_exps
+    at::Tensor gate = a.get(m + "experts.gate_proj", l, {E, I, H}), up = a.get(m + "experts.up_proj", l, {E, I, H});
+    at::Tensor down = a.get(m + "experts.down_proj", l, {E, H, I});
+    for (int64_t e = 0; e < E; ++e) {
+      L.e_gate.push_back(gate[e]);
+      L.e_up.push_back(up[e]);
       L.e_down.push_back(down[e]);
     }
   } else {

@@ -8,7 +8,9 @@ family (Gemma's `ffn_norm` is the pre-MLP norm, Phi-3's `attn_qkv` / `ffn_up` ar
 projections). Family settings no key carries follow llama.cpp's rules: Gemma's sliding pattern
 (every 2nd / 6th layer full, unless `{arch}.attention.sliding_window_pattern` lists it) and its
 attention scale (hidden / heads for the 27B layer counts 46 and 62, else the head size, unless
-`{arch}.attention.scale` is set); Phi-3's LongRoPE comes from its rope_factors tensors. Tokenizer
+`{arch}.attention.scale` is set); Phi-3's LongRoPE comes from its rope_factors tensors. Mixtures of
+experts (qwen2moe, qwen3moe, llama with expert_count = Mixtral): stacked ffn_*_exps tensors kept as
+the engine's stacked gate / up / down layout; dense layers are the blocks without a router. Tokenizer
 and chat template come from the file, built by transformers once per file and then read back from
 a cache folder keyed by the file's metadata (``gguf_tokenizer``).
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +37,10 @@ __all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer",
 
 ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
-              "mistral3": "Ministral3ForCausalLM"}
-_MODEL_TYPE = {"gemma3": "gemma3_text", "mistral3": "ministral3"}
+              "mistral3": "Ministral3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+              "qwen3moe": "Qwen3MoeForCausalLM"}  # llama with expert_count: Mixtral
+_MODEL_TYPE = {"gemma3": "gemma3_text", "mistral3": "ministral3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_OLD_EXPERTS = re.compile(r"^blk\.\d+\.ffn_(?:gate|up|down)\.\d+\.weight$")  # pre-2024 per-expert Mixtral files
 _PERMUTED = ("llama", "mistral3")  # converters that reorder Q/K rows for interleaved RoPE
 _GEMMA = ("gemma2", "gemma3")
 _GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales queries by hidden/heads for these
@@ -64,6 +69,16 @@ _BLOCK_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    # mixture of experts: the router, experts stacked [E, out, in] (held as the engine's stacked
+    # gate / up / down layout), Qwen2-MoE's shared expert and its gate
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
 # Where a family's converter names differ from the table above.
 _FAMILY_BLOCK_NAMES = {
@@ -267,7 +282,8 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
         "model_type": _MODEL_TYPE.get(arch, arch),
         "vocab_size": int(vocab),
         "hidden_size": hidden,
-        "intermediate_size": int(per_layer_scalar("feed_forward_length")),
+        "intermediate_size": int(per_layer_scalar("feed_forward_length",
+                                                  gguf_field(reader, f"{arch}.expert_feed_forward_length"))),
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(per_layer_scalar("attention.head_count_kv", heads)),
@@ -281,6 +297,7 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
     }
     if "rope_freqs.weight" in by_name:
         raise GGUFError(f"{path}: per-dimension RoPE factors (rope_freqs, Llama 3.1 style) are not supported yet")
+    _moe_config(reader, path, arch, config, by_name)
     if arch == "phi3":
         _phi3_config(reader, path, config, by_name)
     elif arch in _GEMMA:
@@ -296,6 +313,36 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
     if eot is not None and int(eot) != config.get("eos_token_id"):
         config["eos_token_id"] = [config["eos_token_id"], int(eot)] if "eos_token_id" in config else int(eot)
     return config
+
+
+def _moe_config(reader, path: str, arch: str, config: dict, by_name: dict) -> None:
+    """Mixture-of-experts keys: expert count and top k; a llama file with experts is Mixtral (top-k
+    renormalised); Qwen's expert size, renormalisation (expert_weights_norm, else Qwen3-MoE's
+    published setting: on), shared expert, and dense layers (those without a router)."""
+    count = gguf_field(reader, f"{arch}.expert_count")
+    if not count:
+        return
+    used = gguf_field(reader, f"{arch}.expert_used_count")
+    if not used:
+        raise GGUFError(f"{path}: missing metadata '{arch}.expert_used_count'")
+    if any(_OLD_EXPERTS.match(name) for name in by_name):
+        raise GGUFError(f"{path}: experts stored one tensor each (an old Mixtral conversion) are not supported; "
+                        f"use a file with stacked ffn_*_exps tensors")
+    if arch == "llama":
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=int(count),
+                      num_experts_per_tok=int(used))
+        return
+    n = config["num_hidden_layers"]
+    config.update(num_experts=int(count), num_experts_per_tok=int(used), decoder_sparse_step=1,
+                  moe_intermediate_size=int(gguf_field(reader, f"{arch}.expert_feed_forward_length")
+                                            or config["intermediate_size"]),
+                  norm_topk_prob=bool(gguf_field(reader, f"{arch}.expert_weights_norm", arch == "qwen3moe")),
+                  mlp_only_layers=[i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" not in by_name])
+    if arch == "qwen2moe":
+        shexp = by_name.get("blk.0.ffn_gate_shexp.weight")
+        config["shared_expert_intermediate_size"] = int(
+            gguf_field(reader, f"{arch}.expert_shared_feed_forward_length") or (int(shexp.shape[1]) if shexp is not None else 0))
+        config["qkv_bias"] = "blk.0.attn_q.bias" in by_name
 
 
 def _rope_scaling_config(reader, path: str, arch: str, need, config: dict) -> None:
@@ -454,6 +501,8 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             arr = unpermute_qk(arr, config["num_key_value_heads"])
         elif arch in _GEMMA and name.endswith("norm.weight"):  # the converter stored 1 + w
             arr = arr.astype(np.float32) - 1.0
+        elif name.endswith("shared_expert_gate.weight") and arr.ndim == 1:  # stored [H]: a [1, H] matrix
+            arr = arr.reshape(1, -1)
         tensor = torch.from_numpy(np.array(arr, copy=not arr.flags.writeable or not arr.flags.c_contiguous))
         if tensor.dtype != dtype:
             tensor = tensor.to(dtype)
