@@ -83,6 +83,19 @@ def test_moe_cached_decode_and_padded_generation(moe):
     assert torch.equal(ours, ref)
 
 
+def test_moe_fixed_shape_decode_equals_dynamic(moe):
+    """The fixed-shape decode step (CUDA's path, without a graph for MoE) gives the dynamic
+    step's tokens on the CPU too."""
+    arch, folder, _ = moe
+    model = cf.load(folder)
+    prompt, mask = tokens(2, 7, seed=8), torch.ones(2, 7, dtype=torch.long)
+    prompt[0, :2], mask[0, :2] = 0, 0
+    kw = dict(layers=PATHS["triple"], attention_mask=mask, max_new_tokens=8, min_new_tokens=8)
+    dynamic = model.generate(prompt, **kw)
+    model.static_decode = True
+    assert torch.equal(model.generate(prompt, **kw), dynamic)
+
+
 def test_stacked_expert_layout_equals_the_hub_layout(moe):
     """transformers v5 holds experts stacked (gate_up_proj [E, 2I, H], down_proj [E, H, I]) and saves
     them per expert: both load, run the same numbers, and the stacked ones are used in place."""
