@@ -35,27 +35,28 @@ def test_benchmark_quick_run(tmp_path, capsys):
     assert "| sweep |" in md and "decode tok/s" in md
 
 
-@pytest.mark.slow
-def test_placement_benchmark_quick_run(tmp_path):
+def quick_run(module: str, tmp_path, *args) -> dict:
+    """benchmarks/<module>.py's main in --quick mode, writing into tmp_path; its one JSON file."""
+    import importlib
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import bench_placement
+        bench = importlib.import_module(module)
     finally:
         sys.path.pop(0)
-    assert bench_placement.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
-    res = json.loads(next(tmp_path.iterdir()).read_text())
+    assert bench.main(["--quick", *args, "--out", str(tmp_path)]) == 0
+    return json.loads(next(tmp_path.iterdir()).read_text())
+
+
+@pytest.mark.slow
+def test_placement_benchmark_quick_run(tmp_path):
+    res = quick_run("bench_placement", tmp_path, "--device", "cpu")
     assert {"date", "torch", "device_name"} <= set(res["meta"]) and len(res["rows"]) == 2
     assert res["rows"][1]["max_logit_diff_vs_one_device"] == 0.0  # two groups on the CPU: the very same numbers
 
 
 @pytest.mark.slow
 def test_moe_benchmark_quick_run(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_moe
-    finally:
-        sys.path.pop(0)
-    assert bench_moe.main(["--quick", "--out", str(tmp_path)]) == 0
-    res = json.loads(next(tmp_path.iterdir()).read_text())
+    res = quick_run("bench_moe", tmp_path)
     assert [r["model"] for r in res["rows"]] == ["mixtral", "qwen2_moe", "qwen3_moe"]
     assert all(r["same_greedy_tokens"] and r["decode_tok_s"]["circuit_finder"] > 0 for r in res["rows"])
