@@ -2,7 +2,9 @@
 every family in helpers.ARCHS) cannot show. GGUF files per family written the way llama.cpp's
 converter lays them out; the config layouts published checkpoints carry; Phi-3's LongRoPE switch
 past the original context; the multimodal wrappers' text decoders in both weight layouts; Gemma
-GGUF exports keeping each slot's attention kind. transformers is the reference throughout."""
+GGUF exports keeping each slot's attention kind; sweeps with prefix reuse on every family, the
+mixture-of-experts ones (helpers.MOE_ARCHS; their parity tests are test_moe.py) included.
+transformers is the reference throughout."""
 
 from __future__ import annotations
 

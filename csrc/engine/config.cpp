@@ -22,6 +22,8 @@ struct ArchFlags {
   bool o_bias_follows_attention_bias = false;
   bool qk_norm = false;
   bool sliding_from_window = false;  // Mistral, Phi3, Ministral3: sliding_window applies to every layer
+  bool sliding_when_used = false;    // Qwen3-MoE: every layer slides iff use_sliding_window (no layer_types rule)
+  bool qkv_bias_key = false;         // Qwen2-MoE: q/k/v biases follow qkv_bias (default on)
   bool fused = false;                // Phi3: qkv_proj and gate_up_proj
   Norms norms = Norms::kLlama;
   bool sandwich_norm = false;        // Gemma 2/3
@@ -54,10 +56,12 @@ const std::map<std::string, ArchFlags>& arch_table() {
     ministral3.sliding_from_window = ministral3.query_scale = true;
     mixtral = mistral;
     mixtral.moe = Moe::kMixtral;
-    qwen2_moe = qwen2;  // q/k/v biases unless qkv_bias says otherwise
+    qwen2_moe = qwen2;
     qwen2_moe.moe = Moe::kQwen;
+    qwen2_moe.qkv_bias_key = true;
     qwen3_moe = qwen3;
     qwen3_moe.moe = Moe::kQwen;
+    qwen3_moe.sliding_when_used = true;
     return std::map<std::string, ArchFlags>{
         {"MixtralForCausalLM", mixtral},  {"Qwen2MoeForCausalLM", qwen2_moe}, {"Qwen3MoeForCausalLM", qwen3_moe},
         {"LlamaForCausalLM", llama},      {"MistralForCausalLM", mistral},   {"Qwen2ForCausalLM", qwen2},
@@ -427,7 +431,7 @@ void read_block_flags(const Reader& r, const ArchFlags& f, ModelConfig& c) {
     throw ConfigError(cat(r.source(), ": rms_norm_eps must be a finite non-negative number"));
   c.hidden_act = read_activation(r);
   const bool attention_bias = r.boolean("attention_bias", false);
-  c.qkv_bias = f.qkv_bias_always ? r.boolean("qkv_bias", true) : attention_bias;  // Qwen2-MoE: qkv_bias
+  c.qkv_bias = f.qkv_bias_key ? r.boolean("qkv_bias", true) : f.qkv_bias_always || attention_bias;
   c.o_bias = f.o_bias_follows_attention_bias && attention_bias;
   c.mlp_bias = r.boolean("mlp_bias", false);
   c.qk_norm = f.qk_norm;
@@ -469,6 +473,8 @@ std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, i
   const int64_t window = r.integer("sliding_window", 0);
   if (f.sliding_from_window) {  // Mistral, Phi3, Ministral3: transformers ignores layer_types here
     if (window > 0) windows.assign(num_layers, window);
+  } else if (f.sliding_when_used) {  // Qwen3-MoE: all layers or none, layer_types ignored
+    if (r.boolean("use_sliding_window", false) && window > 0) windows.assign(num_layers, window);
   } else if (r.has("layer_types")) {
     const json& lt = r.raw()["layer_types"];
     if (!lt.is_array() || static_cast<int64_t>(lt.size()) != num_layers)
@@ -507,29 +513,33 @@ void read_moe(const Reader& r, const ArchFlags& f, ModelConfig& c) {
   if (f.moe == Moe::kNone) return;
   const bool mixtral = f.moe == Moe::kMixtral;
   const std::string& source = r.source();
-  // the expert count: num_local_experts (Mixtral, and transformers v5's saved Qwen3-MoE) or
-  // num_experts (Qwen's published configs), else the config class's default
-  const int64_t count_default = mixtral ? 8 : c.architecture == "Qwen2MoeForCausalLM" ? 60 : 128;
-  c.num_experts = r.integer("num_local_experts", r.integer("num_experts", count_default));
+  // the expert count: Qwen2-MoE reads num_experts; Mixtral and Qwen3-MoE num_local_experts (what
+  // transformers v5 saves), with num_experts as its alias (Qwen3's published configs)
+  const bool qwen2 = c.architecture == "Qwen2MoeForCausalLM";
+  c.num_experts = qwen2 ? r.integer("num_experts", 60)
+                        : r.integer("num_local_experts", r.integer("num_experts", mixtral ? 8 : 128));
   c.experts_per_tok = r.integer("num_experts_per_tok");
   c.moe_intermediate_size = mixtral ? c.intermediate_size : r.integer("moe_intermediate_size");
-  c.shared_expert_intermediate_size = r.integer("shared_expert_intermediate_size", 0);
+  c.shared_expert_intermediate_size = qwen2 ? r.integer("shared_expert_intermediate_size", 0) : 0;
   c.norm_topk_prob = mixtral || r.boolean("norm_topk_prob", false);
   c.router_weights_fp32 = mixtral;
-  if (c.num_experts < 0 || c.num_experts > 4096 || c.experts_per_tok <= 0 ||
-      (c.num_experts > 0 && c.experts_per_tok > c.num_experts))
+  if (c.num_experts < (mixtral ? 1 : 0) || c.num_experts > 4096)
+    throw ConfigError(cat(source, ": the expert count must be in [", mixtral ? 1 : 0, ", 4096], got ", c.num_experts));
+  if (c.experts_per_tok <= 0 || (c.num_experts > 0 && c.experts_per_tok > c.num_experts))
     throw ConfigError(cat(source, ": num_experts_per_tok (", c.experts_per_tok, ") must be in [1, the expert count ",
-                          c.num_experts, "], and the expert count at most 4096"));
-  if (c.moe_intermediate_size <= 0 || c.moe_intermediate_size > (int64_t{1} << 22) ||
-      c.shared_expert_intermediate_size < 0 || c.shared_expert_intermediate_size > (int64_t{1} << 22))
-    throw ConfigError(cat(source, ": expert sizes must be positive and at most 2^22"));
+                          c.num_experts, "]"));
+  for (auto [name, v, low] : {std::tuple{mixtral ? "intermediate_size" : "moe_intermediate_size",
+                                         c.moe_intermediate_size, int64_t{1}},
+                              {"shared_expert_intermediate_size", c.shared_expert_intermediate_size, int64_t{0}}})
+    if (v < low || v > (int64_t{1} << 22))
+      throw ConfigError(cat(source, ": '", name, "' = ", v, " must be in [", low, ", 2^22]"));
   const int64_t step = mixtral ? 1 : r.integer("decoder_sparse_step", 1);
   if (step <= 0) throw ConfigError(cat(source, ": decoder_sparse_step must be positive, got ", step));
   std::vector<int64_t> dense = r.has("mlp_only_layers") ? r.int_list("mlp_only_layers") : std::vector<int64_t>{};
   for (int64_t i = 0; i < c.num_layers; ++i)
     c.sparse_layers[i] = c.num_experts > 0 && (i + 1) % step == 0 &&
                          std::find(dense.begin(), dense.end(), i) == dense.end();
-  if (!mixtral && r.boolean("use_sliding_window", false) && !r.has("layer_types"))
+  if (qwen2 && r.boolean("use_sliding_window", false) && !r.has("layer_types"))
     throw ConfigError(cat(source, ": use_sliding_window without layer_types is not supported for ", c.architecture,
                           " (transformers writes layer_types when it saves the config)"));
 }

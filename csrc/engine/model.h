@@ -3,7 +3,9 @@
 // a layer that appears twice in a path runs the same tensors twice. A model may be split over
 // devices (each layer's weights on one device, see weights.h): a slot runs where its layer lives,
 // with its cache slot there; hidden states move only when consecutive slots sit on different
-// devices, and every call takes its inputs and returns its outputs on the main device.
+// devices, and every call takes its inputs and returns its outputs on the main device. A
+// mixture-of-experts MLP reads how many rows each expert got on the host (one sync per sparse
+// layer: no CUDA graph for MoE decode).
 #pragma once
 #include <ATen/ATen.h>
 

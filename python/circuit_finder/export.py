@@ -17,6 +17,11 @@ replaced only with ``overwrite=True``; an existing folder only when it looks lik
 ours (config.json, *.safetensors and tokenizer / index / generation-config files, nothing else);
 the source itself never.
 
+Mixtures of experts: a Hugging Face export writes experts per expert, as published checkpoints
+carry them (Qwen: ``mlp.experts.N.*_proj``; Mixtral: ``block_sparse_moe.experts.N.w1/w3/w2``),
+whatever layout they were loaded from (transformers v5's stacked tensors, GGUF's ``*_exps``), and
+lists the path's dense slots in ``mlp_only_layers``.
+
 Limits: mergekit reads Hugging Face models, so a GGUF source needs ``model=`` (the Hugging Face
 name to write); a hub id's layer count is not fetched (no network), pass ``num_layers``.
 """
@@ -303,6 +308,38 @@ def _hf_source_weights(src, target: torch.dtype | None):
     return _C.load_safetensors(str(p)), None, files
 
 
+_STACKED_EXPERTS = re.compile(r"^(.*\.layers\.\d+\.)mlp\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)$")
+_MIXTRAL_EXPERT = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+def hub_expert_tensors(tensors: dict, config: dict) -> dict:
+    """``tensors`` with stacked experts (transformers v5's gate_up_proj [E, 2I, H] and down_proj
+    [E, H, I]; GGUF's gate_proj / up_proj [E, I, H]) as per-expert views under the names published
+    checkpoints use (Qwen: mlp.experts.N.{gate,up,down}_proj.weight; Mixtral: block_sparse_moe
+    .experts.N.w1/w3/w2.weight, its router block_sparse_moe.gate.weight). Other tensors unchanged."""
+    from .config import ConfigError, parse_config
+
+    try:
+        mixtral = parse_config(config).architecture == "MixtralForCausalLM"
+    except ConfigError:
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        m = _STACKED_EXPERTS.match(name)
+        if m is None:
+            out[name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight") if mixtral else name] = t
+            continue
+        prefix, kind = m.groups()
+        half = t.shape[1] // 2
+        parts = ({"gate": t[:, :half], "up": t[:, half:]} if kind == "gate_up_proj" else {kind[:-len("_proj")]: t})
+        for part, stacked in parts.items():
+            for e in range(stacked.shape[0]):
+                key = (f"{prefix}block_sparse_moe.experts.{e}.{_MIXTRAL_EXPERT[part]}.weight" if mixtral
+                       else f"{prefix}mlp.experts.{e}.{part}_proj.weight")
+                out[key] = stacked[e]
+    return out
+
+
 def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:
     """(output name, source name): non-layer tensors as they are, then each slot's layer renumbered."""
     names: list[tuple[str, str]] = []
@@ -385,16 +422,17 @@ def _with_layer_types(config: dict) -> dict:
 
 
 def _with_sparse_layers(config: dict, out: dict, path: LayerPath) -> dict:
-    """A mixture-of-experts export whose source mixes dense and sparse layers (Qwen's
-    mlp_only_layers / decoder_sparse_step): the export lists its dense slots in mlp_only_layers
-    (step 1), so each slot keeps its layer's MLP kind."""
+    """A Qwen mixture-of-experts export (mlp_only_layers / decoder_sparse_step pick the dense
+    layers): it lists its dense slots in mlp_only_layers with step 1, so each slot keeps its
+    layer's MLP kind whatever the path's length. Mixtral (every layer sparse) and dense models are
+    left as they are."""
     from .config import ConfigError, parse_config
 
     try:
         sparse = parse_config(config).sparse_layers
     except ConfigError:
         return out
-    if not any(sparse) or all(sparse):
+    if not any(sparse) or parse_config(config).architecture == "MixtralForCausalLM":
         return out
     target = _decoder_config(out)
     target["decoder_sparse_step"] = 1
@@ -430,6 +468,7 @@ def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | No
     limit = parse_size(max_shard_size)
     _check_target(dst, overwrite, folder=True, source=src if isinstance(src, (str, os.PathLike)) else None)
     tensors, tokenizer, tokenizer_files = _hf_source_weights(src, target)
+    tensors = hub_expert_tensors(tensors, config)
     shards = _plan_shards(tensors, _slot_names(tensors, path, n), target, limit)
     with staged(dst, folder=True) as tmp:
         _write_shards(tmp, tensors, shards, target)

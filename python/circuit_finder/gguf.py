@@ -18,7 +18,8 @@ Metadata without reading any tensor: ``open_gguf(path)`` (the reader), ``gguf_fi
 ``gguf_architecture`` / ``gguf_block_count`` (of an open reader) and ``gguf_num_layers(path)``.
 
 Limits: architectures in SUPPORTED_ARCHS and tensor types in SUPPORTED_TYPES; per-layer head counts
-and RoPE factors must be uniform.
+and RoPE factors must be uniform; a llama file with experts is read as Mixtral, and experts stored
+one tensor each (old Mixtral conversions) are refused.
 """
 
 from __future__ import annotations
@@ -320,6 +321,8 @@ def _moe_config(reader, path: str, arch: str, config: dict, by_name: dict) -> No
     renormalised); Qwen's expert size, renormalisation (expert_weights_norm, else Qwen3-MoE's
     published setting: on), shared expert, and dense layers (those without a router)."""
     count = gguf_field(reader, f"{arch}.expert_count")
+    if not count and arch in ("qwen2moe", "qwen3moe"):
+        raise GGUFError(f"{path}: missing metadata '{arch}.expert_count'")
     if not count:
         return
     used = gguf_field(reader, f"{arch}.expert_used_count")
