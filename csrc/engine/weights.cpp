@@ -40,15 +40,14 @@ class Accessor {
                             " (a layer's tensors live on one device; the embedding, final norm and lm_head on one)"));
     return x;
   }
-  // Tensors fetched from now on must sit where layer `layer`'s input_layernorm.weight does (-1: the
-  // embedding's device, for the final norm and lm_head).
+  // Tensors fetched from now on must sit where layer `layer`'s input_layernorm.weight does (the
+  // embedding's device when it is missing: get() then names the missing tensor).
   void expect_layer(int64_t layer) {
     device_ = main_;
     owner_ = "the embedding";
-    if (layer < 0) return;
     const std::string name = cat("model.layers.", layer, ".input_layernorm.weight");
     auto it = t_.find(name);
-    if (it == t_.end()) return;  // get() names the missing tensor
+    if (it == t_.end()) return;
     device_ = it->second.device();
     owner_ = cat("layer ", layer, "'s input_layernorm.weight");
   }

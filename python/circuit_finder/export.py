@@ -429,10 +429,11 @@ def _with_sparse_layers(config: dict, out: dict, path: LayerPath) -> dict:
     from .config import ConfigError, parse_config
 
     try:
-        sparse = parse_config(config).sparse_layers
+        parsed = parse_config(config)
     except ConfigError:
         return out
-    if not any(sparse) or parse_config(config).architecture == "MixtralForCausalLM":
+    sparse = parsed.sparse_layers
+    if not any(sparse) or parsed.architecture == "MixtralForCausalLM":
         return out
     target = _decoder_config(out)
     target["decoder_sparse_step"] = 1

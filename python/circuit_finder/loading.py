@@ -99,7 +99,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     convert once.
     device_map: None (everything on ``device``), "auto" (GPUs by free memory, the rest on CPU), a
     list of (device, layer count) pairs or its text "cuda:0=20,cpu=12", or {layer: device}; the
-    embedding and head go with layer 0. max_memory: {device: bytes or "20GiB"}, the weights' budget
+    embedding and head go on the first GPU the map uses (else the CPU). max_memory: {device: bytes or "20GiB"}, the weights' budget
     per device (default: 90% of its free memory). See ``circuit_finder.placement``.
     """
     if str(path) == "default":

@@ -165,8 +165,11 @@ def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_m
         if len(device_map.layers) != num_layers:
             raise ValueError(f"the placement covers {len(device_map.layers)} layers; the model has {num_layers}")
         return device_map
-    if device_map is None and max_memory is not None:
-        raise ValueError("max_memory budgets a device_map: pass device_map='auto' (or a map) with it")
+    if device_map is None:
+        if max_memory is not None:
+            raise ValueError("max_memory budgets a device_map: pass device_map='auto' (or a map) with it")
+        d = torch.device(device)
+        return Placement((d,) * num_layers, d)
     budgets = _budgets(max_memory)
     layer_bytes, other = [0] * num_layers, 0
     for name, n in sizes.items():
@@ -175,9 +178,6 @@ def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_m
             layer_bytes[layer] += n
         else:
             other += n
-    if device_map is None:
-        d = torch.device(device)
-        return Placement((d,) * num_layers, d)
     if isinstance(device_map, str) and device_map.strip().lower() == "auto":
         layers = _auto(layer_bytes, other, budgets)
     else:
@@ -187,15 +187,21 @@ def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_m
     return _checked(placed, layer_bytes, other, budgets)
 
 
+def _pairs(text: str, what: str, form: str, valid=lambda value: True) -> list[tuple[str, str]]:
+    """'a=1,b=2' (entries separated by ',', '+' or spaces) -> [("a", "1"), ("b", "2")]; an entry
+    without a name, an '=' or a ``valid`` value raises ValueError naming ``what`` and ``form``."""
+    out = []
+    for part in (p for p in re.split(r"[,+\s]+", text.strip()) if p):
+        name, sep, value = part.rpartition("=")
+        if not sep or not name or not valid(value):
+            raise ValueError(f"{what}: {part!r} is not {form}")
+        out.append((name, value))
+    return out
+
+
 def parse_max_memory(text: str) -> dict[str, str]:
     """'cuda:0=20GiB,cpu=64GiB' (or '+'-separated) -> {device: size text}."""
-    out = {}
-    for part in (p for p in re.split(r"[,+\s]+", text.strip()) if p):
-        name, sep, size = part.rpartition("=")
-        if not sep or not name:
-            raise ValueError(f"max_memory: {part!r} is not DEVICE=SIZE (e.g. 'cuda:0=20GiB,cpu=64GiB')")
-        out[name] = size
-    return out
+    return dict(_pairs(text, "max_memory", "DEVICE=SIZE (e.g. 'cuda:0=20GiB,cpu=64GiB')"))
 
 
 def _budgets(max_memory) -> dict[str, int]:
@@ -232,12 +238,13 @@ def _auto(layer_bytes: list[int], other: int, budgets: dict[str, int]) -> list[t
 
 def _explicit(device_map, num_layers: int) -> list[torch.device]:
     """An explicit map (dict, list of pairs or their text) -> one device per layer."""
-    if isinstance(device_map, torch.device) or (isinstance(device_map, str) and re.fullmatch(r"[a-z]+(:\d+)?",
-                                                                                            device_map.strip())):
-        return [as_device(device_map if isinstance(device_map, torch.device) else device_map.strip(),
-                          "device_map")] * num_layers
+    if isinstance(device_map, torch.device):
+        return [as_device(device_map, "device_map")] * num_layers
     if isinstance(device_map, str):
-        device_map = _parse_text(device_map)
+        text = device_map.strip()
+        if re.fullmatch(r"[a-z]+(:\d+)?", text):  # one device for every layer
+            return [as_device(text, "device_map")] * num_layers
+        device_map = _parse_text(text)
     if isinstance(device_map, dict):
         return _from_dict(device_map, num_layers)
     if not isinstance(device_map, (list, tuple)):
@@ -264,13 +271,8 @@ def _parse_text(text: str):
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"device_map: {text!r} is not valid JSON ({e})") from e
-    pairs = []
-    for part in (p for p in re.split(r"[,+\s]+", text.strip()) if p):
-        name, sep, count = part.rpartition("=")
-        if not sep or not count.isdigit():
-            raise ValueError(f"device_map: {part!r} is not DEVICE=COUNT (e.g. 'cuda:0=20,cpu=12', or 'auto')")
-        pairs.append((name, int(count)))
-    return pairs
+    pairs = _pairs(text, "device_map", "DEVICE=COUNT (e.g. 'cuda:0=20,cpu=12', or 'auto')", str.isdigit)
+    return [(name, int(count)) for name, count in pairs]
 
 
 def _from_dict(device_map: dict, num_layers: int) -> list[torch.device]:
