@@ -1,11 +1,12 @@
 """Mixture-of-experts decode and prefill against transformers (issue #14, item 5): one row per family
-(Mixtral, Qwen2-MoE, Qwen3-MoE) on a random model of a small MoE shape, same weights, RYS path,
+(Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS) on a random model of a small MoE shape, same weights, RYS path,
 batch, dtype and device, measured by run.py's bench_forward (tokens/s, timestamps as each token
 comes out; the greedy tokens compared).
 
     .venv/bin/python benchmarks/bench_moe.py                 # CPU fp32, batch 1 and 8 (~5 min on 2 cores)
     python benchmarks/bench_moe.py --device cuda --dtype bfloat16
     .venv/bin/python benchmarks/bench_moe.py --quick         # seconds: checks the script works
+    .venv/bin/python benchmarks/bench_moe.py --families gpt_oss   # one family
 
 Writes benchmarks/results/<date>-moe-<device>.json and prints a markdown table.
 """
@@ -38,6 +39,8 @@ FAMILIES = {
                       shared_expert_intermediate_size=1408, mlp_only_layers=[], norm_topk_prob=False),
     "qwen3_moe": dict(intermediate_size=1408, moe_intermediate_size=256, num_experts=32, num_experts_per_tok=4,
                       norm_topk_prob=True, decoder_sparse_step=1, head_dim=64),
+    "gpt_oss": dict(intermediate_size=512, num_local_experts=16, num_experts_per_tok=4, head_dim=64, sliding_window=128,
+                    swiglu_limit=7.0),
 }
 QUICK = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
 
@@ -63,11 +66,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
-    for family, extra in FAMILIES.items():
+    for family in args.families:
+        extra = FAMILIES[family]
         with tempfile.TemporaryDirectory() as tmp:
             shape = {**SHAPE, **extra, **(QUICK if args.quick else {})}
             if args.quick:

@@ -57,8 +57,9 @@ ARCH_EXTRA = {
 }
 # Mixture-of-experts families (issue #14): few experts so every one is used, top-k of 2-3; Qwen2-MoE
 # with its shared expert and one dense layer, Qwen3-MoE with renormalised top-k and every other layer
-# dense (decoder_sparse_step 2); Mixtral with a sliding window shorter than the prompts.
-MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+# dense (decoder_sparse_step 2); Mixtral with a sliding window shorter than the prompts; GPT-OSS with
+# its sinks, alternating sliding / full layers (window 8), YaRN, and a SwiGLU clamp low enough to bite.
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"]
 ARCH_EXTRA.update({
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=12, rope_theta=10000.0),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
@@ -66,9 +67,14 @@ ARCH_EXTRA.update({
                       tie_word_embeddings=False, rope_theta=100000.0),
     "qwen3_moe": dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40, norm_topk_prob=True,
                       decoder_sparse_step=2, head_dim=24, tie_word_embeddings=False, rope_theta=1000000.0),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=16, sliding_window=8,
+                    swiglu_limit=1.5, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128}),
 })
-# transformers' SDPA path drops Gemma 2's attention soft-capping: the reference runs eager attention.
-ATTN_IMPLEMENTATION = {"gemma2": "eager", "gemma3_text": "eager"}
+# transformers' SDPA path drops Gemma 2's attention soft-capping (and has no GPT-OSS sinks): the
+# reference runs eager attention.
+ATTN_IMPLEMENTATION = {"gemma2": "eager", "gemma3_text": "eager", "gpt_oss": "eager"}
 
 
 def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -187,8 +193,12 @@ FAMILY_GGUF_BLOCK = {
                "post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
 }
 FAMILY_GGUF_BLOCK["gemma3"] = FAMILY_GGUF_BLOCK["gemma2"]
+FAMILY_GGUF_BLOCK["gpt-oss"] = {
+    "post_attention_layernorm.weight": "post_attention_norm.weight", "self_attn.sinks": "attn_sinks.weight",
+    "self_attn.o_proj.bias": "attn_output.bias", "mlp.router.weight": "ffn_gate_inp.weight",
+    "mlp.router.bias": "ffn_gate_inp.bias", "mlp.experts.down_proj_bias": "ffn_down_exps.bias"}
 GGUF_ARCH = {"gemma3_text": "gemma3", "ministral3": "mistral3",  # transformers model_type -> GGUF architecture
-             "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+             "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss"}
 
 
 def gguf_name(hf: str, arch: str = "llama") -> str:
@@ -261,6 +271,14 @@ def _family_metadata(w, cfg, arch: str, head_dim: int) -> dict:
             w.add_rope_scaling_yarn_beta_slow(rope.get("beta_slow", 1.0))
             w.add_rope_scaling_yarn_log_mul(rope.get("mscale_all_dim", 1.0))
         w.add_attn_temperature_scale(rope.get("llama_4_scaling_beta", 0.0))
+    elif arch == "gpt-oss":
+        w.add_rope_freq_base(rope["rope_theta"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_beta_fast(rope.get("beta_fast", 32.0))
+        w.add_rope_scaling_yarn_beta_slow(rope.get("beta_slow", 1.0))
+        w.add_sliding_window(cfg.sliding_window)
     else:
         w.add_rope_freq_base(float(rope["rope_theta"]))
     return extra
@@ -269,7 +287,18 @@ def _family_metadata(w, cfg, arch: str, head_dim: int) -> dict:
 def _gguf_tensors(hf: str, arr, arch: str) -> list:
     """[(gguf name, array)] of one Hugging Face tensor: transformers v5's stacked gate_up_proj
     [E, 2I, H] becomes the converter's ffn_gate_exps and ffn_up_exps [E, I, H]; the shared
-    expert's gate [1, H] is stored as a vector."""
+    expert's gate [1, H] is stored as a vector. gpt-oss (llama.cpp's converter, dequantized path):
+    gate_up_proj [E, H, 2I] transposed, its even output columns the gate and odd ones up (biases
+    alike); down_proj [E, I, H] transposed."""
+    if arch == "gpt-oss" and ".mlp.experts." in hf:
+        block = f"blk.{hf.split('.')[2]}"
+        if hf.endswith("gate_up_proj"):
+            t = arr.transpose(0, 2, 1)
+            return [(f"{block}.ffn_gate_exps.weight", t[:, 0::2]), (f"{block}.ffn_up_exps.weight", t[:, 1::2])]
+        if hf.endswith("gate_up_proj_bias"):
+            return [(f"{block}.ffn_gate_exps.bias", arr[:, 0::2]), (f"{block}.ffn_up_exps.bias", arr[:, 1::2])]
+        if hf.endswith("down_proj"):
+            return [(f"{block}.ffn_down_exps.weight", arr.transpose(0, 2, 1))]
     if hf.endswith("mlp.experts.gate_up_proj"):
         half = arr.shape[1] // 2
         block = gguf_name(hf.replace("mlp.experts.gate_up_proj", "mlp.gate_proj.weight"), arch).rsplit(".", 2)[0]
@@ -280,14 +309,14 @@ def _gguf_tensors(hf: str, arr, arch: str) -> list:
 
 
 def _moe_metadata(w, cfg, arch: str) -> None:
-    """Expert keys as llama.cpp's converters write them (llama for Mixtral, qwen2moe, qwen3moe)."""
+    """Expert keys as llama.cpp's converters write them (llama for Mixtral, qwen2moe, qwen3moe, gpt-oss)."""
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
     if not experts:
         return
     w.add_expert_count(experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch != "llama":
-        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_feed_forward_length(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
     if getattr(cfg, "shared_expert_intermediate_size", None):
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if arch == "qwen2moe":
@@ -307,12 +336,13 @@ def _gguf_array(hf: str, t, cfg, arch: str, permute: bool):
 
 
 def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip=(), permute=True, seed=0,
-               extra_tensors=None, extra_arrays=None, extra_strings=None):
+               extra_tensors=None, extra_arrays=None, extra_strings=None, expert_qtype: str | None = None):
     """Writes a transformers model as GGUF the way llama.cpp's converter lays it out (per family:
     fused Phi-3 tensors and LongRoPE factor tensors, Gemma's +1 norms and names, mistral3's YaRN and
     temperature keys; the keys each converter leaves out are left out here too).
 
-    Matrices get `qtype` (norms stay F32); llama/mistral3 Q/K rows are permuted as the converter does
+    Matrices get `qtype` (norms stay F32; stacked experts `expert_qtype` when given, as llama.cpp's
+    gpt-oss files keep theirs in MXFP4); llama/mistral3 Q/K rows are permuted as the converter does
     (by `llama_cpp_permute`, not by circuit_finder's code). Returns {gguf tensor name: (bytes array,
     type)} of what was written.
     """
@@ -354,7 +384,10 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
         for name, arr in _gguf_tensors(hf, _gguf_array(hf, t, cfg, arch, permute), arch):
             if name in skip:
                 continue
-            data, kind = encode_tensor(arr, qtype if arr.ndim >= 2 else "F32", rng)
+            # the converter keeps vectors, biases and the router in F32
+            matrix = arr.ndim >= 2 and name.endswith(".weight") and "ffn_gate_inp" not in name
+            kind_name = (expert_qtype if expert_qtype and name.endswith("_exps.weight") else qtype) if matrix else "F32"
+            data, kind = encode_tensor(np.ascontiguousarray(arr), kind_name, rng)
             w.add_tensor(name, data, raw_dtype=kind)
             written[name] = (data, kind)
     for name, (data, kind) in (extra_tensors or {}).items():

@@ -1,11 +1,12 @@
-"""Mixture-of-experts families (issue #14): Mixtral, Qwen2-MoE (shared expert, a dense layer) and
-Qwen3-MoE (renormalised top-k, every other layer dense) against transformers on tiny random
+"""Mixture-of-experts families (issue #14): Mixtral, Qwen2-MoE (shared expert, a dense layer),
+Qwen3-MoE (renormalised top-k, every other layer dense) and GPT-OSS (sinks, alternating windows,
+biased router and experts, clamped SwiGLU, MXFP4 checkpoints) against transformers on tiny random
 models: identity, RYS and triple-repeat paths in fp32 and bf16, cached decode, padded greedy
 generation, fixed-shape decode; all expert layouts (the hub's per-expert tensors as save_pretrained
 writes them, the stacked tensors transformers v5 holds, GGUF files with stacked *_exps); a repeated
 MoE block runs the same expert tensors (no copies); exports along a path load in transformers and
-keep each slot's MLP kind; config edge cases. Printed diffs before each assert. GPT-OSS and
-Qwen3.5 / Qwen3-Next are not here yet."""
+keep each slot's MLP kind; config edge cases. Printed diffs before each assert. Qwen3.5 /
+Qwen3-Next are not here yet."""
 
 from __future__ import annotations
 
@@ -121,9 +122,10 @@ def test_repeated_moe_block_adds_no_expert_weights(moe):
     arch, folder, _ = moe
     model = cf.load(folder)
     layer = next(i for i in range(N) if model.config.sparse_layers[i])
-    owned = {t.data_ptr() for t in model.tensors.values()}
+    owned = {t.untyped_storage().data_ptr() for t in model.tensors.values()}
     before = {name: t.data_ptr() for name, t in model.engine.layer_tensors(layer).items()}
-    assert set(before.values()) <= owned  # the engine runs the loaded tensors themselves
+    # the engine runs the loaded tensors themselves (or views of stacked ones)
+    assert {t.untyped_storage().data_ptr() for t in model.engine.layer_tensors(layer).values()} <= owned
     model.logits(tokens(1, 6), layers=[layer] * 4 + list(range(N)))  # the block four times over
     assert {name: t.data_ptr() for name, t in model.engine.layer_tensors(layer).items()} == before
     assert len(model.engine.layer_tensors(layer)) == len(before)
@@ -141,7 +143,11 @@ def test_moe_export_keeps_each_slots_mlp_kind(moe, tmp_path):
     ids = tokens(1, 10, seed=5)
     ours = model.logits(ids, layers=path)
     assert relative(f"{arch} export", exported.logits(ids), ours) < 1e-6
-    assert any(".experts.0." in name for name in load_file(str(out / "model.safetensors")))  # per expert
+    names = load_file(str(out / "model.safetensors"))
+    if arch == "gpt_oss":  # its published layout is stacked, gate and up columns alternating
+        assert "model.layers.9.mlp.experts.gate_up_proj" in names and "mlp_only_layers" not in config
+    else:
+        assert any(".experts.0." in name for name in names)  # per expert
     assert relative(f"{arch} export in transformers", transformers_logits(out, ids), ours) < 1e-4
 
 
@@ -183,14 +189,16 @@ def test_moe_bad_inputs_name_the_problem(moe, tmp_path):
 
 GGUF_SIZES = {"mixtral": dict(intermediate_size=128, sliding_window=None),  # llama GGUF keys carry no window
               "qwen2_moe": dict(intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=96),
-              "qwen3_moe": dict(intermediate_size=128, moe_intermediate_size=64)}
+              "qwen3_moe": dict(intermediate_size=128, moe_intermediate_size=64),
+              "gpt_oss": dict(intermediate_size=64, swiglu_limit=7.0)}  # llama.cpp fixes the clamp at 7
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_moe_gguf_matches_transformers(arch, tmp_path):
     """A GGUF written the way llama.cpp's converters lay MoE files out (llama with experts for
-    Mixtral, qwen2moe, qwen3moe: stacked ffn_{gate,up,down}_exps, ffn_gate_inp, the shared
-    expert's tensors; dense layers without a router) loads with its experts and matches."""
+    Mixtral, qwen2moe, qwen3moe, gpt-oss: stacked ffn_{gate,up,down}_exps, ffn_gate_inp, the shared
+    expert's tensors, gpt-oss's biases and sinks; dense layers without a router) loads with its
+    experts and matches."""
     from helpers import write_gguf
 
     hf = build_hf_model(arch, tmp_path / "hf", **GGUF_SIZES[arch])
@@ -198,7 +206,7 @@ def test_moe_gguf_matches_transformers(arch, tmp_path):
     assert any(name.endswith("ffn_gate_exps.weight") for name in written)
     model = cf.load(tmp_path / "f32.gguf")
     assert model.config.architecture == {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                                         "qwen3_moe": "Qwen3MoeForCausalLM"}[arch]
+                                         "qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}[arch]
     assert list(model.config.sparse_layers) == list(cf.load(tmp_path / "hf").config.sparse_layers)
     ids = tokens(2, 16, seed=6)
     for name in ("identity", "rys"):
@@ -241,3 +249,121 @@ def test_old_per_expert_mixtral_gguf_is_refused(tmp_path):
     write_gguf(hf, tmp_path / "old.gguf", extra_tensors=old)
     with pytest.raises(cf.GGUFError, match="one tensor each"):
         cf.load(tmp_path / "old.gguf")
+
+
+# ----------------------------------------------------------------------------- GPT-OSS specifics
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt_oss")
+    return folder, build_hf_model("gpt_oss", folder)
+
+
+def test_gpt_oss_sinks_and_clamp_change_the_reference_and_ours_follows(gpt_oss):
+    """Each GPT-OSS feature bites in transformers (its logits move when it changes) and ours moves
+    with it: sinks raised by 3, the SwiGLU clamp lifted."""
+    folder, hf = gpt_oss
+    config = json.loads((folder / "config.json").read_text())
+    ids, path = tokens(2, 20, seed=11), list(PATHS["rys"])
+    with torch.no_grad():
+        base = rebuilt(hf, path)(ids).logits
+    for change, edit in (("sinks + 3", lambda m: [layer.self_attn.sinks.add_(3.0) for layer in m.model.layers]),
+                         ("no clamp", lambda m: [setattr(layer.mlp.experts, "limit", 1e9) for layer in m.model.layers])):
+        other = __import__("copy").deepcopy(hf)
+        with torch.no_grad():
+            edit(other)
+            ref = rebuilt(other, path)(ids).logits
+        moved = (ref - base).abs().max().item()
+        cfg = dict(config, swiglu_limit=1e9) if change == "no clamp" else config
+        ours = cf.load_from_tensors(cfg, {k: v.detach() for k, v in other.state_dict().items()}).logits(ids, layers=path)
+        print(f"gpt_oss {change}: the reference moves by {moved:.3e}")
+        assert moved > 1e-2 and relative(f"gpt_oss {change}", ours, ref) < 1e-4
+
+
+def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OCP MX rule, written here independently: w [E, R, K] -> blocks [E, R, K/32, 16] (element
+    2k in byte k's low nibble, 2k+1 in its high one) and scales [E, R, K/32] (exponent + 127), the
+    scale putting each block's largest magnitude in [4, 8) and every element rounded to the nearest
+    FP4 E2M1 value."""
+    fp4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    groups = w.reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    exponent = (torch.floor(torch.log2(groups.abs().amax(-1).clamp_min(1e-30))) - 2).clamp(-127, 127)
+    codes = ((groups / torch.exp2(exponent).unsqueeze(-1)).unsqueeze(-1) - fp4).abs().argmin(-1).to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exponent + 127).to(torch.uint8)
+
+
+def test_gpt_oss_mxfp4_checkpoint_matches_transformers(gpt_oss, tmp_path):
+    """A checkpoint laid out as OpenAI publishes GPT-OSS: MXFP4 expert blocks and scales, a
+    quantization_config, rope_scaling with a top-level rope_theta. It loads (experts dequantized on
+    load) to the logits transformers gives when it dequantizes the same file itself; the
+    quantization is visible against the float model, and a bf16 load runs too."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    folder, hf = gpt_oss
+    packed = {}
+    for name, t in load_file(str(folder / "model.safetensors")).items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out] -> rows of out
+            packed[name + "_blocks"], packed[name + "_scales"] = _mxfp4(t.transpose(1, 2).contiguous())
+        else:
+            packed[name] = t
+    out = tmp_path / "mxfp4"
+    out.mkdir()
+    save_file(packed, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope,
+                  quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]})
+    (out / "config.json").write_text(json.dumps(config))
+    model = cf.load(out)
+    ids = tokens(2, 20, seed=12)
+    ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager",
+                                               quantization_config=Mxfp4Config(dequantize=True)).eval()
+    with torch.no_grad():
+        expected = ref(ids).logits
+    assert relative("gpt_oss mxfp4 vs transformers' dequantization", model.logits(ids), expected) < 1e-4
+    assert (model.logits(ids) - cf.load(folder).logits(ids)).abs().max() > 1e-2  # the file is really quantized
+    bf16 = cf.load(out, dtype="bfloat16").logits(ids).float()
+    relative("gpt_oss mxfp4 bf16", bf16, expected)
+    assert ((bf16 - expected).abs().mean() / expected.abs().mean()).item() < 0.05
+    with pytest.raises(ValueError, match="_scales"):
+        cf.load_from_tensors(config, {k: v for k, v in packed.items() if not k.endswith("down_proj_scales")})
+
+
+def test_gpt_oss_mxfp4_gguf_experts_equal_the_package_dequantization(tmp_path):
+    """A gpt-oss GGUF with MXFP4 experts (llama.cpp's block layout, written by the gguf package):
+    every expert tensor we load equals the gguf package's own dequantization, and the logits stay
+    close to the float file's."""
+    import gguf
+
+    from helpers import write_gguf
+
+    hf = build_hf_model("gpt_oss", tmp_path / "hf", **GGUF_SIZES["gpt_oss"])
+    write_gguf(hf, tmp_path / "f32.gguf")
+    written = write_gguf(hf, tmp_path / "mxfp4.gguf", expert_qtype="MXFP4")
+    model = cf.load(tmp_path / "mxfp4.gguf")
+    for part in ("gate", "up", "down"):
+        data, kind = written[f"blk.3.ffn_{part}_exps.weight"]
+        assert kind == gguf.GGMLQuantizationType.MXFP4
+        want = torch.from_numpy(gguf.quants.dequantize(data, kind))
+        assert torch.equal(model.tensors[f"model.layers.3.mlp.experts.{part}_proj"], want)
+    ids = tokens(2, 16, seed=13)
+    f32 = cf.load(tmp_path / "f32.gguf").logits(ids)
+    relative("gpt_oss mxfp4 gguf vs f32", model.logits(ids), f32)
+    assert 0 < ((model.logits(ids) - f32).abs().mean() / f32.abs().mean()).item() < 0.3
+
+
+def test_gpt_oss_gguf_export_keeps_each_slots_window(tmp_path):
+    """Exported along a path that puts full-attention layer 1 first and sliding layers where full
+    ones were: the file pins each slot's kind, so it loads to the path's logits (transformers')."""
+    from helpers import write_gguf
+
+    hf = build_hf_model("gpt_oss", tmp_path / "hf", **GGUF_SIZES["gpt_oss"])
+    write_gguf(hf, tmp_path / "m.gguf")
+    layers = [1, 0, 2, 3, 4, 5, 5]
+    dst = cf.export_gguf(tmp_path / "m.gguf", tmp_path / "path.gguf", layers)
+    ids = tokens(2, 20, seed=14)
+    with torch.no_grad():
+        ref = rebuilt(hf, layers)(ids).logits
+    exported = cf.load(dst)
+    assert exported.config.sliding_window == tuple(8 if i % 2 == 0 else 0 for i in layers)
+    assert relative("gpt_oss gguf exported along a path", exported.logits(ids), ref) < 1e-4

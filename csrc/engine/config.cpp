@@ -15,7 +15,7 @@ namespace {
 using json = nlohmann::json;
 
 enum class Norms { kLlama, kGemma };  // Gemma: (1 + w) RMSNorm, embeddings scaled by sqrt(hidden)
-enum class Moe { kNone, kMixtral, kQwen };  // Qwen: Qwen2-MoE and Qwen3-MoE's keys and layer rule
+enum class Moe { kNone, kMixtral, kQwen, kGptOss };  // Qwen: Qwen2-MoE and Qwen3-MoE's keys and layer rule
 
 struct ArchFlags {
   bool qkv_bias_always = false;  // Qwen2: q/k/v carry biases whatever attention_bias says
@@ -31,13 +31,14 @@ struct ArchFlags {
   bool local_rope = false;           // Gemma 3: sliding layers have their own RoPE
   bool query_scale = false;          // Ministral3: llama_4_scaling_beta
   bool attn_softcap = false;         // Gemma 2 applies attn_logit_softcapping (Gemma 3 stores it, unused)
+  bool sinks = false;                // GPT-OSS: attention sinks, fp32 norm weights
   Moe moe = Moe::kNone;
   double theta_default = 10000.0, local_theta_default = 10000.0;  // rope_theta when the config has none
 };
 
 const std::map<std::string, ArchFlags>& arch_table() {
   static const std::map<std::string, ArchFlags> table = [] {
-    ArchFlags llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, ministral3, mixtral, qwen2_moe, qwen3_moe;
+    ArchFlags llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, ministral3, mixtral, qwen2_moe, qwen3_moe, gpt_oss;
     llama.o_bias_follows_attention_bias = true;
     mistral.sliding_from_window = true;
     qwen2.qkv_bias_always = true;
@@ -62,11 +63,16 @@ const std::map<std::string, ArchFlags>& arch_table() {
     qwen3_moe = qwen3;
     qwen3_moe.moe = Moe::kQwen;
     qwen3_moe.sliding_when_used = true;
+    gpt_oss.o_bias_follows_attention_bias = true;
+    gpt_oss.sliding_pattern = 2;  // without layer_types: even layers slide
+    gpt_oss.sinks = true;
+    gpt_oss.moe = Moe::kGptOss;
+    gpt_oss.theta_default = 150000.0;
     return std::map<std::string, ArchFlags>{
         {"MixtralForCausalLM", mixtral},  {"Qwen2MoeForCausalLM", qwen2_moe}, {"Qwen3MoeForCausalLM", qwen3_moe},
         {"LlamaForCausalLM", llama},      {"MistralForCausalLM", mistral},   {"Qwen2ForCausalLM", qwen2},
         {"Qwen3ForCausalLM", qwen3},      {"Phi3ForCausalLM", phi3},         {"Gemma2ForCausalLM", gemma2},
-        {"Gemma3ForCausalLM", gemma3},    {"Ministral3ForCausalLM", ministral3},
+        {"Gemma3ForCausalLM", gemma3},    {"Ministral3ForCausalLM", ministral3}, {"GptOssForCausalLM", gpt_oss},
     };
   }();
   return table;
@@ -95,6 +101,7 @@ const std::map<std::string, std::string>& model_type_to_arch() {
       {"gemma3_text", "Gemma3ForCausalLM"}, {"ministral3", "Ministral3ForCausalLM"},
       {"gemma3", "Gemma3ForConditionalGeneration"}, {"mistral3", "Mistral3ForConditionalGeneration"},
       {"mixtral", "MixtralForCausalLM"},   {"qwen2_moe", "Qwen2MoeForCausalLM"}, {"qwen3_moe", "Qwen3MoeForCausalLM"},
+      {"gpt_oss", "GptOssForCausalLM"},
   };
   return table;
 }
@@ -255,7 +262,7 @@ void read_rope(const Reader& top, const ArchFlags& f, ModelConfig& c) {
   if (per_type && !f.local_rope)
     throw ConfigError(cat(top.source(), ": per-layer-type rope_parameters are not supported for ", c.architecture));
   if (!f.local_rope) {
-    c.rope = parse_rope_params(params, top, c, 10000.0, phi3);
+    c.rope = parse_rope_params(params, top, c, f.theta_default, phi3);
     return;
   }
   c.has_rope_local = true;
@@ -325,6 +332,10 @@ const json& arch_defaults(const std::string& arch) {
         "decoder_sparse_step": 1})")},
       {"Qwen3MoeForCausalLM", json::parse(R"({"num_experts_per_tok": 8,
         "moe_intermediate_size": 768, "norm_topk_prob": false, "decoder_sparse_step": 1})")},
+      {"GptOssForCausalLM", json::parse(R"({"num_local_experts": 128, "num_experts_per_tok": 4, "head_dim": 64,
+        "sliding_window": 128, "attention_bias": true, "rms_norm_eps": 1e-5, "swiglu_alpha": 1.702,
+        "swiglu_limit": 7.0, "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 4096}})")},
   };
   static const json none = json::object();
   auto it = table.find(arch);
@@ -337,10 +348,17 @@ const json& arch_defaults(const std::string& arch) {
 json decoder_config(const json& top, const std::string& source, ModelConfig& c) {
   Reader r(top, source);
   c.architecture = architecture_name(r);
-  for (const json* q : {&top, top.contains("text_config") ? &top["text_config"] : &top})
-    if (q->is_object() && q->contains("quantization_config") && !(*q)["quantization_config"].is_null())
+  // GPT-OSS's published MXFP4 experts are dequantized by the loader (circuit_finder.quants); no
+  // other quantization_config is supported.
+  for (const json* q : {&top, top.contains("text_config") ? &top["text_config"] : &top}) {
+    if (!q->is_object() || !q->contains("quantization_config") || (*q)["quantization_config"].is_null()) continue;
+    const json& qc = (*q)["quantization_config"];
+    const bool mxfp4 = c.architecture == "GptOssForCausalLM" && qc.is_object() && qc.contains("quant_method") &&
+                       qc["quant_method"] == "mxfp4";
+    if (!mxfp4)
       throw ConfigError(cat(source, ": a quantized checkpoint (quantization_config: FP8, GPTQ, AWQ...) is not "
                                     "supported; use its bf16/fp16 weights or a GGUF file"));
+  }
   json j = top;
   auto wrapper = wrapper_to_text_arch().find(c.architecture);
   if (wrapper != wrapper_to_text_arch().end()) {
@@ -439,6 +457,7 @@ void read_block_flags(const Reader& r, const ArchFlags& f, ModelConfig& c) {
   if (f.fused) c.qkv_bias = c.o_bias = c.mlp_bias = false;  // Phi3's projections carry no biases
   c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
   c.norm_plus_one = f.norms == Norms::kGemma;
+  c.norm_fp32 = c.attn_sinks = f.sinks;
   c.sandwich_norm = f.sandwich_norm;
   c.embed_scale = f.norms == Norms::kGemma ? std::sqrt(static_cast<double>(c.hidden_size)) : 1.0;
   const double scalar = r.number("query_pre_attn_scalar", static_cast<double>(c.head_dim));
@@ -506,36 +525,47 @@ std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, i
   return windows;
 }
 
+// GPT-OSS's routing and expert activation: softmax over the top k biased logits, biased experts,
+// the clamped SwiGLU's alpha and limit.
+void read_gpt_oss_experts(const Reader& r, ModelConfig& c) {
+  c.norm_topk_prob = c.softmax_after_topk = c.expert_bias = true;
+  c.swiglu_alpha = r.number("swiglu_alpha", 1.702);
+  c.swiglu_limit = r.number("swiglu_limit", 7.0);
+  for (auto [name, v] : {std::pair{"swiglu_alpha", c.swiglu_alpha}, {"swiglu_limit", c.swiglu_limit}})
+    if (!(v > 0) || !std::isfinite(v)) throw ConfigError(cat(r.source(), ": ", name, " must be a positive number"));
+}
+
 // Mixture of experts: expert count, top k, sizes, the top-k renormalisation, and which layers are
-// sparse (Mixtral: all; Qwen: (i + 1) % decoder_sparse_step == 0 unless i is in mlp_only_layers).
+// sparse (Mixtral, GPT-OSS: all; Qwen: (i + 1) % decoder_sparse_step == 0 unless i is in mlp_only_layers).
 void read_moe(const Reader& r, const ArchFlags& f, ModelConfig& c) {
   c.sparse_layers.assign(c.num_layers, 0);
   if (f.moe == Moe::kNone) return;
-  const bool mixtral = f.moe == Moe::kMixtral;
+  const bool every_layer = f.moe == Moe::kMixtral || f.moe == Moe::kGptOss;  // intermediate_size is the expert's
   const std::string& source = r.source();
-  // the expert count: Qwen2-MoE reads num_experts; Mixtral and Qwen3-MoE num_local_experts (what
-  // transformers v5 saves), with num_experts as its alias (Qwen3's published configs)
+  // the expert count: Qwen2-MoE reads num_experts; the others num_local_experts (what transformers
+  // v5 saves), with num_experts as its alias (Qwen3's published configs)
   const bool qwen2 = c.architecture == "Qwen2MoeForCausalLM";
   c.num_experts = qwen2 ? r.integer("num_experts", 60)
-                        : r.integer("num_local_experts", r.integer("num_experts", mixtral ? 8 : 128));
+                        : r.integer("num_local_experts", r.integer("num_experts", f.moe == Moe::kMixtral ? 8 : 128));
   c.experts_per_tok = r.integer("num_experts_per_tok");
-  c.moe_intermediate_size = mixtral ? c.intermediate_size : r.integer("moe_intermediate_size");
+  c.moe_intermediate_size = every_layer ? c.intermediate_size : r.integer("moe_intermediate_size");
   c.shared_expert_intermediate_size = qwen2 ? r.integer("shared_expert_intermediate_size", 0) : 0;
-  c.norm_topk_prob = mixtral || r.boolean("norm_topk_prob", false);
-  c.router_weights_fp32 = mixtral;
-  if (c.num_experts < (mixtral ? 1 : 0) || c.num_experts > 4096)
-    throw ConfigError(cat(source, ": the expert count must be in [", mixtral ? 1 : 0, ", 4096], got ", c.num_experts));
+  c.norm_topk_prob = f.moe == Moe::kMixtral || r.boolean("norm_topk_prob", false);
+  c.router_weights_fp32 = f.moe == Moe::kMixtral;
+  if (f.moe == Moe::kGptOss) read_gpt_oss_experts(r, c);
+  if (c.num_experts < (every_layer ? 1 : 0) || c.num_experts > 4096)
+    throw ConfigError(cat(source, ": the expert count must be in [", every_layer ? 1 : 0, ", 4096], got ", c.num_experts));
   if (c.experts_per_tok <= 0 || (c.num_experts > 0 && c.experts_per_tok > c.num_experts))
     throw ConfigError(cat(source, ": num_experts_per_tok (", c.experts_per_tok, ") must be in [1, the expert count ",
                           c.num_experts, "]"));
-  for (auto [name, v, low] : {std::tuple{mixtral ? "intermediate_size" : "moe_intermediate_size",
+  for (auto [name, v, low] : {std::tuple{every_layer ? "intermediate_size" : "moe_intermediate_size",
                                          c.moe_intermediate_size, int64_t{1}},
                               {"shared_expert_intermediate_size", c.shared_expert_intermediate_size, int64_t{0}}})
     if (v < low || v > (int64_t{1} << 22))
       throw ConfigError(cat(source, ": '", name, "' = ", v, " must be in [", low, ", 2^22]"));
-  const int64_t step = mixtral ? 1 : r.integer("decoder_sparse_step", 1);
+  const int64_t step = every_layer ? 1 : r.integer("decoder_sparse_step", 1);
   if (step <= 0) throw ConfigError(cat(source, ": decoder_sparse_step must be positive, got ", step));
-  std::vector<int64_t> dense = r.has("mlp_only_layers") ? r.int_list("mlp_only_layers") : std::vector<int64_t>{};
+  std::vector<int64_t> dense = every_layer || !r.has("mlp_only_layers") ? std::vector<int64_t>{} : r.int_list("mlp_only_layers");
   for (int64_t i = 0; i < c.num_layers; ++i)
     c.sparse_layers[i] = c.num_experts > 0 && (i + 1) % step == 0 &&
                          std::find(dense.begin(), dense.end(), i) == dense.end();
@@ -602,6 +632,8 @@ std::string config_to_json(const ModelConfig& c) {
       {"fused_gate_up", c.fused_gate_up},
       {"hidden_act", c.hidden_act},
       {"norm_plus_one", c.norm_plus_one},
+      {"norm_fp32", c.norm_fp32},
+      {"attn_sinks", c.attn_sinks},
       {"sandwich_norm", c.sandwich_norm},
       {"embed_scale", c.embed_scale},
       {"attn_scale", c.attn_scale},
@@ -616,6 +648,10 @@ std::string config_to_json(const ModelConfig& c) {
       {"shared_expert_intermediate_size", c.shared_expert_intermediate_size},
       {"norm_topk_prob", c.norm_topk_prob},
       {"router_weights_fp32", c.router_weights_fp32},
+      {"softmax_after_topk", c.softmax_after_topk},
+      {"expert_bias", c.expert_bias},
+      {"swiglu_alpha", c.swiglu_alpha},
+      {"swiglu_limit", c.swiglu_limit},
       {"sparse_layers", c.sparse_layers},
       {"rope", rope_json(c.rope)},
       {"rope_local", c.has_rope_local ? rope_json(c.rope_local) : json(nullptr)},

@@ -3,7 +3,8 @@
 // per-kind RoPE), never separate code paths in the model.
 // Supported: Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma2, Gemma3 (and Gemma3ForConditionalGeneration's
 // text decoder), Ministral3 (and Mistral3ForConditionalGeneration's text decoder), and the
-// mixture-of-experts Mixtral, Qwen2-MoE (with its shared expert) and Qwen3-MoE; RoPE types
+// mixture-of-experts Mixtral, Qwen2-MoE (with its shared expert), Qwen3-MoE and GPT-OSS (attention
+// sinks, biased router and experts, clamped SwiGLU; MXFP4 experts are dequantized by the loader); RoPE types
 // default, linear, llama3, yarn, longrope, read from top-level rope_theta/rope_scaling or
 // transformers v5's rope_parameters (flat, or one entry per layer type).
 #pragma once
@@ -38,6 +39,8 @@ struct ModelConfig {
   bool fused_qkv = false, fused_gate_up = false;  // Phi3: qkv_proj [q; k; v] and gate_up_proj [gate; up]
   std::string hidden_act = "silu";                // silu | gelu_tanh | gelu: the gated MLP's activation
   bool norm_plus_one = false;   // Gemma: every RMSNorm scales by (1 + w)
+  bool norm_fp32 = false;       // GPT-OSS: norm weights multiply in fp32, before the cast to the compute dtype
+  bool attn_sinks = false;      // GPT-OSS: a learned logit per head joins every softmax (and takes no value)
   bool sandwich_norm = false;   // Gemma 2/3: attention and MLP outputs are normed before the residual add
   double embed_scale = 1.0;     // Gemma: embeddings times sqrt(hidden_size), in the compute dtype
   double attn_scale = 0.0;      // softmax scale: query_pre_attn_scalar^-0.5, else head_dim^-0.5
@@ -52,6 +55,10 @@ struct ModelConfig {
   // Qwen casts them to the compute dtype first), plus Qwen2-MoE's sigmoid-gated shared expert.
   int64_t num_experts = 0, experts_per_tok = 0, moe_intermediate_size = 0, shared_expert_intermediate_size = 0;
   bool norm_topk_prob = false, router_weights_fp32 = false;
+  // GPT-OSS: the router has a bias and softmaxes only the top k logits (in the compute dtype); the
+  // experts have biases and compute (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+  bool softmax_after_topk = false, expert_bias = false;
+  double swiglu_alpha = 0.0, swiglu_limit = 0.0;  // limit 0 = the plain gated activation
   std::vector<int64_t> sparse_layers;  // per layer: 1 = a mixture-of-experts MLP, 0 = a dense one
   RopeConfig rope;                      // every layer's RoPE, or full-attention layers' when rope_local is set
   bool has_rope_local = false;          // Gemma 3: sliding layers use rope_local

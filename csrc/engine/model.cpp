@@ -118,10 +118,17 @@ std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
   // Hugging Face's names for what each tensor is in this family (Gemma: post_attention_layernorm
   // normalizes the attention output, pre_feedforward_layernorm comes before the MLP).
   std::map<std::string, at::Tensor> all = {
-      {"input_layernorm", L.input_norm}, {"q_proj", L.wq},          {"k_proj", L.wk},   {"v_proj", L.wv},
-      {"qkv_proj", L.wqkv},              {"o_proj", L.wo},          {"gate_proj", L.w_gate},
-      {"up_proj", L.w_up},               {"gate_up_proj", L.w_gate_up}, {"down_proj", L.w_down},
+      {"input_layernorm", L.input_norm}, {"q_proj", L.wq}, {"k_proj", L.wk}, {"v_proj", L.wv},
+      {"qkv_proj", L.wqkv},              {"o_proj", L.wo},
+      {"sinks", L.sinks},
   };
+  auto add_mlp = [&all](const std::string& prefix, const MlpWeights& m) {
+    for (const auto& [name, t] : {std::pair{"gate_up_proj", m.gate_up}, {"gate_proj", m.gate}, {"up_proj", m.up},
+                                  {"down_proj", m.down}, {"gate_up_proj.bias", m.b_gate_up}, {"gate_proj.bias", m.b_gate},
+                                  {"up_proj.bias", m.b_up}, {"down_proj.bias", m.b_down}})
+      all[prefix + name] = t;
+  };
+  add_mlp(L.sparse ? "shared_expert." : "", L.mlp);
   if (cfg_.sandwich_norm) {
     all["post_attention_layernorm"] = L.post_attn_norm;
     all["pre_feedforward_layernorm"] = L.post_norm;
@@ -130,13 +137,9 @@ std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
     all["post_attention_layernorm"] = L.post_norm;
   }
   all["router"] = L.router;
+  all["router.bias"] = L.router_bias;
   all["shared_expert_gate"] = L.shared_gate;
-  for (size_t e = 0; e < L.e_down.size(); ++e) {
-    if (!L.e_gate_up.empty()) all[cat("experts.", e, ".gate_up_proj")] = L.e_gate_up[e];
-    if (!L.e_gate.empty()) all[cat("experts.", e, ".gate_proj")] = L.e_gate[e];
-    if (!L.e_up.empty()) all[cat("experts.", e, ".up_proj")] = L.e_up[e];
-    all[cat("experts.", e, ".down_proj")] = L.e_down[e];
-  }
+  for (size_t e = 0; e < L.experts.size(); ++e) add_mlp(cat("experts.", e, "."), L.experts[e]);
   std::map<std::string, at::Tensor> out;
   for (const auto& [name, t] : all)
     if (t.defined()) out[name] = t;
@@ -171,40 +174,53 @@ at::Tensor Engine::attention(const at::Tensor& x, int64_t layer, const PositionT
   if (pt.query_scale.defined()) q = q * pt.query_scale;
   if (cache != nullptr)
     std::tie(k, v) = write_index.defined() ? cache->append_at(slot, k, v, write_index) : cache->append(slot, k, v);
-  at::Tensor o = ops::attention(q, k, v, mask, cfg_.attn_scale, cfg_.attn_softcap);
+  at::Tensor o = ops::attention(q, k, v, mask, cfg_.attn_scale, cfg_.attn_softcap, L.sinks);
   return ops::linear(o.transpose(1, 2).reshape({B, T, Hq * D}), L.wo, L.bo);
 }
 
-// down(act(gate x) * up x), from a fused [gate; up] matrix or separate ones (biases optional).
-at::Tensor Engine::gated_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& w_gate,
-                             const at::Tensor& w_up, const at::Tensor& w_down, const LayerWeights* biases) const {
+// down(act(gate x) * up x) (+ biases), from separate gate / up matrices or one fused gate_up
+// (halves, or GPT-OSS's alternating rows); act is the family's, or GPT-OSS's clamped SwiGLU.
+at::Tensor Engine::gated_mlp(const at::Tensor& x, const MlpWeights& w) const {
   at::Tensor gate, up;
-  if (gate_up.defined()) {
-    at::Tensor both = ops::linear(x, gate_up);
-    const int64_t I = gate_up.size(0) / 2;
-    gate = both.narrow(-1, 0, I);
-    up = both.narrow(-1, I, I);
+  if (w.gate_up.defined()) {
+    at::Tensor both = ops::linear(x, w.gate_up, w.b_gate_up);
+    const int64_t I = w.gate_up.size(0) / 2;
+    gate = w.interleaved ? both.slice(-1, 0, 2 * I, 2) : both.narrow(-1, 0, I);
+    up = w.interleaved ? both.slice(-1, 1, 2 * I, 2) : both.narrow(-1, I, I);
   } else {
-    gate = ops::linear(x, w_gate, biases ? biases->b_gate : at::Tensor());
-    up = ops::linear(x, w_up, biases ? biases->b_up : at::Tensor());
+    gate = ops::linear(x, w.gate, w.b_gate);
+    up = ops::linear(x, w.up, w.b_up);
   }
-  return ops::linear(ops::gated_activation(gate, up, cfg_.hidden_act), w_down, biases ? biases->b_down : at::Tensor());
+  at::Tensor act = cfg_.swiglu_limit > 0 ? ops::clamped_swiglu(gate, up, cfg_.swiglu_alpha, cfg_.swiglu_limit)
+                                         : ops::gated_activation(gate, up, cfg_.hidden_act);
+  return ops::linear(act, w.down, w.b_down);
 }
 
-at::Tensor Engine::mlp(const at::Tensor& x, const LayerWeights& L) const {
-  return L.sparse ? moe(x, L) : gated_mlp(x, L.w_gate_up, L.w_gate, L.w_up, L.w_down, &L);
+at::Tensor Engine::mlp(const at::Tensor& x, const LayerWeights& L) const { return L.sparse ? moe(x, L) : gated_mlp(x, L.mlp); }
+
+// The router's top k experts per token and their mixing weights [N, k], as transformers computes
+// them: an fp32 softmax over all logits, then the top k (renormalised when norm_topk_prob); or
+// (GPT-OSS) the top k of the biased logits, softmaxed among themselves in the compute dtype.
+std::pair<at::Tensor, at::Tensor> Engine::route(const at::Tensor& flat, const LayerWeights& L) const {
+  const int64_t k = cfg_.experts_per_tok;
+  at::Tensor logits = ops::linear(flat, L.router, L.router_bias);
+  if (cfg_.softmax_after_topk) {
+    auto [top, experts] = logits.topk(k, -1);
+    return {at::softmax(top, -1, at::kFloat).to(flat.scalar_type()), experts};
+  }
+  auto [weights, experts] = at::softmax(logits.to(at::kFloat), -1).topk(k, -1);
+  if (cfg_.norm_topk_prob) weights = weights / weights.sum(-1, true);
+  if (!cfg_.router_weights_fp32) weights = weights.to(flat.scalar_type());
+  return {weights, experts};
 }
 
-// Mixture of experts, as transformers computes it: fp32 softmax over the router's logits, the top
-// k experts per token (renormalised when norm_topk_prob), each expert run once on the rows routed
-// to it (tokens grouped by expert: no expert sees a token it was not picked for), its output times
-// the token's weight added into the token's row; plus the sigmoid-gated shared expert.
+// Mixture of experts: each expert runs once on the rows routed to it (tokens grouped by expert: no
+// expert sees a token it was not picked for), its output times the token's weight added into the
+// token's row; plus the sigmoid-gated shared expert.
 at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
   const int64_t H = cfg_.hidden_size, k = cfg_.experts_per_tok, E = cfg_.num_experts;
   at::Tensor flat = x.reshape({-1, H});
-  auto [weights, experts] = at::softmax(ops::linear(flat, L.router).to(at::kFloat), -1).topk(k, -1);
-  if (cfg_.norm_topk_prob) weights = weights / weights.sum(-1, true);
-  if (!cfg_.router_weights_fp32) weights = weights.to(x.scalar_type());
+  auto [weights, experts] = route(flat, L);
   at::Tensor pairs = experts.reshape(-1), order = pairs.argsort(/*stable=*/true);
   at::Tensor rows = order.div(k, "floor"), row_weights = weights.reshape(-1).index_select(0, order);
   const at::Tensor counts = at::bincount(pairs, {}, E).cpu();  // how many rows each expert takes
@@ -213,13 +229,10 @@ at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
   for (int64_t e = 0, off = 0; e < E; off += n[e], ++e) {
     if (n[e] == 0) continue;
     at::Tensor r = rows.narrow(0, off, n[e]);
-    at::Tensor y = L.e_gate_up.empty()
-                       ? gated_mlp(flat.index_select(0, r), at::Tensor(), L.e_gate[e], L.e_up[e], L.e_down[e], nullptr)
-                       : gated_mlp(flat.index_select(0, r), L.e_gate_up[e], {}, {}, L.e_down[e], nullptr);
+    at::Tensor y = gated_mlp(flat.index_select(0, r), L.experts[e]);
     out.index_add_(0, r, (y * row_weights.narrow(0, off, n[e]).unsqueeze(1)).to(out.scalar_type()));
   }
-  if (L.shared_gate.defined())
-    out = out + at::sigmoid(ops::linear(flat, L.shared_gate)) * gated_mlp(flat, {}, L.w_gate, L.w_up, L.w_down, nullptr);
+  if (L.shared_gate.defined()) out = out + at::sigmoid(ops::linear(flat, L.shared_gate)) * gated_mlp(flat, L.mlp);
   return out.view(x.sizes());
 }
 

@@ -126,8 +126,8 @@ class Engine {
                    const at::Tensor& write_index = at::Tensor()) const;
   at::Tensor mlp(const at::Tensor& x, const LayerWeights& L) const;
   at::Tensor moe(const at::Tensor& x, const LayerWeights& L) const;
-  at::Tensor gated_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& w_gate, const at::Tensor& w_up,
-                       const at::Tensor& w_down, const LayerWeights* biases) const;
+  std::pair<at::Tensor, at::Tensor> route(const at::Tensor& flat, const LayerWeights& L) const;
+  at::Tensor gated_mlp(const at::Tensor& x, const MlpWeights& w) const;
   at::Tensor attention(const at::Tensor& x, int64_t layer, const PositionTables& pt,
                        const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
                        const at::Tensor& write_index) const;

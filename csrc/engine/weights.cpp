@@ -68,9 +68,10 @@ namespace {
 
 // Gemma's RMSNorm scales by (1 + w) in fp32 and casts once: held as that fp32 sum, which
 // ops::rms_norm multiplies in fp32 (a weight in the activations' dtype multiplies after the cast).
+// GPT-OSS's multiplies w in fp32 before the cast too: held as fp32.
 at::Tensor norm_weight(const at::Tensor& w, const ModelConfig& c) {
-  if (!c.norm_plus_one) return w;
-  return w.to(at::kFloat) + 1.0;
+  if (c.norm_plus_one) return w.to(at::kFloat) + 1.0;
+  return c.norm_fp32 ? w.to(at::kFloat) : w;
 }
 
 void bind_attention(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
@@ -93,63 +94,103 @@ void bind_attention(const Accessor& a, const ModelConfig& c, const std::string& 
     L.q_norm = norm_weight(a.get(p + "self_attn.q_norm.weight", l, {D}), c);
     L.k_norm = norm_weight(a.get(p + "self_attn.k_norm.weight", l, {D}), c);
   }
+  if (c.attn_sinks) L.sinks = a.get(p + "self_attn.sinks", l, {c.num_heads});
 }
 
-void bind_mlp(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
-  const int64_t H = c.hidden_size, I = c.intermediate_size;
+// A gated MLP of I units under prefix m ("mlp.", "mlp.shared_expert.", "mlp.experts.3."):
+// gate_proj / up_proj / down_proj (or Phi-3's fused gate_up_proj), with biases when `bias`.
+MlpWeights bind_gated(const Accessor& a, const ModelConfig& c, const std::string& m, int64_t l, int64_t I, bool bias,
+                      const char* const names[3]) {
+  const int64_t H = c.hidden_size;
+  MlpWeights w;
   if (c.fused_gate_up) {
-    L.w_gate_up = a.get(p + "mlp.gate_up_proj.weight", l, {2 * I, H});
+    w.gate_up = a.get(m + "gate_up_proj.weight", l, {2 * I, H});
   } else {
-    L.w_gate = a.get(p + "mlp.gate_proj.weight", l, {I, H});
-    L.w_up = a.get(p + "mlp.up_proj.weight", l, {I, H});
+    w.gate = a.get(m + names[0] + ".weight", l, {I, H});
+    w.up = a.get(m + names[1] + ".weight", l, {I, H});
   }
-  L.w_down = a.get(p + "mlp.down_proj.weight", l, {H, I});
-  if (c.mlp_bias) {
-    L.b_gate = a.get(p + "mlp.gate_proj.bias", l, {I});
-    L.b_up = a.get(p + "mlp.up_proj.bias", l, {I});
-    L.b_down = a.get(p + "mlp.down_proj.bias", l, {H});
+  w.down = a.get(m + names[2] + ".weight", l, {H, I});
+  if (bias) {
+    w.b_gate = a.get(m + names[0] + ".bias", l, {I});
+    w.b_up = a.get(m + names[1] + ".bias", l, {I});
+    w.b_down = a.get(m + names[2] + ".bias", l, {H});
   }
+  return w;
 }
 
-// A mixture-of-experts MLP: the router, each expert's gate/up/down (stacked v5 tensors, sliced
-// into per-expert views — gate_up_proj as transformers v5 holds it, or gate_proj / up_proj as GGUF
-// stacks them — or the hub's per-expert tensors: Mixtral's block_sparse_moe w1/w3/w2,
-// Qwen's mlp.experts.{e}.*_proj), and Qwen2-MoE's shared expert with its gate.
+const char* const kHubNames[3] = {"gate_proj", "up_proj", "down_proj"};
+const char* const kMixtralNames[3] = {"w1", "w3", "w2"};
+
+// Stacked experts sliced into per-expert views (no copies): transformers v5's gate_up_proj
+// [E, 2I, H] (gate rows then up rows) with down_proj [E, H, I], or GGUF's gate_proj / up_proj
+// [E, I, H] with down_proj [E, H, I]; GPT-OSS's (with biases) further below.
+std::vector<MlpWeights> bind_stacked(const Accessor& a, const ModelConfig& c, const std::string& m, int64_t l) {
+  const int64_t H = c.hidden_size, I = c.moe_intermediate_size, E = c.num_experts;
+  std::vector<MlpWeights> out(E);
+  at::Tensor down = a.get(m + "experts.down_proj", l, {E, H, I});
+  if (a.has(cat("model.layers.", l, ".mlp.experts.gate_up_proj"))) {
+    at::Tensor gate_up = a.get(m + "experts.gate_up_proj", l, {E, 2 * I, H});
+    for (int64_t e = 0; e < E; ++e) out[e].gate_up = gate_up[e];
+  } else {
+    at::Tensor gate = a.get(m + "experts.gate_proj", l, {E, I, H}), up = a.get(m + "experts.up_proj", l, {E, I, H});
+    for (int64_t e = 0; e < E; ++e) out[e].gate = gate[e], out[e].up = up[e];
+  }
+  for (int64_t e = 0; e < E; ++e) out[e].down = down[e];
+  return out;
+}
+
+// GPT-OSS: router weight and bias at mlp.router; experts with biases, either as transformers holds
+// them — gate_up_proj [E, H, 2I] (gate and up columns alternating) and down_proj [E, I, H], run
+// through transposed views — or GGUF's gate_proj / up_proj [E, I, H] and down_proj [E, H, I].
+std::vector<MlpWeights> bind_gpt_oss(const Accessor& a, const ModelConfig& c, const std::string& m, int64_t l) {
+  const int64_t H = c.hidden_size, I = c.moe_intermediate_size, E = c.num_experts;
+  std::vector<MlpWeights> out(E);
+  const std::string x = m + "experts.";
+  at::Tensor down_bias = a.get(x + "down_proj_bias", l, {E, H});
+  if (a.has(cat("model.layers.", l, ".mlp.experts.gate_up_proj"))) {
+    at::Tensor gate_up = a.get(x + "gate_up_proj", l, {E, H, 2 * I}), down = a.get(x + "down_proj", l, {E, I, H});
+    at::Tensor bias = a.get(x + "gate_up_proj_bias", l, {E, 2 * I});
+    for (int64_t e = 0; e < E; ++e) {
+      out[e].gate_up = gate_up[e].t(), out[e].b_gate_up = bias[e], out[e].interleaved = true;
+      out[e].down = down[e].t();
+    }
+  } else {
+    at::Tensor gate = a.get(x + "gate_proj", l, {E, I, H}), up = a.get(x + "up_proj", l, {E, I, H});
+    at::Tensor gate_bias = a.get(x + "gate_proj_bias", l, {E, I}), up_bias = a.get(x + "up_proj_bias", l, {E, I});
+    at::Tensor down = a.get(x + "down_proj", l, {E, H, I});
+    for (int64_t e = 0; e < E; ++e) {
+      out[e].gate = gate[e], out[e].up = up[e], out[e].b_gate = gate_bias[e], out[e].b_up = up_bias[e];
+      out[e].down = down[e];
+    }
+  }
+  for (int64_t e = 0; e < E; ++e) out[e].b_down = down_bias[e];
+  return out;
+}
+
+// A mixture-of-experts MLP: the router, the experts (stacked views, or the hub's per-expert
+// tensors: Mixtral's block_sparse_moe w1/w3/w2, Qwen's mlp.experts.{e}.*_proj), and Qwen2-MoE's
+// shared expert with its gate.
 void bind_moe(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
-  const int64_t H = c.hidden_size, I = c.moe_intermediate_size, E = c.num_experts, S = c.shared_expert_intermediate_size;
+  const int64_t H = c.hidden_size, E = c.num_experts;
   L.sparse = true;
+  if (c.expert_bias) {
+    L.router = a.get(p + "mlp.router.weight", l, {E, H});
+    L.router_bias = a.get(p + "mlp.router.bias", l, {E});
+    L.experts = bind_gpt_oss(a, c, p + "mlp.", l);
+    return;
+  }
   const bool hub_mixtral = a.has(cat("model.layers.", l, ".block_sparse_moe.gate.weight"));
   const std::string m = p + (hub_mixtral ? "block_sparse_moe." : "mlp.");
   L.router = a.get(m + "gate.weight", l, {E, H});
-  if (a.has(cat("model.layers.", l, ".mlp.experts.gate_up_proj"))) {
-    at::Tensor gate_up = a.get(m + "experts.gate_up_proj", l, {E, 2 * I, H});
-    at::Tensor down = a.get(m + "experts.down_proj", l, {E, H, I});
-    for (int64_t e = 0; e < E; ++e) {
-      L.e_gate_up.push_back(gate_up[e]);
-      L.e_down.push_back(down[e]);
-    }
-  } else if (a.has(cat("model.layers.", l, ".mlp.experts.gate_proj"))) {  // GGUF's ffn_{gate,up,down}_exps
-    at::Tensor gate = a.get(m + "experts.gate_proj", l, {E, I, H}), up = a.get(m + "experts.up_proj", l, {E, I, H});
-    at::Tensor down = a.get(m + "experts.down_proj", l, {E, H, I});
-    for (int64_t e = 0; e < E; ++e) {
-      L.e_gate.push_back(gate[e]);
-      L.e_up.push_back(up[e]);
-      L.e_down.push_back(down[e]);
-    }
+  if (a.has(cat("model.layers.", l, ".mlp.experts.down_proj"))) {
+    L.experts = bind_stacked(a, c, m, l);
   } else {
-    const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
-    if (hub_mixtral) names[0] = "w1", names[1] = "w3", names[2] = "w2";
-    for (int64_t e = 0; e < E; ++e) {
-      const std::string x = cat(m, "experts.", e, ".");
-      L.e_gate.push_back(a.get(x + names[0] + ".weight", l, {I, H}));
-      L.e_up.push_back(a.get(x + names[1] + ".weight", l, {I, H}));
-      L.e_down.push_back(a.get(x + names[2] + ".weight", l, {H, I}));
-    }
+    for (int64_t e = 0; e < E; ++e)
+      L.experts.push_back(bind_gated(a, c, cat(m, "experts.", e, "."), l, c.moe_intermediate_size, false,
+                                     hub_mixtral ? kMixtralNames : kHubNames));
   }
-  if (S > 0) {
-    L.w_gate = a.get(p + "mlp.shared_expert.gate_proj.weight", l, {S, H});
-    L.w_up = a.get(p + "mlp.shared_expert.up_proj.weight", l, {S, H});
-    L.w_down = a.get(p + "mlp.shared_expert.down_proj.weight", l, {H, S});
+  if (c.shared_expert_intermediate_size > 0) {
+    L.mlp = bind_gated(a, c, p + "mlp.shared_expert.", l, c.shared_expert_intermediate_size, false, kHubNames);
     L.shared_gate = a.get(p + "mlp.shared_expert_gate.weight", l, {1, H});
   }
 }
@@ -193,7 +234,7 @@ Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tenso
     if (c.sparse_layers[l])
       bind_moe(a, c, p, l, L);
     else
-      bind_mlp(a, c, p, l, L);
+      L.mlp = bind_gated(a, c, p + "mlp.", l, c.intermediate_size, c.mlp_bias, kHubNames);
     w.layers.push_back(std::move(L));
   }
   return w;

@@ -5,7 +5,8 @@
 // device (the embedding's): a split placement is read from where the tensors are, not passed
 // separately.
 // Tensors are held by handle: never copied,
-// except Gemma's norm weights, which are held as (1 + w) (vectors, [H] or [D] each). Fused
+// except norm weights of two families (vectors, [H] or [D] each): Gemma's, held as (1 + w) in fp32,
+// and GPT-OSS's, held in fp32 (both multiply before the cast to the compute dtype). Fused
 // projections (Phi-3's qkv_proj, gate_up_proj) are held as they are and run as one matmul.
 #pragma once
 #include <ATen/ATen.h>
@@ -18,26 +19,34 @@
 
 namespace cf {
 
+// One gated MLP, down(act(gate x) * up x) (+ biases): separate gate / up [I, H], or one gate_up
+// [2 I, H] holding gate rows then up rows (Phi-3, transformers v5's stacked experts) or, when
+// interleaved, gate and up rows alternating (GPT-OSS); down [H, I]. Weights may be strided views
+// (a transposed stacked expert is run without a copy). Biases optional.
+struct MlpWeights {
+  at::Tensor gate_up, gate, up, down;
+  at::Tensor b_gate_up, b_gate, b_up, b_down;
+  bool interleaved = false;
+};
+
 struct LayerWeights {
   at::Tensor input_norm;                  // [H]
   at::Tensor wq, wk, wv, wo;              // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D] (wq/wk/wv undefined when fused)
   at::Tensor wqkv;                        // [(Hq + 2 Hkv) * D, H]: q, k, v rows (Phi-3), or undefined
   at::Tensor bq, bk, bv, bo;              // biases or undefined
   at::Tensor q_norm, k_norm;              // [D] (Qwen3, Gemma 3) or undefined
+  at::Tensor sinks;                       // [Hq]: GPT-OSS's per-head attention sink logits, or undefined
   at::Tensor post_attn_norm;              // [H]: Gemma 2/3's norm of the attention output, or undefined
   at::Tensor post_norm;                   // [H]: the norm before the MLP
   at::Tensor post_ffn_norm;               // [H]: Gemma 2/3's norm of the MLP output, or undefined
-  at::Tensor w_gate, w_up, w_down;        // [I, H], [I, H], [H, I] (w_gate/w_up undefined when fused)
-  at::Tensor w_gate_up;                   // [2 I, H]: gate rows then up rows (Phi-3), or undefined
-  at::Tensor b_gate, b_up, b_down;        // biases or undefined
-  // A mixture-of-experts layer (sparse): w_gate/w_up/w_down above are Qwen2-MoE's shared expert
-  // (or undefined), shared_gate [1, H] its sigmoid gate. router [E, H]; per expert e, views (no
-  // copies) of the stacked tensors transformers v5 writes — e_gate_up[e] [2 I, H] (gate rows then
-  // up rows), e_down[e] [H, I] — or the per-expert tensors of published checkpoints (e_gate[e],
-  // e_up[e] [I, H]; e_down[e]).
+  MlpWeights mlp;                         // the dense MLP; in a sparse layer Qwen2-MoE's shared expert (or empty)
+  // A mixture-of-experts layer (sparse): router [E, H] (+ GPT-OSS's bias [E]), one MlpWeights per
+  // expert — views (no copies) of stacked tensors (transformers v5's gate_up_proj, GPT-OSS's
+  // transposed [E, H, 2 I], GGUF's *_exps) or the hub's per-expert tensors — and Qwen2-MoE's
+  // shared expert gate [1, H].
   bool sparse = false;
-  at::Tensor router, shared_gate;
-  std::vector<at::Tensor> e_gate_up, e_gate, e_up, e_down;
+  at::Tensor router, router_bias, shared_gate;
+  std::vector<MlpWeights> experts;
   at::Device device = at::kCPU;           // where every tensor above lives
 };
 

@@ -45,15 +45,16 @@ at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids) { return at
 
 namespace {
 
-// transformers' eager attention with Gemma 2's soft-capping: scores in the compute dtype, capped,
-// masked, softmax in fp32 and back. KV heads are repeated to the query heads (repeat_kv).
-at::Tensor capped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, double scale, double softcap) {
-  const int64_t Hq = q.size(1), Hkv = k.size(1), T = q.size(2), S = k.size(2);
-  const at::Tensor kk = Hq == Hkv ? k : k.repeat_interleave(Hq / Hkv, 1);
-  const at::Tensor vv = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
-  at::Tensor scores = at::matmul(q, kk.transpose(-2, -1)) * scale;
-  scores = at::tanh(scores / softcap) * softcap;
+// transformers' eager attention, for what SDPA cannot do: Gemma 2's soft-capping (scores capped
+// before masking) and GPT-OSS's sinks (one more logit per head in the softmax, whose probability
+// is dropped). Scores in the compute dtype, softmax in fp32 and back. The G query heads sharing a
+// KV head are stacked as G * T queries of it, so the cache is not repeated per query head.
+at::Tensor eager_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::optional<at::Tensor>& mask, double scale, double softcap, const at::Tensor& sinks) {
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const int64_t G = Hq / Hkv;
+  at::Tensor scores = at::matmul(q.reshape({B, Hkv, G * T, D}), k.transpose(-2, -1)).view({B, Hq, T, S}) * scale;
+  if (softcap > 0) scores = at::tanh(scores / softcap) * softcap;
   at::Tensor allowed;
   if (mask.has_value()) {
     allowed = *mask;
@@ -61,14 +62,17 @@ at::Tensor capped_attention(const at::Tensor& q, const at::Tensor& k, const at::
     allowed = at::ones({T, S}, q.options().dtype(at::kBool)).tril();
   }
   if (allowed.defined()) scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
-  return at::matmul(at::softmax(scores, -1, at::kFloat).to(q.scalar_type()), vv);
+  if (sinks.defined()) scores = at::cat({scores, sinks.to(scores.scalar_type()).view({1, Hq, 1, 1}).expand({B, Hq, T, 1})}, -1);
+  at::Tensor probs = at::softmax(scores, -1, at::kFloat);
+  if (sinks.defined()) probs = probs.narrow(-1, 0, S);
+  return at::matmul(probs.to(q.scalar_type()).reshape({B, Hkv, G * T, S}), v).view({B, Hq, T, D});
 }
 
 }  // namespace
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& mask, double scale, double softcap) {
-  if (softcap > 0) return capped_attention(q, k, v, mask, scale, softcap);
+                     const std::optional<at::Tensor>& mask, double scale, double softcap, const at::Tensor& sinks) {
+  if (softcap > 0 || sinks.defined()) return eager_attention(q, k, v, mask, scale, softcap, sinks);
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
   if (T == 1 && Hq != Hkv) {
     // One query per head: the G query heads sharing a KV head become G queries of that KV head. No
@@ -114,6 +118,11 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   if (fused(gate)) return gpu::silu_mul(gate, up);
   if (cpu::fused_takes(gate) && cpu::fused_takes(up) && gate.sizes() == up.sizes()) return cpu::silu_mul(gate, up);
   return at::silu(gate) * up;
+}
+
+at::Tensor clamped_swiglu(const at::Tensor& gate, const at::Tensor& up, double alpha, double limit) {
+  at::Tensor g = gate.clamp_max(limit);
+  return (up.clamp(-limit, limit) + 1) * (g * at::sigmoid(g * alpha));
 }
 
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const std::string& act) {

@@ -24,9 +24,12 @@ at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids);
 // (T > 1: causal, query t sees keys 0..t, so only for S == T; T == 1: every key) ->
 // softmax(q k^T * scale) v over the attended keys, [B, Hq, T, D]. softcap > 0 (Gemma 2): the scores
 // become softcap * tanh(scores / softcap) before masking, computed by an ATen composite (scores in
-// the compute dtype, softmax in fp32, as transformers' eager attention does).
+// the compute dtype, softmax in fp32, as transformers' eager attention does). sinks [Hq] (GPT-OSS)
+// or undefined: each head's softmax takes one more logit, sinks[h], whose probability is dropped
+// (the same composite).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& mask, double scale, double softcap = 0.0);
+                     const std::optional<at::Tensor>& mask, double scale, double softcap = 0.0,
+                     const at::Tensor& sinks = at::Tensor());
 
 // x [..., N], weight [N] -> weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype); an fp32 weight
 // of lower-precision x (Gemma's 1 + w) multiplies before the cast: (weight * x_f32 * rsqrt(...)).to(x.dtype)
@@ -39,6 +42,8 @@ std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Te
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 // gate, up [..., I] -> silu(gate) * up
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+// GPT-OSS's expert activation: g = min(gate, limit); (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)
+at::Tensor clamped_swiglu(const at::Tensor& gate, const at::Tensor& up, double alpha, double limit);
 // gate, up [..., I] -> act(gate) * up; act "silu" (silu_mul), "gelu_tanh" or "gelu" (exact, erf)
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const std::string& act);
 

@@ -35,6 +35,8 @@ class ModelConfig:
     fused_gate_up: bool
     hidden_act: str
     norm_plus_one: bool
+    norm_fp32: bool
+    attn_sinks: bool
     sandwich_norm: bool
     embed_scale: float
     attn_scale: float
@@ -49,6 +51,10 @@ class ModelConfig:
     shared_expert_intermediate_size: int
     norm_topk_prob: bool
     router_weights_fp32: bool
+    softmax_after_topk: bool
+    expert_bias: bool
+    swiglu_alpha: float
+    swiglu_limit: float
     sparse_layers: tuple[int, ...]
     rope: dict[str, Any]
     rope_local: dict[str, Any] | None

@@ -20,7 +20,9 @@ the source itself never.
 Mixtures of experts: a Hugging Face export writes experts per expert, as published checkpoints
 carry them (Qwen: ``mlp.experts.N.*_proj``; Mixtral: ``block_sparse_moe.experts.N.w1/w3/w2``),
 whatever layout they were loaded from (transformers v5's stacked tensors, GGUF's ``*_exps``), and
-lists the path's dense slots in ``mlp_only_layers``.
+lists the path's dense slots in ``mlp_only_layers``. GPT-OSS's published layout is stacked
+(``mlp.experts.gate_up_proj`` [E, H, 2I], gate and up columns alternating): written so; an MXFP4
+folder keeps its packed bytes and quantization_config, a loaded (dequantized) model drops the latter.
 
 Limits: mergekit reads Hugging Face models, so a GGUF source needs ``model=`` (the Hugging Face
 name to write); a hub id's layer count is not fetched (no network), pass ``num_layers``.
@@ -187,17 +189,18 @@ def _copy_gguf_metadata(writer, reader, arch: str, path: LayerPath, n: int) -> N
         writer.add_key_value(name, value, kind, sub_type=sub)
 
 
-def _pin_gemma_layers(writer, reader, src: Path, arch: str, path: LayerPath, n: int) -> None:
-    """Gemma's sliding pattern and query scale are not in a converter's metadata: llama.cpp derives
-    them from layer positions and the layer count, which a path changes. They are written
-    explicitly (one sliding flag per slot; attention.scale) so each slot keeps its layer's kind."""
-    from .gguf import gemma_sliding_layers, gguf_config, gguf_field
+def _pin_sliding_layers(writer, reader, src: Path, arch: str, path: LayerPath, n: int) -> None:
+    """Gemma's and gpt-oss's sliding pattern (and Gemma's query scale) are not in a converter's
+    metadata: llama.cpp derives them from layer positions and the layer count, which a path
+    changes. They are written explicitly (one sliding flag per slot; attention.scale) so each slot
+    keeps its layer's kind."""
+    from .gguf import gguf_config, gguf_field, sliding_layers
 
     pattern = gguf_field(reader, f"{arch}.attention.sliding_window_pattern")
     if not isinstance(pattern, list):  # a per-layer list is reordered with the other arrays
-        sliding = gemma_sliding_layers(reader, arch, n)
+        sliding = sliding_layers(reader, arch, n)
         writer.add_sliding_window_pattern([sliding[i] for i in path])
-    if gguf_field(reader, f"{arch}.attention.scale") is None:
+    if arch != "gpt-oss" and gguf_field(reader, f"{arch}.attention.scale") is None:
         scalar = gguf_config(reader, str(src))["query_pre_attn_scalar"]
         writer.add_attention_scale(1.0 / float(scalar) ** 0.5)
 
@@ -208,8 +211,8 @@ def _write_gguf(reader, src: Path, tmp: Path, arch: str, path: LayerPath, n: int
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         _copy_gguf_metadata(writer, reader, arch, path, n)
-        if arch in ("gemma2", "gemma3"):
-            _pin_gemma_layers(writer, reader, src, arch, path, n)
+        if arch in ("gemma2", "gemma3", "gpt-oss"):
+            _pin_sliding_layers(writer, reader, src, arch, path, n)
         for name, t in ordered:
             writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
         writer.write_header_to_file(path=tmp)
@@ -225,8 +228,8 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrit
     """Writes a GGUF whose blocks follow the layer path: block k is block path[k] of ``src``, with
     its tensors' bytes and quantization types unchanged. ``{arch}.block_count`` is set to the
     path length and every per-layer metadata array is reordered along the path; all other
-    metadata and tensors are kept (Gemma files also get their per-slot sliding flags and query
-    scale written out, see ``_pin_gemma_layers``). Tensors are streamed from the memory-mapped source."""
+    metadata and tensors are kept (Gemma and gpt-oss files also get their per-slot sliding flags,
+    and Gemma its query scale, written out, see ``_pin_sliding_layers``). Tensors are streamed from the memory-mapped source."""
     from .gguf import gguf_architecture, gguf_block_count, open_gguf
 
     src, dst = Path(src), Path(dst)
@@ -320,9 +323,12 @@ def hub_expert_tensors(tensors: dict, config: dict) -> dict:
     from .config import ConfigError, parse_config
 
     try:
-        mixtral = parse_config(config).architecture == "MixtralForCausalLM"
+        architecture = parse_config(config).architecture
     except ConfigError:
         return tensors
+    if architecture == "GptOssForCausalLM":
+        return gpt_oss_hub_experts(tensors)
+    mixtral = architecture == "MixtralForCausalLM"
     out = {}
     for name, t in tensors.items():
         m = _STACKED_EXPERTS.match(name)
@@ -338,6 +344,36 @@ def hub_expert_tensors(tensors: dict, config: dict) -> dict:
                        else f"{prefix}mlp.experts.{e}.{part}_proj.weight")
                 out[key] = stacked[e]
     return out
+
+
+_GPT_OSS_GGUF_EXPERTS = re.compile(r"^(.*\.layers\.\d+\.mlp\.experts\.)gate_proj$")
+
+
+def gpt_oss_hub_experts(tensors: dict) -> dict:
+    """GPT-OSS experts in transformers' layout: GGUF's separate gate_proj / up_proj [E, I, H] (and
+    their _bias [E, I]) become gate_up_proj [E, H, 2I] with gate and up columns alternating (and
+    gate_up_proj_bias [E, 2I]); down_proj [E, H, I] becomes [E, I, H]. Tensors already in that
+    layout (safetensors, MXFP4 blocks) are unchanged."""
+    out = dict(tensors)
+    for name in tensors:
+        m = _GPT_OSS_GGUF_EXPERTS.match(name)
+        if m is None:
+            continue
+        x = m.group(1)
+        gate, up = out.pop(x + "gate_proj"), out.pop(x + "up_proj")
+        out[x + "gate_up_proj"] = torch.stack((gate, up), dim=2).flatten(1, 2).transpose(1, 2)
+        out[x + "gate_up_proj_bias"] = torch.stack((out.pop(x + "gate_proj_bias"), out.pop(x + "up_proj_bias")),
+                                                   dim=2).flatten(1, 2)
+        out[x + "down_proj"] = out[x + "down_proj"].transpose(1, 2)
+    return out
+
+
+def _without_quantization(config: dict, tensors: dict) -> dict:
+    """The config without its quantization_config when the tensors written are not quantized (a
+    loaded GPT-OSS, whose MXFP4 experts were dequantized): the export holds plain weights."""
+    if any(name.endswith("_blocks") for name in tensors) or "quantization_config" not in config:
+        return config
+    return {k: v for k, v in config.items() if k != "quantization_config"}
 
 
 def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:
@@ -424,8 +460,8 @@ def _with_layer_types(config: dict) -> dict:
 def _with_sparse_layers(config: dict, out: dict, path: LayerPath) -> dict:
     """A Qwen mixture-of-experts export (mlp_only_layers / decoder_sparse_step pick the dense
     layers): it lists its dense slots in mlp_only_layers with step 1, so each slot keeps its
-    layer's MLP kind whatever the path's length. Mixtral (every layer sparse) and dense models are
-    left as they are."""
+    layer's MLP kind whatever the path's length. Mixtral and GPT-OSS (every layer sparse) and dense
+    models are left as they are."""
     from .config import ConfigError, parse_config
 
     try:
@@ -433,7 +469,7 @@ def _with_sparse_layers(config: dict, out: dict, path: LayerPath) -> dict:
     except ConfigError:
         return out
     sparse = parsed.sparse_layers
-    if not any(sparse) or parsed.architecture == "MixtralForCausalLM":
+    if not any(sparse) or parsed.architecture in ("MixtralForCausalLM", "GptOssForCausalLM"):  # all sparse
         return out
     target = _decoder_config(out)
     target["decoder_sparse_step"] = 1
@@ -470,6 +506,7 @@ def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | No
     _check_target(dst, overwrite, folder=True, source=src if isinstance(src, (str, os.PathLike)) else None)
     tensors, tokenizer, tokenizer_files = _hf_source_weights(src, target)
     tensors = hub_expert_tensors(tensors, config)
+    config = _without_quantization(config, tensors)
     shards = _plan_shards(tensors, _slot_names(tensors, path, n), target, limit)
     with staged(dst, folder=True) as tmp:
         _write_shards(tmp, tensors, shards, target)

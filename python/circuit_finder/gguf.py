@@ -9,8 +9,10 @@ projections). Family settings no key carries follow llama.cpp's rules: Gemma's s
 (every 2nd / 6th layer full, unless `{arch}.attention.sliding_window_pattern` lists it) and its
 attention scale (hidden / heads for the 27B layer counts 46 and 62, else the head size, unless
 `{arch}.attention.scale` is set); Phi-3's LongRoPE comes from its rope_factors tensors. Mixtures of
-experts (qwen2moe, qwen3moe, llama with expert_count = Mixtral): stacked ffn_*_exps tensors kept as
-the engine's stacked gate / up / down layout; dense layers are the blocks without a router. Tokenizer
+experts (qwen2moe, qwen3moe, llama with expert_count = Mixtral, gpt-oss): stacked ffn_*_exps tensors
+kept as the engine's stacked gate / up / down layout (gpt-oss: with their biases; its MXFP4
+experts dequantized by ``quants``); dense layers are the blocks without a router. gpt-oss's
+clamped SwiGLU constants and YaRN without truncation are what llama.cpp and the published config use. Tokenizer
 and chat template come from the file, built by transformers once per file and then read back from
 a cache folder keyed by the file's metadata (``gguf_tokenizer``).
 
@@ -32,22 +34,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "gemma_sliding_layers",
+from .quants import dequantize_ggml_mxfp4
+
+__all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "sliding_layers",
            "gguf_architecture", "gguf_block_count", "gguf_config", "gguf_field", "gguf_num_layers", "gguf_tokenizer",
            "metadata_digest", "open_gguf", "read_gguf", "tokenizer_cache_dir"]
 
 ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
               "mistral3": "Ministral3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
-              "qwen3moe": "Qwen3MoeForCausalLM"}  # llama with expert_count: Mixtral
-_MODEL_TYPE = {"gemma3": "gemma3_text", "mistral3": "ministral3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+              "qwen3moe": "Qwen3MoeForCausalLM", "gpt-oss": "GptOssForCausalLM"}  # llama with expert_count: Mixtral
+_MODEL_TYPE = {"gemma3": "gemma3_text", "mistral3": "ministral3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+               "gpt-oss": "gpt_oss"}
 _OLD_EXPERTS = re.compile(r"^blk\.\d+\.ffn_(?:gate|up|down)\.\d+\.weight$")  # pre-2024 per-expert Mixtral files
 _PERMUTED = ("llama", "mistral3")  # converters that reorder Q/K rows for interleaved RoPE
 _GEMMA = ("gemma2", "gemma3")
 _GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales queries by hidden/heads for these
 SUPPORTED_ARCHS = tuple(ARCH_TO_HF)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                   "Q6_K")
+                   "Q6_K", "MXFP4")
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -89,6 +94,12 @@ _FAMILY_BLOCK_NAMES = {
                "post_ffw_norm.weight": "post_feedforward_layernorm.weight"},
 }
 _FAMILY_BLOCK_NAMES["gemma3"] = _FAMILY_BLOCK_NAMES["gemma2"]
+# GPT-OSS: the pre-MLP norm, sinks, the biased router and experts (kept as separate gate / up, stacked)
+_FAMILY_BLOCK_NAMES["gpt-oss"] = {
+    "post_attention_norm.weight": "post_attention_layernorm.weight", "attn_sinks.weight": "self_attn.sinks",
+    "ffn_gate_inp.weight": "mlp.router.weight", "ffn_gate_inp.bias": "mlp.router.bias",
+    "ffn_gate_exps.bias": "mlp.experts.gate_proj_bias", "ffn_up_exps.bias": "mlp.experts.up_proj_bias",
+    "ffn_down_exps.bias": "mlp.experts.down_proj_bias"}
 
 
 class GGUFError(ValueError):
@@ -335,6 +346,9 @@ def _moe_config(reader, path: str, arch: str, config: dict, by_name: dict) -> No
         config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=int(count),
                       num_experts_per_tok=int(used))
         return
+    if arch == "gpt-oss":
+        _gpt_oss_config(reader, path, config, by_name, int(count), int(used))
+        return
     n = config["num_hidden_layers"]
     config.update(num_experts=int(count), num_experts_per_tok=int(used), decoder_sparse_step=1,
                   moe_intermediate_size=int(gguf_field(reader, f"{arch}.expert_feed_forward_length")
@@ -346,6 +360,25 @@ def _moe_config(reader, path: str, arch: str, config: dict, by_name: dict) -> No
         config["shared_expert_intermediate_size"] = int(
             gguf_field(reader, f"{arch}.expert_shared_feed_forward_length") or (int(shexp.shape[1]) if shexp is not None else 0))
         config["qkv_bias"] = "blk.0.attn_q.bias" in by_name
+
+
+def _gpt_oss_config(reader, path: str, config: dict, by_name: dict, count: int, used: int) -> None:
+    """GPT-OSS: expert size, biases, the clamped SwiGLU (llama.cpp hard-codes alpha 1.702 and limit
+    7), the window (required) and its layers (sliding_window_pattern, else even layers slide)."""
+    window = gguf_field(reader, "gpt-oss.attention.sliding_window")
+    if not window:
+        raise GGUFError(f"{path}: missing metadata 'gpt-oss.attention.sliding_window'")
+    base, swa = gguf_field(reader, "gpt-oss.rope.freq_base"), gguf_field(reader, "gpt-oss.rope.freq_base_swa")
+    if swa is not None and base is not None and float(swa) != float(base):
+        raise GGUFError(f"{path}: a separate RoPE base for sliding layers (rope.freq_base_swa) is not supported "
+                        "for gpt-oss")
+    n = config["num_hidden_layers"]
+    config.update(num_local_experts=count, num_experts_per_tok=used, swiglu_alpha=1.702, swiglu_limit=7.0,
+                  intermediate_size=int(gguf_field(reader, "gpt-oss.expert_feed_forward_length")
+                                        or config["intermediate_size"]),
+                  attention_bias="blk.0.attn_q.bias" in by_name, sliding_window=int(window),
+                  layer_types=["sliding_attention" if s else "full_attention"
+                               for s in sliding_layers(reader, "gpt-oss", n)])
 
 
 def _rope_scaling_config(reader, path: str, arch: str, need, config: dict) -> None:
@@ -364,6 +397,8 @@ def _rope_scaling_config(reader, path: str, arch: str, need, config: dict) -> No
             v = gguf_field(reader, f"{arch}.rope.scaling.{key}")
             if v:
                 rope[hf_key] = float(v)
+        if arch == "gpt-oss" and scaling == "yarn":  # its published config; no GGUF key says so
+            rope["truncate"] = False
     if arch == "mistral3":
         if rope["rope_type"] == "yarn":  # llama.cpp: attn factor mscale(f, 1) / mscale(f, yarn_log_multiplier)
             rope["mscale"] = 1.0
@@ -428,7 +463,7 @@ def _gemma_config(reader, arch: str, config: dict) -> None:
     window = gguf_field(reader, f"{arch}.attention.sliding_window", 4096 if arch == "gemma2" else None)
     config["sliding_window"] = int(window) if window else None
     config["layer_types"] = [("sliding_attention" if sliding and window else "full_attention")
-                             for sliding in gemma_sliding_layers(reader, arch, n)]
+                             for sliding in sliding_layers(reader, arch, n)]
     if arch == "gemma3":
         full = {"rope_type": "default", "rope_theta": float(gguf_field(reader, "gemma3.rope.freq_base", 1e6))}
         if gguf_field(reader, "gemma3.rope.scaling.type") == "linear":
@@ -438,16 +473,19 @@ def _gemma_config(reader, arch: str, config: dict) -> None:
         config["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
 
 
-def gemma_sliding_layers(reader, arch: str, n: int) -> list[bool]:
-    """Which of a Gemma file's n layers use the sliding window: {arch}.attention.sliding_window_pattern
-    (one bool per layer, or a period) when present, else llama.cpp's rule: every 2nd (Gemma 2) or
-    6th (Gemma 3) layer is full."""
+_SLIDING_PERIOD = {"gemma2": 2, "gemma3": 6, "gpt-oss": 2}  # llama.cpp's default: every period-th layer is full
+
+
+def sliding_layers(reader, arch: str, n: int) -> list[bool]:
+    """Which of a file's n layers use the sliding window (Gemma 2/3, gpt-oss):
+    {arch}.attention.sliding_window_pattern (one bool per layer, or a period) when present, else
+    llama.cpp's rule: every 2nd (Gemma 2, gpt-oss) or 6th (Gemma 3) layer is full."""
     pattern = gguf_field(reader, f"{arch}.attention.sliding_window_pattern")
     if isinstance(pattern, list):
         if len(pattern) != n:
             raise GGUFError(f"{arch}.attention.sliding_window_pattern lists {len(pattern)} layers, the file has {n}")
         return [bool(x) for x in pattern]
-    period = int(pattern) if pattern else (2 if arch == "gemma2" else 6)
+    period = int(pattern) if pattern else _SLIDING_PERIOD[arch]
     return [(i + 1) % period != 0 for i in range(n)]
 
 
@@ -464,6 +502,8 @@ def _dequantize(t, path: str) -> np.ndarray:
             arr = np.asarray(t.data, dtype=np.float32)
         elif kind == "F16":
             arr = np.asarray(t.data, dtype=np.float16)
+        elif kind == "MXFP4":  # torch's table lookup: the package's numpy decoder takes minutes on a 20B file
+            arr = dequantize_ggml_mxfp4(torch.from_numpy(np.asarray(t.data))).numpy()
         else:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         return arr.reshape(shape)
@@ -523,8 +563,10 @@ def build_tokenizer(path: str):
     p = Path(path)
     try:
         return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    except ValueError as e:  # transformers builds no config for some architectures (mistral3): tokenizer only
-        if "not supported" not in str(e):
+    except (ValueError, TypeError) as e:
+        # transformers builds no config for some architectures (mistral3), and fails on gpt-oss's
+        # (a TypeError reading its rope scaling): the tokenizer alone
+        if isinstance(e, ValueError) and "not supported" not in str(e):
             raise
         from transformers import PreTrainedTokenizerFast
 

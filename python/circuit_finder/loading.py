@@ -9,12 +9,15 @@ dequantized to the requested float dtype (float32 by default) on load. ``device_
 layers over devices (``placement.plan``: checked against each device's memory from the tensors'
 sizes before any weight is moved, converted or dequantized).
 
+GPT-OSS's MXFP4 expert tensors are dequantized on load (``quants``), on the device of their layer.
+
 Limits: no remote code, no pickle — safetensors and GGUF only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from .config import ModelConfig, parse_config
 from .files import package_file
 from .model import Model
 from .placement import Placement, plan
+from .quants import dequantize_mxfp4, mxfp4_pairs, mxfp4_shape
 
 __all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "default_model_path", "load", "load_from_tensors",
            "model_config_file", "resolve_dtype", "text_decoder_tensors"]
@@ -183,11 +187,15 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     if not checkpoint_dtype.is_floating_point:
         checkpoint_dtype = torch.float32
     target = resolve_dtype(dtype, checkpoint_dtype)
+    packed = mxfp4_pairs(tensors)  # GPT-OSS's MXFP4 experts: sized and placed as the tensors they become
+    sizes = {n: t.numel() * target.itemsize for n, t in tensors.items() if t.is_floating_point()}
+    sizes.update({n: math.prod(mxfp4_shape(blocks)) * target.itemsize for n, (blocks, _) in packed.items()})
     placed = device_map if isinstance(device_map, Placement) else plan(
-        device_map, config.num_layers, {n: t.numel() * target.itemsize for n, t in tensors.items() if t.is_floating_point()},
-        device, max_memory)
+        device_map, config.num_layers, sizes, device, max_memory)
     moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in tensors.items()
              if t.is_floating_point()}
+    for name, (blocks, scales) in packed.items():
+        moved[name] = dequantize_mxfp4(blocks, scales, target, placed.device_of(name))
     engine = _C.Engine(json.dumps(config.raw), source, moved)
     return Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source, tensors=moved,
                  placement=placed)

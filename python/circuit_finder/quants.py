@@ -1,0 +1,88 @@
+"""Quantized checkpoint formats that load by dequantizing: GPT-OSS's MXFP4 experts.
+
+OpenAI's published GPT-OSS checkpoints store each MoE layer's expert matrices in MXFP4 (OCP
+Microscaling, FP4 E2M1 elements in blocks of 32 sharing one E8M0 power-of-two scale):
+``mlp.experts.gate_up_proj_blocks`` [E, 2I, H/32, 16] uint8 (two elements per byte, the even one
+in the low nibble) with ``..._scales`` [E, 2I, H/32] uint8 (exponent + 127), and ``down_proj``
+alike. They dequantize here, one expert at a time on the device the layer goes to, into the tensors
+transformers holds (``gate_up_proj`` [E, H, 2I], ``down_proj`` [E, I, H]). Keeping them packed is
+the quantized-weights issue's job (GGUF files first); this module is where such formats live.
+GGUF files (llama.cpp's gpt-oss conversions) hold MXFP4 in ggml's own block order, decoded by
+``dequantize_ggml_mxfp4``.
+
+Limits: MXFP4 only; a NaN scale (255) dequantizes to inf, as ldexp does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "MXFP4_BLOCK", "dequantize_ggml_mxfp4", "dequantize_mxfp4", "mxfp4_pairs",
+           "mxfp4_shape"]
+
+# The 16 values of an FP4 E2M1 code (OCP MX spec): sign bit 3, then 2 exponent and 1 mantissa bits.
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_BLOCK = 32  # elements per shared scale
+GGML_MXFP4_BYTES = 17  # llama.cpp's block: the scale byte, then 16 bytes holding element j (low) and j + 16 (high)
+
+
+def mxfp4_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (blocks, scales)} for every ``<name>_blocks`` / ``<name>_scales`` pair in a checkpoint;
+    ValueError naming the tensor when one half is missing or the shapes disagree."""
+    out = {}
+    for key, blocks in tensors.items():
+        if not key.endswith("_blocks"):
+            continue
+        name = key[:-len("_blocks")]
+        scales = tensors.get(name + "_scales")
+        if scales is None:
+            raise ValueError(f"MXFP4 tensor '{key}' has no '{name}_scales'")
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+            raise ValueError(f"MXFP4 tensors '{key}' and '{name}_scales' must be uint8, got {blocks.dtype} and "
+                             f"{scales.dtype}")
+        if blocks.dim() < 3 or blocks.shape[-1] != MXFP4_BLOCK // 2 or blocks.shape[:-1] != scales.shape:
+            raise ValueError(f"MXFP4 tensor '{key}' {list(blocks.shape)} does not match '{name}_scales' "
+                             f"{list(scales.shape)} (expected [..., rows, groups, 16] and [..., rows, groups])")
+        out[name] = (blocks, scales)
+    return out
+
+
+def mxfp4_shape(blocks: torch.Tensor) -> list[int]:
+    """The dequantized tensor's shape, as transformers holds it: [E, columns, rows] (rows and columns
+    of the packed [E, rows, groups, 16] swapped)."""
+    e, rows, groups = blocks.shape[0], blocks.shape[1], blocks.shape[2]
+    return [e, groups * MXFP4_BLOCK, rows]
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """blocks [E, R, G, 16] uint8, scales [E, R, G] uint8 -> [E, G * 32, R] in `dtype` on `device`:
+    a transposed view of the dequantized [E, R, G * 32] (each expert's rows are a linear layer's
+    output features, so the engine reads the view back as a contiguous [R, G * 32] matrix)."""
+    e, rows, groups = blocks.shape[0], blocks.shape[1], blocks.shape[2]
+    out = torch.empty(e, rows, groups * MXFP4_BLOCK, dtype=dtype, device=device)
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32, device=device)
+    for i in range(e):  # one expert at a time bounds the index and fp32 temporaries
+        b = blocks[i].to(device)
+        codes = torch.stack((b & 0x0F, b >> 4), dim=-1).long()  # [R, G, 16, 2]: even element in the low nibble
+        values = lut[codes].reshape(rows, groups, MXFP4_BLOCK)
+        exponent = scales[i].to(device).int() - 127
+        out[i] = torch.ldexp(values, exponent.unsqueeze(-1)).reshape(rows, groups * MXFP4_BLOCK).to(dtype)
+    return out.transpose(1, 2)
+
+
+def dequantize_ggml_mxfp4(raw: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """A GGUF MXFP4 tensor's bytes [..., rows * 17 / 32] uint8 -> float32 [..., columns]: per block
+    of 17 bytes, element j is FP4_E2M1[byte j+1 & 15] and element j + 16 is FP4_E2M1[byte j+1 >> 4],
+    both times 2^(byte 0 - 127). Decoded `chunk` blocks at a time to bound the temporaries."""
+    if raw.dtype != torch.uint8 or raw.shape[-1] % GGML_MXFP4_BYTES:
+        raise ValueError(f"MXFP4 data must be uint8 rows of 17-byte blocks, got {raw.dtype} {list(raw.shape)}")
+    blocks = raw.reshape(-1, GGML_MXFP4_BYTES)
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
+    out = torch.empty(blocks.shape[0], MXFP4_BLOCK, dtype=torch.float32)
+    for start in range(0, blocks.shape[0], chunk):
+        b = blocks[start:start + chunk]
+        codes = b[:, 1:]
+        values = torch.cat((lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]), dim=1)
+        out[start:start + chunk] = torch.ldexp(values, b[:, :1].int() - 127)
+    return out.reshape(*raw.shape[:-1], raw.shape[-1] // GGML_MXFP4_BYTES * MXFP4_BLOCK)
