@@ -92,7 +92,11 @@ def main(argv=None) -> int:
                     "threads": torch.get_num_threads(), "quick": args.quick}, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{date}-moe-{device.type}{'-quick' if args.quick else ''}.json").write_text(json.dumps(res, indent=2) + "\n")
+    file = out / f"{date}-moe-{device.type}{'-quick' if args.quick else ''}.json"
+    if file.exists() and set(args.families) != set(FAMILIES):  # a subset run replaces only its families' rows
+        kept = [r for r in json.loads(file.read_text())["rows"] if r["model"] not in args.families]
+        res["rows"] = kept + rows
+    file.write_text(json.dumps(res, indent=2) + "\n")
     print(markdown(res))
     return 0
 

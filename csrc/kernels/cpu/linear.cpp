@@ -12,7 +12,8 @@
 namespace cf::cpu {
 namespace {
 #define CF_ISA_TABLE(ns) \
-  { #ns, ns::gemm_f32, ns::gemm_bf16, ns::add_rms_norm_f32, ns::rope_f32, ns::silu_mul_f32 }
+  { #ns, ns::gemm_f32, ns::gemm_bf16, ns::gemm_kn_f32, ns::gemm_kn_bf16, ns::add_rms_norm_f32, ns::rope_f32, \
+    ns::silu_mul_f32 }
 
 bool supported(const std::string& name) {
   if (name == "base") return true;
@@ -57,8 +58,13 @@ const Isa& active() {
 
 namespace {
 
+// A transposed view of a contiguous [K, N] matrix (the layout GPT-OSS's experts are held in).
+bool k_major(const at::Tensor& w) { return w.dim() == 2 && w.stride(0) == 1 && w.stride(1) == w.size(0); }
+
 bool takes(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (!x.device().is_cpu() || !w.device().is_cpu() || w.dim() != 2 || !w.is_contiguous() || x.dim() < 1) return false;
+  if (!x.device().is_cpu() || !w.device().is_cpu() || w.dim() != 2 || !(w.is_contiguous() || k_major(w)) ||
+      x.dim() < 1)
+    return false;
   const at::ScalarType t = w.scalar_type();
   if ((t != at::kFloat && t != at::kBFloat16) || x.scalar_type() != t || x.size(-1) != w.size(1)) return false;
   if (b.defined() && (b.dim() != 1 || b.size(0) != w.size(0) || b.scalar_type() != t || !b.device().is_cpu()))
@@ -79,7 +85,17 @@ at::Tensor run(const Isa& isa, const at::Tensor& x, const at::Tensor& w, const a
   // Tasks of whole 4-row weight blocks; each task's bytes should dwarf the thread hand-off.
   const int64_t blocks = (N + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1));
-  if (w.scalar_type() == at::kFloat) {
+  if (!w.is_contiguous()) {  // K-major: tasks of 64-column blocks (whole tiles for up to 16 lanes)
+    const bool f32 = w.scalar_type() == at::kFloat;
+    const void* wp = w.data_ptr();
+    at::parallel_for(0, (N + 63) / 64, std::max<int64_t>(1, grain / 16), [&](int64_t lo, int64_t hi) {
+      const int64_t n0 = lo * 64, n1 = std::min(hi * 64, N);
+      if (f32)
+        isa.gemm_kn_f32(xp, M, K, static_cast<const float*>(wp), N, bp, yp, N, n0, n1);
+      else
+        isa.gemm_kn_bf16(xp, M, K, static_cast<const uint16_t*>(wp), N, bp, yp, N, n0, n1);
+    });
+  } else if (w.scalar_type() == at::kFloat) {
     const float* wp = w.data_ptr<float>();
     at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
       isa.gemm_f32(xp, M, K, wp, bp, yp, N, lo * 4, std::min(hi * 4, N));
@@ -108,7 +124,8 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
                          const std::string& isa) {
   const at::Tensor b = bias.value_or(at::Tensor());
   if (!takes(x, w, b))
-    throw InputError(cat("skinny_linear takes a CPU fp32/bf16 x [..., K] and a contiguous w [N, K] (and bias [N]) of "
+    throw InputError(cat("skinny_linear takes a CPU fp32/bf16 x [..., K] and a w [N, K], contiguous or a transposed "
+                         "contiguous [K, N] (and bias [N]) of "
                          "the same dtype; got x ", shape_str(x.sizes()), " ",
                          c10::toString(x.scalar_type()), ", w ", shape_str(w.sizes()), " ",
                          c10::toString(w.scalar_type())));

@@ -1,5 +1,6 @@
 // linear.h — the linear layer on CPU (the engine reaches it through ops::linear): skinny_gemm for
-// decode-sized inputs (few rows, fp32 or bf16, contiguous weights), ATen's at::linear for
+// decode-sized inputs (few rows, fp32 or bf16, weights contiguous [N, K] or K-major: a transposed
+// contiguous [K, N], as GPT-OSS's experts are held), ATen's at::linear for
 // everything else, and for all inputs when CF_CPU_KERNELS=0.
 #pragma once
 #include <ATen/ATen.h>
@@ -28,6 +29,10 @@ struct Isa {
   const char* name;
   void (*gemm_f32)(const float*, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t);
   void (*gemm_bf16)(const float*, int64_t, int64_t, const uint16_t*, const float*, float*, int64_t, int64_t, int64_t);
+  void (*gemm_kn_f32)(const float*, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
+                      int64_t);
+  void (*gemm_kn_bf16)(const float*, int64_t, int64_t, const uint16_t*, int64_t, const float*, float*, int64_t,
+                       int64_t, int64_t);
   void (*add_rms_norm_f32)(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t, float);
   void (*rope_f32)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
   void (*silu_mul_f32)(const float*, const float*, float*, int64_t, int64_t);

@@ -22,12 +22,18 @@ namespace cf::cpu {
 //
 // y[m * ldy + n] = sum_k x[m * K + k] * w[n * K + k] (+ bias[n]) for m in [0, M), n in [n0, n1).
 // x and y are fp32; w is fp32 (gemm_f32) or bfloat16 bits (gemm_bf16); bias is fp32 or null.
+// gemm_kn_*: the same product with w stored K-major (a transposed view, as GPT-OSS's experts
+// are held): y[m * ldy + n] = sum_k x[m * K + k] * w[k * ldw + n] (+ bias[n]).
 // Sums are fp32, in a fixed order for a given (M, K): results do not depend on threading.
 #define CF_SKINNY_GEMM_DECLS                                                                        \
   void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, \
                 int64_t ldy, int64_t n0, int64_t n1);                                               \
   void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* y, \
                  int64_t ldy, int64_t n0, int64_t n1);                                               \
+  void gemm_kn_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t ldw, const float* bias, \
+                   float* y, int64_t ldy, int64_t n0, int64_t n1);                                     \
+  void gemm_kn_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t ldw, const float* bias, \
+                    float* y, int64_t ldy, int64_t n0, int64_t n1);                                        \
   void add_rms_norm_f32(const float* x, const float* residual, const float* weight, float* sum, float* out,       \
                         int64_t r0, int64_t r1, int64_t n, float eps);                                        \
   void rope_f32(const float* x, const float* cos, const float* sin, float* out, int64_t r0, int64_t r1,         \

@@ -124,6 +124,52 @@ void gemm(const float* x, int64_t M, int64_t K, const W* w, const float* bias, f
   }
 }
 
+// K-major weights: MR rows of x against NC vectors of columns [n, n + NC * L), over all K rows of
+// w (each row's NC vectors loaded once, every x value broadcast against them).
+constexpr int NC = 4;
+template <int MR, typename W>
+inline void tile_kn(const float* x, int64_t K, const W* w, int64_t ldw, const float* bias, float* y, int64_t ldy) {
+  vf acc[MR][NC];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NC; ++j) acc[i][j] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    const W* wk = w + k * ldw;
+    __builtin_prefetch(wk + 8 * ldw);
+    vf wv[NC];
+    for (int j = 0; j < NC; ++j) wv[j] = load(wk + j * L);
+    for (int i = 0; i < MR; ++i) {
+      const vf xv = vf{} + x[i * K + k];
+      for (int j = 0; j < NC; ++j) acc[i][j] += xv * wv[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NC; ++j) {
+      vf out = acc[i][j];
+      if (bias != nullptr) out += load(bias + j * L);
+      __builtin_memcpy(y + i * ldy + j * L, &out, sizeof out);
+    }
+}
+
+template <typename W>
+void gemm_kn(const float* x, int64_t M, int64_t K, const W* w, int64_t ldw, const float* bias, float* y, int64_t ldy,
+             int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NC * L <= n1; n += NC * L) {
+    for (int64_t m = 0; m < M; m += 2) {
+      if (M - m >= 2)
+        tile_kn<2>(x + m * K, K, w + n, ldw, bias ? bias + n : nullptr, y + m * ldy + n, ldy);
+      else
+        tile_kn<1>(x + m * K, K, w + n, ldw, bias ? bias + n : nullptr, y + m * ldy + n, ldy);
+    }
+  }
+  for (; n < n1; ++n)  // columns past the last whole tile, one at a time (same k order)
+    for (int64_t m = 0; m < M; ++m) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * scalar(w[k * ldw + n]);
+      y[m * ldy + n] = s + (bias != nullptr ? bias[n] : 0.0f);
+    }
+}
+
 // exp(x) for |x| < 88: x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-7 Taylor polynomial
 // (relative error < 2e-7 on that interval), times 2^n put into the exponent bits.
 inline vf vexp(vf x) {
@@ -224,6 +270,14 @@ void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, const float*
 void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy,
                int64_t n0, int64_t n1) {
   gemm(x, M, K, w, bias, y, ldy, n0, n1);
+}
+void gemm_kn_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t ldw, const float* bias, float* y,
+                 int64_t ldy, int64_t n0, int64_t n1) {
+  gemm_kn(x, M, K, w, ldw, bias, y, ldy, n0, n1);
+}
+void gemm_kn_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t ldw, const float* bias, float* y,
+                  int64_t ldy, int64_t n0, int64_t n1) {
+  gemm_kn(x, M, K, w, ldw, bias, y, ldy, n0, n1);
 }
 
 }  // namespace cf::cpu::CF_ISA_NS
