@@ -53,7 +53,9 @@ PYBIND11_MODULE(_C, m) {
       .def("select_rows", &cf::KVCache::select_rows, py::arg("rows"), py::arg("slots"))
       .def("keys", &cf::KVCache::filled_keys, py::arg("slot"), "the slot's filled keys [B, kv_heads, length, head_dim]")
       .def("values", &cf::KVCache::filled_values, py::arg("slot"))
-      .def("device", [](const cf::KVCache& c, int64_t slot) { return c.device(slot).str(); }, py::arg("slot"));
+      .def("device", [](const cf::KVCache& c, int64_t slot) { return c.device(slot).str(); }, py::arg("slot"))
+      .def("linear_state", [](cf::KVCache& c, int64_t slot) { return std::make_pair(c.conv_state(slot), c.recurrent_state(slot)); },
+           py::arg("slot"), "a linear-attention slot's (conv inputs [B, C, K], recurrent state [B, Hv, Dk, Dv] fp32)");
 
   py::class_<cf::Engine>(m, "Engine")
       .def(py::init<const std::string&, const std::string&, const std::map<std::string, at::Tensor>&>(),

@@ -72,6 +72,20 @@ ARCH_EXTRA.update({
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128}),
 })
+# Hybrid linear-attention families (issue #14): Gated DeltaNet layers with full attention every
+# third layer (gated queries, partial rotary), more value heads than key heads (and Dv != Dk) so a
+# head mix-up shows; Qwen3-Next with its MoE (shared expert, layer 1 dense), Qwen3.5 dense, Qwen3.5-MoE.
+HYBRID_ARCHS = ["qwen3_5_text", "qwen3_next", "qwen3_5_moe_text"]
+_HYBRID = dict(head_dim=16, partial_rotary_factor=0.5, rope_theta=10000.0, tie_word_embeddings=False,
+               linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
+               linear_conv_kernel_dim=4, layer_types=["linear_attention", "linear_attention", "full_attention"] * 2)
+ARCH_EXTRA.update({
+    "qwen3_5_text": dict(_HYBRID),
+    "qwen3_next": dict(_HYBRID, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                       shared_expert_intermediate_size=80, norm_topk_prob=True, mlp_only_layers=[1]),
+    "qwen3_5_moe_text": dict(_HYBRID, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                             shared_expert_intermediate_size=80),
+})
 # transformers' SDPA path drops Gemma 2's attention soft-capping (and has no GPT-OSS sinks): the
 # reference runs eager attention.
 ATTN_IMPLEMENTATION = {"gemma2": "eager", "gemma3_text": "eager", "gpt_oss": "eager"}
@@ -95,10 +109,13 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     """Large, varied random weights so that a wrong norm, bias or RoPE shows in the logits."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        gemma = getattr(model.config, "model_type", "").startswith("gemma")
+        # Gemma's, Qwen3-Next's and Qwen3.5's norms scale by (1 + w): w near 0 there (not the gated
+        # norm of linear attention, a plain w)
+        plus_one = getattr(model.config, "model_type", "").startswith(("gemma", "qwen3_next", "qwen3_5"))
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # Gemma's norms scale by (1 + w): w near 0 there
-                p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
+            if name.endswith("norm.weight"):
+                centre = 0.0 if plus_one and not name.endswith("linear_attn.norm.weight") else 1.0
+                p.copy_(centre + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
             else:
@@ -132,8 +149,8 @@ def rebuilt(hf_model, layers):
     decoder = m.model.language_model if wrapper else m.model
     source = hf_model.model.language_model if wrapper else hf_model.model
     decoder.layers = torch.nn.ModuleList([copy.deepcopy(source.layers[i]) for i in layers])
-    for slot, layer in enumerate(decoder.layers):
-        layer.self_attn.layer_idx = slot
+    for slot, layer in enumerate(decoder.layers):  # attention or (Qwen3-Next / 3.5) linear attention
+        (layer.self_attn if hasattr(layer, "self_attn") else layer.linear_attn).layer_idx = slot
     configs = [(m.config.text_config, hf_model.config.text_config)] if wrapper else []
     configs.append((m.config, hf_model.config))
     for config, original in configs:

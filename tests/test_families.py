@@ -17,7 +17,17 @@ import torch
 import circuit_finder as cf
 from circuit_finder import LayerPath
 from circuit_finder.probes import get_probe
-from helpers import MOE_ARCHS, build_hf_model, make_config, randomize, rebuilt, report, tokens, write_gguf
+from helpers import (
+    HYBRID_ARCHS,
+    MOE_ARCHS,
+    build_hf_model,
+    make_config,
+    randomize,
+    rebuilt,
+    report,
+    tokens,
+    write_gguf,
+)
 
 N = 6
 PATHS = {"identity": list(range(N)), "rys": list(LayerPath.duplicate(N, 2, 4)),
@@ -286,7 +296,7 @@ def test_longrope_factor_count_is_checked(model_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- sweeps on every family
-@pytest.fixture(scope="module", params=FAMILIES + MOE_ARCHS)
+@pytest.fixture(scope="module", params=FAMILIES + MOE_ARCHS + HYBRID_ARCHS)
 def family_chat_model(request, tmp_path_factory):
     """A tiny random model of the family with the default model's tokenizer and chat template."""
     from circuit_finder.gguf import gguf_tokenizer

@@ -14,8 +14,10 @@ namespace {
 
 using json = nlohmann::json;
 
-enum class Norms { kLlama, kGemma };  // Gemma: (1 + w) RMSNorm, embeddings scaled by sqrt(hidden)
-enum class Moe { kNone, kMixtral, kQwen, kGptOss };  // Qwen: Qwen2-MoE and Qwen3-MoE's keys and layer rule
+// Gemma: (1 + w) RMSNorm, embeddings scaled by sqrt(hidden); PlusOne: (1 + w) RMSNorm alone (Qwen3-Next, 3.5)
+enum class Norms { kLlama, kGemma, kPlusOne };
+// Qwen: Qwen2-MoE, Qwen3-MoE and Qwen3-Next's keys and layer rule; Qwen35: every layer, top k renormalised
+enum class Moe { kNone, kMixtral, kQwen, kGptOss, kQwen35 };
 
 struct ArchFlags {
   bool qkv_bias_always = false;  // Qwen2: q/k/v carry biases whatever attention_bias says
@@ -32,13 +34,17 @@ struct ArchFlags {
   bool query_scale = false;          // Ministral3: llama_4_scaling_beta
   bool attn_softcap = false;         // Gemma 2 applies attn_logit_softcapping (Gemma 3 stores it, unused)
   bool sinks = false;                // GPT-OSS: attention sinks, fp32 norm weights
+  bool linear_attention = false;     // Qwen3-Next / 3.5: Gated DeltaNet layers by layer_types, gated attention
+  bool shared_expert = false;        // Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE: a sigmoid-gated shared expert
+  bool num_experts_key = false;      // the expert count is num_experts (not num_local_experts)
   Moe moe = Moe::kNone;
   double theta_default = 10000.0, local_theta_default = 10000.0;  // rope_theta when the config has none
 };
 
 const std::map<std::string, ArchFlags>& arch_table() {
   static const std::map<std::string, ArchFlags> table = [] {
-    ArchFlags llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, ministral3, mixtral, qwen2_moe, qwen3_moe, gpt_oss;
+    ArchFlags llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, ministral3, mixtral, qwen2_moe, qwen3_moe, gpt_oss,
+        qwen3_5, qwen3_next, qwen3_5_moe;
     llama.o_bias_follows_attention_bias = true;
     mistral.sliding_from_window = true;
     qwen2.qkv_bias_always = true;
@@ -59,7 +65,7 @@ const std::map<std::string, ArchFlags>& arch_table() {
     mixtral.moe = Moe::kMixtral;
     qwen2_moe = qwen2;
     qwen2_moe.moe = Moe::kQwen;
-    qwen2_moe.qkv_bias_key = true;
+    qwen2_moe.qkv_bias_key = qwen2_moe.shared_expert = qwen2_moe.num_experts_key = true;
     qwen3_moe = qwen3;
     qwen3_moe.moe = Moe::kQwen;
     qwen3_moe.sliding_when_used = true;
@@ -68,11 +74,20 @@ const std::map<std::string, ArchFlags>& arch_table() {
     gpt_oss.sinks = true;
     gpt_oss.moe = Moe::kGptOss;
     gpt_oss.theta_default = 150000.0;
+    qwen3_5.norms = Norms::kPlusOne;
+    qwen3_5.qk_norm = qwen3_5.linear_attention = true;
+    qwen3_5.o_bias_follows_attention_bias = true;
+    qwen3_next = qwen3_5;
+    qwen3_next.moe = Moe::kQwen;
+    qwen3_next.shared_expert = qwen3_next.num_experts_key = true;
+    qwen3_5_moe = qwen3_next;
+    qwen3_5_moe.moe = Moe::kQwen35;
     return std::map<std::string, ArchFlags>{
         {"MixtralForCausalLM", mixtral},  {"Qwen2MoeForCausalLM", qwen2_moe}, {"Qwen3MoeForCausalLM", qwen3_moe},
         {"LlamaForCausalLM", llama},      {"MistralForCausalLM", mistral},   {"Qwen2ForCausalLM", qwen2},
         {"Qwen3ForCausalLM", qwen3},      {"Phi3ForCausalLM", phi3},         {"Gemma2ForCausalLM", gemma2},
         {"Gemma3ForCausalLM", gemma3},    {"Ministral3ForCausalLM", ministral3}, {"GptOssForCausalLM", gpt_oss},
+        {"Qwen3NextForCausalLM", qwen3_next}, {"Qwen3_5ForCausalLM", qwen3_5}, {"Qwen3_5MoeForCausalLM", qwen3_5_moe},
     };
   }();
   return table;
@@ -83,6 +98,8 @@ const std::map<std::string, std::string>& wrapper_to_text_arch() {
   static const std::map<std::string, std::string> table = {
       {"Gemma3ForConditionalGeneration", "Gemma3ForCausalLM"},
       {"Mistral3ForConditionalGeneration", "MistralForCausalLM"},  // transformers' default text model_type
+      {"Qwen3_5ForConditionalGeneration", "Qwen3_5ForCausalLM"},
+      {"Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM"},
   };
   return table;
 }
@@ -101,7 +118,9 @@ const std::map<std::string, std::string>& model_type_to_arch() {
       {"gemma3_text", "Gemma3ForCausalLM"}, {"ministral3", "Ministral3ForCausalLM"},
       {"gemma3", "Gemma3ForConditionalGeneration"}, {"mistral3", "Mistral3ForConditionalGeneration"},
       {"mixtral", "MixtralForCausalLM"},   {"qwen2_moe", "Qwen2MoeForCausalLM"}, {"qwen3_moe", "Qwen3MoeForCausalLM"},
-      {"gpt_oss", "GptOssForCausalLM"},
+      {"gpt_oss", "GptOssForCausalLM"},    {"qwen3_next", "Qwen3NextForCausalLM"},
+      {"qwen3_5_text", "Qwen3_5ForCausalLM"}, {"qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"},
+      {"qwen3_5", "Qwen3_5ForConditionalGeneration"}, {"qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration"},
   };
   return table;
 }
@@ -327,11 +346,28 @@ const json& arch_defaults(const std::string& arch) {
         "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0,
         "mscale": 1.0, "llama_4_scaling_beta": 0.1}})")},
       {"MixtralForCausalLM", json::parse(R"({"num_experts_per_tok": 2})")},
-      {"Qwen2MoeForCausalLM", json::parse(R"({"num_experts_per_tok": 4,
+      {"Qwen2MoeForCausalLM", json::parse(R"({"num_experts": 60, "num_experts_per_tok": 4,
         "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "norm_topk_prob": false,
         "decoder_sparse_step": 1})")},
       {"Qwen3MoeForCausalLM", json::parse(R"({"num_experts_per_tok": 8,
         "moe_intermediate_size": 768, "norm_topk_prob": false, "decoder_sparse_step": 1})")},
+      {"Qwen3_5ForCausalLM", json::parse(R"({"vocab_size": 248320, "hidden_size": 4096, "intermediate_size": 12288,
+        "num_hidden_layers": 32, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 256,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "partial_rotary_factor": 0.25,
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+        "linear_num_key_heads": 16, "linear_num_value_heads": 32})")},
+      {"Qwen3NextForCausalLM", json::parse(R"({"num_experts": 512, "num_experts_per_tok": 10,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "norm_topk_prob": true,
+        "decoder_sparse_step": 1, "head_dim": 256, "partial_rotary_factor": 0.25, "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32})")},
+      // Qwen3.5-MoE: every layer is a mixture, so intermediate_size (which its config lacks) is unused
+      {"Qwen3_5MoeForCausalLM", json::parse(R"({"vocab_size": 248320, "hidden_size": 2048, "num_hidden_layers": 40,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "partial_rotary_factor": 0.25, "num_experts": 256, "num_experts_per_tok": 8,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "intermediate_size": 512,
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+        "linear_num_key_heads": 16, "linear_num_value_heads": 32})")},
       {"GptOssForCausalLM", json::parse(R"({"num_local_experts": 128, "num_experts_per_tok": 4, "head_dim": 64,
         "sliding_window": 128, "attention_bias": true, "rms_norm_eps": 1e-5, "swiglu_alpha": 1.702,
         "swiglu_limit": 7.0, "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
@@ -456,8 +492,9 @@ void read_block_flags(const Reader& r, const ArchFlags& f, ModelConfig& c) {
   c.fused_qkv = c.fused_gate_up = f.fused;
   if (f.fused) c.qkv_bias = c.o_bias = c.mlp_bias = false;  // Phi3's projections carry no biases
   c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
-  c.norm_plus_one = f.norms == Norms::kGemma;
+  c.norm_plus_one = f.norms == Norms::kGemma || f.norms == Norms::kPlusOne;
   c.norm_fp32 = c.attn_sinks = f.sinks;
+  c.attn_output_gate = f.linear_attention;
   c.sandwich_norm = f.sandwich_norm;
   c.embed_scale = f.norms == Norms::kGemma ? std::sqrt(static_cast<double>(c.hidden_size)) : 1.0;
   const double scalar = r.number("query_pre_attn_scalar", static_cast<double>(c.head_dim));
@@ -504,7 +541,7 @@ std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, i
         if (window <= 0)
           throw ConfigError(cat(r.source(), ": layer ", i, " uses sliding attention but sliding_window is not set"));
         windows[i] = window;
-      } else if (t != "full_attention") {
+      } else if (t != "full_attention" && !(f.linear_attention && t == "linear_attention")) {
         throw ConfigError(cat(r.source(), ": layer_types[", i, "] = '", t,
                               "' is not supported (supported: full_attention, sliding_attention)"));
       }
@@ -525,6 +562,34 @@ std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, i
   return windows;
 }
 
+// Gated DeltaNet layers: layer_types' linear_attention entries, else every layer but each
+// full_attention_interval-th (default 4); head counts and sizes, conv kernel, each positive.
+void read_linear_attention(const Reader& r, const ArchFlags& f, ModelConfig& c) {
+  c.linear_layers.assign(c.num_layers, 0);
+  if (!f.linear_attention) return;
+  if (r.has("layer_types")) {
+    for (int64_t i = 0; i < c.num_layers; ++i)
+      c.linear_layers[i] = r.raw()["layer_types"][i] == "linear_attention";
+  } else {
+    const int64_t interval = r.integer("full_attention_interval", 4);
+    if (interval <= 0) throw ConfigError(cat(r.source(), ": full_attention_interval must be positive"));
+    for (int64_t i = 0; i < c.num_layers; ++i) c.linear_layers[i] = (i + 1) % interval != 0;
+  }
+  c.linear_k_heads = r.integer("linear_num_key_heads");
+  c.linear_v_heads = r.integer("linear_num_value_heads");
+  c.linear_k_dim = r.integer("linear_key_head_dim");
+  c.linear_v_dim = r.integer("linear_value_head_dim");
+  c.linear_conv_kernel = r.integer("linear_conv_kernel_dim");
+  for (auto [name, v] : {std::pair{"linear_num_key_heads", c.linear_k_heads}, {"linear_num_value_heads", c.linear_v_heads},
+                         {"linear_key_head_dim", c.linear_k_dim}, {"linear_value_head_dim", c.linear_v_dim},
+                         {"linear_conv_kernel_dim", c.linear_conv_kernel}})
+    if (v <= 0 || v > (int64_t{1} << 14))
+      throw ConfigError(cat(r.source(), ": '", name, "' = ", v, " must be in [1, 16384]"));
+  if (c.linear_v_heads % c.linear_k_heads != 0)
+    throw ConfigError(cat(r.source(), ": linear_num_value_heads (", c.linear_v_heads,
+                          ") is not a multiple of linear_num_key_heads (", c.linear_k_heads, ")"));
+}
+
 // GPT-OSS's routing and expert activation: softmax over the top k biased logits, biased experts,
 // the clamped SwiGLU's alpha and limit.
 void read_gpt_oss_experts(const Reader& r, ModelConfig& c) {
@@ -540,17 +605,18 @@ void read_gpt_oss_experts(const Reader& r, ModelConfig& c) {
 void read_moe(const Reader& r, const ArchFlags& f, ModelConfig& c) {
   c.sparse_layers.assign(c.num_layers, 0);
   if (f.moe == Moe::kNone) return;
-  const bool every_layer = f.moe == Moe::kMixtral || f.moe == Moe::kGptOss;  // intermediate_size is the expert's
+  const bool expert_is_intermediate = f.moe == Moe::kMixtral || f.moe == Moe::kGptOss;  // the expert's size
+  const bool every_layer = expert_is_intermediate || f.moe == Moe::kQwen35;
   const std::string& source = r.source();
-  // the expert count: Qwen2-MoE reads num_experts; the others num_local_experts (what transformers
-  // v5 saves), with num_experts as its alias (Qwen3's published configs)
+  // the expert count: num_experts (Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE), else num_local_experts
+  // (what transformers v5 saves) with num_experts as its alias (Qwen3's published configs)
   const bool qwen2 = c.architecture == "Qwen2MoeForCausalLM";
-  c.num_experts = qwen2 ? r.integer("num_experts", 60)
-                        : r.integer("num_local_experts", r.integer("num_experts", f.moe == Moe::kMixtral ? 8 : 128));
+  c.num_experts = f.num_experts_key ? r.integer("num_experts")
+                                    : r.integer("num_local_experts", r.integer("num_experts", f.moe == Moe::kMixtral ? 8 : 128));
   c.experts_per_tok = r.integer("num_experts_per_tok");
-  c.moe_intermediate_size = every_layer ? c.intermediate_size : r.integer("moe_intermediate_size");
-  c.shared_expert_intermediate_size = qwen2 ? r.integer("shared_expert_intermediate_size", 0) : 0;
-  c.norm_topk_prob = f.moe == Moe::kMixtral || r.boolean("norm_topk_prob", false);
+  c.moe_intermediate_size = expert_is_intermediate ? c.intermediate_size : r.integer("moe_intermediate_size");
+  c.shared_expert_intermediate_size = f.shared_expert ? r.integer("shared_expert_intermediate_size", 0) : 0;
+  c.norm_topk_prob = f.moe == Moe::kMixtral || f.moe == Moe::kQwen35 || r.boolean("norm_topk_prob", false);
   c.router_weights_fp32 = f.moe == Moe::kMixtral;
   if (f.moe == Moe::kGptOss) read_gpt_oss_experts(r, c);
   if (c.num_experts < (every_layer ? 1 : 0) || c.num_experts > 4096)
@@ -558,7 +624,7 @@ void read_moe(const Reader& r, const ArchFlags& f, ModelConfig& c) {
   if (c.experts_per_tok <= 0 || (c.num_experts > 0 && c.experts_per_tok > c.num_experts))
     throw ConfigError(cat(source, ": num_experts_per_tok (", c.experts_per_tok, ") must be in [1, the expert count ",
                           c.num_experts, "]"));
-  for (auto [name, v, low] : {std::tuple{every_layer ? "intermediate_size" : "moe_intermediate_size",
+  for (auto [name, v, low] : {std::tuple{expert_is_intermediate ? "intermediate_size" : "moe_intermediate_size",
                                          c.moe_intermediate_size, int64_t{1}},
                               {"shared_expert_intermediate_size", c.shared_expert_intermediate_size, int64_t{0}}})
     if (v < low || v > (int64_t{1} << 22))
@@ -586,6 +652,7 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   read_query_scale(r, f, c);
   c.sliding_window = read_sliding_windows(r, f, c.num_layers);
   read_moe(r, f, c);
+  read_linear_attention(r, f, c);
   read_rope(r, f, c);
   c.torch_dtype = r.string("torch_dtype", r.string("dtype", ""));
   c.eos_token_ids = r.int_list("eos_token_id");
@@ -653,6 +720,13 @@ std::string config_to_json(const ModelConfig& c) {
       {"swiglu_alpha", c.swiglu_alpha},
       {"swiglu_limit", c.swiglu_limit},
       {"sparse_layers", c.sparse_layers},
+      {"attn_output_gate", c.attn_output_gate},
+      {"linear_layers", c.linear_layers},
+      {"linear_k_heads", c.linear_k_heads},
+      {"linear_v_heads", c.linear_v_heads},
+      {"linear_k_dim", c.linear_k_dim},
+      {"linear_v_dim", c.linear_v_dim},
+      {"linear_conv_kernel", c.linear_conv_kernel},
       {"rope", rope_json(c.rope)},
       {"rope_local", c.has_rope_local ? rope_json(c.rope_local) : json(nullptr)},
       {"torch_dtype", c.torch_dtype},

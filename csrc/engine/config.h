@@ -4,7 +4,9 @@
 // Supported: Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma2, Gemma3 (and Gemma3ForConditionalGeneration's
 // text decoder), Ministral3 (and Mistral3ForConditionalGeneration's text decoder), and the
 // mixture-of-experts Mixtral, Qwen2-MoE (with its shared expert), Qwen3-MoE and GPT-OSS (attention
-// sinks, biased router and experts, clamped SwiGLU; MXFP4 experts are dequantized by the loader); RoPE types
+// sinks, biased router and experts, clamped SwiGLU; MXFP4 experts are dequantized by the loader); the
+// hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE (Gated DeltaNet layers between gated full-attention
+// ones; Qwen3.5's ...ForConditionalGeneration text decoders too); RoPE types
 // default, linear, llama3, yarn, longrope, read from top-level rope_theta/rope_scaling or
 // transformers v5's rope_parameters (flat, or one entry per layer type).
 #pragma once
@@ -41,6 +43,7 @@ struct ModelConfig {
   bool norm_plus_one = false;   // Gemma: every RMSNorm scales by (1 + w)
   bool norm_fp32 = false;       // GPT-OSS: norm weights multiply in fp32, before the cast to the compute dtype
   bool attn_sinks = false;      // GPT-OSS: a learned logit per head joins every softmax (and takes no value)
+  bool attn_output_gate = false;  // Qwen3-Next / Qwen3.5: q_proj also yields a gate per head; output * sigmoid(gate)
   bool sandwich_norm = false;   // Gemma 2/3: attention and MLP outputs are normed before the residual add
   double embed_scale = 1.0;     // Gemma: embeddings times sqrt(hidden_size), in the compute dtype
   double attn_scale = 0.0;      // softmax scale: query_pre_attn_scalar^-0.5, else head_dim^-0.5
@@ -60,6 +63,11 @@ struct ModelConfig {
   bool softmax_after_topk = false, expert_bias = false;
   double swiglu_alpha = 0.0, swiglu_limit = 0.0;  // limit 0 = the plain gated activation
   std::vector<int64_t> sparse_layers;  // per layer: 1 = a mixture-of-experts MLP, 0 = a dense one
+  // Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5): which layers (1 = linear attention, its
+  // own conv + recurrent state per slot instead of a KV cache), key / value heads and sizes, the
+  // short causal convolution's kernel.
+  std::vector<int64_t> linear_layers;
+  int64_t linear_k_heads = 0, linear_v_heads = 0, linear_k_dim = 0, linear_v_dim = 0, linear_conv_kernel = 0;
   RopeConfig rope;                      // every layer's RoPE, or full-attention layers' when rope_local is set
   bool has_rope_local = false;          // Gemma 3: sliding layers use rope_local
   RopeConfig rope_local;

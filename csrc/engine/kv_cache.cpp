@@ -6,7 +6,8 @@
 namespace cf {
 
 KVCache::KVCache(const std::vector<at::Device>& devices, int64_t batch, int64_t capacity, int64_t kv_heads,
-                 int64_t head_dim, at::ScalarType dtype, const KVCache* share, int64_t shared_slots)
+                 int64_t head_dim, at::ScalarType dtype, const KVCache* share, int64_t shared_slots,
+                 const std::vector<int64_t>& linear, const LinearStateShape& shape)
     : batch_(batch), capacity_(capacity) {
   const int64_t num_slots = static_cast<int64_t>(devices.size());
   if (num_slots <= 0 || batch <= 0 || capacity <= 0)
@@ -14,30 +15,71 @@ KVCache::KVCache(const std::vector<at::Device>& devices, int64_t batch, int64_t 
                          capacity));
   if (shared_slots < 0 || shared_slots > num_slots || (shared_slots > 0 && share == nullptr))
     throw InputError(cat("shared_slots must be in [0, ", num_slots, "] with a cache to share, got ", shared_slots));
-  if (share != nullptr && shared_slots > 0) {
-    if (share->batch_ != batch || share->capacity_ != capacity || share->num_slots() < shared_slots)
-      throw InputError(cat("the shared cache holds ", share->num_slots(), " slots of batch ", share->batch_,
-                           " and capacity ", share->capacity_, "; need ", shared_slots, " slots of batch ", batch,
-                           " and capacity ", capacity));
-    for (int64_t s = 0; s < shared_slots; ++s) {
-      const at::Tensor& k = share->k_[s];
-      if (k.size(1) != kv_heads || k.size(3) != head_dim || k.scalar_type() != dtype || k.device() != devices[s])
-        throw InputError(cat("the shared cache's slot ", s, " belongs to another model or layer (heads, head size, ",
-                             "dtype or device differ)"));
-      k_.push_back(k);
-      v_.push_back(share->v_[s]);
-    }
-  }
-  for (int64_t s = static_cast<int64_t>(k_.size()); s < num_slots; ++s) {
+  if (!linear.empty() && static_cast<int64_t>(linear.size()) != num_slots)
+    throw InputError(cat("KV cache: ", linear.size(), " linear-slot flags for ", num_slots, " slots"));
+  if (share != nullptr && shared_slots > 0 &&
+      (share->batch_ != batch || share->capacity_ != capacity || share->num_slots() < shared_slots))
+    throw InputError(cat("the shared cache holds ", share->num_slots(), " slots of batch ", share->batch_,
+                         " and capacity ", share->capacity_, "; need ", shared_slots, " slots of batch ", batch,
+                         " and capacity ", capacity));
+  for (int64_t s = 0; s < num_slots; ++s) {
+    const bool lin = !linear.empty() && linear[s];
     auto opts = at::TensorOptions().dtype(dtype).device(devices[s]);
-    k_.push_back(at::zeros({batch, kv_heads, capacity, head_dim}, opts));
-    v_.push_back(at::zeros({batch, kv_heads, capacity, head_dim}, opts));
+    if (s < shared_slots) {
+      const bool other_lin = share->linear(s);
+      const at::Tensor& probe = other_lin ? share->conv_[s] : share->k_[s];
+      const bool fits = other_lin == lin && probe.scalar_type() == dtype && probe.device() == devices[s] &&
+                        (lin ? probe.size(1) == shape.channels && probe.size(2) == shape.kernel
+                             : probe.size(1) == kv_heads && probe.size(3) == head_dim);
+      if (!fits)
+        throw InputError(cat("the shared cache's slot ", s, " belongs to another model or layer (kind, heads, head ",
+                             "size, dtype or device differ)"));
+      k_.push_back(share->k_[s]);
+      v_.push_back(share->v_[s]);
+      conv_.push_back(lin ? share->conv_[s].clone() : at::Tensor());  // a state is copied, never aliased
+      state_.push_back(lin ? share->state_[s].clone() : at::Tensor());
+    } else if (lin) {
+      k_.emplace_back();
+      v_.emplace_back();
+      conv_.push_back(at::zeros({batch, shape.channels, shape.kernel}, opts));
+      state_.push_back(at::zeros({batch, shape.v_heads, shape.k_dim, shape.v_dim}, opts.dtype(at::kFloat)));
+    } else {
+      k_.push_back(at::zeros({batch, kv_heads, capacity, head_dim}, opts));
+      v_.push_back(at::zeros({batch, kv_heads, capacity, head_dim}, opts));
+      conv_.emplace_back();
+      state_.emplace_back();
+    }
   }
 }
 
-at::Tensor KVCache::filled_keys(int64_t slot) const { return k_.at(slot).narrow(2, 0, length_); }
-at::Tensor KVCache::filled_values(int64_t slot) const { return v_.at(slot).narrow(2, 0, length_); }
-at::Device KVCache::device(int64_t slot) const { return k_.at(slot).device(); }
+void KVCache::reset() {
+  length_ = 0;
+  for (size_t s = 0; s < conv_.size(); ++s)
+    if (conv_[s].defined()) {
+      conv_[s].zero_();
+      state_[s].zero_();
+    }
+}
+
+at::Tensor& KVCache::conv_state(int64_t slot) {
+  if (!linear(slot)) throw InputError(cat("KV cache slot ", slot, " is an attention slot: it has no linear state"));
+  return conv_[slot];
+}
+
+at::Tensor& KVCache::recurrent_state(int64_t slot) {
+  if (!linear(slot)) throw InputError(cat("KV cache slot ", slot, " is an attention slot: it has no linear state"));
+  return state_[slot];
+}
+
+at::Tensor KVCache::filled_keys(int64_t slot) const {
+  if (linear(slot)) throw InputError(cat("KV cache slot ", slot, " is a linear-attention slot: it holds no keys"));
+  return k_.at(slot).narrow(2, 0, length_);
+}
+at::Tensor KVCache::filled_values(int64_t slot) const {
+  if (linear(slot)) throw InputError(cat("KV cache slot ", slot, " is a linear-attention slot: it holds no values"));
+  return v_.at(slot).narrow(2, 0, length_);
+}
+at::Device KVCache::device(int64_t slot) const { return linear(slot) ? state_[slot].device() : k_.at(slot).device(); }
 
 std::pair<at::Tensor, at::Tensor> KVCache::append(int64_t slot, const at::Tensor& k, const at::Tensor& v) {
   const int64_t t = k.size(2);
@@ -66,9 +108,12 @@ KVCache KVCache::select_rows(const at::Tensor& rows, int64_t slots) const {
   out.capacity_ = capacity_;
   out.length_ = length_;
   for (int64_t s = 0; s < slots; ++s) {
-    const at::Tensor idx = rows.to(k_[s].device());
-    out.k_.push_back(k_[s].index_select(0, idx));
-    out.v_.push_back(v_[s].index_select(0, idx));
+    const at::Tensor idx = rows.to(device(s));
+    const bool lin = linear(s);
+    out.k_.push_back(lin ? at::Tensor() : k_[s].index_select(0, idx));
+    out.v_.push_back(lin ? at::Tensor() : v_[s].index_select(0, idx));
+    out.conv_.push_back(lin ? conv_[s].index_select(0, idx) : at::Tensor());
+    out.state_.push_back(lin ? state_[s].index_select(0, idx) : at::Tensor());
   }
   return out;
 }

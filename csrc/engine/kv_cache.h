@@ -3,6 +3,10 @@
 // A cache may share its first slots' tensors with another cache (paths with a common prefix):
 // sharing is safe while the two are used one after the other, never interleaved. Each slot lives
 // on its own device (the device of the layer it runs, when a model is split over devices).
+// A slot of a linear-attention layer (Gated DeltaNet) holds that slot's state instead of keys and
+// values: its causal conv's last inputs and its recurrent state, updated in place as tokens run.
+// Such a state summarises everything the slot has seen, so a shared linear slot is copied, not
+// aliased: the two caches then go on from the same state without overwriting each other's.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -10,11 +14,19 @@
 
 namespace cf {
 
+// A Gated DeltaNet slot's state: conv [B, channels, kernel] (the compute dtype), recurrent
+// [B, v_heads, k_dim, v_dim] (fp32, as transformers keeps it).
+struct LinearStateShape {
+  int64_t channels = 0, kernel = 0, v_heads = 0, k_dim = 0, v_dim = 0;
+};
+
 class KVCache {
  public:
-  // devices: one per slot. A shared slot must sit on the device asked for it.
+  // devices: one per slot. A shared slot must sit on the device asked for it. linear: one flag per
+  // slot (empty = none), 1 for a linear-attention slot with the state `shape` says.
   KVCache(const std::vector<at::Device>& devices, int64_t batch, int64_t capacity, int64_t kv_heads,
-          int64_t head_dim, at::ScalarType dtype, const KVCache* share = nullptr, int64_t shared_slots = 0);
+          int64_t head_dim, at::ScalarType dtype, const KVCache* share = nullptr, int64_t shared_slots = 0,
+          const std::vector<int64_t>& linear = {}, const LinearStateShape& shape = {});
 
   // Stores k, v [B, Hkv, T, D] for `slot` at positions [length, length+T) and returns views of
   // the slot's keys and values over [0, length+T).
@@ -26,7 +38,8 @@ class KVCache {
                                               const at::Tensor& index);
   // Called once per forward, after every slot appended T new positions.
   void advance(int64_t t);
-  void reset() { length_ = 0; }
+  // Back to empty: length 0, linear slots' states zeroed.
+  void reset();
   // A new cache holding copies of rows `rows` (1-D int64 batch indices) of the first `slots`
   // slots, at this cache's length and capacity: a sub-batch that goes on along its own path.
   KVCache select_rows(const at::Tensor& rows, int64_t slots) const;
@@ -40,10 +53,15 @@ class KVCache {
   at::Tensor filled_keys(int64_t slot) const;
   at::Tensor filled_values(int64_t slot) const;
   at::Device device(int64_t slot) const;
+  bool linear(int64_t slot) const { return conv_.at(slot).defined(); }
+  // A linear slot's conv inputs and recurrent state, updated in place by the engine.
+  at::Tensor& conv_state(int64_t slot);
+  at::Tensor& recurrent_state(int64_t slot);
 
  private:
   KVCache() = default;
-  std::vector<at::Tensor> k_, v_;  // each [B, Hkv, capacity, D]
+  std::vector<at::Tensor> k_, v_;  // each [B, Hkv, capacity, D]; undefined for a linear slot
+  std::vector<at::Tensor> conv_, state_;  // a linear slot's state; undefined for an attention slot
   int64_t batch_ = 0, capacity_ = 0, length_ = 0;
 };
 

@@ -7,6 +7,7 @@
 
 #include "../common/errors.h"
 #include "../kernels/ops.h"
+#include "linear_attention.h"
 #include "masks.h"
 
 namespace cf {
@@ -95,6 +96,7 @@ const SlotInputs& CallInputs::on(at::Device device) {
   for (const auto& [window, mask] : m.masks)
     s.masks[window] = mask ? std::optional<at::Tensor>(mask->to(device)) : std::nullopt;
   s.write_index = moved(m.write_index, device);
+  s.tokens = moved(m.tokens, device);
   on_.push_back(std::move(s));
   return on_.back();
 }
@@ -103,8 +105,15 @@ KVCache Engine::new_cache(const LayerPath& path, int64_t batch, int64_t capacity
                           int64_t shared_slots) const {
   validate_layer_path(path, cfg_.num_layers);
   std::vector<at::Device> devices;
-  for (int64_t layer : path) devices.push_back(w_.layers[layer].device);
-  return KVCache(devices, batch, capacity, cfg_.num_kv_heads, cfg_.head_dim, w_.dtype, share, shared_slots);
+  std::vector<int64_t> linear;
+  for (int64_t layer : path) {
+    devices.push_back(w_.layers[layer].device);
+    linear.push_back(cfg_.linear_layers[layer]);
+  }
+  const LinearStateShape shape{2 * cfg_.linear_k_heads * cfg_.linear_k_dim + cfg_.linear_v_heads * cfg_.linear_v_dim,
+                               cfg_.linear_conv_kernel, cfg_.linear_v_heads, cfg_.linear_k_dim, cfg_.linear_v_dim};
+  return KVCache(devices, batch, capacity, cfg_.num_kv_heads, cfg_.head_dim, w_.dtype, share, shared_slots, linear,
+                 shape);
 }
 
 at::Device Engine::layer_device(int64_t layer) const {
@@ -120,7 +129,9 @@ std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
   std::map<std::string, at::Tensor> all = {
       {"input_layernorm", L.input_norm}, {"q_proj", L.wq}, {"k_proj", L.wk}, {"v_proj", L.wv},
       {"qkv_proj", L.wqkv},              {"o_proj", L.wo},
-      {"sinks", L.sinks},
+      {"sinks", L.sinks}, {"in_proj_qkvz", L.la_qkvz}, {"in_proj_ba", L.la_ba}, {"in_proj_qkv", L.la_qkv},
+      {"in_proj_z", L.la_z}, {"in_proj_b", L.la_b}, {"in_proj_a", L.la_a}, {"conv1d", L.conv}, {"A_log", L.A_log},
+      {"dt_bias", L.dt_bias}, {"linear_norm", L.la_norm}, {"out_proj", L.la_out},
   };
   auto add_mlp = [&all](const std::string& prefix, const MlpWeights& m) {
     for (const auto& [name, t] : {std::pair{"gate_up_proj", m.gate_up}, {"gate_proj", m.gate}, {"up_proj", m.up},
@@ -151,12 +162,18 @@ at::Tensor Engine::attention(const at::Tensor& x, int64_t layer, const PositionT
                              const at::Tensor& write_index) const {
   const LayerWeights& L = w_.layers[layer];
   const int64_t B = x.size(0), T = x.size(1), D = cfg_.head_dim, Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads;
-  at::Tensor q, k, v;
+  at::Tensor q, k, v, gate;
   if (L.wqkv.defined()) {  // one matmul, then q, k, v column blocks (copied out: the rope op writes in place)
     at::Tensor qkv = ops::linear(x, L.wqkv);
     q = qkv.narrow(-1, 0, Hq * D).contiguous().view({B, T, Hq, D});
     k = qkv.narrow(-1, Hq * D, Hkv * D).contiguous().view({B, T, Hkv, D});
     v = qkv.narrow(-1, (Hq + Hkv) * D, Hkv * D).reshape({B, T, Hkv, D}).transpose(1, 2);
+  } else if (cfg_.attn_output_gate) {  // each head's query, then its output gate
+    at::Tensor qg = ops::linear(x, L.wq, L.bq).view({B, T, Hq, 2 * D});
+    q = qg.narrow(-1, 0, D).contiguous();
+    gate = qg.narrow(-1, D, D).reshape({B, T, Hq * D});
+    k = ops::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
+    v = ops::linear(x, L.wv, L.bv).view({B, T, Hkv, D}).transpose(1, 2);
   } else {
     q = ops::linear(x, L.wq, L.bq).view({B, T, Hq, D});
     k = ops::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
@@ -174,8 +191,53 @@ at::Tensor Engine::attention(const at::Tensor& x, int64_t layer, const PositionT
   if (pt.query_scale.defined()) q = q * pt.query_scale;
   if (cache != nullptr)
     std::tie(k, v) = write_index.defined() ? cache->append_at(slot, k, v, write_index) : cache->append(slot, k, v);
-  at::Tensor o = ops::attention(q, k, v, mask, cfg_.attn_scale, cfg_.attn_softcap, L.sinks);
-  return ops::linear(o.transpose(1, 2).reshape({B, T, Hq * D}), L.wo, L.bo);
+  at::Tensor o = ops::attention(q, k, v, mask, cfg_.attn_scale, cfg_.attn_softcap, L.sinks).transpose(1, 2);
+  o = o.reshape({B, T, Hq * D});
+  if (gate.defined()) o = o * at::sigmoid(gate);
+  return ops::linear(o, L.wo, L.bo);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> Engine::linear_projections(const at::Tensor& x,
+                                                                                      const LayerWeights& L) const {
+  const int64_t B = x.size(0), T = x.size(1), Hk = cfg_.linear_k_heads, Hv = cfg_.linear_v_heads;
+  const int64_t Dk = cfg_.linear_k_dim, Dv = cfg_.linear_v_dim, r = Hv / Hk;
+  if (L.la_qkv.defined())
+    return {ops::linear(x, L.la_qkv), ops::linear(x, L.la_z).view({B, T, Hv, Dv}), ops::linear(x, L.la_b),
+            ops::linear(x, L.la_a)};
+  // Qwen3-Next: per key head g, [q (Dk) | k (Dk) | v (r Dv) | z (r Dv)] and [b (r) | a (r)]; value
+  // head g * r + i is the i-th of group g
+  at::Tensor qkvz = ops::linear(x, L.la_qkvz).view({B, T, Hk, 2 * Dk + 2 * r * Dv});
+  at::Tensor ba = ops::linear(x, L.la_ba).view({B, T, Hk, 2 * r});
+  at::Tensor mixed = at::cat({qkvz.narrow(-1, 0, Dk).reshape({B, T, Hk * Dk}),
+                              qkvz.narrow(-1, Dk, Dk).reshape({B, T, Hk * Dk}),
+                              qkvz.narrow(-1, 2 * Dk, r * Dv).reshape({B, T, Hv * Dv})}, -1);
+  return {mixed, qkvz.narrow(-1, 2 * Dk + r * Dv, r * Dv).reshape({B, T, Hv, Dv}),
+          ba.narrow(-1, 0, r).reshape({B, T, Hv}), ba.narrow(-1, r, r).reshape({B, T, Hv})};
+}
+
+// Gated DeltaNet, as transformers' torch path: padded tokens' inputs zeroed; q|k|v through the
+// causal conv; beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias) in fp32; the gated delta
+// rule (recurrent for a cached one-token step, else chunked); RMSNorm(o) * silu(z); out_proj.
+at::Tensor Engine::linear_attention(at::Tensor x, int64_t layer, const at::Tensor& tokens, KVCache* cache,
+                                    int64_t slot) const {
+  const LayerWeights& L = w_.layers[layer];
+  const int64_t B = x.size(0), T = x.size(1), Hk = cfg_.linear_k_heads, Hv = cfg_.linear_v_heads;
+  const int64_t Dk = cfg_.linear_k_dim, Dv = cfg_.linear_v_dim;
+  if (tokens.defined() && T > 1) x = x * tokens.unsqueeze(-1).to(x.scalar_type());
+  auto [mixed, z, b, a] = linear_projections(x, L);
+  mixed = linear::causal_conv(mixed, L.conv, cache ? &cache->conv_state(slot) : nullptr);
+  const at::Tensor q = mixed.narrow(-1, 0, Hk * Dk).view({B, T, Hk, Dk});
+  const at::Tensor k = mixed.narrow(-1, Hk * Dk, Hk * Dk).view({B, T, Hk, Dk});
+  const at::Tensor v = mixed.narrow(-1, 2 * Hk * Dk, Hv * Dv).view({B, T, Hv, Dv});
+  const at::Tensor beta = at::sigmoid(b);
+  const at::Tensor g = -L.A_log.to(at::kFloat).exp() * at::softplus(a.to(at::kFloat) + L.dt_bias.to(at::kFloat));
+  at::Tensor fresh;
+  at::Tensor& state = cache ? cache->recurrent_state(slot) : (fresh = at::zeros({B, Hv, Dk, Dv}, x.options().dtype(at::kFloat)));
+  const at::Tensor o = linear::gated_delta_rule(q, k, v, g, beta, state, cache != nullptr && T == 1);
+  at::Tensor h = o.to(at::kFloat);
+  h = h * at::rsqrt(h.pow(2).mean(-1, true) + cfg_.rms_norm_eps);
+  h = (L.la_norm * h.to(x.scalar_type())) * at::silu(z.to(at::kFloat));
+  return ops::linear(h.to(x.scalar_type()).reshape({B, T, Hv * Dv}), L.la_out);
 }
 
 // down(act(gate x) * up x) (+ biases), from separate gate / up matrices or one fused gate_up
@@ -236,14 +298,16 @@ at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
   return out.view(x.sizes());
 }
 
-// One decoder layer. Llama-style: x = h + attn(norm(h)); x + mlp(norm(x)). Gemma 2/3 (sandwich)
-// also normalizes the attention and MLP outputs before each residual add.
-at::Tensor Engine::block(const at::Tensor& h, int64_t layer, const PositionTables& pt,
-                         const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
-                         const at::Tensor& write_index) const {
+// One decoder layer. Llama-style: x = h + mixer(norm(h)); x + mlp(norm(x)), the mixer being
+// attention or (a linear layer) Gated DeltaNet. Gemma 2/3 (sandwich) also normalizes the
+// attention and MLP outputs before each residual add.
+at::Tensor Engine::block(const at::Tensor& h, int64_t layer, const SlotInputs& in, KVCache* cache, int64_t slot) const {
   const LayerWeights& L = w_.layers[layer];
   const double eps = cfg_.rms_norm_eps;
-  at::Tensor a = attention(ops::rms_norm(h, L.input_norm, eps), layer, pt, mask, cache, slot, write_index);
+  const at::Tensor normed = ops::rms_norm(h, L.input_norm, eps);
+  at::Tensor a = L.linear ? linear_attention(normed, layer, in.tokens, cache, slot)
+                          : attention(normed, layer, in.pt, in.masks.at(cfg_.sliding_window[layer]), cache, slot,
+                                      in.write_index);
   if (cfg_.sandwich_norm) a = ops::rms_norm(a, L.post_attn_norm, eps);
   auto [x, n] = ops::add_rms_norm(h, a, L.post_norm, eps);
   at::Tensor m = mlp(n, L);
@@ -333,8 +397,22 @@ at::Tensor Engine::run_slots(const at::Tensor& h, const at::Tensor& positions, c
   check_cache(cache, path, B, T);
   const int64_t past = cache ? cache->length() : 0;
   CallInputs inputs({w_.device, position_tables(positions), build_masks(key_mask, positions, windows(path, begin, end), past),
-                     at::Tensor()});
+                     at::Tensor(), real_tokens(key_mask, path, begin, end, T)});
   return run_path(h, path, begin, end, inputs, cache);
+}
+
+// Which of a call's T tokens are real [B, T] bool, for the linear-attention slots among [begin,
+// end): the last T columns of a key mask [B, S]; undefined without a mask or such slots. A full
+// [B, T, T] pattern (packed sequences) has no meaning for a recurrence: refused.
+at::Tensor Engine::real_tokens(const std::optional<at::Tensor>& key_mask, const LayerPath& path, int64_t begin,
+                               int64_t end, int64_t T) const {
+  bool linear = false;
+  for (int64_t slot = begin; slot < end; ++slot) linear = linear || cfg_.linear_layers[path[slot]];
+  if (!linear || !key_mask.has_value()) return at::Tensor();
+  if (key_mask->dim() != 2)
+    throw InputError("a [batch, tokens, tokens] attention pattern (packed sequences) cannot run linear-attention "
+                     "layers: their state runs over every token in order; use one sequence per row");
+  return key_mask->narrow(1, key_mask->size(1) - T, T) != 0;
 }
 
 // The one loop over a path's slots: slot s runs layer path[s] with its own cache slot s, under the
@@ -347,7 +425,7 @@ at::Tensor Engine::run_path(at::Tensor x, const LayerPath& path, int64_t begin, 
     const at::Device device = w_.layers[layer].device;
     if (x.device() != device) x = x.to(device);
     const SlotInputs& in = inputs.on(device);
-    x = block(x, layer, in.pt, in.masks.at(cfg_.sliding_window[layer]), cache, slot, in.write_index);
+    x = block(x, layer, in, cache, slot);
   }
   return x.device() == w_.device ? x : x.to(w_.device);
 }

@@ -5,7 +5,8 @@
 // with its cache slot there; hidden states move only when consecutive slots sit on different
 // devices, and every call takes its inputs and returns its outputs on the main device. A
 // mixture-of-experts MLP reads how many rows each expert got on the host (one sync per sparse
-// layer: no CUDA graph for MoE decode).
+// layer: no CUDA graph for MoE decode). A linear-attention (Gated DeltaNet) layer keeps a state per
+// slot in the cache (linear_attention.h) instead of keys and values.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -38,13 +39,15 @@ struct PositionTables {
   at::Tensor cos, sin, cos_local, sin_local, query_scale;
 };
 
-// What one call gives every slot, on one device: position tables, masks by window, and the decode
-// step's write column (undefined = append at the cache's length).
+// What one call gives every slot, on one device: position tables, masks by window, the decode
+// step's write column (undefined = append at the cache's length), and which of the call's tokens
+// are real [B, T] (linear-attention layers zero the others' inputs; undefined = all).
 struct SlotInputs {
   at::Device device = at::kCPU;
   PositionTables pt;
   Masks masks;
   at::Tensor write_index;
+  at::Tensor tokens;
 };
 
 // A call's SlotInputs, made on the main device and copied to another device the first time a slot
@@ -114,23 +117,31 @@ class Engine {
   PositionTables position_tables(const at::Tensor& positions) const;
   // ids [B, T] -> embeddings (Gemma: times sqrt(hidden_size) in the compute dtype)
   at::Tensor embed_unchecked(const at::Tensor& ids) const;
+  at::Tensor real_tokens(const std::optional<at::Tensor>& key_mask, const LayerPath& path, int64_t begin, int64_t end,
+                         int64_t T) const;
   // The distinct sliding windows (0 = full attention) of the layers in slots [begin, end).
   std::set<int64_t> windows(const LayerPath& path, int64_t begin, int64_t end) const;
   // Slots [begin, end) of path, each through block() on its layer's device; used by run_slots and
   // decode_step alike. x comes and goes on the main device.
   at::Tensor run_path(at::Tensor x, const LayerPath& path, int64_t begin, int64_t end, CallInputs& inputs,
                       KVCache* cache) const;
-  // write_index: undefined = append at the cache's length; else KVCache::append_at that column.
-  at::Tensor block(const at::Tensor& h, int64_t layer, const PositionTables& pt,
-                   const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
-                   const at::Tensor& write_index = at::Tensor()) const;
+  // One layer on `in` (its masks, positions, write column, real tokens); cache slot `slot`.
+  at::Tensor block(const at::Tensor& h, int64_t layer, const SlotInputs& in, KVCache* cache, int64_t slot) const;
   at::Tensor mlp(const at::Tensor& x, const LayerWeights& L) const;
   at::Tensor moe(const at::Tensor& x, const LayerWeights& L) const;
   std::pair<at::Tensor, at::Tensor> route(const at::Tensor& flat, const LayerWeights& L) const;
   at::Tensor gated_mlp(const at::Tensor& x, const MlpWeights& w) const;
+  // write_index: undefined = append at the cache's length; else KVCache::append_at that column.
   at::Tensor attention(const at::Tensor& x, int64_t layer, const PositionTables& pt,
                        const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
                        const at::Tensor& write_index) const;
+  // Gated DeltaNet: tokens [B, T] or undefined (real tokens); the slot's conv and recurrent state
+  // in `cache` (none: zero state, nothing kept).
+  at::Tensor linear_attention(at::Tensor x, int64_t layer, const at::Tensor& tokens, KVCache* cache, int64_t slot) const;
+  // Qwen3-Next's grouped in_proj_qkvz / in_proj_ba, or Qwen3.5's four projections -> (q|k|v
+  // channels [B, T, C], z [B, T, Hv, Dv], b, a [B, T, Hv]).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_projections(const at::Tensor& x,
+                                                                                const LayerWeights& L) const;
 
   ModelConfig cfg_;
   Weights w_;

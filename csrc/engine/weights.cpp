@@ -79,13 +79,13 @@ void bind_attention(const Accessor& a, const ModelConfig& c, const std::string& 
   if (c.fused_qkv) {
     L.wqkv = a.get(p + "self_attn.qkv_proj.weight", l, {QD + 2 * KD, H});
   } else {
-    L.wq = a.get(p + "self_attn.q_proj.weight", l, {QD, H});
+    L.wq = a.get(p + "self_attn.q_proj.weight", l, {c.attn_output_gate ? 2 * QD : QD, H});
     L.wk = a.get(p + "self_attn.k_proj.weight", l, {KD, H});
     L.wv = a.get(p + "self_attn.v_proj.weight", l, {KD, H});
   }
   L.wo = a.get(p + "self_attn.o_proj.weight", l, {H, QD});
   if (c.qkv_bias) {
-    L.bq = a.get(p + "self_attn.q_proj.bias", l, {QD});
+    L.bq = a.get(p + "self_attn.q_proj.bias", l, {c.attn_output_gate ? 2 * QD : QD});
     L.bk = a.get(p + "self_attn.k_proj.bias", l, {KD});
     L.bv = a.get(p + "self_attn.v_proj.bias", l, {KD});
   }
@@ -95,6 +95,28 @@ void bind_attention(const Accessor& a, const ModelConfig& c, const std::string& 
     L.k_norm = norm_weight(a.get(p + "self_attn.k_norm.weight", l, {D}), c);
   }
   if (c.attn_sinks) L.sinks = a.get(p + "self_attn.sinks", l, {c.num_heads});
+}
+
+// A Gated DeltaNet layer's tensors (see LayerWeights), Qwen3-Next's grouped projections or Qwen3.5's.
+void bind_linear_attention(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
+  const int64_t H = c.hidden_size, Hk = c.linear_k_heads, Hv = c.linear_v_heads, Dk = c.linear_k_dim;
+  const int64_t Dv = c.linear_v_dim, C = 2 * Hk * Dk + Hv * Dv;
+  const std::string m = p + "linear_attn.";
+  L.linear = true;
+  if (a.has(cat("model.layers.", l, ".linear_attn.in_proj_qkvz.weight"))) {
+    L.la_qkvz = a.get(m + "in_proj_qkvz.weight", l, {C + Hv * Dv, H});
+    L.la_ba = a.get(m + "in_proj_ba.weight", l, {2 * Hv, H});
+  } else {
+    L.la_qkv = a.get(m + "in_proj_qkv.weight", l, {C, H});
+    L.la_z = a.get(m + "in_proj_z.weight", l, {Hv * Dv, H});
+    L.la_b = a.get(m + "in_proj_b.weight", l, {Hv, H});
+    L.la_a = a.get(m + "in_proj_a.weight", l, {Hv, H});
+  }
+  L.conv = a.get(m + "conv1d.weight", l, {C, 1, c.linear_conv_kernel}).select(1, 0);
+  L.A_log = a.get(m + "A_log", l, {Hv});
+  L.dt_bias = a.get(m + "dt_bias", l, {Hv});
+  L.la_norm = a.get(m + "norm.weight", l, {Dv});
+  L.la_out = a.get(m + "out_proj.weight", l, {H, Hv * Dv});
 }
 
 // A gated MLP of I units under prefix m ("mlp.", "mlp.shared_expert.", "mlp.experts.3."):
@@ -230,7 +252,10 @@ Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tenso
     LayerWeights L;
     L.device = a.device();
     bind_norms(a, c, p, l, L);
-    bind_attention(a, c, p, l, L);
+    if (c.linear_layers[l])
+      bind_linear_attention(a, c, p, l, L);
+    else
+      bind_attention(a, c, p, l, L);
     if (c.sparse_layers[l])
       bind_moe(a, c, p, l, L);
     else

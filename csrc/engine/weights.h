@@ -36,6 +36,14 @@ struct LayerWeights {
   at::Tensor bq, bk, bv, bo;              // biases or undefined
   at::Tensor q_norm, k_norm;              // [D] (Qwen3, Gemma 3) or undefined
   at::Tensor sinks;                       // [Hq]: GPT-OSS's per-head attention sink logits, or undefined
+  // (Qwen3-Next / 3.5's gated attention: wq is [2 Hq*D, H], each head's query rows then its gate rows.)
+  // A Gated DeltaNet layer (linear): the attention tensors above are undefined; instead Qwen3-Next's
+  // in_proj_qkvz [Hk (2 Dk + 2 r Dv), H] and in_proj_ba [2 Hv, H] (grouped per key head, r = Hv / Hk)
+  // or Qwen3.5's in_proj_qkv [2 Hk Dk + Hv Dv, H], in_proj_z [Hv Dv, H], in_proj_b / in_proj_a [Hv, H];
+  // the depthwise causal conv over the q|k|v channels [C, K]; A_log, dt_bias [Hv]; the gated norm's
+  // weight [Dv]; out_proj [H, Hv Dv].
+  bool linear = false;
+  at::Tensor la_qkvz, la_ba, la_qkv, la_z, la_b, la_a, conv, A_log, dt_bias, la_norm, la_out;
   at::Tensor post_attn_norm;              // [H]: Gemma 2/3's norm of the attention output, or undefined
   at::Tensor post_norm;                   // [H]: the norm before the MLP
   at::Tensor post_ffn_norm;               // [H]: Gemma 2/3's norm of the MLP output, or undefined

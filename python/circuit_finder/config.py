@@ -56,6 +56,13 @@ class ModelConfig:
     swiglu_alpha: float
     swiglu_limit: float
     sparse_layers: tuple[int, ...]
+    attn_output_gate: bool
+    linear_layers: tuple[int, ...]
+    linear_k_heads: int
+    linear_v_heads: int
+    linear_k_dim: int
+    linear_v_dim: int
+    linear_conv_kernel: int
     rope: dict[str, Any]
     rope_local: dict[str, Any] | None
     torch_dtype: str
@@ -69,6 +76,7 @@ class ModelConfig:
         d = json.loads(normalized)
         d["sliding_window"] = tuple(d["sliding_window"])
         d["sparse_layers"] = tuple(d["sparse_layers"])
+        d["linear_layers"] = tuple(d["linear_layers"])
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
         return cls(raw=raw, **d)
 

@@ -460,8 +460,8 @@ def _with_layer_types(config: dict) -> dict:
 def _with_sparse_layers(config: dict, out: dict, path: LayerPath) -> dict:
     """A Qwen mixture-of-experts export (mlp_only_layers / decoder_sparse_step pick the dense
     layers): it lists its dense slots in mlp_only_layers with step 1, so each slot keeps its
-    layer's MLP kind whatever the path's length. Mixtral and GPT-OSS (every layer sparse) and dense
-    models are left as they are."""
+    layer's MLP kind whatever the path's length. Mixtral, GPT-OSS and Qwen3.5-MoE (every layer
+    sparse) and dense models are left as they are."""
     from .config import ConfigError, parse_config
 
     try:
@@ -469,7 +469,8 @@ def _with_sparse_layers(config: dict, out: dict, path: LayerPath) -> dict:
     except ConfigError:
         return out
     sparse = parsed.sparse_layers
-    if not any(sparse) or parsed.architecture in ("MixtralForCausalLM", "GptOssForCausalLM"):  # all sparse
+    if not any(sparse) or parsed.architecture in ("MixtralForCausalLM", "GptOssForCausalLM",
+                                                  "Qwen3_5MoeForCausalLM"):  # every layer sparse
         return out
     target = _decoder_config(out)
     target["decoder_sparse_step"] = 1

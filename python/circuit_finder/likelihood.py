@@ -32,8 +32,8 @@ from .generation import TextCodec, positions_from_mask
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["PairBatch", "encode_pair", "gather_logprobs", "packed_batch", "row_batch", "run_batch", "score_batch",
-           "score_pairs", "target_logprobs", "token_logprobs"]
+__all__ = ["PairBatch", "choice_batch", "encode_pair", "gather_logprobs", "packed_batch", "row_batch", "run_batch",
+           "score_batch", "score_pairs", "target_logprobs", "token_logprobs"]
 
 Pair = tuple[Sequence[int], Sequence[int]]
 
@@ -151,6 +151,16 @@ def packed_batch(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
         targets += [(p, b, off + at, t) for p, at, t in row_targets]
     pair, row, pos, target = _index_tensors(targets, device)
     return PairBatch(ids.to(device), positions.to(device), allowed.to(device), row, pos, target, pair, n_pairs)
+
+
+def choice_batch(model: Model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]) -> PairBatch:
+    """The sweep's batch of (context, [choices]) groups: packed (one row per group) when every layer
+    attends, one row per pair when the model has linear-attention layers (their state runs over
+    every token of a row in order, so a row cannot hold a context's several continuations). Pairs
+    are numbered group by group either way."""
+    if any(model.config.linear_layers):
+        return row_batch([(ctx, cont) for ctx, conts in groups for cont in conts], model.codec.pad_id, model.device)
+    return packed_batch(groups, model.codec.pad_id, model.device)
 
 
 def target_logprobs(head, h: torch.Tensor, batch: PairBatch, top: int = 0,

@@ -79,7 +79,7 @@ class ProbeBatch:
             self.marker = model.codec.end_of_answer(chat)
             self.groups = self._choice_groups(contexts, chat)
             self.context_ids = [ctx for ctx, _ in self.groups]
-            self.scoring = likelihood.packed_batch(self.groups, model.codec.pad_id, model.device)
+            self.scoring = likelihood.choice_batch(model, self.groups)
             self.ids, self.positions, self.prefix_mask = self.scoring.ids, self.scoring.positions, self.scoring.mask
             self.capacity = None
         else:
@@ -151,8 +151,7 @@ class ProbeBatch:
             layers = list(router.candidates[c])
             items = [self.items[r] for r in rows]
             if self.mode == "likelihood":
-                scoring = likelihood.packed_batch([self.groups[r] for r in rows], self.model.codec.pad_id,
-                                                  self.model.device)
+                scoring = likelihood.choice_batch(self.model, [self.groups[r] for r in rows])
                 h = engine.run_slots(engine.embed(scoring.ids), scoring.positions, scoring.mask, layers, None, 0,
                                      len(layers))
                 part = self._likelihood(h, scoring, items)

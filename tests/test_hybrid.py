@@ -1,0 +1,194 @@
+"""Hybrid linear-attention families (issue #14): Qwen3.5 (dense), Qwen3-Next and Qwen3.5-MoE —
+Gated DeltaNet layers between gated full-attention layers — against transformers' torch reference
+on tiny random models: identity, RYS and triple-repeat paths over prompts that cross a 64-token
+chunk, cached decode (one-token steps and a chunked prefill on top of a state), padded greedy
+generation, fixed-shape decode, bf16; every slot of a path owns its conv and recurrent state (a
+repeated layer does not overwrite its first instance's), a shared prefix slot is copied, not
+aliased; exports along a path load in transformers; the multimodal wrapper's text decoder; bad
+input. Printed diffs before each assert."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import circuit_finder as cf
+from circuit_finder import LayerPath
+from helpers import HYBRID_ARCHS, build_hf_model, rebuilt, tokens
+
+N = 6
+PATHS = {"identity": LayerPath.identity(N), "rys": LayerPath.duplicate(N, 0, 3),  # linear layers 0, 1 twice
+         "triple": LayerPath.duplicate(N, 0, 3, times=3)}
+
+
+@pytest.fixture(scope="module", params=HYBRID_ARCHS)
+def hybrid(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    return request.param, folder, build_hf_model(request.param, folder)
+
+
+def relative(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (ours.float() - ref.float()).abs()
+    rel = (diff.max() / ref.float().abs().max()).item()
+    print(f"{name}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}, relative max {rel:.3e}")
+    return rel
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_hybrid_paths_match_transformers(hybrid, name):
+    arch, folder, hf = hybrid
+    model = cf.load(folder)
+    assert list(model.config.linear_layers) == [1, 1, 0, 1, 1, 0]  # transformers' layer_types
+    ids = tokens(2, 70, seed=1)
+    with torch.no_grad():
+        ref = rebuilt(hf, list(PATHS[name]))(ids).logits
+    out = model.logits(ids, layers=PATHS[name])
+    assert relative(f"{arch} {name}", out, ref) < 1e-4
+    if name != "identity":
+        assert (model.logits(ids) - out).abs().max() > 1e-3  # the path changes the output: the test can fail
+
+
+def test_hybrid_cached_decode_equals_one_pass(hybrid):
+    """Prefill 66 tokens (two chunks), a 4-token prefill on top of the states (chunked with an
+    initial state), then one-token steps (the recurrent form): the logits of one 75-token pass."""
+    arch, folder, _ = hybrid
+    model = cf.load(folder)
+    path = list(PATHS["triple"])
+    ids = tokens(2, 75, seed=2)
+    full = model.logits(ids, layers=path)
+    cache = model.engine.new_cache(path, 2, 96)
+    pos = torch.arange(75).expand(2, 75).contiguous()
+    with torch.inference_mode():
+        parts = [model.engine.forward(ids[:, :66], pos[:, :66], None, path, cache, False),
+                 model.engine.forward(ids[:, 66:70], pos[:, 66:70], None, path, cache, False)]
+        parts += [model.engine.forward(ids[:, t:t + 1], pos[:, t:t + 1], None, path, cache, False) for t in range(70, 75)]
+    # chunked vs token-by-token forms of the same rule: equal up to fp32 rounding
+    assert relative(f"{arch} cached decode", torch.cat(parts, 1), full) < 1e-4
+
+
+def test_hybrid_padded_generation_matches_transformers(hybrid):
+    """Left padding: the padded tokens' inputs are zeroed before the linear layers, as transformers
+    does; greedy tokens equal its generate's, and the fixed-shape decode step's equal the dynamic one's."""
+    arch, folder, hf = hybrid
+    model = cf.load(folder)
+    path = list(PATHS["rys"])
+    prompt, mask = tokens(2, 9, seed=3), torch.ones(2, 9, dtype=torch.long)
+    prompt[1, :4], mask[1, :4] = 0, 0
+    with torch.no_grad():
+        ref = rebuilt(hf, path).generate(prompt, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
+                                         do_sample=False, pad_token_id=0)[:, 9:]
+    kw = dict(layers=path, attention_mask=mask, max_new_tokens=10, min_new_tokens=10)
+    ours = model.generate(prompt, **kw)
+    print(f"{arch} generate: ours {ours.tolist()} ref {ref.tolist()}")
+    assert torch.equal(ours, ref)
+    alone = model.generate(prompt[1:, 4:], layers=path, max_new_tokens=10, min_new_tokens=10)
+    assert torch.equal(ours[1:], alone)  # the padded row decodes as it does unpadded
+    model.static_decode = True
+    assert torch.equal(model.generate(prompt, **kw), ours)
+
+
+def test_each_slot_owns_its_linear_state(hybrid):
+    """A linear layer run twice has two states (the second instance sees the first's output, so
+    they differ), distinct tensors; a cache sharing a prefix gets copies of its linear slots."""
+    arch, folder, _ = hybrid
+    model = cf.load(folder)
+    path = [0, 1, 0, 1, 2, 3, 4, 5]
+    cache = model.engine.new_cache(path, 1, 32)
+    ids = tokens(1, 12, seed=4)
+    with torch.inference_mode():
+        model.engine.forward(ids, torch.arange(12).unsqueeze(0), None, path, cache, False)
+    (conv0, state0), (conv2, state2) = cache.linear_state(0), cache.linear_state(2)
+    assert not torch.equal(conv0, conv2)  # layer 0 saw the embeddings in slot 0, its own output in slot 2
+    print(f"{arch} slot 0 vs slot 2 (both layer 0): state diff {(state0 - state2).abs().max().item():.3e}")
+    assert state0.data_ptr() != state2.data_ptr() and (state0 - state2).abs().max() > 1e-3
+    assert state0.dtype == torch.float32 and conv0.shape == (1, 2 * 2 * 16 + 4 * 24, 4)
+    shared = model.engine.new_cache(path, 1, 32, cache, 4)
+    assert torch.equal(shared.linear_state(0)[1], state0) and shared.linear_state(0)[1].data_ptr() != state0.data_ptr()
+    with pytest.raises(ValueError, match="linear-attention slot"):
+        cache.keys(0)
+
+
+def test_hybrid_bf16_error_within_twice_transformers(hybrid):
+    arch, folder, hf = hybrid
+    ids = tokens(2, 40, seed=9)
+    path = list(PATHS["rys"])
+    with torch.no_grad():
+        ref = rebuilt(hf, path)(ids).logits
+        theirs = rebuilt(hf, path).to(torch.bfloat16)(ids).logits.float()
+    ours = cf.load(folder, dtype="bfloat16").logits(ids, layers=path).float()
+    e_ours, e_theirs = (ours - ref).abs().mean().item(), (theirs - ref).abs().mean().item()
+    print(f"{arch} bf16 mean abs error: ours {e_ours:.3e}, transformers {e_theirs:.3e}")
+    assert e_ours <= 2 * e_theirs + 1e-3
+
+
+def test_hybrid_export_loads_in_transformers(hybrid, tmp_path):
+    """layer_types (and Qwen3-Next's dense slots) follow the path, so transformers runs each slot
+    with its layer's kind."""
+    arch, folder, _ = hybrid
+    path = LayerPath.parse("0..2,0,1,3..5")
+    out = cf.export_hf(str(folder), tmp_path / "out", path)
+    config = json.loads((out / "config.json").read_text())
+    print(arch, "exported layer_types:", config["layer_types"])
+    assert config["layer_types"] == ["linear_attention", "linear_attention", "full_attention"] + \
+        ["linear_attention"] * 2 + ["linear_attention", "linear_attention", "full_attention"]
+    from transformers import AutoModelForCausalLM
+
+    ids = tokens(1, 20, seed=5)
+    ours = cf.load(folder).logits(ids, layers=path)
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(ids).logits
+    assert relative(f"{arch} export in transformers", theirs, ours) < 1e-4
+
+
+def test_packed_pattern_is_refused_for_linear_layers(hybrid):
+    arch, folder, _ = hybrid
+    model = cf.load(folder)
+    ids = tokens(1, 6)
+    pattern = torch.ones(1, 6, 6, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="linear-attention"):
+        model.engine.forward(ids, torch.arange(6).unsqueeze(0), pattern, [0, 1, 2], None, False)
+    # the attention-only part of a path takes it
+    model.engine.forward(ids, torch.arange(6).unsqueeze(0), pattern, [2, 5], None, False)
+
+
+def test_hybrid_config_errors_name_the_key(hybrid):
+    arch, folder, hf = hybrid
+    config = json.loads((folder / "config.json").read_text())
+    state = {k: v.detach() for k, v in hf.state_dict().items()}
+    with pytest.raises(cf.ConfigError, match="linear_num_value_heads"):
+        cf.load_from_tensors(dict(config, linear_num_value_heads=3), state)
+    bad = dict(state)
+    name = "model.layers.0.linear_attn.conv1d.weight"
+    bad[name] = bad[name][:, :, :3]
+    with pytest.raises(cf.WeightError, match=f"tensor '{name}': expected shape"):
+        cf.load_from_tensors(config, bad)
+    without = {k: v for k, v in config.items() if k != "layer_types"}  # full_attention_interval's rule
+    interval = cf.load_from_tensors(dict(without, full_attention_interval=3), state).config
+    assert list(interval.linear_layers) == [1, 1, 0, 1, 1, 0]
+
+
+def test_qwen3_5_conditional_generation_text_decoder(tmp_path):
+    """Qwen3.5 as published: Qwen3_5ForConditionalGeneration (model.language_model.*, a vision tower,
+    text_config). Its text decoder loads (the tower left out) to the wrapper's text-only logits
+    (its multimodal RoPE reduces to the 1-D one for text)."""
+    from transformers import AutoConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForConditionalGeneration
+
+    from helpers import ARCH_EXTRA, BASE, randomize
+
+    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                  num_position_embeddings=16, patch_size=4)
+    config = AutoConfig.for_model("qwen3_5", text_config=dict(BASE, **ARCH_EXTRA["qwen3_5_text"]), vision_config=vision,
+                                  tie_word_embeddings=False)
+    torch.manual_seed(0)
+    wrapper = Qwen3_5ForConditionalGeneration(config).eval()
+    randomize(wrapper)
+    wrapper.save_pretrained(str(tmp_path))
+    model = cf.load(tmp_path)
+    assert (model.config.architecture, model.config.wrapper) == ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
+    ids = tokens(2, 30, seed=6)
+    with torch.no_grad():
+        ref = wrapper(input_ids=ids).logits
+    assert relative("qwen3_5 wrapper text decoder", model.logits(ids), ref) < 1e-4
