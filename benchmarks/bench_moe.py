@@ -1,5 +1,6 @@
-"""Mixture-of-experts decode and prefill against transformers (issue #14, item 5): one row per family
-(Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS) on a random model of a small MoE shape, same weights, RYS path,
+"""Mixture-of-experts and hybrid decode and prefill against transformers (issue #14, item 5): one row
+per family (Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS; Qwen3.5 and Qwen3-Next, whose Gated DeltaNet
+layers transformers runs with its torch reference here) on a random model of a small shape, same weights, RYS path,
 batch, dtype and device, measured by run.py's bench_forward (tokens/s, timestamps as each token
 comes out; the greedy tokens compared).
 
@@ -41,6 +42,14 @@ FAMILIES = {
                       norm_topk_prob=True, decoder_sparse_step=1, head_dim=64),
     "gpt_oss": dict(intermediate_size=512, num_local_experts=16, num_experts_per_tok=4, head_dim=64, sliding_window=128,
                     swiglu_limit=7.0),
+    # hybrid linear attention: full attention every 4th layer (layers 3, 7), Gated DeltaNet elsewhere
+    "qwen3_5_text": dict(intermediate_size=1408, head_dim=64, layer_types=None, full_attention_interval=4,
+                         linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
+                         linear_value_head_dim=64),
+    "qwen3_next": dict(intermediate_size=1408, head_dim=64, layer_types=None, full_attention_interval=4,
+                       linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+                       num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+                       shared_expert_intermediate_size=512, mlp_only_layers=[]),
 }
 QUICK = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
 
