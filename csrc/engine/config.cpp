@@ -370,7 +370,7 @@ const json& arch_defaults(const std::string& arch) {
         "linear_num_key_heads": 16, "linear_num_value_heads": 32})")},
       {"GptOssForCausalLM", json::parse(R"({"num_local_experts": 128, "num_experts_per_tok": 4, "head_dim": 64,
         "sliding_window": 128, "attention_bias": true, "rms_norm_eps": 1e-5, "swiglu_alpha": 1.702,
-        "swiglu_limit": 7.0, "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+        "swiglu_limit": 7.0, "rope_parameters": {"rope_type": "yarn", "factor": 32.0,
         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 4096}})")},
   };
   static const json none = json::object();

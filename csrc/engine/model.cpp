@@ -287,13 +287,16 @@ at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
   at::Tensor rows = order.div(k, "floor"), row_weights = weights.reshape(-1).index_select(0, order);
   const at::Tensor counts = at::bincount(pairs, {}, E).cpu();  // how many rows each expert takes
   const int64_t* n = counts.data_ptr<int64_t>();
-  at::Tensor out = at::zeros_like(flat);
+  // each token's k weighted expert outputs summed in fp32 and rounded once (as transformers'
+  // grouped_mm experts sum them), not rounded after every expert's add
+  at::Tensor out = at::zeros_like(flat, flat.options().dtype(at::kFloat));
   for (int64_t e = 0, off = 0; e < E; off += n[e], ++e) {
     if (n[e] == 0) continue;
     at::Tensor r = rows.narrow(0, off, n[e]);
     at::Tensor y = gated_mlp(flat.index_select(0, r), L.experts[e]);
-    out.index_add_(0, r, (y * row_weights.narrow(0, off, n[e]).unsqueeze(1)).to(out.scalar_type()));
+    out.index_add_(0, r, (y * row_weights.narrow(0, off, n[e]).unsqueeze(1)).to(at::kFloat));
   }
+  out = out.to(flat.scalar_type());
   if (L.shared_gate.defined()) out = out + at::sigmoid(ops::linear(flat, L.shared_gate)) * gated_mlp(flat, L.mlp);
   return out.view(x.sizes());
 }

@@ -1,9 +1,11 @@
 // ops.cpp — see ops.h.
 #include "ops.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "cpu/fused.h"
 #include "cpu/linear.h"
@@ -45,27 +47,46 @@ at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids) { return at
 
 namespace {
 
-// transformers' eager attention, for what SDPA cannot do: Gemma 2's soft-capping (scores capped
-// before masking) and GPT-OSS's sinks (one more logit per head in the softmax, whose probability
-// is dropped). Scores in the compute dtype, softmax in fp32 and back. The G query heads sharing a
-// KV head are stacked as G * T queries of it, so the cache is not repeated per query head.
-at::Tensor eager_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const std::optional<at::Tensor>& mask, double scale, double softcap, const at::Tensor& sinks) {
+// One block of queries q [B, Hq, T, D] against all keys, mask [B or 1, 1, T, S] / [T, S] or undefined
+// (then causal from `row0`: query t is position row0 + t of S keys). See eager_attention.
+at::Tensor eager_block(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
+                       double scale, double softcap, const at::Tensor& sinks) {
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   const int64_t G = Hq / Hkv;
   at::Tensor scores = at::matmul(q.reshape({B, Hkv, G * T, D}), k.transpose(-2, -1)).view({B, Hq, T, S}) * scale;
   if (softcap > 0) scores = at::tanh(scores / softcap) * softcap;
-  at::Tensor allowed;
-  if (mask.has_value()) {
-    allowed = *mask;
-  } else if (T > 1) {  // causal, S == T
-    allowed = at::ones({T, S}, q.options().dtype(at::kBool)).tril();
-  }
   if (allowed.defined()) scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
-  if (sinks.defined()) scores = at::cat({scores, sinks.to(scores.scalar_type()).view({1, Hq, 1, 1}).expand({B, Hq, T, 1})}, -1);
+  if (sinks.defined()) {  // GPT-OSS: the sink column, then the row max taken off in the compute dtype
+    scores = at::cat({scores, sinks.to(scores.scalar_type()).view({1, Hq, 1, 1}).expand({B, Hq, T, 1})}, -1);
+    scores = scores - std::get<0>(scores.max(-1, true));
+  }
   at::Tensor probs = at::softmax(scores, -1, at::kFloat);
   if (sinks.defined()) probs = probs.narrow(-1, 0, S);
   return at::matmul(probs.to(q.scalar_type()).reshape({B, Hkv, G * T, S}), v).view({B, Hq, T, D});
+}
+
+// transformers' eager attention, for what SDPA cannot do: Gemma 2's soft-capping (scores capped
+// before masking) and GPT-OSS's sinks (one more logit per head in the softmax, whose probability
+// is dropped; the row max subtracted first, as GPT-OSS's eager path does). Scores in the compute
+// dtype, softmax in fp32 and back. The G query heads sharing a KV head are stacked as G * T queries
+// of it, so the cache is not repeated per query head; queries go in blocks so the scores of a long
+// prompt are never all materialised at once.
+at::Tensor eager_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::optional<at::Tensor>& mask, double scale, double softcap, const at::Tensor& sinks) {
+  const int64_t T = q.size(2), S = k.size(2);
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(S * q.size(1) * q.size(0), 1));
+  std::vector<at::Tensor> parts;
+  for (int64_t t0 = 0; t0 < T; t0 += rows) {
+    const int64_t n = std::min(rows, T - t0);
+    at::Tensor allowed;
+    if (mask.has_value()) {
+      allowed = mask->size(-2) == 1 ? *mask : mask->narrow(-2, t0, n);
+    } else if (T > 1) {  // causal, S == T
+      allowed = at::ones({T, S}, q.options().dtype(at::kBool)).tril().narrow(0, t0, n);
+    }
+    parts.push_back(eager_block(q.narrow(2, t0, n), k, v, allowed, scale, softcap, sinks));
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 2);
 }
 
 }  // namespace

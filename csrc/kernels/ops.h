@@ -26,7 +26,9 @@ at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids);
 // become softcap * tanh(scores / softcap) before masking, computed by an ATen composite (scores in
 // the compute dtype, softmax in fp32, as transformers' eager attention does). sinks [Hq] (GPT-OSS)
 // or undefined: each head's softmax takes one more logit, sinks[h], whose probability is dropped
-// (the same composite).
+// (the same composite, the row max subtracted in the compute dtype first as GPT-OSS's eager path
+// does; its softmax output is rounded to the compute dtype there too, here after an fp32 softmax).
+// The composite runs queries in blocks of about 4M scores.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, double scale, double softcap = 0.0,
                      const at::Tensor& sinks = at::Tensor());

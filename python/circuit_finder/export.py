@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import torch
@@ -197,9 +198,14 @@ def _pin_sliding_layers(writer, reader, src: Path, arch: str, path: LayerPath, n
     from .gguf import gguf_config, gguf_field, sliding_layers
 
     pattern = gguf_field(reader, f"{arch}.attention.sliding_window_pattern")
+    sliding = sliding_layers(reader, arch, n)
     if not isinstance(pattern, list):  # a per-layer list is reordered with the other arrays
-        sliding = sliding_layers(reader, arch, n)
         writer.add_sliding_window_pattern([sliding[i] for i in path])
+    moved = [k for k, layer in enumerate(path) if sliding[layer] != ((k + 1) % 2 != 0)]
+    if arch == "gpt-oss" and moved:
+        warnings.warn(f"{src}: slots {moved} of this gpt-oss path hold layers of the other attention kind than "
+                      "their position's; circuit-finder reads the per-slot sliding_window_pattern written here, but "
+                      "a llama.cpp that derives gpt-oss windows from layer positions alone will not", stacklevel=3)
     if arch != "gpt-oss" and gguf_field(reader, f"{arch}.attention.scale") is None:
         scalar = gguf_config(reader, str(src))["query_pre_attn_scalar"]
         writer.add_attention_scale(1.0 / float(scalar) ** 0.5)

@@ -40,9 +40,9 @@ def mxfp4_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tenso
         if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
             raise ValueError(f"MXFP4 tensors '{key}' and '{name}_scales' must be uint8, got {blocks.dtype} and "
                              f"{scales.dtype}")
-        if blocks.dim() < 3 or blocks.shape[-1] != MXFP4_BLOCK // 2 or blocks.shape[:-1] != scales.shape:
+        if blocks.dim() != 4 or blocks.shape[-1] != MXFP4_BLOCK // 2 or blocks.shape[:-1] != scales.shape:
             raise ValueError(f"MXFP4 tensor '{key}' {list(blocks.shape)} does not match '{name}_scales' "
-                             f"{list(scales.shape)} (expected [..., rows, groups, 16] and [..., rows, groups])")
+                             f"{list(scales.shape)} (expected [experts, rows, groups, 16] and [experts, rows, groups])")
         out[name] = (blocks, scales)
     return out
 
