@@ -214,8 +214,51 @@ FAMILY_GGUF_BLOCK["gpt-oss"] = {
     "post_attention_layernorm.weight": "post_attention_norm.weight", "self_attn.sinks": "attn_sinks.weight",
     "self_attn.o_proj.bias": "attn_output.bias", "mlp.router.weight": "ffn_gate_inp.weight",
     "mlp.router.bias": "ffn_gate_inp.bias", "mlp.experts.down_proj_bias": "ffn_down_exps.bias"}
+FAMILY_GGUF_BLOCK["qwen35"] = {
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
+    "linear_attn.in_proj_b.weight": "ssm_beta.weight", "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
+    "linear_attn.in_proj_ba.weight": "ssm_ba.weight", "linear_attn.A_log": "ssm_a", "linear_attn.dt_bias": "ssm_dt.bias",
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight", "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight"}
+FAMILY_GGUF_BLOCK["qwen35moe"] = FAMILY_GGUF_BLOCK["qwen3next"] = FAMILY_GGUF_BLOCK["qwen35"]
 GGUF_ARCH = {"gemma3_text": "gemma3", "ministral3": "mistral3",  # transformers model_type -> GGUF architecture
-             "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss"}
+             "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
+             "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "qwen3_next": "qwen3next"}
+HYBRID_GGUF = ("qwen35", "qwen35moe", "qwen3next")
+
+
+def _hybrid_gguf_tensors(hf: str, arr, cfg, arch: str) -> list:
+    """A Qwen3.5 / Qwen3-Next linear-attention tensor as llama.cpp's converter writes it, by its
+    documented rules: A_log as -exp(A_log), conv1d squeezed, qwen35's value heads tiled (Hugging
+    Face head g * r + j at file position j * Hk + g: the file's v rows of in_proj_qkv, z, b, a,
+    A_log, dt_bias, conv channels, and out_proj's columns), qwen3next's in_proj_qkvz regrouped into
+    attn_qkv (all q | all k | all v) and attn_gate (z)."""
+    import numpy as np
+
+    hk, hv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    r, qk, block = hv // hk, 2 * hk * dk, f"blk.{hf.split('.')[2]}"
+
+    def tiled(a, axis, start, hd):
+        if arch == "qwen3next" or r == 1:
+            return a
+        a = np.moveaxis(a, axis, 0)
+        heads = a[start:].reshape(hk, r, hd, *a.shape[1:]).swapaxes(0, 1).reshape(hv * hd, *a.shape[1:])
+        return np.moveaxis(np.concatenate([a[:start], heads]), 0, axis)
+
+    if hf.endswith("in_proj_qkvz.weight"):
+        g = arr.reshape(hk, 2 * dk + 2 * r * dv, -1)
+        qkv = np.concatenate([g[:, :dk].reshape(hk * dk, -1), g[:, dk:2 * dk].reshape(hk * dk, -1),
+                              g[:, 2 * dk:2 * dk + r * dv].reshape(hv * dv, -1)])
+        return [(f"{block}.attn_qkv.weight", qkv), (f"{block}.attn_gate.weight", g[:, 2 * dk + r * dv:].reshape(hv * dv, -1))]
+    rule = {"in_proj_qkv.weight": (0, qk, dv), "in_proj_z.weight": (0, 0, dv), "in_proj_b.weight": (0, 0, 1),
+            "in_proj_a.weight": (0, 0, 1), "dt_bias": (0, 0, 1), "A_log": (0, 0, 1), "conv1d.weight": (0, qk, dv),
+            "out_proj.weight": (1, 0, dv)}
+    for suffix, (axis, start, hd) in rule.items():
+        if hf.endswith("linear_attn." + suffix):
+            arr = tiled(arr[:, 0, :] if suffix == "conv1d.weight" else arr, axis, start, hd)
+            arr = -np.exp(arr) if suffix == "A_log" else arr
+    return [(gguf_name(hf, arch), arr)]
 
 
 def gguf_name(hf: str, arch: str = "llama") -> str:
@@ -296,17 +339,31 @@ def _family_metadata(w, cfg, arch: str, head_dim: int) -> dict:
         w.add_rope_scaling_yarn_beta_fast(rope.get("beta_fast", 32.0))
         w.add_rope_scaling_yarn_beta_slow(rope.get("beta_slow", 1.0))
         w.add_sliding_window(cfg.sliding_window)
+    elif arch in HYBRID_GGUF:
+        w.add_rope_freq_base(float(rope["rope_theta"]))
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 0.25)))
+        w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
+        w.add_ssm_state_size(cfg.linear_key_head_dim)
+        w.add_ssm_group_count(cfg.linear_num_key_heads)
+        w.add_ssm_time_step_rank(cfg.linear_num_value_heads)
+        w.add_ssm_inner_size(cfg.linear_value_head_dim * cfg.linear_num_value_heads)
+        w.add_full_attention_interval(cfg.layer_types.index("full_attention") + 1)
+        if arch != "qwen3next":  # qwen35's multimodal RoPE sections (text positions make them all alike)
+            rot = int(head_dim * rope.get("partial_rotary_factor", 0.25)) // 2
+            w.add_rope_dimension_sections([rot - 2 * (rot // 3), rot // 3, rot // 3, 0])
     else:
         w.add_rope_freq_base(float(rope["rope_theta"]))
     return extra
 
 
-def _gguf_tensors(hf: str, arr, arch: str) -> list:
+def _gguf_tensors(hf: str, arr, arch: str, cfg=None) -> list:
     """[(gguf name, array)] of one Hugging Face tensor: transformers v5's stacked gate_up_proj
     [E, 2I, H] becomes the converter's ffn_gate_exps and ffn_up_exps [E, I, H]; the shared
     expert's gate [1, H] is stored as a vector. gpt-oss (llama.cpp's converter, dequantized path):
     gate_up_proj [E, H, 2I] transposed, its even output columns the gate and odd ones up (biases
     alike); down_proj [E, I, H] transposed."""
+    if arch in HYBRID_GGUF and ".linear_attn." in hf:
+        return _hybrid_gguf_tensors(hf, arr, cfg, arch)
     if arch == "gpt-oss" and ".mlp.experts." in hf:
         block = f"blk.{hf.split('.')[2]}"
         if hf.endswith("gate_up_proj"):
@@ -347,7 +404,8 @@ def _gguf_array(hf: str, t, cfg, arch: str, permute: bool):
         arr = llama_cpp_permute(arr, cfg.num_attention_heads)
     elif permute and arch in ("llama", "mistral3") and hf.endswith("k_proj.weight"):
         arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
-    elif arch in ("gemma2", "gemma3") and hf.endswith("norm.weight"):
+    elif (arch in ("gemma2", "gemma3", *HYBRID_GGUF) and hf.endswith("norm.weight")
+          and not hf.endswith("linear_attn.norm.weight")):
         arr = arr + 1.0
     return arr
 
@@ -398,11 +456,11 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for hf, t in state.items():
-        for name, arr in _gguf_tensors(hf, _gguf_array(hf, t, cfg, arch, permute), arch):
+        for name, arr in _gguf_tensors(hf, _gguf_array(hf, t, cfg, arch, permute), arch, cfg):
             if name in skip:
                 continue
-            # the converter keeps vectors, biases and the router in F32
-            matrix = arr.ndim >= 2 and name.endswith(".weight") and "ffn_gate_inp" not in name
+            # the converter keeps vectors, biases, the router and a hybrid's conv in F32
+            matrix = arr.ndim >= 2 and name.endswith(".weight") and "ffn_gate_inp" not in name and "ssm_conv1d" not in name
             kind_name = (expert_qtype if expert_qtype and name.endswith("_exps.weight") else qtype) if matrix else "F32"
             data, kind = encode_tensor(np.ascontiguousarray(arr), kind_name, rng)
             w.add_tensor(name, data, raw_dtype=kind)

@@ -58,5 +58,6 @@ def test_placement_benchmark_quick_run(tmp_path):
 @pytest.mark.slow
 def test_moe_benchmark_quick_run(tmp_path):
     res = quick_run("bench_moe", tmp_path)
-    assert [r["model"] for r in res["rows"]] == ["mixtral", "qwen2_moe", "qwen3_moe"]
+    assert [r["model"] for r in res["rows"]] == ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_5_text",
+                                                 "qwen3_next"]
     assert all(r["same_greedy_tokens"] and r["decode_tok_s"]["circuit_finder"] > 0 for r in res["rows"])

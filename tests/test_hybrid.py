@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,3 +193,76 @@ def test_qwen3_5_conditional_generation_text_decoder(tmp_path):
     with torch.no_grad():
         ref = wrapper(input_ids=ids).logits
     assert relative("qwen3_5 wrapper text decoder", model.logits(ids), ref) < 1e-4
+
+
+@pytest.mark.parametrize("arch", HYBRID_ARCHS)
+def test_hybrid_gguf_matches_transformers(arch, tmp_path):
+    """A GGUF laid out by llama.cpp's converter rules (qwen35 / qwen35moe: value heads tiled, ssm_a
+    = -exp(A_log), norms + 1; qwen3next: in_proj_qkvz split into attn_qkv and attn_gate) loads back
+    to transformers' logits. For qwen35 files transformers' own GGUF reader is the independent
+    check that the test writer's layout is the converter's."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import write_gguf
+
+    sizes = dict(intermediate_size=128)  # rows of 32-value blocks for the Q8_0 file
+    if arch != "qwen3_5_text":
+        sizes.update(moe_intermediate_size=64, shared_expert_intermediate_size=96)
+    hf = build_hf_model(arch, tmp_path / "hf", **sizes)
+    vocab = {"tokenizer.ggml.tokens": [f"t{i}" for i in range(hf.config.vocab_size)]}  # transformers sizes from it
+    written = write_gguf(hf, tmp_path / "m.gguf", extra_arrays=vocab)
+    assert "blk.0.ssm_a" in written and "blk.0.attn_gate.weight" in written
+    model = cf.load(tmp_path / "m.gguf")
+    assert model.config.architecture == hf.config.architectures[0]
+    assert list(model.config.linear_layers) == [1, 1, 0, 1, 1, 0]
+    ids = tokens(2, 70, seed=7)
+    for name in ("identity", "rys"):
+        with torch.no_grad():
+            ref = rebuilt(hf, list(PATHS[name]))(ids).logits
+        assert relative(f"{arch} gguf {name}", model.logits(ids, layers=PATHS[name]), ref) < 1e-4
+    if arch != "qwen3_next":  # transformers has no qwen3next GGUF reader
+        theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert relative(f"{arch} gguf read by transformers", theirs(ids).logits, hf(ids).logits) < 1e-4
+    # Q8_0: the error these recurrences amplify is the one the same rounding gives in transformers
+    # (every matrix quantized and dequantized by the gguf package in Hugging Face's layout)
+    write_gguf(hf, tmp_path / "q8.gguf", "Q8_0", extra_arrays=vocab)
+    q8, f32 = cf.load(tmp_path / "q8.gguf").logits(ids), model.logits(ids)
+    with torch.no_grad():
+        rounded = _q8_roundtrip(hf)(ids).logits
+    ours, theirs = [((x - f32).abs().mean() / f32.abs().mean()).item() for x in (q8, rounded)]
+    print(f"{arch} q8_0 mean relative error: ours {ours:.3e}, transformers with Q8_0-rounded weights {theirs:.3e}")
+    assert ours <= 1.5 * theirs
+
+
+def _q8_roundtrip(hf):
+    import copy
+
+    import gguf
+
+    m = copy.deepcopy(hf)
+    kind = gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() >= 2 and p.shape[-1] % 32 == 0 and "conv1d" not in name and not name.endswith("mlp.gate.weight"):
+                rows = p.detach().float().numpy()
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(rows, kind), kind)))
+    return m
+
+
+def test_qwen35_gguf_with_fused_attention_qkv(tmp_path):
+    """A converter run with fused q/k/v writes a full-attention layer's projections as one attn_qkv
+    ([query+gate | k | v] rows), the name linear layers use for theirs: the layer's kind decides."""
+    import gguf
+
+    from helpers import write_gguf
+
+    hf = build_hf_model("qwen3_5_text", tmp_path / "hf")
+    parts = write_gguf(hf, tmp_path / "plain.gguf")
+    fused = np.concatenate([parts[f"blk.2.attn_{x}.weight"][0] for x in "qkv"])
+    write_gguf(hf, tmp_path / "fused.gguf", skip={f"blk.2.attn_{x}.weight" for x in "qkv"},
+               extra_tensors={"blk.2.attn_qkv.weight": (fused, gguf.GGMLQuantizationType.F32)})
+    ids = tokens(1, 20, seed=8)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert relative("qwen35 fused attention qkv", cf.load(tmp_path / "fused.gguf").logits(ids), ref) < 1e-4

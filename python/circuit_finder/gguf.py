@@ -12,7 +12,9 @@ attention scale (hidden / heads for the 27B layer counts 46 and 62, else the hea
 experts (qwen2moe, qwen3moe, llama with expert_count = Mixtral, gpt-oss): stacked ffn_*_exps tensors
 kept as the engine's stacked gate / up / down layout (gpt-oss: with their biases; its MXFP4
 experts dequantized by ``quants``); dense layers are the blocks without a router. gpt-oss's
-clamped SwiGLU constants and YaRN without truncation are what llama.cpp and the published config use. Tokenizer
+clamped SwiGLU constants and YaRN without truncation are what llama.cpp and the published config use.
+Hybrids (qwen35, qwen35moe, qwen3next): the linear-attention tensors back in transformers' layout
+(``_hybrid_arrays``: value heads, A_log, the conv's axis, qwen3next's split projections). Tokenizer
 and chat template come from the file, built by transformers once per file and then read back from
 a cache folder keyed by the file's metadata (``gguf_tokenizer``).
 
@@ -43,9 +45,12 @@ __all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer",
 ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
               "mistral3": "Ministral3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
-              "qwen3moe": "Qwen3MoeForCausalLM", "gpt-oss": "GptOssForCausalLM"}  # llama with expert_count: Mixtral
+              "qwen3moe": "Qwen3MoeForCausalLM", "gpt-oss": "GptOssForCausalLM", "qwen35": "Qwen3_5ForCausalLM",
+              "qwen35moe": "Qwen3_5MoeForCausalLM", "qwen3next": "Qwen3NextForCausalLM"}  # llama + experts: Mixtral
 _MODEL_TYPE = {"gemma3": "gemma3_text", "mistral3": "ministral3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
-               "gpt-oss": "gpt_oss"}
+               "gpt-oss": "gpt_oss", "qwen35": "qwen3_5_text", "qwen35moe": "qwen3_5_moe_text", "qwen3next": "qwen3_next"}
+_HYBRID = ("qwen35", "qwen35moe", "qwen3next")  # Gated DeltaNet + gated attention (llama.cpp's names)
+_PLUS_ONE = ("gemma2", "gemma3", *_HYBRID)  # converters store these norms as 1 + w (not a hybrid's ssm_norm)
 _OLD_EXPERTS = re.compile(r"^blk\.\d+\.ffn_(?:gate|up|down)\.\d+\.weight$")  # pre-2024 per-expert Mixtral files
 _PERMUTED = ("llama", "mistral3")  # converters that reorder Q/K rows for interleaved RoPE
 _GEMMA = ("gemma2", "gemma3")
@@ -94,6 +99,18 @@ _FAMILY_BLOCK_NAMES = {
                "post_ffw_norm.weight": "post_feedforward_layernorm.weight"},
 }
 _FAMILY_BLOCK_NAMES["gemma3"] = _FAMILY_BLOCK_NAMES["gemma2"]
+# Qwen3.5 / Qwen3-Next: the linear-attention tensors (ssm_a holds -exp(A_log), conv1d is squeezed);
+# qwen3next files split in_proj_qkvz into attn_qkv (q | k | v) and attn_gate (z), or (older) keep it
+# whole as ssm_in; a fused expert gate_up is the engine's stacked layout already.
+_FAMILY_BLOCK_NAMES["qwen35"] = {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "attn_qkv.weight": "linear_attn.in_proj_qkv.weight", "attn_gate.weight": "linear_attn.in_proj_z.weight",
+    "ssm_beta.weight": "linear_attn.in_proj_b.weight", "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
+    "ssm_ba.weight": "linear_attn.in_proj_ba.weight", "ssm_in.weight": "linear_attn.in_proj_qkvz.weight",
+    "ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias", "ssm_conv1d.weight": "linear_attn.conv1d.weight",
+    "ssm_norm.weight": "linear_attn.norm.weight", "ssm_out.weight": "linear_attn.out_proj.weight",
+    "ffn_gate_up_exps.weight": "mlp.experts.gate_up_proj"}
+_FAMILY_BLOCK_NAMES["qwen35moe"] = _FAMILY_BLOCK_NAMES["qwen3next"] = _FAMILY_BLOCK_NAMES["qwen35"]
 # GPT-OSS: the pre-MLP norm, sinks, the biased router and experts (kept as separate gate / up, stacked)
 _FAMILY_BLOCK_NAMES["gpt-oss"] = {
     "post_attention_norm.weight": "post_attention_layernorm.weight", "attn_sinks.weight": "self_attn.sinks",
@@ -310,6 +327,8 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
     if "rope_freqs.weight" in by_name:
         raise GGUFError(f"{path}: per-dimension RoPE factors (rope_freqs, Llama 3.1 style) are not supported yet")
     _moe_config(reader, path, arch, config, by_name)
+    if arch in _HYBRID:
+        _hybrid_config(reader, path, arch, need, config)
     if arch == "phi3":
         _phi3_config(reader, path, config, by_name)
     elif arch in _GEMMA:
@@ -332,7 +351,7 @@ def _moe_config(reader, path: str, arch: str, config: dict, by_name: dict) -> No
     renormalised); Qwen's expert size, renormalisation (expert_weights_norm, else Qwen3-MoE's
     published setting: on), shared expert, and dense layers (those without a router)."""
     count = gguf_field(reader, f"{arch}.expert_count")
-    if not count and arch in ("qwen2moe", "qwen3moe"):
+    if not count and arch in ("qwen2moe", "qwen3moe", "qwen35moe", "qwen3next"):
         raise GGUFError(f"{path}: missing metadata '{arch}.expert_count'")
     if not count:
         return
@@ -353,12 +372,13 @@ def _moe_config(reader, path: str, arch: str, config: dict, by_name: dict) -> No
     config.update(num_experts=int(count), num_experts_per_tok=int(used), decoder_sparse_step=1,
                   moe_intermediate_size=int(gguf_field(reader, f"{arch}.expert_feed_forward_length")
                                             or config["intermediate_size"]),
-                  norm_topk_prob=bool(gguf_field(reader, f"{arch}.expert_weights_norm", arch == "qwen3moe")),
+                  norm_topk_prob=bool(gguf_field(reader, f"{arch}.expert_weights_norm", arch != "qwen2moe")),
                   mlp_only_layers=[i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" not in by_name])
-    if arch == "qwen2moe":
+    if arch in ("qwen2moe", "qwen3next", "qwen35moe"):
         shexp = by_name.get("blk.0.ffn_gate_shexp.weight")
         config["shared_expert_intermediate_size"] = int(
             gguf_field(reader, f"{arch}.expert_shared_feed_forward_length") or (int(shexp.shape[1]) if shexp is not None else 0))
+    if arch == "qwen2moe":
         config["qkv_bias"] = "blk.0.attn_q.bias" in by_name
 
 
@@ -379,6 +399,26 @@ def _gpt_oss_config(reader, path: str, config: dict, by_name: dict, count: int, 
                   attention_bias="blk.0.attn_q.bias" in by_name, sliding_window=int(window),
                   layer_types=["sliding_attention" if s else "full_attention"
                                for s in sliding_layers(reader, "gpt-oss", n)])
+
+
+def _hybrid_config(reader, path: str, arch: str, need, config: dict) -> None:
+    """Qwen3.5 / Qwen3-Next: the linear-attention sizes (ssm.*), which layers are linear
+    (attention.recurrent_layers, else every full_attention_interval-th layer is full), partial
+    rotary from rope.dimension_count, and the multi-token-prediction blocks at the end left out."""
+    heads_v, inner = int(need("ssm.time_step_rank")), int(need("ssm.inner_size"))
+    config.update(linear_conv_kernel_dim=int(need("ssm.conv_kernel")), linear_key_head_dim=int(need("ssm.state_size")),
+                  linear_num_key_heads=int(need("ssm.group_count")), linear_num_value_heads=heads_v,
+                  linear_value_head_dim=inner // heads_v)
+    n = config["num_hidden_layers"] - int(gguf_field(reader, f"{arch}.nextn_predict_layers", 0) or 0)
+    config["num_hidden_layers"] = n
+    recurrent = gguf_field(reader, f"{arch}.attention.recurrent_layers")
+    interval = int(gguf_field(reader, f"{arch}.full_attention_interval", 4) or 4)
+    if isinstance(recurrent, list) and len(recurrent) < n:
+        raise GGUFError(f"{path}: {arch}.attention.recurrent_layers lists {len(recurrent)} layers, the file has {n}")
+    linear = [bool(recurrent[i]) if isinstance(recurrent, list) else (i + 1) % interval != 0 for i in range(n)]
+    config["layer_types"] = ["linear_attention" if x else "full_attention" for x in linear]
+    rot = gguf_field(reader, f"{arch}.rope.dimension_count")
+    config["partial_rotary_factor"] = int(rot) / config["head_dim"] if rot else 0.25
 
 
 def _rope_scaling_config(reader, path: str, arch: str, need, config: dict) -> None:
@@ -514,6 +554,65 @@ def _dequantize(t, path: str) -> np.ndarray:
                         "the file may be truncated") from e
 
 
+def _hf_arrays(name: str, arr: np.ndarray, arch: str, config: dict) -> list[tuple[str, np.ndarray]]:
+    """One decoded GGUF tensor (under its Hugging Face name) as the Hugging Face tensor(s) it came
+    from: llama / mistral3's Q/K permutation undone, the 1 + w of Gemma's and the hybrids' norms
+    taken off, Qwen2-MoE's shared expert gate back to [1, H], the hybrids' changes undone."""
+    if arch in _PERMUTED and name.endswith(("q_proj.weight", "q_proj.bias")):
+        arr = unpermute_qk(arr, config["num_attention_heads"])
+    elif arch in _PERMUTED and name.endswith(("k_proj.weight", "k_proj.bias")):
+        arr = unpermute_qk(arr, config["num_key_value_heads"])
+    elif arch in _PLUS_ONE and name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+        arr = arr.astype(np.float32) - 1.0
+    elif name.endswith("shared_expert_gate.weight") and arr.ndim == 1:  # stored [H]: a [1, H] matrix
+        arr = arr.reshape(1, -1)
+    return _hybrid_arrays(name, arr, arch, config) if arch in _HYBRID else [(name, arr)]
+
+
+def _hybrid_arrays(name: str, arr: np.ndarray, arch: str, config: dict) -> list[tuple[str, np.ndarray]]:
+    """Qwen3.5 / Qwen3-Next tensors as transformers holds them: A_log from ssm_a (-exp(A_log)), the
+    conv's middle axis back, qwen35's value heads from tiled (file head j * Hk + g) to grouped (g * r
+    + j) order wherever they index a dimension, qwen3next's in_proj_qkvz (ssm_in) and in_proj_ba
+    (ssm_ba) split into Qwen3.5's flat projections, and a full-attention layer's fused attn_qkv into
+    q (with its gate) / k / v."""
+    hk, hv, dk, dv = (config[k] for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                          "linear_value_head_dim"))
+    r, qk, base = hv // hk, 2 * hk * dk, ".".join(name.split(".")[:3])  # model.layers.N
+
+    def grouped(a: np.ndarray, axis: int, start: int, hd: int) -> np.ndarray:
+        if arch == "qwen3next" or r == 1:  # its converter keeps transformers' grouped order
+            return a
+        a = np.moveaxis(a, axis, 0)
+        heads = a[start:].reshape(r, hk, hd, *a.shape[1:]).swapaxes(0, 1).reshape(hv * hd, *a.shape[1:])
+        return np.moveaxis(np.concatenate([a[:start], heads]), 0, axis)
+
+    if name.endswith("in_proj_qkv.weight") and config["layer_types"][int(name.split(".")[2])] == "full_attention":
+        q, kv = 2 * config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+        return [(f"{base}.self_attn.q_proj.weight", arr[:q]), (f"{base}.self_attn.k_proj.weight", arr[q:q + kv]),
+                (f"{base}.self_attn.v_proj.weight", arr[q + kv:])]
+    if name.endswith("in_proj_qkvz.weight"):  # per key head [q | k | v (r Dv) | z (r Dv)]
+        g = arr.reshape(hk, 2 * dk + 2 * r * dv, -1)
+        qkv = np.concatenate([g[:, :dk].reshape(hk * dk, -1), g[:, dk:2 * dk].reshape(hk * dk, -1),
+                              g[:, 2 * dk:2 * dk + r * dv].reshape(hv * dv, -1)])
+        return [(f"{base}.linear_attn.in_proj_qkv.weight", qkv),
+                (f"{base}.linear_attn.in_proj_z.weight", g[:, 2 * dk + r * dv:].reshape(hv * dv, -1))]
+    if name.endswith("in_proj_ba.weight"):  # per key head [b (r) | a (r)]
+        g = arr.reshape(hk, 2 * r, -1)
+        return [(f"{base}.linear_attn.in_proj_b.weight", g[:, :r].reshape(hv, -1)),
+                (f"{base}.linear_attn.in_proj_a.weight", g[:, r:].reshape(hv, -1))]
+    rule = {"in_proj_qkv.weight": (0, qk, dv), "in_proj_z.weight": (0, 0, dv), "in_proj_b.weight": (0, 0, 1),
+            "in_proj_a.weight": (0, 0, 1), "dt_bias": (0, 0, 1), "A_log": (0, 0, 1), "conv1d.weight": (0, qk, dv),
+            "out_proj.weight": (1, 0, dv)}
+    for suffix, (axis, start, hd) in rule.items():
+        if name.endswith("linear_attn." + suffix):
+            arr = grouped(arr, axis, start, hd)
+            if suffix == "A_log":
+                arr = np.log(-arr.astype(np.float32))
+            elif suffix == "conv1d.weight":
+                arr = arr[:, None, :]
+    return [(name, arr)]
+
+
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
               place=None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Reads a GGUF file -> (Hugging Face config dict, Hugging Face-named tensors in `dtype`).
@@ -528,28 +627,26 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     parse_config(config, path)  # the engine's own checks (positive sizes, head counts...) before any tensor work
     arch = gguf_architecture(reader, path)
+    from .placement import layer_of
+
+    def kept(t) -> str | None:  # its Hugging Face name; None when unused (or a multi-token-prediction block)
+        name = hf_name(t.name, arch)
+        return None if name is None or (layer_of(name) or 0) >= config["num_hidden_layers"] else name
+
     placed = None
     if place is not None:
-        numels = {hf_name(t.name, arch): int(np.prod([int(x) for x in t.shape])) for t in reader.tensors}
+        numels = {kept(t): int(np.prod([int(x) for x in t.shape])) for t in reader.tensors}
         placed = place(config, {name: n for name, n in numels.items() if name is not None})
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        name = hf_name(t.name, arch)
+        name = kept(t)
         if name is None:
             continue
-        arr = _dequantize(t, path)
-        if arch in _PERMUTED and name.endswith(("q_proj.weight", "q_proj.bias")):
-            arr = unpermute_qk(arr, config["num_attention_heads"])
-        elif arch in _PERMUTED and name.endswith(("k_proj.weight", "k_proj.bias")):
-            arr = unpermute_qk(arr, config["num_key_value_heads"])
-        elif arch in _GEMMA and name.endswith("norm.weight"):  # the converter stored 1 + w
-            arr = arr.astype(np.float32) - 1.0
-        elif name.endswith("shared_expert_gate.weight") and arr.ndim == 1:  # stored [H]: a [1, H] matrix
-            arr = arr.reshape(1, -1)
-        tensor = torch.from_numpy(np.array(arr, copy=not arr.flags.writeable or not arr.flags.c_contiguous))
-        if tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        tensors[name] = tensor if placed is None else tensor.to(placed.device_of(name))
+        for hf, arr in _hf_arrays(name, _dequantize(t, path), arch, config):
+            tensor = torch.from_numpy(np.array(arr, copy=not arr.flags.writeable or not arr.flags.c_contiguous))
+            if tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            tensors[hf] = tensor if placed is None else tensor.to(placed.device_of(hf))
     if "model.embed_tokens.weight" not in tensors:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
     return config, tensors
