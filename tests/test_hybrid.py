@@ -266,3 +266,19 @@ def test_qwen35_gguf_with_fused_attention_qkv(tmp_path):
     with torch.no_grad():
         ref = hf(ids).logits
     assert relative("qwen35 fused attention qkv", cf.load(tmp_path / "fused.gguf").logits(ids), ref) < 1e-4
+
+
+def test_hybrid_gguf_export_pins_each_slots_kind(tmp_path):
+    """A GGUF exported along a path that puts full-attention layer 2 first: attention.recurrent_layers
+    says each slot's kind (the interval rule would not), so the file loads to the path's logits."""
+    from helpers import write_gguf
+
+    hf = build_hf_model("qwen3_5_text", tmp_path / "hf")
+    write_gguf(hf, tmp_path / "m.gguf")
+    layers = [2, 0, 1, 3, 4, 0, 5]
+    exported = cf.load(cf.export_gguf(tmp_path / "m.gguf", tmp_path / "path.gguf", layers))
+    assert list(exported.config.linear_layers) == [0, 1, 1, 1, 1, 1, 0]
+    ids = tokens(2, 30, seed=9)
+    with torch.no_grad():
+        ref = rebuilt(hf, layers)(ids).logits
+    assert relative("qwen35 gguf exported along a path", exported.logits(ids), ref) < 1e-4

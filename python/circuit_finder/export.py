@@ -211,6 +211,19 @@ def _pin_sliding_layers(writer, reader, src: Path, arch: str, path: LayerPath, n
         writer.add_attention_scale(1.0 / float(scalar) ** 0.5)
 
 
+def _pin_recurrent_layers(writer, reader, src: Path, arch: str, path: LayerPath) -> None:
+    """A hybrid's linear / full-attention layers follow full_attention_interval from layer
+    positions, which a path changes: attention.recurrent_layers (read by llama.cpp's loader before
+    the interval rule) names each slot's kind, unless the file lists it already (then it is
+    reordered with the other per-layer arrays)."""
+    from .gguf import gguf_config, gguf_field
+
+    if gguf_field(reader, f"{arch}.attention.recurrent_layers") is not None:
+        return
+    kinds = gguf_config(reader, str(src))["layer_types"]
+    writer.add_array(f"{arch}.attention.recurrent_layers", [kinds[i] == "linear_attention" for i in path])
+
+
 def _write_gguf(reader, src: Path, tmp: Path, arch: str, path: LayerPath, n: int, ordered) -> None:
     import gguf
 
@@ -219,6 +232,8 @@ def _write_gguf(reader, src: Path, tmp: Path, arch: str, path: LayerPath, n: int
         _copy_gguf_metadata(writer, reader, arch, path, n)
         if arch in ("gemma2", "gemma3", "gpt-oss"):
             _pin_sliding_layers(writer, reader, src, arch, path, n)
+        if arch in ("qwen35", "qwen35moe", "qwen3next"):
+            _pin_recurrent_layers(writer, reader, src, arch, path)
         for name, t in ordered:
             writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
         writer.write_header_to_file(path=tmp)
