@@ -282,3 +282,46 @@ def test_hybrid_gguf_export_pins_each_slots_kind(tmp_path):
     with torch.no_grad():
         ref = rebuilt(hf, layers)(ids).logits
     assert relative("qwen35 gguf exported along a path", exported.logits(ids), ref) < 1e-4
+
+
+def test_hybrid_through_score_lm_eval_and_server(tmp_path):
+    """Qwen3-Next with the default model's tokenizer, along a path repeating linear layers:
+    Model.score equals log-probabilities summed from transformers' logits (padded rows of two
+    lengths in one batch), the lm-eval adapter returns Model.score's, and the server's greedy
+    completion is model.generate's."""
+    pytest.importorskip("lm_eval")
+    fastapi = pytest.importorskip("fastapi")  # noqa: F841
+    from fastapi.testclient import TestClient
+    from lm_eval.api.instance import Instance
+
+    from circuit_finder import likelihood
+    from circuit_finder.gguf import gguf_tokenizer
+    from circuit_finder.lm_eval import CircuitFinderLM
+    from circuit_finder.server import create_app
+
+    try:
+        tokenizer = gguf_tokenizer(cf.default_model_path())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    hf = build_hf_model("qwen3_next", tmp_path, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    tokenizer.save_pretrained(str(tmp_path))
+    model, path = cf.load(tmp_path), [0, 1, 2, 0, 1, 2, 3, 4, 5]
+    pairs = [("The sky is", " blue"), ("Two plus two is, as everyone knows,", " four")]
+    ours = model.score([c for c, _ in pairs], [x for _, x in pairs], layers=path)
+    ref_model = rebuilt(hf, path)
+    for (ctx, cont), got in zip(pairs, ours):
+        c, x = likelihood.encode_pair(model.codec, ctx, cont)
+        with torch.no_grad():
+            logits = ref_model(torch.tensor([c + x[:-1]])).logits[0, len(c) - 1:].log_softmax(-1)
+        want = logits.gather(-1, torch.tensor(x).unsqueeze(-1)).sum().item()
+        print(f"score {ctx!r}: ours {got:.5f} transformers {want:.5f}")
+        assert abs(got - want) < 1e-3
+    lm = CircuitFinderLM.create_from_arg_string(f"pretrained={tmp_path},layers=rys=0:3", {"batch_size": 2})
+    assert list(lm.path) == path
+    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    assert [r[0] for r in results] == pytest.approx(ours, abs=1e-4)
+    with TestClient(create_app(model, layers=path, model_name="tiny", batch_window_ms=0)) as http:
+        r = http.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == model.generate("Once upon a time", layers=path, max_new_tokens=8)[0]
