@@ -212,9 +212,10 @@ def test_engine_puts_each_slot_with_its_layer(model_dir):
         engine.new_cache([0, 1, 2, 3], 2, 8, engine.new_cache([0, 1, 3], 2, 8), 3)
 
 
-@pytest.mark.parametrize("arch_name", ["gemma3_text", "mistral", "phi3"])
+@pytest.mark.parametrize("arch_name", ["gemma3_text", "mistral", "phi3", "qwen3_5_text"])
 def test_hidden_states_cross_devices_with_their_inputs(model_dir, arch_name):
-    """Slots on the meta device run with the call's positions, masks and cache moved there: the
+    """Slots on the meta device (Qwen3.5: a full-attention and a linear layer) run with the call's
+    positions, masks, real-token flags and cache (or linear state) moved there: the
     only error is the first copy of meta data back to the CPU, at the slot after the meta block (a
     mask, table or write index left on the CPU would fail earlier, with a device mismatch)."""
     folder, _ = model_dir(arch_name)
