@@ -220,6 +220,10 @@ def test_hybrid_gguf_matches_transformers(arch, tmp_path):
         with torch.no_grad():
             ref = rebuilt(hf, list(PATHS[name]))(ids).logits
         assert relative(f"{arch} gguf {name}", model.logits(ids, layers=PATHS[name]), ref) < 1e-4
+    out = cf.export_hf(tmp_path / "m.gguf", tmp_path / "export", PATHS["rys"])  # qwen3next: regrouped projections
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(ids).logits
+    assert relative(f"{arch} gguf exported, in transformers", exported, model.logits(ids, layers=PATHS["rys"])) < 1e-4
     if arch != "qwen3_next":  # transformers has no qwen3next GGUF reader
         theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
         with torch.no_grad():

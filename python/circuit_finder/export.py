@@ -349,6 +349,8 @@ def hub_expert_tensors(tensors: dict, config: dict) -> dict:
         return tensors
     if architecture == "GptOssForCausalLM":
         return gpt_oss_hub_experts(tensors)
+    if architecture == "Qwen3NextForCausalLM":
+        tensors = qwen3_next_hub_projections(tensors, config)
     mixtral = architecture == "MixtralForCausalLM"
     out = {}
     for name, t in tensors.items():
@@ -386,6 +388,29 @@ def gpt_oss_hub_experts(tensors: dict) -> dict:
         out[x + "gate_up_proj_bias"] = torch.stack((out.pop(x + "gate_proj_bias"), out.pop(x + "up_proj_bias")),
                                                    dim=2).flatten(1, 2)
         out[x + "down_proj"] = out[x + "down_proj"].transpose(1, 2)
+    return out
+
+
+def qwen3_next_hub_projections(tensors: dict, config: dict) -> dict:
+    """Qwen3-Next's linear-attention projections in its own grouped layout: Qwen3.5-style flat
+    in_proj_qkv / in_proj_z / in_proj_b / in_proj_a (how a GGUF loads) regrouped per key head into
+    in_proj_qkvz ([q | k | v | z] per group) and in_proj_ba ([b | a] per group). Other tensors and
+    ones already grouped are unchanged."""
+    c = _decoder_config(config)
+    hk, hv, dk, dv = (int(c[k]) for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                          "linear_value_head_dim"))
+    r, out = hv // hk, dict(tensors)
+    for name in tensors:
+        if not name.endswith("linear_attn.in_proj_qkv.weight"):
+            continue
+        x = name[:-len("in_proj_qkv.weight")]
+        qkv, z = out.pop(x + "in_proj_qkv.weight"), out.pop(x + "in_proj_z.weight")
+        h = qkv.shape[-1]
+        q, k, v = qkv[:hk * dk], qkv[hk * dk:2 * hk * dk], qkv[2 * hk * dk:]
+        groups = [t.reshape(hk, -1, h) for t in (q, k, v, z)]
+        out[x + "in_proj_qkvz.weight"] = torch.cat(groups, 1).reshape(-1, h)
+        b, a = out.pop(x + "in_proj_b.weight"), out.pop(x + "in_proj_a.weight")
+        out[x + "in_proj_ba.weight"] = torch.cat([b.reshape(hk, r, h), a.reshape(hk, r, h)], 1).reshape(-1, h)
     return out
 
 
