@@ -1,5 +1,5 @@
 """Mixture-of-experts and hybrid decode and prefill against transformers (issue #14, item 5): one row
-per family (Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS; Qwen3.5 and Qwen3-Next, whose Gated DeltaNet
+per family (Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS; Qwen3.5, Qwen3-Next and Qwen3.5-MoE, whose Gated DeltaNet
 layers transformers runs with its torch reference here) on a random model of a small shape, same weights, RYS path,
 batch, dtype and device, measured by run.py's bench_forward (tokens/s, timestamps as each token
 comes out; the greedy tokens compared).
@@ -50,6 +50,9 @@ FAMILIES = {
                        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
                        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
                        shared_expert_intermediate_size=512, mlp_only_layers=[]),
+    "qwen3_5_moe_text": dict(head_dim=64, layer_types=None, full_attention_interval=4, linear_num_key_heads=4,
+                             linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64, num_experts=16,
+                             num_experts_per_tok=4, moe_intermediate_size=256, shared_expert_intermediate_size=512),
 }
 QUICK = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
 

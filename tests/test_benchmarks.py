@@ -59,5 +59,5 @@ def test_placement_benchmark_quick_run(tmp_path):
 def test_moe_benchmark_quick_run(tmp_path):
     res = quick_run("bench_moe", tmp_path)
     assert [r["model"] for r in res["rows"]] == ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_5_text",
-                                                 "qwen3_next"]
+                                                 "qwen3_next", "qwen3_5_moe_text"]
     assert all(r["same_greedy_tokens"] and r["decode_tok_s"]["circuit_finder"] > 0 for r in res["rows"])

@@ -170,29 +170,31 @@ def test_hybrid_config_errors_name_the_key(hybrid):
     assert list(interval.linear_layers) == [1, 1, 0, 1, 1, 0]
 
 
-def test_qwen3_5_conditional_generation_text_decoder(tmp_path):
-    """Qwen3.5 as published: Qwen3_5ForConditionalGeneration (model.language_model.*, a vision tower,
-    text_config). Its text decoder loads (the tower left out) to the wrapper's text-only logits
-    (its multimodal RoPE reduces to the 1-D one for text)."""
-    from transformers import AutoConfig
-    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForConditionalGeneration
+@pytest.mark.parametrize("kind", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_conditional_generation_text_decoder(tmp_path, kind):
+    """Qwen3.5 as published: Qwen3_5(Moe)ForConditionalGeneration (model.language_model.*, a vision
+    tower, text_config). Its text decoder loads (the tower left out) to the wrapper's text-only
+    logits (its multimodal RoPE reduces to the 1-D one for text)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from helpers import ARCH_EXTRA, BASE, randomize
 
     vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                   num_position_embeddings=16, patch_size=4)
-    config = AutoConfig.for_model("qwen3_5", text_config=dict(BASE, **ARCH_EXTRA["qwen3_5_text"]), vision_config=vision,
-                                  tie_word_embeddings=False)
+    text = dict(BASE, **ARCH_EXTRA[f"{kind}_text"])
+    config = AutoConfig.for_model(kind, text_config=text, vision_config=vision, tie_word_embeddings=False)
     torch.manual_seed(0)
-    wrapper = Qwen3_5ForConditionalGeneration(config).eval()
+    wrapper = AutoModelForImageTextToText.from_config(config).eval()
     randomize(wrapper)
     wrapper.save_pretrained(str(tmp_path))
     model = cf.load(tmp_path)
-    assert (model.config.architecture, model.config.wrapper) == ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
+    names = {"qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe"}[kind]
+    assert (model.config.architecture, model.config.wrapper) == (f"{names}ForCausalLM",
+                                                                 f"{names}ForConditionalGeneration")
     ids = tokens(2, 30, seed=6)
     with torch.no_grad():
         ref = wrapper(input_ids=ids).logits
-    assert relative("qwen3_5 wrapper text decoder", model.logits(ids), ref) < 1e-4
+    assert relative(f"{kind} wrapper text decoder", model.logits(ids), ref) < 1e-4
 
 
 @pytest.mark.parametrize("arch", HYBRID_ARCHS)

@@ -216,6 +216,10 @@ def test_moe_gguf_matches_transformers(arch, tmp_path):
     out = cf.export_hf(tmp_path / "f32.gguf", tmp_path / "export", PATHS["rys"])  # per-expert names
     assert relative(f"{arch} gguf export in transformers", transformers_logits(out, ids),
                     model.logits(ids, layers=PATHS["rys"])) < 1e-4
+    path_file = cf.export_gguf(tmp_path / "f32.gguf", tmp_path / "path.gguf", PATHS["rys"])  # blocks copied
+    exported = cf.load(path_file)
+    assert list(exported.config.sparse_layers) == [model.config.sparse_layers[i] for i in PATHS["rys"]]
+    assert relative(f"{arch} gguf exported along rys", exported.logits(ids), model.logits(ids, layers=PATHS["rys"])) < 1e-5
     write_gguf(hf, tmp_path / "q8.gguf", "Q8_0")  # 8-bit experts: close on average (a token whose
     q8 = cf.load(tmp_path / "q8.gguf").logits(ids, layers=PATHS["rys"])  # top-k flips may differ more)
     f32 = model.logits(ids, layers=PATHS["rys"])
