@@ -99,6 +99,28 @@ def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
     return diff.max().item()
 
 
+def relative(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Prints max / mean absolute and relative max difference; returns the relative max one."""
+    diff = (ours.float() - ref.float()).abs()
+    rel = (diff.max() / ref.float().abs().max()).item()
+    print(f"{name}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}, relative max {rel:.3e}")
+    return rel
+
+
+def bf16_errors(name: str, hf_model, folder, ids: torch.Tensor, path) -> tuple[float, float]:
+    """(our bf16 mean abs error, transformers' bf16 mean abs error), both against transformers'
+    fp32 logits along `path`, printed."""
+    import circuit_finder as cf
+
+    with torch.no_grad():
+        ref = rebuilt(hf_model, list(path))(ids).logits
+        theirs = rebuilt(hf_model, list(path)).to(torch.bfloat16)(ids).logits.float()
+    ours = cf.load(folder, dtype="bfloat16").logits(ids, layers=path).float()
+    e_ours, e_theirs = (ours - ref).abs().mean().item(), (theirs - ref).abs().mean().item()
+    print(f"{name} bf16 mean abs error: ours {e_ours:.3e}, transformers {e_theirs:.3e}")
+    return e_ours, e_theirs
+
+
 def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     """Random token ids in [3, 160) (clear of pad/bos/eos), seeded."""
     g = torch.Generator().manual_seed(seed)

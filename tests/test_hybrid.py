@@ -17,7 +17,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from helpers import HYBRID_ARCHS, build_hf_model, rebuilt, tokens
+from helpers import HYBRID_ARCHS, bf16_errors, build_hf_model, rebuilt, relative, tokens
 
 N = 6
 PATHS = {"identity": LayerPath.identity(N), "rys": LayerPath.duplicate(N, 0, 3),  # linear layers 0, 1 twice
@@ -28,13 +28,6 @@ PATHS = {"identity": LayerPath.identity(N), "rys": LayerPath.duplicate(N, 0, 3),
 def hybrid(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     return request.param, folder, build_hf_model(request.param, folder)
-
-
-def relative(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
-    diff = (ours.float() - ref.float()).abs()
-    rel = (diff.max() / ref.float().abs().max()).item()
-    print(f"{name}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}, relative max {rel:.3e}")
-    return rel
 
 
 @pytest.mark.parametrize("name", sorted(PATHS))
@@ -113,14 +106,7 @@ def test_each_slot_owns_its_linear_state(hybrid):
 
 def test_hybrid_bf16_error_within_twice_transformers(hybrid):
     arch, folder, hf = hybrid
-    ids = tokens(2, 40, seed=9)
-    path = list(PATHS["rys"])
-    with torch.no_grad():
-        ref = rebuilt(hf, path)(ids).logits
-        theirs = rebuilt(hf, path).to(torch.bfloat16)(ids).logits.float()
-    ours = cf.load(folder, dtype="bfloat16").logits(ids, layers=path).float()
-    e_ours, e_theirs = (ours - ref).abs().mean().item(), (theirs - ref).abs().mean().item()
-    print(f"{arch} bf16 mean abs error: ours {e_ours:.3e}, transformers {e_theirs:.3e}")
+    e_ours, e_theirs = bf16_errors(arch, hf, folder, tokens(2, 40, seed=9), PATHS["rys"])
     assert e_ours <= 2 * e_theirs + 1e-3
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from helpers import MOE_ARCHS, build_hf_model, rebuilt, tokens
+from helpers import MOE_ARCHS, bf16_errors, build_hf_model, rebuilt, relative, tokens
 
 N = 6
 PATHS = {"identity": LayerPath.identity(N), "rys": LayerPath.duplicate(N, 2, 4),
@@ -29,13 +29,6 @@ PATHS = {"identity": LayerPath.identity(N), "rys": LayerPath.duplicate(N, 2, 4),
 def moe(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     return request.param, folder, build_hf_model(request.param, folder)
-
-
-def relative(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
-    diff = (ours.float() - ref.float()).abs()
-    rel = (diff.max() / ref.float().abs().max()).item()
-    print(f"{name}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}, relative max {rel:.3e}")
-    return rel
 
 
 @pytest.mark.parametrize("name", sorted(PATHS))
@@ -162,14 +155,7 @@ def test_moe_bf16_error_within_twice_transformers(moe):
     """bf16 (where Mixtral's fp32 mixing and Qwen's cast-first differ): our error against the fp32
     reference at most twice transformers' own bf16 error."""
     arch, folder, hf = moe
-    ids = tokens(2, 16, seed=9)
-    path = list(PATHS["rys"])
-    with torch.no_grad():
-        ref = rebuilt(hf, path)(ids).logits
-        theirs = rebuilt(hf, path).to(torch.bfloat16)(ids).logits.float()
-    ours = cf.load(folder, dtype="bfloat16").logits(ids, layers=path).float()
-    e_ours, e_theirs = (ours - ref).abs().mean().item(), (theirs - ref).abs().mean().item()
-    print(f"{arch} bf16 mean abs error: ours {e_ours:.3e}, transformers {e_theirs:.3e}")
+    e_ours, e_theirs = bf16_errors(arch, hf, folder, tokens(2, 16, seed=9), PATHS["rys"])
     assert e_ours <= 2 * e_theirs + 1e-3
 
 
