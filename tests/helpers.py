@@ -433,7 +433,8 @@ def _gguf_array(hf: str, t, cfg, arch: str, permute: bool):
 
 
 def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip=(), permute=True, seed=0,
-               extra_tensors=None, extra_arrays=None, extra_strings=None, expert_qtype: str | None = None):
+               extra_tensors=None, extra_arrays=None, extra_strings=None, expert_qtype: str | None = None,
+               extra_uints=None, block_count: int | None = None):
     """Writes a transformers model as GGUF the way llama.cpp's converter lays it out (per family:
     fused Phi-3 tensors and LongRoPE factor tensors, Gemma's +1 norms and names, mistral3's YaRN and
     temperature keys; the keys each converter leaves out are left out here too).
@@ -450,7 +451,7 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
     arch = arch or GGUF_ARCH.get(cfg.model_type, cfg.model_type)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
+    w.add_block_count(block_count or cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -470,6 +471,8 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
         w.add_array(key, values)
     for key, value in (extra_strings or {}).items():
         w.add_string(key, value)
+    for key, value in (extra_uints or {}).items():
+        w.add_uint32(key, value)
     written = {}
     for name, arr in family_tensors.items():
         w.add_tensor(name, arr, raw_dtype=gguf.GGMLQuantizationType.F32)

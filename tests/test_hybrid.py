@@ -317,3 +317,69 @@ def test_hybrid_through_score_lm_eval_and_server(tmp_path):
         r = http.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == model.generate("Once upon a time", layers=path, max_new_tokens=8)[0]
+
+
+def test_interval_only_config_exports_layer_types(hybrid, tmp_path):
+    """A published-style config that names only full_attention_interval: an export along a path that
+    moves full-attention layer 2 first writes layer_types, so each slot keeps its layer's kind."""
+    arch, folder, hf = hybrid
+    src = tmp_path / "src"
+    src.mkdir()
+    config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "layer_types"}
+    (src / "config.json").write_text(json.dumps(dict(config, full_attention_interval=3)))
+    (src / "model.safetensors").symlink_to(folder / "model.safetensors")
+    layers = [2, 0, 1, 3, 4, 5]
+    out = cf.export_hf(str(src), tmp_path / "out", layers)
+    assert json.loads((out / "config.json").read_text())["layer_types"][:3] == \
+        ["full_attention", "linear_attention", "linear_attention"]
+    ids = tokens(1, 12, seed=10)
+    assert relative(f"{arch} interval-only export", cf.load(out).logits(ids), cf.load(src).logits(ids, layers=layers)) < 1e-6
+
+
+def test_gguf_multi_token_prediction_block_is_left_out(tmp_path):
+    """A qwen35 file whose block_count includes a multi-token-prediction block (nextn_predict_layers):
+    the decoder has the other layers, and a path exported as GGUF drops the block."""
+    import gguf
+
+    from helpers import write_gguf
+
+    hf = build_hf_model("qwen3_5_text", tmp_path / "hf")
+    f32 = gguf.GGMLQuantizationType.F32
+    mtp = {"blk.6.attn_norm.weight": (np.ones(64, np.float32), f32),
+           "blk.6.nextn.eh_proj.weight": (np.zeros((64, 128), np.float32), f32)}
+    write_gguf(hf, tmp_path / "m.gguf", extra_tensors=mtp, block_count=7, extra_uints={"qwen35.nextn_predict_layers": 1})
+    model = cf.load(tmp_path / "m.gguf")
+    from circuit_finder.export import source_num_layers
+
+    assert model.num_layers == 6 and source_num_layers(tmp_path / "m.gguf") == 6
+    ids = tokens(1, 12, seed=11)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert relative("qwen35 with an MTP block", model.logits(ids), ref) < 1e-4
+    exported = cf.load(cf.export_gguf(tmp_path / "m.gguf", tmp_path / "path.gguf", "0..5"))
+    assert exported.num_layers == 6 and relative("qwen35 MTP file exported", exported.logits(ids), ref) < 1e-4
+
+
+def test_cache_of_another_kind_is_refused(hybrid):
+    arch, folder, _ = hybrid
+    model = cf.load(folder)
+    cache = model.engine.new_cache([2, 2, 2], 1, 8)  # attention slots
+    with pytest.raises(ValueError, match="slot 0 holds keys and values but layer 0 is a linear-attention layer"):
+        model.engine.forward(tokens(1, 4), torch.arange(4).unsqueeze(0), None, [0, 1, 2], cache, False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hybrid_on_cuda_matches_transformers_and_graph_decode(hybrid):
+    """On the GPU: logits against transformers, and the fixed-shape decode (a CUDA graph for the
+    dense Qwen3.5; MoE reads its routing on the host) gives the dynamic decode's tokens."""
+    arch, folder, hf = hybrid
+    model = cf.load(folder, device="cuda")
+    ids = tokens(2, 70, seed=12)
+    with torch.no_grad():
+        ref = rebuilt(hf, list(PATHS["rys"]))(ids).logits
+    assert relative(f"{arch} cuda", model.logits(ids.cuda(), layers=PATHS["rys"]).cpu(), ref) < 1e-3
+    kw = dict(layers=PATHS["rys"], max_new_tokens=12, min_new_tokens=12)
+    model.static_decode = False
+    dynamic = model.generate(ids[:, :20].cuda(), **kw)
+    model.static_decode = True
+    assert torch.equal(model.generate(ids[:, :20].cuda(), **kw), dynamic)

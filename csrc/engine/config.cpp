@@ -543,7 +543,8 @@ std::vector<int64_t> read_sliding_windows(const Reader& r, const ArchFlags& f, i
         windows[i] = window;
       } else if (t != "full_attention" && !(f.linear_attention && t == "linear_attention")) {
         throw ConfigError(cat(r.source(), ": layer_types[", i, "] = '", t,
-                              "' is not supported (supported: full_attention, sliding_attention)"));
+                              "' is not supported (supported: full_attention, sliding_attention",
+                              f.linear_attention ? ", linear_attention)" : ")"));
       }
     }
   } else if (f.sliding_pattern > 0) {

@@ -6,7 +6,8 @@
 // A slot of a linear-attention layer (Gated DeltaNet) holds that slot's state instead of keys and
 // values: its causal conv's last inputs and its recurrent state, updated in place as tokens run.
 // Such a state summarises everything the slot has seen, so a shared linear slot is copied, not
-// aliased: the two caches then go on from the same state without overwriting each other's.
+// aliased: the two caches then go on from the same state without overwriting each other's. The
+// copy is taken when the sharing cache is made, so make it after the shared slots have run.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -348,6 +348,11 @@ void Engine::check_cache(const KVCache* cache, const LayerPath& path, int64_t B,
   if (cache->length() + T > cache->capacity())
     throw InputError(cat("the KV cache holds ", cache->capacity(), " positions; this call needs ", cache->length() + T));
   for (int64_t slot = 0; slot < cache->num_slots(); ++slot)
+    if (cache->linear(slot) != static_cast<bool>(cfg_.linear_layers[path[slot]]))
+      throw InputError(cat("the KV cache's slot ", slot, " holds ", cache->linear(slot) ? "a linear-attention state" : "keys and values",
+                           " but layer ", path[slot], " is ", cfg_.linear_layers[path[slot]] ? "a linear-attention" : "an attention",
+                           " layer (make the cache for this path)"));
+  for (int64_t slot = 0; slot < cache->num_slots(); ++slot)
     if (cache->device(slot) != w_.layers[path[slot]].device)
       throw InputError(cat("the KV cache's slot ", slot, " is on ", cache->device(slot).str(), " but layer ", path[slot],
                            " runs on ", w_.layers[path[slot]].device.str(), " (make the cache for this path)"));

@@ -154,13 +154,16 @@ def _check_target(dst: Path, overwrite: bool, folder: bool, source=None) -> None
 def _gguf_tensor_order(reader, path: LayerPath, n: int, src: Path) -> list[tuple[str, object]]:
     """(output name, source tensor) in file order: tensors before the blocks, the blocks along the
     path (renumbered by slot), tensors after the blocks."""
-    from .gguf import GGUFError
+    from .gguf import GGUFError, gguf_architecture, gguf_field
 
+    total = gguf_field(reader, f"{gguf_architecture(reader, src)}.block_count")  # n + prediction blocks
     head, blocks, tail = [], {i: [] for i in range(n)}, []
     for t in reader.tensors:
         m = _BLOCK.match(t.name)
         if m:
             layer = int(m.group(1))
+            if n <= layer < total:  # a multi-token-prediction block: not part of a decoder path
+                continue
             if layer >= n:
                 raise GGUFError(f"{src}: tensor {t.name} belongs to block {layer} but block_count is {n}")
             blocks[layer].append((m.group(2), t))
@@ -183,6 +186,8 @@ def _copy_gguf_metadata(writer, reader, arch: str, path: LayerPath, n: int) -> N
         value = field.contents()
         if name == f"{arch}.block_count":
             value = len(path)
+        elif name == f"{arch}.nextn_predict_layers":  # the prediction blocks are not exported
+            value = 0
         elif kind == gguf.GGUFValueType.ARRAY and name.startswith(f"{arch}.") and len(value) == n:
             value = [value[i] for i in path]
         elif name == "general.alignment":
@@ -485,7 +490,8 @@ def _write_shards(folder: Path, tensors, shards, target: torch.dtype | None) -> 
 
 def _with_layer_types(config: dict) -> dict:
     """A config whose layers differ in attention kind but that lists no layer_types (published Gemma,
-    Qwen2 with max_window_layers): layer_types written out from the parsed windows, so the export's
+    Qwen2 with max_window_layers, a hybrid's full_attention_interval): layer_types written out from
+    the parsed windows and linear layers, so the export's
     slots keep their layers' kinds instead of the kinds transformers derives from slot positions."""
     from .config import ConfigError, parse_config
 
@@ -493,13 +499,15 @@ def _with_layer_types(config: dict) -> dict:
     if "layer_types" in decoder:
         return config
     try:
-        windows = parse_config(config).sliding_window
+        parsed = parse_config(config)
     except ConfigError:  # an architecture we do not run: exported as it is
         return config
-    if len(set(windows)) < 2:
+    windows, linear = parsed.sliding_window, parsed.linear_layers
+    if len(set(windows)) < 2 and not any(linear):
         return config
     out = json.loads(json.dumps(config))
-    _decoder_config(out)["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
+    _decoder_config(out)["layer_types"] = ["linear_attention" if lin else "sliding_attention" if w else "full_attention"
+                                           for w, lin in zip(windows, linear)]
     return out
 
 

@@ -253,14 +253,16 @@ def gguf_architecture(reader, path: str | os.PathLike) -> str:
 
 
 def gguf_block_count(reader, path: str | os.PathLike) -> int:
-    """The number of decoder layers (``{arch}.block_count``) of an open file."""
+    """The number of decoder layers of an open file: ``{arch}.block_count`` less the
+    multi-token-prediction blocks that follow them (``{arch}.nextn_predict_layers``, Qwen3.5)."""
     arch = gguf_architecture(reader, path)
     count = gguf_field(reader, f"{arch}.block_count")
     if count is None:
         raise GGUFError(f"{path}: no {arch}.block_count")
-    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
-        raise GGUFError(f"{path}: {arch}.block_count is {count!r}, not a layer count")
-    return count
+    nextn = gguf_field(reader, f"{arch}.nextn_predict_layers", 0) or 0
+    if isinstance(count, bool) or not isinstance(count, int) or not isinstance(nextn, int) or count - nextn <= 0:
+        raise GGUFError(f"{path}: {arch}.block_count is {count!r} with {nextn!r} prediction blocks, not a layer count")
+    return count - nextn
 
 
 def gguf_num_layers(path: str | os.PathLike) -> int:

@@ -181,6 +181,8 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
         config = parse_config(config, source)
     if config.wrapper:
         tensors = text_decoder_tensors(tensors)
+    else:  # Qwen3-Next's multi-token-prediction head: not part of the decoder (transformers drops it too)
+        tensors = {name: t for name, t in tensors.items() if not name.startswith("mtp.")}
     if "model.embed_tokens.weight" not in tensors:
         raise _C.WeightError(f"{source}: missing tensor 'model.embed_tokens.weight'")
     checkpoint_dtype = _DTYPES.get(config.torch_dtype, tensors["model.embed_tokens.weight"].dtype)
