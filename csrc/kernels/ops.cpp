@@ -56,10 +56,8 @@ at::Tensor eager_block(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   at::Tensor scores = at::matmul(q.reshape({B, Hkv, G * T, D}), k.transpose(-2, -1)).view({B, Hq, T, S}) * scale;
   if (softcap > 0) scores = at::tanh(scores / softcap) * softcap;
   if (allowed.defined()) scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
-  if (sinks.defined()) {  // GPT-OSS: the sink column, then the row max taken off in the compute dtype
+  if (sinks.defined())  // GPT-OSS: the sink column (the softmax takes its row max off in fp32 itself)
     scores = at::cat({scores, sinks.to(scores.scalar_type()).view({1, Hq, 1, 1}).expand({B, Hq, T, 1})}, -1);
-    scores = scores - std::get<0>(scores.max(-1, true));
-  }
   at::Tensor probs = at::softmax(scores, -1, at::kFloat);
   if (sinks.defined()) probs = probs.narrow(-1, 0, S);
   return at::matmul(probs.to(q.scalar_type()).reshape({B, Hkv, G * T, S}), v).view({B, Hq, T, D});
@@ -67,8 +65,8 @@ at::Tensor eager_block(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 // transformers' eager attention, for what SDPA cannot do: Gemma 2's soft-capping (scores capped
 // before masking) and GPT-OSS's sinks (one more logit per head in the softmax, whose probability
-// is dropped; the row max subtracted first, as GPT-OSS's eager path does). Scores in the compute
-// dtype, softmax in fp32 and back. The G query heads sharing a KV head are stacked as G * T queries
+// is dropped). Scores in the compute dtype, softmax in fp32 and back. The G query heads sharing a
+// KV head are stacked as G * T queries
 // of it, so the cache is not repeated per query head; queries go in blocks so the scores of a long
 // prompt are never all materialised at once.
 at::Tensor eager_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

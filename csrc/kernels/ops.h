@@ -26,8 +26,8 @@ at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids);
 // become softcap * tanh(scores / softcap) before masking, computed by an ATen composite (scores in
 // the compute dtype, softmax in fp32, as transformers' eager attention does). sinks [Hq] (GPT-OSS)
 // or undefined: each head's softmax takes one more logit, sinks[h], whose probability is dropped
-// (the same composite, the row max subtracted in the compute dtype first as GPT-OSS's eager path
-// does; its softmax output is rounded to the compute dtype there too, here after an fp32 softmax).
+// (the same composite; GPT-OSS's eager path subtracts the row max in the compute dtype first,
+// which measured in bf16 puts us further from the fp32 result than transformers: not done).
 // The composite runs queries in blocks of about 4M scores.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, double scale, double softcap = 0.0,
