@@ -234,9 +234,7 @@ at::Tensor Engine::linear_attention(at::Tensor x, int64_t layer, const at::Tenso
   at::Tensor fresh;
   at::Tensor& state = cache ? cache->recurrent_state(slot) : (fresh = at::zeros({B, Hv, Dk, Dv}, x.options().dtype(at::kFloat)));
   const at::Tensor o = linear::gated_delta_rule(q, k, v, g, beta, state, cache != nullptr && T == 1);
-  at::Tensor h = o.to(at::kFloat);
-  h = h * at::rsqrt(h.pow(2).mean(-1, true) + cfg_.rms_norm_eps);
-  h = (L.la_norm * h.to(x.scalar_type())) * at::silu(z.to(at::kFloat));
+  const at::Tensor h = ops::rms_norm(o, L.la_norm, cfg_.rms_norm_eps) * at::silu(z.to(at::kFloat));
   return ops::linear(h.to(x.scalar_type()).reshape({B, T, Hv * Dv}), L.la_out);
 }
 

@@ -206,8 +206,8 @@ def _pin_sliding_layers(writer, reader, src: Path, arch: str, path: LayerPath, n
     sliding = sliding_layers(reader, arch, n)
     if not isinstance(pattern, list):  # a per-layer list is reordered with the other arrays
         writer.add_sliding_window_pattern([sliding[i] for i in path])
-    moved = [k for k, layer in enumerate(path) if sliding[layer] != ((k + 1) % 2 != 0)]
-    if arch == "gpt-oss" and moved:
+    moved = [k for k, layer in enumerate(path) if sliding[layer] != ((k + 1) % 2 != 0)] if arch == "gpt-oss" else []
+    if moved:
         warnings.warn(f"{src}: slots {moved} of this gpt-oss path hold layers of the other attention kind than "
                       "their position's; circuit-finder reads the per-slot sliding_window_pattern written here, but "
                       "a llama.cpp that derives gpt-oss windows from layer positions alone will not", stacklevel=3)

@@ -315,7 +315,7 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
         "hidden_size": hidden,
         "intermediate_size": int(per_layer_scalar("feed_forward_length",
                                                   gguf_field(reader, f"{arch}.expert_feed_forward_length"))),
-        "num_hidden_layers": int(need("block_count")),
+        "num_hidden_layers": gguf_block_count(reader, path),  # without multi-token-prediction blocks
         "num_attention_heads": heads,
         "num_key_value_heads": int(per_layer_scalar("attention.head_count_kv", heads)),
         "head_dim": int(gguf_field(reader, f"{arch}.attention.key_length") or hidden // heads),
@@ -406,13 +406,13 @@ def _gpt_oss_config(reader, path: str, config: dict, by_name: dict, count: int, 
 def _hybrid_config(reader, path: str, arch: str, need, config: dict) -> None:
     """Qwen3.5 / Qwen3-Next: the linear-attention sizes (ssm.*), which layers are linear
     (attention.recurrent_layers, else every full_attention_interval-th layer is full), partial
-    rotary from rope.dimension_count, and the multi-token-prediction blocks at the end left out."""
+    rotary from rope.dimension_count (num_hidden_layers already leaves out the multi-token-prediction
+    blocks at the end)."""
     heads_v, inner = int(need("ssm.time_step_rank")), int(need("ssm.inner_size"))
     config.update(linear_conv_kernel_dim=int(need("ssm.conv_kernel")), linear_key_head_dim=int(need("ssm.state_size")),
                   linear_num_key_heads=int(need("ssm.group_count")), linear_num_value_heads=heads_v,
                   linear_value_head_dim=inner // heads_v)
-    n = config["num_hidden_layers"] - int(gguf_field(reader, f"{arch}.nextn_predict_layers", 0) or 0)
-    config["num_hidden_layers"] = n
+    n = config["num_hidden_layers"]
     recurrent = gguf_field(reader, f"{arch}.attention.recurrent_layers")
     interval = int(gguf_field(reader, f"{arch}.full_attention_interval", 4) or 4)
     if isinstance(recurrent, list) and len(recurrent) < n:
