@@ -17,6 +17,15 @@ researcher would write with transformers — per config, rebuild the model's lay
 copies, one per slot) and `generate()` each prompt on its own — on the same probes and items;
 the scores must be identical.
 
+scan: sweep throughput at real scale: configs/minute of `sweep()` in likelihood and generate mode
+(probes math, eq, reasoning, their search items) on --scan-model (e.g. 8b: a random Llama of
+Llama-3-8B's shape, built on the device, with the default model's tokenizer), over an even spread
+of --scan-configs configs of the full (i, j) scan, and the projected time of the whole scan. With
+--profile, a torch.profiler table of one batch-1 decode (kernels by total time) is written too.
+
+On a CUDA device the random shapes are built there, in the benchmark dtype (transformers' own
+random init), and our Model runs over the very same tensors; nothing is written to disk.
+
 Writes <out>/<date>-<device>.json and .md and prints the markdown.
 """
 
@@ -41,13 +50,14 @@ from circuit_finder import LayerPath  # noqa: E402
 from circuit_finder.generation import Sampling, generate_ids  # noqa: E402
 from circuit_finder.loading import resolve_dtype  # noqa: E402
 from circuit_finder.sweep import SweepConfig, make_configs, resolve_probes  # noqa: E402
-from helpers import build_hf_model, rebuilt  # noqa: E402
+from helpers import build_hf_model, make_config, rebuilt  # noqa: E402
 
 # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
 RANDOM_SHAPES = {
     "tiny": (256, 688, 8, 8, 4, 4096),
     "small": (576, 1536, 30, 9, 3, 49152),  # SmolLM2-135M's shape
     "1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B's shape
+    "8b": (4096, 14336, 32, 32, 8, 128256),  # Llama-3-8B's shape
 }
 
 
@@ -108,12 +118,32 @@ def default_pair(folder: Path, device, dtype):
     return "SmolLM2-135M-Instruct (default)", ours, hf
 
 
-def random_pair(shape: str, folder: Path, device, dtype):
+def shape_overrides(shape: str) -> dict:
     h, i, n, heads, kv, vocab = RANDOM_SHAPES[shape]
-    hf = build_hf_model("llama", folder, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
-                        num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                        tie_word_embeddings=False, rope_scaling=None, max_position_embeddings=4096)
+    return dict(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
+                num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=False, rope_scaling=None,
+                max_position_embeddings=4096)
+
+
+def random_pair(shape: str, folder: Path, device, dtype):
+    if device.type == "cuda":
+        return device_pair(shape, device, dtype)
+    hf = build_hf_model("llama", folder, **shape_overrides(shape))
     return f"random Llama, {shape} shape", cf.load(folder, device=device, dtype=dtype), hf
+
+
+def device_pair(shape: str, device, dtype, tokenizer=None):
+    """A random Llama built on the device in `dtype` (transformers' init), and our Model over the
+    very same tensors (no copy): for shapes too large to build in fp32 on the host and save."""
+    from transformers import AutoModelForCausalLM
+
+    config = make_config("llama", **shape_overrides(shape))
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    ours = cf.load_from_tensors(config.to_dict(), dict(hf.state_dict()), tokenizer=tokenizer, device=device,
+                                dtype=dtype, source=f"random-{shape}")
+    return f"random Llama, {shape} shape", ours, hf
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -233,6 +263,71 @@ def bench_sweep(ours: cf.Model, hf, probe_names, block_size: int, stride: int, m
             "scores_equal": same}
 
 
+# --------------------------------------------------------------------------------------------- scan
+def scan_model(name: str, folder: Path, device, dtype, tokenizer_folder: str | None = None):
+    """The model the scan section sweeps: 'default', or a random shape with the default model's
+    tokenizer or a saved one (the shape's vocabulary must hold its ids)."""
+    if name == "default":
+        return "SmolLM2-135M-Instruct (default)", cf.load("default", device=device, dtype=dtype)
+    if tokenizer_folder:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    else:
+        tokenizer = cf.load("default").tokenizer
+    if RANDOM_SHAPES[name][5] < len(tokenizer):
+        raise SystemExit(f"--scan-model {name}: vocabulary {RANDOM_SHAPES[name][5]} < the tokenizer's {len(tokenizer)}")
+    if device.type == "cuda":
+        label, ours, _ = device_pair(name, device, dtype, tokenizer)
+        return label, ours
+    hf = build_hf_model("llama", folder, **shape_overrides(name))
+    return f"random Llama, {name} shape", cf.load_from_tensors(hf.config.to_dict(), dict(hf.state_dict()), tokenizer,
+                                                               device=device, dtype=dtype, source=str(folder))
+
+
+def bench_scan(label: str, ours: cf.Model, probe_names, count: int, max_items: int | None) -> list[dict]:
+    """configs/min of sweep() over `count` configs spread evenly over the full (i, j) scan (the
+    baseline too), per mode; projected minutes for the whole scan at that rate."""
+    n = ours.num_layers
+    full = make_configs(n, "scan")
+    step = max(1, len(full) // count)
+    chosen = [c.layers for c in full[::step][:count]]
+    rows = []
+    for mode in ("likelihood", "generate"):
+        sync(ours.device)
+        t = time.perf_counter()
+        result = cf.sweep(ours, probes=probe_names, paths=chosen, mode=mode, max_items=max_items, progress=False)
+        sync(ours.device)
+        seconds = time.perf_counter() - t
+        rate = 60 * len(result.records) / seconds
+        items = {p: len(v) for p, v in result.records[0]["scores"].items()}
+        rows.append({"model": label, "params_M": round(sum(t.numel() for t in ours.tensors.values()) / 1e6, 1),
+                     "mode": mode, "configs": len(result.records), "items": items, "seconds": seconds,
+                     "configs_per_min": rate, "scan_configs": len(full) + 1,
+                     "projected_scan_min": (len(full) + 1) / rate})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def profile_decode(ours: cf.Model, out: Path, steps: int = 8) -> str:
+    """Kernel table (by total device time) of `steps` batch-1 decode steps along bench_path, CUDA
+    graphs off so that each kernel shows; written to <out>/profile-decode.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    path = bench_path(ours)
+    ids = torch.randint(3, ours.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)).to(ours.device)
+    graphs, ours.cuda_graphs = ours.cuda_graphs, False
+    generate_ids(ours, ids, None, path, Sampling(2, 2))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate_ids(ours, ids, None, path, Sampling(steps, steps))
+        sync(ours.device)
+    ours.cuda_graphs = graphs
+    table = prof.key_averages().table(sort_by="cuda_time_total" if ours.device.type == "cuda" else "cpu_time_total",
+                                      row_limit=30)
+    (out / "profile-decode.txt").write_text(f"{steps} decode steps (+ one prefill of 64), batch 1, {path}\n{table}\n")
+    return table
+
+
 # ------------------------------------------------------------------------------------------- report
 def markdown(res: dict) -> str:
     m = res["meta"]
@@ -258,12 +353,20 @@ def markdown(res: dict) -> str:
                   f"| {s['model']}, {s['mode']} | {s['configs']} | {len(s['probes'])} x {s['items_per_probe']} | "
                   f"{c['circuit_finder']:.2f} / {c['transformers_naive']:.2f} | {s['ratio']:.2f} | "
                   f"{'yes' if s['identical_scores'] else 'no'} ({s['scores_equal']}/{s['scores_compared']}) |", ""]
+    if res.get("scan"):
+        lines += ["| scan model (params) | mode | configs timed | items per probe | configs/min | full scan (configs) "
+                  "| projected full scan |", "|---|---|---|---|---|---|---|"]
+        for r in res["scan"]:
+            items = ", ".join(f"{p} {k}" for p, k in r["items"].items())
+            lines.append(f"| {r['model']} ({r['params_M']}M) | {r['mode']} | {r['configs']} | {items} | "
+                         f"{r['configs_per_min']:.1f} | {r['scan_configs']} | {r['projected_scan_min']:.1f} min |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", choices=["forward", "sweep"], default=["forward", "sweep"])
+    ap.add_argument("--sections", nargs="+", choices=["forward", "sweep", "scan"], default=["forward", "sweep"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=None)
@@ -272,6 +375,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--sweep-items", type=int, default=8, help="search items per probe in the sweep section")
+    ap.add_argument("--scan-model", default="default", help="'default' or a random shape, for the scan section")
+    ap.add_argument("--scan-configs", type=int, default=8, help="configs of the full scan timed per mode")
+    ap.add_argument("--tokenizer", default=None, help="a saved tokenizer folder for the scan's random model "
+                    "(default: the default model's, built from its GGUF)")
+    ap.add_argument("--scan-items", type=int, default=None, help="search items per probe (default: all)")
+    ap.add_argument("--profile", action="store_true", help="write a batch-1 decode profile of each forward model")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -285,7 +394,9 @@ def main(argv=None) -> int:
             f"{torch.get_num_threads()} CPU threads" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
             "torch": torch.__version__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "cpu_kernels": cf._C.cpu_isa(), "quick": args.quick}
-    res: dict = {"meta": meta, "forward": [], "sweep": None}
+    res: dict = {"meta": meta, "forward": [], "sweep": None, "scan": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if "forward" in args.sections:
         bandwidth = copy_bandwidth(device)
         meta["copy_bandwidth_GB_s"] = bandwidth / 1e9
@@ -302,6 +413,8 @@ def main(argv=None) -> int:
                     r = bench_forward(label, ours, ref, b, prompt, new, args.repeat, bandwidth)
                     res["forward"].append(r)
                     print(json.dumps(r), flush=True)
+                if args.profile:
+                    print(profile_decode(ours, out), flush=True)
                 del ours, ref
     if "sweep" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:
@@ -310,8 +423,13 @@ def main(argv=None) -> int:
             res["sweep"] = bench_sweep(ours, hf, probes, block_size=4, stride=8 if args.quick else 6,
                                        max_items=1 if args.quick else args.sweep_items)
             print(json.dumps(res["sweep"]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if "scan" in args.sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            name = "default" if args.quick else args.scan_model
+            label, ours = scan_model(name, Path(tmp), device, dtype, args.tokenizer)
+            res["scan"] = bench_scan(label, ours, ["math", "eq", "reasoning"], 2 if args.quick else args.scan_configs,
+                                     1 if args.quick else args.scan_items)
+            del ours
     stem = f"{meta['date']}-{device.type}-{meta['dtype']}" + ("-quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     text = markdown(res)

@@ -1,6 +1,8 @@
 """The same engine on a GPU (CUDA or ROCm through torch devices): parity with transformers on the
-device, and with our own CPU run. Skipped, with the reason, when no GPU is visible; the CPU twin
-of each check lives in test_parity.py."""
+device in fp32, and bf16 / fp16 errors against transformers' own, for every family the engine runs
+(dense, mixture-of-experts, hybrid linear attention); with our own CPU run; fixed-shape decode (a
+CUDA graph where the family allows one) against the dynamic decode. Skipped, with the reason, when
+no GPU is visible; the CPU twins live in test_parity.py, test_moe.py and test_hybrid.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from helpers import rebuilt
+from helpers import HYBRID_ARCHS, MOE_ARCHS, build_hf_model, rebuilt, relative, tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm device visible to torch")
 
@@ -55,16 +57,23 @@ def test_cuda_greedy_generate_and_padding(model_dir, arch):
     assert torch.equal(ours, ref)
 
 
-def test_cuda_bf16_error_within_twice_transformers(model_dir, arch):
-    folder, hf = model_dir(arch)
-    ids = ids_on("cuda", seed=5)
-    ref32 = rebuilt(hf, list(PATH)).to("cuda")
+def half_errors(name, hf, folder, ids, path, dtype) -> tuple[float, float]:
+    """(ours, transformers') mean abs error in `dtype` on the GPU against transformers' fp32 logits."""
+    ref32 = rebuilt(hf, list(path)).to("cuda")
     with torch.no_grad():
         exact = ref32(ids).logits.float()
-        hf_err = (ref32.to(torch.bfloat16)(ids).logits.float() - exact).abs().mean().item()
-    ours = cf.load(folder, device="cuda", dtype="bfloat16").logits(ids, layers=PATH).float()
+        hf_err = (ref32.to(dtype)(ids).logits.float() - exact).abs().mean().item()
+    ours = cf.load(folder, device="cuda", dtype=dtype).logits(ids, layers=path).float()
     our_err = (ours - exact).abs().mean().item()
-    print(f"{arch} cuda bf16: ours {our_err:.4e}, transformers {hf_err:.4e}")
+    print(f"{name} cuda {dtype}: ours {our_err:.4e}, transformers {hf_err:.4e}")
+    assert torch.isfinite(ours).all()
+    return our_err, hf_err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_error_within_twice_transformers(model_dir, arch, dtype):
+    folder, hf = model_dir(arch)
+    our_err, hf_err = half_errors(arch, hf, folder, ids_on("cuda", seed=5), PATH, dtype)
     assert our_err <= 2 * hf_err + 1e-6
 
 
@@ -83,3 +92,54 @@ def test_cuda_sweep_reuse_and_cpu_agreement(chat_model_dir, mode):
                  for p in a["margins"] for i in a["margins"][p]]
         print(f"cuda vs cpu likelihood margins: max abs diff {max(diffs):.3e}")
         assert max(diffs) < 1e-2
+
+
+# ------------------------------------------------------------ mixture-of-experts and hybrid families
+FAMILY_PATH = LayerPath.duplicate(6, 1, 4)  # MoE and linear-attention layers both repeated
+
+
+@pytest.fixture(scope="module", params=MOE_ARCHS + HYBRID_ARCHS)
+def family(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    return request.param, folder, build_hf_model(request.param, folder)
+
+
+def test_cuda_family_logits_match_transformers_on_device(family):
+    arch, folder, hf = family
+    model = cf.load(folder, device="cuda")
+    ids = tokens(2, 70, seed=21).cuda()  # over one 64-token chunk of the linear-attention prefill
+    with torch.no_grad():
+        ref = rebuilt(hf, list(FAMILY_PATH)).to("cuda")(ids).logits
+    out = model.logits(ids, layers=FAMILY_PATH)
+    assert out.device.type == "cuda"
+    assert relative(f"{arch} cuda fp32 vs transformers", out, ref) < 1e-3
+    cpu = cf.load(folder).logits(ids.cpu(), layers=FAMILY_PATH)
+    assert relative(f"{arch} cuda vs cpu", out.cpu(), cpu) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_family_half_error_within_twice_transformers(family, dtype):
+    arch, folder, hf = family
+    our_err, hf_err = half_errors(arch, hf, folder, tokens(2, 24, seed=22).cuda(), FAMILY_PATH, dtype)
+    assert our_err <= 2 * hf_err + 1e-3
+
+
+def test_cuda_family_generation_fixed_shape_and_transformers(family):
+    """Greedy, padded: transformers' tokens on the device; the fixed-shape decode (graph-replayed
+    where the family allows) gives the dynamic decode's tokens."""
+    arch, folder, hf = family
+    model = cf.load(folder, device="cuda")
+    ids, mask = tokens(2, 9, seed=23), torch.ones(2, 9, dtype=torch.long)
+    ids[1, :3], mask[1, :3] = 0, 0
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        ref = rebuilt(hf, list(FAMILY_PATH)).to("cuda").generate(
+            ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)[:, 9:]
+    kw = dict(layers=FAMILY_PATH, attention_mask=mask, max_new_tokens=10, min_new_tokens=10)
+    model.static_decode = False
+    dynamic = model.generate(ids, **kw)
+    model.static_decode = True
+    fixed = model.generate(ids, **kw)
+    print(f"{arch} cuda generate: dynamic {dynamic.tolist()} fixed {fixed.tolist()} transformers {ref.tolist()}")
+    assert torch.equal(fixed, dynamic)
+    assert torch.equal(dynamic, ref)

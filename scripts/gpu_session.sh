@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One GPU session's work on a machine whose python3 already has a CUDA (or ROCm) torch: build the
+# extension against it, run the GPU tests and/or the GPU benchmarks, logs under $OUT (default
+# runs/gpu). Stages, in the order given: build, gputests, suite (the whole test suite, xdist),
+# bench (benchmarks/run.py forward + scan on cuda bf16, with a decode profile), moe, placement.
+#   bash scripts/gpu_session.sh build gputests bench
+# Optional: wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json, ...) are installed
+# first; a saved tokenizer in .cftok/ stands in for the default model's (CF_TEST_TOKENIZER).
+# Each stage runs under its own time limit (STAGE_TIMEOUT seconds, default 280) so that a hung
+# stage still leaves the others' logs. Not used by CI (CI has no GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu}"
+mkdir -p "$OUT"
+PY=python3
+LIMIT="${STAGE_TIMEOUT:-280}"
+export PYTHONUNBUFFERED=1
+[ -d .cftok ] && export CF_TEST_TOKENIZER="$PWD/.cftok"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl >> "$OUT/env.log" 2>&1
+fi
+
+stage() {  # name, command...: runs under the time limit, log in $OUT/name.log, one summary line
+  local name=$1; shift
+  local t0=$SECONDS
+  timeout "$LIMIT" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s; last lines:"
+  tail -n 6 "$OUT/$name.log"
+}
+
+for s in "$@"; do
+  case "$s" in
+    build)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/env.log" 2>&1
+      $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/env.log" 2>&1
+      stage build $PY -m pip install -v --no-build-isolation --no-deps -C cmake.define.CF_GPU_ARCHS=90 -e . ;;
+    gputests)
+      stage gputests $PY -m pytest -n 8 -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_gpu_kernels.py \
+        tests/test_static_decode.py tests/test_placement.py tests/test_hybrid.py -k "cuda or gpu or rope or rms or silu" ;;
+    suite)
+      stage suite $PY -m pytest -n 14 -q -rs -p no:cacheprovider tests ;;
+    bench)
+      stage bench $PY benchmarks/run.py --device cuda --dtype bfloat16 --sections forward scan --models 1b 8b \
+        --batches 1 16 --scan-model 8b --tokenizer .cftok --profile --out "$OUT" ;;
+    moe)
+      stage moe $PY benchmarks/bench_moe.py --device cuda --dtype bfloat16 --out "$OUT" ;;
+    placement)
+      stage placement $PY benchmarks/bench_placement.py --device cuda --dtype bfloat16 --out "$OUT" ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
