@@ -36,7 +36,7 @@ for s in "$@"; do
       $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/env.log" 2>&1
       stage build $PY -m pip install -v --no-build-isolation --no-deps -C cmake.define.CF_GPU_ARCHS=90 -e . ;;
     gputests)
-      stage gputests $PY -m pytest -n 8 -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_gpu_kernels.py \
+      stage gputests $PY -m pytest -n 8 -q -rA -p no:cacheprovider tests/test_cuda.py tests/test_gpu_kernels.py \
         tests/test_static_decode.py tests/test_placement.py tests/test_hybrid.py -k "cuda or gpu or rope or rms or silu" ;;
     suite)
       stage suite $PY -m pytest -n 14 -q -rs -p no:cacheprovider tests ;;

@@ -157,9 +157,19 @@ def build_hf_model(arch: str, folder, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              attn_implementation=ATTN_IMPLEMENTATION.get(arch, "sdpa"))
     randomize(model, seed)
+    follow_config_clamp(model)
     model.eval()
     model.save_pretrained(str(folder))
     return model
+
+
+def follow_config_clamp(model: torch.nn.Module) -> None:
+    """GPT-OSS experts in transformers before 5.18 ignore the config's swiglu_alpha / swiglu_limit
+    (hard-coded 1.702 / 7.0): set them from the config, so the reference computes the configured model."""
+    config = getattr(model.config, "text_config", model.config)
+    for module in model.modules():
+        if type(module).__name__ == "GptOssExperts":
+            module.alpha, module.limit = config.swiglu_alpha, config.swiglu_limit
 
 
 

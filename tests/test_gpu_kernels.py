@@ -120,10 +120,13 @@ def report(name, got, ref, dtype):
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,n", [(1, 576), (7, 2048), (33, 100)])
-def test_add_rms_norm_matches_reference(dtype, rows, n):
+@pytest.mark.parametrize("rows,n,offset", [(1, 576, 0), (7, 2048, 0), (33, 100, 0), (3, 12288, 0), (1, 16384, 0),
+                                          (2, 4096, 1), (1, 40000, 0)])
+def test_add_rms_norm_matches_reference(dtype, rows, n, offset):
+    """Rows of every length class of the kernel (one, two or four 16-byte vectors per thread, the
+    scalar kernel for odd lengths, unaligned rows and rows too long for registers)."""
     g = torch.Generator(device="cuda").manual_seed(rows * n)
-    x = torch.randn(rows, n, device="cuda", generator=g).to(dtype)
+    x = torch.randn(rows * n + offset, device="cuda", generator=g).to(dtype)[offset:].view(rows, n)
     r = torch.randn(rows, n, device="cuda", generator=g).to(dtype)
     w = (1 + 0.1 * torch.randn(n, device="cuda", generator=g)).to(dtype)
     s, out = _C.gpu_add_rms_norm(x, r, w, 1e-5)

@@ -253,7 +253,7 @@ def test_cuda_cpu_split_matches_one_device(model_dir, arch, tmp_path):
     mask[1, :4] = 0
     new = split.generate(ids[:, :9], layers=PATHS["rys"], attention_mask=mask, max_new_tokens=8, min_new_tokens=8)
     full = torch.cat([ids[:, :9], new], 1)  # teacher-forced on the one-device model: each token its greedy pick
-    logits = one.logits(full, layers=PATHS["rys"], attention_mask=torch.cat([mask, torch.ones_like(new)], 1))
+    logits = one.logits(full, layers=PATHS["rys"], attention_mask=torch.cat([mask, torch.ones_like(new)], 1)).clone()
     logits[..., 2] = float("-inf")  # EOS (2) was held back by min_new_tokens
     picked = logits[:, 8:-1].gather(-1, new.unsqueeze(-1)).squeeze(-1)
     gap = (logits[:, 8:-1].max(-1).values - picked).max().item()

@@ -30,11 +30,11 @@ at::Tensor recurrent_rule(const at::Tensor& q, const at::Tensor& k, const at::Te
 at::Tensor chunked_rule(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g, at::Tensor beta, at::Tensor& S) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Dk = q.size(3), Dv = v.size(3);
   const int64_t pad = (kChunk - T % kChunk) % kChunk, N = (T + pad) / kChunk;
-  q = at::constant_pad_nd(q, {0, 0, 0, pad}).view({B, H, N, kChunk, Dk});
-  k = at::constant_pad_nd(k, {0, 0, 0, pad}).view({B, H, N, kChunk, Dk});
-  v = at::constant_pad_nd(v, {0, 0, 0, pad}).view({B, H, N, kChunk, Dv});
-  beta = at::constant_pad_nd(beta, {0, pad}).view({B, H, N, kChunk, 1});
-  const at::Tensor cum = at::constant_pad_nd(g, {0, pad}).view({B, H, N, kChunk}).cumsum(-1);
+  q = at::constant_pad_nd(q, {0, 0, 0, pad}).reshape({B, H, N, kChunk, Dk});
+  k = at::constant_pad_nd(k, {0, 0, 0, pad}).reshape({B, H, N, kChunk, Dk});
+  v = at::constant_pad_nd(v, {0, 0, 0, pad}).reshape({B, H, N, kChunk, Dv});
+  beta = at::constant_pad_nd(beta, {0, pad}).reshape({B, H, N, kChunk, 1});
+  const at::Tensor cum = at::constant_pad_nd(g, {0, pad}).reshape({B, H, N, kChunk}).cumsum(-1);
   const at::Tensor upper = at::ones({kChunk, kChunk}, q.options().dtype(at::kBool)).triu(1);
   const at::Tensor decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(upper, -INFINITY).exp();
   const at::Tensor k_beta = k * beta, v_beta = v * beta;
@@ -51,7 +51,7 @@ at::Tensor chunked_rule(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g, 
     out.select(2, n).copy_(at::matmul(q_dec.select(2, n), S) + at::matmul(intra.select(2, n), v_new));
     S = S * chunk_decay.select(2, n) + at::matmul(k_dec.select(2, n).transpose(-1, -2), v_new);
   }
-  return out.view({B, H, N * kChunk, Dv}).narrow(2, 0, T);
+  return out.reshape({B, H, N * kChunk, Dv}).narrow(2, 0, T);
 }
 
 }  // namespace

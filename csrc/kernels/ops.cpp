@@ -96,8 +96,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (T == 1 && Hq != Hkv) {
     // One query per head: the G query heads sharing a KV head become G queries of that KV head. No
     // copy of the cache; the mask [B, 1, 1, S] applies to each of them alike.
-    return at::scaled_dot_product_attention(q.view({B, Hkv, Hq / Hkv, D}), k, v, mask, 0.0, false, scale)
-        .view({B, Hq, 1, D});
+    // (reshape: CUDA's kernels may hand the output back in another memory layout)
+    return at::scaled_dot_product_attention(q.reshape({B, Hkv, Hq / Hkv, D}), k, v, mask, 0.0, false, scale)
+        .reshape({B, Hq, 1, D});
   }
   const bool causal = !mask.has_value() && T > 1;
   return at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, /*enable_gqa=*/Hq != Hkv);

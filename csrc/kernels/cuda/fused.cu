@@ -1,5 +1,9 @@
 // fused.cu — see fused.h. HIP-portable through gpu_compat.h.
 #include "fused.h"
+
+#include <algorithm>
+#include <cstdint>
+
 #include "gpu_compat.h"
 
 namespace cf::gpu {
@@ -15,6 +19,13 @@ template <> __device__ __forceinline__ __half from_f<__half>(float v) { return _
 template <> __device__ __forceinline__ cf_bf16 from_f<cf_bf16>(float v) { return __float2bfloat16(v); }
 
 constexpr int kThreads = 256;
+constexpr int kMaxThreads = 1024;
+
+// V elements of T in one 16-byte access.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
 
 __device__ __forceinline__ float block_sum(float v, float* shared) {
   for (int m = CF_WARP / 2; m > 0; m /= 2) v += CF_SHFL_XOR(v, m);
@@ -29,10 +40,11 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
 }
 
 // One block per row. Matches HF: h = x (+ residual) in dtype; var in fp32; weight * (h * rsqrt).to(dtype).
+// The general kernel: any n and alignment, one element per access, the row read twice.
 template <typename T>
 __global__ void add_rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
                                     T* __restrict__ sum, T* __restrict__ out, int64_t n, float eps) {
-  __shared__ float shared[kThreads / 32 + 1];
+  __shared__ float shared[kMaxThreads / 16];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * n;
   float ss = 0.f;
@@ -50,6 +62,56 @@ __global__ void add_rms_norm_kernel(const T* __restrict__ x, const T* __restrict
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const T normed = from_f<T>(to_f(src[i]) * inv);
     out[row * n + i] = from_f<T>(to_f(weight[i]) * to_f(normed));
+  }
+}
+
+// The same, for 16-byte aligned rows of n = V * k: each thread holds R vectors of its row in
+// registers between the two passes (a decode row of 4096 bf16 is one vector per thread of 512), so
+// the row is read once, in 16-byte accesses. Same formula, element by element, as above.
+template <typename T, int V, int R>
+__global__ void add_rms_norm_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                                        const T* __restrict__ weight, T* __restrict__ sum, T* __restrict__ out,
+                                        int64_t n, float eps) {
+  using Vt = Vec<T, V>;
+  __shared__ float shared[kMaxThreads / 16];
+  const int64_t row = blockIdx.x, nv = n / V;
+  const Vt* xr = reinterpret_cast<const Vt*>(x + row * n);
+  const Vt* rr = residual != nullptr ? reinterpret_cast<const Vt*>(residual + row * n) : nullptr;
+  Vt* sr = residual != nullptr ? reinterpret_cast<Vt*>(sum + row * n) : nullptr;
+  Vt keep[R];
+  float ss = 0.f;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+    if (i < nv) {
+      Vt a = xr[i];
+      if (rr != nullptr) {
+        const Vt b = rr[i];
+#pragma unroll
+        for (int j = 0; j < V; ++j) a.v[j] = from_f<T>(to_f(a.v[j]) + to_f(b.v[j]));
+        sr[i] = a;
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float h = to_f(a.v[j]);
+        ss += h * h;
+      }
+      keep[r] = a;
+    }
+  }
+  const float inv = rsqrtf(block_sum(ss, shared) / static_cast<float>(n) + eps);
+  const Vt* wr = reinterpret_cast<const Vt*>(weight);
+  Vt* orow = reinterpret_cast<Vt*>(out + row * n);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+    if (i < nv) {
+      const Vt w = wr[i];
+      Vt o;
+#pragma unroll
+      for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(to_f(w.v[j]) * to_f(from_f<T>(to_f(keep[r].v[j]) * inv)));
+      orow[i] = o;
+    }
   }
 }
 
@@ -85,13 +147,34 @@ const char* launched() {
   return e == gpuSuccess ? nullptr : gpuGetErrorString(e);
 }
 
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, int R>
+void launch_rms_vec(int threads, const T* x, const T* residual, const T* weight, T* sum, T* out, int64_t rows,
+                    int64_t n, float eps, gpuStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  add_rms_norm_vec_kernel<T, V, R><<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, residual, weight, sum, out,
+                                                                                       n, eps);
+}
+
 template <typename T>
 const char* add_rms_norm_t(const void* x, const void* residual, const void* weight, void* sum, void* out, int64_t rows,
                            int64_t n, float eps, gpuStream_t stream) {
   if (rows == 0) return nullptr;
-  add_rms_norm_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight), static_cast<T*>(sum),
-      static_cast<T*>(out), n, eps);
+  const T *xt = static_cast<const T*>(x), *rt = static_cast<const T*>(residual), *wt = static_cast<const T*>(weight);
+  T *st = static_cast<T*>(sum), *ot = static_cast<T*>(out);
+  constexpr int V = 16 / sizeof(T);
+  const int64_t nv = n / V;
+  if (n % V == 0 && nv <= 4 * kMaxThreads && aligned16(x) && aligned16(residual) && aligned16(weight) &&
+      aligned16(residual != nullptr ? sum : nullptr) && aligned16(out)) {
+    const int64_t per = nv <= kMaxThreads ? nv : (nv <= 2 * kMaxThreads ? (nv + 1) / 2 : (nv + 3) / 4);
+    const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (per + 31) / 32 * 32)));
+    if (nv <= kMaxThreads) launch_rms_vec<T, 1>(threads, xt, rt, wt, st, ot, rows, n, eps, stream);
+    else if (nv <= 2 * kMaxThreads) launch_rms_vec<T, 2>(threads, xt, rt, wt, st, ot, rows, n, eps, stream);
+    else launch_rms_vec<T, 4>(threads, xt, rt, wt, st, ot, rows, n, eps, stream);
+    return launched();
+  }
+  add_rms_norm_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(xt, rt, wt, st, ot, n, eps);
   return launched();
 }
 
