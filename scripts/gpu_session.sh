@@ -36,12 +36,14 @@ for s in "$@"; do
       $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/env.log" 2>&1
       stage build $PY -m pip install -v --no-build-isolation --no-deps -C cmake.define.CF_GPU_ARCHS=90 -e . ;;
     gputests)
+      # GPU_TESTS: a -k expression choosing among the GPU test files (default: every GPU test)
       stage gputests $PY -m pytest -n 8 -q -rA -p no:cacheprovider tests/test_cuda.py tests/test_gpu_kernels.py \
-        tests/test_static_decode.py tests/test_placement.py tests/test_hybrid.py -k "cuda or gpu or rope or rms or silu" ;;
+        tests/test_static_decode.py tests/test_placement.py tests/test_hybrid.py tests/test_moe.py \
+        -k "${GPU_TESTS:-cuda or gpu or rope or rms or silu}" ;;
     suite)
       stage suite $PY -m pytest -n 14 -q -rs -p no:cacheprovider tests ;;
     bench)
-      stage bench $PY benchmarks/run.py --device cuda --dtype bfloat16 --sections forward scan --models 1b 8b \
+      stage bench $PY benchmarks/run.py --device cuda --dtype bfloat16 --sections ${BENCH_SECTIONS:-forward scan} --models 1b 8b \
         --batches 1 16 --scan-model 8b --tokenizer .cftok --profile --out "$OUT" ;;
     moe)
       stage moe $PY benchmarks/bench_moe.py --device cuda --dtype bfloat16 --out "$OUT" ;;

@@ -169,7 +169,8 @@ def follow_config_clamp(model: torch.nn.Module) -> None:
     config = getattr(model.config, "text_config", model.config)
     for module in model.modules():
         if type(module).__name__ == "GptOssExperts":
-            module.alpha, module.limit = config.swiglu_alpha, config.swiglu_limit
+            module.alpha = getattr(config, "swiglu_alpha", module.alpha)
+            module.limit = getattr(config, "swiglu_limit", module.limit)
 
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from helpers import MOE_ARCHS, bf16_errors, build_hf_model, rebuilt, relative, tokens
+from helpers import MOE_ARCHS, bf16_errors, build_hf_model, follow_config_clamp, rebuilt, relative, tokens
 
 N = 6
 PATHS = {"identity": LayerPath.identity(N), "rys": LayerPath.duplicate(N, 2, 4),
@@ -148,7 +148,9 @@ def transformers_logits(folder, ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     with torch.no_grad():
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()(ids).logits
+        hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        follow_config_clamp(hf)
+        return hf(ids).logits
 
 
 def test_moe_bf16_error_within_twice_transformers(moe):
@@ -308,6 +310,7 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers(gpt_oss, tmp_path):
     ids = tokens(2, 20, seed=12)
     ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager",
                                                quantization_config=Mxfp4Config(dequantize=True)).eval()
+    follow_config_clamp(ref)
     with torch.no_grad():
         expected = ref(ids).logits
     assert relative("gpt_oss mxfp4 vs transformers' dequantization", model.logits(ids), expected) < 1e-4

@@ -444,7 +444,8 @@ def test_twenty_sigkills(chat_model_dir, chat_model, tmp_path):
             json.loads(line)
         keys = [json.loads(line)["layers"] for line in lines[1:-1]]
         assert len(keys) == len(set(keys))
-    print(f"{kills} SIGKILLs landed; {len(read_records(out)[1])} of {total} configs finished before the last one")
+    done = len(read_records(out)[1]) if out.exists() else 0  # a slow machine may never get past start-up
+    print(f"{kills} SIGKILLs landed; {done} of {total} configs finished before the last one")
     assert kills >= 10
     _resume_and_compare(chat_model, out, total)
 
