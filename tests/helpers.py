@@ -164,11 +164,12 @@ def build_hf_model(arch: str, folder, seed: int = 0, **overrides):
 
 
 def follow_config_clamp(model: torch.nn.Module) -> None:
-    """GPT-OSS experts in transformers before 5.18 ignore the config's swiglu_alpha / swiglu_limit
-    (hard-coded 1.702 / 7.0): set them from the config, so the reference computes the configured model."""
+    """GPT-OSS experts in transformers before 5.18 (the MXFP4 ones too) ignore the config's
+    swiglu_alpha / swiglu_limit (hard-coded 1.702 / 7.0): set them from the config, so the
+    reference computes the configured model."""
     config = getattr(model.config, "text_config", model.config)
     for module in model.modules():
-        if type(module).__name__ == "GptOssExperts":
+        if "Experts" in type(module).__name__ and hasattr(module, "limit") and hasattr(module, "alpha"):
             module.alpha = getattr(config, "swiglu_alpha", module.alpha)
             module.limit = getattr(config, "swiglu_limit", module.limit)
 

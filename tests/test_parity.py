@@ -318,3 +318,26 @@ def test_qwen2_max_window_layers_default_follows_transformers(tmp_path):
     with torch.no_grad():
         ref = hf(ids).logits
     assert report("qwen2 30 layers, default max_window_layers", model.logits(ids), ref) < 1e-4
+
+
+@pytest.mark.parametrize("every", ["1", "3", "8"])
+def test_lazy_finish_checks_give_transformers_tokens_and_length(model_dir, monkeypatch, every):
+    """The host may read "has every row finished" only every few steps (CF_SYNC_EVERY; 8 on GPUs):
+    the extra steps' pad columns are cut, so rows that end early give transformers' tokens and length."""
+    folder, hf = model_dir("llama")
+    model = cf.load(folder)
+    ids = tokens(3, 6, seed=11)
+    free = model.generate(ids, max_new_tokens=30, min_new_tokens=30)
+    rows = free.tolist()
+    eos = sorted({rows[0][3], rows[1][9], rows[2][14]})  # each row ends at its first EOS of these
+    ends = [min(r.index(t) for t in eos if t in r) for r in rows]
+    assert len(set(ends)) > 1 and max(ends) < 29  # rows end early, at different steps
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0)[:, 6:]
+    model.codec.eos_ids = eos
+    monkeypatch.setenv("CF_SYNC_EVERY", every)
+    ours = model.generate(ids, max_new_tokens=30)
+    print(f"every {every}: ours {ours.shape[1]} tokens, transformers {ref.shape[1]}; row 0 {ours[0].tolist()}")
+    assert ours.shape[1] == max(ends) + 1
+    assert torch.equal(ours, ref)

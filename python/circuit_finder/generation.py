@@ -6,7 +6,8 @@
 - ``Sampling`` — the settings of one generation (budget, temperature, top_p, seed, stops),
   validated once.
 - ``generate_ids`` / ``decode`` — the decode loop: prefill, then one token per step until every
-  row has hit EOS or a stop string, or the budget is spent. On CUDA each step runs in fixed shapes
+  row has hit EOS or a stop string, or the budget is spent (on a GPU the host reads "all
+  finished" every 8th step, not every step, and cuts the extra steps' pad columns). On CUDA each step runs in fixed shapes
   (``Engine.decode_step``) captured once as a CUDA graph and replayed; elsewhere it runs the
   ordinary cached forward. ``decode`` starts from a prefilled cache, so sweeps can prefill shared
   prefixes themselves.
@@ -255,6 +256,8 @@ def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_po
     generator = sampling.generator(logits.device)
     out: list[torch.Tensor] = []
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    every = check_every(logits.device, sampling, on_step)
+    done: list[torch.Tensor] = []  # per step: had every row finished (read on the host every `every` steps)
     for n in range(sampling.max_new_tokens):
         if n < sampling.min_new_tokens and eos.numel():
             logits[:, eos] = float("-inf")
@@ -267,10 +270,25 @@ def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_po
             finished |= codec.hit_stop(torch.stack(out, 1), sampling.stops)
         if on_step is not None:
             on_step(token, finished)
-        if n + 1 == sampling.max_new_tokens or bool(finished.all()):
+        done.append(finished.all())
+        if n + 1 == sampling.max_new_tokens or ((n + 1) % every == 0 and bool(done[-1])):
             break
         logits = step(token)
+    if every > 1:  # steps run past the one where every row finished only produced pads: cut them
+        ended = torch.stack(done).nonzero()
+        if ended.numel():
+            out = out[: int(ended[0, 0]) + 1]
     return torch.stack(out, 1)
+
+
+def check_every(device: torch.device, sampling: Sampling, on_step) -> int:
+    """How many decode steps run between host reads of "has every row finished": 1 where the host
+    looks at each step anyway (stop strings, a streaming callback) or nothing runs asynchronously
+    (CPU); on a GPU 8, so the host queues steps without waiting for each (CF_SYNC_EVERY overrides,
+    on any device)."""
+    if sampling.stops or on_step is not None:
+        return 1
+    return max(1, int(os.environ.get("CF_SYNC_EVERY", "1" if device.type == "cpu" else "8")))
 
 
 def use_static_decode(model: Model) -> bool:
