@@ -12,11 +12,11 @@ namespace {
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<cf_bf16>(cf_bf16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f<cf_bf16>(cf_bf16 v) { return cf_bf16_to_float(v); }
 template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ cf_bf16 from_f<cf_bf16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ cf_bf16 from_f<cf_bf16>(float v) { return cf_float_to_bf16(v); }
 
 constexpr int kThreads = 256;
 constexpr int kMaxThreads = 1024;
@@ -28,11 +28,11 @@ struct alignas(sizeof(T) * V) Vec {
 };
 
 __device__ __forceinline__ float block_sum(float v, float* shared) {
-  for (int m = CF_WARP / 2; m > 0; m /= 2) v += CF_SHFL_XOR(v, m);
-  const int warp = threadIdx.x / CF_WARP, lane = threadIdx.x % CF_WARP;
+  for (int m = warpSize / 2; m > 0; m /= 2) v += CF_SHFL_XOR(v, m);
+  const int warp = threadIdx.x / warpSize, lane = threadIdx.x % warpSize;
   if (lane == 0) shared[warp] = v;
   __syncthreads();
-  const int warps = (blockDim.x + CF_WARP - 1) / CF_WARP;
+  const int warps = (blockDim.x + warpSize - 1) / warpSize;
   float total = 0.f;
   for (int w = 0; w < warps; ++w) total += shared[w];  // same order in every thread
   __syncthreads();

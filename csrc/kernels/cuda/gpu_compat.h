@@ -2,17 +2,28 @@
 // or hipcc unchanged. Only what the kernels use is mapped.
 #pragma once
 
+// Warps: 32 lanes on NVIDIA and AMD RDNA (wave32), 64 on AMD CDNA; kernels read the device's
+// `warpSize` at run time, never a constant.
+
 #if defined(__HIPCC__) || defined(CF_HIP)
-#include <hip/hip_bf16.h>
 #include <hip/hip_fp16.h>
 #include <hip/hip_runtime.h>
+#if __has_include(<hip/hip_bf16.h>)  // ROCm >= 5.7 (what torch's ROCm builds use)
+#include <hip/hip_bf16.h>
+using cf_bf16 = __hip_bfloat16;
+__device__ __forceinline__ float cf_bf16_to_float(cf_bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ cf_bf16 cf_float_to_bf16(float v) { return __float2bfloat16(v); }
+#else  // older ROCm (Debian's hipcc 5.2): the hip_bfloat16 struct, round to nearest even
+#include <hip/hip_bfloat16.h>
+using cf_bf16 = hip_bfloat16;
+__device__ __forceinline__ float cf_bf16_to_float(cf_bf16 v) { return static_cast<float>(v); }
+__device__ __forceinline__ cf_bf16 cf_float_to_bf16(float v) { return hip_bfloat16(v); }
+#endif
 using gpuStream_t = hipStream_t;
 using gpuError_t = hipError_t;
-using cf_bf16 = __hip_bfloat16;
 #define gpuSuccess hipSuccess
 #define gpuGetLastError hipGetLastError
 #define gpuGetErrorString hipGetErrorString
-#define CF_WARP 64
 #define CF_SHFL_XOR(v, m) __shfl_xor((v), (m))
 #else
 #include <cuda_bf16.h>
@@ -21,9 +32,10 @@ using cf_bf16 = __hip_bfloat16;
 using gpuStream_t = cudaStream_t;
 using gpuError_t = cudaError_t;
 using cf_bf16 = __nv_bfloat16;
+__device__ __forceinline__ float cf_bf16_to_float(cf_bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ cf_bf16 cf_float_to_bf16(float v) { return __float2bfloat16(v); }
 #define gpuSuccess cudaSuccess
 #define gpuGetLastError cudaGetLastError
 #define gpuGetErrorString cudaGetErrorString
-#define CF_WARP 32
 #define CF_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
 #endif
