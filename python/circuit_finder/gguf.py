@@ -57,7 +57,7 @@ _GEMMA = ("gemma2", "gemma3")
 _GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales queries by hidden/heads for these
 SUPPORTED_ARCHS = tuple(ARCH_TO_HF)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                   "Q6_K", "MXFP4")
+                   "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4")
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
