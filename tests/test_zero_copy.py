@@ -136,3 +136,32 @@ def test_loading_a_large_model_adds_little_anonymous_memory(tmp_path):
     assert loaded - before < 0.1 * size
     assert ran - before < 0.25 * size
     assert outside_mappings(model.tensors, file_mappings([str(folder / "model.safetensors")])) == []
+
+
+def test_weight_bytes_counts_each_storage_once(model_dir, tmp_path):
+    """Model.weight_bytes(): the checkpoint's bytes (from the safetensors header, not our tensors),
+    each tensor once (the tied embedding is one storage), the same at any layer path run; halved
+    in bf16; a split placement reports each device's share."""
+    import json
+    import struct
+
+    folder, _ = model_dir("llama")  # tied embeddings
+    files = sorted(folder.glob("*.safetensors"))
+    on_disk = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        on_disk += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    model = cf.load(folder)
+    got = model.weight_bytes()
+    print(f"weight_bytes {got}, checkpoint tensors {on_disk} bytes")
+    assert got == {"cpu": on_disk}
+    model.logits(torch.tensor([[5, 6, 7]]), layers=LayerPath.duplicate(model.num_layers, 1, 4, times=3))
+    assert model.weight_bytes() == got  # repeating layers adds no weights
+    assert cf.load(folder, dtype="bfloat16").weight_bytes() == {"cpu": on_disk // 2}
+    n, cpu = model.num_layers, torch.device("cpu")
+    placement = cf.Placement(tuple(cpu if i < 3 else torch.device("meta") for i in range(n)), cpu)
+    split = cf.load_from_tensors(model.config, dict(model.tensors), device_map=placement)
+    kept = sum(t.numel() * t.element_size() for name, t in model.tensors.items()
+               if not any(name.startswith(f"model.layers.{i}.") for i in range(3, n)))
+    assert split.weight_bytes() == {"cpu": kept} and kept < on_disk  # meta layers hold nothing

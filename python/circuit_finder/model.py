@@ -59,6 +59,22 @@ class Model:
     def tokenizer(self):
         return self.codec.tokenizer
 
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of weight storage resident per device ({"cpu": ..., "cuda:0": ...}): each storage
+        counted once (tied embeddings, a layer run at several slots, views of one stacked tensor), the
+        engine's own converted copies included; layers placed on the meta device hold none."""
+        tensors = list(self.tensors.values())
+        for layer in range(self.num_layers):
+            tensors += list(self.engine.layer_tensors(layer).values())
+        seen, out = set(), {}
+        for t in tensors:
+            storage, where = t.untyped_storage(), str(t.device)
+            if t.device.type == "meta" or (where, storage.data_ptr()) in seen:
+                continue
+            seen.add((where, storage.data_ptr()))
+            out[where] = out.get(where, 0) + storage.nbytes()
+        return out
+
     @property
     def num_layers(self) -> int:
         return self.config.num_layers
