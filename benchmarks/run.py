@@ -293,11 +293,14 @@ def scan_model(name: str, folder: Path, device, dtype, tokenizer_folder: str | N
 
 def bench_scan(label: str, ours: cf.Model, probe_names, count: int, max_items: int | None) -> list[dict]:
     """configs/min of sweep() over `count` configs spread evenly over the full (i, j) scan (the
-    baseline too), per mode; projected minutes for the whole scan at that rate."""
+    baseline too), per mode; projected minutes for the whole scan: the measured seconds per slot
+    (a config's cost grows with its path's length) times the scan's slots."""
     n = ours.num_layers
     full = make_configs(n, "scan")
     step = max(1, len(full) // count)
     chosen = [c.layers for c in full[::step][:count]]
+    # cost grows with a config's slots: project by slots, not by config count (the baseline runs too)
+    slots_full, slots_timed = n + sum(len(c.layers) for c in full), n + sum(len(p) for p in chosen)
     rows = []
     for mode in ("likelihood", "generate"):
         sync(ours.device)
@@ -310,7 +313,8 @@ def bench_scan(label: str, ours: cf.Model, probe_names, count: int, max_items: i
         rows.append({"model": label, "params_M": round(sum(t.numel() for t in ours.tensors.values()) / 1e6, 1),
                      "mode": mode, "configs": len(result.records), "items": items, "seconds": seconds,
                      "configs_per_min": rate, "scan_configs": len(full) + 1,
-                     "projected_scan_min": (len(full) + 1) / rate})
+                     "mean_slots": {"timed": slots_timed / len(result.records), "scan": slots_full / (len(full) + 1)},
+                     "projected_scan_min": seconds * slots_full / slots_timed / 60})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -325,12 +329,12 @@ def profile_decode(ours: cf.Model, out: Path, steps: int = 8) -> str:
     graphs, ours.cuda_graphs = ours.cuda_graphs, False
     generate_ids(ours, ids, None, path, Sampling(2, 2))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        generate_ids(ours, ids, None, path, Sampling(steps, steps))
+        generate_ids(ours, ids, None, path, Sampling(steps + 1, steps + 1))  # the first token comes from the prefill
         sync(ours.device)
     ours.cuda_graphs = graphs
     table = prof.key_averages().table(sort_by="cuda_time_total" if ours.device.type == "cuda" else "cpu_time_total",
                                       row_limit=30)
-    (out / "profile-decode.txt").write_text(f"{steps} decode steps (+ one prefill of 64), batch 1, {path}\n{table}\n")
+    (out / "profile-decode.txt").write_text(f"{steps} decode steps after one prefill of 64 tokens, batch 1, {path}\n{table}\n")
     return table
 
 

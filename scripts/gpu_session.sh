@@ -44,7 +44,7 @@ for s in "$@"; do
       stage suite $PY -m pytest -n 14 -q -rs -p no:cacheprovider tests ;;
     bench)
       stage bench $PY benchmarks/run.py --device cuda --dtype bfloat16 --sections ${BENCH_SECTIONS:-forward scan} --models 1b 8b \
-        --batches 1 16 --scan-model 8b --tokenizer .cftok --profile --out "$OUT" ;;
+        --batches 1 16 --scan-model 8b ${CF_TEST_TOKENIZER:+--tokenizer "$CF_TEST_TOKENIZER"} --profile --out "$OUT" ;;
     moe)
       stage moe $PY benchmarks/bench_moe.py --device cuda --dtype bfloat16 --out "$OUT" ;;
     placement)

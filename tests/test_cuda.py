@@ -121,7 +121,7 @@ def test_cuda_family_logits_match_transformers_on_device(family):
 def test_cuda_family_half_error_within_twice_transformers(family, dtype):
     arch, folder, hf = family
     our_err, hf_err = half_errors(arch, hf, folder, tokens(2, 24, seed=22).cuda(), FAMILY_PATH, dtype)
-    assert our_err <= 2 * hf_err + 1e-3
+    assert our_err <= 2 * hf_err + 1e-6
 
 
 def test_cuda_family_generation_fixed_shape_and_transformers(family):
@@ -143,3 +143,23 @@ def test_cuda_family_generation_fixed_shape_and_transformers(family):
     print(f"{arch} cuda generate: dynamic {dynamic.tolist()} fixed {fixed.tolist()} transformers {ref.tolist()}")
     assert torch.equal(fixed, dynamic)
     assert torch.equal(dynamic, ref)
+
+
+def test_cuda_rows_ending_early_give_transformers_tokens_and_length(model_dir):
+    """Graph-replayed decode with the host reading "all finished" every 8th step: rows that end at
+    different steps give transformers' tokens, and the surplus steps' pad columns are cut."""
+    folder, hf = model_dir("llama")
+    model = cf.load(folder, device="cuda")
+    ids = tokens(3, 6, seed=11).cuda()
+    rows = model.generate(ids, max_new_tokens=30, min_new_tokens=30).tolist()
+    eos = sorted({rows[0][3], rows[1][9], rows[2][14]})
+    ends = [min(r.index(t) for t in eos if t in r) for r in rows]
+    with torch.no_grad():
+        ref = hf.to("cuda").generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False,
+                                     eos_token_id=eos, pad_token_id=0)[:, 6:]
+    hf.to("cpu")
+    model.codec.eos_ids = eos
+    ours = model.generate(ids, max_new_tokens=30)
+    print(f"cuda early ends {ends}: ours {ours.shape[1]} tokens, transformers {ref.shape[1]}")
+    assert ours.shape[1] == max(ends) + 1 < 30
+    assert torch.equal(ours, ref)

@@ -138,10 +138,12 @@ def report(name, got, ref, dtype):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n,offset", [(1, 576, 0), (7, 2048, 0), (33, 100, 0), (3, 12288, 0), (1, 16384, 0),
-                                          (2, 4096, 1), (1, 40000, 0)])
+                                          (2, 4096, 1), (1, 40000, 0), (1, 8192, 0),
+                                          (2, 32768, 0)])
 def test_add_rms_norm_matches_reference(dtype, rows, n, offset):
-    """Rows of every length class of the kernel (one, two or four 16-byte vectors per thread, the
-    scalar kernel for odd lengths, unaligned rows and rows too long for registers)."""
+    """Rows of every length class of the kernel (one, two or four 16-byte vectors per thread, 1024
+    threads with one each (8192 in 16-bit types), the scalar kernel for odd lengths, unaligned rows
+    and rows too long for registers)."""
     g = torch.Generator(device="cuda").manual_seed(rows * n)
     x = torch.randn(rows * n + offset, device="cuda", generator=g).to(dtype)[offset:].view(rows, n)
     r = torch.randn(rows, n, device="cuda", generator=g).to(dtype)

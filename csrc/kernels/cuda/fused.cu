@@ -69,7 +69,7 @@ __global__ void add_rms_norm_kernel(const T* __restrict__ x, const T* __restrict
 // registers between the two passes (a decode row of 4096 bf16 is one vector per thread of 512), so
 // the row is read once, in 16-byte accesses. Same formula, element by element, as above.
 template <typename T, int V, int R>
-__global__ void add_rms_norm_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+__global__ void __launch_bounds__(kMaxThreads) add_rms_norm_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                         const T* __restrict__ weight, T* __restrict__ sum, T* __restrict__ out,
                                         int64_t n, float eps) {
   using Vt = Vec<T, V>;
