@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -531,6 +532,14 @@ def sliding_layers(reader, arch: str, n: int) -> list[bool]:
     return [(i + 1) % period != 0 for i in range(n)]
 
 
+def mapped_bytes(data) -> torch.Tensor:
+    """A tensor over a tensor's bytes in the memory-mapped file, only ever read (torch warns that
+    the mapping is read-only; it stays unwritten)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(data))
+
+
 def _dequantize(t, path: str) -> np.ndarray:
     import gguf
 
@@ -545,7 +554,7 @@ def _dequantize(t, path: str) -> np.ndarray:
         elif kind == "F16":
             arr = np.asarray(t.data, dtype=np.float16)
         elif kind == "MXFP4":  # torch's table lookup: the package's numpy decoder takes minutes on a 20B file
-            arr = dequantize_ggml_mxfp4(torch.from_numpy(np.asarray(t.data))).numpy()
+            arr = dequantize_ggml_mxfp4(mapped_bytes(t.data)).numpy()
         else:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         return arr.reshape(shape)
