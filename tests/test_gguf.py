@@ -535,3 +535,29 @@ def test_gguf_tokenizer_cache_key_follows_the_metadata(tmp_path, monkeypatch):
     gguf.gguf_tokenizer.cache_clear()
     assert "Helpful AI assistant" in gguf.gguf_tokenizer(copy).apply_chat_template([{"role": "user", "content": "x"}],
                                                                                    tokenize=False)
+
+
+def test_mapped_reader_reads_what_the_package_reader_reads(golden):
+    """The loader's reader (the package's, served from a plain view of the map) gives the same fields
+    (types, values, parts and their dtypes) and the same tensors (bytes, types, offsets, shapes), as
+    views of the mapped file, not copies."""
+    from circuit_finder.gguf import fast_reader_class
+
+    paths = [golden[0]]
+    try:
+        paths.append(cf.default_model_path())  # a real vocabulary: 49k strings
+    except FileNotFoundError:
+        pass
+    for path in paths:
+        ours, theirs = fast_reader_class()(str(path)), gguf.GGUFReader(str(path))
+        assert type(ours) is not gguf.GGUFReader and list(ours.fields) == list(theirs.fields)
+        for name, a in theirs.fields.items():
+            b = ours.fields[name]
+            assert (a.types, a.data, a.offset) == (b.types, b.data, b.offset), name
+            assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a.parts, b.parts)), name
+        assert len(ours.tensors) == len(theirs.tensors) > 0
+        for a, b in zip(theirs.tensors, ours.tensors):
+            assert (a.name, a.tensor_type, a.data_offset, list(a.shape)) == (b.name, b.tensor_type, b.data_offset,
+                                                                              list(b.shape))
+            assert b.data.dtype == a.data.dtype and np.array_equal(b.data, a.data), a.name
+            assert not b.data.flags.owndata  # a view of the map
