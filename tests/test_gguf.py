@@ -561,3 +561,26 @@ def test_mapped_reader_reads_what_the_package_reader_reads(golden):
                                                                               list(b.shape))
             assert b.data.dtype == a.data.dtype and np.array_equal(b.data, a.data), a.name
             assert not b.data.flags.owndata  # a view of the map
+
+
+def test_a_corrupt_string_length_in_a_metadata_array_names_the_key(tmp_path):
+    """The metadata walk skips vocabulary strings by their lengths alone: a length past the end of
+    the file is a GGUFError naming the key and the offset, and a sound file walks to its end."""
+    from circuit_finder.gguf import GGUFError, check_metadata_sizes, metadata_keys
+
+    path = tmp_path / "words.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("test.words", ["a", "bbbbbbbbbbbb", "ccc"])
+    w.add_uint32("test.after", 7)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    end, keys = metadata_keys(str(path))
+    assert keys[-2:] == ["test.words", "test.after"] and end == path.stat().st_size
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"bbbbbbbbbbbb") - 8
+    assert struct.unpack_from("<Q", raw, at)[0] == 12
+    struct.pack_into("<Q", raw, at, 1 << 40)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(GGUFError, match=rf"metadata 'test.words' needs {1 << 40} bytes at offset {at + 8}"):
+        check_metadata_sizes(str(path))

@@ -255,8 +255,26 @@ def _skip_value(data, at: int, kind: int, key: str, path: str) -> int:
         _need(data, at, count * _SCALAR_SIZES[item], f"metadata '{key}' ({count} items)", path)
         return at + count * _SCALAR_SIZES[item]
     _need(data, at, count * 8, f"metadata '{key}' ({count} items)", path)  # every item is >= 8 bytes
+    if item == _STRING:  # a vocabulary: lengths only, nothing decoded
+        return _skip_strings(data, at, count, f"metadata '{key}'", path)
     for _ in range(count):
         at = _skip_value(data, at, item, key, path)
+    return at
+
+
+def _skip_strings(data, at: int, count: int, what: str, path: str) -> int:
+    """Offset after `count` GGUF strings at ``at`` (each a uint64 length, then its bytes)."""
+    import struct
+
+    length, end = struct.Struct("<Q").unpack_from, len(data)
+    for _ in range(count):
+        if at + 8 > end:
+            _need(data, at, 8, what, path)
+        n = length(data, at)[0]
+        at += 8
+        if at + n > end:
+            _need(data, at, n, what, path)
+        at += n
     return at
 
 
