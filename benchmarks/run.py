@@ -134,7 +134,8 @@ def random_pair(shape: str, folder: Path, device, dtype):
 
 def device_pair(shape: str, device, dtype, tokenizer=None):
     """A random Llama built on the device in `dtype` (transformers' init), and our Model over the
-    very same tensors (no copy): for shapes too large to build in fp32 on the host and save."""
+    very same tensors (no copy): for shapes too large to build in fp32 on the host and save, and
+    for the scan's model (any device, with a tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     config = make_config("llama", **shape_overrides(shape))
@@ -270,7 +271,7 @@ def bench_sweep(ours: cf.Model, hf, probe_names, block_size: int, stride: int, m
 
 
 # --------------------------------------------------------------------------------------------- scan
-def scan_model(name: str, folder: Path, device, dtype, tokenizer_folder: str | None = None):
+def scan_model(name: str, device, dtype, tokenizer_folder: str | None = None):
     """The model the scan section sweeps: 'default', or a random shape with the default model's
     tokenizer or a saved one (the shape's vocabulary must hold its ids)."""
     if name == "default":
@@ -283,12 +284,8 @@ def scan_model(name: str, folder: Path, device, dtype, tokenizer_folder: str | N
         tokenizer = cf.load("default").tokenizer
     if RANDOM_SHAPES[name][5] < len(tokenizer):
         raise SystemExit(f"--scan-model {name}: vocabulary {RANDOM_SHAPES[name][5]} < the tokenizer's {len(tokenizer)}")
-    if device.type == "cuda":
-        label, ours, _ = device_pair(name, device, dtype, tokenizer)
-        return label, ours
-    hf = build_hf_model("llama", folder, **shape_overrides(name))
-    return f"random Llama, {name} shape", cf.load_from_tensors(hf.config.to_dict(), dict(hf.state_dict()), tokenizer,
-                                                               device=device, dtype=dtype, source=str(folder))
+    label, ours, _ = device_pair(name, device, dtype, tokenizer)
+    return label, ours
 
 
 def bench_scan(label: str, ours: cf.Model, probe_names, count: int, max_items: int | None) -> list[dict]:
@@ -438,12 +435,10 @@ def main(argv=None) -> int:
                                        max_items=1 if args.quick else args.sweep_items)
             print(json.dumps(res["sweep"]), flush=True)
     if "scan" in args.sections:
-        with tempfile.TemporaryDirectory() as tmp:
-            name = "default" if args.quick else args.scan_model
-            label, ours = scan_model(name, Path(tmp), device, dtype, args.tokenizer)
-            res["scan"] = bench_scan(label, ours, ["math", "eq", "reasoning"], 2 if args.quick else args.scan_configs,
-                                     1 if args.quick else args.scan_items)
-            del ours
+        label, ours = scan_model("default" if args.quick else args.scan_model, device, dtype, args.tokenizer)
+        res["scan"] = bench_scan(label, ours, ["math", "eq", "reasoning"], 2 if args.quick else args.scan_configs,
+                                 1 if args.quick else args.scan_items)
+        del ours
     stem = f"{meta['date']}-{device.type}-{meta['dtype']}" + ("-quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     text = markdown(res)

@@ -107,17 +107,19 @@ def relative(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
     return rel
 
 
-def bf16_errors(name: str, hf_model, folder, ids: torch.Tensor, path) -> tuple[float, float]:
-    """(our bf16 mean abs error, transformers' bf16 mean abs error), both against transformers'
-    fp32 logits along `path`, printed."""
+def half_errors(name: str, hf_model, folder, ids: torch.Tensor, path, dtype=torch.bfloat16) -> tuple[float, float]:
+    """(our mean abs error, transformers' mean abs error) in `dtype` (bf16 or fp16), both against
+    transformers' fp32 logits along `path`, on the device `ids` are on; printed. Our logits must be finite."""
     import circuit_finder as cf
 
+    ref32 = rebuilt(hf_model, list(path)).to(ids.device)
     with torch.no_grad():
-        ref = rebuilt(hf_model, list(path))(ids).logits
-        theirs = rebuilt(hf_model, list(path)).to(torch.bfloat16)(ids).logits.float()
-    ours = cf.load(folder, dtype="bfloat16").logits(ids, layers=path).float()
-    e_ours, e_theirs = (ours - ref).abs().mean().item(), (theirs - ref).abs().mean().item()
-    print(f"{name} bf16 mean abs error: ours {e_ours:.3e}, transformers {e_theirs:.3e}")
+        exact = ref32(ids).logits.float()
+        theirs = ref32.to(dtype)(ids).logits.float()
+    ours = cf.load(folder, device=ids.device, dtype=dtype).logits(ids, layers=path).float()
+    assert torch.isfinite(ours).all()
+    e_ours, e_theirs = (ours - exact).abs().mean().item(), (theirs - exact).abs().mean().item()
+    print(f"{name} {ids.device.type} {dtype} mean abs error: ours {e_ours:.3e}, transformers {e_theirs:.3e}")
     return e_ours, e_theirs
 
 

@@ -11,7 +11,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from helpers import HYBRID_ARCHS, MOE_ARCHS, build_hf_model, rebuilt, relative, tokens
+from helpers import HYBRID_ARCHS, MOE_ARCHS, build_hf_model, half_errors, rebuilt, relative, tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm device visible to torch")
 
@@ -55,19 +55,6 @@ def test_cuda_greedy_generate_and_padding(model_dir, arch):
     ours = model.generate(ids, layers=PATH, attention_mask=mask, max_new_tokens=16, min_new_tokens=16)
     print(f"{arch} cuda generate: ours {ours[0].tolist()} ref {ref[0].tolist()}")
     assert torch.equal(ours, ref)
-
-
-def half_errors(name, hf, folder, ids, path, dtype) -> tuple[float, float]:
-    """(ours, transformers') mean abs error in `dtype` on the GPU against transformers' fp32 logits."""
-    ref32 = rebuilt(hf, list(path)).to("cuda")
-    with torch.no_grad():
-        exact = ref32(ids).logits.float()
-        hf_err = (ref32.to(dtype)(ids).logits.float() - exact).abs().mean().item()
-    ours = cf.load(folder, device="cuda", dtype=dtype).logits(ids, layers=path).float()
-    our_err = (ours - exact).abs().mean().item()
-    print(f"{name} cuda {dtype}: ours {our_err:.4e}, transformers {hf_err:.4e}")
-    assert torch.isfinite(ours).all()
-    return our_err, hf_err
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -17,7 +17,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from helpers import HYBRID_ARCHS, bf16_errors, build_hf_model, rebuilt, relative, tokens
+from helpers import HYBRID_ARCHS, build_hf_model, half_errors, rebuilt, relative, tokens
 
 N = 6
 PATHS = {"identity": LayerPath.identity(N), "rys": LayerPath.duplicate(N, 0, 3),  # linear layers 0, 1 twice
@@ -106,7 +106,7 @@ def test_each_slot_owns_its_linear_state(hybrid):
 
 def test_hybrid_bf16_error_within_twice_transformers(hybrid):
     arch, folder, hf = hybrid
-    e_ours, e_theirs = bf16_errors(arch, hf, folder, tokens(2, 40, seed=9), PATHS["rys"])
+    e_ours, e_theirs = half_errors(arch, hf, folder, tokens(2, 40, seed=9), PATHS["rys"])
     assert e_ours <= 2 * e_theirs + 1e-3
 
 

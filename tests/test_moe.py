@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from helpers import MOE_ARCHS, bf16_errors, build_hf_model, follow_config_clamp, rebuilt, relative, tokens
+from helpers import MOE_ARCHS, build_hf_model, follow_config_clamp, half_errors, rebuilt, relative, tokens
 
 N = 6
 PATHS = {"identity": LayerPath.identity(N), "rys": LayerPath.duplicate(N, 2, 4),
@@ -157,7 +157,7 @@ def test_moe_bf16_error_within_twice_transformers(moe):
     """bf16 (where Mixtral's fp32 mixing and Qwen's cast-first differ): our error against the fp32
     reference at most twice transformers' own bf16 error."""
     arch, folder, hf = moe
-    e_ours, e_theirs = bf16_errors(arch, hf, folder, tokens(2, 16, seed=9), PATHS["rys"])
+    e_ours, e_theirs = half_errors(arch, hf, folder, tokens(2, 16, seed=9), PATHS["rys"])
     assert e_ours <= 2 * e_theirs + 1e-3
 
 
