@@ -23,6 +23,9 @@ Llama-3-8B's shape, built on the device, with the default model's tokenizer), ov
 of --scan-configs configs of the full (i, j) scan, and the projected time of the whole scan. With
 --profile, a torch.profiler table of one batch-1 decode (kernels by total time) is written too.
 
+quant: the default model's GGUF packed (the default), dequantized to fp32, in transformers and in
+llama.cpp (benchmarks/bench_quant.py): load time, resident memory, prefill and decode tokens/s.
+
 On a CUDA device the random shapes are built there, in the benchmark dtype (transformers' own
 random init), and our Model runs over the very same tensors; nothing is written to disk.
 
@@ -44,6 +47,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import circuit_finder as cf  # noqa: E402
 from circuit_finder import LayerPath  # noqa: E402
@@ -372,12 +376,16 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['model']} ({r['params_M']}M) | {r['mode']} | {r['configs']} | {items} | "
                          f"{r['configs_per_min']:.1f} | {r['scan_configs']} | {r['projected_scan_min']:.1f} min |")
         lines.append("")
+    if res.get("quant"):
+        from bench_quant import markdown as quant_markdown
+
+        lines += ["", quant_markdown(res["quant"])]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", choices=["forward", "sweep", "scan"], default=["forward", "sweep"])
+    ap.add_argument("--sections", nargs="+", choices=["forward", "sweep", "scan", "quant"], default=["forward", "sweep"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=None)
@@ -405,7 +413,7 @@ def main(argv=None) -> int:
             f"{torch.get_num_threads()} CPU threads" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
             "torch": torch.__version__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "cpu_kernels": cf._C.cpu_isa(), "quick": args.quick}
-    res: dict = {"meta": meta, "forward": [], "sweep": None, "scan": []}
+    res: dict = {"meta": meta, "forward": [], "sweep": None, "scan": [], "quant": None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if "forward" in args.sections:
@@ -439,6 +447,10 @@ def main(argv=None) -> int:
         res["scan"] = bench_scan(label, ours, ["math", "eq", "reasoning"], 2 if args.quick else args.scan_configs,
                                  1 if args.quick else args.scan_items)
         del ours
+    if "quant" in args.sections:  # the default model's GGUF: packed, dequantized, transformers, llama.cpp (CPU)
+        from bench_quant import run_quant
+
+        res["quant"] = run_quant(1 if args.quick else args.repeat, (1,) if args.quick else (1, 16))
     stem = f"{meta['date']}-{device.type}-{meta['dtype']}" + ("-quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     text = markdown(res)

@@ -10,6 +10,7 @@
 #include "engine/safetensors.h"
 #include "kernels/cpu/fused.h"
 #include "kernels/cpu/linear.h"
+#include "kernels/cpu/quant.h"
 #include "kernels/gpu_ops.h"
 #include "kernels/ops.h"
 
@@ -35,6 +36,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("skinny_linear", &cf::cpu::skinny_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("isa") = "", py::call_guard<py::gil_scoped_release>());
   m.def("cpu_isa", &cf::cpu::active_isa);
+  m.def("dequantize_packed", &cf::cpu::dequantize, py::arg("blocks"), py::arg("ggml_type"), py::arg("cols"),
+        py::arg("dtype"), py::arg("isa") = "", py::call_guard<py::gil_scoped_release>(),
+        "packed ggml blocks uint8 [..., rows, row_bytes] (CPU) -> [..., rows, cols] in dtype");
+  m.def("linear_packed",
+        [](const at::Tensor& x, const at::Tensor& w, int32_t t, int64_t k, const std::optional<at::Tensor>& b) {
+          return cf::cpu::linear_packed(x, w, t, k, b.value_or(at::Tensor()));
+        },
+        py::arg("x"), py::arg("blocks"), py::arg("ggml_type"), py::arg("cols"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
+        "x [..., cols] @ dequantized(blocks)^T (+ bias), reading the packed blocks");
+  m.def("packed_row_bytes", [](int32_t t, int64_t k) { return cf::cpu::packed_row_bytes(t, k, "packed_row_bytes"); },
+        py::arg("ggml_type"), py::arg("cols"));
   m.def("cpu_add_rms_norm", &cf::cpu::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("cpu_rope", &cf::cpu::rope_bthd, py::arg("x"), py::arg("cos"), py::arg("sin"));
   m.def("cpu_silu_mul", &cf::cpu::silu_mul, py::arg("gate"), py::arg("up"));
@@ -58,8 +71,10 @@ PYBIND11_MODULE(_C, m) {
            py::arg("slot"), "a linear-attention slot's (conv inputs [B, C, K], recurrent state [B, Hv, Dk, Dv] fp32)");
 
   py::class_<cf::Engine>(m, "Engine")
-      .def(py::init<const std::string&, const std::string&, const std::map<std::string, at::Tensor>&>(),
-           py::arg("config_json"), py::arg("config_source"), py::arg("tensors"))
+      .def(py::init<const std::string&, const std::string&, const std::map<std::string, at::Tensor>&,
+                    const std::map<std::string, int32_t>&>(),
+           py::arg("config_json"), py::arg("config_source"), py::arg("tensors"),
+           py::arg("packed") = std::map<std::string, int32_t>{})
       .def("forward", &cf::Engine::forward, py::arg("input_ids"), py::arg("positions"), py::arg("attention_mask"),
            py::arg("path"), py::arg("cache"), py::arg("last_only") = false, py::call_guard<py::gil_scoped_release>())
       .def("hidden", &cf::Engine::hidden, py::arg("input_ids"), py::arg("positions"), py::arg("attention_mask"),

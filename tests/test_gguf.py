@@ -22,6 +22,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder.gguf import SUPPORTED_TYPES, hf_name, read_gguf
+from circuit_finder.quants import PackedTensor
 from helpers import build_hf_model, gguf_name, llama_cpp_permute, rebuilt, write_gguf
 
 
@@ -328,13 +329,30 @@ def test_read_gguf_decodes_hand_packed_blocks_exactly(golden, name):
         start += len(values)
 
 
-def test_load_runs_the_golden_weights(golden):
-    """cf.load on the golden file: the engine's tensors are the hand-computed values, and logits match
-    transformers running those same values."""
+@pytest.mark.parametrize("name", sorted(GOLDEN_TYPES))
+def test_packed_blocks_decode_to_the_hand_computed_values(golden, name):
+    """read_gguf(keep_packed=True): every quantized matrix stays packed, as the file's bytes, and our
+    kernel decodes it to the hand-computed values exactly (F16 / BF16 too: float32 compute)."""
+    path, expected, _ = golden
+    _, tensors = read_gguf(path, torch.float32, keep_packed=True)
+    hf = hf_name(name)
+    packed = tensors[hf]
+    assert isinstance(packed, PackedTensor) and packed.type_name == GOLDEN_TYPES[name]
+    assert packed.shape == expected[hf].shape
+    print(f"{name} ({GOLDEN_TYPES[name]})", end=": ")
+    assert report("packed, decoded by our kernel, vs hand-computed values", packed.dequantize(), expected[hf]) == 0.0
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_load_runs_the_golden_weights(golden, dequantize):
+    """cf.load on the golden file, packed (the default) and dequantized: the engine's tensors are the
+    hand-computed values, and logits match transformers running those same values."""
     path, expected, hf = golden
-    model = cf.load(path)
+    model = cf.load(path, dequantize=dequantize)
     for name, ref in expected.items():
-        assert torch.equal(model.tensors[name], ref), name
+        ours = model.tensors[name]
+        assert isinstance(ours, PackedTensor) != dequantize, name
+        assert torch.equal(ours if dequantize else ours.dequantize(), ref), name
     state = hf.state_dict()
     with torch.no_grad():
         for name, ref in expected.items():
@@ -414,9 +432,20 @@ def wide_llama(tmp_path_factory):
 def test_bf16_compute_dtype_from_gguf(wide_llama, tmp_path):
     path = tmp_path / "m.gguf"
     write_gguf(wide_llama, path, qtype="Q8_0")
-    model = cf.load(path, dtype="bfloat16")
-    assert model.dtype == torch.bfloat16
-    assert model.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    model, dense = cf.load(path, dtype="bfloat16"), cf.load(path, dtype="bfloat16", dequantize=True)
+    exact = cf.load(path, dequantize=True)
+    assert model.dtype == dense.dtype == torch.bfloat16
+    assert model.tensors["model.layers.0.self_attn.q_proj.weight"].type_name == "Q8_0"  # packed: not converted
+    assert model.tensors["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+    assert dense.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = exact.logits(ids)
+    packed_logits = model.logits(ids)
+    assert packed_logits.dtype == torch.bfloat16
+    # packed bf16 multiplies the exact weights in fp32 and rounds activations: no further from fp32
+    # than bf16 with the weights rounded too
+    packed_err = report("packed bf16 vs fp32", packed_logits, ref)
+    assert packed_err <= report("dequantized bf16 vs fp32", dense.logits(ids), ref) * 1.5 + 1e-3
 
 
 def test_truncated_gguf(wide_llama, tmp_path):

@@ -75,8 +75,8 @@ void check_ids(const at::Tensor& t, const char* name, at::Device device) {
 }  // namespace
 
 Engine::Engine(const std::string& config_json, const std::string& config_source,
-               const std::map<std::string, at::Tensor>& tensors)
-    : cfg_(parse_config(config_json, config_source)), w_(bind_weights(cfg_, tensors)) {
+               const std::map<std::string, at::Tensor>& tensors, const std::map<std::string, int32_t>& packed)
+    : cfg_(parse_config(config_json, config_source)), w_(bind_weights(cfg_, tensors, packed)) {
   rope_ = rope_freqs(cfg_.rope, w_.device);
   if (cfg_.has_rope_local) rope_local_ = rope_freqs(cfg_.rope_local, w_.device);
 }
@@ -126,16 +126,17 @@ std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
   const LayerWeights& L = w_.layers[layer];
   // Hugging Face's names for what each tensor is in this family (Gemma: post_attention_layernorm
   // normalizes the attention output, pre_feedforward_layernorm comes before the MLP).
+  // (A packed matrix is its uint8 blocks.)
   std::map<std::string, at::Tensor> all = {
-      {"input_layernorm", L.input_norm}, {"q_proj", L.wq}, {"k_proj", L.wk}, {"v_proj", L.wv},
-      {"qkv_proj", L.wqkv},              {"o_proj", L.wo},
-      {"sinks", L.sinks}, {"in_proj_qkvz", L.la_qkvz}, {"in_proj_ba", L.la_ba}, {"in_proj_qkv", L.la_qkv},
-      {"in_proj_z", L.la_z}, {"in_proj_b", L.la_b}, {"in_proj_a", L.la_a}, {"conv1d", L.conv}, {"A_log", L.A_log},
-      {"dt_bias", L.dt_bias}, {"linear_norm", L.la_norm}, {"out_proj", L.la_out},
+      {"input_layernorm", L.input_norm}, {"q_proj", L.wq.t}, {"k_proj", L.wk.t}, {"v_proj", L.wv.t},
+      {"qkv_proj", L.wqkv.t},            {"o_proj", L.wo.t},
+      {"sinks", L.sinks}, {"in_proj_qkvz", L.la_qkvz.t}, {"in_proj_ba", L.la_ba.t}, {"in_proj_qkv", L.la_qkv.t},
+      {"in_proj_z", L.la_z.t}, {"in_proj_b", L.la_b.t}, {"in_proj_a", L.la_a.t}, {"conv1d", L.conv}, {"A_log", L.A_log},
+      {"dt_bias", L.dt_bias}, {"linear_norm", L.la_norm}, {"out_proj", L.la_out.t},
   };
   auto add_mlp = [&all](const std::string& prefix, const MlpWeights& m) {
-    for (const auto& [name, t] : {std::pair{"gate_up_proj", m.gate_up}, {"gate_proj", m.gate}, {"up_proj", m.up},
-                                  {"down_proj", m.down}, {"gate_up_proj.bias", m.b_gate_up}, {"gate_proj.bias", m.b_gate},
+    for (const auto& [name, t] : {std::pair{"gate_up_proj", m.gate_up.t}, {"gate_proj", m.gate.t}, {"up_proj", m.up.t},
+                                  {"down_proj", m.down.t}, {"gate_up_proj.bias", m.b_gate_up}, {"gate_proj.bias", m.b_gate},
                                   {"up_proj.bias", m.b_up}, {"down_proj.bias", m.b_down}})
       all[prefix + name] = t;
   };
@@ -244,7 +245,7 @@ at::Tensor Engine::gated_mlp(const at::Tensor& x, const MlpWeights& w) const {
   at::Tensor gate, up;
   if (w.gate_up.defined()) {
     at::Tensor both = ops::linear(x, w.gate_up, w.b_gate_up);
-    const int64_t I = w.gate_up.size(0) / 2;
+    const int64_t I = w.gate_up.rows() / 2;
     gate = w.interleaved ? both.slice(-1, 0, 2 * I, 2) : both.narrow(-1, 0, I);
     up = w.interleaved ? both.slice(-1, 1, 2 * I, 2) : both.narrow(-1, I, I);
   } else {
@@ -325,7 +326,7 @@ at::Tensor Engine::embed(const at::Tensor& input_ids) const {
 }
 
 at::Tensor Engine::embed_unchecked(const at::Tensor& ids) const {
-  at::Tensor x = ops::embedding(w_.embed, ids);
+  at::Tensor x = ops::embedding(w_.embed, ids, w_.dtype);
   if (cfg_.embed_scale != 1.0) x = x * at::scalar_tensor(cfg_.embed_scale, x.options());
   return x;
 }

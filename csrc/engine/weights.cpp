@@ -2,43 +2,46 @@
 #include "weights.h"
 
 #include "../common/errors.h"
+#include "../kernels/cpu/quant.h"
 
 namespace cf {
 namespace {
 
 class Accessor {
  public:
-  explicit Accessor(const std::map<std::string, at::Tensor>& t) : t_(t) {
+  Accessor(const std::map<std::string, at::Tensor>& t, const std::map<std::string, int32_t>& packed)
+      : t_(t), packed_(packed) {
     auto e = t_.find("model.embed_tokens.weight");
     if (e == t_.end()) throw WeightError("missing tensor 'model.embed_tokens.weight'");
-    dtype_ = e->second.scalar_type();
+    for (const auto& [name, type] : packed_)
+      if (!t_.count(name)) throw WeightError(cat("packed tensor '", name, "' is not among the tensors"));
+    // The compute dtype: the embedding's, or (a packed embedding) the final norm's.
+    auto d = packed_.count(e->first) ? t_.find("model.norm.weight") : e;
+    if (d == t_.end()) throw WeightError("missing tensor 'model.norm.weight'");
+    dtype_ = d->second.scalar_type();
     device_ = e->second.device();
     main_ = device_;
     if (!at::isFloatingType(dtype_))
-      throw WeightError(cat("tensor 'model.embed_tokens.weight' has non-floating dtype ", c10::toString(dtype_)));
+      throw WeightError(cat("tensor '", d->first, "' has non-floating dtype ", c10::toString(dtype_)));
   }
 
   // name_template may contain "{}", replaced by the layer index.
   at::Tensor get(const std::string& name_template, int64_t layer, std::vector<int64_t> shape,
                  bool optional = false) const {
-    std::string name = name_template;
-    const auto at = name.find("{}");
-    if (at != std::string::npos) name.replace(at, 2, std::to_string(layer));
-    auto it = t_.find(name);
-    if (it == t_.end()) {
-      if (optional) return at::Tensor();
-      throw WeightError(cat("missing tensor '", name, "'"));
-    }
-    const at::Tensor& x = it->second;
-    if (x.sizes() != at::IntArrayRef(shape))
-      throw WeightError(cat("tensor '", name, "': expected shape ", shape_str(shape), ", got ", shape_str(x.sizes())));
-    if (x.scalar_type() != dtype_)
-      throw WeightError(cat("tensor '", name, "': dtype ", c10::toString(x.scalar_type()), " differs from the embedding's ", c10::toString(dtype_),
-                            " (load converts all weights to one dtype)"));
-    if (x.device() != device_)
-      throw WeightError(cat("tensor '", name, "': on ", x.device().str(), " but ", owner_, " is on ", device_.str(),
-                            " (a layer's tensors live on one device; the embedding, final norm and lm_head on one)"));
-    return x;
+    const std::string name = resolve(name_template, layer);
+    if (packed_.count(name))
+      throw WeightError(cat("tensor '", name, "' is packed (", cpu::packed_type_name(packed_.at(name)),
+                            ") but the engine reads it as float: only matrices may be packed"));
+    return fetch(name, shape, dtype_, optional);
+  }
+  // A matrix [..., N, K]: a float tensor as get() checks it, or a packed one: uint8 [..., N, row_bytes].
+  Matrix mat(const std::string& name_template, int64_t layer, std::vector<int64_t> shape) const {
+    const std::string name = resolve(name_template, layer);
+    auto p = packed_.find(name);
+    if (p == packed_.end()) return fetch(name, shape, dtype_, false);
+    const int64_t K = shape.back();
+    shape.back() = cpu::packed_row_bytes(p->second, K, cat("tensor '", name, "'"));
+    return Matrix(fetch(name, shape, at::kByte, false), p->second, K);
   }
   // Tensors fetched from now on must sit where layer `layer`'s input_layernorm.weight does (the
   // embedding's device when it is missing: get() then names the missing tensor).
@@ -56,7 +59,38 @@ class Accessor {
   at::Device device() const { return device_; }
 
  private:
+  static std::string resolve(const std::string& name_template, int64_t layer) {
+    std::string name = name_template;
+    const auto at = name.find("{}");
+    if (at != std::string::npos) name.replace(at, 2, std::to_string(layer));
+    return name;
+  }
+  at::Tensor fetch(const std::string& name, const std::vector<int64_t>& shape, at::ScalarType dtype, bool optional) const {
+    auto it = t_.find(name);
+    if (it == t_.end()) {
+      if (optional) return at::Tensor();
+      throw WeightError(cat("missing tensor '", name, "'"));
+    }
+    const at::Tensor& x = it->second;
+    if (x.sizes() != at::IntArrayRef(shape))
+      throw WeightError(cat("tensor '", name, "': expected shape ", shape_str(shape), ", got ", shape_str(x.sizes()),
+                            dtype == at::kByte ? cat(" (packed ", cpu::packed_type_name(packed_.at(name)), ")") : ""));
+    if (x.scalar_type() != dtype)
+      throw WeightError(cat("tensor '", name, "': dtype ", c10::toString(x.scalar_type()),
+                            dtype == at::kByte ? " but a packed tensor is uint8"
+                                               : cat(" differs from the embedding's ", c10::toString(dtype),
+                                                     " (load converts all weights to one dtype)")));
+    if (x.device() != device_)
+      throw WeightError(cat("tensor '", name, "': on ", x.device().str(), " but ", owner_, " is on ", device_.str(),
+                            " (a layer's tensors live on one device; the embedding, final norm and lm_head on one)"));
+    if (dtype == at::kByte && !x.device().is_cpu())
+      throw WeightError(cat("tensor '", name, "' is packed and on ", x.device().str(),
+                            ": packed matrices run on the CPU only (load with dequantize=True)"));
+    return x;
+  }
+
   const std::map<std::string, at::Tensor>& t_;
+  const std::map<std::string, int32_t>& packed_;
   at::ScalarType dtype_;
   at::Device device_ = at::kCPU, main_ = at::kCPU;
   std::string owner_ = "the embedding";
@@ -77,13 +111,13 @@ at::Tensor norm_weight(const at::Tensor& w, const ModelConfig& c) {
 void bind_attention(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
   const int64_t H = c.hidden_size, D = c.head_dim, QD = c.num_heads * D, KD = c.num_kv_heads * D;
   if (c.fused_qkv) {
-    L.wqkv = a.get(p + "self_attn.qkv_proj.weight", l, {QD + 2 * KD, H});
+    L.wqkv = a.mat(p + "self_attn.qkv_proj.weight", l, {QD + 2 * KD, H});
   } else {
-    L.wq = a.get(p + "self_attn.q_proj.weight", l, {c.attn_output_gate ? 2 * QD : QD, H});
-    L.wk = a.get(p + "self_attn.k_proj.weight", l, {KD, H});
-    L.wv = a.get(p + "self_attn.v_proj.weight", l, {KD, H});
+    L.wq = a.mat(p + "self_attn.q_proj.weight", l, {c.attn_output_gate ? 2 * QD : QD, H});
+    L.wk = a.mat(p + "self_attn.k_proj.weight", l, {KD, H});
+    L.wv = a.mat(p + "self_attn.v_proj.weight", l, {KD, H});
   }
-  L.wo = a.get(p + "self_attn.o_proj.weight", l, {H, QD});
+  L.wo = a.mat(p + "self_attn.o_proj.weight", l, {H, QD});
   if (c.qkv_bias) {
     L.bq = a.get(p + "self_attn.q_proj.bias", l, {c.attn_output_gate ? 2 * QD : QD});
     L.bk = a.get(p + "self_attn.k_proj.bias", l, {KD});
@@ -104,19 +138,19 @@ void bind_linear_attention(const Accessor& a, const ModelConfig& c, const std::s
   const std::string m = p + "linear_attn.";
   L.linear = true;
   if (a.has(cat("model.layers.", l, ".linear_attn.in_proj_qkvz.weight"))) {
-    L.la_qkvz = a.get(m + "in_proj_qkvz.weight", l, {C + Hv * Dv, H});
-    L.la_ba = a.get(m + "in_proj_ba.weight", l, {2 * Hv, H});
+    L.la_qkvz = a.mat(m + "in_proj_qkvz.weight", l, {C + Hv * Dv, H});
+    L.la_ba = a.mat(m + "in_proj_ba.weight", l, {2 * Hv, H});
   } else {
-    L.la_qkv = a.get(m + "in_proj_qkv.weight", l, {C, H});
-    L.la_z = a.get(m + "in_proj_z.weight", l, {Hv * Dv, H});
-    L.la_b = a.get(m + "in_proj_b.weight", l, {Hv, H});
-    L.la_a = a.get(m + "in_proj_a.weight", l, {Hv, H});
+    L.la_qkv = a.mat(m + "in_proj_qkv.weight", l, {C, H});
+    L.la_z = a.mat(m + "in_proj_z.weight", l, {Hv * Dv, H});
+    L.la_b = a.mat(m + "in_proj_b.weight", l, {Hv, H});
+    L.la_a = a.mat(m + "in_proj_a.weight", l, {Hv, H});
   }
   L.conv = a.get(m + "conv1d.weight", l, {C, 1, c.linear_conv_kernel}).select(1, 0);
   L.A_log = a.get(m + "A_log", l, {Hv});
   L.dt_bias = a.get(m + "dt_bias", l, {Hv});
   L.la_norm = a.get(m + "norm.weight", l, {Dv});
-  L.la_out = a.get(m + "out_proj.weight", l, {H, Hv * Dv});
+  L.la_out = a.mat(m + "out_proj.weight", l, {H, Hv * Dv});
 }
 
 // A gated MLP of I units under prefix m ("mlp.", "mlp.shared_expert.", "mlp.experts.3."):
@@ -126,12 +160,12 @@ MlpWeights bind_gated(const Accessor& a, const ModelConfig& c, const std::string
   const int64_t H = c.hidden_size;
   MlpWeights w;
   if (c.fused_gate_up) {
-    w.gate_up = a.get(m + "gate_up_proj.weight", l, {2 * I, H});
+    w.gate_up = a.mat(m + "gate_up_proj.weight", l, {2 * I, H});
   } else {
-    w.gate = a.get(m + names[0] + ".weight", l, {I, H});
-    w.up = a.get(m + names[1] + ".weight", l, {I, H});
+    w.gate = a.mat(m + names[0] + ".weight", l, {I, H});
+    w.up = a.mat(m + names[1] + ".weight", l, {I, H});
   }
-  w.down = a.get(m + names[2] + ".weight", l, {H, I});
+  w.down = a.mat(m + names[2] + ".weight", l, {H, I});
   if (bias) {
     w.b_gate = a.get(m + names[0] + ".bias", l, {I});
     w.b_up = a.get(m + names[1] + ".bias", l, {I});
@@ -149,12 +183,12 @@ const char* const kMixtralNames[3] = {"w1", "w3", "w2"};
 std::vector<MlpWeights> bind_stacked(const Accessor& a, const ModelConfig& c, const std::string& m, int64_t l) {
   const int64_t H = c.hidden_size, I = c.moe_intermediate_size, E = c.num_experts;
   std::vector<MlpWeights> out(E);
-  at::Tensor down = a.get(m + "experts.down_proj", l, {E, H, I});
+  Matrix down = a.mat(m + "experts.down_proj", l, {E, H, I});
   if (a.has(cat("model.layers.", l, ".mlp.experts.gate_up_proj"))) {
-    at::Tensor gate_up = a.get(m + "experts.gate_up_proj", l, {E, 2 * I, H});
+    Matrix gate_up = a.mat(m + "experts.gate_up_proj", l, {E, 2 * I, H});
     for (int64_t e = 0; e < E; ++e) out[e].gate_up = gate_up[e];
   } else {
-    at::Tensor gate = a.get(m + "experts.gate_proj", l, {E, I, H}), up = a.get(m + "experts.up_proj", l, {E, I, H});
+    Matrix gate = a.mat(m + "experts.gate_proj", l, {E, I, H}), up = a.mat(m + "experts.up_proj", l, {E, I, H});
     for (int64_t e = 0; e < E; ++e) out[e].gate = gate[e], out[e].up = up[e];
   }
   for (int64_t e = 0; e < E; ++e) out[e].down = down[e];
@@ -177,9 +211,9 @@ std::vector<MlpWeights> bind_gpt_oss(const Accessor& a, const ModelConfig& c, co
       out[e].down = down[e].t();
     }
   } else {
-    at::Tensor gate = a.get(x + "gate_proj", l, {E, I, H}), up = a.get(x + "up_proj", l, {E, I, H});
+    Matrix gate = a.mat(x + "gate_proj", l, {E, I, H}), up = a.mat(x + "up_proj", l, {E, I, H});
     at::Tensor gate_bias = a.get(x + "gate_proj_bias", l, {E, I}), up_bias = a.get(x + "up_proj_bias", l, {E, I});
-    at::Tensor down = a.get(x + "down_proj", l, {E, H, I});
+    Matrix down = a.mat(x + "down_proj", l, {E, H, I});
     for (int64_t e = 0; e < E; ++e) {
       out[e].gate = gate[e], out[e].up = up[e], out[e].b_gate = gate_bias[e], out[e].b_up = up_bias[e];
       out[e].down = down[e];
@@ -234,18 +268,19 @@ void bind_norms(const Accessor& a, const ModelConfig& c, const std::string& p, i
 
 }  // namespace
 
-Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tensor>& tensors) {
-  Accessor a(tensors);
+Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tensor>& tensors,
+                     const std::map<std::string, int32_t>& packed) {
+  Accessor a(tensors, packed);
   const int64_t H = c.hidden_size;
   Weights w;
   w.dtype = a.dtype();
   w.device = a.device();
-  w.embed = a.get("model.embed_tokens.weight", -1, {c.vocab_size, H});
+  w.embed = a.mat("model.embed_tokens.weight", -1, {c.vocab_size, H});
   w.final_norm = norm_weight(a.get("model.norm.weight", -1, {H}), c);
   // A multimodal wrapper ties by its own top-level flag, which the text config does not carry:
   // there, as transformers' loader ends up doing, lm_head is used when the checkpoint has one.
   const bool tied = c.wrapper.empty() ? c.tie_word_embeddings : !a.has("lm_head.weight");
-  w.lm_head = tied ? w.embed : a.get("lm_head.weight", -1, {c.vocab_size, H});
+  w.lm_head = tied ? w.embed : a.mat("lm_head.weight", -1, {c.vocab_size, H});
   const std::string p = "model.layers.{}.";
   for (int64_t l = 0; l < c.num_layers; ++l) {
     a.expect_layer(l);

@@ -5,6 +5,8 @@
 // device (the embedding's): a split placement is read from where the tensors are, not passed
 // separately.
 // Tensors are held by handle: never copied,
+// and matrices (projections, experts, embedding, lm_head) may be packed ggml blocks (a GGUF file's,
+// kernels/matrix.h), named with their ggml type in bind_weights' `packed`; any other tensor is float.
 // except norm weights of two families (vectors, [H] or [D] each): Gemma's, held as (1 + w) in fp32,
 // and GPT-OSS's, held in fp32 (both multiply before the cast to the compute dtype). Fused
 // projections (Phi-3's qkv_proj, gate_up_proj) are held as they are and run as one matmul.
@@ -15,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "../kernels/matrix.h"
 #include "config.h"
 
 namespace cf {
@@ -24,15 +27,15 @@ namespace cf {
 // interleaved, gate and up rows alternating (GPT-OSS); down [H, I]. Weights may be strided views
 // (a transposed stacked expert is run without a copy). Biases optional.
 struct MlpWeights {
-  at::Tensor gate_up, gate, up, down;
+  Matrix gate_up, gate, up, down;
   at::Tensor b_gate_up, b_gate, b_up, b_down;
   bool interleaved = false;
 };
 
 struct LayerWeights {
   at::Tensor input_norm;                  // [H]
-  at::Tensor wq, wk, wv, wo;              // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D] (wq/wk/wv undefined when fused)
-  at::Tensor wqkv;                        // [(Hq + 2 Hkv) * D, H]: q, k, v rows (Phi-3), or undefined
+  Matrix wq, wk, wv, wo;                  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D] (wq/wk/wv undefined when fused)
+  Matrix wqkv;                            // [(Hq + 2 Hkv) * D, H]: q, k, v rows (Phi-3), or undefined
   at::Tensor bq, bk, bv, bo;              // biases or undefined
   at::Tensor q_norm, k_norm;              // [D] (Qwen3, Gemma 3) or undefined
   at::Tensor sinks;                       // [Hq]: GPT-OSS's per-head attention sink logits, or undefined
@@ -43,7 +46,8 @@ struct LayerWeights {
   // the depthwise causal conv over the q|k|v channels [C, K]; A_log, dt_bias [Hv]; the gated norm's
   // weight [Dv]; out_proj [H, Hv Dv].
   bool linear = false;
-  at::Tensor la_qkvz, la_ba, la_qkv, la_z, la_b, la_a, conv, A_log, dt_bias, la_norm, la_out;
+  Matrix la_qkvz, la_ba, la_qkv, la_z, la_b, la_a, la_out;
+  at::Tensor conv, A_log, dt_bias, la_norm;
   at::Tensor post_attn_norm;              // [H]: Gemma 2/3's norm of the attention output, or undefined
   at::Tensor post_norm;                   // [H]: the norm before the MLP
   at::Tensor post_ffn_norm;               // [H]: Gemma 2/3's norm of the MLP output, or undefined
@@ -59,14 +63,16 @@ struct LayerWeights {
 };
 
 struct Weights {
-  at::Tensor embed;       // [V, H]
+  Matrix embed;           // [V, H]
   at::Tensor final_norm;  // [H]
-  at::Tensor lm_head;     // [V, H] (the embedding itself when tied)
+  Matrix lm_head;         // [V, H] (the embedding itself when tied)
   std::vector<LayerWeights> layers;
-  at::ScalarType dtype;
+  at::ScalarType dtype;   // the compute dtype: the embedding's, or the final norm's when the embedding is packed
   at::Device device = at::kCPU;  // the main device: embedding, final norm, lm_head, inputs and outputs
 };
 
-Weights bind_weights(const ModelConfig& cfg, const std::map<std::string, at::Tensor>& tensors);
+// packed: {name: ggml type} of the tensors that are packed blocks (uint8 [..., rows, row_bytes]).
+Weights bind_weights(const ModelConfig& cfg, const std::map<std::string, at::Tensor>& tensors,
+                     const std::map<std::string, int32_t>& packed = {});
 
 }  // namespace cf

@@ -9,6 +9,8 @@
 
 #include "cpu/fused.h"
 #include "cpu/linear.h"
+#include "cpu/quant.h"
+#include "../common/errors.h"
 #include "gpu_ops.h"
 
 namespace cf::ops {
@@ -38,12 +40,24 @@ bool gpu_kernels_enabled() {
   return enabled;
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-  if (x.device().is_cpu()) return cpu::linear(x, w, bias);
-  return at::linear(x, w, bias);
+at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& bias) {
+  if (w.packed()) {
+    if (!x.device().is_cpu() || !w.t.device().is_cpu())
+      throw InputError(cat("a packed ", cpu::packed_type_name(w.type), " matrix runs on the CPU only, got x on ",
+                           x.device().str(), " and the matrix on ", w.t.device().str(), " (load with dequantize=True)"));
+    return cpu::linear_packed(x, w.t, w.type, w.cols, bias);
+  }
+  if (x.device().is_cpu()) return cpu::linear(x, w.t, bias);
+  return at::linear(x, w.t, bias);
 }
 
-at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids) { return at::embedding(table, ids); }
+at::Tensor embedding(const Matrix& table, const at::Tensor& ids, at::ScalarType dtype) {
+  if (!table.packed()) return at::embedding(table.t, ids);
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(table.cols);
+  const at::Tensor rows = table.t.index_select(0, ids.reshape(-1).to(table.t.device()));
+  return cpu::dequantize(rows, table.type, table.cols, dtype).view(shape).to(ids.device());
+}
 
 namespace {
 

@@ -12,13 +12,17 @@
 #include <string>
 #include <utility>
 
+#include "matrix.h"
+
 namespace cf::ops {
 
 // x [..., K], w [N, K], bias [N] or undefined -> x @ w^T + bias [..., N]. CPU: the skinny GEMM
-// for decode-sized fp32/bf16 inputs (cpu/linear.h), else at::linear; other devices: at::linear.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias = at::Tensor());
-// table [V, H], ids [B, T] int64 (in range: the caller checks) -> [B, T, H]
-at::Tensor embedding(const at::Tensor& table, const at::Tensor& ids);
+// for decode-sized fp32/bf16 inputs (cpu/linear.h), packed ggml matrices through cpu/quant.h,
+// else at::linear; other devices: at::linear (a packed matrix there is an InputError).
+at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& bias = at::Tensor());
+// table [V, H], ids [B, T] int64 (in range: the caller checks) -> [B, T, H] in dtype; a packed
+// table dequantizes only the rows it reads.
+at::Tensor embedding(const Matrix& table, const at::Tensor& ids, at::ScalarType dtype);
 // q [B, Hq, T, D], k and v [B, Hkv, S, D] (Hq a multiple of Hkv: query heads j*G .. j*G+G-1 share
 // KV head j, G = Hq / Hkv, as in HF's repeat_kv), mask [B, 1, T, S] bool (true = attend) or none
 // (T > 1: causal, query t sees keys 0..t, so only for S == T; T == 1: every key) ->

@@ -326,9 +326,11 @@ def _hf_source_weights(src, target: torch.dtype | None):
     from . import _C
     from .gguf import gguf_tokenizer, read_gguf
     from .model import Model
+    from .quants import PackedTensor
 
-    if isinstance(src, Model):
-        return src.tensors, src.tokenizer, []
+    if isinstance(src, Model):  # packed GGUF matrices are written as the model's float dtype
+        tensors = {n: t.dequantize(src.dtype) if isinstance(t, PackedTensor) else t for n, t in src.tensors.items()}
+        return tensors, src.tokenizer, []
     p = Path(src)
     if _is_gguf(p):
         return read_gguf(p, target or torch.float32)[1], gguf_tokenizer(p), []

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .quants import dequantize_ggml_mxfp4
+from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4
 
 __all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "sliding_layers",
            "gguf_architecture", "gguf_block_count", "gguf_config", "gguf_field", "gguf_num_layers", "gguf_tokenizer",
@@ -151,7 +151,8 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def open_gguf(path: str | os.PathLike):
-    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped). FileNotFoundError when there is no such
+    """A ``gguf.GGUFReader`` over ``path``, memory-mapped copy-on-write (tensors over it can be
+    written without touching the file or faulting). FileNotFoundError when there is no such
     file, GGUFError naming the file when its bytes are not GGUF."""
     path = str(path)
     if not os.path.isfile(path):
@@ -159,11 +160,11 @@ def open_gguf(path: str | os.PathLike):
     check_metadata_sizes(path)
     try:
         try:
-            return fast_reader_class()(path)
+            return fast_reader_class()(path, "c")
         except TypeError:  # the package's byte-read hook changed its arguments: its own reader then
             import gguf
 
-            return gguf.GGUFReader(path)
+            return gguf.GGUFReader(path, "c")
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad bytes
         raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
@@ -668,13 +669,51 @@ def _hybrid_arrays(name: str, arr: np.ndarray, arch: str, config: dict) -> list[
     return [(name, arr)]
 
 
-def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-              place=None) -> tuple[dict, dict[str, torch.Tensor]]:
+_MATRIX = re.compile(r"(_proj\.weight|_proj|lm_head\.weight|embed_tokens\.weight)$")  # what the engine reads packed
+
+
+def _packable(t, name: str, arch: str, config: dict, dtype: torch.dtype) -> str | None:
+    """The ggml type name a tensor stays packed in, or None when it is dequantized: packed types
+    only, matrices only (projections, experts, embedding, lm_head), F16 / BF16 only when the
+    compute dtype differs, and not Qwen3.5's out_proj when its columns are regrouped."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType(t.tensor_type).name
+    if kind not in PACKED_TYPES or len(t.shape) < 2 or not _MATRIX.search(name):
+        return None
+    if (kind, dtype) in (("F16", torch.float16), ("BF16", torch.bfloat16)):
+        return None
+    if arch in ("qwen35", "qwen35moe") and name.endswith("linear_attn.out_proj.weight") and \
+            config["linear_num_value_heads"] != config["linear_num_key_heads"]:
+        return None
+    return kind
+
+
+def _packed_blocks(t, path: str) -> np.ndarray:
+    """A packed tensor's bytes as [..., rows, row_bytes] (a view of the mapped file)."""
+    data = np.asarray(t.data).reshape(-1).view(np.uint8)  # F16 / BF16 come typed
+    rows = [int(d) for d in reversed([int(x) for x in t.shape])][:-1]
+    try:
+        return data.reshape(*rows, -1)
+    except ValueError as e:
+        raise GGUFError(f"{path}: tensor '{t.name}' holds {data.size} bytes, not {rows} rows of its blocks; "
+                        "the file may be truncated") from e
+
+
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over arr: a view when it is contiguous (of the copy-on-write map: writes stay private)."""
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place=None,
+              keep_packed: bool = False) -> tuple[dict, dict]:
     """Reads a GGUF file -> (Hugging Face config dict, Hugging Face-named tensors in `dtype`).
-    place(config, {Hugging Face name: element count}), when given, runs before any tensor is
-    decoded and returns a Placement (the loader plans and checks devices and memory there); each
-    tensor then goes to its device as soon as it is decoded, so host memory never holds the GPU
-    layers' dequantized weights all at once."""
+    keep_packed: matrices of a packed type (quants.PACKED_TYPES) that stay on the CPU come back as
+    ``PackedTensor`` (the file's blocks, views of the memory map where rows keep their order).
+    place(config, {Hugging Face name: element count}, {name: packed bytes}), when given, runs
+    before any tensor is decoded and returns a Placement (the loader plans and checks devices and
+    memory there); each tensor then goes to its device as soon as it is decoded, so host memory
+    never holds the GPU layers' dequantized weights all at once; only CPU tensors stay packed."""
     path = str(path)
     reader = open_gguf(path)
     config = gguf_config(reader, path)
@@ -688,20 +727,24 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         name = hf_name(t.name, arch)
         return None if name is None or (layer_of(name) or 0) >= config["num_hidden_layers"] else name
 
+    named = [(t, kept(t)) for t in reader.tensors]
+    named = [(t, name, keep_packed and _packable(t, name, arch, config, dtype)) for t, name in named if name]
     placed = None
     if place is not None:
-        numels = {kept(t): int(np.prod([int(x) for x in t.shape])) for t in reader.tensors}
-        placed = place(config, {name: n for name, n in numels.items() if name is not None})
-    tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        name = kept(t)
-        if name is None:
+        placed = place(config, {name: int(np.prod([int(x) for x in t.shape])) for t, name, _ in named},
+                       {name: int(t.n_bytes) for t, name, kind in named if kind})
+    tensors: dict = {}
+    for t, name, kind in named:
+        device = torch.device("cpu") if placed is None else placed.device_of(name)
+        if kind and device.type == "cpu":
+            for hf, arr in _hf_arrays(name, _packed_blocks(t, path), arch, config):
+                tensors[hf] = PackedTensor(_as_tensor(arr), kind, int(t.shape[0]), hf)
             continue
         for hf, arr in _hf_arrays(name, _dequantize(t, path), arch, config):
-            tensor = torch.from_numpy(np.array(arr, copy=not arr.flags.writeable or not arr.flags.c_contiguous))
+            tensor = _as_tensor(arr)
             if tensor.dtype != dtype:
                 tensor = tensor.to(dtype)
-            tensors[hf] = tensor if placed is None else tensor.to(placed.device_of(hf))
+            tensors[hf] = tensor if placed is None else tensor.to(device)
     if "model.embed_tokens.weight" not in tensors:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
     return config, tensors

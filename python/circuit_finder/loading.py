@@ -4,8 +4,11 @@ A multimodal checkpoint (Gemma3ForConditionalGeneration, Mistral3ForConditionalG
 as its text decoder: the vision tower is not loaded.
 
 Weights are memory-mapped and handed to the engine without copies when the requested dtype and
-device match the checkpoint; a repeated layer runs the same tensors again. GGUF tensors are
-dequantized to the requested float dtype (float32 by default) on load. ``device_map`` splits the
+device match the checkpoint; a repeated layer runs the same tensors again. GGUF matrices stay in
+their file's quantization on the CPU (``quants.PackedTensor``: the engine's linear layers and
+embedding read the blocks, views of the memory-mapped file), and everything else is dequantized to
+the requested float dtype (float32 by default); ``dequantize=True`` dequantizes every tensor, and
+matrices placed on a GPU are dequantized there (packed kernels are CPU-only for now). ``device_map`` splits the
 layers over devices (``placement.plan``: checked against each device's memory from the tensors'
 sizes before any weight is moved, converted or dequantized).
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +32,7 @@ from .config import ModelConfig, parse_config
 from .files import package_file
 from .model import Model
 from .placement import Placement, plan
-from .quants import dequantize_mxfp4, mxfp4_pairs, mxfp4_shape
+from .quants import PackedTensor, dequantize_mxfp4, mxfp4_pairs, mxfp4_shape
 
 __all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "default_model_path", "load", "load_from_tensors",
            "model_config_file", "resolve_dtype", "text_decoder_tensors"]
@@ -94,7 +98,7 @@ def model_config_file(folder: Path) -> Path:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         device_map=None, max_memory: dict | None = None) -> Model:
+         device_map=None, max_memory: dict | None = None, dequantize: bool = False) -> Model:
     """Loads a model for running along layer paths.
 
     path: a Hugging Face folder (config.json + *.safetensors, single or sharded), a .gguf file, or
@@ -105,11 +109,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     list of (device, layer count) pairs or its text "cuda:0=20,cpu=12", or {layer: device}; the
     embedding and head go on the first GPU the map uses (else the CPU). max_memory: {device: bytes or "20GiB"}, the weights' budget
     per device (default: 90% of its free memory). See ``circuit_finder.placement``.
+    dequantize: GGUF only; False keeps quantized matrices packed on the CPU (the file's size in
+    memory), True converts every tensor to dtype (what earlier versions did).
     """
     if str(path) == "default":
         path = default_model_path()
     if str(path).lower().endswith(".gguf"):
-        return _load_gguf(str(path), device, dtype, device_map, max_memory)
+        return _load_gguf(str(path), device, dtype, device_map, max_memory, dequantize)
     folder = Path(path)
     config_file = model_config_file(folder)
     config = parse_config(_with_generation_eos(json.loads(config_file.read_text()), folder), str(config_file))
@@ -139,20 +145,26 @@ def _with_generation_eos(config, folder: Path):
     return config
 
 
-def _load_gguf(path: str, device, dtype, device_map, max_memory) -> Model:
+def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: bool) -> Model:
     from .gguf import gguf_tokenizer, read_gguf
 
     target = resolve_dtype(dtype, torch.float32)
     placed: list[Placement] = []
 
-    def place(config: dict, numels: dict[str, int]) -> Placement:  # before any tensor is dequantized
+    def place(config: dict, numels: dict[str, int], packed: dict[str, int]) -> Placement:  # before any decoding
         sizes = {name: n * target.itemsize for name, n in numels.items()}
+        if _all_on_cpu(device, device_map):  # packed tensors stay as they are in the file
+            sizes.update(packed)
         placed.append(plan(device_map, parse_config(config, path).num_layers, sizes, device, max_memory))
         return placed[0]
 
-    config, tensors = read_gguf(path, target, place)
+    config, tensors = read_gguf(path, target, place, keep_packed=not dequantize)
     return load_from_tensors(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path,
                              device_map=placed[0])
+
+
+def _all_on_cpu(device, device_map) -> bool:
+    return device_map is None and torch.device(device).type == "cpu"
 
 
 _TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
@@ -185,19 +197,42 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
         tensors = {name: t for name, t in tensors.items() if not name.startswith("mtp.")}
     if "model.embed_tokens.weight" not in tensors:
         raise _C.WeightError(f"{source}: missing tensor 'model.embed_tokens.weight'")
-    checkpoint_dtype = _DTYPES.get(config.torch_dtype, tensors["model.embed_tokens.weight"].dtype)
-    if not checkpoint_dtype.is_floating_point:
+    checkpoint_dtype = _DTYPES.get(config.torch_dtype, getattr(tensors["model.embed_tokens.weight"], "dtype", None))
+    if checkpoint_dtype is None or not checkpoint_dtype.is_floating_point:
         checkpoint_dtype = torch.float32
     target = resolve_dtype(dtype, checkpoint_dtype)
-    packed = mxfp4_pairs(tensors)  # GPT-OSS's MXFP4 experts: sized and placed as the tensors they become
-    sizes = {n: t.numel() * target.itemsize for n, t in tensors.items() if t.is_floating_point()}
-    sizes.update({n: math.prod(mxfp4_shape(blocks)) * target.itemsize for n, (blocks, _) in packed.items()})
+    mxfp4 = mxfp4_pairs(tensors)  # GPT-OSS's MXFP4 experts: sized and placed as the tensors they become
+    ggml = {n: t for n, t in tensors.items() if isinstance(t, PackedTensor)}
+    sizes = {n: t.numel() * target.itemsize for n, t in tensors.items() if n in ggml or t.is_floating_point()}
+    sizes.update({n: math.prod(mxfp4_shape(blocks)) * target.itemsize for n, (blocks, _) in mxfp4.items()})
+    if _all_on_cpu(device, device_map):
+        sizes.update({n: t.nbytes for n, t in ggml.items()})
     placed = device_map if isinstance(device_map, Placement) else plan(
         device_map, config.num_layers, sizes, device, max_memory)
     moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in tensors.items()
-             if t.is_floating_point()}
-    for name, (blocks, scales) in packed.items():
+             if name not in ggml and t.is_floating_point()}
+    for name, (blocks, scales) in mxfp4.items():
         moved[name] = dequantize_mxfp4(blocks, scales, target, placed.device_of(name))
-    engine = _C.Engine(json.dumps(config.raw), source, moved)
-    return Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source, tensors=moved,
-                 placement=placed)
+    kept = _place_packed(ggml, placed, target, moved)
+    engine = _C.Engine(json.dumps(config.raw), source, {**moved, **{n: t.blocks for n, t in kept.items()}},
+                       {n: t.ggml_type for n, t in kept.items()})
+    return Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source,
+                 tensors={**moved, **kept}, placement=placed)
+
+
+def _place_packed(ggml: dict[str, PackedTensor], placed: Placement, target: torch.dtype,
+                  moved: dict[str, torch.Tensor]) -> dict[str, PackedTensor]:
+    """The packed tensors that stay packed (those placed on the CPU); the others are dequantized
+    into ``moved`` on their device, with one warning naming how many and where."""
+    kept, elsewhere = {}, set()
+    for name, t in ggml.items():
+        where = placed.device_of(name)
+        if where.type == "cpu":
+            kept[name] = t
+        else:
+            moved[name] = t.dequantize(target).to(where)
+            elsewhere.add(str(where))
+    if elsewhere:
+        warnings.warn(f"packed (GGUF-quantized) matrices run on the CPU only for now: {len(ggml) - len(kept)} placed on "
+                      f"{', '.join(sorted(elsewhere))} were dequantized to {target}", stacklevel=3)
+    return kept

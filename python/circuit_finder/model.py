@@ -63,7 +63,7 @@ class Model:
         """Bytes of weight storage resident per device ({"cpu": ..., "cuda:0": ...}): each storage
         counted once (tied embeddings, a layer run at several slots, views of one stacked tensor), the
         engine's own converted copies included; layers placed on the meta device hold none."""
-        tensors = list(self.tensors.values())
+        tensors = [getattr(t, "blocks", t) for t in self.tensors.values()]  # a PackedTensor's storage: its blocks
         for layer in range(self.num_layers):
             tensors += list(self.engine.layer_tensors(layer).values())
         seen, out = set(), {}

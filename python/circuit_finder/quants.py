@@ -1,4 +1,11 @@
-"""Quantized checkpoint formats that load by dequantizing: GPT-OSS's MXFP4 experts.
+"""Quantized weight formats: GGUF block types kept packed (``PackedTensor``), and GPT-OSS's MXFP4
+experts, which load by dequantizing.
+
+A ``PackedTensor`` is a matrix exactly as a GGUF file stores it — uint8 rows of ggml blocks (a view
+of the memory-mapped file where no reordering was needed) with its ggml type and column count —
+which the engine's CPU linear layers and embedding read without a dequantized copy (csrc
+kernels/cpu/quant.h). PACKED_TYPES lists the types; ``dequantize`` gives the float matrix (our
+kernel, checked against the `gguf` package's decoders in tests/test_quant.py).
 
 OpenAI's published GPT-OSS checkpoints store each MoE layer's expert matrices in MXFP4 (OCP
 Microscaling, FP4 E2M1 elements in blocks of 32 sharing one E8M0 power-of-two scale):
@@ -17,8 +24,61 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "MXFP4_BLOCK", "dequantize_ggml_mxfp4", "dequantize_mxfp4", "mxfp4_pairs",
-           "mxfp4_shape"]
+__all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "MXFP4_BLOCK", "PACKED_TYPES", "PackedTensor", "dequantize_ggml_mxfp4",
+           "dequantize_mxfp4", "mxfp4_pairs", "mxfp4_shape"]
+
+# ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
+PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
+                "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
+
+
+class PackedTensor:
+    """A matrix [..., rows, cols] held as ggml blocks: ``blocks`` uint8 [..., rows, row_bytes] (CPU),
+    ``type_name`` one of PACKED_TYPES. ValueError naming `name` when the bytes do not fit the type."""
+
+    __slots__ = ("blocks", "type_name", "cols")
+
+    def __init__(self, blocks: torch.Tensor, type_name: str, cols: int, name: str = "tensor"):
+        from . import _C
+
+        if type_name not in PACKED_TYPES:
+            raise ValueError(f"{name}: type {type_name} is not packed (packed: {', '.join(PACKED_TYPES)})")
+        if blocks.dtype != torch.uint8 or blocks.dim() < 2 or blocks.device.type != "cpu":
+            raise ValueError(f"{name}: packed blocks are a CPU uint8 [..., rows, bytes] tensor, got {blocks.dtype} "
+                             f"{list(blocks.shape)} on {blocks.device}")
+        row_bytes = _C.packed_row_bytes(PACKED_TYPES[type_name], int(cols))
+        if blocks.shape[-1] != row_bytes:
+            raise ValueError(f"{name}: {cols} {type_name} columns take {row_bytes} bytes a row, got {blocks.shape[-1]}")
+        self.blocks, self.type_name, self.cols = blocks.contiguous(), type_name, int(cols)
+
+    @property
+    def ggml_type(self) -> int:
+        return PACKED_TYPES[self.type_name]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.blocks.shape[:-1], self.cols))
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float matrix [..., rows, cols] in `dtype` (on the CPU)."""
+        from . import _C
+
+        return _C.dequantize_packed(self.blocks, self.ggml_type, self.cols, dtype)
+
+    def __repr__(self) -> str:
+        return f"PackedTensor({self.type_name}, shape={list(self.shape)}, {self.nbytes} bytes)"
+
 
 # The 16 values of an FP4 E2M1 code (OCP MX spec): sign bit 3, then 2 exponent and 1 mantissa bits.
 FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

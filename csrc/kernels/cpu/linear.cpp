@@ -7,13 +7,14 @@
 #include <cstring>
 
 #include "../../common/errors.h"
+#include "quant_blocks.h"
 #include "skinny_gemm.h"
 
 namespace cf::cpu {
 namespace {
 #define CF_ISA_TABLE(ns) \
   { #ns, ns::gemm_f32, ns::gemm_bf16, ns::gemm_kn_f32, ns::gemm_kn_bf16, ns::add_rms_norm_f32, ns::rope_f32, \
-    ns::silu_mul_f32 }
+    ns::silu_mul_f32, ns::dequant_rows, ns::gemm_q }
 
 bool supported(const std::string& name) {
   if (name == "base") return true;
@@ -131,6 +132,12 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
                          c10::toString(w.scalar_type())));
   if (!isa.empty() && !supported(isa)) throw InputError(cat("instruction set '", isa, "' is not available here"));
   return run(isa.empty() ? best_isa() : isa_named(isa), x, w, b);
+}
+
+Isa isa_for(const std::string& name) {
+  if (name.empty()) return active();
+  if (!supported(name)) throw InputError(cat("instruction set '", name, "' is not available here"));
+  return isa_named(name);
 }
 
 std::string active_isa() { return kernels_enabled() ? active().name : "off"; }

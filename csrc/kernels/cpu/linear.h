@@ -36,9 +36,15 @@ struct Isa {
   void (*add_rms_norm_f32)(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t, float);
   void (*rope_f32)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
   void (*silu_mul_f32)(const float*, const float*, float*, int64_t, int64_t);
+  // packed ggml blocks (quant_blocks.h)
+  void (*dequant_rows)(int32_t, const uint8_t*, int64_t, int64_t, int64_t, float*);
+  void (*gemm_q)(int32_t, const float*, int64_t, int64_t, const uint8_t*, int64_t, const float*, float*, int64_t,
+                 int64_t, int64_t, float*);
 };
 // The best instruction set this CPU has (chosen once); false when CF_CPU_KERNELS=0.
 const Isa& active();
+// The kernels of instruction set `name` ("" = active()); InputError when this CPU lacks it.
+Isa isa_for(const std::string& name);
 bool kernels_enabled();
 
 // The instruction set linear() uses here, or "off" when CF_CPU_KERNELS=0 disables the kernels.

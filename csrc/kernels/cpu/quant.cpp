@@ -1,0 +1,128 @@
+// quant.cpp — see quant.h and quant_blocks.h.
+#include "quant.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../../common/errors.h"
+#include "linear.h"
+#include "quant_blocks.h"
+
+namespace cf::cpu {
+
+const BlockFormat* block_format(int32_t type) {
+  static const BlockFormat kFormats[] = {
+      {1, "F16", 1, 2},     {30, "BF16", 1, 2},    {2, "Q4_0", 32, 18},   {3, "Q4_1", 32, 20},
+      {6, "Q5_0", 32, 22},  {7, "Q5_1", 32, 24},   {8, "Q8_0", 32, 34},   {10, "Q2_K", 256, 84},
+      {11, "Q3_K", 256, 110}, {12, "Q4_K", 256, 144}, {13, "Q5_K", 256, 176}, {14, "Q6_K", 256, 210},
+      {20, "IQ4_NL", 32, 18}, {23, "IQ4_XS", 256, 136},
+  };
+  for (const BlockFormat& f : kFormats)
+    if (f.type == type) return &f;
+  return nullptr;
+}
+
+std::string packed_type_name(int32_t type) {
+  const BlockFormat* f = block_format(type);
+  return f != nullptr ? f->name : cat("type ", type);
+}
+
+int64_t packed_row_bytes(int32_t type, int64_t K, const std::string& what) {
+  const BlockFormat* f = block_format(type);
+  if (f == nullptr) throw WeightError(cat(what, ": ggml type ", type, " is not one the engine reads packed"));
+  if (K <= 0 || K % f->block != 0)
+    throw WeightError(cat(what, ": ", K, " columns are not a whole number of ", f->name, " blocks of ", f->block));
+  return K / f->block * f->bytes;
+}
+
+namespace {
+
+void check_cpu_packed(const at::Tensor& w, int32_t type, int64_t K, const char* op) {
+  const int64_t rb = packed_row_bytes(type, K, op);
+  if (!w.device().is_cpu() || w.scalar_type() != at::kByte || w.dim() < 2 || w.size(-1) != rb || !w.is_contiguous())
+    throw InputError(cat(op, ": a packed ", packed_type_name(type), " matrix of ", K, " columns is a contiguous CPU "
+                         "uint8 [..., rows, ", rb, "]; got ", c10::toString(w.scalar_type()), " ", shape_str(w.sizes()),
+                         " on ", w.device().str()));
+}
+
+// y [M, N] fp32 = x [M, K] fp32 times the packed w^T, decode-sized: kQuantTileRows rows a step.
+void gemm_few_rows(const at::Tensor& xf, const at::Tensor& w, int32_t type, const float* bp, at::Tensor& y) {
+  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0), rb = w.size(1);
+  const Isa& isa = active();
+  const int64_t tiles = (N + kQuantTileRows - 1) / kQuantTileRows;
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
+  const float* xp = xf.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, tiles, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scratch(static_cast<size_t>(kQuantTileRows * K));
+    isa.gemm_q(type, xp, M, K, wp, rb, bp, yp, N, lo * kQuantTileRows, std::min(hi * kQuantTileRows, N),
+               scratch.data());
+  });
+}
+
+// Many rows: chunks of about kPackedChunkBytes of dequantized rows, each dequantized on all threads
+// into a scratch kept between calls (no page faults per call) and multiplied by ATen's GEMM.
+void gemm_many_rows(const at::Tensor& xf, const at::Tensor& w, int32_t type, const at::Tensor& b, at::Tensor& y) {
+  const int64_t K = xf.size(1), N = w.size(0), rb = w.size(1);
+  const int64_t chunk = std::min(N, std::max<int64_t>(kQuantTileRows, kPackedChunkBytes / (4 * K)));
+  static thread_local std::vector<float> scratch;
+  if (scratch.size() < static_cast<size_t>(chunk * K)) scratch.resize(static_cast<size_t>(chunk * K));
+  const Isa& isa = active();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* sp = scratch.data();
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t rows = std::min(chunk, N - n0);
+    at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / K), [&](int64_t r0, int64_t r1) {
+      isa.dequant_rows(type, wp + (n0 + r0) * rb, rb, r1 - r0, K, sp + r0 * K);
+    });
+    at::Tensor out = y.narrow(1, n0, rows);
+    const at::Tensor wt = at::from_blob(sp, {rows, K}, xf.options()).t();
+    if (b.defined())
+      at::addmm_out(out, b.narrow(0, n0, rows), xf, wt);
+    else
+      at::mm_out(out, xf, wt);
+  }
+}
+
+}  // namespace
+
+at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarType dtype, const std::string& isa_name) {
+  check_cpu_packed(w, type, K, "dequantize");
+  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
+  shape.back() = K;
+  at::Tensor out = at::empty(shape, w.options().dtype(at::kFloat));
+  const int64_t rows = w.numel() / std::max<int64_t>(w.size(-1), 1), rb = w.size(-1);
+  const Isa isa = isa_for(isa_name);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    isa.dequant_rows(type, wp + r0 * rb, rb, r1 - r0, K, op + r0 * K);
+  });
+  return dtype == at::kFloat ? out : out.to(dtype);
+}
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b) {
+  check_cpu_packed(w, type, K, "linear");
+  if (w.dim() != 2 || !x.device().is_cpu() || !at::isFloatingType(x.scalar_type()) || x.size(-1) != K)
+    throw InputError(cat("linear: x [..., ", K, "] float on the CPU against a packed [rows, bytes] matrix; got x ",
+                         shape_str(x.sizes()), " ", c10::toString(x.scalar_type()), " on ", x.device().str(),
+                         ", w ", shape_str(w.sizes())));
+  const int64_t N = w.size(0), M = x.numel() / K;
+  at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  at::Tensor bf = b.defined() ? b.to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, xf.options());
+  if (M > 0 && N > 0) {
+    if (M <= kSkinnyMaxRowsF32 && kernels_enabled())
+      gemm_few_rows(xf, w, type, bf.defined() ? bf.data_ptr<float>() : nullptr, y);
+    else
+      gemm_many_rows(xf, w, type, bf, y);
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return y.to(x.scalar_type()).view(shape);
+}
+
+}  // namespace cf::cpu

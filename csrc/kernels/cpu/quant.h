@@ -1,0 +1,29 @@
+// quant.h — packed (ggml block) weights on the CPU at the ATen level: the checks that name a bad
+// tensor, dequantization, and the linear layer that reads the blocks (quant_blocks.h's kernels).
+// linear_packed: decode-sized inputs (up to kSkinnyMaxRowsF32 rows) dequantize kQuantTileRows
+// weight rows at a time into a small scratch and run the skinny fp32 GEMM on them (the matrix is
+// never dequantized whole); more rows dequantize chunks of about kPackedChunkBytes (on all threads,
+// into a per-thread scratch kept between calls) and multiply each with ATen's GEMM.
+// Activations stay in float: results equal the dequantized matrix's up to the order of the sums.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace cf::cpu {
+
+constexpr int64_t kPackedChunkBytes = int64_t{16} << 20;
+
+// Bytes of one packed row of K elements; WeightError naming `what` when `type` is not read packed
+// or K is not a whole number of its blocks.
+int64_t packed_row_bytes(int32_t type, int64_t K, const std::string& what);
+// The name of a packed type ("Q4_K"), or "type <id>" for one that is not.
+std::string packed_type_name(int32_t type);
+// w packed uint8 [..., N, row_bytes] on the CPU -> [..., N, K] in dtype (float32, bfloat16, float16),
+// decoded by instruction set `isa` ("" = the best here; see linear.h).
+at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarType dtype, const std::string& isa = "");
+// x [..., K] float (fp32 / bf16 / fp16, CPU), w packed [N, row_bytes], b [N] or undefined -> [..., N]
+// in x's dtype.
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b);
+
+}  // namespace cf::cpu

@@ -1,0 +1,42 @@
+// quant_blocks.h — ggml's block formats (GGUF tensor types) read packed by the CPU linear layers:
+// the format table and the raw-pointer kernels, compiled once per instruction set like
+// skinny_gemm.h's (quant_impl.cpp; no ATen or standard-library templates there).
+//
+// A packed matrix [N, K] is N rows of row_bytes = K / block * bytes, each row K / block blocks in
+// ggml's layout (llama.cpp's ggml-common.h documents every field; the formulas are in
+// quant_impl.cpp). Types: F16 and BF16 (block 1), the legacy 32-blocks Q4_0, Q4_1, Q5_0, Q5_1,
+// Q8_0, the 256-blocks Q2_K..Q6_K, and the non-linear IQ4_NL (32) / IQ4_XS (256).
+#pragma once
+#include <cstdint>
+
+namespace cf::cpu {
+
+struct BlockFormat {
+  int32_t type;      // ggml's type id (GGMLQuantizationType)
+  const char* name;  // "Q4_K"
+  int64_t block;     // elements per block
+  int64_t bytes;     // bytes per block
+};
+// The format of ggml type `type`, or nullptr when it is not read packed.
+const BlockFormat* block_format(int32_t type);
+
+// Weight rows a decode-shaped product dequantizes at a time (into a scratch of that many rows).
+constexpr int64_t kQuantTileRows = 8;
+
+// dequant_rows: rows packed rows of `type` (each row_bytes, K elements) -> out [rows, K] fp32.
+// gemm_q: y[m * ldy + n] = sum_k x[m * K + k] * W[n, k] (+ bias[n]) for m < M, n in [n0, n1), W
+//   the packed matrix w: kQuantTileRows rows at a time dequantized into scratch
+//   [kQuantTileRows * K] fp32 and multiplied by the same ISA's gemm_f32 (fp32 sums, fixed order).
+#define CF_QUANT_DECLS                                                                                       \
+  void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out); \
+  void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,       \
+              const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1, float* scratch);
+
+namespace base { CF_QUANT_DECLS }
+#if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)
+namespace avx2 { CF_QUANT_DECLS }
+namespace avx512 { CF_QUANT_DECLS }
+#endif
+#undef CF_QUANT_DECLS
+
+}  // namespace cf::cpu

@@ -1,0 +1,288 @@
+// quant_impl.cpp — see quant_blocks.h. Compiled once per ISA (CF_ISA_NS) like skinny_gemm_impl.cpp;
+// the block decoders are plain loops over a block the compiler vectorizes for that ISA.
+// Each decoder follows ggml's reference dequantization (value = scale * quant (+ or - min), the
+// fields in ggml-common.h's order); tests/test_quant.py checks every type against the `gguf`
+// package's independent numpy decoders.
+#include "quant_blocks.h"
+#include "skinny_gemm.h"
+
+#ifndef CF_ISA_NS
+#define CF_ISA_NS base
+#endif
+
+namespace cf::cpu::CF_ISA_NS {
+namespace {
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// IEEE half -> float: the half's exponent and mantissa moved into a float's and rescaled by 2^112
+// (exact for normals and subnormals); infinities and NaNs keep an all-ones exponent.
+inline float half(uint16_t h) {
+  const uint32_t em = h & 0x7fffu, sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  float f = bits_to_float(em << 13) * 0x1p112f;
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof u);
+  if (em >= 0x7c00u) u = (em << 13) | 0x7f800000u;
+  return bits_to_float(u | sign);
+}
+inline float half_at(const uint8_t* p) { return half(static_cast<uint16_t>(p[0] | (p[1] << 8))); }
+
+// Blocks decode 16 elements at a time: the codes as 16 unsigned bytes (byte ops work on every
+// ISA), then widened to int32 and float in vectors of the ISA's width (CF_LANES; GCC widens 16
+// bytes at once well only on AVX-512, and signed bytes badly everywhere, hence the bias form).
+#ifndef CF_LANES
+#define CF_LANES 4
+#endif
+constexpr int L = CF_LANES;
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8xL __attribute__((vector_size(L)));
+typedef int32_t i32xL __attribute__((vector_size(4 * L)));
+typedef float f32xL __attribute__((vector_size(4 * L)));
+
+inline u8x16 bytes16(const uint8_t* p) {
+  u8x16 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+// y[j] = scale * (codes[j] - bias) + offset, j < 16.
+inline void put16(float* y, u8x16 codes, int bias, float scale, float offset = 0.0f) {
+  for (int c = 0; c < 16; c += L) {
+    u8xL part;
+    __builtin_memcpy(&part, reinterpret_cast<const uint8_t*>(&codes) + c, L);
+    const f32xL v = __builtin_convertvector(__builtin_convertvector(part, i32xL) - bias, f32xL) * scale + offset;
+    __builtin_memcpy(y + c, &v, sizeof v);
+  }
+}
+// Lane j: 1 when bit (first + j) of bits is set, else 0.
+inline u8x16 bit_lanes(uint32_t bits, int first) {
+  const uint32_t b = bits >> first;
+  const u8x16 bytes = {uint8_t(b), uint8_t(b), uint8_t(b), uint8_t(b), uint8_t(b), uint8_t(b), uint8_t(b), uint8_t(b),
+                       uint8_t(b >> 8), uint8_t(b >> 8), uint8_t(b >> 8), uint8_t(b >> 8), uint8_t(b >> 8),
+                       uint8_t(b >> 8), uint8_t(b >> 8), uint8_t(b >> 8)};
+  const u8x16 mask = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+  return ((bytes & mask) != 0) & 1;
+}
+
+// IQ4_NL / IQ4_XS: the 16 non-uniform levels a 4-bit code selects, here + 128 (so they are bytes).
+inline u8x16 iq4_levels(u8x16 codes) {
+  const u8x16 levels = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
+#if defined(__GNUC__) && !defined(__clang__)
+  return __builtin_shuffle(levels, codes);
+#else
+  u8x16 out;
+  for (int j = 0; j < 16; ++j) out[j] = levels[codes[j]];
+  return out;
+#endif
+}
+
+// 32-blocks: d (f16) [, m (f16)] [, qh (4 bytes)], 16 bytes of nibbles: element j in the low
+// nibble of byte j, element j + 16 in its high nibble; Q5's fifth bits are bit j of qh.
+void q4_0(const uint8_t* b, float* y) {
+  const float d = half_at(b);
+  const u8x16 q = bytes16(b + 2);
+  put16(y, q & 15, 8, d);
+  put16(y + 16, q >> 4, 8, d);
+}
+void q4_1(const uint8_t* b, float* y) {
+  const float d = half_at(b), m = half_at(b + 2);
+  const u8x16 q = bytes16(b + 4);
+  put16(y, q & 15, 0, d, m);
+  put16(y + 16, q >> 4, 0, d, m);
+}
+inline uint32_t u32_at(const uint8_t* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | (static_cast<uint32_t>(p[3]) << 24); }
+void q5_0(const uint8_t* b, float* y) {
+  const float d = half_at(b);
+  const uint32_t qh = u32_at(b + 2);
+  const u8x16 q = bytes16(b + 6);
+  put16(y, (q & 15) | (bit_lanes(qh, 0) << 4), 16, d);
+  put16(y + 16, (q >> 4) | (bit_lanes(qh, 16) << 4), 16, d);
+}
+void q5_1(const uint8_t* b, float* y) {
+  const float d = half_at(b), m = half_at(b + 2);
+  const uint32_t qh = u32_at(b + 4);
+  const u8x16 q = bytes16(b + 8);
+  put16(y, (q & 15) | (bit_lanes(qh, 0) << 4), 0, d, m);
+  put16(y + 16, (q >> 4) | (bit_lanes(qh, 16) << 4), 0, d, m);
+}
+void q8_0(const uint8_t* b, float* y) {  // int8 codes, read as unsigned + 128
+  const float d = half_at(b);
+  put16(y, bytes16(b + 2) ^ 0x80, 128, d);
+  put16(y + 16, bytes16(b + 18) ^ 0x80, 128, d);
+}
+void iq4_nl(const uint8_t* b, float* y) {
+  const float d = half_at(b);
+  const u8x16 q = bytes16(b + 2);
+  put16(y, iq4_levels(q & 15), 128, d);
+  put16(y + 16, iq4_levels(q >> 4), 128, d);
+}
+
+// Q2_K (84 bytes): scales[16] (low nibble scale, high nibble min, per 16 elements), qs[64] (2-bit
+// quants: byte l of a 32-byte group holds elements at shifts 0, 2, 4, 6 of four 32-runs), d, dmin.
+void q2_k(const uint8_t* b, float* y) {
+  const uint8_t* sc = b;
+  const uint8_t* q = b + 16;
+  const float d = half_at(b + 80), dmin = half_at(b + 82);
+  int is = 0;
+  for (int half128 = 0; half128 < 2; ++half128, q += 32)
+    for (int shift = 0; shift < 8; shift += 2)
+      for (int part = 0; part < 2; ++part, ++is, y += 16)
+        put16(y, (bytes16(q + 16 * part) >> shift) & 3, 0, d * (sc[is] & 15), -dmin * (sc[is] >> 4));
+}
+
+// The 16 six-bit scales of Q3_K, packed in 12 bytes: low 4 bits in bytes 0-7 (two per byte), the
+// high 2 bits in bytes 8-11; stored with +32.
+void q3_k_scales(const uint8_t* s, int* out) {
+  for (int i = 0; i < 16; ++i) {
+    const int low = i < 8 ? (s[i] & 15) : (s[i - 8] >> 4);
+    const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    out[i] = (low | (high << 4)) - 32;
+  }
+}
+// Q3_K (110 bytes): hmask[32] (the third bit; clear = subtract 4), qs[64] (low 2 bits, laid out
+// as Q2_K's), scales[12], d.
+void q3_k(const uint8_t* b, float* y) {
+  const uint8_t* hm = b;
+  const uint8_t* q = b + 32;
+  const float d = half_at(b + 108);
+  int scales[16];
+  q3_k_scales(b + 96, scales);
+  int is = 0, bit = 0;
+  for (int half128 = 0; half128 < 2; ++half128, q += 32)
+    for (int shift = 0; shift < 8; shift += 2, ++bit)
+      for (int part = 0; part < 2; ++part, ++is, y += 16) {
+        const u8x16 low = (bytes16(q + 16 * part) >> shift) & 3, high = (bytes16(hm + 16 * part) >> bit) & 1;
+        put16(y, low | (high << 2), 4, d * scales[is]);
+      }
+}
+
+// Q4_K / Q5_K's eight (scale, min) six-bit pairs in 12 bytes (ggml's get_scale_min_k4).
+inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* m) {
+  if (j < 4) {
+    *sc = s[j] & 63, *m = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+    *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+// Q4_K (144 bytes): d, dmin, scales[12], qs[128]: per 64 elements, 32 bytes whose low nibbles are
+// the first 32 (scale pair 2i) and high nibbles the next 32 (pair 2i + 1); value = d sc q - dmin m.
+void q4_k(const uint8_t* b, float* y) {
+  const float d = half_at(b), dmin = half_at(b + 2);
+  const uint8_t* s = b + 4;
+  const uint8_t* q = b + 16;
+  for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
+    int sc0, m0, sc1, m1;
+    scale_min_k4(j, s, &sc0, &m0);
+    scale_min_k4(j + 1, s, &sc1, &m1);
+    for (int h = 0; h < 32; h += 16) {
+      const u8x16 v = bytes16(q + h);
+      put16(y + h, v & 15, 0, d * sc0, -dmin * m0);
+      put16(y + 32 + h, v >> 4, 0, d * sc1, -dmin * m1);
+    }
+  }
+}
+// Q5_K (176 bytes): d, dmin, scales[12], qh[32], qs[128]: Q4_K's layout plus a fifth bit, bit 2i
+// (low nibbles) and 2i + 1 (high nibbles) of qh[l] for the i-th 64 elements.
+void q5_k(const uint8_t* b, float* y) {
+  const float d = half_at(b), dmin = half_at(b + 2);
+  const uint8_t* s = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* q = b + 48;
+  for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
+    int sc0, m0, sc1, m1;
+    scale_min_k4(j, s, &sc0, &m0);
+    scale_min_k4(j + 1, s, &sc1, &m1);
+    for (int h = 0; h < 32; h += 16) {
+      const u8x16 v = bytes16(q + h), hb = bytes16(qh + h);
+      put16(y + h, (v & 15) | (((hb >> j) & 1) << 4), 0, d * sc0, -dmin * m0);
+      put16(y + 32 + h, (v >> 4) | (((hb >> (j + 1)) & 1) << 4), 0, d * sc1, -dmin * m1);
+    }
+  }
+}
+// Q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (per 16), d;
+// per 128 elements, byte l of ql / qh serves elements l, l + 32, l + 64, l + 96; stored with +32.
+void q6_k(const uint8_t* b, float* y) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = half_at(b + 208);
+  for (int half128 = 0; half128 < 2; ++half128, ql += 64, qh += 32, sc += 8, y += 128)
+    for (int h = 0; h < 32; h += 16) {
+      const int is = h / 16;
+      const u8x16 lo = bytes16(ql + h), lo2 = bytes16(ql + 32 + h), hi = bytes16(qh + h);
+      put16(y + h, (lo & 15) | ((hi & 3) << 4), 32, d * sc[is]);
+      put16(y + 32 + h, (lo2 & 15) | (((hi >> 2) & 3) << 4), 32, d * sc[is + 2]);
+      put16(y + 64 + h, (lo >> 4) | (((hi >> 4) & 3) << 4), 32, d * sc[is + 4]);
+      put16(y + 96 + h, (lo2 >> 4) | (((hi >> 6) & 3) << 4), 32, d * sc[is + 6]);
+    }
+}
+// IQ4_XS (136 bytes): d, scales_h (u16: 2 high bits per 32), scales_l[4] (4 low bits per 32),
+// qs[128]: eight IQ4_NL-style 32-runs, each scaled by d * (six-bit scale - 32).
+void iq4_xs(const uint8_t* b, float* y) {
+  const float d = half_at(b);
+  const int scales_h = b[2] | (b[3] << 8);
+  const uint8_t* scales_l = b + 4;
+  const uint8_t* q = b + 8;
+  for (int ib = 0; ib < 8; ++ib, q += 16, y += 32) {
+    const int ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 15) | (((scales_h >> (2 * ib)) & 3) << 4);
+    const u8x16 v = bytes16(q);
+    put16(y, iq4_levels(v & 15), 128, d * (ls - 32));
+    put16(y + 16, iq4_levels(v >> 4), 128, d * (ls - 32));
+  }
+}
+
+void f16_row(const uint8_t* b, float* y, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) y[k] = half_at(b + 2 * k);
+}
+void bf16_row(const uint8_t* b, float* y, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) y[k] = bits_to_float(static_cast<uint32_t>(b[2 * k] | (b[2 * k + 1] << 8)) << 16);
+}
+
+// All rows of one type: the decoder is a template argument, so it is inlined into the block loop.
+template <void (*Decode)(const uint8_t*, float*), int64_t Block, int64_t Bytes>
+void decode_rows(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    float* y = out + r * K;
+    for (int64_t i = 0; i < K / Block; ++i) Decode(row + i * Bytes, y + i * Block);
+  }
+}
+
+}  // namespace
+
+void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out) {
+  switch (type) {  // ids and sizes as in quant.cpp's block_format table; callers check the type first
+    case 1:
+    case 30:
+      for (int64_t r = 0; r < rows; ++r) (type == 1 ? f16_row : bf16_row)(w + r * row_bytes, out + r * K, K);
+      return;
+    case 2: return decode_rows<q4_0, 32, 18>(w, row_bytes, rows, K, out);
+    case 3: return decode_rows<q4_1, 32, 20>(w, row_bytes, rows, K, out);
+    case 6: return decode_rows<q5_0, 32, 22>(w, row_bytes, rows, K, out);
+    case 7: return decode_rows<q5_1, 32, 24>(w, row_bytes, rows, K, out);
+    case 8: return decode_rows<q8_0, 32, 34>(w, row_bytes, rows, K, out);
+    case 10: return decode_rows<q2_k, 256, 84>(w, row_bytes, rows, K, out);
+    case 11: return decode_rows<q3_k, 256, 110>(w, row_bytes, rows, K, out);
+    case 12: return decode_rows<q4_k, 256, 144>(w, row_bytes, rows, K, out);
+    case 13: return decode_rows<q5_k, 256, 176>(w, row_bytes, rows, K, out);
+    case 14: return decode_rows<q6_k, 256, 210>(w, row_bytes, rows, K, out);
+    case 20: return decode_rows<iq4_nl, 32, 18>(w, row_bytes, rows, K, out);
+    case 23: return decode_rows<iq4_xs, 256, 136>(w, row_bytes, rows, K, out);
+    default: return;
+  }
+}
+
+void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
+            const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1, float* scratch) {
+  for (int64_t n = n0; n < n1; n += kQuantTileRows) {
+    const int64_t rows = n1 - n < kQuantTileRows ? n1 - n : kQuantTileRows;
+    dequant_rows(type, w + n * row_bytes, row_bytes, rows, K, scratch);
+    gemm_f32(x, M, K, scratch, bias != nullptr ? bias + n : nullptr, y + n, ldy, 0, rows);
+  }
+}
+
+}  // namespace cf::cpu::CF_ISA_NS
