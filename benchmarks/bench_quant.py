@@ -101,16 +101,20 @@ def hf_speed(model, batch: int, repeat: int) -> dict:
 
 def llama_cpp_speed(path: str, threads: int, repeat: int) -> dict:
     import llama_cpp
+    import numpy as np
 
     llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=PROMPT, verbose=False)
     ids = torch.randint(100, 20000, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def greedy() -> int:  # the last token's logits (llama.cpp computes only those)
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
 
     def run(n):
         def go():
             llm.reset()
             llm.eval(ids)
             for _ in range(n):
-                llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+                llm.eval([greedy()])
         return go
 
     prefill = best(run(0), repeat)

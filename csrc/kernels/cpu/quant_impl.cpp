@@ -79,50 +79,94 @@ inline u8x16 iq4_levels(u8x16 codes) {
 #endif
 }
 
+// Where a decoder's values go: Store writes them out (y is the output row); Dot multiplies them
+// with an activation row as they come (y points into that row, the element the value multiplies),
+// never storing them: scale * (u - bias) + offset summed against x is scale * sum(u x) +
+// (offset - scale * bias) * sum(x), with sum(x) per 16 elements computed once per row of x.
+struct Store {
+  inline void put(float* y, u8x16 codes, int bias, float scale, float offset = 0.0f) {
+    put16(y, codes, bias, scale, offset);
+  }
+};
+struct Dot {
+  const float* x0;      // the activation row
+  const float* sums16;  // sum of each 16 elements of x0
+  f32xL acc = {};
+  float corr = 0.0f;
+  inline void put(const float* y, u8x16 codes, int bias, float scale, float offset = 0.0f) {
+    f32xL t = {};
+    for (int c = 0; c < 16; c += L) {
+      u8xL part;
+      __builtin_memcpy(&part, reinterpret_cast<const uint8_t*>(&codes) + c, L);
+      f32xL xv;
+      __builtin_memcpy(&xv, y + c, sizeof xv);
+      t += __builtin_convertvector(__builtin_convertvector(part, i32xL), f32xL) * xv;
+    }
+    acc += scale * t;
+    corr += (offset - scale * bias) * sums16[(y - x0) / 16];
+  }
+};
+// The sum of four Dots' partial sums (one horizontal add).
+inline float total(const Dot* d) {
+  const f32xL v = (d[0].acc + d[1].acc) + (d[2].acc + d[3].acc);
+  float lanes[L];
+  __builtin_memcpy(lanes, &v, sizeof v);
+  float sum = (d[0].corr + d[1].corr) + (d[2].corr + d[3].corr);
+  for (int i = 0; i < L; ++i) sum += lanes[i];
+  return sum;
+}
+
 // 32-blocks: d (f16) [, m (f16)] [, qh (4 bytes)], 16 bytes of nibbles: element j in the low
 // nibble of byte j, element j + 16 in its high nibble; Q5's fifth bits are bit j of qh.
-void q4_0(const uint8_t* b, float* y) {
+template <class Out>
+void q4_0(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b);
   const u8x16 q = bytes16(b + 2);
-  put16(y, q & 15, 8, d);
-  put16(y + 16, q >> 4, 8, d);
+  out.put(y, q & 15, 8, d);
+  out.put(y + 16, q >> 4, 8, d);
 }
-void q4_1(const uint8_t* b, float* y) {
+template <class Out>
+void q4_1(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b), m = half_at(b + 2);
   const u8x16 q = bytes16(b + 4);
-  put16(y, q & 15, 0, d, m);
-  put16(y + 16, q >> 4, 0, d, m);
+  out.put(y, q & 15, 0, d, m);
+  out.put(y + 16, q >> 4, 0, d, m);
 }
 inline uint32_t u32_at(const uint8_t* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | (static_cast<uint32_t>(p[3]) << 24); }
-void q5_0(const uint8_t* b, float* y) {
+template <class Out>
+void q5_0(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b);
   const uint32_t qh = u32_at(b + 2);
   const u8x16 q = bytes16(b + 6);
-  put16(y, (q & 15) | (bit_lanes(qh, 0) << 4), 16, d);
-  put16(y + 16, (q >> 4) | (bit_lanes(qh, 16) << 4), 16, d);
+  out.put(y, (q & 15) | (bit_lanes(qh, 0) << 4), 16, d);
+  out.put(y + 16, (q >> 4) | (bit_lanes(qh, 16) << 4), 16, d);
 }
-void q5_1(const uint8_t* b, float* y) {
+template <class Out>
+void q5_1(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b), m = half_at(b + 2);
   const uint32_t qh = u32_at(b + 4);
   const u8x16 q = bytes16(b + 8);
-  put16(y, (q & 15) | (bit_lanes(qh, 0) << 4), 0, d, m);
-  put16(y + 16, (q >> 4) | (bit_lanes(qh, 16) << 4), 0, d, m);
+  out.put(y, (q & 15) | (bit_lanes(qh, 0) << 4), 0, d, m);
+  out.put(y + 16, (q >> 4) | (bit_lanes(qh, 16) << 4), 0, d, m);
 }
-void q8_0(const uint8_t* b, float* y) {  // int8 codes, read as unsigned + 128
+template <class Out>
+void q8_0(const uint8_t* b, float* y, Out& out) {  // int8 codes, read as unsigned + 128
   const float d = half_at(b);
-  put16(y, bytes16(b + 2) ^ 0x80, 128, d);
-  put16(y + 16, bytes16(b + 18) ^ 0x80, 128, d);
+  out.put(y, bytes16(b + 2) ^ 0x80, 128, d);
+  out.put(y + 16, bytes16(b + 18) ^ 0x80, 128, d);
 }
-void iq4_nl(const uint8_t* b, float* y) {
+template <class Out>
+void iq4_nl(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b);
   const u8x16 q = bytes16(b + 2);
-  put16(y, iq4_levels(q & 15), 128, d);
-  put16(y + 16, iq4_levels(q >> 4), 128, d);
+  out.put(y, iq4_levels(q & 15), 128, d);
+  out.put(y + 16, iq4_levels(q >> 4), 128, d);
 }
 
 // Q2_K (84 bytes): scales[16] (low nibble scale, high nibble min, per 16 elements), qs[64] (2-bit
 // quants: byte l of a 32-byte group holds elements at shifts 0, 2, 4, 6 of four 32-runs), d, dmin.
-void q2_k(const uint8_t* b, float* y) {
+template <class Out>
+void q2_k(const uint8_t* b, float* y, Out& out) {
   const uint8_t* sc = b;
   const uint8_t* q = b + 16;
   const float d = half_at(b + 80), dmin = half_at(b + 82);
@@ -130,7 +174,7 @@ void q2_k(const uint8_t* b, float* y) {
   for (int half128 = 0; half128 < 2; ++half128, q += 32)
     for (int shift = 0; shift < 8; shift += 2)
       for (int part = 0; part < 2; ++part, ++is, y += 16)
-        put16(y, (bytes16(q + 16 * part) >> shift) & 3, 0, d * (sc[is] & 15), -dmin * (sc[is] >> 4));
+        out.put(y, (bytes16(q + 16 * part) >> shift) & 3, 0, d * (sc[is] & 15), -dmin * (sc[is] >> 4));
 }
 
 // The 16 six-bit scales of Q3_K, packed in 12 bytes: low 4 bits in bytes 0-7 (two per byte), the
@@ -144,7 +188,8 @@ void q3_k_scales(const uint8_t* s, int* out) {
 }
 // Q3_K (110 bytes): hmask[32] (the third bit; clear = subtract 4), qs[64] (low 2 bits, laid out
 // as Q2_K's), scales[12], d.
-void q3_k(const uint8_t* b, float* y) {
+template <class Out>
+void q3_k(const uint8_t* b, float* y, Out& out) {
   const uint8_t* hm = b;
   const uint8_t* q = b + 32;
   const float d = half_at(b + 108);
@@ -155,7 +200,7 @@ void q3_k(const uint8_t* b, float* y) {
     for (int shift = 0; shift < 8; shift += 2, ++bit)
       for (int part = 0; part < 2; ++part, ++is, y += 16) {
         const u8x16 low = (bytes16(q + 16 * part) >> shift) & 3, high = (bytes16(hm + 16 * part) >> bit) & 1;
-        put16(y, low | (high << 2), 4, d * scales[is]);
+        out.put(y, low | (high << 2), 4, d * scales[is]);
       }
 }
 
@@ -170,7 +215,8 @@ inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* m) {
 }
 // Q4_K (144 bytes): d, dmin, scales[12], qs[128]: per 64 elements, 32 bytes whose low nibbles are
 // the first 32 (scale pair 2i) and high nibbles the next 32 (pair 2i + 1); value = d sc q - dmin m.
-void q4_k(const uint8_t* b, float* y) {
+template <class Out>
+void q4_k(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b), dmin = half_at(b + 2);
   const uint8_t* s = b + 4;
   const uint8_t* q = b + 16;
@@ -180,14 +226,15 @@ void q4_k(const uint8_t* b, float* y) {
     scale_min_k4(j + 1, s, &sc1, &m1);
     for (int h = 0; h < 32; h += 16) {
       const u8x16 v = bytes16(q + h);
-      put16(y + h, v & 15, 0, d * sc0, -dmin * m0);
-      put16(y + 32 + h, v >> 4, 0, d * sc1, -dmin * m1);
+      out.put(y + h, v & 15, 0, d * sc0, -dmin * m0);
+      out.put(y + 32 + h, v >> 4, 0, d * sc1, -dmin * m1);
     }
   }
 }
 // Q5_K (176 bytes): d, dmin, scales[12], qh[32], qs[128]: Q4_K's layout plus a fifth bit, bit 2i
 // (low nibbles) and 2i + 1 (high nibbles) of qh[l] for the i-th 64 elements.
-void q5_k(const uint8_t* b, float* y) {
+template <class Out>
+void q5_k(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b), dmin = half_at(b + 2);
   const uint8_t* s = b + 4;
   const uint8_t* qh = b + 16;
@@ -198,14 +245,15 @@ void q5_k(const uint8_t* b, float* y) {
     scale_min_k4(j + 1, s, &sc1, &m1);
     for (int h = 0; h < 32; h += 16) {
       const u8x16 v = bytes16(q + h), hb = bytes16(qh + h);
-      put16(y + h, (v & 15) | (((hb >> j) & 1) << 4), 0, d * sc0, -dmin * m0);
-      put16(y + 32 + h, (v >> 4) | (((hb >> (j + 1)) & 1) << 4), 0, d * sc1, -dmin * m1);
+      out.put(y + h, (v & 15) | (((hb >> j) & 1) << 4), 0, d * sc0, -dmin * m0);
+      out.put(y + 32 + h, (v >> 4) | (((hb >> (j + 1)) & 1) << 4), 0, d * sc1, -dmin * m1);
     }
   }
 }
 // Q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (per 16), d;
 // per 128 elements, byte l of ql / qh serves elements l, l + 32, l + 64, l + 96; stored with +32.
-void q6_k(const uint8_t* b, float* y) {
+template <class Out>
+void q6_k(const uint8_t* b, float* y, Out& out) {
   const uint8_t* ql = b;
   const uint8_t* qh = b + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
@@ -214,15 +262,16 @@ void q6_k(const uint8_t* b, float* y) {
     for (int h = 0; h < 32; h += 16) {
       const int is = h / 16;
       const u8x16 lo = bytes16(ql + h), lo2 = bytes16(ql + 32 + h), hi = bytes16(qh + h);
-      put16(y + h, (lo & 15) | ((hi & 3) << 4), 32, d * sc[is]);
-      put16(y + 32 + h, (lo2 & 15) | (((hi >> 2) & 3) << 4), 32, d * sc[is + 2]);
-      put16(y + 64 + h, (lo >> 4) | (((hi >> 4) & 3) << 4), 32, d * sc[is + 4]);
-      put16(y + 96 + h, (lo2 >> 4) | (((hi >> 6) & 3) << 4), 32, d * sc[is + 6]);
+      out.put(y + h, (lo & 15) | ((hi & 3) << 4), 32, d * sc[is]);
+      out.put(y + 32 + h, (lo2 & 15) | (((hi >> 2) & 3) << 4), 32, d * sc[is + 2]);
+      out.put(y + 64 + h, (lo >> 4) | (((hi >> 4) & 3) << 4), 32, d * sc[is + 4]);
+      out.put(y + 96 + h, (lo2 >> 4) | (((hi >> 6) & 3) << 4), 32, d * sc[is + 6]);
     }
 }
 // IQ4_XS (136 bytes): d, scales_h (u16: 2 high bits per 32), scales_l[4] (4 low bits per 32),
 // qs[128]: eight IQ4_NL-style 32-runs, each scaled by d * (six-bit scale - 32).
-void iq4_xs(const uint8_t* b, float* y) {
+template <class Out>
+void iq4_xs(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b);
   const int scales_h = b[2] | (b[3] << 8);
   const uint8_t* scales_l = b + 4;
@@ -230,8 +279,8 @@ void iq4_xs(const uint8_t* b, float* y) {
   for (int ib = 0; ib < 8; ++ib, q += 16, y += 32) {
     const int ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 15) | (((scales_h >> (2 * ib)) & 3) << 4);
     const u8x16 v = bytes16(q);
-    put16(y, iq4_levels(v & 15), 128, d * (ls - 32));
-    put16(y + 16, iq4_levels(v >> 4), 128, d * (ls - 32));
+    out.put(y, iq4_levels(v & 15), 128, d * (ls - 32));
+    out.put(y + 16, iq4_levels(v >> 4), 128, d * (ls - 32));
   }
 }
 
@@ -243,41 +292,84 @@ void bf16_row(const uint8_t* b, float* y, int64_t K) {
 }
 
 // All rows of one type: the decoder is a template argument, so it is inlined into the block loop.
-template <void (*Decode)(const uint8_t*, float*), int64_t Block, int64_t Bytes>
+template <void (*Decode)(const uint8_t*, float*, Store&), int64_t Block, int64_t Bytes>
 void decode_rows(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out) {
+  Store store;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = w + r * row_bytes;
     float* y = out + r * K;
-    for (int64_t i = 0; i < K / Block; ++i) Decode(row + i * Bytes, y + i * Block);
+    for (int64_t i = 0; i < K / Block; ++i) Decode(row + i * Bytes, y + i * Block, store);
+  }
+}
+
+// y[n] = row n of w . x (+ bias[n]) for n in [n0, n1): each row read once, front to back (one
+// memory stream), its blocks summed in four interleaved partial sums (four independent chains in
+// flight), the blocks decoded straight into the products.
+template <void (*Decode)(const uint8_t*, float*, Dot&), int64_t Block, int64_t Bytes>
+void dot_rows(const float* x, const float* sums16, int64_t K, const uint8_t* w, int64_t row_bytes, const float* bias,
+              float* y, int64_t n0, int64_t n1) {
+  float* xp = const_cast<float*>(x);  // the decoders' position pointer; Dot only reads through it
+  const int64_t blocks = K / Block;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    Dot d[4] = {{x, sums16}, {x, sums16}, {x, sums16}, {x, sums16}};
+    int64_t i = 0;
+    for (; i + 4 <= blocks; i += 4)
+      for (int j = 0; j < 4; ++j) Decode(row + (i + j) * Bytes, xp + (i + j) * Block, d[j]);
+    for (; i < blocks; ++i) Decode(row + i * Bytes, xp + i * Block, d[i % 4]);
+    y[n] = total(d) + (bias != nullptr ? bias[n] : 0.0f);
+  }
+}
+
+// ggml type id, decoder, block, bytes (ids and sizes as in quant.cpp's block_format table).
+#define CF_BLOCK_TYPES(X)                                                                                    \
+  X(2, q4_0, 32, 18) X(3, q4_1, 32, 20) X(6, q5_0, 32, 22) X(7, q5_1, 32, 24) X(8, q8_0, 32, 34)               \
+  X(10, q2_k, 256, 84) X(11, q3_k, 256, 110) X(12, q4_k, 256, 144) X(13, q5_k, 256, 176) X(14, q6_k, 256, 210) \
+  X(20, iq4_nl, 32, 18) X(23, iq4_xs, 256, 136)
+
+}  // namespace
+
+void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out) {
+  switch (type) {  // callers check the type first
+    case 1:
+    case 30:
+      for (int64_t r = 0; r < rows; ++r) (type == 1 ? f16_row : bf16_row)(w + r * row_bytes, out + r * K, K);
+      return;
+#define CF_DECODE_CASE(id, fn, block, bytes) \
+  case id: return decode_rows<fn<Store>, block, bytes>(w, row_bytes, rows, K, out);
+      CF_BLOCK_TYPES(CF_DECODE_CASE)
+#undef CF_DECODE_CASE
+    default: return;
+  }
+}
+
+namespace {
+
+// One row of x against packed rows [n0, n1) by dot_rows; false for types without a block decoder
+// (F16 / BF16), which take the tile path.
+bool dot_packed(int32_t type, const float* x, const float* sums16, int64_t K, const uint8_t* w, int64_t row_bytes,
+                const float* bias, float* y, int64_t n0, int64_t n1) {
+  switch (type) {
+#define CF_DOT_CASE(id, fn, block, bytes) \
+  case id: dot_rows<fn<Dot>, block, bytes>(x, sums16, K, w, row_bytes, bias, y, n0, n1); return true;
+    CF_BLOCK_TYPES(CF_DOT_CASE)
+#undef CF_DOT_CASE
+    default: return false;
   }
 }
 
 }  // namespace
 
-void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out) {
-  switch (type) {  // ids and sizes as in quant.cpp's block_format table; callers check the type first
-    case 1:
-    case 30:
-      for (int64_t r = 0; r < rows; ++r) (type == 1 ? f16_row : bf16_row)(w + r * row_bytes, out + r * K, K);
-      return;
-    case 2: return decode_rows<q4_0, 32, 18>(w, row_bytes, rows, K, out);
-    case 3: return decode_rows<q4_1, 32, 20>(w, row_bytes, rows, K, out);
-    case 6: return decode_rows<q5_0, 32, 22>(w, row_bytes, rows, K, out);
-    case 7: return decode_rows<q5_1, 32, 24>(w, row_bytes, rows, K, out);
-    case 8: return decode_rows<q8_0, 32, 34>(w, row_bytes, rows, K, out);
-    case 10: return decode_rows<q2_k, 256, 84>(w, row_bytes, rows, K, out);
-    case 11: return decode_rows<q3_k, 256, 110>(w, row_bytes, rows, K, out);
-    case 12: return decode_rows<q4_k, 256, 144>(w, row_bytes, rows, K, out);
-    case 13: return decode_rows<q5_k, 256, 176>(w, row_bytes, rows, K, out);
-    case 14: return decode_rows<q6_k, 256, 210>(w, row_bytes, rows, K, out);
-    case 20: return decode_rows<iq4_nl, 32, 18>(w, row_bytes, rows, K, out);
-    case 23: return decode_rows<iq4_xs, 256, 136>(w, row_bytes, rows, K, out);
-    default: return;
-  }
-}
-
 void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
             const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1, float* scratch) {
+  if (M == 1) {  // one activation row: the blocks decoded straight into the dot products
+    for (int64_t g = 0; g < K / 16; ++g) {
+      float sum = 0.0f;
+      for (int j = 0; j < 16; ++j) sum += x[16 * g + j];
+      scratch[g] = sum;
+    }
+    if (dot_packed(type, x, scratch, K, w, row_bytes, bias, y, n0, n1)) return;
+  }
   for (int64_t n = n0; n < n1; n += kQuantTileRows) {
     const int64_t rows = n1 - n < kQuantTileRows ? n1 - n : kQuantTileRows;
     dequant_rows(type, w + n * row_bytes, row_bytes, rows, K, scratch);
