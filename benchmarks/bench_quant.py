@@ -107,7 +107,7 @@ def llama_cpp_speed(path: str, threads: int, repeat: int) -> dict:
     ids = torch.randint(100, 20000, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
 
     def greedy() -> int:  # the last token's logits (llama.cpp computes only those)
-        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),)).argmax())
 
     def run(n):
         def go():

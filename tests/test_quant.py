@@ -24,7 +24,7 @@ import torch
 import circuit_finder as cf
 from circuit_finder import _C
 from circuit_finder.quants import PACKED_TYPES, PackedTensor
-from helpers import build_hf_model, write_gguf
+from helpers import build_hf_model, rebuilt, write_gguf
 
 # byte offsets of each type's fp16 scale fields (ggml-common.h): random bytes there could be NaN
 _HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
@@ -214,3 +214,110 @@ def test_default_model_is_packed_and_holds_its_file_size():
         assert diff(f"default model packed vs dequantized, path {layers}",
                     packed.logits(ids.input_ids, layers=layers, attention_mask=ids.attention_mask),
                     dense.logits(ids.input_ids, layers=layers, attention_mask=ids.attention_mask))[1] < 1e-4
+
+
+# ----------------------------------------------------------------------------- quantized on load
+
+@pytest.mark.parametrize("kind", ["q8_0", "q5_1", "q4_0", "bf16"])
+def test_hugging_face_checkpoint_quantized_on_load(tmp_path, kind):
+    """cf.load(folder, quantize=kind) packs every matrix; transformers, running the weights the
+    gguf package decodes from those very bytes, gives the same logits (identity and repeated path),
+    and the packed weights are within the type's rounding of the checkpoint's."""
+    hf = build_hf_model("llama", tmp_path, hidden_size=128, intermediate_size=256, tie_word_embeddings=False,
+                        rope_scaling=None)
+    model = cf.load(tmp_path, quantize=kind)
+    state = hf.state_dict()
+    packed = {n: t for n, t in model.tensors.items() if isinstance(t, PackedTensor)}
+    assert set(packed) == {n for n in state if n.endswith("_proj.weight")} | {"model.embed_tokens.weight",
+                                                                             "lm_head.weight"}
+    with torch.no_grad():
+        for name, p in packed.items():
+            assert p.type_name == kind.upper()
+            decoded = reference(p.type_name, p.blocks.numpy(), p.cols).reshape(p.shape)
+            err = (decoded - state[name]).abs().max().item() / state[name].abs().max().item()
+            assert err < {"q8_0": 0.01, "q5_1": 0.04, "q4_0": 0.15, "bf16": 0.005}[kind], name
+            state[name].copy_(decoded)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    for layers in ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 2, 3, 4, 5]):
+        with torch.no_grad():
+            ref = rebuilt(hf, layers)(ids).logits
+        assert diff(f"{kind} on load vs transformers on the decoded weights, path {layers}",
+                    model.logits(ids, layers=layers), ref)[1] < 1e-4
+
+
+def test_quantize_choice_per_tensor(tmp_path):
+    hf = build_hf_model("llama", tmp_path, hidden_size=128, intermediate_size=256, tie_word_embeddings=False,
+                        rope_scaling=None)
+    rules = {"lm_head.weight": "q8_0", "*.embed_tokens.*": None, "*.mlp.*": "q4_1", "*": "q5_0"}
+    model = cf.load(tmp_path, quantize=rules)
+    t = model.tensors
+    assert t["lm_head.weight"].type_name == "Q8_0" and t["model.layers.0.mlp.up_proj.weight"].type_name == "Q4_1"
+    assert t["model.layers.0.self_attn.q_proj.weight"].type_name == "Q5_0"
+    assert isinstance(t["model.embed_tokens.weight"], torch.Tensor)
+    assert isinstance(t["model.layers.0.input_layernorm.weight"], torch.Tensor)  # never a norm
+    with pytest.raises(ValueError, match="'Q4_K' .* is not a type circuit-finder can make"):
+        cf.load(tmp_path, quantize="q4_k")
+    write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
+    with pytest.raises(ValueError, match="a GGUF file keeps its own quantization"):
+        cf.load(tmp_path / "m.gguf", quantize="q8_0")
+
+
+# ----------------------------------------------------------------------------- the tools on packed models
+
+@pytest.fixture(scope="module")
+def packed_chat(chat_model_dir):
+    """The tiny chat model packed as Q8_0 on load, and the same model run in float on the weights the
+    packed bytes decode to (by the gguf package): the reference every tool is compared with."""
+    packed = cf.load(chat_model_dir, quantize="q8_0")
+    decoded = {n: reference(t.type_name, t.blocks.numpy(), t.cols).reshape(t.shape) if isinstance(t, PackedTensor)
+               else t for n, t in packed.tensors.items()}
+    dense = cf.load_from_tensors(packed.config, decoded, tokenizer=packed.tokenizer)
+    assert any(isinstance(t, PackedTensor) for t in packed.tensors.values())
+    return packed, dense
+
+
+def test_sweep_on_a_packed_model(packed_chat):
+    packed, dense = packed_chat
+    for mode in ("likelihood", "generate"):
+        kw = dict(probes=("math", "eq"), mode=mode, max_items=2, block_sizes=(2,), progress=False)
+        a, b = cf.sweep(packed, **kw).records, cf.sweep(dense, **kw).records
+        assert len(a) == len(b) > 1
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys() and x["layers"] == y["layers"], mode
+            for key in x.keys() - {"seconds", "kind"}:
+                same = x[key] == pytest.approx(y[key], abs=1e-4) if isinstance(x[key], float) else x[key] == y[key]
+                assert same, (mode, x["layers"], key, x[key], y[key])
+
+
+def test_server_and_lm_eval_on_a_packed_model(packed_chat):
+    from fastapi.testclient import TestClient
+
+    from circuit_finder.server import create_app
+
+    packed, dense = packed_chat
+    with TestClient(create_app(packed, layers="rys=1:3", model_name="q8", batch_window_ms=0)) as http:
+        r = http.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == dense.generate("Once upon a time", layers="rys=1:3", max_new_tokens=8)[0]
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from circuit_finder.lm_eval import CircuitFinderLM
+
+    pairs = [("The capital of France is", " Paris"), ("2 + 2 =", " 4")]
+    ours, ref = (CircuitFinderLM(model=m, layers="rys=1:3", batch_size=2).loglikelihood(
+        [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]) for m in (packed, dense))
+    assert [r[0] for r in ours] == pytest.approx([r[0] for r in ref], abs=1e-4)
+
+
+def test_hf_export_of_a_packed_model(packed_chat, tmp_path):
+    """export_hf writes the packed matrices as the model's float dtype: transformers loads the
+    export and gives the packed model's logits along the path."""
+    from transformers import AutoModelForCausalLM
+
+    packed, _ = packed_chat
+    out = cf.export_hf(packed, tmp_path / "export", "rys=1:3")
+    ids = torch.randint(0, packed.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(ids).logits
+    assert diff("export of a packed model, in transformers", theirs, packed.logits(ids, layers="rys=1:3"))[1] < 1e-4

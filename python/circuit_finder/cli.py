@@ -117,7 +117,12 @@ def _load(args):
     import circuit_finder as cf
 
     return cf.load(args.model, device=args.device or "cpu", dtype=args.dtype, device_map=args.device_map,
-                   max_memory=args.max_memory)
+                   max_memory=args.max_memory, **_weight_format(args))
+
+
+def _weight_format(args) -> dict:
+    """--dequantize / --quantize as load()'s arguments."""
+    return {"dequantize": getattr(args, "dequantize", False), "quantize": getattr(args, "quantize", None)}
 
 
 # ------------------------------------------------------------------------------- generate
@@ -408,7 +413,8 @@ def cmd_serve(args) -> int:
     from .server import serve
 
     serve(args.model, layers=args.layers, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-          device_map=args.device_map, max_memory=args.max_memory, model_name=args.name, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, routers=routers)
+          device_map=args.device_map, max_memory=args.max_memory, model_name=args.name, max_batch=args.max_batch,
+          batch_window_ms=args.batch_window_ms, routers=routers, **_weight_format(args))
     return 0
 
 
@@ -450,6 +456,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF model folder, .gguf file, or 'default' (SmolLM2-135M-Instruct, embedded)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="GGUF: convert every tensor to --dtype (default: quantized matrices stay packed on the CPU)")
+    p.add_argument("--quantize", default=None, help="HF folder: pack its matrices on load as q8_0, q5_1, q5_0, q4_1, "
+                                                   "q4_0, bf16 or f16 (CPU)")
     _add_placement_args(p)
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4
+from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix_name
 
 __all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "sliding_layers",
            "gguf_architecture", "gguf_block_count", "gguf_config", "gguf_field", "gguf_num_layers", "gguf_tokenizer",
@@ -669,9 +669,6 @@ def _hybrid_arrays(name: str, arr: np.ndarray, arch: str, config: dict) -> list[
     return [(name, arr)]
 
 
-_MATRIX = re.compile(r"(_proj\.weight|_proj|lm_head\.weight|embed_tokens\.weight)$")  # what the engine reads packed
-
-
 def _packable(t, name: str, arch: str, config: dict, dtype: torch.dtype) -> str | None:
     """The ggml type name a tensor stays packed in, or None when it is dequantized: packed types
     only, matrices only (projections, experts, embedding, lm_head), F16 / BF16 only when the
@@ -679,7 +676,7 @@ def _packable(t, name: str, arch: str, config: dict, dtype: torch.dtype) -> str 
     import gguf
 
     kind = gguf.GGMLQuantizationType(t.tensor_type).name
-    if kind not in PACKED_TYPES or len(t.shape) < 2 or not _MATRIX.search(name):
+    if kind not in PACKED_TYPES or len(t.shape) < 2 or not is_matrix_name(name):
         return None
     if (kind, dtype) in (("F16", torch.float16), ("BF16", torch.bfloat16)):
         return None

@@ -32,7 +32,15 @@ from .config import ModelConfig, parse_config
 from .files import package_file
 from .model import Model
 from .placement import Placement, plan
-from .quants import PackedTensor, dequantize_mxfp4, mxfp4_pairs, mxfp4_shape
+from .quants import (
+    PACKED_TYPES,
+    PackedTensor,
+    dequantize_mxfp4,
+    mxfp4_pairs,
+    mxfp4_shape,
+    quantize_choice,
+    quantize_matrix,
+)
 
 __all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "default_model_path", "load", "load_from_tensors",
            "model_config_file", "resolve_dtype", "text_decoder_tensors"]
@@ -98,7 +106,7 @@ def model_config_file(folder: Path) -> Path:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         device_map=None, max_memory: dict | None = None, dequantize: bool = False) -> Model:
+         device_map=None, max_memory: dict | None = None, dequantize: bool = False, quantize=None) -> Model:
     """Loads a model for running along layer paths.
 
     path: a Hugging Face folder (config.json + *.safetensors, single or sharded), a .gguf file, or
@@ -111,17 +119,24 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     per device (default: 90% of its free memory). See ``circuit_finder.placement``.
     dequantize: GGUF only; False keeps quantized matrices packed on the CPU (the file's size in
     memory), True converts every tensor to dtype (what earlier versions did).
+    quantize: Hugging Face checkpoints only; None keeps the float weights, "q8_0" / "q5_1" / "q5_0" /
+    "q4_1" / "q4_0" / "bf16" / "f16" packs every matrix (projections, experts, embedding, lm_head)
+    placed on the CPU as that ggml type on load, one at a time, with the gguf package's quantizer;
+    {fnmatch pattern: type or None} chooses per tensor (first match wins). See ``quants``.
     """
     if str(path) == "default":
         path = default_model_path()
     if str(path).lower().endswith(".gguf"):
+        if quantize is not None:
+            raise ValueError(f"{path}: quantize= applies to Hugging Face checkpoints; a GGUF file keeps its own "
+                             "quantization (dequantize=True converts it to dtype)")
         return _load_gguf(str(path), device, dtype, device_map, max_memory, dequantize)
     folder = Path(path)
     config_file = model_config_file(folder)
     config = parse_config(_with_generation_eos(json.loads(config_file.read_text()), folder), str(config_file))
     tensors = _C.load_safetensors(str(folder))
     return load_from_tensors(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
-                             source=str(folder), device_map=device_map, max_memory=max_memory)
+                             source=str(folder), device_map=device_map, max_memory=max_memory, quantize=quantize)
 
 
 def _with_generation_eos(config, folder: Path):
@@ -186,9 +201,11 @@ def text_decoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch.Tensor], tokenizer=None,
                       device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                      source: str = "<tensors>", device_map=None, max_memory: dict | None = None) -> Model:
-    """Builds a Model from Hugging Face-named tensors (any weight source: safetensors, GGUF, ...).
-    device_map / max_memory as for ``load`` (or a ready Placement)."""
+                      source: str = "<tensors>", device_map=None, max_memory: dict | None = None,
+                      quantize=None) -> Model:
+    """Builds a Model from Hugging Face-named tensors (any weight source: safetensors, GGUF, ...;
+    ``quants.PackedTensor`` values stay packed on the CPU). device_map / max_memory / quantize as
+    for ``load`` (device_map may be a ready Placement)."""
     if not isinstance(config, ModelConfig):
         config = parse_config(config, source)
     if config.wrapper:
@@ -203,12 +220,18 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     target = resolve_dtype(dtype, checkpoint_dtype)
     mxfp4 = mxfp4_pairs(tensors)  # GPT-OSS's MXFP4 experts: sized and placed as the tensors they become
     ggml = {n: t for n, t in tensors.items() if isinstance(t, PackedTensor)}
+    wanted = _to_quantize(tensors, quantize, config)
     sizes = {n: t.numel() * target.itemsize for n, t in tensors.items() if n in ggml or t.is_floating_point()}
     sizes.update({n: math.prod(mxfp4_shape(blocks)) * target.itemsize for n, (blocks, _) in mxfp4.items()})
     if _all_on_cpu(device, device_map):
         sizes.update({n: t.nbytes for n, t in ggml.items()})
+        sizes.update({n: math.prod(tensors[n].shape[:-1]) * _C.packed_row_bytes(PACKED_TYPES[k], tensors[n].shape[-1])
+                      for n, k in wanted.items()})
     placed = device_map if isinstance(device_map, Placement) else plan(
         device_map, config.num_layers, sizes, device, max_memory)
+    for name, kind in wanted.items():  # one matrix at a time: never a second float copy of the model
+        if placed.device_of(name).type == "cpu":
+            ggml[name] = quantize_matrix(tensors[name], kind, name)
     moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in tensors.items()
              if name not in ggml and t.is_floating_point()}
     for name, (blocks, scales) in mxfp4.items():
@@ -218,6 +241,17 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
                        {n: t.ggml_type for n, t in kept.items()})
     return Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source,
                  tensors={**moved, **kept}, placement=placed)
+
+
+def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]:
+    """{name: type} of the float matrices ``quantize`` packs (see quants.quantize_choice); GPT-OSS's
+    experts, held transposed, stay float."""
+    if quantize is None:
+        return {}
+    gpt_oss = config.architecture == "GptOssForCausalLM"
+    chosen = {n: quantize_choice(quantize, n, t.shape) for n, t in tensors.items()
+              if not isinstance(t, PackedTensor) and t.is_floating_point() and not (gpt_oss and ".mlp.experts." in n)}
+    return {n: k for n, k in chosen.items() if k is not None}
 
 
 def _place_packed(ggml: dict[str, PackedTensor], placed: Placement, target: torch.dtype,

@@ -6,6 +6,9 @@ of the memory-mapped file where no reordering was needed) with its ggml type and
 which the engine's CPU linear layers and embedding read without a dequantized copy (csrc
 kernels/cpu/quant.h). PACKED_TYPES lists the types; ``dequantize`` gives the float matrix (our
 kernel, checked against the `gguf` package's decoders in tests/test_quant.py).
+``quantize_matrix`` packs a float matrix with the `gguf` package's quantizers (ggml's reference
+rounding), for loading a Hugging Face checkpoint quantized (``cf.load(folder, quantize="q8_0")``):
+QUANTIZE_TYPES are the types it can make (no K-quants: the package has no quantizer for those).
 
 OpenAI's published GPT-OSS checkpoints store each MoE layer's expert matrices in MXFP4 (OCP
 Microscaling, FP4 E2M1 elements in blocks of 32 sharing one E8M0 power-of-two scale):
@@ -22,14 +25,29 @@ Limits: MXFP4 only; a NaN scale (255) dequantizes to inf, as ldexp does.
 
 from __future__ import annotations
 
+import fnmatch
+import re
+
+import numpy as np
 import torch
 
-__all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "MXFP4_BLOCK", "PACKED_TYPES", "PackedTensor", "dequantize_ggml_mxfp4",
-           "dequantize_mxfp4", "mxfp4_pairs", "mxfp4_shape"]
+__all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES", "PackedTensor",
+           "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "mxfp4_pairs", "mxfp4_shape", "quantize_choice",
+           "quantize_matrix"]
 
 # ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
 PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
                 "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
+
+
+QUANTIZE_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")
+# Hugging Face names of the matrices the engine reads packed: projections, stacked experts, Mixtral's
+# hub experts, the embedding and lm_head (never norms, routers or biases).
+_MATRIX = re.compile(r"(_proj\.weight|_proj|\.w[123]\.weight|lm_head\.weight|embed_tokens\.weight)$")
+
+
+def is_matrix_name(name: str) -> bool:
+    return bool(_MATRIX.search(name))
 
 
 class PackedTensor:
@@ -146,3 +164,32 @@ def dequantize_ggml_mxfp4(raw: torch.Tensor, chunk: int = 1 << 20) -> torch.Tens
         values = torch.cat((lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]), dim=1)
         out[start:start + chunk] = torch.ldexp(values, b[:, :1].int() - 127)
     return out.reshape(*raw.shape[:-1], raw.shape[-1] // GGML_MXFP4_BYTES * MXFP4_BLOCK)
+
+
+def quantize_choice(spec, name: str, shape) -> str | None:
+    """The type `spec` picks for matrix `name` of `shape` ([..., rows, cols]), or None to keep it
+    float. spec: a type name ("q8_0"), or {fnmatch pattern: type or None}, first match wins (e.g.
+    {"lm_head.weight": "q8_0", "*.embed_tokens.*": None, "*": "q4_0"}). Matrices whose columns are
+    not whole blocks stay float. ValueError for a type not in QUANTIZE_TYPES."""
+    if spec is None or not is_matrix_name(name) or len(shape) < 2:
+        return None
+    rules = spec.items() if isinstance(spec, dict) else [("*", spec)]
+    kind = next((k for pattern, k in rules if fnmatch.fnmatchcase(name, pattern)), None)
+    if kind is None:
+        return None
+    kind = str(kind).upper()
+    if kind not in QUANTIZE_TYPES:
+        raise ValueError(f"quantize: {kind!r} (for {name}) is not a type circuit-finder can make "
+                         f"({', '.join(t.lower() for t in QUANTIZE_TYPES)})")
+    block = 1 if kind in ("BF16", "F16") else 32
+    return kind if int(shape[-1]) % block == 0 else None
+
+
+def quantize_matrix(t: torch.Tensor, kind: str, name: str = "tensor") -> PackedTensor:
+    """A float matrix [..., rows, cols] packed as `kind` by the gguf package's quantizer."""
+    import gguf
+
+    arr = t.detach().to("cpu", torch.float32).contiguous().numpy()
+    packed = gguf.quants.quantize(arr.reshape(-1, arr.shape[-1]), gguf.GGMLQuantizationType[kind])
+    blocks = np.ascontiguousarray(packed).view(np.uint8).reshape(*arr.shape[:-1], -1)
+    return PackedTensor(torch.from_numpy(blocks), kind, arr.shape[-1], name)
