@@ -321,3 +321,23 @@ def test_hf_export_of_a_packed_model(packed_chat, tmp_path):
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(ids).logits
     assert diff("export of a packed model, in transformers", theirs, packed.logits(ids, layers="rys=1:3"))[1] < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"])
+def test_packed_hybrid_matches_the_dequantized_model(tmp_path, arch):
+    """The hybrids' converter changes are undone on the packed rows (value heads regrouped, fused
+    projections split) as on the floats the dequantized load regroups (checked against transformers
+    in test_hybrid.py); Qwen3.5's out_proj, regrouped by columns, is the one matrix left float."""
+    sizes = dict(intermediate_size=128)
+    if arch != "qwen3_5_text":
+        sizes.update(moe_intermediate_size=64, shared_expert_intermediate_size=96)
+    hf = build_hf_model(arch, tmp_path / "hf", **sizes)
+    write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
+    packed, dense = cf.load(tmp_path / "m.gguf"), cf.load(tmp_path / "m.gguf", dequantize=True)
+    names = {n.split(".")[-2] for n, t in packed.tensors.items() if isinstance(t, PackedTensor)}
+    assert {"in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "q_proj", "lm_head"} <= names
+    assert ("out_proj" in names) == (arch == "qwen3_next")  # its converter keeps transformers' grouped order
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    for layers in ("0..5", "0..3,1..5"):
+        assert diff(f"{arch} packed vs dequantized, path {layers}", packed.logits(ids, layers=layers),
+                    dense.logits(ids, layers=layers))[1] < 1e-4

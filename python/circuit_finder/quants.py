@@ -43,7 +43,7 @@ PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7
 QUANTIZE_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")
 # Hugging Face names of the matrices the engine reads packed: projections, stacked experts, Mixtral's
 # hub experts, the embedding and lm_head (never norms, routers or biases).
-_MATRIX = re.compile(r"(_proj\.weight|_proj|\.w[123]\.weight|lm_head\.weight|embed_tokens\.weight)$")
+_MATRIX = re.compile(r"(_proj\.weight|_proj|\.in_proj_\w+\.weight|\.w[123]\.weight|lm_head\.weight|embed_tokens\.weight)$")
 
 
 def is_matrix_name(name: str) -> bool:
