@@ -6,7 +6,8 @@ llama-cpp-python``).
 
 Per route: load time in a fresh process (tokenizer included; our tokenizer cache warmed first, as
 a second load of a file would find it), resident memory added by the load (VmRSS after minus
-before, in that process), prefill tokens/s (64-token prompt), decode tokens/s at batch 1 and 16
+before, in that process) and after a 64-token prompt and 16 generated tokens (every weight page
+of a memory-mapped file then counts), prefill tokens/s (64-token prompt), decode tokens/s at batch 1 and 16
 (greedy; per-step time = (time for 1 + n new tokens - time for 1 new token) / n, best of
 --repeat). llama.cpp runs batch 1 through its high-level API (one sequence), so its batch-16 cell
 is empty.
@@ -52,7 +53,17 @@ elif route == "transformers":
     m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
 else:
     m = llama_cpp.Llama(path, n_threads=threads, n_ctx=512, verbose=False)
-print(json.dumps({"load_s": time.perf_counter() - t, "rss_bytes": rss() - before}))
+loaded, seconds = rss() - before, time.perf_counter() - t
+ids = list(range(100, 164))  # then a 64-token prompt and 16 greedy tokens: every weight page read
+if route in ("packed", "dequantized"):
+    m.generate(torch.tensor([ids]), max_new_tokens=16)
+elif route == "transformers":
+    m.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+else:
+    m.eval(ids)
+    for _ in range(16):
+        m.eval([100])
+print(json.dumps({"load_s": seconds, "rss_bytes": loaded, "rss_used_bytes": rss() - before}))
 """
 
 
@@ -163,14 +174,15 @@ def markdown(res: dict) -> str:
     size = res["file_bytes"]
     lines = [f"default model GGUF ({size / 1e6:.1f} MB file), {res['threads']} threads, prompt {res['prompt']}, "
              f"decode over {res['new']} tokens",
-             "", "| route | load s | resident MB (x file) | weights MB | prefill tok/s b1 / b16 | decode tok/s b1 | "
-                 "decode tok/s b16 |", "|---|---|---|---|---|---|---|"]
+             "", "| route | load s | resident MB after load / after use (x file) | weights MB | prefill tok/s b1 / b16 | "
+                 "decode tok/s b1 | decode tok/s b16 |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if "missing" in r:
             lines.append(f"| {r['route']} | not installed ({r['missing']}) | | | | | |")
             continue
         weights = f"{r['weight_bytes'] / 1e6:.0f}" if "weight_bytes" in r else "-"
-        lines.append(f"| {r['route']} | {r['load_s']:.2f} | {r['rss_bytes'] / 1e6:.0f} ({r['rss_bytes'] / size:.2f}) | "
+        lines.append(f"| {r['route']} | {r['load_s']:.2f} | {r['rss_bytes'] / 1e6:.0f} / {r['rss_used_bytes'] / 1e6:.0f} "
+                     f"({r['rss_used_bytes'] / size:.2f}) | "
                      f"{weights} | {_cell(r, 'b1', 'prefill_tok_s')} / {_cell(r, 'b16', 'prefill_tok_s')} | "
                      f"{_cell(r, 'b1', 'decode_tok_s')} | {_cell(r, 'b16', 'decode_tok_s')} |")
     return "\n".join(lines)

@@ -40,10 +40,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("isa") = "", py::call_guard<py::gil_scoped_release>(),
         "packed ggml blocks uint8 [..., rows, row_bytes] (CPU) -> [..., rows, cols] in dtype");
   m.def("linear_packed",
-        [](const at::Tensor& x, const at::Tensor& w, int32_t t, int64_t k, const std::optional<at::Tensor>& b) {
-          return cf::cpu::linear_packed(x, w, t, k, b.value_or(at::Tensor()));
-        },
+        [](const at::Tensor& x, const at::Tensor& w, int32_t t, int64_t k, const std::optional<at::Tensor>& b,
+           const std::string& isa) { return cf::cpu::linear_packed(x, w, t, k, b.value_or(at::Tensor()), isa); },
         py::arg("x"), py::arg("blocks"), py::arg("ggml_type"), py::arg("cols"), py::arg("bias") = py::none(),
+        py::arg("isa") = "",
         py::call_guard<py::gil_scoped_release>(),
         "x [..., cols] @ dequantized(blocks)^T (+ bias), reading the packed blocks");
   m.def("packed_row_bytes", [](int32_t t, int64_t k) { return cf::cpu::packed_row_bytes(t, k, "packed_row_bytes"); },
@@ -51,6 +51,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_add_rms_norm", &cf::cpu::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("cpu_rope", &cf::cpu::rope_bthd, py::arg("x"), py::arg("cos"), py::arg("sin"));
   m.def("cpu_silu_mul", &cf::cpu::silu_mul, py::arg("gate"), py::arg("up"));
+  m.def("cpu_attend_one", &cf::cpu::attend_one, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
+        py::arg("scale"), py::call_guard<py::gil_scoped_release>());
   m.def("gpu_kernels", &cf::ops::gpu_kernels_enabled, "whether CUDA/ROCm tensors run the fused GPU kernels");
   m.def("gpu_add_rms_norm", &cf::gpu::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("gpu_rope", &cf::gpu::rope_bthd, py::arg("x"), py::arg("cos"), py::arg("sin"));

@@ -139,3 +139,35 @@ def test_cpu_fused_ops_reject_bad_input():
         _C.cpu_rope(torch.randn(1, 1, 1, 3), torch.ones(1, 1, 1, 3), torch.ones(1, 1, 1, 3))
     with pytest.raises(ValueError, match="cos/sin"):
         _C.cpu_rope(torch.randn(1, 2, 1, 4), torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,S,D", [(1, 9, 3, 70, 64), (3, 8, 8, 33, 20), (2, 4, 1, 5, 128), (2, 6, 2, 300, 80)])
+def test_cpu_attend_one_matches_attention_in_fp64(B, Hq, Hkv, S, D):
+    """One query per head (the decode step) against a strided window of a cache, GQA heads, a
+    padding mask (a row of batch 0 fully masked: zeros, as SDPA gives), a broadcast mask, none."""
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k = torch.randn(B, Hkv, S + 7, D, generator=g)[:, :, :S]  # a cache with spare capacity
+    v = torch.randn(B, Hkv, S + 7, D, generator=g)[:, :, :S]
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[..., -1] = True
+    if B > 1:
+        mask[0] = False
+    for m in (mask, mask[:1].clone().fill_(True), None):
+        ours = _C.cpu_attend_one(q, k, v, m, D ** -0.5)
+        scores = (q.double() @ k.double().repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * D ** -0.5
+        if m is not None:
+            scores = scores.masked_fill(~m, float("-inf"))
+        ref = torch.nan_to_num(scores.softmax(-1)) @ v.double().repeat_interleave(Hq // Hkv, 1)
+        diff = (ours.double() - ref).abs().max().item()
+        print(f"attend_one B{B} Hq{Hq} Hkv{Hkv} S{S} D{D} mask {None if m is None else list(m.shape)}: max diff {diff:.3e}")
+        assert diff < 1e-5
+        kv = Hq // Hkv  # and what torch's SDPA gives, fully masked rows included (zeros)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(kv, 1), v.repeat_interleave(kv, 1), m, scale=D ** -0.5)
+        assert (ours - sdpa).abs().max().item() < 1e-5
+    nan_q = q.clone()
+    nan_q[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(_C.cpu_attend_one(nan_q, k, v, None, 1.0)[0, 0]).all()  # NaN stays NaN, not "no key"
+    with pytest.raises(ValueError, match="attend_one"):
+        _C.cpu_attend_one(q, k[:, :, :-1], v, None, 1.0)

@@ -77,21 +77,35 @@ def test_decoder_matches_the_gguf_package(kind, isa):
     assert diff(f"{kind} on {isa}", ours, reference(kind, raw, 512))[0] == 0.0
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, 32, 33, 100])
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q6_K", "IQ4_XS", "F16"])
-def test_packed_linear_matches_the_dequantized_product(kind, rows):
-    """Decode-sized (<= 32 rows: dequantized 8 weight rows at a time) and many-row (chunks + GEMM)
-    products, with and without bias, 3-D inputs, against x @ W^T of the package's W."""
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 32, 33])
+@pytest.mark.parametrize("kind", sorted(PACKED_TYPES))
+def test_packed_linear_matches_the_dequantized_product(kind, rows, isa):
+    """All three product paths — one row (blocks decoded into the dot products), up to 32 rows
+    (8 weight rows dequantized at a time for the skinny GEMM), more (chunks for the BLAS GEMM) — on
+    every instruction set, with and without bias, against x @ W^T of the package's W."""
     n, k = 37, 512  # rows not a multiple of the kernels' tiles
     raw = random_packed(kind, n, k, seed=rows)
     w = reference(kind, raw, k)
-    x = torch.randn(rows, 2, k, generator=torch.Generator().manual_seed(rows))
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(n)
     for b in (None, bias):
-        ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, b)
-        ref = x @ w.T + (0 if b is None else b)
-        assert ours.shape == (rows, 2, n)
-        assert diff(f"{kind} x{rows}x2 bias={b is not None}", ours, ref)[1] < 1e-5
+        ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, b, isa)
+        ref = x.double() @ w.double().T + (0 if b is None else b.double())
+        assert ours.shape == (rows, n)
+        assert diff(f"{kind} on {isa}, {rows} rows, bias={b is not None}", ours, ref)[1] < 1e-5
+
+
+def test_packed_linear_keeps_leading_dims_and_checks_the_bias():
+    raw = torch.from_numpy(random_packed("Q4_K", 16, 256))
+    x = torch.randn(2, 3, 256)
+    out = _C.linear_packed(x, raw, PACKED_TYPES["Q4_K"], 256)
+    assert out.shape == (2, 3, 16)
+    single = _C.linear_packed(x[1, 2:3], raw, PACKED_TYPES["Q4_K"], 256)[0]  # the one-row path: another sum order
+    torch.testing.assert_close(out[1, 2], single, rtol=1e-5, atol=1e-4)
+    for bad in (torch.zeros(1), torch.zeros(16, 1), torch.zeros(16, dtype=torch.long)):
+        with pytest.raises(_C.InputError, match=r"the bias of a packed matrix of 16 rows must be a float CPU \[16\]"):
+            _C.linear_packed(x, raw, PACKED_TYPES["Q4_K"], 256, bad)
 
 
 def test_packed_linear_in_bf16_multiplies_in_fp32():

@@ -41,7 +41,9 @@ class Accessor {
     if (p == packed_.end()) return fetch(name, shape, dtype_, false);
     const int64_t K = shape.back();
     shape.back() = cpu::packed_row_bytes(p->second, K, cat("tensor '", name, "'"));
-    return Matrix(fetch(name, shape, at::kByte, false), p->second, K);
+    at::Tensor blocks = fetch(name, shape, at::kByte, false);
+    if (!blocks.is_contiguous()) throw WeightError(cat("tensor '", name, "' is packed but not contiguous"));
+    return Matrix(blocks, p->second, K);
   }
   // Tensors fetched from now on must sit where layer `layer`'s input_layernorm.weight does (the
   // embedding's device when it is missing: get() then names the missing tensor).

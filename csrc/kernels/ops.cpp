@@ -107,6 +107,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const std::optional<at::Tensor>& mask, double scale, double softcap, const at::Tensor& sinks) {
   if (softcap > 0 || sinks.defined()) return eager_attention(q, k, v, mask, scale, softcap, sinks);
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+  if (T == 1 && cpu::attend_one_takes(q, k, v, mask)) return cpu::attend_one(q, k, v, mask, scale);
   if (T == 1 && Hq != Hkv) {
     // One query per head: the G query heads sharing a KV head become G queries of that KV head. No
     // copy of the cache; the mask [B, 1, 1, S] applies to each of them alike.

@@ -151,8 +151,8 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def open_gguf(path: str | os.PathLike):
-    """A ``gguf.GGUFReader`` over ``path``, memory-mapped copy-on-write (tensors over it can be
-    written without touching the file or faulting). FileNotFoundError when there is no such
+    """A ``gguf.GGUFReader`` over ``path``, memory-mapped read-only (no commit charge, so a file
+    larger than RAM maps). FileNotFoundError when there is no such
     file, GGUFError naming the file when its bytes are not GGUF."""
     path = str(path)
     if not os.path.isfile(path):
@@ -160,11 +160,11 @@ def open_gguf(path: str | os.PathLike):
     check_metadata_sizes(path)
     try:
         try:
-            return fast_reader_class()(path, "c")
+            return fast_reader_class()(path)
         except TypeError:  # the package's byte-read hook changed its arguments: its own reader then
             import gguf
 
-            return gguf.GGUFReader(path, "c")
+            return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad bytes
         raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
@@ -600,6 +600,11 @@ def _dequantize(t, path: str) -> np.ndarray:
             arr = np.asarray(t.data, dtype=np.float16)
         elif kind == "MXFP4":  # torch's table lookup: the package's numpy decoder takes minutes on a 20B file
             arr = dequantize_ggml_mxfp4(mapped_bytes(t.data)).numpy()
+        elif kind in PACKED_TYPES and kind != "BF16":  # our block decoders (tests/test_quant.py: = the package's)
+            from . import _C
+
+            blocks = mapped_bytes(_packed_blocks(t, path))
+            arr = _C.dequantize_packed(blocks, PACKED_TYPES[kind], shape[-1], torch.float32).numpy()
         else:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         return arr.reshape(shape)
@@ -669,15 +674,15 @@ def _hybrid_arrays(name: str, arr: np.ndarray, arch: str, config: dict) -> list[
     return [(name, arr)]
 
 
-def _packable(t, name: str, arch: str, config: dict, dtype: torch.dtype) -> str | None:
+def _packable(t, name: str, arch: str, config: dict, dtype: torch.dtype, big_endian: bool = False) -> str | None:
     """The ggml type name a tensor stays packed in, or None when it is dequantized: packed types
     only, matrices only (projections, experts, embedding, lm_head), F16 / BF16 only when the
     compute dtype differs, and not Qwen3.5's out_proj when its columns are regrouped."""
     import gguf
 
     kind = gguf.GGMLQuantizationType(t.tensor_type).name
-    if kind not in PACKED_TYPES or len(t.shape) < 2 or not is_matrix_name(name):
-        return None
+    if kind not in PACKED_TYPES or len(t.shape) < 2 or not is_matrix_name(name) or big_endian:
+        return None  # (the kernels read little-endian scales and halves)
     if (kind, dtype) in (("F16", torch.float16), ("BF16", torch.bfloat16)):
         return None
     if arch in ("qwen35", "qwen35moe") and name.endswith("linear_attn.out_proj.weight") and \
@@ -697,9 +702,15 @@ def _packed_blocks(t, path: str) -> np.ndarray:
                         "the file may be truncated") from e
 
 
-def _as_tensor(arr: np.ndarray) -> torch.Tensor:
-    """A tensor over arr: a view when it is contiguous (of the copy-on-write map: writes stay private)."""
-    return torch.from_numpy(np.ascontiguousarray(arr))
+def _float_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A decoded tensor the model owns: copied when it is a view of the (read-only) map."""
+    return torch.from_numpy(np.array(arr, copy=not arr.flags.writeable or not arr.flags.c_contiguous))
+
+
+def _packed_tensor(arr: np.ndarray) -> torch.Tensor:
+    """Packed blocks: a read-only view of the map where the rows kept their order (never written:
+    the engine only reads weights), else the reordered copy."""
+    return mapped_bytes(arr) if arr.flags.c_contiguous else torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place=None,
@@ -725,7 +736,8 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
         return None if name is None or (layer_of(name) or 0) >= config["num_hidden_layers"] else name
 
     named = [(t, kept(t)) for t in reader.tensors]
-    named = [(t, name, keep_packed and _packable(t, name, arch, config, dtype)) for t, name in named if name]
+    big_endian = getattr(reader, "byte_order", "I") == "S"  # the reader's flag for a file of the other byte order
+    named = [(t, name, keep_packed and _packable(t, name, arch, config, dtype, big_endian)) for t, name in named if name]
     placed = None
     if place is not None:
         placed = place(config, {name: int(np.prod([int(x) for x in t.shape])) for t, name, _ in named},
@@ -735,10 +747,10 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
         device = torch.device("cpu") if placed is None else placed.device_of(name)
         if kind and device.type == "cpu":
             for hf, arr in _hf_arrays(name, _packed_blocks(t, path), arch, config):
-                tensors[hf] = PackedTensor(_as_tensor(arr), kind, int(t.shape[0]), hf)
+                tensors[hf] = PackedTensor(_packed_tensor(arr), kind, int(t.shape[0]), hf)
             continue
         for hf, arr in _hf_arrays(name, _dequantize(t, path), arch, config):
-            tensor = _as_tensor(arr)
+            tensor = _float_tensor(arr)
             if tensor.dtype != dtype:
                 tensor = tensor.to(dtype)
             tensors[hf] = tensor if placed is None else tensor.to(device)

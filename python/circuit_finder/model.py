@@ -6,7 +6,8 @@ decoded by ``generation.TextCodec`` (``model.codec``), the decode loop lives in 
 and continuations are scored in ``likelihood``. Loading files into a Model is ``loading.load``.
 
 Limits: the tensors in ``model.tensors`` are the engine's own (shared storage), so mutating them
-changes the model. A model split over devices (``placement``) takes and returns tensors on its main
+changes the model; a GGUF's packed matrices (``quants.PackedTensor``) are read-only views of the
+file's memory map: never write them. A model split over devices (``placement``) takes and returns tensors on its main
 device, ``model.device``.
 """
 
@@ -62,7 +63,8 @@ class Model:
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of weight storage resident per device ({"cpu": ..., "cuda:0": ...}): each storage
         counted once (tied embeddings, a layer run at several slots, views of one stacked tensor), the
-        engine's own converted copies included; layers placed on the meta device hold none."""
+        engine's own converted copies included; layers placed on the meta device hold none; a packed
+        GGUF matrix counts its blocks (pages of the memory-mapped file)."""
         tensors = [getattr(t, "blocks", t) for t in self.tensors.values()]  # a PackedTensor's storage: its blocks
         for layer in range(self.num_layers):
             tensors += list(self.engine.layer_tensors(layer).values())

@@ -3,6 +3,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "../../common/errors.h"
 #include "linear.h"
 
@@ -69,6 +71,47 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   float* op = out.data_ptr<float>();
   const Isa& isa = active();
   at::parallel_for(0, g.numel(), 16384, [&](int64_t i0, int64_t i1) { isa.silu_mul_f32(gp, upp, op, i0, i1); });
+  return out;
+}
+
+bool attend_one_takes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& mask) {
+  if (!fused_takes(q) || !fused_takes(k) || !fused_takes(v) || q.dim() != 4 || k.dim() != 4 || v.dim() != 4)
+    return false;
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1);
+  if (q.size(2) != 1 || k.sizes() != v.sizes() || k.size(0) != B || k.size(3) != D || Hkv == 0 || Hq % Hkv != 0 ||
+      k.stride(3) != 1 || v.stride(3) != 1)
+    return false;
+  if (!mask) return true;
+  const at::Tensor& m = *mask;
+  return m.scalar_type() == at::kBool && m.device().is_cpu() && m.dim() == 4 && m.size(1) == 1 && m.size(2) == 1 &&
+         m.size(3) == k.size(2) && (m.size(0) == B || m.size(0) == 1);
+}
+
+at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& mask, double scale) {
+  if (!attend_one_takes(q, k, v, mask))
+    throw InputError(cat("attend_one: CPU float32 q [B, Hq, 1, D] and k / v [B, Hkv, S, D] (and a bool mask [B, 1, 1, S])"
+                         " expected, got q ", shape_str(q.sizes()), ", k ", shape_str(k.sizes())));
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
+  at::Tensor qc = q.contiguous(), out = at::empty({B, Hq, 1, D}, q.options());
+  at::Tensor mc = mask ? mask->contiguous() : at::Tensor();
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const uint8_t* mp = mc.defined() ? reinterpret_cast<const uint8_t*>(mc.data_ptr<bool>()) : nullptr;
+  float* op = out.data_ptr<float>();
+  const Isa& isa = active();
+  at::parallel_for(0, B * Hq, std::max<int64_t>(1, 65536 / std::max<int64_t>(S * D, 1)), [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(static_cast<size_t>(S));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hq, g = (i % Hq) / G;
+      const uint8_t* row_mask = mp == nullptr ? nullptr : mp + (mc.size(0) == 1 ? 0 : b) * S;
+      isa.attend_one_f32(qp + i * D, kp + b * k.stride(0) + g * k.stride(1), k.stride(2),
+                         vp + b * v.stride(0) + g * v.stride(1), v.stride(2), row_mask, S, D,
+                         static_cast<float>(scale), scores.data(), op + i * D);
+    }
+  });
   return out;
 }
 

@@ -16,5 +16,12 @@ std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::o
 // x [B, T, H, D], cos/sin [B, 1, T, D] -> rotated [B, T, H, D] (a new tensor).
 at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+// One query per head (decode): q [B, Hq, 1, D], k / v [B, Hkv, S, D] (any strides with D
+// contiguous; Hq a multiple of Hkv, query head h reads KV head h / (Hq / Hkv)), mask [B, 1, 1, S]
+// bool or none -> [B, Hq, 1, D]; the exact softmax in fp32 (SDPA's result up to rounding).
+bool attend_one_takes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& mask);
+at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& mask, double scale);
 
 }  // namespace cf::cpu

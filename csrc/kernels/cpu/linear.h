@@ -36,6 +36,8 @@ struct Isa {
   void (*add_rms_norm_f32)(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t, float);
   void (*rope_f32)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
   void (*silu_mul_f32)(const float*, const float*, float*, int64_t, int64_t);
+  void (*attend_one_f32)(const float*, const float*, int64_t, const float*, int64_t, const uint8_t*, int64_t, int64_t,
+                         float, float*, float*);
   // packed ggml blocks (quant_blocks.h)
   void (*dequant_rows)(int32_t, const uint8_t*, int64_t, int64_t, int64_t, float*);
   void (*gemm_q)(int32_t, const float*, int64_t, int64_t, const uint8_t*, int64_t, const float*, float*, int64_t,

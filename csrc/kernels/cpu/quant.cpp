@@ -48,9 +48,9 @@ void check_cpu_packed(const at::Tensor& w, int32_t type, int64_t K, const char* 
 }
 
 // y [M, N] fp32 = x [M, K] fp32 times the packed w^T, decode-sized: kQuantTileRows rows a step.
-void gemm_few_rows(const at::Tensor& xf, const at::Tensor& w, int32_t type, const float* bp, at::Tensor& y) {
+void gemm_few_rows(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, int32_t type, const float* bp,
+                   at::Tensor& y) {
   const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0), rb = w.size(1);
-  const Isa& isa = active();
   const int64_t tiles = (N + kQuantTileRows - 1) / kQuantTileRows;
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
   const float* xp = xf.data_ptr<float>();
@@ -65,12 +65,12 @@ void gemm_few_rows(const at::Tensor& xf, const at::Tensor& w, int32_t type, cons
 
 // Many rows: chunks of about kPackedChunkBytes of dequantized rows, each dequantized on all threads
 // into a scratch kept between calls (no page faults per call) and multiplied by ATen's GEMM.
-void gemm_many_rows(const at::Tensor& xf, const at::Tensor& w, int32_t type, const at::Tensor& b, at::Tensor& y) {
+void gemm_many_rows(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, int32_t type, const at::Tensor& b,
+                    at::Tensor& y) {
   const int64_t K = xf.size(1), N = w.size(0), rb = w.size(1);
   const int64_t chunk = std::min(N, std::max<int64_t>(kQuantTileRows, kPackedChunkBytes / (4 * K)));
   static thread_local std::vector<float> scratch;
   if (scratch.size() < static_cast<size_t>(chunk * K)) scratch.resize(static_cast<size_t>(chunk * K));
-  const Isa& isa = active();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* sp = scratch.data();
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
@@ -104,21 +104,26 @@ at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarTy
   return dtype == at::kFloat ? out : out.to(dtype);
 }
 
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b) {
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b,
+                         const std::string& isa_name) {
   check_cpu_packed(w, type, K, "linear");
-  if (w.dim() != 2 || !x.device().is_cpu() || !at::isFloatingType(x.scalar_type()) || x.size(-1) != K)
+  if (w.dim() != 2 || !x.device().is_cpu() || !at::isFloatingType(x.scalar_type()) || x.dim() < 1 || x.size(-1) != K)
     throw InputError(cat("linear: x [..., ", K, "] float on the CPU against a packed [rows, bytes] matrix; got x ",
                          shape_str(x.sizes()), " ", c10::toString(x.scalar_type()), " on ", x.device().str(),
                          ", w ", shape_str(w.sizes())));
   const int64_t N = w.size(0), M = x.numel() / K;
+  if (b.defined() && (b.dim() != 1 || b.size(0) != N || !b.device().is_cpu() || !at::isFloatingType(b.scalar_type())))
+    throw InputError(cat("linear: the bias of a packed matrix of ", N, " rows must be a float CPU [", N, "], got ",
+                         c10::toString(b.scalar_type()), " ", shape_str(b.sizes()), " on ", b.device().str()));
+  const Isa isa = isa_for(isa_name);
   at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   at::Tensor bf = b.defined() ? b.to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, xf.options());
   if (M > 0 && N > 0) {
     if (M <= kSkinnyMaxRowsF32 && kernels_enabled())
-      gemm_few_rows(xf, w, type, bf.defined() ? bf.data_ptr<float>() : nullptr, y);
+      gemm_few_rows(isa, xf, w, type, bf.defined() ? bf.data_ptr<float>() : nullptr, y);
     else
-      gemm_many_rows(xf, w, type, bf, y);
+      gemm_many_rows(isa, xf, w, type, bf, y);
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;

@@ -23,7 +23,8 @@ std::string packed_type_name(int32_t type);
 // decoded by instruction set `isa` ("" = the best here; see linear.h).
 at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarType dtype, const std::string& isa = "");
 // x [..., K] float (fp32 / bf16 / fp16, CPU), w packed [N, row_bytes], b [N] or undefined -> [..., N]
-// in x's dtype.
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b);
+// in x's dtype; isa: the instruction set's kernels ("" = the best here; tests run each).
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b,
+                         const std::string& isa = "");
 
 }  // namespace cf::cpu

@@ -19,6 +19,9 @@ namespace cf::cpu {
 //   out = weight * (sum * rsqrt(mean(sum^2) + eps)); rows of n.
 // rope_f32: x, out [rows = B*T*heads, D] rows of [B, T, heads, D]; cos/sin [B*T, D]; rotate-half.
 // silu_mul_f32: out = gate / (1 + exp(-gate)) * up over [i0, i1).
+// attend_one_f32: one query q [D] against S keys (row s of k at k + s * ks, of v at v + s * vs),
+//   mask [S] (nonzero = attend) or null: out [D] = softmax(scale * q.k over attended keys) . v, in
+//   fp32 (zeros when no key is attended, as SDPA gives); scores: scratch of S floats.
 //
 // y[m * ldy + n] = sum_k x[m * K + k] * w[n * K + k] (+ bias[n]) for m in [0, M), n in [n0, n1).
 // x and y are fp32; w is fp32 (gemm_f32) or bfloat16 bits (gemm_bf16); bias is fp32 or null.
@@ -38,7 +41,9 @@ namespace cf::cpu {
                         int64_t r0, int64_t r1, int64_t n, float eps);                                        \
   void rope_f32(const float* x, const float* cos, const float* sin, float* out, int64_t r0, int64_t r1,         \
                 int64_t heads, int64_t D);                                                                    \
-  void silu_mul_f32(const float* gate, const float* up, float* out, int64_t i0, int64_t i1);
+  void silu_mul_f32(const float* gate, const float* up, float* out, int64_t i0, int64_t i1);                   \
+  void attend_one_f32(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, const uint8_t* mask, \
+                      int64_t S, int64_t D, float scale, float* scores, float* out);
 
 namespace base { CF_SKINNY_GEMM_DECLS }
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)

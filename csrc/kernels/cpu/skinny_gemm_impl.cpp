@@ -263,6 +263,45 @@ void silu_mul_f32(const float* gate, const float* up, float* out, int64_t i0, in
   }
 }
 
+void attend_one_f32(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, const uint8_t* mask,
+                    int64_t S, int64_t D, float scale, float* scores, float* out) {
+  const int64_t dv = D - D % L;
+  float top = -__builtin_inff();
+  bool attended = false;  // apart from top: NaN scores must come out NaN, not as "no key"
+  for (int64_t s = 0; s < S; ++s) {
+    if (mask != nullptr && mask[s] == 0) {
+      scores[s] = -__builtin_inff();
+      continue;
+    }
+    attended = true;
+    const float* kr = k + s * ks;
+    vf acc = vf{};
+    for (int64_t d = 0; d < dv; d += L) acc += load(q + d) * load(kr + d);
+    float dot = hsum(acc);
+    for (int64_t d = dv; d < D; ++d) dot += q[d] * kr[d];
+    scores[s] = dot * scale;
+    top = scores[s] > top ? scores[s] : top;
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
+  if (!attended) return;
+  float total = 0.0f;
+  for (int64_t s = 0; s < S; ++s) {
+    scores[s] = (mask != nullptr && mask[s] == 0) ? 0.0f : __builtin_expf(scores[s] - top);
+    total += scores[s];
+  }
+  const float inv = 1.0f / total;
+  for (int64_t s = 0; s < S; ++s) {
+    if (mask != nullptr && mask[s] == 0) continue;
+    const float p = scores[s] * inv;
+    const float* vr = v + s * vs;
+    for (int64_t d = 0; d < dv; d += L) {
+      vf o = load(out + d) + p * load(vr + d);
+      __builtin_memcpy(out + d, &o, sizeof o);
+    }
+    for (int64_t d = dv; d < D; ++d) out[d] += p * vr[d];
+  }
+}
+
 void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
               int64_t n0, int64_t n1) {
   gemm(x, M, K, w, bias, y, ldy, n0, n1);
