@@ -290,6 +290,17 @@ def packed_chat(chat_model_dir):
     return packed, dense
 
 
+def close(a, b) -> bool:
+    """Equal records, floats (in nested dicts and lists too) within 1e-4."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(close, a, b))
+    if isinstance(a, float):
+        return b == pytest.approx(a, abs=1e-4, nan_ok=True)
+    return a == b
+
+
 def test_sweep_on_a_packed_model(packed_chat):
     packed, dense = packed_chat
     for mode in ("likelihood", "generate"):
@@ -299,8 +310,7 @@ def test_sweep_on_a_packed_model(packed_chat):
         for x, y in zip(a, b):
             assert x.keys() == y.keys() and x["layers"] == y["layers"], mode
             for key in x.keys() - {"seconds", "kind"}:
-                same = x[key] == pytest.approx(y[key], abs=1e-4) if isinstance(x[key], float) else x[key] == y[key]
-                assert same, (mode, x["layers"], key, x[key], y[key])
+                assert close(x[key], y[key]), (mode, x["layers"], key, x[key], y[key])
 
 
 def test_server_and_lm_eval_on_a_packed_model(packed_chat):
