@@ -471,6 +471,29 @@ def test_unsupported_quant_type(wide_llama, tmp_path):
         cf.load(path)
 
 
+def test_other_i_quants_are_dequantized_with_a_warning(wide_llama, tmp_path):
+    """An IQ2_XXS matrix (no packed kernel) loads as the gguf package decodes it, with one warning
+    naming the type; the file's other matrices stay packed."""
+    from circuit_finder.gguf import DEQUANTIZED_TYPES
+    from circuit_finder.quants import PackedTensor
+
+    path = tmp_path / "m.gguf"
+    raw = np.random.default_rng(0).integers(0, 256, size=(256, 66), dtype=np.uint8)  # 256 rows of one block
+    raw[:, :2] = np.full((256, 1), 0.01, dtype=np.float16).view(np.uint8)  # a sane scale
+    extra = {"blk.0.attn_q.weight": (raw, gguf.GGMLQuantizationType.IQ2_XXS)}
+    write_gguf(wide_llama, path, qtype="Q8_0", skip={"blk.0.attn_q.weight"}, extra_tensors=extra)
+    with pytest.warns(UserWarning, match="IQ2_XXS tensors have no packed kernel: dequantized to torch.float32"):
+        model = cf.load(path)
+    q = model.tensors["model.layers.0.self_attn.q_proj.weight"]
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.IQ2_XXS)
+    heads = wide_llama.config.num_attention_heads
+    want = torch.from_numpy(want[llama_cpp_permute(np.arange(256), heads).argsort()])  # back to HF row order
+    assert isinstance(q, torch.Tensor) and torch.equal(q, want)
+    assert isinstance(model.tensors["model.layers.0.self_attn.k_proj.weight"], PackedTensor)
+    assert "IQ2_XXS" in DEQUANTIZED_TYPES
+    assert torch.isfinite(model.logits(torch.tensor([[1, 2, 3]]))).all()
+
+
 def test_unknown_architecture(wide_llama, tmp_path):
     path = tmp_path / "m.gguf"
     write_gguf(wide_llama, path, arch="gpt2", permute=False)

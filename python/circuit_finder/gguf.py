@@ -21,7 +21,8 @@ a cache folder keyed by the file's metadata (``gguf_tokenizer``).
 Metadata without reading any tensor: ``open_gguf(path)`` (the reader), ``gguf_field(reader, key)``,
 ``gguf_architecture`` / ``gguf_block_count`` (of an open reader) and ``gguf_num_layers(path)``.
 
-Limits: architectures in SUPPORTED_ARCHS and tensor types in SUPPORTED_TYPES; per-layer head counts
+Limits: architectures in SUPPORTED_ARCHS and tensor types in SUPPORTED_TYPES (DEQUANTIZED_TYPES:
+the other i-quants, dequantized with a warning); per-layer head counts
 and RoPE factors must be uniform; a llama file with experts is read as Mixtral, and experts stored
 one tensor each (old Mixtral conversions) are refused.
 """
@@ -39,7 +40,7 @@ import torch
 
 from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix_name
 
-__all__ = ["GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "sliding_layers",
+__all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "sliding_layers",
            "gguf_architecture", "gguf_block_count", "gguf_config", "gguf_field", "gguf_num_layers", "gguf_tokenizer",
            "metadata_digest", "open_gguf", "read_gguf", "tokenizer_cache_dir"]
 
@@ -57,6 +58,8 @@ _PERMUTED = ("llama", "mistral3")  # converters that reorder Q/K rows for interl
 _GEMMA = ("gemma2", "gemma3")
 _GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales queries by hidden/heads for these
 SUPPORTED_ARCHS = tuple(ARCH_TO_HF)
+# i-quants without a packed kernel: dequantized on load by the gguf package, with one warning per load
+DEQUANTIZED_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4")
 
@@ -589,9 +592,9 @@ def _dequantize(t, path: str) -> np.ndarray:
     import gguf
 
     kind = gguf.GGMLQuantizationType(t.tensor_type).name
-    if kind not in SUPPORTED_TYPES:
+    if kind not in SUPPORTED_TYPES and kind not in DEQUANTIZED_TYPES:
         raise GGUFError(f"{path}: tensor '{t.name}' has type {kind}, not supported "
-                        f"(supported: {', '.join(SUPPORTED_TYPES)})")
+                        f"(supported: {', '.join(SUPPORTED_TYPES + DEQUANTIZED_TYPES)})")
     shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
     try:
         if kind == "F32":
@@ -756,7 +759,17 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
             tensors[hf] = tensor if placed is None else tensor.to(device)
     if "model.embed_tokens.weight" not in tensors:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
+    _warn_dequantized(path, [t for t, _, _ in named], dtype)
     return config, tensors
+
+
+def _warn_dequantized(path: str, used: list, dtype: torch.dtype) -> None:
+    import gguf
+
+    kinds = sorted({gguf.GGMLQuantizationType(t.tensor_type).name for t in used} & set(DEQUANTIZED_TYPES))
+    if kinds:
+        warnings.warn(f"{path}: {', '.join(kinds)} tensors have no packed kernel: dequantized to {dtype} on load",
+                      stacklevel=3)
 
 
 def build_tokenizer(path: str):
