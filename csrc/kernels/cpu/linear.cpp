@@ -116,7 +116,7 @@ at::Tensor run(const Isa& isa, const at::Tensor& x, const at::Tensor& w, const a
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   if (kernels_enabled() && takes(x, w, b) &&
-      rows(x, w) <= (w.scalar_type() == at::kFloat ? kSkinnyMaxRowsF32 : kSkinnyMaxRowsBF16))
+      rows(x, w) <= (w.scalar_type() == at::kFloat ? skinny_max_rows_f32(w.size(1)) : kSkinnyMaxRowsBF16))
     return run(active(), x, w, b);
   return at::linear(x, w, b);
 }

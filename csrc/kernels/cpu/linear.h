@@ -5,15 +5,22 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include <optional>
 #include <string>
 
 namespace cf::cpu {
 
-// Rows of x up to which linear() runs the skinny kernels: measured on a 2-core AVX-512 machine
-// (benchmarks/RESULTS.md), ours beat ATen's fp32 GEMM up to ~64 rows; for bf16, ATen's oneDNN path
-// (AVX512-BF16 dot products) wins above a few rows.
-constexpr int64_t kSkinnyMaxRowsF32 = 32;
+// Rows of x up to which linear() runs the skinny kernels. fp32: while x holds at most
+// kSkinnyMaxXElems floats (4 MB, cache-resident: each weight tile is multiplied by all of x), and
+// always up to kSkinnyMinRowsF32 rows. Measured on a 2-core AVX-512 machine (benchmarks/RESULTS.md,
+// 2026-11-24): ours beat ATen's fp32 GEMM below that size for K from 576 to 14336 (1.7x at 64
+// rows, 1.1-1.8x at 256) and lost above it with large K (0.4x at 1024 rows of K = 14336). For
+// bf16, ATen's oneDNN path (AVX512-BF16 dot products) wins above a few rows.
+constexpr int64_t kSkinnyMinRowsF32 = 32;
+constexpr int64_t kSkinnyMaxXElems = int64_t{1} << 20;
+inline int64_t skinny_max_rows_f32(int64_t K) { return std::max(kSkinnyMinRowsF32, kSkinnyMaxXElems / std::max<int64_t>(K, 1)); }
 constexpr int64_t kSkinnyMaxRowsBF16 = 4;
 
 // x [..., K], w [N, K], b [N] or undefined -> [..., N]; tensors not on the CPU go to at::linear.

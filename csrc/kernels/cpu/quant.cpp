@@ -120,7 +120,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type,
   at::Tensor bf = b.defined() ? b.to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, xf.options());
   if (M > 0 && N > 0) {
-    if (M <= kPackedSkinnyMaxRows && kernels_enabled())
+    if (M <= skinny_max_rows_f32(K) && kernels_enabled())
       gemm_few_rows(isa, xf, w, type, bf.defined() ? bf.data_ptr<float>() : nullptr, y);
     else
       gemm_many_rows(isa, xf, w, type, bf, y);

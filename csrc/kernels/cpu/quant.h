@@ -1,11 +1,12 @@
 // quant.h — packed (ggml block) weights on the CPU at the ATen level: the checks that name a bad
 // tensor, dequantization, and the linear layer that reads the blocks (quant_blocks.h's kernels).
 // linear_packed: one row of x decodes the blocks straight into the dot products; up to
-// kPackedSkinnyMaxRows rows dequantize kQuantTileRows weight rows at a time into a small scratch
-// (L1) and run the skinny fp32 GEMM of every x row against them (the matrix is never dequantized
-// whole; on the default model this beats the BLAS GEMM on the dequantized matrix up to 2048 rows,
-// benchmarks/RESULTS.md); more rows dequantize chunks of about kPackedChunkBytes (on all threads,
-// into a per-thread scratch kept between calls) and multiply each with ATen's GEMM.
+// skinny_max_rows_f32(K) rows (linear.h: x within 4 MB) dequantize kQuantTileRows weight rows at a
+// time into a small scratch (L1) and run the skinny fp32 GEMM of every x row against them (the
+// matrix is never dequantized whole; on the default model this beats the BLAS GEMM on the
+// dequantized matrix, benchmarks/RESULTS.md); more rows dequantize chunks of about
+// kPackedChunkBytes (on all threads, into a per-thread scratch kept between calls) and multiply
+// each with ATen's GEMM.
 // Activations stay in float: results equal the dequantized matrix's up to the order of the sums.
 #pragma once
 #include <ATen/ATen.h>
@@ -15,8 +16,6 @@
 namespace cf::cpu {
 
 constexpr int64_t kPackedChunkBytes = int64_t{16} << 20;
-// Rows of x up to which the packed product runs the tile path (measured: benchmarks/RESULTS.md).
-constexpr int64_t kPackedSkinnyMaxRows = 1024;
 
 // Bytes of one packed row of K elements; WeightError naming `what` when `type` is not read packed
 // or K is not a whole number of its blocks.
