@@ -215,40 +215,38 @@ inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* m) {
 }
 // Q4_K (144 bytes): d, dmin, scales[12], qs[128]: per 64 elements, 32 bytes whose low nibbles are
 // the first 32 (scale pair 2i) and high nibbles the next 32 (pair 2i + 1); value = d sc q - dmin m.
-template <class Out>
-void q4_k(const uint8_t* b, float* y, Out& out) {
+// Q5_K (176 bytes): d, dmin, scales[12], qh[32], qs[128]: the same plus a fifth bit, bit 2i (low
+// nibbles) and 2i + 1 (high nibbles) of qh[l] for the i-th 64 elements.
+template <bool kFifthBit, class Out>
+void q4_or_q5_k(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b), dmin = half_at(b + 2);
   const uint8_t* s = b + 4;
-  const uint8_t* q = b + 16;
+  const uint8_t* qh = b + 16;  // Q5_K only
+  const uint8_t* q = b + (kFifthBit ? 48 : 16);
   for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
     int sc0, m0, sc1, m1;
     scale_min_k4(j, s, &sc0, &m0);
     scale_min_k4(j + 1, s, &sc1, &m1);
     for (int h = 0; h < 32; h += 16) {
       const u8x16 v = bytes16(q + h);
-      out.put(y + h, v & 15, 0, d * sc0, -dmin * m0);
-      out.put(y + 32 + h, v >> 4, 0, d * sc1, -dmin * m1);
+      u8x16 lo = v & 15, hi = v >> 4;
+      if constexpr (kFifthBit) {
+        const u8x16 hb = bytes16(qh + h);
+        lo |= ((hb >> j) & 1) << 4;
+        hi |= ((hb >> (j + 1)) & 1) << 4;
+      }
+      out.put(y + h, lo, 0, d * sc0, -dmin * m0);
+      out.put(y + 32 + h, hi, 0, d * sc1, -dmin * m1);
     }
   }
 }
-// Q5_K (176 bytes): d, dmin, scales[12], qh[32], qs[128]: Q4_K's layout plus a fifth bit, bit 2i
-// (low nibbles) and 2i + 1 (high nibbles) of qh[l] for the i-th 64 elements.
+template <class Out>
+void q4_k(const uint8_t* b, float* y, Out& out) {
+  q4_or_q5_k<false>(b, y, out);
+}
 template <class Out>
 void q5_k(const uint8_t* b, float* y, Out& out) {
-  const float d = half_at(b), dmin = half_at(b + 2);
-  const uint8_t* s = b + 4;
-  const uint8_t* qh = b + 16;
-  const uint8_t* q = b + 48;
-  for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
-    int sc0, m0, sc1, m1;
-    scale_min_k4(j, s, &sc0, &m0);
-    scale_min_k4(j + 1, s, &sc1, &m1);
-    for (int h = 0; h < 32; h += 16) {
-      const u8x16 v = bytes16(q + h), hb = bytes16(qh + h);
-      out.put(y + h, (v & 15) | (((hb >> j) & 1) << 4), 0, d * sc0, -dmin * m0);
-      out.put(y + 32 + h, (v >> 4) | (((hb >> (j + 1)) & 1) << 4), 0, d * sc1, -dmin * m1);
-    }
-  }
+  q4_or_q5_k<true>(b, y, out);
 }
 // Q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (per 16), d;
 // per 128 elements, byte l of ql / qh serves elements l, l + 32, l + 64, l + 96; stored with +32.
