@@ -232,9 +232,10 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     for name, kind in wanted.items():  # one matrix at a time: never a second float copy of the model
         if placed.device_of(name).type == "cpu":
             ggml[name] = quantize_matrix(tensors[name], kind, name)
-    if len(wanted) > sum(n in ggml for n in wanted):
-        warnings.warn(f"quantize: packed matrices run on the CPU only for now: {len(wanted) - sum(n in ggml for n in wanted)}"
-                      " placed on other devices stay float", stacklevel=2)
+    left_float = [n for n in wanted if n not in ggml]
+    if left_float:
+        warnings.warn(f"quantize: packed matrices run on the CPU only for now: {len(left_float)} placed on other "
+                      "devices stay float", stacklevel=2)
     moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in tensors.items()
              if name not in ggml and t.is_floating_point()}
     for name, (blocks, scales) in mxfp4.items():

@@ -13,12 +13,9 @@
 namespace cf::cpu {
 
 const BlockFormat* block_format(int32_t type) {
-  static const BlockFormat kFormats[] = {
-      {1, "F16", 1, 2},     {30, "BF16", 1, 2},    {2, "Q4_0", 32, 18},   {3, "Q4_1", 32, 20},
-      {6, "Q5_0", 32, 22},  {7, "Q5_1", 32, 24},   {8, "Q8_0", 32, 34},   {10, "Q2_K", 256, 84},
-      {11, "Q3_K", 256, 110}, {12, "Q4_K", 256, 144}, {13, "Q5_K", 256, 176}, {14, "Q6_K", 256, 210},
-      {20, "IQ4_NL", 32, 18}, {23, "IQ4_XS", 256, 136},
-  };
+#define CF_FORMAT_ROW(id, name, fn, block, bytes) {id, #name, block, bytes},
+  static const BlockFormat kFormats[] = {{1, "F16", 1, 2}, {30, "BF16", 1, 2}, CF_BLOCK_TYPES(CF_FORMAT_ROW)};
+#undef CF_FORMAT_ROW
   for (const BlockFormat& f : kFormats)
     if (f.type == type) return &f;
   return nullptr;
@@ -47,7 +44,8 @@ void check_cpu_packed(const at::Tensor& w, int32_t type, int64_t K, const char* 
                          " on ", w.device().str()));
 }
 
-// y [M, N] fp32 = x [M, K] fp32 times the packed w^T, decode-sized: kQuantTileRows rows a step.
+// y [M, N] fp32 = x [M, K] fp32 times the packed w^T for x up to skinny_max_rows_f32(K) rows: one
+// row decodes the blocks into its dot products, more rows kQuantTileRows weight rows at a time.
 void gemm_few_rows(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, int32_t type, const float* bp,
                    at::Tensor& y) {
   const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0), rb = w.size(1);

@@ -17,6 +17,15 @@ struct BlockFormat {
   int64_t block;     // elements per block
   int64_t bytes;     // bytes per block
 };
+// The block types, the one list the format table (quant.cpp) and the decoders (quant_impl.cpp)
+// are built from: ggml type id, name, decoder, elements and bytes per block. (F16 and BF16, block
+// 1, are rows of halves, not blocks: listed by the table alone.)
+#define CF_BLOCK_TYPES(X)                                                                             \
+  X(2, Q4_0, q4_0, 32, 18) X(3, Q4_1, q4_1, 32, 20) X(6, Q5_0, q5_0, 32, 22) X(7, Q5_1, q5_1, 32, 24) \
+  X(8, Q8_0, q8_0, 32, 34) X(10, Q2_K, q2_k, 256, 84) X(11, Q3_K, q3_k, 256, 110)                      \
+  X(12, Q4_K, q4_k, 256, 144) X(13, Q5_K, q5_k, 256, 176) X(14, Q6_K, q6_k, 256, 210)                  \
+  X(20, IQ4_NL, iq4_nl, 32, 18) X(23, IQ4_XS, iq4_xs, 256, 136)
+
 // The format of ggml type `type`, or nullptr when it is not read packed.
 const BlockFormat* block_format(int32_t type);
 

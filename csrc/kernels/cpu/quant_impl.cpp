@@ -319,12 +319,6 @@ void dot_rows(const float* x, const float* sums16, int64_t K, const uint8_t* w, 
   }
 }
 
-// ggml type id, decoder, block, bytes (ids and sizes as in quant.cpp's block_format table).
-#define CF_BLOCK_TYPES(X)                                                                                    \
-  X(2, q4_0, 32, 18) X(3, q4_1, 32, 20) X(6, q5_0, 32, 22) X(7, q5_1, 32, 24) X(8, q8_0, 32, 34)               \
-  X(10, q2_k, 256, 84) X(11, q3_k, 256, 110) X(12, q4_k, 256, 144) X(13, q5_k, 256, 176) X(14, q6_k, 256, 210) \
-  X(20, iq4_nl, 32, 18) X(23, iq4_xs, 256, 136)
-
 }  // namespace
 
 void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out) {
@@ -333,7 +327,7 @@ void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t row
     case 30:
       for (int64_t r = 0; r < rows; ++r) (type == 1 ? f16_row : bf16_row)(w + r * row_bytes, out + r * K, K);
       return;
-#define CF_DECODE_CASE(id, fn, block, bytes) \
+#define CF_DECODE_CASE(id, name, fn, block, bytes) \
   case id: return decode_rows<fn<Store>, block, bytes>(w, row_bytes, rows, K, out);
       CF_BLOCK_TYPES(CF_DECODE_CASE)
 #undef CF_DECODE_CASE
@@ -348,7 +342,7 @@ namespace {
 bool dot_packed(int32_t type, const float* x, const float* sums16, int64_t K, const uint8_t* w, int64_t row_bytes,
                 const float* bias, float* y, int64_t n0, int64_t n1) {
   switch (type) {
-#define CF_DOT_CASE(id, fn, block, bytes) \
+#define CF_DOT_CASE(id, name, fn, block, bytes) \
   case id: dot_rows<fn<Dot>, block, bytes>(x, sums16, K, w, row_bytes, bias, y, n0, n1); return true;
     CF_BLOCK_TYPES(CF_DOT_CASE)
 #undef CF_DOT_CASE
