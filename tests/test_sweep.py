@@ -415,37 +415,58 @@ def test_cli_sweep(chat_model_dir, tmp_path, capsys):
     assert rc == 2 and "larger than the model" in capsys.readouterr().err
 
 
+def _run_child(script, model_dir, out):
+    return subprocess.Popen([sys.executable, str(script), str(model_dir), str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _check_partial(out):
+    """Every complete line of a killed sweep's file parses and names a config once; only an unfinished
+    last line may be torn. Returns the finished configs' layer paths."""
+    lines = out.read_bytes().split(b"\n")
+    for line in lines[:-1]:
+        json.loads(line)
+    keys = [json.loads(line)["layers"] for line in lines[1:-1]]
+    assert len(keys) == len(set(keys))
+    return keys
+
+
 @pytest.mark.slow
 def test_twenty_sigkills(chat_model_dir, chat_model, tmp_path):
     """SIGKILL a sweep subprocess at 20 random moments (during start-up, mid-config, mid-write),
     resuming each time: every finished config is present exactly once, no complete line is
-    corrupt, and the final results equal an uninterrupted run."""
+    corrupt, and the final results equal an uninterrupted run. The moments are drawn within the
+    duration of one uninterrupted child run, measured first, so they land however fast the sweep
+    is; a file that a child finishes is checked against that run and the next child starts anew."""
     import random
 
     rng = random.Random(1234)
-    out = tmp_path / "killed20.jsonl"
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(_CHILD))
     total = 1 + 2 * 21
-    kills = 0
+    full = tmp_path / "uninterrupted.jsonl"
+    began = time.time()
+    assert _run_child(script, chat_model_dir, full).wait() == 0
+    duration = time.time() - began
+    expected = {r["layers"]: r for r in _strip(read_records(full)[1])}
+    out = tmp_path / "killed20.jsonl"
+    kills = finished = 0
     for _ in range(20):
-        proc = subprocess.Popen([sys.executable, str(script), str(chat_model_dir), str(out)],
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 6.0))
+        proc = _run_child(script, chat_model_dir, out)
+        time.sleep(rng.uniform(0.05, 0.95) * duration)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
-        if not out.exists():
-            continue
-        lines = out.read_bytes().split(b"\n")
-        for line in lines[:-1]:  # every complete line parses; only an unfinished last line may be torn
-            json.loads(line)
-        keys = [json.loads(line)["layers"] for line in lines[1:-1]]
-        assert len(keys) == len(set(keys))
-    done = len(read_records(out)[1]) if out.exists() else 0  # a slow machine may never get past start-up
-    print(f"{kills} SIGKILLs landed; {done} of {total} configs finished before the last one")
+        keys = _check_partial(out) if out.exists() else []
+        if len(keys) == total:  # this child finished the sweep: its results are the uninterrupted run's
+            assert all(expected[r["layers"]] == r for r in _strip(read_records(out)[1]))
+            out.unlink()
+            finished += 1
+    done = len(read_records(out)[1]) if out.exists() else 0
+    print(f"child run {duration:.1f} s; {kills} SIGKILLs landed; {finished} files finished by a killed "
+          f"sweep's resumption; {done} of {total} configs in the last file")
     assert kills >= 10
     _resume_and_compare(chat_model, out, total)
 
