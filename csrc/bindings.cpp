@@ -66,6 +66,11 @@ PYBIND11_MODULE(_C, m) {
       .def("reset", &cf::KVCache::reset)
       .def("advance", &cf::KVCache::advance, py::arg("tokens"))
       .def("select_rows", &cf::KVCache::select_rows, py::arg("rows"), py::arg("slots"))
+      .def("place", &cf::KVCache::place, py::arg("src"), py::arg("row"), py::arg("column"), py::arg("first_slot") = 0,
+           py::arg("length") = -1, py::arg("rows") = -1, py::arg("end_slot") = -1,
+           "copies src's positions [0, length) (default: its length) of slots [first_slot, end_slot) into `rows` "
+           "rows from `row` (default src.batch; a batch-1 source fills several), columns [column, column + length)")
+      .def("keep_rows", &cf::KVCache::keep_rows, py::arg("rows"), "shrinks the batch: row i becomes row rows[i] (moved in place where no source is overwritten first)")
       .def("keys", &cf::KVCache::filled_keys, py::arg("slot"), "the slot's filled keys [B, kv_heads, length, head_dim]")
       .def("values", &cf::KVCache::filled_values, py::arg("slot"))
       .def("device", [](const cf::KVCache& c, int64_t slot) { return c.device(slot).str(); }, py::arg("slot"))

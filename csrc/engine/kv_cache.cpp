@@ -8,7 +8,7 @@ namespace cf {
 KVCache::KVCache(const std::vector<at::Device>& devices, int64_t batch, int64_t capacity, int64_t kv_heads,
                  int64_t head_dim, at::ScalarType dtype, const KVCache* share, int64_t shared_slots,
                  const std::vector<int64_t>& linear, const LinearStateShape& shape)
-    : batch_(batch), capacity_(capacity) {
+    : batch_(batch), capacity_(capacity), shared_slots_(share != nullptr ? shared_slots : 0) {
   const int64_t num_slots = static_cast<int64_t>(devices.size());
   if (num_slots <= 0 || batch <= 0 || capacity <= 0)
     throw InputError(cat("KV cache needs positive slots, batch and capacity, got ", num_slots, ", ", batch, ", ",
@@ -34,6 +34,7 @@ KVCache::KVCache(const std::vector<at::Device>& devices, int64_t batch, int64_t 
       if (!fits)
         throw InputError(cat("the shared cache's slot ", s, " belongs to another model or layer (kind, heads, head ",
                              "size, dtype or device differ)"));
+      share->lent_ = true;
       k_.push_back(share->k_[s]);
       v_.push_back(share->v_[s]);
       conv_.push_back(lin ? share->conv_[s].clone() : at::Tensor());  // a state is copied, never aliased
@@ -116,6 +117,70 @@ KVCache KVCache::select_rows(const at::Tensor& rows, int64_t slots) const {
     out.state_.push_back(lin ? state_[s].index_select(0, idx) : at::Tensor());
   }
   return out;
+}
+
+void KVCache::place(const KVCache& src, int64_t row, int64_t column, int64_t first_slot, int64_t length,
+                    int64_t rows, int64_t end_slot) {
+  const int64_t n = length < 0 ? src.length_ : length, count = rows < 0 ? src.batch_ : rows;
+  const int64_t end = end_slot < 0 ? num_slots() : end_slot;
+  if (src.num_slots() != num_slots())
+    throw InputError(cat("place: the source cache has ", src.num_slots(), " slots, this one ", num_slots()));
+  if (first_slot < shared_slots_ || first_slot > end || end > num_slots())
+    throw InputError(cat("place: slots [", first_slot, ", ", end, ") must lie in [", shared_slots_, ", ", num_slots(),
+                         "] (the slots before ", shared_slots_, " are another cache's)"));
+  if (n > src.capacity_) throw InputError(cat("place: ", n, " positions asked of a cache of capacity ", src.capacity_));
+  if (count != src.batch_ && src.batch_ != 1)
+    throw InputError(cat("place: ", count, " rows from a source of batch ", src.batch_, " (only a batch of 1 fills several)"));
+  if (row < 0 || row + count > batch_ || column < 0 || column + n > capacity_)
+    throw InputError(cat("place: ", count, " rows x ", n, " positions at row ", row, ", column ", column,
+                         " do not fit a cache of batch ", batch_, " and capacity ", capacity_));
+  for (int64_t s = first_slot; s < end; ++s) {
+    const bool lin = linear(s);
+    const at::Tensor& mine = lin ? state_[s] : k_[s];
+    const at::Tensor& theirs = src.linear(s) ? src.state_[s] : src.k_[s];
+    const bool same = lin == src.linear(s) && mine.device() == theirs.device() &&
+                      mine.scalar_type() == theirs.scalar_type() &&
+                      (lin ? mine.sizes().slice(1) == theirs.sizes().slice(1) &&
+                                 conv_[s].sizes().slice(1) == src.conv_[s].sizes().slice(1)
+                           : mine.size(1) == theirs.size(1) && mine.size(3) == theirs.size(3));
+    if (!same) throw InputError(cat("place: slot ", s, " differs in kind, shape, dtype or device between the two caches"));
+    if (lin) {  // copy_ broadcasts a batch-1 source over the rows
+      conv_[s].narrow(0, row, count).copy_(src.conv_[s]);
+      state_[s].narrow(0, row, count).copy_(src.state_[s]);
+    } else {
+      k_[s].narrow(0, row, count).narrow(2, column, n).copy_(src.k_[s].narrow(2, 0, n));
+      v_[s].narrow(0, row, count).narrow(2, column, n).copy_(src.v_[s].narrow(2, 0, n));
+    }
+  }
+}
+
+void KVCache::keep_rows(const std::vector<int64_t>& rows) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  if (n == 0) throw InputError("keep_rows: keep at least one row");
+  std::vector<bool> seen(batch_, false);
+  bool in_place = true;
+  for (int64_t i = 0; i < n; ++i) {
+    if (rows[i] < 0 || rows[i] >= batch_ || seen[rows[i]])
+      throw InputError(cat("keep_rows: rows must be distinct indices into the batch of ", batch_, "; got ", rows[i],
+                           " at ", i));
+    seen[rows[i]] = true;
+    in_place = in_place && (rows[i] == i || rows[i] >= n);  // a source is never a destination
+  }
+  const at::Tensor index = at::tensor(rows, at::kLong);
+  for (int64_t s = 0; s < num_slots(); ++s)
+    for (at::Tensor* t : {&k_[s], &v_[s], &conv_[s], &state_[s]}) {
+      if (!t->defined()) continue;
+      if (!in_place || s < shared_slots_ || lent_) {
+        *t = t->index_select(0, index.to(t->device()));
+        continue;
+      }
+      for (int64_t i = 0; i < n; ++i)
+        if (rows[i] != i) t->select(0, i).copy_(t->select(0, rows[i]));
+      *t = t->narrow(0, 0, n);
+    }
+  shared_slots_ = 0;
+  lent_ = false;
+  batch_ = n;
 }
 
 void KVCache::advance(int64_t t) {

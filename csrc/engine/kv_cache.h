@@ -44,6 +44,19 @@ class KVCache {
   // A new cache holding copies of rows `rows` (1-D int64 batch indices) of the first `slots`
   // slots, at this cache's length and capacity: a sub-batch that goes on along its own path.
   KVCache select_rows(const at::Tensor& rows, int64_t slots) const;
+  // Copies src's positions [0, length) (length < 0: src.length) of slots [first_slot, end_slot)
+  // (end_slot < 0: all) into `rows` rows from `row` (rows < 0: src.batch; a batch-1 source may fill
+  // several) and columns [column, column + length) of this cache (a linear slot's state rows as
+  // they are): caches of several batches, right-aligned, become one batch; a prompt head computed
+  // once goes into every row. Refuses slots this cache borrows from another (shared_slots); the
+  // length is unchanged.
+  void place(const KVCache& src, int64_t row, int64_t column, int64_t first_slot = 0, int64_t length = -1,
+             int64_t rows = -1, int64_t end_slot = -1);
+  // Shrinks the batch to rows.size() rows: row i becomes row rows[i] (distinct indices). Where
+  // each rows[i] is i or at least rows.size(), the rows move in place (no allocation, only the
+  // moved rows copied); otherwise, and for slots shared with another cache either way, the kept
+  // rows are copied into new tensors, so no other cache sees a change.
+  void keep_rows(const std::vector<int64_t>& rows);
 
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
@@ -64,6 +77,8 @@ class KVCache {
   std::vector<at::Tensor> k_, v_;  // each [B, Hkv, capacity, D]; undefined for a linear slot
   std::vector<at::Tensor> conv_, state_;  // a linear slot's state; undefined for an attention slot
   int64_t batch_ = 0, capacity_ = 0, length_ = 0;
+  int64_t shared_slots_ = 0;  // the first slots' tensors are another cache's
+  mutable bool lent_ = false;  // another cache shares some of this one's slots
 };
 
 }  // namespace cf

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .model import Model
 
 __all__ = ["Finished", "Sampling", "TextCodec", "as_token_ids", "decode", "generate_ids", "generation_masks",
-           "positions_from_mask", "sample"]
+           "positions_from_mask", "rows_interact", "sample"]
 
 OnStep = Callable[[torch.Tensor, torch.Tensor], None]  # (tokens [B], finished [B]) after every step
 
@@ -245,27 +245,38 @@ def generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor | None, pat
 
 
 def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_pos: torch.Tensor,
-           full_mask: torch.Tensor | None, sampling: Sampling, on_step: OnStep | None = None) -> torch.Tensor:
+           full_mask: torch.Tensor | None, sampling: Sampling, on_step: OnStep | None = None,
+           budgets: torch.Tensor | None = None) -> torch.Tensor:
     """Token-by-token decoding after a prefill: logits [B, V] of the last prompt position, the
     cache holding the prompt (length T), last_pos [B, 1] its positions, full_mask [B, T + max_new]
-    or None. Returns the new ids [B, n] (rows finished early padded with the pad id)."""
+    or None; budgets [B]: each row's own token budget (at most max_new_tokens; None: all rows
+    max_new_tokens). Returns the new ids [B, n] (rows finished early padded with the pad id).
+    Greedy decoding with dynamic steps (the CPU) drops finished rows from the batch as it goes:
+    the cache's rows move in place, and the ids are the same (not where rows_interact)."""
     B = logits.shape[0]
     codec = model.codec
+    limit = _budgets(budgets, B, sampling.max_new_tokens, logits.device)
     step = step_function(model, cache, layers, last_pos, full_mask)
     eos = torch.tensor(codec.eos_ids, dtype=torch.long, device=logits.device)
     generator = sampling.generator(logits.device)
     out: list[torch.Tensor] = []
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
     every = check_every(logits.device, sampling, on_step)
+    compact = every == 1 and sampling.temperature == 0 and isinstance(step, _DynamicStep) and not rows_interact(model)
+    alive = torch.arange(B, device=logits.device)  # the batch rows the step still runs
     done: list[torch.Tensor] = []  # per step: had every row finished (read on the host every `every` steps)
     for n in range(sampling.max_new_tokens):
         if n < sampling.min_new_tokens and eos.numel():
             logits[:, eos] = float("-inf")
         token = sample(logits, sampling.temperature, sampling.top_p, generator)
+        if token.shape[0] < B:
+            token = torch.full((B,), codec.pad_id, dtype=token.dtype, device=token.device).index_copy_(0, alive, token)
         token = torch.where(finished, torch.full_like(token, codec.pad_id), token)
         out.append(token)
         if eos.numel():
             finished |= torch.isin(token, eos)
+        if limit is not None:
+            finished |= limit <= n + 1
         if sampling.stops:
             finished |= codec.hit_stop(torch.stack(out, 1), sampling.stops)
         if on_step is not None:
@@ -273,12 +284,50 @@ def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_po
         done.append(finished.all())
         if n + 1 == sampling.max_new_tokens or ((n + 1) % every == 0 and bool(done[-1])):
             break
-        logits = step(token)
+        if compact:
+            alive = _drop_finished(step, alive, finished)
+        logits = step(token.index_select(0, alive) if alive.numel() < B else token)
     if every > 1:  # steps run past the one where every row finished only produced pads: cut them
         ended = torch.stack(done).nonzero()
         if ended.numel():
             out = out[: int(ended[0, 0]) + 1]
     return torch.stack(out, 1)
+
+
+def rows_interact(model: Model) -> bool:
+    """Whether a row's numbers depend on which other rows share its batch: LongRoPE picks its
+    table by the largest position in the call (as transformers picks it by the call's length), so
+    dropping, joining or regrouping rows could switch it. Batching that reshapes batches is off then."""
+    kinds = [model.config.rope, model.config.rope_local or {}]
+    return any(r.get("type") == "longrope" for r in kinds)
+
+
+def _budgets(budgets: torch.Tensor | None, B: int, max_new_tokens: int, device) -> torch.Tensor | None:
+    """Per-row budgets as a tensor on the device (None when every row has max_new_tokens)."""
+    if budgets is None:
+        return None
+    limit = torch.as_tensor(budgets, dtype=torch.long).to(device)
+    if limit.shape != (B,) or bool((limit < 1).any()) or bool((limit > max_new_tokens).any()):
+        raise ValueError(f"budgets must be [{B}] token counts in [1, max_new_tokens={max_new_tokens}], got "
+                         f"{limit.tolist()}")
+    return limit
+
+
+def _drop_finished(step: _DynamicStep, alive: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+    """Shrinks the step's batch to the rows not finished (alive: the original row of each batch
+    row). The last live rows fill the finished rows' places, so only they move."""
+    live = (~finished.index_select(0, alive)).nonzero().squeeze(1).tolist()
+    n, size = len(live), alive.numel()
+    if n == size or n == 0:
+        return alive
+    kept = set(live)
+    holes = [i for i in range(n) if i not in kept]
+    fillers = [r for r in live if r >= n]
+    rows = list(range(n))
+    for hole, filler in zip(holes, fillers):
+        rows[hole] = filler
+    step.keep(rows)
+    return alive.index_select(0, torch.tensor(rows, device=alive.device))
 
 
 def check_every(device: torch.device, sampling: Sampling, on_step) -> int:
@@ -302,20 +351,30 @@ def use_static_decode(model: Model) -> bool:
 def step_function(model: Model, cache, layers: list[int], last_pos: torch.Tensor, full_mask):
     """token [B] -> logits [B, V] (fp32) of the next position, advancing the cache by one."""
     if not use_static_decode(model):
-        return _dynamic_step(model, cache, layers, last_pos, full_mask)
+        return _DynamicStep(model, cache, layers, last_pos, full_mask)
     return _static_step(model, cache, layers, last_pos, full_mask)
 
 
-def _dynamic_step(model: Model, cache, layers, last_pos, full_mask):
-    state = {"pos": last_pos, "len": cache.length}
+class _DynamicStep:
+    """token [B] -> logits [B, V] (fp32) with shapes that follow the cache's length; ``keep``
+    shrinks the batch to some of its rows."""
 
-    def step(token):
-        state["pos"] = state["pos"] + 1
-        state["len"] += 1
-        mask = None if full_mask is None else full_mask[:, : state["len"]]
-        return model.engine.forward(token.unsqueeze(1), state["pos"], mask, layers, cache, True)[:, -1].float()
+    def __init__(self, model: Model, cache, layers, last_pos, full_mask):
+        self.model, self.cache, self.layers = model, cache, layers
+        self.pos, self.mask, self.len = last_pos, full_mask, cache.length
 
-    return step
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.pos = self.pos + 1
+        self.len += 1
+        mask = None if self.mask is None else self.mask[:, : self.len]
+        return self.model.engine.forward(token.unsqueeze(1), self.pos, mask, self.layers, self.cache, True)[:, -1].float()
+
+    def keep(self, rows: list[int]) -> None:
+        """Row i of the batch becomes row rows[i] (the cache moves its rows in place)."""
+        self.cache.keep_rows(rows)
+        idx = torch.tensor(rows, device=self.pos.device)
+        self.pos = self.pos.index_select(0, idx)
+        self.mask = None if self.mask is None else self.mask.index_select(0, idx)
 
 
 def _static_step(model: Model, cache, layers, last_pos, full_mask):

@@ -15,7 +15,17 @@ it on and gives every probe ``think_tokens`` more tokens to think in. A template
 <think> block in the prompt itself gets the extra tokens too (with a warning), and its
 completions are scored (and stored) with the opening tag put back.
 
-Limits: one model in one process; each probe's items run as one batch.
+Generate mode does less work than one row per item (every route gives each item the ids it gets
+alone): a probe's items are grouped by prompt length (``length_groups``: little left padding); the
+tokens all prompts of a group share (the chat template's head, ``shared_head``) run once at batch
+1, their keys and values placed into every row; and every group's rows decode as one batch
+(``joint_decode``), each to its own probe's budget, finished rows leaving the batch on the CPU.
+
+Limits: one model in one process. The shared head needs attention-only layers without sliding
+windows (elsewhere prompts are plainly left-padded); router configs run each group on its own
+and, with a shared head, from the embedding. Where rows interact (LongRoPE picks its table by the
+call's largest position: ``generation.rows_interact``) each probe's items run as one batch, as
+plain batched generation runs them.
 """
 
 from __future__ import annotations
@@ -81,17 +91,19 @@ class ProbeBatch:
             self.context_ids = [ctx for ctx, _ in self.groups]
             self.scoring = likelihood.choice_batch(model, self.groups)
             self.ids, self.positions, self.prefix_mask = self.scoring.ids, self.scoring.positions, self.scoring.mask
-            self.capacity = None
+            self.capacity, self.head = None, 0
         else:
             seqs = [model.codec.encode(c, add_special_tokens=special) for c in contexts]
             self.context_ids = seqs  # what a router reads: each item's prompt ids
-            self.ids, mask = model.codec.left_pad(seqs, model.device)
+            self.head = shared_head(model, seqs)
+            self.ids, mask = head_layout(model.codec, seqs, self.head, model.device)
             self.capacity = self.ids.shape[1] + self.budget
             self.positions, self.full_mask = generation.generation_masks(self.ids, mask, self.budget)
             self.prefix_mask = None if self.full_mask is None else mask
         self._h = None
         self._done = 0
         self._cache = None
+        self._head_h = self._head_cache = None  # the shared head's hidden states and cache (batch 1)
 
     def _choice_groups(self, contexts: list[str], chat: bool) -> list[tuple[list[int], list[list[int]]]]:
         """Per item: (context ids, [ids of each choice]) by the one tokenization rule."""
@@ -111,34 +123,54 @@ class ProbeBatch:
         return groups
 
     def _prefix(self, slots: int, num_layers: int) -> torch.Tensor:
-        """Hidden states after the identity path's first ``slots`` slots, advanced monotonically as
-        configs run in order of shared prefix (restarted when a config needs fewer)."""
-        engine = self.model.engine
+        """Hidden states (of the tokens after the shared head) after the identity path's first
+        ``slots`` slots, advanced monotonically as configs run in order of shared prefix (restarted
+        when a config needs fewer). The head runs alongside at batch 1, its keys and values placed
+        into every row of the cache."""
+        engine, p, every = self.model.engine, self.head, list(range(num_layers))
         if self._h is None or slots < self._done:
-            self._h = engine.embed(self.ids)
+            self._h = engine.embed(self.ids[:, p:])
             self._done = 0
             if self.mode == "generate":
-                self._cache = engine.new_cache(list(range(num_layers)), self.ids.shape[0], self.capacity)
+                self._cache = engine.new_cache(every, self.ids.shape[0], self.capacity)
+            if p:
+                self._head_h = engine.embed(self.ids[:1, :p])
+                self._head_cache = engine.new_cache(every, 1, p)
+                self._cache.advance(p)
         if slots > self._done:
-            self._h = engine.run_slots(self._h, self.positions, self.prefix_mask, list(range(num_layers)),
-                                       self._cache, self._done, slots)
+            if p:
+                self._head_h = engine.run_slots(self._head_h, self.positions[:1, :p], None, every, self._head_cache,
+                                                self._done, slots)
+                self._place_head(self._head_cache, self._cache, self._done, slots)
+            self._h = engine.run_slots(self._h, self.positions[:, p:], self.prefix_mask, every, self._cache,
+                                       self._done, slots)
             self._done = slots
         return self._h
+
+    def _place_head(self, head_cache, cache, first_slot: int, end_slot: int = -1) -> None:
+        """The head's keys and values of slots [first_slot, end_slot) into every row of ``cache``."""
+        cache.place(head_cache, 0, 0, first_slot, self.head, self.ids.shape[0], end_slot)
+
+    def _run_head(self, layers: list[int], begin: int, cache) -> None:
+        """Runs the shared head along the config's slots [begin, end) at batch 1 (from the identity
+        prefix's head) and places its keys and values into every row of ``cache``."""
+        engine, p = self.model.engine, self.head
+        h = self._head_h if begin else engine.embed(self.ids[:1, :p])
+        head_cache = engine.new_cache(layers, 1, p, self._head_cache if begin else None, begin)
+        engine.run_slots(h, self.positions[:1, :p], None, layers, head_cache, begin, len(layers))
+        self._place_head(head_cache, cache, begin)
+        cache.advance(p)
 
     def run(self, config: SweepConfig | RouterConfig, num_layers: int, reuse: bool) -> dict:
         if isinstance(config, RouterConfig):
             return self.run_router(config.router, num_layers, reuse)
+        if self.mode == "generate":
+            return joint_decode(self.model, [self], list(config.layers), lambda b: b.prefill(config, num_layers, reuse))[0]
         engine = self.model.engine
-        layers = list(config.layers)
         begin = config.shared_prefix(num_layers) if reuse else 0
         h = self._prefix(begin, num_layers) if reuse else engine.embed(self.ids)
-        cache = None
-        if self.mode == "generate":
-            cache = engine.new_cache(layers, self.ids.shape[0], self.capacity, self._cache if begin else None, begin)
-        h = engine.run_slots(h, self.positions, self.prefix_mask, layers, cache, begin, len(layers))
-        if self.mode == "likelihood":
-            return self._likelihood(h)
-        return self._generate(h, cache, layers)
+        layers = list(config.layers)
+        return self._likelihood(engine.run_slots(h, self.positions, self.prefix_mask, layers, None, begin, len(layers)))
 
     def run_router(self, router, num_layers: int, reuse: bool) -> dict:
         """Scores the items each along the candidate the router picks for it (rows grouped by
@@ -168,6 +200,7 @@ class ProbeBatch:
         """Generates for some rows of the batch along ``layers``, from the identity prefix's first
         ``begin`` slots (hidden states and KV slots of those rows) or from the embedding."""
         engine = self.model.engine
+        begin = 0 if self.head else begin  # the identity prefix holds the tokens after the head only
         idx = torch.tensor(rows, dtype=torch.long, device=self.ids.device)
         h = self._prefix(begin, num_layers).index_select(0, idx) if begin else engine.embed(self.ids.index_select(0, idx))
         src = self._cache.select_rows(idx, begin) if begin else None
@@ -176,19 +209,37 @@ class ProbeBatch:
         h = engine.run_slots(h, self.positions.index_select(0, idx), mask, layers, cache, begin, len(layers))
         return self._generate(h, cache, layers, idx)
 
+    def prefill(self, config: SweepConfig, num_layers: int, reuse: bool) -> tuple[torch.Tensor, object]:
+        """Generate mode: runs the prompts along the config's path (from the shared identity prefix
+        when ``reuse``); returns the last position's logits [B, V] (fp32) and the cache."""
+        engine, p = self.model.engine, self.head
+        layers = list(config.layers)
+        begin = config.shared_prefix(num_layers) if reuse else 0
+        h = self._prefix(begin, num_layers) if reuse else engine.embed(self.ids[:, p:])
+        cache = engine.new_cache(layers, self.ids.shape[0], self.capacity, self._cache if begin else None, begin)
+        if p:
+            self._run_head(layers, begin, cache)
+        h = engine.run_slots(h, self.positions[:, p:], self.prefix_mask, layers, cache, begin, len(layers))
+        cache.advance(self.ids.shape[1] - p)
+        return engine.head(h[:, -1:])[:, -1].float(), cache
+
     def _generate(self, h: torch.Tensor, cache, layers: list[int], rows: torch.Tensor | None = None) -> dict:
         """Decodes after the prompt's last slot (``rows``: the batch rows h holds; None = all) and
         scores the completions."""
         cache.advance(self.ids.shape[1])
         logits = self.model.engine.head(h[:, -1:])[:, -1].float()
         sampling = generation.Sampling(self.budget)
-        positions, full_mask, items = self.positions, self.full_mask, self.items
+        positions, full_mask = self.positions, self.full_mask
         if rows is not None:
             positions = positions.index_select(0, rows)
             full_mask = None if full_mask is None else full_mask.index_select(0, rows)
-            items = [items[r] for r in rows.tolist()]
         new = generation.decode(self.model, logits, cache, layers, positions[:, -1:], full_mask, sampling)
-        outputs = [self.opened + self.model.codec.finish(row).text for row in new.tolist()]
+        return self.scored(new, rows)
+
+    def scored(self, new: torch.Tensor, rows: torch.Tensor | None = None) -> dict:
+        """Scores generated ids [n, steps] of the items in ``rows`` (None: all, in order)."""
+        items = self.items if rows is None else [self.items[r] for r in rows.tolist()]
+        outputs = [self.opened + self.model.codec.finish(row[: self.budget]).text for row in new.tolist()]
         out = {"scores": {it.id: float(self.probe.score(it, o)) for it, o in zip(items, outputs)},
                "outputs": {it.id: o for it, o in zip(items, outputs)}}
         parsed = {it.id: parse_rate_of(self.probe, it, o) for it, o in zip(items, outputs)}
@@ -211,6 +262,94 @@ class ProbeBatch:
         return {"scores": scores, "scores_norm": norm, "margins": margins}
 
 
+GROUP_COST = 32  # tokens of prefill one more group of a probe's items costs besides its head
+
+
+def length_groups(lengths: Sequence[int], cost: int) -> list[list[int]]:
+    """Indices of prompts in groups of similar length, so that left padding wastes little: the
+    split of the lengths' sorted order that minimises the padded tokens (rows x longest per group)
+    plus ``cost`` per group (exact, by dynamic programming over the sorted lengths)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best, cut = [0] + [None] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: the first j sorted prompts, grouped
+        for i in range(j):
+            total = best[i] + (j - i) * lengths[order[j - 1]] + cost
+            if best[j] is None or total < best[j]:
+                best[j], cut[j] = total, i
+    groups, j = [], n
+    while j:
+        groups.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return groups[::-1]
+
+
+MIN_HEAD = 8  # shortest common prompt head worth computing once at batch 1
+
+
+def shared_head(model: Model, seqs: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every prompt shares (the chat template's system prompt and the
+    user turn's opening), to be computed once and placed into every row's cache: 0 when under
+    MIN_HEAD, for one prompt, or where a hole between head and tail is not exact (a linear
+    attention layer's state would run over the padding; a sliding window counts cache columns,
+    not positions)."""
+    cfg = model.config
+    if len(seqs) < 2 or any(cfg.linear_layers) or any(cfg.sliding_window) or generation.rows_interact(model):
+        return 0
+    p = min(len(s) for s in seqs) - 1  # every row keeps a token of its own
+    first = seqs[0]
+    for s in seqs[1:]:
+        p = next((i for i in range(p) if s[i] != first[i]), p)
+    return p if p >= MIN_HEAD else 0
+
+
+def head_layout(codec, seqs: Sequence[Sequence[int]], head: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) [B, T] of prompts laid out as the shared head, then left padding, then each
+    prompt's own tokens (plain left padding when head is 0); positions follow the mask."""
+    if not head:
+        return codec.left_pad(seqs, device)
+    tail, mask = codec.left_pad([s[head:] for s in seqs], device)
+    B = len(seqs)
+    top = torch.tensor(list(seqs[0][:head]), dtype=torch.long, device=device).expand(B, head)
+    return torch.cat([top, tail], 1), torch.cat([torch.ones((B, head), dtype=mask.dtype, device=device), mask], 1)
+
+
+def joint_decode(model: Model, batches: Sequence[ProbeBatch], layers: list[int], prefill) -> list[dict]:
+    """Greedy decoding of several probes' rows as one batch (each row to its own probe's budget;
+    finished rows leave the batch on the CPU), scored per probe. ``prefill(batch)`` gives a batch's
+    last logits and cache; each cache is copied into one joint cache, prompts right-aligned, and
+    dropped before the next batch runs. A shorter probe's rows are padded on the left, which their
+    key mask hides and their positions skip, so every row decodes as it would alone."""
+    if len(batches) == 1:
+        b = batches[0]
+        logits, cache = prefill(b)
+        new = generation.decode(model, logits, cache, layers, b.positions[:, -1:], b.full_mask,
+                                generation.Sampling(b.budget))
+        return [b.scored(new)]
+    width, budget = max(b.ids.shape[1] for b in batches), max(b.budget for b in batches)
+    sizes = [b.ids.shape[0] for b in batches]
+    device = batches[0].ids.device
+    cache = model.engine.new_cache(layers, sum(sizes), width + budget)
+    mask = torch.ones((sum(sizes), width + budget), dtype=torch.long, device=device)
+    row, logits = 0, []
+    for b in batches:
+        n, T = b.ids.shape
+        last, part = prefill(b)
+        cache.place(part, row, width - T)
+        del part
+        logits.append(last)
+        mask[row:row + n, :width - T] = 0
+        if b.prefix_mask is not None:
+            mask[row:row + n, width - T:width] = b.prefix_mask
+        row += n
+    cache.advance(width)
+    budgets = torch.tensor([b.budget for b in batches for _ in range(b.ids.shape[0])], device=device)
+    positions = torch.cat([b.positions[:, -1:] for b in batches])
+    new = generation.decode(model, torch.cat(logits), cache, layers, positions, None if bool(mask.all()) else mask,
+                            generation.Sampling(budget), budgets=budgets)
+    return [b.scored(part) for b, part in zip(batches, new.split(sizes))]
+
+
 def _ranking(values: list[float], right: int) -> tuple[float, float]:
     """(100 if the right choice scores highest else 0, its margin over the best wrong choice)."""
     best_wrong = max(v for c, v in enumerate(values) if c != right) if len(values) > 1 else float("-inf")
@@ -228,14 +367,26 @@ class Runner:
         chat = resolve_chat(model, chat)
         self.model, self.mode, self.split, self.reuse, self.stage = model, mode, split, reuse, stage
         self.num_layers = model.num_layers
-        self.batches = []
+        self.batches: list[ProbeBatch] = []  # generate mode: a probe's items in groups of similar length
+        self.order: dict[str, list[str]] = {}  # each probe's item ids, in the records' order
         for probe in probes:
             items = probe.items(split)
             if max_items is not None:
                 items = items[:max_items]
             if not items:
                 raise ValueError(f"probe {probe.name!r} has no {split} items")
-            self.batches.append(ProbeBatch(model, probe, items, mode, chat, thinking, think_tokens))
+            self.order[probe.name] = [it.id for it in items]
+            batch = ProbeBatch(model, probe, items, mode, chat, thinking, think_tokens)
+            groups = length_groups([len(s) - batch.head for s in batch.context_ids], 2 * batch.head + GROUP_COST) \
+                if mode == "generate" and not generation.rows_interact(model) else [list(range(len(items)))]
+            self.batches += [batch] if len(groups) == 1 else \
+                [ProbeBatch(model, probe, [items[i] for i in g], mode, chat, thinking, think_tokens) for g in groups]
+
+    def _one_by_one(self, config) -> bool:
+        """Each probe's batch runs alone: likelihood mode and router configs; generate mode
+        decodes all probes' rows as one batch (joint_decode)."""
+        return self.mode != "generate" or isinstance(config, RouterConfig) or len(self.batches) == 1 or \
+            generation.rows_interact(self.model)
 
     def run(self, config: SweepConfig) -> dict:
         t0 = time.perf_counter()
@@ -244,14 +395,24 @@ class Runner:
                   "extra_layers": extra, "split": self.split,
                   "mode": self.mode, "stage": self.stage, "scores": {}}
         with torch.inference_mode():
-            for b in self.batches:
-                out = b.run(config, self.num_layers, self.reuse)
-                record["scores"][b.probe.name] = out["scores"]
-                for key in ("scores_norm", "margins", "outputs", "parsed", "routes"):
-                    if key in out:
-                        record.setdefault(key, {})[b.probe.name] = out[key]
+            outs = [b.run(config, self.num_layers, self.reuse) for b in self.batches] if self._one_by_one(config) else \
+                joint_decode(self.model, self.batches, list(config.layers),
+                             lambda b: b.prefill(config, self.num_layers, self.reuse))
+        record.update(self._merged(outs))
         record["seconds"] = round(time.perf_counter() - t0, 4)
         return record
+
+    def _merged(self, outs: list[dict]) -> dict:
+        """The batches' outputs by key and probe, each probe's items in its order; a key some
+        batch of a probe lacks (parse rates) is left out for that probe."""
+        merged: dict = {}
+        for key in ("scores", "scores_norm", "margins", "outputs", "parsed", "routes"):
+            for name, ids in self.order.items():
+                parts = [out.get(key) for b, out in zip(self.batches, outs) if b.probe.name == name]
+                if all(part is not None for part in parts):
+                    values = {k: v for part in parts for k, v in part.items()}
+                    merged.setdefault(key, {})[name] = {i: values[i] for i in ids}
+        return merged
 
 
 def _progress(total: int, enabled: bool, desc: str):
