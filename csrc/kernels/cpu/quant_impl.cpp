@@ -6,6 +6,10 @@
 #include "quant_blocks.h"
 #include "skinny_gemm.h"
 
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
 #ifndef CF_ISA_NS
 #define CF_ISA_NS base
 #endif
@@ -19,8 +23,12 @@ inline float bits_to_float(uint32_t u) {
   return f;
 }
 
-// IEEE half -> float: the half's exponent and mantissa moved into a float's and rescaled by 2^112
-// (exact for normals and subnormals); infinities and NaNs keep an all-ones exponent.
+// IEEE half -> float: one instruction where the ISA has F16C; else the half's exponent and
+// mantissa moved into a float's and rescaled by 2^112 (exact for normals and subnormals),
+// infinities and NaNs keeping an all-ones exponent.
+#ifdef __F16C__
+inline float half(uint16_t h) { return _cvtsh_ss(h); }
+#else
 inline float half(uint16_t h) {
   const uint32_t em = h & 0x7fffu, sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   float f = bits_to_float(em << 13) * 0x1p112f;
@@ -29,6 +37,7 @@ inline float half(uint16_t h) {
   if (em >= 0x7c00u) u = (em << 13) | 0x7f800000u;
   return bits_to_float(u | sign);
 }
+#endif
 inline float half_at(const uint8_t* p) { return half(static_cast<uint16_t>(p[0] | (p[1] << 8))); }
 
 // Blocks decode 16 elements at a time: the codes as 16 unsigned bytes (byte ops work on every
