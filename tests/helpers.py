@@ -511,3 +511,36 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
     w.write_tensors_to_file()
     w.close()
     return written
+
+
+# ------------------------------------------------------------------ packed ggml blocks
+# byte offsets of each type's fp16 scale fields (ggml-common.h): random bytes there could be NaN
+HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
+                "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}
+
+
+def random_packed(kind: str, rows: int, cols: int, seed: int = 0):
+    """uint8 [rows, row_bytes] of `kind` (numpy): random codes, fp16 scales of moderate size."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind in ("F16", "BF16"):
+        return np.ascontiguousarray(gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32),
+                                                         qtype)).view(np.uint8)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    for off in HALF_FIELDS[kind]:
+        halves = rng.uniform(-0.05, 0.05, size=raw.shape[:2]).astype(np.float16)
+        raw[:, :, off:off + 2] = halves.view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
+def reference(kind: str, raw, cols: int) -> torch.Tensor:
+    """The gguf package's decoding of raw uint8 [rows, row_bytes] (its numpy code, not ours)."""
+    import gguf
+    import numpy as np
+
+    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(raw.shape[0], cols))

@@ -23,34 +23,10 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import _C
-from circuit_finder.quants import PACKED_TYPES, PackedTensor
-from helpers import build_hf_model, rebuilt, write_gguf
+from circuit_finder.quants import PACKED_TYPES, PackedTensor, quantize_matrix
+from helpers import build_hf_model, random_packed, rebuilt, reference, write_gguf
 
-# byte offsets of each type's fp16 scale fields (ggml-common.h): random bytes there could be NaN
-_HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
-                "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}
 ISAS = [isa for isa in ("base", "avx2", "avx512") if isa == "base" or _C.cpu_isa() in (isa, "avx512")]
-
-
-def random_packed(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """uint8 [rows, row_bytes] of `kind`: random codes, fp16 scales of moderate size."""
-    rng = np.random.default_rng(seed)
-    qtype = gguf.GGMLQuantizationType[kind]
-    if kind in ("F16", "BF16"):
-        return np.ascontiguousarray(gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32),
-                                                         qtype)).view(np.uint8)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    for off in _HALF_FIELDS[kind]:
-        halves = rng.uniform(-0.05, 0.05, size=raw.shape[:2]).astype(np.float16)
-        raw[:, :, off:off + 2] = halves.view(np.uint8).reshape(*raw.shape[:2], 2)
-    return raw.reshape(rows, -1)
-
-
-def reference(kind: str, raw: np.ndarray, cols: int) -> torch.Tensor:
-    """The package's decoding of raw (its numpy code, not ours)."""
-    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(raw.shape[0], cols))
 
 
 def diff(label: str, ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -232,13 +208,14 @@ def test_default_model_is_packed_and_holds_its_file_size():
 
 # ----------------------------------------------------------------------------- quantized on load
 
-@pytest.mark.parametrize("kind", ["q8_0", "q5_1", "q4_0", "bf16"])
+@pytest.mark.parametrize("kind", ["q8_0", "q6_k", "q5_1", "q4_k", "q4_0", "bf16"])
 def test_hugging_face_checkpoint_quantized_on_load(tmp_path, kind):
     """cf.load(folder, quantize=kind) packs every matrix; transformers, running the weights the
     gguf package decodes from those very bytes, gives the same logits (identity and repeated path),
     and the packed weights are within the type's rounding of the checkpoint's."""
-    hf = build_hf_model("llama", tmp_path, hidden_size=128, intermediate_size=256, tie_word_embeddings=False,
-                        rope_scaling=None)
+    k = kind.endswith("_k")  # K-quants' rows are 256-value blocks
+    hf = build_hf_model("llama", tmp_path, hidden_size=256 if k else 128, intermediate_size=512 if k else 256,
+                        tie_word_embeddings=False, rope_scaling=None)
     model = cf.load(tmp_path, quantize=kind)
     state = hf.state_dict()
     packed = {n: t for n, t in model.tensors.items() if isinstance(t, PackedTensor)}
@@ -249,7 +226,7 @@ def test_hugging_face_checkpoint_quantized_on_load(tmp_path, kind):
             assert p.type_name == kind.upper()
             decoded = reference(p.type_name, p.blocks.numpy(), p.cols).reshape(p.shape)
             err = (decoded - state[name]).abs().max().item() / state[name].abs().max().item()
-            assert err < {"q8_0": 0.01, "q5_1": 0.04, "q4_0": 0.15, "bf16": 0.005}[kind], name
+            assert err < {"q8_0": 0.01, "q6_k": 0.04, "q5_1": 0.04, "q4_k": 0.15, "q4_0": 0.15, "bf16": 0.005}[kind], name
             state[name].copy_(decoded)
     ids = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     for layers in ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 2, 3, 4, 5]):
@@ -269,11 +246,47 @@ def test_quantize_choice_per_tensor(tmp_path):
     assert t["model.layers.0.self_attn.q_proj.weight"].type_name == "Q5_0"
     assert isinstance(t["model.embed_tokens.weight"], torch.Tensor)
     assert isinstance(t["model.layers.0.input_layernorm.weight"], torch.Tensor)  # never a norm
-    with pytest.raises(ValueError, match="'Q4_K' .* is not a type circuit-finder can make"):
-        cf.load(tmp_path, quantize="q4_k")
+    with pytest.raises(ValueError, match="'Q3_K' .* is not a type circuit-finder can make"):
+        cf.load(tmp_path, quantize="q3_k")
+    with pytest.warns(UserWarning, match=r"quantize: \d+ matrices .* not whole 256-value blocks: .* Q8_0 for Q6_K") as got:
+        fallback = cf.load(tmp_path, quantize={"*.mlp.down_proj.*": "q4_k", "*": "q6_k"})  # 256 columns but 128
+    assert len([w for w in got if "256-value" in str(w.message)]) == 1
+    types = {n: t.type_name for n, t in fallback.tensors.items() if isinstance(t, PackedTensor)}
+    assert types["model.layers.0.mlp.down_proj.weight"] == "Q4_K" and types["lm_head.weight"] == "Q8_0"
     write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
     with pytest.raises(ValueError, match="a GGUF file keeps its own quantization"):
         cf.load(tmp_path / "m.gguf", quantize="q8_0")
+
+
+@pytest.mark.parametrize("kind, rival", [("Q4_K", "Q4_1"), ("Q6_K", "Q5_1")])
+def test_k_quantizers_decode_with_gguf_within_their_rivals_error(kind, rival):
+    """Our Q4_K / Q6_K blocks, decoded by the gguf package (an independent reader of ggml's
+    layout), give back the matrix no worse than the package's own quantizer of the 32-block type
+    of about the same size; our decoder reads the same values; zero, one-signed and outlier rows."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 1024)).astype(np.float32)
+    w[0] = 0.0
+    w[1] = np.abs(w[1]) + 0.5  # no negative value: the offset is 0
+    w[2, 7] = 40.0  # one outlier
+    w[3] *= 1e-6
+    packed = quantize_matrix(torch.from_numpy(w), kind)
+    decoded = reference(kind, packed.blocks.numpy(), 1024).numpy()
+    ours = packed.dequantize().numpy()
+    other = reference(rival, gguf.quants.quantize(w, gguf.GGMLQuantizationType[rival]), 1024).numpy()
+
+    def rel_rmse(x):
+        return float(np.sqrt(((x - w) ** 2).mean(1)).mean() / np.sqrt((w ** 2).mean(1)).mean())
+
+    print(f"{kind}: relative RMS error {rel_rmse(decoded):.4f}, {rival} (gguf package) {rel_rmse(other):.4f}")
+    assert np.array_equal(ours, decoded)
+    assert not decoded[0].any() and (decoded[1] >= 0).all()
+    assert rel_rmse(decoded) <= rel_rmse(other)
+    # a super-block of values ~1e-6: the f16 super-scales underflow (the format's limit), nothing blows up
+    assert np.isfinite(decoded[3]).all() and np.abs(decoded[3] - w[3]).max() <= np.ptp(w[3])
+    with pytest.raises(ValueError, match="whole 256-value blocks"):
+        quantize_matrix(torch.zeros(2, 96), kind)
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_matrix(torch.full((1, 256), float("nan")), kind)
 
 
 # ----------------------------------------------------------------------------- the tools on packed models

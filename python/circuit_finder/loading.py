@@ -33,6 +33,7 @@ from .files import package_file
 from .model import Model
 from .placement import Placement, plan
 from .quants import (
+    K_FALLBACK,
     PACKED_TYPES,
     PackedTensor,
     dequantize_mxfp4,
@@ -253,8 +254,13 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
     if quantize is None:
         return {}
     gpt_oss = config.architecture == "GptOssForCausalLM"
-    chosen = {n: quantize_choice(quantize, n, t.shape) for n, t in tensors.items()
+    fallen: list[str] = []
+    chosen = {n: quantize_choice(quantize, n, t.shape, fallen) for n, t in tensors.items()
               if not isinstance(t, PackedTensor) and t.is_floating_point() and not (gpt_oss and ".mlp.experts." in n)}
+    if fallen:
+        warnings.warn(f"quantize: {len(fallen)} matrices (e.g. {fallen[0]}) have rows that are not whole 256-value "
+                      f"blocks: they get {K_FALLBACK['Q4_K']} for Q4_K and {K_FALLBACK['Q6_K']} for Q6_K, as "
+                      f"llama.cpp does", stacklevel=3)
     return {n: k for n, k in chosen.items() if k is not None}
 
 

@@ -7,8 +7,9 @@ which the engine's CPU linear layers and embedding read without a dequantized co
 kernels/cpu/quant.h). PACKED_TYPES lists the types; ``dequantize`` gives the float matrix (our
 kernel, checked against the `gguf` package's decoders in tests/test_quant.py).
 ``quantize_matrix`` packs a float matrix with the `gguf` package's quantizers (ggml's reference
-rounding), for loading a Hugging Face checkpoint quantized (``cf.load(folder, quantize="q8_0")``):
-QUANTIZE_TYPES are the types it can make (no K-quants: the package has no quantizer for those).
+rounding), or ours for the K-quants Q4_K and Q6_K (``kquants``: the package has none), for loading
+a Hugging Face checkpoint quantized (``cf.load(folder, quantize="q4_k")``): QUANTIZE_TYPES are the
+types it can make.
 
 OpenAI's published GPT-OSS checkpoints store each MoE layer's expert matrices in MXFP4 (OCP
 Microscaling, FP4 E2M1 elements in blocks of 32 sharing one E8M0 power-of-two scale):
@@ -31,7 +32,9 @@ import re
 import numpy as np
 import torch
 
-__all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES", "PackedTensor",
+from .kquants import K_TYPES, quantize_q4_k, quantize_q6_k
+
+__all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES", "PackedTensor",
            "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "mxfp4_pairs", "mxfp4_shape", "quantize_choice",
            "quantize_matrix"]
 
@@ -40,7 +43,8 @@ PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7
                 "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
 
 
-QUANTIZE_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")
+QUANTIZE_TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "BF16", "F16")
+K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # for matrices whose rows are not whole 256-value blocks
 # Hugging Face names of the matrices the engine reads packed: projections, stacked experts, Mixtral's
 # hub experts, the embedding and lm_head (never norms, routers or biases).
 _MATRIX = re.compile(r"(_proj\.weight|_proj|\.in_proj_\w+\.weight|\.w[123]\.weight|lm_head\.weight|embed_tokens\.weight)$")
@@ -166,11 +170,13 @@ def dequantize_ggml_mxfp4(raw: torch.Tensor, chunk: int = 1 << 20) -> torch.Tens
     return out.reshape(*raw.shape[:-1], raw.shape[-1] // GGML_MXFP4_BYTES * MXFP4_BLOCK)
 
 
-def quantize_choice(spec, name: str, shape) -> str | None:
+def quantize_choice(spec, name: str, shape, fallen: list | None = None) -> str | None:
     """The type `spec` picks for matrix `name` of `shape` ([..., rows, cols]), or None to keep it
     float. spec: a type name ("q8_0"), or {fnmatch pattern: type or None}, first match wins (e.g.
     {"lm_head.weight": "q8_0", "*.embed_tokens.*": None, "*": "q4_0"}). Matrices whose columns are
-    not whole blocks stay float. ValueError for a type not in QUANTIZE_TYPES."""
+    not whole blocks stay float; a K-quant's (256 columns) fall back to Q5_0 (for Q4_K) or Q8_0 (for
+    Q6_K), as llama.cpp's quantizer does, their names appended to ``fallen``. ValueError for a type
+    not in QUANTIZE_TYPES."""
     if spec is None or not is_matrix_name(name) or len(shape) < 2:
         return None
     rules = spec.items() if isinstance(spec, dict) else [("*", spec)]
@@ -181,15 +187,24 @@ def quantize_choice(spec, name: str, shape) -> str | None:
     if kind not in QUANTIZE_TYPES:
         raise ValueError(f"quantize: {kind!r} (for {name}) is not a type circuit-finder can make "
                          f"({', '.join(t.lower() for t in QUANTIZE_TYPES)})")
+    if kind in K_TYPES and int(shape[-1]) % 256:
+        kind = K_FALLBACK[kind]
+        if fallen is not None:
+            fallen.append(name)
     block = 1 if kind in ("BF16", "F16") else 32
     return kind if int(shape[-1]) % block == 0 else None
 
 
 def quantize_matrix(t: torch.Tensor, kind: str, name: str = "tensor") -> PackedTensor:
-    """A float matrix [..., rows, cols] packed as `kind` by the gguf package's quantizer."""
+    """A float matrix [..., rows, cols] packed as `kind` by the gguf package's quantizer (ours for
+    the K-quants)."""
     import gguf
 
     arr = t.detach().to("cpu", torch.float32).contiguous().numpy()
-    packed = gguf.quants.quantize(arr.reshape(-1, arr.shape[-1]), gguf.GGMLQuantizationType[kind])
+    flat = arr.reshape(-1, arr.shape[-1])
+    if kind in K_TYPES:
+        packed = (quantize_q4_k if kind == "Q4_K" else quantize_q6_k)(flat, name)
+    else:
+        packed = gguf.quants.quantize(flat, gguf.GGMLQuantizationType[kind])
     blocks = np.ascontiguousarray(packed).view(np.uint8).reshape(*arr.shape[:-1], -1)
     return PackedTensor(torch.from_numpy(blocks), kind, arr.shape[-1], name)
