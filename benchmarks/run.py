@@ -101,15 +101,18 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def weight_bytes_per_token(model: cf.Model, path: LayerPath) -> int:
-    """Bytes of weights one decode step reads along the path (each slot's layer, norm, LM head)."""
+    """Bytes of weights one decode step reads along the path (each slot's layer, norm, LM head); a
+    packed matrix counts its blocks."""
+    def size(t) -> int:
+        return t.nbytes if hasattr(t, "blocks") else t.numel() * t.element_size()
+
     per_layer: dict[int, int] = {}
     for name, t in model.tensors.items():
         parts = name.split(".")
         if len(parts) > 2 and parts[1] == "layers":
-            per_layer[int(parts[2])] = per_layer.get(int(parts[2]), 0) + t.numel() * t.element_size()
+            per_layer[int(parts[2])] = per_layer.get(int(parts[2]), 0) + size(t)
     head = model.tensors.get("lm_head.weight", model.tensors["model.embed_tokens.weight"])
-    norm = model.tensors["model.norm.weight"]
-    return sum(per_layer[i] for i in path) + head.numel() * head.element_size() + norm.numel() * norm.element_size()
+    return sum(per_layer[i] for i in path) + size(head) + size(model.tensors["model.norm.weight"])
 
 
 # ------------------------------------------------------------------------------------------- models

@@ -2,7 +2,8 @@
 # One GPU session's work on a machine whose python3 already has a CUDA (or ROCm) torch: build the
 # extension against it, run the GPU tests and/or the GPU benchmarks, logs under $OUT (default
 # runs/gpu). Stages, in the order given: build, gputests, suite (the whole test suite, xdist),
-# bench (benchmarks/run.py forward + scan on cuda bf16, with a decode profile), moe, placement.
+# bench (benchmarks/run.py forward + scan on cuda bf16, with a decode profile), moe, placement,
+# quant (packed GGUF blocks on the GPU vs dequantized vs transformers, 8B shape, Q4_K).
 #   bash scripts/gpu_session.sh build gputests bench
 # Optional: wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json, ...) are installed
 # first; a saved tokenizer in .cftok/ stands in for the default model's (CF_TEST_TOKENIZER).
@@ -49,6 +50,9 @@ for s in "$@"; do
       stage moe $PY benchmarks/bench_moe.py --device cuda --dtype bfloat16 --out "$OUT" ;;
     placement)
       stage placement $PY benchmarks/bench_placement.py --device cuda --dtype bfloat16 --out "$OUT" ;;
+    quant)
+      stage quant $PY benchmarks/bench_quant_gpu.py --device cuda --dtype bfloat16 --shape "${QUANT_SHAPE:-8b}" \
+        --type "${QUANT_TYPE:-Q4_K}" --out "$OUT" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -61,3 +61,14 @@ def test_moe_benchmark_quick_run(tmp_path):
     assert [r["model"] for r in res["rows"]] == ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_5_text",
                                                  "qwen3_next", "qwen3_5_moe_text"]
     assert all(r["same_greedy_tokens"] and r["decode_tok_s"]["circuit_finder"] > 0 for r in res["rows"])
+
+
+@pytest.mark.slow
+def test_quant_gpu_benchmark_quick_run(tmp_path):
+    """The GPU packed-weights benchmark's script, on the CPU: packed and dequantized routes over the
+    same random Q4_K blocks, each against transformers on the decoded weights."""
+    res = quick_run("bench_quant_gpu", tmp_path)
+    assert [r["route"] for r in res["rows"]] == ["packed", "dequantized"]
+    packed, dense = res["rows"]
+    assert packed["weight_GB"] < dense["weight_GB"] / 2  # the blocks, not floats
+    assert all(r["decode_tok_s"]["circuit_finder"] > 0 and "decode_roofline" in r for r in res["rows"])

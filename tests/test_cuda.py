@@ -1,8 +1,9 @@
 """The same engine on a GPU (CUDA or ROCm through torch devices): parity with transformers on the
 device in fp32, and bf16 / fp16 errors against transformers' own, for every family the engine runs
 (dense, mixture-of-experts, hybrid linear attention); with our own CPU run; fixed-shape decode (a
-CUDA graph where the family allows one) against the dynamic decode. Skipped, with the reason, when
-no GPU is visible; the CPU twins live in test_parity.py, test_moe.py and test_hybrid.py."""
+CUDA graph where the family allows one) against the dynamic decode; packed GGUF matrices on the GPU
+(cuda/quant.cu) against the gguf package's decoding and the CPU path. Skipped, with the reason, when
+no GPU is visible; the CPU twins live in test_parity.py, test_moe.py, test_hybrid.py and test_quant.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,20 @@ import pytest
 import torch
 
 import circuit_finder as cf
-from circuit_finder import LayerPath
-from helpers import HYBRID_ARCHS, MOE_ARCHS, build_hf_model, half_errors, rebuilt, relative, tokens
+from circuit_finder import _C, LayerPath
+from circuit_finder.quants import PACKED_TYPES, PackedTensor
+from helpers import (
+    HYBRID_ARCHS,
+    MOE_ARCHS,
+    build_hf_model,
+    half_errors,
+    random_packed,
+    rebuilt,
+    reference,
+    relative,
+    tokens,
+    write_gguf,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm device visible to torch")
 
@@ -150,3 +163,75 @@ def test_cuda_rows_ending_early_give_transformers_tokens_and_length(model_dir):
     print(f"cuda early ends {ends}: ours {ours.shape[1]} tokens, transformers {ref.shape[1]}")
     assert ours.shape[1] == max(ends) + 1 < 30
     assert torch.equal(ours, ref)
+
+
+# ------------------------------------------------------------------ packed (GGUF-quantized) matrices
+@pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
+@pytest.mark.parametrize("kind", sorted(PACKED_TYPES))
+def test_cuda_packed_decoders_and_products_match_the_gguf_package(kind):
+    """Every packed type decoded on the GPU equals the gguf package's decoding; the products (one
+    warp per weight row for up to 8 rows of x, dequantize + BLAS GEMM beyond) equal x @ W^T of the
+    package's W in fp32, with and without bias, and stay within bf16's rounding in bf16."""
+    n, k = 37, 512
+    raw = random_packed(kind, n, k, seed=3)
+    w = reference(kind, raw, k)
+    blocks = torch.from_numpy(raw).cuda()
+    t = PACKED_TYPES[kind]
+    assert relative(f"{kind} decoded on the GPU", _C.gpu_dequantize_packed(blocks, t, k, torch.float32).cpu(), w) < 1e-6
+    for rows in (1, 5, 8, 9, 40):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        bias = torch.randn(n)
+        for b in (None, bias):
+            out = _C.gpu_linear_packed(x.cuda(), blocks, t, k, None if b is None else b.cuda()).cpu()
+            ref = x.double() @ w.double().T + (0 if b is None else b.double())
+            assert out.shape == (rows, n)
+            assert relative(f"{kind}, {rows} rows, bias={b is not None}", out, ref) < 1e-5
+        half = _C.gpu_linear_packed(x.cuda().bfloat16(), blocks, t, k).float().cpu()
+        assert relative(f"{kind}, {rows} rows, bf16", half, x.double() @ w.double().T) < 3e-2
+    with pytest.raises(ValueError, match="blocks must be uint8"):
+        _C.gpu_linear_packed(torch.randn(2, k).cuda(), blocks[:, 1:].contiguous(), t, k)
+
+
+@pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
+def test_cuda_packed_gguf_model_keeps_its_blocks_and_matches_the_cpu(tmp_path):
+    """A Q4_K GGUF loaded on the GPU keeps its blocks there (the file's bytes, a quarter of the
+    float weights): logits equal the CPU packed model's, greedy tokens equal through the dynamic
+    and the fixed-shape (CUDA graph) decode; a Hugging Face checkpoint quantized on load too."""
+    hf = build_hf_model("llama", tmp_path / "hf", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                        vocab_size=256, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                        rope_scaling=None)
+    write_gguf(hf, tmp_path / "m.gguf", qtype="Q4_K")
+    gpu, cpu = cf.load(tmp_path / "m.gguf", device="cuda"), cf.load(tmp_path / "m.gguf")
+    q = gpu.tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert isinstance(q, PackedTensor) and q.device.type == "cuda" and q.type_name == "Q4_K"
+    assert isinstance(gpu.tensors["model.embed_tokens.weight"], PackedTensor)
+    assert gpu.weight_bytes()["cuda:0"] < cf.load(tmp_path / "m.gguf", dequantize=True).weight_bytes()["cpu"] / 4
+    for length in (5, 40):
+        ids = torch.randint(0, 256, (3, length), generator=torch.Generator().manual_seed(length))
+        for layers in ("0..3", "0,1,2,1,2,3"):
+            assert relative(f"packed cuda vs cpu, {length} tokens, {layers}", gpu.logits(ids.cuda(), layers=layers).cpu(),
+                            cpu.logits(ids, layers=layers)) < 1e-4
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    want = cpu.generate(ids, layers="0,1,2,1,2,3", max_new_tokens=12)
+    for static in (False, True):
+        gpu.static_decode = static
+        assert torch.equal(gpu.generate(ids.cuda(), layers="0,1,2,1,2,3", max_new_tokens=12).cpu(), want), static
+    gpu.static_decode = None
+    quantized = cf.load(tmp_path / "hf", device="cuda", quantize="q8_0")
+    assert quantized.tensors["lm_head.weight"].device.type == "cuda"
+    assert relative("q8_0 on load, cuda vs cpu", quantized.logits(ids.cuda()).cpu(),
+                    cf.load(tmp_path / "hf", quantize="q8_0").logits(ids)) < 1e-4
+
+
+@pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
+def test_cuda_packed_mixture_of_experts_matches_the_cpu(tmp_path):
+    """Stacked packed experts ([E, rows, bytes]) on the GPU, each expert a view of the blocks."""
+    hf = build_hf_model("qwen3_moe", tmp_path / "hf", intermediate_size=128, moe_intermediate_size=64)
+    write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
+    gpu, cpu = cf.load(tmp_path / "m.gguf", device="cuda"), cf.load(tmp_path / "m.gguf")
+    experts = gpu.tensors["model.layers.1.mlp.experts.gate_proj"]
+    assert isinstance(experts, PackedTensor) and experts.device.type == "cuda" and experts.blocks.dim() == 3
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    for layers in ("0..5", "0..3,2,3,4,5"):
+        assert relative(f"moe packed cuda vs cpu, path {layers}", gpu.logits(ids.cuda(), layers=layers).cpu(),
+                        cpu.logits(ids, layers=layers)) < 1e-4

@@ -56,14 +56,15 @@ def cuda_macros_stub(tmp_path) -> Path:
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
-def test_cuda_sources_compile(tmp_path):
+@pytest.mark.parametrize("source", ["fused", "quant"])
+def test_cuda_sources_compile(tmp_path, source):
     nvcc = find_nvcc()
-    cmd = [nvcc, "-std=c++17", "-O2", "-c", str(CUDA_DIR / "fused.cu"), "-o", str(tmp_path / "fused.o"),
+    cmd = [nvcc, "-std=c++17", "-O2", "-c", str(CUDA_DIR / f"{source}.cu"), "-o", str(tmp_path / f"{source}.o"),
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     print(" ".join(cmd), r.stdout, r.stderr, sep="\n")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "fused.o").stat().st_size > 0
+    assert (tmp_path / f"{source}.o").stat().st_size > 0
     # The ATen side (dispatch.cpp) against torch's CUDA headers, as a CUDA build compiles it. CPU
     # wheels lack only the generated cuda_cmake_macros.h; a stand-in supplies it.
     stub = cuda_macros_stub(tmp_path)
@@ -77,21 +78,81 @@ def test_cuda_sources_compile(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+HOST_DECODE = r"""
+#include <cstdio>
+#include <vector>
+#include "kernels/cuda/quant_decode.cuh"
+using namespace cf::gpu;
+template <int T> void run(const std::vector<uint8_t>& raw, long rows, long K, std::vector<float>& out) {
+  const long row_bytes = K / Block<T>::n * Block<T>::b;
+  for (long r = 0; r < rows; ++r)
+    for (long k = 0; k < K; ++k) out[r * K + k] = value<T>(raw.data() + r * row_bytes, k);
+}
+int main(int argc, char** argv) {  // type rows K in out
+  const int type = atoi(argv[1]);
+  const long rows = atol(argv[2]), K = atol(argv[3]);
+  FILE* f = fopen(argv[4], "rb");
+  std::vector<uint8_t> raw;
+  for (int c; (c = fgetc(f)) != EOF;) raw.push_back(static_cast<uint8_t>(c));
+  fclose(f);
+  std::vector<float> out(rows * K);
+  switch (type) {
+#define CASE(id, ...) case id: run<id>(raw, rows, K, out); break;
+    CF_BLOCK_TYPES(CASE) CASE(1) CASE(30)
+    default: return 2;
+  }
+  f = fopen(argv[5], "wb");
+  fwrite(out.data(), sizeof(float), out.size(), f);
+  fclose(f);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
+def test_gpu_decoders_match_the_gguf_package_on_the_host(tmp_path):
+    """The GPU's per-element decoders (quant_decode.cuh, __host__ __device__) built by nvcc into a
+    host program: every element of random blocks of every packed type equals the gguf package's
+    decoding, so the GPU kernels' layouts are checked without a GPU."""
+    import numpy as np
+
+    from circuit_finder.quants import PACKED_TYPES
+    from helpers import random_packed, reference
+
+    (tmp_path / "decode.cu").write_text(HOST_DECODE)
+    cmd = [find_nvcc(), "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(tmp_path / "decode.cu"), "-o", str(tmp_path / "decode")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows, k = 3, 512
+    for kind, ident in sorted(PACKED_TYPES.items()):
+        raw = random_packed(kind, rows, k, seed=ident)
+        raw.tofile(tmp_path / "in.bin")
+        r = subprocess.run([str(tmp_path / "decode"), str(ident), str(rows), str(k), str(tmp_path / "in.bin"),
+                            str(tmp_path / "out.bin")], capture_output=True, text=True)
+        assert r.returncode == 0, (kind, r.stderr)
+        got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32).reshape(rows, k))
+        want = reference(kind, raw, k)
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        print(f"{kind}: GPU decoder on the host vs the gguf package, relative max diff {rel:.2e}")
+        assert rel < 1e-6, kind
+
+
 def find_hipcc() -> str | None:
     return shutil.which("hipcc") or next(iter(sorted(glob.glob("/opt/rocm*/bin/hipcc"))), None)
 
 
 @pytest.mark.skipif(find_hipcc() is None, reason="hipcc not installed (Debian: apt-get install hipcc)")
-def test_hip_sources_compile(tmp_path):
+@pytest.mark.parametrize("source", ["fused", "quant"])
+def test_hip_sources_compile(tmp_path, source):
     """The same kernels through hipcc for AMD GPUs: CDNA (gfx90a, 64-lane waves) and RDNA (gfx1030,
     32-lane waves), against whichever ROCm headers the machine has (Debian's 5.2 lacks hip_bf16.h)."""
     env = {**os.environ, "HIP_PLATFORM": "amd"}
     cmd = [find_hipcc(), "-std=c++17", "-O2", "-x", "hip", "--offload-arch=gfx90a", "--offload-arch=gfx1030", "-c",
-           str(CUDA_DIR / "fused.cu"), "-o", str(tmp_path / "fused_hip.o")]
+           str(CUDA_DIR / f"{source}.cu"), "-o", str(tmp_path / f"{source}_hip.o")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     print(" ".join(cmd), r.stdout[-2000:], r.stderr[-2000:], sep="\n")
     assert r.returncode == 0, r.stderr[-4000:]
-    assert (tmp_path / "fused_hip.o").stat().st_size > 0
+    assert (tmp_path / f"{source}_hip.o").stat().st_size > 0
 
 
 @pytest.mark.slow

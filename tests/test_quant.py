@@ -99,7 +99,7 @@ def test_bad_packed_input_names_what_is_wrong():
         PackedTensor(raw, "Q4_0", 96, "my.weight")
     with pytest.raises(ValueError, match="my.weight: type Q7_X is not packed"):
         PackedTensor(raw, "Q7_X", 64, "my.weight")
-    with pytest.raises(ValueError, match="packed blocks are a CPU uint8"):
+    with pytest.raises(ValueError, match=r"packed blocks are a uint8 \[..., rows, bytes\] tensor on the CPU or a GPU"):
         PackedTensor(raw.float(), "Q4_0", 64, "my.weight")
     with pytest.raises(_C.WeightError, match="100 columns are not a whole number of Q4_1 blocks of 32"):
         _C.packed_row_bytes(PACKED_TYPES["Q4_1"], 100)

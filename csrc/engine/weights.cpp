@@ -3,6 +3,7 @@
 
 #include "../common/errors.h"
 #include "../kernels/cpu/quant.h"
+#include "../kernels/gpu_ops.h"
 
 namespace cf {
 namespace {
@@ -85,9 +86,10 @@ class Accessor {
     if (x.device() != device_)
       throw WeightError(cat("tensor '", name, "': on ", x.device().str(), " but ", owner_, " is on ", device_.str(),
                             " (a layer's tensors live on one device; the embedding, final norm and lm_head on one)"));
-    if (dtype == at::kByte && !x.device().is_cpu())
+    if (dtype == at::kByte && !x.device().is_cpu() && !(x.is_cuda() && gpu::available()))
       throw WeightError(cat("tensor '", name, "' is packed and on ", x.device().str(),
-                            ": packed matrices run on the CPU only (load with dequantize=True)"));
+                            ": packed matrices run on the CPU, or on a GPU in a build with GPU kernels (load with "
+                            "dequantize=True)"));
     return x;
   }
 

@@ -1,4 +1,4 @@
-// gpu_ops.h — the fused GPU ops as ATen functions (cuda/dispatch.cpp), or, in a build without
+// gpu_ops.h — the fused GPU ops and packed-matrix products as ATen functions (cuda/dispatch.cpp), or, in a build without
 // CUDA/ROCm, stubs that say so (gpu_stubs.cpp). cf::ops routes CUDA tensors here.
 #pragma once
 #include <ATen/ATen.h>
@@ -15,5 +15,9 @@ std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::o
 // x [B, T, H, D] (rotated in place when contiguous), cos/sin [B, 1, T, D] or [B, T, D] -> x rotated.
 at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+// Packed ggml matrices on the GPU (cuda/quant.h): blocks uint8 [..., rows, row_bytes] -> float rows,
+// and x [..., K] . W^T (+ bias) reading the blocks.
+at::Tensor dequantize_packed(const at::Tensor& blocks, int32_t type, int64_t K, at::ScalarType dtype);
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& blocks, int32_t type, int64_t K, const at::Tensor& bias);
 
 }  // namespace cf::gpu

@@ -2,7 +2,8 @@
 // (any float dtype, possibly a strided view), or a packed ggml tensor (a GGUF file's blocks, kept
 // as they are): uint8 [N, row_bytes] with its ggml type and K (kernels/cpu/quant_blocks.h lists
 // the types). Stacked expert matrices ([E, N, ...]) index like tensors. Packed matrices run on
-// the CPU only (kernels/cpu/quant.h); the loader dequantizes what it places on other devices.
+// the CPU (kernels/cpu/quant.h) and, in a build with GPU kernels, on a CUDA/ROCm GPU
+// (kernels/cuda/quant.h); the loader dequantizes what it places on other devices.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -42,9 +42,11 @@ bool gpu_kernels_enabled() {
 
 at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& bias) {
   if (w.packed()) {
+    if (x.is_cuda() && w.t.is_cuda() && gpu::available()) return gpu::linear_packed(x, w.t, w.type, w.cols, bias);
     if (!x.device().is_cpu() || !w.t.device().is_cpu())
-      throw InputError(cat("a packed ", cpu::packed_type_name(w.type), " matrix runs on the CPU only, got x on ",
-                           x.device().str(), " and the matrix on ", w.t.device().str(), " (load with dequantize=True)"));
+      throw InputError(cat("a packed ", cpu::packed_type_name(w.type), " matrix runs on the CPU or (a build with GPU kernels) ",
+                           "a GPU, with x on its device; got x on ", x.device().str(), " and the matrix on ",
+                           w.t.device().str(), " (load with dequantize=True)"));
     return cpu::linear_packed(x, w.t, w.type, w.cols, bias);
   }
   if (x.device().is_cpu()) return cpu::linear(x, w.t, bias);
@@ -56,6 +58,7 @@ at::Tensor embedding(const Matrix& table, const at::Tensor& ids, at::ScalarType 
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(table.cols);
   const at::Tensor rows = table.t.index_select(0, ids.reshape(-1).to(table.t.device()));
+  if (rows.is_cuda()) return gpu::dequantize_packed(rows, table.type, table.cols, dtype).view(shape).to(ids.device());
   return cpu::dequantize(rows, table.type, table.cols, dtype).view(shape).to(ids.device());
 }
 

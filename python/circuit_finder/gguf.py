@@ -717,14 +717,15 @@ def _packed_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place=None,
-              keep_packed: bool = False) -> tuple[dict, dict]:
+              keep_packed: bool = False, packs_on=None) -> tuple[dict, dict]:
     """Reads a GGUF file -> (Hugging Face config dict, Hugging Face-named tensors in `dtype`).
-    keep_packed: matrices of a packed type (quants.PACKED_TYPES) that stay on the CPU come back as
-    ``PackedTensor`` (the file's blocks, views of the memory map where rows keep their order).
+    keep_packed: matrices of a packed type (quants.PACKED_TYPES) placed on a device where
+    ``packs_on(device)`` (default: the CPU only) come back as ``PackedTensor`` (the file's blocks,
+    views of the memory map where rows keep their order; the loader copies them to their GPU).
     place(config, {Hugging Face name: element count}, {name: packed bytes}), when given, runs
     before any tensor is decoded and returns a Placement (the loader plans and checks devices and
     memory there); each tensor then goes to its device as soon as it is decoded, so host memory
-    never holds the GPU layers' dequantized weights all at once; only CPU tensors stay packed."""
+    never holds the GPU layers' dequantized weights all at once."""
     path = str(path)
     reader = open_gguf(path)
     config = gguf_config(reader, path)
@@ -748,7 +749,7 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
     tensors: dict = {}
     for t, name, kind in named:
         device = torch.device("cpu") if placed is None else placed.device_of(name)
-        if kind and device.type == "cpu":
+        if kind and (device.type == "cpu" if packs_on is None else packs_on(device)):
             for hf, arr in _hf_arrays(name, _packed_blocks(t, path), arch, config):
                 tensors[hf] = PackedTensor(_packed_tensor(arr), kind, int(t.shape[0]), hf)
             continue

@@ -7,8 +7,9 @@ Weights are memory-mapped and handed to the engine without copies when the reque
 device match the checkpoint; a repeated layer runs the same tensors again. GGUF matrices stay in
 their file's quantization on the CPU (``quants.PackedTensor``: the engine's linear layers and
 embedding read the blocks, views of the memory-mapped file), and everything else is dequantized to
-the requested float dtype (float32 by default); ``dequantize=True`` dequantizes every tensor, and
-matrices placed on a GPU are dequantized there (packed kernels are CPU-only for now). ``device_map`` splits the
+the requested float dtype (float32 by default); ``dequantize=True`` dequantizes every tensor.
+Packed matrices placed on a CUDA/ROCm GPU are copied there as they are when the build has GPU
+kernels (cuda/quant.cu), else dequantized there. ``device_map`` splits the
 layers over devices (``placement.plan``: checked against each device's memory from the tensors'
 sizes before any weight is moved, converted or dequantized).
 
@@ -43,7 +44,7 @@ from .quants import (
     quantize_matrix,
 )
 
-__all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "default_model_path", "load", "load_from_tensors",
+__all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "default_model_path", "load", "load_from_tensors", "packs_on",
            "model_config_file", "resolve_dtype", "text_decoder_tensors"]
 
 _DTYPES = {
@@ -169,18 +170,20 @@ def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: boo
 
     def place(config: dict, numels: dict[str, int], packed: dict[str, int]) -> Placement:  # before any decoding
         sizes = {name: n * target.itemsize for name, n in numels.items()}
-        if _all_on_cpu(device, device_map):  # packed tensors stay as they are in the file
+        if _sized_packed(device, device_map):  # packed tensors stay as they are in the file
             sizes.update(packed)
         placed.append(plan(device_map, parse_config(config, path).num_layers, sizes, device, max_memory))
         return placed[0]
 
-    config, tensors = read_gguf(path, target, place, keep_packed=not dequantize)
+    config, tensors = read_gguf(path, target, place, keep_packed=not dequantize, packs_on=packs_on)
     return load_from_tensors(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path,
                              device_map=placed[0])
 
 
-def _all_on_cpu(device, device_map) -> bool:
-    return device_map is None and torch.device(device).type == "cpu"
+def _sized_packed(device, device_map) -> bool:
+    """Whether the device planner counts packed matrices at their blocks' size: wherever it places
+    them they stay packed (everything on the CPU, or a build whose GPU kernels read them; see packs_on)."""
+    return (device_map is None and torch.device(device).type == "cpu") or _C.gpu_kernels()
 
 
 _TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
@@ -205,7 +208,7 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
                       source: str = "<tensors>", device_map=None, max_memory: dict | None = None,
                       quantize=None) -> Model:
     """Builds a Model from Hugging Face-named tensors (any weight source: safetensors, GGUF, ...;
-    ``quants.PackedTensor`` values stay packed on the CPU). device_map / max_memory / quantize as
+    ``quants.PackedTensor`` values stay packed where ``packs_on`` says). device_map / max_memory / quantize as
     for ``load`` (device_map may be a ready Placement)."""
     if not isinstance(config, ModelConfig):
         config = parse_config(config, source)
@@ -224,19 +227,19 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     wanted = _to_quantize(tensors, quantize, config)
     sizes = {n: t.numel() * target.itemsize for n, t in tensors.items() if n in ggml or t.is_floating_point()}
     sizes.update({n: math.prod(mxfp4_shape(blocks)) * target.itemsize for n, (blocks, _) in mxfp4.items()})
-    if _all_on_cpu(device, device_map):
+    if _sized_packed(device, device_map):
         sizes.update({n: t.nbytes for n, t in ggml.items()})
         sizes.update({n: math.prod(tensors[n].shape[:-1]) * _C.packed_row_bytes(PACKED_TYPES[k], tensors[n].shape[-1])
                       for n, k in wanted.items()})
     placed = device_map if isinstance(device_map, Placement) else plan(
         device_map, config.num_layers, sizes, device, max_memory)
     for name, kind in wanted.items():  # one matrix at a time: never a second float copy of the model
-        if placed.device_of(name).type == "cpu":
+        if packs_on(placed.device_of(name)):
             ggml[name] = quantize_matrix(tensors[name], kind, name)
     left_float = [n for n in wanted if n not in ggml]
     if left_float:
-        warnings.warn(f"quantize: packed matrices run on the CPU only for now: {len(left_float)} placed on other "
-                      "devices stay float", stacklevel=2)
+        warnings.warn(f"quantize: packed matrices run on the CPU, or on a GPU with this build's GPU kernels: "
+                      f"{len(left_float)} placed on other devices stay float", stacklevel=2)
     moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in tensors.items()
              if name not in ggml and t.is_floating_point()}
     for name, (blocks, scales) in mxfp4.items():
@@ -264,19 +267,26 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
     return {n: k for n, k in chosen.items() if k is not None}
 
 
+def packs_on(device: torch.device) -> bool:
+    """Whether packed matrices run on `device`: the CPU, or a CUDA/ROCm GPU in a build with GPU kernels."""
+    return device.type == "cpu" or (device.type == "cuda" and _C.gpu_kernels())
+
+
 def _place_packed(ggml: dict[str, PackedTensor], placed: Placement, target: torch.dtype,
                   moved: dict[str, torch.Tensor]) -> dict[str, PackedTensor]:
-    """The packed tensors that stay packed (those placed on the CPU); the others are dequantized
-    into ``moved`` on their device, with one warning naming how many and where."""
+    """The packed tensors that stay packed: those placed on the CPU, and, in a build with GPU
+    kernels, those on a CUDA/ROCm GPU (their blocks copied there as they are); the others are
+    dequantized into ``moved`` on their device, with one warning naming how many and where."""
     kept, elsewhere = {}, set()
     for name, t in ggml.items():
         where = placed.device_of(name)
-        if where.type == "cpu":
-            kept[name] = t
+        if packs_on(where):
+            kept[name] = t.to(where)
         else:
             moved[name] = t.dequantize(target).to(where)
             elsewhere.add(str(where))
     if elsewhere:
-        warnings.warn(f"packed (GGUF-quantized) matrices run on the CPU only for now: {len(ggml) - len(kept)} placed on "
-                      f"{', '.join(sorted(elsewhere))} were dequantized to {target}", stacklevel=3)
+        warnings.warn(f"packed (GGUF-quantized) matrices run on the CPU, or on a GPU with this build's GPU kernels: "
+                      f"{len(ggml) - len(kept)} placed on {', '.join(sorted(elsewhere))} were dequantized to {target}",
+                      stacklevel=3)
     return kept

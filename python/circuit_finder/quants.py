@@ -55,8 +55,9 @@ def is_matrix_name(name: str) -> bool:
 
 
 class PackedTensor:
-    """A matrix [..., rows, cols] held as ggml blocks: ``blocks`` uint8 [..., rows, row_bytes] (CPU),
-    ``type_name`` one of PACKED_TYPES. ValueError naming `name` when the bytes do not fit the type."""
+    """A matrix [..., rows, cols] held as ggml blocks: ``blocks`` uint8 [..., rows, row_bytes] (CPU,
+    or a CUDA/ROCm GPU in a build with GPU kernels), ``type_name`` one of PACKED_TYPES. ValueError
+    naming `name` when the bytes do not fit the type."""
 
     __slots__ = ("blocks", "type_name", "cols")
 
@@ -65,9 +66,9 @@ class PackedTensor:
 
         if type_name not in PACKED_TYPES:
             raise ValueError(f"{name}: type {type_name} is not packed (packed: {', '.join(PACKED_TYPES)})")
-        if blocks.dtype != torch.uint8 or blocks.dim() < 2 or blocks.device.type != "cpu":
-            raise ValueError(f"{name}: packed blocks are a CPU uint8 [..., rows, bytes] tensor, got {blocks.dtype} "
-                             f"{list(blocks.shape)} on {blocks.device}")
+        if blocks.dtype != torch.uint8 or blocks.dim() < 2 or blocks.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}: packed blocks are a uint8 [..., rows, bytes] tensor on the CPU or a GPU, got "
+                             f"{blocks.dtype} {list(blocks.shape)} on {blocks.device}")
         row_bytes = _C.packed_row_bytes(PACKED_TYPES[type_name], int(cols))
         if blocks.shape[-1] != row_bytes:
             raise ValueError(f"{name}: {cols} {type_name} columns take {row_bytes} bytes a row, got {blocks.shape[-1]}")
@@ -93,10 +94,15 @@ class PackedTensor:
         return self.blocks.numel()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float matrix [..., rows, cols] in `dtype` (on the CPU)."""
+        """The float matrix [..., rows, cols] in `dtype`, on the blocks' device."""
         from . import _C
 
-        return _C.dequantize_packed(self.blocks, self.ggml_type, self.cols, dtype)
+        decode = _C.gpu_dequantize_packed if self.blocks.is_cuda else _C.dequantize_packed
+        return decode(self.blocks, self.ggml_type, self.cols, dtype)
+
+    def to(self, device) -> PackedTensor:
+        """The same blocks on `device` (copied as they are)."""
+        return PackedTensor(self.blocks.to(device), self.type_name, self.cols)
 
     def __repr__(self) -> str:
         return f"PackedTensor({self.type_name}, shape={list(self.shape)}, {self.nbytes} bytes)"

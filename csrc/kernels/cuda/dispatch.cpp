@@ -15,6 +15,7 @@
 #include "../../common/checks.h"
 #include "../gpu_ops.h"
 #include "fused.h"
+#include "quant.h"
 
 namespace cf::gpu {
 namespace {
@@ -56,6 +57,24 @@ void check_like(const char* op, const char* a_name, const at::Tensor& a, const c
 
 void ok(const char* err, const char* what) {
   if (err != nullptr) throw std::runtime_error(cat(what, ": GPU kernel launch failed: ", err));
+}
+
+// Bytes of a packed row of K columns of ggml type `type`; InputError for a type the GPU kernels
+// do not decode or columns that are not whole blocks.
+int64_t packed_row_bytes(const char* op, int32_t type, int64_t K) {
+  int64_t block = 0, bytes = 0;
+  if (!packed_block(type, &block, &bytes))
+    throw InputError(cat(op, ": ggml type ", type, " is not a packed type the GPU kernels decode"));
+  if (K <= 0 || K % block != 0)
+    throw InputError(cat(op, ": ", K, " columns are not whole ", block, "-element blocks"));
+  return K / block * bytes;
+}
+
+void check_blocks(const char* op, const at::Tensor& w, int64_t row_bytes) {
+  check_gpu(op, "blocks", w);
+  if (w.scalar_type() != at::kByte || w.dim() < 1 || w.size(-1) != row_bytes)
+    throw InputError(cat(op, ": blocks must be uint8 [..., rows, ", row_bytes, "], got ", c10::toString(w.scalar_type()),
+                         " ", shape_str(w.sizes())));
 }
 
 }  // namespace
@@ -126,6 +145,65 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   at::Tensor g = gate.contiguous(), u = up.contiguous(), out = at::empty_like(g);
   ok(cf::gpu::silu_mul(dtype, g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), stream_of(g)), op);
   return out;
+}
+
+// w uint8 [..., rows, row_bytes] -> [..., rows, K] in dtype.
+at::Tensor dequantize_packed(const at::Tensor& w, int32_t type, int64_t K, at::ScalarType dtype) {
+  const char* op = "dequantize_packed";
+  const int64_t rb = packed_row_bytes(op, type, K);
+  check_blocks(op, w, rb);
+  const DeviceGuard guard(w.device());
+  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
+  shape.back() = K;
+  at::Tensor wc = w.contiguous(), out = at::empty(shape, w.options().dtype(dtype));
+  ok(dequant_packed(type, wc.data_ptr<uint8_t>(), rb, wc.numel() / rb, K, code(op, "out", out), out.data_ptr(),
+                    stream_of(wc)),
+     op);
+  return out;
+}
+
+// x [..., K] . W^T (+ bias [N]) for W packed uint8 [N, row_bytes]: up to kPackedGemvRows rows of x
+// read the blocks directly (the exact weights, fp32 sums); more dequantize ~64 MB of weight rows at
+// a time into x's dtype for the BLAS GEMM (so in bf16 / fp16 the weights are rounded to it first,
+// as a dequantized model's are).
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& bias) {
+  const char* op = "linear_packed";
+  check_gpu(op, "x", x);
+  const int64_t rb = packed_row_bytes(op, type, K);
+  check_blocks(op, w, rb);
+  check_same_device(op, "x", x, "blocks", w);
+  if (w.dim() != 2 || x.dim() < 1 || x.size(-1) != K)
+    throw InputError(cat(op, ": x ", shape_str(x.sizes()), " and blocks ", shape_str(w.sizes()), " do not make a product of ",
+                         K, " columns"));
+  const int64_t N = w.size(0), M = x.numel() / K;
+  if (bias.defined()) {
+    check_like(op, "x", x, "bias", bias);
+    CF_CHECK_SHAPE(op, bias, N);
+  }
+  const int dtype = code(op, "x", x);
+  const DeviceGuard guard(x.device());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor xc = x.contiguous().view({M, K}), wc = w.contiguous();
+  if (M <= kPackedGemvRows) {
+    at::Tensor y = at::empty({M, N}, x.options()), bc = bias.defined() ? bias.contiguous() : at::Tensor();
+    ok(gemv_packed(type, xc.data_ptr(), M, K, wc.data_ptr<uint8_t>(), rb, N, bc.defined() ? bc.data_ptr() : nullptr, dtype,
+                   y.data_ptr(), stream_of(xc)),
+       op);
+    return y.view(shape);
+  }
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{64} << 20) / (K * static_cast<int64_t>(x.element_size())));
+  if (chunk >= N) {
+    const at::Tensor wd = dequantize_packed(wc, type, K, x.scalar_type());
+    return (bias.defined() ? at::linear(xc, wd, bias) : at::linear(xc, wd)).view(shape);
+  }
+  at::Tensor y = at::empty({M, N}, x.options());  // filled a chunk of columns at a time
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t n = std::min(chunk, N - n0);
+    const at::Tensor wd = dequantize_packed(wc.narrow(0, n0, n), type, K, x.scalar_type());
+    y.narrow(1, n0, n).copy_(bias.defined() ? at::linear(xc, wd, bias.narrow(0, n0, n)) : at::linear(xc, wd));
+  }
+  return y.view(shape);
 }
 
 }  // namespace cf::gpu

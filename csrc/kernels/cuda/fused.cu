@@ -9,15 +9,6 @@
 namespace cf::gpu {
 namespace {
 
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<cf_bf16>(cf_bf16 v) { return cf_bf16_to_float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ cf_bf16 from_f<cf_bf16>(float v) { return cf_float_to_bf16(v); }
-
 constexpr int kThreads = 256;
 constexpr int kMaxThreads = 1024;
 
@@ -142,10 +133,6 @@ __global__ void silu_mul_kernel(const T* __restrict__ gate, const T* __restrict_
   }
 }
 
-const char* launched() {
-  const gpuError_t e = gpuGetLastError();
-  return e == gpuSuccess ? nullptr : gpuGetErrorString(e);
-}
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -199,13 +186,6 @@ const char* silu_mul_t(const void* gate, const void* up, void* out, int64_t n, g
 
 }  // namespace
 
-#define CF_DISPATCH(fn, ...)                                              \
-  switch (dtype) {                                                        \
-    case 0: return fn<float>(__VA_ARGS__);                                \
-    case 1: return fn<__half>(__VA_ARGS__);                               \
-    case 2: return fn<cf_bf16>(__VA_ARGS__);                              \
-    default: return "unsupported dtype (float32, float16, bfloat16)";    \
-  }
 
 const char* add_rms_norm(int dtype, const void* x, const void* residual, const void* weight, void* sum, void* out,
                          int64_t rows, int64_t n, float eps, void* stream) {

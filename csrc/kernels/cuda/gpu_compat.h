@@ -39,3 +39,30 @@ __device__ __forceinline__ cf_bf16 cf_float_to_bf16(float v) { return __float2bf
 #define gpuGetErrorString cudaGetErrorString
 #define CF_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
 #endif
+
+// Shared by the kernel files: element conversions (fp32 inside every kernel), the launch check,
+// and the dtype switch of the launchers (0 = float32, 1 = float16, 2 = bfloat16).
+namespace cf::gpu {
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<cf_bf16>(cf_bf16 v) { return cf_bf16_to_float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ cf_bf16 from_f<cf_bf16>(float v) { return cf_float_to_bf16(v); }
+
+inline const char* launched() {
+  const gpuError_t e = gpuGetLastError();
+  return e == gpuSuccess ? nullptr : gpuGetErrorString(e);
+}
+
+}  // namespace cf::gpu
+
+#define CF_DISPATCH(fn, ...)                                              \
+  switch (dtype) {                                                        \
+    case 0: return fn<float>(__VA_ARGS__);                                \
+    case 1: return fn<__half>(__VA_ARGS__);                               \
+    case 2: return fn<cf_bf16>(__VA_ARGS__);                              \
+    default: return "unsupported dtype (float32, float16, bfloat16)";    \
+  }

@@ -1,0 +1,123 @@
+"""Packed GGUF matrices on a GPU (issue #15's GPU half): a random Llama of a real shape (default
+Llama-3-8B's) whose every matrix is random blocks of one ggml type (Q4_K by default; scales of a
+moderate size), run in one process on the same weights three ways — packed (the blocks on the
+device: cuda/quant.cu), our engine on the blocks dequantized to the compute dtype, and transformers
+on those dequantized tensors — measured by run.py's bench_forward along the RYS path: prefill and
+decode tokens/s at batch 1 and 16, the weights' bytes, and each route's share of the memory
+roofline at batch 1 (weight bytes a step reads / step time over the copy bandwidth of the run).
+
+    python benchmarks/bench_quant_gpu.py --device cuda            # H100: ~3 min
+    python benchmarks/bench_quant_gpu.py --device cuda --type Q8_0 --shape 1b
+    .venv/bin/python benchmarks/bench_quant_gpu.py --quick        # CPU, seconds: checks the script works
+
+Writes benchmarks/results/<date>-quant-<device>.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from run import RANDOM_SHAPES, bench_forward, bench_path, copy_bandwidth, cpu_name, device_pair  # noqa: E402
+
+import circuit_finder as cf  # noqa: E402
+from circuit_finder import _C  # noqa: E402
+from circuit_finder.quants import PACKED_TYPES, PackedTensor, is_matrix_name  # noqa: E402
+from helpers import rebuilt  # noqa: E402
+
+# (elements per block, bytes per block, byte offsets of the f16 scales, their values): the scales
+# set so the weights come out with a spread near transformers' initialisation (std ~0.02)
+BLOCKS = {"Q4_K": (256, 144, {0: 2e-4, 2: 1e-4}), "Q6_K": (256, 210, {208: 1e-3}), "Q8_0": (32, 34, {0: 2e-4}),
+          "Q4_0": (32, 18, {0: 4e-3})}
+
+
+def random_blocks(kind: str, rows: int, cols: int, device, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [rows, row_bytes] of `kind`: random codes and sub-scales, fixed f16 super-scales."""
+    block, size, halves = BLOCKS[kind]
+    raw = torch.randint(0, 256, (rows, cols // block, size), dtype=torch.uint8, generator=gen)
+    for offset, value in halves.items():
+        raw[:, :, offset:offset + 2] = torch.tensor([value], dtype=torch.float16).view(torch.uint8)
+    return raw.reshape(rows, -1).to(device)
+
+
+def packed_models(shape: str, kind: str, device, dtype):
+    """(label, packed Model, dense Model, transformers model): the dense two share the tensors the
+    packed blocks decode to."""
+    label, dense, hf = device_pair(shape, device, dtype)
+    gen = torch.Generator().manual_seed(0)
+    decode = _C.gpu_dequantize_packed if torch.device(device).type == "cuda" else _C.dequantize_packed
+    state, packed = dict(hf.state_dict()), {}
+    with torch.no_grad():
+        for name, p in state.items():
+            if is_matrix_name(name) and p.dim() == 2 and p.shape[1] % BLOCKS[kind][0] == 0:
+                blocks = random_blocks(kind, p.shape[0], p.shape[1], device, gen)
+                p.copy_(decode(blocks, PACKED_TYPES[kind], p.shape[1], dtype))
+                packed[name] = PackedTensor(blocks, kind, p.shape[1], name)
+    ours = cf.load_from_tensors(hf.config.to_dict(), {**state, **packed}, device=device, dtype=dtype,
+                                source=f"random-{shape}-{kind}")
+    return f"{label}, {kind}", ours, dense, hf
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"{m['date']}, {m['machine']}, torch {m['torch']}, {m['device']} {m['dtype']}, copy bandwidth "
+             f"{m['copy_bandwidth_GB_s']:.0f} GB/s", "",
+             "| route | weights GB | batch | prefill tok/s ours / HF | decode tok/s ours / HF | ratio | b1 roofline |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        p, d = r["prefill_tok_s"], r["decode_tok_s"]
+        roof = f"{100 * r['decode_roofline']:.0f}%" if "decode_roofline" in r else ""
+        lines.append(f"| {r['route']} | {r['weight_GB']:.2f} | {r['batch']} | {p['circuit_finder']:.0f} / "
+                     f"{p['transformers']:.0f} | {d['circuit_finder']:.1f} / {d['transformers']:.1f} | "
+                     f"**{d['ratio']:.2f}** | {roof} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--shape", default="8b", choices=sorted(RANDOM_SHAPES))
+    ap.add_argument("--type", default="Q4_K", choices=sorted(BLOCKS))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="CPU fp32, tiny shape, batch 1: checks the script runs")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.device, args.dtype, args.shape, args.batches, args.repeat = "cpu", "float32", "tiny", [1], 1
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    bandwidth = copy_bandwidth(device)
+    label, packed, dense, hf = packed_models(args.shape, args.type, device, dtype)
+    ref = rebuilt(hf, list(bench_path(dense))).to(device=device, dtype=dtype).eval()
+    rows = []
+    for route, model in (("packed", packed), ("dequantized", dense)):
+        for b in args.batches:
+            r = bench_forward(label, model, ref, b, 8 if args.quick else 64, 4 if args.quick else 32, args.repeat,
+                              bandwidth)
+            r["route"], r["weight_GB"] = route, sum(model.weight_bytes().values()) / 1e9
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    date = datetime.date.today().isoformat()
+    res = {"meta": {"date": date, "machine": cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+                    "torch": torch.__version__, "device": device.type, "dtype": args.dtype, "type": args.type,
+                    "shape": args.shape, "copy_bandwidth_GB_s": bandwidth / 1e9, "quick": args.quick}, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / f"{date}-quant-{device.type}{'-quick' if args.quick else ''}.json"
+    file.write_text(json.dumps(res, indent=1))
+    print(markdown(res))
+    print(f"written: {file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+// quant.h — packed ggml matrices (GGUF blocks copied to the GPU as they are) read by GPU kernels:
+// raw-pointer launchers like fused.h (no torch headers: plain nvcc / hipcc compile them).
+// A packed matrix is N rows of row_bytes bytes, each K / block blocks of ggml's layout; the types
+// are kernels/cpu/quant_blocks.h's CF_BLOCK_TYPES plus F16 (1) and BF16 (30), rows of halves.
+// dtype: 0 = float32, 1 = float16, 2 = bfloat16. Every pointer is to contiguous device memory.
+// Returns the launch error as text, or nullptr. The reference is the CPU path (kernels/cpu/
+// quant.h), itself checked against the `gguf` package's decoders.
+#pragma once
+#include <cstdint>
+
+namespace cf::gpu {
+
+// Rows a product reads the blocks for directly (one warp per weight row, fp32 sums); more rows
+// dequantize the weights to a scratch for the BLAS GEMM.
+constexpr int64_t kPackedGemvRows = 8;
+
+// Whether `type` is a packed type the GPU kernels decode, and its (elements, bytes) per block.
+bool packed_block(int32_t type, int64_t* block, int64_t* bytes);
+// out [rows, K] in dtype = the rows decoded.
+const char* dequant_packed(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, int dtype,
+                           void* out, void* stream);
+// y [M, N] = x [M, K] . W^T (+ bias [N]), M <= kPackedGemvRows, x / bias / y in dtype.
+const char* gemv_packed(int32_t type, const void* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
+                        int64_t N, const void* bias, int dtype, void* y, void* stream);
+
+}  // namespace cf::gpu
