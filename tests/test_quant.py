@@ -360,6 +360,49 @@ def test_hf_export_of_a_packed_model(packed_chat, tmp_path):
     assert diff("export of a packed model, in transformers", theirs, packed.logits(ids, layers="rys=1:3"))[1] < 1e-4
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "qwen3_next"])
+def test_hf_export_dequantizes_packed_matrices_shard_by_shard(tmp_path, monkeypatch, arch):
+    """export_hf of a quantized GGUF file, and of the packed Model loaded from it, writes the floats
+    of the dequantized load (the gguf package's decoding) — and dequantizes each packed matrix only
+    as its shard is written, so the whole model's floats are never held at once. Stacked experts
+    are written per expert from rows of their blocks; Qwen3-Next's regrouped projections decoded."""
+    from circuit_finder import export
+
+    sizes = dict(intermediate_size=128)
+    if arch != "llama":
+        sizes.update(moe_intermediate_size=64, shared_expert_intermediate_size=96)
+    hf = build_hf_model(arch, tmp_path / "hf", **sizes)
+    write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
+    dense = cf.load(tmp_path / "m.gguf", dequantize=True)
+    events: list[str] = []
+    decode, save = PackedTensor.dequantize, export._save_shard
+    monkeypatch.setattr(PackedTensor, "dequantize",
+                        lambda self, dtype=torch.float32: events.append("decode") or decode(self, dtype))
+    monkeypatch.setattr(export, "_save_shard", lambda data, file: events.append("save") or save(data, file))
+    path = "0..3,1..5"
+    ids = torch.randint(0, hf.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    for label, src in (("file", tmp_path / "m.gguf"), ("model", cf.load(tmp_path / "m.gguf"))):
+        events.clear()
+        out = cf.export_hf(src, tmp_path / f"export-{label}", path, max_shard_size="64KB")
+        last_decode = len(events) - 1 - events[::-1].index("decode")
+        print(f"{arch} from the {label}: {events.count('decode')} matrices decoded over {events.count('save')} "
+              f"shards, the first shard written at event {events.index('save')} of {len(events)}")
+        assert events.count("save") > 3 and events.index("save") < last_decode
+        assert diff(f"{arch} export from the packed {label} vs the dequantized load", cf.load(out).logits(ids),
+                    dense.logits(ids, layers=path))[1] < 1e-6
+
+
+def test_packed_tensor_indexing_keeps_rows_whole():
+    raw = torch.from_numpy(random_packed("Q8_0", 12, 64)).reshape(3, 4, -1)
+    p = PackedTensor(raw, "Q8_0", 64)
+    assert p[1].shape == (4, 64) and torch.equal(p[1].blocks, raw[1])
+    assert p[:, :2].shape == (3, 2, 64) and torch.equal(p[:, :2].dequantize(), p.dequantize()[:, :2])
+    with pytest.raises(IndexError, match="leading dimensions only"):
+        p[0, 0]
+    with pytest.raises(IndexError, match="leading dimensions only"):
+        p[..., 0]
+
+
 @pytest.mark.parametrize("arch", ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"])
 def test_packed_hybrid_matches_the_dequantized_model(tmp_path, arch):
     """The hybrids' converter changes are undone on the packed rows (value heads regrouped, fused

@@ -5,7 +5,8 @@ The exported model has one physical block per slot of the path (block k = layer 
 source), so any runtime loads it without knowing about layer paths.
 
 Sources: ``export_gguf`` copies a .gguf file's tensor bytes as they are; ``export_hf`` takes a model
-folder, a .gguf file (dequantized to ``dtype``, float32 by default) or a loaded Model;
+folder, a .gguf file (dequantized to ``dtype``, float32 by default) or a loaded Model (packed
+matrices of either are dequantized one at a time, as their shard is written);
 ``export_mergekit`` takes a local model folder or .gguf file (its metadata gives the layer count,
 which checks the path and resolves ``rys=i:j``) or a Hugging Face hub id ``org/name`` that is not
 a local path (written as is; the path is checked only when ``num_layers`` is given).
@@ -322,32 +323,42 @@ def _hf_source_config(src) -> dict:
 
 
 def _hf_source_weights(src, target: torch.dtype | None):
-    """(tensors by HF name, tokenizer object or None, tokenizer files to copy) of the source."""
+    """(tensors by HF name, tokenizer object or None, tokenizer files to copy, the float dtype its
+    packed matrices are written in) of the source. Packed matrices (a packed Model's, a GGUF file's
+    quantized ones) stay packed here: each is dequantized when its shard is written, so memory
+    holds one shard of floats, not the whole model's."""
     from . import _C
     from .gguf import gguf_tokenizer, read_gguf
     from .model import Model
-    from .quants import PackedTensor
 
-    if isinstance(src, Model):  # packed GGUF matrices are written as the model's float dtype
-        tensors = {n: t.dequantize(src.dtype) if isinstance(t, PackedTensor) else t for n, t in src.tensors.items()}
-        return tensors, src.tokenizer, []
+    if isinstance(src, Model):  # packed matrices are written as the model's float dtype
+        return dict(src.tensors), src.tokenizer, [], src.dtype
     p = Path(src)
     if _is_gguf(p):
-        return read_gguf(p, target or torch.float32)[1], gguf_tokenizer(p), []
+        return read_gguf(p, target or torch.float32, keep_packed=True)[1], gguf_tokenizer(p), [], target or torch.float32
     files = [f for f in sorted(p.iterdir()) if f.is_file() and (f.name.startswith(_TOKENIZER_PREFIXES)
                                                                or f.name == "generation_config.json")]
-    return _C.load_safetensors(str(p)), None, files
+    return _C.load_safetensors(str(p)), None, files, torch.float32
+
+
+def _floats(t, dtype: torch.dtype):
+    """t itself, or a packed matrix dequantized to `dtype`."""
+    from .quants import PackedTensor
+
+    return t.dequantize(dtype) if isinstance(t, PackedTensor) else t
 
 
 _STACKED_EXPERTS = re.compile(r"^(.*\.layers\.\d+\.)mlp\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)$")
 _MIXTRAL_EXPERT = {"gate": "w1", "up": "w3", "down": "w2"}
 
 
-def hub_expert_tensors(tensors: dict, config: dict) -> dict:
+def hub_expert_tensors(tensors: dict, config: dict, dtype: torch.dtype = torch.float32) -> dict:
     """``tensors`` with stacked experts (transformers v5's gate_up_proj [E, 2I, H] and down_proj
     [E, H, I]; GGUF's gate_proj / up_proj [E, I, H]) as per-expert views under the names published
     checkpoints use (Qwen: mlp.experts.N.{gate,up,down}_proj.weight; Mixtral: block_sparse_moe
-    .experts.N.w1/w3/w2.weight, its router block_sparse_moe.gate.weight). Other tensors unchanged."""
+    .experts.N.w1/w3/w2.weight, its router block_sparse_moe.gate.weight). Other tensors unchanged.
+    Packed matrices stay packed (per-expert rows of their blocks), but for the GPT-OSS and
+    Qwen3-Next regroupings, which work on floats: those are dequantized to `dtype`."""
     from .config import ConfigError, parse_config
 
     try:
@@ -355,9 +366,9 @@ def hub_expert_tensors(tensors: dict, config: dict) -> dict:
     except ConfigError:
         return tensors
     if architecture == "GptOssForCausalLM":
-        return gpt_oss_hub_experts(tensors)
+        return gpt_oss_hub_experts(tensors, dtype)
     if architecture == "Qwen3NextForCausalLM":
-        tensors = qwen3_next_hub_projections(tensors, config)
+        tensors = qwen3_next_hub_projections(tensors, config, dtype)
     mixtral = architecture == "MixtralForCausalLM"
     out = {}
     for name, t in tensors.items():
@@ -379,30 +390,30 @@ def hub_expert_tensors(tensors: dict, config: dict) -> dict:
 _GPT_OSS_GGUF_EXPERTS = re.compile(r"^(.*\.layers\.\d+\.mlp\.experts\.)gate_proj$")
 
 
-def gpt_oss_hub_experts(tensors: dict) -> dict:
+def gpt_oss_hub_experts(tensors: dict, dtype: torch.dtype = torch.float32) -> dict:
     """GPT-OSS experts in transformers' layout: GGUF's separate gate_proj / up_proj [E, I, H] (and
     their _bias [E, I]) become gate_up_proj [E, H, 2I] with gate and up columns alternating (and
     gate_up_proj_bias [E, 2I]); down_proj [E, H, I] becomes [E, I, H]. Tensors already in that
-    layout (safetensors, MXFP4 blocks) are unchanged."""
+    layout (safetensors, MXFP4 blocks) are unchanged. Packed experts are dequantized to `dtype`."""
     out = dict(tensors)
     for name in tensors:
         m = _GPT_OSS_GGUF_EXPERTS.match(name)
         if m is None:
             continue
         x = m.group(1)
-        gate, up = out.pop(x + "gate_proj"), out.pop(x + "up_proj")
+        gate, up = _floats(out.pop(x + "gate_proj"), dtype), _floats(out.pop(x + "up_proj"), dtype)
         out[x + "gate_up_proj"] = torch.stack((gate, up), dim=2).flatten(1, 2).transpose(1, 2)
         out[x + "gate_up_proj_bias"] = torch.stack((out.pop(x + "gate_proj_bias"), out.pop(x + "up_proj_bias")),
                                                    dim=2).flatten(1, 2)
-        out[x + "down_proj"] = out[x + "down_proj"].transpose(1, 2)
+        out[x + "down_proj"] = _floats(out[x + "down_proj"], dtype).transpose(1, 2)
     return out
 
 
-def qwen3_next_hub_projections(tensors: dict, config: dict) -> dict:
+def qwen3_next_hub_projections(tensors: dict, config: dict, dtype: torch.dtype = torch.float32) -> dict:
     """Qwen3-Next's linear-attention projections in its own grouped layout: Qwen3.5-style flat
     in_proj_qkv / in_proj_z / in_proj_b / in_proj_a (how a GGUF loads) regrouped per key head into
     in_proj_qkvz ([q | k | v | z] per group) and in_proj_ba ([b | a] per group). Other tensors and
-    ones already grouped are unchanged."""
+    ones already grouped are unchanged; packed projections are dequantized to `dtype`."""
     c = _decoder_config(config)
     hk, hv, dk, dv = (int(c[k]) for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
                                           "linear_value_head_dim"))
@@ -411,12 +422,12 @@ def qwen3_next_hub_projections(tensors: dict, config: dict) -> dict:
         if not name.endswith("linear_attn.in_proj_qkv.weight"):
             continue
         x = name[:-len("in_proj_qkv.weight")]
-        qkv, z = out.pop(x + "in_proj_qkv.weight"), out.pop(x + "in_proj_z.weight")
+        qkv, z = (_floats(out.pop(x + f"in_proj_{p}.weight"), dtype) for p in ("qkv", "z"))
         h = qkv.shape[-1]
         q, k, v = qkv[:hk * dk], qkv[hk * dk:2 * hk * dk], qkv[2 * hk * dk:]
         groups = [t.reshape(hk, -1, h) for t in (q, k, v, z)]
         out[x + "in_proj_qkvz.weight"] = torch.cat(groups, 1).reshape(-1, h)
-        b, a = out.pop(x + "in_proj_b.weight"), out.pop(x + "in_proj_a.weight")
+        b, a = (_floats(out.pop(x + f"in_proj_{p}.weight"), dtype) for p in ("b", "a"))
         out[x + "in_proj_ba.weight"] = torch.cat([b.reshape(hk, r, h), a.reshape(hk, r, h)], 1).reshape(-1, h)
     return out
 
@@ -444,12 +455,21 @@ def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:
     return names
 
 
-def _plan_shards(tensors, names, target: torch.dtype | None, limit: int) -> list[list[tuple[str, str]]]:
+def _written_itemsize(t, target: torch.dtype | None, packed_dtype: torch.dtype) -> int:
+    from .quants import PackedTensor
+
+    if target is not None and (isinstance(t, PackedTensor) or t.is_floating_point()):
+        return target.itemsize
+    return packed_dtype.itemsize if isinstance(t, PackedTensor) else t.element_size()
+
+
+def _plan_shards(tensors, names, target: torch.dtype | None, limit: int,
+                 packed_dtype: torch.dtype) -> list[list[tuple[str, str]]]:
     shards: list[list[tuple[str, str]]] = [[]]
     size = 0
     for out_name, name in names:
         t = tensors[name]
-        itemsize = target.itemsize if target is not None and t.is_floating_point() else t.element_size()
+        itemsize = _written_itemsize(t, target, packed_dtype)
         if shards[-1] and size + t.numel() * itemsize > limit:
             shards.append([])
             size = 0
@@ -470,14 +490,15 @@ def _save_shard(data: dict, file: Path) -> None:
         os.chmod(file, mode)
 
 
-def _write_shards(folder: Path, tensors, shards, target: torch.dtype | None) -> None:
-    """model.safetensors, or model-0000k-of-0000n.safetensors plus model.safetensors.index.json."""
+def _write_shards(folder: Path, tensors, shards, target: torch.dtype | None, packed_dtype: torch.dtype) -> None:
+    """model.safetensors, or model-0000k-of-0000n.safetensors plus model.safetensors.index.json;
+    packed matrices dequantized to `packed_dtype` one at a time, as their shard is written."""
     weight_map, total_size = {}, 0
     for s, shard in enumerate(shards, 1):
         file = "model.safetensors" if len(shards) == 1 else f"model-{s:05d}-of-{len(shards):05d}.safetensors"
         data = {}
         for out_name, name in shard:
-            t = tensors[name].detach()
+            t = _floats(tensors[name], packed_dtype).detach()
             if target is not None and t.is_floating_point():
                 t = t.to(target)
             data[out_name] = t.to("cpu").contiguous().clone()
@@ -561,12 +582,12 @@ def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | No
     target = resolve_dtype(dtype, torch.float32) if dtype is not None else None
     limit = parse_size(max_shard_size)
     _check_target(dst, overwrite, folder=True, source=src if isinstance(src, (str, os.PathLike)) else None)
-    tensors, tokenizer, tokenizer_files = _hf_source_weights(src, target)
-    tensors = hub_expert_tensors(tensors, config)
+    tensors, tokenizer, tokenizer_files, packed_dtype = _hf_source_weights(src, target)
+    tensors = hub_expert_tensors(tensors, config, packed_dtype)
     config = _without_quantization(config, tensors)
-    shards = _plan_shards(tensors, _slot_names(tensors, path, n), target, limit)
+    shards = _plan_shards(tensors, _slot_names(tensors, path, n), target, limit, packed_dtype)
     with staged(dst, folder=True) as tmp:
-        _write_shards(tmp, tensors, shards, target)
+        _write_shards(tmp, tensors, shards, target, packed_dtype)
         _write_config_and_tokenizer(tmp, config, path, target, tokenizer, tokenizer_files)
     return dst
 

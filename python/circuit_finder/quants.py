@@ -100,6 +100,17 @@ class PackedTensor:
         decode = _C.gpu_dequantize_packed if self.blocks.is_cuda else _C.dequantize_packed
         return decode(self.blocks, self.ggml_type, self.cols, dtype)
 
+    def __getitem__(self, index) -> PackedTensor:
+        """The stacked matrices or rows `index` selects over the leading dimensions, each row's
+        blocks whole: ``p[e]`` (one expert of [E, rows, cols]), ``p[:, :half]`` (the first rows)."""
+        index = index if isinstance(index, tuple) else (index,)
+        plain = len(index) < self.blocks.dim() and not any(i is Ellipsis or i is None for i in index)
+        blocks = self.blocks[index] if plain else None
+        if blocks is None or blocks.dim() < 2:
+            raise IndexError(f"a packed {list(self.shape)} matrix is indexed over its leading dimensions only, "
+                             f"keeping whole rows, got {index}")
+        return PackedTensor(blocks, self.type_name, self.cols)
+
     def to(self, device) -> PackedTensor:
         """The same blocks on `device` (copied as they are)."""
         return PackedTensor(self.blocks.to(device), self.type_name, self.cols)
