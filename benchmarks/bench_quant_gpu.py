@@ -1,6 +1,6 @@
 """Packed GGUF matrices on a GPU (issue #15's GPU half): a random Llama of a real shape (default
-Llama-3-8B's) whose every matrix is random blocks of one ggml type (Q4_K by default; scales of a
-moderate size), run in one process on the same weights three ways — packed (the blocks on the
+Llama-3-8B's) whose every matrix is blocks of one ggml type (Q4_K by default; rows of quantized
+N(0, 0.02^2) weights), run in one process on the same weights three ways — packed (the blocks on the
 device: cuda/quant.cu), our engine on the blocks dequantized to the compute dtype, and transformers
 on those dequantized tensors — measured by run.py's bench_forward along the RYS path: prefill and
 decode tokens/s at batch 1 and 16, the weights' bytes, and each route's share of the memory
@@ -30,22 +30,20 @@ from run import RANDOM_SHAPES, bench_forward, bench_path, copy_bandwidth, cpu_na
 
 import circuit_finder as cf  # noqa: E402
 from circuit_finder import _C  # noqa: E402
-from circuit_finder.quants import PACKED_TYPES, PackedTensor, is_matrix_name  # noqa: E402
+from circuit_finder.quants import PACKED_TYPES, PackedTensor, is_matrix_name, quantize_matrix  # noqa: E402
 from helpers import rebuilt  # noqa: E402
 
-# (elements per block, bytes per block, byte offsets of the f16 scales, their values): the scales
-# set so the weights come out with a spread near transformers' initialisation (std ~0.02)
-BLOCKS = {"Q4_K": (256, 144, {0: 2e-4, 2: 1e-4}), "Q6_K": (256, 210, {208: 1e-3}), "Q8_0": (32, 34, {0: 2e-4}),
-          "Q4_0": (32, 18, {0: 4e-3})}
+BLOCK = {"Q4_K": 256, "Q6_K": 256, "Q8_0": 32, "Q4_0": 32}  # elements per block of the types offered
+SEED_ROWS = 64
 
 
-def random_blocks(kind: str, rows: int, cols: int, device, gen: torch.Generator) -> torch.Tensor:
-    """uint8 [rows, row_bytes] of `kind`: random codes and sub-scales, fixed f16 super-scales."""
-    block, size, halves = BLOCKS[kind]
-    raw = torch.randint(0, 256, (rows, cols // block, size), dtype=torch.uint8, generator=gen)
-    for offset, value in halves.items():
-        raw[:, :, offset:offset + 2] = torch.tensor([value], dtype=torch.float16).view(torch.uint8)
-    return raw.reshape(rows, -1).to(device)
+def random_blocks(kind: str, rows: int, cols: int, device, gen: torch.Generator, made: dict) -> torch.Tensor:
+    """uint8 [rows, row_bytes] of `kind`: each row one of SEED_ROWS rows of N(0, 0.02^2) weights
+    (transformers' initialisation scale) packed by quants.quantize_matrix, drawn at random — real
+    blocks (scales fitted to their values) without quantizing an 8B model's every row on the host."""
+    if (kind, cols) not in made:
+        made[kind, cols] = quantize_matrix(torch.randn(SEED_ROWS, cols, generator=gen) * 0.02, kind).blocks
+    return made[kind, cols][torch.randint(0, SEED_ROWS, (rows,), generator=gen)].to(device)
 
 
 def packed_models(shape: str, kind: str, device, dtype):
@@ -54,11 +52,11 @@ def packed_models(shape: str, kind: str, device, dtype):
     label, dense, hf = device_pair(shape, device, dtype)
     gen = torch.Generator().manual_seed(0)
     decode = _C.gpu_dequantize_packed if torch.device(device).type == "cuda" else _C.dequantize_packed
-    state, packed = dict(hf.state_dict()), {}
+    state, packed, made = dict(hf.state_dict()), {}, {}
     with torch.no_grad():
         for name, p in state.items():
-            if is_matrix_name(name) and p.dim() == 2 and p.shape[1] % BLOCKS[kind][0] == 0:
-                blocks = random_blocks(kind, p.shape[0], p.shape[1], device, gen)
+            if is_matrix_name(name) and p.dim() == 2 and p.shape[1] % BLOCK[kind] == 0:
+                blocks = random_blocks(kind, p.shape[0], p.shape[1], device, gen, made)
                 p.copy_(decode(blocks, PACKED_TYPES[kind], p.shape[1], dtype))
                 packed[name] = PackedTensor(blocks, kind, p.shape[1], name)
     ours = cf.load_from_tensors(hf.config.to_dict(), {**state, **packed}, device=device, dtype=dtype,
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--shape", default="8b", choices=sorted(RANDOM_SHAPES))
-    ap.add_argument("--type", default="Q4_K", choices=sorted(BLOCKS))
+    ap.add_argument("--type", default="Q4_K", choices=sorted(BLOCK))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="CPU fp32, tiny shape, batch 1: checks the script runs")

@@ -2,11 +2,15 @@
 # One GPU session's work on a machine whose python3 already has a CUDA (or ROCm) torch: build the
 # extension against it, run the GPU tests and/or the GPU benchmarks, logs under $OUT (default
 # runs/gpu). Stages, in the order given: build, gputests, suite (the whole test suite, xdist),
-# bench (benchmarks/run.py forward + scan on cuda bf16, with a decode profile), moe, placement,
+# packed (the packed-weights tests, blocking launches), bench (benchmarks/run.py forward + scan on
+# cuda bf16, with a decode profile), moe, placement,
 # quant (packed GGUF blocks on the GPU vs dequantized vs transformers, 8B shape, Q4_K).
 #   bash scripts/gpu_session.sh build gputests bench
-# Optional: wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json, ...) are installed
-# first; a saved tokenizer in .cftok/ stands in for the default model's (CF_TEST_TOKENIZER).
+# Wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json) are installed first; a saved
+# tokenizer in .cftok/ stands in for the default model's (CF_TEST_TOKENIZER). scripts/gpu_prepare.sh
+# makes both on the development machine; the device tool carries them (carry: .whl, .cftok).
+# A kernel fault surfaces in a later call unless launches block: the `packed` stage reruns the
+# packed-weights tests alone with CUDA_LAUNCH_BLOCKING=1, stopping at the first failure.
 # Each stage runs under its own time limit (STAGE_TIMEOUT seconds, default 280) so that a hung
 # stage still leaves the others' logs. Not used by CI (CI has no GPU).
 set -uo pipefail
@@ -35,12 +39,17 @@ for s in "$@"; do
     build)
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/env.log" 2>&1
       $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/env.log" 2>&1
-      stage build $PY -m pip install -v --no-build-isolation --no-deps -C cmake.define.CF_GPU_ARCHS=90 -e . ;;
+      stage build $PY -m pip install -v --no-build-isolation --no-deps -C cmake.define.CF_GPU_ARCHS=90 -e .
+      $PY -c "from circuit_finder import _C; import importlib.util as u; k = _C.gpu_kernels(); \
+print('GPU kernels built:', k, '| gguf importable:', u.find_spec('gguf') is not None); \
+k or print('!! no GPU kernels: the fused and packed GPU tests will skip; see', '$OUT/build.log')" ;;
     gputests)
       # GPU_TESTS: a -k expression choosing among the GPU test files (default: every GPU test)
       stage gputests $PY -m pytest -n 8 -q -rA -p no:cacheprovider tests/test_cuda.py tests/test_gpu_kernels.py \
         tests/test_static_decode.py tests/test_placement.py tests/test_hybrid.py tests/test_moe.py \
         -k "${GPU_TESTS:-cuda or gpu or rope or rms or silu}" ;;
+    packed)
+      stage packed env CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -x -q -rA -p no:cacheprovider tests/test_cuda.py -k packed ;;
     suite)
       stage suite $PY -m pytest -n 14 -q -rs -p no:cacheprovider tests ;;
     bench)

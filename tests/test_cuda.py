@@ -193,6 +193,36 @@ def test_cuda_packed_decoders_and_products_match_the_gguf_package(kind):
 
 
 @pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0", "IQ4_NL"])
+def test_cuda_packed_shapes_and_dtypes(kind):
+    """The GPU entry points on the shapes the engine and export hand them: stacked [E, rows, bytes]
+    blocks, x with more dimensions or not contiguous, fp16 and bf16 x with a bias of their dtype,
+    and x without rows — each against the gguf package's decoding."""
+    n, k = 24, 256
+    raw = random_packed(kind, n, k, seed=5)
+    w = reference(kind, raw, k).double()
+    blocks, t = torch.from_numpy(raw).cuda(), PACKED_TYPES[kind]
+    stacked = _C.gpu_dequantize_packed(torch.stack([blocks, blocks]), t, k, torch.float32).cpu()
+    assert stacked.shape == (2, n, k) and relative(f"{kind} stacked", stacked, torch.stack([w, w]).float()) < 1e-6
+    for rows in (3, 12):  # the one-warp path and the GEMM path
+        x = torch.randn(2, rows, k, generator=torch.Generator().manual_seed(rows))
+        out = _C.gpu_linear_packed(x.cuda(), blocks, t, k).cpu()
+        assert out.shape == (2, rows, n) and relative(f"{kind} x [2, {rows}, k]", out, x.double() @ w.T) < 1e-5
+        xt = torch.randn(k, rows, generator=torch.Generator().manual_seed(rows)).cuda().T  # not contiguous
+        assert relative(f"{kind} x transposed, {rows} rows", _C.gpu_linear_packed(xt, blocks, t, k).cpu(),
+                        xt.cpu().double() @ w.T) < 1e-5
+        bias = torch.randn(n)
+        for dtype in (torch.float16, torch.bfloat16):
+            xd = x[0].to(dtype)
+            got = _C.gpu_linear_packed(xd.cuda(), blocks, t, k, bias.to(dtype).cuda())
+            assert got.dtype == dtype
+            assert relative(f"{kind} {dtype}, {rows} rows, bias", got.float().cpu(),
+                            xd.double() @ w.T + bias.to(dtype).double()) < 3e-2
+    empty = _C.gpu_linear_packed(torch.zeros(0, k).cuda(), blocks, t, k)
+    assert empty.shape == (0, n)
+
+
+@pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
 def test_cuda_packed_gguf_model_keeps_its_blocks_and_matches_the_cpu(tmp_path):
     """A Q4_K GGUF loaded on the GPU keeps its blocks there (the file's bytes, a quarter of the
     float weights): logits equal the CPU packed model's, greedy tokens equal through the dynamic
@@ -217,6 +247,9 @@ def test_cuda_packed_gguf_model_keeps_its_blocks_and_matches_the_cpu(tmp_path):
         gpu.static_decode = static
         assert torch.equal(gpu.generate(ids.cuda(), layers="0,1,2,1,2,3", max_new_tokens=12).cpu(), want), static
     gpu.static_decode = None
+    exported = cf.load(cf.export_hf(gpu, tmp_path / "export", "0,1,2,1,2,3"))  # packed blocks decoded on the GPU
+    assert relative("export of the packed cuda model vs the cpu path", exported.logits(ids),
+                    cpu.logits(ids, layers="0,1,2,1,2,3")) < 1e-4
     quantized = cf.load(tmp_path / "hf", device="cuda", quantize="q8_0")
     assert quantized.tensors["lm_head.weight"].device.type == "cuda"
     assert relative("q8_0 on load, cuda vs cpu", quantized.logits(ids.cuda()).cpu(),

@@ -13,12 +13,14 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Rows strided over the grid's blocks, each row's elements over the block's threads (no division
+// by K per element).
 template <int T, typename O>
-__global__ void dequant_kernel(const uint8_t* w, int64_t row_bytes, int64_t total, int64_t K, O* out) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / K;
-    out[i] = from_f<O>(value<T>(w + r * row_bytes, i - r * K));
+__global__ void dequant_kernel(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, O* out) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const uint8_t* row = w + r * row_bytes;
+    O* o = out + r * K;
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) o[k] = from_f<O>(value<T>(row, k));
   }
 }
 
@@ -70,11 +72,10 @@ const char* with_type(int32_t type, F&& f) {
 template <typename O>
 const char* dequant_t(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, void* out,
                       gpuStream_t stream) {
-  const int64_t total = rows * K, want = (total + kThreads - 1) / kThreads;
-  if (total == 0) return nullptr;
-  const unsigned grid = static_cast<unsigned>(want < 65535 ? want : 65535);
+  if (rows == 0 || K == 0) return nullptr;
+  const unsigned grid = static_cast<unsigned>(rows < 65535 ? rows : 65535);
   return with_type(type, [&](auto t) {
-    dequant_kernel<decltype(t)::value, O><<<grid, kThreads, 0, stream>>>(w, row_bytes, total, K, static_cast<O*>(out));
+    dequant_kernel<decltype(t)::value, O><<<grid, kThreads, 0, stream>>>(w, row_bytes, rows, K, static_cast<O*>(out));
   });
 }
 

@@ -33,9 +33,13 @@ CF_HD inline float bf16_at(const uint8_t* p) {
 CF_HD inline int nibble(const uint8_t* q, int j) {  // 32-runs: j < 16 low nibble of q[j], else high of q[j - 16]
   return j < 16 ? (q[j] & 15) : (q[j - 16] >> 4);
 }
-CF_HD inline int iq4_level(int code) {  // IQ4_NL / IQ4_XS's 16 non-uniform levels
-  constexpr int8_t levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-  return levels[code];
+// IQ4_NL / IQ4_XS's 16 non-uniform levels {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38,
+// 53, 69, 89, 113}, as int8 bytes of four words picked by selects: an array indexed at run time
+// would live in a GPU thread's local memory.
+CF_HD inline int iq4_level(int code) {
+  const unsigned q = static_cast<unsigned>(code) >> 2;
+  const uint32_t word = q == 0 ? 0xBFAD9881u : q == 1 ? 0xF6EADDCFu : q == 2 ? 0x26190D01u : 0x71594535u;
+  return static_cast<int8_t>((word >> (8 * (code & 3))) & 0xffu);
 }
 
 // Q4_K / Q5_K's scale and min of sub-block s (ggml's get_scale_min_k4).
