@@ -184,12 +184,48 @@ def test_length_groups_are_the_cheapest_split():
 def test_shared_head_rules(model_dir):
     llama = cf.load(model_dir("llama")[0])
     head = list(range(10, 22))
-    assert shared_head(llama, [head + [1, 2], head + [3]]) == 12
-    assert shared_head(llama, [head, head + [5]]) == 11  # every row keeps a token of its own
-    assert shared_head(llama, [head[:6] + [1], head[:6] + [2]]) == 0  # under MIN_HEAD
-    assert shared_head(llama, [head + [1]]) == 0
-    for arch in ("gemma2", "qwen3_5_text"):  # a sliding window, linear attention: no hole allowed
-        assert shared_head(cf.load(model_dir(arch)[0]), [head + [1], head + [2]]) == 0
+    assert shared_head(llama, [head + [1, 2], head + [3]], 8) == 12
+    assert shared_head(llama, [head, head + [5]], 8) == 11  # every row keeps a token of its own
+    assert shared_head(llama, [head[:6] + [1], head[:6] + [2]], 8) == 0  # under MIN_HEAD
+    assert shared_head(llama, [head + [1]], 8) == 0
+    # linear attention: no hole allowed; gemma2's window of 8 is shorter than a row
+    for arch in ("gemma2", "qwen3_5_text"):
+        assert shared_head(cf.load(model_dir(arch)[0]), [head + [1], head + [2]], 8) == 0
+
+
+def gemma2_chat_model(tmp_path, tokenizer, window: int):
+    """A tiny random Gemma-2 (alternating sliding and full layers) with the default model's
+    tokenizer and chat template."""
+    from helpers import build_hf_model
+
+    build_hf_model("gemma2", tmp_path, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_hidden_layers=N,
+                   sliding_window=window)
+    tokenizer.save_pretrained(str(tmp_path))
+    return cf.load(tmp_path)
+
+
+@pytest.mark.parametrize("window", [24, 512])
+def test_sliding_window_sweep_shares_the_head_only_where_the_window_spans_the_row(chat_model, tmp_path, window):
+    """Gemma-2's sliding window counts cache columns: the head is shared only when the window spans
+    every row (prompt and budget), where the hole between head and tail changes nothing; a narrower
+    window keeps plain left padding. Either way every item gets the text it gets generated alone."""
+    m = gemma2_chat_model(tmp_path, chat_model.tokenizer, window)
+    probes = [get_probe(p) for p in ("math", "eq")]
+    runner = Runner(m, probes, "generate", "search", 4, True, True)
+    spans = all(b.capacity <= window for b in runner.batches)
+    print(f"window {window}: rows of {[b.capacity for b in runner.batches]} columns, heads "
+          f"{[b.head for b in runner.batches]}")
+    assert all((b.head >= MIN_HEAD) == spans for b in runner.batches) and spans == (window == 512)
+    result = cf.sweep(m, probes=probes, paths=[LayerPath.duplicate(N, 1, 4)], mode="generate", max_items=4,
+                      chat=True, progress=False)
+    for record in result.records:  # the path's and the baseline's
+        path = LayerPath.parse(record["layers"])
+        for p in probes:
+            items = p.items("search")[:4]
+            want = [m.generate([it.prompt], layers=path, max_new_tokens=p.max_new_tokens, chat=True)[0]
+                    for it in items]
+            assert [record["outputs"][p.name][it.id] for it in items] == want, (record["layers"], p.name)
 
 
 def test_generate_sweep_equals_items_alone(chat_model):

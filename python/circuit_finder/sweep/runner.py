@@ -21,9 +21,9 @@ tokens all prompts of a group share (the chat template's head, ``shared_head``) 
 1, their keys and values placed into every row; and every group's rows decode as one batch
 (``joint_decode``), each to its own probe's budget, finished rows leaving the batch on the CPU.
 
-Limits: one model in one process. The shared head needs attention-only layers without sliding
-windows (elsewhere prompts are plainly left-padded); router configs run each group on its own
-and, with a shared head, from the embedding. Where rows interact (LongRoPE picks its table by the
+Limits: one model in one process. The shared head needs attention-only layers whose sliding
+windows, if any, span a whole row (elsewhere prompts are plainly left-padded); router configs run
+each group on its own and, with a shared head, from the embedding. Where rows interact (LongRoPE picks its table by the
 call's largest position: ``generation.rows_interact``) each probe's items run as one batch, as
 plain batched generation runs them.
 """
@@ -95,7 +95,7 @@ class ProbeBatch:
         else:
             seqs = [model.codec.encode(c, add_special_tokens=special) for c in contexts]
             self.context_ids = seqs  # what a router reads: each item's prompt ids
-            self.head = shared_head(model, seqs)
+            self.head = shared_head(model, seqs, self.budget)
             self.ids, mask = head_layout(model.codec, seqs, self.head, model.device)
             self.capacity = self.ids.shape[1] + self.budget
             self.positions, self.full_mask = generation.generation_masks(self.ids, mask, self.budget)
@@ -287,14 +287,17 @@ def length_groups(lengths: Sequence[int], cost: int) -> list[list[int]]:
 MIN_HEAD = 8  # shortest common prompt head worth computing once at batch 1
 
 
-def shared_head(model: Model, seqs: Sequence[Sequence[int]]) -> int:
+def shared_head(model: Model, seqs: Sequence[Sequence[int]], budget: int) -> int:
     """How many first tokens every prompt shares (the chat template's system prompt and the
     user turn's opening), to be computed once and placed into every row's cache: 0 when under
-    MIN_HEAD, for one prompt, or where a hole between head and tail is not exact (a linear
-    attention layer's state would run over the padding; a sliding window counts cache columns,
-    not positions)."""
+    MIN_HEAD, for one prompt, or where a hole between head and tail is not exact — a linear
+    attention layer's state would run over the padding, and a sliding window counts cache columns,
+    not positions, so it must span the whole row (the longest prompt and `budget` new tokens) for
+    the hole to change nothing."""
     cfg = model.config
-    if len(seqs) < 2 or any(cfg.linear_layers) or any(cfg.sliding_window) or generation.rows_interact(model):
+    row = max(len(s) for s in seqs) + budget
+    if (len(seqs) < 2 or any(cfg.linear_layers) or any(0 < w < row for w in cfg.sliding_window)
+            or generation.rows_interact(model)):
         return 0
     p = min(len(s) for s in seqs) - 1  # every row keeps a token of its own
     first = seqs[0]
