@@ -191,6 +191,11 @@ def test_shared_head_rules(model_dir):
     # linear attention: no hole allowed; gemma2's window of 8 is shorter than a row
     for arch in ("gemma2", "qwen3_5_text"):
         assert shared_head(cf.load(model_dir(arch)[0]), [head + [1], head + [2]], 8) == 0
+    # mistral's window of 12 on every layer: a row of 11 prompt tokens shares its head with 1 new
+    # token (12 columns), not with 2
+    mistral, ten = cf.load(model_dir("mistral")[0]), head[:10]
+    assert shared_head(mistral, [ten + [1], ten + [2]], 1) == 10
+    assert shared_head(mistral, [ten + [1], ten + [2]], 2) == 0
 
 
 def gemma2_chat_model(tmp_path, tokenizer, window: int):

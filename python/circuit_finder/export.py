@@ -6,7 +6,8 @@ source), so any runtime loads it without knowing about layer paths.
 
 Sources: ``export_gguf`` copies a .gguf file's tensor bytes as they are; ``export_hf`` takes a model
 folder, a .gguf file (dequantized to ``dtype``, float32 by default) or a loaded Model (packed
-matrices of either are dequantized one at a time, as their shard is written);
+matrices of either are dequantized one at a time, as their shard is written, but for those the
+GPT-OSS and Qwen3-Next regroupings need first);
 ``export_mergekit`` takes a local model folder or .gguf file (its metadata gives the layer count,
 which checks the path and resolves ``rys=i:j``) or a Hugging Face hub id ``org/name`` that is not
 a local path (written as is; the path is checked only when ``num_layers`` is given).

@@ -156,7 +156,7 @@ def release_freed_heap() -> bool:
 
     try:
         ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: the C library's
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no malloc_trim (musl, macOS); Windows has no CDLL(None)
         return False
     return True
 

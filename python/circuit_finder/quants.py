@@ -111,6 +111,9 @@ class PackedTensor:
                              f"keeping whole rows, got {index}")
         return PackedTensor(blocks, self.type_name, self.cols)
 
+    def __iter__(self):
+        raise TypeError(f"a packed {list(self.shape)} matrix is not iterable: index its leading dimensions")
+
     def to(self, device) -> PackedTensor:
         """The same blocks on `device` (copied as they are)."""
         return PackedTensor(self.blocks.to(device), self.type_name, self.cols)
