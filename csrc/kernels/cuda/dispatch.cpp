@@ -14,6 +14,7 @@
 
 #include "../../common/checks.h"
 #include "../gpu_ops.h"
+#include "../cpu/quant_blocks.h"
 #include "fused.h"
 #include "quant.h"
 
@@ -59,15 +60,15 @@ void ok(const char* err, const char* what) {
   if (err != nullptr) throw std::runtime_error(cat(what, ": GPU kernel launch failed: ", err));
 }
 
-// Bytes of a packed row of K columns of ggml type `type`; InputError for a type the GPU kernels
-// do not decode or columns that are not whole blocks.
+// Bytes of a packed row of K columns of ggml type `type` (the one format table, quant_blocks.h's,
+// whose every type the GPU kernels decode); InputError for another type or columns that are not
+// whole blocks.
 int64_t packed_row_bytes(const char* op, int32_t type, int64_t K) {
-  int64_t block = 0, bytes = 0;
-  if (!packed_block(type, &block, &bytes))
-    throw InputError(cat(op, ": ggml type ", type, " is not a packed type the GPU kernels decode"));
-  if (K <= 0 || K % block != 0)
-    throw InputError(cat(op, ": ", K, " columns are not whole ", block, "-element blocks"));
-  return K / block * bytes;
+  const cpu::BlockFormat* f = cpu::block_format(type);
+  if (f == nullptr) throw InputError(cat(op, ": ggml type ", type, " is not a packed type the GPU kernels decode"));
+  if (K <= 0 || K % f->block != 0)
+    throw InputError(cat(op, ": ", K, " columns are not whole ", f->block, "-element blocks"));
+  return K / f->block * f->bytes;
 }
 
 void check_blocks(const char* op, const at::Tensor& w, int64_t row_bytes) {

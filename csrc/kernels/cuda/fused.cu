@@ -133,7 +133,6 @@ __global__ void silu_mul_kernel(const T* __restrict__ gate, const T* __restrict_
   }
 }
 
-
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, int R>
@@ -185,7 +184,6 @@ const char* silu_mul_t(const void* gate, const void* up, void* out, int64_t n, g
 }
 
 }  // namespace
-
 
 const char* add_rms_norm(int dtype, const void* x, const void* residual, const void* weight, void* sum, void* out,
                          int64_t rows, int64_t n, float eps, void* stream) {

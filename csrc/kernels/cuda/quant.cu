@@ -94,18 +94,6 @@ const char* gemv_t(int32_t type, const void* x, int64_t M, int64_t K, const uint
 
 }  // namespace
 
-bool packed_block(int32_t type, int64_t* block, int64_t* bytes) {
-  switch (type) {
-#define CF_CASE(id, name, fn, n, b) \
-  case id: *block = n, *bytes = b; return true;
-    CF_BLOCK_TYPES(CF_CASE)
-#undef CF_CASE
-    case 1:
-    case 30: *block = 1, *bytes = 2; return true;
-    default: return false;
-  }
-}
-
 const char* dequant_packed(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, int dtype,
                            void* out, void* stream) {
   CF_DISPATCH(dequant_t, type, w, row_bytes, rows, K, out, static_cast<gpuStream_t>(stream))

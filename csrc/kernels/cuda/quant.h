@@ -14,8 +14,6 @@ namespace cf::gpu {
 // dequantize the weights to a scratch for the BLAS GEMM.
 constexpr int64_t kPackedGemvRows = 8;
 
-// Whether `type` is a packed type the GPU kernels decode, and its (elements, bytes) per block.
-bool packed_block(int32_t type, int64_t* block, int64_t* bytes);
 // out [rows, K] in dtype = the rows decoded.
 const char* dequant_packed(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, int dtype,
                            void* out, void* stream);
