@@ -457,11 +457,12 @@ def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:
 
 
 def _written_itemsize(t, target: torch.dtype | None, packed_dtype: torch.dtype) -> int:
+    """Bytes per element of `t` as written: packed matrices become floats of packed_dtype."""
     from .quants import PackedTensor
 
-    if target is not None and (isinstance(t, PackedTensor) or t.is_floating_point()):
-        return target.itemsize
-    return packed_dtype.itemsize if isinstance(t, PackedTensor) else t.element_size()
+    if isinstance(t, PackedTensor):
+        return (target or packed_dtype).itemsize
+    return target.itemsize if target is not None and t.is_floating_point() else t.element_size()
 
 
 def _plan_shards(tensors, names, target: torch.dtype | None, limit: int,

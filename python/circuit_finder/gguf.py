@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix_name
+from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix_name, packs_on
 
 __all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "sliding_layers",
            "gguf_architecture", "gguf_block_count", "gguf_config", "gguf_field", "gguf_num_layers", "gguf_tokenizer",
@@ -717,11 +717,11 @@ def _packed_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place=None,
-              keep_packed: bool = False, packs_on=None) -> tuple[dict, dict]:
+              keep_packed: bool = False) -> tuple[dict, dict]:
     """Reads a GGUF file -> (Hugging Face config dict, Hugging Face-named tensors in `dtype`).
     keep_packed: matrices of a packed type (quants.PACKED_TYPES) placed on a device where
-    ``packs_on(device)`` (default: the CPU only) come back as ``PackedTensor`` (the file's blocks,
-    views of the memory map where rows keep their order; the loader copies them to their GPU).
+    ``quants.packs_on(device)`` come back as ``PackedTensor`` (the file's blocks, views of the
+    memory map where rows keep their order; the loader copies them to their GPU).
     place(config, {Hugging Face name: element count}, {name: packed bytes}), when given, runs
     before any tensor is decoded and returns a Placement (the loader plans and checks devices and
     memory there); each tensor then goes to its device as soon as it is decoded, so host memory
@@ -749,7 +749,7 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
     tensors: dict = {}
     for t, name, kind in named:
         device = torch.device("cpu") if placed is None else placed.device_of(name)
-        if kind and (device.type == "cpu" if packs_on is None else packs_on(device)):
+        if kind and packs_on(device):
             for hf, arr in _hf_arrays(name, _packed_blocks(t, path), arch, config):
                 tensors[hf] = PackedTensor(_packed_tensor(arr), kind, int(t.shape[0]), hf)
             continue

@@ -40,6 +40,7 @@ from .quants import (
     dequantize_mxfp4,
     mxfp4_pairs,
     mxfp4_shape,
+    packs_on,
     quantize_choice,
     quantize_matrix,
 )
@@ -195,7 +196,7 @@ def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: boo
         placed.append(plan(device_map, parse_config(config, path).num_layers, sizes, device, max_memory))
         return placed[0]
 
-    config, tensors = read_gguf(path, target, place, keep_packed=not dequantize, packs_on=packs_on)
+    config, tensors = read_gguf(path, target, place, keep_packed=not dequantize)
     return load_from_tensors(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path,
                              device_map=placed[0])
 
@@ -285,11 +286,6 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
                       f"blocks: they get {K_FALLBACK['Q4_K']} for Q4_K and {K_FALLBACK['Q6_K']} for Q6_K, as "
                       f"llama.cpp does", stacklevel=3)
     return {n: k for n, k in chosen.items() if k is not None}
-
-
-def packs_on(device: torch.device) -> bool:
-    """Whether packed matrices run on `device`: the CPU, or a CUDA/ROCm GPU in a build with GPU kernels."""
-    return device.type == "cpu" or (device.type == "cuda" and _C.gpu_kernels())
 
 
 def _place_packed(ggml: dict[str, PackedTensor], placed: Placement, target: torch.dtype,

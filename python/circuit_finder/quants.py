@@ -35,8 +35,8 @@ import torch
 from .kquants import K_TYPES, quantize_q4_k, quantize_q6_k
 
 __all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES", "PackedTensor",
-           "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "mxfp4_pairs", "mxfp4_shape", "quantize_choice",
-           "quantize_matrix"]
+           "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "mxfp4_pairs", "mxfp4_shape", "packs_on",
+           "quantize_choice", "quantize_matrix"]
 
 # ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
 PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
@@ -52,6 +52,13 @@ _MATRIX = re.compile(r"(_proj\.weight|_proj|\.in_proj_\w+\.weight|\.w[123]\.weig
 
 def is_matrix_name(name: str) -> bool:
     return bool(_MATRIX.search(name))
+
+
+def packs_on(device: torch.device) -> bool:
+    """Whether packed matrices run on `device`: the CPU, or a CUDA/ROCm GPU in a build with GPU kernels."""
+    from . import _C
+
+    return device.type == "cpu" or (device.type == "cuda" and _C.gpu_kernels())
 
 
 class PackedTensor:

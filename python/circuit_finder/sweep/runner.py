@@ -23,9 +23,9 @@ tokens all prompts of a group share (the chat template's head, ``shared_head``) 
 
 Limits: one model in one process. The shared head needs attention-only layers whose sliding
 windows, if any, span a whole row (elsewhere prompts are plainly left-padded); router configs run
-each group on its own and, with a shared head, from the embedding. Where rows interact (LongRoPE picks its table by the
-call's largest position: ``generation.rows_interact``) each probe's items run as one batch, as
-plain batched generation runs them.
+each group on its own and, with a shared head, from the embedding. Where rows interact (LongRoPE
+picks its table by the call's largest position: ``generation.rows_interact``) each probe's items
+run as one batch, as plain batched generation runs them.
 """
 
 from __future__ import annotations
