@@ -242,6 +242,47 @@ def test_load_hands_its_freed_heap_back():
     assert grown["released"] < grown["kept"] - 10e6
 
 
+def _mapped_resident(path) -> int:
+    """Bytes of `path`'s memory maps resident in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if not head[0].endswith(":"):  # a mapping's header line: address range ... [pathname]
+            inside = len(head) > 5 and head[5] == str(path)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps and madvise: Linux")
+def test_load_drops_the_file_pages_it_read(tmp_path):
+    """Reading a llama GGUF touches its metadata and its permuted Q/K rows (copied back into Hugging
+    Face order); the load takes the map's pages out of the resident set, so none of the file counts
+    until a product reads it, and afterwards not the Q/K rows nobody reads again. Kept (the drop
+    disabled), the same load leaves those pages resident."""
+    from circuit_finder import gguf as cf_gguf
+
+    hf = build_hf_model("llama", tmp_path, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    path = tmp_path / "m.gguf"
+    write_gguf(hf, path, "Q8_0")
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    kept_drop, held = cf_gguf.drop_resident_pages, {}
+    for how in ("kept", "dropped"):
+        cf_gguf.drop_resident_pages = (lambda reader: False) if how == "kept" else kept_drop
+        try:
+            model = cf.load(path)
+        finally:
+            cf_gguf.drop_resident_pages = kept_drop
+        held[how] = _mapped_resident(path)
+        logits = model.logits(ids)
+        print(f"{how}: {held[how] / 1e3:.0f} kB of the {path.stat().st_size / 1e3:.0f} kB file resident after load, "
+              f"{_mapped_resident(path) / 1e3:.0f} kB after a forward")
+        assert torch.isfinite(logits).all()
+        del model
+    assert held["dropped"] == 0 and held["kept"] >= 4096
+
+
 # ----------------------------------------------------------------------------- quantized on load
 
 @pytest.mark.parametrize("kind", ["q8_0", "q6_k", "q5_1", "q4_k", "q4_0", "bf16"])

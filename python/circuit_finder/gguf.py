@@ -1,7 +1,9 @@
 """GGUF (llama.cpp's format) -> Hugging Face-named tensors and config, via the `gguf` package.
 
-Tensors are dequantized one at a time with the package's own dequantizers into the compute
-dtype, so after loading there is one copy of the weights. What llama.cpp's converter changes is
+Matrices of a packed type stay the file's blocks (views of its memory map where their rows keep
+their order, ``read_gguf(keep_packed=True)``); the rest is decoded one tensor at a time into the
+compute dtype, so after loading there is one copy of the weights, and the map's pages the read
+touched leave the resident set (``drop_resident_pages``). What llama.cpp's converter changes is
 undone here so the engine sees Hugging Face's layout: the Q/K row permutation of `llama` and
 `mistral3` (interleaved RoPE), Gemma's +1 on every norm weight, and the names that differ per
 family (Gemma's `ffn_norm` is the pre-MLP norm, Phi-3's `attn_qkv` / `ffn_up` are the fused
@@ -40,7 +42,8 @@ import torch
 
 from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix_name, packs_on
 
-__all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "sliding_layers",
+__all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "drop_resident_pages",
+           "sliding_layers",
            "gguf_architecture", "gguf_block_count", "gguf_config", "gguf_field", "gguf_num_layers", "gguf_tokenizer",
            "metadata_digest", "open_gguf", "read_gguf", "tokenizer_cache_dir"]
 
@@ -761,7 +764,27 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
     if "model.embed_tokens.weight" not in tensors:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
     _warn_dequantized(path, [t for t, _, _ in named], dtype)
+    drop_resident_pages(reader)
     return config, tensors
+
+
+def drop_resident_pages(reader) -> bool:
+    """Takes the file's pages out of this process's resident set (madvise MADV_DONTNEED on the
+    reader's read-only shared map; the bytes stay in the page cache and the map stays valid). What
+    the read touched and no longer needs stops counting: the metadata (the whole vocabulary), the
+    rows of llama / mistral3 Q/K matrices and other tensors now held as reordered or decoded copies
+    (8 MB of the default model's 98). Blocks that stay views of the map fault back in, from the
+    page cache, when a product first reads them. False where the platform or map has no madvise."""
+    import mmap
+
+    advice, mapped = getattr(mmap, "MADV_DONTNEED", None), getattr(reader.data, "_mmap", None)  # numpy.memmap's map
+    if advice is None or mapped is None or not hasattr(mapped, "madvise"):
+        return False
+    try:
+        mapped.madvise(advice)
+    except (OSError, ValueError):  # a closed map, or a kernel that refuses the advice
+        return False
+    return True
 
 
 def _warn_dequantized(path: str, used: list, dtype: torch.dtype) -> None:
