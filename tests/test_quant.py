@@ -55,13 +55,16 @@ def test_decoder_matches_the_gguf_package(kind, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("rows", [1, 3, 32, 33])
+@pytest.mark.parametrize("rows", [1, 3, 16, 33, 64, 2100])
 @pytest.mark.parametrize("kind", sorted(PACKED_TYPES))
 def test_packed_linear_matches_the_dequantized_product(kind, rows, isa):
-    """All three product paths — one row (blocks decoded into the dot products), up to 32 rows
-    (4 weight rows dequantized at a time for the skinny GEMM), more (chunks for the BLAS GEMM) — on
-    every instruction set, with and without bias, against x @ W^T of the package's W."""
-    n, k = 37, 512  # rows not a multiple of the kernels' tiles
+    """Every product path — one row (blocks decoded into the dot products), a few rows (4 weight
+    rows dequantized at a time for the skinny GEMM), more (on AVX-512: 32 weight rows decoded
+    K-major in parts of K, quant_blocks.h), past the skinny GEMM's 4 MB of x (chunks for ATen's
+    GEMM) — on every instruction set, with and without bias, against x @ W^T of the package's W.
+    70 weight rows: two K-major tiles and a tail; K: three parts of K-major depth."""
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0]
+    n, k = 70, 768 if block == 256 else 576
     raw = random_packed(kind, n, k, seed=rows)
     w = reference(kind, raw, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))

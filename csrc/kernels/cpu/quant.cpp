@@ -49,15 +49,16 @@ void check_cpu_packed(const at::Tensor& w, int32_t type, int64_t K, const char* 
 void gemm_few_rows(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, int32_t type, const float* bp,
                    at::Tensor& y) {
   const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0), rb = w.size(1);
-  const int64_t tiles = (N + kQuantTileRows - 1) / kQuantTileRows;
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
+  // tasks of whole K-major tiles where the ISA may take them (quant_blocks.h), else of 4-row tiles
+  const int64_t unit = quant_k_major(M, K) ? kQuantKnCols : kQuantTileRows;
+  const int64_t tiles = (N + unit - 1) / unit;
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1) * kQuantTileRows / unit);
   const float* xp = xf.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, tiles, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scratch(static_cast<size_t>(kQuantTileRows * K));
-    isa.gemm_q(type, xp, M, K, wp, rb, bp, yp, N, lo * kQuantTileRows, std::min(hi * kQuantTileRows, N),
-               scratch.data());
+    std::vector<float> scratch(static_cast<size_t>(quant_scratch_floats(K)));
+    isa.gemm_q(type, xp, M, K, wp, rb, bp, yp, N, lo * unit, std::min(hi * unit, N), scratch.data());
   });
 }
 

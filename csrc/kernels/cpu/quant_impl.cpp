@@ -361,6 +361,77 @@ bool dot_packed(int32_t type, const float* x, const float* sums16, int64_t K, co
 
 }  // namespace
 
+#if CF_LANES == 16 && defined(__GNUC__) && !defined(__clang__)
+#define CF_QUANT_KN 1
+namespace {
+
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// The shuffle of a 16 x 16 transpose's step B: rows i and i + B (i without bit B) swap bit B of
+// their lane index with bit B of their row index (low: row i's new lanes, high: row i + B's).
+template <int B, bool High>
+inline i32x16 swap_mask() {
+  i32x16 m;
+  for (int j = 0; j < 16; ++j) m[j] = (j & B) ? (High ? 16 + j : 16 + j - B) : (High ? j + B : j);
+  return m;
+}
+template <int B>
+inline void swap_bit(f32xL* v) {
+  const i32x16 lo = swap_mask<B, false>(), hi = swap_mask<B, true>();
+  for (int i = 0; i < 16; ++i)
+    if ((i & B) == 0) {
+      const f32xL a = v[i], b = v[i + B];
+      v[i] = __builtin_shuffle(a, b, lo);
+      v[i + B] = __builtin_shuffle(a, b, hi);
+    }
+}
+// out[c * ld_out + r] = in[r * ld_in + c] for r, c < 16.
+inline void transpose16(const float* in, int64_t ld_in, float* out, int64_t ld_out) {
+  f32xL v[16];
+  for (int r = 0; r < 16; ++r) __builtin_memcpy(&v[r], in + r * ld_in, sizeof v[r]);
+  swap_bit<1>(v);
+  swap_bit<2>(v);
+  swap_bit<4>(v);
+  swap_bit<8>(v);
+  for (int c = 0; c < 16; ++c) __builtin_memcpy(out + c * ld_out, &v[c], sizeof v[c]);
+}
+
+// Bytes into a packed row where column k (a block boundary) starts; 0 for types that are not blocks.
+int64_t block_offset(int32_t type, int64_t k) {
+  switch (type) {
+#define CF_OFFSET_CASE(id, name, fn, block, bytes) \
+  case id: return k / (block) * (bytes);
+    CF_BLOCK_TYPES(CF_OFFSET_CASE)
+#undef CF_OFFSET_CASE
+    default: return 0;
+  }
+}
+
+// kQuantKnCols packed rows (a block type) against M rows of x, K-major (quant_blocks.h): per
+// kQuantKnDepth columns, 16 rows at a time decoded then transposed into the [depth, cols] tile.
+void gemm_q_kn(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
+               const float* bias, float* y, int64_t ldy, float* scratch) {
+  float* staging = scratch;                    // [16, depth]
+  float* tile = scratch + 16 * kQuantKnDepth;  // [depth, cols]
+  // parts of equal depth (whole 32-blocks; K-quants' K is a multiple of 256 = kQuantKnDepth)
+  const int64_t parts = (K + kQuantKnDepth - 1) / kQuantKnDepth;
+  const int64_t even = (K / 32 + parts - 1) / parts * 32;
+  for (int64_t k0 = 0; k0 < K; k0 += even) {
+    const int64_t depth = K - k0 < even ? K - k0 : even;
+    const uint8_t* part = w + block_offset(type, k0);
+    for (int64_t g = 0; g < kQuantKnCols; g += 16) {
+      dequant_rows(type, part + g * row_bytes, row_bytes, 16, depth, staging);
+      for (int64_t k = 0; k < depth; k += 16)
+        transpose16(staging + k, depth, tile + k * kQuantKnCols + g, kQuantKnCols);
+    }
+    gemm_kn_part_f32(x + k0, K, M, depth, tile, kQuantKnCols, k0 + depth == K ? bias : nullptr, y, ldy, 0,
+                     kQuantKnCols, k0 > 0);
+  }
+}
+
+}  // namespace
+#endif
+
 void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
             const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1, float* scratch) {
   if (M == 1) {  // one activation row: the blocks decoded straight into the dot products
@@ -371,7 +442,13 @@ void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w
     }
     if (dot_packed(type, x, scratch, K, w, row_bytes, bias, y, n0, n1)) return;
   }
-  for (int64_t n = n0; n < n1; n += kQuantTileRows) {
+  int64_t n = n0;
+#ifdef CF_QUANT_KN
+  if (quant_k_major(M, K) && type != 1 && type != 30)
+    for (; n + kQuantKnCols <= n1; n += kQuantKnCols)
+      gemm_q_kn(type, x, M, K, w + n * row_bytes, row_bytes, bias != nullptr ? bias + n : nullptr, y + n, ldy, scratch);
+#endif
+  for (; n < n1; n += kQuantTileRows) {
     const int64_t rows = n1 - n < kQuantTileRows ? n1 - n : kQuantTileRows;
     dequant_rows(type, w + n * row_bytes, row_bytes, rows, K, scratch);
     gemm_f32(x, M, K, scratch, bias != nullptr ? bias + n : nullptr, y + n, ldy, 0, rows);

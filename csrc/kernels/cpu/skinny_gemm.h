@@ -14,6 +14,9 @@
 
 namespace cf::cpu {
 
+// Vectors of columns in gemm_kn_part_f32's tiles (n0 and n1 multiples of this many lanes).
+constexpr int kKnPartVectors = 2;
+
 // Also the elementwise ops of a block, fp32, fused (one pass each), over row ranges [r0, r1):
 // add_rms_norm_f32: sum = x + residual (residual may be null: then sum is unused and x is normed),
 //   out = weight * (sum * rsqrt(mean(sum^2) + eps)); rows of n.
@@ -27,6 +30,9 @@ namespace cf::cpu {
 // x and y are fp32; w is fp32 (gemm_f32) or bfloat16 bits (gemm_bf16); bias is fp32 or null.
 // gemm_kn_*: the same product with w stored K-major (a transposed view, as GPT-OSS's experts
 // are held): y[m * ldy + n] = sum_k x[m * K + k] * w[k * ldw + n] (+ bias[n]).
+// gemm_kn_part_f32: the K-major product over part of K, x's rows ldx apart, in tiles of
+//   kKnPartVectors vectors of columns; accumulate: y += (continues y's sums), else y =; bias null
+//   except on the last part. Each output is summed over k in order, so parts give one call's sums.
 // Sums are fp32, in a fixed order for a given (M, K): results do not depend on threading.
 #define CF_SKINNY_GEMM_DECLS                                                                        \
   void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, \
@@ -37,6 +43,8 @@ namespace cf::cpu {
                    float* y, int64_t ldy, int64_t n0, int64_t n1);                                     \
   void gemm_kn_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t ldw, const float* bias, \
                     float* y, int64_t ldy, int64_t n0, int64_t n1);                                        \
+  void gemm_kn_part_f32(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t ldw,         \
+                        const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1, bool accumulate);   \
   void add_rms_norm_f32(const float* x, const float* residual, const float* weight, float* sum, float* out,       \
                         int64_t r0, int64_t r1, int64_t n, float eps);                                        \
   void rope_f32(const float* x, const float* cos, const float* sin, float* out, int64_t r0, int64_t r1,         \

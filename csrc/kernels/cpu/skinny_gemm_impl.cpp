@@ -124,21 +124,23 @@ void gemm(const float* x, int64_t M, int64_t K, const W* w, const float* bias, f
   }
 }
 
-// K-major weights: MR rows of x against NC vectors of columns [n, n + NC * L), over all K rows of
-// w (each row's NC vectors loaded once, every x value broadcast against them).
-constexpr int NC = 4;
-template <int MR, typename W>
-inline void tile_kn(const float* x, int64_t K, const W* w, int64_t ldw, const float* bias, float* y, int64_t ldy) {
+// K-major weights: MR rows of x (row stride ldx) against NC vectors of columns [n, n + NC * L),
+// over K rows of w (each row's NC vectors loaded once, every x value broadcast against them). Each
+// output's sum runs over k in order from 0 (or from y's value when accumulate: a K range continued
+// from an earlier call gives the same sums as one call over the whole range).
+template <int MR, int NC, typename W>
+inline void tile_kn(const float* x, int64_t ldx, int64_t K, const W* w, int64_t ldw, const float* bias, float* y,
+                    int64_t ldy, bool accumulate) {
   vf acc[MR][NC];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NC; ++j) acc[i][j] = vf{};
+    for (int j = 0; j < NC; ++j) acc[i][j] = accumulate ? load(y + i * ldy + j * L) : vf{};
   for (int64_t k = 0; k < K; ++k) {
     const W* wk = w + k * ldw;
     __builtin_prefetch(wk + 8 * ldw);
     vf wv[NC];
     for (int j = 0; j < NC; ++j) wv[j] = load(wk + j * L);
     for (int i = 0; i < MR; ++i) {
-      const vf xv = vf{} + x[i * K + k];
+      const vf xv = vf{} + x[i * ldx + k];
       for (int j = 0; j < NC; ++j) acc[i][j] += xv * wv[j];
     }
   }
@@ -150,22 +152,31 @@ inline void tile_kn(const float* x, int64_t K, const W* w, int64_t ldw, const fl
     }
 }
 
-template <typename W>
-void gemm_kn(const float* x, int64_t M, int64_t K, const W* w, int64_t ldw, const float* bias, float* y, int64_t ldy,
-             int64_t n0, int64_t n1) {
+// Rows of x per K-major register tile (MR x NC accumulators): with 32 vector registers (AVX-512)
+// 6 against 4 vectors of columns or 12 against 2, else (16 registers) 2 against 4.
+template <int NC>
+constexpr int kn_rows() {
+  return L < 16 ? 2 : NC >= 4 ? 6 : 12;
+}
+
+template <int NC, typename W>
+void gemm_kn(const float* x, int64_t ldx, int64_t M, int64_t K, const W* w, int64_t ldw, const float* bias, float* y,
+             int64_t ldy, int64_t n0, int64_t n1, bool accumulate) {
+  constexpr int MR = kn_rows<NC>();
   int64_t n = n0;
   for (; n + NC * L <= n1; n += NC * L) {
-    for (int64_t m = 0; m < M; m += 2) {
-      if (M - m >= 2)
-        tile_kn<2>(x + m * K, K, w + n, ldw, bias ? bias + n : nullptr, y + m * ldy + n, ldy);
-      else
-        tile_kn<1>(x + m * K, K, w + n, ldw, bias ? bias + n : nullptr, y + m * ldy + n, ldy);
-    }
+    const float* bn = bias != nullptr ? bias + n : nullptr;
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) tile_kn<MR, NC>(x + m * ldx, ldx, K, w + n, ldw, bn, y + m * ldy + n, ldy, accumulate);
+    if constexpr (MR > 4)
+      for (; m + 4 <= M; m += 4) tile_kn<4, NC>(x + m * ldx, ldx, K, w + n, ldw, bn, y + m * ldy + n, ldy, accumulate);
+    for (; m + 2 <= M; m += 2) tile_kn<2, NC>(x + m * ldx, ldx, K, w + n, ldw, bn, y + m * ldy + n, ldy, accumulate);
+    for (; m < M; ++m) tile_kn<1, NC>(x + m * ldx, ldx, K, w + n, ldw, bn, y + m * ldy + n, ldy, accumulate);
   }
   for (; n < n1; ++n)  // columns past the last whole tile, one at a time (same k order)
     for (int64_t m = 0; m < M; ++m) {
-      float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * scalar(w[k * ldw + n]);
+      float s = accumulate ? y[m * ldy + n] : 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * ldx + k] * scalar(w[k * ldw + n]);
       y[m * ldy + n] = s + (bias != nullptr ? bias[n] : 0.0f);
     }
 }
@@ -312,11 +323,15 @@ void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const fl
 }
 void gemm_kn_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t ldw, const float* bias, float* y,
                  int64_t ldy, int64_t n0, int64_t n1) {
-  gemm_kn(x, M, K, w, ldw, bias, y, ldy, n0, n1);
+  gemm_kn<4>(x, K, M, K, w, ldw, bias, y, ldy, n0, n1, false);
 }
 void gemm_kn_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t ldw, const float* bias, float* y,
                   int64_t ldy, int64_t n0, int64_t n1) {
-  gemm_kn(x, M, K, w, ldw, bias, y, ldy, n0, n1);
+  gemm_kn<4>(x, K, M, K, w, ldw, bias, y, ldy, n0, n1, false);
+}
+void gemm_kn_part_f32(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t ldw,
+                      const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1, bool accumulate) {
+  gemm_kn<kKnPartVectors>(x, ldx, M, K, w, ldw, bias, y, ldy, n0, n1, accumulate);
 }
 
 }  // namespace cf::cpu::CF_ISA_NS
