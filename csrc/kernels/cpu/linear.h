@@ -49,6 +49,7 @@ struct Isa {
   void (*dequant_rows)(int32_t, const uint8_t*, int64_t, int64_t, int64_t, float*);
   void (*gemm_q)(int32_t, const float*, int64_t, int64_t, const uint8_t*, int64_t, const float*, float*, int64_t,
                  int64_t, int64_t, float*);
+  bool (*gemm_q_k_major)(int32_t, int64_t, int64_t);
 };
 // The best instruction set this CPU has (chosen once); false when CF_CPU_KERNELS=0.
 const Isa& active();

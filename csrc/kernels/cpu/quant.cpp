@@ -45,19 +45,21 @@ void check_cpu_packed(const at::Tensor& w, int32_t type, int64_t K, const char* 
 }
 
 // y [M, N] fp32 = x [M, K] fp32 times the packed w^T for x up to skinny_max_rows_f32(K) rows: one
-// row decodes the blocks into its dot products, more rows kQuantTileRows weight rows at a time.
+// row decodes the blocks into its dot products, more rows kQuantTileRows weight rows at a time, or
+// (gemm_q_k_major) kQuantKnCols rows K-major.
 void gemm_few_rows(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, int32_t type, const float* bp,
                    at::Tensor& y) {
   const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0), rb = w.size(1);
   // tasks of whole K-major tiles where the ISA may take them (quant_blocks.h), else of 4-row tiles
-  const int64_t unit = quant_k_major(M, K) ? kQuantKnCols : kQuantTileRows;
+  const bool k_major = isa.gemm_q_k_major(type, M, K);
+  const int64_t unit = k_major ? kQuantKnCols : kQuantTileRows;
   const int64_t tiles = (N + unit - 1) / unit;
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1) * kQuantTileRows / unit);
   const float* xp = xf.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, tiles, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scratch(static_cast<size_t>(quant_scratch_floats(K)));
+    std::vector<float> scratch(static_cast<size_t>(quant_scratch_floats(K, k_major)));
     isa.gemm_q(type, xp, M, K, wp, rb, bp, yp, N, lo * unit, std::min(hi * unit, N), scratch.data());
   });
 }

@@ -35,31 +35,37 @@ const BlockFormat* block_format(int32_t type);
 // 1.17x to 1.04x the fp32 product's time).
 constexpr int64_t kQuantTileRows = 4;
 
-// Where quant_k_major(M, K) says, on AVX-512 (compiled with GCC), block types (not F16 / BF16) take
-// the weights K-major instead: kQuantKnCols rows at a time, kQuantKnDepth columns of them decoded
-// and transposed into scratch [depth, cols] and multiplied by gemm_kn_part_f32 (x values broadcast
-// against vectors of weights: no horizontal sums, a 12 x 32 register tile instead of 4 x 4). The
-// default model's prefill (64 rows) went from 7% slower than its dequantized fp32 to 4-7% faster.
+// Where quant_k_major(M, K) says, the AVX-512 build (compiled with GCC) takes block types (not F16
+// / BF16) K-major instead (gemm_q_k_major): kQuantKnCols weight rows at a time, K in equal parts
+// of at most kQuantKnDepth columns (whole blocks), each part's columns decoded 16 rows at a time,
+// transposed into scratch [depth, cols] and multiplied by gemm_kn_part_f32 (x values broadcast
+// against vectors of weights: no horizontal sums, a 12 x 32 register tile instead of 4 x 4). At 64
+// rows 1.05-1.33x our fp32 skinny GEMM on the dequantized matrix, against 0.92-0.96x for the 4-row
+// tiles; the default model's prefill went from 5-7% slower than its dequantized fp32 to 4-7% faster.
 constexpr int64_t kQuantKnCols = 32;
 constexpr int64_t kQuantKnDepth = 256;
-// Whether M rows of x against K columns take the K-major tiles (measured, default model's shapes,
-// 2 threads: at K = 576 from ~24 rows on, at K = 1536 from 12; at 64 rows 1.05-1.3x the 4-row tiles).
+// Whether M rows of x against K columns take the K-major tiles, by measurement on the default
+// model's shapes (2 threads): at K = 576 they lose below ~24 rows and tie at 24-32 (the rule starts
+// at 29), at K = 1536 they win from 12 rows.
 constexpr bool quant_k_major(int64_t M, int64_t K) { return M >= 12 && M * K >= 16384; }
-// Floats of scratch gemm_q needs for K columns.
-constexpr int64_t quant_scratch_floats(int64_t K) {
-  return kQuantTileRows * K > (16 + kQuantKnCols) * kQuantKnDepth ? kQuantTileRows * K
-                                                                   : (16 + kQuantKnCols) * kQuantKnDepth;
+// Floats of scratch gemm_q needs for K columns (k_major: what gemm_q_k_major said).
+constexpr int64_t quant_scratch_floats(int64_t K, bool k_major) {
+  return !k_major || kQuantTileRows * K > (16 + kQuantKnCols) * kQuantKnDepth ? kQuantTileRows * K
+                                                                              : (16 + kQuantKnCols) * kQuantKnDepth;
 }
 
 // dequant_rows: rows packed rows of `type` (each row_bytes, K elements) -> out [rows, K] fp32.
 // gemm_q: y[m * ldy + n] = sum_k x[m * K + k] * W[n, k] (+ bias[n]) for m < M, n in [n0, n1), W
 //   the packed matrix w: kQuantTileRows rows at a time dequantized into scratch
 //   [kQuantTileRows * K] fp32 and multiplied by the same ISA's gemm_f32 (fp32 sums, fixed order),
-//   or K-major as said above; scratch holds quant_scratch_floats(K).
+//   or K-major as said above; scratch holds quant_scratch_floats(K, gemm_q_k_major(type, M, K)).
+// gemm_q_k_major: whether this ISA's gemm_q takes whole kQuantKnCols-row tiles K-major (callers
+//   then split rows in tasks of such tiles).
 #define CF_QUANT_DECLS                                                                                       \
   void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out); \
   void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,       \
-              const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1, float* scratch);
+              const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1, float* scratch);  \
+  bool gemm_q_k_major(int32_t type, int64_t M, int64_t K);
 
 namespace base { CF_QUANT_DECLS }
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)

@@ -432,6 +432,15 @@ void gemm_q_kn(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t
 }  // namespace
 #endif
 
+bool gemm_q_k_major(int32_t type, int64_t M, int64_t K) {
+#ifdef CF_QUANT_KN
+  return quant_k_major(M, K) && type != 1 && type != 30;  // block types, not F16 / BF16 rows
+#else
+  (void)type, (void)M, (void)K;
+  return false;
+#endif
+}
+
 void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
             const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1, float* scratch) {
   if (M == 1) {  // one activation row: the blocks decoded straight into the dot products
@@ -444,7 +453,7 @@ void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w
   }
   int64_t n = n0;
 #ifdef CF_QUANT_KN
-  if (quant_k_major(M, K) && type != 1 && type != 30)
+  if (gemm_q_k_major(type, M, K))
     for (; n + kQuantKnCols <= n1; n += kQuantKnCols)
       gemm_q_kn(type, x, M, K, w + n * row_bytes, row_bytes, bias != nullptr ? bias + n : nullptr, y + n, ldy, scratch);
 #endif

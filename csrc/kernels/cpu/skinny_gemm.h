@@ -14,7 +14,7 @@
 
 namespace cf::cpu {
 
-// Vectors of columns in gemm_kn_part_f32's tiles (n0 and n1 multiples of this many lanes).
+// Vectors of columns in gemm_kn_part_f32's register tiles (columns past whole tiles: one at a time).
 constexpr int kKnPartVectors = 2;
 
 // Also the elementwise ops of a block, fp32, fused (one pass each), over row ranges [r0, r1):
