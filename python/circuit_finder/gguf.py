@@ -42,10 +42,10 @@ import torch
 
 from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix_name, packs_on
 
-__all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "drop_resident_pages",
-           "sliding_layers",
-           "gguf_architecture", "gguf_block_count", "gguf_config", "gguf_field", "gguf_num_layers", "gguf_tokenizer",
-           "metadata_digest", "open_gguf", "read_gguf", "tokenizer_cache_dir"]
+__all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer",
+           "drop_resident_pages", "sliding_layers", "gguf_architecture", "gguf_block_count", "gguf_config",
+           "gguf_field", "gguf_num_layers", "gguf_tokenizer", "metadata_digest", "open_gguf", "read_gguf",
+           "tokenizer_cache_dir"]
 
 ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",

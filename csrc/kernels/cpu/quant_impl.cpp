@@ -396,29 +396,19 @@ inline void transpose16(const float* in, int64_t ld_in, float* out, int64_t ld_o
   for (int c = 0; c < 16; ++c) __builtin_memcpy(out + c * ld_out, &v[c], sizeof v[c]);
 }
 
-// Bytes into a packed row where column k (a block boundary) starts; 0 for types that are not blocks.
-int64_t block_offset(int32_t type, int64_t k) {
-  switch (type) {
-#define CF_OFFSET_CASE(id, name, fn, block, bytes) \
-  case id: return k / (block) * (bytes);
-    CF_BLOCK_TYPES(CF_OFFSET_CASE)
-#undef CF_OFFSET_CASE
-    default: return 0;
-  }
-}
-
 // kQuantKnCols packed rows (a block type) against M rows of x, K-major (quant_blocks.h): per
 // kQuantKnDepth columns, 16 rows at a time decoded then transposed into the [depth, cols] tile.
 void gemm_q_kn(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
                const float* bias, float* y, int64_t ldy, float* scratch) {
   float* staging = scratch;                    // [16, depth]
   float* tile = scratch + 16 * kQuantKnDepth;  // [depth, cols]
+  const BlockFormat& format = *block_format(type);  // a block type (gemm_q_k_major)
   // parts of equal depth (whole 32-blocks; K-quants' K is a multiple of 256 = kQuantKnDepth)
   const int64_t parts = (K + kQuantKnDepth - 1) / kQuantKnDepth;
   const int64_t even = (K / 32 + parts - 1) / parts * 32;
   for (int64_t k0 = 0; k0 < K; k0 += even) {
     const int64_t depth = K - k0 < even ? K - k0 : even;
-    const uint8_t* part = w + block_offset(type, k0);
+    const uint8_t* part = w + k0 / format.block * format.bytes;
     for (int64_t g = 0; g < kQuantKnCols; g += 16) {
       dequant_rows(type, part + g * row_bytes, row_bytes, 16, depth, staging);
       for (int64_t k = 0; k < depth; k += 16)
