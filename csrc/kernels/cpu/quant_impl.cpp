@@ -112,7 +112,7 @@ struct Dot {
       t += __builtin_convertvector(__builtin_convertvector(part, i32xL), f32xL) * xv;
     }
     acc += scale * t;
-    corr += (offset - scale * bias) * sums16[(y - x0) / 16];
+    corr += (offset - scale * bias) * sums16[static_cast<uint64_t>(y - x0) / 16];
   }
 };
 // The sum of four Dots' partial sums (one horizontal add).
@@ -125,17 +125,22 @@ inline float total(const Dot* d) {
   return sum;
 }
 
+// The decoders are inlined into their block loops (decode_rows, dot_rows): called out of line,
+// the K-quants' Dot kept its sums in memory (a store and reload per 16 elements, since x's floats
+// may alias them), which held their one-row products to 35-65% of Q4_0's weights per second.
+#define CF_DECODER __attribute__((always_inline)) inline
+
 // 32-blocks: d (f16) [, m (f16)] [, qh (4 bytes)], 16 bytes of nibbles: element j in the low
 // nibble of byte j, element j + 16 in its high nibble; Q5's fifth bits are bit j of qh.
 template <class Out>
-void q4_0(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void q4_0(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b);
   const u8x16 q = bytes16(b + 2);
   out.put(y, q & 15, 8, d);
   out.put(y + 16, q >> 4, 8, d);
 }
 template <class Out>
-void q4_1(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void q4_1(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b), m = half_at(b + 2);
   const u8x16 q = bytes16(b + 4);
   out.put(y, q & 15, 0, d, m);
@@ -143,7 +148,7 @@ void q4_1(const uint8_t* b, float* y, Out& out) {
 }
 inline uint32_t u32_at(const uint8_t* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | (static_cast<uint32_t>(p[3]) << 24); }
 template <class Out>
-void q5_0(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void q5_0(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b);
   const uint32_t qh = u32_at(b + 2);
   const u8x16 q = bytes16(b + 6);
@@ -151,7 +156,7 @@ void q5_0(const uint8_t* b, float* y, Out& out) {
   out.put(y + 16, (q >> 4) | (bit_lanes(qh, 16) << 4), 16, d);
 }
 template <class Out>
-void q5_1(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void q5_1(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b), m = half_at(b + 2);
   const uint32_t qh = u32_at(b + 4);
   const u8x16 q = bytes16(b + 8);
@@ -159,13 +164,13 @@ void q5_1(const uint8_t* b, float* y, Out& out) {
   out.put(y + 16, (q >> 4) | (bit_lanes(qh, 16) << 4), 0, d, m);
 }
 template <class Out>
-void q8_0(const uint8_t* b, float* y, Out& out) {  // int8 codes, read as unsigned + 128
+CF_DECODER void q8_0(const uint8_t* b, float* y, Out& out) {  // int8 codes, read as unsigned + 128
   const float d = half_at(b);
   out.put(y, bytes16(b + 2) ^ 0x80, 128, d);
   out.put(y + 16, bytes16(b + 18) ^ 0x80, 128, d);
 }
 template <class Out>
-void iq4_nl(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void iq4_nl(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b);
   const u8x16 q = bytes16(b + 2);
   out.put(y, iq4_levels(q & 15), 128, d);
@@ -175,7 +180,7 @@ void iq4_nl(const uint8_t* b, float* y, Out& out) {
 // Q2_K (84 bytes): scales[16] (low nibble scale, high nibble min, per 16 elements), qs[64] (2-bit
 // quants: byte l of a 32-byte group holds elements at shifts 0, 2, 4, 6 of four 32-runs), d, dmin.
 template <class Out>
-void q2_k(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void q2_k(const uint8_t* b, float* y, Out& out) {
   const uint8_t* sc = b;
   const uint8_t* q = b + 16;
   const float d = half_at(b + 80), dmin = half_at(b + 82);
@@ -198,7 +203,7 @@ void q3_k_scales(const uint8_t* s, int* out) {
 // Q3_K (110 bytes): hmask[32] (the third bit; clear = subtract 4), qs[64] (low 2 bits, laid out
 // as Q2_K's), scales[12], d.
 template <class Out>
-void q3_k(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void q3_k(const uint8_t* b, float* y, Out& out) {
   const uint8_t* hm = b;
   const uint8_t* q = b + 32;
   const float d = half_at(b + 108);
@@ -227,7 +232,7 @@ inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* m) {
 // Q5_K (176 bytes): d, dmin, scales[12], qh[32], qs[128]: the same plus a fifth bit, bit 2i (low
 // nibbles) and 2i + 1 (high nibbles) of qh[l] for the i-th 64 elements.
 template <bool kFifthBit, class Out>
-void q4_or_q5_k(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void q4_or_q5_k(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b), dmin = half_at(b + 2);
   const uint8_t* s = b + 4;
   const uint8_t* qh = b + 16;  // Q5_K only
@@ -241,8 +246,8 @@ void q4_or_q5_k(const uint8_t* b, float* y, Out& out) {
       u8x16 lo = v & 15, hi = v >> 4;
       if constexpr (kFifthBit) {
         const u8x16 hb = bytes16(qh + h);
-        lo |= ((hb >> j) & 1) << 4;
-        hi |= ((hb >> (j + 1)) & 1) << 4;
+        lo |= ((hb & uint8_t(1 << j)) != 0) & 16;  // a mask test: bytes have no shift instructions
+        hi |= ((hb & uint8_t(2 << j)) != 0) & 16;
       }
       out.put(y + h, lo, 0, d * sc0, -dmin * m0);
       out.put(y + 32 + h, hi, 0, d * sc1, -dmin * m1);
@@ -250,17 +255,17 @@ void q4_or_q5_k(const uint8_t* b, float* y, Out& out) {
   }
 }
 template <class Out>
-void q4_k(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void q4_k(const uint8_t* b, float* y, Out& out) {
   q4_or_q5_k<false>(b, y, out);
 }
 template <class Out>
-void q5_k(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void q5_k(const uint8_t* b, float* y, Out& out) {
   q4_or_q5_k<true>(b, y, out);
 }
 // Q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (per 16), d;
 // per 128 elements, byte l of ql / qh serves elements l, l + 32, l + 64, l + 96; stored with +32.
 template <class Out>
-void q6_k(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void q6_k(const uint8_t* b, float* y, Out& out) {
   const uint8_t* ql = b;
   const uint8_t* qh = b + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
@@ -269,16 +274,17 @@ void q6_k(const uint8_t* b, float* y, Out& out) {
     for (int h = 0; h < 32; h += 16) {
       const int is = h / 16;
       const u8x16 lo = bytes16(ql + h), lo2 = bytes16(ql + 32 + h), hi = bytes16(qh + h);
-      out.put(y + h, (lo & 15) | ((hi & 3) << 4), 32, d * sc[is]);
-      out.put(y + 32 + h, (lo2 & 15) | (((hi >> 2) & 3) << 4), 32, d * sc[is + 2]);
-      out.put(y + 64 + h, (lo >> 4) | (((hi >> 4) & 3) << 4), 32, d * sc[is + 4]);
-      out.put(y + 96 + h, (lo2 >> 4) | (((hi >> 6) & 3) << 4), 32, d * sc[is + 6]);
+      // each pair of high bits moved to bits 4-5 in one shift (none for the third pair)
+      out.put(y + h, (lo & 15) | ((hi << 4) & 48), 32, d * sc[is]);
+      out.put(y + 32 + h, (lo2 & 15) | ((hi << 2) & 48), 32, d * sc[is + 2]);
+      out.put(y + 64 + h, (lo >> 4) | (hi & 48), 32, d * sc[is + 4]);
+      out.put(y + 96 + h, (lo2 >> 4) | ((hi >> 2) & 48), 32, d * sc[is + 6]);
     }
 }
 // IQ4_XS (136 bytes): d, scales_h (u16: 2 high bits per 32), scales_l[4] (4 low bits per 32),
 // qs[128]: eight IQ4_NL-style 32-runs, each scaled by d * (six-bit scale - 32).
 template <class Out>
-void iq4_xs(const uint8_t* b, float* y, Out& out) {
+CF_DECODER void iq4_xs(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b);
   const int scales_h = b[2] | (b[3] << 8);
   const uint8_t* scales_l = b + 4;
