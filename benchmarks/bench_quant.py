@@ -12,16 +12,25 @@ of a memory-mapped file then counts), prefill tokens/s (64-token prompt), decode
 --repeat). llama.cpp runs batch 1 through its high-level API (one sequence), so its batch-16 cell
 is empty.
 
+With a shape (``run.py --quant-model 8b``; run.py's RANDOM_SHAPES), the file is instead a llama
+GGUF of that shape written here in llama.cpp's Q4_K_M type mix (``write_random_gguf``: random
+real blocks, the default model's tokenizer), the size of the files our users sweep; the routes
+whose fp32 weights do not fit in this machine's available memory are left out (with the reason),
+and speed is measured at batch 1.
+
     .venv/bin/python benchmarks/bench_quant.py          # ~3 min on 2 cores
     .venv/bin/python benchmarks/run.py --sections quant # the same, inside the main benchmark
+    .venv/bin/python benchmarks/run.py --sections quant --quant-model 8b  # a 4.5 GB file, ~6 min
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -133,12 +142,107 @@ def llama_cpp_speed(path: str, threads: int, repeat: int) -> dict:
     return {"prefill_tok_s": PROMPT / prefill, "decode_tok_s": 1 / step}
 
 
-def run_quant(repeat: int = 2, batches=(1, 16)) -> dict:
-    """The table's figures for the default model (see the module docstring)."""
+def q4_k_m_type(name: str, layers: int) -> str:
+    """llama.cpp's Q4_K_M choice for a llama matrix: Q6_K for the output head, and for attn_v and
+    ffn_down in the layers its use_more_bits rule picks (the first and last eighth and every third
+    layer between); Q4_K for the rest."""
+    if name == "output.weight":
+        return "Q6_K"
+    if name.endswith(("attn_v.weight", "ffn_down.weight")):
+        i, eighth = int(name.split(".")[1]), layers // 8
+        if i < eighth or i >= 7 * layers // 8 or (i - eighth) % 3 == 2:
+            return "Q6_K"
+    return "Q4_K"
+
+
+def write_random_gguf(dst: Path, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> Path:
+    """A llama GGUF of this shape in Q4_K_M's type mix: random real blocks (bench_quant_gpu's
+    random_blocks: rows of N(0, 0.02^2) weights quantized by our quantizers), norms of ones, and the
+    default model's tokenizer, chat template and 49152-token vocabulary (copied field by field).
+    Written one tensor at a time; what a published Q4_K_M file of that size holds, without a download."""
+    import gguf
+    import numpy as np
+    from bench_quant_gpu import random_blocks
+
     import circuit_finder as cf
 
-    path, threads = cf.default_model_path(), torch.get_num_threads()
+    src, vocab, head_dim = gguf.GGUFReader(cf.default_model_path()), 49152, hidden // heads
+    w = gguf.GGUFWriter(str(dst), "llama")
+    for f in src.fields.values():  # the tokenizer's fields and general.*; the llama.* shape is this one's
+        if not f.name.startswith(("GGUF.", "llama.", "general.architecture", "general.file_type")):
+            w.add_key_value(f.name, f.contents(), f.types[0],
+                            sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    w.add_file_type(15)  # MOSTLY_Q4_K_M
+    w.add_block_count(layers), w.add_context_length(8192), w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn), w.add_head_count(heads), w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(500000.0), w.add_layer_norm_rms_eps(1e-5), w.add_vocab_size(vocab)
+    w.add_rope_dimension_count(head_dim)
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.attn_q.weight": (hidden, hidden),
+                       f"blk.{i}.attn_k.weight": (kv_heads * head_dim, hidden),
+                       f"blk.{i}.attn_v.weight": (kv_heads * head_dim, hidden),
+                       f"blk.{i}.attn_output.weight": (hidden, hidden), f"blk.{i}.ffn_norm.weight": (hidden,),
+                       f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+                       f"blk.{i}.ffn_down.weight": (hidden, ffn)})
+    gen, made = torch.Generator().manual_seed(0), {}
+
+    def data(name: str, shape: tuple):
+        if len(shape) == 1:
+            return torch.ones(shape).numpy(), gguf.GGMLQuantizationType.F32
+        kind = q4_k_m_type(name, layers)
+        return random_blocks(kind, shape[0], shape[1], "cpu", gen, made).numpy(), gguf.GGMLQuantizationType[kind]
+
+    for name, shape in shapes.items():  # the tensor table first: sizes from the shapes, no data yet
+        kind = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else gguf.GGMLQuantizationType[q4_k_m_type(name, layers)]
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        stored = shape if len(shape) == 1 else (shape[0], shape[1] // block * size)
+        dtype = np.dtype(np.float32 if len(shape) == 1 else np.uint8)
+        w.add_tensor_info(name, stored, dtype, math.prod(stored) * dtype.itemsize, raw_dtype=kind)
+    w.write_header_to_file(path=str(dst))
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, shape in shapes.items():
+        w.write_tensor_data(data(name, shape)[0])
+    w.close()
+    return dst
+
+
+def available_bytes() -> int:
+    """MemAvailable of this machine (/proc/meminfo), or 0 where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_quant(repeat: int = 2, batches=(1, 16), shape: tuple | None = None) -> dict:
+    """The table's figures (see the module docstring): the default model's file, or with `shape`
+    (hidden, intermediate, layers, heads, kv_heads, _) a random Q4_K_M file of that shape, batch 1."""
+    import circuit_finder as cf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if shape is None:
+            path, label = cf.default_model_path(), "default model GGUF"
+        else:
+            path = str(write_random_gguf(Path(tmp) / "random.gguf", *shape[:5]))
+            label, batches = f"random llama GGUF in Q4_K_M, {shape[0]} hidden x {shape[2]} layers", (1,)
+        res = _run_routes(path, repeat, batches)
+        res["label"] = label
+        return res
+
+
+def _run_routes(path: str, repeat: int, batches) -> dict:
+    import circuit_finder as cf
+
+    threads = torch.get_num_threads()
+    import gguf
+
     cf.load(path)  # warms the tokenizer cache (keyed by the file's metadata), as any second load finds it
+    fp32_bytes = 4 * sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
     rows = []
     for route in ("packed", "dequantized", "transformers", "llama.cpp"):
         if route == "llama.cpp":
@@ -147,6 +251,10 @@ def run_quant(repeat: int = 2, batches=(1, 16)) -> dict:
             except ImportError:
                 rows.append({"route": route, "missing": "pip install llama-cpp-python"})
                 continue
+        if route in ("dequantized", "transformers") and fp32_bytes > 0.8 * available_bytes():
+            rows.append({"route": route, "missing": f"fp32 weights ~{fp32_bytes / 1e9:.0f} GB, "
+                                                   f"{available_bytes() / 1e9:.0f} GB available"})
+            continue
         row, model = {"route": route, **load_figures(route, path, threads)}, None
         if route in ("packed", "dequantized"):
             model = cf.load(path, dequantize=route == "dequantized")
@@ -167,18 +275,21 @@ def run_quant(repeat: int = 2, batches=(1, 16)) -> dict:
 
 
 def _cell(row: dict, batch: str, key: str) -> str:
-    return f"{row[batch][key]:.0f}" if batch in row else "-"
+    if batch not in row:
+        return "-"
+    value = row[batch][key]
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
 def markdown(res: dict) -> str:
     size = res["file_bytes"]
-    lines = [f"default model GGUF ({size / 1e6:.1f} MB file), {res['threads']} threads, prompt {res['prompt']}, "
+    lines = [f"{res.get('label', 'default model GGUF')} ({size / 1e6:.1f} MB file), {res['threads']} threads, prompt {res['prompt']}, "
              f"decode over {res['new']} tokens",
              "", "| route | load s | resident MB after load / after use (x file) | weights MB | prefill tok/s b1 / b16 | "
                  "decode tok/s b1 | decode tok/s b16 |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if "missing" in r:
-            lines.append(f"| {r['route']} | not installed ({r['missing']}) | | | | | |")
+            lines.append(f"| {r['route']} | not run: {r['missing']} | | | | | |")
             continue
         weights = f"{r['weight_bytes'] / 1e6:.0f}" if "weight_bytes" in r else "-"
         lines.append(f"| {r['route']} | {r['load_s']:.2f} | {r['rss_bytes'] / 1e6:.0f} / {r['rss_used_bytes'] / 1e6:.0f} "

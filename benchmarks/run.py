@@ -24,7 +24,8 @@ of --scan-configs configs of the full (i, j) scan, and the projected time of the
 --profile, a torch.profiler table of one batch-1 decode (kernels by total time) is written too.
 
 quant: the default model's GGUF packed (the default), dequantized to fp32, in transformers and in
-llama.cpp (benchmarks/bench_quant.py): load time, resident memory, prefill and decode tokens/s.
+llama.cpp (benchmarks/bench_quant.py): load time, resident memory, prefill and decode tokens/s;
+with --quant-model SHAPE, a random llama GGUF of that shape in Q4_K_M's type mix instead.
 
 On a CUDA device the random shapes are built there, in the benchmark dtype (transformers' own
 random init), and our Model runs over the very same tensors; nothing is written to disk.
@@ -402,6 +403,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None, help="a saved tokenizer folder for the scan's random model "
                     "(default: the default model's, built from its GGUF)")
     ap.add_argument("--scan-items", type=int, default=None, help="search items per probe (default: all)")
+    ap.add_argument("--quant-model", default="default", help="'default' or a random shape, for the quant section "
+                    "(a Q4_K_M GGUF of that shape written to a temporary folder)")
     ap.add_argument("--profile", action="store_true", help="write a batch-1 decode profile of each forward model")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -453,7 +456,8 @@ def main(argv=None) -> int:
     if "quant" in args.sections:  # the default model's GGUF: packed, dequantized, transformers, llama.cpp (CPU)
         from bench_quant import run_quant
 
-        res["quant"] = run_quant(1 if args.quick else args.repeat, (1,) if args.quick else (1, 16))
+        shape = None if args.quant_model == "default" else RANDOM_SHAPES[args.quant_model]
+        res["quant"] = run_quant(1 if args.quick else args.repeat, (1,) if args.quick else (1, 16), shape)
     stem = f"{meta['date']}-{device.type}-{meta['dtype']}" + ("-quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     text = markdown(res)

@@ -72,3 +72,30 @@ def test_quant_gpu_benchmark_quick_run(tmp_path):
     packed, dense = res["rows"]
     assert packed["weight_GB"] < dense["weight_GB"] / 2  # the blocks, not floats
     assert all(r["decode_tok_s"]["circuit_finder"] > 0 and "decode_roofline" in r for r in res["rows"])
+
+
+def test_random_q4_k_m_file_loads_with_llama_cpp_type_mix(tmp_path, monkeypatch):
+    """bench_quant's random GGUF of a shape: llama.cpp's Q4_K_M type per tensor (Q6_K for the head
+    and, in the layers its rule picks, attn_v / ffn_down), the default model's tokenizer, and a model
+    that loads packed and runs (finite logits)."""
+    import gguf
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # bench_quant imports its neighbours
+    from bench_quant import q4_k_m_type, write_random_gguf
+
+    import circuit_finder as cf
+
+    # llama.cpp's use_more_bits over 32 layers: the first and last four, then every third from 6
+    picked = [i for i in range(32) if q4_k_m_type(f"blk.{i}.ffn_down.weight", 32) == "Q6_K"]
+    assert picked == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    path = write_random_gguf(tmp_path / "r.gguf", hidden=256, ffn=512, layers=8, heads=4, kv_heads=2)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert kinds["output.weight"] == "Q6_K" and kinds["token_embd.weight"] == "Q4_K"
+    assert kinds["blk.0.attn_v.weight"] == "Q6_K" and kinds["blk.1.attn_v.weight"] == "Q4_K"
+    assert kinds["blk.0.attn_norm.weight"] == "F32"
+    model = cf.load(path)
+    assert model.config.num_layers == 8 and len(model.tokenizer) == 49152
+    logits = model.logits(model.tokenizer("The capital of France is", return_tensors="pt").input_ids)
+    print("random Q4_K_M logits std", float(logits.std()))
+    assert torch.isfinite(logits).all() and logits.shape[-1] == 49152
