@@ -166,13 +166,17 @@ def write_random_gguf(dst: Path, hidden: int, ffn: int, layers: int, heads: int,
 
     import circuit_finder as cf
 
+    if hidden % 256 or ffn % 256:
+        raise ValueError(f"a Q4_K_M file needs rows of whole 256-value blocks: hidden {hidden}, intermediate {ffn}")
     src, vocab, head_dim = gguf.GGUFReader(cf.default_model_path()), 49152, hidden // heads
     w = gguf.GGUFWriter(str(dst), "llama")
-    for f in src.fields.values():  # the tokenizer's fields and general.*; the llama.* shape is this one's
-        if not f.name.startswith(("GGUF.", "llama.", "general.architecture", "general.file_type")):
+    skip = ("GGUF.", "llama.", "general.architecture", "general.file_type", "general.alignment", "general.name",
+            "general.size_label")
+    for f in src.fields.values():  # the tokenizer's fields and the rest of general.*; the shape is this one's
+        if not f.name.startswith(skip):
             w.add_key_value(f.name, f.contents(), f.types[0],
                             sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    w.add_file_type(15)  # MOSTLY_Q4_K_M
+    w.add_name(f"random llama {hidden}x{layers} Q4_K_M"), w.add_file_type(15)  # MOSTLY_Q4_K_M
     w.add_block_count(layers), w.add_context_length(8192), w.add_embedding_length(hidden)
     w.add_feed_forward_length(ffn), w.add_head_count(heads), w.add_head_count_kv(kv_heads)
     w.add_rope_freq_base(500000.0), w.add_layer_norm_rms_eps(1e-5), w.add_vocab_size(vocab)
@@ -251,7 +255,7 @@ def _run_routes(path: str, repeat: int, batches) -> dict:
             except ImportError:
                 rows.append({"route": route, "missing": "pip install llama-cpp-python"})
                 continue
-        if route in ("dequantized", "transformers") and fp32_bytes > 0.8 * available_bytes():
+        if route in ("dequantized", "transformers") and 0 < available_bytes() < fp32_bytes / 0.8:
             rows.append({"route": route, "missing": f"fp32 weights ~{fp32_bytes / 1e9:.0f} GB, "
                                                    f"{available_bytes() / 1e9:.0f} GB available"})
             continue

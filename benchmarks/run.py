@@ -403,8 +403,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None, help="a saved tokenizer folder for the scan's random model "
                     "(default: the default model's, built from its GGUF)")
     ap.add_argument("--scan-items", type=int, default=None, help="search items per probe (default: all)")
-    ap.add_argument("--quant-model", default="default", help="'default' or a random shape, for the quant section "
-                    "(a Q4_K_M GGUF of that shape written to a temporary folder)")
+    ap.add_argument("--quant-model", default="default", choices=["default", *RANDOM_SHAPES],
+                    help="the quant section's file: the default model's, or a random Q4_K_M GGUF of that shape "
+                    "written to a temporary folder (1b, 8b: rows of whole 256-value blocks)")
     ap.add_argument("--profile", action="store_true", help="write a batch-1 decode profile of each forward model")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -458,7 +459,8 @@ def main(argv=None) -> int:
 
         shape = None if args.quant_model == "default" else RANDOM_SHAPES[args.quant_model]
         res["quant"] = run_quant(1 if args.quick else args.repeat, (1,) if args.quick else (1, 16), shape)
-    stem = f"{meta['date']}-{device.type}-{meta['dtype']}" + ("-quick" if args.quick else "")
+    stem = (f"{meta['date']}-{device.type}-{meta['dtype']}" + ("-quick" if args.quick else "")
+            + (f"-quant-{args.quant_model}" if "quant" in args.sections and args.quant_model != "default" else ""))
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     text = markdown(res)
     (out / f"{stem}.md").write_text(text + "\n")
