@@ -189,16 +189,9 @@ def write_random_gguf(dst: Path, hidden: int, ffn: int, layers: int, heads: int,
                        f"blk.{i}.attn_output.weight": (hidden, hidden), f"blk.{i}.ffn_norm.weight": (hidden,),
                        f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
                        f"blk.{i}.ffn_down.weight": (hidden, ffn)})
-    gen, made = torch.Generator().manual_seed(0), {}
-
-    def data(name: str, shape: tuple):
-        if len(shape) == 1:
-            return torch.ones(shape).numpy(), gguf.GGMLQuantizationType.F32
-        kind = q4_k_m_type(name, layers)
-        return random_blocks(kind, shape[0], shape[1], "cpu", gen, made).numpy(), gguf.GGMLQuantizationType[kind]
-
+    kinds = {name: "F32" if len(shape) == 1 else q4_k_m_type(name, layers) for name, shape in shapes.items()}
     for name, shape in shapes.items():  # the tensor table first: sizes from the shapes, no data yet
-        kind = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else gguf.GGMLQuantizationType[q4_k_m_type(name, layers)]
+        kind = gguf.GGMLQuantizationType[kinds[name]]
         block, size = gguf.GGML_QUANT_SIZES[kind]
         stored = shape if len(shape) == 1 else (shape[0], shape[1] // block * size)
         dtype = np.dtype(np.float32 if len(shape) == 1 else np.uint8)
@@ -206,8 +199,10 @@ def write_random_gguf(dst: Path, hidden: int, ffn: int, layers: int, heads: int,
     w.write_header_to_file(path=str(dst))
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
+    gen, made = torch.Generator().manual_seed(0), {}
     for name, shape in shapes.items():
-        w.write_tensor_data(data(name, shape)[0])
+        w.write_tensor_data(np.ones(shape, np.float32) if len(shape) == 1
+                            else random_blocks(kinds[name], *shape, "cpu", gen, made).numpy())
     w.close()
     return dst
 
@@ -240,11 +235,11 @@ def run_quant(repeat: int = 2, batches=(1, 16), shape: tuple | None = None) -> d
 
 
 def _run_routes(path: str, repeat: int, batches) -> dict:
-    import circuit_finder as cf
-
-    threads = torch.get_num_threads()
     import gguf
 
+    import circuit_finder as cf
+
+    threads, available = torch.get_num_threads(), available_bytes()
     cf.load(path)  # warms the tokenizer cache (keyed by the file's metadata), as any second load finds it
     fp32_bytes = 4 * sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
     rows = []
@@ -255,9 +250,9 @@ def _run_routes(path: str, repeat: int, batches) -> dict:
             except ImportError:
                 rows.append({"route": route, "missing": "pip install llama-cpp-python"})
                 continue
-        if route in ("dequantized", "transformers") and 0 < available_bytes() < fp32_bytes / 0.8:
+        if route in ("dequantized", "transformers") and 0 < available < fp32_bytes / 0.8:
             rows.append({"route": route, "missing": f"fp32 weights ~{fp32_bytes / 1e9:.0f} GB, "
-                                                   f"{available_bytes() / 1e9:.0f} GB available"})
+                                                   f"{available / 1e9:.0f} GB available"})
             continue
         row, model = {"route": route, **load_figures(route, path, threads)}, None
         if route in ("packed", "dequantized"):
