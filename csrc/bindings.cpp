@@ -41,11 +41,13 @@ PYBIND11_MODULE(_C, m) {
         "packed ggml blocks uint8 [..., rows, row_bytes] (CPU) -> [..., rows, cols] in dtype");
   m.def("linear_packed",
         [](const at::Tensor& x, const at::Tensor& w, int32_t t, int64_t k, const std::optional<at::Tensor>& b,
-           const std::string& isa) { return cf::cpu::linear_packed(x, w, t, k, b.value_or(at::Tensor()), isa); },
+           const std::string& isa, bool q8) { return cf::cpu::linear_packed(x, w, t, k, b.value_or(at::Tensor()), isa, q8); },
         py::arg("x"), py::arg("blocks"), py::arg("ggml_type"), py::arg("cols"), py::arg("bias") = py::none(),
-        py::arg("isa") = "",
+        py::arg("isa") = "", py::arg("q8_activations") = false,
         py::call_guard<py::gil_scoped_release>(),
         "x [..., cols] @ dequantized(blocks)^T (+ bias), reading the packed blocks");
+  m.def("cpu_q8_activations", &cf::cpu::q8_activations_here,
+        "whether load(activations='q8') takes effect on this CPU (AVX-512BW int8 kernels)");
   m.def("packed_row_bytes", [](int32_t t, int64_t k) { return cf::cpu::packed_row_bytes(t, k, "packed_row_bytes"); },
         py::arg("ggml_type"), py::arg("cols"));
   m.def("cpu_add_rms_norm", &cf::cpu::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
@@ -87,9 +89,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<cf::Engine>(m, "Engine")
       .def(py::init<const std::string&, const std::string&, const std::map<std::string, at::Tensor>&,
-                    const std::map<std::string, int32_t>&>(),
+                    const std::map<std::string, int32_t>&, bool>(),
            py::arg("config_json"), py::arg("config_source"), py::arg("tensors"),
-           py::arg("packed") = std::map<std::string, int32_t>{})
+           py::arg("packed") = std::map<std::string, int32_t>{}, py::arg("q8_activations") = false)
       .def("forward", &cf::Engine::forward, py::arg("input_ids"), py::arg("positions"), py::arg("attention_mask"),
            py::arg("path"), py::arg("cache"), py::arg("last_only") = false, py::call_guard<py::gil_scoped_release>())
       .def("hidden", &cf::Engine::hidden, py::arg("input_ids"), py::arg("positions"), py::arg("attention_mask"),

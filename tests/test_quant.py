@@ -14,6 +14,7 @@ Checked by routes independent of our kernels:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -112,6 +113,84 @@ def test_bad_packed_input_names_what_is_wrong():
         _C.linear_packed(torch.randn(2, 65), raw, PACKED_TYPES["Q4_0"], 64)
     with pytest.raises(_C.InputError, match="instruction set 'sve' is not available"):
         _C.dequantize_packed(raw, PACKED_TYPES["Q4_0"], 64, torch.float32, "sve")
+
+
+# ----------------------------------------------------------------------------- 8-bit activations
+Q8_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+
+
+def q8_rows(kind: str) -> int:
+    """Rows of x up to which activations="q8" takes a product (quant_blocks.h's q8_max_rows)."""
+    return 16 if kind.endswith("_K") else 8 if kind == "Q8_0" else 3
+
+
+def rounded_x(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x rounded to 8 bits per `block` columns as documented (ggml's q8_0 / q8_K facts), in numpy:
+    d = max|x| / 127, codes rint(x * (127 / max|x|)) in fp32; returns d * codes."""
+    v = x.numpy().astype(np.float32).reshape(x.shape[0], -1, block)
+    amax = np.abs(v).max(-1, keepdims=True)
+    scale = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    codes = np.clip(np.rint(v * scale), -127, 127)
+    return torch.from_numpy((codes * (amax / np.float32(127)).astype(np.float32)).reshape(x.shape))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", Q8_TYPES)
+def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
+    """Up to q8_rows: exactly (up to the float sums' order) the package's dequantized W times x
+    rounded to 8 bits per block of x; and measurably not the float product, so the test sees which
+    route ran. One row more: the float route. 19 / 3 blocks per row: an odd 32-block tail."""
+    block = 256 if kind.endswith("_K") else 32
+    n, k = 37, 768 if block == 256 else 608
+    raw = random_packed(kind, n, k, seed=7)
+    w = reference(kind, raw, k).double()
+    bias = torch.randn(n)
+    for rows in sorted({1, 2, q8_rows(kind), q8_rows(kind) + 1}):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        exact = x.double() @ w.T + bias.double()
+        ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, bias, isa, True)
+        if rows > q8_rows(kind):
+            assert diff(f"{kind} on {isa}, {rows} rows (float)", ours, exact)[1] < 1e-5
+            continue
+        assert diff(f"{kind} on {isa}, {rows} rows", ours, rounded_x(x, block).double() @ w.T + bias.double())[1] < 2e-6
+        assert diff("  vs float x", ours, exact)[1] > 1e-4
+
+
+def test_q8_activations_of_zero_and_non_finite_rows():
+    """A zero block of x adds nothing (its scale is 0); inf or NaN in x makes the row's outputs NaN,
+    never a finite number."""
+    for kind in ("Q4_K", "Q4_1"):
+        raw = torch.from_numpy(random_packed(kind, 8, 512))
+        x = torch.randn(3, 512)
+        x[0] = 0
+        x[1, 5], x[2, 300] = float("inf"), float("nan")
+        bias = torch.randn(8)
+        ours = _C.linear_packed(x, raw, PACKED_TYPES[kind], 512, bias, "", True)
+        assert torch.equal(ours[0], bias)
+        assert ours[1:].isnan().all()
+
+
+def test_q8_activations_on_a_model(q4k_llama):
+    """load(activations="q8"): decode-sized products (few token rows) differ slightly from the
+    float route's and prefill-sized ones (more rows than q8 takes) not at all; the setting is
+    recorded on the model and checked."""
+    exact, q8 = cf.load(q4k_llama), cf.load(q4k_llama, activations="q8")
+    assert (exact.activations, q8.activations) == ("float", "q8")
+    step = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(1))
+    assert 1e-5 < diff("one decode-sized forward, q8 vs float", q8.logits(step), exact.logits(step))[1] < 5e-2
+    prompt = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
+    assert diff("a 60-row prefill", q8.logits(prompt), exact.logits(prompt))[1] < 1e-6
+    with pytest.raises(ValueError, match="activations='int4': expected one of 'float', 'q8'"):
+        cf.load(q4k_llama, activations="int4")
+
+
+def test_q8_activations_without_the_int8_kernels_stay_float(q4k_llama, monkeypatch):
+    """Where the CPU has no AVX-512BW int8 kernels, q8 is not emulated by slow loops: the products
+    stay float, the load warns, and the model (and so a sweep's results file) says float."""
+    monkeypatch.setattr(_C, "cpu_q8_activations", lambda: False)
+    with pytest.warns(UserWarning, match="activations='q8': this CPU's kernels .* have no int8 products"):
+        model = cf.load(q4k_llama, activations="q8")
+    assert model.activations == "float"
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -405,6 +484,24 @@ def test_sweep_on_a_packed_model(packed_chat):
             assert x.keys() == y.keys() and x["layers"] == y["layers"], mode
             for key in x.keys() - {"seconds", "kind"}:
                 assert close(x[key], y[key]), (mode, x["layers"], key, x[key], y[key])
+
+
+@pytest.mark.filterwarnings("ignore:quantize")
+def test_a_sweep_records_its_activations(chat_model_dir, tmp_path):
+    """A results file written with activations="q8" is not resumed by a float model (the scores
+    differ), and one written before the setting existed counts as float."""
+    q8 = cf.load(chat_model_dir, quantize="q4_k", activations="q8")
+    kw = dict(probes=("math",), mode="likelihood", max_items=2, block_sizes=(2,), progress=False)
+    cf.sweep(q8, results=tmp_path / "q8.jsonl", **kw)
+    exact = cf.load(chat_model_dir, quantize="q4_k")
+    with pytest.raises(ValueError, match="was run with activations='q8'; this sweep has activations='float'"):
+        cf.sweep(exact, results=tmp_path / "q8.jsonl", **kw)
+    cf.sweep(exact, results=tmp_path / "float.jsonl", **kw)
+    lines = (tmp_path / "float.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header.pop("activations") == "float"
+    (tmp_path / "float.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    cf.sweep(exact, results=tmp_path / "float.jsonl", **kw)  # an older file: resumed
 
 
 def test_server_and_lm_eval_on_a_packed_model(packed_chat):

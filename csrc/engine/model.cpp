@@ -75,8 +75,9 @@ void check_ids(const at::Tensor& t, const char* name, at::Device device) {
 }  // namespace
 
 Engine::Engine(const std::string& config_json, const std::string& config_source,
-               const std::map<std::string, at::Tensor>& tensors, const std::map<std::string, int32_t>& packed)
-    : cfg_(parse_config(config_json, config_source)), w_(bind_weights(cfg_, tensors, packed)) {
+               const std::map<std::string, at::Tensor>& tensors, const std::map<std::string, int32_t>& packed,
+               bool q8_activations)
+    : cfg_(parse_config(config_json, config_source)), w_(bind_weights(cfg_, tensors, packed, q8_activations)) {
   rope_ = rope_freqs(cfg_.rope, w_.device);
   if (cfg_.has_rope_local) rope_local_ = rope_freqs(cfg_.rope_local, w_.device);
 }

@@ -63,9 +63,11 @@ class CallInputs {
 
 class Engine {
  public:
-  // packed: {name: ggml type} of the tensors held as packed ggml blocks (see weights.h).
+  // packed: {name: ggml type} of the tensors held as packed ggml blocks (see weights.h);
+  // q8_activations: their CPU products of few rows round x to 8 bits where the type allows.
   Engine(const std::string& config_json, const std::string& config_source,
-         const std::map<std::string, at::Tensor>& tensors, const std::map<std::string, int32_t>& packed = {});
+         const std::map<std::string, at::Tensor>& tensors, const std::map<std::string, int32_t>& packed = {},
+         bool q8_activations = false);
 
   // input_ids [B, T] int64; positions [B, T] int64; key_mask [B, S] (S = cache length + T; nonzero =
   // a real token) or [B, T, T] (a full pattern, nonzero = attend; empty cache only) or None; cache: one slot per path entry, or None for a one-shot forward.

@@ -10,8 +10,8 @@ namespace {
 
 class Accessor {
  public:
-  Accessor(const std::map<std::string, at::Tensor>& t, const std::map<std::string, int32_t>& packed)
-      : t_(t), packed_(packed) {
+  Accessor(const std::map<std::string, at::Tensor>& t, const std::map<std::string, int32_t>& packed, bool q8)
+      : t_(t), packed_(packed), q8_(q8) {
     auto e = t_.find("model.embed_tokens.weight");
     if (e == t_.end()) throw WeightError("missing tensor 'model.embed_tokens.weight'");
     for (const auto& [name, type] : packed_)
@@ -44,7 +44,9 @@ class Accessor {
     shape.back() = cpu::packed_row_bytes(p->second, K, cat("tensor '", name, "'"));
     at::Tensor blocks = fetch(name, shape, at::kByte, false);
     if (!blocks.is_contiguous()) throw WeightError(cat("tensor '", name, "' is packed but not contiguous"));
-    return Matrix(blocks, p->second, K);
+    Matrix m(blocks, p->second, K);
+    m.q8 = q8_;
+    return m;
   }
   // Tensors fetched from now on must sit where layer `layer`'s input_layernorm.weight does (the
   // embedding's device when it is missing: get() then names the missing tensor).
@@ -95,6 +97,7 @@ class Accessor {
 
   const std::map<std::string, at::Tensor>& t_;
   const std::map<std::string, int32_t>& packed_;
+  bool q8_;  // packed matrices round x to 8 bits (Matrix::q8)
   at::ScalarType dtype_;
   at::Device device_ = at::kCPU, main_ = at::kCPU;
   std::string owner_ = "the embedding";
@@ -273,8 +276,8 @@ void bind_norms(const Accessor& a, const ModelConfig& c, const std::string& p, i
 }  // namespace
 
 Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tensor>& tensors,
-                     const std::map<std::string, int32_t>& packed) {
-  Accessor a(tensors, packed);
+                     const std::map<std::string, int32_t>& packed, bool q8_activations) {
+  Accessor a(tensors, packed, q8_activations);
   const int64_t H = c.hidden_size;
   Weights w;
   w.dtype = a.dtype();

@@ -71,8 +71,9 @@ struct Weights {
   at::Device device = at::kCPU;  // the main device: embedding, final norm, lm_head, inputs and outputs
 };
 
-// packed: {name: ggml type} of the tensors that are packed blocks (uint8 [..., rows, row_bytes]).
+// packed: {name: ggml type} of the tensors that are packed blocks (uint8 [..., rows, row_bytes]);
+// q8_activations: those matrices' CPU products of few rows round x to 8 bits (Matrix::q8).
 Weights bind_weights(const ModelConfig& cfg, const std::map<std::string, at::Tensor>& tensors,
-                     const std::map<std::string, int32_t>& packed = {});
+                     const std::map<std::string, int32_t>& packed = {}, bool q8_activations = false);
 
 }  // namespace cf

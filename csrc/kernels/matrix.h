@@ -15,6 +15,7 @@ struct Matrix {
   at::Tensor t;        // float [..., N, K], or packed uint8 [..., N, row_bytes]
   int32_t type = -1;   // ggml type id when packed, else -1
   int64_t cols = 0;    // K of a packed matrix
+  bool q8 = false;     // CPU products of few rows round x to 8 bits (cpu::linear_packed's q8_activations)
 
   Matrix() = default;
   Matrix(at::Tensor w) : t(std::move(w)) {}  // NOLINT: a float tensor is a matrix
@@ -23,7 +24,11 @@ struct Matrix {
   bool defined() const { return t.defined(); }
   bool packed() const { return type >= 0; }
   int64_t rows() const { return t.size(-2); }  // N (of a float view, its logical rows)
-  Matrix operator[](int64_t i) const { return packed() ? Matrix(t[i], type, cols) : Matrix(t[i]); }
+  Matrix operator[](int64_t i) const {
+    Matrix m = packed() ? Matrix(t[i], type, cols) : Matrix(t[i]);
+    m.q8 = q8;
+    return m;
+  }
 };
 
 }  // namespace cf

@@ -47,7 +47,7 @@ at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& bias) 
       throw InputError(cat("a packed ", cpu::packed_type_name(w.type), " matrix runs on the CPU or (a build with GPU kernels) ",
                            "a GPU, with x on its device; got x on ", x.device().str(), " and the matrix on ",
                            w.t.device().str(), " (load with dequantize=True)"));
-    return cpu::linear_packed(x, w.t, w.type, w.cols, bias);
+    return cpu::linear_packed(x, w.t, w.type, w.cols, bias, "", w.q8);
   }
   if (x.device().is_cpu()) return cpu::linear(x, w.t, bias);
   return at::linear(x, w.t, bias);

@@ -121,8 +121,9 @@ def _load(args):
 
 
 def _weight_format(args) -> dict:
-    """--dequantize / --quantize as load()'s arguments."""
-    return {"dequantize": getattr(args, "dequantize", False), "quantize": getattr(args, "quantize", None)}
+    """--dequantize / --quantize / --activations as load()'s arguments."""
+    return {"dequantize": getattr(args, "dequantize", False), "quantize": getattr(args, "quantize", None),
+            "activations": getattr(args, "activations", "float")}
 
 
 # ------------------------------------------------------------------------------- generate
@@ -460,6 +461,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF: convert every tensor to --dtype (default: quantized matrices stay packed on the CPU)")
     p.add_argument("--quantize", default=None, help="HF folder: pack its matrices on load as q8_0, q6_k, q5_1, q5_0, "
                                                    "q4_k, q4_1, q4_0, bf16 or f16 (CPU)")
+    p.add_argument("--activations", default="float", choices=["float", "q8"],
+                   help="q8: packed matrices' decode products (CPU) round their inputs to 8 bits, as llama.cpp "
+                        "does: faster, not identical (default float)")
     _add_placement_args(p)
 
 

@@ -14,8 +14,9 @@ RYS short form ``rys=10:13``; or ``router:PATH``, a saved Router: each request r
 path it routes its context to — a rolling log-likelihood document by its opening tokens), ``device``,
 ``dtype``, ``batch_size``, ``max_length``, ``max_gen_toks``, ``add_bos_token``, ``device_map`` (``auto`` or
 ``cuda:0=20+cpu=12``) and ``max_memory`` (``cuda:0=20GiB+cpu=64GiB``): a model split over devices;
-``dequantize`` (a GGUF converted to dtype) and ``quantize`` (a Hugging Face folder packed on load,
-e.g. ``q8_0``), as ``circuit_finder.load`` takes them.
+``dequantize`` (a GGUF converted to dtype), ``quantize`` (a Hugging Face folder packed on load,
+e.g. ``q8_0``) and ``activations`` (``q8``: 8-bit inputs to the packed decode products), as
+``circuit_finder.load`` takes them.
 
 Scoring follows lm-eval's conventions for causal models (those of its Hugging Face backend):
 contexts and continuations are encoded together and split, contexts are left-truncated to the
@@ -69,7 +70,7 @@ class CircuitFinderLM(TemplateLM):
                  dtype: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token: bool | str | None = None, model=None,
                  device_map: str | None = None, max_memory: str | None = None, dequantize: bool | str = False,
-                 quantize: str | None = None, **kwargs):
+                 quantize: str | None = None, activations: str = "float", **kwargs):
         super().__init__()
         from .loading import load
 
@@ -77,7 +78,7 @@ class CircuitFinderLM(TemplateLM):
             raise ValueError(f"unknown circuit-finder model_args: {', '.join(sorted(kwargs))}")
         self.cf_model = model if model is not None else load(
             pretrained, device=available_device(device), dtype=dtype, device_map=device_map, max_memory=max_memory,
-            dequantize=bool(_flag(dequantize)), quantize=quantize or None)
+            dequantize=bool(_flag(dequantize)), quantize=quantize or None, activations=activations)
         if self.cf_model.tokenizer is None:
             raise ValueError(f"{pretrained}: lm-eval needs a tokenizer, and this model has none")
         self.tokenizer = self.cf_model.tokenizer

@@ -45,7 +45,9 @@ from .quants import (
     quantize_matrix,
 )
 
-__all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "default_model_path", "load", "load_from_tensors", "packs_on",
+__all__ = ["ACTIVATIONS", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "activations_here", "check_activations",
+           "default_model_path", "load",
+           "load_from_tensors", "packs_on",
            "model_config_file", "release_freed_heap", "resolve_dtype", "text_decoder_tensors"]
 
 _DTYPES = {
@@ -109,7 +111,8 @@ def model_config_file(folder: Path) -> Path:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         device_map=None, max_memory: dict | None = None, dequantize: bool = False, quantize=None) -> Model:
+         device_map=None, max_memory: dict | None = None, dequantize: bool = False, quantize=None,
+         activations: str = "float") -> Model:
     """Loads a model for running along layer paths.
 
     path: a Hugging Face folder (config.json + *.safetensors, single or sharded), a .gguf file, or
@@ -127,15 +130,22 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     embedding, lm_head) placed where packed matrices run (``packs_on``) as that ggml type on load,
     one at a time (the gguf package's quantizers; ``kquants`` for the K-quants); {fnmatch pattern:
     type or None} chooses per tensor (first match wins). See ``quants``.
+    activations: "float" (default) keeps the activations of packed matrices' products in float (the
+    dequantized matrix's results up to the order of the sums); "q8" rounds them to 8 bits per 256
+    values in the CPU products of up to 16 rows (decode steps) against Q4_K / Q5_K / Q6_K matrices
+    and sums in integers, as llama.cpp does: faster, not identical (benchmarks/RESULTS.md has its
+    measured top-1 agreement). Other types, prefill and GPUs stay in float.
     When loading is done, the C heap it freed is handed back to the system (``release_freed_heap``).
     """
+    check_activations(activations)
+    activations = activations_here(activations)
     if str(path) == "default":
         path = default_model_path()
     if str(path).lower().endswith(".gguf"):
         if quantize is not None:
             raise ValueError(f"{path}: quantize= applies to Hugging Face checkpoints; a GGUF file keeps its own "
                              "quantization (dequantize=True converts it to dtype)")
-        model = _load_gguf(str(path), device, dtype, device_map, max_memory, dequantize)
+        model = _load_gguf(str(path), device, dtype, device_map, max_memory, dequantize, activations)
     else:
         folder = Path(path)
         config_file = model_config_file(folder)
@@ -143,7 +153,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         tensors = _C.load_safetensors(str(folder))
         model = load_from_tensors(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
                                   source=str(folder), device_map=device_map, max_memory=max_memory,
-                                  quantize=quantize)
+                                  quantize=quantize, activations=activations)
     release_freed_heap()
     return model
 
@@ -183,7 +193,7 @@ def _with_generation_eos(config, folder: Path):
     return config
 
 
-def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: bool) -> Model:
+def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: bool, activations: str) -> Model:
     from .gguf import gguf_tokenizer, read_gguf
 
     target = resolve_dtype(dtype, torch.float32)
@@ -198,7 +208,7 @@ def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: boo
 
     config, tensors = read_gguf(path, target, place, keep_packed=not dequantize)
     return load_from_tensors(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path,
-                             device_map=placed[0])
+                             device_map=placed[0], activations=activations)
 
 
 def _sized_packed(device, device_map) -> bool:
@@ -227,10 +237,12 @@ def text_decoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch.Tensor], tokenizer=None,
                       device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                       source: str = "<tensors>", device_map=None, max_memory: dict | None = None,
-                      quantize=None) -> Model:
+                      quantize=None, activations: str = "float") -> Model:
     """Builds a Model from Hugging Face-named tensors (any weight source: safetensors, GGUF, ...;
-    ``quants.PackedTensor`` values stay packed where ``packs_on`` says). device_map / max_memory / quantize as
-    for ``load`` (device_map may be a ready Placement)."""
+    ``quants.PackedTensor`` values stay packed where ``packs_on`` says). device_map / max_memory / quantize /
+    activations as for ``load`` (device_map may be a ready Placement)."""
+    check_activations(activations)
+    activations = activations_here(activations)
     if not isinstance(config, ModelConfig):
         config = parse_config(config, source)
     if config.wrapper:
@@ -267,9 +279,30 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
         moved[name] = dequantize_mxfp4(blocks, scales, target, placed.device_of(name))
     kept = _place_packed(ggml, placed, target, moved)
     engine = _C.Engine(json.dumps(config.raw), source, {**moved, **{n: t.blocks for n, t in kept.items()}},
-                       {n: t.ggml_type for n, t in kept.items()})
-    return Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source,
-                 tensors={**moved, **kept}, placement=placed)
+                       {n: t.ggml_type for n, t in kept.items()}, q8_activations=activations == "q8")
+    model = Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source,
+                  tensors={**moved, **kept}, placement=placed)
+    model.activations = activations
+    return model
+
+
+ACTIVATIONS = ("float", "q8")
+
+
+def check_activations(activations) -> None:
+    """ValueError unless ``activations`` is one of ACTIVATIONS."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
+
+
+def activations_here(activations: str) -> str:
+    """``activations`` as this CPU runs it: "q8" needs the AVX-512BW int8 kernels; without them the
+    products stay float, with a warning (and the model says "float", as its results are)."""
+    if activations == "q8" and not _C.cpu_q8_activations():
+        warnings.warn(f"activations='q8': this CPU's kernels ({_C.cpu_isa()}) have no int8 products (they need "
+                      f"AVX-512BW); the products stay float", stacklevel=3)
+        return "float"
+    return activations
 
 
 def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]:

@@ -49,6 +49,7 @@ class Model:
         self.source = source
         self.cuda_graphs = generation.cuda_graphs_default()
         self.static_decode: bool | None = None
+        self.activations = "float"  # load(activations=): "q8" rounds packed products' activations to 8 bits
 
     def __repr__(self) -> str:
         c = self.config

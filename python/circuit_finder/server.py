@@ -622,15 +622,16 @@ def add_routes(app, service: Service, max_batch: int) -> None:
 def serve(model: str = "default", layers=None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           dtype: str | None = None, model_name: str | None = None, max_batch: int = 16,
           batch_window_ms: float = 10.0, routers=None, device_map=None, max_memory=None, dequantize: bool = False,
-          quantize=None, **limits) -> None:
-    """Loads a model (placed by device_map / max_memory, weights as dequantize / quantize say: see
-    ``load``) and serves it with uvicorn (blocking). ``limits``: see Limits."""
+          quantize=None, activations: str = "float", **limits) -> None:
+    """Loads a model (placed by device_map / max_memory, weights and activations as dequantize /
+    quantize / activations say: see ``load``) and serves it with uvicorn (blocking). ``limits``:
+    see Limits."""
     import uvicorn
 
     from .loading import load
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, dequantize=dequantize,
-                  quantize=quantize)
+                  quantize=quantize, activations=activations)
     app = create_app(loaded, layers=layers, model_name=model_name or str(model), max_batch=max_batch,
                      batch_window_ms=batch_window_ms, routers=routers, **limits)
     uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limits.get("max_pending", 256) + 16)

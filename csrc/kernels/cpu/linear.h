@@ -12,6 +12,8 @@
 
 namespace cf::cpu {
 
+struct Q8Rows;  // quant_blocks.h
+
 // Rows of x up to which linear() runs the skinny kernels. fp32: while x holds at most
 // kSkinnyMaxXElems floats (4 MB, cache-resident: each weight tile is multiplied by all of x), and
 // always up to kSkinnyMinRowsF32 rows. Measured on a 2-core AVX-512 machine (benchmarks/RESULTS.md,
@@ -50,6 +52,9 @@ struct Isa {
   void (*gemm_q)(int32_t, const float*, int64_t, int64_t, const uint8_t*, int64_t, const float*, float*, int64_t,
                  int64_t, int64_t, float*);
   bool (*gemm_q_k_major)(int32_t, int64_t, int64_t);
+  void (*quantize_q8)(const float*, int64_t, int64_t, int64_t, int8_t*, int16_t*, float*);
+  void (*gemm_q8)(int32_t, const Q8Rows&, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t, int64_t);
+  bool (*q8_vectorized)();
 };
 // The best instruction set this CPU has (chosen once); false when CF_CPU_KERNELS=0.
 const Isa& active();

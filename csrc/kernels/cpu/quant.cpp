@@ -64,6 +64,26 @@ void gemm_few_rows(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, in
   });
 }
 
+// y [M, N] fp32 = x [M, K] rounded to int8 per block of columns (once, here) times the packed w^T of
+// a q8_activation_type, on all threads in tasks of whole kQuantTileRows-row tiles.
+void gemm_q8_rows(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, int32_t type, const float* bp,
+                  at::Tensor& y) {
+  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0), rb = w.size(1), block = q8_x_block(type);
+  at::Tensor buf = at::empty({M * K + 2 * (M * K / 16) + 4 * (M * K / block)}, xf.options().dtype(at::kByte));
+  uint8_t* base = buf.data_ptr<uint8_t>();
+  int8_t* q = reinterpret_cast<int8_t*>(base);
+  int16_t* sums = reinterpret_cast<int16_t*>(base + M * K);
+  float* d = reinterpret_cast<float*>(base + M * K + 2 * (M * K / 16));
+  isa.quantize_q8(xf.data_ptr<float>(), M, K, block, q, sums, d);
+  const Q8Rows rows{q, sums, d, M, K, block};
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t tiles = (N + kQuantTileRows - 1) / kQuantTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t lo, int64_t hi) {
+    isa.gemm_q8(type, rows, wp, rb, bp, yp, N, lo * kQuantTileRows, std::min(hi * kQuantTileRows, N));
+  });
+}
+
 // Many rows: chunks of about kPackedChunkBytes of dequantized rows, each dequantized on all threads
 // into a scratch kept between calls (no page faults per call) and multiplied by ATen's GEMM.
 void gemm_many_rows(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, int32_t type, const at::Tensor& b,
@@ -105,8 +125,10 @@ at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarTy
   return dtype == at::kFloat ? out : out.to(dtype);
 }
 
+bool q8_activations_here() { return active().q8_vectorized(); }
+
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b,
-                         const std::string& isa_name) {
+                         const std::string& isa_name, bool q8_activations) {
   check_cpu_packed(w, type, K, "linear");
   if (w.dim() != 2 || !x.device().is_cpu() || !at::isFloatingType(x.scalar_type()) || x.dim() < 1 || x.size(-1) != K)
     throw InputError(cat("linear: x [..., ", K, "] float on the CPU against a packed [rows, bytes] matrix; got x ",
@@ -120,9 +142,14 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type,
   at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   at::Tensor bf = b.defined() ? b.to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, xf.options());
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   if (M > 0 && N > 0) {
-    if (M <= skinny_max_rows_f32(K) && kernels_enabled())
-      gemm_few_rows(isa, xf, w, type, bf.defined() ? bf.data_ptr<float>() : nullptr, y);
+    // q8 where this CPU has its vector kernels (or a test names the ISA)
+    if (q8_activations && q8_activation_type(type) && M <= q8_max_rows(type) &&
+        (!isa_name.empty() || isa.q8_vectorized()))
+      gemm_q8_rows(isa, xf, w, type, bp, y);
+    else if (M <= skinny_max_rows_f32(K) && kernels_enabled())
+      gemm_few_rows(isa, xf, w, type, bp, y);
     else
       gemm_many_rows(isa, xf, w, type, bf, y);
   }

@@ -54,6 +54,32 @@ constexpr int64_t quant_scratch_floats(int64_t K, bool k_major) {
                                                                               : (16 + kQuantKnCols) * kQuantKnDepth;
 }
 
+// Opt-in 8-bit activations (quant_q8_impl.cpp): rows of the q8 types (the K-quants Q4_K, Q5_K,
+// Q6_K and the 32-blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) against x rows rounded to int8 per block of
+// x (256 columns for the K-quants, 32 for the others; as ggml's q8_K / q8_0: d = max|x| / 127,
+// q = rint(x * 127 / max|x|), with the sum of each 16 codes), summed in integers. A few rows of x
+// (decode steps) only.
+constexpr int32_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4K = 12, kQ5K = 13, kQ6K = 14;
+constexpr bool q8_k_type(int32_t type) { return type == kQ4K || type == kQ5K || type == kQ6K; }
+constexpr bool q8_activation_type(int32_t type) {
+  return q8_k_type(type) || type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1 || type == kQ8_0;
+}
+// Columns of x per scale d for a weight type's products.
+constexpr int64_t q8_x_block(int32_t type) { return q8_k_type(type) ? 256 : 32; }
+// Rows of x up to which linear_packed takes them (more: float, the prefill's K-major tiles): where
+// they beat the float kernels, measured on 2 cores (benchmarks/RESULTS.md, 2026-11-24): K-quants
+// 1.1-5x up to 16 rows (1.0x at 24); Q8_0 2.0x at 1-4 rows, 1.5x at 8, 1.1x at 16; the other
+// 32-blocks 1.1-1.9x at 1-3 rows, 0.85x (Q4_1) at 4.
+constexpr int64_t q8_max_rows(int32_t type) { return q8_k_type(type) ? 16 : type == kQ8_0 ? 8 : 3; }
+// x rows [M, K] (K a multiple of block) as quantize_q8 writes them: codes [M, K], the sums of each
+// 16 codes [M, K / 16], and per block of columns the scale d [M, K / block].
+struct Q8Rows {
+  const int8_t* q;
+  const int16_t* sums;
+  const float* d;
+  int64_t M, K, block;
+};
+
 // dequant_rows: rows packed rows of `type` (each row_bytes, K elements) -> out [rows, K] fp32.
 // gemm_q: y[m * ldy + n] = sum_k x[m * K + k] * W[n, k] (+ bias[n]) for m < M, n in [n0, n1), W
 //   the packed matrix w: kQuantTileRows rows at a time dequantized into scratch
@@ -61,11 +87,20 @@ constexpr int64_t quant_scratch_floats(int64_t K, bool k_major) {
 //   or K-major as said above; scratch holds quant_scratch_floats(K, gemm_q_k_major(type, M, K)).
 // gemm_q_k_major: whether this ISA's gemm_q takes whole kQuantKnCols-row tiles K-major (callers
 //   then split rows in tasks of such tiles).
+// quantize_q8: x [M, K] fp32 -> the arrays of Q8Rows (q [M * K], sums [M * K / 16], d [M * K / block]).
+// gemm_q8: y[m * ldy + n] = the Q8Rows x's row m (d times the codes) . W[n] (+ bias[n]) for every m,
+//   n in [n0, n1), W packed of a q8_activation_type, x quantized by its q8_x_block.
+// q8_vectorized: whether this ISA's gemm_q8 has vector kernels (AVX-512BW); the others' plain loops
+//   are for tests (linear_packed does not take them unless asked for by name).
 #define CF_QUANT_DECLS                                                                                       \
   void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out); \
   void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,       \
               const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1, float* scratch);  \
-  bool gemm_q_k_major(int32_t type, int64_t M, int64_t K);
+  bool gemm_q_k_major(int32_t type, int64_t M, int64_t K);                                                  \
+  void quantize_q8(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, int16_t* sums, float* d); \
+  void gemm_q8(int32_t type, const Q8Rows& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y, \
+               int64_t ldy, int64_t n0, int64_t n1);                                                             \
+  bool q8_vectorized();
 
 namespace base { CF_QUANT_DECLS }
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)

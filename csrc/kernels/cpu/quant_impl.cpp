@@ -17,28 +17,7 @@
 namespace cf::cpu::CF_ISA_NS {
 namespace {
 
-inline float bits_to_float(uint32_t u) {
-  float f;
-  __builtin_memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// IEEE half -> float: one instruction where the ISA has F16C; else the half's exponent and
-// mantissa moved into a float's and rescaled by 2^112 (exact for normals and subnormals),
-// infinities and NaNs keeping an all-ones exponent.
-#ifdef __F16C__
-inline float half(uint16_t h) { return _cvtsh_ss(h); }
-#else
-inline float half(uint16_t h) {
-  const uint32_t em = h & 0x7fffu, sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  float f = bits_to_float(em << 13) * 0x1p112f;
-  uint32_t u;
-  __builtin_memcpy(&u, &f, sizeof u);
-  if (em >= 0x7c00u) u = (em << 13) | 0x7f800000u;
-  return bits_to_float(u | sign);
-}
-#endif
-inline float half_at(const uint8_t* p) { return half(static_cast<uint16_t>(p[0] | (p[1] << 8))); }
+#include "quant_common.h"  // bits_to_float, half, half_at, u32_at
 
 // Blocks decode 16 elements at a time: the codes as 16 unsigned bytes (byte ops work on every
 // ISA), then widened to int32 and float in vectors of the ISA's width (CF_LANES; GCC widens 16
@@ -146,7 +125,6 @@ CF_DECODER void q4_1(const uint8_t* b, float* y, Out& out) {
   out.put(y, q & 15, 0, d, m);
   out.put(y + 16, q >> 4, 0, d, m);
 }
-inline uint32_t u32_at(const uint8_t* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | (static_cast<uint32_t>(p[3]) << 24); }
 template <class Out>
 CF_DECODER void q5_0(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b);

@@ -330,7 +330,8 @@ class SweepResult:
         if self.path is None:
             return None
         setup = {"fingerprint": fingerprint(model.source), "dtype": str(model.dtype).replace("torch.", ""),
-                 "chat": resolve_chat(model, self.chat), "thinking": bool(self.thinking)}
+                 "activations": model.activations, "chat": resolve_chat(model, self.chat),
+                 "thinking": bool(self.thinking)}
         store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True, setup=setup)
         self.records = store.records()
         return store

@@ -1,0 +1,382 @@
+// quant_q8_impl.cpp — the opt-in 8-bit activation products of quant_blocks.h (quantize_q8,
+// gemm_q8), compiled once per ISA like quant_impl.cpp: weight rows of the q8 types against x rows
+// quantized to int8 per block of x (256 columns for the K-quants, 32 for the others), summed in
+// integers.
+//
+// Every 16 weights g of these blocks are w_i = D * s_g * c_i - M * m_g with integer codes c,
+// scales s and offsets m: Q4_K / Q5_K: D = d, M = dmin, s / m the 32-run's six-bit scale and min;
+// Q6_K: D = M = d, s its int8 scale, m = 32 s; Q4_0 / Q5_0: D = M = d, s = 1, m = 8 / 16; Q4_1 /
+// Q5_1: D = d, M = -m (the block's min), s = m = 1; Q8_0: D = d, M = 0, s = 1, signed codes.
+// Against x_i ~ dx * q_i one block's sum is dx * (D * sum_g s_g sum_i c_i q_i - M * sum_g m_g
+// sum_i q_i): integer dot products, two float multiplies per block. The result is exactly the
+// dequantized matrix times x rounded to 8 bits, up to the order of the float sums
+// (tests/test_quant.py checks that against the `gguf` package's decoders). AVX-512BW builds
+// multiply 64 codes by 64 activations per instruction (vpmaddubsw, then vpmaddwd by the scales);
+// other builds run the same sums as plain loops (correct, not fast).
+#include <cmath>
+
+#include "quant_blocks.h"
+
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#define CF_Q8_AVX512 1
+#endif
+
+#ifndef CF_ISA_NS
+#define CF_ISA_NS base
+#endif
+
+namespace cf::cpu::CF_ISA_NS {
+namespace {
+
+#include "quant_common.h"  // half, half_at, u32_at
+
+// Q4_K / Q5_K's twelve scale bytes -> eight six-bit scales and eight mins, a byte each, in two
+// words (the fields of ggml-common.h: pairs 0-3 in the low six bits of bytes 0-3 / 4-7, pairs 4-7
+// four bits from bytes 8-11 and two from the top of bytes 0-3 / 4-7).
+struct K4Scales {
+  uint64_t sc, mn;
+};
+inline K4Scales k4_scales(const uint8_t* s) {
+  const uint32_t w0 = u32_at(s), w1 = u32_at(s + 4), w2 = u32_at(s + 8);
+  const uint32_t sc_lo = w0 & 0x3f3f3f3fu, mn_lo = w1 & 0x3f3f3f3fu;
+  const uint32_t sc_hi = (w2 & 0x0f0f0f0fu) | (((w0 >> 6) & 0x03030303u) << 4);
+  const uint32_t mn_hi = ((w2 >> 4) & 0x0f0f0f0fu) | (((w1 >> 6) & 0x03030303u) << 4);
+  return {sc_lo | (uint64_t{sc_hi} << 32), mn_lo | (uint64_t{mn_hi} << 32)};
+}
+
+// One block's scales per 16 elements: w_i = D * s[i / 16] * c_i - M * m[i / 16].
+struct Scales16 {
+  float D, M;
+  int16_t s[16], m[16];
+};
+inline void scales16(int32_t type, const uint8_t* b, Scales16& out) {
+  for (int g = 0; g < 16; ++g) out.s[g] = 1, out.m[g] = type == kQ4_0 ? 8 : type == kQ5_0 ? 16 : 1;
+  out.D = out.M = half_at(b);
+  if (type == kQ4_1 || type == kQ5_1) out.M = -half_at(b + 2);
+  if (type == kQ8_0) out.M = 0.0f;
+  if (type == kQ6K) {
+    out.D = out.M = half_at(b + 208);
+    for (int g = 0; g < 16; ++g) {
+      out.s[g] = static_cast<int8_t>(b[192 + g]);
+      out.m[g] = static_cast<int16_t>(32 * out.s[g]);
+    }
+  } else if (type == kQ4K || type == kQ5K) {
+    const K4Scales k = k4_scales(b + 4);
+    out.M = half_at(b + 2);
+    for (int g = 0; g < 16; ++g)
+      out.s[g] = static_cast<int16_t>((k.sc >> (8 * (g / 2))) & 63),
+      out.m[g] = static_cast<int16_t>((k.mn >> (8 * (g / 2))) & 63);
+  }
+}
+
+// Element i's code of a block of a q8 type, by ggml's layouts (see quant_impl.cpp).
+inline int code_at(int32_t type, const uint8_t* b, int i) {
+  if (type == kQ8_0) return static_cast<int8_t>(b[2 + i]);
+  if (type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1) {  // 32-blocks: nibbles after the header
+    // the nibbles follow d (Q4_0), d and m (Q4_1), d and qh (Q5_0), d, m and qh (Q5_1)
+    const int head = type == kQ4_0 ? 2 : type == kQ4_1 ? 4 : type == kQ5_0 ? 6 : 8;
+    const int c = i < 16 ? b[head + i] & 15 : b[head + i - 16] >> 4;
+    return type == kQ5_0 || type == kQ5_1 ? c | (((u32_at(b + head - 4) >> i) & 1) << 4) : c;
+  }
+  const int chunk = i / 64, l = i % 32, upper = (i / 32) % 2;
+  if (type == kQ6K) {  // per 128: ql byte l (+ 32) low / high nibble, qh byte l's bit pair
+    const int h128 = i / 128, j = i % 128, quarter = j / 32;
+    const uint8_t ql = b[64 * h128 + l + 32 * (quarter % 2)], qh = b[128 + 32 * h128 + l];
+    return ((quarter < 2 ? ql & 15 : ql >> 4)) | (((qh >> (2 * quarter)) & 3) << 4);
+  }
+  const uint8_t* q = b + (type == kQ5K ? 48 : 16) + 32 * chunk;
+  int c = upper ? q[l] >> 4 : q[l] & 15;
+  if (type == kQ5K) c |= ((b[16 + l] >> (2 * chunk + upper)) & 1) << 4;
+  return c;
+}
+
+// The portable route: one block's integer sums, then its two float terms.
+float block_dot_plain(int32_t type, int64_t block, const uint8_t* b, const int8_t* q, const int16_t* sums, float dx) {
+  Scales16 s;
+  scales16(type, b, s);
+  int32_t dot = 0, off = 0;
+  for (int g = 0; g < block / 16; ++g) {
+    int32_t part = 0;
+    for (int i = 16 * g; i < 16 * g + 16; ++i) part += code_at(type, b, i) * q[i];
+    dot += s.s[g] * part;
+    off += s.m[g] * sums[g];
+  }
+  return dx * (s.D * static_cast<float>(dot) - s.M * static_cast<float>(off));
+}
+
+#ifdef CF_Q8_AVX512
+// 16-bit lanes: the first 16 of value a, the next 16 of value b.
+inline __m512i halves16(short a, short b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b), 1);
+}
+
+// The 64 codes of elements [64 k, 64 k + 64) of a block, in element order.
+template <int32_t Type>
+inline __m512i codes64(const uint8_t* b, int k) {
+  if constexpr (Type == kQ6K) {
+    // half k / 2: ql's 64 bytes (elements l, l + 32: low nibbles; l + 64, l + 96: high nibbles), qh's
+    // 32 bytes hold their bit pairs at shifts 0, 2 (low nibbles' elements), 4, 6 (high nibbles')
+    const __m512i ql = _mm512_loadu_si512(b + 64 * (k / 2));
+    const __m512i qh =
+        _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * (k / 2))));
+    const __m512i low = k % 2 == 0 ? ql : _mm512_srli_epi16(ql, 4);
+    const __m512i high = k % 2 == 0 ? _mm512_sllv_epi16(qh, halves16(4, 2)) : _mm512_srlv_epi16(qh, halves16(0, 2));
+    return _mm512_or_si512(_mm512_and_si512(low, _mm512_set1_epi8(15)), _mm512_and_si512(high, _mm512_set1_epi8(48)));
+  } else {  // 32 bytes: low nibbles elements 64 k.., high nibbles the next 32
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (Type == kQ5K ? 48 : 16) + 32 * k));
+    const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi8(15));
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
+    __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    if constexpr (Type == kQ5K) {  // fifth bits: bit 2k (first 32) / 2k + 1 (next 32) of qh[l]
+      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
+      const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8(static_cast<char>(1 << (2 * k))),
+                                             _mm256_set1_epi8(static_cast<char>(2 << (2 * k))), 1);
+      c = _mm512_mask_add_epi8(c, _mm512_test_epi8_mask(qh, bit), c, _mm512_set1_epi8(16));
+    }
+    return c;
+  }
+}
+
+// One block's scales and offsets per 16 elements as 16-bit lanes (see Scales16).
+struct VScales {
+  float D, M;
+  __m512i s;  // lanes 0-15: s_g
+  __m256i m;  // m_g
+};
+template <int32_t Type>
+inline VScales vscales(const uint8_t* b) {
+  if constexpr (Type == kQ6K) {
+    const float d = half_at(b + 208);
+    const __m256i s = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+    return {d, d, _mm512_castsi256_si512(s), _mm256_slli_epi16(s, 5)};
+  } else {
+    const K4Scales k = k4_scales(b + 4);
+    const __m128i sc = _mm_cvtsi64_si128(static_cast<long long>(k.sc)), mn = _mm_cvtsi64_si128(static_cast<long long>(k.mn));
+    return {half_at(b), half_at(b + 2),
+            _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sc, sc))),
+            _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn))};
+  }
+}
+
+inline float hsum256(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// Weight rows [n0, n1) of type Type against x rows [m0, m0 + R): each block's codes decoded once
+// (64 at a time) and multiplied by the R rows' int8 activations; int32 sums per block, float
+// sums across blocks.
+template <int32_t Type, int R>
+void rows_k_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
+                   int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int64_t kBytes = Type == kQ6K ? 210 : Type == kQ5K ? 176 : 144;
+  const int64_t blocks = x.K / 256;
+  // vpmaddubsw's 16-bit lane j sums elements 64 k + 2 j and + 1, of group 4 k + j / 8: the lanes'
+  // groups for k = 0 (two lanes per 32-bit constant); + 4 k for chunk k
+  const __m512i g0 = _mm512_set_epi32(0x30003, 0x30003, 0x30003, 0x30003, 0x20002, 0x20002, 0x20002, 0x20002,
+                                      0x10001, 0x10001, 0x10001, 0x10001, 0, 0, 0, 0);
+  const __m512i pick[4] = {g0, _mm512_add_epi16(g0, _mm512_set1_epi16(4)), _mm512_add_epi16(g0, _mm512_set1_epi16(8)),
+                           _mm512_add_epi16(g0, _mm512_set1_epi16(12))};
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m512 acc[R];
+    __m256 off[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), off[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < blocks; ++i) {
+      const uint8_t* blk = row + i * kBytes;
+      const VScales s = vscales<Type>(blk);
+      __m512i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const __m512i c = codes64<Type>(blk, k);
+        const __m512i sk = _mm512_permutexvar_epi16(pick[k], s.s);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* q = x.q + (m0 + r) * x.K + i * 256 + 64 * k;
+          const __m512i p = _mm512_maddubs_epi16(c, _mm512_loadu_si512(q));
+          dot[r] = _mm512_add_epi32(dot[r], _mm512_madd_epi16(p, sk));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const float dx = x.d[(m0 + r) * blocks + i];
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(s.D * dx), acc[r]);
+        const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums + ((m0 + r) * blocks + i) * 16));
+        off[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s.m, sums)), _mm256_set1_ps(s.M * dx), off[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      y[(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]) - hsum256(off[r]) + (bias != nullptr ? bias[n] : 0.0f);
+  }
+}
+
+// The 32 codes of a 32-block (Q8_0's signed), in element order.
+template <int32_t Type>
+inline __m256i codes32(const uint8_t* b) {
+  if constexpr (Type == kQ8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  } else {
+    constexpr int kHead = Type == kQ4_0 ? 2 : Type == kQ4_1 ? 4 : Type == kQ5_0 ? 6 : 8;  // see code_at
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kHead));
+    const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+    if constexpr (Type == kQ5_0 || Type == kQ5_1)  // fifth bit of element j: bit j of qh
+      return _mm256_mask_add_epi8(c, static_cast<__mmask32>(u32_at(b + kHead - 4)), c, _mm256_set1_epi8(16));
+    return c;
+  }
+}
+// Q4_0 / Q5_0 / Q8_0 multiply signed codes (c - 8, c - 16, c) through vpmaddubsw as |c| times q
+// with c's sign (no offset term); Q4_1 / Q5_1 keep unsigned codes and add m times the sum of q.
+template <int32_t Type>
+constexpr bool kSignedCodes = Type == kQ4_0 || Type == kQ5_0 || Type == kQ8_0;
+
+// Weight rows [n0, n1) of a 32-block type against x rows [m0, m0 + R): two blocks per vector (a
+// float scale per block of each product's int32 sums); a last odd block by the portable route.
+template <int32_t Type, int R>
+void rows_32_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
+                    int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int64_t kBytes = Type == kQ4_0 ? 18 : Type == kQ4_1 ? 20 : Type == kQ5_0 ? 22 : Type == kQ5_1 ? 24 : 34;
+  const int64_t blocks = x.K / 32;
+  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lanes 8-15: block 2
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m512 acc[R];
+    float off[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), off[r] = 0.0f;
+    int64_t i = 0;
+    for (; i + 2 <= blocks; i += 2) {
+      const uint8_t* a = row + i * kBytes;
+      __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(codes32<Type>(a)), codes32<Type>(a + kBytes), 1);
+      const __m512 d = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_setr_ps(half_at(a), half_at(a + kBytes), 0, 0)));
+      __mmask64 negative = 0;
+      if constexpr (kSignedCodes<Type>) {
+        if constexpr (Type != kQ8_0) c = _mm512_sub_epi8(c, _mm512_set1_epi8(Type == kQ4_0 ? 8 : 16));
+        negative = _mm512_movepi8_mask(c);
+        c = _mm512_abs_epi8(c);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t xb = (m0 + r) * blocks + i;
+        __m512i q = _mm512_loadu_si512(x.q + 32 * xb);
+        if constexpr (kSignedCodes<Type>) q = _mm512_mask_sub_epi8(q, negative, _mm512_setzero_si512(), q);
+        const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(c, q), _mm512_set1_epi16(1));
+        const __m512 dx = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(
+            reinterpret_cast<const double*>(x.d + xb)))));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, dx), acc[r]);
+        if constexpr (!kSignedCodes<Type>) {  // w = d c + m: minus (-m) dx sum(q)
+          const int16_t* sums = x.sums + 2 * xb;
+          off[r] -= half_at(a + 2) * x.d[xb] * static_cast<float>(sums[0] + sums[1]) +
+                    half_at(a + kBytes + 2) * x.d[xb + 1] * static_cast<float>(sums[2] + sums[3]);
+        }
+      }
+    }
+    for (; i < blocks; ++i)
+      for (int r = 0; r < R; ++r) {
+        const int64_t xb = (m0 + r) * blocks + i;
+        off[r] -= block_dot_plain(Type, 32, row + i * kBytes, x.q + 32 * xb, x.sums + 2 * xb, x.d[xb]);
+      }
+    for (int r = 0; r < R; ++r)
+      y[(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]) - off[r] + (bias != nullptr ? bias[n] : 0.0f);
+  }
+}
+
+template <int32_t Type, int R>
+void rows_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
+                 int64_t ldy, int64_t n0, int64_t n1) {
+  if constexpr (q8_k_type(Type))
+    rows_k_avx512<Type, R>(x, m0, w, row_bytes, bias, y, ldy, n0, n1);
+  else
+    rows_32_avx512<Type, R>(x, m0, w, row_bytes, bias, y, ldy, n0, n1);
+}
+#endif
+
+// The portable route over the same rows (any R).
+void rows_plain(int32_t type, const Q8Rows& x, int64_t m0, int64_t R, const uint8_t* w, int64_t row_bytes,
+                const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const BlockFormat& f = *block_format(type);
+  const int64_t blocks = x.K / f.block;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = m0; m < m0 + R; ++m) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < blocks; ++i)
+        sum += block_dot_plain(type, f.block, w + n * row_bytes + i * f.bytes, x.q + m * x.K + i * f.block,
+                               x.sums + (m * x.K + i * f.block) / 16, x.d[m * blocks + i]);
+      y[m * ldy + n] = sum + (bias != nullptr ? bias[n] : 0.0f);
+    }
+}
+
+#ifdef CF_Q8_AVX512
+template <int32_t Type>
+void rows_by4(const Q8Rows& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y, int64_t ldy,
+              int64_t n0, int64_t n1) {
+  const int64_t step = x.M <= 4 ? n1 - n0 : 1;  // more than 4 rows of x: each weight row by all of them
+  for (int64_t n = n0; n < n1; n += step)
+    for (int64_t m = 0; m < x.M; m += 4) {
+      const int64_t e = n + step;
+      switch (x.M - m < 4 ? x.M - m : 4) {
+        case 1: rows_avx512<Type, 1>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
+        case 2: rows_avx512<Type, 2>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
+        case 3: rows_avx512<Type, 3>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
+        default: rows_avx512<Type, 4>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
+      }
+    }
+}
+#endif
+
+}  // namespace
+
+void quantize_q8(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, int16_t* sums, float* d) {
+  for (int64_t b = 0; b < M * K / block; ++b) {
+    const float* xb = x + block * b;
+    float amax = 0.0f;
+    bool nan = false;
+    for (int64_t i = 0; i < block; ++i) {
+      const float a = std::fabs(xb[i]);
+      nan |= a != a;
+      amax = a > amax ? a : amax;
+    }
+    // inf / NaN: d is inf / NaN and the codes 0, so the products are NaN, as the float route's are
+    const bool finite = !nan && amax <= __FLT_MAX__;
+    const float id = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+    d[b] = nan ? __builtin_nanf("") : finite ? amax / 127.0f : amax;
+    for (int64_t g = 0; g < block / 16; ++g) {
+      int sum = 0;
+      for (int64_t i = 16 * g; i < 16 * g + 16; ++i) {
+        const float v = __builtin_rintf(xb[i] * id);
+        const int c = static_cast<int>(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+        q[block * b + i] = static_cast<int8_t>(c);
+        sum += c;
+      }
+      sums[block / 16 * b + g] = static_cast<int16_t>(sum);
+    }
+  }
+}
+
+bool q8_vectorized() {
+#ifdef CF_Q8_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+void gemm_q8(int32_t type, const Q8Rows& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
+             int64_t ldy, int64_t n0, int64_t n1) {
+#ifdef CF_Q8_AVX512
+  switch (type) {
+    case kQ4_0: return rows_by4<kQ4_0>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kQ4_1: return rows_by4<kQ4_1>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kQ5_0: return rows_by4<kQ5_0>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kQ5_1: return rows_by4<kQ5_1>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kQ8_0: return rows_by4<kQ8_0>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kQ4K: return rows_by4<kQ4K>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kQ5K: return rows_by4<kQ5K>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kQ6K: return rows_by4<kQ6K>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    default: break;
+  }
+#endif
+  rows_plain(type, x, 0, x.M, w, row_bytes, bias, y, ldy, n0, n1);
+}
+
+}  // namespace cf::cpu::CF_ISA_NS
