@@ -1,8 +1,14 @@
-"""Quantized GGUF weights (issue #15): the default model's GGUF file through four routes, one run,
-same threads — circuit-finder packed (the default: matrices stay Q4_1 / Q8_0), circuit-finder
-dequantized to fp32 (``dequantize=True``), transformers loading the same GGUF (it dequantizes to
-fp32), and llama.cpp (llama-cpp-python, when installed; it builds from source: ``pip install
+"""Quantized GGUF weights (issue #15): the default model's GGUF file through five routes, one run,
+same threads — circuit-finder packed (the default: matrices stay Q4_1 / Q8_0), the same with
+8-bit activations in its decode products (``activations="q8"``), circuit-finder dequantized to
+fp32 (``dequantize=True``), transformers loading the same GGUF (it dequantizes to fp32), and
+llama.cpp (llama-cpp-python, when installed; it builds from source: ``pip install
 llama-cpp-python``).
+
+``q8_agreement``: how often the 8-bit activations' top-1 token is the float route's, on the
+default model's real weights: GSM8K validation prompts (chat template), 32 greedy tokens of the
+float route, both routes teacher-forced through them one decode step at a time (batch 1, the
+rows the 8-bit products take).
 
 Per route: load time in a fresh process (tokenizer included; our tokenizer cache warmed first, as
 a second load of a file would find it), resident memory added by the load (VmRSS after minus
@@ -53,6 +59,8 @@ else:
 before, t = rss(), time.perf_counter()
 if route == "packed":
     m = cf.load(path)
+elif route == "packed q8":
+    m = cf.load(path, activations="q8")
 elif route == "dequantized":
     m = cf.load(path, dequantize=True)
 elif route == "transformers":
@@ -64,7 +72,7 @@ else:
     m = llama_cpp.Llama(path, n_threads=threads, n_ctx=512, verbose=False)
 loaded, seconds = rss() - before, time.perf_counter() - t
 ids = list(range(100, 164))  # then a 64-token prompt and 16 greedy tokens: every weight page read
-if route in ("packed", "dequantized"):
+if route in ("packed", "packed q8", "dequantized"):
     m.generate(torch.tensor([ids]), max_new_tokens=16)
 elif route == "transformers":
     m.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
@@ -231,6 +239,9 @@ def run_quant(repeat: int = 2, batches=(1, 16), shape: tuple | None = None) -> d
             label, batches = f"random llama GGUF in Q4_K_M, {shape[0]} hidden x {shape[2]} layers", (1,)
         res = _run_routes(path, repeat, batches)
         res["label"] = label
+        if shape is None:  # random weights have no meaningful top-1
+            res["q8_agreement"] = q8_agreement(path)
+            print(json.dumps(res["q8_agreement"]), flush=True)
         return res
 
 
@@ -243,7 +254,7 @@ def _run_routes(path: str, repeat: int, batches) -> dict:
     cf.load(path)  # warms the tokenizer cache (keyed by the file's metadata), as any second load finds it
     fp32_bytes = 4 * sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
     rows = []
-    for route in ("packed", "dequantized", "transformers", "llama.cpp"):
+    for route in ("packed", "packed q8", "dequantized", "transformers", "llama.cpp"):
         if route == "llama.cpp":
             try:
                 import llama_cpp  # noqa: F401
@@ -255,8 +266,8 @@ def _run_routes(path: str, repeat: int, batches) -> dict:
                                                    f"{available / 1e9:.0f} GB available"})
             continue
         row, model = {"route": route, **load_figures(route, path, threads)}, None
-        if route in ("packed", "dequantized"):
-            model = cf.load(path, dequantize=route == "dequantized")
+        if route in ("packed", "packed q8", "dequantized"):
+            model = cf.load(path, dequantize=route == "dequantized", activations="q8" if route == "packed q8" else "float")
             row["weight_bytes"] = model.weight_bytes()["cpu"]
             row.update({f"b{b}": ours_speed(model, b, repeat) for b in batches})
         elif route == "transformers":
@@ -271,6 +282,45 @@ def _run_routes(path: str, repeat: int, batches) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"file_bytes": os.path.getsize(path), "threads": threads, "prompt": PROMPT, "new": NEW, "rows": rows}
+
+
+def decode_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits [B, T - prompt, V] predicting tokens prompt.. of ids [B, T]: the prompt in one
+    forward, then one decode step per token (B rows each, as generation runs them)."""
+    layers = list(model.path(None))
+    B, T = ids.shape
+    positions = torch.arange(T).expand(B, T).contiguous()
+    cache = model.engine.new_cache(layers, B, T)
+    with torch.inference_mode():
+        out = [model.engine.forward(ids[:, :prompt], positions[:, :prompt].contiguous(), None, layers, cache, True)]
+        for t in range(prompt, T - 1):
+            out.append(model.engine.forward(ids[:, t:t + 1], positions[:, t:t + 1].contiguous(), None, layers, cache,
+                                            True))
+    return torch.cat(out, 1).float()
+
+
+def q8_agreement(path: str | None = None, items: int = 20, steps: int = 32) -> dict:
+    """Top-1 agreement of activations="q8" with the float route (see the module docstring), with the
+    largest logit difference relative to the float logits' range."""
+    import circuit_finder as cf
+    from circuit_finder.probes import get_probe
+
+    path = path or cf.default_model_path()
+    exact, q8 = cf.load(path), cf.load(path, activations="q8")
+    same = total = whole = 0
+    worst = 0.0
+    for item in get_probe("gsm8k").items("validation")[:items]:
+        prompt = exact.tokenizer.apply_chat_template([{"role": "user", "content": item.prompt}],
+                                                     add_generation_prompt=True, return_tensors="pt")
+        prompt = torch.as_tensor(prompt if isinstance(prompt, torch.Tensor) else prompt["input_ids"]).reshape(1, -1)
+        new = exact.generate(prompt, max_new_tokens=steps, min_new_tokens=steps)
+        ids = torch.cat([prompt, new], 1)
+        a, b = decode_logits(exact, ids, prompt.shape[1]), decode_logits(q8, ids, prompt.shape[1])
+        agree = a.argmax(-1) == b.argmax(-1)
+        same, total, whole = same + int(agree.sum()), total + agree.numel(), whole + int(agree.all())
+        worst = max(worst, float((a - b).abs().max() / (a.max() - a.min())))
+    return {"top1_agreement": same / total, "steps": total, "sequences_all_agree": whole, "sequences": items,
+            "max_logit_diff_rel": worst}
 
 
 def _cell(row: dict, batch: str, key: str) -> str:
@@ -295,6 +345,11 @@ def markdown(res: dict) -> str:
                      f"({r['rss_used_bytes'] / size:.2f}) | "
                      f"{weights} | {_cell(r, 'b1', 'prefill_tok_s')} / {_cell(r, 'b16', 'prefill_tok_s')} | "
                      f"{_cell(r, 'b1', 'decode_tok_s')} | {_cell(r, 'b16', 'decode_tok_s')} |")
+    if "q8_agreement" in res:
+        a = res["q8_agreement"]
+        lines += ["", f"packed q8 vs packed: top-1 agreement {100 * a['top1_agreement']:.1f}% over {a['steps']} "
+                      f"teacher-forced decode steps ({a['sequences_all_agree']} of {a['sequences']} sequences agree at "
+                      f"every step; largest logit difference {100 * a['max_logit_diff_rel']:.1f}% of the logits' range)"]
     return "\n".join(lines)
 
 

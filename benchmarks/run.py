@@ -23,7 +23,7 @@ Llama-3-8B's shape, built on the device, with the default model's tokenizer), ov
 of --scan-configs configs of the full (i, j) scan, and the projected time of the whole scan. With
 --profile, a torch.profiler table of one batch-1 decode (kernels by total time) is written too.
 
-quant: the default model's GGUF packed (the default), dequantized to fp32, in transformers and in
+quant: the default model's GGUF packed (the default), packed with 8-bit decode activations, dequantized to fp32, in transformers and in
 llama.cpp (benchmarks/bench_quant.py): load time, resident memory, prefill and decode tokens/s;
 with --quant-model SHAPE, a random llama GGUF of that shape in Q4_K_M's type mix instead.
 

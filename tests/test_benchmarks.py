@@ -99,3 +99,27 @@ def test_random_q4_k_m_file_loads_with_llama_cpp_type_mix(tmp_path, monkeypatch)
     logits = model.logits(model.tokenizer("The capital of France is", return_tensors="pt").input_ids)
     print("random Q4_K_M logits std", float(logits.std()))
     assert torch.isfinite(logits).all() and logits.shape[-1] == 49152
+
+
+def test_q8_agreement_teacher_forces_decode_steps(monkeypatch):
+    """bench_quant's top-1 agreement: its step-by-step decode logits are the full forward's (an
+    independent route: one pass over the whole sequence), and the agreement it reports is a fraction
+    of the steps it ran."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_quant import decode_logits, q8_agreement
+
+    import circuit_finder as cf
+    from circuit_finder import _C
+
+    model = cf.load("default")
+    ids = torch.randint(100, 20000, (2, 12), generator=torch.Generator().manual_seed(0))
+    steps, full = decode_logits(model, ids, 8), model.logits(ids)[:, 7:-1].float()
+    rel = float((steps - full).abs().max() / full.abs().max())
+    print("decode steps vs one forward: relative max diff", rel)
+    assert steps.shape == full.shape and rel < 1e-4
+    res = q8_agreement(items=2, steps=4)
+    print(res)
+    assert res["steps"] == 8 and 0 <= res["top1_agreement"] <= 1
+    assert res["max_logit_diff_rel"] > 0 or not _C.cpu_q8_activations()  # q8 ran where this CPU has it
