@@ -145,7 +145,7 @@ def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
     raw = random_packed(kind, n, k, seed=7)
     w = reference(kind, raw, k).double()
     bias = torch.randn(n)
-    for rows in sorted({1, 2, q8_rows(kind), q8_rows(kind) + 1}):
+    for rows in range(1, q8_rows(kind) + 2):  # every register-tile remainder (1-4 rows a pass)
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         exact = x.double() @ w.T + bias.double()
         ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, bias, isa, True)
@@ -156,20 +156,27 @@ def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
         assert diff("  vs float x", ours, exact)[1] > 1e-4
 
 
-def test_q8_activations_of_zero_and_non_finite_rows():
-    """A zero block of x adds nothing (its scale is 0); inf or NaN in x makes the row's outputs NaN,
-    never a finite number."""
+@pytest.mark.parametrize("isa", ISAS)
+def test_q8_activations_of_zero_tiny_and_non_finite_rows(isa):
+    """A zero block of x adds nothing (its scale is 0), nor does one too small to scale (1e-38); inf
+    or NaN in x makes the row's outputs NaN, never a finite number."""
     for kind in ("Q4_K", "Q4_1"):
         raw = torch.from_numpy(random_packed(kind, 8, 512))
         x = torch.randn(3, 512)
         x[0] = 0
+        x[0, 7] = 1e-38
         x[1, 5], x[2, 300] = float("inf"), float("nan")
         bias = torch.randn(8)
-        ours = _C.linear_packed(x, raw, PACKED_TYPES[kind], 512, bias, "", True)
+        ours = _C.linear_packed(x, raw, PACKED_TYPES[kind], 512, bias, isa, True)
         assert torch.equal(ours[0], bias)
         assert ours[1:].isnan().all()
 
 
+needs_q8 = pytest.mark.skipif(not _C.cpu_q8_activations(), reason="activations='q8' needs AVX-512BW (the model is "
+                                                                    "float here; see the fallback test)")
+
+
+@needs_q8
 def test_q8_activations_on_a_model(q4k_llama):
     """load(activations="q8"): decode-sized products (few token rows) differ slightly from the
     float route's and prefill-sized ones (more rows than q8 takes) not at all; the setting is
@@ -190,6 +197,10 @@ def test_q8_activations_without_the_int8_kernels_stay_float(q4k_llama, monkeypat
     monkeypatch.setattr(_C, "cpu_q8_activations", lambda: False)
     with pytest.warns(UserWarning, match="activations='q8': this CPU's kernels .* have no int8 products"):
         model = cf.load(q4k_llama, activations="q8")
+    assert model.activations == "float"
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="activations='q8': no packed matrix is on the CPU"):
+        model = cf.load(q4k_llama, activations="q8", dequantize=True)
     assert model.activations == "float"
 
 
@@ -486,6 +497,7 @@ def test_sweep_on_a_packed_model(packed_chat):
                 assert close(x[key], y[key]), (mode, x["layers"], key, x[key], y[key])
 
 
+@needs_q8
 @pytest.mark.filterwarnings("ignore:quantize")
 def test_a_sweep_records_its_activations(chat_model_dir, tmp_path):
     """A results file written with activations="q8" is not resumed by a float model (the scores

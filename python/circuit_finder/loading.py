@@ -131,14 +131,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     one at a time (the gguf package's quantizers; ``kquants`` for the K-quants); {fnmatch pattern:
     type or None} chooses per tensor (first match wins). See ``quants``.
     activations: "float" (default) keeps the activations of packed matrices' products in float (the
-    dequantized matrix's results up to the order of the sums); "q8" rounds them to 8 bits per 256
-    values in the CPU products of up to 16 rows (decode steps) against Q4_K / Q5_K / Q6_K matrices
+    dequantized matrix's results up to the order of the sums); "q8" rounds them to 8 bits — per 256
+    values against Q4_K / Q5_K / Q6_K, per 32 against Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 — in the CPU
+    products of at most 16 / 8 (Q8_0) / 3 (the other 32-blocks) rows (decode steps, short prompts),
     and sums in integers, as llama.cpp does: faster, not identical (benchmarks/RESULTS.md has its
-    measured top-1 agreement). Other types, prefill and GPUs stay in float.
+    measured top-1 agreement). Products of more rows, other types and GPUs stay in float; with no
+    packed matrix on the CPU, or a CPU without AVX-512BW, or CF_CPU_KERNELS=0, the model is float
+    (a warning says why) and ``model.activations`` says so.
     When loading is done, the C heap it freed is handed back to the system (``release_freed_heap``).
     """
     check_activations(activations)
-    activations = activations_here(activations)
     if str(path) == "default":
         path = default_model_path()
     if str(path).lower().endswith(".gguf"):
@@ -242,7 +244,6 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     ``quants.PackedTensor`` values stay packed where ``packs_on`` says). device_map / max_memory / quantize /
     activations as for ``load`` (device_map may be a ready Placement)."""
     check_activations(activations)
-    activations = activations_here(activations)
     if not isinstance(config, ModelConfig):
         config = parse_config(config, source)
     if config.wrapper:
@@ -278,6 +279,7 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     for name, (blocks, scales) in mxfp4.items():
         moved[name] = dequantize_mxfp4(blocks, scales, target, placed.device_of(name))
     kept = _place_packed(ggml, placed, target, moved)
+    activations = activations_here(activations, any(t.blocks.device.type == "cpu" for t in kept.values()))
     engine = _C.Engine(json.dumps(config.raw), source, {**moved, **{n: t.blocks for n, t in kept.items()}},
                        {n: t.ggml_type for n, t in kept.items()}, q8_activations=activations == "q8")
     model = Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source,
@@ -295,14 +297,20 @@ def check_activations(activations) -> None:
         raise ValueError(f"activations={activations!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
 
 
-def activations_here(activations: str) -> str:
-    """``activations`` as this CPU runs it: "q8" needs the AVX-512BW int8 kernels; without them the
-    products stay float, with a warning (and the model says "float", as its results are)."""
-    if activations == "q8" and not _C.cpu_q8_activations():
-        warnings.warn(f"activations='q8': this CPU's kernels ({_C.cpu_isa()}) have no int8 products (they need "
-                      f"AVX-512BW); the products stay float", stacklevel=3)
-        return "float"
-    return activations
+def activations_here(activations: str, packed_on_cpu: bool) -> str:
+    """``activations`` as the model will run: "q8" needs packed matrices on the CPU and its int8
+    kernels (AVX-512BW, CF_CPU_KERNELS not 0); otherwise every product is float, with a warning,
+    and the model says "float", as its results are."""
+    if activations != "q8":
+        return activations
+    if not packed_on_cpu:
+        why = "no packed matrix is on the CPU (q8 applies to the CPU products of packed matrices)"
+    elif not _C.cpu_q8_activations():
+        why = f"this CPU's kernels ({_C.cpu_isa()}) have no int8 products (they need AVX-512BW)"
+    else:
+        return activations
+    warnings.warn(f"activations='q8': {why}; the products stay float", stacklevel=3)
+    return "float"
 
 
 def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]:

@@ -125,7 +125,7 @@ at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarTy
   return dtype == at::kFloat ? out : out.to(dtype);
 }
 
-bool q8_activations_here() { return active().q8_vectorized(); }
+bool q8_activations_here() { return kernels_enabled() && active().q8_vectorized(); }
 
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b,
                          const std::string& isa_name, bool q8_activations) {
@@ -144,9 +144,9 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type,
   at::Tensor y = at::empty({M, N}, xf.options());
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   if (M > 0 && N > 0) {
-    // q8 where this CPU has its vector kernels (or a test names the ISA)
+    // q8 where this CPU has its vector kernels, unless CF_CPU_KERNELS=0 (or a test names the ISA)
     if (q8_activations && q8_activation_type(type) && M <= q8_max_rows(type) &&
-        (!isa_name.empty() || isa.q8_vectorized()))
+        (!isa_name.empty() || q8_activations_here()))
       gemm_q8_rows(isa, xf, w, type, bp, y);
     else if (M <= skinny_max_rows_f32(K) && kernels_enabled())
       gemm_few_rows(isa, xf, w, type, bp, y);

@@ -12,7 +12,8 @@
 // Opt-in (q8_activations): up to q8_max_rows(type) rows of x against the q8 types (quant_blocks.h:
 // Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) are rounded to int8 per block of columns and
 // summed in integers (quant_q8_impl.cpp): the dequantized matrix times that rounded x; other
-// types, more rows, and CPUs without AVX-512BW (q8_activations_here) stay in float.
+// types, more rows, and CPUs without AVX-512BW or with CF_CPU_KERNELS=0 (q8_activations_here)
+// stay in float.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -32,7 +33,8 @@ std::string packed_type_name(int32_t type);
 at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarType dtype, const std::string& isa = "");
 // x [..., K] float (fp32 / bf16 / fp16, CPU), w packed [N, row_bytes], b [N] or undefined -> [..., N]
 // in x's dtype; isa: the instruction set's kernels ("" = the best here; tests run each).
-// Whether this CPU runs q8_activations (the best ISA here has the int8 vector kernels).
+// Whether this CPU runs q8_activations (the best ISA here has the int8 vector kernels, and
+// CF_CPU_KERNELS=0 does not turn the kernels off).
 bool q8_activations_here();
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b,
                          const std::string& isa = "", bool q8_activations = false);

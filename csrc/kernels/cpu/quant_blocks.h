@@ -67,9 +67,9 @@ constexpr bool q8_activation_type(int32_t type) {
 // Columns of x per scale d for a weight type's products.
 constexpr int64_t q8_x_block(int32_t type) { return q8_k_type(type) ? 256 : 32; }
 // Rows of x up to which linear_packed takes them (more: float, the prefill's K-major tiles): where
-// they beat the float kernels, measured on 2 cores (benchmarks/RESULTS.md, 2026-11-24): K-quants
-// 1.1-5x up to 16 rows (1.0x at 24); Q8_0 2.0x at 1-4 rows, 1.5x at 8, 1.1x at 16; the other
-// 32-blocks 1.1-1.9x at 1-3 rows, 0.85x (Q4_1) at 4.
+// they beat the float kernels, measured on 2 cores (benchmarks/RESULTS.md, 2026-11-25): K-quants
+// 1.0-5x up to 16 rows; Q8_0 2.0x at 1-4 rows, 1.5x at 8, 1.1x at 16; the other 32-blocks
+// 1.1-1.9x at 1-3 rows, 0.73-0.85x at 4. A row count, not a phase: a short prompt takes it too.
 constexpr int64_t q8_max_rows(int32_t type) { return q8_k_type(type) ? 16 : type == kQ8_0 ? 8 : 3; }
 // x rows [M, K] (K a multiple of block) as quantize_q8 writes them: codes [M, K], the sums of each
 // 16 codes [M, K / 16], and per block of columns the scale d [M, K / block].

@@ -261,8 +261,7 @@ void rows_32_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_b
         __m512i q = _mm512_loadu_si512(x.q + 32 * xb);
         if constexpr (kSignedCodes<Type>) q = _mm512_mask_sub_epi8(q, negative, _mm512_setzero_si512(), q);
         const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(c, q), _mm512_set1_epi16(1));
-        const __m512 dx = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(
-            reinterpret_cast<const double*>(x.d + xb)))));
+        const __m512 dx = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_setr_ps(x.d[xb], x.d[xb + 1], 0, 0)));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, dx), acc[r]);
         if constexpr (!kSignedCodes<Type>) {  // w = d c + m: minus (-m) dx sum(q)
           const int16_t* sums = x.sums + 2 * xb;
@@ -336,14 +335,15 @@ void quantize_q8(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q,
       nan |= a != a;
       amax = a > amax ? a : amax;
     }
-    // inf / NaN: d is inf / NaN and the codes 0, so the products are NaN, as the float route's are
-    const bool finite = !nan && amax <= __FLT_MAX__;
-    const float id = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
-    d[b] = nan ? __builtin_nanf("") : finite ? amax / 127.0f : amax;
+    // inf / NaN: d is inf / NaN and the codes 0, so the products are NaN, as the float route's
+    // are; a block too small for 127 / max|x| (below ~4e-37) or all zeros: d 0, codes 0
+    const bool finite = !nan && amax <= __FLT_MAX__, coded = finite && amax >= 1e-36f;
+    const float id = coded ? 127.0f / amax : 0.0f;
+    d[b] = nan ? __builtin_nanf("") : !finite ? amax : coded ? amax / 127.0f : 0.0f;
     for (int64_t g = 0; g < block / 16; ++g) {
       int sum = 0;
       for (int64_t i = 16 * g; i < 16 * g + 16; ++i) {
-        const float v = __builtin_rintf(xb[i] * id);
+        const float v = coded ? __builtin_rintf(xb[i] * id) : 0.0f;
         const int c = static_cast<int>(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
         q[block * b + i] = static_cast<int8_t>(c);
         sum += c;
