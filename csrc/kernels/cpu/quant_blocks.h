@@ -28,6 +28,10 @@ struct BlockFormat {
 
 // The format of ggml type `type`, or nullptr when it is not read packed.
 const BlockFormat* block_format(int32_t type);
+// Bytes per block of a block type, at compile time (0 for any other type).
+#define CF_BYTES_OF(id, name, fn, block, bytes) type == id ? int64_t{bytes}:
+constexpr int64_t block_bytes(int32_t type) { return CF_BLOCK_TYPES(CF_BYTES_OF) 0; }
+#undef CF_BYTES_OF
 
 // Weight rows a decode-shaped product dequantizes at a time (into a scratch of that many rows):
 // the skinny GEMM's own tile height, so the decoded rows stay in L1 while every row of x passes

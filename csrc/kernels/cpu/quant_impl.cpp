@@ -17,7 +17,7 @@
 namespace cf::cpu::CF_ISA_NS {
 namespace {
 
-#include "quant_common.h"  // bits_to_float, half, half_at, u32_at
+#include "quant_common.h"  // bits_to_float, half, half_at, u32_at, k4_scales
 
 // Blocks decode 16 elements at a time: the codes as 16 unsigned bytes (byte ops work on every
 // ISA), then widened to int32 and float in vectors of the ISA's width (CF_LANES; GCC widens 16
@@ -196,15 +196,6 @@ CF_DECODER void q3_k(const uint8_t* b, float* y, Out& out) {
       }
 }
 
-// Q4_K / Q5_K's eight (scale, min) six-bit pairs in 12 bytes (ggml's get_scale_min_k4).
-inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* m) {
-  if (j < 4) {
-    *sc = s[j] & 63, *m = s[j + 4] & 63;
-  } else {
-    *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-    *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-  }
-}
 // Q4_K (144 bytes): d, dmin, scales[12], qs[128]: per 64 elements, 32 bytes whose low nibbles are
 // the first 32 (scale pair 2i) and high nibbles the next 32 (pair 2i + 1); value = d sc q - dmin m.
 // Q5_K (176 bytes): d, dmin, scales[12], qh[32], qs[128]: the same plus a fifth bit, bit 2i (low
@@ -212,13 +203,11 @@ inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* m) {
 template <bool kFifthBit, class Out>
 CF_DECODER void q4_or_q5_k(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b), dmin = half_at(b + 2);
-  const uint8_t* s = b + 4;
+  const K4Scales s = k4_scales(b + 4);
   const uint8_t* qh = b + 16;  // Q5_K only
   const uint8_t* q = b + (kFifthBit ? 48 : 16);
   for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
-    int sc0, m0, sc1, m1;
-    scale_min_k4(j, s, &sc0, &m0);
-    scale_min_k4(j + 1, s, &sc1, &m1);
+    const int sc0 = s.scale(j), m0 = s.min(j), sc1 = s.scale(j + 1), m1 = s.min(j + 1);
     for (int h = 0; h < 32; h += 16) {
       const u8x16 v = bytes16(q + h);
       u8x16 lo = v & 15, hi = v >> 4;

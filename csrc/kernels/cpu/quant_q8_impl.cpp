@@ -31,21 +31,7 @@
 namespace cf::cpu::CF_ISA_NS {
 namespace {
 
-#include "quant_common.h"  // half, half_at, u32_at
-
-// Q4_K / Q5_K's twelve scale bytes -> eight six-bit scales and eight mins, a byte each, in two
-// words (the fields of ggml-common.h: pairs 0-3 in the low six bits of bytes 0-3 / 4-7, pairs 4-7
-// four bits from bytes 8-11 and two from the top of bytes 0-3 / 4-7).
-struct K4Scales {
-  uint64_t sc, mn;
-};
-inline K4Scales k4_scales(const uint8_t* s) {
-  const uint32_t w0 = u32_at(s), w1 = u32_at(s + 4), w2 = u32_at(s + 8);
-  const uint32_t sc_lo = w0 & 0x3f3f3f3fu, mn_lo = w1 & 0x3f3f3f3fu;
-  const uint32_t sc_hi = (w2 & 0x0f0f0f0fu) | (((w0 >> 6) & 0x03030303u) << 4);
-  const uint32_t mn_hi = ((w2 >> 4) & 0x0f0f0f0fu) | (((w1 >> 6) & 0x03030303u) << 4);
-  return {sc_lo | (uint64_t{sc_hi} << 32), mn_lo | (uint64_t{mn_hi} << 32)};
-}
+#include "quant_common.h"  // half, half_at, u32_at, k4_scales
 
 // One block's scales per 16 elements: w_i = D * s[i / 16] * c_i - M * m[i / 16].
 struct Scales16 {
@@ -67,17 +53,19 @@ inline void scales16(int32_t type, const uint8_t* b, Scales16& out) {
     const K4Scales k = k4_scales(b + 4);
     out.M = half_at(b + 2);
     for (int g = 0; g < 16; ++g)
-      out.s[g] = static_cast<int16_t>((k.sc >> (8 * (g / 2))) & 63),
-      out.m[g] = static_cast<int16_t>((k.mn >> (8 * (g / 2))) & 63);
+      out.s[g] = static_cast<int16_t>(k.scale(g / 2)), out.m[g] = static_cast<int16_t>(k.min(g / 2));
   }
 }
+
+// Where a 32-block's 16 nibble bytes start: after d (Q4_0), d and m (Q4_1), d and qh (Q5_0), d, m
+// and qh (Q5_1); Q5's qh is the 4 bytes before them.
+constexpr int nibbles_at(int32_t type) { return type == kQ4_0 ? 2 : type == kQ4_1 ? 4 : type == kQ5_0 ? 6 : 8; }
 
 // Element i's code of a block of a q8 type, by ggml's layouts (see quant_impl.cpp).
 inline int code_at(int32_t type, const uint8_t* b, int i) {
   if (type == kQ8_0) return static_cast<int8_t>(b[2 + i]);
   if (type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1) {  // 32-blocks: nibbles after the header
-    // the nibbles follow d (Q4_0), d and m (Q4_1), d and qh (Q5_0), d, m and qh (Q5_1)
-    const int head = type == kQ4_0 ? 2 : type == kQ4_1 ? 4 : type == kQ5_0 ? 6 : 8;
+    const int head = nibbles_at(type);
     const int c = i < 16 ? b[head + i] & 15 : b[head + i - 16] >> 4;
     return type == kQ5_0 || type == kQ5_1 ? c | (((u32_at(b + head - 4) >> i) & 1) << 4) : c;
   }
@@ -173,7 +161,7 @@ inline float hsum256(__m256 v) {
 template <int32_t Type, int R>
 void rows_k_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
                    int64_t ldy, int64_t n0, int64_t n1) {
-  constexpr int64_t kBytes = Type == kQ6K ? 210 : Type == kQ5K ? 176 : 144;
+  constexpr int64_t kBytes = block_bytes(Type);
   const int64_t blocks = x.K / 256;
   // vpmaddubsw's 16-bit lane j sums elements 64 k + 2 j and + 1, of group 4 k + j / 8: the lanes'
   // groups for k = 0 (two lanes per 32-bit constant); + 4 k for chunk k
@@ -219,7 +207,7 @@ inline __m256i codes32(const uint8_t* b) {
   if constexpr (Type == kQ8_0) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
   } else {
-    constexpr int kHead = Type == kQ4_0 ? 2 : Type == kQ4_1 ? 4 : Type == kQ5_0 ? 6 : 8;  // see code_at
+    constexpr int kHead = nibbles_at(Type);
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kHead));
     const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
     if constexpr (Type == kQ5_0 || Type == kQ5_1)  // fifth bit of element j: bit j of qh
@@ -237,7 +225,7 @@ constexpr bool kSignedCodes = Type == kQ4_0 || Type == kQ5_0 || Type == kQ8_0;
 template <int32_t Type, int R>
 void rows_32_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
                     int64_t ldy, int64_t n0, int64_t n1) {
-  constexpr int64_t kBytes = Type == kQ4_0 ? 18 : Type == kQ4_1 ? 20 : Type == kQ5_0 ? 22 : Type == kQ5_1 ? 24 : 34;
+  constexpr int64_t kBytes = block_bytes(Type);
   const int64_t blocks = x.K / 32;
   const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lanes 8-15: block 2
   for (int64_t n = n0; n < n1; ++n) {
