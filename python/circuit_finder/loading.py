@@ -46,9 +46,8 @@ from .quants import (
 )
 
 __all__ = ["ACTIVATIONS", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "activations_here", "check_activations",
-           "default_model_path", "load",
-           "load_from_tensors", "packs_on",
-           "model_config_file", "release_freed_heap", "resolve_dtype", "text_decoder_tensors"]
+           "default_model_path", "load", "load_from_tensors", "model_config_file", "packs_on", "release_freed_heap",
+           "resolve_dtype", "text_decoder_tensors"]
 
 _DTYPES = {
     "float32": torch.float32,
