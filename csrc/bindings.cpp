@@ -47,7 +47,7 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(),
         "x [..., cols] @ dequantized(blocks)^T (+ bias), reading the packed blocks");
   m.def("cpu_q8_activations", &cf::cpu::q8_activations_here,
-        "whether load(activations='q8') takes effect on this CPU (AVX-512BW int8 kernels)");
+        "whether load(activations='q8') takes effect on this CPU (AVX2 or AVX-512BW int8 kernels)");
   m.def("packed_row_bytes", [](int32_t t, int64_t k) { return cf::cpu::packed_row_bytes(t, k, "packed_row_bytes"); },
         py::arg("ggml_type"), py::arg("cols"));
   m.def("cpu_add_rms_norm", &cf::cpu::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));

@@ -1,6 +1,10 @@
 """CPU kernels (csrc/kernels/cpu): the skinny GEMM used for decode-sized linears, on every
 instruction set this machine has, against torch's linear in fp64."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -78,6 +82,27 @@ def test_skinny_linear_rejects_bad_input():
 
 def test_cpu_isa_reports_choice():
     assert _C.cpu_isa() in ISAS + ["off"]
+
+
+def run_with_env(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_cf_cpu_isa_picks_a_narrower_instruction_set(isa):
+    """CF_CPU_ISA runs the kernels of a narrower set than the CPU's widest (to see what a CPU
+    without AVX-512 gets): cpu_isa says which, and q8 activations need AVX2's int8 kernels."""
+    if not available(isa):
+        pytest.skip(f"{isa} not available on this CPU (or not built)")
+    r = run_with_env("from circuit_finder import _C; print(_C.cpu_isa(), _C.cpu_q8_activations())", CF_CPU_ISA=isa)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0 and r.stdout.split() == [isa, str(isa == "avx2")]
+
+
+def test_cf_cpu_isa_names_an_unknown_set():
+    r = run_with_env("from circuit_finder import _C; _C.cpu_isa()", CF_CPU_ISA="sve")
+    print(r.stderr[-2000:])
+    assert r.returncode != 0 and "CF_CPU_ISA=sve: not an instruction set of this CPU's kernels" in r.stderr
 
 
 # ----------------------------------------------------------------------------- fused elementwise ops

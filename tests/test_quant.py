@@ -119,9 +119,9 @@ def test_bad_packed_input_names_what_is_wrong():
 Q8_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
-def q8_rows(kind: str) -> int:
-    """Rows of x up to which activations="q8" takes a product (quant_blocks.h's q8_max_rows)."""
-    return 16 if kind.endswith("_K") else 8 if kind == "Q8_0" else 3
+def q8_rows(kind: str, isa: str) -> int:
+    """Rows of x up to which activations="q8" takes a product on `isa` (quant_blocks.h's q8_max_rows)."""
+    return 16 if isa == "avx2" or kind.endswith("_K") else 8 if kind == "Q8_0" else 3
 
 
 def rounded_x(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -145,11 +145,11 @@ def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
     raw = random_packed(kind, n, k, seed=7)
     w = reference(kind, raw, k).double()
     bias = torch.randn(n)
-    for rows in range(1, q8_rows(kind) + 2):  # every register-tile remainder (1-4 rows a pass)
+    for rows in range(1, q8_rows(kind, isa) + 2):  # every register-tile remainder (1-4 rows a pass)
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         exact = x.double() @ w.T + bias.double()
         ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, bias, isa, True)
-        if rows > q8_rows(kind):
+        if rows > q8_rows(kind, isa):
             assert diff(f"{kind} on {isa}, {rows} rows (float)", ours, exact)[1] < 1e-5
             continue
         assert diff(f"{kind} on {isa}, {rows} rows", ours, rounded_x(x, block).double() @ w.T + bias.double())[1] < 2e-6
@@ -172,7 +172,7 @@ def test_q8_activations_of_zero_tiny_and_non_finite_rows(isa):
         assert ours[1:].isnan().all()
 
 
-needs_q8 = pytest.mark.skipif(not _C.cpu_q8_activations(), reason="activations='q8' needs AVX-512BW (the model is "
+needs_q8 = pytest.mark.skipif(not _C.cpu_q8_activations(), reason="activations='q8' needs AVX2 (the model is "
                                                                     "float here; see the fallback test)")
 
 
@@ -192,7 +192,7 @@ def test_q8_activations_on_a_model(q4k_llama):
 
 
 def test_q8_activations_without_the_int8_kernels_stay_float(q4k_llama, monkeypatch):
-    """Where the CPU has no AVX-512BW int8 kernels, q8 is not emulated by slow loops: the products
+    """Where the CPU has no AVX2 int8 kernels, q8 is not emulated by slow loops: the products
     stay float, the load warns, and the model (and so a sweep's results file) says float."""
     monkeypatch.setattr(_C, "cpu_q8_activations", lambda: False)
     with pytest.warns(UserWarning, match="activations='q8': this CPU's kernels .* have no int8 products"):

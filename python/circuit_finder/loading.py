@@ -132,10 +132,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     activations: "float" (default) keeps the activations of packed matrices' products in float (the
     dequantized matrix's results up to the order of the sums); "q8" rounds them to 8 bits — per 256
     values against Q4_K / Q5_K / Q6_K, per 32 against Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 — in the CPU
-    products of at most 16 / 8 (Q8_0) / 3 (the other 32-blocks) rows (decode steps, short prompts),
-    and sums in integers, as llama.cpp does: faster, not identical (benchmarks/RESULTS.md has its
-    measured top-1 agreement). Products of more rows, other types and GPUs stay in float; with no
-    packed matrix on the CPU, or a CPU without AVX-512BW, or CF_CPU_KERNELS=0, the model is float
+    products of at most 16 rows (on AVX-512: 8 for Q8_0, 3 for the other 32-blocks; decode steps,
+    short prompts), and sums in integers, as llama.cpp does: faster, not identical
+    (benchmarks/RESULTS.md has its measured top-1 agreement). Products of more rows, other types and GPUs stay in float; with no
+    packed matrix on the CPU, or a CPU without AVX2, or CF_CPU_KERNELS=0, the model is float
     (a warning says why) and ``model.activations`` says so.
     When loading is done, the C heap it freed is handed back to the system (``release_freed_heap``).
     """
@@ -298,14 +298,14 @@ def check_activations(activations) -> None:
 
 def activations_here(activations: str, packed_on_cpu: bool) -> str:
     """``activations`` as the model will run: "q8" needs packed matrices on the CPU and its int8
-    kernels (AVX-512BW, CF_CPU_KERNELS not 0); otherwise every product is float, with a warning,
+    kernels (AVX2 or AVX-512BW, CF_CPU_KERNELS not 0); otherwise every product is float, with a warning,
     and the model says "float", as its results are."""
     if activations != "q8":
         return activations
     if not packed_on_cpu:
         why = "no packed matrix is on the CPU (q8 applies to the CPU products of packed matrices)"
     elif not _C.cpu_q8_activations():
-        why = f"this CPU's kernels ({_C.cpu_isa()}) have no int8 products (they need AVX-512BW)"
+        why = f"this CPU's kernels ({_C.cpu_isa()}) have no int8 products (they need AVX2)"
     else:
         return activations
     warnings.warn(f"activations='q8': {why}; the products stay float", stacklevel=3)

@@ -15,7 +15,7 @@ namespace {
 #define CF_ISA_TABLE(ns) \
   { #ns, ns::gemm_f32, ns::gemm_bf16, ns::gemm_kn_f32, ns::gemm_kn_bf16, ns::add_rms_norm_f32, ns::rope_f32, \
     ns::silu_mul_f32, ns::attend_one_f32, ns::dequant_rows, ns::gemm_q, ns::gemm_q_k_major, ns::quantize_q8, ns::gemm_q8, \
-    ns::q8_vectorized }
+    ns::q8_vectorized, ns::q8_rows }
 
 bool supported(const std::string& name) {
   if (name == "base") return true;
@@ -37,7 +37,15 @@ Isa isa_named(const std::string& name) {
   return CF_ISA_TABLE(base);
 }
 
+// CF_CPU_ISA=base / avx2 / avx512 where set (to run as a CPU without the wider sets would, or to
+// compare them; InputError when this CPU lacks it), else the widest this CPU has.
 Isa best_isa() {
+  if (const char* v = std::getenv("CF_CPU_ISA"); v != nullptr && *v != '\0') {
+    if (!supported(v))
+      throw InputError(cat("CF_CPU_ISA=", v, ": not an instruction set of this CPU's kernels (base, avx2, avx512 where "
+                           "the CPU has it)"));
+    return isa_named(v);
+  }
   for (const char* name : {"avx512", "avx2"})
     if (supported(name)) return isa_named(name);
   return isa_named("base");

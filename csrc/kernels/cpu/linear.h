@@ -55,8 +55,10 @@ struct Isa {
   void (*quantize_q8)(const float*, int64_t, int64_t, int64_t, int8_t*, int16_t*, float*);
   void (*gemm_q8)(int32_t, const Q8Rows&, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t, int64_t);
   bool (*q8_vectorized)();
+  int64_t (*q8_rows)(int32_t);
 };
-// The best instruction set this CPU has (chosen once); false when CF_CPU_KERNELS=0.
+// The best instruction set this CPU has, or the one CF_CPU_ISA names (chosen once; InputError when
+// the CPU lacks that one). The kernels are off when CF_CPU_KERNELS=0 (kernels_enabled).
 const Isa& active();
 // The kernels of instruction set `name` ("" = active()); InputError when this CPU lacks it.
 Isa isa_for(const std::string& name);

@@ -145,7 +145,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type,
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   if (M > 0 && N > 0) {
     // q8 where this CPU has its vector kernels, unless CF_CPU_KERNELS=0 (or a test names the ISA)
-    if (q8_activations && q8_activation_type(type) && M <= q8_max_rows(type) &&
+    if (q8_activations && q8_activation_type(type) && M <= isa.q8_rows(type) &&
         (!isa_name.empty() || q8_activations_here()))
       gemm_q8_rows(isa, xf, w, type, bp, y);
     else if (M <= skinny_max_rows_f32(K) && kernels_enabled())

@@ -71,10 +71,15 @@ constexpr bool q8_activation_type(int32_t type) {
 // Columns of x per scale d for a weight type's products.
 constexpr int64_t q8_x_block(int32_t type) { return q8_k_type(type) ? 256 : 32; }
 // Rows of x up to which linear_packed takes them (more: float, the prefill's K-major tiles): where
-// they beat the float kernels, measured on 2 cores (benchmarks/RESULTS.md, 2026-11-25): K-quants
-// 1.0-5x up to 16 rows; Q8_0 2.0x at 1-4 rows, 1.5x at 8, 1.1x at 16; the other 32-blocks
-// 1.1-1.9x at 1-3 rows, 0.73-0.85x at 4. A row count, not a phase: a short prompt takes it too.
-constexpr int64_t q8_max_rows(int32_t type) { return q8_k_type(type) ? 16 : type == kQ8_0 ? 8 : 3; }
+// they beat the float kernels of the same ISA, measured on 2 cores (benchmarks/RESULTS.md). AVX-512
+// (2026-11-25): K-quants 1.0-5x up to 16 rows; Q8_0 2.0x at 1-4 rows, 1.5x at 8, 1.1x at 16; the
+// other 32-blocks 1.1-1.9x at 1-3 rows, 0.73-0.85x at 4. AVX2 (2026-11-26): every type 1.1-7x
+// at 1-64 rows (its float kernels are slower), capped at 16 there as for the K-quants, so that a
+// prefill stays float. A row count, not a phase: a short prompt takes it too. (The base build's
+// test loops follow the AVX-512 rule.)
+constexpr int64_t q8_max_rows(int32_t type, bool avx2) {
+  return avx2 || q8_k_type(type) ? 16 : type == kQ8_0 ? 8 : 3;
+}
 // x rows [M, K] (K a multiple of block) as quantize_q8 writes them: codes [M, K], the sums of each
 // 16 codes [M, K / 16], and per block of columns the scale d [M, K / block].
 struct Q8Rows {
@@ -94,8 +99,9 @@ struct Q8Rows {
 // quantize_q8: x [M, K] fp32 -> the arrays of Q8Rows (q [M * K], sums [M * K / 16], d [M * K / block]).
 // gemm_q8: y[m * ldy + n] = the Q8Rows x's row m (d times the codes) . W[n] (+ bias[n]) for every m,
 //   n in [n0, n1), W packed of a q8_activation_type, x quantized by its q8_x_block.
-// q8_vectorized: whether this ISA's gemm_q8 has vector kernels (AVX-512BW); the others' plain loops
-//   are for tests (linear_packed does not take them unless asked for by name).
+// q8_vectorized: whether this ISA's gemm_q8 has vector kernels (AVX2, AVX-512BW); the base build's
+//   plain loops are for tests (linear_packed does not take them unless asked for by name).
+// q8_rows: q8_max_rows for this ISA.
 #define CF_QUANT_DECLS                                                                                       \
   void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out); \
   void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,       \
@@ -104,7 +110,8 @@ struct Q8Rows {
   void quantize_q8(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, int16_t* sums, float* d); \
   void gemm_q8(int32_t type, const Q8Rows& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y, \
                int64_t ldy, int64_t n0, int64_t n1);                                                             \
-  bool q8_vectorized();
+  bool q8_vectorized();                                                                                     \
+  int64_t q8_rows(int32_t type);
 
 namespace base { CF_QUANT_DECLS }
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)

@@ -11,8 +11,9 @@
 // sum_i q_i): integer dot products, two float multiplies per block. The result is exactly the
 // dequantized matrix times x rounded to 8 bits, up to the order of the float sums
 // (tests/test_quant.py checks that against the `gguf` package's decoders). AVX-512BW builds
-// multiply 64 codes by 64 activations per instruction (vpmaddubsw, then vpmaddwd by the scales);
-// other builds run the same sums as plain loops (correct, not fast).
+// multiply 64 codes by 64 activations per instruction (vpmaddubsw, then vpmaddwd by the scales),
+// AVX2 builds 32 (the same instructions on 256 bits; signed codes through vpsignb); the base build
+// runs the same sums as plain loops (correct, not fast).
 #include <cmath>
 
 #include "quant_blocks.h"
@@ -22,6 +23,11 @@
 #endif
 #if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
 #define CF_Q8_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CF_Q8_AVX2 1
+#endif
+#if defined(CF_Q8_AVX512) || defined(CF_Q8_AVX2)
+#define CF_Q8_VECTOR 1
 #endif
 
 #ifndef CF_ISA_NS
@@ -95,6 +101,62 @@ float block_dot_plain(int32_t type, int64_t block, const uint8_t* b, const int8_
   return dx * (s.D * static_cast<float>(dot) - s.M * static_cast<float>(off));
 }
 
+#ifdef CF_Q8_VECTOR
+// One K-quant block's scales and offsets per 16 elements as 16-bit lanes (see Scales16).
+struct VScales {
+  float D, M;
+  __m256i s, m;  // lane g: s_g, m_g
+};
+template <int32_t Type>
+inline VScales vscales(const uint8_t* b) {
+  if constexpr (Type == kQ6K) {
+    const float d = half_at(b + 208);
+    const __m256i s = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+    return {d, d, s, _mm256_slli_epi16(s, 5)};
+  } else {
+    const K4Scales k = k4_scales(b + 4);
+    const __m128i sc = _mm_cvtsi64_si128(static_cast<long long>(k.sc)), mn = _mm_cvtsi64_si128(static_cast<long long>(k.mn));
+    return {half_at(b), half_at(b + 2), _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sc, sc)),
+            _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn))};
+  }
+}
+
+inline float hsum256(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// The 32 codes of a 32-block (Q8_0's signed), in element order.
+template <int32_t Type>
+inline __m256i codes32(const uint8_t* b) {
+  if constexpr (Type == kQ8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  } else {
+    constexpr int kHead = nibbles_at(Type);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kHead));
+    const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+    if constexpr (Type == kQ5_0 || Type == kQ5_1) {  // fifth bit of element j: bit j of qh
+#ifdef CF_Q8_AVX512
+      return _mm256_mask_add_epi8(c, static_cast<__mmask32>(u32_at(b + kHead - 4)), c, _mm256_set1_epi8(16));
+#else  // byte j of the word's 32 bits spread: byte j / 8, tested against bit j % 8
+      const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                                              3, 3, 3, 3, 3, 3, 3, 3);
+      const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+      const __m256i qh = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(u32_at(b + kHead - 4))), spread);
+      return _mm256_or_si256(c, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
+                                                 _mm256_set1_epi8(16)));
+#endif
+    }
+    return c;
+  }
+}
+// Q4_0 / Q5_0 / Q8_0 multiply signed codes (c - 8, c - 16, c) through vpmaddubsw as |c| times q
+// with c's sign (no offset term); Q4_1 / Q5_1 keep unsigned codes and add m times the sum of q.
+template <int32_t Type>
+constexpr bool kSignedCodes = Type == kQ4_0 || Type == kQ5_0 || Type == kQ8_0;
+#endif
+
 #ifdef CF_Q8_AVX512
 // 16-bit lanes: the first 16 of value a, the next 16 of value b.
 inline __m512i halves16(short a, short b) {
@@ -128,33 +190,6 @@ inline __m512i codes64(const uint8_t* b, int k) {
   }
 }
 
-// One block's scales and offsets per 16 elements as 16-bit lanes (see Scales16).
-struct VScales {
-  float D, M;
-  __m512i s;  // lanes 0-15: s_g
-  __m256i m;  // m_g
-};
-template <int32_t Type>
-inline VScales vscales(const uint8_t* b) {
-  if constexpr (Type == kQ6K) {
-    const float d = half_at(b + 208);
-    const __m256i s = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
-    return {d, d, _mm512_castsi256_si512(s), _mm256_slli_epi16(s, 5)};
-  } else {
-    const K4Scales k = k4_scales(b + 4);
-    const __m128i sc = _mm_cvtsi64_si128(static_cast<long long>(k.sc)), mn = _mm_cvtsi64_si128(static_cast<long long>(k.mn));
-    return {half_at(b), half_at(b + 2),
-            _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sc, sc))),
-            _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn))};
-  }
-}
-
-inline float hsum256(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
 // Weight rows [n0, n1) of type Type against x rows [m0, m0 + R): each block's codes decoded once
 // (64 at a time) and multiplied by the R rows' int8 activations; int32 sums per block, float
 // sums across blocks.
@@ -177,12 +212,13 @@ void rows_k_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_by
     for (int64_t i = 0; i < blocks; ++i) {
       const uint8_t* blk = row + i * kBytes;
       const VScales s = vscales<Type>(blk);
+      const __m512i s16 = _mm512_castsi256_si512(s.s);  // lanes 16-31 never picked
       __m512i dot[R];
       for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int k = 0; k < 4; ++k) {
         const __m512i c = codes64<Type>(blk, k);
-        const __m512i sk = _mm512_permutexvar_epi16(pick[k], s.s);
+        const __m512i sk = _mm512_permutexvar_epi16(pick[k], s16);
         for (int r = 0; r < R; ++r) {
           const int8_t* q = x.q + (m0 + r) * x.K + i * 256 + 64 * k;
           const __m512i p = _mm512_maddubs_epi16(c, _mm512_loadu_si512(q));
@@ -200,25 +236,6 @@ void rows_k_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_by
       y[(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]) - hsum256(off[r]) + (bias != nullptr ? bias[n] : 0.0f);
   }
 }
-
-// The 32 codes of a 32-block (Q8_0's signed), in element order.
-template <int32_t Type>
-inline __m256i codes32(const uint8_t* b) {
-  if constexpr (Type == kQ8_0) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
-  } else {
-    constexpr int kHead = nibbles_at(Type);
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kHead));
-    const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
-    if constexpr (Type == kQ5_0 || Type == kQ5_1)  // fifth bit of element j: bit j of qh
-      return _mm256_mask_add_epi8(c, static_cast<__mmask32>(u32_at(b + kHead - 4)), c, _mm256_set1_epi8(16));
-    return c;
-  }
-}
-// Q4_0 / Q5_0 / Q8_0 multiply signed codes (c - 8, c - 16, c) through vpmaddubsw as |c| times q
-// with c's sign (no offset term); Q4_1 / Q5_1 keep unsigned codes and add m times the sum of q.
-template <int32_t Type>
-constexpr bool kSignedCodes = Type == kQ4_0 || Type == kQ5_0 || Type == kQ8_0;
 
 // Weight rows [n0, n1) of a 32-block type against x rows [m0, m0 + R): two blocks per vector (a
 // float scale per block of each product's int32 sums); a last odd block by the portable route.
@@ -267,14 +284,124 @@ void rows_32_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_b
       y[(m0 + r) * ldy + n] = _mm512_reduce_add_ps(acc[r]) - off[r] + (bias != nullptr ? bias[n] : 0.0f);
   }
 }
+#endif
 
+#ifdef CF_Q8_AVX2
+// The 32 codes of elements [32 k, 32 k + 32) of a K-quant block, in element order.
+template <int32_t Type>
+inline __m256i codes32k(const uint8_t* b, int k) {
+  const __m256i nibble = _mm256_set1_epi8(15);
+  if constexpr (Type == kQ6K) {  // half k / 4, its quarter k % 4: ql's nibbles, qh's bit pair 2 (k % 4)
+    const int h = k / 4, quarter = k % 4;
+    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (quarter % 2)));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+    const __m256i low = _mm256_and_si256(quarter < 2 ? ql : _mm256_srli_epi16(ql, 4), nibble);
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * quarter), _mm256_set1_epi8(3));
+    return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+  } else {  // 32 bytes per 64 elements: low nibbles the first 32, high nibbles the next
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (Type == kQ5K ? 48 : 16) + 32 * (k / 2)));
+    __m256i c = _mm256_and_si256(k % 2 == 0 ? v : _mm256_srli_epi16(v, 4), nibble);
+    if constexpr (Type == kQ5K) {  // fifth bits: bit k of qh[l]
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+      c = _mm256_or_si256(c, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, k), _mm256_set1_epi8(1)), 4));
+    }
+    return c;
+  }
+}
+
+// Weight rows [n0, n1) of type Type against x rows [m0, m0 + R): each block's codes decoded once
+// (32 at a time) and multiplied by the R rows' int8 activations; int32 sums per block, float
+// sums across blocks (scales and offsets into one accumulator).
 template <int32_t Type, int R>
-void rows_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
+void rows_k_avx2(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
                  int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int64_t kBytes = block_bytes(Type);
+  const int64_t blocks = x.K / 256;
+  // vpmaddubsw's 16-bit lane j of 32 codes sums elements 2 j, 2 j + 1: group 2 k for lanes 0-7,
+  // 2 k + 1 for 8-15; the pair (s_2k, s_2k+1) broadcast, then spread to those lanes
+  const __m256i spread = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+                                          2, 3, 2, 3, 2, 3);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < blocks; ++i) {
+      const uint8_t* blk = row + i * kBytes;
+      const VScales s = vscales<Type>(blk);
+      __m256i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        const __m256i c = codes32k<Type>(blk, k);
+        const __m256i sk = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s.s, _mm256_set1_epi32(k)), spread);
+        for (int r = 0; r < R; ++r) {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (m0 + r) * x.K + i * 256 + 32 * k));
+          dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), sk));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const float dx = x.d[(m0 + r) * blocks + i];
+        const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums + ((m0 + r) * blocks + i) * 16));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(s.D * dx), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s.m, sums)), _mm256_set1_ps(-s.M * dx), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + n] = hsum256(acc[r]) + (bias != nullptr ? bias[n] : 0.0f);
+  }
+}
+
+// Weight rows [n0, n1) of a 32-block type against x rows [m0, m0 + R): a block per vector, its
+// float scale times each row's block scale on the int32 sums; signed codes as |c| and q with c's
+// sign (vpsignb).
+template <int32_t Type, int R>
+void rows_32_avx2(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
+                  int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int64_t kBytes = block_bytes(Type);
+  const int64_t blocks = x.K / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m256 acc[R];
+    float off[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int64_t i = 0; i < blocks; ++i) {
+      const uint8_t* a = row + i * kBytes;
+      __m256i c = codes32<Type>(a);
+      if constexpr (Type == kQ4_0 || Type == kQ5_0) c = _mm256_sub_epi8(c, _mm256_set1_epi8(Type == kQ4_0 ? 8 : 16));
+      const __m256i magnitude = kSignedCodes<Type> ? _mm256_sign_epi8(c, c) : c;
+      const float d = half_at(a);
+      for (int r = 0; r < R; ++r) {
+        const int64_t xb = (m0 + r) * blocks + i;
+        __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * xb));
+        if constexpr (kSignedCodes<Type>) q = _mm256_sign_epi8(q, c);
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, q), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * x.d[xb]), acc[r]);
+        if constexpr (!kSignedCodes<Type>)  // w = d c + m: minus (-m) dx sum(q)
+          off[r] -= half_at(a + 2) * x.d[xb] * static_cast<float>(x.sums[2 * xb] + x.sums[2 * xb + 1]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      y[(m0 + r) * ldy + n] = hsum256(acc[r]) - off[r] + (bias != nullptr ? bias[n] : 0.0f);
+  }
+}
+#endif
+
+#ifdef CF_Q8_VECTOR
+// This ISA's kernel for weight rows [n0, n1) against x rows [m0, m0 + R).
+template <int32_t Type, int R>
+void rows_vec(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
+              int64_t ldy, int64_t n0, int64_t n1) {
+#ifdef CF_Q8_AVX512
   if constexpr (q8_k_type(Type))
     rows_k_avx512<Type, R>(x, m0, w, row_bytes, bias, y, ldy, n0, n1);
   else
     rows_32_avx512<Type, R>(x, m0, w, row_bytes, bias, y, ldy, n0, n1);
+#else
+  if constexpr (q8_k_type(Type))
+    rows_k_avx2<Type, R>(x, m0, w, row_bytes, bias, y, ldy, n0, n1);
+  else
+    rows_32_avx2<Type, R>(x, m0, w, row_bytes, bias, y, ldy, n0, n1);
+#endif
 }
 #endif
 
@@ -293,7 +420,7 @@ void rows_plain(int32_t type, const Q8Rows& x, int64_t m0, int64_t R, const uint
     }
 }
 
-#ifdef CF_Q8_AVX512
+#ifdef CF_Q8_VECTOR
 template <int32_t Type>
 void rows_by4(const Q8Rows& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y, int64_t ldy,
               int64_t n0, int64_t n1) {
@@ -302,10 +429,10 @@ void rows_by4(const Q8Rows& x, const uint8_t* w, int64_t row_bytes, const float*
     for (int64_t m = 0; m < x.M; m += 4) {
       const int64_t e = n + step;
       switch (x.M - m < 4 ? x.M - m : 4) {
-        case 1: rows_avx512<Type, 1>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
-        case 2: rows_avx512<Type, 2>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
-        case 3: rows_avx512<Type, 3>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
-        default: rows_avx512<Type, 4>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
+        case 1: rows_vec<Type, 1>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
+        case 2: rows_vec<Type, 2>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
+        case 3: rows_vec<Type, 3>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
+        default: rows_vec<Type, 4>(x, m, w, row_bytes, bias, y, ldy, n, e); break;
       }
     }
 }
@@ -342,16 +469,24 @@ void quantize_q8(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q,
 }
 
 bool q8_vectorized() {
-#ifdef CF_Q8_AVX512
+#ifdef CF_Q8_VECTOR
   return true;
 #else
   return false;
 #endif
 }
 
+int64_t q8_rows(int32_t type) {
+#ifdef CF_Q8_AVX2
+  return q8_max_rows(type, true);
+#else
+  return q8_max_rows(type, false);
+#endif
+}
+
 void gemm_q8(int32_t type, const Q8Rows& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
              int64_t ldy, int64_t n0, int64_t n1) {
-#ifdef CF_Q8_AVX512
+#ifdef CF_Q8_VECTOR
   switch (type) {
     case kQ4_0: return rows_by4<kQ4_0>(x, w, row_bytes, bias, y, ldy, n0, n1);
     case kQ4_1: return rows_by4<kQ4_1>(x, w, row_bytes, bias, y, ldy, n0, n1);
