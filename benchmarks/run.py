@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -460,7 +461,8 @@ def main(argv=None) -> int:
         shape = None if args.quant_model == "default" else RANDOM_SHAPES[args.quant_model]
         res["quant"] = run_quant(1 if args.quick else args.repeat, (1,) if args.quick else (1, 16), shape)
     stem = (f"{meta['date']}-{device.type}-{meta['dtype']}" + ("-quick" if args.quick else "")
-            + (f"-quant-{args.quant_model}" if "quant" in args.sections and args.quant_model != "default" else ""))
+            + (f"-quant-{args.quant_model}" if "quant" in args.sections and args.quant_model != "default" else "")
+            + (f"-{os.environ['CF_CPU_ISA']}" if os.environ.get("CF_CPU_ISA") else ""))
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     text = markdown(res)
     (out / f"{stem}.md").write_text(text + "\n")
