@@ -85,7 +85,9 @@ def test_cpu_isa_reports_choice():
 
 
 def run_with_env(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    """`code` in a fresh Python with the kernels on (whatever CF_CPU_KERNELS says here) and `env`."""
+    base = {k: v for k, v in os.environ.items() if k != "CF_CPU_KERNELS"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env})
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2"])

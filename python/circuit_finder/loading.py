@@ -305,7 +305,8 @@ def activations_here(activations: str, packed_on_cpu: bool) -> str:
     if not packed_on_cpu:
         why = "no packed matrix is on the CPU (q8 applies to the CPU products of packed matrices)"
     elif not _C.cpu_q8_activations():
-        why = f"this CPU's kernels ({_C.cpu_isa()}) have no int8 products (they need AVX2)"
+        chosen = "; CF_CPU_ISA chose them" if os.environ.get("CF_CPU_ISA") else ""
+        why = f"this CPU's kernels ({_C.cpu_isa()}) have no int8 products (they need AVX2{chosen})"
     else:
         return activations
     warnings.warn(f"activations='q8': {why}; the products stay float", stacklevel=3)
