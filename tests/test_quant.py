@@ -60,9 +60,9 @@ def test_decoder_matches_the_gguf_package(kind, isa):
 @pytest.mark.parametrize("kind", sorted(PACKED_TYPES))
 def test_packed_linear_matches_the_dequantized_product(kind, rows, isa):
     """Every product path — one row (blocks decoded into the dot products), a few rows (4 weight
-    rows dequantized at a time for the skinny GEMM: 3 and 16 rows), more (on AVX-512: 32 weight
-    rows decoded K-major in parts of K, quant_blocks.h: 30, 33 and 64 rows, whose register tiles of
-    12, 4, 2 and 1 rows all occur), past the skinny GEMM's 4 MB of x (chunks for ATen's GEMM: 2100
+    rows dequantized at a time for the skinny GEMM: 3 and 16 rows), more (on AVX2 / AVX-512: 32
+    weight rows decoded K-major in parts of K, quant_blocks.h: 30, 33 and 64 rows, whose register
+    tiles of 12 (AVX-512) or 6 (AVX2), 4, 2 and 1 rows all occur), past the skinny GEMM's 4 MB of x (chunks for ATen's GEMM: 2100
     rows) — on every instruction set, with and without bias, against x @ W^T of the package's W.
     70 weight rows: two K-major tiles and a tail; K: three parts of K-major depth."""
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0]

@@ -4,7 +4,7 @@
 // skinny_max_rows_f32(K) rows (linear.h: x within 4 MB) dequantize kQuantTileRows weight rows at a
 // time into a small scratch (L1) and run the skinny fp32 GEMM of every x row against them (the
 // matrix is never dequantized whole; on the default model this beats the BLAS GEMM on the
-// dequantized matrix, benchmarks/RESULTS.md), or on AVX-512 from quant_k_major's rows decode 32
+// dequantized matrix, benchmarks/RESULTS.md), or on AVX2 / AVX-512 from quant_k_major's rows decode 32
 // weight rows K-major in parts of K (quant_blocks.h); more rows dequantize chunks of about
 // kPackedChunkBytes (on all threads, into a per-thread scratch kept between calls) and multiply
 // each with ATen's GEMM.

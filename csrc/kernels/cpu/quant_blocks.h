@@ -39,18 +39,20 @@ constexpr int64_t block_bytes(int32_t type) { return CF_BLOCK_TYPES(CF_BYTES_OF)
 // 1.17x to 1.04x the fp32 product's time).
 constexpr int64_t kQuantTileRows = 4;
 
-// Where quant_k_major(M, K) says, the AVX-512 build (compiled with GCC) takes block types (not F16
-// / BF16) K-major instead (gemm_q_k_major): kQuantKnCols weight rows at a time, K in equal parts
-// of at most kQuantKnDepth columns (whole blocks), each part's columns decoded 16 rows at a time,
-// transposed into scratch [depth, cols] and multiplied by gemm_kn_part_f32 (x values broadcast
-// against vectors of weights: no horizontal sums, a 12 x 32 register tile instead of 4 x 4). At 64
-// rows 1.05-1.33x our fp32 skinny GEMM on the dequantized matrix, against 0.92-0.96x for the 4-row
-// tiles; the default model's prefill went from 5-7% slower than its dequantized fp32 to 4-7% faster.
+// Where quant_k_major(M, K) says, the AVX-512 and AVX2 builds (compiled with GCC) take block types
+// (not F16 / BF16) K-major instead (gemm_q_k_major): kQuantKnCols weight rows at a time, K in equal
+// parts of at most kQuantKnDepth columns (whole blocks), each part's columns decoded 16 rows at a
+// time, transposed into scratch [depth, cols] and multiplied by gemm_kn_part_f32 (x values
+// broadcast against vectors of weights: no horizontal sums, a 12 x 32 register tile on AVX-512, 6
+// x 16 on AVX2, instead of 4 x 4). AVX-512: at 64 rows 1.05-1.33x our fp32 skinny GEMM on the
+// dequantized matrix, against 0.92-0.96x for the 4-row tiles; the default model's prefill went from
+// 5-7% slower than its dequantized fp32 to 4-7% faster. AVX2 (2026-11-25): at 64 rows 1.0-1.4x,
+// against 0.74-0.97x for its 4-row tiles (the same rule; at 12-32 rows the two are within noise).
 constexpr int64_t kQuantKnCols = 32;
 constexpr int64_t kQuantKnDepth = 256;
 // Whether M rows of x against K columns take the K-major tiles, by measurement on the default
-// model's shapes (2 threads): at K = 576 they lose below ~24 rows and tie at 24-32 (the rule starts
-// at 29), at K = 1536 they win from 12 rows.
+// model's shapes (2 threads, AVX-512): at K = 576 they lose below ~24 rows and tie at 24-32 (the
+// rule starts at 29), at K = 1536 they win from 12 rows.
 constexpr bool quant_k_major(int64_t M, int64_t K) { return M >= 12 && M * K >= 16384; }
 // Floats of scratch gemm_q needs for K columns (k_major: what gemm_q_k_major said).
 constexpr int64_t quant_scratch_floats(int64_t K, bool k_major) {
@@ -73,7 +75,7 @@ constexpr int64_t q8_x_block(int32_t type) { return q8_k_type(type) ? 256 : 32; 
 // Rows of x up to which linear_packed takes them (more: float, the prefill's K-major tiles): where
 // they beat the float kernels of the same ISA, measured on 2 cores (benchmarks/RESULTS.md). AVX-512
 // (2026-11-25): K-quants 1.0-5x up to 16 rows; Q8_0 2.0x at 1-4 rows, 1.5x at 8, 1.1x at 16; the
-// other 32-blocks 1.1-1.9x at 1-3 rows, 0.73-0.85x at 4. AVX2 (2026-11-26): every type 1.1-7x
+// other 32-blocks 1.1-1.9x at 1-3 rows, 0.73-0.85x at 4. AVX2 (2026-11-25): every type 1.1-7x
 // at 1-64 rows (its float kernels are slower), capped at 16 there as for the K-quants, so that a
 // prefill stays float. A row count, not a phase: a short prompt takes it too. (The base build's
 // test loops follow the AVX-512 rule.)

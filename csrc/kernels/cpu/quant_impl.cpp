@@ -6,7 +6,7 @@
 #include "quant_blocks.h"
 #include "skinny_gemm.h"
 
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -21,7 +21,8 @@ namespace {
 
 // Blocks decode 16 elements at a time: the codes as 16 unsigned bytes (byte ops work on every
 // ISA), then widened to int32 and float in vectors of the ISA's width (CF_LANES; GCC widens 16
-// bytes at once well only on AVX-512, and signed bytes badly everywhere, hence the bias form).
+// bytes at once well only on AVX-512, 8 of 16 on AVX2 (see widen), and signed bytes badly
+// everywhere, hence the bias form).
 #ifndef CF_LANES
 #define CF_LANES 4
 #endif
@@ -36,12 +37,27 @@ inline u8x16 bytes16(const uint8_t* p) {
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
+// Codes [c, c + L) of 16 as int32 lanes. AVX2 builds shift the upper 8 down and widen them with one
+// vpmovzxbd: for them GCC extracts and inserts the bytes one at a time (8 vpextrb per 16 codes,
+// which held AVX2's decoding to a third of AVX-512's speed).
+inline i32xL widen(u8x16 codes, int c) {
+#if defined(__AVX2__) && CF_LANES == 8
+  __m128i v;
+  __builtin_memcpy(&v, &codes, sizeof v);
+  const __m256i w = _mm256_cvtepu8_epi32(c == 0 ? v : _mm_srli_si128(v, 8));
+  i32xL out;
+  __builtin_memcpy(&out, &w, sizeof out);
+  return out;
+#else
+  u8xL part;
+  __builtin_memcpy(&part, reinterpret_cast<const uint8_t*>(&codes) + c, L);
+  return __builtin_convertvector(part, i32xL);
+#endif
+}
 // y[j] = scale * (codes[j] - bias) + offset, j < 16.
 inline void put16(float* y, u8x16 codes, int bias, float scale, float offset = 0.0f) {
   for (int c = 0; c < 16; c += L) {
-    u8xL part;
-    __builtin_memcpy(&part, reinterpret_cast<const uint8_t*>(&codes) + c, L);
-    const f32xL v = __builtin_convertvector(__builtin_convertvector(part, i32xL) - bias, f32xL) * scale + offset;
+    const f32xL v = __builtin_convertvector(widen(codes, c) - bias, f32xL) * scale + offset;
     __builtin_memcpy(y + c, &v, sizeof v);
   }
 }
@@ -84,11 +100,9 @@ struct Dot {
   inline void put(const float* y, u8x16 codes, int bias, float scale, float offset = 0.0f) {
     f32xL t = {};
     for (int c = 0; c < 16; c += L) {
-      u8xL part;
-      __builtin_memcpy(&part, reinterpret_cast<const uint8_t*>(&codes) + c, L);
       f32xL xv;
       __builtin_memcpy(&xv, y + c, sizeof xv);
-      t += __builtin_convertvector(__builtin_convertvector(part, i32xL), f32xL) * xv;
+      t += __builtin_convertvector(widen(codes, c), f32xL) * xv;
     }
     acc += scale * t;
     corr += (offset - scale * bias) * sums16[static_cast<uint64_t>(y - x0) / 16];
@@ -334,43 +348,42 @@ bool dot_packed(int32_t type, const float* x, const float* sums16, int64_t K, co
 
 }  // namespace
 
-#if CF_LANES == 16 && defined(__GNUC__) && !defined(__clang__)
+#if CF_LANES >= 8 && defined(__GNUC__) && !defined(__clang__)
 #define CF_QUANT_KN 1
 namespace {
 
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-// The shuffle of a 16 x 16 transpose's step B: rows i and i + B (i without bit B) swap bit B of
+// The shuffle of an L x L transpose's step B: rows i and i + B (i without bit B) swap bit B of
 // their lane index with bit B of their row index (low: row i's new lanes, high: row i + B's).
 template <int B, bool High>
-inline i32x16 swap_mask() {
-  i32x16 m;
-  for (int j = 0; j < 16; ++j) m[j] = (j & B) ? (High ? 16 + j : 16 + j - B) : (High ? j + B : j);
+inline i32xL swap_mask() {
+  i32xL m;
+  for (int j = 0; j < L; ++j) m[j] = (j & B) ? (High ? L + j : L + j - B) : (High ? j + B : j);
   return m;
 }
 template <int B>
 inline void swap_bit(f32xL* v) {
-  const i32x16 lo = swap_mask<B, false>(), hi = swap_mask<B, true>();
-  for (int i = 0; i < 16; ++i)
+  const i32xL lo = swap_mask<B, false>(), hi = swap_mask<B, true>();
+  for (int i = 0; i < L; ++i)
     if ((i & B) == 0) {
       const f32xL a = v[i], b = v[i + B];
       v[i] = __builtin_shuffle(a, b, lo);
       v[i + B] = __builtin_shuffle(a, b, hi);
     }
 }
-// out[c * ld_out + r] = in[r * ld_in + c] for r, c < 16.
-inline void transpose16(const float* in, int64_t ld_in, float* out, int64_t ld_out) {
-  f32xL v[16];
-  for (int r = 0; r < 16; ++r) __builtin_memcpy(&v[r], in + r * ld_in, sizeof v[r]);
+// out[c * ld_out + r] = in[r * ld_in + c] for r, c < L.
+inline void transpose(const float* in, int64_t ld_in, float* out, int64_t ld_out) {
+  f32xL v[L];
+  for (int r = 0; r < L; ++r) __builtin_memcpy(&v[r], in + r * ld_in, sizeof v[r]);
   swap_bit<1>(v);
   swap_bit<2>(v);
   swap_bit<4>(v);
-  swap_bit<8>(v);
-  for (int c = 0; c < 16; ++c) __builtin_memcpy(out + c * ld_out, &v[c], sizeof v[c]);
+  if constexpr (L > 8) swap_bit<L / 2>(v);
+  for (int c = 0; c < L; ++c) __builtin_memcpy(out + c * ld_out, &v[c], sizeof v[c]);
 }
 
 // kQuantKnCols packed rows (a block type) against M rows of x, K-major (quant_blocks.h): per
-// kQuantKnDepth columns, 16 rows at a time decoded then transposed into the [depth, cols] tile.
+// kQuantKnDepth columns, 16 rows at a time decoded then transposed (L x L at a time) into the
+// [depth, cols] tile.
 void gemm_q_kn(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
                const float* bias, float* y, int64_t ldy, float* scratch) {
   float* staging = scratch;                    // [16, depth]
@@ -384,8 +397,9 @@ void gemm_q_kn(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t
     const uint8_t* part = w + k0 / format.block * format.bytes;
     for (int64_t g = 0; g < kQuantKnCols; g += 16) {
       dequant_rows(type, part + g * row_bytes, row_bytes, 16, depth, staging);
-      for (int64_t k = 0; k < depth; k += 16)
-        transpose16(staging + k, depth, tile + k * kQuantKnCols + g, kQuantKnCols);
+      for (int64_t r = 0; r < 16; r += L)
+        for (int64_t k = 0; k < depth; k += L)
+          transpose(staging + r * depth + k, depth, tile + k * kQuantKnCols + g + r, kQuantKnCols);
     }
     gemm_kn_part_f32(x + k0, K, M, depth, tile, kQuantKnCols, k0 + depth == K ? bias : nullptr, y, ldy, 0,
                      kQuantKnCols, k0 > 0);

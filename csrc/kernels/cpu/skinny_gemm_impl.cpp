@@ -153,10 +153,10 @@ inline void tile_kn(const float* x, int64_t ldx, int64_t K, const W* w, int64_t 
 }
 
 // Rows of x per K-major register tile (MR x NC accumulators): with 32 vector registers (AVX-512)
-// 6 against 4 vectors of columns or 12 against 2, else (16 registers) 2 against 4.
+// 6 against 4 vectors of columns or 12 against 2, else (16 registers) 2 against 4 or 6 against 2.
 template <int NC>
 constexpr int kn_rows() {
-  return L < 16 ? 2 : NC >= 4 ? 6 : 12;
+  return L < 16 ? (NC >= 4 ? 2 : 6) : NC >= 4 ? 6 : 12;
 }
 
 template <int NC, typename W>
