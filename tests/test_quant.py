@@ -116,12 +116,16 @@ def test_bad_packed_input_names_what_is_wrong():
 
 
 # ----------------------------------------------------------------------------- 8-bit activations
-Q8_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+Q8_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+
+
+def q8_block(kind: str) -> int:
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0]
 
 
 def q8_rows(kind: str, isa: str) -> int:
     """Rows of x up to which activations="q8" takes a product on `isa` (quant_blocks.h's q8_max_rows)."""
-    return 16 if isa == "avx2" or kind.endswith("_K") else 8 if kind == "Q8_0" else 3
+    return 16 if isa == "avx2" or q8_block(kind) == 256 else 8 if kind == "Q8_0" else 3
 
 
 def rounded_x(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -140,7 +144,7 @@ def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
     """Up to q8_rows: exactly (up to the float sums' order) the package's dequantized W times x
     rounded to 8 bits per block of x; and measurably not the float product, so the test sees which
     route ran. One row more: the float route. 19 / 3 blocks per row: an odd 32-block tail."""
-    block = 256 if kind.endswith("_K") else 32
+    block = q8_block(kind)
     n, k = 37, 768 if block == 256 else 608
     raw = random_packed(kind, n, k, seed=7)
     w = reference(kind, raw, k).double()
@@ -160,7 +164,7 @@ def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
 def test_q8_activations_of_zero_tiny_and_non_finite_rows(isa):
     """A zero block of x adds nothing (its scale is 0), nor does one too small to scale (1e-38); inf
     or NaN in x makes the row's outputs NaN, never a finite number."""
-    for kind in ("Q4_K", "Q4_1"):
+    for kind in ("Q4_K", "Q4_1", "IQ4_XS", "Q3_K"):
         raw = torch.from_numpy(random_packed(kind, 8, 512))
         x = torch.randn(3, 512)
         x[0] = 0

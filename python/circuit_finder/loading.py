@@ -131,7 +131,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     type or None} chooses per tensor (first match wins). See ``quants``.
     activations: "float" (default) keeps the activations of packed matrices' products in float (the
     dequantized matrix's results up to the order of the sums); "q8" rounds them to 8 bits — per 256
-    values against Q4_K / Q5_K / Q6_K, per 32 against Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 — in the CPU
+    values against Q2_K..Q6_K / IQ4_XS, per 32 against Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL — in the CPU
     products of at most 16 rows (on AVX-512: 8 for Q8_0, 3 for the other 32-blocks; decode steps,
     short prompts), and sums in integers, as llama.cpp does: faster, not identical
     (benchmarks/RESULTS.md has its measured top-1 agreement). Products of more rows, other types and GPUs stay in float; with no

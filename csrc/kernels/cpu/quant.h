@@ -10,7 +10,7 @@
 // each with ATen's GEMM.
 // Activations stay in float: results equal the dequantized matrix's up to the order of the sums.
 // Opt-in (q8_activations): up to the ISA's q8_rows(type) rows of x against the q8 types
-// (quant_blocks.h: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) are rounded to int8 per block
+// (quant_blocks.h: every block type but F16 / BF16) are rounded to int8 per block
 // of columns and summed in integers (quant_q8_impl.cpp): the dequantized matrix times that rounded
 // x; other types, more rows, and CPUs without AVX2 or with CF_CPU_KERNELS=0 (q8_activations_here)
 // stay in float.

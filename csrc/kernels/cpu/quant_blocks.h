@@ -60,15 +60,20 @@ constexpr int64_t quant_scratch_floats(int64_t K, bool k_major) {
                                                                               : (16 + kQuantKnCols) * kQuantKnDepth;
 }
 
-// Opt-in 8-bit activations (quant_q8_impl.cpp): rows of the q8 types (the K-quants Q4_K, Q5_K,
-// Q6_K and the 32-blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) against x rows rounded to int8 per block of
-// x (256 columns for the K-quants, 32 for the others; as ggml's q8_K / q8_0: d = max|x| / 127,
-// q = rint(x * 127 / max|x|), with the sum of each 16 codes), summed in integers. A few rows of x
-// (decode steps) only.
-constexpr int32_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4K = 12, kQ5K = 13, kQ6K = 14;
-constexpr bool q8_k_type(int32_t type) { return type == kQ4K || type == kQ5K || type == kQ6K; }
+// Opt-in 8-bit activations (quant_q8_impl.cpp): rows of the q8 types (the 256-blocks Q2_K, Q3_K,
+// Q4_K, Q5_K, Q6_K, IQ4_XS and the 32-blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) against x rows
+// rounded to int8 per block of x (256 columns for the 256-blocks, 32 for the others; as ggml's
+// q8_K / q8_0: d = max|x| / 127, q = rint(x * 127 / max|x|), with the sum of each 16 codes), summed
+// in integers. A few rows of x (decode steps) only. Every q8 type's weights, per 16 elements g, are
+// w_i = D * s_g * c_i - M * m_g with integer codes c (quant_q8_impl.cpp has each type's terms).
+constexpr int32_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2K = 10, kQ3K = 11, kQ4K = 12, kQ5K = 13,
+                  kQ6K = 14, kIQ4NL = 20, kIQ4XS = 23;
+constexpr bool q8_k_type(int32_t type) {
+  return type == kQ2K || type == kQ3K || type == kQ4K || type == kQ5K || type == kQ6K || type == kIQ4XS;
+}
 constexpr bool q8_activation_type(int32_t type) {
-  return q8_k_type(type) || type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1 || type == kQ8_0;
+  return q8_k_type(type) || type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1 || type == kQ8_0 ||
+         type == kIQ4NL;
 }
 // Columns of x per scale d for a weight type's products.
 constexpr int64_t q8_x_block(int32_t type) { return q8_k_type(type) ? 256 : 32; }

@@ -1,5 +1,6 @@
 // quant_common.h — small helpers the per-ISA block files (quant_impl.cpp, quant_q8_impl.cpp) share:
-// reading halves, words and the K-quants' packed six-bit scales out of a block. Included inside each file's ISA namespace (so each ISA
+// reading halves, words and the K-quants' and IQ4_XS's packed scales out of a block, and IQ4's
+// levels. Included inside each file's ISA namespace (so each ISA
 // gets its own copies and none leaks into another's code): no includes here; the includer brings
 // <immintrin.h> where the ISA has F16C.
 #pragma once
@@ -44,3 +45,23 @@ inline K4Scales k4_scales(const uint8_t* s) {
   const uint32_t mn_hi = ((w2 >> 4) & 0x0f0f0f0fu) | (((w1 >> 6) & 0x03030303u) << 4);
   return {sc_lo | (uint64_t{sc_hi} << 32), mn_lo | (uint64_t{mn_hi} << 32)};
 }
+
+// Q3_K's scale i of 16 (six bits stored with +32, returned signed), from its 12 scale bytes: the
+// low 4 bits in bytes 0-7 (scales 0-7 low nibbles, 8-15 high nibbles), the high 2 bits in bytes
+// 8-11 (scale i at shift 2 (i / 4) of byte 8 + i % 4).
+inline int q3_k_scale(const uint8_t* s, int i) {
+  const int low = i < 8 ? (s[i] & 15) : (s[i - 8] >> 4);
+  const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+  return (low | (high << 4)) - 32;
+}
+
+// IQ4_XS's scale of 32-run ib of 8 (six bits stored with +32, returned signed): 4 low bits in
+// scales_l (byte 4 + ib / 2, nibble ib % 2), 2 high bits in the u16 scales_h (bytes 2-3, shift 2 ib).
+inline int iq4_xs_scale(const uint8_t* b, int ib) {
+  const int scales_h = b[2] | (b[3] << 8);
+  return (((b[4 + ib / 2] >> (4 * (ib % 2))) & 15) | (((scales_h >> (2 * ib)) & 3) << 4)) - 32;
+}
+
+// IQ4_NL / IQ4_XS: the 16 non-uniform levels (signed) a 4-bit code selects.
+alignas(16) constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                               1,    13,   25,  38,  53,  69,  89,  113};

@@ -73,7 +73,8 @@ inline u8x16 bit_lanes(uint32_t bits, int first) {
 
 // IQ4_NL / IQ4_XS: the 16 non-uniform levels a 4-bit code selects, here + 128 (so they are bytes).
 inline u8x16 iq4_levels(u8x16 codes) {
-  const u8x16 levels = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
+  u8x16 levels;
+  for (int j = 0; j < 16; ++j) levels[j] = static_cast<uint8_t>(kIq4Values[j] + 128);
 #if defined(__GNUC__) && !defined(__clang__)
   return __builtin_shuffle(levels, codes);
 #else
@@ -183,15 +184,6 @@ CF_DECODER void q2_k(const uint8_t* b, float* y, Out& out) {
         out.put(y, (bytes16(q + 16 * part) >> shift) & 3, 0, d * (sc[is] & 15), -dmin * (sc[is] >> 4));
 }
 
-// The 16 six-bit scales of Q3_K, packed in 12 bytes: low 4 bits in bytes 0-7 (two per byte), the
-// high 2 bits in bytes 8-11; stored with +32.
-void q3_k_scales(const uint8_t* s, int* out) {
-  for (int i = 0; i < 16; ++i) {
-    const int low = i < 8 ? (s[i] & 15) : (s[i - 8] >> 4);
-    const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
-    out[i] = (low | (high << 4)) - 32;
-  }
-}
 // Q3_K (110 bytes): hmask[32] (the third bit; clear = subtract 4), qs[64] (low 2 bits, laid out
 // as Q2_K's), scales[12], d.
 template <class Out>
@@ -200,7 +192,7 @@ CF_DECODER void q3_k(const uint8_t* b, float* y, Out& out) {
   const uint8_t* q = b + 32;
   const float d = half_at(b + 108);
   int scales[16];
-  q3_k_scales(b + 96, scales);
+  for (int i = 0; i < 16; ++i) scales[i] = q3_k_scale(b + 96, i);
   int is = 0, bit = 0;
   for (int half128 = 0; half128 < 2; ++half128, q += 32)
     for (int shift = 0; shift < 8; shift += 2, ++bit)
@@ -267,14 +259,12 @@ CF_DECODER void q6_k(const uint8_t* b, float* y, Out& out) {
 template <class Out>
 CF_DECODER void iq4_xs(const uint8_t* b, float* y, Out& out) {
   const float d = half_at(b);
-  const int scales_h = b[2] | (b[3] << 8);
-  const uint8_t* scales_l = b + 4;
   const uint8_t* q = b + 8;
   for (int ib = 0; ib < 8; ++ib, q += 16, y += 32) {
-    const int ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 15) | (((scales_h >> (2 * ib)) & 3) << 4);
+    const float scale = d * static_cast<float>(iq4_xs_scale(b, ib));
     const u8x16 v = bytes16(q);
-    out.put(y, iq4_levels(v & 15), 128, d * (ls - 32));
-    out.put(y + 16, iq4_levels(v >> 4), 128, d * (ls - 32));
+    out.put(y, iq4_levels(v & 15), 128, scale);
+    out.put(y + 16, iq4_levels(v >> 4), 128, scale);
   }
 }
 

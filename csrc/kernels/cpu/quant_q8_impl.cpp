@@ -1,12 +1,15 @@
 // quant_q8_impl.cpp — the opt-in 8-bit activation products of quant_blocks.h (quantize_q8,
 // gemm_q8), compiled once per ISA like quant_impl.cpp: weight rows of the q8 types against x rows
-// quantized to int8 per block of x (256 columns for the K-quants, 32 for the others), summed in
+// quantized to int8 per block of x (256 columns for the 256-blocks, 32 for the others), summed in
 // integers.
 //
 // Every 16 weights g of these blocks are w_i = D * s_g * c_i - M * m_g with integer codes c,
 // scales s and offsets m: Q4_K / Q5_K: D = d, M = dmin, s / m the 32-run's six-bit scale and min;
-// Q6_K: D = M = d, s its int8 scale, m = 32 s; Q4_0 / Q5_0: D = M = d, s = 1, m = 8 / 16; Q4_1 /
-// Q5_1: D = d, M = -m (the block's min), s = m = 1; Q8_0: D = d, M = 0, s = 1, signed codes.
+// Q6_K: D = M = d, s its int8 scale, m = 32 s; Q3_K: D = M = d, s its signed six-bit scale, m = 4 s;
+// Q2_K: D = d, M = dmin, s / m the low / high nibble of its scale byte; IQ4_XS: D = d, M = 0, s the
+// 32-run's signed six-bit scale, c the signed level its 4-bit code selects; Q4_0 / Q5_0: D = M = d,
+// s = 1, m = 8 / 16; Q4_1 / Q5_1: D = d, M = -m (the block's min), s = m = 1; Q8_0: D = d, M = 0,
+// s = 1, signed codes; IQ4_NL: as Q8_0 with IQ4's levels as codes.
 // Against x_i ~ dx * q_i one block's sum is dx * (D * sum_g s_g sum_i c_i q_i - M * sum_g m_g
 // sum_i q_i): integer dot products, two float multiplies per block. The result is exactly the
 // dequantized matrix times x rounded to 8 bits, up to the order of the float sums
@@ -60,20 +63,43 @@ inline void scales16(int32_t type, const uint8_t* b, Scales16& out) {
     out.M = half_at(b + 2);
     for (int g = 0; g < 16; ++g)
       out.s[g] = static_cast<int16_t>(k.scale(g / 2)), out.m[g] = static_cast<int16_t>(k.min(g / 2));
+  } else if (type == kQ3K) {
+    out.D = out.M = half_at(b + 108);
+    for (int g = 0; g < 16; ++g)
+      out.s[g] = static_cast<int16_t>(q3_k_scale(b + 96, g)), out.m[g] = static_cast<int16_t>(4 * out.s[g]);
+  } else if (type == kQ2K) {
+    out.D = half_at(b + 80), out.M = half_at(b + 82);
+    for (int g = 0; g < 16; ++g) out.s[g] = b[g] & 15, out.m[g] = b[g] >> 4;
+  } else if (type == kIQ4XS || type == kIQ4NL) {
+    out.M = 0.0f;
+    if (type == kIQ4XS)
+      for (int g = 0; g < 16; ++g) out.s[g] = static_cast<int16_t>(iq4_xs_scale(b, g / 2));
   }
 }
 
-// Where a 32-block's 16 nibble bytes start: after d (Q4_0), d and m (Q4_1), d and qh (Q5_0), d, m
-// and qh (Q5_1); Q5's qh is the 4 bytes before them.
-constexpr int nibbles_at(int32_t type) { return type == kQ4_0 ? 2 : type == kQ4_1 ? 4 : type == kQ5_0 ? 6 : 8; }
+// Where a 32-block's 16 nibble bytes start: after d (Q4_0, IQ4_NL), d and m (Q4_1), d and qh
+// (Q5_0), d, m and qh (Q5_1); Q5's qh is the 4 bytes before them.
+constexpr int nibbles_at(int32_t type) {
+  return type == kQ4_0 || type == kIQ4NL ? 2 : type == kQ4_1 ? 4 : type == kQ5_0 ? 6 : 8;
+}
 
 // Element i's code of a block of a q8 type, by ggml's layouts (see quant_impl.cpp).
 inline int code_at(int32_t type, const uint8_t* b, int i) {
   if (type == kQ8_0) return static_cast<int8_t>(b[2 + i]);
-  if (type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1) {  // 32-blocks: nibbles after the header
+  if (!q8_k_type(type)) {  // the other 32-blocks: nibbles after the header
     const int head = nibbles_at(type);
     const int c = i < 16 ? b[head + i] & 15 : b[head + i - 16] >> 4;
+    if (type == kIQ4NL) return kIq4Values[c];
     return type == kQ5_0 || type == kQ5_1 ? c | (((u32_at(b + head - 4) >> i) & 1) << 4) : c;
+  }
+  if (type == kIQ4XS) {  // 32-run i / 32: 16 bytes of nibbles, low the first 16 elements
+    const uint8_t v = b[8 + 16 * (i / 32) + i % 16];
+    return kIq4Values[i % 32 < 16 ? v & 15 : v >> 4];
+  }
+  if (type == kQ2K || type == kQ3K) {  // 32-run k: bits 2 (k % 4) of qs byte i % 32 (per 128); Q3_K's bit k of hmask
+    const int k = i / 32, l = i % 32;
+    const int low = (b[(type == kQ2K ? 16 : 32) + 32 * (k / 4) + l] >> (2 * (k % 4))) & 3;
+    return type == kQ2K ? low : low | (((b[l] >> k) & 1) << 2);
   }
   const int chunk = i / 64, l = i % 32, upper = (i / 32) % 2;
   if (type == kQ6K) {  // per 128: ql byte l (+ 32) low / high nibble, qh byte l's bit pair
@@ -109,10 +135,36 @@ struct VScales {
 };
 template <int32_t Type>
 inline VScales vscales(const uint8_t* b) {
+  const __m128i nibble = _mm_set1_epi8(15);
   if constexpr (Type == kQ6K) {
     const float d = half_at(b + 208);
     const __m256i s = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
     return {d, d, s, _mm256_slli_epi16(s, 5)};
+  } else if constexpr (Type == kQ3K) {  // q3_k_scale for all 16: low nibbles of bytes 0-7 then
+    // their high nibbles; the bit pairs of bytes 8-11 at shift 2 (i / 4), one 32-bit lane per i / 4
+    const float d = half_at(b + 108);
+    const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 96));
+    const __m128i low = _mm_and_si128(_mm_unpacklo_epi64(a, _mm_srli_epi16(a, 4)), nibble);
+    const __m128i high = _mm_and_si128(
+        _mm_srlv_epi32(_mm_set1_epi32(static_cast<int>(u32_at(b + 104))), _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
+    const __m256i s = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_or_si128(low, _mm_slli_epi16(high, 4))),
+                                       _mm256_set1_epi16(32));
+    return {d, d, s, _mm256_slli_epi16(s, 2)};
+  } else if constexpr (Type == kQ2K) {  // scale byte g: low nibble s_g, high nibble m_g
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+    return {half_at(b + 80), half_at(b + 82), _mm256_cvtepu8_epi16(_mm_and_si128(sc, nibble)),
+            _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), nibble))};
+  } else if constexpr (Type == kIQ4XS) {  // iq4_xs_scale of run ib in 32-bit lane ib: nibble ib of
+    // scales_l's word, bit pair ib of scales_h; then in both 16-bit halves (groups 2 ib, 2 ib + 1)
+    const __m256i low = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(u32_at(b + 4))),
+                                                           _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                         _mm256_set1_epi32(15));
+    const __m256i high = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(b[2] | (b[3] << 8)),
+                                                            _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                                          _mm256_set1_epi32(3));
+    const __m256i ls = _mm256_or_si256(low, _mm256_slli_epi32(high, 4));
+    const __m256i s = _mm256_sub_epi16(_mm256_or_si256(ls, _mm256_slli_epi32(ls, 16)), _mm256_set1_epi16(32));
+    return {half_at(b), 0.0f, s, _mm256_setzero_si256()};
   } else {
     const K4Scales k = k4_scales(b + 4);
     const __m128i sc = _mm_cvtsi64_si128(static_cast<long long>(k.sc)), mn = _mm_cvtsi64_si128(static_cast<long long>(k.mn));
@@ -127,7 +179,12 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// The 32 codes of a 32-block (Q8_0's signed), in element order.
+// IQ4's 16 levels in both 128-bit lanes (for vpshufb by 4-bit codes).
+inline __m256i iq4_table() {
+  return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
+}
+
+// The 32 codes of a 32-block (Q8_0's and IQ4_NL's signed), in element order.
 template <int32_t Type>
 inline __m256i codes32(const uint8_t* b) {
   if constexpr (Type == kQ8_0) {
@@ -148,13 +205,50 @@ inline __m256i codes32(const uint8_t* b) {
                                                  _mm256_set1_epi8(16)));
 #endif
     }
+    if constexpr (Type == kIQ4NL) return _mm256_shuffle_epi8(iq4_table(), c);
     return c;
   }
 }
-// Q4_0 / Q5_0 / Q8_0 multiply signed codes (c - 8, c - 16, c) through vpmaddubsw as |c| times q
-// with c's sign (no offset term); Q4_1 / Q5_1 keep unsigned codes and add m times the sum of q.
+// Q4_0 / Q5_0 / Q8_0 / IQ4_NL multiply signed codes (c - 8, c - 16, c, IQ4's level) through
+// vpmaddubsw as |c| times q with c's sign (no offset term); Q4_1 / Q5_1 keep unsigned codes and add
+// m times the sum of q. Of the 256-blocks IQ4_XS has signed codes (and no offsets).
 template <int32_t Type>
-constexpr bool kSignedCodes = Type == kQ4_0 || Type == kQ5_0 || Type == kQ8_0;
+constexpr bool kSignedCodes = Type == kQ4_0 || Type == kQ5_0 || Type == kQ8_0 || Type == kIQ4NL || Type == kIQ4XS;
+template <int32_t Type>
+constexpr bool kOffsets = Type != kIQ4XS;  // of the 256-blocks
+
+// The 32 codes of elements [32 k, 32 k + 32) of a 256-block, in element order (IQ4_XS's signed).
+template <int32_t Type>
+inline __m256i codes32k(const uint8_t* b, int k) {
+  const __m256i nibble = _mm256_set1_epi8(15);
+  if constexpr (Type == kQ6K) {  // half k / 4, its quarter k % 4: ql's nibbles, qh's bit pair 2 (k % 4)
+    const int h = k / 4, quarter = k % 4;
+    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (quarter % 2)));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+    const __m256i low = _mm256_and_si256(quarter < 2 ? ql : _mm256_srli_epi16(ql, 4), nibble);
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * quarter), _mm256_set1_epi8(3));
+    return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+  } else if constexpr (Type == kQ2K || Type == kQ3K) {  // bits 2 (k % 4) of 32 qs bytes per 128; Q3_K's bit k of hmask
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (Type == kQ2K ? 16 : 32) + 32 * (k / 4)));
+    __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, 2 * (k % 4)), _mm256_set1_epi8(3));
+    if constexpr (Type == kQ3K) {
+      const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+      c = _mm256_or_si256(c, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, k), _mm256_set1_epi8(1)), 2));
+    }
+    return c;
+  } else if constexpr (Type == kIQ4XS) {  // 16 bytes of nibbles per run, low the first 16 elements
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 8 + 16 * k));
+    return _mm256_shuffle_epi8(iq4_table(), _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), nibble));
+  } else {  // Q4_K / Q5_K: 32 bytes per 64 elements, low nibbles the first 32, high nibbles the next
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (Type == kQ5K ? 48 : 16) + 32 * (k / 2)));
+    __m256i c = _mm256_and_si256(k % 2 == 0 ? v : _mm256_srli_epi16(v, 4), nibble);
+    if constexpr (Type == kQ5K) {  // fifth bits: bit k of qh[l]
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+      c = _mm256_or_si256(c, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, k), _mm256_set1_epi8(1)), 4));
+    }
+    return c;
+  }
+}
 #endif
 
 #ifdef CF_Q8_AVX512
@@ -175,6 +269,8 @@ inline __m512i codes64(const uint8_t* b, int k) {
     const __m512i low = k % 2 == 0 ? ql : _mm512_srli_epi16(ql, 4);
     const __m512i high = k % 2 == 0 ? _mm512_sllv_epi16(qh, halves16(4, 2)) : _mm512_srlv_epi16(qh, halves16(0, 2));
     return _mm512_or_si512(_mm512_and_si512(low, _mm512_set1_epi8(15)), _mm512_and_si512(high, _mm512_set1_epi8(48)));
+  } else if constexpr (Type == kQ2K || Type == kQ3K || Type == kIQ4XS) {  // two 32-runs
+    return _mm512_inserti64x4(_mm512_castsi256_si512(codes32k<Type>(b, 2 * k)), codes32k<Type>(b, 2 * k + 1), 1);
   } else {  // 32 bytes: low nibbles elements 64 k.., high nibbles the next 32
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (Type == kQ5K ? 48 : 16) + 32 * k));
     const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi8(15));
@@ -217,19 +313,23 @@ void rows_k_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_by
       for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int k = 0; k < 4; ++k) {
-        const __m512i c = codes64<Type>(blk, k);
+        __m512i c = codes64<Type>(blk, k);
+        __mmask64 negative = 0;
+        if constexpr (kSignedCodes<Type>) negative = _mm512_movepi8_mask(c), c = _mm512_abs_epi8(c);
         const __m512i sk = _mm512_permutexvar_epi16(pick[k], s16);
         for (int r = 0; r < R; ++r) {
-          const int8_t* q = x.q + (m0 + r) * x.K + i * 256 + 64 * k;
-          const __m512i p = _mm512_maddubs_epi16(c, _mm512_loadu_si512(q));
-          dot[r] = _mm512_add_epi32(dot[r], _mm512_madd_epi16(p, sk));
+          __m512i q = _mm512_loadu_si512(x.q + (m0 + r) * x.K + i * 256 + 64 * k);
+          if constexpr (kSignedCodes<Type>) q = _mm512_mask_sub_epi8(q, negative, _mm512_setzero_si512(), q);
+          dot[r] = _mm512_add_epi32(dot[r], _mm512_madd_epi16(_mm512_maddubs_epi16(c, q), sk));
         }
       }
       for (int r = 0; r < R; ++r) {
         const float dx = x.d[(m0 + r) * blocks + i];
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(s.D * dx), acc[r]);
-        const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums + ((m0 + r) * blocks + i) * 16));
-        off[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s.m, sums)), _mm256_set1_ps(s.M * dx), off[r]);
+        if constexpr (kOffsets<Type>) {
+          const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums + ((m0 + r) * blocks + i) * 16));
+          off[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s.m, sums)), _mm256_set1_ps(s.M * dx), off[r]);
+        }
       }
     }
     for (int r = 0; r < R; ++r)
@@ -257,7 +357,7 @@ void rows_32_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_b
       const __m512 d = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_setr_ps(half_at(a), half_at(a + kBytes), 0, 0)));
       __mmask64 negative = 0;
       if constexpr (kSignedCodes<Type>) {
-        if constexpr (Type != kQ8_0) c = _mm512_sub_epi8(c, _mm512_set1_epi8(Type == kQ4_0 ? 8 : 16));
+        if constexpr (Type == kQ4_0 || Type == kQ5_0) c = _mm512_sub_epi8(c, _mm512_set1_epi8(Type == kQ4_0 ? 8 : 16));
         negative = _mm512_movepi8_mask(c);
         c = _mm512_abs_epi8(c);
       }
@@ -287,28 +387,6 @@ void rows_32_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_b
 #endif
 
 #ifdef CF_Q8_AVX2
-// The 32 codes of elements [32 k, 32 k + 32) of a K-quant block, in element order.
-template <int32_t Type>
-inline __m256i codes32k(const uint8_t* b, int k) {
-  const __m256i nibble = _mm256_set1_epi8(15);
-  if constexpr (Type == kQ6K) {  // half k / 4, its quarter k % 4: ql's nibbles, qh's bit pair 2 (k % 4)
-    const int h = k / 4, quarter = k % 4;
-    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (quarter % 2)));
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
-    const __m256i low = _mm256_and_si256(quarter < 2 ? ql : _mm256_srli_epi16(ql, 4), nibble);
-    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * quarter), _mm256_set1_epi8(3));
-    return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-  } else {  // 32 bytes per 64 elements: low nibbles the first 32, high nibbles the next
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (Type == kQ5K ? 48 : 16) + 32 * (k / 2)));
-    __m256i c = _mm256_and_si256(k % 2 == 0 ? v : _mm256_srli_epi16(v, 4), nibble);
-    if constexpr (Type == kQ5K) {  // fifth bits: bit k of qh[l]
-      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-      c = _mm256_or_si256(c, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, k), _mm256_set1_epi8(1)), 4));
-    }
-    return c;
-  }
-}
-
 // Weight rows [n0, n1) of type Type against x rows [m0, m0 + R): each block's codes decoded once
 // (32 at a time) and multiplied by the R rows' int8 activations; int32 sums per block, float
 // sums across blocks (scales and offsets into one accumulator).
@@ -333,17 +411,21 @@ void rows_k_avx2(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_byte
 #pragma GCC unroll 8
       for (int k = 0; k < 8; ++k) {
         const __m256i c = codes32k<Type>(blk, k);
+        const __m256i magnitude = kSignedCodes<Type> ? _mm256_sign_epi8(c, c) : c;
         const __m256i sk = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s.s, _mm256_set1_epi32(k)), spread);
         for (int r = 0; r < R; ++r) {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (m0 + r) * x.K + i * 256 + 32 * k));
-          dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), sk));
+          __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (m0 + r) * x.K + i * 256 + 32 * k));
+          if constexpr (kSignedCodes<Type>) q = _mm256_sign_epi8(q, c);
+          dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, q), sk));
         }
       }
       for (int r = 0; r < R; ++r) {
         const float dx = x.d[(m0 + r) * blocks + i];
-        const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums + ((m0 + r) * blocks + i) * 16));
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(s.D * dx), acc[r]);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s.m, sums)), _mm256_set1_ps(-s.M * dx), acc[r]);
+        if constexpr (kOffsets<Type>) {
+          const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums + ((m0 + r) * blocks + i) * 16));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s.m, sums)), _mm256_set1_ps(-s.M * dx), acc[r]);
+        }
       }
     }
     for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + n] = hsum256(acc[r]) + (bias != nullptr ? bias[n] : 0.0f);
@@ -493,9 +575,13 @@ void gemm_q8(int32_t type, const Q8Rows& x, const uint8_t* w, int64_t row_bytes,
     case kQ5_0: return rows_by4<kQ5_0>(x, w, row_bytes, bias, y, ldy, n0, n1);
     case kQ5_1: return rows_by4<kQ5_1>(x, w, row_bytes, bias, y, ldy, n0, n1);
     case kQ8_0: return rows_by4<kQ8_0>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kIQ4NL: return rows_by4<kIQ4NL>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kQ2K: return rows_by4<kQ2K>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kQ3K: return rows_by4<kQ3K>(x, w, row_bytes, bias, y, ldy, n0, n1);
     case kQ4K: return rows_by4<kQ4K>(x, w, row_bytes, bias, y, ldy, n0, n1);
     case kQ5K: return rows_by4<kQ5K>(x, w, row_bytes, bias, y, ldy, n0, n1);
     case kQ6K: return rows_by4<kQ6K>(x, w, row_bytes, bias, y, ldy, n0, n1);
+    case kIQ4XS: return rows_by4<kIQ4XS>(x, w, row_bytes, bias, y, ldy, n0, n1);
     default: break;
   }
 #endif
