@@ -17,7 +17,6 @@ import datetime
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,20 +24,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_quant import best  # noqa: E402  (the script's folder is on the path)
+
 from circuit_finder import _C  # noqa: E402
 from circuit_finder.quants import PACKED_TYPES  # noqa: E402
 from helpers import random_packed  # noqa: E402
 
 ISAS = [isa for isa in ("avx2", "avx512") if _C.cpu_isa() in (isa, "avx512")]
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def measure(kind: str, n: int, k: int, rows: int, repeat: int) -> dict:
