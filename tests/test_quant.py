@@ -78,6 +78,19 @@ def test_packed_linear_matches_the_dequantized_product(kind, rows, isa):
         assert diff(f"{kind} on {isa}, {rows} rows, bias={b is not None}", ours, ref)[1] < 1e-5
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind,k", [("Q4_1", 608), ("IQ4_NL", 608), ("Q8_0", 256), ("Q4_K", 256), ("Q6_K", 256)])
+def test_packed_linear_k_major_parts_of_unequal_depth_and_one_part(kind, k, isa):
+    """The K-major tiles where K = 608 splits into parts of 224, 224 and 160 columns (the last
+    shorter) and where K <= 256 is one part (no continued sums, bias on it): 64 rows."""
+    raw = random_packed(kind, 70, k, seed=k)
+    w = reference(kind, raw, k)
+    x = torch.randn(64, k, generator=torch.Generator().manual_seed(k))
+    bias = torch.randn(70)
+    ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, bias, isa)
+    assert diff(f"{kind} on {isa}, K = {k}, 64 rows", ours, x.double() @ w.double().T + bias.double())[1] < 1e-5
+
+
 def test_packed_linear_keeps_leading_dims_and_checks_the_bias():
     raw = torch.from_numpy(random_packed("Q4_K", 16, 256))
     x = torch.randn(2, 3, 256)

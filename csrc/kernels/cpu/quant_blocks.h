@@ -46,8 +46,10 @@ constexpr int64_t kQuantTileRows = 4;
 // broadcast against vectors of weights: no horizontal sums, a 12 x 32 register tile on AVX-512, 6
 // x 16 on AVX2, instead of 4 x 4). AVX-512: at 64 rows 1.05-1.33x our fp32 skinny GEMM on the
 // dequantized matrix, against 0.92-0.96x for the 4-row tiles; the default model's prefill went from
-// 5-7% slower than its dequantized fp32 to 4-7% faster. AVX2 (2026-11-25): at 64 rows 1.0-1.4x,
-// against 0.74-0.97x for its 4-row tiles (the same rule; at 12-32 rows the two are within noise).
+// 5-7% slower than its dequantized fp32 to 4-7% faster (2026-11-24; results/2026-11-25-products-cpu.json
+// has Q4_1 1536 x 576 at 0.82x). AVX2 (2026-11-25, same file): at 64 rows 0.96-1.41x (0.96x: Q4_1
+// 1536 x 576), against 0.74-0.97x for its 4-row tiles (the same rule; at 12-32 rows the two are
+// within noise).
 constexpr int64_t kQuantKnCols = 32;
 constexpr int64_t kQuantKnDepth = 256;
 // Whether M rows of x against K columns take the K-major tiles, by measurement on the default
@@ -79,11 +81,12 @@ constexpr bool q8_activation_type(int32_t type) {
 constexpr int64_t q8_x_block(int32_t type) { return q8_k_type(type) ? 256 : 32; }
 // Rows of x up to which linear_packed takes them (more: float, the prefill's K-major tiles): where
 // they beat the float kernels of the same ISA, measured on 2 cores (benchmarks/RESULTS.md). AVX-512
-// (2026-11-25): K-quants 1.0-5x up to 16 rows; Q8_0 2.0x at 1-4 rows, 1.5x at 8, 1.1x at 16; the
-// other 32-blocks 1.1-1.9x at 1-3 rows, 0.73-0.85x at 4. AVX2 (2026-11-25): every type 1.1-7x
-// at 1-64 rows (its float kernels are slower), capped at 16 there as for the K-quants, so that a
-// prefill stays float. A row count, not a phase: a short prompt takes it too. (The base build's
-// test loops follow the AVX-512 rule.)
+// (2026-11-25): 256-blocks 1.0-5x up to 16 rows (IQ4_XS 1.18x at 16); Q8_0 2.0x at 1-4 rows, 1.5x
+// at 8, 1.1x at 16; the other 32-blocks 1.1-1.9x at 1-3 rows, 0.73-0.85x at 4 (IQ4_NL: the rule
+// extended to it, 1.5x at one row, not measured at 2-4). AVX2 (2026-11-25, with its faster float
+// decoding): 1.2-4.3x at 1-16 rows but Q4_1 at K = 576 and 16 rows (0.94x), capped at 16 as for the
+// 256-blocks, so that a prefill stays float. A row count, not a phase: a short prompt takes it too.
+// (The base build's test loops follow the AVX-512 rule.)
 constexpr int64_t q8_max_rows(int32_t type, bool avx2) {
   return avx2 || q8_k_type(type) ? 16 : type == kQ8_0 ? 8 : 3;
 }
