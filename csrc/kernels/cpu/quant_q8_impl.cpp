@@ -184,7 +184,8 @@ inline __m256i iq4_table() {
   return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
 }
 
-// The 32 codes of a 32-block (Q8_0's and IQ4_NL's signed), in element order.
+// The 32 codes of a 32-block, in element order: signed for Q4_0 / Q5_0 (c - 8, c - 16), Q8_0 and
+// IQ4_NL (its levels), unsigned for Q4_1 / Q5_1.
 template <int32_t Type>
 inline __m256i codes32(const uint8_t* b) {
   if constexpr (Type == kQ8_0) {
@@ -192,26 +193,26 @@ inline __m256i codes32(const uint8_t* b) {
   } else {
     constexpr int kHead = nibbles_at(Type);
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kHead));
-    const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+    __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
     if constexpr (Type == kQ5_0 || Type == kQ5_1) {  // fifth bit of element j: bit j of qh
 #ifdef CF_Q8_AVX512
-      return _mm256_mask_add_epi8(c, static_cast<__mmask32>(u32_at(b + kHead - 4)), c, _mm256_set1_epi8(16));
+      c = _mm256_mask_add_epi8(c, static_cast<__mmask32>(u32_at(b + kHead - 4)), c, _mm256_set1_epi8(16));
 #else  // byte j of the word's 32 bits spread: byte j / 8, tested against bit j % 8
       const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
                                               3, 3, 3, 3, 3, 3, 3, 3);
       const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
       const __m256i qh = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(u32_at(b + kHead - 4))), spread);
-      return _mm256_or_si256(c, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
-                                                 _mm256_set1_epi8(16)));
+      c = _mm256_or_si256(c, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), _mm256_set1_epi8(16)));
 #endif
     }
+    if constexpr (Type == kQ4_0 || Type == kQ5_0) return _mm256_sub_epi8(c, _mm256_set1_epi8(Type == kQ4_0 ? 8 : 16));
     if constexpr (Type == kIQ4NL) return _mm256_shuffle_epi8(iq4_table(), c);
     return c;
   }
 }
-// Q4_0 / Q5_0 / Q8_0 / IQ4_NL multiply signed codes (c - 8, c - 16, c, IQ4's level) through
-// vpmaddubsw as |c| times q with c's sign (no offset term); Q4_1 / Q5_1 keep unsigned codes and add
-// m times the sum of q. Of the 256-blocks IQ4_XS has signed codes (and no offsets).
+// Signed codes (Q4_0, Q5_0, Q8_0, IQ4_NL; of the 256-blocks IQ4_XS) go through vpmaddubsw as |c|
+// times q with c's sign (no offset term); Q4_1 / Q5_1 keep unsigned codes and add m times the sum
+// of q.
 template <int32_t Type>
 constexpr bool kSignedCodes = Type == kQ4_0 || Type == kQ5_0 || Type == kQ8_0 || Type == kIQ4NL || Type == kIQ4XS;
 template <int32_t Type>
@@ -356,11 +357,7 @@ void rows_32_avx512(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_b
       __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(codes32<Type>(a)), codes32<Type>(a + kBytes), 1);
       const __m512 d = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_setr_ps(half_at(a), half_at(a + kBytes), 0, 0)));
       __mmask64 negative = 0;
-      if constexpr (kSignedCodes<Type>) {
-        if constexpr (Type == kQ4_0 || Type == kQ5_0) c = _mm512_sub_epi8(c, _mm512_set1_epi8(Type == kQ4_0 ? 8 : 16));
-        negative = _mm512_movepi8_mask(c);
-        c = _mm512_abs_epi8(c);
-      }
+      if constexpr (kSignedCodes<Type>) negative = _mm512_movepi8_mask(c), c = _mm512_abs_epi8(c);
       for (int r = 0; r < R; ++r) {
         const int64_t xb = (m0 + r) * blocks + i;
         __m512i q = _mm512_loadu_si512(x.q + 32 * xb);
@@ -448,8 +445,7 @@ void rows_32_avx2(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_byt
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
     for (int64_t i = 0; i < blocks; ++i) {
       const uint8_t* a = row + i * kBytes;
-      __m256i c = codes32<Type>(a);
-      if constexpr (Type == kQ4_0 || Type == kQ5_0) c = _mm256_sub_epi8(c, _mm256_set1_epi8(Type == kQ4_0 ? 8 : 16));
+      const __m256i c = codes32<Type>(a);
       const __m256i magnitude = kSignedCodes<Type> ? _mm256_sign_epi8(c, c) : c;
       const float d = half_at(a);
       for (int r = 0; r < R; ++r) {
