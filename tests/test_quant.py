@@ -141,6 +141,14 @@ def q8_rows(kind: str, isa: str) -> int:
     return 16 if isa == "avx2" or q8_block(kind) == 256 else 8 if kind == "Q8_0" else 3
 
 
+def q8_route(kind: str, isa: str, rows: int) -> str:
+    """Which products activations="q8" runs for `rows` rows of x on `isa` (quant_blocks.h): "tiles"
+    (AVX-512 VNNI, from q8_tiled_min_rows), "rows" (up to q8_max_rows), else "float"."""
+    if _C.cpu_q8_tiled(isa) and rows >= (9 if q8_block(kind) == 256 else 6):
+        return "tiles"
+    return "rows" if rows <= q8_rows(kind, isa) else "float"
+
+
 def rounded_x(x: torch.Tensor, block: int) -> torch.Tensor:
     """x rounded to 8 bits per `block` columns as documented (ggml's q8_0 / q8_K facts), in numpy:
     d = max|x| / 127, codes rint(x * (127 / max|x|)) in fp32; returns d * codes."""
@@ -154,22 +162,27 @@ def rounded_x(x: torch.Tensor, block: int) -> torch.Tensor:
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind", Q8_TYPES)
 def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
-    """Up to q8_rows: exactly (up to the float sums' order) the package's dequantized W times x
-    rounded to 8 bits per block of x; and measurably not the float product, so the test sees which
-    route ran. One row more: the float route. 19 / 3 blocks per row: an odd 32-block tail."""
+    """Exactly (up to the float sums' order) the package's dequantized W times x rounded to 8 bits
+    per block of x, by either int8 route (q8_route); and measurably not the float product, so the
+    test sees which route ran. Rows: 1 to q8_rows + 1 (every register-tile remainder of the row
+    kernels, 1-4 rows a pass), then the tiled kernels' partial and several tiles of 16 rows, with
+    37-39 weight rows (their 1-4 row remainders). Where neither route takes the rows: the float
+    route. 19 / 3 blocks per row: an odd 32-block tail."""
     block = q8_block(kind)
-    n, k = 37, 768 if block == 256 else 608
-    raw = random_packed(kind, n, k, seed=7)
-    w = reference(kind, raw, k).double()
-    bias = torch.randn(n)
-    for rows in range(1, q8_rows(kind, isa) + 2):  # every register-tile remainder (1-4 rows a pass)
+    k = 768 if block == 256 else 608
+    cases = [(37, rows) for rows in range(1, q8_rows(kind, isa) + 2)] + [(38, 9), (39, 17), (37, 33), (38, 40)]
+    for n, rows in cases:
+        raw = random_packed(kind, n, k, seed=7)
+        w = reference(kind, raw, k).double()
+        bias = torch.randn(n)
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         exact = x.double() @ w.T + bias.double()
         ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, bias, isa, True)
-        if rows > q8_rows(kind, isa):
+        route = q8_route(kind, isa, rows)
+        if route == "float":
             assert diff(f"{kind} on {isa}, {rows} rows (float)", ours, exact)[1] < 1e-5
             continue
-        assert diff(f"{kind} on {isa}, {rows} rows", ours, rounded_x(x, block).double() @ w.T + bias.double())[1] < 2e-6
+        assert diff(f"{kind} on {isa}, {rows} x {n} ({route})", ours, rounded_x(x, block).double() @ w.T + bias.double())[1] < 2e-6
         assert diff("  vs float x", ours, exact)[1] > 1e-4
 
 
@@ -179,14 +192,19 @@ def test_q8_activations_of_zero_tiny_and_non_finite_rows(isa):
     or NaN in x makes the row's outputs NaN, never a finite number."""
     for kind in ("Q4_K", "Q4_1", "IQ4_XS", "Q3_K"):
         raw = torch.from_numpy(random_packed(kind, 8, 512))
-        x = torch.randn(3, 512)
-        x[0] = 0
-        x[0, 7] = 1e-38
-        x[1, 5], x[2, 300] = float("inf"), float("nan")
-        bias = torch.randn(8)
-        ours = _C.linear_packed(x, raw, PACKED_TYPES[kind], 512, bias, isa, True)
-        assert torch.equal(ours[0], bias)
-        assert ours[1:].isnan().all()
+        for rows in (3, 20):  # the row kernels, and the tiled ones where this CPU has them
+            x = torch.randn(rows, 512)
+            x[0] = 0
+            x[0, 7] = 1e-38
+            x[1, 5], x[2, 300] = float("inf"), float("nan")
+            bias = torch.randn(8)
+            ours = _C.linear_packed(x, raw, PACKED_TYPES[kind], 512, bias, isa, True)
+            assert torch.equal(ours[0], bias), (kind, rows, q8_route(kind, isa, rows))
+            assert ours[3:].isfinite().all()
+            if q8_route(kind, isa, rows) == "float":  # inf times the weights: inf or NaN
+                assert not ours[1:3].isfinite().any()
+            else:
+                assert ours[1:3].isnan().all()
 
 
 needs_q8 = pytest.mark.skipif(not _C.cpu_q8_activations(), reason="activations='q8' needs AVX2 (the model is "
@@ -196,14 +214,17 @@ needs_q8 = pytest.mark.skipif(not _C.cpu_q8_activations(), reason="activations='
 @needs_q8
 def test_q8_activations_on_a_model(q4k_llama):
     """load(activations="q8"): decode-sized products (few token rows) differ slightly from the
-    float route's and prefill-sized ones (more rows than q8 takes) not at all; the setting is
-    recorded on the model and checked."""
+    float route's; prefill-sized ones too where this CPU has the tiled int8 kernels (AVX-512 VNNI),
+    else not at all; the setting is recorded on the model and checked."""
     exact, q8 = cf.load(q4k_llama), cf.load(q4k_llama, activations="q8")
     assert (exact.activations, q8.activations) == ("float", "q8")
     step = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(1))
     assert 1e-5 < diff("one decode-sized forward, q8 vs float", q8.logits(step), exact.logits(step))[1] < 5e-2
     prompt = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
-    assert diff("a 60-row prefill", q8.logits(prompt), exact.logits(prompt))[1] < 1e-6
+    if _C.cpu_q8_tiled():
+        assert 1e-5 < diff("a 60-row prefill (tiled int8)", q8.logits(prompt), exact.logits(prompt))[1] < 5e-2
+    else:
+        assert diff("a 60-row prefill (float)", q8.logits(prompt), exact.logits(prompt))[1] < 1e-6
     with pytest.raises(ValueError, match="activations='int4': expected one of 'float', 'q8'"):
         cf.load(q4k_llama, activations="int4")
 

@@ -15,7 +15,7 @@ namespace {
 #define CF_ISA_TABLE(ns) \
   { #ns, ns::gemm_f32, ns::gemm_bf16, ns::gemm_kn_f32, ns::gemm_kn_bf16, ns::add_rms_norm_f32, ns::rope_f32, \
     ns::silu_mul_f32, ns::attend_one_f32, ns::dequant_rows, ns::gemm_q, ns::gemm_q_k_major, ns::quantize_q8, ns::gemm_q8, \
-    ns::q8_vectorized, ns::q8_rows }
+    ns::q8_vectorized, ns::q8_rows, ns::quantize_q8_tiles, ns::gemm_q8_tiled, ns::q8_tiled }
 
 bool supported(const std::string& name) {
   if (name == "base") return true;

@@ -13,6 +13,7 @@
 namespace cf::cpu {
 
 struct Q8Rows;  // quant_blocks.h
+struct Q8Tiles;
 
 // Rows of x up to which linear() runs the skinny kernels. fp32: while x holds at most
 // kSkinnyMaxXElems floats (4 MB, cache-resident: each weight tile is multiplied by all of x), and
@@ -56,6 +57,10 @@ struct Isa {
   void (*gemm_q8)(int32_t, const Q8Rows&, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t, int64_t);
   bool (*q8_vectorized)();
   int64_t (*q8_rows)(int32_t);
+  void (*quantize_q8_tiles)(const float*, int64_t, int64_t, int64_t, uint8_t*, int32_t*, float*, int64_t, int64_t);
+  void (*gemm_q8_tiled)(int32_t, const Q8Tiles&, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t,
+                        int64_t, uint8_t*);
+  bool (*q8_tiled)();
 };
 // The best instruction set this CPU has, or the one CF_CPU_ISA names (chosen once; InputError when
 // the CPU lacks that one). The kernels are off when CF_CPU_KERNELS=0 (kernels_enabled).

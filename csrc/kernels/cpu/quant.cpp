@@ -84,6 +84,28 @@ void gemm_q8_rows(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, int
   });
 }
 
+// The same for many rows where the ISA has gemm_q8_tiled: x quantized and tiled once, tasks of
+// whole kQ8TileRows-row tiles of w, each decoding its rows into a scratch of its own.
+void gemm_q8_tiles(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, int32_t type, const float* bp,
+                   at::Tensor& y) {
+  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0), rb = w.size(1), block = q8_x_block(type);
+  const int64_t qb = q8_tile_q_bytes(M, K), sb = q8_tile_sums_bytes(M, K), tiles = (M + kQ8Lanes - 1) / kQ8Lanes;
+  at::Tensor buf = at::empty({qb + sb + q8_tile_d_bytes(M, K, block)}, xf.options().dtype(at::kByte));
+  uint8_t* tq = buf.data_ptr<uint8_t>();
+  int32_t* ts = reinterpret_cast<int32_t*>(tq + qb);
+  float* td = reinterpret_cast<float*>(tq + qb + sb);
+  const float* xp = xf.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t lo, int64_t hi) { isa.quantize_q8_tiles(xp, M, K, block, tq, ts, td, lo, hi); });
+  const Q8Tiles x{tq, ts, td, tiles, M, K, block};
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + kQ8TileRows - 1) / kQ8TileRows, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<uint8_t> scratch(static_cast<size_t>(q8_tiled_scratch_bytes(K, block)) + 64);
+    uint8_t* aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+    isa.gemm_q8_tiled(type, x, wp, rb, bp, yp, N, lo * kQ8TileRows, std::min(hi * kQ8TileRows, N), aligned);
+  });
+}
+
 // Many rows: chunks of about kPackedChunkBytes of dequantized rows, each dequantized on all threads
 // into a scratch kept between calls (no page faults per call) and multiplied by ATen's GEMM.
 void gemm_many_rows(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, int32_t type, const at::Tensor& b,
@@ -127,6 +149,10 @@ at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarTy
 
 bool q8_activations_here() { return kernels_enabled() && active().q8_vectorized(); }
 
+bool q8_tiled_here(const std::string& isa) {
+  return isa.empty() ? q8_activations_here() && active().q8_tiled() : isa_for(isa).q8_tiled();
+}
+
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b,
                          const std::string& isa_name, bool q8_activations) {
   check_cpu_packed(w, type, K, "linear");
@@ -145,8 +171,10 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type,
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   if (M > 0 && N > 0) {
     // q8 where this CPU has its vector kernels, unless CF_CPU_KERNELS=0 (or a test names the ISA)
-    if (q8_activations && q8_activation_type(type) && M <= isa.q8_rows(type) &&
-        (!isa_name.empty() || q8_activations_here()))
+    const bool q8 = q8_activations && q8_activation_type(type) && (!isa_name.empty() || q8_activations_here());
+    if (q8 && isa.q8_tiled() && M >= q8_tiled_min_rows(type))
+      gemm_q8_tiles(isa, xf, w, type, bp, y);
+    else if (q8 && M <= isa.q8_rows(type))
       gemm_q8_rows(isa, xf, w, type, bp, y);
     else if (M <= skinny_max_rows_f32(K) && kernels_enabled())
       gemm_few_rows(isa, xf, w, type, bp, y);

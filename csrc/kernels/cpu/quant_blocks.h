@@ -66,7 +66,7 @@ constexpr int64_t quant_scratch_floats(int64_t K, bool k_major) {
 // Q4_K, Q5_K, Q6_K, IQ4_XS and the 32-blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) against x rows
 // rounded to int8 per block of x (256 columns for the 256-blocks, 32 for the others; as ggml's
 // q8_K / q8_0: d = max|x| / 127, q = rint(x * 127 / max|x|), with the sum of each 16 codes), summed
-// in integers. A few rows of x (decode steps) only. Every q8 type's weights, per 16 elements g, are
+// in integers. Every q8 type's weights, per 16 elements g, are
 // w_i = D * s_g * c_i - M * m_g with integer codes c (quant_q8_impl.cpp has each type's terms).
 constexpr int32_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2K = 10, kQ3K = 11, kQ4K = 12, kQ5K = 13,
                   kQ6K = 14, kIQ4NL = 20, kIQ4XS = 23;
@@ -90,6 +90,12 @@ constexpr int64_t q8_x_block(int32_t type) { return q8_k_type(type) ? 256 : 32; 
 constexpr int64_t q8_max_rows(int32_t type, bool avx2) {
   return avx2 || q8_k_type(type) ? 16 : type == kQ8_0 ? 8 : 3;
 }
+// Rows of x from which CPUs with AVX-512 VNNI take gemm_q8_tiled instead (any number of rows: a
+// prefill too). Measured on 2 cores (2026-11-25, benchmarks/RESULTS.md): against the kernels above
+// the 256-blocks tie at 8 rows and win 1.4-2x at 12; Q8_0 loses at 4 rows (0.7x) and wins from 6
+// (1.1-1.4x); against the float route the other 32-blocks are 0.8-1.2x at 4 rows and 1.1-2.2x
+// from 6; at 64 rows 1.8-2.6x the float K-major tiles.
+constexpr int64_t q8_tiled_min_rows(int32_t type) { return q8_k_type(type) ? 9 : 6; }
 // x rows [M, K] (K a multiple of block) as quantize_q8 writes them: codes [M, K], the sums of each
 // 16 codes [M, K / 16], and per block of columns the scale d [M, K / block].
 struct Q8Rows {
@@ -98,6 +104,27 @@ struct Q8Rows {
   const float* d;
   int64_t M, K, block;
 };
+
+// Many rows of x (prefill) on CPUs with AVX-512 VNNI (gemm_q8_tiled): x in tiles of kQ8Lanes rows
+// (the last padded with zero rows), each tile's codes + 128 as unsigned bytes, four columns of each
+// row together, so that one vpdpbusd multiplies four columns of 16 rows by a weight row's four
+// codes (broadcast): q [tiles][K / 4][16][4]; per block of columns the sums of each two 16-code
+// groups as int16 pairs, sums [tiles][K / block][block / 32][16], and the scales d [tiles][K /
+// block][16]. Weight rows are decoded kQ8TileRows at a time into a scratch of
+// q8_tiled_scratch_bytes(K, block) (codes, and per block 128 bytes of scales, offsets and the +128's
+// correction), then multiplied by every tile of x.
+constexpr int64_t kQ8Lanes = 16, kQ8TileRows = 4;
+struct Q8Tiles {
+  const uint8_t* q;
+  const int32_t* sums;
+  const float* d;
+  int64_t tiles, M, K, block;
+};
+constexpr int64_t q8_tiled_scratch_bytes(int64_t K, int64_t block) { return kQ8TileRows * (K + K / block * 128); }
+// Bytes of a Q8Tiles' arrays for M rows: q, sums, d.
+constexpr int64_t q8_tile_q_bytes(int64_t M, int64_t K) { return (M + kQ8Lanes - 1) / kQ8Lanes * kQ8Lanes * K; }
+constexpr int64_t q8_tile_sums_bytes(int64_t M, int64_t K) { return q8_tile_q_bytes(M, K) / 32 * 4; }
+constexpr int64_t q8_tile_d_bytes(int64_t M, int64_t K, int64_t block) { return q8_tile_q_bytes(M, K) / block * 4; }
 
 // dequant_rows: rows packed rows of `type` (each row_bytes, K elements) -> out [rows, K] fp32.
 // gemm_q: y[m * ldy + n] = sum_k x[m * K + k] * W[n, k] (+ bias[n]) for m < M, n in [n0, n1), W
@@ -112,6 +139,10 @@ struct Q8Rows {
 // q8_vectorized: whether this ISA's gemm_q8 has vector kernels (AVX2, AVX-512BW); the base build's
 //   plain loops are for tests (linear_packed does not take them unless asked for by name).
 // q8_rows: q8_max_rows for this ISA.
+// quantize_q8_tiles: x [M, K] fp32 -> tiles [t0, t1) of the arrays of Q8Tiles (sized by
+//   q8_tile_*_bytes; rows past M padded), rounded as quantize_q8.
+// gemm_q8_tiled: as gemm_q8 for x in tiles; scratch of q8_tiled_scratch_bytes. Only where q8_tiled().
+// q8_tiled: whether this ISA's build and this CPU run gemm_q8_tiled (AVX-512 VNNI).
 #define CF_QUANT_DECLS                                                                                       \
   void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out); \
   void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,       \
@@ -121,7 +152,12 @@ struct Q8Rows {
   void gemm_q8(int32_t type, const Q8Rows& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y, \
                int64_t ldy, int64_t n0, int64_t n1);                                                             \
   bool q8_vectorized();                                                                                     \
-  int64_t q8_rows(int32_t type);
+  int64_t q8_rows(int32_t type);                                                                            \
+  void quantize_q8_tiles(const float* x, int64_t M, int64_t K, int64_t block, uint8_t* q, int32_t* sums, float* d, \
+                         int64_t t0, int64_t t1);                                                               \
+  void gemm_q8_tiled(int32_t type, const Q8Tiles& x, const uint8_t* w, int64_t row_bytes, const float* bias,  \
+                     float* y, int64_t ldy, int64_t n0, int64_t n1, uint8_t* scratch);                        \
+  bool q8_tiled();
 
 namespace base { CF_QUANT_DECLS }
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)

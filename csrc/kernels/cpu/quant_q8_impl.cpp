@@ -464,6 +464,159 @@ void rows_32_avx2(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_byt
 }
 #endif
 
+#ifdef CF_Q8_AVX512
+// Many rows (gemm_q8_tiled, quant_blocks.h's Q8Tiles), AVX-512 VNNI: vpdpbusd multiplies 16 rows'
+// four unsigned x bytes (q + 128) by a weight row's four signed codes and adds the four products
+// to each row's int32 lane, so the codes are decoded once per weight row (not once per 4 rows of
+// x) and 64 products take one instruction. Per run of codes sharing a scale s (16 or 32 columns;
+// a whole 32-block) the lanes start at 0 and are added times s; per block the +128 adds
+// 128 sum_g s_g sum(c in g), subtracted as `corr`, and the offsets M sum_g m_g sum(q in g) come from
+// x's sums by vpdpwssd (int16 pairs). Sums as in the kernels above, so the result is the same
+// dequantized matrix times rounded x.
+#define CF_VNNI __attribute__((target("avx512vnni")))
+
+// One weight row's block: D, M, the +128 correction; a 256-block's scales s_g (int32, broadcast to
+// runs) and offsets m_g (int16 pairs, broadcast to vpdpwssd); the 32-blocks' s = 1 and m = (1, 1)
+// are implied (16 bytes a block, so that their terms stay in L1 beside x).
+template <int64_t Block>
+struct alignas(16) BlockTerms {
+  float D, M;
+  int32_t corr, unused;
+};
+template <>
+struct alignas(16) BlockTerms<256> {
+  float D, M;
+  int32_t corr, unused;
+  int32_t s[16];
+  int16_t m[16];
+};
+static_assert(sizeof(BlockTerms<256>) <= 128 && sizeof(BlockTerms<32>) <= 128, "q8_tiled_scratch_bytes keeps 128 bytes a block");
+
+template <int32_t Type>
+constexpr int64_t kTileBlock = q8_k_type(Type) ? 256 : 32;
+// Codes per run with one scale: Q4_K / Q5_K / IQ4_XS's 32-runs, the other K-quants' 16, a 32-block.
+template <int32_t Type>
+constexpr int kRunCodes = Type == kQ6K || Type == kQ3K || Type == kQ2K ? 16 : 32;
+template <int32_t Type>
+constexpr bool kTileOffsets = q8_k_type(Type) ? kOffsets<Type> : !kSignedCodes<Type>;
+
+// Weight row `row`'s codes (K int8, element order) and block terms into scratch.
+template <int32_t Type>
+CF_VNNI void decode_row(const uint8_t* row, int64_t K, int8_t* codes, BlockTerms<kTileBlock<Type>>* terms) {
+  constexpr int64_t kBlock = kTileBlock<Type>, kBytes = block_bytes(Type);
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t i = 0; i < K / kBlock; ++i) {
+    const uint8_t* b = row + i * kBytes;
+    BlockTerms<kBlock>& t = terms[i];
+    if constexpr (kBlock == 256) {
+      const VScales v = vscales<Type>(b);
+      const __m512i s = _mm512_cvtepi16_epi32(v.s);
+      t.D = v.D, t.M = kOffsets<Type> ? v.M : 0.0f;
+      _mm512_storeu_si512(t.s, s);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.m), v.m);
+      // lane j of 64 codes' four-sums: group 4 k + j / 4
+      const __m512i group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2);
+      __m512i corr = _mm512_setzero_si512();
+      for (int k = 0; k < 4; ++k) {
+        const __m512i c = codes64<Type>(b, k);
+        _mm512_storeu_si512(codes + i * 256 + 64 * k, c);
+        const __m512i scale = _mm512_permutexvar_epi32(_mm512_add_epi32(group, _mm512_set1_epi32(4 * k)), s);
+        corr = _mm512_add_epi32(corr, _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, c), scale));
+      }
+      t.corr = 128 * _mm512_reduce_add_epi32(corr);
+    } else {
+      const __m256i c = codes32<Type>(b);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i * 32), c);
+      t.D = half_at(b), t.M = kTileOffsets<Type> ? -half_at(b + 2) : 0.0f;
+      const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), c);
+      t.corr = 128 * _mm512_reduce_add_epi32(_mm512_zextsi256_si512(sums));
+    }
+  }
+}
+
+// Tile t of x against R decoded weight rows (codes R x K, terms R x blocks): out[r][lane].
+template <int32_t Type, int R>
+CF_VNNI void tile_dot(const Q8Tiles& x, int64_t t, const int8_t* codes, const BlockTerms<kTileBlock<Type>>* terms,
+                      float* out) {
+  constexpr int64_t kBlock = kTileBlock<Type>, kPairs = kBlock / 32;
+  constexpr int kRun = kRunCodes<Type> / 4;  // dwords
+  const int64_t K = x.K, blocks = K / kBlock;
+  const uint8_t* xq = x.q + t * K * kQ8Lanes;
+  const int32_t* xs = x.sums + t * blocks * kPairs * kQ8Lanes;
+  const float* xd = x.d + t * blocks * kQ8Lanes;
+  __m512 f[R];
+  for (int r = 0; r < R; ++r) f[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < blocks; ++i) {
+    __m512i S[R], O[R];
+    for (int r = 0; r < R; ++r) S[r] = O[r] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+    for (int g = 0; g < kBlock / 4 / kRun; ++g) {
+      __m512i a[R];
+      for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int j = 0; j < kRun; ++j) {
+        const int64_t dw = i * (kBlock / 4) + g * kRun + j;
+        const __m512i v = _mm512_loadu_si512(xq + dw * 64);
+        for (int r = 0; r < R; ++r) {
+          int32_t c;
+          __builtin_memcpy(&c, codes + r * K + 4 * dw, 4);
+          a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_set1_epi32(c));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        if constexpr (kBlock == 256)
+          S[r] = _mm512_add_epi32(S[r], _mm512_mullo_epi32(a[r], _mm512_set1_epi32(terms[r * blocks + i].s[g * kRun / 4])));
+        else
+          S[r] = a[r];
+      }
+    }
+    if constexpr (kTileOffsets<Type>)
+      for (int64_t p = 0; p < kPairs; ++p) {
+        const __m512i v = _mm512_loadu_si512(xs + (i * kPairs + p) * kQ8Lanes);
+        for (int r = 0; r < R; ++r) {
+          int32_t m = 0x00010001;
+          if constexpr (kBlock == 256) __builtin_memcpy(&m, terms[r * blocks + i].m + 2 * p, 4);
+          O[r] = _mm512_dpwssd_epi32(O[r], v, _mm512_set1_epi32(m));
+        }
+      }
+    const __m512 dx = _mm512_loadu_ps(xd + i * kQ8Lanes);
+    for (int r = 0; r < R; ++r) {
+      const BlockTerms<kBlock>& bt = terms[r * blocks + i];
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(S[r], _mm512_set1_epi32(bt.corr))), _mm512_set1_ps(bt.D));
+      if constexpr (kTileOffsets<Type>) v = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(O[r]), _mm512_set1_ps(bt.M), v);
+      f[r] = _mm512_fmadd_ps(v, dx, f[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + 16 * r, f[r]);
+}
+
+// Weight rows [n0, n1) against every tile of x, kQ8TileRows rows decoded at a time.
+template <int32_t Type>
+CF_VNNI void tiled_rows(const Q8Tiles& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
+                        int64_t ldy, int64_t n0, int64_t n1, uint8_t* scratch) {
+  const int64_t K = x.K, blocks = K / kTileBlock<Type>;
+  int8_t* codes = reinterpret_cast<int8_t*>(scratch);
+  auto* terms = reinterpret_cast<BlockTerms<kTileBlock<Type>>*>(scratch + kQ8TileRows * K);
+  alignas(64) float out[kQ8TileRows * kQ8Lanes];
+  for (int64_t n = n0; n < n1; n += kQ8TileRows) {
+    const int64_t R = n1 - n < kQ8TileRows ? n1 - n : kQ8TileRows;
+    for (int64_t r = 0; r < R; ++r) decode_row<Type>(w + (n + r) * row_bytes, K, codes + r * K, terms + r * blocks);
+    for (int64_t t = 0; t < x.tiles; ++t) {
+      switch (R) {
+        case 1: tile_dot<Type, 1>(x, t, codes, terms, out); break;
+        case 2: tile_dot<Type, 2>(x, t, codes, terms, out); break;
+        case 3: tile_dot<Type, 3>(x, t, codes, terms, out); break;
+        default: tile_dot<Type, 4>(x, t, codes, terms, out); break;
+      }
+      const int64_t lanes = x.M - t * kQ8Lanes < kQ8Lanes ? x.M - t * kQ8Lanes : kQ8Lanes;
+      for (int64_t l = 0; l < lanes; ++l)
+        for (int64_t r = 0; r < R; ++r)
+          y[(t * kQ8Lanes + l) * ldy + n + r] = out[r * kQ8Lanes + l] + (bias != nullptr ? bias[n + r] : 0.0f);
+    }
+  }
+}
+#endif
+
 #ifdef CF_Q8_VECTOR
 // This ISA's kernel for weight rows [n0, n1) against x rows [m0, m0 + R).
 template <int32_t Type, int R>
@@ -482,6 +635,55 @@ void rows_vec(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_bytes, 
 #endif
 }
 #endif
+
+// One block of x (block values, a multiple of 16) rounded to int8 as quant_blocks.h says: codes q,
+// the sums of each 16 codes, returns the scale d. inf / NaN: d is inf / NaN and the codes 0, so the
+// products are NaN, as the float route's are; a block too small for 127 / max|x| (below ~4e-37) or
+// all zeros: d 0, codes 0. AVX-512 builds take 16 values a step (the same float products, rounded
+// to nearest even as rintf).
+inline float quantize_block(const float* xb, int64_t block, int8_t* q, int16_t* sums) {
+  float amax = 0.0f;
+  bool nan = false;
+#ifdef CF_Q8_AVX512
+  __m512 top = _mm512_setzero_ps();
+  __mmask16 unordered = 0;
+  for (int64_t i = 0; i < block; i += 16) {
+    const __m512 v = _mm512_loadu_ps(xb + i);
+    unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    top = _mm512_max_ps(top, _mm512_abs_ps(v));
+  }
+  amax = _mm512_reduce_max_ps(top), nan = unordered != 0;
+#else
+  for (int64_t i = 0; i < block; ++i) {
+    const float a = std::fabs(xb[i]);
+    nan |= a != a;
+    amax = a > amax ? a : amax;
+  }
+#endif
+  const bool finite = !nan && amax <= __FLT_MAX__, coded = finite && amax >= 1e-36f;
+  const float id = coded ? 127.0f / amax : 0.0f;
+  for (int64_t g = 0; g < block / 16; ++g) {
+#ifdef CF_Q8_AVX512
+    __m512i c = _mm512_setzero_si512();
+    if (coded)
+      c = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * g), _mm512_set1_ps(id))),
+                                            _mm512_set1_epi32(127)),
+                           _mm512_set1_epi32(-127));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * g), _mm512_cvtepi32_epi8(c));
+    sums[g] = static_cast<int16_t>(_mm512_reduce_add_epi32(c));
+#else
+    int sum = 0;
+    for (int64_t i = 16 * g; i < 16 * g + 16; ++i) {
+      const float v = coded ? __builtin_rintf(xb[i] * id) : 0.0f;
+      const int c = static_cast<int>(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+      q[i] = static_cast<int8_t>(c);
+      sum += c;
+    }
+    sums[g] = static_cast<int16_t>(sum);
+#endif
+  }
+  return nan ? __builtin_nanf("") : !finite ? amax : coded ? amax / 127.0f : 0.0f;
+}
 
 // The portable route over the same rows (any R).
 void rows_plain(int32_t type, const Q8Rows& x, int64_t m0, int64_t R, const uint8_t* w, int64_t row_bytes,
@@ -519,31 +721,36 @@ void rows_by4(const Q8Rows& x, const uint8_t* w, int64_t row_bytes, const float*
 }  // namespace
 
 void quantize_q8(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, int16_t* sums, float* d) {
-  for (int64_t b = 0; b < M * K / block; ++b) {
-    const float* xb = x + block * b;
-    float amax = 0.0f;
-    bool nan = false;
-    for (int64_t i = 0; i < block; ++i) {
-      const float a = std::fabs(xb[i]);
-      nan |= a != a;
-      amax = a > amax ? a : amax;
-    }
-    // inf / NaN: d is inf / NaN and the codes 0, so the products are NaN, as the float route's
-    // are; a block too small for 127 / max|x| (below ~4e-37) or all zeros: d 0, codes 0
-    const bool finite = !nan && amax <= __FLT_MAX__, coded = finite && amax >= 1e-36f;
-    const float id = coded ? 127.0f / amax : 0.0f;
-    d[b] = nan ? __builtin_nanf("") : !finite ? amax : coded ? amax / 127.0f : 0.0f;
-    for (int64_t g = 0; g < block / 16; ++g) {
-      int sum = 0;
-      for (int64_t i = 16 * g; i < 16 * g + 16; ++i) {
-        const float v = coded ? __builtin_rintf(xb[i] * id) : 0.0f;
-        const int c = static_cast<int>(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
-        q[block * b + i] = static_cast<int8_t>(c);
-        sum += c;
+  for (int64_t b = 0; b < M * K / block; ++b) d[b] = quantize_block(x + block * b, block, q + block * b, sums + block / 16 * b);
+}
+
+void quantize_q8_tiles(const float* x, int64_t M, int64_t K, int64_t block, uint8_t* q, int32_t* sums, float* d,
+                       int64_t t0, int64_t t1) {
+  const int64_t blocks = K / block, pairs = block / 32;
+  alignas(64) int8_t codes[256];
+  int16_t groups[16];
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t l = 0; l < kQ8Lanes; ++l) {
+      const int64_t m = t * kQ8Lanes + l;
+      for (int64_t i = 0; i < blocks; ++i) {
+        float di = 0.0f;  // padding rows: codes 0 (bytes 128), sums and scale 0
+        if (m < M)
+          di = quantize_block(x + m * K + i * block, block, codes, groups);
+        else
+          __builtin_memset(codes, 0, sizeof codes), __builtin_memset(groups, 0, sizeof groups);
+        d[(t * blocks + i) * kQ8Lanes + l] = di;
+        for (int64_t p = 0; p < pairs; ++p)
+          sums[((t * blocks + i) * pairs + p) * kQ8Lanes + l] = static_cast<int32_t>(
+              static_cast<uint16_t>(groups[2 * p]) | (static_cast<uint32_t>(static_cast<uint16_t>(groups[2 * p + 1])) << 16));
+        uint8_t* out = q + (t * K + i * block) * kQ8Lanes + 4 * l;
+        for (int64_t j = 0; j < block / 4; ++j) {  // c + 128 as a byte: c ^ 0x80
+          uint32_t v;
+          __builtin_memcpy(&v, codes + 4 * j, 4);
+          v ^= 0x80808080u;
+          __builtin_memcpy(out + j * 4 * kQ8Lanes, &v, 4);
+        }
       }
-      sums[block / 16 * b + g] = static_cast<int16_t>(sum);
     }
-  }
 }
 
 bool q8_vectorized() {
@@ -559,6 +766,34 @@ int64_t q8_rows(int32_t type) {
   return q8_max_rows(type, true);
 #else
   return q8_max_rows(type, false);
+#endif
+}
+
+bool q8_tiled() {
+#ifdef CF_Q8_AVX512
+  static const bool vnni = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") != 0;
+  }();
+  return vnni;
+#else
+  return false;
+#endif
+}
+
+void gemm_q8_tiled(int32_t type, const Q8Tiles& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
+                   int64_t ldy, int64_t n0, int64_t n1, uint8_t* scratch) {
+#ifdef CF_Q8_AVX512
+  switch (type) {
+#define CF_TILED(T) \
+  case T: return tiled_rows<T>(x, w, row_bytes, bias, y, ldy, n0, n1, scratch);
+    CF_TILED(kQ4_0) CF_TILED(kQ4_1) CF_TILED(kQ5_0) CF_TILED(kQ5_1) CF_TILED(kQ8_0) CF_TILED(kIQ4NL)
+    CF_TILED(kQ2K) CF_TILED(kQ3K) CF_TILED(kQ4K) CF_TILED(kQ5K) CF_TILED(kQ6K) CF_TILED(kIQ4XS)
+#undef CF_TILED
+    default: break;
+  }
+#else
+  (void)type, (void)x, (void)w, (void)row_bytes, (void)bias, (void)y, (void)ldy, (void)n0, (void)n1, (void)scratch;
 #endif
 }
 
