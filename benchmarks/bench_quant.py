@@ -8,7 +8,8 @@ llama-cpp-python``).
 ``q8_agreement``: how often the 8-bit activations' top-1 token is the float route's, on the
 default model's real weights: GSM8K validation prompts (chat template), 32 greedy tokens of the
 float route, both routes teacher-forced through them one decode step at a time (batch 1, the
-rows the 8-bit products take).
+rows the 8-bit products take; each route's own prefill of the prompt before, in 8 bits too where
+the CPU has the tiled kernels).
 
 Per route: load time in a fresh process (tokenizer included; our tokenizer cache warmed first, as
 a second load of a file would find it), resident memory added by the load (VmRSS after minus

@@ -189,7 +189,7 @@ def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
 @pytest.mark.parametrize("isa", ISAS)
 def test_q8_activations_of_zero_tiny_and_non_finite_rows(isa):
     """A zero block of x adds nothing (its scale is 0), nor does one too small to scale (1e-38); inf
-    or NaN in x makes the row's outputs NaN, never a finite number."""
+    or NaN in x makes the row's outputs NaN (the float route's: inf or NaN), never a finite number."""
     for kind in ("Q4_K", "Q4_1", "IQ4_XS", "Q3_K"):
         raw = torch.from_numpy(random_packed(kind, 8, 512))
         for rows in (3, 20):  # the row kernels, and the tiled ones where this CPU has them
@@ -205,6 +205,27 @@ def test_q8_activations_of_zero_tiny_and_non_finite_rows(isa):
                 assert not ours[1:3].isfinite().any()
             else:
                 assert ours[1:3].isnan().all()
+
+
+@pytest.mark.skipif(not _C.cpu_q8_tiled("avx512"), reason="the tiled int8 kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K", "IQ4_XS"])
+def test_q8_tiled_kernels_on_whole_tiles_without_bias(kind):
+    """The tiled route at exactly one and two tiles of 16 rows, no bias, 4 / 5 / 6 / 7 weight rows
+    (each remainder of the 4-row passes on one thread)."""
+    block = q8_block(kind)
+    k = 512 if block == 256 else 96
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in (4, 5, 6, 7):
+            raw = random_packed(kind, n, k, seed=n)
+            w = reference(kind, raw, k).double()
+            for rows in (16, 32):
+                x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+                ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, None, "avx512", True)
+                assert diff(f"{kind} {rows} x {n}", ours, rounded_x(x, block).double() @ w.T)[1] < 2e-6
+    finally:
+        torch.set_num_threads(threads)
 
 
 needs_q8 = pytest.mark.skipif(not _C.cpu_q8_activations(), reason="activations='q8' needs AVX2 (the model is "

@@ -15,7 +15,7 @@ path it routes its context to — a rolling log-likelihood document by its openi
 ``dtype``, ``batch_size``, ``max_length``, ``max_gen_toks``, ``add_bos_token``, ``device_map`` (``auto`` or
 ``cuda:0=20+cpu=12``) and ``max_memory`` (``cuda:0=20GiB+cpu=64GiB``): a model split over devices;
 ``dequantize`` (a GGUF converted to dtype), ``quantize`` (a Hugging Face folder packed on load,
-e.g. ``q8_0``) and ``activations`` (``q8``: 8-bit inputs to the packed decode products), as
+e.g. ``q8_0``) and ``activations`` (``q8``: 8-bit inputs to the packed CPU products), as
 ``circuit_finder.load`` takes them.
 
 Scoring follows lm-eval's conventions for causal models (those of its Hugging Face backend):

@@ -79,22 +79,24 @@ constexpr bool q8_activation_type(int32_t type) {
 }
 // Columns of x per scale d for a weight type's products.
 constexpr int64_t q8_x_block(int32_t type) { return q8_k_type(type) ? 256 : 32; }
-// Rows of x up to which linear_packed takes them (more: float, the prefill's K-major tiles): where
+// Rows of x up to which linear_packed takes them (more: float, the prefill's K-major tiles, or on
+// CPUs with AVX-512 VNNI the tiled kernels from q8_tiled_min_rows): where
 // they beat the float kernels of the same ISA, measured on 2 cores (benchmarks/RESULTS.md). AVX-512
 // (2026-11-25): 256-blocks 1.0-5x up to 16 rows (IQ4_XS 1.18x at 16); Q8_0 2.0x at 1-4 rows, 1.5x
 // at 8, 1.1x at 16; the other 32-blocks 1.1-1.9x at 1-3 rows, 0.73-0.85x at 4 (IQ4_NL: the rule
 // extended to it, 1.5x at one row, not measured at 2-4). AVX2 (2026-11-25, with its faster float
 // decoding): 1.2-4.3x at 1-16 rows but Q4_1 at K = 576 and 16 rows (0.94x), capped at 16 as for the
-// 256-blocks, so that a prefill stays float. A row count, not a phase: a short prompt takes it too.
+// 256-blocks, so that a prefill stays float (without VNNI). A row count, not a phase: a short prompt takes it too.
 // (The base build's test loops follow the AVX-512 rule.)
 constexpr int64_t q8_max_rows(int32_t type, bool avx2) {
   return avx2 || q8_k_type(type) ? 16 : type == kQ8_0 ? 8 : 3;
 }
 // Rows of x from which CPUs with AVX-512 VNNI take gemm_q8_tiled instead (any number of rows: a
-// prefill too). Measured on 2 cores (2026-11-25, benchmarks/RESULTS.md): against the kernels above
-// the 256-blocks tie at 8 rows and win 1.4-2x at 12; Q8_0 loses at 4 rows (0.7x) and wins from 6
-// (1.1-1.4x); against the float route the other 32-blocks are 0.8-1.2x at 4 rows and 1.1-2.2x
-// from 6; at 64 rows 1.8-2.6x the float K-major tiles.
+// prefill too; the other 32-blocks' 4-5 rows stay float). Measured on 2 cores (2026-11-25,
+// benchmarks/RESULTS.md, "q8 for many rows"): against the kernels above the 256-blocks tie at 8
+// rows (0.87-1.05x) and win 1.35-1.5x at 12; Q8_0 loses at 4 rows (0.7-0.8x) and wins from 6
+// (1.1-1.2x); against the float route Q4_1 is 0.8-1.2x at 4 rows and the 32-blocks 1.15-2.2x from
+// 6; at 64 rows 1.9-3.0x the float K-major tiles.
 constexpr int64_t q8_tiled_min_rows(int32_t type) { return q8_k_type(type) ? 9 : 6; }
 // x rows [M, K] (K a multiple of block) as quantize_q8 writes them: codes [M, K], the sums of each
 // 16 codes [M, K / 16], and per block of columns the scale d [M, K / block].
@@ -141,7 +143,8 @@ constexpr int64_t q8_tile_d_bytes(int64_t M, int64_t K, int64_t block) { return 
 // q8_rows: q8_max_rows for this ISA.
 // quantize_q8_tiles: x [M, K] fp32 -> tiles [t0, t1) of the arrays of Q8Tiles (sized by
 //   q8_tile_*_bytes; rows past M padded), rounded as quantize_q8.
-// gemm_q8_tiled: as gemm_q8 for x in tiles; scratch of q8_tiled_scratch_bytes. Only where q8_tiled().
+// gemm_q8_tiled: as gemm_q8 for x in tiles; scratch of q8_tiled_scratch_bytes, 16-byte aligned.
+//   Only where q8_tiled(), for q8_activation_type(type) (other types write nothing).
 // q8_tiled: whether this ISA's build and this CPU run gemm_q8_tiled (AVX-512 VNNI).
 #define CF_QUANT_DECLS                                                                                       \
   void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out); \

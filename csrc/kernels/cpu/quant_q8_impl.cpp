@@ -1,7 +1,8 @@
 // quant_q8_impl.cpp — the opt-in 8-bit activation products of quant_blocks.h (quantize_q8,
-// gemm_q8), compiled once per ISA like quant_impl.cpp: weight rows of the q8 types against x rows
-// quantized to int8 per block of x (256 columns for the 256-blocks, 32 for the others), summed in
-// integers.
+// gemm_q8; quantize_q8_tiles, gemm_q8_tiled), compiled once per ISA like quant_impl.cpp: weight
+// rows of the q8 types against x rows quantized to int8 per block of x (256 columns for the
+// 256-blocks, 32 for the others), summed in integers. gemm_q8 takes a few rows of x (decode),
+// gemm_q8_tiled any number in tiles of 16 (AVX-512 VNNI only; see its section below).
 //
 // Every 16 weights g of these blocks are w_i = D * s_g * c_i - M * m_g with integer codes c,
 // scales s and offsets m: Q4_K / Q5_K: D = d, M = dmin, s / m the 32-run's six-bit scale and min;
