@@ -134,11 +134,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     values against Q2_K..Q6_K / IQ4_XS, per 32 against Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL —
     in the CPU products of at most 16 rows (on AVX-512: 8 for Q8_0, 3 for the other 32-blocks;
     decode steps, short prompts) and, on CPUs with AVX-512 VNNI, of any number of rows from 9
-    (256-blocks) / 6 (32-blocks) (prefills; ``_C.cpu_q8_tiled()``), and sums in integers, as llama.cpp does: faster, not identical
-    (benchmarks/RESULTS.md has its measured top-1 agreement). Other products (more rows without
-    VNNI; 4-5 rows of the 32-blocks but Q8_0), F16 / BF16 matrices and GPUs stay in float; with no packed matrix on the CPU, or a CPU
-    without AVX2, or CF_CPU_KERNELS=0, the model is float (a warning says why) and
-    ``model.activations`` says so.
+    (256-blocks) / 6 (32-blocks) (prefills; ``_C.cpu_q8_tiled()``), and sums in integers, as
+    llama.cpp does: faster, not identical (benchmarks/RESULTS.md has its measured top-1
+    agreement). Other products (more rows without VNNI; 4-5 rows of the 32-blocks but Q8_0), F16 /
+    BF16 matrices and GPUs stay in float; with no packed matrix on the CPU, or a CPU without AVX2,
+    or CF_CPU_KERNELS=0, the model is float (a warning says why) and ``model.activations`` says so.
     When loading is done, the C heap it freed is handed back to the system (``release_freed_heap``).
     """
     check_activations(activations)

@@ -95,7 +95,8 @@ void gemm_q8_tiles(const Isa& isa, const at::Tensor& xf, const at::Tensor& w, in
   int32_t* ts = reinterpret_cast<int32_t*>(tq + qb);
   float* td = reinterpret_cast<float*>(tq + qb + sb);
   const float* xp = xf.data_ptr<float>();
-  at::parallel_for(0, tiles, 1, [&](int64_t lo, int64_t hi) { isa.quantize_q8_tiles(xp, M, K, block, tq, ts, td, lo, hi); });
+  at::parallel_for(0, tiles, 1,
+                   [&](int64_t lo, int64_t hi) { isa.quantize_q8_tiles(xp, M, K, block, tq, ts, td, lo, hi); });
   const Q8Tiles x{tq, ts, td, tiles, M, K, block};
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();

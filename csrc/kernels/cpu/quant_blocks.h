@@ -86,8 +86,8 @@ constexpr int64_t q8_x_block(int32_t type) { return q8_k_type(type) ? 256 : 32; 
 // at 8, 1.1x at 16; the other 32-blocks 1.1-1.9x at 1-3 rows, 0.73-0.85x at 4 (IQ4_NL: the rule
 // extended to it, 1.5x at one row, not measured at 2-4). AVX2 (2026-11-25, with its faster float
 // decoding): 1.2-4.3x at 1-16 rows but Q4_1 at K = 576 and 16 rows (0.94x), capped at 16 as for the
-// 256-blocks, so that a prefill stays float (without VNNI). A row count, not a phase: a short prompt takes it too.
-// (The base build's test loops follow the AVX-512 rule.)
+// 256-blocks, so that a prefill stays float (without VNNI). A row count, not a phase: a short
+// prompt takes it too. (The base build's test loops follow the AVX-512 rule.)
 constexpr int64_t q8_max_rows(int32_t type, bool avx2) {
   return avx2 || q8_k_type(type) ? 16 : type == kQ8_0 ? 8 : 3;
 }
