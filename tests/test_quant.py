@@ -171,10 +171,12 @@ def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
     block = q8_block(kind)
     k = 768 if block == 256 else 608
     cases = [(37, rows) for rows in range(1, q8_rows(kind, isa) + 2)] + [(38, 9), (39, 17), (37, 33), (38, 40)]
+    matrices = {}  # weight rows -> packed, the package's decoding, bias (decoded once per size)
     for n, rows in cases:
-        raw = random_packed(kind, n, k, seed=7)
-        w = reference(kind, raw, k).double()
-        bias = torch.randn(n)
+        if n not in matrices:
+            packed = random_packed(kind, n, k, seed=7)
+            matrices[n] = packed, reference(kind, packed, k).double(), torch.randn(n)
+        raw, w, bias = matrices[n]
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         exact = x.double() @ w.T + bias.double()
         ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, bias, isa, True)
