@@ -1,6 +1,7 @@
 """One packed product at a time (issue #15): G weights/s (N x K x rows / time) of x [rows, K] times
 a packed [N, K] matrix of random blocks, per instruction set this CPU has — packed with float
-activations, packed with 8-bit activations (``activations="q8"``'s kernels), and our skinny fp32
+activations, packed with 8-bit activations (``activations="q8"``'s kernels; and as a CPU without VNNI runs them, the ``-novnni``
+column, which differs from the other only where the tiled int8 kernels take the rows), and our skinny fp32
 GEMM and ATen's on the same matrix dequantized — best of --repeat, one process, same threads.
 What sets the row rules in csrc/kernels/cpu/quant_blocks.h (q8_max_rows, quant_k_major) and
 what a CPU without AVX-512 gets (the avx2 columns run here on an AVX-512 machine measure that code,
@@ -30,7 +31,7 @@ from circuit_finder import _C  # noqa: E402
 from circuit_finder.quants import PACKED_TYPES  # noqa: E402
 from helpers import random_packed  # noqa: E402
 
-ISAS = [isa for isa in ("avx2", "avx512") if _C.cpu_isa() in (isa, "avx512")]
+ISAS = [isa for isa in ("avx2", "avx512") if _C.cpu_isa().removesuffix("-novnni") in (isa, "avx512")]
 
 
 def measure(kind: str, n: int, k: int, rows: int, repeat: int) -> dict:
@@ -47,6 +48,7 @@ def measure(kind: str, n: int, k: int, rows: int, repeat: int) -> dict:
     for isa in ISAS:
         put(f"{isa} packed", lambda isa=isa: _C.linear_packed(x, raw, ident, k, None, isa, False))
         put(f"{isa} packed q8", lambda isa=isa: _C.linear_packed(x, raw, ident, k, None, isa, True))
+        put(f"{isa}-novnni packed q8", lambda isa=f"{isa}-novnni": _C.linear_packed(x, raw, ident, k, None, isa, True))
         put(f"{isa} dequantized", lambda isa=isa: _C.skinny_linear(x, dense, None, isa))
     put("aten dequantized", lambda: torch.nn.functional.linear(x, dense))
     return {"type": kind, "shape": f"{n}x{k}", "rows": rows, "g_weights_s": rate}

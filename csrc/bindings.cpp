@@ -48,9 +48,9 @@ PYBIND11_MODULE(_C, m) {
         "x [..., cols] @ dequantized(blocks)^T (+ bias), reading the packed blocks");
   m.def("cpu_q8_activations", &cf::cpu::q8_activations_here,
         "whether load(activations='q8') takes effect on this CPU (AVX2 or AVX-512BW int8 kernels)");
-  m.def("cpu_q8_tiled", &cf::cpu::q8_tiled_here, py::arg("isa") = "",
-        "whether activations='q8' also takes products of many rows (a prefill) on this CPU, or with instruction "
-        "set isa's kernels (AVX-512 VNNI)");
+  m.def("cpu_q8_tiled_rows", &cf::cpu::q8_tiled_rows_here, py::arg("ggml_type"), py::arg("isa") = "",
+        "the rows of x from which activations='q8' takes products of this type in int8 tiles (any number: a "
+        "prefill) on this CPU, or with instruction set isa's kernels; 0: never");
   m.def("packed_row_bytes", [](int32_t t, int64_t k) { return cf::cpu::packed_row_bytes(t, k, "packed_row_bytes"); },
         py::arg("ggml_type"), py::arg("cols"));
   m.def("cpu_add_rms_norm", &cf::cpu::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));

@@ -519,8 +519,9 @@ HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0":
                 "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}
 
 
-def random_packed(kind: str, rows: int, cols: int, seed: int = 0):
-    """uint8 [rows, row_bytes] of `kind` (numpy): random codes, fp16 scales of moderate size."""
+def random_packed(kind: str, rows: int, cols: int, seed: int = 0, fill: int | None = None):
+    """uint8 [rows, row_bytes] of `kind` (numpy): random codes, fp16 scales of moderate size; with
+    `fill`, every byte but the fp16 fields is that value (0 / 255: the extreme codes and scales)."""
     import gguf
     import numpy as np
 
@@ -531,6 +532,8 @@ def random_packed(kind: str, rows: int, cols: int, seed: int = 0):
                                                          qtype)).view(np.uint8)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    if fill is not None:
+        raw[:] = fill
     for off in HALF_FIELDS[kind]:
         halves = rng.uniform(-0.05, 0.05, size=raw.shape[:2]).astype(np.float16)
         raw[:, :, off:off + 2] = halves.view(np.uint8).reshape(*raw.shape[:2], 2)

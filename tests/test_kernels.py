@@ -90,21 +90,32 @@ def run_with_env(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env})
 
 
-@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx2-novnni"])
 def test_cf_cpu_isa_picks_a_narrower_instruction_set(isa):
     """CF_CPU_ISA runs the kernels of a narrower set than the CPU's widest (to see what a CPU
-    without AVX-512 gets): cpu_isa says which, and q8 activations need AVX2's int8 kernels."""
-    if not available(isa):
+    without AVX-512 gets; -novnni: nor VNNI, whose tiled int8 products then take vpmaddubsw, and
+    not the types it cannot sum): cpu_isa says which, and q8 activations need AVX2's int8 kernels."""
+    if not available(isa.removesuffix("-novnni")):
         pytest.skip(f"{isa} not available on this CPU (or not built)")
-    r = run_with_env("from circuit_finder import _C; print(_C.cpu_isa(), _C.cpu_q8_activations())", CF_CPU_ISA=isa)
+    code = ("from circuit_finder import _C; print(_C.cpu_isa(), _C.cpu_q8_activations(), _C.cpu_q8_tiled_rows(12), "
+            "_C.cpu_q8_tiled_rows(8))")  # Q4_K, Q8_0
+    r = run_with_env(code, CF_CPU_ISA=isa)
     print(r.stdout, r.stderr[-2000:])
-    assert r.returncode == 0 and r.stdout.split() == [isa, str(isa == "avx2")]
+    assert r.returncode == 0 and r.stdout.split()[:2] == [isa, str(isa != "base")]
+    tiled = [int(v) for v in r.stdout.split()[2:]]
+    if isa == "base":
+        assert tiled == [0, 0]
+    elif isa.endswith("-novnni"):
+        assert tiled[0] > 0 and tiled[1] == 0
+    else:
+        assert tiled[0] > 0
 
 
-def test_cf_cpu_isa_names_an_unknown_set():
-    r = run_with_env("from circuit_finder import _C; _C.cpu_isa()", CF_CPU_ISA="sve")
+@pytest.mark.parametrize("name", ["sve", "base-novnni", "-novnni"])
+def test_cf_cpu_isa_names_an_unknown_set(name):
+    r = run_with_env("from circuit_finder import _C; _C.cpu_isa()", CF_CPU_ISA=name)
     print(r.stderr[-2000:])
-    assert r.returncode != 0 and "CF_CPU_ISA=sve: not an instruction set of this CPU's kernels" in r.stderr
+    assert r.returncode != 0 and f"CF_CPU_ISA={name}: not an instruction set of this CPU's kernels" in r.stderr
 
 
 # ----------------------------------------------------------------------------- fused elementwise ops

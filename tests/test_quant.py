@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -28,7 +29,11 @@ from circuit_finder import _C
 from circuit_finder.quants import PACKED_TYPES, PackedTensor, quantize_matrix
 from helpers import build_hf_model, random_packed, rebuilt, reference, write_gguf
 
-ISAS = [isa for isa in ("base", "avx2", "avx512") if isa == "base" or _C.cpu_isa() in (isa, "avx512")]
+ISAS = [isa for isa in ("base", "avx2", "avx512")
+        if isa == "base" or _C.cpu_isa().removesuffix("-novnni") in (isa, "avx512")]
+CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+# 8-bit activations also as a CPU without VNNI runs them (the tiled products by vpmaddubsw)
+Q8_ISAS = ISAS + [f"{isa}-novnni" for isa in ISAS if isa != "base"]
 
 
 def diff(label: str, ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -143,10 +148,11 @@ def q8_rows(kind: str, isa: str) -> int:
 
 def q8_route(kind: str, isa: str, rows: int) -> str:
     """Which products activations="q8" runs for `rows` rows of x on `isa` (quant_blocks.h): "tiles"
-    (AVX-512 VNNI, from q8_tiled_min_rows), "rows" (up to q8_max_rows), else "float"."""
-    if _C.cpu_q8_tiled(isa) and rows >= (9 if q8_block(kind) == 256 else 6):
+    (from q8_tiled_rows), "rows" (up to q8_max_rows), else "float"."""
+    tiled = _C.cpu_q8_tiled_rows(PACKED_TYPES[kind], isa)
+    if tiled and rows >= tiled:
         return "tiles"
-    return "rows" if rows <= q8_rows(kind, isa) else "float"
+    return "rows" if rows <= q8_rows(kind, isa.removesuffix("-novnni")) else "float"
 
 
 def rounded_x(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -159,7 +165,7 @@ def rounded_x(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.from_numpy((codes * (amax / np.float32(127)).astype(np.float32)).reshape(x.shape))
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", Q8_ISAS)
 @pytest.mark.parametrize("kind", Q8_TYPES)
 def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
     """Exactly (up to the float sums' order) the package's dequantized W times x rounded to 8 bits
@@ -188,7 +194,7 @@ def test_q8_activations_are_the_dequantized_matrix_times_rounded_x(kind, isa):
         assert diff("  vs float x", ours, exact)[1] > 1e-4
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", Q8_ISAS)
 def test_q8_activations_of_zero_tiny_and_non_finite_rows(isa):
     """A zero block of x adds nothing (its scale is 0), nor does one too small to scale (1e-38); inf
     or NaN in x makes the row's outputs NaN (the float route's: inf or NaN), never a finite number."""
@@ -209,11 +215,53 @@ def test_q8_activations_of_zero_tiny_and_non_finite_rows(isa):
                 assert ours[1:3].isnan().all()
 
 
-@pytest.mark.skipif(not _C.cpu_q8_tiled("avx512"), reason="the tiled int8 kernels need AVX-512 VNNI")
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K", "IQ4_XS"])
-def test_q8_tiled_kernels_on_whole_tiles_without_bias(kind):
+@pytest.mark.parametrize("isa", [isa for isa in Q8_ISAS if isa != "base"])
+def test_q8_tiled_kernels_take_the_types_they_can_sum(isa):
+    """With VNNI (where the CPU has it) every q8 type is tiled; without it (vpmaddubsw, int16 pair
+    sums) all but Q8_0 and the IQ4 types, whose codes up to 128 could saturate them; never F16."""
+    vnni = not isa.endswith("-novnni") and ("avx512_vnni" if isa == "avx512" else "avx_vnni") in CPU_FLAGS
+    for kind in Q8_TYPES:
+        tiled = _C.cpu_q8_tiled_rows(PACKED_TYPES[kind], isa)
+        if vnni or kind not in ("Q8_0", "IQ4_NL", "IQ4_XS"):
+            assert 1 < tiled <= 32, (kind, isa)
+        else:
+            assert tiled == 0, (kind, isa)
+    assert _C.cpu_q8_tiled_rows(PACKED_TYPES["F16"], isa) == 0
+    assert _C.cpu_q8_tiled_rows(PACKED_TYPES["Q4_K"], "base") == 0
+
+
+@pytest.mark.parametrize("isa", [isa for isa in Q8_ISAS if isa != "base"])
+def test_q8_tiled_kernels_at_the_extreme_codes(isa):
+    """Every code byte 0, 127, 128 or 255 (each type's largest codes and scales) against rows of x all at
+    +-max (bytes 255 / 1 in the tiles): the int16 pair sums that vpmaddubsw adds before widening at
+    their largest; exact (up to float order) where they would saturate or wrap they are not."""
+    for kind in Q8_TYPES:
+        tiled = _C.cpu_q8_tiled_rows(PACKED_TYPES[kind], isa)
+        if not tiled:
+            continue
+        block = q8_block(kind)
+        k = 512 if block == 256 else 128
+        rows = max(tiled, 18)
+        x = torch.ones(rows, k)
+        x[1::2] = -1
+        x[2::3, ::2] = -1  # mixed signs within a row too
+        for fill in (0, 127, 128, 255):  # Q8_0's codes 0, 127, -128, -1
+            raw = random_packed(kind, 6, k, seed=fill, fill=fill)
+            w = reference(kind, raw, k).double()
+            ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, None, isa, True)
+            if not w.any():  # all codes (or scales) zero
+                assert not ours.any(), (kind, isa, fill)
+                continue
+            assert diff(f"{kind} on {isa}, bytes {fill}", ours, x.double() @ w.T)[1] < 2e-6
+
+
+@pytest.mark.parametrize("isa", [isa for isa in Q8_ISAS if isa != "base"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K", "IQ4_XS", "Q5_1"])
+def test_q8_tiled_kernels_on_whole_tiles_without_bias(kind, isa):
     """The tiled route at exactly one and two tiles of 16 rows, no bias, 4 / 5 / 6 / 7 weight rows
     (each remainder of the 4-row passes on one thread)."""
+    if not _C.cpu_q8_tiled_rows(PACKED_TYPES[kind], isa):
+        pytest.skip(f"{isa} has no tiled kernel for {kind} here")
     block = q8_block(kind)
     k = 512 if block == 256 else 96
     threads = torch.get_num_threads()
@@ -224,7 +272,7 @@ def test_q8_tiled_kernels_on_whole_tiles_without_bias(kind):
             w = reference(kind, raw, k).double()
             for rows in (16, 32):
                 x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-                ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, None, "avx512", True)
+                ours = _C.linear_packed(x, torch.from_numpy(raw), PACKED_TYPES[kind], k, None, isa, True)
                 assert diff(f"{kind} {rows} x {n}", ours, rounded_x(x, block).double() @ w.T)[1] < 2e-6
     finally:
         torch.set_num_threads(threads)
@@ -237,14 +285,14 @@ needs_q8 = pytest.mark.skipif(not _C.cpu_q8_activations(), reason="activations='
 @needs_q8
 def test_q8_activations_on_a_model(q4k_llama):
     """load(activations="q8"): decode-sized products (few token rows) differ slightly from the
-    float route's; prefill-sized ones too where this CPU has the tiled int8 kernels (AVX-512 VNNI),
-    else not at all; the setting is recorded on the model and checked."""
+    float route's; prefill-sized ones too where this CPU has the tiled int8 kernels for Q4_K (with
+    VNNI or vpmaddubsw), else not at all; the setting is recorded on the model and checked."""
     exact, q8 = cf.load(q4k_llama), cf.load(q4k_llama, activations="q8")
     assert (exact.activations, q8.activations) == ("float", "q8")
     step = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(1))
     assert 1e-5 < diff("one decode-sized forward, q8 vs float", q8.logits(step), exact.logits(step))[1] < 5e-2
     prompt = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
-    if _C.cpu_q8_tiled():
+    if _C.cpu_q8_tiled_rows(PACKED_TYPES["Q4_K"]):
         assert 1e-5 < diff("a 60-row prefill (tiled int8)", q8.logits(prompt), exact.logits(prompt))[1] < 5e-2
     else:
         assert diff("a 60-row prefill (float)", q8.logits(prompt), exact.logits(prompt))[1] < 1e-6

@@ -462,7 +462,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, help="HF folder: pack its matrices on load as q8_0, q6_k, q5_1, q5_0, "
                                                    "q4_k, q4_1, q4_0, bf16 or f16 (CPU)")
     p.add_argument("--activations", default="float", choices=["float", "q8"],
-                   help="q8: packed matrices' CPU products (decode; prefill too with AVX-512 VNNI) round their "
+                   help="q8: packed matrices' CPU products (decode, and prefill: with VNNI for every type, without "
+                        "it for all but Q8_0 / IQ4) round their "
                         "inputs to 8 bits, as llama.cpp does: faster, not identical (default float)")
     _add_placement_args(p)
 

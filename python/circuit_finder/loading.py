@@ -133,12 +133,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     dequantized matrix's results up to the order of the sums); "q8" rounds them to 8 bits — per 256
     values against Q2_K..Q6_K / IQ4_XS, per 32 against Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL —
     in the CPU products of at most 16 rows (on AVX-512: 8 for Q8_0, 3 for the other 32-blocks;
-    decode steps, short prompts) and, on CPUs with AVX-512 VNNI, of any number of rows from 9
-    (256-blocks) / 6 (32-blocks) (prefills; ``_C.cpu_q8_tiled()``), and sums in integers, as
-    llama.cpp does: faster, not identical (benchmarks/RESULTS.md has its measured top-1
-    agreement). Other products (more rows without VNNI; 4-5 rows of the 32-blocks but Q8_0), F16 /
-    BF16 matrices and GPUs stay in float; with no packed matrix on the CPU, or a CPU without AVX2,
-    or CF_CPU_KERNELS=0, the model is float (a warning says why) and ``model.activations`` says so.
+    decode steps, short prompts) and of any number of rows from a type's tiled threshold
+    (prefills; ``_C.cpu_q8_tiled_rows(ggml_type)``: with VNNI, AVX-512's or AVX-VNNI, every type,
+    from 9-10 rows for the 256-blocks and 6-8 for the 32-blocks; without it all but Q8_0 /
+    IQ4_NL / IQ4_XS, from 12-14 / 6-8), and sums in integers, as llama.cpp does: faster, not
+    identical (benchmarks/RESULTS.md has its measured top-1 agreement). Other products (more
+    rows of Q8_0 and the IQ4 types without VNNI; 4-5 rows of the 32-blocks but Q8_0 on
+    AVX-512), F16 / BF16 matrices and GPUs stay in float; with no packed matrix on the CPU, or a
+    CPU without AVX2, or CF_CPU_KERNELS=0, the model is float (a warning says why) and
+    ``model.activations`` says so.
     When loading is done, the C heap it freed is handed back to the system (``release_freed_heap``).
     """
     check_activations(activations)

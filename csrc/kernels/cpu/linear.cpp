@@ -15,10 +15,20 @@ namespace {
 #define CF_ISA_TABLE(ns) \
   { #ns, ns::gemm_f32, ns::gemm_bf16, ns::gemm_kn_f32, ns::gemm_kn_bf16, ns::add_rms_norm_f32, ns::rope_f32, \
     ns::silu_mul_f32, ns::attend_one_f32, ns::dequant_rows, ns::gemm_q, ns::gemm_q_k_major, ns::quantize_q8, ns::gemm_q8, \
-    ns::q8_vectorized, ns::q8_rows, ns::quantize_q8_tiles, ns::gemm_q8_tiled, ns::q8_tiled }
+    ns::q8_vectorized, ns::q8_rows, ns::quantize_q8_tiles, ns::plain::gemm_q8_tiled, ns::plain::q8_tiled_rows }
 
-bool supported(const std::string& name) {
-  if (name == "base") return true;
+// An ISA name without the "-novnni" that avx2 / avx512 may carry: the same kernels, but the tiled
+// int8 products (activations="q8") by vpmaddubsw as on a CPU without VNNI, to measure or test them.
+std::string family(const std::string& name) {
+  const std::string suffix = "-novnni";
+  const bool marked = name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  const std::string fam = marked ? name.substr(0, name.size() - suffix.size()) : name;
+  return marked && fam != "avx2" && fam != "avx512" ? name : fam;
+}
+
+bool supported(const std::string& full) {
+  const std::string name = family(full);
+  if (name == "base") return full == name;
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)
   __builtin_cpu_init();
   if (name == "avx2")
@@ -30,21 +40,44 @@ bool supported(const std::string& name) {
   return false;
 }
 
-Isa isa_named(const std::string& name) {
+// The tiled int8 kernels compiled for VNNI where the CPU has it: AVX-512 VNNI for the avx512
+// build, AVX-VNNI (its 256-bit form) for the avx2 build.
+bool cpu_vnni(const std::string& name) {
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)
-  if (name == "avx512") return CF_ISA_TABLE(avx512);
-  if (name == "avx2") return CF_ISA_TABLE(avx2);
+  __builtin_cpu_init();
+  return name == "avx512" ? __builtin_cpu_supports("avx512vnni") != 0 : __builtin_cpu_supports("avxvnni") != 0;
+#else
+  (void)name;
+  return false;
 #endif
+}
+
+Isa isa_named(const std::string& name) {
+#define CF_ISA_NAMED(ns)                                                                                   \
+  if (family(name) == #ns) {                                                                               \
+    Isa isa = CF_ISA_TABLE(ns);                                                                            \
+    if (name != #ns)                                                                                       \
+      isa.name = #ns "-novnni";                                                                            \
+    else if (cpu_vnni(#ns))                                                                                \
+      isa.gemm_q8_tiled = ns::vnni::gemm_q8_tiled, isa.q8_tiled_rows = ns::vnni::q8_tiled_rows;           \
+    return isa;                                                                                            \
+  }
+#if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)
+  CF_ISA_NAMED(avx512)
+  CF_ISA_NAMED(avx2)
+#endif
+#undef CF_ISA_NAMED
   return CF_ISA_TABLE(base);
 }
 
-// CF_CPU_ISA=base / avx2 / avx512 where set (to run as a CPU without the wider sets would, or to
-// compare them; InputError when this CPU lacks it), else the widest this CPU has.
+// CF_CPU_ISA=base / avx2 / avx512 (/ avx2-novnni / avx512-novnni) where set (to run as a CPU without
+// the wider sets would, or to compare them; InputError when this CPU lacks it), else the widest
+// this CPU has.
 Isa best_isa() {
   if (const char* v = std::getenv("CF_CPU_ISA"); v != nullptr && *v != '\0') {
     if (!supported(v))
       throw InputError(cat("CF_CPU_ISA=", v, ": not an instruction set of this CPU's kernels (base, avx2, avx512 where "
-                           "the CPU has it)"));
+                           "the CPU has it; avx2-novnni / avx512-novnni: the same without VNNI's int8 products)"));
     return isa_named(v);
   }
   for (const char* name : {"avx512", "avx2"})

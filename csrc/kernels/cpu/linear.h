@@ -59,8 +59,8 @@ struct Isa {
   int64_t (*q8_rows)(int32_t);
   void (*quantize_q8_tiles)(const float*, int64_t, int64_t, int64_t, uint8_t*, int32_t*, float*, int64_t, int64_t);
   void (*gemm_q8_tiled)(int32_t, const Q8Tiles&, const uint8_t*, int64_t, const float*, float*, int64_t, int64_t,
-                        int64_t, uint8_t*);
-  bool (*q8_tiled)();
+                        int64_t, uint8_t*);  // VNNI's where the CPU has it (quant_blocks.h)
+  int64_t (*q8_tiled_rows)(int32_t);
 };
 // The best instruction set this CPU has, or the one CF_CPU_ISA names (chosen once; InputError when
 // the CPU lacks that one). The kernels are off when CF_CPU_KERNELS=0 (kernels_enabled).

@@ -150,8 +150,10 @@ at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarTy
 
 bool q8_activations_here() { return kernels_enabled() && active().q8_vectorized(); }
 
-bool q8_tiled_here(const std::string& isa) {
-  return isa.empty() ? q8_activations_here() && active().q8_tiled() : isa_for(isa).q8_tiled();
+int64_t q8_tiled_rows_here(int32_t type, const std::string& isa) {
+  if (!q8_activation_type(type)) return 0;
+  if (isa.empty()) return q8_activations_here() ? active().q8_tiled_rows(type) : 0;
+  return isa_for(isa).q8_tiled_rows(type);
 }
 
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b,
@@ -173,7 +175,8 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type,
   if (M > 0 && N > 0) {
     // q8 where this CPU has its vector kernels, unless CF_CPU_KERNELS=0 (or a test names the ISA)
     const bool q8 = q8_activations && q8_activation_type(type) && (!isa_name.empty() || q8_activations_here());
-    if (q8 && isa.q8_tiled() && M >= q8_tiled_min_rows(type))
+    const int64_t tiled_from = q8 ? isa.q8_tiled_rows(type) : 0;
+    if (tiled_from > 0 && M >= tiled_from)
       gemm_q8_tiles(isa, xf, w, type, bp, y);
     else if (q8 && M <= isa.q8_rows(type))
       gemm_q8_rows(isa, xf, w, type, bp, y);

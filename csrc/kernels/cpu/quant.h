@@ -11,8 +11,9 @@
 // Activations stay in float: results equal the dequantized matrix's up to the order of the sums.
 // Opt-in (q8_activations): x against the q8 types (quant_blocks.h: every block type but F16 /
 // BF16) is rounded to int8 per block of columns and summed in integers (quant_q8_impl.cpp): the
-// dequantized matrix times that rounded x. Up to the ISA's q8_rows(type) rows of x; on CPUs with
-// AVX-512 VNNI from q8_tiled_min_rows(type) rows any number (q8_tiled_here). Other types, other
+// dequantized matrix times that rounded x. Up to the ISA's q8_rows(type) rows of x; from the ISA's
+// q8_tiled_rows(type) any number (q8_tiled_rows_here: with VNNI every q8 type, without it those
+// whose codes vpmaddubsw can sum). Other types, other
 // row counts, and CPUs without AVX2 or with CF_CPU_KERNELS=0 (q8_activations_here) stay in float.
 #pragma once
 #include <ATen/ATen.h>
@@ -36,9 +37,9 @@ at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarTy
 // Whether this CPU runs q8_activations (the best ISA here has the int8 vector kernels, and
 // CF_CPU_KERNELS=0 does not turn the kernels off).
 bool q8_activations_here();
-// Whether q8_activations takes products of many rows (a prefill) here, on instruction set `isa`
-// ("" = the best here, as q8_activations_here): AVX-512 VNNI.
-bool q8_tiled_here(const std::string& isa = "");
+// The rows of x from which q8_activations takes products of `type` in tiles (any number: a
+// prefill), on instruction set `isa` ("" = the best here, as q8_activations_here); 0: never.
+int64_t q8_tiled_rows_here(int32_t type, const std::string& isa = "");
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& b,
                          const std::string& isa = "", bool q8_activations = false);
 

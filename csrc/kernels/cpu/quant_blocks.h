@@ -79,25 +79,35 @@ constexpr bool q8_activation_type(int32_t type) {
 }
 // Columns of x per scale d for a weight type's products.
 constexpr int64_t q8_x_block(int32_t type) { return q8_k_type(type) ? 256 : 32; }
-// Rows of x up to which linear_packed takes them (more: float, the prefill's K-major tiles, or on
-// CPUs with AVX-512 VNNI the tiled kernels from q8_tiled_min_rows): where
+// Rows of x up to which linear_packed takes them (more: float, the prefill's K-major tiles, or the
+// tiled kernels from q8_tiled_from, which win before this where they take the type): where
 // they beat the float kernels of the same ISA, measured on 2 cores (benchmarks/RESULTS.md). AVX-512
 // (2026-11-25): 256-blocks 1.0-5x up to 16 rows (IQ4_XS 1.18x at 16); Q8_0 2.0x at 1-4 rows, 1.5x
 // at 8, 1.1x at 16; the other 32-blocks 1.1-1.9x at 1-3 rows, 0.73-0.85x at 4 (IQ4_NL: the rule
 // extended to it, 1.5x at one row, not measured at 2-4). AVX2 (2026-11-25, with its faster float
 // decoding): 1.2-4.3x at 1-16 rows but Q4_1 at K = 576 and 16 rows (0.94x), capped at 16 as for the
-// 256-blocks, so that a prefill stays float (without VNNI). A row count, not a phase: a short
+// 256-blocks. A row count, not a phase: a short
 // prompt takes it too. (The base build's test loops follow the AVX-512 rule.)
 constexpr int64_t q8_max_rows(int32_t type, bool avx2) {
   return avx2 || q8_k_type(type) ? 16 : type == kQ8_0 ? 8 : 3;
 }
-// Rows of x from which CPUs with AVX-512 VNNI take gemm_q8_tiled instead (any number of rows: a
-// prefill too; the other 32-blocks' 4-5 rows stay float). Measured on 2 cores (2026-11-25,
-// benchmarks/RESULTS.md, "q8 for many rows"): against the kernels above the 256-blocks tie at 8
-// rows (0.87-1.05x) and win 1.35-1.5x at 12; Q8_0 loses at 4 rows (0.7-0.8x) and wins from 6
-// (1.1-1.2x); against the float route Q4_1 is 0.8-1.2x at 4 rows and the 32-blocks 1.15-2.2x from
-// 6; at 64 rows 1.9-3.0x the float K-major tiles.
-constexpr int64_t q8_tiled_min_rows(int32_t type) { return q8_k_type(type) ? 9 : 6; }
+// Rows of x from which linear_packed takes gemm_q8_tiled instead (any number of rows: a prefill
+// too), by kernel: vnni (AVX-512 VNNI / AVX-VNNI) or plain (vpmaddubsw; the types it sums), wide
+// (AVX-512 builds) or not. Measured on 2 cores, where the tiled products first beat what the same
+// ISA runs otherwise (the row kernels up to q8_rows, else float; benchmarks/RESULTS.md, "q8 for
+// many rows" and "... without AVX-512 VNNI"), 2026-11-25/26:
+// - AVX-512 VNNI: the 256-blocks tie at 8 rows (0.82-1.05x) and win 1.08-1.5x from 10-12; Q8_0
+//   1.0-1.2x at 6, Q4_1 0.8x at 4 and 1.1-1.2x at 6; at 64 rows 1.9-3.0x the float K-major tiles.
+// - AVX-512BW without VNNI: Q4_K 0.94x at 8 and 1.21x at 10, Q6_K 0.85x at 10 and 1.05x at 12;
+//   Q4_1 1.1-1.25x at 6 (against float).
+// - AVX-VNNI (AVX2): Q4_K / Q6_K 0.85-0.90x at 8, 1.12-1.18x at 10; Q8_0 0.81-0.88x at 6,
+//   1.05-1.10x at 8; Q4_1 / Q5_0 1.0-1.1x at 6, 1.3x at 8.
+// - AVX2 without VNNI: Q4_K 0.98x and Q6_K 0.91x at 12, 1.28x / 1.22x at 16; Q4_1 / Q5_0
+//   1.04-1.12x at 8; at 24 rows (float) 1.9-2.4x.
+constexpr int64_t q8_tiled_from(int32_t type, bool vnni, bool wide) {
+  if (q8_k_type(type)) return vnni ? (wide ? 9 : 10) : (wide ? 12 : 14);
+  return wide ? 6 : 8;
+}
 // x rows [M, K] (K a multiple of block) as quantize_q8 writes them: codes [M, K], the sums of each
 // 16 codes [M, K / 16], and per block of columns the scale d [M, K / block].
 struct Q8Rows {
@@ -107,10 +117,10 @@ struct Q8Rows {
   int64_t M, K, block;
 };
 
-// Many rows of x (prefill) on CPUs with AVX-512 VNNI (gemm_q8_tiled): x in tiles of kQ8Lanes rows
-// (the last padded with zero rows), each tile's codes + 128 as unsigned bytes, four columns of each
-// row together, so that one vpdpbusd multiplies four columns of 16 rows by a weight row's four
-// codes (broadcast): q [tiles][K / 4][16][4]; per block of columns the sums of each two 16-code
+// Many rows of x (prefill; gemm_q8_tiled): x in tiles of kQ8Lanes rows (the last padded with zero
+// rows), each tile's codes + 128 as unsigned bytes, four columns of each row together, so that one
+// vpdpbusd (or vpmaddubsw) multiplies four columns of 16 rows by a weight row's four codes
+// (broadcast): q [tiles][K / 4][16][4]; per block of columns the sums of each two 16-code
 // groups as int16 pairs, sums [tiles][K / block][block / 32][16], and the scales d [tiles][K /
 // block][16]. Weight rows are decoded kQ8TileRows at a time into a scratch of
 // q8_tiled_scratch_bytes(K, block) (codes, and per block 128 bytes of scales, offsets and the +128's
@@ -143,9 +153,12 @@ constexpr int64_t q8_tile_d_bytes(int64_t M, int64_t K, int64_t block) { return 
 // q8_rows: q8_max_rows for this ISA.
 // quantize_q8_tiles: x [M, K] fp32 -> tiles [t0, t1) of the arrays of Q8Tiles (sized by
 //   q8_tile_*_bytes; rows past M padded), rounded as quantize_q8.
+// Then, per ISA, namespaces vnni (kernels compiled for AVX-512 VNNI / AVX-VNNI: call them only where
+// the CPU has it) and plain (quant_q8_tiled.h):
 // gemm_q8_tiled: as gemm_q8 for x in tiles; scratch of q8_tiled_scratch_bytes, 16-byte aligned.
-//   Only where q8_tiled(), for q8_activation_type(type) (other types write nothing).
-// q8_tiled: whether this ISA's build and this CPU run gemm_q8_tiled (AVX-512 VNNI).
+//   Only for types with q8_tiled_rows > 0 (others write nothing).
+// q8_tiled_rows: the rows of x from which linear_packed takes gemm_q8_tiled for `type` (its
+//   q8_tiled_from), 0 where these kernels do not take the type (the base build: none).
 #define CF_QUANT_DECLS                                                                                       \
   void dequant_rows(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out); \
   void gemm_q(int32_t type, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,       \
@@ -158,9 +171,12 @@ constexpr int64_t q8_tile_d_bytes(int64_t M, int64_t K, int64_t block) { return 
   int64_t q8_rows(int32_t type);                                                                            \
   void quantize_q8_tiles(const float* x, int64_t M, int64_t K, int64_t block, uint8_t* q, int32_t* sums, float* d, \
                          int64_t t0, int64_t t1);                                                               \
+  namespace vnni { CF_TILED_DECLS }                                                                         \
+  namespace plain { CF_TILED_DECLS }
+#define CF_TILED_DECLS                                                                                      \
   void gemm_q8_tiled(int32_t type, const Q8Tiles& x, const uint8_t* w, int64_t row_bytes, const float* bias,  \
                      float* y, int64_t ldy, int64_t n0, int64_t n1, uint8_t* scratch);                        \
-  bool q8_tiled();
+  int64_t q8_tiled_rows(int32_t type);
 
 namespace base { CF_QUANT_DECLS }
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)
@@ -168,5 +184,6 @@ namespace avx2 { CF_QUANT_DECLS }
 namespace avx512 { CF_QUANT_DECLS }
 #endif
 #undef CF_QUANT_DECLS
+#undef CF_TILED_DECLS
 
 }  // namespace cf::cpu

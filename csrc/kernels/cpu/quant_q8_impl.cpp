@@ -2,7 +2,7 @@
 // gemm_q8; quantize_q8_tiles, gemm_q8_tiled), compiled once per ISA like quant_impl.cpp: weight
 // rows of the q8 types against x rows quantized to int8 per block of x (256 columns for the
 // 256-blocks, 32 for the others), summed in integers. gemm_q8 takes a few rows of x (decode),
-// gemm_q8_tiled any number in tiles of 16 (AVX-512 VNNI only; see its section below).
+// gemm_q8_tiled any number in tiles of 16 (quant_q8_tiled.h, included at the end).
 //
 // Every 16 weights g of these blocks are w_i = D * s_g * c_i - M * m_g with integer codes c,
 // scales s and offsets m: Q4_K / Q5_K: D = d, M = dmin, s / m the 32-run's six-bit scale and min;
@@ -465,159 +465,6 @@ void rows_32_avx2(const Q8Rows& x, int64_t m0, const uint8_t* w, int64_t row_byt
 }
 #endif
 
-#ifdef CF_Q8_AVX512
-// Many rows (gemm_q8_tiled, quant_blocks.h's Q8Tiles), AVX-512 VNNI: vpdpbusd multiplies 16 rows'
-// four unsigned x bytes (q + 128) by a weight row's four signed codes and adds the four products
-// to each row's int32 lane, so the codes are decoded once per weight row (not once per 4 rows of
-// x) and 64 products take one instruction. Per run of codes sharing a scale s (16 or 32 columns;
-// a whole 32-block) the lanes start at 0 and are added times s; per block the +128 adds
-// 128 sum_g s_g sum(c in g), subtracted as `corr`, and the offsets M sum_g m_g sum(q in g) come from
-// x's sums by vpdpwssd (int16 pairs). Sums as in the kernels above, so the result is the same
-// dequantized matrix times rounded x.
-#define CF_VNNI __attribute__((target("avx512vnni")))
-
-// One weight row's block: D, M, the +128 correction; a 256-block's scales s_g (int32, broadcast to
-// runs) and offsets m_g (int16 pairs, broadcast to vpdpwssd); the 32-blocks' s = 1 and m = (1, 1)
-// are implied (16 bytes a block, so that their terms stay in L1 beside x).
-template <int64_t Block>
-struct alignas(16) BlockTerms {
-  float D, M;
-  int32_t corr, unused;
-};
-template <>
-struct alignas(16) BlockTerms<256> {
-  float D, M;
-  int32_t corr, unused;
-  int32_t s[16];
-  int16_t m[16];
-};
-static_assert(sizeof(BlockTerms<256>) <= 128 && sizeof(BlockTerms<32>) <= 128, "q8_tiled_scratch_bytes keeps 128 bytes a block");
-
-template <int32_t Type>
-constexpr int64_t kTileBlock = q8_k_type(Type) ? 256 : 32;
-// Codes per run with one scale: Q4_K / Q5_K / IQ4_XS's 32-runs, the other K-quants' 16, a 32-block.
-template <int32_t Type>
-constexpr int kRunCodes = Type == kQ6K || Type == kQ3K || Type == kQ2K ? 16 : 32;
-template <int32_t Type>
-constexpr bool kTileOffsets = q8_k_type(Type) ? kOffsets<Type> : !kSignedCodes<Type>;
-
-// Weight row `row`'s codes (K int8, element order) and block terms into scratch.
-template <int32_t Type>
-CF_VNNI void decode_row(const uint8_t* row, int64_t K, int8_t* codes, BlockTerms<kTileBlock<Type>>* terms) {
-  constexpr int64_t kBlock = kTileBlock<Type>, kBytes = block_bytes(Type);
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t i = 0; i < K / kBlock; ++i) {
-    const uint8_t* b = row + i * kBytes;
-    BlockTerms<kBlock>& t = terms[i];
-    if constexpr (kBlock == 256) {
-      const VScales v = vscales<Type>(b);
-      const __m512i s = _mm512_cvtepi16_epi32(v.s);
-      t.D = v.D, t.M = kOffsets<Type> ? v.M : 0.0f;
-      _mm512_storeu_si512(t.s, s);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.m), v.m);
-      // lane j of 64 codes' four-sums: group 4 k + j / 4
-      const __m512i group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2);
-      __m512i corr = _mm512_setzero_si512();
-      for (int k = 0; k < 4; ++k) {
-        const __m512i c = codes64<Type>(b, k);
-        _mm512_storeu_si512(codes + i * 256 + 64 * k, c);
-        const __m512i scale = _mm512_permutexvar_epi32(_mm512_add_epi32(group, _mm512_set1_epi32(4 * k)), s);
-        corr = _mm512_add_epi32(corr, _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, c), scale));
-      }
-      t.corr = 128 * _mm512_reduce_add_epi32(corr);
-    } else {
-      const __m256i c = codes32<Type>(b);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i * 32), c);
-      t.D = half_at(b), t.M = kTileOffsets<Type> ? -half_at(b + 2) : 0.0f;
-      const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), c);
-      t.corr = 128 * _mm512_reduce_add_epi32(_mm512_zextsi256_si512(sums));
-    }
-  }
-}
-
-// Tile t of x against R decoded weight rows (codes R x K, terms R x blocks): out[r][lane].
-template <int32_t Type, int R>
-CF_VNNI void tile_dot(const Q8Tiles& x, int64_t t, const int8_t* codes, const BlockTerms<kTileBlock<Type>>* terms,
-                      float* out) {
-  constexpr int64_t kBlock = kTileBlock<Type>, kPairs = kBlock / 32;
-  constexpr int kRun = kRunCodes<Type> / 4;  // dwords
-  const int64_t K = x.K, blocks = K / kBlock;
-  const uint8_t* xq = x.q + t * K * kQ8Lanes;
-  const int32_t* xs = x.sums + t * blocks * kPairs * kQ8Lanes;
-  const float* xd = x.d + t * blocks * kQ8Lanes;
-  __m512 f[R];
-  for (int r = 0; r < R; ++r) f[r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < blocks; ++i) {
-    __m512i S[R], O[R];
-    for (int r = 0; r < R; ++r) S[r] = O[r] = _mm512_setzero_si512();
-#pragma GCC unroll 2
-    for (int g = 0; g < kBlock / 4 / kRun; ++g) {
-      __m512i a[R];
-      for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-      for (int j = 0; j < kRun; ++j) {
-        const int64_t dw = i * (kBlock / 4) + g * kRun + j;
-        const __m512i v = _mm512_loadu_si512(xq + dw * 64);
-        for (int r = 0; r < R; ++r) {
-          int32_t c;
-          __builtin_memcpy(&c, codes + r * K + 4 * dw, 4);
-          a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_set1_epi32(c));
-        }
-      }
-      for (int r = 0; r < R; ++r) {
-        if constexpr (kBlock == 256)
-          S[r] = _mm512_add_epi32(S[r], _mm512_mullo_epi32(a[r], _mm512_set1_epi32(terms[r * blocks + i].s[g * kRun / 4])));
-        else
-          S[r] = a[r];
-      }
-    }
-    if constexpr (kTileOffsets<Type>)
-      for (int64_t p = 0; p < kPairs; ++p) {
-        const __m512i v = _mm512_loadu_si512(xs + (i * kPairs + p) * kQ8Lanes);
-        for (int r = 0; r < R; ++r) {
-          int32_t m = 0x00010001;
-          if constexpr (kBlock == 256) __builtin_memcpy(&m, terms[r * blocks + i].m + 2 * p, 4);
-          O[r] = _mm512_dpwssd_epi32(O[r], v, _mm512_set1_epi32(m));
-        }
-      }
-    const __m512 dx = _mm512_loadu_ps(xd + i * kQ8Lanes);
-    for (int r = 0; r < R; ++r) {
-      const BlockTerms<kBlock>& bt = terms[r * blocks + i];
-      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(S[r], _mm512_set1_epi32(bt.corr))), _mm512_set1_ps(bt.D));
-      if constexpr (kTileOffsets<Type>) v = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(O[r]), _mm512_set1_ps(bt.M), v);
-      f[r] = _mm512_fmadd_ps(v, dx, f[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + 16 * r, f[r]);
-}
-
-// Weight rows [n0, n1) against every tile of x, kQ8TileRows rows decoded at a time.
-template <int32_t Type>
-CF_VNNI void tiled_rows(const Q8Tiles& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
-                        int64_t ldy, int64_t n0, int64_t n1, uint8_t* scratch) {
-  const int64_t K = x.K, blocks = K / kTileBlock<Type>;
-  int8_t* codes = reinterpret_cast<int8_t*>(scratch);
-  auto* terms = reinterpret_cast<BlockTerms<kTileBlock<Type>>*>(scratch + kQ8TileRows * K);
-  alignas(64) float out[kQ8TileRows * kQ8Lanes];
-  for (int64_t n = n0; n < n1; n += kQ8TileRows) {
-    const int64_t R = n1 - n < kQ8TileRows ? n1 - n : kQ8TileRows;
-    for (int64_t r = 0; r < R; ++r) decode_row<Type>(w + (n + r) * row_bytes, K, codes + r * K, terms + r * blocks);
-    for (int64_t t = 0; t < x.tiles; ++t) {
-      switch (R) {
-        case 1: tile_dot<Type, 1>(x, t, codes, terms, out); break;
-        case 2: tile_dot<Type, 2>(x, t, codes, terms, out); break;
-        case 3: tile_dot<Type, 3>(x, t, codes, terms, out); break;
-        default: tile_dot<Type, 4>(x, t, codes, terms, out); break;
-      }
-      const int64_t lanes = x.M - t * kQ8Lanes < kQ8Lanes ? x.M - t * kQ8Lanes : kQ8Lanes;
-      for (int64_t l = 0; l < lanes; ++l)
-        for (int64_t r = 0; r < R; ++r)
-          y[(t * kQ8Lanes + l) * ldy + n + r] = out[r * kQ8Lanes + l] + (bias != nullptr ? bias[n + r] : 0.0f);
-    }
-  }
-}
-#endif
-
 #ifdef CF_Q8_VECTOR
 // This ISA's kernel for weight rows [n0, n1) against x rows [m0, m0 + R).
 template <int32_t Type, int R>
@@ -770,34 +617,6 @@ int64_t q8_rows(int32_t type) {
 #endif
 }
 
-bool q8_tiled() {
-#ifdef CF_Q8_AVX512
-  static const bool vnni = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vnni") != 0;
-  }();
-  return vnni;
-#else
-  return false;
-#endif
-}
-
-void gemm_q8_tiled(int32_t type, const Q8Tiles& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
-                   int64_t ldy, int64_t n0, int64_t n1, uint8_t* scratch) {
-#ifdef CF_Q8_AVX512
-  switch (type) {
-#define CF_TILED(T) \
-  case T: return tiled_rows<T>(x, w, row_bytes, bias, y, ldy, n0, n1, scratch);
-    CF_TILED(kQ4_0) CF_TILED(kQ4_1) CF_TILED(kQ5_0) CF_TILED(kQ5_1) CF_TILED(kQ8_0) CF_TILED(kIQ4NL)
-    CF_TILED(kQ2K) CF_TILED(kQ3K) CF_TILED(kQ4K) CF_TILED(kQ5K) CF_TILED(kQ6K) CF_TILED(kIQ4XS)
-#undef CF_TILED
-    default: break;
-  }
-#else
-  (void)type, (void)x, (void)w, (void)row_bytes, (void)bias, (void)y, (void)ldy, (void)n0, (void)n1, (void)scratch;
-#endif
-}
-
 void gemm_q8(int32_t type, const Q8Rows& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
              int64_t ldy, int64_t n0, int64_t n1) {
 #ifdef CF_Q8_VECTOR
@@ -819,5 +638,17 @@ void gemm_q8(int32_t type, const Q8Rows& x, const uint8_t* w, int64_t row_bytes,
 #endif
   rows_plain(type, x, 0, x.M, w, row_bytes, bias, y, ldy, n0, n1);
 }
+
+// The tiled kernels (quant_q8_tiled.h), with VNNI and without.
+namespace vnni {
+#define CF_TILED_VNNI 1
+#include "quant_q8_tiled.h"
+#undef CF_TILED_VNNI
+}  // namespace vnni
+namespace plain {
+#define CF_TILED_VNNI 0
+#include "quant_q8_tiled.h"
+#undef CF_TILED_VNNI
+}  // namespace plain
 
 }  // namespace cf::cpu::CF_ISA_NS
