@@ -26,6 +26,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import _C
+from circuit_finder.loading import q8_products
 from circuit_finder.quants import PACKED_TYPES, PackedTensor, quantize_matrix
 from helpers import build_hf_model, random_packed, rebuilt, reference, write_gguf
 
@@ -610,10 +611,19 @@ def test_sweep_on_a_packed_model(packed_chat):
 @pytest.mark.filterwarnings("ignore:quantize")
 def test_a_sweep_records_its_activations(chat_model_dir, tmp_path):
     """A results file written with activations="q8" is not resumed by a float model (the scores
-    differ), and one written before the setting existed counts as float."""
+    differ), nor where the CPU rounds other products (another ISA or tiled rule: q8_products), and
+    one written before the setting existed counts as float."""
     q8 = cf.load(chat_model_dir, quantize="q4_k", activations="q8")
     kw = dict(probes=("math",), mode="likelihood", max_items=2, block_sizes=(2,), progress=False)
     cf.sweep(q8, results=tmp_path / "q8.jsonl", **kw)
+    lines = (tmp_path / "q8.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["q8_products"] == q8_products() and f"{_C.cpu_isa()}; tiled from Q4_0:" in q8_products()
+    cf.sweep(q8, results=tmp_path / "q8.jsonl", **kw)  # the same machine: resumed
+    header["q8_products"] = "avx2-novnni; tiled from Q4_0:8"  # as another CPU wrote it
+    (tmp_path / "other.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match="was run with q8_products='avx2-novnni; tiled from Q4_0:8'"):
+        cf.sweep(q8, results=tmp_path / "other.jsonl", **kw)
     exact = cf.load(chat_model_dir, quantize="q4_k")
     with pytest.raises(ValueError, match="was run with activations='q8'; this sweep has activations='float'"):
         cf.sweep(exact, results=tmp_path / "q8.jsonl", **kw)

@@ -46,8 +46,8 @@ from .quants import (
 )
 
 __all__ = ["ACTIVATIONS", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "activations_here", "check_activations",
-           "default_model_path", "load", "load_from_tensors", "model_config_file", "packs_on", "release_freed_heap",
-           "resolve_dtype", "text_decoder_tensors"]
+           "default_model_path", "load", "load_from_tensors", "model_config_file", "packs_on", "q8_products",
+           "release_freed_heap", "resolve_dtype", "text_decoder_tensors"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -316,6 +316,16 @@ def activations_here(activations: str, packed_on_cpu: bool) -> str:
         return activations
     warnings.warn(f"activations='q8': {why}; the products stay float", stacklevel=3)
     return "float"
+
+
+def q8_products() -> str:
+    """Which CPU products activations="q8" rounds to 8 bits here: the kernels' instruction set and,
+    per q8 type, the rows of x from which the tiled int8 kernels take it (0: never). Machines or
+    versions that differ here round different products (a prefill in int8 on one, in float on
+    another), so their q8 scores differ slightly; a sweep's results file records it."""
+    q8_types = [(name, t) for name, t in PACKED_TYPES.items() if name not in ("F16", "BF16")]
+    tiled = ",".join(f"{name}:{_C.cpu_q8_tiled_rows(t)}" for name, t in q8_types)
+    return f"{_C.cpu_isa()}; tiled from {tiled}"
 
 
 def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]:

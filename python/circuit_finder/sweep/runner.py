@@ -41,6 +41,7 @@ import torch
 
 from .. import generation, likelihood
 from ..files import fingerprint
+from ..loading import q8_products
 from ..model import Model
 from ..probes import Item, Probe, get_probe, parse_rate_of
 from ..results import ResultStore
@@ -474,11 +475,13 @@ def resolve_chat(model: Model, chat: bool | None) -> bool:
 def sweep_setup(model: Model, probes: list[Probe], chat: bool | None, max_items: int | None,
                 thinking: bool = False) -> dict:
     """What a sweep's records depend on beyond the model's shape and mode (ResultStore.open's
-    ``setup``): the model file's fingerprint, dtype, activations, chat, thinking and each probe's search item
-    ids and their digest (max_items is recorded too, but the items it selects are what is compared)."""
+    ``setup``): the model file's fingerprint, dtype, activations (with q8, which products the CPU
+    rounds: loading.q8_products), chat, thinking and each probe's search item ids and their digest
+    (max_items is recorded too, but the items it selects are what is compared)."""
     chosen = {p.name: p.items("search")[:max_items] for p in probes}
+    q8 = {"q8_products": q8_products()} if model.activations == "q8" else {}
     return {"fingerprint": fingerprint(model.source), "dtype": str(model.dtype).replace("torch.", ""),
-            "activations": model.activations, "chat": resolve_chat(model, chat), "thinking": bool(thinking),
+            "activations": model.activations, **q8, "chat": resolve_chat(model, chat), "thinking": bool(thinking),
             "items": {name: [it.id for it in items] for name, items in chosen.items()},
             "item_digest": {name: item_digest(items) for name, items in chosen.items()}}
 
