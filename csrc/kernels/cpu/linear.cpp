@@ -1,6 +1,10 @@
 // linear.cpp — see linear.h.
 #include "linear.h"
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
@@ -15,13 +19,15 @@ namespace {
 #define CF_ISA_TABLE(ns) \
   { #ns, ns::gemm_f32, ns::gemm_bf16, ns::gemm_kn_f32, ns::gemm_kn_bf16, ns::add_rms_norm_f32, ns::rope_f32, \
     ns::silu_mul_f32, ns::attend_one_f32, ns::dequant_rows, ns::gemm_q, ns::gemm_q_k_major, ns::quantize_q8, ns::gemm_q8, \
-    ns::q8_vectorized, ns::q8_rows, ns::quantize_q8_tiles, ns::plain::gemm_q8_tiled, ns::plain::q8_tiled_rows }
+    ns::q8_vectorized, ns::q8_rows, ns::quantize_q8_tiles, ns::plain::gemm_q8_tiled,                      \
+    ns::plain::q8_tiled_rows }
 
 // An ISA name without the "-novnni" that avx2 / avx512 may carry: the same kernels, but the tiled
 // int8 products (activations="q8") by vpmaddubsw as on a CPU without VNNI, to measure or test them.
 std::string family(const std::string& name) {
   const std::string suffix = "-novnni";
-  const bool marked = name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  const bool marked =
+      name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
   const std::string fam = marked ? name.substr(0, name.size() - suffix.size()) : name;
   return marked && fam != "avx2" && fam != "avx512" ? name : fam;
 }
@@ -45,7 +51,11 @@ bool supported(const std::string& full) {
 bool cpu_vnni(const std::string& name) {
 #if defined(__x86_64__) && defined(CF_CPU_ISA_VARIANTS)
   __builtin_cpu_init();
-  return name == "avx512" ? __builtin_cpu_supports("avx512vnni") != 0 : __builtin_cpu_supports("avxvnni") != 0;
+  if (name == "avx512") return __builtin_cpu_supports("avx512vnni") != 0;
+  // AVX-VNNI: CPUID leaf 7, subleaf 1, EAX bit 4 (older compilers' __builtin_cpu_supports lack the
+  // name); the OS's YMM state is what avx2's check already needs
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0 && ((a >> 4) & 1) != 0;
 #else
   (void)name;
   return false;

@@ -7,17 +7,25 @@
 // The codes of a weight row are decoded once per product, kQ8TileRows rows at a time, into a small
 // scratch. Per four columns, 16 rows' unsigned bytes times the row's four codes (broadcast) are
 // added to each row's int32 lane: one vpdpbusd (VNNI), or vpmaddubsw (int16 pair sums, added over
-// kFold four-column steps) then vpmaddwd by ones (plain: only the types whose codes are small
-// enough, |c| <= 64, that 2 * 255 * |c| * kFold fits int16 — all but Q8_0, IQ4_NL and IQ4_XS).
+// kFold four-column steps) then vpmaddwd by ones (plain: only the types whose largest code
+// kMaxCode keeps 2 * 255 * kMaxCode, times kFold, within int16 — all but Q8_0, IQ4_NL and IQ4_XS).
 // Per run of codes sharing a scale s (16 or 32 columns; a whole 32-block) the lanes start at 0 and
 // are added times s; per block the +128 adds 128 sum_g s_g sum(c in g), subtracted as `corr`, and
 // the offsets M sum_g m_g sum(q in g) come from x's group sums (int16 pairs, vpdpwssd / vpmaddwd).
 // The sums are the row kernels' (quant_q8_impl.cpp's header), so the result is the same: the
 // dequantized matrix times rounded x. AVX2 builds take a tile as two halves of 8 rows.
 
-#if CF_TILED_VNNI && defined(CF_Q8_AVX512)
+// AVX-VNNI needs GCC 11 / clang 12: older compilers build the AVX2 `vnni` namespace as `plain`
+// (correct, and its q8_tiled_rows says so).
+#if CF_TILED_VNNI && (defined(CF_Q8_AVX512) || (defined(__clang__) && __clang_major__ >= 12) || \
+                      (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define CF_TILED_USE_VNNI 1
+#else
+#define CF_TILED_USE_VNNI 0
+#endif
+#if CF_TILED_USE_VNNI && defined(CF_Q8_AVX512)
 #define CF_TILED_FN __attribute__((target("avx512vnni")))
-#elif CF_TILED_VNNI
+#elif CF_TILED_USE_VNNI
 #define CF_TILED_FN __attribute__((target("avxvnni")))
 #else
 #define CF_TILED_FN
@@ -31,7 +39,7 @@ using VecF = __m512;
 CF_TILED_FN inline VecI load_i(const void* p) { return _mm512_loadu_si512(p); }
 CF_TILED_FN inline VecI zero_i() { return _mm512_setzero_si512(); }
 CF_TILED_FN inline void store_i(void* p, VecI v) { _mm512_storeu_si512(p, v); }
-#if CF_TILED_VNNI
+#if CF_TILED_USE_VNNI
 CF_TILED_FN inline VecI dot4(VecI acc, VecI u, VecI s) { return _mm512_dpbusd_epi32(acc, u, s); }
 CF_TILED_FN inline VecI dot2(VecI acc, VecI a, VecI b) { return _mm512_dpwssd_epi32(acc, a, b); }
 #endif
@@ -42,13 +50,13 @@ using VecF = __m256;
 CF_TILED_FN inline VecI load_i(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 CF_TILED_FN inline VecI zero_i() { return _mm256_setzero_si256(); }
 CF_TILED_FN inline void store_i(void* p, VecI v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
-#if CF_TILED_VNNI
+#if CF_TILED_USE_VNNI
 CF_TILED_FN inline VecI dot4(VecI acc, VecI u, VecI s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
 CF_TILED_FN inline VecI dot2(VecI acc, VecI a, VecI b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
 #endif
 #endif
 constexpr int64_t kVecLanes = sizeof(VecF) / 4;  // rows of a tile per vector
-#if !CF_TILED_VNNI
+#if !CF_TILED_USE_VNNI
 CF_TILED_FN inline VecI dot2(VecI acc, VecI a, VecI b) { return CF_V(add_epi32)(acc, CF_V(madd_epi16)(a, b)); }
 #endif
 
@@ -67,7 +75,8 @@ struct alignas(16) BlockTerms<256> {
   int32_t s[16];
   int16_t m[16];
 };
-static_assert(sizeof(BlockTerms<256>) <= 128 && sizeof(BlockTerms<32>) <= 128, "q8_tiled_scratch_bytes keeps 128 bytes a block");
+static_assert(sizeof(BlockTerms<256>) <= 128 && sizeof(BlockTerms<32>) <= 128,
+              "q8_tiled_scratch_bytes keeps 128 bytes a block");
 
 template <int32_t Type>
 constexpr int64_t kTileBlock = q8_k_type(Type) ? 256 : 32;
@@ -90,7 +99,7 @@ constexpr int fold() {
   return f;
 }
 template <int32_t Type>
-constexpr int kFold = CF_TILED_VNNI ? 1 : fold<Type>();
+constexpr int kFold = CF_TILED_USE_VNNI ? 1 : fold<Type>();
 
 inline int32_t hsum_epi32(__m256i v) {
   const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -100,7 +109,7 @@ inline int32_t hsum_epi32(__m256i v) {
 
 // Four-code sums of c (int32 lanes) and their total.
 CF_TILED_FN inline VecI sum4(VecI c) {
-#if CF_TILED_VNNI
+#if CF_TILED_USE_VNNI
   return dot4(zero_i(), CF_V(set1_epi8)(1), c);
 #else
   return CF_V(madd_epi16)(CF_V(maddubs_epi16)(CF_V(set1_epi8)(1), c), CF_V(set1_epi16)(1));
@@ -127,7 +136,8 @@ CF_TILED_FN int32_t decode_k_block(const uint8_t* b, const VScales& v, int8_t* c
 #ifdef CF_Q8_AVX512
   const VecI s = _mm512_cvtepi16_epi32(v.s);
 #else
-  const VecI lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v.s)), hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v.s, 1));
+  const VecI lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v.s));
+  const VecI hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v.s, 1));
 #endif
   VecI corr = zero_i();
   for (int k = 0; k < 256 / kStep; ++k) {
@@ -136,7 +146,8 @@ CF_TILED_FN int32_t decode_k_block(const uint8_t* b, const VScales& v, int8_t* c
     const VecI scale = _mm512_permutexvar_epi32(CF_V(add_epi32)(quarter, CF_V(set1_epi32)(4 * k)), s);
 #else
     const VecI c = codes32k<Type>(b, k);  // groups 2 k, 2 k + 1
-    const VecI scale = _mm256_permutevar8x32_epi32(k < 4 ? lo : hi, CF_V(add_epi32)(quarter, CF_V(set1_epi32)(2 * (k % 4))));
+    const VecI at = CF_V(add_epi32)(quarter, CF_V(set1_epi32)(2 * (k % 4)));
+    const VecI scale = _mm256_permutevar8x32_epi32(k < 4 ? lo : hi, at);
 #endif
     store_i(codes + kStep * k, c);
     corr = CF_V(add_epi32)(corr, CF_V(mullo_epi32)(sum4(c), scale));
@@ -174,7 +185,7 @@ CF_TILED_FN inline void run_dot(const uint8_t* xq, int64_t dw, const int8_t* cod
   for (int r = 0; r < R; ++r) a[r] = zero_i();
 #pragma GCC unroll 8
   for (int j = 0; j < kRun; j += kFold<Type>) {
-#if !CF_TILED_VNNI
+#if !CF_TILED_USE_VNNI
     VecI p[R];
 #endif
 #pragma GCC unroll 8
@@ -183,7 +194,7 @@ CF_TILED_FN inline void run_dot(const uint8_t* xq, int64_t dw, const int8_t* cod
       for (int r = 0; r < R; ++r) {
         int32_t c;
         __builtin_memcpy(&c, codes + r * K + 4 * (dw + j + f), 4);
-#if CF_TILED_VNNI
+#if CF_TILED_USE_VNNI
         a[r] = dot4(a[r], v, CF_V(set1_epi32)(c));
 #else
         const VecI m = CF_V(maddubs_epi16)(v, CF_V(set1_epi32)(c));
@@ -191,7 +202,7 @@ CF_TILED_FN inline void run_dot(const uint8_t* xq, int64_t dw, const int8_t* cod
 #endif
       }
     }
-#if !CF_TILED_VNNI
+#if !CF_TILED_USE_VNNI
     for (int r = 0; r < R; ++r) a[r] = CF_V(add_epi32)(a[r], CF_V(madd_epi16)(p[r], CF_V(set1_epi16)(1)));
 #endif
   }
@@ -219,7 +230,8 @@ CF_TILED_FN void tile_dot(const Q8Tiles& x, int64_t t, int64_t h, const int8_t* 
       run_dot<Type, R>(xq, i * (kBlock / 4) + g * kRun, codes, K, a);
       for (int r = 0; r < R; ++r) {
         if constexpr (kBlock == 256)
-          S[r] = CF_V(add_epi32)(S[r], CF_V(mullo_epi32)(a[r], CF_V(set1_epi32)(terms[r * blocks + i].s[g * kRun / 4])));
+          S[r] = CF_V(add_epi32)(S[r],
+                                 CF_V(mullo_epi32)(a[r], CF_V(set1_epi32)(terms[r * blocks + i].s[g * kRun / 4])));
         else
           S[r] = a[r];
       }
@@ -277,7 +289,14 @@ CF_TILED_FN void tiled_rows(const Q8Tiles& x, const uint8_t* w, int64_t row_byte
 // Whether this build's kernels of this namespace take `type` (a q8 type whose codes they can sum).
 inline bool tiled_type(int32_t type) {
 #ifdef CF_Q8_VECTOR
-  return q8_activation_type(type) && (CF_TILED_VNNI || (type != kQ8_0 && type != kIQ4NL && type != kIQ4XS));
+  switch (type) {
+#define CF_TAKES(T) \
+  case T: return kFold<T> > 0;
+    CF_TAKES(kQ4_0) CF_TAKES(kQ4_1) CF_TAKES(kQ5_0) CF_TAKES(kQ5_1) CF_TAKES(kQ8_0) CF_TAKES(kIQ4NL)
+    CF_TAKES(kQ2K) CF_TAKES(kQ3K) CF_TAKES(kQ4K) CF_TAKES(kQ5K) CF_TAKES(kQ6K) CF_TAKES(kIQ4XS)
+#undef CF_TAKES
+    default: return false;
+  }
 #else
   (void)type;
   return false;
@@ -307,7 +326,8 @@ int64_t q8_tiled_rows(int32_t type) {
 #else
   constexpr bool kWide = false;
 #endif
-  return tiled_type(type) ? q8_tiled_from(type, CF_TILED_VNNI != 0, kWide) : 0;
+  return tiled_type(type) ? q8_tiled_from(type, CF_TILED_USE_VNNI != 0, kWide) : 0;
 }
 
 #undef CF_TILED_FN
+#undef CF_TILED_USE_VNNI
