@@ -151,7 +151,6 @@ at::Tensor dequantize(const at::Tensor& w, int32_t type, int64_t K, at::ScalarTy
 bool q8_activations_here() { return kernels_enabled() && active().q8_vectorized(); }
 
 int64_t q8_tiled_rows_here(int32_t type, const std::string& isa) {
-  if (!q8_activation_type(type)) return 0;
   if (isa.empty()) return q8_activations_here() ? active().q8_tiled_rows(type) : 0;
   return isa_for(isa).q8_tiled_rows(type);
 }

@@ -124,7 +124,9 @@ CF_TILED_FN inline int32_t total(VecI v) {
 }
 
 // A 256-block's codes into `codes` (element order) and sum_g s_g sum(c in g) for its `corr`:
-// kVecLanes * 4 codes at a time, lane j's four codes of group (4 j / 16) of the step.
+// kVecLanes * 4 codes at a time, lane j's four codes of group (4 j / 16) of the step. The scales
+// are widened from v again rather than loaded from the BlockTerms just stored: that load right
+// after the stores cost the 256-blocks a third of their speed at 12-16 rows (measured).
 template <int32_t Type>
 CF_TILED_FN int32_t decode_k_block(const uint8_t* b, const VScales& v, int8_t* codes) {
   constexpr int kStep = 4 * kVecLanes;  // codes a vector
@@ -306,7 +308,6 @@ inline bool tiled_type(int32_t type) {
 void gemm_q8_tiled(int32_t type, const Q8Tiles& x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
                    int64_t ldy, int64_t n0, int64_t n1, uint8_t* scratch) {
 #ifdef CF_Q8_VECTOR
-  if (!tiled_type(type)) return;
   switch (type) {
 #define CF_TILED(T) \
   case T: if constexpr (kFold<T> > 0) tiled_rows<T>(x, w, row_bytes, bias, y, ldy, n0, n1, scratch); break;
