@@ -5,6 +5,12 @@ device: cuda/quant.cu), our engine on the blocks dequantized to the compute dtyp
 on those dequantized tensors — measured by run.py's bench_forward along the RYS path: prefill and
 decode tokens/s at batch 1 and 16, the weights' bytes, and each route's share of the memory
 roofline at batch 1 (weight bytes a step reads / step time over the copy bandwidth of the run).
+Before the models, per product of the 8B shape's matrices (q/o, gate/up, down, LM head) in Q4_K,
+Q6_K and Q8_0: the packed product's time at 1 and 8 rows of x through the chunk kernels (eight
+elements a lane; the default) and the per-element kernels (chunks=False, the first version), and
+cuBLAS on the same weights dense in the compute dtype; and the dequantization to the compute
+dtype through both kernels (what products of more than 8 rows do first). Each is replayed from a
+CUDA graph of 20 calls, so launch gaps do not count.
 
     python benchmarks/bench_quant_gpu.py --device cuda            # H100: ~3 min
     python benchmarks/bench_quant_gpu.py --device cuda --type Q8_0 --shape 1b
@@ -64,6 +70,73 @@ def packed_models(shape: str, kind: str, device, dtype):
     return f"{label}, {kind}", ours, dense, hf
 
 
+PRODUCTS = {"q/o": (4096, 4096), "gate/up": (14336, 4096), "down": (4096, 14336), "head": (128256, 4096)}
+
+
+def graph_time(fn, calls: int = 20, repeat: int = 5) -> float:
+    """Seconds per call of fn, replayed from a CUDA graph of `calls` calls (best of `repeat`)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return min(times)
+
+
+def product_row(kind: str, name: str, blocks: torch.Tensor, k: int, dtype, bandwidth: float) -> dict:
+    """One packed matrix: weight GB/s and share of the copy bandwidth at 1 and 8 rows of x for the
+    chunk kernels, the per-element kernels and cuBLAS on the dense weights; dequantization GB/s
+    (bytes written) through both kernels."""
+    t, n = PACKED_TYPES[kind], blocks.shape[0]
+    dense = _C.gpu_dequantize_packed(blocks, t, k, dtype)
+    row = {"type": kind, "product": name, "N": n, "K": k, "packed_MB": blocks.nbytes / 1e6}
+    for m in (1, 8):
+        x = torch.randn(m, k, device=blocks.device, dtype=dtype)
+        routes = {"chunks": (lambda x=x: _C.gpu_linear_packed(x, blocks, t, k), blocks.nbytes),
+                  "elements": (lambda x=x: _C.gpu_linear_packed(x, blocks, t, k, None, False), blocks.nbytes),
+                  "cublas": (lambda x=x: torch.nn.functional.linear(x, dense), dense.nbytes)}
+        for route, (fn, read) in routes.items():
+            sec = graph_time(fn)
+            row[f"{route}_{m}_us"], row[f"{route}_{m}_roofline"] = sec * 1e6, read / sec / bandwidth
+    for route, chunks in (("chunks", True), ("elements", False)):
+        sec = graph_time(lambda chunks=chunks: _C.gpu_dequantize_packed(blocks, t, k, dtype, chunks))
+        row[f"dequant_{route}_GB_s"] = dense.nbytes / sec / 1e9
+    return row
+
+
+def product_rows(device, dtype, bandwidth: float) -> list[dict]:
+    """product_row for every type and matrix of PRODUCTS."""
+    gen, made, rows = torch.Generator().manual_seed(1), {}, []
+    for kind in ("Q4_K", "Q6_K", "Q8_0"):
+        for name, (n, k) in PRODUCTS.items():
+            rows.append(product_row(kind, name, random_blocks(kind, n, k, device, gen, made), k, dtype, bandwidth))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def product_markdown(rows: list[dict]) -> str:
+    lines = ["| type | product | rows of x | chunks us (roofline) | elements us (roofline) | chunks / elements | "
+             "cuBLAS dense us (roofline) | dequant GB/s chunks / elements |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for m in (1, 8):
+            lines.append(f"| {r['type']} | {r['product']} {r['N']}x{r['K']} | {m} | {r[f'chunks_{m}_us']:.1f} "
+                         f"({100 * r[f'chunks_{m}_roofline']:.0f}%) | {r[f'elements_{m}_us']:.1f} "
+                         f"({100 * r[f'elements_{m}_roofline']:.0f}%) | "
+                         f"**{r[f'elements_{m}_us'] / r[f'chunks_{m}_us']:.2f}x** | {r[f'cublas_{m}_us']:.1f} "
+                         f"({100 * r[f'cublas_{m}_roofline']:.0f}%) | {r['dequant_chunks_GB_s']:.0f} / "
+                         f"{r['dequant_elements_GB_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"{m['date']}, {m['machine']}, torch {m['torch']}, {m['device']} {m['dtype']}, copy bandwidth "
@@ -79,21 +152,9 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--shape", default="8b", choices=sorted(RANDOM_SHAPES))
-    ap.add_argument("--type", default="Q4_K", choices=sorted(BLOCK))
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="CPU fp32, tiny shape, batch 1: checks the script runs")
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.device, args.dtype, args.shape, args.batches, args.repeat = "cpu", "float32", "tiny", [1], 1
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    bandwidth = copy_bandwidth(device)
+def model_rows(args, device, dtype, bandwidth: float) -> list[dict]:
+    """bench_forward's rows for the packed model and the same weights dequantized (transformers on
+    them in each row)."""
     label, packed, dense, hf = packed_models(args.shape, args.type, device, dtype)
     ref = rebuilt(hf, list(bench_path(dense))).to(device=device, dtype=dtype).eval()
     rows = []
@@ -104,15 +165,42 @@ def main(argv=None) -> int:
             r["route"], r["weight_GB"] = route, sum(model.weight_bytes().values()) / 1e9
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--shape", default="8b", choices=sorted(RANDOM_SHAPES))
+    ap.add_argument("--type", default="Q4_K", choices=sorted(BLOCK))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--sections", nargs="+", default=["products", "models"], choices=["products", "models"],
+                    help="the per-product table (CUDA only) and / or the model routes")
+    ap.add_argument("--quick", action="store_true", help="CPU fp32, tiny shape, batch 1: checks the script runs")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.device, args.dtype, args.shape, args.batches, args.repeat = "cpu", "float32", "tiny", [1], 1
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    bandwidth = copy_bandwidth(device)
+    products = product_rows(device, dtype, bandwidth) if device.type == "cuda" and "products" in args.sections else []
+    rows = model_rows(args, device, dtype, bandwidth) if "models" in args.sections else []
     date = datetime.date.today().isoformat()
     res = {"meta": {"date": date, "machine": cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
                     "torch": torch.__version__, "device": device.type, "dtype": args.dtype, "type": args.type,
-                    "shape": args.shape, "copy_bandwidth_GB_s": bandwidth / 1e9, "quick": args.quick}, "rows": rows}
+                    "shape": args.shape, "copy_bandwidth_GB_s": bandwidth / 1e9, "quick": args.quick}, "rows": rows,
+           "products": products}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    file = out / f"{date}-quant-{device.type}{'-quick' if args.quick else ''}.json"
+    part = "" if len(args.sections) == 2 else f"-{args.sections[0]}"
+    file = out / f"{date}-quant{part}-{device.type}{'-quick' if args.quick else ''}.json"
     file.write_text(json.dumps(res, indent=1))
-    print(markdown(res))
+    if rows:
+        print(markdown(res))
+    if products:
+        print(product_markdown(products))
     print(f"written: {file}")
     return 0
 

@@ -63,13 +63,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("gpu_rope", &cf::gpu::rope_bthd, py::arg("x"), py::arg("cos"), py::arg("sin"));
   m.def("gpu_silu_mul", &cf::gpu::silu_mul, py::arg("gate"), py::arg("up"));
   m.def("gpu_dequantize_packed", &cf::gpu::dequantize_packed, py::arg("blocks"), py::arg("ggml_type"), py::arg("cols"),
-        py::arg("dtype"), "packed ggml blocks uint8 [..., rows, row_bytes] on a GPU -> [..., rows, cols] in dtype");
+        py::arg("dtype"), py::arg("chunks") = true,
+        "packed ggml blocks uint8 [..., rows, row_bytes] on a GPU -> [..., rows, cols] in dtype (chunks=False: the "
+        "per-element kernel)");
   m.def("gpu_linear_packed",
-        [](const at::Tensor& x, const at::Tensor& w, int32_t t, int64_t k, const std::optional<at::Tensor>& b) {
-          return cf::gpu::linear_packed(x, w, t, k, b.value_or(at::Tensor()));
-        },
+        [](const at::Tensor& x, const at::Tensor& w, int32_t t, int64_t k, const std::optional<at::Tensor>& b,
+           bool chunks) { return cf::gpu::linear_packed(x, w, t, k, b.value_or(at::Tensor()), chunks); },
         py::arg("x"), py::arg("blocks"), py::arg("ggml_type"), py::arg("cols"), py::arg("bias") = py::none(),
-        "x [..., cols] @ dequantized(blocks)^T (+ bias) on a GPU, reading the packed blocks");
+        py::arg("chunks") = true,
+        "x [..., cols] @ dequantized(blocks)^T (+ bias) on a GPU, reading the packed blocks (chunks=False: the "
+        "per-element kernels)");
 
   py::class_<cf::KVCache>(m, "KVCache")
       .def_property_readonly("length", &cf::KVCache::length)

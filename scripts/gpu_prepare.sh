@@ -5,7 +5,7 @@
 #   .whl/   wheels of the pure-Python packages missing there: gguf (the packed-weights tests and
 #           benchmark, GGUF fixtures) at this checkout's version, nlohmann-json (the build's headers)
 #   .cftok/ the default model's tokenizer (benchmarks' chat prompts; CF_TEST_TOKENIZER)
-# Then, through the device tool: bash scripts/gpu_session.sh build gputests quant bench
+# Then, through the device tool: bash scripts/gpu_session.sh build gputests packed quant qproducts bench
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -4,7 +4,8 @@
 # runs/gpu). Stages, in the order given: build, gputests, suite (the whole test suite, xdist),
 # packed (the packed-weights tests, blocking launches), bench (benchmarks/run.py forward + scan on
 # cuda bf16, with a decode profile), moe, placement,
-# quant (packed GGUF blocks on the GPU vs dequantized vs transformers, 8B shape, Q4_K).
+# quant (packed GGUF blocks on the GPU vs dequantized vs transformers, 8B shape, Q4_K),
+# qproducts (each 8B-shape matrix in Q4_K / Q6_K / Q8_0: chunk vs per-element kernels vs cuBLAS).
 #   bash scripts/gpu_session.sh build gputests bench
 # Wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json) are installed first; a saved
 # tokenizer in .cftok/ stands in for the default model's (CF_TEST_TOKENIZER). scripts/gpu_prepare.sh
@@ -61,7 +62,9 @@ k or print('!! no GPU kernels: the fused and packed GPU tests will skip; see', '
       stage placement $PY benchmarks/bench_placement.py --device cuda --dtype bfloat16 --out "$OUT" ;;
     quant)
       stage quant $PY benchmarks/bench_quant_gpu.py --device cuda --dtype bfloat16 --shape "${QUANT_SHAPE:-8b}" \
-        --type "${QUANT_TYPE:-Q4_K}" --out "$OUT" ;;
+        --type "${QUANT_TYPE:-Q4_K}" --sections models --out "$OUT" ;;
+    qproducts)
+      stage qproducts $PY benchmarks/bench_quant_gpu.py --device cuda --dtype bfloat16 --sections products --out "$OUT" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -171,25 +171,55 @@ def test_cuda_rows_ending_early_give_transformers_tokens_and_length(model_dir):
 def test_cuda_packed_decoders_and_products_match_the_gguf_package(kind):
     """Every packed type decoded on the GPU equals the gguf package's decoding; the products (one
     warp per weight row for up to 8 rows of x, dequantize + BLAS GEMM beyond) equal x @ W^T of the
-    package's W in fp32, with and without bias, and stay within bf16's rounding in bf16."""
+    package's W in fp32, with and without bias, and stay within bf16's rounding in bf16 — through the
+    chunk kernels (eight elements a lane) and the per-element kernels (chunks=False) alike."""
     n, k = 37, 512
     raw = random_packed(kind, n, k, seed=3)
     w = reference(kind, raw, k)
     blocks = torch.from_numpy(raw).cuda()
     t = PACKED_TYPES[kind]
-    assert relative(f"{kind} decoded on the GPU", _C.gpu_dequantize_packed(blocks, t, k, torch.float32).cpu(), w) < 1e-6
+    for chunks in (True, False):
+        got = _C.gpu_dequantize_packed(blocks, t, k, torch.float32, chunks).cpu()
+        assert relative(f"{kind} decoded on the GPU, chunks={chunks}", got, w) < 1e-6
     for rows in (1, 5, 8, 9, 40):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         bias = torch.randn(n)
-        for b in (None, bias):
-            out = _C.gpu_linear_packed(x.cuda(), blocks, t, k, None if b is None else b.cuda()).cpu()
+        for b, chunks in ((None, True), (bias, True), (None, False), (bias, False)):
+            out = _C.gpu_linear_packed(x.cuda(), blocks, t, k, None if b is None else b.cuda(), chunks).cpu()
             ref = x.double() @ w.double().T + (0 if b is None else b.double())
             assert out.shape == (rows, n)
-            assert relative(f"{kind}, {rows} rows, bias={b is not None}", out, ref) < 1e-5
-        half = _C.gpu_linear_packed(x.cuda().bfloat16(), blocks, t, k).float().cpu()
-        assert relative(f"{kind}, {rows} rows, bf16", half, x.double() @ w.double().T) < 3e-2
+            assert relative(f"{kind}, {rows} rows, bias={b is not None}, chunks={chunks}", out, ref) < 1e-5
+        for chunks in (True, False):
+            half = _C.gpu_linear_packed(x.cuda().bfloat16(), blocks, t, k, None, chunks).float().cpu()
+            assert relative(f"{kind}, {rows} rows, bf16, chunks={chunks}", half, x.double() @ w.double().T) < 3e-2
     with pytest.raises(ValueError, match="blocks must be uint8"):
         _C.gpu_linear_packed(torch.randn(2, k).cuda(), blocks[:, 1:].contiguous(), t, k)
+
+
+@pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q8_0", "BF16"])
+def test_cuda_packed_unaligned_inputs_take_the_element_kernels(kind):
+    """Blocks that do not start 8-byte aligned and x that does not start 16-byte aligned (views at
+    an odd offset) give the same products as aligned copies, through quant.cu's fallback."""
+    n, k = 20, 512
+    raw = random_packed(kind, n, k, seed=7)
+    w = reference(kind, raw, k).double()
+    t = PACKED_TYPES[kind]
+    aligned = torch.from_numpy(raw).cuda()
+    buffer = torch.zeros(raw.size + 1, dtype=torch.uint8, device="cuda")
+    shifted = buffer[1:].view(n, -1)
+    shifted.copy_(aligned)
+    assert shifted.data_ptr() % 8 != 0
+    for rows in (1, 6, 12):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        xs = torch.zeros(rows * k + 1, device="cuda")[1:].view(rows, k)
+        xs.copy_(x.cuda())
+        assert xs.data_ptr() % 16 != 0
+        for name, xb, bb in (("blocks", x.cuda(), shifted), ("x", xs, aligned), ("both", xs, shifted)):
+            got = _C.gpu_linear_packed(xb, bb, t, k).cpu()
+            assert relative(f"{kind} unaligned {name}, {rows} rows", got, x.double() @ w.T) < 1e-5
+    assert relative(f"{kind} unaligned blocks decoded", _C.gpu_dequantize_packed(shifted, t, k, torch.float32).cpu(),
+                    w.float()) < 1e-6
 
 
 @pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")

@@ -83,25 +83,63 @@ HOST_DECODE = r"""
 #include <vector>
 #include "kernels/cuda/quant_decode.cuh"
 using namespace cf::gpu;
-template <int T> void run(const std::vector<uint8_t>& raw, long rows, long K, std::vector<float>& out) {
+struct HostX {  // lane_sums' x: rows of K floats
+  const float* x;
+  long K;
+  CF_HD void load8(int m, int64_t k0, float* v) const { for (int i = 0; i < 8; ++i) v[i] = x[m * K + k0 + i]; }
+};
+constexpr int kRows = 8;
+// mode 0: every element through value(); 1: every chunk of eight through row_chunk() (the dequant
+// chunk kernel's walk); 2: y [M, rows] = x [M, K] . W^T as the gemv kernel sums it (each lane's lane_sums over
+// `lanes` lanes, then the lanes' sums added).
+template <int T> void run(int mode, const std::vector<uint8_t>& raw, long rows, long K, int lanes,
+                          const std::vector<float>& x, int M, std::vector<float>& out) {
   const long row_bytes = K / Block<T>::n * Block<T>::b;
-  for (long r = 0; r < rows; ++r)
-    for (long k = 0; k < K; ++k) out[r * K + k] = value<T>(raw.data() + r * row_bytes, k);
+  if (mode == 0) {
+    for (long r = 0; r < rows; ++r)
+      for (long k = 0; k < K; ++k) out[r * K + k] = value<T>(raw.data() + r * row_bytes, k);
+  } else if (mode == 1) {
+    for (long r = 0; r < rows; ++r)
+      for (long k0 = 0; k0 < K; k0 += 8) row_chunk<T>(raw.data() + r * row_bytes, k0, out.data() + r * K + k0);
+  } else {
+    const HostX hx{x.data(), K};
+    for (long r = 0; r < rows; ++r) {
+      float total[kRows] = {};
+      for (int lane = 0; lane < lanes; ++lane) {
+        float acc[kRows] = {};
+        lane_sums<T, kRows>(raw.data() + r * row_bytes, hx, M, K, lane, lanes, acc);
+        for (int m = 0; m < kRows; ++m) total[m] += acc[m];
+      }
+      for (int m = 0; m < M; ++m) out[m * rows + r] = total[m];
+    }
+  }
 }
-int main(int argc, char** argv) {  // type rows K in out
-  const int type = atoi(argv[1]);
-  const long rows = atol(argv[2]), K = atol(argv[3]);
-  FILE* f = fopen(argv[4], "rb");
+std::vector<uint8_t> slurp(const char* path) {
+  FILE* f = fopen(path, "rb");
   std::vector<uint8_t> raw;
   for (int c; (c = fgetc(f)) != EOF;) raw.push_back(static_cast<uint8_t>(c));
   fclose(f);
-  std::vector<float> out(rows * K);
+  return raw;
+}
+int main(int argc, char** argv) {  // mode type rows K in out [lanes M x]
+  const int mode = atoi(argv[1]), type = atoi(argv[2]);
+  const long rows = atol(argv[3]), K = atol(argv[4]);
+  const std::vector<uint8_t> raw = slurp(argv[5]);
+  int lanes = 0, M = 0;
+  std::vector<float> x;
+  if (mode == 2) {
+    lanes = atoi(argv[7]), M = atoi(argv[8]);
+    const std::vector<uint8_t> bytes = slurp(argv[9]);
+    x.resize(bytes.size() / sizeof(float));
+    memcpy(x.data(), bytes.data(), bytes.size());
+  }
+  std::vector<float> out(mode == 2 ? M * rows : rows * K);
   switch (type) {
-#define CASE(id, ...) case id: run<id>(raw, rows, K, out); break;
+#define CASE(id, ...) case id: run<id>(mode, raw, rows, K, lanes, x, M, out); break;
     CF_BLOCK_TYPES(CASE) CASE(1) CASE(30)
     default: return 2;
   }
-  f = fopen(argv[5], "wb");
+  FILE* f = fopen(argv[6], "wb");
   fwrite(out.data(), sizeof(float), out.size(), f);
   fclose(f);
   return 0;
@@ -109,32 +147,73 @@ int main(int argc, char** argv) {  // type rows K in out
 """
 
 
-@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
-def test_gpu_decoders_match_the_gguf_package_on_the_host(tmp_path):
-    """The GPU's per-element decoders (quant_decode.cuh, __host__ __device__) built by nvcc into a
-    host program: every element of random blocks of every packed type equals the gguf package's
-    decoding, so the GPU kernels' layouts are checked without a GPU."""
+@pytest.fixture(scope="module")
+def host_decoder(tmp_path_factory):
+    """HOST_DECODE built by nvcc: a function running it on blocks of a type (mode 0, 1 or 2)."""
+    import numpy as np
+
+    if find_nvcc() is None:
+        pytest.skip("nvcc not installed")
+    folder = tmp_path_factory.mktemp("host_decode")
+    (folder / "decode.cu").write_text(HOST_DECODE)
+    cmd = [find_nvcc(), "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(folder / "decode.cu"), "-o", str(folder / "decode")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+    def run(mode, ident, raw, k, lanes=0, x=None):
+        raw.tofile(folder / "in.bin")
+        extra = []
+        if x is not None:
+            np.ascontiguousarray(x, dtype=np.float32).tofile(folder / "x.bin")
+            extra = [str(lanes), str(x.shape[0]), str(folder / "x.bin")]
+        r = subprocess.run([str(folder / "decode"), str(mode), str(ident), str(raw.shape[0]), str(k), str(folder / "in.bin"),
+                            str(folder / "out.bin"), *extra], capture_output=True, text=True)
+        assert r.returncode == 0, (ident, r.stderr)
+        shape = (x.shape[0], raw.shape[0]) if x is not None else (raw.shape[0], k)
+        return torch.from_numpy(np.fromfile(folder / "out.bin", dtype=np.float32).reshape(shape))
+
+    return run
+
+
+@pytest.mark.parametrize("mode", [0, 1], ids=["elements", "chunks"])
+def test_gpu_decoders_match_the_gguf_package_on_the_host(host_decoder, mode):
+    """The GPU's decoders (quant_decode.cuh, __host__ __device__) built by nvcc into a host program:
+    every element of random blocks of every packed type equals the gguf package's decoding, through
+    the per-element decoders and through the eight-element chunks the fast kernels read (with the
+    dequant kernel's chunk walk), so the GPU kernels' layouts are checked without a GPU."""
+    from circuit_finder.quants import PACKED_TYPES
+    from helpers import random_packed, reference
+
+    rows, k = 3, 512
+    for kind, ident in sorted(PACKED_TYPES.items()):
+        for fill in (None, 0, 255):  # random blocks, then every code and scale byte at its extremes
+            raw = random_packed(kind, rows, k, seed=ident, fill=fill)
+            got, want = host_decoder(mode, ident, raw, k), reference(kind, raw, k)
+            rel = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+            print(f"{kind} fill {fill}: GPU {'chunk' if mode else 'element'} decoder on the host vs the gguf package, "
+                  f"relative max diff {rel:.2e}")
+            assert rel < 1e-6, (kind, fill)
+
+
+def test_gpu_chunk_products_match_numpy_on_the_host(host_decoder):
+    """The gemv chunk kernel's sums (lane_sums: each lane's chunks, then the lanes added, as the warp
+    reduction adds them) on the host, for warps of 32 and 64 lanes and 1-8 rows of x, against numpy's
+    product of x with the gguf package's decoding of the blocks, in float64."""
     import numpy as np
 
     from circuit_finder.quants import PACKED_TYPES
     from helpers import random_packed, reference
 
-    (tmp_path / "decode.cu").write_text(HOST_DECODE)
-    cmd = [find_nvcc(), "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(tmp_path / "decode.cu"), "-o", str(tmp_path / "decode")]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    rows, k = 3, 512
+    rows = 5
     for kind, ident in sorted(PACKED_TYPES.items()):
-        raw = random_packed(kind, rows, k, seed=ident)
-        raw.tofile(tmp_path / "in.bin")
-        r = subprocess.run([str(tmp_path / "decode"), str(ident), str(rows), str(k), str(tmp_path / "in.bin"),
-                            str(tmp_path / "out.bin")], capture_output=True, text=True)
-        assert r.returncode == 0, (kind, r.stderr)
-        got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32).reshape(rows, k))
-        want = reference(kind, raw, k)
-        rel = ((got - want).abs().max() / want.abs().max()).item()
-        print(f"{kind}: GPU decoder on the host vs the gguf package, relative max diff {rel:.2e}")
-        assert rel < 1e-6, kind
+        for k, lanes, m in ((512, 32, 1), (768, 64, 8), (1280, 64, 3)):  # 768, 1280: lanes left idle
+            raw = random_packed(kind, rows, k, seed=ident + k)
+            x = np.random.default_rng(k).standard_normal((m, k)).astype(np.float32)
+            want = x.astype(np.float64) @ reference(kind, raw, k).double().numpy().T
+            got = host_decoder(2, ident, raw, k, lanes, x).double().numpy()
+            rel = float(np.abs(got - want).max() / np.abs(want).max())
+            print(f"{kind} K={k} lanes={lanes} rows of x={m}: chunk sums vs numpy, relative max diff {rel:.2e}")
+            assert rel < 1e-5, (kind, k, lanes, m)
 
 
 def find_hipcc() -> str | None:

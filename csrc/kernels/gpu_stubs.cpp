@@ -16,7 +16,7 @@ std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor&, const std::opt
 }
 at::Tensor rope_bthd(const at::Tensor&, const at::Tensor&, const at::Tensor&) { missing(); }
 at::Tensor silu_mul(const at::Tensor&, const at::Tensor&) { missing(); }
-at::Tensor dequantize_packed(const at::Tensor&, int32_t, int64_t, at::ScalarType) { missing(); }
-at::Tensor linear_packed(const at::Tensor&, const at::Tensor&, int32_t, int64_t, const at::Tensor&) { missing(); }
+at::Tensor dequantize_packed(const at::Tensor&, int32_t, int64_t, at::ScalarType, bool) { missing(); }
+at::Tensor linear_packed(const at::Tensor&, const at::Tensor&, int32_t, int64_t, const at::Tensor&, bool) { missing(); }
 
 }  // namespace cf::gpu

@@ -148,8 +148,8 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
-// w uint8 [..., rows, row_bytes] -> [..., rows, K] in dtype.
-at::Tensor dequantize_packed(const at::Tensor& w, int32_t type, int64_t K, at::ScalarType dtype) {
+// w uint8 [..., rows, row_bytes] -> [..., rows, K] in dtype (chunks: quant.h).
+at::Tensor dequantize_packed(const at::Tensor& w, int32_t type, int64_t K, at::ScalarType dtype, bool chunks) {
   const char* op = "dequantize_packed";
   const int64_t rb = packed_row_bytes(op, type, K);
   check_blocks(op, w, rb);
@@ -158,7 +158,7 @@ at::Tensor dequantize_packed(const at::Tensor& w, int32_t type, int64_t K, at::S
   shape.back() = K;
   at::Tensor wc = w.contiguous(), out = at::empty(shape, w.options().dtype(dtype));
   ok(dequant_packed(type, wc.data_ptr<uint8_t>(), rb, wc.numel() / rb, K, code(op, "out", out), out.data_ptr(),
-                    stream_of(wc)),
+                    stream_of(wc), chunks),
      op);
   return out;
 }
@@ -166,8 +166,9 @@ at::Tensor dequantize_packed(const at::Tensor& w, int32_t type, int64_t K, at::S
 // x [..., K] . W^T (+ bias [N]) for W packed uint8 [N, row_bytes]: up to kPackedGemvRows rows of x
 // read the blocks directly (the exact weights, fp32 sums); more dequantize ~64 MB of weight rows at
 // a time into x's dtype for the BLAS GEMM (so in bf16 / fp16 the weights are rounded to it first,
-// as a dequantized model's are).
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& bias) {
+// as a dequantized model's are). chunks: quant.h.
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& bias,
+                         bool chunks) {
   const char* op = "linear_packed";
   check_gpu(op, "x", x);
   const int64_t rb = packed_row_bytes(op, type, K);
@@ -189,19 +190,19 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type,
   if (M <= kPackedGemvRows) {
     at::Tensor y = at::empty({M, N}, x.options()), bc = bias.defined() ? bias.contiguous() : at::Tensor();
     ok(gemv_packed(type, xc.data_ptr(), M, K, wc.data_ptr<uint8_t>(), rb, N, bc.defined() ? bc.data_ptr() : nullptr, dtype,
-                   y.data_ptr(), stream_of(xc)),
+                   y.data_ptr(), stream_of(xc), chunks),
        op);
     return y.view(shape);
   }
   const int64_t chunk = std::max<int64_t>(1, (int64_t{64} << 20) / (K * static_cast<int64_t>(x.element_size())));
   if (chunk >= N) {
-    const at::Tensor wd = dequantize_packed(wc, type, K, x.scalar_type());
+    const at::Tensor wd = dequantize_packed(wc, type, K, x.scalar_type(), chunks);
     return (bias.defined() ? at::linear(xc, wd, bias) : at::linear(xc, wd)).view(shape);
   }
   at::Tensor y = at::empty({M, N}, x.options());  // filled a chunk of columns at a time
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t n = std::min(chunk, N - n0);
-    const at::Tensor wd = dequantize_packed(wc.narrow(0, n0, n), type, K, x.scalar_type());
+    const at::Tensor wd = dequantize_packed(wc.narrow(0, n0, n), type, K, x.scalar_type(), chunks);
     y.narrow(1, n0, n).copy_(bias.defined() ? at::linear(xc, wd, bias.narrow(0, n0, n)) : at::linear(xc, wd));
   }
   return y.view(shape);

@@ -3,8 +3,9 @@
 // A packed matrix is N rows of row_bytes bytes, each K / block blocks of ggml's layout; the types
 // are kernels/cpu/quant_blocks.h's CF_BLOCK_TYPES plus F16 (1) and BF16 (30), rows of halves.
 // dtype: 0 = float32, 1 = float16, 2 = bfloat16. Every pointer is to contiguous device memory.
-// Returns the launch error as text, or nullptr. The reference is the CPU path (kernels/cpu/
-// quant.h), itself checked against the `gguf` package's decoders.
+// `chunks` false forces the per-element kernels (quant.cu's fallback for unaligned pointers or
+// K % 8 != 0; tests and benchmarks compare the two). Returns the launch error as text, or nullptr.
+// The reference is the CPU path (kernels/cpu/quant.h), itself checked against the `gguf` package.
 #pragma once
 #include <cstdint>
 
@@ -16,9 +17,9 @@ constexpr int64_t kPackedGemvRows = 8;
 
 // out [rows, K] in dtype = the rows decoded.
 const char* dequant_packed(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, int dtype,
-                           void* out, void* stream);
+                           void* out, void* stream, bool chunks = true);
 // y [M, N] = x [M, K] . W^T (+ bias [N]), M <= kPackedGemvRows, x / bias / y in dtype.
 const char* gemv_packed(int32_t type, const void* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
-                        int64_t N, const void* bias, int dtype, void* y, void* stream);
+                        int64_t N, const void* bias, int dtype, void* y, void* stream, bool chunks = true);
 
 }  // namespace cf::gpu

@@ -1,8 +1,11 @@
-// quant_decode.cuh — element j of a packed ggml block, for every type the GPU reads packed
+// quant_decode.cuh — packed ggml blocks decoded for every type the GPU reads packed
 // (kernels/cpu/quant_blocks.h's CF_BLOCK_TYPES, plus F16 and BF16): ggml's layouts, the same
 // formulas as kernels/cpu/quant_impl.cpp's whole-block decoders (which say where each field
-// lives). __host__ __device__, so the tests also run them on the host (test_gpu_kernels.py, with
-// nvcc and no GPU) against the gguf package's decoding.
+// lives). Two forms: `value` (element k of a row: any alignment, any K; the fallback kernels) and
+// `decode8` (eight consecutive elements from one header read and wide code loads; what the fast
+// kernels read), with `row_chunk` / `lane_sums`, the chunk walks of quant.cu's kernels. Everything
+// is __host__ __device__, so the tests run the same code on the host (test_gpu_kernels.py, with
+// nvcc and no GPU) against the gguf package's decoding and numpy's products.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -124,6 +127,166 @@ template <> CF_HD inline float decode<23>(const uint8_t* b, int j) {
 template <int T>
 CF_HD inline float value(const uint8_t* row, int64_t k) {
   return decode<T>(row + (k / Block<T>::n) * Block<T>::b, static_cast<int>(k % Block<T>::n));
+}
+
+// ---------------------------------------------------------------- chunks of eight elements
+// Elements j0 .. j0 + 7 (j0 % 8 == 0) of a block share one header read and come from eight
+// consecutive code bytes (plus eight bytes of high bits for the 5- and 6-bit K types). A lane reads
+// them with the widest loads the field's alignment allows: A below is the gcd of the block size
+// and the field offsets, so it holds in every row of a matrix whose start is 8-byte aligned (the
+// launcher checks that, and takes the per-element kernels otherwise).
+
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#define CF_DEVICE_PASS 1
+#endif
+
+struct Bytes8 {  // eight bytes, little-endian in two words
+  uint32_t lo, hi;
+  CF_HD int operator[](int i) const { return static_cast<int>(((i < 4 ? lo : hi) >> (8 * (i & 3))) & 0xffu); }
+};
+
+template <int A>  // p is A-byte aligned (A = 2, 4 or 8)
+CF_HD inline Bytes8 load8(const uint8_t* p) {
+#ifdef CF_DEVICE_PASS
+  if constexpr (A >= 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    return {v.x, v.y};
+  } else if constexpr (A == 4) {
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(p);
+    return {q[0], q[1]};
+  } else {
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
+    return {q[0] | (static_cast<uint32_t>(q[1]) << 16), q[2] | (static_cast<uint32_t>(q[3]) << 16)};
+  }
+#else
+  Bytes8 b;
+  memcpy(&b.lo, p, 4);
+  memcpy(&b.hi, p + 4, 4);
+  return b;
+#endif
+}
+
+template <int T> CF_HD void decode8(const uint8_t* b, int j0, float* w);  // w[i] = element j0 + i
+
+template <> CF_HD inline void decode8<1>(const uint8_t* b, int, float* w) {  // F16: b is element j0's
+  for (int i = 0; i < 8; ++i) w[i] = half_at(b + 2 * i);
+}
+template <> CF_HD inline void decode8<30>(const uint8_t* b, int, float* w) {
+  for (int i = 0; i < 8; ++i) w[i] = bf16_at(b + 2 * i);
+}
+// The 32-blocks: elements j0 .. j0 + 7 are the low (j0 < 16) or high nibbles of bytes j0 % 16 ..
+template <> CF_HD inline void decode8<2>(const uint8_t* b, int j0, float* w) {
+  const float d = half_at(b);
+  const Bytes8 q = load8<2>(b + 2 + j0 % 16);
+  const int s = j0 < 16 ? 0 : 4;
+  for (int i = 0; i < 8; ++i) w[i] = d * (((q[i] >> s) & 15) - 8);
+}
+template <> CF_HD inline void decode8<3>(const uint8_t* b, int j0, float* w) {
+  const float d = half_at(b), m = half_at(b + 2);
+  const Bytes8 q = load8<4>(b + 4 + j0 % 16);
+  const int s = j0 < 16 ? 0 : 4;
+  for (int i = 0; i < 8; ++i) w[i] = d * ((q[i] >> s) & 15) + m;
+}
+CF_HD inline unsigned fifth_bits(const uint8_t* qh, int j0) {  // Q5_0 / Q5_1: bits j0 .. j0 + 7 of qh
+  const unsigned all = qh[0] | (qh[1] << 8) | (qh[2] << 16) | (static_cast<unsigned>(qh[3]) << 24);
+  return all >> j0;
+}
+template <> CF_HD inline void decode8<6>(const uint8_t* b, int j0, float* w) {
+  const float d = half_at(b);
+  const unsigned h = fifth_bits(b + 2, j0);
+  const Bytes8 q = load8<2>(b + 6 + j0 % 16);
+  const int s = j0 < 16 ? 0 : 4;
+  for (int i = 0; i < 8; ++i) w[i] = d * ((((q[i] >> s) & 15) | (static_cast<int>((h >> i) & 1) << 4)) - 16);
+}
+template <> CF_HD inline void decode8<7>(const uint8_t* b, int j0, float* w) {
+  const float d = half_at(b), m = half_at(b + 2);
+  const unsigned h = fifth_bits(b + 4, j0);
+  const Bytes8 q = load8<4>(b + 8 + j0 % 16);
+  const int s = j0 < 16 ? 0 : 4;
+  for (int i = 0; i < 8; ++i) w[i] = d * (((q[i] >> s) & 15) | (static_cast<int>((h >> i) & 1) << 4)) + m;
+}
+template <> CF_HD inline void decode8<8>(const uint8_t* b, int j0, float* w) {
+  const float d = half_at(b);
+  const Bytes8 q = load8<2>(b + 2 + j0);
+  for (int i = 0; i < 8; ++i) w[i] = d * static_cast<int8_t>(q[i]);
+}
+template <> CF_HD inline void decode8<20>(const uint8_t* b, int j0, float* w) {
+  const float d = half_at(b);
+  const Bytes8 q = load8<2>(b + 2 + j0 % 16);
+  const int s = j0 < 16 ? 0 : 4;
+  for (int i = 0; i < 8; ++i) w[i] = d * iq4_level((q[i] >> s) & 15);
+}
+// Q2_K / Q3_K: the eight share one 16-element sub-block (scale index `is`) and one shift.
+template <> CF_HD inline void decode8<10>(const uint8_t* b, int j0, float* w) {
+  const int half = j0 / 128, r = j0 % 128, s = r / 32, part = (r % 32) / 16, l0 = r % 16;
+  const int is = half * 8 + s * 2 + part;
+  const float dl = half_at(b + 80) * (b[is] & 15), ml = half_at(b + 82) * (b[is] >> 4);
+  const Bytes8 q = load8<4>(b + 16 + half * 32 + part * 16 + l0);
+  for (int i = 0; i < 8; ++i) w[i] = dl * ((q[i] >> (2 * s)) & 3) - ml;
+}
+template <> CF_HD inline void decode8<11>(const uint8_t* b, int j0, float* w) {
+  const int half = j0 / 128, r = j0 % 128, s = r / 32, part = (r % 32) / 16, l0 = r % 16;
+  const int is = half * 8 + s * 2 + part, bit = half * 4 + s;
+  const uint8_t* sc = b + 96;
+  const int scale = ((is < 8 ? (sc[is] & 15) : (sc[is - 8] >> 4)) | (((sc[8 + is % 4] >> (2 * (is / 4))) & 3) << 4)) - 32;
+  const float dl = half_at(b + 108) * scale;
+  const Bytes8 low = load8<2>(b + 32 + half * 32 + part * 16 + l0), high = load8<2>(b + part * 16 + l0);
+  for (int i = 0; i < 8; ++i) w[i] = dl * ((((low[i] >> (2 * s)) & 3) | (((high[i] >> bit) & 1) << 2)) - 4);
+}
+// Q4_K / Q5_K: the eight share sub-block 2c + hi (one scale and min).
+template <bool kFifth>
+CF_HD inline void q45_k8(const uint8_t* b, int j0, float* w) {
+  const int c = j0 / 64, hi = (j0 % 64) / 32, l0 = j0 % 32, sub = 2 * c + hi;
+  int sc, m;
+  scale_min_k4(sub, b + 4, &sc, &m);
+  const float d = half_at(b) * sc, dm = half_at(b + 2) * m;
+  const Bytes8 q = load8<8>(b + (kFifth ? 48 : 16) + 32 * c + l0);
+  const Bytes8 h = kFifth ? load8<8>(b + 16 + l0) : Bytes8{0, 0};
+  for (int i = 0; i < 8; ++i) w[i] = d * ((hi ? q[i] >> 4 : q[i] & 15) | (((h[i] >> sub) & 1) << 4)) - dm;
+}
+template <> CF_HD inline void decode8<12>(const uint8_t* b, int j0, float* w) { q45_k8<false>(b, j0, w); }
+template <> CF_HD inline void decode8<13>(const uint8_t* b, int j0, float* w) { q45_k8<true>(b, j0, w); }
+template <> CF_HD inline void decode8<14>(const uint8_t* b, int j0, float* w) {
+  const int half = j0 / 128, r = j0 % 128, t = r / 32, l0 = r % 32;
+  const float d = half_at(b + 208) * static_cast<int8_t>(b[192 + half * 8 + l0 / 16 + 2 * t]);
+  const Bytes8 lq = load8<2>(b + 64 * half + l0 + (t & 1) * 32), hq = load8<2>(b + 128 + 32 * half + l0);
+  for (int i = 0; i < 8; ++i) w[i] = d * (((t < 2 ? lq[i] & 15 : lq[i] >> 4) | (((hq[i] >> (2 * t)) & 3) << 4)) - 32);
+}
+template <> CF_HD inline void decode8<23>(const uint8_t* b, int j0, float* w) {
+  const int ib = j0 / 32, scales_h = b[2] | (b[3] << 8);
+  const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 15) | (((scales_h >> (2 * ib)) & 3) << 4);
+  const float d = half_at(b) * (ls - 32);
+  const Bytes8 q = load8<8>(b + 8 + 16 * ib + j0 % 16);
+  const int s = j0 % 32 < 16 ? 0 : 4;
+  for (int i = 0; i < 8; ++i) w[i] = d * iq4_level((q[i] >> s) & 15);
+}
+
+// Elements k0 .. k0 + 7 (k0 % 8 == 0) of a packed row, into w.
+template <int T>
+CF_HD inline void row_chunk(const uint8_t* row, int64_t k0, float* w) {
+  decode8<T>(row + (k0 / Block<T>::n) * Block<T>::b, static_cast<int>(k0 % Block<T>::n), w);
+}
+
+// One lane's share of a packed row's products with R rows of x: chunks lane, lane + lanes, ... of
+// the row, acc[m] += w . x_m over them for m < M. X supplies x: X::load8(m, k0, v) sets v[i] =
+// x[m][k0 + i] in fp32. Two chunks per step, so each lane has two chunks' loads in flight.
+template <int T, int R, class X>
+CF_HD inline void lane_sums(const uint8_t* row, const X& x, int M, int64_t K, int lane, int lanes, float* acc) {
+  const int64_t step = 8 * static_cast<int64_t>(lanes);
+#pragma unroll 2
+  for (int64_t k0 = 8 * static_cast<int64_t>(lane); k0 < K; k0 += step) {
+    float w[8];
+    row_chunk<T>(row, k0, w);
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+      if (m < M) {
+        float v[8];
+        x.load8(m, k0, v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[m] += w[i] * v[i];
+      }
+    }
+  }
 }
 
 }  // namespace cf::gpu
