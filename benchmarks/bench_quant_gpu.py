@@ -6,10 +6,11 @@ on those dequantized tensors — measured by run.py's bench_forward along the RY
 decode tokens/s at batch 1 and 16, the weights' bytes, and each route's share of the memory
 roofline at batch 1 (weight bytes a step reads / step time over the copy bandwidth of the run).
 Before the models, per product of the 8B shape's matrices (q/o, gate/up, down, LM head) in Q4_K,
-Q6_K and Q8_0: the packed product's time at 1 and 8 rows of x through the chunk kernels (eight
-elements a lane; the default) and the per-element kernels (chunks=False, the first version), and
-cuBLAS on the same weights dense in the compute dtype; and the dequantization to the compute
-dtype through both kernels (what products of more than 8 rows do first). Each is replayed from a
+Q6_K and Q8_0: the packed product's time at 1, 8, 16 and 64 rows of x (GPU_ROWS; up to 8 the
+blocks are read directly, beyond that dequantized to the compute dtype a slice at a time for
+cuBLAS) through the chunk kernels (eight elements a lane; the default) and the per-element kernels
+(chunks=False, the first version), and cuBLAS on the same weights dense in the compute dtype; and
+the dequantization to the compute dtype alone through both kernels. Each is replayed from a
 CUDA graph of 20 calls, so launch gaps do not count.
 
     python benchmarks/bench_quant_gpu.py --device cuda            # H100: ~3 min
@@ -71,6 +72,7 @@ def packed_models(shape: str, kind: str, device, dtype):
 
 
 PRODUCTS = {"q/o": (4096, 4096), "gate/up": (14336, 4096), "down": (4096, 14336), "head": (128256, 4096)}
+GPU_ROWS = (1, 8, 16, 64)
 
 
 def graph_time(fn, calls: int = 20, repeat: int = 5) -> float:
@@ -93,13 +95,13 @@ def graph_time(fn, calls: int = 20, repeat: int = 5) -> float:
 
 
 def product_row(kind: str, name: str, blocks: torch.Tensor, k: int, dtype, bandwidth: float) -> dict:
-    """One packed matrix: weight GB/s and share of the copy bandwidth at 1 and 8 rows of x for the
+    """One packed matrix: weight GB/s and share of the copy bandwidth at GPU_ROWS rows of x for the
     chunk kernels, the per-element kernels and cuBLAS on the dense weights; dequantization GB/s
     (bytes written) through both kernels."""
     t, n = PACKED_TYPES[kind], blocks.shape[0]
     dense = _C.gpu_dequantize_packed(blocks, t, k, dtype)
     row = {"type": kind, "product": name, "N": n, "K": k, "packed_MB": blocks.nbytes / 1e6}
-    for m in (1, 8):
+    for m in GPU_ROWS:
         x = torch.randn(m, k, device=blocks.device, dtype=dtype)
         routes = {"chunks": (lambda x=x: _C.gpu_linear_packed(x, blocks, t, k), blocks.nbytes),
                   "elements": (lambda x=x: _C.gpu_linear_packed(x, blocks, t, k, None, False), blocks.nbytes),
@@ -127,7 +129,7 @@ def product_markdown(rows: list[dict]) -> str:
     lines = ["| type | product | rows of x | chunks us (roofline) | elements us (roofline) | chunks / elements | "
              "cuBLAS dense us (roofline) | dequant GB/s chunks / elements |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for m in (1, 8):
+        for m in GPU_ROWS:
             lines.append(f"| {r['type']} | {r['product']} {r['N']}x{r['K']} | {m} | {r[f'chunks_{m}_us']:.1f} "
                          f"({100 * r[f'chunks_{m}_roofline']:.0f}%) | {r[f'elements_{m}_us']:.1f} "
                          f"({100 * r[f'elements_{m}_roofline']:.0f}%) | "
