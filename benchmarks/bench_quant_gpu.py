@@ -76,8 +76,14 @@ GPU_ROWS = (1, 8, 16, 64)
 
 
 def graph_time(fn, calls: int = 20, repeat: int = 5) -> float:
-    """Seconds per call of fn, replayed from a CUDA graph of `calls` calls (best of `repeat`)."""
-    fn()
+    """Seconds per call of fn, replayed from a CUDA graph of `calls` calls (best of `repeat`); warmed
+    up on a side stream first, as torch's capture advice says (cuBLAS's workspace set up there)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

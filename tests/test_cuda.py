@@ -196,30 +196,85 @@ def test_cuda_packed_decoders_and_products_match_the_gguf_package(kind):
         _C.gpu_linear_packed(torch.randn(2, k).cuda(), blocks[:, 1:].contiguous(), t, k)
 
 
+def shifted_copy(t: torch.Tensor, elements: int = 1) -> torch.Tensor:
+    """t's values in a view `elements` elements into a fresh buffer (so its start is misaligned)."""
+    buffer = torch.zeros(t.numel() + elements, dtype=t.dtype, device=t.device)
+    out = buffer[elements:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def gpu_kernels_run(fn) -> list[str]:
+    """Names of the packed-matrix GPU kernels fn launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages() if "gemv_kernel" in e.key or "dequant_" in e.key and "kernel" in e.key]
+
+
+def only(names: list[str], kernel: str, type_id: int, *args: str) -> bool:
+    """Whether names is not empty and every name is kernel<type_id, args...> (demangled or not)."""
+    mangled = {"float": "f", "true": "Lb1E", "false": "Lb0E"}
+    spelled = f"{kernel}<{', '.join([str(type_id), *args])}>"
+    raw = f"{kernel}ILi{type_id}E" + "".join(mangled[a] for a in args)
+    return bool(names) and all(spelled in n or raw in n for n in names)
+
+
 @pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q8_0", "BF16"])
 def test_cuda_packed_unaligned_inputs_take_the_element_kernels(kind):
-    """Blocks that do not start 8-byte aligned and x that does not start 16-byte aligned (views at
-    an odd offset) give the same products as aligned copies, through quant.cu's fallback."""
+    """Blocks that do not start aligned and x that does not start 16-byte aligned (views at an odd
+    offset; fp32 and bf16 x) give the same products as aligned copies, through the per-element
+    kernels (their names in the profile)."""
     n, k = 20, 512
     raw = random_packed(kind, n, k, seed=7)
     w = reference(kind, raw, k).double()
     t = PACKED_TYPES[kind]
     aligned = torch.from_numpy(raw).cuda()
-    buffer = torch.zeros(raw.size + 1, dtype=torch.uint8, device="cuda")
-    shifted = buffer[1:].view(n, -1)
-    shifted.copy_(aligned)
-    assert shifted.data_ptr() % 8 != 0
+    shifted = shifted_copy(aligned)
+    assert shifted.data_ptr() % 2 != 0
     for rows in (1, 6, 12):
-        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-        xs = torch.zeros(rows * k + 1, device="cuda")[1:].view(rows, k)
-        xs.copy_(x.cuda())
-        assert xs.data_ptr() % 16 != 0
-        for name, xb, bb in (("blocks", x.cuda(), shifted), ("x", xs, aligned), ("both", xs, shifted)):
-            got = _C.gpu_linear_packed(xb, bb, t, k).cpu()
-            assert relative(f"{kind} unaligned {name}, {rows} rows", got, x.double() @ w.T) < 1e-5
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
+            xs = shifted_copy(x.cuda())
+            assert xs.data_ptr() % 16 != 0
+            for name, xb, bb in (("blocks", x.cuda(), shifted), ("x", xs, aligned), ("both", xs, shifted)):
+                got = _C.gpu_linear_packed(xb, bb, t, k).float().cpu()
+                assert relative(f"{kind} unaligned {name}, {rows} rows, {dtype}", got, x.double() @ w.T) < tol
     assert relative(f"{kind} unaligned blocks decoded", _C.gpu_dequantize_packed(shifted, t, k, torch.float32).cpu(),
                     w.float()) < 1e-6
+    x = torch.randn(2, k, device="cuda")
+    for xb, bb in ((x, shifted), (shifted_copy(x), aligned)):
+        names = gpu_kernels_run(lambda xb=xb, bb=bb: _C.gpu_linear_packed(xb, bb, t, k))
+        assert only(names, "gemv_kernel", t, "float", "false"), names
+
+
+@pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
+def test_cuda_packed_products_take_the_chunk_kernels_where_they_can():
+    """Which kernels run (torch.profiler's names): the chunk kernels for aligned blocks and x (also
+    an expert of stacked blocks, whose start is rows * row_bytes in), the per-element kernels for
+    chunks=False and for F16 rows of K % 8 != 0 — which still give the gguf package's product."""
+    k = 512
+    raw = random_packed("Q6_K", 2 * 16, k, seed=1)  # two experts of 16 rows, 420 bytes each: 2-byte aligned
+    stacked, t = torch.from_numpy(raw).cuda().view(2, 16, -1), PACKED_TYPES["Q6_K"]
+    x = torch.randn(2, k, device="cuda")
+    for expert in (stacked[0], stacked[1]):
+        names = gpu_kernels_run(lambda e=expert: _C.gpu_linear_packed(x, e, t, k))
+        assert only(names, "gemv_kernel", t, "float", "true"), names
+    names = gpu_kernels_run(lambda: _C.gpu_linear_packed(x, stacked[1], t, k, None, False))
+    assert only(names, "gemv_kernel", t, "float", "false"), names
+    names = gpu_kernels_run(lambda: _C.gpu_dequantize_packed(stacked[1], t, k, torch.float32))
+    assert only(names, "dequant_chunks_kernel", t, "float"), names
+    names = gpu_kernels_run(lambda: _C.gpu_linear_packed(torch.randn(12, k, device="cuda"), stacked[1], t, k))
+    assert only(names, "dequant_chunks_kernel", t, "float"), names
+    odd = random_packed("F16", 9, 100, seed=2)  # K = 100
+    x = torch.randn(3, 100, device="cuda")
+    got = _C.gpu_linear_packed(x, torch.from_numpy(odd).cuda(), PACKED_TYPES["F16"], 100).cpu()
+    assert relative("F16 rows of K = 100", got, x.cpu().double() @ reference("F16", odd, 100).double().T) < 1e-5
+    names = gpu_kernels_run(lambda: _C.gpu_linear_packed(x, torch.from_numpy(odd).cuda(), PACKED_TYPES["F16"], 100))
+    assert only(names, "gemv_kernel", 1, "float", "false"), names
 
 
 @pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")

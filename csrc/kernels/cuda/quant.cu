@@ -1,9 +1,9 @@
 // quant.cu — see quant.h. HIP-portable through gpu_compat.h. Two kernels per job: the chunk
 // kernels (quant_decode.cuh's decode8: a lane decodes eight consecutive elements from one header
-// read and wide code loads, x read 16 bytes at a time), taken when the blocks start 8-byte aligned,
-// x 16-byte aligned and K % 8 == 0 (every block type; F16 / BF16 rows of K % 8 == 0); otherwise
-// the element kernels (quant_decode.cuh's value: any alignment, any K; lanes of a warp read
-// consecutive elements, so a block's header is one broadcast read).
+// read and wide code loads, x read 16 bytes at a time), taken when the blocks start aligned to
+// their type's code_align, x / out 16-byte aligned and K % 8 == 0 (every block type; F16 / BF16
+// rows of K % 8 == 0); otherwise the element kernels (quant_decode.cuh's value: any alignment, any
+// K; lanes of a warp read consecutive elements, so a block's header is one broadcast read).
 #include "quant.h"
 
 #include <cstring>
@@ -136,7 +136,7 @@ const char* dequant_t(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t
                       gpuStream_t stream, bool chunks) {
   if (rows == 0 || K == 0) return nullptr;
   const unsigned grid = static_cast<unsigned>(rows < 65535 ? rows : 65535);
-  if (chunks && K % 8 == 0 && aligned(w, 8) && aligned(out, 16))
+  if (chunks && K % 8 == 0 && aligned(w, code_align(type)) && aligned(out, 16))
     return with_type(type, [&](auto t) {
       dequant_chunks_kernel<decltype(t)::value, O><<<grid, kThreads, 0, stream>>>(w, row_bytes, rows, K,
                                                                                   static_cast<O*>(out));
@@ -153,7 +153,7 @@ const char* gemv_t(int32_t type, const void* x, int64_t M, int64_t K, const uint
   if (M > kPackedGemvRows) return "gemv_packed takes at most kPackedGemvRows rows of x";
   const int64_t per_block = kThreads / 32, want = (N + per_block - 1) / per_block;  // 32-lane warps; 64 loop twice
   const unsigned grid = static_cast<unsigned>(want < 65535 ? want : 65535);
-  if (chunks && K % 8 == 0 && aligned(w, 8) && aligned(x, 16) && (K * sizeof(O)) % 16 == 0)
+  if (chunks && K % 8 == 0 && aligned(w, code_align(type)) && aligned(x, 16))
     return with_type(type, [&](auto t) {
       gemv_kernel<decltype(t)::value, O, true><<<grid, kThreads, 0, stream>>>(
           static_cast<const O*>(x), static_cast<int>(M), K, w, row_bytes, N, static_cast<const O*>(bias), static_cast<O*>(y));

@@ -22,17 +22,19 @@
 
 namespace cf::gpu {
 
-CF_HD inline float half_at(const uint8_t* p) {
+CF_HD inline float half_bits(unsigned bits) {  // an fp16 value from its 16 bits
   __half_raw raw;
-  raw.x = static_cast<unsigned short>(p[0] | (p[1] << 8));
+  raw.x = static_cast<unsigned short>(bits);
   return __half2float(__half(raw));
 }
-CF_HD inline float bf16_at(const uint8_t* p) {
-  const unsigned bits = static_cast<unsigned>(p[0] | (p[1] << 8)) << 16;
+CF_HD inline float bf16_bits(unsigned bits) {
+  const unsigned wide = bits << 16;
   float f;
-  memcpy(&f, &bits, sizeof f);
+  memcpy(&f, &wide, sizeof f);
   return f;
 }
+CF_HD inline float half_at(const uint8_t* p) { return half_bits(p[0] | (p[1] << 8)); }
+CF_HD inline float bf16_at(const uint8_t* p) { return bf16_bits(p[0] | (p[1] << 8)); }
 CF_HD inline int nibble(const uint8_t* q, int j) {  // 32-runs: j < 16 low nibble of q[j], else high of q[j - 16]
   return j < 16 ? (q[j] & 15) : (q[j - 16] >> 4);
 }
@@ -132,9 +134,18 @@ CF_HD inline float value(const uint8_t* row, int64_t k) {
 // ---------------------------------------------------------------- chunks of eight elements
 // Elements j0 .. j0 + 7 (j0 % 8 == 0) of a block share one header read and come from eight
 // consecutive code bytes (plus eight bytes of high bits for the 5- and 6-bit K types). A lane reads
-// them with the widest loads the field's alignment allows: A below is the gcd of the block size
-// and the field offsets, so it holds in every row of a matrix whose start is 8-byte aligned (the
-// launcher checks that, and takes the per-element kernels otherwise).
+// them with the widest loads the fields' alignment allows: code_align(T), the gcd of the block size
+// and the offsets of the fields read wide, so it holds in every row (and every expert of stacked
+// [E, rows, bytes] blocks) of a matrix whose start is aligned to it (the launchers check that, and
+// take the per-element kernels otherwise).
+
+CF_HD constexpr int code_align(int type) {
+  switch (type) {
+    case 3: case 10: return 4;                                   // Q4_1, Q2_K
+    case 1: case 30: case 7: case 12: case 13: case 23: return 8;  // F16, BF16, Q5_1, Q4_K, Q5_K, IQ4_XS
+    default: return 2;                                           // Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, IQ4_NL
+  }
+}
 
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
 #define CF_DEVICE_PASS 1
@@ -143,6 +154,7 @@ CF_HD inline float value(const uint8_t* row, int64_t k) {
 struct Bytes8 {  // eight bytes, little-endian in two words
   uint32_t lo, hi;
   CF_HD int operator[](int i) const { return static_cast<int>(((i < 4 ? lo : hi) >> (8 * (i & 3))) & 0xffu); }
+  CF_HD unsigned half(int i) const { return ((i < 2 ? lo : hi) >> (16 * (i & 1))) & 0xffffu; }  // 16-bit i of 4
 };
 
 template <int A>  // p is A-byte aligned (A = 2, 4 or 8)
@@ -169,21 +181,23 @@ CF_HD inline Bytes8 load8(const uint8_t* p) {
 template <int T> CF_HD void decode8(const uint8_t* b, int j0, float* w);  // w[i] = element j0 + i
 
 template <> CF_HD inline void decode8<1>(const uint8_t* b, int, float* w) {  // F16: b is element j0's
-  for (int i = 0; i < 8; ++i) w[i] = half_at(b + 2 * i);
+  const Bytes8 a = load8<code_align(1)>(b), c = load8<code_align(1)>(b + 8);
+  for (int i = 0; i < 4; ++i) w[i] = half_bits(a.half(i)), w[4 + i] = half_bits(c.half(i));
 }
 template <> CF_HD inline void decode8<30>(const uint8_t* b, int, float* w) {
-  for (int i = 0; i < 8; ++i) w[i] = bf16_at(b + 2 * i);
+  const Bytes8 a = load8<code_align(30)>(b), c = load8<code_align(30)>(b + 8);
+  for (int i = 0; i < 4; ++i) w[i] = bf16_bits(a.half(i)), w[4 + i] = bf16_bits(c.half(i));
 }
 // The 32-blocks: elements j0 .. j0 + 7 are the low (j0 < 16) or high nibbles of bytes j0 % 16 ..
 template <> CF_HD inline void decode8<2>(const uint8_t* b, int j0, float* w) {
   const float d = half_at(b);
-  const Bytes8 q = load8<2>(b + 2 + j0 % 16);
+  const Bytes8 q = load8<code_align(2)>(b + 2 + j0 % 16);
   const int s = j0 < 16 ? 0 : 4;
   for (int i = 0; i < 8; ++i) w[i] = d * (((q[i] >> s) & 15) - 8);
 }
 template <> CF_HD inline void decode8<3>(const uint8_t* b, int j0, float* w) {
   const float d = half_at(b), m = half_at(b + 2);
-  const Bytes8 q = load8<4>(b + 4 + j0 % 16);
+  const Bytes8 q = load8<code_align(3)>(b + 4 + j0 % 16);
   const int s = j0 < 16 ? 0 : 4;
   for (int i = 0; i < 8; ++i) w[i] = d * ((q[i] >> s) & 15) + m;
 }
@@ -194,25 +208,25 @@ CF_HD inline unsigned fifth_bits(const uint8_t* qh, int j0) {  // Q5_0 / Q5_1: b
 template <> CF_HD inline void decode8<6>(const uint8_t* b, int j0, float* w) {
   const float d = half_at(b);
   const unsigned h = fifth_bits(b + 2, j0);
-  const Bytes8 q = load8<2>(b + 6 + j0 % 16);
+  const Bytes8 q = load8<code_align(6)>(b + 6 + j0 % 16);
   const int s = j0 < 16 ? 0 : 4;
   for (int i = 0; i < 8; ++i) w[i] = d * ((((q[i] >> s) & 15) | (static_cast<int>((h >> i) & 1) << 4)) - 16);
 }
 template <> CF_HD inline void decode8<7>(const uint8_t* b, int j0, float* w) {
   const float d = half_at(b), m = half_at(b + 2);
   const unsigned h = fifth_bits(b + 4, j0);
-  const Bytes8 q = load8<4>(b + 8 + j0 % 16);
+  const Bytes8 q = load8<code_align(7)>(b + 8 + j0 % 16);
   const int s = j0 < 16 ? 0 : 4;
   for (int i = 0; i < 8; ++i) w[i] = d * (((q[i] >> s) & 15) | (static_cast<int>((h >> i) & 1) << 4)) + m;
 }
 template <> CF_HD inline void decode8<8>(const uint8_t* b, int j0, float* w) {
   const float d = half_at(b);
-  const Bytes8 q = load8<2>(b + 2 + j0);
+  const Bytes8 q = load8<code_align(8)>(b + 2 + j0);
   for (int i = 0; i < 8; ++i) w[i] = d * static_cast<int8_t>(q[i]);
 }
 template <> CF_HD inline void decode8<20>(const uint8_t* b, int j0, float* w) {
   const float d = half_at(b);
-  const Bytes8 q = load8<2>(b + 2 + j0 % 16);
+  const Bytes8 q = load8<code_align(20)>(b + 2 + j0 % 16);
   const int s = j0 < 16 ? 0 : 4;
   for (int i = 0; i < 8; ++i) w[i] = d * iq4_level((q[i] >> s) & 15);
 }
@@ -221,7 +235,7 @@ template <> CF_HD inline void decode8<10>(const uint8_t* b, int j0, float* w) {
   const int half = j0 / 128, r = j0 % 128, s = r / 32, part = (r % 32) / 16, l0 = r % 16;
   const int is = half * 8 + s * 2 + part;
   const float dl = half_at(b + 80) * (b[is] & 15), ml = half_at(b + 82) * (b[is] >> 4);
-  const Bytes8 q = load8<4>(b + 16 + half * 32 + part * 16 + l0);
+  const Bytes8 q = load8<code_align(10)>(b + 16 + half * 32 + part * 16 + l0);
   for (int i = 0; i < 8; ++i) w[i] = dl * ((q[i] >> (2 * s)) & 3) - ml;
 }
 template <> CF_HD inline void decode8<11>(const uint8_t* b, int j0, float* w) {
@@ -230,7 +244,8 @@ template <> CF_HD inline void decode8<11>(const uint8_t* b, int j0, float* w) {
   const uint8_t* sc = b + 96;
   const int scale = ((is < 8 ? (sc[is] & 15) : (sc[is - 8] >> 4)) | (((sc[8 + is % 4] >> (2 * (is / 4))) & 3) << 4)) - 32;
   const float dl = half_at(b + 108) * scale;
-  const Bytes8 low = load8<2>(b + 32 + half * 32 + part * 16 + l0), high = load8<2>(b + part * 16 + l0);
+  constexpr int A = code_align(11);
+  const Bytes8 low = load8<A>(b + 32 + half * 32 + part * 16 + l0), high = load8<A>(b + part * 16 + l0);
   for (int i = 0; i < 8; ++i) w[i] = dl * ((((low[i] >> (2 * s)) & 3) | (((high[i] >> bit) & 1) << 2)) - 4);
 }
 // Q4_K / Q5_K: the eight share sub-block 2c + hi (one scale and min).
@@ -240,8 +255,9 @@ CF_HD inline void q45_k8(const uint8_t* b, int j0, float* w) {
   int sc, m;
   scale_min_k4(sub, b + 4, &sc, &m);
   const float d = half_at(b) * sc, dm = half_at(b + 2) * m;
-  const Bytes8 q = load8<8>(b + (kFifth ? 48 : 16) + 32 * c + l0);
-  const Bytes8 h = kFifth ? load8<8>(b + 16 + l0) : Bytes8{0, 0};
+  constexpr int A = code_align(kFifth ? 13 : 12);
+  const Bytes8 q = load8<A>(b + (kFifth ? 48 : 16) + 32 * c + l0);
+  const Bytes8 h = kFifth ? load8<A>(b + 16 + l0) : Bytes8{0, 0};
   for (int i = 0; i < 8; ++i) w[i] = d * ((hi ? q[i] >> 4 : q[i] & 15) | (((h[i] >> sub) & 1) << 4)) - dm;
 }
 template <> CF_HD inline void decode8<12>(const uint8_t* b, int j0, float* w) { q45_k8<false>(b, j0, w); }
@@ -249,14 +265,15 @@ template <> CF_HD inline void decode8<13>(const uint8_t* b, int j0, float* w) { 
 template <> CF_HD inline void decode8<14>(const uint8_t* b, int j0, float* w) {
   const int half = j0 / 128, r = j0 % 128, t = r / 32, l0 = r % 32;
   const float d = half_at(b + 208) * static_cast<int8_t>(b[192 + half * 8 + l0 / 16 + 2 * t]);
-  const Bytes8 lq = load8<2>(b + 64 * half + l0 + (t & 1) * 32), hq = load8<2>(b + 128 + 32 * half + l0);
+  constexpr int A = code_align(14);
+  const Bytes8 lq = load8<A>(b + 64 * half + l0 + (t & 1) * 32), hq = load8<A>(b + 128 + 32 * half + l0);
   for (int i = 0; i < 8; ++i) w[i] = d * (((t < 2 ? lq[i] & 15 : lq[i] >> 4) | (((hq[i] >> (2 * t)) & 3) << 4)) - 32);
 }
 template <> CF_HD inline void decode8<23>(const uint8_t* b, int j0, float* w) {
   const int ib = j0 / 32, scales_h = b[2] | (b[3] << 8);
   const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 15) | (((scales_h >> (2 * ib)) & 3) << 4);
   const float d = half_at(b) * (ls - 32);
-  const Bytes8 q = load8<8>(b + 8 + 16 * ib + j0 % 16);
+  const Bytes8 q = load8<code_align(23)>(b + 8 + 16 * ib + j0 % 16);
   const int s = j0 % 32 < 16 ? 0 : 4;
   for (int i = 0; i < 8; ++i) w[i] = d * iq4_level((q[i] >> s) & 15);
 }
