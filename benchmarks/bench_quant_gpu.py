@@ -202,7 +202,7 @@ def main(argv=None) -> int:
            "products": products}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    part = "" if len(args.sections) == 2 else f"-{args.sections[0]}"
+    part = "" if len(set(args.sections)) == 2 else f"-{args.sections[0]}"
     file = out / f"{date}-quant{part}-{device.type}{'-quick' if args.quick else ''}.json"
     file.write_text(json.dumps(res, indent=1))
     if rows:

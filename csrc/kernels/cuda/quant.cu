@@ -28,7 +28,6 @@ __global__ void dequant_kernel(const uint8_t* w, int64_t row_bytes, int64_t rows
   }
 }
 
-
 // Eight fp32 values stored as O at o (16-byte aligned: two float4 or one 16-byte store).
 template <typename O>
 __device__ void store8(O* o, const float* v) {
@@ -116,6 +115,12 @@ __global__ void gemv_kernel(const O* x, int M, int64_t K, const uint8_t* w, int6
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+// Whether the chunk kernels may read blocks w of this type and x (or write out) `io`: asked for,
+// K % 8 == 0, w aligned to the type's load width, io to 16 bytes.
+bool chunks_fit(bool chunks, int32_t type, int64_t K, const uint8_t* w, const void* io) {
+  return chunks && K % 8 == 0 && aligned(w, code_align(type)) && aligned(io, 16);
+}
+
 // Calls f(std::integral_constant<int, type>) for a packed type (a kernel launch), then checks it.
 template <class F>
 const char* with_type(int32_t type, F&& f) {
@@ -136,7 +141,7 @@ const char* dequant_t(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t
                       gpuStream_t stream, bool chunks) {
   if (rows == 0 || K == 0) return nullptr;
   const unsigned grid = static_cast<unsigned>(rows < 65535 ? rows : 65535);
-  if (chunks && K % 8 == 0 && aligned(w, code_align(type)) && aligned(out, 16))
+  if (chunks_fit(chunks, type, K, w, out))
     return with_type(type, [&](auto t) {
       dequant_chunks_kernel<decltype(t)::value, O><<<grid, kThreads, 0, stream>>>(w, row_bytes, rows, K,
                                                                                   static_cast<O*>(out));
@@ -153,7 +158,7 @@ const char* gemv_t(int32_t type, const void* x, int64_t M, int64_t K, const uint
   if (M > kPackedGemvRows) return "gemv_packed takes at most kPackedGemvRows rows of x";
   const int64_t per_block = kThreads / 32, want = (N + per_block - 1) / per_block;  // 32-lane warps; 64 loop twice
   const unsigned grid = static_cast<unsigned>(want < 65535 ? want : 65535);
-  if (chunks && K % 8 == 0 && aligned(w, code_align(type)) && aligned(x, 16))
+  if (chunks_fit(chunks, type, K, w, x))
     return with_type(type, [&](auto t) {
       gemv_kernel<decltype(t)::value, O, true><<<grid, kThreads, 0, stream>>>(
           static_cast<const O*>(x), static_cast<int>(M), K, w, row_bytes, N, static_cast<const O*>(bias), static_cast<O*>(y));
