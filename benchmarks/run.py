@@ -143,8 +143,9 @@ def random_pair(shape: str, folder: Path, device, dtype):
 
 def device_pair(shape: str, device, dtype, tokenizer=None):
     """A random Llama built on the device in `dtype` (transformers' init), and our Model over the
-    very same tensors (no copy): for shapes too large to build in fp32 on the host and save, and
-    for the scan's model (any device, with a tokenizer)."""
+    very same tensors (no copy; on a GPU the q / k / v and gate / up rows laid out as one matrix
+    each, as ``cf.load`` does there): for shapes too large to build in fp32 on the host and save,
+    and for the scan's model (any device, with a tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     config = make_config("llama", **shape_overrides(shape))
@@ -152,7 +153,8 @@ def device_pair(shape: str, device, dtype, tokenizer=None):
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
     ours = cf.load_from_tensors(config.to_dict(), dict(hf.state_dict()), tokenizer=tokenizer, device=device,
-                                dtype=dtype, source=f"random-{shape}")
+                                dtype=dtype, source=f"random-{shape}",
+                                fuse_projections=True if torch.device(device).type == "cuda" else None)
     return f"random Llama, {shape} shape", ours, hf
 
 
@@ -164,16 +166,18 @@ def bench_path(model: cf.Model) -> LayerPath:
 
 
 def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_tokens: int, repeat: int,
-                  bandwidth: float | None) -> dict:
-    """ref: the transformers model rebuilt along bench_path(ours), on ours' device and dtype."""
+                  bandwidth: float | None, unfused: cf.Model | None = None) -> dict:
+    """ref: the transformers model rebuilt along bench_path(ours), on ours' device and dtype;
+    unfused: ours over the same weights with q / k / v and gate / up run as separate products (our
+    previous path: its decode rates, and fused / unfused, in the same run)."""
     device = ours.device
     path = bench_path(ours)
     ids = torch.randint(3, ours.config.vocab_size, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(batch)).to(device)
     k = new_tokens
 
-    def ours_gen(m, on_step=None):
-        return generate_ids(ours, ids, None, path, Sampling(m, m), on_step=on_step)
+    def ours_gen(m, on_step=None, model=ours):
+        return generate_ids(model, ids, None, path, Sampling(m, m), on_step=on_step)
 
     def ref_gen(m, processors=None):
         return ref.generate(ids, max_new_tokens=m, min_new_tokens=m, do_sample=False, pad_token_id=0,
@@ -214,6 +218,9 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
         t_ours_step, t_ours_steady = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn()))
         t_ref_step, t_ref_steady = step_time(lambda fn: ref_gen(k, LogitsProcessorList([Stamp(fn)])))
         same = torch.equal(ours_gen(k), ref_gen(k))
+        if unfused is not None:
+            ours_gen(2, model=unfused)
+            t_plain_step, t_plain_steady = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn(), unfused))
     out = {
         "model": label, "params_M": round(sum(t.numel() for t in ours.tensors.values()) / 1e6, 1),
         "layers": str(path), "slots": len(path), "batch": batch, "prompt_len": prompt_len, "new_tokens": k,
@@ -226,6 +233,11 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
     for key in ("prefill_tok_s", "decode_tok_s", "decode_steady_tok_s"):
         d = out[key]
         d["ratio"] = d["circuit_finder"] / d["transformers"]
+    if unfused is not None:
+        out["fused_products"] = ours.fused_products()
+        out["unfused_decode_tok_s"] = {"all": batch / t_plain_step, "steady": batch / t_plain_steady,
+                                       "fused_ratio_all": t_plain_step / t_ours_step,
+                                       "fused_ratio_steady": t_plain_steady / t_ours_steady}
     if bandwidth and batch == 1:
         out["decode_roofline"] = weight_bytes_per_token(ours, path) / t_ours_step / bandwidth
         out["decode_steady_roofline"] = weight_bytes_per_token(ours, path) / t_ours_steady / bandwidth
@@ -362,6 +374,15 @@ def markdown(res: dict) -> str:
                          f"{d['circuit_finder']:.1f} / {d['transformers']:.1f} | {d['ratio']:.2f} | "
                          f"{st['circuit_finder']:.1f} / {st['transformers']:.1f} | {st['ratio']:.2f} | {roof} | "
                          f"{'yes' if f['same_greedy_tokens'] else 'no'} |")
+        fused = [f for f in res["forward"] if "unfused_decode_tok_s" in f]
+        if fused:
+            lines += ["", "| model | batch | decode tok/s fused / unfused (q/k/v, gate/up) | ratio | steady fused / unfused "
+                      "| ratio |", "|---|---|---|---|---|---|"]
+            for f in fused:
+                u, d, st = f["unfused_decode_tok_s"], f["decode_tok_s"], f["decode_steady_tok_s"]
+                lines.append(f"| {f['model']} | {f['batch']} | {d['circuit_finder']:.1f} / {u['all']:.1f} | "
+                             f"{u['fused_ratio_all']:.3f} | {st['circuit_finder']:.1f} / {u['steady']:.1f} | "
+                             f"{u['fused_ratio_steady']:.3f} |")
         if m.get("copy_bandwidth_GB_s"):
             lines += ["", f"Copy bandwidth measured in this run: {m['copy_bandwidth_GB_s']:.1f} GB/s (read + write)."]
         lines.append("")
@@ -432,17 +453,21 @@ def main(argv=None) -> int:
                 label, ours, hf = (default_pair(Path(tmp), device, dtype) if name == "default"
                                    else random_pair(name, Path(tmp), device, dtype))
                 ref = rebuilt(hf, list(bench_path(ours))).to(device=device, dtype=dtype).eval()
+                unfused = None  # where ours runs fused products, the same weights without (our previous path)
+                if ours.fused_products()["qkv"] and name != "default":
+                    unfused = cf.load_from_tensors(hf.config.to_dict(), dict(hf.state_dict()), device=device,
+                                                   dtype=dtype, source=ours.source, fuse_projections=False)
                 del hf  # the rebuilt copy is all the forward figures need
                 big = ours.config.hidden_size >= 2048 and device.type == "cpu"
                 for b in args.batches:
                     prompt = 8 if args.quick else (32 if big else 64)
                     new = 4 if args.quick else (8 if big else (32 if device.type == "cuda" else 16))
-                    r = bench_forward(label, ours, ref, b, prompt, new, args.repeat, bandwidth)
+                    r = bench_forward(label, ours, ref, b, prompt, new, args.repeat, bandwidth, unfused)
                     res["forward"].append(r)
                     print(json.dumps(r), flush=True)
                 if args.profile:
                     print(profile_decode(ours, out), flush=True)
-                del ours, ref
+                del ours, ref, unfused
     if "sweep" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:
             _, ours, hf = default_pair(Path(tmp), device, dtype)

@@ -114,5 +114,6 @@ PYBIND11_MODULE(_C, m) {
            py::arg("layer"))
       .def_property_readonly("device", [](const cf::Engine& e) { return e.device().str(); })
       .def("layer_tensors", &cf::Engine::layer_tensors, py::arg("layer"))
+      .def("fused_products", &cf::Engine::fused_products)
       .def("config_json", &cf::Engine::config_json);
 }

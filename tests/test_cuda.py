@@ -307,6 +307,33 @@ def test_cuda_packed_shapes_and_dtypes(kind):
     assert empty.shape == (0, n)
 
 
+def test_cuda_loads_fuse_projections_and_match_the_unfused_route(model_dir, tmp_path):
+    """On a GPU, load lays each layer's q / k / v and gate / up out as one matrix (one product each,
+    biases included): logits as the unfused route's in fp32 and bf16, greedy tokens equal through
+    the dynamic and the fixed-shape decode; packed GGUF blocks fused on the GPU against the CPU."""
+    folder, hf = model_dir("qwen2")
+    ids = ids_on("cuda")
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        fused = cf.load(folder, device="cuda", dtype=dtype)
+        plain = cf.load(folder, device="cuda", dtype=dtype, fuse_projections=False)
+        print(f"{dtype}: fused {fused.fused_products()}, plain {plain.fused_products()}")
+        assert fused.fused_products() == {"qkv": 6, "gate_up": 6}
+        assert plain.fused_products() == {"qkv": 0, "gate_up": 0}
+        assert relative(f"qwen2 cuda {dtype} fused vs unfused", fused.logits(ids, layers=PATH).float().cpu(),
+                        plain.logits(ids, layers=PATH).float().cpu()) < tol
+    fused, plain = cf.load(folder, device="cuda"), cf.load(folder, device="cuda", fuse_projections=False)
+    want = plain.generate(ids[:, :7], layers=PATH, max_new_tokens=12, min_new_tokens=12)
+    for static in (False, True):
+        fused.static_decode = static
+        assert torch.equal(fused.generate(ids[:, :7], layers=PATH, max_new_tokens=12, min_new_tokens=12), want), static
+    if _C.gpu_kernels():
+        write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
+        gpu, cpu = cf.load(tmp_path / "m.gguf", device="cuda"), cf.load(tmp_path / "m.gguf")
+        assert gpu.fused_products() == {"qkv": 6, "gate_up": 6} and cpu.fused_products() == {"qkv": 0, "gate_up": 0}
+        assert relative("packed fused cuda vs cpu", gpu.logits(ids, layers=PATH).cpu(),
+                        cpu.logits(ids.cpu(), layers=PATH)) < 1e-4
+
+
 @pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
 def test_cuda_packed_gguf_model_keeps_its_blocks_and_matches_the_cpu(tmp_path):
     """A Q4_K GGUF loaded on the GPU keeps its blocks there (the file's bytes, a quarter of the

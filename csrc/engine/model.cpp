@@ -159,28 +159,44 @@ std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
   return out;
 }
 
+// x's query, key and value projections, each [B, T, rows]: one product when the layer's q / k / v
+// rows are one matrix (Phi-3's qkv_proj, or views laid out one after another), else three. (Views
+// of one product's output: the rope ops write into a contiguous q or k in place, each in its own
+// columns.)
+std::array<at::Tensor, 3> Engine::qkv_projections(const at::Tensor& x, const LayerWeights& L) const {
+  const Matrix& fused = L.wqkv.defined() ? L.wqkv : L.qkv_rows;
+  if (!fused.defined()) return {ops::linear(x, L.wq, L.bq), ops::linear(x, L.wk, L.bk), ops::linear(x, L.wv, L.bv)};
+  const at::Tensor all = ops::linear(x, fused, L.b_qkv_rows);
+  const int64_t kv = cfg_.num_kv_heads * cfg_.head_dim, nq = all.size(-1) - 2 * kv;
+  return {all.narrow(-1, 0, nq), all.narrow(-1, nq, kv), all.narrow(-1, nq + kv, kv)};
+}
+
+std::map<std::string, int64_t> Engine::fused_products() const {
+  int64_t qkv = 0, gate_up = 0;
+  auto count = [&gate_up](const MlpWeights& m) { gate_up += m.gate_up.defined() || m.gate_up_rows.defined(); };
+  for (const LayerWeights& L : w_.layers) {
+    qkv += L.wqkv.defined() || L.qkv_rows.defined();
+    count(L.mlp);
+    for (const MlpWeights& e : L.experts) count(e);
+  }
+  return {{"qkv", qkv}, {"gate_up", gate_up}};
+}
+
 at::Tensor Engine::attention(const at::Tensor& x, int64_t layer, const PositionTables& pt,
                              const std::optional<at::Tensor>& mask, KVCache* cache, int64_t slot,
                              const at::Tensor& write_index) const {
   const LayerWeights& L = w_.layers[layer];
   const int64_t B = x.size(0), T = x.size(1), D = cfg_.head_dim, Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads;
-  at::Tensor q, k, v, gate;
-  if (L.wqkv.defined()) {  // one matmul, then q, k, v column blocks (copied out: the rope op writes in place)
-    at::Tensor qkv = ops::linear(x, L.wqkv);
-    q = qkv.narrow(-1, 0, Hq * D).contiguous().view({B, T, Hq, D});
-    k = qkv.narrow(-1, Hq * D, Hkv * D).contiguous().view({B, T, Hkv, D});
-    v = qkv.narrow(-1, (Hq + Hkv) * D, Hkv * D).reshape({B, T, Hkv, D}).transpose(1, 2);
-  } else if (cfg_.attn_output_gate) {  // each head's query, then its output gate
-    at::Tensor qg = ops::linear(x, L.wq, L.bq).view({B, T, Hq, 2 * D});
+  auto [qp, kp, vp] = qkv_projections(x, L);
+  at::Tensor q, gate;
+  if (cfg_.attn_output_gate) {  // each head's query, then its output gate
+    at::Tensor qg = qp.reshape({B, T, Hq, 2 * D});
     q = qg.narrow(-1, 0, D).contiguous();
     gate = qg.narrow(-1, D, D).reshape({B, T, Hq * D});
-    k = ops::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
-    v = ops::linear(x, L.wv, L.bv).view({B, T, Hkv, D}).transpose(1, 2);
   } else {
-    q = ops::linear(x, L.wq, L.bq).view({B, T, Hq, D});
-    k = ops::linear(x, L.wk, L.bk).view({B, T, Hkv, D});
-    v = ops::linear(x, L.wv, L.bv).view({B, T, Hkv, D}).transpose(1, 2);
+    q = qp.reshape({B, T, Hq, D});
   }
+  at::Tensor k = kp.reshape({B, T, Hkv, D}), v = vp.reshape({B, T, Hkv, D}).transpose(1, 2);
   if (cfg_.qk_norm) {
     q = ops::rms_norm(q, L.q_norm, cfg_.rms_norm_eps);
     k = ops::rms_norm(k, L.k_norm, cfg_.rms_norm_eps);
@@ -244,9 +260,10 @@ at::Tensor Engine::linear_attention(at::Tensor x, int64_t layer, const at::Tenso
 // (halves, or GPT-OSS's alternating rows); act is the family's, or GPT-OSS's clamped SwiGLU.
 at::Tensor Engine::gated_mlp(const at::Tensor& x, const MlpWeights& w) const {
   at::Tensor gate, up;
-  if (w.gate_up.defined()) {
-    at::Tensor both = ops::linear(x, w.gate_up, w.b_gate_up);
-    const int64_t I = w.gate_up.rows() / 2;
+  const Matrix& fused = w.gate_up.defined() ? w.gate_up : w.gate_up_rows;
+  if (fused.defined()) {
+    at::Tensor both = ops::linear(x, fused, w.gate_up.defined() ? w.b_gate_up : w.b_gate_up_rows);
+    const int64_t I = fused.rows() / 2;
     gate = w.interleaved ? both.slice(-1, 0, 2 * I, 2) : both.narrow(-1, 0, I);
     up = w.interleaved ? both.slice(-1, 1, 2 * I, 2) : both.narrow(-1, I, I);
   } else {

@@ -10,6 +10,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <deque>
 #include <map>
 #include <optional>
@@ -113,6 +114,9 @@ class Engine {
   const Weights& weights() const { return w_; }
   // The tensors one layer runs with (for tests that check storage sharing).
   std::map<std::string, at::Tensor> layer_tensors(int64_t layer) const;
+  // {"qkv": attention layers whose q / k / v run as one product, "gate_up": gated MLPs (experts and
+  // shared experts included) whose gate / up do}: a checkpoint's fused tensors or rows laid out so.
+  std::map<std::string, int64_t> fused_products() const;
 
  private:
   void check_cache(const KVCache* cache, const LayerPath& path, int64_t B, int64_t T) const;
@@ -133,6 +137,7 @@ class Engine {
   at::Tensor mlp(const at::Tensor& x, const LayerWeights& L) const;
   at::Tensor moe(const at::Tensor& x, const LayerWeights& L) const;
   std::pair<at::Tensor, at::Tensor> route(const at::Tensor& flat, const LayerWeights& L) const;
+  std::array<at::Tensor, 3> qkv_projections(const at::Tensor& x, const LayerWeights& L) const;
   at::Tensor gated_mlp(const at::Tensor& x, const MlpWeights& w) const;
   // write_index: undefined = append at the cache's length; else KVCache::append_at that column.
   at::Tensor attention(const at::Tensor& x, int64_t layer, const PositionTables& pt,

@@ -1,6 +1,10 @@
 // weights.cpp — see weights.h.
 #include "weights.h"
 
+#include <tuple>
+#include <utility>
+#include <vector>
+
 #include "../common/errors.h"
 #include "../kernels/cpu/quant.h"
 #include "../kernels/gpu_ops.h"
@@ -115,6 +119,34 @@ at::Tensor norm_weight(const at::Tensor& w, const ModelConfig& c) {
   return c.norm_fp32 ? w.to(at::kFloat) : w;
 }
 
+// `parts` as one matrix, a view, when their rows follow one another in one tensor's memory (same
+// type, row length, dtype and device, each contiguous): one product instead of several. Undefined
+// otherwise, and when some parts have a bias and others not.
+std::pair<Matrix, at::Tensor> rows_in_sequence(const std::vector<const Matrix*>& parts,
+                                               const std::vector<at::Tensor>& biases) {
+  const Matrix& first = *parts[0];
+  int64_t rows = 0;
+  const char* next = nullptr;
+  for (const Matrix* m : parts) {
+    const at::Tensor& t = m->t;
+    if (!t.defined() || t.dim() != 2 || !t.is_contiguous() || m->type != first.type || m->cols != first.cols ||
+        t.size(1) != first.t.size(1) || t.scalar_type() != first.t.scalar_type() || t.device() != first.t.device() ||
+        !t.storage().is_alias_of(first.t.storage()))
+      return {};
+    const char* start = static_cast<const char*>(t.data_ptr());
+    if (next != nullptr && start != next) return {};
+    next = start + t.nbytes();
+    rows += t.size(0);
+  }
+  size_t with_bias = 0;
+  for (const at::Tensor& b : biases) with_bias += b.defined();
+  if (with_bias != 0 && with_bias != biases.size()) return {};
+  const at::Tensor whole = first.t.as_strided({rows, first.t.size(1)}, {first.t.size(1), 1});
+  Matrix out = first.packed() ? Matrix(whole, first.type, first.cols) : Matrix(whole);
+  out.q8 = first.q8;
+  return {out, with_bias ? at::cat(biases) : at::Tensor()};
+}
+
 void bind_attention(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
   const int64_t H = c.hidden_size, D = c.head_dim, QD = c.num_heads * D, KD = c.num_kv_heads * D;
   if (c.fused_qkv) {
@@ -136,6 +168,7 @@ void bind_attention(const Accessor& a, const ModelConfig& c, const std::string& 
     L.k_norm = norm_weight(a.get(p + "self_attn.k_norm.weight", l, {D}), c);
   }
   if (c.attn_sinks) L.sinks = a.get(p + "self_attn.sinks", l, {c.num_heads});
+  if (!c.fused_qkv) std::tie(L.qkv_rows, L.b_qkv_rows) = rows_in_sequence({&L.wq, &L.wk, &L.wv}, {L.bq, L.bk, L.bv});
 }
 
 // A Gated DeltaNet layer's tensors (see LayerWeights), Qwen3-Next's grouped projections or Qwen3.5's.
@@ -178,6 +211,8 @@ MlpWeights bind_gated(const Accessor& a, const ModelConfig& c, const std::string
     w.b_up = a.get(m + names[1] + ".bias", l, {I});
     w.b_down = a.get(m + names[2] + ".bias", l, {H});
   }
+  if (!c.fused_gate_up)
+    std::tie(w.gate_up_rows, w.b_gate_up_rows) = rows_in_sequence({&w.gate, &w.up}, {w.b_gate, w.b_up});
   return w;
 }
 

@@ -4,12 +4,14 @@
 // device of its input_layernorm.weight); the embedding, final norm and lm_head on the model's main
 // device (the embedding's): a split placement is read from where the tensors are, not passed
 // separately.
-// Tensors are held by handle: never copied,
-// and matrices (projections, experts, embedding, lm_head) may be packed ggml blocks (a GGUF file's,
+// Matrices (projections, experts, embedding, lm_head) may be packed ggml blocks (a GGUF file's,
 // kernels/matrix.h), named with their ggml type in bind_weights' `packed`; any other tensor is float.
-// except norm weights of two families (vectors, [H] or [D] each): Gemma's, held as (1 + w) in fp32,
-// and GPT-OSS's, held in fp32 (both multiply before the cast to the compute dtype). Fused
-// projections (Phi-3's qkv_proj, gate_up_proj) are held as they are and run as one matmul.
+// Tensors are held by handle, never copied, except: norm weights of two families (vectors, [H] or
+// [D] each), Gemma's held as (1 + w) in fp32 and GPT-OSS's in fp32 (both multiply before the cast to
+// the compute dtype); and the biases of fused rows (below), concatenated. Fused projections (Phi-3's
+// qkv_proj, gate_up_proj) are held as they are and run as one matmul; so are a layer's q / k / v
+// and an MLP's gate / up when their rows follow one another in one tensor's memory (a loader laid
+// them out so: loading.fuse_projections), as views of that memory.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -30,6 +32,10 @@ struct MlpWeights {
   Matrix gate_up, gate, up, down;
   at::Tensor b_gate_up, b_gate, b_up, b_down;
   bool interleaved = false;
+  // gate and up as one [2I, H] matrix (+ bias) when a loader laid their rows out one after another
+  // (loading.fuse_projections): one product instead of two; else undefined.
+  Matrix gate_up_rows;
+  at::Tensor b_gate_up_rows;
 };
 
 struct LayerWeights {
@@ -37,6 +43,8 @@ struct LayerWeights {
   Matrix wq, wk, wv, wo;                  // [Hq*D, H], [Hkv*D, H], [Hkv*D, H], [H, Hq*D] (wq/wk/wv undefined when fused)
   Matrix wqkv;                            // [(Hq + 2 Hkv) * D, H]: q, k, v rows (Phi-3), or undefined
   at::Tensor bq, bk, bv, bo;              // biases or undefined
+  Matrix qkv_rows;                        // wq, wk, wv as one matrix when laid out one after another, or undefined
+  at::Tensor b_qkv_rows;                  // its bias (bq|bk|bv), or undefined
   at::Tensor q_norm, k_norm;              // [D] (Qwen3, Gemma 3) or undefined
   at::Tensor sinks;                       // [Hq]: GPT-OSS's per-head attention sink logits, or undefined
   // (Qwen3-Next / 3.5's gated attention: wq is [2 Hq*D, H], each head's query rows then its gate rows.)

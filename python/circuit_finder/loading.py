@@ -14,6 +14,8 @@ layers over devices (``placement.plan``: checked against each device's memory fr
 sizes before any weight is moved, converted or dequantized).
 
 GPT-OSS's MXFP4 expert tensors are dequantized on load (``quants``), on the device of their layer.
+On GPUs each layer's q / k / v and each gated MLP's gate / up are laid out as one matrix
+(``lay_out_fused``; ``fuse_projections``), which the engine runs as one product.
 
 Limits: no remote code, no pickle — safetensors and GGUF only.
 """
@@ -45,9 +47,9 @@ from .quants import (
     quantize_matrix,
 )
 
-__all__ = ["ACTIVATIONS", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "activations_here", "check_activations",
-           "default_model_path", "load", "load_from_tensors", "model_config_file", "packs_on", "q8_products",
-           "release_freed_heap", "resolve_dtype", "text_decoder_tensors"]
+__all__ = ["ACTIVATIONS", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "FUSED_GROUPS", "activations_here",
+           "check_activations", "default_model_path", "lay_out_fused", "load", "load_from_tensors", "model_config_file",
+           "packs_on", "q8_products", "release_freed_heap", "resolve_dtype", "text_decoder_tensors"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -111,7 +113,7 @@ def model_config_file(folder: Path) -> Path:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          device_map=None, max_memory: dict | None = None, dequantize: bool = False, quantize=None,
-         activations: str = "float") -> Model:
+         activations: str = "float", fuse_projections: bool | None = None) -> Model:
     """Loads a model for running along layer paths.
 
     path: a Hugging Face folder (config.json + *.safetensors, single or sharded), a .gguf file, or
@@ -142,6 +144,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     AVX-512), F16 / BF16 matrices and GPUs stay in float; with no packed matrix on the CPU, or a
     CPU without AVX2, or CF_CPU_KERNELS=0, the model is float (a warning says why) and
     ``model.activations`` says so.
+    fuse_projections: None (default) lays each layer's q / k / v projections and each gated MLP's
+    gate / up out as one matrix on GPUs (``lay_out_fused``: one product each, fewer kernel launches
+    and larger GEMVs; a copy of those matrices while loading), True on every device (on the CPU a
+    memory-mapped checkpoint's matrices become copies), False never. Same results up to the order of
+    the sums.
     When loading is done, the C heap it freed is handed back to the system (``release_freed_heap``).
     """
     check_activations(activations)
@@ -151,7 +158,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         if quantize is not None:
             raise ValueError(f"{path}: quantize= applies to Hugging Face checkpoints; a GGUF file keeps its own "
                              "quantization (dequantize=True converts it to dtype)")
-        model = _load_gguf(str(path), device, dtype, device_map, max_memory, dequantize, activations)
+        model = _load_gguf(str(path), device, dtype, device_map, max_memory, dequantize, activations,
+                           fuse_projections)
     else:
         folder = Path(path)
         config_file = model_config_file(folder)
@@ -159,7 +167,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         tensors = _C.load_safetensors(str(folder))
         model = load_from_tensors(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
                                   source=str(folder), device_map=device_map, max_memory=max_memory,
-                                  quantize=quantize, activations=activations)
+                                  quantize=quantize, activations=activations, fuse_projections=fuse_projections)
     release_freed_heap()
     return model
 
@@ -199,7 +207,8 @@ def _with_generation_eos(config, folder: Path):
     return config
 
 
-def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: bool, activations: str) -> Model:
+def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: bool, activations: str,
+               fuse_projections: bool | None) -> Model:
     from .gguf import gguf_tokenizer, read_gguf
 
     target = resolve_dtype(dtype, torch.float32)
@@ -214,7 +223,7 @@ def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: boo
 
     config, tensors = read_gguf(path, target, place, keep_packed=not dequantize)
     return load_from_tensors(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path,
-                             device_map=placed[0], activations=activations)
+                             device_map=placed[0], activations=activations, fuse_projections=fuse_projections)
 
 
 def _sized_packed(device, device_map) -> bool:
@@ -243,10 +252,11 @@ def text_decoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch.Tensor], tokenizer=None,
                       device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                       source: str = "<tensors>", device_map=None, max_memory: dict | None = None,
-                      quantize=None, activations: str = "float") -> Model:
+                      quantize=None, activations: str = "float", fuse_projections: bool | None = None) -> Model:
     """Builds a Model from Hugging Face-named tensors (any weight source: safetensors, GGUF, ...;
     ``quants.PackedTensor`` values stay packed where ``packs_on`` says). device_map / max_memory / quantize /
-    activations as for ``load`` (device_map may be a ready Placement)."""
+    activations / fuse_projections as for ``load`` (device_map may be a ready Placement; with None,
+    tensors the caller passed already where and as they are placed are left unfused, not copied)."""
     check_activations(activations)
     if not isinstance(config, ModelConfig):
         config = parse_config(config, source)
@@ -283,6 +293,12 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     for name, (blocks, scales) in mxfp4.items():
         moved[name] = dequantize_mxfp4(blocks, scales, target, placed.device_of(name))
     kept = _place_packed(ggml, placed, target, moved)
+    if fuse_projections is not False:  # None: on GPUs, the tensors this load copied there
+        where = (lambda d: d.type != "meta") if fuse_projections else (lambda d: d.type == "cuda")
+        callers = set() if fuse_projections else ({n for n, t in moved.items() if t is tensors.get(n)}
+                                                  | {n for n, t in kept.items() if t.blocks is ggml[n].blocks})
+        lay_out_fused(moved, where, keep=callers)
+        lay_out_fused(kept, where, keep=callers)
     activations = activations_here(activations, any(t.blocks.device.type == "cpu" for t in kept.values()))
     engine = _C.Engine(json.dumps(config.raw), source, {**moved, **{n: t.blocks for n, t in kept.items()}},
                        {n: t.ggml_type for n, t in kept.items()}, q8_activations=activations == "q8")
@@ -290,6 +306,53 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
                   tensors={**moved, **kept}, placement=placed)
     model.activations = activations
     return model
+
+
+# Projections laid out one after another (lay_out_fused): a layer's q / k / v, a gated MLP's gate /
+# up (dense, shared expert, the hub's per-expert tensors; Mixtral names them w1 / w3).
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def lay_out_fused(tensors: dict, where=lambda device: device.type == "cuda", keep=frozenset()) -> int:
+    """Lays out each group of FUSED_GROUPS (``<prefix>.q_proj.weight`` ...) one after another in one
+    new tensor and puts row views of it in ``tensors`` in place of the parts; the engine then runs
+    the group as one product. A group is laid out when its parts are all there, float 2-D tensors of
+    one dtype or PackedTensors of one type, with one row length, on one device that ``where``
+    accepts, and none is named in ``keep``. Biases stay as they are. One group at a time: the extra
+    memory is one group's. Returns the number of groups laid out."""
+    done = 0
+    for name in [n for n in tensors if n.endswith(".weight")]:
+        for group in FUSED_GROUPS:
+            if not name.endswith(f".{group[0]}.weight"):
+                continue
+            prefix = name[: -len(f"{group[0]}.weight")]
+            names = [f"{prefix}{part}.weight" for part in group]
+            parts = [tensors.get(n) for n in names]
+            if keep.isdisjoint(names) and _fusable(parts) and where(parts[0].device):
+                _replace_with_rows(tensors, names, parts)
+                done += 1
+    return done
+
+
+def _fusable(parts: list) -> bool:
+    if any(p is None for p in parts):
+        return False
+    first = parts[0]
+    if isinstance(first, PackedTensor):
+        return all(isinstance(p, PackedTensor) and p.blocks.dim() == 2 and p.type_name == first.type_name
+                   and p.cols == first.cols and p.device == first.device for p in parts)
+    return all(isinstance(p, torch.Tensor) and p.dim() == 2 and p.is_floating_point() and p.dtype == first.dtype
+               and p.shape[1] == first.shape[1] and p.device == first.device for p in parts)
+
+
+def _replace_with_rows(tensors: dict, names: list[str], parts: list) -> None:
+    packed = isinstance(parts[0], PackedTensor)
+    whole = torch.cat([p.blocks if packed else p for p in parts])
+    row = 0
+    for name, part in zip(names, parts):
+        rows = whole[row: row + part.shape[0]]
+        tensors[name] = PackedTensor(rows, part.type_name, part.cols, name) if packed else rows
+        row += part.shape[0]
 
 
 ACTIVATIONS = ("float", "q8")

@@ -78,6 +78,12 @@ class Model:
             out[where] = out.get(where, 0) + storage.nbytes()
         return out
 
+    def fused_products(self) -> dict[str, int]:
+        """{"qkv": attention layers whose q / k / v projections run as one product, "gate_up": gated
+        MLPs (experts included) whose gate / up do}: a checkpoint's fused tensors (Phi-3) or ones
+        ``load`` laid out so (its fuse_projections)."""
+        return dict(self.engine.fused_products())
+
     @property
     def num_layers(self) -> int:
         return self.config.num_layers
