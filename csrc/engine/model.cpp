@@ -3,6 +3,7 @@
 #include "model.h"
 
 #include <cmath>
+#include <limits>
 #include <set>
 
 #include "../common/errors.h"
@@ -318,6 +319,21 @@ at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
   return out.view(x.sizes());
 }
 
+// The mask of a window's attention: bool, or where SDPA runs on a GPU (no soft-capping or sinks,
+// which take the eager route) additive, 0 / -inf in the compute dtype, made once per call and
+// device; SDPA would otherwise turn the bool mask into that in every slot (two more launches each).
+std::optional<at::Tensor> Engine::attention_mask(const SlotInputs& in, int64_t window) const {
+  const std::optional<at::Tensor>& allowed = in.masks.at(window);
+  if (!allowed || !in.device.is_cuda() || cfg_.attn_softcap > 0 || cfg_.attn_sinks) return allowed;
+  auto it = in.additive.find(window);
+  if (it == in.additive.end()) {
+    at::Tensor additive = at::zeros(allowed->sizes(), allowed->options().dtype(w_.dtype))
+                              .masked_fill_(allowed->logical_not(), -std::numeric_limits<double>::infinity());
+    it = in.additive.emplace(window, additive).first;
+  }
+  return it->second;
+}
+
 // One decoder layer. Llama-style: x = h + mixer(norm(h)); x + mlp(norm(x)), the mixer being
 // attention or (a linear layer) Gated DeltaNet. Gemma 2/3 (sandwich) also normalizes the
 // attention and MLP outputs before each residual add.
@@ -326,7 +342,7 @@ at::Tensor Engine::block(const at::Tensor& h, int64_t layer, const SlotInputs& i
   const double eps = cfg_.rms_norm_eps;
   const at::Tensor normed = ops::rms_norm(h, L.input_norm, eps);
   at::Tensor a = L.linear ? linear_attention(normed, layer, in.tokens, cache, slot)
-                          : attention(normed, layer, in.pt, in.masks.at(cfg_.sliding_window[layer]), cache, slot,
+                          : attention(normed, layer, in.pt, attention_mask(in, cfg_.sliding_window[layer]), cache, slot,
                                       in.write_index);
   if (cfg_.sandwich_norm) a = ops::rms_norm(a, L.post_attn_norm, eps);
   auto [x, n] = ops::add_rms_norm(h, a, L.post_norm, eps);

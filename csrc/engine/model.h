@@ -49,6 +49,9 @@ struct SlotInputs {
   Masks masks;
   at::Tensor write_index;
   at::Tensor tokens;
+  // masks as SDPA on a GPU takes them, 0 / -inf in the compute dtype: made by the first slot that
+  // needs one (Engine::attention_mask), reused by the others
+  mutable std::map<int64_t, at::Tensor> additive;
 };
 
 // A call's SlotInputs, made on the main device and copied to another device the first time a slot
@@ -134,6 +137,7 @@ class Engine {
                       KVCache* cache) const;
   // One layer on `in` (its masks, positions, write column, real tokens); cache slot `slot`.
   at::Tensor block(const at::Tensor& h, int64_t layer, const SlotInputs& in, KVCache* cache, int64_t slot) const;
+  std::optional<at::Tensor> attention_mask(const SlotInputs& in, int64_t window) const;
   at::Tensor mlp(const at::Tensor& x, const LayerWeights& L) const;
   at::Tensor moe(const at::Tensor& x, const LayerWeights& L) const;
   std::pair<at::Tensor, at::Tensor> route(const at::Tensor& flat, const LayerWeights& L) const;
