@@ -8,8 +8,9 @@ roofline at batch 1 (weight bytes a step reads / step time over the copy bandwid
 Before the models, per product of the 8B shape's matrices (q/o, gate/up, down, LM head) in Q4_K,
 Q6_K and Q8_0: the packed product's time at 1, 8, 16 and 64 rows of x (GPU_ROWS; up to 8 the
 blocks are read directly, beyond that dequantized to the compute dtype a slice at a time for
-cuBLAS) through the chunk kernels (eight elements a lane; the default) and the per-element kernels
-(chunks=False, the first version), and cuBLAS on the same weights dense in the compute dtype; and
+cuBLAS; at 16 and 64 also the direct kernels 8 rows a launch, direct_rows) through the chunk
+kernels (eight elements a lane; the default) and the per-element kernels (chunks=False, the first
+version), and cuBLAS on the same weights dense in the compute dtype; and
 the dequantization to the compute dtype alone through both kernels. Each is replayed from a
 CUDA graph of 20 calls, so launch gaps do not count.
 
@@ -112,6 +113,9 @@ def product_row(kind: str, name: str, blocks: torch.Tensor, k: int, dtype, bandw
         routes = {"chunks": (lambda x=x: _C.gpu_linear_packed(x, blocks, t, k), blocks.nbytes),
                   "elements": (lambda x=x: _C.gpu_linear_packed(x, blocks, t, k, None, False), blocks.nbytes),
                   "cublas": (lambda x=x: torch.nn.functional.linear(x, dense), dense.nbytes)}
+        if m > 8:  # the direct kernels 8 rows of x per launch, the blocks read once per launch
+            routes["groups"] = (lambda x=x, m=m: _C.gpu_linear_packed(x, blocks, t, k, None, True, m),
+                                blocks.nbytes * -(-m // 8))
         for route, (fn, read) in routes.items():
             sec = graph_time(fn)
             row[f"{route}_{m}_us"], row[f"{route}_{m}_roofline"] = sec * 1e6, read / sec / bandwidth
@@ -133,14 +137,17 @@ def product_rows(device, dtype, bandwidth: float) -> list[dict]:
 
 def product_markdown(rows: list[dict]) -> str:
     lines = ["| type | product | rows of x | chunks us (roofline) | elements us (roofline) | chunks / elements | "
-             "cuBLAS dense us (roofline) | dequant GB/s chunks / elements |", "|---|---|---|---|---|---|---|---|"]
+             "cuBLAS dense us (roofline) | direct, 8 rows a launch, us (roofline) | dequant GB/s chunks / elements |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for m in GPU_ROWS:
+            groups = (f"{r[f'groups_{m}_us']:.1f} ({100 * r[f'groups_{m}_roofline']:.0f}%)"
+                      if f"groups_{m}_us" in r else "")
             lines.append(f"| {r['type']} | {r['product']} {r['N']}x{r['K']} | {m} | {r[f'chunks_{m}_us']:.1f} "
                          f"({100 * r[f'chunks_{m}_roofline']:.0f}%) | {r[f'elements_{m}_us']:.1f} "
                          f"({100 * r[f'elements_{m}_roofline']:.0f}%) | "
                          f"**{r[f'elements_{m}_us'] / r[f'chunks_{m}_us']:.2f}x** | {r[f'cublas_{m}_us']:.1f} "
-                         f"({100 * r[f'cublas_{m}_roofline']:.0f}%) | {r['dequant_chunks_GB_s']:.0f} / "
+                         f"({100 * r[f'cublas_{m}_roofline']:.0f}%) | {groups} | {r['dequant_chunks_GB_s']:.0f} / "
                          f"{r['dequant_elements_GB_s']:.0f} |")
     return "\n".join(lines)
 

@@ -68,11 +68,14 @@ PYBIND11_MODULE(_C, m) {
         "per-element kernel)");
   m.def("gpu_linear_packed",
         [](const at::Tensor& x, const at::Tensor& w, int32_t t, int64_t k, const std::optional<at::Tensor>& b,
-           bool chunks) { return cf::gpu::linear_packed(x, w, t, k, b.value_or(at::Tensor()), chunks); },
+           bool chunks, int64_t direct_rows) {
+          return cf::gpu::linear_packed(x, w, t, k, b.value_or(at::Tensor()), chunks, direct_rows);
+        },
         py::arg("x"), py::arg("blocks"), py::arg("ggml_type"), py::arg("cols"), py::arg("bias") = py::none(),
-        py::arg("chunks") = true,
+        py::arg("chunks") = true, py::arg("direct_rows") = 0,
         "x [..., cols] @ dequantized(blocks)^T (+ bias) on a GPU, reading the packed blocks (chunks=False: the "
-        "per-element kernels)");
+        "per-element kernels; direct_rows: up to that many rows of x read the blocks directly, 8 per launch, "
+        "instead of dequantizing for cuBLAS; 0: the default, 8)");
 
   py::class_<cf::KVCache>(m, "KVCache")
       .def_property_readonly("length", &cf::KVCache::length)

@@ -170,8 +170,8 @@ def test_cuda_rows_ending_early_give_transformers_tokens_and_length(model_dir):
 @pytest.mark.parametrize("kind", sorted(PACKED_TYPES))
 def test_cuda_packed_decoders_and_products_match_the_gguf_package(kind):
     """Every packed type decoded on the GPU equals the gguf package's decoding; the products (one
-    warp per weight row for up to 8 rows of x, dequantize + BLAS GEMM beyond) equal x @ W^T of the
-    package's W in fp32, with and without bias, and stay within bf16's rounding in bf16 — through the
+    warp per weight row for up to 8 rows of x, dequantize + BLAS GEMM beyond, or with direct_rows
+    the direct kernels 8 rows a launch) equal x @ W^T of the package's W in fp32, with and without bias, and stay within bf16's rounding in bf16 — through the
     chunk kernels (eight elements a lane) and the per-element kernels (chunks=False) alike."""
     n, k = 37, 512
     raw = random_packed(kind, n, k, seed=3)
@@ -192,6 +192,9 @@ def test_cuda_packed_decoders_and_products_match_the_gguf_package(kind):
         for chunks in (True, False):
             half = _C.gpu_linear_packed(x.cuda().bfloat16(), blocks, t, k, None, chunks).float().cpu()
             assert relative(f"{kind}, {rows} rows, bf16, chunks={chunks}", half, x.double() @ w.double().T) < 3e-2
+        # direct_rows: every row through the direct kernels, 8 rows of x a launch (the last launch fewer)
+        direct = _C.gpu_linear_packed(x.cuda(), blocks, t, k, bias.cuda(), True, 64).cpu()
+        assert relative(f"{kind}, {rows} rows, direct 8 a launch", direct, x.double() @ w.double().T + bias.double()) < 1e-5
     with pytest.raises(ValueError, match="blocks must be uint8"):
         _C.gpu_linear_packed(torch.randn(2, k).cuda(), blocks[:, 1:].contiguous(), t, k)
 

@@ -17,9 +17,11 @@ at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
 // Packed ggml matrices on the GPU (cuda/quant.h): blocks uint8 [..., rows, row_bytes] -> float rows,
 // and x [..., K] . W^T (+ bias) reading the blocks.
-// chunks false: the per-element kernels (cuda/quant.h), for tests and benchmarks.
+// chunks false: the per-element kernels (cuda/quant.h), for tests and benchmarks. direct_rows: up
+// to that many rows of x (at least kPackedGemvRows, the default) read the blocks directly, 8 rows
+// per launch, rather than dequantizing them for cuBLAS (benchmarks compare the two).
 at::Tensor dequantize_packed(const at::Tensor& blocks, int32_t type, int64_t K, at::ScalarType dtype, bool chunks = true);
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& blocks, int32_t type, int64_t K, const at::Tensor& bias,
-                         bool chunks = true);
+                         bool chunks = true, int64_t direct_rows = 0);
 
 }  // namespace cf::gpu

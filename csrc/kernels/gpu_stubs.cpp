@@ -17,6 +17,8 @@ std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor&, const std::opt
 at::Tensor rope_bthd(const at::Tensor&, const at::Tensor&, const at::Tensor&) { missing(); }
 at::Tensor silu_mul(const at::Tensor&, const at::Tensor&) { missing(); }
 at::Tensor dequantize_packed(const at::Tensor&, int32_t, int64_t, at::ScalarType, bool) { missing(); }
-at::Tensor linear_packed(const at::Tensor&, const at::Tensor&, int32_t, int64_t, const at::Tensor&, bool) { missing(); }
+at::Tensor linear_packed(const at::Tensor&, const at::Tensor&, int32_t, int64_t, const at::Tensor&, bool, int64_t) {
+  missing();
+}
 
 }  // namespace cf::gpu

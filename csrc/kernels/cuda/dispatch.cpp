@@ -163,12 +163,12 @@ at::Tensor dequantize_packed(const at::Tensor& w, int32_t type, int64_t K, at::S
   return out;
 }
 
-// x [..., K] . W^T (+ bias [N]) for W packed uint8 [N, row_bytes]: up to kPackedGemvRows rows of x
-// read the blocks directly (the exact weights, fp32 sums); more dequantize ~64 MB of weight rows at
-// a time into x's dtype for the BLAS GEMM (so in bf16 / fp16 the weights are rounded to it first,
-// as a dequantized model's are). chunks: quant.h.
+// x [..., K] . W^T (+ bias [N]) for W packed uint8 [N, row_bytes]: up to direct_rows rows of x
+// read the blocks directly (the exact weights, fp32 sums), kPackedGemvRows rows per launch; more
+// dequantize ~64 MB of weight rows at a time into x's dtype for the BLAS GEMM (so in bf16 / fp16 the
+// weights are rounded to it first, as a dequantized model's are). chunks: quant.h.
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K, const at::Tensor& bias,
-                         bool chunks) {
+                         bool chunks, int64_t direct_rows) {
   const char* op = "linear_packed";
   check_gpu(op, "x", x);
   const int64_t rb = packed_row_bytes(op, type, K);
@@ -187,11 +187,14 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type,
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor xc = x.contiguous().view({M, K}), wc = w.contiguous();
-  if (M <= kPackedGemvRows) {
+  if (M <= std::max(direct_rows, kPackedGemvRows)) {
     at::Tensor y = at::empty({M, N}, x.options()), bc = bias.defined() ? bias.contiguous() : at::Tensor();
-    ok(gemv_packed(type, xc.data_ptr(), M, K, wc.data_ptr<uint8_t>(), rb, N, bc.defined() ? bc.data_ptr() : nullptr, dtype,
-                   y.data_ptr(), stream_of(xc), chunks),
-       op);
+    for (int64_t m0 = 0; m0 < M; m0 += kPackedGemvRows) {  // rows m0.. of x and y: 16-byte aligned as x's and y's starts
+      const int64_t m = std::min(kPackedGemvRows, M - m0);
+      ok(gemv_packed(type, xc[m0].data_ptr(), m, K, wc.data_ptr<uint8_t>(), rb, N, bc.defined() ? bc.data_ptr() : nullptr,
+                     dtype, y[m0].data_ptr(), stream_of(xc), chunks),
+         op);
+    }
     return y.view(shape);
   }
   const int64_t chunk = std::max<int64_t>(1, (int64_t{64} << 20) / (K * static_cast<int64_t>(x.element_size())));
