@@ -118,5 +118,6 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("device", [](const cf::Engine& e) { return e.device().str(); })
       .def("layer_tensors", &cf::Engine::layer_tensors, py::arg("layer"))
       .def("fused_products", &cf::Engine::fused_products)
+      .def("moe_without_host_sync", &cf::Engine::moe_without_host_sync)
       .def("config_json", &cf::Engine::config_json);
 }

@@ -145,6 +145,36 @@ def test_cuda_family_generation_fixed_shape_and_transformers(family):
     assert torch.equal(dynamic, ref)
 
 
+def test_cuda_bf16_experts_run_grouped_and_graph_replayed(family):
+    """In bf16 on a GPU the experts (stacked on load) run as grouped GEMMs with no host
+    synchronisation, so the decode step is graph-replayed: its tokens equal the dynamic decode's;
+    logits within bf16 rounding of the looped experts' (CF_MOE_GROUPED=0; tokens printed, near-ties
+    of a random model may flip). GPT-OSS's biased experts keep the loop."""
+    import os
+
+    arch, folder, _ = family
+    if arch not in MOE_ARCHS + ["qwen3_next", "qwen3_5_moe_text"]:
+        pytest.skip("no experts")
+    model = cf.load(folder, device="cuda", dtype=torch.bfloat16)
+    assert model.engine.moe_without_host_sync() == (arch != "gpt_oss")
+    ids = tokens(2, 9, seed=24).cuda()
+    kw = dict(layers=FAMILY_PATH, max_new_tokens=10, min_new_tokens=10)
+    model.static_decode = True
+    fixed = model.generate(ids, **kw)
+    model.static_decode = False
+    dynamic = model.generate(ids, **kw)
+    grouped = model.logits(ids, layers=FAMILY_PATH).float()
+    os.environ["CF_MOE_GROUPED"] = "0"
+    try:
+        looped_tokens = model.generate(ids, **kw)
+        looped = model.logits(ids, layers=FAMILY_PATH).float()
+    finally:
+        del os.environ["CF_MOE_GROUPED"]
+    print(f"{arch} bf16: fixed {fixed.tolist()} dynamic {dynamic.tolist()} looped {looped_tokens.tolist()}")
+    assert torch.equal(fixed, dynamic)
+    assert relative(f"{arch} bf16 grouped vs looped experts", grouped.cpu(), looped.cpu()) < 2e-2
+
+
 def test_cuda_rows_ending_early_give_transformers_tokens_and_length(model_dir):
     """Graph-replayed decode with the host reading "all finished" every 8th step: rows that end at
     different steps give transformers' tokens, and the surplus steps' pad columns are cut."""

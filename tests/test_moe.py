@@ -5,8 +5,9 @@ models: identity, RYS and triple-repeat paths in fp32 and bf16, cached decode, p
 generation, fixed-shape decode; all expert layouts (the hub's per-expert tensors as save_pretrained
 writes them, the stacked tensors transformers v5 holds, GGUF files with stacked *_exps); a repeated
 MoE block runs the same expert tensors (no copies); exports along a path load in transformers and
-keep each slot's MLP kind; config edge cases. Printed diffs before each assert. Qwen3.5 /
-Qwen3-Next are not here yet."""
+keep each slot's MLP kind; config edge cases; experts as grouped GEMMs (the GPU's bf16 route, forced
+on the CPU), the hybrids' MoE included. Printed diffs before each assert. Qwen3.5 / Qwen3-Next's
+other tests are in test_hybrid.py."""
 
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ def test_moe_cached_decode_and_padded_generation(moe):
 
 
 def test_moe_fixed_shape_decode_equals_dynamic(moe):
-    """The fixed-shape decode step (CUDA's path, without a graph for MoE) gives the dynamic
-    step's tokens on the CPU too."""
+    """The fixed-shape decode step (CUDA's path; a graph there when the experts run grouped) gives
+    the dynamic step's tokens on the CPU too."""
     arch, folder, _ = moe
     model = cf.load(folder)
     prompt, mask = tokens(2, 7, seed=8), torch.ones(2, 7, dtype=torch.long)
@@ -391,3 +392,54 @@ def test_gpt_oss_long_prompt_runs_attention_in_query_blocks(gpt_oss):
     with torch.no_grad():
         ref = hf(ids).logits
     assert relative("gpt_oss 1100 tokens", cf.load(folder).logits(ids), ref) < 1e-4
+
+
+# ------------------------------------------------------------------ experts as grouped GEMMs
+GROUPED_ARCHS = [a for a in MOE_ARCHS if a != "gpt_oss"] + ["qwen3_next", "qwen3_5_moe_text"]
+
+
+@pytest.mark.parametrize("arch", GROUPED_ARCHS)
+def test_grouped_experts_match_transformers(arch, model_dir, monkeypatch):
+    """Experts run as grouped GEMMs with no host synchronisation (Engine::experts_grouped: the GPU
+    route in bf16, forced here on the CPU by CF_MOE_GROUPED=1) once load stacks the hub's
+    per-expert tensors (fuse_projections): logits and cached greedy tokens equal transformers'.
+    Without stacking, or forced off, the model reads its routing on the host."""
+    folder, hf = model_dir(arch)
+    monkeypatch.setenv("CF_MOE_GROUPED", "1")
+    model, apart = cf.load(folder, fuse_projections=True), cf.load(folder, fuse_projections=False)
+    assert model.engine.moe_without_host_sync() and not apart.engine.moe_without_host_sync()
+    ids, path = tokens(2, 20, seed=1), list(PATHS["rys"])
+    with torch.no_grad():
+        ref = rebuilt(hf, path)(ids).logits
+    assert relative(f"{arch} grouped experts rys", model.logits(ids, layers=path), ref) < 1e-4
+    prompt = tokens(2, 7, seed=3)
+    with torch.no_grad():
+        want = rebuilt(hf, path).generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                                          min_new_tokens=10, do_sample=False, pad_token_id=0)[:, 7:]
+    got = model.generate(prompt, layers=path, max_new_tokens=10, min_new_tokens=10)
+    print(f"{arch} grouped experts generate: ours {got.tolist()} ref {want.tolist()}")
+    assert torch.equal(got, want)
+    monkeypatch.setenv("CF_MOE_GROUPED", "0")
+    assert not model.engine.moe_without_host_sync()
+    monkeypatch.delenv("CF_MOE_GROUPED")
+    assert not model.engine.moe_without_host_sync()  # the CPU default: the loop over experts
+
+
+def test_grouped_experts_of_a_gguf_file_and_gpt_oss(tmp_path, model_dir, monkeypatch):
+    """A GGUF's stacked float ffn_{gate,up,down}_exps run grouped as they are, gate and up apart;
+    packed (Q8_0) experts and GPT-OSS's biased ones never do."""
+    from helpers import write_gguf
+
+    monkeypatch.setenv("CF_MOE_GROUPED", "1")
+    hf = build_hf_model("qwen3_moe", tmp_path / "hf", **GGUF_SIZES["qwen3_moe"])
+    write_gguf(hf, tmp_path / "f32.gguf")
+    model = cf.load(tmp_path / "f32.gguf")
+    assert model.engine.moe_without_host_sync()
+    ids = tokens(2, 16, seed=6)
+    with torch.no_grad():
+        ref = rebuilt(hf, list(PATHS["rys"]))(ids).logits
+    assert relative("qwen3_moe gguf grouped experts", model.logits(ids, layers=PATHS["rys"]), ref) < 1e-4
+    write_gguf(hf, tmp_path / "q8.gguf", "Q8_0")
+    assert not cf.load(tmp_path / "q8.gguf").engine.moe_without_host_sync()  # packed experts: the loop
+    folder, _ = model_dir("gpt_oss")
+    assert not cf.load(folder, fuse_projections=True).engine.moe_without_host_sync()

@@ -3,6 +3,7 @@
 #include "model.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <set>
 
@@ -294,19 +295,33 @@ std::pair<at::Tensor, at::Tensor> Engine::route(const at::Tensor& flat, const La
   return {weights, experts};
 }
 
-// Mixture of experts: each expert runs once on the rows routed to it (tokens grouped by expert: no
-// expert sees a token it was not picked for), its output times the token's weight added into the
-// token's row; plus the sigmoid-gated shared expert.
-at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
-  const int64_t H = cfg_.hidden_size, k = cfg_.experts_per_tok, E = cfg_.num_experts;
-  at::Tensor flat = x.reshape({-1, H});
-  auto [weights, experts] = route(flat, L);
+// Whether a sparse layer's experts run as grouped GEMMs (experts_grouped) on `device` in `dtype`:
+// stacked float experts without biases, on a CUDA GPU in bf16 (what at::_grouped_mm runs there);
+// CF_MOE_GROUPED=1 / 0 forces it on / off wherever the experts allow (tests run it on the CPU).
+bool Engine::grouped_experts(const LayerWeights& L, at::Device device, at::ScalarType dtype) const {
+  const MlpWeights& s = L.stacked;
+  if (!s.down.defined() || s.down.packed() || cfg_.swiglu_limit > 0) return false;
+  const char* force = std::getenv("CF_MOE_GROUPED");
+  if (force != nullptr && *force != '\0') return std::string(force) != "0";
+  return device.is_cuda() && dtype == at::kBFloat16;
+}
+
+bool Engine::moe_without_host_sync() const {
+  for (const LayerWeights& L : w_.layers)
+    if (L.sparse && !grouped_experts(L, L.device, w_.dtype)) return false;
+  return true;
+}
+
+// Each expert once on the rows routed to it (tokens grouped by expert on the host: no expert sees
+// a token it was not picked for); returns fp32 [N, H], each token's k weighted expert outputs
+// summed in fp32 and rounded once by the caller (as transformers' grouped_mm experts sum them).
+at::Tensor Engine::experts_looped(const at::Tensor& flat, const LayerWeights& L, const at::Tensor& weights,
+                                  const at::Tensor& experts) const {
+  const int64_t k = cfg_.experts_per_tok, E = cfg_.num_experts;
   at::Tensor pairs = experts.reshape(-1), order = pairs.argsort(/*stable=*/true);
   at::Tensor rows = order.div(k, "floor"), row_weights = weights.reshape(-1).index_select(0, order);
   const at::Tensor counts = at::bincount(pairs, {}, E).cpu();  // how many rows each expert takes
   const int64_t* n = counts.data_ptr<int64_t>();
-  // each token's k weighted expert outputs summed in fp32 and rounded once (as transformers'
-  // grouped_mm experts sum them), not rounded after every expert's add
   at::Tensor out = at::zeros_like(flat, flat.options().dtype(at::kFloat));
   for (int64_t e = 0, off = 0; e < E; off += n[e], ++e) {
     if (n[e] == 0) continue;
@@ -314,6 +329,45 @@ at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
     at::Tensor y = gated_mlp(flat.index_select(0, r), L.experts[e]);
     out.index_add_(0, r, (y * row_weights.narrow(0, off, n[e]).unsqueeze(1)).to(at::kFloat));
   }
+  return out;
+}
+
+// The same with no host synchronisation (a CUDA graph can hold it): the (token, expert) pairs
+// sorted by expert, each expert's row count and the offsets counted on the device, each projection
+// one grouped GEMM over the stacked experts (at::_grouped_mm), the weighted outputs put back in
+// token order and summed over each token's k in fp32.
+at::Tensor Engine::experts_grouped(const at::Tensor& flat, const LayerWeights& L, const at::Tensor& weights,
+                                   const at::Tensor& experts) const {
+  const int64_t k = cfg_.experts_per_tok, E = cfg_.num_experts, N = flat.size(0);
+  const MlpWeights& s = L.stacked;
+  const at::Tensor pairs = experts.reshape(-1);
+  const auto [sorted, order] = pairs.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor counts = at::zeros({E}, pairs.options()).scatter_add_(0, sorted, at::ones_like(sorted));
+  const at::Tensor offsets = counts.cumsum(0, at::kInt);
+  auto grouped = [&offsets](const at::Tensor& a, const Matrix& w) {
+    return at::_grouped_mm(a, w.t.transpose(-2, -1), offsets);
+  };
+  const at::Tensor x = flat.index_select(0, order.div(k, "floor"));
+  at::Tensor gate, up;
+  if (s.gate_up.defined()) {
+    const at::Tensor both = grouped(x, s.gate_up);
+    const int64_t I = both.size(-1) / 2;
+    gate = both.narrow(-1, 0, I), up = both.narrow(-1, I, I);
+  } else {
+    gate = grouped(x, s.gate), up = grouped(x, s.up);
+  }
+  const at::Tensor y = grouped(ops::gated_activation(gate, up, cfg_.hidden_act).contiguous(), s.down);
+  const at::Tensor weighted = (y * weights.reshape(-1).index_select(0, order).unsqueeze(1)).to(at::kFloat);
+  return at::empty_like(weighted).index_copy_(0, order, weighted).view({N, k, -1}).sum(1);
+}
+
+// Mixture of experts: the router's top k experts per token, their weighted outputs (grouped GEMMs
+// where grouped_experts says so, else a loop over the experts), plus the sigmoid-gated shared expert.
+at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
+  at::Tensor flat = x.reshape({-1, cfg_.hidden_size});
+  auto [weights, experts] = route(flat, L);
+  at::Tensor out = grouped_experts(L, flat.device(), flat.scalar_type()) ? experts_grouped(flat, L, weights, experts)
+                                                                         : experts_looped(flat, L, weights, experts);
   out = out.to(flat.scalar_type());
   if (L.shared_gate.defined()) out = out + at::sigmoid(ops::linear(flat, L.shared_gate)) * gated_mlp(flat, L.mlp);
   return out.view(x.sizes());

@@ -120,6 +120,9 @@ class Engine {
   // {"qkv": attention layers whose q / k / v run as one product, "gate_up": gated MLPs (experts and
   // shared experts included) whose gate / up do}: a checkpoint's fused tensors or rows laid out so.
   std::map<std::string, int64_t> fused_products() const;
+  // Whether every mixture-of-experts layer runs without reading its routing on the host (its
+  // experts as grouped GEMMs: Engine::grouped_experts), so a decode step can be a CUDA graph.
+  bool moe_without_host_sync() const;
 
  private:
   void check_cache(const KVCache* cache, const LayerPath& path, int64_t B, int64_t T) const;
@@ -140,6 +143,11 @@ class Engine {
   std::optional<at::Tensor> attention_mask(const SlotInputs& in, int64_t window) const;
   at::Tensor mlp(const at::Tensor& x, const LayerWeights& L) const;
   at::Tensor moe(const at::Tensor& x, const LayerWeights& L) const;
+  bool grouped_experts(const LayerWeights& L, at::Device device, at::ScalarType dtype) const;
+  at::Tensor experts_looped(const at::Tensor& flat, const LayerWeights& L, const at::Tensor& weights,
+                            const at::Tensor& experts) const;
+  at::Tensor experts_grouped(const at::Tensor& flat, const LayerWeights& L, const at::Tensor& weights,
+                             const at::Tensor& experts) const;
   std::pair<at::Tensor, at::Tensor> route(const at::Tensor& flat, const LayerWeights& L) const;
   std::array<at::Tensor, 3> qkv_projections(const at::Tensor& x, const LayerWeights& L) const;
   at::Tensor gated_mlp(const at::Tensor& x, const MlpWeights& w) const;

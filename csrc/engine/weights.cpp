@@ -1,6 +1,7 @@
 // weights.cpp — see weights.h.
 #include "weights.h"
 
+#include <functional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -147,6 +148,36 @@ std::pair<Matrix, at::Tensor> rows_in_sequence(const std::vector<const Matrix*>&
   return {out, with_bias ? at::cat(biases) : at::Tensor()};
 }
 
+// The experts' `member` matrices as one stacked [E, rows, K] matrix when they follow one another
+// in memory (rows_in_sequence), else undefined.
+Matrix stacked_experts(const std::vector<MlpWeights>& experts,
+                       const std::function<const Matrix&(const MlpWeights&)>& member) {
+  std::vector<const Matrix*> parts;
+  for (const MlpWeights& e : experts) parts.push_back(&member(e));
+  if (parts.empty() || !parts[0]->defined()) return Matrix();
+  Matrix all = rows_in_sequence(parts, {}).first;
+  if (!all.defined()) return all;
+  all.t = all.t.view({static_cast<int64_t>(parts.size()), parts[0]->rows(), all.t.size(1)});
+  return all;
+}
+
+// L.stacked from the bound experts: each expert's gate / up as one matrix (its own, or rows laid
+// out so) stacked, else gate and up stacked apart; down stacked. Experts with biases (GPT-OSS) or
+// transposed views are left unstacked.
+void stack_experts(LayerWeights& L) {
+  MlpWeights& s = L.stacked;
+  if (L.experts.empty() || L.experts[0].b_down.defined()) return;
+  s.gate_up = stacked_experts(L.experts, [](const MlpWeights& m) -> const Matrix& {
+    return m.gate_up.defined() ? m.gate_up : m.gate_up_rows;
+  });
+  if (!s.gate_up.defined() && !L.experts[0].interleaved) {
+    s.gate = stacked_experts(L.experts, [](const MlpWeights& m) -> const Matrix& { return m.gate; });
+    s.up = stacked_experts(L.experts, [](const MlpWeights& m) -> const Matrix& { return m.up; });
+  }
+  s.down = stacked_experts(L.experts, [](const MlpWeights& m) -> const Matrix& { return m.down; });
+  if (!s.down.defined() || !(s.gate_up.defined() || (s.gate.defined() && s.up.defined()))) s = MlpWeights();
+}
+
 void bind_attention(const Accessor& a, const ModelConfig& c, const std::string& p, int64_t l, LayerWeights& L) {
   const int64_t H = c.hidden_size, D = c.head_dim, QD = c.num_heads * D, KD = c.num_kv_heads * D;
   if (c.fused_qkv) {
@@ -291,6 +322,7 @@ void bind_moe(const Accessor& a, const ModelConfig& c, const std::string& p, int
     L.mlp = bind_gated(a, c, p + "mlp.shared_expert.", l, c.shared_expert_intermediate_size, false, kHubNames);
     L.shared_gate = a.get(p + "mlp.shared_expert_gate.weight", l, {1, H});
   }
+  stack_experts(L);
 }
 
 // Llama-style: input_layernorm before attention, post_attention_layernorm before the MLP. Gemma 2/3

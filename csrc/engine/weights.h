@@ -67,6 +67,10 @@ struct LayerWeights {
   bool sparse = false;
   at::Tensor router, router_bias, shared_gate;
   std::vector<MlpWeights> experts;
+  // The experts' matrices as stacked [E, rows, K] tensors, when they are (a stacked checkpoint or
+  // GGUF tensor, or per-expert matrices laid out one after another: loading.lay_out_fused): gate_up
+  // (each expert's gate rows then up rows) or gate and up, and down; else undefined.
+  MlpWeights stacked;
   at::Device device = at::kCPU;           // where every tensor above lives
 };
 

@@ -390,8 +390,10 @@ def _static_step(model: Model, cache, layers, last_pos, full_mask):
     def run():
         return model.engine.decode_step(tok, pos, key_mask, index, layers, cache)
 
-    # a graph is one device's; a mixture of experts reads its routing on the host every step
-    graphs = dev.type == "cuda" and model.cuda_graphs and not model.placement.split and not model.config.num_experts
+    # a graph is one device's; a mixture of experts must not read its routing on the host (its
+    # experts as grouped GEMMs: stacked float experts in bf16, Engine::grouped_experts)
+    graphs = (dev.type == "cuda" and model.cuda_graphs and not model.placement.split
+              and (not model.config.num_experts or model.engine.moe_without_host_sync()))
     replay = _CudaGraphStep(run, dev) if graphs else run
 
     def step(token):

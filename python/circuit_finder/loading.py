@@ -14,8 +14,9 @@ layers over devices (``placement.plan``: checked against each device's memory fr
 sizes before any weight is moved, converted or dequantized).
 
 GPT-OSS's MXFP4 expert tensors are dequantized on load (``quants``), on the device of their layer.
-On GPUs each layer's q / k / v and each gated MLP's gate / up are laid out as one matrix
-(``lay_out_fused``; ``fuse_projections``), which the engine runs as one product.
+On GPUs each layer's q / k / v and each gated MLP's gate / up are laid out as one matrix, and a
+mixture of experts' per-expert matrices stacked (``lay_out_fused``; ``fuse_projections``): the
+engine runs each group as one product, and stacked bf16 experts as grouped GEMMs.
 
 Limits: no remote code, no pickle — safetensors and GGUF only.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -311,16 +313,23 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
 # Projections laid out one after another (lay_out_fused): a layer's q / k / v, a gated MLP's gate /
 # up (dense, shared expert, the hub's per-expert tensors; Mixtral names them w1 / w3).
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+# A mixture of experts' per-expert tensors (the hub's layout): gate, up, down names.
+EXPERT_NAMES = {"gate_proj": ("up_proj", "down_proj"), "w1": ("w3", "w2")}
+_EXPERT = re.compile(r"^(.*\.experts\.)0\.(gate_proj|w1)\.weight$")
 
 
 def lay_out_fused(tensors: dict, where=lambda device: device.type == "cuda", keep=frozenset()) -> int:
     """Lays out each group of FUSED_GROUPS (``<prefix>.q_proj.weight`` ...) one after another in one
     new tensor and puts row views of it in ``tensors`` in place of the parts; the engine then runs
-    the group as one product. A group is laid out when its parts are all there, float 2-D tensors of
-    one dtype or PackedTensors of one type, with one row length, on one device that ``where``
-    accepts, and none is named in ``keep``. Biases stay as they are. One group at a time: the extra
-    memory is one group's. Returns the number of groups laid out."""
-    done = 0
+    the group as one product. A mixture of experts' per-expert float matrices are stacked first,
+    as transformers v5 holds them: each expert's gate rows then up rows in one [E, 2I, H] tensor,
+    the downs in one [E, H, I] (the engine then runs each projection of all experts as one grouped
+    GEMM where it can: Engine::grouped_experts). A group is laid out when its parts are all there,
+    float 2-D tensors of one dtype or PackedTensors of one type, with one row length, on one device
+    that ``where`` accepts, none named in ``keep`` and not already one after another. Biases stay
+    as they are. One group at a time: the extra memory is one group's (one layer's experts).
+    Returns the number of groups laid out (a layer's experts count as one)."""
+    done = _stack_experts(tensors, where, keep)
     for name in [n for n in tensors if n.endswith(".weight")]:
         for group in FUSED_GROUPS:
             if not name.endswith(f".{group[0]}.weight"):
@@ -328,7 +337,7 @@ def lay_out_fused(tensors: dict, where=lambda device: device.type == "cuda", kee
             prefix = name[: -len(f"{group[0]}.weight")]
             names = [f"{prefix}{part}.weight" for part in group]
             parts = [tensors.get(n) for n in names]
-            if keep.isdisjoint(names) and _fusable(parts) and where(parts[0].device):
+            if keep.isdisjoint(names) and _fusable(parts) and where(parts[0].device) and not _in_sequence(parts):
                 _replace_with_rows(tensors, names, parts)
                 done += 1
     return done
@@ -345,6 +354,13 @@ def _fusable(parts: list) -> bool:
                and p.shape[1] == first.shape[1] and p.device == first.device for p in parts)
 
 
+def _in_sequence(parts: list) -> bool:
+    """Whether the parts' rows already follow one another in one storage."""
+    data = [p.blocks if isinstance(p, PackedTensor) else p for p in parts]
+    return all(a.is_contiguous() and b.is_contiguous() and a.data_ptr() + a.nbytes == b.data_ptr()
+               and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for a, b in zip(data, data[1:]))
+
+
 def _replace_with_rows(tensors: dict, names: list[str], parts: list) -> None:
     packed = isinstance(parts[0], PackedTensor)
     whole = torch.cat([p.blocks if packed else p for p in parts])
@@ -353,6 +369,41 @@ def _replace_with_rows(tensors: dict, names: list[str], parts: list) -> None:
         rows = whole[row: row + part.shape[0]]
         tensors[name] = PackedTensor(rows, part.type_name, part.cols, name) if packed else rows
         row += part.shape[0]
+
+
+def _stackable(parts: list[list], where) -> bool:
+    """Whether experts' [gate, up, down] float matrices can stack: each kind one shape, all of one
+    dtype on one device that ``where`` accepts."""
+    gate_up, downs = [p for e in parts for p in e[:2]], [e[2] for e in parts]
+    return (_fusable(gate_up) and _fusable(downs) and not isinstance(gate_up[0], PackedTensor)
+            and where(gate_up[0].device) and downs[0].device == gate_up[0].device and downs[0].dtype == gate_up[0].dtype
+            and len({p.shape for p in gate_up}) == 1 and len({d.shape for d in downs}) == 1)
+
+
+def _stack_experts(tensors: dict, where, keep) -> int:
+    """The per-expert float gate / up / down matrices of each mixture-of-experts layer stacked (see
+    lay_out_fused); returns the number of layers stacked."""
+    done = 0
+    for first in [n for n in tensors if _EXPERT.match(n)]:
+        prefix, gate = _EXPERT.match(first).groups()
+        up, down = EXPERT_NAMES[gate]
+        count = 0
+        while f"{prefix}{count}.{gate}.weight" in tensors:
+            count += 1
+        names = [[f"{prefix}{e}.{part}.weight" for part in (gate, up, down)] for e in range(count)]
+        parts = [[tensors.get(n) for n in expert] for expert in names]
+        if not keep.isdisjoint(n for expert in names for n in expert) or not _stackable(parts, where):
+            continue
+        (rows, cols), out, like = parts[0][0].shape, parts[0][2].shape[0], parts[0][0]
+        gate_up = torch.empty((count, 2 * rows, cols), dtype=like.dtype, device=like.device)
+        downs = torch.empty((count, out, rows), dtype=like.dtype, device=like.device)
+        for e, (g, u, d) in enumerate(parts):
+            gate_up[e, :rows].copy_(g)
+            gate_up[e, rows:].copy_(u)
+            downs[e].copy_(d)
+            tensors.update(zip(names[e], (gate_up[e, :rows], gate_up[e, rows:], downs[e])))
+        done += 1
+    return done
 
 
 ACTIVATIONS = ("float", "q8")
