@@ -2,7 +2,8 @@
 per family (Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS; Qwen3.5, Qwen3-Next and Qwen3.5-MoE, whose Gated DeltaNet
 layers transformers runs with its torch reference here) on a random model of a small shape, same weights, RYS path,
 batch, dtype and device, measured by run.py's bench_forward (tokens/s, timestamps as each token
-comes out; the greedy tokens compared).
+comes out; the greedy tokens compared). Where the experts run as grouped GEMMs (a GPU in bf16), the
+loop over experts (our previous path, CF_MOE_GROUPED=0) is measured in the same run too.
 
     .venv/bin/python benchmarks/bench_moe.py                 # CPU fp32, batch 1 and 8 (~5 min on 2 cores)
     python benchmarks/bench_moe.py --device cuda --dtype bfloat16
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -68,6 +70,15 @@ def markdown(res: dict) -> str:
                      f"{p['circuit_finder']:.0f} / {p['transformers']:.0f} | {p['ratio']:.2f} | "
                      f"{d['circuit_finder']:.1f} / {d['transformers']:.1f} | **{d['ratio']:.2f}** | "
                      f"{'yes' if r['same_greedy_tokens'] else 'no'} |")
+    looped = [r for r in res["rows"] if "looped_experts" in r]
+    if looped:
+        lines += ["", "Experts as grouped GEMMs (no host sync, graph-replayed decode) vs the loop over experts, same run:",
+                  "", "| family | batch | prefill tok/s grouped / looped | decode tok/s grouped / looped | ratio |",
+                  "|---|---|---|---|---|"]
+        for r in looped:
+            lp, p, d = r["looped_experts"], r["prefill_tok_s"]["circuit_finder"], r["decode_tok_s"]["circuit_finder"]
+            lines.append(f"| {r['model']} | {r['batch']} | {p:.0f} / {lp['prefill_tok_s']:.0f} | "
+                         f"{d:.1f} / {lp['decode_tok_s']:.1f} | **{d / lp['decode_tok_s']:.2f}** |")
     return "\n".join(lines)
 
 
@@ -93,9 +104,17 @@ def main(argv=None) -> int:
             ours = cf.load(tmp, device=device, dtype=dtype)
             ref = rebuilt(hf, list(bench_path(ours))).to(device=device, dtype=dtype).eval()
             del hf
+            sizes = (8, 4, 1) if args.quick else (64, 16, args.repeat)  # prompt, new tokens, repeats
             for b in ([1] if args.quick else args.batches):
-                r = bench_forward(family, ours, ref, b, 8 if args.quick else 64, 4 if args.quick else 16,
-                                  1 if args.quick else args.repeat, None)
+                r = bench_forward(family, ours, ref, b, *sizes, None)
+                if ours.engine.moe_without_host_sync():  # grouped experts: the loop over experts in the same run
+                    os.environ["CF_MOE_GROUPED"] = "0"
+                    try:
+                        looped = bench_forward(family, ours, ref, b, *sizes, None)
+                    finally:
+                        del os.environ["CF_MOE_GROUPED"]
+                    r["looped_experts"] = {k: looped[k]["circuit_finder"]
+                                           for k in ("prefill_tok_s", "decode_tok_s", "decode_steady_tok_s")}
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
     date = datetime.date.today().isoformat()
