@@ -6,7 +6,8 @@ on those dequantized tensors — measured by run.py's bench_forward along the RY
 decode tokens/s at batch 1 and 16, the weights' bytes, and each route's share of the memory
 roofline at batch 1 (weight bytes a step reads / step time over the copy bandwidth of the run).
 Before the models, per product of the 8B shape's matrices (q/o, gate/up, down, LM head) in Q4_K,
-Q6_K and Q8_0: the packed product's time at 1, 8, 16 and 64 rows of x (GPU_ROWS; up to 8 the
+BF16 (ggml's rows of bf16: the dense bf16 matrix itself, so its rows say whether our gemv beats
+cuBLAS's split-K GEMV on a plain bf16 model), Q6_K and Q8_0: the packed product's time at 1, 8, 16 and 64 rows of x (GPU_ROWS; up to 8 the
 blocks are read directly, beyond that dequantized to the compute dtype a slice at a time for
 cuBLAS; at 16 and 64 also the direct kernels 8 rows a launch, direct_rows) through the chunk
 kernels (eight elements a lane; the default) and the per-element kernels (chunks=False, the first
@@ -128,7 +129,7 @@ def product_row(kind: str, name: str, blocks: torch.Tensor, k: int, dtype, bandw
 def product_rows(device, dtype, bandwidth: float) -> list[dict]:
     """product_row for every type and matrix of PRODUCTS."""
     gen, made, rows = torch.Generator().manual_seed(1), {}, []
-    for kind in ("Q4_K", "Q6_K", "Q8_0"):
+    for kind in ("Q4_K", "BF16", "Q6_K", "Q8_0"):  # BF16: our gemv against cuBLAS on the very same dense matrix
         for name, (n, k) in PRODUCTS.items():
             rows.append(product_row(kind, name, random_blocks(kind, n, k, device, gen, made), k, dtype, bandwidth))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -5,7 +5,7 @@
 # packed (the packed-weights tests, blocking launches), bench (benchmarks/run.py forward + scan on
 # cuda bf16, with a decode profile), moe, placement,
 # quant (packed GGUF blocks on the GPU vs dequantized vs transformers, 8B shape, Q4_K),
-# qproducts (each 8B-shape matrix in Q4_K / Q6_K / Q8_0: chunk vs per-element kernels vs cuBLAS, and
+# qproducts (each 8B-shape matrix in Q4_K / BF16 / Q6_K / Q8_0: chunk vs per-element kernels vs cuBLAS, and
 # at 16 / 64 rows of x the direct kernels 8 rows a launch vs dequantize + cuBLAS).
 #   bash scripts/gpu_session.sh build gputests bench
 # Wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json) are installed first; a saved
