@@ -108,11 +108,14 @@ def main(argv=None) -> int:
             for b in ([1] if args.quick else args.batches):
                 r = bench_forward(family, ours, ref, b, *sizes, None)
                 if ours.engine.moe_without_host_sync():  # grouped experts: the loop over experts in the same run
+                    before = os.environ.get("CF_MOE_GROUPED")
                     os.environ["CF_MOE_GROUPED"] = "0"
                     try:
                         looped = bench_forward(family, ours, ref, b, *sizes, None)
                     finally:
-                        del os.environ["CF_MOE_GROUPED"]
+                        os.environ.pop("CF_MOE_GROUPED")
+                        if before is not None:
+                            os.environ["CF_MOE_GROUPED"] = before
                     r["looped_experts"] = {k: looped[k]["circuit_finder"]
                                            for k in ("prefill_tok_s", "decode_tok_s", "decode_steady_tok_s")}
                 rows.append(r)
