@@ -143,9 +143,9 @@ def random_pair(shape: str, folder: Path, device, dtype):
 
 def device_pair(shape: str, device, dtype, tokenizer=None):
     """A random Llama built on the device in `dtype` (transformers' init), and our Model over the
-    very same tensors (no copy; on a GPU the q / k / v and gate / up rows laid out as one matrix
-    each, as ``cf.load`` does there): for shapes too large to build in fp32 on the host and save,
-    and for the scan's model (any device, with a tokenizer)."""
+    very same tensors (no copy; on a GPU but for q / k / v and gate / up, laid out as one matrix each
+    as ``cf.load`` does there: copies beside transformers' tensors): for shapes too large to build
+    in fp32 on the host and save, and for the scan's model (any device, with a tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     config = make_config("llama", **shape_overrides(shape))
@@ -376,8 +376,8 @@ def markdown(res: dict) -> str:
                          f"{'yes' if f['same_greedy_tokens'] else 'no'} |")
         fused = [f for f in res["forward"] if "unfused_decode_tok_s" in f]
         if fused:
-            lines += ["", "| model | batch | decode tok/s fused / unfused (q/k/v, gate/up) | ratio | steady fused / unfused "
-                      "| ratio |", "|---|---|---|---|---|---|"]
+            lines += ["", "| model | batch | decode tok/s fused / unfused (q/k/v, gate/up) | ratio "
+                      "| steady fused / unfused | ratio |", "|---|---|---|---|---|---|"]
             for f in fused:
                 u, d, st = f["unfused_decode_tok_s"], f["decode_tok_s"], f["decode_steady_tok_s"]
                 lines.append(f"| {f['model']} | {f['batch']} | {d['circuit_finder']:.1f} / {u['all']:.1f} | "

@@ -1,5 +1,5 @@
 """Fused projections: a layer's q / k / v and an MLP's gate / up laid out as one matrix each
-(``load(fuse_projections=...)``, ``loading.lay_out_fused``) and run as one product by the engine,
+(``load(fuse_projections=...)``, ``layout.lay_out_fused``) and run as one product by the engine,
 which takes rows that follow one another in memory as one matrix. Parity with transformers on every
 family (identity and repeated paths, cached greedy decode), biases included; packed GGUF blocks
 against the gguf package's dequantization; layouts the engine must not fuse; export of a fused model.
@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
-from circuit_finder.loading import lay_out_fused
+from circuit_finder.layout import lay_out_fused
 from circuit_finder.quants import PackedTensor
 from helpers import (
     ARCHS,
@@ -163,3 +163,42 @@ def test_a_fused_model_exports_its_tensors_unchanged(model_dir, tmp_path):
         assert set(a.keys()) <= set(b.keys())
         for name in a.keys():
             assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
+
+
+def test_fused_biases_stay_the_models_own_tensors(model_dir):
+    """The biases of a fused group are laid out in sequence too, so the engine runs views of them,
+    not copies: writing model.tensors' q_proj.bias / gate_proj.bias changes the logits (the Model's
+    contract: its tensors are the engine's own)."""
+    folder, _ = model_dir("llama", attention_bias=True, mlp_bias=True)
+    model = cf.load(folder, fuse_projections=True)
+    t = model.tensors
+    q, k = t["model.layers.1.self_attn.q_proj.bias"], t["model.layers.1.self_attn.k_proj.bias"]
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    ids = tokens(1, 10, seed=7)
+    before = model.logits(ids)
+    for name in ("model.layers.1.self_attn.q_proj.bias", "model.layers.2.mlp.gate_proj.bias"):
+        with torch.no_grad():
+            t[name].add_(0.5)
+        after = model.logits(ids)
+        print(f"{name} += 0.5: logits move by {(after - before).abs().max().item():.3e}")
+        assert (after - before).abs().max() > 1e-3
+        before = after
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3_text"])
+def test_additive_masks_match_transformers(model_dir, arch, monkeypatch):
+    """The additive masks a GPU's SDPA gets (0 / -inf, made once per call), forced on the CPU by
+    CF_ADDITIVE_MASKS: padded, sliding-window and cached decode equal transformers'."""
+    monkeypatch.setenv("CF_ADDITIVE_MASKS", "1")
+    folder, hf = model_dir(arch)
+    model = cf.load(folder)
+    ids, mask = tokens(2, 20, seed=5), torch.ones(2, 20, dtype=torch.long)
+    ids[1, :5], mask[1, :5] = 0, 0
+    with torch.no_grad():
+        ref = rebuilt(hf, list(RYS))(ids, attention_mask=mask).logits
+    out = model.logits(ids, layers=RYS, attention_mask=mask)
+    assert relative(f"{arch} additive masks, padded rys", out[mask.bool()], ref[mask.bool()]) < 1e-4
+    with torch.no_grad():
+        want = rebuilt(hf, list(RYS)).generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
+                                               do_sample=False, pad_token_id=0)[:, 20:]
+    assert torch.equal(model.generate(ids, layers=RYS, attention_mask=mask, max_new_tokens=8, min_new_tokens=8), want)

@@ -3,11 +3,16 @@
 #include "model.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <set>
+#include <string>
+
+#include <torch/version.h>
 
 #include "../common/errors.h"
+#include "../kernels/gpu_ops.h"
 #include "../kernels/ops.h"
 #include "linear_attention.h"
 #include "masks.h"
@@ -295,15 +300,46 @@ std::pair<at::Tensor, at::Tensor> Engine::route(const at::Tensor& flat, const La
   return {weights, experts};
 }
 
+namespace {
+
+// at::_grouped_mm: in torch since 2.8, with a CPU kernel since 2.9 (CF_MOE_GROUPED=1 runs it there).
+#if __has_include(<ATen/ops/_grouped_mm.h>)
+constexpr bool kGroupedMm = true;
+constexpr bool kGroupedMmCpu = TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 9;
+#else
+constexpr bool kGroupedMm = false;
+constexpr bool kGroupedMmCpu = false;
+#endif
+
+// Stacked float experts whose matrices at::_grouped_mm takes: rows and columns multiples of 8 and
+// starts 16-byte aligned (its strides and pointers must be), none packed.
+bool grouped_mm_fits(const MlpWeights& s) {
+  if (!s.down.defined()) return false;
+  for (const Matrix* m : {&s.gate_up, &s.gate, &s.up, &s.down})
+    if (m->defined() && (m->packed() || m->t.size(-1) % 8 != 0 || m->t.size(-2) % 8 != 0 ||
+                         reinterpret_cast<uintptr_t>(m->t.data_ptr()) % 16 != 0))
+      return false;
+  return true;
+}
+
+// CF_MOE_GROUPED: 1 forces the grouped experts on (where they fit), 0 off, unset: the default.
+int grouped_override() {
+  const char* v = std::getenv("CF_MOE_GROUPED");
+  return v == nullptr || *v == '\0' ? -1 : std::string(v) != "0";
+}
+
+}  // namespace
+
 // Whether a sparse layer's experts run as grouped GEMMs (experts_grouped) on `device` in `dtype`:
-// stacked float experts without biases, on a CUDA GPU in bf16 (what at::_grouped_mm runs there);
-// CF_MOE_GROUPED=1 / 0 forces it on / off wherever the experts allow (tests run it on the CPU).
+// stacked float experts without biases that at::_grouped_mm takes, on a GPU where it runs without
+// a host sync (Hopper / datacenter Blackwell, bf16: gpu::grouped_mm_without_sync); on the CPU only
+// when CF_MOE_GROUPED=1 forces it (the tests; slower than the loop there).
 bool Engine::grouped_experts(const LayerWeights& L, at::Device device, at::ScalarType dtype) const {
-  const MlpWeights& s = L.stacked;
-  if (!s.down.defined() || s.down.packed() || cfg_.swiglu_limit > 0) return false;
-  const char* force = std::getenv("CF_MOE_GROUPED");
-  if (force != nullptr && *force != '\0') return std::string(force) != "0";
-  return device.is_cuda() && dtype == at::kBFloat16;
+  if (!kGroupedMm || !grouped_mm_fits(L.stacked) || cfg_.swiglu_limit > 0) return false;
+  const int force = grouped_override();
+  if (force == 0) return false;
+  if (device.is_cuda()) return dtype == at::kBFloat16 && gpu::grouped_mm_without_sync(device);
+  return force == 1 && kGroupedMmCpu;
 }
 
 bool Engine::moe_without_host_sync() const {
@@ -345,7 +381,12 @@ at::Tensor Engine::experts_grouped(const at::Tensor& flat, const LayerWeights& L
   const at::Tensor counts = at::zeros({E}, pairs.options()).scatter_add_(0, sorted, at::ones_like(sorted));
   const at::Tensor offsets = counts.cumsum(0, at::kInt);
   auto grouped = [&offsets](const at::Tensor& a, const Matrix& w) {
+#if __has_include(<ATen/ops/_grouped_mm.h>)
     return at::_grouped_mm(a, w.t.transpose(-2, -1), offsets);
+#else
+    throw InputError("grouped experts need torch >= 2.8 (at::_grouped_mm)");
+    return a;
+#endif
   };
   const at::Tensor x = flat.index_select(0, order.div(k, "floor"));
   at::Tensor gate, up;
@@ -376,9 +417,12 @@ at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
 // The mask of a window's attention: bool, or where SDPA runs on a GPU (no soft-capping or sinks,
 // which take the eager route) additive, 0 / -inf in the compute dtype, made once per call and
 // device; SDPA would otherwise turn the bool mask into that in every slot (two more launches each).
+// CF_ADDITIVE_MASKS makes them additive on the CPU too (its SDPA takes
+// them; the one-query kernel does not, so decode steps run SDPA): the tests' way to check them.
 std::optional<at::Tensor> Engine::attention_mask(const SlotInputs& in, int64_t window) const {
   const std::optional<at::Tensor>& allowed = in.masks.at(window);
-  if (!allowed || !in.device.is_cuda() || cfg_.attn_softcap > 0 || cfg_.attn_sinks) return allowed;
+  const bool forced = std::getenv("CF_ADDITIVE_MASKS") != nullptr;  // tests run it on the CPU
+  if (!allowed || !(in.device.is_cuda() || forced) || cfg_.attn_softcap > 0 || cfg_.attn_sinks) return allowed;
   auto it = in.additive.find(window);
   if (it == in.additive.end()) {
     at::Tensor additive = at::zeros(allowed->sizes(), allowed->options().dtype(w_.dtype))

@@ -4,8 +4,9 @@
 // devices (each layer's weights on one device, see weights.h): a slot runs where its layer lives,
 // with its cache slot there; hidden states move only when consecutive slots sit on different
 // devices, and every call takes its inputs and returns its outputs on the main device. A
-// mixture-of-experts MLP reads how many rows each expert got on the host (one sync per sparse
-// layer: no CUDA graph for MoE decode). A linear-attention (Gated DeltaNet) layer keeps a state per
+// mixture-of-experts MLP runs its experts as grouped GEMMs with no host sync where the GPU and the
+// experts' layout allow (Engine::grouped_experts: decode can be a CUDA graph), else loops over the
+// experts, reading how many rows each got on the host (one sync per sparse layer). A linear-attention (Gated DeltaNet) layer keeps a state per
 // slot in the cache (linear_attention.h) instead of keys and values.
 #pragma once
 #include <ATen/ATen.h>

@@ -120,32 +120,46 @@ at::Tensor norm_weight(const at::Tensor& w, const ModelConfig& c) {
   return c.norm_fp32 ? w.to(at::kFloat) : w;
 }
 
+// Whether the tensors follow one another in one storage, in order: each contiguous, of one dtype and
+// device, the next starting where the previous ends.
+bool follow_one_another(const std::vector<const at::Tensor*>& parts) {
+  const char* next = nullptr;
+  for (const at::Tensor* t : parts) {
+    if (!t->defined() || !t->is_contiguous() || t->scalar_type() != parts[0]->scalar_type() ||
+        t->device() != parts[0]->device() || !t->storage().is_alias_of(parts[0]->storage()))
+      return false;
+    const char* start = static_cast<const char*>(t->data_ptr());
+    if (next != nullptr && start != next) return false;
+    next = start + t->nbytes();
+  }
+  return true;
+}
+
 // `parts` as one matrix, a view, when their rows follow one another in one tensor's memory (same
-// type, row length, dtype and device, each contiguous): one product instead of several. Undefined
-// otherwise, and when some parts have a bias and others not.
+// type and row length, each 2-D): one product instead of several; with their biases as one (a view
+// when they follow one another too, else a copy). Undefined otherwise, and when some parts have a
+// bias and others not.
 std::pair<Matrix, at::Tensor> rows_in_sequence(const std::vector<const Matrix*>& parts,
                                                const std::vector<at::Tensor>& biases) {
   const Matrix& first = *parts[0];
+  std::vector<const at::Tensor*> blocks;
   int64_t rows = 0;
-  const char* next = nullptr;
   for (const Matrix* m : parts) {
-    const at::Tensor& t = m->t;
-    if (!t.defined() || t.dim() != 2 || !t.is_contiguous() || m->type != first.type || m->cols != first.cols ||
-        t.size(1) != first.t.size(1) || t.scalar_type() != first.t.scalar_type() || t.device() != first.t.device() ||
-        !t.storage().is_alias_of(first.t.storage()))
+    if (!m->defined() || m->t.dim() != 2 || m->type != first.type || m->cols != first.cols ||
+        m->t.size(1) != first.t.size(1))
       return {};
-    const char* start = static_cast<const char*>(t.data_ptr());
-    if (next != nullptr && start != next) return {};
-    next = start + t.nbytes();
-    rows += t.size(0);
+    blocks.push_back(&m->t);
+    rows += m->t.size(0);
   }
   size_t with_bias = 0;
-  for (const at::Tensor& b : biases) with_bias += b.defined();
-  if (with_bias != 0 && with_bias != biases.size()) return {};
+  std::vector<const at::Tensor*> bias_parts;
+  for (const at::Tensor& b : biases) with_bias += b.defined(), bias_parts.push_back(&b);
+  if (!follow_one_another(blocks) || (with_bias != 0 && with_bias != biases.size())) return {};
   const at::Tensor whole = first.t.as_strided({rows, first.t.size(1)}, {first.t.size(1), 1});
   Matrix out = first.packed() ? Matrix(whole, first.type, first.cols) : Matrix(whole);
   out.q8 = first.q8;
-  return {out, with_bias ? at::cat(biases) : at::Tensor()};
+  if (with_bias == 0) return {out, at::Tensor()};
+  return {out, follow_one_another(bias_parts) ? biases[0].as_strided({rows}, {1}) : at::cat(biases)};
 }
 
 // The experts' `member` matrices as one stacked [E, rows, K] matrix when they follow one another
@@ -155,6 +169,8 @@ Matrix stacked_experts(const std::vector<MlpWeights>& experts,
   std::vector<const Matrix*> parts;
   for (const MlpWeights& e : experts) parts.push_back(&member(e));
   if (parts.empty() || !parts[0]->defined()) return Matrix();
+  for (const Matrix* m : parts)
+    if (!m->defined() || m->rows() != parts[0]->rows()) return Matrix();
   Matrix all = rows_in_sequence(parts, {}).first;
   if (!all.defined()) return all;
   all.t = all.t.view({static_cast<int64_t>(parts.size()), parts[0]->rows(), all.t.size(1)});

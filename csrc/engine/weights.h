@@ -33,7 +33,7 @@ struct MlpWeights {
   at::Tensor b_gate_up, b_gate, b_up, b_down;
   bool interleaved = false;
   // gate and up as one [2I, H] matrix (+ bias) when a loader laid their rows out one after another
-  // (loading.fuse_projections): one product instead of two; else undefined.
+  // (layout.lay_out_fused): one product instead of two; else undefined.
   Matrix gate_up_rows;
   at::Tensor b_gate_up_rows;
 };
@@ -68,7 +68,7 @@ struct LayerWeights {
   at::Tensor router, router_bias, shared_gate;
   std::vector<MlpWeights> experts;
   // The experts' matrices as stacked [E, rows, K] tensors, when they are (a stacked checkpoint or
-  // GGUF tensor, or per-expert matrices laid out one after another: loading.lay_out_fused): gate_up
+  // GGUF tensor, or per-expert matrices laid out one after another: layout.lay_out_fused): gate_up
   // (each expert's gate rows then up rows) or gate and up, and down; else undefined.
   MlpWeights stacked;
   at::Device device = at::kCPU;           // where every tensor above lives

@@ -9,6 +9,10 @@
 namespace cf::gpu {
 
 bool available();  // built with the GPU kernels
+// Whether at::_grouped_mm runs on `device` without a host sync (bf16): compute capability 9.x / 10.x;
+// elsewhere torch falls back to a loop that reads the offsets on the host. False on ROCm and in
+// builds without the GPU kernels.
+bool grouped_mm_without_sync(at::Device device);
 // (x + residual, weight * rms_norm(x + residual)); without residual: (x, weight * rms_norm(x)).
 std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                const at::Tensor& weight, double eps);

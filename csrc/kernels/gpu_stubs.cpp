@@ -10,6 +10,7 @@ namespace {
 }  // namespace
 
 bool available() { return false; }
+bool grouped_mm_without_sync(at::Device) { return false; }
 std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                                double) {
   missing();

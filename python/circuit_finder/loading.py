@@ -15,8 +15,8 @@ sizes before any weight is moved, converted or dequantized).
 
 GPT-OSS's MXFP4 expert tensors are dequantized on load (``quants``), on the device of their layer.
 On GPUs each layer's q / k / v and each gated MLP's gate / up are laid out as one matrix, and a
-mixture of experts' per-expert matrices stacked (``lay_out_fused``; ``fuse_projections``): the
-engine runs each group as one product, and stacked bf16 experts as grouped GEMMs.
+mixture of experts' per-expert matrices stacked (``layout.lay_out_fused``; ``fuse_projections``):
+the engine runs each group as one product, and stacked bf16 experts as grouped GEMMs.
 
 Limits: no remote code, no pickle — safetensors and GGUF only.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 from . import _C
 from .config import ModelConfig, parse_config
 from .files import package_file
+from .layout import lay_out_fused
 from .model import Model
 from .placement import Placement, plan
 from .quants import (
@@ -49,9 +49,9 @@ from .quants import (
     quantize_matrix,
 )
 
-__all__ = ["ACTIVATIONS", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "FUSED_GROUPS", "activations_here",
-           "check_activations", "default_model_path", "lay_out_fused", "load", "load_from_tensors", "model_config_file",
-           "packs_on", "q8_products", "release_freed_heap", "resolve_dtype", "text_decoder_tensors"]
+__all__ = ["ACTIVATIONS", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "activations_here", "check_activations",
+           "default_model_path", "load", "load_from_tensors", "model_config_file", "packs_on", "q8_products",
+           "release_freed_heap", "resolve_dtype", "text_decoder_tensors"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -147,7 +147,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     CPU without AVX2, or CF_CPU_KERNELS=0, the model is float (a warning says why) and
     ``model.activations`` says so.
     fuse_projections: None (default) lays each layer's q / k / v projections and each gated MLP's
-    gate / up out as one matrix on GPUs (``lay_out_fused``: one product each, fewer kernel launches
+    gate / up out as one matrix on GPUs (``layout.lay_out_fused``: one product each, fewer kernel launches
     and larger GEMVs; a copy of those matrices while loading), True on every device (on the CPU a
     memory-mapped checkpoint's matrices become copies), False never. Same results up to the order of
     the sums.
@@ -167,9 +167,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         config_file = model_config_file(folder)
         config = parse_config(_with_generation_eos(json.loads(config_file.read_text()), folder), str(config_file))
         tensors = _C.load_safetensors(str(folder))
-        model = load_from_tensors(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
-                                  source=str(folder), device_map=device_map, max_memory=max_memory,
-                                  quantize=quantize, activations=activations, fuse_projections=fuse_projections)
+        model = _build(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
+                       source=str(folder), device_map=device_map, max_memory=max_memory, quantize=quantize,
+                       activations=activations, fuse_projections=fuse_projections, owned=True)
     release_freed_heap()
     return model
 
@@ -224,8 +224,8 @@ def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: boo
         return placed[0]
 
     config, tensors = read_gguf(path, target, place, keep_packed=not dequantize)
-    return load_from_tensors(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path,
-                             device_map=placed[0], activations=activations, fuse_projections=fuse_projections)
+    return _build(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path,
+                  device_map=placed[0], activations=activations, fuse_projections=fuse_projections, owned=True)
 
 
 def _sized_packed(device, device_map) -> bool:
@@ -259,6 +259,13 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     ``quants.PackedTensor`` values stay packed where ``packs_on`` says). device_map / max_memory / quantize /
     activations / fuse_projections as for ``load`` (device_map may be a ready Placement; with None,
     tensors the caller passed already where and as they are placed are left unfused, not copied)."""
+    return _build(config, tensors, tokenizer, device, dtype, source, device_map, max_memory, quantize, activations,
+                  fuse_projections, owned=False)
+
+
+def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<tensors>", device_map=None,
+           max_memory=None, quantize=None, activations="float", fuse_projections=None, owned=False) -> Model:
+    """load_from_tensors; owned: the tensors are this load's own (it may lay out copies of any)."""
     check_activations(activations)
     if not isinstance(config, ModelConfig):
         config = parse_config(config, source)
@@ -290,17 +297,13 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     if left_float:
         warnings.warn(f"quantize: packed matrices run on the CPU, or on a GPU with this build's GPU kernels: "
                       f"{len(left_float)} placed on other devices stay float", stacklevel=2)
-    moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in tensors.items()
-             if name not in ggml and t.is_floating_point()}
+    floats = {name: t for name, t in tensors.items() if name not in ggml and t.is_floating_point()}
+    if fuse_projections is not False:
+        _fuse_where_placed(floats, ggml, placed, target, everywhere=bool(fuse_projections), owned=owned)
+    moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in floats.items()}
     for name, (blocks, scales) in mxfp4.items():
         moved[name] = dequantize_mxfp4(blocks, scales, target, placed.device_of(name))
     kept = _place_packed(ggml, placed, target, moved)
-    if fuse_projections is not False:  # None: on GPUs, the tensors this load copied there
-        where = (lambda d: d.type != "meta") if fuse_projections else (lambda d: d.type == "cuda")
-        callers = set() if fuse_projections else ({n for n, t in moved.items() if t is tensors.get(n)}
-                                                  | {n for n, t in kept.items() if t.blocks is ggml[n].blocks})
-        lay_out_fused(moved, where, keep=callers)
-        lay_out_fused(kept, where, keep=callers)
     activations = activations_here(activations, any(t.blocks.device.type == "cpu" for t in kept.values()))
     engine = _C.Engine(json.dumps(config.raw), source, {**moved, **{n: t.blocks for n, t in kept.items()}},
                        {n: t.ggml_type for n, t in kept.items()}, q8_activations=activations == "q8")
@@ -310,100 +313,19 @@ def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch
     return model
 
 
-# Projections laid out one after another (lay_out_fused): a layer's q / k / v, a gated MLP's gate /
-# up (dense, shared expert, the hub's per-expert tensors; Mixtral names them w1 / w3).
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
-# A mixture of experts' per-expert tensors (the hub's layout): gate, up, down names.
-EXPERT_NAMES = {"gate_proj": ("up_proj", "down_proj"), "w1": ("w3", "w2")}
-_EXPERT = re.compile(r"^(.*\.experts\.)0\.(gate_proj|w1)\.weight$")
+def _fuse_where_placed(floats: dict, ggml: dict, placed: Placement, target: torch.dtype, everywhere: bool,
+                       owned: bool) -> None:
+    """layout.lay_out_fused over a load's float and packed tensors, each group made where it is
+    placed (floats in the target dtype): on GPUs, or everywhere; packed groups only where they stay
+    packed. Unless the tensors are the load's own, those the caller placed already are left as they are."""
+    def where(d: torch.device) -> bool:
+        return d.type != "meta" if everywhere else d.type == "cuda"
 
-
-def lay_out_fused(tensors: dict, where=lambda device: device.type == "cuda", keep=frozenset()) -> int:
-    """Lays out each group of FUSED_GROUPS (``<prefix>.q_proj.weight`` ...) one after another in one
-    new tensor and puts row views of it in ``tensors`` in place of the parts; the engine then runs
-    the group as one product. A mixture of experts' per-expert float matrices are stacked first,
-    as transformers v5 holds them: each expert's gate rows then up rows in one [E, 2I, H] tensor,
-    the downs in one [E, H, I] (the engine then runs each projection of all experts as one grouped
-    GEMM where it can: Engine::grouped_experts). A group is laid out when its parts are all there,
-    float 2-D tensors of one dtype or PackedTensors of one type, with one row length, on one device
-    that ``where`` accepts, none named in ``keep`` and not already one after another. Biases stay
-    as they are. One group at a time: the extra memory is one group's (one layer's experts).
-    Returns the number of groups laid out (a layer's experts count as one)."""
-    done = _stack_experts(tensors, where, keep)
-    for name in [n for n in tensors if n.endswith(".weight")]:
-        for group in FUSED_GROUPS:
-            if not name.endswith(f".{group[0]}.weight"):
-                continue
-            prefix = name[: -len(f"{group[0]}.weight")]
-            names = [f"{prefix}{part}.weight" for part in group]
-            parts = [tensors.get(n) for n in names]
-            if keep.isdisjoint(names) and _fusable(parts) and where(parts[0].device) and not _in_sequence(parts):
-                _replace_with_rows(tensors, names, parts)
-                done += 1
-    return done
-
-
-def _fusable(parts: list) -> bool:
-    if any(p is None for p in parts):
-        return False
-    first = parts[0]
-    if isinstance(first, PackedTensor):
-        return all(isinstance(p, PackedTensor) and p.blocks.dim() == 2 and p.type_name == first.type_name
-                   and p.cols == first.cols and p.device == first.device for p in parts)
-    return all(isinstance(p, torch.Tensor) and p.dim() == 2 and p.is_floating_point() and p.dtype == first.dtype
-               and p.shape[1] == first.shape[1] and p.device == first.device for p in parts)
-
-
-def _in_sequence(parts: list) -> bool:
-    """Whether the parts' rows already follow one another in one storage."""
-    data = [p.blocks if isinstance(p, PackedTensor) else p for p in parts]
-    return all(a.is_contiguous() and b.is_contiguous() and a.data_ptr() + a.nbytes == b.data_ptr()
-               and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for a, b in zip(data, data[1:]))
-
-
-def _replace_with_rows(tensors: dict, names: list[str], parts: list) -> None:
-    packed = isinstance(parts[0], PackedTensor)
-    whole = torch.cat([p.blocks if packed else p for p in parts])
-    row = 0
-    for name, part in zip(names, parts):
-        rows = whole[row: row + part.shape[0]]
-        tensors[name] = PackedTensor(rows, part.type_name, part.cols, name) if packed else rows
-        row += part.shape[0]
-
-
-def _stackable(parts: list[list], where) -> bool:
-    """Whether experts' [gate, up, down] float matrices can stack: each kind one shape, all of one
-    dtype on one device that ``where`` accepts."""
-    gate_up, downs = [p for e in parts for p in e[:2]], [e[2] for e in parts]
-    return (_fusable(gate_up) and _fusable(downs) and not isinstance(gate_up[0], PackedTensor)
-            and where(gate_up[0].device) and downs[0].device == gate_up[0].device and downs[0].dtype == gate_up[0].dtype
-            and len({p.shape for p in gate_up}) == 1 and len({d.shape for d in downs}) == 1)
-
-
-def _stack_experts(tensors: dict, where, keep) -> int:
-    """The per-expert float gate / up / down matrices of each mixture-of-experts layer stacked (see
-    lay_out_fused); returns the number of layers stacked."""
-    done = 0
-    for first in [n for n in tensors if _EXPERT.match(n)]:
-        prefix, gate = _EXPERT.match(first).groups()
-        up, down = EXPERT_NAMES[gate]
-        count = 0
-        while f"{prefix}{count}.{gate}.weight" in tensors:
-            count += 1
-        names = [[f"{prefix}{e}.{part}.weight" for part in (gate, up, down)] for e in range(count)]
-        parts = [[tensors.get(n) for n in expert] for expert in names]
-        if not keep.isdisjoint(n for expert in names for n in expert) or not _stackable(parts, where):
-            continue
-        (rows, cols), out, like = parts[0][0].shape, parts[0][2].shape[0], parts[0][0]
-        gate_up = torch.empty((count, 2 * rows, cols), dtype=like.dtype, device=like.device)
-        downs = torch.empty((count, out, rows), dtype=like.dtype, device=like.device)
-        for e, (g, u, d) in enumerate(parts):
-            gate_up[e, :rows].copy_(g)
-            gate_up[e, rows:].copy_(u)
-            downs[e].copy_(d)
-            tensors.update(zip(names[e], (gate_up[e, :rows], gate_up[e, rows:], downs[e])))
-        done += 1
-    return done
+    callers = set() if everywhere or owned else (
+        {n for n, t in floats.items() if t.device == placed.device_of(n) and t.dtype == target}
+        | {n for n, t in ggml.items() if t.device == placed.device_of(n)})
+    lay_out_fused(floats, where, keep=callers, place=lambda n: (placed.device_of(n), target))
+    lay_out_fused(ggml, lambda d: where(d) and packs_on(d), keep=callers, place=lambda n: (placed.device_of(n), None))
 
 
 ACTIVATIONS = ("float", "q8")

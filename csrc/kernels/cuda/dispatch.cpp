@@ -9,6 +9,7 @@
 #include <ATen/hip/impl/HIPStreamMasqueradingAsCUDA.h>
 #else
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -81,6 +82,17 @@ void check_blocks(const char* op, const at::Tensor& w, int64_t row_bytes) {
 }  // namespace
 
 bool available() { return true; }
+
+bool grouped_mm_without_sync(at::Device device) {
+#if defined(CF_HIP)
+  return false;  // torch's sync-free kernels there need MI300-class parts built with CK: not relied on
+#else
+  int major = 0;
+  if (!device.is_cuda() || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()) != cudaSuccess)
+    return false;
+  return major == 9 || major == 10;
+#endif
+}
 
 // x [..., hidden]; residual [..., hidden] (x's shape) or none; weight [hidden].
 std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
