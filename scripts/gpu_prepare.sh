@@ -3,16 +3,18 @@
 # GPU machine's image lacks into two git-ignored folders that the device tool carries
 # (carry: [".whl", ".cftok"]), for scripts/gpu_session.sh to use there:
 #   .whl/   wheels of the pure-Python packages missing there: gguf (the packed-weights tests and
-#           benchmark, GGUF fixtures) at this checkout's version, nlohmann-json (the build's headers)
+#           benchmark, GGUF fixtures) at this checkout's version, nlohmann-json (the build's headers),
+#           plotly and narwhals (a required dependency: the interactive heatmap), at the versions here
 #   .cftok/ the default model's tokenizer (benchmarks' chat prompts; CF_TEST_TOKENIZER)
 # Then, through the device tool: bash scripts/gpu_session.sh build gputests packed quant qproducts bench
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-gguf_version=$($PY -c "import importlib.metadata as m; print(m.version('gguf'))")
+version() { $PY -c "import importlib.metadata as m; print(m.version('$1'))"; }
 rm -rf .whl .cftok
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "gguf==$gguf_version" nlohmann-json
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "gguf==$(version gguf)" nlohmann-json \
+  "plotly==$(version plotly)" "narwhals==$(version narwhals)"
 $PY -c "import circuit_finder as cf; cf.load('default').tokenizer.save_pretrained('.cftok')" > /dev/null
 du -sh .whl .cftok

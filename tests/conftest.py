@@ -21,6 +21,21 @@ if "CF_CACHE_DIR" not in os.environ:
     os.environ["CF_CACHE_DIR"] = tempfile.mkdtemp(prefix="cf-test-cache-")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a machine announced as one without the default model (CF_TEST_TOKENIZER: the GPU machine,
+    where its 98 MB package cannot travel), a test that fails because a data package is not
+    installed (files.package_file's FileNotFoundError) is reported skipped, with that message.
+    Elsewhere (CI) it stays a failure: a missing install step must show."""
+    outcome = yield
+    report = outcome.get_result()
+    error = call.excinfo
+    if (report.failed and error is not None and os.environ.get("CF_TEST_TOKENIZER")
+            and error.errisinstance(FileNotFoundError) and "this needs the package" in str(error.value)):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: not installed here: {error.value}")
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """model_dir(arch, **config overrides) -> (folder, transformers model), cached per session."""

@@ -15,7 +15,7 @@ import torch
 import circuit_finder as cf
 from circuit_finder import LayerPath
 from circuit_finder.export import export_mergekit, mergekit_source, remap_config
-from helpers import build_hf_model, write_gguf
+from helpers import ATTN_IMPLEMENTATION, build_hf_model, write_gguf
 
 PATH = LayerPath.parse("0..3,1..3,4,5")  # RYS (1, 4) on 6 layers: 9 slots
 
@@ -35,7 +35,8 @@ def test_hf_export_loads_in_transformers(model_dir, arch, tmp_path, shard):
     config = json.loads((dst / "config.json").read_text())
     assert config["num_hidden_layers"] == len(PATH)
     assert (dst / "model.safetensors.index.json").exists() == (shard is not None)
-    hf = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32,  # Gemma 2 soft-caps: eager
+                                              attn_implementation=ATTN_IMPLEMENTATION.get(arch, "sdpa"))
     x = ids()
     with torch.no_grad():
         theirs = hf(x).logits

@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import circuit_finder as cf
 from circuit_finder import LayerPath
@@ -213,7 +214,12 @@ def test_hybrid_gguf_matches_transformers(arch, tmp_path):
         exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(ids).logits
     assert relative(f"{arch} gguf exported, in transformers", exported, model.logits(ids, layers=PATHS["rys"])) < 1e-4
     if arch != "qwen3_next":  # transformers has no qwen3next GGUF reader
-        theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+        try:
+            theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+        except ValueError as e:  # older transformers (5.17 on the GPU machine) have no qwen35moe reader
+            if "is not supported yet" not in str(e):
+                raise
+            pytest.skip(f"transformers {transformers.__version__} cannot read this GGUF: {e}")
         with torch.no_grad():
             assert relative(f"{arch} gguf read by transformers", theirs(ids).logits, hf(ids).logits) < 1e-4
     # Q8_0: the error these recurrences amplify is the one the same rounding gives in transformers

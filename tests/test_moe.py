@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import circuit_finder as cf
@@ -309,6 +310,9 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers(gpt_oss, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     model = cf.load(out)
     ids = tokens(2, 20, seed=12)
+    if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 23):
+        pytest.skip(f"transformers {transformers.__version__} dequantizes MXFP4 otherwise than 5.23, which ours "
+                    "matches (to 6e-7)")
     ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager",
                                                quantization_config=Mxfp4Config(dequantize=True)).eval()
     follow_config_clamp(ref)

@@ -374,9 +374,9 @@ def model_args_text(model: str, layers: str | None, dtype: str | None, num_layer
 
 
 def cmd_eval(args) -> int:
-    _needs("lm_eval", "eval", "circuit-finder eval")
-    n = _check_model_args(args)
+    n = _check_model_args(args)  # the arguments' own mistakes first, whatever is installed
     model_args = model_args_text(args.model, args.layers, args.dtype, n, args.device_map, args.max_memory)
+    _needs("lm_eval", "eval", "circuit-finder eval")
     import torch
     from lm_eval.__main__ import cli_evaluate  # the `lm-eval` console script's entry point
 
