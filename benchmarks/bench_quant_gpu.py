@@ -7,13 +7,13 @@ decode tokens/s at batch 1 and 16, the weights' bytes, and each route's share of
 roofline at batch 1 (weight bytes a step reads / step time over the copy bandwidth of the run).
 Before the models, per product of the 8B shape's matrices (q/o, gate/up, down, LM head) in Q4_K,
 BF16 (ggml's rows of bf16: the dense bf16 matrix itself, so its rows say whether our gemv beats
-cuBLAS's split-K GEMV on a plain bf16 model), Q6_K and Q8_0: the packed product's time at 1, 8, 16 and 64 rows of x (GPU_ROWS; up to 8 the
-blocks are read directly, beyond that dequantized to the compute dtype a slice at a time for
-cuBLAS; at 16 and 64 also the direct kernels 8 rows a launch, direct_rows) through the chunk
-kernels (eight elements a lane; the default) and the per-element kernels (chunks=False, the first
-version), and cuBLAS on the same weights dense in the compute dtype; and
-the dequantization to the compute dtype alone through both kernels. Each is replayed from a
-CUDA graph of 20 calls, so launch gaps do not count.
+cuBLAS's split-K GEMV on a plain bf16 model), Q6_K and Q8_0: the packed product's time at 1, 8, 16
+and 64 rows of x (GPU_ROWS; up to 8 the blocks are read directly, beyond that dequantized to the
+compute dtype a slice at a time for cuBLAS; at 16 and 64 also the direct kernels 8 rows a launch,
+direct_rows) through the chunk kernels (eight elements a lane; the default) and the per-element
+kernels (chunks=False, the first version), and cuBLAS on the same weights dense in the compute
+dtype; and the dequantization to the compute dtype alone through both kernels. Each is replayed
+from a CUDA graph of 20 calls, so launch gaps do not count.
 
     python benchmarks/bench_quant_gpu.py --device cuda            # H100: ~3 min
     python benchmarks/bench_quant_gpu.py --device cuda --type Q8_0 --shape 1b

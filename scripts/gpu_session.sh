@@ -8,7 +8,7 @@
 # qproducts (each 8B-shape matrix in Q4_K / BF16 / Q6_K / Q8_0: chunk vs per-element kernels vs cuBLAS, and
 # at 16 / 64 rows of x the direct kernels 8 rows a launch vs dequantize + cuBLAS).
 #   bash scripts/gpu_session.sh build gputests bench
-# Wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json) are installed first; a saved
+# Wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json, plotly, narwhals) are installed first; a saved
 # tokenizer in .cftok/ stands in for the default model's (CF_TEST_TOKENIZER). scripts/gpu_prepare.sh
 # makes both on the development machine; the device tool carries them (carry: .whl, .cftok).
 # A kernel fault surfaces in a later call unless launches block: the `packed` stage reruns the

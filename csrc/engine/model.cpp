@@ -304,12 +304,11 @@ namespace {
 
 // at::_grouped_mm: in torch since 2.8, with a CPU kernel since 2.9 (CF_MOE_GROUPED=1 runs it there).
 #if __has_include(<ATen/ops/_grouped_mm.h>)
-constexpr bool kGroupedMm = true;
-constexpr bool kGroupedMmCpu = TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 9;
+#define CF_GROUPED_MM 1
 #else
-constexpr bool kGroupedMm = false;
-constexpr bool kGroupedMmCpu = false;
+#define CF_GROUPED_MM 0
 #endif
+constexpr bool kGroupedMmCpu = CF_GROUPED_MM && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 9);
 
 // Stacked float experts whose matrices at::_grouped_mm takes: rows and columns multiples of 8 and
 // starts 16-byte aligned (its strides and pointers must be), none packed.
@@ -335,7 +334,7 @@ int grouped_override() {
 // a host sync (Hopper / datacenter Blackwell, bf16: gpu::grouped_mm_without_sync); on the CPU only
 // when CF_MOE_GROUPED=1 forces it (the tests; slower than the loop there).
 bool Engine::grouped_experts(const LayerWeights& L, at::Device device, at::ScalarType dtype) const {
-  if (!kGroupedMm || !grouped_mm_fits(L.stacked) || cfg_.swiglu_limit > 0) return false;
+  if (!CF_GROUPED_MM || !grouped_mm_fits(L.stacked) || cfg_.swiglu_limit > 0) return false;
   const int force = grouped_override();
   if (force == 0) return false;
   if (device.is_cuda()) return dtype == at::kBFloat16 && gpu::grouped_mm_without_sync(device);
@@ -381,7 +380,7 @@ at::Tensor Engine::experts_grouped(const at::Tensor& flat, const LayerWeights& L
   const at::Tensor counts = at::zeros({E}, pairs.options()).scatter_add_(0, sorted, at::ones_like(sorted));
   const at::Tensor offsets = counts.cumsum(0, at::kInt);
   auto grouped = [&offsets](const at::Tensor& a, const Matrix& w) {
-#if __has_include(<ATen/ops/_grouped_mm.h>)
+#if CF_GROUPED_MM
     return at::_grouped_mm(a, w.t.transpose(-2, -1), offsets);
 #else
     throw InputError("grouped experts need torch >= 2.8 (at::_grouped_mm)");
@@ -421,8 +420,8 @@ at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
 // them; the one-query kernel does not, so decode steps run SDPA): the tests' way to check them.
 std::optional<at::Tensor> Engine::attention_mask(const SlotInputs& in, int64_t window) const {
   const std::optional<at::Tensor>& allowed = in.masks.at(window);
-  const bool forced = std::getenv("CF_ADDITIVE_MASKS") != nullptr;  // tests run it on the CPU
-  if (!allowed || !(in.device.is_cuda() || forced) || cfg_.attn_softcap > 0 || cfg_.attn_sinks) return allowed;
+  if (!allowed || cfg_.attn_softcap > 0 || cfg_.attn_sinks) return allowed;
+  if (!in.device.is_cuda() && std::getenv("CF_ADDITIVE_MASKS") == nullptr) return allowed;  // tests force it on the CPU
   auto it = in.additive.find(window);
   if (it == in.additive.end()) {
     at::Tensor additive = at::zeros(allowed->sizes(), allowed->options().dtype(w_.dtype))

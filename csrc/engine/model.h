@@ -6,8 +6,9 @@
 // devices, and every call takes its inputs and returns its outputs on the main device. A
 // mixture-of-experts MLP runs its experts as grouped GEMMs with no host sync where the GPU and the
 // experts' layout allow (Engine::grouped_experts: decode can be a CUDA graph), else loops over the
-// experts, reading how many rows each got on the host (one sync per sparse layer). A linear-attention (Gated DeltaNet) layer keeps a state per
-// slot in the cache (linear_attention.h) instead of keys and values.
+// experts, reading how many rows each got on the host (one sync per sparse layer). A
+// linear-attention (Gated DeltaNet) layer keeps a state per slot in the cache (linear_attention.h)
+// instead of keys and values.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -168,7 +168,7 @@ Matrix stacked_experts(const std::vector<MlpWeights>& experts,
                        const std::function<const Matrix&(const MlpWeights&)>& member) {
   std::vector<const Matrix*> parts;
   for (const MlpWeights& e : experts) parts.push_back(&member(e));
-  if (parts.empty() || !parts[0]->defined()) return Matrix();
+  if (parts.empty()) return Matrix();
   for (const Matrix* m : parts)
     if (!m->defined() || m->rows() != parts[0]->rows()) return Matrix();
   Matrix all = rows_in_sequence(parts, {}).first;

@@ -8,10 +8,11 @@
 // kernels/matrix.h), named with their ggml type in bind_weights' `packed`; any other tensor is float.
 // Tensors are held by handle, never copied, except: norm weights of two families (vectors, [H] or
 // [D] each), Gemma's held as (1 + w) in fp32 and GPT-OSS's in fp32 (both multiply before the cast to
-// the compute dtype); and the biases of fused rows (below), concatenated. Fused projections (Phi-3's
-// qkv_proj, gate_up_proj) are held as they are and run as one matmul; so are a layer's q / k / v
-// and an MLP's gate / up when their rows follow one another in one tensor's memory (a loader laid
-// them out so: loading.fuse_projections), as views of that memory.
+// the compute dtype); and the biases of fused rows (below) when they do not follow one another in
+// memory, concatenated. Fused projections (Phi-3's qkv_proj, gate_up_proj) are held as they are and
+// run as one matmul; so are a layer's q / k / v and an MLP's gate / up when their rows follow one
+// another in one tensor's memory (a loader laid them out so: layout.lay_out_fused), as views of that
+// memory.
 #pragma once
 #include <ATen/ATen.h>
 
