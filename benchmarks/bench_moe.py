@@ -2,11 +2,15 @@
 per family (Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS; Qwen3.5, Qwen3-Next and Qwen3.5-MoE, whose Gated DeltaNet
 layers transformers runs with its torch reference here) on a random model of a small shape, same weights, RYS path,
 batch, dtype and device, measured by run.py's bench_forward (tokens/s, timestamps as each token
-comes out; the greedy tokens compared). Where the experts run as grouped GEMMs (a GPU in bf16), the
-loop over experts (our previous path, CF_MOE_GROUPED=0) is measured in the same run too.
+comes out; the greedy tokens compared). Where the experts run without a host sync (grouped products
+on a GPU: Engine::expert_route), the other routes are measured in the same run too: the grouped GEMV
+kernel (CF_MOE_GROUPED=0, where _grouped_mm was the default) and the loop over experts (our previous
+path, CF_MOE_GROUPED=0 CF_MOE_GEMV=0). --gguf QTYPE runs ours on the model written as a GGUF of that
+type (packed experts; transformers keeps the float model, so its tokens are not compared).
 
     .venv/bin/python benchmarks/bench_moe.py                 # CPU fp32, batch 1 and 8 (~5 min on 2 cores)
     python benchmarks/bench_moe.py --device cuda --dtype bfloat16
+    python benchmarks/bench_moe.py --device cuda --dtype bfloat16 --gguf Q4_0 --families mixtral qwen3_moe
     .venv/bin/python benchmarks/bench_moe.py --quick         # seconds: checks the script works
     .venv/bin/python benchmarks/bench_moe.py --families gpt_oss   # one family
 
@@ -16,6 +20,7 @@ Writes benchmarks/results/<date>-moe-<device>.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -31,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from run import bench_forward, bench_path, cpu_name  # noqa: E402
 
 import circuit_finder as cf  # noqa: E402
-from helpers import build_hf_model, rebuilt  # noqa: E402
+from helpers import build_hf_model, rebuilt, write_gguf  # noqa: E402
 
 # hidden, expert size, layers, heads, kv heads, experts, top-k, vocab: a small MoE (~100-200M)
 SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, vocab_size=8192,
@@ -56,6 +61,9 @@ FAMILIES = {
                              linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64, num_experts=16,
                              num_experts_per_tok=4, moe_intermediate_size=256, shared_expert_intermediate_size=512),
 }
+GGUF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")  # the ones helpers.write_gguf lays out
+# The other expert routes measured beside the default one (names: the table's columns)
+ROUTES = {"grouped_gemv": {"CF_MOE_GROUPED": "0"}, "looped": {"CF_MOE_GROUPED": "0", "CF_MOE_GEMV": "0"}}
 QUICK = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
 
 
@@ -69,17 +77,35 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['model']} ({r['params_M']}M) | {r['slots']} | {r['batch']} | "
                      f"{p['circuit_finder']:.0f} / {p['transformers']:.0f} | {p['ratio']:.2f} | "
                      f"{d['circuit_finder']:.1f} / {d['transformers']:.1f} | **{d['ratio']:.2f}** | "
-                     f"{'yes' if r['same_greedy_tokens'] else 'no'} |")
-    looped = [r for r in res["rows"] if "looped_experts" in r]
-    if looped:
-        lines += ["", "Experts as grouped GEMMs (no host sync, graph-replayed decode) vs the loop over experts, same run:",
-                  "", "| family | batch | prefill tok/s grouped / looped | decode tok/s grouped / looped | ratio |",
-                  "|---|---|---|---|---|"]
-        for r in looped:
-            lp, p, d = r["looped_experts"], r["prefill_tok_s"]["circuit_finder"], r["decode_tok_s"]["circuit_finder"]
-            lines.append(f"| {r['model']} | {r['batch']} | {p:.0f} / {lp['prefill_tok_s']:.0f} | "
-                         f"{d:.1f} / {lp['decode_tok_s']:.1f} | **{d / lp['decode_tok_s']:.2f}** |")
+                     f"{'- (GGUF)' if m.get('gguf') else 'yes' if r['same_greedy_tokens'] else 'no'} |")
+    routed = [r for r in res["rows"] if "routes" in r]
+    if routed:
+        lines += ["", "Expert routes, same run (decode tok/s; default: the route Engine::expert_route takes, without a "
+                  "host sync, graph-replayed decode; grouped_gemv: CF_MOE_GROUPED=0; looped: our previous path):", "",
+                  "| family | batch | prefill tok/s default / " + " / ".join(ROUTES) + " | decode tok/s default / "
+                  + " / ".join(ROUTES) + " | default / looped |", "|---|---|---|---|---|"]
+        for r in routed:
+            p, d = r["prefill_tok_s"]["circuit_finder"], r["decode_tok_s"]["circuit_finder"]
+            lines.append(f"| {r['model']} | {r['batch']} | {p:.0f} / "
+                         + " / ".join(f"{r['routes'][n]['prefill_tok_s']:.0f}" for n in ROUTES) + f" | {d:.1f} / "
+                         + " / ".join(f"{r['routes'][n]['decode_tok_s']:.1f}" for n in ROUTES)
+                         + f" | **{d / r['routes']['looped']['decode_tok_s']:.2f}** |")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def environment(values: dict):
+    """os.environ with `values` set, restored on exit."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv=None) -> int:
@@ -90,8 +116,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    ap.add_argument("--gguf", metavar="QTYPE", help="ours from the model written as a GGUF of this type (Q8_0, Q4_0, ...)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
+    if args.gguf and set(args.families) - set(GGUF_FAMILIES):
+        ap.error(f"--gguf writes {', '.join(GGUF_FAMILIES)} only")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
     for family in args.families:
@@ -101,32 +130,30 @@ def main(argv=None) -> int:
             if args.quick:
                 shape = {k: v for k, v in shape.items() if k != "head_dim"}
             hf = build_hf_model(family, tmp, **shape)
-            ours = cf.load(tmp, device=device, dtype=dtype)
+            if args.gguf:
+                write_gguf(hf, Path(tmp) / "m.gguf", args.gguf)
+            ours = cf.load(Path(tmp) / "m.gguf" if args.gguf else tmp, device=device, dtype=dtype)
             ref = rebuilt(hf, list(bench_path(ours))).to(device=device, dtype=dtype).eval()
             del hf
             sizes = (8, 4, 1) if args.quick else (64, 16, args.repeat)  # prompt, new tokens, repeats
             for b in ([1] if args.quick else args.batches):
                 r = bench_forward(family, ours, ref, b, *sizes, None)
-                if ours.engine.moe_without_host_sync():  # grouped experts: the loop over experts in the same run
-                    before = os.environ.get("CF_MOE_GROUPED")
-                    os.environ["CF_MOE_GROUPED"] = "0"
-                    try:
-                        looped = bench_forward(family, ours, ref, b, *sizes, None)
-                    finally:
-                        os.environ.pop("CF_MOE_GROUPED")
-                        if before is not None:
-                            os.environ["CF_MOE_GROUPED"] = before
-                    r["looped_experts"] = {k: looped[k]["circuit_finder"]
-                                           for k in ("prefill_tok_s", "decode_tok_s", "decode_steady_tok_s")}
+                if ours.engine.moe_without_host_sync(b):  # grouped products: the other routes in the same run
+                    r["routes"] = {}
+                    for name, env in ROUTES.items():
+                        with environment(env):
+                            other = bench_forward(family, ours, ref, b, *sizes, None)
+                        r["routes"][name] = {k: other[k]["circuit_finder"]
+                                             for k in ("prefill_tok_s", "decode_tok_s", "decode_steady_tok_s")}
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
     date = datetime.date.today().isoformat()
     res = {"meta": {"date": date, "machine": cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
                     "torch": torch.__version__, "device": device.type, "dtype": args.dtype,
-                    "threads": torch.get_num_threads(), "quick": args.quick}, "rows": rows}
+                    "threads": torch.get_num_threads(), "quick": args.quick, "gguf": args.gguf}, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    file = out / f"{date}-moe-{device.type}{'-quick' if args.quick else ''}.json"
+    file = out / f"{date}-moe-{device.type}{'-' + args.gguf if args.gguf else ''}{'-quick' if args.quick else ''}.json"
     if file.exists() and set(args.families) != set(FAMILIES):  # a subset run replaces only its families' rows
         kept = [r for r in json.loads(file.read_text())["rows"] if r["model"] not in args.families]
         res["rows"] = kept + rows

@@ -77,6 +77,12 @@ PYBIND11_MODULE(_C, m) {
         "per-element kernels; direct_rows: up to that many rows of x read the blocks directly, 8 per launch, "
         "instead of dequantizing for cuBLAS; 0: the default, 8)");
 
+  m.def("gpu_linear_packed_grouped", &cf::gpu::linear_packed_grouped, py::arg("x"), py::arg("blocks"),
+        py::arg("ggml_type"), py::arg("cols"), py::arg("experts"), py::arg("ends"), py::arg("chunks") = true,
+        "x [P, cols] rows sorted by expert (experts [P] int64, ascending; ends [E] int32, cumulative rows per "
+        "expert) @ their expert's dequantized(blocks[e])^T on a GPU, blocks uint8 [E, rows, row_bytes]; reads "
+        "nothing on the host");
+
   py::class_<cf::KVCache>(m, "KVCache")
       .def_property_readonly("length", &cf::KVCache::length)
       .def_property_readonly("capacity", &cf::KVCache::capacity)
@@ -118,6 +124,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("device", [](const cf::Engine& e) { return e.device().str(); })
       .def("layer_tensors", &cf::Engine::layer_tensors, py::arg("layer"))
       .def("fused_products", &cf::Engine::fused_products)
-      .def("moe_without_host_sync", &cf::Engine::moe_without_host_sync)
+      .def("moe_without_host_sync", &cf::Engine::moe_without_host_sync, py::arg("tokens") = 1,
+           "whether every mixture-of-experts layer runs a call of `tokens` rows (a decode step's batch) without "
+           "reading its routing on the host, so that a decode step can be a CUDA graph")
       .def("config_json", &cf::Engine::config_json);
 }

@@ -3,7 +3,7 @@
 # extension against it, run the GPU tests and/or the GPU benchmarks, logs under $OUT (default
 # runs/gpu). Stages, in the order given: build, gputests, suite (the whole test suite, xdist),
 # packed (the packed-weights tests, blocking launches), bench (benchmarks/run.py forward + scan on
-# cuda bf16, with a decode profile), moe, placement,
+# cuda bf16, with a decode profile), moe, moeq (the MoE bench on packed GGUF experts, MOE_QTYPE), placement,
 # quant (packed GGUF blocks on the GPU vs dequantized vs transformers, 8B shape, Q4_K),
 # qproducts (each 8B-shape matrix in Q4_K / BF16 / Q6_K / Q8_0: chunk vs per-element kernels vs cuBLAS, and
 # at 16 / 64 rows of x the direct kernels 8 rows a launch vs dequantize + cuBLAS).
@@ -59,6 +59,9 @@ k or print('!! no GPU kernels: the fused and packed GPU tests will skip; see', '
         --batches 1 16 --scan-model 8b ${CF_TEST_TOKENIZER:+--tokenizer "$CF_TEST_TOKENIZER"} --profile --out "$OUT" ;;
     moe)
       stage moe $PY benchmarks/bench_moe.py --device cuda --dtype bfloat16 --out "$OUT" ;;
+    moeq)
+      stage moeq $PY benchmarks/bench_moe.py --device cuda --dtype bfloat16 --gguf "${MOE_QTYPE:-Q4_0}" \
+        --families mixtral qwen2_moe qwen3_moe --out "$OUT" ;;
     placement)
       stage placement $PY benchmarks/bench_placement.py --device cuda --dtype bfloat16 --out "$OUT" ;;
     quant)

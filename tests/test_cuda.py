@@ -148,14 +148,14 @@ def test_cuda_family_generation_fixed_shape_and_transformers(family):
 def test_cuda_bf16_experts_run_grouped_and_graph_replayed(family, monkeypatch):
     """In bf16 on a Hopper-class GPU the experts (stacked on load) run as grouped GEMMs with no host
     synchronisation, so the decode step is graph-replayed: its tokens equal the dynamic decode's;
-    logits within bf16 rounding of the looped experts' (CF_MOE_GROUPED=0; tokens printed, near-ties
+    logits within bf16 rounding of the looped experts' (CF_MOE_GROUPED=CF_MOE_GEMV=0; tokens printed, near-ties
     of a random model may flip). GPT-OSS's biased experts keep the loop."""
     arch, folder, _ = family
     if arch not in MOE_ARCHS + ["qwen3_next", "qwen3_5_moe_text"]:
         pytest.skip("no experts")
     model = cf.load(folder, device="cuda", dtype=torch.bfloat16)
     hopper = torch.cuda.get_device_capability()[0] in (9, 10)
-    assert model.engine.moe_without_host_sync() == (arch != "gpt_oss" and hopper)
+    assert model.engine.moe_without_host_sync() == (arch != "gpt_oss" and (hopper or _C.gpu_kernels()))
     ids = tokens(2, 9, seed=24).cuda()
     kw = dict(layers=FAMILY_PATH, max_new_tokens=10, min_new_tokens=10)
     model.static_decode = True
@@ -164,6 +164,7 @@ def test_cuda_bf16_experts_run_grouped_and_graph_replayed(family, monkeypatch):
     dynamic = model.generate(ids, **kw)
     grouped = model.logits(ids, layers=FAMILY_PATH).float().cpu()
     monkeypatch.setenv("CF_MOE_GROUPED", "0")
+    monkeypatch.setenv("CF_MOE_GEMV", "0")
     looped_tokens = model.generate(ids, **kw)
     looped = model.logits(ids, layers=FAMILY_PATH).float().cpu()
     print(f"{arch} bf16: fixed {fixed.tolist()} dynamic {dynamic.tolist()} looped {looped_tokens.tolist()}")
@@ -177,8 +178,8 @@ def test_cuda_grouped_experts_with_most_experts_idle(tmp_path, monkeypatch):
     rounding of the looped experts'."""
     hf = build_hf_model("qwen3_moe", tmp_path, num_experts=32, num_experts_per_tok=2, moe_intermediate_size=64)
     model = cf.load(tmp_path, device="cuda", dtype=torch.bfloat16)
-    if not model.engine.moe_without_host_sync():
-        pytest.skip("grouped experts need a Hopper-class GPU (compute capability 9.x / 10.x)")
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("grouped GEMMs need a Hopper-class GPU (compute capability 9.x / 10.x)")
     ids = tokens(1, 6, seed=25).cuda()
     kw = dict(layers=FAMILY_PATH, max_new_tokens=12, min_new_tokens=12)
     model.static_decode = True
@@ -187,6 +188,7 @@ def test_cuda_grouped_experts_with_most_experts_idle(tmp_path, monkeypatch):
     assert torch.equal(fixed, model.generate(ids, **kw))
     grouped = model.logits(ids, layers=FAMILY_PATH).float().cpu()
     monkeypatch.setenv("CF_MOE_GROUPED", "0")
+    monkeypatch.setenv("CF_MOE_GEMV", "0")
     assert relative("32 experts bf16 grouped vs looped", grouped,
                     model.logits(ids, layers=FAMILY_PATH).float().cpu()) < 2e-2
     del hf
@@ -433,3 +435,97 @@ def test_cuda_packed_mixture_of_experts_matches_the_cpu(tmp_path):
     for layers in ("0..5", "0..3,2,3,4,5"):
         assert relative(f"moe packed cuda vs cpu, path {layers}", gpu.logits(ids.cuda(), layers=layers).cpu(),
                         cpu.logits(ids, layers=layers)) < 1e-4
+
+
+def sorted_routing(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(experts [P] int64 ascending, ends [E] int32) on the GPU for rows per expert `counts`."""
+    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return experts.cuda(), torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
+
+
+@pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16"])
+def test_cuda_grouped_gemv_matches_each_experts_product(kind):
+    """The experts' kernel (gemv_packed_grouped: rows sorted by expert, the routing read on the
+    device): each row times its own expert's matrix, as the gguf package decodes it, in fp32 and
+    within bf16's rounding in bf16; experts with no rows (the first among them), one row, exactly 8,
+    and 12 (two passes over the blocks); experts strided apart (a padded buffer); chunk and element
+    kernels; bad routing tensors named."""
+    E, n, k, counts = 6, 37, 512, [0, 1, 12, 0, 8, 9]
+    raw = random_packed(kind, E * n, k, seed=9)
+    w = reference(kind, raw, k).double().view(E, n, k)
+    t, rb = PACKED_TYPES[kind], raw.shape[1]
+    padded = torch.zeros(E, n + 3, rb, dtype=torch.uint8, device="cuda")
+    padded[:, :n] = torch.from_numpy(raw).cuda().view(E, n, rb)
+    experts, ends = sorted_routing(counts)
+    x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(1))
+    ref = torch.einsum("pk,pnk->pn", x.double(), w[experts.cpu()])
+    for name, blocks in (("contiguous", torch.from_numpy(raw).cuda().view(E, n, rb)), ("strided", padded[:, :n])):
+        for chunks in (True, False):
+            got = _C.gpu_linear_packed_grouped(x.cuda(), blocks, t, k, experts, ends, chunks).cpu()
+            assert relative(f"{kind} grouped {name}, chunks={chunks}", got, ref) < 1e-5
+        half = _C.gpu_linear_packed_grouped(x.cuda().bfloat16(), blocks, t, k, experts, ends).float().cpu()
+        assert relative(f"{kind} grouped {name} bf16", half, ref) < 3e-2
+    names = gpu_kernels_run(lambda: _C.gpu_linear_packed_grouped(x.cuda(), padded[:, :n], t, k, experts, ends))
+    assert only(names, "grouped_gemv_kernel", t, "float", "true"), names
+    with pytest.raises(ValueError, match="experts must be int64"):
+        _C.gpu_linear_packed_grouped(x.cuda(), padded[:, :n], t, k, experts.int(), ends)
+    with pytest.raises(ValueError, match="ends must be int32"):
+        _C.gpu_linear_packed_grouped(x.cuda(), padded[:, :n], t, k, experts, ends[1:])
+
+
+@pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
+@pytest.mark.parametrize("qtype", ["Q8_0", "IQ4_NL"])
+def test_cuda_packed_experts_decode_without_host_sync(tmp_path, qtype, monkeypatch):
+    """A GGUF's packed experts at decode sizes run through the grouped GEMV kernel (Engine::expert_route),
+    so the decode step of a packed MoE is graph-replayed: greedy tokens equal the CPU's through the
+    fixed-shape and dynamic decode; logits of a few tokens equal the CPU's and the loop's
+    (CF_MOE_GEMV=0); a prefill-sized call takes the loop. 32 experts, top 2: most are idle."""
+    hf = build_hf_model("qwen3_moe", tmp_path / "hf", intermediate_size=128, moe_intermediate_size=64,
+                        num_experts=32, num_experts_per_tok=2)
+    write_gguf(hf, tmp_path / "m.gguf", qtype=qtype)
+    gpu, cpu = cf.load(tmp_path / "m.gguf", device="cuda"), cf.load(tmp_path / "m.gguf")
+    assert gpu.engine.moe_without_host_sync(1) and gpu.engine.moe_without_host_sync(16)
+    assert not gpu.engine.moe_without_host_sync(4096) and not cpu.engine.moe_without_host_sync()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(5))
+    names = gpu_kernels_run(lambda: gpu.logits(ids.cuda(), layers=PATH))
+    assert any("grouped_gemv_kernel" in n for n in names), names
+    grouped = gpu.logits(ids.cuda(), layers=PATH).cpu()
+    assert relative(f"{qtype} experts grouped gemv cuda vs cpu", grouped, cpu.logits(ids, layers=PATH)) < 1e-4
+    monkeypatch.setenv("CF_MOE_GEMV", "0")
+    assert not gpu.engine.moe_without_host_sync(1)
+    assert relative(f"{qtype} experts grouped gemv vs loop", grouped, gpu.logits(ids.cuda(), layers=PATH).cpu()) < 1e-5
+    monkeypatch.delenv("CF_MOE_GEMV")
+    prompt = torch.randint(0, hf.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(6))
+    want = cpu.generate(prompt, layers=PATH, max_new_tokens=12, min_new_tokens=12)
+    for static in (True, False):
+        gpu.static_decode = static
+        got = gpu.generate(prompt.cuda(), layers=PATH, max_new_tokens=12, min_new_tokens=12).cpu()
+        print(f"{qtype} packed experts cuda, static={static}: {got.tolist()} cpu {want.tolist()}")
+        assert torch.equal(got, want), static
+
+
+def test_cuda_bf16_experts_through_the_grouped_gemv(family, monkeypatch):
+    """bf16 experts on a GPU where _grouped_mm would sync (or with CF_MOE_GROUPED=0, as here) run
+    through the grouped GEMV kernel (rows of halves) at decode sizes: graph-replayed decode equals the
+    dynamic decode, logits within bf16 rounding of the looped experts'. GPT-OSS keeps the loop."""
+    arch, folder, _ = family
+    if arch not in MOE_ARCHS + ["qwen3_next", "qwen3_5_moe_text"]:
+        pytest.skip("no experts")
+    if not _C.gpu_kernels():
+        pytest.skip("built without GPU kernels")
+    monkeypatch.setenv("CF_MOE_GROUPED", "0")
+    model = cf.load(folder, device="cuda", dtype=torch.bfloat16)
+    assert model.engine.moe_without_host_sync() == (arch != "gpt_oss")
+    ids = tokens(2, 3, seed=26).cuda()
+    kw = dict(layers=FAMILY_PATH, max_new_tokens=10, min_new_tokens=10)
+    model.static_decode = True
+    fixed = model.generate(ids, **kw)
+    model.static_decode = False
+    dynamic = model.generate(ids, **kw)
+    grouped = model.logits(ids, layers=FAMILY_PATH).float().cpu()
+    monkeypatch.setenv("CF_MOE_GEMV", "0")
+    looped = model.logits(ids, layers=FAMILY_PATH).float().cpu()
+    print(f"{arch} bf16 grouped gemv: fixed {fixed.tolist()} dynamic {dynamic.tolist()}")
+    assert torch.equal(fixed, dynamic)
+    assert relative(f"{arch} bf16 grouped gemv vs looped experts", grouped, looped) < 2e-2

@@ -310,40 +310,70 @@ namespace {
 #endif
 constexpr bool kGroupedMmCpu = CF_GROUPED_MM && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 9);
 
+// The stacked experts' matrices (gate / up, or gate_up; down).
+std::vector<const Matrix*> stacked_matrices(const MlpWeights& s) {
+  std::vector<const Matrix*> out;
+  for (const Matrix* m : {&s.gate_up, &s.gate, &s.up, &s.down})
+    if (m->defined()) out.push_back(m);
+  return out;
+}
+
 // Stacked float experts whose matrices at::_grouped_mm takes: rows and columns multiples of 8 and
 // starts 16-byte aligned (its strides and pointers must be), none packed.
 bool grouped_mm_fits(const MlpWeights& s) {
-  if (!s.down.defined()) return false;
-  for (const Matrix* m : {&s.gate_up, &s.gate, &s.up, &s.down})
-    if (m->defined() && (m->packed() || m->t.size(-1) % 8 != 0 || m->t.size(-2) % 8 != 0 ||
-                         reinterpret_cast<uintptr_t>(m->t.data_ptr()) % 16 != 0))
+  for (const Matrix* m : stacked_matrices(s))
+    if (m->packed() || m->t.size(-1) % 8 != 0 || m->t.size(-2) % 8 != 0 ||
+        reinterpret_cast<uintptr_t>(m->t.data_ptr()) % 16 != 0)
       return false;
   return true;
 }
 
-// CF_MOE_GROUPED: 1 forces the grouped experts on (where they fit), 0 off, unset: the default.
-int grouped_override() {
-  const char* v = std::getenv("CF_MOE_GROUPED");
+// CF_MOE_GROUPED / CF_MOE_GEMV: 1 forces that route on (where it fits), 0 off, unset: the default.
+int route_override(const char* name) {
+  const char* v = std::getenv(name);
   return v == nullptr || *v == '\0' ? -1 : std::string(v) != "0";
 }
 
+// Rows per expert, on average, up to which the grouped GEMV kernel takes a layer's experts by
+// default: it reads an expert's blocks once per this many of its rows (cuda/quant.h's
+// kPackedGemvRows) and sums in fp32 on CUDA cores, so past decode-sized batches the loop's
+// dequantize-and-BLAS products win.
+constexpr int64_t kGemvRowsPerExpert = 8;
+
 }  // namespace
 
-// Whether a sparse layer's experts run as grouped GEMMs (experts_grouped) on `device` in `dtype`:
-// stacked float experts without biases that at::_grouped_mm takes, on a GPU where it runs without
-// a host sync (Hopper / datacenter Blackwell, bf16: gpu::grouped_mm_without_sync); on the CPU only
-// when CF_MOE_GROUPED=1 forces it (the tests; slower than the loop there).
-bool Engine::grouped_experts(const LayerWeights& L, at::Device device, at::ScalarType dtype) const {
-  if (!CF_GROUPED_MM || !grouped_mm_fits(L.stacked) || cfg_.swiglu_limit > 0) return false;
-  const int force = grouped_override();
-  if (force == 0) return false;
-  if (device.is_cuda()) return dtype == at::kBFloat16 && gpu::grouped_mm_without_sync(device);
-  return force == 1 && kGroupedMmCpu;
+// How a sparse layer's experts run for `tokens` rows on `device` in `dtype`:
+// - kGroupedMm: at::_grouped_mm over stacked float experts without biases, on a GPU where it runs
+//   without a host sync (Hopper / datacenter Blackwell, bf16: gpu::grouped_mm_without_sync); on the
+//   CPU only when CF_MOE_GROUPED=1 forces it (the tests; slower than the loop there).
+// - kGroupedGemv: our grouped GEMV kernel over stacked packed or half-precision experts on a GPU
+//   (ops::grouped_linear; any GPU the kernels build for), for decode-sized batches (at most
+//   kGemvRowsPerExpert rows per expert on average); CF_MOE_GEMV=1 forces it anywhere (on the CPU
+//   its products loop over the experts: the tests' way to check the route), 0 turns it off.
+// - kLoop: each expert on its rows, their counts read on the host.
+Engine::ExpertRoute Engine::expert_route(const LayerWeights& L, at::Device device, at::ScalarType dtype,
+                                         int64_t tokens) const {
+  if (!L.stacked.down.defined() || cfg_.swiglu_limit > 0) return ExpertRoute::kLoop;
+  const int grouped = route_override("CF_MOE_GROUPED"), gemv = route_override("CF_MOE_GEMV");
+  if (CF_GROUPED_MM && grouped_mm_fits(L.stacked) && grouped != 0 &&
+      (device.is_cuda() ? dtype == at::kBFloat16 && gpu::grouped_mm_without_sync(device) : grouped == 1 && kGroupedMmCpu))
+    return ExpertRoute::kGroupedMm;
+  if (gemv == 1) return ExpertRoute::kGroupedGemv;
+  if (gemv == 0 || tokens * cfg_.experts_per_tok > kGemvRowsPerExpert * cfg_.num_experts) return ExpertRoute::kLoop;
+  for (const Matrix* m : stacked_matrices(L.stacked))
+    if (!ops::grouped_linear_on_device(*m, device)) return ExpertRoute::kLoop;
+  return ExpertRoute::kGroupedGemv;
 }
 
-bool Engine::moe_without_host_sync() const {
-  for (const LayerWeights& L : w_.layers)
-    if (L.sparse && !grouped_experts(L, L.device, w_.dtype)) return false;
+bool Engine::moe_without_host_sync(int64_t tokens) const {
+  for (const LayerWeights& L : w_.layers) {
+    if (!L.sparse) continue;
+    const ExpertRoute r = expert_route(L, L.device, w_.dtype, tokens);
+    if (r == ExpertRoute::kLoop) return false;
+    if (r == ExpertRoute::kGroupedGemv)  // forced where the kernel does not run: the products' loop syncs
+      for (const Matrix* m : stacked_matrices(L.stacked))
+        if (!ops::grouped_linear_on_device(*m, L.device)) return false;
+  }
   return true;
 }
 
@@ -369,17 +399,18 @@ at::Tensor Engine::experts_looped(const at::Tensor& flat, const LayerWeights& L,
 
 // The same with no host synchronisation (a CUDA graph can hold it): the (token, expert) pairs
 // sorted by expert, each expert's row count and the offsets counted on the device, each projection
-// one grouped GEMM over the stacked experts (at::_grouped_mm), the weighted outputs put back in
-// token order and summed over each token's k in fp32.
+// one grouped product over the stacked experts (at::_grouped_mm, or with `gemv` ops::grouped_linear),
+// the weighted outputs put back in token order and summed over each token's k in fp32.
 at::Tensor Engine::experts_grouped(const at::Tensor& flat, const LayerWeights& L, const at::Tensor& weights,
-                                   const at::Tensor& experts) const {
+                                   const at::Tensor& experts, bool gemv) const {
   const int64_t k = cfg_.experts_per_tok, E = cfg_.num_experts, N = flat.size(0);
   const MlpWeights& s = L.stacked;
   const at::Tensor pairs = experts.reshape(-1);
   const auto [sorted, order] = pairs.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor counts = at::zeros({E}, pairs.options()).scatter_add_(0, sorted, at::ones_like(sorted));
   const at::Tensor offsets = counts.cumsum(0, at::kInt);
-  auto grouped = [&offsets](const at::Tensor& a, const Matrix& w) {
+  auto grouped = [&](const at::Tensor& a, const Matrix& w) {
+    if (gemv) return ops::grouped_linear(a, w, sorted, offsets);
 #if CF_GROUPED_MM
     return at::_grouped_mm(a, w.t.transpose(-2, -1), offsets);
 #else
@@ -401,13 +432,14 @@ at::Tensor Engine::experts_grouped(const at::Tensor& flat, const LayerWeights& L
   return at::empty_like(weighted).index_copy_(0, order, weighted).view({N, k, -1}).sum(1);
 }
 
-// Mixture of experts: the router's top k experts per token, their weighted outputs (grouped GEMMs
-// where grouped_experts says so, else a loop over the experts), plus the sigmoid-gated shared expert.
+// Mixture of experts: the router's top k experts per token, their weighted outputs (grouped
+// products or a loop over the experts, as expert_route says), plus the sigmoid-gated shared expert.
 at::Tensor Engine::moe(const at::Tensor& x, const LayerWeights& L) const {
   at::Tensor flat = x.reshape({-1, cfg_.hidden_size});
   auto [weights, experts] = route(flat, L);
-  at::Tensor out = grouped_experts(L, flat.device(), flat.scalar_type()) ? experts_grouped(flat, L, weights, experts)
-                                                                         : experts_looped(flat, L, weights, experts);
+  const ExpertRoute r = expert_route(L, flat.device(), flat.scalar_type(), flat.size(0));
+  at::Tensor out = r == ExpertRoute::kLoop ? experts_looped(flat, L, weights, experts)
+                                           : experts_grouped(flat, L, weights, experts, r == ExpertRoute::kGroupedGemv);
   out = out.to(flat.scalar_type());
   if (L.shared_gate.defined()) out = out + at::sigmoid(ops::linear(flat, L.shared_gate)) * gated_mlp(flat, L.mlp);
   return out.view(x.sizes());

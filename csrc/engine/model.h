@@ -4,9 +4,9 @@
 // devices (each layer's weights on one device, see weights.h): a slot runs where its layer lives,
 // with its cache slot there; hidden states move only when consecutive slots sit on different
 // devices, and every call takes its inputs and returns its outputs on the main device. A
-// mixture-of-experts MLP runs its experts as grouped GEMMs with no host sync where the GPU and the
-// experts' layout allow (Engine::grouped_experts: decode can be a CUDA graph), else loops over the
-// experts, reading how many rows each got on the host (one sync per sparse layer). A
+// mixture-of-experts MLP runs its experts as grouped products with no host sync where the GPU, the
+// experts' layout and the batch allow (Engine::expert_route: decode can be a CUDA graph), else loops
+// over the experts, reading how many rows each got on the host (one sync per sparse layer). A
 // linear-attention (Gated DeltaNet) layer keeps a state per slot in the cache (linear_attention.h)
 // instead of keys and values.
 #pragma once
@@ -122,9 +122,10 @@ class Engine {
   // {"qkv": attention layers whose q / k / v run as one product, "gate_up": gated MLPs (experts and
   // shared experts included) whose gate / up do}: a checkpoint's fused tensors or rows laid out so.
   std::map<std::string, int64_t> fused_products() const;
-  // Whether every mixture-of-experts layer runs without reading its routing on the host (its
-  // experts as grouped GEMMs: Engine::grouped_experts), so a decode step can be a CUDA graph.
-  bool moe_without_host_sync() const;
+  // Whether every mixture-of-experts layer runs a call of `tokens` rows (a decode step: the batch)
+  // without reading its routing on the host (its experts as grouped products: expert_route), so
+  // that step can be a CUDA graph.
+  bool moe_without_host_sync(int64_t tokens = 1) const;
 
  private:
   void check_cache(const KVCache* cache, const LayerPath& path, int64_t B, int64_t T) const;
@@ -145,11 +146,12 @@ class Engine {
   std::optional<at::Tensor> attention_mask(const SlotInputs& in, int64_t window) const;
   at::Tensor mlp(const at::Tensor& x, const LayerWeights& L) const;
   at::Tensor moe(const at::Tensor& x, const LayerWeights& L) const;
-  bool grouped_experts(const LayerWeights& L, at::Device device, at::ScalarType dtype) const;
+  enum class ExpertRoute { kLoop, kGroupedMm, kGroupedGemv };
+  ExpertRoute expert_route(const LayerWeights& L, at::Device device, at::ScalarType dtype, int64_t tokens) const;
   at::Tensor experts_looped(const at::Tensor& flat, const LayerWeights& L, const at::Tensor& weights,
                             const at::Tensor& experts) const;
   at::Tensor experts_grouped(const at::Tensor& flat, const LayerWeights& L, const at::Tensor& weights,
-                             const at::Tensor& experts) const;
+                             const at::Tensor& experts, bool gemv) const;
   std::pair<at::Tensor, at::Tensor> route(const at::Tensor& flat, const LayerWeights& L) const;
   std::array<at::Tensor, 3> qkv_projections(const at::Tensor& x, const LayerWeights& L) const;
   at::Tensor gated_mlp(const at::Tensor& x, const MlpWeights& w) const;

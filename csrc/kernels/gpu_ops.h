@@ -27,5 +27,11 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor dequantize_packed(const at::Tensor& blocks, int32_t type, int64_t K, at::ScalarType dtype, bool chunks = true);
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& blocks, int32_t type, int64_t K, const at::Tensor& bias,
                          bool chunks = true, int64_t direct_rows = 0);
+// Experts' products without a host sync (cuda/quant.h's gemv_packed_grouped): x [P, K] rows sorted by
+// expert (experts [P] int64, ascending; ends [E] int32, cumulative rows per expert) times their
+// expert's matrix of stacked blocks uint8 [E, N, row_bytes] (a float16 / bfloat16 weight viewed as
+// bytes is type 1 / 30) -> [P, N] in x's dtype.
+at::Tensor linear_packed_grouped(const at::Tensor& x, const at::Tensor& blocks, int32_t type, int64_t K,
+                                 const at::Tensor& experts, const at::Tensor& ends, bool chunks = true);
 
 }  // namespace cf::gpu

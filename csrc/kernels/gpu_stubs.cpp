@@ -21,5 +21,9 @@ at::Tensor dequantize_packed(const at::Tensor&, int32_t, int64_t, at::ScalarType
 at::Tensor linear_packed(const at::Tensor&, const at::Tensor&, int32_t, int64_t, const at::Tensor&, bool, int64_t) {
   missing();
 }
+at::Tensor linear_packed_grouped(const at::Tensor&, const at::Tensor&, int32_t, int64_t, const at::Tensor&,
+                                 const at::Tensor&, bool) {
+  missing();
+}
 
 }  // namespace cf::gpu

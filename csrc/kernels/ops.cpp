@@ -53,6 +53,27 @@ at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& bias) 
   return at::linear(x, w.t, bias);
 }
 
+bool grouped_linear_on_device(const Matrix& w, at::Device device) {
+  if (!device.is_cuda() || !gpu_kernels_enabled() || !w.defined() || w.t.device() != device || w.t.dim() != 3 ||
+      w.t.stride(-1) != 1)
+    return false;
+  return w.packed() || w.t.scalar_type() == at::kBFloat16 || w.t.scalar_type() == at::kHalf;
+}
+
+at::Tensor grouped_linear(const at::Tensor& x, const Matrix& w, const at::Tensor& experts, const at::Tensor& ends) {
+  if (grouped_linear_on_device(w, x.device())) {
+    if (w.packed()) return gpu::linear_packed_grouped(x, w.t, w.type, w.cols, experts, ends);
+    const int32_t type = w.t.scalar_type() == at::kBFloat16 ? 30 : 1;  // ggml's BF16 / F16: rows of halves
+    return gpu::linear_packed_grouped(x, w.t.view(at::kByte), type, w.t.size(-1), experts, ends);
+  }
+  const at::Tensor counted = ends.to(at::kCPU, at::kLong);
+  const int64_t* end = counted.data_ptr<int64_t>();
+  at::Tensor y = at::empty({x.size(0), w.rows()}, x.options());
+  for (int64_t e = 0, start = 0; e < counted.size(0); start = end[e], ++e)
+    if (end[e] > start) y.narrow(0, start, end[e] - start).copy_(linear(x.narrow(0, start, end[e] - start), w[e]));
+  return y;
+}
+
 at::Tensor embedding(const Matrix& table, const at::Tensor& ids, at::ScalarType dtype) {
   if (!table.packed()) return at::embedding(table.t, ids);
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());

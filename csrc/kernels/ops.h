@@ -20,6 +20,15 @@ namespace cf::ops {
 // for decode-sized fp32/bf16 inputs (cpu/linear.h), packed ggml matrices through cpu/quant.h,
 // else at::linear; other devices: at::linear (a packed matrix there is an InputError).
 at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& bias = at::Tensor());
+// Experts' products: x [P, K] rows sorted by expert (experts [P] int64, ascending; ends [E] int32,
+// each expert's cumulative row count), w stacked [E, N, K] -> [P, N], each row times its expert's
+// matrix. Where grouped_linear_on_device(w, x's device): one GPU kernel reading the routing on the
+// device (gpu::linear_packed_grouped, a CUDA graph can hold it); elsewhere a loop over the experts
+// that reads ends on the host.
+at::Tensor grouped_linear(const at::Tensor& x, const Matrix& w, const at::Tensor& experts, const at::Tensor& ends);
+// Whether grouped_linear runs w on `device` without a host sync: a GPU with the GPU kernels, w on
+// it, packed or float16 / bfloat16 with each row's elements contiguous.
+bool grouped_linear_on_device(const Matrix& w, at::Device device);
 // table [V, H], ids [B, T] int64 (in range: the caller checks) -> [B, T, H] in dtype; a packed
 // table dequantizes only the rows it reads.
 at::Tensor embedding(const Matrix& table, const at::Tensor& ids, at::ScalarType dtype);

@@ -391,9 +391,9 @@ def _static_step(model: Model, cache, layers, last_pos, full_mask):
         return model.engine.decode_step(tok, pos, key_mask, index, layers, cache)
 
     # a graph is one device's; a mixture of experts must not read its routing on the host (its
-    # experts as grouped GEMMs: stacked float experts in bf16, Engine::grouped_experts)
+    # experts as grouped products for a step of B rows: Engine::expert_route)
     graphs = (dev.type == "cuda" and model.cuda_graphs and not model.placement.split
-              and (not model.config.num_experts or model.engine.moe_without_host_sync()))
+              and (not model.config.num_experts or model.engine.moe_without_host_sync(B)))
     replay = _CudaGraphStep(run, dev) if graphs else run
 
     def step(token):

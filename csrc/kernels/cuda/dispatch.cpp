@@ -223,4 +223,37 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int32_t type,
   return y.view(shape);
 }
 
+// x [P, K] rows sorted by expert . their expert's matrix of blocks uint8 [E, N, row_bytes] (rows
+// contiguous bytes, any row and expert strides: not copied), experts [P] int64, ends [E] int32.
+at::Tensor linear_packed_grouped(const at::Tensor& x, const at::Tensor& w, int32_t type, int64_t K,
+                                 const at::Tensor& experts, const at::Tensor& ends, bool chunks) {
+  const char* op = "linear_packed_grouped";
+  check_gpu(op, "x", x);
+  const int64_t rb = packed_row_bytes(op, type, K);
+  check_blocks(op, w, rb);
+  check_same_device(op, "x", x, "blocks", w);
+  if (w.dim() != 3 || w.stride(2) != 1 || w.stride(1) < rb || w.stride(0) < 0)
+    throw InputError(cat(op, ": blocks must be [experts, rows, ", rb, "] with each row's bytes contiguous, got ",
+                         shape_str(w.sizes()), " strides ", shape_str(w.strides())));
+  if (x.dim() != 2 || x.size(1) != K)
+    throw InputError(cat(op, ": x must be [rows, ", K, "], got ", shape_str(x.sizes())));
+  const int64_t P = x.size(0), E = w.size(0), N = w.size(1);
+  check_same_device(op, "x", x, "experts", experts);
+  check_same_device(op, "x", x, "ends", ends);
+  if (experts.scalar_type() != at::kLong || experts.dim() != 1 || experts.size(0) != P)
+    throw InputError(cat(op, ": experts must be int64 [", P, "] (one per row of x), got ",
+                         c10::toString(experts.scalar_type()), " ", shape_str(experts.sizes())));
+  if (ends.scalar_type() != at::kInt || ends.dim() != 1 || ends.size(0) != E)
+    throw InputError(cat(op, ": ends must be int32 [", E, "] (one per expert), got ", c10::toString(ends.scalar_type()),
+                         " ", shape_str(ends.sizes())));
+  const int dtype = code(op, "x", x);
+  const DeviceGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), ec = experts.contiguous(), nc = ends.contiguous();
+  at::Tensor y = at::empty({P, N}, x.options());
+  ok(gemv_packed_grouped(type, xc.data_ptr(), P, K, w.data_ptr<uint8_t>(), w.stride(0), w.stride(1), N,
+                         ec.data_ptr<int64_t>(), nc.data_ptr<int32_t>(), dtype, y.data_ptr(), stream_of(xc), chunks),
+     op);
+  return y;
+}
+
 }  // namespace cf::gpu

@@ -78,39 +78,66 @@ struct XRows {
   }
 };
 
+// One weight row against M <= kPackedGemvRows rows of x (x [M, K]), by one warp: lanes walk the
+// row's chunks of eight (kChunks: lane_sums) or its elements (lanes stride over k), the M rows
+// summed in fp32, then one reduction per row of x into y[m * N + n] (+ bias[n]).
+template <int T, typename O, bool kChunks>
+__device__ void row_products(const uint8_t* row, const O* x, int M, int64_t K, int lane, int64_t n, int64_t N,
+                             const O* bias, O* y) {
+  float acc[kPackedGemvRows];
+#pragma unroll
+  for (int m = 0; m < kPackedGemvRows; ++m) acc[m] = 0.f;
+  if constexpr (kChunks) {
+    lane_sums<T, kPackedGemvRows>(row, XRows<O>{x, K}, M, K, lane, warpSize, acc);
+  } else {
+    for (int64_t k = lane; k < K; k += warpSize) {
+      const float v = value<T>(row, k);
+#pragma unroll
+      for (int m = 0; m < kPackedGemvRows; ++m)
+        if (m < M) acc[m] += v * to_f(x[m * K + k]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kPackedGemvRows; ++m) {
+    if (m < M) {  // the same for every lane
+      float s = acc[m];
+      for (int off = warpSize / 2; off > 0; off /= 2) s += CF_SHFL_XOR(s, off);
+      if (lane == 0) y[m * N + n] = from_f<O>(s + (bias != nullptr ? to_f(bias[n]) : 0.f));
+    }
+  }
+}
+
 // One warp per weight row n (rows strided over the grid, so any grid size covers them; a warp
-// leaves the loop as a whole, so its shuffles never miss a lane): lanes walk the row's chunks of
-// eight (kChunks: lane_sums) or its elements (lanes stride over k), the M activation rows summed in
-// fp32, then one reduction per row of x.
+// leaves the loop as a whole, so its shuffles never miss a lane).
 template <int T, typename O, bool kChunks>
 __global__ void gemv_kernel(const O* x, int M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N,
                             const O* bias, O* y) {
   const int lane = threadIdx.x % warpSize, warps = blockDim.x / warpSize;
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / warpSize; n < N;
-       n += static_cast<int64_t>(gridDim.x) * warps) {
-    const uint8_t* row = w + n * row_bytes;
-    float acc[kPackedGemvRows];
-#pragma unroll
-    for (int m = 0; m < kPackedGemvRows; ++m) acc[m] = 0.f;
-    if constexpr (kChunks) {
-      lane_sums<T, kPackedGemvRows>(row, XRows<O>{x, K}, M, K, lane, warpSize, acc);
-    } else {
-      for (int64_t k = lane; k < K; k += warpSize) {
-        const float v = value<T>(row, k);
-#pragma unroll
-        for (int m = 0; m < kPackedGemvRows; ++m)
-          if (m < M) acc[m] += v * to_f(x[m * K + k]);
-      }
+       n += static_cast<int64_t>(gridDim.x) * warps)
+    row_products<T, O, kChunks>(w + n * row_bytes, x, M, K, lane, n, N, bias, y);
+}
+
+// Rows of x sorted by expert (experts[j] is row j's, ascending; ends[e] the end of expert e's
+// run) times their expert's matrix of stacked blocks (expert e's rows start at w + e *
+// expert_bytes, row_stride bytes apart). Block row j = blockIdx.y works only where j starts its
+// expert's run: it takes the run's rows kPackedGemvRows at a time, warps over weight rows as
+// gemv_kernel's; the other block rows return at once. Reads nothing on the host: a CUDA graph
+// holds it whatever the routing.
+template <int T, typename O, bool kChunks>
+__global__ void grouped_gemv_kernel(const O* x, int64_t K, const uint8_t* w, int64_t expert_bytes, int64_t row_stride,
+                                    int64_t N, const int64_t* experts, const int32_t* ends, O* y) {
+  const int64_t j = blockIdx.y, e = experts[j];
+  if (j > 0 && experts[j - 1] == e) return;
+  const int64_t end = ends[e];
+  const uint8_t* we = w + e * expert_bytes;
+  const int lane = threadIdx.x % warpSize, warps = blockDim.x / warpSize;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / warpSize; n < N;
+       n += static_cast<int64_t>(gridDim.x) * warps)
+    for (int64_t m0 = j; m0 < end; m0 += kPackedGemvRows) {
+      const int M = static_cast<int>(end - m0 < kPackedGemvRows ? end - m0 : kPackedGemvRows);
+      row_products<T, O, kChunks>(we + n * row_stride, x + m0 * K, M, K, lane, n, N, nullptr, y + m0 * N);
     }
-#pragma unroll
-    for (int m = 0; m < kPackedGemvRows; ++m) {
-      if (m < M) {  // the same for every lane
-        float s = acc[m];
-        for (int off = warpSize / 2; off > 0; off /= 2) s += CF_SHFL_XOR(s, off);
-        if (lane == 0) y[m * N + n] = from_f<O>(s + (bias != nullptr ? to_f(bias[n]) : 0.f));
-      }
-    }
-  }
 }
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -169,6 +196,29 @@ const char* gemv_t(int32_t type, const void* x, int64_t M, int64_t K, const uint
   });
 }
 
+template <typename O>
+const char* grouped_gemv_t(int32_t type, const void* x, int64_t P, int64_t K, const uint8_t* w, int64_t expert_bytes,
+                           int64_t row_stride, int64_t N, const int64_t* experts, const int32_t* ends, void* y,
+                           gpuStream_t stream, bool chunks) {
+  if (P == 0 || N == 0) return nullptr;
+  if (P > 65535) return "gemv_packed_grouped takes at most 65535 rows of x";
+  const int64_t per_block = kThreads / 32, want = (N + per_block - 1) / per_block;
+  const dim3 grid(static_cast<unsigned>(want < 65535 ? want : 65535), static_cast<unsigned>(P));
+  const bool fit = chunks_fit(chunks, type, K, w, x) && expert_bytes % code_align(type) == 0 &&
+                   row_stride % code_align(type) == 0;
+  const O* xo = static_cast<const O*>(x);
+  O* yo = static_cast<O*>(y);
+  if (fit)
+    return with_type(type, [&](auto t) {
+      grouped_gemv_kernel<decltype(t)::value, O, true>
+          <<<grid, kThreads, 0, stream>>>(xo, K, w, expert_bytes, row_stride, N, experts, ends, yo);
+    });
+  return with_type(type, [&](auto t) {
+    grouped_gemv_kernel<decltype(t)::value, O, false>
+        <<<grid, kThreads, 0, stream>>>(xo, K, w, expert_bytes, row_stride, N, experts, ends, yo);
+  });
+}
+
 }  // namespace
 
 const char* dequant_packed(int32_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, int dtype,
@@ -179,6 +229,13 @@ const char* dequant_packed(int32_t type, const uint8_t* w, int64_t row_bytes, in
 const char* gemv_packed(int32_t type, const void* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
                         int64_t N, const void* bias, int dtype, void* y, void* stream, bool chunks) {
   CF_DISPATCH(gemv_t, type, x, M, K, w, row_bytes, N, bias, y, static_cast<gpuStream_t>(stream), chunks)
+}
+
+const char* gemv_packed_grouped(int32_t type, const void* x, int64_t P, int64_t K, const uint8_t* w,
+                                int64_t expert_bytes, int64_t row_stride, int64_t N, const int64_t* experts,
+                                const int32_t* ends, int dtype, void* y, void* stream, bool chunks) {
+  CF_DISPATCH(grouped_gemv_t, type, x, P, K, w, expert_bytes, row_stride, N, experts, ends, y,
+              static_cast<gpuStream_t>(stream), chunks)
 }
 
 }  // namespace cf::gpu
