@@ -3,7 +3,8 @@
 # extension against it, run the GPU tests and/or the GPU benchmarks, logs under $OUT (default
 # runs/gpu). Stages, in the order given: build, gputests, suite (the whole test suite, xdist),
 # packed (the packed-weights tests, blocking launches), bench (benchmarks/run.py forward + scan on
-# cuda bf16, with a decode profile), moe, moeq (the MoE bench on packed GGUF experts, MOE_QTYPE), placement,
+# cuda bf16, with a decode profile), moe, moeq (the MoE bench on packed GGUF experts, MOE_QTYPE: a
+# 32-element block type, as mixtral's and qwen2_moe's expert sizes are not multiples of 256), placement,
 # quant (packed GGUF blocks on the GPU vs dequantized vs transformers, 8B shape, Q4_K),
 # qproducts (each 8B-shape matrix in Q4_K / BF16 / Q6_K / Q8_0: chunk vs per-element kernels vs cuBLAS, and
 # at 16 / 64 rows of x the direct kernels 8 rows a launch vs dequantize + cuBLAS).

@@ -339,6 +339,7 @@ int route_override(const char* name) {
 // kPackedGemvRows) and sums in fp32 on CUDA cores, so past decode-sized batches the loop's
 // dequantize-and-BLAS products win.
 constexpr int64_t kGemvRowsPerExpert = 8;
+constexpr int64_t kGemvMaxPairs = 65535;  // the kernel's grid rows (one per (token, expert) pair)
 
 }  // namespace
 
@@ -348,8 +349,9 @@ constexpr int64_t kGemvRowsPerExpert = 8;
 //   CPU only when CF_MOE_GROUPED=1 forces it (the tests; slower than the loop there).
 // - kGroupedGemv: our grouped GEMV kernel over stacked packed or half-precision experts on a GPU
 //   (ops::grouped_linear; any GPU the kernels build for), for decode-sized batches (at most
-//   kGemvRowsPerExpert rows per expert on average); CF_MOE_GEMV=1 forces it anywhere (on the CPU
-//   its products loop over the experts: the tests' way to check the route), 0 turns it off.
+//   kGemvRowsPerExpert rows per expert on average); CF_MOE_GEMV=1 forces it anywhere up to
+//   kGemvMaxPairs pairs (on the CPU its products loop over the experts: the tests' way to check the
+//   route), 0 turns it off.
 // - kLoop: each expert on its rows, their counts read on the host.
 Engine::ExpertRoute Engine::expert_route(const LayerWeights& L, at::Device device, at::ScalarType dtype,
                                          int64_t tokens) const {
@@ -358,8 +360,10 @@ Engine::ExpertRoute Engine::expert_route(const LayerWeights& L, at::Device devic
   if (CF_GROUPED_MM && grouped_mm_fits(L.stacked) && grouped != 0 &&
       (device.is_cuda() ? dtype == at::kBFloat16 && gpu::grouped_mm_without_sync(device) : grouped == 1 && kGroupedMmCpu))
     return ExpertRoute::kGroupedMm;
+  const int64_t pairs = tokens * cfg_.experts_per_tok;
+  if (gemv == 0 || pairs > kGemvMaxPairs) return ExpertRoute::kLoop;
   if (gemv == 1) return ExpertRoute::kGroupedGemv;
-  if (gemv == 0 || tokens * cfg_.experts_per_tok > kGemvRowsPerExpert * cfg_.num_experts) return ExpertRoute::kLoop;
+  if (pairs > kGemvRowsPerExpert * cfg_.num_experts) return ExpertRoute::kLoop;
   for (const Matrix* m : stacked_matrices(L.stacked))
     if (!ops::grouped_linear_on_device(*m, device)) return ExpertRoute::kLoop;
   return ExpertRoute::kGroupedGemv;
@@ -406,7 +410,8 @@ at::Tensor Engine::experts_grouped(const at::Tensor& flat, const LayerWeights& L
   const int64_t k = cfg_.experts_per_tok, E = cfg_.num_experts, N = flat.size(0);
   const MlpWeights& s = L.stacked;
   const at::Tensor pairs = experts.reshape(-1);
-  const auto [sorted, order] = pairs.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const auto by_expert = pairs.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor &sorted = std::get<0>(by_expert), &order = std::get<1>(by_expert);
   const at::Tensor counts = at::zeros({E}, pairs.options()).scatter_add_(0, sorted, at::ones_like(sorted));
   const at::Tensor offsets = counts.cumsum(0, at::kInt);
   auto grouped = [&](const at::Tensor& a, const Matrix& w) {

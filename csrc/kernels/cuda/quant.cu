@@ -82,7 +82,7 @@ struct XRows {
 // row's chunks of eight (kChunks: lane_sums) or its elements (lanes stride over k), the M rows
 // summed in fp32, then one reduction per row of x into y[m * N + n] (+ bias[n]).
 template <int T, typename O, bool kChunks>
-__device__ void row_products(const uint8_t* row, const O* x, int M, int64_t K, int lane, int64_t n, int64_t N,
+__device__ __forceinline__ void row_products(const uint8_t* row, const O* x, int M, int64_t K, int lane, int64_t n, int64_t N,
                              const O* bias, O* y) {
   float acc[kPackedGemvRows];
 #pragma unroll
@@ -120,24 +120,22 @@ __global__ void gemv_kernel(const O* x, int M, int64_t K, const uint8_t* w, int6
 
 // Rows of x sorted by expert (experts[j] is row j's, ascending; ends[e] the end of expert e's
 // run) times their expert's matrix of stacked blocks (expert e's rows start at w + e *
-// expert_bytes, row_stride bytes apart). Block row j = blockIdx.y works only where j starts its
-// expert's run: it takes the run's rows kPackedGemvRows at a time, warps over weight rows as
-// gemv_kernel's; the other block rows return at once. Reads nothing on the host: a CUDA graph
-// holds it whatever the routing.
+// expert_bytes, row_stride bytes apart). Block row j = blockIdx.y works only where j is a multiple
+// of kPackedGemvRows into its expert's run: it takes that run's rows [j, j + kPackedGemvRows) (fewer
+// at the run's end), warps over weight rows as gemv_kernel's; the other block rows return at once.
+// An expert's blocks are read once per kPackedGemvRows of its rows, and a long run spreads over
+// as many block rows. Reads nothing on the host: a CUDA graph holds it whatever the routing.
 template <int T, typename O, bool kChunks>
 __global__ void grouped_gemv_kernel(const O* x, int64_t K, const uint8_t* w, int64_t expert_bytes, int64_t row_stride,
                                     int64_t N, const int64_t* experts, const int32_t* ends, O* y) {
-  const int64_t j = blockIdx.y, e = experts[j];
-  if (j > 0 && experts[j - 1] == e) return;
-  const int64_t end = ends[e];
+  const int64_t j = blockIdx.y, e = experts[j], start = e > 0 ? ends[e - 1] : 0, end = ends[e];
+  if ((j - start) % kPackedGemvRows != 0) return;
+  const int M = static_cast<int>(end - j < kPackedGemvRows ? end - j : kPackedGemvRows);
   const uint8_t* we = w + e * expert_bytes;
   const int lane = threadIdx.x % warpSize, warps = blockDim.x / warpSize;
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / warpSize; n < N;
        n += static_cast<int64_t>(gridDim.x) * warps)
-    for (int64_t m0 = j; m0 < end; m0 += kPackedGemvRows) {
-      const int M = static_cast<int>(end - m0 < kPackedGemvRows ? end - m0 : kPackedGemvRows);
-      row_products<T, O, kChunks>(we + n * row_stride, x + m0 * K, M, K, lane, n, N, nullptr, y + m0 * N);
-    }
+    row_products<T, O, kChunks>(we + n * row_stride, x + j * K, M, K, lane, n, N, nullptr, y + j * N);
 }
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }

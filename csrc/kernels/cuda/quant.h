@@ -25,7 +25,7 @@ const char* gemv_packed(int32_t type, const void* x, int64_t M, int64_t K, const
 // Experts' products with no host sync: x [P, K] rows sorted by expert (experts [P] int64 ascending,
 // ends [E] int32 each expert's cumulative row count, all on the device) times their expert's
 // matrix of stacked blocks: expert e's N rows start at w + e * expert_bytes, row_stride bytes
-// apart -> y [P, N]. Rows of an expert read its blocks kPackedGemvRows at a time (as gemv_packed);
+// apart -> y [P, N]. Each kPackedGemvRows rows of an expert's run read its blocks once (as gemv_packed);
 // F16 / BF16 rows too (a half-precision weight is its own blocks). P <= 65535.
 const char* gemv_packed_grouped(int32_t type, const void* x, int64_t P, int64_t K, const uint8_t* w,
                                 int64_t expert_bytes, int64_t row_stride, int64_t N, const int64_t* experts,
