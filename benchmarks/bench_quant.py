@@ -28,6 +28,7 @@ and speed is measured at batch 1.
     .venv/bin/python benchmarks/bench_quant.py          # ~3 min on 2 cores
     .venv/bin/python benchmarks/run.py --sections quant # the same, inside the main benchmark
     .venv/bin/python benchmarks/run.py --sections quant --quant-model 8b  # a 4.5 GB file, ~6 min
+    .venv/bin/python benchmarks/run.py --sections quant --quant-model 30b-a3b  # MoE: 12 of Qwen3-30B-A3B's layers
 """
 
 from __future__ import annotations
@@ -152,45 +153,90 @@ def llama_cpp_speed(path: str, threads: int, repeat: int) -> dict:
 
 
 def q4_k_m_type(name: str, layers: int) -> str:
-    """llama.cpp's Q4_K_M choice for a llama matrix: Q6_K for the output head, and for attn_v and
-    ffn_down in the layers its use_more_bits rule picks (the first and last eighth and every third
-    layer between); Q4_K for the rest."""
+    """llama.cpp's Q4_K_M choice for a matrix: Q6_K for the output head, and for attn_v and ffn_down
+    (stacked experts' too) in the layers its use_more_bits rule picks (the first and last eighth and
+    every third layer between); the router float; Q4_K for the rest."""
     if name == "output.weight":
         return "Q6_K"
-    if name.endswith(("attn_v.weight", "ffn_down.weight")):
+    if name.endswith("ffn_gate_inp.weight"):  # the router stays float, as the converter keeps it
+        return "F32"
+    if name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")):
         i, eighth = int(name.split(".")[1]), layers // 8
         if i < eighth or i >= 7 * layers // 8 or (i - eighth) % 3 == 2:
             return "Q6_K"
     return "Q4_K"
 
 
-def write_random_gguf(dst: Path, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> Path:
-    """A llama GGUF of this shape in Q4_K_M's type mix: random real blocks (bench_quant_gpu's
-    random_blocks: rows of N(0, 0.02^2) weights quantized by our quantizers), norms of ones, and the
-    default model's tokenizer, chat template and 49152-token vocabulary (copied field by field).
-    Written one tensor at a time; what a published Q4_K_M file of that size holds, without a download."""
+# A mixture-of-experts file: Qwen3-30B-A3B's layer shape (hidden 2048, 32 / 4 heads of 128, 128
+# experts of 768, top 8), `layers` of its 48 layers (the per-token time scales with them).
+MOE_SHAPES = {"30b-a3b": dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, top_k=8, expert_ffn=768,
+                              layers=12)}
+VOCAB = 49152  # the default model's tokenizer, copied into every random file
+
+
+def _random_writer(dst: Path, arch: str, name: str):
+    """A GGUFWriter for `arch` holding the default model's tokenizer, chat template and the rest of
+    its general.* fields (copied field by field); the caller adds the shape's keys."""
+    import gguf
+
+    import circuit_finder as cf
+
+    src, w = gguf.GGUFReader(cf.default_model_path()), gguf.GGUFWriter(str(dst), arch)
+    skip = ("GGUF.", "llama.", "general.architecture", "general.file_type", "general.alignment", "general.name",
+            "general.size_label")
+    for f in src.fields.values():
+        if not f.name.startswith(skip):
+            w.add_key_value(f.name, f.contents(), f.types[0],
+                            sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    w.add_name(name), w.add_file_type(15)  # MOSTLY_Q4_K_M
+    return w
+
+
+def _write_random_tensors(w, dst: Path, shapes: dict, layers: int) -> Path:
+    """Writes `shapes` ({name: shape}; vectors F32 ones, matrices and stacked [E, rows, K] experts in
+    Q4_K_M's mix of random real blocks) one tensor at a time: the table first, then the data."""
     import gguf
     import numpy as np
     from bench_quant_gpu import random_blocks
 
-    import circuit_finder as cf
+    kinds = {name: "F32" if len(shape) == 1 else q4_k_m_type(name, layers) for name, shape in shapes.items()}
+    for name, shape in shapes.items():  # the tensor table first: sizes from the shapes, no data yet
+        kind = gguf.GGMLQuantizationType[kinds[name]]
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        float_ = kinds[name] == "F32"
+        stored = shape if float_ else (*shape[:-1], shape[-1] // block * size)
+        dtype = np.dtype(np.float32 if float_ else np.uint8)
+        w.add_tensor_info(name, stored, dtype, math.prod(stored) * dtype.itemsize, raw_dtype=kind)
+    w.write_header_to_file(path=str(dst))
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    gen, made = torch.Generator().manual_seed(0), {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            w.write_tensor_data(np.ones(shape, np.float32))
+        elif kinds[name] == "F32":  # a float matrix (the router): N(0, 0.02^2)
+            w.write_tensor_data((torch.randn(shape, generator=gen) * 0.02).numpy())
+        else:
+            blocks = random_blocks(kinds[name], math.prod(shape[:-1]), shape[-1], "cpu", gen, made)
+            w.write_tensor_data(blocks.view(*shape[:-1], -1).numpy())
+    w.close()
+    return dst
 
+
+def write_random_gguf(dst: Path, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> Path:
+    """A llama GGUF of this shape in Q4_K_M's type mix: random real blocks (bench_quant_gpu's
+    random_blocks: rows of N(0, 0.02^2) weights quantized by our quantizers), norms of ones, and the
+    default model's tokenizer and 49152-token vocabulary. What a published Q4_K_M file of that size
+    holds, without a download."""
     if hidden % 256 or ffn % 256:
         raise ValueError(f"a Q4_K_M file needs rows of whole 256-value blocks: hidden {hidden}, intermediate {ffn}")
-    src, vocab, head_dim = gguf.GGUFReader(cf.default_model_path()), 49152, hidden // heads
-    w = gguf.GGUFWriter(str(dst), "llama")
-    skip = ("GGUF.", "llama.", "general.architecture", "general.file_type", "general.alignment", "general.name",
-            "general.size_label")
-    for f in src.fields.values():  # the tokenizer's fields and the rest of general.*; the shape is this one's
-        if not f.name.startswith(skip):
-            w.add_key_value(f.name, f.contents(), f.types[0],
-                            sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    w.add_name(f"random llama {hidden}x{layers} Q4_K_M"), w.add_file_type(15)  # MOSTLY_Q4_K_M
+    head_dim = hidden // heads
+    w = _random_writer(dst, "llama", f"random llama {hidden}x{layers} Q4_K_M")
     w.add_block_count(layers), w.add_context_length(8192), w.add_embedding_length(hidden)
     w.add_feed_forward_length(ffn), w.add_head_count(heads), w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(500000.0), w.add_layer_norm_rms_eps(1e-5), w.add_vocab_size(vocab)
+    w.add_rope_freq_base(500000.0), w.add_layer_norm_rms_eps(1e-5), w.add_vocab_size(VOCAB)
     w.add_rope_dimension_count(head_dim)
-    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden)}
+    shapes = {"token_embd.weight": (VOCAB, hidden), "output_norm.weight": (hidden,), "output.weight": (VOCAB, hidden)}
     for i in range(layers):
         shapes.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.attn_q.weight": (hidden, hidden),
                        f"blk.{i}.attn_k.weight": (kv_heads * head_dim, hidden),
@@ -198,22 +244,33 @@ def write_random_gguf(dst: Path, hidden: int, ffn: int, layers: int, heads: int,
                        f"blk.{i}.attn_output.weight": (hidden, hidden), f"blk.{i}.ffn_norm.weight": (hidden,),
                        f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
                        f"blk.{i}.ffn_down.weight": (hidden, ffn)})
-    kinds = {name: "F32" if len(shape) == 1 else q4_k_m_type(name, layers) for name, shape in shapes.items()}
-    for name, shape in shapes.items():  # the tensor table first: sizes from the shapes, no data yet
-        kind = gguf.GGMLQuantizationType[kinds[name]]
-        block, size = gguf.GGML_QUANT_SIZES[kind]
-        stored = shape if len(shape) == 1 else (shape[0], shape[1] // block * size)
-        dtype = np.dtype(np.float32 if len(shape) == 1 else np.uint8)
-        w.add_tensor_info(name, stored, dtype, math.prod(stored) * dtype.itemsize, raw_dtype=kind)
-    w.write_header_to_file(path=str(dst))
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    gen, made = torch.Generator().manual_seed(0), {}
-    for name, shape in shapes.items():
-        w.write_tensor_data(np.ones(shape, np.float32) if len(shape) == 1
-                            else random_blocks(kinds[name], *shape, "cpu", gen, made).numpy())
-    w.close()
-    return dst
+    return _write_random_tensors(w, dst, shapes, layers)
+
+
+def write_random_moe_gguf(dst: Path, hidden: int, heads: int, kv_heads: int, head_dim: int, experts: int, top_k: int,
+                          expert_ffn: int, layers: int) -> Path:
+    """A qwen3moe GGUF of this shape (every layer sparse, q / k norms, a float router) in Q4_K_M's
+    type mix, as write_random_gguf: stacked ffn_{gate,up,down}_exps as llama.cpp's converter writes
+    them."""
+    w = _random_writer(dst, "qwen3moe", f"random qwen3moe {hidden}x{layers} {experts}x{expert_ffn} Q4_K_M")
+    w.add_block_count(layers), w.add_context_length(8192), w.add_embedding_length(hidden)
+    w.add_feed_forward_length(4 * hidden), w.add_head_count(heads), w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim), w.add_value_length(head_dim), w.add_vocab_size(VOCAB)
+    w.add_rope_freq_base(1000000.0), w.add_layer_norm_rms_eps(1e-6)
+    w.add_expert_count(experts), w.add_expert_used_count(top_k), w.add_expert_feed_forward_length(expert_ffn)
+    shapes = {"token_embd.weight": (VOCAB, hidden), "output_norm.weight": (hidden,), "output.weight": (VOCAB, hidden)}
+    for i in range(layers):
+        b = f"blk.{i}."
+        shapes.update({b + "attn_norm.weight": (hidden,), b + "attn_q.weight": (heads * head_dim, hidden),
+                       b + "attn_k.weight": (kv_heads * head_dim, hidden),
+                       b + "attn_v.weight": (kv_heads * head_dim, hidden),
+                       b + "attn_output.weight": (hidden, heads * head_dim), b + "attn_q_norm.weight": (head_dim,),
+                       b + "attn_k_norm.weight": (head_dim,), b + "ffn_norm.weight": (hidden,),
+                       b + "ffn_gate_inp.weight": (experts, hidden),
+                       b + "ffn_gate_exps.weight": (experts, expert_ffn, hidden),
+                       b + "ffn_up_exps.weight": (experts, expert_ffn, hidden),
+                       b + "ffn_down_exps.weight": (experts, hidden, expert_ffn)})
+    return _write_random_tensors(w, dst, shapes, layers)
 
 
 def available_bytes() -> int:
@@ -227,14 +284,21 @@ def available_bytes() -> int:
     return 0
 
 
-def run_quant(repeat: int = 2, batches=(1, 16), shape: tuple | None = None) -> dict:
+def run_quant(repeat: int = 2, batches=(1, 16), shape: tuple | str | None = None) -> dict:
     """The table's figures (see the module docstring): the default model's file, or with `shape`
-    (hidden, intermediate, layers, heads, kv_heads, _) a random Q4_K_M file of that shape, batch 1."""
+    (hidden, intermediate, layers, heads, kv_heads, _) a random Q4_K_M file of that shape, or (a
+    MOE_SHAPES name) a random qwen3moe Q4_K_M file of that shape; random files at batch 1."""
     import circuit_finder as cf
 
     with tempfile.TemporaryDirectory() as tmp:
         if shape is None:
             path, label = cf.default_model_path(), "default model GGUF"
+        elif isinstance(shape, str):
+            m = MOE_SHAPES[shape]
+            path = str(write_random_moe_gguf(Path(tmp) / "random.gguf", **m))
+            label = (f"random qwen3moe GGUF in Q4_K_M, {m['hidden']} hidden x {m['layers']} layers, "
+                     f"{m['experts']} experts of {m['expert_ffn']}, top {m['top_k']}")
+            batches = (1,)
         else:
             path = str(write_random_gguf(Path(tmp) / "random.gguf", *shape[:5]))
             label, batches = f"random llama GGUF in Q4_K_M, {shape[0]} hidden x {shape[2]} layers", (1,)

@@ -51,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_quant import MOE_SHAPES  # noqa: E402
+
 import circuit_finder as cf  # noqa: E402
 from circuit_finder import LayerPath  # noqa: E402
 from circuit_finder.generation import Sampling, generate_ids  # noqa: E402
@@ -425,9 +427,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None, help="a saved tokenizer folder for the scan's random model "
                     "(default: the default model's, built from its GGUF)")
     ap.add_argument("--scan-items", type=int, default=None, help="search items per probe (default: all)")
-    ap.add_argument("--quant-model", default="default", choices=["default", *RANDOM_SHAPES],
+    ap.add_argument("--quant-model", default="default", choices=["default", *RANDOM_SHAPES, *MOE_SHAPES],
                     help="the quant section's file: the default model's, or a random Q4_K_M GGUF of that shape "
-                    "written to a temporary folder (1b, 8b: rows of whole 256-value blocks)")
+                    "written to a temporary folder (1b, 8b: rows of whole 256-value blocks; 30b-a3b: a qwen3moe "
+                    "file with 12 of Qwen3-30B-A3B's layers)")
     ap.add_argument("--profile", action="store_true", help="write a batch-1 decode profile of each forward model")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -483,7 +486,7 @@ def main(argv=None) -> int:
     if "quant" in args.sections:  # the default model's GGUF: packed, dequantized, transformers, llama.cpp (CPU)
         from bench_quant import run_quant
 
-        shape = None if args.quant_model == "default" else RANDOM_SHAPES[args.quant_model]
+        shape = None if args.quant_model == "default" else RANDOM_SHAPES.get(args.quant_model, args.quant_model)
         res["quant"] = run_quant(1 if args.quick else args.repeat, (1,) if args.quick else (1, 16), shape)
     stem = (f"{meta['date']}-{device.type}-{meta['dtype']}" + ("-quick" if args.quick else "")
             + (f"-quant-{args.quant_model}" if "quant" in args.sections and args.quant_model != "default" else "")

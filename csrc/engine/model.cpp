@@ -357,9 +357,9 @@ Engine::ExpertRoute Engine::expert_route(const LayerWeights& L, at::Device devic
                                          int64_t tokens) const {
   if (!L.stacked.down.defined() || cfg_.swiglu_limit > 0) return ExpertRoute::kLoop;
   const int grouped = route_override("CF_MOE_GROUPED"), gemv = route_override("CF_MOE_GEMV");
-  if (CF_GROUPED_MM && grouped_mm_fits(L.stacked) && grouped != 0 &&
-      (device.is_cuda() ? dtype == at::kBFloat16 && gpu::grouped_mm_without_sync(device) : grouped == 1 && kGroupedMmCpu))
-    return ExpertRoute::kGroupedMm;
+  const bool mm_here = device.is_cuda() ? dtype == at::kBFloat16 && gpu::grouped_mm_without_sync(device)
+                                        : grouped == 1 && kGroupedMmCpu;
+  if (CF_GROUPED_MM && grouped != 0 && mm_here && grouped_mm_fits(L.stacked)) return ExpertRoute::kGroupedMm;
   const int64_t pairs = tokens * cfg_.experts_per_tok;
   if (gemv == 0 || pairs > kGemvMaxPairs) return ExpertRoute::kLoop;
   if (gemv == 1) return ExpertRoute::kGroupedGemv;

@@ -82,8 +82,8 @@ struct XRows {
 // row's chunks of eight (kChunks: lane_sums) or its elements (lanes stride over k), the M rows
 // summed in fp32, then one reduction per row of x into y[m * N + n] (+ bias[n]).
 template <int T, typename O, bool kChunks>
-__device__ __forceinline__ void row_products(const uint8_t* row, const O* x, int M, int64_t K, int lane, int64_t n, int64_t N,
-                             const O* bias, O* y) {
+__device__ __forceinline__ void row_products(const uint8_t* row, const O* x, int M, int64_t K, int lane, int64_t n,
+                                             int64_t N, const O* bias, O* y) {
   float acc[kPackedGemvRows];
 #pragma unroll
   for (int m = 0; m < kPackedGemvRows; ++m) acc[m] = 0.f;
