@@ -145,17 +145,25 @@ def test_cuda_family_generation_fixed_shape_and_transformers(family):
     assert torch.equal(dynamic, ref)
 
 
-def test_cuda_bf16_experts_run_grouped_and_graph_replayed(family, monkeypatch):
-    """In bf16 on a Hopper-class GPU the experts (stacked on load) run as grouped GEMMs with no host
-    synchronisation, so the decode step is graph-replayed: its tokens equal the dynamic decode's;
-    logits within bf16 rounding of the looped experts' (CF_MOE_GROUPED=CF_MOE_GEMV=0; tokens printed, near-ties
-    of a random model may flip). GPT-OSS's biased experts keep the loop."""
+@pytest.mark.parametrize("route", ["default", "gemv"])
+def test_cuda_bf16_experts_run_grouped_and_graph_replayed(family, route, monkeypatch):
+    """In bf16 the experts (stacked on load) run with no host synchronisation — as grouped GEMMs on a
+    Hopper-class GPU, through our grouped GEMV kernel at decode sizes elsewhere or with
+    CF_MOE_GROUPED=0 (route "gemv") — so the decode step is graph-replayed: its tokens equal the
+    dynamic decode's; logits of a decode-sized call within bf16 rounding of the looped experts'
+    (CF_MOE_GROUPED=CF_MOE_GEMV=0; tokens printed, near-ties of a random model may flip). GPT-OSS's
+    biased experts keep the loop."""
     arch, folder, _ = family
     if arch not in MOE_ARCHS + ["qwen3_next", "qwen3_5_moe_text"]:
         pytest.skip("no experts")
+    if route == "gemv":
+        if not _C.gpu_kernels():
+            pytest.skip("built without GPU kernels")
+        monkeypatch.setenv("CF_MOE_GROUPED", "0")
     model = cf.load(folder, device="cuda", dtype=torch.bfloat16)
     hopper = torch.version.cuda is not None and torch.cuda.get_device_capability()[0] in (9, 10)
-    assert model.engine.moe_without_host_sync() == (arch != "gpt_oss" and (hopper or _C.gpu_kernels()))
+    grouped_mm = hopper and route == "default"
+    assert model.engine.moe_without_host_sync() == (arch != "gpt_oss" and (grouped_mm or _C.gpu_kernels()))
     ids = tokens(2, 9, seed=24).cuda()
     few = ids[:, :3]  # decode-sized: where _grouped_mm syncs, the grouped GEMV kernel takes them
     kw = dict(layers=FAMILY_PATH, max_new_tokens=10, min_new_tokens=10)
@@ -504,29 +512,3 @@ def test_cuda_packed_experts_decode_without_host_sync(tmp_path, qtype, monkeypat
         got = gpu.generate(prompt.cuda(), layers=PATH, max_new_tokens=12, min_new_tokens=12).cpu()
         print(f"{qtype} packed experts cuda, static={static}: {got.tolist()} cpu {want.tolist()}")
         assert torch.equal(got, want), static
-
-
-def test_cuda_bf16_experts_through_the_grouped_gemv(family, monkeypatch):
-    """bf16 experts on a GPU where _grouped_mm would sync (or with CF_MOE_GROUPED=0, as here) run
-    through the grouped GEMV kernel (rows of halves) at decode sizes: graph-replayed decode equals the
-    dynamic decode, logits within bf16 rounding of the looped experts'. GPT-OSS keeps the loop."""
-    arch, folder, _ = family
-    if arch not in MOE_ARCHS + ["qwen3_next", "qwen3_5_moe_text"]:
-        pytest.skip("no experts")
-    if not _C.gpu_kernels():
-        pytest.skip("built without GPU kernels")
-    monkeypatch.setenv("CF_MOE_GROUPED", "0")
-    model = cf.load(folder, device="cuda", dtype=torch.bfloat16)
-    assert model.engine.moe_without_host_sync() == (arch != "gpt_oss")
-    ids = tokens(2, 3, seed=26).cuda()
-    kw = dict(layers=FAMILY_PATH, max_new_tokens=10, min_new_tokens=10)
-    model.static_decode = True
-    fixed = model.generate(ids, **kw)
-    model.static_decode = False
-    dynamic = model.generate(ids, **kw)
-    grouped = model.logits(ids, layers=FAMILY_PATH).float().cpu()
-    monkeypatch.setenv("CF_MOE_GEMV", "0")
-    looped = model.logits(ids, layers=FAMILY_PATH).float().cpu()
-    print(f"{arch} bf16 grouped gemv: fixed {fixed.tolist()} dynamic {dynamic.tolist()}")
-    assert torch.equal(fixed, dynamic)
-    assert relative(f"{arch} bf16 grouped gemv vs looped experts", grouped, looped) < 2e-2

@@ -399,6 +399,22 @@ def test_gpt_oss_long_prompt_runs_attention_in_query_blocks(gpt_oss):
 
 
 # ------------------------------------------------------------------ experts as grouped GEMMs
+def rys_matches_transformers(label: str, model, hf, batch: int, new: int) -> None:
+    """Along the RYS path: logits of 2 x 20 tokens within 1e-4 of transformers' (relative), and
+    `new` cached greedy tokens of `batch` 7-token prompts equal to its."""
+    ids, path = tokens(2, 20, seed=1), list(PATHS["rys"])
+    with torch.no_grad():
+        ref = rebuilt(hf, path)(ids).logits
+    assert relative(f"{label} rys", model.logits(ids, layers=path), ref) < 1e-4
+    prompt = tokens(batch, 7, seed=3)
+    with torch.no_grad():
+        want = rebuilt(hf, path).generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                          min_new_tokens=new, do_sample=False, pad_token_id=0)[:, 7:]
+    got = model.generate(prompt, layers=path, max_new_tokens=new, min_new_tokens=new)
+    print(f"{label} generate: ours {got.tolist()} ref {want.tolist()}")
+    assert torch.equal(got, want)
+
+
 GROUPED_ARCHS = [a for a in MOE_ARCHS if a != "gpt_oss"] + ["qwen3_next", "qwen3_5_moe_text"]
 
 
@@ -412,17 +428,7 @@ def test_grouped_experts_match_transformers(arch, model_dir, monkeypatch):
     monkeypatch.setenv("CF_MOE_GROUPED", "1")
     model, apart = cf.load(folder, fuse_projections=True), cf.load(folder, fuse_projections=False)
     assert model.engine.moe_without_host_sync() and not apart.engine.moe_without_host_sync()
-    ids, path = tokens(2, 20, seed=1), list(PATHS["rys"])
-    with torch.no_grad():
-        ref = rebuilt(hf, path)(ids).logits
-    assert relative(f"{arch} grouped experts rys", model.logits(ids, layers=path), ref) < 1e-4
-    prompt = tokens(2, 7, seed=3)
-    with torch.no_grad():
-        want = rebuilt(hf, path).generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
-                                          min_new_tokens=10, do_sample=False, pad_token_id=0)[:, 7:]
-    got = model.generate(prompt, layers=path, max_new_tokens=10, min_new_tokens=10)
-    print(f"{arch} grouped experts generate: ours {got.tolist()} ref {want.tolist()}")
-    assert torch.equal(got, want)
+    rys_matches_transformers(f"{arch} grouped experts", model, hf, batch=2, new=10)
     monkeypatch.setenv("CF_MOE_GROUPED", "0")
     assert not model.engine.moe_without_host_sync()
     monkeypatch.delenv("CF_MOE_GROUPED")
@@ -461,17 +467,7 @@ def test_grouped_gemv_route_matches_transformers(arch, model_dir, monkeypatch):
     monkeypatch.setenv("CF_MOE_GEMV", "1")
     model = cf.load(folder, fuse_projections=True)
     assert not model.engine.moe_without_host_sync()
-    ids, path = tokens(2, 20, seed=1), list(PATHS["rys"])
-    with torch.no_grad():
-        ref = rebuilt(hf, path)(ids).logits
-    assert relative(f"{arch} grouped gemv route rys", model.logits(ids, layers=path), ref) < 1e-4
-    prompt = tokens(3, 7, seed=3)
-    with torch.no_grad():
-        want = rebuilt(hf, path).generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                                          min_new_tokens=8, do_sample=False, pad_token_id=0)[:, 7:]
-    got = model.generate(prompt, layers=path, max_new_tokens=8, min_new_tokens=8)
-    print(f"{arch} grouped gemv generate: ours {got.tolist()} ref {want.tolist()}")
-    assert torch.equal(got, want)
+    rys_matches_transformers(f"{arch} grouped gemv route", model, hf, batch=3, new=8)
 
 
 @pytest.mark.parametrize("arch,qtype", [("mixtral", "Q8_0"), ("qwen2_moe", "Q4_0"), ("qwen3_moe", "Q8_0")])
