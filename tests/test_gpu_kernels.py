@@ -91,10 +91,44 @@ struct HostX {  // lane_sums' x: rows of K floats
 constexpr int kRows = 8;
 // mode 0: every element through value(); 1: every chunk of eight through row_chunk() (the dequant
 // chunk kernel's walk); 2: y [M, rows] = x [M, K] . W^T as the gemv kernel sums it (each lane's lane_sums over
-// `lanes` lanes, then the lanes' sums added).
-template <int T> void run(int mode, const std::vector<uint8_t>& raw, long rows, long K, int lanes,
-                          const std::vector<float>& x, int M, std::vector<float>& out) {
+// `lanes` lanes, then the lanes' sums added); 3: the grouped GEMV kernel's plan (grouped_rows) and sums
+// over every block row, raw = E experts of rows / E weight rows, x [P, K] sorted by expert, counts[e]
+// rows each: y [P, rows / E], a row written twice fails (exit 3).
+template <int T> void sums(const uint8_t* row, const float* x, int M, long K, int lanes, float* total) {
+  const HostX hx{x, K};
+  for (int lane = 0; lane < lanes; ++lane) {
+    float acc[kRows] = {};
+    lane_sums<T, kRows>(row, hx, M, K, lane, lanes, acc);
+    for (int m = 0; m < kRows; ++m) total[m] += acc[m];
+  }
+}
+template <int T> int grouped(const std::vector<uint8_t>& raw, long rows, long K, int lanes, const std::vector<float>& x,
+                             const std::vector<int>& counts, std::vector<float>& out) {
+  const long row_bytes = K / Block<T>::n * Block<T>::b, E = counts.size(), N = rows / E;
+  std::vector<int64_t> experts;
+  std::vector<int32_t> ends;
+  for (long e = 0; e < E; ++e) {
+    ends.push_back((e ? ends.back() : 0) + counts[e]);
+    experts.insert(experts.end(), counts[e], e);
+  }
+  std::vector<int> written(experts.size(), 0);
+  for (long j = 0; j < static_cast<long>(experts.size()); ++j) {
+    int64_t e = -1;
+    const int M = grouped_rows<kRows>(j, experts.data(), ends.data(), &e);
+    for (int m = 0; m < M; ++m) written[j + m] += 1;
+    for (long n = 0; n < N && M > 0; ++n) {
+      float total[kRows] = {};
+      sums<T>(raw.data() + (e * N + n) * row_bytes, x.data() + j * K, M, K, lanes, total);
+      for (int m = 0; m < M; ++m) out[(j + m) * N + n] = total[m];
+    }
+  }
+  for (int w : written) if (w != 1) return 3;
+  return 0;
+}
+template <int T> int run(int mode, const std::vector<uint8_t>& raw, long rows, long K, int lanes,
+                         const std::vector<float>& x, int M, const std::vector<int>& counts, std::vector<float>& out) {
   const long row_bytes = K / Block<T>::n * Block<T>::b;
+  if (mode == 3) return grouped<T>(raw, rows, K, lanes, x, counts, out);
   if (mode == 0) {
     for (long r = 0; r < rows; ++r)
       for (long k = 0; k < K; ++k) out[r * K + k] = value<T>(raw.data() + r * row_bytes, k);
@@ -102,17 +136,13 @@ template <int T> void run(int mode, const std::vector<uint8_t>& raw, long rows, 
     for (long r = 0; r < rows; ++r)
       for (long k0 = 0; k0 < K; k0 += 8) row_chunk<T>(raw.data() + r * row_bytes, k0, out.data() + r * K + k0);
   } else {
-    const HostX hx{x.data(), K};
     for (long r = 0; r < rows; ++r) {
       float total[kRows] = {};
-      for (int lane = 0; lane < lanes; ++lane) {
-        float acc[kRows] = {};
-        lane_sums<T, kRows>(raw.data() + r * row_bytes, hx, M, K, lane, lanes, acc);
-        for (int m = 0; m < kRows; ++m) total[m] += acc[m];
-      }
+      sums<T>(raw.data() + r * row_bytes, x.data(), M, K, lanes, total);
       for (int m = 0; m < M; ++m) out[m * rows + r] = total[m];
     }
   }
+  return 0;
 }
 std::vector<uint8_t> slurp(const char* path) {
   FILE* f = fopen(path, "rb");
@@ -121,24 +151,28 @@ std::vector<uint8_t> slurp(const char* path) {
   fclose(f);
   return raw;
 }
-int main(int argc, char** argv) {  // mode type rows K in out [lanes M x]
+int main(int argc, char** argv) {  // mode type rows K in out [lanes M x [count ...]]
   const int mode = atoi(argv[1]), type = atoi(argv[2]);
   const long rows = atol(argv[3]), K = atol(argv[4]);
   const std::vector<uint8_t> raw = slurp(argv[5]);
   int lanes = 0, M = 0;
   std::vector<float> x;
-  if (mode == 2) {
+  std::vector<int> counts;
+  if (mode >= 2) {
     lanes = atoi(argv[7]), M = atoi(argv[8]);
     const std::vector<uint8_t> bytes = slurp(argv[9]);
     x.resize(bytes.size() / sizeof(float));
     memcpy(x.data(), bytes.data(), bytes.size());
+    for (int i = 10; i < argc; ++i) counts.push_back(atoi(argv[i]));
   }
-  std::vector<float> out(mode == 2 ? M * rows : rows * K);
+  std::vector<float> out(mode >= 2 ? M * (mode == 3 ? rows / counts.size() : rows) : rows * K);
+  int rc = 2;
   switch (type) {
-#define CASE(id, ...) case id: run<id>(mode, raw, rows, K, lanes, x, M, out); break;
+#define CASE(id, ...) case id: rc = run<id>(mode, raw, rows, K, lanes, x, M, counts, out); break;
     CF_BLOCK_TYPES(CASE) CASE(1) CASE(30)
     default: return 2;
   }
+  if (rc != 0) return rc;
   FILE* f = fopen(argv[6], "wb");
   fwrite(out.data(), sizeof(float), out.size(), f);
   fclose(f);
@@ -160,16 +194,17 @@ def host_decoder(tmp_path_factory):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
-    def run(mode, ident, raw, k, lanes=0, x=None):
+    def run(mode, ident, raw, k, lanes=0, x=None, counts=()):
         raw.tofile(folder / "in.bin")
         extra = []
         if x is not None:
             np.ascontiguousarray(x, dtype=np.float32).tofile(folder / "x.bin")
-            extra = [str(lanes), str(x.shape[0]), str(folder / "x.bin")]
+            extra = [str(lanes), str(x.shape[0]), str(folder / "x.bin"), *map(str, counts)]
         r = subprocess.run([str(folder / "decode"), str(mode), str(ident), str(raw.shape[0]), str(k), str(folder / "in.bin"),
                             str(folder / "out.bin"), *extra], capture_output=True, text=True)
-        assert r.returncode == 0, (ident, r.stderr)
-        shape = (x.shape[0], raw.shape[0]) if x is not None else (raw.shape[0], k)
+        assert r.returncode == 0, (ident, r.returncode, r.stderr)
+        n = raw.shape[0] // len(counts) if counts else raw.shape[0]
+        shape = (x.shape[0], n) if x is not None else (raw.shape[0], k)
         return torch.from_numpy(np.fromfile(folder / "out.bin", dtype=np.float32).reshape(shape))
 
     return run
@@ -214,6 +249,31 @@ def test_gpu_chunk_products_match_numpy_on_the_host(host_decoder):
             rel = float(np.abs(got - want).max() / np.abs(want).max())
             print(f"{kind} K={k} lanes={lanes} rows of x={m}: chunk sums vs numpy, relative max diff {rel:.2e}")
             assert rel < 1e-5, (kind, k, lanes, m)
+
+
+def test_gpu_grouped_products_match_numpy_on_the_host(host_decoder):
+    """The grouped GEMV kernel's plan (grouped_rows: which block row takes which of an expert's rows,
+    8 at a time) and sums on the host: every row taken exactly once, each times its own expert's
+    matrix as the gguf package decodes it — experts with no rows (the first among them), 1, 8, 9
+    and 17 rows (three block rows), warps of 32 and 64 lanes."""
+    import numpy as np
+
+    from circuit_finder.quants import PACKED_TYPES
+    from helpers import random_packed, reference
+
+    counts, n, k = [0, 1, 8, 0, 9, 17], 3, 512
+    experts = np.repeat(np.arange(len(counts)), counts)
+    for kind in ("Q4_K", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS", "BF16"):
+        ident = PACKED_TYPES[kind]
+        raw = random_packed(kind, len(counts) * n, k, seed=ident)
+        w = reference(kind, raw, k).double().numpy().reshape(len(counts), n, k)
+        x = np.random.default_rng(ident).standard_normal((len(experts), k)).astype(np.float32)
+        want = np.einsum("pk,pnk->pn", x.astype(np.float64), w[experts])
+        for lanes in (32, 64):
+            got = host_decoder(3, ident, raw, k, lanes, x, counts).double().numpy()
+            rel = float(np.abs(got - want).max() / np.abs(want).max())
+            print(f"{kind} lanes={lanes}: grouped plan and sums vs numpy, relative max diff {rel:.2e}")
+            assert rel < 1e-5, (kind, lanes)
 
 
 def find_hipcc() -> str | None:

@@ -121,16 +121,18 @@ __global__ void gemv_kernel(const O* x, int M, int64_t K, const uint8_t* w, int6
 // Rows of x sorted by expert (experts[j] is row j's, ascending; ends[e] the end of expert e's
 // run) times their expert's matrix of stacked blocks (expert e's rows start at w + e *
 // expert_bytes, row_stride bytes apart). Block row j = blockIdx.y works only where j is a multiple
-// of kPackedGemvRows into its expert's run: it takes that run's rows [j, j + kPackedGemvRows) (fewer
-// at the run's end), warps over weight rows as gemv_kernel's; the other block rows return at once.
+// of kPackedGemvRows into its expert's run (quant_decode.cuh's grouped_rows): it takes that run's
+// rows [j, j + kPackedGemvRows) (fewer at the run's end), warps over weight rows as gemv_kernel's;
+// the other block rows return at once.
 // An expert's blocks are read once per kPackedGemvRows of its rows, and a long run spreads over
 // as many block rows. Reads nothing on the host: a CUDA graph holds it whatever the routing.
 template <int T, typename O, bool kChunks>
 __global__ void grouped_gemv_kernel(const O* x, int64_t K, const uint8_t* w, int64_t expert_bytes, int64_t row_stride,
                                     int64_t N, const int64_t* experts, const int32_t* ends, O* y) {
-  const int64_t j = blockIdx.y, e = experts[j], start = e > 0 ? ends[e - 1] : 0, end = ends[e];
-  if ((j - start) % kPackedGemvRows != 0) return;
-  const int M = static_cast<int>(end - j < kPackedGemvRows ? end - j : kPackedGemvRows);
+  const int64_t j = blockIdx.y;
+  int64_t e = 0;
+  const int M = grouped_rows<kPackedGemvRows>(j, experts, ends, &e);
+  if (M == 0) return;
   const uint8_t* we = w + e * expert_bytes;
   const int lane = threadIdx.x % warpSize, warps = blockDim.x / warpSize;
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / warpSize; n < N;

@@ -3,7 +3,8 @@
 // formulas as kernels/cpu/quant_impl.cpp's whole-block decoders (which say where each field
 // lives). Two forms: `value` (element k of a row: any alignment, any K; the fallback kernels) and
 // `decode8` (eight consecutive elements from one header read and wide code loads; what the fast
-// kernels read), with `row_chunk` / `lane_sums`, the chunk walks of quant.cu's kernels. Everything
+// kernels read), with `row_chunk` / `lane_sums`, the chunk walks of quant.cu's kernels, and
+// `grouped_rows`, the grouped GEMV kernel's plan of which rows each block row takes. Everything
 // is __host__ __device__, so the tests run the same code on the host (test_gpu_kernels.py, with
 // nvcc and no GPU) against the gguf package's decoding and numpy's products.
 #pragma once
@@ -304,6 +305,18 @@ CF_HD inline void lane_sums(const uint8_t* row, const X& x, int M, int64_t K, in
       }
     }
   }
+}
+
+// The grouped GEMV kernel's rows for its block row j (rows sorted by expert: experts[j] ascending,
+// ends[e] each expert's cumulative row count): sets *expert to row j's and returns how many rows
+// [j, j + M) the block row takes, kRows or fewer at the run's end; 0 where j is not a multiple of
+// kRows into its expert's run (another block row takes it). Every row is taken exactly once.
+template <int kRows>
+CF_HD inline int grouped_rows(int64_t j, const int64_t* experts, const int32_t* ends, int64_t* expert) {
+  const int64_t e = experts[j], start = e > 0 ? ends[e - 1] : 0, end = ends[e];
+  *expert = e;
+  if ((j - start) % kRows != 0) return 0;
+  return static_cast<int>(end - j < kRows ? end - j : kRows);
 }
 
 }  // namespace cf::gpu
