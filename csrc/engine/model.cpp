@@ -334,6 +334,13 @@ int route_override(const char* name) {
   return v == nullptr || *v == '\0' ? -1 : std::string(v) != "0";
 }
 
+// Whether the grouped GEMV kernel runs every stacked matrix of s on `device` (no host sync).
+bool gemv_on_device(const MlpWeights& s, at::Device device) {
+  for (const Matrix* m : stacked_matrices(s))
+    if (!ops::grouped_linear_on_device(*m, device)) return false;
+  return true;
+}
+
 // Rows per expert, on average, up to which the grouped GEMV kernel takes a layer's experts by
 // default: it reads an expert's blocks once per this many of its rows (cuda/quant.h's
 // kPackedGemvRows) and sums in fp32 on CUDA cores, so past decode-sized batches the loop's
@@ -364,19 +371,16 @@ Engine::ExpertRoute Engine::expert_route(const LayerWeights& L, at::Device devic
   if (gemv == 0 || pairs > kGemvMaxPairs) return ExpertRoute::kLoop;
   if (gemv == 1) return ExpertRoute::kGroupedGemv;
   if (pairs > kGemvRowsPerExpert * cfg_.num_experts) return ExpertRoute::kLoop;
-  for (const Matrix* m : stacked_matrices(L.stacked))
-    if (!ops::grouped_linear_on_device(*m, device)) return ExpertRoute::kLoop;
-  return ExpertRoute::kGroupedGemv;
+  return gemv_on_device(L.stacked, device) ? ExpertRoute::kGroupedGemv : ExpertRoute::kLoop;
 }
 
 bool Engine::moe_without_host_sync(int64_t tokens) const {
   for (const LayerWeights& L : w_.layers) {
     if (!L.sparse) continue;
     const ExpertRoute r = expert_route(L, L.device, w_.dtype, tokens);
-    if (r == ExpertRoute::kLoop) return false;
-    if (r == ExpertRoute::kGroupedGemv)  // forced where the kernel does not run: the products' loop syncs
-      for (const Matrix* m : stacked_matrices(L.stacked))
-        if (!ops::grouped_linear_on_device(*m, L.device)) return false;
+    // forced where the kernel does not run, the grouped GEMV route's products loop and sync
+    if (r == ExpertRoute::kLoop || (r == ExpertRoute::kGroupedGemv && !gemv_on_device(L.stacked, L.device)))
+      return false;
   }
   return true;
 }
