@@ -4,9 +4,10 @@ layers transformers runs with its torch reference here) on a random model of a s
 batch, dtype and device, measured by run.py's bench_forward (tokens/s, timestamps as each token
 comes out; the greedy tokens compared). Where the experts run without a host sync (grouped products
 on a GPU: Engine::expert_route), the other routes are measured in the same run too: the grouped GEMV
-kernel (CF_MOE_GROUPED=0, where _grouped_mm was the default) and the loop over experts (our previous
-path, CF_MOE_GROUPED=0 CF_MOE_GEMV=0). --gguf QTYPE runs ours on the model written as a GGUF of that
-type (packed experts; transformers keeps the float model, so its tokens are not compared).
+kernel (CF_MOE_GROUPED=0, where _grouped_mm is the default; "(default)" where the kernel is) and the
+loop over experts (our previous path, CF_MOE_GROUPED=0 CF_MOE_GEMV=0). --gguf QTYPE runs ours on the
+model written as a GGUF of that type (packed experts; transformers keeps the float model, so its
+tokens are not compared).
 
     .venv/bin/python benchmarks/bench_moe.py                 # CPU fp32, batch 1 and 8 (~5 min on 2 cores)
     python benchmarks/bench_moe.py --device cuda --dtype bfloat16
@@ -86,10 +87,13 @@ def markdown(res: dict) -> str:
                   + " / ".join(ROUTES) + " | default / looped |", "|---|---|---|---|---|"]
         for r in routed:
             p, d = r["prefill_tok_s"]["circuit_finder"], r["decode_tok_s"]["circuit_finder"]
-            lines.append(f"| {r['model']} | {r['batch']} | {p:.0f} / "
-                         + " / ".join(f"{r['routes'][n]['prefill_tok_s']:.0f}" for n in ROUTES) + f" | {d:.1f} / "
-                         + " / ".join(f"{r['routes'][n]['decode_tok_s']:.1f}" for n in ROUTES)
-                         + f" | **{d / r['routes']['looped']['decode_tok_s']:.2f}** |")
+
+            def rates(key: str, spec: str, routes=r["routes"]) -> str:
+                return " / ".join(format(routes[n][key], spec) if n in routes else "(default)" for n in ROUTES)
+
+            lines.append(f"| {r['model']} | {r['batch']} | {p:.0f} / {rates('prefill_tok_s', '.0f')} | "
+                         f"{d:.1f} / {rates('decode_tok_s', '.1f')} | "
+                         f"**{d / r['routes']['looped']['decode_tok_s']:.2f}** |")
     return "\n".join(lines)
 
 
@@ -139,8 +143,12 @@ def main(argv=None) -> int:
             for b in ([1] if args.quick else args.batches):
                 r = bench_forward(family, ours, ref, b, *sizes, None)
                 if ours.engine.moe_without_host_sync(b):  # grouped products: the other routes in the same run
+                    with environment({"CF_MOE_GEMV": "0"}):  # sync-free without the GEMV kernel: _grouped_mm's
+                        grouped_mm = ours.engine.moe_without_host_sync(b)
                     r["routes"] = {}
                     for name, env in ROUTES.items():
+                        if name == "grouped_gemv" and not grouped_mm:
+                            continue  # the default route already
                         with environment(env):
                             other = bench_forward(family, ours, ref, b, *sizes, None)
                         r["routes"][name] = {k: other[k]["circuit_finder"]
