@@ -174,9 +174,10 @@ MOE_SHAPES = {"30b-a3b": dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, e
 VOCAB = 49152  # the default model's tokenizer, copied into every random file
 
 
-def _random_writer(dst: Path, arch: str, name: str):
+def _random_writer(dst: Path, arch: str, name: str, hidden: int, layers: int, heads: int, kv_heads: int):
     """A GGUFWriter for `arch` holding the default model's tokenizer, chat template and the rest of
-    its general.* fields (copied field by field); the caller adds the shape's keys."""
+    its general.* fields (copied field by field), and the shape keys every family has; the caller
+    adds its own."""
     import gguf
 
     import circuit_finder as cf
@@ -189,7 +190,21 @@ def _random_writer(dst: Path, arch: str, name: str):
             w.add_key_value(f.name, f.contents(), f.types[0],
                             sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
     w.add_name(name), w.add_file_type(15)  # MOSTLY_Q4_K_M
+    w.add_block_count(layers), w.add_context_length(8192), w.add_embedding_length(hidden)
+    w.add_head_count(heads), w.add_head_count_kv(kv_heads), w.add_vocab_size(VOCAB)
     return w
+
+
+def _common_shapes(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+    """{name: shape} of the embedding, head and each layer's attention and norms (no MLP)."""
+    shapes = {"token_embd.weight": (VOCAB, hidden), "output_norm.weight": (hidden,), "output.weight": (VOCAB, hidden)}
+    for i in range(layers):
+        b = f"blk.{i}."
+        shapes.update({b + "attn_norm.weight": (hidden,), b + "attn_q.weight": (heads * head_dim, hidden),
+                       b + "attn_k.weight": (kv_heads * head_dim, hidden),
+                       b + "attn_v.weight": (kv_heads * head_dim, hidden),
+                       b + "attn_output.weight": (hidden, heads * head_dim), b + "ffn_norm.weight": (hidden,)})
+    return shapes
 
 
 def _write_random_tensors(w, dst: Path, shapes: dict, layers: int) -> Path:
@@ -231,18 +246,12 @@ def write_random_gguf(dst: Path, hidden: int, ffn: int, layers: int, heads: int,
     if hidden % 256 or ffn % 256:
         raise ValueError(f"a Q4_K_M file needs rows of whole 256-value blocks: hidden {hidden}, intermediate {ffn}")
     head_dim = hidden // heads
-    w = _random_writer(dst, "llama", f"random llama {hidden}x{layers} Q4_K_M")
-    w.add_block_count(layers), w.add_context_length(8192), w.add_embedding_length(hidden)
-    w.add_feed_forward_length(ffn), w.add_head_count(heads), w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(500000.0), w.add_layer_norm_rms_eps(1e-5), w.add_vocab_size(VOCAB)
+    w = _random_writer(dst, "llama", f"random llama {hidden}x{layers} Q4_K_M", hidden, layers, heads, kv_heads)
+    w.add_feed_forward_length(ffn), w.add_rope_freq_base(500000.0), w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(head_dim)
-    shapes = {"token_embd.weight": (VOCAB, hidden), "output_norm.weight": (hidden,), "output.weight": (VOCAB, hidden)}
+    shapes = _common_shapes(hidden, layers, heads, kv_heads, head_dim)
     for i in range(layers):
-        shapes.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.attn_q.weight": (hidden, hidden),
-                       f"blk.{i}.attn_k.weight": (kv_heads * head_dim, hidden),
-                       f"blk.{i}.attn_v.weight": (kv_heads * head_dim, hidden),
-                       f"blk.{i}.attn_output.weight": (hidden, hidden), f"blk.{i}.ffn_norm.weight": (hidden,),
-                       f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+        shapes.update({f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
                        f"blk.{i}.ffn_down.weight": (hidden, ffn)})
     return _write_random_tensors(w, dst, shapes, layers)
 
@@ -252,20 +261,15 @@ def write_random_moe_gguf(dst: Path, hidden: int, heads: int, kv_heads: int, hea
     """A qwen3moe GGUF of this shape (every layer sparse, q / k norms, a float router) in Q4_K_M's
     type mix, as write_random_gguf: stacked ffn_{gate,up,down}_exps as llama.cpp's converter writes
     them."""
-    w = _random_writer(dst, "qwen3moe", f"random qwen3moe {hidden}x{layers} {experts}x{expert_ffn} Q4_K_M")
-    w.add_block_count(layers), w.add_context_length(8192), w.add_embedding_length(hidden)
-    w.add_feed_forward_length(4 * hidden), w.add_head_count(heads), w.add_head_count_kv(kv_heads)
-    w.add_key_length(head_dim), w.add_value_length(head_dim), w.add_vocab_size(VOCAB)
+    w = _random_writer(dst, "qwen3moe", f"random qwen3moe {hidden}x{layers} {experts}x{expert_ffn} Q4_K_M", hidden,
+                       layers, heads, kv_heads)
+    w.add_feed_forward_length(4 * hidden), w.add_key_length(head_dim), w.add_value_length(head_dim)
     w.add_rope_freq_base(1000000.0), w.add_layer_norm_rms_eps(1e-6)
     w.add_expert_count(experts), w.add_expert_used_count(top_k), w.add_expert_feed_forward_length(expert_ffn)
-    shapes = {"token_embd.weight": (VOCAB, hidden), "output_norm.weight": (hidden,), "output.weight": (VOCAB, hidden)}
+    shapes = _common_shapes(hidden, layers, heads, kv_heads, head_dim)
     for i in range(layers):
         b = f"blk.{i}."
-        shapes.update({b + "attn_norm.weight": (hidden,), b + "attn_q.weight": (heads * head_dim, hidden),
-                       b + "attn_k.weight": (kv_heads * head_dim, hidden),
-                       b + "attn_v.weight": (kv_heads * head_dim, hidden),
-                       b + "attn_output.weight": (hidden, heads * head_dim), b + "attn_q_norm.weight": (head_dim,),
-                       b + "attn_k_norm.weight": (head_dim,), b + "ffn_norm.weight": (hidden,),
+        shapes.update({b + "attn_q_norm.weight": (head_dim,), b + "attn_k_norm.weight": (head_dim,),
                        b + "ffn_gate_inp.weight": (experts, hidden),
                        b + "ffn_gate_exps.weight": (experts, expert_ffn, hidden),
                        b + "ffn_up_exps.weight": (experts, expert_ffn, hidden),
