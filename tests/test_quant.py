@@ -539,6 +539,44 @@ def test_quantize_choice_per_tensor(tmp_path):
         cf.load(tmp_path / "m.gguf", quantize="q8_0")
 
 
+def awkward_rows(cols: int, rows: int = 300) -> np.ndarray:
+    """Rows of N(0, 0.02^2) weights and the cases rounding rules differ on: zeros, one sign only, a
+    lone outlier, a peak of each sign with equal magnitudes, values at exact half steps, tiny ones."""
+    rng = np.random.default_rng(cols)
+    w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    w[0] = 0.0
+    w[1] = np.abs(w[1]) + 0.5
+    w[2] = -np.abs(w[2]) - 0.5
+    w[3, 7] = 40.0
+    w[4, ::2] = -w[4, 1::2]  # +peak and -peak in every block: the first one's sign decides
+    w[5] = (rng.integers(-254, 255, cols) / 2).astype(np.float32)  # half steps for Q8_0 (d = 127 / 127)
+    w[5, ::32] = 127.0
+    w[6] = rng.integers(-16, 17, cols).astype(np.float32) / 2  # half steps for Q4_0 / Q5_0
+    w[7] *= 1e-6  # f16 scales underflow
+    return w
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16"])
+def test_quantizers_match_the_gguf_package_byte_for_byte(kind):
+    """Our torch quantizers (quantize_matrix, in row chunks) write the bytes the gguf package's
+    numpy quantizers write (ggml's reference rounding), from float32 and from bf16 weights."""
+    w = awkward_rows(4096)  # 300 rows of 4096: three chunks of rows
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.from_numpy(w).to(dtype)
+        want = gguf.quants.quantize(t.float().numpy(), gguf.GGMLQuantizationType[kind]).view(np.uint8).reshape(300, -1)
+        got = quantize_matrix(t, kind).blocks.numpy()
+        print(f"{kind} from {dtype}: {(got != want).sum()} of {want.size} bytes differ")
+        assert np.array_equal(got, want)
+    stacked = quantize_matrix(torch.from_numpy(w[:8]).reshape(2, 4, 4096), kind)  # stacked experts: [E, rows, cols]
+    assert stacked.shape == (2, 4, 4096) and torch.equal(stacked.blocks.reshape(8, -1), quantize_matrix(
+        torch.from_numpy(w[:8]), kind).blocks)
+    if kind not in ("BF16", "F16"):
+        with pytest.raises(ValueError, match=r"experts: holds non-finite values \(in rows 0..1\)"):
+            quantize_matrix(torch.tensor([[0.0] * 31 + [float("inf")], [1.0] * 32]), kind, "experts")
+        with pytest.raises(ValueError, match="whole 32-value blocks"):
+            quantize_matrix(torch.zeros(2, 48), kind)
+
+
 @pytest.mark.parametrize("kind, rival", [("Q4_K", "Q4_1"), ("Q6_K", "Q5_1")])
 def test_k_quantizers_decode_with_gguf_within_their_rivals_error(kind, rival):
     """Our Q4_K / Q6_K blocks, decoded by the gguf package (an independent reader of ggml's

@@ -131,7 +131,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     quantize: Hugging Face checkpoints only; None keeps the float weights, "q8_0" / "q6_k" / "q5_1" /
     "q5_0" / "q4_k" / "q4_1" / "q4_0" / "bf16" / "f16" packs every matrix (projections, experts,
     embedding, lm_head) placed where packed matrices run (``packs_on``) as that ggml type on load,
-    one at a time (the gguf package's quantizers; ``kquants`` for the K-quants); {fnmatch pattern:
+    one at a time on the device it goes to (``quantizers``); {fnmatch pattern:
     type or None} chooses per tensor (first match wins). See ``quants``.
     activations: "float" (default) keeps the activations of packed matrices' products in float (the
     dequantized matrix's results up to the order of the sums); "q8" rounds them to 8 bits — per 256
@@ -290,16 +290,17 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
                       for n, k in wanted.items()})
     placed = device_map if isinstance(device_map, Placement) else plan(
         device_map, config.num_layers, sizes, device, max_memory)
-    for name, kind in wanted.items():  # one matrix at a time: never a second float copy of the model
+    for name, kind in wanted.items():  # one matrix at a time, on its device: never a second float copy of the model
         if packs_on(placed.device_of(name)):
-            ggml[name] = quantize_matrix(tensors[name], kind, name)
+            ggml[name] = quantize_matrix(tensors[name], kind, name, device=placed.device_of(name))
     left_float = [n for n in wanted if n not in ggml]
     if left_float:
         warnings.warn(f"quantize: packed matrices run on the CPU, or on a GPU with this build's GPU kernels: "
                       f"{len(left_float)} placed on other devices stay float", stacklevel=2)
     floats = {name: t for name, t in tensors.items() if name not in ggml and t.is_floating_point()}
     if fuse_projections is not False:
-        _fuse_where_placed(floats, ggml, placed, target, everywhere=bool(fuse_projections), owned=owned)
+        _fuse_where_placed(floats, ggml, placed, target, everywhere=bool(fuse_projections), owned=owned,
+                           made=set(wanted))
     moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in floats.items()}
     for name, (blocks, scales) in mxfp4.items():
         moved[name] = dequantize_mxfp4(blocks, scales, target, placed.device_of(name))
@@ -314,16 +315,17 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
 
 
 def _fuse_where_placed(floats: dict, ggml: dict, placed: Placement, target: torch.dtype, everywhere: bool,
-                       owned: bool) -> None:
+                       owned: bool, made: set) -> None:
     """layout.lay_out_fused over a load's float and packed tensors, each group made where it is
     placed (floats in the target dtype): on GPUs, or everywhere; packed groups only where they stay
-    packed. Unless the tensors are the load's own, those the caller placed already are left as they are."""
+    packed. Unless the tensors are the load's own (or `made`: quantized by it), those the caller
+    placed already are left as they are."""
     def where(d: torch.device) -> bool:
         return d.type != "meta" if everywhere else d.type == "cuda"
 
     callers = set() if everywhere or owned else (
         {n for n, t in floats.items() if t.device == placed.device_of(n) and t.dtype == target}
-        | {n for n, t in ggml.items() if t.device == placed.device_of(n)})
+        | {n for n, t in ggml.items() if t.device == placed.device_of(n) and n not in made})
     lay_out_fused(floats, where, keep=callers, place=lambda n: (placed.device_of(n), target))
     lay_out_fused(ggml, lambda d: where(d) and packs_on(d), keep=callers, place=lambda n: (placed.device_of(n), None))
 

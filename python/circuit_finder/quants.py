@@ -6,10 +6,10 @@ of the memory-mapped file where no reordering was needed) with its ggml type and
 which the engine's CPU linear layers and embedding read without a dequantized copy (csrc
 kernels/cpu/quant.h). PACKED_TYPES lists the types; ``dequantize`` gives the float matrix (our
 kernel, checked against the `gguf` package's decoders in tests/test_quant.py).
-``quantize_matrix`` packs a float matrix with the `gguf` package's quantizers (ggml's reference
-rounding), or ours for the K-quants Q4_K and Q6_K (``kquants``: the package has none), for loading
-a Hugging Face checkpoint quantized (``cf.load(folder, quantize="q4_k")``): QUANTIZE_TYPES are the
-types it can make.
+``quantize_matrix`` packs a float matrix as a ggml type on the device it is placed on
+(``quantizers``: torch, byte for byte the `gguf` package's rounding for the 32-value types, ours for
+the K-quants Q4_K and Q6_K) for loading a Hugging Face checkpoint quantized
+(``cf.load(folder, quantize="q4_k")``): QUANTIZE_TYPES are the types it can make.
 
 OpenAI's published GPT-OSS checkpoints store each MoE layer's expert matrices in MXFP4 (OCP
 Microscaling, FP4 E2M1 elements in blocks of 32 sharing one E8M0 power-of-two scale):
@@ -29,10 +29,9 @@ from __future__ import annotations
 import fnmatch
 import re
 
-import numpy as np
 import torch
 
-from .kquants import K_TYPES, quantize_q4_k, quantize_q6_k
+from .quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows
 
 __all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES", "PackedTensor",
            "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "mxfp4_pairs", "mxfp4_shape", "packs_on",
@@ -43,7 +42,6 @@ PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7
                 "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
 
 
-QUANTIZE_TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "BF16", "F16")
 K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # for matrices whose rows are not whole 256-value blocks
 # Hugging Face names of the matrices the engine reads packed: projections, stacked experts, Mixtral's
 # hub experts, the embedding and lm_head (never norms, routers or biases).
@@ -218,20 +216,11 @@ def quantize_choice(spec, name: str, shape, fallen: list | None = None) -> str |
         kind = K_FALLBACK[kind]
         if fallen is not None:
             fallen.append(name)
-    block = 1 if kind in ("BF16", "F16") else 32
-    return kind if int(shape[-1]) % block == 0 else None
+    return kind if int(shape[-1]) % BLOCK[kind] == 0 else None
 
 
-def quantize_matrix(t: torch.Tensor, kind: str, name: str = "tensor") -> PackedTensor:
-    """A float matrix [..., rows, cols] packed as `kind` by the gguf package's quantizer (ours for
-    the K-quants)."""
-    import gguf
-
-    arr = t.detach().to("cpu", torch.float32).contiguous().numpy()
-    flat = arr.reshape(-1, arr.shape[-1])
-    if kind in K_TYPES:
-        packed = (quantize_q4_k if kind == "Q4_K" else quantize_q6_k)(flat, name)
-    else:
-        packed = gguf.quants.quantize(flat, gguf.GGMLQuantizationType[kind])
-    blocks = np.ascontiguousarray(packed).view(np.uint8).reshape(*arr.shape[:-1], -1)
-    return PackedTensor(torch.from_numpy(blocks), kind, arr.shape[-1], name)
+def quantize_matrix(t: torch.Tensor, kind: str, name: str = "tensor", device=None) -> PackedTensor:
+    """A float matrix [..., rows, cols] packed as `kind` (``quantizers.quantize_rows``) on `device`
+    (default: t's), where its blocks stay; t's rows travel there a chunk at a time."""
+    blocks = quantize_rows(t.detach().reshape(-1, t.shape[-1]), kind, name, device)
+    return PackedTensor(blocks.reshape(*t.shape[:-1], -1), kind, t.shape[-1], name)
