@@ -87,6 +87,19 @@ def test_quant_gpu_benchmark_quick_run(tmp_path):
     assert all(r["decode_tok_s"]["circuit_finder"] > 0 and "decode_roofline" in r for r in res["rows"])
 
 
+@pytest.mark.slow
+def test_quantize_benchmark_quick_run(tmp_path):
+    """Quantize-on-load rates: ours beside the gguf package's per matrix, and whole loads."""
+    res = quick_run("bench_quantize", tmp_path)
+    # the tiny shape's down_proj has 688 columns: not whole blocks, so it is left out
+    assert {(r["matrix"], r["type"]) for r in res["matrices"]} == {(m, t) for m in ("q/o", "gate/up")
+                                                                    for t in ("Q8_0", "Q4_K")}
+    assert all(("gguf_package_M_weights_s" in r) == (r["type"] == "Q8_0") for r in res["matrices"])
+    assert [r["quantize"] for r in res["loads"]] == [None, "Q8_0", "Q4_K"]
+    plain, q8, q4 = (r["weight_GB"] for r in res["loads"])
+    assert q4 < q8 < plain  # the loads did quantize
+
+
 def test_random_q4_k_m_file_loads_with_llama_cpp_type_mix(tmp_path, monkeypatch):
     """bench_quant's random GGUF of a shape: llama.cpp's Q4_K_M type per tensor (Q6_K for the head
     and, in the layers its rule picks, attn_v / ffn_down), the default model's tokenizer, and a model
