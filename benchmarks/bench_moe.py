@@ -21,10 +21,8 @@ Writes benchmarks/results/<date>-moe-<device>.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from run import bench_forward, bench_path, cpu_name  # noqa: E402
+from run import bench_forward, bench_path, cpu_name, environment  # noqa: E402
 
 import circuit_finder as cf  # noqa: E402
 from helpers import build_hf_model, rebuilt, write_gguf  # noqa: E402
@@ -95,21 +93,6 @@ def markdown(res: dict) -> str:
                          f"{d:.1f} / {rates('decode_tok_s', '.1f')} | "
                          f"**{d / r['routes']['looped']['decode_tok_s']:.2f}** |")
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def environment(values: dict):
-    """os.environ with `values` set, restored on exit."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main(argv=None) -> int:

@@ -59,7 +59,7 @@ def matrix_rates(shape: str, types, device: torch.device, repeat: int) -> list[d
             if k % BLOCK[kind]:
                 continue
 
-            def ours():
+            def ours(w=w, kind=kind):
                 quantize_rows(w, kind, device=device)
                 sync(device)
             row = {"matrix": label, "shape": [n, k], "type": kind,

@@ -36,6 +36,7 @@ Writes <out>/<date>-<device>.json and .md and prints the markdown.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -167,6 +168,28 @@ def bench_path(model: cf.Model) -> LayerPath:
     return LayerPath.duplicate(n, n // 3, 2 * n // 3)
 
 
+@contextlib.contextmanager
+def environment(values: dict):
+    """os.environ with `values` set, restored on exit."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def dense_gemv_applies(model: cf.Model, batch: int) -> bool:
+    """Whether CF_DENSE_GEMV=1 would change this model's decode steps: our GPU kernels, half-precision
+    weights, at most 8 rows a step (ops.h's dense_gemv)."""
+    return (model.device.type == "cuda" and cf._C.gpu_kernels() and batch <= 8
+            and model.dtype in (torch.bfloat16, torch.float16))
+
+
 def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_tokens: int, repeat: int,
                   bandwidth: float | None, unfused: cf.Model | None = None) -> dict:
     """ref: the transformers model rebuilt along bench_path(ours), on ours' device and dtype;
@@ -223,6 +246,10 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
         if unfused is not None:
             ours_gen(2, model=unfused)
             t_plain_step, t_plain_steady = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn(), unfused))
+        if dense_gemv_applies(ours, batch):  # the opt-in route for half-precision decode products, same run
+            with environment({"CF_DENSE_GEMV": "1"}):
+                ours_gen(2)
+                t_gemv_step, t_gemv_steady = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn()))
     out = {
         "model": label, "params_M": round(sum(t.numel() for t in ours.tensors.values()) / 1e6, 1),
         "layers": str(path), "slots": len(path), "batch": batch, "prompt_len": prompt_len, "new_tokens": k,
@@ -240,6 +267,13 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
         out["unfused_decode_tok_s"] = {"all": batch / t_plain_step, "steady": batch / t_plain_steady,
                                        "fused_ratio_all": t_plain_step / t_ours_step,
                                        "fused_ratio_steady": t_plain_steady / t_ours_steady}
+    if dense_gemv_applies(ours, batch):
+        out["dense_gemv_decode_tok_s"] = {"all": batch / t_gemv_step, "steady": batch / t_gemv_steady,
+                                          "vs_default_all": t_ours_step / t_gemv_step,
+                                          "vs_default_steady": t_ours_steady / t_gemv_steady}
+        if bandwidth and batch == 1:
+            out["dense_gemv_decode_tok_s"]["steady_roofline"] = (weight_bytes_per_token(ours, path) / t_gemv_steady
+                                                                 / bandwidth)
     if bandwidth and batch == 1:
         out["decode_roofline"] = weight_bytes_per_token(ours, path) / t_ours_step / bandwidth
         out["decode_steady_roofline"] = weight_bytes_per_token(ours, path) / t_ours_steady / bandwidth
@@ -385,6 +419,16 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {f['model']} | {f['batch']} | {d['circuit_finder']:.1f} / {u['all']:.1f} | "
                              f"{u['fused_ratio_all']:.3f} | {st['circuit_finder']:.1f} / {u['steady']:.1f} | "
                              f"{u['fused_ratio_steady']:.3f} |")
+        gemv = [f for f in res["forward"] if "dense_gemv_decode_tok_s" in f]
+        if gemv:
+            lines += ["", "| model | batch | decode tok/s CF_DENSE_GEMV=1 / default | ratio | steady | ratio "
+                      "| steady b1 roofline |", "|---|---|---|---|---|---|---|"]
+            for f in gemv:
+                g, d, st = f["dense_gemv_decode_tok_s"], f["decode_tok_s"], f["decode_steady_tok_s"]
+                roof = f"{100 * g['steady_roofline']:.0f}%" if "steady_roofline" in g else ""
+                lines.append(f"| {f['model']} | {f['batch']} | {g['all']:.1f} / {d['circuit_finder']:.1f} | "
+                             f"{g['vs_default_all']:.3f} | {g['steady']:.1f} / {st['circuit_finder']:.1f} | "
+                             f"{g['vs_default_steady']:.3f} | {roof} |")
         if m.get("copy_bandwidth_GB_s"):
             lines += ["", f"Copy bandwidth measured in this run: {m['copy_bandwidth_GB_s']:.1f} GB/s (read + write)."]
         lines.append("")

@@ -59,6 +59,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_attend_one", &cf::cpu::attend_one, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
         py::arg("scale"), py::call_guard<py::gil_scoped_release>());
   m.def("gpu_kernels", &cf::ops::gpu_kernels_enabled, "whether CUDA/ROCm tensors run the fused GPU kernels");
+  m.def("dense_gemv_takes", &cf::ops::dense_gemv, py::arg("x"), py::arg("weight"),
+        "whether x . weight^T takes our GEMV kernel (CF_DENSE_GEMV=1: half-precision weights on a GPU, up to 8 rows)");
   m.def("gpu_add_rms_norm", &cf::gpu::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("gpu_rope", &cf::gpu::rope_bthd, py::arg("x"), py::arg("cos"), py::arg("sin"));
   m.def("gpu_silu_mul", &cf::gpu::silu_mul, py::arg("gate"), py::arg("up"));

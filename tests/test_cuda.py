@@ -77,6 +77,33 @@ def test_cuda_half_error_within_twice_transformers(model_dir, arch, dtype):
     assert our_err <= 2 * hf_err + 1e-6
 
 
+@pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_dense_gemv_route(model_dir, family, dtype, monkeypatch):
+    """CF_DENSE_GEMV=1 sends half-precision products of up to 8 rows through our GEMV kernel (the
+    weight's rows read as ggml BF16 / F16 blocks; qwen2's biases too): logits of 8 tokens (8 rows)
+    within twice transformers' own error against fp32, and cached greedy decode graph-replayed equal
+    to dynamic decode on that route."""
+    folder, hf = model_dir(family)
+    ids = ids_on("cuda", batch=1, length=8, seed=7)
+    x = torch.randn(3, hf.config.hidden_size, device="cuda", dtype=dtype)
+    monkeypatch.setenv("CF_DENSE_GEMV", "1")
+    assert _C.dense_gemv_takes(x, torch.randn(64, hf.config.hidden_size, device="cuda", dtype=dtype))
+    assert not _C.dense_gemv_takes(x.repeat(3, 1), torch.randn(64, hf.config.hidden_size, device="cuda", dtype=dtype))
+    our_err, hf_err = half_errors(f"{family} dense gemv", hf, folder, ids, PATH, dtype)
+    assert our_err <= 2 * hf_err + 1e-6
+    model = cf.load(folder, device="cuda", dtype=dtype)
+    prompt = ids_on("cuda", batch=2, length=5, seed=8)
+    runs = []
+    for static in (False, True):
+        model.static_decode = static
+        runs.append(model.generate(prompt, layers=PATH, max_new_tokens=10, min_new_tokens=10))
+    assert torch.equal(runs[0], runs[1])
+    monkeypatch.delenv("CF_DENSE_GEMV")
+    assert not _C.dense_gemv_takes(x, torch.randn(64, hf.config.hidden_size, device="cuda", dtype=dtype))
+
+
 @pytest.mark.parametrize("mode", ["likelihood", "generate"])
 def test_cuda_sweep_reuse_and_cpu_agreement(chat_model_dir, mode):
     """sweep() on the GPU: shared-prefix reuse == recomputing every path, and the same likelihood

@@ -40,7 +40,20 @@ bool gpu_kernels_enabled() {
   return enabled;
 }
 
+bool dense_gemv(const at::Tensor& x, const at::Tensor& w) {
+  constexpr int64_t kRows = 8;  // cuda/quant.h's kPackedGemvRows: beyond it linear_packed would copy w for cuBLAS
+  const char* v = std::getenv("CF_DENSE_GEMV");
+  if (v == nullptr || std::strcmp(v, "1") != 0 || !x.is_cuda() || !gpu_kernels_enabled()) return false;
+  const bool half = w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf;
+  return half && x.scalar_type() == w.scalar_type() && w.device() == x.device() && w.dim() == 2 && w.is_contiguous() &&
+         x.size(-1) == w.size(1) && x.numel() / std::max<int64_t>(1, x.size(-1)) <= kRows;
+}
+
 at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& bias) {
+  if (!w.packed() && dense_gemv(x, w.t)) {
+    const int32_t type = w.t.scalar_type() == at::kBFloat16 ? 30 : 1;  // ggml's BF16 / F16: rows of halves
+    return gpu::linear_packed(x, w.t.view(at::kByte), type, w.t.size(1), bias);
+  }
   if (w.packed()) {
     if (x.is_cuda() && w.t.is_cuda() && gpu::available()) return gpu::linear_packed(x, w.t, w.type, w.cols, bias);
     if (!x.device().is_cpu() || !w.t.device().is_cpu())

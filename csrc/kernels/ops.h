@@ -19,6 +19,11 @@ namespace cf::ops {
 // x [..., K], w [N, K], bias [N] or undefined -> x @ w^T + bias [..., N]. CPU: the skinny GEMM
 // for decode-sized fp32/bf16 inputs (cpu/linear.h), packed ggml matrices through cpu/quant.h,
 // else at::linear; other devices: at::linear (a packed matrix there is an InputError).
+// CF_DENSE_GEMV=1 (opt-in, for benchmarks to compare with cuBLAS; not measured yet): a bf16 / fp16
+// weight on a GPU with our kernels, x of its dtype and up to 8 rows, takes our GEMV kernel (its rows
+// read as ggml BF16 / F16 blocks) instead of at::linear.
+// dense_gemv: whether that route takes this product.
+bool dense_gemv(const at::Tensor& x, const at::Tensor& w);
 at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& bias = at::Tensor());
 // Experts' products: x [P, K] rows sorted by expert (experts [P] int64, ascending; ends [E] int32,
 // each expert's cumulative row count), w stacked [E, N, K] -> [P, N], each row times its expert's
