@@ -191,10 +191,11 @@ def dense_gemv_applies(model: cf.Model, batch: int) -> bool:
 
 
 def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_tokens: int, repeat: int,
-                  bandwidth: float | None, unfused: cf.Model | None = None) -> dict:
+                  bandwidth: float | None, unfused: cf.Model | None = None, dense_ab: bool = False) -> dict:
     """ref: the transformers model rebuilt along bench_path(ours), on ours' device and dtype;
     unfused: ours over the same weights with q / k / v and gate / up run as separate products (our
-    previous path: its decode rates, and fused / unfused, in the same run)."""
+    previous path: its decode rates, and fused / unfused, in the same run); dense_ab: also decode
+    with CF_DENSE_GEMV=1 where it applies (dense_gemv_applies), in the same run."""
     device = ours.device
     path = bench_path(ours)
     ids = torch.randint(3, ours.config.vocab_size, (batch, prompt_len),
@@ -246,7 +247,7 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
         if unfused is not None:
             ours_gen(2, model=unfused)
             t_plain_step, t_plain_steady = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn(), unfused))
-        if dense_gemv_applies(ours, batch):  # the opt-in route for half-precision decode products, same run
+        if dense_ab and dense_gemv_applies(ours, batch):  # the opt-in route for half-precision decode products, same run
             with environment({"CF_DENSE_GEMV": "1"}):
                 ours_gen(2)
                 t_gemv_step, t_gemv_steady = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn()))
@@ -267,7 +268,7 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
         out["unfused_decode_tok_s"] = {"all": batch / t_plain_step, "steady": batch / t_plain_steady,
                                        "fused_ratio_all": t_plain_step / t_ours_step,
                                        "fused_ratio_steady": t_plain_steady / t_ours_steady}
-    if dense_gemv_applies(ours, batch):
+    if dense_ab and dense_gemv_applies(ours, batch):
         out["dense_gemv_decode_tok_s"] = {"all": batch / t_gemv_step, "steady": batch / t_gemv_steady,
                                           "vs_default_all": t_ours_step / t_gemv_step,
                                           "vs_default_steady": t_ours_steady / t_gemv_steady}
@@ -509,7 +510,7 @@ def main(argv=None) -> int:
                 for b in args.batches:
                     prompt = 8 if args.quick else (32 if big else 64)
                     new = 4 if args.quick else (8 if big else (32 if device.type == "cuda" else 16))
-                    r = bench_forward(label, ours, ref, b, prompt, new, args.repeat, bandwidth, unfused)
+                    r = bench_forward(label, ours, ref, b, prompt, new, args.repeat, bandwidth, unfused, dense_ab=True)
                     res["forward"].append(r)
                     print(json.dumps(r), flush=True)
                 if args.profile:

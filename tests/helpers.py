@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -538,6 +539,23 @@ def random_packed(kind: str, rows: int, cols: int, seed: int = 0, fill: int | No
         halves = rng.uniform(-0.05, 0.05, size=raw.shape[:2]).astype(np.float16)
         raw[:, :, off:off + 2] = halves.view(np.uint8).reshape(*raw.shape[:2], 2)
     return raw.reshape(rows, -1)
+
+
+def awkward_rows(cols: int, rows: int = 300) -> np.ndarray:
+    """Rows of N(0, 0.02^2) weights and the cases rounding rules differ on: zeros, one sign only, a
+    lone outlier, a peak of each sign with equal magnitudes, values at exact half steps, tiny ones."""
+    rng = np.random.default_rng(cols)
+    w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    w[0] = 0.0
+    w[1] = np.abs(w[1]) + 0.5
+    w[2] = -np.abs(w[2]) - 0.5
+    w[3, 7] = 40.0
+    w[4, ::2] = -w[4, 1::2]  # +peak and -peak in every block: the first one's sign decides
+    w[5] = (rng.integers(-254, 255, cols) / 2).astype(np.float32)  # half steps for Q8_0 (d = 127 / 127)
+    w[5, ::32] = 127.0
+    w[6] = rng.integers(-16, 17, cols).astype(np.float32) / 2  # half steps for Q4_0 / Q5_0
+    w[7] *= 1e-6  # f16 scales underflow
+    return w
 
 
 def reference(kind: str, raw, cols: int) -> torch.Tensor:

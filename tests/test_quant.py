@@ -28,7 +28,7 @@ import circuit_finder as cf
 from circuit_finder import _C
 from circuit_finder.loading import q8_products
 from circuit_finder.quants import PACKED_TYPES, PackedTensor, quantize_matrix
-from helpers import build_hf_model, random_packed, rebuilt, reference, write_gguf
+from helpers import awkward_rows, build_hf_model, random_packed, rebuilt, reference, write_gguf
 
 ISAS = [isa for isa in ("base", "avx2", "avx512")
         if isa == "base" or _C.cpu_isa().removesuffix("-novnni") in (isa, "avx512")]
@@ -539,23 +539,6 @@ def test_quantize_choice_per_tensor(tmp_path):
         cf.load(tmp_path / "m.gguf", quantize="q8_0")
 
 
-def awkward_rows(cols: int, rows: int = 300) -> np.ndarray:
-    """Rows of N(0, 0.02^2) weights and the cases rounding rules differ on: zeros, one sign only, a
-    lone outlier, a peak of each sign with equal magnitudes, values at exact half steps, tiny ones."""
-    rng = np.random.default_rng(cols)
-    w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
-    w[0] = 0.0
-    w[1] = np.abs(w[1]) + 0.5
-    w[2] = -np.abs(w[2]) - 0.5
-    w[3, 7] = 40.0
-    w[4, ::2] = -w[4, 1::2]  # +peak and -peak in every block: the first one's sign decides
-    w[5] = (rng.integers(-254, 255, cols) / 2).astype(np.float32)  # half steps for Q8_0 (d = 127 / 127)
-    w[5, ::32] = 127.0
-    w[6] = rng.integers(-16, 17, cols).astype(np.float32) / 2  # half steps for Q4_0 / Q5_0
-    w[7] *= 1e-6  # f16 scales underflow
-    return w
-
-
 @pytest.mark.parametrize("kind", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16"])
 def test_quantizers_match_the_gguf_package_byte_for_byte(kind):
     """Our torch quantizers (quantize_matrix, in row chunks) write the bytes the gguf package's
@@ -575,6 +558,26 @@ def test_quantizers_match_the_gguf_package_byte_for_byte(kind):
             quantize_matrix(torch.tensor([[0.0] * 31 + [float("inf")], [1.0] * 32]), kind, "experts")
         with pytest.raises(ValueError, match="whole 32-value blocks"):
             quantize_matrix(torch.zeros(2, 48), kind)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"])
+def test_quantizers_keep_their_bytes_under_cudas_division_rule(kind, monkeypatch):
+    """CUDA's kernel for a tensor divided by a Python number multiplies by the number's float32
+    reciprocal, a step off at times, which moves codes at half steps (the previous version: up to
+    297 of 300 bf16 rows apart). With that rule emulated here, the quantizers write the same bytes:
+    none of their divisions is by a Python number, so a GPU writes the CPU's bytes."""
+    true_div = torch.Tensor.__truediv__
+
+    def cuda_rule(self, other):
+        if isinstance(other, (int, float)):
+            return self * torch.tensor(np.float32(1) / np.float32(other))
+        return true_div(self, other)
+
+    w = torch.from_numpy(awkward_rows(4096)).bfloat16()
+    want = quantize_matrix(w, kind).blocks
+    monkeypatch.setattr(torch.Tensor, "__truediv__", cuda_rule)
+    assert torch.equal(torch.ones(2) / 3, torch.ones(2) * torch.tensor(np.float32(1) / np.float32(3)))  # emulated
+    assert torch.equal(quantize_matrix(w, kind).blocks, want)
 
 
 @pytest.mark.parametrize("kind, rival", [("Q4_K", "Q4_1"), ("Q6_K", "Q5_1")])

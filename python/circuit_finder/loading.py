@@ -176,7 +176,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
 
 def release_freed_heap() -> bool:
     """Hands memory that the C heap holds free back to the system (glibc's malloc_trim): a load's
-    temporaries — the GGUF reader's per-token vocabulary arrays, quantize-on-load's numpy buffers —
+    temporaries — the GGUF reader's per-token vocabulary arrays, quantize-on-load's chunk scratch —
     are freed but otherwise stay in the process (25-30 MB on the default model, a quarter of its
     resident size). False where the C library has no malloc_trim (not glibc)."""
     import ctypes

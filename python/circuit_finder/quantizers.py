@@ -3,12 +3,13 @@ makes every type of ``cf.load(folder, quantize=...)`` (QUANTIZE_TYPES), so a che
 a GPU is quantized there, and on the CPU with torch's threads.
 
 The 32-value types round as the `gguf` package's quantizers (ggml's reference rounding) do, byte for
-byte (tests/test_quant.py compares them):
+byte on any device (tests/test_quant.py compares them; every division is a correctly rounded one):
 - Q8_0: d = max |x| / 127, q = x / d rounded half away from zero.
 - Q4_0 / Q5_0: d = (the value of largest magnitude, signed) / -8 or -16, q = trunc(x / d + 8.5 or
   16.5) clipped to 0..15 / 0..31; Q5's fifth bits go to a 32-bit word.
 - Q4_1 / Q5_1: d = (max - min) / 15 or 31, m = min, q = trunc((x - m) / d + 0.5) clipped.
-- BF16 / F16: round to nearest even (NaN stays NaN).
+- BF16 / F16: round to nearest even (the same bytes for finite values; a NaN stays a NaN, torch's
+  canonical one).
 The K-quants (the `gguf` package has no quantizer for them), 256 values a super-block:
 - Q4_K (144 bytes): d, dmin (f16); eight 6-bit sub-block scales and mins in 12 bytes; 128 bytes of
   nibbles. Value = d * scale * q - dmin * min, q in 0..15, sub-blocks of 32.
@@ -57,7 +58,7 @@ def quantize_rows(w: torch.Tensor, kind: str, name: str = "tensor", device=None)
 
 def _quantize_chunk(x: torch.Tensor, kind: str, name: str, start: int) -> torch.Tensor:
     if kind in ("BF16", "F16"):
-        return x.to(torch.bfloat16 if kind == "BF16" else torch.float16).view(torch.uint8)
+        return x.to(torch.bfloat16 if kind == "BF16" else torch.float16).contiguous().view(torch.uint8)
     x = x.to(torch.float32)
     if not torch.isfinite(x).all():
         raise ValueError(f"{name}: holds non-finite values (in rows {start}..{start + len(x) - 1}); "
@@ -68,6 +69,13 @@ def _quantize_chunk(x: torch.Tensor, kind: str, name: str, start: int) -> torch.
 def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
     """[n] or [n, 1] float32 -> [n, 2] uint8: the values as f16, little-endian."""
     return v.reshape(-1, 1).to(torch.float16).view(torch.uint8)
+
+
+def _div(a: torch.Tensor, k: float) -> torch.Tensor:
+    """a / k, correctly rounded on every device: CUDA's kernel for a tensor over a Python number
+    multiplies by the number's reciprocal, a float32 step off at times (and the codes of values at
+    half steps with it), so k goes as a tensor of a's device."""
+    return a / torch.tensor(float(k), dtype=a.dtype, device=a.device)
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -91,7 +99,7 @@ def _signed_peak(x: torch.Tensor) -> torch.Tensor:
 
 
 def _q8_0(x: torch.Tensor) -> torch.Tensor:
-    d = x.abs().amax(1, keepdim=True) / 127
+    d = _div(x.abs().amax(1, keepdim=True), 127)
     v = x * _inverse(d)
     a = v.abs()
     whole = a.floor()
@@ -101,7 +109,7 @@ def _q8_0(x: torch.Tensor) -> torch.Tensor:
 
 def _symmetric(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0 / Q5_0: (d [n, 1], codes uint8 [n, 32])."""
-    d = _signed_peak(x) / -(levels // 2)
+    d = _div(_signed_peak(x), -(levels // 2))
     q = torch.trunc(x * _inverse(d) + (levels // 2 + 0.5)).clamp(0, levels - 1)
     return d, q.to(torch.uint8)
 
@@ -109,7 +117,7 @@ def _symmetric(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor
 def _affine(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_1 / Q5_1: (d [n, 1], m [n, 1], codes uint8 [n, 32])."""
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
-    d = (hi - lo) / (levels - 1)
+    d = _div(hi - lo, levels - 1)
     q = torch.trunc((x - lo) * _inverse(d) + 0.5).clamp(0, levels - 1)
     return d, lo, q.to(torch.uint8)
 
@@ -144,7 +152,7 @@ def _affine_fit(x: torch.Tensor, levels: int, rounds: int = 4) -> tuple[torch.Te
     """Per row of x [n, g]: (scale, offset >= 0) with x ~ scale * q - offset, q in 0..levels-1:
     the range to start, then least squares on the rounded codes (offset clamped at 0)."""
     lo = x.amin(1).clamp(max=0.0)
-    scale, offset = (x.amax(1) - lo) / (levels - 1), -lo
+    scale, offset = _div(x.amax(1) - lo, levels - 1), -lo
     n, sx = x.shape[1], x.sum(1)
     for _ in range(rounds):
         q = _codes(x, scale, offset, levels)
@@ -162,7 +170,7 @@ def _affine_fit(x: torch.Tensor, levels: int, rounds: int = 4) -> tuple[torch.Te
 
 def _six_bit(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """values [n, 8] >= 0 -> (f16-rounded super scale [n], 6-bit codes [n, 8]) with values ~ super * code."""
-    top = (values.amax(1) / 63).to(torch.float16).to(torch.float32)
+    top = _div(values.amax(1), 63).to(torch.float16).to(torch.float32)
     return top, torch.round(values * _inverse(top)[:, None]).clamp(0, 63)
 
 
@@ -191,7 +199,7 @@ def _signed_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def _symmetric_fit(x: torch.Tensor, rounds: int = 3) -> torch.Tensor:
     """Per row of x [n, 16]: scale s with x ~ s * q, q in -32..31: the largest magnitude maps to
     -32 (the wider side), then least squares on the rounded codes."""
-    scale = _signed_peak(x)[:, 0] / -32
+    scale = _div(_signed_peak(x)[:, 0], -32)
     for _ in range(rounds):
         q = _signed_codes(x, scale)
         qq = (q * q).sum(1)
@@ -203,7 +211,7 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     sub = x.reshape(n * 16, 16)
     scale = _symmetric_fit(sub)
-    d = (scale.abs().reshape(n, 16).amax(1) / 127).to(torch.float16).to(torch.float32)
+    d = _div(scale.abs().reshape(n, 16).amax(1), 127).to(torch.float16).to(torch.float32)
     sc = torch.round(scale.reshape(n, 16) * _inverse(d)[:, None]).clamp(-128, 127)
     step = (d[:, None] * sc).reshape(-1)
     u = (_signed_codes(sub, step) + 32).to(torch.uint8)
