@@ -27,7 +27,7 @@ import torch
 import circuit_finder as cf
 from circuit_finder import _C
 from circuit_finder.loading import q8_products
-from circuit_finder.quants import PACKED_TYPES, PackedTensor, quantize_matrix
+from circuit_finder.quants import PACKED_TYPES, PackedTensor, quantize_choice, quantize_matrix
 from helpers import awkward_rows, build_hf_model, random_packed, rebuilt, reference, write_gguf
 
 ISAS = [isa for isa in ("base", "avx2", "avx512")
@@ -527,6 +527,7 @@ def test_quantize_choice_per_tensor(tmp_path):
     assert t["model.layers.0.self_attn.q_proj.weight"].type_name == "Q5_0"
     assert isinstance(t["model.embed_tokens.weight"], torch.Tensor)
     assert isinstance(t["model.layers.0.input_layernorm.weight"], torch.Tensor)  # never a norm
+    assert quantize_choice("q8_0", "model.layers.0.mlp.up_proj.weight", (0, 128)) is None  # empty: stays float
     with pytest.raises(ValueError, match="'Q3_K' .* is not a type circuit-finder can make"):
         cf.load(tmp_path, quantize="q3_k")
     with pytest.warns(UserWarning, match=r"quantize: \d+ matrices .* not whole 256-value blocks: .* Q8_0 for Q6_K") as got:

@@ -198,11 +198,11 @@ def dequantize_ggml_mxfp4(raw: torch.Tensor, chunk: int = 1 << 20) -> torch.Tens
 def quantize_choice(spec, name: str, shape, fallen: list | None = None) -> str | None:
     """The type `spec` picks for matrix `name` of `shape` ([..., rows, cols]), or None to keep it
     float. spec: a type name ("q8_0"), or {fnmatch pattern: type or None}, first match wins (e.g.
-    {"lm_head.weight": "q8_0", "*.embed_tokens.*": None, "*": "q4_0"}). Matrices whose columns are
-    not whole blocks stay float; a K-quant's (256 columns) fall back to Q5_0 (for Q4_K) or Q8_0 (for
+    {"lm_head.weight": "q8_0", "*.embed_tokens.*": None, "*": "q4_0"}). Empty matrices and those whose
+    columns are not whole blocks stay float; a K-quant's (256 columns) fall back to Q5_0 (for Q4_K) or Q8_0 (for
     Q6_K), as llama.cpp's quantizer does, their names appended to ``fallen``. ValueError for a type
     not in QUANTIZE_TYPES."""
-    if spec is None or not is_matrix_name(name) or len(shape) < 2:
+    if spec is None or not is_matrix_name(name) or len(shape) < 2 or 0 in tuple(shape):
         return None
     rules = spec.items() if isinstance(spec, dict) else [("*", spec)]
     kind = next((k for pattern, k in rules if fnmatch.fnmatchcase(name, pattern)), None)
