@@ -6,6 +6,10 @@ fast each type is made, one run, same machine and threads.
   --device; best of --repeat) and, for the types it has, by the `gguf` package's numpy quantizer
   (what circuit-finder used before, single-threaded on the host; ggml's reference rounding, the
   same bytes as ours): M weights/s and the ratio.
+- quality (when llama-cpp-python is installed): our Q4_K / Q6_K against llama.cpp's own quantizer
+  (``llama_model_quantize`` to Q4_K_M and Q6_K, no importance matrix) on the same F32 GGUF of a small
+  random Llama (N(0, 0.02^2) weights, 1% of columns 4x heavier): relative RMS error of each tensor
+  llama.cpp made in that type, both decoded by the gguf package.
 - load: a random Llama checkpoint of the shape written here in bf16 (sharded safetensors, one
   shard a layer), loaded onto --device plain (bf16) and with each type's quantize=: seconds and
   G weights/s of the whole load (page cache warm: the files were just written).
@@ -74,6 +78,61 @@ def matrix_rates(shape: str, types, device: torch.device, repeat: int) -> list[d
     return rows
 
 
+def quality_vs_llama_cpp() -> list[dict] | None:
+    """Relative RMS error of our K-quants and llama.cpp's, per type, over the tensors it quantized to
+    that type; None without llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import ctypes
+
+    import gguf
+    import numpy as np
+
+    from helpers import build_hf_model, write_gguf
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        hf = build_hf_model("llama", tmp / "hf", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False,
+                            rope_scaling=None)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.dim() == 2:
+                    heavy = 1 + 3 * (torch.rand(p.shape[1], generator=gen) < 0.01)
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02 * heavy)
+        write_gguf(hf, tmp / "f32.gguf", qtype="F32")
+        src = {t.name: np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+               for t in gguf.GGUFReader(str(tmp / "f32.gguf")).tensors}
+        for ftype, label in ((15, "Q4_K_M"), (18, "Q6_K")):
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            out = tmp / f"{label}.gguf"
+            if llama_cpp.llama_model_quantize(str(tmp / "f32.gguf").encode(), str(out).encode(), ctypes.byref(params)):
+                raise RuntimeError(f"llama.cpp could not quantize to {label}")
+            errors: dict[str, list] = {}
+            for t in gguf.GGUFReader(str(out)).tensors:
+                kind = t.tensor_type.name
+                if kind in ("Q4_K", "Q6_K"):
+                    w = src[t.name]
+                    theirs = gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(w.shape)
+                    ours = gguf.quants.dequantize(quantize_rows(torch.from_numpy(w), kind).numpy(), t.tensor_type)
+                    errors.setdefault(kind, []).append([_rel_rms(ours.reshape(w.shape), w), _rel_rms(theirs, w)])
+            for kind, pairs in errors.items():
+                ours_e, theirs_e = np.mean(pairs, axis=0)
+                rows.append({"file": label, "type": kind, "tensors": len(pairs), "ours_rel_rms": float(ours_e),
+                             "llama_cpp_rel_rms": float(theirs_e)})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def _rel_rms(decoded, w) -> float:
+    return float(((decoded - w) ** 2).mean() ** 0.5 / (w ** 2).mean() ** 0.5)
+
+
 def write_random_checkpoint(folder: Path, shape: str) -> int:
     """A random Llama of `shape` in bf16, N(0, 0.02^2) weights, one safetensors shard per layer (and
     one for the embedding, norm and head) with its index; returns the parameter count."""
@@ -138,6 +197,11 @@ def markdown(res: dict) -> str:
         ratio = f"{r['ours_M_weights_s'] / theirs:.1f}x" if theirs else "-"
         out.append(f"| {r['matrix']} {r['shape'][0]}x{r['shape'][1]} | {r['type']} | {r['ours_M_weights_s']:.0f} | "
                    f"{f'{theirs:.0f}' if theirs else '- (none)'} | {ratio} |")
+    if res.get("quality"):
+        out += ["", "| llama.cpp file | type | tensors | ours relative RMS error | llama.cpp's | ours / theirs |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {q['file']} | {q['type']} | {q['tensors']} | {q['ours_rel_rms']:.5f} | {q['llama_cpp_rel_rms']:.5f} | "
+                f"{q['ours_rel_rms'] / q['llama_cpp_rel_rms']:.3f} |" for q in res["quality"]]
     out += ["", "| load (" + res["meta"]["shape"] + " shape) | seconds | G weights/s | weights GB |", "|---|---|---|---|"]
     for r in res["loads"]:
         out.append(f"| {r['quantize'] or 'bf16, not quantized'} | {r['load_s']:.2f} | {r['G_weights_s']:.2f} | "
@@ -161,7 +225,7 @@ def main(argv=None) -> int:
             "device": str(device), "shape": args.shape, "host": cpu_name(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
     res = {"meta": meta, "matrices": matrix_rates(args.shape, args.types, device, args.repeat),
-           "loads": load_rates(args.shape, args.types, device)}
+           "quality": None if args.quick else quality_vs_llama_cpp(), "loads": load_rates(args.shape, args.types, device)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{meta['date']}-quantize-{device.type}.json").write_text(json.dumps(res, indent=1))

@@ -394,6 +394,21 @@ def profile_decode(ours: cf.Model, out: Path, steps: int = 8) -> str:
 
 
 # ------------------------------------------------------------------------------------------- report
+def _pair_table(forward: list, key: str, title: str, cells) -> list[str]:
+    """Markdown lines comparing two decode routes over the forward rows holding `key`: cells(row,
+    row[key]) -> (all a, all b, ratio, steady a, steady b, ratio, steady b1 roofline or None)."""
+    rows = [f for f in forward if key in f]
+    if not rows:
+        return []
+    out = ["", f"| model | batch | decode tok/s {title} | ratio | steady | ratio | steady b1 roofline |",
+           "|---|---|---|---|---|---|---|"]
+    for f in rows:
+        a, b, r, sa, sb, sr, roof = cells(f, f[key])
+        out.append(f"| {f['model']} | {f['batch']} | {a:.1f} / {b:.1f} | {r:.3f} | {sa:.1f} / {sb:.1f} | {sr:.3f} | "
+                   f"{f'{100 * roof:.0f}%' if roof else ''} |")
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"### {m['date']}, {m['machine']}, torch {m['torch']}, {m['device']} {m['dtype']}", ""]
@@ -411,25 +426,14 @@ def markdown(res: dict) -> str:
                          f"{d['circuit_finder']:.1f} / {d['transformers']:.1f} | {d['ratio']:.2f} | "
                          f"{st['circuit_finder']:.1f} / {st['transformers']:.1f} | {st['ratio']:.2f} | {roof} | "
                          f"{'yes' if f['same_greedy_tokens'] else 'no'} |")
-        fused = [f for f in res["forward"] if "unfused_decode_tok_s" in f]
-        if fused:
-            lines += ["", "| model | batch | decode tok/s fused / unfused (q/k/v, gate/up) | ratio "
-                      "| steady fused / unfused | ratio |", "|---|---|---|---|---|---|"]
-            for f in fused:
-                u, d, st = f["unfused_decode_tok_s"], f["decode_tok_s"], f["decode_steady_tok_s"]
-                lines.append(f"| {f['model']} | {f['batch']} | {d['circuit_finder']:.1f} / {u['all']:.1f} | "
-                             f"{u['fused_ratio_all']:.3f} | {st['circuit_finder']:.1f} / {u['steady']:.1f} | "
-                             f"{u['fused_ratio_steady']:.3f} |")
-        gemv = [f for f in res["forward"] if "dense_gemv_decode_tok_s" in f]
-        if gemv:
-            lines += ["", "| model | batch | decode tok/s CF_DENSE_GEMV=1 / default | ratio | steady | ratio "
-                      "| steady b1 roofline |", "|---|---|---|---|---|---|---|"]
-            for f in gemv:
-                g, d, st = f["dense_gemv_decode_tok_s"], f["decode_tok_s"], f["decode_steady_tok_s"]
-                roof = f"{100 * g['steady_roofline']:.0f}%" if "steady_roofline" in g else ""
-                lines.append(f"| {f['model']} | {f['batch']} | {g['all']:.1f} / {d['circuit_finder']:.1f} | "
-                             f"{g['vs_default_all']:.3f} | {g['steady']:.1f} / {st['circuit_finder']:.1f} | "
-                             f"{g['vs_default_steady']:.3f} | {roof} |")
+        lines += _pair_table(res["forward"], "unfused_decode_tok_s", "fused / unfused (q/k/v, gate/up)",
+                             lambda f, u: (f["decode_tok_s"]["circuit_finder"], u["all"], u["fused_ratio_all"],
+                                           f["decode_steady_tok_s"]["circuit_finder"], u["steady"],
+                                           u["fused_ratio_steady"], None))
+        lines += _pair_table(res["forward"], "dense_gemv_decode_tok_s", "CF_DENSE_GEMV=1 / default",
+                             lambda f, g: (g["all"], f["decode_tok_s"]["circuit_finder"], g["vs_default_all"],
+                                           g["steady"], f["decode_steady_tok_s"]["circuit_finder"],
+                                           g["vs_default_steady"], g.get("steady_roofline")))
         if m.get("copy_bandwidth_GB_s"):
             lines += ["", f"Copy bandwidth measured in this run: {m['copy_bandwidth_GB_s']:.1f} GB/s (read + write)."]
         lines.append("")

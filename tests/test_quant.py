@@ -584,8 +584,8 @@ def test_quantizers_keep_their_bytes_under_cudas_division_rule(kind, monkeypatch
 @pytest.mark.parametrize("kind, rival", [("Q4_K", "Q4_1"), ("Q6_K", "Q5_1")])
 def test_k_quantizers_decode_with_gguf_within_their_rivals_error(kind, rival):
     """Our Q4_K / Q6_K blocks, decoded by the gguf package (an independent reader of ggml's
-    layout), give back the matrix no worse than the package's own quantizer of the 32-block type
-    of about the same size; our decoder reads the same values; zero, one-signed and outlier rows."""
+    layout), give back the matrix clearly better than the package's own quantizer of the 32-block
+    type of about the same size; our decoder reads the same values; zero, one-signed and outlier rows."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((24, 1024)).astype(np.float32)
     w[0] = 0.0
@@ -603,7 +603,9 @@ def test_k_quantizers_decode_with_gguf_within_their_rivals_error(kind, rival):
     print(f"{kind}: relative RMS error {rel_rmse(decoded):.4f}, {rival} (gguf package) {rel_rmse(other):.4f}")
     assert np.array_equal(ours, decoded)
     assert not decoded[0].any() and (decoded[1] >= 0).all()
-    assert rel_rmse(decoded) <= rel_rmse(other)
+    # the scale search (candidates fitted by least squares, the best kept) is what puts Q4_K 8% and Q6_K
+    # 52% under their rivals here; refining the range's scale alone gave 5.7% and 49.5%
+    assert rel_rmse(decoded) <= rel_rmse(other) * {"Q4_K": 0.93, "Q6_K": 0.49}[kind]
     # a super-block of values ~1e-6: the f16 super-scales underflow (the format's limit), nothing blows up
     assert np.isfinite(decoded[3]).all() and np.abs(decoded[3] - w[3]).max() <= np.ptp(w[3])
     with pytest.raises(ValueError, match="whole 256-value blocks"):
