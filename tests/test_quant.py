@@ -585,13 +585,15 @@ def test_quantizers_keep_their_bytes_under_cudas_division_rule(kind, monkeypatch
 def test_k_quantizers_decode_with_gguf_within_their_rivals_error(kind, rival):
     """Our Q4_K / Q6_K blocks, decoded by the gguf package (an independent reader of ggml's
     layout), give back the matrix clearly better than the package's own quantizer of the 32-block
-    type of about the same size; our decoder reads the same values; zero, one-signed and outlier rows."""
+    type of about the same size; our decoder reads the same values; zero, one-signed, outlier and
+    constant rows."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((24, 1024)).astype(np.float32)
     w[0] = 0.0
     w[1] = np.abs(w[1]) + 0.5  # no negative value: the offset is 0
     w[2, 7] = 40.0  # one outlier
     w[3] *= 1e-6
+    w[4], w[5] = -0.3, 0.7  # constant blocks: all codes alike
     packed = quantize_matrix(torch.from_numpy(w), kind)
     decoded = reference(kind, packed.blocks.numpy(), 1024).numpy()
     ours = packed.dequantize().numpy()
@@ -603,6 +605,7 @@ def test_k_quantizers_decode_with_gguf_within_their_rivals_error(kind, rival):
     print(f"{kind}: relative RMS error {rel_rmse(decoded):.4f}, {rival} (gguf package) {rel_rmse(other):.4f}")
     assert np.array_equal(ours, decoded)
     assert not decoded[0].any() and (decoded[1] >= 0).all()
+    assert np.abs(decoded[4:6] - w[4:6]).max() < 1e-3, np.abs(decoded[4:6] - w[4:6]).max(1)
     # the scale search (candidates fitted by least squares, the best kept) is what puts Q4_K 8% and Q6_K
     # 52% under their rivals here; refining the range's scale alone gave 5.7% and 49.5%
     assert rel_rmse(decoded) <= rel_rmse(other) * {"Q4_K": 0.93, "Q6_K": 0.49}[kind]

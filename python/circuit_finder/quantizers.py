@@ -158,15 +158,19 @@ def _spread(i: int, candidates: int) -> float:
 
 def _least_squares(x: torch.Tensor, q: torch.Tensor, sx: torch.Tensor, sxx: torch.Tensor):
     """(scale, offset >= 0, squared error) of x ~ scale * q - offset fitted to codes q [n, g] by least
-    squares (the scale alone where the offset would be negative: the format's offset only subtracts)."""
+    squares (the scale alone where the offset would be negative: the format's offset only subtracts).
+    Codes all alike (a constant block) fit the mean: by the scale where it is positive and a code is
+    not 0, else by the offset."""
     n = x.shape[1]
     sq, sqq, sqx = q.sum(1), (q * q).sum(1), (q * x).sum(1)
     det = n * sqq - sq * sq
     ok = det > 0
     safe = torch.where(ok, det, torch.ones_like(det))
-    scale = torch.where(ok, (n * sqx - sq * sx) / safe, torch.zeros_like(det))
-    offset = torch.where(ok, (sq * sqx - sqq * sx) / safe, torch.zeros_like(det))
-    alone = offset < 0
+    zero = torch.zeros_like(det)
+    by_scale = (sq > 0) & (sx > 0)
+    scale = torch.where(ok, (n * sqx - sq * sx) / safe, torch.where(by_scale, sx / torch.where(by_scale, sq, 1.0), zero))
+    offset = torch.where(ok, (sq * sqx - sqq * sx) / safe, torch.where(by_scale, zero, _div(-sx, n)))
+    alone = ok & (offset < 0)
     scale = torch.where(alone, sqx / sqq.clamp(min=1e-30), scale).clamp(min=0.0)
     offset = offset.clamp(min=0.0)
     err = sxx + scale * scale * sqq + n * offset * offset - 2 * scale * sqx + 2 * offset * sx - 2 * scale * offset * sq
