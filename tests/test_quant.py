@@ -554,6 +554,9 @@ def test_quantizers_match_the_gguf_package_byte_for_byte(kind):
     stacked = quantize_matrix(torch.from_numpy(w[:8]).reshape(2, 4, 4096), kind)  # stacked experts: [E, rows, cols]
     assert stacked.shape == (2, 4, 4096) and torch.equal(stacked.blocks.reshape(8, -1), quantize_matrix(
         torch.from_numpy(w[:8]), kind).blocks)
+    if kind != "BF16":  # f16 scales (or values): +-65504 at most
+        with pytest.raises(ValueError, match=r"experts: holds values up to 1e\+05, beyond f16's 65504 \(in rows 0..1\)"):
+            quantize_matrix(torch.tensor([[0.0] * 31 + [-1e5], [1.0] * 32]), kind, "experts")
     if kind not in ("BF16", "F16"):
         with pytest.raises(ValueError, match=r"experts: holds non-finite values \(in rows 0..1\)"):
             quantize_matrix(torch.tensor([[0.0] * 31 + [float("inf")], [1.0] * 32]), kind, "experts")
@@ -615,6 +618,8 @@ def test_k_quantizers_decode_with_gguf_within_their_rivals_error(kind, rival):
         quantize_matrix(torch.zeros(2, 96), kind)
     with pytest.raises(ValueError, match="non-finite"):
         quantize_matrix(torch.full((1, 256), float("nan")), kind)
+    with pytest.raises(ValueError, match="beyond f16's 65504"):  # its super-scales would round to inf
+        quantize_matrix(torch.full((1, 256), 6.1e7), kind)
 
 
 # ----------------------------------------------------------------------------- the tools on packed models

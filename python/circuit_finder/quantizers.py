@@ -25,12 +25,15 @@ The K-quants (the `gguf` package has no quantizer for them), 256 values a super-
 
 Rows go through in chunks of 512K values on the CPU (the scratch stays in cache: 2-4x faster than
 4M-value chunks) and 4M on a GPU (~100 MB of scratch at most), each chunk moved to the device alone.
-Limits: the block types refuse non-finite values (ValueError naming the tensor) and rows that are
-not whole blocks; a block whose values are all below ~1e-4 loses resolution as its f16 scales
+Limits: the block types refuse non-finite values, and they and F16 refuse values beyond f16's
++-65504 (the scales are f16; ggml's own quantizer would write inf / NaN blocks), as they refuse rows
+that are not whole blocks (ValueError naming the tensor); a block whose values are all below ~1e-4 loses resolution as its f16 scales
 underflow (the format's limit, in ggml's own files too).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -39,6 +42,7 @@ __all__ = ["BLOCK", "BLOCK_BYTES", "K_TYPES", "QUANTIZE_TYPES", "quantize_rows"]
 QUANTIZE_TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "BF16", "F16")
 K_TYPES = ("Q4_K", "Q6_K")  # 256-value blocks
 BLOCK = {"Q8_0": 32, "Q5_1": 32, "Q5_0": 32, "Q4_1": 32, "Q4_0": 32, "Q4_K": 256, "Q6_K": 256, "BF16": 1, "F16": 1}
+F16_MAX = 65504.0  # the blocks' scales, offsets and minima are f16: larger values would decode to inf / NaN
 BLOCK_BYTES = {"Q8_0": 34, "Q5_1": 24, "Q5_0": 22, "Q4_1": 20, "Q4_0": 18, "Q4_K": 144, "Q6_K": 210, "BF16": 2, "F16": 2}
 
 
@@ -60,12 +64,16 @@ def quantize_rows(w: torch.Tensor, kind: str, name: str = "tensor", device=None)
 
 
 def _quantize_chunk(x: torch.Tensor, kind: str, name: str, start: int) -> torch.Tensor:
-    if kind in ("BF16", "F16"):
-        return x.to(torch.bfloat16 if kind == "BF16" else torch.float16).contiguous().view(torch.uint8)
+    if kind == "BF16":  # float32's range: non-finite values stay what they are
+        return x.to(torch.bfloat16).contiguous().view(torch.uint8)
     x = x.to(torch.float32)
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name}: holds non-finite values (in rows {start}..{start + len(x) - 1}); "
-                         f"they cannot be quantized to {kind}")
+    peak = float(x.abs().amax())  # NaN or inf where any value is
+    if (kind != "F16" and not math.isfinite(peak)) or (math.isfinite(peak) and peak > F16_MAX):
+        what = "non-finite values" if not math.isfinite(peak) else f"values up to {peak:.4g}, beyond f16's {F16_MAX:g}"
+        raise ValueError(f"{name}: holds {what} (in rows {start}..{start + len(x) - 1}); they cannot be quantized "
+                         f"to {kind}" + ("" if kind == "F16" else ", whose scales are f16"))
+    if kind == "F16":
+        return x.to(torch.float16).view(torch.uint8)
     return _QUANTIZERS[kind](x.reshape(-1, BLOCK[kind])).reshape(len(x), -1)
 
 
