@@ -10,6 +10,7 @@
 #include "cpu/fused.h"
 #include "cpu/linear.h"
 #include "cpu/quant.h"
+#include "cuda/quant.h"
 #include "../common/errors.h"
 #include "gpu_ops.h"
 
@@ -41,12 +42,13 @@ bool gpu_kernels_enabled() {
 }
 
 bool dense_gemv(const at::Tensor& x, const at::Tensor& w) {
-  constexpr int64_t kRows = 8;  // cuda/quant.h's kPackedGemvRows: beyond it linear_packed would copy w for cuBLAS
+  if (!x.is_cuda() || !gpu_kernels_enabled()) return false;  // before the environment: CPU products never read it
   const char* v = std::getenv("CF_DENSE_GEMV");
-  if (v == nullptr || std::strcmp(v, "1") != 0 || !x.is_cuda() || !gpu_kernels_enabled()) return false;
+  if (v == nullptr || std::strcmp(v, "1") != 0) return false;
   const bool half = w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf;
+  // beyond kPackedGemvRows rows linear_packed would copy w to a scratch for cuBLAS
   return half && x.scalar_type() == w.scalar_type() && w.device() == x.device() && w.dim() == 2 && w.is_contiguous() &&
-         x.size(-1) == w.size(1) && x.numel() / std::max<int64_t>(1, x.size(-1)) <= kRows;
+         x.size(-1) == w.size(1) && x.numel() / std::max<int64_t>(1, x.size(-1)) <= gpu::kPackedGemvRows;
 }
 
 at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& bias) {

@@ -291,8 +291,9 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     placed = device_map if isinstance(device_map, Placement) else plan(
         device_map, config.num_layers, sizes, device, max_memory)
     for name, kind in wanted.items():  # one matrix at a time, on its device: never a second float copy of the model
-        if packs_on(placed.device_of(name)):
-            ggml[name] = quantize_matrix(tensors[name], kind, name, device=placed.device_of(name))
+        where = placed.device_of(name)
+        if packs_on(where):
+            ggml[name] = quantize_matrix(tensors[name], kind, name, device=where)
     left_float = [n for n in wanted if n not in ggml]
     if left_float:
         warnings.warn(f"quantize: packed matrices run on the CPU, or on a GPU with this build's GPU kernels: "

@@ -27,8 +27,8 @@ Rows go through in chunks of 512K values on the CPU (the scratch stays in cache:
 4M-value chunks) and 4M on a GPU (~100 MB of scratch at most), each chunk moved to the device alone.
 Limits: the block types refuse non-finite values, and they and F16 refuse values beyond f16's
 +-65504 (the scales are f16; ggml's own quantizer would write inf / NaN blocks), as they refuse rows
-that are not whole blocks (ValueError naming the tensor); a block whose values are all below ~1e-4 loses resolution as its f16 scales
-underflow (the format's limit, in ggml's own files too).
+that are not whole blocks (ValueError naming the tensor); a block whose values are all below ~1e-4
+loses resolution as its f16 scales underflow (the format's limit, in ggml's own files too).
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ import math
 
 import torch
 
-__all__ = ["BLOCK", "BLOCK_BYTES", "K_TYPES", "QUANTIZE_TYPES", "quantize_rows"]
+__all__ = ["BLOCK", "K_TYPES", "QUANTIZE_TYPES", "quantize_rows"]
 
-QUANTIZE_TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "BF16", "F16")
+# values per block of each type quantize_rows makes, in the order error messages list them
+BLOCK = {"Q8_0": 32, "Q6_K": 256, "Q5_1": 32, "Q5_0": 32, "Q4_K": 256, "Q4_1": 32, "Q4_0": 32, "BF16": 1, "F16": 1}
+QUANTIZE_TYPES = tuple(BLOCK)
 K_TYPES = ("Q4_K", "Q6_K")  # 256-value blocks
-BLOCK = {"Q8_0": 32, "Q5_1": 32, "Q5_0": 32, "Q4_1": 32, "Q4_0": 32, "Q4_K": 256, "Q6_K": 256, "BF16": 1, "F16": 1}
 F16_MAX = 65504.0  # the blocks' scales, offsets and minima are f16: larger values would decode to inf / NaN
-BLOCK_BYTES = {"Q8_0": 34, "Q5_1": 24, "Q5_0": 22, "Q4_1": 20, "Q4_0": 18, "Q4_K": 144, "Q6_K": 210, "BF16": 2, "F16": 2}
 
 
 def quantize_rows(w: torch.Tensor, kind: str, name: str = "tensor", device=None) -> torch.Tensor:
@@ -56,10 +56,13 @@ def quantize_rows(w: torch.Tensor, kind: str, name: str = "tensor", device=None)
         raise ValueError(f"{name}: {kind} needs rows of whole {BLOCK[kind]}-value blocks, got shape {list(w.shape)}")
     device = torch.device(device) if device is not None else w.device
     rows, cols = w.shape
-    out = torch.empty(rows, cols // BLOCK[kind] * BLOCK_BYTES[kind], dtype=torch.uint8, device=device)
     step = max(1, (1 << (22 if device.type == "cuda" else 19)) // cols)
+    out = None
     for start in range(0, rows, step):
-        out[start:start + step] = _quantize_chunk(w[start:start + step].to(device), kind, name, start)
+        blocks = _quantize_chunk(w[start:start + step].to(device), kind, name, start)
+        if out is None:  # the row width the type's blocks take
+            out = torch.empty(rows, blocks.shape[1], dtype=torch.uint8, device=device)
+        out[start:start + step] = blocks
     return out
 
 
@@ -68,12 +71,15 @@ def _quantize_chunk(x: torch.Tensor, kind: str, name: str, start: int) -> torch.
         return x.to(torch.bfloat16).contiguous().view(torch.uint8)
     x = x.to(torch.float32)
     peak = float(x.abs().amax())  # NaN or inf where any value is
-    if (kind != "F16" and not math.isfinite(peak)) or (math.isfinite(peak) and peak > F16_MAX):
-        what = "non-finite values" if not math.isfinite(peak) else f"values up to {peak:.4g}, beyond f16's {F16_MAX:g}"
-        raise ValueError(f"{name}: holds {what} (in rows {start}..{start + len(x) - 1}); they cannot be quantized "
-                         f"to {kind}" + ("" if kind == "F16" else ", whose scales are f16"))
-    if kind == "F16":
+    where = f"(in rows {start}..{start + len(x) - 1}); they cannot be quantized to {kind}"
+    if kind == "F16":  # non-finite values stay what they are
+        if math.isfinite(peak) and peak > F16_MAX:
+            raise ValueError(f"{name}: holds values up to {peak:.4g}, beyond f16's {F16_MAX:g} {where}")
         return x.to(torch.float16).view(torch.uint8)
+    if not math.isfinite(peak):
+        raise ValueError(f"{name}: holds non-finite values {where}")
+    if peak > F16_MAX:
+        raise ValueError(f"{name}: holds values up to {peak:.4g}, beyond f16's {F16_MAX:g} {where}, whose scales are f16")
     return _QUANTIZERS[kind](x.reshape(-1, BLOCK[kind])).reshape(len(x), -1)
 
 
