@@ -198,6 +198,7 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
     with CF_DENSE_GEMV=1 where it applies (dense_gemv_applies), in the same run."""
     device = ours.device
     path = bench_path(ours)
+    gemv_ab = dense_ab and dense_gemv_applies(ours, batch)
     ids = torch.randint(3, ours.config.vocab_size, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(batch)).to(device)
     k = new_tokens
@@ -247,7 +248,7 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
         if unfused is not None:
             ours_gen(2, model=unfused)
             t_plain_step, t_plain_steady = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn(), unfused))
-        if dense_ab and dense_gemv_applies(ours, batch):  # the opt-in route for half-precision decode products, same run
+        if gemv_ab:  # the opt-in route for half-precision decode products, same run
             with environment({"CF_DENSE_GEMV": "1"}):
                 ours_gen(2)
                 t_gemv_step, t_gemv_steady = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn()))
@@ -268,7 +269,7 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
         out["unfused_decode_tok_s"] = {"all": batch / t_plain_step, "steady": batch / t_plain_steady,
                                        "fused_ratio_all": t_plain_step / t_ours_step,
                                        "fused_ratio_steady": t_plain_steady / t_ours_steady}
-    if dense_ab and dense_gemv_applies(ours, batch):
+    if gemv_ab:
         out["dense_gemv_decode_tok_s"] = {"all": batch / t_gemv_step, "steady": batch / t_gemv_steady,
                                           "vs_default_all": t_ours_step / t_gemv_step,
                                           "vs_default_steady": t_ours_steady / t_gemv_steady}
