@@ -12,6 +12,7 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import _C, LayerPath
+from circuit_finder.quantizers import K_TYPES
 from circuit_finder.quants import PACKED_TYPES, PackedTensor, quantize_matrix
 from helpers import (
     HYBRID_ARCHS,
@@ -252,7 +253,7 @@ def test_cuda_rows_ending_early_give_transformers_tokens_and_length(model_dir):
 
 
 # ------------------------------------------------------------------ packed (GGUF-quantized) matrices
-@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q4_1", "Q4_K", "Q6_K", "BF16"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "BF16"])
 def test_cuda_quantizers_write_the_cpus_blocks(kind):
     """quantize_matrix on a GPU (what cf.load(folder, device="cuda", quantize=...) does with each
     matrix): the 32-value types write the CPU's bytes (ggml's rounding); the K-quants' least squares
@@ -267,7 +268,7 @@ def test_cuda_quantizers_write_the_cpus_blocks(kind):
         errors = [((reference(kind, p.blocks.cpu().numpy(), 4096) - w.to(dtype).float()).pow(2).mean().sqrt()
                    / w.pow(2).mean().sqrt()).item() for p in (cpu, gpu)]
         print(f"{kind} from {dtype}: {rows} of 300 rows differ; relative RMS error cpu {errors[0]:.5f}, gpu {errors[1]:.5f}")
-        if kind in ("Q4_K", "Q6_K"):
+        if kind in K_TYPES:
             assert rows <= 30 and errors[1] <= errors[0] * 1.01
         else:
             assert rows == 0

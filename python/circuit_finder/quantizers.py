@@ -13,15 +13,19 @@ byte on any device (tests/test_quant.py compares them; every division is a corre
 The K-quants (the `gguf` package has no quantizer for them), 256 values a super-block:
 - Q4_K (144 bytes): d, dmin (f16); eight 6-bit sub-block scales and mins in 12 bytes; 128 bytes of
   nibbles. Value = d * scale * q - dmin * min, q in 0..15, sub-blocks of 32.
+- Q5_K (176 bytes): Q4_K's head, then 32 bytes of fifth bits (bit s of byte l: sub-block s's value
+  l), then Q4_K's 128 bytes of low nibbles. Value = d * scale * q - dmin * min, q in 0..31.
 - Q6_K (210 bytes): 128 bytes of low nibbles, 64 of high bit pairs, sixteen int8 sub-block scales,
   d (f16). Value = d * scale * (q - 32), q in 0..63, sub-blocks of 16.
-  How their scales are chosen is ours. Q4_K: per sub-block, seven candidate scales around the range's
-  (its levels - 2 to levels steps over the range), each fitted by least squares (scale and offset
-  >= 0, as the format needs) to its codes, the best kept and refitted once. Q6_K: five candidate
-  scales mapping the largest magnitude to -31..-33, fitted and chosen alike. Then the sub-block
-  scales are quantized against the super-block's largest and the codes rounded once more with the
-  scales as stored. Their error is llama.cpp's own quantizer's or less (benchmarks/bench_quantize.py:
-  relative RMS 0.997x for Q4_K, 0.977x for Q6_K, on the same weights).
+  How their scales are chosen is ours. Q4_K / Q5_K: per sub-block, seven candidate scales around the
+  range's (its levels - 2 to levels steps over the range), each fitted by least squares (scale and
+  offset >= 0, as the format needs; from sums of values centred on the block's mean, which keep
+  float32's accuracy where the offset dwarfs the spread) to its codes, the best kept and refitted
+  once. Q6_K: five candidate scales mapping the largest magnitude to -31..-33, fitted and chosen
+  alike. Then the sub-block scales are quantized against the super-block's largest and the codes
+  rounded once more with the scales as stored. Their error is llama.cpp's own quantizer's or less
+  (benchmarks/bench_quantize.py: relative RMS 0.997x for Q4_K, 0.993x for Q5_K, 0.977x for Q6_K, on
+  the same weights).
 
 Rows go through in chunks of 512K values on the CPU (the scratch stays in cache: 2-4x faster than
 4M-value chunks) and 4M on a GPU (~100 MB of scratch at most), each chunk moved to the device alone.
@@ -40,9 +44,9 @@ import torch
 __all__ = ["BLOCK", "K_TYPES", "QUANTIZE_TYPES", "quantize_rows"]
 
 # values per block of each type quantize_rows makes, in the order error messages list them
-BLOCK = {"Q8_0": 32, "Q6_K": 256, "Q5_1": 32, "Q5_0": 32, "Q4_K": 256, "Q4_1": 32, "Q4_0": 32, "BF16": 1, "F16": 1}
+BLOCK = {"Q8_0": 32, "Q6_K": 256, "Q5_K": 256, "Q5_1": 32, "Q5_0": 32, "Q4_K": 256, "Q4_1": 32, "Q4_0": 32, "BF16": 1, "F16": 1}
 QUANTIZE_TYPES = tuple(BLOCK)
-K_TYPES = ("Q4_K", "Q6_K")  # 256-value blocks
+K_TYPES = ("Q4_K", "Q5_K", "Q6_K")  # 256-value blocks
 F16_MAX = 65504.0  # the blocks' scales, offsets and minima are f16: larger values would decode to inf / NaN
 
 
@@ -170,24 +174,26 @@ def _spread(i: int, candidates: int) -> float:
     return 2 * i / (candidates - 1) if candidates > 1 else 1.0
 
 
-def _least_squares(x: torch.Tensor, q: torch.Tensor, sx: torch.Tensor, sxx: torch.Tensor):
+def _least_squares(xc: torch.Tensor, q: torch.Tensor, mean: torch.Tensor, cxx: torch.Tensor):
     """(scale, offset >= 0, squared error) of x ~ scale * q - offset fitted to codes q [n, g] by least
-    squares (the scale alone where the offset would be negative: the format's offset only subtracts).
-    Codes all alike (a constant block) fit the mean: by the scale where it is positive and a code is
-    not 0, else by the offset."""
-    n = x.shape[1]
-    sq, sqq, sqx = q.sum(1), (q * q).sum(1), (q * x).sum(1)
-    det = n * sqq - sq * sq
+    squares (the scale alone where the offset would be negative: the format's offset only subtracts),
+    from x's centred values xc = x - mean and cxx = sum(xc^2): sums of centred values keep float32's
+    accuracy where a block's offset dwarfs its spread (raw sums of x and x^2 lose it, and with it the
+    choice of candidate). Codes all alike (a constant block) fit the mean: by the scale where it is
+    positive and a code is not 0, else by the offset."""
+    n = q.shape[1]
+    sq, sqq, cqx = q.sum(1), (q * q).sum(1), (q * xc).sum(1)
+    det = n * sqq - sq * sq  # whole numbers below 2^24: exact
     ok = det > 0
-    safe = torch.where(ok, det, torch.ones_like(det))
+    qbar, cqq = _div(sq, n), _div(det, n)
     zero = torch.zeros_like(det)
-    by_scale = (sq > 0) & (sx > 0)
-    scale = torch.where(ok, (n * sqx - sq * sx) / safe, torch.where(by_scale, sx / torch.where(by_scale, sq, 1.0), zero))
-    offset = torch.where(ok, (sq * sqx - sqq * sx) / safe, torch.where(by_scale, zero, _div(-sx, n)))
+    by_scale = (sq > 0) & (mean > 0)
+    scale = torch.where(ok, cqx / torch.where(ok, cqq, 1.0), torch.where(by_scale, mean / torch.where(by_scale, qbar, 1.0), zero))
+    offset = torch.where(ok, scale * qbar - mean, torch.where(by_scale, zero, -mean))
     alone = ok & (offset < 0)
-    scale = torch.where(alone, sqx / sqq.clamp(min=1e-30), scale).clamp(min=0.0)
+    scale = torch.where(alone, (cqx + mean * sq) / sqq.clamp(min=1e-30), scale).clamp(min=0.0)
     offset = offset.clamp(min=0.0)
-    err = sxx + scale * scale * sqq + n * offset * offset - 2 * scale * sqx + 2 * offset * sx - 2 * scale * offset * sq
+    err = n * (mean - scale * qbar + offset) ** 2 + cxx - 2 * scale * cqx + scale * scale * cqq
     return scale, offset, err
 
 
@@ -197,7 +203,9 @@ def _affine_fit(x: torch.Tensor, levels: int, candidates: int = 7) -> tuple[torc
     squares, the fit of least squared error kept, then refitted once to its own codes."""
     lo = x.amin(1).clamp(max=0.0)
     per_range = _inverse(x.amax(1) - lo)
-    sx, sxx = x.sum(1), (x * x).sum(1)
+    mean = _div(x.sum(1), x.shape[1])
+    xc = x - mean[:, None]
+    cxx = (xc * xc).sum(1)
     best = None
     for i in range(candidates + 1):
         if i < candidates:  # steps (levels - 2) .. levels over the range: the range's own scale in the middle
@@ -205,7 +213,7 @@ def _affine_fit(x: torch.Tensor, levels: int, candidates: int = 7) -> tuple[torc
             q = q.clamp(0, levels - 1)
         else:
             q = _codes(x, best[0], best[1], levels)
-        fit = _least_squares(x, q, sx, sxx)
+        fit = _least_squares(xc, q, mean, cxx)
         better = fit[2] < best[2] if best is not None else None
         best = fit if best is None else tuple(torch.where(better, a, b) for a, b in zip(fit, best))
     return best[0], best[1]
@@ -217,19 +225,36 @@ def _six_bit(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top, torch.round(values * _inverse(top)[:, None]).clamp(0, 63)
 
 
-def _q4_k(x: torch.Tensor) -> torch.Tensor:
+def _affine_k(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: (the super-block's head [n, 16]: d, dmin and the twelve bytes of 6-bit sub-block
+    scales and mins; codes uint8 [n, 8, 32] in 0..levels-1, rounded with the scales as stored)."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
-    scale, offset = _affine_fit(sub, 16)
+    scale, offset = _affine_fit(sub, levels)
     d, sc = _six_bit(scale.reshape(n, 8))
     dmin, mn = _six_bit(offset.reshape(n, 8))
-    q = _codes(sub, (d[:, None] * sc).reshape(-1), (dmin[:, None] * mn).reshape(-1), 16).to(torch.uint8)
-    q = q.reshape(n, 4, 2, 32)  # 64-value chunks: the first 32 in low nibbles, the next 32 in high
+    q = _codes(sub, (d[:, None] * sc).reshape(-1), (dmin[:, None] * mn).reshape(-1), levels).to(torch.uint8)
     sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
-    return torch.cat((_f16_bytes(d), _f16_bytes(dmin),
-                      sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
-                      (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4),
-                      (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)), 1)
+    head = torch.cat((_f16_bytes(d), _f16_bytes(dmin), sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+                      mn[:, :4] | ((mn[:, 4:] >> 4) << 6), (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)), 1)
+    return head, q.reshape(n, 8, 32)
+
+
+def _k_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q [n, 8, 32] -> [n, 128]: each 64-value chunk's first 32 codes in low nibbles, the next 32 in high."""
+    q = q.reshape(len(q), 4, 2, 32)
+    return ((q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)).reshape(len(q), 128)
+
+
+def _q4_k(x: torch.Tensor) -> torch.Tensor:
+    head, q = _affine_k(x, 16)
+    return torch.cat((head, _k_nibbles(q)), 1)
+
+
+def _q5_k(x: torch.Tensor) -> torch.Tensor:
+    head, q = _affine_k(x, 32)
+    high = ((q >> 4) & 1).to(torch.int32) << torch.arange(8, device=q.device, dtype=torch.int32)[:, None]
+    return torch.cat((head, high.sum(1).to(torch.uint8), _k_nibbles(q)), 1)  # bit s of byte l: sub-block s's code l
 
 
 def _signed_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -275,4 +300,4 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
 
 
 _QUANTIZERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k,
-               "Q6_K": _q6_k}
+               "Q5_K": _q5_k, "Q6_K": _q6_k}
