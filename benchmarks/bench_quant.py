@@ -152,19 +152,14 @@ def llama_cpp_speed(path: str, threads: int, repeat: int) -> dict:
     return {"prefill_tok_s": PROMPT / prefill, "decode_tok_s": 1 / step}
 
 
-def q4_k_m_type(name: str, layers: int) -> str:
-    """llama.cpp's Q4_K_M choice for a matrix: Q6_K for the output head, and for attn_v and ffn_down
-    (stacked experts' too) in the layers its use_more_bits rule picks (the first and last eighth and
-    every third layer between); the router float; Q4_K for the rest."""
-    if name == "output.weight":
-        return "Q6_K"
-    if name.endswith("ffn_gate_inp.weight"):  # the router stays float, as the converter keeps it
+def q4_k_m_type(name: str, layers: int, experts: int = 0) -> str:
+    """llama.cpp's Q4_K_M choice for a GGUF matrix (``quants.mix_type``); the router float, as the
+    converter keeps it."""
+    from circuit_finder.quants import MixModel, mix_type
+
+    if name.endswith("ffn_gate_inp.weight"):
         return "F32"
-    if name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")):
-        i, eighth = int(name.split(".")[1]), layers // 8
-        if i < eighth or i >= 7 * layers // 8 or (i - eighth) % 3 == 2:
-            return "Q6_K"
-    return "Q4_K"
+    return mix_type("Q4_K_M", name, MixModel(layers, experts))
 
 
 # A mixture-of-experts file: Qwen3-30B-A3B's layer shape (hidden 2048, 32 / 4 heads of 128, 128
@@ -207,14 +202,14 @@ def _common_shapes(hidden: int, layers: int, heads: int, kv_heads: int, head_dim
     return shapes
 
 
-def _write_random_tensors(w, dst: Path, shapes: dict, layers: int) -> Path:
+def _write_random_tensors(w, dst: Path, shapes: dict, layers: int, experts: int = 0) -> Path:
     """Writes `shapes` ({name: shape}; vectors F32 ones, matrices and stacked [E, rows, K] experts in
     Q4_K_M's mix of random real blocks) one tensor at a time: the table first, then the data."""
     import gguf
     import numpy as np
     from bench_quant_gpu import random_blocks
 
-    kinds = {name: "F32" if len(shape) == 1 else q4_k_m_type(name, layers) for name, shape in shapes.items()}
+    kinds = {name: "F32" if len(shape) == 1 else q4_k_m_type(name, layers, experts) for name, shape in shapes.items()}
     for name, shape in shapes.items():  # the tensor table first: sizes from the shapes, no data yet
         kind = gguf.GGMLQuantizationType[kinds[name]]
         block, size = gguf.GGML_QUANT_SIZES[kind]
@@ -274,7 +269,7 @@ def write_random_moe_gguf(dst: Path, hidden: int, heads: int, kv_heads: int, hea
                        b + "ffn_gate_exps.weight": (experts, expert_ffn, hidden),
                        b + "ffn_up_exps.weight": (experts, expert_ffn, hidden),
                        b + "ffn_down_exps.weight": (experts, hidden, expert_ffn)})
-    return _write_random_tensors(w, dst, shapes, layers)
+    return _write_random_tensors(w, dst, shapes, layers, experts)
 
 
 def available_bytes() -> int:

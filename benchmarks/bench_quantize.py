@@ -6,12 +6,12 @@ fast each type is made, one run, same machine and threads.
   --device; best of --repeat) and, for the types it has, by the `gguf` package's numpy quantizer
   (what circuit-finder used before, single-threaded on the host; ggml's reference rounding, the
   same bytes as ours): M weights/s and the ratio.
-- quality (when llama-cpp-python is installed): our Q4_K / Q6_K against llama.cpp's own quantizer
-  (``llama_model_quantize`` to Q4_K_M and Q6_K, no importance matrix) on the same F32 GGUF of a small
+- quality (when llama-cpp-python is installed): our Q4_K / Q5_K / Q6_K against llama.cpp's own quantizer
+  (``llama_model_quantize`` to Q4_K_M, Q5_K_M and Q6_K, no importance matrix) on the same F32 GGUF of a small
   random Llama (N(0, 0.02^2) weights, 1% of columns 4x heavier): relative RMS error of each tensor
   llama.cpp made in that type, both decoded by the gguf package.
 - load: a random Llama checkpoint of the shape written here in bf16 (sharded safetensors, one
-  shard a layer), loaded onto --device plain (bf16) and with each type's quantize=: seconds and
+  shard a layer), loaded onto --device plain (bf16) and with each type's and mix's quantize=: seconds and
   G weights/s of the whole load (page cache warm: the files were just written).
 
     .venv/bin/python benchmarks/bench_quantize.py                    # 1B shape, ~3 min on 2 cores
@@ -39,7 +39,8 @@ from bench_quant import best  # noqa: E402
 from run import RANDOM_SHAPES, cpu_name, shape_overrides  # noqa: E402
 
 import circuit_finder as cf  # noqa: E402
-from circuit_finder.quantizers import BLOCK, QUANTIZE_TYPES, quantize_rows  # noqa: E402
+from circuit_finder.quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows  # noqa: E402
+from circuit_finder.quants import MIXES  # noqa: E402
 from helpers import make_config  # noqa: E402
 
 GGUF_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16")  # the types the gguf package quantizes
@@ -107,7 +108,7 @@ def quality_vs_llama_cpp() -> list[dict] | None:
         write_gguf(hf, tmp / "f32.gguf", qtype="F32")
         src = {t.name: np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
                for t in gguf.GGUFReader(str(tmp / "f32.gguf")).tensors}
-        for ftype, label in ((15, "Q4_K_M"), (18, "Q6_K")):
+        for ftype, label in ((15, "Q4_K_M"), (17, "Q5_K_M"), (18, "Q6_K")):
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = ftype
             out = tmp / f"{label}.gguf"
@@ -116,7 +117,7 @@ def quality_vs_llama_cpp() -> list[dict] | None:
             errors: dict[str, list] = {}
             for t in gguf.GGUFReader(str(out)).tensors:
                 kind = t.tensor_type.name
-                if kind in ("Q4_K", "Q6_K"):
+                if kind in K_TYPES:
                     w = src[t.name]
                     theirs = gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(w.shape)
                     ours = gguf.quants.dequantize(quantize_rows(torch.from_numpy(w), kind).numpy(), t.tensor_type)
@@ -171,7 +172,7 @@ def write_random_checkpoint(folder: Path, shape: str) -> int:
 
 
 def load_rates(shape: str, types, device: torch.device) -> list[dict]:
-    """Seconds and G weights/s of cf.load onto `device`: plain bf16, then quantize= each type."""
+    """Seconds and G weights/s of cf.load onto `device`: plain bf16, then quantize= each type or mix."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / shape
@@ -213,19 +214,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shape", default="1b", choices=sorted(RANDOM_SHAPES))
-    ap.add_argument("--types", nargs="+", default=["Q8_0", "Q6_K", "Q5_0", "Q4_K", "Q4_0"], choices=QUANTIZE_TYPES)
+    ap.add_argument("--types", nargs="+", default=["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0"], choices=QUANTIZE_TYPES)
+    ap.add_argument("--mixes", nargs="*", default=["Q4_K_M"], choices=sorted(MIXES), help="llama.cpp's mixes: loads only")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny shape, two types: checks the script runs")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.shape, args.types, args.repeat = "tiny", ["Q8_0", "Q4_K"], 1
+        args.shape, args.types, args.mixes, args.repeat = "tiny", ["Q8_0", "Q4_K"], ["Q4_K_M"], 1
     device = torch.device(args.device)
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "device": str(device), "shape": args.shape, "host": cpu_name(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
     res = {"meta": meta, "matrices": matrix_rates(args.shape, args.types, device, args.repeat),
-           "quality": None if args.quick else quality_vs_llama_cpp(), "loads": load_rates(args.shape, args.types, device)}
+           "quality": None if args.quick else quality_vs_llama_cpp(), "loads": load_rates(args.shape, [*args.types, *args.mixes], device)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{meta['date']}-quantize-{device.type}.json").write_text(json.dumps(res, indent=1))

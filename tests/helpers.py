@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -90,6 +92,18 @@ ARCH_EXTRA.update({
 # transformers' SDPA path drops Gemma 2's attention soft-capping (and has no GPT-OSS sinks): the
 # reference runs eager attention.
 ATTN_IMPLEMENTATION = {"gemma2": "eager", "gemma3_text": "eager", "gpt_oss": "eager"}
+
+
+def llama_cpp_or_skip():
+    """The llama_cpp module; skips the test where llama-cpp-python is not installed (fails in CI,
+    where the test extra installs it)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python to run this check)")
+    return llama_cpp
 
 
 def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -95,9 +95,9 @@ def test_quantize_benchmark_quick_run(tmp_path):
     assert {(r["matrix"], r["type"]) for r in res["matrices"]} == {(m, t) for m in ("q/o", "gate/up")
                                                                     for t in ("Q8_0", "Q4_K")}
     assert all(("gguf_package_M_weights_s" in r) == (r["type"] == "Q8_0") for r in res["matrices"])
-    assert [r["quantize"] for r in res["loads"]] == [None, "Q8_0", "Q4_K"]
-    plain, q8, q4 = (r["weight_GB"] for r in res["loads"])
-    assert q4 < q8 < plain  # the loads did quantize
+    assert [r["quantize"] for r in res["loads"]] == [None, "Q8_0", "Q4_K", "Q4_K_M"]
+    plain, q8, q4, q4_k_m = (r["weight_GB"] for r in res["loads"])
+    assert q4 < q4_k_m < q8 < plain  # the loads did quantize; the mix's Q6_K head and more-bits layers
 
 
 def test_random_q4_k_m_file_loads_with_llama_cpp_type_mix(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import torch
 import circuit_finder as cf
 from circuit_finder import LayerPath
 from circuit_finder.export import export_mergekit, mergekit_source, remap_config
-from helpers import ATTN_IMPLEMENTATION, build_hf_model, write_gguf
+from helpers import ATTN_IMPLEMENTATION, build_hf_model, llama_cpp_or_skip, write_gguf
 
 PATH = LayerPath.parse("0..3,1..3,4,5")  # RYS (1, 4) on 6 layers: 9 slots
 
@@ -105,19 +105,9 @@ def test_gguf_export_reads_back(model_dir, tmp_path):
     assert diff == 0
 
 
-def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI"):  # the test extra installs it: in CI a missing llama.cpp is a failure
-            raise
-        pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python to run this check)")
-    return llama_cpp
-
-
 def test_gguf_export_with_llama_cpp(tmp_path):
     """The default model (Q4_1) exported along a RYS path: llama.cpp's greedy tokens equal ours."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = llama_cpp_or_skip()
     path = LayerPath.duplicate(30, 10, 13)
     dst = cf.export_gguf(cf.default_model_path(), tmp_path / "rys.gguf", path)
     model = cf.load("default")
@@ -135,7 +125,7 @@ def test_gguf_export_with_llama_cpp(tmp_path):
 def test_gguf_export_logits_match_llama_cpp(tmp_path):
     """A full-precision (F32) GGUF exported along identity, repeated and reordered paths: llama.cpp
     (F32 KV cache) loads each file and its logits equal ours along the same path."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = llama_cpp_or_skip()
     vocab = 64
     hf = build_hf_model("llama", tmp_path / "hf", num_hidden_layers=6, vocab_size=vocab)
     src = tmp_path / "tiny.gguf"

@@ -459,8 +459,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--dequantize", action="store_true",
                    help="GGUF: convert every tensor to --dtype (default: quantized matrices stay packed on the CPU)")
-    p.add_argument("--quantize", default=None, help="HF folder: pack its matrices on load as q8_0, q6_k, q5_1, q5_0, "
-                                                   "q4_k, q4_1, q4_0, bf16 or f16 (CPU)")
+    p.add_argument("--quantize", default=None, help="HF folder: pack its matrices on load as q8_0, q6_k, q5_k, q5_1, "
+                                                   "q5_0, q4_k, q4_1, q4_0, bf16 or f16, or as llama.cpp's mixes "
+                                                   "q4_k_m / q5_k_m")
     p.add_argument("--activations", default="float", choices=["float", "q8"],
                    help="q8: packed matrices' CPU products (decode, and prefill: with VNNI for every type, without "
                         "it for all but Q8_0 / IQ4) round their "

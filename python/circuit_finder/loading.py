@@ -40,6 +40,7 @@ from .placement import Placement, plan
 from .quants import (
     K_FALLBACK,
     PACKED_TYPES,
+    MixModel,
     PackedTensor,
     dequantize_mxfp4,
     mxfp4_pairs,
@@ -128,11 +129,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     per device (default: 90% of its free memory). See ``circuit_finder.placement``.
     dequantize: GGUF only; False keeps quantized matrices packed on the CPU (the file's size in
     memory), True converts every tensor to dtype (what earlier versions did).
-    quantize: Hugging Face checkpoints only; None keeps the float weights, "q8_0" / "q6_k" / "q5_1" /
-    "q5_0" / "q4_k" / "q4_1" / "q4_0" / "bf16" / "f16" packs every matrix (projections, experts,
-    embedding, lm_head) placed where packed matrices run (``packs_on``) as that ggml type on load,
-    one at a time on the device it goes to (``quantizers``); {fnmatch pattern:
-    type or None} chooses per tensor (first match wins). See ``quants``.
+    quantize: Hugging Face checkpoints only; None keeps the float weights, "q8_0" / "q6_k" / "q5_k" /
+    "q5_1" / "q5_0" / "q4_k" / "q4_1" / "q4_0" / "bf16" / "f16" packs every matrix (projections,
+    experts, embedding, lm_head) placed where packed matrices run (``packs_on``) as that ggml type on
+    load, one at a time on the device it goes to (``quantizers``); "q4_k_m" / "q5_k_m" packs them as
+    llama.cpp's mixes do (Q6_K head, more bits for some v / down projections: ``quants.mix_type``);
+    {fnmatch pattern: type, mix or None} chooses per tensor (first match wins). See ``quants``.
     activations: "float" (default) keeps the activations of packed matrices' products in float (the
     dequantized matrix's results up to the order of the sums); "q8" rounds them to 8 bits — per 256
     values against Q2_K..Q6_K / IQ4_XS, per 32 against Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL —
@@ -373,13 +375,15 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
     if quantize is None:
         return {}
     gpt_oss = config.architecture == "GptOssForCausalLM"
+    model = MixModel(config.num_layers, config.num_experts or 0,
+                     tied=config.tie_word_embeddings or "lm_head.weight" not in tensors)
     fallen: list[str] = []
-    chosen = {n: quantize_choice(quantize, n, t.shape, fallen) for n, t in tensors.items()
+    chosen = {n: quantize_choice(quantize, n, t.shape, fallen, model) for n, t in tensors.items()
               if not isinstance(t, PackedTensor) and t.is_floating_point() and not (gpt_oss and ".mlp.experts." in n)}
     if fallen:
+        instead = ", ".join(f"{to} for {k}" for k, to in K_FALLBACK.items())
         warnings.warn(f"quantize: {len(fallen)} matrices (e.g. {fallen[0]}) have rows that are not whole 256-value "
-                      f"blocks: they get {K_FALLBACK['Q4_K']} for Q4_K and {K_FALLBACK['Q6_K']} for Q6_K, as "
-                      f"llama.cpp does", stacklevel=3)
+                      f"blocks: they get {instead}, as llama.cpp does", stacklevel=3)
     return {n: k for n, k in chosen.items() if k is not None}
 
 

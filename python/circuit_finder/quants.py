@@ -8,8 +8,11 @@ kernels/cpu/quant.h). PACKED_TYPES lists the types; ``dequantize`` gives the flo
 kernel, checked against the `gguf` package's decoders in tests/test_quant.py).
 ``quantize_matrix`` packs a float matrix as a ggml type on the device it is placed on
 (``quantizers``: torch, byte for byte the `gguf` package's rounding for the 32-value types, ours for
-the K-quants Q4_K and Q6_K) for loading a Hugging Face checkpoint quantized
-(``cf.load(folder, quantize="q4_k")``): QUANTIZE_TYPES are the types it can make.
+the K-quants Q4_K, Q5_K and Q6_K) for loading a Hugging Face checkpoint quantized
+(``cf.load(folder, quantize="q4_k")``): QUANTIZE_TYPES are the types it can make, and MIXES
+llama.cpp's per-tensor mixes of them (``quantize="q4_k_m"``: ``mix_type``, the rules of the
+llama.cpp that llama-cpp-python 0.3.36 builds, checked tensor by tensor against it in
+tests/test_quant.py; other llama.cpp versions move some tensors).
 
 OpenAI's published GPT-OSS checkpoints store each MoE layer's expert matrices in MXFP4 (OCP
 Microscaling, FP4 E2M1 elements in blocks of 32 sharing one E8M0 power-of-two scale):
@@ -28,21 +31,22 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import dataclass
 
 import torch
 
 from .quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows
 
-__all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES", "PackedTensor",
-           "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "mxfp4_pairs", "mxfp4_shape", "packs_on",
-           "quantize_choice", "quantize_matrix"]
+__all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MIXES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES",
+           "MixModel", "PackedTensor", "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "mix_type",
+           "mxfp4_pairs", "mxfp4_shape", "packs_on", "quantize_choice", "quantize_matrix"]
 
 # ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
 PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
                 "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
 
 
-K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # for matrices whose rows are not whole 256-value blocks
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # for matrices whose rows are not whole 256-value blocks
 # Hugging Face names of the matrices the engine reads packed: projections, stacked experts, Mixtral's
 # hub experts, the embedding and lm_head (never norms, routers or biases).
 _MATRIX = re.compile(r"(_proj\.weight|_proj|\.in_proj_\w+\.weight|\.w[123]\.weight|lm_head\.weight|embed_tokens\.weight)$")
@@ -195,13 +199,65 @@ def dequantize_ggml_mxfp4(raw: torch.Tensor, chunk: int = 1 << 20) -> torch.Tens
     return out.reshape(*raw.shape[:-1], raw.shape[-1] // GGML_MXFP4_BYTES * MXFP4_BLOCK)
 
 
-def quantize_choice(spec, name: str, shape, fallen: list | None = None) -> str | None:
+# llama.cpp's type mixes (its quantizer's choice per tensor, without an importance matrix): each
+# mix's base type, which most matrices get.
+MIXES = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}
+
+
+@dataclass(frozen=True)
+class MixModel:
+    """What a mix's choice reads of the model: its decoder layers, experts per MoE layer (0: dense),
+    and whether the embedding is the output head (no lm_head of its own)."""
+    layers: int
+    experts: int = 0
+    tied: bool = False
+
+
+# matrix names, Hugging Face's or GGUF's, by the role llama.cpp's mixes give them
+_ROLES = (("head", re.compile(r"^(lm_head|output)\.weight$")),
+          ("embedding", re.compile(r"(embed_tokens|^token_embd)\.weight$")),
+          ("v", re.compile(r"(\.v_proj|\.attn_v)\.weight$")),
+          ("k", re.compile(r"(\.k_proj|\.attn_k)\.weight$")),
+          ("o", re.compile(r"(\.self_attn\.o_proj|\.attn_output)\.weight$")),
+          ("qkv", re.compile(r"(\.qkv_proj|\.in_proj_qkvz?|\.attn_qkv)\.weight$")),  # Phi-3's; linear attention's
+          ("down", re.compile(r"(down_proj(\.weight)?|\.w2\.weight|\.ffn_down(_exps|_shexp)?\.weight)$")))
+_LAYER = re.compile(r"(\.layers\.|^blk\.)(\d+)\.")
+
+
+def _more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's layers whose attn_v / ffn_down a mix gives more bits: the first and last eighth,
+    and every third layer between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def mix_type(mix: str, name: str, model: MixModel) -> str:
+    """The type llama.cpp's mix `mix` ("Q4_K_M", "Q5_K_M") gives matrix `name` (Hugging Face's or the GGUF's; before
+    the K-quants' fallback for rows that are not whole 256-value blocks): Q6_K for the output head
+    (the embedding where tied); Q8_0 for attention's k / v and fused qkv in 8-expert models and Q5_K
+    for their attention output; Q6_K for v, fused qkv and ffn_down (experts' and the shared expert's
+    too) in the layers of ``_more_bits``; the base type otherwise. A matrix llama.cpp's converter
+    splits (Qwen3-Next's in_proj_qkvz: attn_qkv and attn_gate) gets its attn_qkv's type."""
+    role = next((r for r, pattern in _ROLES if pattern.search(name)), None)
+    if role == "head" or (role == "embedding" and model.tied):
+        return "Q6_K"
+    if model.experts == 8 and role in ("k", "v", "qkv"):
+        return "Q8_0"
+    if model.experts == 8 and role == "o":
+        return "Q5_K"
+    layer = _LAYER.search(name)
+    if role in ("v", "qkv", "down") and layer and _more_bits(int(layer.group(2)), model.layers):
+        return "Q6_K"
+    return MIXES[mix]
+
+
+def quantize_choice(spec, name: str, shape, fallen: list | None = None, model: MixModel | None = None) -> str | None:
     """The type `spec` picks for matrix `name` of `shape` ([..., rows, cols]), or None to keep it
-    float. spec: a type name ("q8_0"), or {fnmatch pattern: type or None}, first match wins (e.g.
-    {"lm_head.weight": "q8_0", "*.embed_tokens.*": None, "*": "q4_0"}). Empty matrices and those whose
-    columns are not whole blocks stay float; a K-quant's (256 columns) fall back to Q5_0 (for Q4_K) or Q8_0 (for
-    Q6_K), as llama.cpp's quantizer does, their names appended to ``fallen``. ValueError for a type
-    not in QUANTIZE_TYPES."""
+    float. spec: a type name ("q8_0"), a mix ("q4_k_m": ``mix_type``, which needs `model`), or
+    {fnmatch pattern: type, mix or None}, first match wins (e.g. {"lm_head.weight": "q8_0",
+    "*.embed_tokens.*": None, "*": "q4_k_m"}). Empty matrices and those whose columns are not whole
+    blocks stay float; a K-quant's (256 columns) fall back to Q5_0 (for Q4_K), Q5_1 (for Q5_K) or
+    Q8_0 (for Q6_K), as llama.cpp's quantizer does, their names appended to ``fallen``. ValueError
+    for a type not in QUANTIZE_TYPES or MIXES."""
     if spec is None or not is_matrix_name(name) or len(shape) < 2 or 0 in tuple(shape):
         return None
     rules = spec.items() if isinstance(spec, dict) else [("*", spec)]
@@ -209,9 +265,13 @@ def quantize_choice(spec, name: str, shape, fallen: list | None = None) -> str |
     if kind is None:
         return None
     kind = str(kind).upper()
+    if kind in MIXES:
+        if model is None:
+            raise ValueError(f"quantize: the mix {kind.lower()!r} (for {name}) needs the model's layer count (model=)")
+        kind = mix_type(kind, name, model)
     if kind not in QUANTIZE_TYPES:
         raise ValueError(f"quantize: {kind!r} (for {name}) is not a type circuit-finder can make "
-                         f"({', '.join(t.lower() for t in QUANTIZE_TYPES)})")
+                         f"({', '.join(t.lower() for t in QUANTIZE_TYPES + tuple(MIXES))})")
     if kind in K_TYPES and int(shape[-1]) % 256:
         kind = K_FALLBACK[kind]
         if fallen is not None:
