@@ -34,6 +34,7 @@ from circuit_finder.quants import (
     PACKED_TYPES,
     MixModel,
     PackedTensor,
+    llama_cpp_70b,
     mix_type,
     quantize_choice,
     quantize_matrix,
@@ -509,6 +510,13 @@ def test_load_drops_the_file_pages_it_read(tmp_path):
 
 # ----------------------------------------------------------------------------- quantized on load
 
+def _q4_k_m_of_6_layers(name: str) -> str:
+    """llama.cpp's Q4_K_M of a 6-layer Llama (untied): Q6_K for the head and for v / down in layers 2
+    and 5 (its use_more_bits rule: the last eighth and every third layer), Q4_K for the rest."""
+    more = name.endswith(("v_proj.weight", "down_proj.weight")) and name.split(".")[2] in ("2", "5")
+    return "Q6_K" if name == "lm_head.weight" or more else "Q4_K"
+
+
 @pytest.mark.parametrize("kind", ["q8_0", "q6_k", "q5_k", "q5_1", "q4_k", "q4_0", "bf16", "q4_k_m"])
 def test_hugging_face_checkpoint_quantized_on_load(tmp_path, kind):
     """cf.load(folder, quantize=kind) packs every matrix (a mix: each as ``mix_type`` says); transformers,
@@ -525,7 +533,7 @@ def test_hugging_face_checkpoint_quantized_on_load(tmp_path, kind):
                                                                              "lm_head.weight"}
     with torch.no_grad():
         for name, p in packed.items():
-            assert p.type_name == (mix_type(kind.upper(), name, MixModel(hf.config.num_hidden_layers)) if kind == "q4_k_m" else kind.upper())
+            assert p.type_name == (_q4_k_m_of_6_layers(name) if kind == "q4_k_m" else kind.upper()), name
             decoded = reference(p.type_name, p.blocks.numpy(), p.cols).reshape(p.shape)
             err = (decoded - state[name]).abs().max().item() / state[name].abs().max().item()
             assert err < {"q8_0": 0.01, "q6_k": 0.04, "q5_k": 0.08, "q5_1": 0.04, "q4_k": 0.15, "q4_0": 0.15, "bf16": 0.005,
@@ -654,7 +662,7 @@ def test_k_quantizers_decode_with_gguf_within_their_rivals_error(kind, rival):
 @pytest.mark.parametrize("levels", [16, 32])
 def test_k_quant_fit_keeps_float32s_accuracy_where_the_offset_dwarfs_the_spread(levels):
     """Q4_K / Q5_K sub-blocks of mean -100 and spread 0.1: the candidate search in float32 picks fits
-    as good as the same search in float64 but in 0.2% / 1% of blocks (its error from sums of centred
+    as good as the same search in float64 but in 0.1-0.3% of blocks (its error from sums of centred
     values; from raw sums of x and x^2 it picked a worse fit in 87% of blocks, 1.27x the error on
     average)."""
     x = -100 + 0.1 * torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
@@ -667,7 +675,7 @@ def test_k_quant_fit_keeps_float32s_accuracy_where_the_offset_dwarfs_the_spread(
     ours, exact = error(*quantizers._affine_fit(x, levels)), error(*quantizers._affine_fit(x.double(), levels))
     worse = (ours > exact * 1.001).float().mean().item()
     print(f"levels {levels}: {worse:.2%} of blocks fit worse than in float64; mean error ratio {(ours / exact).mean():.5f}")
-    assert worse < 0.02 and (ours / exact).mean() < 1.001
+    assert worse < 0.01 and (ours / exact).mean() < 1.001
 
 
 # llama.cpp's mixes, tensor by tensor: random models whose rows are 256-value blocks (one of 320:
@@ -686,6 +694,11 @@ MIX_MODELS = {
     "qwen3_moe": ("qwen3_moe", dict(num_experts=16, moe_intermediate_size=256, num_attention_heads=8)),
     "qwen3_5_text": ("qwen3_5_text", dict(num_hidden_layers=12, layer_types=["linear_attention"] * 3 + ["full_attention"],
                                           linear_key_head_dim=64, linear_value_head_dim=64)),
+    # llama.cpp's 70B (80 layers: Llama with grouped-query attention, any Qwen2; not the 65B's equal heads)
+    "llama 80": ("llama", dict(num_hidden_layers=80, intermediate_size=256, vocab_size=256, tie_word_embeddings=False)),
+    "llama 80 equal heads": ("llama", dict(num_hidden_layers=80, intermediate_size=256, vocab_size=256,
+                                           num_key_value_heads=4, tie_word_embeddings=False)),
+    "qwen2 80": ("qwen2", dict(num_hidden_layers=80, intermediate_size=256, vocab_size=256, num_key_value_heads=4)),
     "qwen3_next": ("qwen3_next", dict(num_hidden_layers=12, layer_types=["linear_attention"] * 3 + ["full_attention"],
                                       linear_key_head_dim=64, linear_value_head_dim=64, num_experts=8, mlp_only_layers=[],
                                       moe_intermediate_size=256, shared_expert_intermediate_size=256)),
@@ -727,8 +740,10 @@ def test_mixes_choose_llama_cpps_types(label, tmp_path):
                                               ctypes.byref(params)) == 0
         read = gguf.GGUFReader(str(out)).tensors
         theirs = {t.name: t.tensor_type.name for t in read}
-        facts = MixModel(hf.config.num_hidden_layers, getattr(hf.config, "num_local_experts", None)
-                         or getattr(hf.config, "num_experts", 0), tied="output.weight" not in theirs)
+        c = hf.config
+        experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", 0)
+        facts = MixModel(c.num_hidden_layers, experts, tied="output.weight" not in theirs, seventy_b=llama_cpp_70b(
+            c.architectures[0], c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, experts))
         for t in read:  # mix_type reads the file's names too
             if t.tensor_type.name not in ("F32", "F16"):
                 kind = mix_type(mix.upper(), t.name, facts)
@@ -745,6 +760,8 @@ def test_mixes_choose_llama_cpps_types(label, tmp_path):
             assert kind == theirs[files[0]], f"{label} {mix}: {name} ({files[0]}): ours {kind}, llama.cpp {theirs[files[0]]}"
         missed = {n: k for n, k in theirs.items() if k not in ("F32", "F16") and n not in covered}
         counts = {k: sum(v == k for v in ours.values()) for k in sorted(set(ours.values()))}
+        if " 80" in label:  # the 70B rule did apply (Q5_K in a Q4_K_M), or not
+            assert ("Q5_K" in counts) == (label != "llama 80 equal heads" or mix == "q5_k_m")
         print(f"{label} {mix}: {len(ours)} matrices agree with llama.cpp ({counts}); not packed by us: {missed}")
         assert not missed
 

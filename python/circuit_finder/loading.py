@@ -43,6 +43,7 @@ from .quants import (
     MixModel,
     PackedTensor,
     dequantize_mxfp4,
+    llama_cpp_70b,
     mxfp4_pairs,
     mxfp4_shape,
     packs_on,
@@ -375,8 +376,11 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
     if quantize is None:
         return {}
     gpt_oss = config.architecture == "GptOssForCausalLM"
-    model = MixModel(config.num_layers, config.num_experts or 0,
-                     tied=config.tie_word_embeddings or "lm_head.weight" not in tensors)
+    experts = config.num_experts or 0
+    model = MixModel(config.num_layers, experts,  # the head the engine reads (weights.cpp: bind_weights)
+                     tied="lm_head.weight" not in tensors if config.wrapper else config.tie_word_embeddings,
+                     seventy_b=llama_cpp_70b(config.architecture, config.num_layers, config.num_heads,
+                                             config.num_kv_heads, experts))
     fallen: list[str] = []
     chosen = {n: quantize_choice(quantize, n, t.shape, fallen, model) for n, t in tensors.items()
               if not isinstance(t, PackedTensor) and t.is_floating_point() and not (gpt_oss and ".mlp.experts." in n)}

@@ -204,6 +204,7 @@ def _affine_fit(x: torch.Tensor, levels: int, candidates: int = 7) -> tuple[torc
     lo = x.amin(1).clamp(max=0.0)
     per_range = _inverse(x.amax(1) - lo)
     mean = _div(x.sum(1), x.shape[1])
+    mean = mean + _div((x - mean[:, None]).sum(1), x.shape[1])  # a second pass: centred values that sum to ~0
     xc = x - mean[:, None]
     cxx = (xc * xc).sum(1)
     best = None

@@ -38,7 +38,8 @@ import torch
 from .quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows
 
 __all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MIXES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES",
-           "MixModel", "PackedTensor", "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "mix_type",
+           "MixModel", "PackedTensor", "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "llama_cpp_70b",
+           "mix_type",
            "mxfp4_pairs", "mxfp4_shape", "packs_on", "quantize_choice", "quantize_matrix"]
 
 # ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
@@ -207,10 +208,23 @@ MIXES = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}
 @dataclass(frozen=True)
 class MixModel:
     """What a mix's choice reads of the model: its decoder layers, experts per MoE layer (0: dense),
-    and whether the embedding is the output head (no lm_head of its own)."""
+    whether the embedding is the output head, and whether llama.cpp counts it a 70B
+    (``llama_cpp_70b``)."""
     layers: int
     experts: int = 0
     tied: bool = False
+    seventy_b: bool = False
+
+
+def llama_cpp_70b(architecture: str, layers: int, heads: int, kv_heads: int, experts: int = 0) -> bool:
+    """Whether llama.cpp's model-type detection calls this a 70B (its mixes then give attention's v
+    Q5_K where they would give Q4_K): a dense llama-family model of 80 layers with grouped-query
+    attention (Llama-2/3.x-70B; with as many kv heads as heads it is the 65B), or a Qwen2 of 80
+    layers (Qwen2.5-72B)."""
+    if layers != 80 or experts:
+        return False
+    return architecture == "Qwen2ForCausalLM" or (
+        architecture in ("LlamaForCausalLM", "MistralForCausalLM") and kv_heads < heads)
 
 
 # matrix names, Hugging Face's or GGUF's, by the role llama.cpp's mixes give them
@@ -235,7 +249,8 @@ def mix_type(mix: str, name: str, model: MixModel) -> str:
     the K-quants' fallback for rows that are not whole 256-value blocks): Q6_K for the output head
     (the embedding where tied); Q8_0 for attention's k / v and fused qkv in 8-expert models and Q5_K
     for their attention output; Q6_K for v, fused qkv and ffn_down (experts' and the shared expert's
-    too) in the layers of ``_more_bits``; the base type otherwise. A matrix llama.cpp's converter
+    too) in the layers of ``_more_bits``; Q5_K for the other v / qkv of a 70B in Q4_K_M; the base
+    type otherwise. A matrix llama.cpp's converter
     splits (Qwen3-Next's in_proj_qkvz: attn_qkv and attn_gate) gets its attn_qkv's type."""
     role = next((r for r, pattern in _ROLES if pattern.search(name)), None)
     if role == "head" or (role == "embedding" and model.tied):
@@ -247,6 +262,8 @@ def mix_type(mix: str, name: str, model: MixModel) -> str:
     layer = _LAYER.search(name)
     if role in ("v", "qkv", "down") and layer and _more_bits(int(layer.group(2)), model.layers):
         return "Q6_K"
+    if role in ("v", "qkv") and model.seventy_b and MIXES[mix] == "Q4_K":
+        return "Q5_K"
     return MIXES[mix]
 
 
