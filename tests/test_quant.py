@@ -672,7 +672,7 @@ def test_k_quant_fit_keeps_float32s_accuracy_where_the_offset_dwarfs_the_spread(
         q = torch.round((xd + o) / torch.where(s == 0, 1.0, s)).clamp(0, levels - 1)
         return ((xd - s * q + o) ** 2).sum(1)
 
-    ours, exact = error(*quantizers._affine_fit(x, levels)), error(*quantizers._affine_fit(x.double(), levels))
+    ours, exact = error(*quantizers.affine_fit(x, levels)), error(*quantizers.affine_fit(x.double(), levels))
     worse = (ours > exact * 1.001).float().mean().item()
     print(f"levels {levels}: {worse:.2%} of blocks fit worse than in float64; mean error ratio {(ours / exact).mean():.5f}")
     assert worse < 0.01 and (ours / exact).mean() < 1.001

@@ -41,7 +41,7 @@ import math
 
 import torch
 
-__all__ = ["BLOCK", "K_TYPES", "QUANTIZE_TYPES", "quantize_rows"]
+__all__ = ["BLOCK", "K_TYPES", "QUANTIZE_TYPES", "affine_fit", "quantize_rows"]
 
 # values per block of each type quantize_rows makes, in the order error messages list them
 BLOCK = {"Q8_0": 32, "Q6_K": 256, "Q5_K": 256, "Q5_1": 32, "Q5_0": 32, "Q4_K": 256, "Q4_1": 32, "Q4_0": 32, "BF16": 1, "F16": 1}
@@ -197,10 +197,11 @@ def _least_squares(xc: torch.Tensor, q: torch.Tensor, mean: torch.Tensor, cxx: t
     return scale, offset, err
 
 
-def _affine_fit(x: torch.Tensor, levels: int, candidates: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of x [n, g]: (scale, offset >= 0) with x ~ scale * q - offset, q in 0..levels-1: the
-    codes of `candidates` scales from (levels - 2) to levels steps over the range each fitted by least
-    squares, the fit of least squared error kept, then refitted once to its own codes."""
+def affine_fit(x: torch.Tensor, levels: int, candidates: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's and Q5_K's sub-block fit (levels 16 / 32), in x's float dtype. Per row of x [n, g]:
+    (scale, offset >= 0) with x ~ scale * q - offset, q in 0..levels-1: the codes of `candidates`
+    scales from (levels - 2) to levels steps over the range each fitted by least squares, the fit of
+    least squared error kept, then refitted once to its own codes."""
     lo = x.amin(1).clamp(max=0.0)
     per_range = _inverse(x.amax(1) - lo)
     mean = _div(x.sum(1), x.shape[1])
@@ -231,7 +232,7 @@ def _affine_k(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]
     scales and mins; codes uint8 [n, 8, 32] in 0..levels-1, rounded with the scales as stored)."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
-    scale, offset = _affine_fit(sub, levels)
+    scale, offset = affine_fit(sub, levels)
     d, sc = _six_bit(scale.reshape(n, 8))
     dmin, mn = _six_bit(offset.reshape(n, 8))
     q = _codes(sub, (d[:, None] * sc).reshape(-1), (dmin[:, None] * mn).reshape(-1), levels).to(torch.uint8)
