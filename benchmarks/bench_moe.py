@@ -23,16 +23,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from run import bench_forward, bench_path, cpu_name, environment  # noqa: E402
+from run import bench_forward, bench_path, cpu_name  # noqa: E402
 
 import circuit_finder as cf  # noqa: E402
 from helpers import build_hf_model, rebuilt, write_gguf  # noqa: E402
@@ -126,13 +128,13 @@ def main(argv=None) -> int:
             for b in ([1] if args.quick else args.batches):
                 r = bench_forward(family, ours, ref, b, *sizes, None)
                 if ours.engine.moe_without_host_sync(b):  # grouped products: the other routes in the same run
-                    with environment({"CF_MOE_GEMV": "0"}):  # sync-free without the GEMV kernel: _grouped_mm's
+                    with mock.patch.dict(os.environ, {"CF_MOE_GEMV": "0"}):  # sync-free without the GEMV kernel: _grouped_mm's
                         grouped_mm = ours.engine.moe_without_host_sync(b)
                     r["routes"] = {}
                     for name, env in ROUTES.items():
                         if name == "grouped_gemv" and not grouped_mm:
                             continue  # the default route already
-                        with environment(env):
+                        with mock.patch.dict(os.environ, env):
                             other = bench_forward(family, ours, ref, b, *sizes, None)
                         r["routes"][name] = {k: other[k]["circuit_finder"]
                                              for k in ("prefill_tok_s", "decode_tok_s", "decode_steady_tok_s")}

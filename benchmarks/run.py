@@ -36,7 +36,6 @@ Writes <out>/<date>-<device>.json and .md and prints the markdown.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -45,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -168,21 +168,6 @@ def bench_path(model: cf.Model) -> LayerPath:
     return LayerPath.duplicate(n, n // 3, 2 * n // 3)
 
 
-@contextlib.contextmanager
-def environment(values: dict):
-    """os.environ with `values` set, restored on exit."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def dense_gemv_applies(model: cf.Model, batch: int) -> bool:
     """Whether CF_DENSE_GEMV=1 would change this model's decode steps: our GPU kernels, half-precision
     weights, at most 8 rows a step (ops.h's dense_gemv)."""
@@ -249,7 +234,7 @@ def bench_forward(label, ours: cf.Model, ref, batch: int, prompt_len: int, new_t
             ours_gen(2, model=unfused)
             t_plain_step, t_plain_steady = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn(), unfused))
         if gemv_ab:  # the opt-in route for half-precision decode products, same run
-            with environment({"CF_DENSE_GEMV": "1"}):
+            with mock.patch.dict(os.environ, {"CF_DENSE_GEMV": "1"}):
                 ours_gen(2)
                 t_gemv_step, t_gemv_steady = step_time(lambda fn: ours_gen(k, lambda tok, fin: fn()))
     out = {

@@ -8,8 +8,8 @@
 # quant (packed GGUF blocks on the GPU vs dequantized vs transformers, 8B shape, Q4_K),
 # qproducts (each 8B-shape matrix in Q4_K / BF16 / Q6_K / Q8_0: chunk vs per-element kernels vs cuBLAS, and
 # at 16 / 64 rows of x the direct kernels 8 rows a launch vs dequantize + cuBLAS), quantize (a bf16
-# checkpoint of QUANTIZE_SHAPE, default 1b (8b writes 16 GB first), loaded with quantize= Q8_0 / Q4_K:
-# quantized on the GPU).
+# checkpoint of QUANTIZE_SHAPE, default 1b (8b writes 16 GB first), loaded with quantize= Q8_0 / Q4_K
+# and bench_quantize's default mix Q4_K_M: quantized on the GPU).
 #   bash scripts/gpu_session.sh build gputests bench
 # Wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json, plotly, narwhals) are installed first; a saved
 # tokenizer in .cftok/ stands in for the default model's (CF_TEST_TOKENIZER). scripts/gpu_prepare.sh

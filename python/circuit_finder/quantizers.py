@@ -174,6 +174,13 @@ def _spread(i: int, candidates: int) -> float:
     return 2 * i / (candidates - 1) if candidates > 1 else 1.0
 
 
+def _better(best: tuple | None, fit: tuple) -> tuple:
+    """Per row, whichever of two fits (tensors ending with the squared error) has the smaller error."""
+    if best is None:
+        return fit
+    return tuple(torch.where(fit[-1] < best[-1], a, b) for a, b in zip(fit, best))
+
+
 def _least_squares(xc: torch.Tensor, q: torch.Tensor, mean: torch.Tensor, cxx: torch.Tensor):
     """(scale, offset >= 0, squared error) of x ~ scale * q - offset fitted to codes q [n, g] by least
     squares (the scale alone where the offset would be negative: the format's offset only subtracts),
@@ -215,9 +222,7 @@ def affine_fit(x: torch.Tensor, levels: int, candidates: int = 7) -> tuple[torch
             q = q.clamp(0, levels - 1)
         else:
             q = _codes(x, best[0], best[1], levels)
-        fit = _least_squares(xc, q, mean, cxx)
-        better = fit[2] < best[2] if best is not None else None
-        best = fit if best is None else tuple(torch.where(better, a, b) for a, b in zip(fit, best))
+        best = _better(best, _least_squares(xc, q, mean, cxx))
     return best[0], best[1]
 
 
@@ -281,8 +286,7 @@ def _symmetric_fit(x: torch.Tensor, candidates: int = 5) -> torch.Tensor:
         q = _signed_codes(x, step)
         qq, qx = (q * q).sum(1), (q * x).sum(1)
         scale = torch.where(qq > 0, qx / qq.clamp(min=1e-30), step)
-        fit = (scale, sxx - 2 * scale * qx + scale * scale * qq)
-        best = fit if best is None else tuple(torch.where(fit[1] < best[1], a, b) for a, b in zip(fit, best))
+        best = _better(best, (scale, sxx - 2 * scale * qx + scale * scale * qq))
     return best[0]
 
 

@@ -39,8 +39,7 @@ from .quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows
 
 __all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MIXES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES",
            "MixModel", "PackedTensor", "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "llama_cpp_70b",
-           "mix_type",
-           "mxfp4_pairs", "mxfp4_shape", "packs_on", "quantize_choice", "quantize_matrix"]
+           "mix_type", "mxfp4_pairs", "mxfp4_shape", "packs_on", "quantize_choice", "quantize_matrix"]
 
 # ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
 PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
@@ -245,13 +244,13 @@ def _more_bits(layer: int, layers: int) -> bool:
 
 
 def mix_type(mix: str, name: str, model: MixModel) -> str:
-    """The type llama.cpp's mix `mix` ("Q4_K_M", "Q5_K_M") gives matrix `name` (Hugging Face's or the GGUF's; before
-    the K-quants' fallback for rows that are not whole 256-value blocks): Q6_K for the output head
-    (the embedding where tied); Q8_0 for attention's k / v and fused qkv in 8-expert models and Q5_K
-    for their attention output; Q6_K for v, fused qkv and ffn_down (experts' and the shared expert's
-    too) in the layers of ``_more_bits``; Q5_K for the other v / qkv of a 70B in Q4_K_M; the base
-    type otherwise. A matrix llama.cpp's converter
-    splits (Qwen3-Next's in_proj_qkvz: attn_qkv and attn_gate) gets its attn_qkv's type."""
+    """The type llama.cpp's mix `mix` ("Q4_K_M", "Q5_K_M") gives matrix `name` (Hugging Face's or
+    the GGUF's; before the K-quants' fallback for rows that are not whole 256-value blocks): Q6_K for
+    the output head (the embedding where tied); Q8_0 for attention's k / v and fused qkv in 8-expert
+    models and Q5_K for their attention output; Q6_K for v, fused qkv and ffn_down (experts' and the
+    shared expert's too) in the layers of ``_more_bits``; Q5_K for the other v / qkv of a 70B in
+    Q4_K_M; the base type otherwise. A matrix llama.cpp's converter splits (Qwen3-Next's
+    in_proj_qkvz: attn_qkv and attn_gate) gets its attn_qkv's type."""
     role = next((r for r, pattern in _ROLES if pattern.search(name)), None)
     if role == "head" or (role == "embedding" and model.tied):
         return "Q6_K"
