@@ -547,6 +547,38 @@ def test_hugging_face_checkpoint_quantized_on_load(tmp_path, kind):
                     model.logits(ids, layers=layers), ref)[1] < 1e-4
 
 
+@pytest.mark.parametrize("head", ["equal", "different"])
+def test_tied_checkpoint_that_stores_lm_head(tmp_path, head):
+    """A tied config whose checkpoint stores lm_head too (older exports do). transformers ties the
+    two only when they are equal, and otherwise runs the stored head: the logits agree either way.
+    An equal head is not kept (nor quantized); a different one is the head (Q6_K under a mix)."""
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM
+
+    hf = build_hf_model("llama", tmp_path, hidden_size=256, intermediate_size=512, rope_scaling=None)
+    assert hf.config.tie_word_embeddings
+    without = cf.load(tmp_path, quantize="q4_k_m").weight_bytes()["cpu"]
+    file = tmp_path / "model.safetensors"
+    tensors = safetensors.torch.load_file(file)
+    assert "lm_head.weight" not in tensors
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embed.clone() if head == "equal" else torch.randn_like(embed)
+    safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids).logits
+    model = cf.load(tmp_path)
+    assert diff(f"tied config, {head} stored lm_head, vs transformers", model.logits(ids), ref)[1] < 1e-4
+    assert ("lm_head.weight" in model.tensors) == (head == "different")
+    packed = cf.load(tmp_path, quantize="q4_k_m")
+    if head == "equal":
+        assert "lm_head.weight" not in packed.tensors and packed.weight_bytes()["cpu"] == without
+        assert packed.tensors["model.embed_tokens.weight"].type_name == "Q6_K"  # the head the engine reads
+    else:
+        assert packed.tensors["lm_head.weight"].type_name == "Q6_K"
+        assert packed.tensors["model.embed_tokens.weight"].type_name == "Q4_K"
+
+
 def test_quantize_choice_per_tensor(tmp_path):
     hf = build_hf_model("llama", tmp_path, hidden_size=128, intermediate_size=256, tie_word_embeddings=False,
                         rope_scaling=None)

@@ -367,9 +367,11 @@ Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tenso
   w.device = a.device();
   w.embed = a.mat("model.embed_tokens.weight", -1, {c.vocab_size, H});
   w.final_norm = norm_weight(a.get("model.norm.weight", -1, {H}), c);
-  // A multimodal wrapper ties by its own top-level flag, which the text config does not carry:
-  // there, as transformers' loader ends up doing, lm_head is used when the checkpoint has one.
-  const bool tied = c.wrapper.empty() ? c.tie_word_embeddings : !a.has("lm_head.weight");
+  // The checkpoint's lm_head whenever it has one: transformers (>= 5) unties a tied config whose
+  // stored head differs from the embedding (an equal one loading.py drops). Without one, the head
+  // is the embedding where the config ties it, or a multimodal wrapper (it ties by its own
+  // top-level flag, which the text config does not carry); otherwise a missing-tensor error.
+  const bool tied = !a.has("lm_head.weight") && (c.tie_word_embeddings || !c.wrapper.empty());
   w.lm_head = tied ? w.embed : a.mat("lm_head.weight", -1, {c.vocab_size, H});
   const std::string p = "model.layers.{}.";
   for (int64_t l = 0; l < c.num_layers; ++l) {

@@ -316,7 +316,8 @@ def _hf_source_config(src) -> dict:
                 text["final_logit_softcapping"] = None
             text["tie_word_embeddings"] = "lm_head.weight" not in src.tensors  # the wrapper's rule, not text_config's
             return {**text, "architectures": [src.config.architecture]}
-        return dict(src.config.raw)
+        # tied exactly when the head is the embedding (a tied config's different stored head is used)
+        return {**src.config.raw, "tie_word_embeddings": "lm_head.weight" not in src.tensors}
     p = Path(src)
     if _is_gguf(p):
         return gguf_config(open_gguf(p), str(p))

@@ -278,6 +278,9 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
         tensors = {name: t for name, t in tensors.items() if not name.startswith("mtp.")}
     if "model.embed_tokens.weight" not in tensors:
         raise _C.WeightError(f"{source}: missing tensor 'model.embed_tokens.weight'")
+    if (config.tie_word_embeddings or config.wrapper) and _same_values(tensors.get("lm_head.weight"),
+                                                                       tensors["model.embed_tokens.weight"]):
+        del tensors["lm_head.weight"]  # a tied head stored too: one copy (the engine then reads the embedding)
     checkpoint_dtype = _DTYPES.get(config.torch_dtype, getattr(tensors["model.embed_tokens.weight"], "dtype", None))
     if checkpoint_dtype is None or not checkpoint_dtype.is_floating_point:
         checkpoint_dtype = torch.float32
@@ -316,6 +319,13 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
                   tensors={**moved, **kept}, placement=placed)
     model.activations = activations
     return model
+
+
+def _same_values(a, b) -> bool:
+    """Whether two plain tensors on one real device hold the same values (transformers ties a stored
+    head to the embedding only then; a head that differs is used as it is, weights.cpp)."""
+    plain = all(isinstance(t, torch.Tensor) and t.device.type != "meta" for t in (a, b))
+    return plain and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 def _fuse_where_placed(floats: dict, ggml: dict, placed: Placement, target: torch.dtype, everywhere: bool,
@@ -378,7 +388,7 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
     gpt_oss = config.architecture == "GptOssForCausalLM"
     experts = config.num_experts or 0
     model = MixModel(config.num_layers, experts,  # the head the engine reads (weights.cpp: bind_weights)
-                     tied="lm_head.weight" not in tensors if config.wrapper else config.tie_word_embeddings,
+                     tied="lm_head.weight" not in tensors,
                      seventy_b=llama_cpp_70b(config.architecture, config.num_layers, config.num_heads,
                                              config.num_kv_heads, experts))
     fallen: list[str] = []
