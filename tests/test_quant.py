@@ -547,11 +547,12 @@ def test_hugging_face_checkpoint_quantized_on_load(tmp_path, kind):
                     model.logits(ids, layers=layers), ref)[1] < 1e-4
 
 
-@pytest.mark.parametrize("head", ["equal", "different"])
+@pytest.mark.parametrize("head", ["equal", "different", "only"])
 def test_tied_checkpoint_that_stores_lm_head(tmp_path, head):
     """A tied config whose checkpoint stores lm_head too (older exports do). transformers ties the
     two only when they are equal, and otherwise runs the stored head: the logits agree either way.
-    An equal head is not kept (nor quantized); a different one is the head (Q6_K under a mix)."""
+    An equal head is not kept (nor quantized); a different one is the head (Q6_K under a mix).
+    "only": the tied matrix stored as lm_head alone, which transformers then ties the embedding to."""
     import safetensors.torch
     from transformers import AutoModelForCausalLM
 
@@ -562,7 +563,9 @@ def test_tied_checkpoint_that_stores_lm_head(tmp_path, head):
     tensors = safetensors.torch.load_file(file)
     assert "lm_head.weight" not in tensors
     embed = tensors["model.embed_tokens.weight"]
-    tensors["lm_head.weight"] = embed.clone() if head == "equal" else torch.randn_like(embed)
+    tensors["lm_head.weight"] = torch.randn_like(embed) if head == "different" else embed.clone()
+    if head == "only":
+        del tensors["model.embed_tokens.weight"]
     safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
     ids = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -571,7 +574,7 @@ def test_tied_checkpoint_that_stores_lm_head(tmp_path, head):
     assert diff(f"tied config, {head} stored lm_head, vs transformers", model.logits(ids), ref)[1] < 1e-4
     assert ("lm_head.weight" in model.tensors) == (head == "different")
     packed = cf.load(tmp_path, quantize="q4_k_m")
-    if head == "equal":
+    if head != "different":
         assert "lm_head.weight" not in packed.tensors and packed.weight_bytes()["cpu"] == without
         assert packed.tensors["model.embed_tokens.weight"].type_name == "Q6_K"  # the head the engine reads
     else:

@@ -276,6 +276,8 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
         tensors = text_decoder_tensors(tensors)
     else:  # Qwen3-Next's multi-token-prediction head: not part of the decoder (transformers drops it too)
         tensors = {name: t for name, t in tensors.items() if not name.startswith("mtp.")}
+    if config.tie_word_embeddings and "model.embed_tokens.weight" not in tensors and "lm_head.weight" in tensors:
+        tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")  # tied, stored as the head: transformers too
     if "model.embed_tokens.weight" not in tensors:
         raise _C.WeightError(f"{source}: missing tensor 'model.embed_tokens.weight'")
     if (config.tie_word_embeddings or config.wrapper) and _same_values(tensors.get("lm_head.weight"),
