@@ -210,44 +210,95 @@ def _tiny_wrapper(kind: str, folder):
     return model
 
 
-def _v5_names(folder, dst) -> None:
-    """The same checkpoint under transformers v5's in-memory names (model.language_model.*, lm_head)."""
+def _renamed(folder, dst, rename, extra: dict | None = None) -> None:
+    """A copy of a one-file checkpoint with every tensor name passed through ``rename`` (and ``extra``
+    tensors added)."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(folder, dst)
-    tensors = load_file(str(folder / "model.safetensors"))
-    renamed = {}
-    for k, v in tensors.items():
-        if k.startswith("language_model.model."):
-            k = "model.language_model." + k[len("language_model.model."):]
-        elif k.startswith("language_model.lm_head."):
-            k = k[len("language_model."):]
-        else:
-            k = "model." + k
-        renamed[k] = v
-    save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    tensors = {rename(k): v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    save_file({**tensors, **(extra or {})}, str(dst / "model.safetensors"), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("layout", ["saved", "v5-names"])
+def _v5_name(k: str) -> str:
+    """A saved wrapper's name as transformers v5 holds it in memory (model.language_model.*, lm_head)."""
+    if k.startswith("language_model.model."):
+        return "model.language_model." + k[len("language_model.model."):]
+    return k[len("language_model."):] if k.startswith("language_model.lm_head.") else "model." + k
+
+
+def _doubled_name(k: str) -> str:
+    """v5 names with the doubled ``.model`` transformers 5.10-5.23 saved (model.language_model.model.*)."""
+    k = _v5_name(k)
+    return k.replace("model.language_model.", "model.language_model.model.", 1)
+
+
+@pytest.mark.parametrize("layout", ["saved", "v5-names", "doubled"])
 @pytest.mark.parametrize("kind", ["gemma3", "ministral3", "mistral"])
 def test_multimodal_text_decoder_matches_transformers(tmp_path, kind, layout):
     hf = _tiny_wrapper(kind, tmp_path / "saved")
     folder = tmp_path / "saved"
     names = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"] \
         if (folder / "model.safetensors.index.json").exists() else None
-    if layout == "v5-names":
-        assert names is None
-        _v5_names(folder, tmp_path / "v5")
-        folder = tmp_path / "v5"
-    model = cf.load(folder)
-    assert model.config.wrapper == type(hf).__name__
     ids = tokens(2, 24, seed=7)
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
+    if layout != "saved":
+        assert names is None
+        folder = tmp_path / layout
+        _renamed(tmp_path / "saved", folder, _v5_name if layout == "v5-names" else _doubled_name)
+        with torch.no_grad():  # a layout transformers reads to the same model
+            again = type(hf).from_pretrained(str(folder), dtype=torch.float32).eval()(input_ids=ids).logits
+        assert report(f"transformers reading {layout}", again, ref) < 1e-4  # gemma3: its default attention
+    model = cf.load(folder)
+    assert model.config.wrapper == type(hf).__name__
     assert report(f"{kind} wrapper ({layout}) identity", model.logits(ids), ref) < 1e-4
     with torch.no_grad():
         ref = rebuilt(hf, PATHS["rys"])(input_ids=ids).logits
     assert report(f"{kind} wrapper ({layout}) rys", model.logits(ids, layers=PATHS["rys"]), ref) < 1e-4
+
+
+@pytest.mark.parametrize("arch, layout", [("qwen3_5_text", "wrapper-names"), ("qwen3", "bare"), ("llama", "bare")])
+def test_causal_lm_names_transformers_reads(tmp_path, arch, layout):
+    """Causal-LM checkpoints whose tensor names are not ``model.*``, as published: a Qwen3.5 text
+    fine-tune saves its wrapper's names (model.language_model.*, beside model.visual.* and mtp.*
+    that transformers ignores); a base model's save has no ``model.`` prefix (Qwen3-Embedding's).
+    transformers reads each to the same model, and so do we."""
+    from transformers import AutoModelForCausalLM
+
+    hf = build_hf_model(arch, tmp_path / "saved")
+    def rename(k: str) -> str:
+        if k.startswith("lm_head."):
+            return k
+        return k.removeprefix("model.") if layout == "bare" else k.replace("model.", "model.language_model.", 1)
+
+    extra = {} if layout == "bare" else {"model.visual.patch_embed.weight": torch.ones(4, 4),
+                                         "mtp.fc.weight": torch.ones(4, 4)}
+    _renamed(tmp_path / "saved", tmp_path / layout, rename, extra)
+    ids = tokens(2, 24, seed=9)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        again = AutoModelForCausalLM.from_pretrained(str(tmp_path / layout), dtype=torch.float32).eval()(ids).logits
+    assert report(f"transformers reading {arch} {layout}", again, ref) < 1e-4
+    model = cf.load(tmp_path / layout)
+    assert report(f"{arch} {layout} identity", model.logits(ids), ref) < 1e-4
+    with torch.no_grad():
+        ref = rebuilt(hf, PATHS["rys"])(ids).logits
+    assert report(f"{arch} {layout} rys", model.logits(ids, layers=PATHS["rys"]), ref) < 1e-4
+    cf.export_hf(tmp_path / layout, tmp_path / "export", PATHS["rys"])  # each slot's layer under the same names
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), dtype=torch.float32).eval()(ids).logits
+    assert report(f"{arch} {layout} exported along rys, in transformers", exported, ref) < 1e-4
+
+
+def test_export_refuses_layers_it_cannot_find(tmp_path):
+    """A folder whose layer tensors have names the exporter does not know is refused, not written
+    as a config of 8 layers over the source's 6."""
+    build_hf_model("llama", tmp_path / "saved")
+    _renamed(tmp_path / "saved", tmp_path / "odd", lambda k: k.replace("model.layers.", "model.decoder.layers."))
+    with pytest.raises(ValueError, match=r"layer 0 of the path has no tensors in the source"):
+        cf.export_hf(tmp_path / "odd", tmp_path / "export", [0, 1, 2, 3, 2, 3, 4, 5])
+    assert not (tmp_path / "export").exists()
 
 
 def test_multimodal_export_loads_in_transformers(tmp_path):

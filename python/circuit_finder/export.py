@@ -49,9 +49,11 @@ __all__ = ["export_gguf", "export_hf", "export_mergekit", "mergekit_config", "me
            "remap_config", "source_num_layers"]
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
-# a decoder layer's tensors: a causal LM's model.layers.N, or a multimodal wrapper's text decoder
-# (transformers v5 names model.language_model.layers.N; its save_pretrained writes language_model.model.layers.N)
-_HF_LAYER = re.compile(r"^(model\.language_model\.|language_model\.model\.|model\.)layers\.(\d+)\.(.+)$")
+# a decoder layer's tensors: a causal LM's model.layers.N (a base model's save: layers.N), or a
+# multimodal wrapper's text decoder (transformers v5 names model.language_model.layers.N; its
+# save_pretrained writes language_model.model.layers.N; 5.10-5.23 saved a doubled .model.model)
+_HF_LAYER = re.compile(r"^(model\.language_model\.(?:model\.)?|language_model\.model\.(?:model\.)?|model\.|)"
+                       r"layers\.(\d+)\.(.+)$")
 _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
 # every file name an HF export of ours holds: what makes an existing folder safe to replace
 _HF_EXPORT_FILE = re.compile(r"^(?:config\.json|generation_config\.json|model\.safetensors(?:\.index\.json)?"
@@ -453,6 +455,9 @@ def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:
         else:
             names.append((name, name))
     for k, layer in enumerate(path):
+        if not per_layer[layer]:  # names this exporter does not know: never a folder of the wrong layers
+            raise ValueError(f"layer {layer} of the path has no tensors in the source (looked for names like "
+                             f"model.layers.{layer}.*)")
         names += [(f"{prefix}layers.{k}.{suffix}", name) for prefix, suffix, name in sorted(per_layer[layer])]
     return names
 

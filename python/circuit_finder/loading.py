@@ -1,7 +1,9 @@
 """Loading: files -> Model. Hugging Face folders (config.json + safetensors, single or sharded),
 GGUF files, the embedded default model, or a dict of Hugging Face-named tensors from any source.
 A multimodal checkpoint (Gemma3ForConditionalGeneration, Mistral3ForConditionalGeneration) loads
-as its text decoder: the vision tower is not loaded.
+as its text decoder: the vision tower is not loaded. Tensor names are read in each layout
+transformers reads (``_decoder_tensors``), and a tied config's head as transformers ties it (a
+stored lm_head that differs from the embedding is the head; an equal one is dropped).
 
 Weights are memory-mapped and handed to the engine without copies when the requested dtype and
 device match the checkpoint; a repeated layer runs the same tensors again. GGUF matrices stay in
@@ -237,13 +239,15 @@ def _sized_packed(device, device_map) -> bool:
     return (device_map is None and torch.device(device).type == "cpu") or _C.gpu_kernels()
 
 
-_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+_TEXT_PREFIXES = (("model.language_model.model.", "model."), ("language_model.model.model.", "model."),  # see below
+                  ("model.language_model.", "model."), ("language_model.model.", "model."),
                   ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
 
 
 def text_decoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A multimodal checkpoint's text-decoder tensors under the names a causal LM uses: transformers
-    v5's ``model.language_model.*`` and older ``language_model.model.*`` become ``model.*``; the
+    v5's ``model.language_model.*`` and older ``language_model.model.*`` become ``model.*`` (as do
+    the doubled ``.model.model`` that transformers 5.10-5.23 saved and later versions read); the
     vision tower and projector are left out. The tensors themselves are not copied."""
     out = {}
     for name, t in tensors.items():
@@ -252,6 +256,20 @@ def text_decoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 out[replacement + name[len(prefix):]] = t
                 break
     return out
+
+
+def _decoder_tensors(tensors: dict, wrapper: bool) -> dict:
+    """The decoder's tensors under a causal LM's names (``model.*``, ``lm_head.*``) from each layout
+    transformers reads them from: a multimodal wrapper's (``text_decoder_tensors``); the same names
+    under a causal-LM config (a Qwen3.5 text fine-tune saves its wrapper's names); a base model's
+    names without ``model.`` (Qwen3-Embedding's). Qwen3-Next's multi-token-prediction head
+    (``mtp.*``) is not part of the decoder (transformers drops it too)."""
+    plain = "model.embed_tokens.weight" in tensors
+    if wrapper or (not plain and any(n.startswith(("model.language_model.", "language_model.model.")) for n in tensors)):
+        return text_decoder_tensors(tensors)
+    bare = not plain and "embed_tokens.weight" in tensors
+    return {n if not bare or n.startswith("lm_head.") else f"model.{n}": t for n, t in tensors.items()
+            if not n.startswith("mtp.")}
 
 
 def load_from_tensors(config: ModelConfig | dict | str, tensors: dict[str, torch.Tensor], tokenizer=None,
@@ -272,10 +290,7 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     check_activations(activations)
     if not isinstance(config, ModelConfig):
         config = parse_config(config, source)
-    if config.wrapper:
-        tensors = text_decoder_tensors(tensors)
-    else:  # Qwen3-Next's multi-token-prediction head: not part of the decoder (transformers drops it too)
-        tensors = {name: t for name, t in tensors.items() if not name.startswith("mtp.")}
+    tensors = _decoder_tensors(tensors, bool(config.wrapper))
     if config.tie_word_embeddings and "model.embed_tokens.weight" not in tensors and "lm_head.weight" in tensors:
         tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")  # tied, stored as the head: transformers too
     if "model.embed_tokens.weight" not in tensors:
