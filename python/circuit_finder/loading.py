@@ -239,7 +239,7 @@ def _sized_packed(device, device_map) -> bool:
     return (device_map is None and torch.device(device).type == "cpu") or _C.gpu_kernels()
 
 
-_TEXT_PREFIXES = (("model.language_model.model.", "model."), ("language_model.model.model.", "model."),  # see below
+_TEXT_PREFIXES = (("model.language_model.model.", "model."), ("language_model.model.model.", "model."),  # 5.10-5.23 saves
                   ("model.language_model.", "model."), ("language_model.model.", "model."),
                   ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
 
