@@ -34,6 +34,8 @@ from circuit_finder.quants import (
     PACKED_TYPES,
     MixModel,
     PackedTensor,
+    dequantize_fp8,
+    fp8_pairs,
     llama_cpp_70b,
     mix_type,
     quantize_choice,
@@ -580,6 +582,84 @@ def test_tied_checkpoint_that_stores_lm_head(tmp_path, head):
     else:
         assert packed.tensors["lm_head.weight"].type_name == "Q6_K"
         assert packed.tensors["model.embed_tokens.weight"].type_name == "Q4_K"
+
+
+def _fp8_checkpoint(folder, scheme: str) -> None:
+    """Rewrites a saved float checkpoint as a fine-grained FP8 one: every projection's weight as
+    float8 E4M3 with its weight_scale_inv (absmax / 448 per tensor, or per 16 x 32 block), a static
+    activation_scale beside per-tensor weights (Ministral 3 / Devstral's scheme)."""
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("_proj.weight")]:
+        w = tensors[name].float()
+        if scheme == "per-tensor":
+            scale = w.abs().max() / 448
+            tensors[name.removesuffix("weight") + "activation_scale"] = torch.tensor(0.25)
+            expanded = scale
+        else:
+            blocks = w.unflatten(0, (-1, 16)).unflatten(-1, (-1, 32))  # [R/16, 16, C/32, 32]
+            scale = blocks.abs().amax(dim=(1, 3)) / 448
+            expanded = scale.repeat_interleave(16, 0).repeat_interleave(32, 1)
+        tensors[name] = (w / expanded).to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = scale.float()
+    safetensors.torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static" if scheme == "per-tensor"
+                                     else "dynamic", "weight_block_size": None if scheme == "per-tensor" else [16, 32],
+                                     "modules_to_not_convert": ["lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("arch, scheme", [("ministral3", "per-tensor"), ("qwen3", "blocks")])
+def test_fp8_checkpoint_matches_transformers_dequantizing_it(tmp_path, arch, scheme):
+    """A fine-grained FP8 checkpoint (Ministral 3 / Devstral's per-tensor static scheme; Qwen3-FP8's
+    blocks, 128 x 128 there, 16 x 32 here): transformers, without an FP8 GPU, dequantizes it on load,
+    and its logits are ours (identity and repeated path); quantize="q8_0" packs the dequantized
+    matrices, one at a time."""
+    from transformers import AutoModelForCausalLM
+
+    build_hf_model(arch, tmp_path, intermediate_size=128)
+    _fp8_checkpoint(tmp_path, scheme)
+    ids = torch.randint(0, 160, (2, 24), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert hf.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # dequantized, not FP8 products
+    model = cf.load(tmp_path)
+    assert "model.layers.0.self_attn.q_proj.weight_scale_inv" not in model.tensors
+    for layers in ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 2, 3, 4, 5]):
+        with torch.no_grad():
+            ref = rebuilt(hf, layers)(ids).logits
+        assert diff(f"FP8 {scheme} vs transformers dequantizing it, path {layers}",
+                    model.logits(ids, layers=layers), ref)[1] < 1e-4
+    packed, name = cf.load(tmp_path, quantize="q8_0"), "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(packed.tensors[name].blocks, quantize_matrix(model.tensors[name], "Q8_0", name).blocks)
+    for source, out in ((tmp_path, "fp8-export"), (model, "float-export")):  # FP8 bytes kept / dequantized
+        cf.export_hf(source, tmp_path / out, [0, 1, 2, 3, 2, 3, 4, 5])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert diff(f"{out} along the path, in transformers", exported(ids).logits, ref)[1] < 1e-4
+
+
+def test_fp8_blocks_at_ragged_edges():
+    """dequantize_fp8 against a plain loop: a grid rounded up where the rows and columns are not
+    whole blocks, E8M0 (uint8) scales, and a bad scale shape named."""
+    w = (torch.randn(40, 70) * 4).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 3) + 0.5  # blocks of 16 x 32: 16 + 16 + 8 rows, 32 + 32 + 6 columns
+    expected = w.float().clone()
+    for i in range(40):
+        for j in range(70):
+            expected[i, j] *= scale[i // 16, j // 32]
+    assert torch.equal(dequantize_fp8(w, scale, (16, 32), torch.float32), expected)
+    exponents = torch.tensor([[120, 127, 130]] * 3, dtype=torch.uint8)
+    assert torch.equal(dequantize_fp8(w, exponents, (16, 32), torch.float32)[17, 65], w[17, 65].float() * 8)
+    with pytest.raises(ValueError, match=r"'m.weight_scale_inv' is \[2, 3\], expected one scale or \[3, 3\]"):
+        fp8_pairs({"m.weight": w, "m.weight_scale_inv": torch.ones(2, 3)}, (16, 32))
+    with pytest.raises(ValueError, match="FP8 tensor 'm.weight' has no 'm.weight_scale_inv'"):
+        fp8_pairs({"m.weight": w}, None)
 
 
 def test_quantize_choice_per_tensor(tmp_path):

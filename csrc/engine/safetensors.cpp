@@ -43,7 +43,7 @@ const std::map<std::string, DtypeInfo>& dtype_table() {
       {"F32", {at::kFloat, 4}}, {"F16", {at::kHalf, 2}},  {"BF16", {at::kBFloat16, 2}},
       {"F64", {at::kDouble, 8}}, {"I64", {at::kLong, 8}}, {"I32", {at::kInt, 4}},
       {"I16", {at::kShort, 2}},  {"I8", {at::kChar, 1}},  {"U8", {at::kByte, 1}},
-      {"BOOL", {at::kBool, 1}},
+      {"BOOL", {at::kBool, 1}},  {"F8_E4M3", {at::kFloat8_e4m3fn, 1}}, {"F8_E5M2", {at::kFloat8_e5m2, 1}},
   };
   return table;
 }

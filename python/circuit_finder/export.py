@@ -438,8 +438,9 @@ def qwen3_next_hub_projections(tensors: dict, config: dict, dtype: torch.dtype =
 
 def _without_quantization(config: dict, tensors: dict) -> dict:
     """The config without its quantization_config when the tensors written are not quantized (a
-    loaded GPT-OSS, whose MXFP4 experts were dequantized): the export holds plain weights."""
-    if any(name.endswith("_blocks") for name in tensors) or "quantization_config" not in config:
+    loaded GPT-OSS, whose MXFP4 experts were dequantized; a loaded FP8 checkpoint): the export holds
+    plain weights. A folder's MXFP4 blocks or FP8 weights with their scales keep it."""
+    if any(name.endswith(("_blocks", "_scale_inv")) for name in tensors) or "quantization_config" not in config:
         return config
     return {k: v for k, v in config.items() if k != "quantization_config"}
 

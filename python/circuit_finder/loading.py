@@ -44,7 +44,10 @@ from .quants import (
     PACKED_TYPES,
     MixModel,
     PackedTensor,
+    dequantize_fp8,
     dequantize_mxfp4,
+    fp8_block_size,
+    fp8_pairs,
     llama_cpp_70b,
     mxfp4_pairs,
     mxfp4_shape,
@@ -303,6 +306,10 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
         checkpoint_dtype = torch.float32
     target = resolve_dtype(dtype, checkpoint_dtype)
     mxfp4 = mxfp4_pairs(tensors)  # GPT-OSS's MXFP4 experts: sized and placed as the tensors they become
+    block = fp8_block_size(config.raw)
+    fp8 = fp8_pairs(tensors, block)  # FP8 weights: likewise, their scales dropped
+    scales = {f"{n}_scale_inv" for n in fp8} | {n.rsplit(".", 1)[0] + ".activation_scale" for n in fp8}
+    tensors = {n: t for n, t in tensors.items() if n not in scales}
     ggml = {n: t for n, t in tensors.items() if isinstance(t, PackedTensor)}
     wanted = _to_quantize(tensors, quantize, config)
     sizes = {n: t.numel() * target.itemsize for n, t in tensors.items() if n in ggml or t.is_floating_point()}
@@ -316,7 +323,10 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     for name, kind in wanted.items():  # one matrix at a time, on its device: never a second float copy of the model
         where = placed.device_of(name)
         if packs_on(where):
-            ggml[name] = quantize_matrix(tensors[name], kind, name, device=where)
+            matrix = dequantize_fp8(*fp8[name], block, target, where) if name in fp8 else tensors[name]
+            ggml[name] = quantize_matrix(matrix, kind, name, device=where)
+    tensors.update({n: dequantize_fp8(w, scale, block, target, placed.device_of(n)) for n, (w, scale) in fp8.items()
+                    if n not in ggml})
     left_float = [n for n in wanted if n not in ggml]
     if left_float:
         warnings.warn(f"quantize: packed matrices run on the CPU, or on a GPU with this build's GPU kernels: "

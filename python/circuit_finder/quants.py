@@ -1,5 +1,5 @@
 """Quantized weight formats: GGUF block types kept packed (``PackedTensor``), and GPT-OSS's MXFP4
-experts, which load by dequantizing.
+experts and fine-grained FP8 checkpoints, which load by dequantizing.
 
 A ``PackedTensor`` is a matrix exactly as a GGUF file stores it — uint8 rows of ggml blocks (a view
 of the memory-mapped file where no reordering was needed) with its ggml type and column count —
@@ -24,7 +24,16 @@ the quantized-weights issue's job (GGUF files first); this module is where such 
 GGUF files (llama.cpp's gpt-oss conversions) hold MXFP4 in ggml's own block order, decoded by
 ``dequantize_ggml_mxfp4``.
 
-Limits: MXFP4 only; a NaN scale (255) dequantizes to inf, as ldexp does.
+Fine-grained FP8 checkpoints (``quantization_config.quant_method`` "fp8": Qwen3-*-FP8, Ministral 3 and
+Devstral's default repos) store a linear layer's ``weight`` as float8 (E4M3, or E5M2) with its
+``weight_scale_inv``: one scale per tensor, or one per block of ``weight_block_size`` [rows, columns]
+(the grid rounded up at the edges; fp32, or E8M0 exponents as uint8); static activation scales
+(``activation_scale``) are for FP8 products only. ``fp8_pairs`` finds them and ``dequantize_fp8`` gives weight x scale in
+the compute dtype, one matrix at a time on the device it goes to, as transformers does without an
+FP8-capable GPU.
+
+Limits: MXFP4 and fine-grained FP8 only (no GPTQ / AWQ / bitsandbytes); a NaN MXFP4 scale (255)
+dequantizes to inf, as ldexp does.
 """
 
 from __future__ import annotations
@@ -38,8 +47,8 @@ import torch
 from .quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows
 
 __all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MIXES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES",
-           "MixModel", "PackedTensor", "dequantize_ggml_mxfp4", "dequantize_mxfp4", "is_matrix_name", "llama_cpp_70b",
-           "mix_type", "mxfp4_pairs", "mxfp4_shape", "packs_on", "quantize_choice", "quantize_matrix"]
+           "MixModel", "PackedTensor", "dequantize_fp8", "dequantize_ggml_mxfp4", "dequantize_mxfp4", "fp8_block_size",
+           "fp8_pairs", "is_matrix_name", "llama_cpp_70b", "mix_type", "mxfp4_pairs", "mxfp4_shape", "packs_on", "quantize_choice", "quantize_matrix"]
 
 # ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
 PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
@@ -180,6 +189,54 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         exponent = scales[i].to(device).int() - 127
         out[i] = torch.ldexp(values, exponent.unsqueeze(-1)).reshape(rows, groups * MXFP4_BLOCK).to(dtype)
     return out.transpose(1, 2)
+
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fp8_block_size(config: dict) -> tuple[int, int] | None:
+    """``weight_block_size`` of a fine-grained FP8 checkpoint's quantization_config (at the top or in
+    text_config); None for per-tensor scales or no FP8 config."""
+    for c in (config, config.get("text_config") or {}):
+        qc = c.get("quantization_config") or {}
+        if qc.get("quant_method") == "fp8":
+            block = qc.get("weight_block_size")
+            return None if block is None else (int(block[0]), int(block[1]))
+    return None
+
+
+def fp8_pairs(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None) -> dict[str, tuple]:
+    """{name: (float8 weight, its weight_scale_inv)} of a fine-grained FP8 checkpoint; ValueError naming
+    the tensor when a float8 weight has no scale or the scale's shape fits neither one scale per tensor
+    nor the ``block`` grid over the weight's last two dimensions."""
+    out = {}
+    for name, w in tensors.items():
+        if w.dtype not in _FP8:
+            continue
+        scale = tensors.get(f"{name}_scale_inv")
+        if scale is None:
+            raise ValueError(f"FP8 tensor '{name}' has no '{name}_scale_inv'")
+        grid = None if block is None or w.dim() < 2 else \
+            [*w.shape[:-2], -(-w.shape[-2] // block[0]), -(-w.shape[-1] // block[1])]
+        if scale.numel() != 1 and list(scale.shape) != grid:
+            raise ValueError(f"FP8 tensor '{name}' {list(w.shape)}: '{name}_scale_inv' is {list(scale.shape)}, expected "
+                             f"one scale or {grid} (weight_block_size {list(block) if block else None})")
+        out[name] = (w, scale)
+    return out
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, dtype: torch.dtype,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """weight (float8) x its scale (one, or one per ``block`` of [rows, columns], the grid's last row and
+    column covering what is left) in ``dtype`` on ``device``; uint8 scales are E8M0 exponents (2^(s - 127))."""
+    s = scale.to(device)
+    s = torch.ldexp(torch.ones((), device=device), s.int() - 127) if s.dtype == torch.uint8 else s.float()
+    w = weight.to(device).float()
+    if s.numel() == 1:
+        return (w * s.reshape(())).to(dtype)
+    rows, cols = w.shape[-2:]
+    s = s.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
+    return (w * s).to(dtype)
 
 
 def dequantize_ggml_mxfp4(raw: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
