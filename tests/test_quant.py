@@ -617,14 +617,15 @@ def test_fp8_checkpoint_matches_transformers_dequantizing_it(tmp_path, arch, sch
     blocks, 128 x 128 there, 16 x 32 here): transformers, without an FP8 GPU, dequantizes it on load,
     and its logits are ours (identity and repeated path); quantize="q8_0" packs the dequantized
     matrices, one at a time."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
     build_hf_model(arch, tmp_path, intermediate_size=128)
     _fp8_checkpoint(tmp_path, scheme)
     ids = torch.randint(0, 160, (2, 24), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=FineGrainedFP8Config(
+            dequantize=True, weight_block_size=None if scheme == "per-tensor" else (16, 32))).eval()
     assert hf.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # dequantized, not FP8 products
     model = cf.load(tmp_path)
     assert "model.layers.0.self_attn.q_proj.weight_scale_inv" not in model.tensors
@@ -642,6 +643,15 @@ def test_fp8_checkpoint_matches_transformers_dequantizing_it(tmp_path, arch, sch
             exported = AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=torch.float32).eval()
         with torch.no_grad():
             assert diff(f"{out} along the path, in transformers", exported(ids).logits, ref)[1] < 1e-4
+    cf.export_hf(tmp_path, tmp_path / "bf16-export", [0, 1, 2], dtype="bfloat16")  # FP8 parts stay as they are
+    import safetensors.torch
+
+    written = safetensors.torch.load_file(tmp_path / "bf16-export" / "model.safetensors")
+    assert written[name].dtype == torch.float8_e4m3fn and written[name + "_scale_inv"].dtype == torch.float32
+    assert written["model.norm.weight"].dtype == torch.bfloat16
+    written[name] = written[name].float()  # a cast that leaves the scale behind: refused, not read as weights
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight_scale_inv' scales .* not a float8"):
+        fp8_pairs(written, (16, 32))
 
 
 def test_fp8_blocks_at_ragged_edges():

@@ -345,6 +345,12 @@ def _hf_source_weights(src, target: torch.dtype | None):
     return _C.load_safetensors(str(p)), None, files, torch.float32
 
 
+def _fp8_part(name: str, t) -> bool:
+    """A fine-grained FP8 checkpoint's weight or scale, written as it is whatever dtype= says (its
+    quantization_config stays; a weight cast without its scale would read wrong)."""
+    return t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or name.endswith(("_scale_inv", ".activation_scale"))
+
+
 def _floats(t, dtype: torch.dtype):
     """t itself, or a packed matrix dequantized to `dtype`."""
     from .quants import PackedTensor
@@ -508,7 +514,7 @@ def _write_shards(folder: Path, tensors, shards, target: torch.dtype | None, pac
         data = {}
         for out_name, name in shard:
             t = _floats(tensors[name], packed_dtype).detach()
-            if target is not None and t.is_floating_point():
+            if target is not None and t.is_floating_point() and not _fp8_part(name, t):
                 t = t.to(target)
             data[out_name] = t.to("cpu").contiguous().clone()
             weight_map[out_name] = file

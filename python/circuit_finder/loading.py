@@ -332,9 +332,10 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
         warnings.warn(f"quantize: packed matrices run on the CPU, or on a GPU with this build's GPU kernels: "
                       f"{len(left_float)} placed on other devices stay float", stacklevel=2)
     floats = {name: t for name, t in tensors.items() if name not in ggml and t.is_floating_point()}
+    del tensors  # the dequantized FP8 matrices live on in floats alone: fused, their parts are freed
     if fuse_projections is not False:
         _fuse_where_placed(floats, ggml, placed, target, everywhere=bool(fuse_projections), owned=owned,
-                           made=set(wanted))
+                           made=set(wanted) | set(fp8))
     moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in floats.items()}
     for name, (blocks, scales) in mxfp4.items():
         moved[name] = dequantize_mxfp4(blocks, scales, target, placed.device_of(name))

@@ -196,11 +196,12 @@ _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 def fp8_block_size(config: dict) -> tuple[int, int] | None:
     """``weight_block_size`` of a fine-grained FP8 checkpoint's quantization_config (at the top or in
-    text_config); None for per-tensor scales or no FP8 config."""
+    text_config; absent: transformers' default, 128 x 128); None for per-tensor scales (null) or no
+    FP8 config."""
     for c in (config, config.get("text_config") or {}):
         qc = c.get("quantization_config") or {}
         if qc.get("quant_method") == "fp8":
-            block = qc.get("weight_block_size")
+            block = qc.get("weight_block_size", (128, 128))
             return None if block is None else (int(block[0]), int(block[1]))
     return None
 
@@ -211,7 +212,10 @@ def fp8_pairs(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None) -
     nor the ``block`` grid over the weight's last two dimensions."""
     out = {}
     for name, w in tensors.items():
-        if w.dtype not in _FP8:
+        if name.endswith("_scale_inv") and getattr(tensors.get(name[:-len("_scale_inv")]), "dtype", None) not in _FP8:
+            raise ValueError(f"'{name}' scales '{name[:-len('_scale_inv')]}', which is not a float8 tensor (a checkpoint "
+                             "cast to another dtype with its FP8 scales left beside it?)")
+        if not isinstance(w, torch.Tensor) or w.dtype not in _FP8:  # GGUF's packed matrices too
             continue
         scale = tensors.get(f"{name}_scale_inv")
         if scale is None:
