@@ -348,7 +348,9 @@ def _hf_source_weights(src, target: torch.dtype | None):
 def _fp8_part(name: str, t) -> bool:
     """A fine-grained FP8 checkpoint's weight or scale, written as it is whatever dtype= says (its
     quantization_config stays; a weight cast without its scale would read wrong)."""
-    return t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or name.endswith(("_scale_inv", ".activation_scale"))
+    from .quants import FP8_DTYPES
+
+    return t.dtype in FP8_DTYPES or name.endswith(("_scale_inv", ".activation_scale"))
 
 
 def _floats(t, dtype: torch.dtype):

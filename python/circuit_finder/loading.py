@@ -242,7 +242,8 @@ def _sized_packed(device, device_map) -> bool:
     return (device_map is None and torch.device(device).type == "cpu") or _C.gpu_kernels()
 
 
-_TEXT_PREFIXES = (("model.language_model.model.", "model."), ("language_model.model.model.", "model."),  # 5.10-5.23 saves
+# the first two: the doubled prefix of the wrapper checkpoints transformers 5.10-5.23 saved
+_TEXT_PREFIXES = (("model.language_model.model.", "model."), ("language_model.model.model.", "model."),
                   ("model.language_model.", "model."), ("language_model.model.", "model."),
                   ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
 
@@ -268,7 +269,8 @@ def _decoder_tensors(tensors: dict, wrapper: bool) -> dict:
     names without ``model.`` (Qwen3-Embedding's). Qwen3-Next's multi-token-prediction head
     (``mtp.*``) is not part of the decoder (transformers drops it too)."""
     plain = "model.embed_tokens.weight" in tensors
-    if wrapper or (not plain and any(n.startswith(("model.language_model.", "language_model.model.")) for n in tensors)):
+    wrapped = not plain and any(n.startswith(("model.language_model.", "language_model.model.")) for n in tensors)
+    if wrapper or wrapped:
         return text_decoder_tensors(tensors)
     bare = not plain and "embed_tokens.weight" in tensors
     return {n if not bare or n.startswith("lm_head.") else f"model.{n}": t for n, t in tensors.items()
@@ -295,7 +297,7 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
         config = parse_config(config, source)
     tensors = _decoder_tensors(tensors, bool(config.wrapper))
     if config.tie_word_embeddings and "model.embed_tokens.weight" not in tensors and "lm_head.weight" in tensors:
-        tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")  # tied, stored as the head: transformers too
+        tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")  # tied, stored as the head (transformers)
     if "model.embed_tokens.weight" not in tensors:
         raise _C.WeightError(f"{source}: missing tensor 'model.embed_tokens.weight'")
     if (config.tie_word_embeddings or config.wrapper) and _same_values(tensors.get("lm_head.weight"),

@@ -28,9 +28,9 @@ Fine-grained FP8 checkpoints (``quantization_config.quant_method`` "fp8": Qwen3-
 Devstral's default repos) store a linear layer's ``weight`` as float8 (E4M3, or E5M2) with its
 ``weight_scale_inv``: one scale per tensor, or one per block of ``weight_block_size`` [rows, columns]
 (the grid rounded up at the edges; fp32, or E8M0 exponents as uint8); static activation scales
-(``activation_scale``) are for FP8 products only. ``fp8_pairs`` finds them and ``dequantize_fp8`` gives weight x scale in
-the compute dtype, one matrix at a time on the device it goes to, as transformers does without an
-FP8-capable GPU.
+(``activation_scale``) are for FP8 products only. ``fp8_pairs`` finds them and ``dequantize_fp8``
+gives weight x scale in the compute dtype, one matrix at a time on the device it goes to, as
+transformers does without an FP8-capable GPU.
 
 Limits: MXFP4 and fine-grained FP8 only (no GPTQ / AWQ / bitsandbytes); a NaN MXFP4 scale (255)
 dequantizes to inf, as ldexp does.
@@ -47,8 +47,9 @@ import torch
 from .quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows
 
 __all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MIXES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES",
-           "MixModel", "PackedTensor", "dequantize_fp8", "dequantize_ggml_mxfp4", "dequantize_mxfp4", "fp8_block_size",
-           "fp8_pairs", "is_matrix_name", "llama_cpp_70b", "mix_type", "mxfp4_pairs", "mxfp4_shape", "packs_on", "quantize_choice", "quantize_matrix"]
+           "FP8_DTYPES", "MixModel", "PackedTensor", "dequantize_fp8", "dequantize_ggml_mxfp4", "dequantize_mxfp4",
+           "fp8_block_size", "fp8_pairs", "is_matrix_name", "llama_cpp_70b", "mix_type", "mxfp4_pairs", "mxfp4_shape",
+           "packs_on", "quantize_choice", "quantize_matrix"]
 
 # ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
 PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
@@ -191,7 +192,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return out.transpose(1, 2)
 
 
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # the float8 weights of fine-grained FP8 checkpoints
 
 
 def fp8_block_size(config: dict) -> tuple[int, int] | None:
@@ -212,10 +213,11 @@ def fp8_pairs(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None) -
     nor the ``block`` grid over the weight's last two dimensions."""
     out = {}
     for name, w in tensors.items():
-        if name.endswith("_scale_inv") and getattr(tensors.get(name[:-len("_scale_inv")]), "dtype", None) not in _FP8:
-            raise ValueError(f"'{name}' scales '{name[:-len('_scale_inv')]}', which is not a float8 tensor (a checkpoint "
-                             "cast to another dtype with its FP8 scales left beside it?)")
-        if not isinstance(w, torch.Tensor) or w.dtype not in _FP8:  # GGUF's packed matrices too
+        scaled = name.removesuffix("_scale_inv")
+        if scaled != name and getattr(tensors.get(scaled), "dtype", None) not in FP8_DTYPES:
+            raise ValueError(f"'{name}' scales '{scaled}', which is not a float8 tensor (a checkpoint cast to "
+                             "another dtype with its FP8 scales left beside it?)")
+        if not isinstance(w, torch.Tensor) or w.dtype not in FP8_DTYPES:  # GGUF's packed matrices too
             continue
         scale = tensors.get(f"{name}_scale_inv")
         if scale is None:
@@ -223,8 +225,8 @@ def fp8_pairs(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None) -
         grid = None if block is None or w.dim() < 2 else \
             [*w.shape[:-2], -(-w.shape[-2] // block[0]), -(-w.shape[-1] // block[1])]
         if scale.numel() != 1 and list(scale.shape) != grid:
-            raise ValueError(f"FP8 tensor '{name}' {list(w.shape)}: '{name}_scale_inv' is {list(scale.shape)}, expected "
-                             f"one scale or {grid} (weight_block_size {list(block) if block else None})")
+            raise ValueError(f"FP8 tensor '{name}' {list(w.shape)}: '{name}_scale_inv' is {list(scale.shape)}, "
+                             f"expected one scale or {grid} (weight_block_size {list(block) if block else None})")
         out[name] = (w, scale)
     return out
 
