@@ -345,12 +345,14 @@ def _hf_source_weights(src, target: torch.dtype | None):
     return _C.load_safetensors(str(p)), None, files, torch.float32
 
 
-def _fp8_part(name: str, t) -> bool:
-    """A fine-grained FP8 checkpoint's weight or scale, written as it is whatever dtype= says (its
-    quantization_config stays; a weight cast without its scale would read wrong)."""
+def _quantized_part(name: str, t) -> bool:
+    """A fine-grained FP8 or compressed-tensors checkpoint's stored weight, scale or zero point, written
+    as it is whatever dtype= says (its quantization_config stays; a weight cast apart from its scale, or
+    a scale rounded, would read wrong)."""
+    from .compressed import PARTS
     from .quants import FP8_DTYPES
 
-    return t.dtype in FP8_DTYPES or name.endswith(("_scale_inv", ".activation_scale"))
+    return t.dtype in FP8_DTYPES or name.endswith(("_scale_inv", ".activation_scale", *PARTS))
 
 
 def _floats(t, dtype: torch.dtype):
@@ -446,9 +448,11 @@ def qwen3_next_hub_projections(tensors: dict, config: dict, dtype: torch.dtype =
 
 def _without_quantization(config: dict, tensors: dict) -> dict:
     """The config without its quantization_config when the tensors written are not quantized (a
-    loaded GPT-OSS, whose MXFP4 experts were dequantized; a loaded FP8 checkpoint): the export holds
-    plain weights. A folder's MXFP4 blocks or FP8 weights with their scales keep it."""
-    if any(name.endswith(("_blocks", "_scale_inv")) for name in tensors) or "quantization_config" not in config:
+    loaded GPT-OSS, whose MXFP4 experts were dequantized; a loaded FP8 or compressed-tensors
+    checkpoint): the export holds plain weights. A folder's MXFP4 blocks, FP8 weights or
+    compressed-tensors weights with their scales keep it."""
+    if any(name.endswith(("_blocks", "_scale_inv", ".weight_scale")) for name in tensors) \
+            or "quantization_config" not in config:
         return config
     return {k: v for k, v in config.items() if k != "quantization_config"}
 
@@ -516,7 +520,7 @@ def _write_shards(folder: Path, tensors, shards, target: torch.dtype | None, pac
         data = {}
         for out_name, name in shard:
             t = _floats(tensors[name], packed_dtype).detach()
-            if target is not None and t.is_floating_point() and not _fp8_part(name, t):
+            if target is not None and t.is_floating_point() and not _quantized_part(name, t):
                 t = t.to(target)
             data[out_name] = t.to("cpu").contiguous().clone()
             weight_map[out_name] = file

@@ -15,7 +15,8 @@ kernels (cuda/quant.cu), else dequantized there. ``device_map`` splits the
 layers over devices (``placement.plan``: checked against each device's memory from the tensors'
 sizes before any weight is moved, converted or dequantized).
 
-GPT-OSS's MXFP4 expert tensors are dequantized on load (``quants``), on the device of their layer.
+GPT-OSS's MXFP4 expert tensors, fine-grained FP8 and compressed-tensors checkpoints are dequantized
+on load (``quants``, ``compressed``), one matrix at a time on the device of its layer.
 On GPUs each layer's q / k / v and each gated MLP's gate / up are laid out as one matrix, and a
 mixture of experts' per-expert matrices stacked (``layout.lay_out_fused``; ``fuse_projections``):
 the engine runs each group as one product, and stacked bf16 experts as grouped GEMMs.
@@ -44,10 +45,8 @@ from .quants import (
     PACKED_TYPES,
     MixModel,
     PackedTensor,
-    dequantize_fp8,
     dequantize_mxfp4,
-    fp8_block_size,
-    fp8_pairs,
+    dequantized_on_load,
     llama_cpp_70b,
     mxfp4_pairs,
     mxfp4_shape,
@@ -308,10 +307,9 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
         checkpoint_dtype = torch.float32
     target = resolve_dtype(dtype, checkpoint_dtype)
     mxfp4 = mxfp4_pairs(tensors)  # GPT-OSS's MXFP4 experts: sized and placed as the tensors they become
-    block = fp8_block_size(config.raw)
-    fp8 = fp8_pairs(tensors, block)  # FP8 weights: likewise, their scales dropped
-    scales = {f"{n}_scale_inv" for n in fp8} | {n.rsplit(".", 1)[0] + ".activation_scale" for n in fp8}
-    tensors = {n: t for n, t in tensors.items() if n not in scales}
+    stored, parts = dequantized_on_load(tensors, config.raw)  # FP8 / compressed-tensors: dequantized one at a time
+    tensors = {n: t for n, t in tensors.items() if n not in parts}
+    tensors.update({n: torch.empty(shape, dtype=target, device="meta") for n, (shape, _) in stored.items()})
     ggml = {n: t for n, t in tensors.items() if isinstance(t, PackedTensor)}
     wanted = _to_quantize(tensors, quantize, config)
     sizes = {n: t.numel() * target.itemsize for n, t in tensors.items() if n in ggml or t.is_floating_point()}
@@ -325,19 +323,18 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     for name, kind in wanted.items():  # one matrix at a time, on its device: never a second float copy of the model
         where = placed.device_of(name)
         if packs_on(where):
-            matrix = dequantize_fp8(*fp8[name], block, target, where) if name in fp8 else tensors[name]
+            matrix = stored[name][1](target, where) if name in stored else tensors[name]
             ggml[name] = quantize_matrix(matrix, kind, name, device=where)
-    tensors.update({n: dequantize_fp8(w, scale, block, target, placed.device_of(n)) for n, (w, scale) in fp8.items()
-                    if n not in ggml})
+    tensors.update({n: make(target, placed.device_of(n)) for n, (_, make) in stored.items() if n not in ggml})
     left_float = [n for n in wanted if n not in ggml]
     if left_float:
         warnings.warn(f"quantize: packed matrices run on the CPU, or on a GPU with this build's GPU kernels: "
                       f"{len(left_float)} placed on other devices stay float", stacklevel=2)
     floats = {name: t for name, t in tensors.items() if name not in ggml and t.is_floating_point()}
-    del tensors  # the dequantized FP8 matrices live on in floats alone: fused, their parts are freed
+    del tensors  # the dequantized matrices live on in floats alone: fused, their parts are freed
     if fuse_projections is not False:
         _fuse_where_placed(floats, ggml, placed, target, everywhere=bool(fuse_projections), owned=owned,
-                           made=set(wanted) | set(fp8))
+                           made=set(wanted) | set(stored))
     moved = {name: t.to(device=placed.device_of(name), dtype=target) for name, t in floats.items()}
     for name, (blocks, scales) in mxfp4.items():
         moved[name] = dequantize_mxfp4(blocks, scales, target, placed.device_of(name))

@@ -1,0 +1,230 @@
+"""compressed-tensors checkpoints (``quantization_config.quant_method`` "compressed-tensors": what
+llm-compressor writes and vLLM serves, e.g. RedHatAI's *-FP8-dynamic, *-quantized.w8a8 and
+*-quantized.w4a16 repos), dequantized on load: each quantized matrix becomes (q - zero) x scale in the
+compute dtype, one matrix at a time on the device it goes to, as transformers does with
+``CompressedTensorsConfig(dequantize=True)``.
+
+Formats (the config's ``format``, or each config group's for mixed-precision):
+- float-quantized: a float8 ``weight`` and its ``weight_scale``;
+- int-quantized / naive-quantized: an int8 ``weight``, ``weight_scale`` and, asymmetric, ``weight_zero_point``;
+- pack-quantized: ``weight_packed`` (int32 words of 2-, 4- or 8-bit codes along each row, stored
+  with an offset of 2^(bits-1)), ``weight_shape``, ``weight_scale`` and, asymmetric,
+  ``weight_zero_point`` packed along the rows.
+Scales per tensor, per row (channel), per ``group_size`` columns (or per column by ``weight_g_idx``,
+GPTQ's activation order), or per ``block_structure`` block (the grid rounded up at the edges).
+
+Limits: the FP4 / MX formats, sparsity (2:4) and transforms (SpinQuant / QuIP rotations) are refused
+with a ValueError naming what; so are 3-, 5-, 6- and 7-bit packing (its layout changed between
+compressed-tensors versions) and quantized tensors of more than two dimensions. Activation and
+KV-cache quantization (``input_scale``, ``k_scale`` / ``v_scale``) are not applied: products and caches
+stay in the compute dtype, as in transformers' dequantized model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+__all__ = ["FORMATS", "PARTS", "CompressedGroup", "compressed_groups", "compressed_matrices", "dequantize_compressed",
+           "unpack_int32"]
+
+FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
+_PARTS = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_packed", "input_scale",
+          "output_scale", "weight_global_scale", "input_global_scale")
+PARTS = tuple(f".{p}" for p in _PARTS)  # name endings of a module's stored parts besides its weight
+_CACHE_SCALES = ("k_scale", "v_scale", "q_scale")  # KV-cache quantization's: dropped, caches stay float
+
+
+@dataclass(frozen=True)
+class CompressedGroup:
+    """One config group: which modules (``targets``: ``re:`` patterns or class names), its format and
+    its weights' quantization arguments (num_bits, type, symmetric, strategy, group_size, block_structure)."""
+
+    targets: tuple[str, ...]
+    format: str
+    weights: dict
+
+
+def compressed_groups(config: dict) -> list[CompressedGroup] | None:
+    """The config groups of a compressed-tensors checkpoint's quantization_config (at the top or in
+    text_config); None for any other config. ValueError naming what for what we cannot load."""
+    for c in (config, config.get("text_config") or {}):
+        qc = c.get("quantization_config") or {}
+        if qc.get("quant_method") == "compressed-tensors":
+            return _parse_groups(qc)
+    return None
+
+
+def _parse_groups(qc: dict) -> list[CompressedGroup]:
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise ValueError(f"compressed-tensors checkpoint with quantization_status {status!r}: only compressed "
+                         "checkpoints load (their weights stored quantized)")
+    sparsity = qc.get("sparsity_config") or {}
+    if sparsity and sparsity.get("format", "dense") != "dense":
+        raise ValueError(f"compressed-tensors sparsity ({sparsity.get('format')}) is not supported")
+    if qc.get("transform_config"):
+        raise ValueError("compressed-tensors transforms (rotations such as SpinQuant / QuIP) are not supported: "
+                         "the weights are rotated and need the transforms applied at run time")
+    groups = []
+    for name, g in (qc.get("config_groups") or {}).items():
+        fmt = g.get("format") or qc.get("format")
+        weights = g.get("weights")
+        if weights is None:
+            continue
+        if fmt not in FORMATS:
+            raise ValueError(f"compressed-tensors config group {name!r}: format {fmt!r} is not supported "
+                             f"(supported: {', '.join(FORMATS)})")
+        bits = int(weights.get("num_bits", 8))
+        if fmt == "pack-quantized" and bits not in (2, 4, 8):
+            raise ValueError(f"compressed-tensors config group {name!r}: {bits}-bit packing is not supported (2, 4 "
+                             "and 8 bits are; other widths were packed differently by different versions)")
+        if weights.get("strategy") not in (None, "tensor", "channel", "group", "block"):
+            raise ValueError(f"compressed-tensors config group {name!r}: weight strategy "
+                             f"{weights.get('strategy')!r} is not supported (tensor, channel, group, block)")
+        groups.append(CompressedGroup(tuple(g.get("targets") or ()), fmt, weights))
+    if not groups:
+        raise ValueError("compressed-tensors checkpoint without a config group that quantizes weights")
+    return groups
+
+
+def _group_of(module: str, groups: list[CompressedGroup]) -> CompressedGroup:
+    """The config group that quantized `module`: the first whose ``re:`` target matches its name, else
+    the first with a class-name target (a checkpoint names no classes we could check: "Linear" is every
+    quantized matrix)."""
+    for g in groups:
+        if any(t.startswith("re:") and re.match(t[3:], module) for t in g.targets):
+            return g
+    for g in groups:
+        if any(not t.startswith("re:") for t in g.targets):
+            return g
+    raise ValueError(f"'{module}' holds compressed-tensors weights but no config group targets it")
+
+
+def compressed_matrices(tensors: dict, groups: list[CompressedGroup]) -> tuple[dict, set[str]]:
+    """({'<module>.weight': (its float shape, a function (dtype, device) -> the dequantized matrix)},
+    the names of the stored parts those replace, and of the scales nothing reads). ValueError naming
+    the tensor for a part missing, of the wrong kind or shape."""
+    stored, parts = {}, set()
+    for name in tensors:
+        if name.endswith(_CACHE_SCALES) or name.endswith((".input_scale", ".output_scale")):
+            parts.add(name)
+        if not name.endswith(".weight_scale"):
+            continue
+        module = name.removesuffix(".weight_scale")
+        group = _group_of(module, groups)
+        mine = {p: tensors[f"{module}.{p}"] for p in ("weight", *_PARTS) if f"{module}.{p}" in tensors}
+        shape, make = _matrix(module, mine, group)
+        stored[f"{module}.weight"] = (shape, make)
+        parts.update(f"{module}.{p}" for p in mine)
+    return stored, parts
+
+
+def _matrix(module: str, t: dict, group: CompressedGroup):
+    bits = int(group.weights.get("num_bits", 8))
+    if group.format == "pack-quantized":
+        for p in ("weight_packed", "weight_shape"):
+            if p not in t:
+                raise ValueError(f"'{module}' ({group.format}) has no '{module}.{p}'")
+        shape = tuple(int(v) for v in t["weight_shape"].tolist())
+        codes = t["weight_packed"]
+        want = [shape[0], -(-shape[-1] * bits // 32)] if len(shape) == 2 else None
+        if codes.dtype != torch.int32 or list(codes.shape) != want:
+            raise ValueError(f"'{module}.weight_packed' is {codes.dtype} {list(codes.shape)}: expected int32 {want} "
+                             f"for weight_shape {list(shape)} at {bits} bits")
+    else:
+        codes = t.get("weight")
+        if codes is None:
+            raise ValueError(f"'{module}' ({group.format}) has no '{module}.weight'")
+        shape = tuple(codes.shape)
+        kinds = (torch.float8_e4m3fn, torch.float8_e5m2) if group.format == "float-quantized" else (torch.int8,)
+        if codes.dtype not in kinds or codes.dim() != 2:
+            raise ValueError(f"'{module}.weight' is {codes.dtype} {list(codes.shape)}: a {group.format} weight is a "
+                             f"matrix of {' or '.join(map(str, kinds))}")
+    scale, zero = _scale_grid(module, t, shape, group, bits)
+    return shape, partial(dequantize_compressed, codes, scale, zero, t.get("weight_g_idx"), shape,
+                          bits if group.format == "pack-quantized" else None, group.weights)
+
+
+def _strategy(weights: dict) -> str:
+    return weights.get("strategy") or ("group" if weights.get("group_size") else "tensor")
+
+
+def _grid(rows: int, cols: int, weights: dict) -> list[int]:
+    """The scale grid's shape over a [rows, cols] weight (per tensor: [1])."""
+    strategy = _strategy(weights)
+    if strategy == "channel":
+        return [rows, 1]
+    if strategy == "group":
+        return [rows, -(-cols // int(weights["group_size"]))]
+    if strategy == "block":
+        b0, b1 = (int(b) for b in weights["block_structure"])
+        return [-(-rows // b0), -(-cols // b1)]
+    return [1]
+
+
+def _scale_grid(module: str, t: dict, shape: tuple, group: CompressedGroup, bits: int):
+    """The weight_scale and the zero point (unpacked; None when symmetric), checked against `shape`."""
+    scale, zero = t["weight_scale"], t.get("weight_zero_point")
+    rows, cols = shape
+    grid = _grid(rows, cols, group.weights)
+    if list(scale.shape) != grid and not (grid == [1] and scale.numel() == 1):
+        raise ValueError(f"'{module}.weight_scale' is {list(scale.shape)}: expected {grid} for the {list(shape)} "
+                         f"weight ({_strategy(group.weights)} strategy)")
+    if zero is not None and group.format == "pack-quantized" and _strategy(group.weights) in ("channel", "group"):
+        zero = unpack_int32(zero.t(), bits, rows).t()  # packed along the rows
+    if zero is not None and zero.numel() != scale.numel():
+        raise ValueError(f"'{module}.weight_zero_point' is {list(zero.shape)}: one per scale {list(scale.shape)}")
+    if "weight_g_idx" in t and list(t["weight_g_idx"].shape) != [cols]:
+        raise ValueError(f"'{module}.weight_g_idx' is {list(t['weight_g_idx'].shape)}: one group index per column "
+                         f"({cols})")
+    return scale, zero
+
+
+def unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """int32 words [rows, n] of `bits`-bit codes (element j of each word at bit j * bits, the word's
+    codes in order along the row, stored plus 2^(bits-1)) -> int32 [rows, count], the offset removed."""
+    per = 32 // bits
+    shifts = torch.arange(per, device=words.device, dtype=torch.int32) * bits
+    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(words.shape[0], -1)[:, :count] - (1 << (bits - 1))
+
+
+def dequantize_compressed(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                          g_idx: torch.Tensor | None, shape: tuple, bits: int | None, weights: dict,
+                          dtype: torch.dtype, device: str | torch.device = "cpu", chunk: int = 4096) -> torch.Tensor:
+    """(q - zero) x scale as a [rows, columns] matrix of `dtype` on `device`: q the float8 / int8 codes,
+    or int32 words of `bits`-bit codes; scale and zero per tensor, row, group of columns (``weights``'
+    group_size, or `g_idx` per column) or block (``weights``' block_structure). `chunk` rows at a time
+    (a multiple of the block height) bound the float temporaries."""
+    rows, cols = shape
+    block = int(weights["block_structure"][0]) if _strategy(weights) == "block" else 1
+    step = max(block, chunk // block * block)
+    out = torch.empty(rows, cols, dtype=dtype, device=device)
+    g_idx = None if g_idx is None else g_idx.to(device).long()
+    for r0 in range(0, rows, step):
+        part = codes[r0:r0 + step].to(device)
+        q = (unpack_int32(part, bits, cols) if bits is not None else part).float()
+        if zero is not None:
+            q -= _expand(zero.to(device).float(), r0, q.shape[0], cols, g_idx, weights)
+        out[r0:r0 + step] = q * _expand(scale.to(device).float(), r0, q.shape[0], cols, g_idx, weights)
+    return out
+
+
+def _expand(grid: torch.Tensor, r0: int, n: int, cols: int, g_idx, weights: dict) -> torch.Tensor:
+    """Rows r0 .. r0 + n of a scale or zero-point grid broadcast over the weight's columns (per tensor:
+    a scalar; block rows start at a multiple of the block height)."""
+    strategy = _strategy(weights)
+    if strategy == "tensor":
+        return grid.reshape(())
+    if strategy == "block":
+        b0, b1 = (int(b) for b in weights["block_structure"])
+        part = grid[r0 // b0:-(-(r0 + n) // b0)].repeat_interleave(b0, dim=0)[:n]
+        return part.repeat_interleave(b1, dim=1)[:, :cols]
+    part = grid[r0:r0 + n]
+    if strategy == "channel":
+        return part
+    return part[:, g_idx] if g_idx is not None else part.repeat_interleave(int(weights["group_size"]), dim=1)[:, :cols]
