@@ -220,8 +220,13 @@ def test_compressed_checkpoint_quantizes_and_exports(tmp_path):
         kept = AutoModelForCausalLM.from_pretrained(tmp_path / "kept", dtype=torch.float32,
                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
         floats = AutoModelForCausalLM.from_pretrained(tmp_path / "floats", dtype=torch.float32)
+        cf.export_hf(tmp_path, tmp_path / "kept32", path)
+        kept32 = AutoModelForCausalLM.from_pretrained(tmp_path / "kept32", dtype=torch.float32,
+                                                      quantization_config=CompressedTensorsConfig(dequantize=True))
     with torch.no_grad():
         assert relative(f"export of the loaded model along {path}, in transformers", floats(ids).logits, ref) < 1e-5
+        assert relative(f"the folder's export along {path} (compressed parts kept), in transformers",
+                        kept32(ids).logits, ref) < 1e-5
         assert relative("the folder's export in bf16 (compressed parts kept), ours vs transformers",
                         cf.load(tmp_path / "kept", dtype="float32").logits(ids), kept(ids).logits) < 1e-5
 
@@ -293,3 +298,76 @@ def test_what_we_cannot_load_is_named():
     with pytest.raises(ValueError, match=r"'m.weight' is torch.float32 \[4, 16\]: a float-quantized weight"):
         compressed_matrices({"m.weight": torch.ones(4, 16), "m.weight_scale": torch.ones(4, 1)},
                             compressed_groups(_config("float-quantized", 8)))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packed_codes_and_zero_points_as_compressed_tensors_packs_them(bits):
+    """Codes and zero points packed by compressed-tensors' own pack_to_int32 (rows and columns not
+    whole words), read through compressed_matrices, against a loop; an all-zero zero point of a
+    symmetric scheme (very old checkpoints) is ignored, as compressed-tensors does; -1 in g_idx
+    means column order."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    g, rows, cols, size = torch.Generator().manual_seed(bits), 13, 40, 8
+    low, high = -(1 << (bits - 1)), 1 << (bits - 1)
+    q = torch.randint(low, high, (rows, cols), generator=g, dtype=torch.int8)
+    zero = torch.randint(low, high, (rows, cols // size), generator=g, dtype=torch.int8)
+    scale = torch.rand(rows, cols // size, generator=g) + 0.5
+    tensors = {"m.weight_packed": pack_to_int32(q, bits), "m.weight_shape": torch.tensor([rows, cols]),
+               "m.weight_scale": scale, "m.weight_zero_point": pack_to_int32(zero, bits, packed_dim=0)}
+    config = _config(bits=bits)
+    config["quantization_config"]["config_groups"]["g"]["weights"].update(symmetric=False, group_size=size)
+    stored, _ = compressed_matrices(tensors, compressed_groups(config))
+    want = torch.tensor([[(q[i, j].item() - zero[i, j // size].item()) * scale[i, j // size].item() for j in range(cols)]
+                         for i in range(rows)])
+    assert torch.allclose(stored["m.weight"][1](torch.float32, "cpu"), want, rtol=1e-6, atol=0)
+    unpacked = {**tensors, "m.weight_zero_point": zero}  # stored as it is (before zero points were packed)
+    assert torch.allclose(compressed_matrices(unpacked, compressed_groups(config))[0]["m.weight"][1](
+        torch.float32, "cpu"), want, rtol=1e-6, atol=0)
+    symmetric = compressed_groups(_config(bits=bits))
+    zeros = {**tensors, "m.weight_zero_point": torch.zeros(rows, cols // size, dtype=torch.int8),
+             "m.weight_g_idx": torch.full((cols,), -1)}
+    plain = torch.tensor([[q[i, j].item() * scale[i, j // size].item() for j in range(cols)] for i in range(rows)])
+    assert torch.allclose(compressed_matrices(zeros, symmetric)[0]["m.weight"][1](torch.float32, "cpu"), plain,
+                          rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"'m.weight_zero_point' is torch.int8 \[13\]: expected one per scale"):
+        compressed_matrices({**tensors, "m.weight_zero_point": zero[:, 0]}, compressed_groups(config))
+
+
+def test_module_groups_and_weight_kinds_as_compressed_tensors_reads_them():
+    """A target naming the module exactly wins over a pattern, a pattern over a class name (a later
+    group wins a tie); FP8 weights alone are written as naive-quantized; a float8 weight without its
+    scale is refused."""
+    w = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+    q = {"quant_method": "compressed-tensors", "format": "naive-quantized", "config_groups": {
+        "a": {"targets": ["Linear"], "weights": w},
+        "b": {"targets": ["re:.*proj"], "weights": {**w, "strategy": "tensor"}},
+        "c": {"targets": ["model.layers.0.q_proj"], "weights": {**w, "strategy": "group", "group_size": 4}}}}
+    groups = compressed_groups({"quantization_config": q})
+    f8 = torch.ones(4, 8).to(torch.float8_e4m3fn)
+    for module, scale in (("model.layers.0.q_proj", torch.ones(4, 2)), ("model.layers.1.q_proj", torch.ones(1)),
+                          ("model.layers.1.up", torch.ones(4, 1))):
+        stored, _ = compressed_matrices({f"{module}.weight": f8, f"{module}.weight_scale": scale}, groups)
+        assert torch.equal(stored[f"{module}.weight"][1](torch.float32, "cpu"), torch.ones(4, 8))
+    with pytest.raises(ValueError, match="float8 tensor 'x.weight' has no 'x.weight_scale'"):
+        compressed_matrices({"x.weight": f8}, groups)
+    assert compressed_groups({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
+        "kv": {"targets": ["re:.*self_attn$"], "input_activations": {"num_bits": 8}}}}}) == []
+
+
+def test_exact_module_names_follow_the_path_in_an_export():
+    """llm-compressor lists every module it left float by name (each MoE router: model.layers.N.mlp.gate):
+    an export along a path names them per slot (a layer run twice twice, a skipped layer not at all),
+    patterns left as they are, so transformers and vLLM build the right modules float."""
+    from circuit_finder import LayerPath
+    from circuit_finder.export import remap_config
+
+    qc = {"quant_method": "compressed-tensors", "ignore": ["lm_head", "model.layers.1.mlp.gate",
+                                                           "model.layers.3.mlp.gate", r"re:.*layers\.0\..*"],
+          "config_groups": {"g": {"targets": ["Linear", "model.layers.2.self_attn.q_proj"]}}}
+    out = remap_config({"num_hidden_layers": 4, "quantization_config": qc}, LayerPath.coerce([0, 1, 2, 1, 2], 4))
+    assert out["quantization_config"]["ignore"] == ["lm_head", "model.layers.1.mlp.gate", "model.layers.3.mlp.gate",
+                                                    r"re:.*layers\.0\..*"]
+    assert out["quantization_config"]["config_groups"]["g"]["targets"] == [
+        "Linear", "model.layers.2.self_attn.q_proj", "model.layers.4.self_attn.q_proj"]
+    assert qc["ignore"][2] == "model.layers.3.mlp.gate"  # the source config is not modified

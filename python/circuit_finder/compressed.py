@@ -34,8 +34,8 @@ __all__ = ["FORMATS", "PARTS", "CompressedGroup", "compressed_groups", "compress
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
 _PARTS = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_packed", "input_scale",
           "output_scale", "weight_global_scale", "input_global_scale")
-PARTS = tuple(f".{p}" for p in _PARTS)  # name endings of a module's stored parts besides its weight
-_CACHE_SCALES = ("k_scale", "v_scale", "q_scale")  # KV-cache quantization's: dropped, caches stay float
+_CACHE_SCALES = (".k_scale", ".v_scale", ".q_scale")  # KV-cache quantization's: dropped, caches stay float
+PARTS = (*(f".{p}" for p in _PARTS), *_CACHE_SCALES)  # name endings of the stored parts besides weights
 
 
 @dataclass(frozen=True)
@@ -85,22 +85,25 @@ def _parse_groups(qc: dict) -> list[CompressedGroup]:
         if weights.get("strategy") not in (None, "tensor", "channel", "group", "block"):
             raise ValueError(f"compressed-tensors config group {name!r}: weight strategy "
                              f"{weights.get('strategy')!r} is not supported (tensor, channel, group, block)")
+        strategy, block = _strategy(weights), weights.get("block_structure")
+        if (strategy == "group" and not (weights.get("group_size") or 0) > 0) or \
+                (strategy == "block" and not (isinstance(block, list) and len(block) == 2)):
+            raise ValueError(f"compressed-tensors config group {name!r}: strategy {strategy} without a "
+                             f"{'group_size' if strategy == 'group' else 'block_structure [rows, columns]'}")
         groups.append(CompressedGroup(tuple(g.get("targets") or ()), fmt, weights))
-    if not groups:
-        raise ValueError("compressed-tensors checkpoint without a config group that quantizes weights")
-    return groups
+    return groups  # none: only activations or caches were quantized, the weights are plain floats
 
 
 def _group_of(module: str, groups: list[CompressedGroup]) -> CompressedGroup:
-    """The config group that quantized `module`: the first whose ``re:`` target matches its name, else
-    the first with a class-name target (a checkpoint names no classes we could check: "Linear" is every
-    quantized matrix)."""
-    for g in groups:
-        if any(t.startswith("re:") and re.match(t[3:], module) for t in g.targets):
-            return g
-    for g in groups:
-        if any(not t.startswith("re:") for t in g.targets):
-            return g
+    """The config group that quantized `module`, in compressed-tensors' order: a target naming it
+    exactly, else a ``re:`` target matching it, else a class-name target (a checkpoint names no
+    classes we could check: "Linear" is every quantized matrix); a later group wins a tie, as there."""
+    tiers = (lambda t: t == module, lambda t: t.startswith("re:") and re.match(t[3:], module) is not None,
+             lambda t: not t.startswith("re:") and "." not in t)
+    for matches in tiers:
+        found = [g for g in groups if any(matches(t) for t in g.targets)]
+        if found:
+            return found[-1]
     raise ValueError(f"'{module}' holds compressed-tensors weights but no config group targets it")
 
 
@@ -109,9 +112,12 @@ def compressed_matrices(tensors: dict, groups: list[CompressedGroup]) -> tuple[d
     the names of the stored parts those replace, and of the scales nothing reads). ValueError naming
     the tensor for a part missing, of the wrong kind or shape."""
     stored, parts = {}, set()
-    for name in tensors:
-        if name.endswith(_CACHE_SCALES) or name.endswith((".input_scale", ".output_scale")):
+    for name, t in tensors.items():
+        if name.endswith((*_CACHE_SCALES, ".input_scale", ".output_scale")):
             parts.add(name)
+        if isinstance(t, torch.Tensor) and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) \
+                and f"{name}_scale" not in tensors:
+            raise ValueError(f"float8 tensor '{name}' has no '{name}_scale'")
         if not name.endswith(".weight_scale"):
             continue
         module = name.removesuffix(".weight_scale")
@@ -140,7 +146,8 @@ def _matrix(module: str, t: dict, group: CompressedGroup):
         if codes is None:
             raise ValueError(f"'{module}' ({group.format}) has no '{module}.weight'")
         shape = tuple(codes.shape)
-        kinds = (torch.float8_e4m3fn, torch.float8_e5m2) if group.format == "float-quantized" else (torch.int8,)
+        floats = group.weights.get("type") == "float"  # FP8 weights alone are written as naive-quantized
+        kinds = (torch.float8_e4m3fn, torch.float8_e5m2) if floats else (torch.int8,)
         if codes.dtype not in kinds or codes.dim() != 2:
             raise ValueError(f"'{module}.weight' is {codes.dtype} {list(codes.shape)}: a {group.format} weight is a "
                              f"matrix of {' or '.join(map(str, kinds))}")
@@ -150,7 +157,9 @@ def _matrix(module: str, t: dict, group: CompressedGroup):
 
 
 def _strategy(weights: dict) -> str:
-    return weights.get("strategy") or ("group" if weights.get("group_size") else "tensor")
+    """The weights' strategy; unset: by group_size, as compressed-tensors reads it (-1: per row)."""
+    size = weights.get("group_size")
+    return weights.get("strategy") or ("tensor" if not size else "channel" if size < 0 else "group")
 
 
 def _grid(rows: int, cols: int, weights: dict) -> list[int]:
@@ -174,14 +183,27 @@ def _scale_grid(module: str, t: dict, shape: tuple, group: CompressedGroup, bits
     if list(scale.shape) != grid and not (grid == [1] and scale.numel() == 1):
         raise ValueError(f"'{module}.weight_scale' is {list(scale.shape)}: expected {grid} for the {list(shape)} "
                          f"weight ({_strategy(group.weights)} strategy)")
-    if zero is not None and group.format == "pack-quantized" and _strategy(group.weights) in ("channel", "group"):
-        zero = unpack_int32(zero.t(), bits, rows).t()  # packed along the rows
-    if zero is not None and zero.numel() != scale.numel():
-        raise ValueError(f"'{module}.weight_zero_point' is {list(zero.shape)}: one per scale {list(scale.shape)}")
+    zero = _zero_point(module, zero, scale, rows, group, bits)
     if "weight_g_idx" in t and list(t["weight_g_idx"].shape) != [cols]:
         raise ValueError(f"'{module}.weight_g_idx' is {list(t['weight_g_idx'].shape)}: one group index per column "
                          f"({cols})")
     return scale, zero
+
+
+def _zero_point(module: str, zero, scale: torch.Tensor, rows: int, group: CompressedGroup, bits: int):
+    """The zero points as a grid like the scale's, or None: symmetric weights have none (very old
+    checkpoints stored zeros anyway); pack-quantized ones since compressed-tensors 0.10 are packed
+    along the rows (int32 [ceil(rows * bits / 32), groups]), earlier ones stored as they are."""
+    if zero is None or group.weights.get("symmetric", True):
+        return None
+    packed = [-(-rows * bits // 32), scale.shape[1]] if scale.dim() == 2 else None
+    if group.format == "pack-quantized" and zero.dtype == torch.int32 and list(zero.shape) == packed \
+            and list(scale.shape) != packed:
+        zero = unpack_int32(zero.t(), bits, rows).t()
+    if not (list(zero.shape) == list(scale.shape) or (scale.numel() == 1 and zero.numel() == 1)):
+        raise ValueError(f"'{module}.weight_zero_point' is {zero.dtype} {list(zero.shape)}: expected one per scale "
+                         f"{list(scale.shape)}" + (f" or int32 {packed} packed" if packed else ""))
+    return zero
 
 
 def unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -195,16 +217,16 @@ def unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def dequantize_compressed(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                           g_idx: torch.Tensor | None, shape: tuple, bits: int | None, weights: dict,
-                          dtype: torch.dtype, device: str | torch.device = "cpu", chunk: int = 4096) -> torch.Tensor:
+                          dtype: torch.dtype, device: str | torch.device = "cpu", chunk: int = 1 << 24) -> torch.Tensor:
     """(q - zero) x scale as a [rows, columns] matrix of `dtype` on `device`: q the float8 / int8 codes,
     or int32 words of `bits`-bit codes; scale and zero per tensor, row, group of columns (``weights``'
-    group_size, or `g_idx` per column) or block (``weights``' block_structure). `chunk` rows at a time
-    (a multiple of the block height) bound the float temporaries."""
+    group_size, or `g_idx` per column; -1 in it: column order) or block (``weights``' block_structure).
+    Rows of about `chunk` elements at a time (a multiple of the block height) bound the temporaries."""
     rows, cols = shape
     block = int(weights["block_structure"][0]) if _strategy(weights) == "block" else 1
-    step = max(block, chunk // block * block)
+    step = max(block, chunk // max(cols, 1) // block * block)
     out = torch.empty(rows, cols, dtype=dtype, device=device)
-    g_idx = None if g_idx is None else g_idx.to(device).long()
+    g_idx = None if g_idx is None or bool((g_idx < 0).any()) else g_idx.to(device).long()  # -1: column order
     for r0 in range(0, rows, step):
         part = codes[r0:r0 + step].to(device)
         q = (unpack_int32(part, bits, cols) if bits is not None else part).float()

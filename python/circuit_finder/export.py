@@ -287,9 +287,30 @@ def remap_config(config: dict, path: LayerPath, dtype: torch.dtype | None = None
         if (isinstance(value, list) and len(value) == n and key not in ("architectures", "mlp_only_layers")
                 and not key.endswith("token_id")):
             target[key] = [value[i] for i in path]
+    for c in (out, out.get("text_config") or {}):
+        qc = c.get("quantization_config") or {}
+        for key in ("ignore", "modules_to_not_convert"):  # compressed-tensors', FP8's exact module names
+            if isinstance(qc.get(key), list):
+                qc[key] = _names_along(qc[key], path)
+        for group in (qc.get("config_groups") or {}).values():
+            if isinstance(group, dict) and isinstance(group.get("targets"), list):
+                group["targets"] = _names_along(group["targets"], path)
     if dtype is not None:
         out["torch_dtype"] = str(dtype).replace("torch.", "")
         out.pop("dtype", None)
+    return out
+
+
+def _names_along(names: list, path: LayerPath) -> list:
+    """Module names of a quantization_config renumbered along ``path``: an exact name in layer i
+    becomes one name per slot that runs layer i (none if the path skips it); patterns (``re:``) and
+    other names stay as they are."""
+    out = []
+    for name in names:
+        m = re.match(r"(.*\blayers\.)(\d+)(\..*)?$", name) if isinstance(name, str) and not name.startswith("re:") \
+            else None
+        out += [f"{m.group(1)}{k}{m.group(3) or ''}" for k, i in enumerate(path) if i == int(m.group(2))] if m \
+            else [name]
     return out
 
 
