@@ -28,6 +28,8 @@ from functools import partial
 
 import torch
 
+from .quants import FP8_DTYPES, expand_blocks
+
 __all__ = ["FORMATS", "PARTS", "CompressedGroup", "compressed_groups", "compressed_matrices", "dequantize_compressed",
            "unpack_int32"]
 
@@ -115,7 +117,7 @@ def compressed_matrices(tensors: dict, groups: list[CompressedGroup]) -> tuple[d
     for name, t in tensors.items():
         if name.endswith((*_CACHE_SCALES, ".input_scale", ".output_scale")):
             parts.add(name)
-        if isinstance(t, torch.Tensor) and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) \
+        if isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES \
                 and f"{name}_scale" not in tensors:
             raise ValueError(f"float8 tensor '{name}' has no '{name}_scale'")
         if not name.endswith(".weight_scale"):
@@ -147,7 +149,7 @@ def _matrix(module: str, t: dict, group: CompressedGroup):
             raise ValueError(f"'{module}' ({group.format}) has no '{module}.weight'")
         shape = tuple(codes.shape)
         floats = group.weights.get("type") == "float"  # FP8 weights alone are written as naive-quantized
-        kinds = (torch.float8_e4m3fn, torch.float8_e5m2) if floats else (torch.int8,)
+        kinds = FP8_DTYPES if floats else (torch.int8,)
         if codes.dtype not in kinds or codes.dim() != 2:
             raise ValueError(f"'{module}.weight' is {codes.dtype} {list(codes.shape)}: a {group.format} weight is a "
                              f"matrix of {' or '.join(map(str, kinds))}")
@@ -227,12 +229,14 @@ def dequantize_compressed(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
     step = max(block, chunk // max(cols, 1) // block * block)
     out = torch.empty(rows, cols, dtype=dtype, device=device)
     g_idx = None if g_idx is None or bool((g_idx < 0).any()) else g_idx.to(device).long()  # -1: column order
+    scale = scale.to(device).float()
+    zero = None if zero is None else zero.to(device).float()
     for r0 in range(0, rows, step):
         part = codes[r0:r0 + step].to(device)
         q = (unpack_int32(part, bits, cols) if bits is not None else part).float()
         if zero is not None:
-            q -= _expand(zero.to(device).float(), r0, q.shape[0], cols, g_idx, weights)
-        out[r0:r0 + step] = q * _expand(scale.to(device).float(), r0, q.shape[0], cols, g_idx, weights)
+            q -= _expand(zero, r0, q.shape[0], cols, g_idx, weights)
+        out[r0:r0 + step] = q * _expand(scale, r0, q.shape[0], cols, g_idx, weights)
     return out
 
 
@@ -243,9 +247,8 @@ def _expand(grid: torch.Tensor, r0: int, n: int, cols: int, g_idx, weights: dict
     if strategy == "tensor":
         return grid.reshape(())
     if strategy == "block":
-        b0, b1 = (int(b) for b in weights["block_structure"])
-        part = grid[r0 // b0:-(-(r0 + n) // b0)].repeat_interleave(b0, dim=0)[:n]
-        return part.repeat_interleave(b1, dim=1)[:, :cols]
+        b0 = int(weights["block_structure"][0])
+        return expand_blocks(grid[r0 // b0:-(-(r0 + n) // b0)], weights["block_structure"], n, cols)
     part = grid[r0:r0 + n]
     if strategy == "channel":
         return part

@@ -30,11 +30,13 @@ import json
 import math
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from . import _C
+from .compressed import compressed_groups, compressed_matrices
 from .config import ModelConfig, parse_config
 from .files import package_file
 from .layout import lay_out_fused
@@ -45,8 +47,10 @@ from .quants import (
     PACKED_TYPES,
     MixModel,
     PackedTensor,
+    dequantize_fp8,
     dequantize_mxfp4,
-    dequantized_on_load,
+    fp8_block_size,
+    fp8_pairs,
     llama_cpp_70b,
     mxfp4_pairs,
     mxfp4_shape,
@@ -307,7 +311,7 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
         checkpoint_dtype = torch.float32
     target = resolve_dtype(dtype, checkpoint_dtype)
     mxfp4 = mxfp4_pairs(tensors)  # GPT-OSS's MXFP4 experts: sized and placed as the tensors they become
-    stored, parts = dequantized_on_load(tensors, config.raw)  # FP8 / compressed-tensors: dequantized one at a time
+    stored, parts = _dequantized_on_load(tensors, config.raw)  # FP8 / compressed-tensors: dequantized one at a time
     tensors = {n: t for n, t in tensors.items() if n not in parts}
     tensors.update({n: torch.empty(shape, dtype=target, device="meta") for n, (shape, _) in stored.items()})
     ggml = {n: t for n, t in tensors.items() if isinstance(t, PackedTensor)}
@@ -346,6 +350,19 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
                   tensors={**moved, **kept}, placement=placed)
     model.activations = activations
     return model
+
+
+def _dequantized_on_load(tensors: dict, config: dict) -> tuple[dict, set[str]]:
+    """The matrices a fine-grained FP8 or a compressed-tensors checkpoint stores quantized:
+    ({weight name: (its float shape, a function (dtype, device) -> the dequantized matrix)}, the names of
+    the stored tensors and scales they replace). Empty for any other checkpoint."""
+    groups = compressed_groups(config)
+    if groups is not None:
+        return compressed_matrices(tensors, groups)
+    block = fp8_block_size(config)
+    fp8 = fp8_pairs(tensors, block)
+    parts = set(fp8) | {f"{n}_scale_inv" for n in fp8} | {n.rsplit(".", 1)[0] + ".activation_scale" for n in fp8}
+    return {n: (tuple(w.shape), partial(dequantize_fp8, w, s, block)) for n, (w, s) in fp8.items()}, parts
 
 
 def _same_values(a, b) -> bool:

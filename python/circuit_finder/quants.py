@@ -32,8 +32,8 @@ Devstral's default repos) store a linear layer's ``weight`` as float8 (E4M3, or 
 gives weight x scale in the compute dtype, one matrix at a time on the device it goes to, as
 transformers does without an FP8-capable GPU.
 
-``dequantized_on_load`` is the loader's one entry to the checkpoints stored quantized that load
-dequantized: fine-grained FP8 here, compressed-tensors checkpoints in ``compressed``.
+Compressed-tensors checkpoints, which load by dequantizing too, live in ``compressed`` (it reads
+FP8_DTYPES and ``expand_blocks`` here); the loader takes both through one entry.
 
 Limits: MXFP4, fine-grained FP8 and compressed-tensors only (no GPTQ / AWQ / bitsandbytes); a NaN
 MXFP4 scale (255) dequantizes to inf, as ldexp does.
@@ -44,15 +44,13 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
-from .compressed import compressed_groups, compressed_matrices
 from .quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows
 
 __all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MIXES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES",
-           "FP8_DTYPES", "MixModel", "PackedTensor", "dequantize_fp8", "dequantized_on_load", "dequantize_ggml_mxfp4", "dequantize_mxfp4",
+           "FP8_DTYPES", "MixModel", "PackedTensor", "dequantize_fp8", "expand_blocks", "dequantize_ggml_mxfp4", "dequantize_mxfp4",
            "fp8_block_size", "fp8_pairs", "is_matrix_name", "llama_cpp_70b", "mix_type", "mxfp4_pairs", "mxfp4_shape",
            "packs_on", "quantize_choice", "quantize_matrix"]
 
@@ -236,19 +234,6 @@ def fp8_pairs(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None) -
     return out
 
 
-def dequantized_on_load(tensors: dict, config: dict) -> tuple[dict, set[str]]:
-    """The matrices a fine-grained FP8 or a compressed-tensors checkpoint stores quantized:
-    ({weight name: (its float shape, a function (dtype, device) -> the dequantized matrix)}, the names of
-    the stored tensors and scales they replace). Empty for any other checkpoint."""
-    groups = compressed_groups(config)
-    if groups is not None:
-        return compressed_matrices(tensors, groups)
-    block = fp8_block_size(config)
-    fp8 = fp8_pairs(tensors, block)
-    parts = set(fp8) | {f"{n}_scale_inv" for n in fp8} | {n.rsplit(".", 1)[0] + ".activation_scale" for n in fp8}
-    return {n: (tuple(w.shape), partial(dequantize_fp8, w, s, block)) for n, (w, s) in fp8.items()}, parts
-
-
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, dtype: torch.dtype,
                    device: str | torch.device = "cpu") -> torch.Tensor:
     """weight (float8) x its scale (one, or one per ``block`` of [rows, columns], the grid's last row and
@@ -258,9 +243,14 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     w = weight.to(device).float()
     if s.numel() == 1:
         return (w * s.reshape(())).to(dtype)
-    rows, cols = w.shape[-2:]
-    s = s.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
-    return (w * s).to(dtype)
+    return (w * expand_blocks(s, block, *w.shape[-2:])).to(dtype)
+
+
+def expand_blocks(grid: torch.Tensor, block, rows: int, cols: int) -> torch.Tensor:
+    """A grid of one value per ``block`` [rows, columns] over the last two dimensions, repeated to
+    [..., rows, cols] (the grid's last row and column covering what is left)."""
+    b0, b1 = (int(b) for b in block)
+    return grid.repeat_interleave(b0, dim=-2)[..., :rows, :].repeat_interleave(b1, dim=-1)[..., :cols]
 
 
 def dequantize_ggml_mxfp4(raw: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
