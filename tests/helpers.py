@@ -122,6 +122,18 @@ def relative(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
     return rel
 
 
+def quantized_paths_match(name: str, ours, ref_model, float_model, ids: torch.Tensor,
+                          paths=([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 2, 3, 4, 5])) -> None:
+    """Our model of a quantized checkpoint against ref_model (transformers on its dequantized
+    weights) along each path (< 1e-5 relative), and the reference against the float model before
+    quantization (> 1e-4: the quantization is real, so the first check could fail)."""
+    for layers in paths:
+        with torch.no_grad():
+            ref, exact = rebuilt(ref_model, layers)(ids).logits, rebuilt(float_model, layers)(ids).logits
+        assert relative(f"{name} vs the reference, path {layers}", ours.logits(ids, layers=layers), ref) < 1e-5
+        assert relative(f"{name}: the quantization error itself (vs the float model)", ref, exact) > 1e-4
+
+
 def half_errors(name: str, hf_model, folder, ids: torch.Tensor, path, dtype=torch.bfloat16) -> tuple[float, float]:
     """(our mean abs error, transformers' mean abs error) in `dtype` (bf16 or fp16), both against
     transformers' fp32 logits along `path`, on the device `ids` are on; printed. Our logits must be finite."""

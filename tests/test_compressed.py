@@ -23,7 +23,7 @@ from circuit_finder.compressed import (
     unpack_int32,
 )
 from circuit_finder.quants import PackedTensor, quantize_matrix
-from helpers import build_hf_model, rebuilt, relative
+from helpers import build_hf_model, quantized_paths_match, rebuilt, relative
 
 ct = pytest.importorskip("compressed_tensors")
 
@@ -183,12 +183,8 @@ def test_compressed_moe_checkpoint_per_expert(tmp_path, preset, fmt):
     ours = cf.load(tmp_path)
     assert not any(n.endswith((".weight_scale", ".weight_packed", ".weight_shape")) for n in ours.tensors)
     ids = torch.randint(0, 160, (2, 20), generator=torch.Generator().manual_seed(2))
-    for layers in ([0, 1, 2, 3, 4, 5], [0, 1, 2, 1, 2, 3, 4, 5]):
-        with torch.no_grad():
-            ref, exact = rebuilt(ref_model, layers)(ids).logits, rebuilt(hf, layers)(ids).logits
-        assert relative(f"qwen3_moe {preset} vs transformers dequantizing it, path {layers}",
-                        ours.logits(ids, layers=layers), ref) < 1e-5
-        assert relative(f"qwen3_moe {preset}: the quantization error itself", ref, exact) > 1e-4
+    quantized_paths_match(f"qwen3_moe {preset} (reference: transformers dequantizing it)", ours, ref_model, hf, ids,
+                          paths=([0, 1, 2, 3, 4, 5], [0, 1, 2, 1, 2, 3, 4, 5]))
 
 
 def test_compressed_checkpoint_quantizes_and_exports(tmp_path):

@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from .quants import FP8_DTYPES, expand_blocks
+from .quants import FP8_DTYPES, expand_blocks, unpack_words
 
 __all__ = ["FORMATS", "PARTS", "CompressedGroup", "compressed_groups", "compressed_matrices", "dequantize_compressed",
            "unpack_int32"]
@@ -211,10 +211,7 @@ def _zero_point(module: str, zero, scale: torch.Tensor, rows: int, group: Compre
 def unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """int32 words [rows, n] of `bits`-bit codes (element j of each word at bit j * bits, the word's
     codes in order along the row, stored plus 2^(bits-1)) -> int32 [rows, count], the offset removed."""
-    per = 32 // bits
-    shifts = torch.arange(per, device=words.device, dtype=torch.int32) * bits
-    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(words.shape[0], -1)[:, :count] - (1 << (bits - 1))
+    return unpack_words(words, bits, count) - (1 << (bits - 1))
 
 
 def dequantize_compressed(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

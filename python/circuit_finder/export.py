@@ -25,6 +25,9 @@ whatever layout they were loaded from (transformers v5's stacked tensors, GGUF's
 lists the path's dense slots in ``mlp_only_layers``. GPT-OSS's published layout is stacked
 (``mlp.experts.gate_up_proj`` [E, H, 2I], gate and up columns alternating): written so; an MXFP4
 folder keeps its packed bytes and quantization_config, a loaded (dequantized) model drops the latter.
+So do fine-grained FP8, compressed-tensors, GPTQ and AWQ folders: their stored parts are written as
+they are (scales not cast by ``dtype``), with the quantization_config's exact module names
+renumbered along the path.
 
 Limits: mergekit reads Hugging Face models, so a GGUF source needs ``model=`` (the Hugging Face
 name to write); a hub id's layer count is not fetched (no network), pass ``num_layers``.
@@ -367,13 +370,13 @@ def _hf_source_weights(src, target: torch.dtype | None):
 
 
 def _quantized_part(name: str, t) -> bool:
-    """A fine-grained FP8 or compressed-tensors checkpoint's stored weight, scale or zero point, written
-    as it is whatever dtype= says (its quantization_config stays; a weight cast apart from its scale, or
-    a scale rounded, would read wrong)."""
-    from .compressed import PARTS
+    """A fine-grained FP8, compressed-tensors, GPTQ or AWQ checkpoint's stored weight, scale or zero
+    point, written as it is whatever dtype= says (its quantization_config stays; a weight cast apart
+    from its scale, or a scale rounded, would read wrong)."""
+    from . import compressed, gptq
     from .quants import FP8_DTYPES
 
-    return t.dtype in FP8_DTYPES or name.endswith(("_scale_inv", ".activation_scale", *PARTS))
+    return t.dtype in FP8_DTYPES or name.endswith(("_scale_inv", ".activation_scale", *compressed.PARTS, *gptq.PARTS))
 
 
 def _floats(t, dtype: torch.dtype):
@@ -469,13 +472,27 @@ def qwen3_next_hub_projections(tensors: dict, config: dict, dtype: torch.dtype =
 
 def _without_quantization(config: dict, tensors: dict) -> dict:
     """The config without its quantization_config when the tensors written are not quantized (a
-    loaded GPT-OSS, whose MXFP4 experts were dequantized; a loaded FP8 or compressed-tensors
-    checkpoint): the export holds plain weights. A folder's MXFP4 blocks, FP8 weights or
-    compressed-tensors weights with their scales keep it."""
-    if any(name.endswith(("_blocks", "_scale_inv", ".weight_scale")) for name in tensors) \
+    loaded GPT-OSS, whose MXFP4 experts were dequantized; a loaded FP8, compressed-tensors, GPTQ or
+    AWQ checkpoint): the export holds plain weights. A folder's MXFP4 blocks, FP8 weights,
+    compressed-tensors weights with their scales or GPTQ / AWQ qweights keep it."""
+    if any(name.endswith(("_blocks", "_scale_inv", ".weight_scale", ".qweight")) for name in tensors) \
             or "quantization_config" not in config:
         return config
     return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
+def _dynamic_along(config: dict, names: list[tuple[str, str]]) -> dict:
+    """The config with a GPTQ quantization_config's ``dynamic`` (GPTQModel's per-module patterns) made
+    to give each written module its source module's rule (``gptq.dynamic_along``); else unchanged."""
+    from .gptq import dynamic_along
+
+    out = json.loads(json.dumps(config))
+    for c in (out, out.get("text_config") or {}):
+        qc = c.get("quantization_config") or {}
+        if qc.get("quant_method") == "gptq" and qc.get("dynamic"):
+            modules = {(o.rsplit(".", 1)[0], s.rsplit(".", 1)[0]) for o, s in names if s.endswith((".qweight", ".weight"))}
+            qc["dynamic"] = dynamic_along(qc["dynamic"], sorted(modules))
+    return out
 
 
 def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:
@@ -627,7 +644,9 @@ def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | No
     tensors, tokenizer, tokenizer_files, packed_dtype = _hf_source_weights(src, target)
     tensors = hub_expert_tensors(tensors, config, packed_dtype)
     config = _without_quantization(config, tensors)
-    shards = _plan_shards(tensors, _slot_names(tensors, path, n), target, limit, packed_dtype)
+    names = _slot_names(tensors, path, n)
+    config = _dynamic_along(config, names)
+    shards = _plan_shards(tensors, names, target, limit, packed_dtype)
     with staged(dst, folder=True) as tmp:
         _write_shards(tmp, tensors, shards, target, packed_dtype)
         _write_config_and_tokenizer(tmp, config, path, target, tokenizer, tokenizer_files)

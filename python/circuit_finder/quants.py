@@ -32,10 +32,11 @@ Devstral's default repos) store a linear layer's ``weight`` as float8 (E4M3, or 
 gives weight x scale in the compute dtype, one matrix at a time on the device it goes to, as
 transformers does without an FP8-capable GPU.
 
-Compressed-tensors checkpoints, which load by dequantizing too, live in ``compressed`` (it reads
-FP8_DTYPES and ``expand_blocks`` here); the loader takes both through one entry.
+Compressed-tensors checkpoints and GPTQ / AWQ ones, which load by dequantizing too, live in
+``compressed`` and ``gptq`` (they read FP8_DTYPES, ``expand_blocks`` and ``unpack_words`` here); the
+loader takes them all through one entry.
 
-Limits: MXFP4, fine-grained FP8 and compressed-tensors only (no GPTQ / AWQ / bitsandbytes); a NaN
+Limits: MXFP4, fine-grained FP8, compressed-tensors, GPTQ and AWQ only (no bitsandbytes); a NaN
 MXFP4 scale (255) dequantizes to inf, as ldexp does.
 """
 
@@ -52,7 +53,7 @@ from .quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows
 __all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MIXES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES",
            "FP8_DTYPES", "MixModel", "PackedTensor", "dequantize_fp8", "expand_blocks", "dequantize_ggml_mxfp4", "dequantize_mxfp4",
            "fp8_block_size", "fp8_pairs", "is_matrix_name", "llama_cpp_70b", "mix_type", "mxfp4_pairs", "mxfp4_shape",
-           "packs_on", "quantize_choice", "quantize_matrix"]
+           "packs_on", "quantize_choice", "quantize_matrix", "unpack_words"]
 
 # ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
 PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
@@ -251,6 +252,16 @@ def expand_blocks(grid: torch.Tensor, block, rows: int, cols: int) -> torch.Tens
     [..., rows, cols] (the grid's last row and column covering what is left)."""
     b0, b1 = (int(b) for b in block)
     return grid.repeat_interleave(b0, dim=-2)[..., :rows, :].repeat_interleave(b1, dim=-1)[..., :cols]
+
+
+def unpack_words(words: torch.Tensor, bits: int, count: int, dim: int = -1, order=None) -> torch.Tensor:
+    """int32 words of `bits`-bit codes (2, 4 or 8) packed along `dim` -> their codes as int32, `count`
+    of them along `dim`: code j of a word at bit j x bits, or at bit order[j] x bits (AWQ's order)."""
+    per = 32 // bits
+    shifts = torch.tensor(range(per) if order is None else order, dtype=torch.int32, device=words.device) * bits
+    w = words.movedim(dim, -1)
+    codes = ((w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)[..., :count]
+    return codes.movedim(-1, dim)
 
 
 def dequantize_ggml_mxfp4(raw: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
