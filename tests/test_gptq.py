@@ -129,7 +129,8 @@ def quantize_folder(hf_model, folder, method="gptq", bits=4, group_size=16, act_
               "version": "gemm", "modules_to_not_convert": None}
     else:
         qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order,
-              "sym": symmetric, "checkpoint_format": fmt, "pack_dtype": "int32"}
+              "sym": symmetric, "checkpoint_format": fmt, "pack_dtype": "int32",
+              "meta": {"quantizer": ["gptqmodel:7.7.0"]}}  # its v1 writer: zero points minus one, word by word
         if dynamic:
             qc["dynamic"] = dynamic
     config["quantization_config"] = qc
@@ -265,6 +266,15 @@ def test_gptq_export_keeps_each_modules_dynamic_rule(tmp_path):
     assert list(written)[-2:] == list(dynamic)  # the source's patterns last
     assert relative(f"the GPTQ folder's export along {path} with its dynamic rules, reloaded",
                     cf.load(tmp_path / "out").logits(ids), ref) < 1e-6
+    back = [0, 1, 2, 3, 5, 4, 6, 7]  # an export of the export: its exact entries are replaced, not kept
+    cf.export_hf(tmp_path / "out", tmp_path / "again", back)
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert again[r"-:^model\.layers\.4\.self_attn\.o_proj$"] == {}  # slot 4 runs slot 5 of out: layer 4
+    assert again[r"+:^model\.layers\.5\.self_attn\.o_proj$"] == {}  # slot 5 runs slot 4 of out: layer 3
+    assert r"+:^model\.layers\.4\.self_attn\.o_proj$" not in again and r"-:^model\.layers\.5\.self_attn\.o_proj$" \
+        not in again  # out's entries for those names, of the other sign: gone
+    assert relative("the export of the export, reloaded", cf.load(tmp_path / "again").logits(ids),
+                    cf.load(tmp_path / "out").logits(ids, layers=back)) < 1e-6
 
 
 def test_dequantization_against_plain_loops():
@@ -336,6 +346,8 @@ def test_what_we_cannot_load_is_named():
         with pytest.raises(ValueError, match=match):
             gptq_config(config)
     assert gptq_config(_gptq(checkpoint_format="GPTQ_V2"))  # read as transformers reads it, lower case
+    with pytest.warns(UserWarning, match="asymmetric GPTQ in the v1 format, not written by GPTQModel"):
+        gptq_config(_gptq(sym=False))
     qc = gptq_config(_gptq())
     with pytest.raises(ValueError, match="'model.embed_tokens.qweight': quantized embeddings are not supported"):
         gptq_matrices({"model.embed_tokens.qweight": torch.zeros(2, 8, dtype=torch.int32)}, qc)

@@ -24,12 +24,15 @@ Limits: 3-bit GPTQ (its codes straddle words), GPTQ's other checkpoint formats (
 AWQ's other versions (gemv, gemv_fast, marlin, exllama) and quantized embeddings are refused with a
 ValueError naming what; so are parts missing or misshapen and group indices out of range. ``dynamic``
 patterns are matched against the names as loaded (a wrapper's ``model.language_model.*`` is read as
-``model.*``), and AWQ's ``dynamic`` is not read: an override they miss fails a shape check.
+``model.*``), and AWQ's ``dynamic`` is not read: an override they miss fails a shape check. (transformers
+itself does not read ``dynamic``; GPTQModel and vLLM do.) Asymmetric v1 files not written by GPTQModel
+load with a warning: AutoGPTQ wrote a zero point of 0 over the rest of its word.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -74,6 +77,10 @@ def gptq_config(config: dict) -> dict | None:
             for bits in [qc.get("bits", 4), *(o.get("bits", 4) for o in (qc.get("dynamic") or {}).values()
                                               if isinstance(o, dict))]:
                 _check_bits("GPTQ", bits, (2, 4, 8))
+            if fmt == "gptq" and qc.get("sym") is False and "gptqmodel" not in str((qc.get("meta") or {}).get("quantizer")):
+                warnings.warn("asymmetric GPTQ in the v1 format, not written by GPTQModel: AutoGPTQ wrote a zero "
+                              "point of 0 over the rest of its int32 word, so such layers read wrong (GPTQModel "
+                              "refuses these files); prefer a symmetric or gptq_v2 checkpoint", stacklevel=4)
             return qc
         if qc.get("quant_method") == "awq":
             version = str(qc.get("version", "gemm")).lower()
@@ -122,7 +129,8 @@ def dynamic_along(dynamic: dict, modules) -> dict:
         if rule != _first_match(dynamic, out):
             sign, override = rule or ("+", {})
             exact[f"{sign}:^{re.escape(out)}$"] = override
-    return {**exact, **dynamic}
+    bodies = {k[2:] for k in exact}  # an older entry for one of these names (either sign): replaced
+    return {**exact, **{k: v for k, v in dynamic.items() if (k[2:] if k[:2] in ("+:", "-:") else k) not in bodies}}
 
 
 def _gptq_format(qc: dict) -> str:
