@@ -134,6 +134,18 @@ def quantized_paths_match(name: str, ours, ref_model, float_model, ids: torch.Te
         assert relative(f"{name}: the quantization error itself (vs the float model)", ref, exact) > 1e-4
 
 
+def load_checking_q8_0(folder, name: str = "model.layers.0.mlp.down_proj.weight"):
+    """cf.load(folder) of a checkpoint stored quantized, after checking that quantize="q8_0" packs
+    exactly the Q8_0 of its dequantized `name` (repacking reads the same dequantization)."""
+    import circuit_finder as cf
+    from circuit_finder.quants import PackedTensor, quantize_matrix
+
+    model, packed = cf.load(folder), cf.load(folder, quantize="q8_0")
+    assert isinstance(packed.tensors[name], PackedTensor)
+    assert torch.equal(packed.tensors[name].blocks, quantize_matrix(model.tensors[name], "Q8_0", name).blocks)
+    return model
+
+
 def half_errors(name: str, hf_model, folder, ids: torch.Tensor, path, dtype=torch.bfloat16) -> tuple[float, float]:
     """(our mean abs error, transformers' mean abs error) in `dtype` (bf16 or fp16), both against
     transformers' fp32 logits along `path`, on the device `ids` are on; printed. Our logits must be finite."""

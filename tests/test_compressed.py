@@ -22,8 +22,7 @@ from circuit_finder.compressed import (
     dequantize_compressed,
     unpack_int32,
 )
-from circuit_finder.quants import PackedTensor, quantize_matrix
-from helpers import build_hf_model, quantized_paths_match, rebuilt, relative
+from helpers import build_hf_model, load_checking_q8_0, quantized_paths_match, rebuilt, relative
 
 ct = pytest.importorskip("compressed_tensors")
 
@@ -195,10 +194,7 @@ def test_compressed_checkpoint_quantizes_and_exports(tmp_path):
 
     hf = build_hf_model("llama", tmp_path / "float", intermediate_size=128)  # rows of whole Q8_0 blocks
     compress(hf, tmp_path, {"g": _scheme("W4A16_ASYM", ["Linear"], group_size=16)})
-    model, name = cf.load(tmp_path), "model.layers.0.mlp.down_proj.weight"
-    packed = cf.load(tmp_path, quantize="q8_0")
-    assert torch.equal(packed.tensors[name].blocks, quantize_matrix(model.tensors[name], "Q8_0", name).blocks)
-    assert isinstance(packed.tensors[name], PackedTensor)
+    model = load_checking_q8_0(tmp_path)
     path = [0, 1, 2, 3, 2, 3, 4, 5]
     ids = torch.randint(0, 160, (2, 24), generator=torch.Generator().manual_seed(1))
     ref = model.logits(ids, layers=path)

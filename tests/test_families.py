@@ -430,8 +430,8 @@ def test_generation_config_end_of_turn_counts_as_eos(model_dir, tmp_path):
 
 def test_quantized_safetensors_checkpoint_is_refused(model_dir, tmp_path):
     folder, _ = model_dir("ministral3")
-    _copy_with_config(folder, tmp_path / "m", lambda c: c.update(quantization_config={"quant_method": "bitsandbytes"}))
-    with pytest.raises(cf.ConfigError, match=r"quantization_config: bitsandbytes\) is not supported"):
+    _copy_with_config(folder, tmp_path / "m", lambda c: c.update(quantization_config={"quant_method": "hqq"}))
+    with pytest.raises(cf.ConfigError, match=r"quantization_config: hqq\) is not supported"):
         cf.load(tmp_path / "m")
 
 

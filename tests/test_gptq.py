@@ -19,8 +19,8 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder.gptq import GptqLayout, dequantize_gptq, gptq_config, gptq_matrices
-from circuit_finder.quants import PackedTensor, quantize_matrix, unpack_words
-from helpers import build_hf_model, quantized_paths_match, relative
+from circuit_finder.quants import unpack_words
+from helpers import build_hf_model, load_checking_q8_0, quantized_paths_match, relative
 
 AUTOAWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's pack: nibble i of a word holds output order[i] of its 8
 
@@ -217,10 +217,7 @@ def test_gptq_checkpoint_quantizes_and_exports(tmp_path):
 
     hf = build_hf_model("llama", tmp_path / "src", intermediate_size=128)  # rows of whole Q8_0 blocks
     quantize_folder(hf, tmp_path / "src", bits=4, group_size=32, act_order=True)
-    model, name = cf.load(tmp_path / "src"), "model.layers.0.mlp.down_proj.weight"
-    packed = cf.load(tmp_path / "src", quantize="q8_0")
-    assert isinstance(packed.tensors[name], PackedTensor)
-    assert torch.equal(packed.tensors[name].blocks, quantize_matrix(model.tensors[name], "Q8_0", name).blocks)
+    model = load_checking_q8_0(tmp_path / "src")
     path = [0, 1, 2, 3, 2, 3, 4, 5]
     ids = torch.randint(0, 160, (2, 24), generator=torch.Generator().manual_seed(3))
     ref = model.logits(ids, layers=path)

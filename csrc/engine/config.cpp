@@ -385,19 +385,21 @@ json decoder_config(const json& top, const std::string& source, ModelConfig& c) 
   Reader r(top, source);
   c.architecture = architecture_name(r);
   // GPT-OSS's published MXFP4 experts, fine-grained FP8 weights (quant_method "fp8"), compressed-tensors,
-  // GPTQ and AWQ checkpoints are dequantized by the loader (circuit_finder.quants, .compressed, .gptq);
+  // GPTQ, AWQ and bitsandbytes checkpoints are dequantized by the loader (circuit_finder.quants,
+  // .compressed, .gptq, .bnb);
   // no other quantization_config is supported.
   for (const json* q : {&top, top.contains("text_config") ? &top["text_config"] : &top}) {
     if (!q->is_object() || !q->contains("quantization_config") || (*q)["quantization_config"].is_null()) continue;
     const json& qc = (*q)["quantization_config"];
     const json method = qc.is_object() && qc.contains("quant_method") ? qc["quant_method"] : json();
     const bool mxfp4 = c.architecture == "GptOssForCausalLM" && method == "mxfp4";
-    const bool dequantized = method == "fp8" || method == "compressed-tensors" || method == "gptq" || method == "awq";
+    const bool dequantized = method == "fp8" || method == "compressed-tensors" || method == "gptq" || method == "awq" ||
+                             method == "bitsandbytes";
     if (!mxfp4 && !dequantized)
       throw ConfigError(cat(source, ": a quantized checkpoint (quantization_config: ",
                             method.is_string() ? method.get<std::string>() : std::string("?"),
-                            ") is not supported (fine-grained FP8, compressed-tensors, GPTQ, AWQ and GPT-OSS's MXFP4 "
-                            "are; not bitsandbytes, HQQ...); use its bf16/fp16 weights or a GGUF file"));
+                            ") is not supported (fine-grained FP8, compressed-tensors, GPTQ, AWQ, bitsandbytes and "
+                            "GPT-OSS's MXFP4 are; not HQQ, torchao, ...); use its bf16/fp16 weights or a GGUF file"));
   }
   json j = top;
   auto wrapper = wrapper_to_text_arch().find(c.architecture);

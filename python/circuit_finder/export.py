@@ -25,7 +25,7 @@ whatever layout they were loaded from (transformers v5's stacked tensors, GGUF's
 lists the path's dense slots in ``mlp_only_layers``. GPT-OSS's published layout is stacked
 (``mlp.experts.gate_up_proj`` [E, H, 2I], gate and up columns alternating): written so; an MXFP4
 folder keeps its packed bytes and quantization_config, a loaded (dequantized) model drops the latter.
-So do fine-grained FP8, compressed-tensors, GPTQ and AWQ folders: their stored parts are written as
+So do fine-grained FP8, compressed-tensors, GPTQ, AWQ and bitsandbytes folders: their stored parts are written as
 they are (scales not cast by ``dtype``), with the quantization_config's exact module names
 renumbered along the path.
 
@@ -292,7 +292,7 @@ def remap_config(config: dict, path: LayerPath, dtype: torch.dtype | None = None
             target[key] = [value[i] for i in path]
     for c in (out, out.get("text_config") or {}):
         qc = c.get("quantization_config") or {}
-        for key in ("ignore", "modules_to_not_convert"):  # compressed-tensors', FP8's exact module names
+        for key in ("ignore", "modules_to_not_convert", "llm_int8_skip_modules"):  # exact module names
             if isinstance(qc.get(key), list):
                 qc[key] = _names_along(qc[key], path)
         for group in (qc.get("config_groups") or {}).values():
@@ -370,13 +370,14 @@ def _hf_source_weights(src, target: torch.dtype | None):
 
 
 def _quantized_part(name: str, t) -> bool:
-    """A fine-grained FP8, compressed-tensors, GPTQ or AWQ checkpoint's stored weight, scale or zero
-    point, written as it is whatever dtype= says (its quantization_config stays; a weight cast apart
+    """A fine-grained FP8, compressed-tensors, GPTQ, AWQ or bitsandbytes checkpoint's stored weight,
+    scale or zero point, written as it is whatever dtype= says (its quantization_config stays; a weight cast apart
     from its scale, or a scale rounded, would read wrong)."""
-    from . import compressed, gptq
+    from . import bnb, compressed, gptq
     from .quants import FP8_DTYPES
 
-    return t.dtype in FP8_DTYPES or name.endswith(("_scale_inv", ".activation_scale", *compressed.PARTS, *gptq.PARTS))
+    return t.dtype in FP8_DTYPES or name.endswith(("_scale_inv", ".activation_scale", *compressed.PARTS, *gptq.PARTS,
+                                                   *bnb.PARTS))
 
 
 def _floats(t, dtype: torch.dtype):
@@ -472,11 +473,12 @@ def qwen3_next_hub_projections(tensors: dict, config: dict, dtype: torch.dtype =
 
 def _without_quantization(config: dict, tensors: dict) -> dict:
     """The config without its quantization_config when the tensors written are not quantized (a
-    loaded GPT-OSS, whose MXFP4 experts were dequantized; a loaded FP8, compressed-tensors, GPTQ or
-    AWQ checkpoint): the export holds plain weights. A folder's MXFP4 blocks, FP8 weights,
-    compressed-tensors weights with their scales or GPTQ / AWQ qweights keep it."""
-    if any(name.endswith(("_blocks", "_scale_inv", ".weight_scale", ".qweight")) for name in tensors) \
-            or "quantization_config" not in config:
+    loaded GPT-OSS, whose MXFP4 experts were dequantized; a loaded FP8, compressed-tensors, GPTQ, AWQ
+    or bitsandbytes checkpoint): the export holds plain weights. A folder's MXFP4 blocks, FP8
+    weights, compressed-tensors weights with their scales, GPTQ / AWQ qweights or bitsandbytes codes
+    keep it."""
+    kept = ("_blocks", "_scale_inv", ".weight_scale", ".qweight", ".SCB", ".quant_map")
+    if any(name.endswith(kept) for name in tensors) or "quantization_config" not in config:
         return config
     return {k: v for k, v in config.items() if k != "quantization_config"}
 

@@ -15,8 +15,9 @@ kernels (cuda/quant.cu), else dequantized there. ``device_map`` splits the
 layers over devices (``placement.plan``: checked against each device's memory from the tensors'
 sizes before any weight is moved, converted or dequantized).
 
-GPT-OSS's MXFP4 expert tensors, fine-grained FP8, compressed-tensors, GPTQ and AWQ checkpoints are
-dequantized on load (``quants``, ``compressed``, ``gptq``), one matrix at a time on the device of its layer.
+GPT-OSS's MXFP4 expert tensors, fine-grained FP8, compressed-tensors, GPTQ, AWQ and bitsandbytes
+checkpoints are dequantized on load (``quants``, ``compressed``, ``gptq``, ``bnb``), one matrix at a
+time on the device of its layer.
 On GPUs each layer's q / k / v and each gated MLP's gate / up are laid out as one matrix, and a
 mixture of experts' per-expert matrices stacked (``layout.lay_out_fused``; ``fuse_projections``):
 the engine runs each group as one product, and stacked bf16 experts as grouped GEMMs.
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import _C
+from .bnb import bnb_matrices, is_bnb
 from .compressed import compressed_groups, compressed_matrices
 from .config import ModelConfig, parse_config
 from .files import package_file
@@ -312,7 +314,7 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
         checkpoint_dtype = torch.float32
     target = resolve_dtype(dtype, checkpoint_dtype)
     mxfp4 = mxfp4_pairs(tensors)  # GPT-OSS's MXFP4 experts: sized and placed as the tensors they become
-    stored, parts = _dequantized_on_load(tensors, config.raw)  # FP8 / compressed / GPTQ / AWQ: one at a time
+    stored, parts = _dequantized_on_load(tensors, config.raw)  # FP8 / compressed / GPTQ / AWQ / bnb
     tensors = {n: t for n, t in tensors.items() if n not in parts}
     tensors.update({n: torch.empty(shape, dtype=target, device="meta") for n, (shape, _) in stored.items()})
     ggml = {n: t for n, t in tensors.items() if isinstance(t, PackedTensor)}
@@ -354,7 +356,7 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
 
 
 def _dequantized_on_load(tensors: dict, config: dict) -> tuple[dict, set[str]]:
-    """The matrices a fine-grained FP8, compressed-tensors, GPTQ or AWQ checkpoint stores quantized:
+    """The matrices a fine-grained FP8, compressed-tensors, GPTQ, AWQ or bitsandbytes checkpoint stores quantized:
     ({weight name: (its float shape, a function (dtype, device) -> the dequantized matrix)}, the names of
     the stored tensors and scales they replace). Empty for any other checkpoint."""
     groups = compressed_groups(config)
@@ -363,6 +365,8 @@ def _dequantized_on_load(tensors: dict, config: dict) -> tuple[dict, set[str]]:
     gptq = gptq_config(config)
     if gptq is not None:
         return gptq_matrices(tensors, gptq)
+    if is_bnb(config):
+        return bnb_matrices(tensors)
     block = fp8_block_size(config)
     fp8 = fp8_pairs(tensors, block)
     parts = set(fp8) | {f"{n}_scale_inv" for n in fp8} | {n.rsplit(".", 1)[0] + ".activation_scale" for n in fp8}

@@ -32,11 +32,11 @@ Devstral's default repos) store a linear layer's ``weight`` as float8 (E4M3, or 
 gives weight x scale in the compute dtype, one matrix at a time on the device it goes to, as
 transformers does without an FP8-capable GPU.
 
-Compressed-tensors checkpoints and GPTQ / AWQ ones, which load by dequantizing too, live in
-``compressed`` and ``gptq`` (they read FP8_DTYPES, ``expand_blocks`` and ``unpack_words`` here); the
-loader takes them all through one entry.
+Compressed-tensors, GPTQ / AWQ and bitsandbytes checkpoints, which load by dequantizing too, live in
+``compressed``, ``gptq`` and ``bnb`` (the first two read FP8_DTYPES, ``expand_blocks`` and
+``unpack_words`` here); the loader takes them all through one entry.
 
-Limits: MXFP4, fine-grained FP8, compressed-tensors, GPTQ and AWQ only (no bitsandbytes); a NaN
+Limits: MXFP4, fine-grained FP8, compressed-tensors, GPTQ, AWQ and bitsandbytes only; a NaN
 MXFP4 scale (255) dequantizes to inf, as ldexp does.
 """
 
