@@ -120,6 +120,43 @@ def test_bnb_checkpoint_quantizes_and_exports(tmp_path):
                     cf.load(tmp_path / "kept32").logits(ids), ref) < 1e-6
 
 
+def test_bnb_codes_stored_as_floats_export_as_stored(tmp_path):
+    """bnb_4bit_quant_storage=bfloat16 stores the codes' bytes as a bf16 tensor: an export with
+    dtype= must copy them, not convert them (converted, they load as other weights without an error).
+    A config of transformers before 4.32 (load_in_4bit, no quant_method) reads the same."""
+    build_hf_model("llama", tmp_path / "float", intermediate_size=128)
+    quantized(tmp_path / "float", tmp_path / "src", load_in_4bit=True, bnb_4bit_quant_type="nf4",
+              bnb_4bit_quant_storage=torch.bfloat16)
+    path = [0, 1, 1, 2, 3, 4, 5]
+    cf.export_hf(tmp_path / "src", tmp_path / "half", path, dtype="float16")
+    source = safetensors.torch.load_file(tmp_path / "src" / "model.safetensors")
+    written = safetensors.torch.load_file(tmp_path / "half" / "model.safetensors")
+    codes = "model.layers.{}.self_attn.o_proj.weight"
+    assert source[codes.format(1)].dtype == torch.bfloat16 and torch.equal(written[codes.format(2)], source[codes.format(1)])
+    assert written["model.norm.weight"].dtype == torch.float16
+    model, half = cf.load(tmp_path / "src"), cf.load(tmp_path / "half", dtype="float32")
+    for k, layer in enumerate(path):
+        for module in ("self_attn.o_proj", "mlp.down_proj"):
+            assert torch.equal(half.tensors[f"model.layers.{k}.{module}.weight"],
+                               model.tensors[f"model.layers.{layer}.{module}.weight"]), (k, module)
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["quantization_config"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    old = cf.load(tmp_path / "src")
+    assert all(torch.equal(old.tensors[n], t) for n, t in model.tensors.items() if n.endswith("_proj.weight"))
+
+
+def test_skip_modules_renumbered_along_the_path_decoder_layers_only():
+    config = {"num_hidden_layers": 4, "quantization_config": {"quant_method": "bitsandbytes", "llm_int8_skip_modules": [
+        "lm_head", "model.layers.1.mlp.down_proj", "vision_tower.vision_model.encoder.layers.1.self_attn"]}}
+    from circuit_finder.export import remap_config
+
+    out = remap_config(config, cf.LayerPath.coerce([0, 1, 1, 3], 4))
+    assert out["quantization_config"]["llm_int8_skip_modules"] == [
+        "lm_head", "model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj",
+        "vision_tower.vision_model.encoder.layers.1.self_attn"]
+
+
 def test_dequantization_against_plain_loops():
     """4-bit codes two per byte (the first in the high nibble) over 100 elements in blocks of 16 (the
     last one partial), with double-quantized absmax; int8 rows; each against a loop."""
@@ -142,7 +179,8 @@ def test_dequantization_against_plain_loops():
 
 
 def _state(shape, **extra) -> torch.Tensor:
-    text = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": list(shape), **extra})
+    text = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "float32",
+                       "shape": None if shape is None else list(shape), **extra})
     return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
 
@@ -157,7 +195,11 @@ def test_what_we_cannot_load_is_named():
                           ({"m.weight.absmax": torch.ones(3)}, r"'m.weight.absmax' has 3 values: expected one per 64"),
                           ({"m.weight.absmax": torch.ones(2, dtype=torch.uint8)},
                            r"'m.weight.absmax' is uint8 \(double quantization\) but 'm.weight.nested_absmax'"),
-                          ({"m.weight.quant_map": torch.zeros(15)}, r"'m.weight.quant_map' is \[15\]")):
+                          ({"m.weight.quant_map": torch.zeros(15)}, r"'m.weight.quant_map' is \[15\]"),
+                          ({"m.weight.absmax": torch.ones(2, dtype=torch.uint8), "m.weight.nested_absmax": torch.ones(1),
+                            "m.weight.nested_quant_map": torch.zeros(256)}, r"or the quant state's nested_blocksize"),
+                          ({"m.weight.quant_state.bitsandbytes__nf4": _state(None)},
+                           r"'m.weight.quant_state.bitsandbytes__nf4' gives shape None and blocksize 64")):
         tensors = {**good, **broken}
         with pytest.raises(ValueError, match=match):
             bnb_matrices({n: t for n, t in tensors.items() if t is not None})

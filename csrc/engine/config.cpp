@@ -393,8 +393,10 @@ json decoder_config(const json& top, const std::string& source, ModelConfig& c) 
     const json& qc = (*q)["quantization_config"];
     const json method = qc.is_object() && qc.contains("quant_method") ? qc["quant_method"] : json();
     const bool mxfp4 = c.architecture == "GptOssForCausalLM" && method == "mxfp4";
+    auto flag = [&](const char* key) { return qc.is_object() && qc.contains(key) && qc[key] == true; };
+    const bool old_bnb = method.is_null() && (flag("load_in_4bit") || flag("load_in_8bit"));  // transformers < 4.32
     const bool dequantized = method == "fp8" || method == "compressed-tensors" || method == "gptq" || method == "awq" ||
-                             method == "bitsandbytes";
+                             method == "bitsandbytes" || old_bnb;
     if (!mxfp4 && !dequantized)
       throw ConfigError(cat(source, ": a quantized checkpoint (quantization_config: ",
                             method.is_string() ? method.get<std::string>() : std::string("?"),

@@ -26,7 +26,7 @@ from functools import partial
 
 import torch
 
-__all__ = ["PARTS", "bnb_matrices", "dequantize_4bit", "dequantize_int8", "is_bnb"]
+__all__ = ["PARTS", "bnb_matrices", "dequantize_4bit", "dequantize_int8", "holds_codes", "is_bnb"]
 
 _STATE = ".quant_state.bitsandbytes__"
 PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", f"{_STATE}nf4", f"{_STATE}fp4", ".SCB",
@@ -35,9 +35,17 @@ _INV_127 = 7.874015718698502e-3  # 1 / 127 as bitsandbytes multiplies by it
 
 
 def is_bnb(config: dict) -> bool:
-    """Whether the config (or its text_config) says bitsandbytes."""
-    return any((c.get("quantization_config") or {}).get("quant_method") == "bitsandbytes"
-               for c in (config, config.get("text_config") or {}))
+    """Whether the config (or its text_config) says bitsandbytes (transformers before 4.32 wrote only
+    load_in_4bit / load_in_8bit)."""
+    qcs = [c.get("quantization_config") or {} for c in (config, config.get("text_config") or {})]
+    return any(qc.get("quant_method") == "bitsandbytes" or (qc.get("quant_method") is None and (
+        qc.get("load_in_4bit") or qc.get("load_in_8bit"))) for qc in qcs)
+
+
+def holds_codes(name: str, tensors) -> bool:
+    """Whether tensors[name] is a 4-bit layer's packed codes (a quant state beside it): bytes, even
+    when stored in a float dtype."""
+    return any(f"{name}{_STATE}{kind}" in tensors for kind in ("nf4", "fp4"))
 
 
 def bnb_matrices(tensors: dict) -> tuple[dict, set[str]]:
@@ -64,6 +72,9 @@ def bnb_matrices(tensors: dict) -> tuple[dict, set[str]]:
 
 def _four_bit(weight: str, tensors: dict, state_name: str, mine: dict):
     state = json.loads(bytes(tensors[state_name].reshape(-1).tolist()).decode())
+    if not isinstance(state.get("shape"), list) or not isinstance(state.get("blocksize"), int) or state["blocksize"] < 1:
+        raise ValueError(f"'{state_name}' gives shape {state.get('shape')!r} and blocksize {state.get('blocksize')!r}: "
+                         "expected a list of sizes and a positive block size")
     for p in (".absmax", ".quant_map"):
         if p not in mine:
             raise ValueError(f"'{weight}' (bitsandbytes {state.get('quant_type')}) has no '{weight}{p}'")
@@ -82,14 +93,16 @@ def _four_bit(weight: str, tensors: dict, state_name: str, mine: dict):
                          f"({-(-n // block)})")
     nested = None
     if absmax.dtype == torch.uint8:
-        nested_block = int(state.get("nested_blocksize", 256))
-        if ".nested_absmax" not in mine or ".nested_quant_map" not in mine:
-            raise ValueError(f"'{weight}.absmax' is uint8 (double quantization) but '{weight}.nested_absmax' or "
-                             f"'{weight}.nested_quant_map' is missing")
+        if ".nested_absmax" not in mine or ".nested_quant_map" not in mine or \
+                not {"nested_blocksize", "nested_offset"} <= set(state):
+            raise ValueError(f"'{weight}.absmax' is uint8 (double quantization) but '{weight}.nested_absmax', "
+                             f"'{weight}.nested_quant_map' or the quant state's nested_blocksize / nested_offset "
+                             "is missing")
+        nested_block = int(state["nested_blocksize"])
         if mine[".nested_absmax"].numel() != -(-absmax.numel() // nested_block) or mine[".nested_quant_map"].numel() != 256:
             raise ValueError(f"'{weight}.nested_absmax' / '.nested_quant_map' have {mine['.nested_absmax'].numel()} / "
                              f"{mine['.nested_quant_map'].numel()} values: expected one per {nested_block} absmax / 256")
-        nested = (mine[".nested_absmax"], mine[".nested_quant_map"], nested_block, float(state.get("nested_offset", 0)))
+        nested = (mine[".nested_absmax"], mine[".nested_quant_map"], nested_block, float(state["nested_offset"]))
     return shape, partial(dequantize_4bit, codes, absmax, quant_map, nested, shape, block)
 
 

@@ -55,8 +55,9 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 # a decoder layer's tensors: a causal LM's model.layers.N (a base model's save: layers.N), or a
 # multimodal wrapper's text decoder (transformers v5 names model.language_model.layers.N; its
 # save_pretrained writes language_model.model.layers.N; 5.10-5.23 saved a doubled .model.model)
-_HF_LAYER = re.compile(r"^(model\.language_model\.(?:model\.)?|language_model\.model\.(?:model\.)?|model\.|)"
-                       r"layers\.(\d+)\.(.+)$")
+_DECODER = r"(model\.language_model\.(?:model\.)?|language_model\.model\.(?:model\.)?|model\.|)layers\."
+_HF_LAYER = re.compile(rf"^{_DECODER}(\d+)\.(.+)$")
+_HF_LAYER_MODULE = re.compile(rf"^(?P<head>{_DECODER})(?P<index>\d+)(?P<tail>\..*)?$")  # a decoder layer's module name, or the layer's
 _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
 # every file name an HF export of ours holds: what makes an existing folder safe to replace
 _HF_EXPORT_FILE = re.compile(r"^(?:config\.json|generation_config\.json|model\.safetensors(?:\.index\.json)?"
@@ -305,14 +306,13 @@ def remap_config(config: dict, path: LayerPath, dtype: torch.dtype | None = None
 
 
 def _names_along(names: list, path: LayerPath) -> list:
-    """Module names of a quantization_config renumbered along ``path``: an exact name in layer i
-    becomes one name per slot that runs layer i (none if the path skips it); patterns (``re:``) and
-    other names stay as they are."""
+    """Module names of a quantization_config renumbered along ``path``: an exact name in decoder layer
+    i becomes one name per slot that runs layer i (none if the path skips it); patterns (``re:``) and
+    other names (a vision tower's layers too) stay as they are."""
     out = []
     for name in names:
-        m = re.match(r"(.*\blayers\.)(\d+)(\..*)?$", name) if isinstance(name, str) and not name.startswith("re:") \
-            else None
-        out += [f"{m.group(1)}{k}{m.group(3) or ''}" for k, i in enumerate(path) if i == int(m.group(2))] if m \
+        m = _HF_LAYER_MODULE.match(name) if isinstance(name, str) and not name.startswith("re:") else None
+        out += [f"{m['head']}{k}{m['tail'] or ''}" for k, i in enumerate(path) if i == int(m["index"])] if m \
             else [name]
     return out
 
@@ -369,15 +369,16 @@ def _hf_source_weights(src, target: torch.dtype | None):
     return _C.load_safetensors(str(p)), None, files, torch.float32
 
 
-def _quantized_part(name: str, t) -> bool:
+def _quantized_part(name: str, t, tensors) -> bool:
     """A fine-grained FP8, compressed-tensors, GPTQ, AWQ or bitsandbytes checkpoint's stored weight,
-    scale or zero point, written as it is whatever dtype= says (its quantization_config stays; a weight cast apart
-    from its scale, or a scale rounded, would read wrong)."""
+    scale, zero point or codes (bitsandbytes' may be stored as floats), written as it is whatever
+    dtype= says (its quantization_config stays; a weight cast apart from its scale, or a scale
+    rounded, would read wrong)."""
     from . import bnb, compressed, gptq
     from .quants import FP8_DTYPES
 
     return t.dtype in FP8_DTYPES or name.endswith(("_scale_inv", ".activation_scale", *compressed.PARTS, *gptq.PARTS,
-                                                   *bnb.PARTS))
+                                                   *bnb.PARTS)) or bnb.holds_codes(name, tensors)
 
 
 def _floats(t, dtype: torch.dtype):
@@ -515,13 +516,16 @@ def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:
     return names
 
 
-def _written_itemsize(t, target: torch.dtype | None, packed_dtype: torch.dtype) -> int:
-    """Bytes per element of `t` as written: packed matrices become floats of packed_dtype."""
+def _written_itemsize(name: str, tensors, target: torch.dtype | None, packed_dtype: torch.dtype) -> int:
+    """Bytes per element of tensors[name] as written: packed matrices become floats of packed_dtype,
+    other floats `target` unless they are a quantized checkpoint's parts."""
     from .quants import PackedTensor
 
+    t = tensors[name]
     if isinstance(t, PackedTensor):
         return (target or packed_dtype).itemsize
-    return target.itemsize if target is not None and t.is_floating_point() else t.element_size()
+    cast = target is not None and t.is_floating_point() and not _quantized_part(name, t, tensors)
+    return target.itemsize if cast else t.element_size()
 
 
 def _plan_shards(tensors, names, target: torch.dtype | None, limit: int,
@@ -530,7 +534,7 @@ def _plan_shards(tensors, names, target: torch.dtype | None, limit: int,
     size = 0
     for out_name, name in names:
         t = tensors[name]
-        itemsize = _written_itemsize(t, target, packed_dtype)
+        itemsize = _written_itemsize(name, tensors, target, packed_dtype)
         if shards[-1] and size + t.numel() * itemsize > limit:
             shards.append([])
             size = 0
@@ -560,7 +564,7 @@ def _write_shards(folder: Path, tensors, shards, target: torch.dtype | None, pac
         data = {}
         for out_name, name in shard:
             t = _floats(tensors[name], packed_dtype).detach()
-            if target is not None and t.is_floating_point() and not _quantized_part(name, t):
+            if target is not None and t.is_floating_point() and not _quantized_part(name, t, tensors):
                 t = t.to(target)
             data[out_name] = t.to("cpu").contiguous().clone()
             weight_map[out_name] = file
