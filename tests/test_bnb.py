@@ -18,22 +18,30 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder.bnb import bnb_matrices, dequantize_4bit, dequantize_int8
-from helpers import build_hf_model, load_checking_q8_0, quantized_paths_match, relative
+from helpers import (
+    build_hf_model,
+    load_checking_q8_0,
+    make_config,
+    quantized_paths_match,
+    randomize,
+    relative,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 
 
-def quantized(src, out, **options):
+def quantized(src, out, auto=None, **options):
     """The float model in `src` quantized by transformers + bitsandbytes and saved to `out`; returns
-    transformers' model of `out` (loaded back, as a user would)."""
+    transformers' model of `out` (loaded back, as a user would), by `auto` (AutoModelForCausalLM)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    auto = auto or AutoModelForCausalLM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=BitsAndBytesConfig(**options),
-                                                     dtype=torch.float32, device_map="cpu")
+        model = auto.from_pretrained(src, quantization_config=BitsAndBytesConfig(**options), dtype=torch.float32,
+                                     device_map="cpu")
         model.save_pretrained(out)
-        return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu")
+        return auto.from_pretrained(out, dtype=torch.float32, device_map="cpu")
 
 
 def dequantized(hf, loaded) -> tuple[torch.nn.Module, dict]:
@@ -77,6 +85,39 @@ def test_bnb_checkpoint_matches_bitsandbytes_dequantizing_it(tmp_path, case):
         assert torch.equal(ours.tensors[name], w), f"{name}: {(ours.tensors[name] - w).abs().max()}"
     ids = torch.randint(0, 160, (2, 24), generator=torch.Generator().manual_seed(0))
     quantized_paths_match(f"bitsandbytes {case}", ours, ref_model, hf, ids)
+
+
+def test_bnb_multimodal_wrapper_reads_its_text_decoder(tmp_path):
+    """A wrapper quantized whole (unsloth's gemma-3 / Mistral Small 3 *-bnb-4bit): its text decoder's
+    layers under model.language_model.* read as the decoder's, the quantized vision tower left out."""
+    from transformers import (
+        AutoModelForImageTextToText,
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        PixtralVisionConfig,
+    )
+
+    vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=32, image_size=64, patch_size=8)
+    config = Mistral3Config(text_config=make_config("mistral", sliding_window=None, intermediate_size=128).to_dict(),
+                            vision_config=vision.to_dict(), image_token_index=10, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = Mistral3ForConditionalGeneration(config).float()
+    randomize(hf)
+    hf.eval()
+    hf.save_pretrained(tmp_path / "float")
+    loaded = quantized(tmp_path / "float", tmp_path / "q", auto=AutoModelForImageTextToText, load_in_4bit=True,
+                       bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    ref_model, weights = dequantized(hf, loaded)
+    stored = safetensors.torch.load_file(tmp_path / "q" / "model.safetensors")
+    assert any(n.startswith("vision_tower.") and n.endswith(".absmax") for n in stored)  # quantized too
+    decoder = {n.replace("model.language_model.", "model."): w for n, w in weights.items() if ".language_model." in n}
+    assert len(decoder) == 6 * 7
+    ours = cf.load(tmp_path / "q")
+    for name, w in decoder.items():
+        assert torch.equal(ours.tensors[name], w), name
+    quantized_paths_match("bitsandbytes Mistral3 wrapper", ours, ref_model, hf,
+                          torch.randint(11, 160, (2, 20), generator=torch.Generator().manual_seed(5)))
 
 
 def test_bnb_checkpoint_quantizes_and_exports(tmp_path):
