@@ -131,7 +131,7 @@ def dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, quant_map: torch.
         scales = table.to(device).float()[scales.long()] * outer.to(device).float().repeat_interleave(nested_block)[
             :scales.numel()] + offset
     scales, table = scales.float().reshape(-1), quant_map.to(device).float()
-    data = codes.reshape(-1).view(torch.uint8) if codes.dtype != torch.uint8 else codes.reshape(-1)
+    data = codes.reshape(-1).view(torch.uint8)  # the codes' bytes, whatever dtype stores them
     out = torch.empty(n, dtype=dtype, device=device)
     step = max(2 * block, chunk // (2 * block) * (2 * block))
     for e0 in range(0, n, step):

@@ -57,7 +57,8 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 # save_pretrained writes language_model.model.layers.N; 5.10-5.23 saved a doubled .model.model)
 _DECODER = r"(model\.language_model\.(?:model\.)?|language_model\.model\.(?:model\.)?|model\.|)layers\."
 _HF_LAYER = re.compile(rf"^{_DECODER}(\d+)\.(.+)$")
-_HF_LAYER_MODULE = re.compile(rf"^(?P<head>{_DECODER})(?P<index>\d+)(?P<tail>\..*)?$")  # a decoder layer's module name, or the layer's
+# a decoder layer's own name or one of its modules' (quantization_config module lists)
+_HF_LAYER_MODULE = re.compile(rf"^(?P<head>{_DECODER})(?P<index>\d+)(?P<tail>\..*)?$")
 _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
 # every file name an HF export of ours holds: what makes an existing folder safe to replace
 _HF_EXPORT_FILE = re.compile(r"^(?:config\.json|generation_config\.json|model\.safetensors(?:\.index\.json)?"
