@@ -223,6 +223,56 @@ def test_compressed_checkpoint_quantizes_and_exports(tmp_path):
                         cf.load(tmp_path / "kept", dtype="float32").logits(ids), kept(ids).logits) < 1e-5
 
 
+def test_activation_and_cache_scales_are_named_and_exported_with_their_config(tmp_path):
+    """A checkpoint whose weights are float and whose activations and KV cache were quantized (input_scale,
+    k_scale / v_scale; the config written by compressed-tensors): it loads with a warning that the scales
+    are not applied, runs as the float model; export_hf of the folder keeps the scales and the config
+    that describes them (it dropped the config and kept the scales), of the loaded model neither."""
+    import safetensors.torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    hf = build_hf_model("llama", tmp_path)
+    stored = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    for name in list(stored):
+        if name.endswith("_proj.weight"):
+            stored[name.replace(".weight", ".input_scale")] = torch.tensor([0.02])
+        if name.endswith("k_proj.weight"):
+            for cache in ("k_scale", "v_scale"):
+                stored[name.replace("k_proj.weight", cache)] = torch.tensor(0.1)
+    safetensors.torch.save_file(stored, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    fp8 = QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False)
+    config = QuantizationConfig(config_groups={"g": QuantizationScheme(targets=["Linear"], input_activations=fp8)},
+                                kv_cache_scheme=fp8, quantization_status="compressed", ignore=["lm_head"])
+    ModelCompressor(quantization_config=config).update_config(tmp_path)
+    with pytest.warns(UserWarning, match=r"54 activation / KV-cache scales .* are not applied"):
+        model = cf.load(tmp_path)
+    path = [0, 1, 2, 1, 2, 3, 4, 5]
+    ids = torch.randint(0, 160, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = rebuilt(hf, path)(ids).logits
+    assert relative(f"activation-quantized checkpoint along {path} vs the float model", model.logits(ids, layers=path),
+                    ref) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cf.export_hf(tmp_path, tmp_path / "kept", path)
+        cf.export_hf(model, tmp_path / "floats", path)
+    kept = safetensors.torch.load_file(tmp_path / "kept" / "model.safetensors")
+    qc = json.loads((tmp_path / "kept" / "config.json").read_text())["quantization_config"]
+    assert qc["kv_cache_scheme"]["num_bits"] == 8 and qc["config_groups"]["g"]["input_activations"]["type"] == "float"
+    assert {n for n in kept if n.startswith("model.layers.7.") and "scale" in n} == {
+        *(f"model.layers.7.{m}.input_scale" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+        "model.layers.7.self_attn.k_scale", "model.layers.7.self_attn.v_scale"}
+    floats = safetensors.torch.load_file(tmp_path / "floats" / "model.safetensors")
+    assert not any("scale" in n for n in floats)
+    assert "quantization_config" not in json.loads((tmp_path / "floats" / "config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = cf.load(tmp_path / "kept")
+    assert relative("its export, reloaded", again.logits(ids), ref) < 1e-5
+
+
 def test_dequantization_against_plain_loops():
     """Packed 4-bit codes with packed zero points and GPTQ's g_idx; 8-bit codes in ragged blocks;
     float8 per row; each against a loop over the elements."""

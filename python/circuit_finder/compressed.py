@@ -23,6 +23,7 @@ stay in the compute dtype, as in transformers' dequantized model.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -114,9 +115,13 @@ def compressed_matrices(tensors: dict, groups: list[CompressedGroup]) -> tuple[d
     the names of the stored parts those replace, and of the scales nothing reads). ValueError naming
     the tensor for a part missing, of the wrong kind or shape."""
     stored, parts = {}, set()
+    unapplied = [name for name in tensors if name.endswith((*_CACHE_SCALES, ".input_scale", ".output_scale"))]
+    if unapplied:
+        warnings.warn(f"compressed-tensors: {len(unapplied)} activation / KV-cache scales (e.g. '{unapplied[0]}') are "
+                      "not applied: products and caches run in the compute dtype, as in transformers' dequantized "
+                      "model (vLLM quantizes them)", stacklevel=5)
+    parts.update(unapplied)
     for name, t in tensors.items():
-        if name.endswith((*_CACHE_SCALES, ".input_scale", ".output_scale")):
-            parts.add(name)
         if isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES \
                 and f"{name}_scale" not in tensors:
             raise ValueError(f"float8 tensor '{name}' has no '{name}_scale'")

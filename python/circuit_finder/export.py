@@ -378,8 +378,9 @@ def _quantized_part(name: str, t, tensors) -> bool:
     from . import bnb, compressed, gptq
     from .quants import FP8_DTYPES
 
-    return t.dtype in FP8_DTYPES or name.endswith(("_scale_inv", ".activation_scale", *compressed.PARTS, *gptq.PARTS,
-                                                   *bnb.PARTS)) or bnb.holds_codes(name, tensors)
+    parts = ("_scale_inv", ".activation_scale", *compressed.PARTS, *gptq.PARTS, *bnb.PARTS)
+    fp8 = getattr(t, "dtype", None) in FP8_DTYPES  # a PackedTensor has no dtype
+    return fp8 or name.endswith(parts) or bnb.holds_codes(name, tensors)
 
 
 def _floats(t, dtype: torch.dtype):
@@ -478,9 +479,10 @@ def _without_quantization(config: dict, tensors: dict) -> dict:
     loaded GPT-OSS, whose MXFP4 experts were dequantized; a loaded FP8, compressed-tensors, GPTQ, AWQ
     or bitsandbytes checkpoint): the export holds plain weights. A folder's MXFP4 blocks, FP8
     weights, compressed-tensors weights with their scales, GPTQ / AWQ qweights or bitsandbytes codes
-    keep it."""
-    kept = ("_blocks", "_scale_inv", ".weight_scale", ".qweight", ".SCB", ".quant_map")
-    if any(name.endswith(kept) for name in tensors) or "quantization_config" not in config:
+    keep it, as do the activation and KV-cache scales of a folder whose weights are float (the parts
+    ``_quantized_part`` writes as stored are what the config describes)."""
+    if "quantization_config" not in config or any(
+            name.endswith("_blocks") or _quantized_part(name, t, tensors) for name, t in tensors.items()):
         return config
     return {k: v for k, v in config.items() if k != "quantization_config"}
 
