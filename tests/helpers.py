@@ -204,6 +204,25 @@ def build_hf_model(arch: str, folder, seed: int = 0, **overrides):
     return model
 
 
+def build_mistral3_wrapper(folder, **text_overrides):
+    """A random Mistral3ForConditionalGeneration (Mistral Small 3.x's multimodal wrapper: a mistral text
+    decoder and a one-layer Pixtral vision tower) saved to folder as transformers saves it
+    (language_model.model.*, vision_tower.*, multi_modal_projector.*); image token 10."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+
+    vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=32, image_size=64, patch_size=8)
+    text = make_config("mistral", sliding_window=None, **text_overrides)
+    config = Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=10,
+                            tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Mistral3ForConditionalGeneration(config).float()
+    randomize(model)
+    model.eval()
+    model.save_pretrained(str(folder))
+    return model
+
+
 def follow_config_clamp(model: torch.nn.Module) -> None:
     """GPT-OSS experts in transformers before 5.18 (the MXFP4 ones too) ignore the config's
     swiglu_alpha / swiglu_limit (hard-coded 1.702 / 7.0): set them from the config, so the

@@ -20,10 +20,9 @@ import circuit_finder as cf
 from circuit_finder.bnb import bnb_matrices, dequantize_4bit, dequantize_int8
 from helpers import (
     build_hf_model,
+    build_mistral3_wrapper,
     load_checking_q8_0,
-    make_config,
     quantized_paths_match,
-    randomize,
     relative,
 )
 
@@ -90,22 +89,9 @@ def test_bnb_checkpoint_matches_bitsandbytes_dequantizing_it(tmp_path, case):
 def test_bnb_multimodal_wrapper_reads_its_text_decoder(tmp_path):
     """A wrapper quantized whole (unsloth's gemma-3 / Mistral Small 3 *-bnb-4bit): its text decoder's
     layers under model.language_model.* read as the decoder's, the quantized vision tower left out."""
-    from transformers import (
-        AutoModelForImageTextToText,
-        Mistral3Config,
-        Mistral3ForConditionalGeneration,
-        PixtralVisionConfig,
-    )
+    from transformers import AutoModelForImageTextToText
 
-    vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                                 head_dim=32, image_size=64, patch_size=8)
-    config = Mistral3Config(text_config=make_config("mistral", sliding_window=None, intermediate_size=128).to_dict(),
-                            vision_config=vision.to_dict(), image_token_index=10, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf = Mistral3ForConditionalGeneration(config).float()
-    randomize(hf)
-    hf.eval()
-    hf.save_pretrained(tmp_path / "float")
+    hf = build_mistral3_wrapper(tmp_path / "float", intermediate_size=128)
     loaded = quantized(tmp_path / "float", tmp_path / "q", auto=AutoModelForImageTextToText, load_in_4bit=True,
                        bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     ref_model, weights = dequantized(hf, loaded)

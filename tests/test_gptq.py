@@ -20,7 +20,13 @@ import torch
 import circuit_finder as cf
 from circuit_finder.gptq import GptqLayout, dequantize_gptq, gptq_config, gptq_matrices
 from circuit_finder.quants import unpack_words
-from helpers import build_hf_model, load_checking_q8_0, quantized_paths_match, relative
+from helpers import (
+    build_hf_model,
+    build_mistral3_wrapper,
+    load_checking_q8_0,
+    quantized_paths_match,
+    relative,
+)
 
 AUTOAWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's pack: nibble i of a word holds output order[i] of its 8
 
@@ -87,6 +93,7 @@ def _quantize_layer(w, method: str, bits: int, group_size: int, act_order: bool,
 def _set_weight(model, module: str, dense: torch.Tensor) -> None:
     """model's weight of `module` (a checkpoint name; per-expert ones live in transformers' stacked
     gate_up_proj [E, 2I, H], gate rows first, and down_proj [E, H, I]) set to dense."""
+    module = re.sub(r"^language_model\.model\.", "model.language_model.", module)  # a wrapper's, as saved
     m = re.match(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj$", module)
     if m is None:
         model.get_submodule(module).weight.data = dense
@@ -100,9 +107,10 @@ def _set_weight(model, module: str, dense: torch.Tensor) -> None:
 
 
 def quantize_folder(hf_model, folder, method="gptq", bits=4, group_size=16, act_order=False, fmt="gptq",
-                    symmetric=False, dynamic=None, awq_zero_point=True):
+                    symmetric=False, dynamic=None, awq_zero_point=True, not_convert=None):
     """folder's projections (per-expert ones too; not routers, the head or embeddings) replaced by
-    their GPTQ / AWQ parts and the config given its quantization_config. Returns hf_model with the
+    their GPTQ / AWQ parts and the config given its quantization_config; modules whose names hold a
+    `not_convert` entry (AWQ's modules_to_not_convert) left float. Returns hf_model with the
     dequantized weights: the reference."""
     ref = copy.deepcopy(hf_model)
     out = {}
@@ -113,7 +121,7 @@ def quantize_folder(hf_model, folder, method="gptq", bits=4, group_size=16, act_
             continue
         rule = next(((p, o) for p, o in (dynamic or {}).items()  # GPTQModel's: the first pattern matching
                      if re.match(p[2:] if p[:2] in ("+:", "-:") else p, module)), None)
-        if rule is not None and rule[0].startswith("-:"):  # left float
+        if (rule is not None and rule[0].startswith("-:")) or any(key in module for key in not_convert or ()):
             out[name] = t
             continue
         layer_bits, layer_size = (rule[1].get("bits", bits), rule[1].get("group_size", group_size)) if rule \
@@ -126,7 +134,7 @@ def quantize_folder(hf_model, folder, method="gptq", bits=4, group_size=16, act_
     config = json.loads((folder / "config.json").read_text())
     if method == "awq":
         qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": awq_zero_point,
-              "version": "gemm", "modules_to_not_convert": None}
+              "version": "gemm", "modules_to_not_convert": not_convert}
     else:
         qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order,
               "sym": symmetric, "checkpoint_format": fmt, "pack_dtype": "int32",
@@ -169,6 +177,27 @@ def test_moe_checkpoint_per_expert(tmp_path, method):
     ours = cf.load(tmp_path)
     quantized_paths_match(f"qwen3_moe {method}", ours, ref_model, hf,
                  torch.randint(0, 160, (2, 20), generator=torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_multimodal_wrapper_reads_its_text_decoder(tmp_path, method):
+    """A Mistral3 wrapper quantized as GPTQModel / AutoAWQ leave VLMs (the vision tower and projector
+    float: a negative dynamic pattern, modules_to_not_convert): its text decoder's layers, saved under
+    language_model.model.*, read as the decoder's; its export along a path reloads with the same logits."""
+    hf = build_mistral3_wrapper(tmp_path / "q", intermediate_size=128)
+    options = (dict(dynamic={r"-:.*(vision_tower|multi_modal_projector).*": {}}) if method == "gptq"
+               else dict(not_convert=["vision_tower", "multi_modal_projector"]))
+    ref_model = quantize_folder(hf, tmp_path / "q", method=method, group_size=16, **options)
+    stored = safetensors.torch.load_file(tmp_path / "q" / "model.safetensors")
+    assert sum(n.startswith("language_model.model.layers.") and n.endswith(".qweight") for n in stored) == 6 * 7
+    assert not any(n.startswith("vision_tower.") and n.endswith(".qweight") for n in stored)
+    ours = cf.load(tmp_path / "q")
+    ids = torch.randint(11, 160, (2, 20), generator=torch.Generator().manual_seed(5))
+    quantized_paths_match(f"{method} Mistral3 wrapper", ours, ref_model, hf, ids)
+    path = [0, 1, 2, 3, 2, 3, 4, 5]
+    cf.export_hf(tmp_path / "q", tmp_path / "x", path)
+    assert relative(f"its export along {path}, reloaded", cf.load(tmp_path / "x").logits(ids),
+                    ours.logits(ids, layers=path)) < 1e-6
 
 
 def _autoawq_converted(folder, out) -> None:
