@@ -135,6 +135,8 @@ def quantize_folder(hf_model, folder, method="gptq", bits=4, group_size=16, act_
     if method == "awq":
         qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": awq_zero_point,
               "version": "gemm", "modules_to_not_convert": not_convert}
+        if dynamic:  # GPTQModel's AWQ writer
+            qc.update(dynamic=dynamic, format="gemm", meta={"quantizer": ["gptqmodel:7.7.0"]})
     else:
         qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order,
               "sym": symmetric, "checkpoint_format": fmt, "pack_dtype": "int32",
@@ -154,6 +156,9 @@ GPTQ_CASES = {  # id: (architecture, quantize_folder arguments)
     "gemma3-dynamic-8bit-mlp": ("gemma3_text", dict(bits=4, group_size=16,
                                                     dynamic={r"-:.*\.layers\.5\.self_attn\.o_proj": {},
                                                              r"+:.*\.mlp\..*": {"bits": 8, "group_size": 32}})),
+    "qwen2-awq-dynamic-g32-mlp": ("qwen2", dict(method="awq", group_size=16,  # GPTQModel's AWQ
+                                                dynamic={r"-:.*\.layers\.2\.self_attn\.o_proj": {},
+                                                         r"+:.*\.mlp\..*": {"group_size": 32}})),
 }
 
 
@@ -269,13 +274,15 @@ def test_gptq_checkpoint_quantizes_and_exports(tmp_path):
                     ref) < 1e-6
 
 
-def test_gptq_export_keeps_each_modules_dynamic_rule(tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_export_keeps_each_modules_dynamic_rule(tmp_path, method):
     """GPTQModel's ``dynamic`` names layers by number: an export along a path gives each slot's modules
-    their source layer's rule (8 bits for layer 1's MLP, layer 4's o_proj left float) by exact entries."""
+    their source layer's rule (for layer 1's MLP 8 bits, or AWQ's group size 32; layer 4's o_proj left
+    float) by exact entries."""
     hf = build_hf_model("llama", tmp_path / "src")
-    dynamic = {r"+:model\.layers\.1\.mlp\..*": {"bits": 8, "group_size": 32},
-               r"-:model\.layers\.4\.self_attn\.o_proj$": {}}
-    quantize_folder(hf, tmp_path / "src", bits=4, group_size=16, dynamic=dynamic)
+    mlp = {"bits": 8, "group_size": 32} if method == "gptq" else {"group_size": 32}
+    dynamic = {r"+:model\.layers\.1\.mlp\..*": mlp, r"-:model\.layers\.4\.self_attn\.o_proj$": {}}
+    quantize_folder(hf, tmp_path / "src", method=method, bits=4, group_size=16, dynamic=dynamic)
     source = safetensors.torch.load_file(tmp_path / "src" / "model.safetensors")
     assert "model.layers.4.self_attn.o_proj.weight" in source and "model.layers.1.mlp.up_proj.qweight" in source
     path = [0, 1, 1, 2, 3, 4, 4, 5]
@@ -284,13 +291,13 @@ def test_gptq_export_keeps_each_modules_dynamic_rule(tmp_path):
     cf.export_hf(tmp_path / "src", tmp_path / "out", path)
     written = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["dynamic"]
     print(json.dumps(written, indent=1))
-    assert written[r"+:^model\.layers\.2\.mlp\.up_proj$"] == {"bits": 8, "group_size": 32}  # layer 1 again
+    assert written[r"+:^model\.layers\.2\.mlp\.up_proj$"] == mlp  # layer 1 again
     assert r"+:^model\.layers\.1\.mlp\.up_proj$" not in written  # slot 1 is layer 1: the pattern says so already
     assert written[r"-:^model\.layers\.6\.self_attn\.o_proj$"] == {}
     assert written[r"-:^model\.layers\.5\.self_attn\.o_proj$"] == {}  # layer 4's float o_proj
     assert written[r"+:^model\.layers\.4\.self_attn\.o_proj$"] == {}  # layer 3's, quantized by the config
     assert list(written)[-2:] == list(dynamic)  # the source's patterns last
-    assert relative(f"the GPTQ folder's export along {path} with its dynamic rules, reloaded",
+    assert relative(f"the {method} folder's export along {path} with its dynamic rules, reloaded",
                     cf.load(tmp_path / "out").logits(ids), ref) < 1e-6
     back = [0, 1, 2, 3, 5, 4, 6, 7]  # an export of the export: its exact entries are replaced, not kept
     cf.export_hf(tmp_path / "out", tmp_path / "again", back)
@@ -368,7 +375,9 @@ def test_what_we_cannot_load_is_named():
                           ({"quantization_config": {"quant_method": "awq", "version": "gemv"}},
                            "AWQ version 'gemv' is not supported"),
                           (_gptq(is_marlin_format=True), "GPTQ checkpoint_format 'marlin'"),
-                          ({"quantization_config": {"quant_method": "awq", "bits": 8}}, "8-bit AWQ")):
+                          ({"quantization_config": {"quant_method": "awq", "bits": 8}}, "8-bit AWQ"),
+                          ({"quantization_config": {"quant_method": "awq", "dynamic": {".*mlp.*": {"bits": 8}}}},
+                           "8-bit AWQ")):
         with pytest.raises(ValueError, match=match):
             gptq_config(config)
     assert gptq_config(_gptq(checkpoint_format="GPTQ_V2"))  # read as transformers reads it, lower case

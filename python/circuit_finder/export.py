@@ -488,14 +488,14 @@ def _without_quantization(config: dict, tensors: dict) -> dict:
 
 
 def _dynamic_along(config: dict, names: list[tuple[str, str]]) -> dict:
-    """The config with a GPTQ quantization_config's ``dynamic`` (GPTQModel's per-module patterns) made
+    """The config with a GPTQ / AWQ quantization_config's ``dynamic`` (GPTQModel's per-module patterns) made
     to give each written module its source module's rule (``gptq.dynamic_along``); else unchanged."""
     from .gptq import dynamic_along
 
     out = json.loads(json.dumps(config))
     for c in (out, out.get("text_config") or {}):
         qc = c.get("quantization_config") or {}
-        if qc.get("quant_method") == "gptq" and qc.get("dynamic"):
+        if qc.get("quant_method") in ("gptq", "awq") and qc.get("dynamic"):
             modules = {(o.rsplit(".", 1)[0], s.rsplit(".", 1)[0]) for o, s in names if s.endswith((".qweight", ".weight"))}
             qc["dynamic"] = dynamic_along(qc["dynamic"], sorted(modules))
     return out

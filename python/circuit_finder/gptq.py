@@ -24,8 +24,8 @@ Limits: 3-bit GPTQ (its codes straddle words), GPTQ's other checkpoint formats (
 AWQ's other versions (gemv, gemv_fast, marlin, exllama) and quantized embeddings are refused with a
 ValueError naming what; so are parts missing or misshapen and group indices out of range. ``dynamic``
 patterns are matched against the names as loaded (a wrapper's ``model.language_model.*`` is read as
-``model.*``), and AWQ's ``dynamic`` is not read: an override they miss fails a shape check. (transformers
-itself does not read ``dynamic``; GPTQModel and vLLM do.) Asymmetric v1 files not written by GPTQModel
+``model.*``): an override they miss fails a shape check. (transformers itself does not read ``dynamic``;
+GPTQModel and vLLM do.) Asymmetric v1 files not written by GPTQModel
 load with a warning: AutoGPTQ wrote a zero point of 0 over the rest of its word.
 """
 
@@ -74,9 +74,7 @@ def gptq_config(config: dict) -> dict | None:
                                  "load the checkpoint saved in the gptq format")
             if qc.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
                 raise ValueError(f"GPTQ pack_dtype {qc['pack_dtype']!r} is not supported (int32 is)")
-            for bits in [qc.get("bits", 4), *(o.get("bits", 4) for o in (qc.get("dynamic") or {}).values()
-                                              if isinstance(o, dict))]:
-                _check_bits("GPTQ", bits, (2, 4, 8))
+            _check_bits("GPTQ", qc, qc.get("bits", 4), (2, 4, 8))
             if fmt == "gptq" and qc.get("sym") is False and "gptqmodel" not in str((qc.get("meta") or {}).get("quantizer")):
                 warnings.warn("asymmetric GPTQ in the v1 format, not written by GPTQModel: AutoGPTQ wrote a zero "
                               "point of 0 over the rest of its int32 word, so such layers read wrong (GPTQModel "
@@ -86,27 +84,31 @@ def gptq_config(config: dict) -> dict | None:
             version = str(qc.get("version", "gemm")).lower()
             if version != "gemm":
                 raise ValueError(f"AWQ version {version!r} is not supported (gemm is: AutoAWQ's default layout)")
-            _check_bits("AWQ", qc.get("bits", qc.get("w_bit", 4)), (4,))
+            _check_bits("AWQ", qc, qc.get("bits", qc.get("w_bit", 4)), (4,))
             return qc
     return None
 
 
-def _check_bits(method: str, bits, allowed: tuple) -> None:
-    if bits not in allowed:
-        why = ": its codes straddle int32 words" if bits == 3 else ""
-        raise ValueError(f"{bits}-bit {method} weights are not supported{why} "
-                         f"({', '.join(map(str, allowed))}-bit are)")
+def _check_bits(method: str, qc: dict, bits, allowed: tuple) -> None:
+    """ValueError unless the config's bits and every ``dynamic`` override's are `allowed`."""
+    overrides = [o.get("bits", bits) for o in (qc.get("dynamic") or {}).values() if isinstance(o, dict)]
+    for b in (bits, *overrides):
+        if b not in allowed:
+            why = ": its codes straddle int32 words" if b == 3 else ""
+            raise ValueError(f"{b}-bit {method} weights are not supported{why} "
+                             f"({', '.join(map(str, allowed))}-bit are)")
 
 
 def _layout(module: str, qc: dict) -> GptqLayout:
-    """The layout of `module`'s parts: the config's, or GPTQModel's first ``dynamic`` override matching it."""
-    if qc["quant_method"] == "awq":
-        return GptqLayout("awq", 4, int(qc.get("group_size", qc.get("q_group_size", 128))),
-                          zero_point=bool(qc.get("zero_point", True)))
-    bits, size = qc.get("bits", 4), qc.get("group_size", 128)
+    """The layout of `module`'s parts: the config's, or GPTQModel's first ``dynamic`` override matching
+    it (GPTQModel writes ``dynamic`` for its AWQ checkpoints too)."""
+    awq = qc["quant_method"] == "awq"
+    bits, size = qc.get("bits", 4), qc.get("group_size", qc.get("q_group_size", 128) if awq else 128)
     rule = _first_match(qc.get("dynamic"), module)
     if rule is not None and rule[0] == "+":
         bits, size = rule[1].get("bits", bits), rule[1].get("group_size", size)
+    if awq:
+        return GptqLayout("awq", 4, int(size), zero_point=bool(qc.get("zero_point", True)))
     return GptqLayout("gptq", int(bits), int(size), _gptq_format(qc) == "gptq")
 
 
