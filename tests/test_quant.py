@@ -627,7 +627,13 @@ def test_fp8_checkpoint_matches_transformers_dequantizing_it(tmp_path, arch, sch
         hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=FineGrainedFP8Config(
             dequantize=True, weight_block_size=None if scheme == "per-tensor" else (16, 32))).eval()
     assert hf.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # dequantized, not FP8 products
-    model = cf.load(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = cf.load(tmp_path)
+    said = [str(w.message) for w in caught if "activation / KV-cache scales" in str(w.message)]
+    assert said == (["FP8: 42 activation / KV-cache scales (e.g. 'model.layers.0.mlp.down_proj.activation_scale') "
+                     "are not applied: products and caches run in the compute dtype, as in transformers' dequantized "
+                     "model (vLLM quantizes them)"] if scheme == "per-tensor" else [])
     assert "model.layers.0.self_attn.q_proj.weight_scale_inv" not in model.tensors
     for layers in ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 2, 3, 4, 5]):
         with torch.no_grad():

@@ -23,13 +23,12 @@ stay in the compute dtype, as in transformers' dequantized model.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from .quants import FP8_DTYPES, expand_blocks, unpack_words
+from .quants import FP8_DTYPES, expand_blocks, unpack_words, warn_unapplied_scales
 
 __all__ = ["FORMATS", "PARTS", "CompressedGroup", "compressed_groups", "compressed_matrices", "dequantize_compressed",
            "unpack_int32"]
@@ -116,10 +115,7 @@ def compressed_matrices(tensors: dict, groups: list[CompressedGroup]) -> tuple[d
     the tensor for a part missing, of the wrong kind or shape."""
     stored, parts = {}, set()
     unapplied = [name for name in tensors if name.endswith((*_CACHE_SCALES, ".input_scale", ".output_scale"))]
-    if unapplied:
-        warnings.warn(f"compressed-tensors: {len(unapplied)} activation / KV-cache scales (e.g. '{unapplied[0]}') are "
-                      "not applied: products and caches run in the compute dtype, as in transformers' dequantized "
-                      "model (vLLM quantizes them)", stacklevel=5)
+    warn_unapplied_scales("compressed-tensors", unapplied, stacklevel=5)
     parts.update(unapplied)
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES \

@@ -60,6 +60,7 @@ from .quants import (
     packs_on,
     quantize_choice,
     quantize_matrix,
+    warn_unapplied_scales,
 )
 
 __all__ = ["ACTIVATIONS", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "activations_here", "check_activations",
@@ -369,7 +370,9 @@ def _dequantized_on_load(tensors: dict, config: dict) -> tuple[dict, set[str]]:
         return bnb_matrices(tensors)
     block = fp8_block_size(config)
     fp8 = fp8_pairs(tensors, block)
-    parts = set(fp8) | {f"{n}_scale_inv" for n in fp8} | {n.rsplit(".", 1)[0] + ".activation_scale" for n in fp8}
+    activation = [s for s in (n.rsplit(".", 1)[0] + ".activation_scale" for n in fp8) if s in tensors]
+    warn_unapplied_scales("FP8", activation, stacklevel=4)
+    parts = set(fp8) | {f"{n}_scale_inv" for n in fp8} | set(activation)
     return {n: (tuple(w.shape), partial(dequantize_fp8, w, s, block)) for n, (w, s) in fp8.items()}, parts
 
 

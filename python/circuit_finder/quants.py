@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,7 @@ from .quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows
 __all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MIXES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES",
            "FP8_DTYPES", "MixModel", "PackedTensor", "dequantize_fp8", "expand_blocks", "dequantize_ggml_mxfp4", "dequantize_mxfp4",
            "fp8_block_size", "fp8_pairs", "is_matrix_name", "llama_cpp_70b", "mix_type", "mxfp4_pairs", "mxfp4_shape",
-           "packs_on", "quantize_choice", "quantize_matrix", "unpack_words"]
+           "packs_on", "quantize_choice", "quantize_matrix", "unpack_words", "warn_unapplied_scales"]
 
 # ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
 PACKED_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
@@ -245,6 +246,15 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     if s.numel() == 1:
         return (w * s.reshape(())).to(dtype)
     return (w * expand_blocks(s, block, *w.shape[-2:])).to(dtype)
+
+
+def warn_unapplied_scales(method: str, names: list[str], stacklevel: int) -> None:
+    """One warning that a checkpoint's activation / KV-cache scales (`names`) are not applied: the
+    products and caches of a checkpoint dequantized on load run in the compute dtype."""
+    if names:
+        warnings.warn(f"{method}: {len(names)} activation / KV-cache scales (e.g. '{names[0]}') are not applied: "
+                      "products and caches run in the compute dtype, as in transformers' dequantized model (vLLM "
+                      "quantizes them)", stacklevel=stacklevel + 1)
 
 
 def expand_blocks(grid: torch.Tensor, block, rows: int, cols: int) -> torch.Tensor:
