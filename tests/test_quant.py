@@ -719,6 +719,8 @@ def test_quantizers_match_the_gguf_package_byte_for_byte(kind):
         got = quantize_matrix(t, kind).blocks.numpy()
         print(f"{kind} from {dtype}: {(got != want).sum()} of {want.size} bytes differ")
         assert np.array_equal(got, want)
+    square = torch.from_numpy(w[:256, :256])  # a transposed view (strides reversed) reads as its values
+    assert torch.equal(quantize_matrix(square.t(), kind).blocks, quantize_matrix(square.t().contiguous(), kind).blocks)
     stacked = quantize_matrix(torch.from_numpy(w[:8]).reshape(2, 4, 4096), kind)  # stacked experts: [E, rows, cols]
     assert stacked.shape == (2, 4, 4096) and torch.equal(stacked.blocks.reshape(8, -1), quantize_matrix(
         torch.from_numpy(w[:8]), kind).blocks)

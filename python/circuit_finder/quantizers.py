@@ -79,7 +79,7 @@ def _quantize_chunk(x: torch.Tensor, kind: str, name: str, start: int) -> torch.
     if kind == "F16":  # non-finite values stay what they are
         if math.isfinite(peak) and peak > F16_MAX:
             raise ValueError(f"{name}: holds values up to {peak:.4g}, beyond f16's {F16_MAX:g} {where}")
-        return x.to(torch.float16).view(torch.uint8)
+        return x.to(torch.float16).contiguous().view(torch.uint8)
     if not math.isfinite(peak):
         raise ValueError(f"{name}: holds non-finite values {where}")
     if peak > F16_MAX:
