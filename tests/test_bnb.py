@@ -203,6 +203,7 @@ def test_dequantization_against_plain_loops():
     q, scb = torch.randint(-127, 128, (3, 5), generator=g, dtype=torch.int8), torch.rand(3, generator=g) * 4
     want = torch.tensor([[q[r, c].item() * scb[r].item() / 127 for c in range(5)] for r in range(3)])
     assert torch.allclose(dequantize_int8(q, scb, torch.float32), want, rtol=1e-6, atol=0)
+    assert torch.equal(dequantize_int8(q, scb, torch.float32, chunk=7), dequantize_int8(q, scb, torch.float32))
 
 
 def _state(shape, **extra) -> torch.Tensor:

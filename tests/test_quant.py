@@ -670,6 +670,13 @@ def test_fp8_blocks_at_ragged_edges():
         for j in range(70):
             expected[i, j] *= scale[i // 16, j // 32]
     assert torch.equal(dequantize_fp8(w, scale, (16, 32), torch.float32), expected)
+    for chunk in (1, 70 * 16, 70 * 40 - 1):  # a block's rows at a time, or two blocks' (the last ragged)
+        assert torch.equal(dequantize_fp8(w, scale, (16, 32), torch.float32, chunk=chunk), expected)
+    stacked = torch.stack([w, w.flip(0)])  # experts [E, rows, cols] with a grid each, a per-tensor scale
+    assert torch.equal(dequantize_fp8(stacked, torch.stack([scale, scale * 2]), (16, 32), torch.float32, chunk=2000),
+                       torch.stack([expected, dequantize_fp8(w.flip(0), scale * 2, (16, 32), torch.float32)]))
+    assert torch.equal(dequantize_fp8(w, torch.tensor(0.5), None, torch.bfloat16, chunk=100),
+                       (w.float() * 0.5).bfloat16())
     exponents = torch.tensor([[120, 127, 130]] * 3, dtype=torch.uint8)
     assert torch.equal(dequantize_fp8(w, exponents, (16, 32), torch.float32)[17, 65], w[17, 65].float() * 8)
     with pytest.raises(ValueError, match=r"'m.weight_scale_inv' is \[2, 3\], expected one scale or \[3, 3\]"):

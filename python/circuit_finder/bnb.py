@@ -144,6 +144,12 @@ def dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, quant_map: torch.
 
 
 def dequantize_int8(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype,
-                    device: str | torch.device = "cpu") -> torch.Tensor:
-    """The LLM.int8 matrix in `dtype` on `device`: codes x SCB x (1 / 127) per row, in fp32."""
-    return (codes.to(device).float() * scb.to(device).float()[:, None] * _INV_127).to(dtype)
+                    device: str | torch.device = "cpu", chunk: int = 1 << 24) -> torch.Tensor:
+    """The LLM.int8 matrix in `dtype` on `device`: codes x SCB x (1 / 127) per row, in fp32, rows of
+    about `chunk` elements at a time."""
+    per_row = scb.to(device).float()[:, None]
+    out = torch.empty(codes.shape, dtype=dtype, device=device)
+    step = max(1, chunk // max(1, codes.shape[1]))
+    for r0 in range(0, codes.shape[0], step):  # (codes x SCB) x 1/127, as bitsandbytes rounds it
+        out[r0:r0 + step] = codes[r0:r0 + step].to(device).float() * per_row[r0:r0 + step] * _INV_127
+    return out

@@ -237,15 +237,22 @@ def fp8_pairs(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None) -
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, dtype: torch.dtype,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
+                   device: str | torch.device = "cpu", chunk: int = 1 << 24) -> torch.Tensor:
     """weight (float8) x its scale (one, or one per ``block`` of [rows, columns], the grid's last row and
-    column covering what is left) in ``dtype`` on ``device``; uint8 scales are E8M0 exponents (2^(s - 127))."""
+    column covering what is left) in ``dtype`` on ``device``; uint8 scales are E8M0 exponents (2^(s - 127)).
+    Rows of about `chunk` elements at a time (whole blocks) bound the fp32 temporaries."""
     s = scale.to(device)
     s = torch.ldexp(torch.ones((), device=device), s.int() - 127) if s.dtype == torch.uint8 else s.float()
-    w = weight.to(device).float()
-    if s.numel() == 1:
-        return (w * s.reshape(())).to(dtype)
-    return (w * expand_blocks(s, block, *w.shape[-2:])).to(dtype)
+    rows, cols = weight.shape[-2:]
+    height = 1 if s.numel() == 1 else int(block[0])
+    step = max(height, chunk // max(1, weight[..., :1, :].numel()) // height * height)
+    out = torch.empty(weight.shape, dtype=dtype, device=device)
+    for r0 in range(0, rows, step):
+        w = weight[..., r0:r0 + step, :].to(device).float()
+        factor = s.reshape(()) if s.numel() == 1 else expand_blocks(
+            s[..., r0 // height:-(-(r0 + step) // height), :], block, w.shape[-2], cols)
+        out[..., r0:r0 + step, :] = w * factor
+    return out
 
 
 def warn_unapplied_scales(method: str, names: list[str], stacklevel: int) -> None:
