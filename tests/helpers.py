@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 
@@ -221,6 +222,33 @@ def build_mistral3_wrapper(folder, **text_overrides):
     model.eval()
     model.save_pretrained(str(folder))
     return model
+
+
+def write_fp8_checkpoint(folder, scheme: str) -> None:
+    """Rewrites a saved float checkpoint as a fine-grained FP8 one: every projection's weight as
+    float8 E4M3 with its weight_scale_inv (absmax / 448 per tensor, or per 16 x 32 block), a static
+    activation_scale beside per-tensor weights (Ministral 3 / Devstral's scheme)."""
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("_proj.weight")]:
+        w = tensors[name].float()
+        if scheme == "per-tensor":
+            scale = w.abs().max() / 448
+            tensors[name.removesuffix("weight") + "activation_scale"] = torch.tensor(0.25)
+            expanded = scale
+        else:
+            blocks = w.unflatten(0, (-1, 16)).unflatten(-1, (-1, 32))  # [R/16, 16, C/32, 32]
+            scale = blocks.abs().amax(dim=(1, 3)) / 448
+            expanded = scale.repeat_interleave(16, 0).repeat_interleave(32, 1)
+        tensors[name] = (w / expanded).to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = scale.float()
+    safetensors.torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static" if scheme == "per-tensor"
+                                     else "dynamic", "weight_block_size": None if scheme == "per-tensor" else [16, 32],
+                                     "modules_to_not_convert": ["lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 def follow_config_clamp(model: torch.nn.Module) -> None:

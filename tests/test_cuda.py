@@ -12,8 +12,17 @@ import torch
 
 import circuit_finder as cf
 from circuit_finder import _C, LayerPath
+from circuit_finder.bnb import dequantize_4bit, dequantize_int8
+from circuit_finder.compressed import dequantize_compressed
+from circuit_finder.gptq import GptqLayout, dequantize_gptq
 from circuit_finder.quantizers import K_TYPES
-from circuit_finder.quants import PACKED_TYPES, PackedTensor, quantize_matrix
+from circuit_finder.quants import (
+    PACKED_TYPES,
+    PackedTensor,
+    dequantize_fp8,
+    dequantize_mxfp4,
+    quantize_matrix,
+)
 from helpers import (
     HYBRID_ARCHS,
     MOE_ARCHS,
@@ -25,6 +34,7 @@ from helpers import (
     reference,
     relative,
     tokens,
+    write_fp8_checkpoint,
     write_gguf,
 )
 
@@ -253,7 +263,7 @@ def test_cuda_rows_ending_early_give_transformers_tokens_and_length(model_dir):
 
 
 # ------------------------------------------------------------------ packed (GGUF-quantized) matrices
-@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "BF16"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16"])
 def test_cuda_quantizers_write_the_cpus_blocks(kind):
     """quantize_matrix on a GPU (what cf.load(folder, device="cuda", quantize=...) does with each
     matrix): the 32-value types write the CPU's bytes (ggml's rounding); the K-quants' least squares
@@ -272,6 +282,79 @@ def test_cuda_quantizers_write_the_cpus_blocks(kind):
             assert rows <= 30 and errors[1] <= errors[0] * 1.01
         else:
             assert rows == 0
+
+
+def _checkpoint_dequantizers():
+    """{format: function(dtype, device) -> its matrix} for each checkpoint format dequantized on load,
+    on random parts (any int32 word is a valid run of codes) with ragged block grids and chunks smaller
+    than the matrix."""
+    g = torch.Generator().manual_seed(0)
+
+    def ints(low, high, shape, dtype=torch.int32):
+        return torch.randint(low, high, shape, generator=g, dtype=torch.int64).to(dtype)
+
+    rows, cols, out, groups = 300, 256, 296, 4  # GPTQ / AWQ: 256 inputs in 4 groups, 296 outputs
+    f8 = (torch.randn(rows, cols, generator=g) * 4).to(torch.float8_e4m3fn)
+    grid, exponents = torch.rand(3, 2, generator=g) + 0.5, ints(120, 135, (3, 2), torch.uint8)  # 128-blocks, ragged
+    words, zeros = ints(-2**31, 2**31, (rows, cols // 8)), ints(-8, 8, (rows, groups))
+    g_idx = ints(0, groups, (cols,), torch.int64)
+    qzeros, scales = ints(-2**31, 2**31, (groups, out // 8)), (torch.rand(groups, out, generator=g) + 0.5).half()
+    gptq_words, awq_words = ints(-2**31, 2**31, (cols // 8, out)), ints(-2**31, 2**31, (cols, out // 8))
+    int8, f32 = ints(-128, 128, (rows, 200), torch.int8), torch.rand(rows, groups, generator=g) + 0.5
+    nf4, absmax, table = ints(0, 256, (rows * cols // 2,), torch.uint8), ints(0, 256, (rows * cols // 64,), torch.uint8), \
+        torch.rand(16, generator=g)
+    nested = (torch.rand(5, generator=g) + 0.5, torch.rand(256, generator=g), 256, 0.125)  # 1200 absmax codes
+    mx_blocks, mx_scales = ints(0, 256, (2, 24, 4, 16), torch.uint8), ints(120, 132, (2, 24, 4), torch.uint8)
+    return {
+        "fp8 blocks": lambda d, dev: dequantize_fp8(f8, grid, (128, 128), d, dev, chunk=cols * 128),
+        "fp8 e8m0": lambda d, dev: dequantize_fp8(f8, exponents, (128, 128), d, dev),
+        "compressed w4 asym g_idx": lambda d, dev: dequantize_compressed(
+            words, f32, zeros, g_idx, (rows, cols), 4, {"num_bits": 4, "strategy": "group", "group_size": 64}, d, dev,
+            chunk=cols * 64),
+        "compressed int8 blocks": lambda d, dev: dequantize_compressed(
+            int8, grid, None, None, (rows, 200), None, {"strategy": "block", "block_structure": [128, 128]}, d, dev,
+            chunk=200 * 100),
+        "gptq v1 act order": lambda d, dev: dequantize_gptq(gptq_words, qzeros, scales, g_idx,
+                                                            GptqLayout("gptq", 4, 64, True), d, dev, chunk=cols * 50),
+        "awq": lambda d, dev: dequantize_gptq(awq_words, qzeros, scales, torch.arange(cols) // 64,
+                                              GptqLayout("awq", 4, 64), d, dev),
+        "bnb nf4 nested": lambda d, dev: dequantize_4bit(nf4, absmax, table, nested, (rows, cols), 64, d, dev,
+                                                         chunk=4096),
+        "bnb int8": lambda d, dev: dequantize_int8(int8, f32[:, 0] * 4, d, dev, chunk=200 * 7),
+        "mxfp4": lambda d, dev: dequantize_mxfp4(mx_blocks, mx_scales, d, dev),
+    }
+
+
+def test_cuda_checkpoint_dequantization_equals_the_cpus():
+    """FP8, compressed-tensors, GPTQ / AWQ, bitsandbytes and MXFP4 parts dequantized on the GPU (what
+    a load with device="cuda" does with each matrix) give the CPU's numbers bit for bit, in fp32 and
+    bf16 (elementwise IEEE products; the CPU's are checked against plain loops in test_quant.py,
+    test_compressed.py, test_gptq.py and test_bnb.py)."""
+    for name, make in _checkpoint_dequantizers().items():
+        for dtype in (torch.float32, torch.bfloat16):
+            cpu, gpu = make(dtype, "cpu"), make(dtype, "cuda")
+            assert gpu.is_cuda and gpu.dtype == dtype and gpu.shape == cpu.shape, name
+            diff = (gpu.cpu().float() - cpu.float()).abs()
+            print(f"{name} {dtype}: {list(cpu.shape)}, max abs diff {diff.max().item():.3e}")
+            assert torch.equal(gpu.cpu(), cpu), name
+
+
+def test_cuda_fp8_checkpoint_loads_on_the_device_and_matches_the_cpu(tmp_path):
+    """A fine-grained FP8 checkpoint (16 x 32 blocks) loaded with device="cuda": each matrix dequantized
+    there, logits equal the CPU load's up to summation order; quantize="q8_0" packs the matrices the
+    GPU dequantized."""
+    build_hf_model("qwen3", tmp_path, intermediate_size=128)
+    write_fp8_checkpoint(tmp_path, "blocks")
+    gpu, cpu = cf.load(tmp_path, device="cuda"), cf.load(tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert gpu.tensors[name].is_cuda and torch.equal(gpu.tensors[name].cpu(), cpu.tensors[name])
+    ids = ids_on("cuda")
+    assert relative("FP8 checkpoint on cuda vs cpu", gpu.logits(ids, layers=PATH).cpu(),
+                    cpu.logits(ids.cpu(), layers=PATH)) < 1e-4
+    if _C.gpu_kernels():
+        packed = cf.load(tmp_path, device="cuda", quantize="q8_0")
+        assert packed.tensors[name].device.type == "cuda"
+        assert torch.equal(packed.tensors[name].blocks.cpu(), quantize_matrix(cpu.tensors[name], "Q8_0").blocks)
 
 
 @pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")
@@ -442,7 +525,7 @@ def test_cuda_loads_fuse_projections_and_match_the_unfused_route(model_dir, tmp_
         write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
         gpu, cpu = cf.load(tmp_path / "m.gguf", device="cuda"), cf.load(tmp_path / "m.gguf")
         assert gpu.fused_products() == {"qkv": 6, "gate_up": 6} and cpu.fused_products() == {"qkv": 0, "gate_up": 0}
-        # dequantized on the device by the GGUF reader: still this load's own tensors, fused
+        # dequantized by the GGUF reader (decoded on the host, copied to the device): this load's own tensors, fused
         assert cf.load(tmp_path / "m.gguf", device="cuda", dequantize=True).fused_products() == {"qkv": 6, "gate_up": 6}
         assert relative("packed fused cuda vs cpu", gpu.logits(ids, layers=PATH).cpu(),
                         cpu.logits(ids.cpu(), layers=PATH)) < 1e-4
@@ -480,6 +563,12 @@ def test_cuda_packed_gguf_model_keeps_its_blocks_and_matches_the_cpu(tmp_path):
     assert quantized.tensors["lm_head.weight"].device.type == "cuda"
     assert relative("q8_0 on load, cuda vs cpu", quantized.logits(ids.cuda()).cpu(),
                     cf.load(tmp_path / "hf", quantize="q8_0").logits(ids)) < 1e-4
+    mixed, on_cpu = cf.load(tmp_path / "hf", device="cuda", quantize="q4_k_m"), cf.load(tmp_path / "hf", quantize="q4_k_m")
+    kinds = {n: t.type_name for n, t in mixed.tensors.items() if isinstance(t, PackedTensor)}
+    assert kinds == {n: t.type_name for n, t in on_cpu.tensors.items() if isinstance(t, PackedTensor)}
+    assert kinds["lm_head.weight"] == "Q6_K" and "Q4_K" in kinds.values()  # the mix's choices, on either device
+    # K-quant blocks may round a step apart (their least squares sum in another order): a looser bound
+    assert relative("q4_k_m on load, cuda vs cpu", mixed.logits(ids.cuda()).cpu(), on_cpu.logits(ids)) < 2e-2
 
 
 @pytest.mark.skipif(not _C.gpu_kernels(), reason="built without GPU kernels")

@@ -50,6 +50,7 @@ from helpers import (
     random_packed,
     rebuilt,
     reference,
+    write_fp8_checkpoint,
     write_gguf,
 )
 
@@ -584,33 +585,6 @@ def test_tied_checkpoint_that_stores_lm_head(tmp_path, head):
         assert packed.tensors["model.embed_tokens.weight"].type_name == "Q4_K"
 
 
-def _fp8_checkpoint(folder, scheme: str) -> None:
-    """Rewrites a saved float checkpoint as a fine-grained FP8 one: every projection's weight as
-    float8 E4M3 with its weight_scale_inv (absmax / 448 per tensor, or per 16 x 32 block), a static
-    activation_scale beside per-tensor weights (Ministral 3 / Devstral's scheme)."""
-    import safetensors.torch
-
-    tensors = safetensors.torch.load_file(folder / "model.safetensors")
-    for name in [n for n in tensors if n.endswith("_proj.weight")]:
-        w = tensors[name].float()
-        if scheme == "per-tensor":
-            scale = w.abs().max() / 448
-            tensors[name.removesuffix("weight") + "activation_scale"] = torch.tensor(0.25)
-            expanded = scale
-        else:
-            blocks = w.unflatten(0, (-1, 16)).unflatten(-1, (-1, 32))  # [R/16, 16, C/32, 32]
-            scale = blocks.abs().amax(dim=(1, 3)) / 448
-            expanded = scale.repeat_interleave(16, 0).repeat_interleave(32, 1)
-        tensors[name] = (w / expanded).to(torch.float8_e4m3fn)
-        tensors[name + "_scale_inv"] = scale.float()
-    safetensors.torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static" if scheme == "per-tensor"
-                                     else "dynamic", "weight_block_size": None if scheme == "per-tensor" else [16, 32],
-                                     "modules_to_not_convert": ["lm_head"]}
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("arch, scheme", [("ministral3", "per-tensor"), ("qwen3", "blocks")])
 def test_fp8_checkpoint_matches_transformers_dequantizing_it(tmp_path, arch, scheme):
     """A fine-grained FP8 checkpoint (Ministral 3 / Devstral's per-tensor static scheme; Qwen3-FP8's
@@ -620,7 +594,7 @@ def test_fp8_checkpoint_matches_transformers_dequantizing_it(tmp_path, arch, sch
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
     build_hf_model(arch, tmp_path, intermediate_size=128)
-    _fp8_checkpoint(tmp_path, scheme)
+    write_fp8_checkpoint(tmp_path, scheme)
     ids = torch.randint(0, 160, (2, 24), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -242,7 +242,7 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     column covering what is left) in ``dtype`` on ``device``; uint8 scales are E8M0 exponents (2^(s - 127)).
     Rows of about `chunk` elements at a time (whole blocks) bound the fp32 temporaries."""
     s = scale.to(device)
-    s = torch.ldexp(torch.ones((), device=device), s.int() - 127) if s.dtype == torch.uint8 else s.float()
+    s = torch.ldexp(torch.ones(s.shape, device=device), s.int() - 127) if s.dtype == torch.uint8 else s.float()
     rows, cols = weight.shape[-2:]
     height = 1 if s.numel() == 1 else int(block[0])
     step = max(height, chunk // max(1, weight[..., :1, :].numel()) // height * height)
