@@ -245,8 +245,9 @@ def test_activation_and_cache_scales_are_named_and_exported_with_their_config(tm
     config = QuantizationConfig(config_groups={"g": QuantizationScheme(targets=["Linear"], input_activations=fp8)},
                                 kv_cache_scheme=fp8, quantization_status="compressed", ignore=["lm_head"])
     ModelCompressor(quantization_config=config).update_config(tmp_path)
-    with pytest.warns(UserWarning, match=r"54 activation / KV-cache scales .* are not applied"):
+    with pytest.warns(UserWarning, match=r"54 activation / KV-cache scales .* are not applied") as said:
         model = cf.load(tmp_path)
+    assert [w.filename for w in said if "KV-cache" in str(w.message)] == [__file__]  # the cf.load line
     path = [0, 1, 2, 1, 2, 3, 4, 5]
     ids = torch.randint(0, 160, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

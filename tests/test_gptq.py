@@ -196,6 +196,7 @@ def test_multimodal_wrapper_reads_its_text_decoder(tmp_path, method):
     stored = safetensors.torch.load_file(tmp_path / "q" / "model.safetensors")
     assert sum(n.startswith("language_model.model.layers.") and n.endswith(".qweight") for n in stored) == 6 * 7
     assert not any(n.startswith("vision_tower.") and n.endswith(".qweight") for n in stored)
+    assert stored["vision_tower.transformer.layers.0.attention.q_proj.weight"].dtype == torch.float32  # left float
     ours = cf.load(tmp_path / "q")
     ids = torch.randint(11, 160, (2, 20), generator=torch.Generator().manual_seed(5))
     quantized_paths_match(f"{method} Mistral3 wrapper", ours, ref_model, hf, ids)

@@ -240,18 +240,28 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
                    device: str | torch.device = "cpu", chunk: int = 1 << 24) -> torch.Tensor:
     """weight (float8) x its scale (one, or one per ``block`` of [rows, columns], the grid's last row and
     column covering what is left) in ``dtype`` on ``device``; uint8 scales are E8M0 exponents (2^(s - 127)).
-    Rows of about `chunk` elements at a time (whole blocks) bound the fp32 temporaries."""
+    Rows of about `chunk` elements at a time (whole blocks; stacked experts one at a time) bound the
+    fp32 temporaries."""
     s = scale.to(device)
     s = torch.ldexp(torch.ones(s.shape, device=device), s.int() - 127) if s.dtype == torch.uint8 else s.float()
-    rows, cols = weight.shape[-2:]
+    if weight.dim() < 2:  # a vector with its one scale
+        return (weight.to(device).float() * s.reshape(())).to(dtype)
+    if weight.dim() > 2:  # experts [..., rows, cols]: each with its grid (or the one scale)
+        out = torch.empty(weight.shape, dtype=dtype, device=device)
+        grids = s.reshape(-1, *s.shape[-2:]) if s.numel() > 1 else None
+        for e, w in enumerate(weight.reshape(-1, *weight.shape[-2:])):
+            out.view(-1, *weight.shape[-2:])[e] = dequantize_fp8(w, s if grids is None else grids[e], block, dtype,
+                                                                 device, chunk)
+        return out
+    rows, cols = weight.shape
     height = 1 if s.numel() == 1 else int(block[0])
-    step = max(height, chunk // max(1, weight[..., :1, :].numel()) // height * height)
+    step = max(height, chunk // max(1, cols) // height * height)
     out = torch.empty(weight.shape, dtype=dtype, device=device)
     for r0 in range(0, rows, step):
-        w = weight[..., r0:r0 + step, :].to(device).float()
+        w = weight[r0:r0 + step].to(device).float()
         factor = s.reshape(()) if s.numel() == 1 else expand_blocks(
-            s[..., r0 // height:-(-(r0 + step) // height), :], block, w.shape[-2], cols)
-        out[..., r0:r0 + step, :] = w * factor
+            s[r0 // height:-(-(r0 + step) // height)], block, w.shape[0], cols)
+        out[r0:r0 + step] = w * factor
     return out
 
 
