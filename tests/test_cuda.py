@@ -525,8 +525,12 @@ def test_cuda_loads_fuse_projections_and_match_the_unfused_route(model_dir, tmp_
         write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
         gpu, cpu = cf.load(tmp_path / "m.gguf", device="cuda"), cf.load(tmp_path / "m.gguf")
         assert gpu.fused_products() == {"qkv": 6, "gate_up": 6} and cpu.fused_products() == {"qkv": 0, "gate_up": 0}
-        # dequantized by the GGUF reader (decoded on the host, copied to the device): this load's own tensors, fused
+        # dequantized by the GGUF reader (decoded on the device from its blocks): this load's own tensors, fused
+        dense = cf.load(tmp_path / "m.gguf", device="cuda", dequantize=True, fuse_projections=False)
         assert cf.load(tmp_path / "m.gguf", device="cuda", dequantize=True).fused_products() == {"qkv": 6, "gate_up": 6}
+        host = cf.load(tmp_path / "m.gguf", dequantize=True)
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert dense.tensors[name].is_cuda and torch.equal(dense.tensors[name].cpu(), host.tensors[name])
         assert relative("packed fused cuda vs cpu", gpu.logits(ids, layers=PATH).cpu(),
                         cpu.logits(ids.cpu(), layers=PATH)) < 1e-4
 

@@ -387,6 +387,25 @@ def test_packed_mixture_of_experts_matches_the_dequantized_model(tmp_path):
                     dense.logits(ids, layers=layers))[1] < 1e-4
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_dequantized_gguf_decoded_from_its_blocks_where_it_goes(q4k_llama, tmp_path, arch, monkeypatch):
+    """dequantize=True on a GPU with our kernels decodes each matrix there from its copied blocks
+    (reordered as the packed route reorders them: llama's Q / K rows, stacked experts) instead of
+    on the host: forced here on the CPU, that route gives the host route's tensors exactly."""
+    from circuit_finder import gguf as cf_gguf
+
+    path = q4k_llama
+    if arch == "qwen3_moe":
+        hf = build_hf_model("qwen3_moe", tmp_path / "hf", intermediate_size=128, moe_intermediate_size=64)
+        write_gguf(hf, path := tmp_path / "m.gguf", qtype="Q8_0")
+    host = cf.load(path, dequantize=True)
+    monkeypatch.setattr(cf_gguf, "_decodes_on", lambda device: True)
+    blocks = cf.load(path, dequantize=True)
+    assert set(blocks.tensors) == set(host.tensors)
+    for name, t in host.tensors.items():
+        assert not isinstance(blocks.tensors[name], PackedTensor) and torch.equal(blocks.tensors[name], t), name
+
+
 def test_engine_refuses_bad_packed_tensors(q4k_llama):
     model = cf.load(q4k_llama)
     raw = {n: getattr(t, "blocks", t) for n, t in model.tensors.items()}

@@ -697,6 +697,14 @@ def _packable(t, name: str, arch: str, config: dict, dtype: torch.dtype, big_end
     return kind
 
 
+def _decodes_on(device: torch.device) -> bool:
+    """Whether a packed matrix dequantized for `device` is decoded there (a GPU with this build's
+    kernels: the blocks are copied, a quarter of the floats' bytes) rather than on the host."""
+    from . import _C
+
+    return device.type == "cuda" and _C.gpu_kernels()
+
+
 def _packed_blocks(t, path: str) -> np.ndarray:
     """A packed tensor's bytes as [..., rows, row_bytes] (a view of the mapped file)."""
     data = np.asarray(t.data).reshape(-1).view(np.uint8)  # F16 / BF16 come typed
@@ -724,7 +732,8 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
     """Reads a GGUF file -> (Hugging Face config dict, Hugging Face-named tensors in `dtype`).
     keep_packed: matrices of a packed type (quants.PACKED_TYPES) placed on a device where
     ``quants.packs_on(device)`` come back as ``PackedTensor`` (the file's blocks, views of the
-    memory map where rows keep their order; the loader copies them to their GPU).
+    memory map where rows keep their order; the loader copies them to their GPU). Matrices
+    dequantized for a GPU with this build's kernels are decoded there from their copied blocks.
     place(config, {Hugging Face name: element count}, {name: packed bytes}), when given, runs
     before any tensor is decoded and returns a Placement (the loader plans and checks devices and
     memory there); each tensor then goes to its device as soon as it is decoded, so host memory
@@ -744,17 +753,20 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
 
     named = [(t, kept(t)) for t in reader.tensors]
     big_endian = getattr(reader, "byte_order", "I") == "S"  # the reader's flag for a file of the other byte order
-    named = [(t, name, keep_packed and _packable(t, name, arch, config, dtype, big_endian)) for t, name in named if name]
+    named = [(t, name, _packable(t, name, arch, config, dtype, big_endian)) for t, name in named if name]
     placed = None
     if place is not None:
         placed = place(config, {name: int(np.prod([int(x) for x in t.shape])) for t, name, _ in named},
-                       {name: int(t.n_bytes) for t, name, kind in named if kind})
+                       {name: int(t.n_bytes) for t, name, kind in named if kind and keep_packed})
     tensors: dict = {}
     for t, name, kind in named:
         device = torch.device("cpu") if placed is None else placed.device_of(name)
-        if kind and packs_on(device):
+        if kind and (keep_packed and packs_on(device) or _decodes_on(device)):
             for hf, arr in _hf_arrays(name, _packed_blocks(t, path), arch, config):
-                tensors[hf] = PackedTensor(_packed_tensor(arr), kind, int(t.shape[0]), hf)
+                packed = PackedTensor(_packed_tensor(arr), kind, int(t.shape[0]), hf)
+                # kept, or dequantized where it goes: the blocks travel, not the floats
+                tensors[hf] = packed if keep_packed and packs_on(device) else \
+                    PackedTensor(packed.blocks.to(device), kind, packed.cols, hf).dequantize(dtype)
             continue
         for hf, arr in _hf_arrays(name, _dequantize(t, path), arch, config):
             tensor = _float_tensor(arr)
