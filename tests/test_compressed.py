@@ -22,6 +22,7 @@ from circuit_finder.compressed import (
     dequantize_compressed,
     unpack_int32,
 )
+from circuit_finder.loading import quantizer_module_names
 from helpers import build_hf_model, load_checking_q8_0, quantized_paths_match, rebuilt, relative
 
 ct = pytest.importorskip("compressed_tensors")
@@ -394,6 +395,16 @@ def test_module_groups_and_weight_kinds_as_compressed_tensors_reads_them():
         assert torch.equal(stored[f"{module}.weight"][1](torch.float32, "cpu"), torch.ones(4, 8))
     with pytest.raises(ValueError, match="float8 tensor 'x.weight' has no 'x.weight_scale'"):
         compressed_matrices({"x.weight": f8}, groups)
+    wrapper = {**q, "config_groups": {**q["config_groups"], "c": {  # targets under a v5 wrapper's module names
+        "targets": ["model.language_model.layers.0.q_proj"], "weights": q["config_groups"]["c"]["weights"]},
+        "d": {"targets": ["re:^model\\.language_model\\.layers\\.1\\."], "weights": w}}}
+    groups = compressed_groups({"quantization_config": wrapper})
+    for module, scale in (("model.layers.0.q_proj", torch.ones(4, 2)), ("model.layers.1.q_proj", torch.ones(4, 1))):
+        tensors = {f"{module}.weight": f8, f"{module}.weight_scale": scale}  # loaded: model.*
+        with pytest.raises(ValueError, match=rf"'{re.escape(module)}.weight_scale' is \[4, \d\]: expected \[1\]"):
+            compressed_matrices(tensors, groups)  # under its loaded name alone: the per-tensor pattern group
+        stored, _ = compressed_matrices(tensors, groups, quantizer_module_names)
+        assert torch.equal(stored[f"{module}.weight"][1](torch.float32, "cpu"), torch.ones(4, 8))
     assert compressed_groups({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
         "kv": {"targets": ["re:.*self_attn$"], "input_activations": {"num_bits": 8}}}}}) == []
 

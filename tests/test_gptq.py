@@ -90,10 +90,17 @@ def _quantize_layer(w, method: str, bits: int, group_size: int, act_order: bool,
     return parts, dense
 
 
+def _in_memory(module: str) -> str:
+    """A checkpoint's module name as transformers v5's model names it (a wrapper saves its decoder
+    under language_model.model.*, and GPTQModel matches its patterns against the model's names)."""
+    module = re.sub(r"^language_model\.model\.", "model.language_model.", module)
+    return re.sub(r"^(vision_tower|multi_modal_projector)\.", r"model.\1.", module)
+
+
 def _set_weight(model, module: str, dense: torch.Tensor) -> None:
     """model's weight of `module` (a checkpoint name; per-expert ones live in transformers' stacked
     gate_up_proj [E, 2I, H], gate rows first, and down_proj [E, H, I]) set to dense."""
-    module = re.sub(r"^language_model\.model\.", "model.language_model.", module)  # a wrapper's, as saved
+    module = _in_memory(module)
     m = re.match(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj$", module)
     if m is None:
         model.get_submodule(module).weight.data = dense
@@ -120,7 +127,7 @@ def quantize_folder(hf_model, folder, method="gptq", bits=4, group_size=16, act_
             out[name] = t
             continue
         rule = next(((p, o) for p, o in (dynamic or {}).items()  # GPTQModel's: the first pattern matching
-                     if re.match(p[2:] if p[:2] in ("+:", "-:") else p, module)), None)
+                     if re.match(p[2:] if p[:2] in ("+:", "-:") else p, _in_memory(module))), None)
         if (rule is not None and rule[0].startswith("-:")) or any(key in module for key in not_convert or ()):
             out[name] = t
             continue
@@ -184,23 +191,35 @@ def test_moe_checkpoint_per_expert(tmp_path, method):
                  torch.randint(0, 160, (2, 20), generator=torch.Generator().manual_seed(2)))
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_multimodal_wrapper_reads_its_text_decoder(tmp_path, method):
-    """A Mistral3 wrapper quantized as GPTQModel / AutoAWQ leave VLMs (the vision tower and projector
-    float: a negative dynamic pattern, modules_to_not_convert): its text decoder's layers, saved under
-    language_model.model.*, read as the decoder's; its export along a path reloads with the same logits."""
+WRAPPER_OPTIONS = {  # GPTQModel leaves a VLM's vision tower float by a negative pattern, AutoAWQ by not_convert
+    "gptq": dict(dynamic={r"-:.*(vision_tower|multi_modal_projector).*": {}}),
+    "awq": dict(not_convert=["vision_tower", "multi_modal_projector"]),
+    # patterns anchored at the names of transformers v5's model (model.language_model.*), which the
+    # checkpoint saves as language_model.model.*: layer 1's MLP in 8 bits
+    "gptq-anchored": dict(dynamic={r"-:^model\.(vision_tower|multi_modal_projector)\..*": {},
+                                   r"+:^model\.language_model\.layers\.1\.mlp\..*": {"bits": 8, "group_size": 32}}),
+}
+
+
+@pytest.mark.parametrize("case", list(WRAPPER_OPTIONS))
+def test_multimodal_wrapper_reads_its_text_decoder(tmp_path, case):
+    """A Mistral3 wrapper quantized as GPTQModel / AutoAWQ leave VLMs: its text decoder's layers, saved
+    under language_model.model.*, read as the decoder's, per-module patterns matched under the names
+    the quantizer saw; its export along a path repeating layer 1 reloads with the same logits."""
     hf = build_mistral3_wrapper(tmp_path / "q", intermediate_size=128)
-    options = (dict(dynamic={r"-:.*(vision_tower|multi_modal_projector).*": {}}) if method == "gptq"
-               else dict(not_convert=["vision_tower", "multi_modal_projector"]))
-    ref_model = quantize_folder(hf, tmp_path / "q", method=method, group_size=16, **options)
+    method = case.removesuffix("-anchored")
+    ref_model = quantize_folder(hf, tmp_path / "q", method=method, group_size=16, **WRAPPER_OPTIONS[case])
     stored = safetensors.torch.load_file(tmp_path / "q" / "model.safetensors")
     assert sum(n.startswith("language_model.model.layers.") and n.endswith(".qweight") for n in stored) == 6 * 7
+    if method == "gptq":  # 64 inputs packed 8 (4-bit) or 4 (8-bit: the anchored override took) a word
+        assert stored["language_model.model.layers.1.mlp.up_proj.qweight"].shape[0] == 64 // (
+            4 if case == "gptq-anchored" else 8)
     assert not any(n.startswith("vision_tower.") and n.endswith(".qweight") for n in stored)
     assert stored["vision_tower.transformer.layers.0.attention.q_proj.weight"].dtype == torch.float32  # left float
     ours = cf.load(tmp_path / "q")
     ids = torch.randint(11, 160, (2, 20), generator=torch.Generator().manual_seed(5))
-    quantized_paths_match(f"{method} Mistral3 wrapper", ours, ref_model, hf, ids)
-    path = [0, 1, 2, 3, 2, 3, 4, 5]
+    quantized_paths_match(f"{case} Mistral3 wrapper", ours, ref_model, hf, ids)
+    path = [0, 1, 1, 2, 3, 2, 3, 4, 5]
     cf.export_hf(tmp_path / "q", tmp_path / "x", path)
     assert relative(f"its export along {path}, reloaded", cf.load(tmp_path / "x").logits(ids),
                     ours.logits(ids, layers=path)) < 1e-6

@@ -96,11 +96,13 @@ def _parse_groups(qc: dict) -> list[CompressedGroup]:
     return groups  # none: only activations or caches were quantized, the weights are plain floats
 
 
-def _group_of(module: str, groups: list[CompressedGroup]) -> CompressedGroup:
-    """The config group that quantized `module`, in compressed-tensors' order: a target naming it
-    exactly, else a ``re:`` target matching it, else a class-name target (a checkpoint names no
-    classes we could check: "Linear" is every quantized matrix); a later group wins a tie, as there."""
-    tiers = (lambda t: t == module, lambda t: t.startswith("re:") and re.match(t[3:], module) is not None,
+def _group_of(names: tuple[str, ...], groups: list[CompressedGroup]) -> CompressedGroup:
+    """The config group that quantized a module (`names`: what it may be called, as loaded first), in
+    compressed-tensors' order: a target naming it exactly, else a ``re:`` target matching it, else a
+    class-name target (a checkpoint names no classes we could check: "Linear" is every quantized
+    matrix); a later group wins a tie, as there."""
+    module = names[0]
+    tiers = (lambda t: t in names, lambda t: t.startswith("re:") and any(re.match(t[3:], n) for n in names),
              lambda t: not t.startswith("re:") and "." not in t)
     for matches in tiers:
         found = [g for g in groups if any(matches(t) for t in g.targets)]
@@ -109,10 +111,12 @@ def _group_of(module: str, groups: list[CompressedGroup]) -> CompressedGroup:
     raise ValueError(f"'{module}' holds compressed-tensors weights but no config group targets it")
 
 
-def compressed_matrices(tensors: dict, groups: list[CompressedGroup]) -> tuple[dict, set[str]]:
+def compressed_matrices(tensors: dict, groups: list[CompressedGroup],
+                        names=lambda module: (module,)) -> tuple[dict, set[str]]:
     """({'<module>.weight': (its float shape, a function (dtype, device) -> the dequantized matrix)},
     the names of the stored parts those replace, and of the scales nothing reads). ValueError naming
-    the tensor for a part missing, of the wrong kind or shape."""
+    the tensor for a part missing, of the wrong kind or shape. names(module): the names the config's
+    targets may know it by."""
     stored, parts = {}, set()
     unapplied = [name for name in tensors if name.endswith((*_CACHE_SCALES, ".input_scale", ".output_scale"))]
     warn_unapplied_scales("compressed-tensors", unapplied, stacklevel=5)
@@ -124,7 +128,7 @@ def compressed_matrices(tensors: dict, groups: list[CompressedGroup]) -> tuple[d
         if not name.endswith(".weight_scale"):
             continue
         module = name.removesuffix(".weight_scale")
-        group = _group_of(module, groups)
+        group = _group_of(names(module), groups)
         mine = {p: tensors[f"{module}.{p}"] for p in ("weight", *_PARTS) if f"{module}.{p}" in tensors}
         shape, make = _matrix(module, mine, group)
         stored[f"{module}.weight"] = (shape, make)

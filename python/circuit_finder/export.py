@@ -497,8 +497,17 @@ def _dynamic_along(config: dict, names: list[tuple[str, str]]) -> dict:
         qc = c.get("quantization_config") or {}
         if qc.get("quant_method") in ("gptq", "awq") and qc.get("dynamic"):
             modules = {(o.rsplit(".", 1)[0], s.rsplit(".", 1)[0]) for o, s in names if s.endswith((".qweight", ".weight"))}
-            qc["dynamic"] = dynamic_along(qc["dynamic"], sorted(modules))
+            qc["dynamic"] = dynamic_along(qc["dynamic"], sorted(modules), _quantizer_names)
     return out
+
+
+def _quantizer_names(saved: str) -> tuple[str, ...]:
+    """A written module's name and, in a multimodal wrapper's text decoder, the other names its
+    quantizer may have matched patterns against (``loading.quantizer_module_names``)."""
+    from .loading import quantizer_module_names, text_decoder_tensors
+
+    loaded = list(text_decoder_tensors({saved: None}))
+    return tuple(dict.fromkeys((saved, *quantizer_module_names(loaded[0])))) if loaded else (saved,)
 
 
 def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:

@@ -23,8 +23,8 @@ are stored as plain weights and load as they are; a ``bias`` beside a quantized 
 Limits: 3-bit GPTQ (its codes straddle words), GPTQ's other checkpoint formats (marlin, bitblas, ...),
 AWQ's other versions (gemv, gemv_fast, marlin, exllama) and quantized embeddings are refused with a
 ValueError naming what; so are parts missing or misshapen and group indices out of range. ``dynamic``
-patterns are matched against the names as loaded (a wrapper's ``model.language_model.*`` is read as
-``model.*``): an override they miss fails a shape check. (transformers itself does not read ``dynamic``;
+patterns are matched against a module's name as loaded and, for a multimodal wrapper's decoder, the
+names its quantizer saw (``loading.quantizer_module_names``): an override they miss fails a shape check. (transformers itself does not read ``dynamic``;
 GPTQModel and vLLM do.) Asymmetric v1 files not written by GPTQModel
 load with a warning: AutoGPTQ wrote a zero point of 0 over the rest of its word.
 """
@@ -99,12 +99,12 @@ def _check_bits(method: str, qc: dict, bits, allowed: tuple) -> None:
                              f"({', '.join(map(str, allowed))}-bit are)")
 
 
-def _layout(module: str, qc: dict) -> GptqLayout:
-    """The layout of `module`'s parts: the config's, or GPTQModel's first ``dynamic`` override matching
-    it (GPTQModel writes ``dynamic`` for its AWQ checkpoints too)."""
+def _layout(names: tuple[str, ...], qc: dict) -> GptqLayout:
+    """The layout of a module's parts (`names`: what it may be called): the config's, or GPTQModel's
+    first ``dynamic`` override matching it (GPTQModel writes ``dynamic`` for its AWQ checkpoints too)."""
     awq = qc["quant_method"] == "awq"
     bits, size = qc.get("bits", 4), qc.get("group_size", qc.get("q_group_size", 128) if awq else 128)
-    rule = _first_match(qc.get("dynamic"), module)
+    rule = _first_match(qc.get("dynamic"), *names)
     if rule is not None and rule[0] == "+":
         bits, size = rule[1].get("bits", bits), rule[1].get("group_size", size)
     if awq:
@@ -112,25 +112,29 @@ def _layout(module: str, qc: dict) -> GptqLayout:
     return GptqLayout("gptq", int(bits), int(size), _gptq_format(qc) == "gptq")
 
 
-def _first_match(dynamic: dict | None, module: str) -> tuple[str, dict] | None:
-    """GPTQModel's rule for `module`: its first ``dynamic`` pattern that matches it (re.match), as
-    ("-", {}) (left float) or ("+", its overrides); None: the config's own bits and group_size."""
+def _first_match(dynamic: dict | None, *names: str) -> tuple[str, dict] | None:
+    """GPTQModel's rule for a module (under any of `names`): its first ``dynamic`` pattern that matches
+    it (re.match), as ("-", {}) (left float) or ("+", its overrides); None: the config's own bits and
+    group_size."""
     for pattern, override in (dynamic or {}).items():
-        if re.match(pattern[2:] if pattern.startswith(("-:", "+:")) else pattern, module):
+        body = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        if any(re.match(body, name) for name in names):
             return ("-", {}) if pattern.startswith("-:") else ("+", dict(override or {}))
     return None
 
 
-def dynamic_along(dynamic: dict, modules) -> dict:
+def dynamic_along(dynamic: dict, modules, names=lambda module: (module,)) -> dict:
     """GPTQModel's ``dynamic`` for an export in which each output module holds a source module
     ((output name, source name) pairs): an exact entry first for each output module whose rule would
-    differ from its source's, then the source's patterns, so every module keeps its source's rule."""
+    differ from its source's, then the source's patterns, so every module keeps its source's rule.
+    names(module): the names patterns may know a module by (an exact entry names them all)."""
     exact = {}
     for out, src in modules:
-        rule = _first_match(dynamic, src)
-        if rule != _first_match(dynamic, out):
+        rule = _first_match(dynamic, *names(src))
+        if rule != _first_match(dynamic, *names(out)):
             sign, override = rule or ("+", {})
-            exact[f"{sign}:^{re.escape(out)}$"] = override
+            forms = [re.escape(n) for n in names(out)]
+            exact[f"{sign}:^{forms[0] if len(forms) == 1 else '(?:' + '|'.join(forms) + ')'}$"] = override
     bodies = {k[2:] for k in exact}  # an older entry for one of these names (either sign): replaced
     return {**exact, **{k: v for k, v in dynamic.items() if (k[2:] if k[:2] in ("+:", "-:") else k) not in bodies}}
 
@@ -139,10 +143,10 @@ def _gptq_format(qc: dict) -> str:
     return str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
 
 
-def gptq_matrices(tensors: dict, qc: dict) -> tuple[dict, set[str]]:
+def gptq_matrices(tensors: dict, qc: dict, names=lambda module: (module,)) -> tuple[dict, set[str]]:
     """({'<module>.weight': (its float shape [out, in], a function (dtype, device) -> the dequantized
     matrix)}, the names of the stored parts those replace). ValueError naming the tensor for a part
-    missing, of the wrong kind or shape."""
+    missing, of the wrong kind or shape. names(module): the names ``dynamic`` patterns may know it by."""
     stored, parts = {}, set()
     for name in [n for n in tensors if n.endswith(".qweight")]:
         module = name.removesuffix(".qweight")
@@ -150,7 +154,7 @@ def gptq_matrices(tensors: dict, qc: dict) -> tuple[dict, set[str]]:
             raise ValueError(f"'{name}': quantized embeddings are not supported (GPTQModel's quantized "
                              "nn.Embedding); quantize the linear layers only")
         mine = {p: tensors[module + p] for p in PARTS if module + p in tensors}
-        layout = _layout(module, qc)
+        layout = _layout(names(module), qc)
         shape, g_idx = _checked(module, mine, layout)
         stored[f"{module}.weight"] = (shape, partial(dequantize_gptq, mine[".qweight"],
                                                      mine.get(".qzeros"), mine[".scales"], g_idx, layout))

@@ -65,7 +65,7 @@ from .quants import (
 
 __all__ = ["ACTIVATIONS", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "activations_here", "check_activations",
            "default_model_path", "load", "load_from_tensors", "model_config_file", "packs_on", "q8_products",
-           "release_freed_heap", "resolve_dtype", "text_decoder_tensors"]
+           "quantizer_module_names", "release_freed_heap", "resolve_dtype", "text_decoder_tensors"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -356,16 +356,27 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     return model
 
 
+def quantizer_module_names(module: str) -> tuple[str, ...]:
+    """A decoder module as loaded (``model.*``, ``lm_head``) and the names a multimodal wrapper's
+    quantizer may have matched its patterns against: transformers v5's ``model.language_model.*`` and
+    v4's (also the saved) ``language_model.model.*``. Plain models' patterns match the first."""
+    if module.startswith("model."):
+        rest = module.removeprefix("model.")
+        return module, f"model.language_model.{rest}", f"language_model.model.{rest}"
+    return (module, f"language_model.{module}") if module.startswith("lm_head") else (module,)
+
+
 def _dequantized_on_load(tensors: dict, config: dict) -> tuple[dict, set[str]]:
     """The matrices a fine-grained FP8, compressed-tensors, GPTQ, AWQ or bitsandbytes checkpoint stores quantized:
     ({weight name: (its float shape, a function (dtype, device) -> the dequantized matrix)}, the names of
-    the stored tensors and scales they replace). Empty for any other checkpoint."""
+    the stored tensors and scales they replace). Empty for any other checkpoint. Per-module patterns
+    (compressed-tensors targets, GPTQModel's dynamic) see each module under quantizer_module_names."""
     groups = compressed_groups(config)
     if groups is not None:
-        return compressed_matrices(tensors, groups)
+        return compressed_matrices(tensors, groups, quantizer_module_names)
     gptq = gptq_config(config)
     if gptq is not None:
-        return gptq_matrices(tensors, gptq)
+        return gptq_matrices(tensors, gptq, quantizer_module_names)
     if is_bnb(config):
         return bnb_matrices(tensors)
     block = fp8_block_size(config)
