@@ -29,8 +29,8 @@ import torch
 __all__ = ["PARTS", "bnb_matrices", "dequantize_4bit", "dequantize_int8", "holds_codes", "is_bnb"]
 
 _STATE = ".quant_state.bitsandbytes__"
-PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", f"{_STATE}nf4", f"{_STATE}fp4", ".SCB",
-         ".weight_format")  # name endings of a quantized layer's stored parts besides its weight
+_FOUR_BIT = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")  # beside a 4-bit weight's codes
+PARTS = (*_FOUR_BIT, f"{_STATE}nf4", f"{_STATE}fp4", ".SCB", ".weight_format")  # a layer's parts besides its weight
 _INV_127 = 7.874015718698502e-3  # 1 / 127 as bitsandbytes multiplies by it
 
 
@@ -56,8 +56,7 @@ def bnb_matrices(tensors: dict) -> tuple[dict, set[str]]:
     for name in tensors:
         if _STATE in name:
             weight = name.split(_STATE)[0]
-            mine = {p: tensors[weight + p] for p in (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
-                    if weight + p in tensors}
+            mine = {p: tensors[weight + p] for p in _FOUR_BIT if weight + p in tensors}
             shape, make = _four_bit(weight, tensors, name, mine)
             parts.update({weight, name, *(weight + p for p in mine)})
         elif name.endswith(".SCB"):

@@ -383,6 +383,12 @@ def _quantized_part(name: str, t, tensors) -> bool:
     return fp8 or name.endswith(parts) or bnb.holds_codes(name, tensors)
 
 
+def _cast_when_written(name: str, t, tensors, target: torch.dtype | None) -> bool:
+    """Whether tensors[name] (t) is written cast to `target`: floats are, but for a quantized
+    checkpoint's parts, kept as stored."""
+    return target is not None and t.is_floating_point() and not _quantized_part(name, t, tensors)
+
+
 def _floats(t, dtype: torch.dtype):
     """t itself, or a packed matrix dequantized to `dtype`."""
     from .quants import PackedTensor
@@ -536,8 +542,7 @@ def _written_itemsize(name: str, tensors, target: torch.dtype | None, packed_dty
     t = tensors[name]
     if isinstance(t, PackedTensor):
         return (target or packed_dtype).itemsize
-    cast = target is not None and t.is_floating_point() and not _quantized_part(name, t, tensors)
-    return target.itemsize if cast else t.element_size()
+    return target.itemsize if _cast_when_written(name, t, tensors, target) else t.element_size()
 
 
 def _plan_shards(tensors, names, target: torch.dtype | None, limit: int,
@@ -576,7 +581,7 @@ def _write_shards(folder: Path, tensors, shards, target: torch.dtype | None, pac
         data = {}
         for out_name, name in shard:
             t = _floats(tensors[name], packed_dtype).detach()
-            if target is not None and t.is_floating_point() and not _quantized_part(name, t, tensors):
+            if _cast_when_written(name, t, tensors, target):
                 t = t.to(target)
             data[out_name] = t.to("cpu").contiguous().clone()
             weight_map[out_name] = file

@@ -761,12 +761,12 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
     tensors: dict = {}
     for t, name, kind in named:
         device = torch.device("cpu") if placed is None else placed.device_of(name)
-        if kind and (keep_packed and packs_on(device) or _decodes_on(device)):
+        kept = bool(kind) and keep_packed and packs_on(device)
+        if kept or (kind and _decodes_on(device)):  # kept, or dequantized where it goes: the blocks travel
             for hf, arr in _hf_arrays(name, _packed_blocks(t, path), arch, config):
                 packed = PackedTensor(_packed_tensor(arr), kind, int(t.shape[0]), hf)
-                # kept, or dequantized where it goes: the blocks travel, not the floats
-                tensors[hf] = packed if keep_packed and packs_on(device) else \
-                    PackedTensor(packed.blocks.to(device), kind, packed.cols, hf).dequantize(dtype)
+                tensors[hf] = packed if kept else PackedTensor(packed.blocks.to(device), kind, packed.cols,
+                                                               hf).dequantize(dtype)
             continue
         for hf, arr in _hf_arrays(name, _dequantize(t, path), arch, config):
             tensor = _float_tensor(arr)

@@ -24,9 +24,10 @@ Limits: 3-bit GPTQ (its codes straddle words), GPTQ's other checkpoint formats (
 AWQ's other versions (gemv, gemv_fast, marlin, exllama) and quantized embeddings are refused with a
 ValueError naming what; so are parts missing or misshapen and group indices out of range. ``dynamic``
 patterns are matched against a module's name as loaded and, for a multimodal wrapper's decoder, the
-names its quantizer saw (``loading.quantizer_module_names``): an override they miss fails a shape check. (transformers itself does not read ``dynamic``;
-GPTQModel and vLLM do.) Asymmetric v1 files not written by GPTQModel
-load with a warning: AutoGPTQ wrote a zero point of 0 over the rest of its word.
+names its quantizer saw (``loading.quantizer_module_names``): an override they miss fails a shape
+check. (transformers reads no ``dynamic``; GPTQModel reads both methods', vLLM GPTQ's.) Asymmetric
+v1 files not written by GPTQModel load with a warning: AutoGPTQ wrote a zero point of 0 over the
+rest of its word.
 """
 
 from __future__ import annotations

@@ -249,9 +249,8 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     if weight.dim() > 2:  # experts [..., rows, cols]: each with its grid (or the one scale)
         out = torch.empty(weight.shape, dtype=dtype, device=device)
         grids = s.reshape(-1, *s.shape[-2:]) if s.numel() > 1 else None
-        for e, w in enumerate(weight.reshape(-1, *weight.shape[-2:])):
-            out.view(-1, *weight.shape[-2:])[e] = dequantize_fp8(w, s if grids is None else grids[e], block, dtype,
-                                                                 device, chunk)
+        for e, (w, o) in enumerate(zip(weight.reshape(-1, *weight.shape[-2:]), out.view(-1, *weight.shape[-2:]))):
+            o.copy_(dequantize_fp8(w, s if grids is None else grids[e], block, dtype, device, chunk))
         return out
     rows, cols = weight.shape
     height = 1 if s.numel() == 1 else int(block[0])
