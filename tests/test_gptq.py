@@ -294,6 +294,14 @@ def test_gptq_checkpoint_quantizes_and_exports(tmp_path):
                     ref) < 1e-6
 
 
+def _vllm_rule(dynamic: dict, layer: str):
+    """The rule vLLM's GPTQ loader gives a layer by its own name: the first pattern re.match-ing it."""
+    for pattern, override in dynamic.items():
+        if re.match(pattern.removeprefix("-:").removeprefix("+:"), layer):
+            return "float" if pattern.startswith("-:") else override or "config"
+    return "config"  # the config's own bits and group_size
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_export_keeps_each_modules_dynamic_rule(tmp_path, method):
     """GPTQModel's ``dynamic`` names layers by number: an export along a path gives each slot's modules
@@ -317,6 +325,10 @@ def test_export_keeps_each_modules_dynamic_rule(tmp_path, method):
     assert written[r"-:^model\.layers\.5\.self_attn\.o_proj$"] == {}  # layer 4's float o_proj
     assert written[r"+:^model\.layers\.4\.self_attn\.o_proj$"] == {}  # layer 3's, quantized by the config
     assert list(written)[-2:] == list(dynamic)  # the source's patterns last
+    for slot, layer in enumerate(path):  # vLLM looks its fused layers up by their names (re.match, first wins)
+        for module in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            assert _vllm_rule(written, f"model.layers.{slot}.{module}") == \
+                _vllm_rule(dynamic, f"model.layers.{layer}.{module}"), (slot, module)
     assert relative(f"the {method} folder's export along {path} with its dynamic rules, reloaded",
                     cf.load(tmp_path / "out").logits(ids), ref) < 1e-6
     back = [0, 1, 2, 3, 5, 4, 6, 7]  # an export of the export: its exact entries are replaced, not kept

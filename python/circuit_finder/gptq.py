@@ -128,16 +128,41 @@ def dynamic_along(dynamic: dict, modules, names=lambda module: (module,)) -> dic
     """GPTQModel's ``dynamic`` for an export in which each output module holds a source module
     ((output name, source name) pairs): an exact entry first for each output module whose rule would
     differ from its source's, then the source's patterns, so every module keeps its source's rule.
-    names(module): the names patterns may know a module by (an exact entry names them all)."""
-    exact = {}
+    names(module): the names patterns may know a module by (an exact entry names them all). vLLM
+    looks its fused layers up by their own names (qkv_proj, gate_up_proj): where an exact entry names
+    a member of one, the fused name gets one too when all its members keep the same rule."""
+    exact, rules = {}, {}
     for out, src in modules:
-        rule = _first_match(dynamic, *names(src))
-        if rule != _first_match(dynamic, *names(out)):
-            sign, override = rule or ("+", {})
-            forms = [re.escape(n) for n in names(out)]
-            exact[f"{sign}:^{forms[0] if len(forms) == 1 else '(?:' + '|'.join(forms) + ')'}$"] = override
+        rules[out] = _first_match(dynamic, *names(src))
+        if rules[out] != _first_match(dynamic, *names(out)):
+            exact[out] = rules[out]
+    for fused, members in _fused_entries(exact, rules).items():
+        exact[fused] = rules[members[0]]
+    exact = {_exact_pattern(out, rule, names): (rule or ("+", {}))[1] for out, rule in exact.items()}
     bodies = {k[2:] for k in exact}  # an older entry for one of these names (either sign): replaced
     return {**exact, **{k: v for k, v in dynamic.items() if (k[2:] if k[:2] in ("+:", "-:") else k) not in bodies}}
+
+
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # vLLM's
+
+
+def _fused_entries(exact: dict, rules: dict) -> dict[str, list[str]]:
+    """{vLLM's fused module: its members} for each fused module one of whose members has an exact entry
+    and whose members present all keep one rule (members that disagree cannot be fused by vLLM)."""
+    fused = {}
+    for out in exact:
+        parent, _, leaf = out.rpartition(".")
+        for name, parts in _FUSED.items():
+            members = [f"{parent}.{p}" for p in parts if f"{parent}.{p}" in rules]
+            if leaf in parts and len({repr(rules[m]) for m in members}) == 1:
+                fused[f"{parent}.{name}"] = members
+    return fused
+
+
+def _exact_pattern(module: str, rule: tuple[str, dict] | None, names) -> str:
+    """A ``dynamic`` key matching `module` under any of its names (an exact, anchored pattern)."""
+    forms = [re.escape(n) for n in names(module)]
+    return f"{(rule or ('+',))[0]}:^{forms[0] if len(forms) == 1 else '(?:' + '|'.join(forms) + ')'}$"
 
 
 def _gptq_format(qc: dict) -> str:
