@@ -412,7 +412,8 @@ def encode_tensor(arr, qtype_name: str, rng):
 
 def _family_metadata(w, cfg, arch: str, head_dim: int) -> dict:
     """The keys llama.cpp's converter writes for phi3 / gemma2 / gemma3 / mistral3 beyond the common
-    ones; returns {gguf tensor name: float32 array} of extra global tensors (Phi-3's LongRoPE factors)."""
+    ones; returns {gguf tensor name: float32 array} of extra global tensors (Phi-3's LongRoPE factors,
+    llama3 scaling's rope_freqs)."""
     import gguf
     import numpy as np
 
@@ -475,7 +476,25 @@ def _family_metadata(w, cfg, arch: str, head_dim: int) -> dict:
             w.add_rope_dimension_sections([rot - 2 * (rot // 3), rot // 3, rot // 3, 0])
     else:
         w.add_rope_freq_base(float(rope["rope_theta"]))
+        if rope.get("rope_type") == "llama3":  # the converter's rope_freqs (its orig context from rope_scaling)
+            extra = {"rope_freqs.weight": converter_rope_freqs(rope, head_dim)}
     return extra
+
+
+def converter_rope_freqs(rope: dict, dim: int):
+    """rope_freqs.weight as llama.cpp's converter computes it for llama3 scaling: per frequency (float32,
+    as torch computes them there) 1 above high_freq wavelengths, the factor below low_freq ones, and
+    1 / ((1 - smooth) / factor + smooth) between."""
+    import numpy as np
+
+    factor, lo, hi = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)):
+        wavelen = 2 * math.pi / float(freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        out.append(1.0 if wavelen < old / hi else factor if wavelen > old / lo else 1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def _gguf_tensors(hf: str, arr, arch: str, cfg=None) -> list:

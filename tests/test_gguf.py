@@ -397,6 +397,45 @@ def test_f32_gguf_logits_match_transformers(tmp_path, arch):
     assert report(f"{arch} gguf f32", model.logits(ids), ref) < 1e-4
 
 
+@pytest.mark.parametrize("orig, kind", [(8192, "llama3"), (64, "longrope")])
+def test_llama3_rope_freqs_match_transformers(tmp_path, orig, kind):
+    """Llama 3.1-3.3 files carry their RoPE scaling only as rope_freqs (per-frequency divisors the
+    converter computes): Meta's parameters (original context 8192) read back as llama3 scaling, others
+    (here 64) as longrope with those divisors. Logits against transformers on the original llama3
+    config, identity and a repeated path, and the export's HF folder in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": orig}
+    hf = build_hf_model("llama", tmp_path / "hf", rope_theta=500000.0, rope_scaling=rope, head_dim=16,
+                        max_position_embeddings=4 * orig)
+    write_gguf(hf, tmp_path / "m.gguf", permute=True)
+    model = cf.load(tmp_path / "m.gguf")
+    read = model.config.raw["rope_parameters"]
+    print(read)
+    assert read["rope_type"] == kind
+    if kind == "llama3":
+        assert {k: read[k] for k in rope} == rope
+    ids = torch.randint(3, 160, (2, 40), generator=torch.Generator().manual_seed(2))
+    for layers in ("0..5", "0..3,2,3,4,5"):
+        path = [int(x) for x in cf.LayerPath.parse(layers)]
+        with torch.no_grad():
+            ref = rebuilt(hf, path)(ids).logits
+        assert report(f"llama3 rope (orig {orig}) gguf vs transformers, path {layers}",
+                      model.logits(ids, layers=layers), ref) < 1e-4
+    with torch.no_grad():  # the scaling matters at these positions: the check is not vacuous
+        assert (rebuilt(hf, [0, 1, 2, 3, 4, 5])(ids).logits - build_hf_model(
+            "llama", tmp_path / "plain", rope_theta=500000.0, rope_scaling=None, head_dim=16)(ids).logits).abs().max() > 1e-3
+    cf.export_gguf(tmp_path / "m.gguf", tmp_path / "out.gguf", "0..3,2,3,4,5")  # rope_freqs copied as it is
+    assert report("its GGUF export, reloaded", cf.load(tmp_path / "out.gguf").logits(ids),
+                  model.logits(ids, layers="0..3,2,3,4,5")) < 1e-6
+    cf.export_hf(tmp_path / "m.gguf", tmp_path / "out", "0..3,2,3,4,5")
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert report("its export in transformers", exported(ids).logits,
+                      rebuilt(hf, [0, 1, 2, 3, 2, 3, 4, 5])(ids).logits) < 1e-4
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_quantized_gguf_matches_transformers_loading_the_same_file(tmp_path, arch, qtype):

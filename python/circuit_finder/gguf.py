@@ -10,7 +10,8 @@ family (Gemma's `ffn_norm` is the pre-MLP norm, Phi-3's `attn_qkv` / `ffn_up` ar
 projections). Family settings no key carries follow llama.cpp's rules: Gemma's sliding pattern
 (every 2nd / 6th layer full, unless `{arch}.attention.sliding_window_pattern` lists it) and its
 attention scale (hidden / heads for the 27B layer counts 46 and 62, else the head size, unless
-`{arch}.attention.scale` is set); Phi-3's LongRoPE comes from its rope_factors tensors. Mixtures of
+`{arch}.attention.scale` is set); Phi-3's LongRoPE comes from its rope_factors tensors, Llama 3.1's
+scaling from rope_freqs (``_rope_freqs_config``: llama3 parameters where they give its divisors). Mixtures of
 experts (qwen2moe, qwen3moe, llama with expert_count = Mixtral, gpt-oss): stacked ffn_*_exps tensors
 kept as the engine's stacked gate / up / down layout (gpt-oss: with their biases; its MXFP4
 experts dequantized by ``quants``); dense layers are the blocks without a router. gpt-oss's
@@ -378,8 +379,6 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
         "tie_word_embeddings": "output.weight" not in by_name,
         "torch_dtype": "float32",
     }
-    if "rope_freqs.weight" in by_name:
-        raise GGUFError(f"{path}: per-dimension RoPE factors (rope_freqs, Llama 3.1 style) are not supported yet")
     _moe_config(reader, path, arch, config, by_name)
     if arch in _HYBRID:
         _hybrid_config(reader, path, arch, need, config)
@@ -389,6 +388,8 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
         _gemma_config(reader, arch, config)
     else:
         _rope_scaling_config(reader, path, arch, need, config)
+    if "rope_freqs.weight" in by_name:
+        _rope_freqs_config(path, arch, config, _dequantize(by_name["rope_freqs.weight"], path).ravel())
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
         v = gguf_field(reader, f"tokenizer.ggml.{key}")
@@ -508,6 +509,43 @@ def _rope_scaling_config(reader, path: str, arch: str, need, config: dict) -> No
     if rope["rope_type"] != "default" or len(rope) > 1:
         rope["rope_theta"] = config.pop("rope_theta")
         config["rope_parameters"] = rope
+
+
+# llama.cpp's converter turns a llama3 RoPE config into rope_freqs with these defaults (Meta's Llama 3.1-3.3)
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_freqs_config(path: str, arch: str, config: dict, divisors: np.ndarray) -> None:
+    """rope_freqs (llama.cpp divides RoPE frequency i by divisors[i]; its converter writes them for
+    Llama 3.1-style llama3 scaling) -> rope_parameters: llama3 where Meta's parameters with the largest
+    divisor as the factor give these divisors, else longrope with them as its short and long factors
+    (the same divisors at every length, attention unscaled): the file's frequencies either way."""
+    if "rope_parameters" in config or "rope_scaling" in config:
+        raise GGUFError(f"{path}: rope_freqs.weight together with another RoPE scaling ({arch}) is not supported")
+    theta, dim = config.pop("rope_theta"), 2 * len(divisors)
+    rotary = int(config["head_dim"] * config.get("partial_rotary_factor", 1.0))
+    if dim != rotary or not np.all(np.isfinite(divisors) & (divisors > 0)):
+        raise GGUFError(f"{path}: rope_freqs.weight must hold {rotary // 2} positive finite numbers (one per "
+                        f"RoPE frequency of {rotary} rotary dimensions); it has {len(divisors)}")
+    llama3 = {"rope_type": "llama3", "factor": float(divisors.max()), **_LLAMA3_ROPE}
+    if np.allclose(llama3_divisors(theta, dim, llama3), divisors, rtol=1e-5, atol=0):
+        config["rope_parameters"] = {**llama3, "rope_theta": theta}
+        return
+    listed = [float(x) for x in divisors]
+    config["rope_parameters"] = {"rope_type": "longrope", "short_factor": listed, "long_factor": listed,
+                                 "attention_factor": 1.0, "factor": 1.0, "rope_theta": theta}
+
+
+def llama3_divisors(theta: float, dim: int, rope: dict) -> np.ndarray:
+    """What each RoPE frequency is divided by under llama3 scaling (rope: factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings): 1 for wavelengths under original / high, the
+    factor above original / low, interpolated in 1 / divisor between."""
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen, orig = 2 * np.pi / inv, rope["original_max_position_embeddings"]
+    lo, hi, factor = rope["low_freq_factor"], rope["high_freq_factor"], rope["factor"]
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    between = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < orig / hi, 1.0, np.where(wavelen > orig / lo, factor, between))
 
 
 def _phi3_config(reader, path: str, config: dict, by_name: dict) -> None:
