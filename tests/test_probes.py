@@ -129,6 +129,10 @@ def test_extract_number(text, number):
     ("Answer: [B]", "B"),
     ("answer: b", "B"),
     ("Answer: a good question; (C) it is", "C"),
+    ("Check each one. A) is too early. B) is right. So B.", "B"),  # the last mention, not the first
+    ("Option A is wrong. Option C is correct.", "C"),
+    ("Not A. The correct choice is C", "C"),
+    ("(A) is wrong; (B) is right.", "B"),
     ("D", None),
     ("no idea", None),
 ])
@@ -210,6 +214,10 @@ def test_yes_no_and_choice_extraction():
     assert extract_yes_no("Yes.") == "yes"
     assert extract_yes_no("Let me think. No, it did not. Answer: yes") == "yes"
     assert extract_yes_no("Maybe") is None
+    assert extract_yes_no("There is no other cause, so yes.") == "yes"  # "no" as a determiner is no answer
+    assert extract_yes_no("No matter what, the valve caused it: yes.") == "yes"
+    assert extract_yes_no("No, because the valve was shut. Yes would be wrong.") == "no"  # the reply opens with it
+    assert extract_yes_no("No it did not") == "no"
     options = ["05/28/2017", "05/26/2017", "05/27/2017"]
     assert extract_choice("(B)", options) == "B"
     assert extract_choice("The answer is C.", options) == "C"

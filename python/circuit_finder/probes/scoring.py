@@ -201,19 +201,24 @@ def eq_score(predicted: Sequence[float] | None, reference: Sequence[float]) -> f
 
 
 def extract_yes_no(text: str) -> str | None:
-    """'yes' or 'no': the first yes/no word after the last answer cue, else the first in the text."""
+    """'yes' or 'no': the first yes/no word after the last answer cue; else a reply that opens with one
+    ('No, ...', 'Yes.'); else the last yes/no that ends a clause ('..., so yes.'), not a determiner
+    ('no other cause', 'no matter'); else the first yes/no word anywhere ('No it did not')."""
     text = answer_text(text)
-    for part in (_after_cue(text), text):
-        m = re.search(r"\b(yes|no)\b", part or "", re.IGNORECASE)
-        if m:
-            return m.group(1).lower()
-    return None
+    after = _after_cue(text)
+    if after is not None and (m := re.search(r"\b(yes|no)\b", after, re.IGNORECASE)):
+        return m.group(1).lower()
+    ends = r"(?=\s*(?:[^\w\s]|$))"  # followed by punctuation or the end, not by a word
+    found = (re.match(rf"\s*(yes|no)\b{ends}", text, re.IGNORECASE)
+             or ([*re.finditer(rf"\b(yes|no)\b{ends}", text, re.IGNORECASE)] or [None])[-1]
+             or re.search(r"\b(yes|no)\b", text, re.IGNORECASE))
+    return found.group(1).lower() if found else None
 
 
 def _choice_patterns(letters: str) -> list[str]:
     """Ways a completion names an option letter, most explicit first."""
     return [rf"\(([{letters}])\)",                                  # (B)
-            rf"\b(?i:option|choice)\s+\(?([{letters}])\b",          # option B, choice (B)
+            rf"\b(?i:option|choice)\s+(?:is\s+)?\(?([{letters}])\b",  # option B, choice (B), choice is B
             rf"^\s*([{letters}])\s*$",                             # a lone letter on a line
             rf"(?<![\w'])([{letters}])[).:](?!\w)",                # B)  B.  B:
             rf"\b([{letters}])\s+is\s+(?:correct|right|the (?:correct |right )?answer)",
@@ -223,8 +228,9 @@ def _choice_patterns(letters: str) -> list[str]:
 def extract_choice(text: str, options: Sequence[str]) -> str | None:
     """The option letter (A, B, ...) a completion picks: after the last answer cue if there is one
     ('Answer: B', 'the answer is (B)'), else in the reply — '(B)', 'option B', 'B)', 'B.', a lone
-    letter, bold or boxed ('**B**', '\\boxed{B}') — or the text of exactly one option. None when it
-    names no single option."""
+    letter, bold or boxed ('**B**', '\\boxed{B}'), the last mention of the most explicit form ('A) is too
+    small. B) is right.' -> B) — or the text of exactly one option. None when it names no single
+    option."""
     text = answer_text(text)
     if not text:
         return None
@@ -239,9 +245,9 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
         if part is None:
             continue
         for pattern in _choice_patterns(letters):
-            m = re.search(pattern, part.strip(), re.MULTILINE)
-            if m:
-                return m.group(1)
+            found = list(re.finditer(pattern, part.strip(), re.MULTILINE))
+            if found:
+                return found[-1].group(1)
     named = [chr(ord("A") + i) for i, o in enumerate(options) if re.search(rf"\b{re.escape(o)}\b", text, re.IGNORECASE)]
     return named[0] if len(named) == 1 else None
 
