@@ -159,6 +159,24 @@ def test_reuse_equals_no_reuse(chat_model, mode):
     assert {r["layers"] for r in paths.records} == {str(cf.LayerPath.parse(p)) for p in [*EXPLICIT, "0..5"]}
 
 
+def test_an_empty_context_is_bos_once():
+    """lm-eval's rule for an empty context: BOS is the context, and the continuation is encoded
+    without special tokens (a tokenizer that prepends BOS must not give log p(BOS | BOS))."""
+    from circuit_finder.likelihood import encode_pair
+
+    class BosCodec:  # a Llama-style tokenizer: one id per character, BOS (1) first with special tokens
+        bos_id = 1
+
+        def require(self, what):
+            return self
+
+        def encode(self, text, add_special_tokens=True):
+            return [1] * add_special_tokens + [ord(c) for c in text]
+
+    assert encode_pair(BosCodec(), "", " yes") == ([1], [ord(" "), ord("y"), ord("e"), ord("s")])
+    assert encode_pair(BosCodec(), "Q:", " A") == ([1, ord("Q"), ord(":")], [ord(" "), ord("A")])
+
+
 def test_likelihood_equals_plain_log_probs(chat_model):
     """The packed batch (choices after one shared context) gives the log-probs of separate rows."""
     m = chat_model

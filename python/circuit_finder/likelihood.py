@@ -6,7 +6,8 @@ go through here, so the same (context, continuation) pair gets the same number e
 - Tokenization rule (lm-eval's): trailing whitespace of the context moves to the continuation;
   the continuation's ids are ``encode(context + continuation)`` minus the first
   ``len(encode(context))`` ids; the context's ids are ``encode(context)``. An empty context
-  conditions on BOS (or EOS when there is no BOS). ``encode_pair`` applies it.
+  conditions on BOS (or EOS when there is no BOS), the continuation then encoded without special
+  tokens (not BOS twice). ``encode_pair`` applies it.
 - Two layouts of the same computation: ``row_batch`` puts each pair in its own left-padded row
   (context + continuation but its last token); ``packed_batch`` puts one context once per row,
   followed by all of its continuations, each continuation seeing the context and itself only
@@ -51,7 +52,7 @@ def encode_pair(codec: TextCodec, context: str, continuation: str,
         bos = codec.bos_id
         if bos is None:
             raise ValueError("an empty context needs a BOS or EOS token to condition on")
-        ctx, cont = [bos], codec.encode(continuation, add_special_tokens=add_special_tokens)
+        ctx, cont = [bos], codec.encode(continuation, add_special_tokens=False)  # BOS is the context already
     else:
         whole = codec.encode(context + continuation, add_special_tokens=add_special_tokens)
         ctx = codec.encode(context, add_special_tokens=add_special_tokens)
