@@ -6,6 +6,7 @@ winners with per-sample paired deltas, recomputed here from lm-eval's own logged
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -200,6 +201,12 @@ def test_evaluate_pairs_benchmark_samples(chat_model, task_dir, tmp_path):
     # other lm-eval settings are another benchmark: run afresh, not the stored records reused
     result.evaluate(top=1, tasks=["cf_mc", "cf_gen"], include_path=str(task_dir), batch_size=4, num_fewshot=1)
     assert len([r for r in read_records(out)[1] if r["split"] == "benchmark"]) == 5
+    # the table pairs only records of those settings: the second config, evaluated 0-shot only, drops out
+    # of it instead of being paired with the 1-shot baseline
+    df = result.to_pandas().set_index("layers")
+    first, second = table["layers"]
+    assert np.isfinite(df.loc[first, "cf_mc_acc_bench_delta"]) and np.isnan(df.loc[second, "cf_mc_acc_bench"])
+    assert json.loads(result.benchmark_settings())["kwargs"] == {"num_fewshot": 1}
     with pytest.raises(ValueError, match="needs lm-eval task names"):
         result.evaluate(top=1)
 

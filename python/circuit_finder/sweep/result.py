@@ -73,10 +73,15 @@ class SweepResult:
         return self._split(split, routers)
 
     def _split(self, split: str, routers: bool = False) -> dict[str, dict]:
-        """layers -> record (later records of the same config extend or replace earlier ones)."""
+        """layers -> record (later records of the same config extend or replace earlier ones). The
+        benchmark split holds only the records of the latest evaluate() settings: a config scored
+        under other settings (few-shot count, limit, tasks) is not paired with that baseline."""
         out: dict[str, dict] = {}
+        latest = self.benchmark_settings() if split == BENCHMARK_SPLIT else None
         for r in self.records:
             if r.get("split", "search") != split or (self.mode and r.get("mode", self.mode) != self.mode):
+                continue
+            if latest is not None and _settings_of(r) != latest:
                 continue
             if not routers and r.get("stage") == "router" and r["layers"].startswith("router:"):
                 continue
@@ -89,6 +94,12 @@ class SweepResult:
             else:
                 out[r["layers"]] = r
         return out
+
+    def benchmark_settings(self) -> str | None:
+        """The lm-eval settings (tasks, limit, metrics, arguments) of the latest evaluate() records, the
+        ones the benchmark columns show; None before any."""
+        bench = [r for r in self.records if r.get("split") == BENCHMARK_SPLIT]
+        return _settings_of(bench[-1]) if bench else None
 
     def probe_names(self, split: str | None = None) -> list[str]:
         """Probe names in the records (of one split; default every split but the benchmark's)."""
@@ -344,8 +355,9 @@ class SweepResult:
         each) on the baseline and the ``top`` configs by ``by``, and returns their to_pandas() rows
         with per-sample paired columns <task>_<metric>_bench, _bench_delta, _bench_ci_low/high,
         _bench_p, _bench_q. Records go to the results file (a config already evaluated with the same
-        tasks, limit, metrics and lm-eval arguments is not run again; other settings run afresh and
-        replace it in the table). ``include_path``: a folder of local task YAMLs."""
+        tasks, limit, metrics and lm-eval arguments is not run again; other settings run afresh). The
+        table shows the latest call's settings only: configs evaluated under others drop out of it
+        until evaluated again. ``include_path``: a folder of local task YAMLs."""
         model = model or self.model
         if model is None:
             raise ValueError("evaluate() needs the model: SweepResult.evaluate(k, tasks=[...], model=cf.load(...))")
@@ -355,8 +367,7 @@ class SweepResult:
         keys = [self._baseline_key(), *self.top(top, by=by)["layers"]]
         store = self._store(model)
         settings = benchmark_settings(tasks, limit, metrics, evaluate_kwargs)
-        done = {r["layers"] for r in self.records if r.get("split") == BENCHMARK_SPLIT
-                and r.get("settings", benchmark_settings(r.get("tasks"), r.get("limit"), None, {})) == settings}
+        done = {r["layers"] for r in self.records if r.get("split") == BENCHMARK_SPLIT and _settings_of(r) == settings}
         todo = [k if not k.startswith("router:") else self._config(k).router for k in keys if k not in done]
         for record in run_benchmark(model, todo, tasks, limit, self.mode, include_path, batch_size, metrics,
                                     **evaluate_kwargs):
@@ -368,3 +379,8 @@ class SweepResult:
         if store is not None:
             self.records = store.records()
         return self._rows(keys[1:])
+
+
+def _settings_of(record: dict) -> str:
+    """A benchmark record's settings (records written before settings were stored: tasks and limit)."""
+    return record.get("settings") or benchmark_settings(record.get("tasks"), record.get("limit"), None, {})
