@@ -144,6 +144,18 @@ def test_pareto_front_by_hand():
         result.pareto(["nope"])
 
 
+def test_p_and_q_columns_rank_smallest_first():
+    """top / validate / evaluate / refine rank by a column; for p- and q-values the best is the smallest."""
+    deltas = {"p1": (10, -5), "p2": (0, 5), "p3": (-1, 4), "p4": (5, 0), "p5": (-5, -5)}
+    result = SweepResult(_records(deltas), num_layers=6, mode="generate")
+    df = result.to_pandas(n_boot=200)
+    for by in ("a_p", "a_q", "a_holm"):
+        ranked = result.top(5, by=by, n_boot=200)
+        print(by, list(ranked["layers"]), list(ranked[by]))
+        assert list(ranked[by]) == sorted(df.loc[~df["baseline"], by]) and ranked["layers"].iloc[-1] == "p2"
+    assert list(result.top(2, by="a_delta", n_boot=200)["layers"]) == ["p1", "p4"]
+
+
 def test_interactive_heatmap(chat_model, tmp_path):
     result = cf.sweep(chat_model, probes=["math", "eq"], block_sizes=(2, 3), mode="generate", max_items=2,
                       progress=False)

@@ -33,6 +33,7 @@ from .distributed import RayExecutor
 from .result import SweepResult
 from .runner import THINK_TOKENS, ProbeBatch, Runner, resolve_chat, resolve_probes, run_configs, sweep_setup
 from .search import SEARCHES, beam_search, objective, surrogate_search
+from .views import best_first
 
 __all__ = ["MODES", "STRATEGIES", "THINK_TOKENS", "ProbeBatch", "RayExecutor", "Runner", "SweepConfig", "SweepResult", "make_configs",
            "refine_configs", "resolve_chat", "resolve_probes", "run_configs", "rys_params", "sweep", "sweep_setup",
@@ -180,6 +181,6 @@ def _refine_pass(result: SweepResult, coarse: list[SweepConfig], n: int, top: in
     """Stride-1 neighbours of the ``top`` best coarse configs by ``by``, not already run."""
     coarse_keys = {c.key for c in coarse}
     ranked = result.to_pandas()
-    ranked = ranked[ranked["layers"].isin(coarse_keys)].sort_values(by, ascending=False)
+    ranked = best_first(ranked[ranked["layers"].isin(coarse_keys)], by)
     winners = [SweepConfig.of(LayerPath.parse(t), n) for t in ranked["layers"].head(top)]
     return [c for c in refine_configs(n, winners, radius, times) if c.key not in coarse_keys]

@@ -23,7 +23,7 @@ from ..router.run import RouterConfig
 from .benchmark import BENCHMARK_SPLIT, benchmark_settings, run_benchmark
 from .configs import SweepConfig
 from .runner import THINK_TOKENS, resolve_chat, resolve_probes, run_configs
-from .views import pareto_front, plotly_heatmap
+from .views import best_first, lower_is_better, pareto_front, plotly_heatmap
 
 __all__ = ["SweepResult"]
 
@@ -153,13 +153,14 @@ class SweepResult:
         return df
 
     def top(self, k: int = 10, by: str = "combined_delta", n_boot: int = 2000, seed: int = 0):
-        """The k best configs by a column (baseline excluded), best first."""
+        """The k best configs by a column (baseline excluded), best first: largest first, smallest for
+        p- and q-value columns (``_p``, ``_q``, ``_holm``)."""
         df = self.to_pandas(n_boot=n_boot, seed=seed)
         if df.empty:
             return df
         if by not in df.columns:
             raise ValueError(f"no column {by!r}; columns: {', '.join(df.columns)}")
-        return df[~df["baseline"]].sort_values(by, ascending=False).head(k).reset_index(drop=True)
+        return best_first(df[~df["baseline"]], by).head(k).reset_index(drop=True)
 
     # -------------------------------------------------------------- the honest reading
     def report(self, by: str = "combined_delta", n_boot: int = 2000) -> str:
@@ -190,7 +191,7 @@ class SweepResult:
                          f"these same items.")
         if n == 0:
             return lines
-        best = others.sort_values(by, ascending=False).iloc[0]
+        best = best_first(others, by).iloc[0]
         stem = by[:-len("_delta")] if by.endswith("_delta") else None
         if stem and f"{stem}_q" in best:
             lines.append(f"  Best by {by}: {best['layers']}: {best[by]:+.2f} (95% CI {best[f'{stem}_ci_low']:+.2f} to "
@@ -226,7 +227,7 @@ class SweepResult:
         if "combined_val_delta" not in df.columns:
             return ["Not validated: run validate(k) (or sweep(..., validate=k)) — search columns alone cannot "
                     "tell a win from noise."]
-        val = df[(~df["baseline"]) & df["combined_val_delta"].notna()].sort_values(by, ascending=False)
+        val = best_first(df[(~df["baseline"]) & df["combined_val_delta"].notna()], by)
         lines = [f"Held-out validation of {len(val)} selected configs on items no search saw "
                  f"({self.item_counts('validation')}); q over those {len(val)}:"]
         base = df[df["baseline"]]
@@ -275,7 +276,7 @@ class SweepResult:
             image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
         fig.colorbar(image, ax=ax, label=metric)
         if finite.size:
-            j, i = np.unravel_index(np.nanargmax(grid), grid.shape)
+            j, i = np.unravel_index((np.nanargmin if lower_is_better(metric) else np.nanargmax)(grid), grid.shape)
             ax.plot([i], [j], marker="*", color="gold", markersize=14, markeredgecolor="black")
         ax.set_xlabel("start i (first repeated layer)")
         ax.set_ylabel("end j (repeat ends before layer j)")

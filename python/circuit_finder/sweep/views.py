@@ -16,7 +16,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["objective_columns", "pareto_front", "plotly_heatmap"]
+__all__ = ["best_first", "lower_is_better", "objective_columns", "pareto_front", "plotly_heatmap"]
+
+
+def lower_is_better(column: str) -> bool:
+    """Whether a smaller value of a to_pandas column ranks a config higher: p-values and their
+    adjustments (``_p``, ``_q``, ``_holm``); every other column ranks by its largest values."""
+    return column.endswith(("_p", "_q", "_holm"))
+
+
+def best_first(df, by: str):
+    """The rows of ``df`` best first by column ``by`` (smallest first for p- and q-values)."""
+    return df.sort_values(by, ascending=lower_is_better(by))
 
 
 def objective_columns(df, objectives: Sequence[str]) -> list[tuple[str, float]]:
