@@ -48,8 +48,10 @@ def test_grid_configs():
 def test_scan_and_paths_configs():
     scan = make_configs(6, "scan")
     assert len(scan) == 21 and {(c.start, c.end) for c in scan} == {(i, j) for i in range(6) for j in range(i + 1, 7)}
-    assert {(c.start, c.end) for c in make_configs(6, "scan", stride=2)} == {
-        (0, 1), (0, 3), (0, 5), (2, 3), (2, 5), (4, 5)}
+    assert {(c.start, c.end) for c in make_configs(6, "scan", stride=2)} == {  # a coarse heatmap: even blocks
+        (0, 2), (0, 4), (0, 6), (2, 4), (2, 6), (4, 6)}
+    assert {(c.start, c.end) for c in make_configs(7, "scan", stride=3)} == {  # and each start's block to the end
+        (0, 3), (0, 6), (0, 7), (3, 6), (3, 7), (6, 7)}
     paths = make_configs(6, "paths", paths=["0..5,3..5", [0, 1, 2, 2, 3, 4, 5], "0..2,4,5", "0..3,1..5"])
     assert [(c.start, c.end, c.times) for c in paths] == [(3, 6, 2), (2, 3, 2), (None, None, None), (1, 4, 2)]
     assert [c.key for c in paths][2] == "0..2,4,5"

@@ -77,7 +77,8 @@ def make_configs(num_layers: int, strategy: str = "grid", block_sizes: Sequence[
 
     grid: for each times t, block size b and start i (``starts``, default 0, stride, ... while
     i + b <= N): RYS (i, i + b, t). scan: every (i, j) with 0 <= i < j <= N (i from ``starts`` or
-    every stride-th layer; j every stride-th from i + 1). paths: the given layer paths.
+    every stride-th layer; j = i + stride, i + 2 x stride, ... and N: blocks of every multiple of the
+    stride, and each start's block to the last layer). paths: the given layer paths.
     refine's coarse pass is a grid; sweep() adds its fine pass.
     """
     n = num_layers
@@ -106,7 +107,7 @@ def make_configs(num_layers: int, strategy: str = "grid", block_sizes: Sequence[
     elif strategy == "scan":
         for t in times:
             for i in (starts if starts is not None else range(0, n, stride)):
-                for j in range(i + 1, n + 1, stride):
+                for j in sorted({*range(i + stride, n + 1, stride), n}):  # the stride's grid and the last layer
                     out.append(SweepConfig(LayerPath.duplicate(n, i, j, t), i, j, t))
     else:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
