@@ -29,6 +29,10 @@ and p resample each probe's items independently and average the probes' deltas. 
 the share (0-100) of completions the probe's scorer could read (generate mode), with the same
 paired columns (``<p>_parse_delta``, CI, p, q), so a delta that is really a format change shows as
 a change in parse rate.
+
+Read significance from ``_p`` / ``_q``, not from the CI: a percentile bootstrap is too narrow when few
+items changed (4 of 50 items going from 0 to 100: CI +2 to +16 around a delta of +8, exact p 0.125);
+the CI says how large an effect may be, the test whether there is one.
 """
 
 from __future__ import annotations

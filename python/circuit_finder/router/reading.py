@@ -96,12 +96,13 @@ def _report_held_out(router) -> list[str]:
 
 
 def _verdict(best: dict, oracle: dict) -> str:
-    if best["combined_ci_low"] > 0:
-        head = "The router beats the best fixed path on held-out items (95% CI above 0)."
-    elif best["combined_ci_high"] < 0:
-        head = "The router is worse than the best fixed path on held-out items: use the fixed path."
+    p = best["combined_p"]  # the exact / Monte Carlo sign-flip test: a bootstrap CI is too narrow on few items
+    if p < 0.05 and best["combined_delta"] > 0:
+        head = f"The router beats the best fixed path on held-out items (p={p:.3g})."
+    elif p < 0.05 and best["combined_delta"] < 0:
+        head = f"The router is worse than the best fixed path on held-out items (p={p:.3g}): use the fixed path."
     else:
-        head = ("No evidence the router beats the best fixed path (the 95% CI spans 0): the fixed path is the "
+        head = (f"No evidence the router beats the best fixed path (p={p:.3g}): the fixed path is the "
                 "simpler choice.")
     return (f"{head} The oracle gap ({-oracle['combined_delta']:.2f} points) is what a perfect choice among these "
             f"candidates would add: the headroom, not an achievable result.")
