@@ -58,6 +58,20 @@ def test_ray_sweep_gives_the_local_records(chat_model, tmp_path, cluster):
     assert val["combined_val_delta"].notna().all()
 
 
+def test_workers_load_the_drivers_quantized_model(chat_model_dir, tmp_path, cluster):
+    """Workers load with the driver's load options: a q8_0-quantized model's Ray records are its
+    local records (not the float model's, which differ)."""
+    q8 = cf.load(chat_model_dir, quantize="q8_0")
+    kw = dict(probes=["math"], paths=["0..3,2,3,4,5", "0..4,3,4,5"], mode="likelihood", max_items=3, progress=False)
+    cf.sweep(q8, results=tmp_path / "local.jsonl", **kw)
+    cf.sweep(q8, results=tmp_path / "ray.jsonl", executor=cf.RayExecutor(workers=2, threads=1), **kw)
+    local, dist = _by_config(tmp_path / "local.jsonl"), _by_config(tmp_path / "ray.jsonl")
+    _same(local, dist, "likelihood")
+    cf.sweep(cf.load(chat_model_dir), results=tmp_path / "float.jsonl", **kw)
+    dense = _by_config(tmp_path / "float.jsonl")
+    assert any(dense[k]["margins"] != dist[k]["margins"] for k in dist)  # quantization changed the numbers
+
+
 def test_killing_a_worker_mid_sweep_loses_nothing(chat_model, tmp_path, cluster):
     kw = dict(probes=["math"], strategy="scan", mode="generate", max_items=2, progress=False)
     cf.sweep(chat_model, results=tmp_path / "local.jsonl", **kw)

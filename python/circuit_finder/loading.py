@@ -185,6 +185,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         model = _build(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
                        source=str(folder), device_map=device_map, max_memory=max_memory, quantize=quantize,
                        activations=activations, fuse_projections=fuse_projections, owned=True)
+    model.load_options = {"quantize": quantize, "dequantize": dequantize, "activations": activations,
+                          "fuse_projections": fuse_projections}
     release_freed_heap()
     return model
 

@@ -50,6 +50,9 @@ class Model:
         self.cuda_graphs = generation.cuda_graphs_default()
         self.static_decode: bool | None = None
         self.activations = "float"  # load(activations=): "q8" rounds packed products' activations to 8 bits
+        # load()'s options that change the weights or numbers (quantize, dequantize, activations,
+        # fuse_projections), so a sweep's workers load the same model and a resume checks them
+        self.load_options: dict = {}
 
     def __repr__(self) -> str:
         c = self.config

@@ -144,7 +144,7 @@ class ResultStore:
 
 
 # setup keys added after files were written, and what an older file that lacks them meant
-_SETUP_DEFAULTS = {"thinking": False, "activations": "float"}
+_SETUP_DEFAULTS = {"thinking": False, "activations": "float", "quantize": None, "dequantize": False}
 # setup keys that hold one entry per probe: only probes both headers hold are compared, and a
 # probe new to a resumed file is recorded by a {"kind": "probes"} line
 _PER_PROBE = ("items", "item_digest")

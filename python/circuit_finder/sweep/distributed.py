@@ -2,8 +2,9 @@
 
 ``RayExecutor`` runs what ``run_configs`` would run locally, on Ray actors (Ray schedules them;
 we only hand out work):
-- one model per worker: each actor loads the driver's model file (same path, dtype and device
-  kind; its fingerprint is checked against the driver's) and builds the sweep Runner once;
+- one model per worker: each actor loads the driver's model file (same path, dtype, device kind and
+  load options: quantize, dequantize, activations, fuse_projections; its fingerprint, dtype,
+  quantization and activations are checked against the driver's) and builds the sweep Runner once;
   CPU workers get ``threads`` CPUs each, CUDA workers one GPU each — or, for a model split over
   devices (``device_map``), as many GPUs as the driver's placement uses, with the same layers on
   each (the driver's GPUs renumbered to the worker's own);
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..files import fingerprint
+from .runner import model_setup
 
 __all__ = ["RayExecutor", "worker_placement"]
 
@@ -37,19 +38,19 @@ class SweepWorker:
     """The work of one Ray actor: a model and a Runner, scoring one config per call."""
 
     def __init__(self, source: str, dtype: str, device: str, probes, mode: str, split: str, max_items, chat,
-                 reuse: bool, thinking: bool, think_tokens: int, stage: str, threads: int, device_map=None):
+                 reuse: bool, thinking: bool, think_tokens: int, stage: str, threads: int, device_map=None,
+                 load_options: dict | None = None):
         from ..loading import load
         from .runner import Runner, resolve_probes
 
         if threads:
             torch.set_num_threads(threads)
-        self.model = load(source, device=device, dtype=dtype, device_map=device_map)
+        self.model = load(source, device=device, dtype=dtype, device_map=device_map, **(load_options or {}))
         self.runner = Runner(self.model, resolve_probes(probes), mode, split, max_items, chat, reuse, thinking,
                              think_tokens, stage)
 
     def identity(self) -> dict:
-        return {"fingerprint": fingerprint(self.model.source), "pid": os.getpid(),
-                "num_layers": self.model.num_layers}
+        return {"setup": model_setup(self.model), "pid": os.getpid(), "num_layers": self.model.num_layers}
 
     def run(self, config) -> dict:
         return self.runner.run(config)
@@ -132,9 +133,9 @@ class RayExecutor:
         workers, threads = self._plan(ray, gpus)
         args = dict(source=str(model.source), dtype=str(model.dtype).replace("torch.", ""),
                     device="cuda" if cuda else "cpu", probes=probes, threads=threads, device_map=device_map,
-                    **worker_args)
+                    load_options=dict(getattr(model, "load_options", {})), **worker_args)
         remote = ray.remote(num_gpus=gpus, num_cpus=1)(SweepWorker) if cuda else ray.remote(num_cpus=threads)(SweepWorker)
-        want = fingerprint(model.source)
+        want = model_setup(model)
         self.actors = self._start(ray, remote, args, want, min(workers, len(groups)))
         self.started = len(self.actors)
         try:
@@ -155,11 +156,15 @@ class RayExecutor:
             raise RuntimeError(f"Ray workers did not start within {self.start_timeout:.0f} s (not enough free CPUs "
                                f"or GPUs in the cluster, or the model loads slowly: see start_timeout)") from None
         for got in found:
-            if got["fingerprint"] != want:
+            differ = {k: (v, got["setup"].get(k)) for k, v in want.items() if got["setup"].get(k) != v}
+            if differ:
                 for b in actors:
                     ray.kill(b)
-                raise ValueError(f"a Ray worker (pid {got['pid']}) reads another model file at {args['source']}: "
-                                 f"every node needs the same file at the same path")
+                what = ("reads another model file" if "fingerprint" in differ else
+                        "loaded the model otherwise (" + ", ".join(f"{k}: {w!r} here, {g!r} there"
+                                                                  for k, (w, g) in differ.items()) + ")")
+                raise ValueError(f"a Ray worker (pid {got['pid']}) {what} at {args['source']}: every node needs "
+                                 f"the same file at the same path, and the same build and CPU features")
         return actors
 
     def _drive(self, ray, remote, args: dict, want, groups: deque, on_record) -> None:

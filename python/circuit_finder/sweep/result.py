@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import fingerprint
 from ..layer_path import LayerPath
 from ..results import ResultStore, paired_stats, read_records
 from ..router.run import RouterConfig
 from .benchmark import BENCHMARK_SPLIT, benchmark_settings, run_benchmark
 from .configs import SweepConfig
-from .runner import THINK_TOKENS, resolve_chat, resolve_probes, run_configs
+from .runner import THINK_TOKENS, model_setup, resolve_chat, resolve_probes, run_configs
 from .views import best_first, lower_is_better, pareto_front, plotly_heatmap
 
 __all__ = ["SweepResult"]
@@ -341,9 +340,7 @@ class SweepResult:
         file; a file of another model or setup is refused), or None for an in-memory result."""
         if self.path is None:
             return None
-        setup = {"fingerprint": fingerprint(model.source), "dtype": str(model.dtype).replace("torch.", ""),
-                 "activations": model.activations, "chat": resolve_chat(model, self.chat),
-                 "thinking": bool(self.thinking)}
+        setup = {**model_setup(model), "chat": resolve_chat(model, self.chat), "thinking": bool(self.thinking)}
         store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True, setup=setup)
         self.records = store.records()
         return store

@@ -49,7 +49,7 @@ from ..router import run as routing
 from ..router.run import RouterConfig
 from .configs import MODES, SweepConfig
 
-__all__ = ["THINK_TOKENS", "ProbeBatch", "Runner", "item_digest", "resolve_chat", "resolve_probes", "run_configs",
+__all__ = ["THINK_TOKENS", "ProbeBatch", "Runner", "item_digest", "model_setup", "resolve_chat", "resolve_probes", "run_configs",
            "sweep_setup"]
 
 THINK_TOKENS = 1024  # extra generation budget per probe when thinking is left on
@@ -475,15 +475,22 @@ def resolve_chat(model: Model, chat: bool | None) -> bool:
 def sweep_setup(model: Model, probes: list[Probe], chat: bool | None, max_items: int | None,
                 thinking: bool = False) -> dict:
     """What a sweep's records depend on beyond the model's shape and mode (ResultStore.open's
-    ``setup``): the model file's fingerprint, dtype, activations (with q8, which products the CPU
-    rounds: loading.q8_products), chat, thinking and each probe's search item ids and their digest
+    ``setup``): the model's (``model_setup``), chat, thinking and each probe's search item ids and their digest
     (max_items is recorded too, but the items it selects are what is compared)."""
     chosen = {p.name: p.items("search")[:max_items] for p in probes}
-    q8 = {"q8_products": q8_products()} if model.activations == "q8" else {}
-    return {"fingerprint": fingerprint(model.source), "dtype": str(model.dtype).replace("torch.", ""),
-            "activations": model.activations, **q8, "chat": resolve_chat(model, chat), "thinking": bool(thinking),
+    return {**model_setup(model), "chat": resolve_chat(model, chat), "thinking": bool(thinking),
             "items": {name: [it.id for it in items] for name, items in chosen.items()},
             "item_digest": {name: item_digest(items) for name, items in chosen.items()}}
+
+
+def model_setup(model: Model) -> dict:
+    """What a record depends on in the model: its file's fingerprint, dtype, load(quantize=) and
+    load(dequantize=) options, and activations (with q8, which products the CPU rounds)."""
+    q8 = {"q8_products": q8_products()} if model.activations == "q8" else {}
+    options = getattr(model, "load_options", {})
+    return {"fingerprint": fingerprint(model.source), "dtype": str(model.dtype).replace("torch.", ""),
+            "quantize": options.get("quantize"), "dequantize": bool(options.get("dequantize", False)),
+            "activations": model.activations, **q8}
 
 
 def item_digest(items: Sequence[Item]) -> str:
