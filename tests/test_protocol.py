@@ -67,6 +67,12 @@ def test_thinking_switch_reaches_the_template(chat_model, tmp_path):
     assert read_records(out)[0]["thinking"] is False
     with pytest.raises(ValueError, match="thinking=False; this sweep has thinking=True"):
         cf.sweep(chat_model, thinking=True, **kw)
+    think = dict(kw, results=tmp_path / "thinking.jsonl", thinking=True)
+    cf.sweep(chat_model, think_tokens=64, **think)  # the thinking budget is recorded, checked and reloaded
+    assert read_records(think["results"])[0]["think_tokens"] == 64
+    assert SweepResult.load(think["results"]).think_tokens == 64
+    with pytest.raises(ValueError, match="think_tokens=64; this sweep has think_tokens=1024"):
+        cf.sweep(chat_model, **think)
     # a template that opens the block itself (no switch): completions start inside it
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")

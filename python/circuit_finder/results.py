@@ -144,7 +144,8 @@ class ResultStore:
 
 
 # setup keys added after files were written, and what an older file that lacks them meant
-_SETUP_DEFAULTS = {"thinking": False, "activations": "float", "quantize": None, "dequantize": False}
+_SETUP_DEFAULTS = {"thinking": False, "activations": "float", "quantize": None, "dequantize": False,
+                   "think_tokens": 1024}  # sweep.THINK_TOKENS, the budget before it was recorded
 # setup keys that hold one entry per probe: only probes both headers hold are compared, and a
 # probe new to a resumed file is recorded by a {"kind": "probes"} line
 _PER_PROBE = ("items", "item_digest")

@@ -94,7 +94,7 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     ex = resolve_executor(executor)
     store = None
     if results is not None:
-        setup = sweep_setup(model, probe_list, chat, max_items, thinking)
+        setup = sweep_setup(model, probe_list, chat, max_items, thinking, think_tokens)
         store = ResultStore.open(results, model=model, mode=mode, resume=resume, setup=setup,
                                  record={"max_items": max_items})
     records: list[dict] = []

@@ -21,7 +21,7 @@ from ..results import ResultStore, paired_stats, read_records
 from ..router.run import RouterConfig
 from .benchmark import BENCHMARK_SPLIT, benchmark_settings, run_benchmark
 from .configs import SweepConfig
-from .runner import THINK_TOKENS, model_setup, resolve_chat, resolve_probes, run_configs
+from .runner import THINK_TOKENS, model_setup, resolve_chat, resolve_probes, run_configs, thinking_setup
 from .views import best_first, lower_is_better, pareto_front, plotly_heatmap
 
 __all__ = ["SweepResult"]
@@ -61,7 +61,8 @@ class SweepResult:
         if header is None:
             raise ValueError(f"{path}: not a circuit-finder sweep file (no header line)")
         return cls(records, num_layers=int(header["num_layers"]), mode=header.get("mode"), path=Path(path),
-                   chat=header.get("chat"), thinking=bool(header.get("thinking", False)))
+                   chat=header.get("chat"), thinking=bool(header.get("thinking", False)),
+                   think_tokens=int(header.get("think_tokens", THINK_TOKENS)))
 
     # -------------------------------------------------------------- tables
     def configs(self, split: str = "search", routers: bool = False) -> dict[str, dict]:
@@ -340,7 +341,8 @@ class SweepResult:
         file; a file of another model or setup is refused), or None for an in-memory result."""
         if self.path is None:
             return None
-        setup = {**model_setup(model), "chat": resolve_chat(model, self.chat), "thinking": bool(self.thinking)}
+        setup = {**model_setup(model), "chat": resolve_chat(model, self.chat),
+                 **thinking_setup(self.thinking, self.think_tokens)}
         store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True, setup=setup)
         self.records = store.records()
         return store

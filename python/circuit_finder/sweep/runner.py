@@ -50,7 +50,7 @@ from ..router.run import RouterConfig
 from .configs import MODES, SweepConfig
 
 __all__ = ["THINK_TOKENS", "ProbeBatch", "Runner", "item_digest", "model_setup", "resolve_chat", "resolve_probes", "run_configs",
-           "sweep_setup"]
+           "sweep_setup", "thinking_setup"]
 
 THINK_TOKENS = 1024  # extra generation budget per probe when thinking is left on
 _OPENS_THINKING = re.compile(r"<(?:think|thinking)>\s*$")
@@ -473,14 +473,19 @@ def resolve_chat(model: Model, chat: bool | None) -> bool:
 
 
 def sweep_setup(model: Model, probes: list[Probe], chat: bool | None, max_items: int | None,
-                thinking: bool = False) -> dict:
+                thinking: bool = False, think_tokens: int = THINK_TOKENS) -> dict:
     """What a sweep's records depend on beyond the model's shape and mode (ResultStore.open's
     ``setup``): the model's (``model_setup``), chat, thinking and each probe's search item ids and their digest
     (max_items is recorded too, but the items it selects are what is compared)."""
     chosen = {p.name: p.items("search")[:max_items] for p in probes}
-    return {**model_setup(model), "chat": resolve_chat(model, chat), "thinking": bool(thinking),
+    return {**model_setup(model), "chat": resolve_chat(model, chat), **thinking_setup(thinking, think_tokens),
             "items": {name: [it.id for it in items] for name, items in chosen.items()},
             "item_digest": {name: item_digest(items) for name, items in chosen.items()}}
+
+
+def thinking_setup(thinking: bool, think_tokens: int) -> dict:
+    """The thinking switch, and with thinking on the extra tokens each probe gets."""
+    return {"thinking": True, "think_tokens": int(think_tokens)} if thinking else {"thinking": False}
 
 
 def model_setup(model: Model) -> dict:
