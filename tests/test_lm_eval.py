@@ -64,6 +64,8 @@ def test_model_args_and_chat_template(chat_model_dir, task_dir):
     lm = cls.create_from_arg_string(f"pretrained={chat_model_dir},layers=rys=1:4,batch_size=2")
     assert str(lm.path) == "0..3,1..5" and lm.batch_size == 2
     assert lm.chat_template(True) == lm.tokenizer.chat_template
+    given = circuit_finder.lm_eval.CircuitFinderLM(model=lm.cf_model, layers="rys=1:4")  # evaluate()'s way
+    assert given.get_model_info()["model"] == str(chat_model_dir)  # names the model, not "default"
     text = lm.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert text.endswith("assistant\n") and "Hi" in text
     with pytest.raises(ValueError, match="unknown circuit-finder model_args: colour"):

@@ -30,8 +30,15 @@ import warnings
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+try:
+    from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
+except ImportError as e:  # names lm-eval added in 0.4.9 / 0.4.10
+    from importlib.metadata import version
+
+    raise ImportError(f"circuit-finder's lm-eval adapter needs lm-eval >= 0.4.10; this is lm-eval {version('lm_eval')} "
+                      "(pip install -U 'lm-eval>=0.4.10')") from e
 from tqdm.auto import tqdm
 
 from .generation import Sampling, generate_ids
@@ -84,7 +91,7 @@ class CircuitFinderLM(TemplateLM):
         self.tokenizer = self.cf_model.tokenizer
         self.router = self.cf_model.router(layers) if layers not in (None, "") else None
         self.path = None if self.router else self.cf_model.path(layers if layers not in (None, "") else None)
-        self.pretrained = str(pretrained)
+        self.pretrained = str(self.cf_model.source if model is not None else pretrained)  # what get_model_info names
         self._batch_size = 1 if str(batch_size).startswith("auto") else max(1, int(batch_size))
         self._max_length = int(max_length) if max_length else self.cf_model.context_length
         self._max_gen_toks = int(max_gen_toks)

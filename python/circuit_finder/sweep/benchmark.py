@@ -61,6 +61,8 @@ def run_benchmark(model, layer_keys: Sequence, tasks: Sequence[str], limit: int 
 
         from ..lm_eval import CircuitFinderLM
     except ImportError as e:
+        if "lm-eval >=" in str(e):  # installed, but too old: say so rather than "install it"
+            raise
         raise ImportError("evaluate() needs lm-eval: pip install 'circuit-finder[eval]'") from e
     manager = TaskManager(include_path=str(include_path)) if include_path else TaskManager()
     records = []
