@@ -377,7 +377,9 @@ def test_from_jsonl(tmp_path):
     ('{"prompt": "p", "answer": "x", "scorer": "magic"}', "unknown scorer 'magic'"),
     ('{"prompt": "p", "answer": "x", "choices": ["a", "b"]}', "must include the answer"),
     ('{"prompt": "p", "answer": "x", "choices": "ab"}', "list of strings"),
-    ('{"prompt": "p", "answer": "z", "choices": ["a"], "scorer": "choice"}', "neither an option"),
+    ('{"prompt": "p", "answer": "z", "choices": ["a", "b"], "scorer": "choice"}', "neither an option"),
+    ('{"prompt": "p", "answer": "42", "choices": ["42"]}', "at least two different options"),  # no ranking
+    ('{"prompt": "p", "answer": "a", "choices": ["a", "a"]}', "at least two different options"),
 ])
 def test_from_jsonl_errors(tmp_path, line, message):
     f = tmp_path / "capitals.jsonl"

@@ -150,6 +150,18 @@ def test_pareto_front_by_hand():
         result.pareto(["nope"])
 
 
+def test_report_warns_of_an_adaptive_search():
+    """Configs a beam / surrogate search chose by looking at earlier scores: the report says q understates it."""
+    recs = _records({"p1": (10, -5), "p2": (0, 5)})
+    recs[-1]["stage"] = "beam"
+    text = SweepResult(recs, num_layers=6, mode="generate").report(by="a_delta", n_boot=200)
+    print(text)
+    assert "Configs of a beam search were chosen by looking at earlier configs' scores" in text
+    assert "unadjusted: it does not account for picking the best of 2" in text
+    assert "beam search" not in SweepResult(_records({"p1": (10, -5)}), num_layers=6, mode="generate").report(
+        by="a_delta", n_boot=200)
+
+
 def test_p_and_q_columns_rank_smallest_first():
     """top / validate / evaluate / refine rank by a column; for p- and q-values the best is the smallest."""
     deltas = {"p1": (10, -5), "p2": (0, 5), "p3": (-1, 4), "p4": (5, 0), "p5": (-5, -5)}

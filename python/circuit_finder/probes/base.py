@@ -116,6 +116,9 @@ def from_jsonl(path: str | Path, name: str | None = None, max_new_tokens: int = 
             choices = row.get("choices") or ()
             if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
                 raise ValueError(f"{path}:{n}: 'choices' must be a list of strings")
+            if len(choices) == 1 or len(set(choices)) != len(choices):
+                raise ValueError(f"{path}:{n}: 'choices' must hold at least two different options (likelihood "
+                                 f"mode ranks them), got {list(choices)}")
             answer = str(row["answer"])
             data = {}
             if scorer == "choice":

@@ -189,14 +189,20 @@ class SweepResult:
         if refined:
             lines.append(f"  {refined} of them come from refine, chosen by looking at the coarse configs' scores on "
                          f"these same items.")
+        searched = sorted(set(others["stage"]) - {"sweep", "refine"})
+        if searched:
+            lines.append(f"  Configs of a {' / '.join(searched)} search were chosen by looking at earlier configs' scores "
+                         f"on these same items, among more candidates than were run: q adjusts for the {n} run only, "
+                         f"so it understates the selection.")
         if n == 0:
             return lines
         best = best_first(others, by).iloc[0]
         stem = by[:-len("_delta")] if by.endswith("_delta") else None
         if stem and f"{stem}_q" in best:
             lines.append(f"  Best by {by}: {best['layers']}: {best[by]:+.2f} (95% CI {best[f'{stem}_ci_low']:+.2f} to "
-                         f"{best[f'{stem}_ci_high']:+.2f}), p={best[f'{stem}_p']:.3g}, q={best[f'{stem}_q']:.3g} "
-                         f"(Benjamini-Hochberg over {n} configs).")
+                         f"{best[f'{stem}_ci_high']:+.2f}, unadjusted: it does not account for picking the best of "
+                         f"{n}), p={best[f'{stem}_p']:.3g}, q={best[f'{stem}_q']:.3g} (Benjamini-Hochberg over {n} "
+                         f"configs).")
             up, down = others[by] > 0, others[by] < 0
             sig, fw = others[f"{stem}_q"] < 0.05, others[f"{stem}_holm"] < 0.05
             lines.append(f"  q < 0.05 (false discovery rate 5%): {int((sig & up).sum())} of {n} configs better than "
