@@ -85,6 +85,25 @@ def test_thinking_switch_reaches_the_template(chat_model, tmp_path):
     assert probe.score(item, batch.opened + unfinished) == 0.0 and not probe.parsed(item, batch.opened + unfinished)
 
 
+def test_validation_records_are_checked_against_their_held_out_items(chat_model, tmp_path):
+    """The held-out items validate() scored are recorded: a probe file whose held-out items changed
+    since (same ids, other prompts) is refused instead of paired with the old baseline record."""
+    def write(question: str):
+        rows = [{"prompt": f"{question} {k}?", "answer": "yes", "choices": ["yes", "no"]} for k in range(6)]
+        (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("Is it")
+    out = tmp_path / "held.jsonl"
+    result = cf.sweep(chat_model, probes=[str(tmp_path / "q.jsonl")], paths=["0..3,2,3,4,5"], mode="likelihood",
+                      validate=1, progress=False, results=out)
+    assert read_records(out)[0]["held_out_items"] == {"q": ["3", "6"]}  # every third line (ids: line numbers)
+    write("Was it")  # the same ids, other prompts
+    again = SweepResult.load(out)
+    with pytest.raises(ValueError, match="held-out items of probe 'q' with the same ids but other prompts"):
+        again.validate(1, model=chat_model, probes=[str(tmp_path / "q.jsonl")], progress=False)
+    assert len(result.records) == len(read_records(out)[1])  # nothing was appended
+
+
 def test_search_select_validate_and_report(chat_model, tmp_path):
     out = tmp_path / "protocol.jsonl"
     result = cf.sweep(chat_model, probes=["math", "reasoning"], block_sizes=(2, 3), mode="likelihood", max_items=4,

@@ -8,7 +8,8 @@ File format — one JSON object per line:
   "chat", "thinking", "max_items", "items": {probe: [item ids]}, "item_digest": {probe: sha256 of
   the items' ids, prompts, answers and choices}, "likelihood_rule"?}`` (a resume must match it);
 - a ``{"kind": "probes", "items": ..., "item_digest": ...}`` line when a resume adds probes, so
-  later resumes check their items too;
+  later resumes check their items too (``"held_out_items"`` / ``"held_out_digest"``: the held-out
+  items validate() scored, checked by the next validate());
 - one ``{"kind": "config", "layers": "0..12,10..12,13..29", "start", "end", "times",
   "extra_layers", "split", "mode", "scores": {probe: {item id: score}}, "scores_norm"?, "margins"?, "outputs"?,
   "parsed"?: {probe: {item id: bool}}, "seconds"}`` per finished config (per-item scores, so differences can be tested item by item).
@@ -148,7 +149,7 @@ _SETUP_DEFAULTS = {"thinking": False, "activations": "float", "quantize": None, 
                    "think_tokens": 1024}  # sweep.THINK_TOKENS, the budget before it was recorded
 # setup keys that hold one entry per probe: only probes both headers hold are compared, and a
 # probe new to a resumed file is recorded by a {"kind": "probes"} line
-_PER_PROBE = ("items", "item_digest")
+_PER_PROBE = ("items", "item_digest", "held_out_items", "held_out_digest")  # search items; validate()'s held-out ones
 
 
 def _record_new_probes(path: Path, old: dict, setup: dict) -> None:
@@ -181,11 +182,12 @@ def _check_resume(path: Path, old: dict, new: dict, setup: dict) -> None:
         if key in _PER_PROBE and isinstance(was, dict):
             # a probe new to this file has no records yet: only probes both hold must agree
             differ = sorted(p for p in set(was) & set(value) if was[p] != value[p])
-            if differ and key == "items":
-                raise ValueError(f"{path} was run on other items of probe {differ[0]!r} than this sweep "
+            held = "held-out " if key.startswith("held_out") else ""
+            if differ and key.endswith("items"):
+                raise ValueError(f"{path} was run on other {held}items of probe {differ[0]!r} than this sweep "
                                  f"({len(was[differ[0]])} vs {len(value[differ[0]])} items, or other ids). {again}")
             if differ:
-                raise ValueError(f"{path} was run on items of probe {differ[0]!r} with the same ids but other "
+                raise ValueError(f"{path} was run on {held}items of probe {differ[0]!r} with the same ids but other "
                                  f"prompts, answers or choices (another version of the probe). {again}")
         elif was != value:
             raise ValueError(f"{path} was run with {key}={was!r}; this sweep has {key}={value!r}. {again}")

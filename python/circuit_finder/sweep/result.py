@@ -21,7 +21,15 @@ from ..results import ResultStore, paired_stats, read_records
 from ..router.run import RouterConfig
 from .benchmark import BENCHMARK_SPLIT, benchmark_settings, run_benchmark
 from .configs import SweepConfig
-from .runner import THINK_TOKENS, model_setup, resolve_chat, resolve_probes, run_configs, thinking_setup
+from .runner import (
+    THINK_TOKENS,
+    item_digest,
+    model_setup,
+    resolve_chat,
+    resolve_probes,
+    run_configs,
+    thinking_setup,
+)
 from .views import best_first, lower_is_better, pareto_front, plotly_heatmap
 
 __all__ = ["SweepResult"]
@@ -322,7 +330,7 @@ class SweepResult:
         if model is None:
             raise ValueError("held-out scoring needs the model: pass model=circuit_finder.load(...)")
         probe_list = resolve_probes(probes if probes is not None else (self.probes or self.probe_names()))
-        store = self._store(model)
+        store = self._store(model, probe_list)
         new = run_configs(model, probe_list, list(configs), store, self.mode, "validation", None, self.chat, True,
                           progress, desc=stage, thinking=self.thinking, think_tokens=self.think_tokens,
                           executor=self.executor)
@@ -342,13 +350,17 @@ class SweepResult:
         df = self.to_pandas()
         return df[df["layers"].isin(list(keys))].set_index("layers").loc[list(keys)].reset_index()
 
-    def _store(self, model) -> ResultStore | None:
+    def _store(self, model, probes=()) -> ResultStore | None:
         """The results file reopened for appending (validation and benchmark records go to the same
-        file; a file of another model or setup is refused), or None for an in-memory result."""
+        file; a file of another model or setup, or whose probes' held-out items were others, is
+        refused), or None for an in-memory result."""
         if self.path is None:
             return None
+        held_out = {p.name: p.items("validation") for p in probes}
         setup = {**model_setup(model), "chat": resolve_chat(model, self.chat),
-                 **thinking_setup(self.thinking, self.think_tokens)}
+                 **thinking_setup(self.thinking, self.think_tokens),
+                 "held_out_items": {name: [it.id for it in items] for name, items in held_out.items()},
+                 "held_out_digest": {name: item_digest(items) for name, items in held_out.items()}}
         store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True, setup=setup)
         self.records = store.records()
         return store
