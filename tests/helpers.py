@@ -476,7 +476,7 @@ def _family_metadata(w, cfg, arch: str, head_dim: int) -> dict:
             w.add_rope_dimension_sections([rot - 2 * (rot // 3), rot // 3, rot // 3, 0])
     else:
         w.add_rope_freq_base(float(rope["rope_theta"]))
-        if rope.get("rope_type") == "llama3":  # the converter's rope_freqs (its orig context from rope_scaling)
+        if rope.get("rope_type") == "llama3":  # the converter's rope_freqs (see converter_rope_freqs)
             extra = {"rope_freqs.weight": converter_rope_freqs(rope, head_dim)}
     return extra
 
@@ -484,7 +484,9 @@ def _family_metadata(w, cfg, arch: str, head_dim: int) -> dict:
 def converter_rope_freqs(rope: dict, dim: int):
     """rope_freqs.weight as llama.cpp's converter computes it for llama3 scaling: per frequency (float32,
     as torch computes them there) 1 above high_freq wavelengths, the factor below low_freq ones, and
-    1 / ((1 - smooth) / factor + smooth) between."""
+    1 / ((1 - smooth) / factor + smooth) between. The original context is taken from rope_scaling
+    here; the converter reads a top-level original_max_position_embeddings or 8192 (Meta's value), so
+    a rope_scaling with another one (the tests' 64) makes a synthetic file of other divisors."""
     import numpy as np
 
     factor, lo, hi = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)

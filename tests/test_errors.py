@@ -85,6 +85,11 @@ def test_missing_config_and_bad_dtype(tmp_path, model_dir):
     folder, _ = model_dir("llama")
     with pytest.raises(ValueError, match="float64"):
         cf.load(folder, dtype="float64")
+    assert cf.load(folder, dtype="auto").dtype == cf.load(folder).dtype  # transformers' / lm-eval's word for None
+    with pytest.raises(ValueError, match="dequantize= applies to GGUF files"):
+        cf.load(folder, dequantize=True)
+    with pytest.raises(FileNotFoundError, match="Hub ids are not downloaded: fetch it first"):
+        cf.load("Qwen/Qwen2.5-0.5B-Instruct")
 
 
 def test_text_prompt_without_tokenizer(model_dir):

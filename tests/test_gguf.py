@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import circuit_finder as cf
+from circuit_finder.generation import rows_interact
 from circuit_finder.gguf import SUPPORTED_TYPES, hf_name, read_gguf
 from circuit_finder.quants import PackedTensor
 from helpers import build_hf_model, gguf_name, llama_cpp_permute, rebuilt, write_gguf
@@ -401,7 +402,7 @@ def test_f32_gguf_logits_match_transformers(tmp_path, arch):
 def test_llama3_rope_freqs_match_transformers(tmp_path, orig, kind):
     """Llama 3.1-3.3 files carry their RoPE scaling only as rope_freqs (per-frequency divisors the
     converter computes): Meta's parameters (original context 8192) read back as llama3 scaling, others
-    (here 64) as longrope with those divisors. Logits against transformers on the original llama3
+    (here 64, a synthetic file of other divisors) as longrope with those divisors. Logits against transformers on the original llama3
     config, identity and a repeated path, and the export's HF folder in transformers."""
     from transformers import AutoModelForCausalLM
 
@@ -416,6 +417,7 @@ def test_llama3_rope_freqs_match_transformers(tmp_path, orig, kind):
     assert read["rope_type"] == kind
     if kind == "llama3":
         assert {k: read[k] for k in rope} == rope
+    assert not rows_interact(model)  # one table at every length: the sweep's batching stays on
     ids = torch.randint(3, 160, (2, 40), generator=torch.Generator().manual_seed(2))
     for layers in ("0..5", "0..3,2,3,4,5"):
         path = [int(x) for x in cf.LayerPath.parse(layers)]
@@ -554,6 +556,17 @@ def test_not_a_gguf_file(tmp_path):
         cf.load(bad)
     with pytest.raises(FileNotFoundError):
         cf.load(tmp_path / "absent.gguf")
+    with pytest.raises(FileNotFoundError, match="a folder, not a GGUF file"):
+        cf.export_gguf(tmp_path, tmp_path / "out.gguf", "0..1")
+
+
+def test_a_part_of_a_split_gguf_is_refused(wide_llama, tmp_path):
+    """llama.cpp's split files (split.count > 1) hold some of the tensors each: refused naming the merge."""
+    path = tmp_path / "m-00001-of-00002.gguf"
+    write_gguf(wide_llama, path, extra_uints={"split.count": 2})
+    for call in (lambda: cf.load(path), lambda: cf.export_gguf(path, tmp_path / "out.gguf", "0..1")):
+        with pytest.raises(cf.GGUFError, match="split into 2 files; merge them into one first"):
+            call()
 
 
 def test_name_mapping():

@@ -133,6 +133,12 @@ def test_extract_number(text, number):
     ("Option A is wrong. Option C is correct.", "C"),
     ("Not A. The correct choice is C", "C"),
     ("(A) is wrong; (B) is right.", "B"),
+    ("(B) is right; (A) is wrong.", "B"),  # answer first, then the rejected options
+    ("(B) 05/26/2017. The other options (A) and (C) are a day off.", "B"),
+    ("I'd choose (B) over (C).", "B"),
+    ("Option B. Option A is a day early.", "B"),
+    ("Final answer: I believe it's (B), because (A) is a day late.", "B"),
+    ("Let's check:\n(A) wrong\n(B) right\n(C) wrong\nTherefore B.", "B"),
     ("D", None),
     ("no idea", None),
 ])
@@ -218,6 +224,10 @@ def test_yes_no_and_choice_extraction():
     assert extract_yes_no("No matter what, the valve caused it: yes.") == "yes"
     assert extract_yes_no("No, because the valve was shut. Yes would be wrong.") == "no"  # the reply opens with it
     assert extract_yes_no("No it did not") == "no"
+    assert extract_yes_no("Probably no. Yes, the valve was open, but that is not why.") == "no"  # a concession
+    assert extract_yes_no("Did the valve cause it? No. Some might say yes.") == "no"  # the sentence of its own
+    assert extract_yes_no("Reasoning: no alarm went off.\nConclusion: Yes") == "yes"
+    assert extract_yes_no("It seems yes, but actually no.") == "no"
     options = ["05/28/2017", "05/26/2017", "05/27/2017"]
     assert extract_choice("(B)", options) == "B"
     assert extract_choice("The answer is C.", options) == "C"

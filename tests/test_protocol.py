@@ -186,10 +186,11 @@ def test_p_and_q_columns_rank_smallest_first():
     deltas = {"p1": (10, -5), "p2": (0, 5), "p3": (-1, 4), "p4": (5, 0), "p5": (-5, -5)}
     result = SweepResult(_records(deltas), num_layers=6, mode="generate")
     df = result.to_pandas(n_boot=200)
-    for by in ("a_p", "a_q", "a_holm"):
+    for by in ("a_p", "a_q", "a_holm"):  # improvements first (p1 +10, p4 +5), then p3 / p5 (worse), p2 (no change)
         ranked = result.top(5, by=by, n_boot=200)
         print(by, list(ranked["layers"]), list(ranked[by]))
-        assert list(ranked[by]) == sorted(df.loc[~df["baseline"], by]) and ranked["layers"].iloc[-1] == "p2"
+        assert list(ranked["layers"]) == ["p1", "p4", "p3", "p5", "p2"]
+        assert list(ranked[by]) == sorted(df.loc[~df["baseline"], by])  # p5 is as significant as p1, but worse
     assert list(result.top(2, by="a_delta", n_boot=200)["layers"]) == ["p1", "p4"]
 
 
@@ -256,6 +257,11 @@ def test_evaluate_pairs_benchmark_samples(chat_model, task_dir, tmp_path):
     first, second = table["layers"]
     assert np.isfinite(df.loc[first, "cf_mc_acc_bench_delta"]) and np.isnan(df.loc[second, "cf_mc_acc_bench"])
     assert json.loads(result.benchmark_settings())["kwargs"] == {"num_fewshot": 1}
+    # back to the first settings: nothing re-run, and the table shows those settings again, not the newest records'
+    back = result.evaluate(top=2, tasks=["cf_mc", "cf_gen"], include_path=str(task_dir), batch_size=4)
+    assert len([r for r in read_records(out)[1] if r["split"] == "benchmark"]) == 5
+    assert json.loads(result.benchmark_settings())["kwargs"] == {}
+    assert np.allclose(back["cf_mc_acc_bench_delta"], table["cf_mc_acc_bench_delta"])
     with pytest.raises(ValueError, match="needs lm-eval task names"):
         result.evaluate(top=1)
 

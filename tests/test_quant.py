@@ -961,13 +961,13 @@ def test_a_sweep_records_its_activations(chat_model_dir, tmp_path):
     cf.sweep(exact, results=tmp_path / "float.jsonl", **kw)
     lines = (tmp_path / "float.jsonl").read_text().splitlines()
     header = json.loads(lines[0])
-    assert header.pop("activations") == "float"
-    (tmp_path / "float.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
-    cf.sweep(exact, results=tmp_path / "float.jsonl", **kw)  # an older file: resumed
     with pytest.raises(ValueError, match="was run with quantize='q4_k'; this sweep has quantize=None"):
         cf.sweep(cf.load(chat_model_dir), results=tmp_path / "float.jsonl", **kw)  # the float weights: refused
     with pytest.raises(ValueError, match="was run with quantize='q4_k'; this sweep has quantize='q8_0'"):
         cf.sweep(cf.load(chat_model_dir, quantize="q8_0"), results=tmp_path / "float.jsonl", **kw)
+    assert header.pop("activations") == "float" and header.pop("quantize") == "q4_k"
+    (tmp_path / "float.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    cf.sweep(exact, results=tmp_path / "float.jsonl", **kw)  # an older file (no activations, no quantize): resumed
 
 
 def test_server_and_lm_eval_on_a_packed_model(packed_chat):

@@ -363,9 +363,10 @@ def test_custom_probe_in_sweep(chat_model, tmp_path):
     for mode in ("likelihood", "generate"):
         result = cf.sweep(chat_model, probes=[str(f)], block_sizes=(3,), mode=mode, progress=False)
         assert "yesno_delta" in result.to_pandas().columns
-    no_choices = ItemProbe("plain", [Item("a", "Say hi", "hi")])
-    with pytest.raises(ValueError, match="item 'a': likelihood mode needs 'choices'"):
-        cf.sweep(chat_model, probes=[no_choices], block_sizes=(3,), mode="likelihood", progress=False)
+    for choices in ((), ("hi",), ("hi", "hi", "yo")):  # nothing to rank (one choice once crashed the record writer)
+        probe = ItemProbe("plain", [Item("a", "Say hi", "hi", choices=choices)])
+        with pytest.raises(ValueError, match="item 'a': likelihood mode needs at least two different 'choices'"):
+            cf.sweep(chat_model, probes=[probe], block_sizes=(3,), mode="likelihood", progress=False)
     with pytest.raises(ValueError, match="mode must be one of"):
         cf.sweep(chat_model, mode="sample")
     with pytest.raises(TypeError, match="needs a circuit_finder Model"):
@@ -522,6 +523,15 @@ def test_resume_refuses_another_setup(chat_model, chat_model_dir, tmp_path):
     n = len(read_records(out)[1])
     cf.sweep(chat_model, max_items=2, **kw)  # the same setup resumes: nothing re-run
     assert len(read_records(out)[1]) == n
+    lines = out.read_text().splitlines()  # a damaged header: its records cannot be checked, so not resumed
+    (tmp_path / "damaged.jsonl").write_text("\n".join(["{not json", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match="config records but no readable header line"):
+        with pytest.warns(UserWarning, match="skipping"):
+            cf.sweep(chat_model, max_items=2, **dict(kw, results=tmp_path / "damaged.jsonl"))
+    # the identity among paths= is the baseline, run once
+    ran = cf.sweep(chat_model, max_items=2, paths=["0..5", "0..3,2,3,4,5"], probes=["math"], mode="likelihood",
+                   progress=False)
+    assert sorted(r["layers"] for r in ran.records) == ["0..3,2..5", "0..5"]  # the baseline once
 
 
 def test_likelihood_length_normalised_scores(chat_model):

@@ -297,9 +297,10 @@ def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_po
 def rows_interact(model: Model) -> bool:
     """Whether a row's numbers depend on which other rows share its batch: LongRoPE picks its
     table by the largest position in the call (as transformers picks it by the call's length), so
-    dropping, joining or regrouping rows could switch it. Batching that reshapes batches is off then."""
+    dropping, joining or regrouping rows could switch it. Batching that reshapes batches is off then
+    (not for one table under both names: a GGUF's per-frequency rope_freqs)."""
     kinds = [model.config.rope, model.config.rope_local or {}]
-    return any(r.get("type") == "longrope" for r in kinds)
+    return any(r.get("type") == "longrope" and r.get("short_factor") != r.get("long_factor") for r in kinds)
 
 
 def _budgets(budgets: torch.Tensor | None, B: int, max_new_tokens: int, device) -> torch.Tensor | None:

@@ -43,7 +43,7 @@ import torch
 
 from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix_name, packs_on
 
-__all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer",
+__all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "config_vector",
            "drop_resident_pages", "sliding_layers", "gguf_architecture", "gguf_block_count", "gguf_config",
            "gguf_field", "gguf_num_layers", "gguf_tokenizer", "metadata_digest", "open_gguf", "read_gguf",
            "tokenizer_cache_dir"]
@@ -160,20 +160,26 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def open_gguf(path: str | os.PathLike):
     """A ``gguf.GGUFReader`` over ``path``, memory-mapped read-only (no commit charge, so a file
     larger than RAM maps). FileNotFoundError when there is no such
-    file, GGUFError naming the file when its bytes are not GGUF."""
+    file, GGUFError naming the file when its bytes are not GGUF or it is one part of a split file."""
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such GGUF file")
+        what = "a folder, not a GGUF file" if os.path.isdir(path) else "no such GGUF file"
+        raise FileNotFoundError(f"{path}: {what}")
     check_metadata_sizes(path)
     try:
         try:
-            return fast_reader_class()(path)
+            reader = fast_reader_class()(path)
         except TypeError:  # the package's byte-read hook changed its arguments: its own reader then
             import gguf
 
-            return gguf.GGUFReader(path)
+            reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad bytes
         raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    parts = gguf_field(reader, "split.count")
+    if parts is not None and int(parts) > 1:  # llama.cpp's split files: each holds some of the tensors
+        raise GGUFError(f"{path}: part of a GGUF split into {int(parts)} files; merge them into one first "
+                        f"(llama.cpp: llama-gguf-split --merge {path} merged.gguf)")
+    return reader
 
 
 @functools.cache
@@ -389,7 +395,7 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
     else:
         _rope_scaling_config(reader, path, arch, need, config)
     if "rope_freqs.weight" in by_name:
-        _rope_freqs_config(path, arch, config, _dequantize(by_name["rope_freqs.weight"], path).ravel())
+        _rope_freqs_config(path, arch, config, config_vector(by_name["rope_freqs.weight"], path))
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
         v = gguf_field(reader, f"tokenizer.ggml.{key}")
@@ -567,8 +573,8 @@ def _phi3_config(reader, path: str, config: dict, by_name: dict) -> None:
         raise GGUFError(f"{path}: LongRoPE needs rope_factors_short.weight, rope_factors_long.weight and "
                         "phi3.rope.scaling.original_context_length")
     rope = {"rope_type": "longrope",
-            "short_factor": [float(x) for x in _dequantize(by_name["rope_factors_short.weight"], path).ravel()],
-            "long_factor": [float(x) for x in _dequantize(by_name["rope_factors_long.weight"], path).ravel()]}
+            "short_factor": [float(x) for x in config_vector(by_name["rope_factors_short.weight"], path)],
+            "long_factor": [float(x) for x in config_vector(by_name["rope_factors_long.weight"], path)]}
     attn = gguf_field(reader, "phi3.rope.scaling.attn_factor")
     if attn:
         rope["attention_factor"] = float(attn)
@@ -627,6 +633,17 @@ def mapped_bytes(data) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.asarray(data))
+
+
+def config_vector(t, path: str) -> np.ndarray:
+    """A small tensor the config is read from (RoPE factors), as float64 values: read from the map as
+    it is (converters write them F32), other types decoded as weights are."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType(t.tensor_type).name
+    if kind in ("F32", "F16") and int(np.prod([int(x) for x in t.shape])) == np.asarray(t.data).size:
+        return np.asarray(t.data, dtype=np.float64).ravel()
+    return _dequantize(t, path).astype(np.float64).ravel()
 
 
 def _dequantize(t, path: str) -> np.ndarray:

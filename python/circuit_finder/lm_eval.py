@@ -124,7 +124,8 @@ class CircuitFinderLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return self.tokenizer.name_or_path.replace("/", "__") or "circuit-finder"
+        # the model's file or folder (a GGUF's tokenizer is built into a cache folder: not a name to show)
+        return str(self.cf_model.source).strip("/").replace("/", "__") or "circuit-finder"
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.cf_model.codec.chat_text(chat_history, add_generation_prompt=add_generation_prompt)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from functools import partial
 from pathlib import Path
@@ -83,8 +84,9 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, fallback: torch.dtype) -> torch.dtype:
-    """None -> fallback; "float32"/"bf16"/torch.float16/... -> the torch dtype (float types only)."""
-    if dtype is None:
+    """None or "auto" (transformers' and lm-eval's word for it) -> fallback; "float32"/"bf16"/torch.float16/...
+    -> the torch dtype (float types only)."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
         return fallback
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -117,7 +119,10 @@ def model_config_file(folder: Path) -> Path:
     """The config.json of a Hugging Face model folder; FileNotFoundError / ValueError naming the
     path when folder is missing, a file, or holds no config.json."""
     if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such model folder or file")
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(folder)) is not None  # "org/name": a Hub id, not a path
+        raise FileNotFoundError(f"{folder}: no such model folder or file" + (
+            " (Hugging Face Hub ids are not downloaded: fetch it first, e.g. `hf download "
+            f"{folder} --local-dir ./{folder.name}`, and load that folder)" if hub else ""))
     if not folder.is_dir():
         raise ValueError(f"{folder}: expected a model folder holding config.json and safetensors (or a .gguf file)")
     config_file = folder / "config.json"
@@ -134,14 +139,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
 
     path: a Hugging Face folder (config.json + *.safetensors, single or sharded), a .gguf file, or
     "default" for the embedded SmolLM2-135M-Instruct.
-    dtype: None keeps the checkpoint's dtype (float32 for GGUF); "float32", "bfloat16" or "float16"
-    convert once.
+    dtype: None (or "auto") keeps the checkpoint's dtype (float32 for GGUF); "float32", "bfloat16" or
+    "float16" convert once.
     device_map: None (everything on ``device``), "auto" (GPUs by free memory, the rest on CPU), a
     list of (device, layer count) pairs or its text "cuda:0=20,cpu=12", or {layer: device}; the
     embedding and head go on the first GPU the map uses (else the CPU). max_memory: {device: bytes or "20GiB"}, the weights' budget
     per device (default: 90% of its free memory). See ``circuit_finder.placement``.
-    dequantize: GGUF only; False keeps quantized matrices packed on the CPU (the file's size in
-    memory), True converts every tensor to dtype (what earlier versions did).
+    dequantize: GGUF only (ValueError for a folder); False keeps quantized matrices packed on the CPU
+    (the file's size in memory), True converts every tensor to dtype (what earlier versions did).
     quantize: Hugging Face checkpoints only; None keeps the float weights, "q8_0" / "q6_k" / "q5_k" /
     "q5_1" / "q5_0" / "q4_k" / "q4_1" / "q4_0" / "bf16" / "f16" packs every matrix (projections,
     experts, embedding, lm_head) placed where packed matrices run (``packs_on``) as that ggml type on
@@ -178,6 +183,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         model = _load_gguf(str(path), device, dtype, device_map, max_memory, dequantize, activations,
                            fuse_projections)
     else:
+        if dequantize:
+            raise ValueError(f"{path}: dequantize= applies to GGUF files; a Hugging Face checkpoint's quantized "
+                             "weights (FP8, GPTQ, AWQ, bitsandbytes, ...) are always dequantized on load")
         folder = Path(path)
         config_file = model_config_file(folder)
         config = parse_config(_with_generation_eos(json.loads(config_file.read_text()), folder), str(config_file))
@@ -185,8 +193,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         model = _build(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
                        source=str(folder), device_map=device_map, max_memory=max_memory, quantize=quantize,
                        activations=activations, fuse_projections=fuse_projections, owned=True)
-    model.load_options = {"quantize": quantize, "dequantize": dequantize, "activations": activations,
-                          "fuse_projections": fuse_projections}
+    model.load_options = {**model.load_options, "dequantize": dequantize, "from_file": True}
     release_freed_heap()
     return model
 
@@ -355,6 +362,8 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     model = Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source,
                   tensors={**moved, **kept}, placement=placed)
     model.activations = activations
+    model.load_options = {"quantize": quantize, "dequantize": False, "activations": activations,
+                          "fuse_projections": fuse_projections, "from_file": False}
     return model
 
 

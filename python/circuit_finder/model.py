@@ -51,7 +51,8 @@ class Model:
         self.static_decode: bool | None = None
         self.activations = "float"  # load(activations=): "q8" rounds packed products' activations to 8 bits
         # load()'s options that change the weights or numbers (quantize, dequantize, activations,
-        # fuse_projections), so a sweep's workers load the same model and a resume checks them
+        # fuse_projections; from_file: made by load() from its source, so it can be loaded again
+        # the same way), so a sweep's workers load the same model and a resume checks them
         self.load_options: dict = {}
 
     def __repr__(self) -> str:

@@ -123,6 +123,10 @@ class ResultStore:
                 _check_resume(path, old, header, setup or {})
                 _record_new_probes(path, old, setup or {})
                 header = old
+            elif records:  # a damaged header: what its records were run with cannot be checked
+                raise ValueError(f"{path} holds {len(records)} config records but no readable header line, so "
+                                 f"what they were run with cannot be checked. Use another results file or "
+                                 f"resume=False (--no-resume).")
             else:
                 _append_line(path, header)
             return cls(path, header, records)
@@ -145,8 +149,9 @@ class ResultStore:
 
 
 # setup keys added after files were written, and what an older file that lacks them meant
-_SETUP_DEFAULTS = {"thinking": False, "activations": "float", "quantize": None, "dequantize": False,
-                   "think_tokens": 1024}  # sweep.THINK_TOKENS, the budget before it was recorded
+_SETUP_DEFAULTS = {"thinking": False, "activations": "float"}
+# setup keys an older file could not record and whose value then is unknown: not compared
+_UNKNOWN_IN_OLDER = ("quantize", "dequantize", "think_tokens")
 # setup keys that hold one entry per probe: only probes both headers hold are compared, and a
 # probe new to a resumed file is recorded by a {"kind": "probes"} line
 _PER_PROBE = ("items", "item_digest", "held_out_items", "held_out_digest")  # search items; validate()'s held-out ones
@@ -177,18 +182,20 @@ def _check_resume(path: Path, old: dict, new: dict, setup: dict) -> None:
                          f"this version encodes context and choice together ({LIKELIHOOD_RULE}). {again}")
     for key, value in setup.items():
         was = old.get(key, _SETUP_DEFAULTS.get(key, "not recorded (an older results file)"))
-        if key in _PER_PROBE and key not in old:
+        if (key in _PER_PROBE or key in _UNKNOWN_IN_OLDER) and key not in old:
             continue  # an older file that did not record it (item ids are still compared)
         if key in _PER_PROBE and isinstance(was, dict):
             # a probe new to this file has no records yet: only probes both hold must agree
             differ = sorted(p for p in set(was) & set(value) if was[p] != value[p])
             held = "held-out " if key.startswith("held_out") else ""
+            fix = again if not held else ("validate() scores each probe's current held-out items: restore the "
+                                          "probe as it was, or sweep again into a new results file.")
             if differ and key.endswith("items"):
                 raise ValueError(f"{path} was run on other {held}items of probe {differ[0]!r} than this sweep "
-                                 f"({len(was[differ[0]])} vs {len(value[differ[0]])} items, or other ids). {again}")
+                                 f"({len(was[differ[0]])} vs {len(value[differ[0]])} items, or other ids). {fix}")
             if differ:
                 raise ValueError(f"{path} was run on {held}items of probe {differ[0]!r} with the same ids but other "
-                                 f"prompts, answers or choices (another version of the probe). {again}")
+                                 f"prompts, answers or choices (another version of the probe). {fix}")
         elif was != value:
             raise ValueError(f"{path} was run with {key}={was!r}; this sweep has {key}={value!r}. {again}")
 
@@ -255,7 +262,9 @@ def _all_signs(n: int) -> np.ndarray:
 
 
 def sign_flip_p(diffs: Sequence[np.ndarray], rng: np.random.Generator, family: int = 1) -> float:
-    """Two-sided paired sign-flip p of "mean over groups of each group's mean difference is 0".
+    """Two-sided paired sign-flip p of "each item's difference is as likely + as -" (symmetry about 0,
+    not a zero mean alone: skewed changes whose mean is near 0 can still come out significant), by
+    the mean over groups of each group's mean difference.
     One group of at most EXACT_MAX_ITEMS items: exact (every flip). Otherwise Monte Carlo, drawn
     independently per group, adaptively: the count grows tenfold while p * family is small, up to
     100 x family (at most PERM_MAX), so thresholds adjusted over ``family`` configs stay reachable

@@ -202,23 +202,39 @@ def eq_score(predicted: Sequence[float] | None, reference: Sequence[float]) -> f
 
 def extract_yes_no(text: str) -> str | None:
     """'yes' or 'no': the first yes/no word after the last answer cue; else a reply that opens with one
-    ('No, ...', 'Yes.'); else the last yes/no that ends a clause ('..., so yes.'), not a determiner
-    ('no other cause', 'no matter'); else the first yes/no word anywhere ('No it did not')."""
+    ('No, ...', 'Yes.'); else the first yes/no standing as a sentence of its own ('... it? No.',
+    'Conclusion: yes'); else the last one ending a clause ('..., so yes.'), never a determiner ('no
+    other cause', 'no matter'); else the first yes/no word anywhere ('No it did not')."""
     text = answer_text(text)
     after = _after_cue(text)
     if after is not None and (m := re.search(r"\b(yes|no)\b", after, re.IGNORECASE)):
         return m.group(1).lower()
-    ends = r"(?=\s*(?:[^\w\s]|$))"  # followed by punctuation or the end, not by a word
-    found = (re.match(rf"\s*(yes|no)\b{ends}", text, re.IGNORECASE)
-             or ([*re.finditer(rf"\b(yes|no)\b{ends}", text, re.IGNORECASE)] or [None])[-1]
-             or re.search(r"\b(yes|no)\b", text, re.IGNORECASE))
+    flags = re.IGNORECASE
+    found = (re.match(r"\s*(yes|no)\b(?=\s*(?:[^\w\s]|$))", text, flags)
+             or re.search(r"(?:^|[.!?:\n])\s*(yes|no)\s*(?=[.!?\n]|$)", text, flags)
+             or ([*re.finditer(r"\b(yes|no)\s*(?=[.!?;:\n]|$)", text, flags)] or [None])[-1]
+             or re.search(r"\b(yes|no)\b", text, flags))
     return found.group(1).lower() if found else None
+
+
+def _opening_choice(letters: str) -> str:
+    """A reply that opens with its option: '(B) ...', 'B) ...', 'B.', 'Option B.', a lone 'B'."""
+    return rf"\s*(?:(?i:option|choice)\s+)?[(\[]?([{letters}])(?:[)\]:.,]|\s*$|\s*\n)"
+
+
+def _verdict_patterns(letters: str) -> list[str]:
+    """Ways a reply states which option it settles on, wherever they stand."""
+    x = rf"[(\[]?([{letters}])\b[)\]]?"
+    return [rf"(?<![\w'])[(\[]?([{letters}])[)\]]?\s+is\s+(?:correct|right|the (?:correct |right |best )?answer)",
+            rf"\b(?i:so|therefore|thus|hence)\b,?\s+(?i:the answer is\s+|it(?:'s| is)\s+)?{x}",
+            rf"\b(?i:choose|pick|go with|select)\s+(?i:option\s+)?{x}",
+            rf"\b(?i:correct|right|best)\s+(?i:option|choice|answer)\s+is\s+(?i:option\s+)?{x}"]
 
 
 def _choice_patterns(letters: str) -> list[str]:
     """Ways a completion names an option letter, most explicit first."""
     return [rf"\(([{letters}])\)",                                  # (B)
-            rf"\b(?i:option|choice)\s+(?:is\s+)?\(?([{letters}])\b",  # option B, choice (B), choice is B
+            rf"\b(?i:option|choice)\s+\(?([{letters}])\b",          # option B, choice (B)
             rf"^\s*([{letters}])\s*$",                             # a lone letter on a line
             rf"(?<![\w'])([{letters}])[).:](?!\w)",                # B)  B.  B:
             rf"\b([{letters}])\s+is\s+(?:correct|right|the (?:correct |right )?answer)",
@@ -228,9 +244,10 @@ def _choice_patterns(letters: str) -> list[str]:
 def extract_choice(text: str, options: Sequence[str]) -> str | None:
     """The option letter (A, B, ...) a completion picks: after the last answer cue if there is one
     ('Answer: B', 'the answer is (B)'), else in the reply — '(B)', 'option B', 'B)', 'B.', a lone
-    letter, bold or boxed ('**B**', '\\boxed{B}'), the last mention of the most explicit form ('A) is too
-    small. B) is right.' -> B) — or the text of exactly one option. None when it names no single
-    option."""
+    letter, bold or boxed ('**B**', '\\boxed{B}'): the last verdict ('B is correct', 'so B', 'I choose
+    B', 'the correct choice is B'), else the option the reply opens with ('(B) Paris. (A) is London.'),
+    else the first mention, most explicit form first — or the text of exactly one option. None when
+    it names no single option."""
     text = answer_text(text)
     if not text:
         return None
@@ -244,10 +261,14 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
     for part in (after, text):
         if part is None:
             continue
+        m = re.match(_opening_choice(letters), part.strip())
+        verdicts = [v for pattern in _verdict_patterns(letters) for v in re.finditer(pattern, part)]
+        if verdicts or m:  # the last verdict ('A) is too early. B) is right. So B.'), else the option it opens with
+            return max(verdicts, key=lambda v: v.start()).group(1) if verdicts else m.group(1)
         for pattern in _choice_patterns(letters):
-            found = list(re.finditer(pattern, part.strip(), re.MULTILINE))
-            if found:
-                return found[-1].group(1)
+            m = re.search(pattern, part.strip(), re.MULTILINE)
+            if m:
+                return m.group(1)
     named = [chr(ord("A") + i) for i, o in enumerate(options) if re.search(rf"\b{re.escape(o)}\b", text, re.IGNORECASE)]
     return named[0] if len(named) == 1 else None
 

@@ -32,7 +32,7 @@ from .configs import MODES, STRATEGIES, SweepConfig, make_configs, refine_config
 from .distributed import RayExecutor
 from .result import SweepResult
 from .runner import THINK_TOKENS, ProbeBatch, Runner, resolve_chat, resolve_probes, run_configs, sweep_setup
-from .search import SEARCHES, beam_search, objective, surrogate_search
+from .search import SEARCHES, beam_search, needs_sklearn, objective, surrogate_search
 from .views import best_first
 
 __all__ = ["MODES", "STRATEGIES", "THINK_TOKENS", "ProbeBatch", "RayExecutor", "Runner", "SweepConfig", "SweepResult", "make_configs",
@@ -90,6 +90,8 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     coarse_stride = refine_stride or max(2, n // 8)
     if strategy in SEARCHES and (not budget or budget < 1):
         raise ValueError(f"strategy {strategy!r} needs budget=N (configs to evaluate, N >= 1)")
+    if strategy == "surrogate":
+        needs_sklearn()  # before the baseline runs, not after
     configs, routers = _first_configs(model, strategy, block_sizes, starts, stride, coarse_stride, times, paths)
     ex = resolve_executor(executor)
     store = None
@@ -142,7 +144,8 @@ def _first_configs(model: Model, strategy: str, block_sizes, starts, stride: int
     plain = [p for p in paths or () if not routing.is_router(p)]
     if not plain and not routers:
         raise ValueError("strategy 'paths' needs paths=[...]")
-    configs = make_configs(n, "paths", paths=plain) if plain else []
+    identity = str(LayerPath.identity(n))  # the baseline runs first anyway: given again, it would run twice
+    configs = [c for c in make_configs(n, "paths", paths=plain) if c.key != identity] if plain else []
     return configs + [RouterConfig(r) for r in routers.values()], routers
 
 

@@ -120,6 +120,11 @@ class RayExecutor:
     def run(self, model, probes, configs: Sequence, on_record, worker_args: dict) -> None:
         """Runs ``configs`` (in shared-prefix order) on the actors; ``on_record(record)`` is called
         on the driver for each finished config, exactly once per config."""
+        options = {k: v for k, v in getattr(model, "load_options", {}).items() if k != "from_file"}
+        if not getattr(model, "load_options", {}).get("from_file"):
+            raise ValueError(f"a Ray sweep loads the model again in each worker from its file, and this model "
+                             f"({model.source}) was not made by circuit_finder.load: load it with load() to sweep "
+                             f"it on Ray, or run the sweep in this process")
         ray = self._ray()
         device_map, gpus = worker_placement(model.placement)
         cuda = gpus > 0
@@ -133,7 +138,7 @@ class RayExecutor:
         workers, threads = self._plan(ray, gpus)
         args = dict(source=str(model.source), dtype=str(model.dtype).replace("torch.", ""),
                     device="cuda" if cuda else "cpu", probes=probes, threads=threads, device_map=device_map,
-                    load_options=dict(getattr(model, "load_options", {})), **worker_args)
+                    load_options=options, **worker_args)
         remote = ray.remote(num_gpus=gpus, num_cpus=1)(SweepWorker) if cuda else ray.remote(num_cpus=threads)(SweepWorker)
         want = model_setup(model)
         self.actors = self._start(ray, remote, args, want, min(workers, len(groups)))
@@ -155,6 +160,10 @@ class RayExecutor:
                 ray.kill(a)
             raise RuntimeError(f"Ray workers did not start within {self.start_timeout:.0f} s (not enough free CPUs "
                                f"or GPUs in the cluster, or the model loads slowly: see start_timeout)") from None
+        except Exception:  # a worker failed to load the model (its error is in the exception): free the others
+            for a in actors:
+                ray.kill(a)
+            raise
         for got in found:
             differ = {k: (v, got["setup"].get(k)) for k, v in want.items() if got["setup"].get(k) != v}
             if differ:

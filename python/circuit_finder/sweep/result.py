@@ -30,7 +30,7 @@ from .runner import (
     run_configs,
     thinking_setup,
 )
-from .views import best_first, lower_is_better, pareto_front, plotly_heatmap
+from .views import best_first, pareto_front, plotly_heatmap
 
 __all__ = ["SweepResult"]
 
@@ -54,6 +54,7 @@ class SweepResult:
         self.thinking = thinking
         self.think_tokens = think_tokens
         self.search_log = None  # set by strategy="beam" / "surrogate": what the search looked at, per round
+        self.shown_benchmark = None  # the settings of the last evaluate() call: the benchmark columns show them
 
     def __repr__(self) -> str:
         n = len(self._split("search"))
@@ -104,8 +105,10 @@ class SweepResult:
         return out
 
     def benchmark_settings(self) -> str | None:
-        """The lm-eval settings (tasks, limit, metrics, arguments) of the latest evaluate() records, the
-        ones the benchmark columns show; None before any."""
+        """The lm-eval settings (tasks, limit, metrics, arguments) the benchmark columns show: the last
+        evaluate() call's, else (a result read from a file) the newest benchmark record's; None before any."""
+        if self.shown_benchmark is not None:
+            return self.shown_benchmark
         bench = [r for r in self.records if r.get("split") == BENCHMARK_SPLIT]
         return _settings_of(bench[-1]) if bench else None
 
@@ -127,7 +130,8 @@ class SweepResult:
     def _stats(self, split: str, n_boot: int, seed: int, suffix: str) -> dict[str, dict]:
         """paired_stats of a split, cached while the records are unchanged (top, heatmap and the CLI
         ask for the same table several times)."""
-        key = (split, n_boot, seed, suffix, len(self.records), id(self.records))
+        key = (split, n_boot, seed, suffix, len(self.records), id(self.records),
+               self.benchmark_settings() if split == BENCHMARK_SPLIT else None)
         if key not in self._stats_cache:
             self._stats_cache[key] = paired_stats(self._split(split), self._baseline_key(), self.probe_names(split),
                                                   n_boot, seed, suffix)
@@ -161,8 +165,9 @@ class SweepResult:
         return df
 
     def top(self, k: int = 10, by: str = "combined_delta", n_boot: int = 2000, seed: int = 0):
-        """The k best configs by a column (baseline excluded), best first: largest first, smallest for
-        p- and q-value columns (``_p``, ``_q``, ``_holm``)."""
+        """The k best configs by a column (baseline excluded), best first: largest first; by a p- or
+        q-value column (``_p``, ``_q``, ``_holm``), the configs better than the baseline first,
+        smallest p first (``views.best_first``)."""
         df = self.to_pandas(n_boot=n_boot, seed=seed)
         if df.empty:
             return df
@@ -289,9 +294,10 @@ class SweepResult:
         else:
             image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
         fig.colorbar(image, ax=ax, label=metric)
-        if finite.size:
-            j, i = np.unravel_index((np.nanargmin if lower_is_better(metric) else np.nanargmax)(grid), grid.shape)
-            ax.plot([i], [j], marker="*", color="gold", markersize=14, markeredgecolor="black")
+        if finite.size:  # the best config by the metric (for a p / q column: the most significant improvement)
+            best = best_first(df.dropna(subset=[metric]), metric).iloc[0]
+            ax.plot([int(best["start"])], [int(best["end"])], marker="*", color="gold", markersize=14,
+                    markeredgecolor="black")
         ax.set_xlabel("start i (first repeated layer)")
         ax.set_ylabel("end j (repeat ends before layer j)")
         ax.set_title(f"{metric} by RYS config (times={times}), {len(df)} configs")
@@ -374,8 +380,10 @@ class SweepResult:
         with per-sample paired columns <task>_<metric>_bench, _bench_delta, _bench_ci_low/high,
         _bench_p, _bench_q. Records go to the results file (a config already evaluated with the same
         tasks, limit, metrics and lm-eval arguments is not run again; other settings run afresh). The
-        table shows the latest call's settings only: configs evaluated under others drop out of it
-        until evaluated again. ``include_path``: a folder of local task YAMLs."""
+        table shows this call's settings only (``benchmark_settings()``): configs evaluated under others
+        drop out of it until evaluated again. ``include_path``: a folder of local task YAMLs. lm-eval's defaults apply
+        (no chat template, unlike a chat sweep's probes): pass ``apply_chat_template=True`` (and
+        ``fewshot_as_multiturn``) to score the benchmark as the probes were."""
         model = model or self.model
         if model is None:
             raise ValueError("evaluate() needs the model: SweepResult.evaluate(k, tasks=[...], model=cf.load(...))")
@@ -385,6 +393,7 @@ class SweepResult:
         keys = [self._baseline_key(), *self.top(top, by=by)["layers"]]
         store = self._store(model)
         settings = benchmark_settings(tasks, limit, metrics, evaluate_kwargs)
+        self.shown_benchmark = settings
         done = {r["layers"] for r in self.records if r.get("split") == BENCHMARK_SPLIT and _settings_of(r) == settings}
         todo = [k if not k.startswith("router:") else self._config(k).router for k in keys if k not in done]
         for record in run_benchmark(model, todo, tasks, limit, self.mode, include_path, batch_size, metrics,

@@ -37,7 +37,7 @@ import numpy as np
 from ..layer_path import LayerPath
 from .configs import SweepConfig
 
-__all__ = ["SEARCHES", "Program", "SearchLog", "beam_search", "objective", "path_features", "surrogate_search"]
+__all__ = ["SEARCHES", "needs_sklearn", "Program", "SearchLog", "beam_search", "objective", "path_features", "surrogate_search"]
 
 SEARCHES = ("beam", "surrogate")
 
@@ -237,14 +237,22 @@ def _cv_rho(x: np.ndarray, y: np.ndarray, make_model, seed: int) -> float:
     return _spearman(pred, y)
 
 
+def needs_sklearn() -> None:
+    """ImportError naming the extra to install when scikit-learn (the surrogate's forest) is missing."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as e:
+        raise ImportError("strategy='surrogate' needs scikit-learn: pip install 'circuit-finder[search]' "
+                          "(from a source checkout: pip install --no-build-isolation '.[search]')") from e
+
+
 def surrogate_search(n: int, evaluate: Evaluate, budget: int, candidates: Sequence[SweepConfig],
                      initial: Sequence[SweepConfig], batch: int | None = None, kappa: float = 1.0,
                      seed: int = 0) -> tuple[dict[str, float], SearchLog]:
     """Initial design, then rounds of fit -> upper bound -> evaluate (see the module docstring)."""
-    try:
-        from sklearn.ensemble import RandomForestRegressor
-    except ImportError as e:
-        raise ImportError("strategy='surrogate' needs scikit-learn: pip install 'circuit-finder[search]'") from e
+    needs_sklearn()
+    from sklearn.ensemble import RandomForestRegressor
+
     if budget < 1:
         raise ValueError("surrogate search needs budget >= 1")
     run = _Budget(evaluate, budget)

@@ -16,18 +16,25 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["best_first", "lower_is_better", "objective_columns", "pareto_front", "plotly_heatmap"]
+__all__ = ["best_first", "objective_columns", "pareto_front", "plotly_heatmap", "tested_delta"]
 
 
-def lower_is_better(column: str) -> bool:
-    """Whether a smaller value of a to_pandas column ranks a config higher: p-values and their
-    adjustments (``_p``, ``_q``, ``_holm``); every other column ranks by its largest values."""
-    return column.endswith(("_p", "_q", "_holm"))
+def tested_delta(column: str, columns) -> str | None:
+    """The ``_delta`` column a p-value column (``_p``, ``_q``, ``_holm``) tests, None for any other."""
+    for suffix in ("_p", "_q", "_holm"):
+        if column.endswith(suffix) and column[: -len(suffix)] + "_delta" in columns:
+            return column[: -len(suffix)] + "_delta"
+    return None
 
 
 def best_first(df, by: str):
-    """The rows of ``df`` best first by column ``by`` (smallest first for p- and q-values)."""
-    return df.sort_values(by, ascending=lower_is_better(by))
+    """The rows of ``df`` best first by column ``by``: largest first, but for a p- or q-value the
+    configs that improved on the baseline (their delta > 0) first, smallest p first, then the rest."""
+    delta = tested_delta(by, df.columns)
+    if delta is None:
+        return df.sort_values(by, ascending=False)
+    worse = ~(df[delta] > 0)  # NaN deltas count as not better
+    return df.assign(_worse=worse).sort_values(["_worse", by], ascending=True).drop(columns="_worse")
 
 
 def objective_columns(df, objectives: Sequence[str]) -> list[tuple[str, float]]:
