@@ -43,7 +43,7 @@ import torch
 
 from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix_name, packs_on
 
-__all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer", "config_vector",
+__all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer",
            "drop_resident_pages", "sliding_layers", "gguf_architecture", "gguf_block_count", "gguf_config",
            "gguf_field", "gguf_num_layers", "gguf_tokenizer", "metadata_digest", "open_gguf", "read_gguf",
            "tokenizer_cache_dir"]
@@ -395,7 +395,7 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
     else:
         _rope_scaling_config(reader, path, arch, need, config)
     if "rope_freqs.weight" in by_name:
-        _rope_freqs_config(path, arch, config, config_vector(by_name["rope_freqs.weight"], path))
+        _rope_freqs_config(path, arch, config, _config_vector(by_name["rope_freqs.weight"], path))
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
         v = gguf_field(reader, f"tokenizer.ggml.{key}")
@@ -573,8 +573,8 @@ def _phi3_config(reader, path: str, config: dict, by_name: dict) -> None:
         raise GGUFError(f"{path}: LongRoPE needs rope_factors_short.weight, rope_factors_long.weight and "
                         "phi3.rope.scaling.original_context_length")
     rope = {"rope_type": "longrope",
-            "short_factor": [float(x) for x in config_vector(by_name["rope_factors_short.weight"], path)],
-            "long_factor": [float(x) for x in config_vector(by_name["rope_factors_long.weight"], path)]}
+            "short_factor": [float(x) for x in _config_vector(by_name["rope_factors_short.weight"], path)],
+            "long_factor": [float(x) for x in _config_vector(by_name["rope_factors_long.weight"], path)]}
     attn = gguf_field(reader, "phi3.rope.scaling.attn_factor")
     if attn:
         rope["attention_factor"] = float(attn)
@@ -635,13 +635,12 @@ def mapped_bytes(data) -> torch.Tensor:
         return torch.from_numpy(np.asarray(data))
 
 
-def config_vector(t, path: str) -> np.ndarray:
+def _config_vector(t, path: str) -> np.ndarray:
     """A small tensor the config is read from (RoPE factors), as float64 values: read from the map as
     it is (converters write them F32), other types decoded as weights are."""
     import gguf
 
-    kind = gguf.GGMLQuantizationType(t.tensor_type).name
-    if kind in ("F32", "F16") and int(np.prod([int(x) for x in t.shape])) == np.asarray(t.data).size:
+    if gguf.GGMLQuantizationType(t.tensor_type).name in ("F32", "F16"):
         return np.asarray(t.data, dtype=np.float64).ravel()
     return _dequantize(t, path).astype(np.float64).ravel()
 

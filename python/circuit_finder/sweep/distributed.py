@@ -120,8 +120,8 @@ class RayExecutor:
     def run(self, model, probes, configs: Sequence, on_record, worker_args: dict) -> None:
         """Runs ``configs`` (in shared-prefix order) on the actors; ``on_record(record)`` is called
         on the driver for each finished config, exactly once per config."""
-        options = {k: v for k, v in getattr(model, "load_options", {}).items() if k != "from_file"}
-        if not getattr(model, "load_options", {}).get("from_file"):
+        options = {k: v for k, v in model.load_options.items() if k != "from_file"}
+        if not model.load_options.get("from_file"):
             raise ValueError(f"a Ray sweep loads the model again in each worker from its file, and this model "
                              f"({model.source}) was not made by circuit_finder.load: load it with load() to sweep "
                              f"it on Ray, or run the sweep in this process")
@@ -155,14 +155,12 @@ class RayExecutor:
         actors = [remote.remote(**args) for _ in range(count)]
         try:
             found = ray.get([a.identity.remote() for a in actors], timeout=self.start_timeout)
-        except ray.exceptions.GetTimeoutError:
+        except Exception as e:  # too slow, or a worker failed to load the model: free them all
             for a in actors:
                 ray.kill(a)
-            raise RuntimeError(f"Ray workers did not start within {self.start_timeout:.0f} s (not enough free CPUs "
-                               f"or GPUs in the cluster, or the model loads slowly: see start_timeout)") from None
-        except Exception:  # a worker failed to load the model (its error is in the exception): free the others
-            for a in actors:
-                ray.kill(a)
+            if isinstance(e, ray.exceptions.GetTimeoutError):
+                raise RuntimeError(f"Ray workers did not start within {self.start_timeout:.0f} s (not enough free "
+                                   f"CPUs or GPUs in the cluster, or the model loads slowly: see start_timeout)") from None
             raise
         for got in found:
             differ = {k: (v, got["setup"].get(k)) for k, v in want.items() if got["setup"].get(k) != v}

@@ -381,9 +381,9 @@ class SweepResult:
         _bench_p, _bench_q. Records go to the results file (a config already evaluated with the same
         tasks, limit, metrics and lm-eval arguments is not run again; other settings run afresh). The
         table shows this call's settings only (``benchmark_settings()``): configs evaluated under others
-        drop out of it until evaluated again. ``include_path``: a folder of local task YAMLs. lm-eval's defaults apply
-        (no chat template, unlike a chat sweep's probes): pass ``apply_chat_template=True`` (and
-        ``fewshot_as_multiturn``) to score the benchmark as the probes were."""
+        drop out of it until evaluated again. ``include_path``: a folder of local task YAMLs. lm-eval's
+        defaults apply (no chat template, unlike a chat sweep's probes): pass ``apply_chat_template=True``
+        (and ``fewshot_as_multiturn``) to score the benchmark as the probes were."""
         model = model or self.model
         if model is None:
             raise ValueError("evaluate() needs the model: SweepResult.evaluate(k, tasks=[...], model=cf.load(...))")

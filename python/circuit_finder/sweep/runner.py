@@ -110,7 +110,7 @@ class ProbeBatch:
         """Per item: (context ids, [ids of each choice]) by the one tokenization rule."""
         groups = []
         for it, context in zip(self.items, contexts):
-            if len(set(it.choices)) < 2 or len(set(it.choices)) != len(it.choices) or it.answer not in it.choices:
+            if len(it.choices) < 2 or len(set(it.choices)) != len(it.choices) or it.answer not in it.choices:
                 raise ValueError(f"probe {self.probe.name!r} item {it.id!r}: likelihood mode needs at least two "
                                  f"different 'choices', one of them the answer (it ranks them)")
             pairs = []
