@@ -11,7 +11,8 @@ the top 3 by combined_delta; mean-pooled features): one with the default fallbac
 choice unless cross-validation on search items says routing wins) and one forced to route
 (fallback=False). Each router's held-out reading — vs the baseline, the best fixed path (best
 search score) and the oracle, paired bootstrap CIs over items — comes from train_router's own
-evaluation. Overhead: single-prompt greedy generation (16 new tokens, chat template) along the
+evaluation, which also reads it against a fixed path per probe (the candidate with
+each probe's best search score). Overhead: single-prompt greedy generation (16 new tokens, chat template) along the
 router vs along the path it chose, best of 3, on 12 held-out prompts.
 """
 
@@ -82,20 +83,22 @@ def _best_of(fn, repeats: int) -> float:
 
 
 def markdown(report: dict) -> str:
+    roles = ("baseline", "best_fixed", "best_per_probe", "oracle")
     lines = [f"Router benchmark, {report['date']}, {report['machine']}, torch {report['torch']}, "
              f"{report['threads']} threads, default model fp32.", "",
-             "| mode | router | kind | baseline | best fixed | router | oracle | router - best fixed (95% CI) | "
-             "router - baseline (95% CI) | router - oracle (95% CI) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | router | kind | baseline | best fixed | best fixed per probe | router | oracle | "
+             "router - best fixed (95% CI) | router - best fixed per probe (95% CI) | router - baseline (95% CI) | "
+             "router - oracle (95% CI) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in report["modes"]:
         for label, r in m["routers"].items():
             ev = r["evaluation"]
-            mean = {k: ev["means"][k]["combined"] for k in ("baseline", "best_fixed", "router", "oracle")}
-            vb, vf, vo = ev["versus"]["baseline"], ev["versus"]["best_fixed"], ev["versus"]["oracle"]
+            mean = {k: ev["means"][k]["combined"] for k in (*roles, "router")}
+            v = {k: ev["versus"][k] for k in roles}
             lines.append(f"| {m['mode']} | {label} | {r['kind']} | {mean['baseline']:.2f} | {mean['best_fixed']:.2f} | "
-                         f"{mean['router']:.2f} | {mean['oracle']:.2f} | {vf['combined_delta']:+.2f} "
-                         f"({vf['combined_ci_low']:+.2f}, {vf['combined_ci_high']:+.2f}) | {vb['combined_delta']:+.2f} "
-                         f"({vb['combined_ci_low']:+.2f}, {vb['combined_ci_high']:+.2f}) | {vo['combined_delta']:+.2f} "
-                         f"({vo['combined_ci_low']:+.2f}, {vo['combined_ci_high']:+.2f}) |")
+                         f"{mean['best_per_probe']:.2f} | {mean['router']:.2f} | {mean['oracle']:.2f} | "
+                         + " | ".join(f"{v[k]['combined_delta']:+.2f} ({v[k]['combined_ci_low']:+.2f}, "
+                                      f"{v[k]['combined_ci_high']:+.2f}), p={v[k]['combined_p']:.3g}"
+                                      for k in ("best_fixed", "best_per_probe", "baseline", "oracle")) + " |")
     lines += ["", "| mode | routed ms/request | fixed path ms/request | overhead | routing decision alone |",
               "|---|---|---|---|---|"]
     for m in report["modes"]:

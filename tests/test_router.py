@@ -229,8 +229,13 @@ def test_held_out_reading_matches_a_hand_computation(chat_model, likelihood_swee
     assert ev["best_fixed"] == best  # chosen on search items only
     if r.kind == "constant":  # the fallback is that same path, by the same measure
         assert str(r.candidates[r.classes[0]]) == best
+    # per probe: the candidate with that probe's best search mean, its held-out scores on that probe
+    per_probe = {p: max(keys, key=lambda k: np.mean(list(search[k]["scores"][p].values()))) for p in names}
+    assert ev["best_per_probe"] == per_probe
+    by_probe = {p: val[per_probe[p]]["scores"][p] for p in names}
+    assert ev["means"]["best_per_probe"]["combined"] == pytest.approx(mean(by_probe))
     for other, scores in (("baseline", val[keys[0]]["scores"]), ("best_fixed", val[best]["scores"]),
-                          ("oracle", oracle)):
+                          ("best_per_probe", by_probe), ("oracle", oracle)):
         delta = np.mean([np.mean([routed["scores"][p][i] - scores[p][i] for i in scores[p]]) for p in names])
         v = ev["versus"][other]
         print(other, v["combined_delta"], v["combined_ci_low"], v["combined_ci_high"], v["combined_p"])
@@ -242,10 +247,10 @@ def test_held_out_reading_matches_a_hand_computation(chat_model, likelihood_swee
     text = r.report()
     print(text)
     for phrase in ("Trained on search items", "Held-out items no training saw", "router - best fixed",
-                   "oracle (each item's best candidate", "headroom"):
+                   "router - best fixed per probe", "oracle (each item's best candidate", "headroom"):
         assert phrase in text
     table = r.evaluation_table()
-    assert list(table["role"][:4]) == ["baseline", "best_fixed", "router", "oracle"]
+    assert list(table["role"][:5]) == ["baseline", "best_fixed", "best_per_probe", "router", "oracle"]
     # the routers' records stay out of the sweep's tables
     assert not any(k.startswith("router:") for k in likelihood_sweep.to_pandas()["layers"])
     assert cf.Router.load(r.save(likelihood_sweep.path.with_suffix(".router.json"))).report() == text
@@ -257,6 +262,42 @@ def test_held_out_reading_matches_a_hand_computation(chat_model, likelihood_swee
     assert second.key not in tried and m == len(tried | {second.key}) >= 2
     p = second.evaluation["versus"]["best_fixed"]["combined_p"]
     assert f"(p={min(1.0, p * m):.3g})" in second.report() and f"Bonferroni over the {m} routers" in second.report()
+
+
+def _evaluated(model, versus: dict, tried: int = 1) -> cf.Router:
+    """A hand router carrying a made-up held-out reading (``versus``: role -> delta, p)."""
+    r = hand_router(model, prompts=PROMPTS[:2], paths=PATHS[:2])
+    keys = [str(c) for c in r.candidates]
+    means = {role: {"math": 10.0, "combined": 10.0} for role in (*versus, "router")}
+    r.evaluation = {"items": {"math": 40}, "baseline": keys[0], "best_fixed": keys[1],
+                    "best_per_probe": {"math": keys[1]}, "router": r.key, "routers_tried": tried,
+                    "means": {**means, "candidates": {}}, "choices": {k: 20 for k in keys},
+                    "agreement": {"items": 0, "same": 0},
+                    "versus": {role: {"combined_delta": d, "combined_ci_low": d - 1, "combined_ci_high": d + 1,
+                                      "combined_p": p} for role, (d, p) in versus.items()}}
+    return r
+
+
+def test_verdict_tells_routing_within_tasks_from_telling_tasks_apart(chat_model):
+    win = (4.0, 0.001)
+    apart = _evaluated(chat_model, {"baseline": win, "best_fixed": win, "best_per_probe": (0.5, 0.6),
+                                    "oracle": (-9.0, 0.001)}).report()
+    print(apart)
+    assert "The router beats the best fixed path" in apart and "best fixed per probe: +0.50" in apart
+    assert "no evidence it routes within tasks" in apart and "It also beats" not in apart
+    within = _evaluated(chat_model, {"baseline": win, "best_fixed": win, "best_per_probe": (2.0, 0.01),
+                                     "oracle": (-9.0, 0.001)}).report()
+    assert "It also beats a fixed path per probe (p=0.01)" in within
+    # the same per-probe p read as one of 3 routers: Bonferroni takes it past 0.05
+    assert "no evidence it routes within tasks" in _evaluated(chat_model, {
+        "baseline": win, "best_fixed": win, "best_per_probe": (2.0, 0.02), "oracle": (-9.0, 0.001)}, tried=3).report()
+    # no win over the best fixed path: no per-probe verdict; an older reading without the role still reports
+    lose = _evaluated(chat_model, {"baseline": win, "best_fixed": (0.5, 0.5), "best_per_probe": (0.2, 0.8),
+                                   "oracle": (-9.0, 0.001)}).report()
+    assert "No evidence the router beats" in lose and "within tasks" not in lose
+    old = _evaluated(chat_model, {"baseline": win, "best_fixed": win, "oracle": (-9.0, 0.001)})
+    del old.evaluation["best_per_probe"]
+    assert "per probe" not in old.report() and "best_per_probe" not in list(old.evaluation_table()["role"])
 
 
 # ---------------------------------------------------------------------------- server and lm-eval

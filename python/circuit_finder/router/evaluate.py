@@ -7,6 +7,9 @@ probe and combined (mean over probes):
 - the router vs the baseline (identity path),
 - the router vs the best fixed path (the candidate with the best search score: what you would
   use without a router),
+- the router vs the best fixed path per probe (each probe's items along the candidate with that
+  probe's best search score: what you would use without a router when the task of a prompt is
+  known; a router whose gain is only this one tells tasks apart, it does not route within them),
 - the router vs the oracle (each item's best candidate in hindsight: the ceiling of routing
   among these candidates),
 each a paired difference over items with a 95% bootstrap CI and a sign-flip p
@@ -14,8 +17,8 @@ each a paired difference over items with a 95% bootstrap CI and a sign-flip p
 
 The candidates' held-out records are ordinary validation records of the sweep: they join its
 ``_val`` columns and the family its held-out q-values adjust over (every config scored on
-held-out items counts). Limits: the oracle and the best fixed path are read from the
-candidates' own held-out runs; the router's score from its routed run (the report counts the items where the two disagree — batch
+held-out items counts). Limits: the oracle and the best fixed paths are chosen among the
+router's candidates and read from the candidates' own held-out runs; the router's score from its routed run (the report counts the items where the two disagree — batch
 composition can change a greedy token on near-ties).
 """
 
@@ -29,7 +32,7 @@ from ..sweep.configs import SweepConfig
 from .core import Router, RouterError
 from .run import RouterConfig
 
-__all__ = ["best_fixed", "candidate_configs", "evaluate_router"]
+__all__ = ["best_fixed", "best_per_probe", "candidate_configs", "evaluate_router"]
 
 
 def candidate_configs(router: Router) -> list[SweepConfig]:
@@ -54,7 +57,9 @@ def evaluate_router(router: Router, result, model=None, probes=None, progress: b
     names = [p for p in routed["scores"] if all(p in val[k]["scores"] for k in keys)]
     base_key = str(LayerPath.identity(router.num_layers))
     best_key = best_fixed(router, result)
+    per_probe = best_per_probe(router, result, names)
     scores = {"baseline": _scores(val[base_key], names), "best_fixed": _scores(val[best_key], names),
+              "best_per_probe": {p: dict(val[per_probe[p]]["scores"][p]) for p in names},
               "router": _scores(routed, names),
               "oracle": {p: {i: max(val[k]["scores"][p][i] for k in keys) for i in routed["scores"][p]}
                          for p in names}}
@@ -62,13 +67,14 @@ def evaluate_router(router: Router, result, model=None, probes=None, progress: b
     means = {role: _means(s) for role, s in scores.items()}
     means["candidates"] = {k: _means(_scores(val[k], names)) for k in keys}
     versus = {}
-    for other in ("baseline", "best_fixed", "oracle"):
+    for other in ("baseline", "best_fixed", "best_per_probe", "oracle"):
         stats = paired_stats({"router": rows["router"], other: rows[other]}, other, names, n_boot, seed)["router"]
         versus[other] = {k: v for k, v in stats.items() if k.endswith(("_delta", "_ci_low", "_ci_high", "_p"))}
     routes = [(p, i, k) for p in names for i, k in (routed.get("routes") or {}).get(p, {}).items()]
     same = sum(1 for p, i, k in routes if val[k]["scores"][p].get(i) == routed["scores"][p][i])
     router.evaluation = {
         "items": {p: len(scores["router"][p]) for p in names}, "baseline": base_key, "best_fixed": best_key,
+        "best_per_probe": per_probe,
         "means": means, "versus": versus, "n_boot": n_boot, "seed": seed,
         "choices": {k: sum(1 for _, _, c in routes if c == k) for k in keys},
         "agreement": {"items": len(routes), "same": same},
@@ -86,18 +92,38 @@ def _constant_record(record: dict, key: str) -> dict:
 
 def best_fixed(router: Router, result) -> str:
     """The candidate with the best combined search score (what one would run without a router)."""
+    means = _search_means(router, result)
+    keys = list(means)
+    return max(keys, key=lambda k: (float(np.mean(list(means[k].values()))), -keys.index(k)))
+
+
+def best_per_probe(router: Router, result, names=None) -> dict[str, str]:
+    """Per probe (``names``, default the router's training probes), the candidate with that
+    probe's best search score: what one would run without a router when a prompt's task is known.
+    A probe without search records takes the best fixed path."""
+    means = _search_means(router, result, names)
+    keys = list(means)
+    fallback = best_fixed(router, result)
+    return {p: max(keys, key=lambda k: (means[k][p], -keys.index(k))) if p in means[keys[0]] else fallback
+            for p in names or _training_probes(router, result)}
+
+
+def _training_probes(router: Router, result) -> list[str]:
+    return router.training.get("probes") or result.probe_names("search")
+
+
+def _search_means(router: Router, result, names=None) -> dict[str, dict[str, float]]:
+    """Each candidate's mean search score per probe (``names`` that every candidate has search
+    records of; default the training probes), RouterError when a candidate was not swept."""
     search = result.configs("search")
-    names = router.training.get("probes") or result.probe_names("search")
-
-    def combined(key: str) -> float:
-        return float(np.mean([np.mean(list(search[key]["scores"][p].values())) for p in names]))
-
     keys = [str(c) for c in router.candidates]
     missing = [k for k in keys if k not in search]
     if missing:
         raise RouterError(f"router {router.name!r}: candidate {missing[0]} has no search record in "
                           f"{result.path or 'this sweep'}; evaluate a router against the sweep it was trained on")
-    return max(keys, key=lambda k: (combined(k), -keys.index(k)))
+    names = [p for p in (names or _training_probes(router, result))
+             if all(search[k]["scores"].get(p) for k in keys)]
+    return {k: {p: float(np.mean(list(search[k]["scores"][p].values()))) for p in names} for k in keys}
 
 
 def _scores(record: dict, names) -> dict:

@@ -1,7 +1,8 @@
 """A router's reading in words and as a table: what it was trained on, and — once evaluated — its
-held-out score against the baseline, the best fixed path and the oracle (``Router.report``,
-``Router.evaluation_table``). Reads only the router's ``training`` and ``evaluation`` dicts, so a
-router loaded from its file reports exactly what was found when it was trained.
+held-out score against the baseline, the best fixed path, the best fixed path per probe and the
+oracle (``Router.report``, ``Router.evaluation_table``). Reads only the router's ``training`` and
+``evaluation`` dicts, so a router loaded from its file reports exactly what was found when it was
+trained (one evaluated before the per-probe comparison existed reports without it).
 """
 
 from __future__ import annotations
@@ -10,20 +11,24 @@ import numpy as np
 
 __all__ = ["ROLES", "evaluation_table", "report"]
 
-ROLES = ("baseline", "best_fixed", "router", "oracle")
+ROLES = ("baseline", "best_fixed", "best_per_probe", "router", "oracle")
 
 
 def evaluation_table(router):
-    """A pandas table of the held-out means: one row per role (baseline, best fixed, router,
-    oracle) and per candidate, a column per probe and combined."""
+    """A pandas table of the held-out means: one row per role (baseline, best fixed, best fixed per
+    probe, router, oracle) and per candidate, a column per probe and combined."""
     import pandas as pd
 
     ev = _require(router)
-    rows = [{"role": role, "layers": {"baseline": ev["baseline"], "best_fixed": ev["best_fixed"],
-                                      "router": ev["router"], "oracle": "best candidate per item"}[role],
-             **ev["means"][role]} for role in ROLES]
+    layers = {"baseline": ev["baseline"], "best_fixed": ev["best_fixed"], "router": ev["router"],
+              "best_per_probe": _per_probe_text(ev.get("best_per_probe", {})), "oracle": "best candidate per item"}
+    rows = [{"role": role, "layers": layers[role], **ev["means"][role]} for role in ROLES if role in ev["means"]]
     rows += [{"role": "candidate", "layers": k, **m} for k, m in ev["means"]["candidates"].items()]
     return pd.DataFrame(rows)
+
+
+def _per_probe_text(paths: dict) -> str:
+    return "; ".join(f"{p}: {k}" for p, k in paths.items())
 
 
 def _require(router) -> dict:
@@ -80,14 +85,20 @@ def _report_held_out(router) -> list[str]:
     routes = ", ".join(f"{k} {100 * c / total:.0f}%" for k, c in ev["choices"].items())
     lines = [f"Held-out items no training saw ({items}); combined = mean over probes:",
              f"  baseline {ev['baseline']}: {m['baseline']['combined']:.2f}",
-             f"  best fixed path (best search score) {ev['best_fixed']}: {m['best_fixed']['combined']:.2f}",
-             f"  router: {m['router']['combined']:.2f} (routes: {routes})",
-             f"  oracle (each item's best candidate, in hindsight): {m['oracle']['combined']:.2f}"]
-    for other, label in (("baseline", "baseline"), ("best_fixed", "best fixed"), ("oracle", "oracle")):
+             f"  best fixed path (best search score) {ev['best_fixed']}: {m['best_fixed']['combined']:.2f}"]
+    if "best_per_probe" in m:
+        lines.append(f"  best fixed path per probe (best search score on each; needs the task known): "
+                     f"{m['best_per_probe']['combined']:.2f} ({_per_probe_text(ev['best_per_probe'])})")
+    lines += [f"  router: {m['router']['combined']:.2f} (routes: {routes})",
+              f"  oracle (each item's best candidate, in hindsight): {m['oracle']['combined']:.2f}"]
+    for other, label in (("baseline", "baseline"), ("best_fixed", "best fixed"),
+                         ("best_per_probe", "best fixed per probe"), ("oracle", "oracle")):
+        if other not in v:
+            continue
         s = v[other]
         lines.append(f"  router - {label}: {s['combined_delta']:+.2f} (95% paired bootstrap CI "
                      f"{s['combined_ci_low']:+.2f} to {s['combined_ci_high']:+.2f}), p={s['combined_p']:.3g}")
-    lines.append("  " + _verdict(v["best_fixed"], v["oracle"], int(ev.get("routers_tried", 1))))
+    lines.append("  " + _verdict(v["best_fixed"], v["oracle"], int(ev.get("routers_tried", 1)), v.get("best_per_probe")))
     agree = ev["agreement"]
     if agree["items"] and agree["same"] < agree["items"]:
         lines.append(f"  Check: {agree['items'] - agree['same']} of {agree['items']} items scored differently in the "
@@ -95,9 +106,11 @@ def _report_held_out(router) -> list[str]:
     return lines
 
 
-def _verdict(best: dict, oracle: dict, tried: int = 1) -> str:
+def _verdict(best: dict, oracle: dict, tried: int = 1, per_probe: dict | None = None) -> str:
     """The reading against the best fixed path, by the sign-flip test's p (a bootstrap CI is too
-    narrow on few items), Bonferroni-adjusted over the ``tried`` routers read on these items."""
+    narrow on few items), Bonferroni-adjusted over the ``tried`` routers read on these items; then,
+    when the router wins, whether it also beats a fixed path per probe (routing within tasks) or
+    only tells the tasks apart."""
     p = min(1.0, best["combined_p"] * tried)
     if p < 0.05 and best["combined_delta"] > 0:
         head = f"The router beats the best fixed path on held-out items (p={p:.3g})."
@@ -109,5 +122,16 @@ def _verdict(best: dict, oracle: dict, tried: int = 1) -> str:
     if tried > 1:
         head += (f" (p is {tried} x the test's {best['combined_p']:.3g}, Bonferroni over the {tried} routers read on "
                  f"these held-out items in this results file: keeping the best of several readings is a selection.)")
+    if per_probe is not None and p < 0.05 and best["combined_delta"] > 0:
+        head += " " + _per_probe_verdict(per_probe, tried)
     return (f"{head} The oracle gap ({-oracle['combined_delta']:.2f} points) is what a perfect choice among these "
             f"candidates would add: the headroom, not an achievable result.")
+
+
+def _per_probe_verdict(per_probe: dict, tried: int) -> str:
+    p = min(1.0, per_probe["combined_p"] * tried)
+    if p < 0.05 and per_probe["combined_delta"] > 0:
+        return f"It also beats a fixed path per probe (p={p:.3g}): it routes within tasks, not only between them."
+    return (f"Against a fixed path per probe it is {per_probe['combined_delta']:+.2f} (p={p:.3g}): no evidence it "
+            "routes within tasks; its gain is telling the tasks apart, which needs no router when a prompt's task "
+            "is known.")
