@@ -305,6 +305,60 @@ def test_completions_logprobs_and_echo_match_transformers(server, chat_model, ch
     assert only["text"] == prompt and len(only["logprobs"]["tokens"]) == len(ids)
 
 
+def test_echo_text_offsets_index_the_returned_text(server, chat_model):
+    """text_offset: where each token's text begins in the choice's text (the prompt as given, then
+    the completion), against prefix decodes by transformers' tokenizer: a token the tokenizer adds
+    in front of a text adds nothing, a special token written in the text adds its text, the EOS
+    that ends a completion adds nothing."""
+    url, _ = server
+    tok = chat_model.tokenizer
+    special = tok.convert_ids_to_tokens(chat_model.codec.eos_ids[0])
+    for prompt in ("The quick brown fox jumps over", f"{special}Héllo wörld, 2+2="):
+        ids = tok(prompt)["input_ids"]
+        for given in (prompt, ids):
+            choice = httpx.post(f"{url}/v1/completions", timeout=60, json={
+                "prompt": given, "max_tokens": 6, "temperature": 0, "logprobs": 0, "echo": True}).json()["choices"][0]
+            text, offsets = choice["text"], choice["logprobs"]["text_offset"]
+            head = prompt if isinstance(given, str) else tok.decode(ids)
+            print(repr(text), offsets)
+            assert text.startswith(head) and len(offsets) == len(choice["logprobs"]["tokens"])
+            assert offsets == sorted(offsets) and offsets[len(ids)] == len(head)
+            shift = len(tok.decode(ids)) - len(head)  # what the tokenizer added in front (BOS)
+            for q in range(len(ids)):
+                before = tok.decode(ids[:q])
+                if not before.endswith("\ufffd"):  # not inside a character split over tokens
+                    assert offsets[q] == max(0, len(before) - shift), (q, before)
+            assert all(len(head) <= o <= len(text) for o in offsets[len(ids):])
+
+
+def test_text_offsets_with_a_tokenizer_that_adds_bos():
+    """A sentencepiece-style tokenizer (Metaspace, BOS added in front): decoded alone, "▁quick" is
+    "quick" and BOS is "<s>", so summing each token's own text puts every offset past its word."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from circuit_finder.server import text_offsets
+
+    pieces = ["<unk>", "<s>", "</s>", "▁The", "▁quick", "▁brown", "▁fox", "▁", *string.ascii_letters, *",.+=é"]
+    spm = Tokenizer(models.Unigram([(p, -1.0 if p.startswith("▁") and len(p) > 1 else -5.0) for p in pieces], 0))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    spm.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    spm.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    text = "The quick brown fox jumps, a+b=é"
+    ids = tok(text)["input_ids"]
+    offsets = text_offsets(tok, ids, text)
+    print(ids, offsets)
+    ends = [*offsets[1:], len(text)]
+    assert [text[a:b] for a, b in zip(offsets[:5], ends[:5])] == ["", "The", " quick", " brown", " fox"]
+    shift = len(tok.decode(ids)) - len(text)  # "<s> " in front of the decoded text
+    assert offsets == [max(0, len(tok.decode(ids[:q])) - shift) for q in range(len(ids))]
+    # a completion cut by a stop string: the tokens past the cut sit at the text's end
+    assert text_offsets(tok, ids[1:], "The quick", skip_special=True)[2:] == [len("The quick")] * (len(ids) - 3)
+
+
 def _last_id(model, ids):
     """The greedy next token after ids (what max_tokens=1 at temperature 0 appends)."""
     return int(model.logits(torch.tensor([ids]))[0, -1].argmax())

@@ -418,28 +418,31 @@ class Service:
 
     def logprobs_object(self, job: Job, done: Completed) -> dict | None:
         """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset — over
-        the prompt (echo) and the completion."""
+        the prompt (echo) and the completion. text_offset indexes the choice's text: a token that
+        adds no text there (BOS, EOS, the part past a stop string) sits at the next token's offset."""
         if done.logprobs is None:
             return None
         values, tops = done.logprobs
         tok = self.model.tokenizer
-        seq = job.ids + done.row[:done.finished.tokens]
+        completion = done.row[:done.finished.tokens]
+        seq = job.ids + completion
         start = 0 if job.echo else len(job.ids)
-        pieces = [tok.decode([t]) for t in seq]
         token_lp = [None, *values][start:]
         top = [None, *[{tok.decode([i]): v for i, v in alts} for alts in tops]][start:]
-        offsets, at = [], 0
-        for piece in pieces[start:]:
-            offsets.append(at)
-            at += len(piece)
-        return {"tokens": pieces[start:], "token_logprobs": token_lp,
+        prompt = self.prompt_text(job) if job.echo else ""
+        offsets = text_offsets(tok, job.ids, prompt) if job.echo else []
+        offsets += [len(prompt) + o for o in text_offsets(tok, completion, done.finished.text, skip_special=True)]
+        return {"tokens": [tok.decode([t]) for t in seq[start:]], "token_logprobs": token_lp,
                 "top_logprobs": top if job.logprobs else None, "text_offset": offsets}
+
+    def prompt_text(self, job: Job) -> str:
+        """What echo returns for the prompt: its text as given, or a token-id prompt decoded."""
+        return job.prompt_text if job.prompt_text is not None else self.model.tokenizer.decode(job.ids)
 
     def completion_choice(self, k: int, job: Job, done: Completed) -> tuple[dict, int]:
         """(choice object, completion tokens) of a finished completions job."""
         fin = done.finished
-        prompt = job.prompt_text if job.prompt_text is not None else self.model.tokenizer.decode(job.ids)
-        text = (prompt if job.echo else "") + fin.text
+        text = (self.prompt_text(job) if job.echo else "") + fin.text
         return {"index": k, "text": text, "finish_reason": fin.reason,
                 "logprobs": self.logprobs_object(job, done), **self.ran(job)}, fin.tokens
 
@@ -523,6 +526,23 @@ class Service:
                                           "choices": [choice]}) + "\n\n"
 
         return chunk
+
+
+def text_offsets(tokenizer, ids: list[int], text: str, skip_special: bool = False, window: int = 8) -> list[int]:
+    """Where each token of ``ids`` begins in ``text``, their decode (``skip_special`` as it was
+    made) or what they were encoded from. A token's width is what it adds to the decode of the
+    ``window`` tokens before it (decoded alone, a sentencepiece piece loses its leading space and a
+    byte-level piece may be half a character). Tokens the tokenizer added in front of an encoded
+    text (BOS) come out at 0; offsets past the text's end (a stop string cut it) at its end."""
+    raw, at = [], 0
+    for i in range(len(ids)):
+        raw.append(at)
+        lo = max(0, i - window)
+        at += max(0, len(tokenizer.decode(ids[lo:i + 1], skip_special_tokens=skip_special))
+                  - len(tokenizer.decode(ids[lo:i], skip_special_tokens=skip_special)))
+    decoded = tokenizer.decode(ids, skip_special_tokens=skip_special)
+    shift = len(decoded) - len(text) if text and decoded.endswith(text) else 0
+    return [min(max(0, o - shift), len(text)) for o in raw]
 
 
 def usage(prompt: int, completion: int) -> dict:
