@@ -14,6 +14,7 @@ import torch
 
 import circuit_finder as cf
 import circuit_finder.gguf
+import circuit_finder.quants
 from circuit_finder import LayerPath
 from circuit_finder.placement import Placement, parse_size, plan
 from circuit_finder.sweep.distributed import worker_placement
@@ -92,6 +93,33 @@ def test_memory_budget_is_checked():
         plan(None, N, SIZES, max_memory={"cpu": "1KiB"})
     with pytest.raises(ValueError, match="the placement covers 3 layers; the model has 6"):
         plan(Placement((CPU,) * 3, CPU), N, SIZES)
+
+
+def test_packed_matrices_are_budgeted_at_their_size_where_they_stay_packed(model_dir, monkeypatch, tmp_path):
+    """A quantized matrix is counted at its blocks' size on a device that runs it packed (the CPU;
+    a GPU in a build with GPU kernels) and at its float size where it would be dequantized."""
+    packed = {f"model.layers.{i}.mlp.down_proj.weight": 30 for i in range(N)}
+    assert dict(plan("cpu=6", N, SIZES, packed=packed).need) == {"cpu": 50 + 6 * 30}
+    assert dict(plan("auto", N, SIZES, max_memory={"cpu": 230}, packed=packed).need) == {"cpu": 230}
+    monkeypatch.setattr(circuit_finder.quants, "packs_on", lambda d: False)  # a device that dequantizes
+    assert dict(plan("cpu=6", N, SIZES, packed=packed).need) == {"cpu": 650}
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="device: meta is not supported"):
+        plan(None, N, SIZES, device="meta")
+    # a Q8_0 GGUF on the CPU: budgeted and held at the file's size, not the float32 size
+    folder, hf = model_dir("llama", intermediate_size=128)  # Q8_0 rows need multiples of 32
+    gguf_file = tmp_path / "q8.gguf"
+    write_gguf(hf, gguf_file, "Q8_0")
+    m = cf.load(gguf_file)
+    held = m.weight_bytes()["cpu"]
+    floats = sum(t.numel() * 4 for t in hf.parameters())
+    print(f"Q8_0 weights held {held} B, as float32 {floats} B")
+    assert held < 0.6 * floats
+    placed = cf.load(gguf_file, device_map="cpu=6", max_memory={"cpu": int(held * 1.1)})
+    need = dict(placed.placement.need)["cpu"]
+    assert abs(need - held) <= 0.1 * held and placed.weight_bytes() == m.weight_bytes()
+    quantized = cf.load(folder, quantize="q8_0", device_map="cpu=6", max_memory={"cpu": int(held * 1.3)})
+    assert dict(quantized.placement.need)["cpu"] <= held * 1.3
 
 
 def test_bad_maps_fail_before_any_weight_loads(model_dir, monkeypatch, tmp_path):

@@ -242,20 +242,12 @@ def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: boo
 
     def place(config: dict, numels: dict[str, int], packed: dict[str, int]) -> Placement:  # before any decoding
         sizes = {name: n * target.itemsize for name, n in numels.items()}
-        if _sized_packed(device, device_map):  # packed tensors stay as they are in the file
-            sizes.update(packed)
-        placed.append(plan(device_map, parse_config(config, path).num_layers, sizes, device, max_memory))
+        placed.append(plan(device_map, parse_config(config, path).num_layers, sizes, device, max_memory, packed))
         return placed[0]
 
     config, tensors = read_gguf(path, target, place, keep_packed=not dequantize)
     return _build(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path,
                   device_map=placed[0], activations=activations, fuse_projections=fuse_projections, owned=True)
-
-
-def _sized_packed(device, device_map) -> bool:
-    """Whether the device planner counts packed matrices at their blocks' size: wherever it places
-    them they stay packed (everything on the CPU, or a build whose GPU kernels read them; see packs_on)."""
-    return (device_map is None and torch.device(device).type == "cpu") or _C.gpu_kernels()
 
 
 # the first two: the doubled prefix of the wrapper checkpoints transformers 5.10-5.23 saved
@@ -331,12 +323,11 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     wanted = _to_quantize(tensors, quantize, config)
     sizes = {n: t.numel() * target.itemsize for n, t in tensors.items() if n in ggml or t.is_floating_point()}
     sizes.update({n: math.prod(mxfp4_shape(blocks)) * target.itemsize for n, (blocks, _) in mxfp4.items()})
-    if _sized_packed(device, device_map):
-        sizes.update({n: t.nbytes for n, t in ggml.items()})
-        sizes.update({n: math.prod(tensors[n].shape[:-1]) * _C.packed_row_bytes(PACKED_TYPES[k], tensors[n].shape[-1])
-                      for n, k in wanted.items()})
+    packed = {n: t.nbytes for n, t in ggml.items()}  # the bytes of matrices kept packed where they run so
+    packed.update({n: math.prod(tensors[n].shape[:-1]) * _C.packed_row_bytes(PACKED_TYPES[k], tensors[n].shape[-1])
+                   for n, k in wanted.items()})
     placed = device_map if isinstance(device_map, Placement) else plan(
-        device_map, config.num_layers, sizes, device, max_memory)
+        device_map, config.num_layers, sizes, device, max_memory, packed)
     for name, kind in wanted.items():  # one matrix at a time, on its device: never a second float copy of the model
         where = placed.device_of(name)
         if packs_on(where):

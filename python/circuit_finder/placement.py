@@ -156,9 +156,12 @@ def free_memory(d: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_memory=None) -> Placement:
+def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_memory=None,
+         packed: dict[str, int] | None = None) -> Placement:
     """The Placement for ``device_map`` (see the module text) of a model with ``num_layers`` layers
-    whose tensors take ``sizes`` bytes (Hugging Face name -> bytes in the dtype they will load in).
+    whose tensors take ``sizes`` bytes (Hugging Face name -> bytes in the dtype they will load in);
+    ``packed``: name -> bytes of the matrices that stay packed on a device that runs packed
+    matrices (``quants.packs_on``), counted there at that size and elsewhere at ``sizes``'.
     Checks devices, coverage and memory; loads nothing. A ready Placement is checked for its layer
     count and returned."""
     if isinstance(device_map, Placement):
@@ -168,23 +171,42 @@ def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_m
     if device_map is None:
         if max_memory is not None:
             raise ValueError("max_memory budgets a device_map: pass device_map='auto' (or a map) with it")
-        d = torch.device(device)
+        d = as_device(device, "device")
         return Placement((d,) * num_layers, d)
     budgets = _budgets(max_memory)
-    layer_bytes, other = [0] * num_layers, 0
-    for name, n in sizes.items():
-        layer = layer_of(name)
-        if layer is not None and layer < num_layers:
-            layer_bytes[layer] += n
-        else:
-            other += n
+    tally = _Tally(num_layers, sizes, packed or {})
     if isinstance(device_map, str) and device_map.strip().lower() == "auto":
-        layers = _auto(layer_bytes, other, budgets)
+        layers = _auto(tally, budgets)
     else:
         layers = _explicit(device_map, num_layers)
     gpus = [d for d in layers if d.type == "cuda"]
     placed = Placement(tuple(layers), gpus[0] if gpus else torch.device("cpu"))
-    return _checked(placed, layer_bytes, other, budgets)
+    return _checked(placed, tally, budgets)
+
+
+class _Tally:
+    """Weight bytes per layer and outside the layers (embedding, norm, head), as a device holds
+    them: packed matrices at their blocks' size where the device runs them packed."""
+
+    def __init__(self, num_layers: int, sizes: dict[str, int], packed: dict[str, int]):
+        from .quants import packs_on
+
+        self._packs_on = packs_on
+        self._bytes = {}
+        for packs in (False, True):
+            layer_bytes, other = [0] * num_layers, 0
+            for name, n in sizes.items():
+                n = packed.get(name, n) if packs else n
+                layer = layer_of(name)
+                if layer is not None and layer < num_layers:
+                    layer_bytes[layer] += n
+                else:
+                    other += n
+            self._bytes[packs] = (layer_bytes, other)
+
+    def on(self, d: torch.device) -> tuple[list[int], int]:
+        """(bytes of each layer, bytes outside the layers) held on device d."""
+        return self._bytes[self._packs_on(d)]
 
 
 def _pairs(text: str, what: str, form: str, valid=lambda value: True) -> list[tuple[str, str]]:
@@ -219,21 +241,23 @@ def _budget(d: torch.device, budgets: dict[str, int]) -> int:
     return budgets[str(d)] if str(d) in budgets else int(free_memory(d) * MARGIN)
 
 
-def _auto(layer_bytes: list[int], other: int, budgets: dict[str, int]) -> list[torch.device]:
+def _auto(tally: _Tally, budgets: dict[str, int]) -> list[torch.device]:
     """GPUs by free memory (most first), each filled with consecutive layers while they fit (the
     first also holds the embedding and head); the CPU takes the rest (and then the embedding and
     head too, when no layer fits a GPU)."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpus = sorted((torch.device("cuda", i) for i in range(count)), key=lambda d: -_budget(d, budgets))
+    num_layers = len(tally.on(torch.device("cpu"))[0])
     layers: list[torch.device] = []
     for k, gpu in enumerate(gpus):
+        layer_bytes, other = tally.on(gpu)
         room = _budget(gpu, budgets) - (other if k == 0 else 0)
-        while len(layers) < len(layer_bytes) and layer_bytes[len(layers)] <= room:
+        while len(layers) < num_layers and layer_bytes[len(layers)] <= room:
             room -= layer_bytes[len(layers)]
             layers.append(gpu)
         if k == 0 and not layers:
             break  # not even layer 0 fits the largest GPU: everything on the CPU
-    return layers + [torch.device("cpu")] * (len(layer_bytes) - len(layers))
+    return layers + [torch.device("cpu")] * (num_layers - len(layers))
 
 
 def _explicit(device_map, num_layers: int) -> list[torch.device]:
@@ -293,11 +317,11 @@ def _from_dict(device_map: dict, num_layers: int) -> list[torch.device]:
     return [layers[i] for i in range(num_layers)]
 
 
-def _checked(placed: Placement, layer_bytes: list[int], other: int, budgets: dict[str, int]) -> Placement:
+def _checked(placed: Placement, tally: _Tally, budgets: dict[str, int]) -> Placement:
     """placed with its bytes per device, after checking each against the device's budget."""
-    need: dict[str, int] = {str(placed.main): other}
-    for d, n in zip(placed.layers, layer_bytes):
-        need[str(d)] = need.get(str(d), 0) + n
+    need: dict[str, int] = {str(placed.main): tally.on(placed.main)[1]}
+    for i, d in enumerate(placed.layers):
+        need[str(d)] = need.get(str(d), 0) + tally.on(d)[0][i]
     for name, n in need.items():
         budget = _budget(torch.device(name), budgets)
         if n > budget:
