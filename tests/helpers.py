@@ -292,12 +292,16 @@ HF_TO_GGUF_BLOCK = {
     "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate_proj.bias": "ffn_gate.bias",
+    "mlp.up_proj.bias": "ffn_up.bias",
+    "mlp.down_proj.bias": "ffn_down.bias",
     "mlp.gate.weight": "ffn_gate_inp.weight",
     "mlp.experts.down_proj": "ffn_down_exps.weight",
     "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
@@ -541,11 +545,11 @@ def _moe_metadata(w, cfg, arch: str) -> None:
 
 
 def _gguf_array(hf: str, t, cfg, arch: str, permute: bool):
-    """One tensor as the converter stores it: llama/mistral3 Q/K rows permuted, Gemma norms + 1."""
+    """One tensor as the converter stores it: llama/mistral3 Q/K rows (and biases) permuted, Gemma norms + 1."""
     arr = t.detach().float().numpy()
-    if permute and arch in ("llama", "mistral3") and hf.endswith("q_proj.weight"):
+    if permute and arch in ("llama", "mistral3") and hf.endswith(("q_proj.weight", "q_proj.bias")):
         arr = llama_cpp_permute(arr, cfg.num_attention_heads)
-    elif permute and arch in ("llama", "mistral3") and hf.endswith("k_proj.weight"):
+    elif permute and arch in ("llama", "mistral3") and hf.endswith(("k_proj.weight", "k_proj.bias")):
         arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
     elif (arch in ("gemma2", "gemma3", *HYBRID_GGUF) and hf.endswith("norm.weight")
           and not hf.endswith("linear_attn.norm.weight")):

@@ -542,6 +542,48 @@ def test_unknown_architecture(wide_llama, tmp_path):
         cf.load(path)
 
 
+def test_biases_in_a_llama_file_are_read(tmp_path):
+    """llama.cpp reads each bias a llama file holds; so do we (the config says so from the file), an
+    absent one is zero, and a bias the family cannot read is refused, never dropped."""
+    hf = build_hf_model("llama", tmp_path / "hf", rope_scaling=None, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for name, t in hf.named_parameters():
+            if name.endswith("bias"):
+                t.normal_(0, 0.5)  # transformers starts biases at zero: give them values to miss
+    ids = torch.randint(3, 160, (2, 12), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "biased.gguf"
+    write_gguf(hf, path)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert report("llama q/k/v/o + MLP biases", cf.load(path).logits(ids), ref) < 1e-4
+    # a file without output biases (llama.cpp: optional): zero ones
+    write_gguf(hf, path, skip={f"blk.{i}.attn_output.bias" for i in range(hf.config.num_hidden_layers)})
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.bias.zero_()
+        ref = hf(ids).logits
+    assert report("llama, o biases absent", cf.load(path).logits(ids), ref) < 1e-4
+    # Qwen2 holds no output bias (transformers cannot read one): refused, naming it
+    qwen = build_hf_model("qwen2", tmp_path / "qwen", rope_scaling=None)
+    extra = {"blk.0.attn_output.bias": (np.ones(qwen.config.hidden_size, np.float32), gguf.GGMLQuantizationType.F32)}
+    write_gguf(qwen, path, extra_tensors=extra)
+    with pytest.raises(cf.GGUFError, match="biased.gguf: tensor 'blk.0.attn_output.bias' is a bias the qwen2"):
+        cf.load(path)
+
+
+def test_blocks_past_block_count_and_unread_tensors(wide_llama, tmp_path):
+    path = tmp_path / "m.gguf"
+    n = wide_llama.config.num_hidden_layers - 1  # the last block's tensors go past the count
+    write_gguf(wide_llama, path, block_count=n)
+    with pytest.raises(cf.GGUFError, match=rf"m.gguf: tensor 'blk.{n}.attn_q.weight' belongs to block {n}, but "
+                                           rf"llama.block_count says the file has {n} blocks"):
+        cf.load(path)
+    extra = {"blk.0.ffn_mystery.weight": (np.ones(4, np.float32), gguf.GGMLQuantizationType.F32)}
+    write_gguf(wide_llama, path, extra_tensors=extra)
+    with pytest.warns(UserWarning, match="does not read for llama: blk.0.ffn_mystery.weight"):
+        cf.load(path)
+
+
 def test_missing_tensor(wide_llama, tmp_path):
     path = tmp_path / "m.gguf"
     write_gguf(wide_llama, path, skip={"blk.1.ffn_up.weight"})

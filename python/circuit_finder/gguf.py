@@ -88,6 +88,9 @@ _BLOCK_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate.bias": "mlp.gate_proj.bias",
+    "ffn_up.bias": "mlp.up_proj.bias",
+    "ffn_down.bias": "mlp.down_proj.bias",
     # mixture of experts: the router, experts stacked [E, out, in] (held as the engine's stacked
     # gate / up / down layout), Qwen2-MoE's shared expert and its gate
     "ffn_gate_inp.weight": "mlp.gate.weight",
@@ -396,6 +399,7 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
         _rope_scaling_config(reader, path, arch, need, config)
     if "rope_freqs.weight" in by_name:
         _rope_freqs_config(path, arch, config, _config_vector(by_name["rope_freqs.weight"], path))
+    _bias_config(config, by_name)
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
         v = gguf_field(reader, f"tokenizer.ggml.{key}")
@@ -405,6 +409,45 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
     if eot is not None and int(eot) != config.get("eos_token_id"):
         config["eos_token_id"] = [config["eos_token_id"], int(eot)] if "eos_token_id" in config else int(eot)
     return config
+
+
+_ATTENTION_BIASES = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias")
+_MLP_BIASES = ("ffn_gate.bias", "ffn_up.bias", "ffn_down.bias")
+
+
+def _bias_config(config: dict, by_name: dict) -> None:
+    """Biases as the file holds them (llama.cpp reads each one it finds): ``attention_bias`` when
+    any layer holds an attention bias (unless the family's own rule set it), ``mlp_bias`` when any
+    holds an MLP bias. ``check_biases`` then refuses a bias the family's config cannot read."""
+    names = {n.split(".", 2)[2] for n in by_name if n.startswith("blk.") and n.count(".") >= 2}
+    if names & set(_ATTENTION_BIASES):
+        config.setdefault("attention_bias", True)
+    if names & set(_MLP_BIASES):
+        config["mlp_bias"] = True
+
+
+def check_biases(path: str, reader, arch: str, config: dict) -> dict[str, str]:
+    """The biases the engine reads for this config (``config.parse_config``'s qkv_bias / o_bias /
+    mlp_bias) against those the file holds, per layer that holds the biased matrix. A bias held but
+    not read would be dropped (a silently different model): GGUFError naming it. A bias read but not
+    held (llama.cpp treats each as optional) is zero, exactly: returned as {Hugging Face bias name:
+    its matrix's Hugging Face name}, for the loader to fill."""
+    from .config import parse_config
+
+    flags = parse_config(config, path)
+    reads = {**dict.fromkeys(_ATTENTION_BIASES[:3], flags.qkv_bias), "attn_output.bias": flags.o_bias,
+             **dict.fromkeys(_MLP_BIASES, flags.mlp_bias)}
+    by_name = {t.name for t in reader.tensors}
+    missing = {}
+    for layer in range(config["num_hidden_layers"]):
+        for suffix, read in reads.items():
+            bias, matrix = f"blk.{layer}.{suffix}", f"blk.{layer}.{suffix[:-4]}weight"
+            if bias in by_name and not read:
+                raise GGUFError(f"{path}: tensor {bias!r} is a bias the {arch} architecture's config does not "
+                                "read here (the model would run without it, unlike llama.cpp)")
+            if read and bias not in by_name and matrix in by_name and hf_name(bias, arch):
+                missing[hf_name(bias, arch)] = hf_name(matrix, arch)
+    return missing
 
 
 def _moe_config(reader, path: str, arch: str, config: dict, by_name: dict) -> None:
@@ -799,12 +842,14 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
 
     parse_config(config, path)  # the engine's own checks (positive sizes, head counts...) before any tensor work
     arch = gguf_architecture(reader, path)
+    zero_biases = check_biases(path, reader, arch, config)
     from .placement import layer_of
 
     def kept(t) -> str | None:  # its Hugging Face name; None when unused (or a multi-token-prediction block)
         name = hf_name(t.name, arch)
         return None if name is None or (layer_of(name) or 0) >= config["num_hidden_layers"] else name
 
+    _check_unread(path, reader, arch, config)
     named = [(t, kept(t)) for t in reader.tensors]
     big_endian = getattr(reader, "byte_order", "I") == "S"  # the reader's flag for a file of the other byte order
     named = [(t, name, _packable(t, name, arch, config, dtype, big_endian)) for t, name in named if name]
@@ -829,9 +874,35 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
             tensors[hf] = tensor if placed is None else tensor.to(device)
     if "model.embed_tokens.weight" not in tensors:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
+    for bias, matrix in zero_biases.items():  # an absent optional bias is a zero one
+        if matrix in tensors:
+            tensors[bias] = torch.zeros(tensors[matrix].shape[0], dtype=dtype,
+                                        device="cpu" if placed is None else placed.device_of(bias))
     _warn_dequantized(path, [t for t, _, _ in named], dtype)
     drop_resident_pages(reader)
     return config, tensors
+
+
+_READ_ELSEWHERE = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")  # into the config
+
+
+def _check_unread(path: str, reader, arch: str, config: dict) -> None:
+    """A block past ``block_count`` is an error (a file whose metadata undercounts its layers would
+    run short); a tensor the engine has no name for is warned about, by name (it is not read)."""
+    blocks = config["num_hidden_layers"] + int(gguf_field(reader, f"{arch}.nextn_predict_layers", 0) or 0)
+    unread = []
+    for t in reader.tensors:
+        parts = t.name.split(".", 2)
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) >= blocks:
+            raise GGUFError(f"{path}: tensor {t.name!r} belongs to block {parts[1]}, but {arch}.block_count says "
+                            f"the file has {blocks} blocks")
+        in_layers = len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < config["num_hidden_layers"]
+        if hf_name(t.name, arch) is None and t.name not in _READ_ELSEWHERE and (parts[0] != "blk" or in_layers):
+            unread.append(t.name)
+    if unread:
+        more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+        warnings.warn(f"{path}: tensors circuit-finder does not read for {arch}: {', '.join(unread[:3])}{more}; if "
+                      "the model needs them, its outputs will differ from llama.cpp's", stacklevel=4)
 
 
 def drop_resident_pages(reader) -> bool:
