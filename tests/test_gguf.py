@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import random
+import re
 import struct
 from pathlib import Path
 
@@ -500,6 +501,53 @@ def test_truncated_gguf(wide_llama, tmp_path):
             cf.load(bad)
         print(f"cut at {cut}: {e.value}")
         assert f"cut{cut}.gguf" in str(e.value)
+        if cut > 1000:  # past the metadata: the first tensor cut off is named
+            assert re.search(r"tensor '[^']+' needs bytes \d+\.\.\d+, but the file has", str(e.value))
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(cf.GGUFError, match="empty.gguf: 0 bytes, too short to be a GGUF file"):
+        cf.load(empty)
+
+
+def test_bad_tensor_table_and_metadata_name_the_file_and_tensor(wide_llama, tmp_path, monkeypatch):
+    from circuit_finder.gguf import metadata_keys
+
+    path = tmp_path / "m.gguf"
+    write_gguf(wide_llama, path)
+    data = bytearray(path.read_bytes())
+    end, _ = metadata_keys(str(path))
+    (length,) = struct.unpack_from("<Q", data, end)  # the first tensor: name, n_dims, dims, then its type
+    name = data[end + 8:end + 8 + length].decode()
+    (dims,) = struct.unpack_from("<I", data, end + 8 + length)
+    struct.pack_into("<I", data, end + 8 + length + 4 + 8 * dims, 99)
+    bad = tmp_path / "type99.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(cf.GGUFError, match=rf"type99.gguf: tensor '{re.escape(name)}' has ggml type 99"):
+        cf.load(bad)
+    # Q/K rows the metadata's head count cannot split: the file and the tensor
+    write_gguf(wide_llama, path, extra_uints={"llama.attention.head_count": 6})
+    with pytest.raises(cf.GGUFError, match=r"m.gguf: tensor 'blk.0.attn_q.weight': cannot undo the Q/K permutation"):
+        cf.load(path)
+    # token ids outside the vocabulary: warned about and left out, not a later error blamed on the input
+    write_gguf(wide_llama, path, extra_uints={"tokenizer.ggml.padding_token_id": 10**6})
+    with pytest.warns(UserWarning, match=r"tokenizer.ggml.padding_token_id = 1000000 is outside the vocabulary"):
+        assert cf.load(path).config.raw.get("pad_token_id") != 10**6
+    # tokenizer metadata transformers cannot build from (a llama vocabulary without scores): a
+    # GGUFError naming the file, before any weight is decoded
+    monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "cache"))
+    import circuit_finder.gguf as cf_gguf
+
+    cf_gguf.gguf_tokenizer.cache_clear()
+    tokens = ["<unk>", "<s>", "</s>", *[f"t{i}" for i in range(wide_llama.config.vocab_size - 3)]]
+    write_gguf(wide_llama, path, extra_strings={"tokenizer.ggml.model": "llama"},
+               extra_arrays={"tokenizer.ggml.tokens": tokens})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight was decoded before the tokenizer was built")
+
+    monkeypatch.setattr(cf_gguf, "_dequantize", refuse)
+    with pytest.raises(cf.GGUFError, match=r"m.gguf: cannot build the tokenizer from its tokenizer.ggml.\* metadata"):
+        cf.load(path)
 
 
 def test_unsupported_quant_type(wide_llama, tmp_path):
@@ -587,7 +635,13 @@ def test_blocks_past_block_count_and_unread_tensors(wide_llama, tmp_path):
 def test_missing_tensor(wide_llama, tmp_path):
     path = tmp_path / "m.gguf"
     write_gguf(wide_llama, path, skip={"blk.1.ffn_up.weight"})
-    with pytest.raises(cf.WeightError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+    with pytest.raises(cf.WeightError, match=r"m.gguf: missing tensor 'model.layers.1.mlp.up_proj.weight' "
+                                             r"\('blk.1.ffn_up.weight' in the file\)"):
+        cf.load(path)
+    # a matrix whose shape the metadata does not give: the file, both names, the shapes
+    write_gguf(wide_llama, path, extra_uints={"llama.feed_forward_length": wide_llama.config.intermediate_size + 32})
+    with pytest.raises(cf.WeightError, match=r"m.gguf: .*'model.layers.0.mlp.gate_proj.weight' "
+                                             r"\('blk.0.ffn_gate.weight' in the file\).*shape"):
         cf.load(path)
 
 

@@ -33,6 +33,7 @@ one tensor each (old Mixtral conversions) are refused.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import warnings
@@ -45,7 +46,7 @@ from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix
 
 __all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer",
            "drop_resident_pages", "sliding_layers", "gguf_architecture", "gguf_block_count", "gguf_config",
-           "gguf_field", "gguf_num_layers", "gguf_tokenizer", "metadata_digest", "open_gguf", "read_gguf",
+           "gguf_field", "gguf_num_layers", "gguf_tensor_name", "gguf_tokenizer", "metadata_digest", "open_gguf", "read_gguf",
            "tokenizer_cache_dir"]
 
 ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -146,6 +147,19 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     return f"model.layers.{parts[1]}.{suffix}" if suffix else None
 
 
+def gguf_tensor_name(name: str, arch: str = "llama") -> str | None:
+    """Hugging Face tensor name -> its name in a GGUF file of architecture ``arch`` (the inverse of
+    ``hf_name``; None for tensors a file names otherwise, e.g. split or fused ones)."""
+    globals_ = {hf: g for g, hf in _GLOBAL_NAMES.items()}
+    if name in globals_:
+        return globals_[name]
+    parts = name.split(".", 3)
+    if len(parts) != 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        return None
+    table = {**{hf: g for g, hf in _BLOCK_NAMES.items()}, **{hf: g for g, hf in _FAMILY_BLOCK_NAMES.get(arch, {}).items()}}
+    return f"blk.{parts[2]}.{table[parts[3]]}" if parts[3] in table else None
+
+
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's converter permutation of Q/K rows (per head: interleaved pairs -> halves)."""
     rows = w.shape[0]
@@ -168,6 +182,8 @@ def open_gguf(path: str | os.PathLike):
     if not os.path.isfile(path):
         what = "a folder, not a GGUF file" if os.path.isdir(path) else "no such GGUF file"
         raise FileNotFoundError(f"{path}: {what}")
+    if os.path.getsize(path) < 24:
+        raise GGUFError(f"{path}: {os.path.getsize(path)} bytes, too short to be a GGUF file (empty or truncated)")
     check_metadata_sizes(path)
     try:
         try:
@@ -215,29 +231,75 @@ _STRING, _ARRAY = 8, 9
 def check_metadata_sizes(path: str) -> None:
     """Walks the metadata of a (little-endian) GGUF file and checks that every string length and
     array count fits in the bytes that are left, so a corrupt count is a GGUFError naming the key
-    instead of the gguf reader building billions of entries (found by fuzzing: out of memory)."""
-    metadata_keys(path)
+    instead of the gguf reader building billions of entries (found by fuzzing: out of memory); then
+    the tensor table: each tensor's ggml type known and its data inside the file (a truncated
+    download is a GGUFError naming the first tensor cut off, not a reshape error)."""
+    _walk(path, tensors=True)
 
 
 def metadata_keys(path: str) -> tuple[int, list[str]] | None:
     """(the offset where a little-endian GGUF file's metadata ends, its keys), walked and checked
     as ``check_metadata_sizes`` says, without the gguf reader (which builds every vocabulary entry:
     seconds); None for a file that is not one (not GGUF, or big-endian: the reader decides)."""
+    return _walk(path, tensors=False)
+
+
+def _walk(path: str, tensors: bool) -> tuple[int, list[str]] | None:
     import mmap
     import struct
 
+    if os.path.getsize(path) < 24:
+        return None
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if len(data) < 24 or data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] > 0xFFFF:
+        if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] > 0xFFFF:
             return None
-        n_kv, at = struct.unpack_from("<Q", data, 16)[0], 24
-        keys = []
+        n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+        at, keys, alignment = 24, [], 32
         for k in range(n_kv):
             at, key = _string(data, at, f"metadata entry {k}'s key", path)
             if at + 4 > len(data):
                 raise GGUFError(f"{path}: metadata '{key}' has no value type (file ends)")
-            at = _skip_value(data, at + 4, struct.unpack_from("<I", data, at)[0], key, path)
+            kind, start = struct.unpack_from("<I", data, at)[0], at + 4
+            at = _skip_value(data, start, kind, key, path)
+            if key == "general.alignment" and kind == 4:  # uint32
+                alignment = struct.unpack_from("<I", data, start)[0] or 32
             keys.append(key)
+        if tensors:
+            _check_tensor_table(data, at, n_tensors, alignment, path)
         return at, keys
+
+
+def _check_tensor_table(data, at: int, count: int, alignment: int, path: str) -> None:
+    """Each tensor's info (name, dims, ggml type, offset): a known type, whole blocks, and its bytes
+    inside the file."""
+    import struct
+
+    import gguf
+
+    infos = []
+    _need(data, at, count * 24, f"the tensor table ({count} tensors)", path)  # each entry is >= 24 bytes
+    for k in range(count):
+        at, name = _string(data, at, f"tensor {k}'s name", path)
+        _need(data, at, 4, f"tensor {name!r}'s info", path)
+        dims = struct.unpack_from("<I", data, at)[0]
+        _need(data, at + 4, 8 * dims + 12, f"tensor {name!r}'s info", path)
+        shape = struct.unpack_from(f"<{dims}Q", data, at + 4)
+        kind, offset = struct.unpack_from("<IQ", data, at + 4 + 8 * dims)
+        at += 4 + 8 * dims + 12
+        known = kind in {int(t) for t in gguf.GGML_QUANT_SIZES}
+        if not known:
+            raise GGUFError(f"{path}: tensor {name!r} has ggml type {kind}, which the gguf package does not know")
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        values = math.prod(shape)
+        if values % block:
+            raise GGUFError(f"{path}: tensor {name!r} holds {values} values, not whole {block}-value blocks of "
+                            f"{gguf.GGMLQuantizationType(kind).name}")
+        infos.append((name, offset, values // block * size))
+    start = -(-at // alignment) * alignment
+    for name, offset, nbytes in infos:
+        if start + offset + nbytes > len(data):
+            raise GGUFError(f"{path}: tensor {name!r} needs bytes {start + offset}..{start + offset + nbytes}, but "
+                            f"the file has {len(data)} (truncated? compare its size with the original's)")
 
 
 def _need(data, at: int, n: int, what: str, path: str) -> None:
@@ -357,7 +419,7 @@ def gguf_config(reader, path: str) -> dict:
     try:
         return _config_from(reader, path, arch, need, per_layer_scalar)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
-        if isinstance(e, GGUFError):
+        if isinstance(e, GGUFError) and str(e).startswith(str(path)):
             raise
         raise GGUFError(f"{path}: malformed metadata ({type(e).__name__}: {e})") from e
 
@@ -401,11 +463,15 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
         _rope_freqs_config(path, arch, config, _config_vector(by_name["rope_freqs.weight"], path))
     _bias_config(config, by_name)
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                        ("padding_token_id", "pad_token_id")):
+                        ("padding_token_id", "pad_token_id"), ("eot_token_id", None)):
         v = gguf_field(reader, f"tokenizer.ggml.{key}")
-        if v is not None:
+        if v is not None and not 0 <= int(v) < config["vocab_size"]:
+            warnings.warn(f"{path}: tokenizer.ggml.{key} = {int(v)} is outside the vocabulary (0..{config['vocab_size'] - 1}): "
+                          "ignored", stacklevel=4)
+        elif v is not None and hf_key:
             config[hf_key] = int(v)
     eot = gguf_field(reader, "tokenizer.ggml.eot_token_id")  # end of turn (Gemma's <end_of_turn>, Phi-3's <|end|>)
+    eot = eot if eot is not None and 0 <= int(eot) < config["vocab_size"] else None
     if eot is not None and int(eot) != config.get("eos_token_id"):
         config["eos_token_id"] = [config["eos_token_id"], int(eot)] if "eos_token_id" in config else int(eot)
     return config
@@ -859,19 +925,12 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
                        {name: int(t.n_bytes) for t, name, kind in named if kind and keep_packed})
     tensors: dict = {}
     for t, name, kind in named:
-        device = torch.device("cpu") if placed is None else placed.device_of(name)
-        kept = bool(kind) and keep_packed and packs_on(device)
-        if kept or (kind and _decodes_on(device)):  # kept, or dequantized where it goes: the blocks travel
-            for hf, arr in _hf_arrays(name, _packed_blocks(t, path), arch, config):
-                packed = PackedTensor(_packed_tensor(arr), kind, int(t.shape[0]), hf)
-                tensors[hf] = packed if kept else PackedTensor(packed.blocks.to(device), kind, packed.cols,
-                                                               hf).dequantize(dtype)
-            continue
-        for hf, arr in _hf_arrays(name, _dequantize(t, path), arch, config):
-            tensor = _float_tensor(arr)
-            if tensor.dtype != dtype:
-                tensor = tensor.to(dtype)
-            tensors[hf] = tensor if placed is None else tensor.to(device)
+        try:
+            _read_tensor(t, name, kind, path, arch, config, dtype, keep_packed, placed, tensors)
+        except (GGUFError, ValueError) as e:  # a shape the metadata does not explain (Q/K heads, hybrid splits)
+            if str(e).startswith(path):
+                raise
+            raise GGUFError(f"{path}: tensor {t.name!r}: {e}") from e
     if "model.embed_tokens.weight" not in tensors:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
     for bias, matrix in zero_biases.items():  # an absent optional bias is a zero one
@@ -881,6 +940,25 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
     _warn_dequantized(path, [t for t, _, _ in named], dtype)
     drop_resident_pages(reader)
     return config, tensors
+
+
+def _read_tensor(t, name: str, kind, path: str, arch: str, config: dict, dtype, keep_packed: bool, placed,
+                 tensors: dict) -> None:
+    """One GGUF tensor into ``tensors`` under its Hugging Face name(s), on its device: kept packed,
+    or decoded (on its GPU when this build's kernels decode there)."""
+    device = torch.device("cpu") if placed is None else placed.device_of(name)
+    kept = bool(kind) and keep_packed and packs_on(device)
+    if kept or (kind and _decodes_on(device)):  # kept, or dequantized where it goes: the blocks travel
+        for hf, arr in _hf_arrays(name, _packed_blocks(t, path), arch, config):
+            packed = PackedTensor(_packed_tensor(arr), kind, int(t.shape[0]), hf)
+            tensors[hf] = packed if kept else PackedTensor(packed.blocks.to(device), kind, packed.cols,
+                                                           hf).dequantize(dtype)
+        return
+    for hf, arr in _hf_arrays(name, _dequantize(t, path), arch, config):
+        tensor = _float_tensor(arr)
+        if tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        tensors[hf] = tensor if placed is None else tensor.to(device)
 
 
 _READ_ELSEWHERE = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")  # into the config
@@ -940,15 +1018,19 @@ def build_tokenizer(path: str):
 
     p = Path(path)
     try:
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    except (ValueError, TypeError) as e:
-        # transformers builds no config for some architectures (mistral3), and fails on gpt-oss's
-        # (a TypeError reading its rope scaling): the tokenizer alone
-        if isinstance(e, ValueError) and "not supported" not in str(e):
-            raise
-        from transformers import PreTrainedTokenizerFast
+        try:
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        except (ValueError, TypeError) as e:
+            # transformers builds no config for some architectures (mistral3), and fails on gpt-oss's
+            # (a TypeError reading its rope scaling): the tokenizer alone
+            if isinstance(e, ValueError) and "not supported" not in str(e):
+                raise
+            from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
+            return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
+    except Exception as e:  # transformers' KeyError / IndexError on bad tokenizer.ggml.* metadata
+        raise GGUFError(f"{path}: cannot build the tokenizer from its tokenizer.ggml.* metadata "
+                        f"({type(e).__name__}: {e})") from e
 
 
 def tokenizer_cache_dir() -> Path:

@@ -245,8 +245,9 @@ def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: boo
         placed.append(plan(device_map, parse_config(config, path).num_layers, sizes, device, max_memory, packed))
         return placed[0]
 
+    tokenizer = gguf_tokenizer(path)  # first: bad tokenizer metadata fails before minutes of weights
     config, tensors = read_gguf(path, target, place, keep_packed=not dequantize)
-    return _build(config, tensors, tokenizer=gguf_tokenizer(path), device=device, dtype=target, source=path,
+    return _build(config, tensors, tokenizer=tokenizer, device=device, dtype=target, source=path,
                   device_map=placed[0], activations=activations, fuse_projections=fuse_projections, owned=True)
 
 
@@ -348,14 +349,32 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
         moved[name] = dequantize_mxfp4(blocks, scales, target, placed.device_of(name))
     kept = _place_packed(ggml, placed, target, moved)
     activations = activations_here(activations, any(t.blocks.device.type == "cpu" for t in kept.values()))
-    engine = _C.Engine(json.dumps(config.raw), source, {**moved, **{n: t.blocks for n, t in kept.items()}},
-                       {n: t.ggml_type for n, t in kept.items()}, q8_activations=activations == "q8")
+    try:
+        engine = _C.Engine(json.dumps(config.raw), source, {**moved, **{n: t.blocks for n, t in kept.items()}},
+                           {n: t.ggml_type for n, t in kept.items()}, q8_activations=activations == "q8")
+    except _C.WeightError as e:  # the engine names the tensor; say which file it is (and the name there)
+        raise _C.WeightError(_in_source(str(e), source)) from None
     model = Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source,
                   tensors={**moved, **kept}, placement=placed)
     model.activations = activations
     model.load_options = {"quantize": quantize, "dequantize": False, "activations": activations,
                           "fuse_projections": fuse_projections, "from_file": False}
     return model
+
+
+def _in_source(message: str, source: str) -> str:
+    """An engine message prefixed with the file it is about; for a GGUF file the tensor it names
+    also under its name in the file."""
+    if source.endswith(".gguf"):
+        message = re.sub(r"'(model\.[^']+|lm_head\.[^']+)'", lambda m: _both_names(m.group(1), source), message, count=1)
+    return message if message.startswith(source) else f"{source}: {message}"
+
+
+def _both_names(name: str, source: str) -> str:
+    from .gguf import gguf_architecture, gguf_tensor_name, open_gguf
+
+    theirs = gguf_tensor_name(name, gguf_architecture(open_gguf(source), source))
+    return f"'{name}'" + (f" ({theirs!r} in the file)" if theirs else "")
 
 
 def quantizer_module_names(module: str) -> tuple[str, ...]:
