@@ -564,6 +564,20 @@ def test_resume_refuses_another_setup(chat_model, chat_model_dir, tmp_path):
     n = len(read_records(out)[1])
     cf.sweep(chat_model, max_items=2, **kw)  # the same setup resumes: nothing re-run
     assert len(read_records(out)[1]) == n
+    # the kinds of device the layers ran on: a GPU's records are not resumed by a CPU run (an older
+    # file that did not record them resumes)
+    lines = out.read_text().splitlines()
+    assert json.loads(lines[0])["devices"] == ["cpu"]
+    for devices, name in ((["cuda"], "gpu.jsonl"), (None, "older.jsonl")):
+        head = json.loads(lines[0])
+        head.pop("devices") if devices is None else head.update(devices=devices)
+        (tmp_path / name).write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"devices=\['cuda'\]; this sweep has devices=\['cpu'\]"):
+        cf.sweep(chat_model, max_items=2, **dict(kw, results=tmp_path / "gpu.jsonl"))
+    cf.sweep(chat_model, max_items=2, **dict(kw, results=tmp_path / "older.jsonl"))
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="max_items must be None .* or an integer >= 1"):
+            cf.sweep(chat_model, max_items=bad, **dict(kw, results=None))
     lines = out.read_text().splitlines()  # a damaged header: its records cannot be checked, so not resumed
     (tmp_path / "damaged.jsonl").write_text("\n".join(["{not json", *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match="config records but no readable header line"):

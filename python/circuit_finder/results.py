@@ -151,7 +151,7 @@ class ResultStore:
 # setup keys added after files were written, and what an older file that lacks them meant
 _SETUP_DEFAULTS = {"thinking": False, "activations": "float"}
 # setup keys an older file could not record and whose value then is unknown: not compared
-_UNKNOWN_IN_OLDER = ("quantize", "dequantize", "think_tokens", "chat_template")
+_UNKNOWN_IN_OLDER = ("quantize", "dequantize", "think_tokens", "chat_template", "devices")
 # setup keys that hold one entry per probe: only probes both headers hold are compared, and a
 # probe new to a resumed file is recorded by a {"kind": "probes"} line. Search items; validate()'s
 # held-out ones; generate mode's answer budgets

@@ -32,7 +32,16 @@ from ..router.run import RouterConfig
 from .configs import MODES, STRATEGIES, SweepConfig, make_configs, refine_configs, rys_params, unique_configs
 from .distributed import RayExecutor
 from .result import SweepResult
-from .runner import THINK_TOKENS, ProbeBatch, Runner, resolve_chat, resolve_probes, run_configs, sweep_setup
+from .runner import (
+    THINK_TOKENS,
+    ProbeBatch,
+    Runner,
+    check_max_items,
+    resolve_chat,
+    resolve_probes,
+    run_configs,
+    sweep_setup,
+)
 from .search import SEARCHES, beam_search, needs_sklearn, objective, surrogate_search
 from .views import best_first
 
@@ -89,6 +98,7 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     if paths is not None:
         strategy = "paths"
     check_placement(strategy, stride, starts, refine_stride)
+    check_max_items(max_items)
     check_by(by, [p.name for p in probe_list], mode, strategy)
     coarse_stride = refine_stride or max(2, n // 8)
     if strategy in SEARCHES and (not budget or budget < 1):

@@ -451,6 +451,7 @@ def run_configs(model: Model, probes: list[Probe], configs: list[SweepConfig], s
     finishes; ``desc`` names the stage (sweep, refine, validate) in the records and the progress bar.
     ``executor``: a RayExecutor runs them on Ray workers (records still appended here, in the order
     they finish); None runs them in this process."""
+    check_max_items(max_items)
     names = [p.name for p in probes]
     todo = [c for c in configs if store is None or not store.has(c.key, split, mode, names)]
     if split != "search":  # before anything runs: a router is never scored on items it trained on as held out
@@ -495,6 +496,13 @@ def resolve_chat(model: Model, chat: bool | None) -> bool:
     return getattr(model.tokenizer, "chat_template", None) is not None if chat is None else bool(chat)
 
 
+def check_max_items(max_items) -> None:
+    """max_items is None (every item) or a whole number >= 1 (items[:-1] or items[:0] would
+    silently drop items or read as a probe without any)."""
+    if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1):
+        raise ValueError(f"max_items must be None (every item) or an integer >= 1, got {max_items!r}")
+
+
 def sweep_setup(model: Model, probes: list[Probe], chat: bool | None, max_items: int | None,
                 thinking: bool = False, think_tokens: int = THINK_TOKENS, *, mode: str) -> dict:
     """What a sweep's records depend on beyond the model's shape and mode (ResultStore.open's
@@ -525,12 +533,14 @@ def prompting_setup(model: Model, probes: Sequence[Probe], mode: str, chat: bool
 
 def model_setup(model: Model) -> dict:
     """What a record depends on in the model: its file's fingerprint, dtype, load(quantize=) and
-    load(dequantize=) options, and activations (with q8, which products the CPU rounds)."""
+    load(dequantize=) options, activations (with q8, which products the CPU rounds) and the kinds
+    of device its layers run on (a CPU's and a GPU's kernels round differently: greedy tokens of
+    near-ties can flip; which GPU of a kind does not matter)."""
     q8 = {"q8_products": q8_products()} if model.activations == "q8" else {}
     options = getattr(model, "load_options", {})
     return {"fingerprint": fingerprint(model.source), "dtype": str(model.dtype).replace("torch.", ""),
             "quantize": options.get("quantize"), "dequantize": bool(options.get("dequantize", False)),
-            "activations": model.activations, **q8}
+            "activations": model.activations, "devices": sorted({d.type for d in model.placement.devices}), **q8}
 
 
 def item_digest(items: Sequence[Item]) -> str:
