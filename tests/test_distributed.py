@@ -55,7 +55,32 @@ def test_ray_sweep_gives_the_local_records(chat_model, tmp_path, cluster):
     again = cf.sweep(chat_model, results=tmp_path / "ray.jsonl", executor=ex, **kw)  # resume: nothing to run
     assert (tmp_path / "ray.jsonl").read_text() == lines and len(again) == 22
     val = again.validate(2, progress=False)  # held-out items on the workers too
-    assert val["combined_val_delta"].notna().all()
+    assert val["combined_val_delta"].notna().all() and not ex.actors
+
+
+def test_workers_stay_up_over_the_stages_of_a_sweep(chat_model, tmp_path, cluster):
+    """refine's two passes and validate=N run on the same two workers (each loads the model once),
+    which are freed when sweep() returns; records equal a local run's."""
+    kw = dict(probes=["math"], strategy="refine", refine_stride=2, refine_top=2, block_sizes=(2,), mode="likelihood",
+              max_items=2, validate=2, progress=False)
+    local = cf.sweep(chat_model, results=tmp_path / "local.jsonl", **kw)
+    ex = cf.RayExecutor(workers=2, threads=1)
+    dist = cf.sweep(chat_model, results=tmp_path / "ray.jsonl", executor=ex, **kw)
+    stages = {r["stage"] for r in read_records(tmp_path / "ray.jsonl")[1]}
+    print(f"stages {sorted(stages)} on workers {ex.pids}")
+    assert {"sweep", "refine", "validate"} <= stages
+    assert ex.started == 2 and len(set(ex.pids)) == 2 and not ex.actors
+    _same(_by_config(tmp_path / "local.jsonl"), _by_config(tmp_path / "ray.jsonl"), "likelihood")
+    assert dist.to_pandas()["combined"].tolist() == local.to_pandas()["combined"].tolist()
+
+
+def test_a_setup_error_is_raised_before_any_worker_loads(chat_model, cluster):
+    """A probe that cannot run in this mode is refused on the driver as the local sweep refuses it,
+    not as a Ray actor's death after every worker loaded the model."""
+    ex = cf.RayExecutor(workers=2, threads=1)
+    with pytest.raises(ValueError, match="probe 'instruct' is scored in mode 'generate' only"):
+        cf.sweep(chat_model, probes=["instruct"], paths=["0..5"], mode="likelihood", executor=ex, progress=False)
+    assert ex.pids == [] and not ex.actors
 
 
 def test_workers_load_the_drivers_quantized_model(chat_model_dir, tmp_path, cluster):

@@ -211,7 +211,9 @@ def test_cli_generate_with_a_device_map(chat_model_dir, capsys):
 
 def test_worker_placement_renumbers_gpus():
     p = Placement((torch.device("cuda", 2), torch.device("cuda", 2), torch.device("cuda", 5), CPU), torch.device("cuda", 2))
-    assert worker_placement(p) == ({0: "cuda:0", 1: "cuda:0", 2: "cuda:1", 3: "cpu"}, 2)
+    placed, gpus = worker_placement(Placement(p.layers, p.main, (("cuda:2", 300), ("cuda:5", 100), ("cpu", 50))))
+    assert gpus == 2 and placed.as_map() == {0: "cuda:0", 1: "cuda:0", 2: "cuda:1", 3: "cpu"}
+    assert placed.main == torch.device("cuda", 0) and dict(placed.need) == {"cuda:0": 300, "cuda:1": 100, "cpu": 50}
     assert worker_placement(Placement((CPU,) * 3, CPU)) == (None, 0)
 
 

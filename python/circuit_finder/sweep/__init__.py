@@ -14,11 +14,12 @@ the neighbours of the coarse winners on the same search items (their records say
 ``stage="refine"``): its search deltas are as optimistic as the coarse ones, and only the held-out
 columns estimate a config's effect. ``SweepResult.report()`` says this with the numbers.
 
-Limits: one model in one process.
+Limits: one model per process (Ray workers each load their own: sweep.distributed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 
@@ -121,13 +122,14 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
                            path=store.path if store is not None else None, model=model, probes=probe_list, chat=chat,
                            thinking=thinking, think_tokens=think_tokens, routers=routers, executor=ex)
 
-    result = run([SweepConfig(LayerPath.identity(n)), *configs], "sweep")
-    if strategy == "refine":
-        result = run(_refine_pass(result, configs, n, refine_top, coarse_stride, times, by), "refine")
-    if strategy in SEARCHES:
-        result = _search(strategy, run, n, by, budget, seed, dict(search or {}), block_sizes, coarse_stride, times)
-    if validate:
-        result.validate(validate, by=by, progress=progress)
+    with ex.session() if ex is not None else contextlib.nullcontext():  # Ray workers kept over the stages
+        result = run([SweepConfig(LayerPath.identity(n)), *configs], "sweep")
+        if strategy == "refine":
+            result = run(_refine_pass(result, configs, n, refine_top, coarse_stride, times, by), "refine")
+        if strategy in SEARCHES:
+            result = _search(strategy, run, n, by, budget, seed, dict(search or {}), block_sizes, coarse_stride, times)
+        if validate:
+            result.validate(validate, by=by, progress=progress)
     return result
 
 

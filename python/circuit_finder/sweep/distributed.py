@@ -4,18 +4,20 @@
 we only hand out work):
 - one model per worker: each actor loads the driver's model file (same path, dtype, device kind and
   load options: quantize, dequantize, activations, fuse_projections; its fingerprint, dtype,
-  quantization and activations are checked against the driver's) and builds the sweep Runner once;
-  CPU workers get ``threads`` CPUs each, CUDA workers one GPU each — or, for a model split over
-  devices (``device_map``), as many GPUs as the driver's placement uses, with the same layers on
-  each (the driver's GPUs renumbered to the worker's own);
+  quantization, activations and device kinds are checked against the driver's) once, and builds
+  a sweep Runner per stage (search, refine, each beam round, validate: the workers stay up
+  between the stages of one ``sweep()`` or ``validate()``, inside ``session()``, and are freed
+  at its end); CPU workers get ``threads`` CPUs each, CUDA workers one GPU each — or, for a model
+  split over devices (``device_map``), as many GPUs as the driver's placement uses, with the
+  same layers on each (the driver's plan, its GPUs renumbered to the worker's own);
 - prefix reuse kept: configs are grouped by how many first slots they share with the identity
   path, and a group goes to one worker, one config at a time (the worker's Runner keeps the
   identity prefix between calls);
 - the driver alone writes the results file: each record is appended (fsynced) as it comes back,
   so resume works exactly as for a local sweep;
-- a worker that dies loses at most its config in flight: that config and the rest of its group
-  go back to the front of the queue, a replacement worker is started (up to ``max_restarts``),
-  and every config is recorded exactly once.
+- a worker that dies (or that Ray reports unavailable: it is killed) loses at most its config in
+  flight: that config and the rest of its group go back to the front of the queue, a replacement
+  worker is started (up to ``max_restarts``), and every config is recorded exactly once.
 
 Limits: the model file must be readable at the same path on every node; probes travel to the
 workers by pickling (built-in names, .jsonl paths or Probe objects that pickle).
@@ -23,48 +25,61 @@ workers by pickling (built-in names, .jsonl paths or Probe objects that pickle).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Sequence
 
 import torch
 
-from .runner import model_setup
+from ..placement import Placement
+from .runner import check_probes, model_setup
 
 __all__ = ["RayExecutor", "worker_placement"]
 
 
 class SweepWorker:
-    """The work of one Ray actor: a model and a Runner, scoring one config per call."""
+    """The work of one Ray actor: a model, and a Runner per stage, scoring one config per call."""
 
-    def __init__(self, source: str, dtype: str, device: str, probes, mode: str, split: str, max_items, chat,
-                 reuse: bool, thinking: bool, think_tokens: int, stage: str, threads: int, device_map=None,
+    def __init__(self, source: str, dtype: str, device: str, threads: int, device_map=None,
                  load_options: dict | None = None):
         from ..loading import load
-        from .runner import Runner, resolve_probes
 
         if threads:
             torch.set_num_threads(threads)
         self.model = load(source, device=device, dtype=dtype, device_map=device_map, **(load_options or {}))
-        self.runner = Runner(self.model, resolve_probes(probes), mode, split, max_items, chat, reuse, thinking,
-                             think_tokens, stage)
+        self.runner = None
 
     def identity(self) -> dict:
         return {"setup": model_setup(self.model), "pid": os.getpid(), "num_layers": self.model.num_layers}
+
+    def prepare(self, probes, mode: str, split: str, max_items, chat, reuse: bool, thinking: bool, think_tokens: int,
+                stage: str) -> None:
+        """The Runner of a stage (its probes' items encoded once)."""
+        from .runner import Runner, resolve_probes
+
+        self.runner = Runner(self.model, resolve_probes(probes), mode, split, max_items, chat, reuse, thinking,
+                             think_tokens, stage)
 
     def run(self, config) -> dict:
         return self.runner.run(config)
 
 
-def worker_placement(placement) -> tuple[dict[int, str] | None, int]:
-    """(the device_map a worker loads with, GPUs per worker) for the driver's placement. A worker
-    sees its own GPUs as cuda:0.. (Ray sets CUDA_VISIBLE_DEVICES), so the driver's GPUs are
-    renumbered in order; an unsplit model needs no map."""
+def worker_placement(placement: Placement) -> tuple[Placement | None, int]:
+    """(the placement a worker loads with, GPUs per worker) for the driver's. A worker sees its own
+    GPUs as cuda:0.. (Ray sets CUDA_VISIBLE_DEVICES), so the driver's GPUs are renumbered in order;
+    the plan is the driver's (its budgets were checked there, against max_memory if given), not
+    planned again against the worker's free memory. An unsplit model needs none."""
     gpus = sorted({d.index or 0 for d in placement.devices if d.type == "cuda"})
     if not placement.split:
         return None, len(gpus)
-    local = {g: f"cuda:{k}" for k, g in enumerate(gpus)}
-    return {i: local[d.index or 0] if d.type == "cuda" else "cpu" for i, d in enumerate(placement.layers)}, len(gpus)
+    local = {g: torch.device("cuda", k) for k, g in enumerate(gpus)}
+
+    def mine(d: torch.device) -> torch.device:
+        return local[d.index or 0] if d.type == "cuda" else d
+
+    need = tuple((str(mine(torch.device(name))), n) for name, n in placement.need)
+    return Placement(tuple(mine(d) for d in placement.layers), mine(placement.main), need), len(gpus)
 
 
 class RayExecutor:
@@ -86,9 +101,40 @@ class RayExecutor:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.address, self.workers, self.max_restarts = address, workers, max_restarts
         self.threads, self.start_timeout = threads, start_timeout
-        self.actors: list = []  # the live actors while a run goes on (tests kill one mid-sweep)
-        self.started = 0  # workers the last run started (replacements not counted)
+        self.actors: list = []  # the live actors (tests kill one mid-sweep)
+        self.started = 0  # workers the last session (or run outside one) started, replacements not counted
+        self.pids: list[int] = []  # the process ids of the workers it started, replacements included
         self.restarts = 0
+        self._depth = 0  # open sessions: while > 0, workers stay up between runs
+        self._loaded: tuple | None = None  # (load arguments, setup) the live actors were started with
+
+    @contextlib.contextmanager
+    def session(self):
+        """Keeps the workers up between the runs inside it (sweep() holds one over its stages and
+        validate(); nested sessions share it) and frees them at the outermost end."""
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.close()
+
+    def close(self) -> None:
+        """Frees the workers (their CPUs or GPUs)."""
+        ray = self._ray_if_up()
+        for actor in self.actors:
+            if ray is not None:
+                ray.kill(actor, no_restart=True)
+        self.actors, self._loaded = [], None
+
+    @staticmethod
+    def _ray_if_up():
+        try:
+            import ray
+        except ImportError:
+            return None
+        return ray if ray.is_initialized() else None
 
     def _ray(self):
         try:
@@ -119,15 +165,17 @@ class RayExecutor:
 
     def run(self, model, probes, configs: Sequence, on_record, worker_args: dict) -> None:
         """Runs ``configs`` (in shared-prefix order) on the actors; ``on_record(record)`` is called
-        on the driver for each finished config, exactly once per config."""
+        on the driver for each finished config, exactly once per config. Outside a ``session()``
+        the workers are freed when it returns; inside, they are kept for the next run (and freed
+        if it fails)."""
         options = {k: v for k, v in model.load_options.items() if k != "from_file"}
         if not model.load_options.get("from_file"):
             raise ValueError(f"a Ray sweep loads the model again in each worker from its file, and this model "
                              f"({model.source}) was not made by circuit_finder.load: load it with load() to sweep "
                              f"it on Ray, or run the sweep in this process")
+        check_probes(model, probes, worker_args["mode"], worker_args["split"], worker_args["max_items"])
         ray = self._ray()
         device_map, gpus = worker_placement(model.placement)
-        cuda = gpus > 0
         n = model.num_layers
         groups: deque = deque()
         for c in configs:
@@ -137,18 +185,28 @@ class RayExecutor:
                 groups.append([c])
         workers, threads = self._plan(ray, gpus)
         args = dict(source=str(model.source), dtype=str(model.dtype).replace("torch.", ""),
-                    device="cuda" if cuda else "cpu", probes=probes, threads=threads, device_map=device_map,
-                    load_options=options, **worker_args)
-        remote = ray.remote(num_gpus=gpus, num_cpus=1)(SweepWorker) if cuda else ray.remote(num_cpus=threads)(SweepWorker)
+                    device="cuda" if gpus else "cpu", threads=threads, device_map=device_map, load_options=options)
         want = model_setup(model)
-        self.actors = self._start(ray, remote, args, want, min(workers, len(groups)))
-        self.started = len(self.actors)
+        if self._loaded is not None and self._loaded != (repr(args), repr(want)):
+            self.close()  # another model or load: new workers
+        self._loaded = (repr(args), repr(want))
+        remote = ray.remote(num_gpus=gpus, num_cpus=1)(SweepWorker) if gpus else ray.remote(num_cpus=threads)(SweepWorker)
+        stage = (probes, *(worker_args[k] for k in ("mode", "split", "max_items", "chat", "reuse", "thinking",
+                                                     "think_tokens", "stage")))
+        if not self.actors:
+            self.started, self.pids = 0, []
         try:
-            self._drive(ray, remote, args, want, groups, on_record)
-        finally:  # the workers hold CPUs or GPUs: free them for the next stage (validate) or other jobs
-            for actor in self.actors:
-                ray.kill(actor)
-            self.actors = []
+            more = min(workers, len(groups)) - len(self.actors)
+            if more > 0:
+                self.actors += self._start(ray, remote, args, want, more)
+                self.started += more
+            ray.get([a.prepare.remote(*stage) for a in self.actors])
+            self._drive(ray, remote, args, want, stage, groups, on_record)
+        except BaseException:
+            self.close()
+            raise
+        if self._depth == 0:  # the workers hold CPUs or GPUs: free them for other jobs
+            self.close()
 
     def _start(self, ray, remote, args: dict, want, count: int) -> list:
         """``count`` new actors, started together; each has loaded the driver's model file."""
@@ -162,6 +220,7 @@ class RayExecutor:
                 raise RuntimeError(f"Ray workers did not start within {self.start_timeout:.0f} s (not enough free "
                                    f"CPUs or GPUs in the cluster, or the model loads slowly: see start_timeout)") from None
             raise
+        self.pids += [got["pid"] for got in found]
         for got in found:
             differ = {k: (v, got["setup"].get(k)) for k, v in want.items() if got["setup"].get(k) != v}
             if differ:
@@ -174,7 +233,7 @@ class RayExecutor:
                                  f"the same file at the same path, and the same build and CPU features")
         return actors
 
-    def _drive(self, ray, remote, args: dict, want, groups: deque, on_record) -> None:
+    def _drive(self, ray, remote, args: dict, want, stage: tuple, groups: deque, on_record) -> None:
         import ray.exceptions as rex
 
         died = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError")
@@ -198,7 +257,7 @@ class RayExecutor:
                 record = ray.get(done[0])
             except died:
                 groups.appendleft([config, *current.pop(id(actor))])  # nothing of it was recorded
-                self._replace(ray, remote, args, want, actor, current)
+                self._replace(ray, remote, args, want, stage, actor, current)
                 busy = {id(a) for a, _ in inflight.values()}
                 for idle in [a for a in self.actors if id(a) not in busy]:
                     feed(idle)
@@ -206,13 +265,16 @@ class RayExecutor:
             on_record(record)
             feed(actor)
 
-    def _replace(self, ray, remote, args: dict, want, dead, current: dict) -> None:
-        """Drops a dead actor and starts another (RuntimeError past max_restarts)."""
+    def _replace(self, ray, remote, args: dict, want, stage: tuple, dead, current: dict) -> None:
+        """Kills a dead (or unavailable) actor, freeing its CPUs or GPUs, and starts another for
+        this stage (RuntimeError past max_restarts)."""
+        ray.kill(dead, no_restart=True)
         self.actors = [a for a in self.actors if a is not dead]
         if self.restarts >= self.max_restarts:
             raise RuntimeError(f"Ray workers died {self.restarts + 1} times; the sweep stops here (finished "
                                f"configs are in the results file: resume to go on)")
         self.restarts += 1
         actor = self._start(ray, remote, args, want, 1)[0]
+        ray.get(actor.prepare.remote(*stage))
         self.actors.append(actor)
         current[id(actor)] = deque()

@@ -367,7 +367,7 @@ class SweepResult:
         store = self._store(model, probe_list)
         new = run_configs(model, probe_list, list(configs), store, self.mode, "validation", None, self.chat, True,
                           progress, desc=stage, thinking=self.thinking, think_tokens=self.think_tokens,
-                          executor=self.executor)
+                          executor=self.executor)  # Ray workers: a sweep's (inside sweep()), else started for this
         self.records = store.records() if store is not None else self.records + new
 
     def _config(self, key: str):

@@ -70,10 +70,7 @@ class ProbeBatch:
     def __init__(self, model: Model, probe: Probe, items: list[Item], mode: str, chat: bool, thinking: bool = False,
                  think_tokens: int = THINK_TOKENS):
         self.model, self.probe, self.items, self.mode = model, probe, items, mode
-        modes = tuple(getattr(probe, "modes", MODES))
-        if mode not in modes:
-            raise ValueError(f"probe {probe.name!r} is scored in mode {' or '.join(map(repr, modes))} only, "
-                             f"not {mode!r}")
+        check_mode(probe, mode)
         model.codec.require(f"probe {probe.name!r}")
         contexts = probe_contexts(model, items, chat, thinking)
         # a template that opens the thinking block itself (no switch to turn it off): completions
@@ -375,12 +372,9 @@ class Runner:
         self.num_layers = model.num_layers
         self.batches: list[ProbeBatch] = []  # generate mode: a probe's items in groups of similar length
         self.order: dict[str, list[str]] = {}  # each probe's item ids, in the records' order
+        check_probes(model, probes, mode, split, max_items)
         for probe in probes:
-            items = probe.items(split)
-            if max_items is not None:
-                items = items[:max_items]
-            if not items:
-                raise ValueError(f"probe {probe.name!r} has no {split} items")
+            items = probe.items(split)[:max_items]
             self.order[probe.name] = [it.id for it in items]
             batch = ProbeBatch(model, probe, items, mode, chat, thinking, think_tokens)
             groups = length_groups([len(s) - batch.head for s in batch.context_ids], 2 * batch.head + GROUP_COST) \
@@ -494,6 +488,25 @@ def run_configs(model: Model, probes: list[Probe], configs: list[SweepConfig], s
 def resolve_chat(model: Model, chat: bool | None) -> bool:
     """chat=None: use the chat template when the tokenizer has one."""
     return getattr(model.tokenizer, "chat_template", None) is not None if chat is None else bool(chat)
+
+
+def check_mode(probe: Probe, mode: str) -> None:
+    """ValueError when ``probe`` is not scored in ``mode``."""
+    modes = tuple(getattr(probe, "modes", MODES))
+    if mode not in modes:
+        raise ValueError(f"probe {probe.name!r} is scored in mode {' or '.join(map(repr, modes))} only, not {mode!r}")
+
+
+def check_probes(model: Model, probes: Sequence[Probe], mode: str, split: str, max_items: int | None) -> None:
+    """What a Runner refuses, checked before any work (on a Ray sweep's driver, before workers
+    load the model): a probe not scored in ``mode``, one without ``split`` items, a model without
+    a tokenizer."""
+    check_max_items(max_items)
+    for probe in probes:
+        check_mode(probe, mode)
+        if not probe.items(split)[:max_items]:
+            raise ValueError(f"probe {probe.name!r} has no {split} items")
+        model.codec.require(f"probe {probe.name!r}")
 
 
 def check_max_items(max_items) -> None:
