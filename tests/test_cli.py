@@ -224,3 +224,18 @@ def test_cli_eval_model_args(model_dir, capsys, no_loading):
             == "pretrained=m,quantize=q4_k_m,activations=q8")
     rc, _, err = run(capsys, "eval", "--model", str(folder), "--layers", "0..9", "--tasks", "x")
     assert rc == 2 and "out of range" in err
+
+
+def test_example_script_runs(chat_model_dir, monkeypatch, capsys):
+    """examples/rys_compare.py against the current API: one section per path, an answer per question."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "rys_compare.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", str(chat_model_dir), "--block", "2"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    print(out)
+    assert out.count("== ") == 4 and out.count(" -> ") == 12
+    assert "== 0..5 (6 slots)" in out

@@ -435,6 +435,29 @@ def test_a_stream_whose_client_goes_stops_generating(chat_model):
         assert ok.status_code == 200
 
 
+def test_a_queued_request_whose_client_goes_is_skipped(chat_model):
+    """A non-streamed request whose client times out while the worker is busy is cancelled in the
+    queue: the worker skips it (counted in /health's cancelled) and serves the next request."""
+    gate = threading.Event()
+    app = create_app(chat_model, batch_window_ms=0)
+    ids = chat_model.tokenizer("hold the worker")["input_ids"]
+    # a job whose per-token callback waits: the worker is busy until the gate opens
+    app.state.worker.submit(Job(ids, chat_model.path(), Sampling(2), stream=lambda tokens, done: gate.wait(30)))
+    with running(app) as url:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 8}, timeout=0.5)
+        time.sleep(4 * 0.25 + 0.5)  # the server sees the client gone (it polls every 0.25 s)
+        gate.set()
+        deadline = time.time() + 30
+        while httpx.get(f"{url}/health").json()["pending"] and time.time() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(f"{url}/health").json()
+        print(health)
+        assert health["pending"] == 0 and health["cancelled"] == 1 and health["requests"] == 1, health  # gate job ran
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200 and httpx.get(f"{url}/health").json()["requests"] == 2
+
+
 def test_dropped_stream_releases_its_slot(chat_model):
     """A client that opens a stream and goes away at once leaves no pending slot behind."""
     with running(create_app(chat_model, max_pending=1, batch_window_ms=0)) as url:

@@ -18,6 +18,9 @@ positions). Every request, streaming or not, counts against ``max_pending``. Bad
 malformed JSON, fields of the wrong type, prompts longer than the context, invalid paths — gets a
 4xx JSON error in OpenAI's format and the server keeps serving.
 
+A client that goes stops its work: a stream's generation at its next token, a non-streamed request
+while it waits in the queue (one already running in a batch finishes).
+
 Limits: n = 1 per prompt; logprobs are computed after generation by one teacher-forced pass over
 prompt + completion (the raw model distribution, before temperature/top-p).
 """
@@ -40,6 +43,9 @@ from .router import Router, RouterError
 from .router import run as routing
 
 __all__ = ["Limits", "create_app", "serve"]
+
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 
 
 class BadRequest(ValueError):
@@ -88,7 +94,7 @@ class Job:
     prompt_text: str | None = None  # what echo returns for a text prompt
     future: Future = field(default_factory=Future)
     routed: LayerPath | None = None  # the path a router picked for this prompt (set by the worker)
-    cancelled: threading.Event = field(default_factory=threading.Event)  # set when a stream's client went
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set when its client went
 
     @property
     def run_path(self) -> LayerPath:
@@ -404,10 +410,19 @@ class Service:
     def release(self) -> None:
         self.pending -= 1
 
-    async def run(self, job: Job) -> Completed:
+    async def run(self, job: Job, request=None) -> Completed:
+        """The job's result. With ``request``: a client that goes while the job waits in the queue
+        cancels it (the worker skips it: Cancelled; a batch already running finishes)."""
         self.reserve()
         try:
-            return await asyncio.wrap_future(self.worker.submit(job))
+            done = asyncio.wrap_future(self.worker.submit(job))
+            while request is not None and not job.cancelled.is_set():
+                finished, _ = await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
+                if finished:
+                    break
+                if await request.is_disconnected():
+                    job.cancelled.set()
+            return await done
         finally:
             self.release()
 
@@ -575,6 +590,10 @@ def install_error_handlers(app, limits: Limits) -> None:
     async def _bad(request: Request, exc: BadRequest):
         return error(400, str(exc))
 
+    @app.exception_handler(Cancelled)
+    async def _gone(request: Request, exc: Cancelled):  # nobody reads it: the client went
+        return error(499, "the client closed the request before it ran", "cancelled")
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         if isinstance(exc, TooLarge):
@@ -645,6 +664,7 @@ def refuse_unsupported(req, fields: tuple[str, ...]) -> None:
 
 
 def add_routes(app, service: Service, max_batch: int) -> None:
+    from fastapi import Request
     from fastapi.responses import StreamingResponse
 
     ChatRequest, CompletionRequest = request_models()
@@ -671,16 +691,16 @@ def add_routes(app, service: Service, max_batch: int) -> None:
                                             **service.describe(service.default_path)}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         refuse_unsupported(req, ("logprobs", "top_logprobs", "logit_bias", "tools", "response_format"))
         job = service.job(req, service.chat_ids(req))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             return streaming(job, rid, created, True, req)
-        return service.chat_response(rid, created, job, await service.run(job))
+        return service.chat_response(rid, created, job, await service.run(job, request))
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         refuse_unsupported(req, ("best_of", "suffix", "logit_bias"))
         prompts = service.prompts(req.prompt)
         if not prompts or len(prompts) > max_batch:
@@ -693,7 +713,7 @@ def add_routes(app, service: Service, max_batch: int) -> None:
             if len(jobs) != 1 or req.logprobs is not None or req.echo:
                 raise BadRequest("stream: one prompt at a time, without logprobs or echo")
             return streaming(jobs[0], rid, created, False, req)
-        done = await asyncio.gather(*[service.run(j) for j in jobs])
+        done = await asyncio.gather(*[service.run(j, request) for j in jobs])
         choices = [service.completion_choice(k, j, d) for k, (j, d) in enumerate(zip(jobs, done))]
         return {"id": rid, "object": "text_completion", "created": created, "model": service.name,
                 "choices": [c for c, _ in choices], "usage": usage(sum(len(j.ids) for j in jobs),

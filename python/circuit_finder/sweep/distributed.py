@@ -19,7 +19,7 @@ we only hand out work):
   flight: that config and the rest of its group go back to the front of the queue, a replacement
   worker is started (up to ``max_restarts``), and every config is recorded exactly once.
 
-Limits: the model file must be readable at the same path on every node; probes travel to the
+Limits: the model file must be readable at the same (absolute) path on every node; probes travel to the
 workers by pickling (built-in names, .jsonl paths or Probe objects that pickle).
 """
 
@@ -184,7 +184,8 @@ class RayExecutor:
             else:
                 groups.append([c])
         workers, threads = self._plan(ray, gpus)
-        args = dict(source=str(model.source), dtype=str(model.dtype).replace("torch.", ""),
+        source = os.path.abspath(model.source) if os.path.exists(str(model.source)) else str(model.source)
+        args = dict(source=source, dtype=str(model.dtype).replace("torch.", ""),
                     device="cuda" if gpus else "cpu", threads=threads, device_map=device_map, load_options=options)
         want = model_setup(model)
         if self._loaded is not None and self._loaded != (repr(args), repr(want)):
