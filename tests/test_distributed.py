@@ -69,9 +69,23 @@ def test_workers_stay_up_over_the_stages_of_a_sweep(chat_model, tmp_path, cluste
     stages = {r["stage"] for r in read_records(tmp_path / "ray.jsonl")[1]}
     print(f"stages {sorted(stages)} on workers {ex.pids}")
     assert {"sweep", "refine", "validate"} <= stages
-    assert ex.started == 2 and len(set(ex.pids)) == 2 and not ex.actors
+    assert ex.started == 2 and len(set(ex.pids)) == 2 and not ex.actors  # workers started over the whole sweep
     _same(_by_config(tmp_path / "local.jsonl"), _by_config(tmp_path / "ray.jsonl"), "likelihood")
-    assert dist.to_pandas()["combined"].tolist() == local.to_pandas()["combined"].tolist()
+    def table(r):
+        return r.to_pandas().set_index("layers")["combined"].to_dict()
+
+    assert table(dist) == table(local)
+    # a worker that goes between two stages is replaced for the next, not the end of the sweep
+    again = cf.RayExecutor(workers=2, threads=1)
+    with again.session():
+        first = cf.sweep(chat_model, results=tmp_path / "again.jsonl", executor=again, probes=["math"],
+                         paths=["0..3,2,3,4,5", "0..4,3,4,5", "0,1,1..5"], mode="likelihood", max_items=2,
+                         progress=False)
+        assert len(again.actors) == 2
+        ray.kill(again.actors[0], no_restart=True)
+        first.validate(2, progress=False)
+        assert again.restarts == 1 and len(set(again.pids)) == 3
+    assert not again.actors
 
 
 def test_a_setup_error_is_raised_before_any_worker_loads(chat_model, cluster):

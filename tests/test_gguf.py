@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import struct
@@ -545,9 +546,24 @@ def test_bad_tensor_table_and_metadata_name_the_file_and_tensor(wide_llama, tmp_
     def refuse(*args, **kwargs):
         raise AssertionError("a weight was decoded before the tokenizer was built")
 
-    monkeypatch.setattr(cf_gguf, "_dequantize", refuse)
+    monkeypatch.setattr(cf_gguf, "read_gguf", refuse)
     with pytest.raises(cf.GGUFError, match=r"m.gguf: cannot build the tokenizer from its tokenizer.ggml.\* metadata"):
         cf.load(path)
+
+
+def test_a_truncated_file_with_a_tokenizer_is_named_truncated(tmp_path, monkeypatch):
+    """A cut download of a real file (the default model: transformers reads its tokenizer with the
+    gguf package's reader, which fails on the cut tensors) is named truncated, not a bad tokenizer."""
+    try:
+        source = cf.default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: the tokenizer would be built
+    cut = tmp_path / "cut.gguf"
+    with open(source, "rb") as f:
+        cut.write_bytes(f.read(os.path.getsize(source) // 2))
+    with pytest.raises(cf.GGUFError, match=r"cut.gguf: tensor '[^']+' needs bytes .* \(truncated\?"):
+        cf.load(cut)
 
 
 def test_unsupported_quant_type(wide_llama, tmp_path):

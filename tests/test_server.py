@@ -339,7 +339,7 @@ def test_text_offsets_with_a_tokenizer_that_adds_bos():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from circuit_finder.server import text_offsets
+    from circuit_finder.server import added_in_front, text_offsets
 
     pieces = ["<unk>", "<s>", "</s>", "▁The", "▁quick", "▁brown", "▁fox", "▁", *string.ascii_letters, *",.+=é"]
     spm = Tokenizer(models.Unigram([(p, -1.0 if p.startswith("▁") and len(p) > 1 else -5.0) for p in pieces], 0))
@@ -349,14 +349,22 @@ def test_text_offsets_with_a_tokenizer_that_adds_bos():
     tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     text = "The quick brown fox jumps, a+b=é"
     ids = tok(text)["input_ids"]
-    offsets = text_offsets(tok, ids, text)
+    assert added_in_front(tok, ids, text) == 1 and ids[0] == tok.bos_token_id
+    offsets = text_offsets(tok, ids, text, added=1)
     print(ids, offsets)
     ends = [*offsets[1:], len(text)]
     assert [text[a:b] for a, b in zip(offsets[:5], ends[:5])] == ["", "The", " quick", " brown", " fox"]
-    shift = len(tok.decode(ids)) - len(text)  # "<s> " in front of the decoded text
-    assert offsets == [max(0, len(tok.decode(ids[:q])) - shift) for q in range(len(ids))]
-    # a completion cut by a stop string: the tokens past the cut sit at the text's end
+    assert offsets == [0, *(len(tok.decode(ids[1:q])) for q in range(1, len(ids)))]  # prefix decodes, no BOS
+    # a completion cut by a stop string: the tokens past the cut sit at the text's end, even where
+    # the cut text is also the decode's end ("The quick The" cut at "The")
     assert text_offsets(tok, ids[1:], "The quick", skip_special=True)[2:] == [len("The quick")] * (len(ids) - 3)
+    the = tok("The quick The", add_special_tokens=False)["input_ids"]
+    assert text_offsets(tok, the, "The", skip_special=True) == [0, 3, 3]
+    # a prompt whose decode is not its text (spaces before punctuation: transformers' clean-up)
+    spaced = "The quick , fox"
+    ids = tok(spaced)["input_ids"]
+    got = text_offsets(tok, ids, spaced, added=added_in_front(tok, ids, spaced))
+    assert [spaced[a:b] for a, b in zip(got, [*got[1:], len(spaced)])][:4] == ["", "The", " quick", " "]
 
 
 def _last_id(model, ids):

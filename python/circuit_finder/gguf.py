@@ -45,6 +45,7 @@ import torch
 from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix_name, packs_on
 
 __all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer",
+           "check_metadata_sizes",
            "drop_resident_pages", "sliding_layers", "gguf_architecture", "gguf_block_count", "gguf_config",
            "gguf_field", "gguf_num_layers", "gguf_tensor_name", "gguf_tokenizer", "metadata_digest", "open_gguf", "read_gguf",
            "tokenizer_cache_dir"]

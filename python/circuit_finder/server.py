@@ -445,7 +445,8 @@ class Service:
         token_lp = [None, *values][start:]
         top = [None, *[{tok.decode([i]): v for i, v in alts} for alts in tops]][start:]
         prompt = self.prompt_text(job) if job.echo else ""
-        offsets = text_offsets(tok, job.ids, prompt) if job.echo else []
+        added = added_in_front(tok, job.ids, prompt) if job.echo and job.prompt_text is not None else 0
+        offsets = text_offsets(tok, job.ids, prompt, added=added) if job.echo else []
         offsets += [len(prompt) + o for o in text_offsets(tok, completion, done.finished.text, skip_special=True)]
         return {"tokens": [tok.decode([t]) for t in seq[start:]], "token_logprobs": token_lp,
                 "top_logprobs": top if job.logprobs else None, "text_offset": offsets}
@@ -543,21 +544,30 @@ class Service:
         return chunk
 
 
-def text_offsets(tokenizer, ids: list[int], text: str, skip_special: bool = False, window: int = 8) -> list[int]:
+def text_offsets(tokenizer, ids: list[int], text: str, skip_special: bool = False, added: int = 0,
+                 window: int = 8) -> list[int]:
     """Where each token of ``ids`` begins in ``text``, their decode (``skip_special`` as it was
-    made) or what they were encoded from. A token's width is what it adds to the decode of the
-    ``window`` tokens before it (decoded alone, a sentencepiece piece loses its leading space and a
-    byte-level piece may be half a character). Tokens the tokenizer added in front of an encoded
-    text (BOS) come out at 0; offsets past the text's end (a stop string cut it) at its end."""
-    raw, at = [], 0
-    for i in range(len(ids)):
-        raw.append(at)
+    made) or what they were encoded from. The first ``added`` tokens (what the tokenizer put in
+    front of an encoded text: BOS) come out at 0; a token's width is what it adds to the decode of
+    the ``window`` tokens before it (decoded alone, a sentencepiece piece loses its leading space
+    and a byte-level piece may be half a character); offsets past the text's end (a stop string
+    cut it) come out at its end."""
+    def width(part: list[int]) -> int:
+        return len(tokenizer.decode(part, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False))
+
+    offsets, seq, at = [0] * added, ids[added:], 0
+    for i in range(len(seq)):
+        offsets.append(min(at, len(text)))
         lo = max(0, i - window)
-        at += max(0, len(tokenizer.decode(ids[lo:i + 1], skip_special_tokens=skip_special))
-                  - len(tokenizer.decode(ids[lo:i], skip_special_tokens=skip_special)))
-    decoded = tokenizer.decode(ids, skip_special_tokens=skip_special)
-    shift = len(decoded) - len(text) if text and decoded.endswith(text) else 0
-    return [min(max(0, o - shift), len(text)) for o in raw]
+        at += max(0, width(seq[lo:i + 1]) - width(seq[lo:i]))
+    return offsets
+
+
+def added_in_front(tokenizer, ids: list[int], text: str) -> int:
+    """How many of ``ids`` (``text`` encoded with special tokens) the tokenizer put in front of the
+    text's own tokens (BOS): 0 when the ids do not end with the text's encoding without them."""
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return len(ids) - len(plain) if len(plain) <= len(ids) and ids[len(ids) - len(plain):] == plain else 0
 
 
 def usage(prompt: int, completion: int) -> dict:

@@ -121,8 +121,11 @@ def _search_means(router: Router, result, names=None) -> dict[str, dict[str, flo
     if missing:
         raise RouterError(f"router {router.name!r}: candidate {missing[0]} has no search record in "
                           f"{result.path or 'this sweep'}; evaluate a router against the sweep it was trained on")
-    names = [p for p in (names or _training_probes(router, result))
-             if all(search[k]["scores"].get(p) for k in keys)]
+    wanted = list(names or _training_probes(router, result))
+    names = [p for p in wanted if all(search[k]["scores"].get(p) for k in keys)]
+    if not names:
+        raise RouterError(f"router {router.name!r}: no probe of {wanted} has search records for every candidate in "
+                          f"{result.path or 'this sweep'}")
     return {k: {p: float(np.mean(list(search[k]["scores"][p].values()))) for p in names} for k in keys}
 
 

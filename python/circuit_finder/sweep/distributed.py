@@ -112,6 +112,8 @@ class RayExecutor:
     def session(self):
         """Keeps the workers up between the runs inside it (sweep() holds one over its stages and
         validate(); nested sessions share it) and frees them at the outermost end."""
+        if self._depth == 0:
+            self.started, self.pids = 0, []
         self._depth += 1
         try:
             yield self
@@ -194,14 +196,18 @@ class RayExecutor:
         remote = ray.remote(num_gpus=gpus, num_cpus=1)(SweepWorker) if gpus else ray.remote(num_cpus=threads)(SweepWorker)
         stage = (probes, *(worker_args[k] for k in ("mode", "split", "max_items", "chat", "reuse", "thinking",
                                                      "think_tokens", "stage")))
-        if not self.actors:
+        if self._depth == 0:
             self.started, self.pids = 0, []
         try:
             more = min(workers, len(groups)) - len(self.actors)
             if more > 0:
                 self.actors += self._start(ray, remote, args, want, more)
                 self.started += more
-            ray.get([a.prepare.remote(*stage) for a in self.actors])
+            for actor, done in [(a, a.prepare.remote(*stage)) for a in self.actors]:
+                try:
+                    ray.get(done)
+                except _died(ray):  # went between stages: replaced like one that dies mid-stage
+                    self._replace(ray, remote, args, want, stage, actor, {})
             self._drive(ray, remote, args, want, stage, groups, on_record)
         except BaseException:
             self.close()
@@ -235,10 +241,7 @@ class RayExecutor:
         return actors
 
     def _drive(self, ray, remote, args: dict, want, stage: tuple, groups: deque, on_record) -> None:
-        import ray.exceptions as rex
-
-        died = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError")
-                     if hasattr(rex, n))
+        died = _died(ray)
         current = {id(a): deque() for a in self.actors}
         inflight: dict = {}
 
@@ -279,3 +282,9 @@ class RayExecutor:
         ray.get(actor.prepare.remote(*stage))
         self.actors.append(actor)
         current[id(actor)] = deque()
+
+
+def _died(ray) -> tuple:
+    """The exceptions by which Ray says an actor is gone (or unavailable: treated alike)."""
+    rex = ray.exceptions
+    return tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError") if hasattr(rex, n))

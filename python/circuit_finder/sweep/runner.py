@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import re
 import time
 import warnings
@@ -512,7 +513,8 @@ def check_probes(model: Model, probes: Sequence[Probe], mode: str, split: str, m
 def check_max_items(max_items) -> None:
     """max_items is None (every item) or a whole number >= 1 (items[:-1] or items[:0] would
     silently drop items or read as a probe without any)."""
-    if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1):
+    if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, numbers.Integral)
+                                  or max_items < 1):
         raise ValueError(f"max_items must be None (every item) or an integer >= 1, got {max_items!r}")
 
 
