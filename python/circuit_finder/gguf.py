@@ -45,7 +45,6 @@ import torch
 from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix_name, packs_on
 
 __all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer",
-           "check_metadata_sizes",
            "drop_resident_pages", "sliding_layers", "gguf_architecture", "gguf_block_count", "gguf_config",
            "gguf_field", "gguf_num_layers", "gguf_tensor_name", "gguf_tokenizer", "metadata_digest", "open_gguf", "read_gguf",
            "tokenizer_cache_dir"]
@@ -277,7 +276,7 @@ def _check_tensor_table(data, at: int, count: int, alignment: int, path: str) ->
 
     import gguf
 
-    infos = []
+    infos, sizes = [], {int(t): (t.name, *size) for t, size in gguf.GGML_QUANT_SIZES.items()}
     _need(data, at, count * 24, f"the tensor table ({count} tensors)", path)  # each entry is >= 24 bytes
     for k in range(count):
         at, name = _string(data, at, f"tensor {k}'s name", path)
@@ -287,14 +286,13 @@ def _check_tensor_table(data, at: int, count: int, alignment: int, path: str) ->
         shape = struct.unpack_from(f"<{dims}Q", data, at + 4)
         kind, offset = struct.unpack_from("<IQ", data, at + 4 + 8 * dims)
         at += 4 + 8 * dims + 12
-        known = kind in {int(t) for t in gguf.GGML_QUANT_SIZES}
-        if not known:
+        if kind not in sizes:
             raise GGUFError(f"{path}: tensor {name!r} has ggml type {kind}, which the gguf package does not know")
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        type_name, block, size = sizes[kind]
         values = math.prod(shape)
         if values % block:
             raise GGUFError(f"{path}: tensor {name!r} holds {values} values, not whole {block}-value blocks of "
-                            f"{gguf.GGMLQuantizationType(kind).name}")
+                            f"{type_name}")
         infos.append((name, offset, values // block * size))
     start = -(-at // alignment) * alignment
     for name, offset, nbytes in infos:
@@ -463,19 +461,29 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
     if "rope_freqs.weight" in by_name:
         _rope_freqs_config(path, arch, config, _config_vector(by_name["rope_freqs.weight"], path))
     _bias_config(config, by_name)
+    ids = _special_ids(reader, path, config["vocab_size"])
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                        ("padding_token_id", "pad_token_id"), ("eot_token_id", None)):
-        v = gguf_field(reader, f"tokenizer.ggml.{key}")
-        if v is not None and not 0 <= int(v) < config["vocab_size"]:
-            warnings.warn(f"{path}: tokenizer.ggml.{key} = {int(v)} is outside the vocabulary (0..{config['vocab_size'] - 1}): "
-                          "ignored", stacklevel=4)
-        elif v is not None and hf_key:
-            config[hf_key] = int(v)
-    eot = gguf_field(reader, "tokenizer.ggml.eot_token_id")  # end of turn (Gemma's <end_of_turn>, Phi-3's <|end|>)
-    eot = eot if eot is not None and 0 <= int(eot) < config["vocab_size"] else None
-    if eot is not None and int(eot) != config.get("eos_token_id"):
-        config["eos_token_id"] = [config["eos_token_id"], int(eot)] if "eos_token_id" in config else int(eot)
+                        ("padding_token_id", "pad_token_id")):
+        if key in ids:
+            config[hf_key] = ids[key]
+    eot = ids.get("eot_token_id")  # end of turn (Gemma's <end_of_turn>, Phi-3's <|end|>)
+    if eot is not None and eot != config.get("eos_token_id"):
+        config["eos_token_id"] = [config["eos_token_id"], eot] if "eos_token_id" in config else eot
     return config
+
+
+def _special_ids(reader, path: str, vocab_size: int) -> dict[str, int]:
+    """tokenizer.ggml.{bos,eos,padding,eot}_token_id that lie in the vocabulary; one outside it is
+    warned about and left out."""
+    ids = {}
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id", "eot_token_id"):
+        v = gguf_field(reader, f"tokenizer.ggml.{key}")
+        if v is not None and not 0 <= int(v) < vocab_size:
+            warnings.warn(f"{path}: tokenizer.ggml.{key} = {int(v)} is outside the vocabulary (0..{vocab_size - 1}): "
+                          "ignored", stacklevel=5)
+        elif v is not None:
+            ids[key] = int(v)
+    return ids
 
 
 _ATTENTION_BIASES = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias")
@@ -493,20 +501,17 @@ def _bias_config(config: dict, by_name: dict) -> None:
         config["mlp_bias"] = True
 
 
-def check_biases(path: str, reader, arch: str, config: dict) -> dict[str, str]:
-    """The biases the engine reads for this config (``config.parse_config``'s qkv_bias / o_bias /
-    mlp_bias) against those the file holds, per layer that holds the biased matrix. A bias held but
-    not read would be dropped (a silently different model): GGUFError naming it. A bias read but not
-    held (llama.cpp treats each as optional) is zero, exactly: returned as {Hugging Face bias name:
-    its matrix's Hugging Face name}, for the loader to fill."""
-    from .config import parse_config
-
-    flags = parse_config(config, path)
+def check_biases(path: str, reader, arch: str, flags) -> dict[str, str]:
+    """The biases the engine reads for a config (``flags``: its ``config.parse_config``, whose
+    qkv_bias / o_bias / mlp_bias say) against those the file holds, per layer that holds the biased
+    matrix. A bias held but not read would be dropped (a silently different model): GGUFError naming
+    it. A bias read but not held (llama.cpp treats each as optional) is zero, exactly: returned as
+    {Hugging Face bias name: its matrix's Hugging Face name}, for the loader to fill."""
     reads = {**dict.fromkeys(_ATTENTION_BIASES[:3], flags.qkv_bias), "attn_output.bias": flags.o_bias,
              **dict.fromkeys(_MLP_BIASES, flags.mlp_bias)}
     by_name = {t.name for t in reader.tensors}
     missing = {}
-    for layer in range(config["num_hidden_layers"]):
+    for layer in range(flags.num_layers):
         for suffix, read in reads.items():
             bias, matrix = f"blk.{layer}.{suffix}", f"blk.{layer}.{suffix[:-4]}weight"
             if bias in by_name and not read:
@@ -907,9 +912,9 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
     config = gguf_config(reader, path)
     from .config import parse_config
 
-    parse_config(config, path)  # the engine's own checks (positive sizes, head counts...) before any tensor work
+    flags = parse_config(config, path)  # the engine's own checks (positive sizes, head counts...) before any tensor work
     arch = gguf_architecture(reader, path)
-    zero_biases = check_biases(path, reader, arch, config)
+    zero_biases = check_biases(path, reader, arch, flags)
     from .placement import layer_of
 
     def kept(t) -> str | None:  # its Hugging Face name; None when unused (or a multi-token-prediction block)
@@ -1082,9 +1087,10 @@ def _tokenizer_cached(path: str, key: str):
 def gguf_tokenizer(path: str | os.PathLike):
     """The tokenizer (with chat template) stored in a GGUF file; None if absent. Built by
     transformers the first time, then read back from the cache (``tokenizer_cache_dir``, keyed by
-    ``metadata_digest``) in a tenth of a second."""
+    ``metadata_digest``) in a tenth of a second. The file's tensor table is checked first: transformers
+    reads a file with the gguf package's reader, which would report a truncated one as a bad tokenizer."""
     path = os.path.abspath(str(path))
-    walked = metadata_keys(path) if os.path.isfile(path) else None
+    walked = _walk(path, tensors=True) if os.path.isfile(path) else None
     if walked is None:  # missing, not GGUF, or big-endian: the reader says which, or reads it
         reader = open_gguf(path)
         walked = (int(reader.data_offset), list(reader.fields))

@@ -235,7 +235,7 @@ def _with_generation_eos(config, folder: Path):
 
 def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: bool, activations: str,
                fuse_projections: bool | None) -> Model:
-    from .gguf import check_metadata_sizes, gguf_tokenizer, read_gguf
+    from .gguf import gguf_tokenizer, read_gguf
 
     target = resolve_dtype(dtype, torch.float32)
     placed: list[Placement] = []
@@ -245,8 +245,7 @@ def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: boo
         placed.append(plan(device_map, parse_config(config, path).num_layers, sizes, device, max_memory, packed))
         return placed[0]
 
-    check_metadata_sizes(path)  # a truncated file is named as such, not as a tokenizer that would not build
-    tokenizer = gguf_tokenizer(path)  # then: bad tokenizer metadata fails before minutes of weights
+    tokenizer = gguf_tokenizer(path)  # first: bad tokenizer metadata fails before minutes of weights
     config, tensors = read_gguf(path, target, place, keep_packed=not dequantize)
     return _build(config, tensors, tokenizer=tokenizer, device=device, dtype=target, source=path,
                   device_map=placed[0], activations=activations, fuse_projections=fuse_projections, owned=True)

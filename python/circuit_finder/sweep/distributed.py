@@ -167,9 +167,13 @@ class RayExecutor:
 
     def run(self, model, probes, configs: Sequence, on_record, worker_args: dict) -> None:
         """Runs ``configs`` (in shared-prefix order) on the actors; ``on_record(record)`` is called
-        on the driver for each finished config, exactly once per config. Outside a ``session()``
-        the workers are freed when it returns; inside, they are kept for the next run (and freed
-        if it fails)."""
+        on the driver for each finished config, exactly once per config. It is a ``session()`` of
+        its own: inside an open one the workers are kept for the next run (and freed if it fails);
+        outside, they are freed when it returns."""
+        with self.session():
+            self._run(model, probes, configs, on_record, worker_args)
+
+    def _run(self, model, probes, configs: Sequence, on_record, worker_args: dict) -> None:
         options = {k: v for k, v in model.load_options.items() if k != "from_file"}
         if not model.load_options.get("from_file"):
             raise ValueError(f"a Ray sweep loads the model again in each worker from its file, and this model "
@@ -196,8 +200,6 @@ class RayExecutor:
         remote = ray.remote(num_gpus=gpus, num_cpus=1)(SweepWorker) if gpus else ray.remote(num_cpus=threads)(SweepWorker)
         stage = (probes, *(worker_args[k] for k in ("mode", "split", "max_items", "chat", "reuse", "thinking",
                                                      "think_tokens", "stage")))
-        if self._depth == 0:
-            self.started, self.pids = 0, []
         try:
             more = min(workers, len(groups)) - len(self.actors)
             if more > 0:
@@ -209,11 +211,9 @@ class RayExecutor:
                 except _died(ray):  # went between stages: replaced like one that dies mid-stage
                     self._replace(ray, remote, args, want, stage, actor, {})
             self._drive(ray, remote, args, want, stage, groups, on_record)
-        except BaseException:
+        except BaseException:  # the workers hold CPUs or GPUs: free them for other jobs
             self.close()
             raise
-        if self._depth == 0:  # the workers hold CPUs or GPUs: free them for other jobs
-            self.close()
 
     def _start(self, ray, remote, args: dict, want, count: int) -> list:
         """``count`` new actors, started together; each has loaded the driver's model file."""

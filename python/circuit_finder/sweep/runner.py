@@ -446,7 +446,6 @@ def run_configs(model: Model, probes: list[Probe], configs: list[SweepConfig], s
     finishes; ``desc`` names the stage (sweep, refine, validate) in the records and the progress bar.
     ``executor``: a RayExecutor runs them on Ray workers (records still appended here, in the order
     they finish); None runs them in this process."""
-    check_max_items(max_items)
     names = [p.name for p in probes]
     todo = [c for c in configs if store is None or not store.has(c.key, split, mode, names)]
     if split != "search":  # before anything runs: a router is never scored on items it trained on as held out
