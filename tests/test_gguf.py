@@ -746,11 +746,46 @@ def test_gguf_tokenizer_cache_key_follows_the_metadata(tmp_path, monkeypatch):
     data[at] = ord("H")
     copy.write_bytes(data)
     assert gguf.metadata_digest(str(copy), gguf.metadata_keys(str(copy))[0]) != key
+    import tokenizers  # another tokenizers version writes another tokenizer.json: another entry
+
+    monkeypatch.setattr(tokenizers, "__version__", tokenizers.__version__ + ".post1")
+    assert gguf.metadata_digest(str(src), end) != key
+    monkeypatch.undo()
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # cannot be made: built, no error
     gguf.gguf_tokenizer.cache_clear()
     assert "Helpful AI assistant" in gguf.gguf_tokenizer(copy).apply_chat_template([{"role": "user", "content": "x"}],
                                                                                    tokenize=False)
+
+
+def test_special_token_ids_outside_the_vocabulary_leave_the_tokenizer_buildable(tmp_path, monkeypatch):
+    """A published file whose pad (or eos) id lies past the vocabulary loads, as in llama.cpp: those
+    ids are warned about and the tokenizer is built without them (transformers' build fails on them
+    with an IndexError); it tokenizes as the untouched file's tokenizer does."""
+    from gguf import GGUFReader
+
+    from circuit_finder import gguf
+
+    src = Path(cf.default_model_path())
+    monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "cache"))
+    gguf.gguf_tokenizer.cache_clear()
+    reference = gguf.gguf_tokenizer(src)
+    copy = tmp_path / "padded.gguf"
+    copy.write_bytes(src.read_bytes())
+    reader = GGUFReader(copy, "r+")
+    n = len(reader.fields["tokenizer.ggml.tokens"].data)
+    for key, value in (("eos_token_id", n), ("padding_token_id", 10**6)):
+        field = reader.fields[f"tokenizer.ggml.{key}"]
+        field.parts[field.data[0]][0] = value
+    del reader
+    gguf.gguf_tokenizer.cache_clear()
+    with pytest.warns(UserWarning, match=rf"padded.gguf: tokenizer.ggml.eos_token_id = {n}, "
+                                         rf"tokenizer.ggml.padding_token_id = 1000000 outside the vocabulary"):
+        model = cf.load(copy)
+    text = "The quick brown fox, 12345 times: <|im_start|>user"
+    assert model.tokenizer(text).input_ids == reference(text).input_ids
+    assert model.tokenizer.eos_token is None and model.tokenizer.bos_token == reference.bos_token
+    assert model.config.raw.get("eos_token_id") is None
 
 
 def test_mapped_reader_reads_what_the_package_reader_reads(golden):

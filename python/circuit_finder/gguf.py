@@ -32,6 +32,7 @@ one tensor each (old Mixtral conversions) are refused.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -253,20 +254,31 @@ def _walk(path: str, tensors: bool) -> tuple[int, list[str]] | None:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] > 0xFFFF:
             return None
-        n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
         at, keys, alignment = 24, [], 32
-        for k in range(n_kv):
-            at, key = _string(data, at, f"metadata entry {k}'s key", path)
-            if at + 4 > len(data):
-                raise GGUFError(f"{path}: metadata '{key}' has no value type (file ends)")
-            kind, start = struct.unpack_from("<I", data, at)[0], at + 4
-            at = _skip_value(data, start, kind, key, path)
+        for key, kind, _, start, end in _entries(data, path):
             if key == "general.alignment" and kind == 4:  # uint32
                 alignment = struct.unpack_from("<I", data, start)[0] or 32
             keys.append(key)
+            at = end
         if tensors:
-            _check_tensor_table(data, at, n_tensors, alignment, path)
+            _check_tensor_table(data, at, struct.unpack_from("<Q", data, 8)[0], alignment, path)
         return at, keys
+
+
+def _entries(data, path: str):
+    """Each metadata entry of a little-endian GGUF file's bytes, checked as it is skipped:
+    (key, value type, entry start, value start, entry end)."""
+    import struct
+
+    at = 24
+    for k in range(struct.unpack_from("<Q", data, 16)[0]):
+        begin = at
+        at, key = _string(data, at, f"metadata entry {k}'s key", path)
+        if at + 4 > len(data):
+            raise GGUFError(f"{path}: metadata '{key}' has no value type (file ends)")
+        kind, start = struct.unpack_from("<I", data, at)[0], at + 4
+        at = _skip_value(data, start, kind, key, path)
+        yield key, kind, begin, start, at
 
 
 def _check_tensor_table(data, at: int, count: int, alignment: int, path: str) -> None:
@@ -1017,9 +1029,9 @@ def _warn_dequantized(path: str, used: list, dtype: torch.dtype) -> None:
                       stacklevel=3)
 
 
-def build_tokenizer(path: str):
+def build_tokenizer(path: str, name: str | None = None):
     """The tokenizer of a GGUF file as transformers builds it from the vocabulary (seconds for a
-    large vocabulary: ``gguf_tokenizer`` keeps the result)."""
+    large vocabulary: ``gguf_tokenizer`` keeps the result); errors name ``name`` (default ``path``)."""
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -1035,8 +1047,57 @@ def build_tokenizer(path: str):
 
             return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
     except Exception as e:  # transformers' KeyError / IndexError on bad tokenizer.ggml.* metadata
-        raise GGUFError(f"{path}: cannot build the tokenizer from its tokenizer.ggml.* metadata "
+        raise GGUFError(f"{name or path}: cannot build the tokenizer from its tokenizer.ggml.* metadata "
                         f"({type(e).__name__}: {e})") from e
+
+
+_INTEGER_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}  # GGUF value types
+
+
+@contextlib.contextmanager
+def _tokenizer_source(path: str):
+    """``path``, or, when a ``tokenizer.ggml.*_token_id`` lies outside the vocabulary (a pad id one
+    past it is common in published files; transformers' build fails on it with an IndexError), a
+    temporary copy of the file's header and metadata without those keys, warned about: llama.cpp
+    also loads such a file without them."""
+    import tempfile
+
+    copy = _without_bad_special_ids(path)
+    if copy is None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="cf-tokenizer-") as tmp:
+        name = os.path.join(tmp, os.path.basename(path))
+        with open(name, "wb") as out:
+            out.write(copy)
+        yield name
+
+
+def _without_bad_special_ids(path: str) -> bytes | None:
+    """The header and metadata of a little-endian GGUF file, with no tensors and without its
+    special token ids outside the vocabulary (warned about); None when it has none such."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] > 0xFFFF:
+            return None  # big-endian: left to transformers
+        entries = list(_entries(data, path))
+        tokens = [start for key, kind, _, start, _ in entries if key == "tokenizer.ggml.tokens" and kind == _ARRAY]
+        if not tokens:
+            return None
+        n = struct.unpack_from("<Q", data, tokens[0] + 4)[0]
+        ids = {key: struct.unpack_from(_INTEGER_FORMATS[kind], data, start)[0]
+               for key, kind, _, start, _ in entries
+               if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") and kind in _INTEGER_FORMATS}
+        bad = {key: v for key, v in ids.items() if not 0 <= v < n}
+        if not bad:
+            return None
+        warnings.warn(f"{path}: {', '.join(f'{k} = {v}' for k, v in bad.items())} outside the vocabulary "
+                      f"(0..{n - 1}): the tokenizer is built without {'it' if len(bad) == 1 else 'them'}",
+                      stacklevel=7)
+        kept = b"".join(data[begin:end] for key, _, begin, _, end in entries if key not in bad)
+        return data[:8] + struct.pack("<QQ", 0, len(entries) - len(bad)) + kept
 
 
 def tokenizer_cache_dir() -> Path:
@@ -1050,13 +1111,14 @@ def tokenizer_cache_dir() -> Path:
 
 def metadata_digest(path: str, end: int) -> str:
     """SHA-256 of a GGUF file's first ``end`` bytes (its header and metadata: the whole vocabulary
-    and chat template) and of the transformers version that builds the tokenizer: the key of a
-    cached tokenizer."""
+    and chat template) and of the transformers and tokenizers versions that build and save the
+    tokenizer: the key of a cached tokenizer."""
     import hashlib
 
+    import tokenizers
     import transformers
 
-    h = hashlib.sha256(f"transformers {transformers.__version__}\n".encode())
+    h = hashlib.sha256(f"transformers {transformers.__version__}\ntokenizers {tokenizers.__version__}\n".encode())
     with open(path, "rb") as f:
         h.update(f.read(end))
     return h.hexdigest()
@@ -1074,7 +1136,8 @@ def _tokenizer_cached(path: str, key: str):
             return AutoTokenizer.from_pretrained(str(folder))
         except Exception:  # noqa: BLE001 — a damaged cache entry is rebuilt below
             pass
-    tokenizer = build_tokenizer(path)
+    with _tokenizer_source(path) as source:
+        tokenizer = build_tokenizer(source, name=path)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with staged(folder, folder=True) as tmp:
