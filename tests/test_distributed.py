@@ -3,6 +3,7 @@ reruns nothing, and killing a worker mid-sweep loses nothing (every config recor
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -135,11 +136,48 @@ def test_killing_a_worker_mid_sweep_loses_nothing(chat_model, tmp_path, cluster)
     _same(_by_config(tmp_path / "local.jsonl"), _by_config(out), "generate")
 
 
+def test_a_hung_worker_is_replaced_after_config_timeout(chat_model, tmp_path, cluster):
+    """A worker stopped mid-sweep (SIGSTOP: alive to Ray, answering nothing) is taken for hung once
+    a config has been on it config_timeout seconds: killed, replaced, and its configs run again;
+    every config recorded once, as a local run records it."""
+    import os
+    import signal
+
+    kw = dict(probes=["math"], strategy="scan", mode="likelihood", max_items=2, progress=False)
+    cf.sweep(chat_model, results=tmp_path / "local.jsonl", **kw)
+    ex = cf.RayExecutor(workers=2, threads=1, config_timeout=8)
+    out = tmp_path / "hung.jsonl"
+    stopped = []
+
+    def stopper():
+        deadline = time.time() + 120
+        while time.time() < deadline and not stopped:
+            if out.exists() and len(read_records(out)[1]) >= 3 and len(ex.pids) == 2:
+                os.kill(ex.pids[0], signal.SIGSTOP)
+                stopped.append(ex.pids[0])
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=stopper, daemon=True)
+    thread.start()
+    try:
+        with pytest.warns(UserWarning, match="spent over 8 s on config .*: taken for hung, killed and replaced"):
+            cf.sweep(chat_model, results=out, executor=ex, **kw)
+    finally:
+        thread.join(timeout=5)
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert stopped and ex.restarts == 1 and len(ex.pids) == 3, "the worker was not stopped mid-sweep"
+    _same(_by_config(tmp_path / "local.jsonl"), _by_config(out), "likelihood")
+
+
 def test_bad_executor_is_refused(chat_model):
     with pytest.raises(ValueError, match="executor must be"):
         cf.sweep(chat_model, probes=["math"], paths=["0..5"], executor="dask", progress=False)
     with pytest.raises(ValueError, match="workers must be >= 1"):
         cf.RayExecutor(workers=0)
+    with pytest.raises(ValueError, match="config_timeout must be None or > 0 seconds"):
+        cf.RayExecutor(config_timeout=0)
 
 
 def test_cli_sweep_on_ray(chat_model_dir, tmp_path, cluster, capsys):
@@ -151,4 +189,6 @@ def test_cli_sweep_on_ray(chat_model_dir, tmp_path, cluster, capsys):
     assert main([*args, "--executor", "ray", "--workers", "2"]) == 0
     assert len(_by_config(out)) == 22
     assert main([*args, "--workers", "2"]) == 2
-    assert "--address and --workers go with --executor ray" in capsys.readouterr().err
+    assert "--address, --workers and --config-timeout go with --executor ray" in capsys.readouterr().err
+    assert main([*args, "--config-timeout", "60"]) == 2
+    assert "--config-timeout go with --executor ray" in capsys.readouterr().err

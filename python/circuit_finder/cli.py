@@ -270,15 +270,16 @@ def _check_strategy_options(args) -> None:
 
 
 def _executor(args):
-    """--executor ray [--address A] [--workers N] -> a RayExecutor (checked before the model loads)."""
+    """--executor ray [--address A] [--workers N] [--config-timeout S] -> a RayExecutor (checked
+    before the model loads)."""
     if args.executor != "ray":
-        if args.address or args.workers:
-            raise ValueError("--address and --workers go with --executor ray")
+        if args.address or args.workers or args.config_timeout:
+            raise ValueError("--address, --workers and --config-timeout go with --executor ray")
         return None
     _needs("ray", "ray", "circuit-finder sweep --executor ray")
     from .sweep import RayExecutor
 
-    return RayExecutor(address=args.address, workers=args.workers)
+    return RayExecutor(address=args.address, workers=args.workers, config_timeout=args.config_timeout)
 
 
 def cmd_sweep(args) -> int:
@@ -488,6 +489,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -606,6 +614,9 @@ def _add_sweep(sub) -> None:
                    help="with --executor ray: the cluster (auto, ray://host:10001); default RAY_ADDRESS or a local one")
     s.add_argument("--workers", type=_positive, default=None,
                    help="with --executor ray: workers (default one per GPU, or the cluster's CPUs / threads)")
+    s.add_argument("--config-timeout", type=_positive_seconds, default=None, metavar="S",
+                   help="with --executor ray: a worker spending over S seconds on one config is taken for hung, "
+                        "killed and replaced (default: no limit)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_sweep)
 

@@ -15,9 +15,10 @@ we only hand out work):
   identity prefix between calls);
 - the driver alone writes the results file: each record is appended (fsynced) as it comes back,
   so resume works exactly as for a local sweep;
-- a worker that dies (or that Ray reports unavailable: it is killed) loses at most its config in
-  flight: that config and the rest of its group go back to the front of the queue, a replacement
-  worker is started (up to ``max_restarts``), and every config is recorded exactly once.
+- a worker that dies (or that Ray reports unavailable, or that spends over ``config_timeout``
+  seconds on one config: hung; it is killed) loses at most its config in flight: that config and
+  the rest of its group go back to the front of the queue, a replacement worker is started (up to
+  ``max_restarts``), and every config is recorded exactly once.
 
 Limits: the model file must be readable at the same (absolute) path on every node; probes travel to the
 workers by pickling (built-in names, .jsonl paths or Probe objects that pickle).
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+import warnings
 from collections import deque
 from collections.abc import Sequence
 
@@ -90,17 +93,21 @@ class RayExecutor:
     CUDA model, else the cluster's CPUs // threads). threads: CPU threads per CPU worker
     (default: the cluster's CPUs // workers when workers is given, else this process's torch
     threads). max_restarts: replacement workers started in all. start_timeout: seconds a worker
-    may take to start and load the model.
+    may take to start and load the model. config_timeout: seconds a worker may spend on one config
+    before it is taken for hung, killed and replaced, the config run again elsewhere (None: no
+    limit; set it well above a config's time, a first config's prefix included).
     """
 
     def __init__(self, address: str | None = None, workers: int | None = None, threads: int | None = None,
-                 max_restarts: int = 4, start_timeout: float = 900.0):
+                 max_restarts: int = 4, start_timeout: float = 900.0, config_timeout: float | None = None):
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if config_timeout is not None and not config_timeout > 0:
+            raise ValueError(f"config_timeout must be None or > 0 seconds, got {config_timeout}")
         self.address, self.workers, self.max_restarts = address, workers, max_restarts
-        self.threads, self.start_timeout = threads, start_timeout
+        self.threads, self.start_timeout, self.config_timeout = threads, start_timeout, config_timeout
         self.actors: list = []  # the live actors (tests kill one mid-sweep)
         self.started = 0  # workers the last session (or run outside one) started, replacements not counted
         self.pids: list[int] = []  # the process ids of the workers it started, replacements included
@@ -243,31 +250,54 @@ class RayExecutor:
     def _drive(self, ray, remote, args: dict, want, stage: tuple, groups: deque, on_record) -> None:
         died = _died(ray)
         current = {id(a): deque() for a in self.actors}
-        inflight: dict = {}
+        inflight: dict = {}  # ref -> (actor, config, when it was handed out)
 
         def feed(actor) -> None:
             if not current[id(actor)] and groups:
                 current[id(actor)] = deque(groups.popleft())
             if current[id(actor)]:
                 config = current[id(actor)].popleft()
-                inflight[actor.run.remote(config)] = (actor, config)
+                inflight[actor.run.remote(config)] = (actor, config, time.monotonic())
+
+        def lost(actor, config) -> None:  # nothing of its group was recorded: back to the front
+            groups.appendleft([config, *current.pop(id(actor))])
+            self._replace(ray, remote, args, want, stage, actor, current)
+            busy = {id(a) for a, _, _ in inflight.values()}
+            for idle in [a for a in self.actors if id(a) not in busy]:
+                feed(idle)
 
         for actor in self.actors:
             feed(actor)
         while inflight:
-            done, _ = ray.wait(list(inflight), num_returns=1)
-            actor, config = inflight.pop(done[0])
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=self._patience(inflight))
+            if not done:
+                hung = self._overdue(inflight)
+                if hung is not None:
+                    actor, config, _ = inflight.pop(hung)
+                    warnings.warn(f"a Ray worker spent over {self.config_timeout:g} s on config {config}: taken for "
+                                  f"hung, killed and replaced; the config runs again", stacklevel=2)
+                    lost(actor, config)
+                continue
+            actor, config, _ = inflight.pop(done[0])
             try:
                 record = ray.get(done[0])
             except died:
-                groups.appendleft([config, *current.pop(id(actor))])  # nothing of it was recorded
-                self._replace(ray, remote, args, want, stage, actor, current)
-                busy = {id(a) for a, _ in inflight.values()}
-                for idle in [a for a in self.actors if id(a) not in busy]:
-                    feed(idle)
+                lost(actor, config)
                 continue
             on_record(record)
             feed(actor)
+
+    def _patience(self, inflight: dict) -> float | None:
+        """Seconds until the oldest config in flight is overdue (None: no config_timeout)."""
+        if self.config_timeout is None:
+            return None
+        oldest = min(when for _, _, when in inflight.values())
+        return max(0.0, oldest + self.config_timeout - time.monotonic())
+
+    def _overdue(self, inflight: dict):
+        """The ref of the oldest config in flight if it is past config_timeout, else None."""
+        ref = min(inflight, key=lambda r: inflight[r][2])
+        return ref if time.monotonic() - inflight[ref][2] >= self.config_timeout else None
 
     def _replace(self, ray, remote, args: dict, want, stage: tuple, dead, current: dict) -> None:
         """Kills a dead (or unavailable) actor, freeing its CPUs or GPUs, and starts another for
@@ -275,7 +305,7 @@ class RayExecutor:
         ray.kill(dead, no_restart=True)
         self.actors = [a for a in self.actors if a is not dead]
         if self.restarts >= self.max_restarts:
-            raise RuntimeError(f"Ray workers died {self.restarts + 1} times; the sweep stops here (finished "
+            raise RuntimeError(f"Ray workers died or hung {self.restarts + 1} times; the sweep stops here (finished "
                                f"configs are in the results file: resume to go on)")
         self.restarts += 1
         actor = self._start(ray, remote, args, want, 1)[0]
