@@ -133,3 +133,112 @@ def test_device_falls_back_to_cpu(chat_model_dir):
         lm = CircuitFinderLM.create_from_arg_string(f"pretrained={chat_model_dir},layers=rys=1:3",
                                                     {"device": "cuda", "batch_size": 2})
     assert str(lm.device) == "cpu" and str(lm.path) == "0..2,1..5"
+
+
+def _instances(kind, args):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_requests_at_the_edges_match_hflm(chat_model_dir):
+    """Request by request, against lm-eval's own HFLM on the rebuilt transformers model, at
+    max_length 16 where contexts are left-truncated and documents take several rolling windows:
+    contexts ending in a space, an empty context, is_greedy, more requests than one scoring step
+    (order kept), generation with left truncation and max_length in gen_kwargs, and
+    add_bos_token=True on a tokenizer that adds no BOS by itself."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from circuit_finder.lm_eval import CircuitFinderLM
+
+    model = cf.load(chat_model_dir)
+    hf = rebuilt(AutoModelForCausalLM.from_pretrained(str(chat_model_dir), dtype=torch.float32),
+                 list(model.path(LAYERS)))
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_model_dir))
+    assert tokenizer.encode("hello")[:1] != [tokenizer.bos_token_id]  # the case add_bos_token must change
+    for bos in (None, True):
+        ours = CircuitFinderLM(model=model, layers=LAYERS, batch_size=1, max_length=16, max_gen_toks=5,
+                               add_bos_token=bos)
+        reference = HFLM(pretrained=hf, batch_size=1, max_length=16, max_gen_toks=5, add_bos_token=bool(bos),
+                         tokenizer=AutoTokenizer.from_pretrained(str(chat_model_dir), add_bos_token=True)
+                         if bos else tokenizer)
+        pairs = [("Question: what?\nAnswer:", " blue"), ("The cat ", "sat on the mat"), ("", "Hello world"),
+                 ("word " * 30, " end of it"), ("ab", " c"), ("x", " y z " * 3), *[(f"n{i} ", f"{i}") for i in range(8)]]
+        context = "Question: what?\nAnswer:"  # and a continuation that is the greedy token: is_greedy True
+        with torch.no_grad():
+            first = hf(torch.tensor([ours.tok_encode(context)])).logits[0, -1].argmax().item()
+        pairs.append((context, tokenizer.decode([first])))
+        a = ours.loglikelihood(_instances("loglikelihood", pairs), disable_tqdm=True)
+        b = reference.loglikelihood(_instances("loglikelihood", pairs), disable_tqdm=True)
+        print("add_bos_token", bos, "loglikelihood max diff", max(abs(x[0] - y[0]) for x, y in zip(a, b)))
+        assert [g for _, g in a] == [g for _, g in b] and any(g for _, g in b)  # is_greedy, both ways
+        assert [v for v, _ in a] == pytest.approx([v for v, _ in b], abs=1e-3)
+        docs = [("The quick brown fox jumps over the lazy dog. " * 4,), ("short",)]
+        a = ours.loglikelihood_rolling(_instances("loglikelihood_rolling", docs), disable_tqdm=True)
+        b = reference.loglikelihood_rolling(_instances("loglikelihood_rolling", docs), disable_tqdm=True)
+        print("rolling", a, b)
+        assert a == pytest.approx(b, abs=1e-3)
+        gens = [("Q: hi\nA:", {"until": "\n", "max_gen_toks": 4, "do_sample": False}),
+                ("word " * 30, {"until": ["zzz"], "max_gen_toks": 3}),
+                ("Q: hi\nA:", {"until": ["zzz"], "do_sample": False, "max_gen_toks": 5, "max_length": 12})]
+        with pytest.warns(UserWarning, match="max_length in generation kwargs"):
+            a = ours.generate_until(_instances("generate_until", gens), disable_tqdm=True)
+        b = reference.generate_until(_instances("generate_until", gens), disable_tqdm=True)
+        print("generate_until", a, b)
+        assert a == b
+
+
+def test_stop_strings_that_are_special_tokens_stop_and_cut(chat_model):
+    """lm-eval matches stop strings in text decoded with special tokens ("<|im_end|>",
+    "<|eot_id|>"); a row stops there and its text ends before it, special tokens dropped."""
+    codec, tok = chat_model.codec, chat_model.tokenizer
+    special = tok.convert_tokens_to_ids("<|im_start|>")
+    assert special not in codec.eos_ids and special in tok.all_special_ids
+    head, tail = tok.encode(" The answer is 5"), tok.encode(" user: next question")
+    row = [*head, special, *tail]
+    done = codec.finish(row, ["<|im_start|>"])
+    assert (done.text, done.reason, done.tokens) == (" The answer is 5", "stop", len(head))
+    plain = [*head, *tail, tail[-1]]
+    assert codec.hit_stop(torch.tensor([row, plain]), ["<|im_start|>"]).tolist() == [True, False]
+    # a plain stop after a special token: the text before it, without the special token
+    row = [*tok.encode("a"), special, *tok.encode(" b\n\nc")]
+    assert codec.finish(row, ["\n\n"]).text == "a b"
+    assert codec.finish(row, []).text == "a b\n\nc"  # no stop: the whole row, special tokens dropped
+
+
+def test_generation_kwargs_and_chat_template_fallbacks(chat_model):
+    """do_sample without a temperature samples at 1.0 (transformers' default); kwargs the adapter
+    does not implement are refused by name unless neutral; a chat template that refuses the system
+    role gets the history without it, as HFLM does; a numeric layers value is a one-slot path."""
+    from lm_eval.models.huggingface import HFLM
+
+    from circuit_finder.lm_eval import CircuitFinderLM, generation_settings
+
+    sampling, total = generation_settings({"do_sample": True}, 7, ["\n"])
+    assert (sampling.temperature, sampling.max_new_tokens, sampling.stops, total) == (1.0, 7, ("\n",), None)
+    sampling, _ = generation_settings({"do_sample": False, "temperature": 0.7, "min_new_tokens": 3, "num_beams": 1,
+                                       "repetition_penalty": 1.0, "top_k": 40}, 7, [])
+    assert (sampling.temperature, sampling.min_new_tokens) == (0.0, 3)
+    with pytest.raises(ValueError, match="does not implement: num_beams, top_k"):
+        generation_settings({"do_sample": True, "temperature": 0.5, "top_k": 40, "num_beams": 4}, 7, [])
+    with pytest.raises(ValueError, match="does not implement: repetition_penalty"):
+        generation_settings({"repetition_penalty": 1.3}, 7, [])
+    lm = CircuitFinderLM(model=chat_model, layers=3)
+    assert lm.path == chat_model.path("3")
+    gemma_like = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                  "supported') }}{% endif %}<start>{{ m['role'] }}\n{{ m['content'] }}<end>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<start>model\n{% endif %}")
+    original = chat_model.tokenizer.chat_template
+    try:
+        chat_model.tokenizer.chat_template = gemma_like
+        history = [{"role": "system", "content": "The following are questions."}, {"role": "user", "content": "Q?"}]
+
+        class Reference:  # what HFLM.apply_chat_template reads of its model
+            tokenizer, chat_template_args = chat_model.tokenizer, {}
+
+        with pytest.warns(UserWarning, match="without the system messages"):
+            ours = lm.apply_chat_template(history)
+        assert ours == HFLM.apply_chat_template(Reference(), history) == "<start>user\nQ?<end>\n<start>model\n"
+    finally:
+        chat_model.tokenizer.chat_template = original

@@ -163,29 +163,42 @@ class TextCodec:
         return ids.to(device), mask.to(device)
 
     def finish(self, row: Sequence[int], stops: Sequence[str] = (), max_new_tokens: int | None = None) -> Finished:
-        """A generated row -> text cut at the first EOS, then at the first occurrence of each stop
-        string (in order). reason is "length" only when the row ran to max_new_tokens unstopped;
-        tokens counts the generated tokens up to the EOS (included) or the stop string."""
+        """A generated row -> text cut at the first EOS, then before the earliest stop string, then
+        without special tokens. Stops are matched in the text with special tokens kept, as lm-eval
+        matches them (so "<|im_end|>" or "<|eot_id|>" stops a row). reason is "length" only when the
+        row ran to max_new_tokens unstopped; tokens counts the generated tokens up to the EOS
+        (included) or those the text before the stop string reaches into."""
         row = list(row)
         decode = self.require("decoding").decode
         eos = set(self.eos_ids)
         cut = next((i for i, t in enumerate(row) if t in eos), None)
         tokens = row[:cut] if cut is not None else row
-        text = decode(tokens, skip_special_tokens=True)
-        full = len(text)
-        for s in stops:
-            at = text.find(s) if s else -1
-            if at >= 0:
-                text = text[:at]
-        if len(text) < full:  # cut by a stop string: count the tokens that reach the cut
-            n = next(n for n in range(len(tokens) + 1) if len(decode(tokens[:n], skip_special_tokens=True)) >= len(text))
-            return Finished(text, "stop", n)
+        raw = decode(tokens, skip_special_tokens=False) if stops else ""
+        at = min((raw.find(s) for s in stops if s and s in raw), default=-1)
+        if at >= 0:
+            n = next(n for n in range(len(tokens) + 1) if len(decode(tokens[:n], skip_special_tokens=False)) >= at)
+            return Finished(self._plain(tokens, n, raw, at), "stop", n)
         unstopped = cut is None and (max_new_tokens is None or len(tokens) >= max_new_tokens)
-        return Finished(text, "length" if unstopped else "stop", len(tokens) + (1 if cut is not None else 0))
+        return Finished(decode(tokens, skip_special_tokens=True), "length" if unstopped else "stop",
+                        len(tokens) + (1 if cut is not None else 0))
+
+    def _plain(self, tokens: list[int], n: int, raw: str, at: int) -> str:
+        """raw[:at] (``raw`` the decode of ``tokens`` with special tokens, ``n`` tokens reaching
+        ``at``) without its special tokens: the tokens wholly before ``at`` decoded without them,
+        then the start of the token the cut falls in, unless that one is special."""
+        decode = self.tokenizer.decode
+        if decode(tokens, skip_special_tokens=True) == raw:  # no special token in the row
+            return raw[:at]
+        whole = decode(tokens[:n], skip_special_tokens=False)
+        k = n if len(whole) == at else n - 1
+        text = decode(tokens[:k], skip_special_tokens=True)
+        if k < n and tokens[k] not in set(self.tokenizer.all_special_ids):
+            text += raw[len(decode(tokens[:k], skip_special_tokens=False)):at]
+        return text
 
     def hit_stop(self, generated: torch.Tensor, stops: Sequence[str]) -> torch.Tensor:
-        """generated [B, n] -> bool [B]: whose decoded text holds a stop string."""
-        texts = self.require("stop strings").batch_decode(generated.tolist(), skip_special_tokens=True)
+        """generated [B, n] -> bool [B]: whose decoded text (special tokens kept) holds a stop string."""
+        texts = self.require("stop strings").batch_decode(generated.tolist(), skip_special_tokens=False)
         return torch.tensor([any(s in t for s in stops) for t in texts], device=generated.device)
 
 

@@ -22,11 +22,14 @@ e.g. ``q8_0``) and ``activations`` (``q8``: 8-bit inputs to the packed CPU produ
 
 Scoring follows lm-eval's conventions for causal models (those of its Hugging Face backend):
 contexts and continuations are encoded together and split, contexts are left-truncated to the
-maximum length, greedy generation stops at ``until`` strings and the EOS token.
+maximum length, generation stops at ``until`` strings (matched with special tokens kept) and the
+EOS token; a chat template that refuses the system role goes without it. Generation kwargs it
+does not implement are refused by name (``generation_settings``), not ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -90,6 +93,32 @@ def largest_batch(fits, most: int) -> int:
     return 1
 
 
+_GENERATION_KEYS = {"do_sample", "temperature", "top_p", "min_new_tokens", "max_length", "use_cache"}
+
+
+def generation_settings(kwargs: dict, max_gen: int, until: list[str]) -> tuple[Sampling, int | None]:
+    """(Sampling, max_length or None) for lm-eval's normalized gen_kwargs (until and max_gen_toks
+    taken out). do_sample without a temperature samples at 1.0 (transformers' default); a key this
+    adapter does not implement is a ValueError naming it, unless it changes nothing (num_beams=1,
+    repetition_penalty=1, top_k when greedy), rather than a silently different generation."""
+    sampled = bool(kwargs.get("do_sample"))
+    temperature = float(kwargs.get("temperature", 1.0) if kwargs.get("temperature") is not None else 1.0) \
+        if sampled else 0.0
+    neutral = {"num_beams": lambda v: int(v) == 1, "repetition_penalty": lambda v: float(v) == 1.0,
+               "top_k": lambda v: not sampled or v in (None, 0)}
+    odd = sorted(k for k, v in kwargs.items() if k not in _GENERATION_KEYS and not neutral.get(k, lambda _: False)(v))
+    if odd:
+        raise ValueError(f"generation kwargs circuit-finder does not implement: {', '.join(odd)} "
+                         f"({', '.join(f'{k}={kwargs[k]!r}' for k in odd)}); lm-eval's hf model would apply them")
+    if "max_length" in kwargs:
+        warnings.warn("max_length in generation kwargs (prompt + generated tokens, as lm-eval's hf model reads it) "
+                      "overrides max_gen_toks: use max_gen_toks instead", stacklevel=3)
+    top_p = float(kwargs.get("top_p", 1.0) or 1.0)
+    min_new = min(int(kwargs.get("min_new_tokens", 0) or 0), max_gen)
+    sampling = Sampling(max_gen, min_new, temperature, top_p, None, tuple(until))
+    return sampling, (int(kwargs["max_length"]) if kwargs.get("max_length") is not None else None)
+
+
 @register_model("circuit-finder", "circuit_finder")
 class CircuitFinderLM(TemplateLM):
     """An lm_eval LM running a circuit-finder Model along one layer path."""
@@ -111,6 +140,8 @@ class CircuitFinderLM(TemplateLM):
         if self.cf_model.tokenizer is None:
             raise ValueError(f"{pretrained}: lm-eval needs a tokenizer, and this model has none")
         self.tokenizer = self.cf_model.tokenizer
+        if isinstance(layers, (int, float)) and not isinstance(layers, bool):
+            layers = str(layers)  # lm-eval parses "layers=3" (a one-slot path) as a number
         self.router = self.cf_model.router(layers) if layers not in (None, "") else None
         self.path = None if self.router else self.cf_model.path(layers if layers not in (None, "") else None)
         self.pretrained = str(self.cf_model.source if model is not None else pretrained)  # what get_model_info names
@@ -169,7 +200,19 @@ class CircuitFinderLM(TemplateLM):
         return str(self.cf_model.source).strip("/").replace("/", "__") or "circuit-finder"
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.cf_model.codec.chat_text(chat_history, add_generation_prompt=add_generation_prompt)
+        """The chat template's prompt; a template that refuses the system role (Gemma's) gets the
+        history without system messages, with a warning, as lm-eval's hf model does."""
+        import jinja2
+
+        try:
+            return self.cf_model.codec.chat_text(chat_history, add_generation_prompt=add_generation_prompt)
+        except jinja2.exceptions.TemplateError:
+            if not any(m.get("role") == "system" for m in chat_history):
+                raise
+            warnings.warn("the chat template failed with a system message; applying it without the system "
+                          "messages (as lm-eval's hf model does)", stacklevel=2)
+            kept = [m for m in chat_history if m.get("role") != "system"]
+            return self.cf_model.codec.chat_text(kept, add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
@@ -181,6 +224,9 @@ class CircuitFinderLM(TemplateLM):
         if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
             special = {"add_special_tokens": False}
         ids = self.tokenizer.encode(string, **special)
+        bos = self.tokenizer.bos_token_id
+        if self.add_bos_token and special.get("add_special_tokens", True) and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]  # add_bos_token=True on a tokenizer that adds none (lm-eval's hf model rebuilds it to)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def get_model_info(self) -> dict:
@@ -246,17 +292,24 @@ class CircuitFinderLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(args[members[0]][1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
-            temperature = float(kwargs.get("temperature", 0.0) or 0.0) if kwargs.get("do_sample") else 0.0
-            top_p = float(kwargs.get("top_p", 1.0) or 1.0)
+            sampling, total = generation_settings(kwargs, max_gen, until)
             max_ctx = self.max_length - max_gen
             if max_ctx <= 0:
                 raise ValueError(f"max_gen_toks {max_gen} leaves no room for the context in {self.max_length} tokens")
             members = sorted(members, key=lambda i: -len(self.tok_encode(args[i][0])))
-            sampling = Sampling(max_gen, 0, temperature, top_p, None, tuple(until))
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 seqs = [self.tok_encode(args[i][0], left_truncate_len=max_ctx) for i in chunk]
                 ids, mask = model.codec.left_pad(seqs, model.device)
+                if total is not None:  # max_length: prompt (padded) + generated, as lm-eval's hf model reads it
+                    room = total - ids.shape[1]
+                    if room < 1:
+                        for i in chunk:
+                            results[i] = ""
+                        bar.update(len(chunk))
+                        continue
+                    sampling = dataclasses.replace(sampling, max_new_tokens=room,
+                                                   min_new_tokens=min(sampling.min_new_tokens, room))
                 new = (routing.generate_ids(model, self.router, ids, mask, sampling)[0] if self.router is not None
                        else generate_ids(model, ids, mask, self.path, sampling))
                 for i, row in zip(chunk, new.tolist()):
