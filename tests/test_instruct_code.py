@@ -207,3 +207,28 @@ def test_sandbox_print_flood_goes_nowhere():
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     print(f"print flood: {took:.2f} s, caller grew {grew_mb:.1f} MB, {run}")
     assert run.timed_out and run.passed == 1 and took < 6 and grew_mb < 50
+
+
+def test_sandbox_results_cannot_be_forged():
+    """An object whose __eq__ always says True (or an int subclass doing so) passes no test; code
+    that looks for the runner's token through frames (sys._getframe, a traceback's tb_frame) or the
+    garbage collector finds nothing; namedtuple, typing and dataclasses (which peek at frames) still
+    work; a float where an int is expected still compares as Python compares it."""
+    tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
+    forge = ("while f and 'token' not in f.f_locals: f = f.f_back\n"
+             "for i in range(3): f.f_locals['results'].write(f\"{f.f_locals['token']} {i} 1\\n\")\n"
+             "f.f_locals['results'].flush()\ndef add(a, b): return 0\n")
+    cases = {
+        "always equal": "class E:\n    def __eq__(s, o): return True\ndef add(a, b): return E()",
+        "int subclass": "class I(int):\n    def __eq__(s, o): return True\ndef add(a, b): return I(0)",
+        "in a list": "class E:\n    def __eq__(s, o): return True\ndef add(a, b): return [E()][0]",
+        "getframe": "import sys\nf = sys._getframe(0)\n" + forge,
+        "traceback": "try:\n    raise ValueError\nexcept ValueError as e:\n    f = e.__traceback__.tb_frame\n" + forge,
+        "gc": "import gc\nfound = gc.get_objects()\ndef add(a, b): return 0",
+    }
+    for name, code in cases.items():
+        assert run_tests(code, tests, timeout=5).passed == 0, name
+    fine = ("from collections import namedtuple\nfrom typing import TypeVar\nimport dataclasses\n"
+            "P = namedtuple('P', 'x y')\nT = TypeVar('T')\n@dataclasses.dataclass\nclass D:\n    x: int\n"
+            "def add(a, b): return float(P(a, b).x + D(b).x)")
+    assert run_tests(fine, tests, timeout=5).passed == 3

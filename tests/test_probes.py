@@ -442,6 +442,11 @@ def test_from_jsonl(tmp_path):
     ('{"prompt": "p", "answer": "z", "choices": ["a", "b"], "scorer": "choice"}', "neither an option"),
     ('{"prompt": "p", "answer": "42", "choices": ["42"]}', "at least two different options"),  # no ranking
     ('{"prompt": "p", "answer": "a", "choices": ["a", "a"]}', "at least two different options"),
+    # answers the scorer could only fail on mid-sweep, after the first generation
+    ('{"prompt": "p", "answer": "1/2", "scorer": "number"}', r"capitals.jsonl:1: the 'number' scorer needs a numeric"),
+    ('{"prompt": "p", "answer": "12.5", "scorer": "math"}', "the 'math' scorer needs an integer answer"),
+    ('{"prompt": "p", "answer": "x", "scorer": "eq"}', "the 'eq' scorer needs 'emotions'"),
+    ('{"prompt": "p", "answer": "x", "scorer": "eq", "emotions": ["Joy"], "reference": [11]}', "intensities in 0..10"),
 ])
 def test_from_jsonl_errors(tmp_path, line, message):
     f = tmp_path / "capitals.jsonl"
@@ -470,3 +475,64 @@ def test_probe_protocol_and_errors():
         ItemProbe("dup", [Item("a", "p", "x"), Item("a", "q", "y")])
     with pytest.raises(ValueError, match="split must be one of"):
         get_probe("math").items("train")
+
+
+def test_from_jsonl_reads_lowercase_letters_and_eq_lines(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    rows = [{"prompt": "p", "answer": "b", "choices": ["x", "y"], "scorer": "choice"},
+            {"prompt": "q", "answer": "", "scorer": "eq", "emotions": ["Anger", "Joy"], "reference": [7, 2]}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    choice, eq = from_jsonl(f).items("all")
+    assert choice.answer == "B" and from_jsonl(f).score(choice, "(B)") == 100.0
+    assert from_jsonl(f).score(eq, "Anger: 7\nJoy: 2") == 100.0
+    assert from_jsonl(f).score(eq, "Anger: 7\nJoy: 6") == eq_score([7, 6], [7, 2]) < 100
+
+
+def test_scorers_read_answers_before_their_working_and_bullets_unsigned():
+    """'The answer is 18, since 16 - 3 - 4 = 9 ...' states 18 (the working's '=' comes after);
+    a markdown bullet or dash separator before a number is no minus sign."""
+    for text in ("The answer is 18, since 16 - 3 - 4 = 9 eggs are sold.", "The answer is 18 (16 - 3 - 4 = 9 eggs x $2).",
+                 "Answer:\n- 18", "- **18**", "Result: - 18 eggs", "Total - 18"):
+        assert extract_number(text) == 18, text
+    assert extract_number("The answer is 8, not 5 + 4 = 9") == 8
+    assert extract_number("The answer is 12 * 13 = 156") == 156  # working first: still the result
+    assert extract_number("The answer is -5") == -5 and extract_number("x = \u22123") == -3
+
+
+def test_huge_numbers_score_zero_without_stalling():
+    """Numbers past 10^100 read as +-inf (no exact value is built: '9.9e999999' once took 23 s and then
+    crashed str()); they score 0 and count as parsed, in both scorers, quickly."""
+    import time
+
+    start = time.perf_counter()
+    math_item = get_probe("math").items("all")[0]
+    for text in ("1e5000", "The answer is 1e400.", "9.9e999999", "-1e400", "1" * 5000):
+        assert abs(extract_number(text)) == float("inf"), text
+        assert score_answer("number", text, "42") == 0.0 and score_answer("math", text, "42") == 0.0
+        assert parsed("number", text) and get_probe("math").score(math_item, text) == 0.0
+    assert extract_number("1e-500") == 0.0 and extract_number("2.5e3") == 2500
+    assert time.perf_counter() - start < 2
+
+
+def test_hedges_and_echoed_options_name_no_answer():
+    """'Yes or No' (the instruction echoed, or a hedge) and 'A, B, C or D', '(A) (B) (C) (D)', an
+    echoed options block name no single answer; a real pick among them still reads."""
+    for text in ("Yes or No", "Answer: Yes or No", "Answer with only Yes or No."):
+        assert extract_yes_no(text) is None, text
+    assert extract_yes_no("Answer with only Yes or No. Yes.") == "yes"
+    options = ["a", "b", "c", "d"]
+    for text in ("It's A, B, C or D", "(A) (B) (C) (D)", "A B C D", "A or B", "Answer: A or B.",
+                 "A) 03/05/2011\nB) 03/06/2011\nC) 04/05/2011\nD) 02/05/2011"):
+        assert extract_choice(text, options) is None, text
+    for text, letter in (("(B) Paris. (A) is London.", "B"), ("A) is too early. B) is right. So B.", "B"),
+                         ("A, B and C are wrong, so D.", "D"), ("The answer is B", "B")):
+        assert extract_choice(text, options) == letter, text
+
+
+def test_contains_matches_whole_words_and_eq_reads_signs():
+    assert score_answer("contains", "I don't know", "no") == 0.0
+    assert score_answer("contains", "It is 14.", "4") == 0.0 and score_answer("contains", "yesterday", "yes") == 0.0
+    assert score_answer("contains", "The answer is no.", "no") == 100.0
+    assert score_answer("contains", "It costs $5 in all", "$5") == 100.0
+    assert parse_emotions("Anger: -3\nJoy: 2", ["Anger", "Joy"]) == [0.0, 2.0]  # not 3
+    assert parse_emotions("anger - 7, joy - 2", ["anger", "joy"]) == [7.0, 2.0]

@@ -73,3 +73,60 @@ def test_probes_are_resampled_independently_and_adjusted():
     # two configs (baseline excluded): BH over [x_a_p, y_a_p] = [0.125, 1.0]
     assert rows["x"]["a_q"] == 0.25 and rows["y"]["a_q"] == 1.0 and rows["x"]["a_holm"] == 0.25
     assert "a_q" not in rows["base"] and rows["base"]["a_p"] == 1.0
+
+
+def test_nan_differences_give_no_p_and_one_item_no_interval():
+    """A NaN difference must not read as p = 0 (|null| >= NaN is never true); a probe of one item
+    has a difference but no interval (its bootstrap cannot spread)."""
+    rng = np.random.default_rng(0)
+    assert math.isnan(sign_flip_p([np.array([np.nan, 0.0, 0.0, 1.0])], rng))
+    recs = {"base": _record({"a": {"0": 0.0}}), "x": _record({"a": {"0": 100.0}})}
+    row = paired_stats(recs, "base", ["a"], n_boot=200, seed=0)["x"]
+    assert row["a_delta"] == 100.0 and row["a_p"] == 1.0
+    assert math.isnan(row["a_ci_low"]) and math.isnan(row["a_ci_high"])
+    assert math.isnan(row["combined_ci_low"]) and row["combined_delta"] == 100.0
+    # margins a broken forward left out (None) are skipped, item by item, not propagated as NaN
+    ids = [str(i) for i in range(6)]
+    margins = {"base": dict.fromkeys(ids, 0.0), "x": {**dict.fromkeys(ids, 1.0), "0": None}}
+    recs = {k: _record({"a": dict.fromkeys(ids, 0.0)}, {"a": m}) for k, m in margins.items()}
+    row = paired_stats(recs, "base", ["a"], n_boot=200, seed=0)["x"]
+    assert row["a_margin"] == 1.0 and row["a_margin_delta"] == 1.0 and row["a_margin_p"] == 2 / 32
+
+
+def test_a_sweep_with_non_finite_log_probs_records_and_reads(chat_model, tmp_path, monkeypatch):
+    """A forward that overflows (NaN log-probs for an item) ranks that item wrong, leaves its margin
+    out (null in the file: writing NaN would stop the sweep) with a warning, and the statistics read
+    the rest; a probe whose own score is NaN is an error naming the probe and item."""
+    import pytest
+
+    import circuit_finder as cf
+    from circuit_finder import likelihood
+    from circuit_finder.probes import Item, ItemProbe
+    from circuit_finder.results import read_records
+
+    real = likelihood.gather_logprobs
+
+    def overflowing(head, h, batch):
+        values, greedy = real(head, h, batch)
+        return [math.nan, *values[1:]], greedy  # the first item's first choice
+
+    monkeypatch.setattr(likelihood, "gather_logprobs", overflowing)
+    out = tmp_path / "nan.jsonl"
+    with pytest.warns(UserWarning, match=r"probe 'math': 1 of 3 items got non-finite log-probabilities"):
+        result = cf.sweep(chat_model, probes=["math"], paths=["0..5", "0..3,1..5"], mode="likelihood", max_items=3,
+                          results=out, progress=False)
+    records = read_records(out)[1]
+    first = next(iter(records[0]["margins"]["math"]))  # the first item, in the records' order
+    assert all(r["margins"]["math"][first] is None and r["scores"]["math"][first] == 0.0 for r in records)
+    assert all(v is not None for r in records for k, v in r["margins"]["math"].items() if k != first)
+    table = result.to_pandas()
+    assert table["math_margin_delta"].notna().all() and table["math_margin"].notna().all()
+    monkeypatch.undo()
+
+    class Broken(ItemProbe):
+        def score(self, item, completion):
+            return math.nan
+
+    probe = Broken("broken", [Item("q1", "2 + 2 =", "4")], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"probe 'broken' scored item 'q1' nan: a score must be a finite number"):
+        cf.sweep(chat_model, probes=[probe], paths=["0..5"], mode="generate", progress=False)

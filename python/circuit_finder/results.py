@@ -39,6 +39,7 @@ the CI says how large an effect may be, the test whether there is one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -279,6 +280,8 @@ def sign_flip_p(diffs: Sequence[np.ndarray], rng: np.random.Generator, family: i
     100 x family (at most PERM_MAX), so thresholds adjusted over ``family`` configs stay reachable
     (a Monte Carlo p is at least 1 / (N + 1))."""
     observed = float(np.mean([d.mean() for d in diffs]))
+    if not math.isfinite(observed):
+        return math.nan  # (|null| >= NaN is never true: a NaN difference would read as p = 0)
     if observed == 0:
         return 1.0
     if len(diffs) == 1 and len(diffs[0]) <= EXACT_MAX_ITEMS:
@@ -318,8 +321,20 @@ class _Resampler:
 
 
 def _paired(a: dict, b: dict) -> np.ndarray | None:
-    ids = sorted(set(a) & set(b))
+    """Differences on the items both sides have a finite value for (a margin a broken forward left
+    out is None), in item order; None when there are none."""
+    ids = sorted(i for i in set(a) & set(b) if _finite(a[i]) and _finite(b[i]))
     return np.array([a[i] - b[i] for i in ids], dtype=np.float64) if ids else None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _mean(values) -> float | None:
+    """The mean of the finite values (None when there are none)."""
+    kept = [v for v in values if _finite(v)]
+    return float(np.mean(kept)) if kept else None
 
 
 def _as_numbers(values: dict | None) -> dict:
@@ -327,7 +342,11 @@ def _as_numbers(values: dict | None) -> dict:
     return {k: 100.0 * v if isinstance(v, bool) else v for k, v in (values or {}).items()}
 
 
-def _ci(boot: np.ndarray) -> tuple[float, float]:
+def _ci(boot: np.ndarray, items: int = 2) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap means; NaN for fewer than 2 items, whose bootstrap
+    has no spread to show (a zero-width "interval" around one item's difference)."""
+    if items < 2:
+        return math.nan, math.nan
     low, high = np.percentile(boot, [2.5, 97.5])
     return float(low), float(high)
 
@@ -336,7 +355,7 @@ def _probe_stats(row: dict, name: str, d: np.ndarray, boot_idx: np.ndarray, rng,
     """Fills <name>_delta/_ci_low/_ci_high/_p for paired differences d; returns the bootstrap means."""
     boot = d[boot_idx].mean(1)
     row[f"{name}_delta"] = float(d.mean())
-    row[f"{name}_ci_low"], row[f"{name}_ci_high"] = _ci(boot)
+    row[f"{name}_ci_low"], row[f"{name}_ci_high"] = _ci(boot, len(d))
     row[f"{name}_p"] = sign_flip_p([d], rng, family)
     return boot
 
@@ -360,9 +379,9 @@ def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str]
                 continue
             row[f"{p}{suffix}"] = float(np.mean(list(scores.values())))
             means.append(row[f"{p}{suffix}"])
-            margins = (r.get("margins") or {}).get(p)
-            if margins:
-                row[f"{p}{suffix}_margin"] = float(np.mean(list(margins.values())))
+            margins = _mean(((r.get("margins") or {}).get(p) or {}).values())
+            if margins is not None:
+                row[f"{p}{suffix}_margin"] = margins
             norm = (r.get("scores_norm") or {}).get(p)
             if norm:
                 row[f"{p}{suffix}_norm"] = float(np.mean(list(norm.values())))
@@ -384,7 +403,8 @@ def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str]
             row[f"combined{suffix}"] = float(np.mean(means))
         if diffs and len(diffs) == len(means):
             row[f"combined{suffix}_delta"] = float(np.mean([d.mean() for d in diffs]))
-            row[f"combined{suffix}_ci_low"], row[f"combined{suffix}_ci_high"] = _ci(np.mean(boots, axis=0))
+            row[f"combined{suffix}_ci_low"], row[f"combined{suffix}_ci_high"] = _ci(
+                np.mean(boots, axis=0), max(len(d) for d in diffs))
             row[f"combined{suffix}_p"] = sign_flip_p(diffs, res.perm_rng(len(probes), key), family)
         rows[key] = row
     _adjust(rows, baseline_key)

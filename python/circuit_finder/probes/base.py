@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .scoring import SCORERS, parsed, score_answer
+from .scoring import SCORERS, check_answer, parsed, score_answer
 
 __all__ = ["SPLITS", "Item", "ItemProbe", "Probe", "from_jsonl", "parse_rate_of", "split_items"]
 
@@ -94,8 +94,21 @@ class ItemProbe:
         return parsed(item.scorer, completion, **dict(item.data))
 
 
+def _eq_data(row: dict, path: Path, n: int) -> dict:
+    """An 'eq' line's "emotions" (names) and "reference" (their intensities, 0-10)."""
+    emotions, reference = row.get("emotions"), row.get("reference")
+    if (not isinstance(emotions, list) or not emotions or not all(isinstance(e, str) for e in emotions)
+            or not isinstance(reference, list) or len(reference) != len(emotions)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 10 for v in reference)):
+        raise ValueError(f"{path}:{n}: the 'eq' scorer needs 'emotions' (a list of names) and 'reference' (as many "
+                         f"intensities in 0..10)")
+    return {"emotions": tuple(emotions), "reference": tuple(float(v) for v in reference)}
+
+
 def from_jsonl(path: str | Path, name: str | None = None, max_new_tokens: int = 32) -> ItemProbe:
-    """A probe from a JSONL file: {"prompt", "answer", "choices"?, "scorer"?, "id"?} per line."""
+    """A probe from a JSONL file: {"prompt", "answer", "choices"?, "scorer"?, "id"?} per line
+    ('eq' lines also "emotions" and "reference"); answers a scorer cannot compare with are
+    refused here, naming the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such probe file" if not path.exists() else f"{path}: not a file")
@@ -120,7 +133,11 @@ def from_jsonl(path: str | Path, name: str | None = None, max_new_tokens: int = 
                 raise ValueError(f"{path}:{n}: 'choices' must hold at least two different options (likelihood "
                                  f"mode ranks them), got {list(choices)}")
             answer = str(row["answer"])
-            data = {}
+            try:
+                check_answer(scorer, answer)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+            data = _eq_data(row, path, n) if scorer == "eq" else {}
             if scorer == "choice":
                 if not choices:
                     raise ValueError(f"{path}:{n}: the 'choice' scorer needs 'choices' (the options)")
@@ -128,7 +145,9 @@ def from_jsonl(path: str | Path, name: str | None = None, max_new_tokens: int = 
                 letters = [chr(ord("A") + i) for i in range(len(choices))]
                 if answer in choices:
                     answer = letters[choices.index(answer)]
-                elif answer.upper() not in letters:
+                elif answer.upper() in letters:
+                    answer = answer.upper()  # "b" is option B
+                else:
                     raise ValueError(f"{path}:{n}: answer {answer!r} is neither an option nor an option letter")
                 choices = letters
             elif choices and answer not in choices:

@@ -10,11 +10,14 @@ test is an assert statement run on its own; the child writes each result, behind
 to a file it opened before the hook (capped at 1 MiB by the file-size limit); whatever the code
 prints goes to /dev/null, so a print loop cannot flood the caller. A child that runs past
 ``timeout`` is killed with its whole process group; the tests it had passed by then still count.
+Every operand of a test's comparisons must be built of Python's own types (an object whose
+``__eq__`` always says True passes nothing), and frames (``sys._getframe``, ``tb_frame``,
+``gi_frame``, ...) and the garbage collector's object lists are out of reach, so the code cannot
+find the runner's token to forge results.
 
-Limits: a guard against accidents and runaway code (infinite loops, memory bombs, print floods,
-``rm -rf``), not a security boundary against a determined attacker: CPython audit hooks cover the
-standard library's entry points, not every native path, and code that walks the interpreter's
-frames can reach the runner's token and forge results. Linux/macOS (``resource`` limits; on other
+Limits: a guard against accidents, runaway code (infinite loops, memory bombs, print floods,
+``rm -rf``) and the easy forgeries, not a security boundary against a determined attacker: CPython
+audit hooks cover the standard library's entry points, not every native path. Linux/macOS (``resource`` limits; on other
 systems only the timeout and the hook apply).
 """
 
@@ -50,7 +53,7 @@ def guard(event, args, deny_events=("socket.", "subprocess.", "os.system", "os.e
           "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.remove", "os.unlink", "os.rmdir", "os.rename",
           "os.replace", "os.truncate", "os.chmod", "os.chown", "os.link", "os.symlink", "os.mkdir", "os.putenv",
           "os.unsetenv", "os.chdir", "shutil.", "ctypes.", "sys.settrace", "sys.setprofile", "sys._current_frames",
-          "sys.addaudithook", "pty.", "webbrowser.", "urllib.", "ftplib.", "smtplib.", "http.", "telnetlib.",
+          "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents", "pty.", "webbrowser.", "urllib.", "ftplib.", "smtplib.", "http.", "telnetlib.",
           "poplib.", "imaplib.", "nntplib.", "sqlite3.", "dbm."),
           deny_modules=frozenset({"socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess", "ctypes",
           "_ctypes", "multiprocessing", "_multiprocessing", "pty", "urllib", "http", "ftplib", "smtplib",
@@ -61,8 +64,45 @@ def guard(event, args, deny_events=("socket.", "subprocess.", "os.system", "os.e
             raise PermissionError("the code sandbox allows no file writes")
     elif event == "import" and args[0].split(".")[0] in deny_modules:
         raise ImportError(f"the code sandbox does not allow importing {args[0]}")
+    elif event == "sys._getframe":  # ValueError: what namedtuple and typing catch when there is no frame
+        raise ValueError("the code sandbox does not allow reading frames")
+    elif event == "object.__getattr__" and args[1] in ("tb_frame", "gi_frame", "cr_frame", "ag_frame"):
+        raise PermissionError("the code sandbox does not allow reading frames")
     elif event.startswith(deny_events):
         raise PermissionError(f"the code sandbox does not allow {event}")
+
+
+import ast
+
+
+def plain(value, _type=type, _kinds=(int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set,
+                                      frozenset)):
+    """The value, when it is built of Python's own types only; else AssertionError (an object
+    whose __eq__ says True to everything passes no test)."""
+    kind = _type(value)
+    if not any(kind is k for k in _kinds):
+        raise AssertionError("a test compares a value that is not of a built-in type")
+    if kind is dict:
+        for k, v in value.items():
+            plain(k), plain(v)
+    elif kind in (list, tuple, set, frozenset):
+        for v in value:
+            plain(v)
+    return value
+
+
+class Plain(ast.NodeTransformer):
+    """Each operand of a comparison in a test goes through plain() first."""
+
+    def visit_Compare(self, node):
+        self.generic_visit(node)
+        wrap = lambda e: ast.Call(ast.Name("__cf_plain", ast.Load()), [e], [])
+        return ast.copy_location(ast.Compare(wrap(node.left), node.ops, [wrap(c) for c in node.comparators]), node)
+
+
+def strict(test, i):
+    tree = ast.fix_missing_locations(Plain().visit(ast.parse(test)))
+    return compile(tree, f"<test {i}>", "exec")
 
 
 def main():
@@ -82,7 +122,7 @@ def main():
         ok = False
         if loaded:
             try:
-                exec(compile(test, f"<test {i}>", "exec"), dict(namespace))
+                exec(strict(test, i), {**namespace, "__cf_plain": plain})
                 ok = True
             except BaseException:
                 ok = False

@@ -16,6 +16,7 @@ Formulas (see ../shared/DESIGN.md):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
@@ -23,6 +24,7 @@ from decimal import Decimal, InvalidOperation
 __all__ = [
     "SCORERS",
     "answer_text",
+    "check_answer",
     "eq_score",
     "extract_choice",
     "extract_number",
@@ -46,7 +48,8 @@ _LOOSE_CUE = re.compile(r"\b(?:answer|result)\b[^.\n=]{0,80}?\s(?:is|equals)\s+"
 _SEP = r"(?:,|[ \u00a0\u2009\u202f]|\{,\}|\\[,;! ]|')"  # thousands separators, LaTeX ones included
 _MANTISSA = rf"(?:\d{{1,3}}(?:{_SEP}\d{{3}})+(?!\d)|\d+)(?:\.\d+)?"
 _EXPONENT = r"(?:[eE]([-+]?\d+)|\s*(?:[x×·*]|\\times|\\cdot)\s*10\s*(?:\^|\*\*)\s*\{?\s*([-+−]?\d+)\s*\}?)"
-_NUMBER = re.compile(rf"(?<![\w.])([-−–]\s?)?({_MANTISSA})(?:{_EXPONENT})?")
+_NUMBER = re.compile(rf"(?<![\w.])([-−–])?({_MANTISSA})(?:{_EXPONENT})?")  # "- 18" is a bullet, not -18
+_HUGE = 100  # a number past 10^100 has no exact value worth building (1e5000, a 5000-digit run): +-inf
 
 
 def strip_thinking(text: str) -> str:
@@ -85,7 +88,8 @@ def _after_cue(text: str) -> str | None:
 def _answer_clause(text: str, after: str | None) -> str | None:
     """The clause that states the answer: ``after`` (the text after the last strict cue), else
     after "answer/result ... is" in one sentence ("The answer to 12 * 13 is 156"); cut at the
-    sentence's end, and after its last '=' when it shows working ("The answer is 12 * 13 = 156").
+    sentence's end, and after its last '=' when it shows working ("The answer is 12 * 13 = 156")
+    unless it states the number first ("The answer is 18, since 16 - 3 - 4 = 9 are sold").
     None without a cue."""
     if after is None:
         loose = list(_LOOSE_CUE.finditer(text))
@@ -93,19 +97,24 @@ def _answer_clause(text: str, after: str | None) -> str | None:
     if after is None:
         return None
     clause = re.split(r"(?<!\d)\.(?!\d)|\.\s|\n|;", after, maxsplit=1)[0]
-    return clause[clause.rindex("=") + 1:] if "=" in clause else clause
+    if "=" in clause and not _leading_number(clause.strip()):  # not "18, since 16 - 3 - 4 = 9 ..."
+        return clause[clause.rindex("=") + 1:]
+    return clause
 
 
 def _number_value(match: re.Match) -> int | float | None:
     sign, mantissa, exp_e, exp_times = match.groups()
     digits = re.sub(_SEP, "", mantissa)
+    exponent = exp_e or exp_times
     try:
         value = Decimal(digits)
-        exponent = exp_e or exp_times
-        if exponent:
-            value = value.scaleb(int(exponent.replace("−", "-")))
+        shift = int(exponent.replace("−", "-")) if exponent else 0
     except (InvalidOperation, ValueError):
         return None
+    size = value.adjusted() + shift if value else 0  # the power of ten of its leading digit
+    if abs(size) > _HUGE:
+        return (-math.inf if sign else math.inf) if size > 0 else 0.0
+    value = value.scaleb(shift)
     if sign:
         value = -value
     if value == value.to_integral_value() and ("." not in digits or exponent):
@@ -180,8 +189,9 @@ def parse_emotions(text: str, emotions: Sequence[str]) -> list[float] | None:
     copied back, or 'Joy: 6-8') is no value. Values are clamped to [0, 10]. None when unparsable."""
     text = re.sub(_RANGE, " ", answer_text(text))  # the prompt's '<0-10>' copied back is no value
     values: list[float | None] = []
-    for name in emotions:
-        m = re.search(re.escape(name) + r"\W{0,3}\s*(?:[:=\-]\s*)?(\d+(?:\.\d+)?)", text, re.IGNORECASE)
+    for name in emotions:  # 'Anger: -3' is -3 (clamped to 0), 'anger - 7' is 7
+        m = (re.search(re.escape(name) + r"\W{0,3}?\s*[:=]\s*(-?\d+(?:\.\d+)?)", text, re.IGNORECASE)
+             or re.search(re.escape(name) + r"\W{0,3}\s*(?:[:=\-]\s*)?(\d+(?:\.\d+)?)", text, re.IGNORECASE))
         values.append(float(m.group(1)) if m else None)
     if any(v is None for v in values):
         numbers = [float(x) for x in re.findall(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.])", text)]
@@ -207,8 +217,9 @@ def extract_yes_no(text: str) -> str | None:
     """'yes' or 'no': the first yes/no word after the last answer cue; else a reply that opens with one
     ('No, ...', 'Yes.'); else the first yes/no standing as a sentence of its own ('... it? No.',
     'Conclusion: yes'); else the last one ending a clause ('..., so yes.'), never a determiner ('no
-    other cause', 'no matter'); else the first yes/no word anywhere ('No it did not')."""
-    text = answer_text(text)
+    other cause', 'no matter'); else the first yes/no word anywhere ('No it did not'). "Yes or no"
+    (the question's instruction echoed, or a hedge) is no answer: None when nothing else is said."""
+    text = re.sub(r"\b(?:yes|no)\s*(?:or|/)\s*(?:yes|no)\b", " ", answer_text(text), flags=re.IGNORECASE)
     after = _after_cue(text)
     if after is not None and (m := re.search(r"\b(yes|no)\b", after, re.IGNORECASE)):
         return m.group(1).lower()
@@ -256,14 +267,16 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
     letter, bold or boxed ('**B**', '\\boxed{B}'): the last verdict ('B is correct', 'so B', 'I choose
     B', 'the correct choice is B', 'B) 03/05 is correct', 'Correct: B'), else the option the reply opens with ('(B) Paris. (A) is London.'),
     else the first mention, most explicit form first — or the text of exactly one option. None when
-    it names no single option."""
+    it names no single option: a hedge ('A or B', 'Answer: A or B.'), or, without a cue or verdict,
+    every one of three or more options in order ('A, B, C or D', '(A) (B) (C) (D)', the options
+    block echoed)."""
     text = answer_text(text)
     if not text:
         return None
     letters = "".join(chr(ord("A") + i) for i in range(len(options)))
     after = _after_cue(text)
-    if after is not None and re.match(rf"\s*[(\[]?[{letters}][)\]]?\s*(?:or|and|/|,)\s*[(\[]?[{letters}][)\]]?"
-                                      rf"\s*(?:[.?!]|$)", after):
+    hedge = rf"\s*[(\[]?[{letters}][)\]]?\s*(?:or|and|/|,)\s*[(\[]?[{letters}][)\]]?\s*(?:[.?!]|$)"
+    if re.match(hedge, text if after is None else after):
         return None  # 'Answer: A or B.' names no single option ('Answer: C, B and D are wrong' does)
     if after is not None:
         m = re.match(rf"\s*[(\[]?([{letters}])\b", after) or re.fullmatch(
@@ -275,6 +288,8 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
             continue
         m = re.match(_opening_choice(letters), part.strip())
         verdicts = [v for pattern in _verdict_patterns(letters) for v in re.finditer(pattern, part)]
+        if not verdicts and after is None and _names_every_option(part, letters):
+            return None
         if verdicts or m:  # the last verdict ('A) is too early. B) is right. So B.'), else the option it opens with
             return max(verdicts, key=lambda v: v.start()).group(1) if verdicts else m.group(1)
         for pattern in _choice_patterns(letters):
@@ -285,6 +300,18 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
     return named[0] if len(named) == 1 else None
 
 
+def _names_every_option(text: str, letters: str) -> bool:
+    """Whether the first mentions of option letters standing alone run A, B, C, ... through every
+    option (three or more): an enumeration or an echoed options block, not a pick."""
+    if len(letters) < 3:
+        return False
+    seen: list[str] = []
+    for m in re.finditer(rf"(?<![\w'])[(\[]?([{letters}])(?![\w'])", text):
+        if m.group(1) not in seen:
+            seen.append(m.group(1))
+    return "".join(seen) == letters
+
+
 def _want_number(answer: str, scorer: str, integer: bool = False) -> float | int:
     try:
         raw = str(answer).replace(",", "")
@@ -292,6 +319,15 @@ def _want_number(answer: str, scorer: str, integer: bool = False) -> float | int
     except ValueError as e:
         kind = "an integer" if integer else "a numeric"
         raise ValueError(f"the {scorer!r} scorer needs {kind} answer, got {answer!r}") from e
+
+
+def check_answer(scorer: str, answer: str) -> None:
+    """ValueError when ``answer`` is one the named scorer cannot compare with (a 'number' answer
+    that is no number, a 'math' answer that is no integer): found when a probe is made, not
+    after a sweep's first generation."""
+    _check(scorer)
+    if scorer in ("number", "math"):
+        _want_number(answer, scorer, integer=scorer == "math")
 
 
 def _bare(text: str) -> str:
@@ -304,7 +340,9 @@ def _exact(completion: str, answer: str, **_) -> float:
 
 
 def _contains(completion: str, answer: str, **_) -> float:
-    return 100.0 if str(answer).strip().lower() in strip_thinking(completion).lower() else 0.0
+    """The answer as a whole word or phrase of the reply ("no" is not in "I don't know", "4" not in "14")."""
+    want = re.escape(str(answer).strip())
+    return 100.0 if re.search(rf"(?<!\w){want}(?!\w)", strip_thinking(completion), re.IGNORECASE) else 0.0
 
 
 def _number(completion: str, answer: str, number=None, **_) -> float:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 import re
 import time
@@ -241,7 +242,7 @@ class ProbeBatch:
         """Scores generated ids [n, steps] of the items in ``rows`` (None: all, in order)."""
         items = self.items if rows is None else [self.items[r] for r in rows.tolist()]
         outputs = [self.opened + self.model.codec.finish(row[: self.budget]).text for row in new.tolist()]
-        out = {"scores": {it.id: float(self.probe.score(it, o)) for it, o in zip(items, outputs)},
+        out = {"scores": {it.id: _finite(self.probe, it, self.probe.score(it, o)) for it, o in zip(items, outputs)},
                "outputs": {it.id: o for it, o in zip(items, outputs)}}
         parsed = {it.id: parse_rate_of(self.probe, it, o) for it, o in zip(items, outputs)}
         if all(v is not None for v in parsed.values()):
@@ -260,6 +261,11 @@ class ProbeBatch:
             scores[it.id], margins[it.id] = _ranking(lp, right)
             # lm-eval's acc_bytes (its acc_norm on ASCII): log-prob per UTF-8 byte of the choice's text
             norm[it.id], _ = _ranking([v / max(1, len(c.encode())) for v, c in zip(lp, it.choices)], right)
+        broken = [i for i, m in margins.items() if m is None]
+        if broken:
+            warnings.warn(f"probe {self.probe.name!r}: {len(broken)} of {len(margins)} items got non-finite "
+                          f"log-probabilities (the forward overflowed?), e.g. item {broken[0]!r}: ranked wrong, "
+                          f"margins left out", stacklevel=2)
         return {"scores": scores, "scores_norm": norm, "margins": margins}
 
 
@@ -354,10 +360,24 @@ def joint_decode(model: Model, batches: Sequence[ProbeBatch], layers: list[int],
     return [b.scored(part) for b, part in zip(batches, new.split(sizes))]
 
 
-def _ranking(values: list[float], right: int) -> tuple[float, float]:
-    """(100 if the right choice scores highest else 0, its margin over the best wrong choice)."""
+def _ranking(values: list[float], right: int) -> tuple[float, float | None]:
+    """(100 if the right choice scores highest else 0, its margin over the best wrong choice; None
+    where a log-probability is not finite: a forward that overflowed ranks nothing, and its margin
+    is left out of the statistics rather than written as NaN)."""
+    if not all(math.isfinite(v) for v in values):
+        return 0.0, None
     best_wrong = max(v for c, v in enumerate(values) if c != right) if len(values) > 1 else float("-inf")
-    return (100.0 if values[right] > best_wrong else 0.0), values[right] - best_wrong
+    margin = values[right] - best_wrong
+    return (100.0 if values[right] > best_wrong else 0.0), (margin if math.isfinite(margin) else None)
+
+
+def _finite(probe, item, score) -> float:
+    """A probe's score of an item as a float; ValueError naming them when it is not a finite number."""
+    value = float(score)
+    if not math.isfinite(value):
+        raise ValueError(f"probe {getattr(probe, 'name', probe)!r} scored item {item.id!r} {score!r}: a score must be "
+                         f"a finite number (0-100)")
+    return value
 
 
 class Runner:
