@@ -19,6 +19,7 @@ import circuit_finder as cf
 from circuit_finder.compressed import (
     compressed_groups,
     compressed_matrices,
+    config_group_of,
     dequantize_compressed,
     unpack_int32,
 )
@@ -378,10 +379,43 @@ def test_packed_codes_and_zero_points_as_compressed_tensors_packs_them(bits):
         compressed_matrices({**tensors, "m.weight_zero_point": zero[:, 0]}, compressed_groups(config))
 
 
+def test_config_groups_are_chosen_as_compressed_tensors_chooses_them():
+    """Which group quantized a module, against compressed-tensors' own matcher (match_targets, the
+    first target of each module's sorted matches, each target owned by the last group listing
+    it): two patterns matching one module (the alphabetically first wins, not the later group), a
+    module-name target beside a class target ("lm_head" is no class: it does not take every
+    Linear), exact names over patterns over classes."""
+    from compressed_tensors.utils.match import match_targets
+
+    w = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}
+    layouts = [[["Linear"], ["lm_head"]], [["re:.*down_proj$"], ["re:.*mlp\\..*"]],
+               [["re:.*mlp\\..*"], ["re:.*down_proj$"]], [["Linear"], ["re:.*proj"], ["model.layers.0.mlp.up_proj"]],
+               [["Linear", "re:.*up_proj"], ["re:.*up_proj"]], [["Embedding"], ["Linear"]]]
+    modules = [("model.layers.0.mlp.up_proj", torch.nn.Linear(2, 2)), ("model.layers.1.mlp.down_proj",
+               torch.nn.Linear(2, 2)), ("lm_head", torch.nn.Linear(2, 2)), ("model.embed_tokens", torch.nn.Embedding(2, 2))]
+    checked = 0
+    for layout in layouts:
+        q = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+             "config_groups": {f"g{k}": {"targets": t, "weights": w} for k, t in enumerate(layout)}}
+        groups = compressed_groups({"quantization_config": q})
+        owner = {t: k for k, targets in enumerate(layout) for t in targets}
+        for name, module in modules:
+            matched = match_targets(name, module, list(owner))
+            if not matched:
+                with pytest.raises(ValueError, match="no config group targets it"):
+                    config_group_of((name,), groups)
+                continue
+            want = groups[owner[matched[0]]]
+            print(layout, name, "->", matched[0])
+            assert config_group_of((name,), groups) is want, (layout, name)
+            checked += 1
+    assert checked >= 15
+
+
 def test_module_groups_and_weight_kinds_as_compressed_tensors_reads_them():
-    """A target naming the module exactly wins over a pattern, a pattern over a class name (a later
-    group wins a tie); FP8 weights alone are written as naive-quantized; a float8 weight without its
-    scale is refused."""
+    """A target naming the module exactly wins over a pattern, a pattern over a class name; FP8
+    weights alone are written as naive-quantized; a float8 weight without its scale is refused;
+    a group index past the scale's groups is refused by name."""
     w = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
     q = {"quant_method": "compressed-tensors", "format": "naive-quantized", "config_groups": {
         "a": {"targets": ["Linear"], "weights": w},
@@ -395,11 +429,18 @@ def test_module_groups_and_weight_kinds_as_compressed_tensors_reads_them():
         assert torch.equal(stored[f"{module}.weight"][1](torch.float32, "cpu"), torch.ones(4, 8))
     with pytest.raises(ValueError, match="float8 tensor 'x.weight' has no 'x.weight_scale'"):
         compressed_matrices({"x.weight": f8}, groups)
+    module = "model.layers.0.q_proj"  # group c: 2 groups of 4 columns
+    for g_idx, message in ((torch.tensor([0, 0, 0, 0, 1, 1, 5, 1]), r"holds group 5; the weight_scale has 2 groups"),
+                           (torch.zeros(8), "is torch.float32: group indices are integers")):
+        tensors = {f"{module}.weight": f8, f"{module}.weight_scale": torch.ones(4, 2), f"{module}.weight_g_idx": g_idx}
+        with pytest.raises(ValueError, match=rf"'{re.escape(module)}.weight_g_idx' {message}"):
+            compressed_matrices(tensors, groups)
     wrapper = {**q, "config_groups": {**q["config_groups"], "c": {  # targets under a v5 wrapper's module names
         "targets": ["model.language_model.layers.0.q_proj"], "weights": q["config_groups"]["c"]["weights"]},
-        "d": {"targets": ["re:^model\\.language_model\\.layers\\.1\\."], "weights": w}}}
+        "d": {"targets": ["re:.*language_model\\.layers\\.2\\."], "weights": w}}}
     groups = compressed_groups({"quantization_config": wrapper})
-    for module, scale in (("model.layers.0.q_proj", torch.ones(4, 2)), ("model.layers.1.q_proj", torch.ones(4, 1))):
+    # (d's pattern sorts before "re:.*proj", so it wins where it matches, as in compressed-tensors)
+    for module, scale in (("model.layers.0.q_proj", torch.ones(4, 2)), ("model.layers.2.q_proj", torch.ones(4, 1))):
         tensors = {f"{module}.weight": f8, f"{module}.weight_scale": scale}  # loaded: model.*
         with pytest.raises(ValueError, match=rf"'{re.escape(module)}.weight_scale' is \[4, \d\]: expected \[1\]"):
             compressed_matrices(tensors, groups)  # under its loaded name alone: the per-tensor pattern group

@@ -30,7 +30,7 @@ import torch
 
 from .quants import FP8_DTYPES, expand_blocks, unpack_words, warn_unapplied_scales
 
-__all__ = ["FORMATS", "PARTS", "CompressedGroup", "compressed_groups", "compressed_matrices", "dequantize_compressed",
+__all__ = ["FORMATS", "PARTS", "CompressedGroup", "compressed_groups", "compressed_matrices", "config_group_of", "dequantize_compressed",
            "unpack_int32"]
 
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
@@ -96,19 +96,39 @@ def _parse_groups(qc: dict) -> list[CompressedGroup]:
     return groups  # none: only activations or caches were quantized, the weights are plain floats
 
 
-def _group_of(names: tuple[str, ...], groups: list[CompressedGroup]) -> CompressedGroup:
-    """The config group that quantized a module (`names`: what it may be called, as loaded first), in
-    compressed-tensors' order: a target naming it exactly, else a ``re:`` target matching it, else a
-    class-name target (a checkpoint names no classes we could check: "Linear" is every quantized
-    matrix); a later group wins a tie, as there."""
-    module = names[0]
-    tiers = (lambda t: t in names, lambda t: t.startswith("re:") and any(re.match(t[3:], n) for n in names),
-             lambda t: not t.startswith("re:") and "." not in t)
-    for matches in tiers:
-        found = [g for g in groups if any(matches(t) for t in g.targets)]
-        if found:
-            return found[-1]
+def config_group_of(names: tuple[str, ...], groups: list[CompressedGroup]) -> CompressedGroup:
+    """The config group that quantized a module (`names`: what it may be called, as loaded first),
+    by compressed-tensors' rule: each target belongs to the last group listing it; the targets are
+    taken in the order (not "re:", then "re:"; each alphabetically) and the first that names the
+    module (exactly, or as a "re:" pattern matching from its start) decides, else the first class
+    target that fits it (``_class_fits``)."""
+    module, owner = names[0], {}
+    for g in groups:
+        for t in g.targets:
+            owner[t] = g
+    ordered = sorted(owner, key=lambda t: ("re:" in t, t))
+    by_name = [t for t in ordered
+               if any(re.match(t[3:], n) is not None if t.startswith("re:") else t == n for n in names)]
+    found = by_name or [t for t in ordered if _class_fits(t, module)]
+    if found:
+        return owner[found[0]]
     raise ValueError(f"'{module}' holds compressed-tensors weights but no config group targets it")
+
+
+_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+
+
+def _class_fits(target: str, module: str) -> bool:
+    """Whether a class-name target ("Linear", "Embedding") fits a module whose class a checkpoint
+    does not name: a linear class fits every quantized matrix but the embedding (the head is a
+    Linear), "Embedding" the embedding; a target that is no such class name (a module name such as
+    "lm_head", another class) fits none here."""
+    if target.startswith("re:") or "." in target:
+        return False
+    embedding = module.rsplit(".", 1)[-1] in _EMBEDDINGS
+    if target == "Linear" or (target[:1].isupper() and target.endswith("Linear")):
+        return not embedding
+    return target == "Embedding" and embedding
 
 
 def compressed_matrices(tensors: dict, groups: list[CompressedGroup],
@@ -128,7 +148,7 @@ def compressed_matrices(tensors: dict, groups: list[CompressedGroup],
         if not name.endswith(".weight_scale"):
             continue
         module = name.removesuffix(".weight_scale")
-        group = _group_of(names(module), groups)
+        group = config_group_of(names(module), groups)
         mine = {p: tensors[f"{module}.{p}"] for p in ("weight", *_PARTS) if f"{module}.{p}" in tensors}
         shape, make = _matrix(module, mine, group)
         stored[f"{module}.weight"] = (shape, make)
@@ -191,9 +211,15 @@ def _scale_grid(module: str, t: dict, shape: tuple, group: CompressedGroup, bits
         raise ValueError(f"'{module}.weight_scale' is {list(scale.shape)}: expected {grid} for the {list(shape)} "
                          f"weight ({_strategy(group.weights)} strategy)")
     zero = _zero_point(module, zero, scale, rows, group, bits)
-    if "weight_g_idx" in t and list(t["weight_g_idx"].shape) != [cols]:
-        raise ValueError(f"'{module}.weight_g_idx' is {list(t['weight_g_idx'].shape)}: one group index per column "
-                         f"({cols})")
+    g_idx = t.get("weight_g_idx")
+    if g_idx is not None and list(g_idx.shape) != [cols]:
+        raise ValueError(f"'{module}.weight_g_idx' is {list(g_idx.shape)}: one group index per column ({cols})")
+    if g_idx is not None and not bool((g_idx < 0).any()):  # (-1 throughout: column order)
+        if g_idx.is_floating_point() or g_idx.is_complex() or g_idx.dtype == torch.bool:
+            raise ValueError(f"'{module}.weight_g_idx' is {g_idx.dtype}: group indices are integers")
+        if scale.dim() == 2 and int(g_idx.max()) >= scale.shape[1]:
+            raise ValueError(f"'{module}.weight_g_idx' holds group {int(g_idx.max())}; the weight_scale has "
+                             f"{scale.shape[1]} groups")
     return scale, zero
 
 
