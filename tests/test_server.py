@@ -533,3 +533,40 @@ def test_unsupported_fields_are_refused(server):
     assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/completions", timeout=60, json={"prompt": "hi", "max_tokens": 2, "best_of": 3})
     assert r.status_code == 400 and "best_of" in r.json()["error"]["message"]
+
+
+def test_a_running_batch_whose_clients_all_go_stops(chat_model, monkeypatch):
+    """A non-streamed request whose client times out while its batch runs: the batch stops at its
+    next token (counted in /health's cancelled) instead of decoding to max_tokens, and the worker
+    serves the next request. The steps are slowed to 20 ms so the batch is still running."""
+    from circuit_finder import generation
+
+    steps = []
+    real = generation.step_function
+
+    def slow(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def run(token):
+            steps.append(1)
+            time.sleep(0.02)
+            return step(token)
+
+        return run
+
+    monkeypatch.setattr(generation, "step_function", slow)
+    app = create_app(chat_model, batch_window_ms=0)
+    with running(app) as url:
+        body = {"prompt": "Tell a very long story.", "max_tokens": 300, "temperature": 0.8, "seed": 1}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
+        deadline = time.time() + 30
+        while httpx.get(f"{url}/health").json()["pending"] and time.time() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(f"{url}/health").json()
+        print(health, len(steps), "steps of 300")
+        assert health["pending"] == 0 and health["cancelled"] == 1 and health["requests"] == 0, health
+        assert len(steps) < 150
+        monkeypatch.undo()
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200

@@ -34,6 +34,7 @@ __all__ = ["Finished", "Sampling", "TextCodec", "as_token_ids", "decode", "gener
            "positions_from_mask", "rows_interact", "sample"]
 
 OnStep = Callable[[torch.Tensor, torch.Tensor], None]  # (tokens [B], finished [B]) after every step
+Check = Callable[[], None]  # before every step, on the host only (reads no tensor): raises to stop
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -246,9 +247,10 @@ def generation_masks(ids: torch.Tensor, mask: torch.Tensor | None,
 
 
 def generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor | None, path: LayerPath,
-                 sampling: Sampling, on_step: OnStep | None = None) -> torch.Tensor:
+                 sampling: Sampling, on_step: OnStep | None = None, check: Check | None = None) -> torch.Tensor:
     """Generates after left-padded prompts ids [B, T] (mask [B, T] or None) along path.
-    Returns the new ids [B, n] (rows finished early padded with the pad id)."""
+    Returns the new ids [B, n] (rows finished early padded with the pad id). ``check`` runs
+    before each decode step and may raise to stop (the server's cancelled batch)."""
     B, T = ids.shape
     positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
     layers = list(path)
@@ -256,16 +258,17 @@ def generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor | None, pat
         cache = model.engine.new_cache(layers, B, T + sampling.max_new_tokens)
         step_mask = None if full_mask is None else full_mask[:, :T]
         logits = model.engine.forward(ids, positions, step_mask, layers, cache, True)[:, -1].float()
-        return decode(model, logits, cache, layers, positions[:, -1:], full_mask, sampling, on_step)
+        return decode(model, logits, cache, layers, positions[:, -1:], full_mask, sampling, on_step, check=check)
 
 
 def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_pos: torch.Tensor,
            full_mask: torch.Tensor | None, sampling: Sampling, on_step: OnStep | None = None,
-           budgets: torch.Tensor | None = None) -> torch.Tensor:
+           budgets: torch.Tensor | None = None, check: Check | None = None) -> torch.Tensor:
     """Token-by-token decoding after a prefill: logits [B, V] of the last prompt position, the
     cache holding the prompt (length T), last_pos [B, 1] its positions, full_mask [B, T + max_new]
     or None; budgets [B]: each row's own token budget (at most max_new_tokens; None: all rows
     max_new_tokens). Returns the new ids [B, n] (rows finished early padded with the pad id).
+    check: run on the host before each step (no device sync: it reads no tensor); raising stops.
     Greedy decoding with dynamic steps (the CPU) drops finished rows from the batch as it goes:
     the cache's rows move in place, and the ids are the same (not where rows_interact)."""
     B = logits.shape[0]
@@ -281,6 +284,8 @@ def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_po
     alive = torch.arange(B, device=logits.device)  # the batch rows the step still runs
     done: list[torch.Tensor] = []  # per step: had every row finished (read on the host every `every` steps)
     for n in range(sampling.max_new_tokens):
+        if check is not None:
+            check()
         if n < sampling.min_new_tokens and eos.numel():
             logits[:, eos] = float("-inf")
         token = sample(logits, sampling.temperature, sampling.top_p, generator)

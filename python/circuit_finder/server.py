@@ -170,7 +170,7 @@ class Worker:
                 fin = self._finish(job, row)
                 job.future.set_result(Completed(row, fin, self._logprobs(job, row[:fin.tokens])))
         except Exception as e:  # reported to each waiting request; the worker keeps running
-            self.stats["cancelled"] += isinstance(e, Cancelled)
+            self.stats["cancelled"] += len(jobs) if isinstance(e, Cancelled) else 0
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(e)
@@ -193,9 +193,13 @@ class Worker:
                 generated.append(int(token[0]))
                 first.stream(list(generated), bool(finished[0]))
 
+        def check() -> None:  # every client of the batch went: stop (one that stays gets its whole answer)
+            if all(job.cancelled.is_set() for job in jobs):
+                raise Cancelled()
+
         if not isinstance(first.path, Router):
-            return generation.generate_ids(model, ids, mask, first.path, first.sampling, on_step).tolist()
-        new, choices = routing.generate_ids(model, first.path, ids, mask, first.sampling, on_step)
+            return generation.generate_ids(model, ids, mask, first.path, first.sampling, on_step, check).tolist()
+        new, choices = routing.generate_ids(model, first.path, ids, mask, first.sampling, on_step, check)
         for job, c in zip(jobs, choices):
             job.routed = first.path.candidates[c]
         return new.tolist()
@@ -411,8 +415,9 @@ class Service:
         self.pending -= 1
 
     async def run(self, job: Job, request=None) -> Completed:
-        """The job's result. With ``request``: a client that goes while the job waits in the queue
-        cancels it (the worker skips it: Cancelled; a batch already running finishes)."""
+        """The job's result. With ``request``: a client that goes cancels the job: skipped while it
+        waits in the queue (Cancelled), stopped at the next token once every job of its running
+        batch is cancelled."""
         self.reserve()
         try:
             done = asyncio.wrap_future(self.worker.submit(job))

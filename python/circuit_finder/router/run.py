@@ -81,9 +81,10 @@ def _rows(x: torch.Tensor | None, idx: torch.Tensor, whole: bool):
 
 
 def generate_ids(model, router: Router, ids: torch.Tensor, mask: torch.Tensor | None, sampling: Sampling,
-                 on_step=None) -> tuple[torch.Tensor, list[int]]:
+                 on_step=None, check=None) -> tuple[torch.Tensor, list[int]]:
     """Generates after left-padded prompts ids [B, T], each row along its routed candidate.
-    Returns (new ids [B, n] padded with the pad id, each row's candidate index)."""
+    Returns (new ids [B, n] padded with the pad id, each row's candidate index). on_step, check:
+    as generation.decode takes them."""
     B, T = ids.shape
     engine, cap = model.engine, T + sampling.max_new_tokens
     positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
@@ -110,7 +111,7 @@ def generate_ids(model, router: Router, ids: torch.Tensor, mask: torch.Tensor | 
             gc.advance(T)
             first = engine.head(hg[:, -1:])[:, -1].float()
             new = generation.decode(model, first, gc, layers, pos[:, -1:], _rows(full_mask, idx, whole), sampling,
-                                    on_step)
+                                    on_step, check=check)
             out = _place(out, new, idx, model.codec.pad_id)
     return out, choices
 
