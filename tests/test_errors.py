@@ -96,3 +96,27 @@ def test_text_prompt_without_tokenizer(model_dir):
     folder, _ = model_dir("llama")
     with pytest.raises(ValueError, match="needs a tokenizer"):
         cf.load(folder).generate("hello")
+
+
+def test_special_ids_outside_the_vocabulary_and_bad_score_targets(model_dir, tmp_path):
+    """A config.json pad/eos id past the vocabulary is warned about and left out (it was fed back to
+    the model as padding, so a score of uneven pairs failed blaming the input); a continuation's
+    last id, a target only, is range-checked too; a corrupt config.json is named."""
+    folder, _ = model_dir("llama")
+    d = copy_model(folder, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    cfg["pad_token_id"], cfg["eos_token_id"] = vocab, [vocab + 5, 2]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match=rf"the config's eos_token_id {vocab + 5} is outside the vocabulary"):
+        model = cf.load(d)
+    assert model.codec.eos_ids == [2] and 0 <= model.codec.pad_id < vocab
+    uneven = model.score([[5, 6, 7], [5]], [[8], [9, 10]])  # padded rows
+    alone = [model.score([5, 6, 7], [8])[0], model.score([5], [9, 10])[0]]
+    assert uneven == pytest.approx(alone, abs=1e-4)
+    for bad in (vocab + 100, -3):
+        with pytest.raises(cf.InputError, match=rf"pair 0: token id {bad} is outside the vocabulary"):
+            model.score([5, 6, 7], [8, bad])
+    (d / "config.json").write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match=r"config.json: not valid UTF-8 JSON"):
+        cf.load(d)

@@ -67,20 +67,36 @@ class TextCodec:
     """The token side of a model (tokenizer + the config's special ids). ``tokenizer`` may be None:
     then only id-level methods work, and text ones raise naming the model source."""
 
-    def __init__(self, tokenizer, config_eos_ids: Sequence[int], config_pad_id: int, source: str):
+    def __init__(self, tokenizer, config_eos_ids: Sequence[int], config_pad_id: int, source: str,
+                 vocab_size: int | None = None):
         self.tokenizer = tokenizer
         self.source = source
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.eos_ids = list(config_eos_ids)
-        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in self.eos_ids:
-            self.eos_ids.append(tokenizer.eos_token_id)
-        if config_pad_id >= 0:
+        inside = self._in_vocabulary(vocab_size)
+        self.eos_ids = [i for i in config_eos_ids if inside(i, "the config's eos_token_id")]
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is not None and eos not in self.eos_ids and inside(eos, "the tokenizer's eos_token_id"):
+            self.eos_ids.append(eos)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if config_pad_id >= 0 and inside(config_pad_id, "the config's pad_token_id"):
             self.pad_id = int(config_pad_id)
-        elif tokenizer is not None and tokenizer.pad_token_id is not None:
-            self.pad_id = int(tokenizer.pad_token_id)
+        elif pad is not None and inside(pad, "the tokenizer's pad_token_id"):
+            self.pad_id = int(pad)
         else:
             self.pad_id = self.eos_ids[0] if self.eos_ids else 0
+
+    def _in_vocabulary(self, vocab_size: int | None):
+        """id, what -> whether id lies in the vocabulary; one outside it is warned about (and then
+        left out: a pad id past the vocabulary would be fed back to the model, an EOS id never met)."""
+        def inside(i, what: str) -> bool:
+            if vocab_size is None or 0 <= int(i) < vocab_size:
+                return True
+            warnings.warn(f"{self.source}: {what} {int(i)} is outside the vocabulary (0..{vocab_size - 1}): "
+                          f"left out", stacklevel=4)
+            return False
+
+        return inside
 
     def require(self, what: str):
         """The tokenizer, or ValueError saying ``what`` needs one."""

@@ -22,7 +22,9 @@ On GPUs each layer's q / k / v and each gated MLP's gate / up are laid out as on
 mixture of experts' per-expert matrices stacked (``layout.lay_out_fused``; ``fuse_projections``):
 the engine runs each group as one product, and stacked bf16 experts as grouped GEMMs.
 
-Limits: no remote code, no pickle — safetensors and GGUF only.
+Limits: no remote code, no pickle — safetensors and GGUF only. A mapped file rewritten in place
+while its model is loaded changes the weights under it (or, truncated, kills the process with
+SIGBUS): replace files by renaming a new one over them.
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
                              "weights (FP8, GPTQ, AWQ, bitsandbytes, ...) are always dequantized on load")
         folder = Path(path)
         config_file = model_config_file(folder)
-        config = parse_config(_with_generation_eos(json.loads(config_file.read_text()), folder), str(config_file))
+        config = parse_config(_with_generation_eos(_read_json(config_file), folder), str(config_file))
         tensors = _C.load_safetensors(str(folder))
         model = _build(config, tensors, tokenizer=_load_tokenizer(folder), device=device, dtype=dtype,
                        source=str(folder), device_map=device_map, max_memory=max_memory, quantize=quantize,
@@ -210,6 +212,14 @@ def release_freed_heap() -> bool:
     except (OSError, AttributeError, TypeError):  # no malloc_trim (musl, macOS); Windows has no CDLL(None)
         return False
     return True
+
+
+def _read_json(path: Path):
+    """A JSON file's value; ValueError naming the file when it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
 
 
 def _with_generation_eos(config, folder: Path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import generation, likelihood
+from . import _C, generation, likelihood
 from .config import ModelConfig
 from .generation import Sampling, TextCodec, as_token_ids, positions_from_mask
 from .layer_path import LayerPath
@@ -42,7 +42,7 @@ class Model:
         self.engine = engine
         self.tensors = tensors or {}
         self.config = config
-        self.codec = TextCodec(tokenizer, config.eos_token_ids, config.pad_token_id, source)
+        self.codec = TextCodec(tokenizer, config.eos_token_ids, config.pad_token_id, source, config.vocab_size)
         self.device = device
         self.placement = placement or Placement((device,) * config.num_layers, device)
         self.dtype = dtype
@@ -181,6 +181,11 @@ class Model:
         router = self.router(layers)
         path = None if router else self.path(layers)
         pairs = [self._pair(c, k) for c, k in zip(contexts, continuations)]
+        vocab = self.config.vocab_size
+        for k, (ctx, cont) in enumerate(pairs):  # (a continuation's last id is a target only, never an input)
+            bad = next((t for t in (*ctx, *cont) if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise _C.InputError(f"pair {k}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
         if router is not None:
             return [v for v, _ in routing.score_pairs(self, router, pairs, batch_size)[0]]
         return [v for v, _ in likelihood.score_pairs(self, pairs, list(path), batch_size)]
