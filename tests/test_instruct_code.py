@@ -212,19 +212,28 @@ def test_sandbox_print_flood_goes_nowhere():
 def test_sandbox_results_cannot_be_forged():
     """An object whose __eq__ always says True (or an int subclass doing so) passes no test; code
     that looks for the runner's token through frames (sys._getframe, a traceback's tb_frame) or the
-    garbage collector finds nothing; namedtuple, typing and dataclasses (which peek at frames) still
-    work; a float where an int is expected still compares as Python compares it."""
-    tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
+    garbage collector finds nothing; rebinding builtins (exec, int, enumerate) or the runner's own
+    names changes nothing. Right answers in subclasses of built-in types (Counter, defaultdict, a
+    namedtuple, a float for an int) still pass, and namedtuple, typing and dataclasses (which peek
+    at frames) still work."""
+    tests = ["assert add(1, 2) == 3", "assert add(5, 5) == 10", "assert add(2, 2) == 4"]  # 0 is never right
     forge = ("while f and 'token' not in f.f_locals: f = f.f_back\n"
              "for i in range(3): f.f_locals['results'].write(f\"{f.f_locals['token']} {i} 1\\n\")\n"
              "f.f_locals['results'].flush()\ndef add(a, b): return 0\n")
+    always = "class E:\n    def __eq__(s, o): return True\n"
     cases = {
-        "always equal": "class E:\n    def __eq__(s, o): return True\ndef add(a, b): return E()",
+        "always equal": always + "def add(a, b): return E()",
         "int subclass": "class I(int):\n    def __eq__(s, o): return True\ndef add(a, b): return I(0)",
-        "in a list": "class E:\n    def __eq__(s, o): return True\ndef add(a, b): return [E()][0]",
+        "in a list": always + "def add(a, b): return [E()][0]",
         "getframe": "import sys\nf = sys._getframe(0)\n" + forge,
         "traceback": "try:\n    raise ValueError\nexcept ValueError as e:\n    f = e.__traceback__.tb_frame\n" + forge,
         "gc": "import gc\nfound = gc.get_objects()\ndef add(a, b): return 0",
+        "builtins.exec": "import builtins\nbuiltins.exec = lambda *a, **k: None\ndef add(a, b): return 0",
+        "builtins.int": "import builtins\nbuiltins.int = lambda x: 1\ndef add(a, b): return 0",
+        "enumerate": "import builtins\nbuiltins.enumerate = lambda x: [(0, compile('pass', 'x', 'exec'))]\n"
+                     "def add(a, b): return 0",
+        "runner names": "import __main__\n__main__.make_plain = lambda: (lambda v: v)\n" + always +
+                        "def add(a, b): return E()",
     }
     for name, code in cases.items():
         assert run_tests(code, tests, timeout=5).passed == 0, name
@@ -232,3 +241,10 @@ def test_sandbox_results_cannot_be_forged():
             "P = namedtuple('P', 'x y')\nT = TypeVar('T')\n@dataclasses.dataclass\nclass D:\n    x: int\n"
             "def add(a, b): return float(P(a, b).x + D(b).x)")
     assert run_tests(fine, tests, timeout=5).passed == 3
+    subclasses = ("from collections import Counter, defaultdict, namedtuple\n"
+                  "def count(t): return Counter(t.split())\n"
+                  "def group(ws):\n    d = defaultdict(list)\n    for w in ws: d[w[0]].append(w)\n    return d\n"
+                  "def pair(): return namedtuple('P', 'a b')(1, 2)\n")
+    checks = ["assert count('a b a') == {'a': 2, 'b': 1}", "assert group(['ab', 'ac', 'b']) == {'a': ['ab', 'ac'], "
+              "'b': ['b']}", "assert pair() == (1, 2)", "assert count('x') != {'x': 2}"]
+    assert run_tests(subclasses, checks, timeout=5).passed == 4

@@ -205,6 +205,10 @@ def test_stop_strings_that_are_special_tokens_stop_and_cut(chat_model):
     row = [*tok.encode("a"), special, *tok.encode(" b\n\nc")]
     assert codec.finish(row, ["\n\n"]).text == "a b"
     assert codec.finish(row, []).text == "a b\n\nc"  # no stop: the whole row, special tokens dropped
+    # a stop that shows only once the special token is gone ("a\n" <s> "\nb"): cut too, as lm-eval cuts its text
+    row = [*tok.encode("a\n"), special, *tok.encode("\nb")]
+    done = codec.finish(row, ["\n\n"])
+    assert (done.text, done.reason, done.tokens) == ("a", "stop", len(tok.encode("a")))
 
 
 def test_generation_kwargs_and_chat_template_fallbacks(chat_model):
@@ -224,6 +228,25 @@ def test_generation_kwargs_and_chat_template_fallbacks(chat_model):
         generation_settings({"do_sample": True, "temperature": 0.5, "top_k": 40, "num_beams": 4}, 7, [])
     with pytest.raises(ValueError, match="does not implement: repetition_penalty"):
         generation_settings({"repetition_penalty": 1.3}, 7, [])
+    assert generation_settings({"num_beams": None, "repetition_penalty": None}, 7, [])[0].max_new_tokens == 7
+    # max_length with min_new_tokens: each batch's room from its own prompts, min_new_tokens from the request
+    seen = []
+    real = circuit_finder.lm_eval.generate_ids
+
+    def spy(model, ids, mask, path, sampling, *args):
+        seen.append((ids.shape[1], sampling.max_new_tokens, sampling.min_new_tokens))
+        return real(model, ids, mask, path, sampling, *args)
+
+    lm = CircuitFinderLM(model=chat_model, batch_size=1, max_length=40, max_gen_toks=8)
+    gen = {"until": ["zzz"], "min_new_tokens": 6, "max_length": 30, "max_gen_toks": 8}
+    original = circuit_finder.lm_eval.generate_ids
+    circuit_finder.lm_eval.generate_ids = spy
+    try:
+        lm.generate_until(_instances("generate_until", [("word " * 25, gen), ("hi", gen)]), disable_tqdm=True)
+    finally:
+        circuit_finder.lm_eval.generate_ids = original
+    (long, room_a, min_a), (short, room_b, min_b) = seen
+    assert room_a == 30 - long and min_a == min(6, room_a) and room_b == 30 - short and min_b == 6
     lm = CircuitFinderLM(model=chat_model, layers=3)
     assert lm.path == chat_model.path("3")
     gemma_like = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "

@@ -492,11 +492,15 @@ def test_scorers_read_answers_before_their_working_and_bullets_unsigned():
     """'The answer is 18, since 16 - 3 - 4 = 9 ...' states 18 (the working's '=' comes after);
     a markdown bullet or dash separator before a number is no minus sign."""
     for text in ("The answer is 18, since 16 - 3 - 4 = 9 eggs are sold.", "The answer is 18 (16 - 3 - 4 = 9 eggs x $2).",
-                 "Answer:\n- 18", "- **18**", "Result: - 18 eggs", "Total - 18"):
+                 "Answer:\n- 18", "- **18**", "Total - 18"):
         assert extract_number(text) == 18, text
     assert extract_number("The answer is 8, not 5 + 4 = 9") == 8
     assert extract_number("The answer is 12 * 13 = 156") == 156  # working first: still the result
     assert extract_number("The answer is -5") == -5 and extract_number("x = \u22123") == -3
+    for text, number in (("The answer is 6! = 720.", 720), ("Answer: 5! = 120", 120), ("Result: 3, and 3 + 1 = 4", 4),
+                         ("The answer is 2(3 + 4) = 14.", 14), ("The answer is 7 - 10 = - 3", -3), ("x = - 5", -5),
+                         ("Answer: - 5", -5), ("The answer is \u2013 5", -5), ("9 - 3", 3)):
+        assert extract_number(text) == number, text  # working after the number, a minus set apart after = : is
 
 
 def test_huge_numbers_score_zero_without_stalling():
@@ -511,6 +515,7 @@ def test_huge_numbers_score_zero_without_stalling():
         assert score_answer("number", text, "42") == 0.0 and score_answer("math", text, "42") == 0.0
         assert parsed("number", text) and get_probe("math").score(math_item, text) == 0.0
     assert extract_number("1e-500") == 0.0 and extract_number("2.5e3") == 2500
+    assert extract_number("Answer: 1 \u00d7 10^150") == 10 ** 150 and extract_number("0.5e-200") == 0.5e-200
     assert time.perf_counter() - start < 2
 
 
@@ -525,7 +530,10 @@ def test_hedges_and_echoed_options_name_no_answer():
                  "A) 03/05/2011\nB) 03/06/2011\nC) 04/05/2011\nD) 02/05/2011"):
         assert extract_choice(text, options) is None, text
     for text, letter in (("(B) Paris. (A) is London.", "B"), ("A) is too early. B) is right. So B.", "B"),
-                         ("A, B and C are wrong, so D.", "D"), ("The answer is B", "B")):
+                         ("A, B and C are wrong, so D.", "D"), ("The answer is B", "B"), ("A or B? B.", "B"),
+                         ("A or C? Definitely C.", "C"), ("A or B. I'd pick B.", "B"),
+                         ("Eliminating A, B and C leaves D.", "D"), ("Not A, B or C, so it must be D", "D"),
+                         ("After ruling out A, B and C, D", "D"), ("Between A, B, C and D, the best is C", "C")):
         assert extract_choice(text, options) == letter, text
 
 

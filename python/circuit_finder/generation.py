@@ -181,8 +181,9 @@ class TextCodec:
 
     def finish(self, row: Sequence[int], stops: Sequence[str] = (), max_new_tokens: int | None = None) -> Finished:
         """A generated row -> text cut at the first EOS, then before the earliest stop string, then
-        without special tokens. Stops are matched in the text with special tokens kept, as lm-eval
-        matches them (so "<|im_end|>" or "<|eot_id|>" stops a row). reason is "length" only when the
+        without special tokens. Stops are matched in the text with special tokens kept, as lm-eval's
+        stopping criterion matches them (so "<|im_end|>" or "<|eot_id|>" stops a row), and again in
+        the text without them, as lm-eval cuts its output. reason is "length" only when the
         row ran to max_new_tokens unstopped; tokens counts the generated tokens up to the EOS
         (included) or those the text before the stop string reaches into."""
         row = list(row)
@@ -191,13 +192,21 @@ class TextCodec:
         cut = next((i for i, t in enumerate(row) if t in eos), None)
         tokens = row[:cut] if cut is not None else row
         raw = decode(tokens, skip_special_tokens=False) if stops else ""
-        at = min((raw.find(s) for s in stops if s and s in raw), default=-1)
+        at = _earliest(raw, stops)
+        n = None
         if at >= 0:
             n = next(n for n in range(len(tokens) + 1) if len(decode(tokens[:n], skip_special_tokens=False)) >= at)
-            return Finished(self._plain(tokens, n, raw, at), "stop", n)
+            text = self._plain(tokens, n, raw, at)
+        else:
+            text = decode(tokens, skip_special_tokens=True)
+        plain_at = _earliest(text, stops)  # one that shows only once special tokens are gone ("a\n<s>\nb")
+        if plain_at >= 0:
+            text = text[:plain_at]
+            n = next(n for n in range(len(tokens) + 1) if len(decode(tokens[:n], skip_special_tokens=True)) >= plain_at)
+        if n is not None:
+            return Finished(text, "stop", n)
         unstopped = cut is None and (max_new_tokens is None or len(tokens) >= max_new_tokens)
-        return Finished(decode(tokens, skip_special_tokens=True), "length" if unstopped else "stop",
-                        len(tokens) + (1 if cut is not None else 0))
+        return Finished(text, "length" if unstopped else "stop", len(tokens) + (1 if cut is not None else 0))
 
     def _plain(self, tokens: list[int], n: int, raw: str, at: int) -> str:
         """raw[:at] (``raw`` the decode of ``tokens`` with special tokens, ``n`` tokens reaching
@@ -217,6 +226,11 @@ class TextCodec:
         """generated [B, n] -> bool [B]: whose decoded text (special tokens kept) holds a stop string."""
         texts = self.require("stop strings").batch_decode(generated.tolist(), skip_special_tokens=False)
         return torch.tensor([any(s in t for s in stops) for t in texts], device=generated.device)
+
+
+def _earliest(text: str, stops: Sequence[str]) -> int:
+    """Where the first of the stop strings begins in text; -1 when none does."""
+    return min((text.find(s) for s in stops if s and s in text), default=-1)
 
 
 @dataclass(frozen=True)

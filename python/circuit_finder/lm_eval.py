@@ -104,7 +104,8 @@ def generation_settings(kwargs: dict, max_gen: int, until: list[str]) -> tuple[S
     sampled = bool(kwargs.get("do_sample"))
     temperature = float(kwargs.get("temperature", 1.0) if kwargs.get("temperature") is not None else 1.0) \
         if sampled else 0.0
-    neutral = {"num_beams": lambda v: int(v) == 1, "repetition_penalty": lambda v: float(v) == 1.0,
+    neutral = {"num_beams": lambda v: v is None or int(v) == 1,
+               "repetition_penalty": lambda v: v is None or float(v) == 1.0,
                "top_k": lambda v: not sampled or v in (None, 0)}
     odd = sorted(k for k, v in kwargs.items() if k not in _GENERATION_KEYS and not neutral.get(k, lambda _: False)(v))
     if odd:
@@ -292,7 +293,7 @@ class CircuitFinderLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(args[members[0]][1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
-            sampling, total = generation_settings(kwargs, max_gen, until)
+            base, total = generation_settings(kwargs, max_gen, until)
             max_ctx = self.max_length - max_gen
             if max_ctx <= 0:
                 raise ValueError(f"max_gen_toks {max_gen} leaves no room for the context in {self.max_length} tokens")
@@ -301,6 +302,7 @@ class CircuitFinderLM(TemplateLM):
                 chunk = members[start:start + self.batch_size]
                 seqs = [self.tok_encode(args[i][0], left_truncate_len=max_ctx) for i in chunk]
                 ids, mask = model.codec.left_pad(seqs, model.device)
+                sampling = base
                 if total is not None:  # max_length: prompt (padded) + generated, as lm-eval's hf model reads it
                     room = total - ids.shape[1]
                     if room < 1:
@@ -308,8 +310,7 @@ class CircuitFinderLM(TemplateLM):
                             results[i] = ""
                         bar.update(len(chunk))
                         continue
-                    sampling = dataclasses.replace(sampling, max_new_tokens=room,
-                                                   min_new_tokens=min(sampling.min_new_tokens, room))
+                    sampling = dataclasses.replace(base, max_new_tokens=room, min_new_tokens=min(base.min_new_tokens, room))
                 new = (routing.generate_ids(model, self.router, ids, mask, sampling)[0] if self.router is not None
                        else generate_ids(model, ids, mask, self.path, sampling))
                 for i, row in zip(chunk, new.tolist()):

@@ -10,14 +10,18 @@ test is an assert statement run on its own; the child writes each result, behind
 to a file it opened before the hook (capped at 1 MiB by the file-size limit); whatever the code
 prints goes to /dev/null, so a print loop cannot flood the caller. A child that runs past
 ``timeout`` is killed with its whole process group; the tests it had passed by then still count.
-Every operand of a test's comparisons must be built of Python's own types (an object whose
-``__eq__`` always says True passes nothing), and frames (``sys._getframe``, ``tb_frame``,
-``gi_frame``, ...) and the garbage collector's object lists are out of reach, so the code cannot
-find the runner's token to forge results.
+The operands of a test's comparisons are rebuilt as Python's own types before they are compared
+(a Counter as a dict, a namedtuple as a tuple; any other object fails), so an object whose
+``__eq__`` always says True passes nothing; the tests are compiled before the code runs and the
+builtins the runner uses after it are bound before, so rebinding ``builtins.exec`` changes
+nothing; frames (``sys._getframe``, ``tb_frame``, ...) and the garbage collector's object lists
+are out of reach, which hides the runner's token.
 
 Limits: a guard against accidents, runaway code (infinite loops, memory bombs, print floods,
-``rm -rf``) and the easy forgeries, not a security boundary against a determined attacker: CPython
-audit hooks cover the standard library's entry points, not every native path. Linux/macOS (``resource`` limits; on other
+``rm -rf``) and the forgeries above, not a security boundary against a determined attacker:
+CPython audit hooks cover the standard library's entry points, not every native path, and only a
+comparison's direct operands are rebuilt (``abs(f(x) - 3) < 1e-9`` asks f(x)'s own ``__sub__``).
+Code that formats a traceback (``traceback.format_exc``) fails: it reads frames. Linux/macOS (``resource`` limits; on other
 systems only the timeout and the hook apply).
 """
 
@@ -49,7 +53,7 @@ except (ImportError, ValueError, OSError):
 import json
 
 
-def guard(event, args, deny_events=("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn",
+def guard(event, args, _isinstance=isinstance, _any=any, deny_events=("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn",
           "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.remove", "os.unlink", "os.rmdir", "os.rename",
           "os.replace", "os.truncate", "os.chmod", "os.chown", "os.link", "os.symlink", "os.mkdir", "os.putenv",
           "os.unsetenv", "os.chdir", "shutil.", "ctypes.", "sys.settrace", "sys.setprofile", "sys._current_frames",
@@ -60,7 +64,7 @@ def guard(event, args, deny_events=("socket.", "subprocess.", "os.system", "os.e
           "webbrowser", "mmap", "fcntl", "resource", "sqlite3", "_sqlite3", "dbm", "_dbm", "_gdbm"})):
     if event == "open":
         mode, flags = args[1], args[2]
-        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & 0o3103:
+        if (_isinstance(mode, str) and _any(c in mode for c in "wax+")) or (flags or 0) & 0o3103:
             raise PermissionError("the code sandbox allows no file writes")
     elif event == "import" and args[0].split(".")[0] in deny_modules:
         raise ImportError(f"the code sandbox does not allow importing {args[0]}")
@@ -75,59 +79,83 @@ def guard(event, args, deny_events=("socket.", "subprocess.", "os.system", "os.e
 import ast
 
 
-def plain(value, _type=type, _kinds=(int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set,
-                                      frozenset)):
-    """The value, when it is built of Python's own types only; else AssertionError (an object
-    whose __eq__ says True to everything passes no test)."""
-    kind = _type(value)
-    if not any(kind is k for k in _kinds):
+def make_plain(_type=type, _isinstance=isinstance, _dict=dict, _list=list, _tuple=tuple, _set=set,
+               _frozenset=frozenset, _int=int, _float=float, _complex=complex, _str=str, _bytes=bytes, _bool=bool):
+    """plain(value): the value as Python's own types, or AssertionError. Subclasses of built-in
+    types (Counter, defaultdict, OrderedDict, a namedtuple, an int subclass) are rebuilt as their
+    base type through the base's own methods, so an overridden __eq__ or __iter__ is never asked;
+    any other object fails the test. The builtins it uses are bound here, before the code runs."""
+    exact = (_bool, _int, _float, _complex, _str, _bytes, _type(None))
+
+    def plain(value):
+        kind = _type(value)
+        if any(kind is k for k in exact):
+            return value
+        if _isinstance(value, _dict):
+            return {plain(k): plain(v) for k, v in _dict.items(value)}
+        if _isinstance(value, _list):
+            return [plain(v) for v in _list.__iter__(value)]
+        if _isinstance(value, _tuple):
+            return _tuple(plain(v) for v in _tuple.__iter__(value))
+        if _isinstance(value, _frozenset):
+            return _frozenset(plain(v) for v in _frozenset.__iter__(value))
+        if _isinstance(value, _set):
+            return {plain(v) for v in _set.__iter__(value)}
+        for base, zero in ((_int, 0), (_float, 0.0), (_complex, 0j), (_str, ""), (_bytes, b"")):
+            if _isinstance(value, base):
+                return base.__add__(value, zero)  # the base's own value, as an exact base object
         raise AssertionError("a test compares a value that is not of a built-in type")
-    if kind is dict:
-        for k, v in value.items():
-            plain(k), plain(v)
-    elif kind in (list, tuple, set, frozenset):
-        for v in value:
-            plain(v)
-    return value
+
+    return plain
 
 
 class Plain(ast.NodeTransformer):
-    """Each operand of a comparison in a test goes through plain() first."""
+    """Each operand of a comparison (not an identity test: 'is True' keeps its object) goes through
+    plain() first."""
 
     def visit_Compare(self, node):
         self.generic_visit(node)
+        if any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+            return node
         wrap = lambda e: ast.Call(ast.Name("__cf_plain", ast.Load()), [e], [])
         return ast.copy_location(ast.Compare(wrap(node.left), node.ops, [wrap(c) for c in node.comparators]), node)
 
 
 def strict(test, i):
-    tree = ast.fix_missing_locations(Plain().visit(ast.parse(test)))
-    return compile(tree, f"<test {i}>", "exec")
+    try:
+        return compile(ast.fix_missing_locations(Plain().visit(ast.parse(test))), f"<test {i}>", "exec")
+    except (SyntaxError, ValueError):
+        return None
 
 
-def main():
+def main(_exec=exec, _compile=compile, _int=int, _enumerate=enumerate, _base=BaseException):
+    # every builtin used after the completion runs is bound here first (it may rebind builtins or
+    # this module's names), and the tests are compiled and rewritten before it runs
     job = json.loads(sys.stdin.read())
     token, code, tests = job["token"], job["code"], job["tests"]
     del job
+    compiled = [strict(test, i) for i, test in enumerate(tests)]
+    check = make_plain()
     results = open("results.txt", "w")  # capped by RLIMIT_FSIZE; the code's own output goes nowhere
+    write, flush = results.write, results.flush
     sys.stdout = sys.stderr = open(os.devnull, "w")
     sys.addaudithook(guard)
     namespace = {"__name__": "__sandbox__"}
     try:
-        exec(compile(code, "<completion>", "exec"), namespace)
+        _exec(_compile(code, "<completion>", "exec"), namespace)
         loaded = True
-    except BaseException:
+    except _base:
         loaded = False
-    for i, test in enumerate(tests):
+    for i, test in _enumerate(compiled):
         ok = False
-        if loaded:
+        if loaded and test is not None:
             try:
-                exec(strict(test, i), {**namespace, "__cf_plain": plain})
+                _exec(test, {**namespace, "__cf_plain": check})
                 ok = True
-            except BaseException:
+            except _base:
                 ok = False
-        results.write(f"{token} {i} {int(ok)}\n")
-        results.flush()
+        write(f"{token} {i} {_int(ok)}\n")
+        flush()
 
 
 main()

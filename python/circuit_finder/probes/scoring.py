@@ -49,7 +49,13 @@ _SEP = r"(?:,|[ \u00a0\u2009\u202f]|\{,\}|\\[,;! ]|')"  # thousands separators, 
 _MANTISSA = rf"(?:\d{{1,3}}(?:{_SEP}\d{{3}})+(?!\d)|\d+)(?:\.\d+)?"
 _EXPONENT = r"(?:[eE]([-+]?\d+)|\s*(?:[x×·*]|\\times|\\cdot)\s*10\s*(?:\^|\*\*)\s*\{?\s*([-+−]?\d+)\s*\}?)"
 _NUMBER = re.compile(rf"(?<![\w.])([-−–])?({_MANTISSA})(?:{_EXPONENT})?")  # "- 18" is a bullet, not -18
-_HUGE = 100  # a number past 10^100 has no exact value worth building (1e5000, a 5000-digit run): +-inf
+_HUGE = 308  # past 10^308 (a float's range) no exact value is worth building (1e5000, a 5000-digit run): +-inf
+# an answer stated before its working: "18, since ...", "8, not 5 + 4 = 9", "18 (16 - 3 - 4 = 9 ...)"
+_ANSWER_FIRST = re.compile(rf"\s*{_NUMBER.pattern}(?:\s*,?\s+(?i:since|because|as|not|given|from|which|being)\b"
+                           rf"|\s*\([^()]*=)")
+# a minus written apart from its number after '=', ':', '(' or 'is' on the same line ("x = - 5");
+# elsewhere "- 18" is a bullet or a dash ("Answer:\n- 18", "Total - 18")
+_SPACED_MINUS = re.compile(r"(?:[=:(]|\bis)[ \t]*[-−–][ \t]+$")
 
 
 def strip_thinking(text: str) -> str:
@@ -85,25 +91,28 @@ def _after_cue(text: str) -> str | None:
     return text[cues[-1].end():] if cues else None
 
 
-def _answer_clause(text: str, after: str | None) -> str | None:
-    """The clause that states the answer: ``after`` (the text after the last strict cue), else
+def _answer_span(text: str) -> tuple[int, int] | None:
+    """Where the clause that states the answer lies in ``text``: after the last strict cue, else
     after "answer/result ... is" in one sentence ("The answer to 12 * 13 is 156"); cut at the
     sentence's end, and after its last '=' when it shows working ("The answer is 12 * 13 = 156")
-    unless it states the number first ("The answer is 18, since 16 - 3 - 4 = 9 are sold").
-    None without a cue."""
-    if after is None:
-        loose = list(_LOOSE_CUE.finditer(text))
-        after = text[loose[-1].end():] if loose else None
-    if after is None:
+    unless it states the number first ("The answer is 18, since 16 - 3 - 4 = 9 are sold", "18 (16 -
+    3 - 4 = 9 ...)"). None without a cue."""
+    cues = list(_ANSWER_CUE.finditer(text)) or list(_LOOSE_CUE.finditer(text))
+    if not cues:
         return None
-    clause = re.split(r"(?<!\d)\.(?!\d)|\.\s|\n|;", after, maxsplit=1)[0]
-    if "=" in clause and not _leading_number(clause.strip()):  # not "18, since 16 - 3 - 4 = 9 ..."
-        return clause[clause.rindex("=") + 1:]
-    return clause
+    start = cues[-1].end()
+    cut = re.search(r"(?<!\d)\.(?!\d)|\.\s|\n|;", text[start:])
+    end = start + (cut.start() if cut else len(text) - start)
+    clause = text[start:end]
+    if "=" in clause and not _ANSWER_FIRST.match(clause):
+        start += clause.rindex("=") + 1
+    return start, end
 
 
 def _number_value(match: re.Match) -> int | float | None:
     sign, mantissa, exp_e, exp_times = match.groups()
+    if not sign and _SPACED_MINUS.search(match.string[max(0, match.start() - 16):match.start()]):
+        sign = "-"
     digits = re.sub(_SEP, "", mantissa)
     exponent = exp_e or exp_times
     try:
@@ -135,18 +144,18 @@ def _leading_number(text: str) -> re.Match | None:
 
 def extract_number(text: str) -> int | float | None:
     """The answer number in a completion (see ``answer_text``), by the first rule that finds one:
-    the first number of the answer clause (``_answer_clause``: after "answer is" / "Answer:" /
+    the first number of the answer clause (``_answer_span``: after "answer is" / "Answer:" /
     "result =" or "the answer to ... is", past any "=" of working); the first number after the
     cue; a number the reply opens with before a clause break ("123 (since ...)", not "12 - 7 = 5");
     the last number outside parentheses; the last number.
     Reads signs (-, −), thousands separators (1,234; 1 234; 1{,}234; 1\\,234), decimals and
     scientific notation (8.6e10, 8.6 × 10^10, 8.6 \\times 10^{10}). None when there is no number."""
     text = answer_text(text)
-    after = _after_cue(text)
-    clause = _answer_clause(text, after)
-    match = _NUMBER.search(clause) if clause is not None else None
-    if match is None and after is not None:
-        match = _NUMBER.search(after)
+    cues = list(_ANSWER_CUE.finditer(text))
+    span = _answer_span(text)  # (searched in place: a sign's context before the clause counts)
+    match = _NUMBER.search(text, *span) if span is not None else None
+    if match is None and cues:
+        match = _NUMBER.search(text, cues[-1].end())
     if match is None:
         match = _leading_number(text)
     if match is None:
@@ -248,7 +257,8 @@ def _verdict_patterns(letters: str) -> list[str]:
 
             rf"\b(?i:so|therefore|thus|hence)\b,?\s+(?i:the answer is\s+|it(?:'s| is)\s+)?{x}",
             rf"\b(?i:choose|pick|go with|select)\s+(?i:option\s+)?{x}",
-            rf"\b(?i:correct|right|best)\s+(?i:option|choice|answer)\s+is\s+(?i:option\s+)?{x}"]
+            rf"\b(?i:correct|right|best)\s+(?i:option|choice|answer)\s+is\s+(?i:option\s+)?{x}",
+            rf"\b(?i:the best|best one|the right one|the correct one)\s+is\s+(?i:option\s+)?{x}"]
 
 
 def _choice_patterns(letters: str) -> list[str]:
@@ -276,8 +286,8 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
     letters = "".join(chr(ord("A") + i) for i in range(len(options)))
     after = _after_cue(text)
     hedge = rf"\s*[(\[]?[{letters}][)\]]?\s*(?:or|and|/|,)\s*[(\[]?[{letters}][)\]]?\s*(?:[.?!]|$)"
-    if re.match(hedge, text if after is None else after):
-        return None  # 'Answer: A or B.' names no single option ('Answer: C, B and D are wrong' does)
+    if (after is not None and re.match(hedge, after)) or (after is None and re.fullmatch(hedge + r"\s*", text)):
+        return None  # 'A or B', 'Answer: A or B.' name no single option ('A or B? B.' and 'Answer: C, B and D are wrong' do)
     if after is not None:
         m = re.match(rf"\s*[(\[]?([{letters}])\b", after) or re.fullmatch(
             rf"\s*[(\[]?([{letters.lower()}])[)\]]?\s*[.!]?\s*", after)  # "answer: b" alone
@@ -301,15 +311,19 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
 
 
 def _names_every_option(text: str, letters: str) -> bool:
-    """Whether the first mentions of option letters standing alone run A, B, C, ... through every
-    option (three or more): an enumeration or an echoed options block, not a pick."""
+    """Whether the text lists every one of three or more options in order, in one run ('A, B, C
+    or D', '(A) (B) (C) (D)') or as an options block (lines opening 'A)', 'B)', ...): an
+    enumeration or the prompt echoed, not a pick ('Eliminating A, B and C leaves D' is one)."""
     if len(letters) < 3:
         return False
-    seen: list[str] = []
-    for m in re.finditer(rf"(?<![\w'])[(\[]?([{letters}])(?![\w'])", text):
-        if m.group(1) not in seen:
-            seen.append(m.group(1))
-    return "".join(seen) == letters
+    one = rf"[(\[]?[{letters}][)\]]?"
+    run = rf"(?<![\w']){one}(?:\s*(?:,|/|\bor\b|\band\b)?\s*{one}(?![\w']))+"
+    for m in re.finditer(run, text):
+        joined = re.search(r"\b(?:or|and)\b", m.group(0))  # an enumeration's 'or'/'and' comes before its last
+        if "".join(re.findall(f"[{letters}]", m.group(0))) == letters and (
+                not joined or re.search(rf"\b(?:or|and)\s*{one}$", m.group(0))):
+            return True
+    return "".join(re.findall(rf"^\s*[(\[]?([{letters}])[).:]", text, re.MULTILINE)) == letters
 
 
 def _want_number(answer: str, scorer: str, integer: bool = False) -> float | int:

@@ -94,8 +94,9 @@ class RayExecutor:
     (default: the cluster's CPUs // workers when workers is given, else this process's torch
     threads). max_restarts: replacement workers started in all. start_timeout: seconds a worker
     may take to start and load the model. config_timeout: seconds a worker may spend on one config
-    before it is taken for hung, killed and replaced, the config run again elsewhere (None: no
-    limit; set it well above a config's time, a first config's prefix included).
+    (or on preparing a stage) before it is taken for hung, killed and replaced, the config run
+    again elsewhere (None: no limit; set it well above a config's time, a first config's prefix
+    included).
     """
 
     def __init__(self, address: str | None = None, workers: int | None = None, threads: int | None = None,
@@ -214,8 +215,8 @@ class RayExecutor:
                 self.started += more
             for actor, done in [(a, a.prepare.remote(*stage)) for a in self.actors]:
                 try:
-                    ray.get(done)
-                except _died(ray):  # went between stages: replaced like one that dies mid-stage
+                    ray.get(done, timeout=self.config_timeout)
+                except (*_died(ray), ray.exceptions.GetTimeoutError):  # gone or hung between stages: replaced
                     self._replace(ray, remote, args, want, stage, actor, {})
             self._drive(ray, remote, args, want, stage, groups, on_record)
         except BaseException:  # the workers hold CPUs or GPUs: free them for other jobs
@@ -269,7 +270,7 @@ class RayExecutor:
         for actor in self.actors:
             feed(actor)
         while inflight:
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=self._patience(inflight))
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=self._patience(inflight), fetch_local=False)
             if not done:
                 hung = self._overdue(inflight)
                 if hung is not None:
@@ -309,7 +310,7 @@ class RayExecutor:
                                f"configs are in the results file: resume to go on)")
         self.restarts += 1
         actor = self._start(ray, remote, args, want, 1)[0]
-        ray.get(actor.prepare.remote(*stage))
+        ray.get(actor.prepare.remote(*stage), timeout=self.start_timeout)
         self.actors.append(actor)
         current[id(actor)] = deque()
 

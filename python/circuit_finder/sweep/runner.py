@@ -264,8 +264,8 @@ class ProbeBatch:
         broken = [i for i, m in margins.items() if m is None]
         if broken:
             warnings.warn(f"probe {self.probe.name!r}: {len(broken)} of {len(margins)} items got non-finite "
-                          f"log-probabilities (the forward overflowed?), e.g. item {broken[0]!r}: ranked wrong, "
-                          f"margins left out", stacklevel=2)
+                          f"log-probabilities or margins (the forward overflowed?), e.g. item {broken[0]!r}: "
+                          f"margins left out (NaN or +inf ranks wrong)", stacklevel=2)
         return {"scores": scores, "scores_norm": norm, "margins": margins}
 
 
@@ -362,9 +362,9 @@ def joint_decode(model: Model, batches: Sequence[ProbeBatch], layers: list[int],
 
 def _ranking(values: list[float], right: int) -> tuple[float, float | None]:
     """(100 if the right choice scores highest else 0, its margin over the best wrong choice; None
-    where a log-probability is not finite: a forward that overflowed ranks nothing, and its margin
-    is left out of the statistics rather than written as NaN)."""
-    if not all(math.isfinite(v) for v in values):
+    where it is not finite: a forward that overflowed (NaN or +inf log-probabilities) ranks
+    nothing, and its margin is left out of the statistics rather than written as NaN)."""
+    if any(math.isnan(v) or v == math.inf for v in values):  # (-inf is a choice it rules out: rankable)
         return 0.0, None
     best_wrong = max(v for c, v in enumerate(values) if c != right) if len(values) > 1 else float("-inf")
     margin = values[right] - best_wrong
