@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .model import Model
 
 __all__ = ["Finished", "Sampling", "TextCodec", "as_token_ids", "decode", "generate_ids", "generation_masks",
-           "positions_from_mask", "rows_interact", "sample"]
+           "outside_vocabulary", "positions_from_mask", "rows_interact", "sample"]
 
 OnStep = Callable[[torch.Tensor, torch.Tensor], None]  # (tokens [B], finished [B]) after every step
 Check = Callable[[], None]  # before every step, on the host only (reads no tensor): raises to stop
@@ -40,6 +40,11 @@ Check = Callable[[], None]  # before every step, on the host only (reads no tens
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Left-padded attention mask [B, T] -> position ids [B, T] (0 at each sequence's first real token)."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def outside_vocabulary(ids: Sequence[int], vocab_size: int) -> int | None:
+    """The first id of ``ids`` outside the vocabulary (0..vocab_size - 1); None when all are in it."""
+    return next((t for t in ids if not 0 <= t < vocab_size), None)
 
 
 def as_token_ids(values, device: torch.device, name: str = "input_ids") -> torch.Tensor:
@@ -73,30 +78,27 @@ class TextCodec:
         self.source = source
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
-        inside = self._in_vocabulary(vocab_size)
-        self.eos_ids = [i for i in config_eos_ids if inside(i, "the config's eos_token_id")]
+        inside = self._in_vocabulary
+        self.eos_ids = [i for i in config_eos_ids if inside(i, vocab_size, "the config's eos_token_id")]
         eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is not None and eos not in self.eos_ids and inside(eos, "the tokenizer's eos_token_id"):
+        if eos is not None and eos not in self.eos_ids and inside(eos, vocab_size, "the tokenizer's eos_token_id"):
             self.eos_ids.append(eos)
         pad = getattr(tokenizer, "pad_token_id", None)
-        if config_pad_id >= 0 and inside(config_pad_id, "the config's pad_token_id"):
+        if config_pad_id >= 0 and inside(config_pad_id, vocab_size, "the config's pad_token_id"):
             self.pad_id = int(config_pad_id)
-        elif pad is not None and inside(pad, "the tokenizer's pad_token_id"):
+        elif pad is not None and inside(pad, vocab_size, "the tokenizer's pad_token_id"):
             self.pad_id = int(pad)
         else:
             self.pad_id = self.eos_ids[0] if self.eos_ids else 0
 
-    def _in_vocabulary(self, vocab_size: int | None):
-        """id, what -> whether id lies in the vocabulary; one outside it is warned about (and then
-        left out: a pad id past the vocabulary would be fed back to the model, an EOS id never met)."""
-        def inside(i, what: str) -> bool:
-            if vocab_size is None or 0 <= int(i) < vocab_size:
-                return True
-            warnings.warn(f"{self.source}: {what} {int(i)} is outside the vocabulary (0..{vocab_size - 1}): "
-                          f"left out", stacklevel=4)
-            return False
-
-        return inside
+    def _in_vocabulary(self, i: int, vocab_size: int | None, what: str) -> bool:
+        """Whether id ``i`` lies in the vocabulary; one outside it is warned about (and then left
+        out: a pad id past the vocabulary would be fed back to the model, an EOS id never met)."""
+        if vocab_size is None or outside_vocabulary([int(i)], vocab_size) is None:
+            return True
+        warnings.warn(f"{self.source}: {what} {int(i)} is outside the vocabulary (0..{vocab_size - 1}): left out",
+                      stacklevel=4)
+        return False
 
     def require(self, what: str):
         """The tokenizer, or ValueError saying ``what`` needs one."""

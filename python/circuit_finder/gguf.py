@@ -252,7 +252,7 @@ def _walk(path: str, tensors: bool) -> tuple[int, list[str]] | None:
     if os.path.getsize(path) < 24:
         return None
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] > 0xFFFF:
+        if not _little_endian_gguf(data):
             return None
         at, keys, alignment = 24, [], 32
         for key, kind, _, start, end in _entries(data, path):
@@ -263,6 +263,13 @@ def _walk(path: str, tensors: bool) -> tuple[int, list[str]] | None:
         if tensors:
             _check_tensor_table(data, at, struct.unpack_from("<Q", data, 8)[0], alignment, path)
         return at, keys
+
+
+def _little_endian_gguf(data) -> bool:
+    """Whether mapped bytes open as a little-endian GGUF file (a big-endian one is the reader's)."""
+    import struct
+
+    return data[:4] == b"GGUF" and struct.unpack_from("<I", data, 4)[0] <= 0xFFFF
 
 
 def _entries(data, path: str):
@@ -1080,7 +1087,7 @@ def _without_bad_special_ids(path: str) -> bytes | None:
     import struct
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] > 0xFFFF:
+        if not _little_endian_gguf(data):
             return None  # big-endian: left to transformers
         entries = list(_entries(data, path))
         tokens = [start for key, kind, _, start, _ in entries if key == "tokenizer.ggml.tokens" and kind == _ARRAY]

@@ -101,9 +101,8 @@ def generation_settings(kwargs: dict, max_gen: int, until: list[str]) -> tuple[S
     taken out). do_sample without a temperature samples at 1.0 (transformers' default); a key this
     adapter does not implement is a ValueError naming it, unless it changes nothing (num_beams=1,
     repetition_penalty=1, top_k when greedy), rather than a silently different generation."""
-    sampled = bool(kwargs.get("do_sample"))
-    temperature = float(kwargs.get("temperature", 1.0) if kwargs.get("temperature") is not None else 1.0) \
-        if sampled else 0.0
+    sampled, given = bool(kwargs.get("do_sample")), kwargs.get("temperature")
+    temperature = (1.0 if given is None else float(given)) if sampled else 0.0
     neutral = {"num_beams": lambda v: v is None or int(v) == 1,
                "repetition_penalty": lambda v: v is None or float(v) == 1.0,
                "top_k": lambda v: not sampled or v in (None, 0)}

@@ -228,10 +228,10 @@ def _with_generation_eos(config, folder: Path):
     gen_file = folder / "generation_config.json"
     if not isinstance(config, dict) or not gen_file.is_file():
         return config
-    try:
-        extra = json.loads(gen_file.read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{gen_file}: not a JSON object ({e})") from e
+    generation = _read_json(gen_file)
+    if not isinstance(generation, dict):
+        raise ValueError(f"{gen_file}: not a JSON object")
+    extra = generation.get("eos_token_id")
     extra = extra if isinstance(extra, list) else [] if extra is None else [extra]
     holder = config["text_config"] if isinstance(config.get("text_config"), dict) and "eos_token_id" not in config \
         and "eos_token_id" in config["text_config"] else config

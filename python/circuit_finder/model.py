@@ -17,7 +17,7 @@ import torch
 
 from . import _C, generation, likelihood
 from .config import ModelConfig
-from .generation import Sampling, TextCodec, as_token_ids, positions_from_mask
+from .generation import Sampling, TextCodec, as_token_ids, outside_vocabulary, positions_from_mask
 from .layer_path import LayerPath
 from .placement import Placement
 from .router import run as routing
@@ -183,7 +183,7 @@ class Model:
         pairs = [self._pair(c, k) for c, k in zip(contexts, continuations)]
         vocab = self.config.vocab_size
         for k, (ctx, cont) in enumerate(pairs):  # (a continuation's last id is a target only, never an input)
-            bad = next((t for t in (*ctx, *cont) if not 0 <= t < vocab), None)
+            bad = outside_vocabulary([*ctx, *cont], vocab)
             if bad is not None:
                 raise _C.InputError(f"pair {k}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
         if router is not None:

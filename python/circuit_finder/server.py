@@ -19,7 +19,7 @@ malformed JSON, fields of the wrong type, prompts longer than the context, inval
 4xx JSON error in OpenAI's format and the server keeps serving.
 
 A client that goes stops its work: a stream's generation at its next token, a non-streamed request
-while it waits in the queue (one already running in a batch finishes).
+while it waits in the queue, and a running batch at its next token once all its clients have gone.
 
 Limits: n = 1 per prompt; logprobs are computed after generation by one teacher-forced pass over
 prompt + completion (the raw model distribution, before temperature/top-p).
@@ -371,7 +371,7 @@ class Service:
             raise BadRequest(f"the prompt has {len(ids)} tokens; with max_tokens {max_tokens} that is over the "
                              f"context length {self.context}")
         vocab = self.model.config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        bad = generation.outside_vocabulary(ids, vocab)
         if bad is not None:
             raise BadRequest(f"prompt: token id {bad} is outside the vocabulary (0..{vocab - 1})")
 

@@ -85,22 +85,31 @@ def answer_text(text: str) -> str:
     return re.sub(r"__|(?<!\w)_(?=\w)|(?<=\w)_(?!\w)", "", text).strip()
 
 
+def _cue_end(text: str) -> int | None:
+    """Where the text after the last 'answer is' / 'Answer:' / 'result =' cue begins, None when there is none."""
+    cues = list(_ANSWER_CUE.finditer(text))
+    return cues[-1].end() if cues else None
+
+
 def _after_cue(text: str) -> str | None:
     """The text after the last 'answer is' / 'Answer:' / 'result =' cue, None when there is none."""
-    cues = list(_ANSWER_CUE.finditer(text))
-    return text[cues[-1].end():] if cues else None
+    end = _cue_end(text)
+    return None if end is None else text[end:]
 
 
-def _answer_span(text: str) -> tuple[int, int] | None:
-    """Where the clause that states the answer lies in ``text``: after the last strict cue, else
+def _answer_span(text: str, cue: int | None) -> tuple[int, int] | None:
+    """Where the clause that states the answer lies in ``text``: after the last strict cue (``cue``:
+    where ``_cue_end`` says its text begins), else
     after "answer/result ... is" in one sentence ("The answer to 12 * 13 is 156"); cut at the
     sentence's end, and after its last '=' when it shows working ("The answer is 12 * 13 = 156")
     unless it states the number first ("The answer is 18, since 16 - 3 - 4 = 9 are sold", "18 (16 -
     3 - 4 = 9 ...)"). None without a cue."""
-    cues = list(_ANSWER_CUE.finditer(text)) or list(_LOOSE_CUE.finditer(text))
-    if not cues:
-        return None
-    start = cues[-1].end()
+    if cue is None:
+        loose = list(_LOOSE_CUE.finditer(text))
+        if not loose:
+            return None
+        cue = loose[-1].end()
+    start = cue
     cut = re.search(r"(?<!\d)\.(?!\d)|\.\s|\n|;", text[start:])
     end = start + (cut.start() if cut else len(text) - start)
     clause = text[start:end]
@@ -151,11 +160,11 @@ def extract_number(text: str) -> int | float | None:
     Reads signs (-, −), thousands separators (1,234; 1 234; 1{,}234; 1\\,234), decimals and
     scientific notation (8.6e10, 8.6 × 10^10, 8.6 \\times 10^{10}). None when there is no number."""
     text = answer_text(text)
-    cues = list(_ANSWER_CUE.finditer(text))
-    span = _answer_span(text)  # (searched in place: a sign's context before the clause counts)
+    cue = _cue_end(text)
+    span = _answer_span(text, cue)  # (searched in place: a sign's context before the clause counts)
     match = _NUMBER.search(text, *span) if span is not None else None
-    if match is None and cues:
-        match = _NUMBER.search(text, cues[-1].end())
+    if match is None and cue is not None:
+        match = _NUMBER.search(text, cue)
     if match is None:
         match = _leading_number(text)
     if match is None:
