@@ -112,24 +112,35 @@ def test_workers_load_the_drivers_quantized_model(chat_model_dir, tmp_path, clus
     assert any(dense[k]["margins"] != dist[k]["margins"] for k in dist)  # quantization changed the numbers
 
 
+def _mid_sweep(out, ready, act) -> tuple[threading.Thread, list]:
+    """A started thread that, once the results file holds 3 records and ready() holds, runs act()
+    once; what it returned lands in the list (empty if that never happened within 120 s)."""
+    done = []
+
+    def watch():
+        deadline = time.time() + 120
+        while time.time() < deadline and not done:
+            if out.exists() and len(read_records(out)[1]) >= 3 and ready():
+                done.append(act())
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, done
+
+
 def test_killing_a_worker_mid_sweep_loses_nothing(chat_model, tmp_path, cluster):
     kw = dict(probes=["math"], strategy="scan", mode="generate", max_items=2, progress=False)
     cf.sweep(chat_model, results=tmp_path / "local.jsonl", **kw)
     ex = cf.RayExecutor(workers=2, threads=1)
     out = tmp_path / "kill.jsonl"
-    killed = []
 
-    def killer():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            if out.exists() and len(read_records(out)[1]) >= 3 and len(ex.actors) == 2:
-                victim = ex.actors[0]
-                ray.kill(victim, no_restart=True)
-                killed.append(victim)
-            time.sleep(0.02)
+    def kill():
+        victim = ex.actors[0]
+        ray.kill(victim, no_restart=True)
+        return victim
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread, killed = _mid_sweep(out, lambda: len(ex.actors) == 2, kill)
     cf.sweep(chat_model, results=out, executor=ex, **kw)
     thread.join(timeout=5)
     assert killed and ex.restarts == 1, "the worker was not killed mid-sweep"
@@ -147,18 +158,12 @@ def test_a_hung_worker_is_replaced_after_config_timeout(chat_model, tmp_path, cl
     cf.sweep(chat_model, results=tmp_path / "local.jsonl", **kw)
     ex = cf.RayExecutor(workers=2, threads=1, config_timeout=8)
     out = tmp_path / "hung.jsonl"
-    stopped = []
 
-    def stopper():
-        deadline = time.time() + 120
-        while time.time() < deadline and not stopped:
-            if out.exists() and len(read_records(out)[1]) >= 3 and len(ex.pids) == 2:
-                os.kill(ex.pids[0], signal.SIGSTOP)
-                stopped.append(ex.pids[0])
-            time.sleep(0.02)
+    def stop():
+        os.kill(ex.pids[0], signal.SIGSTOP)
+        return ex.pids[0]
 
-    thread = threading.Thread(target=stopper, daemon=True)
-    thread.start()
+    thread, stopped = _mid_sweep(out, lambda: len(ex.pids) == 2, stop)
     try:
         with pytest.warns(UserWarning, match="spent over 8 s on config .*: taken for hung, killed and replaced"):
             cf.sweep(chat_model, results=out, executor=ex, **kw)
