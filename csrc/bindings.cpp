@@ -2,6 +2,8 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include <cstring>
+
 #include "common/errors.h"
 #include "engine/config.h"
 #include "engine/kv_cache.h"
@@ -16,6 +18,35 @@
 
 namespace py = pybind11;
 
+namespace {
+
+// Sets the module's exception `name` from a message that may quote bytes of a malformed file
+// which are not UTF-8: decoded with replacement characters (pybind11's own translation decodes
+// strictly, so a UnicodeDecodeError would replace the error naming the file).
+void raise_named(const char* name, const char* what) {
+  py::object type = py::module_::import("circuit_finder._C").attr(name);
+  py::object text = py::reinterpret_steal<py::object>(PyUnicode_DecodeUTF8(what, std::strlen(what), "replace"));
+  PyErr_SetObject(type.ptr(), text.ptr());
+}
+
+void translate_errors(std::exception_ptr p) {
+  try {
+    if (p) std::rethrow_exception(p);
+  } catch (const cf::FormatError& e) {
+    raise_named("FormatError", e.what());
+  } catch (const cf::ConfigError& e) {
+    raise_named("ConfigError", e.what());
+  } catch (const cf::LayerPathError& e) {
+    raise_named("LayerPathError", e.what());
+  } catch (const cf::WeightError& e) {
+    raise_named("WeightError", e.what());
+  } catch (const cf::InputError& e) {
+    raise_named("InputError", e.what());
+  }
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "circuit-finder C++ core: safetensors, config, layer paths, forward along a path";
   py::register_exception<cf::FormatError>(m, "FormatError", PyExc_ValueError);
@@ -23,6 +54,7 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception<cf::LayerPathError>(m, "LayerPathError", PyExc_ValueError);
   py::register_exception<cf::WeightError>(m, "WeightError", PyExc_ValueError);
   py::register_exception<cf::InputError>(m, "InputError", PyExc_ValueError);
+  py::register_exception_translator(&translate_errors);  // tried first: the last registered runs first
 
   m.def("load_safetensors", &cf::load_safetensors, py::arg("path"), py::call_guard<py::gil_scoped_release>());
   m.def("load_safetensors_file", &cf::load_safetensors_file, py::arg("path"), py::call_guard<py::gil_scoped_release>());
@@ -126,6 +158,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("device", [](const cf::Engine& e) { return e.device().str(); })
       .def("layer_tensors", &cf::Engine::layer_tensors, py::arg("layer"))
       .def("fused_products", &cf::Engine::fused_products)
+      .def("unused_tensors", &cf::Engine::unused_tensors, "the tensors given that this model does not use (name order)")
       .def("moe_without_host_sync", &cf::Engine::moe_without_host_sync, py::arg("tokens") = 1,
            "whether every mixture-of-experts layer runs a call of `tokens` rows (a decode step's batch) without "
            "reading its routing on the host, so that a decode step can be a CUDA graph")

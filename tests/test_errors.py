@@ -79,6 +79,26 @@ def test_token_outside_vocabulary(model_dir):
         model.logits(torch.tensor([[3, 999]]))
 
 
+def test_cache_of_another_path_and_empty_batch_are_refused(model_dir):
+    """A cache keeps which layer each slot ran: another path of the same length and kinds (whose
+    keys the engine would otherwise attend over silently) is refused, and so is sharing or placing
+    slots of another path; an empty batch is an InputError, not a torch error from inside."""
+    folder, _ = model_dir("llama")
+    engine = cf.load(folder).engine
+    ids, pos = torch.tensor([[3, 4, 5]]), torch.arange(3).unsqueeze(0)
+    cache = engine.new_cache([0, 1, 2, 3], 1, 8)
+    engine.forward(ids, pos, None, [0, 1, 2, 3], cache, False)
+    with pytest.raises(cf.InputError, match="slot 2 was made for layer 2 but the layer path runs layer 1 there"):
+        engine.forward(ids[:, :1], pos[:, :1] + 3, None, [0, 1, 1, 3], cache, False)
+    with pytest.raises(cf.InputError, match="shared cache's slot 1 holds layer 1 but this path runs layer 2"):
+        engine.new_cache([0, 2, 2, 3], 1, 8, cache, 2)
+    assert engine.new_cache([0, 1, 5], 1, 8, cache, 2).num_slots == 3  # a common prefix is shared
+    with pytest.raises(cf.InputError, match="place: slot 3 of the source cache holds layer 3, this one layer 4"):
+        engine.new_cache([0, 1, 2, 4], 1, 8).place(cache, 0, 0, 1)
+    with pytest.raises(cf.InputError, match=r"input_ids has an empty batch: \[0, 3\]"):
+        engine.forward(ids[:0], pos[:0], None, [0, 1], None, False)
+
+
 def test_missing_config_and_bad_dtype(tmp_path, model_dir):
     with pytest.raises(FileNotFoundError, match="config.json"):
         cf.load(tmp_path)

@@ -226,7 +226,9 @@ def test_moe_config_edge_cases(moe, tmp_path):
         off = cf.load_from_tensors(dict(config, sliding_window=5, layer_types=["sliding_attention"] * N), state).config
         assert on.sliding_window == (5,) * N and off.sliding_window == (0,) * N
     if arch == "qwen2_moe":
-        assert not cf.load_from_tensors(dict(config, qkv_bias=False), state).config.qkv_bias
+        with pytest.warns(UserWarning, match=r"18 tensor\(s\) this model's config does not use, left out: "
+                          r"model\.layers\.0\.self_attn\.k_proj\.bias"):  # the biases qkv_bias=False drops
+            assert not cf.load_from_tensors(dict(config, qkv_bias=False), state).config.qkv_bias
         with pytest.raises(cf.ConfigError, match="use_sliding_window without layer_types"):
             cf.load_from_tensors({k: v for k, v in dict(config, use_sliding_window=True).items() if k != "layer_types"},
                                  state)

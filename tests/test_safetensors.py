@@ -90,6 +90,13 @@ GOOD = {"t": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
         ("huge shape", {"t": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}, bytes(4), None,
          "overflows"),
         ("missing fields", {"t": {"dtype": "F32"}}, b"", None, "needs dtype, shape and data_offsets"),
+        ("empty but huge", {"t": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}}, b"", None,
+         "tensor 't': tensor size overflows"),
+        ("name twice", b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                       b'"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', bytes(8), None,
+         "names tensor 't' twice"),
+        ("not utf-8", b'{"t\xff": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', bytes(4), None,
+         "invalid JSON header: .*ill-formed UTF-8"),
     ],
 )
 def test_bad_files_raise_clear_errors(tmp_path, case, header, data, header_len, match):

@@ -5,11 +5,13 @@
 
 namespace cf {
 
-KVCache::KVCache(const std::vector<at::Device>& devices, int64_t batch, int64_t capacity, int64_t kv_heads,
+KVCache::KVCache(const std::vector<at::Device>& devices, const std::vector<int64_t>& layers, int64_t batch, int64_t capacity, int64_t kv_heads,
                  int64_t head_dim, at::ScalarType dtype, const KVCache* share, int64_t shared_slots,
                  const std::vector<int64_t>& linear, const LinearStateShape& shape)
-    : batch_(batch), capacity_(capacity), shared_slots_(share != nullptr ? shared_slots : 0) {
+    : layers_(layers), batch_(batch), capacity_(capacity), shared_slots_(share != nullptr ? shared_slots : 0) {
   const int64_t num_slots = static_cast<int64_t>(devices.size());
+  if (static_cast<int64_t>(layers.size()) != num_slots)
+    throw InputError(cat("KV cache: ", layers.size(), " layers for ", num_slots, " slots"));
   if (num_slots <= 0 || batch <= 0 || capacity <= 0)
     throw InputError(cat("KV cache needs positive slots, batch and capacity, got ", num_slots, ", ", batch, ", ",
                          capacity));
@@ -34,6 +36,9 @@ KVCache::KVCache(const std::vector<at::Device>& devices, int64_t batch, int64_t 
       if (!fits)
         throw InputError(cat("the shared cache's slot ", s, " belongs to another model or layer (kind, heads, head ",
                              "size, dtype or device differ)"));
+      if (share->layers_[s] != layers[s])
+        throw InputError(cat("the shared cache's slot ", s, " holds layer ", share->layers_[s], " but this path runs layer ",
+                             layers[s], " there: only a common prefix of two paths can be shared"));
       share->lent_ = true;
       k_.push_back(share->k_[s]);
       v_.push_back(share->v_[s]);
@@ -108,6 +113,7 @@ KVCache KVCache::select_rows(const at::Tensor& rows, int64_t slots) const {
   out.batch_ = rows.numel();
   out.capacity_ = capacity_;
   out.length_ = length_;
+  out.layers_.assign(layers_.begin(), layers_.begin() + slots);
   for (int64_t s = 0; s < slots; ++s) {
     const at::Tensor idx = rows.to(device(s));
     const bool lin = linear(s);
@@ -135,6 +141,9 @@ void KVCache::place(const KVCache& src, int64_t row, int64_t column, int64_t fir
     throw InputError(cat("place: ", count, " rows x ", n, " positions at row ", row, ", column ", column,
                          " do not fit a cache of batch ", batch_, " and capacity ", capacity_));
   for (int64_t s = first_slot; s < end; ++s) {
+    if (src.layers_[s] != layers_[s])
+      throw InputError(cat("place: slot ", s, " of the source cache holds layer ", src.layers_[s], ", this one layer ",
+                           layers_[s], " (caches of different paths)"));
     const bool lin = linear(s);
     const at::Tensor& mine = lin ? state_[s] : k_[s];
     const at::Tensor& theirs = src.linear(s) ? src.state_[s] : src.k_[s];

@@ -23,9 +23,11 @@ struct LinearStateShape {
 
 class KVCache {
  public:
-  // devices: one per slot. A shared slot must sit on the device asked for it. linear: one flag per
-  // slot (empty = none), 1 for a linear-attention slot with the state `shape` says.
-  KVCache(const std::vector<at::Device>& devices, int64_t batch, int64_t capacity, int64_t kv_heads,
+  // devices: one per slot. layers: the layer each slot runs (the path the cache is for), checked
+  // against every path it is used with, shared with or placed from. A shared slot must sit on the
+  // device asked for it. linear: one flag per slot (empty = none), 1 for a linear-attention slot
+  // with the state `shape` says.
+  KVCache(const std::vector<at::Device>& devices, const std::vector<int64_t>& layers, int64_t batch, int64_t capacity, int64_t kv_heads,
           int64_t head_dim, at::ScalarType dtype, const KVCache* share = nullptr, int64_t shared_slots = 0,
           const std::vector<int64_t>& linear = {}, const LinearStateShape& shape = {});
 
@@ -67,6 +69,8 @@ class KVCache {
   at::Tensor filled_keys(int64_t slot) const;
   at::Tensor filled_values(int64_t slot) const;
   at::Device device(int64_t slot) const;
+  // The layer slot `slot` runs: the path's layer at that slot when the cache was made.
+  int64_t layer(int64_t slot) const { return layers_.at(slot); }
   bool linear(int64_t slot) const { return conv_.at(slot).defined(); }
   // A linear slot's conv inputs and recurrent state, updated in place by the engine.
   at::Tensor& conv_state(int64_t slot);
@@ -76,6 +80,7 @@ class KVCache {
   KVCache() = default;
   std::vector<at::Tensor> k_, v_;  // each [B, Hkv, capacity, D]; undefined for a linear slot
   std::vector<at::Tensor> conv_, state_;  // a linear slot's state; undefined for an attention slot
+  std::vector<int64_t> layers_;  // the layer each slot runs
   int64_t batch_ = 0, capacity_ = 0, length_ = 0;
   int64_t shared_slots_ = 0;  // the first slots' tensors are another cache's
   mutable bool lent_ = false;  // another cache shares some of this one's slots

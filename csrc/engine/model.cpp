@@ -75,6 +75,7 @@ RopeFreqs rope_freqs(const RopeConfig& r, at::Device device) {
 
 void check_ids(const at::Tensor& t, const char* name, at::Device device) {
   if (t.dim() != 2) throw InputError(cat(name, " must be 2-D [batch, tokens], got ", t.dim(), "-D"));
+  if (t.size(0) == 0) throw InputError(cat(name, " has an empty batch: ", shape_str(t.sizes())));
   if (t.scalar_type() != at::kLong) throw InputError(cat(name, " must be int64, got ", c10::toString(t.scalar_type())));
   if (t.device() != device) throw InputError(cat(name, " is on ", t.device().str(), " but the model is on ", device.str()));
 }
@@ -120,7 +121,7 @@ KVCache Engine::new_cache(const LayerPath& path, int64_t batch, int64_t capacity
   }
   const LinearStateShape shape{2 * cfg_.linear_k_heads * cfg_.linear_k_dim + cfg_.linear_v_heads * cfg_.linear_v_dim,
                                cfg_.linear_conv_kernel, cfg_.linear_v_heads, cfg_.linear_k_dim, cfg_.linear_v_dim};
-  return KVCache(devices, batch, capacity, cfg_.num_kv_heads, cfg_.head_dim, w_.dtype, share, shared_slots, linear,
+  return KVCache(devices, path, batch, capacity, cfg_.num_kv_heads, cfg_.head_dim, w_.dtype, share, shared_slots, linear,
                  shape);
 }
 
@@ -518,15 +519,18 @@ void Engine::check_cache(const KVCache* cache, const LayerPath& path, int64_t B,
   if (cache->batch() != B) throw InputError(cat("the KV cache holds batch ", cache->batch(), ", input has ", B));
   if (cache->length() + T > cache->capacity())
     throw InputError(cat("the KV cache holds ", cache->capacity(), " positions; this call needs ", cache->length() + T));
-  for (int64_t slot = 0; slot < cache->num_slots(); ++slot)
+  for (int64_t slot = 0; slot < cache->num_slots(); ++slot) {
     if (cache->linear(slot) != static_cast<bool>(cfg_.linear_layers[path[slot]]))
       throw InputError(cat("the KV cache's slot ", slot, " holds ", cache->linear(slot) ? "a linear-attention state" : "keys and values",
                            " but layer ", path[slot], " is ", cfg_.linear_layers[path[slot]] ? "a linear-attention" : "an attention",
                            " layer (make the cache for this path)"));
-  for (int64_t slot = 0; slot < cache->num_slots(); ++slot)
     if (cache->device(slot) != w_.layers[path[slot]].device)
       throw InputError(cat("the KV cache's slot ", slot, " is on ", cache->device(slot).str(), " but layer ", path[slot],
                            " runs on ", w_.layers[path[slot]].device.str(), " (make the cache for this path)"));
+    if (cache->layer(slot) != path[slot])  // same kind and device, another layer's keys: silently wrong logits
+      throw InputError(cat("the KV cache's slot ", slot, " was made for layer ", cache->layer(slot), " but the layer path runs ",
+                           "layer ", path[slot], " there (make the cache for this path)"));
+  }
 }
 
 std::pair<at::Tensor, at::Tensor> Engine::rope_tables(const at::Tensor& positions, const RopeFreqs& f) const {

@@ -122,6 +122,8 @@ class Engine {
   // {"qkv": attention layers whose q / k / v run as one product, "gate_up": gated MLPs (experts and
   // shared experts included) whose gate / up do}: a checkpoint's fused tensors or rows laid out so.
   std::map<std::string, int64_t> fused_products() const;
+  // The tensors given to the constructor that this model does not use (name order).
+  const std::vector<std::string>& unused_tensors() const { return w_.unread; }
   // Whether every mixture-of-experts layer runs a call of `tokens` rows (a decode step: the batch)
   // without reading its routing on the host (its experts as grouped products: expert_route), so
   // that step can be a CUDA graph.

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -92,12 +93,21 @@ struct Entry {
 std::vector<Entry> parse_header(const std::string& path, const char* text, size_t len,
                                 uint64_t data_size) {
   json header;
+  std::set<std::string> names;
+  std::string repeated;  // a tensor name the header gives twice (JSON parsers keep one silently)
+  auto note_key = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::key && depth == 1 && !names.insert(parsed.get<std::string>()).second &&
+        repeated.empty())
+      repeated = parsed.get<std::string>();
+    return true;
+  };
   try {
-    header = json::parse(text, text + len);
+    header = json::parse(text, text + len, note_key);
   } catch (const json::exception& e) {
     throw FormatError(cat(path, ": invalid JSON header: ", e.what()));
   }
   if (!header.is_object()) throw FormatError(cat(path, ": header is not a JSON object"));
+  if (!repeated.empty()) throw FormatError(cat(path, ": the header names tensor '", repeated, "' twice"));
   std::vector<Entry> entries;
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& name = it.key();
@@ -114,12 +124,14 @@ std::vector<Entry> parse_header(const std::string& path, const char* text, size_
       throw FormatError(cat(where, ": unsupported dtype ", dt, " (supported: ", supported_dtypes(), ")"));
     Entry e{name, found->second, {}, 0, 0};
     if (!v["shape"].is_array()) throw FormatError(cat(where, ": shape is not an array"));
-    uint64_t numel = 1;
+    uint64_t numel = 1, span = 1;  // span: the product of the non-zero sizes, which strides reach
     for (const auto& d : v["shape"]) {
       if (!d.is_number_unsigned()) throw FormatError(cat(where, ": shape has a non-integer or negative dimension"));
       uint64_t dim = d.get<uint64_t>();
       if (dim > (uint64_t{1} << 62)) throw FormatError(cat(where, ": dimension ", dim, " is too large"));
       numel = checked_mul(numel, dim, where);
+      span = checked_mul(span, std::max<uint64_t>(dim, 1), where);
+      if (span > static_cast<uint64_t>(INT64_MAX)) throw FormatError(cat(where, ": tensor size overflows"));
       e.shape.push_back(static_cast<int64_t>(dim));
     }
     const json& off = v["data_offsets"];

@@ -2,6 +2,7 @@
 #include "weights.h"
 
 #include <functional>
+#include <set>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -65,6 +66,13 @@ class Accessor {
     owner_ = cat("layer ", layer, "'s input_layernorm.weight");
   }
   bool has(const std::string& name) const { return t_.count(name) != 0; }
+  // The tensors no get() / mat() read, in name order.
+  std::vector<std::string> unread() const {
+    std::vector<std::string> out;
+    for (const auto& [name, _] : t_)
+      if (!read_.count(name)) out.push_back(name);
+    return out;
+  }
   at::ScalarType dtype() const { return dtype_; }
   at::Device device() const { return device_; }
 
@@ -81,6 +89,7 @@ class Accessor {
       if (optional) return at::Tensor();
       throw WeightError(cat("missing tensor '", name, "'"));
     }
+    read_.insert(name);
     const at::Tensor& x = it->second;
     if (x.sizes() != at::IntArrayRef(shape))
       throw WeightError(cat("tensor '", name, "': expected shape ", shape_str(shape), ", got ", shape_str(x.sizes()),
@@ -106,6 +115,7 @@ class Accessor {
   at::ScalarType dtype_;
   at::Device device_ = at::kCPU, main_ = at::kCPU;
   std::string owner_ = "the embedding";
+  mutable std::set<std::string> read_;
 };
 
 }  // namespace
@@ -389,6 +399,7 @@ Weights bind_weights(const ModelConfig& c, const std::map<std::string, at::Tenso
       L.mlp = bind_gated(a, c, p + "mlp.", l, c.intermediate_size, c.mlp_bias, kHubNames);
     w.layers.push_back(std::move(L));
   }
+  w.unread = a.unread();
   return w;
 }
 

@@ -82,6 +82,7 @@ struct Weights {
   std::vector<LayerWeights> layers;
   at::ScalarType dtype;   // the compute dtype: the embedding's, or the final norm's when the embedding is packed
   at::Device device = at::kCPU;  // the main device: embedding, final norm, lm_head, inputs and outputs
+  std::vector<std::string> unread;  // the tensors given that this model does not use (name order)
 };
 
 // packed: {name: ggml type} of the tensors that are packed blocks (uint8 [..., rows, row_bytes]);

@@ -364,12 +364,22 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
                            {n: t.ggml_type for n, t in kept.items()}, q8_activations=activations == "q8")
     except _C.WeightError as e:  # the engine names the tensor; say which file it is (and the name there)
         raise _C.WeightError(_in_source(str(e), source)) from None
+    _warn_unused(engine.unused_tensors(), source)
     model = Model(engine, config, tokenizer, device=placed.main, dtype=target, source=source,
                   tensors={**moved, **kept}, placement=placed)
     model.activations = activations
     model.load_options = {"quantize": quantize, "dequantize": False, "activations": activations,
                           "fuse_projections": fuse_projections, "from_file": False}
     return model
+
+
+def _warn_unused(names: list[str], source: str) -> None:
+    """Warns of checkpoint tensors the engine does not read (as transformers warns of unexpected
+    keys): a weight this family's forward pass ignores would otherwise change nothing, silently."""
+    if names:
+        shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
+        warnings.warn(f"{source}: {len(names)} tensor(s) this model's config does not use, left out: {shown} "
+                      "(a checkpoint of another architecture, or a config that disagrees with it?)", stacklevel=3)
 
 
 def _in_source(message: str, source: str) -> str:
