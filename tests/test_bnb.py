@@ -227,7 +227,11 @@ def test_what_we_cannot_load_is_named():
                           ({"m.weight.absmax": torch.ones(2, dtype=torch.uint8), "m.weight.nested_absmax": torch.ones(1),
                             "m.weight.nested_quant_map": torch.zeros(256)}, r"or the quant state's nested_blocksize"),
                           ({"m.weight.quant_state.bitsandbytes__nf4": _state(None)},
-                           r"'m.weight.quant_state.bitsandbytes__nf4' gives shape None and blocksize 64")):
+                           r"'m.weight.quant_state.bitsandbytes__nf4' gives shape None and blocksize 64"),
+                          ({"m.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(b"{not json"), dtype=torch.uint8)},
+                           r"'m.weight.quant_state.bitsandbytes__nf4' is not a bitsandbytes quant state \(JSON bytes\)"),
+                          ({"m.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(b"[1]"), dtype=torch.uint8)},
+                           r"'m.weight.quant_state.bitsandbytes__nf4' is JSON but not an object")):
         tensors = {**good, **broken}
         with pytest.raises(ValueError, match=match):
             bnb_matrices({n: t for n, t in tensors.items() if t is not None})

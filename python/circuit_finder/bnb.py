@@ -70,7 +70,12 @@ def bnb_matrices(tensors: dict) -> tuple[dict, set[str]]:
 
 
 def _four_bit(weight: str, tensors: dict, state_name: str, mine: dict):
-    state = json.loads(bytes(tensors[state_name].reshape(-1).tolist()).decode())
+    try:
+        state = json.loads(bytes(tensors[state_name].reshape(-1).to(torch.uint8).tolist()).decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"'{state_name}' is not a bitsandbytes quant state (JSON bytes): {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"'{state_name}' is JSON but not an object: not a bitsandbytes quant state")
     if not isinstance(state.get("shape"), list) or not isinstance(state.get("blocksize"), int) or state["blocksize"] < 1:
         raise ValueError(f"'{state_name}' gives shape {state.get('shape')!r} and blocksize {state.get('blocksize')!r}: "
                          "expected a list of sizes and a positive block size")
