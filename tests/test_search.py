@@ -127,11 +127,60 @@ def test_sweep_beam_and_surrogate(chat_model, tmp_path):
         cf.sweep(chat_model, strategy="surrogate", budget=2, starts=(1,), probes=["math"], progress=False)
     with pytest.raises(ValueError, match="refine_stride= applies to strategies refine, beam and surrogate, not 'grid'"):
         cf.sweep(chat_model, refine_stride=2, probes=["math"], progress=False)
+    with pytest.raises(ValueError, match="refine_stride must be a whole number >= 1, got -2"):
+        cf.sweep(chat_model, strategy="beam", budget=2, refine_stride=-2, probes=["math"], progress=False)
+    # options of another strategy: paths= does not turn a search into a paths sweep, budget= needs a search
+    with pytest.raises(ValueError, match="paths= runs the given paths .strategy 'paths'.; strategy 'beam' does not"):
+        cf.sweep(chat_model, strategy="beam", budget=2, paths=["0..3,2..29"], probes=["math"], progress=False)
+    with pytest.raises(ValueError, match="budget= and search= apply to strategies beam and surrogate, not 'grid'"):
+        cf.sweep(chat_model, budget=5, probes=["math"], progress=False)
+    with pytest.raises(ValueError, match=r"'beam' grows blocks that run twice; times=\(3,\)"):
+        cf.sweep(chat_model, strategy="beam", budget=2, times=(3,), probes=["math"], progress=False)
     # a ranking column the sweep will not have, or one a search cannot optimise: refused before the baseline
     with pytest.raises(ValueError, match="'beam' optimises combined_delta or <probe>_delta"):
         cf.sweep(chat_model, strategy="beam", budget=2, by="combined_q", probes=["math"], progress=False)
     with pytest.raises(ValueError, match="by='math_margin_delta' is not a search column of a mode='generate'"):
         cf.sweep(chat_model, strategy="refine", by="math_margin_delta", probes=["math"], progress=False)
+
+
+def test_search_inputs_it_would_misuse_are_refused():
+    """A negative surrogate batch (it looped forever), a beam whose seed blocks all break max_extra
+    (it searched nothing), a skip refilled by a repeat (the baseline, which spent budget)."""
+    scan, grid = make_configs(N, "scan"), make_configs(N, "grid", (2, 4), None, 3)
+    for batch in (-3, 0, 1.5):
+        with pytest.raises(ValueError, match="surrogate batch must be a whole number >= 1"):
+            surrogate_search(N, _synthetic([]), 20, scan, grid, batch=batch)
+    with pytest.raises(ValueError, match="surrogate kappa must be finite"):
+        surrogate_search(N, _synthetic([]), 20, scan, grid, kappa=float("nan"))
+    with pytest.raises(ValueError, match=r"no seed block: block sizes \[3, 4\] every 2 layers of 12 within max_extra=2"):
+        beam_search(N, _synthetic([]), 10, block_sizes=(3, 4), stride=2, max_extra=2)
+    with pytest.raises(ValueError, match="seeds and the seed stride >= 1"):
+        beam_search(N, _synthetic([]), 10, stride=-1)
+    calls: list[str] = []
+    beam_search(6, lambda cs: {c.key: 0.0 for c in cs if calls.append(c.key) is None}, 40, block_sizes=(1,), stride=1,
+                skip=True, depth=2)
+    assert "0..5" not in calls and len(calls) == len(set(calls))
+
+
+def test_objective_and_combined_use_every_probe_of_the_sweep():
+    """A results file resumed with other probes: the search's objective is over this sweep's probes
+    (a probe a record lacks is an error naming the config), and a config scored on fewer probes than
+    the table's gets no combined columns rather than a mean over other probes."""
+    from circuit_finder.sweep.result import SweepResult
+    from circuit_finder.sweep.search import objective
+
+    def rec(layers, **scores):
+        return {"layers": layers, "split": "search", "mode": "likelihood",
+                "scores": {p: dict(enumerate(v)) for p, v in scores.items()}}
+
+    base, a, b = rec("0..5", math=[0, 0], eq=[0, 0]), rec("0..3,2..5", math=[100, 100], eq=[0, 0]), \
+        rec("0..4,3..5", math=[60, 60])
+    assert objective(a, base, "combined_delta") == 50.0 and objective(a, base, "combined_delta", ["math"]) == 100.0
+    with pytest.raises(ValueError, match="no scores of probe 'eq' for 0..4,3..5 to optimise 'combined_delta'"):
+        objective(b, base, "combined_delta", ["math", "eq"], "0..4,3..5")
+    table = SweepResult([base, a, b], num_layers=6, mode="likelihood").to_pandas().set_index("layers")
+    assert table.loc["0..3,2..5", "combined_delta"] == 50.0 and table.loc["0..4,3..5", "math_delta"] == 60.0
+    assert np.isnan(table.loc["0..4,3..5", "combined_delta"]) and np.isnan(table.loc["0..4,3..5", "combined"])
 
 
 def test_search_curve_plot():

@@ -26,7 +26,9 @@ its own random stream); ``_p``, a two-sided paired sign-flip test of "no differe
 over the sweep's configs are reachable; ``_q`` (Benjamini-Hochberg) and ``_holm`` (Holm), that
 p adjusted across the configs of the table (the baseline excluded). Likelihood margins get the
 same columns (``<p>_margin_delta``, ...). ``combined`` is the mean of the probe scores; its CI
-and p resample each probe's items independently and average the probes' deltas. ``<p>_parse``:
+and p resample each probe's items independently and average the probes' deltas. A config
+scored on fewer of the table's probes than the others (a results file resumed with other
+probes) gets no combined columns: its mean would be over other probes, not comparable. ``<p>_parse``:
 the share (0-100) of completions the probe's scorer could read (generate mode), with the same
 paired columns (``<p>_parse_delta``, CI, p, q), so a delta that is really a format change shows as
 a change in parse rate.
@@ -399,9 +401,9 @@ def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str]
                 dx = _paired(_as_numbers((r.get(extra) or {}).get(p)), _as_numbers((base.get(extra) or {}).get(p)))
                 if dx is not None:
                     _probe_stats(row, f"{p}{suffix}{tag}", dx, res.boot(k, len(dx)), res.perm_rng(k, key + tag), family)
-        if means:
+        if means and len(means) == len(probes):  # a config scored on fewer probes is not comparable
             row[f"combined{suffix}"] = float(np.mean(means))
-        if diffs and len(diffs) == len(means):
+        if diffs and len(diffs) == len(probes):
             row[f"combined{suffix}_delta"] = float(np.mean([d.mean() for d in diffs]))
             row[f"combined{suffix}_ci_low"], row[f"combined{suffix}_ci_high"] = _ci(
                 np.mean(boots, axis=0), max(len(d) for d in diffs))

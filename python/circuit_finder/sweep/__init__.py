@@ -96,8 +96,7 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     probe_list = resolve_probes(probes)
     n = model.num_layers
-    if paths is not None:
-        strategy = "paths"
+    strategy = _resolve_strategy(strategy, paths, budget, search, times)
     check_placement(strategy, stride, starts, refine_stride)
     check_max_items(max_items)
     check_by(by, [p.name for p in probe_list], mode, strategy)
@@ -127,10 +126,27 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
         if strategy == "refine":
             result = run(_refine_pass(result, configs, n, refine_top, coarse_stride, times, by), "refine")
         if strategy in SEARCHES:
-            result = _search(strategy, run, n, by, budget, seed, dict(search or {}), block_sizes, coarse_stride, times)
+            result = _search(strategy, run, n, by, budget, seed, dict(search or {}), block_sizes, coarse_stride, times,
+                             [p.name for p in probe_list])
         if validate:
             result.validate(validate, by=by, progress=progress)
     return result
+
+
+def _resolve_strategy(strategy: str, paths, budget, search, times) -> str:
+    """The strategy that runs ("paths" when paths= is given to the default grid); options of
+    another strategy are refused, not dropped."""
+    if paths is not None:
+        if strategy not in ("grid", "paths"):  # grid: the default, which paths= replaces
+            raise ValueError(f"paths= runs the given paths (strategy 'paths'); strategy {strategy!r} does not take "
+                             "them")
+        strategy = "paths"
+    if strategy not in SEARCHES and (budget is not None or search):
+        raise ValueError(f"budget= and search= apply to strategies {' and '.join(SEARCHES)}, not {strategy!r}")
+    if strategy == "beam" and tuple(times) != (2,):
+        raise ValueError(f"strategy 'beam' grows blocks that run twice; times={tuple(times)} applies to grid, scan, "
+                         "refine and surrogate")
+    return strategy
 
 
 def resolve_executor(executor) -> RayExecutor | None:
@@ -176,6 +192,9 @@ def check_placement(strategy: str, stride: int, starts, refine_stride: int | Non
                          f"to grid and scan (pass refine_stride={stride})")
     if strategy in SEARCHES and starts is not None:
         raise ValueError(f"strategy {strategy!r} tries blocks at every start; starts= applies to grid, scan and refine")
+    if refine_stride is not None and (isinstance(refine_stride, bool) or not isinstance(refine_stride, int)
+                                      or refine_stride < 1):
+        raise ValueError(f"refine_stride must be a whole number >= 1, got {refine_stride!r}")
     if strategy not in coarse and refine_stride is not None:
         raise ValueError(f"refine_stride= applies to strategies refine, beam and surrogate, not {strategy!r} "
                          f"(grid and scan take stride=)")
@@ -202,16 +221,18 @@ def _first_configs(model: Model, strategy: str, block_sizes, starts, stride: int
 
 
 def _search(strategy: str, run, n: int, by: str, budget: int, seed: int, options: dict,
-            block_sizes: Sequence[int], coarse_stride: int, times: Sequence[int]) -> SweepResult:
-    """Runs beam or surrogate search through ``run`` (the sweep's runner and store); the result
-    carries the search's log (``result.search_log``)."""
+            block_sizes: Sequence[int], coarse_stride: int, times: Sequence[int],
+            probes: Sequence[str]) -> SweepResult:
+    """Runs beam or surrogate search through ``run`` (the sweep's runner and store) on this sweep's
+    ``probes`` (a resumed file's records of one config merged); the result carries the search's
+    log (``result.search_log``)."""
     state = {"result": None}
     base_key = str(LayerPath.identity(n))
 
     def evaluate(configs: list[SweepConfig]) -> dict[str, float]:
         state["result"] = result = run(configs, strategy)
-        recs = {r["layers"]: r for r in result.records if r.get("split", "search") == "search"}
-        return {c.key: objective(recs[c.key], recs[base_key], by) for c in configs}
+        recs = result.configs("search")
+        return {c.key: objective(recs[c.key], recs[base_key], by, probes, c.key) for c in configs}
 
     if strategy == "beam":
         unknown = set(options) - {"beam_width", "depth", "seeds", "max_extra", "skip", "replace"}

@@ -112,18 +112,20 @@ class SearchLog:
         return ax.figure
 
 
-def objective(record: dict, base: dict, by: str) -> float:
+def objective(record: dict, base: dict, by: str, probes: Sequence[str] | None = None, name: str = "") -> float:
     """A config's search objective from its record and the baseline's: ``combined_delta`` (the mean
-    over probes of the paired mean difference) or ``<probe>_delta``."""
+    over ``probes``, default the baseline's, of the paired mean difference) or ``<probe>_delta``.
+    A probe either record lacks is a ValueError naming the config (``name``)."""
     if not by.endswith("_delta"):
         raise ValueError(f"beam and surrogate search optimise a '<probe>_delta' or 'combined_delta', not {by!r}")
     stem = by[: -len("_delta")]
-    probes = list(base["scores"]) if stem == "combined" else [stem]
+    probes = (list(base["scores"]) if probes is None else list(probes)) if stem == "combined" else [stem]
     deltas = []
     for p in probes:
         mine, theirs = record["scores"].get(p), base["scores"].get(p)
         if not mine or not theirs:
-            raise ValueError(f"no scores of probe {p!r} to optimise {by!r}")
+            raise ValueError(f"no scores of probe {p!r} for {'the baseline' if mine else name or 'this config'} "
+                             f"to optimise {by!r} (a results file resumed with other probes?)")
         common = sorted(set(mine) & set(theirs))
         deltas.append(float(np.mean([mine[i] - theirs[i] for i in common])))
     return float(np.mean(deltas))
@@ -172,10 +174,13 @@ def beam_search(n: int, evaluate: Evaluate, budget: int, block_sizes: Sequence[i
                 stride: int = 2, beam_width: int = 8, depth: int = 3, seeds: int = 8, max_extra: int | None = None,
                 skip: bool = False, replace: bool = False) -> tuple[dict[str, float], SearchLog]:
     """Beam search over programs (see the module docstring); returns (objective per config key, log)."""
-    if budget < 1 or beam_width < 1 or depth < 1:
-        raise ValueError("beam search needs budget, beam_width and depth >= 1")
+    if budget < 1 or beam_width < 1 or depth < 1 or seeds < 1 or stride < 1:
+        raise ValueError("beam search needs budget, beam_width, depth, seeds and the seed stride >= 1")
+    blocks = [blk for blk in _seed_blocks(n, block_sizes, stride) if max_extra is None or blk[1] - blk[0] <= max_extra]
+    if not blocks:
+        raise ValueError(f"beam search has no seed block: block sizes {list(block_sizes)} every {stride} layers of "
+                         f"{n}" + (f" within max_extra={max_extra}" if max_extra is not None else ""))
     run = _Budget(evaluate, budget)
-    blocks = _seed_blocks(n, block_sizes, stride)
     singles = {blk: Program(n, (blk,)) for blk in blocks}
     got = run.score([p.config for p in singles.values()])
     single_score = {blk: got[p.key] for blk, p in singles.items() if p.key in got}
@@ -192,7 +197,8 @@ def beam_search(n: int, evaluate: Evaluate, budget: int, block_sizes: Sequence[i
                 q = p.with_edit(kind, edit)
                 key = q.key
                 extra = len(q.config.layers) - n
-                if key in run.scores or key in candidates or (max_extra is not None and extra > max_extra):
+                if key in run.scores or key in candidates or (max_extra is not None and extra > max_extra) or \
+                        list(q.config.layers) == list(range(n)):  # (a skip refilled by a repeat: the baseline)
                     continue
                 prior = sum(single_score.get(blk, 0.0) for blk in q.repeats)
                 candidates[key] = (prior, q)
@@ -255,6 +261,10 @@ def surrogate_search(n: int, evaluate: Evaluate, budget: int, candidates: Sequen
 
     if budget < 1:
         raise ValueError("surrogate search needs budget >= 1")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"surrogate batch must be a whole number >= 1 (configs per round), got {batch!r}")
+    if not np.isfinite(kappa):
+        raise ValueError(f"surrogate kappa must be finite, got {kappa!r}")
     run = _Budget(evaluate, budget)
     run.score(list(initial)[: max(1, min(len(initial), budget // 3))])
     pool = {c.key: c for c in candidates}
@@ -276,5 +286,6 @@ def surrogate_search(n: int, evaluate: Evaluate, budget: int, candidates: Sequen
         chosen = [todo[i] for i in np.lexsort((np.arange(len(todo)), -upper))[:step]]
         run.log.rounds.append({"round": len(run.log.rounds) + 1, "evaluated": len(run.scores),
                                "best": float(y.max()), "rho": _cv_rho(x, y, make_model, seed)})
-        run.score([pool[k] for k in chosen])
+        if not run.score([pool[k] for k in chosen]):
+            break  # (cannot happen with batch >= 1; never loop without scoring)
     return run.scores, run.log
