@@ -61,6 +61,31 @@ def test_hf_export_from_loaded_model_and_dtype(model_dir, tmp_path):
         assert torch.equal(f.get_tensor("model.layers.4.mlp.up_proj.weight"),
                            model.tensors["model.layers.1.mlp.up_proj.weight"].bfloat16())
     assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    again = cf.load(dst)  # a loaded export is never replaced by an export of itself
+    with pytest.raises(ValueError, match="is the source model"):
+        cf.export_hf(again, dst, "0..8", overwrite=True)
+
+
+def test_hf_export_keeps_qwen2_full_layers_full_past_max_window_layers(tmp_path):
+    """A published Qwen2 config (no layer_types) with use_sliding_window: layers from
+    max_window_layers on slide. All 6 layers are full here; along a 9-slot path, slots 6..8 would
+    slide in the export unless it says otherwise. Its logits in transformers equal the path's on a
+    prompt longer than the window."""
+    from transformers import AutoModelForCausalLM
+
+    build_hf_model("qwen2", tmp_path / "src", use_sliding_window=True, sliding_window=8, max_window_layers=6)
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config.pop("layer_types", None)
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    assert cf.load(tmp_path / "src").config.sliding_window == (0,) * 6
+    dst = cf.export_hf(tmp_path / "src", tmp_path / "out", PATH)
+    assert cf.load(dst).config.sliding_window == (0,) * len(PATH)
+    x = ids(1, 24)
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32)(x).logits
+    diff = (theirs - cf.load(tmp_path / "src").logits(x, layers=PATH)).abs()
+    print(f"qwen2 export past max_window_layers vs the path: max abs diff {diff.max():.3e}")
+    assert diff.max() < 1e-4
 
 
 def test_remap_config_lists():
@@ -186,13 +211,8 @@ def test_gguf_export_logits_match_llama_cpp(tmp_path):
     """A full-precision (F32) GGUF exported along identity, repeated and reordered paths: llama.cpp
     (F32 KV cache) loads each file and its logits equal ours along the same path."""
     llama_cpp = llama_cpp_or_skip()
-    vocab = 64
-    hf = build_hf_model("llama", tmp_path / "hf", num_hidden_layers=6, vocab_size=vocab)
-    src = tmp_path / "tiny.gguf"
-    tokens = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(vocab - 3)]
-    write_gguf(hf, src, extra_strings={"tokenizer.ggml.model": "llama"},
-               extra_arrays={"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": [0.0] * vocab,
-                             "tokenizer.ggml.token_type": [2, 3, 3] + [1] * (vocab - 3)})
+    hf = build_hf_model("llama", tmp_path / "hf", num_hidden_layers=6, vocab_size=64)
+    src = _tiny_gguf_for_llama_cpp(hf, tmp_path / "tiny.gguf")
     model = cf.load(src)
     ids = [1, 5, 9, 22, 40, 7, 13, 60]
     for k, path in enumerate(["0..5", "0..3,1..5", "0..2,4,3,5", "0..4,2..4,2..5"]):
@@ -205,6 +225,49 @@ def test_gguf_export_logits_match_llama_cpp(tmp_path):
         print(f"llama.cpp vs ours along {path}: max abs diff {diff.max():.3e}, mean {diff.mean():.3e}")
         assert diff.max() < 1e-4
         del llm
+
+
+def _tiny_gguf_for_llama_cpp(hf, dst):
+    """hf written as GGUF with a placeholder tokenizer llama.cpp accepts (ids are fed directly)."""
+    vocab = hf.config.vocab_size
+    words = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(vocab - 3)]
+    write_gguf(hf, dst, extra_strings={"tokenizer.ggml.model": "llama"},
+               extra_arrays={"tokenizer.ggml.tokens": words, "tokenizer.ggml.scores": [0.0] * vocab,
+                             "tokenizer.ggml.token_type": [2, 3, 3] + [1] * (vocab - 3)})
+    return dst
+
+
+@pytest.mark.parametrize("arch, blocks", [("gemma2", 46), ("gemma3_text", 62)])
+def test_gemma_export_at_a_27b_block_count_keeps_the_query_scale_in_llama_cpp(tmp_path, arch, blocks):
+    """llama.cpp scales Gemma queries by 1/sqrt(hidden/heads) when a file has 46 (Gemma 2) or 62
+    (Gemma 3) blocks, the 27B counts, else by 1/sqrt(head_dim), and reads no key for it. A path of
+    that length from a model whose head size differs: the export rescales the query projection
+    (Gemma 2) or query norm (Gemma 3), so llama.cpp's logits equal the path's; circuit-finder reads
+    the file the same. A packed query projection cannot be rescaled exactly: a warning says so."""
+    llama_cpp = llama_cpp_or_skip()
+    hf = build_hf_model(arch, tmp_path / "hf", vocab_size=64, head_dim=24, query_pre_attn_scalar=24, intermediate_size=128,
+                        **({"layer_types": None} if arch == "gemma3_text" else {}))
+    src = _tiny_gguf_for_llama_cpp(hf, tmp_path / "src.gguf")
+    path = [k % 6 for k in range(blocks)]  # each slot keeps its position's sliding kind
+    dst = cf.export_gguf(src, tmp_path / "path.gguf", path)
+    prompt = [1, 5, 9, 22, 40, 7]
+    ours = cf.load(src).logits(torch.tensor([prompt]), layers=path)[0]
+    llm = llama_cpp.Llama(model_path=str(dst), n_ctx=32, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval(prompt)
+    theirs = torch.tensor(np.array(llm.scores[:len(prompt)]))
+    del llm
+    diff = (theirs - ours).abs()
+    print(f"{arch} {blocks}-slot export: llama.cpp vs the path: max abs diff {diff.max():.3e}, mean {diff.mean():.3e}")
+    # the 6-slot path differs by ~6e-4 of the largest logit; unscaled, this one by 0.14 (Gemma 2), 0.34 (Gemma 3)
+    assert diff.max() < 2e-3 * ours.abs().max()
+    again = cf.load(dst).logits(torch.tensor([prompt]))[0]
+    assert (again - ours).abs().max() < 1e-4 * ours.abs().max()
+    if arch == "gemma2":
+        packed = tmp_path / "q8.gguf"
+        write_gguf(hf, packed, qtype="Q8_0")
+        with pytest.warns(UserWarning, match=r"llama.cpp scales the queries of a 46-block gemma2 file by 1/sqrt\(16\), "
+                                             r"not the source's 1/sqrt\(24\)"):
+            cf.export_gguf(packed, tmp_path / "q8-path.gguf", path)
 
 
 def test_export_errors_leave_no_partial_files(model_dir, tmp_path, monkeypatch):

@@ -340,7 +340,7 @@ def _check_export_options(args) -> None:
 
 
 def _export_mergekit(args, src: str) -> None:
-    from .export import export_mergekit, mergekit_config, mergekit_source
+    from .export import export_mergekit, mergekit_source, mergekit_text
 
     model = args.mergekit_model or (DEFAULT_HUB_ID if args.model == "default" else None)
     dtype = args.dtype or "bfloat16"
@@ -349,7 +349,7 @@ def _export_mergekit(args, src: str) -> None:
         print(f"# {src} is not a local model: the layer path is not checked against its layer count "
               "(--num-layers N checks it)", file=sys.stderr)
     if args.out == "-":
-        print(mergekit_config(args.layers, model=name, num_layers=n, dtype=dtype), end="")
+        print(mergekit_text(src, args.layers, model, args.num_layers, dtype), end="")
         return
     export_mergekit(src, args.out, args.layers, model=model, num_layers=args.num_layers, dtype=dtype,
                     overwrite=args.overwrite)

@@ -48,8 +48,8 @@ import torch
 from .files import atomic_file, staged
 from .layer_path import LayerPath, LayerPathError
 
-__all__ = ["export_gguf", "export_hf", "export_mergekit", "mergekit_config", "mergekit_source", "parse_size",
-           "remap_config", "source_num_layers"]
+__all__ = ["export_gguf", "export_hf", "export_mergekit", "mergekit_config", "mergekit_source", "mergekit_text",
+           "parse_size", "remap_config", "source_num_layers"]
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 # a decoder layer's tensors: a causal LM's model.layers.N (a base model's save: layers.N), or a
@@ -190,8 +190,8 @@ def _copy_gguf_metadata(writer, reader, arch: str, path: LayerPath, n: int) -> N
     total = int(stored.contents()) if stored is not None else n  # with any prediction (MTP) blocks
     for field in reader.fields.values():
         name = field.name
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
+        if name.startswith("GGUF.") or name == "general.architecture" or name == _gemma_scale_key(arch):
+            continue  # (Gemma's query scale: written by _pin_sliding_layers)
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
         value = field.contents()
@@ -206,12 +206,58 @@ def _copy_gguf_metadata(writer, reader, arch: str, path: LayerPath, n: int) -> N
         writer.add_key_value(name, value, kind, sub_type=sub)
 
 
+def _gemma_scale_key(arch: str) -> str | None:
+    return f"{arch}.attention.scale" if arch in ("gemma2", "gemma3") else None
+
+
+class _Scaled:
+    """A float GGUF tensor to be written times ``ratio``: ``data`` is the source's (for the tensor
+    info: same shape and type), ``values()`` the scaled copy, made when it is written."""
+
+    def __init__(self, tensor, ratio: float):
+        self.data, self.tensor_type, self.ratio = tensor.data, tensor.tensor_type, ratio
+
+    def values(self):
+        import numpy as np
+
+        if self.tensor_type.name == "BF16":  # stored as raw bytes
+            x = torch.from_numpy(np.ascontiguousarray(self.data).view(np.int16).copy()).view(torch.bfloat16)
+            return (x.float() * self.ratio).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+        return (self.data.astype(np.float32) * self.ratio).astype(self.data.dtype)
+
+
+def _gemma_query_scale(reader, src: Path, arch: str, path: LayerPath, ordered: list) -> tuple[list, float]:
+    """llama.cpp scales a Gemma file's queries by a rule of its block count (``llama_cpp_query_scalar``:
+    another at the 27B counts 46 / 62) and reads no key for it, so an export whose length enters or
+    leaves those counts (any path of a 27B) would run with another scale. Then every slot's query
+    norm (Gemma 3) or query projection (Gemma 2) is multiplied by the ratio, so llama.cpp computes
+    the source's attention. Returns the tensors to write and the attention.scale to record: the one
+    llama.cpp applies (circuit-finder reads the key), or, where the tensors are packed and cannot be
+    rescaled exactly, the source's, with a warning that llama.cpp will differ."""
+    from .gguf import gguf_config, llama_cpp_query_scalar
+
+    config = gguf_config(reader, str(src))
+    source, target = float(config["query_pre_attn_scalar"]), llama_cpp_query_scalar(arch, len(path), config)
+    ratio = (target / source) ** 0.5
+    if abs(ratio - 1.0) < 1e-6:
+        return ordered, 1.0 / source ** 0.5
+    suffix = ".attn_q_norm.weight" if arch == "gemma3" else ".attn_q.weight"
+    scaled = [(name, _Scaled(t, ratio)) if name.endswith(suffix) else (name, t) for name, t in ordered]
+    fixed = [t for name, t in scaled if name.endswith(suffix)]
+    if len(fixed) == len(path) and all(t.tensor_type.name in ("F32", "F16", "BF16") for t in fixed):
+        return scaled, 1.0 / target ** 0.5
+    warnings.warn(f"{src}: llama.cpp scales the queries of a {len(path)}-block {arch} file by 1/sqrt({target}), not "
+                  f"the source's 1/sqrt({source:g}), and this path's '{suffix[1:]}' tensors are packed, so they "
+                  "cannot be rescaled to make up for it: circuit-finder reads the exported file right, llama.cpp "
+                  "will not", stacklevel=4)
+    return ordered, 1.0 / source ** 0.5
+
+
 def _pin_sliding_layers(writer, reader, src: Path, arch: str, path: LayerPath, n: int) -> None:
-    """Gemma's and gpt-oss's sliding pattern (and Gemma's query scale) are not in a converter's
-    metadata: llama.cpp derives them from layer positions and the layer count, which a path
-    changes. They are written explicitly (one sliding flag per slot; attention.scale) so each slot
-    keeps its layer's kind."""
-    from .gguf import gguf_config, gguf_field, sliding_layers
+    """Gemma's and gpt-oss's sliding pattern is not in a converter's metadata: llama.cpp derives it
+    from layer positions, which a path changes. It is written explicitly (one sliding flag per
+    slot) so each slot keeps its layer's kind."""
+    from .gguf import gguf_field, sliding_layers
 
     pattern = gguf_field(reader, f"{arch}.attention.sliding_window_pattern")
     sliding = sliding_layers(reader, arch, n)
@@ -224,9 +270,6 @@ def _pin_sliding_layers(writer, reader, src: Path, arch: str, path: LayerPath, n
                       "the other attention kind than their position's; circuit-finder reads the per-slot "
                       "sliding_window_pattern written here, but a llama.cpp that derives windows from layer "
                       "positions alone will not", stacklevel=3)
-    if arch != "gpt-oss" and gguf_field(reader, f"{arch}.attention.scale") is None:
-        scalar = gguf_config(reader, str(src))["query_pre_attn_scalar"]
-        writer.add_attention_scale(1.0 / float(scalar) ** 0.5)
 
 
 def _pin_recurrent_layers(writer, reader, src: Path, arch: str, path: LayerPath) -> None:
@@ -250,6 +293,9 @@ def _write_gguf(reader, src: Path, tmp: Path, arch: str, path: LayerPath, n: int
         _copy_gguf_metadata(writer, reader, arch, path, n)
         if arch in ("gemma2", "gemma3", "gpt-oss"):
             _pin_sliding_layers(writer, reader, src, arch, path, n)
+        if arch in ("gemma2", "gemma3"):
+            ordered, scale = _gemma_query_scale(reader, src, arch, path, ordered)
+            writer.add_attention_scale(scale)
         if arch in ("qwen35", "qwen35moe", "qwen3next"):
             _pin_recurrent_layers(writer, reader, src, arch, path)
         for name, t in ordered:
@@ -258,7 +304,7 @@ def _write_gguf(reader, src: Path, tmp: Path, arch: str, path: LayerPath, n: int
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for _, t in ordered:
-            writer.write_tensor_data(t.data)
+            writer.write_tensor_data(t.values() if isinstance(t, _Scaled) else t.data)
     finally:
         writer.close()
 
@@ -268,8 +314,10 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrit
     """Writes a GGUF whose blocks follow the layer path: block k is block path[k] of ``src``, with
     its tensors' bytes and quantization types unchanged. ``{arch}.block_count`` is set to the
     path length and every per-layer metadata array is reordered along the path; all other
-    metadata and tensors are kept (Gemma and gpt-oss files also get their per-slot sliding flags,
-    and Gemma its query scale, written out, see ``_pin_sliding_layers``). Tensors are streamed from
+    metadata and tensors are kept (Gemma and gpt-oss files also get their per-slot sliding flags
+    written out, see ``_pin_sliding_layers``; Gemma its query scale, with query norms or
+    projections rescaled where llama.cpp's rule for the new block count differs, see
+    ``_gemma_query_scale``). Tensors are streamed from
     the memory-mapped source. An architecture circuit-finder does not run is refused unless
     ``force`` (see ``check_exportable``)."""
     from .gguf import SUPPORTED_ARCHS, gguf_architecture, gguf_block_count, open_gguf
@@ -610,14 +658,11 @@ def _with_layer_types(config: dict) -> dict:
     Qwen2 with max_window_layers, a hybrid's full_attention_interval): layer_types written out from
     the parsed windows and linear layers, so the export's
     slots keep their layers' kinds instead of the kinds transformers derives from slot positions."""
-    from .config import ConfigError, parse_config
-
     decoder = _decoder_config(config)
     if "layer_types" in decoder:
         return config
-    try:
-        parsed = parse_config(config)
-    except ConfigError:  # an architecture we do not run: exported as it is
+    parsed = _parse_or_none(config)
+    if parsed is None:  # an architecture we do not run: exported as it is
         return config
     windows, linear = parsed.sliding_window, parsed.linear_layers
     if len(set(windows)) < 2 and not any(linear):
@@ -633,11 +678,8 @@ def _with_sparse_layers(config: dict, out: dict, path: LayerPath) -> dict:
     layers): it lists its dense slots in mlp_only_layers with step 1, so each slot keeps its
     layer's MLP kind whatever the path's length. Mixtral, GPT-OSS and Qwen3.5-MoE (every layer
     sparse) and dense models are left as they are."""
-    from .config import ConfigError, parse_config
-
-    try:
-        parsed = parse_config(config)
-    except ConfigError:
+    parsed = _parse_or_none(config)
+    if parsed is None:
         return out
     sparse = parsed.sparse_layers
     if not any(sparse) or parsed.architecture in ("MixtralForCausalLM", "GptOssForCausalLM",
@@ -649,9 +691,51 @@ def _with_sparse_layers(config: dict, out: dict, path: LayerPath) -> dict:
     return out
 
 
-def _write_config_and_tokenizer(folder: Path, config: dict, path: LayerPath, target, tokenizer, files) -> None:
+def _slot_kinds(config: dict) -> list[tuple]:
+    parsed = _parse_or_none(config)
+    return list(zip(parsed.sliding_window, parsed.linear_layers, parsed.sparse_layers)) if parsed else []
+
+
+def _parse_or_none(config: dict):
+    from .config import ConfigError, parse_config
+
+    try:
+        return parse_config(config)
+    except ConfigError:  # an architecture we do not run: exported as it is
+        return None
+
+
+def _kinds_kept(config: dict, out: dict, path: LayerPath) -> dict:
+    """``out`` (the export's config) read back must give every slot its layer's attention window,
+    linear-attention and MLP kind. Where a position rule moves them even so (Qwen2's
+    max_window_layers once the path is longer: its last slots would slide), layer_types is written
+    out, and max_window_layers moved past the last slot when no slot slides; a config that still
+    moves them is a ValueError, never an export that runs another model."""
+    kinds = _slot_kinds(config)
+    want = [kinds[layer] for layer in path] if kinds else []
+    if not want or _slot_kinds(out) == want:
+        return out
+    fixed = json.loads(json.dumps(out))
+    decoder = _decoder_config(fixed)
+    decoder["layer_types"] = ["linear_attention" if lin else "sliding_attention" if window else "full_attention"
+                              for window, lin, _ in want]
+    if "max_window_layers" in decoder and not any(window for window, _, _ in want):
+        decoder["max_window_layers"] = len(path)
+    if _slot_kinds(fixed) != want:
+        raise ValueError(f"the exported config would run some slots of path {path} with another attention or MLP kind "
+                         "than their layers'; not writing it")
+    return fixed
+
+
+def _export_config(config: dict, path: LayerPath, target) -> dict:
+    """The config.json of the export (checked before any weight is written)."""
     out_config = _with_sparse_layers(config, remap_config(_with_layer_types(config), path, target), path)
+    out_config = _kinds_kept(config, out_config, path)
     out_config.setdefault("architectures", config.get("architectures") or ["LlamaForCausalLM"])
+    return out_config
+
+
+def _write_config_and_tokenizer(folder: Path, out_config: dict, tokenizer, files) -> None:
     (folder / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
     for f in files:
         shutil.copyfile(f, folder / f.name)
@@ -694,16 +778,18 @@ def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | No
     path = LayerPath.coerce(layers, n)
     target = resolve_dtype(dtype, torch.float32) if dtype is not None else None
     limit = parse_size(max_shard_size)
-    _check_target(dst, overwrite, folder=True, source=src if isinstance(src, (str, os.PathLike)) else None)
+    _check_target(dst, overwrite, folder=True,  # a loaded Model: the folder or file it was loaded from
+                  source=src if isinstance(src, (str, os.PathLike)) else getattr(src, "source", None))
     tensors, tokenizer, tokenizer_files, packed_dtype = _hf_source_weights(src, target)
     tensors = hub_expert_tensors(tensors, config, packed_dtype)
     config = _without_quantization(config, tensors)
     names = _slot_names(tensors, path, n)
     config = _dynamic_along(config, names)
     shards = _plan_shards(tensors, names, target, limit, packed_dtype)
+    out_config = _export_config(config, path, target)
     with staged(dst, folder=True) as tmp:
         _write_shards(tmp, tensors, shards, target, packed_dtype)
-        _write_config_and_tokenizer(tmp, config, path, target, tokenizer, tokenizer_files)
+        _write_config_and_tokenizer(tmp, out_config, tokenizer, tokenizer_files)
     return dst
 
 
@@ -775,13 +861,7 @@ def _warn_moved_kinds(config: dict, path: LayerPath, src) -> None:
     """mergekit's passthrough renumbers layers and keeps the config: a model whose layers differ in
     kind (sliding / full / linear attention, dense / sparse MLP) gives each slot the kind of its
     position there, not its layer's. Warns naming the slots (--format hf writes the kinds out)."""
-    from .config import ConfigError, parse_config
-
-    try:
-        parsed = parse_config(config)
-    except ConfigError:
-        return
-    kinds = list(zip(parsed.sliding_window, parsed.linear_layers, parsed.sparse_layers))
+    kinds = _slot_kinds(config)
     moved = [k for k, layer in enumerate(path) if k >= len(kinds) or kinds[layer] != kinds[k]]
     if len(set(kinds)) > 1 and moved:
         warnings.warn(f"{src}: slots {moved[:8]}{' ...' if len(moved) > 8 else ''} hold layers of another attention or "
@@ -789,16 +869,25 @@ def _warn_moved_kinds(config: dict, path: LayerPath, src) -> None:
                       "position's kind. --format hf writes each slot's kind out", stacklevel=3)
 
 
+def mergekit_text(src: str | os.PathLike, layers, model: str | None = None, num_layers: int | None = None,
+                  dtype: str = "bfloat16") -> str:
+    """``mergekit_config`` for ``src`` (see ``mergekit_source``), warning when a local folder's
+    slots would run another attention or MLP kind than their layers' under mergekit."""
+    name, n = mergekit_source(src, model, num_layers)
+    text = mergekit_config(layers, model=name, num_layers=n, dtype=dtype)
+    if n is not None and os.path.isdir(str(src)):
+        _warn_moved_kinds(_read_config(Path(src)), LayerPath.coerce(layers, n), src)
+    return text
+
+
 def export_mergekit(src: str | os.PathLike, dst: str | os.PathLike, layers, model: str | None = None,
                     num_layers: int | None = None, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
     """Writes ``mergekit_config`` for ``src`` (see ``mergekit_source``) to ``dst``, refusing an
     existing file unless ``overwrite``."""
     dst = Path(dst)
-    name, n = mergekit_source(src, model, num_layers)
-    text = mergekit_config(layers, model=name, num_layers=n, dtype=dtype)
+    mergekit_source(src, model, num_layers)  # (refuses a bad source before the target is looked at)
     _check_target(dst, overwrite, folder=False, source=src if os.path.exists(str(src)) else None)
-    if n is not None and os.path.isdir(str(src)):
-        _warn_moved_kinds(_read_config(Path(src)), LayerPath.coerce(layers, n), src)
+    text = mergekit_text(src, layers, model, num_layers, dtype)
     with atomic_file(dst, "w", encoding="utf-8") as f:
         f.write(text)
     return dst

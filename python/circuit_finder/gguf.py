@@ -47,8 +47,8 @@ from .quants import PACKED_TYPES, PackedTensor, dequantize_ggml_mxfp4, is_matrix
 
 __all__ = ["DEQUANTIZED_TYPES", "GGUFError", "SUPPORTED_ARCHS", "SUPPORTED_TYPES", "build_tokenizer",
            "drop_resident_pages", "sliding_layers", "gguf_architecture", "gguf_block_count", "gguf_config",
-           "gguf_field", "gguf_num_layers", "gguf_tensor_name", "gguf_tokenizer", "metadata_digest", "open_gguf", "read_gguf",
-           "tokenizer_cache_dir"]
+           "gguf_field", "gguf_num_layers", "gguf_tensor_name", "gguf_tokenizer", "llama_cpp_query_scalar", "metadata_digest",
+           "open_gguf", "read_gguf", "tokenizer_cache_dir"]
 
 ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
@@ -63,6 +63,15 @@ _OLD_EXPERTS = re.compile(r"^blk\.\d+\.ffn_(?:gate|up|down)\.\d+\.weight$")  # p
 _PERMUTED = ("llama", "mistral3")  # converters that reorder Q/K rows for interleaved RoPE
 _GEMMA = ("gemma2", "gemma3")
 _GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales queries by hidden/heads for these
+
+
+def llama_cpp_query_scalar(arch: str, blocks: int, config: dict) -> int:
+    """The query_pre_attn_scalar llama.cpp gives a Gemma 2/3 file of ``blocks`` blocks (queries
+    scaled by its inverse square root): hidden / heads (integer division) at the 27B block counts
+    (46, 62), else the head size. llama.cpp reads no key for it: the block count alone decides."""
+    if blocks == _GEMMA_27B_BLOCKS[arch]:
+        return config["hidden_size"] // config["num_attention_heads"]
+    return config["head_dim"]
 SUPPORTED_ARCHS = tuple(ARCH_TO_HF)
 # i-quants without a packed kernel: dequantized on load by the gguf package, with one warning per load
 DEQUANTIZED_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
@@ -727,10 +736,8 @@ def _gemma_config(reader, arch: str, config: dict) -> None:
     scale = gguf_field(reader, f"{arch}.attention.scale")
     if scale:
         config["query_pre_attn_scalar"] = 1.0 / float(scale) ** 2
-    elif n == _GEMMA_27B_BLOCKS[arch]:
-        config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
     else:
-        config["query_pre_attn_scalar"] = config["head_dim"]
+        config["query_pre_attn_scalar"] = llama_cpp_query_scalar(arch, n, config)
     # llama.cpp: a gemma2 file without the key slides over 4096 tokens; a gemma3 one does not slide
     window = gguf_field(reader, f"{arch}.attention.sliding_window", 4096 if arch == "gemma2" else None)
     config["sliding_window"] = int(window) if window else None
