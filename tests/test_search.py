@@ -183,6 +183,22 @@ def test_objective_and_combined_use_every_probe_of_the_sweep():
     assert np.isnan(table.loc["0..4,3..5", "combined_delta"]) and np.isnan(table.loc["0..4,3..5", "combined"])
 
 
+def test_tied_configs_rank_by_path_whatever_the_record_order():
+    """Three items give deltas in steps of 33.3, so ties are common: the ranking (top, validate, the
+    refine winners) must not follow the order a Ray run happened to write records in."""
+    from circuit_finder.sweep.result import SweepResult
+
+    def rec(layers, scores):
+        return {"layers": layers, "split": "search", "mode": "likelihood", "scores": {"math": dict(enumerate(scores))}}
+
+    base = rec("0..5", [0, 0, 0])
+    tied = [rec("0..4,3..5", [100, 0, 0]), rec("0..3,2..5", [0, 100, 0]), rec("0..2,1..5", [0, 0, 100])]
+    orders = [[base, *tied], [base, *reversed(tied)]]
+    for by in ("math_delta", "math_p"):
+        ranked = [list(SweepResult(r, num_layers=6, mode="likelihood").top(3, by=by)["layers"]) for r in orders]
+        assert ranked[0] == ranked[1] == ["0..2,1..5", "0..3,2..5", "0..4,3..5"]
+
+
 def test_search_curve_plot():
     from matplotlib.figure import Figure
 

@@ -29,12 +29,15 @@ def tested_delta(column: str, columns) -> str | None:
 
 def best_first(df, by: str):
     """The rows of ``df`` best first by column ``by``: largest first, but for a p- or q-value the
-    configs that improved on the baseline (their delta > 0) first, smallest p first, then the rest."""
+    configs that improved on the baseline (their delta > 0) first, smallest p first, then the rest.
+    Ties (common: few items give few distinct deltas) go by layer path, so the order never depends
+    on the order records were written in (Ray workers finish in any order)."""
+    ties = ["layers"] if "layers" in df.columns and by != "layers" else []
     delta = tested_delta(by, df.columns)
     if delta is None:
-        return df.sort_values(by, ascending=False)
+        return df.sort_values([by, *ties], ascending=[False] + [True] * len(ties), kind="stable")
     worse = ~(df[delta] > 0)  # NaN deltas count as not better
-    return df.assign(_worse=worse).sort_values(["_worse", by], ascending=True).drop(columns="_worse")
+    return df.assign(_worse=worse).sort_values(["_worse", by, *ties], kind="stable").drop(columns="_worse")
 
 
 def objective_columns(df, objectives: Sequence[str]) -> list[tuple[str, float]]:
