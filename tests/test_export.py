@@ -66,6 +66,24 @@ def test_hf_export_from_loaded_model_and_dtype(model_dir, tmp_path):
         cf.export_hf(again, dst, "0..8", overwrite=True)
 
 
+def test_hf_export_copies_generation_and_processor_settings(model_dir, tmp_path):
+    """generation_config.json (sampling defaults) and a multimodal model's processor files go with
+    the export, from a folder and from a Model loaded from one; the export is still replaceable."""
+    import shutil
+
+    folder, _ = model_dir("llama")
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    side = {"generation_config.json": {"temperature": 0.3, "top_p": 0.9},
+            "preprocessor_config.json": {"image_size": 224}, "processor_config.json": {"processor_class": "X"}}
+    for name, content in side.items():
+        (src / name).write_text(json.dumps(content))
+    for source, dst in ((src, tmp_path / "from-folder"), (cf.load(src), tmp_path / "from-model")):
+        cf.export_hf(source, dst, PATH)
+        assert {name: json.loads((dst / name).read_text()) for name in side} == side
+        cf.export_hf(source, dst, "0..5", overwrite=True)
+
+
 def test_hf_export_keeps_qwen2_full_layers_full_past_max_window_layers(tmp_path):
     """A published Qwen2 config (no layer_types) with use_sliding_window: layers from
     max_window_layers on slide. All 6 layers are full here; along a 9-slot path, slots 6..8 would
@@ -103,12 +121,14 @@ def test_gguf_export_reads_back(model_dir, tmp_path):
     _, hf = model_dir("llama", intermediate_size=128)  # Q8_0 rows need multiples of 32
     src = tmp_path / "src.gguf"
     written = write_gguf(hf, src, qtype="Q8_0", extra_arrays={"llama.custom_per_layer": list(range(10, 16)),
-                                                             "general.tags": ["a", "b", "c", "d", "e", "f"]})
+                                                             "general.tags": ["a", "b", "c", "d", "e", "f"],
+                                                             "llama.rope.dimension_sections": [8, 4, 4, 0, 0, 0]})
     dst = cf.export_gguf(src, tmp_path / "out.gguf", PATH)
     r = gguf.GGUFReader(str(dst))
     assert r.fields["llama.block_count"].contents() == len(PATH)
     assert r.fields["llama.custom_per_layer"].contents() == [10 + i for i in PATH]
     assert r.fields["general.tags"].contents() == ["a", "b", "c", "d", "e", "f"]
+    assert r.fields["llama.rope.dimension_sections"].contents() == [8, 4, 4, 0, 0, 0]  # as long as the layers: kept
     assert r.fields["llama.attention.head_count"].contents() == 4
     got = {t.name: t for t in r.tensors}
     expected = {}

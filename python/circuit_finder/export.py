@@ -60,10 +60,16 @@ _HF_LAYER = re.compile(rf"^{_DECODER}(\d+)\.(.+)$")
 # a decoder layer's own name or one of its modules' (quantization_config module lists)
 _HF_LAYER_MODULE = re.compile(rf"^(?P<head>{_DECODER})(?P<index>\d+)(?P<tail>\..*)?$")
 _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
+# files copied beside the weights as they are: generation defaults, a multimodal model's processor
+# settings, Mistral's tekken tokenizer (not params.json: it describes the source's layer count)
+_SIDE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
+               "video_preprocessor_config.json", "tekken.json")
 # every file name an HF export of ours holds: what makes an existing folder safe to replace
-_HF_EXPORT_FILE = re.compile(r"^(?:config\.json|generation_config\.json|model\.safetensors(?:\.index\.json)?"
-                             r"|model-\d{5}-of-\d{5}\.safetensors|(?:" + "|".join(_TOKENIZER_PREFIXES)
-                             + r")[\w.-]*)$")
+_HF_EXPORT_FILE = re.compile(r"^(?:config\.json|model\.safetensors(?:\.index\.json)?"
+                             r"|model-\d{5}-of-\d{5}\.safetensors|" + "|".join(map(re.escape, _SIDE_FILES))
+                             + "|(?:" + "|".join(_TOKENIZER_PREFIXES) + r")[\w.-]*)$")
+# {arch}.* arrays of a fixed length, never per layer (a tiny model's layer count may equal theirs)
+_FIXED_ARRAYS = (".rope.dimension_sections",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MERGEKIT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -199,7 +205,8 @@ def _copy_gguf_metadata(writer, reader, arch: str, path: LayerPath, n: int) -> N
             value = len(path)
         elif name == f"{arch}.nextn_predict_layers":  # the prediction blocks are not exported
             value = 0
-        elif kind == gguf.GGUFValueType.ARRAY and name.startswith(f"{arch}.") and len(value) in (n, total):
+        elif kind == gguf.GGUFValueType.ARRAY and name.startswith(f"{arch}.") and len(value) in (n, total) and \
+                not name.endswith(_FIXED_ARRAYS):
             value = [value[i] for i in path]  # (per-layer arrays that list the MTP blocks too lose them)
         elif name == "general.alignment":
             writer.data_alignment = int(value)
@@ -417,13 +424,15 @@ def _hf_source_weights(src, target: torch.dtype | None):
     from .gguf import gguf_tokenizer, read_gguf
     from .model import Model
 
-    if isinstance(src, Model):  # packed matrices are written as the model's float dtype
-        return dict(src.tensors), src.tokenizer, [], src.dtype
+    if isinstance(src, Model):  # packed matrices are written as the model's float dtype; a folder's side files
+        folder = Path(src.source)
+        side = [folder / f for f in _SIDE_FILES if folder.is_dir() and (folder / f).is_file()]
+        return dict(src.tensors), src.tokenizer, side, src.dtype
     p = Path(src)
     if _is_gguf(p):
         return read_gguf(p, target or torch.float32, keep_packed=True)[1], gguf_tokenizer(p), [], target or torch.float32
     files = [f for f in sorted(p.iterdir()) if f.is_file() and (f.name.startswith(_TOKENIZER_PREFIXES)
-                                                               or f.name == "generation_config.json")]
+                                                               or f.name in _SIDE_FILES)]
     return _C.load_safetensors(str(p)), None, files, torch.float32
 
 
