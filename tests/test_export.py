@@ -113,6 +113,17 @@ def test_remap_config_lists():
     assert out["num_hidden_layers"] == 6 and out["layer_types"] == ["a", "b", "c", "b", "c", "d"]
     assert out["no_rope_layers"] == [1, 0, 1, 0, 1, 0] and out["eos_token_id"] == [1, 2, 3, 4]
     assert config["layer_types"] == ["a", "b", "c", "d"]  # the source is untouched
+    quant = {"num_hidden_layers": 4, "quantization_config": {"ignore": ["lm_head", "re:.*layers\\.[0-9]+\\.gate",
+                                                                        "model.layers.1.mlp.down_proj"]}}
+    out = remap_config(quant, LayerPath.parse("0..2,1,2,3"))
+    assert out["quantization_config"]["ignore"] == ["lm_head", "re:.*layers\\.[0-9]+\\.gate",
+                                                    "model.layers.1.mlp.down_proj", "model.layers.3.mlp.down_proj"]
+    quant["quantization_config"]["ignore"].append("re:model\\.layers\\.3\\..*")
+    assert remap_config(quant, LayerPath.parse("0..3"))["quantization_config"] == quant["quantization_config"]
+    assert remap_config(quant, LayerPath.parse("0..3,1..2"))["quantization_config"]["ignore"][-1] == \
+        "re:model\\.layers\\.3\\..*"  # layer 3 runs once, in slot 3: the pattern still means it
+    with pytest.raises(ValueError, match=r"names decoder layers \[3\] by number, which this path moves or repeats"):
+        remap_config(quant, LayerPath.parse("0..2,1,2,3"))
 
 
 def test_gguf_export_reads_back(model_dir, tmp_path):

@@ -68,6 +68,8 @@ _SIDE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_
 _HF_EXPORT_FILE = re.compile(r"^(?:config\.json|model\.safetensors(?:\.index\.json)?"
                              r"|model-\d{5}-of-\d{5}\.safetensors|" + "|".join(map(re.escape, _SIDE_FILES))
                              + "|(?:" + "|".join(_TOKENIZER_PREFIXES) + r")[\w.-]*)$")
+# a re: pattern that names a decoder layer by its number ("layers\.3\.", "layers\.(1|2)\.")
+_NUMBERED_LAYER = re.compile(r"layers\\?\.\(?(?:\?:)?([\d|]+)")
 # {arch}.* arrays of a fixed length, never per layer (a tiny model's layer count may equal theirs)
 _FIXED_ARRAYS = (".rope.dimension_sections",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -373,9 +375,17 @@ def remap_config(config: dict, path: LayerPath, dtype: torch.dtype | None = None
 def _names_along(names: list, path: LayerPath) -> list:
     """Module names of a quantization_config renumbered along ``path``: an exact name in decoder layer
     i becomes one name per slot that runs layer i (none if the path skips it); patterns (``re:``) and
-    other names (a vision tower's layers too) stay as they are."""
+    other names (a vision tower's layers too) stay as they are. A pattern naming decoder layers by
+    number (``re:model\\.layers\\.3\\..*``) picks slots: kept where each layer it names runs once, in
+    its own slot, else a ValueError."""
     out = []
     for name in names:
+        numbered = [int(k) for m in _NUMBERED_LAYER.finditer(name) for k in m.group(1).split("|") if k] \
+            if isinstance(name, str) and name.startswith("re:") else []
+        if any(list(path).count(k) != 1 or k >= len(path) or path[k] != k for k in numbered):
+            raise ValueError(f"quantization_config pattern {name!r} names decoder layers {sorted(set(numbered))} by "
+                             "number, which this path moves or repeats: it cannot be renumbered (export with dtype= "
+                             "to write plain float weights instead)")
         m = _HF_LAYER_MODULE.match(name) if isinstance(name, str) and not name.startswith("re:") else None
         out += [f"{m['head']}{k}{m['tail'] or ''}" for k, i in enumerate(path) if i == int(m["index"])] if m \
             else [name]
