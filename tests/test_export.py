@@ -338,6 +338,34 @@ def test_export_errors_leave_no_partial_files(model_dir, tmp_path, monkeypatch):
     assert left == ["file", "src.gguf", "taken"], left
 
 
+def test_a_killed_exports_leftovers_are_cleared_by_the_next(model_dir, tmp_path):
+    """A run killed mid-write leaves a hidden temporary (gigabytes, for a real model); killed
+    between a folder replacement's two renames, no target but the previous export moved aside. The
+    next export to that name removes the first and puts the second back before replacing it; the
+    names of a live process (a concurrent export) are left alone."""
+    import subprocess
+    import sys
+
+    from circuit_finder.files import staged
+
+    folder, _ = model_dir("llama")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    owner = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
+    torn = tmp_path / f".out.{owner}-{dead}-00aa.tmp"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"half")
+    aside = tmp_path / f".out.{owner}-{dead}-00bb.old"
+    cf.export_hf(folder, aside, "0..5")
+    live = tmp_path / f".out.{owner}-{os.getpid()}-00cc.tmp"
+    live.mkdir()
+    with staged(tmp_path / "out", folder=True) as tmp:  # what the next export does first
+        assert sorted(p.name for p in tmp_path.iterdir() if p != tmp) == [live.name, "out"]
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6  # put back
+        (tmp / "x").write_text("new")
+    assert (tmp_path / "out" / "x").read_text() == "new" and live.exists()
+
+
 def test_mergekit_config():
     import yaml
 

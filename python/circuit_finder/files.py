@@ -4,7 +4,9 @@
   so no file of the user's is touched) to write into; on success fsynced and renamed over
   ``path`` — a reader (or a run killed half-way) sees the old one or the whole new one, never a
   torn one; a folder being replaced is moved aside and put back if the rename fails. New files
-  get the usual permissions for the process umask, not private ones.
+  get the usual permissions for the process umask, not private ones. Hidden names carry the
+  host and process id: a killed run's leftovers are cleared by the next write to that path (its
+  temporary removed; a folder moved aside and never replaced put back).
 - ``atomic_file(path)``: ``staged`` opened as a file.
 - ``fsync_path(path)``: fsync a written file or a folder (a folder's fsync makes a rename durable).
 - ``fingerprint(path)``: a cheap identity of a model file or folder (sizes + hashes of the ends).
@@ -48,11 +50,46 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 def _hidden_name(dst: Path, suffix: str) -> Path:
-    return dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.{suffix}")
+    """.NAME.HOST-PID-RANDOM.SUFFIX: whose it is, so a later write can tell a killed run's leftovers."""
+    return dst.with_name(f".{dst.name}.{_OWNER}-{os.getpid()}-{secrets.token_hex(4)}.{suffix}")
+
+
+_OWNER = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _clear_leftovers(dst: Path) -> None:
+    """A run killed while writing ``dst`` left its hidden temporary (removed now) or, killed between
+    the two renames of a folder's replacement, the previous ``dst`` moved aside (put back when
+    ``dst`` is missing, else removed). Only this host's dead processes' names are touched."""
+    for entry in sorted(dst.parent.glob(f".{_glob_escape(dst.name)}.{_OWNER}-*-*.*")):
+        pid = entry.name[len(dst.name) + len(_OWNER) + 3:].partition("-")[0]
+        kind = entry.name.rsplit(".", 1)[-1]
+        if not pid.isdigit() or kind not in ("tmp", "old") or _alive(int(pid)):
+            continue
+        if kind == "old" and not (dst.exists() or dst.is_symlink()):
+            os.replace(entry, dst)
+        else:
+            _remove(entry)
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _claim_temp(dst: Path, folder: bool) -> Path:
-    """A new empty file or folder next to ``dst``, created with the umask's ordinary permissions."""
+    """A new empty file or folder next to ``dst``, created with the umask's ordinary permissions
+    (a killed run's leftovers cleared first)."""
+    _clear_leftovers(dst)
     for _ in range(100):
         tmp = _hidden_name(dst, "tmp")
         try:
