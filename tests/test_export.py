@@ -274,7 +274,7 @@ def test_gemma_export_at_a_27b_block_count_keeps_the_query_scale_in_llama_cpp(tm
     (Gemma 3) blocks, the 27B counts, else by 1/sqrt(head_dim), and reads no key for it. A path of
     that length from a model whose head size differs: the export rescales the query projection
     (Gemma 2) or query norm (Gemma 3), so llama.cpp's logits equal the path's; circuit-finder reads
-    the file the same. A packed query projection cannot be rescaled exactly: a warning says so."""
+    the file the same."""
     llama_cpp = llama_cpp_or_skip()
     hf = build_hf_model(arch, tmp_path / "hf", vocab_size=64, head_dim=24, query_pre_attn_scalar=24, intermediate_size=128,
                         **({"layer_types": None} if arch == "gemma3_text" else {}))
@@ -293,12 +293,31 @@ def test_gemma_export_at_a_27b_block_count_keeps_the_query_scale_in_llama_cpp(tm
     assert diff.max() < 2e-3 * ours.abs().max()
     again = cf.load(dst).logits(torch.tensor([prompt]))[0]
     assert (again - ours).abs().max() < 1e-4 * ours.abs().max()
-    if arch == "gemma2":
-        packed = tmp_path / "q8.gguf"
-        write_gguf(hf, packed, qtype="Q8_0")
-        with pytest.warns(UserWarning, match=r"llama.cpp scales the queries of a 46-block gemma2 file by 1/sqrt\(16\), "
-                                             r"not the source's 1/sqrt\(24\)"):
-            cf.export_gguf(packed, tmp_path / "q8-path.gguf", path)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_gemma2_packed_query_projections_are_rescaled_by_their_block_factors(tmp_path, qtype):
+    """Gemma 2 has no query norm: a 46-block export of a 9B-like file rescales each slot's packed
+    attn_q blocks (their f16 d / dmin), read back here with gguf's own dequantizer: the source's
+    values times sqrt(64/24) (hidden / heads = 256 / 4 against head_dim 24), up to the f16 rounding
+    of the factors. Other tensors keep their bytes."""
+    import gguf
+
+    hf = build_hf_model("gemma2", tmp_path / "hf", vocab_size=64, hidden_size=256, intermediate_size=256,
+                        head_dim=24, query_pre_attn_scalar=24)
+    src = tmp_path / "src.gguf"
+    write_gguf(hf, src, qtype=qtype)
+    path = [k % 6 for k in range(46)]
+    dst = cf.export_gguf(src, tmp_path / "path.gguf", path)
+    before = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    after = {t.name: t for t in gguf.GGUFReader(str(dst)).tensors}
+    for k in (0, 7, 45):
+        old, new = before[f"blk.{path[k]}.attn_q.weight"], after[f"blk.{k}.attn_q.weight"]
+        want = gguf.quants.dequantize(old.data, old.tensor_type) * (64 / 24) ** 0.5
+        got = gguf.quants.dequantize(new.data, new.tensor_type)
+        assert new.tensor_type == old.tensor_type and np.allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+        assert np.array_equal(after[f"blk.{k}.attn_k.weight"].data, before[f"blk.{path[k]}.attn_k.weight"].data)
+    assert float(gguf.GGUFReader(str(dst)).fields["gemma2.attention.scale"].contents()) == pytest.approx(1 / 8)
 
 
 def test_export_errors_leave_no_partial_files(model_dir, tmp_path, monkeypatch):

@@ -219,17 +219,36 @@ def _gemma_scale_key(arch: str) -> str | None:
     return f"{arch}.attention.scale" if arch in ("gemma2", "gemma3") else None
 
 
+# where each block of a ggml type keeps the f16 factors every value of the block is a multiple of
+# (d, and dmin / m where the type has one): scaling them scales the block's values
+_BLOCK_SCALES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+                 "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+
+
 class _Scaled:
-    """A float GGUF tensor to be written times ``ratio``: ``data`` is the source's (for the tensor
-    info: same shape and type), ``values()`` the scaled copy, made when it is written."""
+    """A GGUF tensor to be written times ``ratio``: ``data`` is the source's (for the tensor info:
+    same shape and type), ``values()`` the scaled copy, made when it is written: float values
+    multiplied, a packed type's per-block f16 factors (``_BLOCK_SCALES``; rounded to f16)."""
 
     def __init__(self, tensor, ratio: float):
         self.data, self.tensor_type, self.ratio = tensor.data, tensor.tensor_type, ratio
 
+    @staticmethod
+    def scalable(tensor) -> bool:
+        return tensor.tensor_type.name in ("F32", "F16", "BF16", *_BLOCK_SCALES)
+
     def values(self):
+        import gguf
         import numpy as np
 
-        if self.tensor_type.name == "BF16":  # stored as raw bytes
+        kind = self.tensor_type.name
+        if kind in _BLOCK_SCALES:
+            blocks = np.ascontiguousarray(self.data).reshape(-1, gguf.GGML_QUANT_SIZES[self.tensor_type][1]).copy()
+            for off in _BLOCK_SCALES[kind]:
+                d = blocks[:, off:off + 2].copy().view(np.float16).astype(np.float32)
+                blocks[:, off:off + 2] = (d * self.ratio).astype(np.float16).view(np.uint8)
+            return blocks.reshape(self.data.shape)
+        if kind == "BF16":  # stored as raw bytes
             x = torch.from_numpy(np.ascontiguousarray(self.data).view(np.int16).copy()).view(torch.bfloat16)
             return (x.float() * self.ratio).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
         return (self.data.astype(np.float32) * self.ratio).astype(self.data.dtype)
@@ -239,10 +258,11 @@ def _gemma_query_scale(reader, src: Path, arch: str, path: LayerPath, ordered: l
     """llama.cpp scales a Gemma file's queries by a rule of its block count (``llama_cpp_query_scalar``:
     another at the 27B counts 46 / 62) and reads no key for it, so an export whose length enters or
     leaves those counts (any path of a 27B) would run with another scale. Then every slot's query
-    norm (Gemma 3) or query projection (Gemma 2) is multiplied by the ratio, so llama.cpp computes
-    the source's attention. Returns the tensors to write and the attention.scale to record: the one
-    llama.cpp applies (circuit-finder reads the key), or, where the tensors are packed and cannot be
-    rescaled exactly, the source's, with a warning that llama.cpp will differ."""
+    norm (Gemma 3) or query projection (Gemma 2; a packed one by its blocks' f16 factors) is
+    multiplied by the ratio, so llama.cpp computes the source's attention. Returns the tensors to
+    write and the attention.scale to record: the one llama.cpp applies (circuit-finder reads the
+    key), or, where a type cannot be rescaled (IQ1-IQ3, MXFP4), the source's, with a warning that
+    llama.cpp will differ."""
     from .gguf import gguf_config, llama_cpp_query_scalar
 
     config = gguf_config(reader, str(src))
@@ -253,12 +273,12 @@ def _gemma_query_scale(reader, src: Path, arch: str, path: LayerPath, ordered: l
     suffix = ".attn_q_norm.weight" if arch == "gemma3" else ".attn_q.weight"
     scaled = [(name, _Scaled(t, ratio)) if name.endswith(suffix) else (name, t) for name, t in ordered]
     fixed = [t for name, t in scaled if name.endswith(suffix)]
-    if len(fixed) == len(path) and all(t.tensor_type.name in ("F32", "F16", "BF16") for t in fixed):
+    if len(fixed) == len(path) and all(_Scaled.scalable(t) for t in fixed):
         return scaled, 1.0 / target ** 0.5
     warnings.warn(f"{src}: llama.cpp scales the queries of a {len(path)}-block {arch} file by 1/sqrt({target}), not "
-                  f"the source's 1/sqrt({source:g}), and this path's '{suffix[1:]}' tensors are packed, so they "
-                  "cannot be rescaled to make up for it: circuit-finder reads the exported file right, llama.cpp "
-                  "will not", stacklevel=4)
+                  f"the source's 1/sqrt({source:g}), and this path's '{suffix[1:]}' tensors are of a type whose "
+                  "values cannot be rescaled to make up for it: circuit-finder reads the exported file right, "
+                  "llama.cpp will not", stacklevel=4)
     return ordered, 1.0 / source ** 0.5
 
 
