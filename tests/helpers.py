@@ -314,7 +314,9 @@ HF_TO_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.no
 
 # Byte offsets of the fp16 scale fields in each K-quant block (ggml's block layouts); the
 # package has no K-quantizer, so tests fill blocks with random bytes and sane scales.
-K_SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+# types written as random blocks with small fp16 scales (gguf-py has no quantizer for them)
+K_SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,),
+                   "IQ4_XS": (0,)}
 
 
 def llama_cpp_permute(w, n_head: int):

@@ -295,7 +295,8 @@ def test_gemma_export_at_a_27b_block_count_keeps_the_query_scale_in_llama_cpp(tm
     assert (again - ours).abs().max() < 1e-4 * ours.abs().max()
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                   "IQ4_NL", "IQ4_XS"])
 def test_gemma2_packed_query_projections_are_rescaled_by_their_block_factors(tmp_path, qtype):
     """Gemma 2 has no query norm: a 46-block export of a 9B-like file rescales each slot's packed
     attn_q blocks (their f16 d / dmin), read back here with gguf's own dequantizer: the source's
