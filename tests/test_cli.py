@@ -180,7 +180,9 @@ def test_cli_sweep_checks_before_loading(model_dir, tmp_path, capsys, no_loading
              (["--out", out, "--strategy", "surrogate"], "needs --budget N"),
              (["--out", out, "--strategy", "beam", "--budget", "3", "--stride", "2"], "pass refine_stride=2"),
              (["--out", out, "--refine-stride", "2"], "refine_stride= applies to strategies refine"),
-             (["--out", out, "--think-tokens", "64"], "pass --thinking with it")]
+             (["--out", out, "--think-tokens", "64"], "pass --thinking with it"),
+             (["--out", out, "--strategy", "beam", "--budget", "3", "--paths", "0..5"], "strategy 'beam' does not take"),
+             (["--out", out, "--strategy", "beam", "--budget", "3", "--times", "3"], "'beam' grows blocks that run twice")]
     for extra, message in cases:
         rc, _, err = run(capsys, *sweep, *extra)
         assert rc == 2 and message in err, (extra, err)

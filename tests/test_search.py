@@ -181,6 +181,10 @@ def test_objective_and_combined_use_every_probe_of_the_sweep():
     table = SweepResult([base, a, b], num_layers=6, mode="likelihood").to_pandas().set_index("layers")
     assert table.loc["0..3,2..5", "combined_delta"] == 50.0 and table.loc["0..4,3..5", "math_delta"] == 60.0
     assert np.isnan(table.loc["0..4,3..5", "combined_delta"]) and np.isnan(table.loc["0..4,3..5", "combined"])
+    # the result of a sweep resumed with math alone combines its own probes; eq is still shown
+    mine = SweepResult([base, a, b], num_layers=6, mode="likelihood", probes=["math"]).to_pandas().set_index("layers")
+    assert mine.loc["0..4,3..5", "combined_delta"] == 60.0 and mine.loc["0..3,2..5", "combined_delta"] == 100.0
+    assert mine.loc["0..3,2..5", "eq_delta"] == 0.0
 
 
 def test_tied_configs_rank_by_path_whatever_the_record_order():

@@ -255,15 +255,15 @@ _STRATEGY_ONLY = {"beam_width": (("beam",), 8), "depth": (("beam",), 3), "max_ex
 def _check_strategy_options(args) -> None:
     """Options of another strategy than --strategy are refused, not dropped (sweep() checks --stride,
     --starts and --refine-stride the same way)."""
-    strategy = "paths" if args.paths else args.strategy
+    from .sweep import check_placement, resolve_strategy
+
+    strategy = resolve_strategy(args.strategy, args.paths, None, None, args.times)  # (before the model loads)
     for name, (strategies, default) in _STRATEGY_ONLY.items():
         if getattr(args, name) != default and strategy not in strategies:
             raise ValueError(f"--{name.replace('_', '-')} applies to --strategy {' / '.join(strategies)}, "
                              f"not {strategy}")
     if strategy in ("beam", "surrogate") and not args.budget:
         raise ValueError(f"--strategy {strategy} needs --budget N (configs to evaluate)")
-    from .sweep import check_placement
-
     check_placement(strategy, args.stride, args.starts, args.refine_stride)
     if args.think_tokens is not None and not args.thinking:
         raise ValueError("--think-tokens is the budget of --thinking; pass --thinking with it")

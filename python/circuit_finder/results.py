@@ -363,14 +363,16 @@ def _probe_stats(row: dict, name: str, d: np.ndarray, boot_idx: np.ndarray, rng,
 
 
 def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str], n_boot: int, seed: int,
-                 suffix: str = "") -> dict[str, dict]:
+                 suffix: str = "", combined: Sequence[str] | None = None) -> dict[str, dict]:
     """Per config (layers -> record): per probe mean, and vs the baseline record on the same items the
     delta, its 95% paired bootstrap CI, sign-flip p, and the p adjusted across the configs (BH ``_q``,
     Holm ``_holm``); the same for likelihood margins (``_margin_delta``...) and for ``combined``
-    (the mean over probes, each probe resampled independently). See the module docstring."""
+    (the mean over the ``combined`` probes, default all, each resampled independently; only for
+    configs scored on all of them). See the module docstring."""
     base = recs.get(baseline_key)
     family = max(1, len(recs) - (1 if base is not None else 0))
     res = _Resampler(n_boot, seed)
+    joint = set(probes if combined is None else combined)
     rows: dict[str, dict] = {}
     for key, r in recs.items():
         row: dict = {}
@@ -380,7 +382,8 @@ def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str]
             if not scores:
                 continue
             row[f"{p}{suffix}"] = float(np.mean(list(scores.values())))
-            means.append(row[f"{p}{suffix}"])
+            if p in joint:
+                means.append(row[f"{p}{suffix}"])
             margins = _mean(((r.get("margins") or {}).get(p) or {}).values())
             if margins is not None:
                 row[f"{p}{suffix}_margin"] = margins
@@ -395,15 +398,17 @@ def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str]
             d = _paired(scores, base["scores"][p])
             if d is None:
                 continue
-            boots.append(_probe_stats(row, f"{p}{suffix}", d, res.boot(k, len(d)), res.perm_rng(k, key), family))
-            diffs.append(d)
+            boot = _probe_stats(row, f"{p}{suffix}", d, res.boot(k, len(d)), res.perm_rng(k, key), family)
+            if p in joint:
+                boots.append(boot)
+                diffs.append(d)
             for extra, tag in (("margins", "_margin"), ("scores_norm", "_norm"), ("parsed", "_parse")):
                 dx = _paired(_as_numbers((r.get(extra) or {}).get(p)), _as_numbers((base.get(extra) or {}).get(p)))
                 if dx is not None:
                     _probe_stats(row, f"{p}{suffix}{tag}", dx, res.boot(k, len(dx)), res.perm_rng(k, key + tag), family)
-        if means and len(means) == len(probes):  # a config scored on fewer probes is not comparable
+        if means and len(means) == len(joint):  # a config scored on fewer probes is not comparable
             row[f"combined{suffix}"] = float(np.mean(means))
-        if diffs and len(diffs) == len(probes):
+        if diffs and len(diffs) == len(joint):
             row[f"combined{suffix}_delta"] = float(np.mean([d.mean() for d in diffs]))
             row[f"combined{suffix}_ci_low"], row[f"combined{suffix}_ci_high"] = _ci(
                 np.mean(boots, axis=0), max(len(d) for d in diffs))

@@ -47,7 +47,7 @@ from .search import SEARCHES, beam_search, needs_sklearn, objective, surrogate_s
 from .views import best_first
 
 __all__ = ["MODES", "STRATEGIES", "THINK_TOKENS", "ProbeBatch", "RayExecutor", "Runner", "SweepConfig", "STAT_SUFFIXES", "SweepResult", "check_by", "check_placement",
-           "make_configs", "refine_configs", "resolve_chat", "resolve_probes", "run_configs", "rys_params", "sweep", "sweep_setup",
+           "make_configs", "refine_configs", "resolve_chat", "resolve_probes", "resolve_strategy", "run_configs", "rys_params", "sweep", "sweep_setup",
            "unique_configs"]
 
 
@@ -96,7 +96,7 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     probe_list = resolve_probes(probes)
     n = model.num_layers
-    strategy = _resolve_strategy(strategy, paths, budget, search, times)
+    strategy = resolve_strategy(strategy, paths, budget, search, times)
     check_placement(strategy, stride, starts, refine_stride)
     check_max_items(max_items)
     check_by(by, [p.name for p in probe_list], mode, strategy)
@@ -133,7 +133,7 @@ def sweep(model: Model, probes=("math", "eq", "reasoning"), block_sizes: Sequenc
     return result
 
 
-def _resolve_strategy(strategy: str, paths, budget, search, times) -> str:
+def resolve_strategy(strategy: str, paths, budget, search, times) -> str:
     """The strategy that runs ("paths" when paths= is given to the default grid); options of
     another strategy are refused, not dropped."""
     if paths is not None:

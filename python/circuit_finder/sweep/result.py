@@ -132,8 +132,13 @@ class SweepResult:
         key = (split, n_boot, seed, suffix, len(self.records), id(self.records),
                self.benchmark_settings() if split == BENCHMARK_SPLIT else None)
         if key not in self._stats_cache:
-            self._stats_cache[key] = paired_stats(self._split(split), self._baseline_key(), self.probe_names(split),
-                                                  n_boot, seed, suffix)
+            recs = self._split(split)
+            names = list(dict.fromkeys(p for r in recs.values() for p in r["scores"]))  # (the latest benchmark's)
+            combined = None
+            if self.probes and split != BENCHMARK_SPLIT:  # a resumed file's other probes are shown, not combined
+                mine = {getattr(p, "name", p) for p in self.probes}
+                combined = [p for p in names if p in mine]
+            self._stats_cache[key] = paired_stats(recs, self._baseline_key(), names, n_boot, seed, suffix, combined)
         return self._stats_cache[key]
 
     def to_pandas(self, n_boot: int = 2000, seed: int = 0):
