@@ -99,6 +99,22 @@ def test_cache_of_another_path_and_empty_batch_are_refused(model_dir):
         engine.forward(ids[:0], pos[:0], None, [0, 1], None, False)
 
 
+def test_tensors_the_config_does_not_use_are_warned_of(model_dir):
+    """A checkpoint tensor no part of this config reads (here a bias the family has not) is named in
+    a warning; an old checkpoint's saved RoPE table (rotary_emb.inv_freq) is not."""
+    import warnings
+
+    folder, _ = model_dir("llama")
+    config = json.loads((folder / "config.json").read_text())
+    state = load_file(str(folder / "model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cf.load_from_tensors(config, {**state, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) this model's config does not use, left out: "
+                                         r"model\.layers\.2\.mlp\.down_proj\.bias"):
+        cf.load_from_tensors(config, {**state, "model.layers.2.mlp.down_proj.bias": torch.zeros(config["hidden_size"])})
+
+
 def test_missing_config_and_bad_dtype(tmp_path, model_dir):
     with pytest.raises(FileNotFoundError, match="config.json"):
         cf.load(tmp_path)

@@ -122,8 +122,18 @@ def test_remap_config_lists():
     assert remap_config(quant, LayerPath.parse("0..3"))["quantization_config"] == quant["quantization_config"]
     assert remap_config(quant, LayerPath.parse("0..3,1..2"))["quantization_config"]["ignore"][-1] == \
         "re:model\\.layers\\.3\\..*"  # layer 3 runs once, in slot 3: the pattern still means it
-    with pytest.raises(ValueError, match=r"names decoder layers \[3\] by number, which this path moves or repeats"):
+    with pytest.raises(ValueError, match=r"picks other modules in the export than in the layers its slots run "
+                                         r"\(e.g. model.layers.3.block_sparse_moe.experts.0.w1\)"):
         remap_config(quant, LayerPath.parse("0..2,1,2,3"))
+    for pattern, ok in (("re:.*layers\\.(1[0-5])\\..*", False), ("re:.*layers\\.[3]\\..*", False),
+                        ("re:vision_tower\\.encoder\\.layers\\.3\\..*", True)):  # a vision tower is not renumbered
+        wide = {"num_hidden_layers": 16, "quantization_config": {"ignore": [pattern]}}
+        path = LayerPath.parse("0..12,3..15")
+        if ok:
+            assert remap_config(wide, path)["quantization_config"]["ignore"] == [pattern]
+        else:
+            with pytest.raises(ValueError, match="picks other modules"):
+                remap_config(wide, path)
 
 
 def test_gguf_export_reads_back(model_dir, tmp_path):
@@ -371,7 +381,10 @@ def test_a_killed_exports_leftovers_are_cleared_by_the_next(model_dir, tmp_path)
     folder, _ = model_dir("llama")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    owner = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
+    with staged(tmp_path / "probe") as probe:  # .probe.TAG-PID-RANDOM.tmp: this machine's tag
+        owner = probe.name.split(".")[2].split("-")[0]
+        assert probe.name.split(".")[2].split("-")[1] == str(os.getpid())
+    (tmp_path / "probe").unlink()
     torn = tmp_path / f".out.{owner}-{dead}-00aa.tmp"
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"half")

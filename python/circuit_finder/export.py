@@ -68,8 +68,6 @@ _SIDE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_
 _HF_EXPORT_FILE = re.compile(r"^(?:config\.json|model\.safetensors(?:\.index\.json)?"
                              r"|model-\d{5}-of-\d{5}\.safetensors|" + "|".join(map(re.escape, _SIDE_FILES))
                              + "|(?:" + "|".join(_TOKENIZER_PREFIXES) + r")[\w.-]*)$")
-# a re: pattern that names a decoder layer by its number ("layers\.3\.", "layers\.(1|2)\.")
-_NUMBERED_LAYER = re.compile(r"layers\\?\.\(?(?:\?:)?([\d|]+)")
 # {arch}.* arrays of a fixed length, never per layer (a tiny model's layer count may equal theirs)
 _FIXED_ARRAYS = (".rope.dimension_sections",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -365,11 +363,11 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, layers, overwrit
 
 
 # ------------------------------------------------------------------------------ Hugging Face
-def remap_config(config: dict, path: LayerPath, dtype: torch.dtype | None = None) -> dict:
+def remap_config(config: dict, path: LayerPath, dtype: torch.dtype | None = None, modules=None) -> dict:
     """The config.json of an export along ``path``: num_hidden_layers = path length, per-layer lists
     (layer_types, no_rope_layers, ...: one entry per source layer) reordered along the path (in a
-    multimodal wrapper's text_config), and torch_dtype set when ``dtype`` is given. ``config`` is
-    not modified."""
+    multimodal wrapper's text_config), torch_dtype set when ``dtype`` is given, quantization_config
+    module names renumbered (``modules``: see ``_check_pattern_along``). ``config`` is not modified."""
     out = json.loads(json.dumps(config))
     source, target = _decoder_config(config), _decoder_config(out)
     n = int(source["num_hidden_layers"])
@@ -382,34 +380,51 @@ def remap_config(config: dict, path: LayerPath, dtype: torch.dtype | None = None
         qc = c.get("quantization_config") or {}
         for key in ("ignore", "modules_to_not_convert", "llm_int8_skip_modules"):  # exact module names
             if isinstance(qc.get(key), list):
-                qc[key] = _names_along(qc[key], path)
+                qc[key] = _names_along(qc[key], path, modules)
         for group in (qc.get("config_groups") or {}).values():
             if isinstance(group, dict) and isinstance(group.get("targets"), list):
-                group["targets"] = _names_along(group["targets"], path)
+                group["targets"] = _names_along(group["targets"], path, modules)
     if dtype is not None:
         out["torch_dtype"] = str(dtype).replace("torch.", "")
         out.pop("dtype", None)
     return out
 
 
-def _names_along(names: list, path: LayerPath) -> list:
+def _names_along(names: list, path: LayerPath, modules=None) -> list:
     """Module names of a quantization_config renumbered along ``path``: an exact name in decoder layer
-    i becomes one name per slot that runs layer i (none if the path skips it); patterns (``re:``) and
-    other names (a vision tower's layers too) stay as they are. A pattern naming decoder layers by
-    number (``re:model\\.layers\\.3\\..*``) picks slots: kept where each layer it names runs once, in
-    its own slot, else a ValueError."""
+    i becomes one name per slot that runs layer i (none if the path skips it); other names (a vision
+    tower's layers too) stay as they are, and so do patterns (``re:``), which must then pick in each
+    slot what they picked in its layer (``_check_pattern_along``)."""
     out = []
     for name in names:
-        numbered = [int(k) for m in _NUMBERED_LAYER.finditer(name) for k in m.group(1).split("|") if k] \
-            if isinstance(name, str) and name.startswith("re:") else []
-        if any(list(path).count(k) != 1 or k >= len(path) or path[k] != k for k in numbered):
-            raise ValueError(f"quantization_config pattern {name!r} names decoder layers {sorted(set(numbered))} by "
-                             "number, which this path moves or repeats: it cannot be renumbered (export with dtype= "
-                             "to write plain float weights instead)")
+        if isinstance(name, str) and name.startswith("re:"):
+            _check_pattern_along(name, path, modules)
         m = _HF_LAYER_MODULE.match(name) if isinstance(name, str) and not name.startswith("re:") else None
         out += [f"{m['head']}{k}{m['tail'] or ''}" for k, i in enumerate(path) if i == int(m["index"])] if m \
             else [name]
     return out
+
+
+_TYPICAL_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                    "mlp.up_proj", "mlp.down_proj", "mlp.gate", "mlp.experts.0.gate_proj", "mlp.experts.0.down_proj",
+                    "mlp.shared_expert.gate_proj", "block_sparse_moe.gate", "block_sparse_moe.experts.0.w1",
+                    "linear_attn.in_proj_qkvz", "linear_attn.out_proj")
+
+
+def _check_pattern_along(name: str, path: LayerPath, modules=None) -> None:
+    """A ``re:`` pattern kept as written must match (re.match, as compressed-tensors does) each
+    slot's module exactly where it matches the module of the layer that slot runs; ``modules``:
+    (export name, source name) pairs of the decoder's modules (default: typical ones of every
+    slot). One naming a layer by number that the path moves or repeats does not: a ValueError."""
+    pattern = re.compile(name[3:])
+    if modules is None:
+        heads = ("model.layers.", "model.language_model.layers.", "language_model.model.layers.")
+        modules = [(f"{h}{k}.{m}", f"{h}{i}.{m}") for k, i in enumerate(path) for h in heads for m in _TYPICAL_MODULES]
+    moved = sorted({out for out, src in modules if bool(pattern.match(out)) != bool(pattern.match(src))})
+    if moved:
+        raise ValueError(f"quantization_config pattern {name!r} picks other modules in the export than in the layers "
+                         f"its slots run (e.g. {moved[0]}): it names decoder layers by number, which this path moves "
+                         "or repeats. Export a loaded (dequantized) Model instead, which writes plain weights")
 
 
 def parse_size(size: int | str) -> int:
@@ -455,8 +470,9 @@ def _hf_source_weights(src, target: torch.dtype | None):
     from .model import Model
 
     if isinstance(src, Model):  # packed matrices are written as the model's float dtype; a folder's side files
-        folder = Path(src.source)
-        side = [folder / f for f in _SIDE_FILES if folder.is_dir() and (folder / f).is_file()]
+        folder, text_only = Path(src.source), bool(src.config.wrapper)  # a loaded wrapper has no vision tower
+        side = [folder / f for f in _SIDE_FILES
+                if folder.is_dir() and (folder / f).is_file() and not (text_only and "processor" in f)]
         return dict(src.tensors), src.tokenizer, side, src.dtype
     p = Path(src)
     if _is_gguf(p):
@@ -766,9 +782,11 @@ def _kinds_kept(config: dict, out: dict, path: LayerPath) -> dict:
     return fixed
 
 
-def _export_config(config: dict, path: LayerPath, target) -> dict:
-    """The config.json of the export (checked before any weight is written)."""
-    out_config = _with_sparse_layers(config, remap_config(_with_layer_types(config), path, target), path)
+def _export_config(config: dict, path: LayerPath, target, names: list[tuple[str, str]]) -> dict:
+    """The config.json of the export (checked before any weight is written); ``names``: the
+    (output, source) tensor names of ``_slot_names``."""
+    modules = sorted({(out.rsplit(".", 1)[0], src.rsplit(".", 1)[0]) for out, src in names if _HF_LAYER.match(src)})
+    out_config = _with_sparse_layers(config, remap_config(_with_layer_types(config), path, target, modules), path)
     out_config = _kinds_kept(config, out_config, path)
     out_config.setdefault("architectures", config.get("architectures") or ["LlamaForCausalLM"])
     return out_config
@@ -825,7 +843,7 @@ def export_hf(src, dst: str | os.PathLike, layers, dtype: str | torch.dtype | No
     names = _slot_names(tensors, path, n)
     config = _dynamic_along(config, names)
     shards = _plan_shards(tensors, names, target, limit, packed_dtype)
-    out_config = _export_config(config, path, target)
+    out_config = _export_config(config, path, target, names)
     with staged(dst, folder=True) as tmp:
         _write_shards(tmp, tensors, shards, target, packed_dtype)
         _write_config_and_tokenizer(tmp, out_config, tokenizer, tokenizer_files)

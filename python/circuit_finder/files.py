@@ -4,8 +4,8 @@
   so no file of the user's is touched) to write into; on success fsynced and renamed over
   ``path`` — a reader (or a run killed half-way) sees the old one or the whole new one, never a
   torn one; a folder being replaced is moved aside and put back if the rename fails. New files
-  get the usual permissions for the process umask, not private ones. Hidden names carry the
-  host and process id: a killed run's leftovers are cleared by the next write to that path (its
+  get the usual permissions for the process umask, not private ones. Hidden names carry a tag of
+  the machine and the process id: a killed run's leftovers are cleared by the next write to that path (its
   temporary removed; a folder moved aside and never replaced put back).
 - ``atomic_file(path)``: ``staged`` opened as a file.
 - ``fsync_path(path)``: fsync a written file or a folder (a folder's fsync makes a rename durable).
@@ -54,7 +54,19 @@ def _hidden_name(dst: Path, suffix: str) -> Path:
     return dst.with_name(f".{dst.name}.{_OWNER}-{os.getpid()}-{secrets.token_hex(4)}.{suffix}")
 
 
-_OWNER = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
+def _owner_tag() -> str:
+    """8 hex digits naming this machine, boot and pid namespace: where a process id means this
+    process table's (containers sharing a volume, even under one hostname, differ)."""
+    parts = [os.uname().nodename]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(path).read_text().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
+        except OSError:
+            parts.append("")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
+
+
+_OWNER = _owner_tag()
 
 
 def _alive(pid: int) -> bool:
@@ -70,16 +82,21 @@ def _alive(pid: int) -> bool:
 def _clear_leftovers(dst: Path) -> None:
     """A run killed while writing ``dst`` left its hidden temporary (removed now) or, killed between
     the two renames of a folder's replacement, the previous ``dst`` moved aside (put back when
-    ``dst`` is missing, else removed). Only this host's dead processes' names are touched."""
+    ``dst`` is missing, else removed). Only names of this user's dead processes of this machine
+    (``_owner_tag``) are touched, and a failure to touch one is no error."""
     for entry in sorted(dst.parent.glob(f".{_glob_escape(dst.name)}.{_OWNER}-*-*.*")):
         pid = entry.name[len(dst.name) + len(_OWNER) + 3:].partition("-")[0]
         kind = entry.name.rsplit(".", 1)[-1]
-        if not pid.isdigit() or kind not in ("tmp", "old") or _alive(int(pid)):
+        try:
+            if not pid.isdigit() or kind not in ("tmp", "old") or entry.lstat().st_uid != os.getuid() or \
+                    _alive(int(pid)):
+                continue
+            if kind == "old" and not (dst.exists() or dst.is_symlink()):
+                os.replace(entry, dst)
+            else:
+                _remove(entry)
+        except OSError:
             continue
-        if kind == "old" and not (dst.exists() or dst.is_symlink()):
-            os.replace(entry, dst)
-        else:
-            _remove(entry)
 
 
 def _glob_escape(name: str) -> str:

@@ -375,7 +375,10 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
 
 def _warn_unused(names: list[str], source: str) -> None:
     """Warns of checkpoint tensors the engine does not read (as transformers warns of unexpected
-    keys): a weight this family's forward pass ignores would otherwise change nothing, silently."""
+    keys): a weight this family's forward pass ignores would otherwise change nothing, silently.
+    RoPE tables older checkpoints saved (``rotary_emb.inv_freq``, recomputed from the config, as
+    transformers does) are no such weight."""
+    names = [n for n in names if not n.endswith("rotary_emb.inv_freq")]
     if names:
         shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
         warnings.warn(f"{source}: {len(names)} tensor(s) this model's config does not use, left out: {shown} "
