@@ -705,6 +705,13 @@ def test_quantize_choice_per_tensor(tmp_path):
     assert len([w for w in got if "256-value" in str(w.message)]) == 1
     types = {n: t.type_name for n, t in fallback.tensors.items() if isinstance(t, PackedTensor)}
     assert types["model.layers.0.mlp.down_proj.weight"] == "Q4_K" and types["lm_head.weight"] == "Q8_0"
+    with pytest.warns(UserWarning, match=r"the rule '\*\.mpl\.\*' matches no tensor of this model$"):
+        cf.load(tmp_path, quantize={"*.mpl.*": "q4_0", "*": "q8_0"})  # a typo is said, not silently unused
+    tied = tmp_path / "tied"
+    build_hf_model("llama", tied, hidden_size=128, intermediate_size=256, tie_word_embeddings=True, rope_scaling=None)
+    with pytest.warns(UserWarning, match=r"the rule 'lm_head.weight' matches no tensor of this model \(this model's "
+                                         r"head is its embedding"):
+        cf.load(tied, quantize={"lm_head.weight": "q8_0", "*": "q4_0"})
     write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
     with pytest.raises(ValueError, match="a GGUF file keeps its own quantization"):
         cf.load(tmp_path / "m.gguf", quantize="q8_0")

@@ -29,6 +29,7 @@ SIGBUS): replace files by renaming a new one over them.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -504,11 +505,24 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
     fallen: list[str] = []
     chosen = {n: quantize_choice(quantize, n, t.shape, fallen, model) for n, t in tensors.items()
               if not isinstance(t, PackedTensor) and t.is_floating_point() and not (gpt_oss and ".mlp.experts." in n)}
+    _warn_idle_rules(quantize, list(tensors), model.tied)
     if fallen:
         instead = ", ".join(f"{to} for {k}" for k, to in K_FALLBACK.items())
         warnings.warn(f"quantize: {len(fallen)} matrices (e.g. {fallen[0]}) have rows that are not whole 256-value "
                       f"blocks: they get {instead}, as llama.cpp does", stacklevel=3)
     return {n: k for n, k in chosen.items() if k is not None}
+
+
+def _warn_idle_rules(quantize, names: list[str], tied: bool) -> None:
+    """Warns of a quantize={pattern: type} rule that names no tensor of the model (a typo, or a rule
+    for lm_head.weight on a model whose head is its embedding: the embedding's rule decides)."""
+    if not isinstance(quantize, dict):
+        return
+    for pattern in quantize:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            hint = (" (this model's head is its embedding, model.embed_tokens.weight: the rule that matches the "
+                    "embedding decides its type)") if tied and fnmatch.fnmatchcase("lm_head.weight", pattern) else ""
+            warnings.warn(f"quantize: the rule {pattern!r} matches no tensor of this model{hint}", stacklevel=4)
 
 
 def _place_packed(ggml: dict[str, PackedTensor], placed: Placement, target: torch.dtype,
