@@ -97,6 +97,26 @@ def test_training_is_deterministic_and_predicts_like_sklearn(chat_model, likelih
 def test_candidates_come_from_search_columns_only(likelihood_sweep):
     with pytest.raises(ValueError, match="held-out column"):
         cf.train_router(likelihood_sweep, by="combined_val_delta", evaluate=False)
+    with pytest.raises(ValueError, match="probe.s. gsm8k: no search item .* train on probes the sweep ran: math, eq, "
+                                         "reasoning"):  # (it trained, then could not be saved: NaN in-sample scores)
+        cf.train_router(likelihood_sweep, probes=["math", "gsm8k"], evaluate=False)
+
+
+def test_last_token_features_read_each_rows_last_real_token(chat_model):
+    """Right-padded rows (Model.logits takes any mask) give the features of each prompt alone, as
+    left-padded ones do: "last" reads the last real token, not the last column."""
+    r = hand_router(chat_model)
+    r.pooling = "mean+last"
+    ids = [chat_model.codec.encode_prompt(p, True) for p in PROMPTS]
+    alone = np.concatenate([r.features(chat_model, [x]) for x in ids])
+    h = [chat_model.engine.run_slots(chat_model.engine.embed(torch.tensor([x])), torch.arange(len(x)).unsqueeze(0),
+                                     None, list(range(r.layer)), None, 0, r.layer)[0] for x in ids]
+    width = max(len(x) for x in ids)
+    right = torch.zeros(len(ids), width, h[0].shape[-1], dtype=h[0].dtype)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for k, x in enumerate(h):
+        right[k, :len(x)], mask[k, :len(x)] = x, 1
+    assert np.allclose(r.pool(right, mask), alone, rtol=1e-5, atol=1e-6)
 
 
 def test_constant_when_no_item_prefers_a_candidate(chat_model):

@@ -239,16 +239,18 @@ class CircuitFinderLM(TemplateLM):
 
     # --------------------------------------------------------------------- scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        pairs = []
-        for i, (_, context_enc, continuation_enc) in enumerate(requests):
+        pairs, prompts = [], []  # prompts: what a router reads, each whole context as the adapter encodes it
+        for i, (key, context_enc, continuation_enc) in enumerate(requests):
             if not context_enc or not continuation_enc:
                 raise ValueError(f"request {i}: empty context or continuation after tokenization")
             pairs.append((context_enc, continuation_enc))
+            whole = self.router is not None and key is not None and isinstance(key[0], str) and key[0]
+            prompts.append(self.tok_encode(key[0]) if whole else context_enc)
         results: list[tuple[float, bool]] = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="circuit-finder loglikelihood")
         step = self.batch_size * 8  # score_pairs sorts and batches within each step; the bar moves per step
         for start in range(0, len(pairs), step):
-            results += self._score(pairs[start:start + step])
+            results += self._score(pairs[start:start + step], prompts[start:start + step])
             bar.update(min(step, len(pairs) - start))
         bar.close()
         for request, result in zip(requests, results):
@@ -256,9 +258,10 @@ class CircuitFinderLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", request[0], result)
         return results
 
-    def _score(self, pairs) -> list[tuple[float, bool]]:
+    def _score(self, pairs, prompts) -> list[tuple[float, bool]]:
         if self.router is not None:
-            return routing.score_pairs(self.cf_model, self.router, pairs, self.batch_size, self.max_length)[0]
+            return routing.score_pairs(self.cf_model, self.router, pairs, self.batch_size, self.max_length,
+                                       route_on=prompts)[0]
         return score_pairs(self.cf_model, pairs, list(self.path), self.batch_size, self.max_length)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

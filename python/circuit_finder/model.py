@@ -186,8 +186,9 @@ class Model:
             bad = outside_vocabulary([*ctx, *cont], vocab)
             if bad is not None:
                 raise _C.InputError(f"pair {k}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        if router is not None:
-            return [v for v, _ in routing.score_pairs(self, router, pairs, batch_size)[0]]
+        if router is not None:  # routed on each whole prompt, as it learned (a pair's context lacks its end space)
+            whole = [self.codec.encode(c) if isinstance(c, str) else ctx for c, (ctx, _) in zip(contexts, pairs)]
+            return [v for v, _ in routing.score_pairs(self, router, pairs, batch_size, route_on=whole)[0]]
         return [v for v, _ in likelihood.score_pairs(self, pairs, list(path), batch_size)]
 
     def _pair(self, context, continuation) -> tuple[list[int], list[int]]:

@@ -160,14 +160,19 @@ class Router:
         return model.engine.run_slots(h, positions, mask, list(range(self.layer)), cache, 0, self.layer)
 
     def pool(self, h: torch.Tensor, mask: torch.Tensor | None) -> np.ndarray:
-        """Hidden states [B, T, H] (left-padded, mask [B, T] or None) -> features [B, feature_size]."""
+        """Hidden states [B, T, H] (mask [B, T] or None) -> features [B, feature_size]; "last" reads
+        each row's last real token, wherever the padding is."""
         h = h.double()
         parts = []
         if self.pooling in ("mean", "mean+last"):
             w = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device) if mask is None else (mask != 0).to(h.dtype)
             parts.append((h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1))
         if self.pooling in ("last", "mean+last"):
-            parts.append(h[:, -1])
+            if mask is None:
+                parts.append(h[:, -1])
+            else:  # (the largest position holding a real token)
+                at = ((mask != 0).long() * torch.arange(1, h.shape[1] + 1, device=mask.device)).argmax(1).to(h.device)
+                parts.append(h[torch.arange(h.shape[0], device=h.device), at])
         return torch.cat(parts, -1).cpu().numpy()
 
     def predict(self, features: np.ndarray) -> np.ndarray:

@@ -49,7 +49,9 @@ def evaluate_router(router: Router, result, model=None, probes=None, progress: b
         raise ValueError("evaluating a router needs the model: pass model=circuit_finder.load(...)")
     router.check(model)
     constant = router.kind == "constant"  # every item along one candidate: its own run is the routed run
+    base = SweepConfig.of(LayerPath.identity(router.num_layers), router.num_layers)  # (not always a candidate)
     configs = candidate_configs(router) + ([] if constant else [RouterConfig(router)])
+    configs = ([] if any(c.key == base.key for c in configs) else [base]) + configs
     result.run_held_out(configs, model, probes, progress, "router")
     val = result.configs("validation", routers=True)
     keys = [str(c) for c in router.candidates]

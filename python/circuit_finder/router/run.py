@@ -153,14 +153,20 @@ def logits(model, router: Router, ids: torch.Tensor, positions: torch.Tensor,
 
 
 def score_pairs(model, router: Router, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
-                max_length: int | None = None) -> tuple[list[tuple[float, bool]], list[int]]:
+                max_length: int | None = None,
+                route_on: Sequence[list[int]] | None = None) -> tuple[list[tuple[float, bool]], list[int]]:
     """likelihood.score_pairs with each (context, continuation) pair along the candidate its
-    context is routed to (pairs with the same context go the same way). Returns the results in
-    order and each pair's candidate index."""
-    contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in pairs))
-    seen = [list(c)[-max_length:] if max_length else list(c) for c in contexts]  # what the model will read
+    context is routed to (pairs with the same context go the same way). ``route_on``: per pair, the
+    ids to route on, when the pair's context is not the whole prompt (encode_pair moves a trailing
+    space or newline of the prompt into the continuation; the router learned on whole prompts).
+    Returns the results in order and each pair's candidate index."""
+    routed = [tuple(r) for r in route_on] if route_on is not None else [tuple(ctx) for ctx, _ in pairs]
+    if len(routed) != len(pairs):
+        raise ValueError(f"route_on holds {len(routed)} prompts for {len(pairs)} pairs")
+    contexts = list(dict.fromkeys(routed))
+    seen = [list(c)[-max_length:] if max_length else list(c) for c in contexts]  # (its last max_length tokens)
     chosen = dict(zip(contexts, router.choose(model, seen, batch_size)))
-    choices = [chosen[tuple(ctx)] for ctx, _ in pairs]
+    choices = [chosen[r] for r in routed]
     results: list = [None] * len(pairs)
     for c, rows in groups(choices).items():
         got = likelihood.score_pairs(model, [pairs[r] for r in rows], list(router.candidates[c]), batch_size,

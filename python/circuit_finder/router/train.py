@@ -126,6 +126,10 @@ def train_router(result, candidates: int | Sequence = 4, features: str = "mean",
     if not 1 <= layer <= n:
         raise ValueError(f"layer must be in 1..{n}, got {layer}")
     items, table = utility_table(search, keys, names)
+    empty = [p for p in names if not any(q == p for q, _ in items)]
+    if empty:
+        raise ValueError(f"probe(s) {', '.join(empty)}: no search item that the baseline and every candidate scored "
+                         f"(not swept?); train on probes the sweep ran: {', '.join(result.probe_names('search'))}")
     labels, regret = labels_and_weights(table)
     pw = probe_weights(items)
     keep = regret > 0
