@@ -145,6 +145,12 @@ def test_save_load_round_trip_and_bad_files(chat_model, likelihood_sweep, tmp_pa
     assert data["format"] == "circuit-finder-router" and data["classifier"]["kind"] == "logistic"
     back = cf.Router.load(path)
     assert back.to_dict() == r.to_dict() and back.key == r.key
+    before = path.read_bytes()
+    broken = cf.Router.load(path)
+    broken.training = {**broken.training, "C": float("nan")}
+    with pytest.raises(ValueError, match="Out of range float"):  # a save that fails keeps the old file whole
+        broken.save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
     x = r.features(chat_model, [chat_model.codec.encode_prompt(p, True) for p in PROMPTS])
     assert back.predict(x).tolist() == r.predict(x).tolist()
     assert chat_model.generate(PROMPTS, layers=f"router:{path}", max_new_tokens=4, chat=True) == \

@@ -386,10 +386,20 @@ class Service:
                 content = "".join(part.text or "" for part in content)
             messages.append({"role": m.role, "content": content or ""})
         try:
-            text = self.model.codec.chat_text(messages)
+            text = self.model.codec.chat_text(messages, thinking=self._router_thinking(req.layers))
         except Exception as e:
             raise BadRequest(f"messages: the chat template rejected them ({e})") from e
         return self.encode(text, add_special_tokens=False)
+
+    def _router_thinking(self, layers) -> bool | None:
+        """A routed request's chat prompt is written with the thinking switch its router's training
+        sweep used (as Model.generate writes it); None (the template's default) otherwise, or when
+        ``layers`` names no router (job() then says why)."""
+        try:
+            chosen = self.default_path if layers is None else self.route(layers) if routing.is_router(layers) else None
+        except (ValueError, TypeError, RouterError):
+            return None
+        return chosen.thinking if isinstance(chosen, Router) else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import fingerprint
+from ..files import atomic_file, fingerprint
 from ..generation import positions_from_mask
 from ..layer_path import LayerPath
 from . import reading
@@ -258,9 +257,9 @@ class Router:
     def save(self, path: str | Path) -> Path:
         """Writes the router as one JSON file (atomically: a killed save leaves the old file)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, path)
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"  # (a NaN fails before any write)
+        with atomic_file(path, "w", encoding="utf-8") as f:  # fsynced, a unique temporary name
+            f.write(text)
         self.source = str(path)
         return path
 
