@@ -437,7 +437,8 @@ def test_a_router_is_a_sweep_config(chat_model, tmp_path, task_dir):
 
 def test_a_router_on_its_training_items_is_in_sample(chat_model, likelihood_sweep, tmp_path):
     """train_router records the items it trained on; a router swept on them gets an in_sample row
-    (with a warning, and a line in the report), and validate() refuses held-out items it was
+    (with a warning, a line in the report, an in_sample column; top() and the report's best line
+    leave it out), and validate() refuses held-out items it was
     trained on (they would not be held out for it)."""
     trained = cf.train_router(likelihood_sweep, candidates=3, fallback=False, evaluate=False, seed=3)
     search = {p: {it.id for it in get_probe(p).items("search")} for p in ("math", "eq", "reasoning")}
@@ -453,6 +454,9 @@ def test_a_router_on_its_training_items_is_in_sample(chat_model, likelihood_swee
     assert res.configs("search")[r.key]["in_sample"] == 3 and "0..2,1..5" in res.configs("search")
     assert "in_sample" not in res.configs("search")["0..2,1..5"]
     assert f"{r.key}: a router scored on search items it was trained on" in res.report()
+    table = res.to_pandas().set_index("layers")  # flagged in the table, never a top config or the best line
+    assert table.loc[r.key, "in_sample"] == 3 and table.loc["0..2,1..5", "in_sample"] == 0
+    assert list(res.top(5)["layers"]) == ["0..2,1..5"] and f"Best by combined_delta: {r.key}" not in res.report()
     leaky = hand_router(m)
     leaky.training = {"item_ids": {"math": [it.id for it in math.items("validation")[:2]]}}
     before = len(read_records(out)[1])

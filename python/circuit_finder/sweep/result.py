@@ -145,7 +145,8 @@ class SweepResult:
         """One row per config (baseline included, flagged): layers, start, end, times, extra_layers, per
         probe <p>, <p>_delta, <p>_ci_low, <p>_ci_high, <p>_p, <p>_q (BH), <p>_holm (and <p>_margin,
         <p>_margin_delta ... in likelihood mode; <p>_parse, the parse rate, in generate mode),
-        combined (+ _delta/_ci_low/_ci_high/_p), seconds; plus <p>_val... columns for configs that
+        combined (+ _delta/_ci_low/_ci_high/_p), seconds, in_sample (a router row's search items it
+        was trained on: its scores there are optimistic); plus <p>_val... columns for configs that
         validate() re-scored on held-out items, and <task>_<metric>_bench... for configs evaluate()
         ran lm-eval tasks on."""
         import pandas as pd
@@ -159,7 +160,7 @@ class SweepResult:
         for key, r in recs.items():
             rows.append({"layers": key, "start": r.get("start"), "end": r.get("end"), "times": r.get("times"),
                          "extra_layers": r.get("extra_layers"), "baseline": key == base_key,
-                         "stage": r.get("stage", "sweep"), **stats[key],
+                         "stage": r.get("stage", "sweep"), "in_sample": int(r.get("in_sample") or 0), **stats[key],
                          **val.get(key, {}), **bench.get(key, {}), "seconds": r.get("seconds")})
         df = pd.DataFrame(rows)
         if df.empty:
@@ -169,15 +170,16 @@ class SweepResult:
         return df
 
     def top(self, k: int = 10, by: str = "combined_delta", n_boot: int = 2000, seed: int = 0):
-        """The k best configs by a column (baseline excluded), best first: largest first; by a p- or
-        q-value column (``_p``, ``_q``, ``_holm``), the configs better than the baseline first,
-        smallest p first (``views.best_first``)."""
+        """The k best configs by a column (the baseline and in-sample router rows, scored on items
+        their router trained on, excluded), best first: largest first; by a p- or q-value column
+        (``_p``, ``_q``, ``_holm``), the configs better than the baseline first, smallest p first
+        (``views.best_first``)."""
         df = self.to_pandas(n_boot=n_boot, seed=seed)
         if df.empty:
             return df
         if by not in df.columns:
             raise ValueError(f"no column {by!r}; columns: {', '.join(df.columns)}")
-        return best_first(df[~df["baseline"]], by).head(k).reset_index(drop=True)
+        return best_first(df[~df["baseline"] & (df["in_sample"] == 0)], by).head(k).reset_index(drop=True)
 
     def per_item(self, split: str = "search"):
         """One row per (config, probe, item) of a split ("search", "validation" or "benchmark"):
@@ -240,9 +242,10 @@ class SweepResult:
             lines.append(f"  Configs of a {' / '.join(searched)} search were chosen by looking at earlier configs' scores "
                          f"on these same items, among more candidates than were run: q adjusts for the {n} run only, "
                          f"so it understates the selection.")
-        if n == 0:
+        fair = others[others["in_sample"] == 0]
+        if fair.empty:
             return lines
-        best = best_first(others, by).iloc[0]
+        best = best_first(fair, by).iloc[0]
         stem = by[:-len("_delta")] if by.endswith("_delta") else None
         if stem and f"{stem}_q" in best:
             lines.append(f"  Best by {by}: {best['layers']}: {best[by]:+.2f} (95% CI {best[f'{stem}_ci_low']:+.2f} to "
