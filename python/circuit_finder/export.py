@@ -197,7 +197,7 @@ def _copy_gguf_metadata(writer, reader, arch: str, path: LayerPath, n: int) -> N
     for field in reader.fields.values():
         name = field.name
         if name.startswith("GGUF.") or name == "general.architecture" or name == _gemma_scale_key(arch):
-            continue  # (Gemma's query scale: written by _pin_sliding_layers)
+            continue  # (Gemma's query scale: written by _write_gguf, see _gemma_query_scale)
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
         value = field.contents()
@@ -723,8 +723,7 @@ def _with_layer_types(config: dict) -> dict:
     if len(set(windows)) < 2 and not any(linear):
         return config
     out = json.loads(json.dumps(config))
-    _decoder_config(out)["layer_types"] = ["linear_attention" if lin else "sliding_attention" if w else "full_attention"
-                                           for w, lin in zip(windows, linear)]
+    _decoder_config(out)["layer_types"] = [_layer_type(w, lin) for w, lin in zip(windows, linear)]
     return out
 
 
@@ -744,6 +743,11 @@ def _with_sparse_layers(config: dict, out: dict, path: LayerPath) -> dict:
     target["decoder_sparse_step"] = 1
     target["mlp_only_layers"] = [s for s, layer in enumerate(path) if not sparse[layer]]
     return out
+
+
+def _layer_type(window: int, linear: bool) -> str:
+    """transformers' layer_types entry for a layer of this sliding window (0: none) and kind."""
+    return "linear_attention" if linear else "sliding_attention" if window else "full_attention"
 
 
 def _slot_kinds(config: dict) -> list[tuple]:
@@ -772,8 +776,7 @@ def _kinds_kept(config: dict, out: dict, path: LayerPath) -> dict:
         return out
     fixed = json.loads(json.dumps(out))
     decoder = _decoder_config(fixed)
-    decoder["layer_types"] = ["linear_attention" if lin else "sliding_attention" if window else "full_attention"
-                              for window, lin, _ in want]
+    decoder["layer_types"] = [_layer_type(window, lin) for window, lin, _ in want]
     if "max_window_layers" in decoder and not any(window for window, _, _ in want):
         decoder["max_window_layers"] = len(path)
     if _slot_kinds(fixed) != want:

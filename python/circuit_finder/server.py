@@ -325,8 +325,7 @@ class Service:
     # ------------------------------------------------------------------ requests -> jobs
     def job(self, req, ids: list[int], stream=None, logprobs: int | None = None, echo: bool = False) -> Job:
         try:
-            path = self.default_path if req.layers is None else (
-                self.route(req.layers) if routing.is_router(req.layers) else self.model.path(req.layers))
+            path = self.target(req.layers)
         except (LayerPathError, ValueError, TypeError) as e:
             raise BadRequest(f"layers: {e}") from e
         slots = max(map(len, path.candidates)) if isinstance(path, Router) else len(path)
@@ -344,6 +343,12 @@ class Service:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         sampling = Sampling(max(max_tokens, 1), 0, float(req.temperature), float(req.top_p), req.seed, tuple(stops))
         return Job(ids, path, sampling, stream=stream, logprobs=logprobs, echo=echo, score_only=max_tokens == 0)
+
+    def target(self, layers) -> LayerPath | Router:
+        """A request's ``layers`` (None: the server's default) -> the path or router it runs."""
+        if layers is None:
+            return self.default_path
+        return self.route(layers) if routing.is_router(layers) else self.model.path(layers)
 
     def route(self, layers) -> Router:
         """A Router, or "router:NAME" -> a registered router (requests never name files)."""
@@ -395,8 +400,10 @@ class Service:
         """A routed request's chat prompt is written with the thinking switch its router's training
         sweep used (as Model.generate writes it); None (the template's default) otherwise, or when
         ``layers`` names no router (job() then says why)."""
+        if layers is not None and not routing.is_router(layers):
+            return None
         try:
-            chosen = self.default_path if layers is None else self.route(layers) if routing.is_router(layers) else None
+            chosen = self.target(layers)
         except (ValueError, TypeError, RouterError):
             return None
         return chosen.thinking if isinstance(chosen, Router) else None

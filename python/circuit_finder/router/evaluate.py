@@ -57,7 +57,7 @@ def evaluate_router(router: Router, result, model=None, probes=None, progress: b
     keys = [str(c) for c in router.candidates]
     routed = _constant_record(val[keys[router.classes[0]]], keys[router.classes[0]]) if constant else val[router.key]
     names = [p for p in routed["scores"] if all(p in val[k]["scores"] for k in keys)]
-    base_key = str(LayerPath.identity(router.num_layers))
+    base_key = base.key
     best_key = best_fixed(router, result)
     per_probe = best_per_probe(router, result, names)
     scores = {"baseline": _scores(val[base_key], names), "best_fixed": _scores(val[best_key], names),
