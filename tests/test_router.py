@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -456,6 +457,7 @@ def test_a_router_on_its_training_items_is_in_sample(chat_model, likelihood_swee
     assert f"{r.key}: a router scored on search items it was trained on" in res.report()
     table = res.to_pandas().set_index("layers")  # flagged in the table, never a top config or the best line
     assert table.loc[r.key, "in_sample"] == 3 and table.loc["0..2,1..5", "in_sample"] == 0
+    assert pd.isna(table.loc[r.key, "math_q"]) and not pd.isna(table.loc[r.key, "math_p"])  # not a test
     assert list(res.top(5)["layers"]) == ["0..2,1..5"] and f"Best by combined_delta: {r.key}" not in res.report()
     leaky = hand_router(m)
     leaky.training = {"item_ids": {"math": [it.id for it in math.items("validation")[:2]]}}

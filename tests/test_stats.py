@@ -75,6 +75,21 @@ def test_probes_are_resampled_independently_and_adjusted():
     assert "a_q" not in rows["base"] and rows["base"]["a_p"] == 1.0
 
 
+def test_untested_rows_are_not_in_the_family():
+    """An untested row (a router on items it trained on) keeps its unadjusted p but gets no q / Holm,
+    and the other configs adjust by hand over the rest: with it in, BH would count three tests."""
+    ids = [str(i) for i in range(8)]
+    zero = {i: 0.0 for i in ids}
+    half = {i: (100.0 if int(i) % 2 else 0.0) for i in ids}
+    recs = {"base": _record({"a": zero}), "x": _record({"a": half}), "y": _record({"a": zero}),
+            "router": _record({"a": dict.fromkeys(ids, 100.0)})}
+    rows = paired_stats(recs, "base", ["a"], n_boot=100, seed=0, untested=["router"])
+    assert rows["router"]["a_p"] == 2 / 256 and "a_q" not in rows["router"] and "a_holm" not in rows["router"]
+    # BH over [0.125, 1.0] (m = 2): 0.25, 1.0; with the router as a third test x's q would be 0.1875
+    assert rows["x"]["a_q"] == 0.25 and rows["x"]["a_holm"] == 0.25 and rows["y"]["a_q"] == 1.0
+    assert paired_stats(recs, "base", ["a"], n_boot=100, seed=0)["x"]["a_q"] == 0.1875
+
+
 def test_nan_differences_give_no_p_and_one_item_no_interval():
     """A NaN difference must not read as p = 0 (|null| >= NaN is never true); a probe of one item
     has a difference but no interval (its bootstrap cannot spread)."""

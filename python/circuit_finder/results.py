@@ -46,7 +46,7 @@ import os
 import time
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -363,14 +363,18 @@ def _probe_stats(row: dict, name: str, d: np.ndarray, boot_idx: np.ndarray, rng,
 
 
 def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str], n_boot: int, seed: int,
-                 suffix: str = "", combined: Sequence[str] | None = None) -> dict[str, dict]:
+                 suffix: str = "", combined: Sequence[str] | None = None,
+                 untested: Collection[str] = ()) -> dict[str, dict]:
     """Per config (layers -> record): per probe mean, and vs the baseline record on the same items the
     delta, its 95% paired bootstrap CI, sign-flip p, and the p adjusted across the configs (BH ``_q``,
     Holm ``_holm``); the same for likelihood margins (``_margin_delta``...) and for ``combined``
     (the mean over the ``combined`` probes, default all, each resampled independently; only for
-    configs scored on all of them). See the module docstring."""
+    configs scored on all of them). The ``untested`` configs (a router scored on items it was trained
+    on) get their unadjusted p but are not tests of the family: no _q / _holm, and the others' adjust
+    over the rest. See the module docstring."""
     base = recs.get(baseline_key)
-    family = max(1, len(recs) - (1 if base is not None else 0))
+    skip = {baseline_key, *untested}
+    family = max(1, sum(k not in skip for k in recs))
     res = _Resampler(n_boot, seed)
     joint = set(probes if combined is None else combined)
     rows: dict[str, dict] = {}
@@ -414,14 +418,14 @@ def paired_stats(recs: dict[str, dict], baseline_key: str, probes: Sequence[str]
                 np.mean(boots, axis=0), max(len(d) for d in diffs))
             row[f"combined{suffix}_p"] = sign_flip_p(diffs, res.perm_rng(len(probes), key), family)
         rows[key] = row
-    _adjust(rows, baseline_key)
+    _adjust(rows, skip)
     return rows
 
 
-def _adjust(rows: dict[str, dict], baseline_key: str) -> None:
+def _adjust(rows: dict[str, dict], skip: set[str]) -> None:
     """Adds <col>_q (Benjamini-Hochberg) and <col>_holm beside every <col>_p, across the configs
-    (the baseline, compared with itself, is not one of the tests)."""
-    keys = [k for k in rows if k != baseline_key]
+    not in ``skip`` (the baseline, compared with itself, and untested rows are not tests)."""
+    keys = [k for k in rows if k not in skip]
     p_cols = sorted({c for k in keys for c in rows[k] if c.endswith("_p") and c[:-2] + "_delta" in rows[k]})
     for col in p_cols:
         p = np.array([rows[k].get(col, np.nan) for k in keys], dtype=np.float64)

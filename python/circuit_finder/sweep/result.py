@@ -138,7 +138,9 @@ class SweepResult:
             if self.probes and split != BENCHMARK_SPLIT:  # a resumed file's other probes are shown, not combined
                 mine = {getattr(p, "name", p) for p in self.probes}
                 combined = [p for p in names if p in mine]
-            self._stats_cache[key] = paired_stats(recs, self._baseline_key(), names, n_boot, seed, suffix, combined)
+            untested = [k for k, r in recs.items() if r.get("in_sample")]  # trained on these items: not a test
+            self._stats_cache[key] = paired_stats(recs, self._baseline_key(), names, n_boot, seed, suffix, combined,
+                                                  untested)
         return self._stats_cache[key]
 
     def to_pandas(self, n_boot: int = 2000, seed: int = 0):
@@ -227,6 +229,7 @@ class SweepResult:
 
     def _report_search(self, df, by: str) -> list[str]:
         others = df[~df["baseline"]]
+        fair = others[others["in_sample"] == 0]  # the tests q and Holm adjust over
         n = len(others)
         lines = [f"Search: {n} configs and the baseline, mode={self.mode}, on search items ({self.item_counts('search')})."]
         refined = int((others["stage"] == "refine").sum())
@@ -240,11 +243,11 @@ class SweepResult:
         searched = sorted(set(others["stage"]) - {"sweep", "refine"})
         if searched:
             lines.append(f"  Configs of a {' / '.join(searched)} search were chosen by looking at earlier configs' scores "
-                         f"on these same items, among more candidates than were run: q adjusts for the {n} run only, "
-                         f"so it understates the selection.")
-        fair = others[others["in_sample"] == 0]
+                         f"on these same items, among more candidates than were run: q adjusts for the {len(fair)} "
+                         f"run only, so it understates the selection.")
         if fair.empty:
             return lines
+        n = len(fair)
         best = best_first(fair, by).iloc[0]
         stem = by[:-len("_delta")] if by.endswith("_delta") else None
         if stem and f"{stem}_q" in best:
@@ -252,8 +255,8 @@ class SweepResult:
                          f"{best[f'{stem}_ci_high']:+.2f}, unadjusted: it does not account for picking the best of "
                          f"{n}), p={best[f'{stem}_p']:.3g}, q={best[f'{stem}_q']:.3g} (Benjamini-Hochberg over {n} "
                          f"configs).")
-            up, down = others[by] > 0, others[by] < 0
-            sig, fw = others[f"{stem}_q"] < 0.05, others[f"{stem}_holm"] < 0.05
+            up, down = fair[by] > 0, fair[by] < 0
+            sig, fw = fair[f"{stem}_q"] < 0.05, fair[f"{stem}_holm"] < 0.05
             lines.append(f"  q < 0.05 (false discovery rate 5%): {int((sig & up).sum())} of {n} configs better than "
                          f"the baseline, {int((sig & down).sum())} worse; Holm (family-wise 5%): "
                          f"{int((fw & up).sum())} better, {int((fw & down).sum())} worse.")
