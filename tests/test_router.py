@@ -487,6 +487,26 @@ def test_router_features_read_the_prompt_as_deployed(chat_model):
         assert batch.context_ids == [chat_model.codec.encode_prompt(it.prompt, True) for it in items], mode
 
 
+def test_prompts_written_otherwise_than_in_training_are_warned(chat_model, tmp_path):
+    """A router trained on chat prompts, used on plain ones (or the other way round), reads other
+    tokens: Model.generate and a sweep warn once per setting; the training's own setting is quiet."""
+    import warnings
+
+    r = hand_router(chat_model)
+    r.training = {"chat": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chat_model.generate(PROMPTS[:1], layers=r, max_new_tokens=1, chat=True)
+    with pytest.warns(UserWarning, match="trained on prompts written with the chat template; these are written "
+                                         "as plain text"):
+        chat_model.generate(PROMPTS[:1], layers=r, max_new_tokens=1)
+    plain = hand_router(chat_model, chat=False)
+    plain.training = {"chat": False}
+    with pytest.warns(UserWarning, match="trained on prompts written as plain text.*these are written with the chat"):
+        cf.sweep(chat_model, probes=["math"], paths=[plain], mode="likelihood", max_items=2, chat=True,
+                 results=tmp_path / "r.jsonl", progress=False)
+
+
 def test_select_rows_checks_its_input(chat_model):
     cache = chat_model.engine.new_cache([0, 1], 3, 8)
     sub = cache.select_rows(torch.tensor([2, 0]), 1)

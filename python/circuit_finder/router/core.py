@@ -8,8 +8,10 @@ JSON file that loads without scikit-learn and without pickle. Training is ``rout
 running prompts along their chosen paths ``router.run``, the held-out reading ``router.evaluate``.
 
 Limits: features are read from token ids, so a prompt is routed by exactly the ids the model
-runs (a chat template applied or not makes a different prompt); the classifier kinds are
-logistic regression, nearest centroid and a constant choice.
+runs (a chat template applied or not makes a different prompt: ``check_prompts`` warns where
+Model.generate or a sweep writes prompts otherwise than the router's training did; the server and
+the lm-eval adapter take prompts as given and cannot tell); the classifier kinds are logistic
+regression, nearest centroid and a constant choice.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class Router:
     source: str | None = None  # the file it was loaded from
 
     def __post_init__(self):
-        self._checked: set[str] = set()  # model sources check() has compared fingerprints with
+        self._checked: set = set()  # model sources check() compared fingerprints with; prompt settings warned of
         self.candidates = [c if isinstance(c, LayerPath) else LayerPath.parse(str(c)) for c in self.candidates]
         self.classes = [int(c) for c in self.classes]
         self.mean, self.scale = np.asarray(self.mean, np.float64), np.asarray(self.scale, np.float64)
@@ -150,6 +152,19 @@ class Router:
                 warnings.warn(f"router {self.name!r} was trained (before 2026-11-26) on likelihood contexts cut "
                               f"before their trailing whitespace; it now reads whole prompts, so its choices may "
                               f"differ from its training's: train it again", stacklevel=3)
+
+    def check_prompts(self, chat: bool) -> None:
+        """Warns (once per setting) when prompts are written with the chat template and this router's
+        training sweep wrote them without it, or the other way round: its features then read other
+        tokens than it was trained on (a router saved without that record is not checked)."""
+        trained = (self.training or {}).get("chat")
+        if trained is None or bool(trained) == bool(chat) or ("chat", bool(chat)) in self._checked:
+            return
+        self._checked.add(("chat", bool(chat)))
+        said = lambda c: "with the chat template" if c else "as plain text, without the chat template"  # noqa: E731
+        warnings.warn(f"router {self.name!r} was trained on prompts written {said(trained)}; these are written "
+                      f"{said(chat)}, so its features read other tokens and its choices may not hold",
+                      stacklevel=3)
 
     # ------------------------------------------------------------------ features and choices
     def prefix(self, model, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache=None):
