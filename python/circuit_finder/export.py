@@ -25,6 +25,8 @@ whatever layout they were loaded from (transformers v5's stacked tensors, GGUF's
 lists the path's dense slots in ``mlp_only_layers``. GPT-OSS's published layout is stacked
 (``mlp.experts.gate_up_proj`` [E, H, 2I], gate and up columns alternating): written so; an MXFP4
 folder keeps its packed bytes and quantization_config, a loaded (dequantized) model drops the latter.
+A GGUF's packed matrices (GPT-OSS's regrouped experts too) are dequantized one at a time, as their
+shard is written: memory holds one shard of floats, not the model's.
 So do fine-grained FP8, compressed-tensors, GPTQ, AWQ and bitsandbytes folders: their stored parts are written as
 they are (scales not cast by ``dtype``), with the quantization_config's exact module names
 renumbered along the path.
@@ -501,11 +503,31 @@ def _cast_when_written(name: str, t, tensors, target: torch.dtype | None) -> boo
     return target is not None and t.is_floating_point() and not _quantized_part(name, t, tensors)
 
 
-def _floats(t, dtype: torch.dtype):
-    """t itself, or a packed matrix dequantized to `dtype`."""
+class _Deferred:
+    """A float tensor made when its shard is written (GPT-OSS experts regrouped from packed GGUF
+    matrices), so an export holds one such tensor at a time, not every layer's. Written like a packed
+    matrix: as `dtype` floats (``_floats``), its size planned from ``shape``."""
+
+    def __init__(self, shape, make):
+        self.shape, self._make = torch.Size(shape), make
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._make(dtype)
+
+
+def _made_when_written(t) -> bool:
+    """Whether t is a packed matrix or a _Deferred: floats of the packed dtype only when written."""
     from .quants import PackedTensor
 
-    return t.dequantize(dtype) if isinstance(t, PackedTensor) else t
+    return isinstance(t, (PackedTensor, _Deferred))
+
+
+def _floats(t, dtype: torch.dtype):
+    """t itself, or a packed matrix (or _Deferred) made into `dtype` floats."""
+    return t.dequantize(dtype) if _made_when_written(t) else t
 
 
 _STACKED_EXPERTS = re.compile(r"^(.*\.layers\.\d+\.)mlp\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)$")
@@ -554,19 +576,27 @@ def gpt_oss_hub_experts(tensors: dict, dtype: torch.dtype = torch.float32) -> di
     """GPT-OSS experts in transformers' layout: GGUF's separate gate_proj / up_proj [E, I, H] (and
     their _bias [E, I]) become gate_up_proj [E, H, 2I] with gate and up columns alternating (and
     gate_up_proj_bias [E, 2I]); down_proj [E, H, I] becomes [E, I, H]. Tensors already in that
-    layout (safetensors, MXFP4 blocks) are unchanged. Packed experts are dequantized to `dtype`."""
+    layout (safetensors, MXFP4 blocks) are unchanged. The regrouped matrices are _Deferred: made
+    (packed experts dequantized to the dtype asked for then) when their shard is written."""
     out = dict(tensors)
     for name in tensors:
         m = _GPT_OSS_GGUF_EXPERTS.match(name)
         if m is None:
             continue
         x = m.group(1)
-        gate, up = _floats(out.pop(x + "gate_proj"), dtype), _floats(out.pop(x + "up_proj"), dtype)
-        out[x + "gate_up_proj"] = torch.stack((gate, up), dim=2).flatten(1, 2).transpose(1, 2)
+        gate, up, down = out.pop(x + "gate_proj"), out.pop(x + "up_proj"), out[x + "down_proj"]
+        e, i, h = gate.shape
+        out[x + "gate_up_proj"] = _later((e, h, 2 * i), lambda d, g=gate, u=up: torch.stack(
+            (_floats(g, d), _floats(u, d)), dim=2).flatten(1, 2).transpose(1, 2), gate, up)
         out[x + "gate_up_proj_bias"] = torch.stack((out.pop(x + "gate_proj_bias"), out.pop(x + "up_proj_bias")),
                                                    dim=2).flatten(1, 2)
-        out[x + "down_proj"] = _floats(out[x + "down_proj"], dtype).transpose(1, 2)
+        out[x + "down_proj"] = _later((e, i, h), lambda d, w=down: _floats(w, d).transpose(1, 2), down)
     return out
+
+
+def _later(shape, make, *sources):
+    """make(dtype) as a _Deferred where a source is packed (made when written); floats made now, as stored."""
+    return _Deferred(shape, make) if any(map(_made_when_written, sources)) else make(None)
 
 
 def qwen3_next_hub_projections(tensors: dict, config: dict, dtype: torch.dtype = torch.float32) -> dict:
@@ -652,10 +682,8 @@ def _slot_names(tensors, path: LayerPath, n: int) -> list[tuple[str, str]]:
 def _written_itemsize(name: str, tensors, target: torch.dtype | None, packed_dtype: torch.dtype) -> int:
     """Bytes per element of tensors[name] as written: packed matrices become floats of packed_dtype,
     other floats `target` unless they are a quantized checkpoint's parts."""
-    from .quants import PackedTensor
-
     t = tensors[name]
-    if isinstance(t, PackedTensor):
+    if _made_when_written(t):
         return (target or packed_dtype).itemsize
     return target.itemsize if _cast_when_written(name, t, tensors, target) else t.element_size()
 
