@@ -329,6 +329,10 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers(gpt_oss, tmp_path):
     bf16 = cf.load(out, dtype="bfloat16").logits(ids).float()
     relative("gpt_oss mxfp4 bf16", bf16, expected)
     assert ((bf16 - expected).abs().mean() / expected.abs().mean()).item() < 0.05
+    q8 = cf.load(out, quantize="q8_0")  # MXFP4 experts dequantized, regrouped and packed, one at a time
+    relative("gpt_oss mxfp4 quantized to q8_0 on load", q8.logits(ids), expected)
+    assert ((q8.logits(ids) - expected).abs().mean() / expected.abs().mean()).item() < 0.05
+    assert q8.engine.layer_tensors(0)["experts.0.down_proj"].dtype == torch.uint8
     with pytest.raises(ValueError, match="_scales"):
         cf.load_from_tensors(config, {k: v for k, v in packed.items() if not k.endswith("down_proj_scales")})
     name = "model.layers.0.mlp.experts.down_proj"
@@ -359,6 +363,26 @@ def test_gpt_oss_mxfp4_gguf_experts_equal_the_package_dequantization(tmp_path):
     f32 = cf.load(tmp_path / "f32.gguf").logits(ids)
     relative("gpt_oss mxfp4 gguf vs f32", model.logits(ids), f32)
     assert 0 < ((model.logits(ids) - f32).abs().mean() / f32.abs().mean()).item() < 0.3
+
+
+def test_gpt_oss_experts_quantize_on_load(tmp_path):
+    """quantize= packs GPT-OSS's experts too (made in GGUF's layout, one at a time): the logits equal
+    those of a GGUF whose experts the gguf package quantized to Q8_0 (its own quantizer), the
+    experts are held packed, and the quantization shows against the float model."""
+    from helpers import write_gguf
+
+    hf = build_hf_model("gpt_oss", tmp_path / "hf", **GGUF_SIZES["gpt_oss"])
+    write_gguf(hf, tmp_path / "experts-q8.gguf", "F32", expert_qtype="Q8_0")
+    ids = tokens(2, 16, seed=9)
+    ours = cf.load(tmp_path / "hf", quantize={"*.mlp.experts.*": "q8_0"})
+    held = ours.engine.layer_tensors(0)
+    assert {held[k].dtype for k in held if k.startswith("experts.") and k.endswith("_proj")} == {torch.uint8}
+    for name in ("identity", "rys"):
+        want = cf.load(tmp_path / "experts-q8.gguf").logits(ids, layers=PATHS[name])
+        assert relative(f"gpt_oss experts q8_0 on load vs the package's q8_0 gguf ({name})",
+                        ours.logits(ids, layers=PATHS[name]), want) < 1e-4
+    assert (ours.logits(ids) - cf.load(tmp_path / "hf").logits(ids)).abs().max() > 1e-3
+    assert sum(ours.weight_bytes().values()) < 0.6 * sum(cf.load(tmp_path / "hf").weight_bytes().values())
 
 
 def test_gpt_oss_gguf_export_keeps_each_slots_window(tmp_path):

@@ -712,6 +712,17 @@ def test_quantize_choice_per_tensor(tmp_path):
     with pytest.warns(UserWarning, match=r"the rule 'lm_head.weight' matches no tensor of this model \(this model's "
                                          r"head is its embedding"):
         cf.load(tied, quantize={"lm_head.weight": "q8_0", "*": "q4_0"})
+    narrow = tmp_path / "narrow"  # rows of 80: no 32-value blocks fit, whatever the type: said, not hidden
+    build_hf_model("llama", narrow, hidden_size=80, intermediate_size=160, rope_scaling=None)
+    for spec in ("q8_0", "q4_k"):
+        with pytest.warns(UserWarning, match=r"quantize: \d+ matrices .* stay float: their rows are not whole "
+                                             r"32-value blocks") as got:
+            held = cf.load(narrow, quantize=spec).tensors
+        fell = [str(w.message) for w in got if "256-value" in str(w.message)]  # claimed only where it fits
+        assert fell == ([] if spec == "q8_0" else [m for m in fell if "(e.g. model.layers.0.mlp.down_proj" in m])
+        assert len(fell) == (spec == "q4_k")
+        assert isinstance(held["model.layers.0.mlp.up_proj.weight"], torch.Tensor)
+        assert isinstance(held["model.layers.0.mlp.down_proj.weight"], PackedTensor)  # rows of 160 fit Q8_0 / Q5_0
     write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
     with pytest.raises(ValueError, match="a GGUF file keeps its own quantization"):
         cf.load(tmp_path / "m.gguf", quantize="q8_0")
@@ -736,6 +747,9 @@ def test_quantizers_match_the_gguf_package_byte_for_byte(kind):
     if kind != "BF16":  # f16 scales (or values): +-65504 at most
         with pytest.raises(ValueError, match=r"experts: holds values up to 1e\+05, beyond f16's 65504 \(in rows 0..1\)"):
             quantize_matrix(torch.tensor([[0.0] * 31 + [-1e5], [1.0] * 32]), kind, "experts")
+    if kind == "F16":  # a NaN beside it does not hide an out-of-range value
+        with pytest.raises(ValueError, match=r"experts: holds values up to 1e\+05, beyond f16's 65504"):
+            quantize_matrix(torch.tensor([[float("nan"), 1e5, 1.0, 2.0]]), kind, "experts")
     if kind not in ("BF16", "F16"):
         with pytest.raises(ValueError, match=r"experts: holds non-finite values \(in rows 0..1\)"):
             quantize_matrix(torch.tensor([[0.0] * 31 + [float("inf")], [1.0] * 32]), kind, "experts")

@@ -139,7 +139,7 @@ def compressed_matrices(tensors: dict, groups: list[CompressedGroup],
     targets may know it by."""
     stored, parts = {}, set()
     unapplied = [name for name in tensors if name.endswith((*_CACHE_SCALES, ".input_scale", ".output_scale"))]
-    warn_unapplied_scales("compressed-tensors", unapplied, stacklevel=5)
+    warn_unapplied_scales("compressed-tensors", unapplied, stacklevel=6)
     parts.update(unapplied)
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES \

@@ -79,7 +79,7 @@ def gptq_config(config: dict) -> dict | None:
             if fmt == "gptq" and qc.get("sym") is False and "gptqmodel" not in str((qc.get("meta") or {}).get("quantizer")):
                 warnings.warn("asymmetric GPTQ in the v1 format, not written by GPTQModel: AutoGPTQ wrote a zero "
                               "point of 0 over the rest of its int32 word, so such layers read wrong (GPTQModel "
-                              "refuses these files); prefer a symmetric or gptq_v2 checkpoint", stacklevel=4)
+                              "refuses these files); prefer a symmetric or gptq_v2 checkpoint", stacklevel=5)
             return qc
         if qc.get("quant_method") == "awq":
             version = str(qc.get("version", "gemm")).lower()

@@ -58,6 +58,7 @@ from .quants import (
     dequantize_mxfp4,
     fp8_block_size,
     fp8_pairs,
+    gpt_oss_experts_as_gguf,
     llama_cpp_70b,
     mxfp4_pairs,
     mxfp4_shape,
@@ -327,9 +328,8 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     if checkpoint_dtype is None or not checkpoint_dtype.is_floating_point:
         checkpoint_dtype = torch.float32
     target = resolve_dtype(dtype, checkpoint_dtype)
-    mxfp4 = mxfp4_pairs(tensors)  # GPT-OSS's MXFP4 experts: sized and placed as the tensors they become
-    stored, parts = _dequantized_on_load(tensors, config.raw)  # FP8 / compressed / GPTQ / AWQ / bnb
-    tensors = {n: t for n, t in tensors.items() if n not in parts}
+    mxfp4, stored, parts, biases = _made_on_load(tensors, config, quantize)
+    tensors = {n: t for n, t in tensors.items() if n not in parts} | biases
     tensors.update({n: torch.empty(shape, dtype=target, device="meta") for n, (shape, _) in stored.items()})
     ggml = {n: t for n, t in tensors.items() if isinstance(t, PackedTensor)}
     wanted = _to_quantize(tensors, quantize, config)
@@ -343,7 +343,7 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     for name, kind in wanted.items():  # one matrix at a time, on its device: never a second float copy of the model
         where = placed.device_of(name)
         if packs_on(where):
-            matrix = stored[name][1](target, where) if name in stored else tensors[name]
+            matrix = stored[name][1](torch.float32, where) if name in stored else tensors[name]  # (rounded once)
             ggml[name] = quantize_matrix(matrix, kind, name, device=where)
     tensors.update({n: make(target, placed.device_of(n)) for n, (_, make) in stored.items() if n not in ggml})
     left_float = [n for n in wanted if n not in ggml]
@@ -411,6 +411,18 @@ def quantizer_module_names(module: str) -> tuple[str, ...]:
     return (module, f"language_model.{module}") if module.startswith("lm_head") else (module,)
 
 
+def _made_on_load(tensors: dict, config: ModelConfig, quantize) -> tuple[dict, dict, set[str], dict]:
+    """(GPT-OSS's MXFP4 experts left to dequantize as transformers holds them, the matrices made on
+    load as _dequantized_on_load gives them, the stored names those replace, tensors added). With
+    ``quantize``, GPT-OSS's experts (MXFP4 or float) are made in GGUF's layout, which packs."""
+    mxfp4 = mxfp4_pairs(tensors)  # sized and placed as the tensors they become
+    stored, parts = _dequantized_on_load(tensors, config.raw)  # FP8 / compressed / GPTQ / AWQ / bnb
+    if quantize is None or config.architecture != "GptOssForCausalLM":
+        return mxfp4, stored, parts, {}
+    experts, replaced, biases = gpt_oss_experts_as_gguf(tensors, mxfp4)
+    return {n: v for n, v in mxfp4.items() if n not in replaced}, stored | experts, parts | replaced, biases
+
+
 def _dequantized_on_load(tensors: dict, config: dict) -> tuple[dict, set[str]]:
     """The matrices a fine-grained FP8, compressed-tensors, GPTQ, AWQ or bitsandbytes checkpoint stores quantized:
     ({weight name: (its float shape, a function (dtype, device) -> the dequantized matrix)}, the names of
@@ -427,7 +439,7 @@ def _dequantized_on_load(tensors: dict, config: dict) -> tuple[dict, set[str]]:
     block = fp8_block_size(config)
     fp8 = fp8_pairs(tensors, block)
     activation = [s for s in (n.rsplit(".", 1)[0] + ".activation_scale" for n in fp8) if s in tensors]
-    warn_unapplied_scales("FP8", activation, stacklevel=4)
+    warn_unapplied_scales("FP8", activation, stacklevel=5)
     parts = set(fp8) | {f"{n}_scale_inv" for n in fp8} | set(activation)
     return {n: (tuple(w.shape), partial(dequantize_fp8, w, s, block)) for n, (w, s) in fp8.items()}, parts
 
@@ -492,24 +504,26 @@ def q8_products() -> str:
 
 
 def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]:
-    """{name: type} of the float matrices ``quantize`` packs (see quants.quantize_choice); GPT-OSS's
-    experts, held transposed, stay float."""
+    """{name: type} of the float matrices ``quantize`` packs (see quants.quantize_choice)."""
     if quantize is None:
         return {}
-    gpt_oss = config.architecture == "GptOssForCausalLM"
     experts = config.num_experts or 0
     model = MixModel(config.num_layers, experts,  # the head the engine reads (weights.cpp: bind_weights)
                      tied="lm_head.weight" not in tensors,
                      seventy_b=llama_cpp_70b(config.architecture, config.num_layers, config.num_heads,
                                              config.num_kv_heads, experts))
     fallen: list[str] = []
-    chosen = {n: quantize_choice(quantize, n, t.shape, fallen, model) for n, t in tensors.items()
-              if not isinstance(t, PackedTensor) and t.is_floating_point() and not (gpt_oss and ".mlp.experts." in n)}
+    unfit: list[str] = []
+    chosen = {n: quantize_choice(quantize, n, t.shape, fallen, model, unfit) for n, t in tensors.items()
+              if not isinstance(t, PackedTensor) and t.is_floating_point()}
     _warn_idle_rules(quantize, list(tensors), model.tied)
     if fallen:
         instead = ", ".join(f"{to} for {k}" for k, to in K_FALLBACK.items())
         warnings.warn(f"quantize: {len(fallen)} matrices (e.g. {fallen[0]}) have rows that are not whole 256-value "
                       f"blocks: they get {instead}, as llama.cpp does", stacklevel=3)
+    if unfit:
+        warnings.warn(f"quantize: {len(unfit)} matrices (e.g. {unfit[0]}) stay float: their rows are not whole "
+                      f"32-value blocks", stacklevel=3)
     return {n: k for n, k in chosen.items() if k is not None}
 
 

@@ -53,7 +53,7 @@ from .quantizers import BLOCK, K_TYPES, QUANTIZE_TYPES, quantize_rows
 
 __all__ = ["FP4_E2M1", "GGML_MXFP4_BYTES", "K_FALLBACK", "MIXES", "MXFP4_BLOCK", "PACKED_TYPES", "QUANTIZE_TYPES",
            "FP8_DTYPES", "MixModel", "PackedTensor", "dequantize_fp8", "expand_blocks", "dequantize_ggml_mxfp4", "dequantize_mxfp4",
-           "fp8_block_size", "fp8_pairs", "is_matrix_name", "llama_cpp_70b", "mix_type", "mxfp4_pairs", "mxfp4_shape",
+           "fp8_block_size", "fp8_pairs", "gpt_oss_experts_as_gguf", "is_matrix_name", "llama_cpp_70b", "mix_type", "mxfp4_pairs", "mxfp4_shape",
            "packs_on", "quantize_choice", "quantize_matrix", "unpack_words", "warn_unapplied_scales"]
 
 # ggml type name -> id of the types the engine reads packed (gguf.GGMLQuantizationType's ids).
@@ -195,6 +195,40 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         exponent = scales[i].to(device).int() - 127
         out[i] = torch.ldexp(values, exponent.unsqueeze(-1)).reshape(rows, groups * MXFP4_BLOCK).to(dtype)
     return out.transpose(1, 2)
+
+
+def gpt_oss_experts_as_gguf(tensors: dict, mxfp4: dict) -> tuple[dict, set[str], dict]:
+    """GPT-OSS experts in GGUF's layout, which the engine reads packed, for ``quantize=``: each
+    layer's transformers gate_up_proj [E, H, 2I] (gate and up columns alternating) and down_proj
+    [E, I, H], float in ``tensors`` or MXFP4 in ``mxfp4`` (``mxfp4_pairs``), become gate_proj /
+    up_proj [E, I, H] and down_proj [E, H, I]. Returns ({name: (shape, make(dtype, device))}, the
+    names of the tensors they replace, {bias name: split bias}): each matrix made when asked for,
+    one at a time, as the loader's dequantized-on-load matrices are."""
+    made, parts, biases = {}, set(), {}
+    for name in sorted(n for n in {*tensors, *mxfp4} if n.endswith(".mlp.experts.gate_up_proj")):
+        x = name[:-len("gate_up_proj")]
+        (e, h, two_i), gate_up = _expert_source(tensors, mxfp4, x + "gate_up_proj", parts)
+        _, down = _expert_source(tensors, mxfp4, x + "down_proj", parts)
+        for part, first in (("gate", 0), ("up", 1)):
+            made[f"{x}{part}_proj"] = ((e, two_i // 2, h), lambda d, dev, f=first, g=gate_up:
+                                       g(d, dev)[..., f::2].transpose(1, 2).contiguous())
+        made[x + "down_proj"] = ((e, h, two_i // 2), lambda d, dev, w=down: w(d, dev).transpose(1, 2).contiguous())
+        bias = tensors[x + "gate_up_proj_bias"]
+        biases[x + "gate_proj_bias"], biases[x + "up_proj_bias"] = bias[:, 0::2].contiguous(), bias[:, 1::2].contiguous()
+        parts.add(x + "gate_up_proj_bias")
+    return made, parts, biases
+
+
+def _expert_source(tensors: dict, mxfp4: dict, name: str, parts: set):
+    """(transformers' shape, make(dtype, device)) of one GPT-OSS expert tensor, float or MXFP4;
+    the names it is stored under are added to ``parts``."""
+    if name in mxfp4:
+        blocks, scales = mxfp4[name]
+        parts.update((name, name + "_blocks", name + "_scales"))
+        return tuple(mxfp4_shape(blocks)), lambda d, dev: dequantize_mxfp4(blocks, scales, d, dev)
+    t = tensors[name]
+    parts.add(name)
+    return tuple(t.shape), lambda d, dev: t.to(device=dev, dtype=d)
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # the float8 weights of fine-grained FP8 checkpoints
@@ -374,13 +408,15 @@ def mix_type(mix: str, name: str, model: MixModel) -> str:
     return MIXES[mix]
 
 
-def quantize_choice(spec, name: str, shape, fallen: list | None = None, model: MixModel | None = None) -> str | None:
+def quantize_choice(spec, name: str, shape, fallen: list | None = None, model: MixModel | None = None,
+                    unfit: list | None = None) -> str | None:
     """The type `spec` picks for matrix `name` of `shape` ([..., rows, cols]), or None to keep it
     float. spec: a type name ("q8_0"), a mix ("q4_k_m": ``mix_type``, which needs `model`), or
     {fnmatch pattern: type, mix or None}, first match wins (e.g. {"lm_head.weight": "q8_0",
-    "*.embed_tokens.*": None, "*": "q4_k_m"}). Empty matrices and those whose columns are not whole
-    blocks stay float; a K-quant's (256 columns) fall back to Q5_0 (for Q4_K), Q5_1 (for Q5_K) or
-    Q8_0 (for Q6_K), as llama.cpp's quantizer does, their names appended to ``fallen``. ValueError
+    "*.embed_tokens.*": None, "*": "q4_k_m"}). Empty matrices stay float; a K-quant's whose columns
+    are not whole 256-value blocks fall back to Q5_0 (for Q4_K), Q5_1 (for Q5_K) or Q8_0 (for Q6_K),
+    as llama.cpp's quantizer does, their names appended to ``fallen``; a matrix whose columns are not
+    whole blocks of the type it gets then stays float, its name appended to ``unfit``. ValueError
     for a type not in QUANTIZE_TYPES or MIXES."""
     if spec is None or not is_matrix_name(name) or len(shape) < 2 or 0 in tuple(shape):
         return None
@@ -398,9 +434,13 @@ def quantize_choice(spec, name: str, shape, fallen: list | None = None, model: M
                          f"({', '.join(t.lower() for t in QUANTIZE_TYPES + tuple(MIXES))})")
     if kind in K_TYPES and int(shape[-1]) % 256:
         kind = K_FALLBACK[kind]
-        if fallen is not None:
+        if int(shape[-1]) % BLOCK[kind] == 0 and fallen is not None:
             fallen.append(name)
-    return kind if int(shape[-1]) % BLOCK[kind] == 0 else None
+    if int(shape[-1]) % BLOCK[kind] == 0:
+        return kind
+    if unfit is not None:
+        unfit.append(name)
+    return None
 
 
 def quantize_matrix(t: torch.Tensor, kind: str, name: str = "tensor", device=None) -> PackedTensor:
