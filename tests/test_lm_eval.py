@@ -115,6 +115,13 @@ def test_batch_size_auto_and_device_default(chat_model_dir):
             raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
 
     assert largest_batch(fits, 64) == 8 and tried == [64, 32, 16, 8]
+    # a GPU model with layers on the CPU too: a host out-of-memory kills, so no search (the default)
+    from circuit_finder.placement import Placement
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    lm.cf_model.placement = Placement((gpu,) + (cpu,) * (lm.cf_model.num_layers - 1), gpu)
+    lm.cf_model.device = gpu
+    assert lm.resolve_batch("auto", 32) == DEFAULT_BATCH
     assert largest_batch(lambda b: (_ for _ in ()).throw(torch.OutOfMemoryError("x")), 4) == 1
     with pytest.raises(RuntimeError, match="other"):  # only running out of memory halves the batch
         largest_batch(lambda b: (_ for _ in ()).throw(RuntimeError("other")), 4)

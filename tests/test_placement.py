@@ -95,6 +95,63 @@ def test_memory_budget_is_checked():
         plan(Placement((CPU,) * 3, CPU), N, SIZES)
 
 
+def test_budgets_and_ready_placements_are_read_one_way(monkeypatch):
+    """float("inf") is no limit (NaN is not a size); a device given two budgets, in a dict ("cpu"
+    and "cpu:0") or in text, is refused rather than one silently kept; numpy layer counts are
+    counts; a ready Placement's devices are written one way (cpu:0 is cpu: not a split model) and
+    max_memory beside it is refused, not dropped; device="cuda" is checked against its budget as
+    device_map="cuda" is (the GPU's free memory faked here)."""
+    import numpy as np
+
+    assert dict(plan("cpu=6", N, SIZES, max_memory={"cpu": float("inf")}).need) == {"cpu": 650}
+    with pytest.raises(ValueError, match="is not a size"):
+        plan("cpu=6", N, SIZES, max_memory={"cpu": float("nan")})
+    for budgets in ({"cpu": "1KiB", "cpu:0": "1MiB"}, "cpu=1KiB,cpu=1GiB"):
+        with pytest.raises(ValueError, match="max_memory names cpu twice"):
+            plan("cpu=6", N, SIZES, max_memory=budgets)
+    assert plan([("cpu", np.int64(2)), ("cpu", np.int32(4))], N, SIZES).layers == (CPU,) * N
+    ready = plan(Placement((torch.device("cpu", 0),) * N, CPU), N, SIZES)
+    assert ready.layers == (CPU,) * N and not ready.split
+    with pytest.raises(ValueError, match="not a ready Placement"):
+        plan(Placement((CPU,) * N, CPU), N, SIZES, max_memory={"cpu": 1})
+    import circuit_finder.placement as placement
+
+    monkeypatch.setattr(placement, "as_device", lambda d, where: torch.device("cuda", 0))
+    monkeypatch.setattr(placement, "free_memory", lambda d: 100)
+    with pytest.raises(ValueError, match=r"puts 650 B of weights on cuda:0, more than its budget of 90 B"):
+        plan(None, N, SIZES, device="cuda")
+
+
+def test_cgroup_room_reads_the_tightest_limit(tmp_path):
+    """A container's or a Slurm job's memory cgroup (v2 or v1) limits the CPU budget: the least of
+    limit - used + reclaimable page cache over the cgroup and its parents; no limit is None."""
+    from circuit_finder.placement import cgroup_room
+
+    def cgroup(folder, limit, used, inactive, names=("memory.max", "memory.current", "inactive_file")):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / names[0]).write_text(f"{limit}\n")
+        (folder / names[1]).write_text(f"{used}\n")
+        (folder / "memory.stat").write_text(f"anon 5\n{names[2]} {inactive}\n")
+
+    v2 = tmp_path / "v2"
+    cgroup(v2, "max", 10**9, 0)
+    cgroup(v2 / "job", 8000, 3000, 500)  # 5500 left
+    cgroup(v2 / "job" / "step", "max", 3000, 500)
+    table = tmp_path / "cgroup"
+    table.write_text("0::/job/step\n")
+    assert cgroup_room(str(v2), str(table)) == 5500
+    cgroup(v2 / "job" / "step", 4000, 3000, 0)  # a tighter child: 1000 left
+    assert cgroup_room(str(v2), str(table)) == 1000
+    v1 = tmp_path / "v1"
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    cgroup(v1 / "memory", 9223372036854771712, 10, 0, names)  # v1's "no limit"
+    table.write_text("4:cpu,memory:/\n1:cpu:/x\n")
+    assert cgroup_room(str(v1), str(table)) is None
+    cgroup(v1 / "memory", 2000, 1500, 100, names)
+    assert cgroup_room(str(v1), str(table)) == 600
+    assert cgroup_room(str(tmp_path / "none"), str(table)) is None and cgroup_room(table=str(tmp_path / "no")) is None
+
+
 def test_packed_matrices_are_budgeted_at_their_size_where_they_stay_packed(model_dir, monkeypatch, tmp_path):
     """A quantized matrix is counted at its blocks' size on a device that runs it packed (the CPU;
     a GPU in a build with GPU kernels) and at its float size where it would be dequantized."""

@@ -146,18 +146,18 @@ class CircuitFinderLM(TemplateLM):
         self.path = None if self.router else self.cf_model.path(layers if layers not in (None, "") else None)
         self.pretrained = str(self.cf_model.source if model is not None else pretrained)  # what get_model_info names
         self._max_length = int(max_length) if max_length else self.cf_model.context_length
-        self._batch_size = self._resolve_batch(batch_size, max_batch_size)
+        self._batch_size = self.resolve_batch(batch_size, max_batch_size)
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = _flag(add_bos_token)
 
-    def _resolve_batch(self, batch_size, max_batch_size) -> int:
+    def resolve_batch(self, batch_size, max_batch_size) -> int:
         """A number as given; "auto" (or "auto:N", detected once): on a GPU the largest power-of-two
-        batch up to max_batch_size whose rows of max_length tokens fit; on the CPU, where running
-        out of memory is no error to catch, the default."""
+        batch up to max_batch_size whose rows of max_length tokens fit; on the CPU (a model with any
+        layer there too), where running out of memory is no error to catch, the default."""
         text = str(batch_size).strip()
         if not text.startswith("auto"):
             return max(1, int(text))
-        if self.cf_model.device.type != "cuda":
+        if any(d.type != "cuda" for d in self.cf_model.placement.devices):
             return DEFAULT_BATCH
         path = list(self.path) if self.router is None else list(max(self.router.candidates, key=len))
         length = self._max_length

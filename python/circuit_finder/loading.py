@@ -338,8 +338,7 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     packed = {n: t.nbytes for n, t in ggml.items()}  # the bytes of matrices kept packed where they run so
     packed.update({n: math.prod(tensors[n].shape[:-1]) * _C.packed_row_bytes(PACKED_TYPES[k], tensors[n].shape[-1])
                    for n, k in wanted.items()})
-    placed = device_map if isinstance(device_map, Placement) else plan(
-        device_map, config.num_layers, sizes, device, max_memory, packed)
+    placed = plan(device_map, config.num_layers, sizes, device, max_memory, packed)
     for name, kind in wanted.items():  # one matrix at a time, on its device: never a second float copy of the model
         where = placed.device_of(name)
         if packs_on(where):

@@ -19,7 +19,8 @@ there, and a tied head is the embedding itself (the last slot's hidden state, [B
 hop back to it, smaller than the logits would be).
 
 A device's budget is ``max_memory[device]`` (bytes, or text such as "20GiB") when given, else 90% of
-its free memory now (CUDA: the driver's free memory; CPU: MemAvailable); the margin is for KV
+its free memory now (CUDA: the driver's free memory; CPU: MemAvailable, or what the process's
+memory cgroup leaves when that is less); the margin is for KV
 caches and activations, which budgets do not count. A plan that needs more than a budget, names a
 device this torch cannot use, or leaves a layer out raises ValueError naming it.
 
@@ -29,13 +30,16 @@ Limits: CPU and CUDA (ROCm's torch.cuda) devices; a layer is never split across 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-__all__ = ["Placement", "as_device", "free_memory", "human", "layer_of", "parse_max_memory", "parse_size", "plan"]
+__all__ = ["Placement", "as_device", "cgroup_room", "free_memory", "human", "layer_of", "parse_max_memory", "parse_size", "plan"]
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -112,10 +116,14 @@ def _runs(indices: list[int]) -> str:
     return ", ".join(out)
 
 
+UNLIMITED = 1 << 62  # a budget of float("inf")
+
+
 def parse_size(value, where: str) -> int:
-    """Bytes from an int or text such as "20GiB", "512MB", "1.5g"; ValueError naming ``where``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return int(value)
+    """Bytes from a number (float("inf"): no limit) or text such as "20GiB", "512MB", "1.5g";
+    ValueError naming ``where``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0:  # (NaN is not >= 0)
+        return UNLIMITED if math.isinf(value) else int(value)
     m = _SIZE.match(str(value)) if isinstance(value, str) else None
     if m is None or (m.group(2) or "").lower() not in _UNITS:
         raise ValueError(f"max_memory[{where!r}] = {value!r} is not a size (bytes, or text like '20GiB', '512MB')")
@@ -143,17 +151,58 @@ def as_device(text, where: str) -> torch.device:
 
 
 def free_memory(d: torch.device) -> int:
-    """Bytes free on a device now: the CUDA driver's count, or the CPU's MemAvailable."""
+    """Bytes free on a device now: the CUDA driver's count, or the CPU's MemAvailable, or less where
+    this process's memory cgroup (a container's, a Slurm job's) leaves less (``cgroup_room``)."""
     if d.type == "cuda":
         return int(torch.cuda.mem_get_info(d)[0])
+    free = None
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if free is None:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    room = cgroup_room()
+    return free if room is None else min(free, room)
+
+
+_CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),
+                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def cgroup_room(root: str = "/sys/fs/cgroup", table: str = "/proc/self/cgroup") -> int | None:
+    """Bytes this process's memory cgroup may still take (its limit less what it uses, reclaimable
+    page cache not counted as used), the least over the cgroup and its parents that set a limit;
+    None where none does or the files cannot be read (cgroup v2, or v1's memory controller)."""
+    try:
+        lines = Path(table).read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        base = Path(root) if version == "v2" else Path(root) / "memory"
+        parts = [p for p in path.split("/") if p]
+        for k in range(len(parts), -1, -1):  # the cgroup, then its parents (a namespaced one is the root)
+            rooms.append(_room(base.joinpath(*parts[:k]), *_CGROUP_FILES[version]))
+    rooms = [r for r in rooms if r is not None]
+    return min(rooms) if rooms else None
+
+
+def _room(folder: Path, limit_file: str, usage_file: str, inactive: str) -> int | None:
+    try:
+        limit = (folder / limit_file).read_text().strip()
+        if limit == "max" or int(limit) >= 1 << 60:  # no limit (v1 writes a page-rounded 2^63)
+            return None
+        used = int((folder / usage_file).read_text())
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
+    except (OSError, ValueError):
+        return None
+    return max(0, int(limit) - used + int(stat.get(inactive, 0)))
 
 
 def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_memory=None,
@@ -165,16 +214,17 @@ def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_m
     Checks devices, coverage and memory; loads nothing. A ready Placement is checked for its layer
     count and returned."""
     if isinstance(device_map, Placement):
-        if len(device_map.layers) != num_layers:
-            raise ValueError(f"the placement covers {len(device_map.layers)} layers; the model has {num_layers}")
-        return device_map
+        if max_memory is not None:
+            raise ValueError("max_memory budgets a device_map that is planned here, not a ready Placement")
+        return _normalised(device_map, num_layers)
+    tally = _Tally(num_layers, sizes, packed or {})
     if device_map is None:
         if max_memory is not None:
             raise ValueError("max_memory budgets a device_map: pass device_map='auto' (or a map) with it")
         d = as_device(device, "device")
-        return Placement((d,) * num_layers, d)
+        placed = Placement((d,) * num_layers, d)
+        return _checked(placed, tally, {}) if d.type == "cuda" else placed  # (CPU weights are mostly mapped)
     budgets = _budgets(max_memory)
-    tally = _Tally(num_layers, sizes, packed or {})
     if isinstance(device_map, str) and device_map.strip().lower() == "auto":
         layers = _auto(tally, budgets)
     else:
@@ -182,6 +232,17 @@ def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_m
     gpus = [d for d in layers if d.type == "cuda"]
     placed = Placement(tuple(layers), gpus[0] if gpus else torch.device("cpu"))
     return _checked(placed, tally, budgets)
+
+
+def _normalised(placed: Placement, num_layers: int) -> Placement:
+    """A ready Placement with its layer count checked and its devices written as ``as_device``
+    writes them ("cuda" is cuda:0, cpu:0 is cpu), so that one device is never counted as two; the
+    meta device (nothing loaded) is kept as it is."""
+    if len(placed.layers) != num_layers:
+        raise ValueError(f"the placement covers {len(placed.layers)} layers; the model has {num_layers}")
+    one = lambda d, where: d if torch.device(d).type == "meta" else as_device(d, where)  # noqa: E731
+    return Placement(tuple(one(d, f"placement layer {i}") for i, d in enumerate(placed.layers)),
+                     one(placed.main, "placement main device"), placed.need)
 
 
 class _Tally:
@@ -222,8 +283,10 @@ def _pairs(text: str, what: str, form: str, valid=lambda value: True) -> list[tu
 
 
 def parse_max_memory(text: str) -> dict[str, str]:
-    """'cuda:0=20GiB,cpu=64GiB' (or '+'-separated) -> {device: size text}."""
-    return dict(_pairs(text, "max_memory", "DEVICE=SIZE (e.g. 'cuda:0=20GiB,cpu=64GiB')"))
+    """'cuda:0=20GiB,cpu=64GiB' (or '+'-separated) -> {device: size text}; a device named twice
+    raises ValueError."""
+    pairs = _pairs(text, "max_memory", "DEVICE=SIZE (e.g. 'cuda:0=20GiB,cpu=64GiB')")
+    return _once([name for name, _ in pairs], pairs)
 
 
 def _budgets(max_memory) -> dict[str, int]:
@@ -234,7 +297,17 @@ def _budgets(max_memory) -> dict[str, int]:
     if not isinstance(max_memory, dict):
         raise ValueError(f"max_memory must be a dict {{device: size}} or text like 'cuda:0=20GiB,cpu=64GiB', "
                          f"got {type(max_memory).__name__}")
-    return {str(as_device(k, f"max_memory key {k!r}")): parse_size(v, str(k)) for k, v in max_memory.items()}
+    devices = [str(as_device(k, f"max_memory key {k!r}")) for k in max_memory]
+    return _once(devices, [(d, parse_size(v, str(k))) for d, (k, v) in zip(devices, max_memory.items())])
+
+
+def _once(devices: list[str], pairs: list[tuple]) -> dict:
+    """dict(pairs), whose keys are ``devices``; ValueError when one device is named twice (as "cuda"
+    and "cuda:0", say): which budget was meant cannot be told."""
+    seen = [d for k, d in enumerate(devices) if d in devices[:k]]
+    if seen:
+        raise ValueError(f"max_memory names {seen[0]} twice; give each device one budget")
+    return dict(pairs)
 
 
 def _budget(d: torch.device, budgets: dict[str, int]) -> int:
@@ -285,7 +358,7 @@ def _explicit(device_map, num_layers: int) -> list[torch.device]:
 
 
 def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def _parse_text(text: str):
