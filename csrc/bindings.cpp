@@ -157,6 +157,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("layer"))
       .def_property_readonly("device", [](const cf::Engine& e) { return e.device().str(); })
       .def("layer_tensors", &cf::Engine::layer_tensors, py::arg("layer"))
+      .def("main_tensors", &cf::Engine::main_tensors, "the embedding, final norm and head as the engine holds them")
       .def("fused_products", &cf::Engine::fused_products)
       .def("unused_tensors", &cf::Engine::unused_tensors, "the tensors given that this model does not use (name order)")
       .def("moe_without_host_sync", &cf::Engine::moe_without_host_sync, py::arg("tokens") = 1,

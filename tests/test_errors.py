@@ -150,6 +150,10 @@ def test_special_ids_outside_the_vocabulary_and_bad_score_targets(model_dir, tmp
     uneven = model.score([[5, 6, 7], [5]], [[8], [9, 10]])  # padded rows
     alone = [model.score([5, 6, 7], [8])[0], model.score([5], [9, 10])[0]]
     assert uneven == pytest.approx(alone, abs=1e-4)
+    import numpy as np  # ids as numpy integers, arrays or tensors: the same pairs
+
+    assert model.score(np.array([5, 6, 7]), torch.tensor([8]))[0] == pytest.approx(alone[0], abs=1e-6)
+    assert model.score([np.int64(5)], [np.int64(9), np.int64(10)])[0] == pytest.approx(alone[1], abs=1e-6)
     for bad in (vocab + 100, -3):
         with pytest.raises(cf.InputError, match=rf"pair 0: token id {bad} is outside the vocabulary"):
             model.score([5, 6, 7], [8, bad])

@@ -138,6 +138,19 @@ def test_loading_a_large_model_adds_little_anonymous_memory(tmp_path):
     assert outside_mappings(model.tensors, file_mappings([str(folder / "model.safetensors")])) == []
 
 
+def test_weight_bytes_counts_the_engines_own_copies(model_dir):
+    """Gemma's norms run as the engine's (1 + w) copies, fp32: weight_bytes() counts every one of
+    them (q / k norms and the final norm included) beside the loaded tensors, by the transformers
+    model's own parameter list."""
+    folder, hf = model_dir("gemma3_text")
+    model = cf.load(folder)
+    loaded = sum(t.numel() * t.element_size() for t in model.tensors.values())
+    norms = {k: v.numel() * 4 for k, v in hf.state_dict().items() if "norm" in k}
+    print(f"gemma3 held {model.weight_bytes()}, loaded {loaded} B, {len(norms)} norms {sum(norms.values())} B")
+    assert any("q_norm" in k for k in norms) and "model.norm.weight" in norms
+    assert model.weight_bytes() == {"cpu": loaded + sum(norms.values())}
+
+
 def test_weight_bytes_counts_each_storage_once(model_dir, tmp_path):
     """Model.weight_bytes(): the checkpoint's bytes (from the safetensors header, not our tensors),
     each tensor once (the tied embedding is one storage), the same at any layer path run; halved

@@ -142,11 +142,14 @@ std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
       {"sinks", L.sinks}, {"in_proj_qkvz", L.la_qkvz.t}, {"in_proj_ba", L.la_ba.t}, {"in_proj_qkv", L.la_qkv.t},
       {"in_proj_z", L.la_z.t}, {"in_proj_b", L.la_b.t}, {"in_proj_a", L.la_a.t}, {"conv1d", L.conv}, {"A_log", L.A_log},
       {"dt_bias", L.dt_bias}, {"linear_norm", L.la_norm}, {"out_proj", L.la_out.t},
+      {"q_norm", L.q_norm}, {"k_norm", L.k_norm}, {"q_proj.bias", L.bq}, {"k_proj.bias", L.bk}, {"v_proj.bias", L.bv},
+      {"o_proj.bias", L.bo}, {"qkv_rows", L.qkv_rows.t}, {"qkv_rows.bias", L.b_qkv_rows},
   };
   auto add_mlp = [&all](const std::string& prefix, const MlpWeights& m) {
     for (const auto& [name, t] : {std::pair{"gate_up_proj", m.gate_up.t}, {"gate_proj", m.gate.t}, {"up_proj", m.up.t},
                                   {"down_proj", m.down.t}, {"gate_up_proj.bias", m.b_gate_up}, {"gate_proj.bias", m.b_gate},
-                                  {"up_proj.bias", m.b_up}, {"down_proj.bias", m.b_down}})
+                                  {"up_proj.bias", m.b_up}, {"down_proj.bias", m.b_down},
+                                  {"gate_up_rows", m.gate_up_rows.t}, {"gate_up_rows.bias", m.b_gate_up_rows}})
       all[prefix + name] = t;
   };
   add_mlp(L.sparse ? "shared_expert." : "", L.mlp);
@@ -163,6 +166,13 @@ std::map<std::string, at::Tensor> Engine::layer_tensors(int64_t layer) const {
   for (size_t e = 0; e < L.experts.size(); ++e) add_mlp(cat("experts.", e, "."), L.experts[e]);
   std::map<std::string, at::Tensor> out;
   for (const auto& [name, t] : all)
+    if (t.defined()) out[name] = t;
+  return out;
+}
+
+std::map<std::string, at::Tensor> Engine::main_tensors() const {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [name, t] : {std::pair{"embed_tokens", w_.embed.t}, {"norm", w_.final_norm}, {"lm_head", w_.lm_head.t}})
     if (t.defined()) out[name] = t;
   return out;
 }

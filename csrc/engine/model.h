@@ -119,6 +119,9 @@ class Engine {
   const Weights& weights() const { return w_; }
   // The tensors one layer runs with (for tests that check storage sharing).
   std::map<std::string, at::Tensor> layer_tensors(int64_t layer) const;
+  // The embedding, final norm and head as the engine holds them (its own converted copies, or the
+  // tensors given; the head is the embedding when tied).
+  std::map<std::string, at::Tensor> main_tensors() const;
   // {"qkv": attention layers whose q / k / v run as one product, "gate_up": gated MLPs (experts and
   // shared experts included) whose gate / up do}: a checkpoint's fused tensors or rows laid out so.
   std::map<std::string, int64_t> fused_products() const;

@@ -13,6 +13,8 @@ device, ``model.device``.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _C, generation, likelihood
@@ -71,6 +73,7 @@ class Model:
         engine's own converted copies included; layers placed on the meta device hold none; a packed
         GGUF matrix counts its blocks (pages of the memory-mapped file)."""
         tensors = [getattr(t, "blocks", t) for t in self.tensors.values()]  # a PackedTensor's storage: its blocks
+        tensors += list(self.engine.main_tensors().values())
         for layer in range(self.num_layers):
             tensors += list(self.engine.layer_tensors(layer).values())
         seen, out = set(), {}
@@ -173,10 +176,12 @@ class Model:
         """Summed log-probabilities of each continuation given its context, along the layer path
         (or, for a Router, along the path each context is routed to).
 
-        contexts/continuations: strings (or one string each), or lists of token ids. Text pairs are
-        tokenized by lm-eval's rule (``likelihood.encode_pair``).
+        contexts/continuations: strings (or one string each), or lists of token ids (or one list
+        each; numpy arrays and tensors of ids too). Text pairs are tokenized by lm-eval's rule
+        (``likelihood.encode_pair``).
         """
-        if isinstance(contexts, str) or (contexts and isinstance(contexts[0], int)):
+        contexts, continuations = (x.tolist() if hasattr(x, "tolist") else x for x in (contexts, continuations))
+        if isinstance(contexts, str) or (contexts and isinstance(contexts[0], numbers.Integral)):
             contexts, continuations = [contexts], [continuations]
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
