@@ -790,6 +790,7 @@ def test_k_quantizers_decode_with_gguf_within_their_rivals_error(kind, rival):
     w[2, 7] = 40.0  # one outlier
     w[3] *= 1e-6
     w[4], w[5] = -0.3, 0.7  # constant blocks: all codes alike
+    w[6] = w[6] * 3e-6 - 5e-6  # tiny, one-signed on average
     packed = quantize_matrix(torch.from_numpy(w), kind)
     decoded = reference(kind, packed.blocks.numpy(), 1024).numpy()
     ours = packed.dequantize().numpy()
@@ -807,6 +808,8 @@ def test_k_quantizers_decode_with_gguf_within_their_rivals_error(kind, rival):
     assert rel_rmse(decoded) <= rel_rmse(other) * {"Q4_K": 0.93, "Q5_K": 0.96, "Q6_K": 0.49}[kind]
     # a super-block of values ~1e-6: the f16 super-scales underflow (the format's limit), nothing blows up
     assert np.isfinite(decoded[3]).all() and np.abs(decoded[3] - w[3]).max() <= np.ptp(w[3])
+    for row in (3, 6):  # ... and what is written is never worse than zeros (each sub-block its mean alone)
+        assert np.sqrt(((decoded[row] - w[row]) ** 2).mean()) <= np.sqrt((w[row] ** 2).mean()), row
     with pytest.raises(ValueError, match="whole 256-value blocks"):
         quantize_matrix(torch.zeros(2, 96), kind)
     with pytest.raises(ValueError, match="non-finite"):
