@@ -707,6 +707,9 @@ def test_quantize_choice_per_tensor(tmp_path):
     assert types["model.layers.0.mlp.down_proj.weight"] == "Q4_K" and types["lm_head.weight"] == "Q8_0"
     with pytest.warns(UserWarning, match=r"the rule '\*\.mpl\.\*' matches no tensor of this model$"):
         cf.load(tmp_path, quantize={"*.mpl.*": "q4_0", "*": "q8_0"})  # a typo is said, not silently unused
+    with pytest.warns(UserWarning, match=r"the rule '\*norm\*' matches only tensors that stay float \(e.g. "
+                                         r"model.layers.0.input_layernorm.weight: norms, biases"):
+        cf.load(tmp_path, quantize={"*norm*": "q8_0", "*": "q4_0"})
     tied = tmp_path / "tied"
     build_hf_model("llama", tied, hidden_size=128, intermediate_size=256, tie_word_embeddings=True, rope_scaling=None)
     with pytest.warns(UserWarning, match=r"the rule 'lm_head.weight' matches no tensor of this model \(this model's "

@@ -59,6 +59,7 @@ from .quants import (
     fp8_block_size,
     fp8_pairs,
     gpt_oss_experts_as_gguf,
+    is_matrix_name,
     llama_cpp_70b,
     mxfp4_pairs,
     mxfp4_shape,
@@ -515,7 +516,7 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
     unfit: list[str] = []
     chosen = {n: quantize_choice(quantize, n, t.shape, fallen, model, unfit) for n, t in tensors.items()
               if not isinstance(t, PackedTensor) and t.is_floating_point()}
-    _warn_idle_rules(quantize, list(tensors), model.tied)
+    _warn_idle_rules(quantize, {n: tuple(getattr(t, "shape", ())) for n, t in tensors.items()}, model.tied)
     if fallen:
         instead = ", ".join(f"{to} for {k}" for k, to in K_FALLBACK.items())
         warnings.warn(f"quantize: {len(fallen)} matrices (e.g. {fallen[0]}) have rows that are not whole 256-value "
@@ -526,13 +527,19 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
     return {n: k for n, k in chosen.items() if k is not None}
 
 
-def _warn_idle_rules(quantize, names: list[str], tied: bool) -> None:
+def _warn_idle_rules(quantize, shapes: dict[str, tuple], tied: bool) -> None:
     """Warns of a quantize={pattern: type} rule that names no tensor of the model (a typo, or a rule
-    for lm_head.weight on a model whose head is its embedding: the embedding's rule decides)."""
+    for lm_head.weight on a model whose head is its embedding: the embedding's rule decides), or
+    only tensors that are never packed (norms, biases: vectors)."""
     if not isinstance(quantize, dict):
         return
     for pattern in quantize:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+        named = [n for n in shapes if fnmatch.fnmatchcase(n, pattern)]
+        if named and quantize[pattern] is not None and not any(
+                is_matrix_name(n) and len(shapes[n]) >= 2 for n in named):
+            warnings.warn(f"quantize: the rule {pattern!r} matches only tensors that stay float (e.g. {named[0]}: "
+                          f"norms, biases and other vectors are never packed)", stacklevel=4)
+        if not named:
             hint = (" (this model's head is its embedding, model.embed_tokens.weight: the rule that matches the "
                     "embedding decides its type)") if tied and fnmatch.fnmatchcase("lm_head.weight", pattern) else ""
             warnings.warn(f"quantize: the rule {pattern!r} matches no tensor of this model{hint}", stacklevel=4)
