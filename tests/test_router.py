@@ -391,12 +391,16 @@ def test_lm_eval_adapter_routes_requests(chat_model, tmp_path):
     assert len({str(r.path_for(m, lm.tok_encode(p))) for p in PROMPTS}) > 1
     # rolling log-likelihood: one route per document (by its opening tokens), all windows along it
     short = CircuitFinderLM(model=m, layers=f"router:{path}", batch_size=2, max_length=8)
-    for text in PROMPTS[1:3]:
-        doc = [Instance("loglikelihood_rolling", None, (text,), 0)]
+    docs = [Instance("loglikelihood_rolling", None, (text,), k) for k, text in enumerate(PROMPTS)]
+    together, routes = short.loglikelihood_rolling(docs), set()  # all documents' windows scored at once
+    for text, got in zip(PROMPTS, together):
         head = [short.prefix_token_id, *short.tok_encode(text)][:8]
         along = r.path_for(m, head)
+        routes.add(str(along))
         single = CircuitFinderLM(model=m, layers=str(along).replace(",", "+"), batch_size=2, max_length=8)
-        assert short.loglikelihood_rolling(doc)[0] == pytest.approx(single.loglikelihood_rolling(doc)[0], abs=1e-4)
+        doc = [Instance("loglikelihood_rolling", None, (text,), 0)]
+        assert got == pytest.approx(single.loglikelihood_rolling(doc)[0], abs=1e-4)
+    assert len(routes) > 1
 
 
 def test_cli_generate_and_serve_name_routers(chat_model_dir, chat_model, tmp_path, capsys):
