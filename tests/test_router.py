@@ -446,6 +446,7 @@ def test_a_router_on_its_training_items_is_in_sample(chat_model, likelihood_swee
     leave it out), and validate() refuses held-out items it was
     trained on (they would not be held out for it)."""
     trained = cf.train_router(likelihood_sweep, candidates=3, fallback=False, evaluate=False, seed=3)
+    assert likelihood_sweep.chat is True and trained.training["chat"] is True  # chat=None, resolved as the sweep ran
     search = {p: {it.id for it in get_probe(p).items("search")} for p in ("math", "eq", "reasoning")}
     assert {p: set(v) for p, v in trained.training["item_ids"].items()} == search
     m = chat_model

@@ -90,6 +90,24 @@ def test_untested_rows_are_not_in_the_family():
     assert paired_stats(recs, "base", ["a"], n_boot=100, seed=0)["x"]["a_q"] == 0.1875
 
 
+def test_a_routers_in_sample_count_survives_resumed_records():
+    """A router's records split over probes (a resumed sweep) keep its in-sample count: other probes'
+    add up, a re-run of the same probe replaces; its row stays out of the family and of top()."""
+    from circuit_finder import SweepResult
+
+    ids = [str(i) for i in range(6)]
+    zero, one = dict.fromkeys(ids, 0.0), dict.fromkeys(ids, 100.0)
+    base = {"layers": "0..3", "scores": {"a": zero, "b": zero}}
+    x = {"layers": "0..2,1..3", "scores": {"a": one, "b": zero}}
+    router = [{"layers": "router:r@1", "scores": {"a": one}, "in_sample": 2},
+              {"layers": "router:r@1", "scores": {"b": one}, "in_sample": 3},
+              {"layers": "router:r@1", "scores": {"b": one}, "in_sample": 3}]
+    table = SweepResult([base, x, *router], num_layers=4, mode="likelihood").to_pandas(n_boot=50).set_index("layers")
+    assert table.loc["router:r@1", "in_sample"] == 5 and np.isnan(table.loc["router:r@1", "a_q"])
+    assert list(SweepResult([base, x, *router], num_layers=4, mode="likelihood").top(5, n_boot=50)["layers"]) == [
+        "0..2,1..3"]
+
+
 def test_nan_differences_give_no_p_and_one_item_no_interval():
     """A NaN difference must not read as p = 0 (|null| >= NaN is never true); a probe of one item
     has a difference but no interval (its bootstrap cannot spread)."""

@@ -211,7 +211,7 @@ def _print_sweep(result, args) -> None:
     fmt = dict(index=False, float_format=lambda v: f"{v:.2f}")
     with pd.option_context("display.width", 200, "display.max_columns", 40):
         print(f"\ntop {len(top)} by {args.by} (search items; 95% paired bootstrap CI over items, sign-flip p, "
-              f"q: Benjamini-Hochberg over all {len(df) - 1} configs):")
+              f"q: Benjamini-Hochberg over all {int((~df['baseline'] & (df['in_sample'] == 0)).sum())} configs):")
         cols = ["layers", "combined_delta", "combined_ci_low", "combined_ci_high", "combined_p", "combined_q",
                 *[f"{p}_delta" for p in probes], *[f"{p}_parse" for p in probes if f"{p}_parse" in top.columns]]
         cols += [args.by] if args.by not in cols else []

@@ -26,6 +26,7 @@ from .runner import (
     item_digest,
     model_setup,
     prompting_setup,
+    resolve_chat,
     resolve_probes,
     run_configs,
 )
@@ -49,7 +50,7 @@ class SweepResult:
         self.path = Path(path) if path is not None else None
         self.model = model
         self.probes = probes
-        self.chat = chat
+        self.chat = resolve_chat(model, chat) if chat is None and model is not None else chat  # (as the runner read it)
         self.thinking = thinking
         self.think_tokens = think_tokens
         self.search_log = None  # set by strategy="beam" / "surrogate": what the search looked at, per round
@@ -98,6 +99,10 @@ class SweepResult:
                 for key in ("scores", "scores_norm", "margins", "outputs", "parsed", "routes"):
                     if key in r:
                         merged[key] = {**merged.get(key, {}), **r[key]}
+                if r.get("in_sample"):  # a router's trained-on items: other probes' add up, a re-run's replace
+                    before = int(out[r["layers"]].get("in_sample") or 0)
+                    fresh = not set(r["scores"]) & set(out[r["layers"]]["scores"])
+                    merged["in_sample"] = before + r["in_sample"] if fresh else max(before, r["in_sample"])
                 out[r["layers"]] = merged
             else:
                 out[r["layers"]] = r
