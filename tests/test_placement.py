@@ -99,8 +99,8 @@ def test_budgets_and_ready_placements_are_read_one_way(monkeypatch):
     """float("inf") is no limit (NaN is not a size); a device given two budgets, in a dict ("cpu"
     and "cpu:0") or in text, is refused rather than one silently kept; numpy layer counts are
     counts; a ready Placement's devices are written one way (cpu:0 is cpu: not a split model) and
-    max_memory beside it is refused, not dropped; device="cuda" is checked against its budget as
-    device_map="cuda" is (the GPU's free memory faked here)."""
+    max_memory beside it is refused, not dropped; device_map="cuda" is checked against its budget
+    (the GPU's free memory faked here), device="cuda" alone is not (its tensors may be there)."""
     import numpy as np
 
     assert dict(plan("cpu=6", N, SIZES, max_memory={"cpu": float("inf")}).need) == {"cpu": 650}
@@ -119,7 +119,8 @@ def test_budgets_and_ready_placements_are_read_one_way(monkeypatch):
     monkeypatch.setattr(placement, "as_device", lambda d, where: torch.device("cuda", 0))
     monkeypatch.setattr(placement, "free_memory", lambda d: 100)
     with pytest.raises(ValueError, match=r"puts 650 B of weights on cuda:0, more than its budget of 90 B"):
-        plan(None, N, SIZES, device="cuda")
+        plan("cuda", N, SIZES)
+    assert plan(None, N, SIZES, device="cuda").layers == (torch.device("cuda", 0),) * N
 
 
 def test_cgroup_room_reads_the_tightest_limit(tmp_path):
@@ -150,6 +151,9 @@ def test_cgroup_room_reads_the_tightest_limit(tmp_path):
     cgroup(v1 / "memory", 2000, 1500, 100, names)
     assert cgroup_room(str(v1), str(table)) == 600
     assert cgroup_room(str(tmp_path / "none"), str(table)) is None and cgroup_room(table=str(tmp_path / "no")) is None
+    table.write_text("garbage\n4:memory:/\n")  # a line that is not a cgroup's is skipped
+    (v1 / "memory" / "memory.stat").unlink()  # no page-cache figure: the limit still holds, nothing counted back
+    assert cgroup_room(str(v1), str(table)) == 500
 
 
 def test_packed_matrices_are_budgeted_at_their_size_where_they_stay_packed(model_dir, monkeypatch, tmp_path):

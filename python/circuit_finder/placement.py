@@ -19,10 +19,11 @@ there, and a tied head is the embedding itself (the last slot's hidden state, [B
 hop back to it, smaller than the logits would be).
 
 A device's budget is ``max_memory[device]`` (bytes, or text such as "20GiB") when given, else 90% of
-its free memory now (CUDA: the driver's free memory; CPU: MemAvailable, or what the process's
-memory cgroup leaves when that is less); the margin is for KV
+its free memory now (CUDA: the driver's free memory and what torch's allocator holds unused; CPU:
+MemAvailable, or what the process's memory cgroup leaves when that is less); the margin is for KV
 caches and activations, which budgets do not count. A plan that needs more than a budget, names a
-device this torch cannot use, or leaves a layer out raises ValueError naming it.
+device this torch cannot use, or leaves a layer out raises ValueError naming it; ``device=`` alone
+(no device_map) is not budgeted, as the tensors may be there already.
 
 Limits: CPU and CUDA (ROCm's torch.cuda) devices; a layer is never split across devices.
 """
@@ -153,8 +154,8 @@ def as_device(text, where: str) -> torch.device:
 def free_memory(d: torch.device) -> int:
     """Bytes free on a device now: the CUDA driver's count, or the CPU's MemAvailable, or less where
     this process's memory cgroup (a container's, a Slurm job's) leaves less (``cgroup_room``)."""
-    if d.type == "cuda":
-        return int(torch.cuda.mem_get_info(d)[0])
+    if d.type == "cuda":  # with what torch's allocator holds but does not use (a deleted model's, say)
+        return int(torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d))
     free = None
     try:
         with open("/proc/meminfo") as f:
@@ -181,7 +182,10 @@ def cgroup_room(root: str = "/sys/fs/cgroup", table: str = "/proc/self/cgroup") 
         return None
     rooms = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:  # (not a cgroup line)
+            continue
+        _, controllers, path = fields
         version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
         if version is None:
             continue
@@ -199,10 +203,14 @@ def _room(folder: Path, limit_file: str, usage_file: str, inactive: str) -> int 
         if limit == "max" or int(limit) >= 1 << 60:  # no limit (v1 writes a page-rounded 2^63)
             return None
         used = int((folder / usage_file).read_text())
-        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
     except (OSError, ValueError):
         return None
-    return max(0, int(limit) - used + int(stat.get(inactive, 0)))
+    try:  # reclaimable page cache; without the file, none is counted back
+        stat = (line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        cache = next((int(f[1]) for f in stat if len(f) == 2 and f[0] == inactive), 0)
+    except (OSError, ValueError):
+        cache = 0
+    return max(0, int(limit) - used + cache)
 
 
 def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_memory=None,
@@ -217,13 +225,12 @@ def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_m
         if max_memory is not None:
             raise ValueError("max_memory budgets a device_map that is planned here, not a ready Placement")
         return _normalised(device_map, num_layers)
-    tally = _Tally(num_layers, sizes, packed or {})
-    if device_map is None:
+    if device_map is None:  # not budgeted: the tensors may be there already (load_from_tensors)
         if max_memory is not None:
             raise ValueError("max_memory budgets a device_map: pass device_map='auto' (or a map) with it")
         d = as_device(device, "device")
-        placed = Placement((d,) * num_layers, d)
-        return _checked(placed, tally, {}) if d.type == "cuda" else placed  # (CPU weights are mostly mapped)
+        return Placement((d,) * num_layers, d)
+    tally = _Tally(num_layers, sizes, packed or {})
     budgets = _budgets(max_memory)
     if isinstance(device_map, str) and device_map.strip().lower() == "auto":
         layers = _auto(tally, budgets)
