@@ -383,6 +383,12 @@ def test_gpt_oss_experts_quantize_on_load(tmp_path):
                         ours.logits(ids, layers=PATHS[name]), want) < 1e-4
     assert (ours.logits(ids) - cf.load(tmp_path / "hf").logits(ids)).abs().max() > 1e-3
     assert sum(ours.weight_bytes().values()) < 0.6 * sum(cf.load(tmp_path / "hf").weight_bytes().values())
+    # a rule that packs no expert leaves them as loaded (transformers' layout); one that packs down_proj alone
+    # lays out the layer's gate and up too, as float
+    held = cf.load(tmp_path / "hf", quantize={"*.self_attn.*": "q8_0"}).engine.layer_tensors(0)
+    assert held["experts.0.gate_up_proj"].dtype == torch.float32 and "experts.0.gate_proj" not in held
+    held = cf.load(tmp_path / "hf", quantize={"*.experts.down_proj": "q8_0"}).engine.layer_tensors(0)
+    assert held["experts.0.down_proj"].dtype == torch.uint8 and held["experts.0.gate_proj"].dtype == torch.float32
 
 
 def test_gpt_oss_gguf_export_keeps_each_slots_window(tmp_path):

@@ -540,7 +540,8 @@ def hub_expert_tensors(tensors: dict, config: dict, dtype: torch.dtype = torch.f
     checkpoints use (Qwen: mlp.experts.N.{gate,up,down}_proj.weight; Mixtral: block_sparse_moe
     .experts.N.w1/w3/w2.weight, its router block_sparse_moe.gate.weight). Other tensors unchanged.
     Packed matrices stay packed (per-expert rows of their blocks), but for the GPT-OSS and
-    Qwen3-Next regroupings, which work on floats: those are dequantized to `dtype`."""
+    Qwen3-Next regroupings, which work on floats: GPT-OSS's are made (dequantized to the written
+    dtype) when their shard is written, Qwen3-Next's projections dequantized to `dtype` here."""
     from .config import ConfigError, parse_config
 
     try:
@@ -548,7 +549,7 @@ def hub_expert_tensors(tensors: dict, config: dict, dtype: torch.dtype = torch.f
     except ConfigError:
         return tensors
     if architecture == "GptOssForCausalLM":
-        return gpt_oss_hub_experts(tensors, dtype)
+        return gpt_oss_hub_experts(tensors)
     if architecture == "Qwen3NextForCausalLM":
         tensors = qwen3_next_hub_projections(tensors, config, dtype)
     mixtral = architecture == "MixtralForCausalLM"
@@ -572,7 +573,7 @@ def hub_expert_tensors(tensors: dict, config: dict, dtype: torch.dtype = torch.f
 _GPT_OSS_GGUF_EXPERTS = re.compile(r"^(.*\.layers\.\d+\.mlp\.experts\.)gate_proj$")
 
 
-def gpt_oss_hub_experts(tensors: dict, dtype: torch.dtype = torch.float32) -> dict:
+def gpt_oss_hub_experts(tensors: dict) -> dict:
     """GPT-OSS experts in transformers' layout: GGUF's separate gate_proj / up_proj [E, I, H] (and
     their _bias [E, I]) become gate_up_proj [E, H, 2I] with gate and up columns alternating (and
     gate_up_proj_bias [E, 2I]); down_proj [E, H, I] becomes [E, I, H]. Tensors already in that

@@ -419,7 +419,9 @@ def _made_on_load(tensors: dict, config: ModelConfig, quantize) -> tuple[dict, d
     stored, parts = _dequantized_on_load(tensors, config.raw)  # FP8 / compressed / GPTQ / AWQ / bnb
     if quantize is None or config.architecture != "GptOssForCausalLM":
         return mxfp4, stored, parts, {}
-    experts, replaced, biases = gpt_oss_experts_as_gguf(tensors, mxfp4)
+    mix = _mix_model(tensors, config)
+    experts, replaced, biases = gpt_oss_experts_as_gguf(
+        tensors, mxfp4, lambda name, shape: quantize_choice(quantize, name, shape, model=mix) is not None)
     return {n: v for n, v in mxfp4.items() if n not in replaced}, stored | experts, parts | replaced, biases
 
 
@@ -503,15 +505,20 @@ def q8_products() -> str:
     return f"{_C.cpu_isa()}; tiled from {tiled}"
 
 
+def _mix_model(tensors: dict, config: ModelConfig) -> MixModel:
+    """What llama.cpp's mixes read of the model (``quants.mix_type``)."""
+    experts = config.num_experts or 0
+    return MixModel(config.num_layers, experts,  # the head the engine reads (weights.cpp: bind_weights)
+                    tied="lm_head.weight" not in tensors,
+                    seventy_b=llama_cpp_70b(config.architecture, config.num_layers, config.num_heads,
+                                            config.num_kv_heads, experts))
+
+
 def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]:
     """{name: type} of the float matrices ``quantize`` packs (see quants.quantize_choice)."""
     if quantize is None:
         return {}
-    experts = config.num_experts or 0
-    model = MixModel(config.num_layers, experts,  # the head the engine reads (weights.cpp: bind_weights)
-                     tied="lm_head.weight" not in tensors,
-                     seventy_b=llama_cpp_70b(config.architecture, config.num_layers, config.num_heads,
-                                             config.num_kv_heads, experts))
+    model = _mix_model(tensors, config)
     fallen: list[str] = []
     unfit: list[str] = []
     chosen = {n: quantize_choice(quantize, n, t.shape, fallen, model, unfit) for n, t in tensors.items()

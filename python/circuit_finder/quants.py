@@ -46,6 +46,7 @@ import fnmatch
 import re
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -197,38 +198,47 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return out.transpose(1, 2)
 
 
-def gpt_oss_experts_as_gguf(tensors: dict, mxfp4: dict) -> tuple[dict, set[str], dict]:
+def gpt_oss_experts_as_gguf(tensors: dict, mxfp4: dict, packs=lambda name, shape: True) -> tuple[dict, set[str], dict]:
     """GPT-OSS experts in GGUF's layout, which the engine reads packed, for ``quantize=``: each
     layer's transformers gate_up_proj [E, H, 2I] (gate and up columns alternating) and down_proj
     [E, I, H], float in ``tensors`` or MXFP4 in ``mxfp4`` (``mxfp4_pairs``), become gate_proj /
-    up_proj [E, I, H] and down_proj [E, H, I]. Returns ({name: (shape, make(dtype, device))}, the
-    names of the tensors they replace, {bias name: split bias}): each matrix made when asked for,
-    one at a time, as the loader's dequantized-on-load matrices are."""
+    up_proj [E, I, H] and down_proj [E, H, I] — in the layers where ``packs(name, shape)`` says one
+    of the three will be packed (the others stay as they are). Returns ({name: (shape,
+    make(dtype, device))}, the names of the tensors they replace, {bias name: split bias}): each
+    matrix made when asked for, one at a time, as the loader's dequantized-on-load matrices are."""
     made, parts, biases = {}, set(), {}
     for name in sorted(n for n in {*tensors, *mxfp4} if n.endswith(".mlp.experts.gate_up_proj")):
         x = name[:-len("gate_up_proj")]
-        (e, h, two_i), gate_up = _expert_source(tensors, mxfp4, x + "gate_up_proj", parts)
-        _, down = _expert_source(tensors, mxfp4, x + "down_proj", parts)
-        for part, first in (("gate", 0), ("up", 1)):
-            made[f"{x}{part}_proj"] = ((e, two_i // 2, h), lambda d, dev, f=first, g=gate_up:
-                                       g(d, dev)[..., f::2].transpose(1, 2).contiguous())
-        made[x + "down_proj"] = ((e, h, two_i // 2), lambda d, dev, w=down: w(d, dev).transpose(1, 2).contiguous())
-        bias = tensors[x + "gate_up_proj_bias"]
+        e, h, two_i = mxfp4_shape(mxfp4[name][0]) if name in mxfp4 else tensors[name].shape
+        shapes = {x + "gate_proj": (e, two_i // 2, h), x + "up_proj": (e, two_i // 2, h),
+                  x + "down_proj": (e, h, two_i // 2)}
+        if not any(packs(n, shape) for n, shape in shapes.items()):
+            continue
+        for (n, shape), rows in zip(shapes.items(), (slice(0, None, 2), slice(1, None, 2), None)):
+            source = x + ("down_proj" if rows is None else "gate_up_proj")
+            made[n] = (shape, partial(_expert_rows, tensors, mxfp4, source, rows))
+            parts.update((source, source + "_blocks", source + "_scales"))
+        bias = tensors.get(x + "gate_up_proj_bias")
+        if bias is None:
+            raise ValueError(f"GPT-OSS checkpoint: missing tensor '{x}gate_up_proj_bias'")
         biases[x + "gate_proj_bias"], biases[x + "up_proj_bias"] = bias[:, 0::2].contiguous(), bias[:, 1::2].contiguous()
         parts.add(x + "gate_up_proj_bias")
     return made, parts, biases
 
 
-def _expert_source(tensors: dict, mxfp4: dict, name: str, parts: set):
-    """(transformers' shape, make(dtype, device)) of one GPT-OSS expert tensor, float or MXFP4;
-    the names it is stored under are added to ``parts``."""
+def _expert_rows(tensors: dict, mxfp4: dict, name: str, rows: slice | None, dtype: torch.dtype,
+                 device) -> torch.Tensor:
+    """One GPT-OSS expert matrix in GGUF's layout [E, out, in], from transformers' [E, in, out]
+    (``rows``: the output features kept, every other one of gate_up's; None: all), float or MXFP4;
+    MXFP4 decodes only those rows (its blocks are stored [E, out, ...])."""
     if name in mxfp4:
         blocks, scales = mxfp4[name]
-        parts.update((name, name + "_blocks", name + "_scales"))
-        return tuple(mxfp4_shape(blocks)), lambda d, dev: dequantize_mxfp4(blocks, scales, d, dev)
-    t = tensors[name]
-    parts.add(name)
-    return tuple(t.shape), lambda d, dev: t.to(device=dev, dtype=d)
+        if rows is not None:
+            blocks, scales = blocks[:, rows], scales[:, rows]
+        return dequantize_mxfp4(blocks, scales, dtype, device).transpose(1, 2)  # (contiguous [E, out, in])
+    t = tensors[name] if rows is None else tensors[name][..., rows]
+    out = torch.empty(t.shape[0], t.shape[2], t.shape[1], dtype=dtype, device=device)
+    return out.copy_(t.transpose(1, 2))
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # the float8 weights of fine-grained FP8 checkpoints
