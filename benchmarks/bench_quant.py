@@ -418,5 +418,10 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    result = run_quant()
-    print(markdown(result))
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The default model's GGUF through every route (see the module text); "
+                                             "a random file of a real shape: run.py --sections quant --quant-model 8b")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs per figure, the best kept (default 2)")
+    args = ap.parse_args()
+    print(markdown(run_quant(repeat=args.repeat)))

@@ -4,9 +4,10 @@ held-out items, and what routing costs per request.
     .venv/bin/python benchmarks/bench_router.py                  # default model, both modes
     .venv/bin/python benchmarks/bench_router.py --modes likelihood --json out.json
 
-For each mode: a sweep of RYS configs (block sizes 2, 4, 6, 8 at every --stride-th start) over every search
-item of the math, eq and reasoning probes (results in benchmarks/results/router-<mode>.jsonl,
-resumed when killed); two routers trained on it with cf.train_router (4 candidates: identity and
+For each mode: a sweep of RYS configs (block sizes 2, 4, 6, 8 at every --stride-th start: 4 in likelihood
+mode, 8 in generate mode by default) over every search item of the math, eq and reasoning probes
+(results in benchmarks/results/router-<mode>.jsonl, resumed when killed: another --stride adds its
+configs to that file, and the routers then train on a sweep other than the one RESULTS.md reports); two routers trained on it with cf.train_router (4 candidates: identity and
 the top 3 by combined_delta; mean-pooled features): one with the default fallback (a constant
 choice unless cross-validation on search items says routing wins) and one forced to route
 (fallback=False). Each router's held-out reading — vs the baseline, the best fixed path (best
@@ -108,18 +109,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+STRIDE = {"likelihood": 4, "generate": 8}  # generate mode's configs take ~66 s each on 2 cores
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--modes", nargs="+", default=["likelihood", "generate"], choices=["likelihood", "generate"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stride", type=int, default=4, help="grid stride of the sweep's starts (default 4)")
+    ap.add_argument("--stride", type=int, default=None,
+                    help="grid stride of the sweep's starts (default: 4 in likelihood mode, 8 in generate mode, "
+                         "as the runs RESULTS.md reports and their cached sweeps in results/ were made)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model = cf.load(args.model, dtype="float32")
     report = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "modes": [run_mode(model, mode, args.seed, args.stride) for mode in args.modes]}
+              "modes": [run_mode(model, mode, args.seed, args.stride or STRIDE[mode]) for mode in args.modes]}
     text = markdown(report)
     print(text)
     path = Path(args.json) if args.json else ROOT / "results" / f"{report['date']}-router-{'-'.join(args.modes)}.json"

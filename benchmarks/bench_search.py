@@ -6,7 +6,7 @@ search objective, combined_delta on the search items) is ranked in the full scan
     .venv/bin/python benchmarks/bench_search.py --seeds 10 --json out.json
 
 The scan runs once through cf.sweep and is cached in its results file (--scan; resumed when
-killed). Strategies then run against the cached scores — no model compute — so every strategy
+killed; --fresh starts it again, as a file made with other probe items must be). Strategies then run against the cached scores — no model compute — so every strategy
 sees exactly the numbers the scan measured:
 - random: ``budget`` configs drawn from the scan;
 - grid: single blocks of sizes 2, 4, 6, 8 at a stride giving at most ``budget`` configs (the seed
@@ -93,11 +93,13 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.10, 0.20])
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--fresh", action="store_true",
+                   help="start the scan's results file again (needed when the probes' items changed since it was made)")
     args = p.parse_args(argv)
     model = cf.load(args.model)
     n = model.num_layers
     cf.sweep(model, probes=args.probes, strategy="scan", mode="likelihood", max_items=args.max_items,
-             results=args.scan, progress=True)
+             results=args.scan, resume=not args.fresh, progress=True)
     scores = oracle_scores(Path(args.scan), n)
     total = len(scores)
     rows = []

@@ -5,7 +5,7 @@
 # and parse rates, re-scores the top 2 on held-out items, prints the Pareto front over math and
 # instruct and the sweep's reading in words, and writes runs/demo-heatmap.png and the interactive
 # runs/demo-heatmap.html. Results go to runs/demo-generate.jsonl; running it again resumes from
-# that file. About 5 minutes on 2 CPU cores (4.7 on 2026-11-25, set-up included; it was 10 before the sweep batching).
+# that file. About 5 minutes on 2 CPU cores (4.7 on 2026-11-25, set-up included; 9 on 2026-11-23, before the sweep batching).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
