@@ -231,6 +231,9 @@ def test_generation_kwargs_and_chat_template_fallbacks(chat_model):
     sampling, _ = generation_settings({"do_sample": False, "temperature": 0.7, "min_new_tokens": 3, "num_beams": 1,
                                        "repetition_penalty": 1.0, "top_k": 40}, 7, [])
     assert (sampling.temperature, sampling.min_new_tokens) == (0.0, 3)
+    sampling, _ = generation_settings({"do_sample": True, "temperature": 0.8, "top_p": 0.0}, 7, [])
+    assert (sampling.temperature, sampling.top_p) == (0.0, 1.0)  # transformers keeps the argmax alone: greedy
+    assert generation_settings({"do_sample": True, "top_p": 0.5}, 7, [])[0].top_p == 0.5
     with pytest.raises(ValueError, match="does not implement: num_beams, top_k"):
         generation_settings({"do_sample": True, "temperature": 0.5, "top_k": 40, "num_beams": 4}, 7, [])
     with pytest.raises(ValueError, match="does not implement: repetition_penalty"):

@@ -163,20 +163,30 @@ def test_reuse_equals_no_reuse(chat_model, mode):
 
 def test_an_empty_context_is_bos_once():
     """lm-eval's rule for an empty context: BOS is the context, and the continuation is encoded
-    without special tokens (a tokenizer that prepends BOS must not give log p(BOS | BOS))."""
+    without special tokens (a tokenizer that prepends BOS must not give log p(BOS | BOS)); a
+    continuation that starts with BOS gives that BOS as the context; a context whose text starts
+    with BOS's text gets no second BOS (lm-eval's has_bos_prefix)."""
     from circuit_finder.likelihood import encode_pair
 
-    class BosCodec:  # a Llama-style tokenizer: one id per character, BOS (1) first with special tokens
+    class BosCodec:  # a Llama-style tokenizer: one id per character, BOS (1, written "§") first with special tokens
         bos_id = 1
+
+        class tokenizer:  # noqa: N801
+            @staticmethod
+            def decode(ids):
+                return "".join("§" if i == 1 else chr(i) for i in ids)
 
         def require(self, what):
             return self
 
         def encode(self, text, add_special_tokens=True):
-            return [1] * add_special_tokens + [ord(c) for c in text]
+            return [1] * add_special_tokens + [1 if c == "§" else ord(c) for c in text]
 
-    assert encode_pair(BosCodec(), "", " yes") == ([1], [ord(" "), ord("y"), ord("e"), ord("s")])
+    yes = [ord(" "), ord("y"), ord("e"), ord("s")]
+    assert encode_pair(BosCodec(), "", " yes") == ([1], yes)
+    assert encode_pair(BosCodec(), "", "§ yes") == ([1], yes)
     assert encode_pair(BosCodec(), "Q:", " A") == ([1, ord("Q"), ord(":")], [ord(" "), ord("A")])
+    assert encode_pair(BosCodec(), "§Q:", " A") == ([1, ord("Q"), ord(":")], [ord(" "), ord("A")])
 
 
 def test_likelihood_equals_plain_log_probs(chat_model):

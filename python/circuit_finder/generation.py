@@ -108,10 +108,12 @@ class TextCodec:
 
     @property
     def bos_id(self) -> int | None:
-        """The id an empty context conditions on: BOS, else the first EOS, else None."""
+        """The id an empty context conditions on: BOS, else the tokenizer's EOS (lm-eval's prefix
+        token), else the config's first EOS, else None."""
         tok = self.tokenizer
-        if tok is not None and tok.bos_token_id is not None:
-            return int(tok.bos_token_id)
+        for token in ("bos_token_id", "eos_token_id"):
+            if tok is not None and getattr(tok, token, None) is not None:
+                return int(getattr(tok, token))
         return self.eos_ids[0] if self.eos_ids else None
 
     def chat_text(self, messages: Sequence[dict], add_generation_prompt: bool = True,
@@ -267,10 +269,16 @@ class Sampling:
 def generation_masks(ids: torch.Tensor, mask: torch.Tensor | None,
                      max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions [B, T] of left-padded prompts, and the key mask over prompt + generated tokens
-    [B, T + max_new_tokens] (None when nothing is padded)."""
+    [B, T + max_new_tokens] (None when nothing is padded). ValueError for a row that is not
+    left-padded (padding after a token: generation reads each row's last column)."""
     B, T = ids.shape
     if mask is None:
         return torch.arange(T, device=ids.device).expand(B, T).contiguous(), None
+    real = mask != 0
+    if T and not bool((real[:, 1:] >= real[:, :-1]).all() & real[:, -1].all()):
+        row = int((~((real[:, 1:] >= real[:, :-1]).all(1) & real[:, -1])).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} is not left-padded (padding after its tokens); generation "
+                         f"continues each row from its last column: pad prompts on the left")
     full_mask = None
     if not bool((mask != 0).all()):
         full_mask = torch.ones((B, T + max_new_tokens), dtype=torch.long, device=ids.device)

@@ -5,9 +5,10 @@ go through here, so the same (context, continuation) pair gets the same number e
 
 - Tokenization rule (lm-eval's): trailing whitespace of the context moves to the continuation;
   the continuation's ids are ``encode(context + continuation)`` minus the first
-  ``len(encode(context))`` ids; the context's ids are ``encode(context)``. An empty context
-  conditions on BOS (or EOS when there is no BOS), the continuation then encoded without special
-  tokens (not BOS twice). ``encode_pair`` applies it.
+  ``len(encode(context))`` ids; the context's ids are ``encode(context)``, without special tokens
+  when the text starts with BOS's own text (not BOS twice). An empty context conditions on BOS (or
+  the tokenizer's EOS when there is no BOS), the continuation then encoded without special tokens,
+  or on the continuation's first id when that is BOS already. ``encode_pair`` applies it.
 - Two layouts of the same computation: ``row_batch`` puts each pair in its own left-padded row
   (context + continuation but its last token); ``packed_batch`` puts one context once per row,
   followed by all of its continuations, each continuation seeing the context and itself only
@@ -48,12 +49,15 @@ def encode_pair(codec: TextCodec, context: str, continuation: str,
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    bos = codec.bos_id
     if context == "":
-        bos = codec.bos_id
         if bos is None:
             raise ValueError("an empty context needs a BOS or EOS token to condition on")
-        ctx, cont = [bos], codec.encode(continuation, add_special_tokens=False)  # BOS is the context already
+        cont = codec.encode(continuation, add_special_tokens=False)  # BOS is the context already,
+        ctx, cont = ([bos], cont) if cont[:1] != [bos] else (cont[:1], cont[1:])  # or the continuation's own
     else:
+        if add_special_tokens and bos is not None and context.startswith(codec.tokenizer.decode([bos])):
+            add_special_tokens = False  # the text brings its BOS: not a second one (lm-eval's has_bos_prefix)
         whole = codec.encode(context + continuation, add_special_tokens=add_special_tokens)
         ctx = codec.encode(context, add_special_tokens=add_special_tokens)
         cont = whole[len(ctx):]

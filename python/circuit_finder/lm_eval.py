@@ -113,7 +113,9 @@ def generation_settings(kwargs: dict, max_gen: int, until: list[str]) -> tuple[S
     if "max_length" in kwargs:
         warnings.warn("max_length in generation kwargs (prompt + generated tokens, as lm-eval's hf model reads it) "
                       "overrides max_gen_toks: use max_gen_toks instead", stacklevel=3)
-    top_p = float(kwargs.get("top_p", 1.0) or 1.0)
+    top_p = 1.0 if kwargs.get("top_p") is None else float(kwargs["top_p"])
+    if top_p <= 0:  # transformers keeps one token then: the argmax, a greedy generation
+        temperature, top_p = 0.0, 1.0
     min_new = min(int(kwargs.get("min_new_tokens", 0) or 0), max_gen)
     sampling = Sampling(max_gen, min_new, temperature, top_p, None, tuple(until))
     return sampling, (int(kwargs["max_length"]) if kwargs.get("max_length") is not None else None)

@@ -147,7 +147,8 @@ class Model:
         unless told otherwise, so thinking=False writes a prompt as a sweep's probes ran it); or a
         LongTensor [B, T] of token ids (left-padded, with attention_mask) ->
         LongTensor [B, new] of generated ids (finished rows padded with the pad id).
-        temperature 0 is greedy; otherwise sampling with top_p, reproducible with seed.
+        temperature 0 is greedy; otherwise sampling with top_p, reproducible with seed for the same
+        batch (one generator draws for every row: a prompt's sample depends on its batch and row).
         layers may be a Router (or "router:PATH"): each prompt runs along the path it is routed to.
         """
         router = self.router(layers)
