@@ -269,16 +269,16 @@ class Sampling:
 def generation_masks(ids: torch.Tensor, mask: torch.Tensor | None,
                      max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions [B, T] of left-padded prompts, and the key mask over prompt + generated tokens
-    [B, T + max_new_tokens] (None when nothing is padded). ValueError for a row that is not
-    left-padded (padding after a token: generation reads each row's last column)."""
+    [B, T + max_new_tokens] (None when nothing is padded). ValueError for a row whose last column
+    is padding (right-padded: generation continues each row from its last column). Padding inside
+    a row (the sweep's shared head, then each row's left padding) is masked like any other."""
     B, T = ids.shape
     if mask is None:
         return torch.arange(T, device=ids.device).expand(B, T).contiguous(), None
-    real = mask != 0
-    if T and not bool((real[:, 1:] >= real[:, :-1]).all() & real[:, -1].all()):
-        row = int((~((real[:, 1:] >= real[:, :-1]).all(1) & real[:, -1])).nonzero()[0])
-        raise ValueError(f"attention_mask row {row} is not left-padded (padding after its tokens); generation "
-                         f"continues each row from its last column: pad prompts on the left")
+    if T and not bool((mask[:, -1] != 0).all()):
+        row = int((mask[:, -1] == 0).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} ends in padding (right-padded); generation continues each "
+                         f"row from its last column: pad prompts on the left")
     full_mask = None
     if not bool((mask != 0).all()):
         full_mask = torch.ones((B, T + max_new_tokens), dtype=torch.long, device=ids.device)
