@@ -389,6 +389,10 @@ def test_gpt_oss_experts_quantize_on_load(tmp_path):
     assert held["experts.0.gate_up_proj"].dtype == torch.float32 and "experts.0.gate_proj" not in held
     held = cf.load(tmp_path / "hf", quantize={"*.experts.down_proj": "q8_0"}).engine.layer_tensors(0)
     assert held["experts.0.down_proj"].dtype == torch.uint8 and held["experts.0.gate_proj"].dtype == torch.float32
+    with pytest.warns(UserWarning, match=r"packed under GGUF's names .* in transformers' layout \(e.g. "
+                                         r"model.layers.0.mlp.experts.gate_up_proj\) stay float"):
+        held = cf.load(tmp_path / "hf", quantize={"*.experts.gate_up_proj": "q8_0"}).engine.layer_tensors(0)
+    assert held["experts.0.gate_up_proj"].dtype == torch.float32  # (it crashed: packed where read as float)
 
 
 def test_gpt_oss_gguf_export_keeps_each_slots_window(tmp_path):

@@ -100,7 +100,8 @@ def test_budgets_and_ready_placements_are_read_one_way(monkeypatch):
     and "cpu:0") or in text, is refused rather than one silently kept; numpy layer counts are
     counts; a ready Placement's devices are written one way (cpu:0 is cpu: not a split model) and
     max_memory beside it is refused, not dropped; device_map="cuda" is checked against its budget
-    (the GPU's free memory faked here), device="cuda" alone is not (its tensors may be there)."""
+    (the GPU's free memory faked here), and so is device="cuda" for a load from files, not for
+    tensors handed over (they may be there already)."""
     import numpy as np
 
     assert dict(plan("cpu=6", N, SIZES, max_memory={"cpu": float("inf")}).need) == {"cpu": 650}
@@ -120,7 +121,9 @@ def test_budgets_and_ready_placements_are_read_one_way(monkeypatch):
     monkeypatch.setattr(placement, "free_memory", lambda d: 100)
     with pytest.raises(ValueError, match=r"puts 650 B of weights on cuda:0, more than its budget of 90 B"):
         plan("cuda", N, SIZES)
-    assert plan(None, N, SIZES, device="cuda").layers == (torch.device("cuda", 0),) * N
+    with pytest.raises(ValueError, match=r"puts 650 B of weights on cuda:0"):  # a load from files: budgeted
+        plan(None, N, SIZES, device="cuda", budget_device=True)
+    assert plan(None, N, SIZES, device="cuda").layers == (torch.device("cuda", 0),) * N  # tensors handed over
 
 
 def test_cgroup_room_reads_the_tightest_limit(tmp_path):

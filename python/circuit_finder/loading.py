@@ -255,7 +255,8 @@ def _load_gguf(path: str, device, dtype, device_map, max_memory, dequantize: boo
 
     def place(config: dict, numels: dict[str, int], packed: dict[str, int]) -> Placement:  # before any decoding
         sizes = {name: n * target.itemsize for name, n in numels.items()}
-        placed.append(plan(device_map, parse_config(config, path).num_layers, sizes, device, max_memory, packed))
+        placed.append(plan(device_map, parse_config(config, path).num_layers, sizes, device, max_memory, packed,
+                           budget_device=True))
         return placed[0]
 
     tokenizer = gguf_tokenizer(path)  # first: bad tokenizer metadata fails before minutes of weights
@@ -339,7 +340,7 @@ def _build(config, tensors, tokenizer=None, device="cpu", dtype=None, source="<t
     packed = {n: t.nbytes for n, t in ggml.items()}  # the bytes of matrices kept packed where they run so
     packed.update({n: math.prod(tensors[n].shape[:-1]) * _C.packed_row_bytes(PACKED_TYPES[k], tensors[n].shape[-1])
                    for n, k in wanted.items()})
-    placed = plan(device_map, config.num_layers, sizes, device, max_memory, packed)
+    placed = plan(device_map, config.num_layers, sizes, device, max_memory, packed, budget_device=owned)
     for name, kind in wanted.items():  # one matrix at a time, on its device: never a second float copy of the model
         where = placed.device_of(name)
         if packs_on(where):
@@ -521,8 +522,14 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
     model = _mix_model(tensors, config)
     fallen: list[str] = []
     unfit: list[str] = []
+    held = _gpt_oss_held_as_loaded(tensors, config)
     chosen = {n: quantize_choice(quantize, n, t.shape, fallen, model, unfit) for n, t in tensors.items()
-              if not isinstance(t, PackedTensor) and t.is_floating_point()}
+              if not isinstance(t, PackedTensor) and t.is_floating_point() and n not in held}
+    named = [n for n in sorted(held) if quantize_choice(quantize, n, tensors[n].shape, model=model) is not None]
+    if named:
+        warnings.warn(f"quantize: GPT-OSS experts are packed under GGUF's names (mlp.experts.gate_proj, up_proj, "
+                      f"down_proj); {len(named)} in transformers' layout (e.g. {named[0]}) stay float: no rule "
+                      f"packs their layers' GGUF-named matrices", stacklevel=3)
     _warn_idle_rules(quantize, {n: tuple(getattr(t, "shape", ())) for n, t in tensors.items()}, model.tied)
     if fallen:
         instead = ", ".join(f"{to} for {k}" for k, to in K_FALLBACK.items())
@@ -532,6 +539,17 @@ def _to_quantize(tensors: dict, quantize, config: ModelConfig) -> dict[str, str]
         warnings.warn(f"quantize: {len(unfit)} matrices (e.g. {unfit[0]}) stay float: their rows are not whole "
                       f"32-value blocks", stacklevel=3)
     return {n: k for n, k in chosen.items() if k is not None}
+
+
+def _gpt_oss_held_as_loaded(tensors: dict, config: ModelConfig) -> set[str]:
+    """GPT-OSS expert matrices still in transformers' layout (gate_up_proj, and down_proj beside it):
+    the engine reads those as float, so they are never packed (``_made_on_load`` lays out, in GGUF's
+    layout, the layers a rule packs)."""
+    if config.architecture != "GptOssForCausalLM":
+        return set()
+    ups = [n for n in tensors if n.endswith(".mlp.experts.gate_up_proj")]
+    return {*ups, *(n[:-len("gate_up_proj")] + "down_proj" for n in ups if n[:-len("gate_up_proj")] + "down_proj"
+                    in tensors)}
 
 
 def _warn_idle_rules(quantize, shapes: dict[str, tuple], tied: bool) -> None:

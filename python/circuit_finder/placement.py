@@ -23,7 +23,8 @@ its free memory now (CUDA: the driver's free memory and what torch's allocator h
 MemAvailable, or what the process's memory cgroup leaves when that is less); the margin is for KV
 caches and activations, which budgets do not count. A plan that needs more than a budget, names a
 device this torch cannot use, or leaves a layer out raises ValueError naming it; ``device=`` alone
-(no device_map) is not budgeted, as the tensors may be there already.
+(no device_map) is budgeted on a GPU for a load from files, not for tensors handed over (they may be
+there already).
 
 Limits: CPU and CUDA (ROCm's torch.cuda) devices; a layer is never split across devices.
 """
@@ -214,23 +215,25 @@ def _room(folder: Path, limit_file: str, usage_file: str, inactive: str) -> int 
 
 
 def plan(device_map, num_layers: int, sizes: dict[str, int], device="cpu", max_memory=None,
-         packed: dict[str, int] | None = None) -> Placement:
+         packed: dict[str, int] | None = None, budget_device: bool = False) -> Placement:
     """The Placement for ``device_map`` (see the module text) of a model with ``num_layers`` layers
     whose tensors take ``sizes`` bytes (Hugging Face name -> bytes in the dtype they will load in);
     ``packed``: name -> bytes of the matrices that stay packed on a device that runs packed
     matrices (``quants.packs_on``), counted there at that size and elsewhere at ``sizes``'.
     Checks devices, coverage and memory; loads nothing. A ready Placement is checked for its layer
-    count and returned."""
+    count and returned. device= alone (no device_map) is budgeted on a GPU only with
+    ``budget_device`` (a load from files; tensors handed over may be on that GPU already)."""
     if isinstance(device_map, Placement):
         if max_memory is not None:
             raise ValueError("max_memory budgets a device_map that is planned here, not a ready Placement")
         return _normalised(device_map, num_layers)
-    if device_map is None:  # not budgeted: the tensors may be there already (load_from_tensors)
+    tally = _Tally(num_layers, sizes, packed or {})
+    if device_map is None:
         if max_memory is not None:
             raise ValueError("max_memory budgets a device_map: pass device_map='auto' (or a map) with it")
         d = as_device(device, "device")
-        return Placement((d,) * num_layers, d)
-    tally = _Tally(num_layers, sizes, packed or {})
+        placed = Placement((d,) * num_layers, d)
+        return _checked(placed, tally, {}) if budget_device and d.type == "cuda" else placed
     budgets = _budgets(max_memory)
     if isinstance(device_map, str) and device_map.strip().lower() == "auto":
         layers = _auto(tally, budgets)
@@ -406,6 +409,7 @@ def _checked(placed: Placement, tally: _Tally, budgets: dict[str, int]) -> Place
         budget = _budget(torch.device(name), budgets)
         if n > budget:
             where = "max_memory" if name in budgets else f"{MARGIN:.0%} of its free memory"
-            raise ValueError(f"device_map puts {human(n)} of weights on {name}, more than its budget of "
-                             f"{human(budget)} ({where}); move layers to another device or raise max_memory")
+            raise ValueError(f"the placement puts {human(n)} of weights on {name}, more than its budget of "
+                             f"{human(budget)} ({where}); move layers to another device (device_map) or raise "
+                             f"max_memory")
     return Placement(placed.layers, placed.main, tuple(need.items()))
