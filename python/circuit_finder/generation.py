@@ -111,9 +111,11 @@ class TextCodec:
         """The id an empty context conditions on: BOS, else the tokenizer's EOS (lm-eval's prefix
         token), else the config's first EOS, else None."""
         tok = self.tokenizer
-        for token in ("bos_token_id", "eos_token_id"):
-            if tok is not None and getattr(tok, token, None) is not None:
-                return int(getattr(tok, token))
+        if tok is not None and tok.bos_token_id is not None:
+            return int(tok.bos_token_id)
+        eos = getattr(tok, "eos_token_id", None)
+        if eos is not None and int(eos) in self.eos_ids:  # (eos_ids holds those inside the vocabulary)
+            return int(eos)
         return self.eos_ids[0] if self.eos_ids else None
 
     def chat_text(self, messages: Sequence[dict], add_generation_prompt: bool = True,

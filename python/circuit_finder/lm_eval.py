@@ -271,27 +271,28 @@ class CircuitFinderLM(TemplateLM):
         all documents are scored together (batched across documents, as lm-eval's HF model does).
         A router routes each document once, by its opening tokens, and every window goes along it."""
         docs = [r.args[0] for r in requests]
-        windows, owner = [], []
+        windows, owner, heads = [], [], []
         for k, string in enumerate(docs):
             tokens = self.tok_encode(string)
+            heads.append([self.prefix_token_id, *tokens][:self.max_length])  # what a router reads
             mine = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
             windows += mine
             owner += [k] * len(mine)
         totals = [0.0] * len(docs)
-        for k, (value, _) in zip(owner, self._rolling_scores(docs, windows, owner, disable_tqdm)):
+        for k, (value, _) in zip(owner, self._rolling_scores(heads, windows, owner, disable_tqdm)):
             totals[k] += value
         for string, total in zip(docs, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
         return totals
 
-    def _rolling_scores(self, docs, windows, owner, disable_tqdm: bool) -> list[tuple[float, bool]]:
+    def _rolling_scores(self, heads, windows, owner, disable_tqdm: bool) -> list[tuple[float, bool]]:
         if self.router is None:
             return self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows], disable_tqdm=disable_tqdm)
-        heads = [[self.prefix_token_id, *self.tok_encode(d)][:self.max_length] for d in docs]
         route = self.router.choose(self.cf_model, heads, self.batch_size)
         out: list = [None] * len(windows)
-        for c, rows in routing.groups([route[k] for k in owner]).items():
+        for c, rows in tqdm(routing.groups([route[k] for k in owner]).items(), disable=disable_tqdm,
+                            desc="circuit-finder rolling (per route)"):
             scored = score_pairs(self.cf_model, [windows[i] for i in rows], list(self.router.candidates[c]),
                                  self.batch_size, self.max_length)
             for i, v in zip(rows, scored):

@@ -34,8 +34,9 @@ Limits: the block types refuse non-finite values, and they and F16 refuse values
 +-65504 (the scales are f16; ggml's own quantizer would write inf / NaN blocks), as they refuse rows
 that are not whole blocks (ValueError naming the tensor); a block whose values are all below ~1e-4
 loses resolution as its f16 scales underflow (the format's limit, in ggml's own files too); where a
-K-quant's super-scale rounds to 0, each sub-block is written as its mean alone, never worse than
-zeros (llama.cpp's offsets are then off by the spread: errors over twice the values).
+K-quant's sub-block scale is stored as 0 (its super-scale rounded to 0, or an outlier elsewhere in
+the super-block), that sub-block is written as its mean where that is <= 0, else as zeros: never
+worse than zeros (llama.cpp's offsets are then off by the spread: errors over twice the values).
 """
 
 from __future__ import annotations
@@ -243,9 +244,10 @@ def _affine_k(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]
     sub = x.reshape(n * 8, 32)
     scale, offset = affine_fit(sub, levels)
     d, sc = _six_bit(scale.reshape(n, 8))
-    # a super-scale below f16's range rounds to 0 and the codes then read nothing: each sub-block is
-    # its offset alone, best its own mean (else -offset, fitted with the codes, is off by the spread)
-    flat = (d == 0)[:, None].expand(n, 8).reshape(-1)
+    # a sub-block whose stored scale is 0 (the super-scale underflowed f16, or another sub-block is
+    # 126x wider) reads no codes: it is its offset alone, best its own mean where that is <= 0, else
+    # 0 (else -offset, fitted with the codes, is off by the spread)
+    flat = (sc == 0).reshape(-1)
     offset = torch.where(flat, (-sub.mean(1)).clamp(min=0.0), offset)
     dmin, mn = _six_bit(offset.reshape(n, 8))
     q = _codes(sub, (d[:, None] * sc).reshape(-1), (dmin[:, None] * mn).reshape(-1), levels).to(torch.uint8)
