@@ -39,11 +39,13 @@ ROOT = Path(__file__).resolve().parent
 
 
 def oracle_scores(path: Path, n: int) -> dict[str, float]:
-    """combined_delta of every config in a scan's results file."""
+    """combined_delta of every config in a scan's results file, rounded to 9 decimals (means of the
+    same item scores summed in another order must tie, not rank by float noise)."""
     _, records = read_records(path)
     recs = {r["layers"]: r for r in records if r.get("split", "search") == "search"}
     base = recs[str(LayerPath.identity(n))]
-    return {k: objective(r, base, "combined_delta") for k, r in recs.items() if k != str(LayerPath.identity(n))}
+    return {k: round(objective(r, base, "combined_delta"), 9) for k, r in recs.items()
+            if k != str(LayerPath.identity(n))}
 
 
 def _grid(n: int, budget: int, seed: int, sizes=(2, 4, 6, 8)):
