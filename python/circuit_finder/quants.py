@@ -19,8 +19,9 @@ Microscaling, FP4 E2M1 elements in blocks of 32 sharing one E8M0 power-of-two sc
 ``mlp.experts.gate_up_proj_blocks`` [E, 2I, H/32, 16] uint8 (two elements per byte, the even one
 in the low nibble) with ``..._scales`` [E, 2I, H/32] uint8 (exponent + 127), and ``down_proj``
 alike. They dequantize here, one expert at a time on the device the layer goes to, into the tensors
-transformers holds (``gate_up_proj`` [E, H, 2I], ``down_proj`` [E, I, H]). Keeping them packed is
-the quantized-weights issue's job (GGUF files first); this module is where such formats live.
+transformers holds (``gate_up_proj`` [E, H, 2I], ``down_proj`` [E, I, H]); with ``quantize=``,
+``gpt_oss_experts_as_gguf`` makes them (MXFP4 or float) in GGUF's layout instead, to be packed as
+a ggml type. MXFP4 itself is not a type the engine runs packed.
 GGUF files (llama.cpp's gpt-oss conversions) hold MXFP4 in ggml's own block order, decoded by
 ``dequantize_ggml_mxfp4``.
 
