@@ -200,6 +200,8 @@ def _sweep_probes(args) -> list:
 def _print_sweep(result, args) -> None:
     import pandas as pd
 
+    from .sweep.views import tested_rows
+
     df = result.to_pandas()
     probes = result.probe_names()
     base = df[df["baseline"]].iloc[0]
@@ -211,7 +213,7 @@ def _print_sweep(result, args) -> None:
     fmt = dict(index=False, float_format=lambda v: f"{v:.2f}")
     with pd.option_context("display.width", 200, "display.max_columns", 40):
         print(f"\ntop {len(top)} by {args.by} (search items; 95% paired bootstrap CI over items, sign-flip p, "
-              f"q: Benjamini-Hochberg over all {int((~df['baseline'] & (df['in_sample'] == 0)).sum())} configs):")
+              f"q: Benjamini-Hochberg over all {len(tested_rows(df))} configs):")
         cols = ["layers", "combined_delta", "combined_ci_low", "combined_ci_high", "combined_p", "combined_q",
                 *[f"{p}_delta" for p in probes], *[f"{p}_parse" for p in probes if f"{p}_parse" in top.columns]]
         cols += [args.by] if args.by not in cols else []

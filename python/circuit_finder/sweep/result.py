@@ -30,7 +30,7 @@ from .runner import (
     resolve_probes,
     run_configs,
 )
-from .views import best_first, pareto_front, plotly_heatmap
+from .views import best_first, pareto_front, plotly_heatmap, tested_rows
 
 __all__ = ["SweepResult"]
 
@@ -186,7 +186,7 @@ class SweepResult:
             return df
         if by not in df.columns:
             raise ValueError(f"no column {by!r}; columns: {', '.join(df.columns)}")
-        return best_first(df[~df["baseline"] & (df["in_sample"] == 0)], by).head(k).reset_index(drop=True)
+        return best_first(tested_rows(df), by).head(k).reset_index(drop=True)
 
     def per_item(self, split: str = "search"):
         """One row per (config, probe, item) of a split ("search", "validation" or "benchmark"):
@@ -234,7 +234,7 @@ class SweepResult:
 
     def _report_search(self, df, by: str) -> list[str]:
         others = df[~df["baseline"]]
-        fair = others[others["in_sample"] == 0]  # the tests q and Holm adjust over
+        fair = tested_rows(df)
         n = len(others)
         lines = [f"Search: {n} configs and the baseline, mode={self.mode}, on search items ({self.item_counts('search')})."]
         refined = int((others["stage"] == "refine").sum())

@@ -16,7 +16,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["best_first", "objective_columns", "pareto_front", "plotly_heatmap", "tested_delta"]
+__all__ = ["best_first", "objective_columns", "pareto_front", "plotly_heatmap", "tested_delta", "tested_rows"]
+
+
+def tested_rows(df):
+    """The rows of a ``SweepResult.to_pandas`` table that are tests of the family q and Holm adjust
+    over: not the baseline, and not a router row scored on items its router trained on."""
+    return df[~df["baseline"] & (df["in_sample"] == 0)]
 
 
 def tested_delta(column: str, columns) -> str | None:
