@@ -163,6 +163,29 @@ def test_sampling_is_seeded(model_dir):
     assert not torch.equal(a, c)
 
 
+def test_overflowed_rows_stop_with_a_warning(tmp_path):
+    """A row whose forward gives NaN logits (here a NaN embedding for token 5, as a float16 overflow
+    would) stops at that step, padded, with a warning naming it, greedy or sampled; the other rows
+    generate what they generate alone. transformers confirms that row's logits are NaN."""
+    hf = build_hf_model("llama", tmp_path, tie_word_embeddings=False)  # (tied, the head's row 5 is NaN for all)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[5] = float("nan")
+    hf.save_pretrained(str(tmp_path))
+    model = cf.load(tmp_path)
+    ids = torch.tensor([[7, 8, 9, 10], [7, 5, 9, 10]])
+    with torch.no_grad():
+        print("transformers last logits NaN per row:", hf(ids).logits[:, -1].isnan().any(-1).tolist())
+        assert hf(ids).logits[:, -1].isnan().any(-1).tolist() == [False, True]
+    alone = model.generate(ids[:1], max_new_tokens=6, min_new_tokens=6)
+    for sampled in ({}, {"temperature": 1.0, "seed": 3}):
+        with pytest.warns(UserWarning, match=r"row\(s\) \[1\] of 2 got NaN or \+inf logits"):
+            out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, **sampled)
+        print(sampled, out.tolist())
+        assert out[1].tolist() == [model.codec.pad_id] * 6
+        if not sampled:
+            assert torch.equal(out[:1], alone)
+
+
 def test_score_matches_logprobs(model_dir):
     folder, hf = model_dir("qwen3")
     model = cf.load(folder)

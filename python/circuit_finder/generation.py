@@ -312,7 +312,8 @@ def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_po
     max_new_tokens). Returns the new ids [B, n] (rows finished early padded with the pad id).
     check: run on the host before each step (no device sync: it reads no tensor); raising stops.
     Greedy decoding with dynamic steps (the CPU) drops finished rows from the batch as it goes:
-    the cache's rows move in place, and the ids are the same (not where rows_interact)."""
+    the cache's rows move in place, and the ids are the same (not where rows_interact). A row whose
+    logits hold NaN or +inf (an overflowed forward) stops there, padded, with one warning."""
     B = logits.shape[0]
     codec = model.codec
     limit = _budgets(budgets, B, sampling.max_new_tokens, logits.device)
@@ -325,11 +326,15 @@ def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_po
     compact = every == 1 and sampling.temperature == 0 and isinstance(step, _DynamicStep) and not rows_interact(model)
     alive = torch.arange(B, device=logits.device)  # the batch rows the step still runs
     done: list[torch.Tensor] = []  # per step: had every row finished (read on the host every `every` steps)
+    broken = torch.zeros(B, dtype=torch.bool, device=logits.device)  # rows whose logits overflowed
     for n in range(sampling.max_new_tokens):
         if check is not None:
             check()
         if n < sampling.min_new_tokens and eos.numel():
             logits[:, eos] = float("-inf")
+        logits, bad = _overflowed(logits, alive, B, sampling.temperature > 0)
+        broken |= bad
+        finished |= bad
         token = sample(logits, sampling.temperature, sampling.top_p, generator)
         if token.shape[0] < B:
             token = torch.full((B,), codec.pad_id, dtype=token.dtype, device=token.device).index_copy_(0, alive, token)
@@ -353,7 +358,25 @@ def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_po
         ended = torch.stack(done).nonzero()
         if ended.numel():
             out = out[: int(ended[0, 0]) + 1]
+    if bool(broken.any()):
+        rows = broken.nonzero().squeeze(1).tolist()
+        warnings.warn(f"generation: row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''} of {B} got NaN or +inf logits "
+                      f"(the forward overflowed: float16 along a path that repeats layers? bfloat16 or float32 "
+                      f"keeps the range): they stop at that step, padded", stacklevel=2)
     return torch.stack(out, 1)
+
+
+def _overflowed(logits: torch.Tensor, alive: torch.Tensor, B: int,
+                sampled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, bool [B]: the rows holding NaN or +inf, by original row; ``alive`` maps the batch's
+    rows to original rows). Where tokens are ``sampled`` those rows are zeroed, so sampling them
+    cannot fail (argmax cannot). One reduction over the vocabulary, no host read."""
+    bad = ~torch.isfinite(logits.amax(-1))  # max propagates NaN; all -inf (nothing allowed) counts too
+    if sampled:
+        logits = logits.masked_fill(bad.unsqueeze(1), 0.0)
+    if bad.shape[0] < B:
+        bad = torch.zeros(B, dtype=torch.bool, device=bad.device).index_copy_(0, alive, bad)
+    return logits, bad
 
 
 def rows_interact(model: Model) -> bool:
