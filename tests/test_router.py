@@ -502,14 +502,35 @@ def test_prompts_written_otherwise_than_in_training_are_warned(chat_model, tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         chat_model.generate(PROMPTS[:1], layers=r, max_new_tokens=1, chat=True)
-    with pytest.warns(UserWarning, match="trained on prompts written with the chat template; these are written "
+    with pytest.warns(UserWarning, match="training prompts were written with the chat template; these are written "
                                          "as plain text"):
         chat_model.generate(PROMPTS[:1], layers=r, max_new_tokens=1)
     plain = hand_router(chat_model, chat=False)
     plain.training = {"chat": False}
-    with pytest.warns(UserWarning, match="trained on prompts written as plain text.*these are written with the chat"):
+    with pytest.warns(UserWarning, match="prompts were written as plain text.*these are written with the chat"):
         cf.sweep(chat_model, probes=["math"], paths=[plain], mode="likelihood", max_items=2, chat=True,
                  results=tmp_path / "r.jsonl", progress=False)
+
+
+def test_a_thinking_switch_set_otherwise_than_in_training_is_warned(chat_model):
+    """Chat prompts both ways, but the template's thinking switch set otherwise than in the router's
+    training sweep: warned where the template has such a switch, quiet where it writes the same
+    prompt either way (the default model's) or the setting is left to the router (None)."""
+    import warnings
+
+    class Switching:
+        def chat_text(self, messages, add_generation_prompt=True, thinking=None):
+            return "<think>" if thinking else "<think></think>"
+
+    r = hand_router(chat_model)
+    r.training = {"chat": True, "thinking": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r.check_prompts(True, True, chat_model.codec)  # SmolLM2's template has no switch
+        r.check_prompts(True, None, Switching())
+        r.check_prompts(True, False, Switching())
+    with pytest.warns(UserWarning, match="thinking switch off; these have it on"):
+        r.check_prompts(True, True, Switching())
 
 
 def test_select_rows_checks_its_input(chat_model):

@@ -161,7 +161,7 @@ class Model:
             return self._generate(ids, self._mask_for(ids, attention_mask, "prompts"), router or path, sampling)
         sampling = Sampling(max_new_tokens, min_new_tokens, temperature, top_p, seed, stop or ())
         if router is not None:
-            router.check_prompts(chat)
+            router.check_prompts(chat, thinking, self.codec)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         ids, mask = self.codec.left_pad([self.codec.encode_prompt(p, chat, thinking) for p in prompt_list],
                                         self.device)

@@ -8,7 +8,7 @@ JSON file that loads without scikit-learn and without pickle. Training is ``rout
 running prompts along their chosen paths ``router.run``, the held-out reading ``router.evaluate``.
 
 Limits: features are read from token ids, so a prompt is routed by exactly the ids the model
-runs (a chat template applied or not makes a different prompt: ``check_prompts`` warns where
+runs (a chat template applied or not, or its thinking switch, makes a different prompt: ``check_prompts`` warns where
 Model.generate or a sweep writes prompts otherwise than the router's training did; the server and
 the lm-eval adapter take prompts as given and cannot tell); the classifier kinds are logistic
 regression, nearest centroid and a constant choice.
@@ -36,6 +36,15 @@ __all__ = ["KINDS", "POOLINGS", "Router", "RouterError"]
 POOLINGS = ("mean", "last", "mean+last")
 KINDS = ("logistic", "centroid", "constant")
 FORMAT = "circuit-finder-router"
+
+
+def _switches_thinking(codec) -> bool:
+    """Whether codec's chat template writes a prompt otherwise with thinking on than off (True when
+    there is no codec to ask)."""
+    if codec is None:
+        return True
+    message = [{"role": "user", "content": "?"}]
+    return codec.chat_text(message, thinking=True) != codec.chat_text(message, thinking=False)
 
 
 class RouterError(ValueError):
@@ -153,18 +162,29 @@ class Router:
                               f"before their trailing whitespace; it now reads whole prompts, so its choices may "
                               f"differ from its training's: train it again", stacklevel=3)
 
-    def check_prompts(self, chat: bool) -> None:
+    def check_prompts(self, chat: bool, thinking: bool | None = None, codec=None) -> None:
         """Warns (once per setting) when prompts are written with the chat template and this router's
-        training sweep wrote them without it, or the other way round: its features then read other
-        tokens than it was trained on (a router saved without that record is not checked)."""
+        training sweep wrote them without it, or the other way round; or, both with the template,
+        with its thinking switch set otherwise than that sweep set it (where ``codec``'s template
+        has such a switch): its features then read other tokens than it was trained on and its
+        choices may not hold (a router saved without that record is not checked)."""
         trained = (self.training or {}).get("chat")
-        if trained is None or bool(trained) == bool(chat) or ("chat", bool(chat)) in self._checked:
+        if trained is None:
             return
-        self._checked.add(("chat", bool(chat)))
         said = lambda c: "with the chat template" if c else "as plain text, without the chat template"  # noqa: E731
-        warnings.warn(f"router {self.name!r} was trained on prompts written {said(trained)}; these are written "
-                      f"{said(chat)}, so its features read other tokens and its choices may not hold",
-                      stacklevel=3)
+        if bool(trained) != bool(chat):
+            self._warn_once(("chat", bool(chat)), f"were written {said(trained)}; these are written {said(chat)}")
+        elif chat and thinking is not None and bool(thinking) != self.thinking and _switches_thinking(codec):
+            on = lambda t: "on" if t else "off"  # noqa: E731
+            self._warn_once(("thinking", bool(thinking)), f"had the chat template's thinking switch "
+                            f"{on(self.thinking)}; these have it {on(thinking)}")
+
+    def _warn_once(self, setting: tuple, what: str) -> None:
+        if setting in self._checked:
+            return
+        self._checked.add(setting)
+        warnings.warn(f"router {self.name!r}'s training prompts {what}, so its features read other tokens and its "
+                      f"choices may not hold", stacklevel=4)
 
     # ------------------------------------------------------------------ features and choices
     def prefix(self, model, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache=None):

@@ -390,6 +390,7 @@ class Runner:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         chat = resolve_chat(model, chat)
         self.model, self.mode, self.split, self.reuse, self.stage, self.chat = model, mode, split, reuse, stage, chat
+        self.thinking = bool(thinking)
         self.num_layers = model.num_layers
         self.batches: list[ProbeBatch] = []  # generate mode: a probe's items in groups of similar length
         self.order: dict[str, list[str]] = {}  # each probe's item ids, in the records' order
@@ -416,7 +417,7 @@ class Runner:
                   "extra_layers": extra, "split": self.split,
                   "mode": self.mode, "stage": self.stage, "scores": {}}
         if isinstance(config, RouterConfig):
-            config.router.check_prompts(self.chat)
+            config.router.check_prompts(self.chat, self.thinking, self.model.codec)
             record.update(self._in_sample(config))
         with torch.inference_mode():
             outs = [b.run(config, self.num_layers, self.reuse) for b in self.batches] if self._one_by_one(config) else \
