@@ -98,6 +98,23 @@ def test_a_setup_error_is_raised_before_any_worker_loads(chat_model, cluster):
     assert ex.pids == [] and not ex.actors
 
 
+def test_a_template_set_on_the_driver_only_is_refused(chat_model, tmp_path, cluster):
+    """Workers load the tokenizer from the model's files: a chat template set on the driver's
+    tokenizer would not reach them, so their prompts would not be the ones the header records:
+    refused, naming the cause, before any config runs."""
+    tok = chat_model.tokenizer
+    original = tok.chat_template
+    ex = cf.RayExecutor(workers=1, threads=1)
+    try:
+        tok.chat_template = original.replace("<|im_start|>", "<|im_start|> ")
+        with pytest.raises(ValueError, match="a Ray worker writes other prompts than this process"):
+            cf.sweep(chat_model, probes=["math"], paths=["0..3,2..5"], mode="likelihood", max_items=2,
+                     executor=ex, results=tmp_path / "r.jsonl", progress=False)
+    finally:
+        tok.chat_template = original
+    assert not ex.actors and read_records(tmp_path / "r.jsonl")[1] == []
+
+
 def test_workers_load_the_drivers_quantized_model(chat_model_dir, tmp_path, cluster):
     """Workers load with the driver's load options: a q8_0-quantized model's Ray records are its
     local records (not the float model's, which differ)."""

@@ -145,7 +145,7 @@ EXPLICIT = ["0..5,2..5", "0..3,2,3,2,3,4,5", "0..2,4,5", "0,2,1,3..5", "3..5"]
 
 
 def _strip(records):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "kind")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "kind", "run")} for r in records]
 
 
 @pytest.mark.parametrize("mode", ["likelihood", "generate"])
@@ -638,6 +638,88 @@ def test_resume_refuses_another_template_or_budget(chat_model, tmp_path):
     with pytest.raises(ValueError, match="max_new_tokens=3 for probe 'add'; this run gives it 5"):
         cf.sweep(chat_model, probes=[from_jsonl(items, max_new_tokens=5)], **gkw)
     cf.sweep(chat_model, probes=[from_jsonl(items, max_new_tokens=3)], **gkw)  # the same budget resumes
+
+
+def test_validate_refuses_a_probe_changed_since_the_search(chat_model, tmp_path):
+    """Held-out items are picked by position: an item added before the end of a probe's file moves
+    search items into the held-out set. validate() checks the probe's search items against the
+    file's and refuses, rather than call items the search saw held-out."""
+    from circuit_finder.probes import from_jsonl
+
+    def probe_file(values):
+        f = tmp_path / "add.jsonl"
+        f.write_text("".join(json.dumps({"id": f"q{a}", "prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n"
+                             for a in values))
+        return from_jsonl(f, max_new_tokens=2)
+
+    out = tmp_path / "r.jsonl"
+    result = cf.sweep(chat_model, probes=[probe_file(range(9))], block_sizes=(3,), starts=(0,), mode="generate",
+                      chat=False, results=out, progress=False)
+    changed = probe_file([99, *range(9)])
+    print("held out before/after:", [it.id for it in probe_file(range(9)).items("validation")],
+          [it.id for it in changed.items("validation")])
+    with pytest.raises(ValueError, match="other items of probe 'add'"):
+        SweepResult.load(out).validate(1, model=chat_model, probes=[changed], progress=False)
+    assert len(result.validate(1, progress=False)) == 1  # unchanged: validates
+
+
+def test_a_template_that_opens_thinking_records_its_extra_tokens(chat_model, tmp_path):
+    """A template that opens a thinking block itself gives answers think_tokens more tokens even with
+    thinking off: that budget is recorded, a resume with another is refused, and a loaded result
+    validates with it."""
+    tok = chat_model.tokenizer
+    original = tok.chat_template
+    out = tmp_path / "think.jsonl"
+    kw = dict(probes=["math"], paths=["0..3,2..5"], mode="generate", max_items=1, results=out, progress=False)
+    try:
+        tok.chat_template = original + "<think>\n"
+        with pytest.warns(UserWarning, match="opens a thinking block"):
+            cf.sweep(chat_model, think_tokens=3, **kw)
+        assert read_records(out)[0]["think_tokens"] == 3
+        with pytest.raises(ValueError, match="think_tokens=3; this sweep has think_tokens=5"):
+            cf.sweep(chat_model, think_tokens=5, **kw)
+        assert SweepResult.load(out).think_tokens == 3
+    finally:
+        tok.chat_template = original
+    assert "think_tokens" not in read_records(cf.sweep(chat_model, **dict(kw, results=tmp_path / "plain.jsonl")).path)[0]
+
+
+def test_in_memory_models_with_other_weights_do_not_resume_each_other(chat_model, chat_model_dir, tmp_path):
+    """Models built from tensors have no file to fingerprint: their tensors are, so a fine-tune of
+    the same base (here one weight changed) does not resume the base's results file."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(next(chat_model_dir.glob("*.safetensors"))))
+    base = cf.load_from_tensors(chat_model.config, dict(tensors), chat_model.tokenizer)
+    tuned = dict(tensors)
+    tuned["model.layers.3.mlp.down_proj.weight"] = tensors["model.layers.3.mlp.down_proj.weight"] * 1.01
+    other = cf.load_from_tensors(chat_model.config, tuned, chat_model.tokenizer)
+    same = cf.load_from_tensors(chat_model.config, dict(tensors), chat_model.tokenizer)
+    print("fingerprints:", base.fingerprint(), other.fingerprint(), same.fingerprint())
+    assert base.fingerprint() == same.fingerprint() != other.fingerprint()
+    kw = dict(probes=["math"], paths=["0..3,2..5"], mode="likelihood", max_items=2, results=tmp_path / "r.jsonl",
+              progress=False)
+    cf.sweep(base, **kw)
+    with pytest.raises(ValueError, match="fingerprint="):
+        cf.sweep(other, **kw)
+    cf.sweep(same, **kw)
+
+
+def test_lines_of_a_run_replaced_by_another_are_skipped(chat_model, tmp_path):
+    """A run still writing a file that another run started afresh (resume=False) appends records
+    under the new header: they carry the old run's id and are skipped on reading, with a warning."""
+    from circuit_finder.results import ResultStore
+
+    out = tmp_path / "r.jsonl"
+    first = ResultStore.open(out, chat_model, "generate", resume=False)
+    first.append(_fake_record("0..5", {"p": {"a": 1.0}}))
+    second = ResultStore.open(out, chat_model, "generate", resume=False)
+    second.append(_fake_record("0..5", {"p": {"a": 0.0}}))
+    first.append(_fake_record("0..3,2..5", {"p": {"a": 1.0}}))
+    with pytest.warns(UserWarning, match="skipping 1 line.*written by another run than the header's"):
+        header, records = read_records(out)
+    assert header["run"] == second.header["run"] != first.header["run"]
+    assert [(r["layers"], r["scores"]) for r in records] == [("0..5", {"p": {"a": 0.0}})]
 
 
 def test_likelihood_length_normalised_scores(chat_model):

@@ -13,12 +13,14 @@ device, ``model.device``.
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 
 import torch
 
 from . import _C, generation, likelihood
 from .config import ModelConfig
+from .files import fingerprint
 from .generation import Sampling, TextCodec, as_token_ids, outside_vocabulary, positions_from_mask
 from .layer_path import LayerPath
 from .placement import Placement
@@ -66,6 +68,23 @@ class Model:
     @property
     def tokenizer(self):
         return self.codec.tokenizer
+
+    def fingerprint(self) -> str | None:
+        """A cheap identity of the weights, which sweeps' resumes and routers compare: the source
+        file's (``files.fingerprint``) for a model ``load`` made from it; else the tensors' own
+        (their names, shapes, dtypes and 64 values spread over each), so two in-memory models
+        (``load_from_tensors``: a base and its fine-tune, say) are told apart."""
+        if self.load_options.get("from_file"):
+            return fingerprint(self.source)
+        h = hashlib.sha256()
+        for name in sorted(self.tensors):
+            t = getattr(self.tensors[name], "blocks", self.tensors[name])  # a PackedTensor: its bytes
+            flat = t.detach().reshape(-1)
+            at = torch.linspace(0, max(0, flat.numel() - 1), 64, device=flat.device).long()
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:".encode())
+            if flat.numel():
+                h.update(flat[at].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:32]
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of weight storage resident per device ({"cpu": ..., "cuda:0": ...}): each storage

@@ -4,7 +4,7 @@
 reads from and computes with, free of any model or runner.
 
 File format — one JSON object per line:
-- a header ``{"kind": "header", "version": 1, "model": ..., "num_layers": N, "mode": ..., "fingerprint",
+- a header ``{"kind": "header", "version": 1, "run": <16 hex digits>, "model": ..., "num_layers": N, "mode": ..., "fingerprint",
   "chat", "thinking", "max_items", "items": {probe: [item ids]}, "item_digest": {probe: sha256 of
   the items' ids, prompts, answers and choices}, "likelihood_rule"?}`` (a resume must match it);
 - a ``{"kind": "probes", "items": ..., "item_digest": ...}`` line when a resume adds probes, so
@@ -15,7 +15,10 @@ File format — one JSON object per line:
   "parsed"?: {probe: {item id: bool}}, "seconds"}`` per finished config (per-item scores, so differences can be tested item by item).
 
 Every line is written with one ``write`` and fsynced before the next config starts, so a killed
-run loses at most the config in flight. A torn last line (no newline) is cut off when the file is
+run loses at most the config in flight. Config and probes lines carry the header's ``run`` id: a
+run still writing a file that another run started afresh (``resume=False``: a new header) appends
+lines whose id is not the new header's, and reading skips them with a warning (files without ids
+read as before). A torn last line (no newline) is cut off when the file is
 opened for appending, and skipped when read.
 
 Statistics (``paired_stats``, shown by ``SweepResult.to_pandas``): per probe, the mean item
@@ -44,6 +47,7 @@ import json
 import math
 import os
 import time
+import uuid
 import warnings
 import zlib
 from collections.abc import Collection, Sequence
@@ -68,6 +72,7 @@ def read_records(path: str | Path) -> tuple[dict | None, list[dict]]:
     complete = lines[:-1]  # the part after the last newline is unfinished (or empty)
     if lines[-1].strip():
         warnings.warn(f"{path}: ignoring an unfinished last line ({len(lines[-1])} bytes)", stacklevel=2)
+    strays = []  # lines of a run that wrote into the file after another run replaced it
     for n, raw in enumerate(complete, 1):
         if not raw.strip():
             continue
@@ -80,6 +85,8 @@ def read_records(path: str | Path) -> tuple[dict | None, list[dict]]:
             warnings.warn(f"{path}:{n}: skipping a line that is not a JSON object", stacklevel=2)
         elif row.get("kind") == "header":
             header = header or row
+        elif header is not None and row.get("run", header.get("run")) != header.get("run"):
+            strays.append(n)
         elif row.get("kind") == "probes" and header is not None:  # probes a resumed sweep added
             for key in _PER_PROBE:
                 header[key] = {**header.get(key, {}), **row.get(key, {})}
@@ -87,6 +94,10 @@ def read_records(path: str | Path) -> tuple[dict | None, list[dict]]:
             records.append(row)
         else:
             warnings.warn(f"{path}:{n}: skipping a line that is not a sweep record", stacklevel=2)
+    if strays:
+        warnings.warn(f"{path}: skipping {len(strays)} line(s) (line {strays[0]}, ...) written by another run than "
+                      f"the header's: a run still writing this file when another started it afresh "
+                      f"(resume=False)", stacklevel=2)
     return header, records
 
 
@@ -114,7 +125,8 @@ class ResultStore:
         naming the difference — records of different setups are never mixed. ``record``: more header
         fields, written but not compared."""
         path = Path(path)
-        header = {"kind": "header", "version": VERSION, "model": getattr(model, "source", None),
+        header = {"kind": "header", "version": VERSION, "run": uuid.uuid4().hex[:16],
+                  "model": getattr(model, "source", None),
                   "num_layers": model.num_layers, "mode": mode, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   **(record or {}), **(setup or {})}
         if mode == "likelihood":
@@ -142,7 +154,7 @@ class ResultStore:
         return set(probes) <= self._done.get((layers, split, mode), set())
 
     def append(self, record: dict) -> None:
-        record = {"kind": "config", **record}
+        record = {"kind": "config", **record, **({"run": self.header["run"]} if "run" in self.header else {})}
         _append_line(self.path, record)
         self._records.append(record)
         self._index(record)
@@ -169,7 +181,7 @@ def _record_new_probes(path: Path, old: dict, setup: dict) -> None:
     new = {k: v for k, v in new.items() if v}
     if not new:
         return
-    _append_line(path, {"kind": "probes", **new})
+    _append_line(path, {"kind": "probes", **new, **({"run": old["run"]} if "run" in old else {})})
     for key, value in new.items():
         old[key] = {**old.get(key, {}), **value}
 
@@ -192,19 +204,22 @@ def _check_resume(path: Path, old: dict, new: dict, setup: dict) -> None:
             # a probe new to this file has no records yet: only probes both hold must agree
             differ = sorted(p for p in set(was) & set(value) if was[p] != value[p])
             if differ:
-                raise ValueError(_probe_differs(path, key, differ[0], was[differ[0]], value[differ[0]], again))
+                raise ValueError(_probe_differs(path, key, differ[0], was[differ[0]], value[differ[0]], again,
+                                                "held_out_items" in setup))
         elif was != value:
             raise ValueError(f"{path} was run with {key}={was!r}; this sweep has {key}={value!r}. {again}")
 
 
-def _probe_differs(path: Path, key: str, probe: str, was, now, again: str) -> str:
-    """The message for a per-probe setup entry that differs between a file and this run."""
+def _probe_differs(path: Path, key: str, probe: str, was, now, again: str, validating: bool = False) -> str:
+    """The message for a per-probe setup entry that differs between a file and this run (or, when
+    ``validating``, validate()'s probes)."""
     if key == "max_new_tokens":
         return (f"{path} was run with max_new_tokens={was} for probe {probe!r}; this run gives it {now} (answers "
                 f"cut at another length score differently). {again}")
     held = "held-out " if key.startswith("held_out") else ""
-    fix = again if not held else ("validate() scores each probe's current held-out items: restore the "
-                                  "probe as it was, or sweep again into a new results file.")
+    fix = again if not validating else ("validate() scores each probe's current held-out items, picked by "
+                                        "position: restore the probe as it was, or sweep again into a new "
+                                        "results file.")
     if key.endswith("items"):
         return (f"{path} was run on other {held}items of probe {probe!r} than this sweep "
                 f"({len(was)} vs {len(now)} items, or other ids). {fix}")

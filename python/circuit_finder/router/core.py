@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_file, fingerprint
+from ..files import atomic_file
 from ..generation import positions_from_mask
 from ..layer_path import LayerPath
 from . import reading
@@ -153,7 +153,7 @@ class Router:
         trained_on = (self.training or {}).get("fingerprint")
         if trained_on and model.source not in self._checked:
             self._checked.add(model.source)
-            if trained_on != fingerprint(model.source):
+            if trained_on != model.fingerprint():
                 warnings.warn(f"router {self.name!r} was trained on another model file "
                               f"({self.training.get('model')}) than {model.source}: its features may mean "
                               f"something else here", stacklevel=3)

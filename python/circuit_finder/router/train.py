@@ -26,7 +26,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..files import fingerprint
 from ..layer_path import LayerPath
 from ..sweep.runner import Runner, resolve_probes
 from .core import KINDS, POOLINGS, Router
@@ -277,7 +276,7 @@ def _training_info(result, model, probes, keys, items, labels, keep, fit, select
             "seed": seed, "classifier": classifier, "C": fit.get("C"), "cv": fit.get("cv", {}),
             "fit": fit.get("why", ""), "chat": result.chat, "thinking": bool(result.thinking),
             "results": str(result.path) if result.path else None, "model": str(model.source),
-            "fingerprint": fingerprint(model.source),
+            "fingerprint": model.fingerprint(),
             "in_sample": {"router": per_probe(routed), "candidates": {k: per_probe(table[:, c])
                                                                       for c, k in enumerate(keys)},
                           "oracle": per_probe(table.max(1))}}

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from ..placement import Placement
-from .runner import check_probes, model_setup
+from .runner import check_probes, context_digest, model_setup, resolve_probes
 
 __all__ = ["RayExecutor", "worker_placement"]
 
@@ -57,12 +57,14 @@ class SweepWorker:
         return {"setup": model_setup(self.model), "pid": os.getpid(), "num_layers": self.model.num_layers}
 
     def prepare(self, probes, mode: str, split: str, max_items, chat, reuse: bool, thinking: bool, think_tokens: int,
-                stage: str) -> None:
-        """The Runner of a stage (its probes' items encoded once)."""
+                stage: str) -> str:
+        """The Runner of a stage (its probes' items encoded once); returns ``context_digest`` of the
+        prompts this worker writes, for the driver to compare with its own."""
         from .runner import Runner, resolve_probes
 
-        self.runner = Runner(self.model, resolve_probes(probes), mode, split, max_items, chat, reuse, thinking,
-                             think_tokens, stage)
+        probes = resolve_probes(probes)
+        self.runner = Runner(self.model, probes, mode, split, max_items, chat, reuse, thinking, think_tokens, stage)
+        return context_digest(self.model, probes, split, max_items, chat, thinking)
 
     def run(self, config) -> dict:
         return self.runner.run(config)
@@ -92,9 +94,9 @@ class RayExecutor:
     of this process or starts a local one. workers: how many actors (default: one per GPU for a
     CUDA model, else the cluster's CPUs // threads). threads: CPU threads per CPU worker
     (default: the cluster's CPUs // workers when workers is given, else this process's torch
-    threads). max_restarts: replacement workers started in all. start_timeout: seconds a worker
-    may take to start and load the model. config_timeout: seconds a worker may spend on one config
-    (or on preparing a stage) before it is taken for hung, killed and replaced, the config run
+    threads). max_restarts: replacement workers started per session (a sweep, its stages and
+    validate). start_timeout: seconds a worker may take to start and load the model.
+    config_timeout: seconds a worker may spend on one config (or on preparing a stage) before it is taken for hung, killed and replaced, the config run
     again elsewhere (None: no limit; set it well above a config's time, a first config's prefix
     included).
     """
@@ -112,16 +114,17 @@ class RayExecutor:
         self.actors: list = []  # the live actors (tests kill one mid-sweep)
         self.started = 0  # workers the last session (or run outside one) started, replacements not counted
         self.pids: list[int] = []  # the process ids of the workers it started, replacements included
-        self.restarts = 0
+        self.restarts = 0  # workers replaced in the current session (max_restarts bounds it)
         self._depth = 0  # open sessions: while > 0, workers stay up between runs
         self._loaded: tuple | None = None  # (load arguments, setup) the live actors were started with
+        self._prompts = ""  # context_digest of the current stage's prompts, as this process writes them
 
     @contextlib.contextmanager
     def session(self):
         """Keeps the workers up between the runs inside it (sweep() holds one over its stages and
         validate(); nested sessions share it) and frees them at the outermost end."""
         if self._depth == 0:
-            self.started, self.pids = 0, []
+            self.started, self.pids, self.restarts = 0, [], 0
         self._depth += 1
         try:
             yield self
@@ -208,6 +211,8 @@ class RayExecutor:
         remote = ray.remote(num_gpus=gpus, num_cpus=1)(SweepWorker) if gpus else ray.remote(num_cpus=threads)(SweepWorker)
         stage = (probes, *(worker_args[k] for k in ("mode", "split", "max_items", "chat", "reuse", "thinking",
                                                      "think_tokens", "stage")))
+        self._prompts = context_digest(model, resolve_probes(probes), *(worker_args[k] for k in (
+            "split", "max_items", "chat", "thinking")))
         try:
             more = min(workers, len(groups)) - len(self.actors)
             if more > 0:
@@ -215,7 +220,7 @@ class RayExecutor:
                 self.started += more
             for actor, done in [(a, a.prepare.remote(*stage)) for a in self.actors]:
                 try:
-                    ray.get(done, timeout=self.config_timeout)
+                    self._check_prompts(ray.get(done, timeout=self.config_timeout), args["source"])
                 except (*_died(ray), ray.exceptions.GetTimeoutError):  # gone or hung between stages: replaced
                     self._replace(ray, remote, args, want, stage, actor, {})
             self._drive(ray, remote, args, want, stage, groups, on_record)
@@ -310,9 +315,17 @@ class RayExecutor:
                                f"configs are in the results file: resume to go on)")
         self.restarts += 1
         actor = self._start(ray, remote, args, want, 1)[0]
-        ray.get(actor.prepare.remote(*stage), timeout=self.start_timeout)
         self.actors.append(actor)
+        self._check_prompts(ray.get(actor.prepare.remote(*stage), timeout=self.start_timeout), args["source"])
         current[id(actor)] = deque()
+
+
+    def _check_prompts(self, got: str, source: str) -> None:
+        """ValueError when a worker's prompts (its tokenizer, chat template) are not this process's."""
+        if got != self._prompts:
+            raise ValueError(f"a Ray worker writes other prompts than this process: the tokenizer or chat template it "
+                             f"loaded from {source} differs from this model's (one set on model.tokenizer here does "
+                             f"not reach workers: save it with the model's files, or sweep in this process)")
 
 
 def _died(ray) -> tuple:

@@ -402,15 +402,21 @@ class SweepResult:
 
     def _store(self, model, probes=()) -> ResultStore | None:
         """The results file reopened for appending (validation and benchmark records go to the same
-        file; a file of another model or setup, or whose probes' held-out items were others, is
-        refused), or None for an in-memory result."""
+        file; a file of another model or setup, or whose probes' search or held-out items were
+        others, is refused), or None for an in-memory result."""
         if self.path is None:
             return None
         held_out = {p.name: p.items("validation") for p in probes}
+        searched = (read_records(self.path)[0] or {}).get("items", {})  # each probe's search item ids
+        # the probes' search items as swept: a probe changed since (an item added before the end, say)
+        # holds out other items, some of which the search saw
+        search = {p.name: p.items("search")[:len(searched[p.name])] for p in probes if p.name in searched}
         setup = {**model_setup(model),
                  **prompting_setup(model, probes, self.mode, self.chat, self.thinking, self.think_tokens),
                  "held_out_items": {name: [it.id for it in items] for name, items in held_out.items()},
-                 "held_out_digest": {name: item_digest(items) for name, items in held_out.items()}}
+                 "held_out_digest": {name: item_digest(items) for name, items in held_out.items()},
+                 "items": {name: [it.id for it in items] for name, items in search.items()},
+                 "item_digest": {name: item_digest(items) for name, items in search.items()}}
         store = ResultStore.open(self.path, model=model, mode=self.mode, resume=True, setup=setup)
         self.records = store.records()
         return store

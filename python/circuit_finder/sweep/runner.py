@@ -42,7 +42,6 @@ from collections.abc import Sequence
 import torch
 
 from .. import generation, likelihood
-from ..files import fingerprint
 from ..loading import q8_products
 from ..model import Model
 from ..probes import Item, Probe, get_probe, parse_rate_of
@@ -51,8 +50,8 @@ from ..router import run as routing
 from ..router.run import RouterConfig
 from .configs import MODES, SweepConfig
 
-__all__ = ["THINK_TOKENS", "ProbeBatch", "Runner", "item_digest", "model_setup", "resolve_chat", "resolve_probes", "run_configs",
-           "prompting_setup", "sweep_setup"]
+__all__ = ["THINK_TOKENS", "ProbeBatch", "Runner", "context_digest", "item_digest", "model_setup", "opens_thinking",
+           "resolve_chat", "resolve_probes", "run_configs", "prompting_setup", "sweep_setup"]
 
 THINK_TOKENS = 1024  # extra generation budget per probe when thinking is left on
 _OPENS_THINKING = re.compile(r"<(?:think|thinking)>\s*$")
@@ -555,16 +554,24 @@ def prompting_setup(model: Model, probes: Sequence[Probe], mode: str, chat: bool
                     think_tokens: int) -> dict:
     """How prompts are written and answered: chat on or off and, when on, a digest of the chat
     template (its text, so another template for the same weights is told apart); the thinking
-    switch, with thinking on the extra tokens; in generate mode each probe's max_new_tokens."""
+    switch, and the extra tokens answers get where thinking is on or (generate mode) the template
+    opens a thinking block itself; in generate mode each probe's max_new_tokens."""
     chat = resolve_chat(model, chat)
     template = getattr(model.tokenizer, "chat_template", None) if chat else None
     digest = None if template is None else hashlib.sha256(
         json.dumps(template, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:32]
-    out = {"chat": chat, "chat_template": digest,
-           **({"thinking": True, "think_tokens": int(think_tokens)} if thinking else {"thinking": False})}
+    out = {"chat": chat, "chat_template": digest, "thinking": bool(thinking)}
+    if thinking or (mode == "generate" and chat and opens_thinking(model)):
+        out["think_tokens"] = int(think_tokens)  # answers get that many more tokens
     if mode == "generate":
         out["max_new_tokens"] = {p.name: int(p.max_new_tokens) for p in probes}
     return out
+
+
+def opens_thinking(model: Model) -> bool:
+    """Whether the chat template (thinking switch off) opens a thinking block at the end of the
+    prompt itself, as DeepSeek-R1 distills' and QwQ's do: answers then start inside it."""
+    return bool(_OPENS_THINKING.search(model.codec.chat_text([{"role": "user", "content": "?"}], thinking=False)))
 
 
 def model_setup(model: Model) -> dict:
@@ -574,9 +581,21 @@ def model_setup(model: Model) -> dict:
     near-ties can flip; which GPU of a kind does not matter)."""
     q8 = {"q8_products": q8_products()} if model.activations == "q8" else {}
     options = getattr(model, "load_options", {})
-    return {"fingerprint": fingerprint(model.source), "dtype": str(model.dtype).replace("torch.", ""),
+    return {"fingerprint": model.fingerprint(), "dtype": str(model.dtype).replace("torch.", ""),
             "quantize": options.get("quantize"), "dequantize": bool(options.get("dequantize", False)),
             "activations": model.activations, "devices": sorted({d.type for d in model.placement.devices}), **q8}
+
+
+def context_digest(model: Model, probes: Sequence[Probe], split: str, max_items: int | None, chat: bool | None,
+                   thinking: bool) -> str:
+    """sha256 of every item's prompt as this model's tokenizer encodes it (the chat template and
+    its thinking switch applied): two processes that agree on it write the same prompts."""
+    chat = resolve_chat(model, chat)
+    h = hashlib.sha256()
+    for probe in probes:
+        for context in probe_contexts(model, probe.items(split)[:max_items], chat, thinking):
+            h.update(json.dumps(model.codec.encode(context, add_special_tokens=not chat)).encode())
+    return h.hexdigest()
 
 
 def item_digest(items: Sequence[Item]) -> str:
