@@ -87,6 +87,8 @@ def test_workers_stay_up_over_the_stages_of_a_sweep(chat_model, tmp_path, cluste
         first.validate(2, progress=False)
         assert again.restarts == 1 and len(set(again.pids)) == 3
     assert not again.actors
+    with again.session():  # max_restarts bounds a session's replacements, not the executor's lifetime
+        assert again.restarts == 0
 
 
 def test_a_setup_error_is_raised_before_any_worker_loads(chat_model, cluster):
