@@ -438,7 +438,7 @@ def _family_metadata(w, cfg, arch: str, head_dim: int) -> dict:
                      "rope_factors_short.weight": np.array(rope["short_factor"], dtype=np.float32)}
     elif arch in ("gemma2", "gemma3"):
         w.add_sliding_window(cfg.sliding_window)
-        if arch == "gemma2":
+        if arch == "gemma2" and cfg.attn_logit_softcapping is not None:  # (None: a file without the key)
             w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         if cfg.final_logit_softcapping:
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -561,7 +561,7 @@ def _gguf_array(hf: str, t, cfg, arch: str, permute: bool):
 
 def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip=(), permute=True, seed=0,
                extra_tensors=None, extra_arrays=None, extra_strings=None, expert_qtype: str | None = None,
-               extra_uints=None, block_count: int | None = None):
+               extra_uints=None, block_count: int | None = None, extra_floats=None, big_endian: bool = False):
     """Writes a transformers model as GGUF the way llama.cpp's converter lays it out (per family:
     fused Phi-3 tensors and LongRoPE factor tensors, Gemma's +1 norms and names, mistral3's YaRN and
     temperature keys; the keys each converter leaves out are left out here too).
@@ -577,7 +577,7 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
     cfg = hf_model.config
     arch = arch or GGUF_ARCH.get(cfg.model_type, cfg.model_type)
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, endianess=gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE)
     w.add_block_count(block_count or cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -600,6 +600,8 @@ def write_gguf(hf_model, path, qtype: str = "F32", arch: str | None = None, skip
         w.add_string(key, value)
     for key, value in (extra_uints or {}).items():
         w.add_uint32(key, value)
+    for key, value in (extra_floats or {}).items():
+        w.add_float32(key, value)
     written = {}
     for name, arr in family_tensors.items():
         w.add_tensor(name, arr, raw_dtype=gguf.GGMLQuantizationType.F32)

@@ -26,7 +26,7 @@ import circuit_finder as cf
 from circuit_finder.generation import rows_interact
 from circuit_finder.gguf import SUPPORTED_TYPES, hf_name, read_gguf
 from circuit_finder.quants import PackedTensor
-from helpers import build_hf_model, gguf_name, llama_cpp_permute, rebuilt, write_gguf
+from helpers import build_hf_model, gguf_name, llama_cpp_or_skip, llama_cpp_permute, rebuilt, write_gguf
 
 
 def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -440,6 +440,39 @@ def test_llama3_rope_freqs_match_transformers(tmp_path, orig, kind):
                       rebuilt(hf, [0, 1, 2, 3, 2, 3, 4, 5])(ids).logits) < 1e-4
 
 
+@pytest.mark.parametrize("key", ["llama.rope.scale_linear", "llama.rope.scaling.factor"])
+def test_a_linear_rope_factor_without_a_type_is_linear(tmp_path, key):
+    """llama.cpp reads a RoPE factor with no rope.scaling.type as linear, and takes it from the older
+    rope.scale_linear key when rope.scaling.factor is absent (2023 conversions of linear-scaled
+    fine-tunes): both match transformers on a linear-scaled config, which differs from unscaled."""
+    hf = build_hf_model("llama", tmp_path / "hf", rope_scaling={"rope_type": "linear", "factor": 4.0})
+    write_gguf(hf, tmp_path / "m.gguf", extra_floats={key: 4.0})
+    model = cf.load(tmp_path / "m.gguf")
+    ids = torch.randint(3, 160, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        plain = build_hf_model("llama", tmp_path / "plain", rope_scaling=None)(ids).logits
+    assert report("unscaled vs linear x4 (transformers)", plain, ref) > 1e-3
+    assert report(f"gguf with only {key} vs transformers", model.logits(ids), ref) < 1e-4
+
+
+def test_gemma2_without_soft_cap_keys_soft_caps_at_50_and_30(tmp_path):
+    """Gemma 2 always soft-caps; a file without the two keys gets 50 (attention) and 30 (final), as
+    llama.cpp and transformers' Gemma2Config default to, not no capping."""
+    hf = build_hf_model("gemma2", tmp_path / "hf", attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                        query_pre_attn_scalar=16)  # head_dim: what llama.cpp assumes where the file has no scale
+    ids = torch.randint(3, 160, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    hf.config.attn_logit_softcapping = hf.config.final_logit_softcapping = None  # the file leaves both out
+    with torch.no_grad():
+        uncapped = hf(ids).logits
+    write_gguf(hf, tmp_path / "m.gguf")
+    assert report("uncapped vs capped (transformers)", uncapped, ref) > 1e-3
+    assert report("gemma2 gguf without soft-cap keys vs transformers at 50 / 30", cf.load(tmp_path / "m.gguf").logits(ids),
+                  ref) < 1e-4
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_quantized_gguf_matches_transformers_loading_the_same_file(tmp_path, arch, qtype):
@@ -538,7 +571,6 @@ def test_bad_tensor_table_and_metadata_name_the_file_and_tensor(wide_llama, tmp_
     monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "cache"))
     import circuit_finder.gguf as cf_gguf
 
-    cf_gguf.gguf_tokenizer.cache_clear()
     tokens = ["<unk>", "<s>", "</s>", *[f"t{i}" for i in range(wide_llama.config.vocab_size - 3)]]
     write_gguf(wide_llama, path, extra_strings={"tokenizer.ggml.model": "llama"},
                extra_arrays={"tokenizer.ggml.tokens": tokens})
@@ -648,6 +680,49 @@ def test_blocks_past_block_count_and_unread_tensors(wide_llama, tmp_path):
         cf.load(path)
 
 
+def test_big_endian_files_load_float_tensors_and_refuse_quantized_ones(wide_llama, tmp_path):
+    """A big-endian file's F32 tensors read right (logits match transformers); quantized blocks,
+    whose scales every decoder reads little-endian, are refused naming the type and tensor rather
+    than decoded into wrong values. A GGUF version 1 file is named as one."""
+    hf = build_hf_model("qwen2", tmp_path / "hf", rope_scaling=None)
+    write_gguf(hf, tmp_path / "be.gguf", big_endian=True)
+    ids = torch.randint(3, 160, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert report("big-endian F32 gguf vs transformers", cf.load(tmp_path / "be.gguf").logits(ids), ref) < 1e-4
+    write_gguf(wide_llama, tmp_path / "be-q8.gguf", qtype="Q8_0", big_endian=True)
+    with pytest.raises(cf.GGUFError, match=r"be-q8.gguf: a big-endian GGUF file with a Q8_0 tensor \('blk\.0\.|"
+                                           r"be-q8.gguf: a big-endian GGUF file with a Q8_0 tensor \('token_embd"):
+        cf.load(tmp_path / "be-q8.gguf")
+    old = tmp_path / "v1.gguf"
+    old.write_bytes(b"GGUF" + (1).to_bytes(4, "little") + (0).to_bytes(4, "little") * 2 + bytes(64))
+    with pytest.raises(cf.GGUFError, match="v1.gguf: a GGUF version 1 file"):
+        cf.load(old)
+
+
+def test_end_of_turn_tokens_named_by_text_end_generation(tmp_path):
+    """As in llama.cpp, a control token whose text ends a turn (<|eot_id|>, <|im_end|>, ...) ends
+    generation even where the metadata names another EOS and no eot id (early Llama 3 Instruct
+    files); the same text as a normal token does not. On the default model, the ids we stop at are
+    ones llama.cpp stops at (it adds fill-in-the-middle tokens we leave alone)."""
+    hf = build_hf_model("llama", tmp_path / "hf")
+    tokens = [f"t{i}" for i in range(hf.config.vocab_size)]
+    types = [1] * len(tokens)
+    tokens[9], types[9] = "<|eot_id|>", 3
+    tokens[10] = "<|eot_id|>"  # (a normal token)
+    write_gguf(hf, tmp_path / "m.gguf", extra_arrays={"tokenizer.ggml.tokens": tokens,
+                                                      "tokenizer.ggml.token_type": types})
+    assert cf.load(tmp_path / "m.gguf").codec.eos_ids == [2, 9]
+    llama_cpp = llama_cpp_or_skip()
+    path = str(cf.default_model_path())
+    ref = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(ref.model)
+    theirs = [t for t in range(ref.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    ours = cf.load(path).codec.eos_ids
+    print("end-of-generation ids: ours", ours, "llama.cpp", theirs)
+    assert set(ours) <= set(theirs) and {0, 2} <= set(ours)
+
+
 def test_missing_tensor(wide_llama, tmp_path):
     path = tmp_path / "m.gguf"
     write_gguf(wide_llama, path, skip={"blk.1.ffn_up.weight"})
@@ -706,13 +781,11 @@ def test_gguf_tokenizer_is_built_once_then_read_from_the_cache(tmp_path, monkeyp
 
     path = cf.default_model_path()
     monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "cache"))
-    gguf.gguf_tokenizer.cache_clear()
     t0 = time.perf_counter()
     built = gguf.gguf_tokenizer(path)
     t1 = time.perf_counter()
     entries = list((tmp_path / "cache" / "tokenizers").iterdir())
     assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
-    gguf.gguf_tokenizer.cache_clear()
     build = gguf.build_tokenizer
 
     def refuse(path):
@@ -724,10 +797,21 @@ def test_gguf_tokenizer_is_built_once_then_read_from_the_cache(tmp_path, monkeyp
     print(f"built in {t1 - t0:.2f}s, read from the cache in {t2 - t1:.2f}s")
     _same_tokenizer(built, cached)
     (entries[0] / "tokenizer.json").write_text("{")  # a damaged entry is rebuilt
-    gguf.gguf_tokenizer.cache_clear()
     monkeypatch.setattr(gguf, "build_tokenizer", build)
     _same_tokenizer(built, gguf.gguf_tokenizer(path))
     assert (entries[0] / "tokenizer.json").stat().st_size > 1000  # and written again
+
+
+def test_each_load_of_a_gguf_gets_its_own_tokenizer():
+    """Two models loaded from one file do not share a tokenizer object: a change to the first's
+    (padding side, an added token) leaves the second's as the file says."""
+    path = cf.default_model_path()
+    first = cf.load(path).tokenizer
+    side, size = first.padding_side, len(first)
+    first.padding_side = "left" if side == "right" else "right"
+    first.add_tokens(["<my-new-token>"])
+    second = cf.load(path).tokenizer
+    assert second is not first and (second.padding_side, len(second)) == (side, size)
 
 
 def test_gguf_tokenizer_cache_key_follows_the_metadata(tmp_path, monkeypatch):
@@ -753,7 +837,6 @@ def test_gguf_tokenizer_cache_key_follows_the_metadata(tmp_path, monkeypatch):
     monkeypatch.undo()
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # cannot be made: built, no error
-    gguf.gguf_tokenizer.cache_clear()
     assert "Helpful AI assistant" in gguf.gguf_tokenizer(copy).apply_chat_template([{"role": "user", "content": "x"}],
                                                                                    tokenize=False)
 
@@ -768,7 +851,6 @@ def test_special_token_ids_outside_the_vocabulary_leave_the_tokenizer_buildable(
 
     src = Path(cf.default_model_path())
     monkeypatch.setenv("CF_CACHE_DIR", str(tmp_path / "cache"))
-    gguf.gguf_tokenizer.cache_clear()
     reference = gguf.gguf_tokenizer(src)
     copy = tmp_path / "padded.gguf"
     copy.write_bytes(src.read_bytes())
@@ -778,14 +860,13 @@ def test_special_token_ids_outside_the_vocabulary_leave_the_tokenizer_buildable(
         field = reader.fields[f"tokenizer.ggml.{key}"]
         field.parts[field.data[0]][0] = value
     del reader
-    gguf.gguf_tokenizer.cache_clear()
     with pytest.warns(UserWarning, match=rf"padded.gguf: tokenizer.ggml.eos_token_id = {n}, "
                                          rf"tokenizer.ggml.padding_token_id = 1000000 outside the vocabulary"):
         model = cf.load(copy)
     text = "The quick brown fox, 12345 times: <|im_start|>user"
     assert model.tokenizer(text).input_ids == reference(text).input_ids
     assert model.tokenizer.eos_token is None and model.tokenizer.bos_token == reference.bos_token
-    assert model.config.raw.get("eos_token_id") is None
+    assert model.config.raw.get("eos_token_id") == [0, 2]  # not the file's: <|endoftext|> and <|im_end|> by text
 
 
 def test_mapped_reader_reads_what_the_package_reader_reads(golden):

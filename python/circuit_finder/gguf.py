@@ -261,6 +261,7 @@ def _walk(path: str, tensors: bool) -> tuple[int, list[str]] | None:
     if os.path.getsize(path) < 24:
         return None
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _check_version(data, path)
         if not _little_endian_gguf(data):
             return None
         at, keys, alignment = 24, [], 32
@@ -279,6 +280,15 @@ def _little_endian_gguf(data) -> bool:
     import struct
 
     return data[:4] == b"GGUF" and struct.unpack_from("<I", data, 4)[0] <= 0xFFFF
+
+
+def _check_version(data, path: str) -> None:
+    """GGUFError for a GGUF version 1 file (32-bit counts, which the version 2+ layout misreads)."""
+    import struct
+
+    if data[:4] == b"GGUF" and struct.unpack_from("<I", data, 4)[0] == 1:
+        raise GGUFError(f"{path}: a GGUF version 1 file (2023's first format, 32-bit counts): not supported; "
+                        f"convert the model again with a current llama.cpp")
 
 
 def _entries(data, path: str):
@@ -494,17 +504,36 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
                         ("padding_token_id", "pad_token_id")):
         if key in ids:
             config[hf_key] = ids[key]
-    eot = ids.get("eot_token_id")  # end of turn (Gemma's <end_of_turn>, Phi-3's <|end|>)
-    if eot is not None and eot != config.get("eos_token_id"):
-        config["eos_token_id"] = [config["eos_token_id"], eot] if "eos_token_id" in config else eot
+    ends = [ids[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id") if k in ids]
+    ends += [i for i in _end_tokens_by_text(reader) if i < config["vocab_size"]]
+    ends = list(dict.fromkeys(ends))  # in order, once each
+    if len(ends) > 1:
+        config["eos_token_id"] = ends
+    elif ends:
+        config["eos_token_id"] = ends[0]
     return config
 
 
+# special tokens that end a turn or a generation in the chat formats of published models, which
+# llama.cpp also stops at when the file's metadata names only another EOS (early Llama 3 Instruct
+# files: eos <|end_of_text|>, no eot key; a ChatML model whose eos is <|endoftext|>)
+_END_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+              "<|end_of_text|>", "<|return|>", "<｜end▁of▁sentence｜>", "<EOT>")
+
+
+def _end_tokens_by_text(reader) -> list[int]:
+    """Ids of control (or user-defined) tokens whose text is one of ``_END_TEXTS``."""
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens") or []
+    types = gguf_field(reader, "tokenizer.ggml.token_type")
+    wanted = set(_END_TEXTS)
+    return [i for i, t in enumerate(tokens) if t in wanted and (types is None or int(types[i]) in (3, 4))]
+
+
 def _special_ids(reader, path: str, vocab_size: int) -> dict[str, int]:
-    """tokenizer.ggml.{bos,eos,padding,eot}_token_id that lie in the vocabulary; one outside it is
+    """tokenizer.ggml.{bos,eos,padding,eot,eom}_token_id that lie in the vocabulary; one outside it is
     warned about and left out."""
     ids = {}
-    for key in ("bos_token_id", "eos_token_id", "padding_token_id", "eot_token_id"):
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id", "eot_token_id", "eom_token_id"):
         v = gguf_field(reader, f"tokenizer.ggml.{key}")
         if v is not None and not 0 <= int(v) < vocab_size:
             warnings.warn(f"{path}: tokenizer.ggml.{key} = {int(v)} is outside the vocabulary (0..{vocab_size - 1}): "
@@ -628,12 +657,15 @@ def _hybrid_config(reader, path: str, arch: str, need, config: dict) -> None:
 def _rope_scaling_config(reader, path: str, arch: str, need, config: dict) -> None:
     """rope_scaling from {arch}.rope.scaling.* (linear, yarn); for mistral3 the YaRN extras and the
     Llama-4 query scale (attention.temperature_scale)."""
-    scaling = gguf_field(reader, f"{arch}.rope.scaling.type")
+    # as llama.cpp reads them: the factor from rope.scaling.factor, else the older rope.scale_linear
+    # (2023 converters' linear-scaled fine-tunes); a factor without a type is linear
+    factor = gguf_field(reader, f"{arch}.rope.scaling.factor") or gguf_field(reader, f"{arch}.rope.scale_linear")
+    scaling = gguf_field(reader, f"{arch}.rope.scaling.type", "linear" if factor and float(factor) != 1.0 else None)
     rope = {"rope_type": "default"}
     if scaling and scaling != "none":
         if scaling not in ("linear", "yarn"):
             raise GGUFError(f"{path}: RoPE scaling {scaling!r} is not supported (supported: linear, yarn)")
-        rope = {"rope_type": scaling, "factor": float(need("rope.scaling.factor"))}
+        rope = {"rope_type": scaling, "factor": float(factor or need("rope.scaling.factor"))}
         orig = gguf_field(reader, f"{arch}.rope.scaling.original_context_length")
         if orig:
             rope["original_max_position_embeddings"] = int(orig)
@@ -730,8 +762,11 @@ def _gemma_config(reader, arch: str, config: dict) -> None:
     n = config["num_hidden_layers"]
     config.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
                   attn_logit_softcapping=None, final_logit_softcapping=None)
-    for key in ("attn_logit_softcapping", "final_logit_softcapping") if arch == "gemma2" else ("final_logit_softcapping",):
-        v = gguf_field(reader, f"{arch}.{key}")
+    # Gemma 2 always soft-caps: a file without the keys gets Gemma 2's 50 / 30, as in llama.cpp
+    caps = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0} if arch == "gemma2" else \
+        {"final_logit_softcapping": None}
+    for key, default in caps.items():
+        v = gguf_field(reader, f"{arch}.{key}", default)
         config[key] = float(v) if v else None
     scale = gguf_field(reader, f"{arch}.attention.scale")
     if scale:
@@ -950,6 +985,8 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
     _check_unread(path, reader, arch, config)
     named = [(t, kept(t)) for t in reader.tensors]
     big_endian = getattr(reader, "byte_order", "I") == "S"  # the reader's flag for a file of the other byte order
+    if big_endian:
+        _check_big_endian_types(path, [t for t, name in named if name])
     named = [(t, name, _packable(t, name, arch, config, dtype, big_endian)) for t, name in named if name]
     placed = None
     if place is not None:
@@ -972,6 +1009,19 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, place
     _warn_dequantized(path, [t for t, _, _ in named], dtype)
     drop_resident_pages(reader)
     return config, tensors
+
+
+def _check_big_endian_types(path: str, tensors) -> None:
+    """GGUFError for a big-endian file holding anything but F32 / F16 tensors: the block decoders
+    (ours and the gguf package's) read little-endian scales, so they would decode wrong values."""
+    import gguf
+
+    odd = next((t for t in tensors if gguf.GGMLQuantizationType(t.tensor_type).name not in ("F32", "F16")), None)
+    if odd is not None:
+        kind = gguf.GGMLQuantizationType(odd.tensor_type).name
+        raise GGUFError(f"{path}: a big-endian GGUF file with a {kind} tensor ({odd.name!r}): only F32 and F16 "
+                        f"tensors are read from big-endian files (quantized blocks would decode wrong). Convert "
+                        f"it to little-endian (the gguf package's gguf-convert-endian) and load that")
 
 
 def _read_tensor(t, name: str, kind, path: str, arch: str, config: dict, dtype, keep_packed: bool, placed,
@@ -1138,8 +1188,9 @@ def metadata_digest(path: str, end: int) -> str:
     return h.hexdigest()
 
 
-@functools.lru_cache(maxsize=4)
 def _tokenizer_cached(path: str, key: str):
+    """A tokenizer of its own for each call (models loaded from one file never share one: a change
+    to one's tokenizer does not reach the other's), read from the cache folder or built into it."""
     from transformers import AutoTokenizer
 
     from .files import staged
@@ -1176,5 +1227,3 @@ def gguf_tokenizer(path: str | os.PathLike):
         return None
     return _tokenizer_cached(path, metadata_digest(path, end))
 
-
-gguf_tokenizer.cache_clear = _tokenizer_cached.cache_clear  # forget this process's tokenizers (not the folder)
