@@ -100,7 +100,8 @@ def test_cli_export_options(model_dir, tmp_path, capsys):
              (["--format", "hf", "--model", str(folder), "--mergekit-model", "a/b"], "--mergekit-model does not"),
              (["--format", "hf", "--model", str(folder), "--dtype", "int4"], "not supported"),
              (["--format", "hf", "--model", str(folder), "--max-shard-size", "lots"], "max_shard_size"),
-             (["--format", "mergekit", "--model", str(src)], "--mergekit-model")]
+             (["--format", "mergekit", "--model", str(src)], "--mergekit-model"),
+             (["--format", "mergekit", "--model", str(folder), "--force"], "--force does not apply")]
     for extra, message in cases:
         rc, _, err = run(capsys, "export", "--layers", "0..5", "--out", str(tmp_path / "x"), *extra)
         assert rc == 2 and message in err, (extra, err)

@@ -485,6 +485,13 @@ def test_cli_sweep(chat_model_dir, tmp_path, capsys):
     assert {r.get("stage") for r in records} == {"sweep", "refine"}
     coarse = {r["layers"] for r in records if r.get("stage") == "sweep"}
     assert coarse == {"0..5", *(c.key for c in make_configs(6, "grid", (2,), None, 3))} and len(coarse) == 3
+    # several --times: a heatmap per times (each draws only its own configs)
+    rc = main(["sweep", "--model", str(chat_model_dir), "--mode", "likelihood", "--block-sizes", "2", "--times", "2",
+               "3", "--probes", "math", "--max-items", "2", "--out", str(tmp_path / "t.jsonl"), "--heatmap",
+               str(tmp_path / "h.png"), "--html", str(tmp_path / "h.html"), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "(times=3) written to" in text and not (tmp_path / "h.png").exists()
+    assert all((tmp_path / f"h-x{t}.{ext}").stat().st_size > 1000 for t in (2, 3) for ext in ("png", "html"))
 
 
 def _run_child(script, model_dir, out):

@@ -317,14 +317,25 @@ def cmd_sweep(args) -> int:
                       refine_stride=args.refine_stride,
                       **({"think_tokens": args.think_tokens} if args.think_tokens is not None else {}))
     _print_sweep(result, args)
-    if args.heatmap:
-        fig = result.heatmap(args.metric)
-        fig.savefig(args.heatmap, dpi=120)
-        print(f"# heatmap of {args.metric} written to {args.heatmap}")
-    if args.html:
-        result.interactive_heatmap(args.metric, html=args.html)
-        print(f"# interactive heatmap of {args.metric} written to {args.html}")
+    for times, path in _per_times(args.heatmap, args.times):
+        result.heatmap(args.metric, times=times).savefig(path, dpi=120)
+        print(f"# heatmap of {args.metric} (times={times}) written to {path}")
+    for times, path in _per_times(args.html, args.times):
+        result.interactive_heatmap(args.metric, times=times, html=path)
+        print(f"# interactive heatmap of {args.metric} (times={times}) written to {path}")
     return 0
+
+
+def _per_times(path: str | None, times: list[int]) -> list[tuple[int, str]]:
+    """(times, file) per heatmap to write: ``path`` for one --times; for several, one file each,
+    named with -x<times> before the suffix (h.png -> h-x2.png, h-x3.png)."""
+    if not path:
+        return []
+    times = list(dict.fromkeys(times))
+    if len(times) == 1:
+        return [(times[0], path)]
+    p = Path(path)
+    return [(t, str(p.with_name(f"{p.stem}-x{t}{p.suffix}"))) for t in times]
 
 
 # --------------------------------------------------------------------------------- export
@@ -337,6 +348,8 @@ def _check_export_options(args) -> None:
         if getattr(args, option) is not None and args.format not in formats:
             raise ValueError(f"--{option.replace('_', '-')} does not apply to --format {args.format} "
                              f"(only to {' and '.join(formats)})")
+    if args.force and args.format == "mergekit":
+        raise ValueError("--force does not apply to --format mergekit (only to gguf and hf)")
     if args.out == "-" and args.format != "mergekit":
         raise ValueError(f"--out - (standard output) is only for --format mergekit; {args.format} needs a path")
 
@@ -594,7 +607,8 @@ def _add_sweep(sub) -> None:
     s.add_argument("--max-items", type=_positive, default=None, help="first N search items of each probe")
     s.add_argument("--out", required=True, help="results JSONL (appended; resumed when it exists)")
     s.add_argument("--no-resume", action="store_true", help="start --out afresh")
-    s.add_argument("--heatmap", default=None, help="write a heatmap image (.png, .svg, .pdf...) of --metric")
+    s.add_argument("--heatmap", default=None, help="write a heatmap image (.png, .svg, .pdf...) of --metric (several --times: one "
+                        "file each, h-x2.png, h-x3.png)")
     s.add_argument("--metric", default="combined_delta",
                    help="heatmap column: combined_delta (default), <probe>[_margin|_norm][_delta|_ci_low|_ci_high|_p|_q|_holm], "
                         "with _val after the name for held-out scores (--validate), or seconds")
