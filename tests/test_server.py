@@ -219,7 +219,7 @@ def _hostile_bodies(rng):
             body = dict(good, messages=[{"role": "user", "content": "word " * rng.randint(600, 3000)}])
             out.append(("chat", json.dumps(body)))
         elif kind == 3:  # completions with bad prompt fields
-            body = {"prompt": rng.choice([5, [1, -2], [[5, 10**9]], [1.5], None, [], ["a"] * 40, {"x": 1}]), "max_tokens": 3}
+            body = {"prompt": rng.choice([5, [1, -2], [[5, 10**9]], [1.5], None, [], ["a"] * 300, {"x": 1}]), "max_tokens": 3}
             out.append(("completions", json.dumps(body)))
         else:
             field = rng.choice(sorted(bad_values))
@@ -256,9 +256,13 @@ def test_size_and_concurrency_limits(chat_model):
         big = {"messages": [{"role": "user", "content": "x" * 5000}]}
         r = http.post("/v1/chat/completions", json=big)
         assert r.status_code == 413 and "limit of 2000 bytes" in r.json()["error"]["message"]
-        r = http.post("/v1/chat/completions", content=b'{"messages": "' + b"y" * 5000,
-                      headers={"content-type": "application/json", "transfer-encoding": "chunked"})
-        assert r.status_code in (400, 413)
+        r = http.post("/v1/chat/completions", content=iter([b'{"messages": "', b"y" * 5000]),
+                      headers={"content-type": "application/json"})  # chunked: no Content-Length
+        assert r.status_code == 413 and "limit of 2000 bytes" in r.json()["error"]["message"], r.text
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+        r = http.post("/v1/chat/completions", content=iter([body[:10], body[10:]]),
+                      headers={"content-type": "application/json"})  # chunked, under the limit: read whole
+        assert r.status_code == 200, r.text
         r = http.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "a \\ud800"}]}',
                       headers={"content-type": "application/json"})  # a lone surrogate
         assert r.status_code == 400, r.text
@@ -527,12 +531,89 @@ def test_seeds_streams_and_usage(server, chat_model):
 
 
 def test_unsupported_fields_are_refused(server):
+    """A field that would change the answer and is not implemented is refused (not answered as if
+    it were applied); null, and values that mean off, are accepted and change nothing."""
     url, _ = server
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True})
-    assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
+    hi = [{"role": "user", "content": "hi"}]
+    for field, value in (("logprobs", True), ("stop_token_ids", [5]), ("functions", [{"name": "f"}]),
+                         ("guided_choice", ["a"]), ("tools", [{"type": "function"}])):
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"messages": hi, "max_tokens": 2, field: value})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)
     r = httpx.post(f"{url}/v1/completions", timeout=60, json={"prompt": "hi", "max_tokens": 2, "best_of": 3})
     assert r.status_code == 400 and "best_of" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "messages": hi, "max_tokens": 2, "chat_template_kwargs": {"add_vision_id": True}})
+    assert r.status_code == 400 and "only enable_thinking" in r.json()["error"]["message"]
+    plain = {"prompt": "Once upon", "max_tokens": 6, "temperature": 0}
+    want = httpx.post(f"{url}/v1/completions", timeout=60, json=plain).json()["choices"][0]["text"]
+    off = {"best_of": 1, "logit_bias": {}, "suffix": "", "top_p": None, "n": None, "stream": None, "echo": None,
+           "presence_penalty": None, "seed": None, "logprobs": None}
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={**plain, **off})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "messages": hi, "max_tokens": 2, "temperature": 0, "tools": [], "response_format": {"type": "text"},
+        "tool_choice": "none", "logprobs": False})
+    assert r.status_code == 200, r.text
+
+
+def test_min_tokens_ignore_eos_and_thinking_switch(server, chat_model):
+    """min_tokens / ignore_eos (vLLM's) keep EOS from ending the answer, as Model.generate's
+    min_new_tokens does (on the default model, whose answers end early); chat_template_kwargs.
+    enable_thinking writes the prompt as the codec writes it with that switch (here a template
+    given one)."""
+    from fastapi.testclient import TestClient
+
+    import circuit_finder as cf
+
+    default = cf.load(cf.default_model_path())
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with TestClient(create_app(default, batch_window_ms=0)) as http:
+        free = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 24, "temperature": 0}).json()
+        assert free["usage"]["completion_tokens"] < 16 and free["choices"][0]["finish_reason"] == "stop", free
+        for extra, least in (({"min_tokens": 16}, 16), ({"ignore_eos": True}, 24)):
+            r = http.post("/v1/chat/completions",
+                          json={"messages": messages, "max_tokens": 24, "temperature": 0, **extra}).json()
+            want = default.generate(messages[0]["content"], chat=True, max_new_tokens=24, min_new_tokens=least)[0]
+            print(extra, r["usage"], repr(r["choices"][0]["message"]["content"][:60]))
+            assert r["choices"][0]["message"]["content"] == want and r["usage"]["completion_tokens"] >= least
+    url, _ = server
+    tok = chat_model.tokenizer
+    original = tok.chat_template
+    try:
+        tok.chat_template = original + "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+        for thinking in (True, False):
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "messages": messages, "max_tokens": 1, "chat_template_kwargs": {"enable_thinking": thinking}}).json()
+            assert r["usage"]["prompt_tokens"] == len(chat_model.codec.encode_chat(messages, thinking=thinking))
+        assert len(chat_model.codec.encode_chat(messages, thinking=False)) > len(
+            chat_model.codec.encode_chat(messages, thinking=True))
+    finally:
+        tok.chat_template = original
+
+
+def test_many_prompts_streams_name_their_path_and_batches_of_interacting_rows(server, chat_model, monkeypatch):
+    """A completions request may hold more prompts than one batch (they run as several); stream
+    chunks name the path as non-streamed responses do; where rows interact (LongRoPE), requests
+    run alone, never batched with others."""
+    from circuit_finder import generation
+
+    url, app = server
+    prompts = [f"Item {k}:" for k in range(20)]
+    r = client(url).completions.create(model="tiny", prompt=prompts, max_tokens=3, temperature=0)
+    assert [ch.text for ch in r.choices] == chat_model.generate(prompts, max_new_tokens=3)
+    chunks = list(client(url).completions.create(model="tiny", prompt="Once", max_tokens=3, temperature=0,
+                                                 stream=True, extra_body={"layers": "rys=1:3"}))
+    assert all(getattr(ch, "layers", None) == "0..2,1..5" for ch in chunks), chunks[0]
+    monkeypatch.setattr(generation, "rows_interact", lambda model: True)
+    before = dict(app.state.worker.stats)
+
+    def one(p):
+        return client(url).completions.create(model="tiny", prompt=p, max_tokens=2, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, PROMPTS))
+    after = app.state.worker.stats
+    assert after["batches"] - before["batches"] == after["requests"] - before["requests"] == 4
 
 
 def test_a_running_batch_whose_clients_all_go_stops(chat_model, monkeypatch):

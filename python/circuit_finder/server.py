@@ -21,6 +21,11 @@ malformed JSON, fields of the wrong type, prompts longer than the context, inval
 A client that goes stops its work: a stream's generation at its next token, a non-streamed request
 while it waits in the queue, and a running batch at its next token once all its clients have gone.
 
+Fields that would change the answer and are not implemented (logit_bias, tools, penalties,
+stop_token_ids, guided decoding) are refused unless null or off; vLLM's min_tokens / ignore_eos and
+chat_template_kwargs.enable_thinking are read. Where rows of a batch interact (LongRoPE picks its
+factors from the batch's longest row) each request runs alone.
+
 Limits: n = 1 per prompt; logprobs are computed after generation by one teacher-forced pass over
 prompt + completion (the raw model distribution, before temperature/top-p).
 """
@@ -58,10 +63,6 @@ class TooBusy(Exception):
 
 class Cancelled(Exception):
     """A job whose client went away: not started, or stopped at its next token."""
-
-
-class TooLarge(Exception):
-    """A request body over the size limit (answered with HTTP 413)."""
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,9 @@ class Worker:
                 except queue.Empty:
                     break
             groups: dict[Any, list[Job]] = {}
+            alone = generation.rows_interact(self.model)  # a row's numbers would depend on the others'
             for job in self._live(jobs):
-                groups.setdefault(job.key, []).append(job)
+                groups.setdefault(id(job) if alone else job.key, []).append(job)
             for group in groups.values():
                 self._run(group)
 
@@ -217,7 +219,8 @@ class Worker:
 
 
 class BodyLimit:
-    """ASGI middleware: refuses request bodies over ``limit`` bytes (declared or streamed) with 413."""
+    """ASGI middleware: refuses request bodies over ``limit`` bytes with 413, whether declared
+    (Content-Length) or sent in chunks (read here first, up to the limit, then handed on)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -227,23 +230,40 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            from starlette.responses import JSONResponse
-
-            response = JSONResponse(status_code=413, content=error_body(
-                f"request body over the limit of {self.limit} bytes", "invalid_request_error"))
-            return await response(scope, receive, send)
-        received = 0
-
-        async def limited():
-            nonlocal received
+            return await self._refuse(scope, receive, send)
+        if declared is not None:
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:  # chunked: at most limit + one chunk is held
             message = await receive()
-            if message.get("type") == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise TooLarge()
-            return message
+            if message["type"] != "http.request":  # the client went
+                return await self.app(scope, _replay(message, receive), send)
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(scope, receive, send)
+        await self.app(scope, _replay({"type": "http.request", "body": body, "more_body": False}, receive), send)
 
-        await self.app(scope, limited, send)
+    async def _refuse(self, scope, receive, send):
+        from starlette.responses import JSONResponse
+
+        response = JSONResponse(status_code=413, content=error_body(
+            f"request body over the limit of {self.limit} bytes", "invalid_request_error"))
+        await response(scope, receive, send)
+
+
+def _replay(first: dict, receive):
+    """An ASGI receive that gives ``first``, then what ``receive`` gives (a disconnect, later)."""
+    sent = False
+
+    async def again():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return first
+        return await receive()
+
+    return again
 
 
 def error_body(message: str, kind: str, param: str | None = None) -> dict:
@@ -279,13 +299,18 @@ def request_models():
         # strict types: "10" is not a number and 1 is not true
         max_tokens: StrictInt | None = Field(default=None, ge=0)
         max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-        temperature: StrictFloat | StrictInt = Field(default=1.0, ge=0.0, le=2.0)
-        top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0.0, le=1.0)
+        # null is the default, as OpenAI's spec allows (clients that serialise unset fields send it)
+        temperature: StrictFloat | StrictInt | None = Field(default=None, ge=0.0, le=2.0)
+        top_p: StrictFloat | StrictInt | None = Field(default=None, gt=0.0, le=1.0)
         stop: StrictStr | list[StrictStr] | None = None
-        stream: StrictBool = False
+        stream: StrictBool | None = None
         seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
-        n: StrictInt = Field(default=1, ge=1, le=1)
+        n: StrictInt | None = Field(default=None, ge=1, le=1)
         layers: StrictStr | list[StrictInt] | None = None
+        # vLLM's extensions: answer at least min_tokens tokens; ignore_eos: EOS is never generated
+        # (masked for the whole budget, as min_tokens = max_tokens)
+        min_tokens: StrictInt | None = Field(default=None, ge=0)
+        ignore_eos: StrictBool | None = None
 
         @field_validator("stop")
         @classmethod
@@ -297,11 +322,22 @@ def request_models():
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
+        chat_template_kwargs: dict[str, Any] | None = None  # enable_thinking only
+
+        @field_validator("chat_template_kwargs")
+        @classmethod
+        def _template_kwargs(cls, v):
+            other = sorted(set(v or {}) - {"enable_thinking"})
+            if other:
+                raise ValueError(f"only enable_thinking is supported, not {', '.join(other)}")
+            if v and not isinstance(v.get("enable_thinking"), bool | None):
+                raise ValueError("enable_thinking must be true, false or null")
+            return v
 
     class CompletionRequest(Common):
         prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
         logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
-        echo: StrictBool = False
+        echo: StrictBool | None = None
 
     return ChatRequest, CompletionRequest
 
@@ -340,9 +376,8 @@ class Service:
         if max_tokens > self.limits.max_tokens_limit:
             raise BadRequest(f"max_tokens {max_tokens} is over this server's limit of {self.limits.max_tokens_limit}")
         self.check_prompt(ids, max_tokens)
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        sampling = Sampling(max(max_tokens, 1), 0, float(req.temperature), float(req.top_p), req.seed, tuple(stops))
-        return Job(ids, path, sampling, stream=stream, logprobs=logprobs, echo=echo, score_only=max_tokens == 0)
+        return Job(ids, path, sampling_of(req, max_tokens), stream=stream, logprobs=logprobs, echo=echo,
+                   score_only=max_tokens == 0)
 
     def target(self, layers) -> LayerPath | Router:
         """A request's ``layers`` (None: the server's default) -> the path or router it runs."""
@@ -390,8 +425,10 @@ class Service:
                     raise BadRequest(f"messages[{i}].content: {other!r} parts are not supported (text only)")
                 content = "".join(part.text or "" for part in content)
             messages.append({"role": m.role, "content": content or ""})
+        thinking = (req.chat_template_kwargs or {}).get("enable_thinking")
         try:
-            text = self.model.codec.chat_text(messages, thinking=self._router_thinking(req.layers))
+            text = self.model.codec.chat_text(messages, thinking=self._router_thinking(req.layers) if thinking is None
+                                              else thinking)
         except Exception as e:
             raise BadRequest(f"messages: the chat template rejected them ({e})") from e
         return self.encode(text, add_special_tokens=False)
@@ -423,6 +460,11 @@ class Service:
         return [(p, None) if isinstance(p, list) else (self.encode(p), p) for p in prompt]
 
     # ------------------------------------------------------------------ queueing
+    def room(self, n: int) -> None:
+        """TooBusy unless n more requests fit under the pending limit."""
+        if self.pending + n > self.limits.max_pending:
+            raise TooBusy()
+
     def reserve(self) -> None:
         if self.pending >= self.limits.max_pending:
             raise TooBusy()
@@ -514,7 +556,7 @@ class Service:
         """Server-sent events of a started job: text deltas as tokens come (the end of the text that
         could be the start of a stop string held back until it is not), then the finish reason, and
         with ``include_usage`` (stream_options) a last chunk with the token counts."""
-        chunk = self._chunker(rid, created, chat)
+        chunk = self._chunker(job, rid, created, chat)
         if chat:
             yield chunk(None, None, first=True)
         sent = ""
@@ -547,7 +589,9 @@ class Service:
             yield chunk(None, None, usage=usage(len(job.ids), fin.tokens))
         yield "data: [DONE]\n\n"
 
-    def _chunker(self, rid: str, created: int, chat: bool):
+    def _chunker(self, job: Job, rid: str, created: int, chat: bool):
+        """Chunk writer of a stream: each names the path (a router's name; its choice in the last
+        chunk with a finish reason, as non-streamed responses do)."""
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta_text: str | None, reason: str | None, first: bool = False, usage: dict | None = None) -> str:
@@ -561,9 +605,21 @@ class Service:
             else:
                 choice = {"index": 0, "text": delta_text or "", "finish_reason": reason, "logprobs": None}
             return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": self.name,
-                                          "choices": [choice]}) + "\n\n"
+                                          "choices": [choice], **self.describe(job.path),
+                                          **(self.ran(job) if reason is not None else {})}) + "\n\n"
 
         return chunk
+
+
+def sampling_of(req, max_tokens: int) -> Sampling:
+    """A request's Sampling: null temperature / top_p are 1 (OpenAI's defaults); min_tokens (at most
+    the budget) and ignore_eos keep EOS from ending the answer early."""
+    budget = max(max_tokens, 1)
+    least = budget if req.ignore_eos else min(req.min_tokens or 0, budget)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    top_p = 1.0 if req.top_p is None else float(req.top_p)
+    return Sampling(budget, least, temperature, top_p, req.seed, tuple(stops))
 
 
 def text_offsets(tokenizer, ids: list[int], text: str, skip_special: bool = False, added: int = 0,
@@ -628,8 +684,6 @@ def install_error_handlers(app, limits: Limits) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        if isinstance(exc, TooLarge):
-            return error(413, f"request body over the limit of {limits.max_request_bytes} bytes")
         return error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.exception_handler(StarletteHTTPException)
@@ -669,13 +723,19 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
     app.state.service = service
     app.add_middleware(BodyLimit, limit=lim.max_request_bytes)
     install_error_handlers(app, lim)
-    add_routes(app, service, max_batch)
+    add_routes(app, service)
     return app
 
 
-# sampling fields this server does not implement, and the values that mean "off" (accepted)
+# fields this server does not implement, and the values that mean "off" (accepted): sampling
+# penalties, OpenAI's and vLLM's (refused whenever set to something else, so no answer is given
+# as if they had been applied)
 _NEUTRAL = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "top_k": (0, -1),
-            "min_p": (0,)}
+            "min_p": (0,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "tools": ([],),
+            "response_format": ({"type": "text"},), "tool_choice": ("none",), "functions": ([],),
+            "function_call": ("none",), "stop_token_ids": ([],), "include_stop_str_in_output": (False,),
+            "logprobs": (False,), "top_logprobs": (0,), "guided_json": (), "guided_regex": (),
+            "guided_choice": (), "guided_grammar": ()}
 
 
 def stop_prefix(text: str, stops) -> int:
@@ -685,17 +745,21 @@ def stop_prefix(text: str, stops) -> int:
                 if text.endswith(stop[:k])), default=0)
 
 
-def refuse_unsupported(req, fields: tuple[str, ...]) -> None:
-    """400 naming a field this server does not implement (rather than answering as if it did);
-    the sampling penalties and top_k / min_p only when they are set to something but off."""
+def refuse_unsupported(req) -> None:
+    """400 naming a field this server does not implement (rather than answering as if it did),
+    unless it is null or set to a value that means off."""
     extra = req.model_extra or {}
-    given = [f for f in fields if extra.get(f) not in (None, False)]
-    given += [f for f, off in _NEUTRAL.items() if extra.get(f) is not None and extra.get(f) not in off]
+    given = [f for f, off in _NEUTRAL.items() if extra.get(f) is not None and not _is_off(extra[f], off)]
     if given:
         raise BadRequest(f"{given[0]}: not supported by this server")
 
 
-def add_routes(app, service: Service, max_batch: int) -> None:
+def _is_off(value, off: tuple) -> bool:
+    """Whether value is one of off (a bool never equals a number here: true is not 1)."""
+    return any(isinstance(value, bool) == isinstance(o, bool) and value == o for o in off)
+
+
+def add_routes(app, service: Service) -> None:
     from fastapi import Request
     from fastapi.responses import StreamingResponse
 
@@ -724,7 +788,7 @@ def add_routes(app, service: Service, max_batch: int) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        refuse_unsupported(req, ("logprobs", "top_logprobs", "logit_bias", "tools", "response_format"))
+        refuse_unsupported(req)
         job = service.job(req, service.chat_ids(req))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
@@ -733,11 +797,11 @@ def add_routes(app, service: Service, max_batch: int) -> None:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        refuse_unsupported(req, ("best_of", "suffix", "logit_bias"))
+        refuse_unsupported(req)
         prompts = service.prompts(req.prompt)
-        if not prompts or len(prompts) > max_batch:
-            raise BadRequest(f"prompt: give 1 to {max_batch} prompts")
-        jobs = [service.job(req, ids, logprobs=req.logprobs, echo=req.echo) for ids, _ in prompts]
+        if not prompts or len(prompts) > service.limits.max_pending:  # more than max_batch run as several batches
+            raise BadRequest(f"prompt: give 1 to {service.limits.max_pending} prompts")
+        jobs = [service.job(req, ids, logprobs=req.logprobs, echo=bool(req.echo)) for ids, _ in prompts]
         for job, (_, text) in zip(jobs, prompts):
             job.prompt_text = text
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -745,6 +809,7 @@ def add_routes(app, service: Service, max_batch: int) -> None:
             if len(jobs) != 1 or req.logprobs is not None or req.echo:
                 raise BadRequest("stream: one prompt at a time, without logprobs or echo")
             return streaming(jobs[0], rid, created, False, req)
+        service.room(len(jobs))  # all or none: a request is not left half queued
         done = await asyncio.gather(*[service.run(j, request) for j in jobs])
         choices = [service.completion_choice(k, j, d) for k, (j, d) in enumerate(zip(jobs, done))]
         return {"id": rid, "object": "text_completion", "created": created, "model": service.name,
@@ -768,4 +833,6 @@ def serve(model: str = "default", layers=None, host: str = "127.0.0.1", port: in
                   quantize=quantize, activations=activations)
     app = create_app(loaded, layers=layers, model_name=model_name or str(model), max_batch=max_batch,
                      batch_window_ms=batch_window_ms, routers=routers, **limits)
-    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limits.get("max_pending", 256) + 16)
+    # (no uvicorn limit_concurrency: it counts idle keep-alive connections too, and answers them a
+    # plain-text 503; max_pending's 429 bounds the work)
+    uvicorn.run(app, host=host, port=port, log_level="info")
