@@ -98,6 +98,10 @@ def test_instruct_items_never_ask_for_clashing_instructions():
     ("<think>```python\ndef f(x): return 0\n```</think>```python\ndef f(x):\n    return 6\n```",
      "def f(x):\n    return 6"),
     ("I cannot help with that.", ""),
+    # another language's block first: its closing fence does not open the next block
+    ("Example:\n```text\nf(1) -> 7\n```\n```python\ndef f(x):\n    return 7\n```", "def f(x):\n    return 7"),
+    ("```bash\npip install x\n```", ""),
+    ("def f(x):\n    return 8\n\nThis returns eight.", "def f(x):\n    return 8"),  # unfenced, then prose
 ])
 def test_extract_code(text, code):
     assert extract_code(text, "f") == code
@@ -164,6 +168,40 @@ def test_sandbox_rm_rf_and_writes_harm_nothing(tmp_path):
         assert inside.passed == 0, attack
     assert (keep / "data.txt").read_text() == "precious" and sorted(os.listdir(keep)) == ["data.txt"]
     assert not (tmp_path / "moved").exists()
+
+
+def test_sandbox_cannot_reach_the_caller_or_make_files_elsewhere(tmp_path, monkeypatch):
+    """Calls that reach other processes or make files with no audit event are gone (pidfd_open,
+    mknod, mkfifo, sched_setaffinity; signal, resource and posix refused on import), timestamps
+    and extended attributes cannot be changed, and /proc (the caller's environment) cannot be
+    read. This process survives every attempt; its limits and affinity stay as they were."""
+    import resource
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("x")
+    before = (victim.stat().st_mtime, resource.getrlimit(resource.RLIMIT_NOFILE), os.sched_getaffinity(0))
+    monkeypatch.setenv("CF_TEST_SECRET", "hunter2")
+    attacks = [
+        "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), 9)",
+        "import os\nos.pidfd_open(os.getppid())",
+        "import resource, os\nresource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (8, 8))",
+        "import posix, os\nposix.kill(os.getppid(), 9)",
+        "import os\nos.sched_setaffinity(os.getppid(), {0})",
+        f"import os, stat\nos.mknod({str(tmp_path / 'made')!r}, 0o644 | stat.S_IFREG)",
+        f"import os\nos.mkfifo({str(tmp_path / 'fifo')!r})",
+        f"import os\nos.utime({str(victim)!r}, (0, 0))",
+        f"import os\nos.setxattr({str(victim)!r}, 'user.x', b'1')",
+        "import os\nassert 'hunter2' not in open(f'/proc/{os.getppid()}/environ').read()",
+        "assert 'hunter2' not in open('/proc/self/../' + str(__import__('os').getppid()) + '/environ').read()",
+    ]
+    for attack in attacks:
+        run = run_tests(f"{attack}\ndef f(x):\n    return x\n", ["assert f(1) == 1"], timeout=5)
+        assert run.passed == 0, attack
+    assert sorted(os.listdir(tmp_path)) == ["victim.txt"]
+    assert (victim.stat().st_mtime, resource.getrlimit(resource.RLIMIT_NOFILE), os.sched_getaffinity(0)) == before
+    fine = run_tests("import pathlib, os\ndef f(x):\n    return x + len(str(pathlib.PurePath('a', 'b')))",
+                     ["assert f(1) == 4"])
+    assert fine.passed == 1  # pathlib imports (its urllib.parse too)
 
 
 def test_sandbox_network_memory_and_exit():
@@ -234,6 +272,15 @@ def test_sandbox_results_cannot_be_forged():
                      "def add(a, b): return 0",
         "runner names": "import __main__\n__main__.make_plain = lambda: (lambda v: v)\n" + always +
                         "def add(a, b): return E()",
+        # read the token back from the results file (by name, or through /proc), then write lines
+        "results file": "import os, glob\ndef add(a, b):\n    tok = None\n"
+                        "    for p in ['results.txt', '../results.txt', *glob.glob('.res*'), *glob.glob('../.res*'),\n"
+                        "              *[f'/proc/self/fd/{k}' for k in range(3, 16)]]:\n"
+                        "        try:\n            tok = [w for w in open(p).read().split() if len(w) == 32][0]\n"
+                        "        except Exception:\n            pass\n"
+                        "    for fd in range(3, 64):\n        try:\n"
+                        "            os.write(fd, ''.join(f'{tok} {i} 1\\n' for i in range(3)).encode())\n"
+                        "        except Exception:\n            pass\n    return 0",
     }
     for name, code in cases.items():
         assert run_tests(code, tests, timeout=5).passed == 0, name

@@ -27,7 +27,9 @@ from .scoring import strip_thinking
 __all__ = ["CodeProbe", "extract_code", "load_code_items"]
 
 DATA_FILE = "data/code_tasks.json"
-_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+# a fenced block with its info string ("python", "bash", none...); an unclosed fence runs to the end
+_FENCE = re.compile(r"```[ \t]*([^\n`]*)\n(.*?)(?:```|\Z)", re.DOTALL)
+_PYTHON = ("", "python", "python3", "py")
 
 
 def extract_code(completion: str, entry_point: str = "") -> str:
@@ -35,12 +37,28 @@ def extract_code(completion: str, entry_point: str = "") -> str:
     block; an unclosed fence runs to the end), or without fences the text from the first line that
     starts with ``def``/``import``/``from``/``class``. Thinking blocks are stripped first."""
     text = strip_thinking(completion) if isinstance(completion, str) else ""
-    blocks = _FENCE.findall(text)
+    fenced = _FENCE.findall(text)
+    blocks = [b for lang, b in fenced if lang.strip().split(" ")[0].lower() in _PYTHON]  # not ```bash / ```text
     if blocks:
         defining = [b for b in blocks if re.search(rf"^\s*def\s+{re.escape(entry_point)}\b", b, re.MULTILINE)]
         return (defining or blocks)[-1].strip("\n")
+    if fenced:
+        return ""
     m = re.search(r"^(?:def|import|from|class)\b", text, re.MULTILINE)
-    return text[m.start():].strip("\n") if m else ""
+    return _without_trailing_prose(text[m.start():].strip("\n")) if m else ""
+
+
+def _without_trailing_prose(code: str) -> str:
+    """Unfenced code followed by prose ("def f(): ...\n\nThis adds two numbers."): the longest run
+    of its first lines that parses as Python (all of it when none does: the syntax error then shows)."""
+    lines = code.split("\n")
+    for end in range(len(lines), 0, -1):
+        try:
+            ast.parse("\n".join(lines[:end]))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        return "\n".join(lines[:end]).rstrip("\n")
+    return code
 
 
 def defines(code: str, entry_point: str) -> bool:

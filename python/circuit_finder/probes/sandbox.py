@@ -5,10 +5,15 @@ empty environment. Before the code runs, the child lowers its own limits (addres
 seconds, file size, open files) and installs an audit hook (PEP 578) that refuses sockets,
 subprocesses, fork/exec/spawn, signals, file writes, deletions and renames, ctypes, sqlite/dbm,
 and imports of the modules that reach those (socket, subprocess, ctypes, multiprocessing, ...);
-shutil, os and pathlib import but their writes, deletions and process calls are refused. Each
+shutil, os and pathlib import but their writes, deletions, timestamp and attribute changes and
+process calls are refused. Each
 test is an assert statement run on its own; the child writes each result, behind a random token,
-to a file it opened before the hook (capped at 1 MiB by the file-size limit); whatever the code
-prints goes to /dev/null, so a print loop cannot flood the caller. A child that runs past
+to a write-only descriptor of a file that has no name (capped at 1 MiB by the file-size limit),
+which the code can neither open nor read back; ``/proc`` cannot be opened (the
+caller's environment, this process's memory), and os's calls that reach other processes or make
+files without an audit event (mknod, mkfifo, pidfd_open, setpriority, sched_setaffinity) are
+removed, with the modules that hold more of them (posix, resource, signal) refused on import;
+whatever the code prints goes to /dev/null, so a print loop cannot flood the caller. A child that runs past
 ``timeout`` is killed with its whole process group; the tests it had passed by then still count.
 The operands of a test's comparisons are rebuilt as Python's own types before they are compared
 (a Counter as a dict, a namedtuple as a tuple; any other object fails), so an object whose
@@ -27,6 +32,7 @@ systems only the timeout and the hook apply).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -35,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 __all__ = ["TestRun", "run_tests"]
 
@@ -43,6 +48,7 @@ _CHILD = r'''
 import sys
 import os
 limits = [int(v) for v in sys.argv[1:5]]
+results_fd = int(sys.argv[5])
 sys.argv = [""]
 try:
     import resource
@@ -51,21 +57,35 @@ try:
 except (ImportError, ValueError, OSError):
     pass
 import json
+# what reaches other processes with no audit event: gone from os, and the modules that hold them
+# (resource's prlimit, signal's pidfd_send_signal, posix itself) out of the module cache, so
+# importing them again is an import the hook refuses
+for name in ("mknod", "mkfifo", "pidfd_open", "setpriority", "sched_setaffinity", "sched_setscheduler",
+             "sched_setparam", "setns", "unshare", "prlimit"):
+    if hasattr(os, name):
+        delattr(os, name)
+for name in ("resource", "_signal", "signal", "posix", "fcntl", "mmap"):
+    sys.modules.pop(name, None)
 
 
 def guard(event, args, _isinstance=isinstance, _any=any, deny_events=("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn",
           "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.remove", "os.unlink", "os.rmdir", "os.rename",
           "os.replace", "os.truncate", "os.chmod", "os.chown", "os.link", "os.symlink", "os.mkdir", "os.putenv",
-          "os.unsetenv", "os.chdir", "shutil.", "ctypes.", "sys.settrace", "sys.setprofile", "sys._current_frames",
+          "os.unsetenv", "os.chdir", "os.utime", "os.setxattr", "os.removexattr", "os.chflags", "shutil.", "ctypes.", "sys.settrace", "sys.setprofile", "sys._current_frames",
           "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents", "pty.", "webbrowser.", "urllib.", "ftplib.", "smtplib.", "http.", "telnetlib.",
           "poplib.", "imaplib.", "nntplib.", "sqlite3.", "dbm."),
           deny_modules=frozenset({"socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess", "ctypes",
-          "_ctypes", "multiprocessing", "_multiprocessing", "pty", "urllib", "http", "ftplib", "smtplib",
-          "webbrowser", "mmap", "fcntl", "resource", "sqlite3", "_sqlite3", "dbm", "_dbm", "_gdbm"})):
+          "_ctypes", "multiprocessing", "_multiprocessing", "pty", "http", "ftplib", "smtplib",
+          "webbrowser", "mmap", "fcntl", "resource", "sqlite3", "_sqlite3", "dbm", "_dbm", "_gdbm", "signal",
+          "_signal", "posix", "_posixshmem"}),
+          hidden=("/proc", "/dev/fd", "/dev/std"), _str=str, _bytes=bytes, _fsdecode=os.fsdecode,
+          _abspath=os.path.abspath):
     if event == "open":
-        mode, flags = args[1], args[2]
+        path, mode, flags = args
         if (_isinstance(mode, str) and _any(c in mode for c in "wax+")) or (flags or 0) & 0o3103:
             raise PermissionError("the code sandbox allows no file writes")
+        if _isinstance(path, (_str, _bytes)) and _abspath(_fsdecode(path)).startswith(hidden):
+            raise PermissionError("the code sandbox does not allow reading /proc")  # other processes' memory, environ
     elif event == "import" and args[0].split(".")[0] in deny_modules:
         raise ImportError(f"the code sandbox does not allow importing {args[0]}")
     elif event == "sys._getframe":  # ValueError: what namedtuple and typing catch when there is no frame
@@ -136,7 +156,9 @@ def main(_exec=exec, _compile=compile, _int=int, _enumerate=enumerate, _base=Bas
     del job
     compiled = [strict(test, i) for i, test in enumerate(tests)]
     check = make_plain()
-    results = open("results.txt", "w")  # capped by RLIMIT_FSIZE; the code's own output goes nowhere
+    # a write-only descriptor of a file outside the working directory (capped by RLIMIT_FSIZE): the
+    # code can neither open it by name nor read the token back from it
+    results = os.fdopen(results_fd, "w")
     write, flush = results.write, results.flush
     sys.stdout = sys.stderr = open(os.devnull, "w")
     sys.addaudithook(guard)
@@ -179,10 +201,12 @@ def run_tests(code: str, tests: list[str], timeout: float = 5.0, memory_mb: int 
     """Runs ``code`` then each assert in ``tests`` in a sandboxed child (see the module docstring)."""
     token = secrets.token_hex(16)
     limits = [memory_mb * 2 ** 20, int(timeout) + 1, 2 ** 20, 64]
-    with tempfile.TemporaryDirectory(prefix="cf-sandbox-") as workdir:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _CHILD, *map(str, limits)],
+    with tempfile.TemporaryDirectory(prefix="cf-sandbox-") as workdir, _results_file(workdir) as (write_fd, read):
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _CHILD, *map(str, limits), str(write_fd)],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                cwd=workdir, env={"HOME": workdir, "TMPDIR": workdir}, start_new_session=True)
+                                cwd=workdir, env={"HOME": workdir, "TMPDIR": workdir}, start_new_session=True,
+                                pass_fds=(write_fd,))
+        os.close(write_fd)
         timed_out = False
         try:
             proc.communicate(json.dumps({"token": token, "code": code, "tests": list(tests)}).encode(), timeout=timeout)
@@ -191,14 +215,39 @@ def run_tests(code: str, tests: list[str], timeout: float = 5.0, memory_mb: int 
         finally:
             _kill_group(proc)  # the child on a timeout, and anything it left behind
             proc.wait()
-        out = Path(workdir, "results.txt")
-        text = out.read_bytes()[: 2 ** 20].decode("utf-8", "replace") if out.is_file() else ""
+        text = read().decode("utf-8", "replace")
     passed = set()
     for line in text.splitlines():
         parts = line.split(" ")
         if len(parts) == 3 and parts[0] == token and parts[2] == "1" and parts[1].isdigit():
             passed.add(int(parts[1]))
     return TestRun(len(passed & set(range(len(tests)))), len(tests), timed_out)
+
+
+@contextlib.contextmanager
+def _results_file(folder: str):
+    """(a write-only descriptor for the child, a function reading what it wrote, at most 1 MiB) of
+    a file that has no name by the time the child runs: it can neither open it nor read it back."""
+    path = os.path.join(folder, f".results-{secrets.token_hex(8)}")
+    write_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    read_fd = os.open(path, os.O_RDONLY)
+    os.unlink(path)
+
+    def read() -> bytes:
+        chunks, size = [], 0
+        while size < 2 ** 20 and (chunk := os.read(read_fd, 2 ** 20 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+
+    try:
+        yield write_fd, read
+    finally:
+        os.close(read_fd)
+        try:
+            os.close(write_fd)
+        except OSError:  # (closed once the child had it)
+            pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
