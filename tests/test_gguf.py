@@ -713,6 +713,13 @@ def test_end_of_turn_tokens_named_by_text_end_generation(tmp_path):
     write_gguf(hf, tmp_path / "m.gguf", extra_arrays={"tokenizer.ggml.tokens": tokens,
                                                       "tokenizer.ggml.token_type": types})
     assert cf.load(tmp_path / "m.gguf").codec.eos_ids == [2, 9]
+    # gpt-oss's harmony format: <|end|> closes the analysis and the answer follows; <|return|> and
+    # <|call|> end (transformers' gpt-oss generation_config has those, not <|end|>)
+    tokens[9], tokens[11], tokens[12] = "<|end|>", "<|return|>", "<|call|>"
+    types[11] = types[12] = 3
+    write_gguf(hf, tmp_path / "h.gguf", extra_arrays={"tokenizer.ggml.tokens": tokens,
+                                                      "tokenizer.ggml.token_type": types})
+    assert cf.load(tmp_path / "h.gguf").codec.eos_ids == [2, 11, 12]
     llama_cpp = llama_cpp_or_skip()
     path = str(cf.default_model_path())
     ref = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)

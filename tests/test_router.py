@@ -522,15 +522,35 @@ def test_a_thinking_switch_set_otherwise_than_in_training_is_warned(chat_model):
         def chat_text(self, messages, add_generation_prompt=True, thinking=None):
             return "<think>" if thinking else "<think></think>"
 
-    r = hand_router(chat_model)
-    r.training = {"chat": True, "thinking": False}
+    quiet, r = hand_router(chat_model), hand_router(chat_model)
+    quiet.training = r.training = {"chat": True, "thinking": False}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        r.check_prompts(True, True, chat_model.codec)  # SmolLM2's template has no switch
+        quiet.check_prompts(True, True, chat_model.codec)  # SmolLM2's template has no switch
         r.check_prompts(True, None, Switching())
         r.check_prompts(True, False, Switching())
     with pytest.warns(UserWarning, match="thinking switch off; these have it on"):
         r.check_prompts(True, True, Switching())
+
+
+def test_a_router_tells_in_memory_models_apart(chat_model, chat_model_dir):
+    """Models built from tensors share one source name; a router trained on one warns on another's
+    weights (each model checked once), not only on the first it meets."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(next(chat_model_dir.glob("*.safetensors"))))
+    base = cf.load_from_tensors(chat_model.config, dict(tensors), chat_model.tokenizer)
+    tuned = {**tensors, "model.norm.weight": tensors["model.norm.weight"] * 1.5}
+    other = cf.load_from_tensors(chat_model.config, tuned, chat_model.tokenizer)
+    r = hand_router(chat_model)
+    r.training = {"fingerprint": base.fingerprint(), "model": "<tensors>"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r.check(base)
+    with pytest.warns(UserWarning, match="was trained on other weights"):
+        r.check(other)
 
 
 def test_select_rows_checks_its_input(chat_model):

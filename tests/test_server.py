@@ -552,7 +552,7 @@ def test_unsupported_fields_are_refused(server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
     r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
         "messages": hi, "max_tokens": 2, "temperature": 0, "tools": [], "response_format": {"type": "text"},
-        "tool_choice": "none", "logprobs": False})
+        "tool_choice": "auto", "function_call": "none", "logprobs": False})
     assert r.status_code == 200, r.text
 
 

@@ -642,6 +642,7 @@ def test_resume_refuses_another_template_or_budget(chat_model, tmp_path):
     gkw = dict(block_sizes=(3,), starts=(0,), mode="generate", chat=False, progress=False, results=gen)
     cf.sweep(chat_model, probes=[from_jsonl(items, max_new_tokens=3)], **gkw)
     assert read_records(gen)[0]["max_new_tokens"] == {"add": 3}
+    assert read_records(gen)[0]["eos_ids"] == list(chat_model.codec.eos_ids)
     with pytest.raises(ValueError, match="max_new_tokens=3 for probe 'add'; this run gives it 5"):
         cf.sweep(chat_model, probes=[from_jsonl(items, max_new_tokens=5)], **gkw)
     cf.sweep(chat_model, probes=[from_jsonl(items, max_new_tokens=3)], **gkw)  # the same budget resumes
@@ -710,6 +711,12 @@ def test_in_memory_models_with_other_weights_do_not_resume_each_other(chat_model
     with pytest.raises(ValueError, match="fingerprint="):
         cf.sweep(other, **kw)
     cf.sweep(same, **kw)
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()  # a file from before: its fingerprint unknown
+    (tmp_path / "old.jsonl").write_text("\n".join([json.dumps({**json.loads(lines[0]), "fingerprint": None}),
+                                                   *lines[1:]]) + "\n")
+    n = len(read_records(tmp_path / "old.jsonl")[1])
+    cf.sweep(same, **dict(kw, results=tmp_path / "old.jsonl"))
+    assert len(read_records(tmp_path / "old.jsonl")[1]) == n
 
 
 def test_lines_of_a_run_replaced_by_another_are_skipped(chat_model, tmp_path):

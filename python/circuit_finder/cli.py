@@ -623,7 +623,8 @@ def _add_sweep(sub) -> None:
                    help="with --thinking: extra tokens per probe (default 1024)")
     s.add_argument("--pareto", nargs="+", default=None, metavar="PROBE",
                    help="print the Pareto front over these probes' deltas or columns ('-name' minimises)")
-    s.add_argument("--html", default=None, help="write an interactive (plotly) heatmap of --metric as standalone HTML")
+    s.add_argument("--html", default=None, help="write an interactive (plotly) heatmap of --metric as standalone HTML "
+                                                "(several --times: one file each, h-x2.html, h-x3.html)")
     s.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="ray: spread the configs over Ray workers (this process writes --out; see README)")
     s.add_argument("--address", default=None,

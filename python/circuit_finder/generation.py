@@ -333,6 +333,7 @@ def decode(model: Model, logits: torch.Tensor, cache, layers: list[int], last_po
         if n < sampling.min_new_tokens and eos.numel():
             logits[:, eos] = float("-inf")
         logits, bad = _overflowed(logits, alive, B, sampling.temperature > 0)
+        bad &= ~finished  # (a finished row's logits are not read)
         broken |= bad
         finished |= bad
         token = sample(logits, sampling.temperature, sampling.top_p, generator)

@@ -504,7 +504,8 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
                         ("padding_token_id", "pad_token_id")):
         if key in ids:
             config[hf_key] = ids[key]
-    ends = [ids[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id") if k in ids]
+    harmony = config.get("model_type") == "gpt_oss"  # (its eot key may name <|end|>: not an end there)
+    ends = [ids[k] for k in ("eos_token_id",) + (() if harmony else ("eot_token_id", "eom_token_id")) if k in ids]
     ends += [i for i in _end_tokens_by_text(reader) if i < config["vocab_size"]]
     ends = list(dict.fromkeys(ends))  # in order, once each
     if len(ends) > 1:
@@ -518,14 +519,16 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
 # llama.cpp also stops at when the file's metadata names only another EOS (early Llama 3 Instruct
 # files: eos <|end_of_text|>, no eot key; a ChatML model whose eos is <|endoftext|>)
 _END_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-              "<|end_of_text|>", "<|return|>", "<｜end▁of▁sentence｜>", "<EOT>")
+              "<|end_of_text|>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>", "<EOT>")
 
 
 def _end_tokens_by_text(reader) -> list[int]:
-    """Ids of control (or user-defined) tokens whose text is one of ``_END_TEXTS``."""
+    """Ids of control (or user-defined) tokens whose text is one of ``_END_TEXTS``; not <|end|>
+    where the vocabulary has <|return|> (gpt-oss's harmony format: <|end|> closes the analysis
+    channel, and the answer follows it), as llama.cpp leaves it out there too."""
     tokens = gguf_field(reader, "tokenizer.ggml.tokens") or []
     types = gguf_field(reader, "tokenizer.ggml.token_type")
-    wanted = set(_END_TEXTS)
+    wanted = set(_END_TEXTS) - ({"<|end|>"} if "<|return|>" in tokens else set())
     return [i for i, t in enumerate(tokens) if t in wanted and (types is None or int(types[i]) in (3, 4))]
 
 

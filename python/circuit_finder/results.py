@@ -166,7 +166,7 @@ class ResultStore:
 # setup keys added after files were written, and what an older file that lacks them meant
 _SETUP_DEFAULTS = {"thinking": False, "activations": "float"}
 # setup keys an older file could not record and whose value then is unknown: not compared
-_UNKNOWN_IN_OLDER = ("quantize", "dequantize", "think_tokens", "chat_template", "devices")
+_UNKNOWN_IN_OLDER = ("quantize", "dequantize", "think_tokens", "chat_template", "devices", "eos_ids")
 # setup keys that hold one entry per probe: only probes both headers hold are compared, and a
 # probe new to a resumed file is recorded by a {"kind": "probes"} line. Search items; validate()'s
 # held-out ones; generate mode's answer budgets
@@ -200,6 +200,8 @@ def _check_resume(path: Path, old: dict, new: dict, setup: dict) -> None:
         was = old.get(key, _SETUP_DEFAULTS.get(key, "not recorded (an older results file)"))
         if (key in _PER_PROBE or key in _UNKNOWN_IN_OLDER) and key not in old:
             continue  # an older file that did not record it (item ids are still compared)
+        if key == "fingerprint" and was is None:
+            continue  # an in-memory model's file from before tensors were fingerprinted: unknown
         if key in _PER_PROBE and isinstance(was, dict):
             # a probe new to this file has no records yet: only probes both hold must agree
             differ = sorted(p for p in set(was) & set(value) if was[p] != value[p])

@@ -460,24 +460,23 @@ class Service:
         return [(p, None) if isinstance(p, list) else (self.encode(p), p) for p in prompt]
 
     # ------------------------------------------------------------------ queueing
-    def room(self, n: int) -> None:
-        """TooBusy unless n more requests fit under the pending limit."""
+    def reserve(self, n: int = 1) -> None:
+        """Takes n pending slots, all or none (TooBusy when they do not fit); the event loop runs
+        this without a pause, so two requests never both take the last slots."""
         if self.pending + n > self.limits.max_pending:
             raise TooBusy()
-
-    def reserve(self) -> None:
-        if self.pending >= self.limits.max_pending:
-            raise TooBusy()
-        self.pending += 1
+        self.pending += n
 
     def release(self) -> None:
         self.pending -= 1
 
-    async def run(self, job: Job, request=None) -> Completed:
-        """The job's result. With ``request``: a client that goes cancels the job: skipped while it
-        waits in the queue (Cancelled), stopped at the next token once every job of its running
-        batch is cancelled."""
-        self.reserve()
+    async def run(self, job: Job, request=None, reserved: bool = False) -> Completed:
+        """The job's result (its pending slot taken here, or ``reserved`` by the caller; released
+        here). With ``request``: a client that goes cancels the job: skipped while it waits in the
+        queue (Cancelled), stopped at the next token once every job of its running batch is
+        cancelled."""
+        if not reserved:
+            self.reserve()
         try:
             done = asyncio.wrap_future(self.worker.submit(job))
             while request is not None and not job.cancelled.is_set():
@@ -732,8 +731,8 @@ def create_app(model: Model, layers=None, model_name: str | None = None, max_bat
 # as if they had been applied)
 _NEUTRAL = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "top_k": (0, -1),
             "min_p": (0,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "tools": ([],),
-            "response_format": ({"type": "text"},), "tool_choice": ("none",), "functions": ([],),
-            "function_call": ("none",), "stop_token_ids": ([],), "include_stop_str_in_output": (False,),
+            "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"), "functions": ([],),
+            "function_call": ("none", "auto"), "stop_token_ids": ([],), "include_stop_str_in_output": (False,),
             "logprobs": (False,), "top_logprobs": (0,), "guided_json": (), "guided_regex": (),
             "guided_choice": (), "guided_grammar": ()}
 
@@ -809,8 +808,8 @@ def add_routes(app, service: Service) -> None:
             if len(jobs) != 1 or req.logprobs is not None or req.echo:
                 raise BadRequest("stream: one prompt at a time, without logprobs or echo")
             return streaming(jobs[0], rid, created, False, req)
-        service.room(len(jobs))  # all or none: a request is not left half queued
-        done = await asyncio.gather(*[service.run(j, request) for j in jobs])
+        service.reserve(len(jobs))  # all or none: a request is not left half queued
+        done = await asyncio.gather(*[service.run(j, request, reserved=True) for j in jobs])
         choices = [service.completion_choice(k, j, d) for k, (j, d) in enumerate(zip(jobs, done))]
         return {"id": rid, "object": "text_completion", "created": created, "model": service.name,
                 "choices": [c for c, _ in choices], "usage": usage(sum(len(j.ids) for j in jobs),

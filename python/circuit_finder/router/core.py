@@ -151,12 +151,12 @@ class Router:
         for path in self.candidates:
             model.path(path)
         trained_on = (self.training or {}).get("fingerprint")
-        if trained_on and model.source not in self._checked:
-            self._checked.add(model.source)
+        seen = model.source if model.load_options.get("from_file") else id(model)  # in-memory models: each one
+        if trained_on and seen not in self._checked:
+            self._checked.add(seen)
             if trained_on != model.fingerprint():
-                warnings.warn(f"router {self.name!r} was trained on another model file "
-                              f"({self.training.get('model')}) than {model.source}: its features may mean "
-                              f"something else here", stacklevel=3)
+                warnings.warn(f"router {self.name!r} was trained on other weights ({self.training.get('model')}) "
+                              f"than {model.source}'s: its features may mean something else here", stacklevel=3)
             if self.training.get("mode") == "likelihood" and self.training.get("prompt") != "whole":
                 warnings.warn(f"router {self.name!r} was trained (before 2026-11-26) on likelihood contexts cut "
                               f"before their trailing whitespace; it now reads whole prompts, so its choices may "
@@ -174,7 +174,11 @@ class Router:
         said = lambda c: "with the chat template" if c else "as plain text, without the chat template"  # noqa: E731
         if bool(trained) != bool(chat):
             self._warn_once(("chat", bool(chat)), f"were written {said(trained)}; these are written {said(chat)}")
-        elif chat and thinking is not None and bool(thinking) != self.thinking and _switches_thinking(codec):
+        elif chat and thinking is not None and bool(thinking) != self.thinking and \
+                ("thinking", bool(thinking)) not in self._checked:
+            if not _switches_thinking(codec):  # the same prompt either way: nothing to warn of
+                self._checked.add(("thinking", bool(thinking)))
+                return
             on = lambda t: "on" if t else "off"  # noqa: E731
             self._warn_once(("thinking", bool(thinking)), f"had the chat template's thinking switch "
                             f"{on(self.thinking)}; these have it {on(thinking)}")

@@ -555,7 +555,8 @@ def prompting_setup(model: Model, probes: Sequence[Probe], mode: str, chat: bool
     """How prompts are written and answered: chat on or off and, when on, a digest of the chat
     template (its text, so another template for the same weights is told apart); the thinking
     switch, and the extra tokens answers get where thinking is on or (generate mode) the template
-    opens a thinking block itself; in generate mode each probe's max_new_tokens."""
+    opens a thinking block itself; in generate mode each probe's max_new_tokens and the ids that
+    end an answer."""
     chat = resolve_chat(model, chat)
     template = getattr(model.tokenizer, "chat_template", None) if chat else None
     digest = None if template is None else hashlib.sha256(
@@ -565,6 +566,7 @@ def prompting_setup(model: Model, probes: Sequence[Probe], mode: str, chat: bool
         out["think_tokens"] = int(think_tokens)  # answers get that many more tokens
     if mode == "generate":
         out["max_new_tokens"] = {p.name: int(p.max_new_tokens) for p in probes}
+        out["eos_ids"] = [int(i) for i in model.codec.eos_ids]  # where answers end
     return out
 
 
