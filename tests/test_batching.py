@@ -104,6 +104,25 @@ def test_cache_errors_name_the_fault(model_dir):
     other = cf.load(model_dir("llama", num_key_value_heads=4)[0])
     with pytest.raises(ValueError, match="slot 0 differs in kind, shape, dtype or device"):
         other.engine.new_cache(PATH, 3, 6).place(cache, 0, 0)
+    # another model's cache in a forward: refused, not broadcast or a raw shape error
+    ids = tokens(3, 2)
+    pos = torch.arange(4, 6).expand_as(ids).contiguous()
+    with pytest.raises(ValueError, match="holds 2 key/value heads of 16 .*this model has 4 of 16"):
+        other.engine.forward(ids, pos, None, PATH, cache, True)
+    # overlapping copies (a cache into itself, or into / from the cache it lends slots to) would
+    # read what they just wrote: refused
+    snapshot = cache.keys(3).clone()
+    with pytest.raises(ValueError, match="cannot be placed into itself"):
+        cache.place(cache, 0, 1)
+    with pytest.raises(ValueError, match="slot 0 of the source shares its memory"):
+        cache.place(borrower, 0, 1, end_slot=2)  # the borrower's first 2 slots are the cache's own
+    assert torch.equal(cache.keys(3), snapshot)
+    with pytest.raises(ValueError, match="cannot advance the KV cache by 9223372036854775807"):
+        cache.advance(2 ** 63 - 1)  # (length + n overflowed, and passed)
+    with pytest.raises(ValueError, match="KV cache slot 99 is out of range: the cache has 9 slots"):
+        cache.keys(99)
+    with pytest.raises(ValueError, match="KV cache slot -1 is out of range"):
+        cache.device(-1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_5_text", "phi3"])

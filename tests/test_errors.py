@@ -173,3 +173,24 @@ def test_special_ids_outside_the_vocabulary_and_bad_score_targets(model_dir, tmp
     (d / "config.json").write_bytes(b"\xff{")
     with pytest.raises(ValueError, match=r"config.json: not valid UTF-8 JSON"):
         cf.load(d)
+
+
+def test_engine_inputs_that_would_read_wrong_are_refused(model_dir):
+    """An additive float mask (0 / -inf) is refused rather than read inverted (a 0 / 1 float mask
+    reads as the integer one); RoPE tables of the wrong shape are refused by the CPU kernel; a
+    duplicated block repeated past any runnable length is a LayerPathError, not a billion-slot list."""
+    from circuit_finder import _C
+
+    model = cf.load(model_dir("llama")[0])
+    ids, pos, path = torch.tensor([[0, 5, 6, 7]]), torch.tensor([[0, 0, 1, 2]]), list(range(6))
+    mask = torch.tensor([[0, 1, 1, 1]])
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="this float mask holds other values"):
+            model.engine.forward(ids, pos, torch.tensor([[float("-inf"), 0.0, 0.0, 0.0]]), path, None, True)
+        assert torch.equal(model.engine.forward(ids, pos, mask.float(), path, None, True),
+                           model.engine.forward(ids, pos, mask, path, None, True))
+    x = torch.randn(2, 3, 4, 8)
+    with pytest.raises(ValueError, match=r"cos/sin must be \[2, 1, 3, 8\], got \[3, 1, 2, 8\]"):
+        _C.cpu_rope(x, torch.randn(3, 1, 2, 8), torch.randn(3, 1, 2, 8))
+    with pytest.raises(cf.LayerPathError, match="into a path too long"):
+        _C.duplicate_layers(6, 2, 4, 10**9)  # (LayerPath.duplicate refuses it before the engine)

@@ -87,6 +87,12 @@ at::Tensor KVCache::filled_values(int64_t slot) const {
 }
 at::Device KVCache::device(int64_t slot) const { return linear(slot) ? state_[slot].device() : k_.at(slot).device(); }
 
+int64_t KVCache::checked(int64_t slot) const {
+  if (slot < 0 || slot >= num_slots())
+    throw InputError(cat("KV cache slot ", slot, " is out of range: the cache has ", num_slots(), " slots"));
+  return slot;
+}
+
 std::pair<at::Tensor, at::Tensor> KVCache::append(int64_t slot, const at::Tensor& k, const at::Tensor& v) {
   const int64_t t = k.size(2);
   k_[slot].narrow(2, length_, t).copy_(k);
@@ -137,7 +143,8 @@ void KVCache::place(const KVCache& src, int64_t row, int64_t column, int64_t fir
   if (n > src.capacity_) throw InputError(cat("place: ", n, " positions asked of a cache of capacity ", src.capacity_));
   if (count != src.batch_ && src.batch_ != 1)
     throw InputError(cat("place: ", count, " rows from a source of batch ", src.batch_, " (only a batch of 1 fills several)"));
-  if (row < 0 || row + count > batch_ || column < 0 || column + n > capacity_)
+  if (&src == this) throw InputError("place: a cache cannot be placed into itself (copy it first: select_rows)");
+  if (row < 0 || count > batch_ - row || column < 0 || n > capacity_ - column)
     throw InputError(cat("place: ", count, " rows x ", n, " positions at row ", row, ", column ", column,
                          " do not fit a cache of batch ", batch_, " and capacity ", capacity_));
   for (int64_t s = first_slot; s < end; ++s) {
@@ -153,6 +160,9 @@ void KVCache::place(const KVCache& src, int64_t row, int64_t column, int64_t fir
                                  conv_[s].sizes().slice(1) == src.conv_[s].sizes().slice(1)
                            : mine.size(1) == theirs.size(1) && mine.size(3) == theirs.size(3));
     if (!same) throw InputError(cat("place: slot ", s, " differs in kind, shape, dtype or device between the two caches"));
+    if (mine.is_alias_of(theirs))  // one lends the slot to the other: the copy would overlap itself
+      throw InputError(cat("place: slot ", s, " of the source shares its memory with this cache's (one lends it to the ",
+                           "other): copy the source first (select_rows)"));
     if (lin) {  // copy_ broadcasts a batch-1 source over the rows
       conv_[s].narrow(0, row, count).copy_(src.conv_[s]);
       state_[s].narrow(0, row, count).copy_(src.state_[s]);
@@ -193,7 +203,7 @@ void KVCache::keep_rows(const std::vector<int64_t>& rows) {
 }
 
 void KVCache::advance(int64_t t) {
-  if (t < 0 || length_ + t > capacity_)
+  if (t < 0 || t > capacity_ - length_)  // (not length_ + t: it can overflow)
     throw InputError(cat("cannot advance the KV cache by ", t, ": it holds ", length_, " of ", capacity_, " positions"));
   length_ += t;
 }

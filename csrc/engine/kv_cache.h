@@ -64,14 +64,16 @@ class KVCache {
   int64_t capacity() const { return capacity_; }
   int64_t num_slots() const { return static_cast<int64_t>(k_.size()); }
   int64_t batch() const { return batch_; }
-  const at::Tensor& keys(int64_t slot) const { return k_.at(slot); }
+  const at::Tensor& keys(int64_t slot) const { return k_[checked(slot)]; }
   // The slot's filled keys / values [B, Hkv, length, D] (views, for tests and inspection).
   at::Tensor filled_keys(int64_t slot) const;
   at::Tensor filled_values(int64_t slot) const;
   at::Device device(int64_t slot) const;
   // The layer slot `slot` runs: the path's layer at that slot when the cache was made.
-  int64_t layer(int64_t slot) const { return layers_.at(slot); }
-  bool linear(int64_t slot) const { return conv_.at(slot).defined(); }
+  int64_t layer(int64_t slot) const { return layers_[checked(slot)]; }
+  bool linear(int64_t slot) const { return conv_[checked(slot)].defined(); }
+  // slot, or InputError naming it when it is not one of this cache's
+  int64_t checked(int64_t slot) const;
   // A linear slot's conv inputs and recurrent state, updated in place by the engine.
   at::Tensor& conv_state(int64_t slot);
   at::Tensor& recurrent_state(int64_t slot);

@@ -105,6 +105,8 @@ LayerPath duplicate_layers(int64_t num_layers, int64_t start, int64_t end, int64
     throw LayerPathError(cat("duplicate(", num_layers, ", start=", start, ", end=", end,
                              "): need 0 <= start < end <= ", num_layers, " (start inclusive, end exclusive)"));
   if (times < 1) throw LayerPathError(cat("duplicate: times must be >= 1, got ", times));
+  if (times > 100000 / (end - start))  // as a parsed path's ranges: a typo, not a path to run
+    throw LayerPathError(cat("duplicate: times=", times, " repeats ", end - start, " layers into a path too long"));
   LayerPath path;
   for (int64_t k = 0; k < end; ++k) path.push_back(k);
   for (int64_t t = 1; t < times; ++t)

@@ -18,6 +18,11 @@ Masks build_masks(const std::optional<at::Tensor>& key_mask, const at::Tensor& p
     const at::Tensor& km = *key_mask;
     if (km.device() != device)
       throw InputError(cat("attention_mask is on ", km.device().str(), ", model on ", device.str()));
+    // 1 = a token, 0 = padding; an additive float mask (0 / -inf, transformers' 4-D kind) would read
+    // inverted, so a float one must hold only 0 and 1 (checked on the host: float masks only)
+    if (at::isFloatingType(km.scalar_type()) && km.numel() > 0 && ((km != 0).logical_and(km != 1)).any().item<bool>())
+      throw InputError("attention_mask must hold 1 (token) and 0 (padding); this float mask holds other values "
+                       "(an additive 0 / -inf mask?)");
     if (km.dim() == 3) {
       if (past != 0) throw InputError("a [batch, tokens, tokens] attention_mask needs an empty KV cache");
       if (km.size(0) != B || km.size(1) != T || km.size(2) != T)

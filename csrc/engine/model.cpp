@@ -537,6 +537,13 @@ void Engine::check_cache(const KVCache* cache, const LayerPath& path, int64_t B,
     if (cache->device(slot) != w_.layers[path[slot]].device)
       throw InputError(cat("the KV cache's slot ", slot, " is on ", cache->device(slot).str(), " but layer ", path[slot],
                            " runs on ", w_.layers[path[slot]].device.str(), " (make the cache for this path)"));
+    if (!cache->linear(slot)) {  // another model's cache: other heads, head size or dtype
+      const at::Tensor& k = cache->keys(slot);
+      if (k.size(1) != cfg_.num_kv_heads || k.size(3) != cfg_.head_dim || k.scalar_type() != w_.dtype)
+        throw InputError(cat("the KV cache's slot ", slot, " holds ", k.size(1), " key/value heads of ", k.size(3), " (",
+                             c10::toString(k.scalar_type()), "); this model has ", cfg_.num_kv_heads, " of ",
+                             cfg_.head_dim, " (", c10::toString(w_.dtype), "): a cache of another model"));
+    }
     if (cache->layer(slot) != path[slot])  // same kind and device, another layer's keys: silently wrong logits
       throw InputError(cat("the KV cache's slot ", slot, " was made for layer ", cache->layer(slot), " but the layer path runs ",
                            "layer ", path[slot], " there (make the cache for this path)"));

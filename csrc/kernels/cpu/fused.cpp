@@ -53,8 +53,10 @@ at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   if (!fused_takes(x) || x.dim() != 4 || x.size(3) % 2 != 0 || !fused_takes(cos) || !fused_takes(sin))
     throw InputError(cat("rope: CPU float32 x [B, T, H, D] with even D expected, got ", shape_str(x.sizes())));
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
-  if (cos.numel() != B * T * D || sin.numel() != B * T * D)
-    throw InputError(cat("rope: cos/sin must hold [", B, ", 1, ", T, ", ", D, "]"));
+  const std::vector<int64_t> table{B, 1, T, D};  // (the kernel reads them as [B, T, D])
+  if (cos.sizes() != at::IntArrayRef(table) || sin.sizes() != at::IntArrayRef(table))
+    throw InputError(cat("rope: cos/sin must be [", B, ", 1, ", T, ", ", D, "], got ", shape_str(cos.sizes()), " and ",
+                         shape_str(sin.sizes())));
   at::Tensor xc = x.contiguous(), c = cos.contiguous(), s = sin.contiguous(), out = at::empty_like(xc);
   const float *xp = xc.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
   float* op = out.data_ptr<float>();
