@@ -104,6 +104,9 @@ def test_math_scorers_parse_then_score():
     ("The result of 12 * 13 is 156, which is more than 100.", 156),
     ("The answer is 42 (6 * 7).", 42),
     ("Answer: 7\n\nExplanation: 3 + 4 = 7, not 10", 7),
+    # fractions: the number found is read with the fraction it is part of
+    ("3/4", 0.75), ("The answer is 3/4.", 0.75), ("\\boxed{\\frac{3}{4}}", 0.75), ("Answer: 2 3/4 cups", 2.75),
+    ("-3/4", -0.75), ("x = 10/2", 5.0), ("On 3/4/2024 she had 5", 5),  # (a date is no fraction)
 ])
 def test_extract_number(text, number):
     assert extract_number(text) == number
@@ -447,6 +450,10 @@ def test_from_jsonl(tmp_path):
     ('{"prompt": "p", "answer": "12.5", "scorer": "math"}', "the 'math' scorer needs an integer answer"),
     ('{"prompt": "p", "answer": "x", "scorer": "eq"}', "the 'eq' scorer needs 'emotions'"),
     ('{"prompt": "p", "answer": "x", "scorer": "eq", "emotions": ["Joy"], "reference": [11]}', "intensities in 0..10"),
+    ('{"prompt": "p", "answer": true, "scorer": "yes_no"}', "the 'yes_no' scorer needs the answer 'yes' or 'no'"),
+    ('{"prompt": "p", "answer": null}', r"an 'answer' \(not null\)"),
+    ('{"prompt": "p", "answer": "a", "id": 2}\n{"prompt": "q", "answer": "b"}', "capitals.jsonl:2: item id '2' is "
+                                                                               "line 1's too"),
 ])
 def test_from_jsonl_errors(tmp_path, line, message):
     f = tmp_path / "capitals.jsonl"
@@ -475,6 +482,20 @@ def test_probe_protocol_and_errors():
         ItemProbe("dup", [Item("a", "p", "x"), Item("a", "q", "y")])
     with pytest.raises(ValueError, match="split must be one of"):
         get_probe("math").items("train")
+
+
+def test_from_jsonl_reads_yes_no_answers_and_warns_of_tiny_files(tmp_path):
+    """A yes_no answer written "Yes." is yes; a file that is not UTF-8 is named; a file of fewer
+    than 3 items holds none out, and says so."""
+    f = tmp_path / "yn.jsonl"
+    f.write_text('{"prompt": "Is the sky blue?", "answer": "Yes.", "scorer": "yes_no"}\n')
+    with pytest.warns(UserWarning, match="1 item\\(s\\): every third item is held out, so none is"):
+        probe = from_jsonl(f)
+    item = probe.items()[0]
+    assert probe.score(item, "Yes, it is.") == 100.0 and probe.score(item, "No.") == 0.0
+    f.write_bytes(b'{"prompt": "caf\xe9", "answer": "x"}\n')
+    with pytest.raises(ValueError, match="yn.jsonl: not UTF-8 text"):
+        from_jsonl(f)
 
 
 def test_from_jsonl_reads_lowercase_letters_and_eq_lines(tmp_path):

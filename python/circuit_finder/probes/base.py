@@ -10,6 +10,7 @@ Limits: items are held in memory; the split is by position (every third item hel
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,53 +108,69 @@ def _eq_data(row: dict, path: Path, n: int) -> dict:
 
 def from_jsonl(path: str | Path, name: str | None = None, max_new_tokens: int = 32) -> ItemProbe:
     """A probe from a JSONL file: {"prompt", "answer", "choices"?, "scorer"?, "id"?} per line
-    ('eq' lines also "emotions" and "reference"); answers a scorer cannot compare with are
-    refused here, naming the line."""
+    ('eq' lines also "emotions" and "reference"); answers a scorer cannot compare with, and two
+    lines with one id, are refused here, naming the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such probe file" if not path.exists() else f"{path}: not a file")
-    items = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
-                raise ValueError(f"{path}:{n}: each line needs a string 'prompt' and an 'answer'")
-            scorer = row.get("scorer", "exact")
-            if scorer not in SCORERS:
-                raise ValueError(f"{path}:{n}: unknown scorer {scorer!r}; known: {', '.join(sorted(SCORERS))}")
-            choices = row.get("choices") or ()
-            if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
-                raise ValueError(f"{path}:{n}: 'choices' must be a list of strings")
-            if len(choices) == 1 or len(set(choices)) != len(choices):
-                raise ValueError(f"{path}:{n}: 'choices' must hold at least two different options (likelihood "
-                                 f"mode ranks them), got {list(choices)}")
-            answer = str(row["answer"])
-            try:
-                check_answer(scorer, answer)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
-            data = _eq_data(row, path, n) if scorer == "eq" else {}
-            if scorer == "choice":
-                if not choices:
-                    raise ValueError(f"{path}:{n}: the 'choice' scorer needs 'choices' (the options)")
-                data["options"] = list(choices)
-                letters = [chr(ord("A") + i) for i in range(len(choices))]
-                if answer in choices:
-                    answer = letters[choices.index(answer)]
-                elif answer.upper() in letters:
-                    answer = answer.upper()  # "b" is option B
-                else:
-                    raise ValueError(f"{path}:{n}: answer {answer!r} is neither an option nor an option letter")
-                choices = letters
-            elif choices and answer not in choices:
-                raise ValueError(f"{path}:{n}: 'choices' must include the answer {answer!r}")
-            items.append(Item(id=str(row.get("id", n)), prompt=row["prompt"], answer=answer, choices=tuple(choices),
-                              scorer=scorer, data=data))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    items, lines = [], {}  # lines: item id -> the line that gave it
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        item = _line_item(line, path, n)
+        if item.id in lines:
+            raise ValueError(f"{path}:{n}: item id {item.id!r} is line {lines[item.id]}'s too (an item's id is its "
+                             f"line number unless it has an 'id')")
+        lines[item.id] = n
+        items.append(item)
     if not items:
         raise ValueError(f"{path}: no items")
+    if len(items) < 3:
+        warnings.warn(f"{path}: {len(items)} item(s): every third item is held out, so none is, and validate() has "
+                      f"nothing to score for this probe", stacklevel=2)
     return ItemProbe(name or path.stem, items, max_new_tokens=max_new_tokens)
+
+
+def _line_item(line: str, path: Path, n: int) -> Item:
+    """The item of line n of a probe file (ValueError naming the line when it is not one)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or row.get("answer") is None:
+        raise ValueError(f"{path}:{n}: each line needs a string 'prompt' and an 'answer' (not null)")
+    scorer = row.get("scorer", "exact")
+    if scorer not in SCORERS:
+        raise ValueError(f"{path}:{n}: unknown scorer {scorer!r}; known: {', '.join(sorted(SCORERS))}")
+    choices = row.get("choices") or ()
+    if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"{path}:{n}: 'choices' must be a list of strings")
+    if len(choices) == 1 or len(set(choices)) != len(choices):
+        raise ValueError(f"{path}:{n}: 'choices' must hold at least two different options (likelihood "
+                         f"mode ranks them), got {list(choices)}")
+    answer = str(row["answer"])
+    try:
+        check_answer(scorer, answer)
+    except ValueError as e:
+        raise ValueError(f"{path}:{n}: {e}") from None
+    data = _eq_data(row, path, n) if scorer == "eq" else {}
+    if scorer == "choice":
+        if not choices:
+            raise ValueError(f"{path}:{n}: the 'choice' scorer needs 'choices' (the options)")
+        data["options"] = list(choices)
+        letters = [chr(ord("A") + i) for i in range(len(choices))]
+        if answer in choices:
+            answer = letters[choices.index(answer)]
+        elif answer.upper() in letters:
+            answer = answer.upper()  # "b" is option B
+        else:
+            raise ValueError(f"{path}:{n}: answer {answer!r} is neither an option nor an option letter")
+        choices = letters
+    elif choices and answer not in choices:
+        raise ValueError(f"{path}:{n}: 'choices' must include the answer {answer!r}")
+    return Item(id=str(row.get("id", n)), prompt=row["prompt"], answer=answer, choices=tuple(choices), scorer=scorer,
+                data=data)

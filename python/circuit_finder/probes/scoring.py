@@ -157,8 +157,10 @@ def extract_number(text: str) -> int | float | None:
     "result =" or "the answer to ... is", past any "=" of working); the first number after the
     cue; a number the reply opens with before a clause break ("123 (since ...)", not "12 - 7 = 5");
     the last number outside parentheses; the last number.
-    Reads signs (-, −), thousands separators (1,234; 1 234; 1{,}234; 1\\,234), decimals and
-    scientific notation (8.6e10, 8.6 × 10^10, 8.6 \\times 10^{10}). None when there is no number."""
+    Reads signs (-, −), thousands separators (1,234; 1 234; 1{,}234; 1\\,234), decimals,
+    scientific notation (8.6e10, 8.6 × 10^10, 8.6 \\times 10^{10}) and fractions (3/4, 2 3/4,
+    \\frac{3}{4}: the number found is read with the fraction it is part of). None when there is no
+    number."""
     text = answer_text(text)
     cue = _cue_end(text)
     span = _answer_span(text, cue)  # (searched in place: a sign's context before the clause counts)
@@ -171,7 +173,30 @@ def extract_number(text: str) -> int | float | None:
         outside = re.sub(r"\([^()]*\)", " ", text)
         found = list(_NUMBER.finditer(outside)) or list(_NUMBER.finditer(text))
         match = found[-1] if found else None
-    return _number_value(match) if match else None
+    if match is None:
+        return None
+    in_fraction = _fraction_at(match.string, match.start())  # (outside: same length as text)
+    return in_fraction if in_fraction is not None else _number_value(match)
+
+
+# a fraction: "3/4", "-3/4", a mixed "2 3/4", LaTeX's \frac{3}{4} (not a date's "3/4/2024")
+_SLASHED = re.compile(r"(?<![\w.,/])(?:([-−]?\d+)[ \t]+)?([-−]?\d+)[ \t]*/[ \t]*(\d+)(?![\w/]|[.,]\d)")
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([-−]?\d+)\s*\}\s*\{\s*([-−]?\d+)\s*\}")
+
+
+def _fraction_at(text: str, at: int) -> float | None:
+    """The value of the fraction whose digits include position ``at`` of text, or None."""
+    for m in _SLASHED.finditer(text):
+        if m.start() <= at < m.end() and int(m.group(3)):
+            whole, top = (int(g.replace("−", "-")) if g else 0 for g in m.group(1, 2))
+            part = abs(top) / int(m.group(3))
+            negative = (m.group(1) or m.group(2)).lstrip().startswith(("-", "−"))
+            return -(abs(whole) + part) if negative else abs(whole) + part
+    for m in _LATEX_FRAC.finditer(text):
+        top, bottom = (int(g.replace("−", "-")) for g in m.group(1, 2))
+        if m.start() <= at < m.end() and bottom:
+            return top / bottom
+    return None
 
 
 
@@ -346,11 +371,13 @@ def _want_number(answer: str, scorer: str, integer: bool = False) -> float | int
 
 def check_answer(scorer: str, answer: str) -> None:
     """ValueError when ``answer`` is one the named scorer cannot compare with (a 'number' answer
-    that is no number, a 'math' answer that is no integer): found when a probe is made, not
-    after a sweep's first generation."""
+    that is no number, a 'math' answer that is no integer, a 'yes_no' answer that is neither):
+    found when a probe is made, not after a sweep's first generation."""
     _check(scorer)
     if scorer in ("number", "math"):
         _want_number(answer, scorer, integer=scorer == "math")
+    if scorer == "yes_no" and _bare(str(answer)) not in ("yes", "no"):
+        raise ValueError(f"the 'yes_no' scorer needs the answer 'yes' or 'no', got {answer!r}")
 
 
 def _bare(text: str) -> str:
@@ -391,7 +418,7 @@ def _math_answer(completion: str, want: int | None, given: Sequence[str] = ()):
 
 
 def _yes_no(completion: str, answer: str, **_) -> float:
-    return 100.0 if extract_yes_no(completion) == str(answer).strip().lower() else 0.0
+    return 100.0 if extract_yes_no(completion) == _bare(str(answer)) else 0.0  # ("Yes." is yes)
 
 
 def _choice(completion: str, answer: str, options: Sequence[str] = (), **_) -> float:
