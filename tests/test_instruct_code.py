@@ -102,6 +102,7 @@ def test_instruct_items_never_ask_for_clashing_instructions():
     ("Example:\n```text\nf(1) -> 7\n```\n```python\ndef f(x):\n    return 7\n```", "def f(x):\n    return 7"),
     ("```bash\npip install x\n```", ""),
     ("def f(x):\n    return 8\n\nThis returns eight.", "def f(x):\n    return 8"),  # unfenced, then prose
+    ("def f(x):\n    return 9\n\nFor example:\n```text\nf(1) -> 9\n```", "def f(x):\n    return 9"),
 ])
 def test_extract_code(text, code):
     assert extract_code(text, "f") == code
@@ -170,7 +171,7 @@ def test_sandbox_rm_rf_and_writes_harm_nothing(tmp_path):
     assert not (tmp_path / "moved").exists()
 
 
-def test_sandbox_cannot_reach_the_caller_or_make_files_elsewhere(tmp_path, monkeypatch):
+def test_sandbox_cannot_reach_the_caller_or_make_files_elsewhere(tmp_path):
     """Calls that reach other processes or make files with no audit event are gone (pidfd_open,
     mknod, mkfifo, sched_setaffinity; signal, resource and posix refused on import), timestamps
     and extended attributes cannot be changed, and /proc (the caller's environment) cannot be
@@ -180,7 +181,6 @@ def test_sandbox_cannot_reach_the_caller_or_make_files_elsewhere(tmp_path, monke
     victim = tmp_path / "victim.txt"
     victim.write_text("x")
     before = (victim.stat().st_mtime, resource.getrlimit(resource.RLIMIT_NOFILE), os.sched_getaffinity(0))
-    monkeypatch.setenv("CF_TEST_SECRET", "hunter2")
     attacks = [
         "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), 9)",
         "import os\nos.pidfd_open(os.getppid())",
@@ -191,17 +191,23 @@ def test_sandbox_cannot_reach_the_caller_or_make_files_elsewhere(tmp_path, monke
         f"import os\nos.mkfifo({str(tmp_path / 'fifo')!r})",
         f"import os\nos.utime({str(victim)!r}, (0, 0))",
         f"import os\nos.setxattr({str(victim)!r}, 'user.x', b'1')",
-        "import os\nassert 'hunter2' not in open(f'/proc/{os.getppid()}/environ').read()",
-        "assert 'hunter2' not in open('/proc/self/../' + str(__import__('os').getppid()) + '/environ').read()",
+        # /proc (the caller's environment and command line, this process's descriptors), however spelled
+        "import os\nopen(f'/proc/{os.getppid()}/environ').read()",
+        "open('//proc/self/status').read()", "open('/dev/fd/../status').read()",
+        "open('/proc/../proc/self/cmdline').read()", "open('../' * 12 + 'proc/self/status').read()",
+        "import pathlib\npathlib.Path('/proc/self/status').read_text()", "import os\nos.open('//proc/self/environ', 0)",
+        "import os\nos.listdir('/proc')",
+        "import signal\nsignal.pidfd_send_signal", "import posix\nposix.kill",
     ]
     for attack in attacks:
         run = run_tests(f"{attack}\ndef f(x):\n    return x\n", ["assert f(1) == 1"], timeout=5)
         assert run.passed == 0, attack
     assert sorted(os.listdir(tmp_path)) == ["victim.txt"]
     assert (victim.stat().st_mtime, resource.getrlimit(resource.RLIMIT_NOFILE), os.sched_getaffinity(0)) == before
-    fine = run_tests("import pathlib, os\ndef f(x):\n    return x + len(str(pathlib.PurePath('a', 'b')))",
+    fine = run_tests("import pathlib, os, shutil, tempfile, zipfile, unittest, signal, platform\n"
+                     "def f(x):\n    return x + len(str(pathlib.PurePath('a', 'b'))) + 0 * os.cpu_count()",
                      ["assert f(1) == 4"])
-    assert fine.passed == 1  # pathlib imports (its urllib.parse too)
+    assert fine.passed == 1  # the standard library imports (pathlib's urllib.parse, shutil's posix, ...)
 
 
 def test_sandbox_network_memory_and_exit():
@@ -275,7 +281,8 @@ def test_sandbox_results_cannot_be_forged():
         # read the token back from the results file (by name, or through /proc), then write lines
         "results file": "import os, glob\ndef add(a, b):\n    tok = None\n"
                         "    for p in ['results.txt', '../results.txt', *glob.glob('.res*'), *glob.glob('../.res*'),\n"
-                        "              *[f'/proc/self/fd/{k}' for k in range(3, 16)]]:\n"
+                        "              *[f'{d}/{k}' for d in ('/proc/self/fd', '//proc/self/fd', '/dev/fd')\n"
+                        "                for k in range(3, 16)]]:\n"
                         "        try:\n            tok = [w for w in open(p).read().split() if len(w) == 32][0]\n"
                         "        except Exception:\n            pass\n"
                         "    for fd in range(3, 64):\n        try:\n"

@@ -104,12 +104,28 @@ def test_math_scorers_parse_then_score():
     ("The result of 12 * 13 is 156, which is more than 100.", 156),
     ("The answer is 42 (6 * 7).", 42),
     ("Answer: 7\n\nExplanation: 3 + 4 = 7, not 10", 7),
-    # fractions: the number found is read with the fraction it is part of
-    ("3/4", 0.75), ("The answer is 3/4.", 0.75), ("\\boxed{\\frac{3}{4}}", 0.75), ("Answer: 2 3/4 cups", 2.75),
-    ("-3/4", -0.75), ("x = 10/2", 5.0), ("On 3/4/2024 she had 5", 5),  # (a date is no fraction)
 ])
 def test_extract_number(text, number):
     assert extract_number(text) == number
+
+
+@pytest.mark.parametrize("text, number, plain", [
+    ("3/4", 0.75, 4), ("The answer is 3/4.", 0.75, 3), ("\\boxed{\\frac{3}{4}}", 0.75, 4),
+    ("Answer: 2 3/4 cups", 2.75, 2), ("-3/4", -0.75, 4), ("x = 10/2", 5.0, 2), ("Answer: 10 -3/4", 10, 10),
+    ("On 3/4/2024 she had 5", 5, 5),  # (a date is no fraction)
+    ("Answer: 45/50", 0.9, 45),  # a score: why fractions are read only for answers that are no integer
+])
+def test_extract_number_fractions(text, number, plain):
+    """With fractions (the 'number' scorer's, for a non-integer answer) the number found is read with
+    the fraction it is part of; without, as before."""
+    assert extract_number(text, fractions=True) == number
+    assert extract_number(text) == plain
+
+
+def test_number_scorer_reads_fractions_only_for_fractional_answers():
+    probe = ItemProbe("n", [Item("a", "p", "0.75", scorer="number"), Item("b", "p", "45", scorer="number")])
+    a, b = probe.items("all")
+    assert probe.score(a, "It is 3/4.") == 100.0 and probe.score(b, "Answer: 45/50") == 100.0
 
 
 @pytest.mark.parametrize("text, letter", [

@@ -467,13 +467,13 @@ class Service:
             raise TooBusy()
         self.pending += n
 
-    def release(self) -> None:
-        self.pending -= 1
+    def release(self, n: int = 1) -> None:
+        self.pending -= n
 
     async def run(self, job: Job, request=None, reserved: bool = False) -> Completed:
-        """The job's result (its pending slot taken here, or ``reserved`` by the caller; released
-        here). With ``request``: a client that goes cancels the job: skipped while it waits in the
-        queue (Cancelled), stopped at the next token once every job of its running batch is
+        """The job's result (its pending slot taken and released here, or, ``reserved``, by the
+        caller). With ``request``: a client that goes cancels the job: skipped while it waits in
+        the queue (Cancelled), stopped at the next token once every job of its running batch is
         cancelled."""
         if not reserved:
             self.reserve()
@@ -487,7 +487,8 @@ class Service:
                     job.cancelled.set()
             return await done
         finally:
-            self.release()
+            if not reserved:
+                self.release()
 
     # ------------------------------------------------------------------ rows -> responses
     def finish(self, job: Job, row: list[int]) -> generation.Finished:
@@ -809,7 +810,10 @@ def add_routes(app, service: Service) -> None:
                 raise BadRequest("stream: one prompt at a time, without logprobs or echo")
             return streaming(jobs[0], rid, created, False, req)
         service.reserve(len(jobs))  # all or none: a request is not left half queued
-        done = await asyncio.gather(*[service.run(j, request, reserved=True) for j in jobs])
+        try:  # (released here: a job cancelled before it starts never reaches its own finally)
+            done = await asyncio.gather(*[service.run(j, request, reserved=True) for j in jobs])
+        finally:
+            service.release(len(jobs))
         choices = [service.completion_choice(k, j, d) for k, (j, d) in enumerate(zip(jobs, done))]
         return {"id": rid, "object": "text_completion", "created": created, "model": service.name,
                 "choices": [c for c, _ in choices], "usage": usage(sum(len(j.ids) for j in jobs),

@@ -118,7 +118,7 @@ def from_jsonl(path: str | Path, name: str | None = None, max_new_tokens: int = 
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
     items, lines = [], {}  # lines: item id -> the line that gave it
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # (not splitlines: JSON strings may hold U+2028 unescaped)
         if not line.strip():
             continue
         item = _line_item(line, path, n)

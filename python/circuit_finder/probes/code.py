@@ -42,8 +42,7 @@ def extract_code(completion: str, entry_point: str = "") -> str:
     if blocks:
         defining = [b for b in blocks if re.search(rf"^\s*def\s+{re.escape(entry_point)}\b", b, re.MULTILINE)]
         return (defining or blocks)[-1].strip("\n")
-    if fenced:
-        return ""
+    text = _FENCE.sub("", text)  # (only other languages' blocks: the code, if any, is outside them)
     m = re.search(r"^(?:def|import|from|class)\b", text, re.MULTILINE)
     return _without_trailing_prose(text[m.start():].strip("\n")) if m else ""
 

@@ -9,10 +9,11 @@ shutil, os and pathlib import but their writes, deletions, timestamp and attribu
 process calls are refused. Each
 test is an assert statement run on its own; the child writes each result, behind a random token,
 to a write-only descriptor of a file that has no name (capped at 1 MiB by the file-size limit),
-which the code can neither open nor read back; ``/proc`` cannot be opened (the
-caller's environment, this process's memory), and os's calls that reach other processes or make
-files without an audit event (mknod, mkfifo, pidfd_open, setpriority, sched_setaffinity) are
-removed, with the modules that hold more of them (posix, resource, signal) refused on import;
+which the code can neither open nor read back; nothing under ``/proc`` can be opened or listed,
+however the path is spelled (the caller's environment, this process's memory and descriptors);
+os's and posix's calls that reach other processes or make files without an audit event (kill,
+mknod, mkfifo, pidfd_open, setpriority, sched_setaffinity) and signal's pidfd_send_signal are
+removed, and resource (prlimit) is refused on import;
 whatever the code prints goes to /dev/null, so a print loop cannot flood the caller. A child that runs past
 ``timeout`` is killed with its whole process group; the tests it had passed by then still count.
 The operands of a test's comparisons are rebuilt as Python's own types before they are compared
@@ -27,12 +28,12 @@ Limits: a guard against accidents, runaway code (infinite loops, memory bombs, p
 CPython audit hooks cover the standard library's entry points, not every native path, and only a
 comparison's direct operands are rebuilt (``abs(f(x) - 3) < 1e-9`` asks f(x)'s own ``__sub__``).
 Code that formats a traceback (``traceback.format_exc``) fails: it reads frames. Linux/macOS (``resource`` limits; on other
-systems only the timeout and the hook apply).
+systems only the timeout and the hook apply); POSIX only (the results descriptor is passed with
+``pass_fds``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -57,15 +58,32 @@ try:
 except (ImportError, ValueError, OSError):
     pass
 import json
-# what reaches other processes with no audit event: gone from os, and the modules that hold them
-# (resource's prlimit, signal's pidfd_send_signal, posix itself) out of the module cache, so
-# importing them again is an import the hook refuses
-for name in ("mknod", "mkfifo", "pidfd_open", "setpriority", "sched_setaffinity", "sched_setscheduler",
-             "sched_setparam", "setns", "unshare", "prlimit"):
-    if hasattr(os, name):
-        delattr(os, name)
-for name in ("resource", "_signal", "signal", "posix", "fcntl", "mmap"):
+import posix
+import _signal
+# what reaches other processes or makes files with no audit event: gone from os and posix, and
+# signal's pidfd_send_signal from _signal (so from signal, which copies it when imported);
+# resource (prlimit on any process) out of the module cache, so importing it is refused
+for module, names in ((os, ("mknod", "mkfifo", "pidfd_open", "setpriority", "sched_setaffinity",
+                            "sched_setscheduler", "sched_setparam", "setns", "unshare")),
+                      (posix, ("mknod", "mkfifo", "pidfd_open", "setpriority", "sched_setaffinity",
+                               "sched_setscheduler", "sched_setparam", "setns", "unshare", "kill", "killpg")),
+                      (_signal, ("pidfd_send_signal",))):
+    for name in names:
+        if hasattr(module, name):
+            delattr(module, name)
+for name in ("resource", "fcntl", "mmap"):
     sys.modules.pop(name, None)
+
+
+def _in_proc(path, fsdecode, realpath, dirname):
+    """Whether path leads into /proc, however spelled: links (/dev/fd, /dev/stdin), "//proc", ".."
+    resolved. The folder is resolved apart from the whole: /dev/fd/N's folder is /proc/self/fd, while
+    the whole resolves through the descriptor's link to the file it names (a deleted one, too)."""
+    text = fsdecode(path)
+    for real in (realpath(text), realpath(dirname(text) or ".")):
+        if real == "/proc" or real.startswith("/proc/"):
+            return True
+    return False
 
 
 def guard(event, args, _isinstance=isinstance, _any=any, deny_events=("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn",
@@ -76,16 +94,18 @@ def guard(event, args, _isinstance=isinstance, _any=any, deny_events=("socket.",
           "poplib.", "imaplib.", "nntplib.", "sqlite3.", "dbm."),
           deny_modules=frozenset({"socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess", "ctypes",
           "_ctypes", "multiprocessing", "_multiprocessing", "pty", "http", "ftplib", "smtplib",
-          "webbrowser", "mmap", "fcntl", "resource", "sqlite3", "_sqlite3", "dbm", "_dbm", "_gdbm", "signal",
-          "_signal", "posix", "_posixshmem"}),
-          hidden=("/proc", "/dev/fd", "/dev/std"), _str=str, _bytes=bytes, _fsdecode=os.fsdecode,
-          _abspath=os.path.abspath):
+          "webbrowser", "mmap", "fcntl", "resource", "sqlite3", "_sqlite3", "dbm", "_dbm", "_gdbm",
+          "_posixshmem"}),
+          _str=str, _bytes=bytes, _fsdecode=os.fsdecode, _realpath=os.path.realpath, _dirname=os.path.dirname):
     if event == "open":
         path, mode, flags = args
         if (_isinstance(mode, str) and _any(c in mode for c in "wax+")) or (flags or 0) & 0o3103:
             raise PermissionError("the code sandbox allows no file writes")
-        if _isinstance(path, (_str, _bytes)) and _abspath(_fsdecode(path)).startswith(hidden):
+        if _isinstance(path, (_str, _bytes)) and _in_proc(path, _fsdecode, _realpath, _dirname):
             raise PermissionError("the code sandbox does not allow reading /proc")  # other processes' memory, environ
+    elif event in ("os.listdir", "os.scandir") and _isinstance(args[0], (_str, _bytes)) and \
+            _in_proc(args[0], _fsdecode, _realpath, _dirname):
+        raise PermissionError("the code sandbox does not allow listing /proc")
     elif event == "import" and args[0].split(".")[0] in deny_modules:
         raise ImportError(f"the code sandbox does not allow importing {args[0]}")
     elif event == "sys._getframe":  # ValueError: what namedtuple and typing catch when there is no frame
@@ -201,12 +221,13 @@ def run_tests(code: str, tests: list[str], timeout: float = 5.0, memory_mb: int 
     """Runs ``code`` then each assert in ``tests`` in a sandboxed child (see the module docstring)."""
     token = secrets.token_hex(16)
     limits = [memory_mb * 2 ** 20, int(timeout) + 1, 2 ** 20, 64]
-    with tempfile.TemporaryDirectory(prefix="cf-sandbox-") as workdir, _results_file(workdir) as (write_fd, read):
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _CHILD, *map(str, limits), str(write_fd)],
+    with tempfile.TemporaryDirectory(prefix="cf-sandbox-") as workdir, _ResultsFile(workdir) as results:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _CHILD, *map(str, limits),
+                                 str(results.write_fd)],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 cwd=workdir, env={"HOME": workdir, "TMPDIR": workdir}, start_new_session=True,
-                                pass_fds=(write_fd,))
-        os.close(write_fd)
+                                pass_fds=(results.write_fd,))
+        results.close_write()  # (the child has its copy)
         timed_out = False
         try:
             proc.communicate(json.dumps({"token": token, "code": code, "tests": list(tests)}).encode(), timeout=timeout)
@@ -215,7 +236,7 @@ def run_tests(code: str, tests: list[str], timeout: float = 5.0, memory_mb: int 
         finally:
             _kill_group(proc)  # the child on a timeout, and anything it left behind
             proc.wait()
-        text = read().decode("utf-8", "replace")
+        text = results.read().decode("utf-8", "replace")
     passed = set()
     for line in text.splitlines():
         parts = line.split(" ")
@@ -224,30 +245,35 @@ def run_tests(code: str, tests: list[str], timeout: float = 5.0, memory_mb: int 
     return TestRun(len(passed & set(range(len(tests)))), len(tests), timed_out)
 
 
-@contextlib.contextmanager
-def _results_file(folder: str):
-    """(a write-only descriptor for the child, a function reading what it wrote, at most 1 MiB) of
-    a file that has no name by the time the child runs: it can neither open it nor read it back."""
-    path = os.path.join(folder, f".results-{secrets.token_hex(8)}")
-    write_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    read_fd = os.open(path, os.O_RDONLY)
-    os.unlink(path)
+class _ResultsFile:
+    """A file that has no name by the time the child runs: the child gets a write-only descriptor
+    (it can neither open the file nor read it back), this process reads what it wrote (1 MiB at
+    most). Each descriptor is closed once."""
 
-    def read() -> bytes:
+    def __init__(self, folder: str):
+        path = os.path.join(folder, f".results-{secrets.token_hex(8)}")
+        self.write_fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.read_fd = os.open(path, os.O_RDONLY)
+        os.unlink(path)
+
+    def __enter__(self):
+        return self
+
+    def close_write(self) -> None:
+        if self.write_fd is not None:
+            os.close(self.write_fd)
+            self.write_fd = None
+
+    def read(self) -> bytes:
         chunks, size = [], 0
-        while size < 2 ** 20 and (chunk := os.read(read_fd, 2 ** 20 - size)):
+        while size < 2 ** 20 and (chunk := os.read(self.read_fd, 2 ** 20 - size)):
             chunks.append(chunk)
             size += len(chunk)
         return b"".join(chunks)
 
-    try:
-        yield write_fd, read
-    finally:
-        os.close(read_fd)
-        try:
-            os.close(write_fd)
-        except OSError:  # (closed once the child had it)
-            pass
+    def __exit__(self, *exc) -> None:
+        self.close_write()
+        os.close(self.read_fd)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -151,16 +151,18 @@ def _leading_number(text: str) -> re.Match | None:
     return m
 
 
-def extract_number(text: str) -> int | float | None:
+def extract_number(text: str, fractions: bool = False) -> int | float | None:
     """The answer number in a completion (see ``answer_text``), by the first rule that finds one:
     the first number of the answer clause (``_answer_span``: after "answer is" / "Answer:" /
     "result =" or "the answer to ... is", past any "=" of working); the first number after the
     cue; a number the reply opens with before a clause break ("123 (since ...)", not "12 - 7 = 5");
     the last number outside parentheses; the last number.
     Reads signs (-, −), thousands separators (1,234; 1 234; 1{,}234; 1\\,234), decimals,
-    scientific notation (8.6e10, 8.6 × 10^10, 8.6 \\times 10^{10}) and fractions (3/4, 2 3/4,
-    \\frac{3}{4}: the number found is read with the fraction it is part of). None when there is no
-    number."""
+    scientific notation (8.6e10, 8.6 × 10^10, 8.6 \\times 10^{10}); with ``fractions`` (the
+    'number' scorer's, for an answer that is no integer) also fractions (3/4, 2 3/4,
+    \\frac{3}{4}: the number found is read with the fraction it is part of; off elsewhere, where
+    "45/50", "24/7" or "9/11" are more often a score, a phrase or a date than an answer). None when
+    there is no number."""
     text = answer_text(text)
     cue = _cue_end(text)
     span = _answer_span(text, cue)  # (searched in place: a sign's context before the clause counts)
@@ -175,12 +177,13 @@ def extract_number(text: str) -> int | float | None:
         match = found[-1] if found else None
     if match is None:
         return None
-    in_fraction = _fraction_at(match.string, match.start())  # (outside: same length as text)
+    in_fraction = _fraction_at(match.string, match.start()) if fractions else None
     return in_fraction if in_fraction is not None else _number_value(match)
 
 
 # a fraction: "3/4", "-3/4", a mixed "2 3/4", LaTeX's \frac{3}{4} (not a date's "3/4/2024")
-_SLASHED = re.compile(r"(?<![\w.,/])(?:([-−]?\d+)[ \t]+)?([-−]?\d+)[ \t]*/[ \t]*(\d+)(?![\w/]|[.,]\d)")
+# (a mixed number's fraction has no sign of its own: "10 -3/4" is 10 and -3/4)
+_SLASHED = re.compile(r"(?<![\w.,/])(?:([-−]?\d+)[ \t]+(?=\d))?([-−]?\d+)[ \t]*/[ \t]*(\d+)(?![\w/]|[.,]\d)")
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([-−]?\d+)\s*\}\s*\{\s*([-−]?\d+)\s*\}")
 
 
@@ -397,7 +400,7 @@ def _contains(completion: str, answer: str, **_) -> float:
 
 def _number(completion: str, answer: str, number=None, **_) -> float:
     want = number if number is not None else _want_number(answer, "number")
-    got = extract_number(completion)
+    got = extract_number(completion, fractions=not float(want).is_integer())
     return 100.0 if got is not None and abs(float(got) - float(want)) < 1e-9 else 0.0
 
 
