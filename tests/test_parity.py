@@ -138,6 +138,21 @@ def test_greedy_generate_matches_transformers(model_dir, arch):
     assert torch.equal(ours, ref)
 
 
+def test_padded_prompts_without_a_mask_are_read_as_transformers_reads_them(model_dir):
+    """Left-padded token prompts given without attention_mask: the pad ids are padding (the pad id
+    is no EOS here), as transformers' generate infers; the same as with the mask."""
+    folder, hf = model_dir("llama")
+    model = cf.load(folder)
+    ids = tokens(2, 7, seed=5)
+    ids[0, :3] = 0  # the pad id
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    ours = model.generate(ids, max_new_tokens=10, min_new_tokens=10)
+    print("ours", ours[0].tolist(), "transformers", ref[0].tolist())
+    assert torch.equal(ours, ref)
+    assert torch.equal(ours, model.generate(ids, attention_mask=(ids != 0).long(), max_new_tokens=10, min_new_tokens=10))
+
+
 def test_generate_stops_at_eos_and_pads(model_dir):
     folder, _ = model_dir("llama")
     model = cf.load(folder)

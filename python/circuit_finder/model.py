@@ -154,6 +154,14 @@ class Model:
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} != {name} shape {tuple(ids.shape)}")
         return mask
 
+    def _inferred_mask(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """transformers' rule for prompts given without a mask: pad ids are padding, where the pad
+        id is no EOS (None when there are none: every id a token)."""
+        pad = self.codec.pad_id
+        if pad is None or pad in self.codec.eos_ids or not bool((ids == pad).any()):
+            return None
+        return (ids != pad).long()
+
     def generate(self, prompts, layers=None, max_new_tokens: int = 64, min_new_tokens: int = 0,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop: str | list[str] | None = None, chat: bool = False, attention_mask=None,
@@ -164,7 +172,8 @@ class Model:
         template; thinking: its enable_thinking switch, None = the template's default, or with a
         router its training sweep's setting, as ``Router.path_for`` reads it; a sweep sets it False
         unless told otherwise, so thinking=False writes a prompt as a sweep's probes ran it); or a
-        LongTensor [B, T] of token ids (left-padded, with attention_mask) ->
+        LongTensor [B, T] of token ids (left-padded, with attention_mask; without one, pad ids are
+        padding where the pad id is no EOS, as transformers infers) ->
         LongTensor [B, new] of generated ids (finished rows padded with the pad id).
         temperature 0 is greedy; otherwise sampling with top_p, reproducible with seed for the same
         batch (one generator draws for every row: a prompt's sample depends on its batch and row).
@@ -177,7 +186,8 @@ class Model:
         if isinstance(prompts, torch.Tensor):
             sampling = Sampling(max_new_tokens, min_new_tokens, temperature, top_p, seed)
             ids = as_token_ids(prompts, self.device, "prompts")
-            return self._generate(ids, self._mask_for(ids, attention_mask, "prompts"), router or path, sampling)
+            mask = self._mask_for(ids, attention_mask, "prompts")
+            return self._generate(ids, self._inferred_mask(ids) if mask is None else mask, router or path, sampling)
         sampling = Sampling(max_new_tokens, min_new_tokens, temperature, top_p, seed, stop or ())
         if router is not None:
             router.check_prompts(chat, thinking, self.codec)
