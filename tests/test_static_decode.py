@@ -86,6 +86,15 @@ def test_decode_step_rejects_bad_input(model_dir):
     with pytest.raises(ValueError, match=r"\[batch, 1\]"):
         engine.decode_step(torch.zeros(2, 2, dtype=torch.long), pos, torch.ones(2, 8, dtype=torch.bool), idx, layers,
                            cache)
+    # refused before anything changes (it writes the mask, the cache, positions and index in place)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    for args, message in (((tok, torch.zeros(1, 1, dtype=torch.long).expand(2, 1), mask, idx), "contiguous"),
+                          ((tok, pos, mask, torch.tensor([-1])), "index -1 is outside the KV cache's 8 columns"),
+                          ((tok, pos, mask, torch.tensor([8])), "index 8 is outside"),
+                          ((tok + 500, pos, mask, idx), "token id 500 is outside the vocabulary")):
+        with pytest.raises(ValueError, match=message):
+            engine.decode_step(*args, layers, cache)
+        assert not mask.any() and cache.length == 0
     cache.advance(8)
     with pytest.raises(ValueError, match="holds 8 positions; this call needs 9"):
         engine.decode_step(tok, pos, torch.ones(2, 8, dtype=torch.bool), idx, layers, cache)

@@ -646,6 +646,17 @@ at::Tensor Engine::decode_step(const at::Tensor& token, const at::Tensor& positi
                          c10::toString(key_mask.scalar_type()), " ", shape_str(key_mask.sizes())));
   if (index.scalar_type() != at::kLong || index.device() != w_.device || index.numel() != 1 || index.dim() != 1)
     throw InputError("decode_step's index must be a 1-element int64 tensor on the model's device");
+  // checked before anything changes: it writes key_mask, the cache, positions and index in place
+  if (!positions.is_contiguous() || !key_mask.is_contiguous())
+    throw InputError("decode_step advances positions and key_mask in place: pass contiguous tensors, not expanded views");
+  if (w_.device.is_cpu()) {  // (on a GPU these reads would sync every step: the caller's loop keeps them in range)
+    const int64_t column = index.item<int64_t>(), low = token.min().item<int64_t>(), high = token.max().item<int64_t>();
+    if (column < 0 || column >= C)
+      throw InputError(cat("decode_step's index ", column, " is outside the KV cache's ", C, " columns"));
+    if (low < 0 || high >= cfg_.vocab_size)
+      throw InputError(cat("decode_step's token id ", low < 0 ? low : high, " is outside the vocabulary (0..",
+                           cfg_.vocab_size - 1, ")"));
+  }
   at::Tensor x = embed_unchecked(token);
   key_mask.index_fill_(1, index, true);
   const int64_t n = static_cast<int64_t>(path.size());

@@ -8,7 +8,9 @@ and continuations are scored in ``likelihood``. Loading files into a Model is ``
 Limits: the tensors in ``model.tensors`` are the engine's own (shared storage), so mutating them
 changes the model; a GGUF's packed matrices (``quants.PackedTensor``) are read-only views of the
 file's memory map: never write them. A model split over devices (``placement``) takes and returns tensors on its main
-device, ``model.device``.
+device, ``model.device``. One thread at a time may run a model or use a KV cache: the engine
+releases the GIL while it computes, so a second thread changing the same cache (``keep_rows``,
+``place``) races it (the server runs every request on one worker thread).
 """
 
 from __future__ import annotations
