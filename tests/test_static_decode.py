@@ -88,7 +88,7 @@ def test_decode_step_rejects_bad_input(model_dir):
                            cache)
     # refused before anything changes (it writes the mask, the cache, positions and index in place)
     mask = torch.zeros(2, 8, dtype=torch.bool)
-    for args, message in (((tok, torch.zeros(1, 1, dtype=torch.long).expand(2, 1), mask, idx), "contiguous"),
+    for args, message in (((tok, torch.zeros(1, 1, dtype=torch.long).expand(2, 1), mask, idx), "not expanded views"),
                           ((tok, pos, mask, torch.tensor([-1])), "index -1 is outside the KV cache's 8 columns"),
                           ((tok, pos, mask, torch.tensor([8])), "index 8 is outside"),
                           ((tok + 500, pos, mask, idx), "token id 500 is outside the vocabulary")):

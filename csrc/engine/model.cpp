@@ -2,6 +2,8 @@
 // family differences are flags of ModelConfig read in the one block below.
 #include "model.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -647,8 +649,10 @@ at::Tensor Engine::decode_step(const at::Tensor& token, const at::Tensor& positi
   if (index.scalar_type() != at::kLong || index.device() != w_.device || index.numel() != 1 || index.dim() != 1)
     throw InputError("decode_step's index must be a 1-element int64 tensor on the model's device");
   // checked before anything changes: it writes key_mask, the cache, positions and index in place
-  if (!positions.is_contiguous() || !key_mask.is_contiguous())
-    throw InputError("decode_step advances positions and key_mask in place: pass contiguous tensors, not expanded views");
+  if (at::has_internal_overlap(positions) == at::MemOverlap::Yes ||
+      at::has_internal_overlap(key_mask) == at::MemOverlap::Yes)  // an expanded view: one element for several
+    throw InputError("decode_step writes positions and key_mask in place: pass tensors whose elements are their own, "
+                     "not expanded views");
   if (w_.device.is_cpu()) {  // (on a GPU these reads would sync every step: the caller's loop keeps them in range)
     const int64_t column = index.item<int64_t>(), low = token.min().item<int64_t>(), high = token.max().item<int64_t>();
     if (column < 0 || column >= C)
