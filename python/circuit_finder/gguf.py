@@ -504,15 +504,21 @@ def _config_from(reader, path: str, arch: str, need, per_layer_scalar) -> dict:
                         ("padding_token_id", "pad_token_id")):
         if key in ids:
             config[hf_key] = ids[key]
-    harmony = config.get("model_type") == "gpt_oss"  # (its eot key may name <|end|>: not an end there)
-    ends = [ids[k] for k in ("eos_token_id",) + (() if harmony else ("eot_token_id", "eom_token_id")) if k in ids]
-    ends += [i for i in _end_tokens_by_text(reader) if i < config["vocab_size"]]
-    ends = list(dict.fromkeys(ends))  # in order, once each
+    ends = _end_ids(reader, ids, tokens, config)
     if len(ends) > 1:
         config["eos_token_id"] = ends
     elif ends:
         config["eos_token_id"] = ends[0]
     return config
+
+
+def _end_ids(reader, ids: dict[str, int], tokens: list[str], config: dict) -> list[int]:
+    """The ids that end generation, in order, once each: the file's eos, eot and eom ids (gpt-oss:
+    eos only; its eot key may name <|end|>, which is no end there), then ``_end_tokens_by_text``."""
+    harmony = config.get("model_type") == "gpt_oss"
+    ends = [ids[k] for k in ("eos_token_id",) + (() if harmony else ("eot_token_id", "eom_token_id")) if k in ids]
+    ends += [i for i in _end_tokens_by_text(reader, tokens) if i < config["vocab_size"]]
+    return list(dict.fromkeys(ends))
 
 
 # special tokens that end a turn or a generation in the chat formats of published models, which
@@ -522,11 +528,10 @@ _END_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn
               "<|end_of_text|>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>", "<EOT>")
 
 
-def _end_tokens_by_text(reader) -> list[int]:
-    """Ids of control (or user-defined) tokens whose text is one of ``_END_TEXTS``; not <|end|>
-    where the vocabulary has <|return|> (gpt-oss's harmony format: <|end|> closes the analysis
-    channel, and the answer follows it), as llama.cpp leaves it out there too."""
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens") or []
+def _end_tokens_by_text(reader, tokens: list[str]) -> list[int]:
+    """Ids of control (or user-defined) tokens of the vocabulary ``tokens`` whose text is one of
+    ``_END_TEXTS``; not <|end|> where the vocabulary has <|return|> (gpt-oss's harmony format:
+    <|end|> closes the analysis channel, and the answer follows it), as llama.cpp leaves it out there too."""
     types = gguf_field(reader, "tokenizer.ggml.token_type")
     wanted = set(_END_TEXTS) - ({"<|end|>"} if "<|return|>" in tokens else set())
     return [i for i, t in enumerate(tokens) if t in wanted and (types is None or int(types[i]) in (3, 4))]

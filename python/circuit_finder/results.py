@@ -4,8 +4,8 @@
 reads from and computes with, free of any model or runner.
 
 File format — one JSON object per line:
-- a header ``{"kind": "header", "version": 1, "run": <16 hex digits>, "model": ..., "num_layers": N, "mode": ..., "fingerprint",
-  "chat", "thinking", "max_items", "items": {probe: [item ids]}, "item_digest": {probe: sha256 of
+- a header ``{"kind": "header", "version": 1, "run": <16 hex digits>, "model": ..., "num_layers": N,
+  "mode": ..., "fingerprint", "chat", "thinking", "max_items", "items": {probe: [item ids]}, "item_digest": {probe: sha256 of
   the items' ids, prompts, answers and choices}, "likelihood_rule"?}`` (a resume must match it);
 - a ``{"kind": "probes", "items": ..., "item_digest": ...}`` line when a resume adds probes, so
   later resumes check their items too (``"held_out_items"`` / ``"held_out_digest"``: the held-out
@@ -154,7 +154,7 @@ class ResultStore:
         return set(probes) <= self._done.get((layers, split, mode), set())
 
     def append(self, record: dict) -> None:
-        record = {"kind": "config", **record, **({"run": self.header["run"]} if "run" in self.header else {})}
+        record = {"kind": "config", **record, **_run_of(self.header)}
         _append_line(self.path, record)
         self._records.append(record)
         self._index(record)
@@ -181,9 +181,14 @@ def _record_new_probes(path: Path, old: dict, setup: dict) -> None:
     new = {k: v for k, v in new.items() if v}
     if not new:
         return
-    _append_line(path, {"kind": "probes", **new, **({"run": old["run"]} if "run" in old else {})})
+    _append_line(path, {"kind": "probes", **new, **_run_of(old)})
     for key, value in new.items():
         old[key] = {**old.get(key, {}), **value}
+
+
+def _run_of(header: dict) -> dict:
+    """The ``run`` field a line appended under ``header`` carries ({} for a file from before ids)."""
+    return {"run": header["run"]} if "run" in header else {}
 
 
 def _check_resume(path: Path, old: dict, new: dict, setup: dict) -> None:

@@ -8,10 +8,10 @@ JSON file that loads without scikit-learn and without pickle. Training is ``rout
 running prompts along their chosen paths ``router.run``, the held-out reading ``router.evaluate``.
 
 Limits: features are read from token ids, so a prompt is routed by exactly the ids the model
-runs (a chat template applied or not, or its thinking switch, makes a different prompt: ``check_prompts`` warns where
-Model.generate or a sweep writes prompts otherwise than the router's training did; the server and
-the lm-eval adapter take prompts as given and cannot tell); the classifier kinds are logistic
-regression, nearest centroid and a constant choice.
+runs (a chat template applied or not, or its thinking switch, makes a different prompt:
+``check_prompts`` warns where Model.generate or a sweep writes prompts otherwise than the router's
+training did; the server and the lm-eval adapter take prompts as given and cannot tell); the
+classifier kinds are logistic regression, nearest centroid and a constant choice.
 """
 
 from __future__ import annotations

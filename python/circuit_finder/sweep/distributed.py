@@ -96,9 +96,9 @@ class RayExecutor:
     (default: the cluster's CPUs // workers when workers is given, else this process's torch
     threads). max_restarts: replacement workers started per session (a sweep, its stages and
     validate). start_timeout: seconds a worker may take to start and load the model.
-    config_timeout: seconds a worker may spend on one config (or on preparing a stage) before it is taken for hung, killed and replaced, the config run
-    again elsewhere (None: no limit; set it well above a config's time, a first config's prefix
-    included).
+    config_timeout: seconds a worker may spend on one config (or on preparing a stage) before it
+    is taken for hung, killed and replaced, the config run again elsewhere (None: no limit; set it
+    well above a config's time, a first config's prefix included).
     """
 
     def __init__(self, address: str | None = None, workers: int | None = None, threads: int | None = None,
@@ -318,7 +318,6 @@ class RayExecutor:
         self.actors.append(actor)
         self._check_prompts(ray.get(actor.prepare.remote(*stage), timeout=self.start_timeout), args["source"])
         current[id(actor)] = deque()
-
 
     def _check_prompts(self, got: str, source: str) -> None:
         """ValueError when a worker's prompts (its tokenizer, chat template) are not this process's."""
