@@ -11,7 +11,7 @@
 # checkpoint of QUANTIZE_SHAPE, default 1b (8b writes 16 GB first), loaded with quantize= Q8_0 / Q4_K
 # and bench_quantize's default mix Q4_K_M: quantized on the GPU).
 #   bash scripts/gpu_session.sh build gputests bench
-# Wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json, plotly, narwhals) are installed first; a saved
+# Wheels in .whl/ (packages the machine lacks: gguf, nlohmann-json, plotly, narwhals, the server's stack) are installed first; a saved
 # tokenizer in .cftok/ stands in for the default model's (CF_TEST_TOKENIZER). scripts/gpu_prepare.sh
 # makes both on the development machine; the device tool carries them (carry: .whl, .cftok).
 # A kernel fault surfaces in a later call unless launches block: the `packed` stage reruns the
@@ -62,7 +62,10 @@ k or print('!! no GPU kernels: the fused and packed GPU tests will skip; see', '
     packed)
       stage packed env CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -x -q -rA -p no:cacheprovider tests/test_cuda.py -k packed ;;
     suite)
-      stage suite $PY -m pytest -n 14 -q -rs -p no:cacheprovider tests -k "not $HOST_ONLY" ;;
+      # -v: each result is logged as it lands, so a stage cut by its time limit still names its failures;
+      # test_twenty_sigkills is left out: 21+ child sweeps, each paying CUDA's start-up, outlast the stage
+      stage suite $PY -m pytest -n 14 -v -rfEs --tb=short -p no:cacheprovider tests \
+        -k "not $HOST_ONLY and not twenty_sigkills" ;;
     bench)
       stage bench $PY benchmarks/run.py --device cuda --dtype bfloat16 --sections ${BENCH_SECTIONS:-forward scan} --models 1b 8b \
         --batches 1 16 --scan-model 8b ${CF_TEST_TOKENIZER:+--tokenizer "$CF_TEST_TOKENIZER"} --profile --out "$OUT" ;;

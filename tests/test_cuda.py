@@ -269,19 +269,23 @@ def test_cuda_quantizers_write_the_cpus_blocks(kind):
     matrix): the 32-value types write the CPU's bytes (ggml's rounding); the K-quants' least squares
     sum in another order, so a few blocks may round a step apart: their error, decoded by the gguf
     package, equals the CPU's within 1%."""
+    import gguf
+
     w = torch.from_numpy(awkward_rows(4096))  # ties, half steps, zeros: where a division a step off shows
     for dtype in (torch.float32, torch.bfloat16):
         cpu = quantize_matrix(w.to(dtype), kind)
         gpu = quantize_matrix(w.to(dtype), kind, device="cuda")
         assert gpu.blocks.is_cuda and gpu.type_name == kind and gpu.shape == cpu.shape
-        rows = (gpu.blocks.cpu() != cpu.blocks).any(1).sum().item()
+        size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][1]
+        blocks = (gpu.blocks.cpu() != cpu.blocks).view(300, -1, size).any(2)
         errors = [((reference(kind, p.blocks.cpu().numpy(), 4096) - w.to(dtype).float()).pow(2).mean().sqrt()
                    / w.pow(2).mean().sqrt()).item() for p in (cpu, gpu)]
-        print(f"{kind} from {dtype}: {rows} of 300 rows differ; relative RMS error cpu {errors[0]:.5f}, gpu {errors[1]:.5f}")
-        if kind in K_TYPES:
-            assert rows <= 30 and errors[1] <= errors[0] * 1.01
+        print(f"{kind} from {dtype}: {blocks.any(1).sum().item()} of 300 rows, {blocks.sum().item()} of "
+              f"{blocks.numel()} blocks differ; relative RMS error cpu {errors[0]:.5f}, gpu {errors[1]:.5f}")
+        if kind in K_TYPES:  # a wrong kernel differs in most blocks; a sum's order, in a few
+            assert blocks.float().mean() <= 0.1 and errors[1] <= errors[0] * 1.01
         else:
-            assert rows == 0
+            assert not blocks.any()
 
 
 def _checkpoint_dequantizers():
@@ -506,7 +510,7 @@ def test_cuda_loads_fuse_projections_and_match_the_unfused_route(model_dir, tmp_
     """On a GPU, load lays each layer's q / k / v and gate / up out as one matrix (one product each,
     biases included): logits as the unfused route's in fp32 and bf16, greedy tokens equal through
     the dynamic and the fixed-shape decode; packed GGUF blocks fused on the GPU against the CPU."""
-    folder, hf = model_dir("qwen2")
+    folder, hf = model_dir("qwen2", intermediate_size=128)  # rows of whole 32-value blocks, for the GGUF part
     ids = ids_on("cuda")
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         fused = cf.load(folder, device="cuda", dtype=dtype)

@@ -164,7 +164,8 @@ def test_packed_matrices_are_budgeted_at_their_size_where_they_stay_packed(model
     a GPU in a build with GPU kernels) and at its float size where it would be dequantized."""
     packed = {f"model.layers.{i}.mlp.down_proj.weight": 30 for i in range(N)}
     assert dict(plan("cpu=6", N, SIZES, packed=packed).need) == {"cpu": 50 + 6 * 30}
-    assert dict(plan("auto", N, SIZES, max_memory={"cpu": 230}, packed=packed).need) == {"cpu": 230}
+    no_gpu = {"cuda:0": 0} if torch.cuda.is_available() else {}  # "auto" fills a visible GPU first
+    assert dict(plan("auto", N, SIZES, max_memory={"cpu": 230, **no_gpu}, packed=packed).need) == {"cpu": 230}
     monkeypatch.setattr(circuit_finder.quants, "packs_on", lambda d: False)  # a device that dequantizes
     assert dict(plan("cpu=6", N, SIZES, packed=packed).need) == {"cpu": 650}
     monkeypatch.undo()
