@@ -194,3 +194,39 @@ def test_engine_inputs_that_would_read_wrong_are_refused(model_dir):
         _C.cpu_rope(x, torch.randn(3, 1, 2, 8), torch.randn(3, 1, 2, 8))
     with pytest.raises(cf.LayerPathError, match="into a path too long"):
         _C.duplicate_layers(6, 2, 4, 10**9)  # (LayerPath.duplicate refuses it before the engine)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5_text"])
+def test_a_kv_cache_larger_than_free_memory_is_refused_before_it_is_made(model_dir, arch, monkeypatch):
+    """generate() and a generate-mode sweep size the KV cache from max_new_tokens: one that cannot fit
+    the device's free memory is refused naming the argument, instead of failing inside torch or (on
+    a CPU with overcommitted memory) getting the process killed as the cache fills. The bound is
+    the cache's bytes counted here from the config (keys and values of attention layers only)."""
+    import circuit_finder.placement
+
+    folder, hf = model_dir(arch)
+    m = cf.load(folder)
+    c = hf.config
+    attention = sum(t != "linear_attention" for t in getattr(c, "layer_types", None) or ["full"] * c.num_hidden_layers)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    ids = torch.tensor([[5, 6, 7, 8]])
+    need = 2 * 1 * (4 + 20) * c.num_key_value_heads * head_dim * 4 * attention  # fp32, batch 1, 4 + 20 positions
+    print(f"{arch}: {attention} attention layers of {c.num_hidden_layers}; cache {need} B")
+    monkeypatch.setattr(circuit_finder.placement, "free_memory", lambda d: need - 1)
+    with pytest.raises(ValueError, match=r"max_new_tokens=20: the KV cache of 1 row\(s\) x 24 positions along \d+ slots"):
+        m.generate(ids, max_new_tokens=20)
+    monkeypatch.setattr(circuit_finder.placement, "free_memory", lambda d: need)
+    assert m.generate(ids, max_new_tokens=20, min_new_tokens=20).shape == (1, 20)
+    with pytest.raises(ValueError, match="max_new_tokens=10000000000: the KV cache"):  # the real free memory
+        monkeypatch.undo()
+        m.generate(ids, max_new_tokens=10**10)
+
+
+def test_a_sweep_probe_whose_cache_cannot_fit_is_refused(chat_model, tmp_path):
+    from circuit_finder.probes import from_jsonl
+
+    items = tmp_path / "add.jsonl"
+    items.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(3)))
+    with pytest.raises(ValueError, match="probe 'add': max_new_tokens=10000000000: the KV cache"):
+        cf.sweep(chat_model, probes=[from_jsonl(items, max_new_tokens=10**10)], paths=["0..2"], mode="generate",
+                 chat=False, progress=False)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .placement import check_cache_fits
+
 if TYPE_CHECKING:
     from .layer_path import LayerPath
     from .model import Model
@@ -294,8 +296,9 @@ def generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor | None, pat
     Returns the new ids [B, n] (rows finished early padded with the pad id). ``check`` runs
     before each decode step and may raise to stop (the server's cancelled batch)."""
     B, T = ids.shape
-    positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
     layers = list(path)
+    check_cache_fits(model, layers, B, T + sampling.max_new_tokens, f"max_new_tokens={sampling.max_new_tokens}")
+    positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
     with torch.inference_mode():
         cache = model.engine.new_cache(layers, B, T + sampling.max_new_tokens)
         step_mask = None if full_mask is None else full_mask[:, :T]

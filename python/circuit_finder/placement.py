@@ -36,12 +36,17 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["Placement", "as_device", "cgroup_room", "free_memory", "human", "layer_of", "parse_max_memory", "parse_size", "plan"]
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["Placement", "as_device", "cgroup_room", "check_cache_fits", "free_memory", "human", "layer_of", "parse_max_memory", "parse_size", "plan"]
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -167,6 +172,25 @@ def free_memory(d: torch.device) -> int:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     room = cgroup_room()
     return free if room is None else min(free, room)
+
+
+def check_cache_fits(model: Model, layers: Sequence[int], batch: int, capacity: int, what: str) -> None:
+    """Raises ValueError, naming ``what`` (the argument that sized it), where a KV cache of ``batch``
+    rows x ``capacity`` positions along ``layers`` needs more than a device's free memory now. Without
+    it the allocation fails deep in torch, or on a CPU with overcommitted memory the kernel kills the
+    process while the cache is zero-filled. Counts keys and values of attention slots (a
+    linear-attention slot's state does not grow with positions); meta devices are not checked."""
+    c = model.config
+    size = torch.empty((), dtype=model.dtype).element_size()
+    need: dict[str, int] = {}
+    for layer in layers:
+        if not (c.linear_layers and c.linear_layers[layer]):
+            d = str(model.engine.layer_device(layer))
+            need[d] = need.get(d, 0) + 2 * batch * capacity * c.num_kv_heads * c.head_dim * size
+    for d, bytes_ in need.items():
+        if torch.device(d).type != "meta" and bytes_ > (free := free_memory(torch.device(d))):
+            raise ValueError(f"{what}: the KV cache of {batch} row(s) x {capacity} positions along {len(layers)} slots "
+                             f"needs {human(bytes_)} on {d}, which has {human(free)} free")
 
 
 _CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),

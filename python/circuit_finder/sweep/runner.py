@@ -44,6 +44,7 @@ import torch
 from .. import generation, likelihood
 from ..loading import q8_products
 from ..model import Model
+from ..placement import check_cache_fits
 from ..probes import Item, Probe, get_probe, parse_rate_of
 from ..results import ResultStore
 from ..router import run as routing
@@ -99,6 +100,8 @@ class ProbeBatch:
             self.head = shared_head(model, seqs, self.budget)
             self.ids, mask = head_layout(model.codec, seqs, self.head, model.device)
             self.capacity = self.ids.shape[1] + self.budget
+            check_cache_fits(model, range(model.num_layers), self.ids.shape[0], self.capacity,
+                             f"probe {probe.name!r}: max_new_tokens={probe.max_new_tokens}")
             self.positions, self.full_mask = generation.generation_masks(self.ids, mask, self.budget)
             self.prefix_mask = None if self.full_mask is None else mask
         self._h = None
