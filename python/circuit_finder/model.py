@@ -180,6 +180,8 @@ class Model:
         temperature 0 is greedy; otherwise sampling with top_p, reproducible with seed for the same
         batch (one generator draws for every row: a prompt's sample depends on its batch and row).
         layers may be a Router (or "router:PATH"): each prompt runs along the path it is routed to.
+        The KV cache holds prompt + max_new_tokens positions from the start: one that cannot fit the
+        devices' free memory raises ValueError before it is made.
         """
         router = self.router(layers)
         path = None if router else self.path(layers)
