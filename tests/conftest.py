@@ -36,8 +36,9 @@ def pytest_runtest_makereport(item, call):
         return
     said = str(error.value)
     if error.errisinstance(subprocess.CalledProcessError):
-        said = str(error.value.stderr or "").strip().splitlines()[-1:] or [""]
-        said = said[0] if "FileNotFoundError" in said[0] else ""
+        stderr = error.value.stderr or ""
+        lines = (stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr).strip().splitlines()
+        said = lines[-1] if lines and "FileNotFoundError" in lines[-1] else ""
     elif not error.errisinstance(FileNotFoundError):
         said = ""
     if "this needs the package" in said:

@@ -266,9 +266,11 @@ def test_cuda_rows_ending_early_give_transformers_tokens_and_length(model_dir):
 @pytest.mark.parametrize("kind", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16"])
 def test_cuda_quantizers_write_the_cpus_blocks(kind):
     """quantize_matrix on a GPU (what cf.load(folder, device="cuda", quantize=...) does with each
-    matrix): the 32-value types write the CPU's bytes (ggml's rounding); the K-quants' least squares
-    sum in another order, so a few blocks may round a step apart: their error, decoded by the gguf
-    package, equals the CPU's within 1%."""
+    matrix): the 32-value types write the CPU's bytes (ggml's rounding); the K-quants' scale
+    searches sum and divide in another order, so a few blocks may pick a neighbouring scale (on an
+    H100: 21-54 of 4800 blocks from fp32, 0-26 from bf16): at most 3% of blocks differ, and each
+    row's error, decoded by the gguf package, is within 10% of the CPU's (a block decoded wrong
+    shows in its row, whatever the other rows hold)."""
     import gguf
 
     w = torch.from_numpy(awkward_rows(4096))  # ties, half steps, zeros: where a division a step off shows
@@ -278,12 +280,14 @@ def test_cuda_quantizers_write_the_cpus_blocks(kind):
         assert gpu.blocks.is_cuda and gpu.type_name == kind and gpu.shape == cpu.shape
         size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][1]
         blocks = (gpu.blocks.cpu() != cpu.blocks).view(300, -1, size).any(2)
-        errors = [((reference(kind, p.blocks.cpu().numpy(), 4096) - w.to(dtype).float()).pow(2).mean().sqrt()
-                   / w.pow(2).mean().sqrt()).item() for p in (cpu, gpu)]
+        rows = [(reference(kind, p.blocks.cpu().numpy(), 4096) - w.to(dtype).float()).pow(2).mean(1).sqrt()
+                for p in (cpu, gpu)]  # each row's RMS error
+        worst = ((rows[1] - rows[0]) / (rows[0] + 1e-6 * w.pow(2).mean().sqrt())).max().item()
         print(f"{kind} from {dtype}: {blocks.any(1).sum().item()} of 300 rows, {blocks.sum().item()} of "
-              f"{blocks.numel()} blocks differ; relative RMS error cpu {errors[0]:.5f}, gpu {errors[1]:.5f}")
-        if kind in K_TYPES:  # a wrong kernel differs in most blocks; a sum's order, in a few
-            assert blocks.float().mean() <= 0.1 and errors[1] <= errors[0] * 1.01
+              f"{blocks.numel()} blocks differ; RMS error cpu {rows[0].pow(2).mean().sqrt():.3e}, gpu "
+              f"{rows[1].pow(2).mean().sqrt():.3e}; a row's error at most {1 + worst:.4f}x the cpu's")
+        if kind in K_TYPES:
+            assert blocks.float().mean() <= 0.03 and worst <= 0.1
         else:
             assert not blocks.any()
 

@@ -25,6 +25,7 @@ PATHS = {"identity": LayerPath.identity(N), "rys": LayerPath.duplicate(N, 2, 4),
          "triple": LayerPath.duplicate(N, 1, 3, times=3)}
 SIZES = {**{f"model.layers.{i}.mlp.down_proj.weight": 100 for i in range(N)}, "model.embed_tokens.weight": 50}
 CPU = torch.device("cpu")
+NO_GPU = {f"cuda:{i}": 0 for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)}  # for "auto"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm device visible to torch")
 
 
@@ -87,8 +88,7 @@ def test_memory_budget_is_checked():
         plan("cpu=6", N, SIZES, max_memory={"cpu": "lots"})
     with pytest.raises(ValueError, match="not DEVICE=SIZE"):
         plan("cpu=6", N, SIZES, max_memory="cpu")
-    no_gpu = {f"cuda:{i}": 0 for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)}
-    assert dict(plan("auto", N, SIZES, max_memory={"cpu": "1KiB", **no_gpu}).need) == {"cpu": 650}
+    assert dict(plan("auto", N, SIZES, max_memory={"cpu": "1KiB", **NO_GPU}).need) == {"cpu": 650}
     with pytest.raises(ValueError, match="max_memory budgets a device_map"):
         plan(None, N, SIZES, max_memory={"cpu": "1KiB"})
     with pytest.raises(ValueError, match="the placement covers 3 layers; the model has 6"):
@@ -164,8 +164,7 @@ def test_packed_matrices_are_budgeted_at_their_size_where_they_stay_packed(model
     a GPU in a build with GPU kernels) and at its float size where it would be dequantized."""
     packed = {f"model.layers.{i}.mlp.down_proj.weight": 30 for i in range(N)}
     assert dict(plan("cpu=6", N, SIZES, packed=packed).need) == {"cpu": 50 + 6 * 30}
-    no_gpu = {"cuda:0": 0} if torch.cuda.is_available() else {}  # "auto" fills a visible GPU first
-    assert dict(plan("auto", N, SIZES, max_memory={"cpu": 230, **no_gpu}, packed=packed).need) == {"cpu": 230}
+    assert dict(plan("auto", N, SIZES, max_memory={"cpu": 230, **NO_GPU}, packed=packed).need) == {"cpu": 230}
     monkeypatch.setattr(circuit_finder.quants, "packs_on", lambda d: False)  # a device that dequantizes
     assert dict(plan("cpu=6", N, SIZES, packed=packed).need) == {"cpu": 650}
     monkeypatch.undo()
