@@ -201,24 +201,35 @@ def test_a_kv_cache_larger_than_free_memory_is_refused_before_it_is_made(model_d
     """generate() and a generate-mode sweep size the KV cache from max_new_tokens: one that cannot fit
     the device's free memory is refused naming the argument, instead of failing inside torch or (on
     a CPU with overcommitted memory) getting the process killed as the cache fills. The bound is
-    the cache's bytes counted here from the config (keys and values of attention layers only)."""
+    the cache's bytes counted here from the config: keys and values of attention layers, the conv
+    inputs and fp32 recurrent state of linear-attention ones; a cache may fill 90% of free memory."""
     import circuit_finder.placement
 
     folder, hf = model_dir(arch)
     m = cf.load(folder)
     c = hf.config
-    attention = sum(t != "linear_attention" for t in getattr(c, "layer_types", None) or ["full"] * c.num_hidden_layers)
+    kinds = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_attention = 2 * (4 + 20) * c.num_key_value_heads * head_dim * 4  # fp32, batch 1, 4 + 20 positions
+    per_linear = 0
+    if "linear_attention" in kinds:
+        channels = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+        per_linear = (channels * c.linear_conv_kernel_dim
+                      + c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim) * 4
+    need = sum(per_linear if k == "linear_attention" else per_attention for k in kinds)
+    print(f"{arch}: layers {kinds}; cache {need} B")
     ids = torch.tensor([[5, 6, 7, 8]])
-    need = 2 * 1 * (4 + 20) * c.num_key_value_heads * head_dim * 4 * attention  # fp32, batch 1, 4 + 20 positions
-    print(f"{arch}: {attention} attention layers of {c.num_hidden_layers}; cache {need} B")
+    monkeypatch.setattr(circuit_finder.placement, "MARGIN", 1.0)  # the exact boundary first
     monkeypatch.setattr(circuit_finder.placement, "free_memory", lambda d: need - 1)
-    with pytest.raises(ValueError, match=r"max_new_tokens=20: the KV cache of 1 row\(s\) x 24 positions along \d+ slots"):
+    with pytest.raises(ValueError, match=r"max_new_tokens=20: the KV cache of 1 row\(s\) x 24 positions along 6 slots"):
         m.generate(ids, max_new_tokens=20)
     monkeypatch.setattr(circuit_finder.placement, "free_memory", lambda d: need)
     assert m.generate(ids, max_new_tokens=20, min_new_tokens=20).shape == (1, 20)
+    monkeypatch.setattr(circuit_finder.placement, "MARGIN", 0.9)  # as it is: 10% of free memory left over
+    with pytest.raises(cf.placement.CacheTooLarge):
+        m.generate(ids, max_new_tokens=20)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="max_new_tokens=10000000000: the KV cache"):  # the real free memory
-        monkeypatch.undo()
         m.generate(ids, max_new_tokens=10**10)
 
 
@@ -227,6 +238,7 @@ def test_a_sweep_probe_whose_cache_cannot_fit_is_refused(chat_model, tmp_path):
 
     items = tmp_path / "add.jsonl"
     items.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(3)))
-    with pytest.raises(ValueError, match="probe 'add': max_new_tokens=10000000000: the KV cache"):
+    with pytest.raises(ValueError, match=r"probe 'add': max_new_tokens=10000000000 \(a budget of 10000000000 tokens "
+                                         r"a row\): the KV cache"):
         cf.sweep(chat_model, probes=[from_jsonl(items, max_new_tokens=10**10)], paths=["0..2"], mode="generate",
                  chat=False, progress=False)

@@ -563,3 +563,11 @@ def test_select_rows_checks_its_input(chat_model):
         cache.select_rows(torch.tensor([0]), 5)
     with pytest.raises(cf.InputError, match="1-D int64"):
         cache.select_rows(torch.tensor([0.0]), 1)
+
+
+def test_routed_generation_refuses_a_cache_that_cannot_fit(chat_model):
+    """A router's generation sizes its caches from max_new_tokens too (along its longest candidate):
+    refused before any is made, naming the argument (without the check torch fails to allocate)."""
+    r = hand_router(chat_model)
+    with pytest.raises(ValueError, match="max_new_tokens=10000000000: the KV cache"):
+        chat_model.generate(PROMPTS[:2], layers=r, max_new_tokens=10**10, chat=True)

@@ -651,3 +651,16 @@ def test_a_running_batch_whose_clients_all_go_stops(chat_model, monkeypatch):
         monkeypatch.undo()
         ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
         assert ok.status_code == 200
+
+
+def test_a_cache_too_large_for_memory_is_a_400(server, monkeypatch):
+    """A batch whose KV cache cannot fit the server's free memory answers 400 with the reason, and
+    the worker keeps serving."""
+    import circuit_finder.placement
+
+    url, _ = server
+    monkeypatch.setattr(circuit_finder.placement, "free_memory", lambda d: 1)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 8})
+    assert r.status_code == 400 and "max_tokens too large for this server's memory" in r.json()["error"]["message"], r.text
+    monkeypatch.undo()
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 8}).status_code == 200

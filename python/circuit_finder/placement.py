@@ -46,13 +46,13 @@ import torch
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["Placement", "as_device", "cgroup_room", "check_cache_fits", "free_memory", "human", "layer_of", "parse_max_memory", "parse_size", "plan"]
+__all__ = ["CacheTooLarge", "Placement", "as_device", "cgroup_room", "check_cache_fits", "free_memory", "human", "layer_of", "parse_max_memory", "parse_size", "plan"]
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-MARGIN = 0.9  # the share of a device's free memory that weights may fill when no budget is given
+MARGIN = 0.9  # the share of a device's free memory that weights (no budget given) or a KV cache may fill
 
 
 @dataclass(frozen=True)
@@ -174,23 +174,30 @@ def free_memory(d: torch.device) -> int:
     return free if room is None else min(free, room)
 
 
+class CacheTooLarge(ValueError):
+    """A KV cache that cannot fit a device's free memory (``check_cache_fits``)."""
+
+
 def check_cache_fits(model: Model, layers: Sequence[int], batch: int, capacity: int, what: str) -> None:
-    """Raises ValueError, naming ``what`` (the argument that sized it), where a KV cache of ``batch``
-    rows x ``capacity`` positions along ``layers`` needs more than a device's free memory now. Without
-    it the allocation fails deep in torch, or on a CPU with overcommitted memory the kernel kills the
-    process while the cache is zero-filled. Counts keys and values of attention slots (a
-    linear-attention slot's state does not grow with positions); meta devices are not checked."""
+    """Raises CacheTooLarge (a ValueError), naming ``what`` (the argument that sized it), where a KV
+    cache of ``batch`` rows x ``capacity`` positions along ``layers`` needs more than MARGIN of a
+    device's free memory now. Without it the allocation fails deep in torch, or on a CPU with
+    overcommitted memory the kernel kills the process while the cache is zero-filled. Counts what
+    the cache allocates: an attention slot's keys and values in the model's dtype, a linear-attention
+    slot's conv inputs (model dtype) and recurrent state (fp32); meta devices are not checked."""
     c = model.config
     size = torch.empty((), dtype=model.dtype).element_size()
+    channels = 2 * c.linear_k_heads * c.linear_k_dim + c.linear_v_heads * c.linear_v_dim
+    linear = batch * (channels * c.linear_conv_kernel * size + c.linear_v_heads * c.linear_k_dim * c.linear_v_dim * 4)
     need: dict[str, int] = {}
     for layer in layers:
-        if not (c.linear_layers and c.linear_layers[layer]):
-            d = str(model.engine.layer_device(layer))
-            need[d] = need.get(d, 0) + 2 * batch * capacity * c.num_kv_heads * c.head_dim * size
+        d = str(model.engine.layer_device(layer))
+        slot = linear if c.linear_layers and c.linear_layers[layer] else 2 * batch * capacity * c.num_kv_heads * c.head_dim * size
+        need[d] = need.get(d, 0) + slot
     for d, bytes_ in need.items():
-        if torch.device(d).type != "meta" and bytes_ > (free := free_memory(torch.device(d))):
-            raise ValueError(f"{what}: the KV cache of {batch} row(s) x {capacity} positions along {len(layers)} slots "
-                             f"needs {human(bytes_)} on {d}, which has {human(free)} free")
+        if torch.device(d).type != "meta" and bytes_ > MARGIN * (free := free_memory(torch.device(d))):
+            raise CacheTooLarge(f"{what}: the KV cache of {batch} row(s) x {capacity} positions along {len(layers)} "
+                                f"slots needs {human(bytes_)} on {d}, which has {human(free)} free")
 
 
 _CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),

@@ -44,6 +44,7 @@ from . import generation, likelihood
 from .generation import Sampling
 from .layer_path import LayerPath, LayerPathError
 from .model import Model
+from .placement import CacheTooLarge
 from .router import Router, RouterError
 from .router import run as routing
 
@@ -677,6 +678,10 @@ def install_error_handlers(app, limits: Limits) -> None:
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest):
         return error(400, str(exc))
+
+    @app.exception_handler(CacheTooLarge)  # max_tokens whose cache (for the whole batch) cannot fit
+    async def _too_large(request: Request, exc: CacheTooLarge):
+        return error(400, f"max_tokens too large for this server's memory: {exc}")
 
     @app.exception_handler(Cancelled)
     async def _gone(request: Request, exc: Cancelled):  # nobody reads it: the client went

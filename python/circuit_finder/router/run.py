@@ -24,6 +24,7 @@ import torch
 
 from .. import generation, likelihood
 from ..generation import Sampling, generation_masks
+from ..placement import check_cache_fits
 from .core import Router
 
 __all__ = ["RouterConfig", "generate_ids", "groups", "is_router", "logits", "resolve", "score_pairs", "trained_on"]
@@ -87,6 +88,7 @@ def generate_ids(model, router: Router, ids: torch.Tensor, mask: torch.Tensor | 
     as generation.decode takes them."""
     B, T = ids.shape
     engine, cap = model.engine, T + sampling.max_new_tokens
+    check_cache_fits(model, list(max(router.candidates, key=len)), B, cap, f"max_new_tokens={sampling.max_new_tokens}")
     positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
     step_mask = None if full_mask is None else full_mask[:, :T]
     with torch.inference_mode():

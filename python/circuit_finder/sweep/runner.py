@@ -101,7 +101,8 @@ class ProbeBatch:
             self.ids, mask = head_layout(model.codec, seqs, self.head, model.device)
             self.capacity = self.ids.shape[1] + self.budget
             check_cache_fits(model, range(model.num_layers), self.ids.shape[0], self.capacity,
-                             f"probe {probe.name!r}: max_new_tokens={probe.max_new_tokens}")
+                             f"probe {probe.name!r}: max_new_tokens={probe.max_new_tokens} (a budget of "
+                             f"{self.budget} tokens a row)")
             self.positions, self.full_mask = generation.generation_masks(self.ids, mask, self.budget)
             self.prefix_mask = None if self.full_mask is None else mask
         self._h = None
@@ -341,6 +342,7 @@ def joint_decode(model: Model, batches: Sequence[ProbeBatch], layers: list[int],
     width, budget = max(b.ids.shape[1] for b in batches), max(b.budget for b in batches)
     sizes = [b.ids.shape[0] for b in batches]
     device = batches[0].ids.device
+    check_cache_fits(model, layers, sum(sizes), width + budget, f"the probes' joint decode (budget {budget})")
     cache = model.engine.new_cache(layers, sum(sizes), width + budget)
     mask = torch.ones((sum(sizes), width + budget), dtype=torch.long, device=device)
     row, logits = 0, []
