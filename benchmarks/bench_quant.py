@@ -3,7 +3,8 @@ same threads — circuit-finder packed (the default: matrices stay Q4_1 / Q8_0),
 8-bit activations in its decode products (``activations="q8"``), circuit-finder dequantized to
 fp32 (``dequantize=True``), transformers loading the same GGUF (it dequantizes to fp32), and
 llama.cpp (llama-cpp-python, when installed; it builds from source: ``pip install
-llama-cpp-python``).
+llama-cpp-python``; on a CPU with AMX it runs without its extra buffer types, AMX and repacked
+layouts, which crashed there: tests/helpers.py's ``llama_cpp_model``).
 
 ``q8_agreement``: how often the 8-bit activations' top-1 token is the float route's, on the
 default model's real weights: GSM8K validation prompts (chat template), 32 greedy tokens of the
@@ -45,6 +46,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 PROMPT, NEW = 64, 32
 
 _LOAD = r"""
@@ -55,7 +57,8 @@ route, path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 import torch
 torch.set_num_threads(threads)
 if route == "llama.cpp":
-    import llama_cpp
+    sys.path.insert(0, os.path.join(sys.argv[4], "tests"))
+    from helpers import llama_cpp_model
 else:
     import circuit_finder as cf, transformers
 before, t = rss(), time.perf_counter()
@@ -71,7 +74,7 @@ elif route == "transformers":
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
 else:
-    m = llama_cpp.Llama(path, n_threads=threads, n_ctx=512, verbose=False)
+    m = llama_cpp_model(path, n_threads=threads, n_ctx=512, verbose=False)
 loaded, seconds = rss() - before, time.perf_counter() - t
 ids = list(range(100, 164))  # then a 64-token prompt and 16 greedy tokens: every weight page read
 if route in ("packed", "packed q8", "dequantized"):
@@ -87,8 +90,8 @@ print(json.dumps({"load_s": seconds, "rss_bytes": loaded, "rss_used_bytes": rss(
 
 
 def load_figures(route: str, path: str, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", _LOAD, route, path, str(threads)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", _LOAD, route, path, str(threads), str(ROOT)], capture_output=True,
+                         text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -133,7 +136,9 @@ def llama_cpp_speed(path: str, threads: int, repeat: int) -> dict:
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=PROMPT, verbose=False)
+    from helpers import llama_cpp_model  # without its AMX layouts where the CPU has AMX (they crashed)
+
+    llm = llama_cpp_model(path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=PROMPT, verbose=False)
     ids = torch.randint(100, 20000, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
 
     def greedy() -> int:  # the last token's logits (llama.cpp computes only those)

@@ -107,6 +107,40 @@ def llama_cpp_or_skip():
     return llama_cpp
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU announces AMX (Intel Sapphire Rapids and later), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
+def llama_cpp_model(path, **kwargs):
+    """llama_cpp.Llama(model_path=path, **kwargs) for running a model; on a CPU with AMX, without
+    llama.cpp's extra buffer types (its AMX and repacked weight layouts): llama-cpp-python 0.3.36
+    built natively on an AMX Xeon VM crashed in decode (SIGSEGV in its AMX path, 2026-11-26; with
+    them off, the same calls run). Those layouts are for speed; the plain CPU kernels compute the
+    same products. Llama takes no such argument, so its model defaults are wrapped while it loads."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as api  # where Llama reads its model defaults
+
+    if not cpu_has_amx():
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    default = api.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    api.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        api.llama_model_default_params = default
+
+
 def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
     """Prints max / mean absolute and relative max difference; returns the max absolute one."""
     diff = (ours.float() - ref.float()).abs()

@@ -16,7 +16,7 @@ import torch
 import circuit_finder as cf
 from circuit_finder import LayerPath
 from circuit_finder.export import export_mergekit, mergekit_source, remap_config
-from helpers import ATTN_IMPLEMENTATION, build_hf_model, llama_cpp_or_skip, write_gguf
+from helpers import ATTN_IMPLEMENTATION, build_hf_model, llama_cpp_model, llama_cpp_or_skip, write_gguf
 
 PATH = LayerPath.parse("0..3,1..3,4,5")  # RYS (1, 4) on 6 layers: 9 slots
 
@@ -233,12 +233,12 @@ def test_exports_refuse_what_they_cannot_check(model_dir, tmp_path):
 
 def test_gguf_export_with_llama_cpp(tmp_path):
     """The default model (Q4_1) exported along a RYS path: llama.cpp's greedy tokens equal ours."""
-    llama_cpp = llama_cpp_or_skip()
+    llama_cpp_or_skip()
     path = LayerPath.duplicate(30, 10, 13)
     dst = cf.export_gguf(cf.default_model_path(), tmp_path / "rys.gguf", path)
     model = cf.load("default")
     prompt = [1, 504, 3458, 282, 4649, 314]
-    llm = llama_cpp.Llama(model_path=str(dst), n_ctx=64, verbose=False)
+    llm = llama_cpp_model(dst, n_ctx=64, verbose=False)
     theirs = []
     for tok in llm.generate(prompt, temp=0.0, top_k=1):
         theirs.append(tok)
@@ -251,14 +251,14 @@ def test_gguf_export_with_llama_cpp(tmp_path):
 def test_gguf_export_logits_match_llama_cpp(tmp_path):
     """A full-precision (F32) GGUF exported along identity, repeated and reordered paths: llama.cpp
     (F32 KV cache) loads each file and its logits equal ours along the same path."""
-    llama_cpp = llama_cpp_or_skip()
+    llama_cpp_or_skip()
     hf = build_hf_model("llama", tmp_path / "hf", num_hidden_layers=6, vocab_size=64)
     src = _tiny_gguf_for_llama_cpp(hf, tmp_path / "tiny.gguf")
     model = cf.load(src)
     ids = [1, 5, 9, 22, 40, 7, 13, 60]
     for k, path in enumerate(["0..5", "0..3,1..5", "0..2,4,3,5", "0..4,2..4,2..5"]):
         dst = cf.export_gguf(src, tmp_path / f"path{k}.gguf", path)
-        llm = llama_cpp.Llama(model_path=str(dst), n_ctx=32, logits_all=True, verbose=False, type_k=0, type_v=0)
+        llm = llama_cpp_model(dst, n_ctx=32, logits_all=True, verbose=False, type_k=0, type_v=0)
         llm.eval(ids)
         theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
         ours = model.logits(torch.tensor([ids]), layers=path)[0]
@@ -285,7 +285,7 @@ def test_gemma_export_at_a_27b_block_count_keeps_the_query_scale_in_llama_cpp(tm
     that length from a model whose head size differs: the export rescales the query projection
     (Gemma 2) or query norm (Gemma 3), so llama.cpp's logits equal the path's; circuit-finder reads
     the file the same."""
-    llama_cpp = llama_cpp_or_skip()
+    llama_cpp_or_skip()
     hf = build_hf_model(arch, tmp_path / "hf", vocab_size=64, head_dim=24, query_pre_attn_scalar=24, intermediate_size=128,
                         **({"layer_types": None} if arch == "gemma3_text" else {}))
     src = _tiny_gguf_for_llama_cpp(hf, tmp_path / "src.gguf")
@@ -293,7 +293,7 @@ def test_gemma_export_at_a_27b_block_count_keeps_the_query_scale_in_llama_cpp(tm
     dst = cf.export_gguf(src, tmp_path / "path.gguf", path)
     prompt = [1, 5, 9, 22, 40, 7]
     ours = cf.load(src).logits(torch.tensor([prompt]), layers=path)[0]
-    llm = llama_cpp.Llama(model_path=str(dst), n_ctx=32, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm = llama_cpp_model(dst, n_ctx=32, logits_all=True, verbose=False, type_k=0, type_v=0)
     llm.eval(prompt)
     theirs = torch.tensor(np.array(llm.scores[:len(prompt)]))
     del llm
