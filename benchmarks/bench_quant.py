@@ -57,6 +57,7 @@ route, path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 import torch
 torch.set_num_threads(threads)
 if route == "llama.cpp":
+    import llama_cpp  # noqa: F401  (imported before the baseline, as the other routes' libraries)
     sys.path.insert(0, os.path.join(sys.argv[4], "tests"))
     from helpers import llama_cpp_model
 else:

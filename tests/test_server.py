@@ -662,5 +662,7 @@ def test_a_cache_too_large_for_memory_is_a_400(server, monkeypatch):
     monkeypatch.setattr(circuit_finder.placement, "free_memory", lambda d: 1)
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 8})
     assert r.status_code == 400 and "max_tokens too large for this server's memory" in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 8, "stream": True})  # an event
+    assert '"type": "invalid_request_error"' in r.text and "the KV cache" in r.text and "[DONE]" in r.text, r.text
     monkeypatch.undo()
     assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 8}).status_code == 200

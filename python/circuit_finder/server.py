@@ -579,8 +579,9 @@ class Service:
                 done.add_done_callback(lambda f: f.cancelled() or f.exception())  # read: no "never retrieved"
         try:
             fin = done.result().finished
-        except Exception as e:
-            yield "data: " + json.dumps({"error": {"message": str(e), "type": "server_error"}}) + "\n\n"
+        except Exception as e:  # (the status line went out with the first chunk: the error is an event)
+            kind = "invalid_request_error" if isinstance(e, CacheTooLarge) else "server_error"
+            yield "data: " + json.dumps({"error": {"message": str(e), "type": kind}}) + "\n\n"
             yield "data: [DONE]\n\n"
             return
         if len(fin.text) > len(sent) and fin.text.startswith(sent):

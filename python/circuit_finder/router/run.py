@@ -88,7 +88,9 @@ def generate_ids(model, router: Router, ids: torch.Tensor, mask: torch.Tensor | 
     as generation.decode takes them."""
     B, T = ids.shape
     engine, cap = model.engine, T + sampling.max_new_tokens
-    check_cache_fits(model, list(max(router.candidates, key=len)), B, cap, f"max_new_tokens={sampling.max_new_tokens}")
+    # the prefix's cache stays while a candidate's is made: both, along the longest candidate
+    check_cache_fits(model, list(range(router.layer)) + list(max(router.candidates, key=len)), B, cap,
+                     f"max_new_tokens={sampling.max_new_tokens}")
     positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
     step_mask = None if full_mask is None else full_mask[:, :T]
     with torch.inference_mode():

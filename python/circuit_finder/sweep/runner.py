@@ -100,9 +100,6 @@ class ProbeBatch:
             self.head = shared_head(model, seqs, self.budget)
             self.ids, mask = head_layout(model.codec, seqs, self.head, model.device)
             self.capacity = self.ids.shape[1] + self.budget
-            check_cache_fits(model, range(model.num_layers), self.ids.shape[0], self.capacity,
-                             f"probe {probe.name!r}: max_new_tokens={probe.max_new_tokens} (a budget of "
-                             f"{self.budget} tokens a row)")
             self.positions, self.full_mask = generation.generation_masks(self.ids, mask, self.budget)
             self.prefix_mask = None if self.full_mask is None else mask
         self._h = None
@@ -127,6 +124,15 @@ class ProbeBatch:
             groups.append((pairs[0][0], [cont + self.marker for _, cont in pairs]))
         return groups
 
+    def _new_cache(self, layers: list[int], rows: int, src=None, begin: int = 0):
+        """A generate-mode cache of ``rows`` rows along ``layers`` (its first ``begin`` slots
+        ``src``'s), checked against the free memory left by the caches already made (the identity
+        prefix's, the other batches')."""
+        check_cache_fits(self.model, layers[begin:], rows, self.capacity,
+                         f"probe {self.probe.name!r}: max_new_tokens={self.probe.max_new_tokens} (a budget of "
+                         f"{self.budget} tokens a row)")
+        return self.model.engine.new_cache(layers, rows, self.capacity, src, begin)
+
     def _prefix(self, slots: int, num_layers: int) -> torch.Tensor:
         """Hidden states (of the tokens after the shared head) after the identity path's first
         ``slots`` slots, advanced monotonically as configs run in order of shared prefix (restarted
@@ -137,7 +143,7 @@ class ProbeBatch:
             self._h = engine.embed(self.ids[:, p:])
             self._done = 0
             if self.mode == "generate":
-                self._cache = engine.new_cache(every, self.ids.shape[0], self.capacity)
+                self._cache = self._new_cache(every, self.ids.shape[0])
             if p:
                 self._head_h = engine.embed(self.ids[:1, :p])
                 self._head_cache = engine.new_cache(every, 1, p)
@@ -209,7 +215,7 @@ class ProbeBatch:
         idx = torch.tensor(rows, dtype=torch.long, device=self.ids.device)
         h = self._prefix(begin, num_layers).index_select(0, idx) if begin else engine.embed(self.ids.index_select(0, idx))
         src = self._cache.select_rows(idx, begin) if begin else None
-        cache = engine.new_cache(layers, len(rows), self.capacity, src, begin)
+        cache = self._new_cache(layers, len(rows), src, begin)
         mask = None if self.prefix_mask is None else self.prefix_mask.index_select(0, idx)
         h = engine.run_slots(h, self.positions.index_select(0, idx), mask, layers, cache, begin, len(layers))
         return self._generate(h, cache, layers, idx)
@@ -221,7 +227,7 @@ class ProbeBatch:
         layers = list(config.layers)
         begin = config.shared_prefix(num_layers) if reuse else 0
         h = self._prefix(begin, num_layers) if reuse else engine.embed(self.ids[:, p:])
-        cache = engine.new_cache(layers, self.ids.shape[0], self.capacity, self._cache if begin else None, begin)
+        cache = self._new_cache(layers, self.ids.shape[0], self._cache if begin else None, begin)
         if p:
             self._run_head(layers, begin, cache)
         h = engine.run_slots(h, self.positions[:, p:], self.prefix_mask, layers, cache, begin, len(layers))
