@@ -666,3 +666,31 @@ def test_a_cache_too_large_for_memory_is_a_400(server, monkeypatch):
     assert '"type": "invalid_request_error"' in r.text and "the KV cache" in r.text and "[DONE]" in r.text, r.text
     monkeypatch.undo()
     assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 8}).status_code == 200
+
+
+def test_a_batch_too_large_for_memory_runs_in_smaller_batches(server, chat_model, monkeypatch):
+    """Where a batch's KV cache cannot fit (CacheTooLarge) but one row's can, the worker splits the
+    batch: each request gets the text it gets alone, none a refusal."""
+    import circuit_finder.generation
+    from circuit_finder.placement import CacheTooLarge
+
+    url, _ = server
+    tried = []
+
+    def one_row_fits(model, layers, batch, capacity, what):
+        tried.append(batch)
+        if batch > 1:
+            raise CacheTooLarge(f"{what}: {batch} rows do not fit")
+
+    monkeypatch.setattr(circuit_finder.generation, "check_cache_fits", one_row_fits)
+    c = client(url)
+
+    def one(p):
+        return c.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(one, PROMPTS))
+    monkeypatch.undo()
+    print(f"batch sizes tried: {tried}")
+    assert max(tried) > 1 and tried.count(1) == len(PROMPTS)  # a batch was refused, then rows ran alone
+    assert texts == [chat_model.generate(p, max_new_tokens=6)[0] for p in PROMPTS]

@@ -172,6 +172,12 @@ class Worker:
             for job, row in zip(jobs, rows):
                 fin = self._finish(job, row)
                 job.future.set_result(Completed(row, fin, self._logprobs(job, row[:fin.tokens])))
+        except CacheTooLarge as e:  # the batch's cache does not fit: halves may (each row runs as it would alone)
+            if len(jobs) > 1:
+                self._run(jobs[:len(jobs) // 2])
+                self._run(jobs[len(jobs) // 2:])
+            else:
+                jobs[0].future.set_exception(e)
         except Exception as e:  # reported to each waiting request; the worker keeps running
             self.stats["cancelled"] += len(jobs) if isinstance(e, Cancelled) else 0
             for job in jobs:
