@@ -671,7 +671,7 @@ def test_a_cache_too_large_for_memory_is_a_400(server, monkeypatch):
 def test_a_batch_too_large_for_memory_runs_in_smaller_batches(server, chat_model, monkeypatch):
     """Where a batch's KV cache cannot fit (CacheTooLarge) but one row's can, the worker splits the
     batch: each request gets the text it gets alone, none a refusal."""
-    import circuit_finder.generation
+    import circuit_finder.placement
     from circuit_finder.placement import CacheTooLarge
 
     url, _ = server
@@ -682,7 +682,7 @@ def test_a_batch_too_large_for_memory_runs_in_smaller_batches(server, chat_model
         if batch > 1:
             raise CacheTooLarge(f"{what}: {batch} rows do not fit")
 
-    monkeypatch.setattr(circuit_finder.generation, "check_cache_fits", one_row_fits)
+    monkeypatch.setattr(circuit_finder.placement, "check_cache_fits", one_row_fits)  # what checked_cache calls
     c = client(url)
 
     def one(p):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .placement import check_cache_fits
+from .placement import checked_cache
 
 if TYPE_CHECKING:
     from .layer_path import LayerPath
@@ -297,10 +297,9 @@ def generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor | None, pat
     before each decode step and may raise to stop (the server's cancelled batch)."""
     B, T = ids.shape
     layers = list(path)
-    check_cache_fits(model, layers, B, T + sampling.max_new_tokens, f"max_new_tokens={sampling.max_new_tokens}")
-    positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
-    with torch.inference_mode():
-        cache = model.engine.new_cache(layers, B, T + sampling.max_new_tokens)
+    with torch.inference_mode():  # the cache first: one that cannot fit is refused before the masks are made
+        cache = checked_cache(model, layers, B, T + sampling.max_new_tokens, f"max_new_tokens={sampling.max_new_tokens}")
+        positions, full_mask = generation_masks(ids, mask, sampling.max_new_tokens)
         step_mask = None if full_mask is None else full_mask[:, :T]
         logits = model.engine.forward(ids, positions, step_mask, layers, cache, True)[:, -1].float()
         return decode(model, logits, cache, layers, positions[:, -1:], full_mask, sampling, on_step, check=check)

@@ -46,7 +46,7 @@ import torch
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["CacheTooLarge", "Placement", "as_device", "cgroup_room", "check_cache_fits", "free_memory", "human", "layer_of", "parse_max_memory", "parse_size", "plan"]
+__all__ = ["CacheTooLarge", "Placement", "as_device", "cgroup_room", "check_cache_fits", "checked_cache", "free_memory", "human", "layer_of", "parse_max_memory", "parse_size", "plan"]
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -198,6 +198,13 @@ def check_cache_fits(model: Model, layers: Sequence[int], batch: int, capacity: 
         if torch.device(d).type != "meta" and bytes_ > MARGIN * (free := free_memory(torch.device(d))):
             raise CacheTooLarge(f"{what}: the KV cache of {batch} row(s) x {capacity} positions along {len(layers)} "
                                 f"slots needs {human(bytes_)} on {d}, which has {human(free)} free")
+
+
+def checked_cache(model: Model, layers: Sequence[int], batch: int, capacity: int, what: str, share=None, begin: int = 0):
+    """``model.engine.new_cache`` (its first ``begin`` slots ``share``'s) once ``check_cache_fits``
+    passes for the slots it makes, against the memory the caches already made left."""
+    check_cache_fits(model, list(layers)[begin:], batch, capacity, what)
+    return model.engine.new_cache(layers, batch, capacity, share, begin)
 
 
 _CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),

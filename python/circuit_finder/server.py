@@ -686,7 +686,7 @@ def install_error_handlers(app, limits: Limits) -> None:
     async def _bad(request: Request, exc: BadRequest):
         return error(400, str(exc))
 
-    @app.exception_handler(CacheTooLarge)  # max_tokens whose cache (for the whole batch) cannot fit
+    @app.exception_handler(CacheTooLarge)  # max_tokens whose cache cannot fit even alone (Worker._run splits batches)
     async def _too_large(request: Request, exc: CacheTooLarge):
         return error(400, f"max_tokens too large for this server's memory: {exc}")
 

@@ -44,7 +44,7 @@ import torch
 from .. import generation, likelihood
 from ..loading import q8_products
 from ..model import Model
-from ..placement import check_cache_fits
+from ..placement import checked_cache
 from ..probes import Item, Probe, get_probe, parse_rate_of
 from ..results import ResultStore
 from ..router import run as routing
@@ -128,10 +128,8 @@ class ProbeBatch:
         """A generate-mode cache of ``rows`` rows along ``layers`` (its first ``begin`` slots
         ``src``'s), checked against the free memory left by the caches already made (the identity
         prefix's, the other batches')."""
-        check_cache_fits(self.model, layers[begin:], rows, self.capacity,
-                         f"probe {self.probe.name!r}: max_new_tokens={self.probe.max_new_tokens} (a budget of "
-                         f"{self.budget} tokens a row)")
-        return self.model.engine.new_cache(layers, rows, self.capacity, src, begin)
+        return checked_cache(self.model, layers, rows, self.capacity, f"probe {self.probe.name!r}: max_new_tokens="
+                             f"{self.probe.max_new_tokens} (a budget of {self.budget} tokens a row)", src, begin)
 
     def _prefix(self, slots: int, num_layers: int) -> torch.Tensor:
         """Hidden states (of the tokens after the shared head) after the identity path's first
@@ -348,8 +346,7 @@ def joint_decode(model: Model, batches: Sequence[ProbeBatch], layers: list[int],
     width, budget = max(b.ids.shape[1] for b in batches), max(b.budget for b in batches)
     sizes = [b.ids.shape[0] for b in batches]
     device = batches[0].ids.device
-    check_cache_fits(model, layers, sum(sizes), width + budget, f"the probes' joint decode (budget {budget})")
-    cache = model.engine.new_cache(layers, sum(sizes), width + budget)
+    cache = checked_cache(model, layers, sum(sizes), width + budget, f"the probes' joint decode (budget {budget})")
     mask = torch.ones((sum(sizes), width + budget), dtype=torch.long, device=device)
     row, logits = 0, []
     for b in batches:
